@@ -1,0 +1,114 @@
+"""Brute-force float64 oracles written independently of torchfim's internals.
+
+Everything here is built from full ``torch.func`` Jacobians and Hessians of the
+flattened parameter vector and from log-likelihoods written out by hand, so a
+test that compares torchfim against these functions checks it against the
+definitions, not against itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+FAMILY_WIDTH = {"categorical": 3, "bernoulli": 1, "gaussian": 2, "poisson": 2}
+
+
+def log_likelihood(family: str, o: Tensor, y: Tensor) -> Tensor:
+    """``log p(y | o)`` for one output vector ``o`` (C,) and one label, written by hand."""
+    if family == "categorical":
+        return o[y] - torch.logsumexp(o, 0)
+    if family == "bernoulli":
+        return (y * o - torch.log1p(torch.exp(o))).sum()
+    if family == "gaussian":
+        return -0.5 * ((y - o) ** 2).sum() - 0.5 * o.numel() * math.log(2 * math.pi)
+    if family == "poisson":
+        return (y * o - torch.exp(o) - torch.lgamma(y + 1)).sum()
+    raise KeyError(family)
+
+
+def any_label(family: str, width: int) -> Tensor:
+    """A valid label, used where the result must not depend on the label."""
+    if family == "categorical":
+        return torch.tensor(0)
+    return torch.ones(width, dtype=torch.float64)
+
+
+def output_fisher(family: str, o: Tensor) -> Tensor:
+    """``Λ(o) = −∇²_o log p(y|o)`` by autodiff (independent of y for these families)."""
+    y = any_label(family, o.numel())
+    return -hessian(lambda out: log_likelihood(family, out, y))(o)
+
+
+class Flat:
+    """``model`` as a function of one flat parameter vector (all parameters trainable)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.buffers = dict(model.named_buffers())
+        self.theta = torch.cat([p.detach().reshape(-1) for _, p in self.named])
+
+    def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
+        params, start = {}, 0
+        for name, p in self.named:
+            params[name] = theta[start : start + p.numel()].view(p.shape)
+            start += p.numel()
+        return functional_call(self.model, {**self.buffers, **params}, (x,))
+
+    def jacobians(self, x: Tensor) -> Tensor:
+        """Per-sample Jacobians ``(n, C, P)``."""
+        return jacrev(lambda th: self(th, x))(self.theta)
+
+    def output_hessians(self, x: Tensor) -> Tensor:
+        """Per-sample output Hessians ``∇²_θ o_a(xᵢ)``, shape ``(n, C, P, P)``."""
+        return torch.stack([hessian(lambda th: self(th, x[i : i + 1])[0])(self.theta) for i in range(len(x))])
+
+    def outputs(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self(self.theta, x)
+
+
+def exact_fisher(model: nn.Module, x: Tensor, family: str) -> Tensor:
+    """``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from full Jacobians, dense ``(P, P)``."""
+    flat = Flat(model)
+    jac = flat.jacobians(x)
+    lam = torch.stack([output_fisher(family, o) for o in flat.outputs(x)])
+    return torch.einsum("ncp,ncd,ndq->pq", jac, lam, jac) / len(x)
+
+
+def empirical_fisher(model: nn.Module, x: Tensor, y: Tensor, family: str) -> Tensor:
+    """Mean of outer products of true-label parameter scores, dense ``(P, P)``."""
+    flat = Flat(model)
+    scores = torch.stack(
+        [
+            jacrev(lambda th: log_likelihood(family, flat(th, x[i : i + 1])[0], y[i]))(flat.theta)
+            for i in range(len(x))
+        ]
+    )
+    return scores.T @ scores / len(x)
+
+
+def blocks(full: Tensor, model: nn.Module) -> dict[str, Tensor]:
+    """Per-parameter diagonal blocks of a dense ``(P, P)`` matrix."""
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = full[start : start + p.numel(), start : start + p.numel()]
+            start += p.numel()
+    return out
+
+
+def true_targets(family: str, o: Tensor, generator: torch.Generator) -> Tensor:
+    """Arbitrary valid targets (not drawn from the model) for the empirical Fisher."""
+    n, width = o.shape
+    if family == "categorical":
+        return torch.randint(0, width, (n,), generator=generator)
+    if family == "bernoulli":
+        return torch.randint(0, 2, (n, 1), generator=generator).double()
+    if family == "gaussian":
+        return torch.randn(n, width, generator=generator, dtype=torch.float64)
+    return torch.randint(0, 5, (n, width), generator=generator).double()

@@ -1,0 +1,117 @@
+"""Every bad input to torchfim.fisher ends in a TorchfimError naming the fix (issue 2, point 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import mlp_inputs, tanh_mlp
+from torch import nn
+
+import torchfim
+from torchfim import TorchfimError
+
+
+@pytest.fixture
+def model():
+    return tanh_mlp(3)
+
+
+def test_errors_are_value_errors():
+    assert issubclass(TorchfimError, ValueError)
+
+
+def test_wrong_output_shape_for_family(model):
+    with pytest.raises(TorchfimError, match="one logit per input.*family='categorical'"):
+        torchfim.fisher(model, mlp_inputs(4), family="bernoulli")
+
+
+def test_empirical_needs_targets(model):
+    with pytest.raises(TorchfimError, match="pass targets="):
+        torchfim.fisher(model, mlp_inputs(4), estimator="empirical")
+    with pytest.raises(TorchfimError, match="came without targets"):
+        torchfim.fisher(model, [mlp_inputs(4)], estimator="empirical")
+
+
+def test_non_finite_outputs(model):
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(TorchfimError, match="non-finite outputs.*check the inputs"):
+        torchfim.fisher(model, mlp_inputs(4))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "2"])
+def test_bad_n_samples(model, bad):
+    with pytest.raises(TorchfimError, match="n_samples must be a positive integer.*n_samples=1"):
+        torchfim.fisher(model, mlp_inputs(4), estimator="score", n_samples=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"family": "multinomial"}, "unknown family 'multinomial'; choose one of 'categorical'"),
+        ({"estimator": "kfac"}, "unknown estimator 'kfac'; choose one of 'exact', 'score'"),
+        ({"structure": "block"}, "unknown structure 'block'; choose one of 'full', 'diag'"),
+    ],
+)
+def test_unknown_names(model, kwargs, message):
+    with pytest.raises(TorchfimError, match=message):
+        torchfim.fisher(model, mlp_inputs(4), **kwargs)
+
+
+def test_full_too_large_for_memory():
+    big = nn.Linear(2000, 100)  # P ≈ 2·10⁵: a dense P×P is ≈ 300 GiB
+    with pytest.raises(TorchfimError, match="structure='full' needs a 200100×200100 matrix.*use structure='diag'"):
+        torchfim.fisher(big, torch.randn(2, 2000), family="gaussian", structure="full")
+    # diag on the same model is fine.
+    assert torchfim.fisher(big, torch.randn(2, 2000), family="gaussian").shape == (200100,)
+
+
+def test_batchnorm_in_training_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.raises(TorchfimError, match=r"BatchNorm layer in training mode.*model\.eval\(\)"):
+        torchfim.fisher(model, mlp_inputs(4))
+    model.eval()
+    torchfim.fisher(model, mlp_inputs(4))
+
+
+def test_dropout_in_training_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 3)).double()
+    with pytest.raises(TorchfimError, match=r"Dropout.*model\.eval\(\)"):
+        torchfim.fisher(model, mlp_inputs(4))
+
+
+class MixesSamples(nn.Module):
+    """Subtracts the batch mean: a forward that couples samples without BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h - h.mean(0, keepdim=True)
+
+
+def test_generic_sample_mixing_is_caught():
+    with pytest.raises(TorchfimError, match="depends on the other samples"):
+        torchfim.fisher(MixesSamples(), mlp_inputs(4))
+
+
+@pytest.mark.parametrize("inputs", [torch.zeros(0, 3, dtype=torch.float64), []])
+def test_empty_inputs(model, inputs):
+    with pytest.raises(TorchfimError, match="inputs is empty"):
+        torchfim.fisher(model, inputs)
+
+
+def test_bad_inputs_and_model(model):
+    with pytest.raises(TorchfimError, match="must be a torch.nn.Module"):
+        torchfim.fisher(lambda x: x, mlp_inputs(2))
+    with pytest.raises(TorchfimError, match="iterable of mini-batches"):
+        torchfim.fisher(model, 3.0)
+    with pytest.raises(TorchfimError, match="must be a torch.Tensor"):
+        torchfim.fisher(model, [[1.0, 2.0, 3.0]])
+    frozen = tanh_mlp(3).requires_grad_(False)
+    with pytest.raises(TorchfimError, match="no parameters with requires_grad=True"):
+        torchfim.fisher(frozen, mlp_inputs(2))
+    with pytest.raises(TorchfimError, match="targets must have shape|class index"):
+        torchfim.fisher(model, mlp_inputs(4), estimator="empirical", targets=torch.tensor([0, 1]))

@@ -1,0 +1,148 @@
+"""Output families against hand-written likelihoods, enumeration and quadrature (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES
+from oracles import FAMILY_WIDTH, log_likelihood, output_fisher
+from torch.func import grad
+
+from torchfim import TorchfimError
+from torchfim.families import Family, Gaussian, get_family
+
+
+def outputs(family: str, n: int = 3) -> torch.Tensor:
+    return 0.7 * torch.randn(n, FAMILY_WIDTH[family], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+
+def labels(family: str, o: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    return get_family(family).sample(o, k, torch.Generator().manual_seed(seed))
+
+
+def test_score_and_log_prob_match_hand_written_likelihood(family):
+    fam, o = get_family(family), outputs(family)
+    y = labels(family, o, 5)
+    u = fam.output_score(y, o)
+    lp = fam.log_prob(o, y)
+    assert u.shape == y.shape[:2] + (o.shape[1],) and lp.shape == y.shape[:2]
+    for i in range(o.shape[0]):
+        for j in range(y.shape[1]):
+            ref_u = grad(lambda out: log_likelihood(family, out, y[i, j]))(o[i])
+            assert torch.allclose(u[i, j], ref_u, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(lp[i, j], log_likelihood(family, o[i], y[i, j]), rtol=1e-12)
+    assert torch.allclose(fam.nll(o, y), -lp.mean())
+
+
+def test_fisher_output_is_negative_hessian_of_log_likelihood(family):
+    fam, o = get_family(family), outputs(family)
+    lam = fam.fisher_output(o)
+    for i in range(o.shape[0]):
+        assert torch.allclose(lam[i], output_fisher(family, o[i]), rtol=1e-12, atol=1e-14)
+    s = fam.fisher_output_sqrt(o)
+    assert torch.allclose(s @ s.transpose(-1, -2), lam, rtol=1e-12, atol=1e-14)
+
+
+def _exact_moments(family: str, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E[u], E[uuᵀ] and E[u⊗u⊗u⊗u] by enumeration (discrete) or Gauss–Hermite quadrature."""
+    fam = get_family(family)
+    c = o.shape[0]
+    if family == "categorical":
+        support = torch.arange(c)
+        weights = torch.softmax(o, 0)
+    elif family == "bernoulli":
+        support = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+        p = torch.sigmoid(o)
+        weights = torch.cat([1 - p, p])
+    elif family == "poisson":
+        counts = torch.arange(80, dtype=torch.float64)
+        grid = torch.cartesian_prod(*[counts] * c)
+        support = grid
+        weights = torch.exp(fam.log_prob(o.unsqueeze(0), grid.unsqueeze(0)))[0]
+    else:
+        nodes, w = np.polynomial.hermite_e.hermegauss(8)
+        nodes, w = torch.tensor(nodes), torch.tensor(w / w.sum())
+        support = o + torch.cartesian_prod(*[nodes] * c).reshape(-1, c)
+        weights = torch.cartesian_prod(*[w] * c).reshape(-1, c).prod(1)
+    u = fam.output_score(support.unsqueeze(0), o.unsqueeze(0))[0]
+    m1 = torch.einsum("s,sa->a", weights, u)
+    m2 = torch.einsum("s,sa,sb->ab", weights, u, u)
+    m4 = torch.einsum("s,sa,sb,sc,sd->abcd", weights, u, u, u, u)
+    return m1, m2, m4
+
+
+def test_moments_by_enumeration(family):
+    fam, o = get_family(family), outputs(family)
+    lam, m4 = fam.fisher_output(o), fam.fourth_moment(o)
+    for i in range(o.shape[0]):
+        m1, m2, ref4 = _exact_moments(family, o[i])
+        assert m1.abs().max() < 1e-12
+        assert torch.allclose(m2, lam[i], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(m4[i], ref4, rtol=1e-10, atol=1e-12)
+
+
+def test_sampling_matches_moments(family):
+    """Sample means of u and uuᵀ agree with 0 and Λ within 4.5 standard errors."""
+    fam, o = get_family(family), outputs(family, n=2)
+    k = 40000
+    u = fam.output_score(labels(family, o, k, seed=9), o)
+    outer = torch.einsum("nka,nkb->nkab", u, u)
+    for values, target in ((u, torch.zeros_like(o)), (outer, fam.fisher_output(o))):
+        mean, se = values.mean(1), values.std(1) / k**0.5
+        assert bool(((mean - target).abs() <= 4.5 * se + 1e-12).all())
+
+
+def test_sampling_is_reproducible(family):
+    o = outputs(family)
+    assert torch.equal(labels(family, o, 7, seed=3), labels(family, o, 7, seed=3))
+    assert not torch.equal(labels(family, o, 7, seed=3), labels(family, o, 7, seed=4))
+
+
+def test_gaussian_sigma():
+    fam, o = Gaussian(sigma=0.5), outputs("gaussian")
+    assert torch.allclose(fam.fisher_output(o)[0], 4 * torch.eye(2, dtype=torch.float64))
+    with pytest.raises(TorchfimError, match="sigma must be a positive"):
+        Gaussian(sigma=0.0)
+
+
+def test_get_family():
+    assert isinstance(get_family("poisson"), Family)
+    inst = Gaussian(2.0)
+    assert get_family(inst) is inst
+    with pytest.raises(TorchfimError, match="unknown family 'softmax'.*choose one of"):
+        get_family("softmax")
+
+
+@pytest.mark.parametrize(
+    ("family", "shape", "message"),
+    [
+        ("bernoulli", (4, 3), "one logit per input.*use family='categorical'"),
+        ("categorical", (4, 1), "at least 2 logits.*family='bernoulli'"),
+        ("gaussian", (4, 2, 2), r"shape \(batch, C\).*flat output"),
+    ],
+)
+def test_output_shape_errors(family, shape, message):
+    with pytest.raises(TorchfimError, match=message):
+        get_family(family).check_output(torch.zeros(shape))
+
+
+def test_target_errors():
+    o = torch.zeros(4, 3)
+    fam = get_family("categorical")
+    with pytest.raises(TorchfimError, match="class indices"):
+        fam.check_targets(torch.zeros(4), o)
+    with pytest.raises(TorchfimError, match=r"lie in \[0, 2\]"):
+        fam.check_targets(torch.tensor([0, 1, 2, 3]), o)
+    with pytest.raises(TorchfimError, match="must be 0 or 1"):
+        get_family("bernoulli").check_targets(torch.tensor([0.0, 2.0, 1.0, 0.0]), o[:, :1])
+    with pytest.raises(TorchfimError, match="non-negative integer counts"):
+        get_family("poisson").check_targets(torch.full((4, 3), 0.5), o)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_samples_have_documented_shape(family):
+    o = outputs(family)
+    y = labels(family, o, 5)
+    want = (3, 5) if family == "categorical" else (3, 5, FAMILY_WIDTH[family])
+    assert tuple(y.shape) == want

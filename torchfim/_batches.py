@@ -1,0 +1,54 @@
+"""Iterating over the inputs (and targets) a user passes: one tensor or mini-batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from torch import Tensor
+
+from .errors import TorchfimError
+
+Inputs = Tensor | Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]]
+
+
+def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[object, object]]:
+    """Yield ``(x, y)`` mini-batches; ``y`` is None where no target is known.
+
+    ``inputs`` is a tensor (one batch) or an iterable whose items are tensors or
+    ``(inputs, targets, ...)`` tuples, as a ``DataLoader`` yields. ``targets`` is a
+    tensor aligned with a tensor ``inputs``, or an iterable of mini-batches aligned
+    with iterable ``inputs``.
+    """
+    if isinstance(inputs, Tensor):
+        if targets is not None and not isinstance(targets, Tensor):
+            raise TorchfimError(
+                "targets must be a tensor when inputs is a tensor, got "
+                f"{type(targets).__name__}; pass torch.as_tensor(targets)"
+            )
+        yield inputs, targets
+        return
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
+        raise TorchfimError(
+            f"inputs must be a tensor or an iterable of mini-batches, got {type(inputs).__name__}"
+        )
+    if isinstance(targets, Tensor):
+        raise TorchfimError(
+            "inputs is an iterable of mini-batches but targets is one tensor; pass targets as an "
+            "iterable of mini-batches aligned with the inputs, or yield (inputs, targets) pairs"
+        )
+    target_iter = None if targets is None else iter(targets)
+    for item in inputs:
+        if isinstance(item, (tuple, list)):
+            if not item:
+                raise TorchfimError("a mini-batch of inputs is an empty tuple; yield (inputs, targets) pairs")
+            x, y = item[0], (item[1] if len(item) > 1 else None)
+        else:
+            x, y = item, None
+        if target_iter is not None:
+            try:
+                y = next(target_iter)
+            except StopIteration:
+                raise TorchfimError(
+                    "targets has fewer mini-batches than inputs; align the two iterables"
+                ) from None
+        yield x, y

@@ -1,0 +1,29 @@
+"""Exceptions raised by torchfim for bad input.
+
+Every error torchfim raises on purpose is a :class:`TorchfimError`, a subclass of
+:class:`ValueError`, whose message says what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class TorchfimError(ValueError):
+    """Bad input to a torchfim function; the message names the problem and the fix."""
+
+
+def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a :class:`TorchfimError`."""
+    if not isinstance(value, str) or value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise TorchfimError(f"unknown {kind} {value!r}; choose one of {listed}")
+    return value
+
+
+def check_n_samples(n_samples: object) -> int:
+    """Return ``n_samples`` as an int if it is a positive integer, else raise."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
+        raise TorchfimError(
+            f"n_samples must be a positive integer (labels drawn per input), got {n_samples!r}; "
+            "pass e.g. n_samples=1"
+        )
+    return n_samples

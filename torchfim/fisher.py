@@ -1,0 +1,212 @@
+"""``torchfim.fisher``: the Fisher information of a model and its estimators.
+
+For inputs ``x_1..x_n`` (fixed) with per-sample Jacobians ``Jᵢ = ∂o(xᵢ)/∂θ`` and
+output Fishers ``Λᵢ = Λ(o(xᵢ))`` (see :mod:`torchfim.families`), with
+``k = n_samples`` labels ``y_ij ~ p(·|xᵢ)`` per input and output scores
+``u_ij = ∇_o log p(y_ij|o(xᵢ))``:
+
+* ``exact``     ``I = (1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ``  (closed-form expectation over labels)
+* ``score``     Î1 ``= (1/(nk)) Σᵢⱼ Jᵢᵀ u_ij u_ijᵀ Jᵢ``
+* ``hessian``   Î2 ``= (1/(nk)) Σᵢⱼ [Jᵢᵀ Λᵢ Jᵢ − Σ_a u_ij,a ∇²_θ o_a(xᵢ)]``
+* ``empirical`` ``(1/n) Σᵢ Jᵢᵀ uᵢ uᵢᵀ Jᵢ`` with the true targets ``yᵢ`` (biased)
+
+Î1 and Î2 are unbiased for ``I``. All are means over inputs (and labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._batches import Inputs, iter_batches
+from ._functional import FunctionalModel
+from ._memory import fits_in_memory
+from .errors import TorchfimError, check_choice, check_n_samples
+from .families import Family, get_family
+
+ESTIMATORS = ("exact", "score", "hessian", "empirical")
+STRUCTURES = ("full", "diag", "trace", "layers")
+
+FisherResult = Tensor | dict[str, Tensor]
+
+
+class _Accumulator:
+    """Running sum of one structure of ``Σ Gᵀ G`` and of Hessian columns."""
+
+    def __init__(self, structure: str, fm: FunctionalModel) -> None:
+        self.structure = structure
+        self.fm = fm
+        kw = {"dtype": fm.dtype, "device": fm.device}
+        if structure == "full":
+            self.value: FisherResult = torch.zeros(fm.num_params, fm.num_params, **kw)
+        elif structure == "diag":
+            self.value = torch.zeros(fm.num_params, **kw)
+        elif structure == "trace":
+            self.value = torch.zeros((), **kw)
+        else:
+            self.value = {n: torch.zeros(s, s, **kw) for n, s in zip(fm.names, fm.sizes)}
+
+    def add_gram(self, g: Tensor, scale: float) -> None:
+        """Add ``scale · gᵀ g`` for rows ``g`` (R, P) of per-sample products."""
+        if self.structure == "full":
+            self.value.addmm_(g.T, g, alpha=scale)
+        elif self.structure == "diag":
+            self.value.add_((g * g).sum(0), alpha=scale)
+        elif self.structure == "trace":
+            self.value.add_((g * g).sum(), alpha=scale)
+        else:
+            for name, offset, size in zip(self.fm.names, self.fm.offsets, self.fm.sizes):
+                block = g[:, offset : offset + size]
+                self.value[name].addmm_(block.T, block, alpha=scale)
+
+    def add_hessian_columns(self, columns: Tensor, h: Tensor, scale: float, param: int) -> None:
+        """Add ``scale ·`` the Hessian columns ``h`` (m, P) of indices ``columns`` inside parameter ``param``."""
+        diagonal = h[torch.arange(len(columns)), columns]
+        if self.structure == "full":
+            self.value[:, columns] += scale * h.T
+        elif self.structure == "diag":
+            self.value[columns] += scale * diagonal
+        elif self.structure == "trace":
+            self.value.add_(diagonal.sum(), alpha=scale)
+        else:
+            offset, size = self.fm.offsets[param], self.fm.sizes[param]
+            block = self.value[self.fm.names[param]]
+            block[:, columns - offset] += scale * h[:, offset : offset + size].T
+
+    def mean(self, n: int) -> FisherResult:
+        if isinstance(self.value, dict):
+            return {name: block / n for name, block in self.value.items()}
+        return self.value / n
+
+
+def _check_dense(structure: str, fm: FunctionalModel) -> None:
+    if structure == "full":
+        entries, what = fm.num_params**2, f"a {fm.num_params}×{fm.num_params} matrix"
+    elif structure == "layers":
+        entries, what = sum(s * s for s in fm.sizes), "one dense block per parameter tensor"
+    else:
+        return
+    ok, needed, free = fits_in_memory(entries, fm.dtype, fm.device)
+    if not ok:
+        raise TorchfimError(
+            f"structure={structure!r} needs {what} (about {needed:.1f} GiB with working memory) but only "
+            f"{free:.1f} GiB is available on {fm.device}; use structure='diag' or 'trace', or freeze "
+            "parameters you do not need with p.requires_grad_(False)"
+        )
+
+
+def _hessian_column_chunks(fm: FunctionalModel, batch: int, width: int) -> Iterator[tuple[int, Tensor]]:
+    """Parameter index and a chunk of flat column indices inside it, covering every parameter."""
+    step = fm.column_chunk(batch, width)
+    for param, (offset, size) in enumerate(zip(fm.offsets, fm.sizes)):
+        for start in range(offset, offset + size, step):
+            stop = min(offset + size, start + step)
+            yield param, torch.arange(start, stop, device=fm.device)
+
+
+def fisher(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    estimator: str = "exact",
+    structure: str = "diag",
+    n_samples: int = 1,
+    targets: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    progress: bool = False,
+) -> FisherResult:
+    """Fisher information of ``model`` over ``inputs`` under its own predictive distribution.
+
+    Computes the data-set FIM ``I = (1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` (``estimator="exact"``) or one
+    of its estimators (``"score"`` = Î1, ``"hessian"`` = Î2, ``"empirical"`` with
+    true targets); see the module docstring for the formulas. Means over inputs
+    and over the ``n_samples`` labels drawn per input.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch of inputs to outputs ``(B, C)``
+            that treats samples independently (call ``model.eval()`` for
+            BatchNorm or Dropout). θ = its ``requires_grad`` parameters in
+            ``model.parameters()`` order.
+        inputs: a tensor whose first dimension is the batch, or an iterable of
+            mini-batches (tensors or ``(inputs, targets)`` pairs, e.g. a DataLoader).
+        family: output family name or :class:`~torchfim.families.Family`.
+        estimator: ``"exact"``, ``"score"``, ``"hessian"`` or ``"empirical"``.
+        structure: ``"full"`` (P×P), ``"diag"`` (P), ``"trace"`` (0-dim) or
+            ``"layers"`` (dict: parameter name → its diagonal block).
+        n_samples: labels drawn per input for ``score`` and ``hessian``.
+        targets: true targets, required by ``empirical`` (or carried by the batches).
+        generator: ``torch.Generator`` for label sampling (global RNG when None).
+        progress: show a progress bar over mini-batches.
+
+    Returns:
+        The requested structure, on the model's device in the model's dtype.
+
+    Example:
+        >>> import torch, torchfim
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x = torch.randn(32, 4)
+        >>> torchfim.fisher(model, x, structure="trace").shape
+        torch.Size([])
+        >>> F = torchfim.fisher(model, x, estimator="score", structure="diag", n_samples=4,
+        ...                     generator=torch.Generator().manual_seed(0))
+        >>> F.shape
+        torch.Size([67])
+    """
+    fam = get_family(family)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("structure", structure, STRUCTURES)
+    k = check_n_samples(n_samples)
+    fm = FunctionalModel(model)
+    _check_dense(structure, fm)
+    if estimator == "empirical" and targets is None and isinstance(inputs, Tensor):
+        raise TorchfimError(
+            "estimator='empirical' uses the true labels: pass targets=... (one per input), "
+            "or use estimator='exact' for the Fisher under the model's own distribution"
+        )
+
+    acc = _Accumulator(structure, fm)
+    n = 0
+    checked = False
+    batches = iter_batches(inputs, targets)
+    for x, y in tqdm(batches, desc=f"fisher[{estimator}]", unit="batch", disable=not progress):
+        x = fm.prepare_inputs(x)
+        if x.shape[0] == 0:
+            continue
+        o = fm.outputs(x)
+        fam.check_output(o)
+        if estimator in ("exact", "hessian"):
+            vectors, scale = fam.fisher_output_sqrt(o).transpose(-1, -2), 1.0
+        elif estimator == "score":
+            vectors, scale = fam.output_score(fam.sample(o, k, generator), o), 1.0 / k
+        else:
+            if y is None:
+                raise TorchfimError(
+                    "estimator='empirical' uses the true labels but a mini-batch came without targets; "
+                    "pass targets=... or yield (inputs, targets) pairs"
+                )
+            if not isinstance(y, Tensor):
+                y = torch.as_tensor(y)
+            vectors, scale = fam.output_score(fam.check_targets(y.to(o.device), o), o).unsqueeze(1), 1.0
+
+        for rows in fm.sample_chunks(x.shape[0], vectors.shape[1]):
+            o_single, g = fm.vector_jacobian(x[rows], vectors[rows])
+            if not checked:
+                fm.check_independent(x[rows], o[rows], o_single)
+                checked = True
+            acc.add_gram(g.reshape(-1, fm.num_params), scale)
+
+        if estimator == "hessian":
+            # Σⱼ Σ_a u_ij,a ∇²o_a(xᵢ) = ∇²_θ (Σⱼ u_ij)ᵀ o(xᵢ) with the scores held fixed.
+            weights = fam.output_score(fam.sample(o, k, generator), o).sum(1)
+            for param, columns in _hessian_column_chunks(fm, x.shape[0], o.shape[1]):
+                h = fm.hessian_columns(x, weights, columns)
+                acc.add_hessian_columns(columns, h, -1.0 / k, param)
+        n += x.shape[0]
+
+    if n == 0:
+        raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
+    return acc.mean(n)
