@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .errors import TorchfimError
 
@@ -149,9 +149,7 @@ class FunctionalModel:
         def hvp(tangent: Tensor) -> Tensor:
             return jvp(gradient, (theta,), (tangent,))[1]
 
-        basis = torch.zeros(len(columns), self.num_params, dtype=self.dtype, device=self.device)
-        basis[torch.arange(len(columns)), columns] = 1
-        return vmap(hvp)(basis)
+        return vmap(hvp)(self._basis(columns))
 
     def column_chunk(self, batch: int, width: int) -> int:
         """How many Hessian columns to compute at once for a batch of ``batch`` inputs."""
@@ -168,3 +166,48 @@ class FunctionalModel:
                 "(e.g. BatchNorm in training mode), so per-sample Fisher terms are undefined; "
                 "call model.eval() or remove the cross-sample operation"
             )
+
+    # ------------------------------------------------ second-order products
+    def _basis(self, columns: Tensor) -> Tensor:
+        basis = torch.zeros(len(columns), self.num_params, dtype=self.dtype, device=self.device)
+        basis[torch.arange(len(columns)), columns] = 1
+        return basis
+
+    def output_hessian_diagonals(self, x: Tensor, columns: Tensor) -> Tensor:
+        """Per-sample ``∂²o_a(xᵢ)/∂θ_p²`` for ``p`` in ``columns``: shape ``(m, B, C)``.
+
+        Forward-over-forward: the second directional derivative of the batched
+        outputs along ``e_p``; each sample's output depends on its own input only.
+        """
+        theta = self.flatten(self.params)
+
+        def out(flat: Tensor) -> Tensor:
+            return self.forward(self.unflatten(flat), x)
+
+        def second(direction: Tensor) -> Tensor:
+            def first(flat: Tensor) -> Tensor:
+                return jvp(out, (flat,), (direction,))[1]
+
+            return jvp(first, (theta,), (direction,))[1]
+
+        return vmap(second)(self._basis(columns))
+
+    def output_hessian_columns(self, x: Tensor, columns: Tensor) -> Tensor:
+        """Per-sample ``∂²o_a(xᵢ)/∂θ_p∂θ_q`` for ``p`` in ``columns``: shape ``(m, B, C, P)``."""
+        theta = self.flatten(self.params)
+
+        def jacobians(flat: Tensor) -> Tensor:
+            def single(x1: Tensor) -> Tensor:
+                return jacrev(lambda th: self.forward(self.unflatten(th), x1.unsqueeze(0)).squeeze(0))(flat)
+
+            return vmap(single)(x)
+
+        def column(direction: Tensor) -> Tensor:
+            return jvp(jacobians, (theta,), (direction,))[1]
+
+        return vmap(column)(self._basis(columns))
+
+    def jacobians(self, x: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """Per-sample outputs ``(B, C)`` and Jacobians ``Jᵢ`` ``(B, C, P)``."""
+        eye = torch.eye(width, dtype=self.dtype, device=self.device)
+        return self.vector_jacobian(x, eye.expand(x.shape[0], width, width))

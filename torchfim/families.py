@@ -41,6 +41,19 @@ def _to_generator_device(t: Tensor, generator: torch.Generator | None) -> Tensor
     return t
 
 
+def _isserlis_moment4(lam_diag: Tensor, v: Tensor, w: Tensor) -> Tensor:
+    """``E[(uᵀv)²(uᵀw)²]`` for centred Gaussian ``u`` with diagonal covariance ``lam_diag`` (B, C)."""
+    lam = lam_diag.unsqueeze(1)
+    vv, ww, vw = (lam * v * v).sum(-1), (lam * w * w).sum(-1), (lam * v * w).sum(-1)
+    return vv * ww + 2 * vw**2
+
+
+def _isserlis_quadratic(lam_diag: Tensor, k: Tensor) -> Tensor:
+    """``E[(uᵀKu)²]`` for centred Gaussian ``u`` with diagonal covariance: ``(tr KΛ)² + 2 tr(KΛKΛ)``."""
+    kl = k * lam_diag.unsqueeze(1)  # K Λ
+    return torch.einsum("naa->n", kl) ** 2 + 2 * torch.einsum("nab,nba->n", kl, kl)
+
+
 def _isserlis(lam: Tensor) -> Tensor:
     """``E[u_a u_b u_c u_d]`` of a centred Gaussian with covariance ``lam`` (B, C, C)."""
     return (
@@ -129,6 +142,14 @@ class Family(ABC):
     def fourth_moment(self, o: Tensor) -> Tensor:
         """``E_y[u_a u_b u_c u_d]``, shape ``(B, C, C, C, C)``."""
 
+    def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """``E_y[(uᵀv)² (uᵀw)²]`` for output-space vectors ``v, w`` (B, m, C) → (B, m)."""
+        return torch.einsum("nabcd,nma,nmb,nmc,nmd->nm", self.fourth_moment(o), v, v, w, w)
+
+    def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
+        """``E_y[(uᵀ K u)²]`` for symmetric ``K`` (B, C, C) → (B,)."""
+        return torch.einsum("nabcd,nab,ncd->n", self.fourth_moment(o), k, k)
+
     @abstractmethod
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         """``log p(y|o)`` with the labels' leading dims (``(B,)`` or ``(B, k)``)."""
@@ -210,6 +231,20 @@ class Categorical(Family):
         d = eye - p.unsqueeze(1)  # d[n, y] = e_y − p, the score for label y
         return torch.einsum("ny,nya,nyb,nyc,nyd->nabcd", p, d, d, d, d)
 
+    # Enumerating the C labels is cheaper than contracting the C⁴ moment tensor.
+    def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        p = torch.softmax(o, dim=-1).unsqueeze(1)  # (B, 1, C)
+        uv = v - (p * v).sum(-1, keepdim=True)  # uᵀv for u = e_y − p, per label y
+        uw = w - (p * w).sum(-1, keepdim=True)
+        return (p * uv**2 * uw**2).sum(-1)
+
+    def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
+        p = torch.softmax(o, dim=-1)
+        eye = torch.eye(o.shape[-1], dtype=o.dtype, device=o.device)
+        d = eye - p.unsqueeze(1)
+        quad = torch.einsum("nya,nab,nyb->ny", d, k, d)
+        return (p * quad**2).sum(-1)
+
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         logp = torch.log_softmax(self._align(y, o), dim=-1)
         logp = logp.expand(y.shape + o.shape[-1:])
@@ -263,6 +298,12 @@ class Bernoulli(Family):
         m4 = p * (1 - p) ** 4 + (1 - p) * p**4
         return m4.reshape(-1, 1, 1, 1, 1)
 
+    def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        return self.fourth_moment(o).reshape(-1, 1) * (v * w).squeeze(-1) ** 2
+
+    def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
+        return self.fourth_moment(o).reshape(-1) * k.reshape(-1) ** 2
+
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         logits = self._align(y, o)
         y = y.to(o.dtype)
@@ -309,6 +350,15 @@ class Gaussian(Family):
     def fourth_moment(self, o: Tensor) -> Tensor:
         return _isserlis(self.fisher_output(o))
 
+    def _lam_diag(self, o: Tensor) -> Tensor:
+        return torch.full_like(o, 1 / self.sigma**2)
+
+    def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        return _isserlis_moment4(self._lam_diag(o), v, w)
+
+    def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
+        return _isserlis_quadratic(self._lam_diag(o), k)
+
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         diff = y.to(o.dtype) - self._align(y, o)
         c = o.shape[-1]
@@ -350,6 +400,15 @@ class Poisson(Family):
         idx = torch.arange(o.shape[-1], device=o.device)
         moments[:, idx, idx, idx, idx] += rate
         return moments
+
+    # The fourth cumulant λ_a adds to the Gaussian (Isserlis) part when a = b = c = d.
+    def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        rate = torch.exp(o)
+        return _isserlis_moment4(rate, v, w) + (rate.unsqueeze(1) * v**2 * w**2).sum(-1)
+
+    def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
+        rate = torch.exp(o)
+        return _isserlis_quadratic(rate, k) + (rate * torch.diagonal(k, dim1=-2, dim2=-1) ** 2).sum(-1)
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         logr = self._align(y, o)

@@ -117,8 +117,9 @@ def fisher(
     targets: Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    return_stderr: bool = False,
     progress: bool = False,
-) -> FisherResult:
+) -> FisherResult | tuple[FisherResult, FisherResult]:
     """Fisher information of ``model`` over ``inputs`` under its own predictive distribution.
 
     Computes the data-set FIM ``I = (1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` (``estimator="exact"``) or one
@@ -140,10 +141,15 @@ def fisher(
         n_samples: labels drawn per input for ``score`` and ``hessian``.
         targets: true targets, required by ``empirical`` (or carried by the batches).
         generator: ``torch.Generator`` for label sampling (global RNG when None).
+        return_stderr: also return the standard error of each entry, the square
+            root of :func:`torchfim.fisher_variance` (closed form, conditional on
+            the inputs). ``exact`` has none; ``empirical`` has no label
+            randomness given the targets (its error is a bias): both get zeros.
         progress: show a progress bar over mini-batches.
 
     Returns:
-        The requested structure, on the model's device in the model's dtype.
+        The requested structure, on the model's device in the model's dtype;
+        with ``return_stderr=True`` a pair ``(estimate, stderr)`` of that structure.
 
     Example:
         >>> import torch, torchfim
@@ -171,11 +177,13 @@ def fisher(
     acc = _Accumulator(structure, fm)
     n = 0
     checked = False
-    batches = iter_batches(inputs, targets)
-    for x, y in tqdm(batches, desc=f"fisher[{estimator}]", unit="batch", disable=not progress):
+    batches_seen: list[Tensor] = []  # kept only for return_stderr, to revisit the same inputs
+    for x, y in tqdm(iter_batches(inputs, targets), desc=f"fisher[{estimator}]", unit="batch", disable=not progress):
         x = fm.prepare_inputs(x)
         if x.shape[0] == 0:
             continue
+        if return_stderr:
+            batches_seen.append(x)
         o = fm.outputs(x)
         fam.check_output(o)
         if estimator in ("exact", "hessian"):
@@ -209,4 +217,16 @@ def fisher(
 
     if n == 0:
         raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
-    return acc.mean(n)
+    estimate = acc.mean(n)
+    if not return_stderr:
+        return estimate
+    if estimator in ("exact", "empirical"):
+        zeros = {k: torch.zeros_like(v) for k, v in estimate.items()} if isinstance(estimate, dict) else None
+        return estimate, zeros if zeros is not None else torch.zeros_like(estimate)
+    from .variance import fisher_variance  # variance builds on this module
+
+    variance = fisher_variance(model, batches_seen, family=fam, estimator=estimator, structure=structure,
+                               n_samples=k)
+    if isinstance(variance, dict):
+        return estimate, {name: v.clamp_min(0).sqrt() for name, v in variance.items()}
+    return estimate, variance.clamp_min(0).sqrt()

@@ -1,0 +1,492 @@
+"""Variance-aware comparison of training runs over seeds.
+
+One training run of a method is one draw from a distribution: change the seed of the weight
+initialisation, of the data order, of the data split, ... and the final metric moves. Two methods
+are therefore compared on several runs each, and the comparison reports how sure it is. This module
+follows Bouthillier et al., "Accounting for Variance in Machine Learning Benchmarks", MLSys 2021
+(arXiv:2103.03098):
+
+* :func:`prob_outperform` estimates the probability of outperforming P(A > B) from paired runs,
+  gives it a percentile-bootstrap confidence interval, and applies the paper's decision rule
+  (significant *and* meaningful, with threshold ``gamma = 0.75``).
+* :func:`seeds`, :func:`derive_seeds` / :class:`SeedPlan` and :func:`torch_generator` give every run
+  one master seed and split it, with :class:`numpy.random.SeedSequence` spawning, into independent
+  seeds for each source of variation (``init``, ``data_order``, ``data_split``, ``label_noise``,
+  ``sampling``), so that all of them vary from run to run, reproducibly.
+
+A typical study:
+
+>>> from torchfim.compare import seeds, derive_seeds, prob_outperform
+>>> runs = seeds(10, master_seed=2021)      # one master seed per run, shared by A and B
+>>> plan = derive_seeds(runs[0])            # that run's seed for each source of variation
+>>> sorted(plan.as_dict())
+['data_order', 'data_split', 'init', 'label_noise', 'sampling']
+>>> acc_a = [0.91, 0.93, 0.90, 0.94, 0.92, 0.95, 0.91, 0.93, 0.92, 0.94]  # run i of A used runs[i]
+>>> acc_b = [0.88, 0.90, 0.89, 0.91, 0.90, 0.92, 0.89, 0.90, 0.88, 0.91]  # run i of B used runs[i]
+>>> prob_outperform(acc_a, acc_b).conclusion
+'A better'
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import TorchfimError
+
+__all__ = [
+    "OutperformResult",
+    "prob_outperform",
+    "SOURCES",
+    "SeedPlan",
+    "derive_seeds",
+    "seeds",
+    "torch_generator",
+]
+
+#: Conclusions :func:`prob_outperform` can reach.
+A_BETTER = "A better"
+B_BETTER = "B better"
+NOT_SIGNIFICANT = "not significant"
+
+#: Sources of variation a :class:`SeedPlan` holds one seed for, in spawn order. A new source must be
+#: appended at the end, so that the seeds of the existing ones stay what they were.
+SOURCES: tuple[str, ...] = ("init", "data_order", "data_split", "label_noise", "sampling")
+
+# Spawn key of the root that :func:`seeds` spawns the runs' master seeds from ("RUNS" in ASCII).
+# Keeps those seeds apart from the per-source children of SeedSequence(master_seed) that
+# :func:`derive_seeds` uses (spawn keys 0..4): seeds(n, m)[k] is not derive_seeds(m)'s k-th seed.
+_RUNS_SPAWN_KEY = 0x52554E53
+
+# Rows of bootstrap indices drawn at once: keeps the (rows, n) index array near 32 MiB.
+_BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------------
+# Probability of outperforming
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutperformResult:
+    """The estimate of P(A > B), its confidence interval and the conclusion drawn from them.
+
+    Attributes:
+        p: the estimate of P(A > B): the fraction of pairs where A's run beats B's run, ties
+            counting one half.
+        ci_low, ci_high: the percentile-bootstrap confidence interval of ``p``.
+        n: the number of paired runs.
+        gamma: the threshold a meaningful effect must be able to reach (0.75 in the paper).
+        confidence: the level of the interval (0.95 for a 95% interval).
+        significant: the interval excludes 0.5 (``ci_low > 0.5`` or ``ci_high < 0.5``).
+        meaningful: the interval reaches the meaningful zone on the side it points to:
+            ``ci_high > gamma`` on A's side, ``ci_low < 1 - gamma`` on B's side (the side is the
+            one the interval lies on when significant, else the side of ``p``; at ``p == 0.5``
+            either counts, so that swapping A and B never changes the flag).
+        conclusion: ``"A better"`` (``ci_low > 0.5`` and ``ci_high > gamma``), ``"B better"``
+            (``ci_high < 0.5`` and ``ci_low < 1 - gamma``) or ``"not significant"`` (no
+            conclusion: not significant, or significant but not meaningful; the flags say which).
+
+    ``str(result)`` is one readable line:
+
+    >>> r = prob_outperform([3, 4, 5, 6], [1, 2, 3, 4])
+    >>> print(r)
+    P(A > B) = 1.000, 95% CI [1.000, 1.000], n = 4 pairs, gamma = 0.75: A better
+    >>> (r.p, r.significant, r.meaningful)
+    (1.0, True, True)
+    """
+
+    p: float
+    ci_low: float
+    ci_high: float
+    n: int
+    gamma: float
+    confidence: float
+    significant: bool
+    meaningful: bool
+    conclusion: str
+
+    def __str__(self) -> str:
+        line = (
+            f"P(A > B) = {self.p:.3f}, {_percent(self.confidence)} CI [{self.ci_low:.3f}, "
+            f"{self.ci_high:.3f}], n = {self.n} pairs, gamma = {self.gamma:g}: {self.conclusion}"
+        )
+        if self.conclusion == NOT_SIGNIFICANT and self.significant:
+            line += " (significant but not meaningful)"
+        return line
+
+
+def _percent(confidence: float) -> str:
+    """``0.95`` -> ``'95%'``, ``0.999`` -> ``'99.9%'``."""
+    return f"{100 * confidence:.10g}%"
+
+
+def _as_runs(x: object, name: str) -> np.ndarray:
+    """``x`` as a 1-D float64 array of finite values, else a TorchfimError naming ``name``."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TorchfimError(
+            f"{name} must be a sequence of numbers (one metric value per run), "
+            f"got {type(x).__name__}"
+        ) from exc
+    if arr.ndim != 1:
+        raise TorchfimError(
+            f"{name} must be one-dimensional (one metric value per run), got shape {arr.shape}"
+        )
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise TorchfimError(
+            f"{name} has non-finite values (NaN or inf) at index {bad[:5].tolist()}; "
+            "drop or fix the failed runs, together with their partners in the other method"
+        )
+    return arr
+
+
+def _check_probability(
+    name: str, value: object, low: float, high: float, closed_low: bool
+) -> float:
+    """``value`` as a float in (low, high) (or [low, high) if ``closed_low``), else raise."""
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (low <= value if closed_low else low < value)
+        and value < high
+    )
+    if not ok:
+        interval = f"{'[' if closed_low else '('}{low:g}, {high:g})"
+        raise TorchfimError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def _rng(generator_or_seed: object) -> np.random.Generator:
+    """A numpy Generator from a Generator, a non-negative int seed, a SeedSequence or None."""
+    if isinstance(generator_or_seed, np.random.Generator):
+        return generator_or_seed
+    if generator_or_seed is None or isinstance(generator_or_seed, np.random.SeedSequence):
+        return np.random.default_rng(generator_or_seed)
+    if isinstance(generator_or_seed, numbers.Integral) and not isinstance(generator_or_seed, bool):
+        if generator_or_seed >= 0:
+            return np.random.default_rng(int(generator_or_seed))
+    raise TorchfimError(
+        "generator_or_seed must be a non-negative int, a numpy.random.Generator, a "
+        f"numpy.random.SeedSequence or None, got {generator_or_seed!r}"
+    )
+
+
+def prob_outperform(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    gamma: float = 0.75,
+    generator_or_seed: Union[int, np.random.Generator, np.random.SeedSequence, None] = 0,
+) -> OutperformResult:
+    """Probability that method A outperforms method B, with a bootstrap interval and a verdict.
+
+    ``a[i]`` and ``b[i]`` are the metric (larger is better: accuracy, not loss; pass ``-loss``) of
+    run ``i`` of A and of B, paired: both runs used the same master seed (see :func:`seeds`), so
+    they saw the same data split, label noise, ... The estimate is
+
+        P = (1/n) * sum_i ( 1[a_i > b_i] + 0.5 * 1[a_i == b_i] ),
+
+    so a method compared with itself gives exactly 0.5, and ``P(a, b) = 1 - P(b, a)``. Ties are
+    exact float equality: round the metric first if tiny differences are noise.
+
+    The confidence interval is the percentile bootstrap: resample the ``n`` pairs with replacement
+    ``n_bootstrap`` times, recompute P on each resample, and take the ``(1 - confidence) / 2`` and
+    ``(1 + confidence) / 2`` quantiles. It is slightly anti-conservative at small ``n`` (a 95%
+    interval from 30 pairs covers the true P about 91-95% of the time, depending on P).
+
+    Decision rule, after Bouthillier et al. (2021), "Accounting for Variance in Machine Learning
+    Benchmarks", Proceedings of MLSys 3 (arXiv:2103.03098), where the probability of outperforming
+    is the recommended criterion (paraphrased): the improvement of A over B is *statistically
+    significant* when the interval's lower bound is above 0.5, and *statistically meaningful* when
+    its upper bound is above a threshold ``gamma``, for which the paper recommends 0.75; A is
+    declared better only when both hold. Meaningful is judged on the upper bound, not on P itself:
+    P = 0.7 with interval [0.55, 0.85] is a conclusive improvement. The rule applied to B
+    (``ci_high < 0.5`` and ``ci_low < 1 - gamma``) declares B better; anything else is
+    ``"not significant"`` (no conclusion; :attr:`OutperformResult.significant` tells a significant
+    but not meaningful result apart).
+
+    Args:
+        a, b: paired metric values, one per run, same length ``n >= 2``, all finite. Lists, numpy
+            arrays and CPU or GPU tensors are accepted.
+        n_bootstrap: number of bootstrap resamples (at least 1; 1000 or more for a stable interval).
+            Cost is ``O(n_bootstrap * n)``.
+        confidence: level of the interval, in (0, 1).
+        gamma: threshold of a meaningful effect, in [0.5, 1).
+        generator_or_seed: numpy Generator, int seed, SeedSequence, or None (fresh entropy, not
+            reproducible). The same seed gives the same interval.
+
+    Returns:
+        An :class:`OutperformResult`.
+
+    Raises:
+        TorchfimError (a ValueError): unequal lengths, fewer than 2 pairs, non-finite values,
+            ``confidence`` outside (0, 1), ``gamma`` outside [0.5, 1), bad ``n_bootstrap``.
+
+    Example, ten paired seeds where A wins 8 times, loses once and ties once:
+
+    >>> a = [0.81, 0.79, 0.84, 0.80, 0.83, 0.78, 0.82, 0.85, 0.80, 0.79]
+    >>> b = [0.78, 0.80, 0.80, 0.77, 0.79, 0.78, 0.80, 0.81, 0.76, 0.75]
+    >>> r = prob_outperform(a, b, generator_or_seed=0)
+    >>> r.p
+    0.85
+    >>> r.ci_low > 0.5 and r.ci_high > 0.75
+    True
+    >>> r.conclusion
+    'A better'
+    >>> prob_outperform(b, a).conclusion       # the same comparison, seen from B
+    'B better'
+    >>> prob_outperform(a, a).p, prob_outperform(a, a).conclusion
+    (0.5, 'not significant')
+    """
+    x = _as_runs(a, "a")
+    y = _as_runs(b, "b")
+    if x.shape[0] != y.shape[0]:
+        raise TorchfimError(
+            f"a and b must have the same length (run i of A is paired with run i of B), "
+            f"got {x.shape[0]} and {y.shape[0]}"
+        )
+    n = int(x.shape[0])
+    if n < 2:
+        raise TorchfimError(f"need at least 2 paired runs to compare A and B, got {n}")
+    confidence = _check_probability("confidence", confidence, 0.0, 1.0, closed_low=False)
+    gamma = _check_probability("gamma", gamma, 0.5, 1.0, closed_low=True)
+    if (
+        isinstance(n_bootstrap, bool)
+        or not isinstance(n_bootstrap, numbers.Integral)
+        or n_bootstrap < 1
+    ):
+        raise TorchfimError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
+    n_bootstrap = int(n_bootstrap)
+    rng = _rng(generator_or_seed)
+
+    # Twice each pair's score, as a small integer: 2 for a win of A, 1 for a tie, 0 for a loss.
+    # Integer sums keep the estimate exact and make P(b, a) the mirror image 1 - P(a, b).
+    doubled = (2 * (x > y) + (x == y)).astype(np.int64)
+    p = float(doubled.sum()) / (2 * n)
+
+    boot = np.empty(n_bootstrap, dtype=np.float64)
+    rows = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+    for start in range(0, n_bootstrap, rows):
+        stop = min(start + rows, n_bootstrap)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        boot[start:stop] = doubled[idx].sum(axis=1) / (2 * n)
+    alpha = 1.0 - confidence
+    ci_low, ci_high = (float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+
+    significant = ci_low > 0.5 or ci_high < 0.5
+    # Side the evidence points to: where the interval lies if it excludes 0.5, else where P is.
+    a_reaches, b_reaches = ci_high > gamma, ci_low < 1.0 - gamma
+    if ci_low > 0.5 or (not significant and p > 0.5):
+        meaningful = a_reaches
+    elif ci_high < 0.5 or p < 0.5:
+        meaningful = b_reaches
+    else:  # P = 0.5 exactly, interval around it: no side, either reach counts
+        meaningful = a_reaches or b_reaches
+    if ci_low > 0.5 and ci_high > gamma:
+        conclusion = A_BETTER
+    elif ci_high < 0.5 and ci_low < 1.0 - gamma:
+        conclusion = B_BETTER
+    else:
+        conclusion = NOT_SIGNIFICANT
+    return OutperformResult(
+        p=p,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        n=n,
+        gamma=gamma,
+        confidence=confidence,
+        significant=significant,
+        meaningful=meaningful,
+        conclusion=conclusion,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_seed(name: str, seed: object) -> int:
+    """``seed`` as an int if it is a non-negative integer, else raise."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TorchfimError(f"{name} must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _seed_from(sequence: np.random.SeedSequence) -> int:
+    """A 32-bit seed from ``sequence``, accepted by torch, numpy (legacy too) and scikit-learn."""
+    return int(sequence.generate_state(1, dtype=np.uint32)[0])
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """One run's seed for each source of variation, all derived from the run's master seed.
+
+    Build it with :func:`derive_seeds` (or ``SeedPlan.from_master``). Each field is a 32-bit
+    integer (``0 <= seed < 2**32``), accepted by ``torch.manual_seed``,
+    ``numpy.random.default_rng``, ``numpy.random.seed`` and scikit-learn's ``random_state``.
+    The five seeds come from five children
+    of ``numpy.random.SeedSequence(master_seed)``, so their streams are independent of each other,
+    and the same master seed always gives the same plan.
+
+    Attributes:
+        master_seed: the run's master seed, from which the others are derived.
+        init: initialisation of the model's parameters.
+        data_order: order of the training examples (shuffling, mini-batch composition).
+        data_split: which examples go to the train, validation and test sets.
+        label_noise: which labels are corrupted, and into what, when training with label noise.
+        sampling: labels drawn from the model's predictive distribution to estimate the Fisher
+            information (the ``sampled`` estimators).
+
+    >>> plan = derive_seeds(7)
+    >>> plan == SeedPlan.from_master(7)
+    True
+    >>> len(set(plan.as_dict().values()))    # five different seeds
+    5
+    >>> g = plan.generator("init")           # a seeded torch.Generator for that source
+    >>> torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=plan.generator("init")))
+    True
+    """
+
+    master_seed: int
+    init: int
+    data_order: int
+    data_split: int
+    label_noise: int
+    sampling: int
+
+    @classmethod
+    def from_master(cls, master_seed: int) -> "SeedPlan":
+        """The plan of the run whose master seed is ``master_seed`` (same as :func:`derive_seeds`).
+
+        >>> SeedPlan.from_master(3).master_seed
+        3
+        """
+        master_seed = _check_seed("master_seed", master_seed)
+        children = np.random.SeedSequence(master_seed).spawn(len(SOURCES))
+        return cls(master_seed, *(_seed_from(child) for child in children))
+
+    def as_dict(self) -> dict[str, int]:
+        """The seed of each source, keyed by source name (the master seed is left out).
+
+        >>> list(derive_seeds(0).as_dict()) == list(SOURCES)
+        True
+        """
+        seeds_by_field = asdict(self)
+        return {source: seeds_by_field[source] for source in SOURCES}
+
+    def seed(self, source: str) -> int:
+        """The seed of ``source``, one of :data:`SOURCES`.
+
+        >>> plan = derive_seeds(0)
+        >>> plan.seed("data_order") == plan.data_order
+        True
+        """
+        if not isinstance(source, str) or source not in SOURCES:
+            listed = ", ".join(repr(s) for s in SOURCES)
+            raise TorchfimError(f"unknown source of variation {source!r}; choose one of {listed}")
+        return getattr(self, source)
+
+    def generator(self, source: str, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+        """A fresh ``torch.Generator`` on ``device`` seeded with the seed of ``source``.
+
+        >>> plan = derive_seeds(0)
+        >>> plan.generator("sampling").initial_seed() == plan.sampling
+        True
+        """
+        return torch_generator(self.seed(source), device=device)
+
+
+def derive_seeds(master_seed: int) -> SeedPlan:
+    """Split one run's master seed into independent seeds, one per source of variation.
+
+    Uses ``numpy.random.SeedSequence(master_seed).spawn(5)``: child ``k`` gives the seed of
+    ``SOURCES[k]``. Spawned sequences are designed to give independent streams, so e.g. changing
+    the data order between runs does not tie it to the initialisation. Deterministic: the same
+    master seed gives the same seeds, on every machine and numpy version (SeedSequence's hashing is
+    fixed). Give both methods of a comparison the same master seed for run ``i``: their runs are
+    then paired, as :func:`prob_outperform` expects.
+
+    Args:
+        master_seed: a non-negative integer, e.g. one of :func:`seeds`.
+
+    Returns:
+        A :class:`SeedPlan`.
+
+    >>> plan = derive_seeds(42)
+    >>> plan == derive_seeds(42)                 # reproducible
+    True
+    >>> plan.init != plan.data_order              # one seed per source
+    True
+    >>> derive_seeds(43).init != plan.init        # and per run
+    True
+    """
+    return SeedPlan.from_master(master_seed)
+
+
+def seeds(n: int, master_seed: int = 0) -> list[int]:
+    """``n`` master seeds, one per run, derived from one study-wide ``master_seed``.
+
+Child ``i`` of ``numpy.random.SeedSequence(master_seed, spawn_key=(0x52554E53,)).spawn(n)``
+    gives run ``i``'s seed (the spawn key, "RUNS" in ASCII, keeps these seeds apart from the
+    per-source seeds ``derive_seeds(master_seed)`` spawns from the same ``master_seed``). The list
+    is reproducible and a longer list extends a shorter one: ``seeds(5, s)[:3] == seeds(3, s)``.
+    Each is a 32-bit integer; pass it to :func:`derive_seeds`.
+
+    Args:
+        n: number of runs, a non-negative integer.
+        master_seed: the study's seed, a non-negative integer.
+
+    Returns:
+        A list of ``n`` ints in ``[0, 2**32)``.
+
+    >>> s = seeds(5, master_seed=1)
+    >>> len(s), len(set(s))
+    (5, 5)
+    >>> seeds(3, master_seed=1) == s[:3]
+    True
+    >>> seeds(3, master_seed=2) != s[:3]
+    True
+    """
+    n = _check_seed("n", n)
+    master_seed = _check_seed("master_seed", master_seed)
+    root = np.random.SeedSequence(master_seed, spawn_key=(_RUNS_SPAWN_KEY,))
+    return [_seed_from(child) for child in root.spawn(n)]
+
+
+def torch_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A new ``torch.Generator`` on ``device``, seeded with ``seed``.
+
+    Pass it as ``generator=`` to torch's random functions (``torch.randn``, ``torch.randperm``,
+    a ``DataLoader``, ...) instead of seeding torch's global generator, so one source of
+    randomness cannot shift another's stream.
+
+    Args:
+        seed: a non-negative integer, e.g. a field of a :class:`SeedPlan`.
+        device: where the generator lives (``"cpu"``, ``"cuda"``, ...); it must match the device
+            of the tensors it draws.
+
+    >>> g = torch_generator(123)
+    >>> x = torch.randperm(5, generator=g)
+    >>> torch.equal(x, torch.randperm(5, generator=torch_generator(123)))
+    True
+    >>> g.initial_seed()
+    123
+    """
+    seed = _check_seed("seed", seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

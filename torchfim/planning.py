@@ -1,0 +1,124 @@
+"""Choosing an estimator and a number of labels from the closed-form variances."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._batches import Inputs
+from .errors import TorchfimError, check_choice
+from .families import Family
+from .fisher import fisher
+from .variance import VARIANCE_ESTIMATORS, fisher_variance
+
+
+def samples_needed(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    estimator: str = "score",
+    structure: str = "trace",
+    rel_error: float = 0.1,
+) -> int:
+    """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value.
+
+    The variance with ``k`` labels is ``V₁/k`` (``V₁`` = :func:`fisher_variance`
+    with one label), so ``k = ⌈V₁ / (ε·I)²⌉`` for ``structure="trace"`` (``I`` =
+    Tr of the exact Fisher) and the largest such ``k`` over the non-zero diagonal
+    entries for ``structure="diag"`` (the worst entry). At least 1.
+
+    Example:
+        >>> import torch, torchfim
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> k = torchfim.samples_needed(model, torch.randn(64, 4), rel_error=0.1)
+        >>> k >= 1
+        True
+    """
+    check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
+    check_choice("structure", structure, ("trace", "diag"))
+    if not (isinstance(rel_error, (int, float)) and 0 < rel_error and math.isfinite(rel_error)):
+        raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
+    if not isinstance(inputs, torch.Tensor):
+        inputs = list(inputs)  # iterated twice below
+    value = fisher(model, inputs, family=family, estimator="exact", structure=structure)
+    var1 = fisher_variance(model, inputs, family=family, estimator=estimator, structure=structure, n_samples=1)
+    value, var1 = value.reshape(-1).double(), var1.reshape(-1).double()
+    informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
+    if not bool(informative.any()):
+        raise TorchfimError("the exact Fisher is zero here, so a relative error is undefined; check the model")
+    ratio = var1[informative] / (rel_error * value[informative]) ** 2
+    return max(1, math.ceil(float(ratio.max()) * (1 - 1e-12)))
+
+
+@dataclass(frozen=True)
+class EstimatorRow:
+    """One parameter tensor: summed diagonal variances of Î1 and Î2 with ``n_samples`` labels."""
+
+    name: str
+    size: int
+    fisher_diag_sum: float
+    score_variance: float
+    hessian_variance: float
+
+    @property
+    def better(self) -> str:
+        """``"hessian"`` or ``"score"``: the estimator with the smaller variance (ties go to hessian)."""
+        return "hessian" if self.hessian_variance <= self.score_variance else "score"
+
+
+@dataclass(frozen=True)
+class EstimatorComparison:
+    """Per-parameter comparison of Î1 (``score``) and Î2 (``hessian``) for one model and data set."""
+
+    rows: tuple[EstimatorRow, ...]
+    n_samples: int
+
+    def __str__(self) -> str:
+        head = f"{'parameter':<24} {'size':>7} {'Σ diag F':>11} {'Σ Var Î1':>11} {'Σ Var Î2':>11}  better"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.name:<24} {r.size:>7} {r.fisher_diag_sum:>11.4g} {r.score_variance:>11.4g} "
+                f"{r.hessian_variance:>11.4g}  {r.better}"
+            )
+        return "\n".join(lines)
+
+
+def compare_estimators(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    n_samples: int = 1,
+) -> EstimatorComparison:
+    """For every parameter tensor, which of Î1 and Î2 estimates its diagonal Fisher with less variance.
+
+    Compares ``Σ_p Var(Î)_pp`` over the parameter's entries (the expected squared
+    error of its diagonal) from :func:`fisher_variance`.
+
+    Example:
+        >>> import torch, torchfim
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> cmp = torchfim.compare_estimators(model, torch.randn(32, 4))
+        >>> [r.better for r in cmp.rows]  # ReLU: Î2 is exact on every diagonal entry
+        ['hessian', 'hessian', 'hessian', 'hessian']
+    """
+    if not isinstance(inputs, torch.Tensor):
+        inputs = list(inputs)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    diag = fisher(model, inputs, family=family, structure="layers")
+    score = fisher_variance(model, inputs, family=family, estimator="score", structure="diag", n_samples=n_samples)
+    hess = fisher_variance(model, inputs, family=family, estimator="hessian", structure="diag", n_samples=n_samples)
+    rows, start = [], 0
+    for name in names:
+        size = diag[name].shape[0]
+        part = slice(start, start + size)
+        rows.append(
+            EstimatorRow(
+                name, size, float(torch.diagonal(diag[name]).sum()), float(score[part].sum()), float(hess[part].sum())
+            )
+        )
+        start += size
+    return EstimatorComparison(tuple(rows), n_samples)
