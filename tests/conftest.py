@@ -11,6 +11,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The tests use tiny models, for which thread start-up costs more than it saves.
+torch.set_num_threads(1)
+
 from oracles import FAMILY_WIDTH  # noqa: E402
 
 FAMILIES = tuple(FAMILY_WIDTH)

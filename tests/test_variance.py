@@ -1,0 +1,241 @@
+"""Closed-form variances and bounds against brute force and simulation (issue 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import FAMILIES, MODELS, mlp_inputs, relu_mlp, tanh_mlp
+from oracles import FAMILY_WIDTH, Flat, blocks, label_support, variance_oracle
+from torch import nn
+
+import torchfim
+from torchfim.families import get_family
+
+RTOL = 1e-8
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("model_name", tuple(MODELS))
+def test_variance_matches_brute_force(model_name, family):
+    make_model, make_inputs = MODELS[model_name]
+    model, x, k = make_model(FAMILY_WIDTH[family]), make_inputs(4), 3
+    oracle = variance_oracle(model, x, family, k)
+    for estimator in ("score", "hessian"):
+        full = oracle[estimator]
+
+        def var(structure):
+            return torchfim.fisher_variance(model, x, family=family, estimator=estimator, structure=structure,
+                                            n_samples=k)
+
+        assert rel_err(var("full"), full) < RTOL
+        assert rel_err(var("diag"), torch.diagonal(full)) < RTOL
+        layers = var("layers")
+        for name, block in blocks(full, model).items():
+            assert rel_err(layers[name], block) < RTOL, name
+        trace = var("trace")
+        assert abs(float(trace - oracle[f"{estimator}_trace"])) <= RTOL * abs(float(oracle[f"{estimator}_trace"]))
+        # The trace estimator's variance includes the covariances between diagonal entries.
+        assert abs(float(trace - torch.diagonal(full).sum())) > 1e-3 * abs(float(trace))
+
+
+def _simulate(model, x, family, k, reps, seed):
+    """``reps`` independent draws of the Î1 and Î2 diagonals from the brute-force formulas."""
+    flat = Flat(model)
+    oracle = variance_oracle(model, x, family, k)
+    outs = flat.outputs(x)
+    labels = get_family(family).sample(outs, reps * k, torch.Generator().manual_seed(seed))
+    scores = []
+    for i, o in enumerate(outs):
+        support, _, u_table = label_support(family, o)
+        if family == "categorical":
+            scores.append(u_table[labels[i]])
+        else:
+            scores.append(labels[i] - (support[0] - u_table[0]))  # u = y − mean
+    u = torch.stack(scores).reshape(len(x), reps, k, -1)
+    param_scores = torch.einsum("ncp,nrkc->nrkp", oracle["jacobians"], u)
+    score_diag = (param_scores**2).mean((0, 2))
+    hess_diag = torch.einsum("napp->nap", oracle["hessians"])
+    exact_diag = torch.einsum("npp->p", oracle["per_input"]) / len(x)
+    hessian_diag = exact_diag - torch.einsum("nrka,nap->rp", u, hess_diag) / (len(x) * k)
+    return {"score": score_diag, "hessian": hessian_diag}
+
+
+def _variance_tolerance(draws):
+    """Five standard errors of the sample variance, from the draws' own fourth central moment.
+
+    For normal draws this is the χ²_{R−1} law's ``σ²·√(2/(R−1))``; the fourth moment
+    covers the heavier tails of an average of a few label draws.
+    """
+    reps = draws.shape[0]
+    centred = draws - draws.mean(0)
+    s2 = centred.var(0)
+    m4 = (centred**4).mean(0)
+    return 5 * ((m4 - s2**2 * (reps - 3) / (reps - 1)) / reps).clamp_min(0).sqrt() + 1e-12 * s2.max()
+
+
+@pytest.mark.parametrize("estimator", ["score", "hessian"])
+def test_variance_matches_simulation(family, estimator):
+    model, x, k, reps = tanh_mlp(FAMILY_WIDTH[family], seed=3), mlp_inputs(3, seed=4), 2, 20000
+    draws = _simulate(model, x, family, k, reps, seed=17)[estimator]
+    for values, var in (
+        (draws, torchfim.fisher_variance(model, x, family=family, estimator=estimator, structure="diag", n_samples=k)),
+        (draws.sum(1, keepdim=True),
+         torchfim.fisher_variance(model, x, family=family, estimator=estimator, structure="trace",
+                                  n_samples=k).reshape(1)),
+    ):
+        tol = _variance_tolerance(values)
+        assert bool(((values.var(0) - var).abs() <= tol).all())
+        # A variance 1.5× too large fails the same check wherever the variance is not ~0.
+        big = var > 1e-6 * var.max()
+        assert bool(((values.var(0) - 1.5 * var).abs() > tol)[big].all())
+
+
+def test_score_variance_matches_repeated_torchfim_calls():
+    """Direct simulation through torchfim.fisher itself (not the formula)."""
+    model, x, k, reps = tanh_mlp(3, seed=1), mlp_inputs(3, seed=2), 2, 600
+    gen = torch.Generator().manual_seed(5)
+    draws = torch.stack([
+        torchfim.fisher(model, x, estimator="score", structure="diag", n_samples=k, generator=gen)
+        for _ in range(reps)
+    ])
+    var = torchfim.fisher_variance(model, x, estimator="score", structure="diag", n_samples=k)
+    assert bool(((draws.var(0) - var).abs() <= _variance_tolerance(draws)).all())
+
+
+ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.ReLU, nn.ELU)
+
+
+def _random_case(seed):
+    gen = torch.Generator().manual_seed(seed)
+    family = FAMILIES[seed % len(FAMILIES)]
+    width = FAMILY_WIDTH[family] if seed % 5 else 1  # every fifth case has one output
+    if family == "categorical":
+        width = max(width, 2)
+    act = ACTIVATIONS[int(torch.randint(len(ACTIVATIONS), (1,), generator=gen))]
+    hidden = int(torch.randint(2, 5, (1,), generator=gen))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, hidden), act(), nn.Linear(hidden, width)).double()
+    scale = float(torch.rand((), generator=gen, dtype=torch.float64)) * 3
+    x = scale * torch.randn(int(torch.randint(1, 5, (1,), generator=gen)), 3, generator=gen, dtype=torch.float64)
+    return model, x, family
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_bounds_hold_on_random_networks(chunk):
+    """Property test: every bound ≥ the exact variance, on 100 random networks and inputs."""
+    bound_fns = {
+        "score": (torchfim.score_variance_bound_spectral, torchfim.score_variance_bound_kurtosis),
+        "hessian": (torchfim.hessian_variance_bound_spectral,),
+    }
+    for seed in range(chunk * 25, chunk * 25 + 25):
+        model, x, family = _random_case(seed)
+        for estimator, fns in bound_fns.items():
+            for structure in ("full", "trace"):
+                exact = torchfim.fisher_variance(model, x, family=family, estimator=estimator, structure=structure)
+                slack = 1e-9 * max(1.0, float(exact.abs().max()))
+                for fn in fns:
+                    bound = fn(model, x, family=family, structure=structure)
+                    assert bool((bound >= exact - slack).all()), (seed, estimator, structure, fn.__name__)
+                tightest = torchfim.variance_bound(model, x, family=family, estimator=estimator, structure=structure)
+                assert bool((tightest >= exact - slack).all())
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "gaussian", "poisson"])
+def test_bounds_are_equalities_with_one_output(family):
+    model, x = tanh_mlp(1, seed=7), mlp_inputs(4)
+    for structure in ("diag", "full", "trace"):
+        for estimator, fn in (("score", torchfim.score_variance_bound_spectral),
+                              ("hessian", torchfim.hessian_variance_bound_spectral)):
+            exact = torchfim.fisher_variance(model, x, family=family, estimator=estimator, structure=structure)
+            assert rel_err(fn(model, x, family=family, structure=structure), exact) < 1e-10
+
+
+def test_hessian_bound_is_equality_for_gaussian():
+    model, x = tanh_mlp(3, seed=7), mlp_inputs(4)
+    exact = torchfim.fisher_variance(model, x, family="gaussian", estimator="hessian", structure="full")
+    bound = torchfim.hessian_variance_bound_spectral(model, x, family="gaussian", structure="full")
+    assert rel_err(bound, exact) < 1e-10
+    # ...but not for the categorical family, whose Λ is not ∝ I: the check is not vacuous.
+    exact = torchfim.fisher_variance(model, x, estimator="hessian", structure="full")
+    assert rel_err(torchfim.hessian_variance_bound_spectral(model, x, structure="full"), exact) > 1e-3
+
+
+def test_hessian_variance_vanishes_where_output_is_linear(family):
+    width = FAMILY_WIDTH[family]
+    relu, x = relu_mlp(width), mlp_inputs(5)
+    v2 = torchfim.fisher_variance(relu, x, family=family, estimator="hessian", structure="full")
+    v1 = torchfim.fisher_variance(relu, x, family=family, estimator="score", structure="full")
+    for start, stop in ((0, 20), (20, 44), (44, 44 + 5 * width)):
+        assert float(v2[start:stop, start:stop].abs().max()) == 0.0
+        assert float(v1[start:stop, start:stop].abs().max()) > 0.0
+    assert float(v2[:20, 20:44].abs().max()) > 0  # across layers Î2 does vary
+    tanh = tanh_mlp(width, seed=1)
+    v2 = torchfim.fisher_variance(tanh, x, family=family, estimator="hessian", structure="layers")
+    v1 = torchfim.fisher_variance(tanh, x, family=family, estimator="score", structure="layers")
+    for name in ("4.weight", "4.bias"):  # the last linear layer
+        assert float(v2[name].abs().max()) == 0.0 and float(v1[name].abs().max()) > 0.0
+    assert float(v2["0.weight"].abs().max()) > 0.0
+
+
+@pytest.mark.parametrize(
+    ("estimator", "structure", "eps"), [("score", "trace", 0.05), ("score", "diag", 0.3), ("hessian", "trace", 0.1)]
+)
+def test_samples_needed_delivers(estimator, structure, eps):
+    model, x = tanh_mlp(3, seed=2), mlp_inputs(6, seed=3)
+    k = torchfim.samples_needed(model, x, estimator=estimator, structure=structure, rel_error=eps)
+    assert k > 1  # the target is not met trivially
+    exact = torchfim.fisher(model, x, structure=structure)
+    gen = torch.Generator().manual_seed(0)
+    reps = 200
+    draws = torch.stack([
+        torchfim.fisher(model, x, estimator=estimator, structure=structure, n_samples=k, generator=gen)
+        for _ in range(reps)
+    ]).reshape(reps, -1)
+    rel_se = draws.std(0) / exact.reshape(-1)
+    # The sample std of 200 draws is within ≈ ±4·σ/√(2·199) ≈ ±20% of σ.
+    assert float(rel_se.max()) <= eps * 1.2
+    # With k/4 labels the error is about twice as large: the bound is not slack by orders of magnitude.
+    if k >= 8:
+        fewer = torch.stack([
+            torchfim.fisher(model, x, estimator=estimator, structure=structure, n_samples=k // 4, generator=gen)
+            for _ in range(reps)
+        ]).reshape(reps, -1)
+        assert float((fewer.std(0) / exact.reshape(-1)).max()) > eps * 1.25
+
+
+def test_return_stderr():
+    model, x = tanh_mlp(3), mlp_inputs(8)
+    for estimator in ("score", "hessian"):
+        est, se = torchfim.fisher(model, x, estimator=estimator, structure="diag", n_samples=4, return_stderr=True,
+                                  generator=torch.Generator().manual_seed(0))
+        var = torchfim.fisher_variance(model, x, estimator=estimator, structure="diag", n_samples=4)
+        assert torch.allclose(se, var.sqrt()) and est.shape == se.shape
+    est, se = torchfim.fisher(model, list(x.split(3)), structure="layers", return_stderr=True)
+    assert all(float(v.abs().max()) == 0 for v in se.values())
+
+
+def test_compare_estimators():
+    relu = relu_mlp(3)
+    cmp = torchfim.compare_estimators(relu, mlp_inputs(6))
+    assert [r.better for r in cmp.rows] == ["hessian"] * 6
+    assert all(r.hessian_variance == 0 and r.score_variance > 0 for r in cmp.rows)
+    tanh = tanh_mlp(3, seed=1)
+    cmp = torchfim.compare_estimators(tanh, mlp_inputs(6), n_samples=2)
+    var1 = torchfim.fisher_variance(tanh, mlp_inputs(6), estimator="score", n_samples=2)
+    assert math.isclose(cmp.rows[0].score_variance, float(var1[:12].sum()), rel_tol=1e-12)
+    assert "better" in str(cmp)
+
+
+def test_variance_errors():
+    model, x = tanh_mlp(3), mlp_inputs(4)
+    with pytest.raises(torchfim.TorchfimError, match="unknown estimator 'exact'"):
+        torchfim.fisher_variance(model, x, estimator="exact")
+    with pytest.raises(torchfim.TorchfimError, match="rel_error must be a positive number"):
+        torchfim.samples_needed(model, x, rel_error=0)
+    with pytest.raises(torchfim.TorchfimError, match="n_samples must be a positive integer"):
+        torchfim.fisher_variance(model, x, n_samples=0)

@@ -1,0 +1,109 @@
+"""The ``torchfim`` command line (also ``python -m torchfim``).
+
+Each subcommand lives in its own module, listed in :data:`COMMANDS`. A command module provides
+
+- ``HELP``: a one-line description for ``torchfim --help``;
+- ``add_arguments(parser)``: adds its options to its ``argparse`` sub-parser;
+- ``main(args) -> int``: runs it with the parsed ``argparse.Namespace`` and returns the exit status.
+
+Adding a command (``report``, ``reproduce``, ``explosion``, ...) is one module with those three names
+plus one line in :data:`COMMANDS`. Command modules should import optional dependencies inside
+``main`` so that ``torchfim --help`` works without them.
+
+User mistakes (bad options, bad values, missing optional packages) end with one line on stderr and
+exit status 2, never a traceback. Set ``TORCHFIM_DEBUG=1`` to get the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "COMMANDS", "UsageError"]
+
+#: Subcommand name -> module implementing it (see the module docstring).
+COMMANDS: dict[str, str] = {
+    "demo": "torchfim.demo",
+}
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A mistake on the command line; reported as one line with exit status 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are raised, to be printed as one line by :func:`main`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, message)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("torchfim")
+    except Exception:  # pragma: no cover - not installed as a distribution
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser, with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = _Parser(
+        prog="torchfim",
+        description="Fisher information of PyTorch models: exact, score and Hessian estimators.",
+    )
+    parser.add_argument("--version", action="version", version=f"torchfim {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.main)
+    return parser
+
+
+def _fail(prog: str, message: str, hint: str = "") -> int:
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"{prog}: error: {text}{hint}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the chosen command, return its exit status."""
+    debug = os.environ.get("TORCHFIM_DEBUG", "") not in ("", "0")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _fail(exc.prog, str(exc), f" (see {exc.prog} --help)")
+    if getattr(args, "_run", None) is None:
+        names = ", ".join(COMMANDS)
+        return _fail(parser.prog, f"choose a command: {names}", f" (see {parser.prog} --help)")
+
+    prog = f"{parser.prog} {args.command}"
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, ImportError, OSError) as exc:
+        # torchfim.TorchfimError is a ValueError; ImportError covers missing optional extras;
+        # OSError covers unreadable or unwritable paths.
+        if debug:
+            raise
+        return _fail(prog, str(exc) or type(exc).__name__)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
