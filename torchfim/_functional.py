@@ -156,6 +156,11 @@ class FunctionalModel:
         per_column = max(self.num_params, batch * width * 64)
         return max(1, min(256, CHUNK_ELEMENTS // per_column))
 
+    def per_sample_outputs(self, x: Tensor) -> Tensor:
+        """Outputs computed one sample at a time (for :meth:`check_independent`)."""
+        with torch.no_grad():
+            return vmap(lambda x1: self.forward(self.params, x1.unsqueeze(0)).squeeze(0))(x)
+
     def check_independent(self, x: Tensor, o_batched: Tensor, o_per_sample: Tensor) -> None:
         """Raise when per-sample outputs differ from the batched ones (the forward mixes samples)."""
         scale = o_batched.abs().max().clamp_min(1.0)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._batches import Inputs, iter_batches
+from ._fastpath import METHODS, FastPath, choose_path
 from ._functional import FunctionalModel
 from ._memory import fits_in_memory
 from .errors import TorchfimError, check_choice, check_n_samples
@@ -118,6 +119,7 @@ def fisher(
     generator: torch.Generator | None = None,
     *,
     return_stderr: bool = False,
+    method: str = "auto",
     progress: bool = False,
 ) -> FisherResult | tuple[FisherResult, FisherResult]:
     """Fisher information of ``model`` over ``inputs`` under its own predictive distribution.
@@ -145,6 +147,10 @@ def fisher(
             root of :func:`torchfim.fisher_variance` (closed form, conditional on
             the inputs). ``exact`` has none; ``empirical`` has no label
             randomness given the targets (its error is a bias): both get zeros.
+        method: ``"auto"`` (default) uses the per-layer fast path when every
+            trainable parameter sits in an ``nn.Linear`` or ``nn.Conv2d`` and the
+            ``torch.func`` path otherwise; ``"functional"`` forces the general
+            path, ``"layers"`` the fast one. Both give the same result.
         progress: show a progress bar over mini-batches.
 
     Returns:
@@ -165,6 +171,7 @@ def fisher(
     fam = get_family(family)
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("structure", structure, STRUCTURES)
+    check_choice("method", method, METHODS)
     k = check_n_samples(n_samples)
     fm = FunctionalModel(model)
     _check_dense(structure, fm)
@@ -176,7 +183,7 @@ def fisher(
 
     acc = _Accumulator(structure, fm)
     n = 0
-    checked = False
+    fast: FastPath | None = None
     batches_seen: list[Tensor] = []  # kept only for return_stderr, to revisit the same inputs
     for x, y in tqdm(iter_batches(inputs, targets), desc=f"fisher[{estimator}]", unit="batch", disable=not progress):
         x = fm.prepare_inputs(x)
@@ -186,6 +193,9 @@ def fisher(
             batches_seen.append(x)
         o = fm.outputs(x)
         fam.check_output(o)
+        if n == 0:
+            fm.check_independent(x[:8], o[:8], fm.per_sample_outputs(x[:8]))
+            fast = choose_path(fm, method, x)
         if estimator in ("exact", "hessian"):
             vectors, scale = fam.fisher_output_sqrt(o).transpose(-1, -2), 1.0
         elif estimator == "score":
@@ -199,20 +209,11 @@ def fisher(
             if not isinstance(y, Tensor):
                 y = torch.as_tensor(y)
             vectors, scale = fam.output_score(fam.check_targets(y.to(o.device), o), o).unsqueeze(1), 1.0
-
-        for rows in fm.sample_chunks(x.shape[0], vectors.shape[1]):
-            o_single, g = fm.vector_jacobian(x[rows], vectors[rows])
-            if not checked:
-                fm.check_independent(x[rows], o[rows], o_single)
-                checked = True
-            acc.add_gram(g.reshape(-1, fm.num_params), scale)
-
+        _add_products(acc, fm, fast, x, vectors, scale)
         if estimator == "hessian":
             # Σⱼ Σ_a u_ij,a ∇²o_a(xᵢ) = ∇²_θ (Σⱼ u_ij)ᵀ o(xᵢ) with the scores held fixed.
             weights = fam.output_score(fam.sample(o, k, generator), o).sum(1)
-            for param, columns in _hessian_column_chunks(fm, x.shape[0], o.shape[1]):
-                h = fm.hessian_columns(x, weights, columns)
-                acc.add_hessian_columns(columns, h, -1.0 / k, param)
+            _add_hessian_term(acc, fm, fast, x, weights, -1.0 / k)
         n += x.shape[0]
 
     if n == 0:
@@ -221,12 +222,53 @@ def fisher(
     if not return_stderr:
         return estimate
     if estimator in ("exact", "empirical"):
-        zeros = {k: torch.zeros_like(v) for k, v in estimate.items()} if isinstance(estimate, dict) else None
-        return estimate, zeros if zeros is not None else torch.zeros_like(estimate)
-    from .variance import fisher_variance  # variance builds on this module
+        variance = _map(estimate, torch.zeros_like)
+    else:
+        from .variance import fisher_variance  # variance builds on this module
 
-    variance = fisher_variance(model, batches_seen, family=fam, estimator=estimator, structure=structure,
-                               n_samples=k)
-    if isinstance(variance, dict):
-        return estimate, {name: v.clamp_min(0).sqrt() for name, v in variance.items()}
-    return estimate, variance.clamp_min(0).sqrt()
+        variance = fisher_variance(model, batches_seen, family=fam, estimator=estimator, structure=structure,
+                                   n_samples=k, method=method)
+    return estimate, _map(variance, lambda v: v.clamp_min(0).sqrt())
+
+
+def _map(result: FisherResult, fn) -> FisherResult:
+    """Apply ``fn`` to a result tensor or to every block of a ``layers`` dict."""
+    if isinstance(result, dict):
+        return {name: fn(block) for name, block in result.items()}
+    return fn(result)
+
+
+def _add_products(
+    acc: _Accumulator, fm: FunctionalModel, fast: FastPath | None, x: Tensor, vectors: Tensor, scale: float
+) -> None:
+    """Add ``scale · Σᵢⱼ (Jᵢᵀ v_ij)(Jᵢᵀ v_ij)ᵀ`` (in ``acc``'s structure) for one mini-batch."""
+    m = vectors.shape[1]
+    if fast is None:
+        for rows in fm.sample_chunks(x.shape[0], m):
+            _, g = fm.vector_jacobian(x[rows], vectors[rows])
+            acc.add_gram(g.reshape(-1, fm.num_params), scale)
+        return
+    for rows in fast.sample_chunks(x.shape[0], m, acc.structure):
+        _, patches, sens = fast.sensitivities(x[rows], vectors[rows])
+        if acc.structure == "diag":
+            acc.value.add_(fast.diag_squares(patches, sens), alpha=scale)
+        elif acc.structure == "trace":
+            acc.value.add_(fast.diag_squares(patches, sens).sum(), alpha=scale)
+        else:
+            acc.add_gram(fast.per_sample_rows(patches, sens).reshape(-1, fm.num_params), scale)
+
+
+def _add_hessian_term(
+    acc: _Accumulator, fm: FunctionalModel, fast: FastPath | None, x: Tensor, weights: Tensor, scale: float
+) -> None:
+    """Add ``scale · ∇²_θ Σᵢ wᵢᵀ o(xᵢ)`` (in ``acc``'s structure) for one mini-batch."""
+    if fast is not None and fast.dense and acc.structure in ("diag", "trace"):
+        inputs, diagonals = fast.unit_hessian_diagonals(x)
+        if acc.structure == "diag":
+            per_unit = [torch.einsum("na,nau->nu", weights, d) for d in diagonals]
+            acc.value.add_(fast.spread_units(inputs, per_unit, power=2), alpha=scale)
+        else:
+            acc.value.add_((weights * fast.unit_traces(inputs, diagonals)).sum(), alpha=scale)
+        return
+    for param, columns in _hessian_column_chunks(fm, x.shape[0], weights.shape[1]):
+        acc.add_hessian_columns(columns, fm.hessian_columns(x, weights, columns), scale, param)

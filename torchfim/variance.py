@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._batches import Inputs, iter_batches
+from ._fastpath import METHODS, FastPath, choose_path
 from ._functional import CHUNK_ELEMENTS, FunctionalModel
 from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, get_family
@@ -129,6 +130,38 @@ def _score_chunk(acc: _Sum, fam: Family, o: Tensor, jac: Tensor, mode: str) -> N
         acc.add_block(start, slice(start, stop), name, (second - fisher_pq**2).sum(0))
 
 
+def _score_dense_chunk(acc: _Sum, fam: Family, fast: FastPath, o: Tensor, x: Tensor, mode: str) -> None:
+    """:func:`_score_chunk` for dense layers, from the factors ``j_p = a_j g_u`` of each weight column.
+
+    ``E[(uᵀj_p)⁴] − (j_pᵀΛj_p)² = a_j⁴ (E[(uᵀg_u)⁴] − (g_uᵀΛg_u)²)``: one term per unit, spread
+    over the layer's inputs, so no per-sample Jacobian is built.
+    """
+    lam = fam.fisher_output(o)
+    eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand(o.shape[0], -1, -1)
+    columns = fast.unit_columns(*fast.sensitivities(x, eye)[1:])
+    if mode == "spectral":
+        scale = torch.linalg.eigvalsh(_fourth_moment_matrix(fam, o))[:, -1]
+    elif mode == "kurtosis":
+        scale = fam.quadratic_moment(o, eye)
+    if acc.structure == "trace":
+        gram = fast.output_gram(columns)
+        trace_i = torch.einsum("nab,nab->n", lam, gram)
+        if mode == "exact":
+            second = fam.quadratic_moment(o, gram)
+        elif mode == "spectral":
+            second = scale * (gram**2).sum((1, 2))
+        else:
+            second = scale * torch.linalg.eigvalsh(gram)[:, -1] ** 2
+        acc.value += (second - trace_i**2).sum()
+        return
+    per_unit = []
+    for _, g in columns:
+        fisher_uu = torch.einsum("nuc,ncd,nud->nu", g, lam, g)
+        second = fam.moment4(o, g, g) if mode == "exact" else scale.unsqueeze(1) * (g**2).sum(-1) ** 2
+        per_unit.append(second - fisher_uu**2)
+    acc.value += fast.spread_units([a for a, _ in columns], per_unit, power=4)
+
+
 def _quadratic(lam: Tensor, top: Tensor, h: Tensor, mode: str) -> Tensor:
     """``hᵀΛh`` (exact) or ``λ_max(Λ)‖h‖²`` (spectral) with ``h`` (m, B, C, ...) → summed over samples."""
     if mode == "exact":
@@ -136,11 +169,26 @@ def _quadratic(lam: Tensor, top: Tensor, h: Tensor, mode: str) -> Tensor:
     return torch.einsum("n,mna...->m...", top, h**2)
 
 
-def _hessian_batch(acc: _Sum, fam: Family, fm: FunctionalModel, x: Tensor, o: Tensor, mode: str) -> None:
+def _hessian_batch(
+    acc: _Sum, fam: Family, fm: FunctionalModel, fast: FastPath | None, x: Tensor, o: Tensor, mode: str
+) -> None:
     """Add Σᵢ of the per-label Î2 variance (or its bound) of one mini-batch."""
     lam = fam.fisher_output(o)
     top = torch.linalg.eigvalsh(lam)[:, -1]
     batch, width = o.shape
+    if fast is not None and fast.dense and acc.structure in ("diag", "trace"):
+        inputs, diagonals = fast.unit_hessian_diagonals(x)  # ∂²o_a/∂z_u² per unit u: (B, C, out)
+        if acc.structure == "diag":
+            # ∂²o/∂W_uj² = a_j² ∂²o/∂z_u², so hᵀΛh = a_j⁴ · (per-unit quadratic form).
+            if mode == "exact":
+                per_unit = [torch.einsum("nau,nab,nbu->nu", d, lam, d) for d in diagonals]
+            else:
+                per_unit = [top.unsqueeze(1) * (d**2).sum(1) for d in diagonals]
+            acc.value += fast.spread_units(inputs, per_unit, power=4)
+        else:
+            traces = fast.unit_traces(inputs, diagonals)
+            acc.value += _quadratic(lam, top, traces.unsqueeze(0), mode).sum()
+        return
     if acc.structure in ("diag", "trace"):
         step = fm.column_chunk(batch, width)
         traces = torch.zeros_like(o)  # dᵢ = tr ∇²o(xᵢ)
@@ -173,30 +221,42 @@ def _variance(
     n_samples: int,
     mode: str,
     progress: bool,
+    method: str = "auto",
 ) -> FisherResult:
     fam = get_family(family)
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, STRUCTURES)
+    check_choice("method", method, METHODS)
     k = check_n_samples(n_samples)
     fm = FunctionalModel(model)
     _check_dense(structure, fm)
     acc = _Sum(structure, fm)
     n = 0
+    fast: FastPath | None = None
     for x, _ in tqdm(iter_batches(inputs), desc=f"variance[{estimator}]", unit="batch", disable=not progress):
         x = fm.prepare_inputs(x)
         if x.shape[0] == 0:
             continue
         o = fm.outputs(x)
         fam.check_output(o)
-        if estimator == "score":
-            per_sample = o.shape[1] * (fm.num_params if structure in ("full", "layers") else 1)
+        if n == 0:
+            fm.check_independent(x[:8], o[:8], fm.per_sample_outputs(x[:8]))
+            fast = choose_path(fm, method, x)
+        if estimator == "score" and fast is not None and fast.dense and structure in ("diag", "trace"):
+            for rows in fast.sample_chunks(x.shape[0], o.shape[1], structure):
+                _score_dense_chunk(acc, fam, fast, o[rows], x[rows], mode)
+        elif estimator == "score":
+            width = o.shape[1]
+            per_sample = width * (fm.num_params if structure in ("full", "layers") else 1)
             for rows in fm.sample_chunks(x.shape[0], per_sample):
-                o_single, jac = fm.jacobians(x[rows], o.shape[1])
-                if n == 0 and rows.start == 0:
-                    fm.check_independent(x[rows], o[rows], o_single)
+                if fast is None:
+                    _, jac = fm.jacobians(x[rows], width)
+                else:
+                    eye = torch.eye(width, dtype=fm.dtype, device=fm.device).expand(rows.stop - rows.start, -1, -1)
+                    jac = fast.per_sample_rows(*fast.sensitivities(x[rows], eye)[1:])
                 _score_chunk(acc, fam, o[rows], jac, mode)
         else:
-            _hessian_batch(acc, fam, fm, x, o, mode)
+            _hessian_batch(acc, fam, fm, fast, x, o, mode)
         n += x.shape[0]
     if n == 0:
         raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
@@ -211,6 +271,7 @@ def fisher_variance(
     structure: str = "diag",
     n_samples: int = 1,
     *,
+    method: str = "auto",
     progress: bool = False,
 ) -> FisherResult:
     """Exact variance of each entry of the Î1 (``score``) or Î2 (``hessian``) estimator.
@@ -224,7 +285,9 @@ def fisher_variance(
 
     ``diag`` and ``trace`` never build ``P×P`` objects: Î2's needs the diagonal
     of every output Hessian ``∇²_θ o_a(xᵢ)``, computed exactly by
-    forward-over-forward differentiation, one parameter direction at a time.
+    forward-over-forward differentiation, one parameter direction at a time
+    (one unit direction at a time on the per-layer fast path of dense layers).
+    ``method`` chooses the path as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim
@@ -235,7 +298,7 @@ def fisher_variance(
         >>> bool(var1 > 0), var2.shape
         (True, torch.Size([67]))
     """
-    return _variance(model, inputs, family, estimator, structure, n_samples, "exact", progress)
+    return _variance(model, inputs, family, estimator, structure, n_samples, "exact", progress, method)
 
 
 def score_variance_bound_spectral(

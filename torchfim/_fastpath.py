@@ -1,0 +1,294 @@
+"""Per-layer fast path for models whose trainable parameters all sit in nn.Linear / nn.Conv2d.
+
+Instead of per-sample Jacobians through ``torch.func``, the per-sample parameter
+gradients ``Jᵢᵀ v`` are assembled from each layer's input ``a`` (unfolded into
+patches for a convolution) and the back-propagated output sensitivity
+``g = ∂(vᵀo)/∂z`` of its pre-activation ``z``: ``∂(vᵀo)/∂W = Σ_l g_l a_lᵀ`` over the
+layer's positions ``l`` and ``∂(vᵀo)/∂b = Σ_l g_l``. For a dense layer applied once
+per sample (one position) the diagonal and the trace need only ``g²`` and ``a²``:
+``Σᵢ (gᵢ aᵢᵀ)² = (g²)ᵀ (a²)``, so no per-sample gradient is ever built.
+
+Second derivatives of the outputs inside a dense layer also factor:
+``∂²o/∂W_ij² = a_j² ∂²o/∂z_i²`` and ``∂²o/∂b_i² = ∂²o/∂z_i²``, so the diagonals of
+the output Hessians need the diagonal of ``∇²_z o`` per unit ``i`` only, one
+forward-over-forward pass per unit of the layer instead of one per parameter.
+
+Everything else (the activations between layers, pooling, reshapes, parameter-free
+normalisation) is handled by autograd. Models with any other trainable module fall
+back to the general path in :mod:`torchfim._functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+
+from ._functional import CHUNK_ELEMENTS, FunctionalModel
+
+
+@dataclass
+class _Layer:
+    """One Linear or Conv2d module and where its parameters sit in θ."""
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    weight: int | None  # index into FunctionalModel.names, None when frozen
+    bias: int | None
+
+    def patches(self, a: Tensor) -> Tensor:
+        """The layer input as ``(B, L, K)`` patches, so that ``z = patches @ W.view(out, K)ᵀ``."""
+        if isinstance(self.module, nn.Linear):
+            return a.reshape(a.shape[0], -1, a.shape[-1])
+        m = self.module
+        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        return cols.transpose(1, 2)
+
+    def positions(self, g: Tensor) -> Tensor:
+        """Output sensitivities ``(m, B, *z)`` as ``(m, B, L, out)``."""
+        if isinstance(self.module, nn.Linear):
+            return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+        return g.flatten(3).transpose(2, 3)
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return False
+
+
+class FastPath:
+    """Per-sample products of a Linear/Conv2d network from layer inputs and output sensitivities."""
+
+    def __init__(self, fm: FunctionalModel, layers: list[_Layer]) -> None:
+        self.fm = fm
+        self.layers = layers
+        #: Only dense layers, each applied to one vector per sample: the unit-wise tricks apply.
+        #: Settled by :meth:`probe` on the first batch.
+        self.dense = False
+
+    def probe(self, x: Tensor) -> bool:
+        """Whether the fast path applies to inputs like ``x`` (each layer runs once per forward)."""
+        try:
+            _, inputs, _ = self._forward(x[:1])
+        except _Unsupported:
+            return False
+        self.dense = all(
+            isinstance(layer.module, nn.Linear) and a.dim() == 2 for layer, a in zip(self.layers, inputs)
+        )
+        return True
+
+    @classmethod
+    def build(cls, fm: FunctionalModel) -> FastPath | None:
+        """The fast path for ``fm``'s model, or None when some trainable parameter is not covered."""
+        index = {name: i for i, name in enumerate(fm.names)}
+        layers, covered = [], set()
+        for name, module in fm.model.named_modules():
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not _supported(module) or any(n not in ("weight", "bias") for n in own):
+                return None
+            prefix = f"{name}." if name else ""
+            weight = index.get(prefix + "weight")
+            bias = index.get(prefix + "bias") if module.bias is not None else None
+            layers.append(_Layer(name, module, weight, bias))
+            covered.update(i for i in (weight, bias) if i is not None)
+        if len(covered) != len(fm.names):
+            return None  # e.g. a parameter registered twice, or one used outside a module's own forward
+        return cls(fm, layers)
+
+    # ---------------------------------------------------------------- forward
+    @contextmanager
+    def _recording(self, record: dict[int, list[tuple[Tensor, Tensor]]], perturb: dict[int, Tensor] | None = None):
+        handles = []
+        for i, layer in enumerate(self.layers):
+
+            def hook(module, args, output, i=i):
+                if perturb is not None and i in perturb:
+                    output = output + perturb[i]
+                record.setdefault(i, []).append((args[0], output))
+                return output
+
+            handles.append(layer.module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        record: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        with torch.enable_grad(), self._recording(record):
+            o = self.fm.model(x)
+        if any(len(record.get(i, [])) != 1 for i in range(len(self.layers))):
+            raise _Unsupported("a layer is used more or less than once per forward")
+        inputs = [record[i][0][0].detach() for i in range(len(self.layers))]
+        outputs = [record[i][0][1] for i in range(len(self.layers))]
+        return o, inputs, outputs
+
+    def sensitivities(self, x: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Outputs, layer patches ``(B, L, K)`` and sensitivities ``(m, B, L, out)`` of ``vᵀo``.
+
+        ``v`` is ``(B, m, C)``; ``m`` backward passes run batched through autograd.
+        """
+        o, inputs, outputs = self._forward(x)
+        grad_outputs = v.transpose(0, 1).contiguous()
+        try:
+            grads = torch.autograd.grad(o, outputs, grad_outputs, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one backward per vector
+            per_vector = [torch.autograd.grad(o, outputs, g, retain_graph=True) for g in grad_outputs]
+            grads = [torch.stack(gs) for gs in zip(*per_vector)]
+        patches = [layer.patches(a) for layer, a in zip(self.layers, inputs)]
+        sens = [layer.positions(g) for layer, g in zip(self.layers, grads)]
+        return o.detach(), patches, sens
+
+    # ------------------------------------------------------ Gram accumulation
+    def per_sample_rows(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:
+        """Per-sample gradients ``Jᵢᵀ v_ij`` as rows ``(B, m, P)`` in θ order."""
+        pieces: dict[int, Tensor] = {}
+        for layer, a, g in zip(self.layers, patches, sens):
+            if layer.weight is not None:
+                pieces[layer.weight] = torch.einsum("mblo,blk->bmok", g, a).flatten(2)
+            if layer.bias is not None:
+                pieces[layer.bias] = g.sum(2).transpose(0, 1)
+        return torch.cat([pieces[i] for i in range(len(self.fm.names))], dim=-1)
+
+    def diag_squares(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:
+        """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, a ``P``-vector, without per-sample gradients where possible."""
+        out = torch.zeros(self.fm.num_params, dtype=self.fm.dtype, device=self.fm.device)
+        for layer, a, g in zip(self.layers, patches, sens):
+            if layer.weight is not None:
+                if a.shape[1] == 1:
+                    sq = (g[:, :, 0] ** 2).sum(0).T @ a[:, 0] ** 2
+                else:
+                    sq = (torch.einsum("mblo,blk->mbok", g, a) ** 2).sum((0, 1))
+                self._put(out, layer.weight, sq)
+            if layer.bias is not None:
+                self._put(out, layer.bias, (g.sum(2) ** 2).sum((0, 1)))
+        return out
+
+    def _put(self, out: Tensor, index: int, values: Tensor) -> None:
+        start = self.fm.offsets[index]
+        out[start : start + self.fm.sizes[index]] += values.reshape(-1)
+
+    def sample_chunks(self, batch: int, vectors: int, structure: str) -> list[slice]:
+        """Row chunks bounding the per-sample rows (``full``/``layers``) or patches (``diag``/``trace``)."""
+        if structure in ("diag", "trace") and self.dense:
+            width = max(layer.module.weight.shape[0] + layer.module.weight.shape[1] for layer in self.layers)
+            step = max(1, CHUNK_ELEMENTS // max(1, vectors * width * len(self.layers)))
+        else:
+            step = max(1, CHUNK_ELEMENTS // max(1, vectors * self.fm.num_params))
+        return [slice(s, min(batch, s + step)) for s in range(0, batch, step)]
+
+    # ----------------------------------------------- output Hessian diagonals
+    def unit_hessian_diagonals(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per layer: its input ``a`` (B, K) and ``∂²o_a/∂z_i²`` per unit ``i``, shape ``(B, C, out)``.
+
+        Dense layers only (:attr:`dense`). Forward-over-forward along each unit's
+        direction, for all samples of the batch at once.
+        """
+        with torch.no_grad():
+            record: dict[int, list[tuple[Tensor, Tensor]]] = {}
+            with self._recording(record):
+                self.fm.model(x)
+        inputs = [record[i][0][0].reshape(x.shape[0], -1) for i in range(len(self.layers))]
+        diagonals = []
+        for i, layer in enumerate(self.layers):
+            units = layer.module.weight.shape[0]
+            zero = torch.zeros(x.shape[0], units, dtype=self.fm.dtype, device=self.fm.device)
+
+            def out(delta: Tensor, i: int = i) -> Tensor:
+                with self._recording({}, perturb={i: delta}):
+                    return self.fm.model(x)
+
+            def second(direction: Tensor, out: Callable[[Tensor], Tensor] = out) -> Tensor:
+                def first(delta: Tensor) -> Tensor:
+                    return jvp(out, (delta,), (direction,))[1]
+
+                return jvp(first, (zero,), (direction,))[1]
+
+            step = max(1, CHUNK_ELEMENTS // max(1, x.shape[0] * units * 16))
+            cols = []
+            for start in range(0, units, step):
+                idx = torch.arange(start, min(units, start + step), device=self.fm.device)
+                directions = torch.zeros(len(idx), x.shape[0], units, dtype=self.fm.dtype, device=self.fm.device)
+                directions[torch.arange(len(idx)), :, idx] = 1
+                with torch.no_grad():
+                    cols.append(vmap(second)(directions))  # (m, B, C)
+            diagonals.append(torch.cat(cols).permute(1, 2, 0))
+        return inputs, diagonals
+
+    def spread_units(self, inputs: list[Tensor], per_unit: list[Tensor], power: int) -> Tensor:
+        """``Σᵢ t_i,unit · a_i,j^power`` for weights and ``Σᵢ t_i,unit`` for biases, as a ``P``-vector.
+
+        ``per_unit[l]`` is ``(B, out_l)``; ``power`` is 2 for a Hessian diagonal and
+        4 for its square (variances).
+        """
+        out = torch.zeros(self.fm.num_params, dtype=self.fm.dtype, device=self.fm.device)
+        for layer, a, t in zip(self.layers, inputs, per_unit):
+            if layer.weight is not None:
+                self._put(out, layer.weight, t.T @ a**power)
+            if layer.bias is not None:
+                self._put(out, layer.bias, t.sum(0))
+        return out
+
+    def unit_columns(self, patches: list[Tensor], sens: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Per dense layer: inputs ``a`` (B, K) and ``g`` (B, out, C), the Jacobian factors ``j_W[u,j] = a_j g_u``.
+
+        ``sens`` must come from :meth:`sensitivities` with the ``C`` unit vectors.
+        """
+        return [(a[:, 0], g[:, :, 0].permute(1, 2, 0)) for a, g in zip(patches, sens)]
+
+    def output_gram(self, columns: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Per sample ``Jᵢ Jᵢᵀ`` (B, C, C) from :meth:`unit_columns`: ``Σ_l (‖a‖² + 1) Gᵀ G``."""
+        total = 0
+        for layer, (a, g) in zip(self.layers, columns):
+            weight = (a**2).sum(1) if layer.weight is not None else torch.zeros_like(a[:, 0])
+            bias = 1.0 if layer.bias is not None else 0.0
+            total = total + torch.einsum("nuc,nud,n->ncd", g, g, weight + bias)
+        return total
+
+    def unit_traces(self, inputs: list[Tensor], diagonals: list[Tensor]) -> Tensor:
+        """Per sample ``tr ∇²_θ o_a`` over the trainable parameters: ``(B, C)``."""
+        total = torch.zeros(diagonals[0].shape[:2], dtype=self.fm.dtype, device=self.fm.device)
+        for layer, a, d in zip(self.layers, inputs, diagonals):
+            weight = (a**2).sum(1) if layer.weight is not None else torch.zeros_like(a[:, 0])
+            bias = 1.0 if layer.bias is not None else 0.0
+            total += torch.einsum("nau,n->na", d, weight + bias)
+        return total
+
+
+class _Unsupported(Exception):
+    """The model turned out not to fit the fast path (detected during a forward)."""
+
+
+METHODS = ("auto", "functional", "layers")
+
+
+def choose_path(fm: FunctionalModel, method: str, x: Tensor) -> FastPath | None:
+    """The fast path for ``fm`` given its first mini-batch ``x``, or None for the torch.func path.
+
+    ``method="auto"`` takes the fast path whenever it applies, ``"functional"``
+    never; ``"layers"`` requires it.
+    """
+    from .errors import TorchfimError
+
+    if method == "functional":
+        return None
+    fast = FastPath.build(fm)
+    if fast is not None and not fast.probe(x):
+        fast = None
+    if fast is None and method == "layers":
+        raise TorchfimError(
+            "method='layers' needs every trainable parameter in an nn.Linear or nn.Conv2d (groups=1, "
+            "zero padding) applied once per forward; use method='auto' to fall back to the general path"
+        )
+    return fast

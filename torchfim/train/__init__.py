@@ -1,0 +1,15 @@
+"""Fisher-aware training: a Fisher penalty for the loss and a Tr(F) monitor.
+
+* :class:`FisherPenalty` — the Fisher penalty of Jastrzębski et al. (2021), a 0-dim tensor to add
+  to the task loss (``kind="batch_gradient"``, the paper's, or ``kind="trace"``), with the paper's
+  compute-every-T-steps schedule.
+* :class:`FisherTraceMonitor` — the unbiased ``Tr(F)`` estimate on held inputs with its standard
+  error, every ``every`` steps, kept in ``.history`` and optionally written to CSV / TensorBoard.
+
+See ``DESIGN.md`` §5 ("Training side").
+"""
+
+from .monitor import FisherTraceMonitor, TraceRecord
+from .penalty import KINDS, FisherPenalty
+
+__all__ = ["KINDS", "FisherPenalty", "FisherTraceMonitor", "TraceRecord"]

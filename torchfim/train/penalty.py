@@ -1,0 +1,257 @@
+"""``FisherPenalty``: the Fisher penalty of Jastrzębski et al. (2021) as a term to add to a loss.
+
+Two penalties on a mini-batch ``x_1..x_B`` with labels ``ŷᵢ ~ p(·|xᵢ)`` drawn from the model
+(one per input, from detached outputs, so the labels are constants) and per-input scores
+``gᵢ = ∇_θ log p(ŷᵢ|xᵢ)``:
+
+* ``kind="batch_gradient"`` (the paper's Eq. 3): ``α ‖(1/B) Σᵢ gᵢ‖²``, the squared norm of the
+  gradient of the batch-mean negative log-likelihood on the sampled labels. Because
+  ``E_ŷ[gᵢ] = 0`` and the labels are independent, the cross terms vanish in expectation and
+  ``E_ŷ[value] = α · (1/B) · (1/B) Σᵢ tr I(θ|xᵢ) = α · Tr(F_batch) / B`` (paper digest §1.5): the
+  value is an unbiased estimate of ``α·Tr(F)/B``, so α must be re-tuned when B changes.
+* ``kind="trace"``: ``α (1/B) Σᵢ ‖gᵢ‖²``, α times the unbiased estimate of ``Tr(F)`` on the batch
+  (the paper's per-example variant, Eq. 6, averaged over the batch). It needs per-sample
+  gradients (``torch.func.vmap`` of ``grad``), so the model must treat samples independently.
+
+Both are differentiated through (double backprop) with respect to the model's trainable
+parameters (``requires_grad=True``, ``model.parameters()`` order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from .._functional import _check_mode
+from ..errors import TorchfimError, check_choice
+from ..families import Family, get_family
+
+KINDS = ("batch_gradient", "trace")
+
+
+def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TorchfimError(f"{name} must be an integer ≥ {minimum}, got {value!r}; {hint}")
+    return value
+
+
+def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise TorchfimError(
+            "the model has no parameters with requires_grad=True, so the Fisher penalty has nothing "
+            "to act on; enable gradients on the parameters you want (p.requires_grad_(True))"
+        )
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def _zero_term(params: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An exact 0 whose gradient w.r.t. every parameter is an exact zero tensor.
+
+    Summing an empty slice of each parameter gives 0 without multiplying by the
+    parameter values (so it stays 0 even if a parameter is Inf or NaN).
+    """
+    zero = torch.zeros((), dtype=dtype, device=device)
+    for p in params:
+        zero = zero + p.reshape(-1)[:0].sum().to(dtype)
+    return zero
+
+
+class FisherPenalty:
+    """A Fisher penalty to add to the task loss in a plain PyTorch training loop.
+
+    ``pen(inputs, step=step)`` returns a 0-dim tensor (model's dtype and device) whose gradient
+    w.r.t. the model's trainable parameters is the penalty's gradient:
+
+    * ``kind="batch_gradient"`` (default; Jastrzębski et al. 2021, Eq. 3):
+      ``α ‖∇_θ (1/B) Σᵢ −log p(ŷᵢ|xᵢ)‖²``. Its expectation over the sampled labels is
+      ``α·Tr(F)/B``, with ``Tr(F)`` the trace of the mean Fisher over the B inputs used.
+    * ``kind="trace"``: ``α (1/B) Σᵢ ‖∇_θ log p(ŷᵢ|xᵢ)‖²``, whose expectation is ``α·Tr(F)``.
+
+    Labels ``ŷᵢ`` are drawn once per computed step, one per input, by a single call
+    ``family.sample(o.detach(), 1, generator)`` on the outputs ``o`` of the inputs used (the first
+    ``sub_batch`` ones); so a ``torch.Generator`` seeded identically reproduces them.
+
+    Schedule (``every = T``): on steps with ``step % T == 0`` the penalty is computed; its value is
+    the returned value and its gradient the returned gradient. On other steps, with
+    ``reuse_between=True`` (the paper computes every 10 steps and reuses the most recent gradient),
+    the term is the linear surrogate ``Σ_p ⟨c_p, θ_p⟩ − Σ_p ⟨c_p, θ_p⟩|_detached + v`` built from the
+    cached gradient ``c`` and value ``v`` of the last computed step: its value is ``v`` and its
+    gradient w.r.t. each parameter is exactly ``c_p``. Before any step has been computed, and on
+    every skipped step with ``reuse_between=False``, the term is exactly 0 (with zero gradients,
+    so ``backward`` still works). When ``every > 1`` and ``reuse_between=True``, the gradient of a
+    computed step is taken inside the call (to cache it) and the returned tensor is that same
+    surrogate: value and parameter gradient are the penalty's, but it carries no higher-order
+    graph. Otherwise the returned tensor is the penalty itself, with its double-backprop graph.
+
+    The penalty runs its own forward pass on the inputs in the model's current mode. With
+    ``kind="batch_gradient"`` any model works (in train mode, BatchNorm statistics of that pass
+    are those of the batch and its running statistics are updated as by any forward pass).
+    ``kind="trace"`` needs per-sample gradients, so it refuses BatchNorm or Dropout in training
+    mode (call ``model.eval()`` or use ``kind="batch_gradient"``).
+
+    Args:
+        model: the network, mapping a batch of inputs to outputs ``(B, C)``.
+        family: output family name or :class:`~torchfim.families.Family`.
+        alpha: penalty coefficient α ≥ 0.
+        every: compute the penalty on steps ``step % every == 0``.
+        reuse_between: on other steps, reuse the cached gradient (True) or add nothing (False).
+        sub_batch: use only the first ``sub_batch`` inputs of each batch (all of them when None or
+            when the batch is smaller).
+        kind: ``"batch_gradient"`` or ``"trace"`` (see above).
+        generator: ``torch.Generator`` for the labels (torch's global RNG when None, like dropout).
+
+    Attributes:
+        last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included;
+            None before the first computed step). ``float(pen.last_value)`` for a number.
+        last_step: the step at which ``last_value`` was computed (None before).
+
+    Example:
+        >>> import torch, torchfim.train
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> pen = torchfim.train.FisherPenalty(model, alpha=0.01, every=10,
+        ...                                    generator=torch.Generator().manual_seed(0))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> for step in range(20):
+        ...     opt.zero_grad()
+        ...     term = pen(x, step=step)
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y) + term
+        ...     loss.backward()
+        ...     opt.step()
+        >>> pen.last_step, pen.last_value.shape, bool(pen.last_value >= 0)
+        (10, torch.Size([]), True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: str | Family = "categorical",
+        alpha: float = 0.1,
+        every: int = 1,
+        reuse_between: bool = True,
+        sub_batch: int | None = None,
+        kind: str = "batch_gradient",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.family = get_family(family)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
+            raise TorchfimError(
+                f"alpha must be a finite number ≥ 0 (the penalty coefficient), got {alpha!r}; "
+                "the paper tunes it log-uniformly in about [1e-3, 1e-1]"
+            )
+        self.alpha = float(alpha)
+        self.every = _check_int("every", every, 1, "pass every=1 to compute the penalty on every step")
+        if not isinstance(reuse_between, bool):
+            raise TorchfimError(f"reuse_between must be True or False, got {reuse_between!r}")
+        self.reuse_between = reuse_between
+        if sub_batch is not None:
+            _check_int("sub_batch", sub_batch, 1, "pass the number of leading inputs to use, or None for all")
+        self.sub_batch = sub_batch
+        self.kind = check_choice("kind", kind, KINDS)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.generator = generator
+        _trainable(model)  # fail early when there is nothing to penalise
+        self.last_value: Tensor | None = None
+        self.last_step: int | None = None
+        self._cached_params: list[Tensor] | None = None
+        self._cached_grads: list[Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"FisherPenalty(kind={self.kind!r}, family={self.family!r}, alpha={self.alpha}, "
+            f"every={self.every}, reuse_between={self.reuse_between}, sub_batch={self.sub_batch})"
+        )
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, inputs: Tensor, step: int | None = None) -> Tensor:
+        """The penalty term for this training step (see the class docstring)."""
+        if step is None:
+            raise TorchfimError(
+                "FisherPenalty needs the training step to follow its schedule: call pen(inputs, step=step)"
+            )
+        _check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
+        names, params = _trainable(self.model)
+        first = params[0]
+        if step % self.every != 0:
+            if self.reuse_between and self._cached_grads is not None:
+                return self._surrogate(self._cached_params, self._cached_grads, self.last_value)
+            return _zero_term(params, first.dtype, first.device)
+
+        x = self._prepare(inputs, first)
+        if self.kind == "batch_gradient":
+            value = self._batch_gradient(x, params)
+        else:
+            value = self._trace(x, names, params)
+        self.last_value = value.detach()
+        self.last_step = step
+        if self.every > 1 and self.reuse_between:
+            grads = self._gradient(value, params)
+            self._cached_params, self._cached_grads = params, grads
+            return self._surrogate(params, grads, self.last_value)
+        return value
+
+    # -------------------------------------------------------------- helpers
+    def _prepare(self, inputs: object, first: Tensor) -> Tensor:
+        if not isinstance(inputs, Tensor):
+            raise TorchfimError(
+                f"FisherPenalty takes the mini-batch of inputs as a torch.Tensor, got {type(inputs).__name__}"
+            )
+        if inputs.dim() == 0 or inputs.shape[0] == 0:
+            raise TorchfimError(
+                f"inputs must be a non-empty batch (first dimension ≥ 1), got shape {tuple(inputs.shape)}"
+            )
+        x = inputs if self.sub_batch is None else inputs[: self.sub_batch]
+        dtype = first.dtype if x.is_floating_point() else x.dtype
+        return x.to(device=first.device, dtype=dtype)
+
+    def _outputs_and_labels(self, o: Tensor) -> Tensor:
+        self.family.check_output(o.detach())
+        return self.family.sample(o.detach(), 1, self.generator)  # (B, 1, *label_shape)
+
+    def _batch_gradient(self, x: Tensor, params: list[Tensor]) -> Tensor:
+        o = self.model(x)
+        y = self._outputs_and_labels(o)
+        nll = self.family.nll(o, y)  # (1/B) Σᵢ −log p(ŷᵢ|xᵢ)
+        zero = _zero_term(params, o.dtype, o.device)  # every parameter gets a gradient, even unused ones
+        if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
+            return zero
+        grads = torch.autograd.grad(nll, params, create_graph=True, allow_unused=True)
+        return self.alpha * sum((g.pow(2).sum() for g in grads if g is not None), zero)
+
+    def _trace(self, x: Tensor, names: list[str], params: list[Tensor]) -> Tensor:
+        _check_mode(self.model)
+        with torch.no_grad():
+            o = self.model(x)
+        y = self._outputs_and_labels(o)
+        family, model = self.family, self.model
+
+        def log_p(p: dict[str, Tensor], x1: Tensor, y1: Tensor) -> Tensor:
+            out = functional_call(model, p, (x1.unsqueeze(0),))
+            return family.log_prob(out, y1.unsqueeze(0)).sum()
+
+        per_sample = vmap(grad(log_p), in_dims=(None, 0, 0))(dict(zip(names, params)), x, y)
+        sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
+        return self.alpha * sq.mean() + _zero_term(params, o.dtype, o.device)
+
+    @staticmethod
+    def _gradient(value: Tensor, params: list[Tensor]) -> list[Tensor]:
+        if not value.requires_grad:
+            return [torch.zeros_like(p) for p in params]
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+    @staticmethod
+    def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor) -> Tensor:
+        """``Σ ⟨c, θ⟩ − (same, detached) + v``: value exactly ``v``, gradient exactly ``c``."""
+        linear = sum((torch.dot(c.reshape(-1), p.reshape(-1)) for c, p in zip(grads, params)))
+        return linear - linear.detach() + value
