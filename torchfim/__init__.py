@@ -1,10 +1,12 @@
 """torchfim: Fisher information of PyTorch models, with error bars.
 
-The main entry point is :func:`torchfim.fisher`; output distributions live in
-:mod:`torchfim.families`.
+The main entry point is :func:`torchfim.fisher`; :func:`torchfim.fisher_variance`
+and the bounds say how accurate its estimators are; output distributions live in
+:mod:`torchfim.families`; :mod:`torchfim.train` has the Fisher penalty and the
+Tr(F) monitor for a training loop; :mod:`torchfim.compare` compares runs over seeds.
 """
 
-from . import families
+from . import compare, families, train
 from .errors import TorchfimError
 from .fisher import ESTIMATORS, STRUCTURES, fisher
 from .planning import EstimatorComparison, compare_estimators, samples_needed
@@ -21,6 +23,7 @@ __all__ = [
     "STRUCTURES",
     "EstimatorComparison",
     "TorchfimError",
+    "compare",
     "compare_estimators",
     "families",
     "fisher",
@@ -29,6 +32,7 @@ __all__ = [
     "samples_needed",
     "score_variance_bound_kurtosis",
     "score_variance_bound_spectral",
+    "train",
     "variance_bound",
 ]
 __version__ = "0.1.0"

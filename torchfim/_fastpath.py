@@ -33,6 +33,15 @@ from ._functional import CHUNK_ELEMENTS, FunctionalModel
 
 
 @dataclass
+class Recording:
+    """A forward pass kept for back-propagation: outputs and every layer's input and output."""
+
+    output: Tensor
+    layer_inputs: list[Tensor]
+    layer_outputs: list[Tensor]
+
+
+@dataclass
 class _Layer:
     """One Linear or Conv2d module and where its parameters sit in θ."""
 
@@ -134,21 +143,34 @@ class FastPath:
         outputs = [record[i][0][1] for i in range(len(self.layers))]
         return o, inputs, outputs
 
-    def sensitivities(self, x: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Outputs, layer patches ``(B, L, K)`` and sensitivities ``(m, B, L, out)`` of ``vᵀo``.
+    def record(self, x: Tensor) -> Recording:
+        """A forward pass with autograd history, keeping every layer's input and output."""
+        return Recording(*self._forward(x))
 
-        ``v`` is ``(B, m, C)``; ``m`` backward passes run batched through autograd.
+    def backward(self, rec: Recording, v: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Layer patches ``(B, L, K)`` and sensitivities ``(m, B, L, out)`` of ``vᵀo`` for ``v`` (B, m, C).
+
+        The ``m`` backward passes run batched through autograd (one plain pass when ``m = 1``).
         """
-        o, inputs, outputs = self._forward(x)
-        grad_outputs = v.transpose(0, 1).contiguous()
-        try:
-            grads = torch.autograd.grad(o, outputs, grad_outputs, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: one backward per vector
-            per_vector = [torch.autograd.grad(o, outputs, g, retain_graph=True) for g in grad_outputs]
-            grads = [torch.stack(gs) for gs in zip(*per_vector)]
-        patches = [layer.patches(a) for layer, a in zip(self.layers, inputs)]
+        if v.shape[1] == 1:
+            grads = [g.unsqueeze(0) for g in torch.autograd.grad(rec.output, rec.layer_outputs, v[:, 0])]
+        else:
+            grad_outputs = v.transpose(0, 1).contiguous()
+            try:
+                grads = torch.autograd.grad(rec.output, rec.layer_outputs, grad_outputs, is_grads_batched=True)
+            except RuntimeError:  # an op without a batching rule: one backward per vector
+                per_vector = [
+                    torch.autograd.grad(rec.output, rec.layer_outputs, g, retain_graph=True) for g in grad_outputs
+                ]
+                grads = [torch.stack(gs) for gs in zip(*per_vector)]
+        patches = [layer.patches(a) for layer, a in zip(self.layers, rec.layer_inputs)]
         sens = [layer.positions(g) for layer, g in zip(self.layers, grads)]
-        return o.detach(), patches, sens
+        return patches, sens
+
+    def sensitivities(self, x: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Outputs, layer patches and sensitivities of ``vᵀo`` (see :meth:`backward`)."""
+        rec = self.record(x)
+        return (rec.output.detach(), *self.backward(rec, v))
 
     # ------------------------------------------------------ Gram accumulation
     def per_sample_rows(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:

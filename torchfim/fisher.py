@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._batches import Inputs, iter_batches
-from ._fastpath import METHODS, FastPath, choose_path
+from ._fastpath import METHODS, FastPath, Recording, choose_path
 from ._functional import FunctionalModel
 from ._memory import fits_in_memory
 from .errors import TorchfimError, check_choice, check_n_samples
@@ -191,11 +191,14 @@ def fisher(
             continue
         if return_stderr:
             batches_seen.append(x)
-        o = fm.outputs(x)
+        if n == 0:
+            fast = choose_path(fm, method, x)
+        # Dense diag/trace products build nothing per sample: one recorded forward serves the whole batch.
+        rec = fast.record(x) if fast is not None and fast.dense and structure in ("diag", "trace") else None
+        o = rec.output.detach() if rec is not None else fm.outputs(x)
         fam.check_output(o)
         if n == 0:
             fm.check_independent(x[:8], o[:8], fm.per_sample_outputs(x[:8]))
-            fast = choose_path(fm, method, x)
         if estimator in ("exact", "hessian"):
             vectors, scale = fam.fisher_output_sqrt(o).transpose(-1, -2), 1.0
         elif estimator == "score":
@@ -209,7 +212,7 @@ def fisher(
             if not isinstance(y, Tensor):
                 y = torch.as_tensor(y)
             vectors, scale = fam.output_score(fam.check_targets(y.to(o.device), o), o).unsqueeze(1), 1.0
-        _add_products(acc, fm, fast, x, vectors, scale)
+        _add_products(acc, fm, fast, x, vectors, scale, rec)
         if estimator == "hessian":
             # Σⱼ Σ_a u_ij,a ∇²o_a(xᵢ) = ∇²_θ (Σⱼ u_ij)ᵀ o(xᵢ) with the scores held fixed.
             weights = fam.output_score(fam.sample(o, k, generator), o).sum(1)
@@ -239,10 +242,23 @@ def _map(result: FisherResult, fn) -> FisherResult:
 
 
 def _add_products(
-    acc: _Accumulator, fm: FunctionalModel, fast: FastPath | None, x: Tensor, vectors: Tensor, scale: float
+    acc: _Accumulator,
+    fm: FunctionalModel,
+    fast: FastPath | None,
+    x: Tensor,
+    vectors: Tensor,
+    scale: float,
+    rec: Recording | None,
 ) -> None:
-    """Add ``scale · Σᵢⱼ (Jᵢᵀ v_ij)(Jᵢᵀ v_ij)ᵀ`` (in ``acc``'s structure) for one mini-batch."""
+    """Add ``scale · Σᵢⱼ (Jᵢᵀ v_ij)(Jᵢᵀ v_ij)ᵀ`` (in ``acc``'s structure) for one mini-batch.
+
+    ``rec`` is the batch's recorded forward when the fast path can use it whole.
+    """
     m = vectors.shape[1]
+    if rec is not None:
+        squares = fast.diag_squares(*fast.backward(rec, vectors))
+        acc.value.add_(squares if acc.structure == "diag" else squares.sum(), alpha=scale)
+        return
     if fast is None:
         for rows in fm.sample_chunks(x.shape[0], m):
             _, g = fm.vector_jacobian(x[rows], vectors[rows])
