@@ -50,6 +50,10 @@ class _Accumulator:
         else:
             self.value = {n: torch.zeros(s, s, **kw) for n, s in zip(fm.names, fm.sizes)}
 
+    def mean(self, n: int) -> FisherResult:
+        """The sum divided by ``n``."""
+        return _map(self.value, lambda v: v / n)
+
     def add_gram(self, g: Tensor, scale: float) -> None:
         """Add ``scale · gᵀ g`` for rows ``g`` (R, P) of per-sample products."""
         if self.structure == "full":
@@ -77,10 +81,6 @@ class _Accumulator:
             block = self.value[self.fm.names[param]]
             block[:, columns - offset] += scale * h[:, offset : offset + size].T
 
-    def mean(self, n: int) -> FisherResult:
-        if isinstance(self.value, dict):
-            return {name: block / n for name, block in self.value.items()}
-        return self.value / n
 
 
 def _check_dense(structure: str, fm: FunctionalModel) -> None:

@@ -42,7 +42,7 @@ from ._fastpath import METHODS, FastPath, choose_path
 from ._functional import CHUNK_ELEMENTS, FunctionalModel
 from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, get_family
-from .fisher import STRUCTURES, FisherResult, _check_dense
+from .fisher import STRUCTURES, FisherResult, _Accumulator, _check_dense
 
 VARIANCE_ESTIMATORS = ("score", "hessian")
 _MODES = ("exact", "spectral", "kurtosis")
@@ -53,20 +53,8 @@ def _fourth_moment_matrix(fam: Family, o: Tensor) -> Tensor:
     return fam.fourth_moment(o).reshape(o.shape[0], c * c, c * c)
 
 
-class _Sum:
-    """Running sum of one structure, addressed by flat parameter columns."""
-
-    def __init__(self, structure: str, fm: FunctionalModel) -> None:
-        self.structure, self.fm = structure, fm
-        kw = {"dtype": fm.dtype, "device": fm.device}
-        if structure == "full":
-            self.value: FisherResult = torch.zeros(fm.num_params, fm.num_params, **kw)
-        elif structure == "diag":
-            self.value = torch.zeros(fm.num_params, **kw)
-        elif structure == "trace":
-            self.value = torch.zeros((), **kw)
-        else:
-            self.value = {n: torch.zeros(s, s, **kw) for n, s in zip(fm.names, fm.sizes)}
+class _Sum(_Accumulator):
+    """Running sum of one structure, addressed by blocks of flat parameter columns."""
 
     def blocks(self) -> Iterator[tuple[int, int, str | None]]:
         """``(start, stop, name)`` column ranges whose pairwise entries are wanted."""
@@ -83,11 +71,6 @@ class _Sum:
             local = rows - start if isinstance(rows, Tensor) else slice(rows.start - start, rows.stop - start)
             self.value[name][local] += values
 
-    def mean(self, n: int, k: int) -> FisherResult:
-        scale = 1.0 / (n * n * k)
-        if isinstance(self.value, dict):
-            return {name: block * scale for name, block in self.value.items()}
-        return self.value * scale
 
 
 def _score_chunk(acc: _Sum, fam: Family, o: Tensor, jac: Tensor, mode: str) -> None:
@@ -260,7 +243,7 @@ def _variance(
         n += x.shape[0]
     if n == 0:
         raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
-    return acc.mean(n, k)
+    return acc.mean(n * n * k)
 
 
 def fisher_variance(
