@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by scripts/demo and scripts/test (not run on its own).
+# Sourced by scripts/report, scripts/demo and scripts/test (not run on its own).
 #
 # Makes sure the project's virtual environment exists at <repo>/.venv with torchfim installed
 # editable and its dev extras (pytest, hypothesis, scikit-learn, matplotlib, mnist1d), torch pinned

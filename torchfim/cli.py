@@ -27,6 +27,8 @@ __all__ = ["main", "build_parser", "COMMANDS", "UsageError"]
 #: Subcommand name -> module implementing it (see the module docstring).
 COMMANDS: dict[str, str] = {
     "demo": "torchfim.demo",
+    "report": "torchfim.report",
+    "reproduce": "torchfim.experiments",
 }
 
 EXIT_USAGE = 2

@@ -1,0 +1,94 @@
+"""Every script in examples/ runs to completion in a subprocess and prints what it promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name: str) -> str:
+    # The examples' tensors are tiny: one thread avoids oversubscribing a busy test machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_every_example_is_tested():
+    tested = {"estimate_with_error_bars.py", "choose_estimator.py", "fisher_penalty_loop.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_estimate_with_error_bars():
+    out = run_example("estimate_with_error_bars.py")
+    assert "Tr(F): exact" in out and "± " in out
+    assert "within 2 s.e. of the exact value" in out
+
+
+def test_choose_estimator():
+    out = run_example("choose_estimator.py")
+    assert out.count("better") == 2  # one compare_estimators table per network
+    assert "for 10% relative error of Tr(F)" in out
+    relu_table = out.split("with Tanh")[0]
+    assert "score" not in [line.split()[-1] for line in relu_table.splitlines() if line.startswith(("0.", "2.", "4."))]
+
+
+def test_fisher_penalty_loop():
+    try:
+        import torchfim.train  # noqa: F401
+    except ImportError:
+        pytest.xfail("torchfim.train is not available in this checkout yet")
+    out = run_example("fisher_penalty_loop.py")
+    assert "penalty" in out
+    assert "Tr(F) without the penalty" in out
+
+
+# ------------------------------------------------------------------------------------ the README
+README = ROOT / "README.md"
+
+
+def _blocks(text: str, lang: str) -> list[str]:
+    parts = text.split("```" + lang + "\n")[1:]
+    return [p.split("```")[0] for p in parts]
+
+
+def test_readme_quick_start_is_report_then_test():
+    block = _blocks(README.read_text(), "bash")[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert [c for c in commands if c] == ["scripts/report", "scripts/test"]
+    script = (ROOT / "scripts" / "report").read_text()
+    assert script.startswith("#!/usr/bin/env bash\n")
+    assert 'exec "$TORCHFIM_VENV/bin/torchfim" report "$@"' in script
+    assert os.access(ROOT / "scripts" / "report", os.X_OK)
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "report")], check=True)
+
+
+def test_readme_python_example_runs_and_is_short():
+    code = _blocks(README.read_text(), "python")[0]
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Tr(F) = " in proc.stdout
+
+
+def test_readme_picture_and_report_example_are_committed_and_small():
+    text = README.read_text()
+    assert "](docs/report-example/overview.png)" in text
+    folder = ROOT / "docs" / "report-example"
+    md = (folder / "report.md").read_text()
+    for name in ("overview.png", "trace_per_layer.png", "variance_per_layer.png", "samples_needed.png",
+                 "spectrum.png", "empirical_vs_true.png"):
+        assert f"]({name})" in md and (folder / name).stat().st_size > 5_000
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 1_500_000

@@ -1,0 +1,203 @@
+"""`torchfim reproduce soen-sun --quick`: outputs exist, are consistent with the maths, and match torchfim."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+pytest.importorskip("mnist1d")
+
+import torchfim  # noqa: E402
+from torchfim import _io  # noqa: E402
+from torchfim.cli import main as cli_main  # noqa: E402
+from torchfim.experiments import soen_sun  # noqa: E402
+
+PNGS = ("fig_a_bound_ratios.png", "fig_b_variance_by_activation.png", "fig_c_depth_width.png", "fig_d_training.png")
+SECTIONS = ("meta", "settings", "datasets", "bound_ratios", "activations", "seeds", "seed_ranges", "depth_width",
+            "training")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("soen_sun")
+    rc = cli_main(["reproduce", "soen-sun", "--out", str(out), "--quick", "--no-progress"])
+    assert rc == 0
+    return out, json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def test_files_exist_and_are_complete(quick_run):
+    out, results = quick_run
+    for name in PNGS:
+        path = out / name
+        assert path.is_file(), name
+        assert path.stat().st_size > 20_000, f"{name} is suspiciously small"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for section in SECTIONS:
+        assert section in results, section
+    assert results["meta"]["quick"] is True and results["meta"]["seconds_total"] > 0
+    s = soen_sun.QUICK
+    assert len(results["activations"]) == len(results["bound_ratios"]) == len(s.settings_ab) * len(s.activations)
+    assert len(results["seeds"]) == len(s.extra_seeds) * len(s.settings_ab) * len(s.activations)
+    assert len(results["depth_width"]) == len(s.depths) + len(s.widths)
+    assert len(results["training"]) == len(s.train_activations) * len(s.checkpoints)
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["section"].split(":")[0] for r in rows} >= {"activations", "bound_ratios", "seeds", "depth_width",
+                                                           "training"}
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    for heading in ("## What was run", "## Figures", "## Key numbers", "## Conclusions"):
+        assert heading in summary
+    assert "Not yet run" not in summary
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def test_bounds_are_upper_bounds(quick_run):
+    _, results = quick_run
+    n_ratios = 0
+    for rec in results["bound_ratios"]:
+        for lay in rec["layers"]:
+            for bound, st in lay["ratios"].items():
+                if st["count"]:
+                    assert st["min"] >= 1 - 1e-9, (rec["activation"], rec["dataset"], lay["layer"], bound, st["min"])
+                    assert st["min"] <= st["median"] <= st["max"]
+                    n_ratios += st["count"]
+        for bound, ratio in rec["trace_ratio"].items():
+            if ratio is not None:
+                assert ratio >= 1 - 1e-9, (rec["activation"], rec["dataset"], bound, ratio)
+    assert n_ratios > 1000
+
+
+def test_hessian_variance_zeros_where_the_maths_says(quick_run):
+    _, results = quick_run
+    for rec in results["activations"] + results["seeds"]:
+        # o is linear in the output layer's weights and bias: ∂²o/∂θ_p² = 0 there, whatever the activation.
+        assert rec["layers"][-1]["var_hessian_diag_max"] == 0
+        assert rec["layers"][-1]["var_hessian_diag_sum"] == 0
+        if rec["activation"] == "relu":
+            # piecewise linear: ∂²o/∂θ_p² = 0 for every parameter (inside each layer), so Var(Î2)_pp = 0 ...
+            for lay in rec["layers"]:
+                assert lay["var_hessian_diag_max"] == 0, (rec["dataset"], lay["layer"])
+            assert rec["trace"]["var_hessian"] == 0  # ... and tr ∇²o = 0 too
+            assert rec["trace"]["var_score"] > 0  # Î1 never has zero variance
+        else:
+            assert all(lay["var_hessian_diag_sum"] > 0 for lay in rec["layers"][:-1])
+        assert all(lay["var_score_diag_sum"] > 0 for lay in rec["layers"])
+    relu_a = [r for r in results["bound_ratios"] if r["activation"] == "relu"]
+    assert relu_a and all(lay["ratios"]["hessian_spectral"]["count"] == 0 for r in relu_a for lay in r["layers"])
+    gauss = [r for r in results["bound_ratios"] if r["family"] == "gaussian"]
+    for rec in gauss:  # Λ = I: the Î2 bound is an equality; Î1's are (C+2-1)/2 and (C²+2C-1)/2 times the variance
+        for lay in rec["layers"]:
+            for bound, value in (("hessian_spectral", 1.0), ("score_spectral", 5.5), ("score_kurtosis", 59.5)):
+                st = lay["ratios"][bound]
+                if st["count"]:
+                    assert st["min"] == pytest.approx(value, rel=1e-9) and st["max"] == pytest.approx(value, rel=1e-9)
+
+
+def _digits_mlp(width: int, activation: type[nn.Module], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(64, width), activation(), nn.Linear(width, width), activation(), nn.Linear(width, 10)
+    )
+    return model.double()
+
+
+def test_numbers_match_direct_recomputation(quick_run):
+    from sklearn.datasets import load_digits
+
+    _, results = quick_run
+    settings = results["settings"]
+    (rec,) = [r for r in results["activations"] if (r["dataset"], r["family"], r["activation"])
+              == ("digits", "categorical", "tanh")]
+    (rec_a,) = [r for r in results["bound_ratios"] if (r["dataset"], r["family"], r["activation"])
+                == ("digits", "categorical", "tanh")]
+    assert settings["depth"] == 2
+    model = _digits_mlp(settings["width"], nn.Tanh, settings["seed"])
+    reference = soen_sun.build_mlp(64, settings["width"], 2, "tanh", seed=settings["seed"])
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    X = torch.as_tensor(load_digits().data / 16.0, dtype=torch.float64)
+    x = X[torch.tensor(results["datasets"]["digits"]["indices"])]
+    assert x.shape[0] == settings["n_inputs"] == rec["n_inputs"]
+    assert rec["num_params"] == sum(p.numel() for p in model.parameters())
+
+    def close(a, b):
+        assert float(a) == pytest.approx(float(b), rel=1e-9, abs=1e-300)
+
+    close(rec["trace"]["fisher"], torchfim.fisher(model, x, structure="trace"))
+    close(rec["trace"]["var_score"], torchfim.fisher_variance(model, x, estimator="score", structure="trace"))
+    close(rec["trace"]["var_hessian"], torchfim.fisher_variance(model, x, estimator="hessian", structure="trace"))
+    close(rec_a["trace_bound"]["score_tightest"], torchfim.variance_bound(model, x, estimator="score", structure="trace"))
+    close(rec_a["trace_bound"]["hessian_spectral"],
+          torchfim.variance_bound(model, x, estimator="hessian", structure="trace"))
+    # per layer (weight + bias) sums of the diagonal, through compare_estimators
+    cmp = torchfim.compare_estimators(model, x, family="categorical")
+    rows = {r.name: r for r in cmp.rows}
+    for i, lay in enumerate(rec["layers"]):
+        w, b = rows[f"{2 * i}.weight"], rows[f"{2 * i}.bias"]
+        close(lay["fisher_diag_sum"], w.fisher_diag_sum + b.fisher_diag_sum)
+        close(lay["var_score_diag_sum"], w.score_variance + b.score_variance)
+        close(lay["var_hessian_diag_sum"], w.hessian_variance + b.hessian_variance)
+    # a box statistic of a bound ratio: the smallest ratio of the first layer's spectral Î1 bound
+    bound = torchfim.score_variance_bound_spectral(model, x, structure="diag")
+    var = torchfim.fisher_variance(model, x, estimator="score", structure="diag")
+    size = rec["layers"][0]["size"]
+    keep = var[:size] > soen_sun.ZERO_VARIANCE_RTOL * var.max()
+    close(rec_a["layers"][0]["ratios"]["score_spectral"]["min"], (bound[:size][keep] / var[:size][keep]).min())
+
+
+def test_training_rows_are_consistent(quick_run):
+    _, results = quick_run
+    for r in results["training"]:
+        assert r["rel_se_score"] == pytest.approx(math.sqrt(r["var_score_trace"]) / r["fisher_trace"], rel=1e-12)
+        for est in ("score", "hessian"):
+            k = math.ceil(r[f"var_{est}_trace"] / (soen_sun.REL_ERROR * r["fisher_trace"]) ** 2 * (1 - 1e-12))
+            assert r[f"samples_needed_{est}"] == max(1, k)
+    epochs = [r["epoch"] for r in results["training"] if r["activation"] == results["training"][0]["activation"]]
+    assert epochs == list(soen_sun.QUICK.checkpoints)
+
+
+def test_interrupted_run_keeps_finished_sections(tmp_path, monkeypatch):
+    tiny = soen_sun.Settings(
+        n_inputs=8, width=4, activations=("relu",), settings_ab=(("digits", "categorical"),), depths=(1,),
+        widths=(4,), train_activations=("tanh",), checkpoints=(0,), extra_seeds=(),
+    )
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(soen_sun, "_plot_depth_width", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        soen_sun.run(tmp_path, settings=tiny, progress=False)
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert len(results["activations"]) == 1 and len(results["depth_width"]) == 2
+    assert results["training"] == [] and "seconds_total" not in results["meta"]
+    assert (tmp_path / "fig_a_bound_ratios.png").is_file() and not (tmp_path / "fig_d_training.png").exists()
+    summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "Run incomplete" in summary and "Not yet run" in summary and "training" in summary
+    assert torch.get_num_threads() >= 1
+
+
+def test_atomic_writers(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    _io.write_json(path, {"a": 1})
+    with pytest.raises(ValueError):
+        _io.write_json(path, {"a": float("nan")})  # JSON has no NaN; the old file stays
+    assert json.loads(path.read_text()) == {"a": 1}
+    _io.write_text(tmp_path / "t.md", "héllo\n")
+    assert (tmp_path / "t.md").read_text(encoding="utf-8") == "héllo\n"
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
+    _io.save_figure(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "sub", "t.md"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]
