@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "demo": "torchfim.demo",
     "report": "torchfim.report",
     "reproduce": "torchfim.experiments",
+    "explosion": "torchfim.experiments.explosion",
 }
 
 EXIT_USAGE = 2
