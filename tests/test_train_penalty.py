@@ -24,13 +24,6 @@ from torchfim.train import FisherPenalty
 SEED = 123
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one intra-op thread avoids OpenMP overhead on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trainable(model: nn.Module) -> list[torch.Tensor]:

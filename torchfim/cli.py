@@ -51,6 +51,38 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
+# ------------------------------------------------------- argparse value types for the commands
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (argparse ``type=``)."""
+    return _integer(text, 1, "a whole number ≥ 1")
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer ≥ 0, such as a seed (argparse ``type=``)."""
+    return _integer(text, 0, "a whole number ≥ 0")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0, such as a time in seconds (argparse ``type=``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version

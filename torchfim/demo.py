@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .cli import nonnegative_int, positive_float, positive_int
+
 __all__ = ["run_demo", "build_model", "train", "format_table", "ESTIMATORS"]
 
 #: Estimators shown by the demo, in table order.
@@ -267,34 +269,10 @@ def _run_demo(seconds, seed, n_samples, out, epochs, hidden, progress) -> dict:
 
 # --- command-line glue (used by torchfim.cli) ------------------------------------------------------
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
-    return value
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a seed >= 0, got {text!r}")
-    return value
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -310,19 +288,19 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seconds", type=_positive_float, default=3.0,
+    parser.add_argument("--seconds", type=positive_float, default=3.0,
                         help="time limit for training, in seconds (default: 3)")
-    parser.add_argument("--seed", type=_seed, default=0,
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed for initialisation, batches and sampled labels (default: 0)")
-    parser.add_argument("--epochs", type=_positive_int, default=EPOCHS,
+    parser.add_argument("--epochs", type=positive_int, default=EPOCHS,
                         help=f"at most this many training epochs (default: {EPOCHS})")
     parser.add_argument("--hidden", type=_widths, default=HIDDEN, metavar="W1,W2,...",
                         help="hidden layer widths of the MLP (default: "
                              f"{','.join(map(str, HIDDEN))}; empty for a linear model)")
-    parser.add_argument("--n-samples", type=_positive_int, default=1,
+    parser.add_argument("--n-samples", type=positive_int, default=1,
                         help="labels drawn per input by the score and hessian estimators "
                              "(default: 1)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch intra-op threads (default: 1; 2 was ~30%% faster on an idle "
                              "2-core machine but several times slower on a busy one)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .cli import nonnegative_int, positive_int
 from .errors import TorchfimError
 from .report_load import (
     Data,
@@ -816,24 +817,8 @@ def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, 
 
 
 # --------------------------------------------------------------------- command-line glue (cli.py)
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
-    return value
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -855,26 +840,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"report directory (default: {DEFAULT_OUT}/; an earlier report there "
                              "is replaced)")
-    parser.add_argument("--n-samples", type=_positive_int, default=1,
+    parser.add_argument("--n-samples", type=positive_int, default=1,
                         help="labels per input for the score estimate and its error bars (default: 1)")
-    parser.add_argument("--variance-inputs", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--variance-inputs", type=positive_int, default=None, metavar="N",
                         help=f"inputs (a seeded random subset) for the Î1-vs-Î2 variances; the "
                              f"Hessian estimator costs a pass per parameter per input (default: "
                              f"{DEFAULT_VARIANCE_INPUTS}, fewer for models with over "
                              f"{HESSIAN_BUDGET // DEFAULT_VARIANCE_INPUTS} parameters, and none "
                              f"of Î2's over {HESSIAN_BUDGET // MIN_AUTO_VARIANCE_INPUTS})")
-    parser.add_argument("--max-block", type=_nonnegative_int, default=DEFAULT_MAX_BLOCK, metavar="N",
+    parser.add_argument("--max-block", type=nonnegative_int, default=DEFAULT_MAX_BLOCK, metavar="N",
                         help="compute eigenvalues of layers with at most N parameters "
                              f"(default: {DEFAULT_MAX_BLOCK})")
-    parser.add_argument("--seed", type=_nonnegative_int, default=0,
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed for the default model's training, the subset and sampled labels "
                              "(default: 0)")
-    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
                         help=f"training epochs of the default model (default: {DEFAULT_EPOCHS})")
     parser.add_argument("--hidden", type=_widths, default=None, metavar="W1,W2,...",
                         help="hidden widths of the default model (default: "
                              f"{','.join(map(str, HIDDEN))})")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads (default: 1 for the embedded default model, "
                              "whose tensors are small; torch's own setting for --model)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

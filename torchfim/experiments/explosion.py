@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..cli import nonnegative_int, positive_int
 from ..compare import derive_seeds, prob_outperform, seeds
 from ..errors import TorchfimError
 
@@ -1548,24 +1549,8 @@ def _claims_text(s: dict, verdicts: dict, agg: dict, combos: list[str], nsets: l
 
 
 # --------------------------------------------------------------------------- command line
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1576,15 +1561,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one data set and model, fewer steps, 2 seeds (a few minutes at most; for smoke runs)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in DIR/runs/ and run only the missing ones")
-    parser.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                         help="seeds per configuration (default: 5, or 2 with --quick; at least 2)")
-    parser.add_argument("--master-seed", type=_seed, default=0, metavar="S",
+    parser.add_argument("--master-seed", type=nonnegative_int, default=0, metavar="S",
                         help="the study's master seed, from which every run's seeds derive (default: 0)")
-    parser.add_argument("--jobs", type=_positive_int, default=1, metavar="J",
+    parser.add_argument("--jobs", type=positive_int, default=1, metavar="J",
                         help="runs in parallel, one thread each (default: 1; results do not depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--max-runs", type=_positive_int, default=None, help=argparse.SUPPRESS)  # stop after N new runs
+    parser.add_argument("--max-runs", type=positive_int, default=None, help=argparse.SUPPRESS)  # stop after N new runs
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
