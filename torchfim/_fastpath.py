@@ -197,6 +197,22 @@ class FastPath:
                 self._put(out, layer.bias, (g.sum(2) ** 2).sum((0, 1)))
         return out
 
+    def sample_squares(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:
+        """``‖Jᵢᵀ v_ij‖²`` per sample and vector, shape ``(B, m)``.
+
+        One position per sample: ``‖g aᵀ‖² = ‖g‖²‖a‖²``, so nothing per-sample is built.
+        """
+        total = torch.zeros(sens[0].shape[1], sens[0].shape[0], dtype=self.fm.dtype, device=self.fm.device)
+        for layer, a, g in zip(self.layers, patches, sens):
+            if layer.weight is not None:
+                if a.shape[1] == 1:
+                    total += ((g[:, :, 0] ** 2).sum(-1) * (a[:, 0] ** 2).sum(-1)).T
+                else:
+                    total += (torch.einsum("mblo,blk->bmok", g, a) ** 2).sum((2, 3))
+            if layer.bias is not None:
+                total += (g.sum(2) ** 2).sum(-1).T
+        return total
+
     def _put(self, out: Tensor, index: int, values: Tensor) -> None:
         start = self.fm.offsets[index]
         out[start : start + self.fm.sizes[index]] += values.reshape(-1)

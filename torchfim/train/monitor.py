@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs, iter_batches
+from .._fastpath import FastPath, choose_path
 from .._functional import FunctionalModel
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
@@ -147,6 +148,8 @@ class FisherTraceMonitor:
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.inputs = self._hold(inputs)
+        self._path_key: tuple[int, ...] | None = None
+        self._path_cache: tuple[FunctionalModel, FastPath | None] | None = None
         self.n_inputs = sum(x.shape[0] for x in self.inputs)
         self.history: list[TraceRecord] = []
 
@@ -254,23 +257,40 @@ class FisherTraceMonitor:
                 for module, training in modes:
                     module.training = training
 
+    def _paths(self) -> tuple[FunctionalModel, FastPath | None]:
+        """The model's functional view and fast path, built once (again only if its parameters change)."""
+        key = tuple(id(p) for p in self.model.parameters())
+        if self._path_key != key:
+            fm = FunctionalModel(self.model)
+            x = fm.prepare_inputs(self.inputs[0])
+            o = fm.outputs(x)
+            self.family.check_output(o)
+            fm.check_independent(x[:8], o[:8], fm.per_sample_outputs(x[:8]))
+            self._path_cache = (fm, choose_path(fm, "auto", x))
+            self._path_key = key
+        return self._path_cache
+
     def _estimate_eval(self) -> tuple[float, float]:
-        fm = FunctionalModel(self.model)
+        fm, fast = self._paths()
         generator = self._label_generator(fm.device)
         k = self.n_samples
         norms = []
-        checked = False
         for x in self.inputs:
             x = fm.prepare_inputs(x)
-            o = fm.outputs(x)
+            # Dense layers: one recorded forward per batch, the sampled scores back-propagated through it.
+            rec = fast.record(x) if fast is not None and fast.dense else None
+            o = rec.output.detach() if rec is not None else fm.outputs(x)
             self.family.check_output(o)
             u = self.family.output_score(self.family.sample(o, k, generator), o)  # (B, k, C)
-            for rows in fm.sample_chunks(x.shape[0], k):
-                o_single, g = fm.vector_jacobian(x[rows], u[rows])
-                if not checked:
-                    fm.check_independent(x[rows], o[rows], o_single)
-                    checked = True
-                norms.append(g.pow(2).sum(-1))  # (b, k): ‖Jᵢᵀ u_ij‖²
+            if rec is not None:
+                norms.append(fast.sample_squares(*fast.backward(rec, u)))
+            elif fast is not None:
+                for rows in fast.sample_chunks(x.shape[0], k, "trace"):
+                    norms.append(fast.sample_squares(*fast.sensitivities(x[rows], u[rows])[1:]))
+            else:
+                for rows in fm.sample_chunks(x.shape[0], k):
+                    _, g = fm.vector_jacobian(x[rows], u[rows])
+                    norms.append(g.pow(2).sum(-1))  # (b, k): ‖Jᵢᵀ u_ij‖²
         s = torch.cat(norms)  # (n, k)
         per_input = s.mean(1)
         trace = float(per_input.mean())
