@@ -1,0 +1,117 @@
+"""Smoke and agreement test of the benchmark harness (benchmarks/run.py) at tiny sizes.
+
+The end-to-end run needs the peers (``pip install -c constraints.txt -e '.[bench]'``) and is
+skipped without them; the agreement logic and the markdown rendering are tested regardless.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "run.py"
+
+
+def _load_harness():
+    pytest.importorskip("tqdm")
+    spec = importlib.util.spec_from_file_location("torchfim_benchmarks_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return _load_harness()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``run.py --quick`` in a fresh process; skipped when a peer or scikit-learn is missing."""
+    for module in ("sklearn", "backpack", "nngeometry", "curvlinops"):
+        pytest.importorskip(module, reason=f"{module} not installed: pip install -c constraints.txt -e '.[bench]'")
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--no-sweep", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    main = json.loads(out.read_text())
+    details = json.loads(out.with_name("quick.details.json").read_text())
+    return main, details
+
+
+def test_quick_run_writes_the_mapping(harness, quick_run):
+    main, details = quick_run
+    expected = set(harness.WORKLOADS) - set(details["skipped"])
+    assert set(main) == expected
+    assert set(details["skipped"]) <= {"penalty-step-mlp"}  # only when torchfim.train is missing
+    for workload, timings in main.items():
+        assert timings, workload
+        assert set(timings) <= set(harness.CONTENDERS), workload
+        for contender, seconds in timings.items():
+            assert isinstance(seconds, float) and seconds > 0, (workload, contender)
+        assert set(details["ratios"][workload]) == set(timings)
+        assert details["ratios"][workload][details["ratio_reference"][workload]] == pytest.approx(1.0)
+    # every peer that can compute a workload is there, and nothing failed
+    for workload in ("diag-score-mlp", "diag-score-cnn", "diag-exact-mlp", "diag-exact-cnn", "trace-exact-mlp"):
+        assert {"floor", "torchfim", "backpack", "nngeometry"} <= set(main[workload]), workload
+        assert "curvlinops" in details["left_out"][workload]
+    assert {"torchfim", "backpack", "nngeometry", "curvlinops"} <= set(main["full-exact-mlps"])
+    assert not any(details["errors"].values()), details["errors"]
+    assert [t["target"] for t in details["targets"]]
+
+
+def test_quick_run_results_agree(quick_run):
+    _, details = quick_run
+    assert not any(details["flagged"].values()), details["flagged"]
+    for workload, errors in details["agreement"].items():
+        for contender, err in errors.items():
+            assert err < 1e-4, (workload, contender, err)
+    for workload, check in details["checks"].items():
+        assert check["passed"], (workload, check)
+    # the stochastic score estimator is compared entry by entry on torchfim's own labels
+    for workload in ("diag-score-mlp", "diag-score-cnn"):
+        assert any("labels aligned" in note for note in details["notes"][workload]), details["notes"][workload]
+
+
+def test_markdown_renders_from_the_run(harness, quick_run, tmp_path):
+    main, details = quick_run
+    text = harness.render_markdown(main, details, tmp_path / "performance.md", {})
+    for heading in ("## Results", "## Targets", "## Agreement", "## Rerun"):
+        assert heading in text
+    for workload in main:
+        assert f"`{workload}`" in text
+
+
+def test_agreement_flags_the_odd_one_out(harness):
+    x = torch.linspace(1, 2, 50)
+    # a peer off by 1 %: flagged; one off by 1e-7: agrees
+    pivot, errors, flagged = harness.agreement({"torchfim": x, "backpack": x * (1 + 1e-7), "nngeometry": x * 1.01}, 1e-4)
+    assert pivot == "torchfim" and set(flagged) == {"nngeometry"} and errors["backpack"] < 1e-6
+    # torchfim alone against two peers that agree: torchfim is the one flagged
+    pivot, _, flagged = harness.agreement({"torchfim": x * 1.01, "backpack": x, "nngeometry": x}, 1e-4)
+    assert pivot in {"backpack", "nngeometry"} and set(flagged) == {"torchfim"}
+    # non-finite or mis-shaped results never agree
+    assert harness.rel_error(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
+    assert harness.rel_error(torch.ones(3), torch.ones(4)) == float("inf")
+
+
+def test_sweep_point_reports_time_and_memory(harness):
+    spec = {"axis": "width", "width": 8, "classes": 10, "batch": 16, "n": 32, "data": "random", "threads": 1}
+    threads = torch.get_num_threads()
+    try:
+        point = harness.sweep_point(spec)  # in-process here; run.py gives each point its own process
+    finally:
+        torch.set_num_threads(threads)
+    assert point["P"] == 64 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
+    assert point["seconds"] > 0 and point["peak_mib"] >= 0
+    assert point["memory_method"] in ("VmHWM after reset", "ru_maxrss")
