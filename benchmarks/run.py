@@ -117,7 +117,7 @@ class Config:
     quiet_threshold: float = 2.0
     quiet_wait_s: float = 60.0
     quiet_budget_s: float = 1800.0
-    retries: int = 2
+    retries: int = 3
     max_inner: int = 10  # timed calls per round for a contender whose warm-up took under 0.3 s
 
 
@@ -648,6 +648,8 @@ class Outcome:
     check: dict | None = None
     contention: list[float] = field(default_factory=list)
     retried: int = 0
+    clean: dict[str, list[bool]] = field(default_factory=dict)  # per sample: no contention around it
+    contended_medians: list[str] = field(default_factory=list)  # medians that had to use contended calls
 
 
 def _short_error(exc: BaseException) -> str:
@@ -706,7 +708,7 @@ def run_workload(wl: Workload, cfg: Config, bar, quiet: "Quiet") -> Outcome:
              for c in timed}
     for r in range(cfg.reps):
         order = timed[r % len(timed):] + timed[: r % len(timed)] if timed else []
-        for name, _ in ((n, k) for n in order for k in range(inner[n])):
+        for name, k in ((n, k) for n in order for k in range(inner[n])):
             bar.set_postfix_str(f"{wl.name}: {name} ({r + 1}/{cfg.reps})")
             for attempt in range(1 + (cfg.retries if cfg.quiet_wait_s > 0 else 0)):
                 before = quiet.wait(lambda: bar.set_postfix_str(f"{wl.name}: waiting for a quiet machine"))
@@ -721,11 +723,21 @@ def run_workload(wl: Workload, cfg: Config, bar, quiet: "Quiet") -> Outcome:
                 after = contention_probe(cfg.threads)
                 if max(before, after) <= cfg.quiet_threshold:
                     break
-                out.retried += 1  # contention around this call: take it again (the last try is kept)
+                out.retried += 1  # contention around this call: take it again
+            clean = max(before, after) <= cfg.quiet_threshold
             out.samples[name].append(seconds)
+            out.clean.setdefault(name, []).append(clean)
             out.contention.append(max(before, after))
-            bar.update(1 / inner[name])
-    out.seconds = {c: statistics.median(out.samples[c]) for c in timed}
+            if k == inner[name] - 1:
+                bar.update(1)
+    # The median over the calls that ran on a quiet machine, when there are at least five of them
+    # (or all of the calls were clean); otherwise over all calls, and the report says so.
+    for c in timed:
+        kept = [t for t, ok in zip(out.samples[c], out.clean[c]) if ok]
+        if len(kept) < min(5, len(out.samples[c])):
+            kept = out.samples[c]
+            out.contended_medians.append(c)
+        out.seconds[c] = statistics.median(kept)
     return out
 
 
@@ -939,6 +951,8 @@ def plot_sweep(points: list[dict], plot_dir: Path) -> dict[str, str]:
             ax_t.set_yscale("log")
         if axis == "width":
             ax_m.set_yscale("log")
+        else:
+            ax_m.set_ylim(bottom=0)
         ax_t.set_ylabel("seconds (median)")
         ax_m.set_ylabel("MiB")
         ax_m.legend(fontsize=7)
@@ -1296,9 +1310,12 @@ def render_markdown(main: dict, details: dict, md_path: Path, plot_files: dict[s
         f"- Other jobs on the machine: before each timed call the harness waits (up to "
         f"{cfg.get('quiet_wait_s', 0):g} s per call, {cfg.get('quiet_budget_s', 0):g} s per run) until the "
         f"contention probe is at most {cfg.get('quiet_threshold', 2):g}, and it retakes a call (up to "
-        f"{cfg.get('retries', 0)} times) when the probe after it is above that. This run waited "
-        f"{details.get('waited_for_quiet_seconds', 0):.0f} s and retook {sum(details.get('retried', {}).values())} "
-        "calls.\n"
+        f"{cfg.get('retries', 0)} times) when the probe after it is above that; the median is taken over "
+        "the calls with a quiet probe before and after (when at least five), so that bursts of other work "
+        f"do not leak into it. This run waited {details.get('waited_for_quiet_seconds', 0):.0f} s, retook "
+        f"{sum(details.get('retried', {}).values())} calls and left out "
+        f"{sum(v.count(False) for w in details.get('clean', {}).values() for v in w.values())} contended "
+        "ones.\n"
         "- `floor`: one forward and backward of the summed NLL (true labels) over all mini-batches of the "
         "workload's model.\n"
         "- Score estimator with one label per input: torchfim draws the labels from its seeded generator; "
@@ -1358,6 +1375,8 @@ def main(argv: list[str] | None = None) -> int:
         details["targets"] = evaluate_targets(main_map, details.get("sweep", []))
         if args.markdown:
             plots = details.get("plots") or {}
+            if details.get("sweep"):  # redraw from the stored points (the plotting code may have changed)
+                plots = plot_sweep(details["sweep"], args.plots or (args.markdown.parent / "performance"))
             atomic_write_text(args.markdown, render_markdown(main_map, details, args.markdown, plots))
             print(f"wrote {args.markdown}")
         print(summary_table(main_map, details))
@@ -1395,7 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
               "environment": environment(cfg, status), "n_inputs": load_data(cfg).n,
               "ratios": {}, "ratio_reference": {}, "agreement": {}, "pivot": {}, "checks": {}, "flagged": {},
               "errors": {}, "left_out": {}, "notes": {}, "skipped": {}, "models": {}, "samples": {},
-              "warmup_seconds": {}, "contention": {}, "retried": {}, "targets": [], "sweep": [], "plots": {}})
+              "warmup_seconds": {}, "contention": {}, "retried": {}, "clean": {}, "targets": [], "sweep": [], "plots": {}})
     for name, st in status.items():
         if not st["available"]:
             print(f"peer {name}: {st['error']}", file=sys.stderr)
@@ -1437,6 +1456,10 @@ def main(argv: list[str] | None = None) -> int:
         d["warmup_seconds"][name] = out.warmup
         d["contention"][name] = out.contention
         d["retried"][name] = out.retried
+        d["clean"][name] = out.clean
+        if out.contended_medians:
+            d["notes"][name].append("too few calls on a quiet machine for " + ", ".join(out.contended_medians)
+                                    + ": the median includes calls that ran under contention")
         for c, info in out.flagged.items():
             tqdm.write(f"[{name}] {c} FLAGGED: {info['reason']}", file=sys.stderr)
         report.write(args.json)
