@@ -73,24 +73,29 @@ class _Sum(_Accumulator):
 
 
 
+def _score_trace_terms(fam: Family, o: Tensor, lam: Tensor, gram: Tensor, mode: str, scale: Tensor | None) -> Tensor:
+    """Σᵢ of ``E[(uᵀKᵢu)²] − (tr ΛᵢKᵢ)²`` (or its bound) for ``Kᵢ = JᵢJᵢᵀ`` (B, C, C)."""
+    trace_i = torch.einsum("nab,nab->n", lam, gram)
+    if mode == "exact":
+        second = fam.quadratic_moment(o, gram)
+    elif mode == "spectral":
+        second = scale * (gram**2).sum((1, 2))
+    else:
+        second = scale * torch.linalg.eigvalsh(gram)[:, -1] ** 2
+    return (second - trace_i**2).sum()
+
+
 def _score_chunk(acc: _Sum, fam: Family, o: Tensor, jac: Tensor, mode: str) -> None:
     """Add Σᵢ of the per-label Î1 variance (or its bound) of one chunk of samples."""
     lam = fam.fisher_output(o)
+    scale = None  # the per-input constant of a bound; unused by the exact variance
     if mode == "spectral":
         scale = torch.linalg.eigvalsh(_fourth_moment_matrix(fam, o))[:, -1]
     elif mode == "kurtosis":
         eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand_as(lam)
         scale = fam.quadratic_moment(o, eye)  # E‖u‖⁴
     if acc.structure == "trace":
-        gram = jac @ jac.transpose(1, 2)  # Jᵢ Jᵢᵀ (B, C, C)
-        trace_i = torch.einsum("nab,nab->n", lam, gram)
-        if mode == "exact":
-            second = fam.quadratic_moment(o, gram)
-        elif mode == "spectral":
-            second = scale * (gram**2).sum((1, 2))
-        else:
-            second = scale * torch.linalg.eigvalsh(gram)[:, -1] ** 2
-        acc.value += (second - trace_i**2).sum()
+        acc.value += _score_trace_terms(fam, o, lam, jac @ jac.transpose(1, 2), mode, scale)
         return
     cols = jac.transpose(1, 2)  # (B, P, C): column j_p of each Jᵢ
     if acc.structure == "diag":
@@ -122,20 +127,13 @@ def _score_dense_chunk(acc: _Sum, fam: Family, fast: FastPath, o: Tensor, x: Ten
     lam = fam.fisher_output(o)
     eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand(o.shape[0], -1, -1)
     columns = fast.unit_columns(*fast.sensitivities(x, eye)[1:])
+    scale = None  # the per-input constant of a bound; unused by the exact variance
     if mode == "spectral":
         scale = torch.linalg.eigvalsh(_fourth_moment_matrix(fam, o))[:, -1]
     elif mode == "kurtosis":
         scale = fam.quadratic_moment(o, eye)
     if acc.structure == "trace":
-        gram = fast.output_gram(columns)
-        trace_i = torch.einsum("nab,nab->n", lam, gram)
-        if mode == "exact":
-            second = fam.quadratic_moment(o, gram)
-        elif mode == "spectral":
-            second = scale * (gram**2).sum((1, 2))
-        else:
-            second = scale * torch.linalg.eigvalsh(gram)[:, -1] ** 2
-        acc.value += (second - trace_i**2).sum()
+        acc.value += _score_trace_terms(fam, o, lam, fast.output_gram(columns), mode, scale)
         return
     per_unit = []
     for _, g in columns:
