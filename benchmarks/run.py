@@ -260,8 +260,8 @@ def torchfim_labels(model: nn.Module, data: Data, seed: int, tol: float) -> tupl
 
     1. recorded: the labels returned by ``Family.sample`` during a run with a recording
        subclass of the categorical family (valid when that run gives the score result);
-    2. replicated: ``torch.multinomial(softmax(o), 1, generator)`` per mini-batch in order,
-       the documented sampler (DESIGN.md §2, ``Categorical.sample``).
+    2. replicated: ``Categorical().sample(o, 1, generator)`` per mini-batch in order, on outputs
+       from a plain forward.
 
     Returns the labels, a note, and (when neither matches) torchfim's ``empirical`` result on
     the replicated labels to compare peers against instead of the ``score`` result.
@@ -294,8 +294,7 @@ def torchfim_labels(model: nn.Module, data: Data, seed: int, tol: float) -> tupl
     replicated, g = [], generator()
     with torch.no_grad():
         for x in data.batches:
-            probs = torch.softmax(model(x), dim=-1)
-            replicated.append(torch.multinomial(probs, 1, replacement=True, generator=g).reshape(-1))
+            replicated.append(torchfim.families.Categorical().sample(model(x), 1, g).reshape(-1))
     candidates.append(("replicated", replicated))
 
     last = None
@@ -552,8 +551,7 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
         value = pen(x, step=0)
         params = [p for p in model.parameters() if p.requires_grad]
         o = model(x)
-        labels = torch.multinomial(torch.softmax(o.detach(), -1), 1, replacement=True,
-                                   generator=torch.Generator().manual_seed(cfg.seed)).reshape(-1)
+        labels = torchfim.families.Categorical().sample(o, 1, torch.Generator().manual_seed(cfg.seed)).reshape(-1)
         grads = torch.autograd.grad(F.cross_entropy(o, labels), params)
         ref = cfg.alpha * sum((g * g).sum() for g in grads)
         return rel_error(value, ref), ("value at step 0 against α‖∇θ mean NLL(ŷ)‖² by autograd, with the "

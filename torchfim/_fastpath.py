@@ -20,7 +20,7 @@ back to the general path in :mod:`torchfim._functional`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -55,7 +55,14 @@ class _Layer:
         if isinstance(self.module, nn.Linear):
             return a.reshape(a.shape[0], -1, a.shape[-1])
         m = self.module
-        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        if m.dilation != (1, 1):
+            cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            return cols.transpose(1, 2)
+        # Strided windows of the padded input, copied once into (B, K, L): faster than F.unfold on CPU.
+        (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, m.padding
+        padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+        windows = padded.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, H', W', kh, kw)
+        cols = windows.permute(0, 1, 4, 5, 2, 3).reshape(a.shape[0], -1, windows.shape[2] * windows.shape[3])
         return cols.transpose(1, 2)
 
     def positions(self, g: Tensor) -> Tensor:
@@ -82,16 +89,24 @@ class FastPath:
         #: Only dense layers, each applied to one vector per sample: the unit-wise tricks apply.
         #: Settled by :meth:`probe` on the first batch.
         self.dense = False
+        #: Per sample: elements of all layer patches, and of all sensitivities per back-propagated vector.
+        self._patch_elements = 0
+        self._sensitivity_elements = 0
+        #: Outputs per sample (C), an upper bound on the vectors the exact Fisher back-propagates.
+        self.output_width = 0
 
     def probe(self, x: Tensor) -> bool:
         """Whether the fast path applies to inputs like ``x`` (each layer runs once per forward)."""
         try:
-            _, inputs, _ = self._forward(x[:1])
+            o, inputs, outputs = self._forward(x[:1])
         except _Unsupported:
             return False
         self.dense = all(
             isinstance(layer.module, nn.Linear) and a.dim() == 2 for layer, a in zip(self.layers, inputs)
         )
+        self._patch_elements = sum(layer.patches(a).numel() for layer, a in zip(self.layers, inputs))
+        self._sensitivity_elements = sum(z.numel() for z in outputs)
+        self.output_width = o.numel()
         return True
 
     @classmethod
@@ -184,14 +199,23 @@ class FastPath:
         return torch.cat([pieces[i] for i in range(len(self.fm.names))], dim=-1)
 
     def diag_squares(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:
-        """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, a ``P``-vector, without per-sample gradients where possible."""
+        """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, a ``P``-vector, without per-sample gradients where possible.
+
+        One position per sample: ``Σⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²) (a_i²)ᵀ`` and the bias gets ``Σⱼ g_ij²``.
+        Several positions: the per-sample gradients are built a few samples at a time.
+        """
         out = torch.zeros(self.fm.num_params, dtype=self.fm.dtype, device=self.fm.device)
         for layer, a, g in zip(self.layers, patches, sens):
+            if a.shape[1] == 1:
+                g = g[:, :, 0]
+                g2 = g[0] ** 2 if g.shape[0] == 1 else (g**2).sum(0)  # (B, out)
+                if layer.weight is not None:
+                    self._slot(out, layer.weight).view(g2.shape[1], -1).addmm_(g2.T, a[:, 0] ** 2)
+                if layer.bias is not None:
+                    self._slot(out, layer.bias).add_(g2.sum(0))
+                continue
             if layer.weight is not None:
-                if a.shape[1] == 1:
-                    sq = (g[:, :, 0] ** 2).sum(0).T @ a[:, 0] ** 2
-                else:
-                    sq = (torch.einsum("mblo,blk->mbok", g, a) ** 2).sum((0, 1))
+                sq = sum(e.square_().sum((0, 1)) for _, e in _weight_gradients(a, g))
                 self._put(out, layer.weight, sq)
             if layer.bias is not None:
                 self._put(out, layer.bias, (g.sum(2) ** 2).sum((0, 1)))
@@ -208,23 +232,32 @@ class FastPath:
                 if a.shape[1] == 1:
                     total += ((g[:, :, 0] ** 2).sum(-1) * (a[:, 0] ** 2).sum(-1)).T
                 else:
-                    total += (torch.einsum("mblo,blk->bmok", g, a) ** 2).sum((2, 3))
+                    for rows, e in _weight_gradients(a, g):
+                        total[rows] += e.square_().sum((2, 3))
             if layer.bias is not None:
                 total += (g.sum(2) ** 2).sum(-1).T
         return total
 
-    def _put(self, out: Tensor, index: int, values: Tensor) -> None:
+    def _slot(self, out: Tensor, index: int) -> Tensor:
+        """The entries of parameter ``index`` in a flat ``P``-vector (a view)."""
         start = self.fm.offsets[index]
-        out[start : start + self.fm.sizes[index]] += values.reshape(-1)
+        return out[start : start + self.fm.sizes[index]]
+
+    def _put(self, out: Tensor, index: int, values: Tensor) -> None:
+        self._slot(out, index).add_(values.reshape(-1))
 
     def sample_chunks(self, batch: int, vectors: int, structure: str) -> list[slice]:
-        """Row chunks bounding the per-sample rows (``full``/``layers``) or patches (``diag``/``trace``)."""
-        if structure in ("diag", "trace") and self.dense:
-            width = max(layer.module.weight.shape[0] + layer.module.weight.shape[1] for layer in self.layers)
-            step = max(1, CHUNK_ELEMENTS // max(1, vectors * width * len(self.layers)))
+        """Row chunks bounding the per-sample rows (``full``/``layers``) or patches and sensitivities."""
+        if structure in ("diag", "trace"):
+            per_sample = self._patch_elements + vectors * self._sensitivity_elements
         else:
-            step = max(1, CHUNK_ELEMENTS // max(1, vectors * self.fm.num_params))
+            per_sample = vectors * self.fm.num_params
+        step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
         return [slice(s, min(batch, s + step)) for s in range(0, batch, step)]
+
+    def whole_batch(self, batch: int, vectors: int) -> bool:
+        """Whether the ``diag``/``trace`` products of ``batch`` samples and ``vectors`` vectors take one chunk."""
+        return len(self.sample_chunks(batch, vectors, "diag")) == 1
 
     # ----------------------------------------------- output Hessian diagonals
     def unit_hessian_diagonals(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -302,6 +335,24 @@ class FastPath:
             bias = 1.0 if layer.bias is not None else 0.0
             total += torch.einsum("nau,n->na", d, weight + bias)
         return total
+
+
+#: Elements of per-sample weight gradients built at once: small enough to stay in cache.
+_CACHE_ELEMENTS = 2**20
+
+
+def _weight_gradients(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """Per-sample weight gradients ``Σ_l g_l a_lᵀ`` as ``(s, m, out, K)`` for a few samples ``s`` at a time.
+
+    ``a`` are patches (B, L, K) and ``g`` sensitivities (m, B, L, out); yields ``(rows, gradients)``.
+    One batched matrix product per chunk, the ``m`` vectors stacked, sized to stay in cache.
+    """
+    m, batch, positions, units = g.shape
+    stacked = g.permute(1, 0, 3, 2).reshape(batch, m * units, positions)
+    step = max(1, _CACHE_ELEMENTS // (m * units * a.shape[-1]))
+    for start in range(0, batch, step):
+        rows = slice(start, min(batch, start + step))
+        yield rows, torch.bmm(stacked[rows], a[rows]).view(-1, m, units, a.shape[-1])
 
 
 class _Unsupported(Exception):

@@ -134,7 +134,11 @@ class Family(ABC):
         """Output Fisher ``Λ(o) = E[u uᵀ] = −∇²_o log p(y|o)``, shape ``(B, C, C)``."""
 
     def fisher_output_sqrt(self, o: Tensor) -> Tensor:
-        """A factor ``S`` (B, C, C) with ``S Sᵀ = Λ(o)`` (so ``Jᵀ Λ J = (SᵀJ)ᵀ(SᵀJ)``)."""
+        """A factor ``S`` (B, C, r) with ``S Sᵀ = Λ(o)`` (so ``Jᵀ Λ J = (SᵀJ)ᵀ(SᵀJ)``), ``r ≤ C``.
+
+        Each column costs one backward pass in the exact Fisher, so families whose
+        ``Λ`` has rank below ``C`` return fewer columns.
+        """
         evals, evecs = torch.linalg.eigh(self.fisher_output(o))
         return evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
 
@@ -208,8 +212,12 @@ class Categorical(Family):
         return y.to(device=o.device, dtype=torch.long)
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        probs = _to_generator_device(torch.softmax(o.detach(), dim=-1), generator)
-        return torch.multinomial(probs, k, replacement=True, generator=generator).to(o.device)
+        # Inverse CDF: the first class whose cumulative probability exceeds u · (total ≈ 1), so a class
+        # of probability 0 is never drawn; a few times cheaper than torch.multinomial for small C.
+        cdf = _to_generator_device(torch.softmax(o.detach(), dim=-1), generator).cumsum(-1)
+        u = torch.rand(*cdf.shape[:-1], k, generator=generator, dtype=cdf.dtype, device=cdf.device)
+        y = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_max_(cdf.shape[-1] - 1)
+        return y.to(o.device)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         p = torch.softmax(self._align(y, o), dim=-1)
@@ -220,10 +228,22 @@ class Categorical(Family):
         return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
 
     def fisher_output_sqrt(self, o: Tensor) -> Tensor:
-        # S = diag(√p) − p √pᵀ satisfies S Sᵀ = diag(p) − ppᵀ because Σ p = 1.
+        # Λ = diag(s)(I − s sᵀ)diag(s) with s = √p a unit vector (Σ p = 1), so Λ has rank C − 1 and
+        # S = diag(s) Q for any orthonormal basis Q (C × (C−1)) of s⊥. Q: the Householder reflection
+        # H = I − v vᵀ/(1 + s_k), v = s + e_k, maps s to −e_k, so its columns other than k span s⊥.
+        # k = argmax p keeps 1 + s_k ≥ 1 + 1/√C away from 0. One column fewer means one backward
+        # pass fewer in the exact Fisher.
         p = torch.softmax(o, dim=-1)
-        sq = p.sqrt()
-        return torch.diag_embed(sq) - p.unsqueeze(-1) * sq.unsqueeze(-2)
+        s = p.sqrt()
+        c = o.shape[-1]
+        k = p.argmax(-1, keepdim=True)
+        v = s.scatter_add(-1, k, torch.ones_like(k, dtype=s.dtype))
+        scale = 1.0 / (1.0 + s.gather(-1, k))
+        eye = torch.eye(c, dtype=o.dtype, device=o.device)
+        h = eye - (scale.unsqueeze(-1) * v.unsqueeze(-1)) * v.unsqueeze(-2)
+        keep = torch.arange(c - 1, device=o.device) + (torch.arange(c - 1, device=o.device) >= k).long()
+        q = h.gather(-1, keep.unsqueeze(-2).expand(*h.shape[:-1], c - 1))
+        return s.unsqueeze(-1) * q
 
     def fourth_moment(self, o: Tensor) -> Tensor:
         p = torch.softmax(o, dim=-1)

@@ -193,12 +193,16 @@ def fisher(
             batches_seen.append(x)
         if n == 0:
             fast = choose_path(fm, method, x)
-        # Dense diag/trace products build nothing per sample: one recorded forward serves the whole batch.
-        rec = fast.record(x) if fast is not None and fast.dense and structure in ("diag", "trace") else None
+        rec = None
+        if fast is not None and structure in ("diag", "trace"):
+            # A batch whose diag/trace products fit one chunk: one recorded forward serves it all.
+            width = {"score": k, "empirical": 1}.get(estimator, fast.output_width)
+            if fast.whole_batch(x.shape[0], width):
+                rec = fast.record(x)
         o = rec.output.detach() if rec is not None else fm.outputs(x)
         fam.check_output(o)
         if n == 0:
-            fm.check_independent(x[:8], o[:8], fm.per_sample_outputs(x[:8]))
+            fm.check_independent(x, o)
         if estimator in ("exact", "hessian"):
             vectors, scale = fam.fisher_output_sqrt(o).transpose(-1, -2), 1.0
         elif estimator == "score":

@@ -265,7 +265,7 @@ class FisherTraceMonitor:
             x = fm.prepare_inputs(self.inputs[0])
             o = fm.outputs(x)
             self.family.check_output(o)
-            fm.check_independent(x[:8], o[:8], fm.per_sample_outputs(x[:8]))
+            fm.check_independent(x, o)
             self._path_cache = (fm, choose_path(fm, "auto", x))
             self._path_key = key
         return self._path_cache
@@ -277,8 +277,8 @@ class FisherTraceMonitor:
         norms = []
         for x in self.inputs:
             x = fm.prepare_inputs(x)
-            # Dense layers: one recorded forward per batch, the sampled scores back-propagated through it.
-            rec = fast.record(x) if fast is not None and fast.dense else None
+            # A batch that fits one chunk: one recorded forward, the sampled scores back-propagated through it.
+            rec = fast.record(x) if fast is not None and fast.whole_batch(x.shape[0], k) else None
             o = rec.output.detach() if rec is not None else fm.outputs(x)
             self.family.check_output(o)
             u = self.family.output_score(self.family.sample(o, k, generator), o)  # (B, k, C)
