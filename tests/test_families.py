@@ -82,6 +82,30 @@ def test_moments_by_enumeration(family):
         assert torch.allclose(m4[i], ref4, rtol=1e-10, atol=1e-12)
 
 
+def test_contractions_match_enumerated_moments(family):
+    """moment4, moments_along and quadratic_moment against the enumerated E[u⊗u⊗u⊗u] and Λ."""
+    fam, o = get_family(family), outputs(family)
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(o.shape[0], 3, o.shape[1], generator=gen, dtype=o.dtype)
+    w = torch.randn(o.shape[0], 3, o.shape[1], generator=gen, dtype=o.dtype)
+    k = torch.randn(o.shape[0], o.shape[1], o.shape[1], generator=gen, dtype=o.dtype)
+    k = k + k.transpose(1, 2)
+    class_first = v.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # the layout back-propagation gives
+    second, fourth = fam.moments_along(o, v)
+    second_cf, fourth_cf = fam.moments_along(o, class_first)
+    for i in range(o.shape[0]):
+        _, m2, m4 = _exact_moments(family, o[i])
+        ref2 = torch.einsum("ab,ma,mb->m", m2, v[i], v[i])
+        ref4 = torch.einsum("abcd,ma,mb,mc,md->m", m4, v[i], v[i], v[i], v[i])
+        mixed = torch.einsum("abcd,ma,mb,mc,md->m", m4, v[i], v[i], w[i], w[i])
+        for got2, got4 in ((second, fourth), (second_cf, fourth_cf)):
+            assert torch.allclose(got2[i], ref2, rtol=1e-10, atol=1e-12)
+            assert torch.allclose(got4[i], ref4, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(fam.moment4(o, v, w)[i], mixed, rtol=1e-10, atol=1e-12)
+        quad = torch.einsum("abcd,ab,cd->", m4, k[i], k[i])
+        assert torch.allclose(fam.quadratic_moment(o, k)[i], quad, rtol=1e-10, atol=1e-12)
+
+
 def test_sampling_matches_moments(family):
     """Sample means of u and uuᵀ agree with 0 and Λ within 4.5 standard errors."""
     fam, o = get_family(family), outputs(family, n=2)

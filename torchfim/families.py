@@ -154,6 +154,10 @@ class Family(ABC):
         """``E_y[(uᵀ K u)²]`` for symmetric ``K`` (B, C, C) → (B,)."""
         return torch.einsum("nabcd,nab,ncd->n", self.fourth_moment(o), k, k)
 
+    def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``E_y[(uᵀv)²] = vᵀΛv`` and ``E_y[(uᵀv)⁴]`` for output-space vectors ``v`` (B, m, C) → (B, m) each."""
+        return torch.einsum("nma,nab,nmb->nm", v, self.fisher_output(o), v), self.moment4(o, v, v)
+
     @abstractmethod
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         """``log p(y|o)`` with the labels' leading dims (``(B,)`` or ``(B, k)``)."""
@@ -257,6 +261,20 @@ class Categorical(Family):
         uv = v - (p * v).sum(-1, keepdim=True)  # uᵀv for u = e_y − p, per label y
         uw = w - (p * w).sum(-1, keepdim=True)
         return (p * uv**2 * uw**2).sum(-1)
+
+    def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # uᵀv = v_y − pᵀv for label y. One label at a time: each (B, m) slice stays in cache, which
+        # is several times faster than broadcasting over (C, B, m) (v is often a class-last view of
+        # class-first data, one back-propagated vector per class).
+        p = torch.softmax(o, dim=-1).T  # (C, B)
+        by_label = v.permute(2, 0, 1)  # (C, B, m)
+        mean = torch.einsum("cbm,cb->bm", by_label, p)
+        second, fourth = torch.zeros_like(mean), torch.zeros_like(mean)
+        for y in range(by_label.shape[0]):
+            squared = (by_label[y] - mean).square_()
+            second.addcmul_(squared, p[y].unsqueeze(-1))
+            fourth.addcmul_(squared.square_(), p[y].unsqueeze(-1))
+        return second, fourth
 
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
         p = torch.softmax(o, dim=-1)

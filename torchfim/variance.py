@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._batches import Inputs, iter_batches
-from ._fastpath import METHODS, FastPath, choose_path
+from ._fastpath import METHODS, FastPath, Recording, choose_path
 from ._functional import CHUNK_ELEMENTS, FunctionalModel
 from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, get_family
@@ -99,11 +99,8 @@ def _score_chunk(acc: _Sum, fam: Family, o: Tensor, jac: Tensor, mode: str) -> N
         return
     cols = jac.transpose(1, 2)  # (B, P, C): column j_p of each Jᵢ
     if acc.structure == "diag":
-        fisher_pp = torch.einsum("npc,ncd,npd->np", cols, lam, cols)
-        if mode == "exact":
-            second = fam.moment4(o, cols, cols)
-        else:
-            second = scale.unsqueeze(1) * (cols**2).sum(-1) ** 2
+        fisher_pp, fourth = fam.moments_along(o, cols)
+        second = fourth if mode == "exact" else scale.unsqueeze(1) * (cols**2).sum(-1) ** 2
         acc.value += (second - fisher_pp**2).sum(0)
         return
     for start, stop, name in acc.blocks():
@@ -118,15 +115,19 @@ def _score_chunk(acc: _Sum, fam: Family, o: Tensor, jac: Tensor, mode: str) -> N
         acc.add_block(start, slice(start, stop), name, (second - fisher_pq**2).sum(0))
 
 
-def _score_dense_chunk(acc: _Sum, fam: Family, fast: FastPath, o: Tensor, x: Tensor, mode: str) -> None:
+def _score_dense_chunk(
+    acc: _Sum, fam: Family, fast: FastPath, o: Tensor, x: Tensor, mode: str, rec: Recording | None = None
+) -> None:
     """:func:`_score_chunk` for dense layers, from the factors ``j_p = a_j g_u`` of each weight column.
 
     ``E[(uᵀj_p)⁴] − (j_pᵀΛj_p)² = a_j⁴ (E[(uᵀg_u)⁴] − (g_uᵀΛg_u)²)``: one term per unit, spread
-    over the layer's inputs, so no per-sample Jacobian is built.
+    over the layer's inputs, so no per-sample Jacobian is built. ``rec``: the recorded forward of
+    ``x`` when there is one.
     """
     lam = fam.fisher_output(o)
     eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand(o.shape[0], -1, -1)
-    columns = fast.unit_columns(*fast.sensitivities(x, eye)[1:])
+    products = fast.backward(rec, eye) if rec is not None else fast.sensitivities(x, eye)[1:]
+    columns = fast.unit_columns(*products)
     scale = None  # the per-input constant of a bound; unused by the exact variance
     if mode == "spectral":
         scale = torch.linalg.eigvalsh(_fourth_moment_matrix(fam, o))[:, -1]
@@ -137,8 +138,8 @@ def _score_dense_chunk(acc: _Sum, fam: Family, fast: FastPath, o: Tensor, x: Ten
         return
     per_unit = []
     for _, g in columns:
-        fisher_uu = torch.einsum("nuc,ncd,nud->nu", g, lam, g)
-        second = fam.moment4(o, g, g) if mode == "exact" else scale.unsqueeze(1) * (g**2).sum(-1) ** 2
+        fisher_uu, fourth = fam.moments_along(o, g)
+        second = fourth if mode == "exact" else scale.unsqueeze(1) * (g**2).sum(-1) ** 2
         per_unit.append(second - fisher_uu**2)
     acc.value += fast.spread_units([a for a, _ in columns], per_unit, power=4)
 
@@ -218,12 +219,18 @@ def _variance(
         x = fm.prepare_inputs(x)
         if x.shape[0] == 0:
             continue
-        o = fm.outputs(x)
+        if n == 0:
+            fast = choose_path(fm, method, x)
+        dense_score = estimator == "score" and fast is not None and fast.dense and structure in ("diag", "trace")
+        # A batch whose unit-vector products fit one chunk: one recorded forward serves it all.
+        rec = fast.record(x) if dense_score and fast.whole_batch(x.shape[0], fast.output_width) else None
+        o = rec.output.detach() if rec is not None else fm.outputs(x)
         fam.check_output(o)
         if n == 0:
             fm.check_independent(x, o)
-            fast = choose_path(fm, method, x)
-        if estimator == "score" and fast is not None and fast.dense and structure in ("diag", "trace"):
+        if rec is not None:
+            _score_dense_chunk(acc, fam, fast, o, x, mode, rec)
+        elif dense_score:
             for rows in fast.sample_chunks(x.shape[0], o.shape[1], structure):
                 _score_dense_chunk(acc, fam, fast, o[rows], x[rows], mode)
         elif estimator == "score":
