@@ -48,16 +48,33 @@ def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     return [n for n, _ in named], [p for _, p in named]
 
 
+class _FixedGradient(torch.autograd.Function):
+    """A detached value whose gradient w.r.t. each parameter is a given tensor (exact zeros when None).
+
+    It is the linear surrogate ``v + Σ_p ⟨c_p, θ_p − θ_p|now⟩`` without its arithmetic: the
+    forward copies ``v`` and the backward hands back ``c_p`` times the incoming gradient, so a step
+    that reuses a cached penalty gradient costs one multiply per parameter.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: list[Tensor] | None, *params: Tensor) -> Tensor:  # noqa: D102
+        ctx.grads = grads
+        ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, upstream: Tensor):  # noqa: D102
+        if ctx.grads is None:
+            return (None, None, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])
+        return (None, None, *[upstream * c for c in ctx.grads])
+
+
 def _zero_term(params: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """An exact 0 whose gradient w.r.t. every parameter is an exact zero tensor.
 
-    Summing an empty slice of each parameter gives 0 without multiplying by the
-    parameter values (so it stays 0 even if a parameter is Inf or NaN).
+    Neither depends on the parameter values, so both stay 0 even if a parameter is Inf or NaN.
     """
-    zero = torch.zeros((), dtype=dtype, device=device)
-    for p in params:
-        zero = zero + p.reshape(-1)[:0].sum().to(dtype)
-    return zero
+    return _FixedGradient.apply(torch.zeros((), dtype=dtype, device=device), None, *params)
 
 
 class FisherPenalty:
@@ -252,6 +269,5 @@ class FisherPenalty:
 
     @staticmethod
     def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor) -> Tensor:
-        """``Σ ⟨c, θ⟩ − (same, detached) + v``: value exactly ``v``, gradient exactly ``c``."""
-        linear = sum((torch.dot(c.reshape(-1), p.reshape(-1)) for c, p in zip(grads, params)))
-        return linear - linear.detach() + value
+        """The linear surrogate: value exactly ``v``, gradient exactly ``c``."""
+        return _FixedGradient.apply(value, grads, *params)
