@@ -59,6 +59,48 @@ def test_variance_paths_agree(model_name, structure):
             assert rel_err(fast, general) < 1e-10, (family, estimator)
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [{"_GROUP_ELEMENTS": 1, "_CACHE_ELEMENTS": 1}, {"CHUNK_ELEMENTS": 1}],
+    ids=["one-vector-groups-one-sample-gradients", "one-row-chunks"],
+)
+def test_chunked_products_agree(monkeypatch, limits):
+    """Vectors back-propagated in groups, conv gradients a sample at a time, rows a sample at a time."""
+    import torchfim._fastpath as fastpath
+
+    for name, value in limits.items():
+        monkeypatch.setattr(fastpath, name, value)
+    for make_model, make_inputs in MODELS.values():
+        model, x = make_model(5), make_inputs(6)
+        for estimator in ("exact", "score"):
+            for structure in ("diag", "trace"):
+                fast, general = both(
+                    lambda **kw: torchfim.fisher(model, x, estimator=estimator, structure=structure, n_samples=3,
+                                                 generator=torch.Generator().manual_seed(2), **kw)
+                )
+                assert rel_err(fast, general) < 1e-10, (estimator, structure)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [{"kernel_size": 3, "padding": 1}, {"kernel_size": (2, 3), "stride": (2, 1), "padding": (0, 1)},
+     {"kernel_size": 3, "dilation": 2, "padding": 2}, {"kernel_size": 2, "stride": 3}],
+)
+def test_conv_patches_reproduce_the_convolution(conv):
+    from torchfim._fastpath import _Layer
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, **conv).double()
+    a = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    patches = _Layer("conv", layer, 0, 1).patches(a)
+    ref = torch.nn.functional.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                                     stride=layer.stride).transpose(1, 2)
+    assert torch.equal(patches, ref)
+    z = layer(a)
+    rebuilt = (patches @ layer.weight.reshape(4, -1).T + layer.bias).transpose(1, 2).reshape(z.shape)
+    torch.testing.assert_close(rebuilt, z, rtol=1e-12, atol=1e-12)
+
+
 def test_bounds_use_the_fast_path_consistently():
     from torchfim.variance import _variance
 

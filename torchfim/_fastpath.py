@@ -167,20 +167,43 @@ class FastPath:
 
         The ``m`` backward passes run batched through autograd (one plain pass when ``m = 1``).
         """
+        return self._patches(rec), self._sensitivities(rec, v)
+
+    def recorded_squares(self, rec: Recording, v: Tensor) -> Tensor:
+        """:meth:`diag_squares` of all vectors ``v`` (B, m, C) through one recorded forward.
+
+        The vectors go back in groups whose sensitivities stay cache-sized: with many classes,
+        one pass over all of them runs several times slower per vector than groups do.
+        """
+        patches = self._patches(rec)
+        step = self._group_size(v.shape[0])
+        total = None
+        for start in range(0, v.shape[1], step):
+            last = start + step >= v.shape[1]
+            sens = self._sensitivities(rec, v[:, start : start + step], retain_graph=not last)
+            squares = self.diag_squares(patches, sens)
+            total = squares if total is None else total.add_(squares)
+        return total
+
+    def _patches(self, rec: Recording) -> list[Tensor]:
+        return [layer.patches(a) for layer, a in zip(self.layers, rec.layer_inputs)]
+
+    def _sensitivities(self, rec: Recording, v: Tensor, retain_graph: bool = False) -> list[Tensor]:
         if v.shape[1] == 1:
-            grads = [g.unsqueeze(0) for g in torch.autograd.grad(rec.output, rec.layer_outputs, v[:, 0])]
+            grads = torch.autograd.grad(rec.output, rec.layer_outputs, v[:, 0], retain_graph=retain_graph)
+            grads = [g.unsqueeze(0) for g in grads]
         else:
             grad_outputs = v.transpose(0, 1).contiguous()
             try:
-                grads = torch.autograd.grad(rec.output, rec.layer_outputs, grad_outputs, is_grads_batched=True)
+                grads = torch.autograd.grad(
+                    rec.output, rec.layer_outputs, grad_outputs, is_grads_batched=True, retain_graph=retain_graph
+                )
             except RuntimeError:  # an op without a batching rule: one backward per vector
                 per_vector = [
                     torch.autograd.grad(rec.output, rec.layer_outputs, g, retain_graph=True) for g in grad_outputs
                 ]
                 grads = [torch.stack(gs) for gs in zip(*per_vector)]
-        patches = [layer.patches(a) for layer, a in zip(self.layers, rec.layer_inputs)]
-        sens = [layer.positions(g) for layer, g in zip(self.layers, grads)]
-        return patches, sens
+        return [layer.positions(g) for layer, g in zip(self.layers, grads)]
 
     def sensitivities(self, x: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Outputs, layer patches and sensitivities of ``vᵀo`` (see :meth:`backward`)."""
@@ -256,8 +279,11 @@ class FastPath:
         return [slice(s, min(batch, s + step)) for s in range(0, batch, step)]
 
     def whole_batch(self, batch: int, vectors: int) -> bool:
-        """Whether the ``diag``/``trace`` products of ``batch`` samples and ``vectors`` vectors take one chunk."""
-        return len(self.sample_chunks(batch, vectors, "diag")) == 1
+        """Whether one recorded forward of ``batch`` samples fits :meth:`recorded_squares` of ``vectors`` vectors."""
+        return len(self.sample_chunks(batch, min(vectors, self._group_size(batch)), "diag")) == 1
+
+    def _group_size(self, batch: int) -> int:
+        return max(1, _GROUP_ELEMENTS // max(1, batch * self._sensitivity_elements))
 
     # ----------------------------------------------- output Hessian diagonals
     def unit_hessian_diagonals(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -338,7 +364,9 @@ class FastPath:
 
 
 #: Elements of per-sample weight gradients built at once: small enough to stay in cache.
-_CACHE_ELEMENTS = 2**20
+_CACHE_ELEMENTS = 2**19
+#: Elements of the sensitivities of one group of vectors in :meth:`FastPath.recorded_squares`.
+_GROUP_ELEMENTS = 2**22
 
 
 def _weight_gradients(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
@@ -348,11 +376,12 @@ def _weight_gradients(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
     One batched matrix product per chunk, the ``m`` vectors stacked, sized to stay in cache.
     """
     m, batch, positions, units = g.shape
-    stacked = g.permute(1, 0, 3, 2).reshape(batch, m * units, positions)
+    by_unit = g.transpose(2, 3)  # (m, B, out, L)
     step = max(1, _CACHE_ELEMENTS // (m * units * a.shape[-1]))
     for start in range(0, batch, step):
         rows = slice(start, min(batch, start + step))
-        yield rows, torch.bmm(stacked[rows], a[rows]).view(-1, m, units, a.shape[-1])
+        stacked = by_unit[:, rows].transpose(0, 1).reshape(-1, m * units, positions)
+        yield rows, torch.bmm(stacked, a[rows]).view(-1, m, units, a.shape[-1])
 
 
 class _Unsupported(Exception):

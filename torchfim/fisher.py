@@ -260,7 +260,7 @@ def _add_products(
     """
     m = vectors.shape[1]
     if rec is not None:
-        squares = fast.diag_squares(*fast.backward(rec, vectors))
+        squares = fast.recorded_squares(rec, vectors)
         acc.value.add_(squares if acc.structure == "diag" else squares.sum(), alpha=scale)
         return
     if fast is None:

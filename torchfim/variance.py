@@ -223,7 +223,8 @@ def _variance(
             fast = choose_path(fm, method, x)
         dense_score = estimator == "score" and fast is not None and fast.dense and structure in ("diag", "trace")
         # A batch whose unit-vector products fit one chunk: one recorded forward serves it all.
-        rec = fast.record(x) if dense_score and fast.whole_batch(x.shape[0], fast.output_width) else None
+        whole = dense_score and len(fast.sample_chunks(x.shape[0], fast.output_width, structure)) == 1
+        rec = fast.record(x) if whole else None
         o = rec.output.detach() if rec is not None else fm.outputs(x)
         fam.check_output(o)
         if n == 0:

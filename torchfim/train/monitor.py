@@ -278,7 +278,8 @@ class FisherTraceMonitor:
         for x in self.inputs:
             x = fm.prepare_inputs(x)
             # A batch that fits one chunk: one recorded forward, the sampled scores back-propagated through it.
-            rec = fast.record(x) if fast is not None and fast.whole_batch(x.shape[0], k) else None
+            whole = fast is not None and len(fast.sample_chunks(x.shape[0], k, "trace")) == 1
+            rec = fast.record(x) if whole else None
             o = rec.output.detach() if rec is not None else fm.outputs(x)
             self.family.check_output(o)
             u = self.family.output_score(self.family.sample(o, k, generator), o)  # (B, k, C)
