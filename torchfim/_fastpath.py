@@ -251,14 +251,16 @@ class FastPath:
         """
         total = torch.zeros(sens[0].shape[1], sens[0].shape[0], dtype=self.fm.dtype, device=self.fm.device)
         for layer, a, g in zip(self.layers, patches, sens):
+            if a.shape[1] == 1:  # weight and bias: ‖g‖² (‖a‖² + 1)
+                weight = a[:, 0].square().sum(-1) if layer.weight is not None else 0.0
+                bias = 1.0 if layer.bias is not None else 0.0
+                total += (g[:, :, 0].square().sum(-1) * (weight + bias)).T
+                continue
             if layer.weight is not None:
-                if a.shape[1] == 1:
-                    total += ((g[:, :, 0] ** 2).sum(-1) * (a[:, 0] ** 2).sum(-1)).T
-                else:
-                    for rows, e in _weight_gradients(a, g):
-                        total[rows] += e.square_().sum((2, 3))
+                for rows, e in _weight_gradients(a, g):
+                    total[rows] += e.square_().sum((2, 3))
             if layer.bias is not None:
-                total += (g.sum(2) ** 2).sum(-1).T
+                total += g.sum(2).square_().sum(-1).T
         return total
 
     def _slot(self, out: Tensor, index: int) -> Tensor:
