@@ -81,6 +81,32 @@ def test_chunked_products_agree(monkeypatch, limits):
                 assert rel_err(fast, general) < 1e-10, (estimator, structure)
 
 
+def strided_cnn(width: int, seed: int = 0) -> nn.Module:
+    """Convolutions with strides, rectangular kernels, dilation and no bias, on 2×7×6 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(0, 1)), nn.Tanh(),  # → 3×3×6
+        nn.Conv2d(3, 2, 3, dilation=2, padding=2, bias=False), nn.Tanh(),  # → 2×3×6
+        nn.Conv2d(2, 2, 2, stride=3), nn.Tanh(),  # → 2×1×2
+        nn.Flatten(), nn.Linear(4, width),
+    ).double()
+
+
+@pytest.mark.parametrize("structure", ["diag", "trace", "layers"])
+def test_strided_convolutions_agree(structure):
+    """Strides, rectangular kernels, dilation and a missing bias, with one and several labels per input."""
+    model = strided_cnn(4)
+    x = torch.randn(5, 2, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for estimator, k in (("score", 1), ("score", 2), ("exact", 1), ("hessian", 1)):
+        fast, general = both(
+            lambda **kw: torchfim.fisher(model, x, estimator=estimator, structure=structure, n_samples=k,
+                                         generator=torch.Generator().manual_seed(4), **kw)
+        )
+        assert rel_err(fast, general) < 1e-10, (estimator, k)
+    fast, general = both(torchfim.fisher_variance, model, x, estimator="score", structure=structure)
+    assert rel_err(fast, general) < 1e-10
+
+
 @pytest.mark.parametrize(
     "conv",
     [{"kernel_size": 3, "padding": 1}, {"kernel_size": (2, 3), "stride": (2, 1), "padding": (0, 1)},

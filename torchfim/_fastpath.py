@@ -71,6 +71,31 @@ class _Layer:
             return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
         return g.flatten(3).transpose(2, 3)
 
+    def dense(self, a: Tensor) -> bool:
+        """Whether the layer sees one vector per sample (input ``a`` of shape ``(B, in)``)."""
+        return isinstance(self.module, nn.Linear) and a.dim() == 2
+
+    def bias_sums(self, g: Tensor) -> Tensor:
+        """Per-sample bias gradients ``Σ_l g_l``: ``(m, B, out)``."""
+        return self.positions(g).sum(2)
+
+    def weight_gradients(self, a: Tensor, g: Tensor, patches: Tensor | None = None) -> Iterator[tuple[slice, Tensor]]:
+        """Per-sample weight gradients ``Σ_l g_l a_lᵀ`` as ``(s, m, out, K)``, a few samples ``s`` at a time.
+
+        ``a`` is the layer input, ``g`` the sensitivities ``(m, B, *z)`` and ``patches`` (optional)
+        :meth:`patches` of ``a``; yields ``(rows, gradients)``. One batched matrix product per chunk,
+        the ``m`` vectors stacked, sized to stay in cache.
+        """
+        a = self.patches(a) if patches is None else patches
+        g = self.positions(g)
+        m, batch, positions, units = g.shape
+        by_unit = g.transpose(2, 3)  # (m, B, out, L)
+        step = max(1, _CACHE_ELEMENTS // (m * units * a.shape[-1]))
+        for start in range(0, batch, step):
+            rows = slice(start, min(batch, start + step))
+            stacked = by_unit[:, rows].transpose(0, 1).reshape(-1, m * units, positions)
+            yield rows, torch.bmm(stacked, a[rows]).view(-1, m, units, a.shape[-1])
+
 
 def _supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
@@ -163,11 +188,12 @@ class FastPath:
         return Recording(*self._forward(x))
 
     def backward(self, rec: Recording, v: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Layer patches ``(B, L, K)`` and sensitivities ``(m, B, L, out)`` of ``vᵀo`` for ``v`` (B, m, C).
+        """Layer inputs and sensitivities ``(m, B, *z)`` of ``vᵀo`` for ``v`` (B, m, C).
 
-        The ``m`` backward passes run batched through autograd (one plain pass when ``m = 1``).
+        ``z`` is each layer's output; the ``m`` backward passes run batched through autograd (one
+        plain pass when ``m = 1``).
         """
-        return self._patches(rec), self._sensitivities(rec, v)
+        return rec.layer_inputs, self._sensitivities(rec, v)
 
     def recorded_squares(self, rec: Recording, v: Tensor) -> Tensor:
         """:meth:`diag_squares` of all vectors ``v`` (B, m, C) through one recorded forward.
@@ -175,18 +201,15 @@ class FastPath:
         The vectors go back in groups whose sensitivities stay cache-sized: with many classes,
         one pass over all of them runs several times slower per vector than groups do.
         """
-        patches = self._patches(rec)
         step = self._group_size(v.shape[0])
+        patches = [None if layer.dense(a) else layer.patches(a) for layer, a in zip(self.layers, rec.layer_inputs)]
         total = None
         for start in range(0, v.shape[1], step):
             last = start + step >= v.shape[1]
             sens = self._sensitivities(rec, v[:, start : start + step], retain_graph=not last)
-            squares = self.diag_squares(patches, sens)
+            squares = self.diag_squares(rec.layer_inputs, sens, patches)
             total = squares if total is None else total.add_(squares)
         return total
-
-    def _patches(self, rec: Recording) -> list[Tensor]:
-        return [layer.patches(a) for layer, a in zip(self.layers, rec.layer_inputs)]
 
     def _sensitivities(self, rec: Recording, v: Tensor, retain_graph: bool = False) -> list[Tensor]:
         if v.shape[1] == 1:
@@ -203,64 +226,66 @@ class FastPath:
                     torch.autograd.grad(rec.output, rec.layer_outputs, g, retain_graph=True) for g in grad_outputs
                 ]
                 grads = [torch.stack(gs) for gs in zip(*per_vector)]
-        return [layer.positions(g) for layer, g in zip(self.layers, grads)]
+        return list(grads)
 
     def sensitivities(self, x: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Outputs, layer patches and sensitivities of ``vᵀo`` (see :meth:`backward`)."""
+        """Outputs, layer inputs and sensitivities of ``vᵀo`` (see :meth:`backward`)."""
         rec = self.record(x)
         return (rec.output.detach(), *self.backward(rec, v))
 
     # ------------------------------------------------------ Gram accumulation
-    def per_sample_rows(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:
-        """Per-sample gradients ``Jᵢᵀ v_ij`` as rows ``(B, m, P)`` in θ order."""
+    def per_sample_rows(self, inputs: list[Tensor], sens: list[Tensor]) -> Tensor:
+        """Per-sample gradients ``Jᵢᵀ v_ij`` as rows ``(B, m, P)`` in θ order (from :meth:`backward`)."""
         pieces: dict[int, Tensor] = {}
-        for layer, a, g in zip(self.layers, patches, sens):
+        for layer, a, g in zip(self.layers, inputs, sens):
             if layer.weight is not None:
-                pieces[layer.weight] = torch.einsum("mblo,blk->bmok", g, a).flatten(2)
+                pieces[layer.weight] = torch.einsum("mblo,blk->bmok", layer.positions(g), layer.patches(a)).flatten(2)
             if layer.bias is not None:
-                pieces[layer.bias] = g.sum(2).transpose(0, 1)
+                pieces[layer.bias] = layer.bias_sums(g).transpose(0, 1)
         return torch.cat([pieces[i] for i in range(len(self.fm.names))], dim=-1)
 
-    def diag_squares(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:
+    def diag_squares(self, inputs: list[Tensor], sens: list[Tensor], patches: list | None = None) -> Tensor:
         """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, a ``P``-vector, without per-sample gradients where possible.
 
-        One position per sample: ``Σⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²) (a_i²)ᵀ`` and the bias gets ``Σⱼ g_ij²``.
-        Several positions: the per-sample gradients are built a few samples at a time.
+        One vector per sample in a dense layer: ``Σⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²)(a_i²)ᵀ`` and the bias
+        gets ``Σⱼ g_ij²``. Otherwise the per-sample gradients are built a few samples at a time.
+        ``inputs`` and ``sens`` come from :meth:`backward`; ``patches`` optionally holds each
+        convolution's :meth:`_Layer.patches` (None for dense layers).
         """
         out = torch.zeros(self.fm.num_params, dtype=self.fm.dtype, device=self.fm.device)
-        for layer, a, g in zip(self.layers, patches, sens):
-            if a.shape[1] == 1:
-                g = g[:, :, 0]
+        for i, (layer, a, g) in enumerate(zip(self.layers, inputs, sens)):
+            if layer.dense(a):
                 g2 = g[0] ** 2 if g.shape[0] == 1 else (g**2).sum(0)  # (B, out)
                 if layer.weight is not None:
-                    self._slot(out, layer.weight).view(g2.shape[1], -1).addmm_(g2.T, a[:, 0] ** 2)
+                    self._slot(out, layer.weight).view(g2.shape[1], -1).addmm_(g2.T, a**2)
                 if layer.bias is not None:
                     self._slot(out, layer.bias).add_(g2.sum(0))
                 continue
             if layer.weight is not None:
-                sq = sum(e.square_().sum((0, 1)) for _, e in _weight_gradients(a, g))
+                cached = patches[i] if patches is not None else None
+                sq = sum(e.square_().sum((0, 1)) for _, e in layer.weight_gradients(a, g, cached))
                 self._put(out, layer.weight, sq)
             if layer.bias is not None:
-                self._put(out, layer.bias, (g.sum(2) ** 2).sum((0, 1)))
+                self._put(out, layer.bias, layer.bias_sums(g).square_().sum((0, 1)))
         return out
 
-    def sample_squares(self, patches: list[Tensor], sens: list[Tensor]) -> Tensor:
-        """``‖Jᵢᵀ v_ij‖²`` per sample and vector, shape ``(B, m)``.
+    def sample_squares(self, inputs: list[Tensor], sens: list[Tensor]) -> Tensor:
+        """``‖Jᵢᵀ v_ij‖²`` per sample and vector, shape ``(B, m)`` (from :meth:`backward`).
 
-        One position per sample: ``‖g aᵀ‖² = ‖g‖²‖a‖²``, so nothing per-sample is built.
+        Dense layers: ``‖g aᵀ‖² = ‖g‖²‖a‖²``, so nothing per-sample is built.
         """
         total = torch.zeros(sens[0].shape[1], sens[0].shape[0], dtype=self.fm.dtype, device=self.fm.device)
-        for layer, a, g in zip(self.layers, patches, sens):
-            if a.shape[1] == 1:  # weight and bias: ‖g‖² (‖a‖² + 1)
-                weight = a[:, 0].square().sum(-1) if layer.weight is not None else 0.0
+        for layer, a, g in zip(self.layers, inputs, sens):
+            if layer.dense(a):  # weight and bias: ‖g‖² (‖a‖² + 1)
+                weight = a.square().sum(-1) if layer.weight is not None else 0.0
                 bias = 1.0 if layer.bias is not None else 0.0
-                total += (g[:, :, 0].square().sum(-1) * (weight + bias)).T
+                total += (g.square().sum(-1) * (weight + bias)).T
                 continue
             if layer.weight is not None:
-                for rows, e in _weight_gradients(a, g):
+                for rows, e in layer.weight_gradients(a, g):
                     total[rows] += e.square_().sum((2, 3))
             if layer.bias is not None:
-                total += g.sum(2).square_().sum(-1).T
+                total += layer.bias_sums(g).square_().sum(-1).T
         return total
 
     def _slot(self, out: Tensor, index: int) -> Tensor:
@@ -339,12 +364,12 @@ class FastPath:
                 self._put(out, layer.bias, t.sum(0))
         return out
 
-    def unit_columns(self, patches: list[Tensor], sens: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    def unit_columns(self, inputs: list[Tensor], sens: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Per dense layer: inputs ``a`` (B, K) and ``g`` (B, out, C), the Jacobian factors ``j_W[u,j] = a_j g_u``.
 
-        ``sens`` must come from :meth:`sensitivities` with the ``C`` unit vectors.
+        ``inputs`` and ``sens`` must come from :meth:`backward` with the ``C`` unit vectors.
         """
-        return [(a[:, 0], g[:, :, 0].permute(1, 2, 0)) for a, g in zip(patches, sens)]
+        return [(a, g.permute(1, 2, 0)) for a, g in zip(inputs, sens)]
 
     def output_gram(self, columns: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Per sample ``Jᵢ Jᵢᵀ`` (B, C, C) from :meth:`unit_columns`: ``Σ_l (‖a‖² + 1) Gᵀ G``."""
@@ -369,21 +394,6 @@ class FastPath:
 _CACHE_ELEMENTS = 2**19
 #: Elements of the sensitivities of one group of vectors in :meth:`FastPath.recorded_squares`.
 _GROUP_ELEMENTS = 2**22
-
-
-def _weight_gradients(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
-    """Per-sample weight gradients ``Σ_l g_l a_lᵀ`` as ``(s, m, out, K)`` for a few samples ``s`` at a time.
-
-    ``a`` are patches (B, L, K) and ``g`` sensitivities (m, B, L, out); yields ``(rows, gradients)``.
-    One batched matrix product per chunk, the ``m`` vectors stacked, sized to stay in cache.
-    """
-    m, batch, positions, units = g.shape
-    by_unit = g.transpose(2, 3)  # (m, B, out, L)
-    step = max(1, _CACHE_ELEMENTS // (m * units * a.shape[-1]))
-    for start in range(0, batch, step):
-        rows = slice(start, min(batch, start + step))
-        stacked = by_unit[:, rows].transpose(0, 1).reshape(-1, m * units, positions)
-        yield rows, torch.bmm(stacked, a[rows]).view(-1, m, units, a.shape[-1])
 
 
 class _Unsupported(Exception):

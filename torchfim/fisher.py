@@ -269,13 +269,13 @@ def _add_products(
             acc.add_gram(g.reshape(-1, fm.num_params), scale)
         return
     for rows in fast.sample_chunks(x.shape[0], m, acc.structure):
-        _, patches, sens = fast.sensitivities(x[rows], vectors[rows])
+        _, inputs, sens = fast.sensitivities(x[rows], vectors[rows])
         if acc.structure == "diag":
-            acc.value.add_(fast.diag_squares(patches, sens), alpha=scale)
+            acc.value.add_(fast.diag_squares(inputs, sens), alpha=scale)
         elif acc.structure == "trace":
-            acc.value.add_(fast.diag_squares(patches, sens).sum(), alpha=scale)
+            acc.value.add_(fast.diag_squares(inputs, sens).sum(), alpha=scale)
         else:
-            acc.add_gram(fast.per_sample_rows(patches, sens).reshape(-1, fm.num_params), scale)
+            acc.add_gram(fast.per_sample_rows(inputs, sens).reshape(-1, fm.num_params), scale)
 
 
 def _add_hessian_term(
