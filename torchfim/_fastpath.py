@@ -126,9 +126,7 @@ class FastPath:
             o, inputs, outputs = self._forward(x[:1])
         except _Unsupported:
             return False
-        self.dense = all(
-            isinstance(layer.module, nn.Linear) and a.dim() == 2 for layer, a in zip(self.layers, inputs)
-        )
+        self.dense = all(layer.dense(a) for layer, a in zip(self.layers, inputs))
         self._patch_elements = sum(layer.patches(a).numel() for layer, a in zip(self.layers, inputs))
         self._sensitivity_elements = sum(z.numel() for z in outputs)
         self.output_width = o.numel()
@@ -244,7 +242,9 @@ class FastPath:
                 pieces[layer.bias] = layer.bias_sums(g).transpose(0, 1)
         return torch.cat([pieces[i] for i in range(len(self.fm.names))], dim=-1)
 
-    def diag_squares(self, inputs: list[Tensor], sens: list[Tensor], patches: list | None = None) -> Tensor:
+    def diag_squares(
+        self, inputs: list[Tensor], sens: list[Tensor], patches: list[Tensor | None] | None = None
+    ) -> Tensor:
         """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, a ``P``-vector, without per-sample gradients where possible.
 
         One vector per sample in a dense layer: ``Σⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²)(a_i²)ᵀ`` and the bias
