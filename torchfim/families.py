@@ -216,12 +216,8 @@ class Categorical(Family):
         return y.to(device=o.device, dtype=torch.long)
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        # Inverse CDF: the first class whose cumulative probability exceeds u · (total ≈ 1), so a class
-        # of probability 0 is never drawn; a few times cheaper than torch.multinomial for small C.
-        cdf = _to_generator_device(torch.softmax(o.detach(), dim=-1), generator).cumsum(-1)
-        u = torch.rand(*cdf.shape[:-1], k, generator=generator, dtype=cdf.dtype, device=cdf.device)
-        y = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_max_(cdf.shape[-1] - 1)
-        return y.to(o.device)
+        probs = _to_generator_device(torch.softmax(o.detach(), dim=-1), generator)
+        return torch.multinomial(probs, k, replacement=True, generator=generator).to(o.device)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         p = torch.softmax(self._align(y, o), dim=-1)
