@@ -85,15 +85,20 @@ def _score_trace_terms(fam: Family, o: Tensor, lam: Tensor, gram: Tensor, mode: 
     return (second - trace_i**2).sum()
 
 
+def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
+    """The per-input constant of an Î1 bound: ``λ_max(M)`` (spectral) or ``E‖u‖⁴`` (kurtosis); None when exact."""
+    if mode == "spectral":
+        return torch.linalg.eigvalsh(_fourth_moment_matrix(fam, o))[:, -1]
+    if mode == "kurtosis":
+        eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand(o.shape[0], -1, -1)
+        return fam.quadratic_moment(o, eye)
+    return None
+
+
 def _score_chunk(acc: _Sum, fam: Family, o: Tensor, jac: Tensor, mode: str) -> None:
     """Add Σᵢ of the per-label Î1 variance (or its bound) of one chunk of samples."""
     lam = fam.fisher_output(o)
-    scale = None  # the per-input constant of a bound; unused by the exact variance
-    if mode == "spectral":
-        scale = torch.linalg.eigvalsh(_fourth_moment_matrix(fam, o))[:, -1]
-    elif mode == "kurtosis":
-        eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand_as(lam)
-        scale = fam.quadratic_moment(o, eye)  # E‖u‖⁴
+    scale = _bound_scale(fam, o, mode)
     if acc.structure == "trace":
         acc.value += _score_trace_terms(fam, o, lam, jac @ jac.transpose(1, 2), mode, scale)
         return
@@ -124,17 +129,12 @@ def _score_dense_chunk(
     over the layer's inputs, so no per-sample Jacobian is built. ``rec``: the recorded forward of
     ``x`` when there is one.
     """
-    lam = fam.fisher_output(o)
     eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand(o.shape[0], -1, -1)
     products = fast.backward(rec, eye) if rec is not None else fast.sensitivities(x, eye)[1:]
     columns = fast.unit_columns(*products)
-    scale = None  # the per-input constant of a bound; unused by the exact variance
-    if mode == "spectral":
-        scale = torch.linalg.eigvalsh(_fourth_moment_matrix(fam, o))[:, -1]
-    elif mode == "kurtosis":
-        scale = fam.quadratic_moment(o, eye)
+    scale = _bound_scale(fam, o, mode)
     if acc.structure == "trace":
-        acc.value += _score_trace_terms(fam, o, lam, fast.output_gram(columns), mode, scale)
+        acc.value += _score_trace_terms(fam, o, fam.fisher_output(o), fast.output_gram(columns), mode, scale)
         return
     per_unit = []
     for _, g in columns:
