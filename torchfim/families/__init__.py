@@ -1,0 +1,52 @@
+"""Output families: how a network output ``o`` becomes a distribution ``p(y | o)``.
+
+Every family here satisfies ``E_y[u] = 0`` and ``E_y[u uᵀ] = Λ(o) = −∇²_o log p(y|o)``
+for the output score ``u = ∇_o log p(y|o)``, with ``Λ`` independent of ``y``
+(canonical-link exponential families, and the Gaussian with fixed variance
+parametrised by its mean). That is what makes the Fisher information of a
+network equal to ``Jᵀ Λ J``; see ``DESIGN.md`` §1–2.
+
+Shapes: outputs ``o`` are ``(B, C)``. Labels carry the batch dimension first, may
+carry extra leading sample dimensions after it (``(B, k, ...)`` from
+:meth:`Family.sample`) and end with the family's own label shape: ``()`` for a
+class index, ``(1,)`` for a Bernoulli outcome, ``(C,)`` for Gaussian or Poisson
+vectors. Output scores are returned with the labels' leading dimensions and a
+trailing ``C``.
+
+Example:
+    >>> import torch
+    >>> from torchfim.families import get_family
+    >>> fam = get_family("categorical")
+    >>> o = torch.tensor([[0.0, 1.0, -1.0]], dtype=torch.float64)
+    >>> y = fam.sample(o, 4, torch.Generator().manual_seed(0))
+    >>> y.shape, fam.output_score(y, o).shape, fam.fisher_output(o).shape
+    (torch.Size([1, 4]), torch.Size([1, 4, 3]), torch.Size([1, 3, 3]))
+"""
+
+from __future__ import annotations
+
+from ..errors import TorchfimError
+from .base import Family
+from .bernoulli import Bernoulli
+from .categorical import Categorical
+from .gaussian import Gaussian
+from .poisson import Poisson
+
+__all__ = ["FAMILIES", "Bernoulli", "Categorical", "Family", "Gaussian", "Poisson", "get_family"]
+
+FAMILIES: dict[str, type[Family]] = {
+    cls.name: cls for cls in (Categorical, Bernoulli, Gaussian, Poisson)
+}
+
+
+def get_family(family: str | Family) -> Family:
+    """Return a :class:`Family` from its name (``"categorical"``, ``"bernoulli"``,
+    ``"gaussian"``, ``"poisson"``) or pass an instance through."""
+    if isinstance(family, Family):
+        return family
+    if isinstance(family, str) and family in FAMILIES:
+        return FAMILIES[family]()
+    listed = ", ".join(repr(n) for n in FAMILIES)
+    raise TorchfimError(
+        f"unknown family {family!r}; choose one of {listed} or pass a torchfim.families.Family instance"
+    )
