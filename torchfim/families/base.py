@@ -39,6 +39,26 @@ def _isserlis(lam: Tensor) -> Tensor:
     )
 
 
+def robust_eigvalsh(a: Tensor) -> Tensor:
+    """Eigenvalues (ascending) of symmetric matrices ``a`` (..., n, n), computed in float64.
+
+    Half and bfloat16 have no eigen-solver and float32 ones may fail to converge on ill-conditioned
+    matrices (confident classifiers), so the solve runs in float64 on a symmetrised copy; a matrix
+    whose solver still fails gets the Gershgorin upper bound on its spectrum in its top entry
+    (callers use the top eigenvalue as a bound constant, which an upper bound keeps valid).
+    """
+    a64 = a.to(torch.float64)
+    a64 = 0.5 * (a64 + a64.transpose(-1, -2))
+    try:
+        return torch.linalg.eigvalsh(a64)
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        radius = a64.abs().sum(-1).amax(-1)
+        n = a64.shape[-1]
+        evals = torch.zeros(a64.shape[:-1], dtype=torch.float64, device=a64.device)
+        evals[..., n - 1] = radius
+        return evals
+
+
 class Family(ABC):
     """An output distribution ``p(y | o)`` over labels given a network output ``o``.
 
@@ -133,6 +153,38 @@ class Family(ABC):
     def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``E_y[(uᵀv)²] = vᵀΛv`` and ``E_y[(uᵀv)⁴]`` for output-space vectors ``v`` (B, m, C) → (B, m) each."""
         return torch.einsum("nma,nab,nmb->nm", v, self.fisher_output(o), v), self.moment4(o, v, v)
+
+    def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
+        """``E_y[(uᵀv_p)² (uᵀv_q)²]`` for every pair of output-space vectors ``v`` (B, m, C) → (B, m, m).
+
+        The Î1 variance of ``full``/``blocks`` entries needs it; families override it to avoid the
+        ``C⁴`` moment tensor (memory linear in ``C`` per input and vector).
+        """
+        return torch.einsum("nabcd,npa,npb,nqc,nqd->npq", self.fourth_moment(o), v, v, v, v)
+
+    def third_moment(self, o: Tensor) -> Tensor:
+        """``E_y[u_a u_b u_c]``, shape ``(B, C, C, C)`` (the covariance of Î1 and Î2 needs it)."""
+        raise TorchfimError(
+            f"family {self.name!r} does not provide third moments of its output score; "
+            "implement Family.third_moment to use the combined estimator with it"
+        )
+
+    def moment3(self, o: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """``E_y[(uᵀa)(uᵀb)(uᵀc)]`` for output-space vectors ``a, b, c`` (B, m, C) → (B, m)."""
+        return torch.einsum("nxyz,nmx,nmy,nmz->nm", self.third_moment(o), a, b, c)
+
+    def fisher_output_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``λ_max(Λ(o))`` per input, shape ``(B,)``: the constant of the Î2 spectral bound."""
+        return robust_eigvalsh(self.fisher_output(o))[..., -1].to(o.dtype)
+
+    def fourth_moment_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``λ_max(M)`` per input, shape ``(B,)``, ``M = E[vec(uuᵀ) vec(uuᵀ)ᵀ]`` read as ``C²×C²``.
+
+        The constant of the spectral Î1 bound. Any upper bound on it keeps that bound valid, so
+        families may return a cheaper upper bound where the exact value is out of reach (say so).
+        """
+        c = o.shape[-1]
+        return robust_eigvalsh(self.fourth_moment(o).reshape(o.shape[0], c * c, c * c))[..., -1].to(o.dtype)
 
     @abstractmethod
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
