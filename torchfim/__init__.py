@@ -8,15 +8,16 @@ Tr(F) monitor for a training loop; :mod:`torchfim.compare` compares runs over se
 
 from . import compare, families, train
 from .errors import TorchfimError
-from .fisher import ESTIMATORS, STRUCTURES, fisher
-from .planning import EstimatorComparison, compare_estimators, samples_needed
-from .variance import (
-    fisher_variance,
+from .bounds import (
     hessian_variance_bound_spectral,
     score_variance_bound_kurtosis,
     score_variance_bound_spectral,
     variance_bound,
 )
+from .estimators import ESTIMATORS
+from .fisher import STRUCTURES, fisher
+from .planning import EstimatorComparison, compare_estimators, samples_needed
+from .variance import fisher_variance
 
 __all__ = [
     "ESTIMATORS",

@@ -6,6 +6,8 @@ Every error torchfim raises on purpose is a :class:`TorchfimError`, a subclass o
 
 from __future__ import annotations
 
+import torch
+
 
 class TorchfimError(ValueError):
     """Bad input to a torchfim function; the message names the problem and the fix."""
@@ -27,3 +29,12 @@ def check_n_samples(n_samples: object) -> int:
             "pass e.g. n_samples=1"
         )
     return n_samples
+
+
+def check_generator(generator: object) -> None:
+    """Refuse anything but a ``torch.Generator`` (or None) as the source of sampled labels."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TorchfimError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "pass torch.Generator().manual_seed(seed) for reproducible labels"
+        )

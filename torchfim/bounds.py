@@ -1,0 +1,134 @@
+"""Upper bounds on the variances of Î1 and Î2 (docs/math.md §4).
+
+Each bound replaces a moment contraction of :mod:`torchfim.variance` by a spectral norm, per input:
+
+* Î1, spectral:  ``E[(uᵀv)²(uᵀw)²] ≤ λ_max(M) ‖v‖²‖w‖²`` and ``E[(uᵀKu)²] ≤ λ_max(M) ‖K‖_F²``, with
+  ``M = E[vec(uuᵀ) vec(uuᵀ)ᵀ]`` (``C²×C²``, positive semi-definite; computed structure-aware by the
+  family, never as a ``C⁴`` tensor where the family knows better);
+* Î1, kurtosis:  ``E‖u‖⁴`` in place of ``λ_max(M)`` for entries, ``E[(uᵀKu)²] ≤ ‖K‖₂² E‖u‖⁴`` for the trace;
+* Î2, spectral:  ``hᵀΛh ≤ λ_max(Λ) ‖h‖²``.
+
+The keyword ``options`` (``backend``, ``mask``, ``output``, ``class_dim``, ``progress``) are as in
+:func:`torchfim.fisher`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._batches import Inputs
+from .errors import check_choice
+from .families import Family
+from .structures import PublicValue
+from .variance import VARIANCE_ESTIMATORS, variance_of
+
+
+def score_variance_bound_spectral(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    structure: str = "diag",
+    n_samples: int = 1,
+    **options: object,
+) -> PublicValue:
+    """Upper bound on ``Var(Î1)`` through the largest eigenvalue of the fourth moment of ``u``.
+
+    Per input, with ``M = E[vec(uuᵀ) vec(uuᵀ)ᵀ]`` (``C²×C²``, positive semi-definite):
+    ``E[(uᵀv)²(uᵀw)²] = ⟨v⊗v, M (w⊗w)⟩ ≤ λ_max(M) ‖v‖²‖w‖²`` by Cauchy–Schwarz, so
+
+    ``Var(Î1)_pq ≤ (1/(n²k)) Σᵢ (λ_max(Mᵢ) ‖j_p‖² ‖j_q‖² − I(θ|xᵢ)_pq²)``, and
+    ``Var(Tr Î1) ≤ (1/(n²k)) Σᵢ (λ_max(Mᵢ) ‖JᵢJᵢᵀ‖_F² − (tr I(θ|xᵢ))²)``.
+
+    Assumptions: the output family of docs/math.md §1 (``E[uuᵀ] = Λ``); none on the
+    network. Equality: one output per input (``C = 1``). This is the spectral
+    form of the Î1 bound of Soen & Sun (2021), stated and proved here.
+    """
+    return variance_of(model, inputs, family, "score", structure, n_samples, "spectral", **options)
+
+
+def score_variance_bound_kurtosis(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    structure: str = "diag",
+    n_samples: int = 1,
+    **options: object,
+) -> PublicValue:
+    """Upper bound on ``Var(Î1)`` through ``E‖u‖⁴`` (no eigen-decomposition needed).
+
+    ``|uᵀv| ≤ ‖u‖‖v‖`` gives ``E[(uᵀv)²(uᵀw)²] ≤ E‖u‖⁴ ‖v‖²‖w‖²`` and
+    ``E[(uᵀKu)²] ≤ ‖K‖₂² E‖u‖⁴``, so
+
+    ``Var(Î1)_pq ≤ (1/(n²k)) Σᵢ (E‖u‖⁴ ‖j_p‖²‖j_q‖² − I(θ|xᵢ)_pq²)`` and
+    ``Var(Tr Î1) ≤ (1/(n²k)) Σᵢ (E‖u‖⁴ ‖JᵢJᵢᵀ‖₂² − (tr I(θ|xᵢ))²)``.
+
+    Never tighter than :func:`score_variance_bound_spectral` for entries
+    (``λ_max(M) ≤ E‖u‖⁴``) but may be for the trace. Equality: ``C = 1``.
+    """
+    return variance_of(model, inputs, family, "score", structure, n_samples, "kurtosis", **options)
+
+
+def hessian_variance_bound_spectral(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    structure: str = "diag",
+    n_samples: int = 1,
+    **options: object,
+) -> PublicValue:
+    """Upper bound on ``Var(Î2)`` through the largest eigenvalue of ``Λ``.
+
+    ``hᵀΛh ≤ λ_max(Λ) ‖h‖²`` gives
+    ``Var(Î2)_pq ≤ (1/(n²k)) Σᵢ λ_max(Λᵢ) ‖∂²o(xᵢ)/∂θ_p∂θ_q‖²`` and
+    ``Var(Tr Î2) ≤ (1/(n²k)) Σᵢ λ_max(Λᵢ) ‖dᵢ‖²`` with ``d_a = tr ∇²_θ o_a``.
+
+    Assumptions: docs/math.md §1 families; none on the network. Equality when
+    ``Λ ∝ I`` (the fixed-σ Gaussian, any ``C = 1`` family). Like the exact
+    variance it vanishes wherever ``∇²_θ o`` does (inside ReLU layers, the last
+    linear layer). The Î2 bound of Soen & Sun (2021), stated and proved here.
+    """
+    return variance_of(model, inputs, family, "hessian", structure, n_samples, "spectral", **options)
+
+
+BOUNDS = {
+    "score": (score_variance_bound_spectral, score_variance_bound_kurtosis),
+    "hessian": (hessian_variance_bound_spectral,),
+}
+
+
+def variance_bound(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    estimator: str = "score",
+    structure: str = "diag",
+    n_samples: int = 1,
+    **options: object,
+) -> PublicValue:
+    """The tightest of this module's upper bounds on ``fisher_variance`` (entry by entry).
+
+    ``score`` takes the elementwise minimum of :func:`score_variance_bound_spectral`
+    and :func:`score_variance_bound_kurtosis`; ``hessian`` uses
+    :func:`hessian_variance_bound_spectral`. Same shape as :func:`fisher_variance`.
+
+    Example:
+        >>> import torch, torchfim
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x = torch.randn(16, 4)
+        >>> exact = torchfim.fisher_variance(model, x, structure="trace")
+        >>> bound = torchfim.variance_bound(model, x, structure="trace")
+        >>> bool(bound >= exact)
+        True
+    """
+    check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
+    if not isinstance(inputs, Tensor):
+        inputs = list(inputs)  # iterated once per bound
+    results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
+    best = results[0]
+    for other in results[1:]:
+        if isinstance(best, dict):
+            best = {name: torch.minimum(best[name], other[name]) for name in best}
+        else:
+            best = torch.minimum(best, other)
+    return best

@@ -1,0 +1,238 @@
+"""The interface every backend implements, and the products derived from its primitives.
+
+A backend turns a recorded forward of a mini-batch and output-space vectors ``v`` (B, m, C) into
+per-sample parameter products ``Jᵢᵀ v_ij`` (first order), and gives second derivatives of the
+outputs (for Î2). Primitives, each backend's own:
+
+* :meth:`Backend.record`: one forward of a batch kept for back-propagation;
+* :meth:`Backend.pieces`: chunks of samples with the per-sample products of each parameter tensor;
+* :meth:`Backend.squares`: ``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise per parameter tensor (a backend may skip the
+  per-sample products where a layer's structure allows);
+* second order: :meth:`Backend.hessian_columns`, :meth:`Backend.output_hessian_diagonals`,
+  :meth:`Backend.output_hessian_columns` over flat parameter indices.
+
+Everything the estimators need is derived here from those (no caller asks which backend it has):
+accumulation into a structure, per-sample squared norms, per-entry quartic moments of the
+Jacobian columns, per-input output Gram matrices, the Hessian term of Î2 and the per-entry
+quadratic forms of output-Hessian diagonals. Formulas: docs/math.md §2, §3 and §6.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..structures import Structure, Trace
+from .batch import Batch
+from .view import ModelView
+
+#: Elements allowed in one chunk of per-sample products (bounds peak memory).
+CHUNK_ELEMENTS = 2**24
+
+Pieces = dict[int, Tensor]  # parameter index -> per-sample products (b, m, size)
+EntryFn = Callable[[slice, Tensor], Tensor]  # (rows, (b, n, C)) -> (b, n), homogeneous in the tensor
+
+
+@dataclass
+class Recording:
+    """A batch's forward pass: flat outputs (with autograd history where the backend keeps it)."""
+
+    batch: Batch
+    output: Tensor  # (B, L·C)
+    shape: torch.Size  # the output tensor's shape before flattening
+
+    @property
+    def values(self) -> Tensor:
+        """The flat outputs without autograd history."""
+        return self.output.detach()
+
+
+class Backend(ABC):
+    """Per-sample products of one model; see the module docstring."""
+
+    name: str
+
+    def __init__(self, view: ModelView) -> None:
+        self.view = view
+        self.layout = view.layout
+
+    # ------------------------------------------------------------------ primitives
+    @abstractmethod
+    def record(self, batch: Batch) -> Recording:
+        """One forward of ``batch`` kept for back-propagating output vectors."""
+
+    @abstractmethod
+    def pieces(self, rec: Recording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:
+        """Chunks ``(rows, vecs, {index: Jᵢᵀ v_ij on parameter index})``, each ``(b, m', size)``.
+
+        ``rows`` are samples and ``vecs`` vectors of ``v`` (B, m, C); with ``whole=True`` every
+        chunk holds all ``m`` vectors (for quantities that mix the vectors of one sample).
+        """
+
+    def squares(self, rec: Recording, v: Tensor) -> Pieces:
+        """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, per parameter tensor (flat)."""
+        total: Pieces = {}
+        for _, _, piece in self.pieces(rec, v):
+            for i, g in piece.items():
+                sq = g.square().sum((0, 1))
+                total[i] = sq if i not in total else total[i].add_(sq)
+        return total
+
+    @abstractmethod
+    def hessian_columns(self, batch: Batch, w: Tensor, columns: Tensor) -> Tensor:
+        """Columns ``∇²_θ (Σᵢ wᵢᵀ o(xᵢ)) e_p`` for flat indices ``columns`` (m,): ``(m, P)``."""
+
+    @abstractmethod
+    def output_hessian_diagonals(self, batch: Batch, columns: Tensor) -> Tensor:
+        """``∂²o_a(xᵢ)/∂θ_p²`` for ``p`` in ``columns``: ``(m, B, C)``."""
+
+    @abstractmethod
+    def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
+        """``∂²o_a(xᵢ)/∂θ_p∂θ_q`` for ``p`` in ``columns``: ``(m, B, C, P)``."""
+
+    def column_chunk(self, batch: int, width: int) -> int:
+        """How many parameter directions to differentiate along at once."""
+        per_column = max(self.layout.num_params, batch * width * 64)
+        return max(1, min(256, CHUNK_ELEMENTS // per_column))
+
+    # ------------------------------------------------------------------ first order
+    def add_products(self, rec: Recording, v: Tensor, structure: Structure, scale: float = 1.0) -> None:
+        """Add ``scale · Σᵢⱼ (Jᵢᵀ v_ij)(Jᵢᵀ v_ij)ᵀ`` for ``v`` (B, m, C) in ``structure``'s kind."""
+        if structure.product == "squares":
+            for i, sq in self.squares(rec, v).items():
+                structure.add_squares(i, sq, scale)
+            return
+        for _, _, piece in self.pieces(rec, v):
+            if structure.product == "block_rows":
+                for i, g in piece.items():
+                    structure.add_block_rows(i, g.reshape(-1, g.shape[-1]), scale)
+            else:
+                structure.add_rows(self._rows(piece), scale)
+
+    def _rows(self, piece: Pieces) -> Tensor:
+        """Per-sample products of every parameter side by side: ``(b·m, P)`` (zeros where unused)."""
+        some = next(iter(piece.values()))
+        parts = []
+        for i, size in enumerate(self.layout.sizes):
+            g = piece.get(i)
+            parts.append(g if g is not None else some.new_zeros(some.shape[:2] + (size,)))
+        return torch.cat(parts, dim=-1).reshape(-1, self.layout.num_params)
+
+    def sample_squares(self, rec: Recording, v: Tensor) -> Tensor:
+        """``‖Jᵢᵀ v_ij‖²`` per sample and vector: ``(B, m)``."""
+        total = v.new_zeros(v.shape[0], v.shape[1], dtype=_wide(v.dtype))
+        for rows, vecs, piece in self.pieces(rec, v):
+            for g in piece.values():
+                total[rows, vecs] += g.square().sum(-1).to(total.dtype)
+        return total
+
+    def _eye(self, rec: Recording) -> Tensor:
+        out = rec.values
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        return eye.expand(out.shape[0], -1, -1)
+
+    def entry_quartic(self, rec: Recording, fn: EntryFn) -> Pieces:
+        """Per parameter entry ``p``: ``Σᵢ fn(j_p(xᵢ))`` for Jacobian columns ``j_p`` (C,).
+
+        ``fn(rows, cols)`` maps the columns ``(b, n, C)`` of the samples ``rows`` to ``(b, n)`` and
+        must be homogeneous of degree 4 in them (``fn(s·j) = s⁴ fn(j)``), which lets a backend
+        factor columns such as ``a_k g_u``.
+        """
+        total: Pieces = {}
+        for rows, _, piece in self.pieces(rec, self._eye(rec), whole=True):
+            for i, g in piece.items():  # g: (b, C, size) = columns side by side
+                value = fn(rows, g.transpose(1, 2)).sum(0)
+                total[i] = value if i not in total else total[i].add_(value)
+        return total
+
+    def jacobian_pieces(self, rec: Recording) -> Iterator[tuple[slice, Pieces]]:
+        """Chunks of per-sample Jacobians: ``(rows, {index: (b, C, size)})``."""
+        for rows, _, piece in self.pieces(rec, self._eye(rec), whole=True):
+            yield rows, piece
+
+    def output_gram(self, rec: Recording) -> Tensor:
+        """Per input ``Jᵢ Jᵢᵀ``: ``(B, C, C)``."""
+        out = rec.values
+        gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1])
+        for rows, piece in self.jacobian_pieces(rec):
+            for g in piece.values():
+                gram[rows] += g @ g.transpose(1, 2)
+        return gram
+
+    # ------------------------------------------------------------------ second order
+    def _column_chunks(self, batch: Batch, width: int, indices: list[int] | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Parameter index and chunks of flat column indices inside it."""
+        step = self.column_chunk(batch.size, width)
+        for i in indices if indices is not None else range(len(self.layout.names)):
+            span = self.layout.span(i)
+            for start in range(span.start, span.stop, step):
+                yield i, torch.arange(start, min(span.stop, start + step), device=self.layout.device)
+
+    def unfactored(self, batch: Batch) -> list[int]:
+        """Parameters whose output-Hessian diagonals do not factor by unit (all, in the base backend).
+
+        The factored ones are served by :meth:`unit_hessian_terms` and :meth:`unit_hessian_traces`.
+        """
+        return list(range(len(self.layout.names)))
+
+    def unit_hessian_traces(self, batch: Batch) -> Tensor | None:
+        """``Σ_p ∂²o(xᵢ)/∂θ_p²`` over the factored parameters, ``(B, C)``; None when there are none."""
+        return None
+
+    def unit_hessian_terms(self, batch: Batch, fn: EntryFn, power: int) -> Pieces:
+        """Per entry of the factorable parameters, ``Σᵢ fn(∂²o(xᵢ)/∂θ_p²)`` for ``fn`` homogeneous of
+        degree ``power // 2`` in the diagonal (none in the base backend)."""
+        return {}
+
+    def add_hessian_term(self, batch: Batch, w: Tensor, structure: Structure, scale: float) -> None:
+        """Add ``scale · ∇²_θ Σᵢ wᵢᵀ o(xᵢ)`` (``w`` (B, C) held fixed) in ``structure``'s kind."""
+        if structure.product == "squares":
+            rest = self.unfactored(batch)
+            for i, value in self.unit_hessian_terms(batch, lambda rows, d: (d * w[rows].unsqueeze(1)).sum(-1), 2).items():
+                structure.add_diagonal(i, value, scale)
+            for i, columns in self._column_chunks(batch, w.shape[1], rest):
+                diagonals = self.output_hessian_diagonals(batch, columns)  # (m, B, C)
+                values = torch.einsum("mbc,bc->m", diagonals, w)
+                local = torch.zeros(self.layout.sizes[i], dtype=values.dtype, device=values.device)
+                local[columns - self.layout.offsets[i]] = values
+                structure.add_diagonal(i, local, scale)
+            return
+        for _, columns in self._column_chunks(batch, w.shape[1]):
+            structure.add_columns(columns, self.hessian_columns(batch, w, columns), scale)
+
+    def hessian_diagonal_terms(self, batch: Batch, fn: EntryFn, width: int) -> Pieces:
+        """Per parameter entry ``p``: ``Σᵢ fn(d_p(xᵢ))`` with ``d_p = ∂²o(xᵢ)/∂θ_p²`` (C,).
+
+        ``fn(rows, d)`` maps ``(b, n, C)`` to ``(b, n)`` and is homogeneous of degree 2 in ``d``.
+        """
+        rest = self.unfactored(batch)
+        total = self.unit_hessian_terms(batch, fn, 4)
+        for i, columns in self._column_chunks(batch, width, rest):
+            diagonals = self.output_hessian_diagonals(batch, columns)  # (m, B, C)
+            values = fn(slice(None), diagonals.transpose(0, 1)).sum(0)
+            local = total.setdefault(i, torch.zeros(self.layout.sizes[i], dtype=values.dtype, device=values.device))
+            local[columns - self.layout.offsets[i]] += values
+        return total
+
+    def output_hessian_traces(self, batch: Batch, width: int) -> Tensor:
+        """Per input ``dᵢ = tr ∇²_θ o(xᵢ)`` over the trainable parameters: ``(B, C)``."""
+        total = torch.zeros(batch.size, width, dtype=_wide(self.layout.dtype), device=self.layout.device)
+        traces = self.unit_hessian_traces(batch)
+        if traces is not None:
+            total += traces
+        for _, columns in self._column_chunks(batch, width, self.unfactored(batch)):
+            total += self.output_hessian_diagonals(batch, columns).sum(0)
+        return total
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def is_trace(structure: Structure) -> bool:
+    """Whether ``structure`` keeps only the trace."""
+    return isinstance(structure, Trace)

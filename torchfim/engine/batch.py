@@ -1,0 +1,93 @@
+"""One mini-batch of model inputs: a tensor, or a dict of keyword arguments (Hugging Face style).
+
+The batch dimension is the first dimension of every tensor of the batch. A dict's target keys
+(``labels``, ``label``, ``targets``) are taken out as the batch's targets, so that the model is
+called with inputs only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._batches import Inputs, iter_batches
+from ..errors import TorchfimError
+
+#: Keys of a dict batch that hold targets, not model inputs.
+TARGET_KEYS = ("labels", "label", "targets")
+
+
+@dataclass
+class Batch:
+    """Model inputs of ``size`` samples: ``model(*args, **kwargs)``; ``targets`` may be None."""
+
+    args: tuple[Tensor, ...]
+    kwargs: dict[str, object]
+    size: int
+    targets: object = None
+
+    def call(self, module: torch.nn.Module) -> object:
+        """The module's raw output on this batch."""
+        return module(*self.args, **self.kwargs)
+
+    def rows(self, rows: slice) -> Batch:
+        """The samples ``rows`` of the batch (every tensor whose first dim is the batch is sliced)."""
+
+        def cut(t: object) -> object:
+            return t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.size else t
+
+        size = len(range(*rows.indices(self.size)))
+        targets = cut(self.targets)
+        return Batch(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, size, targets)
+
+    def get(self, key: str) -> object:
+        """A keyword input by name (for masks named by key)."""
+        if key not in self.kwargs:
+            raise TorchfimError(
+                f"mask={key!r} names a key of a dict batch, but the batch has keys {sorted(self.kwargs)}; "
+                "pass a mask tensor, a function of the batch, or the right key"
+            )
+        return self.kwargs[key]
+
+
+def _to(t: object, device: torch.device, dtype: torch.dtype) -> object:
+    if not isinstance(t, Tensor):
+        return t
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def make_batch(x: object, y: object, device: torch.device, dtype: torch.dtype) -> Batch:
+    """A :class:`Batch` from one mini-batch of user inputs, moved to the model's device and float dtype."""
+    if isinstance(x, dict):
+        kwargs = {k: _to(v, device, dtype) for k, v in x.items() if k not in TARGET_KEYS}
+        found = [v for k, v in x.items() if k in TARGET_KEYS]
+        if y is None and found:
+            y = found[0]
+        tensors = [v for v in kwargs.values() if isinstance(v, Tensor) and v.dim() > 0]
+        if not tensors:
+            raise TorchfimError("a dict mini-batch holds no tensor inputs; pass e.g. {'input_ids': ids}")
+        return Batch((), kwargs, tensors[0].shape[0], y)
+    if not isinstance(x, Tensor):
+        raise TorchfimError(
+            f"each mini-batch of inputs must be a torch.Tensor or a dict of tensors, got {type(x).__name__}; "
+            "pass a tensor, or an iterable of tensors or of (inputs, targets) pairs"
+        )
+    if x.dim() == 0:
+        raise TorchfimError("inputs must have a batch dimension first, got a 0-dim tensor")
+    return Batch((_to(x, device, dtype),), {}, x.shape[0], y)
+
+
+def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+    """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects."""
+    if isinstance(inputs, dict):
+        inputs = [inputs]
+    if isinstance(inputs, list) and inputs and all(isinstance(b, Batch) for b in inputs):
+        yield from inputs  # mini-batches an earlier pass of the engine prepared
+        return
+    for x, y in iter_batches(inputs, targets):
+        batch = make_batch(x, y, device, dtype)
+        if batch.size > 0:
+            yield batch

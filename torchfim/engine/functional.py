@@ -1,0 +1,130 @@
+"""The whole-model ``torch.func`` backend: the reference, and a choice (``backend="functional"``).
+
+Works for any module whose forward treats samples independently and that ``torch.func`` can
+batch: per-sample vector–Jacobian products ``Jᵢᵀ v`` through ``vmap(vjp)`` of the whole model as a
+function of θ, and second derivatives by forward-over-reverse (``jvp`` of ``grad``) or
+forward-over-forward (``jvp`` of ``jvp``) along unit directions of θ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.func import grad, jacrev, jvp, vjp, vmap
+
+from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
+from .batch import Batch
+
+
+def sample_dims(batch: Batch) -> tuple[tuple[int | None, ...], dict[str, int | None]]:
+    """``vmap`` in-dims of a batch's positional and keyword inputs (0 where the batch dim is first)."""
+
+    def dim(t: object) -> int | None:
+        return 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size else None
+
+    return tuple(dim(a) for a in batch.args), {k: dim(v) for k, v in batch.kwargs.items()}
+
+
+def one_sample(batch: Batch, args: tuple, kwargs: dict) -> Batch:
+    """A batch of one sample from ``vmap``-sliced inputs (the batch dim put back)."""
+    arg_dims, kw_dims = sample_dims(batch)
+    args = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(args, arg_dims))
+    kwargs = {k: (v.unsqueeze(0) if kw_dims[k] == 0 else v) for k, v in kwargs.items()}
+    return Batch(args, kwargs, 1)
+
+
+class FunctionalBackend(Backend):
+    """Per-sample products of the whole model through ``torch.func``."""
+
+    name = "functional"
+
+    def record(self, batch: Batch) -> Recording:
+        with torch.no_grad():
+            raw = self.view.to_tensor(batch.call(self.view.model))
+        return Recording(batch, self.view.flat(raw), raw.shape)
+
+    def row_chunks(self, batch: int, vectors: int) -> Iterator[slice]:
+        """Slices of a batch small enough that ``b·m·P`` stays under :data:`CHUNK_ELEMENTS`."""
+        step = max(1, CHUNK_ELEMENTS // max(1, vectors * self.layout.num_params))
+        for start in range(0, batch, step):
+            yield slice(start, min(batch, start + step))
+
+    def vector_jacobian(self, batch: Batch, v: Tensor) -> Tensor:
+        """Per-sample products ``G[i, j] = Jᵢᵀ v[i, j]`` for ``v`` (B, m, C): ``(B, m, P)``."""
+        view = self.view
+        arg_dims, kw_dims = sample_dims(batch)
+
+        def per_sample(args: tuple, kwargs: dict, v1: Tensor) -> Tensor:
+            single = one_sample(batch, args, kwargs)
+
+            def out(p: dict[str, Tensor]) -> Tensor:
+                return view.functional(p, single).squeeze(0)
+
+            _, pullback = vjp(out, view.params)
+            (g,) = vmap(pullback)(v1)
+            return view.flatten_params(g, lead=1)
+
+        return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
+
+    def pieces(self, rec: Recording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:
+        spans = [self.layout.span(i) for i in range(len(self.layout.names))]
+        for rows in self.row_chunks(rec.batch.size, v.shape[1]):
+            g = self.vector_jacobian(rec.batch.rows(rows), v[rows])
+            yield rows, slice(None), {i: g[..., span] for i, span in enumerate(spans)}
+
+    # ------------------------------------------------------------------ second order
+    def _basis(self, columns: Tensor) -> Tensor:
+        basis = torch.zeros(len(columns), self.layout.num_params, dtype=self.layout.dtype, device=self.layout.device)
+        basis[torch.arange(len(columns)), columns] = 1
+        return basis
+
+    def _theta(self) -> Tensor:
+        return self.view.flatten_params(self.view.params)
+
+    def hessian_columns(self, batch: Batch, w: Tensor, columns: Tensor) -> Tensor:
+        view = self.view
+
+        def weighted_output(flat: Tensor) -> Tensor:
+            return (w * view.functional(view.unflatten(flat), batch)).sum()
+
+        gradient = grad(weighted_output)
+        theta = self._theta()
+
+        def hvp(tangent: Tensor) -> Tensor:
+            return jvp(gradient, (theta,), (tangent,))[1]
+
+        return vmap(hvp)(self._basis(columns))
+
+    def output_hessian_diagonals(self, batch: Batch, columns: Tensor) -> Tensor:
+        view = self.view
+        theta = self._theta()
+
+        def out(flat: Tensor) -> Tensor:
+            return view.functional(view.unflatten(flat), batch)
+
+        def second(direction: Tensor) -> Tensor:
+            def first(flat: Tensor) -> Tensor:
+                return jvp(out, (flat,), (direction,))[1]
+
+            return jvp(first, (theta,), (direction,))[1]
+
+        return vmap(second)(self._basis(columns))
+
+    def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
+        view = self.view
+        theta = self._theta()
+        arg_dims, kw_dims = sample_dims(batch)
+
+        def jacobians(flat: Tensor) -> Tensor:
+            def single(args: tuple, kwargs: dict) -> Tensor:
+                one = one_sample(batch, args, kwargs)
+                return jacrev(lambda th: view.functional(view.unflatten(th), one).squeeze(0))(flat)
+
+            return vmap(single, in_dims=(arg_dims, kw_dims))(batch.args, batch.kwargs)
+
+        def column(direction: Tensor) -> Tensor:
+            return jvp(jacobians, (theta,), (direction,))[1]
+
+        return vmap(column)(self._basis(columns))

@@ -1,0 +1,86 @@
+"""The one loop over mini-batches that every public function and the monitor run.
+
+For each non-empty mini-batch: one recorded forward by the backend, the family that reads the
+flat outputs (wrapped over positions, with the mask), the output checks, and the independence
+check on the first samples; the caller then asks the backend for products of that recording.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import TorchfimError
+from ..families import Family
+from .backend import Backend, Recording
+from .batch import Batch
+from .functional import FunctionalBackend
+from .per_module import PerModuleBackend
+from .view import Mask, ModelView
+
+#: Names of the computation paths (``"layers"`` is accepted as the old name of ``"modules"``).
+BACKENDS = ("auto", "modules", "functional")
+
+
+def backend_name(backend: str, method: str | None) -> str:
+    """The backend chosen by ``backend=``, or by the deprecated ``method=`` (with a warning)."""
+    if method is not None:
+        warnings.warn("method= is deprecated; use backend= ('auto', 'modules' or 'functional')",
+                      DeprecationWarning, stacklevel=3)
+        backend = {"layers": "modules"}.get(method, method)
+    if backend == "layers":
+        backend = "modules"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise TorchfimError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+def make_backend(view: ModelView, backend: str) -> Backend:
+    """The backend named ``backend`` for ``view`` (``"auto"``: the per-module backend)."""
+    if backend == "functional":
+        return FunctionalBackend(view)
+    return PerModuleBackend(view)
+
+
+def run(
+    view: ModelView,
+    backend: Backend,
+    batches: Iterable[Batch],
+    family: Family,
+    mask: Mask = None,
+    progress: bool = False,
+    desc: str = "torchfim",
+) -> Iterator[tuple[Recording, Family]]:
+    """Recordings of every mini-batch, each with the family of its flat outputs (checked)."""
+    checked = 0
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        _check_finite_inputs(batch)
+        rec = backend.record(batch)
+        fam = view.family_for(rec.shape, batch, family, mask)
+        fam.check_output(rec.values)
+        checked = view.check_independent(batch, rec.values, checked)
+        yield rec, fam
+
+
+def _check_finite_inputs(batch: Batch) -> None:
+    for key, t in [(str(i), a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TorchfimError(
+                f"the inputs contain NaN or Inf (input {key!r}); clean or drop those samples before "
+                "computing the Fisher"
+            )
+
+
+def check_finite_result(value: torch.Tensor | dict, what: str, dtype: torch.dtype) -> None:
+    """Refuse a result with NaN/Inf entries, saying where they come from."""
+    values = value.values() if isinstance(value, dict) else [value]
+    if all(bool(torch.isfinite(v).all()) for v in values):
+        return
+    raise TorchfimError(
+        f"{what} has non-finite entries: the per-sample products overflowed in {dtype} (inputs or "
+        "activations too large for it) or the model produced non-finite derivatives; rescale the inputs, "
+        "or compute in float64 with model.double()"
+    )

@@ -1,0 +1,84 @@
+"""The interface of a per-module rule, and one recorded call of a module.
+
+A rule knows one kind of module. From a recorded call (the module's inputs) and the output
+sensitivities ``g = ∂(vᵀo)/∂z`` of the call's output ``z`` for output-space vectors ``v`` (m per
+sample), it returns the per-sample gradients ``∂(vᵢⱼᵀ oᵢ)/∂θ`` of the module's own trainable
+parameters, and, where the module's structure allows it more cheaply, their entrywise squares
+summed over samples and vectors, or their squared norms per sample (docs/math.md §6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+Grads = dict[int, Tensor]  # parameter index in θ -> per-sample gradients (b, m, size)
+
+
+@dataclass
+class Call:
+    """One call of a module in a recorded forward: its inputs (detached) and its output taps."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    taps: list[Tensor]  # the call's output tensors, with autograd history
+    size: int  # batch size of the forward
+    versions: list[int] = field(default_factory=list)  # the taps' versions when recorded
+
+
+class Rule:
+    """Per-sample products of one module's own parameters; subclasses implement :meth:`grads`.
+
+    ``params`` maps the module's parameter names (as :meth:`torch.nn.Module.named_parameters` gives
+    them below the module) to their index in θ; frozen parameters are absent.
+    """
+
+    def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
+        self.module = module
+        self.params = params
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        """Per-sample gradients of the samples ``rows`` for every vector: ``{index: (b, m, size)}``."""
+        raise NotImplementedError
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        """``Σᵢⱼ (∂(vᵢⱼᵀoᵢ)/∂θ)²`` per parameter, flat; None when not cheaper than :meth:`grads`."""
+        return None
+
+    def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
+        """``Σ_θ (∂(vᵢⱼᵀoᵢ)/∂θ)²`` over the module's parameters, ``(B, m)``; None when not cheaper."""
+        return None
+
+    def unit_input(self, call: Call) -> Tensor | None:
+        """For a dense layer seen once per sample: its input ``a`` (B, K), else None (docs/math.md §6)."""
+        return None
+
+    def size(self) -> int:
+        """Number of trainable entries the rule covers."""
+        named = dict(self.module.named_parameters())
+        return sum(named[n].numel() for n in self.params)
+
+
+def zero_grads(rule: Rule, b: int, m: int, like: Tensor) -> Grads:
+    """Zero per-sample gradients for every parameter of ``rule`` (a call the vectors do not reach)."""
+    named = dict(rule.module.named_parameters())
+    return {i: like.new_zeros(b, m, named[n].numel()) for n, i in rule.params.items()}
+
+
+def positions_view(t: Tensor, lead: int) -> Tensor:
+    """``t`` with ``lead`` leading dims kept and the dims between them and the last one merged."""
+    return t.reshape(*t.shape[:lead], -1, t.shape[-1])
+
+
+def bias_like(rule: Rule, g: Tensor, name: str, sum_dims: tuple[int, ...], out: Grads) -> None:
+    """Add the per-sample gradient of an additive parameter ``name``: ``g`` summed over ``sum_dims``."""
+    if name in rule.params:
+        out[rule.params[name]] = g.sum(sum_dims).transpose(0, 1).reshape(g.shape[1], g.shape[0], -1)
+
+
+def as_float(t: Tensor) -> Tensor:
+    """Half-precision tensors in float32 for products (the sums are accumulated wide anyway)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -1,0 +1,62 @@
+"""``nn.Embedding``: a table lookup ``z_l = W[t_l]`` at each position ``l`` of a sample.
+
+The per-sample gradient of ``W`` holds, in the row of token ``k``, the sum of the sensitivities
+``g_l`` of the positions where the sample has token ``k`` (docs/math.md §6). Only the rows a sample
+uses are non-zero, so the squares and the squared norms are built from those sums alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Call, Grads, Rule, as_float
+
+
+def embedding_supported(module: nn.Module) -> bool:
+    """Lookups whose per-sample gradient is the plain scatter (no max_norm, no frequency scaling)."""
+    return isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+
+
+class EmbeddingRule(Rule):
+    """Per-sample products of ``nn.Embedding`` (``padding_idx`` rows get no gradient, as in torch)."""
+
+    def _sums(self, call: Call, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Per (vector, sample, token) sums of sensitivities ``(U, d)``, their (vector·B + sample) and token ids."""
+        ids = call.args[0].reshape(call.size, -1)  # (B, L)
+        m, dim = g.shape[0], g.shape[-1]
+        g = as_float(g.reshape(m, call.size, -1, dim))
+        vocab = self.module.num_embeddings
+        owner = torch.arange(m * call.size, device=ids.device).reshape(m, call.size, 1)
+        keys = (owner * vocab + ids.unsqueeze(0)).reshape(-1)
+        if self.module.padding_idx is not None:
+            keep = ids.unsqueeze(0).expand(m, -1, -1).reshape(-1) != self.module.padding_idx % vocab
+            keys, g = keys[keep], g.reshape(-1, dim)[keep]
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        sums = g.new_zeros(unique.shape[0], dim).index_add_(0, inverse, g.reshape(-1, dim))
+        return sums, unique, vocab
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        if "weight" not in self.params:
+            return {}
+        sub = Call(call.module, (call.args[0][rows],), {}, [], len(range(*rows.indices(call.size))))
+        g = sens[0][:, rows]
+        sums, unique, vocab = self._sums(sub, g)
+        m, b = g.shape[0], sub.size
+        dense = sums.new_zeros(m * b * vocab, sums.shape[-1]).index_copy_(0, unique, sums)
+        return {self.params["weight"]: dense.reshape(m, b, -1).transpose(0, 1)}
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        if "weight" not in self.params:
+            return {}
+        sums, unique, vocab = self._sums(call, sens[0])
+        table = sums.new_zeros(vocab, sums.shape[-1]).index_add_(0, unique % vocab, sums.square())
+        return {self.params["weight"]: table.reshape(-1)}
+
+    def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
+        m = sens[0].shape[0]
+        if "weight" not in self.params:
+            return sens[0].new_zeros(call.size, m)
+        sums, unique, vocab = self._sums(call, sens[0])
+        norms = sums.new_zeros(m * call.size).index_add_(0, unique // vocab, sums.square().sum(-1))
+        return norms.reshape(m, call.size).T

@@ -1,0 +1,122 @@
+"""Any other module with trainable parameters: per-sample vector–Jacobian products of it alone.
+
+``torch.func`` differentiates the module's own forward on its recorded inputs, one sample at a
+time under ``vmap``, against the recorded output sensitivities. A module that ``vmap`` cannot batch
+(a recurrent layer, say) is computed one sample at a time with plain autograd, with a one-time
+warning that names it: correct first, then fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from .base import Call, Grads, Rule
+
+
+def tensors_of(out: object) -> list[Tensor]:
+    """The tensors of a module's output, in a fixed order (a tensor, or nested tuples/lists/dicts)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in tensors_of(item)]
+    if isinstance(out, dict):
+        return [t for item in out.values() for t in tensors_of(item)]
+    return []
+
+
+def batch_dim(module: nn.Module, t: object, size: int) -> int | None:
+    """Which dim of ``t`` is the batch: 1 for sequence-first modules (``batch_first=False``), else 0."""
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return None
+    if getattr(module, "batch_first", True) is False and t.dim() >= 3 and t.shape[1] == size:
+        return 1
+    return 0 if t.shape[0] == size else None
+
+
+class GenericRule(Rule):
+    """Per-sample gradients of one module's parameters through ``torch.func`` over that module alone."""
+
+    def __init__(self, module: nn.Module, params: dict[str, int], path: str) -> None:
+        super().__init__(module, params)
+        self.path = path or type(module).__name__
+        self.unbatchable = False
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        used = [i for i, s in enumerate(sens) if s is not None]
+        if not self.unbatchable:
+            try:
+                return self._vmapped(call, sens, rows, used)
+            except Exception as err:  # torch.func could not batch this module
+                self.unbatchable = True
+                warnings.warn(
+                    f"torchfim: torch.func cannot batch module {self.path!r} ({type(self.module).__name__}: "
+                    f"{str(err).splitlines()[0][:120]}); its per-sample gradients are computed one sample at a "
+                    "time, which is correct but slower",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self._looped(call, sens, rows, used)
+
+    def _primals(self) -> dict[str, Tensor]:
+        named = dict(self.module.named_parameters())
+        return {n: named[n].detach() for n in self.params}
+
+    def _vmapped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
+        module, size = self.module, call.size
+        arg_dims = tuple(batch_dim(module, a, size) for a in call.args)
+        kw_dims = {k: batch_dim(module, v, size) for k, v in call.kwargs.items()}
+        out_dims = [batch_dim(module, call.taps[i], size) for i in used]
+        args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
+        kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
+        cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
+
+        def per_sample(a1: tuple, k1: dict, s1: tuple) -> dict[str, Tensor]:
+            a1 = tuple(x.unsqueeze(d) if d is not None else x for x, d in zip(a1, arg_dims))
+            k1 = {k: (x.unsqueeze(kw_dims[k]) if kw_dims[k] is not None else x) for k, x in k1.items()}
+
+            def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+                outs = tensors_of(functional_call(module, p, a1, k1))
+                return tuple(outs[i].squeeze(d) for i, d in zip(used, out_dims))
+
+            _, pullback = vjp(forward, self._primals())
+            (g,) = vmap(pullback)(s1)
+            return g
+
+        g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used)))(args, kwargs, cotangents)
+        return {self.params[n]: t.reshape(t.shape[0], t.shape[1], -1) for n, t in g.items()}
+
+    def _looped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
+        module, size = self.module, call.size
+        arg_dims = [batch_dim(module, a, size) for a in call.args]
+        kw_dims = {k: batch_dim(module, v, size) for k, v in call.kwargs.items()}
+        out_dims = [batch_dim(module, call.taps[i], size) for i in used]
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self._primals().items()}
+        names = list(leaves)
+        per_sample = []
+        for i in range(*rows.indices(size)):
+            one = slice(i, i + 1)
+            a1 = tuple(_cut(a, d, one) for a, d in zip(call.args, arg_dims))
+            k1 = {k: _cut(v, kw_dims[k], one) for k, v in call.kwargs.items()}
+            with torch.enable_grad():
+                outs = tensors_of(functional_call(module, leaves, a1, k1))
+                outs = [outs[j] for j in used]
+                vectors = []
+                for j in range(sens[used[0]].shape[0]):
+                    cots = [_cut(sens[u][j], d, one) for u, d in zip(used, out_dims)]
+                    grads = torch.autograd.grad(outs, [leaves[n] for n in names], cots, retain_graph=True, allow_unused=True)
+                    vectors.append([torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)])
+            per_sample.append([torch.stack([v[k] for v in vectors]) for k in range(len(names))])
+        return {
+            self.params[n]: torch.stack([s[k] for s in per_sample]).reshape(len(per_sample), -1, leaves[n].numel())
+            for k, n in enumerate(names)
+        }
+
+
+def _cut(t: object, dim: int | None, rows: slice) -> object:
+    if dim is None or not isinstance(t, Tensor):
+        return t
+    return t.narrow(dim, rows.start or 0, len(range(*rows.indices(t.shape[dim]))))

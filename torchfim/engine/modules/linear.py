@@ -1,0 +1,61 @@
+"""``nn.Linear`` on inputs with any number of leading dims.
+
+``z = a Wᵀ + b`` at each position ``l`` of a sample: the per-sample gradients are
+``∂/∂W = Σ_l g_l a_lᵀ`` and ``∂/∂b = Σ_l g_l``. With one position per sample (a dense layer) the
+squares factor, ``Σᵢⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²)ᵀ (a_i²)``, and so do the squared norms,
+``‖g aᵀ‖² + ‖g‖² = ‖g‖² (‖a‖² + 1)``: nothing per-sample is built (docs/math.md §6).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Call, Grads, Rule, as_float
+
+
+class LinearRule(Rule):
+    """Per-sample products of ``nn.Linear`` (weight ``(out, in)``, optional bias)."""
+
+    def _factors(self, call: Call, g: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        a = call.args[0][rows]
+        a = a.reshape(a.shape[0], -1, a.shape[-1])  # (b, L, in)
+        g = g[:, rows]
+        return as_float(a), as_float(g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]))  # (m, b, L, out)
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        a, g = self._factors(call, sens[0], rows)
+        out: Grads = {}
+        if "weight" in self.params:
+            m, b, positions, units = g.shape
+            stacked = g.permute(1, 0, 3, 2).reshape(b, m * units, positions)  # (b, m·out, L)
+            out[self.params["weight"]] = torch.bmm(stacked, a).reshape(b, m, -1)
+        if "bias" in self.params:
+            out[self.params["bias"]] = g.sum(2).transpose(0, 1)
+        return out
+
+    def _dense(self, call: Call) -> bool:
+        return call.args[0].dim() == 2
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        if not self._dense(call):
+            return None
+        a, g = self._factors(call, sens[0])
+        g2 = g.square().sum(0)[:, 0]  # (B, out): Σⱼ g_ij²
+        out: Grads = {}
+        if "weight" in self.params:
+            out[self.params["weight"]] = (g2.T @ a[:, 0].square()).reshape(-1)
+        if "bias" in self.params:
+            out[self.params["bias"]] = g2.sum(0)
+        return out
+
+    def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
+        if not self._dense(call):
+            return None
+        a, g = self._factors(call, sens[0])
+        weight = a[:, 0].square().sum(-1) if "weight" in self.params else 0.0
+        bias = 1.0 if "bias" in self.params else 0.0
+        return (g[:, :, 0].square().sum(-1) * (weight + bias)).T
+
+    def unit_input(self, call: Call) -> Tensor | None:
+        return call.args[0] if self._dense(call) else None

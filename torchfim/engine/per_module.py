@@ -1,0 +1,265 @@
+"""The per-module backend: one recorded forward, output vectors pushed back, a rule per module.
+
+One forward per mini-batch records every module that owns trainable parameters (its inputs, and
+its outputs as taps); output-space vectors are back-propagated through it by autograd, batched,
+to the taps, which gives each call its output sensitivities; each module's rule
+(:mod:`torchfim.engine.modules`) turns them into per-sample products of its own parameters. A
+parameter used by several calls (a module called twice, weight tying) gets the sum of its calls'
+per-sample gradients before anything is squared. Parameters used where no hook sees them (inside
+another module's forward) are found on the first batch by comparing the summed per-sample
+gradients with autograd's batch gradient, and go to a generic rule over the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
+from .batch import Batch
+from .functional import FunctionalBackend
+from .modules import Call, GenericRule, LinearRule, Rule, rule_for, tensors_of
+from .second_order import UnitHessians
+from .view import ModelView
+
+#: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
+CACHE_ELEMENTS = 2**19
+#: Elements of the output sensitivities of one group of vectors.
+GROUP_ELEMENTS = 2**22
+
+
+class ModuleRecording(Recording):
+    """A recorded forward with every hooked module's calls."""
+
+    def __init__(self, batch: Batch, output: Tensor, shape: torch.Size, calls: list[tuple[Rule, Call]]) -> None:
+        super().__init__(batch, output, shape)
+        self.calls = calls
+
+
+class PerModuleBackend(Backend):
+    """Per-sample products from per-module rules; see the module docstring."""
+
+    name = "modules"
+
+    def __init__(self, view: ModelView) -> None:
+        super().__init__(view)
+        self.functional = FunctionalBackend(view)
+        self.rules = self._build_rules()
+        self.uses: dict[int, int] = {}
+        self._verified = False
+
+    # --------------------------------------------------------------- rule set-up
+    def _build_rules(self, extra_root: dict[str, int] | None = None) -> dict[nn.Module, Rule]:
+        index_of = self.view.index_of
+        taken = set((extra_root or {}).values())
+        rules: dict[nn.Module, Rule] = {}
+        for path, module in self.view.model.named_modules():
+            own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in index_of}
+            own = {n: i for n, i in own.items() if i not in taken}
+            if own:
+                rules[module] = rule_for(module, own, path)
+        if extra_root:
+            root = self.view.model
+            rules[root] = GenericRule(root, {**extra_root, **getattr(rules.get(root), "params", {})}, "the whole model")
+        return rules
+
+    @contextmanager
+    def _hooks(self, calls: list[tuple[Rule, Call]], size: int, clone: bool = False):
+        """Record every call of a ruled module; with ``clone`` the layers downstream get copies of
+        its output, so that in-place operations there leave the taps intact."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            taps = [t for t in tensors_of(output) if t.requires_grad]
+            detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+            call = Call(module, detached, kw, taps, size)
+            call.versions = [t._version for t in taps]
+            calls.append((self.rules[module], call))
+            if clone and isinstance(output, Tensor):
+                return output.clone()
+            return None
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.rules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ recording
+    def record(self, batch: Batch) -> ModuleRecording:
+        rec = self._record(batch, clone=False)
+        if any(c.versions != [t._version for t in c.taps] for _, c in rec.calls):
+            rec = self._record(batch, clone=True)  # a later in-place op changed a tap
+        self.uses = {}
+        for rule, _ in rec.calls:
+            for i in rule.params.values():
+                self.uses[i] = self.uses.get(i, 0) + 1
+        if not self._verified and bool(torch.isfinite(rec.values).all()):  # else the family check refuses
+            self._verified = True
+            if self._verify(rec):
+                return self.record(batch)
+        return rec
+
+    def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
+        calls: list[tuple[Rule, Call]] = []
+        with torch.enable_grad(), self._hooks(calls, batch.size, clone):
+            raw = self.view.to_tensor(batch.call(self.view.model))
+        return ModuleRecording(batch, self.view.flat(raw), raw.shape, calls)
+
+    def _verify(self, rec: ModuleRecording) -> bool:
+        """Move parameters whose summed per-sample gradients miss uses to a whole-model rule.
+
+        Returns True when the rules changed (the batch must be recorded again).
+        """
+        v = torch.randn(rec.output.shape, dtype=rec.output.dtype, device=rec.output.device,
+                        generator=torch.Generator(device=rec.output.device).manual_seed(0)).unsqueeze(1)
+        params = [p for p in self.view.model.parameters() if id(p) in self.view.index_of]
+        batch_grads = torch.autograd.grad(rec.output, params, v[:, 0], retain_graph=True, allow_unused=True)
+        summed: Pieces = {}
+        for _, _, piece in self.pieces(rec, v):
+            for i, g in piece.items():
+                summed[i] = g.sum((0, 1)) if i not in summed else summed[i] + g.sum((0, 1))
+        missing = {}
+        for p, g in zip(params, batch_grads):
+            i = self.view.index_of[id(p)]
+            want = torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
+            got = summed.get(i, torch.zeros_like(want)).to(want.dtype)
+            tol = 1e-4 if want.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+            if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-30))):
+                missing[self.view.layout.names[i]] = i
+        if missing:
+            self.rules = self._build_rules(extra_root=missing)
+        return bool(missing)
+
+    # --------------------------------------------------------------- sensitivities
+    def _sensitivities(self, rec: ModuleRecording, v: Tensor) -> list[list[Tensor | None]]:
+        """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)`` (None where the vectors do not reach)."""
+        taps = [t for _, call in rec.calls for t in call.taps]
+        if not taps:
+            return [[] for _ in rec.calls]
+        if v.shape[1] == 1:
+            grads = torch.autograd.grad(rec.output, taps, v[:, 0], retain_graph=True, allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        else:
+            try:
+                grads = torch.autograd.grad(rec.output, taps, v.transpose(0, 1).contiguous(),
+                                            is_grads_batched=True, retain_graph=True, allow_unused=True)
+            except RuntimeError:  # an op without a batching rule: one backward per vector
+                per_vector = [torch.autograd.grad(rec.output, taps, v[:, j], retain_graph=True, allow_unused=True)
+                              for j in range(v.shape[1])]
+                grads = [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_vector)]
+        out, k = [], 0
+        for _, call in rec.calls:
+            out.append(list(grads[k : k + len(call.taps)]))
+            k += len(call.taps)
+        return out
+
+    def _groups(self, rec: ModuleRecording, m: int, whole: bool) -> Iterator[slice]:
+        per_vector = sum(t.numel() for _, call in rec.calls for t in call.taps)
+        step = m if whole else max(1, GROUP_ELEMENTS // max(1, per_vector))
+        for start in range(0, m, step):
+            yield slice(start, min(m, start + step))
+
+    def _row_step(self, vectors: int, budget: int, indices: set[int] | None = None) -> int:
+        sizes = self.layout.sizes
+        size = sum(sizes[i] for i in indices) if indices is not None else self.layout.num_params
+        return max(1, budget // max(1, vectors * size))
+
+    # ----------------------------------------------------------------- products
+    def pieces(self, rec: ModuleRecording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:
+        for vecs in self._groups(rec, v.shape[1], whole):
+            sens = self._sensitivities(rec, v[:, vecs])
+            step = self._row_step(vecs.stop - vecs.start, CHUNK_ELEMENTS)
+            for start in range(0, rec.batch.size, step):
+                rows = slice(start, min(rec.batch.size, start + step))
+                yield rows, vecs, self._summed(rec, sens, rows, None)
+
+    def _summed(self, rec: ModuleRecording, sens: list, rows: slice, only: set[int] | None) -> Pieces:
+        """Per-sample gradients of ``rows`` summed over the calls of each parameter (``only`` these)."""
+        total: Pieces = {}
+        for (rule, call), s in zip(rec.calls, sens):
+            if only is not None and not (set(rule.params.values()) & only):
+                continue
+            if not s or all(t is None for t in s):
+                continue
+            for i, g in rule.grads(call, s, rows).items():
+                if only is None or i in only:
+                    total[i] = g if i not in total else total[i] + g
+        return total
+
+    def _single(self, rule: Rule) -> bool:
+        return all(self.uses.get(i, 0) == 1 for i in rule.params.values())
+
+    def squares(self, rec: ModuleRecording, v: Tensor) -> Pieces:
+        total: Pieces = {}
+        for vecs in self._groups(rec, v.shape[1], False):
+            sens = self._sensitivities(rec, v[:, vecs])
+            rest: set[int] = set()
+            for (rule, call), s in zip(rec.calls, sens):
+                if not s or s[0] is None:
+                    continue
+                fast = rule.squares(call, s) if self._single(rule) else None
+                if fast is None:
+                    rest.update(rule.params.values())
+                for i, sq in (fast or {}).items():
+                    total[i] = sq if i not in total else total[i].add_(sq)
+            if rest:
+                step = self._row_step(vecs.stop - vecs.start, CACHE_ELEMENTS, rest)
+                for start in range(0, rec.batch.size, step):
+                    rows = slice(start, min(rec.batch.size, start + step))
+                    for i, g in self._summed(rec, sens, rows, rest).items():
+                        sq = g.square().sum((0, 1))
+                        total[i] = sq if i not in total else total[i].add_(sq)
+        return total
+
+    def sample_squares(self, rec: ModuleRecording, v: Tensor) -> Tensor:
+        total = v.new_zeros(v.shape[0], v.shape[1], dtype=torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype)
+        for vecs in self._groups(rec, v.shape[1], False):
+            sens = self._sensitivities(rec, v[:, vecs])
+            rest: set[int] = set()
+            for (rule, call), s in zip(rec.calls, sens):
+                if not s or s[0] is None:
+                    continue
+                fast = rule.sample_squares(call, s) if self._single(rule) else None
+                if fast is None:
+                    rest.update(rule.params.values())
+                else:
+                    total[:, vecs] += fast.to(total.dtype)
+            if rest:
+                step = self._row_step(vecs.stop - vecs.start, CACHE_ELEMENTS, rest)
+                for start in range(0, rec.batch.size, step):
+                    rows = slice(start, min(rec.batch.size, start + step))
+                    for g in self._summed(rec, sens, rows, rest).values():
+                        total[rows, vecs] += g.square().sum(-1).to(total.dtype)
+        return total
+
+    # ------------------------------------------------------------------ second order
+    def _units(self, batch: Batch) -> UnitHessians:
+        return UnitHessians(self, batch)
+
+    def dense_layers(self, rec: ModuleRecording) -> list[tuple[Rule, Call]]:
+        """Calls of dense Linear layers whose parameters are used by that call only (factor by unit)."""
+        return [(r, c) for r, c in rec.calls
+                if isinstance(r, LinearRule) and self._single(r) and r.unit_input(c) is not None]
+
+    def unfactored(self, batch: Batch) -> list[int]:
+        return self._units(batch).unfactored()
+
+    def unit_hessian_terms(self, batch: Batch, fn: EntryFn, power: int) -> Pieces:
+        return self._units(batch).terms(fn, power)
+
+    def unit_hessian_traces(self, batch: Batch) -> Tensor | None:
+        return self._units(batch).traces()
+
+    def hessian_columns(self, batch: Batch, w: Tensor, columns: Tensor) -> Tensor:
+        return self.functional.hessian_columns(batch, w, columns)
+
+    def output_hessian_diagonals(self, batch: Batch, columns: Tensor) -> Tensor:
+        return self.functional.output_hessian_diagonals(batch, columns)
+
+    def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
+        return self.functional.output_hessian_columns(batch, columns)

@@ -1,0 +1,93 @@
+"""Output-Hessian diagonals of dense layers, by unit instead of by parameter (docs/math.md §6).
+
+Inside a dense layer ``z = W a + b`` seen once per sample, ``∂²o/∂W_uk² = a_k² ∂²o/∂z_u²`` and
+``∂²o/∂b_u² = ∂²o/∂z_u²``: the diagonal of every output Hessian needs ``∂²o/∂z_u²`` per unit ``u``
+only, one forward-over-forward pass per unit (all samples at once) instead of one per parameter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from .backend import CHUNK_ELEMENTS, EntryFn, Pieces
+from .batch import Batch
+
+if TYPE_CHECKING:
+    from .per_module import PerModuleBackend
+
+
+class UnitHessians:
+    """The factorable layers of one batch and, computed on first use, their unit Hessian diagonals."""
+
+    def __init__(self, backend: PerModuleBackend, batch: Batch) -> None:
+        self.backend = backend
+        self.batch = batch
+        rec = backend.record(batch)
+        self.layers = [(rule, call) for rule, call in backend.dense_layers(rec)]
+        self.inputs = [rule.unit_input(call).detach() for rule, call in self.layers]
+        self.factored = {i for rule, _ in self.layers for i in rule.params.values()}
+        self._diagonals: list[Tensor] | None = None
+
+    def unfactored(self) -> list[int]:
+        return [i for i in range(len(self.backend.layout.names)) if i not in self.factored]
+
+    def diagonals(self) -> list[Tensor]:
+        """Per layer ``∂²o_c(xᵢ)/∂z_u²``: ``(B, C, out)``."""
+        if self._diagonals is None:
+            self._diagonals = [self._layer(rule.module) for rule, _ in self.layers]
+        return self._diagonals
+
+    def _layer(self, module: torch.nn.Module) -> Tensor:
+        view, batch = self.backend.view, self.batch
+        units = module.out_features
+        dtype, device = view.dtype, view.device
+        zero = torch.zeros(batch.size, units, dtype=dtype, device=device)
+
+        def out(delta: Tensor) -> Tensor:
+            handle = module.register_forward_hook(lambda m, a, o: o + delta)
+            try:
+                return view.flat(view.to_tensor(batch.call(view.model)))
+            finally:
+                handle.remove()
+
+        def second(direction: Tensor) -> Tensor:
+            def first(delta: Tensor) -> Tensor:
+                return jvp(out, (delta,), (direction,))[1]
+
+            return jvp(first, (zero,), (direction,))[1]
+
+        step = max(1, CHUNK_ELEMENTS // max(1, batch.size * units * 16))
+        cols = []
+        for start in range(0, units, step):
+            idx = torch.arange(start, min(units, start + step), device=device)
+            directions = torch.zeros(len(idx), batch.size, units, dtype=dtype, device=device)
+            directions[torch.arange(len(idx)), :, idx] = 1
+            with torch.no_grad():
+                cols.append(vmap(second)(directions))  # (m, B, C)
+        return torch.cat(cols).permute(1, 2, 0)
+
+    def terms(self, fn: EntryFn, power: int) -> Pieces:
+        """Per entry: ``Σᵢ fn(D_iu) a_ik^power`` for weights, ``Σᵢ fn(D_iu)`` for biases."""
+        total: Pieces = {}
+        for (rule, _), a, d in zip(self.layers, self.inputs, self.diagonals()):
+            t = fn(slice(None), d.transpose(1, 2))  # (B, out)
+            if "weight" in rule.params:
+                total[rule.params["weight"]] = (t.T @ a**power).reshape(-1)
+            if "bias" in rule.params:
+                total[rule.params["bias"]] = t.sum(0)
+        return total
+
+    def traces(self) -> Tensor | None:
+        """``Σ_p ∂²o(xᵢ)/∂θ_p²`` over the factored parameters: ``(B, C)``; None without any."""
+        if not self.layers:
+            return None
+        total = 0
+        for (rule, _), a, d in zip(self.layers, self.inputs, self.diagonals()):
+            weight = a.square().sum(1) if "weight" in rule.params else torch.zeros_like(a[:, 0])
+            bias = 1.0 if "bias" in rule.params else 0.0
+            total = total + torch.einsum("ncu,n->nc", d, weight + bias)
+        return total

@@ -1,0 +1,221 @@
+"""The model as the engine sees it: a private module tree, its trainable parameters, its outputs.
+
+:class:`ModelView` makes a structural copy of the user's module tree that shares every parameter and
+buffer tensor with it (nothing is copied but the module objects). The engine registers its hooks
+and swaps parameters (``torch.func.functional_call``) on that copy only, so a training loop that runs
+the user's model in another thread never sees them. Each view reads the parameters afresh.
+
+Outputs are mapped to one flat vector per input: a tensor ``(B, C)``, or with positions
+``(B, *positions, C)`` (``class_dim=1`` for ``(B, C, *positions)`` as ``cross_entropy`` takes them),
+becomes ``(B, L·C)`` with ``L`` the number of positions; objects with ``.logits``, dicts with
+``"logits"`` and the result of an ``output=`` callable are accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import TorchfimError
+from ..families import Family
+from ..structures import Layout
+from .batch import Batch
+
+#: Serialises torchfim's computations: forward-mode AD levels are process-global in torch.
+ENGINE_LOCK = threading.RLock()
+
+OutputMap = Callable[[object], Tensor]
+Mask = Tensor | Callable[[Batch], Tensor] | str | None
+
+
+def check_mode(model: nn.Module) -> None:
+    """Refuse modules whose training-mode forward mixes samples or is random."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is a BatchNorm layer in training mode, whose "
+                "forward mixes the samples of a batch, so per-sample Fisher terms are undefined; "
+                "call model.eval() before computing the Fisher"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is a Dropout layer in training mode, which makes "
+                "the outputs random; call model.eval() before computing the Fisher"
+            )
+
+
+def _private_tree(model: nn.Module) -> nn.Module:
+    """A copy of the module objects sharing every parameter and buffer tensor with ``model``."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: compute on the eager module
+    memo: dict[int, object] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # a module that cannot be copied: compute on it directly (under ENGINE_LOCK)
+        return model
+
+
+class ModelView:
+    """A private view of ``model`` with its trainable parameters θ and its output mapping."""
+
+    def __init__(self, model: nn.Module, output: OutputMap | None = None, class_dim: int = -1) -> None:
+        if not isinstance(model, nn.Module):
+            raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if output is not None and not callable(output):
+            raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
+        if class_dim not in (-1, 1):
+            raise TorchfimError(f"class_dim must be -1 (classes last) or 1 (classes in dim 1), got {class_dim!r}")
+        check_mode(model)
+        self.user_model = model
+        self.model = _private_tree(model)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise TorchfimError(
+                "the model has no parameters with requires_grad=True, so its Fisher is empty; "
+                "enable gradients on the parameters you want (p.requires_grad_(True))"
+            )
+        first = named[0][1]
+        if not first.is_floating_point():
+            raise TorchfimError(f"the model's parameters must be floating point, got {first.dtype}")
+        self.layout = Layout([n for n, _ in named], [p.shape for _, p in named], first.dtype, first.device)
+        self.params = {n: p.detach() for n, p in named}
+        self.index_of = {id(p): i for i, (_, p) in enumerate(named)}
+        self.constants = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+        self.constants.update(dict(self.model.named_buffers()))
+        self.output_map = output
+        self.class_dim = class_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    # -------------------------------------------------------------- outputs
+    def to_tensor(self, raw: object) -> Tensor:
+        """The model's raw output as a tensor: through ``output=``, ``.logits`` or ``["logits"]``."""
+        if self.output_map is not None:
+            raw = self.output_map(raw)
+            what = "the output= function"
+        else:
+            what = "the model"
+        if isinstance(raw, Tensor):
+            out = raw
+        elif isinstance(raw, dict) and isinstance(raw.get("logits"), Tensor):
+            out = raw["logits"]
+        elif isinstance(getattr(raw, "logits", None), Tensor):
+            out = raw.logits
+        else:
+            raise TorchfimError(
+                f"{what} returned a {type(raw).__name__}, not a tensor of outputs; pass output=lambda out: "
+                "out[0] (or the field holding the logits), or wrap the model in a module that returns one tensor"
+            )
+        if not out.is_floating_point():
+            raise TorchfimError(
+                f"{what} returned a tensor of dtype {out.dtype}; the Fisher needs floating-point outputs "
+                "(logits, means or log-rates), not class indices"
+            )
+        if out.dim() < 2:
+            raise TorchfimError(
+                f"{what} returned outputs of shape {tuple(out.shape)}; expected (batch, C) or "
+                "(batch, *positions, C): give the inputs a batch dimension and keep the output's last dim"
+            )
+        return out
+
+    def flat(self, out: Tensor) -> Tensor:
+        """``(B, *positions, C)`` (or ``(B, C, *positions)`` with ``class_dim=1``) → ``(B, L·C)``."""
+        if self.class_dim == 1 and out.dim() > 2:
+            out = out.movedim(1, -1)
+        return out.reshape(out.shape[0], -1)
+
+    def family_for(self, shape: torch.Size, batch: Batch, family: Family, mask: Mask) -> Family:
+        """The family of a batch's flat outputs: ``family`` itself, or its product over positions.
+
+        ``shape`` is the output tensor's shape before flattening.
+        """
+        if self.class_dim == 1 and len(shape) > 2:
+            shape = (shape[0], *shape[2:], shape[1])
+        positions = tuple(shape[1:-1])
+        m = self._mask(batch, mask, positions)
+        if not positions and m is None:
+            return family
+        from ..families.positions import Positions
+
+        count = 1
+        for s in positions:
+            count *= s
+        return Positions(family, count, m)
+
+    def _mask(self, batch: Batch, mask: Mask, positions: tuple[int, ...]) -> Tensor | None:
+        if mask is None:
+            return None
+        if isinstance(mask, str):
+            m = batch.get(mask)
+        elif callable(mask) and not isinstance(mask, Tensor):
+            m = mask(batch.args[0] if batch.args else batch.kwargs)
+        else:
+            m = mask
+        if not isinstance(m, Tensor):
+            raise TorchfimError(f"the position mask must be a tensor of shape (batch, *positions), got {type(m).__name__}")
+        want = (batch.size, *positions)
+        if tuple(m.shape) != want:
+            raise TorchfimError(
+                f"the position mask has shape {tuple(m.shape)} but the outputs have (batch, *positions) = {want}; "
+                "pass one boolean per input and position (True = observed, False = padding)"
+            )
+        return m.to(device=self.device).bool().reshape(batch.size, -1)
+
+    # ------------------------------------------------------------- forwards
+    def functional(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        """Flat outputs ``(B, L·C)`` at parameters ``params`` (``torch.func.functional_call`` on the copy)."""
+        from torch.func import functional_call
+
+        raw = functional_call(self.model, {**self.constants, **params}, batch.args, batch.kwargs)
+        return self.flat(self.to_tensor(raw))
+
+    def outputs(self, batch: Batch) -> Tensor:
+        """Outputs as a tensor (before flattening) at the current parameters, without autograd history."""
+        with torch.no_grad():
+            return self.to_tensor(batch.call(self.model))
+
+    def check_independent(self, batch: Batch, out: Tensor, checked: int) -> int:
+        """Raise when the batched outputs ``out`` of ``batch`` mix samples; returns samples checked so far.
+
+        Up to 4 samples in all (from the first batches of size ≥ 2) are run alone and compared with
+        their batched outputs, so a cross-sample operation is caught even when the first batch has one
+        input, at a cost of at most 4 single-sample forwards per call.
+        """
+        if checked >= 4 or batch.size < 2:
+            return checked
+        take = min(batch.size, 4 - checked)
+        with torch.no_grad():
+            alone = torch.cat([self.flat(self.to_tensor(batch.rows(slice(i, i + 1)).call(self.model))) for i in range(take)])
+        ref = out[:take]
+        scale = ref.abs().amax().clamp_min(1.0).float()
+        tol = 1e3 * torch.finfo(ref.dtype).eps * scale
+        if (ref.float() - alone.reshape(ref.shape).float()).abs().amax() > tol:
+            raise TorchfimError(
+                "the model's output for a sample depends on the other samples in its batch "
+                "(e.g. BatchNorm in training mode, or an operation across the batch dimension), so per-sample "
+                "Fisher terms are undefined; call model.eval() or remove the cross-sample operation"
+            )
+        return checked + take
+
+    # ------------------------------------------------------------ θ helpers
+    def flatten_params(self, tensors: dict[str, Tensor] | list[Tensor], lead: int = 0) -> Tensor:
+        """Concatenate per-parameter tensors with ``lead`` leading dims into ``(*lead, P)``."""
+        values = tensors.values() if isinstance(tensors, dict) else tensors
+        return torch.cat([t.reshape(t.shape[:lead] + (-1,)) for t in values], dim=-1)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat ``(P,)`` vector into a parameter dict."""
+        pieces = torch.split(flat, self.layout.sizes)
+        return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}

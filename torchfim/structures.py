@@ -1,0 +1,421 @@
+"""Structures of a Fisher-shaped result: Full, Diag, Trace and Blocks.
+
+A structure owns the running sum of one view of a ``P×P`` symmetric matrix ``A`` (a Fisher
+matrix, an estimator, or the entrywise variances of one) over mini-batches, its allocation and
+memory check, and one algebra that every structure answers the same way:
+
+* ``diag()``: the diagonal of ``A`` as a ``P``-vector (``Trace`` cannot: it keeps one number);
+* ``trace()``: ``tr A``;
+* ``to_dense()``: ``A`` as a ``P×P`` tensor, zero outside what the structure keeps (refused with
+  the size when it would not fit in memory);
+* ``mv(v)``: ``A v`` for a ``P``-vector (``Blocks``: block-diagonal product);
+* ``block(name)``: the diagonal block of one parameter tensor.
+
+The engine adds per-sample products with ``add_rows`` (rows ``r`` of ``Σ r rᵀ``, all parameters),
+``add_block_rows`` (rows of one parameter tensor), ``add_squares`` (entrywise squares of one
+parameter tensor), ``add_diagonal`` (values on the diagonal of one parameter tensor) and
+``add_columns`` (dense columns, for second derivatives). :attr:`Structure.product` tells the engine
+which of the first three it needs; ``finish(n)`` divides by ``n`` and returns the public value (a
+tensor, or for ``Blocks`` a dict of parameter name to block).
+
+Example:
+    >>> import torch
+    >>> from torchfim.structures import Layout, make_structure
+    >>> layout = Layout(["w", "b"], [torch.Size([2]), torch.Size([1])], torch.float64, torch.device("cpu"))
+    >>> s = make_structure("blocks", layout)
+    >>> s.add_rows(torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+    >>> s.finish(1)["w"]
+    tensor([[1., 2.],
+            [2., 4.]], dtype=torch.float64)
+    >>> float(s.trace()), s.diag().tolist()
+    (14.0, [1.0, 4.0, 9.0])
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._memory import fits_in_memory
+from .errors import TorchfimError
+
+#: Structure names accepted by the public functions (``"layers"`` is the old name of ``"blocks"``).
+STRUCTURE_NAMES = ("full", "diag", "trace", "blocks", "layers")
+
+PublicValue = Tensor | dict[str, Tensor]
+
+
+@dataclass
+class Layout:
+    """Where each trainable parameter tensor sits in the flat parameter vector θ."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    dtype: torch.dtype
+    device: torch.device
+    sizes: list[int] = field(init=False)
+    offsets: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    @property
+    def num_params(self) -> int:
+        """``P``, the length of θ."""
+        return sum(self.sizes)
+
+    def span(self, index: int) -> slice:
+        """The slice of θ that parameter ``index`` occupies."""
+        return slice(self.offsets[index], self.offsets[index] + self.sizes[index])
+
+    def index(self, name: str) -> int:
+        """The position of parameter ``name``; a clear error for unknown names."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise TorchfimError(f"no trainable parameter named {name!r}; known: {', '.join(self.names)}") from None
+
+    def zeros(self, *shape: int) -> Tensor:
+        """A zero tensor in the accumulation dtype (float32 or wider) on the parameters' device."""
+        return torch.zeros(shape, dtype=accumulation_dtype(self.dtype), device=self.device)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision models (sums over many inputs overflow or lose digits), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Structure(ABC):
+    """Running sum of one view of a symmetric ``P×P`` matrix; see the module docstring."""
+
+    name: str
+    #: What the engine supplies per mini-batch: ``"squares"``, ``"block_rows"`` or ``"rows"``.
+    product: str
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.finished = False
+
+    # ---------------------------------------------------------------- accumulation
+    @abstractmethod
+    def add_squares(self, index: int, squares: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale ·`` the entrywise sums of squares of parameter ``index``'s per-sample products."""
+
+    def add_block_rows(self, index: int, rows: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · Σ r rᵀ`` over rows ``r`` (R, size) of parameter ``index``."""
+        self.add_squares(index, (rows * rows).sum(0), scale)
+
+    def add_rows(self, rows: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · Σ r rᵀ`` over rows ``r`` (R, P) covering every parameter."""
+        for i in range(len(self.layout.names)):
+            self.add_block_rows(i, rows[:, self.layout.span(i)], scale)
+
+    @abstractmethod
+    def add_diagonal(self, index: int, values: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · values`` to the diagonal entries of parameter ``index``."""
+
+    def add_columns(self, columns: Tensor, values: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale ·`` dense columns ``values`` (m, P) at flat indices ``columns`` (m,).
+
+        Only the entries the structure keeps are added; ``Diag`` and ``Trace`` take the diagonal.
+        """
+        diagonal = values[torch.arange(len(columns), device=values.device), columns]
+        for i in range(len(self.layout.names)):
+            span = self.layout.span(i)
+            inside = (columns >= span.start) & (columns < span.stop)
+            if bool(inside.any()):
+                local = torch.zeros(self.layout.sizes[i], dtype=values.dtype, device=values.device)
+                local[columns[inside] - span.start] = diagonal[inside]
+                self.add_diagonal(i, local, scale)
+
+    def add_matrix(self, index: int | None, rows: Tensor | slice, values: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · values`` (r, size) to the rows ``rows`` (local) of parameter ``index``'s block.
+
+        ``index=None`` addresses the whole matrix (``Full`` only). ``Diag`` and ``Trace`` take the
+        diagonal of the square sub-block.
+        """
+        span = self.layout.span(index)
+        local = torch.arange(span.stop - span.start, device=values.device)[rows]
+        self.add_diagonal_entries(index, local, values[torch.arange(len(local), device=values.device), local], scale)
+
+    def add_diagonal_entries(self, index: int, local: Tensor, values: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · values`` at the local diagonal positions ``local`` of parameter ``index``."""
+        full = torch.zeros(self.layout.sizes[index], dtype=values.dtype, device=values.device)
+        full[local] = values
+        self.add_diagonal(index, full, scale)
+
+    # ------------------------------------------------------------------ result
+    def finish(self, n: float) -> PublicValue:
+        """Divide the running sum by ``n`` and return the public value (in the layout's dtype)."""
+        self._map_inplace(lambda t: t.div_(n))
+        self.finished = True
+        return self.public()
+
+    @abstractmethod
+    def public(self) -> PublicValue:
+        """The value as the public functions return it, in the model's dtype."""
+
+    @abstractmethod
+    def _map_inplace(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply ``fn`` to every stored tensor in place."""
+
+    # ----------------------------------------------------------------- algebra
+    @abstractmethod
+    def diag(self) -> Tensor:
+        """The diagonal of the matrix, a ``P``-vector."""
+
+    @abstractmethod
+    def trace(self) -> Tensor:
+        """The trace, a 0-dim tensor."""
+
+    @abstractmethod
+    def mv(self, v: Tensor) -> Tensor:
+        """The product with a ``P``-vector ``v``."""
+
+    @abstractmethod
+    def block(self, name: str) -> Tensor:
+        """The diagonal block of parameter ``name`` (dense, or its diagonal for ``Diag``)."""
+
+    def to_dense(self) -> Tensor:
+        """The ``P×P`` matrix (zero outside what is kept); refused when it would not fit in memory."""
+        check_fits(self.layout.num_params**2, f"a {self.layout.num_params}×{self.layout.num_params} matrix",
+                   self.name, self.layout)
+        return self._dense()
+
+    @abstractmethod
+    def _dense(self) -> Tensor: ...
+
+    def _check_vector(self, v: Tensor) -> Tensor:
+        if v.shape != (self.layout.num_params,):
+            raise TorchfimError(f"mv takes a vector of shape ({self.layout.num_params},), got {tuple(v.shape)}")
+        return v.to(self._stored_dtype())
+
+    def _stored_dtype(self) -> torch.dtype:
+        return accumulation_dtype(self.layout.dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(P={self.layout.num_params})"
+
+
+def check_fits(entries: int, what: str, name: str, layout: Layout) -> None:
+    """Refuse a dense allocation of ``entries`` that would not fit, naming the size and the fix."""
+    ok, needed, free = fits_in_memory(entries, accumulation_dtype(layout.dtype), layout.device)
+    if not ok:
+        raise TorchfimError(
+            f"structure={name!r} needs {what} (about {needed:.1f} GiB with working memory) but only "
+            f"{free:.1f} GiB is available on {layout.device}; use structure='diag' or 'trace', or freeze "
+            "parameters you do not need with p.requires_grad_(False)"
+        )
+
+
+class Diag(Structure):
+    """The diagonal of the matrix, a ``P``-vector."""
+
+    name, product = "diag", "squares"
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        self.value = layout.zeros(layout.num_params)
+
+    def add_squares(self, index: int, squares: Tensor, scale: float = 1.0) -> None:
+        self.value[self.layout.span(index)].add_(squares.reshape(-1).to(self.value.dtype), alpha=scale)
+
+    add_diagonal = add_squares
+
+    def public(self) -> Tensor:
+        return self.value.to(self.layout.dtype)
+
+    def _map_inplace(self, fn: Callable[[Tensor], Tensor]) -> None:
+        fn(self.value)
+
+    def diag(self) -> Tensor:
+        return self.value
+
+    def trace(self) -> Tensor:
+        return self.value.sum()
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self.value * self._check_vector(v)
+
+    def block(self, name: str) -> Tensor:
+        return self.value[self.layout.span(self.layout.index(name))]
+
+    def _dense(self) -> Tensor:
+        return torch.diag(self.value)
+
+
+class Trace(Structure):
+    """Only the trace, a 0-dim tensor."""
+
+    name, product = "trace", "squares"
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        self.value = layout.zeros()
+
+    def add_squares(self, index: int, squares: Tensor, scale: float = 1.0) -> None:
+        self.value.add_(squares.sum().to(self.value.dtype), alpha=scale)
+
+    add_diagonal = add_squares
+
+    def add_total(self, value: Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · value`` to the trace (a quantity not split by parameter)."""
+        self.value.add_(value.to(self.value.dtype), alpha=scale)
+
+    def public(self) -> Tensor:
+        return self.value.to(self.layout.dtype)
+
+    def _map_inplace(self, fn: Callable[[Tensor], Tensor]) -> None:
+        fn(self.value)
+
+    def _refuse(self, what: str) -> TorchfimError:
+        return TorchfimError(f"a Trace structure keeps only Tr; {what} needs structure='diag', 'blocks' or 'full'")
+
+    def diag(self) -> Tensor:
+        raise self._refuse("diag()")
+
+    def trace(self) -> Tensor:
+        return self.value
+
+    def mv(self, v: Tensor) -> Tensor:
+        raise self._refuse("mv()")
+
+    def block(self, name: str) -> Tensor:
+        raise self._refuse("block()")
+
+    def _dense(self) -> Tensor:
+        raise self._refuse("to_dense()")
+
+
+class Blocks(Structure):
+    """One dense block per parameter tensor (the block diagonal of the matrix)."""
+
+    name, product = "blocks", "block_rows"
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        check_fits(sum(s * s for s in layout.sizes), "one dense block per parameter tensor", "blocks", layout)
+        self.value = {n: layout.zeros(s, s) for n, s in zip(layout.names, layout.sizes)}
+
+    def add_squares(self, index: int, squares: Tensor, scale: float = 1.0) -> None:
+        raise TorchfimError("internal: Blocks needs rows, not squares")  # the engine reads .product
+
+    def add_block_rows(self, index: int, rows: Tensor, scale: float = 1.0) -> None:
+        block = self.value[self.layout.names[index]]
+        rows = rows.to(block.dtype)
+        block.addmm_(rows.T, rows, alpha=scale)
+
+    def add_diagonal(self, index: int, values: Tensor, scale: float = 1.0) -> None:
+        block = self.value[self.layout.names[index]]
+        block.diagonal().add_(values.reshape(-1).to(block.dtype), alpha=scale)
+
+    def add_matrix(self, index: int | None, rows: Tensor | slice, values: Tensor, scale: float = 1.0) -> None:
+        block = self.value[self.layout.names[index]]
+        block[rows] += scale * values.to(block.dtype)
+
+    def add_columns(self, columns: Tensor, values: Tensor, scale: float = 1.0) -> None:
+        for i, name in enumerate(self.layout.names):
+            span = self.layout.span(i)
+            inside = (columns >= span.start) & (columns < span.stop)
+            if bool(inside.any()):
+                block = self.value[name]
+                cols = values[inside][:, span].to(block.dtype)
+                block[:, columns[inside] - span.start] += scale * cols.T
+
+    def public(self) -> dict[str, Tensor]:
+        return {n: b.to(self.layout.dtype) for n, b in self.value.items()}
+
+    def _map_inplace(self, fn: Callable[[Tensor], Tensor]) -> None:
+        for b in self.value.values():
+            fn(b)
+
+    def diag(self) -> Tensor:
+        return torch.cat([torch.diagonal(b) for b in self.value.values()])
+
+    def trace(self) -> Tensor:
+        return sum((torch.diagonal(b).sum() for b in self.value.values()), self.layout.zeros())
+
+    def mv(self, v: Tensor) -> Tensor:
+        v = self._check_vector(v)
+        return torch.cat([b @ v[self.layout.span(i)] for i, b in enumerate(self.value.values())])
+
+    def block(self, name: str) -> Tensor:
+        self.layout.index(name)
+        return self.value[name]
+
+    def _dense(self) -> Tensor:
+        return torch.block_diag(*self.value.values())
+
+
+class Full(Structure):
+    """The whole ``P×P`` matrix."""
+
+    name, product = "full", "rows"
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        p = layout.num_params
+        check_fits(p * p, f"a {p}×{p} matrix", "full", layout)
+        self.value = layout.zeros(p, p)
+
+    def add_squares(self, index: int, squares: Tensor, scale: float = 1.0) -> None:
+        raise TorchfimError("internal: Full needs rows, not squares")  # the engine reads .product
+
+    def add_rows(self, rows: Tensor, scale: float = 1.0) -> None:
+        rows = rows.to(self.value.dtype)
+        self.value.addmm_(rows.T, rows, alpha=scale)
+
+    def add_block_rows(self, index: int, rows: Tensor, scale: float = 1.0) -> None:
+        span = self.layout.span(index)
+        rows = rows.to(self.value.dtype)
+        self.value[span, span].addmm_(rows.T, rows, alpha=scale)
+
+    def add_diagonal(self, index: int, values: Tensor, scale: float = 1.0) -> None:
+        self.value.diagonal()[self.layout.span(index)].add_(values.reshape(-1).to(self.value.dtype), alpha=scale)
+
+    def add_columns(self, columns: Tensor, values: Tensor, scale: float = 1.0) -> None:
+        self.value[:, columns] += scale * values.to(self.value.dtype).T
+
+    def add_matrix(self, index: int | None, rows: Tensor | slice, values: Tensor, scale: float = 1.0) -> None:
+        span = slice(0, self.layout.num_params) if index is None else self.layout.span(index)
+        if isinstance(rows, slice):
+            rows = torch.arange(span.stop - span.start, device=values.device)[rows]
+        self.value[rows + span.start, span] += scale * values.to(self.value.dtype)
+
+    def public(self) -> Tensor:
+        return self.value.to(self.layout.dtype)
+
+    def _map_inplace(self, fn: Callable[[Tensor], Tensor]) -> None:
+        fn(self.value)
+
+    def diag(self) -> Tensor:
+        return self.value.diagonal()
+
+    def trace(self) -> Tensor:
+        return self.value.diagonal().sum()
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self.value @ self._check_vector(v)
+
+    def block(self, name: str) -> Tensor:
+        span = self.layout.span(self.layout.index(name))
+        return self.value[span, span]
+
+    def _dense(self) -> Tensor:
+        return self.value
+
+
+_BY_NAME: dict[str, type[Structure]] = {"full": Full, "diag": Diag, "trace": Trace, "blocks": Blocks, "layers": Blocks}
+
+
+def make_structure(name: str, layout: Layout) -> Structure:
+    """A new, zero structure of kind ``name`` (one of :data:`STRUCTURE_NAMES`) for ``layout``."""
+    if not isinstance(name, str) or name not in _BY_NAME:
+        listed = ", ".join(repr(n) for n in STRUCTURE_NAMES)
+        raise TorchfimError(f"unknown structure {name!r}; choose one of {listed}")
+    return _BY_NAME[name](layout)
