@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .engine import Backend, Recording
+from .engine.backend import second_order_support
 from .errors import TorchfimError
 from .families import Family
 from .structures import Structure
@@ -42,7 +43,8 @@ def add_estimate(
     if estimator == "hessian":
         # Σⱼ Σ_a u_ij,a ∇²o_a(xᵢ) = ∇²_θ (Σⱼ u_ij)ᵀ o(xᵢ) with the scores held fixed.
         weights = fam.output_score(fam.sample(o, k, generator), o).sum(1)
-        backend.add_hessian_term(rec.batch, weights.to(o.dtype), structure, -1.0 / k)
+        with second_order_support():
+            backend.add_hessian_term(rec.batch, weights.to(o.dtype), structure, -1.0 / k)
 
 
 def _true_scores(fam: Family, rec: Recording, o: Tensor) -> Tensor:

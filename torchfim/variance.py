@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from .engine import ENGINE_LOCK, Backend, ModelView, Recording, backend_name, batches, make_backend, run
+from .engine.backend import second_order_support
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, get_family
@@ -161,7 +162,11 @@ def variance_of(
         n = 0
         for rec, fam_b in run(view, engine, batches(inputs, None, view.device, view.dtype), fam, mask, progress,
                               f"variance[{estimator}]"):
-            (_score_batch if estimator == "score" else _hessian_batch)(engine, rec, fam_b, result, mode)
+            if estimator == "score":
+                _score_batch(engine, rec, fam_b, result, mode)
+            else:
+                with second_order_support():
+                    _hessian_batch(engine, rec, fam_b, result, mode)
             n += rec.batch.size
         if n == 0:
             raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..errors import TorchfimError
 from ..structures import Structure, Trace
 from .batch import Batch
 from .view import ModelView
@@ -227,6 +229,19 @@ class Backend(ABC):
         for _, columns in self._column_chunks(batch, width, self.unfactored(batch)):
             total += self.output_hessian_diagonals(batch, columns).sum(0)
         return total
+
+
+@contextmanager
+def second_order_support() -> Iterator[None]:
+    """Turn torch's missing forward-mode rules into a clear error naming the alternative."""
+    try:
+        yield
+    except NotImplementedError as err:
+        raise TorchfimError(
+            "the Hessian estimator and its variances need second derivatives by forward-mode AD, which "
+            f"an operation of this model does not support ({str(err).splitlines()[0][:160]}); "
+            "use estimator='score' (its variance needs first derivatives only)"
+        ) from None
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
+from ..errors import TorchfimError
 from .batch import Batch
 
 
@@ -66,7 +67,14 @@ class FunctionalBackend(Backend):
             (g,) = vmap(pullback)(v1)
             return view.flatten_params(g, lead=1)
 
-        return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
+        try:
+            return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
+        except (RuntimeError, NotImplementedError) as err:
+            raise TorchfimError(
+                "backend='functional' cannot batch this model through torch.func "
+                f"({str(err).splitlines()[0][:160]}); use backend='auto', whose generic rule computes such "
+                "modules one sample at a time"
+            ) from None
 
     def pieces(self, rec: Recording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:
         spans = [self.layout.span(i) for i in range(len(self.layout.names))]

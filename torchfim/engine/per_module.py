@@ -52,18 +52,27 @@ class PerModuleBackend(Backend):
         self._verified = False
 
     # --------------------------------------------------------------- rule set-up
-    def _build_rules(self, extra_root: dict[str, int] | None = None) -> dict[nn.Module, Rule]:
+    def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
+        """A rule per module owning trainable parameters; ``moved`` assigns parameters (full name →
+        (module, local name)) to the generic rule of another module instead."""
         index_of = self.view.index_of
-        taken = set((extra_root or {}).values())
-        rules: dict[nn.Module, Rule] = {}
+        moved = moved or {}
+        taken = {index_of[id(p)] for n, p in self.view.model.named_parameters() if n in moved}
+        owned: dict[nn.Module, dict[str, int]] = {}
+        paths = {}
         for path, module in self.view.model.named_modules():
+            paths[module] = path
             own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in index_of}
             own = {n: i for n, i in own.items() if i not in taken}
             if own:
-                rules[module] = rule_for(module, own, path)
-        if extra_root:
-            root = self.view.model
-            rules[root] = GenericRule(root, {**extra_root, **getattr(rules.get(root), "params", {})}, "the whole model")
+                owned[module] = own
+        extra: dict[nn.Module, dict[str, int]] = {}
+        named = dict(self.view.model.named_parameters())
+        for full, (module, local) in moved.items():
+            extra.setdefault(module, {})[local] = index_of[id(named[full])]
+        rules = {m: rule_for(m, params, paths[m]) for m, params in owned.items() if m not in extra}
+        for module, params in extra.items():
+            rules[module] = GenericRule(module, {**owned.get(module, {}), **params}, paths[module])
         return rules
 
     @contextmanager
@@ -123,17 +132,28 @@ class PerModuleBackend(Backend):
         for _, _, piece in self.pieces(rec, v):
             for i, g in piece.items():
                 summed[i] = g.sum((0, 1)) if i not in summed else summed[i] + g.sum((0, 1))
-        missing = {}
+        missing = []
         for p, g in zip(params, batch_grads):
             i = self.view.index_of[id(p)]
             want = torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
             got = summed.get(i, torch.zeros_like(want)).to(want.dtype)
             tol = 1e-4 if want.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
             if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-30))):
-                missing[self.view.layout.names[i]] = i
+                missing.append(self.view.layout.names[i])
         if missing:
-            self.rules = self._build_rules(extra_root=missing)
+            called = {call.module for _, call in rec.calls}
+            self.rules = self._build_rules({n: self._nearest_called(n, called) for n in missing})
         return bool(missing)
+
+    def _nearest_called(self, name: str, called: set[nn.Module]) -> tuple[nn.Module, str]:
+        """The closest module above parameter ``name`` that the forward called, and the local name."""
+        parts = name.split(".")
+        modules = dict(self.view.model.named_modules())
+        for depth in range(len(parts) - 2, -1, -1):
+            module = modules[".".join(parts[:depth])]
+            if module in called or depth == 0:
+                return module, ".".join(parts[depth:])
+        return self.view.model, name
 
     # --------------------------------------------------------------- sensitivities
     def _sensitivities(self, rec: ModuleRecording, v: Tensor) -> list[list[Tensor | None]]:

@@ -86,7 +86,8 @@ class GenericRule(Rule):
             (g,) = vmap(pullback)(s1)
             return g
 
-        g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used)))(args, kwargs, cotangents)
+        with torch.no_grad():  # torch.func still differentiates; no graph to the module's other tensors
+            g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used)))(args, kwargs, cotangents)
         return {self.params[n]: t.reshape(t.shape[0], t.shape[1], -1) for n, t in g.items()}
 
     def _looped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
@@ -108,7 +109,7 @@ class GenericRule(Rule):
                 for j in range(sens[used[0]].shape[0]):
                     cots = [_cut(sens[u][j], d, one) for u, d in zip(used, out_dims)]
                     grads = torch.autograd.grad(outs, [leaves[n] for n in names], cots, retain_graph=True, allow_unused=True)
-                    vectors.append([torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)])
+                    vectors.append([torch.zeros_like(leaves[n]) if g is None else g.detach() for n, g in zip(names, grads)])
             per_sample.append([torch.stack([v[k] for v in vectors]) for k in range(len(names))])
         return {
             self.params[n]: torch.stack([s[k] for s in per_sample]).reshape(len(per_sample), -1, leaves[n].numel())

@@ -1,0 +1,221 @@
+"""The one list of test models every engine oracle test runs (float64, seeded, tiny).
+
+Each case builds a model for an output width ``C`` and its inputs; ``families`` says which output
+families apply (a weight-tied language model fixes ``C`` to its vocabulary, so only categorical).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ALL_FAMILIES = ("categorical", "bernoulli", "gaussian", "poisson")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[int], nn.Module]
+    inputs: Callable[[int], Tensor]
+    families: tuple[str, ...] = ALL_FAMILIES
+    positions: bool = False  # outputs (n, T, C) with a padding mask
+    second_order: bool = True  # forward-mode AD runs through every op (the Î2 quantities)
+
+
+def _seed(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+def _floats(*shape: int, seed: int = 1) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _tokens(n: int, length: int, vocab: int, seed: int = 1) -> Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tanh_mlp(c: int) -> nn.Module:
+    _seed()
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, c)).double()
+
+
+def relu_mlp(c: int) -> nn.Module:
+    _seed()
+    return nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, c)).double()
+
+
+def strided_cnn(c: int) -> nn.Module:
+    _seed()
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 2, dilation=1), nn.Tanh(),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, c),
+    ).double()
+
+
+def conv1d_net(c: int) -> nn.Module:
+    _seed()
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, dilation=2), nn.Tanh(), nn.Conv1d(4, 4, 2, groups=2, bias=False), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 2, c),
+    ).double()
+
+
+class Encoder(nn.Module):
+    """Embedding → one TransformerEncoderLayer (attention, LayerNorm) → mean pool → Linear."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, c)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.layer(self.embed(tokens)).mean(1))
+
+
+def encoder(c: int) -> nn.Module:
+    _seed()
+    return Encoder(c).double().eval()
+
+
+class Residual(nn.Module):
+    """conv – BatchNorm(eval) – ReLU – conv – BatchNorm, plus the skip; then pool and Linear."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2)
+        self.conv2, self.bn2 = nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2)
+        self.head = nn.Linear(2, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.stem(x))
+        h = torch.tanh(h + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(h))))))
+        return self.head(h.mean((2, 3)))
+
+
+def residual_bn(c: int) -> nn.Module:
+    _seed()
+    model = Residual(c).double()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def group_norm(c: int) -> nn.Module:
+    _seed()
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.AvgPool2d(4), nn.Flatten(),
+                         nn.Linear(4, c)).double()
+
+
+class TiedLM(nn.Module):
+    """Embedding and output layer share one weight (weight tying); classes = the vocabulary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(4, 3)
+        self.norm = nn.LayerNorm(3)
+        self.out = nn.Linear(3, 4, bias=True)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.norm(self.embed(tokens).mean(1))))
+
+
+def tied(c: int) -> nn.Module:
+    _seed()
+    return TiedLM().double()
+
+
+def frozen(c: int) -> nn.Module:
+    model = tanh_mlp(c)
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    return model
+
+
+class Gate(nn.Module):
+    """A custom module only the generic rule covers: ``x ⊙ sigmoid(s) + x² ⊙ t``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(width))
+        self.t = nn.Parameter(0.3 * torch.randn(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.s) + x * x * self.t
+
+
+def custom(c: int) -> nn.Module:
+    _seed()
+    return nn.Sequential(nn.Linear(3, 4), Gate(4), nn.Tanh(), nn.Linear(4, c)).double()
+
+
+class GRUHead(nn.Module):
+    """GRU over a sequence, the last hidden state to a Linear head."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def gru(c: int) -> nn.Module:
+    _seed()
+    return GRUHead(c).double()
+
+
+class TokenModel(nn.Module):
+    """A per-token model: outputs ``(n, T, C)``, each position its own observation."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.mix = nn.Linear(3, 3)
+        self.head = nn.Linear(3, c)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        h = h + torch.tanh(self.mix(h.cumsum(1)))  # each position sees the ones before it
+        return self.head(h)
+
+
+def token_model(c: int) -> nn.Module:
+    _seed()
+    return TokenModel(c).double()
+
+
+CASES = [
+    Case("tanh_mlp", tanh_mlp, lambda n: _floats(n, 3)),
+    Case("relu_mlp", relu_mlp, lambda n: _floats(n, 3)),
+    Case("strided_cnn", strided_cnn, lambda n: _floats(n, 1, 6, 6)),
+    Case("conv1d", conv1d_net, lambda n: _floats(n, 2, 7)),
+    # torch has no forward-mode AD for CPU flash attention, so Î2's second derivatives are refused.
+    Case("encoder", encoder, lambda n: _tokens(n, 4, 7), ("categorical", "gaussian"), second_order=False),
+    Case("residual_bn", residual_bn, lambda n: _floats(n, 1, 4, 4)),
+    Case("group_norm", group_norm, lambda n: _floats(n, 1, 6, 6)),
+    Case("tied", tied, lambda n: _tokens(n, 3, 4), ("categorical",)),
+    Case("frozen", frozen, lambda n: _floats(n, 3)),
+    Case("custom", custom, lambda n: _floats(n, 3)),
+    Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian"), second_order=False),
+    Case("tokens", token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
+]
+
+BY_NAME = {case.name: case for case in CASES}
+
+
+def token_mask(tokens: Tensor) -> Tensor:
+    """The padding mask of :func:`token_model`'s inputs: the last position of every other input is padding."""
+    mask = torch.ones(tokens.shape, dtype=torch.bool)
+    mask[::2, -1] = False
+    return mask

@@ -1,0 +1,153 @@
+"""The per-module backend's choices, positions with masks, and output adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchfim
+from cases import BY_NAME, Gate, TokenModel
+from torchfim.engine import ModelView, batches
+from torchfim.engine.modules import GenericRule
+from torchfim.engine.modules.conv import ConvRule
+from torchfim.engine.modules.linear import LinearRule
+from torchfim.engine.per_module import PerModuleBackend
+
+
+def _rules(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    backend.record(next(batches(x, None, view.device, view.dtype)))
+    paths = {m: p for p, m in view.model.named_modules()}
+    return {paths[m]: type(r).__name__ for m, r in backend.rules.items()}
+
+
+def test_one_custom_module_keeps_the_other_layers_on_their_rules() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 4), Gate(4), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    rules = _rules(model, x)
+    assert rules == {"0": ConvRule.__name__, "3": LinearRule.__name__, "4": GenericRule.__name__, "5": LinearRule.__name__}
+    exact = torchfim.fisher(model, x, structure="diag", backend="functional")
+    assert torch.allclose(torchfim.fisher(model, x, structure="diag"), exact, atol=1e-12)
+
+
+def test_attention_parameters_used_outside_their_module_go_to_the_attention_module() -> None:
+    case = BY_NAME["encoder"]
+    rules = _rules(case.build(3), case.inputs(3))
+    assert rules["layer.self_attn"] == GenericRule.__name__
+    assert "layer.self_attn.out_proj" not in rules  # its parameters are used by the attention's forward
+    assert rules["layer.linear1"] == LinearRule.__name__
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian"])
+@pytest.mark.parametrize("estimator", ["exact", "score"])
+def test_padded_batch_with_mask_equals_the_unpadded_sequences(family: str, estimator: str) -> None:
+    torch.manual_seed(0)
+    c = 3 if family == "categorical" else 2
+    model = TokenModel(c).double()
+    lengths = [4, 2, 3, 1]
+    seqs = [torch.randint(1, 5, (n,), generator=torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]
+    padded = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.zeros(padded.shape, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)], mask[i, : len(s)] = s, True
+    kw = {"family": family, "estimator": estimator, "structure": "diag", "n_samples": 1}
+    if estimator == "exact":
+        alone = torch.stack([torchfim.fisher(model, s[None], **kw) for s in seqs]).mean(0)
+        together = torchfim.fisher(model, padded, mask=mask, **kw)
+        assert torch.allclose(together, alone, rtol=1e-12, atol=1e-14)
+    else:  # same expectation: the padded positions add nothing, so the variances agree too
+        var_alone = torch.stack([torchfim.fisher_variance(model, s[None], family=family, estimator="score")
+                                 for s in seqs]).sum(0) / len(seqs) ** 2
+        var_together = torchfim.fisher_variance(model, padded, family=family, estimator="score", mask=mask)
+        assert torch.allclose(var_together, var_alone, rtol=1e-10, atol=1e-14)
+
+
+def test_classes_in_dim_one_as_cross_entropy_takes_them() -> None:
+    torch.manual_seed(0)
+    model = TokenModel(3).double()
+    x = torch.randint(0, 5, (4, 3))
+
+    class ClassFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.inner(t).transpose(1, 2)  # (B, C, T)
+
+    want = torchfim.fisher(model, x, structure="diag")
+    assert torch.allclose(torchfim.fisher(ClassFirst(), x, structure="diag", class_dim=1), want, atol=1e-14)
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), x
+
+
+def test_tuple_output_error_names_the_fix_and_output_maps_it() -> None:
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(torchfim.TorchfimError, match=r"output=lambda out: out\[0\]"):
+        torchfim.fisher(_Pair(), x)
+    model = _Pair()
+    got = torchfim.fisher(model, x, output=lambda out: out[0])
+    assert torch.allclose(got, torchfim.fisher(model.lin, x))
+
+
+def test_logits_objects_and_dicts_are_read() -> None:
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    class WithLogits(nn.Module):
+        def __init__(self, as_dict: bool) -> None:
+            super().__init__()
+            self.lin, self.as_dict = lin, as_dict
+
+        def forward(self, x: torch.Tensor) -> object:
+            out = self.lin(x)
+            return {"logits": out} if self.as_dict else type("Out", (), {"logits": out})()
+
+    want = torchfim.fisher(lin, x)
+    for as_dict in (True, False):
+        assert torch.allclose(torchfim.fisher(WithLogits(as_dict), x), want)
+
+
+def test_dict_batches_take_labels_as_targets() -> None:
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.lin(features)
+
+    model = Keyword()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    got = torchfim.fisher(model, [{"features": x, "labels": y}], estimator="empirical")
+    assert torch.allclose(got, torchfim.fisher(model.lin, x, estimator="empirical", targets=y))
+
+
+def test_mask_of_the_wrong_shape_is_refused() -> None:
+    model = TokenModel(3).double()
+    x = torch.randint(0, 5, (4, 3))
+    with pytest.raises(torchfim.TorchfimError, match="position mask has shape"):
+        torchfim.fisher(model, x, mask=torch.ones(4, 2, dtype=torch.bool))
+
+
+def test_long_outputs_are_refused() -> None:
+    class Argmax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).argmax(-1, keepdim=True)
+
+    with pytest.raises(torchfim.TorchfimError, match="floating-point outputs"):
+        torchfim.fisher(Argmax(), torch.randn(4, 3))
