@@ -25,7 +25,7 @@ def run_example(name: str) -> str:
 
 
 def test_every_example_is_tested():
-    tested = {"estimate_with_error_bars.py", "choose_estimator.py", "fisher_penalty_loop.py"}
+    tested = {"estimate_with_error_bars.py", "choose_estimator.py", "fisher_penalty_loop.py", "forecast_counts_in_cells.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 

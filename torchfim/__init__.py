@@ -6,7 +6,7 @@ and the bounds say how accurate its estimators are; output distributions live in
 Tr(F) monitor for a training loop; :mod:`torchfim.compare` compares runs over seeds.
 """
 
-from . import compare, families, train
+from . import compare, families, forecast, structures, train
 from .errors import TorchfimError
 from .bounds import (
     hessian_variance_bound_spectral,
@@ -27,6 +27,8 @@ __all__ = [
     "compare",
     "compare_estimators",
     "families",
+    "forecast",
+    "structures",
     "fisher",
     "fisher_variance",
     "hessian_variance_bound_spectral",

@@ -37,8 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs, iter_batches
-from .._fastpath import FastPath, choose_path
-from .._functional import FunctionalModel
+from ..engine import ENGINE_LOCK, Backend, ModelView, batches, make_backend, run
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .penalty import _check_int
@@ -149,7 +148,7 @@ class FisherTraceMonitor:
         self.generator = generator
         self.inputs = self._hold(inputs)
         self._path_key: tuple[int, ...] | None = None
-        self._path_cache: tuple[FunctionalModel, FastPath | None] | None = None
+        self._path_cache: tuple[ModelView, Backend] | None = None
         self.n_inputs = sum(x.shape[0] for x in self.inputs)
         self.history: list[TraceRecord] = []
 
@@ -257,42 +256,30 @@ class FisherTraceMonitor:
                 for module, training in modes:
                     module.training = training
 
-    def _paths(self) -> tuple[FunctionalModel, FastPath | None]:
-        """The model's functional view and fast path, built once (again only if its parameters change)."""
-        key = tuple(id(p) for p in self.model.parameters())
+    def _engine(self) -> tuple[ModelView, Backend]:
+        """The engine's view of the model, rebuilt whenever a parameter's storage, dtype or device changes.
+
+        The view shares the parameter objects, so in-place updates by the optimiser are read live;
+        ``p.data = ...``, ``model.double()`` or ``.to(device)`` give new storage and a new view.
+        """
+        key = tuple((id(p), p.data_ptr(), p.dtype, p.device, p.requires_grad) for p in self.model.parameters())
         if self._path_key != key:
-            fm = FunctionalModel(self.model)
-            x = fm.prepare_inputs(self.inputs[0])
-            o = fm.outputs(x)
-            self.family.check_output(o)
-            fm.check_independent(x, o)
-            self._path_cache = (fm, choose_path(fm, "auto", x))
+            view = ModelView(self.model)
+            self._path_cache = (view, make_backend(view, "auto"))
             self._path_key = key
         return self._path_cache
 
     def _estimate_eval(self) -> tuple[float, float]:
-        fm, fast = self._paths()
-        generator = self._label_generator(fm.device)
+        view, backend = self._engine()
+        generator = self._label_generator(view.device)
         k = self.n_samples
         norms = []
-        for x in self.inputs:
-            x = fm.prepare_inputs(x)
-            # A batch that fits one chunk: one recorded forward, the sampled scores back-propagated through it.
-            whole = fast is not None and len(fast.sample_chunks(x.shape[0], k, "trace")) == 1
-            rec = fast.record(x) if whole else None
-            o = rec.output.detach() if rec is not None else fm.outputs(x)
-            self.family.check_output(o)
-            u = self.family.output_score(self.family.sample(o, k, generator), o)  # (B, k, C)
-            if rec is not None:
-                norms.append(fast.sample_squares(*fast.backward(rec, u)))
-            elif fast is not None:
-                for rows in fast.sample_chunks(x.shape[0], k, "trace"):
-                    norms.append(fast.sample_squares(*fast.sensitivities(x[rows], u[rows])[1:]))
-            else:
-                for rows in fm.sample_chunks(x.shape[0], k):
-                    _, g = fm.vector_jacobian(x[rows], u[rows])
-                    norms.append(g.pow(2).sum(-1))  # (b, k): ‖Jᵢᵀ u_ij‖²
-        s = torch.cat(norms)  # (n, k)
+        with ENGINE_LOCK:
+            for rec, fam in run(view, backend, batches(self.inputs, None, view.device, view.dtype), self.family):
+                o = rec.values
+                u = fam.output_score(fam.sample(o, k, generator), o)  # (B, k, C)
+                norms.append(backend.sample_squares(rec, u))  # (B, k): ‖Jᵢᵀ u_ij‖²
+        s = torch.cat(norms).double()  # (n, k)
         per_input = s.mean(1)
         trace = float(per_input.mean())
         n = per_input.shape[0]

@@ -1,0 +1,224 @@
+"""torchfim.forecast: the Gaussian Fisher matrix against closed forms and a brute-force oracle.
+
+Oracles: ``AᵀC⁻¹A`` and ``½ tr(C⁻¹B_a C⁻¹B_b)`` with explicit inverses for linear models, and, for
+a non-linear mean and covariance, the Hessian at θ₀ of ``KL(N(μ(θ₀), C(θ₀)) ‖ N(μ(θ), C(θ)))``
+by torch.func (the Fisher matrix is that Hessian; it shares no code with the library's formula).
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+
+from torchfim.errors import TorchfimError
+from torchfim.forecast import (
+    DERIVATIVES,
+    Forecast,
+    default_steps,
+    forecast,
+    gaussian_fisher,
+    stable_inverse,
+)
+
+F64 = torch.float64
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    return a @ a.T / d + 0.5 * torch.eye(d, dtype=F64)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ------------------------------------------------------------------------------ linear-Gaussian
+@pytest.mark.parametrize("derivatives", DERIVATIVES)
+def test_linear_gaussian_mean_is_exact(derivatives):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 3, generator=g, dtype=F64)
+    offset = torch.randn(6, generator=g, dtype=F64)
+    C = _spd(6, 1)
+    theta0 = torch.tensor([0.3, -1.2, 2.0], dtype=F64)
+    # A linear mean has no truncation error, so a large step leaves only round-off of order ε.
+    step = None if derivatives == "autograd" else 0.5
+    fc = forecast(lambda t: A @ t + offset, C, theta0, derivatives=derivatives, step=step)
+    assert _rel(fc.fisher, A.T @ torch.linalg.inv(C) @ A) < 1e-12
+
+
+@pytest.mark.parametrize("derivatives", DERIVATIVES)
+def test_linear_covariance_is_exact(derivatives):
+    d = 4
+    C0 = _spd(d, 2)
+    B = torch.stack([_spd(d, 3) - C0, torch.diag(torch.arange(1.0, d + 1, dtype=F64))]) * 0.1
+    B = (B + B.transpose(1, 2)) / 2
+    theta0 = torch.tensor([0.2, 0.1], dtype=F64)
+    step = None if derivatives == "autograd" else 0.05
+    fc = forecast(torch.zeros(d, dtype=F64), lambda t: C0 + torch.einsum("a,aij->ij", t, B), theta0,
+                  derivatives=derivatives, step=step)
+    Cinv = torch.linalg.inv(C0 + torch.einsum("a,aij->ij", theta0, B))
+    expected = 0.5 * torch.einsum("ij,ajk,kl,bli->ab", Cinv, B, Cinv, B)
+    assert _rel(fc.fisher, expected) < 1e-12
+
+
+def test_gaussian_fisher_direct_matches_closed_form():
+    A = torch.randn(5, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    C = _spd(5, 5)
+    assert _rel(gaussian_fisher(A.T, C), A.T @ torch.linalg.solve(C, A)) < 1e-13
+
+
+# ---------------------------------------------------------------- non-linear: the KL Hessian oracle
+X = torch.linspace(-1, 1, 5, dtype=F64)
+THETA0 = torch.tensor([0.4, -0.3, 0.2], dtype=F64)
+
+
+def _mean(t):
+    return torch.exp(t[0] * X) + t[1] * X**2
+
+
+def _cov(t):
+    corr = torch.exp(-((X[:, None] - X[None, :]) ** 2) / (0.5 + t[2] ** 2))
+    return torch.exp(t[1]) * corr + (0.3 + t[0] ** 2) * torch.eye(len(X), dtype=F64)
+
+
+def _kl_hessian() -> torch.Tensor:
+    mu0, c0 = _mean(THETA0), _cov(THETA0)
+
+    def kl(t):
+        c = _cov(t)
+        diff = _mean(t) - mu0
+        return 0.5 * (torch.logdet(c) + torch.trace(torch.linalg.solve(c, c0)) + diff @ torch.linalg.solve(c, diff))
+
+    return torch.func.hessian(kl)(THETA0)
+
+
+@pytest.mark.parametrize("derivatives, tol", [("autograd", 1e-12), ("stencil5", 1e-11), ("stencil3", 1e-9)])
+def test_nonlinear_model_matches_kl_hessian(derivatives, tol):
+    fc = forecast(_mean, _cov, THETA0, derivatives=derivatives)
+    assert _rel(fc.fisher, _kl_hessian()) < tol
+
+
+def test_per_parameter_steps_and_float32_parameters():
+    per_parameter = forecast(_mean, _cov, THETA0, derivatives="stencil5", step=[1e-3, 2e-3, 3e-3])
+    assert _rel(per_parameter.fisher, _kl_hessian()) < 1e-9
+    single = forecast(lambda t: (_mean(t.double())).float(), lambda t: _cov(t.double()).float(), THETA0.float())
+    assert single.fisher.dtype == F64
+    assert _rel(single.fisher, _kl_hessian()) < 1e-5
+
+
+def test_default_steps_follow_the_textbook_rule():
+    theta = torch.tensor([0.0, -50.0], dtype=F64)
+    eps = torch.finfo(F64).eps
+    assert torch.allclose(default_steps(theta, "stencil3"), torch.tensor([1.0, 50.0], dtype=F64) * eps ** (1 / 3))
+    assert torch.allclose(default_steps(theta, "stencil5"), torch.tensor([1.0, 50.0], dtype=F64) * eps ** (1 / 5))
+
+
+# ----------------------------------------------------------------------- the result object
+def test_errors_covariance_and_fixing_against_direct_inverse():
+    F = _spd(4, 6) * 10
+    fc = Forecast(F, names=["a", "b", "c", "d"])
+    inv = torch.linalg.inv(F)
+    assert _rel(fc.covariance(), inv) < 1e-12
+    assert _rel(fc.marginal_errors(), inv.diagonal().sqrt()) < 1e-12
+    assert _rel(fc.conditional_errors(), F.diagonal().rsqrt()) < 1e-14
+    assert bool((fc.marginal_errors() >= fc.conditional_errors() * (1 - 1e-12)).all())
+    corr = fc.correlation()
+    assert _rel(corr, inv / torch.outer(inv.diagonal().sqrt(), inv.diagonal().sqrt())) < 1e-12
+    kept = fc.fix("b", 3)
+    assert kept.names == ("a", "c")
+    assert torch.equal(kept.fisher, F[[0, 2]][:, [0, 2]])
+
+
+def test_stable_inverse_of_badly_scaled_matrix():
+    # F = D R D with units spanning 16 decades: the inverse D⁻¹R⁻¹D⁻¹ is known exactly.
+    R = torch.tensor([[1.0, 0.6, 0.1], [0.6, 1.0, -0.3], [0.1, -0.3, 1.0]], dtype=F64)
+    D = torch.tensor([1e-8, 1.0, 1e8], dtype=F64)
+    expected = torch.linalg.inv(R) / D[:, None] / D[None, :]
+    got = stable_inverse(R * D[:, None] * D[None, :])
+    assert float(((got - expected) / expected).abs().max()) < 1e-12
+
+
+def test_independent_data_sets_add_and_copies_scale():
+    A = forecast(lambda t: t * X[:2], torch.eye(2, dtype=F64), torch.ones(2, dtype=F64))
+    B = forecast(lambda t: t.flip(0), 2 * torch.eye(2, dtype=F64), torch.ones(2, dtype=F64))
+    both = forecast(lambda t: torch.cat([t * X[:2], t.flip(0)]), torch.diag(torch.tensor([1.0, 1, 2, 2], dtype=F64)),
+                    torch.ones(2, dtype=F64))
+    assert _rel((A + B).fisher, both.fisher) < 1e-14
+    assert _rel((3 * A).fisher, 3 * A.fisher) == 0
+    with pytest.raises(TorchfimError, match="same parameters"):
+        A + Forecast(A.fisher)
+    with pytest.raises(TorchfimError, match="positive number of copies"):
+        0 * A
+
+
+def test_str_lists_every_parameter_and_survives_a_singular_matrix():
+    text = str(Forecast(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64), names=["amp", "bias"]))
+    assert "amp" in text and "bias" in text and "singular" in text
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"theta0": torch.zeros(2, 1, dtype=F64)}, "1-D"),
+        ({"theta0": torch.tensor([1, 2])}, "floating-point"),
+        ({"mean": lambda t: torch.zeros(3, 1, dtype=F64)}, "1-D tensor"),
+        ({"cov": torch.eye(2, dtype=F64)}, r"\(3, 3\)"),
+        ({"cov": torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=F64))}, "positive definite"),
+        ({"cov": torch.eye(3, dtype=F64) + torch.triu(torch.ones(3, 3, dtype=F64), 1)}, "not symmetric"),
+        ({"derivatives": "stencil7"}, "unknown derivatives"),
+        ({"step": 1e-3}, "only used by the stencils"),
+        ({"derivatives": "stencil3", "step": -1.0}, "positive finite"),
+        ({"derivatives": "stencil3", "step": [1e-3, 1e-3, 1e-3]}, "one per parameter"),
+        ({"names": ["a"]}, "2 strings"),
+        ({"mean": "x"}, "function of theta"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs, match):
+    args = {"mean": lambda t: torch.stack([t[0], t[1], t[0] * t[1]]), "cov": torch.eye(3, dtype=F64),
+            "theta0": torch.tensor([1.0, 2.0], dtype=F64)}
+    args.update(kwargs)
+    with pytest.raises(TorchfimError, match=match):
+        forecast(args.pop("mean"), args.pop("cov"), args.pop("theta0"), **args)
+
+
+def test_singular_fisher_names_the_parameter_or_the_degeneracy():
+    no_info = forecast(lambda t: t[:1] * 2, torch.eye(1, dtype=F64), torch.ones(2, dtype=F64), names=["a", "ghost"])
+    with pytest.raises(TorchfimError, match="'ghost' has no Fisher information"):
+        no_info.covariance()
+    degenerate = forecast(lambda t: (t[0] + t[1]) * X, torch.eye(5, dtype=F64), torch.ones(2, dtype=F64))
+    with pytest.raises(TorchfimError, match="singular to float64 precision"):
+        degenerate.marginal_errors()
+
+
+def test_autograd_failure_suggests_the_stencils():
+    def through_numpy(t):
+        return torch.from_numpy(t.numpy() ** 2)
+
+    with pytest.raises(TorchfimError, match="stencil5"):
+        forecast(through_numpy, torch.eye(1, dtype=F64), torch.ones(1, dtype=F64))
+    fc = forecast(through_numpy, torch.eye(1, dtype=F64), torch.ones(1, dtype=F64), derivatives="stencil5")
+    assert abs(float(fc.fisher) - 4.0) < 1e-9  # (∂θ²/∂θ)² at θ = 1
+
+
+def test_autograd_silently_cut_by_float_is_caught_at_inversion():
+    def cut(t):  # float() hides θ from autograd: the derivative comes out as zero
+        return torch.tensor([float(t[0]), 1.0], dtype=F64)
+
+    fc = forecast(cut, torch.eye(2, dtype=F64), torch.ones(1, dtype=F64))
+    with pytest.raises(TorchfimError, match="autograd lost track of it"):
+        fc.marginal_errors()
+
+
+@pytest.mark.parametrize(
+    "name", ["torchfim.forecast", "torchfim.forecast.gaussian", "torchfim.forecast.stability",
+             "torchfim.forecast.result", "torchfim.forecast.stepscan", "torchfim.forecast.ellipse",
+             "torchfim.forecast.counts_in_cells", "torchfim.forecast.derivatives"]
+)
+def test_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0

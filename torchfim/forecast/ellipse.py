@@ -1,0 +1,109 @@
+"""Confidence ellipses of two parameters from a Fisher forecast.
+
+For a Gaussian posterior with covariance ``Σ = F⁻¹``, the marginal distribution of two parameters
+``(θ_i, θ_j)`` is Gaussian with the 2×2 block ``S`` of ``Σ``, and the region holding probability
+``p`` is the ellipse ``(θ − θ₀)ᵀ S⁻¹ (θ − θ₀) ≤ Δχ²(p)`` with ``Δχ²(p) = −2 ln(1 − p)`` (the
+quantile of a χ² with two degrees of freedom): 2.30 for the one-sigma level ``p = erf(1/√2)``
+(68.3%), 6.18 for the two-sigma level ``p = erf(2/√2)`` (95.4%).
+
+matplotlib is imported only when a plot is drawn, so the library works without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import TorchfimError
+
+__all__ = ["ONE_SIGMA", "TWO_SIGMA", "delta_chi2", "draw_ellipses", "ellipse_points"]
+
+#: The probabilities within one and two standard deviations of a one-dimensional Gaussian.
+ONE_SIGMA = math.erf(1 / math.sqrt(2))
+TWO_SIGMA = math.erf(2 / math.sqrt(2))
+
+#: Line styles of successive confidence levels, innermost first.
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def delta_chi2(level: float) -> float:
+    """``Δχ² = −2 ln(1 − level)``: the two-parameter contour holding probability ``level``.
+
+    Example:
+        >>> from torchfim.forecast import ONE_SIGMA, TWO_SIGMA, delta_chi2
+        >>> round(delta_chi2(ONE_SIGMA), 2), round(delta_chi2(TWO_SIGMA), 2)
+        (2.3, 6.18)
+    """
+    if not (isinstance(level, (int, float)) and 0 < level < 1):
+        raise TorchfimError(f"a confidence level must be a probability in (0, 1) such as 0.95, got {level!r}")
+    return -2.0 * math.log1p(-level)
+
+
+def ellipse_points(
+    cov2: Tensor, center: Sequence[float] | Tensor, level: float = ONE_SIGMA, n_points: int = 200
+) -> Tensor:
+    """``n_points`` points on the boundary ``(x − c)ᵀ S⁻¹ (x − c) = Δχ²(level)``, shape ``(n_points, 2)``.
+
+    ``cov2`` is the 2×2 marginal covariance ``S``; the boundary is ``c + √Δχ² · L (cos t, sin t)``
+    with ``S = L Lᵀ`` (Cholesky), ``t`` uniform on ``[0, 2π]`` (first and last points coincide).
+
+    Example:
+        >>> import torch
+        >>> from torchfim.forecast import ellipse_points
+        >>> pts = ellipse_points(torch.eye(2, dtype=torch.float64), [0.0, 0.0], n_points=5)
+        >>> [round(float(r), 3) for r in pts.norm(dim=1)]    # a circle of radius √2.30
+        [1.515, 1.515, 1.515, 1.515, 1.515]
+    """
+    cov2 = torch.as_tensor(cov2, dtype=torch.float64)
+    if tuple(cov2.shape) != (2, 2):
+        raise TorchfimError(f"cov2 must be the 2x2 covariance of two parameters, got shape {tuple(cov2.shape)}")
+    factor, info = torch.linalg.cholesky_ex((cov2 + cov2.T) / 2)
+    if int(info) != 0:
+        raise TorchfimError("cov2 is not positive definite, so the two parameters have no confidence ellipse")
+    angles = torch.linspace(0.0, 2 * math.pi, n_points, dtype=torch.float64)
+    circle = torch.stack([angles.cos(), angles.sin()], dim=1)
+    center = torch.as_tensor(center, dtype=torch.float64).reshape(1, 2)
+    return center + math.sqrt(delta_chi2(level)) * circle @ factor.T
+
+
+def draw_ellipses(
+    cov2: Tensor,
+    center: Sequence[float] | Tensor,
+    *,
+    levels: Sequence[float] = (ONE_SIGMA, TWO_SIGMA),
+    labels: tuple[str, str] = ("x", "y"),
+    ax: Any = None,
+    **plot_kwargs: Any,
+) -> Any:
+    """Draw the ``levels`` ellipses of ``cov2`` around ``center`` on ``ax`` (a new figure if ``None``); return ``ax``.
+
+    ``plot_kwargs`` go to ``ax.plot`` (``color``, ``linestyle``, …); without a ``linestyle`` the
+    levels are solid, dashed, dotted, …. Needs matplotlib unless ``ax`` is given.
+    """
+    if ax is None:
+        ax = _pyplot().subplots()[1]
+    center = torch.as_tensor(center, dtype=torch.float64)
+    plot_kwargs.setdefault("color", "C0")
+    for k, level in enumerate(levels):
+        points = ellipse_points(cov2, center, level)
+        style = {"linestyle": _LINESTYLES[k % len(_LINESTYLES)], **plot_kwargs}
+        ax.plot(points[:, 0].numpy(), points[:, 1].numpy(), label=f"{100 * level:.1f}%", **style)
+    ax.plot([float(center[0])], [float(center[1])], marker="+", color=plot_kwargs["color"], linestyle="none")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    return ax
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise TorchfimError(
+            "plotting an ellipse needs matplotlib, which is not installed; run `pip install matplotlib` "
+            "(or install torchfim with the cli extra)"
+        ) from err
+    return plt

@@ -1,0 +1,166 @@
+"""The result of a Fisher forecast: the matrix, its inverse, the errors, the diagnostics, the plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import TorchfimError
+from ._model import parameter_names
+from .ellipse import ONE_SIGMA, TWO_SIGMA, draw_ellipses
+from .stability import InversionDiagnostics, inversion_diagnostics, stable_inverse
+
+__all__ = ["Forecast"]
+
+
+class Forecast:
+    """A Fisher matrix ``F`` (float64, ``P×P``) at the fiducial parameters ``theta0``.
+
+    Under the Gaussian approximation of the posterior (or the Cramér–Rao bound for unbiased
+    estimators), the parameter covariance is ``F⁻¹``: the *marginal* error of ``θ_a`` (all other
+    parameters free) is ``√(F⁻¹)_aa`` and the *conditional* error (all others fixed at ``theta0``)
+    is ``1/√F_aa``, never larger. Forecasts of independent data sets add (``a + b``); ``n * a`` is
+    ``n`` independent copies of the data.
+
+    Example:
+        >>> import torch
+        >>> from torchfim.forecast import Forecast
+        >>> fc = Forecast(torch.tensor([[4.0, 2.0], [2.0, 4.0]], dtype=torch.float64), names=["a", "b"])
+        >>> fc.conditional_errors()
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+        >>> fc.marginal_errors()          # √(4/12): the correlation of 0.5 inflates the errors
+        tensor([0.5774, 0.5774], dtype=torch.float64)
+        >>> fc.fix("b").marginal_errors() # with b fixed, a's error is its conditional one
+        tensor([0.5000], dtype=torch.float64)
+    """
+
+    def __init__(self, fisher: Tensor, *, theta0: Tensor | None = None, names: Sequence[str] | None = None) -> None:
+        fisher = torch.as_tensor(fisher).detach().to(torch.float64)
+        if fisher.dim() != 2 or fisher.shape[0] != fisher.shape[1] or fisher.shape[0] == 0:
+            raise TorchfimError(f"a Fisher matrix must be square (P, P), got shape {tuple(fisher.shape)}")
+        if not bool(torch.isfinite(fisher).all()):
+            raise TorchfimError("the Fisher matrix has non-finite entries; check the mean, covariance and steps")
+        n = fisher.shape[0]
+        tolerance = 1e-10 * float(fisher.abs().max())
+        if float((fisher - fisher.T).abs().max()) > tolerance:
+            raise TorchfimError("a Fisher matrix must be symmetric; pass (F + F.T) / 2")
+        self.fisher: Tensor = (fisher + fisher.T) / 2
+        if theta0 is None:
+            theta0 = torch.zeros(n, dtype=torch.float64)
+        self.theta0: Tensor = torch.as_tensor(theta0).detach().to(torch.float64)
+        if tuple(self.theta0.shape) != (n,):
+            raise TorchfimError(f"theta0 must have {n} entries, one per row of the Fisher matrix")
+        self.names: tuple[str, ...] = parameter_names(names, n)
+
+    def covariance(self) -> Tensor:
+        """``F⁻¹`` in float64, by the stable route of :func:`torchfim.forecast.stable_inverse` (raises if singular)."""
+        return stable_inverse(self.fisher, self.names)
+
+    def marginal_errors(self) -> Tensor:
+        """``σ_a = √(F⁻¹)_aa``: the error of each parameter with all the others free."""
+        return torch.diagonal(self.covariance()).sqrt()
+
+    def conditional_errors(self) -> Tensor:
+        """``1/√F_aa``: the error of each parameter with all the others fixed at ``theta0``."""
+        return torch.diagonal(self.fisher).rsqrt()
+
+    def correlation(self) -> Tensor:
+        """The correlation matrix of the forecast errors, ``(F⁻¹)_ab / (σ_a σ_b)``."""
+        cov = self.covariance()
+        errors = torch.diagonal(cov).sqrt()
+        return cov / errors[:, None] / errors[None, :]
+
+    def diagnostics(
+        self,
+        *,
+        eps: float = 1e-3,
+        n_trials: int = 100,
+        tolerance: float = 0.01,
+        generator: torch.Generator | None = None,
+    ) -> InversionDiagnostics:
+        """Condition numbers, eigenvalues and perturbation stability; see :func:`inversion_diagnostics`."""
+        return inversion_diagnostics(
+            self.fisher, eps=eps, n_trials=n_trials, tolerance=tolerance, generator=generator
+        )
+
+    def fix(self, *keys: int | str) -> Forecast:
+        """The forecast with the parameters ``keys`` (names or indices) held fixed.
+
+        That is ``F`` without their rows and columns: fixing a parameter removes its information.
+        """
+        drop = {self._index(k) for k in keys}
+        keep = [a for a in range(len(self.names)) if a not in drop]
+        if not keep:
+            raise TorchfimError("fix would remove every parameter; keep at least one")
+        index = torch.tensor(keep)
+        return Forecast(
+            self.fisher[index][:, index], theta0=self.theta0[index], names=[self.names[a] for a in keep]
+        )
+
+    def plot_ellipse(
+        self,
+        i: int | str,
+        j: int | str,
+        ax: Any = None,
+        *,
+        levels: Sequence[float] = (ONE_SIGMA, TWO_SIGMA),
+        **plot_kwargs: Any,
+    ) -> Any:
+        """Draw the marginal confidence ellipses of parameters ``i`` and ``j`` (names or indices).
+
+        The ellipse holding probability ``p`` (by default the one- and two-sigma levels, 68.3% and
+        95.4%) is ``Δθᵀ S⁻¹ Δθ = −2 ln(1 − p)`` around ``theta0``, with
+        ``S`` the 2×2 block of ``F⁻¹`` (see :mod:`torchfim.forecast.ellipse`). Draws on ``ax`` (a new
+        matplotlib figure if ``None``) and returns it; ``plot_kwargs`` go to ``ax.plot``. matplotlib
+        is needed only here: without it this raises a :class:`TorchfimError` naming
+        ``pip install matplotlib``.
+        """
+        a, b = self._index(i), self._index(j)
+        if a == b:
+            raise TorchfimError("plot_ellipse needs two different parameters")
+        cov = self.covariance()
+        block = cov[[a, b]][:, [a, b]]
+        labels = (self.names[a], self.names[b])
+        return draw_ellipses(block, self.theta0[[a, b]], levels=levels, labels=labels, ax=ax, **plot_kwargs)
+
+    def __add__(self, other: object) -> Forecast:
+        if not isinstance(other, Forecast):
+            return NotImplemented
+        if other.names != self.names or not torch.equal(other.theta0, self.theta0):
+            raise TorchfimError("only forecasts of the same parameters (names and theta0) can be added")
+        return Forecast(self.fisher + other.fisher, theta0=self.theta0, names=self.names)
+
+    def __rmul__(self, copies: object) -> Forecast:
+        if isinstance(copies, bool) or not isinstance(copies, (int, float)):
+            return NotImplemented
+        if not (copies > 0 and math.isfinite(copies)):
+            raise TorchfimError(f"a forecast can only be scaled by a positive number of copies, got {copies!r}")
+        return Forecast(copies * self.fisher, theta0=self.theta0, names=self.names)
+
+    def __str__(self) -> str:
+        conditional = self.conditional_errors()
+        try:
+            marginal = [f"{float(s):.4g}" for s in self.marginal_errors()]
+        except TorchfimError:
+            marginal = ["singular"] * len(self.names)
+        width = max(9, *(len(n) for n in self.names))
+        rows = [f"{'parameter':<{width}} {'theta0':>11} {'marginal σ':>11} {'conditional σ':>14}"]
+        for name, value, m, c in zip(self.names, self.theta0, marginal, conditional, strict=True):
+            rows.append(f"{name:<{width}} {float(value):>11.4g} {m:>11} {float(c):>14.4g}")
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        return f"Forecast(names={self.names!r})"
+
+    def _index(self, key: int | str) -> int:
+        if isinstance(key, str):
+            if key not in self.names:
+                raise TorchfimError(f"unknown parameter {key!r}; the parameters are {', '.join(self.names)}")
+            return self.names.index(key)
+        if isinstance(key, bool) or not isinstance(key, int) or not -len(self.names) <= key < len(self.names):
+            raise TorchfimError(f"parameter index {key!r} is out of range for {len(self.names)} parameters")
+        return key % len(self.names)

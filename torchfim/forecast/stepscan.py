@@ -1,0 +1,245 @@
+"""Scanning the step of a finite-difference stencil for the plateau where the derivative is stable.
+
+A stencil derivative with step ``h`` carries two errors: truncation, growing like ``h²`` (3-point)
+or ``h⁴`` (5-point), and round-off, growing like ``ε/h``. Between them lies a *plateau* of steps on
+which the derivative does not change. :func:`scan_steps` computes the derivative of ``(μ, C)`` along
+each parameter on a geometric grid of steps, measures the change between neighbouring steps, and
+reports the longest run of steps whose neighbours agree to ``rtol``. Steps below the plateau are
+flagged ``round_off``, steps above it ``truncation``; the step chosen on the plateau is the one
+whose derivative agrees best with both its neighbours.
+
+Changes are measured in the norm the Fisher matrix itself uses, so that they are unit-free and
+weigh the mean and the covariance as the forecast does: for a derivative ``D = (∂μ, ∂C)``,
+``‖D‖² = ∂μᵀ C⁻¹ ∂μ + ½ tr(C⁻¹ ∂C C⁻¹ ∂C)`` (``= F_aa`` when ``D`` is the derivative along ``θ_a``),
+and the relative change between steps ``h_k`` and ``h_{k+1}`` is
+``‖D(h_{k+1}) − D(h_k)‖ / max(‖D(h_k)‖, ‖D(h_{k+1})‖)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import TorchfimError, check_choice
+from ._model import CovLike, GaussianModel, MeanLike, parameter_names
+from .derivatives import STENCILS, stencil_derivative
+from .gaussian import gaussian_fisher
+
+__all__ = ["ParameterScan", "StepScan", "scan_steps"]
+
+
+@dataclass(frozen=True, eq=False)
+class ParameterScan:
+    """The step scan of one parameter.
+
+    Attributes:
+        name: the parameter's name.
+        steps: the ``K`` steps tried, ascending.
+        mean_derivatives: ``(K, d)``, ``∂μ/∂θ`` with each step.
+        cov_derivatives: ``(K, d, d)``, ``∂C/∂θ`` with each step (``None`` for a fixed covariance).
+        information: ``(K,)``, the Fisher entry ``F_aa`` the derivative with each step gives.
+        relative_change: ``(K − 1,)``, the change between steps ``k`` and ``k + 1`` (module docstring).
+        plateau: ``(lo, hi)``, indices of the first and last step of the plateau.
+        found: whether a plateau was found; if not, ``plateau`` is the single step whose derivative
+            changes least with respect to its neighbours, and no step can be trusted to ``rtol``.
+        rtol: the largest relative change accepted between neighbours on the plateau.
+    """
+
+    name: str
+    steps: Tensor
+    mean_derivatives: Tensor
+    cov_derivatives: Tensor | None
+    information: Tensor
+    relative_change: Tensor
+    plateau: tuple[int, int]
+    found: bool
+    rtol: float
+
+    @property
+    def step(self) -> float:
+        """The chosen step: on the plateau, the step whose derivative agrees best with both neighbours.
+
+        That is the step minimising the larger of its two neighbour changes; where round-off and
+        truncation are both smallest, the derivative is steadiest.
+        """
+        lo, hi = self.plateau
+        steadiness = _worst_neighbour_change(self.relative_change)[lo:hi + 1]
+        return float(self.steps[lo + int(steadiness.argmin())])
+
+    @property
+    def round_off(self) -> Tensor:
+        """``(K,)`` booleans: steps below the plateau, where round-off error dominates."""
+        return torch.arange(len(self.steps)) < self.plateau[0]
+
+    @property
+    def truncation(self) -> Tensor:
+        """``(K,)`` booleans: steps above the plateau, where the stencil's truncation error dominates."""
+        return torch.arange(len(self.steps)) > self.plateau[1]
+
+    def table(self) -> str:
+        """One line per step: the step, ``F_aa`` from it, the change to the next step, and its flag."""
+        lines = [f"{self.name}: {'step':>10} {'F_aa':>14} {'change to next':>15}  flag"]
+        for k, step in enumerate(self.steps):
+            change = f"{float(self.relative_change[k]):.2e}" if k < len(self.relative_change) else ""
+            flag = "round-off" if self.round_off[k] else "truncation" if self.truncation[k] else "plateau"
+            mark = "  <- chosen" if float(step) == self.step else ""
+            lines.append(f"{'':{len(self.name) + 1}} {float(step):>10.3e} {float(self.information[k]):>14.8g} "
+                         f"{change:>15}  {flag}{mark}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, eq=False)
+class StepScan:
+    """The step scans of every parameter for one stencil; ``steps`` feeds :func:`forecast`'s ``step``."""
+
+    stencil: str
+    parameters: tuple[ParameterScan, ...]
+
+    @property
+    def steps(self) -> Tensor:
+        """``(P,)``: the chosen step of each parameter (pass it as ``forecast(..., step=scan.steps)``)."""
+        return torch.tensor([p.step for p in self.parameters], dtype=torch.float64)
+
+    @property
+    def found(self) -> bool:
+        """Whether every parameter has a plateau."""
+        return all(p.found for p in self.parameters)
+
+    def __getitem__(self, key: int | str) -> ParameterScan:
+        if isinstance(key, str):
+            for scan in self.parameters:
+                if scan.name == key:
+                    return scan
+            raise TorchfimError(f"unknown parameter {key!r}; the parameters are {[p.name for p in self.parameters]}")
+        return self.parameters[key]
+
+    def __str__(self) -> str:
+        width = max(9, *(len(p.name) for p in self.parameters))
+        header = f"{'parameter':<{width}} {'chosen step':>12} {'plateau':>23}  {'round-off':>9} {'truncation':>10}"
+        rows = [f"{self.stencil} step scan", header]
+        for p in self.parameters:
+            lo, hi = float(p.steps[p.plateau[0]]), float(p.steps[p.plateau[1]])
+            plateau = f"{lo:.1e} … {hi:.1e}" if p.found else "NONE FOUND"
+            rows.append(f"{p.name:<{width}} {p.step:>12.3e} {plateau:>23}  {int(p.round_off.sum()):>9} "
+                        f"{int(p.truncation.sum()):>10}")
+        return "\n".join(rows)
+
+
+def scan_steps(
+    mean: MeanLike,
+    cov: CovLike,
+    theta0: object,
+    *,
+    stencil: str = "stencil3",
+    steps: object = None,
+    rtol: float = 1e-6,
+    names: Sequence[str] | None = None,
+) -> StepScan:
+    """Scan the stencil step of every parameter and find the plateau of stable derivatives.
+
+    Args:
+        mean, cov, theta0, names: as for :func:`torchfim.forecast.forecast`.
+        stencil: ``"stencil3"`` or ``"stencil5"``.
+        steps: the steps to try: a 1-D tensor of positive steps (absolute, for every parameter) or
+            ``(P, K)`` (one row per parameter). ``None``: 25 steps, two per decade, from
+            ``1e-12·s_a`` to ``s_a`` with ``s_a = max(|θ_a|, 1)``.
+        rtol: neighbouring steps belong to the plateau when their derivatives differ by at most
+            ``rtol`` (relative, in the Fisher norm of the module docstring).
+
+    Example:
+        >>> import torch
+        >>> from torchfim.forecast import scan_steps
+        >>> scan = scan_steps(lambda t: torch.exp(t), torch.eye(1, dtype=torch.float64),
+        ...                   torch.tensor([0.5], dtype=torch.float64))
+        >>> bool(scan[0].round_off[0]), bool(scan[0].truncation[-1]), scan.found   # 1e-12 and 1.0
+        (True, True, True)
+        >>> 1e-9 < float(scan.steps[0]) < 1e-3
+        True
+    """
+    check_choice("stencil", stencil, tuple(STENCILS))
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise TorchfimError(f"rtol must be a relative change in (0, 1) such as 1e-6, got {rtol!r}")
+    model = GaussianModel(mean, cov, theta0)
+    names = parameter_names(names, model.n_parameters)
+    grid = _step_grid(steps, model.theta0)
+    scans = tuple(_scan_parameter(model, a, names[a], grid[a], stencil, float(rtol)) for a in range(len(names)))
+    return StepScan(stencil=stencil, parameters=scans)
+
+
+def _step_grid(steps: object, theta0: Tensor) -> Tensor:
+    """``(P, K)`` ascending steps per parameter."""
+    n = theta0.numel()
+    if steps is None:
+        decades = 10.0 ** torch.linspace(-12, 0, 25, dtype=torch.float64)
+        return theta0.detach().to(torch.float64).abs().clamp_min(1.0)[:, None] * decades[None, :]
+    try:
+        grid = torch.as_tensor(steps, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TorchfimError(
+            f"steps must be a 1-D tensor of positive steps, or one row per parameter; got {steps!r}"
+        ) from err
+    if grid.dim() == 1:
+        grid = grid.expand(n, -1)
+    if grid.dim() != 2 or grid.shape[0] != n or grid.shape[1] < 3:
+        raise TorchfimError(
+            f"steps must be a 1-D tensor of at least 3 steps, or shape ({n}, K≥3); got shape {tuple(grid.shape)}"
+        )
+    if not bool((torch.isfinite(grid) & (grid > 0)).all()):
+        raise TorchfimError("steps must all be positive and finite")
+    return grid.sort(dim=1).values
+
+
+def _scan_parameter(
+    model: GaussianModel, index: int, name: str, steps: Tensor, stencil: str, rtol: float
+) -> ParameterScan:
+    columns = [stencil_derivative(model, index, float(h), stencil) for h in steps]
+    mean_d = torch.stack([m for m, _ in columns])
+    cov_d = None if model.cov_fn is None else torch.stack([c for _, c in columns])
+    information = torch.diagonal(gaussian_fisher(mean_d, model.cov0, cov_d))
+    mean_diff = mean_d[1:] - mean_d[:-1]
+    cov_diff = None if cov_d is None else cov_d[1:] - cov_d[:-1]
+    distance = torch.diagonal(gaussian_fisher(mean_diff, model.cov0, cov_diff)).clamp_min(0).sqrt()
+    size = torch.maximum(information[1:], information[:-1]).clamp_min(0).sqrt()
+    change = torch.where(size > 0, distance / size.clamp_min(torch.finfo(torch.float64).tiny), distance)
+    lo, hi, found = _plateau(change, rtol)
+    return ParameterScan(name=name, steps=steps, mean_derivatives=mean_d, cov_derivatives=cov_d,
+                         information=information, relative_change=change, plateau=(lo, hi), found=found, rtol=rtol)
+
+
+def _plateau(change: Tensor, rtol: float) -> tuple[int, int, bool]:
+    """Step indices ``(lo, hi, found)`` of the longest run of neighbour changes ≤ ``rtol``.
+
+    Ties go to the run whose largest change is smaller. Without any such pair: the step whose larger
+    neighbour change is smallest, with ``found=False``.
+    """
+    agree = (change <= rtol).tolist()
+    best: tuple[int, int] | None = None
+    start = None
+    for k, ok in enumerate(agree + [False]):
+        if ok and start is None:
+            start = k
+        elif not ok and start is not None:
+            if best is None or _better_run((start, k - 1), best, change):
+                best = (start, k - 1)
+            start = None
+    if best is not None:
+        return best[0], best[1] + 1, True
+    k = int(_worst_neighbour_change(change).argmin())
+    return k, k, False
+
+
+def _worst_neighbour_change(change: Tensor) -> Tensor:
+    """``(K,)``: for each step, the larger of its changes to the previous and the next step (NaN → inf)."""
+    finite = torch.nan_to_num(change, nan=torch.inf)
+    padded = torch.cat([finite[:1], finite, finite[-1:]])
+    return torch.maximum(padded[:-1], padded[1:])
+
+
+def _better_run(run: tuple[int, int], best: tuple[int, int], change: Tensor) -> bool:
+    length, best_length = run[1] - run[0], best[1] - best[0]
+    if length != best_length:
+        return length > best_length
+    return float(change[run[0]:run[1] + 1].max()) < float(change[best[0]:best[1] + 1].max())
