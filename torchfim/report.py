@@ -206,7 +206,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _check_model_and_data(model: nn.Module, data: Data, fam, family_name: str) -> tuple[Data, str | None]:
     """Run the model on a few inputs; errors name the fix. Returns data (targets dropped if unusable)."""
-    from ._functional import _check_mode
+    from .engine.view import check_mode as _check_mode
 
     if not isinstance(model, nn.Module):
         raise TorchfimError(

@@ -31,8 +31,9 @@ from .bernoulli import Bernoulli
 from .categorical import Categorical
 from .gaussian import Gaussian
 from .poisson import Poisson
+from .positions import Positions
 
-__all__ = ["FAMILIES", "Bernoulli", "Categorical", "Family", "Gaussian", "Poisson", "get_family"]
+__all__ = ["FAMILIES", "Bernoulli", "Categorical", "Family", "Gaussian", "Poisson", "Positions", "get_family"]
 
 FAMILIES: dict[str, type[Family]] = {
     cls.name: cls for cls in (Categorical, Bernoulli, Gaussian, Poisson)

@@ -9,6 +9,10 @@ from torch import Tensor
 
 from ..errors import TorchfimError
 
+_HALF = (torch.float16, torch.bfloat16)
+#: Smallest positive normal float64: below it relative precision is lost.
+_TINY64 = torch.finfo(torch.float64).tiny
+
 
 def _to_generator_device(t: Tensor, generator: torch.Generator | None) -> Tensor:
     """Move ``t`` to the device a generator draws on (sampling then stays reproducible)."""
@@ -17,11 +21,33 @@ def _to_generator_device(t: Tensor, generator: torch.Generator | None) -> Tensor
     return t
 
 
+def _work_dtype(*tensors: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """``(work, out)``: the promoted dtype of ``tensors`` (``out``), widened to float32 when it is
+    float16/bfloat16 (``work``), so that sums and exponentials never run in half precision."""
+    out = tensors[0].dtype
+    for t in tensors[1:]:
+        out = torch.promote_types(out, t.dtype)
+    return (torch.float32 if out in _HALF else out), out
+
+
+def _wide_float(device: torch.device) -> torch.dtype:
+    """float64, except on devices without it (Apple MPS), where float32 is the widest."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _isserlis_moment4(lam_diag: Tensor, v: Tensor, w: Tensor) -> Tensor:
     """``E[(uᵀv)²(uᵀw)²]`` for centred Gaussian ``u`` with diagonal covariance ``lam_diag`` (B, C)."""
     lam = lam_diag.unsqueeze(1)
     vv, ww, vw = (lam * v * v).sum(-1), (lam * w * w).sum(-1), (lam * v * w).sum(-1)
     return vv * ww + 2 * vw**2
+
+
+def _isserlis_pairwise(lam_diag: Tensor, v: Tensor) -> Tensor:
+    """``E[(uᵀv_p)²(uᵀv_q)²] = (v_pᵀΛv_p)(v_qᵀΛv_q) + 2(v_pᵀΛv_q)²`` for centred Gaussian ``u`` with
+    diagonal covariance ``Λ = diag(lam_diag)`` (B, C), ``v`` (B, m, C) → (B, m, m)."""
+    gram = torch.bmm(v * lam_diag.unsqueeze(1), v.transpose(1, 2))
+    along = torch.diagonal(gram, dim1=-2, dim2=-1)
+    return along.unsqueeze(-1) * along.unsqueeze(-2) + 2 * gram**2
 
 
 def _isserlis_quadratic(lam_diag: Tensor, k: Tensor) -> Tensor:
@@ -40,17 +66,20 @@ def _isserlis(lam: Tensor) -> Tensor:
 
 
 def robust_eigvalsh(a: Tensor) -> Tensor:
-    """Eigenvalues (ascending) of symmetric matrices ``a`` (..., n, n), computed in float64.
+    """Eigenvalues (ascending, float64) of symmetric matrices ``a`` (..., n, n).
 
     Half and bfloat16 have no eigen-solver and float32 ones may fail to converge on ill-conditioned
-    matrices (confident classifiers), so the solve runs in float64 on a symmetrised copy; a matrix
-    whose solver still fails gets the Gershgorin upper bound on its spectrum in its top entry
-    (callers use the top eigenvalue as a bound constant, which an upper bound keeps valid).
+    matrices (confident classifiers), so the solve runs in float64 on a symmetrised copy divided by
+    its largest entry (``eig(a) = s · eig(a / s)``, which keeps tiny and huge matrices away from
+    underflow); a matrix whose solver still fails gets the Gershgorin upper bound
+    ``max_i Σ_j |a_ij|`` on its spectrum in its top entry (callers use the top eigenvalue as a
+    bound constant, which an upper bound keeps valid).
     """
     a64 = a.to(torch.float64)
     a64 = 0.5 * (a64 + a64.transpose(-1, -2))
+    scale = a64.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY64)
     try:
-        return torch.linalg.eigvalsh(a64)
+        return torch.linalg.eigvalsh(a64 / scale) * scale.squeeze(-1)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         radius = a64.abs().sum(-1).amax(-1)
         n = a64.shape[-1]
@@ -59,12 +88,36 @@ def robust_eigvalsh(a: Tensor) -> Tensor:
         return evals
 
 
+def _top_eig_diag_plus_rank_one(d: Tensor, z: Tensor, steps: int = 100) -> Tensor:
+    """``λ_max(diag(d) + z zᵀ)`` per row of ``d, z`` (B, n), float64, by bisection on the secular equation.
+
+    The top eigenvalue is the root in ``(max d, max d + ‖z‖²]`` of ``g(μ) = 1 − Σ_a z_a²/(μ − d_a)``,
+    which increases there; each step halves the bracket, O(B·n) work.
+    """
+    d, z2 = d.to(torch.float64), z.to(torch.float64) ** 2
+    lo = d.amax(-1)
+    hi = lo + z2.sum(-1)
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        gap = mid.unsqueeze(-1) - d
+        # A pole at or above mid (gap ≤ 0 with z_a ≠ 0) means mid is still below the root.
+        terms = torch.where(gap > 0, z2 / gap.clamp_min(_TINY64), torch.inf)
+        terms = torch.where(z2 > 0, terms, 0.0)
+        below_root = terms.sum(-1) > 1  # g(mid) < 0
+        lo, hi = torch.where(below_root, mid, lo), torch.where(below_root, hi, mid)
+    return 0.5 * (lo + hi)
+
+
 class Family(ABC):
     """An output distribution ``p(y | o)`` over labels given a network output ``o``.
 
     Subclasses provide the label sampler, the output score ``u``, the output
     Fisher ``Λ(o)`` with a square-root factor, the fourth moments of ``u`` and the
     negative log-likelihood. All methods work on batches ``o`` of shape ``(B, C)``.
+
+    Precision: float16/bfloat16 outputs are accepted; the families compute in float32 (or wider)
+    and return results in the output's dtype unless a method says otherwise; eigen-solvers run in
+    float64 only (:func:`robust_eigvalsh`).
     """
 
     #: Name used to select the family by string.
@@ -96,14 +149,25 @@ class Family(ABC):
             raise TorchfimError(f"family {self.name!r} needs at least one output per input, got 0")
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
-        """Validate true targets for a batch of outputs and return them in canonical form."""
+        """Validate true targets for a batch of outputs and return them in canonical form.
+
+        Targets must have shape ``(B, *label_shape)`` and be finite (NaN/Inf targets would make the
+        empirical Fisher NaN). Real-valued targets come back in the output's dtype, widened to
+        float32 for half-precision outputs.
+        """
         want = (o.shape[0],) + self._label_shape(o)
         if tuple(y.shape) != want:
             raise TorchfimError(
                 f"targets for family {self.name!r} must have shape {want} for outputs of shape "
                 f"{tuple(o.shape)}, got {tuple(y.shape)}; pass one target per input, aligned with the inputs"
             )
-        return y.to(device=o.device, dtype=o.dtype)
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            bad = int((~torch.isfinite(y)).sum())
+            raise TorchfimError(
+                f"targets for family {self.name!r} contain {bad} non-finite value(s) (NaN or Inf); "
+                "drop or impute those targets before computing the empirical Fisher"
+            )
+        return y.to(device=o.device, dtype=_work_dtype(o)[0])
 
     def _label_shape(self, o: Tensor) -> tuple[int, ...]:
         return (o.shape[1],)
@@ -112,6 +176,15 @@ class Family(ABC):
         """View ``o`` (B, C) with singleton dims matching the labels' extra leading dims."""
         extra = y.dim() - 1 - self.label_ndim
         return o.reshape(o.shape[:1] + (1,) * extra + o.shape[1:])
+
+    def _filler_label(self, o: Tensor) -> Tensor:
+        """A valid label per input, shape ``(B, *label_shape)``, put where a label is required but
+        ignored (masked positions of :class:`~torchfim.families.positions.Positions`).
+
+        Default: one draw from ``p(·|o)`` with a fixed seed; families override it with a constant.
+        """
+        generator = torch.Generator(device=o.device).manual_seed(0)
+        return self.sample(o.detach(), 1, generator)[:, 0]
 
     # ------------------------------------------------------------ interface
     @abstractmethod
@@ -133,10 +206,20 @@ class Family(ABC):
         """A factor ``S`` (B, C, r) with ``S Sᵀ = Λ(o)`` (so ``Jᵀ Λ J = (SᵀJ)ᵀ(SᵀJ)``), ``r ≤ C``.
 
         Each column costs one backward pass in the exact Fisher, so families whose
-        ``Λ`` has rank below ``C`` return fewer columns.
+        ``Λ`` has rank below ``C`` return fewer columns. Default: ``S = Q diag(√max(σ, 0))`` from
+        the eigen-decomposition ``Λ = Q diag(σ) Qᵀ`` computed in float64.
         """
-        evals, evecs = torch.linalg.eigh(self.fisher_output(o))
-        return evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
+        lam = self.fisher_output(o).to(torch.float64)
+        evals, evecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(-1, -2)))
+        return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(o.dtype)
+
+    def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """``E_y[(uᵀv)(uᵀw)] = vᵀ Λ(o) w`` for output-space vectors ``v, w`` (B, m, C) → (B, m)."""
+        return torch.einsum("nma,nab,nmb->nm", v, self.fisher_output(o), w)
+
+    def fisher_output_gram(self, o: Tensor, v: Tensor) -> Tensor:
+        """``G_pq = v_pᵀ Λ(o) v_q`` for output-space vectors ``v`` (B, m, C) → (B, m, m)."""
+        return torch.einsum("npa,nab,nqb->npq", v, self.fisher_output(o), v)
 
     @abstractmethod
     def fourth_moment(self, o: Tensor) -> Tensor:
@@ -152,7 +235,7 @@ class Family(ABC):
 
     def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``E_y[(uᵀv)²] = vᵀΛv`` and ``E_y[(uᵀv)⁴]`` for output-space vectors ``v`` (B, m, C) → (B, m) each."""
-        return torch.einsum("nma,nab,nmb->nm", v, self.fisher_output(o), v), self.moment4(o, v, v)
+        return self.fisher_output_bilinear(o, v, v), self.moment4(o, v, v)
 
     def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
         """``E_y[(uᵀv_p)² (uᵀv_q)²]`` for every pair of output-space vectors ``v`` (B, m, C) → (B, m, m).

@@ -6,14 +6,93 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from .base import Family, _to_generator_device
+from .base import _TINY64, Family, _to_generator_device, _work_dtype, robust_eigvalsh
+
+#: Classes up to which :meth:`Categorical.fourth_moment_top_eigenvalue` is exact (a float64
+#: C×C eigen-solve per input); above it returns a Collatz–Wielandt upper bound.
+EXACT_FOURTH_TOP_CLASSES = 256
+#: Float64 entries of C×C work matrices held at once (inputs are processed in chunks).
+_CHUNK_ELEMENTS = 1 << 24
+#: Geometric bisection steps: the log-bracket is at most ln(1/tiny) ≈ 708, halved to ≲ 1e-17.
+_SECULAR_STEPS = 72
+_POWER_STEPS = 30
+
+
+def _probabilities64(o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``p = softmax(o)`` in float64, the top class ``r`` (B, 1) and ``q = 1 − p_r`` (B,).
+
+    ``q`` is the sum of the other classes' probabilities, so it keeps full relative precision when
+    ``p_r`` rounds to 1 (``1 − p_r`` would cancel to 0).
+    """
+    p = torch.softmax(o.to(torch.float64), dim=-1)
+    r = p.argmax(-1, keepdim=True)
+    return p, r, p.scatter(-1, r, 0.0).sum(-1)
+
+
+def _fisher_top_eigenvalue(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
+    """``λ_max(diag(p) − ppᵀ)`` (B,), float64, by geometric bisection on the secular equation.
+
+    By interlacing the top eigenvalue lies in ``[p_(2), p_(1)]`` and is the root there of
+    ``f(μ) = 1 − Σ_a p_a²/(p_a − μ) = (p_r q − μ)/(p_r − μ) − Σ_{a≠r} p_a²/(p_a − μ)`` (decreasing),
+    with ``r`` the top class and ``q = 1 − p_r``. The second form has no cancellation, so the root
+    keeps relative precision however confident the classifier; bisection on ``log μ`` reaches it
+    from any bracket in ``_SECULAR_STEPS`` steps. If ``p_(2)`` underflows, ``λ_max ≤ tr Λ ≤ 2q``
+    is returned (a number below float64's normal range).
+    """
+    p_top = p.gather(-1, r).squeeze(-1)
+    others = p.scatter(-1, r, 0.0)
+    second = others.amax(-1)
+    log_lo, log_hi = second.clamp_min(_TINY64).log(), p_top.log()
+    for _ in range(_SECULAR_STEPS):
+        mu = torch.exp(0.5 * (log_lo + log_hi))
+        top_term = (p_top * q - mu) / (p_top - mu)
+        gaps = others - mu.unsqueeze(-1)  # < 0 strictly inside the bracket
+        # p_a · (p_a/(p_a − μ)): the square p_a² would underflow for p_a ≲ 1e-154.
+        rest = torch.where(others > 0, others * (others / torch.where(gaps != 0, gaps, -1.0)), 0.0).sum(-1)
+        past_root = (top_term - rest) < 0
+        log_hi = torch.where(past_root, 0.5 * (log_lo + log_hi), log_hi)
+        log_lo = torch.where(past_root, log_lo, 0.5 * (log_lo + log_hi))
+    root = torch.exp(0.5 * (log_lo + log_hi))
+    return torch.where(second >= _TINY64, root, 2 * q)
+
+
+def _score_gram_squared(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
+    """``G_yz = (d_yᵀ d_z)²`` (B, C, C) for the scores ``d_y = e_y − p``, float64.
+
+    ``d_yᵀd_z = δ_yz − p_y − p_z + ‖p‖²``; the row and column of the top class ``r`` use the
+    cancellation-free form ``d_rᵀd_z = w_z − w_r + ‖w‖²`` with ``w = d_r`` (``w_r = q``), since
+    ``d_r`` is tiny when ``p_r ≈ 1`` while the general form subtracts numbers near 1.
+    """
+    c = p.shape[-1]
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    inner = eye - p.unsqueeze(-1) - p.unsqueeze(-2) + (p * p).sum(-1)[:, None, None]
+    w = (-p).scatter(-1, r, q.unsqueeze(-1))
+    row = w - q.unsqueeze(-1) + (w * w).sum(-1, keepdim=True)
+    index = r.unsqueeze(-1).expand(-1, 1, c)
+    inner.scatter_(1, index, row.unsqueeze(1))
+    inner.scatter_(2, index.transpose(1, 2), row.unsqueeze(2))
+    return inner**2
+
+
+def _collatz_wielandt_bound(k: Tensor, x: Tensor) -> Tensor:
+    """Upper bound on ``λ_max(K)`` for symmetric ``K ≥ 0`` entrywise: ``min_j max_y (K x_j)_y/(x_j)_y``
+    over power iterates ``x_{j+1} = K x_j`` from ``x_0 = x > 0`` (Collatz–Wielandt), where rows
+    with ``x_y = 0`` are zero and carry no eigenvalue."""
+    best = torch.full(k.shape[:1], torch.inf, dtype=k.dtype, device=k.device)
+    for _ in range(_POWER_STEPS):
+        kx = torch.bmm(k, x.unsqueeze(-1)).squeeze(-1)
+        ratio = torch.where(x > 0, kx / torch.where(x > 0, x, 1.0), 0.0).amax(-1)
+        best = torch.minimum(best, ratio)
+        x = kx / kx.amax(-1, keepdim=True).clamp_min(_TINY64)
+    return best
 
 
 class Categorical(Family):
     """Categorical over ``C`` classes with logits ``o``: ``p = softmax(o)``.
 
-    ``u = e_y − p``; ``Λ = diag(p) − ppᵀ``; fourth moments by exact enumeration
-    over the ``C`` classes.
+    ``u = e_y − p``; ``Λ = diag(p) − ppᵀ``; moments by exact enumeration over the ``C`` classes
+    (``E[f(u)] = Σ_y p_y f(e_y − p)``). Half-precision logits are handled in float32, spectra in
+    float64.
     """
 
     name = "categorical"
@@ -31,6 +110,9 @@ class Categorical(Family):
 
     def _label_shape(self, o: Tensor) -> tuple[int, ...]:
         return ()
+
+    def _filler_label(self, o: Tensor) -> Tensor:
+        return torch.zeros(o.shape[0], dtype=torch.long, device=o.device)
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
         if y.dim() == 2 and y.shape[1] == o.shape[1] and y.is_floating_point():
@@ -54,17 +136,20 @@ class Categorical(Family):
             )
         return y.to(device=o.device, dtype=torch.long)
 
+    def _probs(self, o: Tensor) -> Tensor:
+        return torch.softmax(o.to(_work_dtype(o)[0]), dim=-1)
+
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        probs = _to_generator_device(torch.softmax(o.detach(), dim=-1), generator)
+        probs = _to_generator_device(self._probs(o.detach()), generator)
         return torch.multinomial(probs, k, replacement=True, generator=generator).to(o.device)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
-        p = torch.softmax(self._align(y, o), dim=-1)
-        return torch.nn.functional.one_hot(y, o.shape[-1]).to(o.dtype) - p
+        p = self._probs(self._align(y, o))
+        return (torch.nn.functional.one_hot(y, o.shape[-1]).to(p.dtype) - p).to(o.dtype)
 
     def fisher_output(self, o: Tensor) -> Tensor:
-        p = torch.softmax(o, dim=-1)
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        p = self._probs(o)
+        return (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)).to(o.dtype)
 
     def fisher_output_sqrt(self, o: Tensor) -> Tensor:
         # Λ = diag(s)(I − s sᵀ)diag(s) with s = √p a unit vector (Σ p = 1), so Λ has rank C − 1 and
@@ -72,53 +157,125 @@ class Categorical(Family):
         # H = I − v vᵀ/(1 + s_k), v = s + e_k, maps s to −e_k, so its columns other than k span s⊥.
         # k = argmax p keeps 1 + s_k ≥ 1 + 1/√C away from 0. One column fewer means one backward
         # pass fewer in the exact Fisher.
-        p = torch.softmax(o, dim=-1)
+        p = self._probs(o)
         s = p.sqrt()
         c = o.shape[-1]
         k = p.argmax(-1, keepdim=True)
         v = s.scatter_add(-1, k, torch.ones_like(k, dtype=s.dtype))
         scale = 1.0 / (1.0 + s.gather(-1, k))
-        eye = torch.eye(c, dtype=o.dtype, device=o.device)
+        eye = torch.eye(c, dtype=s.dtype, device=o.device)
         h = eye - (scale.unsqueeze(-1) * v.unsqueeze(-1)) * v.unsqueeze(-2)
         keep = torch.arange(c - 1, device=o.device) + (torch.arange(c - 1, device=o.device) >= k).long()
         q = h.gather(-1, keep.unsqueeze(-2).expand(*h.shape[:-1], c - 1))
-        return s.unsqueeze(-1) * q
+        return (s.unsqueeze(-1) * q).to(o.dtype)
+
+    def _centred(self, o: Tensor, *vectors: Tensor) -> tuple[Tensor, list[Tensor], torch.dtype]:
+        """``p`` (B, 1, C) and, per ``v`` (B, m, C), ``s_y = uᵀv = v_y − pᵀv`` for each label ``y``."""
+        work, out = _work_dtype(o, *vectors)
+        p = torch.softmax(o.to(work), dim=-1).unsqueeze(1)
+        centred = [v.to(work) - (p * v.to(work)).sum(-1, keepdim=True) for v in vectors]
+        return p, centred, out
+
+    def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """``vᵀΛw = Σ_y p_y (v_y − pᵀv)(w_y − pᵀw)`` (centred: no cancellation of large terms)."""
+        p, (sv, sw), out = self._centred(o, v, w)
+        return (p * sv * sw).sum(-1).to(out)
+
+    def fisher_output_gram(self, o: Tensor, v: Tensor) -> Tensor:
+        """``G_pq = Σ_y p_y (v_py − pᵀv_p)(v_qy − pᵀv_q)``, memory linear in ``C`` per vector."""
+        p, (s,), out = self._centred(o, v)
+        return torch.bmm(s * p, s.transpose(1, 2)).to(out)
 
     def fourth_moment(self, o: Tensor) -> Tensor:
-        p = torch.softmax(o, dim=-1)
-        eye = torch.eye(o.shape[-1], dtype=o.dtype, device=o.device)
+        p = self._probs(o)
+        eye = torch.eye(o.shape[-1], dtype=p.dtype, device=o.device)
         d = eye - p.unsqueeze(1)  # d[n, y] = e_y − p, the score for label y
-        return torch.einsum("ny,nya,nyb,nyc,nyd->nabcd", p, d, d, d, d)
+        return torch.einsum("ny,nya,nyb,nyc,nyd->nabcd", p, d, d, d, d).to(o.dtype)
 
     # Enumerating the C labels is cheaper than contracting the C⁴ moment tensor.
     def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
-        p = torch.softmax(o, dim=-1).unsqueeze(1)  # (B, 1, C)
-        uv = v - (p * v).sum(-1, keepdim=True)  # uᵀv for u = e_y − p, per label y
-        uw = w - (p * w).sum(-1, keepdim=True)
-        return (p * uv**2 * uw**2).sum(-1)
+        """``Σ_y p_y (v_y − pᵀv)² (w_y − pᵀw)²``."""
+        p, (sv, sw), out = self._centred(o, v, w)
+        return (p * sv**2 * sw**2).sum(-1).to(out)
+
+    def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
+        """``Σ_y p_y s_py² s_qy²`` with ``s_py = v_py − pᵀv_p``: one (B, m, C) × (B, C, m) product."""
+        p, (s,), out = self._centred(o, v)
+        squared = s * s
+        return torch.bmm(squared * p, squared.transpose(1, 2)).to(out)
 
     def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # uᵀv = v_y − pᵀv for label y. One label at a time: each (B, m) slice stays in cache, which
         # is several times faster than broadcasting over (C, B, m) (v is often a class-last view of
         # class-first data, one back-propagated vector per class).
-        p = torch.softmax(o, dim=-1).T  # (C, B)
-        by_label = v.permute(2, 0, 1)  # (C, B, m)
+        work, out = _work_dtype(o, v)
+        p = torch.softmax(o.to(work), dim=-1).T  # (C, B)
+        by_label = v.to(work).permute(2, 0, 1)  # (C, B, m)
         mean = torch.einsum("cbm,cb->bm", by_label, p)
         second, fourth = torch.zeros_like(mean), torch.zeros_like(mean)
         for y in range(by_label.shape[0]):
             squared = (by_label[y] - mean).square_()
             second.addcmul_(squared, p[y].unsqueeze(-1))
             fourth.addcmul_(squared.square_(), p[y].unsqueeze(-1))
-        return second, fourth
+        return second.to(out), fourth.to(out)
 
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
-        p = torch.softmax(o, dim=-1)
-        eye = torch.eye(o.shape[-1], dtype=o.dtype, device=o.device)
+        """``Σ_y p_y (d_yᵀ K d_y)²`` with ``d_y = e_y − p``."""
+        work, out = _work_dtype(o, k)
+        p = torch.softmax(o.to(work), dim=-1)
+        eye = torch.eye(o.shape[-1], dtype=work, device=o.device)
         d = eye - p.unsqueeze(1)
-        quad = torch.einsum("nya,nab,nyb->ny", d, k, d)
-        return (p * quad**2).sum(-1)
+        quad = torch.einsum("nya,nab,nyb->ny", d, k.to(work), d)
+        return (p * quad**2).sum(-1).to(out)
+
+    def third_moment(self, o: Tensor) -> Tensor:
+        """``E[u_a u_b u_c] = p_a δ_abc − p_a p_c δ_ab − p_a p_b δ_ac − p_a p_b δ_bc + 2 p_a p_b p_c``
+        (the third cumulant of a one-hot vector), shape (B, C, C, C)."""
+        p = self._probs(o)
+        c = o.shape[-1]
+        idx = torch.arange(c, device=o.device)
+        outer = p.unsqueeze(-1) * p.unsqueeze(-2)  # p_a p_b
+        moment = 2 * outer.unsqueeze(-1) * p[:, None, None, :]
+        moment[:, idx, idx, :] -= outer  # a = b: − p_a p_c
+        moment[:, idx, :, idx] -= outer.transpose(0, 1)  # a = c: − p_a p_b (indexed dim first)
+        moment[:, :, idx, idx] -= outer  # b = c: − p_a p_b
+        moment[:, idx, idx, idx] += p
+        return moment.to(o.dtype)
+
+    def moment3(self, o: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """``Σ_y p_y (a_y − pᵀa)(b_y − pᵀb)(c_y − pᵀc)``, without the C³ tensor."""
+        p, (sa, sb, sc), out = self._centred(o, a, b, c)
+        return (p * sa * sb * sc).sum(-1).to(out)
+
+    def fisher_output_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``λ_max(diag(p) − ppᵀ)`` from the secular equation in float64 (relative precision for any
+        logit margin; O(B·C) work)."""
+        return _fisher_top_eigenvalue(*_probabilities64(o)).to(o.dtype)
+
+    def fourth_moment_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``λ_max(M)``, ``M = Σ_y p_y vec(d_y d_yᵀ) vec(d_y d_yᵀ)ᵀ = A diag(p) Aᵀ`` with columns
+        ``A_y = vec(d_y d_yᵀ)``, ``d_y = e_y − p``.
+
+        Its nonzero eigenvalues are those of the C×C matrix ``K = diag(√p) G diag(√p)``,
+        ``G_yz = (AᵀA)_yz = (d_yᵀ d_z)²``: exact by a float64 eigen-solve of ``K`` for
+        ``C ≤ EXACT_FOURTH_TOP_CLASSES``; above, the Collatz–Wielandt upper bound of
+        ``_POWER_STEPS`` power iterates (``K`` is entrywise non-negative), a valid bound constant.
+        Inputs are processed in chunks of ``_CHUNK_ELEMENTS`` float64 entries.
+        """
+        c = o.shape[-1]
+        chunk = max(1, _CHUNK_ELEMENTS // (c * c))
+        tops = []
+        for part in o.split(chunk):
+            p, r, q = _probabilities64(part)
+            root = p.sqrt()
+            k = root.unsqueeze(-1) * _score_gram_squared(p, r, q) * root.unsqueeze(-2)
+            if c <= EXACT_FOURTH_TOP_CLASSES:
+                tops.append(robust_eigvalsh(k)[..., -1])
+            else:
+                tops.append(_collatz_wielandt_bound(k, root))
+        return torch.cat(tops).to(o.dtype)
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
-        logp = torch.log_softmax(self._align(y, o), dim=-1)
+        logp = torch.log_softmax(self._align(y, o).to(_work_dtype(o)[0]), dim=-1)
         logp = logp.expand(y.shape + o.shape[-1:])
-        return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).to(o.dtype)

@@ -8,13 +8,22 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from .base import Family, _isserlis, _isserlis_moment4, _isserlis_quadratic
+from .base import (
+    Family,
+    _isserlis,
+    _isserlis_moment4,
+    _isserlis_pairwise,
+    _isserlis_quadratic,
+    _work_dtype,
+)
 
 
 class Gaussian(Family):
     """Gaussian ``N(o, σ² I)`` with fixed ``σ`` and mean ``o``.
 
-    ``u = (y − o)/σ²``; ``Λ = I/σ²``; fourth moments by Isserlis' theorem.
+    ``u = (y − o)/σ²``; ``Λ = λI`` with ``λ = 1/σ²``; fourth moments by Isserlis' theorem
+    (``E[u_a u_b u_c u_d] = λ²(δ_ab δ_cd + δ_ac δ_bd + δ_ad δ_bc)``); odd moments vanish.
+    Labels (sampled or checked) are in the output's dtype, float32 for half-precision outputs.
     """
 
     name = "gaussian"
@@ -27,18 +36,22 @@ class Gaussian(Family):
     def __repr__(self) -> str:
         return f"Gaussian(sigma={self.sigma})"
 
+    def _filler_label(self, o: Tensor) -> Tensor:
+        return o.detach().to(_work_dtype(o)[0])
+
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        mean = o.detach()
+        work = _work_dtype(o)[0]
         noise = torch.randn(
             (o.shape[0], k, o.shape[1]),
             generator=generator,
-            dtype=o.dtype,
+            dtype=work,
             device=generator.device if generator is not None else o.device,
         ).to(o.device)
-        return mean.unsqueeze(1) + self.sigma * noise
+        return o.detach().to(work).unsqueeze(1) + self.sigma * noise
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
-        return (y.to(o.dtype) - self._align(y, o)) / self.sigma**2
+        work = _work_dtype(o, y)[0]
+        return ((y.to(work) - self._align(y, o).to(work)) / self.sigma**2).to(o.dtype)
 
     def fisher_output(self, o: Tensor) -> Tensor:
         eye = torch.eye(o.shape[-1], dtype=o.dtype, device=o.device)
@@ -48,19 +61,65 @@ class Gaussian(Family):
         eye = torch.eye(o.shape[-1], dtype=o.dtype, device=o.device)
         return (eye / self.sigma).expand(o.shape[0], -1, -1)
 
+    def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """``vᵀw / σ²``."""
+        work, out = _work_dtype(o, v, w)
+        return ((v.to(work) * w.to(work)).sum(-1) / self.sigma**2).to(out)
+
+    def fisher_output_gram(self, o: Tensor, v: Tensor) -> Tensor:
+        """``v_pᵀv_q / σ²``."""
+        work, out = _work_dtype(o, v)
+        v = v.to(work)
+        return (torch.bmm(v, v.transpose(1, 2)) / self.sigma**2).to(out)
+
     def fourth_moment(self, o: Tensor) -> Tensor:
         return _isserlis(self.fisher_output(o))
 
-    def _lam_diag(self, o: Tensor) -> Tensor:
-        return torch.full_like(o, 1 / self.sigma**2)
+    def _lam_diag(self, o: Tensor, work: torch.dtype) -> Tensor:
+        return torch.full(o.shape, 1 / self.sigma**2, dtype=work, device=o.device)
 
     def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
-        return _isserlis_moment4(self._lam_diag(o), v, w)
+        work, out = _work_dtype(o, v, w)
+        return _isserlis_moment4(self._lam_diag(o, work), v.to(work), w.to(work)).to(out)
+
+    def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
+        """Isserlis: ``λ²[(v_pᵀv_p)(v_qᵀv_q) + 2(v_pᵀv_q)²]``."""
+        work, out = _work_dtype(o, v)
+        return _isserlis_pairwise(self._lam_diag(o, work), v.to(work)).to(out)
+
+    def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``λ‖v‖²`` and ``3λ²‖v‖⁴``."""
+        work, out = _work_dtype(o, v)
+        second = (v.to(work) ** 2).sum(-1) / self.sigma**2
+        return second.to(out), (3 * second**2).to(out)
 
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
-        return _isserlis_quadratic(self._lam_diag(o), k)
+        work, out = _work_dtype(o, k)
+        return _isserlis_quadratic(self._lam_diag(o, work), k.to(work)).to(out)
+
+    def third_moment(self, o: Tensor) -> Tensor:
+        """Zero: a centred Gaussian has no odd moments."""
+        c = o.shape[-1]
+        return torch.zeros(o.shape[0], c, c, c, dtype=o.dtype, device=o.device)
+
+    def moment3(self, o: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """Zero, without forming the C³ tensor."""
+        out = _work_dtype(o, a, b, c)[1]
+        return torch.zeros(a.shape[:-1], dtype=out, device=o.device)
+
+    def fisher_output_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``1/σ²``."""
+        return torch.full(o.shape[:1], 1 / self.sigma**2, dtype=o.dtype, device=o.device)
+
+    def fourth_moment_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``λ²(C + 2)``, ``λ = 1/σ²``: ``M X = λ²(tr(X) I + X + Xᵀ)`` has eigenvalue ``λ²(C + 2)`` on
+        ``X = I``, ``2λ²`` on traceless symmetric ``X`` and 0 on antisymmetric ``X``."""
+        value = (o.shape[-1] + 2) / self.sigma**4
+        return torch.full(o.shape[:1], value, dtype=o.dtype, device=o.device)
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
-        diff = y.to(o.dtype) - self._align(y, o)
+        work = _work_dtype(o, y)[0]
+        diff = y.to(work) - self._align(y, o).to(work)
         c = o.shape[-1]
-        return -0.5 * (diff**2).sum(-1) / self.sigma**2 - 0.5 * c * math.log(2 * math.pi * self.sigma**2)
+        log_p = -0.5 * (diff**2).sum(-1) / self.sigma**2 - 0.5 * c * math.log(2 * math.pi * self.sigma**2)
+        return log_p.to(o.dtype)

@@ -6,55 +6,161 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from .base import Family, _isserlis, _isserlis_moment4, _isserlis_quadratic, _to_generator_device
+from .base import (
+    Family,
+    _isserlis,
+    _isserlis_moment4,
+    _isserlis_pairwise,
+    _isserlis_quadratic,
+    _to_generator_device,
+    _top_eig_diag_plus_rank_one,
+    _wide_float,
+    _work_dtype,
+)
+
+#: Rates up to which labels come from ``torch.poisson`` (exact: checked to well within sampling
+#: error up to λ ≈ 1e12; above ≈ 1e14 its float64 log-factorials distort the draws, and above
+#: 2⁶³ ≈ e^43.7 its int64 count overflows). Above, the skewness-corrected normal approximation.
+EXACT_POISSON_MAX_RATE = 2.0**32
+
+
+def _sample_counts(rate: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Poisson draws for float64 ``rate`` of any size.
+
+    ``λ ≤ EXACT_POISSON_MAX_RATE``: ``torch.poisson``. Above: ``round(λ + √λ z + (z² − 1)/6)``,
+    ``z ~ N(0, 1)``, the Cornish–Fisher expansion of the Poisson quantile to order ``λ^{-1/2}``:
+    its mean, variance and third central moment are ``λ``, ``λ + 5/36`` and ``λ + O(1)``, and its
+    distribution function is within ``O(1/λ)`` (≲ 1e-9 here) of the Poisson one. The plain normal
+    approximation ``N(λ, λ)`` would err by ``O(1/√λ)`` and miss the third moment ``λ``.
+    """
+    exact = rate <= EXACT_POISSON_MAX_RATE
+    counts = torch.poisson(torch.where(exact, rate, 0.0), generator=generator)
+    if bool(exact.all()):
+        return counts
+    z = torch.randn(rate.shape, generator=generator, dtype=rate.dtype, device=rate.device)
+    approximate = torch.round(rate + rate.sqrt() * z + (z * z - 1) / 6).clamp_min(0)
+    return torch.where(exact, counts, approximate)
 
 
 class Poisson(Family):
     """Independent Poisson counts with log-rates ``o``: ``λ = exp(o)``.
 
-    ``u = y − λ``; ``Λ = diag(λ)``; fourth moments: Isserlis pairings of ``Λ`` plus
-    the fourth cumulant ``λ_a`` when ``a = b = c = d``.
+    ``u = y − λ``; ``Λ = diag(λ)``; ``E[u_a u_b u_c] = λ_a`` when ``a = b = c`` (else 0); fourth
+    moments: Isserlis pairings of ``Λ`` plus the fourth cumulant ``λ_a`` when ``a = b = c = d``.
+
+    Counts (sampled or checked) are float64 (float32 on MPS) whatever the output's dtype, since
+    counts above 2²⁴ are not exact in float32; scores and log-probabilities are computed in that
+    width from them and returned in the output's dtype. Sampling is exact up to rate
+    ``EXACT_POISSON_MAX_RATE`` and accurate to ``O(1/λ)`` in distribution above (see
+    :func:`_sample_counts`); beyond ``λ ≈ 2¹⁰⁶ ≈ e^73.5`` the spread ``√λ`` is below float64's
+    resolution of ``λ``, so draws and scores are quantised to it.
     """
 
     name = "poisson"
+
+    def _filler_label(self, o: Tensor) -> Tensor:
+        return torch.zeros(o.shape, dtype=_wide_float(o.device), device=o.device)
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
         y = super().check_targets(y, o)
         if bool((y < 0).any()) or not bool((y == y.round()).all()):
             raise TorchfimError("poisson targets must be non-negative integer counts")
-        return y
+        return y.to(_wide_float(o.device))
+
+    def _rate(self, o: Tensor, *others: Tensor) -> tuple[Tensor, torch.dtype]:
+        """``λ = exp(o)`` in float32 at least (wider if ``others`` are), and the result dtype."""
+        work, out = _work_dtype(o, *others)
+        return torch.exp(o.to(work)), out
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        rate = _to_generator_device(torch.exp(o.detach()), generator)
+        log_rate = _to_generator_device(o.detach(), generator)
+        rate = torch.exp(log_rate.to(_wide_float(log_rate.device)))
         rate = rate.unsqueeze(1).expand(rate.shape[0], k, rate.shape[1]).contiguous()
-        return torch.poisson(rate, generator=generator).to(o.device)
+        return _sample_counts(rate, generator).to(o.device)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
-        return y.to(o.dtype) - torch.exp(self._align(y, o))
+        work = torch.promote_types(_work_dtype(o)[0], y.dtype) if y.is_floating_point() else _work_dtype(o)[0]
+        return (y.to(work) - torch.exp(self._align(y, o).to(work))).to(o.dtype)
 
     def fisher_output(self, o: Tensor) -> Tensor:
-        return torch.diag_embed(torch.exp(o))
+        return torch.diag_embed(self._rate(o)[0]).to(o.dtype)
 
     def fisher_output_sqrt(self, o: Tensor) -> Tensor:
-        return torch.diag_embed(torch.exp(0.5 * o))
+        return torch.diag_embed(torch.exp(0.5 * o.to(_work_dtype(o)[0]))).to(o.dtype)
+
+    def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """``Σ_a λ_a v_a w_a``."""
+        rate, out = self._rate(o, v, w)
+        return (rate.unsqueeze(1) * v.to(rate.dtype) * w.to(rate.dtype)).sum(-1).to(out)
+
+    def fisher_output_gram(self, o: Tensor, v: Tensor) -> Tensor:
+        """``Σ_a λ_a v_pa v_qa``."""
+        rate, out = self._rate(o, v)
+        v = v.to(rate.dtype)
+        return torch.bmm(v * rate.unsqueeze(1), v.transpose(1, 2)).to(out)
 
     def fourth_moment(self, o: Tensor) -> Tensor:
-        rate = torch.exp(o)
+        rate = self._rate(o)[0]
         moments = _isserlis(torch.diag_embed(rate))
         idx = torch.arange(o.shape[-1], device=o.device)
         moments[:, idx, idx, idx, idx] += rate
-        return moments
+        return moments.to(o.dtype)
 
     # The fourth cumulant λ_a adds to the Gaussian (Isserlis) part when a = b = c = d.
     def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
-        rate = torch.exp(o)
-        return _isserlis_moment4(rate, v, w) + (rate.unsqueeze(1) * v**2 * w**2).sum(-1)
+        rate, out = self._rate(o, v, w)
+        v, w = v.to(rate.dtype), w.to(rate.dtype)
+        return (_isserlis_moment4(rate, v, w) + (rate.unsqueeze(1) * v**2 * w**2).sum(-1)).to(out)
+
+    def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
+        """Isserlis ``(v_pᵀΛv_p)(v_qᵀΛv_q) + 2(v_pᵀΛv_q)²`` plus the cumulant ``Σ_a λ_a v_pa² v_qa²``."""
+        rate, out = self._rate(o, v)
+        v = v.to(rate.dtype)
+        squared = v * v
+        cumulant = torch.bmm(squared * rate.unsqueeze(1), squared.transpose(1, 2))
+        return (_isserlis_pairwise(rate, v) + cumulant).to(out)
 
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
-        rate = torch.exp(o)
-        return _isserlis_quadratic(rate, k) + (rate * torch.diagonal(k, dim1=-2, dim2=-1) ** 2).sum(-1)
+        rate, out = self._rate(o, k)
+        k = k.to(rate.dtype)
+        diag = torch.diagonal(k, dim1=-2, dim2=-1)
+        return (_isserlis_quadratic(rate, k) + (rate * diag**2).sum(-1)).to(out)
+
+    def third_moment(self, o: Tensor) -> Tensor:
+        """``λ_a`` on the diagonal ``a = b = c`` (the third cumulant), 0 elsewhere."""
+        rate = self._rate(o)[0]
+        c = o.shape[-1]
+        moment = torch.zeros(o.shape[0], c, c, c, dtype=rate.dtype, device=o.device)
+        idx = torch.arange(c, device=o.device)
+        moment[:, idx, idx, idx] = rate
+        return moment.to(o.dtype)
+
+    def moment3(self, o: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """``Σ_a λ_a a_a b_a c_a``, without the C³ tensor."""
+        rate, out = self._rate(o, a, b, c)
+        product = a.to(rate.dtype) * b.to(rate.dtype) * c.to(rate.dtype)
+        return (rate.unsqueeze(1) * product).sum(-1).to(out)
+
+    def fisher_output_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``max_a λ_a``."""
+        return torch.exp(o.to(torch.float64).amax(-1)).to(o.dtype)
+
+    def fourth_moment_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``λ_max(M)`` with ``(M X)_ab = δ_ab λ_a Σ_c λ_c X_cc + λ_a λ_b (X_ab + X_ba) + δ_ab λ_a X_aa``.
+
+        ``M`` is 0 on antisymmetric ``X``, ``2λ_aλ_b`` on ``E_ab + E_ba`` (``a ≠ b``) and, on diagonal
+        ``X = diag(x)``, the C×C matrix ``N = λλᵀ + diag(2λ² + λ)``. ``λ_max(N) ≥ 3λ_a² ≥ 2λ_aλ_b``,
+        so ``λ_max(M) = λ_max(N)``, found by the secular equation of a rank-one update in float64
+        after dividing ``λ`` by ``s = max(1, max λ)``: ``λ_max(N) = s² λ_max(λ̃λ̃ᵀ + diag(2λ̃² + λ̃/s))``.
+        """
+        rate = torch.exp(o.to(torch.float64))
+        scale = rate.amax(-1, keepdim=True).clamp_min(1.0)
+        unit = rate / scale
+        top = _top_eig_diag_plus_rank_one(2 * unit**2 + unit / scale, unit)
+        return (scale.squeeze(-1) * (scale.squeeze(-1) * top)).to(o.dtype)
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
-        logr = self._align(y, o)
-        y = y.to(o.dtype)
-        return (y * logr - torch.exp(logr) - torch.lgamma(y + 1)).sum(-1)
+        work = torch.promote_types(_work_dtype(o)[0], y.dtype) if y.is_floating_point() else _work_dtype(o)[0]
+        logr = self._align(y, o).to(work)
+        y = y.to(work)
+        return (y * logr - torch.exp(logr) - torch.lgamma(y + 1)).sum(-1).to(o.dtype)

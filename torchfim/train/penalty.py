@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .._functional import _check_mode
+from ..engine.view import check_mode as _check_mode
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
 

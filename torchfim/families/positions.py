@@ -1,0 +1,387 @@
+"""Outputs with position dimensions: one independent observation of a base family per position.
+
+A network output of shape ``(B, *pos, C)`` (``C`` the base family's width, 1 for a Bernoulli
+logit) is flattened to ``o`` of shape ``(B, L·C)`` with ``L = prod(pos)``, position-major
+(entry ``t·C + a`` is output ``a`` at position ``t``). Given the input, the labels at the ``L``
+positions are independent draws of the base family, and a ``mask`` (``(B, L)`` bool, True =
+observed) drops positions (padding): a masked position has score ``u_t = 0`` and adds nothing
+to the log-likelihood, the Fisher or any moment. Writing ``a_t = u_tᵀv_t`` for the score and a
+vector at position ``t``, independence and ``E[u_t] = 0`` give the identities used below:
+
+- ``E[(Σ_t a_t)(Σ_t b_t)] = Σ_t v_tᵀΛ_t w_t``; ``E[(Σ a_t)(Σ b_t)(Σ c_t)] = Σ_t E[a_t b_t c_t]``;
+- ``E[(Σ a_t)²(Σ b_t)²] = Σ_t E[a_t² b_t²] + Σ_{t≠s} (E[a_t²] E[b_s²] + 2 E[a_t b_t] E[a_s b_s])``,
+  i.e. Isserlis' formula for the summed second moments plus each position's fourth cumulant;
+- ``E[(uᵀKu)²] = (tr ΛK)² + 2 tr(ΛKΛK) + Σ_t [E[(u_tᵀK_tt u_t)²] − (tr Λ_tK_tt)² − 2 tr(Λ_tK_ttΛ_tK_tt)]``
+  with ``Λ`` the block-diagonal output Fisher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import TorchfimError
+from .base import Family, _isserlis, _top_eig_diag_plus_rank_one
+
+#: Entries a dense moment tensor (``fourth_moment``, ``third_moment``) may have in all.
+DENSE_MOMENT_LIMIT = 1 << 26
+#: Entries per work chunk of per-position (m × m) results and of per-position ``Λ_t``.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class Positions(Family):
+    """Product family of ``L`` independent positions, each an observation of ``base`` given the input.
+
+    Args:
+        base: the family of one position (its width ``C`` is ``o.shape[1] // L``).
+        positions: the position shape ``pos`` (an int or a tuple); ``L = prod(pos)``.
+        mask: ``(B, L)`` or ``(B, *pos)`` bool, True where the position is observed; None = all.
+            The engine builds one ``Positions`` per mini-batch, so ``B`` is that batch's size.
+
+    Labels have shape ``(B, L, *base_label)`` (targets may also be given as
+    ``(B, *pos, *base_label)``, and without the trailing 1 for a Bernoulli base); sampled labels
+    ``(B, k, L, *base_label)``. Targets at masked positions may hold anything (e.g. ``-100``,
+    PyTorch's ``ignore_index``): they are neither checked nor used, and come back from
+    :meth:`check_targets` replaced by a valid placeholder label.
+
+    Example:
+        >>> import torch
+        >>> from torchfim.families import Categorical, Positions
+        >>> fam = Positions(Categorical(), 2, mask=torch.tensor([[True, False]]))
+        >>> o = torch.zeros(1, 2 * 3, dtype=torch.float64)    # 2 positions × 3 classes
+        >>> lam = fam.fisher_output(o)
+        >>> lam.shape, round(float(lam[0, 0, 0]), 4), float(lam[0, 3:, 3:].abs().sum())
+        (torch.Size([1, 6, 6]), 0.2222, 0.0)
+        >>> y = fam.check_targets(torch.tensor([[2, -100]]), o)   # -100 at the masked position
+        >>> fam.log_prob(o, y)    # log(1/3), the masked position adds nothing
+        tensor([-1.0986], dtype=torch.float64)
+    """
+
+    name = "positions"
+    #: Largest flat width ``L·C`` for which :meth:`fourth_moment_top_eigenvalue` is exact (dense).
+    dense_top_width = 12
+
+    def __init__(self, base: Family, positions: int | Sequence[int], mask: Tensor | None = None) -> None:
+        if not isinstance(base, Family) or isinstance(base, Positions):
+            raise TorchfimError(
+                f"Positions needs a base Family instance (not a name, not Positions), got {base!r}; "
+                "pass e.g. Positions(Categorical(), (seq_len,), mask)"
+            )
+        pos = (positions,) if isinstance(positions, int) else tuple(positions)
+        if not pos or not all(isinstance(n, int) and n > 0 for n in pos):
+            raise TorchfimError(f"positions must be positive ints (the position shape), got {positions!r}")
+        self.base, self.positions, self.length = base, pos, math.prod(pos)
+        self.label_ndim = base.label_ndim + 1
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.dim() < 1 or tuple(mask.shape[1:]) not in (pos, (self.length,)) or mask.is_floating_point():
+                raise TorchfimError(
+                    f"mask must be a bool tensor of shape (batch, {self.length}) or (batch, *{pos}), "
+                    f"got {mask.dtype} of shape {tuple(mask.shape)}; True marks observed positions"
+                )
+            mask = mask.reshape(mask.shape[0], self.length).bool()
+        self.mask = mask
+
+    def __repr__(self) -> str:
+        masked = "None" if self.mask is None else f"<{tuple(self.mask.shape)} bool>"
+        return f"Positions({self.base!r}, {self.positions}, mask={masked})"
+
+    # ------------------------------------------------------------ layout
+    def _width(self, o: Tensor) -> int:
+        if o.dim() != 2 or o.shape[1] == 0 or o.shape[1] % self.length:
+            raise TorchfimError(
+                f"Positions({self.positions}) expects flat outputs of shape (batch, {self.length}·C), got "
+                f"{tuple(o.shape)}; flatten (batch, *positions, C) outputs with o.reshape(len(o), -1)"
+            )
+        return o.shape[1] // self.length
+
+    def _keep(self, o: Tensor) -> Tensor:
+        """Observed positions ``(B, L)`` for this batch of outputs."""
+        if self.mask is None:
+            return torch.ones(o.shape[0], self.length, dtype=torch.bool, device=o.device)
+        if self.mask.shape[0] != o.shape[0]:
+            raise TorchfimError(
+                f"the Positions mask covers {self.mask.shape[0]} inputs but the outputs have {o.shape[0]}; "
+                "build the family per mini-batch with that batch's mask"
+            )
+        return self.mask.to(o.device)
+
+    def _rows(self, o: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-position outputs ``(B·L, C)`` (masked rows set to 0, so nothing non-finite leaks) and
+        the flat observed mask ``(B·L,)``."""
+        c = self._width(o)
+        keep = self._keep(o).reshape(-1)
+        rows = o.reshape(-1, c)
+        return torch.where(keep.unsqueeze(-1), rows, torch.zeros((), dtype=o.dtype, device=o.device)), keep
+
+    def _vector_rows(self, v: Tensor, c: int) -> Tensor:
+        """``(B, m, L·C)`` output-space vectors → ``(B·L, m, C)`` per position."""
+        b, m = v.shape[:2]
+        return v.reshape(b, m, self.length, c).transpose(1, 2).reshape(b * self.length, m, c)
+
+    def _per_position(self, keep: Tensor, values: Tensor) -> Tensor:
+        """Per-row results ``(B·L, *shape)`` → ``(B, L, *shape)`` with masked positions 0."""
+        mask = keep.reshape(keep.shape + (1,) * (values.dim() - 1))
+        values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        return values.reshape(-1, self.length, *values.shape[1:])
+
+    def _label_rows(self, y: Tensor, rows: Tensor, keep: Tensor) -> Tensor:
+        """Labels ``(B, *extra, L, *bl)`` → ``(B·L, *extra, *bl)``, masked ones replaced by a filler."""
+        lead = y.dim() - self.label_ndim
+        y = y.movedim(lead, 1)
+        y = y.reshape(-1, *y.shape[2:])
+        filler = self.base._filler_label(rows).to(device=y.device, dtype=y.dtype)
+        extra = lead - 1
+        filler = filler.reshape(filler.shape[:1] + (1,) * extra + filler.shape[1:])
+        mask = keep.reshape(keep.shape + (1,) * (y.dim() - 1))
+        return torch.where(mask, y, filler)
+
+    def _from_rows(self, keep: Tensor, values: Tensor) -> Tensor:
+        """Per-row ``(B·L, *extra, C)`` → ``(B, *extra, L·C)`` with masked positions 0."""
+        values = self._per_position(keep, values).movedim(1, -2)
+        return values.reshape(*values.shape[:-2], -1)
+
+    def _label_shape(self, o: Tensor) -> tuple[int, ...]:
+        return (self.length,) + self.base._label_shape(o.reshape(-1, self._width(o)))
+
+    def _filler_label(self, o: Tensor) -> Tensor:
+        rows, _ = self._rows(o)
+        filler = self.base._filler_label(rows)
+        return filler.reshape(o.shape[0], self.length, *filler.shape[1:])
+
+    # ------------------------------------------------------------ checks
+    def check_output(self, o: Tensor) -> None:
+        """The base family's checks on every observed position's output (masked ones may be anything)."""
+        c = self._width(o)
+        keep = self._keep(o).reshape(-1)
+        self.base.check_output(o.reshape(-1, c)[keep])
+
+    def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
+        """Canonical targets ``(B, L, *base_label)``: the base checks on observed positions; masked
+        positions are not checked and get a placeholder label."""
+        rows, keep = self._rows(o)
+        label = self.base._label_shape(rows)
+        b, n = o.shape[0], self.length
+        shapes = [(b, *self.positions, *label), (b, n, *label)]
+        if label == (1,):
+            shapes += [(b, *self.positions), (b, n)]
+        if tuple(y.shape) not in shapes:
+            raise TorchfimError(
+                f"targets for Positions({self.positions}) of {self.base.name!r} must have shape "
+                f"{shapes[0]} or {shapes[1]}, got {tuple(y.shape)}; pass one label per position"
+            )
+        y = y.reshape(b * n, *label).to(o.device)
+        checked = self.base.check_targets(y[keep], rows[keep])
+        full = self.base._filler_label(rows).to(device=checked.device, dtype=checked.dtype).clone()
+        full[keep] = checked
+        return full.reshape(b, n, *label)
+
+    # ------------------------------------------------------------ labels and scores
+    def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(B, k, L, *base_label)``: ``base.sample`` on the ``(B·L, C)`` per-position outputs."""
+        rows, _ = self._rows(o.detach())
+        y = self.base.sample(rows, k, generator)
+        return y.reshape(o.shape[0], self.length, *y.shape[1:]).transpose(1, 2).contiguous()
+
+    def output_score(self, y: Tensor, o: Tensor) -> Tensor:
+        """``u = (u_1, …, u_L)`` with ``u_t`` the base score at position ``t`` (0 where masked)."""
+        rows, keep = self._rows(o)
+        return self._from_rows(keep, self.base.output_score(self._label_rows(y, rows, keep), rows))
+
+    def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
+        """``Σ_t log p(y_t|o_t)`` over observed positions, with the labels' leading dims."""
+        rows, keep = self._rows(o)
+        log_p = self.base.log_prob(rows, self._label_rows(y, rows, keep))
+        return self._per_position(keep, log_p).sum(1)
+
+    # ------------------------------------------------------------ second moments
+    def _block_diagonal(self, o: Tensor, blocks: Tensor) -> Tensor:
+        """Per-row ``(B·L, C, r)`` blocks → block-diagonal ``(B, L·C, L·r)``."""
+        _, keep = self._rows(o)
+        per = self._per_position(keep, blocks)
+        eye = torch.eye(self.length, dtype=per.dtype, device=per.device)
+        full = torch.einsum("btaj,ts->btasj", per, eye)
+        return full.reshape(o.shape[0], self.length * blocks.shape[1], self.length * blocks.shape[2])
+
+    def fisher_output(self, o: Tensor) -> Tensor:
+        """Block-diagonal ``Λ = diag(Λ_1, …, Λ_L)`` (B, L·C, L·C), masked blocks 0."""
+        return self._block_diagonal(o, self.base.fisher_output(self._rows(o)[0]))
+
+    def fisher_output_sqrt(self, o: Tensor) -> Tensor:
+        """Block-diagonal ``S = diag(S_1, …, S_L)`` (B, L·C, L·r), masked columns 0."""
+        return self._block_diagonal(o, self.base.fisher_output_sqrt(self._rows(o)[0]))
+
+    def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """``Σ_t v_tᵀ Λ_t w_t``."""
+        rows, keep = self._rows(o)
+        c = rows.shape[1]
+        per = self.base.fisher_output_bilinear(rows, self._vector_rows(v, c), self._vector_rows(w, c))
+        return self._per_position(keep, per).sum(1)
+
+    def _accumulate(self, o: Tensor, v: Tensor, step: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``Σ_t step(o_t, v_t)`` for a per-position ``step`` returning (·, m, m), in chunks of
+        positions so that at most ``_CHUNK_ELEMENTS`` per-position entries are held."""
+        b, m = v.shape[:2]
+        c = self._width(o)
+        keep = self._keep(o)
+        span = max(1, _CHUNK_ELEMENTS // max(1, b * m * m))
+        total = None
+        for start in range(0, self.length, span):
+            stop = min(start + span, self.length)
+            sub = Positions(self.base, stop - start, keep[:, start:stop])
+            part = sub._accumulate_chunk(o[:, start * c : stop * c], v[..., start * c : stop * c], step)
+            total = part if total is None else total + part
+        return total
+
+    def _accumulate_chunk(self, o: Tensor, v: Tensor, step: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        rows, keep = self._rows(o)
+        return self._per_position(keep, step(rows, self._vector_rows(v, rows.shape[1]))).sum(1)
+
+    def fisher_output_gram(self, o: Tensor, v: Tensor) -> Tensor:
+        """``Σ_t V_t Λ_t V_tᵀ`` (B, m, m)."""
+        return self._accumulate(o, v, self.base.fisher_output_gram)
+
+    # ------------------------------------------------------------ fourth moments
+    def moment4(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """``Σ_t (E[a_t²b_t²] − X_tY_t − 2Z_t²) + (Σ X)(Σ Y) + 2(Σ Z)²`` with ``X_t = v_tᵀΛ_tv_t``,
+        ``Y_t = w_tᵀΛ_tw_t``, ``Z_t = v_tᵀΛ_tw_t``."""
+        rows, keep = self._rows(o)
+        c = rows.shape[1]
+        vr, wr = self._vector_rows(v, c), self._vector_rows(w, c)
+        x = self._per_position(keep, self.base.fisher_output_bilinear(rows, vr, vr))
+        y = self._per_position(keep, self.base.fisher_output_bilinear(rows, wr, wr))
+        z = self._per_position(keep, self.base.fisher_output_bilinear(rows, vr, wr))
+        m4 = self._per_position(keep, self.base.moment4(rows, vr, wr))
+        cumulant = (m4 - x * y - 2 * z**2).sum(1)
+        return cumulant + x.sum(1) * y.sum(1) + 2 * z.sum(1) ** 2
+
+    def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``Σ_t X_t`` and ``Σ_t (E[a_t⁴] − 3X_t²) + 3(Σ_t X_t)²``, ``X_t = v_tᵀΛ_tv_t``."""
+        rows, keep = self._rows(o)
+        second, fourth = self.base.moments_along(rows, self._vector_rows(v, rows.shape[1]))
+        second, fourth = self._per_position(keep, second), self._per_position(keep, fourth)
+        total = second.sum(1)
+        return total, (fourth - 3 * second**2).sum(1) + 3 * total**2
+
+    def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
+        """``Σ_t (P_t − s_t s_tᵀ − 2G_t∘G_t) + d dᵀ + 2 G∘G`` with ``P_t`` the base pairwise moment,
+        ``G_t = V_tΛ_tV_tᵀ``, ``s_t = diag G_t``, ``G = Σ_t G_t``, ``d = diag G``."""
+
+        def cumulant_and_gram(rows: Tensor, vr: Tensor) -> Tensor:
+            gram = self.base.fisher_output_gram(rows, vr)
+            along = torch.diagonal(gram, dim1=-2, dim2=-1)
+            pairwise = self.base.pairwise_moment4(rows, vr)
+            cumulant = pairwise - along.unsqueeze(-1) * along.unsqueeze(-2) - 2 * gram**2
+            return torch.cat([cumulant, gram], dim=-1)
+
+        both = self._accumulate(o, v, cumulant_and_gram)
+        m = v.shape[1]
+        cumulant, gram = both[..., :m], both[..., m:]
+        along = torch.diagonal(gram, dim1=-2, dim2=-1)
+        return cumulant + along.unsqueeze(-1) * along.unsqueeze(-2) + 2 * gram**2
+
+    def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
+        """``(tr T)² + 2‖T‖² + Σ_t [base E[(u_tᵀK_ttu_t)²] − (tr T_tt)² − 2‖T_tt‖²]`` with
+        ``T = SᵀKS`` (``S`` the block-diagonal root, ``tr ΛK = tr T``, ``tr ΛKΛK = ‖T‖²_F``)."""
+        rows, keep = self._rows(o)
+        b, n, c = o.shape[0], self.length, rows.shape[1]
+        roots = self._per_position(keep, self.base.fisher_output_sqrt(rows))  # (B, L, C, r)
+        blocks = k.reshape(b, n, c, n, c)
+        t = torch.einsum("btaj,btasc,bsck->btjsk", roots, blocks.to(roots.dtype), roots)
+        gauss = torch.einsum("btjtj->b", t) ** 2 + 2 * (t**2).sum((1, 2, 3, 4))
+        idx = torch.arange(n, device=o.device)
+        own = t[:, idx, :, idx, :].transpose(0, 1)  # (B, L, r, r): T_tt
+        own_gauss = torch.einsum("btjj->bt", own) ** 2 + 2 * (own**2).sum((2, 3))
+        diagonal_k = blocks[:, idx, :, idx, :].transpose(0, 1).reshape(b * n, c, c)
+        exact = self._per_position(keep, self.base.quadratic_moment(rows, diagonal_k))
+        return gauss + (exact - own_gauss.to(exact.dtype)).sum(1)
+
+    def _check_dense(self, o: Tensor, order: int, what: str) -> None:
+        size = o.shape[0] * o.shape[1] ** order
+        if size > DENSE_MOMENT_LIMIT:
+            raise TorchfimError(
+                f"Positions.{what} would build a dense (B, L·C)^{order} tensor of {size:.3g} entries "
+                f"(limit {DENSE_MOMENT_LIMIT:.3g}); use the structure-aware moment4, moments_along, "
+                "pairwise_moment4, quadratic_moment or moment3 instead"
+            )
+
+    def _embed_diagonal(self, full: Tensor, per: Tensor, order: int) -> Tensor:
+        """Add per-position ``(B, L, C, …, C)`` tensors of ``order`` indices on the ``t = s = …``
+        diagonal of a dense ``(B, L·C, …, L·C)`` tensor."""
+        b, n, c = per.shape[0], self.length, per.shape[2]
+        view = full.view(b, *(n, c) * order)
+        idx = torch.arange(n, device=full.device)
+        index = (slice(None),) + (idx, slice(None)) * order
+        view[index] += per.transpose(0, 1)
+        return full
+
+    def fourth_moment(self, o: Tensor) -> Tensor:
+        """``Isserlis(Λ) + Σ_t (M4_t − Isserlis(Λ_t))`` on the position diagonal, dense (B, (L·C)⁴)."""
+        self._check_dense(o, 4, "fourth_moment")
+        rows, keep = self._rows(o)
+        cumulant = self.base.fourth_moment(rows) - _isserlis(self.base.fisher_output(rows))
+        return self._embed_diagonal(_isserlis(self.fisher_output(o)), self._per_position(keep, cumulant), 4)
+
+    # ------------------------------------------------------------ third moments
+    def third_moment(self, o: Tensor) -> Tensor:
+        """``E[u_I u_J u_K]``: the base third moments on the position diagonal, dense (B, (L·C)³)."""
+        self._check_dense(o, 3, "third_moment")
+        rows, keep = self._rows(o)
+        per = self._per_position(keep, self.base.third_moment(rows))
+        width = o.shape[1]
+        full = torch.zeros(o.shape[0], width, width, width, dtype=per.dtype, device=o.device)
+        return self._embed_diagonal(full, per, 3)
+
+    def moment3(self, o: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """``Σ_t E[(u_tᵀa_t)(u_tᵀb_t)(u_tᵀc_t)]``."""
+        rows, keep = self._rows(o)
+        width = rows.shape[1]
+        a, b, c = (self._vector_rows(x, width) for x in (a, b, c))
+        return self._per_position(keep, self.base.moment3(rows, a, b, c)).sum(1)
+
+    # ------------------------------------------------------------ spectra
+    def fisher_output_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``max_t λ_max(Λ_t)`` over observed positions (0 if none)."""
+        rows, keep = self._rows(o)
+        return self._per_position(keep, self.base.fisher_output_top_eigenvalue(rows)).amax(1)
+
+    def _fisher_norms(self, rows: Tensor, tops: Tensor) -> Tensor:
+        """``‖Λ_t‖_F`` per row, from ``base.fisher_output`` in chunks; where ``C²`` entries per row are
+        too many, the upper bound ``‖Λ_t‖²_F ≤ λ_max(M_t)`` (``tops``) instead (see below)."""
+        c = rows.shape[1]
+        if c * c > _CHUNK_ELEMENTS:
+            return tops.to(torch.float64).clamp_min(0).sqrt()
+        span = max(1, _CHUNK_ELEMENTS // (c * c))
+        parts = [self.base.fisher_output(part).to(torch.float64).square().sum((1, 2)) for part in rows.split(span)]
+        return torch.cat(parts).sqrt()
+
+    def fourth_moment_top_eigenvalue(self, o: Tensor) -> Tensor:
+        """``λ_max(M)``, ``M = E[vec(uuᵀ)vec(uuᵀ)ᵀ]``: exact (dense) for ``L·C ≤ dense_top_width``,
+        else the upper bound ``max(max_t μ_t + ρ(hhᵀ − diag h²), 2 λ_(1) λ_(2))``.
+
+        Here ``μ_t = λ_max(M_t)`` and ``λ_t = λ_max(Λ_t)`` per observed position (``λ_(1) ≥ λ_(2)`` the
+        two largest), ``h_t = ‖Λ_t‖_F`` and ``ρ`` the top eigenvalue. Why: for symmetric ``X`` split
+        ``uᵀXu = D + O`` into position-diagonal blocks ``D = Σ_t u_tᵀX_ttu_t`` and the rest ``O``;
+        ``E[DO] = 0``, ``E[O²] = 2Σ_{t≠s} tr(Λ_tX_tsΛ_sX_st) ≤ 2λ_(1)λ_(2)‖X_off‖²`` and
+        ``E[D²] = Σ_t x_tᵀM_tx_t + Σ_{t≠s}(tr Λ_tX_tt)(tr Λ_sX_ss) ≤ (max μ + ρ(hhᵀ − diag h²))‖X_diag‖²``
+        (``|tr Λ_tX_tt| ≤ h_t‖X_tt‖``). With one observed position the bound is exact. Where
+        ``C²`` is too large to form ``Λ_t``, ``h_t = √μ_t`` (valid: ``‖Λ_t‖²_F ≤ μ_t`` by the Rayleigh
+        quotient of ``M_t`` at ``vec Λ_t``, and ``ρ`` grows with ``h``).
+        """
+        if o.shape[1] <= self.dense_top_width:
+            return super().fourth_moment_top_eigenvalue(o)
+        rows, keep = self._rows(o)
+        mu = self._per_position(keep, self.base.fourth_moment_top_eigenvalue(rows).to(torch.float64))
+        lam = self._per_position(keep, self.base.fisher_output_top_eigenvalue(rows).to(torch.float64))
+        norms = self._per_position(keep, self._fisher_norms(rows, mu.reshape(-1)))
+        coupling = _top_eig_diag_plus_rank_one(-(norms**2), norms)
+        diagonal_part = mu.amax(1) + coupling
+        top_two = lam.topk(min(2, self.length), dim=1).values
+        off_part = 2 * top_two.prod(1) if self.length > 1 else torch.zeros_like(diagonal_part)
+        return torch.maximum(diagonal_part, off_part).to(o.dtype)
+
+
+__all__ = ["DENSE_MOMENT_LIMIT", "Positions"]
