@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -9,13 +11,16 @@ from ..errors import TorchfimError
 from .base import _TINY64, Family, _to_generator_device, _work_dtype, robust_eigvalsh
 
 #: Classes up to which :meth:`Categorical.fourth_moment_top_eigenvalue` is exact (a float64
-#: C×C eigen-solve per input); above it returns a Collatz–Wielandt upper bound.
-EXACT_FOURTH_TOP_CLASSES = 256
+#: C×C eigen-solve per input); above it returns a Collatz–Wielandt upper bound in O(C) memory.
+EXACT_FOURTH_TOP_CLASSES = 128
 #: Float64 entries of C×C work matrices held at once (inputs are processed in chunks).
 _CHUNK_ELEMENTS = 1 << 24
 #: Geometric bisection steps: the log-bracket is at most ln(1/tiny) ≈ 708, halved to ≲ 1e-17.
 _SECULAR_STEPS = 72
-_POWER_STEPS = 30
+#: Power iterations for the bound above EXACT_FOURTH_TOP_CLASSES, and the relative gap to the
+#: Rayleigh quotient at which they stop.
+_POWER_STEPS = 100
+_POWER_GAP = 1e-10
 
 
 def _probabilities64(o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -44,14 +49,14 @@ def _fisher_top_eigenvalue(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
     second = others.amax(-1)
     log_lo, log_hi = second.clamp_min(_TINY64).log(), p_top.log()
     for _ in range(_SECULAR_STEPS):
-        mu = torch.exp(0.5 * (log_lo + log_hi))
+        middle = 0.5 * (log_lo + log_hi)
+        mu = torch.exp(middle)
         top_term = (p_top * q - mu) / (p_top - mu)
         gaps = others - mu.unsqueeze(-1)  # < 0 strictly inside the bracket
         # p_a · (p_a/(p_a − μ)): the square p_a² would underflow for p_a ≲ 1e-154.
         rest = torch.where(others > 0, others * (others / torch.where(gaps != 0, gaps, -1.0)), 0.0).sum(-1)
         past_root = (top_term - rest) < 0
-        log_hi = torch.where(past_root, 0.5 * (log_lo + log_hi), log_hi)
-        log_lo = torch.where(past_root, log_lo, 0.5 * (log_lo + log_hi))
+        log_lo, log_hi = torch.where(past_root, log_lo, middle), torch.where(past_root, middle, log_hi)
     root = torch.exp(0.5 * (log_lo + log_hi))
     return torch.where(second >= _TINY64, root, 2 * q)
 
@@ -74,16 +79,48 @@ def _score_gram_squared(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
     return inner**2
 
 
-def _collatz_wielandt_bound(k: Tensor, x: Tensor) -> Tensor:
-    """Upper bound on ``λ_max(K)`` for symmetric ``K ≥ 0`` entrywise: ``min_j max_y (K x_j)_y/(x_j)_y``
-    over power iterates ``x_{j+1} = K x_j`` from ``x_0 = x > 0`` (Collatz–Wielandt), where rows
-    with ``x_y = 0`` are zero and carry no eigenvalue."""
-    best = torch.full(k.shape[:1], torch.inf, dtype=k.dtype, device=k.device)
+def _structured_product(p: Tensor, r: Tensor, q: Tensor) -> Callable[[Tensor], Tensor]:
+    """``y ↦ G y`` for ``G_yz = (d_yᵀd_z)²``, in O(C) per input.
+
+    For ``y, z ≠ r``: ``d_yᵀd_z = δ_yz + b_y + b_z`` with ``b = ‖p‖²/2 − p``, so
+    ``G_yz = δ_yz (1 + 4b_y) + b_y² + 2 b_y b_z + b_z²`` (diagonal plus rank 3; ``1 + 2b_y ≥ ‖p‖²``
+    there, so no cancellation); the row and column of ``r`` use the accurate ``d_rᵀd_z``.
+    """
+    b = 0.5 * (p * p).sum(-1, keepdim=True) - p
+    w = (-p).scatter(-1, r, q.unsqueeze(-1))
+    row = (w - q.unsqueeze(-1) + (w * w).sum(-1, keepdim=True)) ** 2  # G_rz
+    diagonal = 1 + 4 * b
+    powers = torch.stack([torch.ones_like(b), b, b * b], dim=-1)  # (B, C, 3): 1, b, b²
+    others = torch.ones_like(p).scatter(-1, r, 0.0)
+    pair_weights = torch.tensor([1.0, 2.0, 1.0], dtype=p.dtype, device=p.device)
+
+    def multiply(y: Tensor) -> Tensor:
+        rest = y * others
+        sums = torch.bmm(rest.unsqueeze(1), powers)  # (B, 1, 3): Σ y, Σ b y, Σ b² y over z ≠ r
+        weights = (sums.flip(-1) * pair_weights).transpose(1, 2)  # Σ b²y, 2Σ by, Σ y
+        gy = diagonal * rest + torch.bmm(powers, weights).squeeze(-1) + row * y.gather(-1, r)
+        return gy.scatter(-1, r, (row * y).sum(-1, keepdim=True))
+
+    return multiply
+
+
+def _collatz_wielandt_bound(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
+    """Upper bound on ``λ_max(K)``, ``K = diag(√p) G diag(√p)``, from the similar-up-to-zeros
+    non-negative matrix ``A = G diag(p)``: ``min_j max_y (A x_j)_y/(x_j)_y`` over power iterates
+    ``x_{j+1} = A x_j`` from ``x_0 = 1`` (Collatz–Wielandt). ``A`` rather than ``K`` keeps the
+    iterates clear of underflow when ``p`` is tiny. Stops once within ``_POWER_GAP`` of the
+    Rayleigh quotient of ``K`` at ``√p ∘ x`` (a lower bound), after at most ``_POWER_STEPS``."""
+    multiply = _structured_product(p, r, q)
+    x = torch.ones_like(p)
+    best = torch.full(p.shape[:1], torch.inf, dtype=p.dtype, device=p.device)
     for _ in range(_POWER_STEPS):
-        kx = torch.bmm(k, x.unsqueeze(-1)).squeeze(-1)
-        ratio = torch.where(x > 0, kx / torch.where(x > 0, x, 1.0), 0.0).amax(-1)
+        ax = multiply(p * x).clamp_min(0)
+        ratio = torch.where(x > 0, ax / torch.where(x > 0, x, 1.0), 0.0).amax(-1)
         best = torch.minimum(best, ratio)
-        x = kx / kx.amax(-1, keepdim=True).clamp_min(_TINY64)
+        rayleigh = (p * x * ax).sum(-1) / (p * x * x).sum(-1).clamp_min(_TINY64)
+        if bool((best - rayleigh <= _POWER_GAP * best).all()):
+            break
+        x = ax / ax.amax(-1, keepdim=True).clamp_min(_TINY64)
     return best
 
 
@@ -258,21 +295,20 @@ class Categorical(Family):
 
         Its nonzero eigenvalues are those of the C×C matrix ``K = diag(√p) G diag(√p)``,
         ``G_yz = (AᵀA)_yz = (d_yᵀ d_z)²``: exact by a float64 eigen-solve of ``K`` for
-        ``C ≤ EXACT_FOURTH_TOP_CLASSES``; above, the Collatz–Wielandt upper bound of
-        ``_POWER_STEPS`` power iterates (``K`` is entrywise non-negative), a valid bound constant.
-        Inputs are processed in chunks of ``_CHUNK_ELEMENTS`` float64 entries.
+        ``C ≤ EXACT_FOURTH_TOP_CLASSES`` (inputs in chunks of ``_CHUNK_ELEMENTS`` float64 entries);
+        above, the Collatz–Wielandt upper bound from power iteration with an O(C) product by
+        ``K`` (diagonal plus rank 3 plus the top class's row), which equals ``λ_max`` where the
+        iteration converges and is a valid bound constant where it does not.
         """
         c = o.shape[-1]
-        chunk = max(1, _CHUNK_ELEMENTS // (c * c))
+        if c > EXACT_FOURTH_TOP_CLASSES:
+            return _collatz_wielandt_bound(*_probabilities64(o)).to(o.dtype)
         tops = []
-        for part in o.split(chunk):
+        for part in o.split(max(1, _CHUNK_ELEMENTS // (c * c))):
             p, r, q = _probabilities64(part)
             root = p.sqrt()
             k = root.unsqueeze(-1) * _score_gram_squared(p, r, q) * root.unsqueeze(-2)
-            if c <= EXACT_FOURTH_TOP_CLASSES:
-                tops.append(robust_eigvalsh(k)[..., -1])
-            else:
-                tops.append(_collatz_wielandt_bound(k, root))
+            tops.append(robust_eigvalsh(k)[..., -1])
         return torch.cat(tops).to(o.dtype)
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:

@@ -165,13 +165,15 @@ class Positions(Family):
         rows, keep = self._rows(o)
         label = self.base._label_shape(rows)
         b, n = o.shape[0], self.length
-        shapes = [(b, *self.positions, *label), (b, n, *label)]
-        if label == (1,):
-            shapes += [(b, *self.positions), (b, n)]
-        if tuple(y.shape) not in shapes:
+        shape, cut = tuple(y.shape), y.dim() - len(label)
+        # Any position shape with L entries is accepted: (B, *pos, *label), (B, L, *label), and for a
+        # Bernoulli base (label (1,)) also without the trailing 1.
+        fits = shape[:1] == (b,) and cut >= 1 and shape[cut:] == label and math.prod(shape[1:cut]) == n
+        if not fits and not (label == (1,) and shape[:1] == (b,) and y.dim() >= 2 and math.prod(shape[1:]) == n):
             raise TorchfimError(
                 f"targets for Positions({self.positions}) of {self.base.name!r} must have shape "
-                f"{shapes[0]} or {shapes[1]}, got {tuple(y.shape)}; pass one label per position"
+                f"(batch, *positions, *{label}) with {n} positions, e.g. {(b, n, *label)}, got {shape}; "
+                "pass one label per position"
             )
         y = y.reshape(b * n, *label).to(o.device)
         checked = self.base.check_targets(y[keep], rows[keep])
