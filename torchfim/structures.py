@@ -90,6 +90,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+class StructureVisitor(ABC):
+    """A computation whose formula depends on the structure: one method per kind (double dispatch)."""
+
+    @abstractmethod
+    def full(self, structure: Full) -> None: ...
+
+    @abstractmethod
+    def diag(self, structure: Diag) -> None: ...
+
+    @abstractmethod
+    def trace(self, structure: Trace) -> None: ...
+
+    @abstractmethod
+    def blocks(self, structure: Blocks) -> None: ...
+
+
 class Structure(ABC):
     """Running sum of one view of a symmetric ``P×P`` matrix; see the module docstring."""
 
@@ -148,6 +164,10 @@ class Structure(ABC):
         full = torch.zeros(self.layout.sizes[index], dtype=values.dtype, device=values.device)
         full[local] = values
         self.add_diagonal(index, full, scale)
+
+    @abstractmethod
+    def visit(self, visitor: StructureVisitor) -> None:
+        """Call the method of ``visitor`` for this kind of structure with the structure itself."""
 
     # ------------------------------------------------------------------ result
     def finish(self, n: float) -> PublicValue:
@@ -218,6 +238,9 @@ class Diag(Structure):
 
     name, product = "diag", "squares"
 
+    def visit(self, visitor: StructureVisitor) -> None:
+        visitor.diag(self)
+
     def __init__(self, layout: Layout) -> None:
         super().__init__(layout)
         self.value = layout.zeros(layout.num_params)
@@ -253,6 +276,9 @@ class Trace(Structure):
     """Only the trace, a 0-dim tensor."""
 
     name, product = "trace", "squares"
+
+    def visit(self, visitor: StructureVisitor) -> None:
+        visitor.trace(self)
 
     def __init__(self, layout: Layout) -> None:
         super().__init__(layout)
@@ -296,6 +322,9 @@ class Blocks(Structure):
     """One dense block per parameter tensor (the block diagonal of the matrix)."""
 
     name, product = "blocks", "block_rows"
+
+    def visit(self, visitor: StructureVisitor) -> None:
+        visitor.blocks(self)
 
     def __init__(self, layout: Layout) -> None:
         super().__init__(layout)
@@ -356,6 +385,9 @@ class Full(Structure):
     """The whole ``P×P`` matrix."""
 
     name, product = "full", "rows"
+
+    def visit(self, visitor: StructureVisitor) -> None:
+        visitor.full(self)
 
     def __init__(self, layout: Layout) -> None:
         super().__init__(layout)

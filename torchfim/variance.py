@@ -21,12 +21,22 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from .engine import ENGINE_LOCK, Backend, ModelView, Recording, backend_name, batches, make_backend, run
-from .engine.backend import second_order_support
+from .engine.backend import CHUNK_ELEMENTS, second_order_support
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, get_family
 from .families.base import robust_eigvalsh
-from .structures import STRUCTURE_NAMES, PublicValue, Structure, make_structure
+from .structures import (
+    STRUCTURE_NAMES,
+    Blocks,
+    Diag,
+    Full,
+    PublicValue,
+    Structure,
+    StructureVisitor,
+    Trace,
+    make_structure,
+)
 
 VARIANCE_ESTIMATORS = ("score", "hessian")
 MODES = ("exact", "spectral", "kurtosis")
@@ -42,97 +52,108 @@ def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
     return None
 
 
-def _score_batch(engine: Backend, rec: Recording, fam: Family, result: Structure, mode: str) -> None:
-    """Add Σᵢ of the per-label Î1 variance (or its bound) of one mini-batch."""
-    o = rec.values
-    scale = _bound_scale(fam, o, mode)
-    if result.name == "trace":
-        gram = engine.output_gram(rec)
-        lam = fam.fisher_output(o)
-        trace_i = torch.einsum("nab,nab->n", lam, gram)
+class ScoreVariance(StructureVisitor):
+    """Add Σᵢ of the per-label Î1 variance (or its bound) of one mini-batch to a structure."""
+
+    def __init__(self, engine: Backend, rec: Recording, fam: Family, mode: str) -> None:
+        self.engine, self.rec, self.fam, self.mode = engine, rec, fam, mode
+        self.o = rec.values
+        self.scale = _bound_scale(fam, self.o, mode)
+
+    def trace(self, structure: Trace) -> None:
+        o, fam, mode, scale = self.o, self.fam, self.mode, self.scale
+        gram = self.engine.output_gram(self.rec)
+        trace_i = torch.einsum("nab,nab->n", fam.fisher_output(o), gram)
         if mode == "exact":
             second = fam.quadratic_moment(o, gram)
         elif mode == "spectral":
             second = scale * gram.square().sum((1, 2))
         else:
             second = scale * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
-        result.add_squares(0, (second - trace_i**2).sum())
-        return
-    if result.name == "diag":
+        structure.add_squares(0, (second - trace_i**2).sum())
+
+    def diag(self, structure: Diag) -> None:
+        o, fam, mode, scale = self.o, self.fam, self.mode, self.scale
 
         def quartic(rows: slice, cols: Tensor) -> Tensor:
             fisher_pp, fourth = fam.moments_along(o[rows], cols)
             second = fourth if mode == "exact" else scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2
             return second - fisher_pp**2
 
-        for i, value in engine.entry_quartic(rec, quartic).items():
-            result.add_squares(i, value)
-        return
-    lam = fam.fisher_output(o)
-    for rows, piece in engine.jacobian_pieces(rec):
-        if result.name == "full":
-            cols = torch.cat([piece[i] for i in sorted(piece)], dim=-1).transpose(1, 2)  # (b, P, C)
-            _add_pairwise(result, None, cols, fam, o[rows], lam[rows], scale, rows, mode)
-        else:
+        for i, value in self.engine.entry_quartic(self.rec, quartic).items():
+            structure.add_squares(i, value)
+
+    def blocks(self, structure: Blocks) -> None:
+        for rows, piece in self.engine.jacobian_pieces(self.rec):
             for i, g in piece.items():
-                _add_pairwise(result, i, g.transpose(1, 2), fam, o[rows], lam[rows], scale, rows, mode)
+                self._pairwise(structure, i, g.transpose(1, 2), rows)
+
+    def full(self, structure: Full) -> None:
+        for rows, piece in self.engine.jacobian_pieces(self.rec):
+            cols = torch.cat([piece[i] for i in sorted(piece)], dim=-1).transpose(1, 2)  # (b, P, C)
+            self._pairwise(structure, None, cols, rows)
+
+    def _pairwise(self, structure: Structure, index: int | None, v: Tensor, rows: slice) -> None:
+        """Add Σᵢ ``E[(uᵀv_p)²(uᵀv_q)²] − (v_pᵀΛv_q)²`` (or its bound) for columns ``v`` (b, n, C)."""
+        o = self.o[rows]
+        fisher_pq = self.fam.fisher_output_gram(o, v)
+        if self.mode == "exact":
+            second = self.fam.pairwise_moment4(o, v)
+        else:
+            norms = v.square().sum(-1)
+            second = self.scale[rows][:, None, None] * norms.unsqueeze(2) * norms.unsqueeze(1)
+        structure.add_matrix(index, slice(None), (second - fisher_pq**2).sum(0))
 
 
-def _add_pairwise(result: Structure, index: int | None, v: Tensor, fam: Family, o: Tensor, lam: Tensor,
-                  scale: Tensor | None, rows: slice, mode: str) -> None:
-    """Add Σᵢ ``E[(uᵀv_p)²(uᵀv_q)²] − (v_pᵀΛv_q)²`` (or its bound) for columns ``v`` (b, n, C)."""
-    fisher_pq = torch.einsum("npc,ncd,nqd->npq", v, lam, v)
-    if mode == "exact":
-        second = fam.pairwise_moment4(o, v)
-    else:
-        norms = v.square().sum(-1)
-        second = scale[rows][:, None, None] * norms.unsqueeze(2) * norms.unsqueeze(1)
-    result.add_matrix(index, slice(None), (second - fisher_pq**2).sum(0))
+class HessianVariance(StructureVisitor):
+    """Add Σᵢ of the per-label Î2 variance (or its bound) of one mini-batch to a structure."""
 
+    def __init__(self, engine: Backend, rec: Recording, fam: Family, mode: str) -> None:
+        self.engine, self.rec, self.mode = engine, rec, mode
+        self.o = rec.values
+        self.lam = fam.fisher_output(self.o)
+        self.top = fam.fisher_output_top_eigenvalue(self.o) if mode != "exact" else None
 
-def _hessian_batch(engine: Backend, rec: Recording, fam: Family, result: Structure, mode: str) -> None:
-    """Add Σᵢ of the per-label Î2 variance (or its bound) of one mini-batch."""
-    o, batch = rec.values, rec.batch
-    lam = fam.fisher_output(o)
-    top = fam.fisher_output_top_eigenvalue(o) if mode != "exact" else None
+    def quadratic(self, rows: slice, d: Tensor) -> Tensor:
+        """``dᵀΛd`` (exact) or ``λ_max(Λ)‖d‖²`` (bound) for ``d`` (b, n, C) of the samples ``rows``."""
+        if self.mode == "exact":
+            return torch.einsum("bnc,bcd,bnd->bn", d, self.lam[rows], d)
+        return self.top[rows].unsqueeze(1) * d.square().sum(-1)
 
-    def quadratic(rows: slice, d: Tensor) -> Tensor:  # d (b, n, C) → dᵀΛd or λ_max‖d‖²
-        if mode == "exact":
-            return torch.einsum("bnc,bcd,bnd->bn", d, lam[rows], d)
-        return top[rows].unsqueeze(1) * d.square().sum(-1)
+    def diag(self, structure: Diag) -> None:
+        terms = self.engine.hessian_diagonal_terms(self.rec.batch, self.quadratic, self.o.shape[1])
+        for i, value in terms.items():
+            structure.add_squares(i, value)
 
-    if result.name == "diag":
-        for i, value in engine.hessian_diagonal_terms(batch, quadratic, o.shape[1]).items():
-            result.add_squares(i, value)
-        return
-    if result.name == "trace":
-        d = engine.output_hessian_traces(batch, o.shape[1]).to(o.dtype)
-        result.add_squares(0, quadratic(slice(None), d.unsqueeze(1)).sum())
-        return
-    _hessian_blocks(engine, rec, lam, top, result, mode)
+    def trace(self, structure: Trace) -> None:
+        d = self.engine.output_hessian_traces(self.rec.batch, self.o.shape[1]).to(self.o.dtype)
+        structure.add_squares(0, self.quadratic(slice(None), d.unsqueeze(1)).sum())
 
+    def blocks(self, structure: Blocks) -> None:
+        layout = self.engine.layout
+        self._columns(structure, [(i, layout.span(i)) for i in range(len(layout.names))])
 
-def _hessian_blocks(engine: Backend, rec: Recording, lam: Tensor, top: Tensor | None, result: Structure,
-                    mode: str) -> None:
-    """Î2 variances of ``blocks``/``full`` entries from per-sample output-Hessian columns."""
-    layout, batch = engine.layout, rec.batch
-    width = rec.values.shape[1]
-    blocks = [(None, slice(0, layout.num_params))] if result.name == "full" else \
-        [(i, layout.span(i)) for i in range(len(layout.names))]
-    row_step = max(1, 2**24 // max(1, width * layout.num_params))
-    for start_row in range(0, batch.size, row_step):
-        rows = slice(start_row, min(batch.size, start_row + row_step))
-        sub = batch.rows(rows)
-        step = max(1, 2**24 // max(1, sub.size * width * layout.num_params * 4))
-        for index, span in blocks:
-            for first in range(span.start, span.stop, step):
-                columns = torch.arange(first, min(span.stop, first + step), device=layout.device)
-                h = engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
-                if mode == "exact":
-                    values = torch.einsum("mnab,nac,mncb->mb", h, lam[rows], h)
-                else:
-                    values = torch.einsum("n,mnab->mb", top[rows], h.square())
-                result.add_matrix(index, columns - span.start, values)
+    def full(self, structure: Full) -> None:
+        self._columns(structure, [(None, slice(0, self.engine.layout.num_params))])
+
+    def _columns(self, structure: Structure, blocks: list[tuple[int | None, slice]]) -> None:
+        """Î2 variances of dense entries from per-sample output-Hessian columns, block by block."""
+        layout, batch = self.engine.layout, self.rec.batch
+        width = self.o.shape[1]
+        row_step = max(1, CHUNK_ELEMENTS // max(1, width * layout.num_params))
+        for start_row in range(0, batch.size, row_step):
+            rows = slice(start_row, min(batch.size, start_row + row_step))
+            sub = batch.rows(rows)
+            step = max(1, CHUNK_ELEMENTS // max(1, sub.size * width * layout.num_params * 4))
+            for index, span in blocks:
+                for first in range(span.start, span.stop, step):
+                    columns = torch.arange(first, min(span.stop, first + step), device=layout.device)
+                    h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
+                    if self.mode == "exact":
+                        values = torch.einsum("mnab,nac,mncb->mb", h, self.lam[rows], h)
+                    else:
+                        values = torch.einsum("n,mnab->mb", self.top[rows], h.square())
+                    structure.add_matrix(index, columns - span.start, values)
 
 
 def variance_of(
@@ -163,10 +184,10 @@ def variance_of(
         for rec, fam_b in run(view, engine, batches(inputs, None, view.device, view.dtype), fam, mask, progress,
                               f"variance[{estimator}]"):
             if estimator == "score":
-                _score_batch(engine, rec, fam_b, result, mode)
+                result.visit(ScoreVariance(engine, rec, fam_b, mode))
             else:
                 with second_order_support():
-                    _hessian_batch(engine, rec, fam_b, result, mode)
+                    result.visit(HessianVariance(engine, rec, fam_b, mode))
             n += rec.batch.size
         if n == 0:
             raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
