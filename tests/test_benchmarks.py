@@ -1,12 +1,14 @@
-"""Smoke and agreement test of the benchmark harness (benchmarks/run.py) at tiny sizes.
+"""Smoke and agreement test of the benchmark harness (benchmarks/run.py and its package
+benchmarks/suite) at tiny sizes.
 
 The end-to-end run needs the peers (``pip install -c constraints.txt -e '.[bench]'``) and is
-skipped without them; the agreement logic and the markdown rendering are tested regardless.
+skipped without them; the agreement logic, the registry and the markdown rendering are tested
+regardless.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -19,18 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run.py"
 
 
-def _load_harness():
-    pytest.importorskip("tqdm")
-    spec = importlib.util.spec_from_file_location("torchfim_benchmarks_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def harness():
-    return _load_harness()
+def suite():
+    """The modules of the benchmark package (benchmarks/suite), imported as run.py imports them."""
+    pytest.importorskip("tqdm")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        yield {name: importlib.import_module(f"suite.{name}")
+               for name in ("agreement", "render", "sweep", "workloads")}
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,14 @@ def quick_run(tmp_path_factory):
     return main, details
 
 
-def test_quick_run_writes_the_mapping(harness, quick_run):
+def test_quick_run_writes_the_mapping(suite, quick_run):
     main, details = quick_run
-    expected = set(harness.WORKLOADS) - set(details["skipped"])
+    expected = set(suite["workloads"].WORKLOADS) - set(details["skipped"])
     assert set(main) == expected
     assert set(details["skipped"]) <= {"penalty-step-mlp"}  # only when torchfim.train is missing
     for workload, timings in main.items():
         assert timings, workload
-        assert set(timings) <= set(harness.CONTENDERS), workload
+        assert set(timings) <= set(suite["workloads"].CONTENDERS), workload
         for contender, seconds in timings.items():
             assert isinstance(seconds, float) and seconds > 0, (workload, contender)
         assert set(details["ratios"][workload]) == set(timings)
@@ -83,35 +83,44 @@ def test_quick_run_results_agree(quick_run):
         assert any("labels aligned" in note for note in details["notes"][workload]), details["notes"][workload]
 
 
-def test_markdown_renders_from_the_run(harness, quick_run, tmp_path):
+def test_markdown_renders_from_the_run(suite, quick_run, tmp_path):
     main, details = quick_run
-    text = harness.render_markdown(main, details, tmp_path / "performance.md", {})
+    text = suite["render"].render_markdown(main, details, tmp_path / "performance.md", {})
     for heading in ("## Results", "## Targets", "## Agreement", "## Rerun"):
         assert heading in text
     for workload in main:
         assert f"`{workload}`" in text
 
 
-def test_agreement_flags_the_odd_one_out(harness):
+def test_agreement_flags_the_odd_one_out(suite):
+    agreement, rel_error = suite["agreement"].agreement, suite["agreement"].rel_error
     x = torch.linspace(1, 2, 50)
     # a peer off by 1 %: flagged; one off by 1e-7: agrees
-    pivot, errors, flagged = harness.agreement({"torchfim": x, "backpack": x * (1 + 1e-7), "nngeometry": x * 1.01}, 1e-4)
+    pivot, errors, flagged = agreement({"torchfim": x, "backpack": x * (1 + 1e-7), "nngeometry": x * 1.01}, 1e-4)
     assert pivot == "torchfim" and set(flagged) == {"nngeometry"} and errors["backpack"] < 1e-6
     # torchfim alone against two peers that agree: torchfim is the one flagged
-    pivot, _, flagged = harness.agreement({"torchfim": x * 1.01, "backpack": x, "nngeometry": x}, 1e-4)
+    pivot, _, flagged = agreement({"torchfim": x * 1.01, "backpack": x, "nngeometry": x}, 1e-4)
     assert pivot in {"backpack", "nngeometry"} and set(flagged) == {"torchfim"}
     # non-finite or mis-shaped results never agree
-    assert harness.rel_error(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
-    assert harness.rel_error(torch.ones(3), torch.ones(4)) == float("inf")
+    assert rel_error(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
+    assert rel_error(torch.ones(3), torch.ones(4)) == float("inf")
 
 
-def test_sweep_point_reports_time_and_memory(harness):
+def test_sweep_point_reports_time_and_memory(suite):
     spec = {"axis": "width", "width": 8, "classes": 10, "batch": 16, "n": 32, "data": "random", "threads": 1}
     threads = torch.get_num_threads()
     try:
-        point = harness.sweep_point(spec)  # in-process here; run.py gives each point its own process
+        point = suite["sweep"].sweep_point(spec)  # in-process here; run.py gives each point its own process
     finally:
         torch.set_num_threads(threads)
     assert point["P"] == 64 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
     assert point["seconds"] > 0 and point["peak_mib"] >= 0
     assert point["memory_method"] in ("VmHWM after reset", "ru_maxrss")
+
+
+def test_the_registry_is_the_command_lines_list_of_workloads():
+    """``--workloads`` accepts exactly the registry's names: an unknown one is refused, naming them all."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--workloads", "floor,no-such-workload", "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no-such-workload" in proc.stderr and "diag-exact-cnn, full-exact-mlps" in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
@@ -169,6 +170,25 @@ def test_runtime_user_errors_are_one_line(monkeypatch, capsys):
     assert cli.main(["demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "torchfim demo: error: bad input; use structure='diag'"
+
+
+def test_explosion_is_under_reproduce_and_keeps_its_old_name(capsys):
+    """``torchfim explosion`` is an alias of ``torchfim reproduce explosion``: the same options."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    alias = sub.choices["explosion"]
+    reproduce = next(a for a in sub.choices["reproduce"]._actions if isinstance(a, argparse._SubParsersAction))
+    canonical = reproduce.choices["explosion"]
+
+    def options(p):
+        return sorted(opt for a in p._actions for opt in a.option_strings)
+
+    assert options(alias) == options(canonical) and "--resume" in options(alias)
+    assert set(reproduce.choices) == {"soen-sun", "explosion"}
+    # both names run the same command: the same one-line refusal of a bad --seeds
+    for argv in (["explosion", "--seeds", "1"], ["reproduce", "explosion", "--seeds", "1"]):
+        assert cli.main([*argv, "--out", "unused", "--no-progress"]) == 2
+        assert "--seeds must be at least 2" in capsys.readouterr().err
 
 
 def test_cli_error_from_a_subprocess_has_no_traceback():

@@ -1,4 +1,5 @@
-"""The Catastrophic Fisher Explosion study (torchfim.experiments.explosion), on its hidden tiny preset."""
+"""The Catastrophic Fisher Explosion study (torchfim.experiments.explosion), on its hidden tiny preset,
+through ``torchfim reproduce explosion`` and its old name ``torchfim explosion``."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _no_partial_files(out: Path) -> None:
 def reference(tmp_path_factory) -> tuple[Path, dict]:
     """The tiny study, uninterrupted, through the command line."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    status = cli.main(["explosion", "--tiny", "--out", str(out), "--no-progress", "--master-seed", "3"])
+    status = cli.main(["reproduce", "explosion", "--tiny", "--out", str(out), "--no-progress", "--master-seed", "3"])
     assert status == 0
     return out, json.loads((out / "results.json").read_text(encoding="utf-8"))
 

@@ -1,4 +1,5 @@
-"""``torchfim report``: the default report, user factories, checkpoints, and failures that leave nothing."""
+"""``torchfim report``: the default report, user factories, checkpoints, failures that leave nothing,
+and ``--out`` folders whose other files are never touched, even when the run is killed."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import torchfim
 from torchfim import cli
 from torchfim import report as report_mod
 from torchfim.datasets import load_digits
-from torchfim.demo import build_model
+from torchfim.report import figures as report_figures
+from torchfim.report import settings as report_settings
+from torchfim.toy import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,9 @@ def data():
     g = torch.Generator().manual_seed(1)
     return torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
 
+def inputs():
+    return data()[0]
+
 class Pairs(torch.utils.data.Dataset):
     def __len__(self):
         return 30
@@ -64,18 +70,17 @@ def not_a_model():
 '''
 
 
+def _stand_in_figures(R):
+    names = [n for n in report_mod.FILES if n.endswith(".png")]
+    if R["empirical"] is not None:
+        names.append(report_mod.EMPIRICAL_FIGURE)
+    return {n: PNG_MAGIC for n in names}
+
+
 @pytest.fixture
 def fast_figures(monkeypatch):
     """Stand-in figures (valid PNG headers, no drawing) for tests about everything but figures."""
-    from torchfim import report_render
-
-    def figures(R):
-        names = [n for n in report_mod.FILES if n.endswith(".png")]
-        if R["empirical"] is not None:
-            names.append(report_mod.EMPIRICAL_FIGURE)
-        return {n: PNG_MAGIC for n in names}
-
-    monkeypatch.setattr(report_render, "figures", figures)
+    monkeypatch.setattr(report_figures, "draw", _stand_in_figures)
 
 
 def _files(out: Path) -> set[str]:
@@ -100,7 +105,7 @@ def default_report(tmp_path_factory):
 
 
 def _model_from(out: Path, hidden=(8,)) -> nn.Module:
-    model = build_model(hidden=hidden)
+    model = mlp(64, hidden, 10)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     return model.eval()
 
@@ -177,7 +182,7 @@ def test_report_md_describes_every_figure_with_numbers(default_report):
             assert f"]({name})" in md, name
     for section in ("Tr(F) per layer", "Î1 vs Î2", "relative error", "Eigenvalues", "Empirical vs true"):
         assert section in md
-    from torchfim.report_render import fmt
+    from torchfim.report.format import fmt
 
     assert fmt(R["trace"]["exact"]) in md
     for layer in R["layers"]:
@@ -306,43 +311,35 @@ def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, mon
                      "--max-block", "0", "--no-progress", "--out", "rep"]) == 0
     before = {p.name: p.read_bytes() for p in (user_dir / "rep").iterdir()}
     calls = []
-    real = io_mod.write_bytes
+    real = io_mod._write_temporary
 
-    def failing(path, data):
+    def failing(path, write, binary):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return real(path, data)
+        return real(path, write, binary)
 
-    monkeypatch.setattr(io_mod, "write_bytes", failing)
+    monkeypatch.setattr(io_mod, "_write_temporary", failing)
     status = cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--variance-inputs", "8",
                        "--max-block", "0", "--seed", "1", "--no-progress", "--out", "rep"])
     assert status == 2 and "No space left" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in (user_dir / "rep").iterdir()} == before
-    assert not _leftovers(user_dir)
+    assert len(calls) == 3
+    assert {p.name: p.read_bytes() for p in (user_dir / "rep").iterdir()} == before  # no temporary file left
     # and a fresh --out gets nothing at all
     calls.clear()
     assert cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--variance-inputs", "8",
-                     "--max-block", "0", "--no-progress", "--out", "fresh"]) == 2
+                     "--max-block", "0", "--no-progress", "--out", "fresh/sub"]) == 2
     assert not (user_dir / "fresh").exists() and not _leftovers(user_dir)
-
-
-def test_out_that_is_not_a_report_is_refused(user_dir, capsys):
-    (user_dir / "mine").mkdir()
-    (user_dir / "mine" / "notes.txt").write_text("keep me")
-    status = cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--out", "mine"])
-    assert status == 2 and "not a torchfim report" in capsys.readouterr().err
-    assert _files(user_dir / "mine") == {"notes.txt"}
 
 
 def test_large_models_get_a_smaller_subset_then_no_hessian_variances(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # P = 43
     X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
-    monkeypatch.setattr(report_mod, "HESSIAN_BUDGET", 43 * 20)  # room for 20 inputs
+    monkeypatch.setattr(report_settings, "HESSIAN_BUDGET", 43 * 20)  # room for 20 inputs
     R = report_mod.compute_report(model, report_mod.Data(X, y, "test"), progress=False)
     assert R["data"]["variance_inputs"] == 20 and "reduced from 64 to 20" in R["data"]["variance_inputs_note"]
-    monkeypatch.setattr(report_mod, "HESSIAN_BUDGET", 43 * 4)  # below the minimum subset: skip Î2
+    monkeypatch.setattr(report_settings, "HESSIAN_BUDGET", 43 * 4)  # below the minimum subset: skip Î2
     res = report_mod.run_report(model, (X, y), out=tmp_path / "r", progress=False, emit=None)
     R = res["results"]
     assert R["data"]["hessian_variances"] is False and R["data"]["variance_inputs"] == 64
@@ -353,3 +350,165 @@ def test_large_models_get_a_smaller_subset_then_no_hessian_variances(tmp_path, m
     # an explicit --variance-inputs is obeyed whatever the size
     R = report_mod.compute_report(model, report_mod.Data(X, None, "test"), variance_inputs=10, progress=False)
     assert R["data"]["variance_inputs"] == 10 and R["trace"]["subset"]["var_hessian"] is not None
+
+
+# ----------------------------------------------- --out holds other files (issue 11): never touched
+SMALL = ["--model", "umod:make", "--variance-inputs", "8", "--max-block", "0", "--no-progress"]
+USER_FILES = {"notes.txt": b"keep me\n", "thesis.tex": b"\\documentclass{article}\n", "runs/a.json": b"{}\n"}
+REPORT_NAMES = set(report_settings.REPORT_FILES)
+
+
+def _add_user_files(folder: Path) -> None:
+    for name, data in USER_FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
+def _user_files_intact(folder: Path) -> bool:
+    return all((folder / name).read_bytes() == data for name, data in USER_FILES.items())
+
+
+def _report_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name in REPORT_NAMES}
+
+
+def test_user_files_beside_an_earlier_report_are_kept(user_dir, fast_figures):
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--out", "rep"]) == 0
+    _add_user_files(user_dir / "rep")
+    earlier = _report_bytes(user_dir / "rep")
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--seed", "1", "--out", "rep"]) == 0
+    assert _user_files_intact(user_dir / "rep")
+    now = _report_bytes(user_dir / "rep")
+    assert set(now) == set(earlier) == REPORT_NAMES
+    assert json.loads(now["report.json"])["seed"] == 1 and now["report.md"] != earlier["report.md"]
+    assert {p.name for p in (user_dir / "rep").iterdir()} == REPORT_NAMES | {"notes.txt", "thesis.tex", "runs"}
+
+
+def test_a_copied_report_is_replaced_and_its_stale_figure_removed(user_dir, fast_figures):
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--out", "rep"]) == 0
+    (user_dir / "mine").mkdir()
+    for p in (user_dir / "rep").iterdir():  # a copied report, in a folder of the user's files
+        (user_dir / "mine" / p.name).write_bytes(p.read_bytes())
+    _add_user_files(user_dir / "mine")
+    # data without targets: no empirical figure in the new report, so the copied one goes
+    assert cli.main(["report", *SMALL, "--data", "umod:inputs", "--out", "mine"]) == 0
+    assert _user_files_intact(user_dir / "mine")
+    assert set(_report_bytes(user_dir / "mine")) == set(report_mod.FILES)
+    assert json.loads((user_dir / "mine" / "report.json").read_text())["empirical"] is None
+
+
+def test_a_folder_of_other_files_gets_the_report_beside_them(user_dir, fast_figures):
+    (user_dir / "mine").mkdir()
+    _add_user_files(user_dir / "mine")
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--out", "mine"]) == 0
+    assert _user_files_intact(user_dir / "mine") and set(_report_bytes(user_dir / "mine")) == REPORT_NAMES
+
+
+@pytest.mark.parametrize("foreign", ["model.pt", "report.json", "overview.png"])
+def test_files_with_a_reports_names_are_refused_before_computing(user_dir, capsys, monkeypatch, foreign):
+    from torchfim.report import run as run_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("the report was computed although --out was refused")
+
+    monkeypatch.setattr(run_mod, "compute_report", never)
+    (user_dir / "mine").mkdir()
+    _add_user_files(user_dir / "mine")
+    (user_dir / "mine" / foreign).write_bytes(b"the user's own file")
+    status = cli.main(["report", *SMALL, "--data", "umod:data", "--out", "mine"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and err.startswith("torchfim report: error: --out mine holds " + foreign)
+    assert (user_dir / "mine" / foreign).read_bytes() == b"the user's own file"
+    assert _user_files_intact(user_dir / "mine")
+    assert {p.name for p in (user_dir / "mine").iterdir()} == {foreign, "notes.txt", "thesis.tex", "runs"}
+
+
+def test_out_dot_writes_into_the_working_directory(user_dir, fast_figures):
+    _add_user_files(user_dir)
+    module = (user_dir / "umod.py").read_bytes()
+    for seed in ("0", "1"):  # a report, then a new one over it
+        assert cli.main(["report", *SMALL, "--data", "umod:data", "--seed", seed, "--out", "."]) == 0
+        assert json.loads((user_dir / "report.json").read_text())["seed"] == int(seed)
+    assert _user_files_intact(user_dir) and (user_dir / "umod.py").read_bytes() == module
+    assert set(_report_bytes(user_dir)) == REPORT_NAMES and not _leftovers(user_dir)
+
+
+def test_at_every_point_a_kill_could_hit_the_folder_is_complete(user_dir, monkeypatch, fast_figures):
+    """A kill only ever sees the file system as it is between two renames: check each such state."""
+    import torchfim._io as io_mod
+
+    rep = user_dir / "rep"
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--out", "rep"]) == 0
+    _add_user_files(rep)
+    earlier = _report_bytes(rep)
+    states: list[dict[str, bytes]] = []
+    real_replace = io_mod.os.replace
+
+    def replace(src, dst):
+        if Path(dst).resolve().parent == rep:
+            assert rep.is_dir() and _user_files_intact(rep)
+            states.append(_report_bytes(rep))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "replace", replace)
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--seed", "1", "--out", "rep"]) == 0
+    monkeypatch.undo()
+    final = _report_bytes(rep)
+    states.append(final)
+    assert len(states) == len(REPORT_NAMES) + 1 and states[0] == earlier
+    for state in states:
+        assert set(state) == REPORT_NAMES  # no report file is ever missing ...
+        for name, data in state.items():  # ... or anything but the earlier or the new one, complete
+            assert data in (earlier[name], final[name]), name
+    assert all(state["report.json"] == earlier["report.json"] for state in states[:-1])  # written last
+    assert _user_files_intact(rep)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import torchfim.report.figures as figures
+from torchfim import cli
+
+figures.draw = lambda R: {{n: {png!r} for n in {names!r}}}
+rep, real, count = Path("rep").resolve(), os.replace, [0]
+
+def replace(src, dst):
+    if Path(dst).resolve().parent == rep:
+        count[0] += 1
+        if count[0] == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+
+os.replace = replace
+sys.exit(cli.main({argv!r}))
+"""
+
+
+def test_sigkill_while_publishing_leaves_every_file_whole(user_dir, fast_figures):
+    rep = user_dir / "rep"
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--out", "rep"]) == 0
+    _add_user_files(rep)
+    earlier = _report_bytes(rep)
+    argv = ["report", *SMALL, "--data", "umod:data", "--seed", "1", "--out", "rep"]
+    new_png = PNG_MAGIC + b"new"
+    script = KILL_SCRIPT.format(names=sorted(n for n in REPORT_NAMES if n.endswith(".png")), png=new_png,
+                                kill_at=5, argv=argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=user_dir, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert rep.is_dir() and _user_files_intact(rep)
+    now = _report_bytes(rep)
+    assert set(now) == REPORT_NAMES
+    # killed before the 5th rename: report.md, model.pt and two figures are new, the rest as they were
+    assert now["report.json"] == earlier["report.json"]
+    assert now["report.md"] != earlier["report.md"] and now["report.md"].decode().endswith("\n")
+    assert sum(data == new_png for data in now.values()) == 2
+    assert all(now[n] in (earlier[n], new_png) for n in now if n.endswith(".png"))
+    torch.load(rep / "model.pt", weights_only=True)
+    # the temporary files of the killed run are removed by the next run, which completes the report
+    assert [p.name for p in rep.iterdir() if p.name.endswith(".tmp")]
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--seed", "1", "--out", "rep"]) == 0
+    assert not [p.name for p in rep.iterdir() if p.name.endswith(".tmp")] and _user_files_intact(rep)
+    assert json.loads((rep / "report.json").read_text())["seed"] == 1
+

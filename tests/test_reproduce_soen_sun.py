@@ -173,7 +173,9 @@ def test_interrupted_run_keeps_finished_sections(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(soen_sun, "_plot_depth_width", interrupt)
+    from torchfim.experiments.soen_sun import figures
+
+    monkeypatch.setattr(figures, "plot_depth_width", interrupt)
     with pytest.raises(KeyboardInterrupt):
         soen_sun.run(tmp_path, settings=tiny, progress=False)
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))

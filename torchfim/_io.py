@@ -4,6 +4,8 @@ Each helper writes to a temporary file in the destination's own directory and th
 place with :func:`os.replace`, which is atomic on POSIX and Windows when both paths are on the same
 file system. A run that is interrupted therefore leaves either the previous complete file or the new
 complete file, never a half-written one; the temporary file is removed on failure.
+:func:`write_files` does the same for several files of one directory, all written before any is
+renamed into place.
 """
 
 from __future__ import annotations
@@ -11,11 +13,37 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_text", "write_bytes", "write_json", "save_figure"]
+__all__ = ["atomic_write", "write_files", "write_text", "write_bytes", "write_json", "save_figure"]
+
+
+def _write_temporary(path: Path, write: Callable[[IO], None], binary: bool) -> Path:
+    """Call ``write(file)`` on a new temporary file beside ``path``, flushed to disk; return its path.
+
+    The file gets the usual permissions (0o666 minus the umask), like one opened with
+    ``open(path, "w")``. On failure the temporary file is removed.
+    """
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> Path:
@@ -26,21 +54,94 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = _write_temporary(path, write, binary)
     try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
     return path
+
+
+def write_files(directory: str | os.PathLike, files: Mapping[str, str | bytes], *, remove: Iterable[str] = ()) -> Path:
+    """Put ``files`` (name -> text or bytes) into ``directory``, each atomically; delete ``remove``.
+
+    Every file is first written in full to a temporary file in ``directory``; only then are they
+    renamed into place, in the order given, and the names in ``remove`` deleted just before the
+    last rename. So an interruption at any point leaves each of these files either as it was or
+    complete and new, a failure while writing (a full disk) leaves them all as they were, and the
+    last file is the last to appear: make it the one that says the others are complete. Nothing
+    else in ``directory`` is touched, except the temporary files of these names that a killed
+    process left behind. Directories created here are removed again when nothing could be
+    written. Returns ``directory`` as a :class:`Path`.
+    """
+    directory = Path(directory)
+    made = _missing_dirs(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory, files)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, content in files.items():
+            path = directory / name
+            staged.append((_write_temporary(path, lambda f, c=content: f.write(c), not isinstance(content, str)), path))
+    except BaseException:
+        for tmp, _ in staged:
+            _unlink_quietly(tmp)
+        for d in made:
+            _rmdir_if_empty(d)
+        raise
+    renamed = 0
+    try:
+        for tmp, path in staged[:-1]:
+            os.replace(tmp, path)
+            renamed += 1
+        for name in remove:
+            _unlink_quietly(directory / name)
+        for tmp, path in staged[-1:]:
+            os.replace(tmp, path)
+            renamed += 1
+    except BaseException:
+        for tmp, _ in staged[renamed:]:
+            _unlink_quietly(tmp)
+        raise
+    return directory
+
+
+def _remove_stale_temporaries(directory: Path, names: Iterable[str]) -> None:
+    """Remove the temporary files of ``names`` whose writing process no longer runs (it was killed)."""
+    if os.name != "posix":  # no safe test of whether a process runs
+        return
+    for name in names:
+        for tmp in directory.glob(f".{name}.*.tmp"):
+            pid, _, tag = tmp.name[len(name) + 2 : -len(".tmp")].partition(".")
+            if pid.isdigit() and len(tag) == 8 and not _running(int(pid)):
+                _unlink_quietly(tmp)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """``directory`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _rmdir_if_empty(directory: Path) -> None:
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

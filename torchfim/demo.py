@@ -13,105 +13,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from .cli import nonnegative_int, positive_float, positive_int
+from . import toy
+from .cli.types import layer_widths, nonnegative_int, positive_float, positive_int
 
-__all__ = ["run_demo", "build_model", "train", "format_table", "ESTIMATORS"]
+__all__ = ["run_demo", "format_table", "ESTIMATORS", "EPOCHS", "HELP", "add_arguments", "main"]
 
 #: Estimators shown by the demo, in table order.
 ESTIMATORS = ("exact", "score", "hessian", "empirical")
 
-#: The demo network's hidden widths (input 64, output 10, tanh between layers).
-HIDDEN = (32, 32)
-#: Training settings: at most this many epochs of Adam over mini-batches (about 2.5 s on 2 cores).
+#: At most this many epochs of Adam over mini-batches (about 2.5 s on 2 cores).
 EPOCHS = 100
-BATCH_SIZE = 64
-LEARNING_RATE = 1e-3
 
 HELP = "train a small MLP on the digits and compare the four Fisher estimators"
-
-
-def build_model(
-    n_in: int = 64,
-    hidden: tuple[int, ...] = HIDDEN,
-    n_out: int = 10,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> nn.Sequential:
-    """An MLP ``n_in - hidden... - n_out`` with tanh activations, initialised from ``seed``.
-
-    PyTorch's default initialisation draws from the global generator; it is run inside
-    ``torch.random.fork_rng`` so the caller's global random state is left as it was.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        width = n_in
-        for h in hidden:
-            layers += [nn.Linear(width, h, dtype=dtype), nn.Tanh()]
-            width = h
-        layers.append(nn.Linear(width, n_out, dtype=dtype))
-        return nn.Sequential(*layers)
-
-
-def train(
-    model: nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int = EPOCHS,
-    seconds: float | None = None,
-    batch_size: int = BATCH_SIZE,
-    lr: float = LEARNING_RATE,
-    generator: torch.Generator | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> dict:
-    """Adam on the mean cross-entropy, over shuffled mini-batches.
-
-    Stops after ``epochs`` epochs, or at the end of the first epoch that ends past ``seconds``
-    (wall clock), whichever comes first. With the epoch cap reached the run is deterministic for a
-    given ``generator`` seed. ``on_epoch(epoch, loss)`` is called after each epoch.
-    Returns ``{"epochs", "stopped_by_time", "seconds", "loss", "accuracy"}`` (loss and accuracy on
-    the whole of ``X``).
-    """
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n = X.shape[0]
-    start = time.perf_counter()
-    done = 0
-    stopped_by_time = False
-    model.train()
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=generator)
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * idx.numel()
-        done = epoch
-        if on_epoch is not None:
-            on_epoch(epoch, total / n)
-        if seconds is not None and epoch < epochs and time.perf_counter() - start >= seconds:
-            stopped_by_time = True
-            break
-    model.eval()
-    with torch.no_grad():
-        logits = model(X)
-        final_loss = nn.functional.cross_entropy(logits, y).item()
-        accuracy = (logits.argmax(dim=1) == y).double().mean().item()
-    return {
-        "epochs": done,
-        "stopped_by_time": stopped_by_time,
-        "seconds": time.perf_counter() - start,
-        "loss": final_loss,
-        "accuracy": accuracy,
-    }
 
 
 _COLUMNS = ("estimator", "Tr(F)", "diag mean", "diag median", "diag max", "time(s)")
@@ -142,14 +59,15 @@ def run_demo(
     out: Callable[[str], object] | None = print,
     *,
     epochs: int = EPOCHS,
-    hidden: tuple[int, ...] = HIDDEN,
+    hidden: tuple[int, ...] = toy.HIDDEN,
     progress: bool = True,
     threads: int | None = 1,
 ) -> dict:
     """Train the demo MLP on the digits, then compare the Fisher estimators on all 1797 inputs.
 
-    The model is a tanh MLP ``64 - hidden... - 10``. Training runs ``epochs`` epochs, or stops at the first epoch end past ``seconds``. ``seed`` fixes
-    the initialisation, the mini-batch order and the labels that ``score`` and ``hessian`` draw
+    The model is a tanh MLP ``64 - hidden... - 10`` (:func:`torchfim.toy.mlp`). Training runs
+    ``epochs`` epochs of Adam, or stops at the first epoch end past ``seconds``. ``seed`` fixes the
+    initialisation, the mini-batch order and the labels that ``score`` and ``hessian`` draw
     (each estimator gets a fresh ``torch.Generator`` seeded from it). ``out`` receives the printed
     lines (``None`` prints nothing); ``progress`` shows a tqdm bar on stderr. ``threads`` sets
     torch's intra-op threads for the run (restored after; ``None`` leaves them): the demo's tensors
@@ -157,7 +75,7 @@ def run_demo(
     (other processes on both cores) 3-10x slower, so one is the default.
 
     Returns a dict with the trained ``model``, the ``inputs`` and ``targets`` used, ``n_parameters``,
-    ``training`` (see :func:`train`), ``n_samples``, ``estimators`` (estimator name -> ``{"trace",
+    ``training`` (see :func:`torchfim.toy.train_classifier`), ``n_samples``, ``estimators`` (estimator name -> ``{"trace",
     "diag_mean", "diag_median", "diag_max", "time"}``, floats; ``trace`` is the sum of the
     diagonal, i.e. Tr(F) of that same estimate), ``diags`` (estimator name -> the P-vector) and the
     printed ``table``.
@@ -183,62 +101,21 @@ def run_demo(
 
 
 def _run_demo(seconds, seed, n_samples, out, epochs, hidden, progress) -> dict:
-    import torchfim
     from tqdm.auto import tqdm
 
     from .datasets import load_digits
 
-    emit = out if out is not None else (lambda _line: None)
-
     X, y = load_digits()
-    model = build_model(n_in=X.shape[1], hidden=hidden, n_out=10, seed=seed)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
+    model = toy.mlp(X.shape[1], hidden, 10, seed=seed)
     bar = tqdm(total=epochs + len(ESTIMATORS), disable=not progress, leave=False, unit="step")
     try:
-        bar.set_description("training")
-
-        def on_epoch(epoch: int, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3g}")
-
-        training = train(
-            model, X, y, epochs=epochs, seconds=seconds,
-            generator=torch.Generator().manual_seed(seed), on_epoch=on_epoch,
-        )
-        if training["epochs"] < epochs:  # stopped by the time limit: skip the rest of the epochs
-            bar.update(epochs - training["epochs"])
-        bar.set_postfix()
-
-        rows: dict[str, dict[str, float]] = {}
-        diags: dict[str, torch.Tensor] = {}
-        for name in ESTIMATORS:
-            bar.set_description(f"fisher {name}")
-            kwargs = dict(family="categorical", estimator=name, n_samples=n_samples)
-            if name == "empirical":
-                kwargs["targets"] = y
-            t0 = time.perf_counter()
-            # One diagonal per estimator; its sum is Tr(F) of that very estimate (same labels).
-            # A separate structure="trace" call would cost as much again for "hessian".
-            diag = torchfim.fisher(
-                model, X, structure="diag",
-                generator=torch.Generator().manual_seed(seed + 1), **kwargs,
-            )
-            elapsed = time.perf_counter() - t0
-            diag = diag.detach()
-            diags[name] = diag
-            rows[name] = {
-                "trace": float(diag.sum()),
-                "diag_mean": float(diag.mean()),
-                "diag_median": float(diag.median()),
-                "diag_max": float(diag.max()),
-                "time": elapsed,
-            }
-            bar.update(1)
+        training = _train(model, X, y, epochs, seconds, seed, bar)
+        rows, diags = _estimate(model, X, y, n_samples, seed, bar)
     finally:
         bar.close()
-
     table = format_table(rows)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    emit = out if out is not None else (lambda _line: None)
     stop = " (stopped by the time limit)" if training["stopped_by_time"] else ""
     emit(
         f"MLP {'-'.join(map(str, (X.shape[1], *hidden, 10)))} (tanh), {n_params} parameters, trained "
@@ -267,36 +144,68 @@ def _run_demo(seconds, seed, n_samples, out, epochs, hidden, progress) -> dict:
     }
 
 
-# --- command-line glue (used by torchfim.cli) ------------------------------------------------------
+def _train(model, X, y, epochs: int, seconds: float, seed: int, bar) -> dict:
+    """Train the demo model (one progress step per epoch); returns the training summary."""
+    bar.set_description("training")
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.3g}")
+
+    training = toy.train_classifier(
+        model, X, y, epochs=epochs, seconds=seconds,
+        generator=torch.Generator().manual_seed(seed), on_epoch=on_epoch,
+    )
+    if training["epochs"] < epochs:  # stopped by the time limit: skip the rest of the epochs
+        bar.update(epochs - training["epochs"])
+    bar.set_postfix()
+    return training
 
 
+def _estimate(model, X, y, n_samples: int, seed: int, bar) -> tuple[dict, dict]:
+    """Each estimator's diagonal of F on all inputs: ``(rows of the table, diagonals)``."""
+    import torchfim
+
+    rows: dict[str, dict[str, float]] = {}
+    diags: dict[str, torch.Tensor] = {}
+    for name in ESTIMATORS:
+        bar.set_description(f"fisher {name}")
+        kwargs = dict(family="categorical", estimator=name, n_samples=n_samples)
+        if name == "empirical":
+            kwargs["targets"] = y
+        t0 = time.perf_counter()
+        # One diagonal per estimator; its sum is Tr(F) of that very estimate (same labels).
+        # A separate structure="trace" call would cost as much again for "hessian".
+        diag = torchfim.fisher(
+            model, X, structure="diag",
+            generator=torch.Generator().manual_seed(seed + 1), **kwargs,
+        )
+        elapsed = time.perf_counter() - t0
+        diag = diag.detach()
+        diags[name] = diag
+        rows[name] = {
+            "trace": float(diag.sum()),
+            "diag_mean": float(diag.mean()),
+            "diag_median": float(diag.median()),
+            "diag_max": float(diag.max()),
+            "time": elapsed,
+        }
+        bar.update(1)
+    return rows, diags
 
 
-
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip() != "")
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer widths such as 32,32, got {text!r}"
-        ) from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"layer widths must be at least 1, got {text!r}")
-    return values
-
-
+# ------------------------------------------------------------------- the command (torchfim.cli)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``torchfim demo``."""
     parser.add_argument("--seconds", type=positive_float, default=3.0,
                         help="time limit for training, in seconds (default: 3)")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed for initialisation, batches and sampled labels (default: 0)")
     parser.add_argument("--epochs", type=positive_int, default=EPOCHS,
                         help=f"at most this many training epochs (default: {EPOCHS})")
-    parser.add_argument("--hidden", type=_widths, default=HIDDEN, metavar="W1,W2,...",
+    parser.add_argument("--hidden", type=layer_widths, default=toy.HIDDEN, metavar="W1,W2,...",
                         help="hidden layer widths of the MLP (default: "
-                             f"{','.join(map(str, HIDDEN))}; empty for a linear model)")
+                             f"{','.join(map(str, toy.HIDDEN))}; empty for a linear model)")
     parser.add_argument("--n-samples", type=positive_int, default=1,
                         help="labels drawn per input by the score and hessian estimators "
                              "(default: 1)")
@@ -307,6 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``torchfim demo`` with the parsed options."""
     run_demo(seconds=args.seconds, seed=args.seed, n_samples=args.n_samples,
              epochs=args.epochs, hidden=args.hidden, progress=not args.no_progress,
              threads=args.threads)

@@ -48,7 +48,7 @@ def peer_status() -> dict[str, dict[str, object]]:
         try:
             entry["version"] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
-            entry["error"] = f"not installed (pip install -c constraints.txt -e '.[bench]')"
+            entry["error"] = "not installed (pip install -c constraints.txt -e '.[bench]')"
             status[module] = entry
             continue
         try:

@@ -6,9 +6,9 @@ Each subcommand lives in its own module, listed in :data:`COMMANDS`. A command m
 - ``add_arguments(parser)``: adds its options to its ``argparse`` sub-parser;
 - ``main(args) -> int``: runs it with the parsed ``argparse.Namespace`` and returns the exit status.
 
-Adding a command (``report``, ``reproduce``, ``explosion``, ...) is one module with those three names
-plus one line in :data:`COMMANDS`. Command modules should import optional dependencies inside
-``main`` so that ``torchfim --help`` works without them.
+Adding a command is one module with those three names plus one line in :data:`COMMANDS`; the
+``argparse`` value types the commands share are in :mod:`torchfim.cli.types`. Command modules
+import optional dependencies inside ``main`` so that ``torchfim --help`` works without them.
 
 User mistakes (bad options, bad values, missing optional packages) end with one line on stderr and
 exit status 2, never a traceback. Set ``TORCHFIM_DEBUG=1`` to get the traceback anyway.
@@ -22,15 +22,17 @@ import os
 import sys
 from typing import Sequence
 
-__all__ = ["main", "build_parser", "COMMANDS", "UsageError"]
+__all__ = ["main", "build_parser", "COMMANDS", "ALIASES", "UsageError"]
 
 #: Subcommand name -> module implementing it (see the module docstring).
 COMMANDS: dict[str, str] = {
     "demo": "torchfim.demo",
-    "report": "torchfim.report",
-    "reproduce": "torchfim.experiments",
-    "explosion": "torchfim.experiments.explosion",
+    "report": "torchfim.report.command",
+    "reproduce": "torchfim.experiments.command",
+    "explosion": "torchfim.experiments.explosion.command",
 }
+#: Commands kept under their old name: name -> the command line it is the same as.
+ALIASES: dict[str, str] = {"explosion": "reproduce explosion"}
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -49,38 +51,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(self.prog, message)
-
-
-# ------------------------------------------------------- argparse value types for the commands
-def _integer(text: str, minimum: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer ≥ 1 (argparse ``type=``)."""
-    return _integer(text, 1, "a whole number ≥ 1")
-
-
-def nonnegative_int(text: str) -> int:
-    """An integer ≥ 0, such as a seed (argparse ``type=``)."""
-    return _integer(text, 0, "a whole number ≥ 0")
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0, such as a time in seconds (argparse ``type=``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _version() -> str:
@@ -102,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        description = module.HELP
+        if name in ALIASES:
+            description = f"the same as '{parser.prog} {ALIASES[name]}': {module.HELP}"
+        p = sub.add_parser(name, help=description, description=description)
         module.add_arguments(p)
         p.set_defaults(_run=module.main)
     return parser
@@ -139,6 +112,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(prog, str(exc) or type(exc).__name__)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

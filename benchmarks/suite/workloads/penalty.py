@@ -1,0 +1,87 @@
+"""The training-step workload: one SGD step with ``torchfim.train.FisherPenalty`` against a plain step."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import torchfim
+import torchfim.families
+
+from ..agreement import rel_error
+from ..config import Config
+from ..models import model_for, num_params
+from ..workload import Contender, Runner, Workload
+
+__all__ = ["PENALTY_CONTENDERS", "build_penalty"]
+
+
+#: The contenders of the penalty step: name -> keyword arguments of ``torchfim.train.FisherPenalty``
+#: (None: a plain SGD step, the reference of the ratios). A new variant of the step is one entry
+#: here (and its name in :data:`~suite.workloads.CONTENDERS`, which orders the report's columns).
+PENALTY_CONTENDERS: dict[str, dict | None] = {
+    "plain": None,
+    "torchfim": {"every": 1},
+    "torchfim-every10": {"every": 10},
+}
+
+
+def _step_contender(name: str, penalty: dict | None, base, data, cfg: Config) -> Contender:
+    """``cfg.penalty_steps`` consecutive SGD steps (cycling through the mini-batches) per timed call."""
+    steps = cfg.penalty_steps
+
+    def make() -> Runner:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        pen = None if penalty is None else torchfim.train.FisherPenalty(
+            model, family="categorical", alpha=cfg.alpha,
+            generator=torch.Generator().manual_seed(cfg.seed), **penalty)
+        state = {"step": 0}
+
+        def run() -> None:
+            for _ in range(steps):
+                step = state["step"]
+                x = data.batches[step % len(data.batches)]
+                y = data.targets[step % len(data.targets)]
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                if pen is not None:
+                    loss = loss + pen(x, step=step)
+                loss.backward()
+                opt.step()
+                state["step"] = step + 1
+
+        return run
+
+    return Contender(name, make, compare=False, per_call=steps)
+
+
+def build_penalty(cfg: Config, status: dict) -> Workload:
+    """``penalty-step-mlp``: seconds per SGD step with each of :data:`PENALTY_CONTENDERS`."""
+    import torchfim.train  # raises ImportError when the training side is not there yet
+
+    base, data, desc = model_for(cfg, "mlp")
+
+    def check(_result) -> tuple[float, str]:
+        model = copy.deepcopy(base)
+        x = data.batches[0]
+        pen = torchfim.train.FisherPenalty(model, family="categorical", alpha=cfg.alpha, every=1,
+                                           generator=torch.Generator().manual_seed(cfg.seed))
+        value = pen(x, step=0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = model(x)
+        labels = torchfim.families.Categorical().sample(o, 1, torch.Generator().manual_seed(cfg.seed)).reshape(-1)
+        grads = torch.autograd.grad(F.cross_entropy(o, labels), params)
+        ref = cfg.alpha * sum((g * g).sum() for g in grads)
+        return rel_error(value, ref), ("value at step 0 against α‖∇θ mean NLL(ŷ)‖² by autograd, with the "
+                                       "labels drawn from the same seeded generator")
+
+    return Workload("penalty-step-mlp", desc, num_params(base),
+                    [_step_contender(name, kw, base, data, cfg) for name, kw in PENALTY_CONTENDERS.items()],
+                    ratio_to="plain", check=check,
+                    notes=[f"one SGD step (lr {cfg.lr}) on a mini-batch of {cfg.batch_size}, seconds per step as the "
+                           f"mean over {cfg.penalty_steps} consecutive steps (cycling through the mini-batches); "
+                           f"torchfim: FisherPenalty(alpha={cfg.alpha}, every=1), torchfim-every10: every=10 (one "
+                           "computed step and nine reusing its gradient per 10 steps); ratios are to 'plain'"])

@@ -1,0 +1,295 @@
+"""``results.json`` from the finished runs: per configuration the mean ± std of each measure over
+seeds and the mean curves, the ``prob_outperform`` comparisons of each claim (paired by seed, per
+data set and model and pooled), and the verdicts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from ...compare import prob_outperform, seeds
+from ...errors import TorchfimError
+from .plan import is_done, main_specs, tune_lr_specs, tuned, tuning_seed, tuning_specs
+from .settings import (
+    CLEAN_VARIANTS,
+    POOLED,
+    RESULTS_VERSION,
+    RunSpec,
+    Settings,
+    noisy_label,
+    noisy_pooled,
+)
+from .train import compact
+
+__all__ = ["assemble", "CLEAN_CLAIMS", "NOISY_CLAIMS"]
+
+CLEAN_CLAIMS = ("a_explosion", "a_explosion_early", "a_fp_lowers_peak", "b_large_beats_small", "b_fp_beats_small")
+NOISY_CLAIMS = (
+    "c_fp_slows_noisy", "c_noisy_slowed_more", "c_fp_test",
+    "c_fp_fixed_slows_noisy", "c_fixed_noisy_slowed_more", "c_fp_fixed_test",
+)  # fmt: skip
+#: The measures summarised over seeds, per clean-label and per noisy-label configuration.
+_CLEAN_MEASURES = ("test_acc", "test_acc_at_best_val", "train_acc", "val_acc", "peak_trace", "step_of_peak_trace",
+                   "stderr_at_peak", "trace_at_threshold", "step_at_threshold", "final_trace")
+_NOISY_MEASURES = ("clean_acc", "noisy_acc", "clean_acc_auc", "noisy_acc_auc", "test_acc", "test_acc_at_best_val",
+                   "peak_trace")
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": compact(arr.mean()),
+        "std": compact(arr.std(ddof=1)) if arr.size > 1 else None,
+        "values": [compact(v) for v in arr],
+    }
+
+
+def _compare(name: str, claim: str, combo: str, a_label: str, b_label: str, metric: str, a, b) -> dict:
+    r = prob_outperform(list(a), list(b), generator_or_seed=0)
+    return {
+        "name": name,
+        "claim": claim,
+        "combo": combo,
+        "a": a_label,
+        "b": b_label,
+        "metric": metric,
+        "p": compact(r.p),
+        "ci_low": compact(r.ci_low),
+        "ci_high": compact(r.ci_high),
+        "n": r.n,
+        "conclusion": r.conclusion,
+        "significant": r.significant,
+        "meaningful": r.meaningful,
+        "line": f"P({a_label} > {b_label}) [{metric}]: {r}",
+    }
+
+
+def _mean_curve(runs: list[dict], key: str) -> dict[str, list]:
+    steps = runs[0]["result"]["curves"]["step"]
+    cols = []
+    for r in runs:
+        c = r["result"]["curves"]
+        if c["step"] != steps:  # diverged run: pad with None
+            vals = dict(zip(c["step"], c[key]))
+            cols.append([vals.get(s) for s in steps])
+        else:
+            cols.append(c[key])
+    mean, std, lo, hi = [], [], [], []
+    for i in range(len(steps)):
+        vals = [col[i] for col in cols if col[i] is not None]
+        mean.append(compact(np.mean(vals)) if vals else None)
+        std.append(compact(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+        lo.append(compact(min(vals)) if vals else None)
+        hi.append(compact(max(vals)) if vals else None)
+    return {"step": steps, "mean": mean, "std": std, "min": lo, "max": hi}
+
+
+def assemble(settings: Settings, master_seed: int, done: dict[str, dict]) -> dict[str, Any]:
+    """``results.json``'s content, from the finished run records (independent of their order)."""
+    lr_star, alpha, noisy_alpha, tuning = tuned(settings, master_seed, done)
+    study_seeds = seeds(settings.n_seeds, master_seed)
+    missing_combos = [c for c in settings.all_combos() if c not in lr_star or (c in settings.combos and c not in alpha)]
+    missing_combos += [c for c in settings.noisy_settings() if c not in noisy_alpha]
+    if missing_combos:
+        raise TorchfimError(f"tuning runs are missing for {missing_combos[0]}; rerun with --resume")
+    specs = main_specs(settings, master_seed, lr_star, alpha, noisy_alpha)
+    all_specs = tune_lr_specs(settings, master_seed) + tuning_specs(settings, master_seed, lr_star) + specs
+    missing = [s.run_id for s in all_specs if not is_done(done, s)]
+    if missing:
+        raise TorchfimError(f"{len(missing)} runs are missing (e.g. {missing[0]}); rerun with --resume")
+
+    agg = _Aggregates(settings, done, specs)
+    for d, m in settings.combos:
+        agg.clean(d, m)
+    for d, m, w in settings.noisy_settings():
+        agg.noisy(d, m, w)
+    for (name, label), (a, b, claim, al, bl, met) in agg.pooled.items():
+        if len(a) > len(study_seeds):  # more than one data set and model
+            agg.comparisons.append(_compare(name, claim, label, al, bl, met, a, b))
+
+    return {
+        "experiment": "explosion",
+        "version": RESULTS_VERSION,
+        "paper": "Jastrzębski et al., Catastrophic Fisher Explosion: Early Phase Fisher Matrix Impacts Generalization, ICML 2021",
+        "settings": asdict(settings),
+        "master_seed": master_seed,
+        "seeds": study_seeds,
+        "tuning_seed": tuning_seed(master_seed),
+        "tuning": tuning,
+        "aggregates": agg.aggregates,
+        "comparisons": agg.comparisons,
+        "verdicts": _verdicts(settings, agg.aggregates, agg.comparisons),
+        "curves": agg.curves,
+        "runs": {s.run_id: {"spec": done[s.run_id]["spec"], "result": done[s.run_id]["result"]} for s in all_specs},
+    }
+
+
+class _Aggregates:
+    """The aggregates, mean curves and comparisons of results.json, filled one configuration at a time."""
+
+    def __init__(self, settings: Settings, done: dict[str, dict], specs: list[RunSpec]) -> None:
+        self.settings, self.done, self.specs = settings, done, specs
+        self.extra = {s.run_id: _extra(done[s.run_id]["result"], settings, s.dataset) for s in specs}
+        self.aggregates: dict[str, Any] = {}
+        self.curves: dict[str, Any] = {}
+        self.comparisons: list[dict] = []
+        # (comparison, pooled label) -> (a, b, claim, a label, b label, metric)
+        self.pooled: dict[tuple[str, str], tuple] = {}
+
+    def group(self, phase: str, d: str, m: str, variant: str) -> list[dict]:
+        """The records of one configuration, in seed order."""
+        return [self.done[s.run_id] for s in self.specs
+                if (s.phase, s.dataset, s.model, s.variant) == (phase, d, m, variant)]
+
+    def metric(self, runs: list[dict], key: str) -> list[float]:
+        """One number per run: from its final values, or derived from its curves (:func:`_extra`)."""
+        return [r["result"]["final"][key] if key in r["result"]["final"] else self.extra[r["run_id"]][key]
+                for r in runs]
+
+    def summarise(self, runs: list[dict], keys: Sequence[str], entry: dict) -> dict:
+        """Add the mean ± std over seeds of each measure in ``keys`` to ``entry`` (None if a run lacks it)."""
+        for key in keys:
+            vals = self.metric(runs, key)
+            entry[key] = _stats(vals) if all(x is not None for x in vals) else None
+        return entry
+
+    def compare(self, rows: list[tuple], combo: str, pooled_label: str, skip_missing: bool) -> None:
+        """A comparison per row ``(name, claim, a label, b label, metric, a, b)``, pooled by name."""
+        for name, claim, al, bl, met, a, b in rows:
+            if skip_missing and not all(x is not None for x in list(a) + list(b)):
+                continue
+            self.comparisons.append(_compare(name, claim, combo, al, bl, met, a, b))
+            pa, pb = self.pooled.setdefault((name, pooled_label), ([], [], claim, al, bl, met))[:2]
+            pa.extend(a)
+            pb.extend(b)
+
+    def clean(self, d: str, m: str) -> None:
+        """Claims (a) and (b) on one data set and model."""
+        combo = f"{d}/{m}"
+        g = {v: self.group("clean", d, m, v) for v in CLEAN_VARIANTS}
+        agg: dict[str, Any] = {}
+        for v, runs in g.items():
+            agg[v] = self.summarise(runs, _CLEAN_MEASURES, {
+                "lr": runs[0]["spec"]["lr"],
+                "alpha": runs[0]["spec"]["alpha"],
+                "diverged": sum(r["result"]["diverged"] for r in runs),
+            })  # fmt: skip
+        large, small, fp = (np.mean(self.metric(g[v], "test_acc")) for v in CLEAN_VARIANTS)
+        agg["gap_closed"] = compact((fp - small) / (large - small)) if large != small else None
+        self.aggregates[combo] = agg
+        self.curves[combo] = {v: {k: _mean_curve(g[v], k) for k in ("trace", "train_acc", "test_acc")}
+                              for v in CLEAN_VARIANTS}
+        peaks = {v: self.metric(g[v], "peak_trace") for v in CLEAN_VARIANTS}
+        early = {v: self.metric(g[v], "trace_at_threshold") for v in CLEAN_VARIANTS}
+        agg["peak_ratio_small_over_large"] = compact(np.mean(peaks["small"]) / np.mean(peaks["large"]))
+        tests = {v: self.metric(g[v], "test_acc") for v in CLEAN_VARIANTS}
+        self.compare([
+            ("a_explosion", "a", "small LR", "large LR", "peak Tr(F)", peaks["small"], peaks["large"]),
+            ("a_explosion_early", "a", "small LR", "large LR",
+             f"Tr(F_i): Tr(F) when the training loss first falls below {self.settings.loss_threshold:g}",
+             early["small"], early["large"]),
+            ("a_fp_lowers_peak", "a", "small LR", "small LR + FP", "peak Tr(F)", peaks["small"], peaks["small_fp"]),
+            ("b_large_beats_small", "b", "large LR", "small LR", "final test accuracy", tests["large"], tests["small"]),
+            ("b_fp_beats_small", "b", "small LR + FP", "small LR", "final test accuracy", tests["small_fp"], tests["small"]),
+            ("b_large_vs_fp", "b", "large LR", "small LR + FP", "final test accuracy", tests["large"], tests["small_fp"]),
+        ], combo, POOLED, skip_missing=True)  # fmt: skip
+
+    def noisy(self, d: str, m: str, w: str) -> None:
+        """Claim (c) on one data set and model at one learning rate."""
+        label = noisy_label(d, m, w, self.settings)
+        variants = self.settings.noisy_variants()
+        g = {v: self.group("noisy", d, m, f"{w}_{v}") for v in variants}
+        agg = self.aggregates.setdefault(label, {})
+        for v, runs in g.items():
+            agg[v] = self.summarise(runs, _NOISY_MEASURES, {
+                "lr": runs[0]["spec"]["lr"],
+                "alpha": runs[0]["spec"]["alpha"],
+                "noise_fraction": self.settings.noise_fraction,
+                "n_noisy": [r["result"]["n_noisy"] for r in runs],
+                "diverged": sum(r["result"]["diverged"] for r in runs),
+            })  # fmt: skip
+        self.curves[label] = {
+            v: {k: _mean_curve(g[v], k) for k in ("clean_acc", "noisy_acc", "trace", "test_acc")} for v in variants
+        }
+        rows = []
+        for fp in variants[1:]:
+            rows += self._penalty_rows(g, fp, agg)
+        self.compare(rows, label, noisy_pooled(w, self.settings), skip_missing=False)
+
+    def _penalty_rows(self, g: dict[str, list[dict]], fp: str, agg: dict) -> list[tuple]:
+        """The comparisons of one penalised configuration ``fp`` against the un-penalised one."""
+
+        def ratio(key: str) -> list[float]:
+            return [
+                (f["result"]["final"][key] / b["result"]["final"][key]) if b["result"]["final"][key] else 1.0
+                for f, b in zip(g[fp], g["base"])
+            ]
+
+        sfx = "" if fp == "fp" else "_fixed"
+        pen = f"FP, α={g[fp][0]['spec']['alpha']:g}" if fp == "fp_fixed" else "FP, tuned α"
+        rel_noisy, rel_clean = ratio("noisy_acc_auc"), ratio("clean_acc_auc")
+        agg[f"{fp}_over_base_noisy_auc"] = _stats(rel_noisy)
+        agg[f"{fp}_over_base_clean_auc"] = _stats(rel_clean)
+        metric = self.metric
+        return [
+            (f"c_fp{sfx}_slows_noisy", "c", "no penalty", pen, "noisy-subset train accuracy, mean over training",
+             metric(g["base"], "noisy_acc_auc"), metric(g[fp], "noisy_acc_auc")),
+            (f"c{sfx}_noisy_slowed_more", "c", f"clean ({pen})/(no penalty)", f"noisy ({pen})/(no penalty)",
+             "(penalty / no penalty) train accuracy, mean over training", rel_clean, rel_noisy),
+            (f"c_fp{sfx}_final_noisy", "c", "no penalty", pen, "final noisy-subset train accuracy",
+             metric(g["base"], "noisy_acc"), metric(g[fp], "noisy_acc")),
+            (f"c_fp{sfx}_test", "c", pen, "no penalty", "test accuracy at best validation step",
+             metric(g[fp], "test_acc_at_best_val"), metric(g["base"], "test_acc_at_best_val")),
+        ]  # fmt: skip
+
+
+def _extra(result: dict, settings: Settings, dataset: str) -> dict[str, float | None]:
+    """Numbers derived from a run's curves: the standard error of the peak Tr(F) measurement, and the
+    paper's early-phase Tr(Fᵢ), Tr(F) at the first measurement where the training loss is below
+    ``loss_threshold`` (None if it never gets there), with the step it happens at."""
+    c = result["curves"]
+    pairs = [(t, e) for t, e in zip(c["trace"], c["trace_stderr"]) if t is not None]
+    err = max(pairs, key=lambda p: p[0])[1] if pairs else None
+    at = next(
+        (i for i, (t, loss) in enumerate(zip(c["trace"], c["train_loss"]))
+         if t is not None and loss is not None and loss <= settings.loss_threshold),
+        None,
+    )  # fmt: skip
+    return {
+        "stderr_at_peak": err,
+        "trace_at_threshold": None if at is None else c["trace"][at],
+        "step_at_threshold": None if at is None else c["step"][at],
+    }
+
+
+def _find(comparisons: list[dict], name: str, combo: str) -> dict | None:
+    return next((c for c in comparisons if c["name"] == name and c["combo"] == combo), None)
+
+
+def _verdicts(settings: Settings, aggregates: dict, comparisons: list[dict]) -> dict[str, Any]:
+    """Per claim and configuration: 'held', 'not significant' or 'opposite', from prob_outperform's conclusion.
+
+    ``{"clean": {data/model or pooled: {claim: verdict, "b_gap_closed": x}}, "noisy": {label: {claim: verdict}}}``.
+    """
+
+    def v(name: str, combo: str) -> str | None:
+        c = _find(comparisons, name, combo)
+        if c is None:
+            return None
+        return {"A better": "held", "B better": "opposite"}.get(c["conclusion"], "not significant")
+
+    clean: dict[str, Any] = {}
+    combos = [f"{d}/{m}" for d, m in settings.combos]
+    for combo in combos + ([POOLED] if len(combos) > 1 else []):
+        clean[combo] = {k: v(k, combo) for k in CLEAN_CLAIMS}
+        clean[combo]["b_gap_closed"] = aggregates.get(combo, {}).get("gap_closed")
+    noisy: dict[str, Any] = {}
+    for w in settings.noisy_lrs:
+        labels = [noisy_label(d, m, w, settings) for d, m in settings.noisy_combos]
+        for label in labels + ([noisy_pooled(w, settings)] if len(labels) > 1 else []):
+            noisy[label] = {k: v(k, label) for k in NOISY_CLAIMS if _find(comparisons, k, label) is not None}
+    return {"clean": clean, "noisy": noisy}
+

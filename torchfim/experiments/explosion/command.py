@@ -1,0 +1,66 @@
+"""``torchfim reproduce explosion`` (also ``torchfim explosion``): the study's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ...cli.types import nonnegative_int, positive_int
+from ...errors import TorchfimError
+from .settings import DEFAULT_OUT, FILES, PRESETS
+from .study import run
+
+__all__ = ["HELP", "add_arguments", "main"]
+
+HELP = "the Catastrophic Fisher Explosion study (Jastrzębski et al. 2021) at CPU scale"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``torchfim reproduce explosion``."""
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"output folder (created if needed; default: {DEFAULT_OUT}/)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one data set and model, fewer steps, 2 seeds (a few minutes at most; for smoke runs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished runs in DIR/runs/ and run only the missing ones")
+    parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
+                        help="seeds per configuration (default: 5, or 2 with --quick; at least 2)")
+    parser.add_argument("--master-seed", type=nonnegative_int, default=0, metavar="S",
+                        help="the study's master seed, from which every run's seeds derive (default: 0)")
+    parser.add_argument("--jobs", type=positive_int, default=1, metavar="J",
+                        help="runs in parallel, one thread each (default: 1; results do not depend on it)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--max-runs", type=positive_int, default=None, help=argparse.SUPPRESS)  # stop after N new runs
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Run from parsed ``args`` (the ``torchfim reproduce explosion`` options) or from an argv list."""
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="python -m torchfim.experiments.explosion", description=HELP)
+        add_arguments(parser)
+        args = parser.parse_args(args)
+    for module in ("matplotlib", "sklearn", "mnist1d", "tqdm"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"torchfim explosion needs the optional package {module!r}: pip install 'torchfim[cli]'"
+            ) from exc
+    settings = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    if args.seeds is not None:
+        if args.seeds < 2:
+            raise TorchfimError("--seeds must be at least 2 (prob_outperform needs 2 paired runs)")
+        settings = replace(settings, n_seeds=args.seeds)
+    start = time.perf_counter()
+    res = run(args.out, settings, master_seed=args.master_seed, resume=args.resume, jobs=args.jobs,
+              progress=not args.no_progress, max_runs=args.max_runs)  # fmt: skip
+    if res is None:
+        print(f"stopped after {args.max_runs} runs; finish with the same command and --resume", file=sys.stderr)
+        return 0
+    out = Path(args.out)
+    print(f"wrote {out / FILES['summary']}, {out / FILES['json']} and figures in {time.perf_counter() - start:.0f} s")
+    return 0

@@ -1,0 +1,77 @@
+"""The study's files: one run file per finished run in ``runs/`` (written the moment it finishes,
+atomically), reading them back for ``--resume``, and ``timings.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..._io import write_json
+from ...errors import TorchfimError
+from .settings import RunSpec, Settings
+from .train import train_one
+
+__all__ = ["execute", "load_runs", "write_timings"]
+
+
+def _run_path(runs_dir: Path, run_id: str) -> Path:
+    return runs_dir / f"{run_id}.json"
+
+
+def execute(spec: RunSpec, settings: Settings, runs_dir: str) -> tuple[str, dict, float]:
+    """Train ``spec``, write its run file atomically, return (run id, record, seconds).
+
+    A module-level function of picklable arguments, so that a process pool can run it.
+    """
+    start = time.perf_counter()
+    result = train_one(spec, settings)
+    seconds = time.perf_counter() - start
+    record = {
+        "run_id": spec.run_id,
+        "fingerprint": settings.fingerprint(),
+        "spec": asdict(spec),
+        "result": result,
+        "seconds": round(seconds, 3),
+    }
+    write_json(_run_path(Path(runs_dir), spec.run_id), record, indent=None)
+    return spec.run_id, record, seconds
+
+
+def load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:
+    """Run id -> record of every run file in ``runs_dir``; refuses files made with other settings."""
+    done: dict[str, dict] = {}
+    if not runs_dir.is_dir():
+        return done
+    fp = settings.fingerprint()
+    for path in sorted(runs_dir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TorchfimError(f"cannot read the run file {str(path)!r} ({exc}); delete it and rerun with --resume")
+        if record.get("fingerprint") != fp:
+            raise TorchfimError(
+                f"the run file {str(path)!r} was made with different settings (another preset, or another "
+                "version of the study); use a new --out folder or delete its runs/ folder"
+            )
+        done[record["run_id"]] = record
+    return done
+
+
+def write_timings(path: Path, timings: dict[str, float], invocation: dict[str, Any]) -> None:
+    """``timings.json``: seconds per run and one entry per invocation (kept across ``--resume``)."""
+    history: list = []
+    if path.exists():
+        try:
+            history = list(json.loads(path.read_text(encoding="utf-8")).get("invocations", []))
+        except (OSError, ValueError, AttributeError):
+            history = []
+    history.append(invocation)
+    write_json(path, {
+        "note": "wall-clock seconds; they depend on the machine and its load, and are kept out of results.json",
+        "run_seconds_total": round(sum(timings.values()), 1),
+        "invocations": history,
+        "seconds_per_run": dict(sorted(timings.items())),
+    })  # fmt: skip

@@ -1,0 +1,155 @@
+"""Running the whole study: the runs of each phase (in this process or a pool), then the outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..._io import write_json, write_text
+from ...errors import TorchfimError
+from . import figures
+from .assemble import assemble
+from .plan import count_runs, is_done, main_specs, tune_lr_specs, tuned, tuning_specs
+from .settings import FILES, FULL, RunSpec, Settings
+from .store import execute, load_runs, write_timings
+from .summary import summary
+
+__all__ = ["run"]
+
+
+class _Executor:
+    """Runs specs one at a time in this process (jobs = 1) or in a pool of ``jobs`` processes."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self.pool = None
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def map(self, specs: list[RunSpec], settings: Settings, runs_dir: Path) -> Iterator[tuple[str, dict, float]]:
+        """``(run id, record, seconds)`` of each spec as it finishes (several at once: by run id)."""
+        if self.pool is None:
+            for s in specs:
+                yield execute(s, settings, str(runs_dir))
+            return
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        pending = {self.pool.submit(execute, s, settings, str(runs_dir)) for s in specs}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in sorted(finished, key=lambda f: f.result()[0]):
+                    yield f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def close(self, cancel: bool = False) -> None:
+        """Shut the pool down (``cancel``: drop the runs not started)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+            self.pool = None
+
+
+def _postfix(spec: RunSpec) -> str:
+    s = f"{spec.phase} {spec.dataset}/{spec.model} {spec.variant}"
+    return s + (f" seed {spec.seed_index}" if spec.seed_index is not None else "")
+
+
+class _Phases:
+    """Runs the missing runs of one phase after another, counting them on the progress bar."""
+
+    def __init__(self, done: dict[str, dict], settings: Settings, runs_dir: Path, executor: _Executor, bar,
+                 max_runs: int | None, on_run: Callable[[str], None] | None) -> None:
+        self.done, self.settings, self.runs_dir, self.executor, self.bar = done, settings, runs_dir, executor, bar
+        self.max_runs, self.on_run = max_runs, on_run
+        self.timings: dict[str, float] = {k: v.get("seconds", 0.0) for k, v in done.items()}
+        self.counted: set[str] = set()
+        self.new = 0
+
+    def run(self, specs: list[RunSpec]) -> bool:
+        """Run the specs not done yet (at most ``max_runs`` new ones in all); True when all are done."""
+        done, bar = self.done, self.bar
+        wanted = {s.run_id for s in specs if is_done(done, s)}
+        bar.update(sum(1 for k in done if k in wanted and k not in self.counted))
+        self.counted.update(k for k in done if k in wanted)
+        todo = [s for s in specs if not is_done(done, s)]
+        if self.max_runs is not None:
+            todo = todo[: max(0, self.max_runs - self.new)]
+        if todo:
+            bar.set_postfix_str(_postfix(todo[0]), refresh=False)
+        for run_id, record, seconds in self.executor.map(todo, self.settings, self.runs_dir):
+            done[run_id] = record
+            self.counted.add(run_id)
+            self.timings[run_id] = round(seconds, 3)
+            self.new += 1
+            bar.update(1)
+            nxt = next((s for s in todo if not is_done(done, s)), None)
+            bar.set_postfix_str(_postfix(nxt) if nxt else "", refresh=True)
+            if self.on_run is not None:
+                self.on_run(run_id)
+        return all(is_done(done, s) for s in specs)
+
+
+def run(
+    out: str | os.PathLike,
+    settings: Settings = FULL,
+    master_seed: int = 0,
+    resume: bool = False,
+    jobs: int = 1,
+    progress: bool = True,
+    max_runs: int | None = None,
+    on_run: Callable[[str], None] | None = None,
+) -> dict[str, Any] | None:
+    """Run (or finish, with ``resume``) the study in ``out``; return ``results.json``'s content.
+
+    Returns None when ``max_runs`` new runs were done before the study was complete (the run
+    files are kept; call again with ``resume=True`` to finish). ``on_run(run_id)`` is called after
+    each run file is written (raising there stops the study; the files written so far are kept).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    runs_dir = out / "runs"
+    done = load_runs(runs_dir, settings)
+    if done and not resume:
+        raise TorchfimError(
+            f"{str(runs_dir)!r} already holds {len(done)} finished runs; pass --resume to finish that "
+            "study, or choose another --out folder"
+        )
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    bar = tqdm(total=count_runs(settings), desc="explosion", unit="run", disable=not progress, file=sys.stderr)
+    executor = _Executor(jobs)
+    phases = _Phases(done, settings, runs_dir, executor, bar, max_runs, on_run)
+    try:
+        ok = phases.run(tune_lr_specs(settings, master_seed))
+        if ok:
+            lr_star, _, _, _ = tuned(settings, master_seed, done)
+            ok = phases.run(tuning_specs(settings, master_seed, lr_star))
+        if ok:
+            lr_star, alpha, noisy_alpha, _ = tuned(settings, master_seed, done)
+            ok = phases.run(main_specs(settings, master_seed, lr_star, alpha, noisy_alpha))
+    except BaseException:
+        executor.close(cancel=True)
+        raise
+    finally:
+        executor.close()
+        bar.close()
+    wall = time.perf_counter() - start
+    write_timings(out / FILES["timings"], phases.timings, {"runs": phases.new, "wall_seconds": round(wall, 1),
+                                                           "jobs": jobs, "complete": ok})  # fmt: skip
+    if not ok:
+        return None
+    results = json.loads(json.dumps(assemble(settings, master_seed, done)))  # as results.json reads back
+    write_json(out / FILES["json"], results, indent=None)
+    write_text(out / FILES["summary"], summary(results, figures.draw(out, results)))
+    return results

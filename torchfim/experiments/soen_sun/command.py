@@ -1,0 +1,45 @@
+"""``torchfim reproduce soen-sun``: the study's command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ...cli.types import positive_int
+from .settings import DEFAULT_OUT, FILES
+from .study import run
+
+__all__ = ["HELP", "add_arguments", "main"]
+
+HELP = "the Soen & Sun (2021) variance experiments at CPU scale"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``torchfim reproduce soen-sun``."""
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"output folder (created if needed; default: {DEFAULT_OUT}/)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny networks and fewer settings (under a minute; for tests and smoke runs)")
+    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                        help="torch intra-op threads (default: 1; more only helps on an idle machine)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Run from parsed ``args`` (the ``torchfim reproduce soen-sun`` options) or from an argv list."""
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="python -m torchfim.experiments.soen_sun", description=HELP)
+        add_arguments(parser)
+        args = parser.parse_args(args)
+    for module in ("matplotlib", "sklearn", "mnist1d"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"torchfim reproduce soen-sun needs the optional package {module!r}: pip install 'torchfim[cli]'"
+            ) from exc
+    cmd = f"torchfim reproduce soen-sun --out {args.out}" + (" --quick" if args.quick else "")
+    res = run(args.out, quick=args.quick, progress=not args.no_progress, threads=args.threads, command=cmd)
+    print(f"wrote {Path(args.out) / FILES['summary']} and {len(FILES) - 1} more files "
+          f"in {res['meta']['seconds_total']:.0f} s")
+    return 0

@@ -1,0 +1,124 @@
+"""``torchfim report``: the command line of :func:`torchfim.report.run_report`."""
+
+from __future__ import annotations
+
+import argparse
+
+from torch import nn
+
+from .. import toy
+from ..cli.types import layer_widths, nonnegative_int, positive_int
+from ..errors import TorchfimError
+from .data import as_data
+from .load import call_factory, ensure_cwd_on_path, load_factory
+from .publish import check_out
+from .run import run_report
+from .settings import (
+    DEFAULT_EPOCHS,
+    DEFAULT_MAX_BLOCK,
+    DEFAULT_OUT,
+    DEFAULT_VARIANCE_INPUTS,
+    HESSIAN_BUDGET,
+    MIN_AUTO_VARIANCE_INPUTS,
+)
+
+__all__ = ["HELP", "add_arguments", "main"]
+
+HELP = "write a Fisher-information report (Tr(F) with error bars, Î1 vs Î2, spectra) of a model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``torchfim report``."""
+    from ..families import FAMILIES
+
+    parser.add_argument("--model", metavar="MODULE:FACTORY",
+                        help="importable callable returning the nn.Module (current directory on "
+                             "sys.path; file.py:FACTORY works too). Default: the demo's MLP, "
+                             "trained briefly on scikit-learn's digits")
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="torch.save file: a state dict for --model (or the default MLP), or a "
+                             "whole module (unpickled: only files you trust)")
+    parser.add_argument("--data", metavar="MODULE:FACTORY",
+                        help="callable returning the inputs: a tensor, an (inputs, targets) pair, or "
+                             "a Dataset yielding (x, y). Default: the 1797 digits")
+    parser.add_argument("--family", default="categorical", choices=sorted(FAMILIES),
+                        help="output distribution of the model (default: categorical)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"report directory (default: {DEFAULT_OUT}/); the report writes only its "
+                             "own files there (an earlier report's are replaced, all others kept)")
+    parser.add_argument("--n-samples", type=positive_int, default=1,
+                        help="labels per input for the score estimate and its error bars (default: 1)")
+    parser.add_argument("--variance-inputs", type=positive_int, default=None, metavar="N",
+                        help=f"inputs (a seeded random subset) for the Î1-vs-Î2 variances; the "
+                             f"Hessian estimator costs a pass per parameter per input (default: "
+                             f"{DEFAULT_VARIANCE_INPUTS}, fewer for models with over "
+                             f"{HESSIAN_BUDGET // DEFAULT_VARIANCE_INPUTS} parameters, and none "
+                             f"of Î2's over {HESSIAN_BUDGET // MIN_AUTO_VARIANCE_INPUTS})")
+    parser.add_argument("--max-block", type=nonnegative_int, default=DEFAULT_MAX_BLOCK, metavar="N",
+                        help="compute eigenvalues of layers with at most N parameters "
+                             f"(default: {DEFAULT_MAX_BLOCK})")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="seed for the default model's training, the subset and sampled labels "
+                             "(default: 0)")
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
+                        help=f"training epochs of the default model (default: {DEFAULT_EPOCHS})")
+    parser.add_argument("--hidden", type=layer_widths, default=None, metavar="W1,W2,...",
+                        help="hidden widths of the default model (default: "
+                             f"{','.join(map(str, toy.HIDDEN))})")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads (default: 1 for the embedded default model, "
+                             "whose tensors are small; torch's own setting for --model)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that re-creates this report (options left at their defaults omitted)."""
+    import shlex
+
+    defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical",
+                "out": DEFAULT_OUT, "n_samples": 1, "variance_inputs": None,
+                "max_block": DEFAULT_MAX_BLOCK, "seed": 0, "epochs": DEFAULT_EPOCHS, "hidden": None}
+    parts = ["torchfim", "report"]
+    for key, default in defaults.items():
+        value = getattr(args, key, default)
+        if value == default or (key == "hidden" and value is not None and tuple(value) == toy.HIDDEN):
+            continue
+        text = ",".join(map(str, value)) if key == "hidden" else str(value)
+        parts += ["--" + key.replace("_", "-"), text]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``torchfim report`` with the parsed options."""
+    ensure_cwd_on_path()
+    if args.model is not None and (args.hidden is not None or args.epochs != DEFAULT_EPOCHS):
+        raise TorchfimError("--hidden and --epochs describe the default model; drop them with --model")
+    if args.model is None and args.checkpoint is not None and args.epochs != DEFAULT_EPOCHS:
+        raise TorchfimError("--epochs trains the default model, but --checkpoint loads its weights; drop one")
+    if args.model is None and args.data is not None and args.checkpoint is None:
+        raise TorchfimError(
+            "--data without --model would analyse the default MLP (trained on the digits) on your "
+            "data; pass --model MODULE:FACTORY for your model (and --checkpoint for its weights)"
+        )
+    check_out(args.out)
+    model = data = None
+    if args.model is not None:
+        model = call_factory(load_factory(args.model, "--model"), args.model, "--model")
+        if not isinstance(model, nn.Module):
+            raise TorchfimError(
+                f"--model {args.model}: the factory returned a {type(model).__name__}, not a "
+                "torch.nn.Module; return the model"
+            )
+    if args.data is not None:
+        raw = call_factory(load_factory(args.data, "--data"), args.data, "--data")
+        data = as_data(raw, f"{args.data}()", "--data")
+    threads = args.threads if args.threads is not None else (1 if args.model is None else None)
+    run_report(
+        model, data, family=args.family, out=args.out, checkpoint=args.checkpoint,
+        n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
+        seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
+        progress=not args.no_progress, command=_command(args),
+        model_source=None if args.model is None else f"{args.model}()"
+        + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
+    )
+    return 0

@@ -1,0 +1,82 @@
+"""Computing a report: check the model and data, choose the subsets, measure, assemble."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from . import settings
+from .assemble import Layout, Setup, assemble
+from .check import check_model_and_data
+from .data import Data
+from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
+
+__all__ = ["compute_report"]
+
+
+def compute_report(
+    model: nn.Module,
+    data: Data,
+    family: str = "categorical",
+    *,
+    n_samples: int = 1,
+    variance_inputs: int | None = None,
+    max_block: int = settings.DEFAULT_MAX_BLOCK,
+    seed: int = 0,
+    rel_error: float = settings.REL_ERROR,
+    progress: bool = True,
+) -> dict:
+    """Every number of the report, as a JSON-ready dict (see :mod:`torchfim.report` for what and how).
+
+    ``model`` is put in eval mode. ``n_samples`` is the labels per input of the score estimate and
+    its error bars; the variance comparison is for one label per input (divide by k for k labels).
+    The variance subset is ``torch.randperm(n, generator=manual_seed(seed))[:m]``, sorted.
+    """
+    from ..families import get_family
+
+    fam = get_family(family)
+    model.eval()
+    data, targets_note = check_model_and_data(model, data, fam, fam.name)
+    layout = Layout.of(model)
+    m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters)
+    setup = Setup(
+        family=fam.name, n_samples=int(n_samples), seed=seed, rel_error=rel_error, max_block=max_block,
+        subset=torch.randperm(data.n, generator=torch.Generator().manual_seed(seed))[:m].sort().values,
+        with_hessian=with_hessian,
+        spectrum_layers=[i for i, s in enumerate(layout.sizes) if s <= max_block],
+        targets_note=targets_note, variance_note=variance_note,
+    )
+    measured, timings = _measure(model, data, fam, layout, setup, progress)
+    return assemble(model, data, layout, setup, measured, timings)
+
+
+def _total_steps(layout: Layout, setup: Setup, has_targets: bool) -> int:
+    L = len(layout.names)
+    per_variance = 4 if setup.with_hessian else 2
+    return (4 + L + 1 + per_variance * (L + 1) + (2 if setup.with_hessian else 1) + len(setup.spectrum_layers)
+            + (1 if has_targets else 0))
+
+
+def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, progress: bool) -> tuple[dict, dict]:
+    """The four measurement parts in turn, with their wall-clock seconds."""
+    X, names = data.inputs, layout.names
+    timings: dict[str, float] = {}
+    steps = Steps(_total_steps(layout, setup, data.targets is not None), progress)
+    try:
+        t0 = time.perf_counter()
+        measured = measure_trace(model, X, fam, names, setup.n_samples, setup.seed, steps)
+        timings["trace"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        measured.update(measure_variances(model, X[setup.subset], fam, names, setup.with_hessian, steps))
+        timings["variance"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        measured["spectra"] = measure_spectra(model, X, fam, names, setup.spectrum_layers, steps)
+        timings["spectrum"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        measured["diag_emp"] = measure_empirical(model, X, data.targets, fam, steps)
+        timings["empirical"] = time.perf_counter() - t0
+    finally:
+        steps.close()
+    return measured, timings

@@ -1,0 +1,168 @@
+"""The data a report analyses: :class:`Data`, and :func:`as_data` for what a data factory returns.
+
+A data factory's mistakes (a wrong kind of object, empty data, targets that do not match the
+inputs) raise a one-line :class:`~torchfim.TorchfimError` that names the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import TorchfimError
+from .load import one_line
+
+__all__ = ["Data", "as_data"]
+
+
+@dataclass
+class Data:
+    """Inputs (first dimension = batch) and, when the data carries them, the true targets."""
+
+    inputs: Tensor
+    targets: Tensor | None
+    source: str
+
+    @property
+    def n(self) -> int:
+        """The number of inputs."""
+        return int(self.inputs.shape[0])
+
+
+def _tensor(value: object, what: str, option: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, np.ndarray) or isinstance(value, (int, float)):
+        return torch.as_tensor(np.asarray(value))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        return torch.as_tensor(value)
+    raise TorchfimError(
+        f"{option}: the {what} must be a torch.Tensor (or numpy array), got {type(value).__name__}; "
+        "return a tensor, an (inputs, targets) pair of tensors, or a Dataset yielding (x, y)"
+    )
+
+
+def _concat_batches(batches: Iterable[object], option: str) -> tuple[list[Tensor], list[Tensor] | None]:
+    xs: list[Tensor] = []
+    ys: list[Tensor] | None = []
+    for item in batches:
+        if isinstance(item, (tuple, list)):
+            if not item:
+                raise TorchfimError(f"{option}: the data yielded an empty item; yield x or (x, y)")
+            x = _tensor(item[0], "inputs", option)
+            y = _tensor(item[1], "targets", option) if len(item) > 1 and item[1] is not None else None
+        elif isinstance(item, Mapping):
+            raise TorchfimError(
+                f"{option}: the data yields dicts; return a tensor, an (inputs, targets) pair, "
+                "or a Dataset yielding (x, y) tuples"
+            )
+        else:
+            x, y = _tensor(item, "inputs", option), None
+        xs.append(x)
+        if ys is not None and y is not None:
+            ys.append(y)
+        else:
+            ys = None
+    return xs, ys
+
+
+def as_data(obj: object, source: str, option: str = "--data") -> Data:
+    """Normalise what a data factory returned into :class:`Data`.
+
+    Accepts a tensor (or numpy array) of inputs; a tuple ``(inputs, targets)`` (or ``(inputs,)``);
+    a map-style ``torch.utils.data.Dataset`` whose items are ``x`` or ``(x, y)``; or an iterable of
+    mini-batches (a ``DataLoader``) of tensors or ``(x, y)`` pairs.
+    """
+    from torch.utils.data import DataLoader, Dataset
+
+    targets: Tensor | None = None
+    if isinstance(obj, (Tensor, np.ndarray)):
+        inputs = _tensor(obj, "inputs", option)
+    elif _is_inputs_and_targets(obj):
+        inputs, targets = _from_pair(obj, option)  # type: ignore[arg-type]
+    elif isinstance(obj, (Dataset, DataLoader)) or (
+        isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, Mapping))
+    ):
+        inputs, targets = _from_items(obj, option)  # type: ignore[arg-type]
+    else:
+        raise TorchfimError(
+            f"{option}: the factory returned a {type(obj).__name__}; return a tensor of inputs, an "
+            "(inputs, targets) pair of tensors, or a torch Dataset yielding (x, y)"
+        )
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise TorchfimError(f"{option}: the data is empty (no inputs); return at least one input")
+    if targets is not None:
+        if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+            raise TorchfimError(
+                f"{option}: {inputs.shape[0]} inputs but targets of shape {tuple(targets.shape)}; "
+                "return one target per input (or inputs only)"
+            )
+    return Data(inputs, targets, source)
+
+
+def _is_inputs_and_targets(obj: object) -> bool:
+    """``(inputs,)`` or ``(inputs, targets)``; two same-shaped tensors of different lengths are
+    rather two mini-batches (read by :func:`_from_items`)."""
+    if not (isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2 and isinstance(obj[0], (Tensor, np.ndarray))):
+        return False
+    if len(obj) == 2 and not (obj[1] is None or isinstance(obj[1], (Tensor, np.ndarray, list, tuple))):
+        return False
+    return not (len(obj) == 2 and isinstance(obj[1], (Tensor, np.ndarray)) and isinstance(obj[0], Tensor)
+                and obj[0].dim() > 0 and obj[1].shape[:1] != obj[0].shape[:1]
+                and obj[1].shape[1:] == obj[0].shape[1:])
+
+
+def _from_pair(obj: tuple | list, option: str) -> tuple[Tensor, Tensor | None]:
+    inputs = _tensor(obj[0], "inputs", option)
+    if len(obj) < 2 or obj[1] is None:
+        return inputs, None
+    try:
+        targets = obj[1] if isinstance(obj[1], Tensor) else torch.as_tensor(np.asarray(obj[1]))
+    except Exception as exc:
+        raise TorchfimError(
+            f"{option}: the targets could not be made a tensor ({one_line(exc)}); return "
+            "(inputs, targets) with targets a tensor of one target per input"
+        ) from exc
+    return inputs, targets.detach()
+
+
+def _from_items(obj: Iterable[object], option: str) -> tuple[Tensor, Tensor | None]:
+    """Inputs (and targets) of a Dataset, an IterableDataset or an iterable of mini-batches."""
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+    if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset):
+        try:
+            length = len(obj)  # type: ignore[arg-type]
+        except TypeError:
+            length = None
+        if length == 0:
+            raise TorchfimError(f"{option}: the dataset is empty; return at least one input")
+        batches: Iterable[object] = DataLoader(obj, batch_size=512, shuffle=False)
+    elif isinstance(obj, IterableDataset):
+        batches = DataLoader(obj, batch_size=512)
+    else:
+        batches = obj  # already mini-batches (a DataLoader or a list of batches)
+    try:
+        xs, ys = _concat_batches(batches, option)
+    except TorchfimError:
+        raise
+    except Exception as exc:
+        raise TorchfimError(
+            f"{option}: reading the data failed ({one_line(exc)}); a Dataset must yield tensors "
+            "x or tuples (x, y) of tensors (or numbers) of equal shapes"
+        ) from exc
+    if not xs:
+        raise TorchfimError(f"{option}: the data is empty; return at least one input")
+    try:
+        inputs = torch.cat([x if x.dim() else x.reshape(1) for x in xs])
+        targets = torch.cat([y.reshape(-1) if y.dim() == 0 else y for y in ys]) if ys else None
+    except RuntimeError as exc:
+        raise TorchfimError(
+            f"{option}: the data's items have different shapes ({one_line(exc)}); "
+            "make every input the same shape"
+        ) from exc
+    return inputs, targets

@@ -1,0 +1,298 @@
+"""The text of ``report.md``: every figure embedded, with its numbers and how they were got.
+
+It reads only the report.json dict, section by section.
+"""
+
+from __future__ import annotations
+
+from .format import fmt, md_table, pct
+
+__all__ = ["markdown"]
+
+
+def markdown(R: dict) -> str:
+    """The text of ``report.md`` for the report.json dict ``R``."""
+    lines: list[str] = []
+    for section in (_head, _section_trace, _section_variance, _section_samples, _section_spectra,
+                    _section_empirical, _section_notes):
+        lines += section(R)
+    return "\n".join(lines)
+
+
+def _subset_text(D: dict) -> str:
+    m, n = D["variance_inputs"], D["n_inputs"]
+    return "all" if m == n else f"a random subset of {m} (seed {D['variance_subset_seed']})"
+
+
+def _relative_stderr(T: dict) -> float | None:
+    return T["trace_score_stderr"] / T["exact"] if T["trace_score_stderr"] and T["exact"] else None
+
+
+def _per_layer_winner(R: dict) -> str:
+    layers = R["layers"]
+    h = [l["name"] for l in layers if l["subset"]["better_for_trace"] == "hessian"]
+    zero = [l["name"] for l in layers if l["subset"]["var_hessian"] == 0]
+    text = f"Per layer, Î2 wins on {len(h)} of {len(layers)}"
+    if zero:
+        text += f" (with exactly zero variance on {', '.join(f'`{z}`' for z in zero)})"
+    return text + "."
+
+
+def _head(R: dict) -> list[str]:
+    """Title, what was analysed, the summary and the overview figure."""
+    T, D, M = R["trace"], R["data"], R["model"]
+    n, k = D["n_inputs"], R["n_samples"]
+    subset_text, sub = _subset_text(D), T["subset"]
+    lines: list[str] = []
+    add = lines.append
+    add("# torchfim report")
+    add("")
+    add(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']} trainable parameters in "
+        f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")
+    add(f"- **Data:** {D['source']}: {n} inputs of shape {tuple(D['input_shape'])}, "
+        + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
+        + (f" Note: {D['targets_note']}." if D.get("targets_note") else "")
+        + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))
+    add(f"- **Output family:** `{R['family']}`; labels are drawn from the model (the Fisher under the "
+        "model's own predictive distribution).")
+    if R.get("command"):
+        add(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, torch {R['torch_version']}).")
+    add("")
+    add("## Summary")
+    add("")
+    add(f"- **Tr(F) = {fmt(T['exact'])}** (exact, mean over all {n} inputs). One score-estimator draw "
+        f"with {k} label(s) per input gave {fmt(T['trace_score_estimate'])}, standard error "
+        f"{fmt(T['trace_score_stderr'])} ({pct(_relative_stderr(T))} of Tr(F)).")
+    if sub["var_hessian"] is None:
+        add(f"- **Î1 vs Î2 for the trace** (on {subset_text} inputs, one label each): Var Tr Î1 = "
+            f"{fmt(sub['var_score'])}; {D['variance_inputs_note']}.")
+    else:
+        add(f"- **Î1 vs Î2 for the trace** (on {subset_text} inputs, one label each): Var Tr Î1 = "
+            f"{fmt(sub['var_score'])}, Var Tr Î2 = {fmt(sub['var_hessian'])}: the "
+            f"**{sub['better_for_trace']}** estimator has the smaller variance for the whole trace. "
+            + _per_layer_winner(R))
+    add(f"- **Labels per input for {100 * R['rel_error']:.0f}% relative error** of Tr(F) on all {n} "
+        f"inputs: k = {fmt(T['samples_needed']['score'])} with Î1, k = {fmt(T['samples_needed']['hessian'])} "
+        "with Î2.")
+    if R["empirical"] is not None:
+        E = R["empirical"]
+        add(f"- **Empirical Fisher** (true labels): its trace is {fmt(E['trace_ratio'], 3)}× the true "
+            f"Tr(F) ({fmt(E['trace'])} vs {fmt(E['trace_exact'])}); cosine similarity of the "
+            f"diagonals {fmt(E['cosine_diag'], 3)}.")
+    add("")
+    add("![overview: Tr(F) per layer, estimator variances, labels needed, and "
+        + ("empirical vs true Fisher" if R["empirical"] is not None else "spectra") + "](overview.png)")
+    add("")
+    return lines
+
+
+def _section_trace(R: dict) -> list[str]:
+    """Section 1: Tr(F) per layer with the score estimator's error bars."""
+    T, M = R["trace"], R["model"]
+    n, m, k = R["data"]["n_inputs"], R["data"]["variance_inputs"], R["n_samples"]
+    subset_text, rel = _subset_text(R["data"]), _relative_stderr(T)
+    lines: list[str] = []
+    add = lines.append
+    add("## 1. Tr(F) per layer, with error bars")
+    add("")
+    add(f"Grey bars: the exact trace of each layer's diagonal block of F, `(1/n) Σᵢ tr(Jᵢᵀ Λᵢ Jᵢ)` "
+        f"restricted to that parameter tensor, on all {n} inputs (`torchfim.fisher(..., structure=\"diag\")` "
+        f"summed per layer; the whole-model value is `torchfim.fisher(..., structure=\"trace\")`). "
+        f"Blue points: one draw of the unbiased score estimator Î1 with {k} label(s) per input "
+        f"(seed {R['seed'] + 1}), with ± 2 standard errors. The standard error is exact, not "
+        f"bootstrapped: √(Var₁/k), with Var₁ from `torchfim.fisher_variance(..., estimator=\"score\", "
+        f"structure=\"trace\")` on all inputs and the model with only that layer trainable. About 95% "
+        "of such draws fall within the bars.")
+    add("")
+    add("![Tr(F) per layer](trace_per_layer.png)")
+    add("")
+    rows = []
+    for layer in R["layers"]:
+        se = layer["trace_score_stderr"]
+        rows.append([f"`{layer['name']}`", str(tuple(layer["shape"])), str(layer["size"]),
+                     fmt(layer["trace_exact"]), pct(layer["share_of_trace"]),
+                     fmt(layer["trace_score_estimate"]), fmt(se),
+                     pct(se / layer["trace_exact"] if se is not None and layer["trace_exact"] else None),
+                     fmt(layer["trace_hessian_stderr"])])
+    rows.append(["**whole model**", "", str(M["n_parameters"]), fmt(T["exact"]), "100%",
+                 fmt(T["trace_score_estimate"]), fmt(T["trace_score_stderr"]),
+                 pct(rel), fmt(T["trace_hessian_stderr"])])
+    add(md_table(["layer", "shape", "size", "Tr(F)", "share", f"Î1 draw (k={k})", "s.e. Î1",
+                "s.e./Tr", "s.e. Î2*"], rows, "lllrrrrrr"))
+    add("")
+    add(f"\\* The Î2 standard error on all {n} inputs is extrapolated from {subset_text} inputs as "
+        f"√((m/n)·Var₁(subset)/k), m = {m}: the variance is a mean of per-input terms over n², so a "
+        "random subset's mean per-input term estimates the full one without bias."
+        if m < n else "\\* Exact (the subset is the whole data set).")
+    add("")
+    return lines
+
+
+def _section_variance(R: dict) -> list[str]:
+    """Section 2: the variances of Î1 and Î2 per layer, and their bounds."""
+    D, sub = R["data"], R["trace"]["subset"]
+    subset_text = _subset_text(D)
+    lines: list[str] = []
+    add = lines.append
+    add("## 2. Variance of Î1 vs Î2 per layer, and the bounds")
+    add("")
+    add(f"The variance, with one label per input (divide by k for k labels), of each layer's trace "
+        f"estimator, on {subset_text} inputs, treated as the data set (the Hessian estimator needs one "
+        f"forward-over-forward pass per parameter and input, hence the subset). Each number is exact "
+        f"(Soen & Sun 2021, DESIGN.md §4): `torchfim.fisher_variance(model, subset, "
+        f"estimator=..., structure=\"trace\")` on the model with every other parameter frozen "
+        f"(`requires_grad=False`), which is exactly the variance of that layer's trace estimate, "
+        f"covariances between its entries included. Hollow markers: the upper bounds of "
+        f"`torchfim.variance_bound` (Î1: the smaller of the spectral bound, through λ_max of the "
+        f"fourth moment of the output score, and the kurtosis bound, through E‖u‖⁴; Î2: the spectral "
+        f"bound through λ_max(Λ)). The whole-model column is the variance of Tr Î itself, which is "
+        f"not the sum of the layers' (covariances between layers). Î2 has zero variance wherever "
+        f"∇²_θ o vanishes, e.g. the last linear layer's weights and biases: a zero is drawn at the "
+        f"bottom of the plot and marked 0.")
+    add("")
+    if D.get("variance_inputs_note"):
+        add("")
+        add(f"Note: {D['variance_inputs_note']}.")
+    add("")
+    add("![variance per layer](variance_per_layer.png)")
+    add("")
+    rows = []
+    for name, s in [("**whole model**", sub)] + [(f"`{l['name']}`", l["subset"]) for l in R["layers"]]:
+        rows.append([name, fmt(s["trace_exact"]), fmt(s["var_score"]), fmt(s["bound_score"]),
+                     fmt(s["bound_ratio_score"], 3), fmt(s["var_hessian"]), fmt(s["bound_hessian"]),
+                     fmt(s["bound_ratio_hessian"], 3), s["better_for_trace"] or "–",
+                     fmt(s["diag_var_sum_score"]), fmt(s["diag_var_sum_hessian"]),
+                     s["better_for_diagonal"] or "–"])
+    add(md_table(["layer", "Tr(F) on subset", "Var Tr Î1", "bound", "bound/Var", "Var Tr Î2", "bound",
+                "bound/Var", "better (trace)", "Σ Var diag Î1", "Σ Var diag Î2", "better (diagonal)"],
+               rows, "lrrrrrrrlrrl"))
+    add("")
+    add("The last three columns compare the estimators for the diagonal instead of the trace: the sum "
+        "over the layer of each diagonal entry's variance (the expected squared error of the diagonal "
+        "estimate, as `torchfim.compare_estimators` reports it).")
+    add("")
+    return lines
+
+
+def _section_samples(R: dict) -> list[str]:
+    """Section 3: labels per input for the target relative error."""
+    T, n, m = R["trace"], R["data"]["n_inputs"], R["data"]["variance_inputs"]
+    lines: list[str] = []
+    add = lines.append
+    add(f"## 3. Labels per input for {100 * R['rel_error']:.0f}% relative error")
+    add("")
+    add(f"For each layer, the number of labels per input k such that the standard error of the "
+        f"layer's trace estimate on all {n} inputs is at most {100 * R['rel_error']:.0f}% of the exact "
+        f"value: k = ⌈Var₁ / ({R['rel_error']}·Tr_layer)²⌉ (at least 1), the per-layer version of "
+        f"`torchfim.samples_needed`. Var₁ is the one-label variance of the layer's trace estimator on "
+        f"all inputs: exact for Î1; for Î2 extrapolated from the subset, (m/n)·Var₁(subset) with "
+        f"m = {m}. The whole-model Î1 column equals `torchfim.samples_needed(model, inputs, "
+        f"estimator=\"score\")`. The bars show Var₁/({R['rel_error']}·Tr)² before rounding up: "
+        f"below the dotted line at 1, one label per input already gives better than "
+        f"{100 * R['rel_error']:.0f}%; a bar at 10 means 10 labels per input (or 10× the inputs) are "
+        f"needed. Where Î2's variance is 0 (printed 0→1), one label gives the exact value.")
+    add("")
+    add("![labels per input needed](samples_needed.png)")
+    add("")
+    rows = []
+    for name, e in [("**whole model**", T)] + [(f"`{l['name']}`", l) for l in R["layers"]]:
+        rows.append([name, fmt(e.get("trace_exact", T["exact"])), fmt(e["var1_score_all_inputs"]),
+                     fmt(e["samples_needed_unrounded"]["score"], 3), fmt(e["samples_needed"]["score"]),
+                     fmt(e["var1_hessian_all_inputs_extrapolated"]),
+                     fmt(e["samples_needed_unrounded"]["hessian"], 3), fmt(e["samples_needed"]["hessian"])])
+    q = f"Var₁/({R['rel_error']}·Tr)²"
+    add(md_table(["layer", "Tr(F)", "Var₁ Tr Î1", q, "k (Î1)", "Var₁ Tr Î2 (extrap.)", q, "k (Î2)"], rows))
+    add("")
+    return lines
+
+
+def _section_spectra(R: dict) -> list[str]:
+    """Section 4: eigenvalues of the per-layer exact blocks."""
+    M, n = R["model"], R["data"]["n_inputs"]
+    lines: list[str] = []
+    add = lines.append
+    add("## 4. Eigenvalues of the per-layer exact blocks")
+    add("")
+    skipped = [l["name"] for l in R["layers"] if l["spectrum"] is None]
+    add(f"The eigenvalues of each layer's diagonal block of the exact F on all {n} inputs "
+        f"(`torchfim.fisher(..., structure=\"full\")` on the model with only that layer trainable, the "
+        f"same block as `structure=\"layers\"` gives; `torch.linalg.eigvalsh` in float64), sorted "
+        f"from the largest; eigenvalues below 10⁻¹² of the largest are not drawn. Computed for layers "
+        f"of at most {R['max_block']} parameters"
+        + (f"; skipped (too large): {', '.join(f'`{s}`' for s in skipped)}." if skipped else " (all layers).")
+        + f" The blocks are computed in the model's dtype ({M['dtype']}), so eigenvalues far below "
+        "λ_max (and the slightly negative ones) are at the level of rounding error. "
+        "The numerical rank counts eigenvalues above 10⁻⁶·λ_max; the condition number is "
+        "λ_max over the smallest eigenvalue counted in that rank. The full spectra are in report.json "
+        "under `spectra`.")
+    add("")
+    add("![eigenvalue spectra](spectrum.png)")
+    add("")
+    rows = []
+    for layer in R["layers"]:
+        s = layer["spectrum"]
+        if s is None:
+            rows.append([f"`{layer['name']}`", str(layer["size"]), "skipped", "", "", "", "", ""])
+            continue
+        rows.append([f"`{layer['name']}`", str(layer["size"]), fmt(s["max"]), fmt(s["min"]), fmt(s["sum"]),
+                     str(s["rank_1e-6"]), pct(s["top10_share"]), fmt(s["condition_of_nonzero"], 3)])
+    add(md_table(["layer", "size", "λ_max", "λ_min", "Σλ = Tr", "rank (>10⁻⁶λ_max)", "top-10 share",
+                "condition"], rows))
+    add("")
+    return lines
+
+
+def _section_empirical(R: dict) -> list[str]:
+    """Section 5: the empirical Fisher against the true one."""
+    D = R["data"]
+    lines: list[str] = []
+    add = lines.append
+    add("## 5. Empirical vs true Fisher")
+    add("")
+    if R["empirical"] is None:
+        add("Not computed: " + (D.get("targets_note") or "the data has no targets") + ". The empirical "
+            "Fisher replaces the labels drawn from the model by the true ones; give data with targets "
+            "((inputs, targets) or a Dataset yielding (x, y)) to see how far off it is.")
+    else:
+        E = R["empirical"]
+        add(f"The empirical Fisher `(1/n) Σᵢ ∇log p(yᵢ|xᵢ) ∇log p(yᵢ|xᵢ)ᵀ` uses the true labels yᵢ "
+            f"instead of labels drawn from the model, so it is biased (it estimates a different "
+            f"matrix). Each point is one parameter's diagonal entry (at most 4000 per layer drawn, all of "
+            f"them in report.json under `empirical.points`); on "
+            f"the dashed line the two agree. Over the whole model the empirical trace is "
+            f"{fmt(E['trace_ratio'], 3)}× the true one and the cosine similarity of the diagonals is "
+            f"{fmt(E['cosine_diag'], 3)}. When a model fits its training labels well, the true label "
+            "is mostly its most probable one, whose score is small, so the empirical Fisher tends to "
+            "underestimate F; the diagonal's direction (cosine) can still agree closely.")
+        add("")
+        add("![empirical vs true Fisher](empirical_vs_true.png)")
+        add("")
+        rows = [["**whole model**", fmt(E["trace_exact"]), fmt(E["trace"]), fmt(E["trace_ratio"], 3),
+                 fmt(E["cosine_diag"], 3)]]
+        rows += [[f"`{l['name']}`", fmt(l["trace_exact"]), fmt(l["trace"]), fmt(l["trace_ratio"], 3),
+                  fmt(l["cosine_diag"], 3)] for l in E["layers"]]
+        add(md_table(["layer", "Tr(F) true", "Tr empirical", "ratio", "cosine (diag)"], rows))
+    add("")
+    return lines
+
+
+def _section_notes(R: dict) -> list[str]:
+    """Timings and how to check the numbers."""
+    n, subset_text = R["data"]["n_inputs"], _subset_text(R["data"])
+    lines: list[str] = []
+    add = lines.append
+    add("## Notes")
+    add("")
+    tm = R["timings"]
+    add(f"- Time: {fmt(tm.get('total'), 3)} s in all (loading and training {fmt(tm.get('setup'), 3)} s, "
+        f"Tr(F) and Î1 error bars {fmt(tm['trace'], 3)} s, "
+        f"Î1/Î2 variances {fmt(tm['variance'], 3)} s, spectra {fmt(tm['spectrum'], 3)} s, empirical "
+        f"{fmt(tm['empirical'], 3)} s, figures {fmt(tm.get('figures'), 3)} s).")
+    add("- All values are means over inputs (not sums) and conditional on these inputs: the variances "
+        "are over the labels drawn from the model, not over resampling the data.")
+    add(f"- The variance subset: {subset_text} of the {n} inputs; their indices are in report.json "
+        "(`data.variance_subset_indices`).")
+    add("- `model.pt` holds the model's state dict, so the numbers can be checked with the library: "
+        "`torchfim.fisher(model, inputs, structure=\"trace\")` gives `trace.exact` of report.json.")
+    add("")
+    return lines

@@ -1,0 +1,181 @@
+"""The report's computations: every call into torchfim, raw tensors and floats out.
+
+Four parts, each timed: Tr(F) and its per-layer split with the score estimator's error bars on all
+inputs (:func:`measure_trace`); the variances and bounds of Î1 and Î2 on the variance subset
+(:func:`measure_variances`); the eigenvalues of the per-layer exact blocks
+(:func:`measure_spectra`); the empirical Fisher with the true targets (:func:`measure_empirical`).
+A "layer" is one parameter tensor; its quantities are those of the model with every other
+parameter frozen (:func:`only_trainable`), which makes θ that one tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "only_trainable",
+    "json_float",
+    "Steps",
+    "measure_trace",
+    "measure_variances",
+    "measure_spectra",
+    "measure_empirical",
+]
+
+
+@contextmanager
+def only_trainable(model: nn.Module, name: str) -> Iterator[None]:
+    """Make ``name`` the only parameter with ``requires_grad=True`` (restored afterwards)."""
+    params = dict(model.named_parameters())
+    saved = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n == name)
+        yield
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
+
+
+def json_float(x: object) -> float | None:
+    """A JSON-safe float (None for NaN/inf/None)."""
+    if x is None:
+        return None
+    v = float(x.detach().double().cpu()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
+    return v if math.isfinite(v) else None
+
+
+class Steps:
+    """The progress bar of a report: ``step(description)`` names the next step, ``done()`` ticks it."""
+
+    def __init__(self, total: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, disable=not progress, leave=False, unit="step", desc="report")
+
+    def step(self, desc: str) -> None:
+        """Name the step being computed."""
+        self.bar.set_description(desc)
+
+    def done(self) -> None:
+        """Count one step as done."""
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self.bar.close()
+
+
+def measure_trace(model: nn.Module, X: Tensor, fam, names: list[str], k: int, seed: int, steps: Steps) -> dict:
+    """Tr(F) and diag(F) exact on all inputs, one score estimate with ``k`` labels (seed + 1), and
+    the one-label variance of the trace estimator Î1, for the model and for each layer alone."""
+    import torchfim
+
+    steps.step("Tr(F) exact")
+    trace_exact = torchfim.fisher(model, X, family=fam, structure="trace")
+    steps.done()
+    steps.step("diag(F) exact")
+    diag_exact = torchfim.fisher(model, X, family=fam, structure="diag").detach()
+    steps.done()
+    steps.step("score estimate")
+    diag_score = torchfim.fisher(
+        model, X, family=fam, estimator="score", structure="diag", n_samples=k,
+        generator=torch.Generator().manual_seed(seed + 1),
+    ).detach()
+    steps.done()
+    steps.step("Var Tr Î1 (all inputs)")
+    var1_all = json_float(torchfim.fisher_variance(model, X, family=fam, estimator="score", structure="trace"))
+    steps.done()
+    layer_var1_all = []
+    for name in names:
+        steps.step(f"Var Tr Î1 {name}")
+        with only_trainable(model, name):
+            layer_var1_all.append(
+                json_float(torchfim.fisher_variance(model, X, family=fam, estimator="score", structure="trace"))
+            )
+        steps.done()
+    return {"trace_exact": trace_exact, "diag_exact": diag_exact, "diag_score": diag_score,
+            "var1_score_all": var1_all, "layer_var1_score_all": layer_var1_all}
+
+
+def _trace_variances(model: nn.Module, S: Tensor, fam, with_hessian: bool, label: str, steps: Steps) -> dict:
+    """Exact variances and upper bounds of the trace estimators Î1 and Î2 (one label per input);
+    the Î2 entries are None without ``with_hessian``."""
+    import torchfim
+
+    out: dict[str, float | None] = {}
+    for key, fn, est in (
+        ("var_score", torchfim.fisher_variance, "score"),
+        ("bound_score", torchfim.variance_bound, "score"),
+        ("var_hessian", torchfim.fisher_variance, "hessian"),
+        ("bound_hessian", torchfim.variance_bound, "hessian"),
+    ):
+        if est == "hessian" and not with_hessian:
+            out[key] = None
+            continue
+        steps.step(f"{key} {label}")
+        out[key] = json_float(fn(model, S, family=fam, estimator=est, structure="trace"))
+        steps.done()
+    return out
+
+
+def measure_variances(model: nn.Module, S: Tensor, fam, names: list[str], with_hessian: bool, steps: Steps) -> dict:
+    """On the subset ``S``: diag(F), the trace estimators' variances and bounds for the model and
+    each layer alone, and the diagonals of Var(Î1) and Var(Î2) (the latter None without Î2)."""
+    import torchfim
+
+    steps.step("diag(F) on the subset")
+    diag_subset = torchfim.fisher(model, S, family=fam, structure="diag").detach()
+    steps.done()
+    subset_total = _trace_variances(model, S, fam, with_hessian, "(model)", steps)
+    subset_layers = []
+    for name in names:
+        with only_trainable(model, name):
+            subset_layers.append(_trace_variances(model, S, fam, with_hessian, name, steps))
+    steps.step("Σ diag Var Î1")
+    diagvar_score = torchfim.fisher_variance(model, S, family=fam, estimator="score", structure="diag").detach()
+    steps.done()
+    diagvar_hessian = None
+    if with_hessian:
+        steps.step("Σ diag Var Î2")
+        diagvar_hessian = torchfim.fisher_variance(
+            model, S, family=fam, estimator="hessian", structure="diag"
+        ).detach()
+        steps.done()
+    return {"diag_subset": diag_subset, "subset_total": subset_total, "subset_layers": subset_layers,
+            "diagvar_score": diagvar_score, "diagvar_hessian": diagvar_hessian}
+
+
+def measure_spectra(
+    model: nn.Module, X: Tensor, fam, names: list[str], layers: list[int], steps: Steps
+) -> dict[int, list[float]]:
+    """Layer index -> the eigenvalues (largest first, float64) of its exact block on all inputs."""
+    import torchfim
+
+    spectra: dict[int, list[float]] = {}
+    for i in layers:
+        steps.step(f"eigenvalues {names[i]}")
+        with only_trainable(model, names[i]):
+            block = torchfim.fisher(model, X, family=fam, structure="full")
+        eig = torch.linalg.eigvalsh(block.detach().double().cpu()).flip(0)
+        spectra[i] = [float(v) for v in eig]
+        del block
+        steps.done()
+    return spectra
+
+
+def measure_empirical(model: nn.Module, X: Tensor, Y: Tensor | None, fam, steps: Steps) -> Tensor | None:
+    """diag of the empirical Fisher with the true targets ``Y`` (None without targets)."""
+    import torchfim
+
+    if Y is None:
+        return None
+    steps.step("empirical Fisher")
+    diag_emp = torchfim.fisher(model, X, family=fam, estimator="empirical", structure="diag", targets=Y).detach()
+    steps.done()
+    return diag_emp

@@ -1,0 +1,84 @@
+"""The report's fixed choices: file names, defaults, and how many inputs the variance parts use."""
+
+from __future__ import annotations
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DEFAULT_OUT",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_TRAIN_SECONDS",
+    "DEFAULT_VARIANCE_INPUTS",
+    "HESSIAN_BUDGET",
+    "MIN_AUTO_VARIANCE_INPUTS",
+    "DEFAULT_MAX_BLOCK",
+    "REL_ERROR",
+    "FILES",
+    "EMPIRICAL_FIGURE",
+    "REPORT_FILES",
+    "SCATTER_POINTS_PER_LAYER",
+    "variance_plan",
+]
+
+#: Version of the report.json layout (bumped when keys change meaning).
+FORMAT_VERSION = 1
+#: Default output directory.
+DEFAULT_OUT = "torchfim-report"
+#: The default model's training: this many epochs of Adam on the digits (about 1 s on one core),
+#: with a safety time limit; the epoch cap normally ends training, so the default is deterministic.
+DEFAULT_EPOCHS = 30
+DEFAULT_TRAIN_SECONDS = 60.0
+#: Inputs used by the variance parts (the Hessian estimator costs a pass per parameter per input).
+DEFAULT_VARIANCE_INPUTS = 256
+#: Unless the number of variance inputs is given explicitly, the subset is shrunk so that
+#: parameters × inputs stays under this (the Hessian-estimator parts cost about five
+#: forward-over-forward passes per parameter and input), but not below MIN_AUTO_VARIANCE_INPUTS;
+#: a model too large even for that gets the score-estimator parts only (the Î2 numbers are None).
+HESSIAN_BUDGET = 4_000_000
+MIN_AUTO_VARIANCE_INPUTS = 16
+#: Largest per-layer block whose eigenvalues are computed (a dense size² matrix and eigvalsh).
+DEFAULT_MAX_BLOCK = 2048
+#: Target relative error for the samples-needed figure.
+REL_ERROR = 0.1
+#: At most this many diagonal entries per layer in the empirical-vs-true scatter (and report.json).
+SCATTER_POINTS_PER_LAYER = 4000
+
+#: Files every report has; ``empirical_vs_true.png`` is added when the data has targets.
+FILES = (
+    "report.md",
+    "report.json",
+    "model.pt",
+    "overview.png",
+    "trace_per_layer.png",
+    "variance_per_layer.png",
+    "samples_needed.png",
+    "spectrum.png",
+)
+EMPIRICAL_FIGURE = "empirical_vs_true.png"
+#: Every file name a report may write: the only files of ``--out`` it ever replaces or removes.
+REPORT_FILES = (*FILES, EMPIRICAL_FIGURE)
+
+
+def variance_plan(variance_inputs: int | None, n: int, P: int) -> tuple[int, bool, str | None]:
+    """``(m, with_hessian, note)``: the subset size for the variance parts and whether Î2's are done.
+
+    An explicit ``variance_inputs`` is obeyed (capped at ``n``). Otherwise the default 256 shrinks
+    so that ``P·m ≤ HESSIAN_BUDGET``, down to MIN_AUTO_VARIANCE_INPUTS; past that the Hessian
+    estimator's variances are skipped (the score estimator's stay, on min(n, 256) inputs).
+    """
+    if variance_inputs is not None:
+        return min(int(variance_inputs), n), True, None
+    m = min(DEFAULT_VARIANCE_INPUTS, n)
+    if P * m <= HESSIAN_BUDGET:
+        return m, True, None
+    affordable = HESSIAN_BUDGET // P
+    if affordable >= MIN_AUTO_VARIANCE_INPUTS:
+        return int(affordable), True, (
+            f"the variance subset was reduced from {m} to {affordable} inputs because the model has "
+            f"{P} parameters and the Hessian estimator's variance costs a pass per parameter per "
+            "input; pass --variance-inputs N to choose (and wait for) another size"
+        )
+    return m, False, (
+        f"the Hessian estimator's (Î2) variances were skipped: with {P} parameters they would cost "
+        f"{P} forward-over-forward passes per input; pass --variance-inputs N to compute them "
+        "anyway on N inputs (slow), or freeze parameters with requires_grad_(False) in --model"
+    )

@@ -1,0 +1,48 @@
+"""The terminal summary of a report: one row per layer and the whole model, then the headlines."""
+
+from __future__ import annotations
+
+from .format import fmt
+
+__all__ = ["summary_table"]
+
+
+def summary_table(R: dict) -> str:
+    """The terminal summary: one row per layer plus the whole model, then the headline numbers."""
+    header = ["layer", "size", "Tr(F)", "s.e. Î1", "Var Î1", "Var Î2", "better", "k10% Î1",
+              "k10% Î2", "λ_max"]
+    body = []
+    for l in R["layers"]:
+        s = l["subset"]
+        body.append([l["name"], str(l["size"]), fmt(l["trace_exact"]), fmt(l["trace_score_stderr"], 2),
+                     fmt(s["var_score"], 3), fmt(s["var_hessian"], 3), s["better_for_trace"] or "–",
+                     fmt(l["samples_needed"]["score"]), fmt(l["samples_needed"]["hessian"]),
+                     fmt(l["spectrum"]["max"], 3) if l["spectrum"] else "–"])
+    T = R["trace"]
+    body.append(["whole model", str(R["model"]["n_parameters"]), fmt(T["exact"]),
+                 fmt(T["trace_score_stderr"], 2), fmt(T["subset"]["var_score"], 3),
+                 fmt(T["subset"]["var_hessian"], 3), T["subset"]["better_for_trace"] or "–",
+                 fmt(T["samples_needed"]["score"]), fmt(T["samples_needed"]["hessian"]), ""])
+    widths = [max(len(r[j]) for r in [header] + body) for j in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    D = R["data"]
+    out = [
+        f"Fisher information report: {R['model']['n_parameters']} parameters, {D['n_inputs']} inputs, "
+        f"family {R['family']}",
+        line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
+        f"Tr(F) exact on all {D['n_inputs']} inputs; s.e. Î1 = standard error of the score estimate with "
+        f"{R['n_samples']} label(s)/input; Var Î1/Î2 = variance of the trace estimators with one label "
+        f"on {D['variance_inputs']} inputs; k10% = labels per input for 10% relative error.",
+    ]
+    for note in (D.get("targets_note"), D.get("variance_inputs_note")):
+        if note:
+            out.append(f"Note: {note}.")
+    if R["empirical"] is not None:
+        E = R["empirical"]
+        out.append(f"Empirical Fisher (true labels): Tr ratio {fmt(E['trace_ratio'], 3)}, cosine of "
+                   f"diagonals {fmt(E['cosine_diag'], 3)}.")
+    return "\n".join(out)
