@@ -29,14 +29,18 @@ from ..errors import TorchfimError
 from .base import Family
 from .bernoulli import Bernoulli
 from .categorical import Categorical
+from .gamma import Gamma
 from .gaussian import Gaussian
+from .heteroscedastic import HeteroscedasticGaussian
+from .matrix_fisher import MatrixFisher
 from .poisson import Poisson
 from .positions import Positions
 
-__all__ = ["FAMILIES", "Bernoulli", "Categorical", "Family", "Gaussian", "Poisson", "Positions", "get_family"]
+__all__ = ["FAMILIES", "Bernoulli", "Categorical", "Family", "Gamma", "Gaussian", "HeteroscedasticGaussian",
+           "MatrixFisher", "Poisson", "Positions", "get_family"]
 
 FAMILIES: dict[str, type[Family]] = {
-    cls.name: cls for cls in (Categorical, Bernoulli, Gaussian, Poisson)
+    cls.name: cls for cls in (Categorical, Bernoulli, Gaussian, Poisson, HeteroscedasticGaussian, Gamma, MatrixFisher)
 }
 
 

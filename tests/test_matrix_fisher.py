@@ -1,0 +1,97 @@
+"""The matrix Fisher normaliser and moments at every concentration (float64).
+
+Moderate concentrations are checked against the Euler-angle quadrature in ``test_families_new``;
+here: the one-dimensional building blocks against mpmath, the chain ``∇ log c = E[vec R]``,
+``∇E[vec R] = Λ``, ``∇Λ = E[u⊗u⊗u]``, ``∇E[u⊗u⊗u] = κ₄`` by central differences from nearly
+uniform to very concentrated laws, and the sampler at high concentration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+
+from torchfim.families import MatrixFisher
+from torchfim.families.matrix_fisher_normaliser import (
+    matrix_fisher_moments,
+    proper_svd,
+    tilted_beta_moments,
+)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 1e-3, 0.7, 12.0, 29.9, 30.0, 30.1, 75.0, 1e3, 1e6])
+def test_tilted_beta_moments_against_mpmath(kappa):
+    """``T_mn(κ) = B(n+½, m+½)/π · ₁F₁(n+½; m+n+1; −2κ)`` on both sides of the series switch (2κ = 60)."""
+    mpmath.mp.dps = 40
+    got = tilted_beta_moments(torch.tensor([kappa], dtype=torch.float64), 4)
+    for (m, n), value in got.items():
+        ref = mpmath.beta(n + 0.5, m + 0.5) / mpmath.pi * mpmath.hyp1f1(n + 0.5, m + n + 1, -2 * mpmath.mpf(kappa))
+        assert abs(float(value[0]) / float(ref) - 1) < 1e-13, (m, n)
+
+
+def test_proper_svd():
+    a = torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, s, v = proper_svd(a)
+    assert torch.allclose(u @ torch.diag_embed(s) @ v.transpose(-1, -2), a, atol=1e-12)
+    assert torch.allclose(torch.linalg.det(u), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(torch.linalg.det(v), torch.ones(5, dtype=torch.float64))
+    assert bool((s[:, 0] >= s[:, 1]).all() and (s[:, 1] >= s[:, 2].abs()).all())
+    assert torch.allclose(s.prod(-1), torch.linalg.det(a))
+
+
+def test_uniform_law():
+    """A = 0: c = 1, E[R] = 0, Cov(vec R) = I/3 (entries of a Haar rotation: E[R_ij R_kl] = δ_ik δ_jl / 3)."""
+    moments = matrix_fisher_moments(torch.zeros(1, 9, dtype=torch.float64), 2)
+    assert abs(float(moments.log_normaliser[0])) < 1e-14
+    assert float(moments.mean.abs().max()) < 1e-14
+    assert torch.allclose(moments.cov[0], torch.eye(9, dtype=torch.float64) / 3, atol=1e-14)
+
+
+def _rotation(seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+
+
+SINGULAR_VALUES = [(0.3, 0.2, 0.1), (5.0, 3.0, -1.0), (20.0, 0.0, 0.0), (100.0, 100.0, -100.0), (800.0, 500.0, -300.0),
+                   (1e3, 1.0, 0.5), (1e4, 2e3, 1e3)]
+
+
+@pytest.mark.parametrize("singular_values", SINGULAR_VALUES)
+def test_moments_are_derivatives_of_the_normaliser(singular_values):
+    """Each moment is the central difference of the one below it, relative to its own scale."""
+    a = (_rotation(1) @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ _rotation(2).T).reshape(1, 9)
+    base = matrix_fisher_moments(a, 4)
+    cov = base.cov[0]
+    isserlis = sum(torch.einsum(f"{p},{q}->abcd", cov, cov) for p, q in (("ab", "cd"), ("ac", "bd"), ("ad", "bc")))
+    targets = (base.mean[0], cov, base.third[0], base.fourth[0] - isserlis)
+    h = 1e-5 * math.sqrt(max(1.0, max(abs(s) for s in singular_values)))
+    differences = [torch.zeros_like(t) for t in targets]
+    for i in range(9):
+        step = torch.zeros_like(a)
+        step[0, i] = h
+        up, down = matrix_fisher_moments(a + step, 3), matrix_fisher_moments(a - step, 3)
+        for d, field in zip(differences, ("log_normaliser", "mean", "cov", "third")):
+            d[i] = (getattr(up, field) - getattr(down, field))[0] / (2 * h)
+    for d, t in zip(differences, targets):
+        assert float((d - t).abs().max()) <= 2e-6 * float(t.abs().max())
+
+
+def test_sampling_at_high_concentration():
+    """At singular values 1e2–1e4 the sample moments of u still match Λ and the fourth moments."""
+    fam = MatrixFisher()
+    a = torch.stack(
+        [(_rotation(3 + i) @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ _rotation(7 + i).T).reshape(9)
+         for i, s in enumerate([(300.0, 200.0, 100.0), (1e4, 50.0, -20.0)])]
+    )
+    k = 30000
+    rotations = fam.sample(a, k, torch.Generator().manual_seed(11))
+    assert torch.allclose(rotations @ rotations.transpose(-1, -2), torch.eye(3, dtype=torch.float64), atol=1e-12)
+    u = fam.output_score(rotations, a)
+    v = torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    along = torch.einsum("nka,nma->nkm", u, v)
+    second, fourth = fam.moments_along(a, v)
+    for values, target in ((u, torch.zeros_like(a)), (along**2, second), (along**4, fourth)):
+        mean, se = values.mean(1), values.std(1) / k**0.5
+        assert bool(((mean - target).abs() <= 4.5 * se).all())

@@ -1,0 +1,126 @@
+"""The gamma family: a log-mean and a log-shape per label dimension."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import TorchfimError
+from ._paired import PairedFamily
+from .base import _to_generator_device, _work_dtype
+
+# Beyond this shape the polygamma combinations below lose digits to cancellation, so their
+# asymptotic series (from ψ'(x) ~ 1/x + 1/(2x²) + Σ B₂ₖ/x²ᵏ⁺¹) take over; at α ≥ 20 the first
+# omitted term is below 1e-15 relative.
+_ASYMPTOTIC_SHAPE = 20.0
+# α²ψ'(α) − α, α³ψ''(α) + α, α⁴ψ'''(α) − 2α as power series in 1/α (coefficients of α^0, α^-1, …).
+_SERIES = {
+    1: (0.5, 1 / 6, 0.0, -1 / 30, 0.0, 1 / 42, 0.0, -1 / 30, 0.0, 5 / 66, 0.0, -691 / 2730, 0.0, 7 / 6),
+    2: (-1.0, -0.5, 0.0, 1 / 6, 0.0, -1 / 6, 0.0, 3 / 10, 0.0, -5 / 6, 0.0, 691 * 13 / 2730, 0.0, -7 * 15 / 6),
+    3: (3.0, 2.0, 0.0, -1.0, 0.0, 4 / 3, 0.0, -3.0, 0.0, 10.0, 0.0, -691 * 13 * 14 / 2730, 0.0, 7 * 15 * 16 / 6),
+}
+
+
+def _reduced_polygamma(order: int, shape: Tensor) -> Tensor:
+    """``α²ψ'(α) − α`` (order 1), ``α³ψ''(α) + α`` (2) or ``α⁴ψ'''(α) − 2α`` (3), in float64, without cancellation."""
+    alpha = shape.double()
+    subtract = {1: alpha, 2: -alpha, 3: 2 * alpha}[order]
+    # ψ⁽ⁿ⁾(α) = (−1)ⁿ⁺¹ n! ζ(n+1, α); torch's trigamma is good to only ~1e-9, its Hurwitz zeta to 1e-16.
+    polygamma = (-1) ** (order + 1) * math.factorial(order) * torch.special.zeta(float(order + 1), alpha)
+    direct = alpha ** (order + 1) * polygamma - subtract
+    inv = 1.0 / alpha.clamp_min(_ASYMPTOTIC_SHAPE)
+    series = torch.zeros_like(alpha)
+    for coefficient in reversed(_SERIES[order]):
+        series = series * inv + coefficient
+    return torch.where(alpha < _ASYMPTOTIC_SHAPE, direct, series)
+
+
+class Gamma(PairedFamily):
+    """Independent gamma labels ``y_d > 0`` with outputs ``o = [log μ (D), log α (D)]``.
+
+    ``μ`` is the mean and ``α`` the shape (concentration): ``p(y) = β^α y^{α−1} e^{−βy}/Γ(α)``
+    with rate ``β = α/μ``; ``C = 2D`` outputs, the log-means first. The log-rate, if wanted, is
+    ``log α − log μ``.
+
+    Why this parameterisation: both halves are unconstrained; the first is the usual log link
+    of a gamma GLM; and ``(μ, α)`` are orthogonal parameters, so ``Λ`` is diagonal. The canonical
+    parameters ``(α, −β)`` would need sign constraints on the outputs.
+
+    With ``w = βy ~ Gamma(α, 1)``, ``L = log w − ψ(α)`` and ``W = w − α``:
+
+    * score ``u_μ = W``, ``u_α = αL − W``;
+    * ``Λ = diag(α, α²ψ'(α) − α)`` per dimension;
+    * every cumulant follows from the joint cumulants of ``(log w, w)`` (cumulant generating
+      function ``log Γ(α+s) − log Γ(α) − (α+s) log(1−t)``): ``κ(log w ×i) = ψ^{(i−1)}(α)``,
+      ``κ(w ×j) = (j−1)! α``, ``κ(log w, w ×j) = (j−1)!``, and zero with two or more ``log w``
+      and any ``w``. Hence (indices ``μ``, ``α``):
+      ``κ₃ = (2α, −α, 0, α³ψ''(α) + α)`` and ``κ₄ = (6α, −4α, 2α, 0, α⁴ψ'''(α) − 2α)`` by the
+      number of ``α`` indices, evaluated in float64 (asymptotic series for ``α ≥ 20``).
+
+    Not canonical: per dimension ``−∇²_o log p = [[α + u_μ, −u_μ], [−u_μ, Λ_αα − u_α]]``, i.e.
+    ``Λ + u_μ Γ_μ + u_α Γ_α`` (:meth:`~PairedFamily.output_hessian`), with expectation ``Λ``; the
+    ``hessian`` estimator (Î2) uses ``Λ`` as the output curvature.
+
+    Sampling draws ``w`` with ``torch._standard_gamma`` from the passed generator (float64, then
+    cast; draws that underflow are raised to the dtype's smallest normal number).
+
+    Example:
+        >>> import torch
+        >>> fam = Gamma()
+        >>> o = torch.tensor([[0.0, 1.0]], dtype=torch.float64)  # μ = 1, α = e
+        >>> fam.fisher_output(o)[0, 0, 0].item() == torch.e
+        True
+        >>> y = fam.sample(o, 5, torch.Generator().manual_seed(0))
+        >>> y.shape, bool((y > 0).all())
+        (torch.Size([1, 5, 1]), True)
+    """
+
+    name = "gamma"
+    halves = ("log-mean", "log-shape")
+    curvature_coupling = (((1.0, -1.0), (-1.0, 0.0)), ((0.0, 0.0), (0.0, -1.0)))
+
+    def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
+        y = super().check_targets(y, o)
+        if not bool((y > 0).all()):
+            raise TorchfimError("gamma targets must be strictly positive; shift or drop the non-positive targets")
+        return y
+
+    def _filler_label(self, o: Tensor) -> Tensor:
+        return torch.exp(o.detach().to(_work_dtype(o)[0]).chunk(2, dim=-1)[0])
+
+    def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        work = _work_dtype(o)[0]
+        log_mean, log_shape = _to_generator_device(o.detach().double(), generator).chunk(2, dim=-1)
+        shape = torch.exp(log_shape).unsqueeze(1).expand(o.shape[0], k, log_shape.shape[1]).contiguous()
+        w = torch._standard_gamma(shape, generator=generator)
+        y = (w * torch.exp(log_mean - log_shape).unsqueeze(1)).to(work)
+        return y.clamp_min(torch.finfo(work).tiny).to(o.device)
+
+    def _standard_draws(self, y: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
+        """``(w, α)`` with ``w = αy/μ`` for labels ``y`` against outputs ``o``, in the work dtype."""
+        work = _work_dtype(o, y)[0]
+        log_mean, log_shape = self._align(y, o).to(work).chunk(2, dim=-1)
+        return y.to(work) * torch.exp(log_shape - log_mean), torch.exp(log_shape)
+
+    def output_score(self, y: Tensor, o: Tensor) -> Tensor:
+        w, shape = self._standard_draws(y, o)
+        centred = w - shape
+        return torch.cat([centred, shape * (torch.log(w) - torch.digamma(shape)) - centred], dim=-1).to(o.dtype)
+
+    def cumulants_by_count(self, o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        work = _work_dtype(o)[0]
+        shape = torch.exp(o.to(work).chunk(2, dim=-1)[1])
+        zero = torch.zeros_like(shape)
+        g1, g2, g3 = (_reduced_polygamma(order, shape).to(work) for order in (1, 2, 3))
+        second = torch.stack([shape, zero, g1], -1)
+        third = torch.stack([2 * shape, -shape, zero, g2], -1)
+        fourth = torch.stack([6 * shape, -4 * shape, 2 * shape, zero, g3], -1)
+        return second, third, fourth
+
+    def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
+        w, shape = self._standard_draws(y, o)
+        # log p(y) = α log w − w − log Γ(α) − log y, since β^α y^{α−1} = w^α / y.
+        log_p = shape * torch.log(w) - w - torch.lgamma(shape) - torch.log(y.to(w.dtype))
+        return log_p.sum(-1).to(o.dtype)

@@ -1,0 +1,79 @@
+"""The heteroscedastic Gaussian family: a mean and a log-variance per label dimension."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._paired import PairedFamily
+from .base import _work_dtype
+
+
+class HeteroscedasticGaussian(PairedFamily):
+    """Independent Gaussians ``y_d ~ N(μ_d, σ_d²)`` with outputs ``o = [μ (D), s = log σ² (D)]``.
+
+    Labels ``y`` have shape ``(D,)``; ``C = 2D`` outputs, the means first (``torch.cat([mean,
+    log_var], -1)``). With ``z = (y − μ)/σ``:
+
+    * score ``u_μ = z/σ``, ``u_s = (z² − 1)/2``;
+    * ``Λ = diag(1/σ², ½)`` per dimension (``μ`` and ``s`` are orthogonal parameters);
+    * third cumulants ``κ(μ, μ, s) = 1/σ²``, ``κ(s, s, s) = 1``; fourth cumulants
+      ``κ(μ, μ, s, s) = 2/σ²``, ``κ(s, s, s, s) = 3``; the others vanish (moments of ``z`` up to
+      ``E z⁸ = 105``), so ``E[u⊗u⊗u⊗u]`` is the Gaussian pairing of ``Λ`` plus ``κ₄``.
+
+    Not canonical: ``−∇²_o log p`` is ``[[1/σ², u_μ], [u_μ, ½ + u_s]]`` per dimension, i.e.
+    ``Λ + u_μ Γ_μ + u_s Γ_s`` (:meth:`~PairedFamily.output_hessian`); its expectation is ``Λ``.
+    The ``hessian`` estimator (Î2) uses ``Λ`` as the output curvature, so it stays unbiased with
+    variance ``hᵀΛh``; the literal negative Hessian of ``log p`` would put ``∇²_θ o_a − JᵀΓ_aJ`` in
+    place of ``∇²_θ o_a`` (:meth:`~PairedFamily.score_curvature`).
+
+    Example:
+        >>> import torch
+        >>> fam = HeteroscedasticGaussian()
+        >>> o = torch.tensor([[0.5, -1.0, 0.0, 2.0]], dtype=torch.float64)  # μ = (0.5, −1), log σ² = (0, 2)
+        >>> torch.diagonal(fam.fisher_output(o), dim1=-2, dim2=-1)
+        tensor([[1.0000, 0.1353, 0.5000, 0.5000]], dtype=torch.float64)
+        >>> fam.sample(o, 3, torch.Generator().manual_seed(0)).shape
+        torch.Size([1, 3, 2])
+    """
+
+    name = "heteroscedastic_gaussian"
+    halves = ("mean", "log-variance")
+    curvature_coupling = (((0.0, 1.0), (1.0, 0.0)), ((0.0, 0.0), (0.0, 1.0)))
+
+    def _filler_label(self, o: Tensor) -> Tensor:
+        return o.detach().to(_work_dtype(o)[0]).chunk(2, dim=-1)[0]
+
+    def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        mean, log_var = o.detach().to(_work_dtype(o)[0]).chunk(2, dim=-1)
+        noise = torch.randn(
+            (o.shape[0], k, mean.shape[1]),
+            generator=generator,
+            dtype=mean.dtype,
+            device=generator.device if generator is not None else o.device,
+        ).to(o.device)
+        return mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * noise
+
+    def _standardised(self, y: Tensor, o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        work = _work_dtype(o, y)[0]
+        mean, log_var = self._align(y, o).to(work).chunk(2, dim=-1)
+        inv_sd = torch.exp(-0.5 * log_var)
+        return (y.to(work) - mean) * inv_sd, inv_sd, log_var
+
+    def output_score(self, y: Tensor, o: Tensor) -> Tensor:
+        z, inv_sd, _ = self._standardised(y, o)
+        return torch.cat([z * inv_sd, 0.5 * (z**2 - 1)], dim=-1).to(o.dtype)
+
+    def cumulants_by_count(self, o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        precision = torch.exp(-o.to(_work_dtype(o)[0]).chunk(2, dim=-1)[1])
+        zero, one = torch.zeros_like(precision), torch.ones_like(precision)
+        second = torch.stack([precision, zero, 0.5 * one], -1)
+        third = torch.stack([zero, precision, zero, one], -1)
+        fourth = torch.stack([zero, zero, 2 * precision, zero, 3 * one], -1)
+        return second, third, fourth
+
+    def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
+        z, _, log_var = self._standardised(y, o)
+        return (-0.5 * (z**2 + log_var + math.log(2 * math.pi)).sum(-1)).to(o.dtype)
