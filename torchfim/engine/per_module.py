@@ -109,7 +109,7 @@ class PerModuleBackend(Backend):
                 self.uses[i] = self.uses.get(i, 0) + 1
         if not self._verified and bool(torch.isfinite(rec.values).all()):  # else the family check refuses
             self._verified = True
-            if self._verify(rec):
+            if self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)):
                 return self.record(batch)
         return rec
 
@@ -257,14 +257,67 @@ class PerModuleBackend(Backend):
                         total[rows, vecs] += g.square().sum(-1).to(total.dtype)
         return total
 
+    def _dense_split(self, rec: ModuleRecording) -> tuple[list[tuple[Rule, Call, int]], set[int]]:
+        """Dense single-use Linear calls (with their position in ``rec.calls``) and the other parameters."""
+        dense = [(r, c, k) for k, (r, c) in enumerate(rec.calls)
+                 if isinstance(r, LinearRule) and self._single(r) and r.unit_input(c) is not None]
+        covered = {i for r, _, _ in dense for i in r.params.values()}
+        return dense, set(range(len(self.layout.names))) - covered
+
+    def entry_quartic(self, rec: ModuleRecording, fn: EntryFn) -> Pieces:
+        """Dense layers: column ``a_k g_u`` of weight ``(u, k)`` gives ``fn = a_k⁴ fn(g_u)``, so ``fn`` runs
+        per unit and is spread over the inputs (docs/math.md §6); other parameters column by column."""
+        dense, rest = self._dense_split(rec)
+        eye = self._eye(rec)
+        sens = self._sensitivities(rec, eye)
+        total: Pieces = {}
+        for rule, call, k in dense:
+            if not sens[k] or sens[k][0] is None:
+                continue
+            a = rule.unit_input(call)
+            t = fn(slice(None), sens[k][0].permute(1, 2, 0))  # columns g_u per sample: (B, out, C) → (B, out)
+            if "weight" in rule.params:
+                total[rule.params["weight"]] = (t.T @ a**4).reshape(-1)
+            if "bias" in rule.params:
+                total[rule.params["bias"]] = t.sum(0)
+        if rest:
+            step = self._row_step(eye.shape[1], CHUNK_ELEMENTS, rest)
+            for start in range(0, rec.batch.size, step):
+                rows = slice(start, min(rec.batch.size, start + step))
+                for i, g in self._summed(rec, sens, rows, rest).items():
+                    value = fn(rows, g.transpose(1, 2)).sum(0)
+                    total[i] = value if i not in total else total[i].add_(value)
+        return total
+
+    def output_gram(self, rec: ModuleRecording) -> Tensor:
+        """Dense layers: ``Σ_u (‖a‖² + 1) g_u g_uᵀ`` per sample; other parameters from their Jacobians."""
+        dense, rest = self._dense_split(rec)
+        eye = self._eye(rec)
+        sens = self._sensitivities(rec, eye)
+        out = rec.values
+        gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1])
+        for rule, call, k in dense:
+            if not sens[k] or sens[k][0] is None:
+                continue
+            a = rule.unit_input(call)
+            weight = a.square().sum(1) if "weight" in rule.params else torch.zeros_like(a[:, 0])
+            bias = 1.0 if "bias" in rule.params else 0.0
+            gram += torch.einsum("cbu,dbu,b->bcd", sens[k][0], sens[k][0], weight + bias)
+        if rest:
+            step = self._row_step(eye.shape[1], CHUNK_ELEMENTS, rest)
+            for start in range(0, rec.batch.size, step):
+                rows = slice(start, min(rec.batch.size, start + step))
+                for g in self._summed(rec, sens, rows, rest).values():
+                    gram[rows] += g @ g.transpose(1, 2)
+        return gram
+
     # ------------------------------------------------------------------ second order
     def _units(self, batch: Batch) -> UnitHessians:
         return UnitHessians(self, batch)
 
     def dense_layers(self, rec: ModuleRecording) -> list[tuple[Rule, Call]]:
         """Calls of dense Linear layers whose parameters are used by that call only (factor by unit)."""
-        return [(r, c) for r, c in rec.calls
-                if isinstance(r, LinearRule) and self._single(r) and r.unit_input(c) is not None]
+        return [(r, c) for r, c, _ in self._dense_split(rec)[0]]
 
     def unfactored(self, batch: Batch) -> list[int]:
         return self._units(batch).unfactored()
