@@ -7,6 +7,7 @@ that batch's outputs, batch after batch, and nothing else from the generator.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -19,8 +20,6 @@ import torchfim
 import torchfim.train.monitor as monitor_module
 from torchfim.families import get_family
 from torchfim.train import FisherTraceMonitor, TraceRecord
-
-
 
 
 def score_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -275,3 +274,53 @@ def test_bad_arguments_raise() -> None:
         mon.step(1.5)
     single = FisherTraceMonitor(model, x[:1]).step(0)
     assert math.isnan(single.stderr) and math.isfinite(single.trace)
+
+
+# ------------------------------------------------- parameters read afresh (issue 11 item 3)
+def replayed_trace(models: list[nn.Module], x: torch.Tensor, seed: int) -> float:
+    """The last of len(models) measurements' traces, replaying the label draws model after model."""
+    generator = torch.Generator().manual_seed(seed)
+    for model in models:
+        with torch.no_grad():
+            y = get_family("categorical").sample(model(x.to(next(model.parameters()).dtype)), 1, generator)
+    return float(score_sq_norms(models[-1], x.to(next(models[-1].parameters()).dtype), y).mean())
+
+
+def test_parameters_replaced_with_data_assignment_are_measured() -> None:
+    """After ``p.data = new`` the monitor measures the new weights (it cached the old storage)."""
+    model, x = tanh_mlp(3, seed=50), mlp_inputs(12, seed=51)
+    before = copy.deepcopy(model)
+    mon = FisherTraceMonitor(model, x, every=1, generator=torch.Generator().manual_seed(5))
+    mon.step(0)
+    new = torch.Generator().manual_seed(52)
+    for p in model.parameters():
+        p.data = 2.0 * torch.randn(p.shape, generator=new, dtype=p.dtype)
+    rec = mon.step(1)
+    assert math.isclose(rec.trace, replayed_trace([before, model], x, 5), rel_tol=1e-10)
+    assert not math.isclose(rec.trace, replayed_trace([before, before], x, 5), rel_tol=1e-3)
+
+
+def test_model_double_is_measured_in_float64() -> None:
+    """After ``model.double()`` the monitor works (no dtype mismatch) and measures the float64 model."""
+    model, x = tanh_mlp(3, seed=53).float(), mlp_inputs(12, seed=54).float()
+    before = copy.deepcopy(model)
+    mon = FisherTraceMonitor(model, x, every=1, generator=torch.Generator().manual_seed(6))
+    first = mon.step(0)
+    assert math.isclose(first.trace, replayed_trace([before], x, 6), rel_tol=1e-5)
+    model.double()
+    rec = mon.step(1)
+    assert math.isclose(rec.trace, replayed_trace([before, model], x, 6), rel_tol=1e-10)
+
+
+def test_reassigned_buffers_are_measured() -> None:
+    """A BatchNorm running statistic replaced by a new tensor (not updated in place) is read afresh."""
+    torch.manual_seed(55)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x = mlp_inputs(12, seed=56)
+    before = copy.deepcopy(model)
+    mon = FisherTraceMonitor(model, x, every=1, generator=torch.Generator().manual_seed(7))
+    mon.step(0)
+    model[1].running_var = torch.full((5,), 0.05, dtype=torch.float64)
+    model[1].running_mean = torch.full((5,), 0.3, dtype=torch.float64)
+    rec = mon.step(1)
+    assert math.isclose(rec.trace, replayed_trace([before, model], x, 7), rel_tol=1e-10)

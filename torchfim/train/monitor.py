@@ -16,6 +16,34 @@ model per input, the monitor records
   of ``trace`` is smaller or equal, ``√((1/(n²k)) Σᵢ Var_y(sᵢ))``; so ``|trace − Tr(F)|`` on the
   held inputs is typically within a couple of ``stderr``.
 
+Two options make it cheaper or steadier (formulas in :mod:`torchfim.train.trace_stats`):
+
+* ``subset=m``: each measurement uses ``m`` of the ``N`` held inputs, the next window of a fixed
+  random permutation (drawn once from the monitor's generator; windows follow each other and
+  wrap around), so a measurement costs ``m/N`` of a full one. The target is then the mean over
+  all ``N`` held inputs, and ``stderr`` is the finite-population standard error
+  ``√(((1 − f) s² + f v̄)/m)``, ``f = m/N``, where ``s²`` is the spread of the ``mᵢ`` (input
+  sampling and label noise) and ``v̄`` the label variance of an ``mᵢ`` (estimated from the k
+  labels when k ≥ 2; ``s²`` stands in for it when k = 1, which errs on the safe side by at most
+  ``1/(1 − f)`` in variance). The correction shrinks only the input-sampling part, so the label
+  noise is counted whole even when ``m = N``.
+* ``control_variate=True``: each measurement also re-draws the previous measurement's labels (same
+  random numbers) at the current weights, and carries the previous estimate over by the paired
+  difference; the estimate stays unbiased, its variance drops when the weights moved little, and
+  each record's ``variance_ratio`` says by how much (see
+  :class:`~torchfim.train.trace_stats.ControlVariate`). It costs two passes per measurement.
+  The target is the mean over the held inputs (like ``subset``); without a subset and with
+  ``k = 1`` the between-input spread stays in the variances, so the SE errs on the safe side.
+
+Sampling order (what a generator seeded identically reproduces): without options, each held
+mini-batch's labels come from one call ``family.sample(o, k, generator)`` on its outputs, batch
+after batch. With ``subset``, the first measurement first draws ``torch.randperm(N, generator=g)``
+over the held inputs (pooled in order; with ``control_variate`` two permutations, one per chain),
+and each window is one mini-batch: with ``control_variate`` the first chain's ``⌈m/2⌉`` inputs
+followed by the second's ``⌊m/2⌋`` (without a subset the chains are the even and odd held
+inputs). With ``control_variate`` the generator's state is saved before each fresh draw, and the
+next measurement re-draws that window's labels from a copy of the generator set to that state.
+
 Measuring is done with the model in ``eval()`` mode (BatchNorm uses its running statistics,
 Dropout is off; the paper measures Tr(F) the same way) and each module's mode is restored
 afterwards. It leaves no gradients in ``.grad`` and draws labels only from its own generator, so
@@ -37,10 +65,11 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs, iter_batches
-from ..engine import ENGINE_LOCK, Backend, ModelView, batches, make_backend, run
+from ..engine import ENGINE_LOCK, Backend, ModelView, batches, make_backend
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .penalty import _check_int
+from .trace_stats import ControlVariate, Windows, mean_and_variance
 
 #: Seed of the private generator used when no ``generator`` is given.
 DEFAULT_SEED = 0
@@ -55,10 +84,13 @@ class TraceRecord:
         trace: the unbiased estimate of ``Tr(F)``, the mean over held inputs and sampled labels of
             the per-sample squared score norms ``‖∇_θ log p(y|x)‖²``.
         stderr: its standard error (per-input means' sample std over √n_inputs; see the module
-            docstring for exactly what it covers). NaN when there is a single input.
-        n_inputs: number of held inputs ``n``.
+            docstring for exactly what it covers, and for ``subset`` and ``control_variate``). NaN
+            when there is a single input.
+        n_inputs: inputs the estimate is a mean over: all held inputs, or the ``subset`` window.
         n_samples: labels drawn per input ``k``.
         seconds: wall-clock time the measurement took.
+        variance_ratio: with ``control_variate=True``, ``stderr²`` over the variance of the same
+            measurement's fresh labels alone (below 1: the control variate helped); else None.
     """
 
     step: int
@@ -67,12 +99,18 @@ class TraceRecord:
     n_inputs: int
     n_samples: int
     seconds: float
+    variance_ratio: float | None = None
 
     def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+        """The fields as a dict (``variance_ratio`` only when it was measured)."""
+        row = asdict(self)
+        if self.variance_ratio is None:
+            del row["variance_ratio"]
+        return row
 
 
-COLUMNS = tuple(f.name for f in fields(TraceRecord))
+#: CSV columns (``variance_ratio`` is appended with ``control_variate=True``).
+COLUMNS = tuple(f.name for f in fields(TraceRecord) if f.name != "variance_ratio")
 
 
 def _load_summary_writer() -> type | None:
@@ -108,6 +146,11 @@ class FisherTraceMonitor:
             change the training run's random stream).
         csv_path: file to append records to (parent directories are created).
         tensorboard_dir: log directory for a ``SummaryWriter``.
+        subset: measure on this many held inputs per measurement (rotating windows, see the module
+            docstring); None for all of them. A subset larger than the held inputs uses them all.
+        control_variate: carry the previous estimate over by common random numbers (see the
+            module docstring); adds the record field and CSV column ``variance_ratio`` and the
+            TensorBoard tag ``fisher/trace_variance_ratio``. Needs at least 4 inputs per window.
 
     Example:
         >>> import torch, torchfim.train
@@ -119,6 +162,11 @@ class FisherTraceMonitor:
         >>> rec = mon.history[-1]
         >>> rec.step, rec.n_inputs, rec.n_samples, rec.trace > 0, rec.stderr > 0
         (10, 64, 1, True, True)
+        >>> cheap = torchfim.train.FisherTraceMonitor(model, torch.randn(512, 4), subset=64,
+        ...                                           control_variate=True)
+        >>> recs = [cheap.measure(s) for s in range(3)]
+        >>> recs[-1].n_inputs, recs[0].variance_ratio, recs[-1].variance_ratio < 1
+        (64, 1.0, True)
     """
 
     def __init__(
@@ -131,6 +179,8 @@ class FisherTraceMonitor:
         generator: torch.Generator | None = None,
         csv_path: str | os.PathLike | None = None,
         tensorboard_dir: str | os.PathLike | None = None,
+        subset: int | None = None,
+        control_variate: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -147,10 +197,13 @@ class FisherTraceMonitor:
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.inputs = self._hold(inputs)
-        self._path_key: tuple[int, ...] | None = None
+        self._path_key: tuple | None = None
         self._path_cache: tuple[ModelView, Backend] | None = None
         self.n_inputs = sum(x.shape[0] for x in self.inputs)
         self.history: list[TraceRecord] = []
+        self.subset, self.control_variate = self._check_options(subset, control_variate)
+        self._plan()
+        self.columns = COLUMNS + (("variance_ratio",) if self.control_variate else ())
 
         self.csv_path = None if csv_path is None else Path(csv_path)
         if self.csv_path is not None:
@@ -172,7 +225,8 @@ class FisherTraceMonitor:
     def __repr__(self) -> str:
         return (
             f"FisherTraceMonitor(family={self.family!r}, every={self.every}, n_samples={self.n_samples}, "
-            f"n_inputs={self.n_inputs}, records={len(self.history)})"
+            f"n_inputs={self.n_inputs}, subset={self.subset}, control_variate={self.control_variate}, "
+            f"records={len(self.history)})"
         )
 
     # --------------------------------------------------------------- public
@@ -187,14 +241,15 @@ class FisherTraceMonitor:
         """Measure now (whatever ``every`` says), record and return the :class:`TraceRecord`."""
         _check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         start = time.perf_counter()
-        trace, stderr = self._estimate()
+        trace, variance, plain = self._estimate()
         record = TraceRecord(
             step=step,
             trace=trace,
-            stderr=stderr,
-            n_inputs=self.n_inputs,
+            stderr=math.sqrt(variance),
+            n_inputs=self._window_size,
             n_samples=self.n_samples,
             seconds=time.perf_counter() - start,
+            variance_ratio=(variance / plain if plain > 0 else math.nan) if self.control_variate else None,
         )
         self.history.append(record)
         if self.csv_path is not None:
@@ -204,7 +259,8 @@ class FisherTraceMonitor:
         return record
 
     def to_rows(self) -> list[dict[str, float | int]]:
-        """The history as a list of dicts (keys ``step, trace, stderr, n_inputs, n_samples, seconds``)."""
+        """The history as a list of dicts (keys ``step, trace, stderr, n_inputs, n_samples, seconds``,
+        and ``variance_ratio`` with ``control_variate=True``)."""
         return [r.as_dict() for r in self.history]
 
     as_dicts = to_rows
@@ -232,18 +288,60 @@ class FisherTraceMonitor:
                 )
             if x.dim() == 0:
                 raise TorchfimError("held inputs must have a batch dimension first, got a 0-dim tensor")
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
             if x.shape[0] > 0:
                 held.append(x.detach())
         if not held:
             raise TorchfimError("the held inputs are empty: pass at least one input to measure Tr(F) on")
         return held
 
+    def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
+        if subset is not None:
+            _check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
+        if not isinstance(control_variate, bool):
+            raise TorchfimError(f"control_variate must be True or False, got {control_variate!r}")
+        size = self.n_inputs if subset is None else min(subset, self.n_inputs)
+        if control_variate and size < 4:
+            raise TorchfimError(
+                f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}; "
+                "pass subset ≥ 4 (or hold more inputs)"
+            )
+        return subset, control_variate
+
+    def _plan(self) -> None:
+        """Windows, control-variate chains and variance targets for the chosen options."""
+        n = self.n_inputs
+        self._window_size = n if self.subset is None else min(self.subset, n)
+        self._population = None if self.subset is None else n  # None: the held inputs as an i.i.d. sample
+        self._windows: list[Windows] = []
+        if self.subset is not None:
+            try:
+                self.inputs = [torch.cat(self.inputs)]  # one pool to draw windows from
+            except RuntimeError as exc:
+                raise TorchfimError(
+                    f"subset= needs held mini-batches of one input shape, to draw windows across them ({exc})"
+                ) from None
+            half = (self._window_size + 1) // 2
+            sizes = [half, self._window_size - half] if self.control_variate else [self._window_size]
+            self._windows = [Windows(n, size) for size in sizes]
+        self._cv: ControlVariate | None = None
+        self._previous: tuple[list[Tensor], Tensor] | None = None  # window and generator state of the last draw
+        if self.control_variate:
+            size = self._window_size
+            if self.subset is None:  # two fixed halves: the target is their mean, label noise only
+                rows = [torch.arange(0, size, 2), torch.arange(1, size, 2)]
+                self._cv = ControlVariate(rows, [len(r) for r in rows])
+            else:  # two chains, each on its own permutation
+                rows = [torch.arange(0, self._windows[0].size), torch.arange(self._windows[0].size, size)]
+                self._cv = ControlVariate(rows, [n, n])
+
     def _label_generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None:
             self.generator = torch.Generator(device=device).manual_seed(DEFAULT_SEED)
         return self.generator
 
-    def _estimate(self) -> tuple[float, float]:
+    def _estimate(self) -> tuple[float, float, float]:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
@@ -256,35 +354,74 @@ class FisherTraceMonitor:
                 for module, training in modes:
                     module.training = training
 
-    def _engine(self) -> tuple[ModelView, Backend]:
-        """The engine's view of the model, rebuilt whenever a parameter's storage, dtype or device changes.
+    def _window(self, generator: torch.Generator) -> list[Tensor]:
+        """The mini-batches of this measurement: all held ones, or the next subset window."""
+        if not self._windows:
+            return self.inputs
+        pool = self.inputs[0]
+        rows = torch.cat([w.next(generator) for w in self._windows])
+        return [pool[rows.to(pool.device)]]
 
-        The view shares the parameter objects, so in-place updates by the optimiser are read live;
-        ``p.data = ...``, ``model.double()`` or ``.to(device)`` give new storage and a new view.
+    def _estimate_eval(self) -> tuple[float, float, float]:
+        """``(trace, variance, variance of the fresh labels alone)``."""
+        device = next(p for p in self.model.parameters() if p.requires_grad).device
+        generator = self._label_generator(device)
+        window = self._window(generator)
+        if self._cv is None:
+            trace, variance = mean_and_variance(self._squared_norms(window, generator), self._population)
+            return trace, variance, variance
+        state = generator.get_state()
+        fresh = self._squared_norms(window, generator)
+        replay = None
+        if self._previous is not None:
+            earlier, earlier_state = self._previous
+            replayed = torch.Generator(device=generator.device)
+            replayed.set_state(earlier_state)  # the same random numbers as that draw: common random numbers
+            replay = self._squared_norms(earlier, replayed)
+        self._previous = (window, state)
+        return self._cv.update(fresh, replay)
+
+    # The only code that touches the engine: its view of the model (cached) and the squared score norms.
+    def _engine(self) -> tuple[ModelView, Backend]:
+        """The engine's view of the model, rebuilt whenever a parameter or buffer tensor is replaced.
+
+        The view shares the parameter and buffer tensors, so in-place updates (the optimiser's,
+        BatchNorm's running statistics) are read live, and nothing cached depends on their values
+        (keying on ``_version`` would rebuild after every optimiser step for nothing).
+        ``p.data = ...``, ``model.double()``, ``.to(device)`` or a reassigned buffer give new storage,
+        hence a new key; the old storage stays referenced by the old view, so its address cannot
+        be reused by the new one.
         """
-        key = tuple((id(p), p.data_ptr(), p.dtype, p.device, p.requires_grad) for p in self.model.parameters())
+        key = tuple(
+            (name, id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t.requires_grad)
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+        )
         if self._path_key != key:
             view = ModelView(self.model)
             self._path_cache = (view, make_backend(view, "auto"))
             self._path_key = key
+            self._checked = 0  # samples checked for independence with this view
         return self._path_cache
 
-    def _estimate_eval(self) -> tuple[float, float]:
+    def _squared_norms(self, inputs: list[Tensor], generator: torch.Generator) -> Tensor:
+        """``‖∇_θ log p(y_ij|xᵢ)‖²`` (n, k) in float64, one ``family.sample`` call per mini-batch, in order.
+
+        The engine's loop step by step rather than ``engine.run``, which would re-run its check that
+        samples are independent (4 single-sample forwards) on every measurement: here it runs
+        until 4 samples were checked after each rebuild of the view (the inputs were checked finite
+        when held).
+        """
         view, backend = self._engine()
-        generator = self._label_generator(view.device)
-        k = self.n_samples
         norms = []
         with ENGINE_LOCK:
-            for rec, fam in run(view, backend, batches(self.inputs, None, view.device, view.dtype), self.family):
-                o = rec.values
-                u = fam.output_score(fam.sample(o, k, generator), o)  # (B, k, C)
+            for batch in batches(inputs, None, view.device, view.dtype):
+                rec = backend.record(batch)
+                fam = view.family_for(rec.shape, batch, self.family, None)
+                fam.check_output(rec.values)
+                self._checked = view.check_independent(batch, rec.values, self._checked)
+                u = fam.output_score(fam.sample(rec.values, self.n_samples, generator), rec.values)  # (B, k, C)
                 norms.append(backend.sample_squares(rec, u))  # (B, k): ‖Jᵢᵀ u_ij‖²
-        s = torch.cat(norms).double()  # (n, k)
-        per_input = s.mean(1)
-        trace = float(per_input.mean())
-        n = per_input.shape[0]
-        stderr = float(per_input.std() / math.sqrt(n)) if n > 1 else math.nan
-        return trace, stderr
+        return torch.cat(norms).double()
 
     def _check_csv(self, path: Path) -> None:
         if path.exists() and path.is_dir():
@@ -292,9 +429,9 @@ class FisherTraceMonitor:
         if path.exists() and path.stat().st_size > 0:
             with path.open(newline="") as f:
                 header = f.readline().strip()
-            if header != ",".join(COLUMNS):
+            if header != ",".join(self.columns):
                 raise TorchfimError(
-                    f"csv_path {str(path)!r} exists with header {header!r}, not {','.join(COLUMNS)!r}; "
+                    f"csv_path {str(path)!r} exists with header {header!r}, not {','.join(self.columns)!r}; "
                     "pass a new path or delete the file (records are appended to an existing file)"
                 )
 
@@ -304,8 +441,8 @@ class FisherTraceMonitor:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         if not path.exists() or path.stat().st_size == 0:
-            writer.writerow(COLUMNS)
-        writer.writerow([repr(v) if isinstance(v, float) else v for v in (getattr(record, c) for c in COLUMNS)])
+            writer.writerow(self.columns)
+        writer.writerow([repr(v) if isinstance(v, float) else v for v in (getattr(record, c) for c in self.columns)])
         with path.open("a", newline="") as f:
             f.write(buf.getvalue())  # one write per record: header (first time) and row together
             f.flush()
@@ -316,4 +453,6 @@ class FisherTraceMonitor:
             self._writer = self._writer_cls(log_dir=str(self.tensorboard_dir))
         self._writer.add_scalar("fisher/trace", record.trace, record.step)
         self._writer.add_scalar("fisher/trace_stderr", record.stderr, record.step)
+        if record.variance_ratio is not None:
+            self._writer.add_scalar("fisher/trace_variance_ratio", record.variance_ratio, record.step)
         self._writer.flush()

@@ -13,8 +13,10 @@ Two penalties on a mini-batch ``x_1..x_B`` with labels ``ŷᵢ ~ p(·|xᵢ)`` dr
   (the paper's per-example variant, Eq. 6, averaged over the batch). It needs per-sample
   gradients (``torch.func.vmap`` of ``grad``), so the model must treat samples independently.
 
-Both are differentiated through (double backprop) with respect to the model's trainable
-parameters (``requires_grad=True``, ``model.parameters()`` order).
+The gradient is taken with respect to the model's trainable parameters (``requires_grad=True``,
+``model.parameters()`` order), either exactly by double backprop (``grad_method="exact"``) or by
+a forward difference of gradients (``grad_method="finite_difference"``, see
+:mod:`torchfim.train.finite_difference`), which needs no higher-order graph.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.func import functional_call, grad, vmap
 from ..engine.view import check_mode as _check_mode
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
+from .finite_difference import GRAD_METHODS, batch_gradient_fd, check_fd_step, trace_fd
 
 KINDS = ("batch_gradient", "trace")
 
@@ -104,11 +107,29 @@ class FisherPenalty:
     surrogate: value and parameter gradient are the penalty's, but it carries no higher-order
     graph. Otherwise the returned tensor is the penalty itself, with its double-backprop graph.
 
+    Gradient (``grad_method``): ``"exact"`` differentiates through ``g`` (double backprop). For
+    ``"finite_difference"`` the gradient ``2α H g`` of ``α‖g‖²`` (``g = ∇_θ L`` of the sampled-label
+    NLL ``L``, ``H = ∇²_θ L``) is the forward difference ``2α (∇L(θ + ε ĝ) − ∇L(θ))‖g‖/ε`` along
+    ``ĝ = g/‖g‖``, with the same inputs and labels, and ``ε = fd_step`` or by default
+    ``0.1·√eps_dtype·(1 + ‖θ‖)``; ``kind="trace"`` does the same per input, ``(2α/B) Σᵢ Hᵢgᵢ``
+    with ``Hᵢ gᵢ ≈ (gᵢ(θ + ε ĝᵢ) − gᵢ(θ))‖gᵢ‖/ε``. Its relative error is about ``1e-7`` in float64
+    and ``1e-3`` in float32; it costs one extra forward and backward and no higher-order graph, and
+    it works where an operation of the model has no double-backward formula. With
+    ``kind="batch_gradient"`` it is a little cheaper than double backprop (measured on the
+    benchmark MLP 64-256-256-10, batch 256: 3.5× a plain SGD step instead of 3.8-4×); with
+    ``kind="trace"`` it is slower (every input moves its own copy of the parameters: 1.7× the
+    exact per-input double backprop), so use it there only for models without double backward.
+    The returned tensor then always has the value ``α‖g‖²`` (resp. the trace value) and exactly that
+    gradient, and no graph beyond it. The parameters are never modified in place.
+
     The penalty runs its own forward pass on the inputs in the model's current mode. With
     ``kind="batch_gradient"`` any model works (in train mode, BatchNorm statistics of that pass
-    are those of the batch and its running statistics are updated as by any forward pass).
-    ``kind="trace"`` needs per-sample gradients, so it refuses BatchNorm or Dropout in training
-    mode (call ``model.eval()`` or use ``kind="batch_gradient"``).
+    are those of the batch and its running statistics are updated once, as by any forward pass;
+    the finite difference's second pass replays the first one's random numbers, so Dropout masks
+    agree, and updates no buffer). ``kind="trace"`` needs per-sample gradients, so it refuses
+    BatchNorm or Dropout in training mode (call ``model.eval()`` or use ``kind="batch_gradient"``).
+    The penalty is computed with gradients enabled even inside ``torch.no_grad()``, so its value
+    (and ``last_value``) is right there too.
 
     Args:
         model: the network, mapping a batch of inputs to outputs ``(B, C)``.
@@ -120,6 +141,9 @@ class FisherPenalty:
             when the batch is smaller).
         kind: ``"batch_gradient"`` or ``"trace"`` (see above).
         generator: ``torch.Generator`` for the labels (torch's global RNG when None, like dropout).
+        grad_method: ``"exact"`` (double backprop) or ``"finite_difference"`` (see above).
+        fd_step: the finite-difference step ε (a length in parameter space), or None for
+            ``0.1·√eps_dtype·(1 + ‖θ‖)``; only with ``grad_method="finite_difference"``.
 
     Attributes:
         last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included;
@@ -143,6 +167,13 @@ class FisherPenalty:
         ...     opt.step()
         >>> pen.last_step, pen.last_value.shape, bool(pen.last_value >= 0)
         (10, torch.Size([]), True)
+        >>> grads = {}
+        >>> for method in ("exact", "finite_difference"):  # the same labels: the same seed
+        ...     term = torchfim.train.FisherPenalty(model, alpha=0.01, grad_method=method,
+        ...                                         generator=torch.Generator().manual_seed(1))(x, step=0)
+        ...     grads[method] = torch.cat([g.flatten() for g in torch.autograd.grad(term, list(model.parameters()))])
+        >>> bool((grads["finite_difference"] - grads["exact"]).norm() < 0.05 * grads["exact"].norm())
+        True
     """
 
     def __init__(
@@ -155,6 +186,8 @@ class FisherPenalty:
         sub_batch: int | None = None,
         kind: str = "batch_gradient",
         generator: torch.Generator | None = None,
+        grad_method: str = "exact",
+        fd_step: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -177,6 +210,8 @@ class FisherPenalty:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
+        self.grad_method = check_choice("grad_method", grad_method, GRAD_METHODS)
+        self.fd_step = check_fd_step(fd_step, self.grad_method)
         _trainable(model)  # fail early when there is nothing to penalise
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
@@ -186,7 +221,8 @@ class FisherPenalty:
     def __repr__(self) -> str:
         return (
             f"FisherPenalty(kind={self.kind!r}, family={self.family!r}, alpha={self.alpha}, "
-            f"every={self.every}, reuse_between={self.reuse_between}, sub_batch={self.sub_batch})"
+            f"every={self.every}, reuse_between={self.reuse_between}, sub_batch={self.sub_batch}, "
+            f"grad_method={self.grad_method!r})"
         )
 
     # ------------------------------------------------------------------ call
@@ -205,17 +241,20 @@ class FisherPenalty:
             return _zero_term(params, first.dtype, first.device)
 
         x = self._prepare(inputs, first)
-        if self.kind == "batch_gradient":
-            value = self._batch_gradient(x, params)
-        else:
-            value = self._trace(x, names, params)
-        self.last_value = value.detach()
-        self.last_step = step
-        if self.every > 1 and self.reuse_between:
-            grads = self._gradient(value, params)
-            self._cached_params, self._cached_grads = params, grads
-            return self._surrogate(params, grads, self.last_value)
-        return value
+        # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
+        with torch.enable_grad():
+            if self.grad_method == "finite_difference":
+                value, grads = self._finite_difference(x, names, params)
+            else:
+                value = self._batch_gradient(x, params) if self.kind == "batch_gradient" else self._trace(x, names, params)
+                grads = self._gradient(value, params) if self.every > 1 and self.reuse_between else None
+            self.last_value = value.detach()
+            self.last_step = step
+            if self.every > 1 and self.reuse_between:
+                self._cached_params, self._cached_grads = params, grads
+            if grads is not None:
+                return self._surrogate(params, grads, self.last_value)
+            return value
 
     # -------------------------------------------------------------- helpers
     def _prepare(self, inputs: object, first: Tensor) -> Tensor:
@@ -245,11 +284,21 @@ class FisherPenalty:
         grads = torch.autograd.grad(nll, params, create_graph=True, allow_unused=True)
         return self.alpha * sum((g.pow(2).sum() for g in grads if g is not None), zero)
 
-    def _trace(self, x: Tensor, names: list[str], params: list[Tensor]) -> Tensor:
+    def _trace_labels(self, x: Tensor) -> Tensor:
+        """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
         _check_mode(self.model)
         with torch.no_grad():
             o = self.model(x)
-        y = self._outputs_and_labels(o)
+        return self._outputs_and_labels(o)
+
+    def _finite_difference(self, x: Tensor, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        named = list(zip(names, params))
+        if self.kind == "batch_gradient":
+            return batch_gradient_fd(self.model, self.family, named, x, self._outputs_and_labels, self.alpha, self.fd_step)
+        return trace_fd(self.model, self.family, named, x, self._trace_labels(x), self.alpha, self.fd_step)
+
+    def _trace(self, x: Tensor, names: list[str], params: list[Tensor]) -> Tensor:
+        y = self._trace_labels(x)
         family, model = self.family, self.model
 
         def log_p(p: dict[str, Tensor], x1: Tensor, y1: Tensor) -> Tensor:
@@ -258,7 +307,7 @@ class FisherPenalty:
 
         per_sample = vmap(grad(log_p), in_dims=(None, 0, 0))(dict(zip(names, params)), x, y)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
-        return self.alpha * sq.mean() + _zero_term(params, o.dtype, o.device)
+        return self.alpha * sq.mean() + _zero_term(params, sq.dtype, sq.device)
 
     @staticmethod
     def _gradient(value: Tensor, params: list[Tensor]) -> list[Tensor]:

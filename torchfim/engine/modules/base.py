@@ -27,6 +27,7 @@ class Call:
     taps: list[Tensor]  # the call's output tensors, with autograd history
     size: int  # batch size of the forward
     versions: list[int] = field(default_factory=list)  # the taps' versions when recorded
+    cache: dict = field(default_factory=dict)  # per-call quantities a rule reuses across vector groups
 
 
 class Rule:

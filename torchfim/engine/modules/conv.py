@@ -12,6 +12,9 @@ from torch import Tensor, nn
 
 from .base import Call, Grads, Rule, as_float
 
+#: Elements of per-sample weight gradients built at once: small enough to stay in cache.
+CACHE_ELEMENTS = 2**19
+
 
 def conv_supported(module: nn.Module) -> bool:
     """Convolutions this rule covers: 1-d and 2-d, zero padding given as numbers or 'valid'."""
@@ -49,22 +52,47 @@ def patches(module: nn.Module, a: Tensor) -> Tensor:
 class ConvRule(Rule):
     """Per-sample products of a zero-padded ``Conv1d``/``Conv2d`` (any stride, dilation, groups)."""
 
-    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
-        module = self.module
-        p = as_float(patches(module, call.args[0][rows]))  # (b, L, in·k)
-        g = as_float(sens[0][:, rows].flatten(3))  # (m, b, out, L)
+    def _patches(self, call: Call) -> Tensor:
+        """The call's input patches ``(B, L, in·k)``, built once per call."""
+        if "patches" not in call.cache:
+            call.cache["patches"] = as_float(patches(self.module, call.args[0]))
+        return call.cache["patches"]
+
+    def _weight(self, p: Tensor, g: Tensor) -> Tensor:
+        """Per-sample weight gradients ``(b, m, out·in·k/groups)`` from patches ``p`` and ``g`` (m, b, out, L)."""
         m, b, units, positions = g.shape
+        groups = self.module.groups
+        k = p.shape[-1] // groups
+        by_unit = g.permute(1, 0, 2, 3)  # (b, m, out, L)
+        parts = []
+        for gr in range(groups):
+            stacked = by_unit[:, :, gr * units // groups : (gr + 1) * units // groups].reshape(b, -1, positions)
+            parts.append(torch.bmm(stacked, p[..., gr * k : (gr + 1) * k]).reshape(b, m, units // groups, k))
+        return (parts[0] if groups == 1 else torch.cat(parts, dim=2)).reshape(b, m, -1)
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        g = as_float(sens[0][:, rows].flatten(3))  # (m, b, out, L)
         out: Grads = {}
         if "weight" in self.params:
-            groups = module.groups
-            k = p.shape[-1] // groups
-            by_unit = g.permute(1, 0, 2, 3)  # (b, m, out, L)
-            parts = []
-            for gr in range(groups):
-                g_gr = by_unit[:, :, gr * units // groups : (gr + 1) * units // groups]
-                stacked = g_gr.reshape(b, -1, positions)
-                parts.append(torch.bmm(stacked, p[..., gr * k : (gr + 1) * k]).reshape(b, m, units // groups, k))
-            out[self.params["weight"]] = torch.cat(parts, dim=2).reshape(b, m, -1)
+            out[self.params["weight"]] = self._weight(self._patches(call)[rows], g)
         if "bias" in self.params:
             out[self.params["bias"]] = g.sum(-1).transpose(0, 1)
+        return out
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        """Per-sample weight gradients a few samples at a time (cache-sized), squared in place."""
+        g = as_float(sens[0].flatten(3))  # (m, B, out, L)
+        m, size, units, _ = g.shape
+        out: Grads = {}
+        if "weight" in self.params:
+            p = self._patches(call)
+            step = max(1, CACHE_ELEMENTS // (m * units * p.shape[-1] // self.module.groups))
+            total = None
+            for start in range(0, size, step):
+                rows = slice(start, min(size, start + step))
+                sq = self._weight(p[rows], g[:, rows]).square_().sum((0, 1))
+                total = sq if total is None else total.add_(sq)
+            out[self.params["weight"]] = total
+        if "bias" in self.params:
+            out[self.params["bias"]] = g.sum(-1).square_().sum((0, 1))
         return out

@@ -1,0 +1,124 @@
+"""FisherTraceMonitor(subset=m): rotating windows of held inputs and a finite-population standard error.
+
+Sampling-order contract relied on by the brute force below: at its first measurement the
+monitor draws ``torch.randperm(N, generator=g)`` over the N held inputs (pooled in order); then
+measurement j draws the labels of window ``perm[j·m … j·m + m − 1 (mod N)]`` with one call
+``family.sample(o, n_samples, g)`` on that window's outputs, and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import mlp_inputs, tanh_mlp
+from test_train_monitor import score_sq_norms
+
+import torchfim
+from torchfim.families import get_family
+from torchfim.train import FisherTraceMonitor
+
+
+def fpc_variance(s: torch.Tensor, population: int) -> float:
+    """((1 − f) s² + f v̄)/n written out: s² of the per-input means, v̄ their label variance (k ≥ 2)."""
+    n, k = s.shape
+    m = s.mean(1)
+    spread = float(((m - m.mean()) ** 2).sum() / (n - 1))
+    label = float((((s - s.mean(1, keepdim=True)) ** 2).sum(1) / (k - 1) / k).mean()) if k > 1 else spread
+    f = n / population
+    return ((1 - f) * spread + f * label) / n
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_windows_rotate_over_one_permutation_and_match_brute_force(k: int) -> None:
+    """Five measurements of 12 out of 40 inputs (held as three mini-batches): the fourth wraps around."""
+    model, x = tanh_mlp(3, seed=60), mlp_inputs(40, seed=61)
+    held = [x[:15], x[15:30], x[30:]]
+    mon = FisherTraceMonitor(model, held, every=1, n_samples=k, subset=12, generator=torch.Generator().manual_seed(8))
+    replay = torch.Generator().manual_seed(8)
+    perm = torch.randperm(40, generator=replay)
+    seen = []
+    for j in range(5):
+        rec = mon.step(j)
+        rows = perm[(j * 12 + torch.arange(12)) % 40]
+        seen.append(rows)
+        with torch.no_grad():
+            y = get_family("categorical").sample(model(x[rows]), k, replay)
+        s = score_sq_norms(model, x[rows], y)
+        assert math.isclose(rec.trace, float(s.mean()), rel_tol=1e-10)
+        assert math.isclose(rec.stderr, math.sqrt(fpc_variance(s, 40)), rel_tol=1e-10)
+        assert rec.n_inputs == 12 and rec.variance_ratio is None
+    assert set(torch.cat(seen[:4]).tolist()) == set(range(40))  # the first 48 positions cover all 40
+
+
+def spread_and_coverage(model, x, subset: int, k: int, reps: int = 200) -> tuple[float, float, float, float]:
+    """Over ``reps`` monitors (independent permutations and labels), one measurement each."""
+    traces, variances = [], []
+    for r in range(reps):
+        rec = FisherTraceMonitor(model, x, n_samples=k, subset=subset, generator=torch.Generator().manual_seed(r)).step(0)
+        traces.append(rec.trace)
+        variances.append(rec.stderr**2)
+    t = torch.tensor(traces, dtype=torch.float64)
+    return float(t.mean()), float(t.std()), math.sqrt(sum(variances) / reps), float(t.std() / math.sqrt(reps))
+
+
+@pytest.mark.parametrize("n_held,subset,k", [(256, 32, 1), (64, 32, 4)])
+def test_stderr_matches_the_spread_over_200_repetitions(n_held: int, subset: int, k: int) -> None:
+    """The SE covers input sampling and label noise, as an error on the mean over ALL held inputs.
+
+    At fixed weights, 200 monitors (each its own permutation and labels) measure once. The target
+    is the exact Tr(F) over all held inputs: their mean must be within 4 SE of it, and the std of
+    the 200 estimates over the RMS of the reported SE must be in [0.8, 1.25] (the sample std of
+    200 values has a relative error of about 0.05-0.06, so that band is ≈ 4σ wide; seeds fixed).
+    With f = 32/64 and k = 4 the finite-population correction matters: the uncorrected s²/n
+    claims a visibly larger error than the spread shows.
+    """
+    model, x = tanh_mlp(3, seed=62), mlp_inputs(n_held, seed=63)
+    exact = float(torchfim.fisher(model, x, estimator="exact", structure="trace"))
+    mean, spread, rms_se, se_of_mean = spread_and_coverage(model, x, subset, k)
+    assert abs(mean - exact) < 4 * se_of_mean, (mean, exact, se_of_mean)
+    assert 0.8 < spread / rms_se < 1.25, spread / rms_se
+    if n_held == 64:
+        naive = []
+        for r in range(20):
+            mon = FisherTraceMonitor(model, x, n_samples=k, subset=subset, generator=torch.Generator().manual_seed(r))
+            replay = torch.Generator().manual_seed(r)
+            rows = torch.randperm(n_held, generator=replay)[:subset]
+            with torch.no_grad():
+                y = get_family("categorical").sample(model(x[rows]), k, replay)
+            s = score_sq_norms(model, x[rows], y)
+            assert math.isclose(mon.step(0).stderr ** 2, fpc_variance(s, n_held), rel_tol=1e-10)
+            naive.append(float(s.mean(1).var() / subset))
+        assert spread / math.sqrt(sum(naive) / len(naive)) < 0.8  # uncorrected: the band would fail
+
+
+def test_subset_is_cheaper_with_the_same_mean() -> None:
+    """A window of m inputs back-propagates m inputs, not N (timed loosely: ≥ 3× fewer seconds)."""
+    model, x = tanh_mlp(3, seed=64), mlp_inputs(4096, seed=65)
+    full = FisherTraceMonitor(model, x, every=1, generator=torch.Generator().manual_seed(0))
+    part = FisherTraceMonitor(model, x, every=1, subset=256, generator=torch.Generator().manual_seed(0))
+    for s in range(2):  # warm up both
+        full.step(s), part.step(s)
+    t_full = min(full.step(s).seconds for s in range(2, 5))
+    t_part = min(part.step(s).seconds for s in range(2, 5))
+    assert t_part < t_full / 3, (t_part, t_full)
+
+
+def test_subset_edge_cases_and_errors() -> None:
+    model, x = tanh_mlp(3, seed=66), mlp_inputs(10, seed=67)
+    everything = FisherTraceMonitor(model, x, subset=50, generator=torch.Generator().manual_seed(1)).step(0)
+    replay = torch.Generator().manual_seed(1)
+    rows = torch.randperm(10, generator=replay)  # a subset above N: all inputs, in permutation order
+    with torch.no_grad():
+        y = get_family("categorical").sample(model(x[rows]), 1, replay)
+    s = score_sq_norms(model, x[rows], y)
+    assert everything.n_inputs == 10 and math.isclose(everything.trace, float(s.mean()), rel_tol=1e-10)
+    assert math.isclose(everything.stderr**2, float(s.mean(1).var()) / 10, rel_tol=1e-10)  # k = 1: s²/n
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(torchfim.TorchfimError, match="subset"):
+            FisherTraceMonitor(model, x, subset=bad)
+    with pytest.raises(torchfim.TorchfimError, match="subset"):
+        FisherTraceMonitor(model, [x, torch.randn(4, 5, dtype=torch.float64)], subset=4)
+    with pytest.raises(torchfim.TorchfimError, match="NaN"):
+        FisherTraceMonitor(model, torch.full((4, 3), float("nan"), dtype=torch.float64))

@@ -1,0 +1,175 @@
+"""The Fisher penalty's gradient by a finite difference of gradients (``grad_method="finite_difference"``).
+
+With ``g = ∇_θ L`` the gradient of a loss ``L`` whose sampled labels are held fixed and ``H = ∇²_θ L``,
+the penalty ``α‖g‖²`` has gradient ``2α H g``. Instead of differentiating through the gradient
+(double backprop), :func:`batch_gradient_fd` takes the **forward difference** along ``ĝ = g/‖g‖``::
+
+    H g ≈ (∇L(θ + ε ĝ) − ∇L(θ)) · ‖g‖ / ε
+
+reusing ``∇L(θ)`` (already computed for the value): one extra forward and backward, no
+higher-order graph. The step is ``ε = 0.1 · √eps_dtype · (1 + ‖θ‖)`` unless given: the rounding
+error of forming ``θ + ε ĝ`` is about ``eps_dtype·‖θ‖``, so ε must be large against that, while
+the truncation error of a forward difference grows like ε (over c = 0.03…10 the float32 error
+was smallest near c = 0.3 on the small test models and near c = 0.05 on the benchmark MLP
+64-256-256-10; 0.1 is within a factor 3 of both). On all of them the relative error of the
+gradient is below 1e-6 in float64 and 2e-3 in float32. A central difference,
+``(∇L(θ + ε ĝ) − ∇L(θ − ε ĝ))‖g‖/(2ε)``, is 20-60 times more accurate but needs a second extra
+pass (1.4 times the penalty's cost); the forward difference is far inside 1 % (float64) and
+5 % (float32), so the cheaper one is used.
+
+The perturbed pass runs ``torch.func.functional_call`` on shifted copies of the parameters, so
+the parameters themselves are never modified (nothing to restore, no drift, and no in-place
+change of a tensor an outer graph saved). It sees the same inputs and the same labels; in
+training mode it also sees the same random numbers as the first pass (torch's RNG state is
+replayed, so a Dropout mask is the same) and it updates no buffer (BatchNorm running statistics
+are updated once, by the first pass, as by any forward).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from ..errors import TorchfimError
+from ..families import Family
+
+GRAD_METHODS = ("exact", "finite_difference")
+
+#: The constant c of the default step ``ε = c·√eps_dtype·(1 + ‖θ‖)`` (chosen by measurement, see above).
+FD_STEP_SCALE = 0.1
+
+
+def check_fd_step(fd_step: object, grad_method: str) -> float | None:
+    """``fd_step`` as a float, or None for the default step; only valid with finite differences."""
+    if fd_step is None:
+        return None
+    if grad_method != "finite_difference":
+        raise TorchfimError(
+            f"fd_step={fd_step!r} only applies to grad_method='finite_difference'; drop it or switch the method"
+        )
+    if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < math.inf:
+        raise TorchfimError(
+            f"fd_step must be a finite number > 0 (the step length along ĝ in parameter space), got {fd_step!r}; "
+            "pass None for the default 0.1·√eps·(1 + ‖θ‖)"
+        )
+    return float(fd_step)
+
+
+def fd_step_for(params: list[Tensor], fd_step: float | None) -> Tensor:
+    """The step ε as a 0-dim tensor: ``fd_step``, or ``0.1 · √eps_dtype · (1 + ‖θ‖)`` (θ: ``params``).
+
+    A tensor, so that no value goes back to the host (no device synchronisation).
+    """
+    first = params[0]
+    if fd_step is not None:
+        return torch.tensor(fd_step, dtype=first.dtype, device=first.device)
+    theta = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params]))
+    return FD_STEP_SCALE * math.sqrt(torch.finfo(first.dtype).eps) * (1.0 + theta)
+
+
+def _ratio_or_zero(num: Tensor, den: Tensor) -> Tensor:
+    """``num/den`` where ``den > 0``, else 0 (a zero gradient has no direction, and H·0 = 0)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _gradients(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def batch_gradient_fd(
+    model: nn.Module,
+    family: Family,
+    named: list[tuple[str, Tensor]],
+    x: Tensor,
+    draw_labels: Callable[[Tensor], Tensor],
+    alpha: float,
+    fd_step: float | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Value ``α‖g‖²`` and its gradient ``2α H g`` by a forward difference (see the module docstring).
+
+    ``g = ∇_θ (1/B) Σᵢ −log p(ŷᵢ|xᵢ)`` with the labels ``ŷ = draw_labels(o)`` drawn from the first
+    pass's outputs ``o``; ``named`` are the trainable ``(name, parameter)`` pairs.
+    """
+    params = [p for _, p in named]
+    random_forward = any(m.training for m in model.modules())
+    before = _rng_state(x.device) if random_forward else None
+    o = model(x)
+    y = draw_labels(o)
+    nll = family.nll(o, y)
+    if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
+        return torch.zeros((), dtype=o.dtype, device=o.device), [torch.zeros_like(p) for p in params]
+    g = _gradients(nll, params)
+    sq = sum(t.pow(2).sum() for t in g)
+    if alpha == 0.0:
+        return alpha * sq, [torch.zeros_like(p) for p in params]
+    norm, step = sq.sqrt(), fd_step_for(params, fd_step)
+    shift = _ratio_or_zero(step, norm)  # θ + ε ĝ = θ + (ε/‖g‖) g
+    shifted = {n: (p.detach() + shift * t).requires_grad_() for (n, p), t in zip(named, g)}
+    # Buffers of a training-mode model are cloned so that the perturbed pass updates none of them.
+    buffers = {n: b.clone() for n, b in model.named_buffers()} if random_forward else {}
+    after = _rng_state(x.device) if random_forward else None
+    if random_forward:
+        _set_rng_state(x.device, before)  # the same Dropout masks as the first pass
+    try:
+        g_plus = _gradients(family.nll(functional_call(model, {**buffers, **shifted}, (x,)), y), list(shifted.values()))
+    finally:
+        if random_forward:
+            _set_rng_state(x.device, after)
+    scale = (2.0 * alpha) * norm / step
+    return alpha * sq.detach(), [(a - b).mul_(scale) for a, b in zip(g_plus, g)]
+
+
+def trace_fd(
+    model: nn.Module,
+    family: Family,
+    named: list[tuple[str, Tensor]],
+    x: Tensor,
+    y: Tensor,
+    alpha: float,
+    fd_step: float | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Value ``α (1/B) Σᵢ ‖gᵢ‖²`` and its gradient ``(2α/B) Σᵢ Hᵢ gᵢ`` by forward differences.
+
+    ``gᵢ = ∇_θ log p(yᵢ|xᵢ)`` and ``Hᵢ = ∇²_θ log p(yᵢ|xᵢ)``; each input has its own direction
+    ``ĝᵢ``, so the perturbed pass evaluates every input at its own parameters ``θ + ε ĝᵢ``
+    (``vmap`` over per-input parameter copies, ``B·P`` numbers): ``Hᵢ gᵢ ≈ (gᵢ(θ + ε ĝᵢ) − gᵢ(θ))·‖gᵢ‖/ε``.
+    The model must treat samples independently (checked by the caller).
+    """
+
+    def log_p(p: dict[str, Tensor], x1: Tensor, y1: Tensor) -> Tensor:
+        out = functional_call(model, p, (x1.unsqueeze(0),))
+        return family.log_prob(out, y1.unsqueeze(0)).sum()
+
+    base = {n: p.detach() for n, p in named}
+    g = vmap(grad(log_p), in_dims=(None, 0, 0))(base, x, y)
+    sq = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in g.values())  # (B,)
+    norms = sq.sqrt()
+    value = alpha * sq.mean()
+    if alpha == 0.0:
+        return value, [torch.zeros_like(p) for p in base.values()]
+    step = fd_step_for(list(base.values()), fd_step)
+    shift = _ratio_or_zero(step, norms)  # an input with gᵢ = 0 is not moved and contributes Hᵢgᵢ = 0
+
+    def per_input(scalars: Tensor, like: Tensor) -> Tensor:  # (B,) → (B, 1, …, 1) against like (B, *shape)
+        return scalars.reshape((-1,) + (1,) * (like.dim() - 1))
+
+    shifted = {n: base[n] + per_input(shift, g[n]) * g[n] for n in base}
+    g_plus = vmap(grad(log_p), in_dims=(0, 0, 0))(shifted, x, y)
+    weight = norms * ((2.0 * alpha / x.shape[0]) / step)
+    return value, [((g_plus[n] - g[n]) * per_input(weight, g[n])).sum(0) for n in base]

@@ -1,0 +1,168 @@
+"""The statistics behind :class:`~torchfim.train.FisherTraceMonitor`: window variances and the control variate.
+
+Everything here works on per-(input, label) squared score norms ``s`` of shape ``(n, k)``: row i
+holds the ``k`` values ``s_ij = ‖∇_θ log p(y_ij|xᵢ)‖²`` of input ``xᵢ``; ``mᵢ = (1/k) Σⱼ s_ij``.
+
+* :func:`mean_and_variance` — the estimate ``(1/n) Σᵢ mᵢ`` and its variance, for the held inputs
+  as an i.i.d. sample of the data (no population) or for a random subset of ``N`` held inputs.
+* :class:`Windows` — consecutive windows over a fixed random permutation of the held inputs.
+* :class:`ControlVariate` — the control-variate estimator (two cross-fitted chains, see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def mean_and_variance(s: Tensor, population: int | None) -> tuple[float, float]:
+    """``(mean, variance of the mean)`` of the per-input means ``mᵢ`` of ``s`` (n, k).
+
+    With ``s²`` the sample variance of the ``mᵢ`` (divisor n − 1):
+
+    * ``population=None``: ``s²/n``, the variance of the mean as an estimate of ``E_x Tr(F(x))``
+      when the n inputs are an i.i.d. sample of the data (it counts input spread and label noise).
+    * ``population=N``: the n inputs are a random subset, drawn without replacement, of ``N``
+      held inputs, and the target is the mean over all ``N`` of them. The variance of the mean is
+      ``((1 − f) S² + σ̄²)/n`` with ``f = n/N``, ``S²`` the spread of the true per-input values over
+      the N inputs and ``σ̄²`` the mean label variance of an ``mᵢ``; it is estimated without bias by
+      ``((1 − f) s² + f v̄)/n`` with ``v̄ = (1/n) Σᵢ var_j(s_ij)/k`` (k ≥ 2). The finite-population
+      correction applies to the input sampling only: the label noise stays whole even when n = N.
+      With ``k = 1``, ``v̄`` cannot be told from the input spread and ``s²`` stands in for it,
+      giving ``s²/n``, which over-states the variance by at most the factor ``1/(1 − f)``.
+
+    The variance is NaN for a single input.
+
+    Example:
+        >>> import torch
+        >>> s = torch.tensor([[1.0, 3.0], [2.0, 2.0], [6.0, 8.0]], dtype=torch.float64)
+        >>> mean_and_variance(s, None)  # m = (2, 2, 7), s² = 25/3, over n = 3
+        (3.6666666666666665, 2.777777777777778)
+        >>> mean_and_variance(s, 3)[1]  # f = 1: label noise only, v̄ = mean(2, 0, 2)/k = 2/3, over n = 3
+        0.2222222222222222
+    """
+    m = s.double().mean(1)
+    n, k = s.shape
+    mean = float(m.mean())
+    if n < 2:
+        return mean, math.nan
+    spread = float(m.var())
+    if population is None:
+        return mean, spread / n
+    f = n / population
+    label = float((s.double().var(1) / k).mean()) if k > 1 else spread
+    return mean, ((1.0 - f) * spread + f * label) / n
+
+
+class Windows:
+    """Windows of ``size`` held inputs: consecutive positions of one fixed random permutation.
+
+    Measurement j uses positions ``j·size, …, j·size + size − 1`` (mod N) of a permutation of
+    ``0..N−1`` drawn at the first call from the generator it is given (``torch.randperm``), so
+    successive windows sweep all held inputs and wrap around. Each window, on its own, is a
+    uniformly random subset of ``size`` distinct inputs.
+    """
+
+    def __init__(self, population: int, size: int) -> None:
+        self.population = population
+        self.size = min(size, population)
+        self.permutation: Tensor | None = None
+        self.position = 0
+
+    def next(self, generator: torch.Generator) -> Tensor:
+        """The indices (CPU, int64) of the next window."""
+        if self.permutation is None:
+            self.permutation = torch.randperm(self.population, generator=generator, device=generator.device).cpu()
+        start, end = self.position, self.position + self.size
+        self.position = end % self.population
+        if end <= self.population:
+            return self.permutation[start:end]
+        return torch.cat([self.permutation[start:], self.permutation[: end - self.population]])
+
+
+@dataclass
+class _Chain:
+    """One chain's state after a measurement (see :class:`ControlVariate`)."""
+
+    estimate: float  # T̂ʰ
+    weight: float  # β used for it
+    var_propagated: float  # Var(Pʰ) (0 when weight = 0: P did not enter)
+    fresh: Tensor  # its fresh values (nₕ, k): the c of the next measurement
+
+
+def _cross_weight(var_fresh: float, var_propagated: float) -> float:
+    """β = Var(X)/(Var(X) + Var(P)): the inverse-variance weight of P (0 when undefined)."""
+    total = var_fresh + var_propagated
+    return var_fresh / total if total > 0 and math.isfinite(total) else 0.0
+
+
+class ControlVariate:
+    """The control-variate estimate of ``Tr(F)``: fresh labels, plus the previous estimate carried over.
+
+    At measurement t the monitor draws fresh labels on a window of inputs (values ``a``, mean
+    ``X_t``, unbiased for ``Tr(F)`` at the current weights θ_t) and also re-draws, at θ_t, the
+    previous measurement's labels on the previous window with the same random numbers (common
+    random numbers: the generator state is replayed), giving values ``b`` paired with that
+    measurement's values ``c`` at θ_{t−1}. Then
+
+    * ``P_t = T̂_{t−1} + mean(b) − mean(c)`` is unbiased for ``Tr(F)`` at θ_t (``mean(b) − mean(c)``
+      estimates the change since the previous measurement; when the weights moved little, b ≈ c
+      and ``P_t`` inherits the small variance of ``T̂_{t−1}``);
+    * ``T̂_t = (1 − β) X_t + β P_t``, unbiased for any β chosen independently of the noise of
+      ``X_t`` and ``P_t``, with variance ``V_t = (1 − β)² Var(X_t) + β² Var(P_t)`` (``X_t`` uses
+      fresh labels, independent of everything in ``P_t``);
+    * ``Var(P_t) = Var(mean(b − β_{t−1} c)) + β_{t−1}² Var(P_{t−1})``, since
+      ``P_t = mean(b) − β_{t−1} mean(c) + β_{t−1} P_{t−1}``; each window variance is
+      :func:`mean_and_variance` of the paired per-input values.
+
+    The best weight, ``β = Var(X)/(Var(X) + Var(P))``, must be estimated, and an estimate taken
+    from the same values would bias ``T̂`` slightly (the values are skewed). So the inputs are
+    split into two chains, h = 0, 1, that share no labels (and, with a subset, each rotates over
+    its own permutation): each chain runs the recursion on its own values with the β computed
+    from the **other** chain's variances, which are independent of it. Each chain's estimate is
+    then exactly unbiased, and ``T̂ = Σₕ wₕ T̂ʰ`` (wₕ = nₕ/n) with ``V = Σₕ wₕ² Vʰ``. The record's
+    ``variance_ratio`` is ``V`` over ``Σₕ wₕ² Var(Xʰ)``, the variance of the fresh labels alone.
+    Windows of one chain that follow each other are disjoint, so their input-sampling errors are
+    negatively correlated; ignoring that keeps ``V`` on the safe side.
+    """
+
+    def __init__(self, chains: list[Tensor], population: list[int | None]) -> None:
+        self.rows = chains
+        self.population = population
+        self.state: list[_Chain] | None = None
+
+    def update(self, fresh: Tensor, replay: Tensor | None) -> tuple[float, float, float]:
+        """Estimate, its variance and the variance of the fresh-only estimate, from ``a`` and ``b``.
+
+        ``fresh`` (n, k): this measurement's window at θ_t with new labels; ``replay`` (n, k): the
+        previous window at θ_t with the previous labels' random numbers (None the first time).
+        """
+        xs = [mean_and_variance(fresh[rows], pop) for rows, pop in zip(self.rows, self.population)]
+        if self.state is None or replay is None:
+            props = [(math.nan, math.nan)] * len(self.rows)
+        else:
+            props = [self._propagated(chain, replay[rows], pop) for chain, rows, pop in zip(self.state, self.rows, self.population)]
+        chains, total, variance, plain = [], 0.0, 0.0, 0.0
+        n = sum(len(rows) for rows in self.rows)
+        for h, ((x, var_x), (p, var_p)) in enumerate(zip(xs, props)):
+            other_x, other_p = xs[1 - h][1], props[1 - h][1]
+            weight = 0.0 if math.isnan(p) else _cross_weight(other_x, other_p)
+            estimate = x if weight == 0.0 else (1.0 - weight) * x + weight * p
+            w = len(self.rows[h]) / n
+            total += w * estimate
+            variance += w * w * ((1.0 - weight) ** 2 * var_x + (weight**2 * var_p if weight else 0.0))
+            plain += w * w * var_x
+            chains.append(_Chain(estimate, weight, var_p if weight else 0.0, fresh[self.rows[h]]))
+        self.state = chains
+        return total, variance, plain
+
+    @staticmethod
+    def _propagated(chain: _Chain, b: Tensor, population: int | None) -> tuple[float, float]:
+        """``P = T̂_{t−1} + mean(b − c)`` and ``Var(P)`` for one chain."""
+        c = chain.fresh
+        p = chain.estimate + float((b.double() - c.double()).mean())
+        var_pair = mean_and_variance(b.double() - chain.weight * c.double(), population)[1]
+        return p, var_pair + chain.weight**2 * chain.var_propagated
