@@ -47,6 +47,7 @@ class PerModuleBackend(Backend):
     def __init__(self, view: ModelView) -> None:
         super().__init__(view)
         self.functional = FunctionalBackend(view)
+        self.moved: dict[str, tuple[nn.Module, str]] = {}
         self.rules = self._build_rules()
         self.uses: dict[int, int] = {}
         self._verified = False
@@ -103,6 +104,10 @@ class PerModuleBackend(Backend):
         rec = self._record(batch, clone=False)
         if any(c.versions != [t._version for t in c.taps] for _, c in rec.calls):
             rec = self._record(batch, clone=True)  # a later in-place op changed a tap
+        unbatched = self._unbatched(rec)
+        if unbatched:
+            self._move(unbatched, rec)
+            return self.record(batch)
         self.uses = {}
         for rule, _ in rec.calls:
             for i in rule.params.values():
@@ -132,18 +137,38 @@ class PerModuleBackend(Backend):
         for _, _, piece in self.pieces(rec, v):
             for i, g in piece.items():
                 summed[i] = g.sum((0, 1)) if i not in summed else summed[i] + g.sum((0, 1))
+        # One scale for every parameter: a parameter whose true gradient is zero (a key bias under
+        # softmax) has only rounding noise, which its own maximum would not cover.
+        scale = max((float(g.abs().max()) for g in batch_grads if g is not None), default=0.0)
+        tol = 1e-4 if rec.output.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
         missing = []
         for p, g in zip(params, batch_grads):
             i = self.view.index_of[id(p)]
             want = torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
             got = summed.get(i, torch.zeros_like(want)).to(want.dtype)
-            tol = 1e-4 if want.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
-            if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-30))):
+            if not torch.allclose(got, want, rtol=tol, atol=tol * max(scale, 1e-30)):
                 missing.append(self.view.layout.names[i])
         if missing:
-            called = {call.module for _, call in rec.calls}
-            self.rules = self._build_rules({n: self._nearest_called(n, called) for n in missing})
+            self._move(missing, rec)
         return bool(missing)
+
+    def _move(self, names: list[str], rec: ModuleRecording) -> None:
+        """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""
+        called = {call.module for _, call in rec.calls if _batched(call)}
+        self.moved.update({n: self._nearest_called(n, called) for n in names})
+        self.rules = self._build_rules(self.moved)
+
+    def _unbatched(self, rec: ModuleRecording) -> list[str]:
+        """Parameters of calls whose outputs do not carry the batch (e.g. position embeddings of ids
+        ``(1, T)`` shared by every sample): their per-sample gradients need the module above."""
+        if rec.batch.size < 2:
+            return []
+        names = {id(p): n for n, p in self.view.model.named_parameters()}
+        out = []
+        for rule, call in rec.calls:
+            if not _batched(call):
+                out.extend(names[id(p)] for n, p in rule.module.named_parameters() if n in rule.params)
+        return out
 
     def _nearest_called(self, name: str, called: set[nn.Module]) -> tuple[nn.Module, str]:
         """The closest module above parameter ``name`` that the forward called, and the local name."""
@@ -336,3 +361,8 @@ class PerModuleBackend(Backend):
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
         return self.functional.output_hessian_columns(batch, columns)
+
+
+def _batched(call: Call) -> bool:
+    """Whether every output of the call has the batch as its first dimension."""
+    return all(t.dim() > 0 and t.shape[0] == call.size for t in call.taps)

@@ -16,6 +16,7 @@ from ..config import Config
 from ..workload import Workload
 from .fisher import build_diag_score, build_exact, build_floor
 from .penalty import build_penalty
+from .reach import build_reach
 from .variance import build_variance_hessian, build_variance_score
 
 __all__ = ["WORKLOADS", "CONTENDERS", "Builder"]
@@ -34,6 +35,11 @@ WORKLOADS: dict[str, Builder] = {
     "variance-score-diag-mlp": build_variance_score,
     "variance-hessian-diag-mlp": build_variance_hessian,
     "penalty-step-mlp": build_penalty,
+    "diag-score-transformer": lambda c, s: build_reach(c, s, "score", "transformer"),
+    "diag-exact-transformer": lambda c, s: build_reach(c, s, "exact", "transformer"),
+    "diag-score-resnet": lambda c, s: build_reach(c, s, "score", "resnet"),
+    "diag-exact-resnet": lambda c, s: build_reach(c, s, "exact", "resnet"),
+    "diag-score-lm": lambda c, s: build_reach(c, s, "score", "lm"),
 }
 
 #: Every contender's name, in the order of the report's columns.

@@ -1,0 +1,199 @@
+"""torchfim on Hugging Face transformers models built from a config (random weights, offline).
+
+Dict mini-batches ``{"input_ids", "attention_mask"}`` with right padding, outputs read from
+``.logits``. The oracle is the definition, from ``torch.func`` Jacobians of the flattened logits
+against the flat parameter vector (:func:`clients.jacobians`):
+
+* language model, logits ``(B, T, V)``: ``(1/n) Σ_b Σ_{t unmasked} diag(J_btᵀ Λ(p_bt) J_bt)``;
+* sequence classifier, logits ``(B, C)``: ``(1/n) Σ_b diag(J_bᵀ Λ(p_b) J_b)``,
+
+with ``Λ(p) = diag p − p pᵀ``. Both backends (``modules``, ``functional``) must match it and each
+other to 1e-10 in float64; the score estimator with many labels must fall within 4 standard errors
+of the exact Fisher, the standard errors being :func:`torchfim.fisher_variance`'s.
+"""
+
+from __future__ import annotations
+
+import clients  # first: hides a torchvision build that cannot load
+import pytest
+import torch
+
+import torchfim
+from torchfim.engine import ModelView, batches, make_backend
+from torchfim.engine.modules import GenericRule
+
+transformers = clients.need("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB, LENGTH, CLASSES = 50, 5, 3
+PAD = 0
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=16,
+        bos_token_id=1, eos_token_id=1, attn_implementation="eager",
+    )
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def tiny_bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=CLASSES, pad_token_id=PAD, attn_implementation="eager",
+    )
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
+def tiny_distilbert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16,
+        num_labels=CLASSES, pad_token_id=PAD, attn_implementation="eager",
+    )
+    return transformers.DistilBertForSequenceClassification(config).double().eval()
+
+
+def padded_batch(lengths: list[int], seed: int, positions: bool = True) -> dict[str, torch.Tensor]:
+    """Token ids padded on the right to LENGTH, their attention mask and (optionally) position ids.
+
+    Hugging Face models build position ids of shape ``(1, T)`` when none are passed, shared by the
+    whole batch; passing them per input (``(B, T)``) keeps every lookup per-sample (see
+    :func:`test_shared_position_ids_per_module`).
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (len(lengths), LENGTH), generator=g)
+    mask = (torch.arange(LENGTH) < torch.tensor(lengths).unsqueeze(1)).long()
+    batch = {"input_ids": ids.masked_fill(mask == 0, PAD), "attention_mask": mask}
+    if positions:
+        batch["position_ids"] = torch.arange(LENGTH).repeat(len(lengths), 1)
+    return batch
+
+
+def concat(mini_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([b[k] for b in mini_batches]) for k in mini_batches[0]}
+
+
+def generic_modules(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+    """Paths of the modules the per-module backend covers with its generic (torch.func) rule."""
+    view = ModelView(model)
+    engine = make_backend(view, "modules")
+    for b in batches(batch, None, view.device, view.dtype):
+        engine.record(b)  # the first record may move parameters to a generic rule
+    return sorted(rule.path for rule in engine.rules.values() if isinstance(rule, GenericRule))
+
+
+# ------------------------------------------------------------------ language model
+def test_gpt2_exact_diag_matches_jacobian_oracle() -> None:
+    model = tiny_gpt2()
+    mini_batches = [padded_batch([5, 3], seed=1), padded_batch([2], seed=2)]
+    jac, logits = clients.jacobians(model, kwargs=concat(mini_batches), output="logits")
+    mask = concat(mini_batches)["attention_mask"]
+    want = clients.categorical_diag(jac, logits, VOCAB, mask)
+    got = {
+        backend: torchfim.fisher(model, mini_batches, structure="diag", backend=backend, mask="attention_mask")
+        for backend in ("modules", "functional")
+    }
+    assert clients.rel_err(got["modules"], got["functional"]) < 1e-10
+    for value in got.values():
+        assert clients.rel_err(value, want) < 1e-10
+    # the mask matters: counting the padded positions too would be far off
+    assert clients.rel_err(clients.categorical_diag(jac, logits, VOCAB), want) > 1e-2
+
+
+def test_gpt2_generic_rule_covers_only_conv1d() -> None:
+    """GPT-2's projections are transformers' own ``Conv1D``: the generic rule takes them, and only them.
+
+    The tied ``lm_head`` is a Linear, the lookups Embeddings and the norms LayerNorms, each with a
+    rule of its own.
+    """
+    model = tiny_gpt2()
+    generic = generic_modules(model, padded_batch([5, 3], seed=3))
+    conv1d = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Conv1D")
+    assert generic == conv1d
+    assert len(conv1d) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+
+
+@pytest.mark.parametrize("backend", ["functional", "modules"])
+def test_shared_position_ids_per_module(backend: str) -> None:
+    """Without ``position_ids`` the model builds them ``(1, T)``, shared by the batch: same Fisher.
+
+    The reference passes the same positions per input, which the exact-diagonal test above ties to
+    the Jacobian oracle; the models' outputs are the same.
+    """
+    model = tiny_gpt2()
+    shared = padded_batch([5, 3, 4], seed=4, positions=False)
+    per_input = {**shared, "position_ids": torch.arange(LENGTH).repeat(3, 1)}
+    want = torchfim.fisher(model, per_input, structure="diag", backend="functional", mask="attention_mask")
+    got = torchfim.fisher(model, shared, structure="diag", backend=backend, mask="attention_mask")
+    assert clients.rel_err(got, want) < 1e-10
+
+
+def test_gpt2_score_within_four_standard_errors() -> None:
+    """Î1 with k labels per position against the exact Fisher, in units of its standard error."""
+    model = tiny_gpt2()
+    batch = padded_batch([5, 3, 4], seed=5)
+    k = 64
+    exact = torchfim.fisher(model, batch, structure="diag", mask="attention_mask")
+    score = torchfim.fisher(model, batch, estimator="score", structure="diag", n_samples=k, mask="attention_mask",
+                            generator=torch.Generator().manual_seed(0))
+    var = torchfim.fisher_variance(model, batch, estimator="score", structure="diag", n_samples=k,
+                                   mask="attention_mask")
+    se = var.clamp_min(0).sqrt()
+    varies = se > 1e-12 * se.max()
+    assert (score[~varies] - exact[~varies]).abs().max() <= 1e-10 * exact.abs().max()
+    z = (score - exact)[varies] / se[varies]
+    # ~7000 correlated entries: a normal z exceeds 3 with probability 0.27 %, 4 with 0.006 %
+    assert (z.abs() > 3).float().mean() < 0.01
+    assert (z.abs() > 4).float().mean() < 1e-3
+    assert z.abs().max() < 6
+    assert 0.7 < z.square().mean() < 1.3  # the standard errors have the right size, not only a bound
+
+    trace_se = torchfim.fisher_variance(model, batch, estimator="score", structure="trace", n_samples=k,
+                                        mask="attention_mask").sqrt()
+    assert abs(score.sum() - exact.sum()) < 4 * trace_se
+
+
+# ------------------------------------------------------------ sequence classifiers
+CLASSIFIERS = [pytest.param(tiny_bert, id="bert"), pytest.param(tiny_distilbert, id="distilbert")]
+NO_VMAP = pytest.mark.xfail(
+    strict=True, raises=torchfim.TorchfimError,
+    reason="torch.func cannot vmap transformers' padding-mask construction (data-dependent control flow); "
+           "backend='functional' says so and points to backend='auto'",
+)
+
+
+def classifier_oracle(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    jac, logits = clients.jacobians(model, kwargs=batch, output="logits")
+    return clients.categorical_diag(jac, logits, CLASSES)
+
+
+@pytest.mark.parametrize("make", CLASSIFIERS)
+@pytest.mark.parametrize("backend", ["modules", pytest.param("functional", marks=NO_VMAP)])
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+def test_padded_classifier_exact_diag_matches_jacobian_oracle(make, backend: str) -> None:
+    model = make()
+    batch = padded_batch([5, 2, 4, 3], seed=6)
+    got = torchfim.fisher(model, batch, structure="diag", backend=backend)
+    assert clients.rel_err(got, classifier_oracle(model, batch)) < 1e-10
+
+
+@pytest.mark.parametrize("make", CLASSIFIERS)
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+def test_unpadded_classifier_backends_agree(make) -> None:
+    """Without an attention mask ``torch.func`` batches the model: both backends and the oracle agree."""
+    model = make()
+    batch = {k: v for k, v in padded_batch([5, 5, 5], seed=7).items() if k != "attention_mask"}
+    got = {backend: torchfim.fisher(model, batch, structure="diag", backend=backend)
+           for backend in ("modules", "functional")}
+    assert clients.rel_err(got["modules"], got["functional"]) < 1e-10
+    assert clients.rel_err(got["modules"], classifier_oracle(model, batch)) < 1e-10
+
+
+@pytest.mark.parametrize("make", CLASSIFIERS)
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+def test_sequence_classifier_needs_no_generic_rule(make) -> None:
+    """Linear, Embedding and LayerNorm rules cover every parameter of BERT and DistilBERT."""
+    assert generic_modules(make(), padded_batch([5, 2, 4, 3], seed=6)) == []
