@@ -239,47 +239,72 @@ class PerModuleBackend(Backend):
     def _single(self, rule: Rule) -> bool:
         return all(self.uses.get(i, 0) == 1 for i in rule.params.values())
 
+    def _single_chunks(self, rule: Rule, call: Call, s: list, m: int) -> Iterator[tuple[slice, Pieces]]:
+        """Per-sample gradients of one single-use call, in chunks sized for its rule."""
+        budget = CHUNK_ELEMENTS if isinstance(rule, GenericRule) else CACHE_ELEMENTS
+        step = max(1, budget // max(1, m * rule.size()))
+        for start in range(0, call.size, step):
+            rows = slice(start, min(call.size, start + step))
+            yield rows, rule.grads(call, s, rows)
+
     def squares(self, rec: ModuleRecording, v: Tensor) -> Pieces:
         total: Pieces = {}
+
+        def add(i: int, sq: Tensor) -> None:
+            total[i] = sq if i not in total else total[i].add_(sq)
+
         for vecs in self._groups(rec, v.shape[1], False):
+            m = vecs.stop - vecs.start
             sens = self._sensitivities(rec, v[:, vecs])
-            rest: set[int] = set()
+            shared: set[int] = set()
             for (rule, call), s in zip(rec.calls, sens):
                 if not s or s[0] is None:
                     continue
-                fast = rule.squares(call, s) if self._single(rule) else None
-                if fast is None:
-                    rest.update(rule.params.values())
-                for i, sq in (fast or {}).items():
-                    total[i] = sq if i not in total else total[i].add_(sq)
-            if rest:
-                step = self._row_step(vecs.stop - vecs.start, CACHE_ELEMENTS, rest)
+                if not self._single(rule):
+                    shared.update(rule.params.values())
+                    continue
+                fast = rule.squares(call, s)
+                if fast is not None:
+                    for i, sq in fast.items():
+                        add(i, sq)
+                    continue
+                for _, grads in self._single_chunks(rule, call, s, m):
+                    for i, g in grads.items():
+                        add(i, g.square_().sum((0, 1)))
+            if shared:  # parameters of several calls: their gradients are summed before squaring
+                step = self._row_step(m, CHUNK_ELEMENTS, shared)
                 for start in range(0, rec.batch.size, step):
                     rows = slice(start, min(rec.batch.size, start + step))
-                    for i, g in self._summed(rec, sens, rows, rest).items():
-                        sq = g.square().sum((0, 1))
-                        total[i] = sq if i not in total else total[i].add_(sq)
+                    for i, g in self._summed(rec, sens, rows, shared).items():
+                        add(i, g.square().sum((0, 1)))
         return total
 
     def sample_squares(self, rec: ModuleRecording, v: Tensor) -> Tensor:
-        total = v.new_zeros(v.shape[0], v.shape[1], dtype=torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype)
+        wide = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+        total = v.new_zeros(v.shape[0], v.shape[1], dtype=wide)
         for vecs in self._groups(rec, v.shape[1], False):
+            m = vecs.stop - vecs.start
             sens = self._sensitivities(rec, v[:, vecs])
-            rest: set[int] = set()
+            shared: set[int] = set()
             for (rule, call), s in zip(rec.calls, sens):
                 if not s or s[0] is None:
                     continue
-                fast = rule.sample_squares(call, s) if self._single(rule) else None
-                if fast is None:
-                    rest.update(rule.params.values())
-                else:
-                    total[:, vecs] += fast.to(total.dtype)
-            if rest:
-                step = self._row_step(vecs.stop - vecs.start, CACHE_ELEMENTS, rest)
+                if not self._single(rule):
+                    shared.update(rule.params.values())
+                    continue
+                fast = rule.sample_squares(call, s)
+                if fast is not None:
+                    total[:, vecs] += fast.to(wide)
+                    continue
+                for rows, grads in self._single_chunks(rule, call, s, m):
+                    for g in grads.values():
+                        total[rows, vecs] += g.square().sum(-1).to(wide)
+            if shared:
+                step = self._row_step(m, CHUNK_ELEMENTS, shared)
                 for start in range(0, rec.batch.size, step):
                     rows = slice(start, min(rec.batch.size, start + step))
-                    for g in self._summed(rec, sens, rows, rest).values():
-                        total[rows, vecs] += g.square().sum(-1).to(total.dtype)
+                    for g in self._summed(rec, sens, rows, shared).values():
+                        total[rows, vecs] += g.square().sum(-1).to(wide)
         return total
 
     def _dense_split(self, rec: ModuleRecording) -> tuple[list[tuple[Rule, Call, int]], set[int]]:
