@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import Call, Grads, Rule
 
@@ -86,7 +87,9 @@ class GenericRule(Rule):
             (g,) = vmap(pullback)(s1)
             return g
 
-        with torch.no_grad():  # torch.func still differentiates; no graph to the module's other tensors
+        # torch.func still differentiates under no_grad (no graph to the module's other tensors); the math
+        # attention kernel has batching rules, the fused CPU kernels would run sample by sample.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used)))(args, kwargs, cotangents)
         return {self.params[n]: t.reshape(t.shape[0], t.shape[1], -1) for n, t in g.items()}
 
