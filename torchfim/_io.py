@@ -1,4 +1,4 @@
-"""Atomic writes for the results that runs produce (DESIGN.md §6).
+"""Atomic writes for the results that runs produce (docs/math.md §9).
 
 Each helper writes to a temporary file in the destination's own directory and then moves it into
 place with :func:`os.replace`, which is atomic on POSIX and Windows when both paths are on the same

@@ -4,7 +4,7 @@ Every family here satisfies ``E_y[u] = 0`` and ``E_y[u uᵀ] = Λ(o) = −∇²_
 for the output score ``u = ∇_o log p(y|o)``, with ``Λ`` independent of ``y``
 (canonical-link exponential families, and the Gaussian with fixed variance
 parametrised by its mean). That is what makes the Fisher information of a
-network equal to ``Jᵀ Λ J``; see ``DESIGN.md`` §1–2.
+network equal to ``Jᵀ Λ J``; see ``docs/math.md`` §1.
 
 Shapes: outputs ``o`` are ``(B, C)``. Labels carry the batch dimension first, may
 carry extra leading sample dimensions after it (``(B, k, ...)`` from

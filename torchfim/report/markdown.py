@@ -139,7 +139,7 @@ def _section_variance(R: dict) -> list[str]:
     add(f"The variance, with one label per input (divide by k for k labels), of each layer's trace "
         f"estimator, on {subset_text} inputs, treated as the data set (the Hessian estimator needs one "
         f"forward-over-forward pass per parameter and input, hence the subset). Each number is exact "
-        f"(Soen & Sun 2021, DESIGN.md §4): `torchfim.fisher_variance(model, subset, "
+        f"(Soen & Sun 2021, docs/math.md §3): `torchfim.fisher_variance(model, subset, "
         f"estimator=..., structure=\"trace\")` on the model with every other parameter frozen "
         f"(`requires_grad=False`), which is exactly the variance of that layer's trace estimate, "
         f"covariances between its entries included. Hollow markers: the upper bounds of "

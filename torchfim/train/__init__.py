@@ -6,7 +6,7 @@
 * :class:`FisherTraceMonitor` — the unbiased ``Tr(F)`` estimate on held inputs with its standard
   error, every ``every`` steps, kept in ``.history`` and optionally written to CSV / TensorBoard.
 
-See ``DESIGN.md`` §5 ("Training side").
+See ``docs/math.md`` §7 (the Fisher penalty).
 """
 
 from .monitor import FisherTraceMonitor, TraceRecord

@@ -1,7 +1,7 @@
 """Soen & Sun (NeurIPS 2021), "On the Variance of the Fisher Information for Deep Learning", at CPU scale.
 
 ``torchfim reproduce soen-sun [--out DIR] [--quick]`` runs :func:`run`, which regenerates the
-paper's kind of evidence for small MLPs with torchfim's closed-form variances (DESIGN.md §3–4):
+paper's kind of evidence for small MLPs with torchfim's closed-form variances (docs/math.md §2–3):
 
 (a) ``bound_ratios``: the ratio of each upper bound on the variance to the exact variance, for every
     diagonal entry of the Fisher (summarised per layer as box-plot statistics) and for the trace,

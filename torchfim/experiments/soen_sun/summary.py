@@ -69,7 +69,7 @@ def _intro(results: dict[str, Any], s: Settings) -> list[str]:
         f"MLPs with {s.depth} hidden layers of width {s.width} (PyTorch default init, seed {s.seed}, float64) "
         f"and 10 outputs, on n = {s.n_inputs} fixed inputs from scikit-learn's digits (64 features, pixels/16) "
         "and MNIST-1D (40 features, generated locally). Labels are drawn from the model; all variances are the "
-        "exact closed forms of torchfim (DESIGN.md §4) for one label per input (k = 1), conditional on the "
+        "exact closed forms of torchfim (docs/math.md §3) for one label per input (k = 1), conditional on the "
         "inputs: nothing here is Monte-Carlo. Var(Î2) uses the exact diagonal output Hessians "
         "(forward-over-forward).",
         "",
