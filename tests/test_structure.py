@@ -27,11 +27,7 @@ PACKAGES = (ROOT / "torchfim", ROOT / "benchmarks" / "suite")
 # datasets, _io, benchmarks) never go here.
 ALLOWED_OVERSIZE: set[str] = set()
 # Import cycles tolerated for the same reason, each as the set of its modules' names.
-ALLOWED_CYCLES: set[frozenset[str]] = {
-    # engine.per_module imports second_order, which imports per_module back under TYPE_CHECKING
-    # (a cycle of type annotations, in the core being rewritten).
-    frozenset({"torchfim.engine.per_module", "torchfim.engine.second_order"}),
-}
+ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 
 # ------------------------------------------------------------------------------------- the checks

@@ -363,7 +363,7 @@ class PerModuleBackend(Backend):
 
     # ------------------------------------------------------------------ second order
     def _units(self, batch: Batch) -> UnitHessians:
-        return UnitHessians(self, batch)
+        return UnitHessians(self.view, batch, self.dense_layers(self.record(batch)))
 
     def dense_layers(self, rec: ModuleRecording) -> list[tuple[Rule, Call]]:
         """Calls of dense Linear layers whose parameters are used by that call only (factor by unit)."""

@@ -7,33 +7,29 @@ only, one forward-over-forward pass per unit (all samples at once) instead of on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
 from .backend import CHUNK_ELEMENTS, EntryFn, Pieces
 from .batch import Batch
-
-if TYPE_CHECKING:
-    from .per_module import PerModuleBackend
+from .modules import Call, Rule
+from .view import ModelView
 
 
 class UnitHessians:
     """The factorable layers of one batch and, computed on first use, their unit Hessian diagonals."""
 
-    def __init__(self, backend: PerModuleBackend, batch: Batch) -> None:
-        self.backend = backend
+    def __init__(self, view: ModelView, batch: Batch, layers: list[tuple[Rule, Call]]) -> None:
+        self.view = view
         self.batch = batch
-        rec = backend.record(batch)
-        self.layers = [(rule, call) for rule, call in backend.dense_layers(rec)]
+        self.layers = layers
         self.inputs = [rule.unit_input(call).detach() for rule, call in self.layers]
         self.factored = {i for rule, _ in self.layers for i in rule.params.values()}
         self._diagonals: list[Tensor] | None = None
 
     def unfactored(self) -> list[int]:
-        return [i for i in range(len(self.backend.layout.names)) if i not in self.factored]
+        return [i for i in range(len(self.view.layout.names)) if i not in self.factored]
 
     def diagonals(self) -> list[Tensor]:
         """Per layer ``∂²o_c(xᵢ)/∂z_u²``: ``(B, C, out)``."""
@@ -42,7 +38,7 @@ class UnitHessians:
         return self._diagonals
 
     def _layer(self, module: torch.nn.Module) -> Tensor:
-        view, batch = self.backend.view, self.batch
+        view, batch = self.view, self.batch
         units = module.out_features
         dtype, device = view.dtype, view.device
         zero = torch.zeros(batch.size, units, dtype=dtype, device=device)
