@@ -50,6 +50,22 @@ def evaluate_targets(main: dict, sweep: list[dict]) -> list[dict]:
         _ratio(main, "penalty-step-mlp", "torchfim", "penalty-step-mlp", "plain"), 2.0)
     add("penalty step, every=10: ≤ 1.2× plain SGD step",
         _ratio(main, "penalty-step-mlp", "torchfim-every10", "penalty-step-mlp", "plain"), 1.2)
+    add("penalty step with the finite-difference gradient, every=1: ≤ 2.2× plain SGD step",
+        _ratio(main, "penalty-step-mlp", "torchfim-fd", "penalty-step-mlp", "plain"), 2.2)
+    add("penalty step with the finite-difference gradient, every=10: ≤ 1.2× plain SGD step",
+        _ratio(main, "penalty-step-mlp", "torchfim-fd-every10", "penalty-step-mlp", "plain"), 1.2)
+    add("Tr(F) monitor every 10 steps on a subset of 32 held inputs: < 10 % of training (< 1.1× plain)",
+        _ratio(main, "monitor-every10-mlp", "torchfim-subset32", "monitor-every10-mlp", "plain"), 1.1,
+        strict=True)
+    for which, score, exact in (("transformer", 1.6, 7.0), ("resnet", 1.4, 6.0)):
+        add(f"diag/score (1 label), {which}: torchfim ≤ {score}× floor",
+            _ratio(main, f"diag-score-{which}", "torchfim", f"diag-score-{which}", "floor"), score)
+        add(f"diag/exact, {which}: torchfim ≤ {exact:g}× floor",
+            _ratio(main, f"diag-exact-{which}", "torchfim", f"diag-exact-{which}", "floor"), exact)
+    add("diag/score (1 label per token), causal LM: torchfim ≤ 2× floor",
+        _ratio(main, "diag-score-lm", "torchfim", "diag-score-lm", "floor"), 2.0)
+    add("variance_bound(score, diag), 100 classes, 256 inputs: < 10× fisher(diag)",
+        _ratio(main, "bound-score-c100", "torchfim", "bound-score-c100", "torchfim-diag"), 10.0, strict=True)
 
     width = sorted((p for p in sweep if p.get("axis") == "width" and live_peak(p) is not None), key=lambda p: p["P"])
     upper = [p for p in width if p["P"] >= 1e4] or width

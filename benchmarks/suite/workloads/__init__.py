@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..workload import Workload
+from .bound import build_bound_c100
 from .fisher import build_diag_score, build_exact, build_floor
+from .monitor import build_monitor
 from .penalty import build_penalty
 from .reach import build_reach
 from .variance import build_variance_hessian, build_variance_score
@@ -40,7 +42,10 @@ WORKLOADS: dict[str, Builder] = {
     "diag-score-resnet": lambda c, s: build_reach(c, s, "score", "resnet"),
     "diag-exact-resnet": lambda c, s: build_reach(c, s, "exact", "resnet"),
     "diag-score-lm": lambda c, s: build_reach(c, s, "score", "lm"),
+    "monitor-every10-mlp": build_monitor,
+    "bound-score-c100": build_bound_c100,
 }
 
 #: Every contender's name, in the order of the report's columns.
-CONTENDERS = ("floor", "torchfim", "backpack", "nngeometry", "curvlinops", "plain", "torchfim-every10")
+CONTENDERS = ("floor", "torchfim", "backpack", "nngeometry", "curvlinops", "plain", "torchfim-every10",
+              "torchfim-fd", "torchfim-fd-every10", "torchfim-subset32", "torchfim-subset32-cv", "torchfim-diag")

@@ -25,6 +25,8 @@ PENALTY_CONTENDERS: dict[str, dict | None] = {
     "plain": None,
     "torchfim": {"every": 1},
     "torchfim-every10": {"every": 10},
+    "torchfim-fd": {"every": 1, "grad_method": "finite_difference"},
+    "torchfim-fd-every10": {"every": 10, "grad_method": "finite_difference"},
 }
 
 
