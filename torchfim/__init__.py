@@ -14,6 +14,8 @@ from .bounds import (
     score_variance_bound_spectral,
     variance_bound,
 )
+from .combined import combined_variance
+from .covariance import fisher_covariance
 from .estimators import ESTIMATORS
 from .fisher import STRUCTURES, fisher
 from .planning import EstimatorComparison, compare_estimators, samples_needed
@@ -24,12 +26,14 @@ __all__ = [
     "STRUCTURES",
     "EstimatorComparison",
     "TorchfimError",
+    "combined_variance",
     "compare",
     "compare_estimators",
     "families",
     "forecast",
     "structures",
     "fisher",
+    "fisher_covariance",
     "fisher_variance",
     "hessian_variance_bound_spectral",
     "samples_needed",

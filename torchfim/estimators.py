@@ -5,7 +5,9 @@ For a batch with flat outputs ``o`` and output family ``fam`` (``Λ``, scores ``
 * ``exact``: the columns of ``S`` with ``S Sᵀ = Λ`` (``Σ_r (Jᵀs_r)(Jᵀs_r)ᵀ = JᵀΛJ``), scale 1;
 * ``score`` (Î1): ``k`` sampled scores ``u_ij``, scale ``1/k``;
 * ``hessian`` (Î2): the columns of ``S``, plus the term ``−(1/k) ∇²_θ Σᵢ (Σⱼ u_ij)ᵀ o(xᵢ)``;
-* ``empirical``: the score of the true target, scale 1.
+* ``empirical``: the score of the true target, scale 1;
+* ``combined``: Î1 and Î2 from ONE set of ``k`` labels per input (:func:`add_shared_label_estimates`),
+  weighted per entry by :mod:`torchfim.combined` (docs/math.md §8).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .errors import TorchfimError
 from .families import Family
 from .structures import Structure
 
-ESTIMATORS = ("exact", "score", "hessian", "empirical")
+ESTIMATORS = ("exact", "score", "hessian", "empirical", "combined")
 
 
 def add_estimate(
@@ -31,20 +33,57 @@ def add_estimate(
     k: int,
     generator: torch.Generator | None,
 ) -> None:
-    """Add one mini-batch's sum over inputs of ``estimator`` to ``structure``."""
+    """Add one mini-batch's sum over inputs of ``estimator`` to ``structure``.
+
+    ``combined`` needs two structures: use :func:`add_shared_label_estimates`.
+    """
     o = rec.values
     if estimator in ("exact", "hessian"):
         vectors, scale = fam.fisher_output_sqrt(o).transpose(-1, -2), 1.0
     elif estimator == "score":
-        vectors, scale = fam.output_score(fam.sample(o, k, generator), o), 1.0 / k
-    else:
+        vectors, scale = sampled_scores(fam, o, k, generator), 1.0 / k
+    elif estimator == "empirical":
         vectors, scale = _true_scores(fam, rec, o), 1.0
+    else:
+        raise TorchfimError(f"internal: estimator {estimator!r} needs add_shared_label_estimates")
     backend.add_products(rec, vectors.to(o.dtype), structure, scale)
     if estimator == "hessian":
-        # Σⱼ Σ_a u_ij,a ∇²o_a(xᵢ) = ∇²_θ (Σⱼ u_ij)ᵀ o(xᵢ) with the scores held fixed.
-        weights = fam.output_score(fam.sample(o, k, generator), o).sum(1)
-        with second_order_support():
-            backend.add_hessian_term(rec.batch, weights.to(o.dtype), structure, -1.0 / k)
+        _add_hessian_correction(backend, rec, sampled_scores(fam, o, k, generator), structure, k)
+
+
+def add_shared_label_estimates(
+    backend: Backend,
+    rec: Recording,
+    fam: Family,
+    score: Structure,
+    hessian: Structure,
+    k: int,
+    generator: torch.Generator | None,
+) -> None:
+    """Add one mini-batch's sums of Î1 (to ``score``) and Î2 (to ``hessian``) from the SAME labels.
+
+    One draw of ``k`` labels per input serves both, so ``Cov(Î1, Î2)`` is the shared-label
+    covariance of docs/math.md §8.2 (:mod:`torchfim.covariance`). With the same generator state
+    the draw is the one ``estimator="score"`` (and ``"hessian"``) would make.
+    """
+    o = rec.values
+    scores = sampled_scores(fam, o, k, generator)
+    backend.add_products(rec, scores.to(o.dtype), score, 1.0 / k)
+    backend.add_products(rec, fam.fisher_output_sqrt(o).transpose(-1, -2).to(o.dtype), hessian)
+    _add_hessian_correction(backend, rec, scores, hessian, k)
+
+
+def sampled_scores(fam: Family, o: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """``k`` output scores ``u_ij`` per input from labels drawn from the model: ``(B, k, C)``."""
+    return fam.output_score(fam.sample(o, k, generator), o)
+
+
+def _add_hessian_correction(backend: Backend, rec: Recording, scores: Tensor, structure: Structure, k: int) -> None:
+    """Add Î2's label term ``−(1/k) Σᵢ Σⱼ Σ_a u_ij,a ∇²o_a(xᵢ)`` for scores ``u`` (B, k, C)."""
+    # Σⱼ Σ_a u_ij,a ∇²o_a(xᵢ) = ∇²_θ (Σⱼ u_ij)ᵀ o(xᵢ) with the scores held fixed.
+    weights = scores.sum(1).to(rec.values.dtype)
+    with second_order_support():
+        backend.add_hessian_term(rec.batch, weights, structure, -1.0 / k)
 
 
 def _true_scores(fam: Family, rec: Recording, o: Tensor) -> Tensor:

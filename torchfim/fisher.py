@@ -8,9 +8,13 @@ For inputs ``x_1..x_n`` (fixed) with per-sample Jacobians ``Jᵢ = ∂o(xᵢ)/�
 * ``score``     Î1 ``= (1/(nk)) Σᵢⱼ Jᵢᵀ u_ij u_ijᵀ Jᵢ``
 * ``hessian``   Î2 ``= (1/(nk)) Σᵢⱼ [Jᵢᵀ Λᵢ Jᵢ − Σ_a u_ij,a ∇²_θ o_a(xᵢ)]``
 * ``empirical`` ``(1/n) Σᵢ Jᵢᵀ uᵢ uᵢᵀ Jᵢ`` with the true targets ``yᵢ`` (biased)
+* ``combined``  ``w·Î1 + (1 − w)·Î2`` with Î1 and Î2 from the same labels and, per entry (for
+  ``trace``: for the trace), ``w = (V2 − C12)/(V1 + V2 − 2C12)``, the weight that minimises the
+  variance given the closed-form ``V1 = Var Î1``, ``V2 = Var Î2`` and ``C12 = Cov(Î1, Î2)``
+  (docs/math.md §8; :mod:`torchfim.combined`)
 
-Î1 and Î2 are unbiased for ``I``. All are means over inputs (and labels); an output with
-positions sums over its (unmasked) positions (docs/math.md §2 and §5).
+Î1, Î2 and the combined estimator are unbiased for ``I``. All are means over inputs (and labels);
+an output with positions sums over its (unmasked) positions (docs/math.md §2 and §5).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
+from .combined import combined_terms
 from .engine import ENGINE_LOCK, Batch, ModelView, backend_name, batches, check_finite_result, make_backend, run
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples
@@ -53,7 +58,8 @@ def fisher(
     """Fisher information of ``model`` over ``inputs`` under its own predictive distribution.
 
     Computes the data-set FIM ``I = (1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` (``estimator="exact"``) or one of its
-    estimators (``"score"`` = Î1, ``"hessian"`` = Î2, ``"empirical"`` with true targets); see the
+    estimators (``"score"`` = Î1, ``"hessian"`` = Î2, ``"empirical"`` with true targets,
+    ``"combined"`` = the variance-minimising ``w·Î1 + (1 − w)·Î2`` from shared labels); see the
     module docstring for the formulas. Means over inputs and over the ``n_samples`` labels drawn
     per input; sums over the positions of an output with positions.
 
@@ -66,15 +72,17 @@ def fisher(
             iterable of mini-batches (tensors, dicts, or ``(inputs, targets)`` pairs, e.g. a
             DataLoader). A dict's ``labels``/``label``/``targets`` entry is taken as targets.
         family: output family name or :class:`~torchfim.families.Family`.
-        estimator: ``"exact"``, ``"score"``, ``"hessian"`` or ``"empirical"``.
+        estimator: ``"exact"``, ``"score"``, ``"hessian"``, ``"empirical"`` or ``"combined"``.
         structure: ``"full"`` (P×P), ``"diag"`` (P), ``"trace"`` (0-dim) or ``"blocks"`` (dict:
             parameter name → its diagonal block; ``"layers"`` is the old name).
-        n_samples: labels drawn per input (per position) for ``score`` and ``hessian``.
+        n_samples: labels drawn per input (per position) for ``score``, ``hessian`` and ``combined``.
         targets: true targets, required by ``empirical`` (or carried by the batches).
         generator: ``torch.Generator`` for label sampling (global RNG when None).
         return_stderr: also return the standard error of each entry, the square root of
             :func:`torchfim.fisher_variance` (closed form, conditional on the inputs). ``exact`` has
             none; ``empirical`` has no label randomness given the targets: both get zeros.
+            ``combined``: ``√(w²V1 + (1 − w)²V2 + 2w(1 − w)C12)``, the square root of
+            :func:`torchfim.combined.combined_variance`.
         backend: ``"auto"``/``"modules"`` (per-module rules, with a generic rule for modules
             without one) or ``"functional"`` (the whole model through ``torch.func``, the
             reference). Both give the same result.
@@ -114,6 +122,11 @@ def fisher(
             "estimator='empirical' uses the true labels: pass targets=... (one per input), "
             "or use estimator='exact' for the Fisher under the model's own distribution"
         )
+    if estimator == "combined":
+        combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
+                                  backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
+                                  class_dim=class_dim)
+        return (combined.estimate, _map(combined.variance, torch.sqrt)) if return_stderr else combined.estimate
     with ENGINE_LOCK:
         view = ModelView(model, output, class_dim)
         result = make_structure(structure, view.layout)

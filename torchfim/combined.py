@@ -1,0 +1,220 @@
+"""The combined estimator ``Î_w = w·Î1 + (1 − w)·Î2`` with the variance-minimising weight (docs/math.md §8).
+
+Both estimators are computed from ONE set of ``k`` labels per input, so besides their variances
+``V1 = Var Î1`` and ``V2 = Var Î2`` (docs/math.md §3, :mod:`torchfim.variance`) their covariance
+``C12 = Cov(Î1, Î2)`` enters (§8.2, :mod:`torchfim.covariance`). Per entry (per ``full``/``diag``/
+``blocks`` entry; for ``trace`` the trace estimators):
+
+* ``V(w) = w² V1 + (1 − w)² V2 + 2w(1 − w) C12``, convex in ``w`` with curvature
+  ``D = V1 + V2 − 2 C12 = Var(Î1 − Î2) ≥ 0``;
+* ``D > 0``: ``w* = (V2 − C12)/D`` and ``V(w*) = (V1V2 − C12²)/D ≤ min(V1, V2)``. ``w*`` is not
+  clipped to ``[0, 1]``: outside it the estimator extrapolates but stays unbiased and has the
+  smallest variance;
+* ``D = 0``: ``Î1 = Î2`` almost surely (``V1 = V2 = C12``), every ``w`` gives the same estimator;
+  ``w = 0`` (Î2) is taken — typically these are entries with ``h_pq = 0``, where Î2 has no label
+  noise at all. In floating point ``D`` is taken as 0 when ``D ≤ √eps·(V1 + V2 + 2|C12|)``: below
+  that its round-off is not small against it and ``w*`` would amplify the round-off of the three
+  variances by ``w*²``. There the better endpoint is taken (``w = 0`` if ``V2 ≤ V1``, else 1), so
+  ``V(w) ≤ min(V1, V2)`` always holds.
+
+The three variances are closed forms conditional on the inputs, not estimates from the labels, so
+``w`` is a constant given the inputs and ``Î_w`` is exactly unbiased (§8.1). ``w`` does not
+depend on ``k`` (every term scales as ``1/k``).
+
+Cost: one pass computes both estimates and the three variances. ``C12`` on ``diag`` needs the
+output-Hessian diagonal of every parameter, one forward-over-forward pass per parameter direction
+(the Î2 variance has a per-unit shortcut inside dense layers, docs/math.md §6.4, that the
+covariance does not have yet); ``trace`` needs one output-Hessian trace per input, ``blocks`` and
+``full`` the dense output-Hessian columns, as Î2's variance does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._batches import Inputs
+from .covariance import ScoreHessianCovariance
+from .engine import (
+    ENGINE_LOCK,
+    Backend,
+    ModelView,
+    Recording,
+    backend_name,
+    batches,
+    check_finite_result,
+    make_backend,
+    run,
+)
+from .engine.backend import second_order_support
+from .engine.view import Mask
+from .errors import TorchfimError, check_choice, check_n_samples
+from .estimators import add_shared_label_estimates
+from .families import Family, get_family
+from .structures import STRUCTURE_NAMES, PublicValue, Structure, make_structure
+from .variance import HessianVariance, ScoreVariance
+
+VARIANCE_PARTS = ("var_score", "var_hessian", "cov")
+ESTIMATE_PARTS = ("score", "hessian")
+
+
+def optimal_weight(v1: Tensor, v2: Tensor, c12: Tensor) -> Tensor:
+    """The variance-minimising ``w`` per entry: ``(V2 − C12)/(V1 + V2 − 2 C12)``, with ``D ≈ 0`` handled
+    as the module docstring says (``w = 0`` where ``V2 ≤ V1``, else ``1``).
+
+    Example:
+        >>> import torch
+        >>> from torchfim.combined import optimal_weight, weighted_variance
+        >>> v1, v2, c12 = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 1.0])
+        >>> w = optimal_weight(v1, v2, c12)
+        >>> w, weighted_variance(w, v1, v2, c12)
+        (tensor([0.2500, 0.0000]), tensor([0.8750, 1.0000]))
+    """
+    (v1, v2, c12), dtype = _widened(v1, v2, c12)
+    curvature = v1 + v2 - 2 * c12
+    eps = torch.finfo(dtype).eps
+    resolved = curvature > eps**0.5 * (v1.abs() + v2.abs() + 2 * c12.abs())
+    endpoint = (v1 < v2).to(curvature.dtype)
+    return torch.where(resolved, (v2 - c12) / torch.where(resolved, curvature, 1.0), endpoint).to(dtype)
+
+
+def weighted_variance(w: Tensor, v1: Tensor, v2: Tensor, c12: Tensor) -> Tensor:
+    """``Var(w·Î1 + (1 − w)·Î2) = w² V1 + (1 − w)² V2 + 2w(1 − w) C12``, clamped at 0 (its true value is
+    ``≥ 0``; a negative result is round-off)."""
+    (w, v1, v2, c12), dtype = _widened(w, v1, v2, c12)
+    return (w.square() * v1 + (1 - w).square() * v2 + 2 * w * (1 - w) * c12).clamp_min(0).to(dtype)
+
+
+def _widened(*values: Tensor) -> tuple[list[Tensor], torch.dtype]:
+    """``values`` in float32 when they are float16/bfloat16 (the weight amplifies round-off), and their dtype."""
+    dtype = values[0].dtype
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return [v.to(wide) for v in values], dtype
+
+
+@dataclass
+class CombinedResult:
+    """The combined estimate and its ingredients, each in the structure's public form."""
+
+    estimate: PublicValue | None  #: ``w·Î1 + (1 − w)·Î2`` (None when no labels were drawn)
+    variance: PublicValue  #: ``Var`` of the estimate (closed form)
+    weight: PublicValue  #: ``w`` per entry
+    parts: dict[str, PublicValue]  #: ``score``/``hessian`` (the two estimates), ``var_score``, ``var_hessian``, ``cov``
+
+
+class SharedLabelSums:
+    """Running sums over mini-batches of Î1 and Î2 from shared labels (optional) and of V1, V2, C12."""
+
+    def __init__(self, structure: str, view: ModelView, draw: bool) -> None:
+        names = (ESTIMATE_PARTS if draw else ()) + VARIANCE_PARTS
+        self.parts: dict[str, Structure] = {name: make_structure(structure, view.layout) for name in names}
+        self.draw = draw
+        self.n = 0
+
+    def add(self, engine: Backend, rec: Recording, fam: Family, k: int, generator: torch.Generator | None) -> None:
+        """Add one mini-batch: the two estimates (same labels) and the per-input variance terms."""
+        parts = self.parts
+        if self.draw:
+            add_shared_label_estimates(engine, rec, fam, parts["score"], parts["hessian"], k, generator)
+        parts["var_score"].visit(ScoreVariance(engine, rec, fam, "exact"))
+        with second_order_support():
+            parts["var_hessian"].visit(HessianVariance(engine, rec, fam, "exact"))
+            parts["cov"].visit(ScoreHessianCovariance(engine, rec, fam))
+        self.n += rec.batch.size
+
+    def finish(self, k: int) -> CombinedResult:
+        """Means over inputs (``1/n``) and variances (``1/(n²k)``), then the weight and the combination."""
+        if self.n == 0:
+            raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
+        done = {name: s.finish(self.n * self.n * k if name in VARIANCE_PARTS else self.n)
+                for name, s in self.parts.items()}
+        weight = _entrywise(optimal_weight, done["var_score"], done["var_hessian"], done["cov"])
+        variance = _entrywise(weighted_variance, weight, done["var_score"], done["var_hessian"], done["cov"])
+        estimate = None
+        if self.draw:
+            estimate = _entrywise(lambda w, a, b: w * a + (1 - w) * b, weight, done["score"], done["hessian"])
+        return CombinedResult(estimate, variance, weight, done)
+
+
+def _entrywise(fn: Callable[..., Tensor], *values: PublicValue) -> PublicValue:
+    """``fn`` on tensors, or block by block on ``blocks`` dicts."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {name: fn(*(v[name] for v in values)) for name in first}  # type: ignore[index]
+    return fn(*values)
+
+
+def combined_terms(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family,
+    structure: str,
+    n_samples: int,
+    *,
+    draw: bool,
+    targets: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+    mask: Mask = None,
+    output: Callable[[object], Tensor] | None = None,
+    class_dim: int = -1,
+) -> CombinedResult:
+    """One pass over ``inputs``: with ``draw`` the shared-label Î1 and Î2, and always V1, V2 and C12;
+    then the weight and the combination (module docstring)."""
+    fam = get_family(family)
+    check_choice("structure", structure, STRUCTURE_NAMES)
+    k = check_n_samples(n_samples)
+    with ENGINE_LOCK:
+        view = ModelView(model, output, class_dim)
+        sums = SharedLabelSums(structure, view, draw)
+        engine = make_backend(view, backend)
+        for rec, fam_b in run(view, engine, batches(inputs, targets, view.device, view.dtype), fam, mask, progress,
+                              "fisher[combined]" if draw else "variance[combined]"):
+            sums.add(engine, rec, fam_b, k, generator)
+        result = sums.finish(k)
+    if result.estimate is not None:
+        check_finite_result(result.estimate, "the combined Fisher", view.dtype)
+    return result
+
+
+def combined_variance(
+    model: nn.Module,
+    inputs: Inputs,
+    family: str | Family = "categorical",
+    structure: str = "diag",
+    n_samples: int = 1,
+    *,
+    backend: str = "auto",
+    method: str | None = None,
+    progress: bool = False,
+    mask: Mask = None,
+    output: Callable[[object], Tensor] | None = None,
+    class_dim: int = -1,
+) -> PublicValue:
+    """Exact variance of each entry of the combined estimator (``torchfim.fisher(...,
+    estimator="combined")`` with the same arguments).
+
+    ``min_w Var(w·Î1 + (1 − w)·Î2) = w*² V1 + (1 − w*)² V2 + 2w*(1 − w*) C12`` per entry, with
+    ``w* = (V2 − C12)/(V1 + V2 − 2 C12)`` from the closed-form variances of §3 and the shared-label
+    covariance of §8.2 (docs/math.md §8.1; the module docstring handles ``V1 + V2 − 2C12 = 0``). It
+    is ``≤ min(V1, V2)`` entry by entry. Conditional on ``inputs``, ``k = n_samples`` labels per
+    input, scaling as ``1/(n²k)·Σᵢ``; for ``trace`` the variance of the combined trace estimator.
+    ``backend``, ``mask``, ``output`` and ``class_dim`` as in :func:`torchfim.fisher`.
+
+    Example:
+        >>> import torch, torchfim
+        >>> from torchfim.combined import combined_variance
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x = torch.randn(16, 4)
+        >>> v = combined_variance(model, x, structure="diag")
+        >>> v1 = torchfim.fisher_variance(model, x, estimator="score", structure="diag")
+        >>> bool((v <= v1 * (1 + 1e-6)).all()), v.shape
+        (True, torch.Size([67]))
+    """
+    return combined_terms(model, inputs, family, structure, n_samples, draw=False,
+                          backend=backend_name(backend, method), progress=progress, mask=mask, output=output,
+                          class_dim=class_dim).variance
