@@ -38,3 +38,17 @@ def check_generator(generator: object) -> None:
             f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
             "pass torch.Generator().manual_seed(seed) for reproducible labels"
         )
+
+
+def check_label_memory(batch: int, n_samples: int, width: int, device: torch.device) -> None:
+    """Refuse to draw ``n_samples`` labels for each of ``batch`` inputs when their output scores
+    (``batch × n_samples × width`` numbers, held at once) would not fit in memory."""
+    from ._memory import fits_in_memory
+
+    fits, needed, free = fits_in_memory(batch * n_samples * width, torch.float64, device)
+    if not fits:
+        raise TorchfimError(
+            f"n_samples={n_samples} labels for each of {batch} inputs need about {needed:.3g} GiB for their "
+            f"output scores, but {free:.1f} GiB is available on {device}; draw fewer labels per call "
+            "(average the results of several calls) or pass smaller mini-batches"
+        )

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .engine import Backend, Recording
 from .engine.backend import second_order_support
-from .errors import TorchfimError
+from .errors import TorchfimError, check_label_memory
 from .families import Family
 from .structures import Structure
 
@@ -75,7 +75,8 @@ def add_shared_label_estimates(
 
 def sampled_scores(fam: Family, o: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
     """``k`` output scores ``u_ij`` per input from labels drawn from the model: ``(B, k, C)``."""
-    return fam.output_score(fam.sample(o, k, generator), o)
+    check_label_memory(o.shape[0], k, o.shape[1], o.device)
+    return fam.sample_scores(o, k, generator)
 
 
 def _add_hessian_correction(backend: Backend, rec: Recording, scores: Tensor, structure: Structure, k: int) -> None:

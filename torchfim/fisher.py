@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from .combined import combined_terms
-from .engine import ENGINE_LOCK, Batch, ModelView, backend_name, batches, check_finite_result, make_backend, run
+from .engine import Batch, ModelView, backend_name, batches, check_finite_result, engine_session, make_backend, run
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples
 from .estimators import ESTIMATORS, add_estimate
@@ -127,7 +127,7 @@ def fisher(
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
                                   class_dim=class_dim)
         return (combined.estimate, _map(combined.variance, torch.sqrt)) if return_stderr else combined.estimate
-    with ENGINE_LOCK:
+    with engine_session():
         view = ModelView(model, output, class_dim)
         result = make_structure(structure, view.layout)
         engine = make_backend(view, name)

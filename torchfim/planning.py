@@ -49,8 +49,16 @@ def samples_needed(
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
         raise TorchfimError("the exact Fisher is zero here, so a relative error is undefined; check the model")
-    ratio = var1[informative] / (rel_error * value[informative]) ** 2
-    return max(1, math.ceil(float(ratio.max()) * (1 - 1e-12)))
+    var1, value = var1[informative].clamp_min(0), value[informative]
+    labels = float((var1 / (rel_error * value) ** 2).max())
+    if not math.isfinite(labels):  # (ε·I)² underflowed (tiny ε): the same ratio as ((σ₁/|I|)/ε)²
+        labels = float(((var1.sqrt() / value.abs()).max() / rel_error) ** 2)
+    if not math.isfinite(labels):
+        raise TorchfimError(
+            f"rel_error={rel_error!r} would need more than 1e308 labels per input (the relative standard "
+            f"error with one label is {float((var1.sqrt() / value.abs()).max()):.3g}); ask for a larger rel_error"
+        )
+    return max(1, math.ceil(labels * (1 - 1e-12)))
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,11 @@ def compare_estimators(
         >>> [r.better for r in cmp.rows]  # ReLU: Î2 is exact on every diagonal entry
         ['hessian', 'hessian', 'hessian', 'hessian']
     """
+    if not isinstance(model, nn.Module):
+        raise TorchfimError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module "
+            "whose parameters are the ones to compare"
+        )
     if not isinstance(inputs, torch.Tensor):
         inputs = list(inputs)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -116,8 +129,9 @@ def compare_estimators(
         size = diag[name].shape[0]
         part = slice(start, start + size)
         rows.append(
-            EstimatorRow(
-                name, size, float(torch.diagonal(diag[name]).sum()), float(score[part].sum()), float(hess[part].sum())
+            EstimatorRow(  # summed in float64: a half-precision sum over a large layer overflows
+                name, size, float(torch.diagonal(diag[name]).double().sum()), float(score[part].double().sum()),
+                float(hess[part].double().sum()),
             )
         )
         start += size

@@ -285,7 +285,7 @@ class Trace(Structure):
         self.value = layout.zeros()
 
     def add_squares(self, index: int, squares: Tensor, scale: float = 1.0) -> None:
-        self.value.add_(squares.sum().to(self.value.dtype), alpha=scale)
+        self.value.add_(squares.to(self.value.dtype).sum(), alpha=scale)  # widen, then sum
 
     add_diagonal = add_squares
 

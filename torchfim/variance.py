@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
-from .engine import ENGINE_LOCK, Backend, ModelView, Recording, backend_name, batches, make_backend, run
+from .engine import (Backend, ModelView, Recording, backend_name, batches, check_finite_result, engine_session,
+                     make_backend, run)
 from .engine.backend import CHUNK_ELEMENTS, second_order_support
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
@@ -63,7 +64,8 @@ class ScoreVariance(StructureVisitor):
     def trace(self, structure: Trace) -> None:
         o, fam, mode, scale = self.o, self.fam, self.mode, self.scale
         gram = self.engine.output_gram(self.rec)
-        trace_i = torch.einsum("nab,nab->n", fam.fisher_output(o), gram)
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
+        trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
         if mode == "exact":
             second = fam.quadratic_moment(o, gram)
         elif mode == "spectral":
@@ -109,15 +111,14 @@ class HessianVariance(StructureVisitor):
     """Add Σᵢ of the per-label Î2 variance (or its bound) of one mini-batch to a structure."""
 
     def __init__(self, engine: Backend, rec: Recording, fam: Family, mode: str) -> None:
-        self.engine, self.rec, self.mode = engine, rec, mode
+        self.engine, self.rec, self.fam, self.mode = engine, rec, fam, mode
         self.o = rec.values
-        self.lam = fam.fisher_output(self.o)
         self.top = fam.fisher_output_top_eigenvalue(self.o) if mode != "exact" else None
 
     def quadratic(self, rows: slice, d: Tensor) -> Tensor:
         """``dᵀΛd`` (exact) or ``λ_max(Λ)‖d‖²`` (bound) for ``d`` (b, n, C) of the samples ``rows``."""
-        if self.mode == "exact":
-            return torch.einsum("bnc,bcd,bnd->bn", d, self.lam[rows], d)
+        if self.mode == "exact":  # the family's dᵀΛd: diag(p) − ppᵀ as a matrix cancels once 1 − p_top < ε
+            return self.fam.fisher_output_bilinear(self.o[rows], d, d)
         return self.top[rows].unsqueeze(1) * d.square().sum(-1)
 
     def diag(self, structure: Diag) -> None:
@@ -150,7 +151,9 @@ class HessianVariance(StructureVisitor):
                     columns = torch.arange(first, min(span.stop, first + step), device=layout.device)
                     h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
                     if self.mode == "exact":
-                        values = torch.einsum("mnab,nac,mncb->mb", h, self.lam[rows], h)
+                        m, b, c, size = h.shape
+                        v = h.permute(1, 0, 3, 2).reshape(b, m * size, c)  # every column of every sample
+                        values = self.quadratic(rows, v).reshape(b, m, size).sum(0)
                     else:
                         values = torch.einsum("n,mnab->mb", self.top[rows], h.square())
                     structure.add_matrix(index, columns - span.start, values)
@@ -176,7 +179,7 @@ def variance_of(
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
-    with ENGINE_LOCK:
+    with engine_session():
         view = ModelView(model, output, class_dim)
         result = make_structure(structure, view.layout)
         engine = make_backend(view, backend)
@@ -191,7 +194,10 @@ def variance_of(
             n += rec.batch.size
         if n == 0:
             raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
-        return result.finish(n * n * k)
+        value = result.finish(n * n * k)
+    what = f"the variance of the {estimator} estimator" if mode == "exact" else f"the {mode} bound on its variance"
+    check_finite_result(value, what, view.dtype)
+    return value
 
 
 def fisher_variance(

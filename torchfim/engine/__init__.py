@@ -11,7 +11,7 @@ from __future__ import annotations
 from .backend import Backend, Recording
 from .batch import Batch, batches
 from .loop import BACKENDS, backend_name, check_finite_result, make_backend, run
-from .view import ENGINE_LOCK, ModelView
+from .view import ENGINE_LOCK, ModelView, engine_session
 
 __all__ = [
     "BACKENDS",
@@ -23,6 +23,7 @@ __all__ = [
     "backend_name",
     "batches",
     "check_finite_result",
+    "engine_session",
     "make_backend",
     "run",
 ]

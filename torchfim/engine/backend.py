@@ -80,7 +80,7 @@ class Backend(ABC):
         total: Pieces = {}
         for _, _, piece in self.pieces(rec, v):
             for i, g in piece.items():
-                sq = g.square().sum((0, 1))
+                sq = g.to(_wide(g.dtype)).square().sum((0, 1))  # a float16 sum over samples overflows
                 total[i] = sq if i not in total else total[i].add_(sq)
         return total
 

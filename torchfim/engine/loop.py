@@ -56,13 +56,39 @@ def run(
 ) -> Iterator[tuple[Recording, Family]]:
     """Recordings of every mini-batch, each with the family of its flat outputs (checked)."""
     checked = 0
+    versions = view.versions()
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         _check_finite_inputs(batch)
-        rec = backend.record(batch)
+        try:
+            rec = backend.record(batch)
+        except RuntimeError as err:
+            raise _forward_error(batch, view, err) from err
         fam = view.family_for(rec.shape, batch, family, mask)
         fam.check_output(rec.values)
-        checked = view.check_independent(batch, rec.values, checked)
+        try:
+            checked = view.check_independent(batch, rec.values, checked)
+        except TorchfimError:
+            view.check_unchanged(versions)  # weights moved under the check: say so, not "mixes samples"
+            raise
         yield rec, fam
+        view.check_unchanged(versions)
+
+
+def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exception:
+    """A clear error for a forward that failed on integer inputs or on 1-D inputs; else ``err``."""
+    inputs = [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, torch.Tensor)]
+    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs) and "dtype" in str(err):
+        return TorchfimError(
+            f"the model's forward failed on integer inputs ({shapes}) with {view.dtype} parameters; pass "
+            "x.float() (integer inputs suit embedding layers only)"
+        )
+    if any(t.dim() == 1 for t in inputs):
+        return TorchfimError(
+            f"the model's forward failed on 1-D inputs ({shapes}): their first dimension is the batch; pass "
+            "x.unsqueeze(1) for one feature per input, or x.unsqueeze(0) for a single input"
+        )
+    return err
 
 
 def _check_finite_inputs(batch: Batch) -> None:

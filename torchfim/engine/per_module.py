@@ -18,12 +18,14 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..errors import TorchfimError
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
 from .batch import Batch
 from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, rule_for, tensors_of
+from .modules.base import as_float
 from .second_order import UnitHessians
-from .view import ModelView
+from .view import PARAMETERS_CHANGED, ModelView
 
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
 CACHE_ELEMENTS = 2**19
@@ -183,6 +185,14 @@ class PerModuleBackend(Backend):
     # --------------------------------------------------------------- sensitivities
     def _sensitivities(self, rec: ModuleRecording, v: Tensor) -> list[list[Tensor | None]]:
         """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)`` (None where the vectors do not reach)."""
+        try:
+            return self._pull_back(rec, v)
+        except RuntimeError as err:  # autograd saw a parameter updated in place since the forward
+            if "modified by an inplace operation" in str(err):
+                raise TorchfimError(PARAMETERS_CHANGED) from None
+            raise
+
+    def _pull_back(self, rec: ModuleRecording, v: Tensor) -> list[list[Tensor | None]]:
         taps = [t for _, call in rec.calls for t in call.taps]
         if not taps:
             return [[] for _ in rec.calls]
@@ -270,13 +280,13 @@ class PerModuleBackend(Backend):
                     continue
                 for _, grads in self._single_chunks(rule, call, s, m):
                     for i, g in grads.items():
-                        add(i, g.square_().sum((0, 1)))
+                        add(i, as_float(g).square_().sum((0, 1)))  # a float16 sum overflows
             if shared:  # parameters of several calls: their gradients are summed before squaring
                 step = self._row_step(m, CHUNK_ELEMENTS, shared)
                 for start in range(0, rec.batch.size, step):
                     rows = slice(start, min(rec.batch.size, start + step))
                     for i, g in self._summed(rec, sens, rows, shared).items():
-                        add(i, g.square().sum((0, 1)))
+                        add(i, as_float(g).square_().sum((0, 1)))
         return total
 
     def sample_squares(self, rec: ModuleRecording, v: Tensor) -> Tensor:
@@ -324,8 +334,9 @@ class PerModuleBackend(Backend):
         for rule, call, k in dense:
             if not sens[k] or sens[k][0] is None:
                 continue
-            a = rule.unit_input(call)
+            a = as_float(rule.unit_input(call))  # a⁴ overflows float16 from |a| = 16
             t = fn(slice(None), sens[k][0].permute(1, 2, 0))  # columns g_u per sample: (B, out, C) → (B, out)
+            t = t.to(torch.promote_types(t.dtype, a.dtype))
             if "weight" in rule.params:
                 total[rule.params["weight"]] = (t.T @ a**4).reshape(-1)
             if "bias" in rule.params:
@@ -345,19 +356,20 @@ class PerModuleBackend(Backend):
         eye = self._eye(rec)
         sens = self._sensitivities(rec, eye)
         out = rec.values
-        gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1])
+        gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1], dtype=as_float(out).dtype)
         for rule, call, k in dense:
             if not sens[k] or sens[k][0] is None:
                 continue
-            a = rule.unit_input(call)
+            a, g = as_float(rule.unit_input(call)), as_float(sens[k][0])
             weight = a.square().sum(1) if "weight" in rule.params else torch.zeros_like(a[:, 0])
             bias = 1.0 if "bias" in rule.params else 0.0
-            gram += torch.einsum("cbu,dbu,b->bcd", sens[k][0], sens[k][0], weight + bias)
+            gram += torch.einsum("cbu,dbu,b->bcd", g, g, weight + bias)
         if rest:
             step = self._row_step(eye.shape[1], CHUNK_ELEMENTS, rest)
             for start in range(0, rec.batch.size, step):
                 rows = slice(start, min(rec.batch.size, start + step))
                 for g in self._summed(rec, sens, rows, rest).values():
+                    g = as_float(g)
                     gram[rows] += g @ g.transpose(1, 2)
         return gram
 

@@ -14,6 +14,7 @@ from torch.func import jvp, vmap
 from .backend import CHUNK_ELEMENTS, EntryFn, Pieces
 from .batch import Batch
 from .modules import Call, Rule
+from .modules.base import as_float
 from .view import ModelView
 
 
@@ -24,7 +25,7 @@ class UnitHessians:
         self.view = view
         self.batch = batch
         self.layers = layers
-        self.inputs = [rule.unit_input(call).detach() for rule, call in self.layers]
+        self.inputs = [as_float(rule.unit_input(call).detach()) for rule, call in self.layers]  # a⁴, float16
         self.factored = {i for rule, _ in self.layers for i in rule.params.values()}
         self._diagonals: list[Tensor] | None = None
 
@@ -71,6 +72,7 @@ class UnitHessians:
         total: Pieces = {}
         for (rule, _), a, d in zip(self.layers, self.inputs, self.diagonals()):
             t = fn(slice(None), d.transpose(1, 2))  # (B, out)
+            t = t.to(torch.promote_types(t.dtype, a.dtype))
             if "weight" in rule.params:
                 total[rule.params["weight"]] = (t.T @ a**power).reshape(-1)
             if "bias" in rule.params:
@@ -85,5 +87,5 @@ class UnitHessians:
         for (rule, _), a, d in zip(self.layers, self.inputs, self.diagonals()):
             weight = a.square().sum(1) if "weight" in rule.params else torch.zeros_like(a[:, 0])
             bias = 1.0 if "bias" in rule.params else 0.0
-            total = total + torch.einsum("ncu,n->nc", d, weight + bias)
+            total = total + torch.einsum("ncu,n->nc", d.to(a.dtype), weight + bias)
         return total

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +26,25 @@ from ..families import Family
 from ..structures import Layout
 from .batch import Batch
 
-#: Serialises torchfim's computations: forward-mode AD levels are process-global in torch.
+#: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
+#: loop in another thread may hold it around its optimiser step, so that no computation sees the step.
 ENGINE_LOCK = threading.RLock()
+#: Why a computation stops when the weights move under it.
+PARAMETERS_CHANGED = (
+    "the model's parameters changed during the computation (an optimiser step in another thread?), so the "
+    "result would mix two sets of weights; hold torchfim.engine.ENGINE_LOCK around the training step, or "
+    "compute between steps"
+)
+
+
+@contextmanager
+def engine_session() -> Iterator[None]:
+    """Hold :data:`ENGINE_LOCK` with the caller's ``torch.autocast`` switched off: torchfim computes in
+    the model's dtype (forwards, per-module rules and families alike)."""
+    with ENGINE_LOCK, ExitStack() as stack:
+        for device_type in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 OutputMap = Callable[[object], Tensor]
 Mask = Tensor | Callable[[Batch], Tensor] | str | None
@@ -64,16 +82,19 @@ def _private_tree(model: nn.Module) -> nn.Module:
 class ModelView:
     """A private view of ``model`` with its trainable parameters θ and its output mapping."""
 
-    def __init__(self, model: nn.Module, output: OutputMap | None = None, class_dim: int = -1) -> None:
+    def __init__(self, model: nn.Module, output: OutputMap | None = None, class_dim: int = -1,
+                 eval_mode: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if output is not None and not callable(output):
             raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
         if class_dim not in (-1, 1):
             raise TorchfimError(f"class_dim must be -1 (classes last) or 1 (classes in dim 1), got {class_dim!r}")
-        check_mode(model)
         self.user_model = model
         self.model = _private_tree(model)
+        if eval_mode and self.model is not model:
+            self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
+        check_mode(self.model)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise TorchfimError(
@@ -90,6 +111,15 @@ class ModelView:
         self.constants.update(dict(self.model.named_buffers()))
         self.output_map = output
         self.class_dim = class_dim
+
+    def versions(self) -> list[int]:
+        """The version counters of the trainable parameters (an in-place update increases them)."""
+        return [p._version for p in self.params.values()]
+
+    def check_unchanged(self, versions: list[int]) -> None:
+        """Raise when a parameter was updated in place since ``versions`` were read."""
+        if self.versions() != versions:
+            raise TorchfimError(PARAMETERS_CHANGED)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -194,6 +194,15 @@ class Family(ABC):
         Randomness comes only from ``generator`` (torch's global generator when None).
         """
 
+    def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``k`` output scores ``u = ∇_o log p(y|o)`` per input for labels ``y ~ p(·|o)``: ``(B, k, C)``.
+
+        Default: ``output_score(sample(o, k, generator), o)``. Families whose labels cannot carry their
+        spread at large outputs (``y − E[y]`` lost to rounding) draw the scores directly, from the same
+        random numbers.
+        """
+        return self.output_score(self.sample(o, k, generator), o)
+
     @abstractmethod
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         """Output score ``u = ∇_o log p(y|o)``, shape ``(*y's leading dims, C)``."""

@@ -49,6 +49,17 @@ class Gaussian(Family):
         ).to(o.device)
         return o.detach().to(work).unsqueeze(1) + self.sigma * noise
 
+    def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``u = σz/σ² = z/σ`` from the noise ``z`` of :meth:`sample` (``y − o`` cancels when ``|o| ≫ σ/ε``)."""
+        work = _work_dtype(o)[0]
+        noise = torch.randn(
+            (o.shape[0], k, o.shape[1]),
+            generator=generator,
+            dtype=work,
+            device=generator.device if generator is not None else o.device,
+        ).to(o.device)
+        return (noise / self.sigma).to(o.dtype)
+
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         work = _work_dtype(o, y)[0]
         return ((y.to(work) - self._align(y, o).to(work)) / self.sigma**2).to(o.dtype)

@@ -43,6 +43,19 @@ def _sample_counts(rate: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.where(exact, counts, approximate)
 
 
+def _sample_deviations(rate: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``y − λ`` for the draws :func:`_sample_counts` makes from the same random numbers, formed without
+    ``y`` above ``EXACT_POISSON_MAX_RATE``: ``√λ z + (z² − 1)/6`` (rounding to an integer moves it by at most
+    1/2 against a spread above 65536; beyond λ ≈ 2¹⁰⁶ the count itself would be λ to float64 precision)."""
+    exact = rate <= EXACT_POISSON_MAX_RATE
+    exact_rate = torch.where(exact, rate, 0.0)
+    deviations = torch.poisson(exact_rate, generator=generator) - exact_rate
+    if bool(exact.all()):
+        return deviations
+    z = torch.randn(rate.shape, generator=generator, dtype=rate.dtype, device=rate.device)
+    return torch.where(exact, deviations, rate.sqrt() * z + (z * z - 1) / 6)
+
+
 class Poisson(Family):
     """Independent Poisson counts with log-rates ``o``: ``λ = exp(o)``.
 
@@ -78,6 +91,13 @@ class Poisson(Family):
         rate = torch.exp(log_rate.to(_wide_float(log_rate.device)))
         rate = rate.unsqueeze(1).expand(rate.shape[0], k, rate.shape[1]).contiguous()
         return _sample_counts(rate, generator).to(o.device)
+
+    def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``u = y − λ`` drawn directly (:func:`_sample_deviations`), so that it keeps its spread at any rate."""
+        log_rate = _to_generator_device(o.detach(), generator)
+        rate = torch.exp(log_rate.to(_wide_float(log_rate.device)))
+        rate = rate.unsqueeze(1).expand(rate.shape[0], k, rate.shape[1]).contiguous()
+        return _sample_deviations(rate, generator).to(device=o.device, dtype=o.dtype)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         work = torch.promote_types(_work_dtype(o)[0], y.dtype) if y.is_floating_point() else _work_dtype(o)[0]

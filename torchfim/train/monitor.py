@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs, iter_batches
-from ..engine import ENGINE_LOCK, Backend, ModelView, batches, make_backend
+from ..engine import Backend, ModelView, batches, engine_session, make_backend
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .penalty import _check_int
@@ -342,17 +342,9 @@ class FisherTraceMonitor:
         return self.generator
 
     def _estimate(self) -> tuple[float, float, float]:
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            return self._estimate_eval()
-        finally:
-            flags = {t for _, t in modes}
-            if len(flags) == 1:
-                self.model.train(flags.pop())
-            else:
-                for module, training in modes:
-                    module.training = training
+        # Eval mode is set on the engine's private copy (ModelView(eval_mode=True)), never on the user's
+        # modules: a training step in another thread keeps its Dropout.
+        return self._estimate_eval()
 
     def _window(self, generator: torch.Generator) -> list[Tensor]:
         """The mini-batches of this measurement: all held ones, or the next subset window."""
@@ -397,7 +389,7 @@ class FisherTraceMonitor:
             for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
         )
         if self._path_key != key:
-            view = ModelView(self.model)
+            view = ModelView(self.model, eval_mode=True)
             self._path_cache = (view, make_backend(view, "auto"))
             self._path_key = key
             self._checked = 0  # samples checked for independence with this view
@@ -413,7 +405,7 @@ class FisherTraceMonitor:
         """
         view, backend = self._engine()
         norms = []
-        with ENGINE_LOCK:
+        with engine_session():
             for batch in batches(inputs, None, view.device, view.dtype):
                 rec = backend.record(batch)
                 fam = view.family_for(rec.shape, batch, self.family, None)

@@ -1,0 +1,379 @@
+"""Issue 11: parameters read afresh (item 3, engine level), non-finite inputs and overflow (item 6), the
+check for models that mix samples (item 7), non-finite targets end to end (item 9) and clear messages
+for bad calls (item 13). Each test reproduces the case the issue describes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import mlp_inputs, relu_mlp, tanh_mlp
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+from torchfim import TorchfimError
+from torchfim.engine import ModelView
+from torchfim.errors import check_label_memory
+
+
+def oracle_diag(model: nn.Module, x: torch.Tensor, family: str = "categorical") -> torch.Tensor:
+    return torch.diagonal(exact_fisher(model, x, family))
+
+
+# ------------------------------------------------------------------ item 3: parameters read afresh
+def test_fisher_reads_parameters_replaced_by_data_assignment() -> None:
+    """``p.data = new`` gives new storage; the next call computes with it (checked against the oracle)."""
+    model, x = tanh_mlp(3, seed=30), mlp_inputs(7, seed=31)
+    before = torchfim.fisher(model, x)
+    new = torch.Generator().manual_seed(32)
+    for p in model.parameters():
+        p.data = 2.0 * torch.randn(p.shape, generator=new, dtype=p.dtype)
+    after = torchfim.fisher(model, x)
+    assert torch.allclose(after, oracle_diag(model, x), rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(after, before, rtol=1e-3)
+
+
+def test_fisher_follows_dtype_conversions_of_the_model() -> None:
+    """``model.float()`` then ``model.double()``: each call computes in the model's current dtype."""
+    model, x = tanh_mlp(3, seed=33), mlp_inputs(7, seed=34)
+    model.float()
+    single = torchfim.fisher(model, x, structure="trace")
+    assert single.dtype == torch.float32
+    model.double()
+    double = torchfim.fisher(model, x, structure="trace")
+    assert double.dtype == torch.float64
+    assert math.isclose(float(double), float(oracle_diag(model, x).sum()), rel_tol=1e-12)
+    assert math.isclose(float(single), float(double), rel_tol=1e-5)
+
+
+def test_view_shares_parameter_tensors_and_sees_in_place_updates() -> None:
+    """The engine's private module tree holds the user's very parameter tensors (nothing copied), so an
+    optimiser's in-place update is read by a view built before it; the module objects are its own."""
+    model, x = tanh_mlp(3, seed=35), mlp_inputs(5, seed=36)
+    view = ModelView(model)
+    assert view.model is not model and view.model[0] is not model[0]
+    assert all(a is b for a, b in zip(view.model.parameters(), model.parameters()))
+    with torch.no_grad():
+        model[4].bias.add_(1.5)
+    batch = next(iter(torchfim.engine.batches(x, None, view.device, view.dtype)))
+    assert torch.equal(view.outputs(batch), model(x).detach())
+
+
+#: What :class:`_Probe` reports to (module level: a deep copy of the model must not copy it).
+_WATCH: dict[str, object] = {}
+
+
+class _Probe(nn.Module):
+    """Records which module objects run their forward, and whether the user's parameter is in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _WATCH:
+            _WATCH["log"].append((id(self), _WATCH["user"].inner.weight is _WATCH["weight"]))
+        return self.head(torch.tanh(self.inner(x)))
+
+
+@pytest.mark.parametrize(("estimator", "backend"), [("exact", "auto"), ("hessian", "auto"), ("score", "functional")])
+def test_engine_never_runs_or_swaps_the_users_modules(estimator: str, backend: str) -> None:
+    """Hooks and ``functional_call`` act on the engine's private copy: the user's module objects are never
+    called, and their parameter attributes stay the user's tensors throughout."""
+    torch.manual_seed(37)
+    model, x = _Probe().double(), mlp_inputs(5, seed=38)
+    log: list = []
+    _WATCH.update(log=log, user=model, weight=model.inner.weight)
+    try:
+        got = torchfim.fisher(model, x, estimator="exact", backend=backend)
+        torchfim.fisher(model, x, estimator=estimator, backend=backend, n_samples=2,
+                        generator=torch.Generator().manual_seed(0))
+        if estimator == "hessian":
+            torchfim.fisher_variance(model, x, estimator="hessian", backend=backend)
+    finally:
+        _WATCH.clear()
+    assert log and all(caller != id(model) for caller, _ in log)
+    assert all(intact for _, intact in log)
+    assert not model._forward_hooks and not model.inner._forward_hooks
+    assert torch.allclose(got, oracle_diag(model, x), rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------------ item 6: non-finite inputs, overflow
+def _inf_inputs() -> torch.Tensor:
+    x = mlp_inputs(5, seed=40)
+    x[1, 0] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x: torchfim.fisher(m, x),
+        lambda m, x: torchfim.fisher(m, x, estimator="hessian", generator=torch.Generator().manual_seed(0)),
+        lambda m, x: torchfim.fisher_variance(m, x, estimator="score"),
+        lambda m, x: torchfim.fisher_variance(m, x, estimator="hessian", structure="trace"),
+        lambda m, x: torchfim.variance_bound(m, x),
+        lambda m, x: torchfim.samples_needed(m, x),
+        lambda m, x: torchfim.compare_estimators(m, x),
+    ],
+    ids=["fisher", "hessian", "var-score", "var-hessian", "bound", "samples_needed", "compare"],
+)
+def test_inf_inputs_are_refused(call) -> None:
+    """An Inf input gave NaN entries with no error, then "the exact Fisher is zero" and a "score"
+    recommendation; now every public function refuses it, naming the inputs."""
+    with pytest.raises(TorchfimError, match="inputs contain NaN or Inf"):
+        call(tanh_mlp(3, seed=41), _inf_inputs())
+
+
+def test_nan_in_a_later_mini_batch_or_dict_input_is_refused() -> None:
+    model = tanh_mlp(3, seed=42)
+    x = mlp_inputs(6, seed=43)
+    bad = x[3:].clone()
+    bad[0, 2] = float("nan")
+    with pytest.raises(TorchfimError, match="NaN or Inf"):
+        torchfim.fisher(model, [x[:3], bad])
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.lin(features)
+
+    with pytest.raises(TorchfimError, match="NaN or Inf.*'features'"):
+        torchfim.fisher(Keyword().double(), {"features": bad})
+
+
+OVERFLOW_SCALE = 1e20  # finite float32 inputs whose squares (1e40) overflow float32
+
+
+def _overflow_case() -> tuple[nn.Module, torch.Tensor]:
+    """Inputs of 1e20 into weights of 1e-20: moderate outputs, Jacobian entries of 1e20."""
+    torch.manual_seed(44)
+    model = nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight.mul_(1 / OVERFLOW_SCALE)
+    return model, OVERFLOW_SCALE * torch.randn(5, 3, generator=torch.Generator().manual_seed(45))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "score", "hessian"])
+@pytest.mark.parametrize("structure", ["diag", "trace", "blocks"])
+def test_overflowing_fisher_is_an_error(estimator: str, structure: str) -> None:
+    model, x = _overflow_case()
+    with pytest.raises(TorchfimError, match="non-finite entries.*overflowed in torch.float32"):
+        torchfim.fisher(model, x, family="gaussian", estimator=estimator, structure=structure,
+                        generator=torch.Generator().manual_seed(0))
+
+
+def test_overflowing_samples_needed_is_an_error_not_zero() -> None:
+    model, x = _overflow_case()
+    with pytest.raises(TorchfimError, match="overflowed") as info:
+        torchfim.samples_needed(model, x, family="gaussian")
+    assert "is zero" not in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "categorical"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, f: torchfim.fisher_variance(m, x, family=f, estimator="score", structure="diag"),
+        lambda m, x, f: torchfim.fisher_variance(m, x, family=f, estimator="score", structure="trace"),
+        lambda m, x, f: torchfim.fisher_variance(m, x, family=f, estimator="hessian", structure="diag"),
+        lambda m, x, f: torchfim.variance_bound(m, x, family=f, estimator="score"),
+        lambda m, x, f: torchfim.variance_bound(m, x, family=f, estimator="hessian"),
+    ],
+    ids=["var-score-diag", "var-score-trace", "var-hessian-diag", "bound-score", "bound-hessian"],
+)
+def test_overflowing_variances_are_an_error(family: str, call) -> None:
+    model, x = _overflow_case()
+    with pytest.raises(TorchfimError, match="non-finite"):
+        call(model, x, family)
+
+
+def test_compare_estimators_does_not_recommend_from_nan() -> None:
+    """Logits of 1e20 make the categorical Fisher exactly 0 but its variances NaN (0·inf); the comparison
+    must refuse rather than recommend "score" from NaN."""
+    torch.manual_seed(44)
+    model, x = nn.Linear(3, 3), OVERFLOW_SCALE * torch.randn(5, 3, generator=torch.Generator().manual_seed(45))
+    with pytest.raises(TorchfimError, match="non-finite"):
+        torchfim.compare_estimators(model, x, family="categorical")
+
+
+# ------------------------------------------------------------------ item 7: models that mix samples
+class _Centred(nn.Module):
+    """``x − x.mean(0)``: each output depends on the whole batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x - x.mean(0))
+
+
+class _MixesRow(nn.Module):
+    """Adds input 0 to input ``row`` of every batch large enough to have one: only that row mixes."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.row = row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.row:
+            x = torch.cat([x[: self.row], x[self.row : self.row + 1] + x[:1], x[self.row + 1 :]])
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, b: torchfim.fisher(m, b),
+    lambda m, b: torchfim.fisher_variance(m, b, estimator="score", structure="trace"),
+])
+def test_centring_model_is_refused_when_the_first_batch_has_one_input(call) -> None:
+    torch.manual_seed(46)
+    x = mlp_inputs(6, seed=47)
+    with pytest.raises(TorchfimError, match="depends on the other samples in its batch"):
+        call(_Centred().double(), [x[:1], x[1:]])
+
+
+def test_mixing_of_the_fourth_sample_is_caught() -> None:
+    """The old check compared the first two samples only; mixing that touches the fourth is caught."""
+    torch.manual_seed(48)
+    with pytest.raises(TorchfimError, match="depends on the other samples"):
+        torchfim.fisher(_MixesRow(3).double(), mlp_inputs(8, seed=49))
+
+
+def test_independence_check_runs_four_samples_alone_across_batches() -> None:
+    """Up to 4 samples are run alone, taken from the first batches with ≥ 2 inputs (here the first two
+    of the second batch and of the third); no later sample is; an independent model passes and gets the
+    oracle's value."""
+    model, x = tanh_mlp(3, seed=50), mlp_inputs(10, seed=51)
+    alone: set[int] = set()
+
+    def note(module: nn.Module, args: tuple) -> None:
+        if args[0].shape[0] == 1:
+            alone.update(i for i in range(len(x)) if torch.equal(args[0][0], x[i]))
+
+    model.register_forward_pre_hook(note)
+    got = torchfim.fisher(model, [x[:1], x[1:3], x[3:]])
+    assert alone == {0, 1, 2, 3, 4}  # 0: the first batch itself
+    assert torch.allclose(got, oracle_diag(model, x), rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------------ item 9: non-finite targets end to end
+@pytest.mark.parametrize("family", ["gaussian", "poisson"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("as_pairs", [False, True])
+def test_non_finite_targets_are_refused_by_the_empirical_fisher(family: str, bad: float, as_pairs: bool) -> None:
+    torch.manual_seed(52)
+    model, x = nn.Linear(3, 2).double(), mlp_inputs(4, seed=53)
+    y = torch.ones(4, 2, dtype=torch.float64)
+    y[1, 0] = bad
+    with pytest.raises(TorchfimError, match="non-finite value.*drop or impute"):
+        if as_pairs:
+            torchfim.fisher(model, [(x[:2], y[:2]), (x[2:], y[2:])], family=family, estimator="empirical")
+        else:
+            torchfim.fisher(model, x, family=family, estimator="empirical", targets=y)
+
+
+# ------------------------------------------------------------------ item 13: clear messages
+@pytest.mark.parametrize("generator", [0, np.random.default_rng(0), "seed"])
+@pytest.mark.parametrize("estimator", ["exact", "score", "hessian"])
+def test_generator_that_is_not_a_torch_generator(generator: object, estimator: str) -> None:
+    """``generator=0`` failed with ``'int' object has no attribute 'device'``."""
+    with pytest.raises(TorchfimError, match="generator must be a torch.Generator.*manual_seed"):
+        torchfim.fisher(tanh_mlp(3), mlp_inputs(4), estimator=estimator, generator=generator)
+
+
+def test_one_input_without_batch_dimension() -> None:
+    with pytest.raises(TorchfimError, match="batch dimension"):
+        torchfim.fisher(tanh_mlp(3), mlp_inputs(4)[0])
+    with pytest.raises(TorchfimError, match="batch dimension first"):
+        torchfim.fisher(tanh_mlp(3), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_one_dimensional_inputs_to_a_one_feature_model() -> None:
+    """Inputs of shape (n,) for ``nn.Linear(1, C)``: the first dim is the batch, the feature dim is missing."""
+    torch.manual_seed(54)
+    with pytest.raises(TorchfimError, match=r"unsqueeze\(1\)"):
+        torchfim.fisher(nn.Linear(1, 3).double(), torch.randn(5, dtype=torch.float64))
+
+
+def test_integer_inputs_to_a_float_model() -> None:
+    with pytest.raises(TorchfimError, match=r"integer.*\.float\(\)"):
+        torchfim.fisher(tanh_mlp(3), torch.ones(4, 3, dtype=torch.long))
+
+
+def test_model_returning_a_long_tensor() -> None:
+    class Argmax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).argmax(-1, keepdim=True).expand(-1, 3)
+
+    with pytest.raises(TorchfimError, match="dtype torch.int64.*floating-point outputs"):
+        torchfim.fisher(Argmax().double(), mlp_inputs(4))
+
+
+@pytest.mark.parametrize("estimator", ["score", "hessian"])
+def test_huge_n_samples_is_a_clear_error(estimator: str) -> None:
+    with pytest.raises(TorchfimError, match="n_samples=1099511627776.*GiB"):
+        torchfim.fisher(tanh_mlp(3), mlp_inputs(4), estimator=estimator, n_samples=2**40)
+
+
+def test_huge_n_samples_is_fine_for_a_closed_form_variance() -> None:
+    """The variance with k labels is the one-label variance over k: no labels are drawn."""
+    model, x = tanh_mlp(3, seed=55), mlp_inputs(4, seed=56)
+    one = torchfim.fisher_variance(model, x, structure="trace")
+    many = torchfim.fisher_variance(model, x, structure="trace", n_samples=2**40)
+    assert math.isclose(float(many), float(one) / 2**40, rel_tol=1e-12)
+
+
+def test_label_memory_check() -> None:
+    check_label_memory(64, 1000, 10, torch.device("cpu"))  # 5 MB: fine
+    with pytest.raises(TorchfimError, match="n_samples=1099511627776 labels for each of 4 inputs.*fewer labels"):
+        check_label_memory(4, 2**40, 3, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        torchfim.compare_estimators,
+        torchfim.samples_needed,
+        torchfim.fisher,
+        torchfim.fisher_variance,
+        torchfim.variance_bound,
+    ],
+)
+def test_a_function_instead_of_a_module(call) -> None:
+    """``compare_estimators(lambda ...)`` failed with ``'function' object has no attribute ...``."""
+    model = tanh_mlp(3)
+    with pytest.raises(TorchfimError, match="model must be a torch.nn.Module, got function"):
+        call(lambda x: model(x), mlp_inputs(4))
+
+
+def test_tiny_rel_error_is_a_clear_error() -> None:
+    """``rel_error=1e-300`` overflowed in ``math.ceil`` (OverflowError)."""
+    with pytest.raises(TorchfimError, match="rel_error=1e-300 would need more than 1e308 labels"):
+        torchfim.samples_needed(tanh_mlp(3, seed=57), mlp_inputs(6, seed=58), rel_error=1e-300)
+
+
+def test_small_rel_error_gives_the_exact_huge_count() -> None:
+    """At ε = 1e-100 the count (~1e200) is finite: an exact int following ``⌈V₁/(εI)²⌉``."""
+    model, x = tanh_mlp(3, seed=57), mlp_inputs(6, seed=58)
+    value = float(torchfim.fisher(model, x, structure="trace"))
+    var1 = float(torchfim.fisher_variance(model, x, structure="trace"))
+    k = torchfim.samples_needed(model, x, rel_error=1e-100)
+    assert isinstance(k, int) and math.isclose(k, var1 / value**2 * 1e200, rel_tol=1e-9)
+
+
+def test_tiny_rel_error_with_zero_variance_needs_one_label() -> None:
+    """Î2 of a ReLU network has zero variance: one label meets any accuracy (0/0 gave ValueError)."""
+    assert torchfim.samples_needed(relu_mlp(3), mlp_inputs(6), estimator="hessian", rel_error=1e-300) == 1
