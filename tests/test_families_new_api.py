@@ -93,7 +93,7 @@ def test_exact_fisher_matches_brute_force(family):
 
 @pytest.mark.parametrize("estimator", ["score", "hessian"])
 def test_sampled_estimators_are_unbiased(family, estimator):
-    """Diagonal and trace within 4.5 standard errors (from the brute-force variances) of the exact Fisher."""
+    """Diagonal and trace within 4 standard errors (from the brute-force variances) of the exact Fisher."""
     k = 400
     model, x = model_for(family), mlp_inputs(N_INPUTS)
     ref = brute_variances(family, k)
@@ -101,11 +101,11 @@ def test_sampled_estimators_are_unbiased(family, estimator):
                            generator=torch.Generator().manual_seed(21))
     se = torch.diagonal(ref[estimator]).clamp_min(0).sqrt()
     exact = torch.diagonal(ref["fisher"])  # a quadrature: exact to ~1e-10 relative
-    assert bool(((diag - exact).abs() <= 4.5 * se + 1e-9 * exact.abs()).all())
+    assert bool(((diag - exact).abs() <= 4 * se + 1e-9 * exact.abs()).all())
     trace = torchfim.fisher(model, x, family=family, estimator=estimator, structure="trace", n_samples=k,
                             generator=torch.Generator().manual_seed(22))
     gap = abs(float(trace) - float(torch.trace(ref["fisher"])))
-    assert gap <= 4.5 * math.sqrt(float(ref[f"{estimator}_trace"])) + 1e-9 * float(torch.trace(ref["fisher"]))
+    assert gap <= 4 * math.sqrt(float(ref[f"{estimator}_trace"])) + 1e-9 * float(torch.trace(ref["fisher"]))
 
 
 @pytest.mark.parametrize("estimator", ["score", "hessian"])
