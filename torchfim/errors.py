@@ -45,6 +45,8 @@ def check_label_memory(batch: int, n_samples: int, width: int, device: torch.dev
     (``batch × n_samples × width`` numbers, held at once) would not fit in memory."""
     from ._memory import fits_in_memory
 
+    if batch * n_samples * width < 2**26:  # under 0.5 GiB: not worth reading the free memory
+        return
     fits, needed, free = fits_in_memory(batch * n_samples * width, torch.float64, device)
     if not fits:
         raise TorchfimError(

@@ -12,6 +12,7 @@ gradients with autograd's batch gradient, and go to a generic rule over the whol
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,6 +30,9 @@ from .view import PARAMETERS_CHANGED, ModelView
 
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
 CACHE_ELEMENTS = 2**19
+#: Per user model: its parameters' identities and the parameters moved to another module's generic
+#: rule by the coverage check, so that later calls on the same model skip the check.
+_COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Elements of the output sensitivities of one group of vectors.
 GROUP_ELEMENTS = 2**22
 
@@ -52,7 +56,13 @@ class PerModuleBackend(Backend):
         self.moved: dict[str, tuple[nn.Module, str]] = {}
         self.rules = self._build_rules()
         self.uses: dict[int, int] = {}
-        self._verified = False
+        cached = _COVERAGE.get(view.user_model)
+        self._key = tuple(id(p) for p in view.user_model.parameters())
+        self._verified = cached is not None and cached[0] == self._key
+        if self._verified:  # the same model was checked before: reuse where its parameters are used
+            modules = dict(view.model.named_modules())
+            self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
+            self.rules = self._build_rules(self.moved)
 
     # --------------------------------------------------------------- rule set-up
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
@@ -116,7 +126,10 @@ class PerModuleBackend(Backend):
                 self.uses[i] = self.uses.get(i, 0) + 1
         if not self._verified and bool(torch.isfinite(rec.values).all()):  # else the family check refuses
             self._verified = True
-            if self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)):
+            changed = self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True))
+            paths = {m: p for p, m in self.view.model.named_modules()}
+            _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()})
+            if changed:
                 return self.record(batch)
         return rec
 
