@@ -272,3 +272,16 @@ def test_docstring_examples() -> None:
     for module in (combined_module, covariance_module):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_combined_and_covariance_ignore_the_callers_autocast() -> None:
+    """Like every engine computation they run with autocast off (a bfloat16 autocast would change them)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(8, 3)
+    want = (torchfim.fisher_covariance(model, x), torchfim.combined_variance(model, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (torchfim.fisher_covariance(model, x), torchfim.combined_variance(model, x))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)

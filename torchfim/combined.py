@@ -39,13 +39,13 @@ from torch import Tensor, nn
 from ._batches import Inputs
 from .covariance import ScoreHessianCovariance
 from .engine import (
-    ENGINE_LOCK,
     Backend,
     ModelView,
     Recording,
     backend_name,
     batches,
     check_finite_result,
+    engine_session,
     make_backend,
     run,
 )
@@ -168,7 +168,7 @@ def combined_terms(
     fam = get_family(family)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
-    with ENGINE_LOCK:
+    with engine_session():
         view = ModelView(model, output, class_dim)
         sums = SharedLabelSums(structure, view, draw)
         engine = make_backend(view, backend)

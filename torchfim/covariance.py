@@ -24,12 +24,12 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from .engine import (
-    ENGINE_LOCK,
     Backend,
     ModelView,
     Recording,
     backend_name,
     batches,
+    engine_session,
     make_backend,
     run,
 )
@@ -148,7 +148,7 @@ def covariance_of(
     fam = get_family(family)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
-    with ENGINE_LOCK:
+    with engine_session():
         view = ModelView(model, output, class_dim)
         result = make_structure(structure, view.layout)
         engine = make_backend(view, backend)
