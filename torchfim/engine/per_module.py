@@ -13,7 +13,7 @@ gradients with autograd's batch gradient, and go to a generic rule over the whol
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -270,64 +270,62 @@ class PerModuleBackend(Backend):
             rows = slice(start, min(call.size, start + step))
             yield rows, rule.grads(call, s, rows)
 
+    def _walk(self, rec: ModuleRecording, v: Tensor, fast: Callable[[Rule, Call, list], object | None],
+              on_fast: Callable[[slice, object], None], on_grads: Callable[[slice, slice, Pieces], None]) -> None:
+        """Every call's products for ``v``: a rule's shortcut ``fast`` where it has one and the call is
+        its parameters' only use (``on_fast(vecs, result)``), else per-sample gradients in chunks
+        (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first."""
+        for vecs in self._groups(rec, v.shape[1], False):
+            m = vecs.stop - vecs.start
+            sens = self._sensitivities(rec, v[:, vecs])
+            shared: set[int] = set()
+            for (rule, call), s in zip(rec.calls, sens):
+                if not s or s[0] is None:
+                    continue
+                if not self._single(rule):
+                    shared.update(rule.params.values())
+                    continue
+                result = fast(rule, call, s)
+                if result is not None:
+                    on_fast(vecs, result)
+                    continue
+                for rows, grads in self._single_chunks(rule, call, s, m):
+                    on_grads(rows, vecs, grads)
+            if shared:  # parameters of several calls: their gradients are summed before squaring
+                step = self._row_step(m, CHUNK_ELEMENTS, shared)
+                for start in range(0, rec.batch.size, step):
+                    rows = slice(start, min(rec.batch.size, start + step))
+                    on_grads(rows, vecs, self._summed(rec, sens, rows, shared))
+
     def squares(self, rec: ModuleRecording, v: Tensor) -> Pieces:
         total: Pieces = {}
 
         def add(i: int, sq: Tensor) -> None:
             total[i] = sq if i not in total else total[i].add_(sq)
 
-        for vecs in self._groups(rec, v.shape[1], False):
-            m = vecs.stop - vecs.start
-            sens = self._sensitivities(rec, v[:, vecs])
-            shared: set[int] = set()
-            for (rule, call), s in zip(rec.calls, sens):
-                if not s or s[0] is None:
-                    continue
-                if not self._single(rule):
-                    shared.update(rule.params.values())
-                    continue
-                fast = rule.squares(call, s)
-                if fast is not None:
-                    for i, sq in fast.items():
-                        add(i, sq)
-                    continue
-                for _, grads in self._single_chunks(rule, call, s, m):
-                    for i, g in grads.items():
-                        add(i, as_float(g).square_().sum((0, 1)))  # a float16 sum overflows
-            if shared:  # parameters of several calls: their gradients are summed before squaring
-                step = self._row_step(m, CHUNK_ELEMENTS, shared)
-                for start in range(0, rec.batch.size, step):
-                    rows = slice(start, min(rec.batch.size, start + step))
-                    for i, g in self._summed(rec, sens, rows, shared).items():
-                        add(i, as_float(g).square_().sum((0, 1)))
+        def from_fast(vecs: slice, result: Pieces) -> None:
+            for i, sq in result.items():
+                add(i, sq)
+
+        def from_grads(rows: slice, vecs: slice, grads: Pieces) -> None:
+            for i, g in grads.items():
+                add(i, as_float(g).square_().sum((0, 1)))  # a float16 sum overflows
+
+        self._walk(rec, v, lambda r, c, s: r.squares(c, s), from_fast, from_grads)
         return total
 
     def sample_squares(self, rec: ModuleRecording, v: Tensor) -> Tensor:
         wide = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
         total = v.new_zeros(v.shape[0], v.shape[1], dtype=wide)
-        for vecs in self._groups(rec, v.shape[1], False):
-            m = vecs.stop - vecs.start
-            sens = self._sensitivities(rec, v[:, vecs])
-            shared: set[int] = set()
-            for (rule, call), s in zip(rec.calls, sens):
-                if not s or s[0] is None:
-                    continue
-                if not self._single(rule):
-                    shared.update(rule.params.values())
-                    continue
-                fast = rule.sample_squares(call, s)
-                if fast is not None:
-                    total[:, vecs] += fast.to(wide)
-                    continue
-                for rows, grads in self._single_chunks(rule, call, s, m):
-                    for g in grads.values():
-                        total[rows, vecs] += g.square().sum(-1).to(wide)
-            if shared:
-                step = self._row_step(m, CHUNK_ELEMENTS, shared)
-                for start in range(0, rec.batch.size, step):
-                    rows = slice(start, min(rec.batch.size, start + step))
-                    for g in self._summed(rec, sens, rows, shared).values():
-                        total[rows, vecs] += g.square().sum(-1).to(wide)
+
+        def from_fast(vecs: slice, result: Tensor) -> None:
+            total[:, vecs] += result.to(wide)
+
+        def from_grads(rows: slice, vecs: slice, grads: Pieces) -> None:
+            for g in grads.values():
+                total[rows, vecs] += as_float(g).square().sum(-1).to(wide)
+
+        self._walk(rec, v, lambda r, c, s: r.sample_squares(c, s), from_fast, from_grads)
         return total
 
     def _dense_split(self, rec: ModuleRecording) -> tuple[list[tuple[Rule, Call, int]], set[int]]:
