@@ -285,3 +285,14 @@ def test_combined_and_covariance_ignore_the_callers_autocast() -> None:
     for a, b in zip(got, want):
         assert a.dtype == torch.float32
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_empty_inputs_are_refused_by_every_pass() -> None:
+    """The combined pass goes through the same engine pass as the others, so it refuses no inputs too."""
+    model = torch.nn.Linear(3, 2)
+    empty = torch.zeros(0, 3)
+    for call in (lambda: torchfim.fisher(model, empty, estimator="combined"),
+                 lambda: torchfim.combined_variance(model, empty),
+                 lambda: torchfim.fisher_covariance(model, empty)):
+        with pytest.raises(torchfim.TorchfimError, match="inputs is empty"):
+            call()

@@ -43,13 +43,10 @@ from .engine import (
     ModelView,
     Recording,
     backend_name,
-    batches,
     check_finite_result,
-    engine_session,
-    make_backend,
-    run,
 )
 from .engine.backend import second_order_support
+from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
 from .estimators import add_shared_label_estimates
@@ -168,16 +165,14 @@ def combined_terms(
     fam = get_family(family)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
-    with engine_session():
-        view = ModelView(model, output, class_dim)
-        sums = SharedLabelSums(structure, view, draw)
-        engine = make_backend(view, backend)
-        for rec, fam_b in run(view, engine, batches(inputs, targets, view.device, view.dtype), fam, mask, progress,
-                              "fisher[combined]" if draw else "variance[combined]"):
-            sums.add(engine, rec, fam_b, k, generator)
+    with engine_pass(model, backend, output, class_dim) as one:
+        sums = SharedLabelSums(structure, one.view, draw)
+        for rec, fam_b in one.batches(inputs, targets, fam, mask, progress,
+                                      "fisher[combined]" if draw else "variance[combined]"):
+            sums.add(one.backend, rec, fam_b, k, generator)
         result = sums.finish(k)
     if result.estimate is not None:
-        check_finite_result(result.estimate, "the combined Fisher", view.dtype)
+        check_finite_result(result.estimate, "the combined Fisher", one.view.dtype)
     return result
 
 

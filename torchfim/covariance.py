@@ -25,17 +25,13 @@ from torch import Tensor, nn
 from ._batches import Inputs
 from .engine import (
     Backend,
-    ModelView,
     Recording,
     backend_name,
-    batches,
-    engine_session,
-    make_backend,
-    run,
 )
 from .engine.backend import CHUNK_ELEMENTS, Pieces, second_order_support
+from .engine.session import engine_pass
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice, check_n_samples
+from .errors import check_choice, check_n_samples
 from .families import Family, get_family
 from .structures import (
     STRUCTURE_NAMES,
@@ -148,19 +144,12 @@ def covariance_of(
     fam = get_family(family)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
-    with engine_session():
-        view = ModelView(model, output, class_dim)
-        result = make_structure(structure, view.layout)
-        engine = make_backend(view, backend)
-        n = 0
-        for rec, fam_b in run(view, engine, batches(inputs, None, view.device, view.dtype), fam, mask, progress,
-                              "covariance[score, hessian]"):
+    with engine_pass(model, backend, output, class_dim) as one:
+        result = make_structure(structure, one.view.layout)
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "covariance[score, hessian]"):
             with second_order_support():
-                result.visit(ScoreHessianCovariance(engine, rec, fam_b))
-            n += rec.batch.size
-        if n == 0:
-            raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
-        return result.finish(n * n * k)
+                result.visit(ScoreHessianCovariance(one.backend, rec, fam_b))
+        return result.finish(one.n * one.n * k)
 
 
 def fisher_covariance(

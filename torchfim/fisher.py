@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from .combined import combined_terms
-from .engine import Batch, ModelView, backend_name, batches, check_finite_result, engine_session, make_backend, run
+from .engine import Batch, backend_name, check_finite_result
+from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples
 from .estimators import ESTIMATORS, add_estimate
@@ -127,22 +128,16 @@ def fisher(
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
                                   class_dim=class_dim)
         return (combined.estimate, _map(combined.variance, torch.sqrt)) if return_stderr else combined.estimate
-    with engine_session():
-        view = ModelView(model, output, class_dim)
-        result = make_structure(structure, view.layout)
-        engine = make_backend(view, name)
+    with engine_pass(model, name, output, class_dim) as one:
+        result = make_structure(structure, one.view.layout)
         seen: list[Batch] = []
-        n = 0
-        for rec, fam_b in run(view, engine, batches(inputs, targets, view.device, view.dtype), fam,
-                              _tensor_mask(mask, inputs), progress, f"fisher[{estimator}]"):
-            add_estimate(estimator, engine, rec, fam_b, result, k, generator)
-            n += rec.batch.size
+        for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
+                                      f"fisher[{estimator}]"):
+            add_estimate(estimator, one.backend, rec, fam_b, result, k, generator)
             if return_stderr:
                 seen.append(rec.batch)
-        if n == 0:
-            raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
-        estimate = result.finish(n)
-    check_finite_result(estimate, f"the {estimator} Fisher", view.dtype)
+        estimate = result.finish(one.n)
+    check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
     if not return_stderr:
         return estimate
     if estimator in ("exact", "empirical"):

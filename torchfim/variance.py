@@ -20,11 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
-from .engine import (Backend, ModelView, Recording, backend_name, batches, check_finite_result, engine_session,
-                     make_backend, run)
+from .engine import (
+    Backend,
+    Recording,
+    backend_name,
+    check_finite_result,
+)
 from .engine.backend import CHUNK_ELEMENTS, second_order_support
+from .engine.session import engine_pass
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice, check_n_samples
+from .errors import check_choice, check_n_samples
 from .families import Family, get_family
 from .families.base import robust_eigvalsh
 from .structures import (
@@ -179,24 +184,17 @@ def variance_of(
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
-    with engine_session():
-        view = ModelView(model, output, class_dim)
-        result = make_structure(structure, view.layout)
-        engine = make_backend(view, backend)
-        n = 0
-        for rec, fam_b in run(view, engine, batches(inputs, None, view.device, view.dtype), fam, mask, progress,
-                              f"variance[{estimator}]"):
+    with engine_pass(model, backend, output, class_dim) as one:
+        result = make_structure(structure, one.view.layout)
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]"):
             if estimator == "score":
-                result.visit(ScoreVariance(engine, rec, fam_b, mode))
+                result.visit(ScoreVariance(one.backend, rec, fam_b, mode))
             else:
                 with second_order_support():
-                    result.visit(HessianVariance(engine, rec, fam_b, mode))
-            n += rec.batch.size
-        if n == 0:
-            raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
-        value = result.finish(n * n * k)
+                    result.visit(HessianVariance(one.backend, rec, fam_b, mode))
+        value = result.finish(one.n * one.n * k)
     what = f"the variance of the {estimator} estimator" if mode == "exact" else f"the {mode} bound on its variance"
-    check_finite_result(value, what, view.dtype)
+    check_finite_result(value, what, one.view.dtype)
     return value
 
 

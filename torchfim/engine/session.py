@@ -1,0 +1,50 @@
+"""One pass of the engine over a data set, as every public computation makes it.
+
+``with engine_pass(model, ...) as p:`` holds the engine session (the lock, autocast off), builds
+the private view and the backend; ``p.batches(...)`` runs the one loop (:func:`.loop.run`) over the
+inputs, counting them in ``p.n`` and refusing an empty data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..errors import TorchfimError
+from ..families import Family
+from .backend import Backend, Recording
+from .batch import batches
+from .loop import make_backend, run
+from .view import Mask, ModelView, engine_session
+
+
+@dataclass
+class Pass:
+    """The view and backend of one pass, and the number of inputs seen so far."""
+
+    view: ModelView
+    backend: Backend
+    n: int = 0
+
+    def batches(self, inputs: object, targets: object, family: Family, mask: Mask, progress: bool,
+                desc: str) -> Iterator[tuple[Recording, Family]]:
+        """Each mini-batch's recording and family; raises after the loop when there was no input."""
+        view = self.view
+        for rec, fam in run(view, self.backend, batches(inputs, targets, view.device, view.dtype), family, mask,
+                            progress, desc):
+            yield rec, fam
+            self.n += rec.batch.size
+        if self.n == 0:
+            raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
+
+
+@contextmanager
+def engine_pass(model: nn.Module, backend: str, output: Callable[[object], Tensor] | None = None,
+                class_dim: int = -1) -> Iterator[Pass]:
+    """The engine session with a private view of ``model`` and the backend named ``backend``."""
+    with engine_session():
+        view = ModelView(model, output, class_dim)
+        yield Pass(view, make_backend(view, backend))
