@@ -174,3 +174,23 @@ def variance_oracle(model: nn.Module, x: Tensor, family: str, k: int) -> dict[st
         "m4": m4,
         "per_input": per_input,
     }
+
+
+def flat_function(model: nn.Module):
+    """``(f, θ)``: ``f(θ, x)`` is the model's output flattened per input (positions side by side) as a
+    function of its trainable parameters θ (frozen parameters and buffers held fixed)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def f(th: Tensor, x: Tensor) -> Tensor:
+        params, start = {}, 0
+        for name, p in named:
+            params[name] = th[start : start + p.numel()].view(p.shape)
+            start += p.numel()
+        out = functional_call(model, {**fixed, **params}, (x,))
+        return out.reshape(out.shape[0], -1)
+
+    return f, theta
+

@@ -12,11 +12,11 @@ import doctest
 
 import pytest
 import torch
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 
 import torchfim
 from cases import BY_NAME, Case, token_mask
-from oracles import FAMILY_WIDTH, label_support
+from oracles import FAMILY_WIDTH, flat_function, label_support
 from torchfim import combined as combined_module
 from torchfim import covariance as covariance_module
 from torchfim.combined import combined_variance, optimal_weight, weighted_variance
@@ -33,19 +33,7 @@ IDS = [f"{c}-{f}" for c, f in PAIRS]
 
 def _derivatives(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat outputs (n, W), Jacobians (n, W, P) and output Hessians (n, W, P, P) by torch.func."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    fixed.update(dict(model.named_buffers()))
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def f(th: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        params, start = {}, 0
-        for name, p in named:
-            params[name] = th[start : start + p.numel()].view(p.shape)
-            start += p.numel()
-        out = functional_call(model, {**fixed, **params}, (inputs,))
-        return out.reshape(out.shape[0], -1)
-
+    f, theta = flat_function(model)
     with torch.no_grad():
         outs = f(theta, x)
     jac = jacrev(lambda th: f(th, x))(theta)

@@ -12,37 +12,20 @@ import itertools
 
 import pytest
 import torch
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 
 import torchfim
 from cases import CASES, Case, token_mask
-from oracles import FAMILY_WIDTH, label_support, output_fisher
+from oracles import FAMILY_WIDTH, flat_function, label_support, output_fisher
 
 BACKENDS = ("modules", "functional")
 N = 4
 
 
-def _flat_fn(model: torch.nn.Module):
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    consts = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    consts.update(dict(model.named_buffers()))
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def f(th: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        params, start = {}, 0
-        for name, p in named:
-            params[name] = th[start : start + p.numel()].view(p.shape)
-            start += p.numel()
-        out = functional_call(model, {**consts, **params}, (x,))
-        return out.reshape(out.shape[0], -1)
-
-    return f, theta
-
-
 def oracle(case: Case, family: str, second_order: bool) -> dict[str, torch.Tensor]:
     model = case.build(FAMILY_WIDTH[family] if family != "categorical" or case.name != "tied" else 4)
     x = case.inputs(N)
-    f, theta = _flat_fn(model)
+    f, theta = flat_function(model)
     with torch.no_grad():
         outs = f(theta, x)
     c = FAMILY_WIDTH[family] if case.name != "tied" else 4

@@ -39,26 +39,23 @@ class Gaussian(Family):
     def _filler_label(self, o: Tensor) -> Tensor:
         return o.detach().to(_work_dtype(o)[0])
 
-    def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        work = _work_dtype(o)[0]
+    def _noise(self, o: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        """Standard normal ``z`` (B, k, C) in the working dtype, drawn on the generator's device."""
         noise = torch.randn(
             (o.shape[0], k, o.shape[1]),
             generator=generator,
-            dtype=work,
+            dtype=_work_dtype(o)[0],
             device=generator.device if generator is not None else o.device,
-        ).to(o.device)
-        return o.detach().to(work).unsqueeze(1) + self.sigma * noise
+        )
+        return noise.to(o.device)
+
+    def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        noise = self._noise(o, k, generator)
+        return o.detach().to(noise.dtype).unsqueeze(1) + self.sigma * noise
 
     def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """``u = σz/σ² = z/σ`` from the noise ``z`` of :meth:`sample` (``y − o`` cancels when ``|o| ≫ σ/ε``)."""
-        work = _work_dtype(o)[0]
-        noise = torch.randn(
-            (o.shape[0], k, o.shape[1]),
-            generator=generator,
-            dtype=work,
-            device=generator.device if generator is not None else o.device,
-        ).to(o.device)
-        return (noise / self.sigma).to(o.dtype)
+        return (self._noise(o, k, generator) / self.sigma).to(o.dtype)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         work = _work_dtype(o, y)[0]
