@@ -10,6 +10,7 @@ import torchfim
 from cases import BY_NAME, Gate, TokenModel
 from torchfim.engine import ModelView, batches
 from torchfim.engine.modules import GenericRule
+from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules.conv import ConvRule
 from torchfim.engine.modules.linear import LinearRule
 from torchfim.engine.per_module import PerModuleBackend
@@ -33,12 +34,62 @@ def test_one_custom_module_keeps_the_other_layers_on_their_rules() -> None:
     assert torch.allclose(torchfim.fisher(model, x, structure="diag"), exact, atol=1e-12)
 
 
-def test_attention_parameters_used_outside_their_module_go_to_the_attention_module() -> None:
+def test_attention_has_its_own_rule_covering_its_out_projection() -> None:
     case = BY_NAME["encoder"]
     rules = _rules(case.build(3), case.inputs(3))
-    assert rules["layer.self_attn"] == GenericRule.__name__
+    assert rules["layer.self_attn"] == AttentionRule.__name__
     assert "layer.self_attn.out_proj" not in rules  # its parameters are used by the attention's forward
     assert rules["layer.linear1"] == LinearRule.__name__
+
+
+class _Attend(nn.Module):
+    """Multi-head attention over inputs (B, L, 4) with the masks and layouts of one test case."""
+
+    def __init__(self, batch_first: bool, cross: bool, mask: str, bias: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first, bias=bias)
+        self.batch_first, self.cross, self.mask = batch_first, cross, mask
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length = x.shape[0], x.shape[1]
+        q = x if self.batch_first else x.transpose(0, 1)
+        kv = (q.flip(-1) * 0.5) if self.cross else q
+        kwargs: dict = {"need_weights": self.mask == "weights"}
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+        if self.mask == "causal":
+            kwargs.update(attn_mask=causal, is_causal=True)
+        elif self.mask == "additive3d":
+            score = x[:, :, :1] - x[:, :, :1].transpose(1, 2)  # one additive mask per sample and head
+            kwargs["attn_mask"] = torch.stack([score, -2 * score], 1).reshape(b * 2, length, length)
+        elif self.mask == "padding":
+            pad = (x[:, :, 0] > 0.3) & (torch.arange(length) > 0)  # never the first key, so no row is all masked
+            kwargs.update(key_padding_mask=pad, attn_mask=causal.to(x.dtype) * -3.0)
+        z = self.attn(q, kv, kv, **kwargs)[0]
+        z = z if self.batch_first else z.transpose(0, 1)
+        return self.head(z.tanh().mean(1))
+
+
+@pytest.mark.parametrize(
+    "batch_first,cross,mask,bias",
+    [(True, False, "none", True), (False, False, "causal", True), (True, True, "additive3d", False),
+     (False, True, "padding", True), (True, False, "weights", True)],
+)
+@pytest.mark.parametrize("estimator", ["exact", "score"])
+def test_attention_rule_equals_the_functional_backend(batch_first, cross, mask, bias, estimator) -> None:
+    torch.manual_seed(1)
+    model = _Attend(batch_first, cross, mask, bias).double().eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    assert _rules(model, x)["attn"] == AttentionRule.__name__
+    for structure in ("diag", "blocks"):
+        kw = dict(estimator=estimator, structure=structure, generator=torch.Generator().manual_seed(3))
+        got = torchfim.fisher(model, x, **kw)
+        kw["generator"] = torch.Generator().manual_seed(3)
+        want = torchfim.fisher(model, x, backend="functional", **kw)
+        if structure == "diag":
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+        else:
+            assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-12) for k in want)
 
 
 @pytest.mark.parametrize("family", ["categorical", "gaussian"])

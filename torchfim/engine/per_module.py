@@ -23,7 +23,8 @@ from ..errors import TorchfimError
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
 from .batch import Batch
 from .functional import FunctionalBackend
-from .modules import Call, GenericRule, LinearRule, Rule, rule_for, tensors_of
+from .modules import Call, GenericRule, LinearRule, Rule, owns_subtree, rule_for, tensors_of
+from .modules.generic import batch_dim
 from .modules.base import as_float
 from .second_order import UnitHessians
 from .view import PARAMETERS_CHANGED, ModelView
@@ -73,9 +74,15 @@ class PerModuleBackend(Backend):
         taken = {index_of[id(p)] for n, p in self.view.model.named_parameters() if n in moved}
         owned: dict[nn.Module, dict[str, int]] = {}
         paths = {}
+        claimed: set[nn.Module] = set()  # sub-modules whose parameters a rule above covers
         for path, module in self.view.model.named_modules():
             paths[module] = path
-            own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in index_of}
+            if module in claimed:
+                continue
+            subtree = owns_subtree(module)
+            if subtree:
+                claimed.update(m for m in module.modules() if m is not module)
+            own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=subtree) if id(p) in index_of}
             own = {n: i for n, i in own.items() if i not in taken}
             if own:
                 owned[module] = own
@@ -412,5 +419,5 @@ class PerModuleBackend(Backend):
 
 
 def _batched(call: Call) -> bool:
-    """Whether every output of the call has the batch as its first dimension."""
-    return all(t.dim() > 0 and t.shape[0] == call.size for t in call.taps)
+    """Whether every output of the call carries the batch (first, or second for a sequence-first module)."""
+    return all(batch_dim(call.module, t, call.size) is not None for t in call.taps)

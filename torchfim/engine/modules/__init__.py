@@ -1,7 +1,7 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
-Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm and BatchNorm (eval) have rules
-of their own; any other module with trainable parameters gets the generic rule (``torch.func``
+Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval) and
+MultiheadAttention have rules of their own; any other module with trainable parameters gets the generic rule (``torch.func``
 over that module alone). Adding a rule is one module here and one line in :func:`rule_for`.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .attention import PARAMETERS as ATTENTION_PARAMETERS
+from .attention import AttentionRule, attention_supported
 from .base import Call, Grads, Rule
 from .conv import ConvRule, conv_supported
 from .embedding import EmbeddingRule, embedding_supported
@@ -16,11 +18,19 @@ from .generic import GenericRule, tensors_of
 from .linear import LinearRule
 from .norm import NormRule, norm_supported
 
-__all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "tensors_of"]
+__all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "tensors_of"]
+
+
+def owns_subtree(module: nn.Module) -> bool:
+    """Whether ``module``'s rule covers its sub-modules' parameters too (a multi-head attention uses
+    ``out_proj``'s weight inside its own forward and never calls ``out_proj``)."""
+    return attention_supported(module)
 
 
 def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     """The rule for ``module`` covering ``params`` (local name → index in θ)."""
+    if attention_supported(module) and set(params) <= set(ATTENTION_PARAMETERS):
+        return AttentionRule(module, params, path)
     own = set(dict(module.named_parameters(recurse=False)))
     if set(params) <= own and set(params) <= {"weight", "bias"}:
         if isinstance(module, nn.Linear):

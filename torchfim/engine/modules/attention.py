@@ -1,0 +1,148 @@
+"""``nn.MultiheadAttention``: its input and output projections, with attention recomputed locally.
+
+With inputs ``x_q, x_k, x_v`` (one row per position) the module computes ``q = x_q W_qᵀ + b_q``
+(likewise ``k``, ``v``), ``c = attention(q, k, v)`` head by head, and ``z = c W_oᵀ + b_o``. Given the
+output sensitivities ``g = ∂(vᵀo)/∂z`` of a sample, the out-projection is a linear layer on ``c``:
+``∂/∂W_o = Σ_l g_l c_lᵀ``, ``∂/∂b_o = Σ_l g_l``; and with ``δ_q = ∂(vᵀo)/∂q`` (likewise ``δ_k``,
+``δ_v``), obtained by one batched backward through the attention alone from ``g W_o``, the packed
+in-projection gets ``∂/∂W_q = Σ_l δ_{q,l} x_{q,l}ᵀ`` and ``∂/∂b_q = Σ_l δ_{q,l}`` (docs/math.md §6.3b).
+Attention mixes positions but never samples, so the batched backward gives every sample its own δ.
+
+Covered: packed projections (``kdim = vdim = embed_dim``), no ``add_bias_kv``/``add_zero_attn``,
+batched inputs (either ``batch_first``), ``attn_mask`` (2-D or 3-D, boolean or additive) and
+``key_padding_mask``, attention dropout inactive, the attention weights not used downstream. Any
+other call goes to the generic rule.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .base import Call, Grads, Rule, as_float
+from .generic import GenericRule
+
+#: The parameters the rule covers, by their names below the module.
+PARAMETERS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+
+
+def attention_supported(module: nn.Module) -> bool:
+    """Whether ``module`` is a multi-head attention whose every call the rule may cover."""
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and not module.add_zero_attn
+    )
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True = not attended) as an additive one (−inf there), in ``dtype``."""
+    if mask is None or mask.is_floating_point():
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+class AttentionRule(Rule):
+    """Per-sample gradients of ``nn.MultiheadAttention``'s own projections (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, params: dict[str, int], path: str) -> None:
+        super().__init__(module, params)
+        self.generic = GenericRule(module, params, path)
+        self.signature = inspect.signature(module.forward)
+
+    def _covers(self, call: Call, sens: list[Tensor | None]) -> bool:
+        bound = self.signature.bind(*call.args, **call.kwargs).arguments
+        dropout = self.module.training and self.module.dropout > 0
+        weights_used = any(s is not None for s in sens[1:])
+        return not dropout and not weights_used and bound["query"].dim() == 3
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        if not self._covers(call, sens):
+            return self.generic.grads(call, sens, rows)
+        module = self.module
+        batch_first = module.batch_first
+        bound = self.signature.bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        x = [self._rows(bound.arguments[n], rows, batch_first) for n in ("query", "key", "value")]
+        g = sens[0][:, rows] if batch_first else sens[0][:, :, rows].transpose(1, 2)  # (m, b, L, E)
+        mask = self._mask(bound.arguments, rows, x[0])
+        ctx, deltas = self._attention_backward(x, as_float(g), mask)
+        out: Grads = {}
+        self._linear(as_float(g), ctx, "out_proj.weight", "out_proj.bias", out)
+        self._in_projection(x, deltas, out)
+        return out
+
+    @staticmethod
+    def _rows(t: Tensor, rows: slice, batch_first: bool) -> Tensor:
+        return as_float(t[rows] if batch_first else t[:, rows].transpose(0, 1))  # (b, L, E)
+
+    def _mask(self, args: dict, rows: slice, q: Tensor) -> Tensor | None:
+        """``attn_mask`` and ``key_padding_mask`` as one additive mask ``(b, heads, L, S)`` (or None)."""
+        heads, dtype = self.module.num_heads, q.dtype
+        mask = _additive(args["attn_mask"], dtype)
+        if mask is not None:  # (L, S) for every sample and head, or (B·heads, L, S)
+            mask = mask[None, None] if mask.dim() == 2 else mask.reshape(-1, heads, *mask.shape[1:])[rows]
+        padding = _additive(args["key_padding_mask"], dtype)
+        if padding is not None:
+            padding = padding[rows][:, None, None, :]
+            mask = padding if mask is None else mask + padding
+        return mask
+
+    def _attention_backward(self, x: list[Tensor], g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The attention output ``c`` (b, L, E) and ``δ_q, δ_k, δ_v`` stacked as ``(m, b, L, 3E)``."""
+        module = self.module
+        m, b = g.shape[0], g.shape[1]
+        weight, bias = module.in_proj_weight.detach(), module.in_proj_bias
+        w = weight.chunk(3)
+        bs = (None, None, None) if bias is None else bias.detach().chunk(3)
+        qkv = [F.linear(xi, wi, bi) for xi, wi, bi in zip(x, w, bs)]
+        with torch.enable_grad():
+            # One copy of the attention per vector: the vectors' backwards run as one batched pass.
+            leaves = [t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]).requires_grad_() for t in qkv]
+            rep = None
+            if mask is not None:
+                rep = mask.expand(b, -1, -1, -1).unsqueeze(0).expand(m, -1, -1, -1, -1).reshape(m * b, *mask.shape[1:])
+            ctx = _attend(*leaves, rep, module.num_heads)
+            g_ctx = g @ module.out_proj.weight.detach().to(g.dtype)
+            deltas = torch.autograd.grad(ctx, leaves, g_ctx.reshape(ctx.shape))
+        c = ctx.detach().reshape(m, b, *ctx.shape[1:])[0]
+        return c, torch.cat([d.reshape(m, b, *d.shape[1:]) for d in deltas], -1)
+
+    def _linear(self, g: Tensor, a: Tensor, weight: str, bias: str, out: Grads) -> None:
+        """``Σ_l g_l a_lᵀ`` and ``Σ_l g_l`` per sample and vector for a projection on ``a`` (b, L, in)."""
+        m, b, positions, units = g.shape
+        if weight in self.params:
+            stacked = g.permute(1, 0, 3, 2).reshape(b, m * units, positions)
+            out[self.params[weight]] = torch.bmm(stacked, a).reshape(b, m, -1)
+        if bias in self.params:
+            out[self.params[bias]] = g.sum(2).transpose(0, 1)
+
+    def _in_projection(self, x: list[Tensor], deltas: Tensor, out: Grads) -> None:
+        """The packed in-projection: rows q, k, v of ``W_in`` against their own inputs."""
+        same = all(t.data_ptr() == x[0].data_ptr() and t.shape == x[0].shape and t.stride() == x[0].stride() for t in x)
+        if same:  # self-attention: one product for the three projections
+            self._linear(deltas, x[0], "in_proj_weight", "in_proj_bias", out)
+            return
+        parts: list[Grads] = [{}, {}, {}]
+        for k, (xi, d) in enumerate(zip(x, deltas.chunk(3, -1))):
+            self._linear(d, xi, "in_proj_weight", "in_proj_bias", parts[k])
+        for name in ("in_proj_weight", "in_proj_bias"):
+            if name in self.params:
+                i = self.params[name]
+                b, m = parts[0][i].shape[:2]
+                out[i] = torch.cat([p[i].reshape(b, m, -1) for p in parts], -1)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, heads: int) -> Tensor:
+    """Scaled dot-product attention over ``heads`` heads: ``(n, L, E)`` inputs, ``(n, L, E)`` output."""
+    n, length, width = q.shape
+
+    def split(t: Tensor) -> Tensor:
+        return t.reshape(n, t.shape[1], heads, width // heads).transpose(1, 2)
+
+    ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return ctx.transpose(1, 2).reshape(n, length, width)
