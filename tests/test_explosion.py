@@ -165,9 +165,95 @@ def test_changing_the_plan_reruns_only_the_changed_runs(reference, tmp_path):
                 on_run=calls.append)
     # only the noisy runs at η*/10 and the tuning of their α are new
     assert calls and all(c.startswith(("noisy-digits-mlp-small-", "tune_noisy_alpha-digits-mlp-small-")) for c in calls)
-    assert len(calls) == len(TINY.noisy_alpha_grid) + len(TINY.noisy_variants()) * TINY.n_seeds
+    assert len(calls) == len(TINY.noisy_alpha_grid) * TINY.n_tuning_seeds + len(TINY.noisy_variants()) * TINY.n_seeds
     assert res["aggregates"]["digits/mlp noisy, η*/10"]["base"]["lr"] == res["tuning"]["digits/mlp"]["lr_small"]
     assert res["aggregates"]["digits/mlp noisy, η*"]["base"]["lr"] == res["tuning"]["digits/mlp"]["lr_star"]
     for run_id, run in expected["runs"].items():
         assert res["runs"][run_id] == run
     assert (fresh / "memorisation.png").exists()
+
+
+def test_tuning_picks_the_best_mean_best_validation_over_tuning_seeds(reference):
+    _, res = reference
+    t = res["tuning"]["digits/mlp"]
+    assert len(t["tuning_seeds"]) == TINY.n_tuning_seeds >= 2
+    assert not set(t["tuning_seeds"]) & set(res["seeds"])  # no tuning seed is an evaluation seed
+    for grid, prefix, chosen, phase in ((TINY.lr_grid, "lr", t["lr_star"], "tune_lr"),
+                                        (TINY.alpha_grid, "alpha", t["alpha"], "tune_alpha")):
+        means = []
+        for k, value in enumerate(grid):
+            runs = [r for r in res["runs"].values() if r["spec"]["phase"] == phase
+                    and (r["spec"]["lr"] if phase == "tune_lr" else r["spec"]["alpha"]) == value]
+            assert sorted(r["spec"]["tuning_index"] for r in runs) == list(range(TINY.n_tuning_seeds))
+            best = [max(v for v in r["result"]["curves"]["val_acc"] if v is not None) for r in runs]
+            assert t[f"{prefix}_best_val_acc_per_seed"][k] == pytest.approx(best)
+            means.append(sum(best) / len(best))
+        assert t[f"{prefix}_best_val_acc"] == pytest.approx(means, abs=1e-6)
+        assert chosen == grid[max(range(len(grid)), key=lambda i: (means[i], -i))]
+
+
+def test_every_configuration_records_early_stopping_per_seed(reference):
+    _, res = reference
+    for label, agg in res["aggregates"].items():
+        for v, entry in agg.items():
+            if not isinstance(entry, dict) or "per_seed" not in entry:
+                continue
+            assert [p["seed_index"] for p in entry["per_seed"]] == list(range(TINY.n_seeds))
+            for p in entry["per_seed"]:
+                run = next(r["result"] for r in res["runs"].values()
+                           if r["spec"]["seed_index"] == p["seed_index"] and r["spec"]["lr"] == entry["lr"]
+                           and r["spec"]["alpha"] == entry["alpha"] and r["spec"]["phase"] in ("clean", "noisy")
+                           and (label.endswith("(pooled)") or label.split(" ")[0] == f"{r['spec']['dataset']}/{r['spec']['model']}")
+                           and (r["spec"]["noise_fraction"] > 0) == ("noisy" in label))
+                c = run["curves"]
+                i = c["val_acc"].index(max(x for x in c["val_acc"] if x is not None))  # first best validation step
+                assert (p["step_of_best_val"], p["test_acc_at_best_val"]) == (c["step"][i], c["test_acc"][i])
+                assert p["test_acc"] == c["test_acc"][-1]
+
+
+def test_gap_closed_and_its_bootstrap_interval():
+    from torchfim.experiments.explosion.gap import gap_closed
+
+    large, small = [0.9, 0.92, 0.91], [0.8, 0.81, 0.79]
+    fp = [s + 0.5 * (l - s) for l, s in zip(large, small)]  # each seed closes exactly half of its gap
+    g = gap_closed([(large, small, fp)])
+    assert g["value"] == pytest.approx(0.5) and g["ci_low"] == pytest.approx(0.5) and g["ci_high"] == pytest.approx(0.5)
+    noisy = gap_closed([(large, small, [0.85, 0.80, 0.88])])
+    assert noisy["value"] == pytest.approx(((0.85 + 0.80 + 0.88) - 2.4) / (2.73 - 2.4), rel=1e-5)
+    assert noisy["ci_low"] < noisy["value"] < noisy["ci_high"]
+    # pooled over two groups: the summed mean differences are divided
+    pooled = gap_closed([(large, small, fp), ([0.5, 0.5], [0.3, 0.3], [0.3, 0.3])])
+    assert pooled["value"] == pytest.approx((0.055 + 0.0) / (0.11 + 0.2), rel=1e-5)
+    assert gap_closed([(small, small, small)])["value"] is None  # no gap, no fraction
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "explosion"
+
+
+def test_committed_study_follows_the_protocol():
+    res = json.loads((COMMITTED / "results.json").read_text(encoding="utf-8"))
+    s = res["settings"]
+    assert s["preset"] == "full" and s["n_seeds"] >= 5 and s["n_tuning_seeds"] >= 2
+    assert dict(s["epochs"])["mnist1d"] >= 100 and s["alpha_grid"] == [0.01, 0.03, 0.1, 0.3]
+    assert s["noise_fraction"] == 0.25 and set(s["noisy_lrs"]) == {"small", "large"}
+    for combo, t in res["tuning"].items():
+        assert len(t["tuning_seeds"]) == s["n_tuning_seeds"] and not set(t["tuning_seeds"]) & set(res["seeds"])
+        if "alpha" in t:
+            assert len(t["alpha_best_val_acc"]) == len(s["alpha_grid"]) and t["alpha"] in s["alpha_grid"]
+    for d, m in s["combos"]:
+        agg = res["aggregates"][f"{d}/{m}"]
+        for v in ("large", "small", "small_fp"):
+            assert len(agg[v]["per_seed"]) == s["n_seeds"]
+            assert all({"step_of_best_val", "test_acc_at_best_val"} <= set(p) for p in agg[v]["per_seed"])
+        assert agg["small"]["train_acc"]["mean"] >= 0.99 or d == "mnist1d"  # digits: small LR fits its training set
+        assert agg["gap_closed"]["ci_low"] is not None
+
+
+def test_committed_study_rebuilds_byte_identical_from_its_run_files(tmp_path):
+    out = tmp_path / "rebuilt"
+    assert cli.main(["reproduce", "explosion", "--from-results", str(COMMITTED / "results.json"), "--out", str(out)]) == 0
+    assert len(list((out / "runs").glob("*.json"))) == len(json.loads((COMMITTED / "results.json").read_text())["runs"])
+    for name in ("results.json", "summary.md"):
+        assert (out / name).read_bytes() == (COMMITTED / name).read_bytes(), name
+    # a folder that already holds run files is refused
+    assert cli.main(["reproduce", "explosion", "--from-results", str(COMMITTED / "results.json"), "--out", str(out)]) == 2

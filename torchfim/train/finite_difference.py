@@ -23,6 +23,17 @@ change of a tensor an outer graph saved). It sees the same inputs and the same l
 training mode it also sees the same random numbers as the first pass (torch's RNG state is
 replayed, so a Dropout mask is the same) and it updates no buffer (BatchNorm running statistics
 are updated once, by the first pass, as by any forward).
+
+In a training step, :func:`batch_gradient_fd_shared` (behind
+:meth:`~torchfim.train.FisherPenalty.penalised_loss`) makes the perturbed pass the step's only
+differentiated forward: the task loss is taken at ``θ' = θ + ε ĝ`` too, and one backward of
+``task(θ') + c·L(θ') − c⟨g, θ⟩`` (``c = 2α‖g‖/ε``, ``g`` held constant) gives
+``∇task(θ') + 2α (∇L(θ') − ∇L(θ))‖g‖/ε``: two forwards and two backwards in all, against
+``2F + 3B`` for the separate term. The task gradient is then off by ``ε H_task ĝ + O(ε²)``, with
+``ε = 0.1·√eps·(1 + ‖θ‖)`` (about ``1.5e-9·(1 + ‖θ‖)`` in float64, ``3.5e-5·(1 + ‖θ‖)`` in
+float32); on the test models the whole gradient is within ``4e-8`` (float64) and ``1e-3`` (float32) of
+double backprop at θ. The first pass then runs on clones of the buffers and the perturbed pass,
+with the replayed random numbers, updates them once.
 """
 
 from __future__ import annotations
@@ -67,7 +78,7 @@ def fd_step_for(params: list[Tensor], fd_step: float | None) -> Tensor:
     first = params[0]
     if fd_step is not None:
         return torch.tensor(fd_step, dtype=first.dtype, device=first.device)
-    theta = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params]))
+    theta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in params])))
     return FD_STEP_SCALE * math.sqrt(torch.finfo(first.dtype).eps) * (1.0 + theta)
 
 
@@ -173,3 +184,94 @@ def trace_fd(
     g_plus = vmap(grad(log_p), in_dims=(0, 0, 0))(shifted, x, y)
     weight = norms * ((2.0 * alpha / x.shape[0]) / step)
     return value, [((g_plus[n] - g[n]) * per_input(weight, g[n])).sum(0) for n in base]
+
+
+class _ShiftedParameters(torch.autograd.Function):
+    """``θ' = θ + h·e`` for every parameter at once, plus an anchor of value ``v`` carrying a linear term.
+
+    Forward: the shifted parameters ``p + h·e_p`` (``h`` a 0-dim tensor) and a copy of the constant
+    ``v``. Backward: each parameter gets its shifted copy's gradient plus ``s·w·e_p``, with ``w`` a
+    0-dim weight and ``s`` the anchor's incoming gradient (1 for ``loss.backward()``; the loss's
+    scale otherwise). So adding the anchor to a loss adds the term ``v + w⟨e, θ⟩ − w⟨e, θ⟩|now`` to
+    it without a node of its own: the shift and the term share one node and one fused operation
+    per parameter in each direction (neither ``h·e`` nor ``w·e`` is formed).
+    """
+
+    @staticmethod
+    def forward(ctx, shift: Tensor, extras: list[Tensor], weight: Tensor, value: Tensor, *params: Tensor):
+        ctx.extras, ctx.weight = extras, weight
+        return (*_shifted(params, extras, shift), value.detach().clone())
+
+    @staticmethod
+    def backward(ctx, *upstream: Tensor):
+        *grads, scale = upstream
+        factor = scale * ctx.weight
+        return (None, None, None, None, *[torch.addcmul(g, e, factor) for g, e in zip(grads, ctx.extras)])
+
+
+def batch_gradient_fd_shared(
+    model: nn.Module,
+    family: Family,
+    named: list[tuple[str, Tensor]],
+    x: Tensor,
+    rows: int,
+    draw_labels: Callable[[Tensor], Tensor],
+    alpha: float,
+    fd_step: float | None,
+    cache: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | list[Tensor]]:
+    """The two passes of :meth:`~torchfim.train.FisherPenalty.penalised_loss` with finite differences.
+
+    Pass 1, at θ (gradients, no higher-order graph): outputs ``o`` of the whole batch ``x``, labels
+    ``ŷ = draw_labels(o[:rows])``, ``g = ∇_θ L(θ)`` with ``L = (1/rows) Σᵢ −log p(ŷᵢ|xᵢ)`` on the
+    first ``rows`` outputs. Pass 2, at ``θ' = θ + ε ĝ``: the outputs ``o'`` of the whole batch, by
+    ``functional_call`` with the parameters ``p + (ε/‖g‖)·g_p`` — differentiable in ``p``, so a
+    backward through ``o'`` lands on the real parameters' ``.grad``.
+
+    In training mode pass 1 runs on clones of the buffers (its BatchNorm updates are thrown away)
+    and pass 2 replays its random numbers (the same Dropout masks) on the real buffers, so the
+    running statistics move once, by the batch statistics at θ' (an O(ε) difference from θ).
+    torch's RNG ends where pass 1 and the label draw left it.
+
+    Returns ``(o', L(θ') on o', c, α‖g‖², last)`` with ``c = 2α‖g‖/ε`` (0-dim tensors). With
+    ``cache=False``, ``last`` is a 0-dim tensor of value ``α‖g‖²`` whose gradient is ``−c·g``, so that
+    ``c·L(θ') + last`` has the gradient ``2α (∇L(θ') − ∇L(θ))‖g‖/ε ≈ 2α H g``; with ``cache=True``
+    it is the list ``[−c·g_p]`` (the caller takes ``c·∇L(θ')`` on its own).
+    """
+    params = [p for _, p in named]
+    random_forward = any(m.training for m in model.modules())
+    before = _rng_state(x.device) if random_forward else None
+    buffers = {n: b.clone() for n, b in model.named_buffers()} if random_forward else {}
+    with torch.enable_grad():
+        o = _leading(functional_call(model, buffers, (x,)) if buffers else model(x), rows)
+        y = draw_labels(o)
+        nll = family.nll(o, y)
+        g = _gradients(nll, params) if nll.requires_grad else [torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+    step = fd_step_for(params, fd_step)
+    shift = torch.where(norm > 0, step / norm, 0.0)  # θ + ε ĝ = θ + (ε/‖g‖) g; g = 0 is not moved
+    coef = (2.0 * alpha) * norm / step
+    value = alpha * norm.square()
+    after = _rng_state(x.device) if random_forward else None
+    if random_forward:
+        _set_rng_state(x.device, before)  # the same Dropout masks as pass 1
+    try:
+        if cache:
+            shifted, last = _shifted(params, g, shift), torch._foreach_mul(g, -coef)
+        else:
+            *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
+        out = functional_call(model, {n: t for (n, _), t in zip(named, shifted)}, (x,))
+    finally:
+        if random_forward:
+            _set_rng_state(x.device, after)
+    return out, family.nll(_leading(out, rows), y), coef, value, last
+
+
+def _shifted(params: list[Tensor], directions: list[Tensor], shift: Tensor) -> list[Tensor]:
+    """``p + shift·d`` for each parameter, one fused operation each (differentiable in ``p``)."""
+    return [torch.addcmul(p, d, shift) for p, d in zip(params, directions)]
+
+
+def _leading(o: Tensor, rows: int) -> Tensor:
+    """The first ``rows`` outputs (the tensor itself when that is all of them: no slice to back-propagate)."""
+    return o if rows == o.shape[0] else o[:rows]

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs, iter_batches
-from ..engine import Backend, ModelView, batches, engine_session, make_backend
+from ..engine import Backend, Batch, ModelView, engine_session, make_backend
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .penalty import _check_int
@@ -351,25 +351,26 @@ class FisherTraceMonitor:
         if not self._windows:
             return self.inputs
         pool = self.inputs[0]
-        rows = torch.cat([w.next(generator) for w in self._windows])
-        return [pool[rows.to(pool.device)]]
+        picks = [w.next(generator) for w in self._windows]
+        rows = picks[0] if len(picks) == 1 else torch.cat(picks)
+        return [pool.index_select(0, rows.to(pool.device))]
 
     def _estimate_eval(self) -> tuple[float, float, float]:
         """``(trace, variance, variance of the fresh labels alone)``."""
-        device = next(p for p in self.model.parameters() if p.requires_grad).device
-        generator = self._label_generator(device)
+        path = self._engine()  # once per measurement: the key walks every module
+        generator = self._label_generator(path[0].device)
         window = self._window(generator)
         if self._cv is None:
-            trace, variance = mean_and_variance(self._squared_norms(window, generator), self._population)
+            trace, variance = mean_and_variance(self._squared_norms(path, window, generator), self._population)
             return trace, variance, variance
         state = generator.get_state()
-        fresh = self._squared_norms(window, generator)
+        fresh = self._squared_norms(path, window, generator)
         replay = None
         if self._previous is not None:
             earlier, earlier_state = self._previous
             replayed = torch.Generator(device=generator.device)
             replayed.set_state(earlier_state)  # the same random numbers as that draw: common random numbers
-            replay = self._squared_norms(earlier, replayed)
+            replay = self._squared_norms(path, earlier, replayed)
         self._previous = (window, state)
         return self._cv.update(fresh, replay)
 
@@ -382,11 +383,13 @@ class FisherTraceMonitor:
         (keying on ``_version`` would rebuild after every optimiser step for nothing).
         ``p.data = ...``, ``model.double()``, ``.to(device)`` or a reassigned buffer give new storage,
         hence a new key; the old storage stays referenced by the old view, so its address cannot
-        be reused by the new one.
+        be reused by the new one. A module added or replaced brings new tensors, hence a new key too.
         """
+        # One walk over the modules (named_parameters and named_buffers would make two, with names).
         key = tuple(
-            (name, id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t.requires_grad)
-            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+            (id(t), t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
+            for m in self.model.modules() for tensors in (m._parameters, m._buffers)
+            for t in tensors.values() if t is not None
         )
         if self._path_key != key:
             view = ModelView(self.model, eval_mode=True)
@@ -395,7 +398,9 @@ class FisherTraceMonitor:
             self._checked = 0  # samples checked for independence with this view
         return self._path_cache
 
-    def _squared_norms(self, inputs: list[Tensor], generator: torch.Generator) -> Tensor:
+    def _squared_norms(
+        self, path: tuple[ModelView, Backend], inputs: list[Tensor], generator: torch.Generator
+    ) -> Tensor:
         """``‖∇_θ log p(y_ij|xᵢ)‖²`` (n, k) in float64, one ``family.sample`` call per mini-batch, in order.
 
         The engine's loop step by step rather than ``engine.run``, which would re-run its check that
@@ -403,17 +408,19 @@ class FisherTraceMonitor:
         until 4 samples were checked after each rebuild of the view (the inputs were checked finite
         when held).
         """
-        view, backend = self._engine()
+        view, backend = path
         norms = []
         with engine_session():
-            for batch in batches(inputs, None, view.device, view.dtype):
+            for x in inputs:  # held tensors, checked non-empty and finite when held: no engine.batches() pass
+                x = x.to(device=view.device, dtype=view.dtype if x.is_floating_point() else x.dtype)
+                batch = Batch((x,), {}, x.shape[0])
                 rec = backend.record(batch)
                 fam = view.family_for(rec.shape, batch, self.family, None)
                 fam.check_output(rec.values)
                 self._checked = view.check_independent(batch, rec.values, self._checked)
                 u = fam.output_score(fam.sample(rec.values, self.n_samples, generator), rec.values)  # (B, k, C)
                 norms.append(backend.sample_squares(rec, u))  # (B, k): ‖Jᵢᵀ u_ij‖²
-        return torch.cat(norms).double()
+        return (norms[0] if len(norms) == 1 else torch.cat(norms)).double()
 
     def _check_csv(self, path: Path) -> None:
         if path.exists() and path.is_dir():

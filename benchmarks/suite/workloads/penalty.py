@@ -27,12 +27,18 @@ PENALTY_CONTENDERS: dict[str, dict | None] = {
     "torchfim-every10": {"every": 10},
     "torchfim-fd": {"every": 1, "grad_method": "finite_difference"},
     "torchfim-fd-every10": {"every": 10, "grad_method": "finite_difference"},
+    "torchfim-fd-term": {"every": 1, "grad_method": "finite_difference"},
 }
+
+#: Contenders whose step is ``pen.penalised_loss(x, task_loss, step=step)`` (one shared forward pass);
+#: the others add the separate term, ``task_loss(model(x)) + pen(x, step=step)``.
+SHARED_FORWARD = frozenset({"torchfim-fd", "torchfim-fd-every10"})
 
 
 def _step_contender(name: str, penalty: dict | None, base, data, cfg: Config) -> Contender:
     """``cfg.penalty_steps`` consecutive SGD steps (cycling through the mini-batches) per timed call."""
     steps = cfg.penalty_steps
+    shared = name in SHARED_FORWARD
 
     def make() -> Runner:
         model = copy.deepcopy(base)
@@ -48,9 +54,12 @@ def _step_contender(name: str, penalty: dict | None, base, data, cfg: Config) ->
                 x = data.batches[step % len(data.batches)]
                 y = data.targets[step % len(data.targets)]
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                if pen is not None:
-                    loss = loss + pen(x, step=step)
+                if shared:
+                    loss = pen.penalised_loss(x, lambda out, y=y: F.cross_entropy(out, y), step=step)
+                else:
+                    loss = F.cross_entropy(model(x), y)
+                    if pen is not None:
+                        loss = loss + pen(x, step=step)
                 loss.backward()
                 opt.step()
                 state["step"] = step + 1
@@ -85,5 +94,10 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
                     ratio_to="plain", check=check,
                     notes=[f"one SGD step (lr {cfg.lr}) on a mini-batch of {cfg.batch_size}, seconds per step as the "
                            f"mean over {cfg.penalty_steps} consecutive steps (cycling through the mini-batches); "
-                           f"torchfim: FisherPenalty(alpha={cfg.alpha}, every=1), torchfim-every10: every=10 (one "
-                           "computed step and nine reusing its gradient per 10 steps); ratios are to 'plain'"])
+                           f"torchfim: FisherPenalty(alpha={cfg.alpha}, every=1) as "
+                           "cross_entropy(model(x), y) + pen(x), "
+                           "torchfim-every10: every=10 (one computed step and nine reusing its gradient per 10 "
+                           "steps); torchfim-fd and torchfim-fd-every10: grad_method='finite_difference' through "
+                           "pen.penalised_loss(x, task_loss) (the task loss and the penalty share the forward at "
+                           "θ + εĝ: two forwards and two backwards per computed step), torchfim-fd-term: the same "
+                           "penalty as a separate term, cross_entropy(model(x), y) + pen(x); ratios are to 'plain'"])

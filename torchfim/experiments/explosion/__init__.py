@@ -14,22 +14,25 @@ without BatchNorm (an MLP and a small CNN: 1-D convolutions on MNIST-1D, 2-D con
     :class:`torchfim.train.FisherTraceMonitor` on a fixed held subset of the training inputs (one
     label sampled from the model per input) every ``eval_every_early`` steps in the early phase and
     every ``eval_every`` steps after.
-(b) *Fisher penalty*: final test accuracy is lower at η*/10 than at η*, and adding the Fisher
+(b) *Fisher penalty*: test accuracy (at the step of the best validation accuracy, the paper's
+    early stopping; the final one beside it) is lower at η*/10 than at η*, and adding the Fisher
     penalty (:class:`torchfim.train.FisherPenalty`, ``kind="batch_gradient"``, ``every=10``, the
-    paper's Eq. 3 with its every-10-steps cache) at η*/10 closes most of that gap.
+    paper's Eq. 3 with its every-10-steps cache) at η*/10 closes most of that gap (the fraction
+    closed, with a bootstrap interval over the paired seeds).
 (c) *Memorisation*: with a fraction of the training labels replaced by uniformly drawn ones, the
     Fisher penalty slows the fitting of the corrupted examples more than that of the clean ones
     (training accuracy on each subset, against the labels used for training, over training), at
-    η*/10 and at η*, with a tuned α and with a fixed α (``noisy_fixed_alpha``).
+    η*/10 and at η*, with a tuned α (and, optionally, a fixed α: ``noisy_fixed_alpha``).
 
-How the hyper-parameters are chosen (on validation accuracy, one tuning seed per data set and
-model, as the paper tunes η* "once with a single seed"): η* is the learning rate of ``lr_grid``
-with the best final validation accuracy (runs that diverge are never chosen; ties go to the smaller
-value), and α is the value of ``alpha_grid`` (the digest's ``{0.01, 0.03, 0.1}`` in the full
-study) with the best final validation accuracy at η*/10 with the penalty. On noisy labels α is
-tuned separately, as in the paper, over ``noisy_alpha_grid`` at each noisy-run learning rate, by
-the best validation accuracy over training (the paper's early stopping; validation labels are
-clean). The tuning seed is derived from the master seed apart from the evaluation seeds.
+Every run trains for a fixed number of epochs per data set (``epochs``: 100 on MNIST-1D; on the
+digits enough for the un-penalised small-learning-rate runs to fit their training set), and the
+study reports whether training accuracy had plateaued. Hyper-parameters are chosen on validation
+accuracy, on ``n_tuning_seeds`` tuning seeds derived from the master seed apart from the
+evaluation seeds: η* is the learning rate of ``lr_grid`` with the best mean, over the tuning
+seeds, of the best validation accuracy over training (a rate that diverges on any tuning seed is
+never chosen; ties go to the smaller value), and α the value of ``alpha_grid`` with the best mean
+of the same criterion at η*/10 with the penalty. On noisy labels α is tuned the same way,
+separately, over ``noisy_alpha_grid`` at each noisy-run learning rate (validation labels are clean).
 
 Every configuration is trained on ``n_seeds`` seeds, ``torchfim.compare.seeds(n_seeds,
 master_seed)``, each split by :func:`torchfim.compare.derive_seeds` into the seeds of the weight
@@ -44,11 +47,14 @@ missing ones. ``results.json``, ``summary.md`` and the figures are always rebuil
 files, and every run is deterministic (one intra-op thread, ``torch.use_deterministic_algorithms``,
 seeded generators), so an interrupted and resumed study writes the same ``results.json`` as an
 uninterrupted one. Wall-clock times are kept out of ``results.json``, in ``timings.json``.
+``results.json`` also keeps every run file's content, and ``--from-results results.json --out DIR``
+writes those run files back and rebuilds the outputs from them (no training).
 
 The package, one job per module: :mod:`.settings` (presets, run specifications, names),
 :mod:`.data` (splits and networks), :mod:`.train` (one run), :mod:`.plan` (which runs, tuning),
 :mod:`.store` (run files), :mod:`.study` (running them all), :mod:`.assemble` (results.json),
-:mod:`.figures`, :mod:`.summary` and :mod:`.claims` (summary.md), :mod:`.command` (the command
+:mod:`.gap` (the fraction of the gap closed), :mod:`.figures`, :mod:`.summary` and :mod:`.claims`
+(summary.md), :mod:`.command` (the command
 line).
 """
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from ...compare import prob_outperform, seeds
 from ...errors import TorchfimError
-from .plan import is_done, main_specs, tune_lr_specs, tuned, tuning_seed, tuning_specs
+from .gap import gap_closed
+from .plan import is_done, main_specs, tune_lr_specs, tuned, tuning_seeds, tuning_specs
 from .settings import (
     CLEAN_VARIANTS,
     POOLED,
@@ -26,14 +27,19 @@ from .train import compact
 
 __all__ = ["assemble", "CLEAN_CLAIMS", "NOISY_CLAIMS"]
 
-CLEAN_CLAIMS = ("a_explosion", "a_explosion_early", "a_fp_lowers_peak", "b_large_beats_small", "b_fp_beats_small")
+CLEAN_CLAIMS = ("a_explosion", "a_explosion_early", "a_fp_lowers_peak", "b_large_beats_small", "b_fp_beats_small",
+                "b_large_beats_small_final", "b_fp_beats_small_final")
 NOISY_CLAIMS = (
     "c_fp_slows_noisy", "c_noisy_slowed_more", "c_fp_test",
     "c_fp_fixed_slows_noisy", "c_fixed_noisy_slowed_more", "c_fp_fixed_test",
 )  # fmt: skip
 #: The measures summarised over seeds, per clean-label and per noisy-label configuration.
-_CLEAN_MEASURES = ("test_acc", "test_acc_at_best_val", "train_acc", "val_acc", "peak_trace", "step_of_peak_trace",
-                   "stderr_at_peak", "trace_at_threshold", "step_at_threshold", "final_trace")
+_CLEAN_MEASURES = ("test_acc_at_best_val", "test_acc", "step_of_best_val", "train_acc", "train_acc_at_four_fifths",
+                   "val_acc", "peak_trace", "step_of_peak_trace", "stderr_at_peak", "trace_at_threshold",
+                   "step_at_threshold", "final_trace")
+#: Per evaluation seed, what early stopping picked: the step of the best validation accuracy and the
+#: test accuracy there, with the final test accuracy beside it.
+_PER_SEED = ("step_of_best_val", "best_val_acc", "test_acc_at_best_val", "test_acc")
 _NOISY_MEASURES = ("clean_acc", "noisy_acc", "clean_acc_auc", "noisy_acc_auc", "test_acc", "test_acc_at_best_val",
                    "peak_trace")
 
@@ -109,6 +115,8 @@ def assemble(settings: Settings, master_seed: int, done: dict[str, dict]) -> dic
     for (name, label), (a, b, claim, al, bl, met) in agg.pooled.items():
         if len(a) > len(study_seeds):  # more than one data set and model
             agg.comparisons.append(_compare(name, claim, label, al, bl, met, a, b))
+    if len(settings.combos) > 1:
+        agg.aggregates[POOLED] = {key: gap_closed(groups) for key, groups in agg.gap_groups.items()}
 
     return {
         "experiment": "explosion",
@@ -117,7 +125,7 @@ def assemble(settings: Settings, master_seed: int, done: dict[str, dict]) -> dic
         "settings": asdict(settings),
         "master_seed": master_seed,
         "seeds": study_seeds,
-        "tuning_seed": tuning_seed(master_seed),
+        "tuning_seeds": tuning_seeds(master_seed, settings.n_tuning_seeds),
         "tuning": tuning,
         "aggregates": agg.aggregates,
         "comparisons": agg.comparisons,
@@ -136,6 +144,8 @@ class _Aggregates:
         self.aggregates: dict[str, Any] = {}
         self.curves: dict[str, Any] = {}
         self.comparisons: list[dict] = []
+        # gap measure -> one (large, small, fp) triple of per-seed metrics per data set and model
+        self.gap_groups: dict[str, list[tuple]] = {"gap_closed": [], "gap_closed_final": []}
         # (comparison, pooled label) -> (a, b, claim, a label, b label, metric)
         self.pooled: dict[tuple[str, str], tuple] = {}
 
@@ -166,9 +176,13 @@ class _Aggregates:
             pa.extend(a)
             pb.extend(b)
 
+    def per_seed(self, runs: list[dict]) -> list[dict]:
+        """Per evaluation seed: its index, the best-validation step, the accuracies there and at the end."""
+        return [{"seed_index": r["spec"]["seed_index"], **{k: r["result"]["final"][k] for k in _PER_SEED}} for r in runs]
+
     def clean(self, d: str, m: str) -> None:
         """Claims (a) and (b) on one data set and model."""
-        combo = f"{d}/{m}"
+        combo, tol = f"{d}/{m}", self.settings.plateau_tolerance
         g = {v: self.group("clean", d, m, v) for v in CLEAN_VARIANTS}
         agg: dict[str, Any] = {}
         for v, runs in g.items():
@@ -176,25 +190,34 @@ class _Aggregates:
                 "lr": runs[0]["spec"]["lr"],
                 "alpha": runs[0]["spec"]["alpha"],
                 "diverged": sum(r["result"]["diverged"] for r in runs),
+                "per_seed": self.per_seed(runs),
             })  # fmt: skip
-        large, small, fp = (np.mean(self.metric(g[v], "test_acc")) for v in CLEAN_VARIANTS)
-        agg["gap_closed"] = compact((fp - small) / (large - small)) if large != small else None
+            before, end = agg[v]["train_acc_at_four_fifths"], agg[v]["train_acc"]
+            agg[v]["plateaued"] = None if before is None or end is None else abs(end["mean"] - before["mean"]) <= tol
+        for key, metric in (("gap_closed", "test_acc_at_best_val"), ("gap_closed_final", "test_acc")):
+            triple = tuple(self.metric(g[v], metric) for v in CLEAN_VARIANTS)
+            self.gap_groups[key].append(triple)
+            agg[key] = gap_closed([triple])
         self.aggregates[combo] = agg
         self.curves[combo] = {v: {k: _mean_curve(g[v], k) for k in ("trace", "train_acc", "test_acc")}
                               for v in CLEAN_VARIANTS}
         peaks = {v: self.metric(g[v], "peak_trace") for v in CLEAN_VARIANTS}
         early = {v: self.metric(g[v], "trace_at_threshold") for v in CLEAN_VARIANTS}
         agg["peak_ratio_small_over_large"] = compact(np.mean(peaks["small"]) / np.mean(peaks["large"]))
-        tests = {v: self.metric(g[v], "test_acc") for v in CLEAN_VARIANTS}
+        best = {v: self.metric(g[v], "test_acc_at_best_val") for v in CLEAN_VARIANTS}
+        final = {v: self.metric(g[v], "test_acc") for v in CLEAN_VARIANTS}
+        at_best, at_end = "test accuracy at the best validation step", "final test accuracy"
         self.compare([
             ("a_explosion", "a", "small LR", "large LR", "peak Tr(F)", peaks["small"], peaks["large"]),
             ("a_explosion_early", "a", "small LR", "large LR",
              f"Tr(F_i): Tr(F) when the training loss first falls below {self.settings.loss_threshold:g}",
              early["small"], early["large"]),
             ("a_fp_lowers_peak", "a", "small LR", "small LR + FP", "peak Tr(F)", peaks["small"], peaks["small_fp"]),
-            ("b_large_beats_small", "b", "large LR", "small LR", "final test accuracy", tests["large"], tests["small"]),
-            ("b_fp_beats_small", "b", "small LR + FP", "small LR", "final test accuracy", tests["small_fp"], tests["small"]),
-            ("b_large_vs_fp", "b", "large LR", "small LR + FP", "final test accuracy", tests["large"], tests["small_fp"]),
+            ("b_large_beats_small", "b", "large LR", "small LR", at_best, best["large"], best["small"]),
+            ("b_fp_beats_small", "b", "small LR + FP", "small LR", at_best, best["small_fp"], best["small"]),
+            ("b_large_vs_fp", "b", "large LR", "small LR + FP", at_best, best["large"], best["small_fp"]),
+            ("b_large_beats_small_final", "b", "large LR", "small LR", at_end, final["large"], final["small"]),
+            ("b_fp_beats_small_final", "b", "small LR + FP", "small LR", at_end, final["small_fp"], final["small"]),
         ], combo, POOLED, skip_missing=True)  # fmt: skip
 
     def noisy(self, d: str, m: str, w: str) -> None:
@@ -210,6 +233,7 @@ class _Aggregates:
                 "noise_fraction": self.settings.noise_fraction,
                 "n_noisy": [r["result"]["n_noisy"] for r in runs],
                 "diverged": sum(r["result"]["diverged"] for r in runs),
+                "per_seed": self.per_seed(runs),
             })  # fmt: skip
         self.curves[label] = {
             v: {k: _mean_curve(g[v], k) for k in ("clean_acc", "noisy_acc", "trace", "test_acc")} for v in variants
@@ -285,7 +309,8 @@ def _verdicts(settings: Settings, aggregates: dict, comparisons: list[dict]) -> 
     combos = [f"{d}/{m}" for d, m in settings.combos]
     for combo in combos + ([POOLED] if len(combos) > 1 else []):
         clean[combo] = {k: v(k, combo) for k in CLEAN_CLAIMS}
-        clean[combo]["b_gap_closed"] = aggregates.get(combo, {}).get("gap_closed")
+        gap = aggregates.get(combo, {}).get("gap_closed")
+        clean[combo]["b_gap_closed"] = None if not gap or gap["gap_ci_low"] <= 0 else gap["value"]
     noisy: dict[str, Any] = {}
     for w in settings.noisy_lrs:
         labels = [noisy_label(d, m, w, settings) for d, m in settings.noisy_combos]

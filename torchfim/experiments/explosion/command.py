@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from ...cli.types import nonnegative_int, positive_int
 from ...errors import TorchfimError
-from .settings import DEFAULT_OUT, FILES, PRESETS
+from .settings import DEFAULT_OUT, FILES, PRESETS, settings_from_json
+from .store import extract_runs
 from .study import run
 
 __all__ = ["HELP", "add_arguments", "main"]
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (created if needed; default: {DEFAULT_OUT}/)")
     parser.add_argument("--quick", action="store_true",
-                        help="one data set and model, fewer steps, 2 seeds (a few minutes at most; for smoke runs)")
+                        help="one data set and model, fewer epochs, 2 seeds (a few minutes at most; for smoke runs)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in DIR/runs/ and run only the missing ones")
     parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
@@ -32,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the study's master seed, from which every run's seeds derive (default: 0)")
     parser.add_argument("--jobs", type=positive_int, default=1, metavar="J",
                         help="runs in parallel, one thread each (default: 1; results do not depend on it)")
+    parser.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
+                        help="write the run files stored in this results.json into DIR/runs/ and rebuild results.json, "
+                        "summary.md and the figures from them with this code (no training; DIR must hold no runs)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-runs", type=positive_int, default=None, help=argparse.SUPPRESS)  # stop after N new runs
@@ -50,6 +55,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             raise ImportError(
                 f"torchfim explosion needs the optional package {module!r}: pip install 'torchfim[cli]'"
             ) from exc
+    if args.from_results is not None:
+        return _from_results(args)
     settings = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
     if args.seeds is not None:
         if args.seeds < 2:
@@ -63,4 +70,21 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     print(f"wrote {out / FILES['summary']}, {out / FILES['json']} and figures in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _from_results(args: argparse.Namespace) -> int:
+    """``--from-results``: the run files of a results.json into DIR/runs/, then the outputs rebuilt from them."""
+    path = Path(args.from_results)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        settings = settings_from_json(results["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TorchfimError(f"cannot read the study in {str(path)!r} ({exc}); pass a results.json the study wrote")
+    runs_dir = Path(args.out) / "runs"
+    if runs_dir.is_dir() and any(runs_dir.iterdir()):
+        raise TorchfimError(f"{str(runs_dir)!r} already holds run files; pass an empty --out folder with --from-results")
+    n = extract_runs(results, runs_dir, settings)
+    run(args.out, settings, master_seed=results["master_seed"], resume=True, progress=False)
+    print(f"rebuilt {Path(args.out) / FILES['summary']} and {Path(args.out) / FILES['json']} from {n} run files")
     return 0

@@ -1,5 +1,6 @@
-"""Which runs the study is made of: the tuning runs, then η* and α chosen from them, then the
-runs of every configuration and seed; and which of them are done."""
+"""Which runs the study is made of: the tuning runs (every grid value on every tuning seed), then η*
+and α chosen from them by the mean best validation accuracy over training, then the runs of every
+configuration and evaluation seed; and which of them are done."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import numpy as np
 from ...compare import seeds
 from ...errors import TorchfimError
 from .settings import CLEAN_VARIANTS, RunSpec, Settings
+from .train import compact
 
 __all__ = [
-    "tuning_seed",
+    "tuning_seeds",
     "tune_lr_specs",
     "tuning_specs",
     "main_specs",
@@ -23,7 +25,7 @@ __all__ = [
     "is_done",
 ]
 
-# Spawn key of the tuning run's seed ("TUNE" in ASCII): apart from the evaluation seeds.
+# Spawn key of the tuning runs' seeds ("TUNE" in ASCII): apart from the evaluation seeds.
 _TUNE_SPAWN_KEY = 0x54554E45
 
 
@@ -31,33 +33,39 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def tuning_seed(master_seed: int) -> int:
-    """The master seed of the tuning runs, derived from the study's seed apart from :func:`seeds`."""
+def tuning_seeds(master_seed: int, n: int) -> list[int]:
+    """The ``n`` master seeds of the tuning runs, derived from the study's seed apart from :func:`seeds`."""
     ss = np.random.SeedSequence(master_seed, spawn_key=(_TUNE_SPAWN_KEY,))
-    return int(ss.generate_state(1, dtype=np.uint32)[0])
+    return [int(x) for x in ss.generate_state(n, dtype=np.uint32)]
+
+
+def _tuning_runs(settings: Settings, master_seed: int, run_id: str, phase: str, d: str, m: str, variant: str,
+                 lr: float, alpha: float, noise: float) -> list[RunSpec]:
+    """One configuration's tuning runs, one per tuning seed (run ids end in ``-t<k>``)."""
+    return [RunSpec(f"{run_id}-t{k}", phase, d, m, variant, lr, alpha, noise, seed, None, k)
+            for k, seed in enumerate(tuning_seeds(master_seed, settings.n_tuning_seeds))]
 
 
 def tune_lr_specs(settings: Settings, master_seed: int) -> list[RunSpec]:
-    """The learning-rate tuning runs: every grid value on every (data set, model), one tuning seed."""
-    seed = tuning_seed(master_seed)
+    """The learning-rate tuning runs: every grid value on every (data set, model) and tuning seed."""
     return [
-        RunSpec(f"tune_lr-{d}-{m}-lr{_fmt(lr)}", "tune_lr", d, m, f"lr={_fmt(lr)}", lr, 0.0, 0.0, seed, None)
+        sp
         for d, m in settings.all_combos()
         for lr in settings.lr_grid
+        for sp in _tuning_runs(settings, master_seed, f"tune_lr-{d}-{m}-lr{_fmt(lr)}", "tune_lr", d, m,
+                               f"lr={_fmt(lr)}", lr, 0.0, 0.0)
     ]
 
 
 def _tune_alpha_specs(settings: Settings, master_seed: int, lr_star: dict) -> list[RunSpec]:
-    seed = tuning_seed(master_seed)
     out = []
     for d, m in settings.combos:
         if (d, m) not in lr_star:
             continue
         small = lr_star[(d, m)] / settings.lr_ratio
         for a in settings.alpha_grid:
-            out.append(
-                RunSpec(f"tune_alpha-{d}-{m}-a{_fmt(a)}", "tune_alpha", d, m, f"alpha={_fmt(a)}", small, a, 0.0, seed, None)
-            )
+            out += _tuning_runs(settings, master_seed, f"tune_alpha-{d}-{m}-a{_fmt(a)}", "tune_alpha", d, m,
+                                f"alpha={_fmt(a)}", small, a, 0.0)
     return out
 
 
@@ -68,14 +76,15 @@ def _noisy_lr(settings: Settings, lr_star: float, which: str) -> float:
 
 
 def _tune_noisy_alpha_specs(settings: Settings, master_seed: int, lr_star: dict) -> list[RunSpec]:
-    seed = tuning_seed(master_seed)
     return [
-        RunSpec(f"tune_noisy_alpha-{d}-{m}-{w}-a{_fmt(a)}", "tune_noisy_alpha", d, m, f"{w} alpha={_fmt(a)}",
-                _noisy_lr(settings, lr_star[(d, m)], w), a, settings.noise_fraction, seed, None)
+        sp
         for d, m, w in settings.noisy_settings()
         if (d, m) in lr_star
         for a in settings.noisy_alpha_grid
-    ]  # fmt: skip
+        for sp in _tuning_runs(settings, master_seed, f"tune_noisy_alpha-{d}-{m}-{w}-a{_fmt(a)}", "tune_noisy_alpha",
+                               d, m, f"{w} alpha={_fmt(a)}", _noisy_lr(settings, lr_star[(d, m)], w), a,
+                               settings.noise_fraction)
+    ]
 
 
 def tuning_specs(settings: Settings, master_seed: int, lr_star: dict) -> list[RunSpec]:
@@ -103,14 +112,39 @@ def main_specs(settings: Settings, master_seed: int, lr_star: dict, alpha: dict,
     return out
 
 
-def _choose(grid: Sequence[float], runs: Sequence[dict], key: str = "val_acc") -> tuple[float, list]:
-    """The grid value with the best validation accuracy ``key`` (diverged runs excluded; ties: first)."""
-    scores = [None if r["diverged"] else r["final"][key] for r in runs]
-    valid = [i for i, s in enumerate(scores) if s is not None]
+def _grid_runs(specs: list[RunSpec], done: dict[str, dict], n_values: int) -> list[list[dict]] | None:
+    """The finished results of tuning specs listed value by value, as one list per grid value (None
+    until every one of them is done)."""
+    if not specs or not all(is_done(done, sp) for sp in specs):
+        return None
+    results = [done[sp.run_id]["result"] for sp in specs]
+    per = len(results) // n_values
+    return [results[i * per : (i + 1) * per] for i in range(n_values)]
+
+
+def _mean_final(runs: list[dict], key: str) -> float | None:
+    vals = [r["final"][key] for r in runs]
+    return None if any(v is None for v in vals) else compact(float(np.mean(vals)))
+
+
+def _choose(grid: Sequence[float], groups: list[list[dict]]) -> tuple[float, dict[str, list]]:
+    """The grid value whose runs have the best mean (over tuning seeds) of the best validation accuracy
+    over training; a value with a diverged run is excluded; ties go to the first (smaller) value."""
+    scores = [None if any(r["diverged"] for r in g) else _mean_final(g, "best_val_acc") for g in groups]
+    valid = [i for i, x in enumerate(scores) if x is not None]
     if not valid:
         raise TorchfimError("every tuning run diverged; lower the learning-rate grid")
     best = max(valid, key=lambda i: (scores[i], -i))
-    return grid[best], scores
+    table = {
+        "best_val_acc": scores,
+        "best_val_acc_per_seed": [[None if r["diverged"] else r["final"]["best_val_acc"] for r in g] for g in groups],
+        "final_train_acc": [_mean_final(g, "train_acc") for g in groups],
+    }
+    return grid[best], table
+
+
+def _prefixed(prefix: str, table: dict[str, list]) -> dict[str, list]:
+    return {f"{prefix}_{k}": v for k, v in table.items()}
 
 
 def tuned(settings: Settings, master_seed: int, done: dict[str, dict]) -> tuple[dict, dict, dict, dict]:
@@ -121,44 +155,31 @@ def tuned(settings: Settings, master_seed: int, done: dict[str, dict]) -> tuple[
     table: dict = {}
     lr_specs = tune_lr_specs(settings, master_seed)
     for d, m in settings.all_combos():
-        mine = [sp for sp in lr_specs if (sp.dataset, sp.model) == (d, m)]
-        if not all(is_done(done, sp) for sp in mine):
+        groups = _grid_runs([sp for sp in lr_specs if (sp.dataset, sp.model) == (d, m)], done, len(settings.lr_grid))
+        if groups is None:
             continue
-        runs = [done[sp.run_id]["result"] for sp in mine]
-        lr_star[(d, m)], scores = _choose(settings.lr_grid, runs)
-        entry = {
-            "lr_grid": list(settings.lr_grid),
-            "lr_val_acc": scores,
-            "lr_train_acc": [r["final"]["train_acc"] for r in runs],
-            "lr_test_acc": [r["final"]["test_acc"] for r in runs],
-            "lr_star": lr_star[(d, m)],
-            "lr_small": lr_star[(d, m)] / settings.lr_ratio,
-        }
+        lr_star[(d, m)], scores = _choose(settings.lr_grid, groups)
+        entry = {"tuning_seeds": tuning_seeds(master_seed, settings.n_tuning_seeds), "lr_grid": list(settings.lr_grid),
+                 **_prefixed("lr", scores), "lr_star": lr_star[(d, m)],
+                 "lr_small": lr_star[(d, m)] / settings.lr_ratio}  # fmt: skip
         amine = [sp for sp in _tune_alpha_specs(settings, master_seed, lr_star) if (sp.dataset, sp.model) == (d, m)]
-        if amine and all(is_done(done, sp) for sp in amine):
-            aruns = [done[sp.run_id]["result"] for sp in amine]
-            alpha[(d, m)], ascores = _choose(settings.alpha_grid, aruns)
-            entry.update(
-                alpha_grid=list(settings.alpha_grid),
-                alpha_val_acc=ascores,
-                alpha_train_acc=[r["final"]["train_acc"] for r in aruns],
-                alpha=alpha[(d, m)],
-            )
+        groups = _grid_runs(amine, done, len(settings.alpha_grid))
+        if groups is not None:
+            alpha[(d, m)], scores = _choose(settings.alpha_grid, groups)
+            entry.update(alpha_grid=list(settings.alpha_grid), **_prefixed("alpha", scores), alpha=alpha[(d, m)])
         for w in settings.noisy_lrs if (d, m) in settings.noisy_combos else ():
             nmine = [
                 sp for sp in _tune_noisy_alpha_specs(settings, master_seed, lr_star)
                 if (sp.dataset, sp.model) == (d, m) and sp.variant.startswith(f"{w} ")
             ]  # fmt: skip
-            if nmine and all(is_done(done, sp) for sp in nmine):
-                nruns = [done[sp.run_id]["result"] for sp in nmine]
-                noisy_alpha[(d, m, w)], nscores = _choose(settings.noisy_alpha_grid, nruns, key="best_val_acc")
+            groups = _grid_runs(nmine, done, len(settings.noisy_alpha_grid))
+            if groups is not None:
+                noisy_alpha[(d, m, w)], scores = _choose(settings.noisy_alpha_grid, groups)
                 entry.setdefault("noisy", {})[w] = {
-                    "lr": nmine[0].lr,
-                    "alpha_grid": list(settings.noisy_alpha_grid),
-                    "alpha_best_val_acc": nscores,
-                    "alpha_final_noisy_acc": [r["final"]["noisy_acc"] for r in nruns],
+                    "lr": nmine[0].lr, "alpha_grid": list(settings.noisy_alpha_grid), **_prefixed("alpha", scores),
+                    "alpha_final_noisy_acc": [_mean_final(g, "noisy_acc") for g in groups],
                     "alpha": noisy_alpha[(d, m, w)],
-                }
+                }  # fmt: skip
         table[f"{d}/{m}"] = entry
     return lr_star, alpha, noisy_alpha, table
 
@@ -168,7 +189,7 @@ def count_runs(settings: Settings) -> int:
     n_combo = len(settings.all_combos())
     tuning = n_combo * len(settings.lr_grid) + len(settings.combos) * len(settings.alpha_grid)
     tuning += len(settings.noisy_settings()) * len(settings.noisy_alpha_grid)
-    return tuning + settings.n_seeds * (
+    return tuning * settings.n_tuning_seeds + settings.n_seeds * (
         len(CLEAN_VARIANTS) * len(settings.combos) + len(settings.noisy_variants()) * len(settings.noisy_settings())
     )
 

@@ -21,13 +21,14 @@ __all__ = [
     "TINY",
     "PRESETS",
     "RunSpec",
+    "settings_from_json",
     "lr_text",
     "noisy_label",
     "noisy_pooled",
 ]
 
 DEFAULT_OUT = "torchfim-explosion"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 N_CLASSES = 10
 
 FILES = {
@@ -69,16 +70,21 @@ class Settings:
     #: (dataset, model) pairs of claim (c), trained with label noise.
     noisy_combos: tuple[tuple[str, str], ...] = (("digits", "mlp"), ("mnist1d", "cnn"))
     n_seeds: int = 5
-    #: Optimisation steps per run, by data set.
-    steps: tuple[tuple[str, int], ...] = (("digits", 1000), ("mnist1d", 1500))
+    #: Tuning seeds (none of them an evaluation seed): η* and α maximise the mean over these seeds
+    #: of the best validation accuracy over training.
+    n_tuning_seeds: int = 2
+    #: Training epochs per run, by data set (the same for every configuration of a data set): MNIST-1D
+    #: the protocol's 100; digits, where the un-penalised small-learning-rate runs reach 100% training
+    #: accuracy.
+    epochs: tuple[tuple[str, int], ...] = (("digits", 250), ("mnist1d", 100))
     batch_size: int = 128
     momentum: float = 0.9
     lr_grid: tuple[float, ...] = (0.0316, 0.1, 0.316)
     lr_ratio: float = 10.0
-    alpha_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
+    alpha_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     fp_every: int = 10
     #: Fraction of the training examples whose label is replaced by a uniform draw (claim c).
-    noise_fraction: float = 0.3
+    noise_fraction: float = 0.25
     #: Learning rates of the noisy-label runs: "small" (η*/10) and/or "large" (η*).
     noisy_lrs: tuple[str, ...] = ("small", "large")
     #: α grid of the noisy-label runs, tuned on them (best validation accuracy over training, the
@@ -86,7 +92,7 @@ class Settings:
     noisy_alpha_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     #: A second penalised configuration on noisy labels with this fixed α (None: none), to test the
     #: memorisation claim at a strength where the penalty acts, whatever validation prefers.
-    noisy_fixed_alpha: float | None = 0.1
+    noisy_fixed_alpha: float | None = None
     monitor_inputs: int = 256
     #: Measure (Tr(F), accuracies) every ``eval_every`` steps, and every ``eval_every_early`` steps
     #: before step ``early_until`` (the early phase, where Tr(F) moves fastest).
@@ -103,10 +109,17 @@ class Settings:
     #: ε of the paper's early-phase value Tr(Fᵢ): Tr(F) when the training loss first falls below ε
     #: (analysis only; ln 10 ≈ 2.3 at initialisation, the paper uses 1.2 on CIFAR-10).
     loss_threshold: float = 1.0
+    #: A configuration has plateaued when its mean training accuracy moved by at most this much over
+    #: the last fifth of training (analysis only).
+    plateau_tolerance: float = 0.01
 
-    def steps_for(self, dataset: str) -> int:
-        """Optimisation steps of a run on ``dataset``."""
-        return dict(self.steps)[dataset]
+    def epochs_for(self, dataset: str) -> int:
+        """Training epochs of a run on ``dataset``."""
+        return dict(self.epochs)[dataset]
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Mini-batches per epoch (the last one may be smaller)."""
+        return -(-n_train // self.batch_size)
 
     def is_eval_step(self, step: int) -> bool:
         """Whether Tr(F) and the accuracies are measured before ``step``."""
@@ -141,9 +154,9 @@ class Settings:
 
 
 _PLAN_ONLY = (
-    "preset", "combos", "noisy_combos", "n_seeds", "lr_grid", "lr_ratio", "alpha_grid", "noisy_lrs", "noise_fraction",
+    "preset", "combos", "noisy_combos", "n_seeds", "n_tuning_seeds", "lr_grid", "lr_ratio", "alpha_grid", "noisy_lrs", "noise_fraction",
     "noisy_alpha_grid", "noisy_fixed_alpha",
-    "loss_threshold",
+    "loss_threshold", "plateau_tolerance",
 )  # fmt: skip
 
 
@@ -154,9 +167,9 @@ QUICK = Settings(
     noisy_combos=(("digits", "mlp"),),
     noisy_lrs=("large",),
     n_seeds=2,
-    steps=(("digits", 300), ("mnist1d", 300)),
+    epochs=(("digits", 30), ("mnist1d", 12)),
     lr_grid=(0.03, 0.1, 0.3),
-    alpha_grid=(0.03,),
+    alpha_grid=(0.03, 0.1),
     noisy_alpha_grid=(0.03, 0.1),
     monitor_inputs=128,
     eval_every=20,
@@ -171,10 +184,11 @@ TINY = Settings(
     noisy_combos=(("digits", "mlp"),),
     noisy_lrs=("large",),
     n_seeds=2,
-    steps=(("digits", 40), ("mnist1d", 40)),
+    epochs=(("digits", 4), ("mnist1d", 2)),
     lr_grid=(0.05, 0.2),
     alpha_grid=(0.03,),
     noisy_alpha_grid=(0.03,),
+    noisy_fixed_alpha=0.1,  # the fixed-α configuration's code path
     monitor_inputs=32,
     eval_every=10,
     eval_every_early=5,
@@ -198,7 +212,17 @@ class RunSpec:
     alpha: float
     noise_fraction: float
     seed: int  # the run's master seed (derive_seeds splits it)
-    seed_index: int | None  # index in the study's seed list; None for the tuning seed
+    seed_index: int | None  # index in the study's seed list; None for a tuning run
+    tuning_index: int | None = None  # index in the tuning seeds; None for an evaluation run
+
+
+def _tuples(value: object) -> object:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def settings_from_json(data: dict) -> Settings:
+    """The :class:`Settings` stored in a ``results.json`` (its ``"settings"``; JSON lists back to tuples)."""
+    return Settings(**{k: _tuples(v) for k, v in data.items()})
 
 
 def lr_text(which: str, settings: Settings | dict) -> str:

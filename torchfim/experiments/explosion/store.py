@@ -14,7 +14,7 @@ from ...errors import TorchfimError
 from .settings import RunSpec, Settings
 from .train import train_one
 
-__all__ = ["execute", "load_runs", "write_timings"]
+__all__ = ["execute", "load_runs", "write_timings", "extract_runs"]
 
 
 def _run_path(runs_dir: Path, run_id: str) -> Path:
@@ -38,6 +38,20 @@ def execute(spec: RunSpec, settings: Settings, runs_dir: str) -> tuple[str, dict
     }
     write_json(_run_path(Path(runs_dir), spec.run_id), record, indent=None)
     return spec.run_id, record, seconds
+
+
+def extract_runs(results: dict[str, Any], runs_dir: Path, settings: Settings) -> int:
+    """Write the run files stored in a ``results.json`` (its ``"runs"``) into ``runs_dir``; return how many.
+
+    ``results.json`` keeps every run's specification and result, so this gives back the run files
+    a study was assembled from (without their wall-clock seconds, which are in ``timings.json``).
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    fp = settings.fingerprint()
+    for run_id, run in results["runs"].items():
+        record = {"run_id": run_id, "fingerprint": fp, "spec": run["spec"], "result": run["result"]}
+        write_json(_run_path(runs_dir, run_id), record, indent=None)
+    return len(results["runs"])
 
 
 def load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:

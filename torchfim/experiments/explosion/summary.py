@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .claims import claims_text
-from .settings import CLEAN_VARIANTS, LABELS, NOISY_VARIANTS, lr_text, noisy_label
+from .settings import CLEAN_VARIANTS, LABELS, NOISY_VARIANTS, POOLED, lr_text, noisy_label
 
 __all__ = ["summary", "pm"]
 
@@ -58,7 +58,6 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "cnn": f"CNN of 3 ReLU convolutions ({s['cnn_channels']} channels; 1-D on MNIST-1D, 2-D on the 8×8 digits), "
         "two max-pools and a linear head",
     }
-    digest_alpha = list(s["alpha_grid"]) == [0.01, 0.03, 0.1]
     return [
         "# Catastrophic Fisher explosion at CPU scale",
         "",
@@ -72,8 +71,10 @@ def _setup(results: dict[str, Any]) -> list[str]:
         + f". Validation = {100 * s['val_fraction']:g}% of the training data, drawn per seed.",
         "* Models, no BatchNorm: " + "; ".join(model_text[m] for m in models) + ".",
         f"* SGD, momentum {s['momentum']}, batch {s['batch_size']}, constant learning rate, no weight decay, no augmentation; "
-        + ", ".join(f"{st} steps on {d}" for d, st in s["steps"] if d in datasets)
-        + ".",
+        + ", ".join(f"{ep} epochs on {d}" for d, ep in s["epochs"] if d in datasets)
+        + " (the same budget for every configuration; the table of (b) shows whether training accuracy had "
+        "plateaued). Test accuracy is read at the step of the best validation accuracy (early stopping, the paper's "
+        "headline), with the final test accuracy beside it.",
         "* Tr(F): `torchfim.train.FisherTraceMonitor` (unbiased estimate from per-example squared score norms, one label "
         f"sampled from the model per input, with its standard error) on {s['monitor_inputs']} fixed training inputs, "
         f"every {s['eval_every_early']} steps before step {s['early_until']} and every {s['eval_every']} steps after. "
@@ -81,12 +82,11 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "(`trace_stderr`), and its value at the peak is in the table below.",
         f"* Fisher penalty: `torchfim.train.FisherPenalty(kind=\"batch_gradient\", every={s['fp_every']})` (the paper's "
         "Eq. 3; its gradient is recomputed every 10 steps and reused in between), from step 0.",
-        f"* η* is the learning rate of {list(s['lr_grid'])} with the best final validation accuracy on one tuning seed "
-        f"(diverged runs excluded; ties go to the smaller value); the small learning rate is {small}. α is the value of "
-        f"{list(s['alpha_grid'])}"
-        + (" (the digest's grid for the paper's v = 0.01)" if digest_alpha else "")
-        + f" with the best final validation accuracy at {small} with the penalty (ties: the smaller), on the same tuning seed. "
-        "The tuning seed is none of the evaluation seeds.",
+        f"* η* is the learning rate of {list(s['lr_grid'])} with the best validation accuracy over training (the "
+        f"maximum over its measurements), averaged over {s['n_tuning_seeds']} tuning seeds (a rate that diverged on "
+        f"any of them is excluded; ties go to the smaller value); the small learning rate is {small}. α is the value "
+        f"of {list(s['alpha_grid'])} with the best mean of the same criterion at {small} with the penalty (ties: the "
+        "smaller), on the same tuning seeds. No tuning seed is an evaluation seed.",
     ]
 
 
@@ -102,8 +102,8 @@ def _noise_setup(s: dict) -> list[str]:
         "subset is the examples whose label changed, the *clean* subset the rest. Validation and test labels "
         f"are clean. Learning rate {lrs} (the paper does not say which learning rate its noisy-label runs used), "
         f"each with and without the penalty. Its α is tuned on the noisy-label runs at that learning rate, as the "
-        f"paper tunes α separately there: the value of {list(s['noisy_alpha_grid'])} with the best validation "
-        "accuracy over training (the paper's early stopping; ties: the smaller), on the tuning seed."
+        f"paper tunes α separately there: the value of {list(s['noisy_alpha_grid'])} with the best mean (over the "
+        "tuning seeds) of the best validation accuracy over training (ties: the smaller)."
         + (
             f" A third configuration uses a fixed α = {s['noisy_fixed_alpha']:g} (the top of the digest's grid), to "
             "test the memorisation claim at a strength where the penalty acts whatever validation prefers."
@@ -123,67 +123,107 @@ def _seeds_and_tuning(results: dict[str, Any]) -> list[str]:
         "paired. `prob_outperform` (Bouthillier et al. 2021): 95% percentile-bootstrap interval; 'A better' only when "
         "the interval lies above 0.5 and reaches 0.75.",
         "",
-        "## Tuning (one seed)",
+        f"## Tuning ({s['n_tuning_seeds']} seeds)",
         "",
-        f"| data/model | final validation accuracy per η (grid order) | η* | final validation accuracy per α at {small} | α |",
+        "Best validation accuracy over training, mean over the tuning seeds, per grid value (grid order).",
+        "",
+        f"| data/model | per η | η* | per α at {small} with the penalty | α |",
         "|---|---|---|---|---|",
     ]
     for combo, t in results["tuning"].items():
-        va = ", ".join("diverged" if x is None else f"{100 * x:.1f}%" for x in t["lr_val_acc"])
-        aa = ", ".join("diverged" if x is None else f"{100 * x:.1f}%" for x in t.get("alpha_val_acc", []))
+        va = _percents(t["lr_best_val_acc"], "diverged")
+        aa = _percents(t.get("alpha_best_val_acc", []), "diverged")
         alpha = "—" if "alpha" not in t else format(t["alpha"], "g")
         lines.append(f"| {combo} | {va} | {t['lr_star']:g} | {aa or '—'} | {alpha} |")
     noisy_rows = [(c, w, n) for c, t in results["tuning"].items() for w, n in t.get("noisy", {}).items()]
     if noisy_rows:
         lines += [
             "",
-            "| data/model, noisy labels | η | best validation accuracy over training per α (grid order) | "
-            "final noisy-subset train acc. per α | α |",
+            "| data/model, noisy labels | η | per α | final noisy-subset train acc. per α (mean) | α |",
             "|---|---|---|---|---|",
         ]
         for combo, w, n in noisy_rows:
-            va = ", ".join("diverged" if x is None else f"{100 * x:.1f}%" for x in n["alpha_best_val_acc"])
-            na = ", ".join("n/a" if x is None else f"{100 * x:.1f}%" for x in n["alpha_final_noisy_acc"])
+            va = _percents(n["alpha_best_val_acc"], "diverged")
+            na = _percents(n["alpha_final_noisy_acc"], "n/a")
             lines.append(f"| {combo} | {lr_text(w, s)} = {n['lr']:.4g} | {va} | {na} | {n['alpha']:g} |")
     return lines
 
 
+def _percents(values: list, missing: str) -> str:
+    return ", ".join(missing if x is None else f"{100 * x:.1f}%" for x in values)
+
+
 def _clean_table(results: dict[str, Any]) -> list[str]:
-    """Claims (a) and (b): per configuration, Tr(F) and accuracies over seeds."""
+    """Claims (a) and (b): per configuration, the accuracies and Tr(F) over seeds, and the gap closed."""
     s, agg = results["settings"], results["aggregates"]
     combos = [f"{d}/{m}" for d, m in s["combos"]]
     lines = [
         "",
-        "## (a) Tr(F) early in training and (b) final test accuracy",
+        "## (b) Test accuracy: the small learning rate and the penalty",
+        "",
+        "Mean ± std over the evaluation seeds. The headline is the test accuracy at the step of the best validation "
+        "accuracy; 'plateaued' = the mean training accuracy moved by at most "
+        f"{100 * s['plateau_tolerance']:g} percentage points over the last fifth of training.",
+        "",
+        "| data/model | config | η | α | test acc. at best val. (%) | step of best val. | final test acc. (%) "
+        "| final train acc. (%) | train acc. at 4/5 of training (%) | plateaued |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for combo in combos:
+        for v in CLEAN_VARIANTS:
+            a = agg[combo][v]
+            lines.append(
+                f"| {combo} | {LABELS[v]} | {a['lr']:.4g} | {a['alpha']:g} | {pm(a['test_acc_at_best_val'], True)} | "
+                f"{pm(a['step_of_best_val'], digits=0)} | {pm(a['test_acc'], True)} | {pm(a['train_acc'], True)} | "
+                f"{pm(a['train_acc_at_four_fifths'], True)} | {_yes_no(a['plateaued'])} |"
+            )
+    if combos:
+        lines += ["", "Fraction of the small-vs-large gap closed by the penalty, (FP − small)/(large − small) on the seed "
+                  "means, with a 95% bootstrap interval over the paired seeds (1 = as good as η*, 0 = no effect):", ""]
+        for c in combos + ([POOLED] if POOLED in agg else []):
+            lines.append(f"* {c}: at the best validation step {_gap(agg[c]['gap_closed'])}; final "
+                         f"{_gap(agg[c]['gap_closed_final'])}")
+    return _trace_table(results, combos) + lines
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "n/a" if flag is None else "yes" if flag else "no"
+
+
+def _gap(g: dict) -> str:
+    """``0.42 [0.10, 0.95]`` (the point value and its bootstrap interval), or why there is none."""
+    gap = f"η* − η*/10 = {100 * g['gap']:+.1f} points [{100 * g['gap_ci_low']:+.1f}, {100 * g['gap_ci_high']:+.1f}]"
+    if g["value"] is None or g["gap_ci_low"] <= 0:
+        return f"no clear gap to close ({gap})"
+    return f"{g['value']:.2f} [{g['ci_low']:.2f}, {g['ci_high']:.2f}] ({gap})"
+
+
+def _trace_table(results: dict[str, Any], combos: list[str]) -> list[str]:
+    """Claim (a): peak and early-phase Tr(F) per configuration."""
+    s, agg = results["settings"], results["aggregates"]
+    lines = [
+        "",
+        "## (a) Tr(F) early in training",
         "",
         "Mean ± std over seeds. Peak Tr(F) is the largest measurement of the run (the paper's Table 4); Tr(Fᵢ) is the "
         f"paper's early-phase value, Tr(F) at the first measurement where the training loss is below ε = "
         f"{s['loss_threshold']:g} (ln 10 ≈ 2.3 at initialisation), with the step it happens at.",
         "",
-        "| data/model | config | η | α | peak Tr(F) | its std. error (mean) | step of peak | Tr(Fᵢ) | step of Tr(Fᵢ) "
-        "| final test acc. (%) | test acc. at best val. (%) | final train acc. (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data/model | config | peak Tr(F) | its std. error (mean) | step of peak | Tr(Fᵢ) | step of Tr(Fᵢ) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for combo in combos:
         for v in CLEAN_VARIANTS:
             a = agg[combo][v]
             err = a["stderr_at_peak"]["mean"] if a["stderr_at_peak"] else None
             lines.append(
-                f"| {combo} | {LABELS[v]} | {a['lr']:.4g} | {a['alpha']:g} | {pm(a['peak_trace'], digits=1)} | "
+                f"| {combo} | {LABELS[v]} | {pm(a['peak_trace'], digits=1)} | "
                 f"{'n/a' if err is None else format(err, '.1f')} | {pm(a['step_of_peak_trace'], digits=0)} | "
-                f"{pm(a['trace_at_threshold'], digits=1)} | {pm(a['step_at_threshold'], digits=0)} | "
-                f"{pm(a['test_acc'], True)} | {pm(a['test_acc_at_best_val'], True)} | {pm(a['train_acc'], True)} |"
+                f"{pm(a['trace_at_threshold'], digits=1)} | {pm(a['step_at_threshold'], digits=0)} |"
             )
     if combos:
-        lines += [
-            "",
-            "Ratio of mean peak Tr(F), small / large learning rate: "
-            + ", ".join(f"{c}: {agg[c]['peak_ratio_small_over_large']:.2f}" for c in combos)
-            + ". Fraction of the small-vs-large test-accuracy gap closed by the penalty, (FP − small)/(large − small) "
-            "on the seed means: "
-            + ", ".join(f"{c}: " + ("n/a" if agg[c]["gap_closed"] is None else f"{agg[c]['gap_closed']:.2f}") for c in combos)
-            + ".",
-        ]
+        lines += ["", "Ratio of mean peak Tr(F), small / large learning rate: "
+                  + ", ".join(f"{c}: {agg[c]['peak_ratio_small_over_large']:.2f}" for c in combos) + "."]
     return lines
 
 

@@ -71,7 +71,8 @@ def _two_seeds(seed: int) -> tuple[int, int]:
 def train_one(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     """Train one run and return its curves and summary numbers (deterministic, no timings).
 
-    Curves are recorded at the steps :meth:`Settings.is_eval_step` picks and at the last step:
+    Curves are recorded at the steps :meth:`Settings.is_eval_step` picks and at the last step
+    (training accuracy at four fifths of the run is kept for the plateau check):
     ``trace``/``trace_stderr`` (FisherTraceMonitor on the held training inputs), the training
     loss and accuracy against the labels used for training, accuracy on the clean and on the noisy
     training subsets, validation and test accuracy, and the last computed penalty value.
@@ -99,6 +100,7 @@ def train_one(spec: RunSpec, settings: Settings) -> dict[str, Any]:
             "best_val_acc": curves["val_acc"][best],
             "test_acc_at_best_val": curves["test_acc"][best],
             "step_of_best_val": curves["step"][best],
+            "train_acc_at_four_fifths": _at_fraction(curves, "train_acc", 0.8),
             "peak_trace": max(traces) if traces else None,
             "step_of_peak_trace": curves["step"][curves["trace"].index(max(traces))] if traces else None,
             "final_trace": curves["trace"][-1],
@@ -134,20 +136,19 @@ class _Run:
         self.curves: dict[str, list] = {k: [] for k in CURVES}
 
     def train(self) -> tuple[int, bool]:
-        """SGD for the data set's number of steps (or until the loss stops being finite); returns
+        """SGD for the data set's number of epochs (or until the loss stops being finite); returns
         ``(steps done, diverged)``."""
         model, data, settings, pen = self.model, self.data, self.settings, self.penalty
-        total = settings.steps_for(self.spec.dataset)
         n = data.x_train.shape[0]
         B = settings.batch_size
         step = 0
         diverged = False
         model.train()
-        while step < total and not diverged:
+        for _ in range(settings.epochs_for(self.spec.dataset)):
+            if diverged:
+                break
             perm = torch.randperm(n, generator=self.order)
             for start in range(0, n, B):
-                if step >= total:
-                    break
                 if settings.is_eval_step(step):
                     self.record(step, True)
                 idx = perm[start : start + B]
@@ -206,6 +207,12 @@ def _argmax(values: Sequence[float]) -> int:
         if v > values[best]:
             best = i
     return best
+
+
+def _at_fraction(curves: dict[str, list], key: str, fraction: float) -> float | None:
+    """``curves[key]`` at the last measurement at or before ``fraction`` of the run's steps."""
+    limit = fraction * curves["step"][-1]
+    return [v for st, v in zip(curves["step"], curves[key]) if st <= limit][-1]
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

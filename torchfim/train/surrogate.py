@@ -1,0 +1,55 @@
+"""The fixed-gradient term behind :class:`~torchfim.train.FisherPenalty`'s cached gradients.
+
+:func:`fixed_gradient` returns a 0-dim tensor whose value is a given constant and whose gradient
+w.r.t. each parameter is a given tensor: the linear surrogate ``v + Σ_p ⟨c_p, θ_p − θ_p|now⟩``
+without its arithmetic. :func:`zero_term` is the same with value and gradients exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class FixedGradient(torch.autograd.Function):
+    """A detached value whose gradient w.r.t. each parameter is a given tensor (exact zeros when None).
+
+    It is the linear surrogate ``v + Σ_p ⟨c_p, θ_p − θ_p|now⟩`` without its arithmetic: the
+    forward copies ``v`` and the backward hands back ``c_p`` times the incoming gradient, so a step
+    that reuses a cached penalty gradient costs one multiply per parameter (none for a plain
+    ``loss.backward()`` on CPU) and autograd's addition into the task gradient. Measured on the
+    benchmark MLP (one thread): a reusing step costs 4-8 % more than a plain step, where adding the
+    cached gradient into ``.grad`` after the backward, by hand, costs 1-2 %.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: list[Tensor] | None, *params: Tensor) -> Tensor:  # noqa: D102
+        ctx.grads = grads
+        if grads is None:
+            ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, upstream: Tensor):  # noqa: D102
+        if ctx.grads is None:
+            return (None, None, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])
+        if upstream.device.type == "cpu" and float(upstream) == 1.0:
+            # The usual loss.backward(): hand the cached tensors over (autograd never writes into a gradient
+            # it does not own), one pass over them fewer than multiplying; reading the value is free on CPU.
+            return (None, None, *ctx.grads)
+        return (None, None, *torch._foreach_mul(ctx.grads, upstream))
+
+
+def zero_term(params: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An exact 0 whose gradient w.r.t. every parameter is an exact zero tensor.
+
+    Neither depends on the parameter values, so both stay 0 even if a parameter is Inf or NaN.
+    """
+    return FixedGradient.apply(torch.zeros((), dtype=dtype, device=device), None, *params)
+
+
+def fixed_gradient(params: Sequence[Tensor], grads: list[Tensor], value: Tensor) -> Tensor:
+    """A 0-dim tensor of value exactly ``value`` whose gradient w.r.t. ``params[i]`` is exactly ``grads[i]``."""
+    return FixedGradient.apply(value, grads, *params)
