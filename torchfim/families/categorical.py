@@ -177,8 +177,12 @@ class Categorical(Family):
         return torch.softmax(o.to(_work_dtype(o)[0]), dim=-1)
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        probs = _to_generator_device(self._probs(o.detach()), generator)
-        return torch.multinomial(probs, k, replacement=True, generator=generator).to(o.device)
+        # Inverse CDF: a uniform u ∈ [0, 1) scaled by the last cumulative probability picks the class
+        # whose cumulative interval holds it (a class of probability 0 has an empty interval). One
+        # uniform per label, where torch.multinomial draws one exponential per class.
+        cdf = _to_generator_device(self._probs(o.detach()), generator).cumsum(-1)
+        u = torch.rand(*cdf.shape[:-1], k, generator=generator, dtype=cdf.dtype, device=cdf.device)
+        return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).to(o.device)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         p = self._probs(self._align(y, o))
