@@ -214,3 +214,16 @@ def test_hessian_diagonals_through_layer_norm_are_refused_not_wrong() -> None:
     blocks = torchfim.fisher(model, x, estimator="hessian", structure="blocks", n_samples=2,
                              generator=torch.Generator().manual_seed(0))
     assert set(blocks) == {n for n, _ in model.named_parameters()}
+
+
+def test_attention_rule_sample_by_sample_chunks_equal_the_functional_backend(monkeypatch) -> None:
+    """The attention backward is computed once per call and sliced: chunks of one sample must agree."""
+    import torchfim.engine.per_module as per_module
+
+    monkeypatch.setattr(per_module, "CACHE_ELEMENTS", 1)  # one sample per chunk of per-sample products
+    torch.manual_seed(2)
+    model = _Attend(False, True, "padding", True).double().eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    got = torchfim.fisher(model, x, structure="diag")
+    want = torchfim.fisher(model, x, structure="diag", backend="functional")
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import TorchfimError
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
@@ -30,7 +31,7 @@ from .second_order import UnitHessians
 from .view import PARAMETERS_CHANGED, ModelView
 
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
-CACHE_ELEMENTS = 2**19
+CACHE_ELEMENTS = 2**21
 #: Per user model: its parameters' identities and the parameters moved to another module's generic
 #: rule by the coverage check, so that later calls on the same model skip the check.
 _COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -142,7 +143,9 @@ class PerModuleBackend(Backend):
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
         calls: list[tuple[Rule, Call]] = []
-        with torch.enable_grad(), self._hooks(calls, batch.size, clone):
+        # The math attention kernel: its backward has batching rules, so the output vectors are pulled
+        # back through attention in one batched pass (the fused CPU kernels go vector by vector).
+        with torch.enable_grad(), self._hooks(calls, batch.size, clone), sdpa_kernel(SDPBackend.MATH):
             raw = self.view.to_tensor(batch.call(self.view.model))
         return ModuleRecording(batch, self.view.flat(raw), raw.shape, calls)
 

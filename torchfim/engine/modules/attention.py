@@ -21,6 +21,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import Call, Grads, Rule, as_float
 from .generic import GenericRule
@@ -63,18 +64,26 @@ class AttentionRule(Rule):
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         if not self._covers(call, sens):
             return self.generic.grads(call, sens, rows)
-        module = self.module
-        batch_first = module.batch_first
+        x, g, ctx, deltas = self._local(call, sens[0])
+        out: Grads = {}
+        self._linear(g[:, rows], ctx[rows], "out_proj.weight", "out_proj.bias", out)
+        self._in_projection([t[rows] for t in x], deltas[:, rows], out)
+        return out
+
+    def _local(self, call: Call, sens: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """Inputs ``(B, L, E)``, sensitivities ``(m, B, L, E)``, ``c`` and the δ of every sample, once per
+        call and group of vectors (the products then go a few samples at a time)."""
+        cached = call.cache.get("attention")
+        if cached is not None and cached[0] is sens:
+            return cached[1]
+        module, every = self.module, slice(None)
         bound = self.signature.bind(*call.args, **call.kwargs)
         bound.apply_defaults()
-        x = [self._rows(bound.arguments[n], rows, batch_first) for n in ("query", "key", "value")]
-        g = sens[0][:, rows] if batch_first else sens[0][:, :, rows].transpose(1, 2)  # (m, b, L, E)
-        mask = self._mask(bound.arguments, rows, x[0])
-        ctx, deltas = self._attention_backward(x, as_float(g), mask)
-        out: Grads = {}
-        self._linear(as_float(g), ctx, "out_proj.weight", "out_proj.bias", out)
-        self._in_projection(x, deltas, out)
-        return out
+        x = [self._rows(bound.arguments[n], every, module.batch_first) for n in ("query", "key", "value")]
+        g = as_float(sens if module.batch_first else sens.transpose(1, 2))  # (m, B, L, E)
+        ctx, deltas = self._attention_backward(x, g, self._mask(bound.arguments, every, x[0]))
+        call.cache["attention"] = (sens, (x, g, ctx, deltas))
+        return x, g, ctx, deltas
 
     @staticmethod
     def _rows(t: Tensor, rows: slice, batch_first: bool) -> Tensor:
@@ -144,5 +153,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, heads: int) ->
     def split(t: Tensor) -> Tensor:
         return t.reshape(n, t.shape[1], heads, width // heads).transpose(1, 2)
 
-    ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    # The math kernel: on CPU the fused kernels are several times slower at these small shapes.
+    with sdpa_kernel(SDPBackend.MATH):
+        ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
     return ctx.transpose(1, 2).reshape(n, length, width)
