@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .base import Call, Grads, Rule, as_float
 
 #: Elements of per-sample weight gradients built at once by :meth:`ConvRule.squares`.
-GRADIENT_ELEMENTS = 2**21
+GRADIENT_ELEMENTS = 2**18
 
 
 def conv_supported(module: nn.Module) -> bool:
