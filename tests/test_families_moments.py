@@ -9,8 +9,6 @@ on the (256, 100) batch of issue 11 in float32/float16/bfloat16.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from oracles import FAMILY_WIDTH, label_support
@@ -198,14 +196,14 @@ def test_issue11_float64_agrees_with_dense_reference():
     assert close(fam.pairwise_moment4(o, v), Family.pairwise_moment4(fam, o, v))
 
 
-def test_issue11_fourth_top_eigenvalue_is_fast():
-    """(256, 100) float32: well under two seconds (the dense path asked for a 25.6 GB tensor)."""
+def test_issue11_fourth_top_eigenvalue_allocates_no_fourth_order_tensor():
+    """(256, 100) float32: the dense path asked for a 25.6 GB tensor; now no single allocation tops
+    256 MiB (measured: 20 MiB). Memory is counted by torch's profiler, not timed."""
+    from torch.profiler import ProfilerActivity, profile
+
     fam, o = Categorical(), issue11_logits(torch.float32)
-    fam.fourth_moment_top_eigenvalue(o[:8])  # warm the eigen-solver up
-    timings = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fam.fourth_moment_top_eigenvalue(o)
-        timings.append(time.perf_counter() - start)
-    print(f"fourth_moment_top_eigenvalue (256, 100) float32: {min(timings):.3f} s")
-    assert min(timings) < 2.0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        top = fam.fourth_moment_top_eigenvalue(o)
+    assert torch.isfinite(top).all()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < 256 * 2**20, f"largest allocation {largest / 2**20:.0f} MiB"

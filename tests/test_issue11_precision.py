@@ -8,7 +8,6 @@ are those of computing in the model's dtype; tolerances are multiples of the dty
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -280,27 +279,25 @@ def test_score_variance_with_100_classes_never_builds_the_c4_tensor(monkeypatch,
     assert close_to(got, want, 1e-12)
 
 
-def _best_seconds(fn, repeats: int = 3) -> float:
-    """The fastest of ``repeats`` calls: the least disturbed by other jobs on the machine."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _matmul_flops(fn) -> int:
+    """Floating-point operations of the matrix products and convolutions ``fn`` runs (torch's count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return sum(e.flops for e in prof.key_averages())
 
 
-def test_score_bound_with_100_classes_costs_under_ten_fishers() -> None:
+def test_score_bound_with_100_classes_does_under_ten_fishers_of_work() -> None:
     """The workload ``bound-score-c100``: MLP 64-256-100 tanh, 256 inputs. The diag bound built every C-vector
     Jacobian column (B·P·C work, 234× ``fisher(diag)``); a dense layer's columns factor as ``a_k g_u``.
-    Measured 4–7× here (/work/notes/bench_bound_c100.py: 5.1×, medians of 7 rounds)."""
+    Work is counted, not timed (the time is the benchmark's: 6.5× in docs/performance.md); 2.3× here."""
     torch.manual_seed(78)
     model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 100))
     x = torch.rand(256, 64, generator=torch.Generator().manual_seed(79))
-    torchfim.variance_bound(model, x[:4], estimator="score", structure="diag")  # warm-up
-    fisher = _best_seconds(lambda: torchfim.fisher(model, x, structure="diag"))
-    bound = _best_seconds(lambda: torchfim.variance_bound(model, x, estimator="score", structure="diag"))
-    assert bound < 10 * fisher, f"bound {bound:.3f}s vs fisher {fisher:.3f}s: ratio {bound / fisher:.1f}"
+    fisher = _matmul_flops(lambda: torchfim.fisher(model, x, structure="diag"))
+    bound = _matmul_flops(lambda: torchfim.variance_bound(model, x, estimator="score", structure="diag"))
+    assert 0 < bound < 10 * fisher, f"bound {bound:.3g} flops vs fisher {fisher:.3g}: ratio {bound / fisher:.1f}"
 
 
 @pytest.mark.parametrize("dtype", HALF)
