@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .base import Call, Grads, Rule, as_float
+from .base import Call, Grads, Rule, as_float, positions_grads
 from .generic import GenericRule
 
 #: The parameters the rule covers, by their names below the module.
@@ -55,18 +55,25 @@ class AttentionRule(Rule):
         self.generic = GenericRule(module, params, path)
         self.signature = inspect.signature(module.forward)
 
+    def _arguments(self, call: Call) -> dict:
+        """The call's arguments by name, defaults included (bound once per call)."""
+        if "arguments" not in call.cache:
+            bound = self.signature.bind(*call.args, **call.kwargs)
+            bound.apply_defaults()
+            call.cache["arguments"] = bound.arguments
+        return call.cache["arguments"]
+
     def _covers(self, call: Call, sens: list[Tensor | None]) -> bool:
-        bound = self.signature.bind(*call.args, **call.kwargs).arguments
         dropout = self.module.training and self.module.dropout > 0
         weights_used = any(s is not None for s in sens[1:])
-        return not dropout and not weights_used and bound["query"].dim() == 3
+        return not dropout and not weights_used and self._arguments(call)["query"].dim() == 3
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         if not self._covers(call, sens):
             return self.generic.grads(call, sens, rows)
         x, g, ctx, deltas = self._local(call, sens[0])
         out: Grads = {}
-        self._linear(g[:, rows], ctx[rows], "out_proj.weight", "out_proj.bias", out)
+        positions_grads(self, g[:, rows], ctx[rows], "out_proj.weight", "out_proj.bias", out)
         self._in_projection([t[rows] for t in x], deltas[:, rows], out)
         return out
 
@@ -76,12 +83,10 @@ class AttentionRule(Rule):
         cached = call.cache.get("attention")
         if cached is not None and cached[0] is sens:
             return cached[1]
-        module, every = self.module, slice(None)
-        bound = self.signature.bind(*call.args, **call.kwargs)
-        bound.apply_defaults()
-        x = [self._rows(bound.arguments[n], every, module.batch_first) for n in ("query", "key", "value")]
+        module, every, args = self.module, slice(None), self._arguments(call)
+        x = [self._rows(args[n], every, module.batch_first) for n in ("query", "key", "value")]
         g = as_float(sens if module.batch_first else sens.transpose(1, 2))  # (m, B, L, E)
-        ctx, deltas = self._attention_backward(x, g, self._mask(bound.arguments, every, x[0]))
+        ctx, deltas = self._attention_backward(x, g, self._mask(args, every, x[0]))
         call.cache["attention"] = (sens, (x, g, ctx, deltas))
         return x, g, ctx, deltas
 
@@ -121,24 +126,15 @@ class AttentionRule(Rule):
         c = ctx.detach().reshape(m, b, *ctx.shape[1:])[0]
         return c, torch.cat([d.reshape(m, b, *d.shape[1:]) for d in deltas], -1)
 
-    def _linear(self, g: Tensor, a: Tensor, weight: str, bias: str, out: Grads) -> None:
-        """``Σ_l g_l a_lᵀ`` and ``Σ_l g_l`` per sample and vector for a projection on ``a`` (b, L, in)."""
-        m, b, positions, units = g.shape
-        if weight in self.params:
-            stacked = g.permute(1, 0, 3, 2).reshape(b, m * units, positions)
-            out[self.params[weight]] = torch.bmm(stacked, a).reshape(b, m, -1)
-        if bias in self.params:
-            out[self.params[bias]] = g.sum(2).transpose(0, 1)
-
     def _in_projection(self, x: list[Tensor], deltas: Tensor, out: Grads) -> None:
         """The packed in-projection: rows q, k, v of ``W_in`` against their own inputs."""
         same = all(t.data_ptr() == x[0].data_ptr() and t.shape == x[0].shape and t.stride() == x[0].stride() for t in x)
         if same:  # self-attention: one product for the three projections
-            self._linear(deltas, x[0], "in_proj_weight", "in_proj_bias", out)
+            positions_grads(self, deltas, x[0], "in_proj_weight", "in_proj_bias", out)
             return
         parts: list[Grads] = [{}, {}, {}]
         for k, (xi, d) in enumerate(zip(x, deltas.chunk(3, -1))):
-            self._linear(d, xi, "in_proj_weight", "in_proj_bias", parts[k])
+            positions_grads(self, d, xi, "in_proj_weight", "in_proj_bias", parts[k])
         for name in ("in_proj_weight", "in_proj_bias"):
             if name in self.params:
                 i = self.params[name]

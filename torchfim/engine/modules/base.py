@@ -80,6 +80,18 @@ def bias_like(rule: Rule, g: Tensor, name: str, sum_dims: tuple[int, ...], out: 
         out[rule.params[name]] = g.sum(sum_dims).transpose(0, 1).reshape(g.shape[1], g.shape[0], -1)
 
 
+def positions_grads(rule: Rule, g: Tensor, a: Tensor, weight: str, bias: str, out: Grads) -> None:
+    """Add the per-sample gradients of a linear map ``z_l = W a_l + b`` applied at positions ``l``:
+    ``∂/∂W = Σ_l g_l a_lᵀ`` and ``∂/∂b = Σ_l g_l``, from ``g`` (m, b, L, out) and ``a`` (b, L, in),
+    as ``(b, m, size)`` under the rule's indices of ``weight`` and ``bias`` (absent names skipped)."""
+    m, b, positions, units = g.shape
+    if weight in rule.params:
+        stacked = g.permute(1, 0, 3, 2).reshape(b, m * units, positions)  # (b, m·out, L)
+        out[rule.params[weight]] = torch.bmm(stacked, a).reshape(b, m, -1)
+    if bias in rule.params:
+        out[rule.params[bias]] = g.sum(2).transpose(0, 1)
+
+
 def as_float(t: Tensor) -> Tensor:
     """Half-precision tensors in float32 for products (the sums are accumulated wide anyway)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Call, Grads, Rule, as_float
+from .base import Call, Grads, Rule, as_float, positions_grads
 
 
 class LinearRule(Rule):
@@ -26,12 +26,7 @@ class LinearRule(Rule):
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         a, g = self._factors(call, sens[0], rows)
         out: Grads = {}
-        if "weight" in self.params:
-            m, b, positions, units = g.shape
-            stacked = g.permute(1, 0, 3, 2).reshape(b, m * units, positions)  # (b, m·out, L)
-            out[self.params["weight"]] = torch.bmm(stacked, a).reshape(b, m, -1)
-        if "bias" in self.params:
-            out[self.params["bias"]] = g.sum(2).transpose(0, 1)
+        positions_grads(self, g, a, "weight", "bias", out)
         return out
 
     def _dense(self, call: Call) -> bool:
