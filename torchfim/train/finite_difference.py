@@ -39,7 +39,8 @@ with the replayed random numbers, updates them once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +99,29 @@ def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) ->
         torch.cuda.set_rng_state(state[1], device)
 
 
+class _Replay:
+    """For a model in training mode: torch's RNG state before the first pass, replayed for the second
+    pass (the same Dropout masks) and then restored to where the first pass left it."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.active = any(m.training for m in model.modules())
+        self.before = _rng_state(device) if self.active else None
+
+    @contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """Run the enclosed pass on the first pass's random numbers."""
+        if not self.active:
+            yield
+            return
+        after = _rng_state(self.device)
+        _set_rng_state(self.device, self.before)
+        try:
+            yield
+        finally:
+            _set_rng_state(self.device, after)
+
+
 def _gradients(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -118,8 +142,7 @@ def batch_gradient_fd(
     pass's outputs ``o``; ``named`` are the trainable ``(name, parameter)`` pairs.
     """
     params = [p for _, p in named]
-    random_forward = any(m.training for m in model.modules())
-    before = _rng_state(x.device) if random_forward else None
+    replay = _Replay(model, x.device)
     o = model(x)
     y = draw_labels(o)
     nll = family.nll(o, y)
@@ -133,15 +156,9 @@ def batch_gradient_fd(
     shift = _ratio_or_zero(step, norm)  # θ + ε ĝ = θ + (ε/‖g‖) g
     shifted = {n: (p.detach() + shift * t).requires_grad_() for (n, p), t in zip(named, g)}
     # Buffers of a training-mode model are cloned so that the perturbed pass updates none of them.
-    buffers = {n: b.clone() for n, b in model.named_buffers()} if random_forward else {}
-    after = _rng_state(x.device) if random_forward else None
-    if random_forward:
-        _set_rng_state(x.device, before)  # the same Dropout masks as the first pass
-    try:
+    buffers = {n: b.clone() for n, b in model.named_buffers()} if replay.active else {}
+    with replay.second_pass():
         g_plus = _gradients(family.nll(functional_call(model, {**buffers, **shifted}, (x,)), y), list(shifted.values()))
-    finally:
-        if random_forward:
-            _set_rng_state(x.device, after)
     scale = (2.0 * alpha) * norm / step
     return alpha * sq.detach(), [(a - b).mul_(scale) for a, b in zip(g_plus, g)]
 
@@ -239,9 +256,8 @@ def batch_gradient_fd_shared(
     it is the list ``[−c·g_p]`` (the caller takes ``c·∇L(θ')`` on its own).
     """
     params = [p for _, p in named]
-    random_forward = any(m.training for m in model.modules())
-    before = _rng_state(x.device) if random_forward else None
-    buffers = {n: b.clone() for n, b in model.named_buffers()} if random_forward else {}
+    replay = _Replay(model, x.device)
+    buffers = {n: b.clone() for n, b in model.named_buffers()} if replay.active else {}
     with torch.enable_grad():
         o = _leading(functional_call(model, buffers, (x,)) if buffers else model(x), rows)
         y = draw_labels(o)
@@ -249,21 +265,15 @@ def batch_gradient_fd_shared(
         g = _gradients(nll, params) if nll.requires_grad else [torch.zeros_like(p) for p in params]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
     step = fd_step_for(params, fd_step)
-    shift = torch.where(norm > 0, step / norm, 0.0)  # θ + ε ĝ = θ + (ε/‖g‖) g; g = 0 is not moved
+    shift = _ratio_or_zero(step, norm)  # θ + ε ĝ = θ + (ε/‖g‖) g; g = 0 is not moved
     coef = (2.0 * alpha) * norm / step
     value = alpha * norm.square()
-    after = _rng_state(x.device) if random_forward else None
-    if random_forward:
-        _set_rng_state(x.device, before)  # the same Dropout masks as pass 1
-    try:
+    with replay.second_pass():  # the same Dropout masks as pass 1
         if cache:
             shifted, last = _shifted(params, g, shift), torch._foreach_mul(g, -coef)
         else:
             *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
         out = functional_call(model, {n: t for (n, _), t in zip(named, shifted)}, (x,))
-    finally:
-        if random_forward:
-            _set_rng_state(x.device, after)
     return out, family.nll(_leading(out, rows), y), coef, value, last
 
 
