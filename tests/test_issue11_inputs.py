@@ -5,6 +5,7 @@ for bad calls (item 13). Each test reproduces the case the issue describes."""
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -60,6 +61,33 @@ def test_view_shares_parameter_tensors_and_sees_in_place_updates() -> None:
         model[4].bias.add_(1.5)
     batch = next(iter(torchfim.engine.batches(x, None, view.device, view.dtype)))
     assert torch.equal(view.outputs(batch), model(x).detach())
+
+
+class _Scaled(nn.Module):
+    """Reads a plain attribute (a settings object) and calls a child held outside ``_modules`` too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = types.SimpleNamespace(scale=1.0)
+        self.lin = nn.Linear(3, 3)
+        object.__setattr__(self, "alias", self.lin)  # a second reference the module registry never sees
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.settings.scale * self.alias(x)
+
+
+def test_view_shares_attributes_and_points_aliases_at_its_copies() -> None:
+    """Only the module objects and their registries are the view's own: a settings object changed in
+    place after a first computation is read by the next one, and a module held by a plain attribute is
+    the view's copy of it (so the engine's hooks see its calls)."""
+    model, x = _Scaled().double(), mlp_inputs(5, seed=39)
+    view = ModelView(model)
+    assert view.model.alias is view.model.lin and view.model.lin is not model.lin
+    assert view.model.settings is model.settings
+    first = torchfim.fisher(model, x, family="gaussian")  # Λ = I: the Fisher scales with scale²
+    model.settings.scale = 3.0
+    assert torch.allclose(torchfim.fisher(model, x, family="gaussian"), 9.0 * first, rtol=1e-10)
+    assert torch.allclose(first, torch.cat([x.square().sum(0).repeat(3) / 5, torch.ones(3)]), rtol=1e-10)
 
 
 #: What :class:`_Probe` reports to (module level: a deep copy of the model must not copy it).
@@ -248,21 +276,43 @@ def test_mixing_of_the_fourth_sample_is_caught() -> None:
         torchfim.fisher(_MixesRow(3).double(), mlp_inputs(8, seed=49))
 
 
-def test_independence_check_runs_four_samples_alone_across_batches() -> None:
-    """Up to 4 samples are run alone, taken from the first batches with ≥ 2 inputs (here the first two
-    of the second batch and of the third); no later sample is; an independent model passes and gets the
-    oracle's value."""
+def test_independence_check_runs_the_last_samples_reversed_across_batches() -> None:
+    """Four samples in all are checked, from the first batches with ≥ 2 inputs, each time the last rows
+    of a batch in reverse order as one extra forward, fewer than the batch (here sample 2 alone, then
+    9, 8, 7); no later sample is; an independent model passes and gets the oracle's value."""
     model, x = tanh_mlp(3, seed=50), mlp_inputs(10, seed=51)
-    alone: set[int] = set()
+    calls: list[list[int]] = []
 
     def note(module: nn.Module, args: tuple) -> None:
-        if args[0].shape[0] == 1:
-            alone.update(i for i in range(len(x)) if torch.equal(args[0][0], x[i]))
+        calls.append([next(i for i in range(len(x)) if torch.equal(row, x[i])) for row in args[0]])
 
     model.register_forward_pre_hook(note)
     got = torchfim.fisher(model, [x[:1], x[1:3], x[3:]])
-    assert alone == {0, 1, 2, 3, 4}  # 0: the first batch itself
+    batches = [[0], [1, 2], list(range(3, 10))]
+    extra = [c for c in calls if c not in batches]
+    assert extra == [[2], [9, 8, 7]]
     assert torch.allclose(got, oracle_diag(model, x), rtol=1e-10, atol=1e-14)
+
+
+class _BroadcastsFirst(nn.Module):
+    """Adds the batch's first input to every input: invisible to a check that keeps row 0 first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x + x[:1])
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+@pytest.mark.parametrize("model", [_BroadcastsFirst, _Centred])
+def test_cross_sample_models_are_refused_at_every_batch_size(model: type, n: int) -> None:
+    """A batch mean (symmetric in the samples) and a broadcast first row are both caught, on batches
+    of two (one sample alone) up to batches larger than the checked rows."""
+    torch.manual_seed(54)
+    with pytest.raises(TorchfimError, match="depends on the other samples"):
+        torchfim.fisher(model().double(), mlp_inputs(n, seed=55))
 
 
 # ------------------------------------------------------------------ item 9: non-finite targets end to end

@@ -6,11 +6,24 @@ Every error torchfim raises on purpose is a :class:`TorchfimError`, a subclass o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 class TorchfimError(ValueError):
     """Bad input to a torchfim function; the message names the problem and the fix."""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (no NaN, no ±Inf).
+
+    One sum decides in the common case (a NaN or Inf entry makes it non-finite); only a sum that
+    overflows from finite entries falls back to the entrywise test, which costs several times more.
+    """
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:

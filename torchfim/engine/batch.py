@@ -33,13 +33,14 @@ class Batch:
         """The module's raw output on this batch."""
         return module(*self.args, **self.kwargs)
 
-    def rows(self, rows: slice) -> Batch:
-        """The samples ``rows`` of the batch (every tensor whose first dim is the batch is sliced)."""
+    def rows(self, rows: slice | Tensor) -> Batch:
+        """The samples ``rows`` (a slice or a tensor of indices) of the batch (every tensor whose first
+        dim is the batch is indexed)."""
 
         def cut(t: object) -> object:
             return t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.size else t
 
-        size = len(range(*rows.indices(self.size)))
+        size = len(rows) if isinstance(rows, Tensor) else len(range(*rows.indices(self.size)))
         targets = cut(self.targets)
         return Batch(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, size, targets)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, all_finite
 from ..families import Family
 from .backend import Backend, Recording
 from .batch import Batch
@@ -93,7 +93,7 @@ def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exceptio
 
 def _check_finite_inputs(batch: Batch) -> None:
     for key, t in [(str(i), a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items()):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
             raise TorchfimError(
                 f"the inputs contain NaN or Inf (input {key!r}); clean or drop those samples before "
                 "computing the Fisher"
@@ -103,7 +103,7 @@ def _check_finite_inputs(batch: Batch) -> None:
 def check_finite_result(value: torch.Tensor | dict, what: str, dtype: torch.dtype) -> None:
     """Refuse a result with NaN/Inf entries, saying where they come from."""
     values = value.values() if isinstance(value, dict) else [value]
-    if all(bool(torch.isfinite(v).all()) for v in values):
+    if all(all_finite(v) for v in values):
         return
     raise TorchfimError(
         f"{what} has non-finite entries: the per-sample products overflowed in {dtype} (inputs or "

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, all_finite
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
 from .batch import Batch
 from .functional import FunctionalBackend
@@ -56,15 +56,14 @@ class PerModuleBackend(Backend):
         super().__init__(view)
         self.functional = FunctionalBackend(view)
         self.moved: dict[str, tuple[nn.Module, str]] = {}
-        self.rules = self._build_rules()
         self.uses: dict[int, int] = {}
         cached = _COVERAGE.get(view.user_model)
         self._key = tuple(id(p) for p in view.user_model.parameters())
         self._verified = cached is not None and cached[0] == self._key
-        if self._verified:  # the same model was checked before: reuse where its parameters are used
+        if self._verified and cached[1]:  # the same model was checked before: reuse where its parameters are used
             modules = dict(view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
-            self.rules = self._build_rules(self.moved)
+        self.rules = self._build_rules(self.moved)
 
     # --------------------------------------------------------------- rule set-up
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
@@ -132,7 +131,7 @@ class PerModuleBackend(Backend):
         for rule, _ in rec.calls:
             for i in rule.params.values():
                 self.uses[i] = self.uses.get(i, 0) + 1
-        if not self._verified and bool(torch.isfinite(rec.values).all()):  # else the family check refuses
+        if not self._verified and all_finite(rec.values):  # else the family check refuses
             self._verified = True
             changed = self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True))
             paths = {m: p for p, m in self.view.model.named_modules()}

@@ -1,7 +1,7 @@
 """The model as the engine sees it: a private module tree, its trainable parameters, its outputs.
 
-:class:`ModelView` makes a structural copy of the user's module tree that shares every parameter and
-buffer tensor with it (nothing is copied but the module objects). The engine registers its hooks
+:class:`ModelView` makes a structural copy of the user's module tree that shares every parameter,
+buffer and attribute with it (only the module objects and their registries are copied). The engine registers its hooks
 and swaps parameters (``torch.func.functional_call``) on that copy only, so a training loop that runs
 the user's model in another thread never sees them. Each view reads the parameters afresh.
 
@@ -69,14 +69,28 @@ def check_mode(model: nn.Module) -> None:
 
 
 def _private_tree(model: nn.Module) -> nn.Module:
-    """A copy of the module objects sharing every parameter and buffer tensor with ``model``."""
+    """A structural copy of ``model``'s module objects, sharing every tensor and attribute with it.
+
+    Each module is copied shallowly (its own ``__dict__``), with its own parameter, buffer, child and
+    hook registries; children and attributes that point at a module of the tree point at its copy.
+    Everything else (configuration objects, constants) is shared, so a change the user makes to it is
+    seen, and nothing is copied recursively (a deep copy of a large model costs milliseconds).
+    """
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: compute on the eager module
-    memo: dict[int, object] = {id(t): t for t in model.parameters()}
-    memo.update({id(t): t for t in model.buffers()})
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception:  # a module that cannot be copied: compute on it directly (under ENGINE_LOCK)
-        return model
+    copies: dict[int, nn.Module] = {}
+    for m in model.modules():
+        c = object.__new__(type(m))
+        c.__dict__.update(m.__dict__)
+        copies[id(m)] = c
+    for c in copies.values():
+        for key, value in c.__dict__.items():
+            if key == "_modules":
+                c.__dict__[key] = {k: None if m is None else copies.get(id(m), m) for k, m in value.items()}
+            elif key.startswith("_") and isinstance(value, (dict, set)):
+                c.__dict__[key] = value.copy()  # registries: the engine's hooks stay on the copy
+            elif isinstance(value, nn.Module) and id(value) in copies:
+                c.__dict__[key] = copies[id(value)]
+    return copies[id(model)]
 
 
 class ModelView:
@@ -219,16 +233,19 @@ class ModelView:
     def check_independent(self, batch: Batch, out: Tensor, checked: int) -> int:
         """Raise when the batched outputs ``out`` of ``batch`` mix samples; returns samples checked so far.
 
-        Up to 4 samples in all (from the first batches of size ≥ 2) are run alone and compared with
-        their batched outputs, so a cross-sample operation is caught even when the first batch has one
-        input, at a cost of at most 4 single-sample forwards per call.
+        The last ``k`` samples of a batch, in reverse order, are run as a batch of their own and
+        compared with their rows of ``out``: an operation across the batch (statistics over it, one
+        sample broadcast to the others, a cumulative sum) sees other neighbours, another first row
+        and another batch size there. ``k < batch.size`` (a one-sample forward on batches of two)
+        and 4 samples in all, from the first batches of size ≥ 2, so one small forward per call.
         """
         if checked >= 4 or batch.size < 2:
             return checked
-        take = min(batch.size, 4 - checked)
+        take = min(batch.size - 1, 4 - checked)
+        rows = torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)
         with torch.no_grad():
-            alone = torch.cat([self.flat(self.to_tensor(batch.rows(slice(i, i + 1)).call(self.model))) for i in range(take)])
-        ref = out[:take]
+            alone = self.flat(self.to_tensor(batch.rows(rows).call(self.model)))
+        ref = out[rows]
         scale = ref.abs().amax().clamp_min(1.0).float()
         tol = 1e3 * torch.finfo(ref.dtype).eps * scale
         if (ref.float() - alone.reshape(ref.shape).float()).abs().amax() > tol:

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, all_finite
 
 _HALF = (torch.float16, torch.bfloat16)
 #: Smallest positive normal float64: below it relative precision is lost.
@@ -135,7 +135,7 @@ class Family(ABC):
                 "(e.g. end with nn.Flatten() or reshape in forward)"
             )
         self._check_width(o.shape[1])
-        if not torch.isfinite(o).all():
+        if not all_finite(o):
             raise TorchfimError(
                 "the model produced non-finite outputs (NaN or Inf); check the inputs for NaN/Inf "
                 "and the parameters for divergence (e.g. lower the learning rate) before computing the Fisher"

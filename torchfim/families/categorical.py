@@ -177,12 +177,24 @@ class Categorical(Family):
         return torch.softmax(o.to(_work_dtype(o)[0]), dim=-1)
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        return self._draw(self._probs(o.detach()), k, generator).to(o.device)
+
+    @staticmethod
+    def _draw(p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         # Inverse CDF: a uniform u ∈ [0, 1) scaled by the last cumulative probability picks the class
         # whose cumulative interval holds it (a class of probability 0 has an empty interval). One
         # uniform per label, where torch.multinomial draws one exponential per class.
-        cdf = _to_generator_device(self._probs(o.detach()), generator).cumsum(-1)
+        cdf = _to_generator_device(p, generator).cumsum(-1)
         u = torch.rand(*cdf.shape[:-1], k, generator=generator, dtype=cdf.dtype, device=cdf.device)
-        return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).to(o.device)
+        return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
+
+    def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        # The labels and their scores from one softmax: the same draws as sample() then output_score().
+        p = self._probs(o.detach())
+        y = self._draw(p, k, generator).to(o.device)
+        scores = torch.zeros(y.shape + (o.shape[-1],), dtype=p.dtype, device=o.device)
+        scores.scatter_(-1, y.unsqueeze(-1), 1.0)
+        return scores.sub_(p.unsqueeze(-2)).to(o.dtype)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         p = self._probs(self._align(y, o))

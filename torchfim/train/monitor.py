@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from .._batches import Inputs, iter_batches
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
-from ..errors import TorchfimError, check_n_samples
+from ..errors import TorchfimError, all_finite, check_n_samples
 from ..families import Family, get_family
 from .penalty import _check_int
 from .trace_stats import ControlVariate, Windows, mean_and_variance
@@ -288,7 +288,7 @@ class FisherTraceMonitor:
                 )
             if x.dim() == 0:
                 raise TorchfimError("held inputs must have a batch dimension first, got a 0-dim tensor")
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            if x.is_floating_point() and not all_finite(x):
                 raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
             if x.shape[0] > 0:
                 held.append(x.detach())

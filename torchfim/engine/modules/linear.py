@@ -35,11 +35,11 @@ class LinearRule(Rule):
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         if not self._dense(call):
             return None
-        a, g = self._factors(call, sens[0])
-        g2 = g.square().sum(0)[:, 0]  # (B, out): Σⱼ g_ij²
+        a, g = as_float(call.args[0]), as_float(sens[0])  # (B, in), (m, B, out)
+        g2 = g[0].square() if g.shape[0] == 1 else g.square().sum(0)  # (B, out): Σⱼ g_ij²
         out: Grads = {}
         if "weight" in self.params:
-            out[self.params["weight"]] = (g2.T @ a[:, 0].square()).reshape(-1)
+            out[self.params["weight"]] = (g2.T @ a.square()).reshape(-1)
         if "bias" in self.params:
             out[self.params["bias"]] = g2.sum(0)
         return out
