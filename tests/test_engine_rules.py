@@ -92,6 +92,57 @@ def test_attention_rule_equals_the_functional_backend(batch_first, cross, mask, 
             assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-12) for k in want)
 
 
+class _AttendLonger(nn.Module):
+    """Cross-attention whose keys and values have 2 positions more than the queries (S = L + 2)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.memory = nn.Linear(4, 4)
+        self.batch_first = batch_first
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.memory(torch.cat([x, x[:, :2].flip(-1)], 1))  # (B, L + 2, 4)
+        q, kv = (x, kv) if self.batch_first else (x.transpose(0, 1), kv.transpose(0, 1))
+        mask = -torch.arange(kv.shape[0 if not self.batch_first else 1], dtype=x.dtype) * 0.3  # (S,) additive
+        z = self.attn(q, kv, kv, need_weights=False, attn_mask=mask.expand(x.shape[1], -1))[0]
+        z = z if self.batch_first else z.transpose(0, 1)
+        return self.head(z.tanh().mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_attention_over_longer_keys_equals_the_functional_backend(batch_first: bool) -> None:
+    torch.manual_seed(4)
+    model = _AttendLonger(batch_first).double().eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    assert _rules(model, x)["attn"] == AttentionRule.__name__
+    for estimator in ("exact", "score"):
+        kw = dict(estimator=estimator, structure="diag", generator=torch.Generator().manual_seed(5))
+        got = torchfim.fisher(model, x, **kw)
+        kw["generator"] = torch.Generator().manual_seed(5)
+        assert torch.allclose(got, torchfim.fisher(model, x, backend="functional", **kw), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("mask", "cross", "parts", "taps"),
+                         [("none", False, 1, 2), ("padding", True, 3, 4), ("weights", False, 0, 2)])
+def test_attention_is_recorded_in_parts_unless_its_weights_are_asked_for(mask: str, cross: bool, parts: int,
+                                                                         taps: int) -> None:
+    """While recording, the attention runs in parts on the engine's copy: its outputs equal the module's
+    own, ``q, k, v`` become taps (one packed tap for self-attention, three otherwise), and afterwards
+    the copy's forward is the module's again. A call asking for the weights keeps the module's forward."""
+    torch.manual_seed(6)
+    model = _Attend(False, cross, mask, True).double().eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    rec = backend.record(next(batches(x, None, view.device, view.dtype)))
+    (call,) = [c for r, c in rec.calls if isinstance(r, AttentionRule)]
+    assert len(call.cache.get("parts", ())) == parts and len(call.taps) == taps  # weights: output and weights
+    assert "forward" not in view.model.attn.__dict__
+    assert torch.allclose(rec.values, model(x), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("family", ["categorical", "gaussian"])
 @pytest.mark.parametrize("estimator", ["exact", "score"])
 def test_padded_batch_with_mask_equals_the_unpadded_sequences(family: str, estimator: str) -> None:

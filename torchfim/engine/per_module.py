@@ -101,22 +101,33 @@ class PerModuleBackend(Backend):
         its output, so that in-place operations there leave the taps intact."""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            rule = self.rules[module]
             taps = [t for t in tensors_of(output) if t.requires_grad]
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             call = Call(module, detached, kw, taps, size)
+            taps.extend(rule.take_recorded(call))
             call.versions = [t._version for t in taps]
-            calls.append((self.rules[module], call))
+            calls.append((rule, call))
             if clone and isinstance(output, Tensor):
                 return output.clone()
             return None
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.rules]
+        # Rules that record in parts: their forward on the private copy, for this forward only.
+        replaced = {m: m.__dict__.get("forward") for m, r in self.rules.items() if r.recording_forward is not None}
+        for m in replaced:
+            m.__dict__["forward"] = self.rules[m].recording_forward
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for m, own in replaced.items():
+                if own is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.__dict__["forward"] = own
 
     # ------------------------------------------------------------------ recording
     def record(self, batch: Batch) -> ModuleRecording:

@@ -8,6 +8,12 @@ output sensitivities ``g = ∂(vᵀo)/∂z`` of a sample, the out-projection is 
 in-projection gets ``∂/∂W_q = Σ_l δ_{q,l} x_{q,l}ᵀ`` and ``∂/∂b_q = Σ_l δ_{q,l}`` (docs/math.md §6.3b).
 Attention mixes positions but never samples, so the batched backward gives every sample its own δ.
 
+While the engine records, the module runs :meth:`AttentionRule.recording_forward`, the same
+computation in its parts, which keeps ``c`` and makes ``q, k, v`` taps of the call: the engine's
+backward of the output vectors then delivers ``δ_q, δ_k, δ_v`` with everything else, and no part of
+the attention is computed again. Calls that ask for the attention weights keep the module's own
+forward and the local backward above.
+
 Covered: packed projections (``kdim = vdim = embed_dim``), no ``add_bias_kv``/``add_zero_attn``,
 batched inputs (either ``batch_first``), ``attn_mask`` (2-D or 3-D, boolean or additive) and
 ``key_padding_mask``, attention dropout inactive, the attention weights not used downstream. Any
@@ -65,19 +71,70 @@ class AttentionRule(Rule):
 
     def _covers(self, call: Call, sens: list[Tensor | None]) -> bool:
         dropout = self.module.training and self.module.dropout > 0
-        weights_used = any(s is not None for s in sens[1:])
+        weights_used = any(s is not None for s in sens[1 : len(sens) - len(call.cache.get("parts", ()))])
         return not dropout and not weights_used and self._arguments(call)["query"].dim() == 3
+
+    # ------------------------------------------------------------ recording in parts
+    def recording_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                          need_weights: bool = True, attn_mask: Tensor | None = None,
+                          average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
+        """The module's forward while the engine records: ``nn.MultiheadAttention.forward`` computed in
+        parts (projections, attention, out-projection), its ``q, k, v`` and ``c`` kept for the call.
+
+        ``is_causal`` is a hint that ``attn_mask`` is the causal mask (as in torch), so the mask is used.
+        Calls the parts do not cover (attention weights asked for, dropout active, unbatched inputs)
+        run the module's own forward.
+        """
+        module = self.module
+        args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+        if need_weights or (module.training and module.dropout > 0) or query.dim() != 3:
+            self._pending = None
+            return type(module).forward(module, *args)
+        w = module.in_proj_weight.chunk(3)
+        bias = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+        if query is key and key is value:  # self-attention: one packed projection, one tap
+            parts = [F.linear(query, module.in_proj_weight, module.in_proj_bias)]
+            qkv = parts[0].chunk(3, -1)
+        else:
+            parts = [F.linear(t, wi, bi) for t, wi, bi in zip((query, key, value), w, bias)]
+            qkv = parts
+        first = [t if module.batch_first else t.transpose(0, 1) for t in qkv]  # (B, L, E)
+        mask = self._mask({"attn_mask": attn_mask, "key_padding_mask": key_padding_mask}, slice(None), first[0])
+        ctx = _attend(*first, mask, module.num_heads)
+        z = F.linear(ctx, module.out_proj.weight, module.out_proj.bias)
+        self._pending = (parts, ctx.detach())
+        return (z if module.batch_first else z.transpose(0, 1)), None
+
+    def take_recorded(self, call: Call) -> list[Tensor]:
+        """The ``q, k, v`` taps of the call just recorded (none when it ran the module's own forward)."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return []
+        call.cache["parts"], call.cache["context"] = pending
+        return list(pending[0])
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         if not self._covers(call, sens):
             return self.generic.grads(call, sens, rows)
-        x, g, ctx, deltas = self._local(call, sens[0])
+        if "parts" in call.cache:
+            x, g, ctx, deltas = self._recorded(call, sens)
+        else:
+            x, g, ctx, deltas = self._local(call, sens[0])
         out: Grads = {}
         positions_grads(self, g[:, rows], ctx[rows], "out_proj.weight", "out_proj.bias", out)
-        self._in_projection([t[rows] for t in x], deltas[:, rows], out)
+        self._in_projection([t[rows] for t in x], [d[:, rows] for d in deltas], out)
         return out
 
-    def _local(self, call: Call, sens: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def _recorded(self, call: Call, sens: list[Tensor | None]) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
+        """Inputs, output sensitivities, ``c`` and ``δ`` of a call recorded in parts (as :meth:`_local`)."""
+        module, args = self.module, self._arguments(call)
+        x = [self._rows(args[n], slice(None), module.batch_first) for n in ("query", "key", "value")]
+        g, deltas = sens[0], sens[len(sens) - len(call.cache["parts"]) :]
+        if not module.batch_first:  # (m, L, B, ·) → (m, B, L, ·)
+            g, deltas = g.transpose(1, 2), [d.transpose(1, 2) for d in deltas]
+        return x, as_float(g), call.cache["context"], [as_float(d) for d in deltas]
+
+    def _local(self, call: Call, sens: Tensor) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """Inputs ``(B, L, E)``, sensitivities ``(m, B, L, E)``, ``c`` and the δ of every sample, once per
         call and group of vectors (the products then go a few samples at a time)."""
         cached = call.cache.get("attention")
@@ -106,8 +163,8 @@ class AttentionRule(Rule):
             mask = padding if mask is None else mask + padding
         return mask
 
-    def _attention_backward(self, x: list[Tensor], g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The attention output ``c`` (b, L, E) and ``δ_q, δ_k, δ_v`` stacked as ``(m, b, L, 3E)``."""
+    def _attention_backward(self, x: list[Tensor], g: Tensor, mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """The attention output ``c`` (b, L, E) and ``[δ_q, δ_k, δ_v]``, each ``(m, b, L or S, E)``."""
         module = self.module
         m, b = g.shape[0], g.shape[1]
         weight, bias = module.in_proj_weight.detach(), module.in_proj_bias
@@ -124,16 +181,18 @@ class AttentionRule(Rule):
             g_ctx = g @ module.out_proj.weight.detach().to(g.dtype)
             deltas = torch.autograd.grad(ctx, leaves, g_ctx.reshape(ctx.shape))
         c = ctx.detach().reshape(m, b, *ctx.shape[1:])[0]
-        return c, torch.cat([d.reshape(m, b, *d.shape[1:]) for d in deltas], -1)
+        return c, [d.reshape(m, b, *d.shape[1:]) for d in deltas]
 
-    def _in_projection(self, x: list[Tensor], deltas: Tensor, out: Grads) -> None:
-        """The packed in-projection: rows q, k, v of ``W_in`` against their own inputs."""
+    def _in_projection(self, x: list[Tensor], deltas: list[Tensor], out: Grads) -> None:
+        """The packed in-projection: rows q, k, v of ``W_in`` against their own inputs. ``deltas`` is
+        ``[δ_q, δ_k, δ_v]``, or the three side by side ``(m, b, L, 3E)`` when recorded in parts."""
         same = all(t.data_ptr() == x[0].data_ptr() and t.shape == x[0].shape and t.stride() == x[0].stride() for t in x)
-        if same:  # self-attention: one product for the three projections
-            positions_grads(self, deltas, x[0], "in_proj_weight", "in_proj_bias", out)
+        if len(deltas) == 1 or same:  # self-attention: one product for the three projections
+            packed = deltas[0] if len(deltas) == 1 else torch.cat(deltas, -1)
+            positions_grads(self, packed, x[0], "in_proj_weight", "in_proj_bias", out)
             return
         parts: list[Grads] = [{}, {}, {}]
-        for k, (xi, d) in enumerate(zip(x, deltas.chunk(3, -1))):
+        for k, (xi, d) in enumerate(zip(x, deltas)):
             positions_grads(self, d, xi, "in_proj_weight", "in_proj_bias", parts[k])
         for name in ("in_proj_weight", "in_proj_bias"):
             if name in self.params:

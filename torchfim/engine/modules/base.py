@@ -9,6 +9,7 @@ summed over samples and vectors, or their squared norms per sample (docs/math.md
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,9 +38,17 @@ class Rule:
     them below the module) to their index in θ; frozen parameters are absent.
     """
 
+    #: A forward the module runs instead of its own while the engine records (None: its own). It must
+    #: compute the same outputs; :meth:`take_recorded` then hands over intermediate taps it kept.
+    recording_forward: Callable[..., object] | None = None
+
     def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
         self.module = module
         self.params = params
+
+    def take_recorded(self, call: Call) -> list[Tensor]:
+        """Extra taps of the call just recorded, after its output's (none by default)."""
+        return []
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         """Per-sample gradients of the samples ``rows`` for every vector: ``{index: (b, m, size)}``."""
