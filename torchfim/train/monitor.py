@@ -404,7 +404,7 @@ class FisherTraceMonitor:
         """``‖∇_θ log p(y_ij|xᵢ)‖²`` (n, k) in float64, one ``family.sample`` call per mini-batch, in order.
 
         The engine's loop step by step rather than ``engine.run``, which would re-run its check that
-        samples are independent (4 single-sample forwards) on every measurement: here it runs
+        samples are independent (one extra forward) on every measurement: here it runs
         until 4 samples were checked after each rebuild of the view (the inputs were checked finite
         when held).
         """
@@ -418,7 +418,7 @@ class FisherTraceMonitor:
                 fam = view.family_for(rec.shape, batch, self.family, None)
                 fam.check_output(rec.values)
                 self._checked = view.check_independent(batch, rec.values, self._checked)
-                u = fam.output_score(fam.sample(rec.values, self.n_samples, generator), rec.values)  # (B, k, C)
+                u = fam.sample_scores(rec.values, self.n_samples, generator)  # (B, k, C)
                 norms.append(backend.sample_squares(rec, u))  # (B, k): ‖Jᵢᵀ u_ij‖²
         return (norms[0] if len(norms) == 1 else torch.cat(norms)).double()
 
