@@ -9,14 +9,16 @@ before" is measured here instead, in one process. ``git archive`` exports the ea
 ``torchfim`` into a temporary folder, where it is imported as the package ``torchfim_before`` next
 to this checkout's ``torchfim``. For each workload a fresh worker process times the floor, the
 earlier call and the current call round-robin (call by call, after a warm-up), so that the
-machine's slow and fast phases reach all three alike. The figure is the quotient of the medians,
-now ÷ before; ≤ 1.10 means within 10 % of the earlier code.
+machine's slow and fast phases reach all three alike (garbage collected before each call and
+paused inside it, as ``run.py`` times). The figure is the median over rounds of the quotient of the
+medians, now ÷ before; ≤ 1.10 means within 10 % of the earlier code.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import subprocess
@@ -127,9 +129,14 @@ def worker(tree: str, name: str, reps: int) -> None:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(reps):
         for key in list(fns)[r % 3:] + list(fns)[: r % 3]:
-            start = time.perf_counter()
-            fns[key]()
-            times[key].append(time.perf_counter() - start)
+            gc.collect()
+            gc.disable()  # as benchmarks/run.py times: no collection of another call's garbage inside a call
+            try:
+                start = time.perf_counter()
+                fns[key]()
+                times[key].append(time.perf_counter() - start)
+            finally:
+                gc.enable()
     print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 
 
