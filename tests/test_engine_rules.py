@@ -313,3 +313,23 @@ def test_conv_rule_with_groups_dilation_stride_and_padding_equals_the_functional
             assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
         else:
             assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-13) for k in want)
+
+
+def test_attention_causal_hint_without_a_mask_fails_as_in_torch() -> None:
+    """``is_causal=True`` without ``attn_mask`` is refused by torch; recording in parts must not compute
+    an unmasked attention instead."""
+
+    class Hinted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x, need_weights=False, is_causal=True)[0].mean(1))
+
+    model, x = Hinted().double(), torch.randn(3, 5, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        model(x)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        torchfim.fisher(model, x)

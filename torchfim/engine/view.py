@@ -1,9 +1,10 @@
 """The model as the engine sees it: a private module tree, its trainable parameters, its outputs.
 
 :class:`ModelView` makes a structural copy of the user's module tree that shares every parameter,
-buffer and attribute with it (only the module objects and their registries are copied). The engine registers its hooks
-and swaps parameters (``torch.func.functional_call``) on that copy only, so a training loop that runs
-the user's model in another thread never sees them. Each view reads the parameters afresh.
+buffer and attribute with it (only the module objects and their registries are copied). The engine
+registers its hooks and swaps parameters (``torch.func.functional_call``) on that copy only, so a
+training loop that runs the user's model in another thread never sees them. Each view reads the
+parameters afresh.
 
 Outputs are mapped to one flat vector per input: a tensor ``(B, C)``, or with positions
 ``(B, *positions, C)`` (``class_dim=1`` for ``(B, C, *positions)`` as ``cross_entropy`` takes them),
@@ -13,7 +14,6 @@ becomes ``(B, L·C)`` with ``L`` the number of positions; objects with ``.logits
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager

@@ -190,8 +190,8 @@ class Categorical(Family):
 
     def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         # The labels and their scores from one softmax: the same draws as sample() then output_score().
-        p = self._probs(o.detach())
-        y = self._draw(p, k, generator).to(o.device)
+        p = self._probs(o)
+        y = self._draw(p.detach(), k, generator).to(o.device)
         scores = torch.zeros(y.shape + (o.shape[-1],), dtype=p.dtype, device=o.device)
         scores.scatter_(-1, y.unsqueeze(-1), 1.0)
         return scores.sub_(p.unsqueeze(-2)).to(o.dtype)

@@ -60,6 +60,8 @@ class AttentionRule(Rule):
         super().__init__(module, params)
         self.generic = GenericRule(module, params, path)
         self.signature = inspect.signature(module.forward)
+        #: What :meth:`recording_forward` kept of the call in progress, for :meth:`take_recorded`.
+        self._pending: tuple[list[Tensor], Tensor] | None = None
 
     def _arguments(self, call: Call) -> dict:
         """The call's arguments by name, defaults included (bound once per call)."""
@@ -87,16 +89,16 @@ class AttentionRule(Rule):
         """
         module = self.module
         args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
-        if need_weights or (module.training and module.dropout > 0) or query.dim() != 3:
+        own = need_weights or (module.training and module.dropout > 0) or query.dim() != 3
+        if own or (is_causal and attn_mask is None):  # the last: torch refuses the hint without a mask
             self._pending = None
             return type(module).forward(module, *args)
-        w = module.in_proj_weight.chunk(3)
-        bias = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
         if query is key and key is value:  # self-attention: one packed projection, one tap
             parts = [F.linear(query, module.in_proj_weight, module.in_proj_bias)]
             qkv = parts[0].chunk(3, -1)
         else:
-            parts = [F.linear(t, wi, bi) for t, wi, bi in zip((query, key, value), w, bias)]
+            bias = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+            parts = [F.linear(t, wi, bi) for t, wi, bi in zip((query, key, value), module.in_proj_weight.chunk(3), bias)]
             qkv = parts
         first = [t if module.batch_first else t.transpose(0, 1) for t in qkv]  # (B, L, E)
         mask = self._mask({"attn_mask": attn_mask, "key_padding_mask": key_padding_mask}, slice(None), first[0])
@@ -107,7 +109,7 @@ class AttentionRule(Rule):
 
     def take_recorded(self, call: Call) -> list[Tensor]:
         """The ``q, k, v`` taps of the call just recorded (none when it ran the module's own forward)."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is None:
             return []
         call.cache["parts"], call.cache["context"] = pending
