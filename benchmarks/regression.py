@@ -66,30 +66,13 @@ def _calls(name: str, torchfim, model, data, cfg):
 def _penalty_calls(name: str, torchfim, base, data, cfg):
     """One plain SGD step against one step with the exact Fisher penalty (every 1 or 10 steps)."""
     import torch
-    import torch.nn.functional as F
+    from suite.workloads.penalty import sgd_steps
 
-    def stepper(every: int | None):
-        model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        pen = None if every is None else torchfim.train.FisherPenalty(
-            model, family="categorical", alpha=cfg.alpha, every=every, generator=torch.Generator().manual_seed(0))
-        state = {"step": 0}
-
-        def run() -> None:
-            for _ in range(cfg.penalty_steps):
-                step = state["step"]
-                x, y = data.batches[step % len(data.batches)], data.targets[step % len(data.targets)]
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                if pen is not None:
-                    loss = loss + pen(x, step=step)
-                loss.backward()
-                opt.step()
-                state["step"] = step + 1
-
-        return run
-
-    return stepper(None), stepper(10 if name.endswith("every10") else 1)
+    every = 10 if name.endswith("every10") else 1
+    model = copy.deepcopy(base)
+    pen = torchfim.train.FisherPenalty(model, family="categorical", alpha=cfg.alpha, every=every,
+                                       generator=torch.Generator().manual_seed(0))
+    return sgd_steps(copy.deepcopy(base), None, data, cfg), sgd_steps(model, pen, data, cfg)
 
 
 def _import_before(tree: str):

@@ -24,6 +24,20 @@ def _rules(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
     return {paths[m]: type(r).__name__ for m, r in backend.rules.items()}
 
 
+def _assert_equals_functional(model: nn.Module, x: torch.Tensor, estimator: str, seed: int,
+                              structures: tuple[str, ...] = ("diag", "blocks"), atol: float = 1e-12) -> None:
+    """The per-module backend's Fisher equals the functional backend's (same labels) to 1e-10."""
+    for structure in structures:
+        kw = dict(estimator=estimator, structure=structure, generator=torch.Generator().manual_seed(seed))
+        got = torchfim.fisher(model, x, **kw)
+        kw["generator"] = torch.Generator().manual_seed(seed)
+        want = torchfim.fisher(model, x, backend="functional", **kw)
+        if structure == "diag":
+            assert torch.allclose(got, want, rtol=1e-10, atol=atol)
+        else:
+            assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=atol) for k in want)
+
+
 def test_one_custom_module_keeps_the_other_layers_on_their_rules() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 4), Gate(4), nn.Linear(4, 3)).double()
@@ -81,15 +95,7 @@ def test_attention_rule_equals_the_functional_backend(batch_first, cross, mask, 
     model = _Attend(batch_first, cross, mask, bias).double().eval()
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     assert _rules(model, x)["attn"] == AttentionRule.__name__
-    for structure in ("diag", "blocks"):
-        kw = dict(estimator=estimator, structure=structure, generator=torch.Generator().manual_seed(3))
-        got = torchfim.fisher(model, x, **kw)
-        kw["generator"] = torch.Generator().manual_seed(3)
-        want = torchfim.fisher(model, x, backend="functional", **kw)
-        if structure == "diag":
-            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
-        else:
-            assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-12) for k in want)
+    _assert_equals_functional(model, x, estimator, seed=3)
 
 
 class _AttendLonger(nn.Module):
@@ -118,10 +124,7 @@ def test_cross_attention_over_longer_keys_equals_the_functional_backend(batch_fi
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     assert _rules(model, x)["attn"] == AttentionRule.__name__
     for estimator in ("exact", "score"):
-        kw = dict(estimator=estimator, structure="diag", generator=torch.Generator().manual_seed(5))
-        got = torchfim.fisher(model, x, **kw)
-        kw["generator"] = torch.Generator().manual_seed(5)
-        assert torch.allclose(got, torchfim.fisher(model, x, backend="functional", **kw), rtol=1e-10, atol=1e-12)
+        _assert_equals_functional(model, x, estimator, seed=5, structures=("diag",))
 
 
 @pytest.mark.parametrize(("mask", "cross", "parts", "taps"),
@@ -298,21 +301,13 @@ class _Convs(nn.Module):
 
 @pytest.mark.parametrize("estimator", ["exact", "score"])
 def test_conv_rule_with_groups_dilation_stride_and_padding_equals_the_functional_backend(estimator: str) -> None:
-    """The per-sample weight gradients from patches, group by group, for every convolution option."""
+    """The per-sample weight gradients (one grouped weight gradient per chunk) for every convolution option."""
     torch.manual_seed(7)
     model = _Convs().double()
     x = torch.randn(5, 2, 6, 5, dtype=torch.float64)
     rules = _rules(model, x)
     assert all(rules[n] == ConvRule.__name__ for n in ("a", "b", "c"))
-    for structure in ("diag", "blocks"):
-        kw = dict(estimator=estimator, structure=structure, generator=torch.Generator().manual_seed(8))
-        got = torchfim.fisher(model, x, **kw)
-        kw["generator"] = torch.Generator().manual_seed(8)
-        want = torchfim.fisher(model, x, backend="functional", **kw)
-        if structure == "diag":
-            assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
-        else:
-            assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-13) for k in want)
+    _assert_equals_functional(model, x, estimator, seed=8, atol=1e-13)
 
 
 def test_attention_causal_hint_without_a_mask_fails_as_in_torch() -> None:

@@ -42,31 +42,37 @@ def _step_contender(name: str, penalty: dict | None, base, data, cfg: Config) ->
 
     def make() -> Runner:
         model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         pen = None if penalty is None else torchfim.train.FisherPenalty(
             model, family="categorical", alpha=cfg.alpha,
             generator=torch.Generator().manual_seed(cfg.seed), **penalty)
-        state = {"step": 0}
-
-        def run() -> None:
-            for _ in range(steps):
-                step = state["step"]
-                x = data.batches[step % len(data.batches)]
-                y = data.targets[step % len(data.targets)]
-                opt.zero_grad(set_to_none=True)
-                if shared:
-                    loss = pen.penalised_loss(x, lambda out, y=y: F.cross_entropy(out, y), step=step)
-                else:
-                    loss = F.cross_entropy(model(x), y)
-                    if pen is not None:
-                        loss = loss + pen(x, step=step)
-                loss.backward()
-                opt.step()
-                state["step"] = step + 1
-
-        return run
+        return sgd_steps(model, pen, data, cfg, shared)
 
     return Contender(name, make, compare=False, per_call=steps)
+
+
+def sgd_steps(model: torch.nn.Module, pen, data, cfg: Config, shared: bool = False) -> Runner:
+    """``cfg.penalty_steps`` SGD steps on ``model`` (cycling through the mini-batches) per call, with the
+    penalty ``pen`` added (``loss + pen(x, step)``, or ``pen.penalised_loss`` when ``shared``; none if None)."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    state = {"step": 0}
+
+    def run() -> None:
+        for _ in range(cfg.penalty_steps):
+            step = state["step"]
+            x = data.batches[step % len(data.batches)]
+            y = data.targets[step % len(data.targets)]
+            opt.zero_grad(set_to_none=True)
+            if shared:
+                loss = pen.penalised_loss(x, lambda out, y=y: F.cross_entropy(out, y), step=step)
+            else:
+                loss = F.cross_entropy(model(x), y)
+                if pen is not None:
+                    loss = loss + pen(x, step=step)
+            loss.backward()
+            opt.step()
+            state["step"] = step + 1
+
+    return run
 
 
 def build_penalty(cfg: Config, status: dict) -> Workload:
