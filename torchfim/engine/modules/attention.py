@@ -97,11 +97,9 @@ class AttentionRule(Rule):
             parts = [F.linear(query, module.in_proj_weight, module.in_proj_bias)]
             qkv = parts[0].chunk(3, -1)
         else:
-            bias = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
-            parts = [F.linear(t, wi, bi) for t, wi, bi in zip((query, key, value), module.in_proj_weight.chunk(3), bias)]
-            qkv = parts
+            parts = qkv = _project(module, (query, key, value), module.in_proj_weight, module.in_proj_bias)
         first = [t if module.batch_first else t.transpose(0, 1) for t in qkv]  # (B, L, E)
-        mask = self._mask({"attn_mask": attn_mask, "key_padding_mask": key_padding_mask}, slice(None), first[0])
+        mask = self._mask({"attn_mask": attn_mask, "key_padding_mask": key_padding_mask}, first[0])
         ctx = _attend(*first, mask, module.num_heads)
         z = F.linear(ctx, module.out_proj.weight, module.out_proj.bias)
         self._pending = (parts, ctx.detach())
@@ -118,10 +116,11 @@ class AttentionRule(Rule):
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         if not self._covers(call, sens):
             return self.generic.grads(call, sens, rows)
-        if "parts" in call.cache:
-            x, g, ctx, deltas = self._recorded(call, sens)
-        else:
-            x, g, ctx, deltas = self._local(call, sens[0])
+        cached = call.cache.get("prepared")
+        if cached is None or cached[0] is not sens[0]:  # once per call and group of vectors, then sliced
+            prepared = self._recorded(call, sens) if "parts" in call.cache else self._local(call, sens[0])
+            cached = call.cache["prepared"] = (sens[0], prepared)
+        x, g, ctx, deltas = cached[1]
         out: Grads = {}
         positions_grads(self, g[:, rows], ctx[rows], "out_proj.weight", "out_proj.bias", out)
         self._in_projection([t[rows] for t in x], [d[:, rows] for d in deltas], out)
@@ -129,39 +128,33 @@ class AttentionRule(Rule):
 
     def _recorded(self, call: Call, sens: list[Tensor | None]) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """Inputs, output sensitivities, ``c`` and ``δ`` of a call recorded in parts (as :meth:`_local`)."""
-        module, args = self.module, self._arguments(call)
-        x = [self._rows(args[n], slice(None), module.batch_first) for n in ("query", "key", "value")]
         g, deltas = sens[0], sens[len(sens) - len(call.cache["parts"]) :]
-        if not module.batch_first:  # (m, L, B, ·) → (m, B, L, ·)
+        if not self.module.batch_first:  # (m, L, B, ·) → (m, B, L, ·)
             g, deltas = g.transpose(1, 2), [d.transpose(1, 2) for d in deltas]
-        return x, as_float(g), call.cache["context"], [as_float(d) for d in deltas]
+        return self._inputs(call), as_float(g), call.cache["context"], [as_float(d) for d in deltas]
 
     def _local(self, call: Call, sens: Tensor) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
-        """Inputs ``(B, L, E)``, sensitivities ``(m, B, L, E)``, ``c`` and the δ of every sample, once per
-        call and group of vectors (the products then go a few samples at a time)."""
-        cached = call.cache.get("attention")
-        if cached is not None and cached[0] is sens:
-            return cached[1]
-        module, every, args = self.module, slice(None), self._arguments(call)
-        x = [self._rows(args[n], every, module.batch_first) for n in ("query", "key", "value")]
-        g = as_float(sens if module.batch_first else sens.transpose(1, 2))  # (m, B, L, E)
-        ctx, deltas = self._attention_backward(x, g, self._mask(args, every, x[0]))
-        call.cache["attention"] = (sens, (x, g, ctx, deltas))
+        """Inputs ``(B, L, E)``, sensitivities ``(m, B, L, E)``, ``c`` and the δ of every sample, from one
+        batched backward through the attention alone."""
+        x, args = self._inputs(call), self._arguments(call)
+        g = as_float(sens if self.module.batch_first else sens.transpose(1, 2))  # (m, B, L, E)
+        ctx, deltas = self._attention_backward(x, g, self._mask(args, x[0]))
         return x, g, ctx, deltas
 
-    @staticmethod
-    def _rows(t: Tensor, rows: slice, batch_first: bool) -> Tensor:
-        return as_float(t[rows] if batch_first else t[:, rows].transpose(0, 1))  # (b, L, E)
+    def _inputs(self, call: Call) -> list[Tensor]:
+        """The call's query, key and value inputs, each ``(B, L or S, E)``."""
+        args, first = self._arguments(call), self.module.batch_first
+        return [as_float(args[n] if first else args[n].transpose(0, 1)) for n in ("query", "key", "value")]
 
-    def _mask(self, args: dict, rows: slice, q: Tensor) -> Tensor | None:
+    def _mask(self, args: dict, q: Tensor) -> Tensor | None:
         """``attn_mask`` and ``key_padding_mask`` as one additive mask ``(b, heads, L, S)`` (or None)."""
         heads, dtype = self.module.num_heads, q.dtype
         mask = _additive(args["attn_mask"], dtype)
         if mask is not None:  # (L, S) for every sample and head, or (B·heads, L, S)
-            mask = mask[None, None] if mask.dim() == 2 else mask.reshape(-1, heads, *mask.shape[1:])[rows]
+            mask = mask[None, None] if mask.dim() == 2 else mask.reshape(-1, heads, *mask.shape[1:])
         padding = _additive(args["key_padding_mask"], dtype)
         if padding is not None:
-            padding = padding[rows][:, None, None, :]
+            padding = padding[:, None, None, :]
             mask = padding if mask is None else mask + padding
         return mask
 
@@ -169,10 +162,8 @@ class AttentionRule(Rule):
         """The attention output ``c`` (b, L, E) and ``[δ_q, δ_k, δ_v]``, each ``(m, b, L or S, E)``."""
         module = self.module
         m, b = g.shape[0], g.shape[1]
-        weight, bias = module.in_proj_weight.detach(), module.in_proj_bias
-        w = weight.chunk(3)
-        bs = (None, None, None) if bias is None else bias.detach().chunk(3)
-        qkv = [F.linear(xi, wi, bi) for xi, wi, bi in zip(x, w, bs)]
+        bias = None if module.in_proj_bias is None else module.in_proj_bias.detach()
+        qkv = _project(module, x, module.in_proj_weight.detach(), bias)
         with torch.enable_grad():
             # One copy of the attention per vector: the vectors' backwards run as one batched pass.
             leaves = [t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]).requires_grad_() for t in qkv]
@@ -201,6 +192,13 @@ class AttentionRule(Rule):
                 i = self.params[name]
                 b, m = parts[0][i].shape[:2]
                 out[i] = torch.cat([p[i].reshape(b, m, -1) for p in parts], -1)
+
+
+def _project(module: nn.Module, inputs: tuple[Tensor, ...] | list[Tensor], weight: Tensor,
+             bias: Tensor | None) -> list[Tensor]:
+    """``q, k, v`` from their own inputs through the rows of the packed in-projection ``weight``."""
+    biases = (None, None, None) if bias is None else bias.chunk(3)
+    return [F.linear(t, w, b) for t, w, b in zip(inputs, weight.chunk(3), biases)]
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, heads: int) -> Tensor:
