@@ -13,6 +13,7 @@ from torchfim.engine.modules import GenericRule
 from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules.conv import ConvRule
 from torchfim.engine.modules.linear import LinearRule
+from torchfim.engine.modules.norm import BatchNormRule
 from torchfim.engine.per_module import PerModuleBackend
 
 
@@ -308,6 +309,60 @@ def test_conv_rule_with_groups_dilation_stride_and_padding_equals_the_functional
     rules = _rules(model, x)
     assert all(rules[n] == ConvRule.__name__ for n in ("a", "b", "c"))
     _assert_equals_functional(model, x, estimator, seed=8, atol=1e-13)
+
+
+class _EvalBatchNorm(nn.Module):
+    """A convolution, an eval-mode BatchNorm over ``dims`` spatial dims (none: ``(b, C)`` inputs), a head."""
+
+    def __init__(self, dims: int, frozen: str | None) -> None:
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[max(dims, 1) - 1]
+        norm = (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims]
+        self.conv, self.norm, self.head = conv(2, 3, 2), norm(3), nn.Linear(3, 4)
+        self.dims = dims
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1.0, 1.0)
+            self.norm.running_var.uniform_(0.5, 2.0)
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+        if frozen is not None:
+            getattr(self.norm, frozen).requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))
+        h = self.norm(h.flatten(2).mean(-1) if self.dims == 0 else h)
+        return self.head(torch.tanh(h).flatten(2).mean(-1) if self.dims else torch.tanh(h))
+
+
+@pytest.mark.parametrize("dims", [0, 1, 2, 3])
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+@pytest.mark.parametrize("estimator", ["exact", "score"])
+def test_eval_batch_norm_rule_equals_the_functional_backend(dims: int, frozen: str | None, estimator: str) -> None:
+    """Eval-mode BatchNorm on (b, C) and on 1-3 spatial dims (the fused per-sample path), either affine
+    part frozen, running statistics away from 0 and 1."""
+    torch.manual_seed(11)
+    model = _EvalBatchNorm(dims, frozen).double()
+    x = torch.randn(5, 2, *(4,) * max(dims, 1), dtype=torch.float64)
+    assert _rules(model, x)["norm"] == BatchNormRule.__name__
+    _assert_equals_functional(model, x, estimator, seed=12, atol=1e-13)
+
+
+def test_eval_batch_norm_is_recorded_as_one_affine_map_with_the_module_output() -> None:
+    """While the engine records, eval-mode BatchNorm runs as ``x ⊙ s + t``: the recorded output is the
+    model's own (to rounding), the copy's forward is restored afterwards, and the parameters stay in
+    the recorded graph (the engine's check of the summed per-sample gradients needs them)."""
+    torch.manual_seed(13)
+    model = _EvalBatchNorm(2, None).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    rec = backend.record(next(batches(x, None, view.device, view.dtype)))
+    assert torch.allclose(rec.output.reshape(4, -1), model(x), rtol=1e-12, atol=1e-14)
+    norm = dict(view.model.named_modules())["norm"]
+    assert "forward" not in norm.__dict__
+    weight_grad = torch.autograd.grad(rec.output.sum(), norm.weight)[0]
+    assert torch.count_nonzero(weight_grad) == 3
 
 
 def test_attention_causal_hint_without_a_mask_fails_as_in_torch() -> None:

@@ -124,6 +124,9 @@ def _collatz_wielandt_bound(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
     return best
 
 
+_FUSED_NLL = (torch.float32, torch.float64)  # dtypes whose cross-entropy runs in the dtype itself
+
+
 class Categorical(Family):
     """Categorical over ``C`` classes with logits ``o``: ``p = softmax(o)``.
 
@@ -326,6 +329,13 @@ class Categorical(Family):
             k = root.unsqueeze(-1) * _score_gram_squared(p, r, q) * root.unsqueeze(-2)
             tops.append(robust_eigvalsh(k)[..., -1])
         return torch.cat(tops).to(o.dtype)
+
+    def nll(self, o: Tensor, y: Tensor) -> Tensor:
+        if o.dim() == 2 and y.shape == (o.shape[0], 1) and y.dtype == torch.long and o.dtype in _FUSED_NLL:
+            # One label per input (the penalty's case): torch's fused loss, half the operations of the
+            # generic log-softmax, gather and mean in each direction.
+            return torch.nn.functional.cross_entropy(o, y[:, 0])
+        return super().nll(o, y)
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         logp = torch.log_softmax(self._align(y, o).to(_work_dtype(o)[0]), dim=-1)

@@ -268,8 +268,8 @@ class FisherPenalty:
 
         * Steps that compute the penalty, ``grad_method="finite_difference"``,
           ``kind="batch_gradient"``: pass 1 at θ (forward, labels ŷ, ``g = ∇L(θ)`` by one backward
-          without a graph); pass 2 is the one forward at ``θ' = θ + ε ĝ`` (``functional_call``
-          with the parameters ``p + (ε/‖g‖) g_p``, differentiable in ``p``), returning
+          without a graph); pass 2 is the one forward at ``θ' = θ + ε ĝ`` (the model with the
+          parameters ``p + (ε/‖g‖) g_p`` in their slots, differentiable in ``p``), returning
           ``task_loss(o') + c·(L(θ') − L(θ')|detached) + S`` with ``c = 2α‖g‖/ε`` and ``S`` of
           value ``α‖g‖²`` and gradient ``−c·g`` (carried by the node that shifts the parameters,
           and scaled with the loss, e.g. by a gradient scaler). The caller's backward gives
@@ -279,10 +279,11 @@ class FisherPenalty:
           whole gradient against double backprop at θ about 4e-8 in float64 and 1e-3 in float32.
           The value is ``task_loss(o') + α‖g‖²`` (the task loss at θ', an O(ε) difference). Cost:
           two forwards and two backwards, about 2× a plain step (against 2F + 3B for
-          ``loss + pen(x)``). Measured on the benchmark MLP 64-256-256-10, batch 256, SGD, one thread
-          (CPU time, on a busy 2-core machine): 2.4-2.6× a plain step, where two plain forwards and
-          backwards cost 1.9-2.1× and ``loss + pen(x)`` 3.5-3.7×; the rest is mostly the label draw,
-          the output check and the second NLL (about 60 % of it), then some 40 small operations.
+          ``loss + pen(x)``). Measured on the benchmark MLP 64-256-256-10, batch 256, SGD, two threads
+          (a busy 2-core machine, in one process): 2.3-2.4× a plain step, where two plain forwards and
+          backwards cost 1.9× and ``loss + pen(x)`` 3.5-3.7×; the rest is the label draw and output
+          check, the norms of g and θ, the node that shifts the parameters (a Python autograd
+          function, about 40 µs each way) and the second NLL.
           With ``every > 1`` and ``reuse_between=True`` the penalty's gradient is also taken
           on its own (one more backward through pass 2) to be cached, and the returned term is
           the surrogate with that gradient (a computed step costs 2F + 3B; measured at every=10:

@@ -16,7 +16,7 @@ from .conv import ConvRule, conv_supported
 from .embedding import EmbeddingRule, embedding_supported
 from .generic import GenericRule, tensors_of
 from .linear import LinearRule
-from .norm import NormRule, norm_supported
+from .norm import BatchNormRule, NormRule, norm_supported
 
 __all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "tensors_of"]
 
@@ -40,5 +40,5 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         if embedding_supported(module):
             return EmbeddingRule(module, params)
         if norm_supported(module):
-            return NormRule(module, params)
+            return BatchNormRule(module, params) if isinstance(module, nn.modules.batchnorm._BatchNorm) else NormRule(module, params)
     return GenericRule(module, params, path)

@@ -10,6 +10,7 @@ running statistics normalises with the batch's own statistics and is left to the
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -60,4 +61,46 @@ class NormRule(Rule):
             out[self.params["weight"]] = self._fold(g * xhat.unsqueeze(0))
         if "bias" in self.params:
             out[self.params["bias"]] = self._fold(g)
+        return out
+
+
+class BatchNormRule(NormRule):
+    """BatchNorm in eval mode: ``z = x ⊙ s + t`` per channel, ``s = γ/√(σ² + eps)``, ``t = β − μ s``
+    (running mean μ and variance σ²)."""
+
+    def recording_forward(self, x: Tensor) -> Tensor:
+        """The module's forward while the engine records: ``x ⊙ s + t`` in one operation, whose backward
+        to ``x`` is one product (torch's eval-mode batch-norm backward costs about twice as much).
+        Equal to the module's own output up to rounding; a module switched to training mode runs its own."""
+        module = self.module
+        if module.training:
+            return type(module).forward(module, x)
+        scale = (module.running_var + module.eps).rsqrt()
+        if module.weight is not None:
+            scale = module.weight * scale
+        shift = -module.running_mean * scale
+        if module.bias is not None:
+            shift = shift + module.bias
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        x = call.args[0]
+        if x.dim() < 3:
+            return super().grads(call, sens, rows)
+        # torch's fused batch-norm backward with a channel per (sample, channel) gives Σ g ⊙ x̂ and Σ g over
+        # the spatial dims in one pass over g and x per vector: x̂ is never formed (7 times faster).
+        module, g, x = self.module, as_float(sens[0][:, rows]), as_float(x[rows])
+        m, b = g.shape[:2]
+        mean = module.running_mean.to(x.dtype).repeat(b)
+        var = module.running_var.to(x.dtype).repeat(b)
+        flat = x.reshape(1, b * x.shape[1], -1)
+        mask = ["weight" in self.params, "bias" in self.params]
+        parts = [torch.ops.aten.native_batch_norm_backward(g[j].reshape(flat.shape), flat, None, mean, var, None,
+                                                           None, False, module.eps, [False, *mask])[1:]
+                 for j in range(m)]
+        out: Grads = {}
+        for k, (name, wanted) in enumerate(zip(("weight", "bias"), mask)):
+            if wanted:
+                out[self.params[name]] = torch.stack([part[k] for part in parts]).reshape(m, b, -1).transpose(0, 1)
         return out
