@@ -3,9 +3,11 @@
 ``x̂`` is the normalised input (LayerNorm, RMSNorm: over the trailing ``normalized_shape``;
 GroupNorm: per group of channels; BatchNorm in eval mode: with the running statistics), so the
 per-sample gradients are ``∂/∂γ = Σ g ⊙ x̂`` and ``∂/∂β = Σ g``, summed over the dims that share the
-parameter (positions, or the spatial dims of a channel) (docs/math.md §6). BatchNorm without
-running statistics normalises with the batch's own statistics and is left to the generic rule
-(the independence check then refuses it).
+parameter (positions, or the spatial dims of a channel) (docs/math.md §6.3c). Eval-mode BatchNorm
+is one affine map per channel: :class:`BatchNormRule` records it in that form and takes its
+per-sample products from torch's fused batch-norm backward. BatchNorm without running statistics
+normalises with the batch's own statistics and is left to the generic rule (the independence check
+then refuses it).
 """
 
 from __future__ import annotations
