@@ -264,3 +264,24 @@ def test_bad_calls_raise() -> None:
         pen.penalised_loss(x, lambda out: out.pow(2).mean(1), step=0)
     with pytest.raises(torchfim.TorchfimError, match="inputs"):
         pen.penalised_loss([1.0], lambda out: out.sum(), step=0)
+
+
+@pytest.mark.parametrize("fd_step", [None, 1e-3])
+def test_fd_step_scalars_are_the_formula_as_host_numbers_and_as_tensors(fd_step: float | None) -> None:
+    """``(ε/‖g‖, 2α‖g‖/ε, α‖g‖²)`` with ``ε = 0.1·√eps·(1 + ‖θ‖)`` (or the given step): the CPU path
+    (Python numbers) and the accelerator path (0-dim tensors, run here on CPU) agree with the formula,
+    and a zero gradient is not moved."""
+    from torchfim.train.finite_difference import FD_STEP_SCALE, _fd_scalars
+
+    torch.manual_seed(SEED)
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    grads = [torch.randn_like(p) for p in params]
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    theta = math.sqrt(sum(float((p * p).sum()) for p in params))
+    step = fd_step if fd_step is not None else FD_STEP_SCALE * math.sqrt(torch.finfo(torch.float64).eps) * (1 + theta)
+    want = (step / norm, 2 * 0.3 * norm / step, 0.3 * norm**2)
+    for host in (True, False):
+        got = _fd_scalars(grads, params, fd_step, 0.3, host=host)
+        assert all(math.isclose(float(a), b, rel_tol=1e-12) for a, b in zip(got, want))
+        zero = _fd_scalars([torch.zeros_like(p) for p in params], params, fd_step, 0.3, host=host)
+        assert [float(v) for v in zero] == [0.0, 0.0, 0.0]

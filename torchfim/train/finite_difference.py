@@ -84,21 +84,24 @@ def fd_step_for(params: list[Tensor], fd_step: float | None) -> Tensor:
 
 
 def _fd_scalars(
-    grads: list[Tensor], params: list[Tensor], fd_step: float | None, alpha: float
+    grads: list[Tensor], params: list[Tensor], fd_step: float | None, alpha: float, host: bool | None = None
 ) -> tuple[float | Tensor, float | Tensor, Tensor]:
     """``(ε/‖g‖, 2α‖g‖/ε, α‖g‖²)`` for the gradient ``g = grads`` (the shift is 0 when ``g = 0``).
 
     ``ε`` as in :func:`fd_step_for`; the norms of ``g`` and θ come from one pass over the tensors.
-    On CPU the first two are Python numbers (reading values back costs nothing there, and the
-    dozen 0-dim tensor operations it replaces cost about 100 µs per step); elsewhere 0-dim tensors,
-    so that no value goes back to the host. The value is a 0-dim tensor either way.
+    With ``host`` (by default: on CPU) the first two are Python numbers (reading values back costs
+    nothing there, and the dozen 0-dim tensor operations it replaces cost about 100 µs per step);
+    otherwise 0-dim tensors, so that no value goes back to the host. The value is a 0-dim tensor.
     """
     first = params[0]
     detached = [] if fd_step is not None else [p.detach() for p in params]
     norms = torch.stack(torch._foreach_norm(grads + detached))
-    if first.device.type != "cpu":
+    if not (first.device.type == "cpu" if host is None else host):
         norm = torch.linalg.vector_norm(norms[: len(grads)])
-        step = fd_step_for(params, fd_step)
+        if fd_step is None:
+            step = _default_step(torch.linalg.vector_norm(norms[len(grads) :]), first.dtype)
+        else:
+            step = torch.tensor(fd_step, dtype=first.dtype, device=first.device)
         return _ratio_or_zero(step, norm), (2.0 * alpha) * norm / step, alpha * norm.square()
     values = norms.tolist()
     norm = math.hypot(*values[: len(grads)])
