@@ -19,10 +19,10 @@ pass (1.4 times the penalty's cost); the forward difference is far inside 1 % (f
 
 The perturbed pass runs the model with shifted copies of the parameters in their slots (as
 ``torch.func.functional_call`` does), so the parameters themselves are never modified (nothing to
-restore, no drift, and no in-place change of a tensor an outer graph saved). It sees the same inputs and the same labels; in
-training mode it also sees the same random numbers as the first pass (torch's RNG state is
-replayed, so a Dropout mask is the same) and it updates no buffer (BatchNorm running statistics
-are updated once, by the first pass, as by any forward).
+restore, no drift, and no in-place change of a tensor an outer graph saved). It sees the same
+inputs and the same labels; in training mode it also sees the same random numbers as the first
+pass (torch's RNG state is replayed, so a Dropout mask is the same) and it updates no buffer
+(BatchNorm running statistics are updated once, by the first pass, as by any forward).
 
 In a training step, :func:`batch_gradient_fd_shared` (behind
 :meth:`~torchfim.train.FisherPenalty.penalised_loss`) makes the perturbed pass the step's only
@@ -237,14 +237,17 @@ class _ShiftedParameters(torch.autograd.Function):
 
     Forward: the shifted parameters ``p + h·e_p`` (``h`` a number or 0-dim tensor) and a copy of the
     constant ``v``. Backward: each parameter gets its shifted copy's gradient plus ``s·w·e_p``, with
-    ``w`` a weight (number or 0-dim tensor) and ``s`` the anchor's incoming gradient (1 for ``loss.backward()``; the loss's
-    scale otherwise). So adding the anchor to a loss adds the term ``v + w⟨e, θ⟩ − w⟨e, θ⟩|now`` to
-    it without a node of its own: the shift and the term share one node and one fused operation
-    per parameter in each direction (neither ``h·e`` nor ``w·e`` is formed).
+    ``w`` a weight (number or 0-dim tensor) and ``s`` the anchor's incoming gradient (1 for
+    ``loss.backward()``; the loss's scale otherwise). So adding the anchor to a loss adds the term
+    ``v + w⟨e, θ⟩ − w⟨e, θ⟩|now`` to it without a node of its own: the shift and the term share one
+    node and one fused operation per parameter in each direction (neither ``h·e`` nor ``w·e`` is
+    formed).
     """
 
     @staticmethod
-    def forward(ctx, shift: float | Tensor, extras: list[Tensor], weight: float | Tensor, value: Tensor, *params: Tensor):
+    def forward(
+        ctx, shift: float | Tensor, extras: list[Tensor], weight: float | Tensor, value: Tensor, *params: Tensor
+    ):
         ctx.extras, ctx.weight = extras, weight
         return (*_shifted(params, extras, shift), value.detach().clone())
 

@@ -40,5 +40,6 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         if embedding_supported(module):
             return EmbeddingRule(module, params)
         if norm_supported(module):
-            return BatchNormRule(module, params) if isinstance(module, nn.modules.batchnorm._BatchNorm) else NormRule(module, params)
+            batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            return (BatchNormRule if batch_norm else NormRule)(module, params)
     return GenericRule(module, params, path)
