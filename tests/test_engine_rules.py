@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -363,6 +365,26 @@ def test_eval_batch_norm_is_recorded_as_one_affine_map_with_the_module_output() 
     assert "forward" not in norm.__dict__
     weight_grad = torch.autograd.grad(rec.output.sum(), norm.weight)[0]
     assert torch.count_nonzero(weight_grad) == 3
+
+
+def test_float32_batch_norm_inside_a_bfloat16_model_hands_on_the_model_dtype() -> None:
+    """A BatchNorm kept in float32 inside a bfloat16 model returns bfloat16, as torch's batch norm does;
+    the recorded affine map must too (the next layer refuses float32 inputs), and the Fisher stays
+    close to the float64 one."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.Flatten(),
+                          nn.Linear(48, 4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(5, 2, 8, 8)
+    want = torchfim.fisher(copy.deepcopy(model).double(), x.double(), structure="diag")
+    model.to(torch.bfloat16)
+    model[1].float()
+    got = torchfim.fisher(model, x.to(torch.bfloat16), structure="diag")
+    assert got.dtype == torch.bfloat16
+    assert float((got.double() - want).norm() / want.norm()) < 0.05
 
 
 def test_attention_causal_hint_without_a_mask_fails_as_in_torch() -> None:

@@ -73,7 +73,9 @@ class BatchNormRule(NormRule):
     def recording_forward(self, x: Tensor) -> Tensor:
         """The module's forward while the engine records: ``x ⊙ s + t`` in one operation, whose backward
         to ``x`` is one product (torch's eval-mode batch-norm backward costs about twice as much).
-        Equal to the module's own output up to rounding; a module switched to training mode runs its own."""
+        Equal to the module's own output up to rounding, in the input's dtype as torch's batch norm
+        returns it (a float32 layer inside a half-precision model); a module switched to training
+        mode runs its own."""
         module = self.module
         if module.training:
             return type(module).forward(module, x)
@@ -84,7 +86,7 @@ class BatchNormRule(NormRule):
         if module.bias is not None:
             shift = shift + module.bias
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         x = call.args[0]
