@@ -186,6 +186,9 @@ def test_every_reuses_the_cached_penalty_gradient(grad_method: str) -> None:
         torch.testing.assert_close(loss.detach(), task(model(x)).detach() + value, rtol=1e-10, atol=0)
         want = [a + c for a, c in zip(grads_of(task(model(x)), model), cached)]
         assert rel_error(grads_of(loss, model), want) < 1e-12
+        model.zero_grad(set_to_none=True)  # the usual loss.backward() into .grad: the same gradient
+        pen.penalised_loss(x, task, step=step).backward()
+        assert rel_error([p.grad for p in trainable(model)], want) < 1e-12
     assert pen.last_step == 0
 
 
@@ -285,3 +288,22 @@ def test_fd_step_scalars_are_the_formula_as_host_numbers_and_as_tensors(fd_step:
         assert all(math.isclose(float(a), b, rel_tol=1e-12) for a, b in zip(got, want))
         zero = _fd_scalars([torch.zeros_like(p) for p in params], params, fd_step, 0.3, host=host)
         assert [float(v) for v in zero] == [0.0, 0.0, 0.0]
+
+
+def test_cached_penalty_gradient_is_coef_times_the_gradient_difference() -> None:
+    """``c·(∇L(θ') − g)`` from one seeded backward and one fused subtraction, with ``c`` a number (CPU)
+    and a 0-dim tensor (accelerators), against autograd and explicit arithmetic; a parameter the
+    loss does not use gets exactly ``−c·g``."""
+    from torchfim.train.finite_difference import penalty_gradient
+
+    model, x = tanh_mlp(3, seed=74), mlp_inputs(8, seed=75)
+    unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    params = [*trainable(model), unused]
+    g = [torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(76)) for p in params]
+    nll = model(x).logsumexp(1).mean()
+    grads = torch.autograd.grad(nll, params[:-1], retain_graph=True) + (torch.zeros_like(unused),)
+    want = [0.7 * (a - b) for a, b in zip(grads, g)]
+    for coef in (0.7, torch.tensor(0.7, dtype=torch.float64)):
+        got = penalty_gradient(nll, params, g, coef)
+        assert rel_error(got, want) < 1e-14
+    assert nll.grad_fn is not None and torch.autograd.grad(nll, params[0])[0] is not None  # graph kept

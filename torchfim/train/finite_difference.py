@@ -286,7 +286,7 @@ def batch_gradient_fd_shared(
     tensor; see :func:`_fd_scalars`) and the value a 0-dim tensor. With
     ``cache=False``, ``last`` is a 0-dim tensor of value ``α‖g‖²`` whose gradient is ``−c·g``, so that
     ``c·L(θ') + last`` has the gradient ``2α (∇L(θ') − ∇L(θ))‖g‖/ε ≈ 2α H g``; with ``cache=True``
-    it is the list ``[−c·g_p]`` (the caller takes ``c·∇L(θ')`` on its own).
+    it is the list ``g`` (the caller forms the penalty's gradient with :func:`penalty_gradient`).
     """
     params = [p for _, p in named]
     replay = _Replay(model, x.device)
@@ -300,12 +300,30 @@ def batch_gradient_fd_shared(
     shift, coef, value = _fd_scalars(g, params, fd_step, alpha)  # θ + ε ĝ = θ + (ε/‖g‖) g; g = 0 is not moved
     with replay.second_pass():  # the same Dropout masks as pass 1
         if cache:
-            shifted, last = _shifted(params, g, shift), torch._foreach_mul(g, -coef)
+            shifted, last = _shifted(params, g, shift), g
         else:
             *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
         with _substituted(model, {id(p): t for p, t in zip(params, shifted)}):
             out = model(x)
     return out, family.nll(_leading(out, rows), y), coef, value, last
+
+
+def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: float | Tensor) -> list[Tensor]:
+    """``c·(∇L(θ') − g)``, the forward-difference gradient of ``α‖g‖²``, from ``nll = L(θ')`` on its own.
+
+    One backward seeded with ``c`` (no separate scaling pass) and one fused pass subtracting
+    ``c·g`` in place; ``nll``'s graph is kept for the task loss that shares it.
+    """
+    if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
+        return [torch.zeros_like(p) for p in params]
+    seed = torch.as_tensor(coef, dtype=nll.dtype, device=nll.device)
+    grads = torch.autograd.grad(nll, params, seed, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads)]
+    if isinstance(coef, Tensor):
+        torch._foreach_sub_(grads, torch._foreach_mul(g, coef))
+    else:
+        torch._foreach_add_(grads, g, alpha=-coef)
+    return grads
 
 
 @contextmanager

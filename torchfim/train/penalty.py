@@ -35,6 +35,7 @@ from .finite_difference import (
     batch_gradient_fd,
     batch_gradient_fd_shared,
     check_fd_step,
+    penalty_gradient,
     trace_fd,
 )
 from .surrogate import fixed_gradient, zero_term
@@ -401,8 +402,7 @@ class FisherPenalty:
         task = self._task(task_loss, out)
         if not cache:  # one backward: ∇task(θ') + c·∇L(θ') − c·g
             return task + coef * (nll - nll.detach()) + last, value, None
-        # The penalty's own gradient c·(∇L(θ') − g), to reuse on the next steps.
-        grads = torch._foreach_add(torch._foreach_mul(self._gradient(nll, params, retain_graph=True), coef), last)
+        grads = penalty_gradient(nll, params, last, coef)  # c·(∇L(θ') − g), to reuse on the next steps
         return task + self._surrogate(params, grads, value), value, grads
 
     def _outputs_and_labels(self, o: Tensor) -> Tensor:
