@@ -1,4 +1,4 @@
-"""The one list of test models every engine oracle test runs (float64, seeded, tiny).
+"""The one list of test models every oracle test runs (float64, seeded, tiny), and their factories.
 
 Each case builds a model for an output width ``C`` and its inputs; ``families`` says which output
 families apply (a weight-tied language model fixes ``C`` to its vocabulary, so only categorical).
@@ -37,22 +37,70 @@ def _tokens(n: int, length: int, vocab: int, seed: int = 1) -> Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def tanh_mlp(c: int) -> nn.Module:
-    _seed()
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, c)).double()
+def mlp_inputs(n: int, seed: int = 1, d_in: int = 3) -> Tensor:
+    return _floats(n, d_in, seed=seed)
 
 
-def relu_mlp(c: int) -> nn.Module:
-    _seed()
+def cnn_inputs(n: int, seed: int = 1) -> Tensor:
+    """Images ``(n, 1, 6, 6)`` for :func:`strided_cnn`."""
+    return _floats(n, 1, 6, 6, seed=seed)
+
+
+def tanh_mlp(c: int, seed: int = 0, d_in: int = 3, hidden: int = 4) -> nn.Module:
+    _seed(seed)
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, c)
+    ).double()
+
+
+def relu_mlp(c: int, seed: int = 0) -> nn.Module:
+    _seed(seed)
     return nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, c)).double()
 
 
-def strided_cnn(c: int) -> nn.Module:
-    _seed()
+def strided_cnn(c: int, seed: int = 0) -> nn.Module:
+    """Strided, padded conv → tanh → conv → tanh → average pool → Linear on 1×6×6 images."""
+    _seed(seed)
     return nn.Sequential(
         nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 2, dilation=1), nn.Tanh(),
         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, c),
     ).double()
+
+
+def rms_norm_mlp(c: int) -> nn.Module:
+    """RMSNorm (affine, weights away from 1) between Linear layers, with GELU."""
+    _seed()
+    model = nn.Sequential(nn.Linear(3, 5), nn.RMSNorm(5), nn.GELU(), nn.Linear(5, c)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    return model
+
+
+def layer_norm_mlp(c: int) -> nn.Module:
+    """LayerNorm (affine, away from its initial values) between Linear layers, with GELU."""
+    _seed()
+    model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, c)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def batchnorm1d_mlp(c: int) -> nn.Module:
+    """BatchNorm1d in eval mode, running statistics away from 0 and 1."""
+    _seed()
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.GELU(), nn.Linear(5, c)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def maxpool_cnn(c: int) -> nn.Module:
+    """Conv → ReLU → max-pool → Linear on 1×6×6 images."""
+    _seed()
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(27, c)).double()
 
 
 def conv1d_net(c: int) -> nn.Module:
@@ -196,17 +244,22 @@ def token_model(c: int) -> nn.Module:
 
 
 CASES = [
-    Case("tanh_mlp", tanh_mlp, lambda n: _floats(n, 3)),
-    Case("relu_mlp", relu_mlp, lambda n: _floats(n, 3)),
-    Case("strided_cnn", strided_cnn, lambda n: _floats(n, 1, 6, 6)),
+    Case("tanh_mlp", tanh_mlp, mlp_inputs),
+    Case("relu_mlp", relu_mlp, mlp_inputs),
+    Case("strided_cnn", strided_cnn, cnn_inputs),
+    Case("maxpool_cnn", maxpool_cnn, cnn_inputs),
     Case("conv1d", conv1d_net, lambda n: _floats(n, 2, 7)),
     # torch has no forward-mode AD for CPU flash attention, so Î2's second derivatives are refused.
     Case("encoder", encoder, lambda n: _tokens(n, 4, 7), ("categorical", "gaussian"), second_order=False),
     Case("residual_bn", residual_bn, lambda n: _floats(n, 1, 4, 4)),
     Case("group_norm", group_norm, lambda n: _floats(n, 1, 6, 6)),
+    # torch's forward-over-forward AD through LayerNorm is wrong, so Î2's diagonals are refused there.
+    Case("layer_norm_mlp", layer_norm_mlp, mlp_inputs, second_order=False),
+    Case("rms_norm_mlp", rms_norm_mlp, mlp_inputs),
+    Case("batchnorm1d_mlp", batchnorm1d_mlp, mlp_inputs),
     Case("tied", tied, lambda n: _tokens(n, 3, 4), ("categorical",)),
-    Case("frozen", frozen, lambda n: _floats(n, 3)),
-    Case("custom", custom, lambda n: _floats(n, 3)),
+    Case("frozen", frozen, mlp_inputs),
+    Case("custom", custom, mlp_inputs),
     Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian"), second_order=False),
     Case("tokens", token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
 ]

@@ -1,4 +1,4 @@
-"""Shared model factories for the tests (float64, seeded)."""
+"""Shared fixtures of the tests; the model factories come from the one list of cases (cases.py)."""
 
 from __future__ import annotations
 
@@ -14,49 +14,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The tests use tiny models, for which thread start-up costs more than it saves.
 torch.set_num_threads(1)
 
+from cases import BY_NAME, cnn_inputs, mlp_inputs, relu_mlp, strided_cnn, tanh_mlp  # noqa: F401 (re-exported)
 from oracles import FAMILY_WIDTH  # noqa: E402
 
 FAMILIES = tuple(FAMILY_WIDTH)
 
 
-def tanh_mlp(width: int, seed: int = 0, d_in: int = 3, hidden: int = 4) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, width)
-    ).double()
-
-
-def relu_mlp(width: int, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, width)).double()
-
-
-def tiny_cnn(width: int, seed: int = 0) -> nn.Module:
-    """Conv → tanh → avg-pool → conv → tanh → linear on 1×6×6 images."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1),
-        nn.Tanh(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(2, 2, 2),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(8, width),
-    ).double()
-
-
-def cnn_inputs(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def mlp_inputs(n: int, seed: int = 1, d_in: int = 3) -> torch.Tensor:
-    return torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-MODELS = {
-    "tanh_mlp": (tanh_mlp, mlp_inputs),
-    "tiny_cnn": (tiny_cnn, cnn_inputs),
-}
+# The factories are those of the one list of test cases (cases.py); these two run the first-wave
+# oracle tests of test_fisher.py and test_variance.py.
+MODELS = {name: (BY_NAME[name].build, BY_NAME[name].inputs) for name in ("tanh_mlp", "strided_cnn")}
 
 
 @pytest.fixture(params=FAMILIES)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, tanh_mlp, tiny_cnn
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 
 backpack = clients.need("backpack")
 from backpack.extensions import BatchGrad, DiagGGNExact  # noqa: E402
@@ -30,7 +30,7 @@ from backpack.extensions import BatchGrad, DiagGGNExact  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
 N, WIDTH = 10, 3
-MODELS = [pytest.param((tanh_mlp, mlp_inputs), id="mlp"), pytest.param((tiny_cnn, cnn_inputs), id="cnn")]
+MODELS = [pytest.param((tanh_mlp, mlp_inputs), id="mlp"), pytest.param((strided_cnn, cnn_inputs), id="cnn")]
 #: family → (loss class, factor of Σ diag GGN of the summed loss over n × torchfim's mean)
 HEADS = {"categorical": (nn.CrossEntropyLoss, 1.0), "gaussian": (nn.MSELoss, 2.0)}
 

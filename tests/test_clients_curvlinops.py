@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, tanh_mlp, tiny_cnn
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 
 curvlinops = clients.need("curvlinops")
 
 N, WIDTH = 10, 3
-MODELS = [pytest.param((tanh_mlp, mlp_inputs), id="mlp"), pytest.param((tiny_cnn, cnn_inputs), id="cnn")]
+MODELS = [pytest.param((tanh_mlp, mlp_inputs), id="mlp"), pytest.param((strided_cnn, cnn_inputs), id="cnn")]
 #: family → (loss, factor of the GGN over torchfim's exact, factor of the EF over torchfim's empirical)
 HEADS = {
     "categorical": (nn.CrossEntropyLoss(reduction="mean"), 1.0, 1.0),

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, tanh_mlp, tiny_cnn
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from torchfim.families import Gaussian
 
 laplace = clients.need("laplace")
@@ -37,7 +37,7 @@ pytestmark = [  # BackPACK's and ASDL's hooks, not torchfim's
 
 N, SIGMA = 10, 0.5
 MLP = (tanh_mlp, mlp_inputs)
-MODELS = [pytest.param(MLP, id="mlp"), pytest.param((tiny_cnn, cnn_inputs), id="cnn")]
+MODELS = [pytest.param(MLP, id="mlp"), pytest.param((strided_cnn, cnn_inputs), id="cnn")]
 LIKELIHOODS = {"classification": ("categorical", 3), "regression": ("gaussian", 2)}
 GGN_BACKENDS = [CurvlinopsGGN, BackPackGGN, AsdlGGN]
 

@@ -19,14 +19,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, tanh_mlp, tiny_cnn
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 
 nngeometry = clients.need("nngeometry")
 from nngeometry.metrics import FIM  # noqa: E402
 from nngeometry.object import PMatDense, PMatDiag  # noqa: E402
 
 N = 10
-MODELS = [pytest.param((tanh_mlp, mlp_inputs), id="mlp"), pytest.param((tiny_cnn, cnn_inputs), id="cnn")]
+MODELS = [pytest.param((tanh_mlp, mlp_inputs), id="mlp"), pytest.param((strided_cnn, cnn_inputs), id="cnn")]
 #: nngeometry variant → (torchfim family, output width)
 VARIANTS = {"classif_logits": ("categorical", 3), "classif_binary_logits": ("bernoulli", 1), "regression": ("gaussian", 2)}
 

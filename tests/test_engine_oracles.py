@@ -8,8 +8,6 @@ torchfim's engine is used.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from torch.func import hessian, jacrev
@@ -44,10 +42,13 @@ def oracle(case: Case, family: str, second_order: bool) -> dict[str, torch.Tenso
             else:
                 probs, u = torch.ones(1, dtype=torch.float64), torch.zeros(1, c, dtype=torch.float64)
             supports.append((probs, u))
-        for combo in itertools.product(*[range(len(p)) for p, _ in supports]):
-            prob = torch.prod(torch.stack([supports[t][0][j] for t, j in enumerate(combo)]))
-            u = torch.cat([supports[t][1][j] for t, j in enumerate(combo)])
-            m4[i] += prob * torch.einsum("a,b,c,d->abcd", u, u, u, u)
+        # Enumerate the joint support of the positions' labels (independent given the input): every
+        # combination of one support point per position, with the product of their probabilities.
+        combos = torch.cartesian_prod(*[torch.arange(len(p)) for p, _ in supports]).reshape(-1, positions)
+        prob = torch.stack([supports[t][0][combos[:, t]] for t in range(positions)]).prod(0)
+        u = torch.cat([supports[t][1][combos[:, t]] for t in range(positions)], dim=1)  # (S, L·C)
+        pairs = (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)  # (S, (L·C)²): u_a u_b
+        m4[i] = ((pairs * prob.unsqueeze(1)).T @ pairs).reshape(m4.shape[1:])
     per_input = torch.einsum("ncp,ncd,ndq->npq", jac, lam, jac)
     res = {"exact": per_input.mean(0), "mask": mask, "model": model, "x": x}
     scale = 1.0 / N**2

@@ -211,30 +211,5 @@ def test_frozen_parameters_are_left_out():
     assert rel_err(part, full[12:, 12:]) < RTOL
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
-def test_normalisation_layers(norm, family):
-    torch.manual_seed(0)
-    width = FAMILY_WIDTH[family]
-    layer = torch.nn.LayerNorm(5) if norm == "layernorm" else torch.nn.BatchNorm1d(5)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 5), layer, torch.nn.GELU(), torch.nn.Linear(5, width)).double()
-    x = mlp_inputs(8)
-    if norm == "batchnorm":
-        model(x)  # give the running statistics non-trivial values
-        model.eval()
-    full = exact_fisher(model, x, family)
-    check_structures(model, full, lambda s: torchfim.fisher(model, x, family=family, structure=s))
-
-
-def test_maxpool_relu_cnn(family):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-        torch.nn.Linear(27, FAMILY_WIDTH[family]),
-    ).double()
-    x = torch.randn(5, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    full = exact_fisher(model, x, family)
-    check_structures(model, full, lambda s: torchfim.fisher(model, x, family=family, structure=s))
-
-
 def test_all_families_listed():
     assert set(FAMILIES) <= set(torchfim.families.FAMILIES)

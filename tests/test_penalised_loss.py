@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import cnn_inputs, mlp_inputs, tanh_mlp, tiny_cnn
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from oracles import FAMILY_WIDTH
 from test_train_penalty import SEED, brute_penalty, labels, trainable
 from torch import nn
@@ -22,7 +22,7 @@ import torchfim
 from torchfim.families import get_family
 from torchfim.train import FisherPenalty
 
-MODELS = {"tanh_mlp": (tanh_mlp, mlp_inputs), "tiny_cnn": (tiny_cnn, cnn_inputs)}
+MODELS = {"tanh_mlp": (tanh_mlp, mlp_inputs), "strided_cnn": (strided_cnn, cnn_inputs)}
 ALPHA = 0.37
 
 

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import cnn_inputs, mlp_inputs, tanh_mlp, tiny_cnn
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from oracles import FAMILY_WIDTH
 from test_train_penalty import (
     SEED,
@@ -28,7 +28,7 @@ import torchfim
 from torchfim.families import get_family
 from torchfim.train import FisherPenalty
 
-MODELS = {"tanh_mlp": (tanh_mlp, mlp_inputs), "tiny_cnn": (tiny_cnn, cnn_inputs)}
+MODELS = {"tanh_mlp": (tanh_mlp, mlp_inputs), "strided_cnn": (strided_cnn, cnn_inputs)}
 #: The acceptance bounds on the relative error ‖fd − exact‖/‖exact‖.
 TOLERANCE = {torch.float64: 0.01, torch.float32: 0.05}
 
