@@ -13,6 +13,7 @@ from cases import BY_NAME, CASES, Gate, TokenModel
 from torchfim.engine import ModelView, batches
 from torchfim.engine.modules import GenericRule
 from torchfim.engine.modules.attention import AttentionRule
+from torchfim.engine.modules import conv as conv_module
 from torchfim.engine.modules.conv import ConvRule
 from torchfim.engine.modules.linear import LinearRule
 from torchfim.engine.modules.norm import BatchNormRule
@@ -328,6 +329,47 @@ def test_conv_rule_with_groups_dilation_stride_and_padding_equals_the_functional
     rules = _rules(model, x)
     assert all(rules[n] == ConvRule.__name__ for n in ("a", "b", "c"))
     _assert_equals_functional(model, x, estimator, seed=8, atol=1e-13)
+
+
+class _UngroupedConvs(nn.Module):
+    """Convolutions without groups or dilation (their squares go through patches): stride, asymmetric
+    and 'valid' padding, 2-d and 1-d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2))
+        self.b = nn.Conv2d(3, 3, 2, padding="valid", bias=False)
+        self.c = nn.Conv1d(3, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        h = torch.tanh(self.c(h.flatten(2)))
+        return self.head(h.mean(-1))
+
+
+@pytest.mark.parametrize("patches", [True, False], ids=["patches", "grouped"])
+@pytest.mark.parametrize("model_class", [_Convs, _UngroupedConvs])
+def test_conv_squares_by_patches_or_grouped_gradients_equal_the_functional_backend(model_class, patches: bool,
+                                                                                 monkeypatch) -> None:
+    """The exact diagonal through either way of building the per-sample weight gradients; the patches
+    are taken exactly where the layer has no groups or dilation (and they are small)."""
+    if not patches:
+        monkeypatch.setattr(conv_module, "PATCH_ELEMENTS", 0)
+    built: list[bool] = []
+    own = ConvRule._patches
+
+    def spy(rule: ConvRule, x: torch.Tensor) -> torch.Tensor | None:
+        result = own(rule, x)
+        built.append(result is not None)
+        return result
+
+    monkeypatch.setattr(ConvRule, "_patches", spy)
+    torch.manual_seed(7)
+    model = model_class().double()
+    x = torch.randn(5, 2, 6, 5, dtype=torch.float64)
+    _assert_equals_functional(model, x, "exact", seed=8, structures=("diag",), atol=1e-13)
+    assert built == [patches and model_class is _UngroupedConvs] * 3
 
 
 class _EvalBatchNorm(nn.Module):
