@@ -312,7 +312,7 @@ class _Convs(nn.Module):
         self.a = nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2)
         self.b = nn.Conv2d(4, 4, 2, padding="valid", groups=4, bias=False)
         self.c = nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2)
-        self.head = nn.Linear(6, 3)
+        self.head = nn.Linear(6, 6)  # the exact Fisher's 5 vectors: enough for the patches to be asked for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.b(torch.tanh(self.a(x))))
@@ -340,7 +340,7 @@ class _UngroupedConvs(nn.Module):
         self.a = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2))
         self.b = nn.Conv2d(3, 3, 2, padding="valid", bias=False)
         self.c = nn.Conv1d(3, 4, 3, stride=2, padding=1)
-        self.head = nn.Linear(4, 3)
+        self.head = nn.Linear(4, 6)  # the exact Fisher's 5 vectors: enough to build patches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.b(torch.tanh(self.a(x))))
@@ -353,7 +353,8 @@ class _UngroupedConvs(nn.Module):
 def test_conv_squares_by_patches_or_grouped_gradients_equal_the_functional_backend(model_class, patches: bool,
                                                                                  monkeypatch) -> None:
     """The exact diagonal through either way of building the per-sample weight gradients; the patches
-    are taken exactly where the layer has no groups or dilation (and they are small)."""
+    are taken exactly where the layer has no groups or dilation (and they are small, and there are
+    enough vectors)."""
     if not patches:
         monkeypatch.setattr(conv_module, "PATCH_ELEMENTS", 0)
     built: list[bool] = []

@@ -4,8 +4,8 @@ A convolution is a linear layer applied at every output position ``l`` to the pa
 input under the kernel: per group, ``∂/∂W = Σ_l g_l p_lᵀ`` and ``∂/∂b = Σ_l g_l`` (docs/math.md §6).
 The per-sample sums over positions are computed as one grouped convolution-weight gradient with a
 group per sample (and vector), which never builds the patches; where the patches of a call are
-small (small images), :meth:`ConvRule.squares` builds them once and takes one batched matrix
-product per chunk instead, which is faster there.
+small (small images) and there are enough vectors, :meth:`ConvRule.squares` builds them once and
+takes one batched matrix product per chunk instead, which is faster there.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from .base import Call, Grads, Rule, as_float
 GRADIENT_ELEMENTS = 2**18
 #: Largest patches ``(B, L, K)`` of one call that :meth:`ConvRule.squares` builds and keeps.
 PATCH_ELEMENTS = 2**22
+#: Fewest vectors in a group for which building the patches pays: on the benchmark CNN's 8×8 images
+#: the batched products were 1.2 times slower than the grouped gradient with 1-3 vectors, 1.06 with
+#: 4 and 0.9 with 6 (once built, the patches serve every later group).
+PATCH_VECTORS = 5
 
 
 def conv_supported(module: nn.Module) -> bool:
@@ -87,16 +91,16 @@ class ConvRule(Rule):
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         """Per-sample weight gradients a few samples at a time, squared in place: by one batched matrix
-        product with the call's patches where they are small (kept across vector groups), else by
-        :meth:`_weight`."""
+        product with the call's patches where they are small and the group has at least
+        :data:`PATCH_VECTORS` vectors (kept for the later groups), else by :meth:`_weight`."""
         g = as_float(sens[0])  # (m, B, out, *spatial)
         m, size = g.shape[:2]
         x = as_float(call.args[0])
         out: Grads = {}
         if "weight" in self.params:
-            if "patches" not in call.cache:
+            if "patches" not in call.cache and m >= PATCH_VECTORS:
                 call.cache["patches"] = self._patches(x)
-            patches = call.cache["patches"]
+            patches = call.cache.get("patches")
             by_unit = g.flatten(3)  # (m, B, out, L)
             step = max(1, GRADIENT_ELEMENTS // (m * self.module.weight.numel()))
             total = None
