@@ -48,9 +48,8 @@ class ConvRule(Rule):
         xs = x.unsqueeze(0).expand(m, *x.shape).reshape(1, m * b * x.shape[1], *x.shape[2:])
         gs = g.reshape(1, m * b * g.shape[2], *g.shape[3:])
         shape = (m * b * module.out_channels, *module.weight.shape[1:])
-        padding = 0 if module.padding == "valid" else module.padding
         weight_grad = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
-        w = weight_grad(xs, shape, gs, module.stride, padding, module.dilation, groups)
+        w = weight_grad(xs, shape, gs, module.stride, self._padding(), module.dilation, groups)
         return w.reshape(m, b, -1).transpose(0, 1)
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
@@ -109,7 +108,7 @@ class ConvRule(Rule):
                 if patches is None:
                     sq = self._weight(x[rows], g[:, rows]).square_().sum((0, 1))
                 else:
-                    stacked = by_unit[:, rows].transpose(0, 1).reshape(-1, m * self.module.out_channels, by_unit.shape[-1])
+                    stacked = by_unit[:, rows].transpose(0, 1).flatten(1, 2)  # (b, m·out, L)
                     sq = torch.bmm(stacked, patches[rows]).square_().sum(0).view(m, -1).sum(0)
                 total = sq if total is None else total.add_(sq)
             out[self.params["weight"]] = total
