@@ -71,16 +71,18 @@ def check_fd_step(fd_step: object, grad_method: str) -> float | None:
     return float(fd_step)
 
 
-def fd_step_for(params: list[Tensor], fd_step: float | None) -> Tensor:
-    """The step ε as a 0-dim tensor: ``fd_step``, or ``0.1 · √eps_dtype · (1 + ‖θ‖)`` (θ: ``params``).
+def fd_step_for(params: list[Tensor], fd_step: float | None, theta_norm: Tensor | None = None) -> Tensor:
+    """The step ε as a 0-dim tensor: ``fd_step``, or ``0.1 · √eps_dtype · (1 + ‖θ‖)`` (θ: ``params``;
+    ``theta_norm`` when ‖θ‖ is already known).
 
     A tensor, so that no value goes back to the host (no device synchronisation).
     """
     first = params[0]
     if fd_step is not None:
         return torch.tensor(fd_step, dtype=first.dtype, device=first.device)
-    theta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in params])))
-    return _default_step(theta, first.dtype)
+    if theta_norm is None:
+        theta_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in params])))
+    return _default_step(theta_norm, first.dtype)
 
 
 def _fd_scalars(
@@ -98,10 +100,7 @@ def _fd_scalars(
     norms = torch.stack(torch._foreach_norm(grads + detached))
     if not (first.device.type == "cpu" if host is None else host):
         norm = torch.linalg.vector_norm(norms[: len(grads)])
-        if fd_step is None:
-            step = _default_step(torch.linalg.vector_norm(norms[len(grads) :]), first.dtype)
-        else:
-            step = torch.tensor(fd_step, dtype=first.dtype, device=first.device)
+        step = fd_step_for(params, fd_step, torch.linalg.vector_norm(norms[len(grads) :]) if fd_step is None else None)
         return _ratio_or_zero(step, norm), (2.0 * alpha) * norm / step, alpha * norm.square()
     values = norms.tolist()
     norm = math.hypot(*values[: len(grads)])
@@ -154,8 +153,9 @@ class _Replay:
             _set_rng_state(self.device, after)
 
 
-def _gradients(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+def _gradients(loss: Tensor, params: list[Tensor], seed: Tensor | None = None, retain_graph: bool = False) -> list[Tensor]:
+    """``seed · ∇loss`` w.r.t. ``params`` (zeros for a parameter the loss does not use)."""
+    grads = torch.autograd.grad(loss, params, seed, retain_graph=retain_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
@@ -316,9 +316,7 @@ def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: f
     """
     if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
         return [torch.zeros_like(p) for p in params]
-    seed = torch.as_tensor(coef, dtype=nll.dtype, device=nll.device)
-    grads = torch.autograd.grad(nll, params, seed, retain_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads)]
+    grads = _gradients(nll, params, torch.as_tensor(coef, dtype=nll.dtype, device=nll.device), retain_graph=True)
     if isinstance(coef, Tensor):
         torch._foreach_sub_(grads, torch._foreach_mul(g, coef))
     else:
