@@ -10,8 +10,12 @@ before" is measured here instead, in one process. ``git archive`` exports the ea
 to this checkout's ``torchfim``. For each workload a fresh worker process times the floor, the
 earlier call and the current call round-robin (call by call, after a warm-up), so that the
 machine's slow and fast phases reach all three alike (garbage collected before each call and
-paused inside it, as ``run.py`` times). The figure is the median over rounds of the quotient of the
-medians, now ÷ before; ≤ 1.10 means within 10 % of the earlier code.
+paused inside it, as ``run.py`` times). Each now call is paired with the before call of the same
+turn of the round-robin (at most two calls apart), and the figure is the median of these paired
+quotients over all turns of all rounds, with a distribution-free 90 % interval for that median
+(binomial order statistics); ≤ 1.10 means within 10 % of the earlier code. Pairing adjacent calls
+cancels the machine's slow and fast phases, which a quotient of whole-round medians keeps (on two
+cores shared with other work that one read ±10 % from round to round).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -88,7 +93,8 @@ def _import_before(tree: str):
 
 
 def worker(tree: str, name: str, reps: int) -> None:
-    """Time one workload with both packages; print the medians ``{"floor", "now", "before"}`` (seconds)."""
+    """Time one workload with both packages; print every call's seconds ``{"floor", "now", "before"}``
+    (lists in the order timed; the i-th entries of the three are one turn of the round-robin)."""
     import warnings
 
     warnings.simplefilter("ignore")
@@ -120,7 +126,7 @@ def worker(tree: str, name: str, reps: int) -> None:
                 times[key].append(time.perf_counter() - start)
             finally:
                 gc.enable()
-    print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+    print(json.dumps(times))
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -131,28 +137,45 @@ def export(commit: str, into: Path) -> Path:
     return into
 
 
-def run_one(tree: Path, name: str) -> dict[str, float]:
+def run_one(tree: Path, name: str) -> dict[str, list[float]]:
     out = subprocess.run([sys.executable, __file__, "--worker", str(tree), name], check=True, capture_output=True,
                          text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``: order statistics ``(x_(j), x_(n+1-j))``
+    with the largest ``j`` whose coverage ``1 − 2·P(Binomial(n, ½) ≤ j − 1)`` is at least ``confidence``
+    (the whole range when no ``j`` reaches it)."""
+    x, n = sorted(values), len(values)
+    j, tail = 1, 1 / 2**n  # tail = P(Binomial(n, ½) ≤ j − 1)
+    while j < (n + 1) / 2:
+        next_tail = tail + math.comb(n, j) / 2**n
+        if 1 - 2 * next_tail < confidence:
+            break
+        j, tail = j + 1, next_tail
+    return x[j - 1], x[n - j]
+
+
 def compare(commit: str, rounds: int, names: list[str]) -> dict[str, dict]:
-    """Per workload and round (one worker each): both ratios to the floor; the median quotient now ÷ before."""
-    results: dict[str, dict] = {n: {"now": [], "before": [], "quotients": []} for n in names}
+    """Per workload and round (one worker each): both ratios to the floor (medians of the round); over
+    all rounds, the paired quotients now ÷ before of the calls of one turn, their median and interval."""
+    results: dict[str, dict] = {n: {"now": [], "before": [], "pairs": []} for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         tree = export(commit, Path(tmp))
         for r in range(rounds):
             for name in names:
                 t = run_one(tree, name)
                 res = results[name]
-                res["now"].append(t["now"] / t["floor"])
-                res["before"].append(t["before"] / t["floor"])
-                res["quotients"].append(t["now"] / t["before"])
+                floor = statistics.median(t["floor"])
+                res["now"].append(statistics.median(t["now"]) / floor)
+                res["before"].append(statistics.median(t["before"]) / floor)
+                res["pairs"].extend(a / b for a, b in zip(t["now"], t["before"]))
                 print(f"round {r + 1}/{rounds} {name}: now {res['now'][-1]:.2f}× floor, before "
                       f"{res['before'][-1]:.2f}× floor", file=sys.stderr, flush=True)
     for res in results.values():
-        res["quotient"] = statistics.median(res["quotients"])
+        res["quotient"] = statistics.median(res["pairs"])
+        res["interval"] = median_interval(res["pairs"])
     return results
 
 
@@ -163,16 +186,21 @@ def markdown(results: dict[str, dict], commit: str, rounds: int) -> str:
         (f"This checkout's torchfim against commit `{commit[:12]}` (the last before the engine) on the "
          f"workloads both have, both packages imported in one process per workload and round ({rounds} rounds, "
          "2 threads), the floor and the two calls timed round-robin, call by call, with garbage collected "
-         "before each call. The columns give each round's medians as ratios to the floor; the figure is the "
-         "median over rounds of now ÷ before, and the target is ≤ 1.10 (within 10 %)."), "",
-        "| workload | now (× floor, per round) | before (× floor, per round) | now ÷ before | ≤ 1.10 |",
+         "before each call. The ratio columns give each round's medians as ratios to the floor. The figure pairs "
+         "each call of this code with the earlier code's call of the same turn (at most two calls apart, so a "
+         "slow phase of the machine reaches both): the median of these quotients over all turns and rounds, "
+         "with a distribution-free 90 % interval for it. The target is a median ≤ 1.10 (within 10 %)."), "",
+        "| workload | now (× floor, per round) | before (× floor, per round) | now ÷ before, paired "
+        "(median [90 % interval], pairs) | ≤ 1.10 |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, res in results.items():
         now = ", ".join(f"{v:.2f}" for v in res["now"])
         before = ", ".join(f"{v:.2f}" for v in res["before"])
         ok = "met" if res["quotient"] <= 1.10 else "**missed**"
-        lines.append(f"| `{name}` | {now} | {before} | {res['quotient']:.2f} | {ok} |")
+        low, high = res["interval"]
+        lines.append(f"| `{name}` | {now} | {before} | {res['quotient']:.2f} [{low:.2f}, {high:.2f}], "
+                     f"{len(res['pairs'])} | {ok} |")
     return "\n".join(lines) + "\n"
 
 

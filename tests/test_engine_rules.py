@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -57,6 +58,48 @@ def test_every_rule_of_the_oracle_cases_passes_the_coverage_check(case) -> None:
     assert moved == {name: name for name in gru}  # the root module's generic rule, under their full names
     if not gru:
         assert {type(r).__name__ for r in backend.rules.values()} == before
+
+
+class _TiedLM(nn.Module):
+    """Output weights tied to the embedding: through an ``nn.Linear`` sharing the Parameter, or by
+    ``F.linear(h, embed.weight)`` in the model's own forward (where no module hook sees that use)."""
+
+    def __init__(self, through_module: bool) -> None:
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(7, 4), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False) if through_module else None
+        if self.head is not None:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.embed(tokens)))
+        return self.head(h) if self.head is not None else nn.functional.linear(h, self.embed.weight)
+
+
+@pytest.mark.parametrize("through_module", [False, True])
+def test_a_parameter_used_outside_its_module_moves_with_one_warning_naming_it(through_module) -> None:
+    """The coverage check moves ``embed.weight`` (used by F.linear in the model's forward) to the whole
+    model's generic rule and says so once per model, naming the parameter and the fix; the tie
+    through an ``nn.Linear`` keeps every rule and warns nothing. Both stay exact."""
+    torch.manual_seed(0)
+    model = _TiedLM(through_module).double()
+    x = torch.randint(0, 7, (5, 3))
+    kw = dict(structure="diag", generator=torch.Generator().manual_seed(0))
+    with pytest.warns() as first:
+        got = torchfim.fisher(model, x, **kw)
+        warnings.warn("sentinel", UserWarning)  # pytest.warns needs one warning in the block
+    moved = [w for w in first if "do not add up" in str(w.message)]
+    if through_module:
+        assert moved == []
+    else:
+        assert len(moved) == 1 and moved[0].filename == __file__  # attributed to the caller's line
+        text = str(moved[0].message)
+        assert "embed.weight → the whole model" in text and "nn.Linear" in text and "mix.weight" not in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a second call on the same model: checked once
+        again = torchfim.fisher(model, x, **kw)
+    want = torchfim.fisher(model, x, backend="functional", **kw)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12) and torch.equal(got, again)
 
 
 def test_one_custom_module_keeps_the_other_layers_on_their_rules() -> None:

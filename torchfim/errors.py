@@ -7,8 +7,13 @@ Every error torchfim raises on purpose is a :class:`TorchfimError`, a subclass o
 from __future__ import annotations
 
 import math
+import sys
+import warnings
+from pathlib import Path
 
 import torch
+
+_PACKAGE = str(Path(__file__).resolve().parent)
 
 
 class TorchfimError(ValueError):
@@ -24,6 +29,14 @@ def all_finite(t: torch.Tensor) -> bool:
     if math.isfinite(float(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn with ``message``, attributed to the first caller outside torchfim (the user's line)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:

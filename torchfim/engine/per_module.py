@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..errors import TorchfimError, all_finite
+from ..errors import TorchfimError, all_finite, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
 from .batch import Batch
 from .functional import FunctionalBackend
@@ -185,7 +185,20 @@ class PerModuleBackend(Backend):
                 missing.append(self.view.layout.names[i])
         if missing:
             self._move(missing, rec)
+            warn_user(self._moved_message(missing))
         return bool(missing)
+
+    def _moved_message(self, names: list[str]) -> str:
+        """What the coverage check moved, where to, and how to keep a parameter on its module's rule."""
+        paths = {m: p for p, m in self.view.model.named_modules()}
+        where = "; ".join(f"{n} → {paths[self.moved[n][0]] or 'the whole model'}" for n in names)
+        return (
+            f"torchfim: the module rules' per-sample gradients of {len(names)} parameter(s) do not add up to "
+            f"autograd's gradient, so they go to the generic rule of the module above ({where}); the result "
+            "stays exact but is slower. The usual cause is a parameter used outside its module's forward, "
+            "e.g. F.linear(h, embedding.weight) for tied output weights: use it through a module instead "
+            "(an nn.Linear whose .weight is the same Parameter) so that every use has a rule"
+        )
 
     def _move(self, names: list[str], rec: ModuleRecording) -> None:
         """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""

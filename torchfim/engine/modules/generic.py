@@ -8,13 +8,12 @@ warning that names it: correct first, then fast.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...errors import warn_user
 from .base import Call, Grads, Rule
 
 
@@ -53,12 +52,10 @@ class GenericRule(Rule):
                 return self._vmapped(call, sens, rows, used)
             except Exception as err:  # torch.func could not batch this module
                 self.unbatchable = True
-                warnings.warn(
+                warn_user(
                     f"torchfim: torch.func cannot batch module {self.path!r} ({type(self.module).__name__}: "
                     f"{str(err).splitlines()[0][:120]}); its per-sample gradients are computed one sample at a "
-                    "time, which is correct but slower",
-                    RuntimeWarning,
-                    stacklevel=2,
+                    "time, which is correct but slower"
                 )
         return self._looped(call, sens, rows, used)
 

@@ -8,7 +8,6 @@ squares factor, ``Σᵢⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²)ᵀ (a_i²)``, and so
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .base import Call, Grads, Rule, as_float, positions_grads
