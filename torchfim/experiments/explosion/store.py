@@ -21,6 +21,13 @@ def _run_path(runs_dir: Path, run_id: str) -> Path:
     return runs_dir / f"{run_id}.json"
 
 
+def _write_run(runs_dir: Path, run_id: str, fingerprint: str, spec: dict, result: dict, **extra: Any) -> dict:
+    """Write one run file (atomically) and return its record: id, settings fingerprint, spec, result, ``extra``."""
+    record = {"run_id": run_id, "fingerprint": fingerprint, "spec": spec, "result": result, **extra}
+    write_json(_run_path(runs_dir, run_id), record, indent=None)
+    return record
+
+
 def execute(spec: RunSpec, settings: Settings, runs_dir: str) -> tuple[str, dict, float]:
     """Train ``spec``, write its run file atomically, return (run id, record, seconds).
 
@@ -29,14 +36,8 @@ def execute(spec: RunSpec, settings: Settings, runs_dir: str) -> tuple[str, dict
     start = time.perf_counter()
     result = train_one(spec, settings)
     seconds = time.perf_counter() - start
-    record = {
-        "run_id": spec.run_id,
-        "fingerprint": settings.fingerprint(),
-        "spec": asdict(spec),
-        "result": result,
-        "seconds": round(seconds, 3),
-    }
-    write_json(_run_path(Path(runs_dir), spec.run_id), record, indent=None)
+    record = _write_run(Path(runs_dir), spec.run_id, settings.fingerprint(), asdict(spec), result,
+                        seconds=round(seconds, 3))
     return spec.run_id, record, seconds
 
 
@@ -49,8 +50,7 @@ def extract_runs(results: dict[str, Any], runs_dir: Path, settings: Settings) ->
     runs_dir.mkdir(parents=True, exist_ok=True)
     fp = settings.fingerprint()
     for run_id, run in results["runs"].items():
-        record = {"run_id": run_id, "fingerprint": fp, "spec": run["spec"], "result": run["result"]}
-        write_json(_run_path(runs_dir, run_id), record, indent=None)
+        _write_run(runs_dir, run_id, fp, run["spec"], run["result"])
     return len(results["runs"])
 
 
