@@ -7,13 +7,14 @@ Every error torchfim raises on purpose is a :class:`TorchfimError`, a subclass o
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 class TorchfimError(ValueError):
