@@ -190,8 +190,8 @@ def markdown(results: dict[str, dict], commit: str, rounds: int) -> str:
          "each call of this code with the earlier code's call of the same turn (at most two calls apart, so a "
          "slow phase of the machine reaches both): the median of these quotients over all turns and rounds, "
          "with a distribution-free 90 % interval for it. The target is a median ≤ 1.10 (within 10 %)."), "",
-        "| workload | now (× floor, per round) | before (× floor, per round) | now ÷ before, paired "
-        "(median [90 % interval], pairs) | ≤ 1.10 |",
+        ("| workload | now (× floor, per round) | before (× floor, per round) | now ÷ before, paired "
+        "(median [90 % interval], pairs) | ≤ 1.10 |"),
         "| --- | --- | --- | --- | --- |",
     ]
     for name, res in results.items():

@@ -37,7 +37,7 @@ def _hide_broken_torchvision() -> None:
         return
     try:
         import torchvision  # noqa: F401
-    except Exception:  # a CUDA build next to the CPU torch: RuntimeError from its operator registry
+    except Exception:  # noqa: BLE001 - a CUDA build next to the CPU torch: RuntimeError from its operator registry
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         sys.modules["torchvision"] = None  # type: ignore[assignment]  # find_spec → None, import → ImportError

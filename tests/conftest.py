@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The tests use tiny models, for which thread start-up costs more than it saves.
 torch.set_num_threads(1)
 
-from cases import BY_NAME, cnn_inputs, mlp_inputs, relu_mlp, strided_cnn, tanh_mlp  # noqa: F401 (re-exported)
+from cases import BY_NAME, cnn_inputs, mlp_inputs, relu_mlp, strided_cnn, tanh_mlp  # noqa: E402, F401 (re-exported)
 from oracles import FAMILY_WIDTH  # noqa: E402
 
 FAMILIES = tuple(FAMILY_WIDTH)

@@ -65,7 +65,7 @@ class Flat:
 
     def output_hessians(self, x: Tensor) -> Tensor:
         """Per-sample output Hessians ``∇²_θ o_a(xᵢ)``, shape ``(n, C, P, P)``."""
-        return torch.stack([hessian(lambda th: self(th, x[i : i + 1])[0])(self.theta) for i in range(len(x))])
+        return torch.stack([hessian(lambda th, i=i: self(th, x[i : i + 1])[0])(self.theta) for i in range(len(x))])
 
     def outputs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -85,7 +85,7 @@ def empirical_fisher(model: nn.Module, x: Tensor, y: Tensor, family: str) -> Ten
     flat = Flat(model)
     scores = torch.stack(
         [
-            jacrev(lambda th: log_likelihood(family, flat(th, x[i : i + 1])[0], y[i]))(flat.theta)
+            jacrev(lambda th, i=i: log_likelihood(family, flat(th, x[i : i + 1])[0], y[i]))(flat.theta)
             for i in range(len(x))
         ]
     )

@@ -41,7 +41,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--no-sweep", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     main = json.loads(out.read_text())
@@ -121,6 +121,6 @@ def test_sweep_point_reports_time_and_memory(suite):
 def test_the_registry_is_the_command_lines_list_of_workloads():
     """``--workloads`` accepts exactly the registry's names: an unknown one is refused, naming them all."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--workloads", "floor,no-such-workload", "--no-progress"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no-such-workload" in proc.stderr and "diag-exact-cnn, full-exact-mlps" in proc.stderr

@@ -121,7 +121,7 @@ def run_cli(*args, timeout=300):
     env.pop("TORCHFIM_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "torchfim", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+        check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
     )
 
 

@@ -19,10 +19,10 @@ import copy
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from torch import nn
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 
 backpack = clients.need("backpack")
 from backpack.extensions import BatchGrad, DiagGGNExact  # noqa: E402

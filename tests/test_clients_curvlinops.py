@@ -15,10 +15,10 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from torch import nn
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 
 curvlinops = clients.need("curvlinops")
 

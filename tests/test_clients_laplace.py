@@ -21,10 +21,10 @@ from __future__ import annotations
 import clients  # first: laplace imports torchmetrics, which imports torchvision
 import pytest
 import torch
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from torchfim.families import Gaussian
 
 laplace = clients.need("laplace")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
+from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchfim
-from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 
 nngeometry = clients.need("nngeometry")
 from nngeometry.metrics import FIM  # noqa: E402

@@ -12,11 +12,11 @@ import doctest
 
 import pytest
 import torch
+from cases import BY_NAME, Case, token_mask
+from oracles import FAMILY_WIDTH, flat_function, label_support
 from torch.func import hessian, jacrev
 
 import torchfim
-from cases import BY_NAME, Case, token_mask
-from oracles import FAMILY_WIDTH, flat_function, label_support
 from torchfim import combined as combined_module
 from torchfim import covariance as covariance_module
 from torchfim.combined import combined_variance, optimal_weight, weighted_variance
@@ -37,7 +37,7 @@ def _derivatives(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     with torch.no_grad():
         outs = f(theta, x)
     jac = jacrev(lambda th: f(th, x))(theta)
-    hess = torch.stack([hessian(lambda th: f(th, x[i : i + 1])[0])(theta) for i in range(len(x))])
+    hess = torch.stack([hessian(lambda th, i=i: f(th, x[i : i + 1])[0])(theta) for i in range(len(x))])
     return outs, jac, hess
 
 
@@ -167,7 +167,7 @@ def test_combined_estimate_is_the_weighted_pair_from_the_same_labels(case_name: 
     ``w·Î1 + (1 − w)·Î2`` of those, with ``w`` from the oracle's V1, V2, C12."""
     res, k = _oracle(case_name, family), 3
     for structure in ("diag", "trace", "full"):
-        def run(estimator: str, **extra):
+        def run(estimator: str, *, structure: str = structure, **extra):
             return torchfim.fisher(res["model"], res["x"], family=family, estimator=estimator, structure=structure,
                                    n_samples=k, generator=torch.Generator().manual_seed(11), **res["kwargs"], **extra)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import tanh_mlp
+from oracles import FAMILY_WIDTH
 from torch import distributions as dist
 from torch.func import hessian, jacrev
 
 import torchfim
-from cases import tanh_mlp
-from oracles import FAMILY_WIDTH
 from torchfim.combined import combined_variance
 from torchfim.covariance import fisher_covariance
 
@@ -61,7 +61,7 @@ def test_covariance_against_sampled_labels(family: str) -> None:
         return torch.func.functional_call(model, params, (inputs,))
 
     jac = jacrev(lambda th: f(th, x))(theta)  # (n, C, P)
-    hess = torch.stack([hessian(lambda th: f(th, x[i : i + 1])[0])(theta) for i in range(N)])  # (n, C, P, P)
+    hess = torch.stack([hessian(lambda th, i=i: f(th, x[i : i + 1])[0])(theta) for i in range(N)])  # (n, C, P, P)
     cov_diag, var_diag = (torch.zeros(theta.numel(), dtype=torch.float64) for _ in range(2))
     cov_trace, var_trace = (torch.zeros((), dtype=torch.float64) for _ in range(2))
     for i, o in enumerate(f(theta, x).detach()):

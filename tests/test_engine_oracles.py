@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import CASES, Case, token_mask
+from oracles import FAMILY_WIDTH, flat_function, label_support, output_fisher
 from torch.func import hessian, jacrev
 
 import torchfim
-from cases import CASES, Case, token_mask
-from oracles import FAMILY_WIDTH, flat_function, label_support, output_fisher
 
 BACKENDS = ("modules", "functional")
 N = 4
@@ -58,7 +58,7 @@ def oracle(case: Case, family: str, second_order: bool) -> dict[str, torch.Tenso
     res["var_score_trace"] = scale * (torch.einsum("nabcd,nab,ncd->", m4, gram, gram)
                                       - (torch.einsum("npp->n", per_input) ** 2).sum())
     if second_order:
-        hess = torch.stack([hessian(lambda th: f(th, x[i : i + 1])[0])(theta) for i in range(N)])
+        hess = torch.stack([hessian(lambda th, i=i: f(th, x[i : i + 1])[0])(theta) for i in range(N)])
         res["var_hessian"] = scale * torch.einsum("napq,nab,nbpq->pq", hess, lam, hess)
         traces = torch.einsum("naii->na", hess)
         res["var_hessian_trace"] = scale * torch.einsum("na,nab,nb->", traces, lam, traces)

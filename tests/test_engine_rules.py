@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 import torch
+from cases import BY_NAME, CASES, Gate, TokenModel
 from torch import nn
 
 import torchfim
-from cases import BY_NAME, CASES, Gate, TokenModel
 from torchfim.engine import ModelView, batches
 from torchfim.engine.modules import GenericRule
-from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules import conv as conv_module
+from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules.conv import ConvRule
 from torchfim.engine.modules.linear import LinearRule
 from torchfim.engine.modules.norm import BatchNormRule

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from torchfim import cli  # noqa: E402
-from torchfim.errors import TorchfimError  # noqa: E402
-from torchfim.experiments import explosion as E  # noqa: E402
+from torchfim import cli
+from torchfim.errors import TorchfimError
+from torchfim.experiments import explosion as E
 
 TINY = E.TINY
 
@@ -195,7 +195,7 @@ def test_tuning_picks_the_best_mean_best_validation_over_tuning_seeds(reference)
 def test_every_configuration_records_early_stopping_per_seed(reference):
     _, res = reference
     for label, agg in res["aggregates"].items():
-        for v, entry in agg.items():
+        for entry in agg.values():
             if not isinstance(entry, dict) or "per_seed" not in entry:
                 continue
             assert [p["seed_index"] for p in entry["per_seed"]] == list(range(TINY.n_seeds))
@@ -236,7 +236,7 @@ def test_committed_study_follows_the_protocol():
     assert s["preset"] == "full" and s["n_seeds"] >= 5 and s["n_tuning_seeds"] >= 2
     assert dict(s["epochs"])["mnist1d"] >= 100 and s["alpha_grid"] == [0.01, 0.03, 0.1, 0.3]
     assert s["noise_fraction"] == 0.25 and set(s["noisy_lrs"]) == {"small", "large"}
-    for combo, t in res["tuning"].items():
+    for t in res["tuning"].values():
         assert len(t["tuning_seeds"]) == s["n_tuning_seeds"] and not set(t["tuning_seeds"]) & set(res["seeds"])
         if "alpha" in t:
             assert len(t["alpha_best_val_acc"]) == len(s["alpha_grid"]) and t["alpha"] in s["alpha_grid"]

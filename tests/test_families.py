@@ -29,7 +29,7 @@ def test_score_and_log_prob_match_hand_written_likelihood(family):
     assert u.shape == y.shape[:2] + (o.shape[1],) and lp.shape == y.shape[:2]
     for i in range(o.shape[0]):
         for j in range(y.shape[1]):
-            ref_u = grad(lambda out: log_likelihood(family, out, y[i, j]))(o[i])
+            ref_u = grad(lambda out, i=i, j=j: log_likelihood(family, out, y[i, j]))(o[i])
             assert torch.allclose(u[i, j], ref_u, rtol=1e-12, atol=1e-12)
             assert torch.allclose(lp[i, j], log_likelihood(family, o[i], y[i, j]), rtol=1e-12)
     assert torch.allclose(fam.nll(o, y), -lp.mean())

@@ -65,7 +65,7 @@ def _output_scores(family, outputs, labels):
     """``u = ∇_o log p(y|o)`` by autodiff of the hand-written log-likelihood."""
     return torch.stack(
         [
-            torch.stack([grad(lambda o: log_likelihood(family, o, y))(o_i) for y in labels_i])
+            torch.stack([grad(lambda o, y=y: log_likelihood(family, o, y))(o_i) for y in labels_i])
             for o_i, labels_i in zip(outputs, labels)
         ]
     )

@@ -66,7 +66,9 @@ def test_fd_total_gradient_matches_double_backprop(which: str, dtype: torch.dtyp
     make_model, make_inputs = MODELS[which]
     model64, x64 = make_model(3, seed=51), make_inputs(9, seed=52)
     targets = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(53))
-    task = lambda out: torch.nn.functional.cross_entropy(out, targets)
+    def task(out):
+        return torch.nn.functional.cross_entropy(out, targets)
+
     model = copy.deepcopy(model64).to(dtype)
     loss = penalty(model).penalised_loss(x64.to(dtype), task, step=0)
     assert loss.dtype == dtype and loss.dim() == 0
@@ -100,7 +102,9 @@ def test_fd_gradient_is_the_formula_at_the_shifted_parameters() -> None:
     model, x = tanh_mlp(3, seed=56), mlp_inputs(8, seed=57)
     task = squared_task(3, 8)
     y = labels(model, x, "categorical", torch.Generator().manual_seed(SEED))
-    nll = lambda m: get_family("categorical").nll(m(x), y[:, None])
+    def nll(m):
+        return get_family("categorical").nll(m(x), y[:, None])
+
     g = grads_of(nll(model), model)
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g))
     for h in (1e-3, 0.3):

@@ -218,7 +218,7 @@ def test_user_model_and_dataset_from_factories_in_a_subprocess(user_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "torchfim", "report", "--model", "umod:make", "--data", "umod:dataset",
          "--variance-inputs", "16", "--no-progress", "--out", "rep"],
-        cwd=user_dir, env=env, capture_output=True, text=True, timeout=300,
+        check=False, cwd=user_dir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     out = user_dir / "rep"
@@ -495,7 +495,7 @@ def test_sigkill_while_publishing_leaves_every_file_whole(user_dir, fast_figures
     script = KILL_SCRIPT.format(names=sorted(n for n in REPORT_NAMES if n.endswith(".png")), png=new_png,
                                 kill_at=5, argv=argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=user_dir, env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=user_dir, env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert rep.is_dir() and _user_files_intact(rep)
     now = _report_bytes(rep)

@@ -15,10 +15,10 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 pytest.importorskip("mnist1d")
 
-import torchfim  # noqa: E402
-from torchfim import _io  # noqa: E402
-from torchfim.cli import main as cli_main  # noqa: E402
-from torchfim.experiments import soen_sun  # noqa: E402
+import torchfim
+from torchfim import _io
+from torchfim.cli import main as cli_main
+from torchfim.experiments import soen_sun
 
 PNGS = ("fig_a_bound_ratios.png", "fig_b_variance_by_activation.png", "fig_c_depth_width.png", "fig_d_training.png")
 SECTIONS = ("meta", "settings", "datasets", "bound_ratios", "activations", "seeds", "seed_ranges", "depth_width",

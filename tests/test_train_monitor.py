@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -133,8 +134,8 @@ def test_every_skips_steps_and_history_keeps_records() -> None:
     rows = mon.to_rows()
     assert rows == mon.as_dicts() and [row["step"] for row in rows] == [0, 5, 10]
     assert set(rows[0]) == {"step", "trace", "stderr", "n_inputs", "n_samples", "seconds"}
-    with pytest.raises(Exception):
-        mon.history[0].trace = 1.0  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mon.history[0].trace = 1.0
 
 
 def test_csv_rows_written_flushed_and_appended(tmp_path) -> None:

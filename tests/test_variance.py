@@ -28,7 +28,7 @@ def test_variance_matches_brute_force(model_name, family):
     for estimator in ("score", "hessian"):
         full = oracle[estimator]
 
-        def var(structure):
+        def var(structure, estimator=estimator):
             return torchfim.fisher_variance(model, x, family=family, estimator=estimator, structure=structure,
                                             n_samples=k)
 

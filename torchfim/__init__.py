@@ -7,7 +7,6 @@ Tr(F) monitor for a training loop; :mod:`torchfim.compare` compares runs over se
 """
 
 from . import compare, families, forecast, structures, train
-from .errors import TorchfimError
 from .bounds import (
     hessian_variance_bound_spectral,
     score_variance_bound_kurtosis,
@@ -16,6 +15,7 @@ from .bounds import (
 )
 from .combined import combined_variance
 from .covariance import fisher_covariance
+from .errors import TorchfimError
 from .estimators import ESTIMATORS
 from .fisher import STRUCTURES, fisher
 from .planning import EstimatorComparison, compare_estimators, samples_needed

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -189,7 +189,7 @@ def prob_outperform(
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     gamma: float = 0.75,
-    generator_or_seed: Union[int, np.random.Generator, np.random.SeedSequence, None] = 0,
+    generator_or_seed: int | np.random.Generator | np.random.SeedSequence | None = 0,
 ) -> OutperformResult:
     """Probability that method A outperforms method B, with a bootstrap interval and a verdict.
 
@@ -369,7 +369,7 @@ class SeedPlan:
     sampling: int
 
     @classmethod
-    def from_master(cls, master_seed: int) -> "SeedPlan":
+    def from_master(cls, master_seed: int) -> SeedPlan:
         """The plan of the run whose master seed is ``master_seed`` (same as :func:`derive_seeds`).
 
         >>> SeedPlan.from_master(3).master_seed
@@ -400,7 +400,7 @@ class SeedPlan:
             raise TorchfimError(f"unknown source of variation {source!r}; choose one of {listed}")
         return getattr(self, source)
 
-    def generator(self, source: str, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    def generator(self, source: str, device: str | torch.device = "cpu") -> torch.Generator:
         """A fresh ``torch.Generator`` on ``device`` seeded with the seed of ``source``.
 
         >>> plan = derive_seeds(0)
@@ -467,7 +467,7 @@ Child ``i`` of ``numpy.random.SeedSequence(master_seed, spawn_key=(0x52554E53,))
     return [_seed_from(child) for child in root.spawn(n)]
 
 
-def torch_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+def torch_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A new ``torch.Generator`` on ``device``, seeded with ``seed``.
 
     Pass it as ``generator=`` to torch's random functions (``torch.randn``, ``torch.randperm``,

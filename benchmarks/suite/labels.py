@@ -40,7 +40,7 @@ def torchfim_labels(model: nn.Module, data: Data, seed: int, tol: float) -> tupl
     recorded: list[Tensor] = []
 
     class Recording(torchfim.families.Categorical):
-        def sample(self, o, k, generator=None):  # noqa: D102
+        def sample(self, o, k, generator=None):
             y = super().sample(o, k, generator)
             recorded.append(y.detach().reshape(-1).clone())
             return y
@@ -50,7 +50,7 @@ def torchfim_labels(model: nn.Module, data: Data, seed: int, tol: float) -> tupl
                                 n_samples=1, generator=generator())
         if recorded and sum(r.numel() for r in recorded) == data.n and rel_error(again, score) < tol:
             candidates.append(("recorded", list(torch.cat(recorded).split(sizes))))
-    except Exception:  # noqa: BLE001 - a family subclass may be refused by a fast path; try the next
+    except Exception:  # noqa: BLE001, S110 - a family subclass may be refused by a fast path; try the next
         pass
 
     replicated, g = [], generator()

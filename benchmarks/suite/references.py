@@ -77,6 +77,6 @@ def hessian_variance_reference(model: nn.Module, data: Data, index: Tensor) -> T
             return functional_call(net, params, (X,))
 
         zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
-        h = jvp(lambda t: jvp(outputs, (t,), (one,))[1], (zero,), (one,))[1]  # (n, C)
+        h = jvp(lambda t, one=one: jvp(outputs, (t,), (one,))[1], (zero,), (one,))[1]  # (n, C)
         out.append(torch.einsum("na,nab,nb->", h, lam, h) / X.shape[0] ** 2)
     return torch.stack(out)

@@ -126,7 +126,7 @@ LIVE_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": 
 def _sweep_subprocess(spec: dict, env: dict | None, timeout: float) -> dict:
     cmd = [sys.executable, str(ENTRY), "--sweep-point", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
                               env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f} s"}

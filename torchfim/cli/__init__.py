@@ -20,7 +20,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main", "build_parser", "COMMANDS", "ALIASES", "UsageError"]
 
@@ -55,10 +55,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
         return version("torchfim")
-    except Exception:  # pragma: no cover - not installed as a distribution
+    except PackageNotFoundError:  # pragma: no cover - not installed as a distribution
         return "unknown"
 
 

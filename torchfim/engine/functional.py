@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from ..errors import TorchfimError
+from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
 
 

@@ -25,8 +25,8 @@ from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
 from .batch import Batch
 from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, owns_subtree, rule_for, tensors_of
-from .modules.generic import batch_dim
 from .modules.base import as_float
+from .modules.generic import batch_dim
 from .second_order import UnitHessians
 from .view import PARAMETERS_CHANGED, ModelView
 

@@ -140,7 +140,7 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module | dict[str, Tensor]:
         raise TorchfimError(f"--checkpoint {path}: no such file; give the file written by torch.save")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any refusal of the safe loader: retry with the full unpickler below
         try:
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except (AttributeError, ModuleNotFoundError, ImportError) as exc:

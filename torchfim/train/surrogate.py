@@ -25,14 +25,14 @@ class FixedGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value: Tensor, grads: list[Tensor] | None, *params: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, value: Tensor, grads: list[Tensor] | None, *params: Tensor) -> Tensor:
         ctx.grads = grads
         if grads is None:
             ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
         return value.detach().clone()
 
     @staticmethod
-    def backward(ctx, upstream: Tensor):  # noqa: D102
+    def backward(ctx, upstream: Tensor):
         if ctx.grads is None:
             return (None, None, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])
         if upstream.device.type == "cpu" and float(upstream) == 1.0:

@@ -41,5 +41,5 @@ def build_bound_c100(cfg: Config, status: dict) -> Workload:
     return Workload("bound-score-c100", f"MLP 64-256-{classes} tanh, {n} inputs", num_params(model),
                     [Contender("torchfim-diag", diag, compare=False), Contender("torchfim", bound)],
                     ratio_to="torchfim-diag", check=check,
-                    notes=["torchfim.variance_bound(estimator='score', structure='diag') against "
-                           "torchfim.fisher(structure='diag') on the same inputs"])
+                    notes=[("torchfim.variance_bound(estimator='score', structure='diag') against "
+                           "torchfim.fisher(structure='diag') on the same inputs")])

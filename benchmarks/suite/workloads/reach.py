@@ -14,9 +14,9 @@ from torch import nn
 import torchfim
 
 from ..config import Config
+from ..labels import torchfim_labels
 from ..models import num_params
 from ..reach_models import ReachData, reach_model
-from ..labels import torchfim_labels
 from ..workload import Contender, Runner, Workload, peer_contenders
 
 __all__ = ["build_reach", "LEFT_OUT"]
@@ -85,8 +85,8 @@ def build_reach(cfg: Config, status: dict, kind: str, which: str) -> Workload:
         error = float((result - reference).norm() / max(float(reference.norm()), 1e-30))
         return error, "torchfim's whole-model torch.func backend on the same labels"
 
-    notes = [f"torchfim.fisher(estimator={estimator!r}, structure='diag', n_samples=1), per-module backend; "
-             "checked against backend='functional' on the same labels"]
+    notes = [(f"torchfim.fisher(estimator={estimator!r}, structure='diag', n_samples=1), per-module backend; "
+             "checked against backend='functional' on the same labels")]
     return Workload(f"diag-{kind}-{which}", desc, num_params(model),
                     [_floor(model, data), Contender("torchfim", make), *others], check=check, notes=notes,
                     left_out=left_out)

@@ -50,7 +50,7 @@ class GenericRule(Rule):
         if not self.unbatchable:
             try:
                 return self._vmapped(call, sens, rows, used)
-            except Exception as err:  # torch.func could not batch this module
+            except Exception as err:  # noqa: BLE001 - torch.func could not batch this module (it raises several types)
                 self.unbatchable = True
                 warn_user(
                     f"torchfim: torch.func cannot batch module {self.path!r} ({type(self.module).__name__}: "

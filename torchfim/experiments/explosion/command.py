@@ -80,7 +80,7 @@ def _from_results(args: argparse.Namespace) -> int:
         results = json.loads(path.read_text(encoding="utf-8"))
         settings = settings_from_json(results["settings"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TorchfimError(f"cannot read the study in {str(path)!r} ({exc}); pass a results.json the study wrote")
+        raise TorchfimError(f"cannot read the study in {str(path)!r} ({exc}); pass a results.json the study wrote") from exc
     runs_dir = Path(args.out) / "runs"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
         raise TorchfimError(f"{str(runs_dir)!r} already holds run files; pass an empty --out folder with --from-results")

@@ -64,7 +64,7 @@ def load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise TorchfimError(f"cannot read the run file {str(path)!r} ({exc}); delete it and rerun with --resume")
+            raise TorchfimError(f"cannot read the run file {str(path)!r} ({exc}); delete it and rerun with --resume") from exc
         if record.get("fingerprint") != fp:
             raise TorchfimError(
                 f"the run file {str(path)!r} was made with different settings (another preset, or another "
