@@ -191,7 +191,7 @@ def markdown(results: dict[str, dict], commit: str, rounds: int) -> str:
          "slow phase of the machine reaches both): the median of these quotients over all turns and rounds, "
          "with a distribution-free 90 % interval for it. The target is a median ≤ 1.10 (within 10 %)."), "",
         ("| workload | now (× floor, per round) | before (× floor, per round) | now ÷ before, paired "
-        "(median [90 % interval], pairs) | ≤ 1.10 |"),
+         "(median [90 % interval], pairs) | ≤ 1.10 |"),
         "| --- | --- | --- | --- | --- |",
     ]
     for name, res in results.items():

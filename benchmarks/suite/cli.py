@@ -191,7 +191,7 @@ def _record(report: Report, name: str, wl: Workload, out: Outcome) -> None:
     d["errors"][name] = out.errors
     d["left_out"][name] = wl.left_out
     d["notes"][name] = wl.notes + ([(f"only two results, which disagree: {', '.join(out.flagged)} flagged by "
-                                    "convention (torchfim is the pivot), which of the two is wrong is open")]
+                                     "convention (torchfim is the pivot), which of the two is wrong is open")]
                                    if out.flagged and len(out.agreement) == 1 and out.pivot == "torchfim" else [])
     d["models"][name] = {"arch": wl.model, "P": wl.num_params}
     d["samples"][name] = out.samples

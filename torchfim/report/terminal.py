@@ -32,11 +32,11 @@ def summary_table(R: dict) -> str:
     D = R["data"]
     out = [
         (f"Fisher information report: {R['model']['n_parameters']} parameters, {D['n_inputs']} inputs, "
-        f"family {R['family']}"),
+         f"family {R['family']}"),
         line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
         (f"Tr(F) exact on all {D['n_inputs']} inputs; s.e. Î1 = standard error of the score estimate with "
-        f"{R['n_samples']} label(s)/input; Var Î1/Î2 = variance of the trace estimators with one label "
-        f"on {D['variance_inputs']} inputs; k10% = labels per input for 10% relative error."),
+         f"{R['n_samples']} label(s)/input; Var Î1/Î2 = variance of the trace estimators with one label "
+         f"on {D['variance_inputs']} inputs; k10% = labels per input for 10% relative error."),
     ]
     for note in (D.get("targets_note"), D.get("variance_inputs_note")):
         if note:

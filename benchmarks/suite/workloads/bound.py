@@ -42,4 +42,4 @@ def build_bound_c100(cfg: Config, status: dict) -> Workload:
                     [Contender("torchfim-diag", diag, compare=False), Contender("torchfim", bound)],
                     ratio_to="torchfim-diag", check=check,
                     notes=[("torchfim.variance_bound(estimator='score', structure='diag') against "
-                           "torchfim.fisher(structure='diag') on the same inputs")])
+                            "torchfim.fisher(structure='diag') on the same inputs")])

@@ -20,7 +20,7 @@ def build_floor(cfg: Config, status: dict) -> Workload:
     model, data = make_mlp(cfg.mlp_a, cfg.seed), load_data(cfg)
     return Workload("floor", f"MLP {arch(cfg.mlp_a)}", num_params(model), [floor_contender(model, data)],
                     notes=[("one forward + backward of the summed NLL (true labels) over all mini-batches "
-                           "of MLP-A; every other workload carries the floor of its own model")])
+                            "of MLP-A; every other workload carries the floor of its own model")])
 
 
 def build_diag_score(cfg: Config, status: dict, which: str) -> Workload:
@@ -36,8 +36,8 @@ def build_diag_score(cfg: Config, status: dict, which: str) -> Workload:
     others, left_out = peer_contenders("diag-score", model, data, labels, status)
     notes = [note,
              ("BackPACK: SumGradSquared of CrossEntropyLoss(reduction='sum') at those labels, divided by n; "
-             "nngeometry: PMatDiag of the one-output function log p(ŷ|x) at those labels (what its "
-             "FIM_MonteCarlo(trials=1) builds, which draws its own labels)")]
+              "nngeometry: PMatDiag of the one-output function log p(ŷ|x) at those labels (what its "
+              "FIM_MonteCarlo(trials=1) builds, which draws its own labels)")]
     return Workload(f"diag-score-{which}", desc, num_params(model),
                     [floor_contender(model, data), Contender("torchfim", make_torchfim), *others],
                     notes=notes, left_out=left_out, reference_value=reference)

@@ -89,6 +89,6 @@ def build_monitor(cfg: Config, status: dict) -> Workload:
                     [_training_contender(name, kw, base, data, held, cfg) for name, kw in MONITOR_CONTENDERS.items()],
                     ratio_to="plain", check=check,
                     notes=[(f"SGD training (lr {cfg.lr}, mini-batches of {cfg.batch_size}) with FisherTraceMonitor("
-                           f"every=10) holding all {len(held)} inputs; seconds per step as the mean over 10 consecutive "
-                           "steps (one measurement each); torchfim: every held input, torchfim-subset32: subset=32 "
-                           "(a rotating window), -cv: with control_variate=True; ratios are to 'plain'")])
+                            f"every=10) holding all {len(held)} inputs; seconds per step as the mean over 10 consecutive "
+                            "steps (one measurement each); torchfim: every held input, torchfim-subset32: subset=32 "
+                            "(a rotating window), -cv: with control_variate=True; ratios are to 'plain'")])

@@ -99,11 +99,11 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
                     [_step_contender(name, kw, base, data, cfg) for name, kw in PENALTY_CONTENDERS.items()],
                     ratio_to="plain", check=check,
                     notes=[(f"one SGD step (lr {cfg.lr}) on a mini-batch of {cfg.batch_size}, seconds per step as the "
-                           f"mean over {cfg.penalty_steps} consecutive steps (cycling through the mini-batches); "
-                           f"torchfim: FisherPenalty(alpha={cfg.alpha}, every=1) as "
-                           "cross_entropy(model(x), y) + pen(x), "
-                           "torchfim-every10: every=10 (one computed step and nine reusing its gradient per 10 "
-                           "steps); torchfim-fd and torchfim-fd-every10: grad_method='finite_difference' through "
-                           "pen.penalised_loss(x, task_loss) (the task loss and the penalty share the forward at "
-                           "θ + εĝ: two forwards and two backwards per computed step), torchfim-fd-term: the same "
-                           "penalty as a separate term, cross_entropy(model(x), y) + pen(x); ratios are to 'plain'")])
+                            f"mean over {cfg.penalty_steps} consecutive steps (cycling through the mini-batches); "
+                            f"torchfim: FisherPenalty(alpha={cfg.alpha}, every=1) as "
+                            "cross_entropy(model(x), y) + pen(x), "
+                            "torchfim-every10: every=10 (one computed step and nine reusing its gradient per 10 "
+                            "steps); torchfim-fd and torchfim-fd-every10: grad_method='finite_difference' through "
+                            "pen.penalised_loss(x, task_loss) (the task loss and the penalty share the forward at "
+                            "θ + εĝ: two forwards and two backwards per computed step), torchfim-fd-term: the same "
+                            "penalty as a separate term, cross_entropy(model(x), y) + pen(x); ratios are to 'plain'")])

@@ -86,7 +86,7 @@ def build_reach(cfg: Config, status: dict, kind: str, which: str) -> Workload:
         return error, "torchfim's whole-model torch.func backend on the same labels"
 
     notes = [(f"torchfim.fisher(estimator={estimator!r}, structure='diag', n_samples=1), per-module backend; "
-             "checked against backend='functional' on the same labels")]
+              "checked against backend='functional' on the same labels")]
     return Workload(f"diag-{kind}-{which}", desc, num_params(model),
                     [_floor(model, data), Contender("torchfim", make), *others], check=check, notes=notes,
                     left_out=left_out)

@@ -32,7 +32,7 @@ def build_variance_score(cfg: Config, status: dict) -> Workload:
     return Workload("variance-score-diag-mlp", desc, num_params(model),
                     [floor_contender(model, data), Contender("torchfim", make)], check=check,
                     notes=[("torchfim.fisher_variance(estimator='score', structure='diag', n_samples=1); no peer "
-                           "computes it, so torchfim's result is checked against an independent enumeration")])
+                            "computes it, so torchfim's result is checked against an independent enumeration")])
 
 
 def build_variance_hessian(cfg: Config, status: dict) -> Workload:

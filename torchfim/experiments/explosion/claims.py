@@ -62,8 +62,8 @@ def _verdict_tables(s: dict, verdicts: dict) -> list[str]:
     clean, noisy = verdicts["clean"], verdicts["noisy"]
     lines = [
         ("'held' = `prob_outperform` concluded 'A better' in the claim's direction; 'not significant' = no conclusion "
-        f"(with {s['n_seeds']} seeds the interval excludes 0.5 only when (nearly) every seed agrees); 'opposite' = "
-        "significant in the other direction. Pooled columns pair the runs of every data set and model."),
+         f"(with {s['n_seeds']} seeds the interval excludes 0.5 only when (nearly) every seed agrees); 'opposite' = "
+         "significant in the other direction. Pooled columns pair the runs of every data set and model."),
         "",
     ]
     if clean:

@@ -62,8 +62,8 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "# Catastrophic Fisher explosion at CPU scale",
         "",
         (f"Reproduction of Jastrzębski et al. (ICML 2021) with `torchfim explosion` (preset `{s['preset']}`, "
-        f"master seed {results['master_seed']}, {s['n_seeds']} seeds per configuration). Every number is in "
-        "`results.json`; this page is generated from it."),
+         f"master seed {results['master_seed']}, {s['n_seeds']} seeds per configuration). Every number is in "
+         "`results.json`; this page is generated from it."),
         "",
         "## Setup",
         "",
@@ -76,17 +76,17 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "plateaued). Test accuracy is read at the step of the best validation accuracy (early stopping, the paper's "
         "headline), with the final test accuracy beside it.",
         ("* Tr(F): `torchfim.train.FisherTraceMonitor` (unbiased estimate from per-example squared score norms, one label "
-        f"sampled from the model per input, with its standard error) on {s['monitor_inputs']} fixed training inputs, "
-        f"every {s['eval_every_early']} steps before step {s['early_until']} and every {s['eval_every']} steps after. "
-        "The figures show the mean over seeds with a min–max band (Tr(F)) or a ± 1 std band (accuracy); each measurement's own standard error is in `results.json` "
-        "(`trace_stderr`), and its value at the peak is in the table below."),
+         f"sampled from the model per input, with its standard error) on {s['monitor_inputs']} fixed training inputs, "
+         f"every {s['eval_every_early']} steps before step {s['early_until']} and every {s['eval_every']} steps after. "
+         "The figures show the mean over seeds with a min–max band (Tr(F)) or a ± 1 std band (accuracy); each measurement's own standard error is in `results.json` "
+         "(`trace_stderr`), and its value at the peak is in the table below."),
         (f"* Fisher penalty: `torchfim.train.FisherPenalty(kind=\"batch_gradient\", every={s['fp_every']})` (the paper's "
-        "Eq. 3; its gradient is recomputed every 10 steps and reused in between), from step 0."),
+         "Eq. 3; its gradient is recomputed every 10 steps and reused in between), from step 0."),
         (f"* η* is the learning rate of {list(s['lr_grid'])} with the best validation accuracy over training (the "
-        f"maximum over its measurements), averaged over {s['n_tuning_seeds']} tuning seeds (a rate that diverged on "
-        f"any of them is excluded; ties go to the smaller value); the small learning rate is {small}. α is the value "
-        f"of {list(s['alpha_grid'])} with the best mean of the same criterion at {small} with the penalty (ties: the "
-        "smaller), on the same tuning seeds. No tuning seed is an evaluation seed."),
+         f"maximum over its measurements), averaged over {s['n_tuning_seeds']} tuning seeds (a rate that diverged on "
+         f"any of them is excluded; ties go to the smaller value); the small learning rate is {small}. α is the value "
+         f"of {list(s['alpha_grid'])} with the best mean of the same criterion at {small} with the penalty (ties: the "
+         "smaller), on the same tuning seeds. No tuning seed is an evaluation seed."),
     ]
 
 
@@ -118,10 +118,10 @@ def _seeds_and_tuning(results: dict[str, Any]) -> list[str]:
     small = f"η*/{s['lr_ratio']:g}"
     lines = [
         ("* Seeds: `torchfim.compare.seeds` gives one master seed per seed index, which `derive_seeds` splits into the "
-        "seeds of the initialisation, data order, data split (validation/test sets, held Tr(F) inputs), label noise and "
-        "label sampling (penalty and monitor). All configurations of one seed index share it, so comparisons are "
-        "paired. `prob_outperform` (Bouthillier et al. 2021): 95% percentile-bootstrap interval; 'A better' only when "
-        "the interval lies above 0.5 and reaches 0.75."),
+         "seeds of the initialisation, data order, data split (validation/test sets, held Tr(F) inputs), label noise and "
+         "label sampling (penalty and monitor). All configurations of one seed index share it, so comparisons are "
+         "paired. `prob_outperform` (Bouthillier et al. 2021): 95% percentile-bootstrap interval; 'A better' only when "
+         "the interval lies above 0.5 and reaches 0.75."),
         "",
         f"## Tuning ({s['n_tuning_seeds']} seeds)",
         "",
@@ -162,11 +162,11 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
         "## (b) Test accuracy: the small learning rate and the penalty",
         "",
         ("Mean ± std over the evaluation seeds. The headline is the test accuracy at the step of the best validation "
-        "accuracy; 'plateaued' = the mean training accuracy moved by at most "
-        f"{100 * s['plateau_tolerance']:g} percentage points over the last fifth of training."),
+         "accuracy; 'plateaued' = the mean training accuracy moved by at most "
+         f"{100 * s['plateau_tolerance']:g} percentage points over the last fifth of training."),
         "",
         ("| data/model | config | η | α | test acc. at best val. (%) | step of best val. | final test acc. (%) "
-        "| final train acc. (%) | train acc. at 4/5 of training (%) | plateaued |"),
+         "| final train acc. (%) | train acc. at 4/5 of training (%) | plateaued |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for combo in combos:
@@ -206,8 +206,8 @@ def _trace_table(results: dict[str, Any], combos: list[str]) -> list[str]:
         "## (a) Tr(F) early in training",
         "",
         ("Mean ± std over seeds. Peak Tr(F) is the largest measurement of the run (the paper's Table 4); Tr(Fᵢ) is the "
-        f"paper's early-phase value, Tr(F) at the first measurement where the training loss is below ε = "
-        f"{s['loss_threshold']:g} (ln 10 ≈ 2.3 at initialisation), with the step it happens at."),
+         f"paper's early-phase value, Tr(F) at the first measurement where the training loss is below ε = "
+         f"{s['loss_threshold']:g} (ln 10 ≈ 2.3 at initialisation), with the step it happens at."),
         "",
         "| data/model | config | peak Tr(F) | its std. error (mean) | step of peak | Tr(Fᵢ) | step of Tr(Fᵢ) |",
         "|---|---|---|---|---|---|---|",
@@ -238,11 +238,11 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
         "## (c) Memorisation of noisy labels",
         "",
         ("Train accuracy against the labels used for training, on the clean and on the noisy subset (chance on the "
-        "noisy subset is below 10%, since its labels differ from the true ones). 'Mean over training' averages all "
-        "measurements (an area under the learning curve: lower = slower fitting)."),
+         "noisy subset is below 10%, since its labels differ from the true ones). 'Mean over training' averages all "
+         "measurements (an area under the learning curve: lower = slower fitting)."),
         "",
         ("| data/model, η | config | clean final (%) | noisy final (%) | clean mean over training (%) | noisy mean over "
-        "training (%) | test acc. at best val. (%) | final test acc. (%) | peak Tr(F) |"),
+         "training (%) | test acc. at best val. (%) | final test acc. (%) | peak Tr(F) |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for d, m, w in nsets:

@@ -67,39 +67,39 @@ def _intro(results: dict[str, Any], s: Settings) -> list[str]:
         "",
         "## What was run",
         (f"MLPs with {s.depth} hidden layers of width {s.width} (PyTorch default init, seed {s.seed}, float64) "
-        f"and 10 outputs, on n = {s.n_inputs} fixed inputs from scikit-learn's digits (64 features, pixels/16) "
-        "and MNIST-1D (40 features, generated locally). Labels are drawn from the model; all variances are the "
-        "exact closed forms of torchfim (docs/math.md §3) for one label per input (k = 1), conditional on the "
-        "inputs: nothing here is Monte-Carlo. Var(Î2) uses the exact diagonal output Hessians "
-        "(forward-over-forward)."),
+         f"and 10 outputs, on n = {s.n_inputs} fixed inputs from scikit-learn's digits (64 features, pixels/16) "
+         "and MNIST-1D (40 features, generated locally). Labels are drawn from the model; all variances are the "
+         "exact closed forms of torchfim (docs/math.md §3) for one label per input (k = 1), conditional on the "
+         "inputs: nothing here is Monte-Carlo. Var(Î2) uses the exact diagonal output Hessians "
+         "(forward-over-forward)."),
         "",
         (f"**Scale-down.** The paper works with MNIST-scale networks; here the networks have P ≈ "
-        f"{p_range(results)} parameters (the width sweep goes further) and the variances are conditioned on "
-        f"n = {s.n_inputs} inputs, because the exact variance of Î2 needs ∂²o_a(xᵢ)/∂θ_p² for every parameter p "
-        "and input i (forward-over-forward differentiation; on torchfim's general path one pass per parameter, "
-        "a cost that grows like n·P²), Î1's needs the C²×C² fourth-moment matrix of every input, and the whole "
-        "run must finish in minutes on 2 CPU cores. Variances scale like 1/n for a fixed network, so absolute "
-        "values depend on n; comparisons between the estimators and ratios of bounds to variances do not. "
-        "The bounds are torchfim's (`score_variance_bound_spectral`, "
-        "`score_variance_bound_kurtosis`, `hessian_variance_bound_spectral`); their docstrings state and prove "
-        "them and relate them to the paper's bounds (cf. the paper's Figure A.3, the ratio of its Theorem 7 "
-        "bound to the variance) — they are not a transcription of the paper's theorem statements."),
+         f"{p_range(results)} parameters (the width sweep goes further) and the variances are conditioned on "
+         f"n = {s.n_inputs} inputs, because the exact variance of Î2 needs ∂²o_a(xᵢ)/∂θ_p² for every parameter p "
+         "and input i (forward-over-forward differentiation; on torchfim's general path one pass per parameter, "
+         "a cost that grows like n·P²), Î1's needs the C²×C² fourth-moment matrix of every input, and the whole "
+         "run must finish in minutes on 2 CPU cores. Variances scale like 1/n for a fixed network, so absolute "
+         "values depend on n; comparisons between the estimators and ratios of bounds to variances do not. "
+         "The bounds are torchfim's (`score_variance_bound_spectral`, "
+         "`score_variance_bound_kurtosis`, `hessian_variance_bound_spectral`); their docstrings state and prove "
+         "them and relate them to the paper's bounds (cf. the paper's Figure A.3, the ratio of its Theorem 7 "
+         "bound to the variance) — they are not a transcription of the paper's theorem statements."),
         "",
         "## Figures",
         (f"- `{FILES['fig_a']}` (a): bound / exact variance per diagonal entry, per layer (box plots) and for the "
-        "trace estimator (◆), for Î1's spectral and kurtosis bounds and Î2's spectral bound, across activations."),
+         "trace estimator (◆), for Î1's spectral and kurtosis bounds and Î2's spectral bound, across activations."),
         (f"- `{FILES['fig_b']}` (b): Σ over each layer's diagonal of Var(Î1) and Var(Î2), and the variance of the "
-        "two trace estimators, across activations; rows: digits and MNIST-1D (categorical), digits with a "
-        "Gaussian (σ = 1) regression head on the same 10 outputs."),
+         "two trace estimators, across activations; rows: digits and MNIST-1D (categorical), digits with a "
+         "Gaussian (σ = 1) regression head on the same 10 outputs."),
         (f"- `{FILES['fig_c']}` (c): the same variances and the relative error of Tr F against depth "
-        f"({', '.join(map(str, s.depths))} hidden layers, width {s.width}) and width "
-        f"({', '.join(map(str, s.widths))}, {s.depth} hidden layers), {s.sweep_activation}, digits."),
+         f"({', '.join(map(str, s.depths))} hidden layers, width {s.width}) and width "
+         f"({', '.join(map(str, s.widths))}, {s.depth} hidden layers), {s.sweep_activation}, digits."),
         (f"- `{FILES['fig_d']}` (d): Tr F, the trace variances, the relative standard error at k = 1 and "
-        f"`samples_needed(rel_error={REL_ERROR})` at epochs {', '.join(map(str, s.checkpoints))} of Adam "
-        f"(lr {s.lr:g}, batch {s.batch_size}) for {' and '.join(s.train_activations)} on the digits; the Fisher "
-        "is measured on held-out inputs."),
+         f"`samples_needed(rel_error={REL_ERROR})` at epochs {', '.join(map(str, s.checkpoints))} of Adam "
+         f"(lr {s.lr:g}, batch {s.batch_size}) for {' and '.join(s.train_activations)} on the digits; the Fisher "
+         "is measured on held-out inputs."),
         (f"- `{FILES['json']}` holds every plotted number (box statistics, not raw per-entry ratios) and the "
-        f"settings; `{FILES['csv']}` the same numbers in long form."),
+         f"settings; `{FILES['csv']}` the same numbers in long form."),
         "",
         "## Key numbers",
     ]
