@@ -131,8 +131,9 @@ def fisher(
     with engine_pass(model, name, output, class_dim) as one:
         result = make_structure(structure, one.view.layout)
         seen: list[Batch] = []
+        # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
         for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
-                                      f"fisher[{estimator}]"):
+                                      f"fisher[{estimator}]", split=estimator == "exact"):
             add_estimate(estimator, one.backend, rec, fam_b, result, k, generator)
             if return_stderr:
                 seen.append(rec.batch)

@@ -5,6 +5,7 @@ per-sample parameter products ``Jᵢᵀ v_ij`` (first order), and gives second d
 outputs (for Î2). Primitives, each backend's own:
 
 * :meth:`Backend.record`: one forward of a batch kept for back-propagation;
+* :meth:`Backend.row_groups`: how to cut a large batch into groups of rows recorded one at a time;
 * :meth:`Backend.pieces`: chunks of samples with the per-sample products of each parameter tensor;
 * :meth:`Backend.squares`: ``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise per parameter tensor (a backend may skip the
   per-sample products where a layer's structure allows);
@@ -66,6 +67,11 @@ class Backend(ABC):
     @abstractmethod
     def record(self, batch: Batch) -> Recording:
         """One forward of ``batch`` kept for back-propagating output vectors."""
+
+    def row_groups(self, batch: Batch) -> list[slice]:
+        """Consecutive groups of ``batch``'s rows to record one at a time where many vectors are
+        pulled back (the whole batch by default)."""
+        return [slice(0, batch.size)]
 
     @abstractmethod
     def pieces(self, rec: Recording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:

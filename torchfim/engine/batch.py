@@ -44,6 +44,11 @@ class Batch:
         targets = cut(self.targets)
         return Batch(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, size, targets)
 
+    def signature(self) -> tuple:
+        """The shapes (less the batch dim) and dtypes of the batch's tensors: what a sample looks like."""
+        tensors = [*self.args, *(v for _, v in sorted(self.kwargs.items()))]
+        return tuple((tuple(t.shape[1:]), t.dtype) for t in tensors if isinstance(t, Tensor) and t.dim() > 0)
+
     def get(self, key: str) -> object:
         """A keyword input by name (for masks named by key)."""
         if key not in self.kwargs:

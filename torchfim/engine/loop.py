@@ -53,25 +53,35 @@ def run(
     mask: Mask = None,
     progress: bool = False,
     desc: str = "torchfim",
+    split: bool = False,
 ) -> Iterator[tuple[Recording, Family]]:
-    """Recordings of every mini-batch, each with the family of its flat outputs (checked)."""
+    """Recordings of every mini-batch, each with the family of its flat outputs (checked).
+
+    With ``split`` (for computations that pull many vectors back and draw nothing at random), a
+    large mini-batch is recorded in the groups of rows the backend asks for
+    (:meth:`~.backend.Backend.row_groups`), each yielded as a mini-batch of its own.
+    """
     checked = 0
     versions = view.versions()
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         _check_finite_inputs(batch)
-        try:
-            rec = backend.record(batch)
-        except RuntimeError as err:
-            raise _forward_error(batch, view, err) from err
-        fam = view.family_for(rec.shape, batch, family, mask)
-        fam.check_output(rec.values)
-        try:
-            checked = view.check_independent(batch, rec.values, checked)
-        except TorchfimError:
-            view.check_unchanged(versions)  # weights moved under the check: say so, not "mixes samples"
-            raise
-        yield rec, fam
-        view.check_unchanged(versions)
+        groups = backend.row_groups(batch) if split else [slice(0, batch.size)]
+        for rows in groups:
+            part = batch if len(groups) == 1 else batch.rows(rows)
+            try:
+                rec = backend.record(part)
+            except RuntimeError as err:
+                raise _forward_error(part, view, err) from err
+            part_mask = mask[rows] if len(groups) > 1 and isinstance(mask, torch.Tensor) else mask
+            fam = view.family_for(rec.shape, part, family, part_mask)
+            fam.check_output(rec.values)
+            try:
+                checked = view.check_independent(part, rec.values, checked)
+            except TorchfimError:
+                view.check_unchanged(versions)  # weights moved under the check: say so, not "mixes samples"
+                raise
+            yield rec, fam
+            view.check_unchanged(versions)
 
 
 def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exception:

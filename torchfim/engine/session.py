@@ -30,11 +30,14 @@ class Pass:
     n: int = 0
 
     def batches(self, inputs: object, targets: object, family: Family, mask: Mask, progress: bool,
-                desc: str) -> Iterator[tuple[Recording, Family]]:
-        """Each mini-batch's recording and family; raises after the loop when there was no input."""
+                desc: str, split: bool = False) -> Iterator[tuple[Recording, Family]]:
+        """Each mini-batch's recording and family; raises after the loop when there was no input.
+
+        ``split``: large mini-batches may come as groups of their rows (see :func:`.loop.run`).
+        """
         view = self.view
         for rec, fam in run(view, self.backend, batches(inputs, targets, view.device, view.dtype), family, mask,
-                            progress, desc):
+                            progress, desc, split):
             yield rec, fam
             self.n += rec.batch.size
         if self.n == 0:

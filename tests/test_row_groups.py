@@ -1,0 +1,72 @@
+"""Large mini-batches recorded in groups of rows (``Backend.row_groups``) for the exact Fisher.
+
+The exact Fisher pulls C − 1 vectors back per input; when one vector's pull-back records more than
+``per_module.ROW_GROUP_ELEMENTS`` numbers, the loop records the batch in groups of rows, each a
+mini-batch of its own. The result must not change: every case of the shared list is checked
+against the brute-force oracle with the budget forced down to one row per group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import BY_NAME
+from test_engine_oracles import IDS, PAIRS, _close, _kwargs, _oracle, _view
+
+import torchfim
+from torchfim.engine import per_module
+from torchfim.engine.batch import make_batch
+from torchfim.engine.session import engine_pass
+
+
+@pytest.fixture
+def recorded_sizes(monkeypatch) -> list[int]:
+    """The batch sizes the per-module backend records (probes of two rows included)."""
+    sizes: list[int] = []
+    original = per_module.PerModuleBackend.record
+
+    def record(self, batch):
+        sizes.append(batch.size)
+        return original(self, batch)
+
+    monkeypatch.setattr(per_module.PerModuleBackend, "record", record)
+    return sizes
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
+@pytest.mark.parametrize("rows", [1, 3], ids=["groups-of-1", "groups-of-2"])
+@pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
+def test_exact_fisher_in_row_groups_equals_the_oracle(case, family, rows, monkeypatch, recorded_sizes) -> None:
+    res = _oracle(case, family)
+    n = len(res["x"])
+    # A budget of ``rows`` samples: ⌈4/1⌉ = 4 groups of one row, or ⌈4/3⌉ = 2 groups of two rows.
+    monkeypatch.setattr(per_module.PerModuleBackend, "_taps_per_sample", lambda self, batch: 1.0)
+    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", rows)
+    for structure in ("full", "diag", "trace", "blocks"):
+        recorded_sizes.clear()
+        got = torchfim.fisher(res["model"], res["x"], family=family, structure=structure, backend="modules",
+                              **_kwargs(case, res))
+        _close(got, _view(res["exact"], structure, res["model"]), 1e-10)
+        size = 1 if rows == 1 else 2
+        assert recorded_sizes.count(size) >= n // size and n not in recorded_sizes, recorded_sizes
+
+
+def test_row_groups_cover_the_batch_in_order_in_nearly_equal_groups(monkeypatch) -> None:
+    case = BY_NAME["tanh_mlp"]
+    model, x = case.build(3), case.inputs(7)
+    with engine_pass(model, "modules") as one:
+        batch = make_batch(x, None, one.view.device, one.view.dtype)
+        per_sample = one.backend._taps_per_sample(batch)
+        monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", int(2.5 * per_sample))
+        assert one.backend.row_groups(batch) == [slice(0, 3), slice(3, 6), slice(6, 7)]  # ⌈7 / 2.5⌉ = 3 groups
+        monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", int(7 * per_sample))
+        assert one.backend.row_groups(batch) == [slice(0, 7)]  # within the budget: the batch as it is
+
+
+def test_estimators_that_draw_labels_record_the_batch_whole(monkeypatch, recorded_sizes) -> None:
+    """Row groups would change the order of the label draws: only the exact Fisher uses them."""
+    case = BY_NAME["tanh_mlp"]
+    model, x = case.build(3), case.inputs(6)
+    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", 1)
+    torchfim.fisher(model, x, estimator="score", generator=torch.Generator().manual_seed(0))
+    assert 1 not in recorded_sizes and 6 in recorded_sizes
