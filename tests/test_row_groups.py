@@ -63,6 +63,14 @@ def test_row_groups_cover_the_batch_in_order_in_nearly_equal_groups(monkeypatch)
         assert one.backend.row_groups(batch) == [slice(0, 7)]  # within the budget: the batch as it is
 
 
+def test_a_mask_tensor_of_the_wrong_size_is_refused_as_without_groups(monkeypatch) -> None:
+    res = _oracle(BY_NAME["tokens"], "categorical")
+    wrong = torch.cat([res["mask"], res["mask"][:1]])  # one row too many
+    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", 1)
+    with pytest.raises(torchfim.TorchfimError, match="mask"):
+        torchfim.fisher(res["model"], res["x"], backend="modules", mask=wrong)
+
+
 def test_estimators_that_draw_labels_record_the_batch_whole(monkeypatch, recorded_sizes) -> None:
     """Row groups would change the order of the label draws: only the exact Fisher uses them."""
     case = BY_NAME["tanh_mlp"]

@@ -65,7 +65,9 @@ def run(
     versions = view.versions()
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         _check_finite_inputs(batch)
-        groups = backend.row_groups(batch) if split else [slice(0, batch.size)]
+        # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.
+        cuttable = not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size)
+        groups = backend.row_groups(batch) if split and cuttable else [slice(0, batch.size)]
         for rows in groups:
             part = batch if len(groups) == 1 else batch.rows(rows)
             try:
