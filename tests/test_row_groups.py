@@ -3,7 +3,7 @@
 The exact Fisher pulls C − 1 vectors back per input; when one vector's pull-back records more than
 ``per_module.ROW_GROUP_ELEMENTS`` numbers, the loop records the batch in groups of rows, each a
 mini-batch of its own. The result must not change: every case of the shared list is checked
-against the brute-force oracle with the budget forced down to one row per group.
+against the brute-force oracle with the budget forced down to groups of one row and of two rows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torchfim.engine.session import engine_pass
 
 @pytest.fixture
 def recorded_sizes(monkeypatch) -> list[int]:
-    """The batch sizes the per-module backend records (probes of two rows included)."""
+    """The batch sizes the per-module backend records (not the two-row probe of ``_taps_per_sample``,
+    which records through ``_record``)."""
     sizes: list[int] = []
     original = per_module.PerModuleBackend.record
 
