@@ -1,9 +1,10 @@
-"""Large mini-batches recorded in groups of rows (``Backend.row_groups``) for the exact Fisher.
+"""Large mini-batches recorded in groups of rows (``Backend.row_groups``) where nothing is drawn.
 
-The exact Fisher pulls C − 1 vectors back per input; when one vector's pull-back records more than
-``per_module.ROW_GROUP_ELEMENTS`` numbers, the loop records the batch in groups of rows, each a
-mini-batch of its own. The result must not change: every case of the shared list is checked
-against the brute-force oracle with the budget forced down to groups of one row and of two rows.
+The exact Fisher pulls C − 1 vectors back per input, the closed-form variances, bounds and
+covariances all C; when one vector's pull-back records more than ``per_module.ROW_GROUP_ELEMENTS``
+numbers, the loop records the batch in groups of rows, each a mini-batch of its own. The result
+must not change: every case of the shared list is checked against the brute-force oracles with the
+budget forced down to groups of one row (and of two rows for the exact Fisher).
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import BY_NAME
+from test_combined import IDS as COMBINED_IDS
+from test_combined import PAIRS as COMBINED_PAIRS
+from test_combined import _close as _close_combined
+from test_combined import _flat, _want
+from test_combined import _oracle as _combined_oracle
 from test_engine_oracles import IDS, PAIRS, _close, _kwargs, _oracle, _view
 
 import torchfim
@@ -52,6 +58,50 @@ def test_exact_fisher_in_row_groups_equals_the_oracle(case, family, rows, monkey
         assert recorded_sizes.count(size) >= n // size and n not in recorded_sizes, recorded_sizes
 
 
+def _groups_of_one_row(monkeypatch) -> None:
+    monkeypatch.setattr(per_module.PerModuleBackend, "_taps_per_sample", lambda self, batch: 1.0)
+    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", 1)
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
+@pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
+def test_variances_and_bounds_in_row_groups_equal_the_oracle(case, family, monkeypatch, recorded_sizes) -> None:
+    res = _oracle(case, family)
+    _groups_of_one_row(monkeypatch)
+    for estimator in ("score", "hessian") if case.second_order else ("score",):
+        for structure in ("diag", "trace", "blocks"):
+            recorded_sizes.clear()
+            got = torchfim.fisher_variance(res["model"], res["x"], family=family, estimator=estimator,
+                                           structure=structure, backend="modules", **_kwargs(case, res))
+            want = res[f"var_{estimator}_trace"] if structure == "trace" else \
+                _view(res[f"var_{estimator}"], structure, res["model"])
+            _close(got, want, 1e-8)
+            assert set(recorded_sizes) == {1}, recorded_sizes
+        bound = torchfim.variance_bound(res["model"], res["x"], family=family, estimator=estimator,
+                                        structure="diag", backend="modules", **_kwargs(case, res))
+        exact = torch.diagonal(res[f"var_{estimator}"])
+        assert bool((bound >= exact - 1e-10 * max(1.0, float(exact.abs().max()))).all())
+
+
+@pytest.mark.parametrize("case_name,family", COMBINED_PAIRS, ids=COMBINED_IDS)
+def test_covariance_and_combined_variance_in_row_groups_equal_the_oracle(
+    case_name, family, monkeypatch, recorded_sizes
+) -> None:
+    res = _combined_oracle(case_name, family)
+    _groups_of_one_row(monkeypatch)
+    for structure in ("diag", "trace", "blocks"):
+        recorded_sizes.clear()
+        got = torchfim.fisher_covariance(res["model"], res["x"], family=family, structure=structure,
+                                         backend="modules", **res["kwargs"])
+        _close_combined(got, _want(res, "c12", structure), 1e-8)
+        got = torchfim.combined_variance(res["model"], res["x"], family=family, structure=structure,
+                                         backend="modules", **res["kwargs"])
+        v1, v2 = _flat(_want(res, "v1", structure)), _flat(_want(res, "v2", structure))
+        scale = max(1e-300, float(torch.maximum(v1.abs(), v2.abs()).max()))
+        _close_combined(got, _want(res, "best", structure), 1e-8, scale)
+        assert set(recorded_sizes) == {1}, recorded_sizes
+
+
 def test_row_groups_cover_the_batch_in_order_in_nearly_equal_groups(monkeypatch) -> None:
     case = BY_NAME["tanh_mlp"]
     model, x = case.build(3), case.inputs(7)
@@ -73,9 +123,11 @@ def test_a_mask_tensor_of_the_wrong_size_is_refused_as_without_groups(monkeypatc
 
 
 def test_estimators_that_draw_labels_record_the_batch_whole(monkeypatch, recorded_sizes) -> None:
-    """Row groups would change the order of the label draws: only the exact Fisher uses them."""
+    """Row groups would change the order of the label draws: the estimators that draw keep the batch whole."""
     case = BY_NAME["tanh_mlp"]
     model, x = case.build(3), case.inputs(6)
     monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", 1)
-    torchfim.fisher(model, x, estimator="score", generator=torch.Generator().manual_seed(0))
-    assert 1 not in recorded_sizes and 6 in recorded_sizes
+    for estimator in ("score", "hessian", "combined"):
+        recorded_sizes.clear()
+        torchfim.fisher(model, x, estimator=estimator, generator=torch.Generator().manual_seed(0))
+        assert 1 not in recorded_sizes and 6 in recorded_sizes, (estimator, recorded_sizes)

@@ -167,8 +167,9 @@ def combined_terms(
     k = check_n_samples(n_samples)
     with engine_pass(model, backend, output, class_dim) as one:
         sums = SharedLabelSums(structure, one.view, draw)
+        # Row groups only without draws: cutting a batch would change which labels its rows get.
         for rec, fam_b in one.batches(inputs, targets, fam, mask, progress,
-                                      "fisher[combined]" if draw else "variance[combined]"):
+                                      "fisher[combined]" if draw else "variance[combined]", split=not draw):
             sums.add(one.backend, rec, fam_b, k, generator)
         result = sums.finish(k)
     if result.estimate is not None:

@@ -146,7 +146,8 @@ def covariance_of(
     k = check_n_samples(n_samples)
     with engine_pass(model, backend, output, class_dim) as one:
         result = make_structure(structure, one.view.layout)
-        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "covariance[score, hessian]"):
+        # A closed form that draws nothing: large mini-batches go in row groups.
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "covariance[score, hessian]", split=True):
             with second_order_support():
                 result.visit(ScoreHessianCovariance(one.backend, rec, fam_b))
         return result.finish(one.n * one.n * k)

@@ -186,7 +186,8 @@ def variance_of(
     k = check_n_samples(n_samples)
     with engine_pass(model, backend, output, class_dim) as one:
         result = make_structure(structure, one.view.layout)
-        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]"):
+        # Closed forms pull every output vector back and draw nothing: large mini-batches go in row groups.
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]", split=True):
             if estimator == "score":
                 result.visit(ScoreVariance(one.backend, rec, fam_b, mode))
             else:
