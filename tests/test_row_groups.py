@@ -10,13 +10,12 @@ budget forced down to groups of one row (and of two rows for the exact Fisher).
 from __future__ import annotations
 
 import pytest
+import test_combined as combined_oracles  # imported as modules: their test functions are not collected twice
+import test_engine_oracles as engine_oracles
 import torch
 from cases import BY_NAME
 from test_combined import IDS as COMBINED_IDS
 from test_combined import PAIRS as COMBINED_PAIRS
-from test_combined import _close as _close_combined
-from test_combined import _flat, _want
-from test_combined import _oracle as _combined_oracle
 from test_engine_oracles import IDS, PAIRS, _close, _kwargs, _oracle, _view
 
 import torchfim
@@ -40,6 +39,12 @@ def recorded_sizes(monkeypatch) -> list[int]:
     return sizes
 
 
+def _row_budget(monkeypatch, rows: int) -> None:
+    """A row-group budget of ``rows`` samples: every sample counts one number per pulled-back vector."""
+    monkeypatch.setattr(per_module.PerModuleBackend, "_taps_per_sample", lambda self, batch: 1.0)
+    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", rows)
+
+
 @pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
 @pytest.mark.parametrize("rows", [1, 3], ids=["groups-of-1", "groups-of-2"])
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
@@ -47,8 +52,7 @@ def test_exact_fisher_in_row_groups_equals_the_oracle(case, family, rows, monkey
     res = _oracle(case, family)
     n = len(res["x"])
     # A budget of ``rows`` samples: ⌈4/1⌉ = 4 groups of one row, or ⌈4/3⌉ = 2 groups of two rows.
-    monkeypatch.setattr(per_module.PerModuleBackend, "_taps_per_sample", lambda self, batch: 1.0)
-    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", rows)
+    _row_budget(monkeypatch, rows)
     for structure in ("full", "diag", "trace", "blocks"):
         recorded_sizes.clear()
         got = torchfim.fisher(res["model"], res["x"], family=family, structure=structure, backend="modules",
@@ -58,48 +62,24 @@ def test_exact_fisher_in_row_groups_equals_the_oracle(case, family, rows, monkey
         assert recorded_sizes.count(size) >= n // size and n not in recorded_sizes, recorded_sizes
 
 
-def _groups_of_one_row(monkeypatch) -> None:
-    monkeypatch.setattr(per_module.PerModuleBackend, "_taps_per_sample", lambda self, batch: 1.0)
-    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", 1)
-
-
 @pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
 def test_variances_and_bounds_in_row_groups_equal_the_oracle(case, family, monkeypatch, recorded_sizes) -> None:
-    res = _oracle(case, family)
-    _groups_of_one_row(monkeypatch)
-    for estimator in ("score", "hessian") if case.second_order else ("score",):
-        for structure in ("diag", "trace", "blocks"):
-            recorded_sizes.clear()
-            got = torchfim.fisher_variance(res["model"], res["x"], family=family, estimator=estimator,
-                                           structure=structure, backend="modules", **_kwargs(case, res))
-            want = res[f"var_{estimator}_trace"] if structure == "trace" else \
-                _view(res[f"var_{estimator}"], structure, res["model"])
-            _close(got, want, 1e-8)
-            assert set(recorded_sizes) == {1}, recorded_sizes
-        bound = torchfim.variance_bound(res["model"], res["x"], family=family, estimator=estimator,
-                                        structure="diag", backend="modules", **_kwargs(case, res))
-        exact = torch.diagonal(res[f"var_{estimator}"])
-        assert bool((bound >= exact - 1e-10 * max(1.0, float(exact.abs().max()))).all())
+    """``test_engine_oracles.test_variances`` (score and Hessian variances, the bound) in groups of one row."""
+    _row_budget(monkeypatch, 1)
+    engine_oracles.test_variances(case, family, "modules")
+    assert set(recorded_sizes) == {1}, recorded_sizes
 
 
 @pytest.mark.parametrize("case_name,family", COMBINED_PAIRS, ids=COMBINED_IDS)
 def test_covariance_and_combined_variance_in_row_groups_equal_the_oracle(
     case_name, family, monkeypatch, recorded_sizes
 ) -> None:
-    res = _combined_oracle(case_name, family)
-    _groups_of_one_row(monkeypatch)
-    for structure in ("diag", "trace", "blocks"):
-        recorded_sizes.clear()
-        got = torchfim.fisher_covariance(res["model"], res["x"], family=family, structure=structure,
-                                         backend="modules", **res["kwargs"])
-        _close_combined(got, _want(res, "c12", structure), 1e-8)
-        got = torchfim.combined_variance(res["model"], res["x"], family=family, structure=structure,
-                                         backend="modules", **res["kwargs"])
-        v1, v2 = _flat(_want(res, "v1", structure)), _flat(_want(res, "v2", structure))
-        scale = max(1e-300, float(torch.maximum(v1.abs(), v2.abs()).max()))
-        _close_combined(got, _want(res, "best", structure), 1e-8, scale)
-        assert set(recorded_sizes) == {1}, recorded_sizes
+    """The covariance and combined-variance oracle tests of ``test_combined`` in groups of one row."""
+    _row_budget(monkeypatch, 1)
+    combined_oracles.test_covariance_matches_oracle(case_name, family, "modules")
+    combined_oracles.test_combined_variance_matches_oracle_and_beats_both(case_name, family)
+    assert set(recorded_sizes) == {1}, recorded_sizes
 
 
 def test_row_groups_cover_the_batch_in_order_in_nearly_equal_groups(monkeypatch) -> None:
