@@ -64,19 +64,17 @@ class ScoreHessianCovariance(StructureVisitor):
 
     def diag(self, structure: Diag) -> None:
         self.engine.check_forward_over_forward()
-        layout, width = self.engine.layout, self.o.shape[1]
+        layout = self.engine.layout
         total: dict[int, Tensor] = {}
         for rows, piece in self.engine.jacobian_pieces(self.rec):
             sub, o = self.rec.batch.rows(rows), self.o[rows]
-            step = self.engine.column_chunk(sub.size, width)
-            for i, g in piece.items():  # g: (b, C, size), the Jacobian columns j_p of parameter i
+            for i, columns in self.engine.direction_chunks(sub, sorted(piece)):
+                g = piece[i]  # (b, C, size), the Jacobian columns j_p of parameter i
                 local = total.setdefault(i, g.new_zeros(layout.sizes[i]))
-                for start in range(0, layout.sizes[i], step):
-                    stop = min(layout.sizes[i], start + step)
-                    columns = torch.arange(start, stop, device=layout.device) + layout.offsets[i]
-                    d = self.engine.output_hessian_diagonals(sub, columns).transpose(0, 1)  # d_p: (b, m, C)
-                    j = g[:, :, start:stop].transpose(1, 2).to(d.dtype)  # j_p: (b, m, C)
-                    local[start:stop] -= self.fam.moment3(o, j, j, d).sum(0).to(local.dtype)
+                entries = slice(int(columns[0]) - layout.offsets[i], int(columns[-1]) + 1 - layout.offsets[i])
+                d = self.engine.output_hessian_diagonals(sub, columns).transpose(0, 1)  # d_p: (b, m, C)
+                j = g[:, :, entries].transpose(1, 2).to(d.dtype)  # j_p: (b, m, C)
+                local[entries] -= self.fam.moment3(o, j, j, d).sum(0).to(local.dtype)
         for i, value in total.items():
             structure.add_squares(i, value)
 
@@ -92,20 +90,19 @@ class ScoreHessianCovariance(StructureVisitor):
         output-Hessian columns of the same samples."""
         layout, batch = self.engine.layout, self.rec.batch
         width, size = self.o.shape[1], layout.num_params
-        row_step = max(1, CHUNK_ELEMENTS // max(1, width * size))
+        row_step, spans = max(1, CHUNK_ELEMENTS // max(1, width * size)), dict(blocks)
         for rows, piece in self.engine.jacobian_pieces(self.rec):
             jac = self._dense_jacobian(piece, rows)  # (b, C, P)
             for start in range(rows.start, rows.stop, row_step):
                 part = slice(start, min(rows.stop, start + row_step))
                 sub = batch.rows(part)
                 j = jac[part.start - rows.start : part.stop - rows.start]
-                step = max(1, CHUNK_ELEMENTS // max(1, sub.size * width * size * 4))
-                for index, span in blocks:
-                    for first in range(span.start, span.stop, step):
-                        columns = torch.arange(first, min(span.stop, first + step), device=layout.device)
-                        h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
-                        values = self._contract(self.o[part], j[:, :, columns], j[:, :, span], h)
-                        structure.add_matrix(index, columns - span.start, -values)
+                extra = 4 * sub.size * width * size  # the output-Hessian columns themselves
+                for index, columns in self.engine.directions.chunks(sub, blocks, "output-Hessian columns", extra):
+                    span = spans[index]
+                    h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
+                    values = self._contract(self.o[part], j[:, :, columns], j[:, :, span], h)
+                    structure.add_matrix(index, columns - span.start, -values)
 
     def _dense_jacobian(self, piece: Pieces, rows: slice) -> Tensor:
         """The per-sample Jacobians of ``rows`` over all of θ, ``(b, C, P)`` (zero where a parameter

@@ -127,7 +127,7 @@ class HessianVariance(StructureVisitor):
         return self.top[rows].unsqueeze(1) * d.square().sum(-1)
 
     def diag(self, structure: Diag) -> None:
-        terms = self.engine.hessian_diagonal_terms(self.rec.batch, self.quadratic, self.o.shape[1])
+        terms = self.engine.hessian_diagonal_terms(self.rec.batch, self.quadratic)
         for i, value in terms.items():
             structure.add_squares(i, value)
 
@@ -150,18 +150,18 @@ class HessianVariance(StructureVisitor):
         for start_row in range(0, batch.size, row_step):
             rows = slice(start_row, min(batch.size, start_row + row_step))
             sub = batch.rows(rows)
-            step = max(1, CHUNK_ELEMENTS // max(1, sub.size * width * layout.num_params * 4))
-            for index, span in blocks:
-                for first in range(span.start, span.stop, step):
-                    columns = torch.arange(first, min(span.stop, first + step), device=layout.device)
-                    h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
-                    if self.mode == "exact":
-                        m, b, c, size = h.shape
-                        v = h.permute(1, 0, 3, 2).reshape(b, m * size, c)  # every column of every sample
-                        values = self.quadratic(rows, v).reshape(b, m, size).sum(0)
-                    else:
-                        values = torch.einsum("n,mnab->mb", self.top[rows], h.square())
-                    structure.add_matrix(index, columns - span.start, values)
+            spans = dict(blocks)
+            extra = 4 * sub.size * width * layout.num_params  # the output-Hessian columns themselves
+            for index, columns in self.engine.directions.chunks(sub, blocks, "output-Hessian columns", extra):
+                span = spans[index]
+                h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
+                if self.mode == "exact":
+                    m, b, c, size = h.shape
+                    v = h.permute(1, 0, 3, 2).reshape(b, m * size, c)  # every column of every sample
+                    values = self.quadratic(rows, v).reshape(b, m, size).sum(0)
+                else:
+                    values = torch.einsum("n,mnab->mb", self.top[rows], h.square())
+                structure.add_matrix(index, columns - span.start, values)
 
 
 def variance_of(

@@ -31,6 +31,7 @@ from torch import Tensor
 from ..errors import TorchfimError
 from ..structures import Structure, Trace
 from .batch import Batch
+from .directions import DirectionSweep
 from .view import ModelView
 
 #: Elements allowed in one chunk of per-sample products (bounds peak memory).
@@ -62,6 +63,7 @@ class Backend(ABC):
     def __init__(self, view: ModelView) -> None:
         self.view = view
         self.layout = view.layout
+        self.directions = DirectionSweep(view)  # its ``progress`` is the public call's
 
     # ------------------------------------------------------------------ primitives
     @abstractmethod
@@ -101,11 +103,6 @@ class Backend(ABC):
     @abstractmethod
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
         """``∂²o_a(xᵢ)/∂θ_p∂θ_q`` for ``p`` in ``columns``: ``(m, B, C, P)``."""
-
-    def column_chunk(self, batch: int, width: int) -> int:
-        """How many parameter directions to differentiate along at once."""
-        per_column = max(self.layout.num_params, batch * width * 64)
-        return max(1, min(256, CHUNK_ELEMENTS // per_column))
 
     # ------------------------------------------------------------------ first order
     def add_products(self, rec: Recording, v: Tensor, structure: Structure, scale: float = 1.0) -> None:
@@ -172,13 +169,12 @@ class Backend(ABC):
         return gram
 
     # ------------------------------------------------------------------ second order
-    def _column_chunks(self, batch: Batch, width: int, indices: list[int] | None = None) -> Iterator[tuple[int, Tensor]]:
-        """Parameter index and chunks of flat column indices inside it."""
-        step = self.column_chunk(batch.size, width)
-        for i in indices if indices is not None else range(len(self.layout.names)):
-            span = self.layout.span(i)
-            for start in range(span.start, span.stop, step):
-                yield i, torch.arange(start, min(span.stop, start + step), device=self.layout.device)
+    def direction_chunks(self, batch: Batch, indices: list[int] | None = None,
+                         what: str = "output-Hessian diagonals") -> Iterator[tuple[int, Tensor]]:
+        """Parameter index and chunks of flat indices inside it (all parameters by default), sized
+        by memory (:mod:`.directions`)."""
+        indices = list(range(len(self.layout.names))) if indices is None else indices
+        return self.directions.chunks(batch, [(i, self.layout.span(i)) for i in indices], what)  # type: ignore[return-value]
 
     def unfactored(self, batch: Batch) -> list[int]:
         """Parameters whose output-Hessian diagonals do not factor by unit (all, in the base backend).
@@ -217,17 +213,17 @@ class Backend(ABC):
             rest = self.unfactored(batch)
             for i, value in self.unit_hessian_terms(batch, lambda rows, d: (d * w[rows].unsqueeze(1)).sum(-1), 2).items():
                 structure.add_diagonal(i, value, scale)
-            for i, columns in self._column_chunks(batch, w.shape[1], rest):
+            for i, columns in self.direction_chunks(batch, rest):
                 diagonals = self.output_hessian_diagonals(batch, columns)  # (m, B, C)
                 values = torch.einsum("mbc,bc->m", diagonals, w)
                 local = torch.zeros(self.layout.sizes[i], dtype=values.dtype, device=values.device)
                 local[columns - self.layout.offsets[i]] = values
                 structure.add_diagonal(i, local, scale)
             return
-        for _, columns in self._column_chunks(batch, w.shape[1]):
+        for _, columns in self.direction_chunks(batch, what="Hessian columns"):
             structure.add_columns(columns, self.hessian_columns(batch, w, columns), scale)
 
-    def hessian_diagonal_terms(self, batch: Batch, fn: EntryFn, width: int) -> Pieces:
+    def hessian_diagonal_terms(self, batch: Batch, fn: EntryFn) -> Pieces:
         """Per parameter entry ``p``: ``Σᵢ fn(d_p(xᵢ))`` with ``d_p = ∂²o(xᵢ)/∂θ_p²`` (C,).
 
         ``fn(rows, d)`` maps ``(b, n, C)`` to ``(b, n)`` and is homogeneous of degree 2 in ``d``.
@@ -235,7 +231,7 @@ class Backend(ABC):
         self.check_forward_over_forward()
         rest = self.unfactored(batch)
         total = self.unit_hessian_terms(batch, fn, 4)
-        for i, columns in self._column_chunks(batch, width, rest):
+        for i, columns in self.direction_chunks(batch, rest):
             diagonals = self.output_hessian_diagonals(batch, columns)  # (m, B, C)
             values = fn(slice(None), diagonals.transpose(0, 1)).sum(0)
             local = total.setdefault(i, torch.zeros(self.layout.sizes[i], dtype=values.dtype, device=values.device))
@@ -249,7 +245,7 @@ class Backend(ABC):
         traces = self.unit_hessian_traces(batch)
         if traces is not None:
             total += traces
-        for _, columns in self._column_chunks(batch, width, self.unfactored(batch)):
+        for _, columns in self.direction_chunks(batch, self.unfactored(batch)):
             total += self.output_hessian_diagonals(batch, columns).sum(0)
         return total
 

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from .backend import CHUNK_ELEMENTS, EntryFn, Pieces
+from .backend import EntryFn, Pieces
 from .batch import Batch
+from .directions import direction_chunk
 from .modules import Call, Rule
 from .modules.base import as_float
 from .view import ModelView
@@ -57,7 +58,7 @@ class UnitHessians:
 
             return jvp(first, (zero,), (direction,))[1]
 
-        step = max(1, CHUNK_ELEMENTS // max(1, batch.size * units * 16))
+        step = direction_chunk(view, batch)
         cols = []
         for start in range(0, units, step):
             idx = torch.arange(start, min(units, start + step), device=device)

@@ -36,6 +36,7 @@ class Pass:
         ``split``: large mini-batches may come as groups of their rows (see :func:`.loop.run`).
         """
         view = self.view
+        self.backend.directions.progress = progress
         for rec, fam in run(view, self.backend, batches(inputs, targets, view.device, view.dtype), family, mask,
                             progress, desc, split):
             yield rec, fam
