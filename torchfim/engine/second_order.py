@@ -58,7 +58,8 @@ class UnitHessians:
 
             return jvp(first, (zero,), (direction,))[1]
 
-        step = direction_chunk(view, batch)
+        # Each unit direction is itself (B, units), carried with its tangents: 16 such per direction.
+        step = direction_chunk(view, batch, extra=16 * batch.size * units)
         cols = []
         for start in range(0, units, step):
             idx = torch.arange(start, min(units, start + step), device=device)
