@@ -102,14 +102,14 @@ class DirectionSweep:
         index, or None for a span over several parameters. ``extra`` as in :func:`direction_chunk`."""
         step = direction_chunk(self.view, batch, extra)
         total = sum(span.stop - span.start for _, span in spans)
-        done, chunk = 0, 0
+        chunk = 0
         with tqdm(total=total, desc=what, unit="param", leave=False, disable=not self.progress) as bar:
             for key, span in spans:
                 for first in range(span.start, span.stop, step):
                     columns = torch.arange(first, min(span.stop, first + step), device=self.view.layout.device)
                     yield key, columns
                     bar.update(len(columns))
-                    done, chunk = done + len(columns), chunk + 1
+                    chunk += 1
                     if chunk == 1:  # the first chunk pays one-time costs (kernels compiled, memory mapped)
                         start = time.perf_counter()
                     elif chunk == 2:
