@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from .backend import EntryFn, Pieces
+from .backend import CHUNK_ELEMENTS, EntryFn, Pieces
 from .batch import Batch
 from .directions import direction_chunk
 from .modules import Call, Rule
@@ -58,8 +58,9 @@ class UnitHessians:
 
             return jvp(first, (zero,), (direction,))[1]
 
-        # Each unit direction is itself (B, units), carried with its tangents: 16 such per direction.
-        step = direction_chunk(view, batch, extra=16 * batch.size * units)
+        # The size tuned on dense networks (16 directions of 256 units over 256 inputs), capped where
+        # the activations that every direction carries would not fit (convolutional bodies).
+        step = min(direction_chunk(view, batch), max(1, CHUNK_ELEMENTS // max(1, batch.size * units * 16)))
         cols = []
         for start in range(0, units, step):
             idx = torch.arange(start, min(units, start + step), device=device)
