@@ -90,7 +90,7 @@ class ScoreHessianCovariance(StructureVisitor):
         output-Hessian columns of the same samples."""
         layout, batch = self.engine.layout, self.rec.batch
         width, size = self.o.shape[1], layout.num_params
-        row_step, spans = max(1, CHUNK_ELEMENTS // max(1, width * size)), dict(blocks)
+        row_step = max(1, CHUNK_ELEMENTS // max(1, width * size))
         for rows, piece in self.engine.jacobian_pieces(self.rec):
             jac = self._dense_jacobian(piece, rows)  # (b, C, P)
             for start in range(rows.start, rows.stop, row_step):
@@ -98,8 +98,7 @@ class ScoreHessianCovariance(StructureVisitor):
                 sub = batch.rows(part)
                 j = jac[part.start - rows.start : part.stop - rows.start]
                 extra = 4 * sub.size * width * size  # the output-Hessian columns themselves
-                for index, columns in self.engine.directions.chunks(sub, blocks, "output-Hessian columns", extra):
-                    span = spans[index]
+                for index, span, columns in self.engine.directions.chunks(sub, blocks, "output-Hessian columns", extra):
                     h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
                     values = self._contract(self.o[part], j[:, :, columns], j[:, :, span], h)
                     structure.add_matrix(index, columns - span.start, -values)

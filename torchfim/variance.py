@@ -146,13 +146,12 @@ class HessianVariance(StructureVisitor):
         """Î2 variances of dense entries from per-sample output-Hessian columns, block by block."""
         layout, batch = self.engine.layout, self.rec.batch
         width = self.o.shape[1]
-        row_step, spans = max(1, CHUNK_ELEMENTS // max(1, width * layout.num_params)), dict(blocks)
+        row_step = max(1, CHUNK_ELEMENTS // max(1, width * layout.num_params))
         for start_row in range(0, batch.size, row_step):
             rows = slice(start_row, min(batch.size, start_row + row_step))
             sub = batch.rows(rows)
             extra = 4 * sub.size * width * layout.num_params  # the output-Hessian columns themselves
-            for index, columns in self.engine.directions.chunks(sub, blocks, "output-Hessian columns", extra):
-                span = spans[index]
+            for index, span, columns in self.engine.directions.chunks(sub, blocks, "output-Hessian columns", extra):
                 h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
                 if self.mode == "exact":
                     m, b, c, size = h.shape

@@ -174,7 +174,8 @@ class Backend(ABC):
         """Parameter index and chunks of flat indices inside it (all parameters by default), sized
         by memory (:mod:`.directions`)."""
         indices = list(range(len(self.layout.names))) if indices is None else indices
-        return self.directions.chunks(batch, [(i, self.layout.span(i)) for i in indices], what)  # type: ignore[return-value]
+        for i, _, columns in self.directions.chunks(batch, [(i, self.layout.span(i)) for i in indices], what):
+            yield i, columns  # type: ignore[misc] - every key here is a parameter index
 
     def unfactored(self, batch: Batch) -> list[int]:
         """Parameters whose output-Hessian diagonals do not factor by unit (all, in the base backend).

@@ -97,9 +97,10 @@ class DirectionSweep:
         self.warned = False
 
     def chunks(self, batch: Batch, spans: list[tuple[int | None, slice]], what: str,
-               extra: int = 0) -> Iterator[tuple[int | None, Tensor]]:
-        """``(key, flat indices)`` covering every index of each ``(key, span)``; a key is a parameter
-        index, or None for a span over several parameters. ``extra`` as in :func:`direction_chunk`."""
+               extra: int = 0) -> Iterator[tuple[int | None, slice, Tensor]]:
+        """``(key, span, flat indices)`` covering every index of each ``(key, span)``; a key is a
+        parameter index, or None for a span over several parameters. ``extra`` as in
+        :func:`direction_chunk`."""
         step = direction_chunk(self.view, batch, extra)
         total = sum(span.stop - span.start for _, span in spans)
         chunk = 0
@@ -107,7 +108,7 @@ class DirectionSweep:
             for key, span in spans:
                 for first in range(span.start, span.stop, step):
                     columns = torch.arange(first, min(span.stop, first + step), device=self.view.layout.device)
-                    yield key, columns
+                    yield key, span, columns
                     bar.update(len(columns))
                     chunk += 1
                     if chunk == 1:  # the first chunk pays one-time costs (kernels compiled, memory mapped)
