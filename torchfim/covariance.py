@@ -68,7 +68,8 @@ class ScoreHessianCovariance(StructureVisitor):
         total: dict[int, Tensor] = {}
         for rows, piece in self.engine.jacobian_pieces(self.rec):
             sub, o = self.rec.batch.rows(rows), self.o[rows]
-            for i, columns in self.engine.direction_chunks(sub, sorted(piece)):
+            curved = set(self.engine.curved(sub))  # the others have zero diagonals d_p
+            for i, columns in self.engine.direction_chunks(sub, [i for i in sorted(piece) if i in curved]):
                 g = piece[i]  # (b, C, size), the Jacobian columns j_p of parameter i
                 local = total.setdefault(i, g.new_zeros(layout.sizes[i]))
                 entries = slice(int(columns[0]) - layout.offsets[i], int(columns[-1]) + 1 - layout.offsets[i])
@@ -79,8 +80,8 @@ class ScoreHessianCovariance(StructureVisitor):
             structure.add_squares(i, value)
 
     def blocks(self, structure: Blocks) -> None:
-        layout = self.engine.layout
-        self._pairs(structure, [(i, layout.span(i)) for i in range(len(layout.names))])
+        layout = self.engine.layout  # a parameter the outputs are piecewise linear in has a zero block
+        self._pairs(structure, [(i, layout.span(i)) for i in self.engine.curved(self.rec.batch)])
 
     def full(self, structure: Full) -> None:
         self._pairs(structure, [(None, slice(0, self.engine.layout.num_params))])

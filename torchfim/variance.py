@@ -136,8 +136,8 @@ class HessianVariance(StructureVisitor):
         structure.add_squares(0, self.quadratic(slice(None), d.unsqueeze(1)).sum())
 
     def blocks(self, structure: Blocks) -> None:
-        layout = self.engine.layout
-        self._columns(structure, [(i, layout.span(i)) for i in range(len(layout.names))])
+        layout = self.engine.layout  # a parameter the outputs are piecewise linear in has a zero block
+        self._columns(structure, [(i, layout.span(i)) for i in self.engine.curved(self.rec.batch)])
 
     def full(self, structure: Full) -> None:
         self._columns(structure, [(None, slice(0, self.engine.layout.num_params))])

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from ..structures import Structure, Trace
+from ..structures import Blocks, Structure, Trace
 from .batch import Batch
 from .directions import DirectionSweep
+from .linearity import linear_parameters
 from .view import ModelView
 
 #: Elements allowed in one chunk of per-sample products (bounds peak memory).
@@ -64,6 +65,7 @@ class Backend(ABC):
         self.view = view
         self.layout = view.layout
         self.directions = DirectionSweep(view)  # its ``progress`` is the public call's
+        self._curved: tuple[Batch, list[int]] | None = None  # the last batch asked about, and its answer
 
     # ------------------------------------------------------------------ primitives
     @abstractmethod
@@ -177,12 +179,25 @@ class Backend(ABC):
         for i, _, columns in self.directions.chunks(batch, [(i, self.layout.span(i)) for i in indices], what):
             yield i, columns  # type: ignore[misc] - every key here is a parameter index
 
+    def curved(self, batch: Batch) -> list[int]:
+        """Parameters whose own block ``∂²o/∂θ_p²`` of the output Hessians may be nonzero on ``batch``.
+
+        All but those the outputs depend on piecewise linearly (:mod:`.linearity`), whose blocks vanish
+        almost everywhere; second-order sweeps (diagonals, and the blocks of ``structure="blocks"``)
+        skip them.
+        """
+        if self._curved is None or self._curved[0] is not batch:
+            linear = linear_parameters(self.view, batch)
+            self._curved = (batch, [i for i in range(len(self.layout.names)) if i not in linear])
+        return self._curved[1]
+
     def unfactored(self, batch: Batch) -> list[int]:
-        """Parameters whose output-Hessian diagonals do not factor by unit (all, in the base backend).
+        """Curved parameters whose output-Hessian diagonals do not factor by unit (all curved ones, in
+        the base backend).
 
         The factored ones are served by :meth:`unit_hessian_terms` and :meth:`unit_hessian_traces`.
         """
-        return list(range(len(self.layout.names)))
+        return self.curved(batch)
 
     def unit_hessian_traces(self, batch: Batch) -> Tensor | None:
         """``Σ_p ∂²o(xᵢ)/∂θ_p²`` over the factored parameters, ``(B, C)``; None when there are none."""
@@ -221,7 +236,8 @@ class Backend(ABC):
                 local[columns - self.layout.offsets[i]] = values
                 structure.add_diagonal(i, local, scale)
             return
-        for _, columns in self.direction_chunks(batch, what="Hessian columns"):
+        kept = self.curved(batch) if isinstance(structure, Blocks) else None  # Full keeps the cross blocks
+        for _, columns in self.direction_chunks(batch, kept, what="Hessian columns"):
             structure.add_columns(columns, self.hessian_columns(batch, w, columns), scale)
 
     def hessian_diagonal_terms(self, batch: Batch, fn: EntryFn) -> Pieces:

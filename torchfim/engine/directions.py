@@ -128,9 +128,10 @@ class DirectionSweep:
         warn_user(
             f"{what}: {total} parameter entries ({shown}) need one forward-mode pass each over {batch.size} "
             f"inputs; at the pace of its second chunk this mini-batch alone takes about {_duration(projected)}. "
-            f"estimator='score' needs first derivatives only{'' if self.progress else '; pass progress=True to watch the sweep'}. For "
-            "networks that are piecewise linear in each weight (ReLU, max-pooling, BatchNorm in eval mode, "
-            "residual sums), the diagonal second derivatives are zero almost everywhere."
+            f"estimator='score' needs first derivatives only{'' if self.progress else '; pass progress=True to watch the sweep'}. "
+            "Parameters the outputs depend on piecewise linearly (ReLU, pooling, BatchNorm in eval mode, residual "
+            "sums) are skipped already; a smooth activation (tanh, GELU) or a normalisation of activations after a "
+            "parameter keeps it in the sweep."
         )
 
 

@@ -100,34 +100,56 @@ class FunctionalBackend(Backend):
             basis[torch.arange(len(local), device=layout.device), local] = 1
             yield layout.names[i], basis.reshape(len(local), *layout.shapes[i])
 
-    def _with(self, name: str, value: Tensor) -> dict[str, Tensor]:
-        return {**self.view.params, name: value}
+    def _with(self, name: str | None, value: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        """The parameters with ``value`` for tensor ``name`` (for all of them when ``name`` is None)."""
+        return {**self.view.params, **value} if name is None else {**self.view.params, name: value}
 
-    def _along_each_tensor(self, columns: Tensor, derivative: Callable[[str, Tensor], Tensor]) -> Tensor:
-        """``derivative(name, d)`` for every unit direction ``d`` of ``columns``, stacked: ``(m, ...)``."""
-        return torch.cat([vmap(lambda d, n=name: derivative(n, d))(basis)
-                          for name, basis in self._tensor_directions(columns)])
+    def _at(self, name: str | None) -> Tensor | dict[str, Tensor]:
+        """The current value of tensor ``name`` (of all parameters when ``name`` is None)."""
+        return self.view.params if name is None else self.view.params[name]
+
+    def _along_each_tensor(self, columns: Tensor, derivative: Callable[[str | None, object], Tensor]) -> Tensor:
+        """``derivative(name, d)`` for every unit direction ``d`` of ``columns``, stacked: ``(m, ...)``.
+
+        Where the outputs of an operation are linear in the one tensor, forward-mode AD keeps their
+        second-order tangent as an immutable zero, which an in-place operation after it (a
+        ``ReLU(inplace=True)`` after a BatchNorm's weight) refuses; those directions are then taken
+        along all of θ (``name`` None, ``d`` a dict of tangents), where every tangent is an ordinary tensor.
+        """
+        parts = []
+        for name, basis in self._tensor_directions(columns):
+            try:
+                parts.append(vmap(lambda d, n=name: derivative(n, d))(basis))
+            except RuntimeError as err:
+                if "ZeroTensors are immutable" not in str(err):
+                    raise
+                parts.append(vmap(lambda d: derivative(None, d))(self._embedded(name, basis)))
+        return torch.cat(parts)
+
+    def _embedded(self, name: str, basis: Tensor) -> dict[str, Tensor]:
+        """Directions ``basis`` (m, *shape) of tensor ``name`` as tangents of all parameters (zeros elsewhere)."""
+        return {n: basis if n == name else p.new_zeros((basis.shape[0], *p.shape)) for n, p in self.view.params.items()}
 
     def hessian_columns(self, batch: Batch, w: Tensor, columns: Tensor) -> Tensor:
         view = self.view
 
-        def column(name: str, d: Tensor) -> Tensor:
-            def gradient(value: Tensor) -> Tensor:
+        def column(name: str | None, d: object) -> Tensor:
+            def gradient(value: object) -> Tensor:
                 g = grad(lambda p: (w * view.functional(p, batch)).sum())(self._with(name, value))
                 return view.flatten_params(g)
 
-            return jvp(gradient, (view.params[name],), (d,))[1]
+            return jvp(gradient, (self._at(name),), (d,))[1]
 
         return self._along_each_tensor(columns, column)
 
     def output_hessian_diagonals(self, batch: Batch, columns: Tensor) -> Tensor:
         view = self.view
 
-        def second(name: str, d: Tensor) -> Tensor:
-            def first(value: Tensor) -> Tensor:
+        def second(name: str | None, d: object) -> Tensor:
+            def first(value: object) -> Tensor:
                 return jvp(lambda v: view.functional(self._with(name, v), batch), (value,), (d,))[1]
 
-            return jvp(first, (view.params[name],), (d,))[1]
+            return jvp(first, (self._at(name),), (d,))[1]
 
         return self._along_each_tensor(columns, second)
 
@@ -135,8 +157,8 @@ class FunctionalBackend(Backend):
         view = self.view
         arg_dims, kw_dims = sample_dims(batch)
 
-        def column(name: str, d: Tensor) -> Tensor:
-            def jacobians(value: Tensor) -> Tensor:
+        def column(name: str | None, d: object) -> Tensor:
+            def jacobians(value: object) -> Tensor:
                 def single(args: tuple, kwargs: dict) -> Tensor:
                     one = one_sample(batch, args, kwargs)
                     jac = jacrev(lambda p: view.functional(p, one).squeeze(0))(self._with(name, value))
@@ -144,6 +166,6 @@ class FunctionalBackend(Backend):
 
                 return vmap(single, in_dims=(arg_dims, kw_dims))(batch.args, batch.kwargs)
 
-            return jvp(jacobians, (view.params[name],), (d,))[1]
+            return jvp(jacobians, (self._at(name),), (d,))[1]
 
         return self._along_each_tensor(columns, column)

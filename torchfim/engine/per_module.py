@@ -453,7 +453,9 @@ class PerModuleBackend(Backend):
 
     # ------------------------------------------------------------------ second order
     def _units(self, batch: Batch) -> UnitHessians:
-        return UnitHessians(self.view, batch, self.dense_layers(self.record(batch)))
+        curved = self.curved(batch)
+        layers = [(r, c) for r, c in self.dense_layers(self.record(batch)) if set(r.params.values()) & set(curved)]
+        return UnitHessians(self.view, batch, layers, curved)
 
     def dense_layers(self, rec: ModuleRecording) -> list[tuple[Rule, Call]]:
         """Calls of dense Linear layers whose parameters are used by that call only (factor by unit)."""

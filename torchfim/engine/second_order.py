@@ -20,18 +20,23 @@ from .view import ModelView
 
 
 class UnitHessians:
-    """The factorable layers of one batch and, computed on first use, their unit Hessian diagonals."""
+    """The factorable layers of one batch and, computed on first use, their unit Hessian diagonals.
 
-    def __init__(self, view: ModelView, batch: Batch, layers: list[tuple[Rule, Call]]) -> None:
+    ``layers`` are the dense layers with a curved parameter (see :meth:`.Backend.curved`).
+    """
+
+    def __init__(self, view: ModelView, batch: Batch, layers: list[tuple[Rule, Call]], curved: list[int]) -> None:
         self.view = view
         self.batch = batch
         self.layers = layers
+        self.curved = curved  # the parameters whose own second derivatives may be nonzero
         self.inputs = [as_float(rule.unit_input(call).detach()) for rule, call in self.layers]  # a⁴, float16
         self.factored = {i for rule, _ in self.layers for i in rule.params.values()}
         self._diagonals: list[Tensor] | None = None
 
     def unfactored(self) -> list[int]:
-        return [i for i in range(len(self.view.layout.names)) if i not in self.factored]
+        """The curved parameters outside the factorable layers."""
+        return [i for i in self.curved if i not in self.factored]
 
     def diagonals(self) -> list[Tensor]:
         """Per layer ``∂²o_c(xᵢ)/∂z_u²``: ``(B, C, out)``."""
