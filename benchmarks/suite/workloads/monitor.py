@@ -1,9 +1,4 @@
-"""The monitoring workload: SGD training with ``torchfim.train.FisherTraceMonitor(every=10)`` against plain training.
-
-Drop-in for ``benchmarks/suite/workloads/monitor.py`` (written by the train helper for the lead;
-register ``"monitor-every10-mlp": build_monitor`` in ``WORKLOADS`` and the contender names in
-``CONTENDERS``).
-"""
+"""The monitoring workload: SGD training with ``torchfim.train.FisherTraceMonitor(every=10)`` against plain training."""
 
 from __future__ import annotations
 
