@@ -205,6 +205,21 @@ def test_overflowing_samples_needed_is_an_error_not_zero() -> None:
     assert "is zero" not in str(info.value)
 
 
+def _curved_overflow_case() -> tuple[nn.Module, torch.Tensor]:
+    """:func:`_overflow_case` with a tanh layer after it: second derivatives that do not vanish."""
+    model, x = _overflow_case()
+    return nn.Sequential(model, nn.Tanh(), nn.Linear(3, 3)), x
+
+
+def test_a_linear_models_hessian_variance_is_zero_where_its_jacobian_overflows() -> None:
+    """Î2 of a linear model does not depend on the labels: its variance is exactly 0, with no second
+    derivative computed (they vanish), so nothing overflows."""
+    model, x = _overflow_case()
+    for value in (torchfim.fisher_variance(model, x, family="gaussian", estimator="hessian", structure="diag"),
+                  torchfim.variance_bound(model, x, family="gaussian", estimator="hessian")):
+        assert torch.equal(value, torch.zeros_like(value))
+
+
 @pytest.mark.parametrize("family", ["gaussian", "categorical"])
 @pytest.mark.parametrize(
     "call",
@@ -218,7 +233,7 @@ def test_overflowing_samples_needed_is_an_error_not_zero() -> None:
     ids=["var-score-diag", "var-score-trace", "var-hessian-diag", "bound-score", "bound-hessian"],
 )
 def test_overflowing_variances_are_an_error(family: str, call) -> None:
-    model, x = _overflow_case()
+    model, x = _curved_overflow_case()
     with pytest.raises(TorchfimError, match="non-finite"):
         call(model, x, family)
 

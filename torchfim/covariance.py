@@ -66,9 +66,9 @@ class ScoreHessianCovariance(StructureVisitor):
         self.engine.check_forward_over_forward()
         layout = self.engine.layout
         total: dict[int, Tensor] = {}
+        curved = set(self.engine.curved(self.rec.batch))  # the others have zero diagonals d_p
         for rows, piece in self.engine.jacobian_pieces(self.rec):
             sub, o = self.rec.batch.rows(rows), self.o[rows]
-            curved = set(self.engine.curved(sub))  # the others have zero diagonals d_p
             for i, columns in self.engine.direction_chunks(sub, [i for i in sorted(piece) if i in curved]):
                 g = piece[i]  # (b, C, size), the Jacobian columns j_p of parameter i
                 local = total.setdefault(i, g.new_zeros(layout.sizes[i]))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from ..structures import Blocks, Structure, Trace
+from ..structures import Structure, Trace
 from .batch import Batch
 from .directions import DirectionSweep
 from .linearity import linear_parameters
@@ -236,7 +236,7 @@ class Backend(ABC):
                 local[columns - self.layout.offsets[i]] = values
                 structure.add_diagonal(i, local, scale)
             return
-        kept = self.curved(batch) if isinstance(structure, Blocks) else None  # Full keeps the cross blocks
+        kept = self.curved(batch) if structure.product == "block_rows" else None  # Full keeps the cross blocks
         for _, columns in self.direction_chunks(batch, kept, what="Hessian columns"):
             structure.add_columns(columns, self.hessian_columns(batch, w, columns), scale)
 

@@ -29,6 +29,7 @@ would change its sets cannot be followed through the aliases, so then no paramet
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -115,15 +116,17 @@ class _Tracker(TorchFunctionMode):
     def __init__(self, index_of: dict[int, int]) -> None:
         super().__init__()
         self.index_of = index_of
-        self.known: dict[int, tuple[Tensor, Sets]] = {}  # id → (the tensor, kept alive so ids stay unique; sets)
-        self.viewed: dict[int, Tensor] = {}  # bases of the views made so far
+        # Weak references, so that the forward frees its activations as usual; a dead or different
+        # referent means the id was reused.
+        self.known: dict[int, tuple[weakref.ref, Sets]] = {}
+        self.viewed: dict[int, weakref.ref] = {}  # bases of the views made so far
         self.lost = False
 
     def sets(self, t: Tensor) -> Sets:
         if id(t) in self.index_of:
             return frozenset({self.index_of[id(t)]}), frozenset()
         entry = self.known.get(id(t))
-        return entry[1] if entry is not None and entry[0] is t else _EMPTY
+        return entry[1] if entry is not None and entry[0]() is t else _EMPTY
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> object:
         kwargs = kwargs or {}
@@ -152,9 +155,10 @@ class _Tracker(TorchFunctionMode):
         return frozenset(), frozenset().union(*(lin | non for lin, non in parts))
 
     def _assign(self, t: Tensor, result: Sets, in_place: bool) -> None:
-        if in_place and result != self.sets(t) and (t._base is not None or id(t) in self.viewed):
+        has_views = id(t) in self.viewed and self.viewed[id(t)]() is t
+        if in_place and result != self.sets(t) and (t._base is not None or has_views):
             self.lost = True  # the change reaches aliases this tracker cannot follow
         if t._base is not None:
-            self.viewed[id(t._base)] = t._base
+            self.viewed[id(t._base)] = weakref.ref(t._base)
         if id(t) not in self.index_of:
-            self.known[id(t)] = (t, result)
+            self.known[id(t)] = (weakref.ref(t), result)

@@ -454,7 +454,8 @@ class PerModuleBackend(Backend):
     # ------------------------------------------------------------------ second order
     def _units(self, batch: Batch) -> UnitHessians:
         curved = self.curved(batch)
-        layers = [(r, c) for r, c in self.dense_layers(self.record(batch)) if set(r.params.values()) & set(curved)]
+        kept = set(curved)
+        layers = [(r, c) for r, c in self.dense_layers(self.record(batch)) if kept.intersection(r.params.values())]
         return UnitHessians(self.view, batch, layers, curved)
 
     def dense_layers(self, rec: ModuleRecording) -> list[tuple[Rule, Call]]:
