@@ -90,6 +90,10 @@ def _scaled_relu(m, h, x):  # relu(a(x) ⊙ s): linear in a's parameters and in 
     return torch.relu(h * m.s)
 
 
+def _where_leaky(m, h, x):  # a leaky ReLU written with a comparison: piecewise linear
+    return torch.where(h > 0, h, 0.1 * h) + m.s
+
+
 def _divide(m, h, x):  # h / (1 + |h|): not linear
     return h / (1 + h.abs())
 
@@ -107,6 +111,7 @@ def _view_tanh(m, h, x):  # tanh applied in place through a view of h: the trace
 TRAPS = {
     "square": (_square, {"b.weight", "b.bias", "s"}, {"a.weight", "a.bias"}),
     "scaled_relu": (_scaled_relu, {"a.weight", "a.bias", "s", "b.weight", "b.bias"}, set()),
+    "where_leaky": (_where_leaky, {"a.weight", "a.bias", "s", "b.weight", "b.bias"}, set()),
     "divide": (_divide, {"b.weight", "b.bias"}, {"a.weight", "a.bias"}),
     "reused": (_reused, {"b.weight", "b.bias"}, {"a.weight"}),
     "view_tanh": (_view_tanh, set(), {"a.weight", "a.bias"}),

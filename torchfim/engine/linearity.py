@@ -15,7 +15,8 @@ sweeps: on a convolutional network they would take one forward-mode pass per par
 tracks, for every tensor made, the parameters it depends on linearly (``L``) and those it may
 depend on otherwise (``N``):
 
-* a parameter is ``L = {p}``; any other input (data, buffers, frozen weights) has empty sets;
+* a parameter is ``L = {p}``; any other input (data, buffers, frozen weights) has empty sets, and so
+  do detached tensors and piecewise-constant results (comparisons, signs, indices);
 * operations piecewise linear in all their tensors together (sums, selection, reshaping, pooling,
   ReLU and other kinks, Dropout) take the unions;
 * products linear in each tensor factor (``mul``, ``matmul``, ``linear``, convolutions,
@@ -68,8 +69,13 @@ addmm addmv addbmm baddbmm embedding batch_norm
 """.split())
 #: Division: linear in the numerator when the denominator carries no parameter.
 _DIVIDE = frozenset("div div_ divide true_divide __truediv__ __itruediv__".split())
-#: Results that carry no parameter at all.
-_CONSTANT = frozenset("detach detach_ zeros_like ones_like empty_like full_like rand_like randn_like".split())
+#: Results that carry no parameter (detached or fresh tensors), or are piecewise constant in every input
+#: (comparisons, signs, indices: zero derivatives almost everywhere).
+_CONSTANT = frozenset("""
+detach detach_ zeros_like ones_like empty_like full_like rand_like randn_like gt lt ge le eq ne greater less
+greater_equal less_equal __gt__ __lt__ __ge__ __le__ __eq__ __ne__ sign signbit argmax argmin argsort isnan isinf
+isfinite logical_not logical_and logical_or
+""".split())
 
 
 def linear_parameters(view: ModelView, batch: Batch) -> frozenset[int]:
@@ -144,15 +150,13 @@ class _Tracker(TorchFunctionMode):
             return _EMPTY
         if name in _JOINT:
             return _union(parts)
-        if name == "batch_norm" and kwargs.get("training", args[5] if len(args) > 5 else False):
-            return _union([(frozenset(), lin | non) for lin, non in parts])  # batch statistics: not linear
-        if name == "embedding" and kwargs.get("max_norm", args[3] if len(args) > 3 else None) is not None:
-            return frozenset(), frozenset().union(*(lin | non for lin, non in parts))  # renormalised rows
-        if name in _PRODUCT:
+        batch_statistics = name == "batch_norm" and kwargs.get("training", args[5] if len(args) > 5 else False)
+        renormalised = name == "embedding" and kwargs.get("max_norm", args[3] if len(args) > 3 else None) is not None
+        if name in _PRODUCT and not batch_statistics and not renormalised:
             return _product(parts)
         if name in _DIVIDE and all(not lin and not non for lin, non in parts[1:]):
             return _union(parts[:1])
-        return frozenset(), frozenset().union(*(lin | non for lin, non in parts))
+        return frozenset(), frozenset().union(*(lin | non for lin, non in parts))  # anything else: not linear
 
     def _assign(self, t: Tensor, result: Sets, in_place: bool) -> None:
         has_views = id(t) in self.viewed and self.viewed[id(t)]() is t
