@@ -30,7 +30,7 @@ def test_quotient_is_the_median_of_the_paired_calls_over_all_rounds(regression, 
     rounds = {"a": iter([slow, slow, ([2.0, 2.1, 2.0], [2.0, 2.0, 2.0])]),
               "b": itertools.repeat(([1.3, 1.3, 1.3], [1.0, 1.0, 1.0]))}
 
-    def one(tree: Path, name: str) -> dict[str, list[float]]:
+    def one(tree: Path, name: str, env: dict | None = None) -> dict[str, list[float]]:
         now, before = next(rounds[name])
         return {"floor": [0.5] * 3, "now": [0.5 * t for t in now], "before": [0.5 * t for t in before]}
 
@@ -42,6 +42,22 @@ def test_quotient_is_the_median_of_the_paired_calls_over_all_rounds(regression, 
     table = regression.markdown(results, "abc", 3)
     assert "| `a` | 6.00, 6.00, 2.00 | 2.20, 2.20, 2.00 | 1.05 [1.00, 2.73], 9 | met |" in table
     assert "| `b` |" in table and "1.30 [1.30, 1.30], 9 | **missed** |" in table
+
+
+def test_fixed_malloc_reaches_every_worker_and_the_table(regression, monkeypatch) -> None:
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(kwargs["env"])
+        return type("Done", (), {"stdout": '{"floor": [1.0], "now": [2.0], "before": [2.0]}'})()
+
+    monkeypatch.setattr(regression, "export", lambda commit, into: into)
+    monkeypatch.setattr(regression.subprocess, "run", fake_run)
+    results = regression.compare("abc", 2, ["a"], regression.FIXED_MALLOC)
+    assert len(seen) == 2 and all(env[k] == v for env in seen for k, v in regression.FIXED_MALLOC.items())
+    assert "`MALLOC_TRIM_THRESHOLD_=1073741824`" in regression.markdown(results, "abc", 2, regression.FIXED_MALLOC)
+    regression.compare("abc", 1, ["a"])
+    assert seen[-1] is None  # without the option the worker inherits the environment as it is
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 9, 10, 20, 41])
