@@ -18,6 +18,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 from ..errors import TorchfimError
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
+from .view import ModelView
 
 
 def sample_dims(batch: Batch) -> tuple[tuple[int | None, ...], dict[str, int | None]]:
@@ -41,6 +42,10 @@ class FunctionalBackend(Backend):
     """Per-sample products of the whole model through ``torch.func``."""
 
     name = "functional"
+
+    def __init__(self, view: ModelView) -> None:
+        super().__init__(view)
+        self._along_theta: set[str] = set()  # tensors whose directions need tangents over all of θ
 
     def record(self, batch: Batch) -> Recording:
         with torch.no_grad():
@@ -118,12 +123,15 @@ class FunctionalBackend(Backend):
         """
         parts = []
         for name, basis in self._tensor_directions(columns):
-            try:
-                parts.append(vmap(lambda d, n=name: derivative(n, d))(basis))
-            except RuntimeError as err:
-                if "ZeroTensors are immutable" not in str(err):
-                    raise
-                parts.append(vmap(lambda d: derivative(None, d))(self._embedded(name, basis)))
+            if name not in self._along_theta:  # once refused, not tried again
+                try:
+                    parts.append(vmap(lambda d, n=name: derivative(n, d))(basis))
+                    continue
+                except RuntimeError as err:
+                    if "ZeroTensors are immutable" not in str(err):
+                        raise
+                    self._along_theta.add(name)
+            parts.append(vmap(lambda d: derivative(None, d))(self._embedded(name, basis)))
         return torch.cat(parts)
 
     def _embedded(self, name: str, basis: Tensor) -> dict[str, Tensor]:
