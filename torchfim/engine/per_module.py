@@ -28,6 +28,7 @@ from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, owns_subtree, rule_for, tensors_of
 from .modules.base import as_float
 from .modules.generic import batch_dim
+from .pullback import Consumer, consumable, pull_back
 from .second_order import UnitHessians
 from .view import PARAMETERS_CHANGED, ModelView
 
@@ -45,6 +46,10 @@ GROUP_ELEMENTS = 2**22
 #: transformer's 256 sequences (24 M) in 2 groups 0.98; budgets of 2²², 2²³ and 2²⁵ gave 0.89, 0.83
 #: and 0.89 on the ResNet.
 ROW_GROUP_ELEMENTS = 2**24
+#: Numbers the taps of one vector's pull-back hold, from which :meth:`PerModuleBackend._walk` hands the
+#: sensitivities to the rules during the backward instead of keeping them all until it ends (below
+#: it, the hooks' cost is not won back). The benchmark ResNet's taps hold 38 M, the transformer's 24 M.
+STREAM_ELEMENTS = 2**22
 #: Per user model and per sample signature (Batch.signature): numbers its taps hold per sample.
 _PER_SAMPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -263,35 +268,24 @@ class PerModuleBackend(Backend):
         return self.view.model, name
 
     # --------------------------------------------------------------- sensitivities
-    def _sensitivities(self, rec: ModuleRecording, v: Tensor) -> list[list[Tensor | None]]:
-        """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)`` (None where the vectors do not reach)."""
+    def _sensitivities(self, rec: ModuleRecording, v: Tensor,
+                       consumers: dict[int, Consumer] | None = None) -> list[list[Tensor | None]]:
+        """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)`` (None where the vectors do not reach);
+        the calls of ``consumers`` get theirs handed over during the backward (:func:`.pullback.pull_back`)."""
         try:
-            return self._pull_back(rec, v)
+            return pull_back(rec.output, [call for _, call in rec.calls], v, consumers)
         except RuntimeError as err:  # autograd saw a parameter updated in place since the forward
             if "modified by an inplace operation" in str(err):
                 raise TorchfimError(PARAMETERS_CHANGED) from None
             raise
 
-    def _pull_back(self, rec: ModuleRecording, v: Tensor) -> list[list[Tensor | None]]:
-        taps = [t for _, call in rec.calls for t in call.taps]
-        if not taps:
-            return [[] for _ in rec.calls]
-        if v.shape[1] == 1:
-            grads = torch.autograd.grad(rec.output, taps, v[:, 0], retain_graph=True, allow_unused=True)
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]
-        else:
-            try:
-                grads = torch.autograd.grad(rec.output, taps, v.transpose(0, 1).contiguous(),
-                                            is_grads_batched=True, retain_graph=True, allow_unused=True)
-            except RuntimeError:  # an op without a batching rule: one backward per vector
-                per_vector = [torch.autograd.grad(rec.output, taps, v[:, j], retain_graph=True, allow_unused=True)
-                              for j in range(v.shape[1])]
-                grads = [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_vector)]
-        out, k = [], 0
-        for _, call in rec.calls:
-            out.append(list(grads[k : k + len(call.taps)]))
-            k += len(call.taps)
-        return out
+    def _streamed(self, rec: ModuleRecording) -> set[int]:
+        """Single-use calls whose sensitivities :meth:`_walk` consumes during the backward, one vector at a
+        time: all it can take where the taps hold at least :data:`STREAM_ELEMENTS` numbers per vector."""
+        if sum(t.numel() for _, call in rec.calls for t in call.taps) < STREAM_ELEMENTS:
+            return set()
+        calls = [call for _, call in rec.calls]
+        return {k for k in consumable(calls) if self._single(rec.calls[k][0])}
 
     def _groups(self, rec: ModuleRecording, m: int, whole: bool) -> Iterator[slice]:
         per_vector = sum(t.numel() for _, call in rec.calls for t in call.taps)
@@ -342,9 +336,20 @@ class PerModuleBackend(Backend):
         """Every call's products for ``v``: a rule's shortcut ``fast`` where it has one and the call is
         its parameters' only use (``on_fast(vecs, result)``), else per-sample gradients in chunks
         (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first."""
+        streamed = self._streamed(rec)
         for vecs in self._groups(rec, v.shape[1], False):
             m = vecs.stop - vecs.start
-            sens = self._sensitivities(rec, v[:, vecs])
+
+            def visit(rule: Rule, call: Call, s: list, vecs: slice = vecs, m: int = m) -> None:
+                result = fast(rule, call, s)
+                if result is not None:
+                    on_fast(vecs, result)
+                    return
+                for rows, grads in self._single_chunks(rule, call, s, m):
+                    on_grads(rows, vecs, grads)
+
+            consumers = {k: _handed_to(visit, *rec.calls[k]) for k in streamed} if m == 1 else {}
+            sens = self._sensitivities(rec, v[:, vecs], consumers)
             shared: set[int] = set()
             for (rule, call), s in zip(rec.calls, sens):
                 if not s or s[0] is None:
@@ -352,12 +357,7 @@ class PerModuleBackend(Backend):
                 if not self._single(rule):
                     shared.update(rule.params.values())
                     continue
-                result = fast(rule, call, s)
-                if result is not None:
-                    on_fast(vecs, result)
-                    continue
-                for rows, grads in self._single_chunks(rule, call, s, m):
-                    on_grads(rows, vecs, grads)
+                visit(rule, call, s)
             if shared:  # parameters of several calls: their gradients are summed before squaring
                 step = self._row_step(m, CHUNK_ELEMENTS, shared)
                 for start in range(0, rec.batch.size, step):
@@ -479,6 +479,11 @@ class PerModuleBackend(Backend):
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
         return self.functional.output_hessian_columns(batch, columns)
+
+
+def _handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:
+    """A consumer that gives one vector's tap gradient ``(B, *tap)`` to ``visit`` as the call's sensitivities."""
+    return lambda g: visit(rule, call, [g.unsqueeze(0)])
 
 
 def _batched(call: Call) -> bool:

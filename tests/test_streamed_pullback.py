@@ -1,0 +1,121 @@
+"""Sensitivities handed to the rules during the backward (``engine/pullback.py``).
+
+Where one vector's pull-back records at least ``per_module.STREAM_ELEMENTS`` numbers, the diagonal
+and trace products take each single-use call's sensitivity from a hook on its tap as the backward
+reaches it, instead of from the gradients autograd returns at the end. The shared case list is far
+below that size, so the budget is forced to 0 here: every case must then give the brute-force
+oracles' values, with the hooks actually doing the work (one vector at a time, as on large models:
+the group budget ``per_module.GROUP_ELEMENTS`` is forced down too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES
+from oracles import flat_function
+from test_engine_oracles import IDS, PAIRS, _close, _kwargs, _oracle, _view
+from torch.func import jacrev
+
+import torchfim
+from torchfim.engine import per_module, pullback
+from torchfim.engine.batch import make_batch
+from torchfim.engine.modules import Call
+from torchfim.engine.session import engine_pass
+
+
+@pytest.fixture
+def consumed(monkeypatch) -> list[int]:
+    """Stream every recording, one vector at a time; the list collects, per pull-back, how many calls
+    were consumed."""
+    counts: list[int] = []
+    original = pullback._consumed
+
+    def spy(output, calls, v, consumers):
+        counts.append(len(consumers))
+        return original(output, calls, v, consumers)
+
+    monkeypatch.setattr(per_module, "STREAM_ELEMENTS", 0)
+    monkeypatch.setattr(per_module, "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(pullback, "_consumed", spy)
+    return counts
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
+@pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
+def test_exact_diagonal_and_trace_from_consumed_sensitivities_equal_the_oracle(case, family, consumed) -> None:
+    res = _oracle(case, family)
+    for structure in ("diag", "trace"):
+        consumed.clear()
+        got = torchfim.fisher(res["model"], res["x"], family=family, structure=structure, backend="modules",
+                              **_kwargs(case, res))
+        _close(got, _view(res["exact"], structure, res["model"]), 1e-10)
+        assert consumed and all(k > 0 for k in consumed), consumed
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_per_sample_squared_norms_from_consumed_sensitivities_equal_brute_force(case, consumed) -> None:
+    """``‖Jᵢᵀ v_ij‖²`` (the monitor's products) against float64 Jacobians from ``torch.func.jacrev``."""
+    model = case.build(3)
+    x = case.inputs(5)
+    f, theta = flat_function(model)
+    jac = jacrev(lambda th: f(th, x))(theta)  # (n, outputs, P)
+    v = torch.randn(5, 2, jac.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with engine_pass(model, "modules") as p:
+        rec = p.backend.record(make_batch(x, None, p.view.device, p.view.dtype))
+        got = p.backend.sample_squares(rec, v)
+    want = torch.einsum("nop,nmo->nmp", jac, v).square().sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert len(consumed) == 2 and all(k > 0 for k in consumed), consumed
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
+@pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
+def test_score_estimates_are_the_same_streamed_or_not(case, family, monkeypatch) -> None:
+    """One label per input drawn from the same generator: the same numbers either way (the score
+    estimator's products go through the same one-vector pull-back)."""
+    res = _oracle(case, family)
+
+    def score(structure: str) -> torch.Tensor:
+        return torchfim.fisher(res["model"], res["x"], family=family, estimator="score", structure=structure,
+                               backend="modules", generator=torch.Generator().manual_seed(5), **_kwargs(case, res))
+
+    kept = {s: score(s) for s in ("diag", "trace")}
+    monkeypatch.setattr(per_module, "STREAM_ELEMENTS", 0)
+    for structure, want in kept.items():
+        torch.testing.assert_close(score(structure), want, rtol=1e-12, atol=1e-14)
+
+
+class _TwoBranches(torch.nn.Module):
+    """``x → a → tanh → b`` plus ``x → c``: the taps of ``a`` and ``c`` have no tap below them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x))) + self.c(x)
+
+
+def test_the_taps_asked_for_are_those_with_no_tap_below_them() -> None:
+    model = _TwoBranches().double()
+    taps = {}
+    handles = [m.register_forward_hook(lambda m, i, o, name=name: taps.__setitem__(name, o))
+               for name, m in model.named_children()]
+    out = model(torch.randn(5, 3, dtype=torch.float64))
+    for h in handles:
+        h.remove()
+    nodes = {t.grad_fn for t in taps.values()}
+    roots = pullback._without_tap_below([taps["a"], taps["b"], taps["c"]], nodes)
+    assert [id(t) for t in roots] == [id(taps["a"]), id(taps["c"])]
+    # Each call's consumer gets exactly autograd's gradient of its tap.
+    calls = [Call(model, (), {}, [taps[n]], 5) for n in ("a", "b", "c")]
+    v = torch.randn(5, 1, 2, dtype=torch.float64)
+    got: dict[int, torch.Tensor] = {}
+    result = pullback.pull_back(out, calls, v, {0: lambda g: got.__setitem__(0, g), 2: lambda g: got.__setitem__(2, g)})
+    want = torch.autograd.grad(out, [taps["a"], taps["b"], taps["c"]], v[:, 0], retain_graph=True)
+    assert result[0] == [None] and result[2] == [None]
+    torch.testing.assert_close(result[1][0][0], want[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
