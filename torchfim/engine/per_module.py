@@ -250,12 +250,11 @@ class PerModuleBackend(Backend):
         ``(1, T)`` shared by every sample): their per-sample gradients need the module above."""
         if rec.batch.size < 2:
             return []
+        unbatched = [rule for rule, call in rec.calls if not _batched(call)]
+        if not unbatched:  # the usual case: no walk over the model's parameters for their names
+            return []
         names = {id(p): n for n, p in self.view.model.named_parameters()}
-        out = []
-        for rule, call in rec.calls:
-            if not _batched(call):
-                out.extend(names[id(p)] for n, p in rule.module.named_parameters() if n in rule.params)
-        return out
+        return [names[id(p)] for rule in unbatched for n, p in rule.module.named_parameters() if n in rule.params]
 
     def _nearest_called(self, name: str, called: set[nn.Module]) -> tuple[nn.Module, str]:
         """The closest module above parameter ``name`` that the forward called, and the local name."""
