@@ -61,6 +61,8 @@ class ModuleRecording(Recording):
     def __init__(self, batch: Batch, output: Tensor, shape: torch.Size, calls: list[tuple[Rule, Call]]) -> None:
         super().__init__(batch, output, shape)
         self.calls = calls
+        #: Numbers one vector's pull-back records: the taps of every call.
+        self.tap_elements = sum(t.numel() for _, call in calls for t in call.taps)
 
 
 class PerModuleBackend(Backend):
@@ -188,7 +190,7 @@ class PerModuleBackend(Backend):
                 probe = self._record(batch.rows(slice(0, rows)), clone=False)
             except Exception:  # noqa: BLE001 - the whole batch's recording, next, raises it with its own message
                 return None
-            known[key] = sum(t.numel() for _, call in probe.calls for t in call.taps) / rows
+            known[key] = probe.tap_elements / rows
         return known[key]
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
@@ -282,14 +284,13 @@ class PerModuleBackend(Backend):
     def _streamed(self, rec: ModuleRecording) -> set[int]:
         """Single-use calls whose sensitivities :meth:`_walk` consumes during the backward, one vector at a
         time: all it can take where the taps hold at least :data:`STREAM_ELEMENTS` numbers per vector."""
-        if sum(t.numel() for _, call in rec.calls for t in call.taps) < STREAM_ELEMENTS:
+        if rec.tap_elements < STREAM_ELEMENTS:
             return set()
         calls = [call for _, call in rec.calls]
         return {k for k in consumable(calls) if self._single(rec.calls[k][0])}
 
     def _groups(self, rec: ModuleRecording, m: int, whole: bool) -> Iterator[slice]:
-        per_vector = sum(t.numel() for _, call in rec.calls for t in call.taps)
-        step = m if whole else max(1, GROUP_ELEMENTS // max(1, per_vector))
+        step = m if whole else max(1, GROUP_ELEMENTS // max(1, rec.tap_elements))
         for start in range(0, m, step):
             yield slice(start, min(m, start + step))
 
