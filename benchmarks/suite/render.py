@@ -130,8 +130,12 @@ def _targets(main: dict, details: dict, md_path: Path, plot_files: dict[str, str
     out: list[str] = []
     out.append("## Targets\n")
     out.append("Ratios of medians from the table above (`n/a`: a contender it needs is missing from this "
-               "run).\n")
-    out.append("| target | this run | limit | status |\n| --- | --- | --- | --- |")
+               "run). `passes alone`: the same ratio for the `arithmetic` contender of the workload, which runs "
+               "the passes the method cannot do without (one forward and C − 1 backward passes for an exact "
+               "diagonal; two forwards and two backwards per step for the finite-difference penalty) as plain "
+               "autograd calls: what the target's limit leaves for everything else (benchmarks/README.md, cost "
+               "model).\n")
+    out.append("| target | this run | limit | status | passes alone |\n| --- | --- | --- | --- | --- |")
     footnotes = []
     for t in details.get("targets", []):
         limit = ("< " if t["strict"] else "≤ ") + f"{t['limit']:g}{t['unit']}"
@@ -140,7 +144,9 @@ def _targets(main: dict, details: dict, md_path: Path, plot_files: dict[str, str
         if t.get("note"):
             footnotes.append(t["note"])
             mark_note = f" [{len(footnotes)}]"
-        out.append(f"| {t['target']}{mark_note} | {fmt_value(t)} | {limit} | {mark} |")
+        passes = t.get("passes")
+        alone = "" if passes is None else f"{passes:.2f}{t['unit']}"
+        out.append(f"| {t['target']}{mark_note} | {fmt_value(t)} | {limit} | {mark} | {alone} |")
     out.append("")
     for i, note in enumerate(footnotes, 1):
         out.append(f"[{i}] {note}  ")

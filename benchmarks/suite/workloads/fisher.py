@@ -7,6 +7,7 @@ from torch import nn
 
 import torchfim
 
+from ..arithmetic import EXACT_NOTE, backward_passes
 from ..config import Config
 from ..labels import torchfim_labels
 from ..models import Data, arch, load_data, make_mlp, model_for, num_params
@@ -60,6 +61,8 @@ def build_exact(cfg: Config, status: dict, kind: str, which: str) -> Workload:
                      "nngeometry: FIM(variant='classif_logits') in PMatDense")
     elif kind == "diag-exact":
         notes.append("BackPACK: DiagGGNExact; nngeometry: FIM(variant='classif_logits') in PMatDiag")
+        if which == "cnn":  # a dense layer needs no per-sample product, so the MLP's has no such reference
+            notes.append(EXACT_NOTE)
     else:
         notes.append("BackPACK: sum of DiagGGNExact; nngeometry: FIM(variant='classif_logits') in "
                      "PMatDiag, .trace()")
@@ -67,5 +70,6 @@ def build_exact(cfg: Config, status: dict, kind: str, which: str) -> Workload:
     return Workload(f"{kind}-{suffix}", desc, num_params(model),
                     [floor_contender(model, data),
                      _torchfim_contender(model, data, estimator="exact", structure=structure),
+                     *([backward_passes(model, data)] if kind == "diag-exact" and which == "cnn" else []),
                      *others],
                     notes=notes, left_out=left_out)

@@ -11,6 +11,7 @@ import torchfim
 import torchfim.families
 
 from ..agreement import rel_error
+from ..arithmetic import PENALTY_NOTE, penalty_passes
 from ..config import Config
 from ..models import model_for, num_params
 from ..workload import Contender, Runner, Workload
@@ -96,7 +97,8 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
                                        "labels drawn from the same seeded generator")
 
     return Workload("penalty-step-mlp", desc, num_params(base),
-                    [_step_contender(name, kw, base, data, cfg) for name, kw in PENALTY_CONTENDERS.items()],
+                    [*(_step_contender(name, kw, base, data, cfg) for name, kw in PENALTY_CONTENDERS.items()),
+                     penalty_passes(base, data, cfg, 1), penalty_passes(base, data, cfg, 10)],
                     ratio_to="plain", check=check,
                     notes=[(f"one SGD step (lr {cfg.lr}) on a mini-batch of {cfg.batch_size}, seconds per step as the "
                             f"mean over {cfg.penalty_steps} consecutive steps (cycling through the mini-batches); "
@@ -106,4 +108,5 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
                             "steps); torchfim-fd and torchfim-fd-every10: grad_method='finite_difference' through "
                             "pen.penalised_loss(x, task_loss) (the task loss and the penalty share the forward at "
                             "θ + εĝ: two forwards and two backwards per computed step), torchfim-fd-term: the same "
-                            "penalty as a separate term, cross_entropy(model(x), y) + pen(x); ratios are to 'plain'")])
+                            "penalty as a separate term, cross_entropy(model(x), y) + pen(x); ratios are to 'plain'"),
+                           PENALTY_NOTE])

@@ -13,6 +13,7 @@ from torch import nn
 
 import torchfim
 
+from ..arithmetic import EXACT_NOTE, backward_passes
 from ..config import Config
 from ..labels import torchfim_labels
 from ..models import num_params
@@ -87,6 +88,10 @@ def build_reach(cfg: Config, status: dict, kind: str, which: str) -> Workload:
 
     notes = [(f"torchfim.fisher(estimator={estimator!r}, structure='diag', n_samples=1), per-module backend; "
               "checked against backend='functional' on the same labels")]
+    reference = []
+    if estimator == "exact":
+        reference = [backward_passes(model, data)]
+        notes.append(EXACT_NOTE)
     return Workload(f"diag-{kind}-{which}", desc, num_params(model),
-                    [_floor(model, data), Contender("torchfim", make), *others], check=check, notes=notes,
-                    left_out=left_out)
+                    [_floor(model, data), Contender("torchfim", make), *reference, *others], check=check,
+                    notes=notes, left_out=left_out)
