@@ -19,7 +19,7 @@ def suite():
     sys.path.insert(0, str(BENCH))
     try:
         yield {name: importlib.import_module(f"suite.{name}")
-               for name in ("arithmetic", "config", "models", "render", "targets")}
+               for name in ("arithmetic", "config", "models", "render", "targets", "workloads.penalty")}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -71,7 +71,7 @@ def test_exact_reference_is_one_forward_and_c_minus_1_backwards_per_batch(suite,
 def test_penalty_reference_runs_the_finite_difference_passes(suite, every, forwards, backwards):
     cfg = suite["config"].Config(penalty_steps=10, lr=0.1)
     base, data = _mlp(3), _data(suite, 4, 3)
-    contender = suite["arithmetic"].penalty_passes(base, data, cfg, every)
+    contender = suite["workloads.penalty"]._passes_contender(every, base, data, cfg)
     assert contender.name == ("arithmetic" if every == 1 else f"arithmetic-every{every}")
     assert contender.per_call == 10 and not contender.compare
     counter = _Counter(base)

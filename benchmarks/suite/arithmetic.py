@@ -19,18 +19,17 @@ passes already take (the cost model of ``benchmarks/README.md``, measured instea
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config
 from .models import Data
 from .reach_models import ReachData
 from .workload import Contender, Runner
 
-__all__ = ["backward_passes", "penalty_passes", "EXACT_NOTE", "PENALTY_NOTE"]
+__all__ = ["backward_passes", "PenaltyPasses", "EXACT_NOTE", "PENALTY_NOTE"]
 
 #: The report's notes on the two kinds of reference.
 EXACT_NOTE = ("arithmetic: one forward and C − 1 = 9 backward passes of the summed NLL per mini-batch (graph "
@@ -39,9 +38,9 @@ PENALTY_NOTE = ("arithmetic: the finite-difference penalty's passes alone, two f
                 "step; arithmetic-every10: two forwards and three backwards once in ten steps, plain steps between")
 
 
-def _nll(out: Tensor, y: Tensor, reduction: str = "sum") -> Tensor:
-    """Cross-entropy of outputs ``(B, C)`` or ``(B, T, C)`` (one label per position)."""
-    return F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction=reduction)
+def _nll(out: Tensor, y: Tensor) -> Tensor:
+    """Summed cross-entropy of outputs ``(B, C)`` or ``(B, T, C)`` (one label per position)."""
+    return F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction="sum")
 
 
 def backward_passes(model: nn.Module, data: Data | ReachData) -> Contender:
@@ -64,34 +63,24 @@ def backward_passes(model: nn.Module, data: Data | ReachData) -> Contender:
     return Contender("arithmetic", make, compare=False)
 
 
-def penalty_passes(base: nn.Module, data: Data, cfg: Config, every: int) -> Contender:
-    """``arithmetic`` (``every=1``) or ``arithmetic-every<every>``: ``cfg.penalty_steps`` SGD steps
-    per call with the finite-difference penalty's passes and none of its other work (see above)."""
+class PenaltyPasses:
+    """Stands in for ``FisherPenalty`` in the SGD loop of ``penalty-step-mlp`` (its ``penalised_loss``):
+    the finite-difference penalty's passes on the task loss, and none of the penalty's other work.
 
-    def make() -> Runner:
-        model = copy.deepcopy(base)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=cfg.lr)
-        state = {"step": 0}
+    On a step ``step % every == 0``: a forward and a backward for ``g`` (no graph kept), then the
+    step's forward, whose loss the loop back-propagates; with ``every > 1`` also one backward through
+    that forward for the penalty's own gradient (cached by the real penalty). Other steps: plain.
+    """
 
-        def run() -> None:
-            for _ in range(cfg.penalty_steps):
-                step = state["step"]
-                x = data.batches[step % len(data.batches)]
-                y = data.targets[step % len(data.targets)]
-                opt.zero_grad(set_to_none=True)
-                if step % every == 0:
-                    torch.autograd.grad(_nll(model(x), y, "mean"), params)  # g, no graph kept
-                    loss = _nll(model(x), y, "mean")
-                    if every > 1:  # the penalty's own gradient, cached for the steps between
-                        torch.autograd.grad(loss, params, retain_graph=True)
-                else:
-                    loss = _nll(model(x), y, "mean")
-                loss.backward()
-                opt.step()
-                state["step"] = step + 1
+    def __init__(self, model: nn.Module, every: int) -> None:
+        self.model, self.every = model, every
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
-        return run
-
-    name = "arithmetic" if every == 1 else f"arithmetic-every{every}"
-    return Contender(name, make, compare=False, per_call=cfg.penalty_steps)
+    def penalised_loss(self, x: Tensor, task_loss: Callable[[Tensor], Tensor], step: int) -> Tensor:
+        if step % self.every:
+            return task_loss(self.model(x))
+        torch.autograd.grad(task_loss(self.model(x)), self.params)  # g
+        loss = task_loss(self.model(x))
+        if self.every > 1:
+            torch.autograd.grad(loss, self.params, retain_graph=True)
+        return loss

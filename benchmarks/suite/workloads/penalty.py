@@ -11,7 +11,7 @@ import torchfim
 import torchfim.families
 
 from ..agreement import rel_error
-from ..arithmetic import PENALTY_NOTE, penalty_passes
+from ..arithmetic import PENALTY_NOTE, PenaltyPasses
 from ..config import Config
 from ..models import model_for, num_params
 from ..workload import Contender, Runner, Workload
@@ -49,6 +49,18 @@ def _step_contender(name: str, penalty: dict | None, base, data, cfg: Config) ->
         return sgd_steps(model, pen, data, cfg, shared)
 
     return Contender(name, make, compare=False, per_call=steps)
+
+
+def _passes_contender(every: int, base, data, cfg: Config) -> Contender:
+    """``arithmetic`` (every=1) or ``arithmetic-every<every>``: the same SGD steps with the
+    finite-difference penalty's passes alone (:class:`~suite.arithmetic.PenaltyPasses`)."""
+
+    def make() -> Runner:
+        model = copy.deepcopy(base)
+        return sgd_steps(model, PenaltyPasses(model, every), data, cfg, shared=True)
+
+    name = "arithmetic" if every == 1 else f"arithmetic-every{every}"
+    return Contender(name, make, compare=False, per_call=cfg.penalty_steps)
 
 
 def sgd_steps(model: torch.nn.Module, pen, data, cfg: Config, shared: bool = False) -> Runner:
@@ -98,7 +110,7 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
 
     return Workload("penalty-step-mlp", desc, num_params(base),
                     [*(_step_contender(name, kw, base, data, cfg) for name, kw in PENALTY_CONTENDERS.items()),
-                     penalty_passes(base, data, cfg, 1), penalty_passes(base, data, cfg, 10)],
+                     *(_passes_contender(every, base, data, cfg) for every in (1, 10))],
                     ratio_to="plain", check=check,
                     notes=[(f"one SGD step (lr {cfg.lr}) on a mini-batch of {cfg.batch_size}, seconds per step as the "
                             f"mean over {cfg.penalty_steps} consecutive steps (cycling through the mini-batches); "
