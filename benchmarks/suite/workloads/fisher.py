@@ -54,7 +54,7 @@ def build_exact(cfg: Config, status: dict, kind: str, which: str) -> Workload:
     model, data, desc = model_for(cfg, which)
     structure = kind.split("-")[0]
     others, left_out = peer_contenders(kind, model, data, data.targets, status)
-    notes = []
+    notes, reference = [], []
     if kind == "full-exact":
         notes.append("curvlinops: GGNLinearOperator(check_deterministic=False, num_data=n) @ eye(P), the "
                      "operator built inside the timed call; BackPACK: SqrtGGNExact factors S, Σ SᵀS / n; "
@@ -63,6 +63,7 @@ def build_exact(cfg: Config, status: dict, kind: str, which: str) -> Workload:
         notes.append("BackPACK: DiagGGNExact; nngeometry: FIM(variant='classif_logits') in PMatDiag")
         if which == "cnn":  # a dense layer needs no per-sample product, so the MLP's has no such reference
             notes.append(EXACT_NOTE)
+            reference.append(backward_passes(model, data))
     else:
         notes.append("BackPACK: sum of DiagGGNExact; nngeometry: FIM(variant='classif_logits') in "
                      "PMatDiag, .trace()")
@@ -70,6 +71,6 @@ def build_exact(cfg: Config, status: dict, kind: str, which: str) -> Workload:
     return Workload(f"{kind}-{suffix}", desc, num_params(model),
                     [floor_contender(model, data),
                      _torchfim_contender(model, data, estimator="exact", structure=structure),
-                     *([backward_passes(model, data)] if kind == "diag-exact" and which == "cnn" else []),
+                     *reference,
                      *others],
                     notes=notes, left_out=left_out)
