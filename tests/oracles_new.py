@@ -56,18 +56,14 @@ def euler_grid(n: int = 32) -> tuple[Tensor, Tensor]:
     return (rz(a) @ ry @ rz(g)).reshape(-1, 3, 3), w.reshape(-1)
 
 
-_GRID: dict[int, tuple[Tensor, Tensor]] = {}
-
-
-def _cached_grid(n: int = 32) -> tuple[Tensor, Tensor]:
-    if n not in _GRID:
-        _GRID[n] = euler_grid(n)
-    return _GRID[n]
+#: Built at import, outside any torch.func transform: made inside one (a test's first use may be under
+#: ``hessian``) the grid would be that transform's wrapped tensor, unusable once it has returned.
+_GRID = euler_grid(32)
 
 
 def matrix_fisher_log_normaliser(o: Tensor) -> Tensor:
     """``log ∫ exp(tr(AᵀR)) dR`` over the Haar probability measure, by the Euler-angle rule."""
-    rotations, weights = _cached_grid()
+    rotations, weights = _GRID
     exponent = rotations.reshape(-1, 9) @ o
     top = exponent.max().detach()
     return top + torch.log((weights * torch.exp(exponent - top)).sum())
@@ -108,7 +104,7 @@ def label_rule(family: str, o: Tensor) -> tuple[Tensor, Tensor]:
         w = torch.cartesian_prod(*[r[0] for r in rules]).reshape(-1, len(shape))
         probs = torch.cartesian_prod(*[r[1] for r in rules]).reshape(-1, len(shape)).prod(1)
         return w * mean / shape, probs
-    rotations, weights = _cached_grid()
+    rotations, weights = _GRID
     exponent = rotations.reshape(-1, 9) @ o
     probs = weights * torch.exp(exponent - exponent.max())
     return rotations, probs / probs.sum()

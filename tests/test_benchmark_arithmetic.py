@@ -91,7 +91,7 @@ def test_targets_carry_the_passes_of_their_workload(suite):
         "penalty-step-mlp": {"plain": 1.0, "torchfim-fd": 2.5, "torchfim-fd-every10": 1.3, "arithmetic": 1.9,
                              "arithmetic-every10": 1.1},
     }
-    targets = {t["target"]: t for t in suite["targets"].evaluate_targets(main, [])}
+    targets = {t["target"]: t for t in suite["targets"].evaluate_targets(main, {})}
     passes = {k: t["passes"] for k, t in targets.items() if t["passes"] is not None}
     assert passes == {
         "diag/exact, CNN: torchfim ≤ 4× floor": 4.5,

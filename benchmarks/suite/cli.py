@@ -21,6 +21,7 @@ from torchfim._io import write_text
 from . import peers as peer_lib
 from .config import QUICK, Config
 from .models import load_data
+from .pairing import ratio
 from .plots import plot_sweep
 from .render import fmt_value, render_markdown, summary_table
 from .store import Report, details_path, environment
@@ -101,7 +102,7 @@ def _rerender(args: argparse.Namespace) -> int:
     """``--render``: the markdown (and the sweep plots) again from a finished run's files."""
     main_map = json.loads(Path(args.render).read_text())
     details = json.loads(details_path(args.render).read_text())
-    details["targets"] = evaluate_targets(main_map, details.get("sweep", []))
+    details["targets"] = evaluate_targets(main_map, details)
     if args.markdown:
         plots = details.get("plots") or {}
         if details.get("sweep"):  # redraw from the stored points (the plotting code may have changed)
@@ -128,7 +129,7 @@ def _run(args: argparse.Namespace, cfg: Config, names: list[str]) -> Report:
               "environment": environment(cfg, status), "n_inputs": load_data(cfg).n,
               "ratios": {}, "ratio_reference": {}, "agreement": {}, "pivot": {}, "checks": {}, "flagged": {},
               "errors": {}, "left_out": {}, "notes": {}, "skipped": {}, "models": {}, "samples": {},
-              "warmup_seconds": {}, "contention": {}, "retried": {}, "clean": {}, "targets": [], "sweep": [],
+              "warmup_seconds": {}, "contention": {}, "retried": {}, "clean": {}, "turns": {}, "targets": [], "sweep": [],
               "plots": {}})
     for name, st in status.items():
         if not st["available"]:
@@ -154,7 +155,7 @@ def _run(args: argparse.Namespace, cfg: Config, names: list[str]) -> Report:
                 d["plots"] = plot_sweep(d["sweep"], plot_dir)
             except Exception as exc:  # noqa: BLE001
                 d["errors"]["sweep-plots"] = {"matplotlib": short_error(exc)}
-    d["targets"] = evaluate_targets(report.main, d["sweep"])
+    d["targets"] = evaluate_targets(report.main, d)
     d["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     d["total_seconds"] = time.perf_counter() - start
     d["waited_for_quiet_seconds"] = quiet.waited
@@ -180,8 +181,6 @@ def _record(report: Report, name: str, wl: Workload, out: Outcome) -> None:
     """A timed workload's medians into the ``--json`` mapping, everything else into the details."""
     d = report.details
     report.main[name] = out.seconds
-    ref = out.seconds.get(wl.ratio_to)
-    d["ratios"][name] = {c: (s / ref if ref else None) for c, s in out.seconds.items()}
     d["ratio_reference"][name] = wl.ratio_to
     d["agreement"][name] = out.agreement
     d["pivot"][name] = out.pivot
@@ -199,6 +198,8 @@ def _record(report: Report, name: str, wl: Workload, out: Outcome) -> None:
     d["contention"][name] = out.contention
     d["retried"][name] = out.retried
     d["clean"][name] = out.clean
+    d["turns"][name] = out.turns
+    d["ratios"][name] = {c: ratio(report.main, d, name, c, name, wl.ratio_to) for c in out.seconds}
     if out.contended_medians:
         d["notes"][name].append("too few calls on a quiet machine for " + ", ".join(out.contended_medians)
                                 + ": the median includes calls that ran under contention")

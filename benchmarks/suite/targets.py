@@ -1,20 +1,21 @@
-"""The performance targets, evaluated on one run's medians and sweep."""
+"""The performance targets, evaluated on one run's timings (paired ratios, :mod:`.pairing`) and sweep."""
 
 from __future__ import annotations
 
+from .pairing import ratio
 from .sweep import live_peak, loglog_slope
 
 __all__ = ["evaluate_targets"]
 
 
-def _ratio(main: dict, w1: str, c1: str, w2: str, c2: str) -> float | None:
-    a, b = main.get(w1, {}).get(c1), main.get(w2, {}).get(c2)
-    return a / b if a is not None and b else None
-
-
-def evaluate_targets(main: dict, sweep: list[dict]) -> list[dict]:
-    """Each target with this run's value, its limit and met / missed / n/a."""
+def evaluate_targets(main: dict, details: dict) -> list[dict]:
+    """Each target with this run's value, its limit and met / missed / n/a: ``main`` the run's medians,
+    ``details`` its sibling (samples and their turns for paired ratios, the sweep)."""
     targets = []
+    sweep = details.get("sweep", [])
+
+    def _ratio(w1: str, c1: str, w2: str, c2: str) -> float | None:
+        return ratio(main, details, w1, c1, w2, c2)
 
     def add(text: str, value: float | None, limit: float, strict: bool = False, unit: str = "×", why: str = "",
             passes: float | None = None) -> None:
@@ -27,49 +28,49 @@ def evaluate_targets(main: dict, sweep: list[dict]) -> list[dict]:
 
     for which, label in (("mlp", "MLP-A"), ("cnn", "CNN")):
         w = f"diag-score-{which}"
-        add(f"diag/score (1 label), {label}: torchfim ≤ 1.5× floor", _ratio(main, w, "torchfim", w, "floor"), 1.5)
+        add(f"diag/score (1 label), {label}: torchfim ≤ 1.5× floor", _ratio(w, "torchfim", w, "floor"), 1.5)
         add(f"diag/score (1 label), {label}: torchfim faster than nngeometry",
-            _ratio(main, w, "torchfim", w, "nngeometry"), 1.0, strict=True)
+            _ratio(w, "torchfim", w, "nngeometry"), 1.0, strict=True)
         add(f"diag/score (1 label), {label}: torchfim faster than BackPACK",
-            _ratio(main, w, "torchfim", w, "backpack"), 1.0, strict=True)
+            _ratio(w, "torchfim", w, "backpack"), 1.0, strict=True)
     for which, label in (("mlp", "MLP-A"), ("cnn", "CNN")):
         w = f"diag-exact-{which}"
-        add(f"diag/exact, {label}: torchfim ≤ 4× floor", _ratio(main, w, "torchfim", w, "floor"), 4.0,
-            passes=_ratio(main, w, "arithmetic", w, "floor"))
+        add(f"diag/exact, {label}: torchfim ≤ 4× floor", _ratio(w, "torchfim", w, "floor"), 4.0,
+            passes=_ratio(w, "arithmetic", w, "floor"))
         add(f"diag/exact, {label}: torchfim ≤ 0.6× BackPACK DiagGGNExact",
-            _ratio(main, w, "torchfim", w, "backpack"), 0.6)
+            _ratio(w, "torchfim", w, "backpack"), 0.6)
     add("full/exact, MLP-S: torchfim ≤ 0.5× curvlinops dense GGN",
-        _ratio(main, "full-exact-mlps", "torchfim", "full-exact-mlps", "curvlinops"), 0.5)
+        _ratio("full-exact-mlps", "torchfim", "full-exact-mlps", "curvlinops"), 0.5)
     # Two workloads, timed minutes apart: each time is divided by the floor of its own workload (the
     # same MLP-A), so that a change in the machine's speed between them cancels out.
-    var_floor = _ratio(main, "variance-score-diag-mlp", "torchfim", "variance-score-diag-mlp", "floor")
-    exact_floor = _ratio(main, "diag-exact-mlp", "torchfim", "diag-exact-mlp", "floor")
+    var_floor = _ratio("variance-score-diag-mlp", "torchfim", "variance-score-diag-mlp", "floor")
+    exact_floor = _ratio("diag-exact-mlp", "torchfim", "diag-exact-mlp", "floor")
     add("fisher_variance diag/score ≤ 2× torchfim's own diag/exact (MLP-A)",
         var_floor / exact_floor if var_floor is not None and exact_floor else None, 2.0,
         why="the two are different workloads, timed minutes apart, so the ratio is taken between their "
             "ratios to the floor (the same MLP-A in both), which cancels changes in the machine's speed")
     add("penalty step, every=1: ≤ 2× plain SGD step",
-        _ratio(main, "penalty-step-mlp", "torchfim", "penalty-step-mlp", "plain"), 2.0)
+        _ratio("penalty-step-mlp", "torchfim", "penalty-step-mlp", "plain"), 2.0)
     add("penalty step, every=10: ≤ 1.2× plain SGD step",
-        _ratio(main, "penalty-step-mlp", "torchfim-every10", "penalty-step-mlp", "plain"), 1.2)
+        _ratio("penalty-step-mlp", "torchfim-every10", "penalty-step-mlp", "plain"), 1.2)
     for every, limit in ((1, 2.2), (10, 1.2)):
         suffix = "" if every == 1 else f"-every{every}"
         add(f"penalty step with the finite-difference gradient, every={every}: ≤ {limit}× plain SGD step",
-            _ratio(main, "penalty-step-mlp", f"torchfim-fd{suffix}", "penalty-step-mlp", "plain"), limit,
-            passes=_ratio(main, "penalty-step-mlp", f"arithmetic{suffix}", "penalty-step-mlp", "plain"))
+            _ratio("penalty-step-mlp", f"torchfim-fd{suffix}", "penalty-step-mlp", "plain"), limit,
+            passes=_ratio("penalty-step-mlp", f"arithmetic{suffix}", "penalty-step-mlp", "plain"))
     add("Tr(F) monitor every 10 steps on a subset of 32 held inputs: < 10 % of training (< 1.1× plain)",
-        _ratio(main, "monitor-every10-mlp", "torchfim-subset32", "monitor-every10-mlp", "plain"), 1.1,
+        _ratio("monitor-every10-mlp", "torchfim-subset32", "monitor-every10-mlp", "plain"), 1.1,
         strict=True)
     for which, score, exact in (("transformer", 1.6, 7.0), ("resnet", 1.4, 6.0)):
         add(f"diag/score (1 label), {which}: torchfim ≤ {score}× floor",
-            _ratio(main, f"diag-score-{which}", "torchfim", f"diag-score-{which}", "floor"), score)
+            _ratio(f"diag-score-{which}", "torchfim", f"diag-score-{which}", "floor"), score)
         w = f"diag-exact-{which}"
-        add(f"diag/exact, {which}: torchfim ≤ {exact:g}× floor", _ratio(main, w, "torchfim", w, "floor"), exact,
-            passes=_ratio(main, w, "arithmetic", w, "floor"))
+        add(f"diag/exact, {which}: torchfim ≤ {exact:g}× floor", _ratio(w, "torchfim", w, "floor"), exact,
+            passes=_ratio(w, "arithmetic", w, "floor"))
     add("diag/score (1 label per token), causal LM: torchfim ≤ 2× floor",
-        _ratio(main, "diag-score-lm", "torchfim", "diag-score-lm", "floor"), 2.0)
+        _ratio("diag-score-lm", "torchfim", "diag-score-lm", "floor"), 2.0)
     add("variance_bound(score, diag), 100 classes, 256 inputs: < 10× fisher(diag)",
-        _ratio(main, "bound-score-c100", "torchfim", "bound-score-c100", "torchfim-diag"), 10.0, strict=True)
+        _ratio("bound-score-c100", "torchfim", "bound-score-c100", "torchfim-diag"), 10.0, strict=True)
 
     width = sorted((p for p in sweep if p.get("axis") == "width" and live_peak(p) is not None), key=lambda p: p["P"])
     upper = [p for p in width if p["P"] >= 1e4] or width

@@ -1,4 +1,8 @@
-"""Timing the contenders: warm-up, agreement, interleaved timed rounds on a quiet machine, medians."""
+"""Timing the contenders: warm-up, agreement, interleaved timed rounds on a quiet machine, medians.
+
+Each round runs turn by turn (every contender's k-th call of the round next to the others'), and each
+sample keeps its ``(round, turn)``, from which :mod:`.pairing` takes the ratios of adjacent calls.
+"""
 
 from __future__ import annotations
 
@@ -92,6 +96,7 @@ class Outcome:
     contention: list[float] = field(default_factory=list)
     retried: int = 0
     clean: dict[str, list[bool]] = field(default_factory=dict)  # per sample: no contention around it
+    turns: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # per sample: (round, turn)
     contended_medians: list[str] = field(default_factory=list)  # medians that had to use contended calls
 
 
@@ -176,7 +181,9 @@ def _time(wl: Workload, cfg: Config, out: Outcome, runners: dict, timed: list[st
              for c in timed}
     for r in range(cfg.reps):
         order = timed[r % len(timed):] + timed[: r % len(timed)] if timed else []
-        for name, k in ((n, k) for n in order for k in range(inner[n])):
+        # Turn by turn: every contender's k-th call of the round next to the others' (pairing.py).
+        turns = [(n, k) for k in range(max(inner.values(), default=0)) for n in order if k < inner[n]]
+        for name, k in turns:
             bar.set_postfix_str(f"{wl.name}: {name} ({r + 1}/{cfg.reps})")
             for _ in range(1 + (cfg.retries if cfg.quiet_wait_s > 0 else 0)):
                 before = quiet.wait(lambda: bar.set_postfix_str(f"{wl.name}: waiting for a quiet machine"))
@@ -194,6 +201,7 @@ def _time(wl: Workload, cfg: Config, out: Outcome, runners: dict, timed: list[st
                 out.retried += 1  # contention around this call: take it again
             clean = max(before, after) <= cfg.quiet_threshold
             out.samples[name].append(seconds)
+            out.turns.setdefault(name, []).append((r, k))
             out.clean.setdefault(name, []).append(clean)
             out.contention.append(max(before, after))
             if k == inner[name] - 1:

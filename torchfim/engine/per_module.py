@@ -75,6 +75,7 @@ class PerModuleBackend(Backend):
         self.functional = FunctionalBackend(view)
         self.moved: dict[str, tuple[nn.Module, str]] = {}
         self.uses: dict[int, int] = {}
+        self._last_units: tuple[Batch, UnitHessians] | None = None
         cached = _COVERAGE.get(view.user_model)
         self._key = tuple(id(p) for p in view.user_model.parameters())
         self._verified = cached is not None and cached[0] == self._key
@@ -454,10 +455,13 @@ class PerModuleBackend(Backend):
 
     # ------------------------------------------------------------------ second order
     def _units(self, batch: Batch) -> UnitHessians:
-        curved = self.curved(batch)
-        kept = set(curved)
-        layers = [(r, c) for r, c in self.dense_layers(self.record(batch)) if kept.intersection(r.params.values())]
-        return UnitHessians(self.view, batch, layers, curved)
+        """The batch's factorable layers, recorded once however many questions are asked of them."""
+        if self._last_units is None or self._last_units[0] is not batch:
+            curved = self.curved(batch)
+            kept = set(curved)
+            layers = [(r, c) for r, c in self.dense_layers(self.record(batch)) if kept.intersection(r.params.values())]
+            self._last_units = (batch, UnitHessians(self.view, batch, layers, curved))
+        return self._last_units[1]
 
     def dense_layers(self, rec: ModuleRecording) -> list[tuple[Rule, Call]]:
         """Calls of dense Linear layers whose parameters are used by that call only (factor by unit)."""

@@ -1,0 +1,120 @@
+"""The benchmark's ratios pair each call with the reference's call of the same turn
+(benchmarks/suite/pairing.py), and the harness times rounds turn by turn and records each call's turn."""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield {name: importlib.import_module(f"suite.{name}")
+               for name in ("config", "pairing", "targets", "timing", "workload")}
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _details(a: list, b: list, turns_a: list, turns_b: list, clean_a=None, clean_b=None) -> dict:
+    return {"samples": {"w": {"a": a, "b": b}}, "turns": {"w": {"a": turns_a, "b": turns_b}},
+            "clean": {"w": {"a": clean_a or [True] * len(a), "b": clean_b or [True] * len(b)}}}
+
+
+def test_paired_ratio_cancels_the_machines_phases_that_medians_keep(suite):
+    # b runs three turns a round, a one (a is slow); the machine runs 1×, 3× or 6× slow from turn to turn.
+    speed = {(r, k): [1.0, 3.0, 6.0][(r + k) % 3] for r in range(5) for k in range(3)}
+    turns_b = sorted(speed)
+    turns_a = [(r, 0) for r in range(5)]
+    a = [2.0 * speed[t] for t in turns_a]  # a is twice b at every moment
+    b = [speed[t] for t in turns_b]
+    details = _details(a, b, turns_a, turns_b)
+    assert suite["pairing"].paired_ratio(details, "w", "a", "b") == pytest.approx(2.0)
+    assert statistics.median(a) / statistics.median(b) == pytest.approx(2.0)  # the medians agree here, by luck:
+    turns_a = [(r, 0) for r in (0, 0, 1, 3, 3)]  # a's calls mostly in fast phases
+    a = [2.0 * speed[t] for t in turns_a]
+    details = _details(a, b, turns_a, turns_b)
+    assert suite["pairing"].paired_ratio(details, "w", "a", "b") == pytest.approx(2.0)
+    assert statistics.median(a) / statistics.median(b) == pytest.approx(2 / 3)  # a would seem faster than b
+
+
+def test_a_turn_the_reference_lacks_pairs_with_its_last_call_of_the_round(suite):
+    details = _details([4.0, 9.0, 30.0], [1.0, 3.0], [(0, 0), (0, 2), (1, 0)], [(0, 0), (0, 1)])
+    # (0, 0) / b(0, 0) = 4, (0, 2) / b(0, 1) = 3; round 1 has no call of b: left out
+    assert suite["pairing"].paired_ratio(details, "w", "a", "b") == pytest.approx(3.5)
+
+
+def test_contended_pairs_are_left_out_when_five_quiet_ones_remain(suite):
+    turns = [(r, 0) for r in range(7)]
+    a = [2.0] * 5 + [50.0, 50.0]
+    b = [1.0] * 7
+    quiet = [True] * 5 + [False, True]
+    pairing = suite["pairing"]
+    assert pairing.paired_ratio(_details(a, b, turns, turns, quiet, [True] * 7), "w", "a", "b") == 2.0
+    assert pairing.paired_ratio(_details(a, b, turns, turns, [True] * 5 + [True, False]), "w", "a", "b") == 2.0
+    few = [True] * 4 + [False] * 3  # four quiet pairs: all seven count
+    assert pairing.paired_ratio(_details(a, b, turns, turns, few, [True] * 7), "w", "a", "b") == 2.0
+    a[:3] = [50.0] * 3
+    assert pairing.paired_ratio(_details(a, b, turns, turns, few, [True] * 7), "w", "a", "b") == 50.0
+
+
+def test_ratio_falls_back_to_medians_without_turns_or_across_workloads(suite):
+    ratio = suite["pairing"].ratio
+    main = {"w": {"a": 6.0, "b": 2.0}, "v": {"b": 3.0}}
+    details = _details([4.0], [1.0], [(0, 0)], [(0, 0)])
+    assert ratio(main, details, "w", "a", "w", "b") == 4.0  # paired
+    assert ratio(main, {}, "w", "a", "w", "b") == 3.0  # a run without turns: medians
+    assert ratio(main, details, "w", "a", "v", "b") == 2.0  # two workloads: medians
+    assert ratio(main, details, "w", "c", "w", "b") is None
+
+
+def test_targets_use_the_paired_ratio(suite):
+    turns = [(r, 0) for r in range(5)]
+    main = {"penalty-step-mlp": {"plain": 1.0, "torchfim-fd": 3.0}}
+    details = {"samples": {"penalty-step-mlp": {"plain": [1.0, 2.0, 4.0, 8.0, 16.0],
+                                                "torchfim-fd": [2.1, 4.2, 8.4, 16.8, 33.6]}},
+               "turns": {"penalty-step-mlp": {"plain": turns, "torchfim-fd": turns}}}
+    targets = {t["target"]: t for t in suite["targets"].evaluate_targets(main, details)}
+    fd = targets["penalty step with the finite-difference gradient, every=1: ≤ 2.2× plain SGD step"]
+    assert fd["value"] == pytest.approx(2.1) and fd["status"] == "met"  # the medians would say 3.0, missed
+
+
+def test_rounds_run_turn_by_turn_and_each_sample_keeps_its_turn(suite, monkeypatch):
+    timing, workload = suite["timing"], suite["workload"]
+    monkeypatch.setattr(timing, "contention_probe", lambda threads: 1.0)
+    calls: list[str] = []
+
+    def contender(name: str, warmup_s: float):
+        def make():
+            first = [True]
+
+            def run():
+                calls.append(name)
+                if first[0]:  # the warm-up: how long the call seems to take decides its calls per round
+                    first[0] = False
+                    timing.time.sleep(warmup_s)
+            return run
+        return workload.Contender(name, make, compare=False)
+
+    wl = workload.Workload("w", "m", 1, [contender("fast", 0.065), contender("slow", 0.2)])
+    cfg = suite["config"].Config(reps=2, quiet_wait_s=0.0, max_inner=10)
+
+    class Bar:
+        def set_postfix_str(self, *_):
+            pass
+
+        def update(self, *_):
+            pass
+
+    out = timing.run_workload(wl, cfg, Bar(), timing.Quiet(cfg))
+    timed = calls[2:]  # after the two warm-ups: fast 4 calls a round (0.3 s / 0.065 s), slow 1
+    assert timed == ["fast", "slow", "fast", "fast", "fast"] + ["slow", "fast", "fast", "fast", "fast"]
+    assert out.turns == {"fast": [(r, k) for r in range(2) for k in range(4)], "slow": [(0, 0), (1, 0)]}
+    assert [len(out.samples[c]) for c in ("fast", "slow")] == [8, 2]
