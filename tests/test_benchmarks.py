@@ -28,7 +28,7 @@ def suite():
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         yield {name: importlib.import_module(f"suite.{name}")
-               for name in ("agreement", "render", "sweep", "workloads")}
+               for name in ("agreement", "pairing", "render", "sweep", "workloads")}
     finally:
         sys.path.remove(str(SCRIPT.parent))
 
@@ -124,3 +124,21 @@ def test_the_registry_is_the_command_lines_list_of_workloads():
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no-such-workload" in proc.stderr and "diag-exact-cnn, full-exact-mlps" in proc.stderr
+
+
+def test_every_timed_call_keeps_its_turn_and_a_rerender_recomputes_the_ratios(suite, quick_run, tmp_path):
+    main, details = quick_run
+    for workload, samples in details["samples"].items():
+        assert {c: len(s) for c, s in details["turns"][workload].items()} == {c: len(s) for c, s in samples.items()}
+    stale = {**details, "ratios": {w: {c: 99.0 for c in main[w]} for w in main}}
+    (tmp_path / "run.json").write_text(json.dumps(main))
+    (tmp_path / "run.details.json").write_text(json.dumps(stale))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--render", str(tmp_path / "run.json"), "--markdown", str(tmp_path / "p.md")],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "p.md").read_text()
+    assert "(99.00×)" not in text
+    fd = suite["pairing"].paired_ratio(details, "penalty-step-mlp", "torchfim-fd", "plain")
+    assert f"({fd:.2f}×)" in text

@@ -21,7 +21,7 @@ from torchfim._io import write_text
 from . import peers as peer_lib
 from .config import QUICK, Config
 from .models import load_data
-from .pairing import ratio
+from .pairing import workload_ratios
 from .plots import plot_sweep
 from .render import fmt_value, render_markdown, summary_table
 from .store import Report, details_path, environment
@@ -102,6 +102,8 @@ def _rerender(args: argparse.Namespace) -> int:
     """``--render``: the markdown (and the sweep plots) again from a finished run's files."""
     main_map = json.loads(Path(args.render).read_text())
     details = json.loads(details_path(args.render).read_text())
+    # Ratios and targets again from the samples (the statistic may have changed since the run).
+    details["ratios"] = {w: workload_ratios(main_map, details, w) for w in main_map if w in details.get("ratio_reference", {})}
     details["targets"] = evaluate_targets(main_map, details)
     if args.markdown:
         plots = details.get("plots") or {}
@@ -199,7 +201,7 @@ def _record(report: Report, name: str, wl: Workload, out: Outcome) -> None:
     d["retried"][name] = out.retried
     d["clean"][name] = out.clean
     d["turns"][name] = out.turns
-    d["ratios"][name] = {c: ratio(report.main, d, name, c, name, wl.ratio_to) for c in out.seconds}
+    d["ratios"][name] = workload_ratios(report.main, d, name)
     if out.contended_medians:
         d["notes"][name].append("too few calls on a quiet machine for " + ", ".join(out.contended_medians)
                                 + ": the median includes calls that ran under contention")

@@ -101,8 +101,8 @@ def _results(main: dict, details: dict, md_path: Path, plot_files: dict[str, str
     out.append(f"Median seconds over {reps} rounds of repetitions after a warm-up (a contender whose warm-up "
                "took under 0.3 s is timed up to 10 times per round); in parentheses the ratio to the "
                "floor of the same model (for `penalty-step-mlp`, to the `plain` step): the median of the "
-               "quotients of paired calls (each call over the reference's call of the same turn, at most a "
-               "few calls apart), so it need not equal the quotient of the two medians shown. `n/a`: the peer has "
+               "quotients of each call over the median of the reference's calls in the same round, so it need "
+               "not equal the quotient of the two medians shown. `n/a`: the peer has "
                "no exact computation of that quantity; `✗ disagrees`: the result failed the agreement check "
                "(relative error in parentheses) and its time was dropped.\n")
     out.append(summary_table(main, details) + "\n")
@@ -131,7 +131,7 @@ def _targets(main: dict, details: dict, md_path: Path, plot_files: dict[str, str
     """The targets, met or missed."""
     out: list[str] = []
     out.append("## Targets\n")
-    out.append("Ratios from the table above, of paired calls within a workload (`n/a`: a contender it needs is "
+    out.append("Ratios from the table above, of calls paired by round within a workload (`n/a`: a contender it needs is "
                "missing from this run). `passes alone`: the same ratio for the `arithmetic` contender of the workload, which runs "
                "the passes the method cannot do without (one forward and C − 1 backward passes for an exact "
                "diagonal; two forwards and two backwards per step for the finite-difference penalty) as plain "
@@ -266,8 +266,9 @@ def _method(main: dict, details: dict, md_path: Path, plot_files: dict[str, str]
         "repetitions, interleaved (round r runs the contenders turn by turn, each turn one call of every "
         "contender in an order rotated by r) so that load changes on the machine hit every contender alike; "
         "the median is reported. A ratio within a workload is the median over the calls of their quotients "
-        "to the reference's call of the same turn (benchmarks/suite/pairing.py): adjacent calls share the "
-        "machine's slow and fast phases, which a quotient of two medians does not cancel.\n"
+        "to the median of the reference's calls in the same round (benchmarks/suite/pairing.py): calls of "
+        "one round share the machine's slow and fast phases, which a quotient of two medians does not "
+        "cancel.\n"
         f"- Other jobs on the machine: before each timed call the harness waits (up to "
         f"{cfg.get('quiet_wait_s', 0):g} s per call, {cfg.get('quiet_budget_s', 0):g} s per run) until the "
         f"contention probe is at most {cfg.get('quiet_threshold', 2):g}, and it retakes a call (up to "

@@ -1,7 +1,7 @@
 """Timing the contenders: warm-up, agreement, interleaved timed rounds on a quiet machine, medians.
 
 Each round runs turn by turn (every contender's k-th call of the round next to the others'), and each
-sample keeps its ``(round, turn)``, from which :mod:`.pairing` takes the ratios of adjacent calls.
+sample keeps its ``(round, turn)``, from which :mod:`.pairing` takes ratios of calls paired by round.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def _time(wl: Workload, cfg: Config, out: Outcome, runners: dict, timed: list[st
              for c in timed}
     for r in range(cfg.reps):
         order = timed[r % len(timed):] + timed[: r % len(timed)] if timed else []
-        # Turn by turn: every contender's k-th call of the round next to the others' (pairing.py).
+        # Turn by turn: every contender's k-th call of the round next to the others', so that a phase of
+        # the machine within the round reaches all of them.
         turns = [(n, k) for k in range(max(inner.values(), default=0)) for n in order if k < inner[n]]
         for name, k in turns:
             bar.set_postfix_str(f"{wl.name}: {name} ({r + 1}/{cfg.reps})")
