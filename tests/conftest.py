@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -34,3 +35,22 @@ def family(request: pytest.FixtureRequest) -> str:
 def model_and_inputs(request: pytest.FixtureRequest, family: str) -> tuple[nn.Module, torch.Tensor]:
     make_model, make_inputs = MODELS[request.param]
     return make_model(FAMILY_WIDTH[family]), make_inputs(6)
+
+
+class BenchSuite:
+    """The modules of the benchmark package (benchmarks/suite) by name, imported as run.py imports them."""
+
+    def __getitem__(self, name: str):
+        return importlib.import_module(f"suite.{name}")
+
+
+@pytest.fixture(scope="module")
+def suite():
+    """:class:`BenchSuite`, with benchmarks/ on ``sys.path`` for the module's tests."""
+    pytest.importorskip("tqdm")
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        yield BenchSuite()
+    finally:
+        sys.path.remove(bench)

@@ -3,25 +3,11 @@ table reports them beside the targets they bound (benchmarks/suite/arithmetic.py
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def suite():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield {name: importlib.import_module(f"suite.{name}")
-               for name in ("arithmetic", "config", "models", "render", "targets", "workloads.penalty")}
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 class _Counter:

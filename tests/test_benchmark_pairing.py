@@ -1,26 +1,11 @@
-"""The benchmark's ratios pair each call with the reference's call of the same turn
+"""The benchmark's ratios pair each call with the median of the reference's calls in the same round
 (benchmarks/suite/pairing.py), and the harness times rounds turn by turn and records each call's turn."""
 
 from __future__ import annotations
 
-import importlib
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def suite():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield {name: importlib.import_module(f"suite.{name}")
-               for name in ("config", "pairing", "targets", "timing", "workload")}
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _details(a: list, b: list, turns_a: list, turns_b: list, clean_a=None, clean_b=None) -> dict:

@@ -8,7 +8,6 @@ regardless.
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -19,18 +18,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run.py"
-
-
-@pytest.fixture(scope="module")
-def suite():
-    """The modules of the benchmark package (benchmarks/suite), imported as run.py imports them."""
-    pytest.importorskip("tqdm")
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        yield {name: importlib.import_module(f"suite.{name}")
-               for name in ("agreement", "pairing", "render", "sweep", "workloads")}
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.fixture(scope="module")
