@@ -264,7 +264,7 @@ def _method(main: dict, details: dict, md_path: Path, plot_files: dict[str, str]
         "- Each contender is built once (untimed: `backpack.extend`, a `DataLoader` for nngeometry, model "
         "copies), run once as the warm-up whose result goes to the agreement check, then timed over the "
         "repetitions, interleaved (round r runs the contenders turn by turn, each turn one call of every "
-        "contender in an order rotated by r) so that load changes on the machine hit every contender alike; "
+        "contender with calls left in the round, in an order rotated by r) so that load changes on the machine hit every contender alike; "
         "the median is reported. A ratio within a workload is the median over the calls of their quotients "
         "to the median of the reference's calls in the same round (benchmarks/suite/pairing.py): calls of "
         "one round share the machine's slow and fast phases, which a quotient of two medians does not "
