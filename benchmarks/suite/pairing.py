@@ -2,11 +2,12 @@
 
 A quotient of two medians sets calls taken minutes apart against each other: on two shared cores the
 reference's median differed by 15-60 % between the fastest and the slowest of five rounds in one run
-(2026-12-02), and a contender timed mostly in fast rounds looks cheaper than it is. Each call of the harness keeps its ``(round, turn)``
-(:mod:`.timing`); :func:`paired_ratio` divides each call of ``a`` by the median of ``b``'s calls in the
-same round and returns the median of these quotients. In the committed run of 2026-12-02 the spread
-of the per-round quotients was below that of either contender's per-round medians for most of the
-fast workloads (for the CNN's score diagonal 0.02 in log against 0.06-0.08).
+(2026-12-02), and a contender timed mostly in fast rounds looks cheaper than it is. Each call of the
+harness keeps its ``(round, turn)`` (:mod:`.timing`); :func:`paired_ratio` divides each call of ``a``
+by the median of ``b``'s calls in the same round and returns the median of these quotients. In the
+committed run of 2026-12-02 the spread of the per-round quotients was below that of either
+contender's per-round medians for most of the fast workloads (for the CNN's score diagonal 0.02 in
+log against 0.06-0.08).
 
 The partner is the round's median, not ``b``'s call of the same turn: a reference call that follows a
 call of several seconds (curvlinops' dense GGN) ran two to three times slower than the reference's
