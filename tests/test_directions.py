@@ -138,3 +138,22 @@ def test_progress_shows_a_bar_over_the_directions(capfd) -> None:
     case = BY_NAME["strided_cnn"]
     torchfim.fisher_variance(case.build(3), case.inputs(4), estimator="hessian", structure="diag", progress=True)
     assert "output-Hessian diagonals" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("call", [torchfim.fisher, torchfim.fisher_variance])
+def test_hessian_diagonals_record_a_batch_once_for_its_outputs_and_once_for_its_dense_layers(call, monkeypatch) -> None:
+    """The unit-wise Hessian diagonals ask the batch's factorable layers several questions (which
+    parameters they leave out, then their terms); the per-module backend records them once."""
+    from torchfim.engine.per_module import PerModuleBackend
+
+    counts: dict[int, int] = {}
+    record = PerModuleBackend.record
+
+    def counted(self, batch):
+        counts[id(batch)] = counts.get(id(batch), 0) + 1
+        return record(self, batch)
+
+    monkeypatch.setattr(PerModuleBackend, "record", counted)
+    case = BY_NAME["tanh_mlp"]
+    call(case.build(3), case.inputs(8), estimator="hessian", structure="diag")
+    assert list(counts.values()) == [2]
