@@ -5,9 +5,10 @@ its outputs as taps); output-space vectors are back-propagated through it by aut
 to the taps, which gives each call its output sensitivities; each module's rule
 (:mod:`torchfim.engine.modules`) turns them into per-sample products of its own parameters. A
 parameter used by several calls (a module called twice, weight tying) gets the sum of its calls'
-per-sample gradients before anything is squared. Parameters used where no hook sees them (inside
-another module's forward) are found on the first batch by comparing the summed per-sample
-gradients with autograd's batch gradient, and go to a generic rule over the whole model.
+per-sample gradients before anything is squared. Parameters used outside every recorded call
+(in another module's forward) are found on the first batch by comparing the summed per-sample
+gradients with autograd's batch gradient, and go to a generic rule over the whole model. The
+recorded forward itself is :mod:`.recording`'s.
 """
 
 from __future__ import annotations
@@ -15,20 +16,19 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import TorchfimError, all_finite, warn_user
-from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces, Recording
+from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
 from .functional import FunctionalBackend
-from .modules import Call, GenericRule, LinearRule, Rule, owns_subtree, rule_for, tensors_of
+from .modules import Call, GenericRule, LinearRule, Rule, owns_subtree, rule_for
 from .modules.base import as_float
 from .modules.generic import batch_dim
 from .pullback import Consumer, consumable, pull_back
+from .recording import ModuleRecording, may_attend, record_calls
 from .second_order import UnitHessians
 from .view import PARAMETERS_CHANGED, ModelView
 
@@ -55,16 +55,6 @@ STREAM_ELEMENTS = 2**22
 _PER_SAMPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class ModuleRecording(Recording):
-    """A recorded forward with every hooked module's calls."""
-
-    def __init__(self, batch: Batch, output: Tensor, shape: torch.Size, calls: list[tuple[Rule, Call]]) -> None:
-        super().__init__(batch, output, shape)
-        self.calls = calls
-        #: Numbers one vector's pull-back records: the taps of every call.
-        self.tap_elements = sum(t.numel() for _, call in calls for t in call.taps)
-
-
 class PerModuleBackend(Backend):
     """Per-sample products from per-module rules; see the module docstring."""
 
@@ -83,6 +73,7 @@ class PerModuleBackend(Backend):
             modules = dict(view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
         self.rules = self._build_rules(self.moved)
+        self._attends = may_attend(view.model)
 
     # --------------------------------------------------------------- rule set-up
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
@@ -113,40 +104,6 @@ class PerModuleBackend(Backend):
         for module, params in extra.items():
             rules[module] = GenericRule(module, {**owned.get(module, {}), **params}, paths[module])
         return rules
-
-    @contextmanager
-    def _hooks(self, calls: list[tuple[Rule, Call]], size: int, clone: bool = False):
-        """Record every call of a ruled module; with ``clone`` the layers downstream get copies of
-        its output, so that in-place operations there leave the taps intact."""
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-            rule = self.rules[module]
-            taps = [t for t in tensors_of(output) if t.requires_grad]
-            detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
-            call = Call(module, detached, kw, taps, size)
-            taps.extend(rule.take_recorded(call))
-            call.versions = [t._version for t in taps]
-            calls.append((rule, call))
-            if clone and isinstance(output, Tensor):
-                return output.clone()
-            return None
-
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.rules]
-        # Rules that record in parts: their forward on the private copy, for this forward only.
-        replaced = {m: m.__dict__.get("forward") for m, r in self.rules.items() if r.recording_forward is not None}
-        for m in replaced:
-            m.__dict__["forward"] = self.rules[m].recording_forward
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            for m, own in replaced.items():
-                if own is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.__dict__["forward"] = own
 
     # ------------------------------------------------------------------ recording
     def record(self, batch: Batch) -> ModuleRecording:
@@ -195,12 +152,7 @@ class PerModuleBackend(Backend):
         return known[key]
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
-        calls: list[tuple[Rule, Call]] = []
-        # The math attention kernel: its backward has batching rules, so the output vectors are pulled
-        # back through attention in one batched pass (the fused CPU kernels go vector by vector).
-        with torch.enable_grad(), self._hooks(calls, batch.size, clone), sdpa_kernel(SDPBackend.MATH):
-            raw = self.view.to_tensor(batch.call(self.view.model))
-        return ModuleRecording(batch, self.view.flat(raw), raw.shape, calls)
+        return record_calls(self.view, self.rules, batch, clone, self._attends)
 
     def _verify(self, rec: ModuleRecording) -> bool:
         """Move parameters whose summed per-sample gradients miss uses to a whole-model rule.
@@ -385,17 +337,24 @@ class PerModuleBackend(Backend):
 
     def sample_squares(self, rec: ModuleRecording, v: Tensor) -> Tensor:
         wide = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
-        total = v.new_zeros(v.shape[0], v.shape[1], dtype=wide)
+        fast: dict[int, Tensor] = {}  # the rules' shortcuts summed per group of vectors (by its first)
+        total = []  # the sum over per-sample gradients, allocated by the first chunk of them
 
         def from_fast(vecs: slice, result: Tensor) -> None:
-            total[:, vecs] += result.to(wide)
+            fast[vecs.start] = fast[vecs.start] + result if vecs.start in fast else result.to(wide)
 
         def from_grads(rows: slice, vecs: slice, grads: Pieces) -> None:
+            total[:] = total or [v.new_zeros(v.shape[0], v.shape[1], dtype=wide)]
             for g in grads.values():
-                total[rows, vecs] += as_float(g).square().sum(-1).to(wide)
+                total[0][rows, vecs] += as_float(g).square().sum(-1).to(wide)
 
         self._walk(rec, v, lambda r, c, s: r.sample_squares(c, s), from_fast, from_grads)
-        return total
+        if not total and list(fast) == [0] and fast[0].shape[1] == v.shape[1]:
+            return fast[0]  # one group, all shortcuts (a small window's usual case): no sums into slices
+        out = total[0] if total else v.new_zeros(v.shape[0], v.shape[1], dtype=wide)
+        for start, part in fast.items():
+            out[:, start : start + part.shape[1]] += part
+        return out
 
     def _dense_split(self, rec: ModuleRecording) -> tuple[list[tuple[Rule, Call, int]], set[int]]:
         """Dense single-use Linear calls (with their position in ``rec.calls``) and the other parameters."""

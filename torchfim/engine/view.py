@@ -2,7 +2,7 @@
 
 :class:`ModelView` makes a structural copy of the user's module tree that shares every parameter,
 buffer and attribute with it (only the module objects and their registries are copied). The engine
-registers its hooks and swaps parameters (``torch.func.functional_call``) on that copy only, so a
+records, hooks and swaps parameters (``torch.func.functional_call``) on that copy only, so a
 training loop that runs the user's model in another thread never sees them. Each view reads the
 parameters afresh.
 
@@ -42,9 +42,17 @@ def engine_session() -> Iterator[None]:
     """Hold :data:`ENGINE_LOCK` with the caller's ``torch.autocast`` switched off: torchfim computes in
     the model's dtype (forwards, per-module rules and families alike)."""
     with ENGINE_LOCK, ExitStack() as stack:
-        for device_type in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
+        for device_type in ("cpu", "cuda"):
+            if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
+                stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 asks per device by name
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 OutputMap = Callable[[object], Tensor]
 Mask = Tensor | Callable[[Batch], Tensor] | str | None

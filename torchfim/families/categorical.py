@@ -194,10 +194,9 @@ class Categorical(Family):
     def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         # The labels and their scores from one softmax: the same draws as sample() then output_score().
         p = self._probs(o)
-        y = self._draw(p.detach(), k, generator).to(o.device)
-        scores = torch.zeros(y.shape + (o.shape[-1],), dtype=p.dtype, device=o.device)
-        scores.scatter_(-1, y.unsqueeze(-1), 1.0)
-        return scores.sub_(p.unsqueeze(-2)).to(o.dtype)
+        y = self._draw(p.detach(), k, generator).to(o.device).unsqueeze(-1)
+        scores = p.neg().unsqueeze(-2).expand(y.shape[:-1] + p.shape[-1:]).contiguous()  # −p, k times
+        return scores.scatter_add_(-1, y, torch.ones(y.shape, dtype=p.dtype, device=p.device)).to(o.dtype)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         p = self._probs(self._align(y, o))

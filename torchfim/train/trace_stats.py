@@ -40,20 +40,20 @@ def mean_and_variance(s: Tensor, population: int | None) -> tuple[float, float]:
         >>> import torch
         >>> s = torch.tensor([[1.0, 3.0], [2.0, 2.0], [6.0, 8.0]], dtype=torch.float64)
         >>> mean_and_variance(s, None)  # m = (2, 2, 7), s² = 25/3, over n = 3
-        (3.6666666666666665, 2.777777777777778)
+        (3.666666666666667, 2.7777777777777772)
         >>> mean_and_variance(s, 3)[1]  # f = 1: label noise only, v̄ = mean(2, 0, 2)/k = 2/3, over n = 3
         0.2222222222222222
     """
-    m = s.double().mean(1)
     n, k = s.shape
-    mean = float(m.mean())
+    s = s.double()
+    m = s[:, 0] if k == 1 else s.mean(1)
     if n < 2:
-        return mean, math.nan
-    spread = float(m.var())
+        return float(m[0]), math.nan
+    spread, mean = (float(t) for t in torch.var_mean(m))  # one pass, divisor n − 1
     if population is None:
         return mean, spread / n
     f = n / population
-    label = float((s.double().var(1) / k).mean()) if k > 1 else spread
+    label = float((s.var(1) / k).mean()) if k > 1 else spread
     return mean, ((1.0 - f) * spread + f * label) / n
 
 

@@ -8,6 +8,7 @@ squares factor, ``Σᵢⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²)ᵀ (a_i²)``, and so
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import Call, Grads, Rule, as_float, positions_grads
@@ -46,10 +47,14 @@ class LinearRule(Rule):
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
         if not self._dense(call):
             return None
-        a, g = self._factors(call, sens[0])
-        weight = a[:, 0].square().sum(-1) if "weight" in self.params else 0.0
-        bias = 1.0 if "bias" in self.params else 0.0
-        return (g[:, :, 0].square().sum(-1) * (weight + bias)).T
+        # Straight on the recorded (B, in) and (m, B, out): a few operations per layer, which is most of
+        # the cost of a small window (the monitor's), where each costs about as much as its arithmetic.
+        a, g = as_float(call.args[0]), as_float(sens[0])
+        g2 = torch.linalg.vecdot(g, g)  # (m, B): ‖g_ij‖²
+        if "weight" not in self.params:
+            return g2.T
+        a2 = torch.linalg.vecdot(a, a)  # (B,): ‖a_i‖²
+        return (torch.addcmul(g2, g2, a2) if "bias" in self.params else g2 * a2).T
 
     def unit_input(self, call: Call) -> Tensor | None:
         return call.args[0] if self._dense(call) else None
