@@ -68,7 +68,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
 
     The forward is replaced on the private copy rather than wrapped by a forward hook: a module
     with a hook leaves torch's fast call path, which cost 20-25 µs per call on the benchmark MLP
-    (a third of a 32-input window's forward). The call is the forward's own: its arguments after
+    (for its three layers, a fifth of the forward of a 32-input window). The call is the forward's own: its arguments after
     any forward pre-hook, and its output before any forward hook of the user's (which may replace
     it by a function of it, so the taps stay the module's outputs).
     """
