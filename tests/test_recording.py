@@ -91,14 +91,16 @@ def test_recording_restores_every_forward_and_keeps_one_set_on_the_instance() ->
     model[3].forward = lambda h: 1.5 * own(h)  # an instance-level forward
     x = torch.randn(6, 3, dtype=torch.float64)
     view = ModelView(model)
+    copies = list(view.model)
+    kept = copies[3].__dict__["forward"]  # the user's lambda, rebuilt around the copy's bound forward
+    assert kept.__code__ is model[3].forward.__code__ and kept.__closure__[0].cell_contents.__self__ is copies[3]
     backend = PerModuleBackend(view)
     rec = backend.record(next(batches(x, None, view.device, view.dtype)))
     assert torch.allclose(rec.values, model(x), rtol=0, atol=0) and len(rec.calls) == 3
-    copies = list(view.model)
-    assert all("forward" not in m.__dict__ for m in copies[:3]) and copies[3].__dict__["forward"] is model[3].forward
+    assert all("forward" not in m.__dict__ for m in copies[:3]) and copies[3].__dict__["forward"] is kept
     with pytest.raises(RuntimeError):
         backend.record(next(batches(torch.randn(6, 5, dtype=torch.float64), None, view.device, view.dtype)))
-    assert all("forward" not in m.__dict__ for m in copies[:3]) and copies[3].__dict__["forward"] is model[3].forward
+    assert all("forward" not in m.__dict__ for m in copies[:3]) and copies[3].__dict__["forward"] is kept
 
 
 class _Custom(nn.Linear):

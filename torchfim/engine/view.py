@@ -1,7 +1,8 @@
 """The model as the engine sees it: a private module tree, its trainable parameters, its outputs.
 
 :class:`ModelView` makes a structural copy of the user's module tree that shares every parameter,
-buffer and attribute with it (only the module objects and their registries are copied). The engine
+buffer and attribute with it (:mod:`.private_tree`: only the module objects and their registries are
+copied, and forwards set on an instance are rebound to the copy). The engine
 records, hooks and swaps parameters (``torch.func.functional_call``) on that copy only, so a
 training loop that runs the user's model in another thread never sees them. Each view reads the
 parameters afresh.
@@ -25,6 +26,7 @@ from ..errors import TorchfimError
 from ..families import Family
 from ..structures import Layout
 from .batch import Batch
+from .private_tree import private_tree
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
 #: loop in another thread may hold it around its optimiser step, so that no computation sees the step.
@@ -76,31 +78,6 @@ def check_mode(model: nn.Module) -> None:
             )
 
 
-def _private_tree(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model``'s module objects, sharing every tensor and attribute with it.
-
-    Each module is copied shallowly (its own ``__dict__``), with its own parameter, buffer, child and
-    hook registries; children and attributes that point at a module of the tree point at its copy.
-    Everything else (configuration objects, constants) is shared, so a change the user makes to it is
-    seen, and nothing is copied recursively (a deep copy of a large model costs milliseconds).
-    """
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: compute on the eager module
-    copies: dict[int, nn.Module] = {}
-    for m in model.modules():
-        c = object.__new__(type(m))
-        c.__dict__.update(m.__dict__)
-        copies[id(m)] = c
-    for c in copies.values():
-        for key, value in c.__dict__.items():
-            if key == "_modules":
-                c.__dict__[key] = {k: None if m is None else copies.get(id(m), m) for k, m in value.items()}
-            elif key.startswith("_") and isinstance(value, (dict, set)):
-                c.__dict__[key] = value.copy()  # registries: the engine's hooks stay on the copy
-            elif isinstance(value, nn.Module) and id(value) in copies:
-                c.__dict__[key] = copies[id(value)]
-    return copies[id(model)]
-
-
 class ModelView:
     """A private view of ``model`` with its trainable parameters θ and its output mapping."""
 
@@ -113,7 +90,7 @@ class ModelView:
         if class_dim not in (-1, 1):
             raise TorchfimError(f"class_dim must be -1 (classes last) or 1 (classes in dim 1), got {class_dim!r}")
         self.user_model = model
-        self.model = _private_tree(model)
+        self.model = private_tree(model)
         if eval_mode and self.model is not model:
             self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
         check_mode(self.model)

@@ -88,7 +88,9 @@ class GenericRule(Rule):
         # attention kernel has batching rules, the fused CPU kernels would run sample by sample.
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used)))(args, kwargs, cotangents)
-        return {self.params[n]: t.reshape(t.shape[0], t.shape[1], -1) for n, t in g.items()}
+        # A parameter the forward leaves unused gets a broadcast zero from vmap, whose entries share one
+        # memory location: made contiguous, so that the per-sample products may square it in place.
+        return {self.params[n]: t.contiguous().reshape(t.shape[0], t.shape[1], -1) for n, t in g.items()}
 
     def _looped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         module, size = self.module, call.size

@@ -1,0 +1,143 @@
+"""Models as users and libraries change them: forwards set on instances, parameters a forward leaves unused.
+
+The engine computes on a private copy of the module tree (``torchfim.engine.private_tree``). A forward
+set on an instance, as ``accelerate``'s hooks set one on every module of a dispatched Hugging Face
+model, must run the copy and not the user's module; otherwise the functional backend's parameter
+swaps never reach the forward (its Fisher came out zero) and the generic rule's per-sample gradients
+came out as broadcast zeros (an error from inside torch). The oracle is the definition
+``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from ``torch.func`` Jacobians of an unpatched twin with the same weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import clients  # first: hides a torchvision build that cannot load
+import pytest
+import torch
+from oracles import exact_fisher
+from torch import Tensor, nn
+
+import torchfim
+
+accelerate_hooks = clients.need("accelerate.hooks")
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+
+
+def _method_on_the_root(model: nn.Module) -> nn.Module:
+    def forward(self: nn.Module, x: Tensor) -> Tensor:
+        return nn.Sequential.forward(self, x)
+
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def _partials_like_accelerate(model: nn.Module) -> nn.Module:
+    """What ``accelerate.hooks.add_hook_to_module`` does, written out: the class forward kept bound as
+    ``_old_forward``, and a partial over the module as the forward."""
+    def new_forward(module: nn.Module, *args: object) -> object:
+        return module._old_forward(*args)
+
+    for layer in (model[0], model[2]):
+        layer._old_forward = layer.forward
+        layer.forward = functools.update_wrapper(functools.partial(new_forward, layer), layer._old_forward)
+    return model
+
+
+def _closure_over_a_bound_forward(model: nn.Module) -> nn.Module:
+    original = model[2].forward
+    model[2].forward = lambda x: original(x)
+    return model
+
+
+PATCHES = [_method_on_the_root, _partials_like_accelerate, _closure_over_a_bound_forward]
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda f: f.__name__.strip("_"))
+def test_an_instance_forward_runs_on_the_engines_copy(patch, backend: str) -> None:
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = exact_fisher(_mlp(), x, "categorical")
+    model = patch(_mlp())
+    full = torchfim.fisher(model, x, structure="full", backend=backend)
+    diag = torchfim.fisher(model, x, structure="diag", backend=backend)
+    assert clients.rel_err(full, want) < 1e-10
+    assert clients.rel_err(diag, torch.diagonal(want)) < 1e-10
+
+
+def test_the_users_instance_forwards_stay_bound_to_the_users_modules() -> None:
+    model = _partials_like_accelerate(_mlp())
+    forwards = {layer: (layer.forward, layer._old_forward) for layer in (model[0], model[2])}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    before = model(x)
+    torchfim.fisher(model, x, structure="diag", backend="functional")
+    for layer, (forward, old) in forwards.items():
+        assert layer.forward is forward and layer.forward.args[0] is layer
+        assert layer._old_forward is old and layer._old_forward.__self__ is layer
+    assert torch.equal(model(x), before)
+
+
+def test_closure_state_that_holds_no_module_stays_shared() -> None:
+    """Only the cells that hold a module (or a callable bound to one) are rebuilt for the copy."""
+    model = _mlp()
+    calls: list[int] = []
+    original = model[2].forward
+
+    def counted(x: Tensor) -> Tensor:
+        calls.append(len(x))
+        return original(x)
+
+    model[2].forward = counted
+    x = torch.randn(6, 3, dtype=torch.float64)
+    diag = torchfim.fisher(model, x, structure="diag", backend="functional")
+    assert calls  # the copy's forward appended to the user's list
+    assert clients.rel_err(diag, torch.diagonal(exact_fisher(_mlp(), x, "categorical"))) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_accelerate_hooks_on_a_transformers_model(backend: str) -> None:
+    """A GPT-2 with ``accelerate``'s device hook on every module (as ``dispatch_model`` leaves a model
+    spread over devices) has the Fisher of the same GPT-2 without hooks."""
+    from test_clients_transformers import VOCAB, padded_batch, tiny_gpt2
+
+    batch = padded_batch([5, 3], seed=1)
+    jac, logits = clients.jacobians(tiny_gpt2(), kwargs=batch, output="logits")
+    want = clients.categorical_diag(jac, logits, VOCAB, batch["attention_mask"])
+    model = tiny_gpt2()
+    for module in model.modules():
+        accelerate_hooks.add_hook_to_module(module, accelerate_hooks.AlignDevicesHook(execution_device="cpu"))
+    assert all(hasattr(m, "_hf_hook") for m in model.modules())
+    got = torchfim.fisher(model, batch, structure="diag", backend=backend, mask="attention_mask")
+    assert clients.rel_err(got, want) < 1e-10
+
+
+class _WithUnusedParameter(nn.Module):
+    """``tanh(x W)``; ``spare`` is a parameter the forward never reads (only the generic rule covers it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 5))
+        self.spare = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.weight)
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "trace"])
+def test_a_parameter_the_forward_leaves_unused_has_zero_fisher(structure: str) -> None:
+    """torch.func hands the generic rule a broadcast zero for it, which the products square in place."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), _WithUnusedParameter(), nn.Linear(5, 4)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    want = exact_fisher(model, x, "categorical")
+    got = torchfim.fisher(model, x, structure=structure)
+    expected = {"diag": torch.diagonal(want), "full": want, "trace": torch.trace(want)}[structure]
+    assert clients.rel_err(got, expected) < 1e-10
+    if structure == "diag":
+        spare = 15 + 5 + 25  # after the first Linear's weight and bias, and the custom module's weight
+        assert torch.equal(got[spare : spare + 3], torch.zeros(3, dtype=torch.float64))

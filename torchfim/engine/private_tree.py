@@ -1,0 +1,116 @@
+"""The engine's private copy of a user's module tree: new module objects, shared tensors.
+
+Each module is copied shallowly (its own ``__dict__``), with its own parameter, buffer, child and hook
+registries; children and attributes that point at a module of the tree point at its copy. Everything
+else (tensors, configuration objects, constants) is shared, so a change the user makes to it is seen,
+and nothing is copied recursively (a deep copy of a large model costs milliseconds).
+
+A forward set on an instance is rebound as well. Libraries patch forwards that way: ``accelerate``'s
+hooks (which Hugging Face models loaded with a ``device_map`` carry) set
+``module.forward = partial(new_forward, module)`` and keep the class forward, bound to the module, as
+``module._old_forward``. Left bound to the user's modules, such a forward would run them instead of
+their copies, and parameters swapped on the copy (``torch.func.functional_call``) would not reach it: the
+functional backend's Fisher came out as that of fixed parameters, zero. Bound methods, partials and
+closures whose arguments or cells hold a module of the tree (or such a callable) are rebuilt around the
+copy; a closure cell that holds nothing of the tree is kept, so shared state stays shared.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+from torch import nn
+
+__all__ = ["private_tree"]
+
+
+def private_tree(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model``'s module objects, sharing every tensor and attribute with it."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: compute on the eager module
+    copies: dict[int, object] = {}
+    for m in model.modules():
+        c = object.__new__(type(m))
+        c.__dict__.update(m.__dict__)
+        copies[id(m)] = c
+    rebind = _Rebinder(copies)
+    for c in copies.values():
+        own = c.__dict__
+        for key, value in own.items():  # assigning to present keys: the iteration stays valid
+            if isinstance(value, (dict, set)):
+                if key.startswith("_"):  # registries: the engine's hooks stay on the copy
+                    value = own[key] = value.copy()
+                    if value and isinstance(value, dict):
+                        for k, v in value.items():
+                            if isinstance(v, _REBOUND):
+                                value[k] = rebind(v)
+            elif isinstance(value, _REBOUND):
+                own[key] = rebind(value)
+    return copies[id(model)]  # type: ignore[return-value]
+
+
+#: What may point at a module of the tree: the module itself, or a callable bound to or closing over it.
+_REBOUND = (nn.Module, types.MethodType, functools.partial, types.FunctionType)
+
+
+class _Rebinder:
+    """Maps a value to the same value with every module of the tree replaced by its copy."""
+
+    def __init__(self, copies: dict[int, object]) -> None:
+        self.copies = copies
+        self.memo: dict[int, object] = {}
+
+    def __call__(self, value: object) -> object:
+        if isinstance(value, nn.Module):
+            return self.copies.get(id(value), value)
+        if not isinstance(value, _REBOUND):
+            return value
+        key = id(value)
+        if key not in self.memo:
+            self.memo[key] = value  # a callable that reaches itself (through a cell) is kept as it is
+            self.memo[key] = self._callable(value)
+        return self.memo[key]
+
+    def _callable(self, value: object) -> object:
+        if isinstance(value, types.MethodType):
+            owner, func = self(value.__self__), self(value.__func__)
+            if owner is value.__self__ and func is value.__func__:
+                return value
+            return types.MethodType(func, owner)
+        if isinstance(value, functools.partial):
+            func, args = self(value.func), tuple(self(a) for a in value.args)
+            keywords = {k: self(v) for k, v in value.keywords.items()}
+            if func is value.func and _same(args, value.args) and _same(keywords.values(), value.keywords.values()):
+                return value
+            new = functools.partial(func, *args, **keywords)
+            new.__dict__.update({k: self(v) for k, v in value.__dict__.items()})  # update_wrapper's names
+            return new
+        return self._function(value)  # type: ignore[arg-type]
+
+    def _function(self, value: types.FunctionType) -> object:
+        cells = value.__closure__ or ()
+        contents = [_contents(cell) for cell in cells]
+        rebound = [self(x) if x is not _EMPTY else x for x in contents]
+        if _same(rebound, contents):
+            return value
+        closure = tuple(cell if new is old else types.CellType(new)
+                        for cell, old, new in zip(cells, contents, rebound))
+        new = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, closure)
+        new.__kwdefaults__ = value.__kwdefaults__
+        new.__qualname__ = value.__qualname__
+        new.__dict__.update(value.__dict__)
+        return new
+
+
+_EMPTY = object()
+
+
+def _contents(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return _EMPTY
+
+
+def _same(new: object, old: object) -> bool:
+    return all(a is b for a, b in zip(new, old))  # type: ignore[call-overload]
