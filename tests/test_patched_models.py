@@ -1,4 +1,5 @@
-"""Models as users and libraries change them: forwards set on instances, parameters a forward leaves unused.
+"""Models as users and libraries change them: forwards set on instances, compiled submodules, parameters a
+forward leaves unused.
 
 The engine computes on a private copy of the module tree (``torchfim.engine.private_tree``). A forward
 set on an instance, as ``accelerate``'s hooks set one on every module of a dispatched Hugging Face
@@ -114,6 +115,20 @@ def test_accelerate_hooks_on_a_transformers_model(backend: str) -> None:
     assert all(hasattr(m, "_hf_hook") for m in model.modules())
     got = torchfim.fisher(model, batch, structure="diag", backend=backend, mask="attention_mask")
     assert clients.rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_a_compiled_submodule_is_computed_on_its_eager_module(backend: str) -> None:
+    """``torch.compile``'s wrapper inside the model: dynamo cannot trace under torch.func's transforms
+    (the functional backend failed inside dynamo); the wrapper's ``_orig_mod.`` leaves the names."""
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = exact_fisher(_mlp(), x, "categorical")
+    model = _mlp()
+    model[2] = torch.compile(model[2], backend="eager")  # the eager backend needs no compiler
+    blocks = torchfim.fisher(model, x, structure="blocks", backend=backend)
+    assert list(blocks) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    diag = torchfim.fisher(model, x, structure="diag", backend=backend)
+    assert clients.rel_err(diag, torch.diagonal(want)) < 1e-10
 
 
 class _WithUnusedParameter(nn.Module):

@@ -13,6 +13,9 @@ their copies, and parameters swapped on the copy (``torch.func.functional_call``
 functional backend's Fisher came out as that of fixed parameters, zero. Bound methods, partials and
 closures whose arguments or cells hold a module of the tree (or such a callable) are rebuilt around the
 copy; a closure cell that holds nothing of the tree is kept, so shared state stays shared.
+
+A module wrapped by ``torch.compile``, the model or one inside it, is replaced by its eager module, so
+parameter names drop the wrapper's ``_orig_mod.``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ __all__ = ["private_tree"]
 
 def private_tree(model: nn.Module) -> nn.Module:
     """A structural copy of ``model``'s module objects, sharing every tensor and attribute with it."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: compute on the eager module
+    model = _eager(model) or model
     copies: dict[int, object] = {}
     for m in model.modules():
         c = object.__new__(type(m))
         c.__dict__.update(m.__dict__)
         copies[id(m)] = c
+    for m in model.modules():
+        eager = _eager(m)
+        if eager is not None:  # a compiled submodule: its parent's copy calls the eager module's copy
+            copies[id(m)] = copies[id(eager)]
     rebind = _Rebinder(copies)
     for c in copies.values():
         own = c.__dict__
@@ -47,6 +54,14 @@ def private_tree(model: nn.Module) -> nn.Module:
             elif isinstance(value, _REBOUND):
                 own[key] = rebind(value)
     return copies[id(model)]  # type: ignore[return-value]
+
+
+def _eager(module: nn.Module) -> nn.Module | None:
+    """The module inside ``torch.compile``'s wrapper, or None for any other module. The engine computes on
+    the eager module: dynamo cannot trace under torch.func's transforms, and would recompile for every
+    copy."""
+    inner = module.__dict__.get("_modules", {}).get("_orig_mod")
+    return inner if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else None
 
 
 #: What may point at a module of the tree: the module itself, or a callable bound to or closing over it.
