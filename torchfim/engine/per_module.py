@@ -53,6 +53,13 @@ ROW_GROUP_ELEMENTS = 2**24
 STREAM_ELEMENTS = 2**22
 #: Per user model and per sample signature (Batch.signature): numbers its taps hold per sample.
 _PER_SAMPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Warned once per model: modules with trainable parameters whose outputs carry no autograd history.
+DETACHED = (
+    "torchfim: module(s) {} ran without autograd (inside torch.no_grad, or a torch.utils.checkpoint with "
+    "use_reentrant=True whose inputs do not require grad), so no output depends on their parameters through "
+    "autograd and their Fisher is zero, as their gradients in training are; use "
+    "torch.utils.checkpoint(..., use_reentrant=False), or set requires_grad=False on parameters meant to be frozen"
+)
 
 
 class PerModuleBackend(Backend):
@@ -122,6 +129,10 @@ class PerModuleBackend(Backend):
             self._verified = True
             changed = self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True))
             paths = {m: p for p, m in self.view.model.named_modules()}
+            reached = {rule.module for rule, call in rec.calls if call.taps}  # a no_grad call beside a graded one is fine
+            detached = sorted({paths[rule.module] or "the model" for rule, _ in rec.calls if rule.module not in reached})
+            if detached:
+                warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()})
             if changed:
                 return self.record(batch)
