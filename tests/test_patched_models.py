@@ -1,5 +1,5 @@
-"""Models as users and libraries change them: forwards set on instances, compiled submodules, parameters a
-forward leaves unused, checkpointed layers and layers run without autograd.
+"""Models as users and libraries change them: forwards set on instances, compiled and data-parallel
+wrappers, parameters a forward leaves unused, checkpointed layers and layers run without autograd.
 
 The engine computes on a private copy of the module tree (``torchfim.engine.private_tree``). A forward
 set on an instance, as ``accelerate``'s hooks set one on every module of a dispatched Hugging Face
@@ -11,9 +11,11 @@ came out as broadcast zeros (an error from inside torch). The oracle is the defi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
+from collections.abc import Iterator
 
 import clients  # first: hides a torchvision build that cannot load
 import pytest
@@ -118,17 +120,44 @@ def test_accelerate_hooks_on_a_transformers_model(backend: str) -> None:
     assert clients.rel_err(got, want) < 1e-10
 
 
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """A one-process gloo group on an in-memory store (no network), as DistributedDataParallel needs."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+WRAPPERS = {
+    "compiled": lambda m: torch.compile(m, backend="eager"),  # the eager backend needs no compiler
+    "data_parallel": nn.DataParallel,  # on CPU it calls the module
+    "distributed": nn.parallel.DistributedDataParallel,
+}
+
+
 @pytest.mark.parametrize("backend", ["modules", "functional"])
-def test_a_compiled_submodule_is_computed_on_its_eager_module(backend: str) -> None:
-    """``torch.compile``'s wrapper inside the model: dynamo cannot trace under torch.func's transforms
-    (the functional backend failed inside dynamo); the wrapper's ``_orig_mod.`` leaves the names."""
+@pytest.mark.parametrize("where", ["model", "submodule"])
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_wrapped_model_or_submodule_is_computed_on_the_module_inside(wrapper: str, where: str,
+                                                                         backend: str) -> None:
+    """``torch.compile``, ``DataParallel`` and ``DistributedDataParallel`` wrappers: before, dynamo failed
+    under torch.func's transforms, torch's stateless call refused ``DataParallel``, and a data-parallel
+    forward would prepare gradient synchronisation (with several processes, a collective on one rank).
+    Names drop the wrapper's ``_orig_mod.`` or ``module.``."""
     x = torch.randn(7, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     want = exact_fisher(_mlp(), x, "categorical")
-    model = _mlp()
-    model[2] = torch.compile(model[2], backend="eager")  # the eager backend needs no compiler
-    blocks = torchfim.fisher(model, x, structure="blocks", backend=backend)
+    group = _process_group() if wrapper == "distributed" else contextlib.nullcontext()
+    with group:
+        model = _mlp()
+        if where == "model":
+            model = WRAPPERS[wrapper](model)
+        else:
+            model[2] = WRAPPERS[wrapper](model[2])
+        blocks = torchfim.fisher(model, x, structure="blocks", backend=backend)
+        diag = torchfim.fisher(model, x, structure="diag", backend=backend)
     assert list(blocks) == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    diag = torchfim.fisher(model, x, structure="diag", backend=backend)
     assert clients.rel_err(diag, torch.diagonal(want)) < 1e-10
 
 
@@ -227,3 +256,12 @@ def test_a_no_grad_call_beside_a_graded_one_is_not_warned_about() -> None:
         warnings.simplefilter("error")
         got = torchfim.fisher(model, x, structure="diag")
     assert clients.rel_err(got, torch.diagonal(exact_fisher(model, x, "categorical"))) < 1e-10
+
+
+def test_compare_estimators_names_the_rows_of_a_wrapped_model_by_the_module_inside() -> None:
+    """Its rows read the engine's blocks by name (a KeyError on ``module.0.weight`` before)."""
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    plain = torchfim.compare_estimators(_mlp(), x)
+    wrapped = torchfim.compare_estimators(nn.DataParallel(_mlp()), x)
+    assert [r.name for r in wrapped.rows] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert wrapped.rows == plain.rows

@@ -120,17 +120,16 @@ def compare_estimators(
         )
     if not isinstance(inputs, torch.Tensor):
         inputs = list(inputs)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     diag = fisher(model, inputs, family=family, structure="layers")
     score = fisher_variance(model, inputs, family=family, estimator="score", structure="diag", n_samples=n_samples)
     hess = fisher_variance(model, inputs, family=family, estimator="hessian", structure="diag", n_samples=n_samples)
     rows, start = [], 0
-    for name in names:
-        size = diag[name].shape[0]
+    for name, block in diag.items():  # the engine's names: a compiled or data-parallel wrapper's prefix dropped
+        size = block.shape[0]
         part = slice(start, start + size)
         rows.append(
             EstimatorRow(  # summed in float64: a half-precision sum over a large layer overflows
-                name, size, float(torch.diagonal(diag[name]).double().sum()), float(score[part].double().sum()),
+                name, size, float(torch.diagonal(block).double().sum()), float(score[part].double().sum()),
                 float(hess[part].double().sum()),
             )
         )

@@ -14,8 +14,9 @@ functional backend's Fisher came out as that of fixed parameters, zero. Bound me
 closures whose arguments or cells hold a module of the tree (or such a callable) are rebuilt around the
 copy; a closure cell that holds nothing of the tree is kept, so shared state stays shared.
 
-A module wrapped by ``torch.compile``, the model or one inside it, is replaced by its eager module, so
-parameter names drop the wrapper's ``_orig_mod.``.
+A module wrapped by ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``, the model or one
+inside it, is replaced by the module inside (:func:`_unwrapped`), so parameter names drop the wrapper's
+``_orig_mod.`` or ``module.``.
 """
 
 from __future__ import annotations
@@ -24,22 +25,23 @@ import functools
 import types
 
 from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 __all__ = ["private_tree"]
 
 
 def private_tree(model: nn.Module) -> nn.Module:
     """A structural copy of ``model``'s module objects, sharing every tensor and attribute with it."""
-    model = _eager(model) or model
+    model = _unwrapped(model)
     copies: dict[int, object] = {}
     for m in model.modules():
         c = object.__new__(type(m))
         c.__dict__.update(m.__dict__)
         copies[id(m)] = c
     for m in model.modules():
-        eager = _eager(m)
-        if eager is not None:  # a compiled submodule: its parent's copy calls the eager module's copy
-            copies[id(m)] = copies[id(eager)]
+        inner = _unwrapped(m)
+        if inner is not m:  # a wrapped submodule: its parent's copy calls the copy of the module inside
+            copies[id(m)] = copies[id(inner)]
     rebind = _Rebinder(copies)
     for c in copies.values():
         own = c.__dict__
@@ -56,12 +58,21 @@ def private_tree(model: nn.Module) -> nn.Module:
     return copies[id(model)]  # type: ignore[return-value]
 
 
-def _eager(module: nn.Module) -> nn.Module | None:
-    """The module inside ``torch.compile``'s wrapper, or None for any other module. The engine computes on
-    the eager module: dynamo cannot trace under torch.func's transforms, and would recompile for every
-    copy."""
-    inner = module.__dict__.get("_modules", {}).get("_orig_mod")
-    return inner if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else None
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s, ``DataParallel``'s or ``DistributedDataParallel``'s wrapper
+    (through several), else ``module`` itself. The engine computes on the inner module: dynamo cannot
+    trace under torch.func's transforms and would recompile for every copy, torch's stateless calls
+    refuse ``DataParallel``, and a data-parallel forward would prepare a gradient synchronisation."""
+    while True:
+        if isinstance(module, (DataParallel, DistributedDataParallel)):
+            inner = module.__dict__["_modules"].get("module")
+        elif type(module).__name__ == "OptimizedModule":
+            inner = module.__dict__["_modules"].get("_orig_mod")
+        else:
+            return module
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
 
 
 #: What may point at a module of the tree: the module itself, or a callable bound to or closing over it.
