@@ -265,3 +265,20 @@ def test_compare_estimators_names_the_rows_of_a_wrapped_model_by_the_module_insi
     wrapped = torchfim.compare_estimators(nn.DataParallel(_mlp()), x)
     assert [r.name for r in wrapped.rows] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert wrapped.rows == plain.rows
+
+
+@pytest.mark.parametrize("offload", ["cpu_offload", "init_empty_weights"])
+def test_weights_on_the_meta_device_are_refused_with_the_fix_named(offload: str) -> None:
+    """``accelerate``'s offloading keeps the weights off the model (a hook loads them inside each forward,
+    which still runs); empty-weight initialisation never loads them. Before: a RuntimeError from inside
+    torch ("Tensor.item() cannot be called on meta tensors")."""
+    accelerate = clients.need("accelerate")
+    if offload == "cpu_offload":
+        model = accelerate.cpu_offload(_mlp(), execution_device=torch.device("cpu"))
+        assert model(torch.randn(2, 3, dtype=torch.float64)).shape == (2, 4)  # the user's forward works
+    else:
+        with accelerate.init_empty_weights():
+            model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Linear(5, 4)).eval()
+    with pytest.raises(torchfim.TorchfimError, match=r"'0\.weight', '0\.bias', '\w+\.\w+' and \d+ more of the model "
+                                                     r"are on the meta device.*device_map='cpu'"):
+        torchfim.fisher(model, torch.randn(6, 3, dtype=torch.float64), structure="diag")

@@ -78,6 +78,19 @@ def check_mode(model: nn.Module) -> None:
             )
 
 
+def _check_in_memory(tensors: dict[str, Tensor]) -> None:
+    """Refuse parameters and buffers on the meta device: their values live elsewhere, if anywhere."""
+    on_meta = [n for n, t in tensors.items() if t.is_meta]
+    if on_meta:
+        shown = ", ".join(repr(n) for n in on_meta[:3]) + (f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else "")
+        raise TorchfimError(
+            f"{shown} of the model are on the meta device, so their values are not in memory (accelerate's "
+            "cpu_offload or disk offload loads weights only inside each module's forward; init_empty_weights "
+            "never does), and torchfim cannot differentiate with respect to them; load the model with its "
+            "weights in memory, e.g. from_pretrained(..., device_map='cpu') or dispatch_model without offloading"
+        )
+
+
 class ModelView:
     """A private view of ``model`` with its trainable parameters θ and its output mapping."""
 
@@ -108,6 +121,7 @@ class ModelView:
         self.index_of = {id(p): i for i, (_, p) in enumerate(named)}
         self.constants = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
         self.constants.update(dict(self.model.named_buffers()))
+        _check_in_memory({**self.params, **self.constants})
         self.output_map = output
         self.class_dim = class_dim
 
