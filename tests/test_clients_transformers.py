@@ -14,6 +14,8 @@ of the exact Fisher, the standard errors being :func:`torchfim.fisher_variance`'
 
 from __future__ import annotations
 
+import warnings
+
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
@@ -21,9 +23,11 @@ import torch
 import torchfim
 from torchfim.engine import ModelView, batches, make_backend
 from torchfim.engine.modules import GenericRule
+from torchfim.engine.modules.transposed_linear import TransposedLinearRule
 
 transformers = clients.need("transformers")
 transformers.logging.set_verbosity_error()
+Conv1D = transformers.pytorch_utils.Conv1D
 
 VOCAB, LENGTH, CLASSES = 50, 5, 3
 PAD = 0
@@ -103,17 +107,66 @@ def test_gpt2_exact_diag_matches_jacobian_oracle() -> None:
     assert clients.rel_err(clients.categorical_diag(jac, logits, VOCAB), want) > 1e-2
 
 
-def test_gpt2_generic_rule_covers_only_conv1d() -> None:
-    """GPT-2's projections are transformers' own ``Conv1D``: the generic rule takes them, and only them.
+def rule_kinds(model: torch.nn.Module, batch: object) -> dict[str, str]:
+    """Path → rule class name of every module the per-module backend gives a rule (after the first record,
+    whose coverage check would move a rule whose summed per-sample gradients missed autograd's)."""
+    view = ModelView(model)
+    engine = make_backend(view, "modules")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a moved parameter warns
+        for b in batches(batch, None, view.device, view.dtype):
+            engine.record(b)
+    paths = {m: p for p, m in view.model.named_modules()}
+    return {paths[m]: type(rule).__name__ for m, rule in engine.rules.items()}
 
-    The tied ``lm_head`` is a Linear, the lookups Embeddings and the norms LayerNorms, each with a
-    rule of its own.
-    """
+
+def test_gpt2_projections_have_the_transposed_linear_rule() -> None:
+    """GPT-2's projections are transformers' own ``Conv1D`` (a Linear whose weight is stored ``(in, out)``):
+    each has the transposed-Linear rule, and nothing goes generic. The tied ``lm_head`` is a Linear, the
+    lookups Embeddings and the norms LayerNorms."""
     model = tiny_gpt2()
-    generic = generic_modules(model, padded_batch([5, 3], seed=3))
+    kinds = rule_kinds(model, padded_batch([5, 3], seed=3))
     conv1d = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Conv1D")
-    assert generic == conv1d
     assert len(conv1d) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    assert sorted(n for n, k in kinds.items() if k == TransposedLinearRule.__name__) == conv1d
+    assert GenericRule.__name__ not in kinds.values()
+
+
+class Conv1DNet(torch.nn.Module):
+    """transformers' ``Conv1D`` on inputs without positions ``(B, in)``, where its squares factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = Conv1D(5, 3), Conv1D(4, 5)
+        torch.nn.init.normal_(self.second.bias)  # zero at construction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+def test_conv1d_on_inputs_without_positions_matches_the_oracle() -> None:
+    """The factored squares and squared norms (inputs ``(B, in)``): the exact diagonal and trace and the
+    monitor's squared norms against the Jacobian oracle, the score variances of diagonal and trace
+    against the functional backend."""
+    model = Conv1DNet().double()
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    assert set(rule_kinds(model, x).values()) == {TransposedLinearRule.__name__}
+    jac, logits = clients.jacobians(model, args=(x,))
+    want = clients.categorical_diag(jac, logits, 4)
+    assert clients.rel_err(torchfim.fisher(model, x, structure="diag"), want) < 1e-10
+    assert abs(float(torchfim.fisher(model, x, structure="trace")) - float(want.sum())) < 1e-10 * float(want.sum())
+    for structure in ("diag", "trace"):
+        got, ref = (torchfim.fisher_variance(model, x, estimator="score", structure=structure, backend=backend)
+                    for backend in ("modules", "functional"))
+        assert clients.rel_err(got, ref) < 1e-10
+    # the monitor's per-sample squared norms ‖Jᵢᵀ v_ij‖², against the Jacobians
+    view = ModelView(model)
+    engine = make_backend(view, "modules")
+    rec = engine.record(next(batches(x, None, view.device, view.dtype)))
+    v = torch.randn(9, 3, 4, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    want_norms = torch.einsum("bcp,bkc->bkp", jac, v).square().sum(-1)
+    assert clients.rel_err(engine.sample_squares(rec, v), want_norms) < 1e-10
 
 
 @pytest.mark.parametrize("backend", ["functional", "modules"])

@@ -1,8 +1,8 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
-Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval) and
-MultiheadAttention have rules of their own; any other module with trainable parameters gets the generic rule (``torch.func``
-over that module alone). Adding a rule is one module here and one line in :func:`rule_for`.
+Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval), MultiheadAttention
+and transformers' ``Conv1D`` (GPT-2's transposed Linear) have rules of their own; any other module with
+trainable parameters gets the generic rule (``torch.func`` over that module alone). Adding a rule is one module here and one line in :func:`rule_for`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .embedding import EmbeddingRule, embedding_supported
 from .generic import GenericRule, tensors_of
 from .linear import LinearRule
 from .norm import BatchNormRule, NormRule, norm_supported
+from .transposed_linear import TransposedLinearRule, transposed_linear_supported
 
 __all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "tensors_of"]
 
@@ -42,4 +43,6 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         if norm_supported(module):
             batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
             return (BatchNormRule if batch_norm else NormRule)(module, params)
+        if transposed_linear_supported(module):
+            return TransposedLinearRule(module, params)
     return GenericRule(module, params, path)

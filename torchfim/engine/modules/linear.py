@@ -45,16 +45,21 @@ class LinearRule(Rule):
         return out
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
-        if not self._dense(call):
-            return None
-        # Straight on the recorded (B, in) and (m, B, out): a few operations per layer, which is most of
-        # the cost of a small window (the monitor's), where each costs about as much as its arithmetic.
-        a, g = as_float(call.args[0]), as_float(sens[0])
-        g2 = torch.linalg.vecdot(g, g)  # (m, B): ‖g_ij‖²
-        if "weight" not in self.params:
-            return g2.T
-        a2 = torch.linalg.vecdot(a, a)  # (B,): ‖a_i‖²
-        return (torch.addcmul(g2, g2, a2) if "bias" in self.params else g2 * a2).T
+        return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None
 
     def unit_input(self, call: Call) -> Tensor | None:
         return call.args[0] if self._dense(call) else None
+
+
+def dense_squared_norms(params: dict[str, int], a: Tensor, g: Tensor) -> Tensor:
+    """``‖g_ij‖² (‖a_i‖² + 1)`` per sample and vector ``(B, m)`` for a dense linear map with input ``a``
+    ``(B, in)`` and output sensitivities ``g`` ``(m, B, out)`` (``+ 1`` where it has a bias, ``‖g_ij‖²``
+    alone without a weight); the same for either layout of the weight."""
+    # Straight on the recorded tensors: a few operations per layer, which is most of the cost of a small
+    # window (the monitor's), where each costs about as much as its arithmetic.
+    a, g = as_float(a), as_float(g)
+    g2 = torch.linalg.vecdot(g, g)  # (m, B): ‖g_ij‖²
+    if "weight" not in params:
+        return g2.T
+    a2 = torch.linalg.vecdot(a, a)  # (B,): ‖a_i‖²
+    return (torch.addcmul(g2, g2, a2) if "bias" in params else g2 * a2).T

@@ -1,0 +1,60 @@
+"""Hugging Face ``transformers``' ``Conv1D`` (GPT, GPT-2 and their descendants): a Linear layer whose
+weight is stored transposed, ``(in, out)``.
+
+``z_l = a_l W + b`` at each position ``l`` of a sample: the per-sample gradients are
+``∂/∂W = Σ_l a_l g_lᵀ`` (``(in, out)``, the layout of ``W``) and ``∂/∂b = Σ_l g_l``. With one position
+per sample the squares factor, ``Σᵢⱼ (a_i g_ijᵀ)² = (a_i²)ᵀ (Σⱼ g_ij²)``; the squared norms do not
+depend on the layout, ``‖g‖² (‖a‖² + 1)`` (docs/math.md §6.1, §6.3). The layer is recognised by its
+class name, module and shapes, so transformers need not be installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Call, Grads, Rule, as_float
+from .linear import dense_squared_norms
+
+
+def transposed_linear_supported(module: nn.Module) -> bool:
+    """A ``transformers`` ``Conv1D``: weight ``(nx, nf)``, optional bias ``(nf,)``, forward ``x W + b``."""
+    if type(module).__name__ != "Conv1D" or not type(module).__module__.startswith("transformers."):
+        return False
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
+
+
+class TransposedLinearRule(Rule):
+    """Per-sample products of a ``transformers`` ``Conv1D`` (weight ``(in, out)``, bias ``(out,)``)."""
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        a = call.args[0][rows]
+        a = as_float(a.reshape(a.shape[0], -1, a.shape[-1]))  # (b, L, in)
+        g = sens[0][:, rows]
+        m, b, units = g.shape[0], g.shape[1], g.shape[-1]
+        g = as_float(g.reshape(m, b, -1, units))  # (m, b, L, out)
+        out: Grads = {}
+        if "weight" in self.params:
+            stacked = g.permute(1, 2, 0, 3).reshape(b, -1, m * units)  # (b, L, m·out)
+            per_sample = torch.bmm(a.transpose(1, 2), stacked)  # (b, in, m·out)
+            out[self.params["weight"]] = per_sample.view(b, -1, m, units).transpose(1, 2).reshape(b, m, -1)
+        if "bias" in self.params:
+            out[self.params["bias"]] = g.sum(2).transpose(0, 1)
+        return out
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        if call.args[0].dim() != 2:
+            return None
+        a, g = as_float(call.args[0]), as_float(sens[0])  # (B, in), (m, B, out)
+        g2 = g[0].square() if g.shape[0] == 1 else g.square().sum(0)  # (B, out): Σⱼ g_ij²
+        out: Grads = {}
+        if "weight" in self.params:
+            out[self.params["weight"]] = (a.square().T @ g2).reshape(-1)
+        if "bias" in self.params:
+            out[self.params["bias"]] = g2.sum(0)
+        return out
+
+    def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
+        return dense_squared_norms(self.params, call.args[0], sens[0]) if call.args[0].dim() == 2 else None
