@@ -74,6 +74,31 @@ def test_an_instance_forward_runs_on_the_engines_copy(patch, backend: str) -> No
     assert clients.rel_err(diag, torch.diagonal(want)) < 1e-10
 
 
+class _ListedLayers(nn.Module):
+    """A forward that reaches its registered layers through a plain list and a plain dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(3, 5), nn.Linear(5, 4)])
+        self.order = [self.layers[0], self.layers[1]]
+        self.by_role = {"head": self.layers[1]}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.by_role["head"](torch.tanh(self.order[0](x)))
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_layers_reached_through_plain_containers_run_on_the_engines_copy(backend: str) -> None:
+    """Before, both backends ran the user's layers and returned a zero Fisher (relative error 1.0)."""
+    model = _ListedLayers().double()
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = exact_fisher(model, x, "categorical")  # torch.func swaps the parameters of the user's own layers
+    got = torchfim.fisher(model, x, structure="diag", backend=backend)
+    assert clients.rel_err(got, torch.diagonal(want)) < 1e-10
+    assert model.order[0] is model.layers[0] and model.by_role["head"] is model.layers[1]  # the user's untouched
+
+
 def test_the_users_instance_forwards_stay_bound_to_the_users_modules() -> None:
     model = _partials_like_accelerate(_mlp())
     forwards = {layer: (layer.forward, layer._old_forward) for layer in (model[0], model[2])}

@@ -12,7 +12,9 @@ hooks (which Hugging Face models loaded with a ``device_map`` carry) set
 their copies, and parameters swapped on the copy (``torch.func.functional_call``) would not reach it: the
 functional backend's Fisher came out as that of fixed parameters, zero. Bound methods, partials and
 closures whose arguments or cells hold a module of the tree (or such a callable) are rebuilt around the
-copy; a closure cell that holds nothing of the tree is kept, so shared state stays shared.
+copy, and so are plain lists, tuples and dicts that hold one (a list of layers kept beside their
+``ModuleList``, which the forward iterates); a container or closure cell that holds nothing of the tree
+is kept, so shared state stays shared.
 
 A module wrapped by ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``, the model or one
 inside it, is replaced by the module inside (:func:`_unwrapped`), so parameter names drop the wrapper's
@@ -46,14 +48,13 @@ def private_tree(model: nn.Module) -> nn.Module:
     for c in copies.values():
         own = c.__dict__
         for key, value in own.items():  # assigning to present keys: the iteration stays valid
-            if isinstance(value, (dict, set)):
-                if key.startswith("_"):  # registries: the engine's hooks stay on the copy
-                    value = own[key] = value.copy()
-                    if value and isinstance(value, dict):
-                        for k, v in value.items():
-                            if isinstance(v, _REBOUND):
-                                value[k] = rebind(v)
-            elif isinstance(value, _REBOUND):
+            if key.startswith("_") and isinstance(value, (dict, set)):  # registries: the engine's hooks stay on the copy
+                value = own[key] = value.copy()
+                if value and isinstance(value, dict):
+                    for k, v in value.items():
+                        if isinstance(v, _REBOUND):
+                            value[k] = rebind(v)
+            elif isinstance(value, _REBOUND) or type(value) in _CONTAINERS:
                 own[key] = rebind(value)
     return copies[id(model)]  # type: ignore[return-value]
 
@@ -77,6 +78,8 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 #: What may point at a module of the tree: the module itself, or a callable bound to or closing over it.
 _REBOUND = (nn.Module, types.MethodType, functools.partial, types.FunctionType)
+#: Plain containers that may hold such values (a list of layers kept beside the ModuleList, say).
+_CONTAINERS = (list, tuple, dict)
 
 
 class _Rebinder:
@@ -89,15 +92,21 @@ class _Rebinder:
     def __call__(self, value: object) -> object:
         if isinstance(value, nn.Module):
             return self.copies.get(id(value), value)
-        if not isinstance(value, _REBOUND):
+        if not isinstance(value, _REBOUND) and type(value) not in _CONTAINERS:
             return value
         key = id(value)
         if key not in self.memo:
-            self.memo[key] = value  # a callable that reaches itself (through a cell) is kept as it is
-            self.memo[key] = self._callable(value)
+            self.memo[key] = value  # a value that reaches itself (through a cell or an item) is kept as it is
+            self.memo[key] = self._rebuilt(value)
         return self.memo[key]
 
-    def _callable(self, value: object) -> object:
+    def _rebuilt(self, value: object) -> object:
+        if type(value) is dict:
+            items = {k: self(v) for k, v in value.items()}  # type: ignore[attr-defined]
+            return value if _same(items.values(), value.values()) else items  # type: ignore[attr-defined]
+        if type(value) in (list, tuple):
+            elements = [self(v) for v in value]  # type: ignore[attr-defined]
+            return value if _same(elements, value) else type(value)(elements)
         if isinstance(value, types.MethodType):
             owner, func = self(value.__self__), self(value.__func__)
             if owner is value.__self__ and func is value.__func__:
