@@ -273,15 +273,11 @@ T5_TOLERANCE = 1e-6
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch: SDPA's fused CPU kernel has no batching rule
-@pytest.mark.parametrize("backend", [
-    "functional",
-    pytest.param("modules", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "known defect: the relative-position biases are lookups shared by the batch, so the coverage check "
-        "moves them to the generic rule of the whole model, whose call also returns encoder_last_hidden_state; "
-        "the decoder's path from it to the logits is then counted twice (the encoder bias's diagonal comes out "
-        "4x)"))),
-])
+@pytest.mark.parametrize("backend", ["modules", "functional"])
 def test_t5_exact_diag_matches_jacobian_oracle(backend: str) -> None:
+    """The relative-position biases are lookups shared by the batch, so the coverage check moves them to
+    the whole model's generic rule, whose call also returns ``encoder_last_hidden_state``. Before, the
+    decoder's path from it to the logits was counted twice (the encoder bias's diagonal came out 4×)."""
     model, batch = tiny_t5(), t5_batch()
     jac, logits = clients.jacobians(model, kwargs=batch, output="logits")
     want = clients.categorical_diag(jac, logits, VOCAB)

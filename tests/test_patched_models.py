@@ -99,6 +99,40 @@ def test_layers_reached_through_plain_containers_run_on_the_engines_copy(backend
     assert model.order[0] is model.layers[0] and model.by_role["head"] is model.layers[1]  # the user's untouched
 
 
+class _Output(dict):
+    """A dict whose entries read as attributes too, as transformers' ``ModelOutput`` does."""
+
+    __getattr__ = dict.__getitem__
+
+
+class _TiedWithHidden(nn.Module):
+    """Tied input and output embeddings, the output one through ``F.linear`` (so the whole model's generic
+    rule takes the weight), and an output with the hidden state beside the logits it feeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(6, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, ids: Tensor) -> _Output:
+        hidden = torch.tanh(self.mix(self.embed(ids))).mean(1)
+        return _Output(hidden=hidden, logits=nn.functional.linear(hidden, self.embed.weight))
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. the module rules:RuntimeWarning")  # the move to the whole model
+def test_outputs_beside_the_read_one_are_not_counted_again() -> None:
+    """Of the whole model's outputs the Fisher reads ``logits``; ``hidden`` feeds it inside the call. Before,
+    the generic rule also took ``hidden``'s sensitivity and counted its path twice (both weights off)."""
+    model = _TiedWithHidden().double()
+    ids = torch.randint(0, 6, (5, 3), generator=torch.Generator().manual_seed(7))
+    want = torchfim.fisher(model, ids, structure="diag", backend="functional")
+    got = torchfim.fisher(model, ids, structure="diag")
+    assert clients.rel_err(got, want) < 1e-10
+    jac, logits = clients.jacobians(model, args=(ids,), output="logits")
+    assert clients.rel_err(want, clients.categorical_diag(jac, logits, 6)) < 1e-10
+
+
 def test_the_users_instance_forwards_stay_bound_to_the_users_modules() -> None:
     model = _partials_like_accelerate(_mlp())
     forwards = {layer: (layer.forward, layer._old_forward) for layer in (model[0], model[2])}

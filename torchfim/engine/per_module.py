@@ -317,7 +317,7 @@ class PerModuleBackend(Backend):
             sens = self._sensitivities(rec, v[:, vecs], consumers)
             shared: set[int] = set()
             for (rule, call), s in zip(rec.calls, sens):
-                if not s or s[0] is None:
+                if all(t is None for t in s):
                     continue
                 if not self._single(rule):
                     shared.update(rule.params.values())

@@ -34,9 +34,9 @@ def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
     get ``[None]`` in the result.
     """
     consumers = consumers or {}
-    taps = [t for call in calls for t in call.taps]
+    taps = [t for call in calls for t in _read(call)]
     if not taps:
-        return [[] for _ in calls]
+        return [[None] * len(call.taps) for call in calls]
     if consumers:
         return _consumed(output, calls, v, consumers)
     if v.shape[1] == 1:
@@ -50,10 +50,30 @@ def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
             per_vector = [torch.autograd.grad(output, taps, v[:, j], retain_graph=True, allow_unused=True)
                           for j in range(v.shape[1])]
             grads = [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_vector)]
+    return _per_call(calls, grads, set())
+
+
+def _read(call: Call) -> list[Tensor]:
+    return [t for i, t in enumerate(call.taps) if i not in call.unread]
+
+
+def _per_call(calls: Sequence[Call], grads: Sequence[Tensor | None],
+              consumed: set[int]) -> list[list[Tensor | None]]:
+    """``grads`` (one per read tap of the calls not consumed, in order) as a list per call and tap, None
+    for unread taps and ``[None]`` for consumed calls."""
     out, k = [], 0
-    for call in calls:
-        out.append(list(grads[k : k + len(call.taps)]))
-        k += len(call.taps)
+    for index, call in enumerate(calls):
+        if index in consumed:
+            out.append([None])
+            continue
+        row: list[Tensor | None] = []
+        for i in range(len(call.taps)):
+            if i in call.unread:
+                row.append(None)
+            else:
+                row.append(grads[k])
+                k += 1
+        out.append(row)
     return out
 
 
@@ -68,7 +88,7 @@ def _consumed(output: Tensor, calls: Sequence[Call], v: Tensor,
     if v.shape[1] != 1:
         raise ValueError("sensitivities are handed to consumers one vector at a time")
     hooked = {k: calls[k].taps[0] for k in consumers}
-    kept = [t for k, call in enumerate(calls) if k not in consumers for t in call.taps]
+    kept = [t for k, call in enumerate(calls) if k not in consumers for t in _read(call)]
     roots = _without_tap_below(list(hooked.values()), {t.grad_fn for call in calls for t in call.taps})
     handles = [tap.register_hook(consumers[k]) for k, tap in hooked.items()]
     try:
@@ -76,14 +96,7 @@ def _consumed(output: Tensor, calls: Sequence[Call], v: Tensor,
     finally:
         for h in handles:
             h.remove()
-    out, k = [], 0
-    for index, call in enumerate(calls):
-        if index in consumers:
-            out.append([None])
-            continue
-        out.append([None if g is None else g.unsqueeze(0) for g in grads[k : k + len(call.taps)]])
-        k += len(call.taps)
-    return out
+    return _per_call(calls, [None if g is None else g.unsqueeze(0) for g in grads[: len(kept)]], set(consumers))
 
 
 def _without_tap_below(taps: list[Tensor], tap_nodes: set) -> list[Tensor]:

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .backend import Recording
 from .batch import Batch
-from .modules import Call, Rule, tensors_of
+from .modules import Call, GenericRule, Rule, tensors_of
 from .view import ModelView
 
 #: torch.nn's modules whose forward may call ``scaled_dot_product_attention``.
@@ -57,6 +57,12 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
     with torch.enable_grad(), _recording(rules, calls, batch.size, clone), kernel:
         raw = view.to_tensor(batch.call(view.model))
+    for rule, call in calls:
+        if call.module is view.model and isinstance(rule, GenericRule) and any(t is raw for t in call.taps):
+            # The whole model's call (parameters moved to its generic rule): of its outputs, the Fisher reads
+            # only ``raw``, and the others (an encoder's last hidden state beside the logits) lie on paths to
+            # it inside the call, which the rule's products already follow.
+            call.unread = frozenset(i for i, t in enumerate(call.taps) if t is not raw)
     return ModuleRecording(batch, view.flat(raw), raw.shape, calls)
 
 
