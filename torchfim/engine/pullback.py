@@ -27,7 +27,8 @@ Consumer = Callable[[Tensor], None]
 
 def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
               consumers: dict[int, Consumer] | None = None) -> list[list[Tensor | None]]:
-    """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)``, None where the vectors do not reach it.
+    """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)``, None where the vectors do not reach it
+    and for the call's ``unread`` taps (not asked of autograd).
 
     ``v`` is ``(B, m, outputs)``. ``consumers`` (only with ``m == 1``) maps call indices with one tap
     each to a function that receives that tap's gradient as the backward reaches it; those calls
