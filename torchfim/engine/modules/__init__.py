@@ -2,7 +2,8 @@
 
 Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval), MultiheadAttention
 and transformers' ``Conv1D`` (GPT-2's transposed Linear) have rules of their own; any other module with
-trainable parameters gets the generic rule (``torch.func`` over that module alone). Adding a rule is one module here and one line in :func:`rule_for`.
+trainable parameters gets the generic rule (``torch.func`` over that module alone). Adding a rule is one
+module here and one line in :func:`rule_for`.
 """
 
 from __future__ import annotations

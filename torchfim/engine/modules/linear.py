@@ -33,22 +33,28 @@ class LinearRule(Rule):
         return call.args[0].dim() == 2
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
-        if not self._dense(call):
-            return None
-        a, g = as_float(call.args[0]), as_float(sens[0])  # (B, in), (m, B, out)
-        g2 = g[0].square() if g.shape[0] == 1 else g.square().sum(0)  # (B, out): Σⱼ g_ij²
-        out: Grads = {}
-        if "weight" in self.params:
-            out[self.params["weight"]] = (g2.T @ a.square()).reshape(-1)
-        if "bias" in self.params:
-            out[self.params["bias"]] = g2.sum(0)
-        return out
+        return dense_squares(self.params, call.args[0], sens[0]) if self._dense(call) else None
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
         return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None
 
     def unit_input(self, call: Call) -> Tensor | None:
         return call.args[0] if self._dense(call) else None
+
+
+def dense_squares(params: dict[str, int], a: Tensor, g: Tensor, transposed: bool = False) -> Grads:
+    """``Σᵢⱼ (∂(vᵢⱼᵀoᵢ)/∂θ)²`` of a dense linear map with input ``a`` ``(B, in)`` and output sensitivities
+    ``g`` ``(m, B, out)``: ``(G²)ᵀ(A²)`` for a weight ``(out, in)``, ``(A²)ᵀ(G²)`` for one stored
+    ``transposed`` ``(in, out)``, and ``Σᵢⱼ g_ij²`` for the bias (docs/math.md §6.3)."""
+    a, g = as_float(a), as_float(g)
+    g2 = g[0].square() if g.shape[0] == 1 else g.square().sum(0)  # (B, out): Σⱼ g_ij²
+    out: Grads = {}
+    if "weight" in params:
+        a2 = a.square()
+        out[params["weight"]] = (a2.T @ g2 if transposed else g2.T @ a2).reshape(-1)
+    if "bias" in params:
+        out[params["bias"]] = g2.sum(0)
+    return out
 
 
 def dense_squared_norms(params: dict[str, int], a: Tensor, g: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Call, Grads, Rule, as_float
-from .linear import dense_squared_norms
+from .linear import dense_squared_norms, dense_squares
 
 
 def transposed_linear_supported(module: nn.Module) -> bool:
@@ -45,16 +45,10 @@ class TransposedLinearRule(Rule):
         return out
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
-        if call.args[0].dim() != 2:
-            return None
-        a, g = as_float(call.args[0]), as_float(sens[0])  # (B, in), (m, B, out)
-        g2 = g[0].square() if g.shape[0] == 1 else g.square().sum(0)  # (B, out): Σⱼ g_ij²
-        out: Grads = {}
-        if "weight" in self.params:
-            out[self.params["weight"]] = (a.square().T @ g2).reshape(-1)
-        if "bias" in self.params:
-            out[self.params["bias"]] = g2.sum(0)
-        return out
+        return dense_squares(self.params, call.args[0], sens[0], transposed=True) if self._dense(call) else None
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
-        return dense_squared_norms(self.params, call.args[0], sens[0]) if call.args[0].dim() == 2 else None
+        return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None
+
+    def _dense(self, call: Call) -> bool:
+        return call.args[0].dim() == 2
