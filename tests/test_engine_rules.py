@@ -335,10 +335,12 @@ def test_hessian_diagonals_through_layer_norm_are_refused_not_wrong() -> None:
 
 
 def test_attention_rule_sample_by_sample_chunks_equal_the_functional_backend(monkeypatch) -> None:
-    """The attention backward is computed once per call and sliced: chunks of one sample must agree."""
+    """The attention backward is computed once per call and reused: chunks of one sample must agree."""
+    import torchfim.engine.modules.base as base_module
     import torchfim.engine.per_module as per_module
 
     monkeypatch.setattr(per_module, "CACHE_ELEMENTS", 1)  # one sample per chunk of per-sample products
+    monkeypatch.setattr(base_module, "SQUARES_ELEMENTS", 1)  # and of the squares at positions
     torch.manual_seed(2)
     model = _Attend(False, True, "padding", True).double().eval()
     x = torch.randn(5, 3, 4, dtype=torch.float64)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .base import Call, Grads, Rule, as_float, positions_grads
+from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares
 from .generic import GenericRule
 
 #: The parameters the rule covers, by their names below the module.
@@ -116,15 +116,33 @@ class AttentionRule(Rule):
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         if not self._covers(call, sens):
             return self.generic.grads(call, sens, rows)
-        cached = call.cache.get("prepared")
-        if cached is None or cached[0] is not sens[0]:  # once per call and group of vectors, then sliced
-            prepared = self._recorded(call, sens) if "parts" in call.cache else self._local(call, sens[0])
-            cached = call.cache["prepared"] = (sens[0], prepared)
-        x, g, ctx, deltas = cached[1]
+        x, g, ctx, deltas = self._prepared(call, sens)
         out: Grads = {}
         positions_grads(self, g[:, rows], ctx[rows], "out_proj.weight", "out_proj.bias", out)
         self._in_projection([t[rows] for t in x], [d[:, rows] for d in deltas], out)
         return out
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        """Both projections' squares by :func:`.base.positions_squares` (None: the call goes generic)."""
+        if not self._covers(call, sens):
+            return None
+        x, g, ctx, deltas = self._prepared(call, sens)
+        parts = [positions_squares(d, xi) for d, xi in self._in_parts(x, deltas)]
+        squares = {"out_proj": positions_squares(g, ctx),
+                   "in_proj": (torch.cat([w for w, _ in parts], 1), torch.cat([b for _, b in parts]))}
+        out: Grads = {}
+        for name, i in self.params.items():  # weights (out, in) are squared in the layout (in, out)
+            weight, bias = squares["out_proj" if name.startswith("out_proj") else "in_proj"]
+            out[i] = (bias if name.endswith("bias") else weight.T).reshape(-1)
+        return out
+
+    def _prepared(self, call: Call, sens: list[Tensor | None]) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
+        """Inputs, output sensitivities, ``c`` and ``δ`` of the call: once per call and group of vectors."""
+        cached = call.cache.get("prepared")
+        if cached is None or cached[0] is not sens[0]:
+            prepared = self._recorded(call, sens) if "parts" in call.cache else self._local(call, sens[0])
+            cached = call.cache["prepared"] = (sens[0], prepared)
+        return cached[1]
 
     def _recorded(self, call: Call, sens: list[Tensor | None]) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """Inputs, output sensitivities, ``c`` and ``δ`` of a call recorded in parts (as :meth:`_local`)."""
@@ -176,16 +194,24 @@ class AttentionRule(Rule):
         c = ctx.detach().reshape(m, b, *ctx.shape[1:])[0]
         return c, [d.reshape(m, b, *d.shape[1:]) for d in deltas]
 
-    def _in_projection(self, x: list[Tensor], deltas: list[Tensor], out: Grads) -> None:
-        """The packed in-projection: rows q, k, v of ``W_in`` against their own inputs. ``deltas`` is
+    @staticmethod
+    def _in_parts(x: list[Tensor], deltas: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """The packed in-projection as ``(δ, input)`` pairs: one for self-attention (the three row blocks
+        q, k, v of ``W_in`` on one input, side by side), else one per block. ``deltas`` is
         ``[δ_q, δ_k, δ_v]``, or the three side by side ``(m, b, L, 3E)`` when recorded in parts."""
         same = all(t.data_ptr() == x[0].data_ptr() and t.shape == x[0].shape and t.stride() == x[0].stride() for t in x)
-        if len(deltas) == 1 or same:  # self-attention: one product for the three projections
-            packed = deltas[0] if len(deltas) == 1 else torch.cat(deltas, -1)
-            positions_grads(self, packed, x[0], "in_proj_weight", "in_proj_bias", out)
+        if len(deltas) == 1 or same:
+            return [(deltas[0] if len(deltas) == 1 else torch.cat(deltas, -1), x[0])]
+        return list(zip(deltas, x))
+
+    def _in_projection(self, x: list[Tensor], deltas: list[Tensor], out: Grads) -> None:
+        """The packed in-projection's per-sample gradients (see :meth:`_in_parts`)."""
+        pairs = self._in_parts(x, deltas)
+        if len(pairs) == 1:
+            positions_grads(self, *pairs[0], "in_proj_weight", "in_proj_bias", out)
             return
         parts: list[Grads] = [{}, {}, {}]
-        for k, (xi, d) in enumerate(zip(x, deltas)):
+        for k, (d, xi) in enumerate(pairs):
             positions_grads(self, d, xi, "in_proj_weight", "in_proj_bias", parts[k])
         for name in ("in_proj_weight", "in_proj_bias"):
             if name in self.params:

@@ -17,6 +17,12 @@ from torch import Tensor, nn
 
 Grads = dict[int, Tensor]  # parameter index in θ -> per-sample gradients (b, m, size)
 
+#: Elements of the per-sample products that :func:`positions_squares` builds at once: a chunk small
+#: enough to stay in cache from its product to its square. On the benchmark transformer's layers (one
+#: vector, 256 sequences of 32) 2**19 took 0.70-0.73 of the time of the generic chunks of 2**21 with
+#: their copy of the sensitivities; 2**18 was slower again (more, smaller products).
+SQUARES_ELEMENTS = 2**19
+
 
 @dataclass
 class Call:
@@ -103,6 +109,27 @@ def positions_grads(rule: Rule, g: Tensor, a: Tensor, weight: str, bias: str, ou
         out[rule.params[weight]] = torch.bmm(stacked, a).reshape(b, m, -1)
     if bias in rule.params:
         out[rule.params[bias]] = g.sum(2).transpose(0, 1)
+
+
+def positions_squares(g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """``Σᵢⱼ (Σ_l a_il g_ijlᵀ)²`` ``(in, out)`` and ``Σᵢⱼ (Σ_l g_ijl)²`` ``(out,)``: the squared per-sample
+    gradients of a linear map at positions ``l`` (§6.1), in the layout ``(in, out)`` (transpose for a
+    weight stored ``(out, in)``), from ``g`` (m, B, L, out) and ``a`` (B, L, in).
+
+    One vector at a time over chunks of :data:`SQUARES_ELEMENTS` (the product ``aᵢᵀ gᵢⱼ`` reads both
+    factors where they lie, without a copy of ``g`` into a stacked layout)."""
+    a, g = as_float(a), as_float(g)
+    m, size, _, units = g.shape
+    step = max(1, SQUARES_ELEMENTS // (a.shape[-1] * units))
+    by_input = a.transpose(1, 2)  # (B, in, L)
+    total = g.new_zeros(a.shape[-1], units)
+    buffer = g.new_empty(min(step, size), a.shape[-1], units)
+    for k in range(m):
+        for start in range(0, size, step):
+            rows = slice(start, min(size, start + step))
+            products = torch.bmm(by_input[rows], g[k, rows], out=buffer[: rows.stop - rows.start])
+            total += products.square_().sum(0)
+    return total, g.sum(2).square_().sum((0, 1))
 
 
 def as_float(t: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 ``z = a Wᵀ + b`` at each position ``l`` of a sample: the per-sample gradients are
 ``∂/∂W = Σ_l g_l a_lᵀ`` and ``∂/∂b = Σ_l g_l``. With one position per sample (a dense layer) the
 squares factor, ``Σᵢⱼ (g_ij a_iᵀ)² = (Σⱼ g_ij²)ᵀ (a_i²)``, and so do the squared norms,
-``‖g aᵀ‖² + ‖g‖² = ‖g‖² (‖a‖² + 1)``: nothing per-sample is built (docs/math.md §6).
+``‖g aᵀ‖² + ‖g‖² = ‖g‖² (‖a‖² + 1)``: nothing per-sample is built (docs/math.md §6). With several
+positions the squares are taken chunk by chunk as the products are formed (:func:`.base.positions_squares`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Call, Grads, Rule, as_float, positions_grads
+from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares
 
 
 class LinearRule(Rule):
@@ -33,7 +34,11 @@ class LinearRule(Rule):
         return call.args[0].dim() == 2
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
-        return dense_squares(self.params, call.args[0], sens[0]) if self._dense(call) else None
+        if self._dense(call):
+            return dense_squares(self.params, call.args[0], sens[0])
+        a, g = self._factors(call, sens[0])
+        weight, bias = positions_squares(g, a)
+        return named_squares(self.params, weight.T, bias)
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
         return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None
@@ -55,6 +60,13 @@ def dense_squares(params: dict[str, int], a: Tensor, g: Tensor, transposed: bool
     if "bias" in params:
         out[params["bias"]] = g2.sum(0)
     return out
+
+
+def named_squares(params: dict[str, int], weight: Tensor, bias: Tensor) -> Grads:
+    """The squares of ``weight`` and ``bias`` (flattened) under the indices of those of ``params`` that are
+    trainable."""
+    squares = {"weight": weight, "bias": bias}
+    return {i: squares[name].reshape(-1) for name, i in params.items()}
 
 
 def dense_squared_norms(params: dict[str, int], a: Tensor, g: Tensor) -> Tensor:

@@ -3,8 +3,9 @@ weight is stored transposed, ``(in, out)``.
 
 ``z_l = a_l W + b`` at each position ``l`` of a sample: the per-sample gradients are
 ``∂/∂W = Σ_l a_l g_lᵀ`` (``(in, out)``, the layout of ``W``) and ``∂/∂b = Σ_l g_l``. With one position
-per sample the squares factor, ``Σᵢⱼ (a_i g_ijᵀ)² = (a_i²)ᵀ (Σⱼ g_ij²)``; the squared norms do not
-depend on the layout, ``‖g‖² (‖a‖² + 1)`` (docs/math.md §6.1, §6.3). The layer is recognised by its
+per sample the squares factor, ``Σᵢⱼ (a_i g_ijᵀ)² = (a_i²)ᵀ (Σⱼ g_ij²)``, and with several they are
+taken as the products are formed (:func:`.base.positions_squares`, whose layout is this one); the
+squared norms do not depend on the layout, ``‖g‖² (‖a‖² + 1)`` (docs/math.md §6.1, §6.3). The layer is recognised by its
 class name, module and shapes, so transformers need not be installed.
 """
 
@@ -13,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, Grads, Rule, as_float
-from .linear import dense_squared_norms, dense_squares
+from .base import Call, Grads, Rule, as_float, positions_squares
+from .linear import dense_squared_norms, dense_squares, named_squares
 
 
 def transposed_linear_supported(module: nn.Module) -> bool:
@@ -45,7 +46,11 @@ class TransposedLinearRule(Rule):
         return out
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
-        return dense_squares(self.params, call.args[0], sens[0], transposed=True) if self._dense(call) else None
+        if self._dense(call):
+            return dense_squares(self.params, call.args[0], sens[0], transposed=True)
+        a, g = call.args[0], sens[0]
+        weight, bias = positions_squares(g.reshape(*g.shape[:2], -1, g.shape[-1]), a.reshape(a.shape[0], -1, a.shape[-1]))
+        return named_squares(self.params, weight, bias)
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
         return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None

@@ -1,0 +1,95 @@
+"""Squared per-sample gradients of linear maps applied at positions (Linear on sequences, the attention's
+projections, transformers' ``Conv1D``): :func:`positions_squares` against brute force, and the rules
+that take it against the functional backend, in chunks of one sample and with several vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import BY_NAME, TokenModel
+from torch import nn
+
+import torchfim
+from torchfim.engine.modules import attention as attention_module
+from torchfim.engine.modules import base as base_module
+from torchfim.engine.modules import linear as linear_module
+from torchfim.engine.modules.base import positions_squares
+
+
+@pytest.mark.parametrize("budget", [1, 2**19], ids=["one-sample-chunks", "one-chunk"])
+def test_positions_squares_equal_brute_force_per_sample_gradients(monkeypatch, budget: int) -> None:
+    monkeypatch.setattr(base_module, "SQUARES_ELEMENTS", budget)
+    gen = torch.Generator().manual_seed(0)
+    m, b, length, units, width = 3, 5, 4, 6, 2
+    g = torch.randn(m, b, length, units, generator=gen, dtype=torch.float64)
+    a = torch.randn(b, length, width, generator=gen, dtype=torch.float64)
+    weight, bias = positions_squares(g.transpose(1, 2).contiguous().transpose(1, 2), a)  # a strided g too
+    per_sample = torch.einsum("jilo,ilk->ijko", g, a)  # ∂(vᵢⱼᵀoᵢ)/∂W in the layout (in, out)
+    assert torch.allclose(weight, per_sample.square().sum((0, 1)), rtol=1e-13, atol=0)
+    assert torch.allclose(bias, g.sum(2).square().sum((0, 1)), rtol=1e-13, atol=0)
+
+
+class _Attention(nn.Module):
+    """Self- or cross-attention over (B, L, 4) (cross: the three projections take different inputs)."""
+
+    def __init__(self, cross: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.cross = cross
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = x.flip(1) * 0.5 if self.cross else x
+        return self.head(self.attn(x, kv, kv, need_weights=False)[0].tanh().mean(1))
+
+
+def _token_model() -> nn.Module:
+    torch.manual_seed(3)
+    return TokenModel(4).double()
+
+
+def _encoder() -> nn.Module:
+    return BY_NAME["encoder"].build(4)
+
+
+def _attention(cross: bool, frozen: str | None = None) -> nn.Module:
+    torch.manual_seed(5)
+    model = _Attention(cross).double().eval()
+    if frozen is not None:
+        model.attn.get_parameter(frozen).requires_grad_(False)
+    return model
+
+
+MODELS = {
+    "linear-at-positions": (_token_model, lambda: torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(1))),
+    "encoder": (_encoder, lambda: BY_NAME["encoder"].inputs(4)),
+    "self-attention": (lambda: _attention(False), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
+    "cross-attention": (lambda: _attention(True), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
+    "frozen-in-bias": (lambda: _attention(False, "in_proj_bias"), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
+    "frozen-out-weight": (lambda: _attention(True, "out_proj.weight"), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("budget", [1, 2**19], ids=["one-sample-chunks", "one-chunk"])
+@pytest.mark.parametrize("estimator", ["exact", "score"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rules_at_positions_square_as_the_functional_backend(monkeypatch, name: str, estimator: str,
+                                                            budget: int) -> None:
+    """The diagonal through :func:`positions_squares` (taken by every covered call: spied) equals the
+    functional backend's to 1e-10, in chunks of one sample or of all, with C − 1 vectors for the exact one."""
+    monkeypatch.setattr(base_module, "SQUARES_ELEMENTS", budget)
+    taken: list[int] = []
+
+    def spy(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        taken.append(g.shape[0])
+        return positions_squares(g, a)
+
+    monkeypatch.setattr(linear_module, "positions_squares", spy)
+    monkeypatch.setattr(attention_module, "positions_squares", spy)
+    build, inputs = MODELS[name]
+    model, x = build(), inputs()
+    kw = dict(estimator=estimator, structure="diag")
+    got = torchfim.fisher(model, x, generator=torch.Generator().manual_seed(2), **kw)
+    want = torchfim.fisher(model, x, generator=torch.Generator().manual_seed(2), backend="functional", **kw)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
+    assert taken and (estimator == "score" or max(taken) > 1)
