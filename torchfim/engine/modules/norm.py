@@ -59,8 +59,9 @@ class NormRule(Rule):
         g = as_float(sens[0][:, rows])
         out: Grads = {}
         if "weight" in self.params:
-            xhat = as_float(normalised(self.module, call.args[0][rows]))
-            out[self.params["weight"]] = self._fold(g * xhat.unsqueeze(0))
+            if "normalised" not in call.cache:  # once per call, not per chunk and group of vectors
+                call.cache["normalised"] = as_float(normalised(self.module, call.args[0]))
+            out[self.params["weight"]] = self._fold(g * call.cache["normalised"][rows].unsqueeze(0))
         if "bias" in self.params:
             out[self.params["bias"]] = self._fold(g)
         return out
