@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import TorchfimError, all_finite, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
+from .coverage import cause_of, moved_message
 from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, owns_subtree, rule_for
 from .modules.base import as_float
@@ -182,29 +183,18 @@ class PerModuleBackend(Backend):
         # softmax) has only rounding noise, which its own maximum would not cover.
         scale = max((float(g.abs().max()) for g in batch_grads if g is not None), default=0.0)
         tol = 1e-4 if rec.output.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
-        missing = []
+        causes: dict[str, str] = {}  # name of each parameter whose sums miss → its likely cause
         for p, g in zip(params, batch_grads):
             i = self.view.index_of[id(p)]
             want = torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
             got = summed.get(i, torch.zeros_like(want)).to(want.dtype)
             if not torch.allclose(got, want, rtol=tol, atol=tol * max(scale, 1e-30)):
-                missing.append(self.view.layout.names[i])
-        if missing:
-            self._move(missing, rec)
-            warn_user(self._moved_message(missing))
-        return bool(missing)
-
-    def _moved_message(self, names: list[str]) -> str:
-        """What the coverage check moved, where to, and how to keep a parameter on its module's rule."""
-        paths = {m: p for p, m in self.view.model.named_modules()}
-        where = "; ".join(f"{n} → {paths[self.moved[n][0]] or 'the whole model'}" for n in names)
-        return (
-            f"torchfim: the module rules' per-sample gradients of {len(names)} parameter(s) do not add up to "
-            f"autograd's gradient, so they go to the generic rule of the module above ({where}); the result "
-            "stays exact but is slower. The usual cause is a parameter used outside its module's forward, "
-            "e.g. F.linear(h, embedding.weight) for tied output weights: use it through a module instead "
-            "(an nn.Linear whose .weight is the same Parameter) so that every use has a rule"
-        )
+                causes[self.view.layout.names[i]] = cause_of(i, rec.calls)
+        if causes:
+            self._move(list(causes), rec)
+            paths = {m: p for p, m in self.view.model.named_modules()}
+            warn_user(moved_message({n: paths[self.moved[n][0]] for n in causes}, causes))
+        return bool(causes)
 
     def _move(self, names: list[str], rec: ModuleRecording) -> None:
         """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""

@@ -128,8 +128,8 @@ class AttentionRule(Rule):
             return None
         x, g, ctx, deltas = self._prepared(call, sens)
         parts = [positions_squares(d, xi) for d, xi in self._in_parts(x, deltas)]
-        squares = {"out_proj": positions_squares(g, ctx),
-                   "in_proj": (torch.cat([w for w, _ in parts], 1), torch.cat([b for _, b in parts]))}
+        packed = parts[0] if len(parts) == 1 else (torch.cat([w for w, _ in parts], 1), torch.cat([b for _, b in parts]))
+        squares = {"out_proj": positions_squares(g, ctx), "in_proj": packed}
         out: Grads = {}
         for name, i in self.params.items():  # weights (out, in) are squared in the layout (in, out)
             weight, bias = squares["out_proj" if name.startswith("out_proj") else "in_proj"]
