@@ -12,9 +12,11 @@ hooks (which Hugging Face models loaded with a ``device_map`` carry) set
 their copies, and parameters swapped on the copy (``torch.func.functional_call``) would not reach it: the
 functional backend's Fisher came out as that of fixed parameters, zero. Bound methods, partials and
 closures whose arguments or cells hold a module of the tree (or such a callable) are rebuilt around the
-copy, and so are plain lists, tuples and dicts that hold one (a list of layers kept beside their
-``ModuleList``, which the forward iterates); a container or closure cell that holds nothing of the tree
-is kept, so shared state stays shared.
+copy, and so are plain lists, tuples and dicts, named tuples, dataclass instances and
+``SimpleNamespace``s that hold one (a list of layers kept beside their ``ModuleList``, which the forward
+iterates; a dataclass of parts); a container or closure cell that holds nothing of the tree is kept, so
+shared state stays shared. A forward that still reaches a module of the user's tree (through any other
+kind of object) is caught by :meth:`.view.ModelView.check_independent`'s forward.
 
 A module wrapped by ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``, the model or one
 inside it, is replaced by the module inside (:func:`_unwrapped`), so parameter names drop the wrapper's
@@ -23,13 +25,19 @@ inside it, is replaced by the module inside (:func:`_unwrapped`), so parameter n
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import threading
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-__all__ = ["private_tree"]
+__all__ = ["private_tree", "users_modules_called"]
 
 
 def private_tree(model: nn.Module) -> nn.Module:
@@ -54,9 +62,28 @@ def private_tree(model: nn.Module) -> nn.Module:
                     for k, v in value.items():
                         if isinstance(v, _REBOUND):
                             value[k] = rebind(v)
-            elif isinstance(value, _REBOUND) or type(value) in _CONTAINERS:
+            elif isinstance(value, _REBOUND) or type(value) in _CONTAINERS or _is_record(value):
                 own[key] = rebind(value)
     return copies[id(model)]  # type: ignore[return-value]
+
+
+@contextmanager
+def users_modules_called(user_model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, the paths of the modules of ``user_model``'s own tree that this thread calls:
+    none, for a forward of its private copy, unless the forward reaches one through an object the copy
+    does not rebuild (then that module runs with the user's parameters, not the engine's)."""
+    paths = {id(m): path for path, m in user_model.named_modules()}
+    thread, called = threading.get_ident(), []
+
+    def hook(module: nn.Module, args: object) -> None:
+        if id(module) in paths and threading.get_ident() == thread and paths[id(module)] not in called:
+            called.append(paths[id(module)])
+
+    handle = register_module_forward_pre_hook(hook)  # process-wide: for one small forward, then removed
+    try:
+        yield called
+    finally:
+        handle.remove()
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -82,6 +109,20 @@ _REBOUND = (nn.Module, types.MethodType, functools.partial, types.FunctionType)
 _CONTAINERS = (list, tuple, dict)
 
 
+def _is_record(value: object) -> bool:
+    """A named tuple, a dataclass instance or a ``SimpleNamespace``: fields that may hold such values."""
+    kind = type(value)
+    known = _RECORD_TYPES.get(kind)
+    if known is None:  # once per type: the copy asks for every attribute of every module
+        known = _RECORD_TYPES[kind] = ((issubclass(kind, tuple) and hasattr(kind, "_fields"))
+                                       or issubclass(kind, types.SimpleNamespace) or dataclasses.is_dataclass(kind))
+    return known
+
+
+#: Per type of attribute value: whether :func:`_is_record` holds.
+_RECORD_TYPES: dict[type, bool] = {}
+
+
 class _Rebinder:
     """Maps a value to the same value with every module of the tree replaced by its copy."""
 
@@ -92,7 +133,7 @@ class _Rebinder:
     def __call__(self, value: object) -> object:
         if isinstance(value, nn.Module):
             return self.copies.get(id(value), value)
-        if not isinstance(value, _REBOUND) and type(value) not in _CONTAINERS:
+        if not isinstance(value, _REBOUND) and type(value) not in _CONTAINERS and not _is_record(value):
             return value
         key = id(value)
         if key not in self.memo:
@@ -107,6 +148,8 @@ class _Rebinder:
         if type(value) in (list, tuple):
             elements = [self(v) for v in value]  # type: ignore[attr-defined]
             return value if _same(elements, value) else type(value)(elements)
+        if _is_record(value):
+            return self._record(value)
         if isinstance(value, types.MethodType):
             owner, func = self(value.__self__), self(value.__func__)
             if owner is value.__self__ and func is value.__func__:
@@ -121,6 +164,22 @@ class _Rebinder:
             new.__dict__.update({k: self(v) for k, v in value.__dict__.items()})  # update_wrapper's names
             return new
         return self._function(value)  # type: ignore[arg-type]
+
+    def _record(self, value: object) -> object:
+        """A named tuple, dataclass instance or namespace with its fields rebound (a shallow copy, frozen
+        dataclasses included), or ``value`` itself when none changes."""
+        if isinstance(value, tuple):
+            elements = [self(v) for v in value]
+            return value if _same(elements, value) else type(value)._make(elements)  # type: ignore[attr-defined]
+        names = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else list(vars(value))
+        old = [getattr(value, n) for n in names]
+        new = [self(v) for v in old]
+        if _same(new, old):
+            return value
+        rebuilt = copy.copy(value)
+        for name, field in zip(names, new):
+            object.__setattr__(rebuilt, name, field)
+        return rebuilt
 
     def _function(self, value: types.FunctionType) -> object:
         cells = value.__closure__ or ()

@@ -26,7 +26,7 @@ from ..errors import TorchfimError
 from ..families import Family
 from ..structures import Layout
 from .batch import Batch
-from .private_tree import private_tree
+from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
 #: loop in another thread may hold it around its optimiser step, so that no computation sees the step.
@@ -36,6 +36,15 @@ PARAMETERS_CHANGED = (
     "the model's parameters changed during the computation (an optimiser step in another thread?), so the "
     "result would mix two sets of weights; hold torchfim.engine.ENGINE_LOCK around the training step, or "
     "compute between steps"
+)
+
+#: A forward that reaches the user's modules: their parameters are not the ones torchfim differentiates.
+STALE_MODULES = (
+    "the model's forward (or the output= function) calls {} of the model you passed, not of torchfim's "
+    "private copy of it: the module is reached through an object the copy does not rebuild (something other "
+    "than a submodule, a plain list, tuple or dict, a named tuple, a dataclass or a SimpleNamespace), so its "
+    "parameters would get a wrong Fisher; hold it as a submodule (self.name = module), in an nn.ModuleList "
+    "or nn.ModuleDict, or in one of those containers"
 )
 
 
@@ -237,13 +246,17 @@ class ModelView:
         sample broadcast to the others, a cumulative sum) sees other neighbours, another first row
         and another batch size there. ``k < batch.size`` (a one-sample forward on batches of two)
         and 4 samples in all, from the first batches of size ≥ 2, so one small forward per call.
+        That forward also raises when it reaches a module of the user's tree instead of its copy
+        (:func:`.private_tree.users_modules_called`).
         """
         if checked >= 4 or batch.size < 2:
             return checked
         take = min(batch.size - 1, 4 - checked)
         rows = torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)
-        with torch.no_grad():
+        with torch.no_grad(), users_modules_called(self.user_model) as stale:
             alone = self.flat(self.to_tensor(batch.rows(rows).call(self.model)))
+        if stale:
+            raise TorchfimError(STALE_MODULES.format(", ".join(repr(p or "the model") for p in stale)))
         ref = out[rows]
         scale = ref.abs().amax().clamp_min(1.0).float()
         tol = 1e3 * torch.finfo(ref.dtype).eps * scale
