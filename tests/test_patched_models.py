@@ -146,14 +146,16 @@ def test_layers_reached_through_dataclasses_named_tuples_and_namespaces_run_on_t
     assert model.parts.mix is model.mix and model.out.head is model.head and model.spaces.norm is model.norm
 
 
+@pytest.mark.parametrize("rows", [7, 1], ids=["batch", "single-input-batches"])
 @pytest.mark.parametrize("backend", ["modules", "functional"])
-def test_a_users_module_reached_through_an_object_the_copy_does_not_rebuild_is_refused(backend: str) -> None:
+def test_a_users_module_reached_through_an_object_the_copy_does_not_rebuild_is_refused(backend: str,
+                                                                                     rows: int) -> None:
     model = _RecordedLayers("holder").double()
     x = torch.randn(7, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the per-module backend's coverage check moves mix.* first
         with pytest.raises(torchfim.TorchfimError, match=r"calls 'mix' of the model you passed.*nn.ModuleList"):
-            torchfim.fisher(model, x, structure="diag", backend=backend)
+            torchfim.fisher(model, list(x.split(rows)), structure="diag", backend=backend)
 
 
 class _Output(dict):

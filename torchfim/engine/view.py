@@ -133,6 +133,7 @@ class ModelView:
         _check_in_memory({**self.params, **self.constants})
         self.output_map = output
         self.class_dim = class_dim
+        self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
 
     def versions(self) -> list[int]:
         """The version counters of the trainable parameters (an in-place update increases them)."""
@@ -247,16 +248,16 @@ class ModelView:
         and another batch size there. ``k < batch.size`` (a one-sample forward on batches of two)
         and 4 samples in all, from the first batches of size ≥ 2, so one small forward per call.
         That forward also raises when it reaches a module of the user's tree instead of its copy
-        (:func:`.private_tree.users_modules_called`).
+        (:func:`.private_tree.users_modules_called`); with batches of one input, a forward of the
+        first is run for that alone.
         """
+        if batch.size < 2 and not self._reach_checked:  # no forward below: one of the single input here
+            self._reached(batch)
         if checked >= 4 or batch.size < 2:
             return checked
         take = min(batch.size - 1, 4 - checked)
         rows = torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)
-        with torch.no_grad(), users_modules_called(self.user_model) as stale:
-            alone = self.flat(self.to_tensor(batch.rows(rows).call(self.model)))
-        if stale:
-            raise TorchfimError(STALE_MODULES.format(", ".join(repr(p or "the model") for p in stale)))
+        alone = self.flat(self._reached(batch.rows(rows)))
         ref = out[rows]
         scale = ref.abs().amax().clamp_min(1.0).float()
         tol = 1e3 * torch.finfo(ref.dtype).eps * scale
@@ -267,6 +268,16 @@ class ModelView:
                 "Fisher terms are undefined; call model.eval() or remove the cross-sample operation"
             )
         return checked + take
+
+    def _reached(self, batch: Batch) -> object:
+        """The copy's outputs on ``batch`` (no autograd), refused where its forward reaches a module of the
+        user's tree instead of the copy's (:func:`.private_tree.users_modules_called`)."""
+        with torch.no_grad(), users_modules_called(self.user_model) as stale:
+            out = self.to_tensor(batch.call(self.model))
+        self._reach_checked = True
+        if stale:
+            raise TorchfimError(STALE_MODULES.format(", ".join(repr(p or "the model") for p in stale)))
+        return out
 
     # ------------------------------------------------------------ θ helpers
     def flatten_params(self, tensors: dict[str, Tensor] | list[Tensor], lead: int = 0) -> Tensor:
