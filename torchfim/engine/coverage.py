@@ -2,8 +2,9 @@
 
 The check (:meth:`.per_module.PerModuleBackend._verify`) compares, on the first batch, the per-sample
 gradients the rules sum to with autograd's batch gradient, and moves every parameter whose sums miss
-it to the generic rule of a module above. The result stays exact; the warning tells the user what was
-moved, where to, and the likely cause, which the recorded calls of the parameter's module show:
+it to the generic rule of a module above, checking again (and moving on up) until every sum adds up. The
+result stays exact; the warning tells the user what was moved, where to, and the likely cause of the
+first move, which the recorded calls of the parameter's module show:
 
 * the module returns several outputs computed one from another inside its forward, and more than one
   is used downstream: its rule is handed each output's whole sensitivity, so the paths from the earlier

@@ -72,6 +72,7 @@ class PerModuleBackend(Backend):
         super().__init__(view)
         self.functional = FunctionalBackend(view)
         self.moved: dict[str, tuple[nn.Module, str]] = {}
+        self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         self.uses: dict[int, int] = {}
         self._last_units: tuple[Batch, UnitHessians] | None = None
         cached = _COVERAGE.get(view.user_model)
@@ -127,16 +128,17 @@ class PerModuleBackend(Backend):
             for i in rule.params.values():
                 self.uses[i] = self.uses.get(i, 0) + 1
         if not self._verified and all_finite(rec.values):  # else the family check refuses
+            if self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)):
+                return self.record(batch)  # the rules changed: record again, and check the new ones too
             self._verified = True
-            changed = self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True))
             paths = {m: p for p, m in self.view.model.named_modules()}
+            if self._causes:
+                warn_user(moved_message({n: paths[self.moved[n][0]] for n in self._causes}, self._causes))
             reached = {rule.module for rule, call in rec.calls if call.taps}  # a no_grad call beside a graded one is fine
             detached = sorted({paths[rule.module] or "the model" for rule, _ in rec.calls if rule.module not in reached})
             if detached:
                 warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()})
-            if changed:
-                return self.record(batch)
         return rec
 
     def row_groups(self, batch: Batch) -> list[slice]:
@@ -167,9 +169,11 @@ class PerModuleBackend(Backend):
         return record_calls(self.view, self.rules, batch, clone, self._attends)
 
     def _verify(self, rec: ModuleRecording) -> bool:
-        """Move parameters whose summed per-sample gradients miss uses to a whole-model rule.
+        """Move parameters whose summed per-sample gradients miss uses to the generic rule of a module above
+        (above the module that holds them now, for one moved before), keeping each one's first cause.
 
-        Returns True when the rules changed (the batch must be recorded again).
+        Returns True when the rules changed (the batch must be recorded, and the new rules checked, again):
+        a module above may itself miss uses, e.g. when it returns outputs computed one from another.
         """
         v = torch.randn(rec.output.shape, dtype=rec.output.dtype, device=rec.output.device,
                         generator=torch.Generator(device=rec.output.device).manual_seed(0)).unsqueeze(1)
@@ -190,11 +194,12 @@ class PerModuleBackend(Backend):
             got = summed.get(i, torch.zeros_like(want)).to(want.dtype)
             if not torch.allclose(got, want, rtol=tol, atol=tol * max(scale, 1e-30)):
                 causes[self.view.layout.names[i]] = cause_of(i, rec.calls)
+        for name, cause in causes.items():
+            self._causes.setdefault(name, cause)
+        before = dict(self.moved)
         if causes:
             self._move(list(causes), rec)
-            paths = {m: p for p, m in self.view.model.named_modules()}
-            warn_user(moved_message({n: paths[self.moved[n][0]] for n in causes}, causes))
-        return bool(causes)
+        return self.moved != before
 
     def _move(self, names: list[str], rec: ModuleRecording) -> None:
         """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""
@@ -214,10 +219,15 @@ class PerModuleBackend(Backend):
         return [names[id(p)] for rule in unbatched for n, p in rule.module.named_parameters() if n in rule.params]
 
     def _nearest_called(self, name: str, called: set[nn.Module]) -> tuple[nn.Module, str]:
-        """The closest module above parameter ``name`` that the forward called, and the local name."""
+        """The closest module above parameter ``name`` that the forward called, and the local name; for a
+        parameter moved before, the closest above the module that holds it now (the model at the top)."""
         parts = name.split(".")
         modules = dict(self.view.model.named_modules())
-        for depth in range(len(parts) - 2, -1, -1):
+        top = len(parts) - 2
+        if name in self.moved:
+            local = self.moved[name][1]
+            top = len(parts) - len(local.split(".")) - 1  # the holder's depth: the name's length less the local's
+        for depth in range(top, -1, -1):
             module = modules[".".join(parts[:depth])]
             if module in called or depth == 0:
                 return module, ".".join(parts[depth:])
