@@ -4,6 +4,8 @@ that take it against the functional backend, in chunks of one sample and with se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from cases import BY_NAME, TokenModel
@@ -27,6 +29,8 @@ def test_positions_squares_equal_brute_force_per_sample_gradients(monkeypatch, b
     per_sample = torch.einsum("jilo,ilk->ijko", g, a)  # ∂(vᵢⱼᵀoᵢ)/∂W in the layout (in, out)
     assert torch.allclose(weight, per_sample.square().sum((0, 1)), rtol=1e-13, atol=0)
     assert torch.allclose(bias, g.sum(2).square().sum((0, 1)), rtol=1e-13, atol=0)
+    frozen_weight, same_bias = positions_squares(g, a, weight=False)
+    assert frozen_weight is None and torch.equal(same_bias, bias)
 
 
 class _Attention(nn.Module):
@@ -52,12 +56,24 @@ def _encoder() -> nn.Module:
     return BY_NAME["encoder"].build(4)
 
 
-def _attention(cross: bool, frozen: str | None = None) -> nn.Module:
+def _attention(cross: bool, *frozen: str) -> nn.Module:
     torch.manual_seed(5)
     model = _Attention(cross).double().eval()
-    if frozen is not None:
-        model.attn.get_parameter(frozen).requires_grad_(False)
+    for name in frozen:
+        model.attn.get_parameter(name).requires_grad_(False)
     return model
+
+
+def _biases_only(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build`` with every weight frozen (fine-tuning the biases alone, as BitFit does)."""
+
+    def frozen() -> nn.Module:
+        model = build()
+        for name, p in model.named_parameters():
+            p.requires_grad_("bias" in name)
+        return model
+
+    return frozen
 
 
 MODELS = {
@@ -67,6 +83,12 @@ MODELS = {
     "cross-attention": (lambda: _attention(True), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
     "frozen-in-bias": (lambda: _attention(False, "in_proj_bias"), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
     "frozen-out-weight": (lambda: _attention(True, "out_proj.weight"), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
+    "frozen-in-weight": (lambda: _attention(False, "in_proj_weight"), lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
+    "frozen-in-projection": (lambda: _attention(True, "in_proj_weight", "in_proj_bias"),
+                             lambda: torch.randn(4, 3, 4, dtype=torch.float64)),
+    "biases-only-encoder": (_biases_only(_encoder), lambda: BY_NAME["encoder"].inputs(4)),
+    "biases-only-linear": (_biases_only(_token_model),
+                           lambda: torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(1))),
 }
 
 
@@ -79,10 +101,12 @@ def test_rules_at_positions_square_as_the_functional_backend(monkeypatch, name: 
     functional backend's to 1e-10, in chunks of one sample or of all, with C − 1 vectors for the exact one."""
     monkeypatch.setattr(base_module, "SQUARES_ELEMENTS", budget)
     taken: list[int] = []
+    weights: list[bool] = []
 
-    def spy(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def spy(g: torch.Tensor, a: torch.Tensor, weight: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         taken.append(g.shape[0])
-        return positions_squares(g, a)
+        weights.append(weight)
+        return positions_squares(g, a, weight)
 
     monkeypatch.setattr(linear_module, "positions_squares", spy)
     monkeypatch.setattr(attention_module, "positions_squares", spy)
@@ -93,3 +117,17 @@ def test_rules_at_positions_square_as_the_functional_backend(monkeypatch, name: 
     want = torchfim.fisher(model, x, generator=torch.Generator().manual_seed(2), backend="functional", **kw)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
     assert taken and (estimator == "score" or max(taken) > 1)
+    assert any(weights) != name.startswith("biases-only")  # no product formed for a frozen weight
+
+
+@pytest.mark.parametrize("structure", ["full", "layers", "trace"])
+@pytest.mark.parametrize("name", [n for n in MODELS if n.startswith(("frozen", "biases-only"))])
+def test_frozen_projections_in_every_structure_as_the_functional_backend(name: str, structure: str) -> None:
+    """Per-sample gradients (not only squares) with frozen weights or a frozen in-projection: with the
+    whole in-projection frozen its ``q, k, v`` carry no autograd history and are not pulled back to."""
+    build, inputs = MODELS[name]
+    model, x = build(), inputs()
+    got = torchfim.fisher(model, x, structure=structure)
+    want = torchfim.fisher(model, x, structure=structure, backend="functional")
+    for a, b in zip(got.values(), want.values()) if isinstance(got, dict) else [(got, want)]:
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)

@@ -60,6 +60,8 @@ class AttentionRule(Rule):
         super().__init__(module, params)
         self.generic = GenericRule(module, params, path)
         self.signature = inspect.signature(module.forward)
+        #: Which projections have a trainable parameter ("in_proj", "out_proj"): only those are computed.
+        self.trained = {name.split(".")[0].removesuffix("_weight").removesuffix("_bias") for name in params}
         #: What :meth:`recording_forward` kept of the call in progress, for :meth:`take_recorded`.
         self._pending: tuple[list[Tensor], Tensor] | None = None
 
@@ -110,8 +112,10 @@ class AttentionRule(Rule):
         pending, self._pending = self._pending, None
         if pending is None:
             return []
-        call.cache["parts"], call.cache["context"] = pending
-        return list(pending[0])
+        # A frozen in-projection needs no δ (and its q, k, v need not carry autograd history).
+        parts = list(pending[0]) if "in_proj" in self.trained else []
+        call.cache["parts"], call.cache["context"] = parts, pending[1]
+        return parts
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         if not self._covers(call, sens):
@@ -119,7 +123,8 @@ class AttentionRule(Rule):
         x, g, ctx, deltas = self._prepared(call, sens)
         out: Grads = {}
         positions_grads(self, g[:, rows], ctx[rows], "out_proj.weight", "out_proj.bias", out)
-        self._in_projection([t[rows] for t in x], [d[:, rows] for d in deltas], out)
+        if "in_proj" in self.trained:
+            self._in_projection([t[rows] for t in x], [d[:, rows] for d in deltas], out)
         return out
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
@@ -127,9 +132,14 @@ class AttentionRule(Rule):
         if not self._covers(call, sens):
             return None
         x, g, ctx, deltas = self._prepared(call, sens)
-        parts = [positions_squares(d, xi) for d, xi in self._in_parts(x, deltas)]
-        packed = parts[0] if len(parts) == 1 else (torch.cat([w for w, _ in parts], 1), torch.cat([b for _, b in parts]))
-        squares = {"out_proj": positions_squares(g, ctx), "in_proj": packed}
+        squares = {}  # per projection with a trainable parameter: (weight or None where frozen, bias)
+        if "in_proj" in self.trained:
+            weight = "in_proj_weight" in self.params
+            parts = [positions_squares(d, xi, weight) for d, xi in self._in_parts(x, deltas)]
+            squares["in_proj"] = parts[0] if len(parts) == 1 else (
+                torch.cat([w for w, _ in parts], 1) if weight else None, torch.cat([b for _, b in parts]))
+        if "out_proj" in self.trained:
+            squares["out_proj"] = positions_squares(g, ctx, "out_proj.weight" in self.params)
         out: Grads = {}
         for name, i in self.params.items():  # weights (out, in) are squared in the layout (in, out)
             weight, bias = squares["out_proj" if name.startswith("out_proj") else "in_proj"]

@@ -111,14 +111,18 @@ def positions_grads(rule: Rule, g: Tensor, a: Tensor, weight: str, bias: str, ou
         out[rule.params[bias]] = g.sum(2).transpose(0, 1)
 
 
-def positions_squares(g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+def positions_squares(g: Tensor, a: Tensor, weight: bool = True) -> tuple[Tensor | None, Tensor]:
     """``Σᵢⱼ (Σ_l a_il g_ijlᵀ)²`` ``(in, out)`` and ``Σᵢⱼ (Σ_l g_ijl)²`` ``(out,)``: the squared per-sample
     gradients of a linear map at positions ``l`` (§6.1), in the layout ``(in, out)`` (transpose for a
-    weight stored ``(out, in)``), from ``g`` (m, B, L, out) and ``a`` (B, L, in).
+    weight stored ``(out, in)``), from ``g`` (m, B, L, out) and ``a`` (B, L, in). Without ``weight`` (a
+    frozen weight beside a trainable bias) the first is None and no product is formed.
 
     One vector at a time over chunks of :data:`SQUARES_ELEMENTS` (the product ``aᵢᵀ gᵢⱼ`` reads both
     factors where they lie, without a copy of ``g`` into a stacked layout)."""
     a, g = as_float(a), as_float(g)
+    bias = g.sum(2).square_().sum((0, 1))
+    if not weight:
+        return None, bias
     m, size, _, units = g.shape
     step = max(1, SQUARES_ELEMENTS // (a.shape[-1] * units))
     by_input = a.transpose(1, 2)  # (B, in, L)
@@ -129,7 +133,7 @@ def positions_squares(g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
             rows = slice(start, min(size, start + step))
             products = torch.bmm(by_input[rows], g[k, rows], out=buffer[: rows.stop - rows.start])
             total += products.square_().sum(0)
-    return total, g.sum(2).square_().sum((0, 1))
+    return total, bias
 
 
 def as_float(t: Tensor) -> Tensor:

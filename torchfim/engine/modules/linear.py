@@ -37,8 +37,8 @@ class LinearRule(Rule):
         if self._dense(call):
             return dense_squares(self.params, call.args[0], sens[0])
         a, g = self._factors(call, sens[0])
-        weight, bias = positions_squares(g, a)
-        return named_squares(self.params, weight.T, bias)
+        weight, bias = positions_squares(g, a, weight="weight" in self.params)
+        return named_squares(self.params, None if weight is None else weight.T, bias)
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
         return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None
@@ -62,9 +62,9 @@ def dense_squares(params: dict[str, int], a: Tensor, g: Tensor, transposed: bool
     return out
 
 
-def named_squares(params: dict[str, int], weight: Tensor, bias: Tensor) -> Grads:
+def named_squares(params: dict[str, int], weight: Tensor | None, bias: Tensor) -> Grads:
     """The squares of ``weight`` and ``bias`` (flattened) under the indices of those of ``params`` that are
-    trainable."""
+    trainable (``weight`` is None only where it is frozen)."""
     squares = {"weight": weight, "bias": bias}
     return {i: squares[name].reshape(-1) for name, i in params.items()}
 

@@ -49,7 +49,8 @@ class TransposedLinearRule(Rule):
         if self._dense(call):
             return dense_squares(self.params, call.args[0], sens[0], transposed=True)
         a, g = call.args[0], sens[0]
-        weight, bias = positions_squares(g.reshape(*g.shape[:2], -1, g.shape[-1]), a.reshape(a.shape[0], -1, a.shape[-1]))
+        weight, bias = positions_squares(g.reshape(*g.shape[:2], -1, g.shape[-1]), a.reshape(a.shape[0], -1, a.shape[-1]),
+                                         weight="weight" in self.params)
         return named_squares(self.params, weight, bias)
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
