@@ -76,6 +76,60 @@ def test_an_instance_forward_runs_on_the_engines_copy(patch, backend: str) -> No
     assert clients.rel_err(diag, torch.diagonal(want)) < 1e-10
 
 
+class _Attending(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].tanh().mean(1))
+
+
+def _scaled_attention(self: nn.Module, q: Tensor, k: Tensor, v: Tensor, **kw: object) -> tuple[Tensor, object]:
+    out, weights = nn.MultiheadAttention.forward(self, q, k, v, **kw)  # other argument names than the class's
+    return out * 2.0 + 0.1, weights
+
+
+#: name → (model, the module whose forward is set on the instance, that forward, inputs).
+OTHER_FORWARDS = {
+    "attention": (_Attending, lambda m: m.attn, _scaled_attention, lambda g: torch.randn(5, 3, 4, generator=g)),
+    "batch-norm": (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)),
+                   lambda m: m[1], lambda self, x: nn.BatchNorm1d.forward(self, x) * 3.0,
+                   lambda g: torch.randn(6, 3, generator=g)),
+    "linear": (_mlp, lambda m: m[0], lambda self, x: nn.functional.linear(x, self.weight * 2.0, self.bias),
+               lambda g: torch.randn(6, 3, generator=g)),
+    "layer-norm": (lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)),
+                   lambda m: m[1], lambda self, x: nn.LayerNorm.forward(self, x) ** 2,
+                   lambda g: torch.randn(6, 3, generator=g)),
+    "embedding": (lambda: nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 3)),
+                  lambda m: m[0], lambda self, x: nn.Embedding.forward(self, x).sin(),
+                  lambda g: torch.randint(0, 7, (6, 2), generator=g)),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FORWARDS))
+def test_an_instance_forward_that_computes_something_else_is_what_the_fisher_is_of(name: str) -> None:
+    """Rules follow their class's forward. Before, the attention's and BatchNorm's rules ran their own
+    forward in place of the instance's while recording (the attention failed with a bare KeyError, the
+    BatchNorm was refused as mixing samples); the others' rules miss the gradient, are moved, and say why."""
+    build, module_of, forward, inputs = OTHER_FORWARDS[name]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    module = module_of(model)
+    module.forward = types.MethodType(forward, module)
+    x = inputs(torch.Generator().manual_seed(1))
+    x = x.double() if x.is_floating_point() else x
+    want = exact_fisher(model, x, "categorical")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = torchfim.fisher(model, x, structure="full")
+        diag = torchfim.fisher(model, x, structure="diag")
+    assert clients.rel_err(full, want) < 1e-10 and clients.rel_err(diag, torch.diagonal(want)) < 1e-10
+    moved = [str(w.message) for w in caught if "do not add up" in str(w.message)]
+    assert all("set on the instance" in text for text in moved)
+    assert bool(moved) == (name != "attention")  # the attention goes to the generic rule from the start
+
+
 class _ListedLayers(nn.Module):
     """A forward that reaches its registered layers through a plain list and a plain dict."""
 

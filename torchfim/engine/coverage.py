@@ -6,6 +6,8 @@ it to the generic rule of a module above, checking again (and moving on up) unti
 result stays exact; the warning tells the user what was moved, where to, and the likely cause of the
 first move, which the recorded calls of the parameter's module show:
 
+* the module's forward is set on the instance and computes something else than its class's forward,
+  which the module's rule follows (a rule never replaces such a forward while the engine records);
 * the module returns several outputs computed one from another inside its forward, and more than one
   is used downstream: its rule is handed each output's whole sensitivity, so the paths from the earlier
   output through the later one are counted twice (a block returning its hidden state and its output);
@@ -24,6 +26,9 @@ from .modules import Call, Rule
 
 #: The likely causes, each with its fix, in the order the warning lists them.
 CAUSES = {
+    "instance": "their module's forward is set on the instance (module.forward = ...) and computes something "
+                "other than its class's forward, which the module's rule follows: nothing to fix, or patch the "
+                "class, or compute the change in the module above",
     "dependent": "their module returns outputs computed one from another, more than one of them used downstream "
                  "(its rule would count the paths through the later ones twice): return only the outputs "
                  "used, or compute the later ones in the module above",
@@ -38,6 +43,8 @@ _WALK_LIMIT = 20_000
 def cause_of(index: int, calls: list[tuple[Rule, Call]]) -> str:
     """The likely cause (a key of :data:`CAUSES`) for the parameter ``index`` of θ, from the recorded calls."""
     own = [call for rule, call in calls if index in rule.params.values()]
+    if any("forward" in call.module.__dict__ for call in own):
+        return "instance"
     return "dependent" if any(_dependent(call.taps) for call in own) else "outside"
 
 

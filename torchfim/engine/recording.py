@@ -95,7 +95,8 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
 
     own = {m: m.__dict__.get("forward") for m in rules}  # a forward set on the instance, else None
     for m, rule in rules.items():
-        m.__dict__["forward"] = recorder(m, rule, rule.recording_forward or m.forward)
+        # A rule's recording forward stands in for the class's forward only: one set on the instance runs.
+        m.__dict__["forward"] = recorder(m, rule, (own[m] is None and rule.recording_forward) or m.forward)
     try:
         yield
     finally:

@@ -31,7 +31,8 @@ def owns_subtree(module: nn.Module) -> bool:
 
 def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     """The rule for ``module`` covering ``params`` (local name → index in θ)."""
-    if attention_supported(module) and set(params) <= set(ATTENTION_PARAMETERS):
+    if attention_supported(module) and set(params) <= set(ATTENTION_PARAMETERS) and "forward" not in module.__dict__:
+        # (the rule binds the call's arguments by the class forward's names, which one set on the instance may not use)
         return AttentionRule(module, params, path)
     own = set(dict(module.named_parameters(recurse=False)))
     if set(params) <= own and set(params) <= {"weight", "bias"}:
