@@ -116,3 +116,28 @@ class _Custom(nn.Linear):
 def test_the_math_attention_kernel_is_set_only_where_a_module_may_call_attention(model: nn.Module,
                                                                                  attends: bool) -> None:
     assert may_attend(model) is attends
+
+
+class _ByKeyword(nn.Module):
+    """Every ruled layer called with its input by keyword (as torch names it: ``input``, or ``x`` for RMSNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm, self.rms = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.RMSNorm(4)
+        self.conv, self.embed, self.head = nn.Conv1d(1, 2, 2), nn.Embedding(5, 2), nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.rms(x=self.norm(input=torch.tanh(self.lin(input=x))))
+        c = self.conv(input=x[:, None, :]).flatten(1)
+        e = self.embed(input=(x[:, 0] > 0).long())
+        return self.head(input=torch.cat([h, c, e], -1))
+
+
+def test_layers_called_with_their_input_by_keyword_keep_their_rules() -> None:
+    """Before, the rules read ``call.args[0]`` of an empty tuple (a bare IndexError), and BatchNorm's
+    recording forward refused ``input=``."""
+    torch.manual_seed(0)
+    model, x = _ByKeyword().double().eval(), torch.randn(6, 3, dtype=torch.float64)
+    backend, view = _recorded(model, x)
+    assert all(type(rule).__name__ != "GenericRule" for rule in backend.rules.values())
+    _assert_exact(model, x)

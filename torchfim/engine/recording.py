@@ -8,6 +8,7 @@ them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -80,8 +81,12 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
     """
 
     def recorder(module: nn.Module, rule: Rule, forward: Callable[..., object]) -> Callable[..., object]:
+        signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
+
         def forward_and_record(*args: object, **kwargs: object) -> object:
             output = forward(*args, **kwargs)
+            if kwargs and not isinstance(rule, GenericRule):  # rules read their inputs by position
+                args, kwargs = _positional(forward, signature, args, kwargs)
             taps = [t for t in tensors_of(output) if t.requires_grad]
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
@@ -105,3 +110,16 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
                 del m.__dict__["forward"]
             else:
                 m.__dict__["forward"] = forward
+
+
+def _positional(forward: Callable[..., object], signature: list[inspect.Signature], args: tuple,
+                kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with those passed by keyword that have a position (``layer(input=x)``) moved
+    to it; ``signature`` caches the forward's (found on the first call)."""
+    if not signature:
+        signature.append(inspect.signature(forward))
+    try:
+        bound = signature[0].bind(*args, **kwargs)
+    except TypeError:  # the forward accepted the call, so this does not happen; keep the call as it came
+        return args, kwargs
+    return bound.args, bound.kwargs

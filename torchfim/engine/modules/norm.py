@@ -71,13 +71,13 @@ class BatchNormRule(NormRule):
     """BatchNorm in eval mode: ``z = x ⊙ s + t`` per channel, ``s = γ/√(σ² + eps)``, ``t = β − μ s``
     (running mean μ and variance σ²)."""
 
-    def recording_forward(self, x: Tensor) -> Tensor:
+    def recording_forward(self, input: Tensor) -> Tensor:  # torch's name, for calls by keyword
         """The module's forward while the engine records: ``x ⊙ s + t`` in one operation, whose backward
         to ``x`` is one product (torch's eval-mode batch-norm backward costs about twice as much).
         Equal to the module's own output up to rounding, in the input's dtype as torch's batch norm
         returns it (a float32 layer inside a half-precision model); a module switched to training
         mode runs its own."""
-        module = self.module
+        module, x = self.module, input
         if module.training:
             return type(module).forward(module, x)
         scale = (module.running_var + module.eps).rsqrt()
