@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import mlp_inputs, tanh_mlp
+from oracles import exact_fisher
 from torch import nn
 
 import torchfim
@@ -72,6 +73,41 @@ def test_batchnorm_in_training_mode():
         torchfim.fisher(model, mlp_inputs(4))
     model.eval()
     torchfim.fisher(model, mlp_inputs(4))
+
+
+def test_batchnorm_without_running_statistics():
+    """In eval mode too it normalises with the batch's statistics; before, a bare ValueError from torch."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)).double()
+    model.eval()
+    with pytest.raises(TorchfimError, match=r"'1' is a BatchNorm layer without running statistics.*nn\.GroupNorm"):
+        torchfim.fisher(model, mlp_inputs(4))
+
+
+def _embedding_model(**options) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(6, 3, **options), nn.Flatten(), nn.Linear(12, 3)).double()
+
+
+def test_embedding_with_max_norm_is_refused_with_the_fix_that_works():
+    """Its forward rescales rows of the weight in place; before, the refusal blamed another thread."""
+    model, ids = _embedding_model(max_norm=0.5), torch.randint(0, 6, (5, 4), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TorchfimError, match=r"'0' is an embedding with max_norm=0\.5.*emb\.max_norm = None"):
+        torchfim.fisher(model, ids)
+    with torch.no_grad():  # the fix the message gives
+        torch.embedding_renorm_(model[0].weight, ids, 0.5, 2.0)
+    model[0].max_norm = None
+    want = exact_fisher(model, ids, "categorical")
+    assert torch.allclose(torchfim.fisher(model, ids, structure="full"), want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_scale_grad_by_freq_leaves_the_fisher_of_derivatives(backend: str):
+    """``scale_grad_by_freq`` rescales an embedding's gradient by the ids' counts in the batch (a training
+    heuristic): the Fisher is of derivatives, the same as without it; the user's module keeps the flag."""
+    model, ids = _embedding_model(scale_grad_by_freq=True), torch.randint(0, 6, (5, 4), generator=torch.Generator().manual_seed(1))
+    want = exact_fisher(_embedding_model(), ids, "categorical")  # the same weights, without the flag
+    got = torchfim.fisher(model, ids, structure="full", backend=backend)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-13) and model[0].scale_grad_by_freq
 
 
 def test_dropout_in_training_mode():

@@ -70,8 +70,16 @@ Mask = Tensor | Callable[[Batch], Tensor] | str | None
 
 
 def check_mode(model: nn.Module) -> None:
-    """Refuse modules whose training-mode forward mixes samples or is random."""
+    """Refuse modules whose forward mixes samples (BatchNorm in training mode, or without running
+    statistics) or is random (Dropout in training mode)."""
     for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is None:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is a BatchNorm layer without running statistics "
+                "(track_running_stats=False), so even in eval mode it normalises with the statistics of the "
+                "batch, which mixes its samples, and per-sample Fisher terms are undefined; use a layer that "
+                "normalises each sample (nn.GroupNorm, nn.LayerNorm) or BatchNorm with running statistics"
+            )
         if not module.training:
             continue
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -84,6 +92,22 @@ def check_mode(model: nn.Module) -> None:
             raise TorchfimError(
                 f"module {name or type(module).__name__!r} is a Dropout layer in training mode, which makes "
                 "the outputs random; call model.eval() before computing the Fisher"
+            )
+
+
+def _check_weights_kept(model: nn.Module) -> None:
+    """Refuse embeddings whose forward rescales rows of their trainable weight in place (``max_norm``):
+    torchfim's check that no training step changes the weights during a computation would refuse each
+    of its forwards, with a message that blames another thread."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None \
+                and module.weight.requires_grad:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is an embedding with max_norm={module.max_norm}, "
+                "whose every forward rescales the rows it looks up in place, so its weight changes during "
+                "the computation; rescale them once yourself (with torch.no_grad(): "
+                "torch.embedding_renorm_(emb.weight, ids, max_norm, norm_type) for the ids you use) and set "
+                "emb.max_norm = None while torchfim computes"
             )
 
 
@@ -116,6 +140,10 @@ class ModelView:
         if eval_mode and self.model is not model:
             self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
         check_mode(self.model)
+        _check_weights_kept(self.model)
+        for module in self.model.modules():  # the copy's: the Fisher is of derivatives, not of rescaled gradients
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq:
+                module.scale_grad_by_freq = False
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise TorchfimError(
