@@ -48,6 +48,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..errors import TorchfimError
 from ..families import Family
+from .position_outputs import PositionOutputs
 
 GRAD_METHODS = ("exact", "finite_difference")
 
@@ -161,7 +162,7 @@ def _gradients(loss: Tensor, params: list[Tensor], seed: Tensor | None = None, r
 
 def batch_gradient_fd(
     model: nn.Module,
-    family: Family,
+    family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
     x: Tensor,
     draw_labels: Callable[[Tensor], Tensor],
@@ -194,7 +195,7 @@ def batch_gradient_fd(
 
 def trace_fd(
     model: nn.Module,
-    family: Family,
+    family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
     x: Tensor,
     y: Tensor,
@@ -260,7 +261,7 @@ class _ShiftedParameters(torch.autograd.Function):
 
 def batch_gradient_fd_shared(
     model: nn.Module,
-    family: Family,
+    family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
     x: Tensor,
     rows: int,

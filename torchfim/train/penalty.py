@@ -38,6 +38,7 @@ from .finite_difference import (
     penalty_gradient,
     trace_fd,
 )
+from .position_outputs import PositionOutputs, check_mask
 from .surrogate import fixed_gradient, zero_term
 
 KINDS = ("batch_gradient", "trace")
@@ -124,8 +125,13 @@ class FisherPenalty:
     The penalty is computed with gradients enabled even inside ``torch.no_grad()``, so its value
     (and ``last_value``) is right there too.
 
+    Outputs with positions, ``(B, *pos, C)`` (a language model's logits): each position is an observation
+    of ``family`` given the input, labels are drawn per position and an input's NLL sums over its
+    positions (:mod:`torchfim.train.position_outputs`, which also says how to get a per-token mean);
+    ``mask`` ``(B, *pos)``, passed to each call, drops padding (``kind="batch_gradient"``).
+
     Args:
-        model: the network, mapping a batch of inputs to outputs ``(B, C)``.
+        model: the network, mapping a batch of inputs to outputs ``(B, C)`` or ``(B, *pos, C)``.
         family: output family name or :class:`~torchfim.families.Family`.
         alpha: penalty coefficient α ≥ 0.
         every: compute the penalty on steps ``step % every == 0``.
@@ -192,7 +198,7 @@ class FisherPenalty:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.family = get_family(family)
+        self.family = PositionOutputs(get_family(family))
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
             raise TorchfimError(
                 f"alpha must be a finite number ≥ 0 (the penalty coefficient), got {alpha!r}; "
@@ -226,9 +232,11 @@ class FisherPenalty:
         )
 
     # ------------------------------------------------------------------ call
-    def __call__(self, inputs: Tensor, step: int | None = None) -> Tensor:
-        """The penalty term for this training step (see the class docstring)."""
+    def __call__(self, inputs: Tensor, step: int | None = None, mask: Tensor | None = None) -> Tensor:
+        """The penalty term for this training step (see the class docstring); ``mask`` ``(B, *pos)``
+        marks the observed positions of outputs with positions (padding False)."""
         _check_step(step)
+        mask = self._check_mask(mask, inputs)
         if step % self.every != 0 and self.reuse_between and self._cached_grads is not None:
             return self._surrogate(self._cached_params, self._cached_grads, self.last_value)
         names, params = _trainable(self.model)
@@ -238,7 +246,7 @@ class FisherPenalty:
 
         x = self._prepare(inputs, first)
         # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
-        with torch.enable_grad():
+        with torch.enable_grad(), self.family.masked(mask, x.shape[0]):
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -255,7 +263,8 @@ class FisherPenalty:
                 return self._surrogate(params, grads, self.last_value)
             return value
 
-    def penalised_loss(self, inputs: Tensor, task_loss: Callable[[Tensor], Tensor], step: int | None = None) -> Tensor:
+    def penalised_loss(self, inputs: Tensor, task_loss: Callable[[Tensor], Tensor], step: int | None = None,
+                       mask: Tensor | None = None) -> Tensor:
         """The task loss plus the penalty from one shared forward pass: ``task_loss(outputs) + term``.
 
         ``task_loss`` maps the model's outputs on the whole batch ``inputs`` to the scalar task
@@ -326,7 +335,7 @@ class FisherPenalty:
         x = self._prepare(inputs, params[0], whole=True)
         rows = x.shape[0] if self.sub_batch is None else min(self.sub_batch, x.shape[0])
         cache = self.every > 1 and self.reuse_between
-        with torch.enable_grad():
+        with torch.enable_grad(), self.family.masked(self._check_mask(mask, inputs), rows):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
@@ -337,6 +346,14 @@ class FisherPenalty:
         return loss
 
     # -------------------------------------------------------------- helpers
+    def _check_mask(self, mask: object, inputs: object) -> Tensor | None:
+        if mask is not None and self.kind == "trace":
+            raise TorchfimError(
+                "mask= works with kind='batch_gradient'; kind='trace' takes every position of every input "
+                "(drop mask=, or use kind='batch_gradient')"
+            )
+        return check_mask(mask, inputs) if isinstance(inputs, Tensor) else mask
+
     def _prepare(self, inputs: object, first: Tensor, whole: bool = False) -> Tensor:
         """The inputs on the model's device and float dtype: the first ``sub_batch`` (all when ``whole``)."""
         if not isinstance(inputs, Tensor):

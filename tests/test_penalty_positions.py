@@ -1,0 +1,112 @@
+"""FisherPenalty on outputs with positions (a language model's ``(B, T, V)`` logits), with a padding mask.
+
+The oracle is the definition with one label per position, drawn as the penalty draws them (one
+``Categorical.sample`` on the ``(B·T, V)`` per-position outputs from the same seed), the NLL of an input
+summed over its observed positions and averaged over inputs, differentiated twice by autograd in
+float64: batch gradient ``α‖∇_θ (1/B) Σᵢ Σₜ mᵢₜ (−log p(ŷᵢₜ|xᵢ))‖²``, trace ``α (1/B) Σᵢ ‖∇_θ Σₜ log p(ŷᵢₜ|xᵢ)‖²``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchfim import TorchfimError
+from torchfim.families import Categorical
+from torchfim.train import FisherPenalty
+
+VOCAB, B, T, ALPHA = 7, 4, 5, 0.3
+
+
+class _TokenModel(nn.Module):
+    """Per-token logits ``(B, T, V)`` that depend on the whole sequence (a mean over it), as a decoder's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(tokens))
+        return self.head(torch.tanh(self.mix(h) + h.mean(1, keepdim=True)))
+
+
+def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3:], mask[2, 1:] = False, False
+    return _TokenModel().double(), tokens, mask
+
+
+def _labels(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        o = model(tokens)
+    return Categorical().sample(o.reshape(-1, VOCAB), 1, torch.Generator().manual_seed(5)).reshape(B, T)
+
+
+def _oracle(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, kind: str) -> list[torch.Tensor]:
+    """Value and gradient of the penalty from its definition."""
+    params, y = list(model.parameters()), _labels(model, tokens)
+    keep = torch.ones(B, T, dtype=torch.float64) if mask is None else mask.double()
+
+    def log_p(rows: slice) -> torch.Tensor:
+        lp = torch.log_softmax(model(tokens[rows]), -1).gather(-1, y[rows, :, None])[..., 0]
+        return (lp * keep[rows]).sum()
+
+    if kind == "batch_gradient":
+        g = torch.autograd.grad(-log_p(slice(None)) / B, params, create_graph=True)
+        value = ALPHA * sum(t.pow(2).sum() for t in g)
+    else:
+        value = 0
+        for i in range(B):
+            g = torch.autograd.grad(log_p(slice(i, i + 1)), params, create_graph=True)
+            value = value + ALPHA * sum(t.pow(2).sum() for t in g) / B
+    return [value.detach(), *[t.detach() for t in torch.autograd.grad(value, params)]]
+
+
+def _penalty(model: nn.Module, **kw: object) -> FisherPenalty:
+    return FisherPenalty(model, alpha=ALPHA, generator=torch.Generator().manual_seed(5), **kw)
+
+
+#: (kind, grad_method, masked): kind='trace' takes every position (with a mask it is refused, below).
+CASES = [(kind, method, masked) for kind in ("batch_gradient", "trace") for method in ("exact", "finite_difference")
+         for masked in (False, True) if not (kind == "trace" and masked)]
+
+
+@pytest.mark.parametrize(("kind", "grad_method", "masked"), CASES)
+def test_penalty_on_position_outputs_equals_its_definition(kind: str, grad_method: str, masked: bool) -> None:
+    model, tokens, mask = _setup()
+    want = _oracle(model, tokens, mask if masked else None, kind)
+    term = _penalty(model, kind=kind, grad_method=grad_method)(tokens, step=0, mask=mask if masked else None)
+    got = [term.detach(), *torch.autograd.grad(term, list(model.parameters()))]
+    tol = 1e-11 if grad_method == "exact" else 1e-6  # the forward difference: ε·‖H'‖ (float64)
+    assert torch.allclose(got[0], want[0], rtol=1e-12, atol=0)
+    for g, w in zip(got[1:], want[1:]):
+        assert torch.allclose(g, w, rtol=tol, atol=tol * max(float(t.abs().max()) for t in want[1:]))
+
+
+def test_the_shared_forward_takes_the_mask_too() -> None:
+    """``penalised_loss``: the task loss on all the outputs, the penalty's value as ``pen(x, mask=...)``."""
+    model, tokens, mask = _setup()
+    value = _penalty(model, grad_method="finite_difference")(tokens, step=0, mask=mask)
+    shared = _penalty(model, grad_method="finite_difference")
+    loss = shared.penalised_loss(tokens, lambda out: F.cross_entropy(out.reshape(-1, VOCAB), tokens.reshape(-1)),
+                                 step=0, mask=mask)
+    assert torch.allclose(shared.last_value, value.detach(), rtol=1e-12, atol=0)
+    assert torch.allclose(loss - shared.last_value, F.cross_entropy(model(tokens).reshape(-1, VOCAB), tokens.reshape(-1)),
+                          rtol=1e-6)  # the task loss at θ + εĝ
+
+
+def test_masks_the_penalty_cannot_use_are_refused() -> None:
+    model, tokens, mask = _setup()
+    with pytest.raises(TorchfimError, match="mask= works with kind='batch_gradient'"):
+        _penalty(model, kind="trace")(tokens, step=0, mask=mask)
+    with pytest.raises(TorchfimError, match=r"mask must be a bool tensor \(batch, \*positions\).*one row per input \(4\)"):
+        _penalty(model)(tokens, step=0, mask=mask[:2])
+    with pytest.raises(TorchfimError, match=r"mask must be a bool tensor of shape \(batch, 5\)"):
+        _penalty(model)(tokens, step=0, mask=mask[:, :3])
+    flat = nn.Sequential(nn.Linear(3, 4)).double()
+    with pytest.raises(TorchfimError, match="outputs \\(4, 4\\) have none"):
+        _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask)
