@@ -58,16 +58,18 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .._batches import Inputs, iter_batches
+from .._batches import Inputs
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
-from ..errors import TorchfimError, all_finite, check_n_samples
+from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
+from .held import hold, on_device, pooled
 from .penalty import _check_int
 from .trace_stats import ControlVariate, Windows, mean_and_variance
 
@@ -134,10 +136,11 @@ class FisherTraceMonitor:
     given and tensorboard is installed (otherwise a warning is issued once, at construction).
 
     Args:
-        model: the network being trained (outputs ``(B, C)``; samples treated independently in
-            eval mode).
-        inputs: held inputs, a tensor whose first dimension is the batch or an iterable of
-            mini-batches (tensors or ``(inputs, targets)`` pairs); read once, at construction.
+        model: the network being trained (outputs ``(B, C)``, or ``(B, *pos, C)`` with one observation
+            per position as in :func:`torchfim.fisher`; samples treated independently in eval mode).
+        inputs: held inputs, a tensor whose first dimension is the batch, a dict of keyword inputs
+            (Hugging Face style; target keys dropped) or an iterable of such mini-batches (or of
+            ``(inputs, targets)`` pairs); read once, at construction.
         family: output family name or :class:`~torchfim.families.Family`.
         every: measure on steps with ``step % every == 0``.
         n_samples: labels drawn per input per measurement.
@@ -151,6 +154,11 @@ class FisherTraceMonitor:
         control_variate: carry the previous estimate over by common random numbers (see the
             module docstring); adds the record field and CSV column ``variance_ratio`` and the
             TensorBoard tag ``fisher/trace_variance_ratio``. Needs at least 4 inputs per window.
+        output: a function mapping the model's output to the tensor of the family's natural
+            parameters (e.g. ``lambda out: out.logits``), as in :func:`torchfim.fisher`.
+        mask: the observed positions of outputs with positions: the key of a dict input (e.g.
+            ``"attention_mask"``) or a function of a held mini-batch returning ``(B, *pos)``
+            booleans; padding positions add nothing to the trace.
 
     Example:
         >>> import torch, torchfim.train
@@ -181,6 +189,8 @@ class FisherTraceMonitor:
         tensorboard_dir: str | os.PathLike | None = None,
         subset: int | None = None,
         control_variate: bool = False,
+        output: Callable[[object], Tensor] | None = None,
+        mask: str | Callable[[object], Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -196,10 +206,11 @@ class FisherTraceMonitor:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
-        self.inputs = self._hold(inputs)
+        self.output, self.mask = _check_output_and_mask(output, mask)
+        self.inputs = hold(inputs)
         self._path_key: tuple | None = None
         self._path_cache: tuple[ModelView, Backend] | None = None
-        self.n_inputs = sum(x.shape[0] for x in self.inputs)
+        self.n_inputs = sum(b.size for b in self.inputs)
         self.history: list[TraceRecord] = []
         self.subset, self.control_variate = self._check_options(subset, control_variate)
         self._plan()
@@ -278,24 +289,6 @@ class FisherTraceMonitor:
         self.close()
 
     # ------------------------------------------------------------ internals
-    @staticmethod
-    def _hold(inputs: Inputs) -> list[Tensor]:
-        held = []
-        for x, _ in iter_batches(inputs):
-            if not isinstance(x, Tensor):
-                raise TorchfimError(
-                    f"each mini-batch of held inputs must be a torch.Tensor, got {type(x).__name__}"
-                )
-            if x.dim() == 0:
-                raise TorchfimError("held inputs must have a batch dimension first, got a 0-dim tensor")
-            if x.is_floating_point() and not all_finite(x):
-                raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
-            if x.shape[0] > 0:
-                held.append(x.detach())
-        if not held:
-            raise TorchfimError("the held inputs are empty: pass at least one input to measure Tr(F) on")
-        return held
-
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
         if subset is not None:
             _check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
@@ -316,17 +309,12 @@ class FisherTraceMonitor:
         self._population = None if self.subset is None else n  # None: the held inputs as an i.i.d. sample
         self._windows: list[Windows] = []
         if self.subset is not None:
-            try:
-                self.inputs = [torch.cat(self.inputs)]  # one pool to draw windows from
-            except RuntimeError as exc:
-                raise TorchfimError(
-                    f"subset= needs held mini-batches of one input shape, to draw windows across them ({exc})"
-                ) from None
+            self.inputs = [pooled(self.inputs)]  # one pool to draw windows from
             half = (self._window_size + 1) // 2
             sizes = [half, self._window_size - half] if self.control_variate else [self._window_size]
             self._windows = [Windows(n, size) for size in sizes]
         self._cv: ControlVariate | None = None
-        self._previous: tuple[list[Tensor], Tensor] | None = None  # window and generator state of the last draw
+        self._previous: tuple[list[Batch], Tensor] | None = None  # window and generator state of the last draw
         if self.control_variate:
             size = self._window_size
             if self.subset is None:  # two fixed halves: the target is their mean, label noise only
@@ -346,14 +334,12 @@ class FisherTraceMonitor:
         # modules: a training step in another thread keeps its Dropout.
         return self._estimate_eval()
 
-    def _window(self, generator: torch.Generator) -> list[Tensor]:
+    def _window(self, generator: torch.Generator) -> list[Batch]:
         """The mini-batches of this measurement: all held ones, or the next subset window."""
         if not self._windows:
             return self.inputs
-        pool = self.inputs[0]
         picks = [w.next(generator) for w in self._windows]
-        rows = picks[0] if len(picks) == 1 else torch.cat(picks)
-        return [pool.index_select(0, rows.to(pool.device))]
+        return [self.inputs[0].rows(picks[0] if len(picks) == 1 else torch.cat(picks))]
 
     def _estimate_eval(self) -> tuple[float, float, float]:
         """``(trace, variance, variance of the fresh labels alone)``."""
@@ -392,14 +378,14 @@ class FisherTraceMonitor:
             for t in tensors.values() if t is not None
         )
         if self._path_key != key:
-            view = ModelView(self.model, eval_mode=True)
+            view = ModelView(self.model, self.output, eval_mode=True)
             self._path_cache = (view, make_backend(view, "auto"))
             self._path_key = key
             self._checked = 0  # samples checked for independence with this view
         return self._path_cache
 
     def _squared_norms(
-        self, path: tuple[ModelView, Backend], inputs: list[Tensor], generator: torch.Generator
+        self, path: tuple[ModelView, Backend], inputs: list[Batch], generator: torch.Generator
     ) -> Tensor:
         """``‖∇_θ log p(y_ij|xᵢ)‖²`` (n, k) in float64, one ``family.sample`` call per mini-batch, in order.
 
@@ -411,11 +397,10 @@ class FisherTraceMonitor:
         view, backend = path
         norms = []
         with engine_session():
-            for x in inputs:  # held tensors, checked non-empty and finite when held: no engine.batches() pass
-                x = x.to(device=view.device, dtype=view.dtype if x.is_floating_point() else x.dtype)
-                batch = Batch((x,), {}, x.shape[0])
+            for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
+                batch = on_device(held, view.device, view.dtype)
                 rec = backend.record(batch)
-                fam = view.family_for(rec.shape, batch, self.family, None)
+                fam = view.family_for(rec.shape, batch, self.family, self.mask)
                 fam.check_output(rec.values)
                 self._checked = view.check_independent(batch, rec.values, self._checked)
                 u = fam.sample_scores(rec.values, self.n_samples, generator)  # (B, k, C)
@@ -455,3 +440,17 @@ class FisherTraceMonitor:
         if record.variance_ratio is not None:
             self._writer.add_scalar("fisher/trace_variance_ratio", record.variance_ratio, record.step)
         self._writer.flush()
+
+
+def _check_output_and_mask(output: object, mask: object) -> tuple[object, object]:
+    """``output`` (a function of the model's outputs, or None) and ``mask`` (a key of dict inputs or a
+    function of a held mini-batch, or None), refused otherwise."""
+    if output is not None and not callable(output):
+        raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
+    if mask is not None and (isinstance(mask, Tensor) or not (isinstance(mask, str) or callable(mask))):
+        raise TorchfimError(
+            f"mask must name a key of dict held inputs (e.g. 'attention_mask') or be a function of a held "
+            f"mini-batch returning (batch, *positions) booleans, got {type(mask).__name__}; a tensor would not "
+            "follow the subset windows"
+        )
+    return output, mask
