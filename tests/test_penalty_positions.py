@@ -110,3 +110,23 @@ def test_masks_the_penalty_cannot_use_are_refused() -> None:
     flat = nn.Sequential(nn.Linear(3, 4)).double()
     with pytest.raises(TorchfimError, match="outputs \\(4, 4\\) have none"):
         _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask)
+
+
+def test_keyword_inputs_and_output_objects_are_refused_with_the_wrapper_named() -> None:
+    model, tokens, _ = _setup()
+
+    class _Returns(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.inner(t)}
+
+    with pytest.raises(TorchfimError, match=r"got dict; for a model with keyword inputs.*wrap it in a module"):
+        _penalty(model)({"input_ids": tokens}, step=0)
+    for method in ("exact", "finite_difference"):
+        with pytest.raises(TorchfimError, match=r"returned a dict.*wrap the model in a module.*\.logits"):
+            _penalty(_Returns(), grad_method=method)(tokens, step=0)
+        with pytest.raises(TorchfimError, match=r"returned a dict.*wrap the model in a module.*\.logits"):
+            _penalty(_Returns(), grad_method=method, sub_batch=2).penalised_loss(tokens, lambda out: 0.0, step=0)

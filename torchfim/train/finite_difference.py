@@ -294,7 +294,7 @@ def batch_gradient_fd_shared(
     buffers = {id(b): b.clone() for b in model.buffers()} if replay.active else {}
     with torch.enable_grad():
         with _substituted(model, buffers):
-            o = _leading(model(x), rows)
+            o = leading(model(x), rows)
         y = draw_labels(o)
         nll = family.nll(o, y)
         g = _gradients(nll, params) if nll.requires_grad else [torch.zeros_like(p) for p in params]
@@ -306,7 +306,7 @@ def batch_gradient_fd_shared(
             *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
         with _substituted(model, {id(p): t for p, t in zip(params, shifted)}):
             out = model(x)
-    return out, family.nll(_leading(out, rows), y), coef, value, last
+    return out, family.nll(leading(out, rows), y), coef, value, last
 
 
 def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: float | Tensor) -> list[Tensor]:
@@ -351,6 +351,7 @@ def _shifted(params: list[Tensor], directions: list[Tensor], shift: float | Tens
     return [torch.add(p, d, alpha=shift) for p, d in zip(params, directions)]
 
 
-def _leading(o: Tensor, rows: int) -> Tensor:
-    """The first ``rows`` outputs (the tensor itself when that is all of them: no slice to back-propagate)."""
-    return o if rows == o.shape[0] else o[:rows]
+def leading(o: Tensor, rows: int) -> Tensor:
+    """The first ``rows`` outputs (the tensor itself when that is all of them: no slice to back-propagate;
+    an output that is not a tensor as it is, for the family to refuse with its fix)."""
+    return o if not isinstance(o, Tensor) or rows == o.shape[0] else o[:rows]

@@ -35,6 +35,7 @@ from .finite_difference import (
     batch_gradient_fd,
     batch_gradient_fd_shared,
     check_fd_step,
+    leading,
     penalty_gradient,
     trace_fd,
 )
@@ -358,7 +359,9 @@ class FisherPenalty:
         """The inputs on the model's device and float dtype: the first ``sub_batch`` (all when ``whole``)."""
         if not isinstance(inputs, Tensor):
             raise TorchfimError(
-                f"FisherPenalty takes the mini-batch of inputs as a torch.Tensor, got {type(inputs).__name__}"
+                f"FisherPenalty takes the mini-batch of inputs as a torch.Tensor, got {type(inputs).__name__}; "
+                "for a model with keyword inputs (a dict batch), wrap it in a module whose forward takes one "
+                "tensor, e.g. return self.model(input_ids=ids, attention_mask=ids != pad).logits"
             )
         if inputs.dim() == 0 or inputs.shape[0] == 0:
             raise TorchfimError(
@@ -395,9 +398,9 @@ class FisherPenalty:
             _check_mode(self.model)
         out = self.model(x)
         if self.kind == "batch_gradient":
-            value, grads = self._batch_gradient(out[:rows], params), None
+            value, grads = self._batch_gradient(leading(out, rows), params), None
         else:
-            y = self._outputs_and_labels(out[:rows])
+            y = self._outputs_and_labels(leading(out, rows))
             if self.grad_method == "finite_difference":
                 value, grads = trace_fd(self.model, self.family, list(zip(names, params)), x[:rows], y, self.alpha,
                                         self.fd_step)
@@ -423,7 +426,7 @@ class FisherPenalty:
         return task + self._surrogate(params, grads, value), value, grads
 
     def _outputs_and_labels(self, o: Tensor) -> Tensor:
-        self.family.check_output(o.detach())
+        self.family.check_output(o)  # first: it says what to do with an output that is not a tensor
         return self.family.sample(o.detach(), 1, self.generator)  # (B, 1, *label_shape)
 
     def _batch_gradient(self, o: Tensor, params: list[Tensor]) -> Tensor:

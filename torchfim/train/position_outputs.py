@@ -49,6 +49,12 @@ class PositionOutputs:
             self.mask = None
 
     def _family(self, o: Tensor) -> tuple[Family, Tensor]:
+        if not isinstance(o, Tensor):
+            raise TorchfimError(
+                f"the model returned a {type(o).__name__}, but FisherPenalty needs its outputs as one tensor of "
+                "the family's natural parameters; wrap the model in a module whose forward returns it (e.g. "
+                "return self.model(x).logits)"
+            )
         if o.dim() <= 2:
             if self.mask is not None:
                 raise TorchfimError(
