@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -232,6 +233,41 @@ def test_padded_batch_with_mask_equals_the_unpadded_sequences(family: str, estim
                                  for s in seqs]).sum(0) / len(seqs) ** 2
         var_together = torchfim.fisher_variance(model, padded, family=family, estimator="score", mask=mask)
         assert torch.allclose(var_together, var_alone, rtol=1e-10, atol=1e-14)
+
+
+class _DictOutputs(nn.Module):
+    """The token model's logits in a dict, as Hugging Face models return them in an object."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.inner(x)}
+
+
+def test_planning_takes_the_mask_and_output_map_as_fisher_does() -> None:
+    """``samples_needed`` and ``compare_estimators`` on a padded batch with its mask, through an output map,
+    answer as on the unpadded sequences (each its own mini-batch)."""
+    torch.manual_seed(0)
+    model = TokenModel(3).double()
+    lengths = [4, 2, 3, 1]
+    seqs = [torch.randint(1, 5, (n,), generator=torch.Generator().manual_seed(i))[None] for i, n in enumerate(lengths)]
+    padded = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+    for i, s in enumerate(seqs):
+        padded[i, : s.shape[1]] = s[0]
+    wrapped, logits = _DictOutputs(model), lambda out: out["logits"]
+    for structure in ("trace", "diag"):
+        alone = torchfim.samples_needed(model, seqs, structure=structure, rel_error=0.05)
+        assert torchfim.samples_needed(wrapped, padded, structure=structure, rel_error=0.05, mask=mask,
+                                       output=logits) == alone
+    want = torchfim.compare_estimators(model, seqs, n_samples=2)
+    got = torchfim.compare_estimators(wrapped, padded, n_samples=2, mask=mask, output=logits)
+    assert [r.name for r in got.rows] == ["inner." + r.name for r in want.rows]
+    for g, w in zip(got.rows, want.rows):
+        for field in ("fisher_diag_sum", "score_variance", "hessian_variance"):
+            assert math.isclose(getattr(g, field), getattr(w, field), rel_tol=1e-10, abs_tol=1e-15)
 
 
 def test_classes_in_dim_one_as_cross_entropy_takes_them() -> None:

@@ -228,6 +228,8 @@ def test_compare_estimators():
     cmp = torchfim.compare_estimators(tanh, mlp_inputs(6), n_samples=2)
     var1 = torchfim.fisher_variance(tanh, mlp_inputs(6), estimator="score", n_samples=2)
     assert math.isclose(cmp.rows[0].score_variance, float(var1[:12].sum()), rel_tol=1e-12)
+    diag = torchfim.fisher(tanh, mlp_inputs(6), structure="diag")
+    assert math.isclose(cmp.rows[1].fisher_diag_sum, float(diag[12:16].sum()), rel_tol=1e-12)
     assert "better" in str(cmp)
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._batches import Inputs
+from .engine import ModelView
+from .engine.view import Mask
 from .errors import TorchfimError, check_choice
 from .families import Family
 from .fisher import fisher
@@ -22,13 +25,19 @@ def samples_needed(
     estimator: str = "score",
     structure: str = "trace",
     rel_error: float = 0.1,
+    *,
+    backend: str = "auto",
+    mask: Mask = None,
+    output: Callable[[object], Tensor] | None = None,
+    class_dim: int = -1,
 ) -> int:
     """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value.
 
     The variance with ``k`` labels is ``V₁/k`` (``V₁`` = :func:`fisher_variance`
     with one label), so ``k = ⌈V₁ / (ε·I)²⌉`` for ``structure="trace"`` (``I`` =
     Tr of the exact Fisher) and the largest such ``k`` over the non-zero diagonal
-    entries for ``structure="diag"`` (the worst entry). At least 1.
+    entries for ``structure="diag"`` (the worst entry). At least 1. ``backend``, ``mask``, ``output``
+    and ``class_dim`` as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim
@@ -41,10 +50,10 @@ def samples_needed(
     check_choice("structure", structure, ("trace", "diag"))
     if not (isinstance(rel_error, (int, float)) and 0 < rel_error and math.isfinite(rel_error)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
-    if not isinstance(inputs, torch.Tensor):
-        inputs = list(inputs)  # iterated twice below
-    value = fisher(model, inputs, family=family, estimator="exact", structure=structure)
-    var1 = fisher_variance(model, inputs, family=family, estimator=estimator, structure=structure, n_samples=1)
+    inputs = _reusable(inputs)  # iterated twice below
+    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
+    value = fisher(model, inputs, estimator="exact", structure=structure, **how)
+    var1 = fisher_variance(model, inputs, estimator=estimator, structure=structure, n_samples=1, **how)
     value, var1 = value.reshape(-1).double(), var1.reshape(-1).double()
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
@@ -100,11 +109,17 @@ def compare_estimators(
     inputs: Inputs,
     family: str | Family = "categorical",
     n_samples: int = 1,
+    *,
+    backend: str = "auto",
+    mask: Mask = None,
+    output: Callable[[object], Tensor] | None = None,
+    class_dim: int = -1,
 ) -> EstimatorComparison:
     """For every parameter tensor, which of Î1 and Î2 estimates its diagonal Fisher with less variance.
 
     Compares ``Σ_p Var(Î)_pp`` over the parameter's entries (the expected squared
-    error of its diagonal) from :func:`fisher_variance`.
+    error of its diagonal) from :func:`fisher_variance`. ``backend``, ``mask``, ``output`` and
+    ``class_dim`` as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim
@@ -118,20 +133,25 @@ def compare_estimators(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module "
             "whose parameters are the ones to compare"
         )
-    if not isinstance(inputs, torch.Tensor):
-        inputs = list(inputs)
-    diag = fisher(model, inputs, family=family, structure="layers")
-    score = fisher_variance(model, inputs, family=family, estimator="score", structure="diag", n_samples=n_samples)
-    hess = fisher_variance(model, inputs, family=family, estimator="hessian", structure="diag", n_samples=n_samples)
+    inputs = _reusable(inputs)
+    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
+    diag = fisher(model, inputs, structure="diag", **how)
+    score = fisher_variance(model, inputs, estimator="score", structure="diag", n_samples=n_samples, **how)
+    hess = fisher_variance(model, inputs, estimator="hessian", structure="diag", n_samples=n_samples, **how)
+    layout = ModelView(model, output, class_dim).layout  # the engine's names: a wrapper's prefix dropped
     rows, start = [], 0
-    for name, block in diag.items():  # the engine's names: a compiled or data-parallel wrapper's prefix dropped
-        size = block.shape[0]
+    for name, size in zip(layout.names, layout.sizes):
         part = slice(start, start + size)
         rows.append(
             EstimatorRow(  # summed in float64: a half-precision sum over a large layer overflows
-                name, size, float(torch.diagonal(block).double().sum()), float(score[part].double().sum()),
+                name, size, float(diag[part].double().sum()), float(score[part].double().sum()),
                 float(hess[part].double().sum()),
             )
         )
         start += size
     return EstimatorComparison(tuple(rows), n_samples)
+
+
+def _reusable(inputs: Inputs) -> Inputs:
+    """``inputs`` in a form that can be iterated more than once (a one-shot iterator as a list)."""
+    return inputs if isinstance(inputs, (torch.Tensor, dict, list, tuple)) else list(inputs)
