@@ -7,7 +7,7 @@ called with inputs only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +41,16 @@ class Batch:
             return t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.size else t
 
         size = len(rows) if isinstance(rows, Tensor) else len(range(*rows.indices(self.size)))
-        targets = cut(self.targets)
-        return Batch(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, size, targets)
+        return self.map(cut, size)
+
+    def map(self, fn: Callable[[object], object], size: int | None = None) -> Batch:
+        """The batch with ``fn`` applied to each input and to the targets (``size`` samples: by default as many)."""
+        return Batch(tuple(fn(a) for a in self.args), {k: fn(v) for k, v in self.kwargs.items()},
+                     self.size if size is None else size, fn(self.targets))
+
+    def to(self, device: torch.device | None, dtype: torch.dtype | None) -> Batch:
+        """The batch with its tensors on ``device``, floating ones in ``dtype``."""
+        return self.map(lambda t: _to(t, device, dtype))
 
     def signature(self) -> tuple:
         """The shapes (less the batch dim) and dtypes of the batch's tensors: what a sample looks like."""
@@ -59,7 +67,7 @@ class Batch:
         return self.kwargs[key]
 
 
-def _to(t: object, device: torch.device, dtype: torch.dtype) -> object:
+def _to(t: object, device: torch.device | None, dtype: torch.dtype | None) -> object:
     if not isinstance(t, Tensor):
         return t
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

@@ -95,13 +95,16 @@ def check_mode(model: nn.Module) -> None:
             )
 
 
-def _check_weights_kept(model: nn.Module) -> None:
-    """Refuse embeddings whose forward rescales rows of their trainable weight in place (``max_norm``):
-    torchfim's check that no training step changes the weights during a computation would refuse each
-    of its forwards, with a message that blames another thread."""
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None \
-                and module.weight.requires_grad:
+def _embeddings_for_derivatives(copy: nn.Module) -> None:
+    """On the engine's copy: refuse embeddings whose forward rescales rows of their trainable weight in
+    place (``max_norm``: torchfim's check that no training step changes the weights during a computation
+    would refuse each of its forwards, blaming another thread), and turn off ``scale_grad_by_freq`` (a
+    rescaling of the gradient by the ids' counts in the batch: the Fisher is of derivatives)."""
+    for name, module in copy.named_modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        module.scale_grad_by_freq = False
+        if module.max_norm is not None and module.weight.requires_grad:
             raise TorchfimError(
                 f"module {name or type(module).__name__!r} is an embedding with max_norm={module.max_norm}, "
                 "whose every forward rescales the rows it looks up in place, so its weight changes during "
@@ -140,10 +143,7 @@ class ModelView:
         if eval_mode and self.model is not model:
             self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
         check_mode(self.model)
-        _check_weights_kept(self.model)
-        for module in self.model.modules():  # the copy's: the Fisher is of derivatives, not of rescaled gradients
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq:
-                module.scale_grad_by_freq = False
+        _embeddings_for_derivatives(self.model)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise TorchfimError(

@@ -15,7 +15,7 @@ from .._batches import Inputs, iter_batches
 from ..engine.batch import Batch, make_batch
 from ..errors import TorchfimError, all_finite
 
-__all__ = ["hold", "pooled", "on_device"]
+__all__ = ["hold", "pooled"]
 
 
 def hold(inputs: Inputs) -> list[Batch]:
@@ -33,7 +33,7 @@ def hold(inputs: Inputs) -> list[Batch]:
         if any(t.is_floating_point() and not all_finite(t) for t in tensors):
             raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
         if batch.size > 0:
-            held.append(_detached(batch))
+            held.append(batch.map(lambda t: t.detach() if isinstance(t, Tensor) else t))
     if not held:
         raise TorchfimError("the held inputs are empty: pass at least one input to measure Tr(F) on")
     return held
@@ -54,16 +54,6 @@ def pooled(held: list[Batch]) -> Batch:
     return Batch(args, kwargs, sum(b.size for b in held))
 
 
-def on_device(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
-    """``batch`` with its tensors on ``device``, floating ones in ``dtype``."""
-    def moved(t: object) -> object:
-        if not isinstance(t, Tensor):
-            return t
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-    return Batch(tuple(moved(a) for a in batch.args), {k: moved(v) for k, v in batch.kwargs.items()}, batch.size)
-
-
 def _joined(values: list[object], held: list[Batch]) -> object:
     if all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b.size for v, b in zip(values, held)):
         return torch.cat(values)  # type: ignore[arg-type]
@@ -71,10 +61,3 @@ def _joined(values: list[object], held: list[Batch]) -> object:
                                        and torch.equal(v, values[0])) for v in values):
         raise ValueError("an input that is not per-sample differs between held mini-batches")
     return values[0]
-
-
-def _detached(batch: Batch) -> Batch:
-    def cut(t: object) -> object:
-        return t.detach() if isinstance(t, Tensor) else t
-
-    return Batch(tuple(cut(a) for a in batch.args), {k: cut(v) for k, v in batch.kwargs.items()}, batch.size)

@@ -69,7 +69,7 @@ from .._batches import Inputs
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
-from .held import hold, on_device, pooled
+from .held import hold, pooled
 from .penalty import _check_int
 from .trace_stats import ControlVariate, Windows, mean_and_variance
 
@@ -398,7 +398,7 @@ class FisherTraceMonitor:
         norms = []
         with engine_session():
             for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
-                batch = on_device(held, view.device, view.dtype)
+                batch = held.to(view.device, view.dtype)
                 rec = backend.record(batch)
                 fam = view.family_for(rec.shape, batch, self.family, self.mask)
                 fam.check_output(rec.values)
