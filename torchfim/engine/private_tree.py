@@ -62,7 +62,7 @@ def private_tree(model: nn.Module) -> nn.Module:
                     for k, v in value.items():
                         if isinstance(v, _REBOUND):
                             value[k] = rebind(v)
-            elif isinstance(value, _REBOUND) or type(value) in _CONTAINERS or _is_record(value):
+            elif _may_hold_a_module(value):
                 own[key] = rebind(value)
     return copies[id(model)]  # type: ignore[return-value]
 
@@ -109,6 +109,12 @@ _REBOUND = (nn.Module, types.MethodType, functools.partial, types.FunctionType)
 _CONTAINERS = (list, tuple, dict)
 
 
+def _may_hold_a_module(value: object) -> bool:
+    """Whether the copy rebuilds ``value``: a module, a callable that may be bound to or close over one, or a
+    container or record that may hold one."""
+    return isinstance(value, _REBOUND) or type(value) in _CONTAINERS or _is_record(value)
+
+
 def _is_record(value: object) -> bool:
     """A named tuple, a dataclass instance or a ``SimpleNamespace``: fields that may hold such values."""
     kind = type(value)
@@ -133,7 +139,7 @@ class _Rebinder:
     def __call__(self, value: object) -> object:
         if isinstance(value, nn.Module):
             return self.copies.get(id(value), value)
-        if not isinstance(value, _REBOUND) and type(value) not in _CONTAINERS and not _is_record(value):
+        if not _may_hold_a_module(value):
             return value
         key = id(value)
         if key not in self.memo:

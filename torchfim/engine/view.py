@@ -95,6 +95,12 @@ def check_mode(model: nn.Module) -> None:
             )
 
 
+def check_output_map(output: object) -> None:
+    """Refuse an ``output=`` that is neither None nor a function of the model's output."""
+    if output is not None and not callable(output):
+        raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
+
+
 def _embeddings_for_derivatives(copy: nn.Module) -> None:
     """On the engine's copy: refuse embeddings whose forward rescales rows of their trainable weight in
     place (``max_norm``: torchfim's check that no training step changes the weights during a computation
@@ -134,8 +140,7 @@ class ModelView:
                  eval_mode: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if output is not None and not callable(output):
-            raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
+        check_output_map(output)
         if class_dim not in (-1, 1):
             raise TorchfimError(f"class_dim must be -1 (classes last) or 1 (classes in dim 1), got {class_dim!r}")
         self.user_model = model

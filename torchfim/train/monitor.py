@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from .._batches import Inputs
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
+from ..engine.view import check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .held import hold, pooled
@@ -445,8 +446,7 @@ class FisherTraceMonitor:
 def _check_output_and_mask(output: object, mask: object) -> tuple[object, object]:
     """``output`` (a function of the model's outputs, or None) and ``mask`` (a key of dict inputs or a
     function of a held mini-batch, or None), refused otherwise."""
-    if output is not None and not callable(output):
-        raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
+    check_output_map(output)
     if mask is not None and (isinstance(mask, Tensor) or not (isinstance(mask, str) or callable(mask))):
         raise TorchfimError(
             f"mask must name a key of dict held inputs (e.g. 'attention_mask') or be a function of a held "
