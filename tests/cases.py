@@ -22,7 +22,6 @@ class Case:
     inputs: Callable[[int], Tensor]
     families: tuple[str, ...] = ALL_FAMILIES
     positions: bool = False  # outputs (n, T, C) with a padding mask
-    second_order: bool = True  # forward-mode AD runs through every op (the Î2 quantities)
 
 
 def _seed(seed: int = 0) -> None:
@@ -249,18 +248,16 @@ CASES = [
     Case("strided_cnn", strided_cnn, cnn_inputs),
     Case("maxpool_cnn", maxpool_cnn, cnn_inputs),
     Case("conv1d", conv1d_net, lambda n: _floats(n, 2, 7)),
-    # torch has no forward-mode AD for CPU flash attention, so Î2's second derivatives are refused.
-    Case("encoder", encoder, lambda n: _tokens(n, 4, 7), ("categorical", "gaussian"), second_order=False),
+    Case("encoder", encoder, lambda n: _tokens(n, 4, 7), ("categorical", "gaussian")),
     Case("residual_bn", residual_bn, lambda n: _floats(n, 1, 4, 4)),
     Case("group_norm", group_norm, lambda n: _floats(n, 1, 6, 6)),
-    # torch's forward-over-forward AD through LayerNorm is wrong, so Î2's diagonals are refused there.
-    Case("layer_norm_mlp", layer_norm_mlp, mlp_inputs, second_order=False),
+    Case("layer_norm_mlp", layer_norm_mlp, mlp_inputs),
     Case("rms_norm_mlp", rms_norm_mlp, mlp_inputs),
     Case("batchnorm1d_mlp", batchnorm1d_mlp, mlp_inputs),
     Case("tied", tied, lambda n: _tokens(n, 3, 4), ("categorical",)),
     Case("frozen", frozen, mlp_inputs),
     Case("custom", custom, mlp_inputs),
-    Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian"), second_order=False),
+    Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian")),
     Case("tokens", token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
 ]
 

@@ -252,6 +252,41 @@ def test_sequence_classifier_needs_no_generic_rule(make) -> None:
     assert generic_modules(make(), padded_batch([5, 2, 4, 3], seed=6)) == []
 
 
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+def test_bert_sdpa_hessian_variance_diag_matches_reverse_over_reverse() -> None:
+    """Î2's variance diagonal needs ``∂²o/∂θ_p²`` through SDPA attention and LayerNorm, where torch's own
+    forward-mode rules fail (no rule for the CPU flash kernel) or are wrong (layer_norm to second order).
+    Oracle for the first query projection: ``(1/n²) Σᵢ dᵢ_pᵀ Λᵢ dᵢ_p`` with ``dᵢ_p`` the diagonal of
+    reverse-over-reverse Hessians of each input's logits (attention on torch's math kernel)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=CLASSES, pad_token_id=PAD, attn_implementation="sdpa",
+    )
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    batch = padded_batch([5, 3, 4], seed=1)
+    var = torchfim.fisher_variance(model, batch, estimator="hessian", structure="diag")
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    params = dict(clients.trainable(model))
+    start = sum(p.numel() for n, p in clients.trainable(model)[: list(params).index(name)])
+    query = params[name].detach()
+    want = torch.zeros(query.numel(), dtype=torch.float64)
+    n = batch["input_ids"].shape[0]
+    for i in range(n):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+
+        def logits(w: torch.Tensor, one=one) -> torch.Tensor:
+            return torch.func.functional_call(model, {name: w}, kwargs=one).logits[0]
+
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            hess = torch.func.jacrev(torch.func.jacrev(logits))(query).reshape(CLASSES, query.numel(), -1)
+        d = torch.diagonal(hess, dim1=1, dim2=2)  # (C, p)
+        p = torch.softmax(logits(query).detach(), -1)
+        want += torch.einsum("ap,ab,bp->p", d, torch.diag(p) - torch.outer(p, p), d)
+    want /= n**2
+    assert clients.rel_err(var[start : start + query.numel()], want) < 1e-10
+
+
 # ------------------------------------------------------------------- encoder-decoder
 def tiny_t5() -> torch.nn.Module:
     torch.manual_seed(0)

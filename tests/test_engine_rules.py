@@ -358,18 +358,6 @@ def test_long_outputs_are_refused() -> None:
         torchfim.fisher(Argmax(), torch.randn(4, 3))
 
 
-def test_hessian_diagonals_through_layer_norm_are_refused_not_wrong() -> None:
-    """torch's forward-over-forward AD through LayerNorm is wrong (see Backend.check_forward_over_forward)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Tanh(), nn.Linear(3, 2)).double()
-    x = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.raises(torchfim.TorchfimError, match="LayerNorm"):
-        torchfim.fisher_variance(model, x, estimator="hessian", structure="diag")
-    blocks = torchfim.fisher(model, x, estimator="hessian", structure="blocks", n_samples=2,
-                             generator=torch.Generator().manual_seed(0))
-    assert set(blocks) == {n for n, _ in model.named_parameters()}
-
-
 def test_attention_rule_sample_by_sample_chunks_equal_the_functional_backend(monkeypatch) -> None:
     """The attention backward is computed once per call and reused: chunks of one sample must agree."""
     import torchfim.engine.modules.base as base_module

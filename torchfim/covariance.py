@@ -63,7 +63,6 @@ class ScoreHessianCovariance(StructureVisitor):
         structure.add_squares(0, -third.sum())
 
     def diag(self, structure: Diag) -> None:
-        self.engine.check_forward_over_forward()
         layout = self.engine.layout
         total: dict[int, Tensor] = {}
         curved = set(self.engine.curved(self.rec.batch))  # the others have zero diagonals d_p

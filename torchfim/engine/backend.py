@@ -208,24 +208,9 @@ class Backend(ABC):
         degree ``power // 2`` in the diagonal (none in the base backend)."""
         return {}
 
-    def check_forward_over_forward(self) -> None:
-        """Refuse second derivatives by forward-over-forward AD where torch computes them wrongly.
-
-        torch 2.13's forward-mode derivative of its own forward-mode rule for ``layer_norm`` is wrong
-        (checked against reverse-over-reverse), so output-Hessian diagonals through a LayerNorm are
-        refused rather than returned wrong; the ``blocks``/``full`` structures go forward-over-reverse.
-        """
-        if any(isinstance(m, torch.nn.LayerNorm) for m in self.view.model.modules()):
-            raise TorchfimError(
-                "output-Hessian diagonals (the 'hessian' estimator and its variances in structure 'diag' or "
-                "'trace') go through forward-over-forward AD, which torch computes wrongly through "
-                "nn.LayerNorm; use structure='blocks' or 'full', or estimator='score'"
-            )
-
     def add_hessian_term(self, batch: Batch, w: Tensor, structure: Structure, scale: float) -> None:
         """Add ``scale · ∇²_θ Σᵢ wᵢᵀ o(xᵢ)`` (``w`` (B, C) held fixed) in ``structure``'s kind."""
         if structure.product == "squares":
-            self.check_forward_over_forward()
             rest = self.unfactored(batch)
             for i, value in self.unit_hessian_terms(batch, lambda rows, d: (d * w[rows].unsqueeze(1)).sum(-1), 2).items():
                 structure.add_diagonal(i, value, scale)
@@ -245,7 +230,6 @@ class Backend(ABC):
 
         ``fn(rows, d)`` maps ``(b, n, C)`` to ``(b, n)`` and is homogeneous of degree 2 in ``d``.
         """
-        self.check_forward_over_forward()
         rest = self.unfactored(batch)
         total = self.unit_hessian_terms(batch, fn, 4)
         for i, columns in self.direction_chunks(batch, rest):
@@ -257,7 +241,6 @@ class Backend(ABC):
 
     def output_hessian_traces(self, batch: Batch, width: int) -> Tensor:
         """Per input ``dᵢ = tr ∇²_θ o(xᵢ)`` over the trainable parameters: ``(B, C)``."""
-        self.check_forward_over_forward()
         total = torch.zeros(batch.size, width, dtype=_wide(self.layout.dtype), device=self.layout.device)
         traces = self.unit_hessian_traces(batch)
         if traces is not None:

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
+from .composites import composite_forms
 from .view import ModelView
 
 
@@ -28,6 +29,13 @@ def sample_dims(batch: Batch) -> tuple[tuple[int | None, ...], dict[str, int | N
         return 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size else None
 
     return tuple(dim(a) for a in batch.args), {k: dim(v) for k, v in batch.kwargs.items()}
+
+
+def sample_at(batch: Batch, i: int) -> tuple[tuple, dict]:
+    """Sample ``i``'s positional and keyword inputs without their batch dim (what ``vmap`` hands over)."""
+    arg_dims, kw_dims = sample_dims(batch)
+    args = tuple(a[i] if d == 0 else a for a, d in zip(batch.args, arg_dims))
+    return args, {k: (v[i] if kw_dims[k] == 0 else v) for k, v in batch.kwargs.items()}
 
 
 def one_sample(batch: Batch, args: tuple, kwargs: dict) -> Batch:
@@ -46,6 +54,7 @@ class FunctionalBackend(Backend):
     def __init__(self, view: ModelView) -> None:
         super().__init__(view)
         self._along_theta: set[str] = set()  # tensors whose directions need tangents over all of θ
+        self._sample_by_sample = False  # whether output Hessians are taken one sample at a time
 
     def record(self, batch: Batch) -> Recording:
         with torch.no_grad():
@@ -114,7 +123,8 @@ class FunctionalBackend(Backend):
         return self.view.params if name is None else self.view.params[name]
 
     def _along_each_tensor(self, columns: Tensor, derivative: Callable[[str | None, object], Tensor]) -> Tensor:
-        """``derivative(name, d)`` for every unit direction ``d`` of ``columns``, stacked: ``(m, ...)``.
+        """``derivative(name, d)`` for every unit direction ``d`` of ``columns``, stacked: ``(m, ...)``, with
+        layer norms and attention in their composite forms (:func:`.composite_forms`).
 
         Where the outputs of an operation are linear in the one tensor, forward-mode AD keeps their
         second-order tangent as an immutable zero, which an in-place operation after it (a
@@ -122,16 +132,17 @@ class FunctionalBackend(Backend):
         along all of θ (``name`` None, ``d`` a dict of tangents), where every tangent is an ordinary tensor.
         """
         parts = []
-        for name, basis in self._tensor_directions(columns):
-            if name not in self._along_theta:  # once refused, not tried again
-                try:
-                    parts.append(vmap(lambda d, n=name: derivative(n, d))(basis))
-                    continue
-                except RuntimeError as err:
-                    if "ZeroTensors are immutable" not in str(err):
-                        raise
-                    self._along_theta.add(name)
-            parts.append(vmap(lambda d: derivative(None, d))(self._embedded(name, basis)))
+        with composite_forms():  # layer norms and attention in forms that forward-mode AD gets right
+            for name, basis in self._tensor_directions(columns):
+                if name not in self._along_theta:  # once refused, not tried again
+                    try:
+                        parts.append(vmap(lambda d, n=name: derivative(n, d))(basis))
+                        continue
+                    except RuntimeError as err:
+                        if "ZeroTensors are immutable" not in str(err):
+                            raise
+                        self._along_theta.add(name)
+                parts.append(vmap(lambda d: derivative(None, d))(self._embedded(name, basis)))
         return torch.cat(parts)
 
     def _embedded(self, name: str, basis: Tensor) -> dict[str, Tensor]:
@@ -162,18 +173,40 @@ class FunctionalBackend(Backend):
         return self._along_each_tensor(columns, second)
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
+        """Per sample, the columns ``columns`` of the output Hessians: ``(m, B, C, P)``.
+
+        The samples are batched by ``vmap``; where torch.func cannot batch the model over its inputs
+        (a recurrent layer), they are taken one at a time, with a one-time warning.
+        """
+        if not self._sample_by_sample:
+            try:
+                return self._along_each_tensor(columns, self._hessian_column(batch, looped=False))
+            except RuntimeError as err:
+                self._sample_by_sample = True
+                warn_user(
+                    "torchfim: torch.func cannot batch this model over its inputs for the output Hessians "
+                    f"({str(err).splitlines()[0][:120]}); they are computed one sample at a time, which is "
+                    "correct but slower"
+                )
+        return self._along_each_tensor(columns, self._hessian_column(batch, looped=True))
+
+    def _hessian_column(self, batch: Batch, looped: bool) -> Callable[[str | None, object], Tensor]:
+        """``(name, d) ↦`` the derivative along ``d`` of every sample's output Jacobian, ``(B, C, P)``:
+        the samples batched by ``vmap``, or one at a time where ``looped``."""
         view = self.view
         arg_dims, kw_dims = sample_dims(batch)
 
         def column(name: str | None, d: object) -> Tensor:
-            def jacobians(value: object) -> Tensor:
-                def single(args: tuple, kwargs: dict) -> Tensor:
-                    one = one_sample(batch, args, kwargs)
-                    jac = jacrev(lambda p: view.functional(p, one).squeeze(0))(self._with(name, value))
-                    return view.flatten_params(jac, lead=1)
+            def single(value: object, args: tuple, kwargs: dict) -> Tensor:
+                one = one_sample(batch, args, kwargs)
+                jac = jacrev(lambda p: view.functional(p, one).squeeze(0))(self._with(name, value))
+                return view.flatten_params(jac, lead=1)
 
-                return vmap(single, in_dims=(arg_dims, kw_dims))(batch.args, batch.kwargs)
+            def jacobians(value: object) -> Tensor:
+                if not looped:
+                    return vmap(lambda a, k: single(value, a, k), in_dims=(arg_dims, kw_dims))(batch.args, batch.kwargs)
+                return torch.stack([single(value, *sample_at(batch, i)) for i in range(batch.size)])
 
             return jvp(jacobians, (self._at(name),), (d,))[1]
 
-        return self._along_each_tensor(columns, column)
+        return column

@@ -13,6 +13,7 @@ from torch.func import jvp, vmap
 
 from .backend import CHUNK_ELEMENTS, EntryFn, Pieces
 from .batch import Batch
+from .composites import composite_forms
 from .directions import direction_chunk
 from .modules import Call, Rule
 from .modules.base import as_float
@@ -71,7 +72,7 @@ class UnitHessians:
             idx = torch.arange(start, min(units, start + step), device=device)
             directions = torch.zeros(len(idx), batch.size, units, dtype=dtype, device=device)
             directions[torch.arange(len(idx)), :, idx] = 1
-            with torch.no_grad():
+            with torch.no_grad(), composite_forms():  # forms of layer norms and attention that jvp gets right
                 cols.append(vmap(second)(directions))  # (m, B, C)
         return torch.cat(cols).permute(1, 2, 0)
 
