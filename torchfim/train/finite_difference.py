@@ -44,7 +44,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..errors import TorchfimError
 from ..families import Family
@@ -210,12 +210,10 @@ def trace_fd(
     The model must treat samples independently (checked by the caller).
     """
 
-    def log_p(p: dict[str, Tensor], x1: Tensor, y1: Tensor) -> Tensor:
-        out = functional_call(model, p, (x1.unsqueeze(0),))
-        return family.log_prob(out, y1.unsqueeze(0)).sum()
-
+    log_p, masks = family.input_log_prob(model), family.mask
+    mask_dim = None if masks is None else 0
     base = {n: p.detach() for n, p in named}
-    g = vmap(grad(log_p), in_dims=(None, 0, 0))(base, x, y)
+    g = vmap(grad(log_p), in_dims=(None, 0, 0, mask_dim))(base, x, y, masks)
     sq = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in g.values())  # (B,)
     norms = sq.sqrt()
     value = alpha * sq.mean()
@@ -228,7 +226,7 @@ def trace_fd(
         return scalars.reshape((-1,) + (1,) * (like.dim() - 1))
 
     shifted = {n: base[n] + per_input(shift, g[n]) * g[n] for n in base}
-    g_plus = vmap(grad(log_p), in_dims=(0, 0, 0))(shifted, x, y)
+    g_plus = vmap(grad(log_p), in_dims=(0, 0, 0, mask_dim))(shifted, x, y, masks)
     weight = norms * ((2.0 * alpha / x.shape[0]) / step)
     return value, [((g_plus[n] - g[n]) * per_input(weight, g[n])).sum(0) for n in base]
 

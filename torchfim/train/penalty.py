@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..engine.view import check_mode as _check_mode
 from ..errors import TorchfimError, check_choice
@@ -129,7 +129,7 @@ class FisherPenalty:
     Outputs with positions, ``(B, *pos, C)`` (a language model's logits): each position is an observation
     of ``family`` given the input, labels are drawn per position and an input's NLL sums over its
     positions (:mod:`torchfim.train.position_outputs`, which also says how to get a per-token mean);
-    ``mask`` ``(B, *pos)``, passed to each call, drops padding (``kind="batch_gradient"``).
+    ``mask`` ``(B, *pos)``, passed to each call, drops padding (both kinds).
 
     Args:
         model: the network, mapping a batch of inputs to outputs ``(B, C)`` or ``(B, *pos, C)``.
@@ -347,12 +347,8 @@ class FisherPenalty:
         return loss
 
     # -------------------------------------------------------------- helpers
-    def _check_mask(self, mask: object, inputs: object) -> Tensor | None:
-        if mask is not None and self.kind == "trace":
-            raise TorchfimError(
-                "mask= works with kind='batch_gradient'; kind='trace' takes every position of every input "
-                "(drop mask=, or use kind='batch_gradient')"
-            )
+    @staticmethod
+    def _check_mask(mask: object, inputs: object) -> Tensor | None:
         return check_mask(mask, inputs) if isinstance(inputs, Tensor) else mask
 
     def _prepare(self, inputs: object, first: Tensor, whole: bool = False) -> Tensor:
@@ -455,13 +451,9 @@ class FisherPenalty:
     def _trace(self, x: Tensor, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
         """``α (1/B) Σᵢ ‖gᵢ‖²`` by per-sample gradients (labels ``y``, or drawn from a forward of ``x``)."""
         y = self._trace_labels(x) if y is None else y
-        family, model = self.family, self.model
-
-        def log_p(p: dict[str, Tensor], x1: Tensor, y1: Tensor) -> Tensor:
-            out = functional_call(model, p, (x1.unsqueeze(0),))
-            return family.log_prob(out, y1.unsqueeze(0)).sum()
-
-        per_sample = vmap(grad(log_p), in_dims=(None, 0, 0))(dict(zip(names, params)), x, y)
+        masks = self.family.mask
+        per_sample = vmap(grad(self.family.input_log_prob(self.model)), in_dims=(None, 0, 0, None if masks is None else 0))(
+            dict(zip(names, params)), x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
         return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
 

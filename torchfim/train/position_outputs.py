@@ -11,11 +11,12 @@ trace's ``α·Tr``). Outputs ``(B, C)`` go to the base family unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..errors import TorchfimError
 from ..families import Family, Positions
@@ -47,6 +48,21 @@ class PositionOutputs:
             yield
         finally:
             self.mask = None
+
+    def input_log_prob(self, model: nn.Module) -> Callable[[dict[str, Tensor], Tensor, Tensor, Tensor | None], Tensor]:
+        """``(params, x₁, y₁, m₁) ↦ log p(y₁|x₁)`` of one input at the parameters ``params``, summed over
+        its observed positions (``m₁`` its row of the mask, or None): the function ``kind="trace"``
+        differentiates per input under ``vmap`` (with :attr:`mask` as the masks' batch)."""
+
+        def log_p(params: dict[str, Tensor], x1: Tensor, y1: Tensor, m1: Tensor | None) -> Tensor:
+            out = functional_call(model, params, (x1.unsqueeze(0),))
+            whole, self.mask = self.mask, None if m1 is None else m1.unsqueeze(0)
+            try:
+                return self.log_prob(out, y1.unsqueeze(0)).sum()
+            finally:
+                self.mask = whole
+
+        return log_p
 
     def _family(self, o: Tensor) -> tuple[Family, Tensor]:
         if not isinstance(o, Tensor):
