@@ -43,6 +43,11 @@ from torch import Tensor
 from ._memory import fits_in_memory
 from .errors import TorchfimError
 
+__all__ = [
+    "STRUCTURE_NAMES", "PublicValue", "Layout", "StructureVisitor", "Structure", "Full", "Diag", "Trace", "Blocks",
+    "make_structure", "check_fits", "accumulation_dtype",
+]
+
 #: Structure names accepted by the public functions (``"layers"`` is the old name of ``"blocks"``).
 STRUCTURE_NAMES = ("full", "diag", "trace", "blocks", "layers")
 
