@@ -112,21 +112,76 @@ def test_masks_the_penalty_cannot_use_are_refused() -> None:
         _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask)
 
 
-def test_keyword_inputs_and_output_objects_are_refused_with_the_wrapper_named() -> None:
-    model, tokens, _ = _setup()
+def test_outputs_and_inputs_the_penalty_cannot_read_are_refused_with_the_fix_named() -> None:
+    model, tokens, mask = _setup()
 
     class _Returns(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, wrap) -> None:
             super().__init__()
-            self.inner = model
+            self.inner, self.wrap = model, wrap
 
-        def forward(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"logits": self.inner(t)}
+        def forward(self, t: torch.Tensor) -> object:
+            return self.wrap(self.inner(t))
 
-    with pytest.raises(TorchfimError, match=r"got dict; for a model with keyword inputs.*wrap it in a module"):
-        _penalty(model)({"input_ids": tokens}, step=0)
     for method in ("exact", "finite_difference"):
-        with pytest.raises(TorchfimError, match=r"returned a dict.*wrap the model in a module.*\.logits"):
-            _penalty(_Returns(), grad_method=method)(tokens, step=0)
-        with pytest.raises(TorchfimError, match=r"returned a dict.*wrap the model in a module.*\.logits"):
-            _penalty(_Returns(), grad_method=method, sub_batch=2).penalised_loss(tokens, lambda out: 0.0, step=0)
+        with pytest.raises(TorchfimError, match=r"returned a tuple.*pass output= a function that picks it"):
+            _penalty(_Returns(lambda o: (o,)), grad_method=method)(tokens, step=0)
+        with pytest.raises(TorchfimError, match=r"returned a tuple.*pass output="):
+            _penalty(_Returns(lambda o: (o,)), grad_method=method, sub_batch=2).penalised_loss(
+                tokens, lambda out: 0.0, step=0)
+        # a dict with logits is read as fisher reads it, and output= picks any other field
+        want = _penalty(model, grad_method=method)(tokens, step=0)
+        assert torch.equal(_penalty(_Returns(lambda o: {"logits": o}), grad_method=method)(tokens, step=0), want)
+        assert torch.equal(_penalty(_Returns(lambda o: (o,)), grad_method=method, output=lambda out: out[0])(
+            tokens, step=0), want)
+    with pytest.raises(TorchfimError, match=r"FisherPenalty takes the mini-batch as a torch.Tensor .* or a dict"):
+        _penalty(model)([tokens], step=0)
+    with pytest.raises(TorchfimError, match=r"a dict mini-batch needs tensors whose first dim is the batch"):
+        _penalty(model)({"n": 3}, step=0)
+    with pytest.raises(TorchfimError, match=r"mask='attention_mask' names a key of the dict mini-batch.*none"):
+        _penalty(model)(tokens, step=0, mask="attention_mask")
+    with pytest.raises(TorchfimError, match="output must be a function"):
+        _penalty(model, output="logits")
+
+
+class _Encoder(nn.Module):
+    """Embedding → TransformerEncoderLayer (attention by SDPA, LayerNorm) → mean pool → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+def test_exact_penalty_through_attention_and_layer_norm_equals_its_definition(kind: str) -> None:
+    """Double backprop through a transformer layer: torch has no double backward for its CPU flash
+    attention (a bare RuntimeError before) and, under vmap (kind='trace'), gets layer_norm's wrong (the
+    gradient was off by 5 % of its size). The oracle runs attention on torch's math kernel, without vmap."""
+    torch.manual_seed(0)
+    model, tokens = _Encoder().double().eval(), torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    params = list(model.parameters())
+    with torch.no_grad():
+        y = Categorical().sample(model(tokens), 1, torch.Generator().manual_seed(5)).reshape(B)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        def nll(rows: slice) -> torch.Tensor:
+            return F.cross_entropy(model(tokens[rows]), y[rows], reduction="sum")
+
+        if kind == "batch_gradient":
+            g = torch.autograd.grad(nll(slice(None)) / B, params, create_graph=True)
+            value = ALPHA * sum(t.pow(2).sum() for t in g)
+        else:
+            value = sum(ALPHA * sum(t.pow(2).sum() for t in torch.autograd.grad(nll(slice(i, i + 1)), params,
+                                                                                 create_graph=True)) / B
+                        for i in range(B))
+        want = torch.autograd.grad(value, params)
+    term = _penalty(model, kind=kind)(tokens, step=0)
+    got = torch.autograd.grad(term, params)
+    assert torch.allclose(term, value.detach(), rtol=1e-10, atol=0)
+    scale = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-10 * scale)

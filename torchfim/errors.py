@@ -27,6 +27,7 @@ def all_finite(t: torch.Tensor) -> bool:
     One sum decides in the common case (a NaN or Inf entry makes it non-finite); only a sum that
     overflows from finite entries falls back to the entrywise test, which costs several times more.
     """
+    t = t.detach()  # a number is read back: no graph (and no warning about one)
     if math.isfinite(float(t.sum())):
         return True
     return bool(torch.isfinite(t).all())

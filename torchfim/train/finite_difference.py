@@ -48,6 +48,7 @@ from torch.func import grad, vmap
 
 from ..errors import TorchfimError
 from ..families import Family
+from .model_io import Inputs, ModelIO
 from .position_outputs import PositionOutputs
 
 GRAD_METHODS = ("exact", "finite_difference")
@@ -162,9 +163,10 @@ def _gradients(loss: Tensor, params: list[Tensor], seed: Tensor | None = None, r
 
 def batch_gradient_fd(
     model: nn.Module,
+    io: ModelIO,
     family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
-    x: Tensor,
+    x: Inputs,
     draw_labels: Callable[[Tensor], Tensor],
     alpha: float,
     fd_step: float | None,
@@ -175,8 +177,8 @@ def batch_gradient_fd(
     pass's outputs ``o``; ``named`` are the trainable ``(name, parameter)`` pairs.
     """
     params = [p for _, p in named]
-    replay = _Replay(model, x.device)
-    o = model(x)
+    replay = _Replay(model, params[0].device)
+    o = io.outputs(model, x)
     y = draw_labels(o)
     nll = family.nll(o, y)
     if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
@@ -189,15 +191,16 @@ def batch_gradient_fd(
     # Buffers of a training-mode model are cloned so that the perturbed pass updates none of them.
     buffers = {id(b): b.clone() for b in model.buffers()} if replay.active else {}
     with replay.second_pass(), _substituted(model, {**buffers, **{id(p): t for p, t in zip(params, shifted)}}):
-        g_plus = _gradients(family.nll(model(x), y), shifted)
+        g_plus = _gradients(family.nll(io.outputs(model, x), y), shifted)
     return value, [(a - b).mul_(scale) for a, b in zip(g_plus, g)]
 
 
 def trace_fd(
     model: nn.Module,
+    io: ModelIO,
     family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
     alpha: float,
     fd_step: float | None,
@@ -210,10 +213,10 @@ def trace_fd(
     The model must treat samples independently (checked by the caller).
     """
 
-    log_p, masks = family.input_log_prob(model), family.mask
+    log_p, masks, dims = io.input_log_prob(model, family, x), family.mask, io.in_dims(x)
     mask_dim = None if masks is None else 0
     base = {n: p.detach() for n, p in named}
-    g = vmap(grad(log_p), in_dims=(None, 0, 0, mask_dim))(base, x, y, masks)
+    g = vmap(grad(log_p), in_dims=(None, dims, 0, mask_dim))(base, x, y, masks)
     sq = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in g.values())  # (B,)
     norms = sq.sqrt()
     value = alpha * sq.mean()
@@ -226,8 +229,8 @@ def trace_fd(
         return scalars.reshape((-1,) + (1,) * (like.dim() - 1))
 
     shifted = {n: base[n] + per_input(shift, g[n]) * g[n] for n in base}
-    g_plus = vmap(grad(log_p), in_dims=(0, 0, 0, mask_dim))(shifted, x, y, masks)
-    weight = norms * ((2.0 * alpha / x.shape[0]) / step)
+    g_plus = vmap(grad(log_p), in_dims=(0, dims, 0, mask_dim))(shifted, x, y, masks)
+    weight = norms * ((2.0 * alpha / io.size(x)) / step)
     return value, [((g_plus[n] - g[n]) * per_input(weight, g[n])).sum(0) for n in base]
 
 
@@ -259,9 +262,10 @@ class _ShiftedParameters(torch.autograd.Function):
 
 def batch_gradient_fd_shared(
     model: nn.Module,
+    io: ModelIO,
     family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
-    x: Tensor,
+    x: Inputs,
     rows: int,
     draw_labels: Callable[[Tensor], Tensor],
     alpha: float,
@@ -288,11 +292,11 @@ def batch_gradient_fd_shared(
     it is the list ``g`` (the caller forms the penalty's gradient with :func:`penalty_gradient`).
     """
     params = [p for _, p in named]
-    replay = _Replay(model, x.device)
+    replay = _Replay(model, params[0].device)
     buffers = {id(b): b.clone() for b in model.buffers()} if replay.active else {}
     with torch.enable_grad():
         with _substituted(model, buffers):
-            o = leading(model(x), rows)
+            o = leading(io.outputs(model, x), rows)
         y = draw_labels(o)
         nll = family.nll(o, y)
         g = _gradients(nll, params) if nll.requires_grad else [torch.zeros_like(p) for p in params]
@@ -303,8 +307,8 @@ def batch_gradient_fd_shared(
         else:
             *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
         with _substituted(model, {id(p): t for p, t in zip(params, shifted)}):
-            out = model(x)
-    return out, family.nll(leading(out, rows), y), coef, value, last
+            out = io.call(model, x)
+    return out, family.nll(leading(io.tensor(out), rows), y), coef, value, last
 
 
 def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: float | Tensor) -> list[Tensor]:

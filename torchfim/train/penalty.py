@@ -39,7 +39,8 @@ from .finite_difference import (
     penalty_gradient,
     trace_fd,
 )
-from .position_outputs import PositionOutputs, check_mask
+from .model_io import Inputs, ModelIO
+from .position_outputs import PositionOutputs
 from .surrogate import fixed_gradient, zero_term
 
 KINDS = ("batch_gradient", "trace")
@@ -131,6 +132,11 @@ class FisherPenalty:
     positions (:mod:`torchfim.train.position_outputs`, which also says how to get a per-token mean);
     ``mask`` ``(B, *pos)``, passed to each call, drops padding (both kinds).
 
+    Mini-batches are one tensor (``model(x)``) or a dict of keyword inputs (``model(**batch)``, a Hugging
+    Face batch; ``mask="attention_mask"`` then names the mask in it); the penalty reads the outputs
+    through ``output=``, or as the tensor, ``.logits`` or ``["logits"]`` the model returns
+    (:mod:`torchfim.train.model_io`).
+
     Args:
         model: the network, mapping a batch of inputs to outputs ``(B, C)`` or ``(B, *pos, C)``.
         family: output family name or :class:`~torchfim.families.Family`.
@@ -144,6 +150,8 @@ class FisherPenalty:
         grad_method: ``"exact"`` (double backprop) or ``"finite_difference"`` (see above).
         fd_step: the finite-difference step ε (a length in parameter space), or None for
             ``0.1·√eps_dtype·(1 + ‖θ‖)``; only with ``grad_method="finite_difference"``.
+        output: a function of the model's output returning the tensor of outputs, e.g.
+            ``lambda out: out[0]`` (None: the output itself, its ``.logits`` or ``["logits"]``).
 
     Attributes:
         last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included;
@@ -195,6 +203,7 @@ class FisherPenalty:
         generator: torch.Generator | None = None,
         grad_method: str = "exact",
         fd_step: float | None = None,
+        output: Callable[[object], Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -219,6 +228,7 @@ class FisherPenalty:
         self.generator = generator
         self.grad_method = check_choice("grad_method", grad_method, GRAD_METHODS)
         self.fd_step = check_fd_step(fd_step, self.grad_method)
+        self.io = ModelIO(output, composite=self.grad_method == "exact")
         _trainable(model)  # fail early when there is nothing to penalise
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
@@ -233,11 +243,11 @@ class FisherPenalty:
         )
 
     # ------------------------------------------------------------------ call
-    def __call__(self, inputs: Tensor, step: int | None = None, mask: Tensor | None = None) -> Tensor:
-        """The penalty term for this training step (see the class docstring); ``mask`` ``(B, *pos)``
-        marks the observed positions of outputs with positions (padding False)."""
+    def __call__(self, inputs: Inputs, step: int | None = None, mask: Tensor | str | None = None) -> Tensor:
+        """The penalty term for this training step (see the class docstring); ``mask`` ``(B, *pos)``, or
+        the key of one in a dict mini-batch, marks the observed positions of outputs with positions
+        (padding False)."""
         _check_step(step)
-        mask = self._check_mask(mask, inputs)
         if step % self.every != 0 and self.reuse_between and self._cached_grads is not None:
             return self._surrogate(self._cached_params, self._cached_grads, self.last_value)
         names, params = _trainable(self.model)
@@ -245,14 +255,16 @@ class FisherPenalty:
         if step % self.every != 0:
             return zero_term(params, first.dtype, first.device)
 
-        x = self._prepare(inputs, first)
+        whole = self.io.prepare(inputs, first)
+        mask = self.io.mask(mask, whole)
+        x = self.io.rows(whole, self.sub_batch or self.io.size(whole))
         # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
-        with torch.enable_grad(), self.family.masked(mask, x.shape[0]):
+        with torch.enable_grad(), self.family.masked(mask, self.io.size(x)):
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
                 if self.kind == "batch_gradient":
-                    value = self._batch_gradient(self.model(x), params)
+                    value = self._batch_gradient(self.io.outputs(self.model, x), params)
                 else:
                     value = self._trace(x, names, params)
                 grads = self._gradient(value, params) if self.every > 1 and self.reuse_between else None
@@ -264,8 +276,8 @@ class FisherPenalty:
                 return self._surrogate(params, grads, self.last_value)
             return value
 
-    def penalised_loss(self, inputs: Tensor, task_loss: Callable[[Tensor], Tensor], step: int | None = None,
-                       mask: Tensor | None = None) -> Tensor:
+    def penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int | None = None,
+                       mask: Tensor | str | None = None) -> Tensor:
         """The task loss plus the penalty from one shared forward pass: ``task_loss(outputs) + term``.
 
         ``task_loss`` maps the model's outputs on the whole batch ``inputs`` to the scalar task
@@ -333,10 +345,10 @@ class FisherPenalty:
         if step % self.every != 0:
             return self._between(inputs, task_loss)
         names, params = _trainable(self.model)
-        x = self._prepare(inputs, params[0], whole=True)
-        rows = x.shape[0] if self.sub_batch is None else min(self.sub_batch, x.shape[0])
+        x = self.io.prepare(inputs, params[0])
+        rows = min(self.sub_batch or self.io.size(x), self.io.size(x))
         cache = self.every > 1 and self.reuse_between
-        with torch.enable_grad(), self.family.masked(self._check_mask(mask, inputs), rows):
+        with torch.enable_grad(), self.family.masked(self.io.mask(mask, x), rows):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
@@ -347,26 +359,6 @@ class FisherPenalty:
         return loss
 
     # -------------------------------------------------------------- helpers
-    @staticmethod
-    def _check_mask(mask: object, inputs: object) -> Tensor | None:
-        return check_mask(mask, inputs) if isinstance(inputs, Tensor) else mask
-
-    def _prepare(self, inputs: object, first: Tensor, whole: bool = False) -> Tensor:
-        """The inputs on the model's device and float dtype: the first ``sub_batch`` (all when ``whole``)."""
-        if not isinstance(inputs, Tensor):
-            raise TorchfimError(
-                f"FisherPenalty takes the mini-batch of inputs as a torch.Tensor, got {type(inputs).__name__}; "
-                "for a model with keyword inputs (a dict batch), wrap it in a module whose forward takes one "
-                "tensor, e.g. return self.model(input_ids=ids, attention_mask=ids != pad).logits"
-            )
-        if inputs.dim() == 0 or inputs.shape[0] == 0:
-            raise TorchfimError(
-                f"inputs must be a non-empty batch (first dimension ≥ 1), got shape {tuple(inputs.shape)}"
-            )
-        x = inputs if self.sub_batch is None or whole else inputs[: self.sub_batch]
-        dtype = first.dtype if x.is_floating_point() else x.dtype
-        return x.to(device=first.device, dtype=dtype)
-
     def _task(self, task_loss: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
         loss = task_loss(out)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -377,44 +369,45 @@ class FisherPenalty:
             )
         return loss if loss.dim() == 0 else loss.reshape(())
 
-    def _between(self, inputs: Tensor, task_loss: Callable[[Tensor], Tensor]) -> Tensor:
+    def _between(self, inputs: Inputs, task_loss: Callable[[object], Tensor]) -> Tensor:
         """A step that does not compute the penalty: the task loss, plus the cached-gradient surrogate."""
         reuse = self.reuse_between and self._cached_grads is not None
         first = self._cached_params[0] if reuse else _trainable(self.model)[1][0]
-        loss = self._task(task_loss, self.model(self._prepare(inputs, first, whole=True)))
+        loss = self._task(task_loss, self.io.call(self.model, self.io.prepare(inputs, first), differentiated_twice=False))
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
         return loss + self._surrogate(self._cached_params, self._cached_grads, self.last_value) if reuse else loss
 
     def _shared_forward(
-        self, x: Tensor, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[Tensor], Tensor],
+        self, x: Inputs, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[object], Tensor],
         cache: bool,
     ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """Loss, penalty value and cached gradient from one forward (exact penalty, or ``kind="trace"``)."""
         if self.kind == "trace":
             _check_mode(self.model)
-        out = self.model(x)
+        out = self.io.call(self.model, x)
+        o = leading(self.io.tensor(out), rows)
         if self.kind == "batch_gradient":
-            value, grads = self._batch_gradient(leading(out, rows), params), None
+            value, grads = self._batch_gradient(o, params), None
         else:
-            y = self._outputs_and_labels(leading(out, rows))
+            y, x = self._outputs_and_labels(o), self.io.rows(x, rows)
             if self.grad_method == "finite_difference":
-                value, grads = trace_fd(self.model, self.family, list(zip(names, params)), x[:rows], y, self.alpha,
+                value, grads = trace_fd(self.model, self.io, self.family, list(zip(names, params)), x, y, self.alpha,
                                         self.fd_step)
             else:
-                value, grads = self._trace(x[:rows], names, params, y), None
+                value, grads = self._trace(x, names, params, y), None
         if grads is None and cache:
             grads = self._gradient(value, params, retain_graph=True)
         term = value if grads is None else self._surrogate(params, grads, value.detach())
         return self._task(task_loss, out) + term, value, grads
 
     def _shared_fd(
-        self, x: Tensor, rows: int, named: list[tuple[str, Tensor]], task_loss: Callable[[Tensor], Tensor],
+        self, x: Inputs, rows: int, named: list[tuple[str, Tensor]], task_loss: Callable[[object], Tensor],
         cache: bool,
     ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """Loss, penalty value and cached gradient by the two passes of the finite difference."""
         params = [p for _, p in named]
         out, nll, coef, value, last = batch_gradient_fd_shared(
-            self.model, self.family, named, x, rows, self._outputs_and_labels, self.alpha, self.fd_step, cache)
+            self.model, self.io, self.family, named, x, rows, self._outputs_and_labels, self.alpha, self.fd_step, cache)
         task = self._task(task_loss, out)
         if not cache:  # one backward: ∇task(θ') + c·∇L(θ') − c·g
             return task + coef * (nll - nll.detach()) + last, value, None
@@ -435,24 +428,26 @@ class FisherPenalty:
         grads = torch.autograd.grad(nll, params, create_graph=True, allow_unused=True)
         return self.alpha * sum((g.pow(2).sum() for g in grads if g is not None), zero)
 
-    def _trace_labels(self, x: Tensor) -> Tensor:
+    def _trace_labels(self, x: Inputs) -> Tensor:
         """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
         _check_mode(self.model)
         with torch.no_grad():
-            o = self.model(x)
+            o = self.io.outputs(self.model, x, differentiated_twice=False)
         return self._outputs_and_labels(o)
 
-    def _finite_difference(self, x: Tensor, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        named = list(zip(names, params))
+    def _finite_difference(self, x: Inputs, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        named, io = list(zip(names, params)), self.io
         if self.kind == "batch_gradient":
-            return batch_gradient_fd(self.model, self.family, named, x, self._outputs_and_labels, self.alpha, self.fd_step)
-        return trace_fd(self.model, self.family, named, x, self._trace_labels(x), self.alpha, self.fd_step)
+            return batch_gradient_fd(self.model, io, self.family, named, x, self._outputs_and_labels, self.alpha,
+                                     self.fd_step)
+        return trace_fd(self.model, io, self.family, named, x, self._trace_labels(x), self.alpha, self.fd_step)
 
-    def _trace(self, x: Tensor, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
+    def _trace(self, x: Inputs, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
         """``α (1/B) Σᵢ ‖gᵢ‖²`` by per-sample gradients (labels ``y``, or drawn from a forward of ``x``)."""
         y = self._trace_labels(x) if y is None else y
         masks = self.family.mask
-        per_sample = vmap(grad(self.family.input_log_prob(self.model)), in_dims=(None, 0, 0, None if masks is None else 0))(
+        log_p = self.io.input_log_prob(self.model, self.family, x)
+        per_sample = vmap(grad(log_p), in_dims=(None, self.io.in_dims(x), 0, None if masks is None else 0))(
             dict(zip(names, params)), x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
         return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)

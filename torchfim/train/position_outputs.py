@@ -11,12 +11,11 @@ trace's ``α·Tr``). Outputs ``(B, C)`` go to the base family unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from ..errors import TorchfimError
 from ..families import Family, Positions
@@ -49,27 +48,21 @@ class PositionOutputs:
         finally:
             self.mask = None
 
-    def input_log_prob(self, model: nn.Module) -> Callable[[dict[str, Tensor], Tensor, Tensor, Tensor | None], Tensor]:
-        """``(params, x₁, y₁, m₁) ↦ log p(y₁|x₁)`` of one input at the parameters ``params``, summed over
-        its observed positions (``m₁`` its row of the mask, or None): the function ``kind="trace"``
-        differentiates per input under ``vmap`` (with :attr:`mask` as the masks' batch)."""
-
-        def log_p(params: dict[str, Tensor], x1: Tensor, y1: Tensor, m1: Tensor | None) -> Tensor:
-            out = functional_call(model, params, (x1.unsqueeze(0),))
-            whole, self.mask = self.mask, None if m1 is None else m1.unsqueeze(0)
-            try:
-                return self.log_prob(out, y1.unsqueeze(0)).sum()
-            finally:
-                self.mask = whole
-
-        return log_p
+    def log_prob_of_one(self, out: Tensor, y: Tensor, mask_row: Tensor | None) -> Tensor:
+        """``log p(y|x)`` of one input's outputs ``out`` ``(1, ...)``, summed over the positions that
+        ``mask_row`` (its row of the call's mask, or None) marks observed: for ``vmap`` over inputs."""
+        whole, self.mask = self.mask, None if mask_row is None else mask_row.unsqueeze(0)
+        try:
+            return self.log_prob(out, y).sum()
+        finally:
+            self.mask = whole
 
     def _family(self, o: Tensor) -> tuple[Family, Tensor]:
         if not isinstance(o, Tensor):
             raise TorchfimError(
                 f"the model returned a {type(o).__name__}, but FisherPenalty needs its outputs as one tensor of "
-                "the family's natural parameters; wrap the model in a module whose forward returns it (e.g. "
-                "return self.model(x).logits)"
+                "the family's natural parameters; pass output= a function that picks it (e.g. output=lambda out: "
+                "out[0])"
             )
         if o.dim() <= 2:
             if self.mask is not None:
@@ -100,14 +93,12 @@ class PositionOutputs:
         return family.log_prob(flat, y)
 
 
-def check_mask(mask: object, inputs: Tensor) -> Tensor | None:
-    """``mask`` as a bool tensor with one row per input, or None; refuses anything else."""
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.dim() < 2 or mask.shape[0] != inputs.shape[0]:
+def check_mask(mask: object, size: int) -> Tensor:
+    """``mask`` as a bool tensor with one row per input (``size`` of them); refuses anything else."""
+    if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.dim() < 2 or mask.shape[0] != size:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise TorchfimError(
             f"mask must be a bool tensor (batch, *positions), True where a position is observed, with one row "
-            f"per input ({inputs.shape[0]}), got {shape}"
+            f"per input ({size}), got {shape}"
         )
     return mask.bool()

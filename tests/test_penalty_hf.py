@@ -1,0 +1,74 @@
+"""FisherPenalty on a Hugging Face language model fed its dict mini-batches as they come.
+
+Tiny GPT-2 built from a config (float64), mini-batches ``{"input_ids", "attention_mask", "position_ids"}``
+with right padding, ``mask="attention_mask"``. The oracle is the definition with one label per token,
+drawn as the penalty draws them (one ``Categorical.sample`` on the ``(B·T, V)`` logits from the same
+seed), each sequence's NLL summed over its unpadded tokens, differentiated twice by autograd:
+batch gradient ``α‖∇_θ (1/B) Σᵢ Σₜ mᵢₜ (−log p(ŷᵢₜ|xᵢ))‖²``, trace ``α (1/B) Σᵢ ‖∇_θ Σₜ mᵢₜ log p(ŷᵢₜ|xᵢ)‖²``.
+"""
+
+from __future__ import annotations
+
+import clients  # first: hides a torchvision build that cannot load
+import pytest
+import torch
+from test_clients_transformers import VOCAB, padded_batch, tiny_gpt2
+
+from torchfim.families import Categorical
+from torchfim.train import FisherPenalty
+
+clients.need("transformers")
+ALPHA = 0.3
+
+
+def _definition(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        logits = model(**batch).logits
+    n, t = logits.shape[:2]
+    y = Categorical().sample(logits.reshape(-1, VOCAB), 1, torch.Generator().manual_seed(5)).reshape(n, t)
+    keep = batch["attention_mask"].double()
+
+    def log_p(rows: slice) -> torch.Tensor:
+        lp = torch.log_softmax(model(**{k: v[rows] for k, v in batch.items()}).logits, -1)
+        return (lp.gather(-1, y[rows, :, None])[..., 0] * keep[rows]).sum()
+
+    if kind == "batch_gradient":
+        g = torch.autograd.grad(-log_p(slice(None)) / n, params, create_graph=True)
+        value = ALPHA * sum(t.pow(2).sum() for t in g)
+    else:
+        value = 0
+        for i in range(n):
+            g = torch.autograd.grad(log_p(slice(i, i + 1)), params, create_graph=True)
+            value = value + ALPHA * sum(t.pow(2).sum() for t in g) / n
+    return [value.detach(), *[t.detach() for t in torch.autograd.grad(value, params)]]
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+def test_penalty_on_a_dict_batch_equals_its_definition(kind: str, grad_method: str) -> None:
+    model, batch = tiny_gpt2(), padded_batch([5, 3, 4], seed=1)
+    want = _definition(model, batch, kind)
+    pen = FisherPenalty(model, alpha=ALPHA, kind=kind, grad_method=grad_method,
+                        generator=torch.Generator().manual_seed(5))
+    term = pen(batch, step=0, mask="attention_mask")
+    got = [term.detach(), *torch.autograd.grad(term, [p for p in model.parameters() if p.requires_grad])]
+    tol = 1e-10 if grad_method == "exact" else 1e-6  # the forward difference: ε·‖H'‖ (float64)
+    assert torch.allclose(got[0], want[0], rtol=1e-10, atol=0)
+    scale = max(float(t.abs().max()) for t in want[1:])
+    for g, w in zip(got[1:], want[1:]):
+        assert torch.allclose(g, w, rtol=tol, atol=tol * scale)
+
+
+def test_penalised_loss_hands_the_task_loss_the_models_own_output() -> None:
+    """With the targets in the batch the model computes its loss: ``lambda out: out.loss`` is the task loss."""
+    model, batch = tiny_gpt2(), padded_batch([5, 2], seed=3)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    pen = FisherPenalty(model, alpha=ALPHA, grad_method="finite_difference", generator=torch.Generator().manual_seed(5))
+    loss = pen.penalised_loss(batch, lambda out: out.loss, step=0, mask="attention_mask")
+    alone = FisherPenalty(model, alpha=ALPHA, grad_method="finite_difference",
+                          generator=torch.Generator().manual_seed(5))(batch, step=0, mask="attention_mask")
+    assert torch.allclose(pen.last_value, alone.detach(), rtol=1e-12, atol=0)
+    with torch.no_grad():
+        task = model(**batch).loss  # GPT-2 takes its loss in float32
+    assert torch.allclose((loss - pen.last_value).float(), task, rtol=1e-5)  # the task loss at θ + εĝ
