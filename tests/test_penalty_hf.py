@@ -12,8 +12,9 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
-from test_clients_transformers import VOCAB, padded_batch, tiny_gpt2
+from test_clients_transformers import VOCAB, padded_batch, tiny_bert, tiny_gpt2
 
+from torchfim import TorchfimError
 from torchfim.families import Categorical
 from torchfim.train import FisherPenalty
 
@@ -72,3 +73,14 @@ def test_penalised_loss_hands_the_task_loss_the_models_own_output() -> None:
     with torch.no_grad():
         task = model(**batch).loss  # GPT-2 takes its loss in float32
     assert torch.allclose((loss - pen.last_value).float(), task, rtol=1e-5)  # the task loss at θ + εĝ
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_trace_on_a_model_vmap_cannot_batch_names_the_batch_gradient(grad_method: str) -> None:
+    """BERT builds its padding mask with data-dependent control flow, which torch.func cannot vmap over the
+    inputs: kind='trace' says so and points to kind='batch_gradient', which works."""
+    model, batch = tiny_bert(), padded_batch([5, 2, 4], seed=6)
+    with pytest.raises(TorchfimError, match=r"kind='trace' takes per-input gradients.*use kind='batch_gradient'"):
+        FisherPenalty(model, kind="trace", grad_method=grad_method)(batch, step=0)
+    value = FisherPenalty(model, grad_method=grad_method)(batch, step=0)
+    assert value.requires_grad and float(value) > 0

@@ -44,7 +44,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from ..errors import TorchfimError
 from ..families import Family
@@ -216,7 +215,7 @@ def trace_fd(
     log_p, masks, dims = io.input_log_prob(model, family, x), family.mask, io.in_dims(x)
     mask_dim = None if masks is None else 0
     base = {n: p.detach() for n, p in named}
-    g = vmap(grad(log_p), in_dims=(None, dims, 0, mask_dim))(base, x, y, masks)
+    g = io.per_input_gradients(log_p, (None, dims, 0, mask_dim), base, x, y, masks)
     sq = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in g.values())  # (B,)
     norms = sq.sqrt()
     value = alpha * sq.mean()
@@ -229,7 +228,7 @@ def trace_fd(
         return scalars.reshape((-1,) + (1,) * (like.dim() - 1))
 
     shifted = {n: base[n] + per_input(shift, g[n]) * g[n] for n in base}
-    g_plus = vmap(grad(log_p), in_dims=(0, dims, 0, mask_dim))(shifted, x, y, masks)
+    g_plus = io.per_input_gradients(log_p, (0, dims, 0, mask_dim), shifted, x, y, masks)
     weight = norms * ((2.0 * alpha / io.size(x)) / step)
     return value, [((g_plus[n] - g[n]) * per_input(weight, g[n])).sum(0) for n in base]
 

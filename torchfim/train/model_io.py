@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from ..engine.composites import composite_forms
 from ..engine.view import check_output_map
@@ -149,6 +149,19 @@ class ModelIO:
             return family.log_prob_of_one(out, y1.unsqueeze(0), m1)
 
         return log_p
+
+    @staticmethod
+    def per_input_gradients(log_p: Callable, in_dims: tuple, *args: object) -> dict[str, Tensor]:
+        """``vmap(grad(log_p), in_dims)(*args)``: per-input gradients, with torch.func's failure to batch
+        the model over its inputs turned into an error that names the way out."""
+        try:
+            return vmap(grad(log_p), in_dims=in_dims)(*args)
+        except (RuntimeError, NotImplementedError) as err:
+            raise TorchfimError(
+                "kind='trace' takes per-input gradients with torch.func.vmap over the inputs, which cannot batch "
+                f"this model ({str(err).splitlines()[0][:160]}); use kind='batch_gradient' (the gradient of the "
+                "batch's NLL: no vmap)"
+            ) from None
 
 
 def _moved(t: object, first: Tensor) -> object:

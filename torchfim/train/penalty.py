@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from ..engine.view import check_mode as _check_mode
 from ..errors import TorchfimError, check_choice
@@ -447,8 +446,8 @@ class FisherPenalty:
         y = self._trace_labels(x) if y is None else y
         masks = self.family.mask
         log_p = self.io.input_log_prob(self.model, self.family, x)
-        per_sample = vmap(grad(log_p), in_dims=(None, self.io.in_dims(x), 0, None if masks is None else 0))(
-            dict(zip(names, params)), x, y, masks)
+        per_sample = self.io.per_input_gradients(log_p, (None, self.io.in_dims(x), 0, None if masks is None else 0),
+                                                 dict(zip(names, params)), x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
         return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
 
