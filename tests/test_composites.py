@@ -31,7 +31,7 @@ def test_layer_norm_equals_torch(affine: bool) -> None:
     assert torch.allclose(layer_norm(x, [6], None, None, 1e-5, True), F.layer_norm(x, [6]), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("mask", ["none", "bool", "float", "causal"])
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "causal", "grouped"])
 def test_attention_equals_torch(mask: str) -> None:
     torch.manual_seed(1)
     q, k, v = _randn(2, 3, 4, 8), _randn(2, 3, 6, 8), _randn(2, 3, 6, 8)
@@ -43,6 +43,8 @@ def test_attention_equals_torch(mask: str) -> None:
         kw["attn_mask"] = _randn(4, 6)
     elif mask == "causal":
         q, kw["is_causal"] = _randn(2, 3, 6, 8), True
+    elif mask == "grouped":  # grouped-query attention: 6 query heads share 3 key/value heads
+        q, kw["enable_gqa"] = _randn(2, 6, 4, 8), True
     assert torch.allclose(attention(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw), rtol=0, atol=1e-12)
 
 

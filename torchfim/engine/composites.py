@@ -54,8 +54,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             attn_mask.logical_not(), -torch.inf)
+    gqa = {"enable_gqa": True} if enable_gqa else {}  # a keyword torch < 2.5 does not know
     return torch.ops.aten._scaled_dot_product_attention_math(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **gqa)[0]
 
 
 _MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
