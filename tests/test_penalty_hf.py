@@ -14,7 +14,6 @@ import pytest
 import torch
 from test_clients_transformers import VOCAB, padded_batch, tiny_bert, tiny_gpt2
 
-from torchfim import TorchfimError
 from torchfim.families import Categorical
 from torchfim.train import FisherPenalty
 
@@ -76,11 +75,25 @@ def test_penalised_loss_hands_the_task_loss_the_models_own_output() -> None:
 
 
 @pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
-def test_trace_on_a_model_vmap_cannot_batch_names_the_batch_gradient(grad_method: str) -> None:
+def test_trace_on_a_model_vmap_cannot_batch_goes_one_input_at_a_time(grad_method: str) -> None:
     """BERT builds its padding mask with data-dependent control flow, which torch.func cannot vmap over the
-    inputs: kind='trace' says so and points to kind='batch_gradient', which works."""
+    inputs: kind='trace' warns once and takes the per-input gradients one input at a time, exactly."""
     model, batch = tiny_bert(), padded_batch([5, 2, 4], seed=6)
-    with pytest.raises(TorchfimError, match=r"kind='trace' takes per-input gradients.*use kind='batch_gradient'"):
-        FisherPenalty(model, kind="trace", grad_method=grad_method)(batch, step=0)
-    value = FisherPenalty(model, grad_method=grad_method)(batch, step=0)
-    assert value.requires_grad and float(value) > 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        y = Categorical().sample(model(**batch).logits, 1, torch.Generator().manual_seed(5)).reshape(-1)
+    value = 0
+    for i in range(len(y)):
+        lp = torch.log_softmax(model(**{k: v[i : i + 1] for k, v in batch.items()}).logits, -1)[0, y[i]]
+        value = value + ALPHA * sum(g.pow(2).sum() for g in torch.autograd.grad(lp, params, create_graph=True)) / len(y)
+    want = torch.autograd.grad(value, params)
+    pen = FisherPenalty(model, alpha=ALPHA, kind="trace", grad_method=grad_method,
+                        generator=torch.Generator().manual_seed(5))
+    with pytest.warns(RuntimeWarning, match="one input at a time"):
+        term = pen(batch, step=0)
+    got = torch.autograd.grad(term, params)
+    tol = 1e-10 if grad_method == "exact" else 1e-6
+    assert torch.allclose(term, value.detach(), rtol=1e-10, atol=0)
+    scale = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=tol, atol=tol * scale)

@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..engine.composites import composite_forms
 from ..engine.view import check_output_map
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
 __all__ = ["Inputs", "ModelIO"]
@@ -42,6 +43,7 @@ class ModelIO:
         check_output_map(output)
         self.output = output
         self.forms: Callable[[], AbstractContextManager] = composite_forms if composite else nullcontext
+        self.looped = False  # whether per-input gradients are taken one input at a time (vmap failed)
 
     # ------------------------------------------------------------ inputs
     @staticmethod
@@ -150,22 +152,44 @@ class ModelIO:
 
         return log_p
 
-    @staticmethod
-    def per_input_gradients(log_p: Callable, in_dims: tuple, *args: object) -> dict[str, Tensor]:
-        """``vmap(grad(log_p), in_dims)(*args)``: per-input gradients, with torch.func's failure to batch
-        the model over its inputs turned into an error that names the way out."""
-        try:
-            return vmap(grad(log_p), in_dims=in_dims)(*args)
-        except (RuntimeError, NotImplementedError) as err:
-            raise TorchfimError(
-                "kind='trace' takes per-input gradients with torch.func.vmap over the inputs, which cannot batch "
-                f"this model ({str(err).splitlines()[0][:160]}); use kind='batch_gradient' (the gradient of the "
-                "batch's NLL: no vmap)"
-            ) from None
-
+    def per_input_gradients(self, log_p: Callable, in_dims: tuple, *args: object) -> dict[str, Tensor]:
+        """``vmap(grad(log_p), in_dims)(*args)``: per-input gradients. Where torch.func cannot batch the model
+        over its inputs (a recurrent layer, BERT's padding mask), they are taken one input at a time from
+        then on, with a one-time warning."""
+        if not self.looped:
+            try:
+                return vmap(grad(log_p), in_dims=in_dims)(*args)
+            except (RuntimeError, NotImplementedError) as err:
+                self.looped = True
+                warn_user(
+                    f"torchfim: torch.func cannot vmap the model over its inputs ({str(err).splitlines()[0][:120]}); "
+                    "kind='trace' takes its per-input gradients one input at a time, which is correct but slower "
+                    "(kind='batch_gradient' needs none)"
+                )
+        size = next(_leading(a, d) for a, d in zip(args, in_dims) if d is not None)
+        rows = [grad(log_p)(*(_row(a, d, i) for a, d in zip(args, in_dims))) for i in range(size)]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 def _moved(t: object, first: Tensor) -> object:
     """``t`` on ``first``'s device, in its dtype if floating (anything but a tensor as it is)."""
     if not isinstance(t, Tensor):
         return t
     return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
+
+
+def _row(a: object, dim: object, i: int) -> object:
+    """Input ``i`` of ``a`` as ``vmap`` with in-dim ``dim`` (0, None, or a dict of them) would hand it over."""
+    if dim is None:
+        return a
+    if isinstance(a, Mapping):
+        dims = dim if isinstance(dim, Mapping) else dict.fromkeys(a, dim)
+        return {k: _row(v, dims[k], i) for k, v in a.items()}
+    return a[i]
+
+
+def _leading(a: object, dim: object) -> int:
+    """The number of inputs along in-dim ``dim`` of ``a``."""
+    if isinstance(a, Mapping):
+        dims = dim if isinstance(dim, Mapping) else dict.fromkeys(a, dim)
+        return next(_leading(v, dims[k]) for k, v in a.items() if dims[k] is not None)
+    return a.shape[0]

@@ -11,7 +11,8 @@ Two penalties on a mini-batch ``x_1..x_B`` with labels ``ŷᵢ ~ p(·|xᵢ)`` dr
   value is an unbiased estimate of ``α·Tr(F)/B``, so α must be re-tuned when B changes.
 * ``kind="trace"``: ``α (1/B) Σᵢ ‖gᵢ‖²``, α times the unbiased estimate of ``Tr(F)`` on the batch
   (the paper's per-example variant, Eq. 6, averaged over the batch). It needs per-sample
-  gradients (``torch.func.vmap`` of ``grad``), so the model must treat samples independently.
+  gradients (``torch.func.vmap`` of ``grad``; one input at a time, with a warning, where vmap cannot
+  batch the model), so the model must treat samples independently.
 
 The gradient is taken with respect to the model's trainable parameters (``requires_grad=True``,
 ``model.parameters()`` order), either exactly by double backprop (``grad_method="exact"``) or by
