@@ -97,3 +97,16 @@ def test_trace_on_a_model_vmap_cannot_batch_goes_one_input_at_a_time(grad_method
     scale = max(float(w.abs().max()) for w in want)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+def test_sub_batch_of_a_dict_batch_is_its_first_rows_with_their_mask(kind: str) -> None:
+    model, batch = tiny_gpt2(), padded_batch([2, 5, 3], seed=4)
+    first = {k: v[:2] for k, v in batch.items()}
+
+    def penalty(**kw: object) -> FisherPenalty:
+        return FisherPenalty(model, alpha=ALPHA, kind=kind, generator=torch.Generator().manual_seed(5), **kw)
+
+    want = penalty()(first, step=0, mask=first["attention_mask"])
+    assert torch.allclose(penalty(sub_batch=2)(batch, step=0, mask="attention_mask"), want, rtol=1e-12, atol=0)
+    assert not torch.allclose(penalty(sub_batch=2)(batch, step=0), want, rtol=1e-3)  # the mask matters

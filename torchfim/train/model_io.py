@@ -54,13 +54,13 @@ class ModelIO:
         return next(v for v in x.values() if isinstance(v, Tensor) and v.dim() > 0).shape[0]
 
     def prepare(self, inputs: object, first: Tensor, rows: int | None = None) -> Inputs:
-        """The mini-batch on ``first``'s device (floating tensors in its dtype), its first ``rows`` inputs
-        (all when None); refuses what is neither a tensor nor a dict of tensors with a batch dim."""
+        """The first ``rows`` inputs of the mini-batch (all when None) on ``first``'s device, floating tensors
+        in its dtype; refuses what is neither a tensor nor a dict of tensors with a batch dim."""
         if isinstance(inputs, Tensor):
             if inputs.dim() == 0 or inputs.shape[0] == 0:
                 raise TorchfimError(
                     f"inputs must be a non-empty batch (first dimension ≥ 1), got shape {tuple(inputs.shape)}")
-            x: Inputs = _moved(inputs, first)
+            x: Inputs = _moved(inputs if rows is None else self.rows(inputs, rows), first)
         elif isinstance(inputs, Mapping):
             batched = [v for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0]
             if not batched or batched[0].shape[0] == 0:
@@ -68,13 +68,13 @@ class ModelIO:
                     "a dict mini-batch needs tensors whose first dim is the batch (e.g. input_ids (B, T)), got "
                     f"keys {list(inputs)}"
                 )
-            x = {k: _moved(v, first) for k, v in inputs.items()}
+            x = {k: _moved(v, first) for k, v in (inputs if rows is None else self.rows(inputs, rows)).items()}
         else:
             raise TorchfimError(
                 f"FisherPenalty takes the mini-batch as a torch.Tensor (model(x)) or a dict of keyword inputs "
                 f"(model(**batch)), got {type(inputs).__name__}"
             )
-        return x if rows is None else self.rows(x, rows)
+        return x
 
     def rows(self, x: Inputs, rows: int) -> Inputs:
         """The first ``rows`` inputs (``x`` itself when that is all of them; shared tensors kept whole)."""

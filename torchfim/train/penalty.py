@@ -255,9 +255,8 @@ class FisherPenalty:
         if step % self.every != 0:
             return zero_term(params, first.dtype, first.device)
 
-        whole = self.io.prepare(inputs, first)
-        mask = self.io.mask(mask, whole)
-        x = self.io.rows(whole, self.sub_batch or self.io.size(whole))
+        x = self.io.prepare(inputs, first, self.sub_batch)  # checks the inputs, then the mask against them
+        mask = self.io.mask(mask, inputs)
         # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
         with torch.enable_grad(), self.family.masked(mask, self.io.size(x)):
             if self.grad_method == "finite_difference":
