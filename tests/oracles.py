@@ -194,3 +194,18 @@ def flat_function(model: nn.Module):
 
     return f, theta
 
+
+
+def penalty_definition(log_p, params: list[Tensor], n: int, kind: str, alpha: float) -> list[Tensor]:
+    """Value and gradient of the Fisher penalty from its definition by double backprop: ``log_p(rows)`` is
+    the summed log-likelihood of the sampled labels of the inputs ``rows`` (a slice);
+    ``"batch_gradient"``: ``α‖∇_θ (1/n) Σᵢ −log p‖²``, ``"trace"``: ``α (1/n) Σᵢ ‖∇_θ log p(xᵢ)‖²``."""
+    if kind == "batch_gradient":
+        g = torch.autograd.grad(-log_p(slice(None)) / n, params, create_graph=True)
+        value = alpha * sum(t.pow(2).sum() for t in g)
+    else:
+        value = 0
+        for i in range(n):
+            g = torch.autograd.grad(log_p(slice(i, i + 1)), params, create_graph=True)
+            value = value + alpha * sum(t.pow(2).sum() for t in g) / n
+    return [value.detach(), *[t.detach() for t in torch.autograd.grad(value, params)]]

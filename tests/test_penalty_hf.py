@@ -12,6 +12,7 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
+from oracles import penalty_definition
 from test_clients_transformers import VOCAB, padded_batch, tiny_bert, tiny_gpt2
 
 from torchfim.families import Categorical
@@ -33,15 +34,7 @@ def _definition(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: st
         lp = torch.log_softmax(model(**{k: v[rows] for k, v in batch.items()}).logits, -1)
         return (lp.gather(-1, y[rows, :, None])[..., 0] * keep[rows]).sum()
 
-    if kind == "batch_gradient":
-        g = torch.autograd.grad(-log_p(slice(None)) / n, params, create_graph=True)
-        value = ALPHA * sum(t.pow(2).sum() for t in g)
-    else:
-        value = 0
-        for i in range(n):
-            g = torch.autograd.grad(log_p(slice(i, i + 1)), params, create_graph=True)
-            value = value + ALPHA * sum(t.pow(2).sum() for t in g) / n
-    return [value.detach(), *[t.detach() for t in torch.autograd.grad(value, params)]]
+    return penalty_definition(log_p, params, n, kind, ALPHA)
 
 
 @pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
@@ -82,18 +75,19 @@ def test_trace_on_a_model_vmap_cannot_batch_goes_one_input_at_a_time(grad_method
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         y = Categorical().sample(model(**batch).logits, 1, torch.Generator().manual_seed(5)).reshape(-1)
-    value = 0
-    for i in range(len(y)):
-        lp = torch.log_softmax(model(**{k: v[i : i + 1] for k, v in batch.items()}).logits, -1)[0, y[i]]
-        value = value + ALPHA * sum(g.pow(2).sum() for g in torch.autograd.grad(lp, params, create_graph=True)) / len(y)
-    want = torch.autograd.grad(value, params)
+
+    def log_p(rows: slice) -> torch.Tensor:
+        lp = torch.log_softmax(model(**{k: v[rows] for k, v in batch.items()}).logits, -1)
+        return lp.gather(-1, y[rows, None]).sum()
+
+    value, *want = penalty_definition(log_p, params, len(y), "trace", ALPHA)
     pen = FisherPenalty(model, alpha=ALPHA, kind="trace", grad_method=grad_method,
                         generator=torch.Generator().manual_seed(5))
     with pytest.warns(RuntimeWarning, match="one input at a time"):
         term = pen(batch, step=0)
     got = torch.autograd.grad(term, params)
     tol = 1e-10 if grad_method == "exact" else 1e-6
-    assert torch.allclose(term, value.detach(), rtol=1e-10, atol=0)
+    assert torch.allclose(term, value, rtol=1e-10, atol=0)
     scale = max(float(w.abs().max()) for w in want)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=tol, atol=tol * scale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import penalty_definition
 from torch import nn
 
 from torchfim import TorchfimError
@@ -55,15 +56,7 @@ def _oracle(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, k
         lp = torch.log_softmax(model(tokens[rows]), -1).gather(-1, y[rows, :, None])[..., 0]
         return (lp * keep[rows]).sum()
 
-    if kind == "batch_gradient":
-        g = torch.autograd.grad(-log_p(slice(None)) / B, params, create_graph=True)
-        value = ALPHA * sum(t.pow(2).sum() for t in g)
-    else:
-        value = 0
-        for i in range(B):
-            g = torch.autograd.grad(log_p(slice(i, i + 1)), params, create_graph=True)
-            value = value + ALPHA * sum(t.pow(2).sum() for t in g) / B
-    return [value.detach(), *[t.detach() for t in torch.autograd.grad(value, params)]]
+    return penalty_definition(log_p, params, B, kind, ALPHA)
 
 
 def _penalty(model: nn.Module, **kw: object) -> FisherPenalty:
@@ -168,20 +161,11 @@ def test_exact_penalty_through_attention_and_layer_norm_equals_its_definition(ki
     with torch.no_grad():
         y = Categorical().sample(model(tokens), 1, torch.Generator().manual_seed(5)).reshape(B)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        def nll(rows: slice) -> torch.Tensor:
-            return F.cross_entropy(model(tokens[rows]), y[rows], reduction="sum")
-
-        if kind == "batch_gradient":
-            g = torch.autograd.grad(nll(slice(None)) / B, params, create_graph=True)
-            value = ALPHA * sum(t.pow(2).sum() for t in g)
-        else:
-            value = sum(ALPHA * sum(t.pow(2).sum() for t in torch.autograd.grad(nll(slice(i, i + 1)), params,
-                                                                                 create_graph=True)) / B
-                        for i in range(B))
-        want = torch.autograd.grad(value, params)
+        value, *want = penalty_definition(
+            lambda rows: -F.cross_entropy(model(tokens[rows]), y[rows], reduction="sum"), params, B, kind, ALPHA)
     term = _penalty(model, kind=kind)(tokens, step=0)
     got = torch.autograd.grad(term, params)
-    assert torch.allclose(term, value.detach(), rtol=1e-10, atol=0)
+    assert torch.allclose(term, value, rtol=1e-10, atol=0)
     scale = max(float(w.abs().max()) for w in want)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-9, atol=1e-10 * scale)
