@@ -236,9 +236,11 @@ def test_padded_classifier_exact_diag_matches_jacobian_oracle(make, backend: str
 @pytest.mark.parametrize("make", CLASSIFIERS)
 @pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
 def test_unpadded_classifier_backends_agree(make) -> None:
-    """Without an attention mask ``torch.func`` batches the model: both backends and the oracle agree."""
+    """Without an attention mask ``torch.func`` batches the model: both backends and the oracle agree. Nor
+    position ids: transformers ≥ 5.25 looks for packed sequences in given position ids with a
+    data-dependent check, which torch.func cannot batch (the model builds its own, shared by the batch)."""
     model = make()
-    batch = {k: v for k, v in padded_batch([5, 5, 5], seed=7).items() if k != "attention_mask"}
+    batch = {k: v for k, v in padded_batch([5, 5, 5], seed=7, positions=False).items() if k != "attention_mask"}
     got = {backend: torchfim.fisher(model, batch, structure="diag", backend=backend)
            for backend in ("modules", "functional")}
     assert clients.rel_err(got["modules"], got["functional"]) < 1e-10
