@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -311,3 +312,16 @@ def test_cached_penalty_gradient_is_coef_times_the_gradient_difference() -> None
         got = penalty_gradient(nll, params, g, coef)
         assert rel_error(got, want) < 1e-14
     assert nll.grad_fn is not None and torch.autograd.grad(nll, params[0])[0] is not None  # graph kept
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_a_training_step_raises_no_warning(grad_method: str) -> None:
+    """The output check reads a number from outputs that carry a graph: torch warned on every step before."""
+    model = tanh_mlp(3)
+    pen = FisherPenalty(model, alpha=0.1, grad_method=grad_method, generator=torch.Generator().manual_seed(SEED))
+    x = mlp_inputs(8)
+    y = torch.zeros(8, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pen.penalised_loss(x, lambda out: nn.functional.cross_entropy(out, y), step=0).backward()
+        (nn.functional.cross_entropy(model(x), y) + pen(x, step=1)).backward()
