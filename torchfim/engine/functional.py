@@ -31,9 +31,10 @@ def sample_dims(batch: Batch) -> tuple[tuple[int | None, ...], dict[str, int | N
     return tuple(dim(a) for a in batch.args), {k: dim(v) for k, v in batch.kwargs.items()}
 
 
-def sample_at(batch: Batch, i: int) -> tuple[tuple, dict]:
-    """Sample ``i``'s positional and keyword inputs without their batch dim (what ``vmap`` hands over)."""
-    arg_dims, kw_dims = sample_dims(batch)
+def sample_at(batch: Batch, i: int, dims: tuple[tuple[int | None, ...], dict[str, int | None]]) -> tuple[tuple, dict]:
+    """Sample ``i``'s positional and keyword inputs without their batch dim (what ``vmap`` hands over);
+    ``dims`` is :func:`sample_dims` of the batch."""
+    arg_dims, kw_dims = dims
     args = tuple(a[i] if d == 0 else a for a, d in zip(batch.args, arg_dims))
     return args, {k: (v[i] if kw_dims[k] == 0 else v) for k, v in batch.kwargs.items()}
 
@@ -205,7 +206,7 @@ class FunctionalBackend(Backend):
             def jacobians(value: object) -> Tensor:
                 if not looped:
                     return vmap(lambda a, k: single(value, a, k), in_dims=(arg_dims, kw_dims))(batch.args, batch.kwargs)
-                return torch.stack([single(value, *sample_at(batch, i)) for i in range(batch.size)])
+                return torch.stack([single(value, *sample_at(batch, i, (arg_dims, kw_dims))) for i in range(batch.size)])
 
             return jvp(jacobians, (self._at(name),), (d,))[1]
 

@@ -95,6 +95,17 @@ def check_mode(model: nn.Module) -> None:
             )
 
 
+def read_logits(raw: object) -> object:
+    """A model's raw output as its tensor of outputs: the tensor itself, ``raw["logits"]`` or ``raw.logits``
+    (anything else as it is, for the caller to refuse)."""
+    if isinstance(raw, Tensor):
+        return raw
+    if isinstance(raw, dict) and isinstance(raw.get("logits"), Tensor):
+        return raw["logits"]
+    logits = getattr(raw, "logits", None)
+    return logits if isinstance(logits, Tensor) else raw
+
+
 def check_output_map(output: object) -> None:
     """Refuse an ``output=`` that is neither None nor a function of the model's output."""
     if output is not None and not callable(output):
@@ -193,13 +204,8 @@ class ModelView:
             what = "the output= function"
         else:
             what = "the model"
-        if isinstance(raw, Tensor):
-            out = raw
-        elif isinstance(raw, dict) and isinstance(raw.get("logits"), Tensor):
-            out = raw["logits"]
-        elif isinstance(getattr(raw, "logits", None), Tensor):
-            out = raw.logits
-        else:
+        out = read_logits(raw)
+        if not isinstance(out, Tensor):
             raise TorchfimError(
                 f"{what} returned a {type(raw).__name__}, not a tensor of outputs; pass output=lambda out: "
                 "out[0] (or the field holding the logits), or wrap the model in a module that returns one tensor"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..engine.composites import composite_forms
-from ..engine.view import check_output_map
+from ..engine.view import check_output_map, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
@@ -118,14 +118,7 @@ class ModelIO:
     def tensor(self, out: object) -> Tensor:
         """The tensor of outputs the penalty reads: ``output(out)``, or ``out`` itself, ``out.logits`` or
         ``out["logits"]`` (anything else is left to the family to refuse, with its fix)."""
-        if self.output is not None:
-            return self.output(out)
-        if isinstance(out, Tensor):
-            return out
-        if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
-            return out["logits"]
-        logits = getattr(out, "logits", None)
-        return logits if isinstance(logits, Tensor) else out
+        return self.output(out) if self.output is not None else read_logits(out)
 
     def outputs(self, model: nn.Module, x: Inputs, differentiated_twice: bool = True) -> Tensor:
         """The tensor of outputs of the model on the mini-batch."""
