@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import torchfim
+import torchfim.train
 from torchfim.engine import ModelView, batches, make_backend
 from torchfim.engine.modules import GenericRule
 from torchfim.engine.modules.transposed_linear import TransposedLinearRule
@@ -245,6 +246,31 @@ def test_unpadded_classifier_backends_agree(make) -> None:
            for backend in ("modules", "functional")}
     assert clients.rel_err(got["modules"], got["functional"]) < 1e-10
     assert clients.rel_err(got["modules"], classifier_oracle(model, batch)) < 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+def test_a_tokenizer_batch_encoding_is_read_as_its_dict() -> None:
+    """What a tokenizer returns (a ``BatchEncoding``: a mapping, not a dict) is a dict mini-batch to the
+    Fisher, the monitor's held inputs and the penalty, with the same results as the dict itself."""
+    model, batch = tiny_bert(), padded_batch([5, 3, 4], seed=3)
+    encoding = transformers.BatchEncoding(batch)
+    assert not isinstance(encoding, dict)
+    want = torchfim.fisher(model, batch, structure="diag")
+    for given in (encoding, [encoding]):
+        assert torch.equal(torchfim.fisher(model, given, structure="diag"), want)
+
+    def trace(held: object) -> float:
+        monitor = torchfim.train.FisherTraceMonitor(model, held, n_samples=4,
+                                                    generator=torch.Generator().manual_seed(1))
+        return monitor.measure(0).trace
+
+    assert trace(encoding) == trace(batch)
+
+    def penalty(inputs: object) -> torch.Tensor:
+        pen = torchfim.train.FisherPenalty(model, generator=torch.Generator().manual_seed(2))
+        return pen(inputs, step=0)
+
+    assert torch.equal(penalty(encoding), penalty(batch))
 
 
 @pytest.mark.parametrize("make", CLASSIFIERS)

@@ -2,12 +2,14 @@
 
 The batch dimension is the first dimension of every tensor of the batch. A dict's target keys
 (``labels``, ``label``, ``targets``) are taken out as the batch's targets, so that the model is
-called with inputs only.
+called with inputs only (unless they are kept, as the Fisher penalty keeps them for the model's own
+loss). ``torch.func.vmap`` takes a batch's inputs as ``(args, kwargs)`` with in-dims
+:meth:`Batch.sample_dims`, and :meth:`Batch.one_sample` puts one sample's batch dim back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,8 @@ from ..errors import TorchfimError
 
 #: Keys of a dict batch that hold targets, not model inputs.
 TARGET_KEYS = ("labels", "label", "targets")
+#: ``vmap`` in-dims of a batch's positional and keyword inputs: 0 where the batch dim is first, else None.
+SampleDims = tuple[tuple[int | None, ...], dict[str, int | None]]
 
 
 @dataclass
@@ -60,11 +64,35 @@ class Batch:
     def get(self, key: str) -> object:
         """A keyword input by name (for masks named by key)."""
         if key not in self.kwargs:
+            keys = sorted(self.kwargs) if self.kwargs else "none: the inputs are one tensor"
             raise TorchfimError(
-                f"mask={key!r} names a key of a dict batch, but the batch has keys {sorted(self.kwargs)}; "
-                "pass a mask tensor, a function of the batch, or the right key"
+                f"mask={key!r} names a key of the dict mini-batch, whose keys are {keys}; pass the right key "
+                "or the mask itself"
             )
         return self.kwargs[key]
+
+    def sample_dims(self) -> SampleDims:
+        """``vmap`` in-dims of the positional and keyword inputs: 0 for per-sample tensors (batch dim
+        first), None for the others (shared by the batch, e.g. position ids ``(1, T)``)."""
+
+        def dim(t: object) -> int | None:
+            return 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.size else None
+
+        return tuple(dim(a) for a in self.args), {k: dim(v) for k, v in self.kwargs.items()}
+
+    def sample_at(self, i: int, dims: SampleDims) -> tuple[tuple, dict]:
+        """Sample ``i``'s positional and keyword inputs without their batch dim (what ``vmap`` hands over);
+        ``dims`` is :meth:`sample_dims`, which the caller computed once."""
+        arg_dims, kw_dims = dims
+        args = tuple(a[i] if d == 0 else a for a, d in zip(self.args, arg_dims))
+        return args, {k: (v[i] if kw_dims[k] == 0 else v) for k, v in self.kwargs.items()}
+
+    def one_sample(self, args: tuple, kwargs: dict) -> Batch:
+        """A batch of one sample from ``vmap``-sliced inputs (the batch dim put back)."""
+        arg_dims, kw_dims = self.sample_dims()
+        args = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(args, arg_dims))
+        kwargs = {k: (v.unsqueeze(0) if kw_dims[k] == 0 else v) for k, v in kwargs.items()}
+        return Batch(args, kwargs, 1)
 
 
 def _to(t: object, device: torch.device | None, dtype: torch.dtype | None) -> object:
@@ -73,10 +101,13 @@ def _to(t: object, device: torch.device | None, dtype: torch.dtype | None) -> ob
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def make_batch(x: object, y: object, device: torch.device, dtype: torch.dtype) -> Batch:
-    """A :class:`Batch` from one mini-batch of user inputs, moved to the model's device and float dtype."""
-    if isinstance(x, dict):
-        kwargs = {k: _to(v, device, dtype) for k, v in x.items() if k not in TARGET_KEYS}
+def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.dtype | None,
+               keep_targets: bool = False) -> Batch:
+    """A :class:`Batch` from one mini-batch of user inputs, moved to the model's device and float dtype
+    (None: left where it is). A dict's target keys become the batch's targets, and are also passed to
+    the model where ``keep_targets``."""
+    if isinstance(x, Mapping):
+        kwargs = {k: _to(v, device, dtype) for k, v in x.items() if keep_targets or k not in TARGET_KEYS}
         found = [v for k, v in x.items() if k in TARGET_KEYS]
         if y is None and found:
             y = found[0]
@@ -96,7 +127,7 @@ def make_batch(x: object, y: object, device: torch.device, dtype: torch.dtype) -
 
 def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
     """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects."""
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         inputs = [inputs]
     if isinstance(inputs, list) and inputs and all(isinstance(b, Batch) for b in inputs):
         yield from inputs  # mini-batches an earlier pass of the engine prepared

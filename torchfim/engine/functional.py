@@ -22,31 +22,6 @@ from .composites import composite_forms
 from .view import ModelView
 
 
-def sample_dims(batch: Batch) -> tuple[tuple[int | None, ...], dict[str, int | None]]:
-    """``vmap`` in-dims of a batch's positional and keyword inputs (0 where the batch dim is first)."""
-
-    def dim(t: object) -> int | None:
-        return 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size else None
-
-    return tuple(dim(a) for a in batch.args), {k: dim(v) for k, v in batch.kwargs.items()}
-
-
-def sample_at(batch: Batch, i: int, dims: tuple[tuple[int | None, ...], dict[str, int | None]]) -> tuple[tuple, dict]:
-    """Sample ``i``'s positional and keyword inputs without their batch dim (what ``vmap`` hands over);
-    ``dims`` is :func:`sample_dims` of the batch."""
-    arg_dims, kw_dims = dims
-    args = tuple(a[i] if d == 0 else a for a, d in zip(batch.args, arg_dims))
-    return args, {k: (v[i] if kw_dims[k] == 0 else v) for k, v in batch.kwargs.items()}
-
-
-def one_sample(batch: Batch, args: tuple, kwargs: dict) -> Batch:
-    """A batch of one sample from ``vmap``-sliced inputs (the batch dim put back)."""
-    arg_dims, kw_dims = sample_dims(batch)
-    args = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(args, arg_dims))
-    kwargs = {k: (v.unsqueeze(0) if kw_dims[k] == 0 else v) for k, v in kwargs.items()}
-    return Batch(args, kwargs, 1)
-
-
 class FunctionalBackend(Backend):
     """Per-sample products of the whole model through ``torch.func``."""
 
@@ -71,10 +46,10 @@ class FunctionalBackend(Backend):
     def vector_jacobian(self, batch: Batch, v: Tensor) -> Tensor:
         """Per-sample products ``G[i, j] = Jᵢᵀ v[i, j]`` for ``v`` (B, m, C): ``(B, m, P)``."""
         view = self.view
-        arg_dims, kw_dims = sample_dims(batch)
+        arg_dims, kw_dims = batch.sample_dims()
 
         def per_sample(args: tuple, kwargs: dict, v1: Tensor) -> Tensor:
-            single = one_sample(batch, args, kwargs)
+            single = batch.one_sample(args, kwargs)
 
             def out(p: dict[str, Tensor]) -> Tensor:
                 return view.functional(p, single).squeeze(0)
@@ -195,18 +170,18 @@ class FunctionalBackend(Backend):
         """``(name, d) ↦`` the derivative along ``d`` of every sample's output Jacobian, ``(B, C, P)``:
         the samples batched by ``vmap``, or one at a time where ``looped``."""
         view = self.view
-        arg_dims, kw_dims = sample_dims(batch)
+        arg_dims, kw_dims = batch.sample_dims()
 
         def column(name: str | None, d: object) -> Tensor:
             def single(value: object, args: tuple, kwargs: dict) -> Tensor:
-                one = one_sample(batch, args, kwargs)
+                one = batch.one_sample(args, kwargs)
                 jac = jacrev(lambda p: view.functional(p, one).squeeze(0))(self._with(name, value))
                 return view.flatten_params(jac, lead=1)
 
             def jacobians(value: object) -> Tensor:
                 if not looped:
                     return vmap(lambda a, k: single(value, a, k), in_dims=(arg_dims, kw_dims))(batch.args, batch.kwargs)
-                return torch.stack([single(value, *sample_at(batch, i, (arg_dims, kw_dims))) for i in range(batch.size)])
+                return torch.stack([single(value, *batch.sample_at(i, (arg_dims, kw_dims))) for i in range(batch.size)])
 
             return jvp(jacobians, (self._at(name),), (d,))[1]
 

@@ -45,9 +45,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..engine.batch import Batch
 from ..errors import TorchfimError
 from ..families import Family
-from .model_io import Inputs, ModelIO
+from .model_io import ModelIO
 from .position_outputs import PositionOutputs
 
 GRAD_METHODS = ("exact", "finite_difference")
@@ -165,7 +166,7 @@ def batch_gradient_fd(
     io: ModelIO,
     family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
-    x: Inputs,
+    x: Batch,
     draw_labels: Callable[[Tensor], Tensor],
     alpha: float,
     fd_step: float | None,
@@ -199,7 +200,7 @@ def trace_fd(
     io: ModelIO,
     family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
-    x: Inputs,
+    x: Batch,
     y: Tensor,
     alpha: float,
     fd_step: float | None,
@@ -212,10 +213,9 @@ def trace_fd(
     The model must treat samples independently (checked by the caller).
     """
 
-    log_p, masks, dims = io.input_log_prob(model, family, x), family.mask, io.in_dims(x)
-    mask_dim = None if masks is None else 0
+    log_p, masks = io.input_log_prob(model, family, x), family.mask
     base = {n: p.detach() for n, p in named}
-    g = io.per_input_gradients(log_p, (None, dims, 0, mask_dim), base, x, y, masks)
+    g = io.per_input_gradients(log_p, base, None, x, y, masks)
     sq = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in g.values())  # (B,)
     norms = sq.sqrt()
     value = alpha * sq.mean()
@@ -228,8 +228,8 @@ def trace_fd(
         return scalars.reshape((-1,) + (1,) * (like.dim() - 1))
 
     shifted = {n: base[n] + per_input(shift, g[n]) * g[n] for n in base}
-    g_plus = io.per_input_gradients(log_p, (0, dims, 0, mask_dim), shifted, x, y, masks)
-    weight = norms * ((2.0 * alpha / io.size(x)) / step)
+    g_plus = io.per_input_gradients(log_p, shifted, 0, x, y, masks)
+    weight = norms * ((2.0 * alpha / x.size) / step)
     return value, [((g_plus[n] - g[n]) * per_input(weight, g[n])).sum(0) for n in base]
 
 
@@ -264,7 +264,7 @@ def batch_gradient_fd_shared(
     io: ModelIO,
     family: Family | PositionOutputs,
     named: list[tuple[str, Tensor]],
-    x: Inputs,
+    x: Batch,
     rows: int,
     draw_labels: Callable[[Tensor], Tensor],
     alpha: float,

@@ -8,6 +8,8 @@ measurement, so a model moved or cast after the monitor was made is measured as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -21,8 +23,8 @@ __all__ = ["hold", "pooled"]
 def hold(inputs: Inputs) -> list[Batch]:
     """The non-empty mini-batches of ``inputs``, checked (a batch dimension, finite floats) and detached."""
     held = []
-    for x, _ in iter_batches([inputs] if isinstance(inputs, dict) else inputs):
-        if not isinstance(x, (Tensor, dict)):
+    for x, _ in iter_batches([inputs] if isinstance(inputs, Mapping) else inputs):
+        if not isinstance(x, (Tensor, Mapping)):
             raise TorchfimError(
                 f"each mini-batch of held inputs must be a torch.Tensor or a dict of tensors, got {type(x).__name__}"
             )

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..engine.batch import Batch
 from ..engine.view import check_mode as _check_mode
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
@@ -39,7 +40,7 @@ from .finite_difference import (
     penalty_gradient,
     trace_fd,
 )
-from .model_io import Inputs, ModelIO
+from .model_io import Inputs, ModelIO, leading_rows
 from .position_outputs import PositionOutputs
 from .surrogate import fixed_gradient, zero_term
 
@@ -255,10 +256,11 @@ class FisherPenalty:
         if step % self.every != 0:
             return zero_term(params, first.dtype, first.device)
 
-        x = self.io.prepare(inputs, first, self.sub_batch)  # checks the inputs, then the mask against them
-        mask = self.io.mask(mask, inputs)
+        whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
+        mask = self.io.mask(mask, whole)
+        x = self.io.moved(whole, first, self.sub_batch)
         # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
-        with torch.enable_grad(), self.family.masked(mask, self.io.size(x)):
+        with torch.enable_grad(), self.family.masked(mask, x.size):
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -345,7 +347,7 @@ class FisherPenalty:
             return self._between(inputs, task_loss)
         names, params = _trainable(self.model)
         x = self.io.prepare(inputs, params[0])
-        rows = min(self.sub_batch or self.io.size(x), self.io.size(x))
+        rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
         with torch.enable_grad(), self.family.masked(self.io.mask(mask, x), rows):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
@@ -377,7 +379,7 @@ class FisherPenalty:
         return loss + self._surrogate(self._cached_params, self._cached_grads, self.last_value) if reuse else loss
 
     def _shared_forward(
-        self, x: Inputs, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[object], Tensor],
+        self, x: Batch, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[object], Tensor],
         cache: bool,
     ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """Loss, penalty value and cached gradient from one forward (exact penalty, or ``kind="trace"``)."""
@@ -388,7 +390,7 @@ class FisherPenalty:
         if self.kind == "batch_gradient":
             value, grads = self._batch_gradient(o, params), None
         else:
-            y, x = self._outputs_and_labels(o), self.io.rows(x, rows)
+            y, x = self._outputs_and_labels(o), leading_rows(x, rows)
             if self.grad_method == "finite_difference":
                 value, grads = trace_fd(self.model, self.io, self.family, list(zip(names, params)), x, y, self.alpha,
                                         self.fd_step)
@@ -400,7 +402,7 @@ class FisherPenalty:
         return self._task(task_loss, out) + term, value, grads
 
     def _shared_fd(
-        self, x: Inputs, rows: int, named: list[tuple[str, Tensor]], task_loss: Callable[[object], Tensor],
+        self, x: Batch, rows: int, named: list[tuple[str, Tensor]], task_loss: Callable[[object], Tensor],
         cache: bool,
     ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """Loss, penalty value and cached gradient by the two passes of the finite difference."""
@@ -427,27 +429,26 @@ class FisherPenalty:
         grads = torch.autograd.grad(nll, params, create_graph=True, allow_unused=True)
         return self.alpha * sum((g.pow(2).sum() for g in grads if g is not None), zero)
 
-    def _trace_labels(self, x: Inputs) -> Tensor:
+    def _trace_labels(self, x: Batch) -> Tensor:
         """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
         _check_mode(self.model)
         with torch.no_grad():
             o = self.io.outputs(self.model, x, differentiated_twice=False)
         return self._outputs_and_labels(o)
 
-    def _finite_difference(self, x: Inputs, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _finite_difference(self, x: Batch, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         named, io = list(zip(names, params)), self.io
         if self.kind == "batch_gradient":
             return batch_gradient_fd(self.model, io, self.family, named, x, self._outputs_and_labels, self.alpha,
                                      self.fd_step)
         return trace_fd(self.model, io, self.family, named, x, self._trace_labels(x), self.alpha, self.fd_step)
 
-    def _trace(self, x: Inputs, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
+    def _trace(self, x: Batch, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
         """``α (1/B) Σᵢ ‖gᵢ‖²`` by per-sample gradients (labels ``y``, or drawn from a forward of ``x``)."""
         y = self._trace_labels(x) if y is None else y
         masks = self.family.mask
         log_p = self.io.input_log_prob(self.model, self.family, x)
-        per_sample = self.io.per_input_gradients(log_p, (None, self.io.in_dims(x), 0, None if masks is None else 0),
-                                                 dict(zip(names, params)), x, y, masks)
+        per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
         return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
 
