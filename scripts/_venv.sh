@@ -3,7 +3,8 @@
 #
 # Makes sure the project's virtual environment exists at <repo>/.venv with torchfim installed
 # editable and its dev extras (pytest, hypothesis, scikit-learn, matplotlib, mnist1d), torch pinned
-# by constraints.txt (torch==2.13.0, the CPU build on this machine). The first use creates it;
+# by constraints.txt (torch==2.13.0, the CPU build on this machine; every other package at the
+# version the tests last passed with). The first use creates it;
 # later uses only compare a stamp file and return at once. The install is redone when
 # pyproject.toml or constraints.txt change, or when an earlier install was interrupted.
 #
