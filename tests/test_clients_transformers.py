@@ -108,6 +108,37 @@ def test_gpt2_exact_diag_matches_jacobian_oracle() -> None:
     assert clients.rel_err(clients.categorical_diag(jac, logits, VOCAB), want) > 1e-2
 
 
+def test_gpt2_empirical_fisher_pairs_logits_with_the_next_label_as_its_loss_does() -> None:
+    """A causal LM's ``labels`` (its input ids, -100 at padding) are shifted as the model's own loss shifts
+    them: the score at position t is that of ``labels[t + 1]``; -100 (the last position, padding) adds
+    nothing. The oracle sums the per-position scores ``J_tᵀ(e_y − p_t)`` of the model's own loss over
+    each sequence."""
+    model = tiny_gpt2()
+    batch = padded_batch([5, 3], seed=1)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    jac, logits = clients.jacobians(model, kwargs={k: v for k, v in batch.items() if k != "labels"}, output="logits")
+    shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+    b, p_dim = jac.shape[0], jac.shape[-1]
+    residual = torch.nn.functional.one_hot(shifted.clamp(min=0), VOCAB) - torch.softmax(logits.reshape(b, -1, VOCAB), -1)
+    scores = torch.einsum("btc,btcp->btp", residual, jac.reshape(b, -1, VOCAB, p_dim))
+    scores = scores * (shifted != -100).unsqueeze(-1)
+    want = scores.sum(1).square().sum(0) / b  # (1/n) Σᵢ gᵢ², gᵢ the sequence's score (docs/math.md §5)
+    got = torchfim.fisher(model, batch, estimator="empirical", structure="diag")
+    assert clients.rel_err(got, want) < 1e-10
+    # with the padding masked too (before the shift, silently paired with the wrong labels)
+    masked = torchfim.fisher(model, batch, estimator="empirical", structure="diag", mask="attention_mask")
+    assert clients.rel_err(masked, want) < 1e-10
+    # the model's own loss has these scores: its gradient is minus their mean over the labelled positions
+    # (to float32's precision: the loss upcasts the logits to float32)
+    params = [p for _, p in clients.trainable(model)]
+    loss_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(**batch).loss, params)])
+    assert clients.rel_err(loss_grad, -scores.sum((0, 1)) / int((shifted != -100).sum())) < 1e-6
+    # labels paired with the outputs at their own position would be far off
+    unshifted = torch.nn.functional.one_hot(batch["input_ids"], VOCAB) - torch.softmax(logits.reshape(b, -1, VOCAB), -1)
+    naive = torch.einsum("btc,btcp->btp", unshifted, jac.reshape(b, -1, VOCAB, p_dim)) * batch["attention_mask"].unsqueeze(-1)
+    assert clients.rel_err(naive.sum(1).square().sum(0) / b, want) > 1e-2
+
+
 def rule_kinds(model: torch.nn.Module, batch: object) -> dict[str, str]:
     """Path → rule class name of every module the per-module backend gives a rule (after the first record,
     whose coverage check would move a rule whose summed per-sample gradients missed autograd's)."""

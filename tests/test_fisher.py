@@ -55,6 +55,19 @@ def test_empirical_matches_brute_force(model_and_inputs, family):
     )
 
 
+@pytest.mark.parametrize("family", ["categorical"])
+def test_empirical_ignores_categorical_targets_of_minus_100(model_and_inputs, family):
+    """A class label -100 (``F.cross_entropy``'s ``ignore_index``) observes nothing: the input adds no
+    score, and the mean stays over all n inputs."""
+    model, x = model_and_inputs
+    y = true_targets(family, Flat(model).outputs(x), torch.Generator().manual_seed(3))
+    ignored = torch.arange(len(y)) % 3 == 1
+    kept = ~ignored
+    want = empirical_fisher(model, x[kept], y[kept], family) * (int(kept.sum()) / len(y))
+    got = torchfim.fisher(model, x, estimator="empirical", structure="full", targets=y.masked_fill(ignored, -100))
+    assert rel_err(got, want) < RTOL
+
+
 def _labels_torchfim_draws(model, x, family, k, seed):
     """The labels torchfim draws for one batch: one ``sample`` call with the given generator."""
     fam = get_family(family)

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from .engine import Backend, Recording
 from .engine.backend import second_order_support
+from .engine.batch import IGNORE_INDEX
 from .errors import TorchfimError, check_label_memory
 from .families import Family
+from .families.positions import Positions
 from .structures import Structure
 
 ESTIMATORS = ("exact", "score", "hessian", "empirical", "combined")
@@ -94,6 +96,20 @@ def _true_scores(fam: Family, rec: Recording, o: Tensor) -> Tensor:
             "estimator='empirical' uses the true labels but a mini-batch came without targets; "
             "pass targets=... or yield (inputs, targets) pairs"
         )
-    if not isinstance(y, Tensor):
-        y = torch.as_tensor(y)
-    return fam.output_score(fam.check_targets(y.to(o.device), o), o).unsqueeze(1)
+    y = (y if isinstance(y, Tensor) else torch.as_tensor(y)).to(o.device)
+    ignored = _ignored(fam, y)
+    if ignored is None:
+        return fam.output_score(fam.check_targets(y, o), o).unsqueeze(1)
+    # A class label IGNORE_INDEX (-100) observes nothing, as in F.cross_entropy: its score is 0.
+    u = fam.output_score(fam.check_targets(y.masked_fill(ignored, 0), o), o)
+    rows = ignored.reshape(ignored.shape[0], -1, 1)  # (B, positions, 1)
+    return u.reshape(*rows.shape[:2], -1).masked_fill(rows, 0.0).reshape(u.shape).unsqueeze(1)
+
+
+def _ignored(fam: Family, y: Tensor) -> Tensor | None:
+    """Where categorical targets hold ``IGNORE_INDEX`` (None: nowhere, or not a categorical family)."""
+    base = fam.base if isinstance(fam, Positions) else fam
+    if base.name != "categorical" or y.is_floating_point() or y.dtype == torch.bool:
+        return None
+    ignored = y == IGNORE_INDEX
+    return ignored if bool(ignored.any()) else None

@@ -71,13 +71,16 @@ def fisher(
             position is an independent observation (a language model's tokens).
         inputs: a tensor whose first dimension is the batch, a dict of keyword inputs, or an
             iterable of mini-batches (tensors, dicts, or ``(inputs, targets)`` pairs, e.g. a
-            DataLoader). A dict's ``labels``/``label``/``targets`` entry is taken as targets.
+            DataLoader). A dict's ``labels``/``label``/``targets`` entry is taken as targets; for a
+            Hugging Face causal language model (whose own loss shifts its ``labels``), the outputs at
+            position t get ``labels[t + 1]``, as in that loss.
         family: output family name or :class:`~torchfim.families.Family`.
         estimator: ``"exact"``, ``"score"``, ``"hessian"``, ``"empirical"`` or ``"combined"``.
         structure: ``"full"`` (P×P), ``"diag"`` (P), ``"trace"`` (0-dim) or ``"blocks"`` (dict:
             parameter name → its diagonal block; ``"layers"`` is the old name).
         n_samples: labels drawn per input (per position) for ``score``, ``hessian`` and ``combined``.
-        targets: true targets, required by ``empirical`` (or carried by the batches).
+        targets: true targets, required by ``empirical`` (or carried by the batches). A categorical
+            target of -100 (``F.cross_entropy``'s ``ignore_index``) observes nothing: no score.
         generator: ``torch.Generator`` for label sampling (global RNG when None).
         return_stderr: also return the standard error of each entry, the square root of
             :func:`torchfim.fisher_variance` (closed form, conditional on the inputs). ``exact`` has

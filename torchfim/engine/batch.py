@@ -20,6 +20,8 @@ from ..errors import TorchfimError
 
 #: Keys of a dict batch that hold targets, not model inputs.
 TARGET_KEYS = ("labels", "label", "targets")
+#: A class label that marks a position without a target (PyTorch's ``ignore_index``).
+IGNORE_INDEX = -100
 #: ``vmap`` in-dims of a batch's positional and keyword inputs: 0 where the batch dim is first, else None.
 SampleDims = tuple[tuple[int | None, ...], dict[str, int | None]]
 
@@ -102,15 +104,17 @@ def _to(t: object, device: torch.device | None, dtype: torch.dtype | None) -> ob
 
 
 def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.dtype | None,
-               keep_targets: bool = False) -> Batch:
+               keep_targets: bool = False, next_token: Callable[[], bool] | None = None) -> Batch:
     """A :class:`Batch` from one mini-batch of user inputs, moved to the model's device and float dtype
     (None: left where it is). A dict's target keys become the batch's targets, and are also passed to
-    the model where ``keep_targets``."""
+    the model where ``keep_targets``. Where ``next_token()`` says the model is a causal language model
+    (whose own loss shifts its ``labels``; asked only when a dict brings targets), they are shifted as
+    its loss does, so that the outputs at position t get ``labels[t + 1]`` (:func:`next_token_labels`)."""
     if isinstance(x, Mapping):
         kwargs = {k: _to(v, device, dtype) for k, v in x.items() if keep_targets or k not in TARGET_KEYS}
         found = [v for k, v in x.items() if k in TARGET_KEYS]
         if y is None and found:
-            y = found[0]
+            y = next_token_labels(found[0]) if next_token is not None and next_token() else found[0]
         tensors = [v for v in kwargs.values() if isinstance(v, Tensor) and v.dim() > 0]
         if not tensors:
             raise TorchfimError("a dict mini-batch holds no tensor inputs; pass e.g. {'input_ids': ids}")
@@ -125,14 +129,25 @@ def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.d
     return Batch((_to(x, device, dtype),), {}, x.shape[0], y)
 
 
-def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
-    """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects."""
+def next_token_labels(labels: object) -> object:
+    """A causal language model's ``labels`` ``(B, T)`` aligned with its logits as its loss aligns them
+    (Hugging Face's ``ForCausalLMLoss``): ``labels[:, 1:]`` with ``IGNORE_INDEX`` at the last position,
+    which predicts a token past the sequence. Anything else is returned as it is."""
+    if not isinstance(labels, Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        return labels
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype,
+            next_token: Callable[[], bool] | None = None) -> Iterator[Batch]:
+    """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects (``next_token``: see
+    :func:`make_batch`)."""
     if isinstance(inputs, Mapping):
         inputs = [inputs]
     if isinstance(inputs, list) and inputs and all(isinstance(b, Batch) for b in inputs):
         yield from inputs  # mini-batches an earlier pass of the engine prepared
         return
     for x, y in iter_batches(inputs, targets):
-        batch = make_batch(x, y, device, dtype)
+        batch = make_batch(x, y, device, dtype, next_token=next_token)
         if batch.size > 0:
             yield batch

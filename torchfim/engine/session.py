@@ -37,8 +37,8 @@ class Pass:
         """
         view = self.view
         self.backend.directions.progress = progress
-        for rec, fam in run(view, self.backend, batches(inputs, targets, view.device, view.dtype), family, mask,
-                            progress, desc, split):
+        mini_batches = batches(inputs, targets, view.device, view.dtype, next_token=view.predicts_next_token)
+        for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split):
             yield rec, fam
             self.n += rec.batch.size
         if self.n == 0:

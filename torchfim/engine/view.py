@@ -106,6 +106,17 @@ def read_logits(raw: object) -> object:
     return logits if isinstance(logits, Tensor) else raw
 
 
+def predicts_next_token(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face causal language model: its own loss (``loss_function``,
+    ``ForCausalLMLoss``) shifts a batch's ``labels`` so that the logits at position t predict
+    ``labels[t + 1]``, and the engine shifts them the same way."""
+    try:
+        loss = getattr(model, "loss_function", None)
+    except Exception:  # noqa: BLE001 - a property of the user's model that fails: not such a model
+        return False
+    return getattr(loss, "__name__", "") == "ForCausalLMLoss"
+
+
 def check_output_map(output: object) -> None:
     """Refuse an ``output=`` that is neither None nor a function of the model's output."""
     if output is not None and not callable(output):
@@ -177,7 +188,16 @@ class ModelView:
         _check_in_memory({**self.params, **self.constants})
         self.output_map = output
         self.class_dim = class_dim
+        self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
+
+    def predicts_next_token(self) -> bool:
+        """Whether the model's own loss pairs its outputs at position t with ``labels[t + 1]``
+        (:func:`predicts_next_token`; Hugging Face logs which loss it resolved, so it is asked only
+        when a batch brings labels, and once)."""
+        if self._next_token is None:
+            self._next_token = predicts_next_token(self.user_model)
+        return self._next_token
 
     def versions(self) -> list[int]:
         """The version counters of the trainable parameters (an in-place update increases them)."""
