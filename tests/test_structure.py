@@ -232,6 +232,31 @@ def test_license_is_the_mit_licence_that_pyproject_declares():
     assert (ROOT / "torchfim" / "py.typed").is_file()
 
 
+def test_constraints_pin_every_declared_requirement_within_its_range():
+    """The set-up path installs with ``-c constraints.txt``: every package the project names (runtime and
+    extras) is pinned there to one version, which the range it declares admits; so a client's release
+    cannot change a test run, and a raised pin cannot leave the declared range behind."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    for text in declared:
+        req = Requirement(text)
+        if canonicalize_name(req.name) == "torchfim":
+            continue
+        pin = pins.get(canonicalize_name(req.name))
+        assert pin is not None, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pin, prereleases=True), f"constraints.txt pins {req.name}=={pin} outside {text}"
+
+
 def test_the_wheel_ships_py_typed_and_the_licence(tmp_path: Path):
     """Build the wheel offline (the installed setuptools, no build isolation) from a copy of the sources."""
     import shutil
