@@ -139,10 +139,12 @@ def test_gpt2_empirical_fisher_pairs_logits_with_the_next_label_as_its_loss_does
     assert clients.rel_err(naive.sum(1).square().sum(0) / b, want) > 1e-2
 
 
-@pytest.mark.filterwarnings("ignore:torchfim. the module rules' per-sample gradients:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_masked_lm_labels_are_not_shifted_and_minus_100_observes_nothing() -> None:
     """A masked LM's loss pairs each position with its own label, -100 off the masked tokens: the empirical
-    Fisher is the sum over the masked positions of their scores, squared per sequence."""
+    Fisher is the sum over the masked positions of their scores, squared per sequence. Its head registers
+    the output bias twice (``predictions.bias``, ``predictions.decoder.bias``): the decoder's Linear rule
+    covers it, with no warning and no generic rule (before: the whole model's generic rule)."""
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, attn_implementation="eager")
@@ -150,17 +152,20 @@ def test_masked_lm_labels_are_not_shifted_and_minus_100_observes_nothing() -> No
     ids = torch.randint(2, VOCAB, (3, LENGTH), generator=torch.Generator().manual_seed(4))
     labels = torch.full_like(ids, -100)
     labels[:, 2], labels[0, 4] = ids[:, 2], ids[0, 4]
-    batch = {"input_ids": ids.masked_fill(labels != -100, 1), "labels": labels}
+    # per-input position ids: the ones the model builds, (1, T), would send the position embedding generic
+    batch = {"input_ids": ids.masked_fill(labels != -100, 1), "labels": labels,
+             "position_ids": torch.arange(LENGTH).repeat(len(ids), 1)}
     params = [p for _, p in clients.trainable(model)]
     want = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     for i in range(len(ids)):
-        log_p = torch.log_softmax(model(input_ids=batch["input_ids"][i : i + 1]).logits[0], -1)
+        log_p = torch.log_softmax(model(input_ids=batch["input_ids"][i : i + 1]).logits[0], -1)  # positions 0..T-1
         kept = labels[i] != -100
         score = torch.autograd.grad(log_p[kept].gather(-1, labels[i, kept, None]).sum(), params, allow_unused=True)
         want += torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None else g.reshape(-1)
                            for p, g in zip(params, score)]).square() / len(ids)
     got = torchfim.fisher(model, batch, estimator="empirical", structure="diag")
     assert clients.rel_err(got, want) < 1e-10
+    assert generic_modules(model, batch) == []
 
 
 def rule_kinds(model: torch.nn.Module, batch: object) -> dict[str, str]:

@@ -105,6 +105,7 @@ class PerModuleBackend(Backend):
             own = {n: i for n, i in own.items() if i not in taken}
             if own:
                 owned[module] = own
+        _left_to_the_deepest(owned, paths)
         extra: dict[nn.Module, dict[str, int]] = {}
         named = dict(self.view.model.named_parameters())
         for full, (module, local) in moved.items():
@@ -454,6 +455,24 @@ class PerModuleBackend(Backend):
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
         return self.functional.output_hessian_columns(batch, columns)
+
+
+def _left_to_the_deepest(owned: dict[nn.Module, dict[str, int]], paths: dict[nn.Module, str]) -> None:
+    """A parameter registered both in a module and in one of its sub-modules (BERT's masked-LM head keeps
+    its output bias as ``predictions.bias`` and as ``predictions.decoder.bias``) stays with the sub-module
+    only: a rule for the module above would count the sub-module's use a second time. A use by the module
+    above itself is then uncovered, and the coverage check moves the parameter (as for any such use)."""
+    holders: dict[int, list[nn.Module]] = {}
+    for module, params in owned.items():
+        for i in params.values():
+            holders.setdefault(i, []).append(module)
+    for i, modules in holders.items():
+        for above in modules:
+            prefix = paths[above] + "." if paths[above] else ""
+            if any(m is not above and paths[m].startswith(prefix) for m in modules):
+                owned[above] = {n: j for n, j in owned[above].items() if j != i}
+    for module in [m for m, params in owned.items() if not params]:
+        del owned[module]
 
 
 def _handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:
