@@ -8,6 +8,8 @@ torchfim's engine is used.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from cases import CASES, Case, token_mask
@@ -158,3 +160,43 @@ def test_estimators_unbiased(case: Case, family: str) -> None:
             assert abs(float(est) - exact) <= 1e-8 * max(1.0, abs(exact))
         else:
             assert abs(float(est) - exact) <= 4 * se, (float(est), exact, se)
+
+
+POSITION_PAIRS = [(case, fam) for case, fam in PAIRS if case.positions]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,family", POSITION_PAIRS, ids=[f"{c.name}-{f}" for c, f in POSITION_PAIRS])
+def test_exact_and_hessian_with_output_vectors_one_at_a_time(case: Case, family: str, backend: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs with positions pull back the exact Fisher's output vectors in blocks (a language model's
+    whole set would not fit in memory): blocks of one vector give the oracle, and Î2 as in one block."""
+    from torchfim.families import positions
+
+    res = _oracle(case, family)
+    kw = dict(family=family, backend=backend, **_kwargs(case, res))
+    draw = dict(estimator="hessian", n_samples=3, structure="diag")
+    whole = torchfim.fisher(res["model"], res["x"], generator=torch.Generator().manual_seed(5), **draw, **kw)
+    monkeypatch.setattr(positions, "SQRT_BLOCK_ENTRIES", 1)
+    for structure in ("full", "diag", "blocks"):
+        got = torchfim.fisher(res["model"], res["x"], structure=structure, **kw)
+        _close(got, _view(res["exact"], structure, res["model"]), 1e-10)
+    blocked = torchfim.fisher(res["model"], res["x"], generator=torch.Generator().manual_seed(5), **draw, **kw)
+    _close(blocked, whole, 1e-12)
+
+
+def test_exact_on_wide_outputs_warns_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A language model's outputs are wide (tokens × vocabulary): the exact Fisher costs about a backward pass
+    per output number, which the warning says, naming the estimator that does not; Î1 does not warn."""
+    from torchfim import estimators
+
+    case = next(c for c in CASES if c.positions)
+    model, x = case.build(3), case.inputs(N)
+    monkeypatch.setattr(estimators, "EXACT_WARN_WIDTH", x.shape[1] * 3 - 1)  # T·C = 9 per input
+    with pytest.warns(RuntimeWarning, match=r"here 9 \(outputs \(3, 3\) per input\).*estimator='score'"):
+        torchfim.fisher(model, x)
+    monkeypatch.setattr(estimators, "EXACT_WARN_WIDTH", x.shape[1] * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torchfim.fisher(model, x)
+        torchfim.fisher(model, x, estimator="score", generator=torch.Generator().manual_seed(0))

@@ -228,6 +228,35 @@ def test_chunked_accumulation_matches(case, monkeypatch):
         assert close(b, a, rtol=1e-13)
 
 
+@pytest.mark.parametrize("max_entries", [1, 7, 40, None])
+def test_root_blocks_are_the_columns_of_the_block_diagonal_root(case, max_entries):
+    """Blocks of one column, of a few columns within a position, of several positions, and whole."""
+    fam, _, o = case
+    blocks = list(fam.fisher_output_sqrt_blocks(o, max_entries))
+    assert torch.equal(torch.cat(blocks, -1), fam.fisher_output_sqrt(o))
+    column = o.shape[0] * o.shape[1]
+    assert all(b.numel() <= max(max_entries or positions_module.SQRT_BLOCK_ENTRIES, column) for b in blocks)
+
+
+def test_root_blocks_leave_out_positions_no_input_observes():
+    gen = torch.Generator().manual_seed(3)
+    o = torch.randn(2, 3 * 4, generator=gen, dtype=torch.float64)
+    fam = Positions(Categorical(), 3, torch.tensor([[True, False, True], [False, False, True]]))
+    blocks = torch.cat(list(fam.fisher_output_sqrt_blocks(o, 5)), -1)
+    assert blocks.shape == (2, 12, 2 * 3)  # positions 0 and 2, each C − 1 = 3 columns
+    assert close(blocks @ blocks.transpose(1, 2), fam.fisher_output(o), rtol=1e-13)
+
+
+def test_root_blocks_of_a_language_model_batch_come_without_the_whole_root():
+    """16 sequences of 64 tokens over 500 classes: the whole root would hold 16·32000·31936 numbers (65 GB
+    in float32); its first block is built from one position's roots and stays under the block size."""
+    o = torch.randn(16, 64 * 500, generator=torch.Generator().manual_seed(5))
+    first = next(Positions(Categorical(), 64).fisher_output_sqrt_blocks(o))
+    assert first.shape[:2] == (16, 64 * 500) and first.numel() <= positions_module.SQRT_BLOCK_ENTRIES
+    roots = Categorical().fisher_output_sqrt(o[:, :500])
+    assert torch.equal(first[:, :500], roots[..., : first.shape[-1]]) and not bool(first[:, 500:].any())
+
+
 def test_errors_name_the_fix(monkeypatch):
     fam = Positions(Categorical(), (2,), torch.tensor([[True, False]]))
     with pytest.raises(TorchfimError, match=r"\(batch, 2·C\)"):

@@ -18,12 +18,14 @@ from torch import Tensor
 from .engine import Backend, Recording
 from .engine.backend import second_order_support
 from .engine.batch import IGNORE_INDEX
-from .errors import TorchfimError, check_label_memory
+from .errors import TorchfimError, check_label_memory, warn_user
 from .families import Family
 from .families.positions import Positions
 from .structures import Structure
 
 ESTIMATORS = ("exact", "score", "hessian", "empirical", "combined")
+#: Output numbers per input past which the exact Fisher's pull-backs (about one each) get a warning.
+EXACT_WARN_WIDTH = 1 << 14
 
 
 def add_estimate(
@@ -41,14 +43,13 @@ def add_estimate(
     """
     o = rec.values
     if estimator in ("exact", "hessian"):
-        vectors, scale = fam.fisher_output_sqrt(o).transpose(-1, -2), 1.0
+        _add_exact(backend, rec, fam, structure)
     elif estimator == "score":
-        vectors, scale = sampled_scores(fam, o, k, generator), 1.0 / k
+        backend.add_products(rec, sampled_scores(fam, o, k, generator).to(o.dtype), structure, 1.0 / k)
     elif estimator == "empirical":
-        vectors, scale = _true_scores(fam, rec, o), 1.0
+        backend.add_products(rec, _true_scores(fam, rec, o).to(o.dtype), structure)
     else:
         raise TorchfimError(f"internal: estimator {estimator!r} needs add_shared_label_estimates")
-    backend.add_products(rec, vectors.to(o.dtype), structure, scale)
     if estimator == "hessian":
         _add_hessian_correction(backend, rec, sampled_scores(fam, o, k, generator), structure, k)
 
@@ -71,8 +72,22 @@ def add_shared_label_estimates(
     o = rec.values
     scores = sampled_scores(fam, o, k, generator)
     backend.add_products(rec, scores.to(o.dtype), score, 1.0 / k)
-    backend.add_products(rec, fam.fisher_output_sqrt(o).transpose(-1, -2).to(o.dtype), hessian)
+    _add_exact(backend, rec, fam, hessian)
     _add_hessian_correction(backend, rec, scores, hessian, k)
+
+
+def _add_exact(backend: Backend, rec: Recording, fam: Family, structure: Structure) -> None:
+    """Add ``Σᵢ Jᵢᵀ Λᵢ Jᵢ``: the columns of ``S`` (``S Sᵀ = Λ``) pulled back, a block of them at a time."""
+    width = rec.values.shape[1]
+    if width > EXACT_WARN_WIDTH:
+        warn_user(
+            f"torchfim: the exact Fisher (and Î2's exact part) pulls back about one output vector per output "
+            f"number of each input, here {width:,} (outputs {tuple(rec.shape[1:])} per input), each costing about "
+            "a backward pass, which takes long; estimator='score' pulls back n_samples vectors per input (labels drawn at every "
+            "position at once), and return_stderr=True or fisher_variance says how precise it is"
+        )
+    for block in fam.fisher_output_sqrt_blocks(rec.values):
+        backend.add_products(rec, block.transpose(-1, -2).to(rec.values.dtype), structure)
 
 
 def sampled_scores(fam: Family, o: Tensor, k: int, generator: torch.Generator | None) -> Tensor:

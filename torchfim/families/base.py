@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -221,6 +222,12 @@ class Family(ABC):
         lam = self.fisher_output(o).to(torch.float64)
         evals, evecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(-1, -2)))
         return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(o.dtype)
+
+    def fisher_output_sqrt_blocks(self, o: Tensor, max_entries: int | None = None) -> Iterator[Tensor]:
+        """The columns of :meth:`fisher_output_sqrt`, in order, as blocks ``(B, C, r_k)``: a family whose
+        ``S`` is large and mostly zero (outputs with positions) yields a few columns at a time, each block
+        under ``max_entries`` numbers where one column allows. Default: ``S`` whole."""
+        yield self.fisher_output_sqrt(o)
 
     def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
         """``E_y[(uᵀv)(uᵀw)] = vᵀ Λ(o) w`` for output-space vectors ``v, w`` (B, m, C) → (B, m)."""

@@ -18,7 +18,7 @@ vector at position ``t``, independence and ``E[u_t] = 0`` give the identities us
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -30,6 +30,8 @@ from .base import Family, _isserlis, _top_eig_diag_plus_rank_one
 DENSE_MOMENT_LIMIT = 1 << 26
 #: Entries per work chunk of per-position (m × m) results and of per-position ``Λ_t``.
 _CHUNK_ELEMENTS = 1 << 24
+#: Numbers per block of the exact Fisher's output vectors (:meth:`Positions.fisher_output_sqrt_blocks`).
+SQRT_BLOCK_ENTRIES = 1 << 24
 
 
 class Positions(Family):
@@ -215,6 +217,35 @@ class Positions(Family):
     def fisher_output_sqrt(self, o: Tensor) -> Tensor:
         """Block-diagonal ``S = diag(S_1, …, S_L)`` (B, L·C, L·r), masked columns 0."""
         return self._block_diagonal(o, self.base.fisher_output_sqrt(self._rows(o)[0]))
+
+    def fisher_output_sqrt_blocks(self, o: Tensor, max_entries: int | None = None) -> Iterator[Tensor]:
+        """:meth:`fisher_output_sqrt`'s columns a few at a time, never the whole ``(B, L·C, L·r)``.
+
+        Column ``t·r + j`` is ``S_t``'s column ``j`` at position ``t``, zero elsewhere: a block of ``K``
+        columns holds ``B·L·C·K`` numbers, and ``S_t`` is built for a few positions at a time. Columns of
+        positions that no input of the batch observes are zero, and left out. ``max_entries``: default
+        :data:`SQRT_BLOCK_ENTRIES`.
+        """
+        max_entries = max_entries or SQRT_BLOCK_ENTRIES
+        rows, keep = self._rows(o)
+        b, n, c = o.shape[0], self.length, rows.shape[1]
+        rows, keep = rows.reshape(b, n, c), keep.reshape(b, n)
+        column = b * n * c  # numbers per column
+        per_position = max_entries // max(1, column * c)  # positions whose S_t (r ≤ C columns each) fit a block
+        for t0 in range(0, n, max(1, per_position)):
+            t1 = min(n, t0 + max(1, per_position))
+            if not bool(keep[:, t0:t1].any()):
+                continue
+            roots = self.base.fisher_output_sqrt(rows[:, t0:t1].reshape(-1, c))  # (B·P, C, r)
+            r = roots.shape[-1]
+            roots = roots.reshape(b, t1 - t0, c, r) * keep[:, t0:t1, None, None].to(roots.dtype)
+            step = max(1, max_entries // max(1, column))
+            for q0 in range(0, (t1 - t0) * r, step):
+                cols = torch.arange(q0, min((t1 - t0) * r, q0 + step), device=o.device)
+                t, j = torch.div(cols, r, rounding_mode="floor"), cols % r
+                block = roots.new_zeros(b, n, c, len(cols))
+                block[:, t0 + t, :, torch.arange(len(cols), device=o.device)] = roots[:, t, :, j]
+                yield block.reshape(b, n * c, len(cols))
 
     def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
         """``Σ_t v_tᵀ Λ_t w_t``."""
