@@ -223,16 +223,18 @@ def gru(c: int) -> nn.Module:
 
 
 class TokenModel(nn.Module):
-    """A per-token model: outputs ``(n, T, C)``, each position its own observation."""
+    """A per-token model: outputs ``(n, T, C)``, each position its own observation. Its position
+    embedding looks up ids ``(1, T)`` shared by every input, as Hugging Face models build them."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(5, 3)
+        self.position = nn.Embedding(8, 3)
         self.mix = nn.Linear(3, 3)
         self.head = nn.Linear(3, c)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        h = self.embed(tokens)
+        h = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0))
         h = h + torch.tanh(self.mix(h.cumsum(1)))  # each position sees the ones before it
         return self.head(h)
 

@@ -61,6 +61,26 @@ def tiny_distilbert() -> torch.nn.Module:
     return transformers.DistilBertForSequenceClassification(config).double().eval()
 
 
+def tiny_opt() -> torch.nn.Module:
+    """OPT: its position embedding (an ``nn.Embedding`` subclass) takes the attention mask and computes its
+    ids, and its decoder layers flatten the hidden states to ``(B·T, d)`` around the feed-forward layers."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                    num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16,
+                                    pad_token_id=PAD, attn_implementation="eager")
+    return transformers.OPTForCausalLM(config).double().eval()
+
+
+def tiny_gemma() -> torch.nn.Module:
+    """Gemma: its token embedding (an ``nn.Embedding`` subclass) scales the rows it looks up, and its
+    RMSNorm is its own class."""
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      max_position_embeddings=16, pad_token_id=PAD, attn_implementation="eager")
+    return transformers.GemmaForCausalLM(config).double().eval()
+
+
 def padded_batch(lengths: list[int], seed: int, positions: bool = True) -> dict[str, torch.Tensor]:
     """Token ids padded on the right to LENGTH, their attention mask and (optionally) position ids.
 
@@ -241,8 +261,56 @@ def test_shared_position_ids_per_module(backend: str) -> None:
     shared = padded_batch([5, 3, 4], seed=4, positions=False)
     per_input = {**shared, "position_ids": torch.arange(LENGTH).repeat(3, 1)}
     want = torchfim.fisher(model, per_input, structure="diag", backend="functional", mask="attention_mask")
-    got = torchfim.fisher(model, shared, structure="diag", backend=backend, mask="attention_mask")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = torchfim.fisher(model, shared, structure="diag", backend=backend, mask="attention_mask")
     assert clients.rel_err(got, want) < 1e-10
+    if backend == "modules":  # the position embedding keeps its rule: no module goes generic
+        assert generic_modules(model, shared) == []
+
+
+@pytest.mark.parametrize("make", [pytest.param(tiny_bert, id="bert"),
+                                  pytest.param(tiny_distilbert, id="distilbert")])
+def test_classifiers_given_no_position_ids_keep_every_module_rule(make) -> None:
+    """Called as a tokenizer's output is, without position ids, the models build theirs ``(1, T)``: with a
+    padding mask the Fisher still matches the Jacobian oracle, and no module goes generic (before, the
+    position embedding went to the whole model's generic rule, which ``torch.func`` cannot batch under
+    the mask: one sample at a time, with a warning)."""
+    model = make()
+    batch = padded_batch([5, 2, 4, 3], seed=6, positions=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = torchfim.fisher(model, batch, structure="diag")
+    assert clients.rel_err(got, classifier_oracle(model, batch)) < 1e-10
+    assert generic_modules(model, batch) == []
+
+
+@pytest.mark.parametrize(("make", "generic", "tol"), [
+    pytest.param(tiny_opt, ["model.decoder.embed_positions", "model.decoder.layers.0", "model.decoder.layers.1"],
+                 1e-10, id="opt"),
+    # Gemma's RMSNorm computes in float32 whatever the model's dtype: both sides carry float32 rounding
+    pytest.param(tiny_gemma, ["model.embed_tokens", "model.layers.0.input_layernorm",
+                              "model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm",
+                              "model.layers.1.post_attention_layernorm", "model.norm"], 1e-6, id="gemma"),
+])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_causal_lms_whose_layers_the_rules_do_not_follow_match_the_jacobian_oracle(make, generic, tol: float) -> None:
+    """Subclasses of ``nn.Embedding`` with a forward of their own (OPT's positions from the attention mask,
+    Gemma's scaled lookup) get the generic rule of that module alone; OPT's feed-forward layers, on
+    inputs flattened to ``(B·T, d)``, go to the generic rule of their decoder layer, the nearest module
+    above whose output carries the batch. Before: an ``index_copy_`` error from inside the Embedding rule
+    (OPT without a mask), or the whole model's generic rule, one sample at a time (with a mask)."""
+    model = make()
+    batch = padded_batch([5, 3, 4], seed=8, positions=False)
+    jac, logits = clients.jacobians(model, kwargs={**batch, "use_cache": False}, output="logits")
+    want = clients.categorical_diag(jac, logits, VOCAB, batch["attention_mask"])
+    got = torchfim.fisher(model, batch, structure="diag", mask="attention_mask")
+    assert clients.rel_err(got, want) < tol
+    without_mask = {"input_ids": batch["input_ids"]}
+    jac, logits = clients.jacobians(model, kwargs={**without_mask, "use_cache": False}, output="logits")
+    assert clients.rel_err(torchfim.fisher(model, without_mask, structure="diag"),
+                           clients.categorical_diag(jac, logits, VOCAB)) < tol
+    assert generic_modules(model, {**batch, "use_cache": False}) == generic
 
 
 def test_gpt2_score_within_four_standard_errors() -> None:
@@ -286,7 +354,7 @@ def classifier_oracle(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 @pytest.mark.parametrize("make", CLASSIFIERS)
 @pytest.mark.parametrize("backend", ["modules", pytest.param("functional", marks=NO_VMAP)])
-@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_padded_classifier_exact_diag_matches_jacobian_oracle(make, backend: str) -> None:
     model = make()
     batch = padded_batch([5, 2, 4, 3], seed=6)
@@ -295,7 +363,7 @@ def test_padded_classifier_exact_diag_matches_jacobian_oracle(make, backend: str
 
 
 @pytest.mark.parametrize("make", CLASSIFIERS)
-@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_unpadded_classifier_backends_agree(make) -> None:
     """Without an attention mask ``torch.func`` batches the model: both backends and the oracle agree. Nor
     position ids: transformers ≥ 5.25 looks for packed sequences in given position ids with a
@@ -308,7 +376,7 @@ def test_unpadded_classifier_backends_agree(make) -> None:
     assert clients.rel_err(got["modules"], classifier_oracle(model, batch)) < 1e-10
 
 
-@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_a_tokenizer_batch_encoding_is_read_as_its_dict() -> None:
     """What a tokenizer returns (a ``BatchEncoding``: a mapping, not a dict) is a dict mini-batch to the
     Fisher, the monitor's held inputs and the penalty, with the same results as the dict itself."""
@@ -334,13 +402,13 @@ def test_a_tokenizer_batch_encoding_is_read_as_its_dict() -> None:
 
 
 @pytest.mark.parametrize("make", CLASSIFIERS)
-@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_sequence_classifier_needs_no_generic_rule(make) -> None:
     """Linear, Embedding and LayerNorm rules cover every parameter of BERT and DistilBERT."""
     assert generic_modules(make(), padded_batch([5, 2, 4, 3], seed=6)) == []
 
 
-@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_bert_sdpa_hessian_variance_diag_matches_reverse_over_reverse() -> None:
     """Î2's variance diagonal needs ``∂²o/∂θ_p²`` through SDPA attention and LayerNorm, where torch's own
     forward-mode rules fail (no rule for the CPU flash kernel) or are wrong (layer_norm to second order).

@@ -534,3 +534,47 @@ def test_attention_causal_hint_without_a_mask_fails_as_in_torch() -> None:
         model(x)
     with pytest.raises(RuntimeError, match="Need attn_mask"):
         torchfim.fisher(model, x)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """A lookup scaled in its own forward (as Gemma's): the Embedding rule would miss the scale."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 3.0
+
+
+class _SameLinear(nn.Linear):
+    """A subclass that keeps ``nn.Linear``'s forward."""
+
+
+def test_subclasses_with_a_forward_of_their_own_get_the_generic_rule() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledEmbedding(5, 3), nn.Flatten(), nn.Tanh(), _SameLinear(9, 4)).double()
+    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # before: the coverage check moved the lookup, warning
+        assert _rules(model, x) == {"0": GenericRule.__name__, "3": LinearRule.__name__}
+        _assert_equals_functional(model, x, "exact", seed=0)
+
+
+class _TakesUseCache(nn.Module):
+    """A model whose forward takes ``use_cache``, as Hugging Face's do; it notes what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.given: list[object] = []
+
+    def forward(self, x: torch.Tensor, use_cache: bool | None = None) -> torch.Tensor:
+        self.given.append(use_cache)
+        return self.lin(x)
+
+
+def test_a_forward_taking_use_cache_runs_without_a_cache_unless_the_batch_asks() -> None:
+    model = _TakesUseCache().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = torchfim.fisher(model, x, backend="functional")
+    for inputs, given in ((x, False), ({"x": x}, False), ({"x": x, "use_cache": True}, True)):
+        model.given.clear()
+        assert torch.allclose(torchfim.fisher(model, inputs), want, rtol=1e-12, atol=0)
+        assert model.given and set(model.given) == {given}

@@ -54,6 +54,12 @@ class Batch:
         return Batch(tuple(fn(a) for a in self.args), {k: fn(v) for k, v in self.kwargs.items()},
                      self.size if size is None else size, fn(self.targets))
 
+    def with_defaults(self, defaults: Mapping[str, object]) -> Batch:
+        """The batch with the keyword inputs of ``defaults`` that it does not set itself."""
+        if all(k in self.kwargs for k in defaults):
+            return self
+        return Batch(self.args, {**defaults, **self.kwargs}, self.size, self.targets)
+
     def to(self, device: torch.device | None, dtype: torch.dtype | None) -> Batch:
         """The batch with its tensors on ``device``, floating ones in ``dtype``."""
         return self.map(lambda t: _to(t, device, dtype))
@@ -139,15 +145,17 @@ def next_token_labels(labels: object) -> object:
 
 
 def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype,
-            next_token: Callable[[], bool] | None = None) -> Iterator[Batch]:
+            next_token: Callable[[], bool] | None = None, defaults: Mapping[str, object] | None = None,
+            ) -> Iterator[Batch]:
     """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects (``next_token``: see
-    :func:`make_batch`)."""
+    :func:`make_batch`), with the keyword inputs of ``defaults`` where a batch does not set them."""
+    defaults = defaults or {}
     if isinstance(inputs, Mapping):
         inputs = [inputs]
     if isinstance(inputs, list) and inputs and all(isinstance(b, Batch) for b in inputs):
-        yield from inputs  # mini-batches an earlier pass of the engine prepared
+        yield from (b.with_defaults(defaults) for b in inputs)  # mini-batches an earlier pass prepared
         return
     for x, y in iter_batches(inputs, targets):
         batch = make_batch(x, y, device, dtype, next_token=next_token)
         if batch.size > 0:
-            yield batch
+            yield batch.with_defaults(defaults)

@@ -1,7 +1,8 @@
 """Why a parameter failed the per-module backend's coverage check, and the warning that says so.
 
-The check (:meth:`.per_module.PerModuleBackend._verify`) compares, on the first batch, the per-sample
-gradients the rules sum to with autograd's batch gradient, and moves every parameter whose sums miss
+The check (:meth:`.per_module.PerModuleBackend._verify`) compares, on the first rows of the first batch,
+the per-sample gradients the rules sum to with autograd's gradient of each sample's output alone
+(:func:`missed`), and moves every parameter whose sums miss
 it to the generic rule of a module above, checking again (and moving on up) until every sum adds up. The
 result stays exact; the warning tells the user what was moved, where to, and the likely cause of the
 first move, which the recorded calls of the parameter's module show:
@@ -11,6 +12,8 @@ first move, which the recorded calls of the parameter's module show:
 * the module returns several outputs computed one from another inside its forward, and more than one
   is used downstream: its rule is handed each output's whole sensitivity, so the paths from the earlier
   output through the later one are counted twice (a block returning its hidden state and its output);
+* the per-sample gradients are wrong but sum to the right gradient: the call's output only looked
+  batched, its leading dim happening to equal the number of samples (positions shared by the batch);
 * otherwise, the parameter is used outside its module's forward (tied output weights through
   ``F.linear(h, embedding.weight)``): that use has no rule.
 
@@ -20,7 +23,8 @@ before the check, silently: nothing is wrong with the model there.)
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .modules import Call, Rule
 
@@ -32,6 +36,8 @@ CAUSES = {
     "dependent": "their module returns outputs computed one from another, more than one of them used downstream "
                  "(its rule would count the paths through the later ones twice): return only the outputs "
                  "used, or compute the later ones in the module above",
+    "rows": "their module's output has one row per sample but its rows do not feed one sample each (a lookup "
+            "of T positions shared by the batch, with T equal to the number of samples): nothing to fix",
     "outside": "they are used outside their module's forward, e.g. F.linear(h, embedding.weight) for tied output "
                "weights: use them through a module instead (an nn.Linear whose .weight is the same Parameter) so "
                "that every use has a rule",
@@ -79,3 +85,34 @@ def _dependent(taps: list[Tensor]) -> bool:
                 seen.add(below)
                 stack.append(below)
     return False
+
+
+def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tensor | None]) -> dict[int, bool]:
+    """Which ``params`` (positions in the list) have per-sample gradients ``got`` ``(b, size)`` (None: zero)
+    of ``vᵢᵀ oᵢ`` that miss autograd's, taken sample by sample for the flat ``output`` ``(b, out)`` and ``v``;
+    each with whether their sum over samples is right all the same.
+
+    Sample by sample rather than summed over the batch: a rule that hands one sample's gradient to
+    another (a call whose leading dim only happens to equal the batch) has the right sum.
+    """
+    rows = []
+    for r in range(output.shape[0]):
+        w = torch.zeros_like(v)
+        w[r] = v[r]
+        rows.append(torch.autograd.grad(output, params, w, retain_graph=True, allow_unused=True))
+    want = [None if all(g[k] is None for g in rows) else
+            torch.stack([torch.zeros_like(p) if g[k] is None else g[k] for g in rows]).reshape(len(rows), -1)
+            for k, p in enumerate(params)]
+    # One scale for every parameter: a parameter whose true gradient is zero (a key bias under
+    # softmax) has only rounding noise, which its own maximum would not cover.
+    scale = max((float(w.abs().max()) for w in want if w is not None), default=0.0)
+    tol = 1e-4 if output.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+    out = {}
+    for k, (w, g) in enumerate(zip(want, got)):
+        if w is None and g is None:
+            continue
+        w = torch.zeros_like(g) if w is None else w
+        g = torch.zeros_like(w) if g is None else g.to(w.dtype)
+        if not torch.allclose(g, w, rtol=tol, atol=tol * max(scale, 1e-30)):
+            out[k] = torch.allclose(g.sum(0), w.sum(0), rtol=tol, atol=tol * max(scale, 1e-30))
+    return out

@@ -23,20 +23,21 @@ from torch import Tensor, nn
 from ..errors import TorchfimError, all_finite, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
-from .coverage import cause_of, moved_message
+from .coverage import cause_of, missed, moved_message
 from .functional import FunctionalBackend
-from .modules import Call, GenericRule, LinearRule, Rule, owns_subtree, rule_for
+from .modules import Call, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
 from .modules.base import as_float
-from .modules.generic import batch_dim
 from .pullback import Consumer, consumable, pull_back
 from .recording import ModuleRecording, may_attend, record_calls
 from .second_order import UnitHessians
+from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
 from .view import PARAMETERS_CHANGED, ModelView
 
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
 CACHE_ELEMENTS = 2**21
-#: Per user model: its parameters' identities and the parameters moved to another module's generic
-#: rule by the coverage check, so that later calls on the same model skip the check.
+#: Per user model: its parameters' identities, the parameters moved to another module's generic rule
+#: by the coverage check and the modules whose shared inputs are spread over the batch (their paths), so
+#: that later calls on the same model skip the check.
 _COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Elements of the output sensitivities of one group of vectors.
 GROUP_ELEMENTS = 2**22
@@ -72,15 +73,19 @@ class PerModuleBackend(Backend):
         super().__init__(view)
         self.functional = FunctionalBackend(view)
         self.moved: dict[str, tuple[nn.Module, str]] = {}
+        #: Modules called on inputs shared by every sample, recorded with them spread (:mod:`.shared_inputs`).
+        self.shared: frozenset[nn.Module] = frozenset()
+        self._unshared: set[nn.Module] = set()  # such modules whose spreading changed the output or failed the check
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         self.uses: dict[int, int] = {}
         self._last_units: tuple[Batch, UnitHessians] | None = None
         cached = _COVERAGE.get(view.user_model)
         self._key = tuple(id(p) for p in view.user_model.parameters())
         self._verified = cached is not None and cached[0] == self._key
-        if self._verified and cached[1]:  # the same model was checked before: reuse where its parameters are used
+        if self._verified:  # the same model was checked before: reuse where its parameters are used
             modules = dict(view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
+            self.shared = frozenset(modules[path] for path in cached[2])
         self.rules = self._build_rules(self.moved)
         self._attends = may_attend(view.model)
 
@@ -105,7 +110,7 @@ class PerModuleBackend(Backend):
             own = {n: i for n, i in own.items() if i not in taken}
             if own:
                 owned[module] = own
-        _left_to_the_deepest(owned, paths)
+        left_to_the_deepest(owned, paths)
         extra: dict[nn.Module, dict[str, int]] = {}
         named = dict(self.view.model.named_parameters())
         for full, (module, local) in moved.items():
@@ -120,9 +125,10 @@ class PerModuleBackend(Backend):
         rec = self._record(batch, clone=False)
         if any(c.versions != [t._version for t in c.taps] for _, c in rec.calls):
             rec = self._record(batch, clone=True)  # a later in-place op changed a tap
-        unbatched = self._unbatched(rec)
+        unbatched = unbatched_calls(rec.calls, batch.size)
         if unbatched:
-            self._move(unbatched, rec)
+            if not self._spread_shared(batch, rec, unbatched):
+                self._move(self._names(unbatched), rec)
             return self.record(batch)
         self.uses = {}
         for rule, _ in rec.calls:
@@ -139,7 +145,8 @@ class PerModuleBackend(Backend):
             detached = sorted({paths[rule.module] or "the model" for rule, _ in rec.calls if rule.module not in reached})
             if detached:
                 warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
-            _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()})
+            _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
+                                               [paths[m] for m in self.shared])
         return rec
 
     def row_groups(self, batch: Batch) -> list[slice]:
@@ -167,34 +174,53 @@ class PerModuleBackend(Backend):
         return known[key]
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
-        return record_calls(self.view, self.rules, batch, clone, self._attends)
+        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared)
+
+    def _spread_shared(self, batch: Batch, rec: ModuleRecording, unbatched: list[tuple[Rule, Call]]) -> bool:
+        """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids
+        ``(1, T)``), where the model's output stays as it was; True when some were taken on."""
+        new = {call.module for _, call in unbatched if shares_inputs(call)} - self.shared - self._unshared
+        if not new:
+            return False
+        self.shared |= new
+        try:
+            same = same_output(self._record(batch, clone=True).values, rec.values)
+        except Exception:  # noqa: BLE001 - the model's forward refused the spread inputs: keep them shared
+            same = False
+        if not same:
+            self.shared -= new
+            self._unshared |= new
+        return same
 
     def _verify(self, rec: ModuleRecording) -> bool:
-        """Move parameters whose summed per-sample gradients miss uses to the generic rule of a module above
-        (above the module that holds them now, for one moved before), keeping each one's first cause.
+        """Move parameters whose per-sample gradients miss uses to the generic rule of a module above
+        (above the module that holds them now, for one moved before), keeping each one's first cause; a
+        module recorded with its shared inputs spread whose gradients miss is recorded without instead.
 
         Returns True when the rules changed (the batch must be recorded, and the new rules checked, again):
         a module above may itself miss uses, e.g. when it returns outputs computed one from another.
         """
+        odd = unbatched_calls(rec.calls, rec.batch.size)  # their leading dim only happened to equal the batch's
+        if odd:
+            self._move(self._names(odd), rec)
+            return True
         v = torch.randn(rec.output.shape, dtype=rec.output.dtype, device=rec.output.device,
                         generator=torch.Generator(device=rec.output.device).manual_seed(0)).unsqueeze(1)
         params = [p for p in self.view.model.parameters() if id(p) in self.view.index_of]
-        batch_grads = torch.autograd.grad(rec.output, params, v[:, 0], retain_graph=True, allow_unused=True)
-        summed: Pieces = {}
-        for _, _, piece in self.pieces(rec, v):
+        index = [self.view.index_of[id(p)] for p in params]
+        per_sample: Pieces = {}
+        for rows, _, piece in self.pieces(rec, v):
             for i, g in piece.items():
-                summed[i] = g.sum((0, 1)) if i not in summed else summed[i] + g.sum((0, 1))
-        # One scale for every parameter: a parameter whose true gradient is zero (a key bias under
-        # softmax) has only rounding noise, which its own maximum would not cover.
-        scale = max((float(g.abs().max()) for g in batch_grads if g is not None), default=0.0)
-        tol = 1e-4 if rec.output.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
-        causes: dict[str, str] = {}  # name of each parameter whose sums miss → its likely cause
-        for p, g in zip(params, batch_grads):
-            i = self.view.index_of[id(p)]
-            want = torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
-            got = summed.get(i, torch.zeros_like(want)).to(want.dtype)
-            if not torch.allclose(got, want, rtol=tol, atol=tol * max(scale, 1e-30)):
-                causes[self.view.layout.names[i]] = cause_of(i, rec.calls)
+                per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
+        misses = {index[k]: summed for k, summed in
+                  missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
+        spread = {rule.module for rule, _ in rec.calls if rule.module in self.shared and set(misses) & set(rule.params.values())}
+        if spread:  # the model reads a spread output across samples: record those calls as they come
+            self.shared -= spread
+            self._unshared |= spread
+            return True
+        causes = {self.view.layout.names[i]: "rows" if summed else cause_of(i, rec.calls)  # each → its likely cause
+                  for i, summed in misses.items()}
         for name, cause in causes.items():
             self._causes.setdefault(name, cause)
         before = dict(self.moved)
@@ -204,20 +230,16 @@ class PerModuleBackend(Backend):
 
     def _move(self, names: list[str], rec: ModuleRecording) -> None:
         """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""
-        called = {call.module for _, call in rec.calls if _batched(call)}
+        called = {call.module for _, call in rec.calls if carries_batch(call)}
+        called |= modules_carrying_batch(self.view.model, rec.batch)
         self.moved.update({n: self._nearest_called(n, called) for n in names})
         self.rules = self._build_rules(self.moved)
 
-    def _unbatched(self, rec: ModuleRecording) -> list[str]:
-        """Parameters of calls whose outputs do not carry the batch (e.g. position embeddings of ids
-        ``(1, T)`` shared by every sample): their per-sample gradients need the module above."""
-        if rec.batch.size < 2:
-            return []
-        unbatched = [rule for rule, call in rec.calls if not _batched(call)]
-        if not unbatched:  # the usual case: no walk over the model's parameters for their names
-            return []
+    def _names(self, calls: list[tuple[Rule, Call]]) -> list[str]:
+        """Names of the parameters of ``calls`` (whose outputs do not carry the batch, so that their
+        per-sample gradients need the module above)."""
         names = {id(p): n for n, p in self.view.model.named_parameters()}
-        return [names[id(p)] for rule in unbatched for n, p in rule.module.named_parameters() if n in rule.params]
+        return [names[id(p)] for rule, _ in calls for n, p in rule.module.named_parameters() if n in rule.params]
 
     def _nearest_called(self, name: str, called: set[nn.Module]) -> tuple[nn.Module, str]:
         """The closest module above parameter ``name`` that the forward called, and the local name; for a
@@ -457,29 +479,6 @@ class PerModuleBackend(Backend):
         return self.functional.output_hessian_columns(batch, columns)
 
 
-def _left_to_the_deepest(owned: dict[nn.Module, dict[str, int]], paths: dict[nn.Module, str]) -> None:
-    """A parameter registered both in a module and in one of its sub-modules (BERT's masked-LM head keeps
-    its output bias as ``predictions.bias`` and as ``predictions.decoder.bias``) stays with the sub-module
-    only: a rule for the module above would count the sub-module's use a second time. A use by the module
-    above itself is then uncovered, and the coverage check moves the parameter (as for any such use)."""
-    holders: dict[int, list[nn.Module]] = {}
-    for module, params in owned.items():
-        for i in params.values():
-            holders.setdefault(i, []).append(module)
-    for i, modules in holders.items():
-        for above in modules:
-            prefix = paths[above] + "." if paths[above] else ""
-            if any(m is not above and paths[m].startswith(prefix) for m in modules):
-                owned[above] = {n: j for n, j in owned[above].items() if j != i}
-    for module in [m for m, params in owned.items() if not params]:
-        del owned[module]
-
-
 def _handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:
     """A consumer that gives one vector's tap gradient ``(B, *tap)`` to ``visit`` as the call's sensitivities."""
     return lambda g: visit(rule, call, [g.unsqueeze(0)])
-
-
-def _batched(call: Call) -> bool:
-    """Whether every output of the call carries the batch (first, or second for a sequence-first module)."""
-    return all(batch_dim(call.module, t, call.size) is not None for t in call.taps)

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
+from .shared_inputs import spread
 from .view import ModelView
 
 #: torch.nn's modules whose forward may call ``scaled_dot_product_attention``.
@@ -45,18 +46,19 @@ def may_attend(model: nn.Module) -> bool:
 
 
 def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, clone: bool,
-                 attends: bool) -> ModuleRecording:
+                 attends: bool, shared: frozenset[nn.Module] = frozenset()) -> ModuleRecording:
     """One forward of ``batch`` through ``view``'s model, recording every call of a module in ``rules``.
 
     ``clone``: the layers downstream of a call get a copy of its output, so that in-place operations
     there leave the taps intact. ``attends`` (:func:`may_attend`): run attention on the math kernel,
     whose backward has batching rules, so that output vectors are pulled back through it in one
     batched pass (the fused CPU kernels go vector by vector); entering that setting costs about as
-    much as a small layer's forward, so models without attention skip it.
+    much as a small layer's forward, so models without attention skip it. ``shared``: modules whose
+    inputs leading with 1 (shared by every sample) are expanded to the batch (:mod:`.shared_inputs`).
     """
     calls: list[tuple[Rule, Call]] = []
     kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
-    with torch.enable_grad(), _recording(rules, calls, batch.size, clone), kernel:
+    with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared), kernel:
         raw = view.to_tensor(batch.call(view.model))
     for rule, call in calls:
         if call.module is view.model and isinstance(rule, GenericRule) and any(t is raw for t in call.taps):
@@ -69,7 +71,7 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
 
 @contextmanager
 def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], size: int,
-               clone: bool) -> Iterator[None]:
+               clone: bool, shared: frozenset[nn.Module]) -> Iterator[None]:
     """While the block runs, every module of ``rules`` runs its forward (or its rule's
     ``recording_forward``) and then appends the call to ``calls``.
 
@@ -83,7 +85,11 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
     def recorder(module: nn.Module, rule: Rule, forward: Callable[..., object]) -> Callable[..., object]:
         signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
 
+        spreads = module in shared and size > 1
+
         def forward_and_record(*args: object, **kwargs: object) -> object:
+            if spreads:
+                args, kwargs = spread(args, kwargs, size)
             output = forward(*args, **kwargs)
             if kwargs and not isinstance(rule, GenericRule):  # rules read their inputs by position
                 args, kwargs = _positional(forward, signature, args, kwargs)

@@ -37,7 +37,8 @@ class Pass:
         """
         view = self.view
         self.backend.directions.progress = progress
-        mini_batches = batches(inputs, targets, view.device, view.dtype, next_token=view.predicts_next_token)
+        mini_batches = batches(inputs, targets, view.device, view.dtype, next_token=view.predicts_next_token,
+                               defaults=view.call_defaults())
         for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split):
             yield rec, fam
             self.n += rec.batch.size

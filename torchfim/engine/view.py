@@ -15,6 +15,7 @@ becomes ``(B, L·C)`` with ``L`` the number of positions; objects with ``.logits
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -190,6 +191,7 @@ class ModelView:
         self.class_dim = class_dim
         self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
+        self._defaults: dict[str, object] | None = None  # see call_defaults
 
     def predicts_next_token(self) -> bool:
         """Whether the model's own loss pairs its outputs at position t with ``labels[t + 1]``
@@ -198,6 +200,18 @@ class ModelView:
         if self._next_token is None:
             self._next_token = predicts_next_token(self.user_model)
         return self._next_token
+
+    def call_defaults(self) -> dict[str, object]:
+        """Keyword inputs the engine passes where a batch does not set them: ``use_cache=False`` for a
+        model whose forward takes ``use_cache`` (Hugging Face's). A Fisher needs no key-value cache, and a
+        layer that a generic rule calls again on its recorded inputs must not find one to extend."""
+        if self._defaults is None:
+            try:
+                takes = "use_cache" in inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):  # a forward without a signature: pass nothing
+                takes = False
+            self._defaults = {"use_cache": False} if takes else {}
+        return self._defaults
 
     def versions(self) -> list[int]:
         """The version counters of the trainable parameters (an in-place update increases them)."""

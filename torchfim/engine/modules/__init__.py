@@ -20,7 +20,8 @@ from .linear import LinearRule
 from .norm import BatchNormRule, NormRule, norm_supported
 from .transposed_linear import TransposedLinearRule, transposed_linear_supported
 
-__all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "tensors_of"]
+__all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "left_to_the_deepest",
+           "tensors_of"]
 
 
 def owns_subtree(module: nn.Module) -> bool:
@@ -31,11 +32,12 @@ def owns_subtree(module: nn.Module) -> bool:
 
 def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     """The rule for ``module`` covering ``params`` (local name → index in θ)."""
-    if attention_supported(module) and set(params) <= set(ATTENTION_PARAMETERS) and "forward" not in module.__dict__:
+    if (attention_supported(module) and set(params) <= set(ATTENTION_PARAMETERS) and "forward" not in module.__dict__
+            and _forward_of_torch(module)):
         # (the rule binds the call's arguments by the class forward's names, which one set on the instance may not use)
         return AttentionRule(module, params, path)
     own = set(dict(module.named_parameters(recurse=False)))
-    if set(params) <= own and set(params) <= {"weight", "bias"}:
+    if set(params) <= own and set(params) <= {"weight", "bias"} and _forward_of_torch(module):
         if isinstance(module, nn.Linear):
             return LinearRule(module, params)
         if conv_supported(module):
@@ -48,3 +50,32 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         if transposed_linear_supported(module):
             return TransposedLinearRule(module, params)
     return GenericRule(module, params, path)
+
+
+def _forward_of_torch(module: nn.Module) -> bool:
+    """Whether ``module`` runs the forward of the ``torch.nn`` class it derives from (or is not one): a
+    subclass with a forward of its own (OPT's position embedding takes the attention mask and computes
+    its ids; Gemma's scales its lookup) computes something else than the rules follow, so it gets the
+    generic rule."""
+    for cls in type(module).__mro__:
+        if cls is not nn.Module and cls.__module__.startswith("torch.nn.modules."):
+            return type(module).forward is cls.forward
+    return True
+
+
+def left_to_the_deepest(owned: dict[nn.Module, dict[str, int]], paths: dict[nn.Module, str]) -> None:
+    """A parameter registered both in a module and in one of its sub-modules (BERT's masked-LM head keeps
+    its output bias as ``predictions.bias`` and as ``predictions.decoder.bias``) stays with the sub-module
+    only: a rule for the module above would count the sub-module's use a second time. A use by the module
+    above itself is then uncovered, and the coverage check moves the parameter (as for any such use)."""
+    holders: dict[int, list[nn.Module]] = {}
+    for module, params in owned.items():
+        for i in params.values():
+            holders.setdefault(i, []).append(module)
+    for i, modules in holders.items():
+        for above in modules:
+            prefix = paths[above] + "." if paths[above] else ""
+            if any(m is not above and paths[m].startswith(prefix) for m in modules):
+                owned[above] = {n: j for n, j in owned[above].items() if j != i}
+    for module in [m for m, params in owned.items() if not params]:
+        del owned[module]

@@ -1,0 +1,148 @@
+"""Modules called on inputs that every sample shares (position ids ``(1, T)``), and calls whose leading
+dim equals the batch size only by chance: the per-module backend against the functional reference.
+
+A lookup of ids ``(1, T)`` broadcast over the batch keeps its own rule: the backend records it with its
+ids spread to ``(B, T)`` (:mod:`torchfim.engine.shared_inputs`). Where the model reads the spread output
+across samples, or spreading changes the model's output, the lookup goes to the generic rule of the
+module above instead, silently: nothing is wrong with such a model. The coverage check compares
+per-sample gradients sample by sample, so a call that only looks batched cannot pass it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from cases import TokenModel
+from torch import Tensor, nn
+
+import torchfim
+from torchfim.engine import ModelView, batches
+from torchfim.engine.modules.embedding import EmbeddingRule
+from torchfim.engine.per_module import PerModuleBackend
+
+
+class _Positions(nn.Module):
+    """Token and position embeddings, the positions read as ``how`` says, then a per-token head."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.embed, self.position, self.head = nn.Embedding(5, 3), nn.Embedding(6, 3), nn.Linear(3, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        ids = torch.arange(tokens.shape[1])
+        if self.how == "first_row":  # (1, T, d)[0]: spread, row 0 would feed every sample
+            pos = self.position(ids[None])[0]
+        elif self.how == "summed":  # (1, T, d).sum(0): spread, the sum would count B copies
+            pos = self.position(ids[None]).sum(0)
+        else:  # "flat": ids (T,), whose leading dim may equal the batch size
+            pos = self.position(ids)
+        return self.head(torch.tanh(self.embed(tokens) + pos))
+
+
+def _backend(model: nn.Module, x: Tensor) -> PerModuleBackend:
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    backend.record(next(batches(x, None, view.device, view.dtype)))
+    return backend
+
+
+def _assert_matches_functional(model: nn.Module, x: Tensor) -> None:
+    for structure in ("diag", "blocks"):
+        got = torchfim.fisher(model, x, structure=structure)
+        want = torchfim.fisher(model, x, structure=structure, backend="functional")
+        if structure == "diag":
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+        else:
+            assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-14) for k in want)
+
+
+def test_a_lookup_shared_by_the_batch_keeps_its_rule() -> None:
+    torch.manual_seed(0)
+    model = TokenModel(3).double()
+    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        backend = _backend(model, x)
+        _assert_matches_functional(model, x)
+    paths = {m: p for p, m in backend.view.model.named_modules()}
+    assert {paths[m] for m in backend.shared} == {"position"}
+    assert backend.moved == {}
+    assert type(backend.rules[backend.view.model.position]) is EmbeddingRule
+
+
+@pytest.mark.parametrize("how", ["first_row", "summed"])
+def test_a_spread_the_model_does_not_take_as_a_broadcast_goes_to_the_module_above(how: str) -> None:
+    """``first_row``: the model's output is the same spread or not, but each sample reads row 0 of the
+    spread lookup, which the sample-by-sample coverage check finds; ``summed``: the output changes."""
+    torch.manual_seed(0)
+    model = _Positions(how).double()
+    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        backend = _backend(model, x)
+        _assert_matches_functional(model, x)
+    assert backend.shared == frozenset()
+    assert set(backend.moved) == {"position.weight"}
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_a_leading_dim_equal_to_the_batch_size_by_chance_is_not_taken_for_it(batch: int) -> None:
+    """Position ids ``(T,)`` with ``T`` equal to the batch size: their lookup is one for every sample, not
+    one per sample. With two samples the coverage check's rows have that length too, and only its
+    sample-by-sample comparison tells them apart (the summed one took the lookup's rule: a wrong Fisher);
+    the warning says why. With three, the check's two rows show that the lookup does not follow the batch."""
+    torch.manual_seed(0)
+    model = _Positions("flat").double()
+    x = torch.randint(0, 5, (batch, batch), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _assert_matches_functional(model, x)
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if batch == 2:
+        assert len(said) == 1 and "position.weight: their module's output has one row per sample" in said[0]
+    else:
+        assert said == []
+    assert set(_backend(model, x).moved) == {"position.weight"}
+
+
+class _FlatFeedForward(nn.Module):
+    """A block that runs its layers on the hidden states flattened to ``(B·T, d)``, as OPT's decoder layers
+    do; its output ``(B, T, d)`` carries the batch, its layers' outputs do not. It has no parameters of its
+    own, so it has no rule and the recorded forward does not see its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, h: Tensor) -> Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        return h + self.down(torch.tanh(self.up(flat))).reshape(h.shape)
+
+
+class _FlatModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.blocks, self.head = nn.Embedding(5, 3), nn.ModuleList([_FlatFeedForward()]), nn.Linear(3, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        for block in self.blocks:  # a ModuleList is never called: the block is the nearest module above
+            h = block(h)
+        return self.head(h)
+
+
+def test_layers_on_flattened_inputs_go_to_the_nearest_called_module_above_them() -> None:
+    """Before, the layers went to the nearest module above with a rule of its own: the whole model."""
+    torch.manual_seed(0)
+    model = _FlatModel().double()
+    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        backend = _backend(model, x)
+        _assert_matches_functional(model, x)
+    block = backend.view.model.blocks[0]
+    assert {name: module for name, (module, _) in backend.moved.items()} == {
+        f"blocks.0.{layer}.{kind}": block for layer in ("up", "down") for kind in ("weight", "bias")}

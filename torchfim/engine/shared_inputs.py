@@ -1,0 +1,83 @@
+"""Calls whose outputs do not carry the batch, and inputs shared by every sample spread over the batch.
+
+A module called on inputs that every sample shares, such as the position ids ``(1, T)`` that Hugging
+Face models build when none are passed, returns one output ``(1, T, d)`` that the layers downstream
+broadcast over the batch. Its rule cannot split that output's sensitivity by sample, so the
+per-module backend would give its parameters to the generic rule of a module above, at worst the whole
+model's, one sample at a time where ``torch.func`` cannot batch it.
+
+Instead, while recording, such a module gets its shared inputs expanded to the batch
+(``(1, T) → (B, T)``, a view without copy): its output ``(B, T, d)`` then carries the batch, row ``i``
+feeding sample ``i`` only, and its own rule applies. Where a layer downstream broadcasts the output
+(``hidden + position_embeds``), the model's output is unchanged; the backend checks that it is on the
+first batch, and moves the module's parameters to a rule above as before where it is not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .batch import Batch
+from .modules import Call, Rule, tensors_of
+from .modules.generic import batch_dim
+
+
+def carries_batch(call: Call) -> bool:
+    """Whether every output of the call carries the batch (first, or second for a sequence-first module)."""
+    return all(batch_dim(call.module, t, call.size) is not None for t in call.taps)
+
+
+def unbatched_calls(calls: list[tuple[Rule, Call]], size: int) -> list[tuple[Rule, Call]]:
+    """The calls of a forward of ``size`` samples whose outputs do not carry the batch (none if ``size < 2``)."""
+    return [(rule, call) for rule, call in calls if not carries_batch(call)] if size > 1 else []
+
+
+def modules_carrying_batch(model: nn.Module, batch: Batch) -> set[nn.Module]:
+    """The modules of ``model`` that a forward of ``batch`` calls with every differentiable output carrying
+    the batch (a container such as ``nn.ModuleList`` is never called): where the parameters of a call that
+    does not carry it (a layer on inputs flattened to ``(B·T, d)``) may go, in a generic rule."""
+    carrying: dict[nn.Module, bool] = {}
+
+    def seen(module: nn.Module, args: object, output: object) -> None:
+        outs = [t for t in tensors_of(output) if t.requires_grad]
+        ok = bool(outs) and all(batch_dim(module, t, batch.size) is not None for t in outs)
+        carrying[module] = carrying.get(module, True) and ok
+
+    handles = [m.register_forward_hook(seen) for m in model.modules()]
+    try:
+        with torch.enable_grad():
+            batch.call(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {m for m, ok in carrying.items() if ok}
+
+
+def shares_inputs(call: Call) -> bool:
+    """Whether all the call's tensor inputs (at least one) lead with a dim of 1: inputs shared by the batch."""
+    inputs = [t for t in (*call.args, *call.kwargs.values()) if isinstance(t, Tensor)]
+    return bool(inputs) and all(t.dim() > 0 and t.shape[0] == 1 for t in inputs)
+
+
+def spread(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
+    """The call's tensor inputs that lead with 1 expanded (without copy) to ``size`` along that dim."""
+
+    def one(t: object) -> object:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1:
+            return t.expand(size, *t.shape[1:])
+        return t
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
+def same_output(spread_out: Tensor, shared_out: Tensor) -> bool:
+    """Whether the model's output with shared inputs spread is the one without (rounding aside)."""
+    if spread_out.shape != shared_out.shape:
+        return False
+    if not (spread_out.is_floating_point() or spread_out.is_complex()):
+        return torch.equal(spread_out, shared_out)
+    tol = 1e-10 if spread_out.dtype == torch.float64 else 1e-4
+    scale = float(shared_out.detach().abs().max()) if shared_out.numel() else 0.0
+    return torch.allclose(spread_out.detach(), shared_out.detach(), rtol=tol, atol=tol * max(scale, 1e-30),
+                          equal_nan=True)
