@@ -82,7 +82,7 @@ class PerModuleBackend(Backend):
         cached = _COVERAGE.get(view.user_model)
         self._key = tuple(id(p) for p in view.user_model.parameters())
         self._verified = cached is not None and cached[0] == self._key
-        if self._verified:  # the same model was checked before: reuse where its parameters are used
+        if self._verified and (cached[1] or cached[2]):  # checked before: reuse where its parameters are used
             modules = dict(view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
             self.shared = frozenset(modules[path] for path in cached[2])
