@@ -185,18 +185,24 @@ def test_exact_and_hessian_with_output_vectors_one_at_a_time(case: Case, family:
     _close(blocked, whole, 1e-12)
 
 
-def test_exact_on_wide_outputs_warns_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A language model's outputs are wide (tokens × vocabulary): the exact Fisher costs about a backward pass
-    per output number, which the warning says, naming the estimator that does not; Î1 does not warn."""
+def test_a_long_exact_fisher_warns_with_its_estimate_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A language model's exact Fisher pulls back about one vector per output number (tokens × vocabulary):
+    where the blocks after the first project past LONG_EXACT_S, the warning gives the estimate and names
+    the estimator that does not; with the projection under it, and for Î1, nothing is said."""
     from torchfim import estimators
+    from torchfim.families import positions
 
     case = next(c for c in CASES if c.positions)
     model, x = case.build(3), case.inputs(N)
-    monkeypatch.setattr(estimators, "EXACT_WARN_WIDTH", x.shape[1] * 3 - 1)  # T·C = 9 per input
-    with pytest.warns(RuntimeWarning, match=r"here 9 \(outputs \(3, 3\) per input\).*estimator='score'"):
-        torchfim.fisher(model, x)
-    monkeypatch.setattr(estimators, "EXACT_WARN_WIDTH", x.shape[1] * 3)
+    monkeypatch.setattr(positions, "SQRT_BLOCK_ENTRIES", 1)  # one output vector per block: 3 positions × 2
+    monkeypatch.setattr(estimators, "LONG_EXACT_S", -1.0)
+    with pytest.warns(RuntimeWarning, match=r"9 here \(outputs \(3, 3\)\), which will take about \d+ s more.*"
+                                            r"estimator='score'") as caught:
+        torchfim.fisher(model, x, mask=token_mask(x))
+    assert len([w for w in caught if "exact Fisher" in str(w.message)]) == 1  # once per mini-batch
+    monkeypatch.setattr(estimators, "LONG_EXACT_S", 60.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        torchfim.fisher(model, x)
+        torchfim.fisher(model, x, mask=token_mask(x))
+        monkeypatch.setattr(estimators, "LONG_EXACT_S", -1.0)
         torchfim.fisher(model, x, estimator="score", generator=torch.Generator().manual_seed(0))

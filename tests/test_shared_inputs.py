@@ -146,3 +146,32 @@ def test_layers_on_flattened_inputs_go_to_the_nearest_called_module_above_them()
     block = backend.view.model.blocks[0]
     assert {name: module for name, (module, _) in backend.moved.items()} == {
         f"blocks.0.{layer}.{kind}": block for layer in ("up", "down") for kind in ("weight", "bias")}
+
+
+class _PositionsBesideIds(nn.Embedding):
+    """A position lookup given the token ids ``(B, T)`` and the position ids ``(1, T)``, which it looks up
+    (as BART's decoder positions): a subclass with its own forward, so the generic rule."""
+
+    def forward(self, tokens: Tensor, position_ids: Tensor) -> Tensor:
+        return super().forward(position_ids)
+
+
+class _IdsAndPositions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.position, self.head = nn.Embedding(5, 3), _PositionsBesideIds(6, 3), nn.Linear(3, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        ids = torch.arange(tokens.shape[1]).unsqueeze(0)
+        return self.head(torch.tanh(self.embed(tokens) + self.position(tokens, position_ids=ids)))
+
+
+def test_a_call_with_one_shared_input_beside_per_sample_ones_is_spread_too() -> None:
+    torch.manual_seed(0)
+    model = _IdsAndPositions().double()
+    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        backend = _backend(model, x)
+        _assert_matches_functional(model, x)
+    assert backend.shared == {backend.view.model.position} and backend.moved == {}

@@ -12,6 +12,8 @@ For a batch with flat outputs ``o`` and output family ``fam`` (``Λ``, scores ``
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -24,8 +26,8 @@ from .families.positions import Positions
 from .structures import Structure
 
 ESTIMATORS = ("exact", "score", "hessian", "empirical", "combined")
-#: Output numbers per input past which the exact Fisher's pull-backs (about one each) get a warning.
-EXACT_WARN_WIDTH = 1 << 14
+#: Seconds the exact Fisher of one mini-batch may be projected to take before it warns (:func:`_add_exact`).
+LONG_EXACT_S = 60.0
 
 
 def add_estimate(
@@ -77,17 +79,30 @@ def add_shared_label_estimates(
 
 
 def _add_exact(backend: Backend, rec: Recording, fam: Family, structure: Structure) -> None:
-    """Add ``Σᵢ Jᵢᵀ Λᵢ Jᵢ``: the columns of ``S`` (``S Sᵀ = Λ``) pulled back, a block of them at a time."""
+    """Add ``Σᵢ Jᵢᵀ Λᵢ Jᵢ``: the columns of ``S`` (``S Sᵀ = Λ``) pulled back, a block of them at a time.
+
+    Where the columns left, at the pace of the blocks after the first (which pays one-time costs), are
+    projected past :data:`LONG_EXACT_S`, a warning gives the estimate and names the cheaper estimator:
+    the columns number about one per output number of an input (a language model's tokens × vocabulary).
+    """
     width = rec.values.shape[1]
-    if width > EXACT_WARN_WIDTH:
-        warn_user(
-            f"torchfim: the exact Fisher (and Î2's exact part) pulls back about one output vector per output "
-            f"number of each input, here {width:,} (outputs {tuple(rec.shape[1:])} per input), each costing about "
-            "a backward pass, which takes long; estimator='score' pulls back n_samples vectors per input (labels drawn at every "
-            "position at once), and return_stderr=True or fisher_variance says how precise it is"
-        )
+    done, first, start, warned = 0, 0, 0.0, False
     for block in fam.fisher_output_sqrt_blocks(rec.values):
         backend.add_products(rec, block.transpose(-1, -2).to(rec.values.dtype), structure)
+        done += block.shape[-1]
+        if not first:
+            first, start = done, time.perf_counter()
+        elif not warned and done < width:
+            left = (time.perf_counter() - start) / (done - first) * (width - done)
+            if left > LONG_EXACT_S:
+                warned = True
+                warn_user(
+                    f"torchfim: the exact Fisher (and Î2's exact part) pulls back about one output vector per "
+                    f"output number of each input, {width:,} here (outputs {tuple(rec.shape[1:])}), which will "
+                    f"take about {left:.0f} s more for this mini-batch; estimator='score' pulls back n_samples "
+                    "vectors per input (labels drawn at every position at once), and return_stderr=True or "
+                    "fisher_variance says how precise it is"
+                )
 
 
 def sampled_scores(fam: Family, o: Tensor, k: int, generator: torch.Generator | None) -> Tensor:

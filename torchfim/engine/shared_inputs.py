@@ -55,9 +55,9 @@ def modules_carrying_batch(model: nn.Module, batch: Batch) -> set[nn.Module]:
 
 
 def shares_inputs(call: Call) -> bool:
-    """Whether all the call's tensor inputs (at least one) lead with a dim of 1: inputs shared by the batch."""
-    inputs = [t for t in (*call.args, *call.kwargs.values()) if isinstance(t, Tensor)]
-    return bool(inputs) and all(t.dim() > 0 and t.shape[0] == 1 for t in inputs)
+    """Whether some of the call's tensor inputs lead with a dim of 1: inputs that may be shared by the batch
+    (BART's decoder looks its positions up from ids ``(1, T)`` next to the token ids ``(B, T)``)."""
+    return any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 for t in (*call.args, *call.kwargs.values()))
 
 
 def spread(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
