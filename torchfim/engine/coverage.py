@@ -116,3 +116,26 @@ def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tens
         if not torch.allclose(g, w, rtol=tol, atol=tol * max(scale, 1e-30)):
             out[k] = torch.allclose(g.sum(0), w.sum(0), rtol=tol, atol=tol * max(scale, 1e-30))
     return out
+
+
+def nearest_called(model: nn.Module, name: str, moved: tuple[nn.Module, str] | None,
+                   called: set[nn.Module]) -> tuple[nn.Module, str]:
+    """The closest module of ``model`` above its parameter ``name`` in ``called`` (the modules the forward
+    called with outputs carrying the batch), and the parameter's name below it; for a parameter ``moved``
+    before (its holder, local name), the closest above that holder. The model at the top."""
+    parts = name.split(".")
+    modules = dict(model.named_modules())
+    top = len(parts) - 2
+    if moved is not None:
+        top = len(parts) - len(moved[1].split(".")) - 1  # the holder's depth: the name's length less the local's
+    for depth in range(top, -1, -1):
+        module = modules[".".join(parts[:depth])]
+        if module in called or depth == 0:
+            return module, ".".join(parts[depth:])
+    return model, name
+
+
+def names_of(model: nn.Module, calls: list[tuple[Rule, Call]]) -> list[str]:
+    """Full names in ``model`` of the parameters that the rules of ``calls`` cover."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for rule, _ in calls for n, p in rule.module.named_parameters() if n in rule.params]

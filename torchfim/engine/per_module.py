@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import TorchfimError, all_finite, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
-from .coverage import cause_of, missed, moved_message
+from .coverage import cause_of, missed, moved_message, names_of, nearest_called
 from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
 from .modules.base import as_float
@@ -76,16 +76,19 @@ class PerModuleBackend(Backend):
         #: Modules called on inputs shared by every sample, recorded with them spread (:mod:`.shared_inputs`).
         self.shared: frozenset[nn.Module] = frozenset()
         self._unshared: set[nn.Module] = set()  # such modules whose spreading changed the output or failed the check
+        #: Modules whose rule on probation (:attr:`.modules.Rule.on_probation`) failed: the generic rule instead.
+        self.demoted: set[nn.Module] = set()
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         self.uses: dict[int, int] = {}
         self._last_units: tuple[Batch, UnitHessians] | None = None
         cached = _COVERAGE.get(view.user_model)
         self._key = tuple(id(p) for p in view.user_model.parameters())
         self._verified = cached is not None and cached[0] == self._key
-        if self._verified and (cached[1] or cached[2]):  # checked before: reuse where its parameters are used
+        if self._verified and (cached[1] or cached[2] or cached[3]):  # checked before: reuse where its parameters are used
             modules = dict(view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
             self.shared = frozenset(modules[path] for path in cached[2])
+            self.demoted = {modules[path] for path in cached[3]}
         self.rules = self._build_rules(self.moved)
         self._attends = may_attend(view.model)
 
@@ -115,7 +118,8 @@ class PerModuleBackend(Backend):
         named = dict(self.view.model.named_parameters())
         for full, (module, local) in moved.items():
             extra.setdefault(module, {})[local] = index_of[id(named[full])]
-        rules = {m: rule_for(m, params, paths[m]) for m, params in owned.items() if m not in extra}
+        rules = {m: GenericRule(m, params, paths[m]) if m in self.demoted else rule_for(m, params, paths[m])
+                 for m, params in owned.items() if m not in extra}
         for module, params in extra.items():
             rules[module] = GenericRule(module, {**owned.get(module, {}), **params}, paths[module])
         return rules
@@ -128,7 +132,7 @@ class PerModuleBackend(Backend):
         unbatched = unbatched_calls(rec.calls, batch.size)
         if unbatched:
             if not self._spread_shared(batch, rec, unbatched):
-                self._move(self._names(unbatched), rec)
+                self._move(names_of(self.view.model, unbatched), rec)
             return self.record(batch)
         self.uses = {}
         for rule, _ in rec.calls:
@@ -146,7 +150,7 @@ class PerModuleBackend(Backend):
             if detached:
                 warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
-                                               [paths[m] for m in self.shared])
+                                               [paths[m] for m in self.shared], [paths[m] for m in self.demoted])
         return rec
 
     def row_groups(self, batch: Batch) -> list[slice]:
@@ -194,26 +198,36 @@ class PerModuleBackend(Backend):
 
     def _verify(self, rec: ModuleRecording) -> bool:
         """Move parameters whose per-sample gradients miss uses to the generic rule of a module above
-        (above the module that holds them now, for one moved before), keeping each one's first cause; a
-        module recorded with its shared inputs spread whose gradients miss is recorded without instead.
+        (above the module that holds them now, for one moved before), keeping each one's first cause. First,
+        a rule on probation whose gradients miss (or that fails) gives way to its module's generic rule, and
+        a module recorded with its shared inputs spread whose gradients miss is recorded without them.
 
         Returns True when the rules changed (the batch must be recorded, and the new rules checked, again):
         a module above may itself miss uses, e.g. when it returns outputs computed one from another.
         """
         odd = unbatched_calls(rec.calls, rec.batch.size)  # their leading dim only happened to equal the batch's
         if odd:
-            self._move(self._names(odd), rec)
+            self._move(names_of(self.view.model, odd), rec)
             return True
         v = torch.randn(rec.output.shape, dtype=rec.output.dtype, device=rec.output.device,
                         generator=torch.Generator(device=rec.output.device).manual_seed(0)).unsqueeze(1)
         params = [p for p in self.view.model.parameters() if id(p) in self.view.index_of]
         index = [self.view.index_of[id(p)] for p in params]
         per_sample: Pieces = {}
-        for rows, _, piece in self.pieces(rec, v):
-            for i, g in piece.items():
-                per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
+        probation = {rule.module for rule, _ in rec.calls if rule.on_probation}
+        try:
+            for rows, _, piece in self.pieces(rec, v):
+                for i, g in piece.items():
+                    per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
+        except Exception:  # a rule on probation read inputs its module's own forward takes otherwise
+            if not probation:
+                raise
+            return self._demote(self._failing(rec, v, probation))
         misses = {index[k]: summed for k, summed in
                   missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
+        failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
+        if failed:
+            return self._demote(failed)
         spread = {rule.module for rule, _ in rec.calls if rule.module in self.shared and set(misses) & set(rule.params.values())}
         if spread:  # the model reads a spread output across samples: record those calls as they come
             self.shared -= spread
@@ -228,33 +242,29 @@ class PerModuleBackend(Backend):
             self._move(list(causes), rec)
         return self.moved != before
 
+    def _failing(self, rec: ModuleRecording, v: Tensor, probation: set[nn.Module]) -> set[nn.Module]:
+        """The modules of ``probation`` whose rule raises on its recorded calls (all, if none does alone)."""
+        failing = set()
+        for (rule, call), s in zip(rec.calls, self._sensitivities(rec, v)):
+            if rule.module in probation and any(t is not None for t in s):
+                try:
+                    rule.grads(call, s, slice(0, rec.batch.size))
+                except Exception:  # noqa: BLE001 - the error says only that the rule does not fit this forward
+                    failing.add(rule.module)
+        return failing or probation
+
+    def _demote(self, modules: set[nn.Module]) -> bool:
+        """Give ``modules`` the generic rule instead of their rule on probation; True (the rules changed)."""
+        self.demoted |= modules
+        self.rules = self._build_rules(self.moved)
+        return True
+
     def _move(self, names: list[str], rec: ModuleRecording) -> None:
         """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""
         called = {call.module for _, call in rec.calls if carries_batch(call)}
         called |= modules_carrying_batch(self.view.model, rec.batch)
-        self.moved.update({n: self._nearest_called(n, called) for n in names})
+        self.moved.update({n: nearest_called(self.view.model, n, self.moved.get(n), called) for n in names})
         self.rules = self._build_rules(self.moved)
-
-    def _names(self, calls: list[tuple[Rule, Call]]) -> list[str]:
-        """Names of the parameters of ``calls`` (whose outputs do not carry the batch, so that their
-        per-sample gradients need the module above)."""
-        names = {id(p): n for n, p in self.view.model.named_parameters()}
-        return [names[id(p)] for rule, _ in calls for n, p in rule.module.named_parameters() if n in rule.params]
-
-    def _nearest_called(self, name: str, called: set[nn.Module]) -> tuple[nn.Module, str]:
-        """The closest module above parameter ``name`` that the forward called, and the local name; for a
-        parameter moved before, the closest above the module that holds it now (the model at the top)."""
-        parts = name.split(".")
-        modules = dict(self.view.model.named_modules())
-        top = len(parts) - 2
-        if name in self.moved:
-            local = self.moved[name][1]
-            top = len(parts) - len(local.split(".")) - 1  # the holder's depth: the name's length less the local's
-        for depth in range(top, -1, -1):
-            module = modules[".".join(parts[:depth])]
-            if module in called or depth == 0:
-                return module, ".".join(parts[depth:])
-        return self.view.model, name
 
     # --------------------------------------------------------------- sensitivities
     def _sensitivities(self, rec: ModuleRecording, v: Tensor,

@@ -36,27 +36,37 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
             and _forward_of_torch(module)):
         # (the rule binds the call's arguments by the class forward's names, which one set on the instance may not use)
         return AttentionRule(module, params, path)
+    rule = _weight_and_bias_rule(module, params)
+    if rule is None:
+        return GenericRule(module, params, path)
+    rule.on_probation = not _forward_of_torch(module)
+    return rule
+
+
+def _weight_and_bias_rule(module: nn.Module, params: dict[str, int]) -> Rule | None:
+    """The rule of a layer whose trainable parameters are its own ``weight`` and ``bias`` (None: no rule)."""
     own = set(dict(module.named_parameters(recurse=False)))
-    if set(params) <= own and set(params) <= {"weight", "bias"} and _forward_of_torch(module):
-        if isinstance(module, nn.Linear):
-            return LinearRule(module, params)
-        if conv_supported(module):
-            return ConvRule(module, params)
-        if embedding_supported(module):
-            return EmbeddingRule(module, params)
-        if norm_supported(module):
-            batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
-            return (BatchNormRule if batch_norm else NormRule)(module, params)
-        if transposed_linear_supported(module):
-            return TransposedLinearRule(module, params)
-    return GenericRule(module, params, path)
+    if not set(params) <= own or not set(params) <= {"weight", "bias"}:
+        return None
+    if isinstance(module, nn.Linear):
+        return LinearRule(module, params)
+    if conv_supported(module):
+        return ConvRule(module, params)
+    if embedding_supported(module):
+        return EmbeddingRule(module, params)
+    if norm_supported(module):
+        batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        return (BatchNormRule if batch_norm else NormRule)(module, params)
+    if transposed_linear_supported(module):
+        return TransposedLinearRule(module, params)
+    return None
 
 
 def _forward_of_torch(module: nn.Module) -> bool:
-    """Whether ``module`` runs the forward of the ``torch.nn`` class it derives from (or is not one): a
-    subclass with a forward of its own (OPT's position embedding takes the attention mask and computes
-    its ids; Gemma's scales its lookup) computes something else than the rules follow, so it gets the
-    generic rule."""
+    """Whether ``module`` runs the forward of the ``torch.nn`` class it derives from (or is not one). A
+    subclass with a forward of its own may compute the same (Falcon's Linear) or something else than the
+    rule follows (OPT's position embedding takes the attention mask and computes its ids; Gemma's scales
+    its lookup): its rule is on probation, the attention rule (which replaces the forward) not given."""
     for cls in type(module).__mro__:
         if cls is not nn.Module and cls.__module__.startswith("torch.nn.modules."):
             return type(module).forward is cls.forward
