@@ -90,6 +90,17 @@ def tiny_falcon() -> torch.nn.Module:
     return transformers.FalconForCausalLM(config).double().eval()
 
 
+def tiny_bart() -> torch.nn.Module:
+    """BART: its decoder looks its positions up from ids ``(T,)`` beside the token ids ``(B, T)``, an output
+    ``(1, T, d)`` shared by the batch; its classifier reads the last ``<eos>`` of each input."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=16, num_labels=CLASSES,
+                                     pad_token_id=PAD, eos_token_id=1, attn_implementation="eager")
+    return transformers.BartForSequenceClassification(config).double().eval()
+
+
 def padded_batch(lengths: list[int], seed: int, positions: bool = True) -> dict[str, torch.Tensor]:
     """Token ids padded on the right to LENGTH, their attention mask and (optionally) position ids.
 
@@ -323,6 +334,22 @@ def test_causal_lms_whose_layers_the_rules_do_not_follow_match_the_jacobian_orac
     assert clients.rel_err(torchfim.fisher(model, without_mask, structure="diag"),
                            clients.categorical_diag(jac, logits, VOCAB)) < tol
     assert generic_modules(model, {**batch, "use_cache": False}) == generic
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_bart_classifier_positions_shared_by_the_batch_keep_their_module() -> None:
+    """BART's decoder position lookup returns ``(1, T, d)`` from ids ``(T,)``: the engine spreads that output
+    over the batch, so the lookup's generic rule reads it per sample (before, its parameters went to the
+    generic rule of the whole decoder). The exact diagonal matches the Jacobian oracle."""
+    model = tiny_bart()
+    ids = torch.randint(2, VOCAB, (3, LENGTH), generator=torch.Generator().manual_seed(9))
+    ids[:, -1] = 1  # every input ends with <eos>, which the classifier reads
+    batch = {"input_ids": ids}
+    jac, logits = clients.jacobians(model, kwargs={**batch, "use_cache": False}, output="logits")
+    assert clients.rel_err(torchfim.fisher(model, batch, structure="diag"),
+                           clients.categorical_diag(jac, logits, CLASSES)) < 1e-10
+    assert generic_modules(model, {**batch, "use_cache": False}) == ["model.decoder.embed_positions",
+                                                                     "model.encoder.embed_positions"]
 
 
 def test_gpt2_score_within_four_standard_errors() -> None:

@@ -175,3 +175,36 @@ def test_a_call_with_one_shared_input_beside_per_sample_ones_is_spread_too() -> 
         backend = _backend(model, x)
         _assert_matches_functional(model, x)
     assert backend.shared == {backend.view.model.position} and backend.moved == {}
+
+
+class _TableRows(nn.Module):
+    """The first ``T`` rows of a table, ``(1, T, d)``, for token ids ``(B, T)``: an output shared by the batch
+    computed from per-sample inputs (as BART's decoder positions), under the generic rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.table[: tokens.shape[1]].unsqueeze(0)
+
+
+class _TokensAndTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.position, self.head = nn.Embedding(5, 3), _TableRows(), nn.Linear(3, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embed(tokens) + self.position(tokens)))
+
+
+def test_an_output_shared_by_the_batch_is_spread_for_the_generic_rule() -> None:
+    """Before, the table went to the whole model's generic rule."""
+    torch.manual_seed(0)
+    model = _TokensAndTable().double()
+    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        backend = _backend(model, x)
+        _assert_matches_functional(model, x)
+    assert backend.shared == {backend.view.model.position} and backend.moved == {}

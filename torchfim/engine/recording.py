@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
-from .shared_inputs import spread
+from .shared_inputs import spread, spread_output
 from .view import ModelView
 
 #: torch.nn's modules whose forward may call ``scaled_dot_product_attention``.
@@ -91,6 +91,8 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
             if spreads:
                 args, kwargs = spread(args, kwargs, size)
             output = forward(*args, **kwargs)
+            if spreads:
+                output = spread_output(output, size)
             if kwargs and not isinstance(rule, GenericRule):  # rules read their inputs by position
                 args, kwargs = _positional(forward, signature, args, kwargs)
             taps = [t for t in tensors_of(output) if t.requires_grad]

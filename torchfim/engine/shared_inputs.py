@@ -8,7 +8,8 @@ model's, one sample at a time where ``torch.func`` cannot batch it.
 
 Instead, while recording, such a module gets its shared inputs expanded to the batch
 (``(1, T) → (B, T)``, a view without copy): its output ``(B, T, d)`` then carries the batch, row ``i``
-feeding sample ``i`` only, and its own rule applies. Where a layer downstream broadcasts the output
+feeding sample ``i`` only, and its own rule applies. An output that still leads with 1 (computed from
+inputs without that dim) is expanded itself, for the module's generic rule. Where a layer downstream broadcasts the output
 (``hidden + position_embeds``), the model's output is unchanged; the backend checks that it is on the
 first batch, and moves the module's parameters to a rule above as before where it is not.
 """
@@ -55,9 +56,11 @@ def modules_carrying_batch(model: nn.Module, batch: Batch) -> set[nn.Module]:
 
 
 def shares_inputs(call: Call) -> bool:
-    """Whether some of the call's tensor inputs lead with a dim of 1: inputs that may be shared by the batch
-    (BART's decoder looks its positions up from ids ``(1, T)`` next to the token ids ``(B, T)``)."""
-    return any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 for t in (*call.args, *call.kwargs.values()))
+    """Whether some of the call's tensor inputs, or its one output, lead with a dim of 1: shared by the batch
+    (a lookup of position ids ``(1, T)``; BART's decoder positions, looked up from ids ``(T,)`` next to the
+    token ids ``(B, T)``, come out as ``(1, T, d)``)."""
+    leading_one = [t for t in (*call.args, *call.kwargs.values(), *call.taps[:1]) if isinstance(t, Tensor)]
+    return any(t.dim() > 0 and t.shape[0] == 1 for t in leading_one)
 
 
 def spread(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
@@ -69,6 +72,14 @@ def spread(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
         return t
 
     return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
+def spread_output(output: object, size: int) -> object:
+    """A tensor output that still leads with 1 after its inputs were spread, expanded to ``size`` (a view):
+    each sample's rows then carry that sample's sensitivity, which a generic rule reads per sample."""
+    if isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == 1:
+        return output.expand(size, *output.shape[1:])
+    return output
 
 
 def same_output(spread_out: Tensor, shared_out: Tensor) -> bool:
