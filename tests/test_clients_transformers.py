@@ -81,6 +81,15 @@ def tiny_gemma() -> torch.nn.Module:
     return transformers.GemmaForCausalLM(config).double().eval()
 
 
+def tiny_llama() -> torch.nn.Module:
+    """Llama: rotary positions, grouped-query attention, and an RMSNorm of its own class."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                      pad_token_id=PAD, attn_implementation="eager")
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
 def tiny_falcon() -> torch.nn.Module:
     """Falcon: its layers are ``FalconLinear``, an ``nn.Linear`` subclass whose own forward computes the same."""
     torch.manual_seed(0)
@@ -313,13 +322,18 @@ def test_classifiers_given_no_position_ids_keep_every_module_rule(make) -> None:
                               "model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm",
                               "model.layers.1.post_attention_layernorm", "model.norm"], 1e-6, id="gemma"),
     pytest.param(tiny_falcon, [], 1e-10, id="falcon"),
+    # Llama's RMSNorm computes in float32 too
+    pytest.param(tiny_llama, ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                              "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
+                              "model.norm"], 1e-6, id="llama"),
 ])
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_causal_lms_whose_layers_the_rules_do_not_follow_match_the_jacobian_oracle(make, generic, tol: float) -> None:
     """Subclasses of ``nn.Embedding`` with a forward of their own (OPT's positions from the attention mask,
     Gemma's scaled lookup) fail their rule's probation and get the generic rule of that module alone, while
     Falcon's Linear subclass, whose forward computes what ``nn.Linear``'s does, keeps the Linear rule (no
-    module of Falcon goes generic). OPT's feed-forward layers, on
+    module of Falcon goes generic). Llama's and Gemma's RMSNorm, classes of their own, get the generic rule
+    of that module alone. OPT's feed-forward layers, on
     inputs flattened to ``(B·T, d)``, go to the generic rule of their decoder layer, the nearest module
     above whose output carries the batch. Before: an ``index_copy_`` error from inside the Embedding rule
     (OPT without a mask), or the whole model's generic rule, one sample at a time (with a mask)."""
