@@ -61,42 +61,38 @@ def tiny_distilbert() -> torch.nn.Module:
     return transformers.DistilBertForSequenceClassification(config).double().eval()
 
 
+def built(model: type, config: type, **settings: object) -> torch.nn.Module:
+    """A 2-layer causal LM of width 16 and 2 heads over VOCAB tokens (eager attention), in float64, seeded;
+    ``settings`` adds to or overrides its config (None drops a setting the config does not take)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=16, pad_token_id=PAD, attn_implementation="eager")
+    merged = {k: v for k, v in {**common, **settings}.items() if v is not None}
+    return model(config(**merged)).double().eval()
+
+
 def tiny_opt() -> torch.nn.Module:
     """OPT: its position embedding (an ``nn.Embedding`` subclass) takes the attention mask and computes its
     ids, and its decoder layers flatten the hidden states to ``(B·T, d)`` around the feed-forward layers."""
-    torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
-                                    num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16,
-                                    pad_token_id=PAD, attn_implementation="eager")
-    return transformers.OPTForCausalLM(config).double().eval()
+    return built(transformers.OPTForCausalLM, transformers.OPTConfig, ffn_dim=32, word_embed_proj_dim=16)
 
 
 def tiny_gemma() -> torch.nn.Module:
     """Gemma: its token embedding (an ``nn.Embedding`` subclass) scales the rows it looks up, and its
     RMSNorm is its own class."""
-    torch.manual_seed(0)
-    config = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      max_position_embeddings=16, pad_token_id=PAD, attn_implementation="eager")
-    return transformers.GemmaForCausalLM(config).double().eval()
+    return built(transformers.GemmaForCausalLM, transformers.GemmaConfig, intermediate_size=32,
+                 num_key_value_heads=1, head_dim=8)
 
 
 def tiny_llama() -> torch.nn.Module:
     """Llama: rotary positions, grouped-query attention, and an RMSNorm of its own class."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                                      pad_token_id=PAD, attn_implementation="eager")
-    return transformers.LlamaForCausalLM(config).double().eval()
+    return built(transformers.LlamaForCausalLM, transformers.LlamaConfig, intermediate_size=32, num_key_value_heads=1)
 
 
 def tiny_falcon() -> torch.nn.Module:
     """Falcon: its layers are ``FalconLinear``, an ``nn.Linear`` subclass whose own forward computes the same."""
-    torch.manual_seed(0)
-    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                       new_decoder_architecture=False, multi_query=True, pad_token_id=PAD,
-                                       attn_implementation="eager")
-    return transformers.FalconForCausalLM(config).double().eval()
+    return built(transformers.FalconForCausalLM, transformers.FalconConfig, new_decoder_architecture=False,
+                 multi_query=True, max_position_embeddings=None)
 
 
 def tiny_bart() -> torch.nn.Module:

@@ -49,6 +49,17 @@ def _backend(model: nn.Module, x: Tensor) -> PerModuleBackend:
     return backend
 
 
+def _checked(model: nn.Module) -> PerModuleBackend:
+    """The per-module backend after recording 4 inputs of 3 tokens, its Fisher checked against the
+    functional backend's, with RuntimeWarnings as errors (nothing moved with a warning)."""
+    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        backend = _backend(model, x)
+        _assert_matches_functional(model, x)
+    return backend
+
+
 def _assert_matches_functional(model: nn.Module, x: Tensor) -> None:
     for structure in ("diag", "blocks"):
         got = torchfim.fisher(model, x, structure=structure)
@@ -62,11 +73,7 @@ def _assert_matches_functional(model: nn.Module, x: Tensor) -> None:
 def test_a_lookup_shared_by_the_batch_keeps_its_rule() -> None:
     torch.manual_seed(0)
     model = TokenModel(3).double()
-    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        backend = _backend(model, x)
-        _assert_matches_functional(model, x)
+    backend = _checked(model)
     paths = {m: p for p, m in backend.view.model.named_modules()}
     assert {paths[m] for m in backend.shared} == {"position"}
     assert backend.moved == {}
@@ -79,11 +86,7 @@ def test_a_spread_the_model_does_not_take_as_a_broadcast_goes_to_the_module_abov
     spread lookup, which the sample-by-sample coverage check finds; ``summed``: the output changes."""
     torch.manual_seed(0)
     model = _Positions(how).double()
-    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        backend = _backend(model, x)
-        _assert_matches_functional(model, x)
+    backend = _checked(model)
     assert backend.shared == frozenset()
     assert set(backend.moved) == {"position.weight"}
 
@@ -138,11 +141,7 @@ def test_layers_on_flattened_inputs_go_to_the_nearest_called_module_above_them()
     """Before, the layers went to the nearest module above with a rule of its own: the whole model."""
     torch.manual_seed(0)
     model = _FlatModel().double()
-    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        backend = _backend(model, x)
-        _assert_matches_functional(model, x)
+    backend = _checked(model)
     block = backend.view.model.blocks[0]
     assert {name: module for name, (module, _) in backend.moved.items()} == {
         f"blocks.0.{layer}.{kind}": block for layer in ("up", "down") for kind in ("weight", "bias")}
@@ -169,11 +168,7 @@ class _IdsAndPositions(nn.Module):
 def test_a_call_with_one_shared_input_beside_per_sample_ones_is_spread_too() -> None:
     torch.manual_seed(0)
     model = _IdsAndPositions().double()
-    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        backend = _backend(model, x)
-        _assert_matches_functional(model, x)
+    backend = _checked(model)
     assert backend.shared == {backend.view.model.position} and backend.moved == {}
 
 
@@ -202,9 +197,5 @@ def test_an_output_shared_by_the_batch_is_spread_for_the_generic_rule() -> None:
     """Before, the table went to the whole model's generic rule."""
     torch.manual_seed(0)
     model = _TokensAndTable().double()
-    x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        backend = _backend(model, x)
-        _assert_matches_functional(model, x)
+    backend = _checked(model)
     assert backend.shared == {backend.view.model.position} and backend.moved == {}

@@ -2,8 +2,8 @@
 
 The check (:meth:`.per_module.PerModuleBackend._verify`) compares, on the first rows of the first batch,
 the per-sample gradients the rules sum to with autograd's gradient of each sample's output alone
-(:func:`missed`), and moves every parameter whose sums miss
-it to the generic rule of a module above, checking again (and moving on up) until every sum adds up. The
+(:func:`missed`), and moves every parameter whose gradients miss it to the generic rule of a module
+above, checking again (and moving on up) until every one adds up. The
 result stays exact; the warning tells the user what was moved, where to, and the likely cause of the
 first move, which the recorded calls of the parameter's module show:
 
@@ -97,9 +97,9 @@ def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tens
     """
     rows = []
     for r in range(output.shape[0]):
-        w = torch.zeros_like(v)
-        w[r] = v[r]
-        rows.append(torch.autograd.grad(output, params, w, retain_graph=True, allow_unused=True))
+        only_r = torch.zeros_like(v)
+        only_r[r] = v[r]
+        rows.append(torch.autograd.grad(output, params, only_r, retain_graph=True, allow_unused=True))
     want = [None if all(g[k] is None for g in rows) else
             torch.stack([torch.zeros_like(p) if g[k] is None else g[k] for g in rows]).reshape(len(rows), -1)
             for k, p in enumerate(params)]

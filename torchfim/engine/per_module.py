@@ -36,8 +36,8 @@ from .view import PARAMETERS_CHANGED, ModelView
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
 CACHE_ELEMENTS = 2**21
 #: Per user model: its parameters' identities, the parameters moved to another module's generic rule
-#: by the coverage check and the modules whose shared inputs are spread over the batch (their paths), so
-#: that later calls on the same model skip the check.
+#: by the coverage check, and the paths of the modules whose shared inputs are spread over the batch and of
+#: those whose rule on probation failed, so that later calls on the same model skip the check.
 _COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Elements of the output sensitivities of one group of vectors.
 GROUP_ELEMENTS = 2**22

@@ -9,9 +9,10 @@ model's, one sample at a time where ``torch.func`` cannot batch it.
 Instead, while recording, such a module gets its shared inputs expanded to the batch
 (``(1, T) → (B, T)``, a view without copy): its output ``(B, T, d)`` then carries the batch, row ``i``
 feeding sample ``i`` only, and its own rule applies. An output that still leads with 1 (computed from
-inputs without that dim) is expanded itself, for the module's generic rule. Where a layer downstream broadcasts the output
-(``hidden + position_embeds``), the model's output is unchanged; the backend checks that it is on the
-first batch, and moves the module's parameters to a rule above as before where it is not.
+inputs without that dim) is expanded itself, for the module's generic rule. Where a layer downstream
+broadcasts the output (``hidden + position_embeds``), the model's output is unchanged; the backend checks
+that it is on the first batch, and that the coverage check passes, and moves the module's parameters to
+a rule above as before where either fails.
 """
 
 from __future__ import annotations
