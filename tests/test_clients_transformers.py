@@ -428,13 +428,17 @@ def test_unpadded_classifier_backends_agree(make) -> None:
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_a_tokenizer_batch_encoding_is_read_as_its_dict() -> None:
     """What a tokenizer returns (a ``BatchEncoding``: a mapping, not a dict) is a dict mini-batch to the
-    Fisher, the monitor's held inputs and the penalty, with the same results as the dict itself."""
+    Fisher, its variance bounds and planning, the monitor's held inputs and the penalty, with the same
+    results as the dict itself (the bounds and ``samples_needed`` iterated over its keys before)."""
     model, batch = tiny_bert(), padded_batch([5, 3, 4], seed=3)
     encoding = transformers.BatchEncoding(batch)
     assert not isinstance(encoding, dict)
     want = torchfim.fisher(model, batch, structure="diag")
     for given in (encoding, [encoding]):
         assert torch.equal(torchfim.fisher(model, given, structure="diag"), want)
+    assert torch.equal(torchfim.variance_bound(model, encoding, structure="trace"),
+                       torchfim.variance_bound(model, batch, structure="trace"))
+    assert torchfim.samples_needed(model, encoding, rel_error=0.1) == torchfim.samples_needed(model, batch, rel_error=0.1)
 
     def trace(held: object) -> float:
         monitor = torchfim.train.FisherTraceMonitor(model, held, n_samples=4,

@@ -226,3 +226,23 @@ def test_frozen_parameters_are_left_out():
 
 def test_all_families_listed():
     assert set(FAMILIES) <= set(torchfim.families.FAMILIES)
+
+
+def test_a_dict_batch_takes_its_targets_apart_as_one_tensor() -> None:
+    """``fisher(model, {"x": x}, estimator="empirical", targets=y)`` reads ``y`` as the dict's targets, as if
+    the dict held them under ``labels``, and as the tensor call does (before: "inputs is an iterable of
+    mini-batches but targets is one tensor")."""
+
+    class Keyword(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tanh_mlp(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    model, x = Keyword(), mlp_inputs(6)
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(4))
+    want = torchfim.fisher(model.inner, x, estimator="empirical", targets=y)
+    assert torch.equal(torchfim.fisher(model, {"x": x}, estimator="empirical", targets=y), want)
+    assert torch.equal(torchfim.fisher(model, {"x": x, "labels": y}, estimator="empirical"), want)

@@ -251,6 +251,37 @@ def test_run_report_api_with_a_tensor_and_no_targets(tmp_path):
     assert "skipped" in (out / "report.md").read_text()
 
 
+class _KeywordModel(nn.Module):
+    """Token ids and an attention mask by keyword, outputs in ``.logits``: as a Hugging Face classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        h = torch.tanh(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+        return type("Output", (), {"logits": self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))})()
+
+
+def test_run_report_api_with_a_dict_of_keyword_inputs_and_labels(tmp_path):
+    """What a tokenizer returns, with ``labels``: the report's numbers are the library's on that dict (before:
+    refused, "the factory returned a dict")."""
+    torch.manual_seed(0)
+    model = _KeywordModel()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 7, (20, 5), generator=g)
+    mask = (torch.arange(5) < torch.randint(2, 6, (20, 1), generator=g)).long()
+    y = torch.randint(0, 3, (20,), generator=g)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    res = torchfim.report.run_report(model, {**batch, "labels": y}, out=tmp_path / "r", progress=False, emit=None)
+    R = res["results"]
+    assert R["data"]["input_shape"] == {"input_ids": [5], "attention_mask": [5]} and R["data"]["n_inputs"] == 20
+    assert R["trace"]["exact"] == pytest.approx(float(torchfim.fisher(model, batch, structure="trace")), rel=1e-6)
+    empirical = torchfim.fisher(model, batch, estimator="empirical", targets=y)
+    assert R["empirical"]["trace"] == pytest.approx(float(empirical.sum()), rel=1e-6)
+    assert "input_ids (5,), attention_mask (5,)" in (res["out"] / "report.md").read_text()
+
+
 # ------------------------------------------------------------------- bad input: one line, nothing left
 def _bad_checkpoint(tmp: Path) -> str:
     torch.save(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).state_dict(), tmp / "other.pt")

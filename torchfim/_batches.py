@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
 
@@ -52,3 +52,9 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
                     "targets has fewer mini-batches than inputs; align the two iterables"
                 ) from None
         yield x, y
+
+
+def reusable(inputs: Inputs) -> Inputs:
+    """``inputs`` in a form that can be iterated more than once: a tensor, one dict mini-batch (any
+    mapping, as a tokenizer's ``BatchEncoding``), a list or a tuple as they are; a one-shot iterator as a list."""
+    return inputs if isinstance(inputs, (Tensor, Mapping, list, tuple)) else list(inputs)

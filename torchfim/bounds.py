@@ -15,9 +15,9 @@ The keyword ``options`` (``backend``, ``mask``, ``output``, ``class_dim``, ``pro
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ._batches import Inputs
+from ._batches import Inputs, reusable
 from .errors import check_choice
 from .families import Family
 from .structures import PublicValue
@@ -122,8 +122,7 @@ def variance_bound(
         True
     """
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
-    if not isinstance(inputs, Tensor):
-        inputs = list(inputs)  # iterated once per bound
+    inputs = reusable(inputs)  # iterated once per bound
     results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
     best = results[0]
     for other in results[1:]:

@@ -6,10 +6,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from ._batches import Inputs
+from ._batches import Inputs, reusable
 from .engine import ModelView
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice
@@ -50,7 +49,7 @@ def samples_needed(
     check_choice("structure", structure, ("trace", "diag"))
     if not (isinstance(rel_error, (int, float)) and 0 < rel_error and math.isfinite(rel_error)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
-    inputs = _reusable(inputs)  # iterated twice below
+    inputs = reusable(inputs)  # iterated twice below
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
     value = fisher(model, inputs, estimator="exact", structure=structure, **how)
     var1 = fisher_variance(model, inputs, estimator=estimator, structure=structure, n_samples=1, **how)
@@ -133,7 +132,7 @@ def compare_estimators(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module "
             "whose parameters are the ones to compare"
         )
-    inputs = _reusable(inputs)
+    inputs = reusable(inputs)
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
     diag = fisher(model, inputs, structure="diag", **how)
     score = fisher_variance(model, inputs, estimator="score", structure="diag", n_samples=n_samples, **how)
@@ -150,8 +149,3 @@ def compare_estimators(
         )
         start += size
     return EstimatorComparison(tuple(rows), n_samples)
-
-
-def _reusable(inputs: Inputs) -> Inputs:
-    """``inputs`` in a form that can be iterated more than once (a one-shot iterator as a list)."""
-    return inputs if isinstance(inputs, (torch.Tensor, dict, list, tuple)) else list(inputs)

@@ -150,8 +150,8 @@ def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.
     """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects (``next_token``: see
     :func:`make_batch`), with the keyword inputs of ``defaults`` where a batch does not set them."""
     defaults = defaults or {}
-    if isinstance(inputs, Mapping):
-        inputs = [inputs]
+    if isinstance(inputs, Mapping):  # one dict mini-batch, its targets (if given apart) one tensor
+        inputs, targets = [inputs], [targets] if isinstance(targets, Tensor) else targets
     if isinstance(inputs, list) and inputs and all(isinstance(b, Batch) for b in inputs):
         yield from (b.with_defaults(defaults) for b in inputs)  # mini-batches an earlier pass prepared
         return

@@ -243,7 +243,7 @@ def assemble(model: nn.Module, data: Data, layout: Layout, setup: Setup, measure
         "data": {
             "source": data.source,
             "n_inputs": data.n,
-            "input_shape": list(data.inputs.shape[1:]),
+            "input_shape": data.input_shape(),
             "has_targets": data.targets is not None,
             "targets_note": setup.targets_note,
             "variance_inputs": setup.subset.numel(),

@@ -33,7 +33,7 @@ def check_model_and_data(model: nn.Module, data: Data, fam, family_name: str) ->
             "the model has no parameters with requires_grad=True, so its Fisher is empty; "
             "return a model whose parameters require gradients"
         )
-    o, x = _outputs_on_a_few(model, data)
+    o = _outputs_on_a_few(model, data)
     try:
         fam.check_output(o)
     except TorchfimError as exc:
@@ -43,7 +43,7 @@ def check_model_and_data(model: nn.Module, data: Data, fam, family_name: str) ->
         ) from exc
     if data.targets is not None:
         try:
-            fam.check_targets(data.targets[: x.shape[0]].to(o.device), o)
+            fam.check_targets(data.targets[: o.shape[0]].to(o.device), o)
         except TorchfimError as exc:
             note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the empirical "
                     "Fisher was skipped")
@@ -51,28 +51,36 @@ def check_model_and_data(model: nn.Module, data: Data, fam, family_name: str) ->
     return data, None
 
 
-def _outputs_on_a_few(model: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
-    """``(outputs, inputs)`` of the model on the first (up to) 8 inputs, checked to be finite."""
+def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
+    """The model's outputs on the first (up to) 8 inputs, checked to be finite; a dict of
+    inputs is passed as keyword arguments, and an output's ``.logits`` read as :func:`torchfim.fisher` reads it."""
+    from ..engine.view import read_logits
+
     first = next(p for p in model.parameters() if p.requires_grad)
-    x = data.inputs[: min(8, data.n)]
-    x = x.to(device=first.device, dtype=first.dtype if x.is_floating_point() else x.dtype)
+
+    def moved(t: object) -> object:
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
+
+    x = data.rows(slice(0, min(8, data.n)))
     try:
         with torch.no_grad():
-            o = model(x)
+            o = read_logits(model(**{k: moved(v) for k, v in x.items()}) if isinstance(x, dict) else model(moved(x)))
     except Exception as exc:
         raise TorchfimError(
-            f"the model could not run on the data's inputs of shape {tuple(data.inputs.shape)} "
+            f"the model could not run on the data's inputs of shape {data.input_shape()} "
             f"({type(exc).__name__}: {' '.join(str(exc).split())}); make --data return inputs the "
             "model accepts (first dimension = batch)"
         ) from exc
     if not isinstance(o, Tensor):
         raise TorchfimError(
-            f"the model returned a {type(o).__name__}, not a tensor; make forward return one "
-            "(batch, outputs) tensor"
+            f"the model returned a {type(o).__name__}, not a tensor (nor an object with .logits); make "
+            "forward return one (batch, outputs) tensor"
         )
     if o.is_floating_point() and not bool(torch.isfinite(o).all()):
         raise TorchfimError(
             "the model produced non-finite outputs (NaN or Inf) on the data; check the inputs for "
             "NaN/Inf and the weights (--checkpoint) for divergence"
         )
-    return o, x
+    return o

@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.save file: a state dict for --model (or the default MLP), or a "
                              "whole module (unpickled: only files you trust)")
     parser.add_argument("--data", metavar="MODULE:FACTORY",
-                        help="callable returning the inputs: a tensor, an (inputs, targets) pair, or "
-                             "a Dataset yielding (x, y). Default: the 1797 digits")
+                        help="callable returning the inputs: a tensor, an (inputs, targets) pair, "
+                             "a Dataset yielding (x, y), or a dict of keyword inputs (a tokenizer's "
+                             "output; its 'labels' are the targets). Default: the 1797 digits")
     parser.add_argument("--family", default="categorical", choices=sorted(FAMILIES),
                         help="output distribution of the model (default: categorical)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",

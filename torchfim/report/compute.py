@@ -69,7 +69,7 @@ def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, pr
         measured = measure_trace(model, X, fam, names, setup.n_samples, setup.seed, steps)
         timings["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        measured.update(measure_variances(model, X[setup.subset], fam, names, setup.with_hessian, steps))
+        measured.update(measure_variances(model, data.rows(setup.subset), fam, names, setup.with_hessian, steps))
         timings["variance"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         measured["spectra"] = measure_spectra(model, X, fam, names, setup.spectrum_layers, steps)

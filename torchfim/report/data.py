@@ -16,21 +16,45 @@ from torch import Tensor
 from ..errors import TorchfimError
 from .load import one_line
 
-__all__ = ["Data", "as_data"]
+__all__ = ["Data", "Inputs", "as_data"]
+
+#: What a report's inputs are: a tensor (first dimension = batch), or a dict of keyword inputs.
+Inputs = Tensor | dict[str, object]
 
 
 @dataclass
 class Data:
-    """Inputs (first dimension = batch) and, when the data carries them, the true targets."""
+    """Inputs (first dimension = batch; a tensor, or a dict of keyword inputs as a tokenizer returns them)
+    and, when the data carries them, the true targets."""
 
-    inputs: Tensor
+    inputs: Inputs
     targets: Tensor | None
     source: str
 
     @property
     def n(self) -> int:
         """The number of inputs."""
-        return int(self.inputs.shape[0])
+        return int(_first_tensor(self.inputs).shape[0])
+
+    def rows(self, index: slice | Tensor) -> Inputs:
+        """The inputs ``index`` (a slice or indices); of a dict, every tensor whose first dim is the batch."""
+        if isinstance(self.inputs, Tensor):
+            return self.inputs[index]
+        n = self.n
+        return {k: v[index] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v
+                for k, v in self.inputs.items()}
+
+    def input_shape(self) -> list[int] | dict[str, list[int]]:
+        """The shape of one input: a tensor's less the batch dim, or that of each tensor of a dict."""
+        if isinstance(self.inputs, Tensor):
+            return list(self.inputs.shape[1:])
+        return {k: list(v.shape[1:]) for k, v in self.inputs.items() if isinstance(v, Tensor) and v.dim() > 0}
+
+
+def _first_tensor(inputs: Inputs) -> Tensor:
+    if isinstance(inputs, Tensor):
+        return inputs
+    return next(v for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0)
 
 
 def _tensor(value: object, what: str, option: str) -> Tensor:
@@ -57,8 +81,8 @@ def _concat_batches(batches: Iterable[object], option: str) -> tuple[list[Tensor
             y = _tensor(item[1], "targets", option) if len(item) > 1 and item[1] is not None else None
         elif isinstance(item, Mapping):
             raise TorchfimError(
-                f"{option}: the data yields dicts; return a tensor, an (inputs, targets) pair, "
-                "or a Dataset yielding (x, y) tuples"
+                f"{option}: the data yields dicts; return one dict of tensors (a tokenizer's output, with "
+                "'labels' for targets), a tensor, an (inputs, targets) pair, or a Dataset yielding (x, y)"
             )
         else:
             x, y = _tensor(item, "inputs", option), None
@@ -73,13 +97,16 @@ def _concat_batches(batches: Iterable[object], option: str) -> tuple[list[Tensor
 def as_data(obj: object, source: str, option: str = "--data") -> Data:
     """Normalise what a data factory returned into :class:`Data`.
 
-    Accepts a tensor (or numpy array) of inputs; a tuple ``(inputs, targets)`` (or ``(inputs,)``);
+    Accepts a tensor (or numpy array) of inputs; a dict of keyword inputs (a tokenizer's output,
+    ``labels`` taken as the targets); a tuple ``(inputs, targets)`` (or ``(inputs,)``);
     a map-style ``torch.utils.data.Dataset`` whose items are ``x`` or ``(x, y)``; or an iterable of
     mini-batches (a ``DataLoader``) of tensors or ``(x, y)`` pairs.
     """
     from torch.utils.data import DataLoader, Dataset
 
     targets: Tensor | None = None
+    if isinstance(obj, Mapping):
+        return _from_mapping(obj, source, option)
     if isinstance(obj, (Tensor, np.ndarray)):
         inputs = _tensor(obj, "inputs", option)
     elif _is_inputs_and_targets(obj):
@@ -102,6 +129,26 @@ def as_data(obj: object, source: str, option: str = "--data") -> Data:
                 "return one target per input (or inputs only)"
             )
     return Data(inputs, targets, source)
+
+
+def _from_mapping(obj: Mapping, source: str, option: str) -> Data:
+    """A dict of keyword inputs (a tokenizer's ``BatchEncoding``), its ``labels`` (or ``label``,
+    ``targets``) entry taken out as the targets, as :func:`torchfim.fisher` reads a dict mini-batch."""
+    from ..engine.batch import TARGET_KEYS
+
+    inputs = {str(k): (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in obj.items()
+              if k not in TARGET_KEYS}
+    found = [v for k, v in obj.items() if k in TARGET_KEYS]
+    tensors = [v for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0]
+    if not tensors or tensors[0].shape[0] == 0:
+        raise TorchfimError(f"{option}: the dict holds no inputs; return e.g. {{'input_ids': ids, 'labels': y}}")
+    data = Data(inputs, _tensor(found[0], "targets", option) if found else None, source)
+    if data.targets is not None and (data.targets.dim() == 0 or data.targets.shape[0] != data.n):
+        raise TorchfimError(
+            f"{option}: {data.n} inputs but 'labels' of shape {tuple(data.targets.shape)}; "
+            "give one target per input (or leave the labels out)"
+        )
+    return data
 
 
 def _is_inputs_and_targets(obj: object) -> bool:

@@ -49,7 +49,9 @@ def _head(R: dict) -> list[str]:
     add("")
     add(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']} trainable parameters in "
         f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")
-    add(f"- **Data:** {D['source']}: {n} inputs of shape {tuple(D['input_shape'])}, "
+    shape = D["input_shape"]
+    shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
+    add(f"- **Data:** {D['source']}: {n} inputs of shape {shape}, "
         + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
         + (f" Note: {D['targets_note']}." if D.get("targets_note") else "")
         + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))

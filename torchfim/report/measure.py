@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .data import Inputs
+
 __all__ = [
     "only_trainable",
     "json_float",
@@ -71,7 +73,7 @@ class Steps:
         self.bar.close()
 
 
-def measure_trace(model: nn.Module, X: Tensor, fam, names: list[str], k: int, seed: int, steps: Steps) -> dict:
+def measure_trace(model: nn.Module, X: Inputs, fam, names: list[str], k: int, seed: int, steps: Steps) -> dict:
     """Tr(F) and diag(F) exact on all inputs, one score estimate with ``k`` labels (seed + 1), and
     the one-label variance of the trace estimator Î1, for the model and for each layer alone."""
     import torchfim
@@ -124,7 +126,7 @@ def _trace_variances(model: nn.Module, S: Tensor, fam, with_hessian: bool, label
     return out
 
 
-def measure_variances(model: nn.Module, S: Tensor, fam, names: list[str], with_hessian: bool, steps: Steps) -> dict:
+def measure_variances(model: nn.Module, S: Inputs, fam, names: list[str], with_hessian: bool, steps: Steps) -> dict:
     """On the subset ``S``: diag(F), the trace estimators' variances and bounds for the model and
     each layer alone, and the diagonals of Var(Î1) and Var(Î2) (the latter None without Î2)."""
     import torchfim
@@ -152,7 +154,7 @@ def measure_variances(model: nn.Module, S: Tensor, fam, names: list[str], with_h
 
 
 def measure_spectra(
-    model: nn.Module, X: Tensor, fam, names: list[str], layers: list[int], steps: Steps
+    model: nn.Module, X: Inputs, fam, names: list[str], layers: list[int], steps: Steps
 ) -> dict[int, list[float]]:
     """Layer index -> the eigenvalues (largest first, float64) of its exact block on all inputs."""
     import torchfim
@@ -169,7 +171,7 @@ def measure_spectra(
     return spectra
 
 
-def measure_empirical(model: nn.Module, X: Tensor, Y: Tensor | None, fam, steps: Steps) -> Tensor | None:
+def measure_empirical(model: nn.Module, X: Inputs, Y: Tensor | None, fam, steps: Steps) -> Tensor | None:
     """diag of the empirical Fisher with the true targets ``Y`` (None without targets)."""
     import torchfim
 
