@@ -18,7 +18,7 @@ from torchfim.engine.modules import conv as conv_module
 from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules.conv import ConvRule
 from torchfim.engine.modules.linear import LinearRule
-from torchfim.engine.modules.norm import BatchNormRule
+from torchfim.engine.modules.norm import BatchNormRule, NormRule
 from torchfim.engine.per_module import PerModuleBackend
 
 
@@ -609,3 +609,49 @@ def test_a_forward_taking_use_cache_runs_without_a_cache_unless_the_batch_asks()
         model.given.clear()
         assert torch.allclose(torchfim.fisher(model, inputs), want, rtol=1e-12, atol=0)
         assert model.given and set(model.given) == {given}
+
+
+class _LlamaRMSNorm(nn.Module):
+    """An RMSNorm of its own class, as Llama's (without its float32 round trip): ``w ⊙ x/√(mean(x²) + eps)``;
+    ``scale`` multiplies the weight first (a computation the norm rule does not follow)."""
+
+    def __init__(self, d: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d) * 0.3 + 1.0)
+        self.variance_epsilon, self.scale = 1e-6, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's form, ``(1 + w) ⊙ x̂``: the same gradient in ``w`` as Llama's, so the same rule."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(d) * 0.3), 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1.0 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class ScaledRMSNorm(_LlamaRMSNorm):
+    """``2w ⊙ x̂``: named like an RMSNorm, but its weight's gradient is twice the rule's."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d, scale=2.0)
+
+
+def test_rms_norms_of_their_own_class_get_the_norm_rule_where_it_holds() -> None:
+    """Recognised by name, the rule on probation: Llama's and Gemma's forms keep the RMSNorm rule, a form
+    with another gradient fails the coverage check and gets its generic rule, silently; all agree with the
+    functional backend (before: all three generic)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _LlamaRMSNorm(4), nn.Tanh(), nn.Linear(4, 4), GemmaRMSNorm(4),
+                          nn.Tanh(), nn.Linear(4, 4), ScaledRMSNorm(4), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)  # positions too: the weight is shared over them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rules = _rules(model, x)
+        _assert_equals_functional(model, x, "exact", seed=0)
+    assert (rules["1"], rules["4"], rules["7"]) == (NormRule.__name__, NormRule.__name__, GenericRule.__name__)

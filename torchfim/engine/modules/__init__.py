@@ -17,7 +17,7 @@ from .conv import ConvRule, conv_supported
 from .embedding import EmbeddingRule, embedding_supported
 from .generic import GenericRule, tensors_of
 from .linear import LinearRule
-from .norm import BatchNormRule, NormRule, norm_supported
+from .norm import BatchNormRule, NormRule, norm_supported, rms_norm_by_name
 from .transposed_linear import TransposedLinearRule, transposed_linear_supported
 
 __all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "left_to_the_deepest",
@@ -39,7 +39,7 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     rule = _weight_and_bias_rule(module, params)
     if rule is None:
         return GenericRule(module, params, path)
-    rule.on_probation = not _forward_of_torch(module)
+    rule.on_probation = not _forward_of_torch(module) or rms_norm_by_name(module)
     return rule
 
 

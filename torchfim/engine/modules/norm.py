@@ -23,10 +23,27 @@ _CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def norm_supported(module: nn.Module) -> bool:
-    """LayerNorm, RMSNorm, GroupNorm, and BatchNorm in eval mode with running statistics."""
+    """LayerNorm, RMSNorm, GroupNorm, and BatchNorm in eval mode with running statistics; and a module
+    that looks like an RMSNorm of its own class (:func:`rms_norm_by_name`)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return not module.training and module.running_mean is not None and isinstance(module, _CHANNEL)
-    return isinstance(module, _TRAILING + (nn.GroupNorm,))
+    return isinstance(module, _TRAILING + (nn.GroupNorm,)) or rms_norm_by_name(module)
+
+
+def rms_norm_by_name(module: nn.Module) -> bool:
+    """A class of its own named ``…RMSNorm`` with one trainable vector ``weight`` and a float ``eps`` or
+    ``variance_epsilon``, as Hugging Face models define them (Llama, Mistral, Qwen2). Only its name says
+    it computes ``weight ⊙ x/√(mean(x²) + eps)`` (Gemma's computes ``(1 + weight) ⊙ …``), so its rule is
+    on probation: the coverage check keeps it where its per-sample gradients hold."""
+    if isinstance(module, nn.RMSNorm) or not type(module).__name__.endswith("RMSNorm"):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    return (list(params) == ["weight"] and params["weight"].dim() == 1 and not list(module.children())
+            and isinstance(_eps(module), float))
+
+
+def _eps(module: nn.Module) -> object:
+    return getattr(module, "variance_epsilon", getattr(module, "eps", None))
 
 
 def normalised(module: nn.Module, x: Tensor) -> Tensor:
@@ -35,6 +52,8 @@ def normalised(module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.RMSNorm):
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
+    if rms_norm_by_name(module):
+        return F.rms_norm(x, (x.shape[-1],), None, _eps(module))
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -48,10 +67,8 @@ class NormRule(Rule):
     def _fold(self, t: Tensor) -> Tensor:
         """``(m, b, ...)`` summed over the dims that share one parameter entry → ``(b, m, size)``."""
         m, b = t.shape[:2]
-        if isinstance(self.module, _TRAILING):
-            size = 1
-            for s in self.module.normalized_shape:
-                size *= s
+        if isinstance(self.module, _TRAILING) or rms_norm_by_name(self.module):
+            size = self.module.weight.numel()
             return t.reshape(m, b, -1, size).sum(2).transpose(0, 1)
         return t.reshape(m, b, t.shape[2], -1).sum(-1).transpose(0, 1)
 
