@@ -38,11 +38,11 @@ class Data:
 
     def rows(self, index: slice | Tensor) -> Inputs:
         """The inputs ``index`` (a slice or indices); of a dict, every tensor whose first dim is the batch."""
+        from ..engine.batch import Batch
+
         if isinstance(self.inputs, Tensor):
             return self.inputs[index]
-        n = self.n
-        return {k: v[index] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v
-                for k, v in self.inputs.items()}
+        return Batch((), dict(self.inputs), self.n).rows(index).kwargs
 
     def input_shape(self) -> list[int] | dict[str, list[int]]:
         """The shape of one input: a tensor's less the batch dim, or that of each tensor of a dict."""
