@@ -67,7 +67,7 @@ class NormRule(Rule):
     def _fold(self, t: Tensor) -> Tensor:
         """``(m, b, ...)`` summed over the dims that share one parameter entry → ``(b, m, size)``."""
         m, b = t.shape[:2]
-        if isinstance(self.module, _TRAILING) or rms_norm_by_name(self.module):
+        if not isinstance(self.module, _CHANNEL):  # over trailing dims: LayerNorm, RMSNorm (torch's or its own)
             size = self.module.weight.numel()
             return t.reshape(m, b, -1, size).sum(2).transpose(0, 1)
         return t.reshape(m, b, t.shape[2], -1).sum(-1).transpose(0, 1)
