@@ -19,7 +19,8 @@ from test_combined import PAIRS as COMBINED_PAIRS
 from test_engine_oracles import IDS, PAIRS, _close, _kwargs, _oracle, _view
 
 import torchfim
-from torchfim.engine import per_module
+from torchfim import covariance, variance
+from torchfim.engine import backend, functional, per_module
 from torchfim.engine.batch import make_batch
 from torchfim.engine.session import engine_pass
 
@@ -80,6 +81,25 @@ def test_covariance_and_combined_variance_in_row_groups_equal_the_oracle(
     combined_oracles.test_covariance_matches_oracle(case_name, family, "modules")
     combined_oracles.test_combined_variance_matches_oracle_and_beats_both(case_name, family)
     assert set(recorded_sizes) == {1}, recorded_sizes
+
+
+@pytest.fixture
+def one_row_steps(monkeypatch) -> None:
+    """Inside a recorded mini-batch, every loop over its rows takes them one at a time."""
+    for module in (backend, functional, per_module, variance, covariance):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1)
+
+
+@pytest.mark.parametrize("backend_name", ["modules", "functional"])
+def test_masked_positions_in_steps_of_one_row_equal_the_oracle(backend_name, one_row_steps) -> None:
+    """A position mask covers the whole mini-batch, each step of rows reads its own rows of it (before: "the
+    Positions mask covers 4 inputs but the outputs have 1", from ``fisher_variance(structure="diag")`` of a
+    language model on 64 sequences)."""
+    engine_oracles.test_exact_every_structure(BY_NAME["tokens"], "categorical", backend_name)
+    engine_oracles.test_variances(BY_NAME["tokens"], "categorical", backend_name)
+    combined_oracles.test_covariance_matches_oracle("tokens", "categorical", backend_name)
+    if backend_name == "modules":
+        combined_oracles.test_combined_variance_matches_oracle_and_beats_both("tokens", "categorical")
 
 
 def test_row_groups_cover_the_batch_in_order_in_nearly_equal_groups(monkeypatch) -> None:

@@ -67,14 +67,14 @@ class ScoreHessianCovariance(StructureVisitor):
         total: dict[int, Tensor] = {}
         curved = set(self.engine.curved(self.rec.batch))  # the others have zero diagonals d_p
         for rows, piece in self.engine.jacobian_pieces(self.rec):
-            sub, o = self.rec.batch.rows(rows), self.o[rows]
+            sub, o, fam = self.rec.batch.rows(rows), self.o[rows], self.fam.for_rows(rows)
             for i, columns in self.engine.direction_chunks(sub, [i for i in sorted(piece) if i in curved]):
                 g = piece[i]  # (b, C, size), the Jacobian columns j_p of parameter i
                 local = total.setdefault(i, g.new_zeros(layout.sizes[i]))
                 entries = slice(int(columns[0]) - layout.offsets[i], int(columns[-1]) + 1 - layout.offsets[i])
                 d = self.engine.output_hessian_diagonals(sub, columns).transpose(0, 1)  # d_p: (b, m, C)
                 j = g[:, :, entries].transpose(1, 2).to(d.dtype)  # j_p: (b, m, C)
-                local[entries] -= self.fam.moment3(o, j, j, d).sum(0).to(local.dtype)
+                local[entries] -= fam.moment3(o, j, j, d).sum(0).to(local.dtype)
         for i, value in total.items():
             structure.add_squares(i, value)
 
@@ -100,7 +100,7 @@ class ScoreHessianCovariance(StructureVisitor):
                 extra = 4 * sub.size * width * size  # the output-Hessian columns themselves
                 for index, span, columns in self.engine.directions.chunks(sub, blocks, "output-Hessian columns", extra):
                     h = self.engine.output_hessian_columns(sub, columns)[..., span]  # (m, b, C, block)
-                    values = self._contract(self.o[part], j[:, :, columns], j[:, :, span], h)
+                    values = self._contract(part, j[:, :, columns], j[:, :, span], h)
                     structure.add_matrix(index, columns - span.start, -values)
 
     def _dense_jacobian(self, piece: Pieces, rows: slice) -> Tensor:
@@ -113,14 +113,15 @@ class ScoreHessianCovariance(StructureVisitor):
             jac[:, :, layout.span(i)] = g.to(jac.dtype)
         return jac
 
-    def _contract(self, o: Tensor, jp: Tensor, jq: Tensor, h: Tensor) -> Tensor:
-        """``Σᵢ Tᵢ[j_p, j_q, h_pq]``: columns ``jp`` (b, C, m), ``jq`` (b, C, q), ``h`` (m, b, C, q) → (m, q)."""
+    def _contract(self, rows: slice, jp: Tensor, jq: Tensor, h: Tensor) -> Tensor:
+        """``Σᵢ Tᵢ[j_p, j_q, h_pq]`` over the samples ``rows``: columns ``jp`` (b, C, m), ``jq`` (b, C, q),
+        ``h`` (m, b, C, q) → (m, q)."""
         b, c, m = jp.shape
         q = jq.shape[-1]
         a = jp.transpose(1, 2).unsqueeze(2).expand(b, m, q, c).reshape(b, m * q, c)
         w = jq.transpose(1, 2).unsqueeze(1).expand(b, m, q, c).reshape(b, m * q, c)
         z = h.permute(1, 0, 3, 2).reshape(b, m * q, c).to(a.dtype)
-        return self.fam.moment3(o, a, w, z).sum(0).reshape(m, q)
+        return self.fam.for_rows(rows).moment3(self.o[rows], a, w, z).sum(0).reshape(m, q)
 
 
 def covariance_of(

@@ -83,7 +83,7 @@ class ScoreVariance(StructureVisitor):
         o, fam, mode, scale = self.o, self.fam, self.mode, self.scale
 
         def quartic(rows: slice, cols: Tensor) -> Tensor:
-            fisher_pp, fourth = fam.moments_along(o[rows], cols)
+            fisher_pp, fourth = fam.for_rows(rows).moments_along(o[rows], cols)
             second = fourth if mode == "exact" else scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2
             return second - fisher_pp**2
 
@@ -102,10 +102,10 @@ class ScoreVariance(StructureVisitor):
 
     def _pairwise(self, structure: Structure, index: int | None, v: Tensor, rows: slice) -> None:
         """Add Σᵢ ``E[(uᵀv_p)²(uᵀv_q)²] − (v_pᵀΛv_q)²`` (or its bound) for columns ``v`` (b, n, C)."""
-        o = self.o[rows]
-        fisher_pq = self.fam.fisher_output_gram(o, v)
+        o, fam = self.o[rows], self.fam.for_rows(rows)
+        fisher_pq = fam.fisher_output_gram(o, v)
         if self.mode == "exact":
-            second = self.fam.pairwise_moment4(o, v)
+            second = fam.pairwise_moment4(o, v)
         else:
             norms = v.square().sum(-1)
             second = self.scale[rows][:, None, None] * norms.unsqueeze(2) * norms.unsqueeze(1)
@@ -123,7 +123,7 @@ class HessianVariance(StructureVisitor):
     def quadratic(self, rows: slice, d: Tensor) -> Tensor:
         """``dᵀΛd`` (exact) or ``λ_max(Λ)‖d‖²`` (bound) for ``d`` (b, n, C) of the samples ``rows``."""
         if self.mode == "exact":  # the family's dᵀΛd: diag(p) − ppᵀ as a matrix cancels once 1 − p_top < ε
-            return self.fam.fisher_output_bilinear(self.o[rows], d, d)
+            return self.fam.for_rows(rows).fisher_output_bilinear(self.o[rows], d, d)
         return self.top[rows].unsqueeze(1) * d.square().sum(-1)
 
     def diag(self, structure: Diag) -> None:

@@ -126,6 +126,11 @@ class Family(ABC):
     #: Number of trailing label dimensions (0 for a class index, 1 for a vector).
     label_ndim: int = 1
 
+    def for_rows(self, rows: slice) -> Family:
+        """The family of the outputs ``o[rows]`` of a mini-batch: itself, unless it holds something per
+        input (the position mask of :class:`~torchfim.families.positions.Positions`)."""
+        return self
+
     # ----------------------------------------------------------------- checks
     def check_output(self, o: Tensor) -> None:
         """Raise :class:`TorchfimError` unless ``o`` is a finite ``(B, C)`` output this family accepts."""

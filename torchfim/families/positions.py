@@ -91,6 +91,10 @@ class Positions(Family):
         masked = "None" if self.mask is None else f"<{tuple(self.mask.shape)} bool>"
         return f"Positions({self.base!r}, {self.positions}, mask={masked})"
 
+    def for_rows(self, rows: slice) -> Positions:
+        """The family of the outputs ``o[rows]``: the same positions, the mask's ``rows``."""
+        return self if self.mask is None else Positions(self.base, self.positions, self.mask[rows])
+
     # ------------------------------------------------------------ layout
     def _width(self, o: Tensor) -> int:
         if o.dim() != 2 or o.shape[1] == 0 or o.shape[1] % self.length:
