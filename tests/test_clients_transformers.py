@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import torchfim
+import torchfim.report
 import torchfim.train
 from torchfim.engine import ModelView, batches, make_backend
 from torchfim.engine.modules import GenericRule
@@ -153,20 +154,49 @@ def test_gpt2_exact_diag_matches_jacobian_oracle() -> None:
     assert clients.rel_err(clients.categorical_diag(jac, logits, VOCAB), want) > 1e-2
 
 
+def labelled_batch(lengths: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """:func:`padded_batch` with ``labels``: its input ids, -100 at the padding (as a collator makes them)."""
+    batch = padded_batch(lengths, seed=seed)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def next_token_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """``(jac, logits, shifted, scores)``: the Jacobian oracle, the labels shifted as a causal LM's loss
+    shifts them (``labels[t + 1]``, -100 last) and the per-position scores ``J_tᵀ(e_y − p_t)`` (B, T, P),
+    zero where the shifted label is -100."""
+    jac, logits = clients.jacobians(model, kwargs={k: v for k, v in batch.items() if k != "labels"}, output="logits")
+    shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+    b, p_dim = jac.shape[0], jac.shape[-1]
+    residual = torch.nn.functional.one_hot(shifted.clamp(min=0), VOCAB) - torch.softmax(logits.reshape(b, -1, VOCAB), -1)
+    scores = torch.einsum("btc,btcp->btp", residual, jac.reshape(b, -1, VOCAB, p_dim))
+    return jac, logits, shifted, scores * (shifted != -100).unsqueeze(-1)
+
+
+def test_the_report_of_a_causal_lm_pairs_its_labels_as_the_library_does() -> None:
+    """``torchfim report`` on a tokenizer-style dict with ``labels`` and ``--mask attention_mask``: Tr(F) sums
+    the unpadded positions, and the empirical Fisher uses the labels shifted as the model's loss shifts
+    them (before: outputs with positions refused)."""
+    model = tiny_gpt2()
+    batch = labelled_batch([5, 3, 4, 2], seed=3)
+    jac, logits, _, scores = next_token_scores(model, batch)
+    R = torchfim.report.compute_report(model, torchfim.report.as_data(batch, "test"), mask="attention_mask",
+                                       variance_inputs=2, max_block=0, progress=False)
+    exact = clients.categorical_diag(jac, logits, VOCAB, batch["attention_mask"]).sum()
+    assert abs(R["trace"]["exact"] - float(exact)) < 1e-10 * float(exact)
+    empirical = scores.sum(1).square().sum() / len(scores)
+    assert abs(R["empirical"]["trace"] - float(empirical)) < 1e-10 * float(empirical)
+
+
 def test_gpt2_empirical_fisher_pairs_logits_with_the_next_label_as_its_loss_does() -> None:
     """A causal LM's ``labels`` (its input ids, -100 at padding) are shifted as the model's own loss shifts
     them: the score at position t is that of ``labels[t + 1]``; -100 (the last position, padding) adds
     nothing. The oracle sums the per-position scores ``J_tᵀ(e_y − p_t)`` of the model's own loss over
     each sequence."""
     model = tiny_gpt2()
-    batch = padded_batch([5, 3], seed=1)
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    jac, logits = clients.jacobians(model, kwargs={k: v for k, v in batch.items() if k != "labels"}, output="logits")
-    shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+    batch = labelled_batch([5, 3], seed=1)
+    jac, logits, shifted, scores = next_token_scores(model, batch)
     b, p_dim = jac.shape[0], jac.shape[-1]
-    residual = torch.nn.functional.one_hot(shifted.clamp(min=0), VOCAB) - torch.softmax(logits.reshape(b, -1, VOCAB), -1)
-    scores = torch.einsum("btc,btcp->btp", residual, jac.reshape(b, -1, VOCAB, p_dim))
-    scores = scores * (shifted != -100).unsqueeze(-1)
     want = scores.sum(1).square().sum(0) / b  # (1/n) Σᵢ gᵢ², gᵢ the sequence's score (docs/math.md §5)
     got = torchfim.fisher(model, batch, estimator="empirical", structure="diag")
     assert clients.rel_err(got, want) < 1e-10

@@ -7,8 +7,11 @@ Usage::
 
 ``MODULE:FACTORY`` names an importable callable (the current directory is on ``sys.path``; a path
 ``dir/file.py:FACTORY`` works too) that takes no arguments. The model factory returns an
-``nn.Module``; the data factory returns a tensor of inputs, an ``(inputs, targets)`` pair, or a
-torch ``Dataset`` yielding ``x`` or ``(x, y)``. ``--checkpoint`` is a file written by ``torch.save``:
+``nn.Module``; the data factory returns a tensor of inputs, an ``(inputs, targets)`` pair, a
+torch ``Dataset`` yielding ``x`` or ``(x, y)``, or a dict of keyword inputs (a tokenizer's output).
+Outputs with positions (a language model's tokens) are read one vector per position, as
+:func:`torchfim.fisher` reads them; ``--mask KEY`` names the dict entry marking the observed ones
+(:mod:`torchfim.report.outputs`). ``--checkpoint`` is a file written by ``torch.save``:
 a state dict (loaded strictly into the ``--model`` or default model) or a whole module. With no
 flags, the embedded default is used: the demo's tanh MLP (64-32-32-10), trained for a few seconds
 on scikit-learn's digits, and all 1797 digits as data.
@@ -48,7 +51,7 @@ run never removes ``--out`` and never leaves a half-written file (:mod:`torchfim
 The package, one job per module: :mod:`~torchfim.report.settings` (file names, defaults, the
 variance subset), :mod:`~torchfim.report.load` and :mod:`~torchfim.report.data` (factories,
 checkpoints, data), :mod:`~torchfim.report.default` (the embedded default model),
-:mod:`~torchfim.report.check`, :mod:`~torchfim.report.measure`, :mod:`~torchfim.report.assemble`
+:mod:`~torchfim.report.check` and :mod:`~torchfim.report.outputs`, :mod:`~torchfim.report.measure`, :mod:`~torchfim.report.assemble`
 and :mod:`~torchfim.report.compute` (the numbers), :mod:`~torchfim.report.figures`,
 :mod:`~torchfim.report.markdown` and :mod:`~torchfim.report.terminal` (rendering),
 :mod:`~torchfim.report.publish` (writing), :mod:`~torchfim.report.run` (all of it) and

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import settings
 from .data import Data
 from .measure import json_float
+from .outputs import OutputLayout
 
 __all__ = ["Layout", "Setup", "assemble", "samples_needed_unrounded", "samples_needed"]
 
@@ -62,6 +63,7 @@ class Setup:
     spectrum_layers: list[int]
     targets_note: str | None
     variance_note: str | None
+    outputs: OutputLayout = OutputLayout()
 
 
 def samples_needed_unrounded(var1: float | None, value: float | None, rel: float) -> float | None:
@@ -231,6 +233,7 @@ def assemble(model: nn.Module, data: Data, layout: Layout, setup: Setup, measure
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "family": setup.family,
+        "outputs": setup.outputs.to_json(),
         "n_samples": setup.n_samples,
         "rel_error": setup.rel_error,
         "seed": setup.seed,

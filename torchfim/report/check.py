@@ -6,17 +6,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..engine.batch import IGNORE_INDEX
 from ..errors import TorchfimError
 from .data import Data
+from .outputs import OutputLayout, check_class_dim, mask_of, observed_per_input
 
 __all__ = ["check_model_and_data"]
 
 
-def check_model_and_data(model: nn.Module, data: Data, fam, family_name: str) -> tuple[Data, str | None]:
+def check_model_and_data(
+    model: nn.Module, data: Data, fam, family_name: str, mask: str | None = None, class_dim: int = -1
+) -> tuple[Data, str | None, OutputLayout]:
     """Run the model on a few inputs; errors name the fix.
 
-    Returns ``(data, note)``: the data with its targets dropped when they are not labels of the
-    family (``note`` then says so), else the data unchanged and None.
+    Returns ``(data, note, layout)``: the data with its targets dropped when they are not labels of
+    the family (``note`` then says so), else the data unchanged and None; and how the outputs are
+    read (positions, the mask ``mask`` of the dict inputs, ``class_dim``).
     """
     # The library's own check of the model's mode (the one torchfim.fisher applies), so the
     # report refuses exactly what the library refuses: the one library internal the report uses.
@@ -34,21 +39,47 @@ def check_model_and_data(model: nn.Module, data: Data, fam, family_name: str) ->
             "return a model whose parameters require gradients"
         )
     o = _outputs_on_a_few(model, data)
+    if check_class_dim(class_dim) == 1 and o.dim() > 2:
+        o = o.movedim(1, -1)
+    positions = tuple(o.shape[1:-1])
+    keep = mask_of(data, mask, positions)
+    layout = OutputLayout(positions, mask, class_dim, observed_per_input(keep, positions, data.n))
+    family = _family_of(fam, positions, None if keep is None else keep[: o.shape[0]])
     try:
-        fam.check_output(o)
+        family.check_output(o.reshape(o.shape[0], -1) if positions else o)
     except TorchfimError as exc:
         raise TorchfimError(
             f"the model's outputs (shape {tuple(o.shape)}) do not fit --family {family_name}: {exc} "
-            "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson)"
+            "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson; "
+            "outputs (batch, *positions, C) are read one vector per position)"
         ) from exc
     if data.targets is not None:
         try:
-            fam.check_targets(data.targets[: o.shape[0]].to(o.device), o)
+            _check_targets(family, data.targets[: o.shape[0]].to(o.device), o, positions)
         except TorchfimError as exc:
             note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the empirical "
                     "Fisher was skipped")
-            return Data(data.inputs, None, data.source), note
-    return data, None
+            return Data(data.inputs, None, data.source), note, layout
+    return data, None, layout
+
+
+def _family_of(fam, positions: tuple[int, ...], keep: Tensor | None):
+    """``fam``, or its product over ``positions`` (observed where ``keep``), as the library reads the outputs."""
+    if not positions:
+        return fam
+    from ..families.positions import Positions
+
+    return Positions(fam, positions, keep)
+
+
+def _check_targets(family, y: Tensor, o: Tensor, positions: tuple[int, ...]) -> None:
+    """The family's checks of the targets; a categorical target of -100 observes nothing, as in the library."""
+    if not positions:
+        family.check_targets(y, o)
+        return
+    if family.base.name == "categorical" and not y.is_floating_point():
+        y = y.masked_fill(y == IGNORE_INDEX, 0)
+    family.check_targets(y, o.reshape(o.shape[0], -1))
 
 
 def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:

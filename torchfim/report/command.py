@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "output; its 'labels' are the targets). Default: the 1797 digits")
     parser.add_argument("--family", default="categorical", choices=sorted(FAMILIES),
                         help="output distribution of the model (default: categorical)")
+    parser.add_argument("--mask", metavar="KEY", default=None,
+                        help="for outputs with positions (a language model's tokens): the entry of the "
+                             "dict inputs marking observed positions, e.g. attention_mask (default: all)")
+    parser.add_argument("--class-dim", type=int, choices=(-1, 1), default=-1,
+                        help="where the classes are in outputs with positions: -1, (batch, *positions, C) "
+                             "(default), or 1, (batch, C, *positions) as F.cross_entropy takes them")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"report directory (default: {DEFAULT_OUT}/); the report writes only its "
                              "own files there (an earlier report's are replaced, all others kept)")
@@ -76,7 +82,8 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that re-creates this report (options left at their defaults omitted)."""
     import shlex
 
-    defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical",
+    defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical", "mask": None,
+                "class_dim": -1,
                 "out": DEFAULT_OUT, "n_samples": 1, "variance_inputs": None,
                 "max_block": DEFAULT_MAX_BLOCK, "seed": 0, "epochs": DEFAULT_EPOCHS, "hidden": None}
     parts = ["torchfim", "report"]
@@ -118,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
         model, data, family=args.family, out=args.out, checkpoint=args.checkpoint,
         n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
         seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
-        progress=not args.no_progress, command=_command(args),
+        progress=not args.no_progress, command=_command(args), mask=args.mask, class_dim=args.class_dim,
         model_source=None if args.model is None else f"{args.model}()"
         + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
     )

@@ -27,18 +27,23 @@ def compute_report(
     seed: int = 0,
     rel_error: float = settings.REL_ERROR,
     progress: bool = True,
+    mask: str | None = None,
+    class_dim: int = -1,
 ) -> dict:
     """Every number of the report, as a JSON-ready dict (see :mod:`torchfim.report` for what and how).
 
     ``model`` is put in eval mode. ``n_samples`` is the labels per input of the score estimate and
     its error bars; the variance comparison is for one label per input (divide by k for k labels).
-    The variance subset is ``torch.randperm(n, generator=manual_seed(seed))[:m]``, sorted.
+    The variance subset is ``torch.randperm(n, generator=manual_seed(seed))[:m]``, sorted. Outputs
+    with positions ``(batch, *positions, C)`` (or ``(batch, C, *positions)`` with ``class_dim=1``) are
+    read one vector per position, those where the dict inputs' entry ``mask`` is 0 left out, as
+    :func:`torchfim.fisher` reads them (see :mod:`torchfim.report.outputs`).
     """
     from ..families import get_family
 
     fam = get_family(family)
     model.eval()
-    data, targets_note = check_model_and_data(model, data, fam, fam.name)
+    data, targets_note, outputs = check_model_and_data(model, data, fam, fam.name, mask, class_dim)
     layout = Layout.of(model)
     m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters)
     setup = Setup(
@@ -46,7 +51,7 @@ def compute_report(
         subset=torch.randperm(data.n, generator=torch.Generator().manual_seed(seed))[:m].sort().values,
         with_hessian=with_hessian,
         spectrum_layers=[i for i, s in enumerate(layout.sizes) if s <= max_block],
-        targets_note=targets_note, variance_note=variance_note,
+        targets_note=targets_note, variance_note=variance_note, outputs=outputs,
     )
     measured, timings = _measure(model, data, fam, layout, setup, progress)
     return assemble(model, data, layout, setup, measured, timings)
@@ -61,21 +66,21 @@ def _total_steps(layout: Layout, setup: Setup, has_targets: bool) -> int:
 
 def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, progress: bool) -> tuple[dict, dict]:
     """The four measurement parts in turn, with their wall-clock seconds."""
-    X, names = data.inputs, layout.names
+    X, names, opts = data.inputs, layout.names, setup.outputs.options(fam)
     timings: dict[str, float] = {}
     steps = Steps(_total_steps(layout, setup, data.targets is not None), progress)
     try:
         t0 = time.perf_counter()
-        measured = measure_trace(model, X, fam, names, setup.n_samples, setup.seed, steps)
+        measured = measure_trace(model, X, opts, names, setup.n_samples, setup.seed, steps)
         timings["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        measured.update(measure_variances(model, data.rows(setup.subset), fam, names, setup.with_hessian, steps))
+        measured.update(measure_variances(model, data.rows(setup.subset), opts, names, setup.with_hessian, steps))
         timings["variance"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        measured["spectra"] = measure_spectra(model, X, fam, names, setup.spectrum_layers, steps)
+        measured["spectra"] = measure_spectra(model, X, opts, names, setup.spectrum_layers, steps)
         timings["spectrum"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        measured["diag_emp"] = measure_empirical(model, X, data.targets, fam, steps)
+        measured["diag_emp"] = measure_empirical(model, X, data.targets, opts, steps)
         timings["empirical"] = time.perf_counter() - t0
     finally:
         steps.close()

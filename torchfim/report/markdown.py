@@ -38,6 +38,17 @@ def _per_layer_winner(R: dict) -> str:
     return text + "."
 
 
+def _positions_text(O: dict) -> str:
+    """What outputs with positions mean for every number of the report (the ``outputs`` entry ``O``)."""
+    shape = "×".join(map(str, O["positions"]))
+    masked = (f"those where `{O['mask']}` is 0 left out, {O['observed_positions_per_input']:.4g} observed per "
+              "input on average" if O["mask"] else "all observed")
+    return (f"{shape} per input ({masked}), each an independent observation: the Fisher of one input "
+            "is the sum over its observed positions, the means are over inputs, and \"one label per "
+            "input\" means one label drawn per position. Tr(F) divided by "
+            f"{O['observed_positions_per_input']:.4g} is the mean per observed position.")
+
+
 def _head(R: dict) -> list[str]:
     """Title, what was analysed, the summary and the overview figure."""
     T, D, M = R["trace"], R["data"], R["model"]
@@ -57,6 +68,8 @@ def _head(R: dict) -> list[str]:
         + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))
     add(f"- **Output family:** `{R['family']}`; labels are drawn from the model (the Fisher under the "
         "model's own predictive distribution).")
+    if R.get("outputs", {}).get("positions"):  # a key since report.json's of the same format version 1
+        add("- **Outputs with positions:** " + _positions_text(R["outputs"]))
     if R.get("command"):
         add(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, torch {R['torch_version']}).")
     add("")

@@ -73,39 +73,39 @@ class Steps:
         self.bar.close()
 
 
-def measure_trace(model: nn.Module, X: Inputs, fam, names: list[str], k: int, seed: int, steps: Steps) -> dict:
+def measure_trace(model: nn.Module, X: Inputs, opts: dict, names: list[str], k: int, seed: int, steps: Steps) -> dict:
     """Tr(F) and diag(F) exact on all inputs, one score estimate with ``k`` labels (seed + 1), and
     the one-label variance of the trace estimator Î1, for the model and for each layer alone."""
     import torchfim
 
     steps.step("Tr(F) exact")
-    trace_exact = torchfim.fisher(model, X, family=fam, structure="trace")
+    trace_exact = torchfim.fisher(model, X, **opts, structure="trace")
     steps.done()
     steps.step("diag(F) exact")
-    diag_exact = torchfim.fisher(model, X, family=fam, structure="diag").detach()
+    diag_exact = torchfim.fisher(model, X, **opts, structure="diag").detach()
     steps.done()
     steps.step("score estimate")
     diag_score = torchfim.fisher(
-        model, X, family=fam, estimator="score", structure="diag", n_samples=k,
+        model, X, **opts, estimator="score", structure="diag", n_samples=k,
         generator=torch.Generator().manual_seed(seed + 1),
     ).detach()
     steps.done()
     steps.step("Var Tr Î1 (all inputs)")
-    var1_all = json_float(torchfim.fisher_variance(model, X, family=fam, estimator="score", structure="trace"))
+    var1_all = json_float(torchfim.fisher_variance(model, X, **opts, estimator="score", structure="trace"))
     steps.done()
     layer_var1_all = []
     for name in names:
         steps.step(f"Var Tr Î1 {name}")
         with only_trainable(model, name):
             layer_var1_all.append(
-                json_float(torchfim.fisher_variance(model, X, family=fam, estimator="score", structure="trace"))
+                json_float(torchfim.fisher_variance(model, X, **opts, estimator="score", structure="trace"))
             )
         steps.done()
     return {"trace_exact": trace_exact, "diag_exact": diag_exact, "diag_score": diag_score,
             "var1_score_all": var1_all, "layer_var1_score_all": layer_var1_all}
 
 
-def _trace_variances(model: nn.Module, S: Tensor, fam, with_hessian: bool, label: str, steps: Steps) -> dict:
+def _trace_variances(model: nn.Module, S: Inputs, opts: dict, with_hessian: bool, label: str, steps: Steps) -> dict:
     """Exact variances and upper bounds of the trace estimators Î1 and Î2 (one label per input);
     the Î2 entries are None without ``with_hessian``."""
     import torchfim
@@ -121,32 +121,32 @@ def _trace_variances(model: nn.Module, S: Tensor, fam, with_hessian: bool, label
             out[key] = None
             continue
         steps.step(f"{key} {label}")
-        out[key] = json_float(fn(model, S, family=fam, estimator=est, structure="trace"))
+        out[key] = json_float(fn(model, S, **opts, estimator=est, structure="trace"))
         steps.done()
     return out
 
 
-def measure_variances(model: nn.Module, S: Inputs, fam, names: list[str], with_hessian: bool, steps: Steps) -> dict:
+def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str], with_hessian: bool, steps: Steps) -> dict:
     """On the subset ``S``: diag(F), the trace estimators' variances and bounds for the model and
     each layer alone, and the diagonals of Var(Î1) and Var(Î2) (the latter None without Î2)."""
     import torchfim
 
     steps.step("diag(F) on the subset")
-    diag_subset = torchfim.fisher(model, S, family=fam, structure="diag").detach()
+    diag_subset = torchfim.fisher(model, S, **opts, structure="diag").detach()
     steps.done()
-    subset_total = _trace_variances(model, S, fam, with_hessian, "(model)", steps)
+    subset_total = _trace_variances(model, S, opts, with_hessian, "(model)", steps)
     subset_layers = []
     for name in names:
         with only_trainable(model, name):
-            subset_layers.append(_trace_variances(model, S, fam, with_hessian, name, steps))
+            subset_layers.append(_trace_variances(model, S, opts, with_hessian, name, steps))
     steps.step("Σ diag Var Î1")
-    diagvar_score = torchfim.fisher_variance(model, S, family=fam, estimator="score", structure="diag").detach()
+    diagvar_score = torchfim.fisher_variance(model, S, **opts, estimator="score", structure="diag").detach()
     steps.done()
     diagvar_hessian = None
     if with_hessian:
         steps.step("Σ diag Var Î2")
         diagvar_hessian = torchfim.fisher_variance(
-            model, S, family=fam, estimator="hessian", structure="diag"
+            model, S, **opts, estimator="hessian", structure="diag"
         ).detach()
         steps.done()
     return {"diag_subset": diag_subset, "subset_total": subset_total, "subset_layers": subset_layers,
@@ -154,7 +154,7 @@ def measure_variances(model: nn.Module, S: Inputs, fam, names: list[str], with_h
 
 
 def measure_spectra(
-    model: nn.Module, X: Inputs, fam, names: list[str], layers: list[int], steps: Steps
+    model: nn.Module, X: Inputs, opts: dict, names: list[str], layers: list[int], steps: Steps
 ) -> dict[int, list[float]]:
     """Layer index -> the eigenvalues (largest first, float64) of its exact block on all inputs."""
     import torchfim
@@ -163,7 +163,7 @@ def measure_spectra(
     for i in layers:
         steps.step(f"eigenvalues {names[i]}")
         with only_trainable(model, names[i]):
-            block = torchfim.fisher(model, X, family=fam, structure="full")
+            block = torchfim.fisher(model, X, **opts, structure="full")
         eig = torch.linalg.eigvalsh(block.detach().double().cpu()).flip(0)
         spectra[i] = [float(v) for v in eig]
         del block
@@ -171,13 +171,18 @@ def measure_spectra(
     return spectra
 
 
-def measure_empirical(model: nn.Module, X: Inputs, Y: Tensor | None, fam, steps: Steps) -> Tensor | None:
-    """diag of the empirical Fisher with the true targets ``Y`` (None without targets)."""
+def measure_empirical(model: nn.Module, X: Inputs, Y: Tensor | None, opts: dict, steps: Steps) -> Tensor | None:
+    """diag of the empirical Fisher with the true targets ``Y`` (None without targets).
+
+    Dict inputs get ``Y`` back as their ``labels``, so that the library pairs them with the outputs as
+    it pairs a dict batch's own (a Hugging Face causal language model's shifted as its loss shifts them).
+    """
     import torchfim
 
     if Y is None:
         return None
     steps.step("empirical Fisher")
-    diag_emp = torchfim.fisher(model, X, family=fam, estimator="empirical", structure="diag", targets=Y).detach()
+    given = {"inputs": {**X, "labels": Y}} if isinstance(X, dict) else {"inputs": X, "targets": Y}
+    diag_emp = torchfim.fisher(model, **given, **opts, estimator="empirical", structure="diag").detach()
     steps.done()
     return diag_emp

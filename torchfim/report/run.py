@@ -44,6 +44,8 @@ def run_report(
     command: str | None = None,
     data_source: str | None = None,
     model_source: str | None = None,
+    mask: str | None = None,
+    class_dim: int = -1,
 ) -> dict:
     """Compute the report of ``model`` on ``data`` and write it to ``out`` (see :mod:`torchfim.report`).
 
@@ -54,7 +56,10 @@ def run_report(
     architecture. ``out=None`` computes without writing; otherwise only the report's own files are
     written into ``out`` (see :mod:`torchfim.report.publish`). ``emit`` receives the terminal
     summary lines (None: silent); ``progress`` shows a tqdm bar on stderr; ``threads`` sets torch's
-    intra-op threads for the run (restored after; None leaves them).
+    intra-op threads for the run (restored after; None leaves them). A model whose outputs have
+    positions (a language model's ``(batch, tokens, vocabulary)``) is read one output vector per
+    position; ``mask`` names the entry of dict inputs that marks the observed ones (e.g.
+    ``"attention_mask"``), ``class_dim=1`` reads ``(batch, C, *positions)`` outputs.
 
     Returns ``{"results": <the report.json dict>, "model", "data": Data, "out": Path | None,
     "markdown", "table", "training"}``.
@@ -82,19 +87,19 @@ def run_report(
         torch.set_num_threads(threads)
     try:
         return _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, max_block,
-                    seed, epochs, hidden, progress, emit, command, data_source, model_source)
+                    seed, epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, max_block, seed,
-         epochs, hidden, progress, emit, command, data_source, model_source) -> dict:
+         epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim) -> dict:
     started = time.perf_counter()
     model, data, training, model_source = _model_and_data(
         model, data, checkpoint, hidden, epochs, seed, progress, data_source, model_source)
     setup_seconds = time.perf_counter() - started
     results = compute_report(model, data, family, n_samples=n_samples, variance_inputs=variance_inputs,
-                             max_block=max_block, seed=seed, progress=progress)
+                             max_block=max_block, seed=seed, progress=progress, mask=mask, class_dim=class_dim)
     results["model"]["source"] = model_source
     results["model"]["training"] = training
     results["model"]["checkpoint"] = None if checkpoint is None else str(checkpoint)

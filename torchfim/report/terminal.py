@@ -38,6 +38,12 @@ def summary_table(R: dict) -> str:
          f"{R['n_samples']} label(s)/input; Var Î1/Î2 = variance of the trace estimators with one label "
          f"on {D['variance_inputs']} inputs; k10% = labels per input for 10% relative error."),
     ]
+    O = R.get("outputs", {})
+    if O.get("positions"):
+        out.append(f"Outputs with {'×'.join(map(str, O['positions']))} positions per input"
+                   + (f" ({O['observed_positions_per_input']:.4g} observed on average, mask {O['mask']})"
+                      if O["mask"] else "")
+                   + ": sums over positions, one label per position.")
     for note in (D.get("targets_note"), D.get("variance_inputs_note")):
         if note:
             out.append(f"Note: {note}.")

@@ -1,0 +1,152 @@
+"""The report of models whose outputs have positions (language models): its numbers against float64
+oracles that sum over the observed positions, the mask and class-dim options, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles import flat_function
+from torch import Tensor, nn
+from torch.func import jacrev
+
+import torchfim
+from torchfim import cli
+from torchfim import report as report_mod
+
+V, T, N = 5, 4, 12
+
+
+class TinyLM(nn.Module):
+    """Token ids ``(B, T)`` to logits ``(B, T, V)``; a position's logits see earlier tokens (a running
+    mean), so positions share parameters and inputs as in a language model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(V, 3), nn.Linear(3, 3), nn.Linear(3, V)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.embed(input_ids).cumsum(1) / torch.arange(1, input_ids.shape[1] + 1).unsqueeze(-1)
+        return self.head(torch.tanh(self.mix(h)))
+
+
+def _lm_and_data() -> tuple[nn.Module, dict[str, Tensor]]:
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (N, T), generator=g)
+    mask = (torch.arange(T) < torch.randint(1, T + 1, (N, 1), generator=g)).long()
+    labels = torch.randint(0, V, (N, T), generator=g).masked_fill(mask == 0, -100)
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _oracle(model: nn.Module, batch: dict[str, Tensor]) -> tuple[float, float]:
+    """``(Tr F, Tr F_emp)`` by brute force: ``(1/n) Σᵢ Σₜ tr(Jᵢₜᵀ Λᵢₜ Jᵢₜ)`` over observed positions, and
+    the mean squared norm of each input's score ``Σₜ ∇ log p(yᵢₜ|xᵢ)`` over its labelled positions."""
+    f, theta = flat_function(model)
+    trace = empirical = 0.0
+    for ids, keep, y in zip(batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]):
+        jac = jacrev(lambda th, ids=ids: f(th, ids[None])[0])(theta).reshape(T, V, -1)
+        p = torch.softmax(f(theta, ids[None])[0].reshape(T, V).detach(), -1)
+        lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        trace += float(torch.einsum("tap,tab,tbp->t", jac, lam, jac)[keep].sum())
+        score = sum((torch.nn.functional.one_hot(y[t], V) - p[t]) @ jac[t] for t in range(T) if y[t] >= 0)
+        empirical += float(score @ score)
+    return trace / N, empirical / N
+
+
+def test_a_language_models_report_sums_its_observed_positions_as_the_float64_oracle():
+    """Outputs (batch, tokens, vocabulary) with padding (before: refused, "expects (batch, num_classes)")."""
+    model, batch = _lm_and_data()
+    R = report_mod.compute_report(model, report_mod.as_data(batch, "test"), mask="attention_mask", progress=False)
+    trace, empirical = _oracle(model, batch)
+    assert R["trace"]["exact"] == pytest.approx(trace, rel=1e-10)
+    assert R["empirical"]["trace"] == pytest.approx(empirical, rel=1e-10)
+    observed = float(batch["attention_mask"].sum()) / N
+    assert R["outputs"] == {"positions": [T], "mask": "attention_mask", "class_dim": -1,
+                            "observed_positions_per_input": pytest.approx(observed)}
+    # Without the mask the padding counts: a different Fisher, so the mask is what made it agree.
+    unmasked = report_mod.compute_report(model, report_mod.as_data(batch, "test"), variance_inputs=2, max_block=0,
+                                         progress=False)
+    assert unmasked["trace"]["exact"] > trace * 1.05
+
+
+def test_class_dim_1_reads_outputs_with_the_classes_in_dim_1():
+    """(batch, C, *positions) outputs, as F.cross_entropy takes them, give the report of the same outputs
+    with the classes last."""
+
+    class ClassesFirst(nn.Module):
+        def __init__(self, lm: nn.Module) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+            return self.lm(input_ids).movedim(-1, 1)
+
+    model, batch = _lm_and_data()
+    data = report_mod.as_data(batch, "test")
+    kw = {"mask": "attention_mask", "variance_inputs": 4, "max_block": 0, "progress": False}
+    first = report_mod.compute_report(ClassesFirst(model), data, class_dim=1, **kw)
+    last = report_mod.compute_report(model, data, **kw)
+    assert first["trace"]["exact"] == pytest.approx(last["trace"]["exact"], rel=1e-12)
+    assert first["trace"]["subset"]["var_hessian"] == pytest.approx(last["trace"]["subset"]["var_hessian"], rel=1e-10)
+    assert first["empirical"]["trace"] == pytest.approx(last["empirical"]["trace"], rel=1e-12)
+
+
+MASK_ERRORS = {
+    "no such key": (lambda b: b, "padding_mask", "has no entry 'padding_mask'"),
+    "tensor inputs": (lambda b: (b["input_ids"], b["labels"]), "attention_mask", "make --data return a dict"),
+    "wrong shape": (lambda b: {**b, "attention_mask": b["attention_mask"][:, :2]}, "attention_mask",
+                    "shape (12, 4)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_ERRORS))
+def test_a_mask_that_does_not_fit_is_refused_with_the_fix(case):
+    make, key, expected = MASK_ERRORS[case]
+    model, batch = _lm_and_data()
+    with pytest.raises(torchfim.TorchfimError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        report_mod.compute_report(model, report_mod.as_data(make(batch), "test"), mask=key, progress=False)
+
+
+def test_a_mask_for_outputs_without_positions_is_refused():
+    model = nn.Sequential(nn.Embedding(V, 3), nn.Flatten(), nn.Linear(3 * T, 2))
+    _, batch = _lm_and_data()
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+            return self.net(input_ids)
+
+    data = report_mod.as_data({k: v for k, v in batch.items() if k != "labels"}, "test")
+    with pytest.raises(torchfim.TorchfimError, match="no positions .* drop --mask"):
+        report_mod.compute_report(Keywords(), data, mask="attention_mask", progress=False)
+
+
+LM_MODULE = '''
+import torch
+from test_report_positions import TinyLM, _lm_and_data
+
+def model():
+    return _lm_and_data()[0].float()
+
+def data():
+    return _lm_and_data()[1]
+'''
+
+
+def test_the_command_line_takes_mask_and_class_dim(tmp_path, monkeypatch, capsys):
+    (tmp_path / "lmmod.py").write_text(LM_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["report", "--model", "lmmod:model", "--data", "lmmod:data", "--mask", "attention_mask",
+            "--variance-inputs", "4", "--max-block", "0", "--no-progress", "--out", "rep"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Outputs with 4 positions per input" in out and "mask attention_mask" in out
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "**Outputs with positions:** 4 per input (those where `attention_mask` is 0 left out" in text
+    assert "--mask attention_mask" in text  # the re-create command keeps it
+    assert cli.main([*args[:-1], "rep2", "--class-dim", "2"]) == 2  # argparse refuses other values

@@ -1,0 +1,90 @@
+"""How the report reads a model's outputs: one vector per input, or one per position (a language
+model's tokens), with an optional mask of the observed positions and the class dimension.
+
+With positions, every number of the report follows the library's normalisation: the Fisher of one
+input is the sum over its observed positions of ``Jₜᵀ Λₜ Jₜ``, the mean is over inputs, and the
+estimators draw one label per position. :attr:`OutputLayout.observed` (the mean number of observed
+positions per input) turns it into a per-token mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import TorchfimError
+from .data import Data
+
+__all__ = ["OutputLayout", "check_class_dim", "mask_of", "observed_per_input"]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """``positions``: the output's position shape, ``()`` for one output vector per input; ``mask``:
+    the key of the dict inputs that marks observed positions (None: all observed); ``class_dim``: ``-1``
+    (classes last) or ``1`` (``(batch, C, *positions)``); ``observed``: observed positions per input,
+    averaged over the inputs (1 without positions)."""
+
+    positions: tuple[int, ...] = ()
+    mask: str | None = None
+    class_dim: int = -1
+    observed: float = 1.0
+
+    def options(self, family) -> dict:
+        """The keyword arguments of every library call of the report: family, mask and class dim."""
+        return {"family": family, "mask": self.mask, "class_dim": self.class_dim}
+
+    def to_json(self) -> dict:
+        """The ``outputs`` entry of report.json."""
+        return {"positions": list(self.positions), "mask": self.mask, "class_dim": self.class_dim,
+                "observed_positions_per_input": self.observed}
+
+
+def check_class_dim(class_dim: object) -> int:
+    """``class_dim`` as an int, -1 or 1."""
+    if isinstance(class_dim, bool) or class_dim not in (-1, 1):
+        raise TorchfimError(
+            f"class_dim must be -1 (classes last: (batch, *positions, C)) or 1 ((batch, C, *positions), as "
+            f"F.cross_entropy takes them), got {class_dim!r}"
+        )
+    return int(class_dim)
+
+
+def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor | None:
+    """The observed positions ``(n, L)`` named by ``key`` (None without a key); errors name the fix."""
+    if key is None:
+        return None
+    if not positions:
+        raise TorchfimError(
+            f"--mask {key}: the model's outputs have no positions (one output vector per input), so "
+            "there is nothing to mask; drop --mask"
+        )
+    if not isinstance(data.inputs, dict):
+        raise TorchfimError(
+            f"--mask {key} names an entry of a dict of inputs, but the data's inputs are one tensor; make "
+            f"--data return a dict, e.g. {{'input_ids': ids, '{key}': mask}}"
+        )
+    if key not in data.inputs:
+        raise TorchfimError(
+            f"--mask {key}: the data has no entry {key!r} (it has {', '.join(map(repr, data.inputs))}); "
+            "pass the key of the padding mask, e.g. --mask attention_mask"
+        )
+    m = data.inputs[key]
+    want = (data.n, *positions)
+    if not isinstance(m, Tensor) or m.is_floating_point() and not bool(((m == 0) | (m == 1)).all()) \
+            or tuple(m.shape) != want:
+        got = f"shape {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+        raise TorchfimError(
+            f"--mask {key}: the mask must hold one 0/1 (or bool) per input and output position, shape "
+            f"{want}, got {got}; pass the padding mask of the tokens the outputs are at"
+        )
+    return m.bool().reshape(data.n, -1)
+
+
+def observed_per_input(keep: Tensor | None, positions: tuple[int, ...], n: int) -> float:
+    """Mean observed positions per input: the mask's count over ``n``, or all positions."""
+    if keep is None:
+        return float(torch.Size(positions).numel()) if positions else 1.0
+    return float(keep.sum()) / n
