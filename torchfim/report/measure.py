@@ -59,6 +59,9 @@ class Steps:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, disable=not progress, leave=False, unit="step", desc="report")
+        #: Whether the library's own bars show too: the Hessian estimator's sweeps over parameter entries,
+        #: minutes on a transformer, get one below the report's.
+        self.progress = progress
 
     def step(self, desc: str) -> None:
         """Name the step being computed."""
@@ -121,7 +124,8 @@ def _trace_variances(model: nn.Module, S: Inputs, opts: dict, with_hessian: bool
             out[key] = None
             continue
         steps.step(f"{key} {label}")
-        out[key] = json_float(fn(model, S, **opts, estimator=est, structure="trace"))
+        sweep = {"progress": steps.progress} if est == "hessian" else {}
+        out[key] = json_float(fn(model, S, **opts, estimator=est, structure="trace", **sweep))
         steps.done()
     return out
 
@@ -146,7 +150,7 @@ def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str],
     if with_hessian:
         steps.step("Σ diag Var Î2")
         diagvar_hessian = torchfim.fisher_variance(
-            model, S, **opts, estimator="hessian", structure="diag"
+            model, S, **opts, estimator="hessian", structure="diag", progress=steps.progress
         ).detach()
         steps.done()
     return {"diag_subset": diag_subset, "subset_total": subset_total, "subset_layers": subset_layers,
