@@ -63,11 +63,16 @@ def test_a_language_models_report_sums_its_observed_positions_as_the_float64_ora
     assert R["empirical"]["trace"] == pytest.approx(empirical, rel=1e-10)
     observed = float(batch["attention_mask"].sum()) / N
     assert R["outputs"] == {"positions": [T], "mask": "attention_mask", "class_dim": -1,
-                            "observed_positions_per_input": pytest.approx(observed)}
-    # Without the mask the padding counts: a different Fisher, so the mask is what made it agree.
+                            "observed_positions_per_input": pytest.approx(observed), "note": None}
+    # Without the mask the padding counts: a different Fisher, so the mask is what made it agree; the
+    # report says so and names the option.
     unmasked = report_mod.compute_report(model, report_mod.as_data(batch, "test"), variance_inputs=2, max_block=0,
                                          progress=False)
     assert unmasked["trace"]["exact"] > trace * 1.05
+    padded = int((batch["attention_mask"] == 0).sum())
+    assert unmasked["outputs"]["note"] == (
+        f"the data's attention_mask marks {padded} padded positions, which count here as observed; pass "
+        "--mask attention_mask to leave them out")
 
 
 def test_class_dim_1_reads_outputs_with_the_classes_in_dim_1():
@@ -149,4 +154,7 @@ def test_the_command_line_takes_mask_and_class_dim(tmp_path, monkeypatch, capsys
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "**Outputs with positions:** 4 per input (those where `attention_mask` is 0 left out" in text
     assert "--mask attention_mask" in text  # the re-create command keeps it
+    assert cli.main([*args[:5], "--variance-inputs", "4", "--max-block", "0", "--no-progress", "--out", "nomask"]) == 0
+    assert "Note: the data's attention_mask marks" in capsys.readouterr().out
+    assert "pass --mask attention_mask to leave them out." in (tmp_path / "nomask" / "report.md").read_text()
     assert cli.main([*args[:-1], "rep2", "--class-dim", "2"]) == 2  # argparse refuses other values

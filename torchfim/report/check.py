@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..engine.batch import IGNORE_INDEX
 from ..errors import TorchfimError
 from .data import Data
-from .outputs import OutputLayout, check_class_dim, mask_of, observed_per_input
+from .outputs import OutputLayout, check_class_dim, mask_of, observed_per_input, unmasked_padding_note
 
 __all__ = ["check_model_and_data"]
 
@@ -43,7 +43,8 @@ def check_model_and_data(
         o = o.movedim(1, -1)
     positions = tuple(o.shape[1:-1])
     keep = mask_of(data, mask, positions)
-    layout = OutputLayout(positions, mask, class_dim, observed_per_input(keep, positions, data.n))
+    note = unmasked_padding_note(data, positions) if mask is None else None
+    layout = OutputLayout(positions, mask, class_dim, observed_per_input(keep, positions, data.n), note)
     family = _family_of(fam, positions, None if keep is None else keep[: o.shape[0]])
     try:
         family.check_output(o.reshape(o.shape[0], -1) if positions else o)

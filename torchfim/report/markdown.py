@@ -46,7 +46,8 @@ def _positions_text(O: dict) -> str:
     return (f"{shape} per input ({masked}), each an independent observation: the Fisher of one input "
             "is the sum over its observed positions, the means are over inputs, and \"one label per "
             "input\" means one label drawn per position. Tr(F) divided by "
-            f"{O['observed_positions_per_input']:.4g} is the mean per observed position.")
+            f"{O['observed_positions_per_input']:.4g} is the mean per observed position."
+            + (f" Note: {O['note']}." if O.get("note") else ""))
 
 
 def _head(R: dict) -> list[str]:

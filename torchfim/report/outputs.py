@@ -17,7 +17,7 @@ from torch import Tensor
 from ..errors import TorchfimError
 from .data import Data
 
-__all__ = ["OutputLayout", "check_class_dim", "mask_of", "observed_per_input"]
+__all__ = ["OutputLayout", "check_class_dim", "mask_of", "observed_per_input", "unmasked_padding_note"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class OutputLayout:
     mask: str | None = None
     class_dim: int = -1
     observed: float = 1.0
+    #: What the reader should know about the positions (padding counted for want of ``--mask``), or None.
+    note: str | None = None
 
     def options(self, family) -> dict:
         """The keyword arguments of every library call of the report: family, mask and class dim."""
@@ -39,7 +41,7 @@ class OutputLayout:
     def to_json(self) -> dict:
         """The ``outputs`` entry of report.json."""
         return {"positions": list(self.positions), "mask": self.mask, "class_dim": self.class_dim,
-                "observed_positions_per_input": self.observed}
+                "observed_positions_per_input": self.observed, "note": self.note}
 
 
 def check_class_dim(class_dim: object) -> int:
@@ -88,3 +90,16 @@ def observed_per_input(keep: Tensor | None, positions: tuple[int, ...], n: int) 
     if keep is None:
         return float(torch.Size(positions).numel()) if positions else 1.0
     return float(keep.sum()) / n
+
+
+def unmasked_padding_note(data: Data, positions: tuple[int, ...]) -> str | None:
+    """A note when the dict inputs carry an ``attention_mask`` over the output positions with padding in
+    it, but no mask was given: the padded positions then count as observed."""
+    m = data.inputs.get("attention_mask") if isinstance(data.inputs, dict) and positions else None
+    if not isinstance(m, Tensor) or tuple(m.shape) != (data.n, *positions):
+        return None
+    padded = int((m == 0).sum())
+    if not padded:
+        return None
+    return (f"the data's attention_mask marks {padded} padded positions, which count here as observed; pass "
+            "--mask attention_mask to leave them out")

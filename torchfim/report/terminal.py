@@ -44,7 +44,7 @@ def summary_table(R: dict) -> str:
                    + (f" ({O['observed_positions_per_input']:.4g} observed on average, mask {O['mask']})"
                       if O["mask"] else "")
                    + ": sums over positions, one label per position.")
-    for note in (D.get("targets_note"), D.get("variance_inputs_note")):
+    for note in (D.get("targets_note"), D.get("variance_inputs_note"), O.get("note")):
         if note:
             out.append(f"Note: {note}.")
     if R["empirical"] is not None:
