@@ -158,3 +158,14 @@ def test_the_command_line_takes_mask_and_class_dim(tmp_path, monkeypatch, capsys
     assert "Note: the data's attention_mask marks" in capsys.readouterr().out
     assert "pass --mask attention_mask to leave them out." in (tmp_path / "nomask" / "report.md").read_text()
     assert cli.main([*args[:-1], "rep2", "--class-dim", "2"]) == 2  # argparse refuses other values
+
+
+@pytest.mark.parametrize("class_dim", [2, 0, True])
+def test_the_library_and_the_report_refuse_the_same_class_dims(class_dim):
+    """One check (``engine.view.check_class_dim``) serves both: -1 or 1, and not a bool."""
+    model, batch = _lm_and_data()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(torchfim.TorchfimError, match=r"class_dim must be -1 .* or 1 "):
+        torchfim.fisher(model, inputs, class_dim=class_dim)
+    with pytest.raises(torchfim.TorchfimError, match=r"class_dim must be -1 .* or 1 "):
+        report_mod.compute_report(model, report_mod.as_data(inputs, "test"), class_dim=class_dim, progress=False)

@@ -124,6 +124,17 @@ def check_output_map(output: object) -> None:
         raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
 
 
+def check_class_dim(class_dim: object) -> int:
+    """Refuse a ``class_dim`` other than -1 (classes last) or 1 (classes in dim 1, as ``F.cross_entropy``
+    takes them)."""
+    if isinstance(class_dim, bool) or class_dim not in (-1, 1):
+        raise TorchfimError(
+            f"class_dim must be -1 (classes last: (batch, *positions, C)) or 1 (classes in dim 1: "
+            f"(batch, C, *positions), as F.cross_entropy takes them), got {class_dim!r}"
+        )
+    return int(class_dim)
+
+
 def _embeddings_for_derivatives(copy: nn.Module) -> None:
     """On the engine's copy: refuse embeddings whose forward rescales rows of their trainable weight in
     place (``max_norm``: torchfim's check that no training step changes the weights during a computation
@@ -164,8 +175,7 @@ class ModelView:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_output_map(output)
-        if class_dim not in (-1, 1):
-            raise TorchfimError(f"class_dim must be -1 (classes last) or 1 (classes in dim 1), got {class_dim!r}")
+        check_class_dim(class_dim)
         self.user_model = model
         self.model = private_tree(model)
         if eval_mode and self.model is not model:

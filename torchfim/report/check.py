@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..engine.batch import IGNORE_INDEX
 from ..errors import TorchfimError
 from .data import Data
-from .outputs import OutputLayout, check_class_dim, mask_of, observed_per_input, unmasked_padding_note
+from .outputs import OutputLayout, mask_of, observed_per_input, unmasked_padding_note
 
 __all__ = ["check_model_and_data"]
 
@@ -23,9 +23,9 @@ def check_model_and_data(
     the family (``note`` then says so), else the data unchanged and None; and how the outputs are
     read (positions, the mask ``mask`` of the dict inputs, ``class_dim``).
     """
-    # The library's own check of the model's mode (the one torchfim.fisher applies), so the
-    # report refuses exactly what the library refuses: the one library internal the report uses.
-    from ..engine.view import check_mode
+    # The library's own checks of the model's mode and of class_dim (those torchfim.fisher applies),
+    # so that the report refuses exactly what the library refuses.
+    from ..engine.view import check_class_dim, check_mode
 
     if not isinstance(model, nn.Module):
         raise TorchfimError(

@@ -9,15 +9,15 @@ positions per input) turns it into a per-token mean.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
 from .data import Data
 
-__all__ = ["OutputLayout", "check_class_dim", "mask_of", "observed_per_input", "unmasked_padding_note"]
+__all__ = ["OutputLayout", "mask_of", "observed_per_input", "unmasked_padding_note"]
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,6 @@ class OutputLayout:
         """The ``outputs`` entry of report.json."""
         return {"positions": list(self.positions), "mask": self.mask, "class_dim": self.class_dim,
                 "observed_positions_per_input": self.observed, "note": self.note}
-
-
-def check_class_dim(class_dim: object) -> int:
-    """``class_dim`` as an int, -1 or 1."""
-    if isinstance(class_dim, bool) or class_dim not in (-1, 1):
-        raise TorchfimError(
-            f"class_dim must be -1 (classes last: (batch, *positions, C)) or 1 ((batch, C, *positions), as "
-            f"F.cross_entropy takes them), got {class_dim!r}"
-        )
-    return int(class_dim)
 
 
 def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor | None:
@@ -88,7 +78,7 @@ def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor |
 def observed_per_input(keep: Tensor | None, positions: tuple[int, ...], n: int) -> float:
     """Mean observed positions per input: the mask's count over ``n``, or all positions."""
     if keep is None:
-        return float(torch.Size(positions).numel()) if positions else 1.0
+        return float(math.prod(positions))
     return float(keep.sum()) / n
 
 
