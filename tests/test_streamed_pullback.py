@@ -10,6 +10,8 @@ the group budget ``per_module.GROUP_ELEMENTS`` is forced down too).
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from cases import CASES
@@ -22,6 +24,7 @@ from torchfim.engine import per_module, pullback
 from torchfim.engine.batch import make_batch
 from torchfim.engine.modules import Call
 from torchfim.engine.session import engine_pass
+from torchfim.errors import TorchfimError
 
 
 @pytest.fixture
@@ -31,9 +34,9 @@ def consumed(monkeypatch) -> list[int]:
     counts: list[int] = []
     original = pullback._consumed
 
-    def spy(output, calls, v, consumers):
+    def spy(output, calls, v, consumers, release):
         counts.append(len(consumers))
-        return original(output, calls, v, consumers)
+        return original(output, calls, v, consumers, release)
 
     monkeypatch.setattr(per_module, "STREAM_ELEMENTS", 0)
     monkeypatch.setattr(per_module, "GROUP_ELEMENTS", 1)
@@ -119,3 +122,63 @@ def test_the_taps_asked_for_are_those_with_no_tap_below_them() -> None:
     torch.testing.assert_close(result[1][0][0], want[1], rtol=0, atol=0)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+
+def _mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(),
+                               torch.nn.Linear(6, 3)).double()
+
+
+def test_the_score_estimator_frees_its_recording_in_its_pull_back(monkeypatch) -> None:
+    """Î1 with one label per input pulls each recording back once: that pull-back is told to release it,
+    the exact Fisher's (many vectors over one recording) is not."""
+    released: list[bool] = []
+    original = pullback.pull_back
+
+    def spy(output, calls, v, consumers=None, release=False):
+        released.append(release)
+        return original(output, calls, v, consumers, release)
+
+    monkeypatch.setattr(per_module, "STREAM_ELEMENTS", 0)
+    monkeypatch.setattr(per_module, "pull_back", spy)
+    model, x = _mlp(), torch.randn(7, 4, dtype=torch.float64)
+    for k in (1, 3):  # three vectors go back in one group: its pull-back is the last too
+        released.clear()
+        torchfim.fisher(model, x, estimator="score", structure="diag", n_samples=k,
+                        generator=torch.Generator().manual_seed(0))
+        assert released[-1] and released.count(True) == 1, released  # before it: the rules' coverage check
+    released.clear()
+    torchfim.fisher(model, x, structure="diag")
+    assert released and not any(released), released
+
+
+def test_a_released_pull_back_frees_each_layer_as_the_backward_passes_it(monkeypatch) -> None:
+    """While the backward runs, the inputs of the layers it has passed are gone (as in an ordinary
+    backward), the products equal those of a recording kept to the end, and the spent recording
+    refuses to be used again."""
+    monkeypatch.setattr(per_module, "STREAM_ELEMENTS", 0)
+    model, x = _mlp(), torch.randn(7, 4, dtype=torch.float64)
+    v = torch.randn(7, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with engine_pass(model, "modules") as p:
+        batch = make_batch(x, None, p.view.device, p.view.dtype)
+        kept = p.backend.squares(p.backend.record(batch), v)
+        rec = p.backend.record(batch)
+        inputs = [weakref.ref(call.args[0]) for _, call in rec.calls]  # of the layers 0, 2 and 4
+        alive_at_first_layer: list[list[bool]] = []
+        rule, first = rec.calls[0]
+        squares = rule.squares
+
+        def spying(call, sens):  # the first layer is the last the backward reaches
+            if call is first:
+                alive_at_first_layer.append([ref() is not None for ref in inputs])
+            return squares(call, sens)
+
+        monkeypatch.setattr(rule, "squares", spying)
+        released = p.backend.squares(rec, v, last=True)
+        assert alive_at_first_layer == [[True, False, False]]  # the input x stays: the batch holds it
+        for i, sq in kept.items():
+            torch.testing.assert_close(released[i], sq, rtol=1e-13, atol=0)
+        assert rec.released and all(not call.args and not call.taps for _, call in rec.calls)
+        with pytest.raises(TorchfimError, match="used after its last pull-back"):
+            p.backend.squares(rec, v)

@@ -41,15 +41,16 @@ def add_estimate(
 ) -> None:
     """Add one mini-batch's sum over inputs of ``estimator`` to ``structure``.
 
-    ``combined`` needs two structures: use :func:`add_shared_label_estimates`.
+    ``combined`` needs two structures: use :func:`add_shared_label_estimates`. For ``score`` and
+    ``empirical`` this is ``rec``'s last use: the backend may free it on the way.
     """
     o = rec.values
     if estimator in ("exact", "hessian"):
         _add_exact(backend, rec, fam, structure)
     elif estimator == "score":
-        backend.add_products(rec, sampled_scores(fam, o, k, generator).to(o.dtype), structure, 1.0 / k)
+        backend.add_products(rec, sampled_scores(fam, o, k, generator).to(o.dtype), structure, 1.0 / k, last=True)
     elif estimator == "empirical":
-        backend.add_products(rec, _true_scores(fam, rec, o).to(o.dtype), structure)
+        backend.add_products(rec, _true_scores(fam, rec, o).to(o.dtype), structure, last=True)
     else:
         raise TorchfimError(f"internal: estimator {estimator!r} needs add_shared_label_estimates")
     if estimator == "hessian":

@@ -85,8 +85,9 @@ class Backend(ABC):
         chunk holds all ``m`` vectors (for quantities that mix the vectors of one sample).
         """
 
-    def squares(self, rec: Recording, v: Tensor) -> Pieces:
-        """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, per parameter tensor (flat)."""
+    def squares(self, rec: Recording, v: Tensor, last: bool = False) -> Pieces:
+        """``Σᵢⱼ (Jᵢᵀ v_ij)²`` entrywise, per parameter tensor (flat). ``last``: no product is asked of
+        ``rec`` after this one, so a backend may free the recorded forward as the backward goes."""
         total: Pieces = {}
         for _, _, piece in self.pieces(rec, v):
             for i, g in piece.items():
@@ -107,10 +108,12 @@ class Backend(ABC):
         """``∂²o_a(xᵢ)/∂θ_p∂θ_q`` for ``p`` in ``columns``: ``(m, B, C, P)``."""
 
     # ------------------------------------------------------------------ first order
-    def add_products(self, rec: Recording, v: Tensor, structure: Structure, scale: float = 1.0) -> None:
-        """Add ``scale · Σᵢⱼ (Jᵢᵀ v_ij)(Jᵢᵀ v_ij)ᵀ`` for ``v`` (B, m, C) in ``structure``'s kind."""
+    def add_products(self, rec: Recording, v: Tensor, structure: Structure, scale: float = 1.0,
+                     last: bool = False) -> None:
+        """Add ``scale · Σᵢⱼ (Jᵢᵀ v_ij)(Jᵢᵀ v_ij)ᵀ`` for ``v`` (B, m, C) in ``structure``'s kind;
+        ``last``: ``rec``'s last use (see :meth:`squares`)."""
         if structure.product == "squares":
-            for i, sq in self.squares(rec, v).items():
+            for i, sq in self.squares(rec, v, last).items():
                 structure.add_squares(i, sq, scale)
             return
         for _, _, piece in self.pieces(rec, v):

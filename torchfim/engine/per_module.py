@@ -267,12 +267,14 @@ class PerModuleBackend(Backend):
         self.rules = self._build_rules(self.moved)
 
     # --------------------------------------------------------------- sensitivities
-    def _sensitivities(self, rec: ModuleRecording, v: Tensor,
-                       consumers: dict[int, Consumer] | None = None) -> list[list[Tensor | None]]:
+    def _sensitivities(self, rec: ModuleRecording, v: Tensor, consumers: dict[int, Consumer] | None = None,
+                       release: bool = False) -> list[list[Tensor | None]]:
         """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)`` (None where the vectors do not reach);
-        the calls of ``consumers`` get theirs handed over during the backward (:func:`.pullback.pull_back`)."""
+        ``consumers`` and ``release`` as in :func:`.pullback.pull_back`."""
+        if rec.released:
+            raise TorchfimError("internal: a recording was used after its last pull-back released it")
         try:
-            return pull_back(rec.output, [call for _, call in rec.calls], v, consumers)
+            return pull_back(rec.output, [call for _, call in rec.calls], v, consumers, release)
         except RuntimeError as err:  # autograd saw a parameter updated in place since the forward
             if "modified by an inplace operation" in str(err):
                 raise TorchfimError(PARAMETERS_CHANGED) from None
@@ -330,10 +332,12 @@ class PerModuleBackend(Backend):
             yield rows, rule.grads(call, s, rows)
 
     def _walk(self, rec: ModuleRecording, v: Tensor, fast: Callable[[Rule, Call, list], object | None],
-              on_fast: Callable[[slice, object], None], on_grads: Callable[[slice, slice, Pieces], None]) -> None:
+              on_fast: Callable[[slice, object], None], on_grads: Callable[[slice, slice, Pieces], None],
+              last: bool = False) -> None:
         """Every call's products for ``v``: a rule's shortcut ``fast`` where it has one and the call is
         its parameters' only use (``on_fast(vecs, result)``), else per-sample gradients in chunks
-        (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first."""
+        (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first.
+        ``last``: the recording's last use, whose final pull-back frees it as it goes."""
         streamed = self._streamed(rec)
         for vecs in self._groups(rec, v.shape[1], False):
             m = vecs.stop - vecs.start
@@ -347,7 +351,7 @@ class PerModuleBackend(Backend):
                     on_grads(rows, vecs, grads)
 
             consumers = {k: _handed_to(visit, *rec.calls[k]) for k in streamed} if m == 1 else {}
-            sens = self._sensitivities(rec, v[:, vecs], consumers)
+            sens = self._sensitivities(rec, v[:, vecs], consumers, release=last and vecs.stop == v.shape[1])
             shared: set[int] = set()
             for (rule, call), s in zip(rec.calls, sens):
                 if all(t is None for t in s):
@@ -361,8 +365,10 @@ class PerModuleBackend(Backend):
                 for start in range(0, rec.batch.size, step):
                     rows = slice(start, min(rec.batch.size, start + step))
                     on_grads(rows, vecs, self._summed(rec, sens, rows, shared))
+        if last:
+            rec.release()
 
-    def squares(self, rec: ModuleRecording, v: Tensor) -> Pieces:
+    def squares(self, rec: ModuleRecording, v: Tensor, last: bool = False) -> Pieces:
         total: Pieces = {}
 
         def add(i: int, sq: Tensor) -> None:
@@ -376,7 +382,7 @@ class PerModuleBackend(Backend):
             for i, g in grads.items():
                 add(i, as_float(g).square_().sum((0, 1)))  # a float16 sum overflows
 
-        self._walk(rec, v, lambda r, c, s: r.squares(c, s), from_fast, from_grads)
+        self._walk(rec, v, lambda r, c, s: r.squares(c, s), from_fast, from_grads, last)
         return total
 
     def sample_squares(self, rec: ModuleRecording, v: Tensor) -> Tensor:

@@ -35,6 +35,14 @@ class ModuleRecording(Recording):
         self.calls = calls
         #: Numbers one vector's pull-back records: the taps of every call.
         self.tap_elements = sum(t.numel() for _, call in calls for t in call.taps)
+        #: Whether its last pull-back has freed the forward (:meth:`release`): no product can be asked of it.
+        self.released = False
+
+    def release(self) -> None:
+        """Free what the calls hold; later use is refused (:meth:`.per_module.PerModuleBackend._sensitivities`)."""
+        for _, call in self.calls:
+            call.release()
+        self.released = True
 
 
 def may_attend(model: nn.Module) -> bool:

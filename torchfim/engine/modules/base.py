@@ -40,6 +40,11 @@ class Call:
     #: autograd gives them would count again the paths inside the call to the read output.
     unread: frozenset[int] = frozenset()
 
+    def release(self) -> None:
+        """Drop the call's inputs, taps and cache (its recording's last pull-back has used them)."""
+        self.args, self.kwargs, self.taps = (), {}, []
+        self.cache.clear()
+
 
 class Rule:
     """Per-sample products of one module's own parameters; subclasses implement :meth:`grads`.
