@@ -68,7 +68,22 @@ def oracle(case: Case, family: str) -> dict[str, torch.Tensor]:
     res["var_hessian"] = scale * torch.einsum("napq,nab,nbpq->pq", hess, lam, hess)
     traces = torch.einsum("naii->na", hess)
     res["var_hessian_trace"] = scale * torch.einsum("na,nab,nb->", traces, lam, traces)
+    res["hessian_traces"] = {name: torch.diagonal(hess, dim1=-2, dim2=-1)[..., span].sum(-1)
+                             for name, span in _spans(model).items()}  # d_t: (n, L·C)
+    res["output_grams"] = {name: torch.einsum("nap,nbp->nab", jac[..., span], jac[..., span])
+                           for name, span in _spans(model).items()}  # G_t: (n, L·C, L·C)
+    res["output_fisher"], res["m4"] = lam, m4
     return res
+
+
+def _spans(model: torch.nn.Module) -> dict[str, slice]:
+    """Where each trainable parameter tensor sits in the oracle's flat θ."""
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = slice(start, start + p.numel())
+            start += p.numel()
+    return out
 
 
 def _view(full: torch.Tensor, structure: str, model: torch.nn.Module):

@@ -383,6 +383,39 @@ def test_large_models_get_a_smaller_subset_then_no_hessian_variances(tmp_path, m
     assert R["data"]["variance_inputs"] == 10 and R["trace"]["subset"]["var_hessian"] is not None
 
 
+@pytest.mark.parametrize("hessian,targets", [(True, True), (False, False)])
+def test_the_progress_bar_ends_at_its_total(monkeypatch, hessian, targets):
+    """Every step the report takes is counted in the bar's total, with and without Î2 and targets."""
+    from torchfim.report import measure
+
+    seen: list[tuple[int, int]] = []
+    init, done, close = measure.Steps.__init__, measure.Steps.done, measure.Steps.close
+
+    def counting_init(self, total, progress):
+        init(self, total, progress)
+        self.total, self.count = total, 0
+
+    def counting_done(self):
+        self.count += 1
+        done(self)
+
+    def recording_close(self):
+        seen.append((self.count, self.total))
+        close(self)
+
+    monkeypatch.setattr(measure.Steps, "__init__", counting_init)
+    monkeypatch.setattr(measure.Steps, "done", counting_done)
+    monkeypatch.setattr(measure.Steps, "close", recording_close)
+    if not hessian:
+        monkeypatch.setattr(report_settings, "HESSIAN_BUDGET", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    R = report_mod.compute_report(model, report_mod.Data(X, y if targets else None, "test"), progress=False)
+    assert (R["trace"]["subset"]["var_hessian"] is not None) == hessian
+    assert len(seen) == 1 and seen[0][0] == seen[0][1] > 0, seen
+
+
 # ----------------------------------------------- --out holds other files (issue 11): never touched
 SMALL = ["--model", "umod:make", "--variance-inputs", "8", "--max-block", "0", "--no-progress"]
 USER_FILES = {"notes.txt": b"keep me\n", "thesis.tex": b"\\documentclass{article}\n", "runs/a.json": b"{}\n"}

@@ -67,17 +67,20 @@ class ScoreVariance(StructureVisitor):
         self.scale = _bound_scale(fam, self.o, mode)
 
     def trace(self, structure: Trace) -> None:
-        o, fam, mode, scale = self.o, self.fam, self.mode, self.scale
-        gram = self.engine.output_gram(self.rec)
+        structure.add_squares(0, self.trace_terms(slice(None), self.engine.output_gram(self.rec)).sum())
+
+    def trace_terms(self, rows: slice, gram: Tensor) -> Tensor:
+        """Per input of ``rows``, ``E[(uᵀGu)²] − (tr ΛG)²`` (or its bound) for its output gram ``G`` (b, C, C)."""
+        o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
         if mode == "exact":
             second = fam.quadratic_moment(o, gram)
         elif mode == "spectral":
-            second = scale * gram.square().sum((1, 2))
+            second = self.scale[rows] * gram.square().sum((1, 2))
         else:
-            second = scale * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
-        structure.add_squares(0, (second - trace_i**2).sum())
+            second = self.scale[rows] * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
+        return second - trace_i**2
 
     def diag(self, structure: Diag) -> None:
         o, fam, mode, scale = self.o, self.fam, self.mode, self.scale

@@ -202,9 +202,10 @@ class Backend(ABC):
         """
         return self.curved(batch)
 
-    def unit_hessian_traces(self, batch: Batch) -> Tensor | None:
-        """``Σ_p ∂²o(xᵢ)/∂θ_p²`` over the factored parameters, ``(B, C)``; None when there are none."""
-        return None
+    def unit_hessian_traces(self, batch: Batch) -> Pieces:
+        """Per factored parameter tensor, ``Σ_{p in it} ∂²o(xᵢ)/∂θ_p²`` as ``(B, C)`` (none in the
+        base backend)."""
+        return {}
 
     def unit_hessian_terms(self, batch: Batch, fn: EntryFn, power: int) -> Pieces:
         """Per entry of the factorable parameters, ``Σᵢ fn(∂²o(xᵢ)/∂θ_p²)`` for ``fn`` homogeneous of
@@ -233,24 +234,35 @@ class Backend(ABC):
 
         ``fn(rows, d)`` maps ``(b, n, C)`` to ``(b, n)`` and is homogeneous of degree 2 in ``d``.
         """
-        rest = self.unfactored(batch)
-        total = self.unit_hessian_terms(batch, fn, 4)
-        for i, columns in self.direction_chunks(batch, rest):
-            diagonals = self.output_hessian_diagonals(batch, columns)  # (m, B, C)
-            values = fn(slice(None), diagonals.transpose(0, 1)).sum(0)
-            local = total.setdefault(i, torch.zeros(self.layout.sizes[i], dtype=values.dtype, device=values.device))
-            local[columns - self.layout.offsets[i]] += values
-        return total
+        return self.output_hessian_sweep(batch, 0, fn)[0]
 
     def output_hessian_traces(self, batch: Batch, width: int) -> Tensor:
         """Per input ``dᵢ = tr ∇²_θ o(xᵢ)`` over the trainable parameters: ``(B, C)``."""
-        total = torch.zeros(batch.size, width, dtype=_wide(self.layout.dtype), device=self.layout.device)
-        traces = self.unit_hessian_traces(batch)
-        if traces is not None:
-            total += traces
-        for _, columns in self.direction_chunks(batch, self.unfactored(batch)):
-            total += self.output_hessian_diagonals(batch, columns).sum(0)
-        return total
+        return self.output_hessian_sweep(batch, width)[1][:, 0]
+
+    def output_hessian_sweep(self, batch: Batch, width: int, fn: EntryFn | None = None,
+                             by_tensor: bool = False) -> tuple[Pieces, Tensor]:
+        """One sweep over the output-Hessian diagonals ``d_p(xᵢ) = ∂²o(xᵢ)/∂θ_p²`` of every curved entry.
+
+        Returns per entry ``Σᵢ fn(d_p(xᵢ))`` as :meth:`hessian_diagonal_terms` (none without ``fn``),
+        and the traces ``Σ_p d_p(xᵢ)`` per input, ``(B, 1, width)``, or with ``by_tensor`` per input
+        and parameter tensor, ``(B, T, width)`` (a tensor's sum over its own entries). ``width`` is
+        the outputs' ``C`` (0 where the traces are not wanted).
+        """
+        slots = len(self.layout.names) if by_tensor else 1
+        traces = torch.zeros(batch.size, slots, width, dtype=_wide(self.layout.dtype), device=self.layout.device)
+        for i, d in self.unit_hessian_traces(batch).items() if width else ():
+            traces[:, i if by_tensor else 0] += d
+        total = self.unit_hessian_terms(batch, fn, 4) if fn is not None else {}
+        for i, columns in self.direction_chunks(batch, self.unfactored(batch)):
+            diagonals = self.output_hessian_diagonals(batch, columns)  # (m, B, C)
+            if width:
+                traces[:, i if by_tensor else 0] += diagonals.sum(0)
+            if fn is not None:
+                values = fn(slice(None), diagonals.transpose(0, 1)).sum(0)
+                local = total.setdefault(i, torch.zeros(self.layout.sizes[i], dtype=values.dtype, device=values.device))
+                local[columns - self.layout.offsets[i]] += values
+        return total, traces
 
 
 @contextmanager

@@ -482,7 +482,7 @@ class PerModuleBackend(Backend):
     def unit_hessian_terms(self, batch: Batch, fn: EntryFn, power: int) -> Pieces:
         return self._units(batch).terms(fn, power)
 
-    def unit_hessian_traces(self, batch: Batch) -> Tensor | None:
+    def unit_hessian_traces(self, batch: Batch) -> Pieces:
         return self._units(batch).traces()
 
     def hessian_columns(self, batch: Batch, w: Tensor, columns: Tensor) -> Tensor:

@@ -88,13 +88,13 @@ class UnitHessians:
                 total[rule.params["bias"]] = t.sum(0)
         return total
 
-    def traces(self) -> Tensor | None:
-        """``Σ_p ∂²o(xᵢ)/∂θ_p²`` over the factored parameters: ``(B, C)``; None without any."""
-        if not self.layers:
-            return None
-        total = 0
+    def traces(self) -> Pieces:
+        """Per factored parameter tensor, ``Σ_{p in it} ∂²o(xᵢ)/∂θ_p²``: ``(B, C)``."""
+        total: Pieces = {}
         for (rule, _), a, d in zip(self.layers, self.inputs, self.diagonals()):
-            weight = a.square().sum(1) if "weight" in rule.params else torch.zeros_like(a[:, 0])
-            bias = 1.0 if "bias" in rule.params else 0.0
-            total = total + torch.einsum("ncu,n->nc", d.to(a.dtype), weight + bias)
+            by_unit = d.to(a.dtype).sum(-1)  # Σ_u ∂²o/∂z_u²
+            if "weight" in rule.params:
+                total[rule.params["weight"]] = by_unit * a.square().sum(1).unsqueeze(1)
+            if "bias" in rule.params:
+                total[rule.params["bias"]] = by_unit
         return total

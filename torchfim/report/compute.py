@@ -57,18 +57,15 @@ def compute_report(
     return assemble(model, data, layout, setup, measured, timings)
 
 
-def _total_steps(layout: Layout, setup: Setup, has_targets: bool) -> int:
-    L = len(layout.names)
-    per_variance = 4 if setup.with_hessian else 2
-    return (4 + L + 1 + per_variance * (L + 1) + (2 if setup.with_hessian else 1) + len(setup.spectrum_layers)
-            + (1 if has_targets else 0))
+def _total_steps(setup: Setup, has_targets: bool) -> int:
+    return 4 + 3 + (1 if setup.with_hessian else 0) + len(setup.spectrum_layers) + (1 if has_targets else 0)
 
 
 def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, progress: bool) -> tuple[dict, dict]:
     """The four measurement parts in turn, with their wall-clock seconds."""
     X, names, opts = data.inputs, layout.names, setup.outputs.options(fam)
     timings: dict[str, float] = {}
-    steps = Steps(_total_steps(layout, setup, data.targets is not None), progress)
+    steps = Steps(_total_steps(setup, data.targets is not None), progress)
     try:
         t0 = time.perf_counter()
         measured = measure_trace(model, X, opts, names, setup.n_samples, setup.seed, steps)

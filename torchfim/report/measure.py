@@ -5,7 +5,8 @@ inputs (:func:`measure_trace`); the variances and bounds of Î1 and Î2 on the v
 (:func:`measure_variances`); the eigenvalues of the per-layer exact blocks
 (:func:`measure_spectra`); the empirical Fisher with the true targets (:func:`measure_empirical`).
 A "layer" is one parameter tensor; its quantities are those of the model with every other
-parameter frozen (:func:`only_trainable`), which makes θ that one tensor.
+parameter frozen, which makes θ that one tensor (:func:`only_trainable` for its spectrum; its trace
+variances come with the model's from one pass, :mod:`torchfim.trace_summary`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def measure_trace(model: nn.Module, X: Inputs, opts: dict, names: list[str], k: 
     """Tr(F) and diag(F) exact on all inputs, one score estimate with ``k`` labels (seed + 1), and
     the one-label variance of the trace estimator Î1, for the model and for each layer alone."""
     import torchfim
+    from torchfim.trace_summary import score_trace_variances
 
     steps.step("Tr(F) exact")
     trace_exact = torchfim.fisher(model, X, **opts, structure="trace")
@@ -93,68 +95,46 @@ def measure_trace(model: nn.Module, X: Inputs, opts: dict, names: list[str], k: 
         generator=torch.Generator().manual_seed(seed + 1),
     ).detach()
     steps.done()
-    steps.step("Var Tr Î1 (all inputs)")
-    var1_all = json_float(torchfim.fisher_variance(model, X, **opts, estimator="score", structure="trace"))
+    steps.step("Var Tr Î1 (all inputs), the model and each tensor")
+    var1 = score_trace_variances(model, X, **opts, bounds=False)
     steps.done()
-    layer_var1_all = []
-    for name in names:
-        steps.step(f"Var Tr Î1 {name}")
-        with only_trainable(model, name):
-            layer_var1_all.append(
-                json_float(torchfim.fisher_variance(model, X, **opts, estimator="score", structure="trace"))
-            )
-        steps.done()
     return {"trace_exact": trace_exact, "diag_exact": diag_exact, "diag_score": diag_score,
-            "var1_score_all": var1_all, "layer_var1_score_all": layer_var1_all}
-
-
-def _trace_variances(model: nn.Module, S: Inputs, opts: dict, with_hessian: bool, label: str, steps: Steps) -> dict:
-    """Exact variances and upper bounds of the trace estimators Î1 and Î2 (one label per input);
-    the Î2 entries are None without ``with_hessian``."""
-    import torchfim
-
-    out: dict[str, float | None] = {}
-    for key, fn, est in (
-        ("var_score", torchfim.fisher_variance, "score"),
-        ("bound_score", torchfim.variance_bound, "score"),
-        ("var_hessian", torchfim.fisher_variance, "hessian"),
-        ("bound_hessian", torchfim.variance_bound, "hessian"),
-    ):
-        if est == "hessian" and not with_hessian:
-            out[key] = None
-            continue
-        steps.step(f"{key} {label}")
-        sweep = {"progress": steps.progress} if est == "hessian" else {}
-        out[key] = json_float(fn(model, S, **opts, estimator=est, structure="trace", **sweep))
-        steps.done()
-    return out
+            "var1_score_all": json_float(var1.variance),
+            "layer_var1_score_all": [json_float(var1.tensor_variances[name]) for name in names]}
 
 
 def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str], with_hessian: bool, steps: Steps) -> dict:
     """On the subset ``S``: diag(F), the trace estimators' variances and bounds for the model and
-    each layer alone, and the diagonals of Var(Î1) and Var(Î2) (the latter None without Î2)."""
+    each layer alone, and the diagonals of Var(Î1) and Var(Î2) (the Î2 figures None without Î2).
+    The trace figures of each estimator come from one pass over ``S`` (:mod:`torchfim.trace_summary`)."""
     import torchfim
+    from torchfim.trace_summary import hessian_trace_variances, score_trace_variances
 
     steps.step("diag(F) on the subset")
     diag_subset = torchfim.fisher(model, S, **opts, structure="diag").detach()
     steps.done()
-    subset_total = _trace_variances(model, S, opts, with_hessian, "(model)", steps)
-    subset_layers = []
-    for name in names:
-        with only_trainable(model, name):
-            subset_layers.append(_trace_variances(model, S, opts, with_hessian, name, steps))
+    steps.step("Var Tr Î1 and its bound, the model and each tensor")
+    summaries = {"score": score_trace_variances(model, S, **opts)}
+    steps.done()
     steps.step("Σ diag Var Î1")
     diagvar_score = torchfim.fisher_variance(model, S, **opts, estimator="score", structure="diag").detach()
     steps.done()
-    diagvar_hessian = None
     if with_hessian:
-        steps.step("Σ diag Var Î2")
-        diagvar_hessian = torchfim.fisher_variance(
-            model, S, **opts, estimator="hessian", structure="diag", progress=steps.progress
-        ).detach()
+        steps.step("Var Î2: traces and diagonal")
+        summaries["hessian"] = hessian_trace_variances(model, S, **opts, progress=steps.progress)
         steps.done()
+    subset_total: dict[str, float | None] = {}
+    subset_layers: list[dict[str, float | None]] = [{} for _ in names]
+    for est in ("score", "hessian"):
+        got = summaries.get(est)
+        subset_total[f"var_{est}"] = json_float(got.variance) if got else None
+        subset_total[f"bound_{est}"] = json_float(got.bound) if got else None
+        for name, layer in zip(names, subset_layers):
+            layer[f"var_{est}"] = json_float(got.tensor_variances[name]) if got else None
+            layer[f"bound_{est}"] = json_float(got.tensor_bounds[name]) if got and got.tensor_bounds else None
+    hessian = summaries.get("hessian")
     return {"diag_subset": diag_subset, "subset_total": subset_total, "subset_layers": subset_layers,
-            "diagvar_score": diagvar_score, "diagvar_hessian": diagvar_hessian}
+            "diagvar_score": diagvar_score, "diagvar_hessian": hessian.diag_variance if hessian else None}
 
 
 def measure_spectra(

@@ -1,0 +1,144 @@
+"""Variances of the trace estimators for the model and for each parameter tensor alone, in one pass.
+
+``torchfim report`` shows, for the model and for each parameter tensor ``t`` alone (what the public
+functions give with only ``t`` trainable), the variance of the trace estimators Î1 and Î2 with one
+label per input and the tightest bound on it. Called per tensor, the public functions take one
+pass over the data per tensor and per bound, and for Î2 one sweep of the output-Hessian diagonals
+``d_p(xᵢ) = ∂²o(xᵢ)/∂θ_p²`` each (one forward-over-forward pass per entry: minutes on a
+transformer). Every one of these figures is a sum over inputs of a function of quantities that add
+over tensors (docs/math.md §3, ``1/n²`` as the public functions):
+
+* Î1: the output gram ``Gᵢ = Σ_t G_t(xᵢ)``, ``G_t = J_t J_tᵀ`` over the columns of ``t``;
+  ``E[(uᵀGu)²] − (tr ΛG)²`` and its bounds (:meth:`.variance.ScoreVariance.trace_terms`);
+* Î2: the trace vector ``dᵢ = Σ_t d_t(xᵢ)``, ``d_t = Σ_{p in t} d_p``; ``dᵀΛd`` and its bound
+  ``λ_max(Λ) ‖d‖²`` (:meth:`.variance.HessianVariance.quadratic`), and the diagonal
+  ``Var(Î2)_pp = (1/n²) Σᵢ d_pᵀ Λᵢ d_p`` from the same sweep.
+
+So :func:`score_trace_variances` takes one pass (each chunk of inputs: the per-tensor grams, one at
+a time, and their sum) and :func:`hessian_trace_variances` one sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._batches import Inputs
+from .engine import check_finite_result
+from .engine.backend import second_order_support
+from .engine.session import engine_pass
+from .engine.view import Mask
+from .families import Family, get_family
+from .structures import Layout
+from .variance import HessianVariance, ScoreVariance
+
+
+@dataclass
+class TraceVariances:
+    """Variances of a trace estimator (one label per input), in the model's dtype; the bounds are the
+    tightest that :func:`torchfim.variance_bound` gives (None where not asked for)."""
+
+    variance: Tensor  # of the model's trace estimator, 0-dim
+    bound: Tensor | None
+    tensor_variances: dict[str, Tensor]  # per parameter tensor alone
+    tensor_bounds: dict[str, Tensor] | None
+    diag_variance: Tensor | None = None  # Var(Î2)_pp (a P-vector), from the Hessian sweep only
+
+
+class _Sums:
+    """Running sums over inputs: one entry for the model and one per parameter tensor, per quantity."""
+
+    def __init__(self, layout: Layout, keys: tuple[str, ...]) -> None:
+        self.layout = layout
+        self.total = {key: layout.zeros() for key in keys}
+        self.tensors = {key: layout.zeros(len(layout.names)) for key in keys}
+
+    def result(self, n: int, bounded: bool, diag: Tensor | None = None) -> TraceVariances:
+        n2, dtype, names = float(n) ** 2, self.layout.dtype, self.layout.names
+        total = {key: (value / n2).to(dtype) for key, value in self.total.items()}
+        tensors = {key: dict(zip(names, (value / n2).to(dtype).unbind())) for key, value in self.tensors.items()}
+        diag = None if diag is None else (diag / n2).to(dtype)
+        check_finite_result({**total, **({"diag": diag} if diag is not None else {})},
+                            "a variance of a trace estimator", dtype)
+        return TraceVariances(total["var"], total["bound"] if bounded else None, tensors["var"],
+                              tensors["bound"] if bounded else None, diag)
+
+
+def score_trace_variances(
+    model: nn.Module, inputs: Inputs, family: str | Family = "categorical", *, bounds: bool = True,
+    backend: str = "auto", progress: bool = False, mask: Mask = None,
+    output: Callable[[object], Tensor] | None = None, class_dim: int = -1,
+) -> TraceVariances:
+    """``Var(Tr Î1)`` and (with ``bounds``) its tightest bound, for the model and for each tensor alone,
+    in one pass; arguments as in :func:`torchfim.fisher_variance`.
+
+    Example:
+        >>> import torch, torchfim
+        >>> from torchfim.trace_summary import score_trace_variances
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> x = torch.randn(16, 4, dtype=torch.float64)
+        >>> s = score_trace_variances(model, x)
+        >>> want = torchfim.variance_bound(model, x, structure="trace")
+        >>> bool(torch.isclose(s.bound, want)), sorted(s.tensor_variances)
+        (True, ['0.bias', '0.weight', '2.bias', '2.weight'])
+    """
+    fam = get_family(family)
+    modes = ("exact", "spectral", "kurtosis") if bounds else ("exact",)
+    with engine_pass(model, backend, output, class_dim) as one:
+        sums = _Sums(one.view.layout, ("var", *modes[1:]))
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True):
+            forms = [ScoreVariance(one.backend, rec, fam_b, mode) for mode in modes]
+            for rows, piece in one.backend.jacobian_pieces(rec):
+                gram = None
+                for i, g in piece.items():
+                    own = g @ g.transpose(1, 2)  # G_t (b, C, C)
+                    gram = own if gram is None else gram + own
+                    for key, form in zip(sums.tensors, forms):
+                        sums.tensors[key][i] += form.trace_terms(rows, own).sum().to(sums.tensors[key].dtype)
+                for key, form in zip(sums.total, forms):
+                    if gram is not None:
+                        sums.total[key] += form.trace_terms(rows, gram).sum().to(sums.total[key].dtype)
+        if bounds:  # the tightest bound, as variance_bound takes it: the smaller sum over inputs
+            for part in (sums.total, sums.tensors):
+                part["bound"] = torch.minimum(part.pop("spectral"), part.pop("kurtosis"))
+        return sums.result(one.n, bounds)
+
+
+def hessian_trace_variances(
+    model: nn.Module, inputs: Inputs, family: str | Family = "categorical", *, backend: str = "auto",
+    progress: bool = False, mask: Mask = None, output: Callable[[object], Tensor] | None = None,
+    class_dim: int = -1,
+) -> TraceVariances:
+    """``Var(Tr Î2)`` and its bound for the model and for each tensor alone, and the diagonal
+    ``Var(Î2)_pp``, from one sweep; arguments as in :func:`torchfim.fisher_variance`.
+
+    Example:
+        >>> import torch, torchfim
+        >>> from torchfim.trace_summary import hessian_trace_variances
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> x = torch.randn(16, 4, dtype=torch.float64)
+        >>> s = hessian_trace_variances(model, x)
+        >>> want = torchfim.fisher_variance(model, x, estimator="hessian", structure="trace")
+        >>> bool(torch.isclose(s.variance, want)), s.diag_variance.shape
+        (True, torch.Size([67]))
+    """
+    fam = get_family(family)
+    with engine_pass(model, backend, output, class_dim) as one:
+        layout = one.view.layout
+        sums, diag = _Sums(layout, ("var", "bound")), layout.zeros(layout.num_params)
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[hessian]", split=True):
+            forms = [HessianVariance(one.backend, rec, fam_b, mode) for mode in ("exact", "spectral")]
+            o = rec.values
+            with second_order_support():
+                terms, traces = one.backend.output_hessian_sweep(rec.batch, o.shape[1], forms[0].quadratic,
+                                                                 by_tensor=True)
+            for i, value in terms.items():
+                diag[layout.span(i)] += value.reshape(-1).to(diag.dtype)
+            traces = traces.to(o.dtype)  # d_t: (B, T, C)
+            for key, form in zip(("var", "bound"), forms):
+                sums.tensors[key] += form.quadratic(slice(None), traces).sum(0).to(diag.dtype)
+                sums.total[key] += form.quadratic(slice(None), traces.sum(1, keepdim=True)).sum().to(diag.dtype)
+        return sums.result(one.n, True, diag)
