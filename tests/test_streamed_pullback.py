@@ -151,6 +151,11 @@ def test_the_score_estimator_frees_its_recording_in_its_pull_back(monkeypatch) -
     released.clear()
     torchfim.fisher(model, x, structure="diag")
     assert released and not any(released), released
+    released.clear()  # the monitor measures Tr(F) on each held batch with one pull-back
+    monitor = torchfim.train.FisherTraceMonitor(model, x, every=1, generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        monitor.measure(step)
+    assert released.count(True) == 2 and released[-1], released
 
 
 def test_a_released_pull_back_frees_each_layer_as_the_backward_passes_it(monkeypatch) -> None:

@@ -132,8 +132,8 @@ class Backend(ABC):
             parts.append(g if g is not None else some.new_zeros(some.shape[:2] + (size,)))
         return torch.cat(parts, dim=-1).reshape(-1, self.layout.num_params)
 
-    def sample_squares(self, rec: Recording, v: Tensor) -> Tensor:
-        """``‖Jᵢᵀ v_ij‖²`` per sample and vector: ``(B, m)``."""
+    def sample_squares(self, rec: Recording, v: Tensor, last: bool = False) -> Tensor:
+        """``‖Jᵢᵀ v_ij‖²`` per sample and vector: ``(B, m)``; ``last`` as in :meth:`squares`."""
         total = v.new_zeros(v.shape[0], v.shape[1], dtype=_wide(v.dtype))
         for rows, vecs, piece in self.pieces(rec, v):
             for g in piece.values():

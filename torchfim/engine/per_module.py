@@ -385,7 +385,7 @@ class PerModuleBackend(Backend):
         self._walk(rec, v, lambda r, c, s: r.squares(c, s), from_fast, from_grads, last)
         return total
 
-    def sample_squares(self, rec: ModuleRecording, v: Tensor) -> Tensor:
+    def sample_squares(self, rec: ModuleRecording, v: Tensor, last: bool = False) -> Tensor:
         wide = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
         fast: dict[int, Tensor] = {}  # the rules' shortcuts summed per group of vectors (by its first)
         total = []  # the sum over per-sample gradients, allocated by the first chunk of them
@@ -398,7 +398,7 @@ class PerModuleBackend(Backend):
             for g in grads.values():
                 total[0][rows, vecs] += as_float(g).square().sum(-1).to(wide)
 
-        self._walk(rec, v, lambda r, c, s: r.sample_squares(c, s), from_fast, from_grads)
+        self._walk(rec, v, lambda r, c, s: r.sample_squares(c, s), from_fast, from_grads, last)
         if not total and list(fast) == [0] and fast[0].shape[1] == v.shape[1]:
             return fast[0]  # one group, all shortcuts (a small window's usual case): no sums into slices
         out = total[0] if total else v.new_zeros(v.shape[0], v.shape[1], dtype=wide)

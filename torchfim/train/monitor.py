@@ -405,7 +405,7 @@ class FisherTraceMonitor:
                 fam.check_output(rec.values)
                 self._checked = view.check_independent(batch, rec.values, self._checked)
                 u = fam.sample_scores(rec.values, self.n_samples, generator)  # (B, k, C)
-                norms.append(backend.sample_squares(rec, u))  # (B, k): ‖Jᵢᵀ u_ij‖²
+                norms.append(backend.sample_squares(rec, u, last=True))  # (B, k): ‖Jᵢᵀ u_ij‖²; rec is spent
         return (norms[0] if len(norms) == 1 else torch.cat(norms)).double()
 
     def _check_csv(self, path: Path) -> None:
