@@ -29,8 +29,9 @@ The report (:func:`run_report`), written to ``--out`` (default ``torchfim-report
   ``empirical_vs_true.png`` (only when the data has targets) and ``overview.png`` (four panels).
 
 "Layer" means one parameter tensor (``0.weight``, ``0.bias``...), as in ``structure="layers"``.
-Per-layer variances are exact: :func:`torchfim.fisher_variance` with ``structure="trace"`` on the
-model with every other parameter frozen (``requires_grad=False``), which makes θ that one tensor.
+Per-layer variances are exact: what :func:`torchfim.fisher_variance` with ``structure="trace"`` gives
+on the model with every other parameter frozen (``requires_grad=False``), which makes θ that one
+tensor; the model's and every layer's come from one pass per estimator (:mod:`torchfim.trace_summary`).
 Tr(F) and the score-estimator variances use all inputs; the Hessian-estimator parts (one
 forward-over-forward pass per parameter and input) use a seeded random subset of
 ``variance_inputs`` inputs (default 256, shrunk for large models, see
@@ -38,8 +39,8 @@ forward-over-forward pass per parameter and input) use a seeded random subset of
 comparison.
 
 Cost: besides the Hessian parts, about ``L + 5`` passes over all inputs (L = parameter tensors: one
-score-variance pass per layer for the error bars, one exact-block pass per layer of at most
-``max_block`` parameters for the spectra); 15-20 s for the default on 2 cores.
+exact-block pass per layer of at most ``max_block`` parameters for the spectra); about 7 s for the
+default on 2 cores.
 
 The report is built in memory and only then written into ``--out``, which gets the report's own
 files and nothing else: files already there (notes, a ``thesis.tex``, a ``runs/`` folder) stay

@@ -30,10 +30,11 @@ DEFAULT_TRAIN_SECONDS = 60.0
 #: Inputs used by the variance parts (the Hessian estimator costs a pass per parameter per input).
 DEFAULT_VARIANCE_INPUTS = 256
 #: Unless the number of variance inputs is given explicitly, the subset is shrunk so that
-#: parameters × inputs stays under this (the Hessian-estimator parts cost about five
-#: forward-over-forward passes per parameter and input), but not below MIN_AUTO_VARIANCE_INPUTS;
-#: a model too large even for that gets the score-estimator parts only (the Î2 numbers are None).
-HESSIAN_BUDGET = 4_000_000
+#: parameters × inputs stays under this (the Hessian-estimator parts cost one forward-over-forward
+#: pass per parameter and input, :mod:`torchfim.trace_summary`; they took five, under a budget of
+#: 4 M, before), but not below MIN_AUTO_VARIANCE_INPUTS; a model too large even for that gets the
+#: score-estimator parts only (the Î2 numbers are None).
+HESSIAN_BUDGET = 20_000_000
 MIN_AUTO_VARIANCE_INPUTS = 16
 #: Largest per-layer block whose eigenvalues are computed (a dense size² matrix and eigvalsh).
 DEFAULT_MAX_BLOCK = 2048
