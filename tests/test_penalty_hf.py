@@ -68,6 +68,21 @@ def test_penalised_loss_hands_the_task_loss_the_models_own_output() -> None:
 
 
 @pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_the_model_builds_no_key_value_cache(grad_method: str) -> None:
+    """A Hugging Face model in eval mode builds a key-value cache by default: the penalty's calls pass
+    ``use_cache=False`` (as the engine's do), unless the mini-batch sets it."""
+    model, batch = tiny_gpt2(), padded_batch([5, 2], seed=3)
+    caches: list[object] = []
+    model.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
+    pen = FisherPenalty(model, alpha=ALPHA, grad_method=grad_method, generator=torch.Generator().manual_seed(5))
+    pen.penalised_loss(batch, lambda out: out.logits.sum(), step=0, mask="attention_mask")
+    assert caches and all(cache is None for cache in caches), caches
+    caches.clear()
+    pen.penalised_loss({**batch, "use_cache": True}, lambda out: out.logits.sum(), step=1, mask="attention_mask")
+    assert caches and all(cache is not None for cache in caches)
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
 def test_trace_on_a_model_vmap_cannot_batch_goes_one_input_at_a_time(grad_method: str) -> None:
     """BERT builds its padding mask with data-dependent control flow, which torch.func cannot vmap over the
     inputs: kind='trace' warns once and takes the per-input gradients one input at a time, exactly."""

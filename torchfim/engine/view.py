@@ -212,15 +212,9 @@ class ModelView:
         return self._next_token
 
     def call_defaults(self) -> dict[str, object]:
-        """Keyword inputs the engine passes where a batch does not set them: ``use_cache=False`` for a
-        model whose forward takes ``use_cache`` (Hugging Face's). A Fisher needs no key-value cache, and a
-        layer that a generic rule calls again on its recorded inputs must not find one to extend."""
+        """Keyword inputs the engine passes where a batch does not set them (:func:`forward_defaults`)."""
         if self._defaults is None:
-            try:
-                takes = "use_cache" in inspect.signature(self.model.forward).parameters
-            except (TypeError, ValueError):  # a forward without a signature: pass nothing
-                takes = False
-            self._defaults = {"use_cache": False} if takes else {}
+            self._defaults = forward_defaults(self.model)
         return self._defaults
 
     def versions(self) -> list[int]:
@@ -372,3 +366,16 @@ class ModelView:
         """Split a flat ``(P,)`` vector into a parameter dict."""
         pieces = torch.split(flat, self.layout.sizes)
         return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}
+
+
+def forward_defaults(model: nn.Module) -> dict[str, object]:
+    """``{"use_cache": False}`` for a model whose forward takes ``use_cache`` (Hugging Face's), else none.
+
+    A Fisher needs no key-value cache (a model in eval mode builds one by default: memory for nothing),
+    and a layer that a generic rule calls again on its recorded inputs must not find one to extend.
+    """
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature: pass nothing
+        takes = False
+    return {"use_cache": False} if takes else {}

@@ -42,17 +42,20 @@ class ModelIO:
     ``vmap``. Only the forwards: the mode costs a Python call per torch function while it is on.
     """
 
-    def __init__(self, output: Callable[[object], Tensor] | None = None, composite: bool = False) -> None:
+    def __init__(self, output: Callable[[object], Tensor] | None = None, composite: bool = False,
+                 defaults: Mapping[str, object] | None = None) -> None:
         check_output_map(output)
         self.output = output
+        #: Keyword inputs every mini-batch gets unless it sets them (:func:`.engine.view.forward_defaults`).
+        self.defaults = dict(defaults or {})
         self.forms: Callable[[], AbstractContextManager] = composite_forms if composite else nullcontext
         self.looped = False  # whether per-input gradients are taken one input at a time (vmap failed)
 
     # ------------------------------------------------------------ inputs
-    @staticmethod
-    def batch(inputs: object) -> Batch:
-        """The mini-batch as the engine's :class:`Batch`, where it lies (targets kept as inputs); refuses
-        what is neither a tensor nor a dict of tensors with a non-empty batch dim."""
+    def batch(self, inputs: object) -> Batch:
+        """The mini-batch as the engine's :class:`Batch`, where it lies (targets kept as inputs, and the
+        :attr:`defaults` it does not set); refuses what is neither a tensor nor a dict of tensors with a
+        non-empty batch dim."""
         if isinstance(inputs, Tensor):
             if inputs.dim() == 0 or inputs.shape[0] == 0:
                 raise TorchfimError(
@@ -69,7 +72,7 @@ class ModelIO:
                 f"FisherPenalty takes the mini-batch as a torch.Tensor (model(x)) or a dict of keyword inputs "
                 f"(model(**batch)), got {type(inputs).__name__}"
             )
-        return make_batch(inputs, None, None, None, keep_targets=True)
+        return make_batch(inputs, None, None, None, keep_targets=True).with_defaults(self.defaults)
 
     @staticmethod
     def moved(batch: Batch, first: Tensor, rows: int | None = None) -> Batch:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..engine.batch import Batch
 from ..engine.view import check_mode as _check_mode
+from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
 from .finite_difference import (
@@ -229,7 +230,7 @@ class FisherPenalty:
         self.generator = generator
         self.grad_method = check_choice("grad_method", grad_method, GRAD_METHODS)
         self.fd_step = check_fd_step(fd_step, self.grad_method)
-        self.io = ModelIO(output, composite=self.grad_method == "exact")
+        self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model))
         _trainable(model)  # fail early when there is nothing to penalise
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
