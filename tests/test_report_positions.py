@@ -169,3 +169,19 @@ def test_the_library_and_the_report_refuse_the_same_class_dims(class_dim):
         torchfim.fisher(model, inputs, class_dim=class_dim)
     with pytest.raises(torchfim.TorchfimError, match=r"class_dim must be -1 .* or 1 "):
         report_mod.compute_report(model, report_mod.as_data(inputs, "test"), class_dim=class_dim, progress=False)
+
+
+def test_the_hessian_budget_counts_the_output_positions(monkeypatch):
+    """A forward-over-forward pass costs in proportion to the positions it runs over: the automatic
+    variance subset shrinks with them, and the note names them."""
+    from torchfim.report import settings
+
+    model, batch = _lm_and_data()
+    P = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(settings, "HESSIAN_BUDGET", P * T * N - 1)  # short of all 12 inputs of T positions
+    R = report_mod.compute_report(model, report_mod.as_data(batch, "test"), mask="attention_mask", progress=False)
+    assert R["data"]["hessian_variances"] is False  # 11 inputs would fit, fewer than MIN_AUTO_VARIANCE_INPUTS
+    assert f"and {T} output positions per input" in R["data"]["variance_inputs_note"]
+    assert settings.variance_plan(None, N, P) == (N, True, None)  # without positions the budget holds all 12
+    monkeypatch.setattr(settings, "HESSIAN_BUDGET", P * T * 16)
+    assert settings.variance_plan(None, 64, P, T)[:2] == (16, True)  # room for 16 of 64 inputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -45,7 +46,8 @@ def compute_report(
     model.eval()
     data, targets_note, outputs = check_model_and_data(model, data, fam, fam.name, mask, class_dim)
     layout = Layout.of(model)
-    m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters)
+    m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters,
+                                                            math.prod(outputs.positions))
     setup = Setup(
         family=fam.name, n_samples=int(n_samples), seed=seed, rel_error=rel_error, max_block=max_block,
         subset=torch.randperm(data.n, generator=torch.Generator().manual_seed(seed))[:m].sort().values,

@@ -59,27 +59,31 @@ EMPIRICAL_FIGURE = "empirical_vs_true.png"
 REPORT_FILES = (*FILES, EMPIRICAL_FIGURE)
 
 
-def variance_plan(variance_inputs: int | None, n: int, P: int) -> tuple[int, bool, str | None]:
+def variance_plan(variance_inputs: int | None, n: int, P: int, positions: int = 1) -> tuple[int, bool, str | None]:
     """``(m, with_hessian, note)``: the subset size for the variance parts and whether Î2's are done.
 
     An explicit ``variance_inputs`` is obeyed (capped at ``n``). Otherwise the default 256 shrinks
-    so that ``P·m ≤ HESSIAN_BUDGET``, down to MIN_AUTO_VARIANCE_INPUTS; past that the Hessian
-    estimator's variances are skipped (the score estimator's stay, on min(n, 256) inputs).
+    so that ``P·m·positions ≤ HESSIAN_BUDGET`` (a forward-over-forward pass per parameter costs in
+    proportion to the inputs and their output positions, e.g. tokens), down to MIN_AUTO_VARIANCE_INPUTS;
+    past that the Hessian estimator's variances are skipped (the score estimator's stay, on min(n, 256)
+    inputs).
     """
     if variance_inputs is not None:
         return min(int(variance_inputs), n), True, None
     m = min(DEFAULT_VARIANCE_INPUTS, n)
-    if P * m <= HESSIAN_BUDGET:
+    per_input = P * max(1, positions)
+    if per_input * m <= HESSIAN_BUDGET:
         return m, True, None
-    affordable = HESSIAN_BUDGET // P
+    affordable = HESSIAN_BUDGET // per_input
+    where = f"{P} parameters" + (f" and {positions} output positions per input" if positions > 1 else "")
     if affordable >= MIN_AUTO_VARIANCE_INPUTS:
         return int(affordable), True, (
             f"the variance subset was reduced from {m} to {affordable} inputs because the model has "
-            f"{P} parameters and the Hessian estimator's variance costs a pass per parameter per "
-            "input; pass --variance-inputs N to choose (and wait for) another size"
+            f"{where}, and the Hessian estimator's variance costs a pass per parameter over the inputs; "
+            "pass --variance-inputs N to choose (and wait for) another size"
         )
     return m, False, (
-        f"the Hessian estimator's (Î2) variances were skipped: with {P} parameters they would cost "
-        f"{P} forward-over-forward passes per input; pass --variance-inputs N to compute them "
+        f"the Hessian estimator's (Î2) variances were skipped: with {where} they would cost "
+        f"{P} forward-over-forward passes over the inputs; pass --variance-inputs N to compute them "
         "anyway on N inputs (slow), or freeze parameters with requires_grad_(False) in --model"
     )
