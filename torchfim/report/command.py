@@ -57,10 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labels per input for the score estimate and its error bars (default: 1)")
     parser.add_argument("--variance-inputs", type=positive_int, default=None, metavar="N",
                         help=f"inputs (a seeded random subset) for the Î1-vs-Î2 variances; the "
-                             f"Hessian estimator costs a pass per parameter per input (default: "
-                             f"{DEFAULT_VARIANCE_INPUTS}, fewer for models with over "
-                             f"{HESSIAN_BUDGET // DEFAULT_VARIANCE_INPUTS} parameters, and none "
-                             f"of Î2's over {HESSIAN_BUDGET // MIN_AUTO_VARIANCE_INPUTS})")
+                             f"Hessian estimator costs a pass per parameter over them (default: "
+                             f"{DEFAULT_VARIANCE_INPUTS}, fewer where parameters × output positions "
+                             f"exceed {HESSIAN_BUDGET // DEFAULT_VARIANCE_INPUTS}, and none of Î2's "
+                             f"over {HESSIAN_BUDGET // MIN_AUTO_VARIANCE_INPUTS})")
     parser.add_argument("--max-block", type=nonnegative_int, default=DEFAULT_MAX_BLOCK, metavar="N",
                         help="compute eigenvalues of layers with at most N parameters "
                              f"(default: {DEFAULT_MAX_BLOCK})")
