@@ -185,3 +185,26 @@ def test_the_hessian_budget_counts_the_output_positions(monkeypatch):
     assert settings.variance_plan(None, N, P) == (N, True, None)  # without positions the budget holds all 12
     monkeypatch.setattr(settings, "HESSIAN_BUDGET", P * T * 16)
     assert settings.variance_plan(None, 64, P, T)[:2] == (16, True)  # room for 16 of 64 inputs
+
+
+def test_the_library_the_penalty_and_the_report_take_the_same_masks():
+    """One rule everywhere (``families.positions.is_position_mask``): a bool or integer mask, or a float one
+    of 0s and 1s, is taken, and gives what the bool mask gives; a float mask of fractions is refused."""
+    model, batch = _lm_and_data()
+    keep = batch["attention_mask"]
+    want = torchfim.fisher(model, batch["input_ids"], structure="trace", mask=keep.bool())
+    penalty = torchfim.train.FisherPenalty(model, generator=torch.Generator().manual_seed(0))
+    for mask in (keep, keep.double()):
+        assert torch.equal(torchfim.fisher(model, batch["input_ids"], structure="trace", mask=mask), want)
+        penalty(batch["input_ids"], step=0, mask=mask)
+        data = report_mod.as_data({**batch, "attention_mask": mask}, "test")
+        R = report_mod.compute_report(model, data, mask="attention_mask", variance_inputs=2, max_block=0, progress=False)
+        assert R["trace"]["exact"] == pytest.approx(float(want), rel=1e-12)
+    fractions = keep * 0.5
+    with pytest.raises(torchfim.TorchfimError, match="0/1"):
+        torchfim.fisher(model, batch["input_ids"], mask=fractions)
+    with pytest.raises(torchfim.TorchfimError, match="0/1"):
+        penalty(batch["input_ids"], step=0, mask=fractions)
+    with pytest.raises(torchfim.TorchfimError, match="values other than 0 and 1"):
+        report_mod.compute_report(model, report_mod.as_data({**batch, "attention_mask": fractions}, "test"),
+                                  mask="attention_mask", progress=False)

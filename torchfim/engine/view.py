@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import TorchfimError
 from ..families import Family
+from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
 from .private_tree import private_tree, users_modules_called
@@ -293,8 +294,10 @@ class ModelView:
             m = mask(batch.args[0] if batch.args else batch.kwargs)
         else:
             m = mask
-        if not isinstance(m, Tensor):
-            raise TorchfimError(f"the position mask must be a tensor of shape (batch, *positions), got {type(m).__name__}")
+        if not is_position_mask(m):
+            got = f"{m.dtype} values other than 0 and 1" if isinstance(m, Tensor) else type(m).__name__
+            raise TorchfimError(f"the position mask must be a bool tensor (or 0/1 numbers) of shape (batch, *positions), "
+                                f"True where a position is observed; got {got}")
         want = (batch.size, *positions)
         if tuple(m.shape) != want:
             raise TorchfimError(

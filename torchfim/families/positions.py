@@ -34,6 +34,14 @@ _CHUNK_ELEMENTS = 1 << 24
 SQRT_BLOCK_ENTRIES = 1 << 24
 
 
+def is_position_mask(mask: object) -> bool:
+    """Whether ``mask`` can mark observed positions: a bool or integer tensor, or a floating one holding
+    only 0s and 1s (``attention_mask`` in any dtype); a fraction such as 0.5 marks nothing clearly."""
+    if not isinstance(mask, Tensor) or mask.is_complex():
+        return False
+    return not mask.is_floating_point() or bool(((mask == 0) | (mask == 1)).all())
+
+
 class Positions(Family):
     """Product family of ``L`` independent positions, each an observation of ``base`` given the input.
 
@@ -79,10 +87,10 @@ class Positions(Family):
         self.label_ndim = base.label_ndim + 1
         if mask is not None:
             mask = torch.as_tensor(mask)
-            if mask.dim() < 1 or tuple(mask.shape[1:]) not in (pos, (self.length,)) or mask.is_floating_point():
+            if mask.dim() < 1 or tuple(mask.shape[1:]) not in (pos, (self.length,)) or not is_position_mask(mask):
                 raise TorchfimError(
-                    f"mask must be a bool tensor of shape (batch, {self.length}) or (batch, *{pos}), "
-                    f"got {mask.dtype} of shape {tuple(mask.shape)}; True marks observed positions"
+                    f"mask must be a bool tensor of shape (batch, {self.length}) or (batch, *{pos}) (0/1 numbers "
+                    f"also do), got {mask.dtype} of shape {tuple(mask.shape)}; True marks observed positions"
                 )
             mask = mask.reshape(mask.shape[0], self.length).bool()
         self.mask = mask
@@ -421,4 +429,4 @@ class Positions(Family):
         return torch.maximum(diagonal_part, off_part).to(o.dtype)
 
 
-__all__ = ["DENSE_MOMENT_LIMIT", "Positions"]
+__all__ = ["DENSE_MOMENT_LIMIT", "Positions", "is_position_mask"]

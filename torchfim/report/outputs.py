@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..errors import TorchfimError
+from ..families.positions import is_position_mask
 from .data import Data
 
 __all__ = ["OutputLayout", "mask_of", "observed_per_input", "unmasked_padding_note"]
@@ -65,9 +66,9 @@ def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor |
         )
     m = data.inputs[key]
     want = (data.n, *positions)
-    if not isinstance(m, Tensor) or m.is_floating_point() and not bool(((m == 0) | (m == 1)).all()) \
-            or tuple(m.shape) != want:
-        got = f"shape {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+    if not is_position_mask(m) or tuple(m.shape) != want:
+        got = type(m).__name__ if not isinstance(m, Tensor) else f"shape {tuple(m.shape)}" \
+            if tuple(m.shape) != want else f"{m.dtype} values other than 0 and 1"
         raise TorchfimError(
             f"--mask {key}: the mask must hold one 0/1 (or bool) per input and output position, shape "
             f"{want}, got {got}; pass the padding mask of the tokens the outputs are at"

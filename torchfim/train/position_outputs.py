@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import TorchfimError
 from ..families import Family, Positions
+from ..families.positions import is_position_mask
 
 __all__ = ["PositionOutputs"]
 
@@ -95,10 +96,10 @@ class PositionOutputs:
 
 def check_mask(mask: object, size: int) -> Tensor:
     """``mask`` as a bool tensor with one row per input (``size`` of them); refuses anything else."""
-    if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.dim() < 2 or mask.shape[0] != size:
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+    if not is_position_mask(mask) or mask.dim() < 2 or mask.shape[0] != size:
+        shape = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
         raise TorchfimError(
-            f"mask must be a bool tensor (batch, *positions), True where a position is observed, with one row "
-            f"per input ({size}), got {shape}"
+            f"mask must be a bool tensor (batch, *positions) (or 0/1 numbers), True where a position is observed, "
+            f"with one row per input ({size}), got {shape}"
         )
     return mask.bool()
