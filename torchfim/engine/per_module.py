@@ -294,8 +294,7 @@ class PerModuleBackend(Backend):
             yield slice(start, min(m, start + step))
 
     def _row_step(self, vectors: int, budget: int, indices: set[int] | None = None) -> int:
-        sizes = self.layout.sizes
-        size = sum(sizes[i] for i in indices) if indices is not None else self.layout.num_params
+        size = sum(self.layout.sizes[i] for i in indices) if indices is not None else self.layout.num_params
         return max(1, budget // max(1, vectors * size))
 
     # ----------------------------------------------------------------- products
@@ -336,9 +335,10 @@ class PerModuleBackend(Backend):
               last: bool = False) -> None:
         """Every call's products for ``v``: a rule's shortcut ``fast`` where it has one and the call is
         its parameters' only use (``on_fast(vecs, result)``), else per-sample gradients in chunks
-        (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first.
-        ``last``: the recording's last use, whose final pull-back frees it as it goes."""
+        (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first. ``last``:
+        the recording's last use; where it streams, its final pull-back frees it as it goes."""
         streamed = self._streamed(rec)
+        last = last and bool(streamed)  # a small recording stays: freeing it early only moves glibc's trims
         for vecs in self._groups(rec, v.shape[1], False):
             m = vecs.stop - vecs.start
 
