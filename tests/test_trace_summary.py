@@ -85,3 +85,10 @@ def test_one_pass_gives_what_the_public_functions_give_tensor_by_tensor(monkeypa
     torch.testing.assert_close(summaries["hessian"].diag_variance,
                                torchfim.fisher_variance(model, x, family=family, estimator="hessian"))
     assert len(sweeps) == 1 + 3 + 2 * len(params)
+
+
+def test_an_unknown_backend_is_refused_by_name() -> None:
+    model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    for summary in (score_trace_variances, hessian_trace_variances):
+        with pytest.raises(torchfim.TorchfimError, match="unknown backend 'bogus'"):
+            summary(model, x, backend="bogus")

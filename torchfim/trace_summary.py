@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
-from .engine import check_finite_result
+from .engine import backend_name, check_finite_result
 from .engine.backend import second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
@@ -87,7 +87,7 @@ def score_trace_variances(
     """
     fam = get_family(family)
     modes = ("exact", "spectral", "kurtosis") if bounds else ("exact",)
-    with engine_pass(model, backend, output, class_dim) as one:
+    with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
         sums = _Sums(one.view.layout, ("var", *modes[1:]))
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True):
             forms = [ScoreVariance(one.backend, rec, fam_b, mode) for mode in modes]
@@ -126,7 +126,7 @@ def hessian_trace_variances(
         (True, torch.Size([67]))
     """
     fam = get_family(family)
-    with engine_pass(model, backend, output, class_dim) as one:
+    with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
         layout = one.view.layout
         sums, diag = _Sums(layout, ("var", "bound")), layout.zeros(layout.num_params)
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[hessian]", split=True):
