@@ -128,7 +128,7 @@ def _true_scores(fam: Family, rec: Recording, o: Tensor) -> Tensor:
             "pass targets=... or yield (inputs, targets) pairs"
         )
     y = (y if isinstance(y, Tensor) else torch.as_tensor(y)).to(o.device)
-    ignored = _ignored(fam, y)
+    ignored = ignored_targets(fam, y)
     if ignored is None:
         return fam.output_score(fam.check_targets(y, o), o).unsqueeze(1)
     # A class label IGNORE_INDEX (-100) observes nothing, as in F.cross_entropy: its score is 0.
@@ -137,7 +137,7 @@ def _true_scores(fam: Family, rec: Recording, o: Tensor) -> Tensor:
     return u.reshape(*rows.shape[:2], -1).masked_fill(rows, 0.0).reshape(u.shape).unsqueeze(1)
 
 
-def _ignored(fam: Family, y: Tensor) -> Tensor | None:
+def ignored_targets(fam: Family, y: Tensor) -> Tensor | None:
     """Where categorical targets hold ``IGNORE_INDEX`` (None: nowhere, or not a categorical family)."""
     base = fam.base if isinstance(fam, Positions) else fam
     if base.name != "categorical" or y.is_floating_point() or y.dtype == torch.bool:

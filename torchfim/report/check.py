@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..engine.batch import IGNORE_INDEX
 from ..errors import TorchfimError
 from .data import Data
 from .outputs import OutputLayout, mask_of, observed_per_input, unmasked_padding_note
@@ -78,9 +77,10 @@ def _check_targets(family, y: Tensor, o: Tensor, positions: tuple[int, ...]) -> 
     if not positions:
         family.check_targets(y, o)
         return
-    if family.base.name == "categorical" and not y.is_floating_point():
-        y = y.masked_fill(y == IGNORE_INDEX, 0)
-    family.check_targets(y, o.reshape(o.shape[0], -1))
+    from ..estimators import ignored_targets
+
+    ignored = ignored_targets(family, y)
+    family.check_targets(y if ignored is None else y.masked_fill(ignored, 0), o.reshape(o.shape[0], -1))
 
 
 def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
