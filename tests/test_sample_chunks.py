@@ -18,7 +18,8 @@ from torchfim.engine.modules import conv as conv_module
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
 def test_exact_fisher_in_one_sample_chunks_equals_the_oracle(case, family, monkeypatch) -> None:
     for module, name in ((per_module, "CACHE_ELEMENTS"),
-                         (base_module, "SQUARES_ELEMENTS"), (conv_module, "GRADIENT_ELEMENTS")):
+                         (base_module, "SQUARES_ELEMENTS"), (conv_module, "GRADIENT_ELEMENTS"),
+                         (conv_module, "PATCH_GRADIENT_ELEMENTS")):
         monkeypatch.setattr(module, name, 1)
     res = _oracle(case, family)
     for structure in ("full", "diag", "trace", "blocks"):
