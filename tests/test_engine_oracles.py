@@ -200,6 +200,26 @@ def test_exact_and_hessian_with_output_vectors_one_at_a_time(case: Case, family:
     _close(blocked, whole, 1e-12)
 
 
+CATEGORICAL_PAIRS = [(case, fam) for case, fam in PAIRS if fam == "categorical"]
+
+
+@pytest.mark.parametrize("case,family", CATEGORICAL_PAIRS, ids=[f"{c.name}-{f}" for c, f in CATEGORICAL_PAIRS])
+def test_categorical_exact_fisher_from_its_root_one_column_at_a_time(case: Case, family: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the root's block budget at one number, the categorical root is built a column at a time
+    (:meth:`Categorical.fisher_output_sqrt_columns`, what a vocabulary of tens of thousands takes): the
+    exact Fisher still equals the oracle."""
+    from torchfim.families import base, positions
+
+    res = _oracle(case, family)
+    monkeypatch.setattr(base, "SQRT_BLOCK_ENTRIES", 1)
+    monkeypatch.setattr(positions, "SQRT_BLOCK_ENTRIES", 1)
+    for structure in ("full", "diag"):
+        got = torchfim.fisher(res["model"], res["x"], family=family, structure=structure, backend="modules",
+                              **_kwargs(case, res))
+        _close(got, _view(res["exact"], structure, res["model"]), 1e-10)
+
+
 def test_a_long_exact_fisher_warns_with_its_estimate_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
     """A language model's exact Fisher pulls back about one vector per output number (tokens × vocabulary):
     where the blocks after the first project past LONG_EXACT_S, the warning gives the estimate and names

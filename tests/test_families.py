@@ -44,6 +44,40 @@ def test_fisher_output_is_negative_hessian_of_log_likelihood(family):
     assert torch.allclose(s @ s.transpose(-1, -2), lam, rtol=1e-12, atol=1e-14)
 
 
+def test_categorical_root_columns_are_those_of_the_whole_root():
+    """Blocks of columns of the categorical ``S`` (``S Sᵀ = Λ``), on both sides of the top class whose
+    Householder column is left out, equal the whole root's, and so do the blocks the exact Fisher takes
+    once the whole root is over its budget."""
+    fam = get_family("categorical")
+    o = torch.randn(3, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    o[0, 0], o[1, 3], o[2, 6] = 4.0, 4.0, 4.0  # top classes first, inside, last
+    whole = fam.fisher_output_sqrt(o)
+    assert whole.shape == (3, 7, 6)
+    assert torch.allclose(whole @ whole.transpose(-1, -2), fam.fisher_output(o), rtol=1e-12, atol=1e-14)
+    for start, stop in ((0, 2), (2, 5), (5, 6), (0, 6)):
+        assert torch.equal(fam.fisher_output_sqrt_columns(o, start, stop), whole[..., start:stop])
+    blocks = list(fam.fisher_output_sqrt_blocks(o, max_entries=3 * 7 * 4))
+    assert [b.shape[-1] for b in blocks] == [4, 2] and torch.equal(torch.cat(blocks, -1), whole)
+
+
+def test_a_vocabulary_root_comes_a_block_at_a_time():
+    """50,257 classes (GPT-2's vocabulary): the whole root of two rows would hold 2·50257·50256 numbers
+    (20 GB in float32, and the Householder matrix as much again); its first block stays under the
+    budget and matches columns built alone."""
+    from torchfim.families import base
+
+    fam = get_family("categorical")
+    o = torch.randn(2, 50257, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    first = next(fam.fisher_output_sqrt_blocks(o))
+    assert first.shape[:2] == (2, 50257) and 0 < first.numel() <= base.SQRT_BLOCK_ENTRIES
+    assert torch.equal(first[..., :3], fam.fisher_output_sqrt_columns(o, 0, 3))
+    s = torch.softmax(o, -1).sqrt()
+    q = first / s.unsqueeze(-1)  # S = diag(s) Q: Q's columns orthonormal and orthogonal to s
+    eye = torch.eye(q.shape[-1], dtype=q.dtype).expand(2, -1, -1)
+    assert torch.allclose(q.transpose(1, 2) @ q, eye, atol=1e-12)
+    assert float((q * s.unsqueeze(-1)).sum(1).abs().max()) < 1e-12
+
+
 def _exact_moments(family: str, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """E[u], E[uuᵀ] and E[u⊗u⊗u⊗u] by enumeration (discrete) or Gauss–Hermite quadrature."""
     fam = get_family(family)

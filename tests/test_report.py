@@ -19,6 +19,7 @@ import torchfim
 from torchfim import cli
 from torchfim import report as report_mod
 from torchfim.datasets import load_digits
+from torchfim.errors import TorchfimError
 from torchfim.report import figures as report_figures
 from torchfim.report import settings as report_settings
 from torchfim.toy import mlp
@@ -361,6 +362,34 @@ def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, mon
     assert cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--variance-inputs", "8",
                      "--max-block", "0", "--no-progress", "--out", "fresh/sub"]) == 2
     assert not (user_dir / "fresh").exists() and not _leftovers(user_dir)
+
+
+def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(monkeypatch):
+    """10,000 classes on 50,000 parameters: the closed forms read 6·10⁸ numbers per input (4.47 GiB in
+    float32 with a working copy). With 1 GiB free the report refuses before its first measurement (the
+    library is never called), naming the size and the score estimator; with the memory it needs, the same
+    check lets it through to the library."""
+    from torchfim import _memory
+
+    model = nn.Linear(4, 10_000)
+    X = torch.randn(8, 4)
+    called = []
+
+    def first_measurement(*args, **kwargs):
+        called.append(True)
+        raise RuntimeError("the report's first measurement")
+
+    monkeypatch.setattr(torchfim, "fisher", first_measurement)
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
+    with pytest.raises(TorchfimError, match=r"beyond the report's reach.*10,000 output numbers of an input "
+                                            r"on 50,000 parameters, about 4\.47 GiB per input with 1\.0 GiB.*"
+                                            r"estimator='score'"):
+        report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False)
+    assert not called
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 8 * 2**30)
+    with pytest.raises(RuntimeError, match="first measurement"):
+        report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False)
+    assert called
 
 
 def test_large_models_get_a_smaller_subset_then_no_hessian_variances(tmp_path, monkeypatch):

@@ -101,8 +101,9 @@ def _add_exact(backend: Backend, rec: Recording, fam: Family, structure: Structu
                     f"torchfim: the exact Fisher (and Î2's exact part) pulls back about one output vector per "
                     f"output number of each input, {width:,} here (outputs {tuple(rec.shape[1:])}), which will "
                     f"take about {left:.0f} s more for this mini-batch; estimator='score' pulls back n_samples "
-                    "vectors per input (labels drawn at every position at once), and return_stderr=True or "
-                    "fisher_variance says how precise it is"
+                    "vectors per input (labels drawn at every position at once); its precision comes from "
+                    "return_stderr=True or fisher_variance where each input's Jacobian fits in memory, else from "
+                    "the spread of estimates with different generators"
                 )
 
 

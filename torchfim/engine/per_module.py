@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import TorchfimError, all_finite, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
-from .coverage import cause_of, missed, moved_message, names_of, nearest_called
+from .coverage import DETACHED, cause_of, missed, moved_message, names_of, nearest_called
 from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
 from .modules.base import as_float
@@ -55,13 +55,6 @@ ROW_GROUP_ELEMENTS = 2**24
 STREAM_ELEMENTS = 2**22
 #: Per user model and per sample signature (Batch.signature): numbers its taps hold per sample.
 _PER_SAMPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: Warned once per model: modules with trainable parameters whose outputs carry no autograd history.
-DETACHED = (
-    "torchfim: module(s) {} ran without autograd (inside torch.no_grad, or a torch.utils.checkpoint with "
-    "use_reentrant=True whose inputs do not require grad), so no output depends on their parameters through "
-    "autograd and their Fisher is zero, as their gradients in training are; use "
-    "torch.utils.checkpoint(..., use_reentrant=False), or set requires_grad=False on parameters meant to be frozen"
-)
 
 
 class PerModuleBackend(Backend):
@@ -296,6 +289,9 @@ class PerModuleBackend(Backend):
     def _row_step(self, vectors: int, budget: int, indices: set[int] | None = None) -> int:
         size = sum(self.layout.sizes[i] for i in indices) if indices is not None else self.layout.num_params
         return max(1, budget // max(1, vectors * size))
+
+    def vector_elements(self, rec: ModuleRecording) -> int:
+        return rec.tap_elements
 
     # ----------------------------------------------------------------- products
     def pieces(self, rec: ModuleRecording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:

@@ -13,6 +13,8 @@ from ..errors import TorchfimError, all_finite
 _HALF = (torch.float16, torch.bfloat16)
 #: Smallest positive normal float64: below it relative precision is lost.
 _TINY64 = torch.finfo(torch.float64).tiny
+#: Numbers per block of the exact Fisher's output vectors (:meth:`Family.fisher_output_sqrt_blocks`).
+SQRT_BLOCK_ENTRIES = 1 << 24
 
 
 def _to_generator_device(t: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -228,11 +230,31 @@ class Family(ABC):
         evals, evecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(-1, -2)))
         return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(o.dtype)
 
+    def fisher_output_sqrt_width(self, c: int) -> int | None:
+        """The number ``r`` of columns of :meth:`fisher_output_sqrt` for outputs of width ``c``, where the
+        family knows it without computing ``Λ``; None otherwise (the default)."""
+        return None
+
+    def fisher_output_sqrt_columns(self, o: Tensor, start: int, stop: int) -> Tensor:
+        """Columns ``start:stop`` of :meth:`fisher_output_sqrt`, ``(B, C, stop − start)``. Default: sliced
+        from the whole factor; a family with many outputs builds the block alone."""
+        return self.fisher_output_sqrt(o)[..., start:stop]
+
     def fisher_output_sqrt_blocks(self, o: Tensor, max_entries: int | None = None) -> Iterator[Tensor]:
-        """The columns of :meth:`fisher_output_sqrt`, in order, as blocks ``(B, C, r_k)``: a family whose
-        ``S`` is large and mostly zero (outputs with positions) yields a few columns at a time, each block
-        under ``max_entries`` numbers where one column allows. Default: ``S`` whole."""
-        yield self.fisher_output_sqrt(o)
+        """The columns of :meth:`fisher_output_sqrt`, in order, as blocks ``(B, C, r_k)``, each under
+        ``max_entries`` numbers (default :data:`SQRT_BLOCK_ENTRIES`) where one column allows: ``S``
+        whole where it fits or its width is not known in advance (:meth:`fisher_output_sqrt_width`),
+        else :meth:`fisher_output_sqrt_columns` a block at a time. A family whose ``S`` is large and
+        mostly zero (outputs with positions) yields a few columns at a time."""
+        max_entries = max_entries or SQRT_BLOCK_ENTRIES
+        b, c = o.shape[0], o.shape[-1]
+        r = self.fisher_output_sqrt_width(c)
+        if r is None or b * c * r <= max_entries:
+            yield self.fisher_output_sqrt(o)
+            return
+        step = max(1, max_entries // (b * c))
+        for start in range(0, r, step):
+            yield self.fisher_output_sqrt_columns(o, start, min(r, start + step))
 
     def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
         """``E_y[(uᵀv)(uᵀw)] = vᵀ Λ(o) w`` for output-space vectors ``v, w`` (B, m, C) → (B, m)."""

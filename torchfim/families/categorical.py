@@ -207,21 +207,28 @@ class Categorical(Family):
         return (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)).to(o.dtype)
 
     def fisher_output_sqrt(self, o: Tensor) -> Tensor:
+        return self.fisher_output_sqrt_columns(o, 0, o.shape[-1] - 1)
+
+    def fisher_output_sqrt_width(self, c: int) -> int:
+        return c - 1
+
+    def fisher_output_sqrt_columns(self, o: Tensor, start: int, stop: int) -> Tensor:
         # Λ = diag(s)(I − s sᵀ)diag(s) with s = √p a unit vector (Σ p = 1), so Λ has rank C − 1 and
         # S = diag(s) Q for any orthonormal basis Q (C × (C−1)) of s⊥. Q: the Householder reflection
         # H = I − v vᵀ/(1 + s_k), v = s + e_k, maps s to −e_k, so its columns other than k span s⊥.
         # k = argmax p keeps 1 + s_k ≥ 1 + 1/√C away from 0. One column fewer means one backward
-        # pass fewer in the exact Fisher.
+        # pass fewer in the exact Fisher. Column i of H is e_i − v·v_i/(1 + s_k): a block of columns
+        # costs its own size, never the C × C of H (a language model's vocabulary).
         p = self._probs(o)
         s = p.sqrt()
-        c = o.shape[-1]
         k = p.argmax(-1, keepdim=True)
         v = s.scatter_add(-1, k, torch.ones_like(k, dtype=s.dtype))
         scale = 1.0 / (1.0 + s.gather(-1, k))
-        eye = torch.eye(c, dtype=s.dtype, device=o.device)
-        h = eye - (scale.unsqueeze(-1) * v.unsqueeze(-1)) * v.unsqueeze(-2)
-        keep = torch.arange(c - 1, device=o.device) + (torch.arange(c - 1, device=o.device) >= k).long()
-        q = h.gather(-1, keep.unsqueeze(-2).expand(*h.shape[:-1], c - 1))
+        columns = torch.arange(start, stop, device=o.device)
+        index = columns + (columns >= k).long()  # (B, K): the columns of H other than k
+        q = torch.zeros(*s.shape, stop - start, dtype=s.dtype, device=o.device)
+        q.scatter_(-2, index.unsqueeze(-2), 1.0)
+        q -= v.unsqueeze(-1) * (scale * v.gather(-1, index)).unsqueeze(-2)
         return (s.unsqueeze(-1) * q).to(o.dtype)
 
     def _centred(self, o: Tensor, *vectors: Tensor) -> tuple[Tensor, list[Tensor], torch.dtype]:

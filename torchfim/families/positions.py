@@ -24,14 +24,12 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from .base import Family, _isserlis, _top_eig_diag_plus_rank_one
+from .base import SQRT_BLOCK_ENTRIES, Family, _isserlis, _top_eig_diag_plus_rank_one
 
 #: Entries a dense moment tensor (``fourth_moment``, ``third_moment``) may have in all.
 DENSE_MOMENT_LIMIT = 1 << 26
 #: Entries per work chunk of per-position (m × m) results and of per-position ``Λ_t``.
 _CHUNK_ELEMENTS = 1 << 24
-#: Numbers per block of the exact Fisher's output vectors (:meth:`Positions.fisher_output_sqrt_blocks`).
-SQRT_BLOCK_ENTRIES = 1 << 24
 
 
 def is_position_mask(mask: object) -> bool:
@@ -234,15 +232,21 @@ class Positions(Family):
         """:meth:`fisher_output_sqrt`'s columns a few at a time, never the whole ``(B, L·C, L·r)``.
 
         Column ``t·r + j`` is ``S_t``'s column ``j`` at position ``t``, zero elsewhere: a block of ``K``
-        columns holds ``B·L·C·K`` numbers, and ``S_t`` is built for a few positions at a time. Columns of
-        positions that no input of the batch observes are zero, and left out. ``max_entries``: default
-        :data:`SQRT_BLOCK_ENTRIES`.
+        columns holds ``B·L·C·K`` numbers, and ``S_t`` is built for a few positions at a time, or a block
+        of its columns at a time where one position's ``S_t`` (``B·C·r``) is over the budget (a
+        vocabulary of tens of thousands). Columns of positions that no input of the batch observes are
+        zero, and left out. ``max_entries``: default :data:`SQRT_BLOCK_ENTRIES`.
         """
         max_entries = max_entries or SQRT_BLOCK_ENTRIES
         rows, keep = self._rows(o)
         b, n, c = o.shape[0], self.length, rows.shape[1]
         rows, keep = rows.reshape(b, n, c), keep.reshape(b, n)
         column = b * n * c  # numbers per column
+        step = max(1, max_entries // max(1, column))  # columns per block
+        width = self.base.fisher_output_sqrt_width(c)
+        if width is not None and b * c * width > max_entries:
+            yield from self._sqrt_column_blocks(rows, keep, width, step)
+            return
         per_position = max_entries // max(1, column * c)  # positions whose S_t (r ≤ C columns each) fit a block
         for t0 in range(0, n, max(1, per_position)):
             t1 = min(n, t0 + max(1, per_position))
@@ -251,13 +255,25 @@ class Positions(Family):
             roots = self.base.fisher_output_sqrt(rows[:, t0:t1].reshape(-1, c))  # (B·P, C, r)
             r = roots.shape[-1]
             roots = roots.reshape(b, t1 - t0, c, r) * keep[:, t0:t1, None, None].to(roots.dtype)
-            step = max(1, max_entries // max(1, column))
             for q0 in range(0, (t1 - t0) * r, step):
                 cols = torch.arange(q0, min((t1 - t0) * r, q0 + step), device=o.device)
                 t, j = torch.div(cols, r, rounding_mode="floor"), cols % r
                 block = roots.new_zeros(b, n, c, len(cols))
                 block[:, t0 + t, :, torch.arange(len(cols), device=o.device)] = roots[:, t, :, j]
                 yield block.reshape(b, n * c, len(cols))
+
+    def _sqrt_column_blocks(self, rows: Tensor, keep: Tensor, width: int, step: int) -> Iterator[Tensor]:
+        """The blocks of :meth:`fisher_output_sqrt_blocks` one position at a time, ``step`` columns of its
+        ``S_t`` (of ``width``) built at a time: ``rows`` (B, L, C), ``keep`` (B, L)."""
+        b, n, c = rows.shape
+        for t in range(n):
+            if not bool(keep[:, t].any()):
+                continue
+            for start in range(0, width, step):
+                roots = self.base.fisher_output_sqrt_columns(rows[:, t], start, min(width, start + step))
+                block = roots.new_zeros(b, n, c, roots.shape[-1])
+                block[:, t] = roots * keep[:, t, None, None].to(roots.dtype)
+                yield block.reshape(b, n * c, roots.shape[-1])
 
     def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:
         """``Σ_t v_tᵀ Λ_t w_t``."""

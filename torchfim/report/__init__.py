@@ -40,7 +40,9 @@ comparison.
 
 Cost: besides the Hessian parts, about ``L + 5`` passes over all inputs (L = parameter tensors: one
 exact-block pass per layer of at most ``max_block`` parameters for the spectra); about 7 s for the
-default on 2 cores.
+default on 2 cores. The exact Fisher and the closed forms read every output number of an input (a
+language model's tokens × vocabulary): a model whose per-input Jacobian would not fit in memory is
+refused before anything runs, with its size (the report has no score-only mode).
 
 The report is built in memory and only then written into ``--out``, which gets the report's own
 files and nothing else: files already there (notes, a ``thesis.tex``, a ``runs/`` folder) stay
