@@ -67,25 +67,41 @@ def test_full_too_large_for_memory():
     assert torchfim.fisher(big, torch.randn(2, 2000), family="gaussian").shape == (200100,)
 
 
-@pytest.mark.parametrize("call", ["fisher_variance", "variance_bound"])
+CLOSED_FORM_CALLS = {
+    "fisher_variance": lambda m, x: torchfim.fisher_variance(m, x, structure="trace"),
+    "variance_bound": lambda m, x: torchfim.variance_bound(m, x, structure="trace"),
+    "fisher_covariance": lambda m, x: torchfim.fisher_covariance(m, x, structure="trace"),
+    "return_stderr": lambda m, x: torchfim.fisher(m, x, estimator="score", return_stderr=True),
+    "combined": lambda m, x: torchfim.fisher(m, x, estimator="combined", structure="trace"),
+    "samples_needed": lambda m, x: torchfim.samples_needed(m, x),
+    "compare_estimators": lambda m, x: torchfim.compare_estimators(m, x),
+}
+
+
+@pytest.mark.parametrize("call", list(CLOSED_FORM_CALLS))
 def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(call, monkeypatch):
     """10,000 classes on 50,000 parameters: one input's Jacobian and unit vectors hold 6·10⁸ numbers
     (4.47 GiB in float32, with a working copy). With 1 GiB free the closed forms refuse at once and name
     the alternatives; with 6 GiB one input fits but a mini-batch of 64 does not (its pull-back of 10,000
     vectors holds 6.4·10⁹ numbers more: 52.2 GiB in all), and the error gives the mini-batch size that
-    does (64 · 6 / 52.2: 7)."""
-    from torchfim import _memory
+    does (64 · 6 / 52.2: 7). Calls that also need the exact Fisher or Î2 (9,999 pull-backs per input
+    here) refuse before starting them."""
+    from torchfim import _memory, estimators
 
+    def exact(*args, **kwargs):
+        raise AssertionError("the exact Fisher ran before the closed form that refuses")
+
+    monkeypatch.setattr(estimators, "_add_exact", exact)
     model = nn.Linear(4, 10_000)
     x = torch.randn(64, 4)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
     with pytest.raises(TorchfimError, match=r"C = 10,000 output numbers.*one input needs about 4\.47 GiB.*"
                                             r"1\.0 GiB is available.*estimator='score'"):
-        getattr(torchfim, call)(model, x, structure="trace")
+        CLOSED_FORM_CALLS[call](model, x)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 6 * 2**30)
     with pytest.raises(TorchfimError, match=r"a mini-batch of 64 inputs needs about 52\.\d GiB.*"
                                             r"mini-batches of at most 7 inputs"):
-        getattr(torchfim, call)(model, x, structure="trace")
+        CLOSED_FORM_CALLS[call](model, x)
 
 
 def test_batchnorm_in_training_mode():

@@ -114,9 +114,11 @@ class SharedLabelSums:
     def add(self, engine: Backend, rec: Recording, fam: Family, k: int, generator: torch.Generator | None) -> None:
         """Add one mini-batch: the two estimates (same labels) and the per-input variance terms."""
         parts = self.parts
+        # The Î1 variance first: where an input's Jacobian would not fit it refuses at once, before Î2's
+        # one pull-back per output number. It draws nothing, so the labels are those of any order.
+        parts["var_score"].visit(ScoreVariance(engine, rec, fam, "exact"))
         if self.draw:
             add_shared_label_estimates(engine, rec, fam, parts["score"], parts["hessian"], k, generator)
-        parts["var_score"].visit(ScoreVariance(engine, rec, fam, "exact"))
         with second_order_support():
             parts["var_hessian"].visit(HessianVariance(engine, rec, fam, "exact"))
             parts["cov"].visit(ScoreHessianCovariance(engine, rec, fam))

@@ -51,8 +51,10 @@ def samples_needed(
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
     inputs = reusable(inputs)  # iterated twice below
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
-    value = fisher(model, inputs, estimator="exact", structure=structure, **how)
+    # The variance first: where an input's Jacobian would not fit it refuses at once, before the exact
+    # Fisher's one pull-back per output number (hours for a language model's vocabulary).
     var1 = fisher_variance(model, inputs, estimator=estimator, structure=structure, n_samples=1, **how)
+    value = fisher(model, inputs, estimator="exact", structure=structure, **how)
     value, var1 = value.reshape(-1).double(), var1.reshape(-1).double()
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
@@ -134,8 +136,8 @@ def compare_estimators(
         )
     inputs = reusable(inputs)
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
-    diag = fisher(model, inputs, structure="diag", **how)
     score = fisher_variance(model, inputs, estimator="score", structure="diag", n_samples=n_samples, **how)
+    diag = fisher(model, inputs, structure="diag", **how)  # after a closed form, as in samples_needed
     hess = fisher_variance(model, inputs, estimator="hessian", structure="diag", n_samples=n_samples, **how)
     layout = ModelView(model, output, class_dim).layout  # the engine's names: a wrapper's prefix dropped
     rows, start = [], 0
