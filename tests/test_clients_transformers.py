@@ -214,6 +214,24 @@ def test_gpt2_empirical_fisher_pairs_logits_with_the_next_label_as_its_loss_does
     assert clients.rel_err(naive.sum(1).square().sum(0) / b, want) > 1e-2
 
 
+def test_a_causal_lms_explicit_targets_are_read_as_given_and_its_input_ids_warned_of() -> None:
+    """Explicit targets are one per output position, not shifted: ``targets`` shifted by hand give what the
+    dict's ``labels`` give, silently; the input ids themselves (a causal LM's labels unshifted, the likely
+    slip) warn and name both fixes."""
+    model = tiny_gpt2()
+    batch = labelled_batch([5, 3], seed=1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    want = torchfim.fisher(model, batch, estimator="empirical", structure="diag")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = torchfim.fisher(model, inputs, targets=shifted, estimator="empirical", structure="diag")
+    assert clients.rel_err(got, want) < 1e-12
+    with pytest.warns(RuntimeWarning, match=r"targets given are the batch's input_ids.*predict token t \+ 1.*"
+                                            r"shifted.*'labels'"):
+        torchfim.fisher(model, inputs, targets=inputs["input_ids"], estimator="empirical", structure="diag")
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_masked_lm_labels_are_not_shifted_and_minus_100_observes_nothing() -> None:
     """A masked LM's loss pairs each position with its own label, -100 off the masked tokens: the empirical

@@ -81,6 +81,8 @@ def fisher(
         n_samples: labels drawn per input (per position) for ``score``, ``hessian`` and ``combined``.
         targets: true targets, required by ``empirical`` (or carried by the batches). A categorical
             target of -100 (``F.cross_entropy``'s ``ignore_index``) observes nothing: no score.
+            Targets given here or as ``(inputs, targets)`` pairs are read as given, one per output
+            position (a causal language model's are not shifted, unlike a dict batch's ``labels``).
         generator: ``torch.Generator`` for label sampling (global RNG when None).
         return_stderr: also return the standard error of each entry, the square root of
             :func:`torchfim.fisher_variance` (closed form, conditional on the inputs). ``exact`` has

@@ -16,12 +16,19 @@ import torch
 from torch import Tensor
 
 from .._batches import Inputs, iter_batches
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 
 #: Keys of a dict batch that hold targets, not model inputs.
 TARGET_KEYS = ("labels", "label", "targets")
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
+#: Warned where a causal language model's explicit targets are its input_ids as they are.
+UNSHIFTED = (
+    "torchfim: the targets given are the batch's input_ids, but this causal language model's logits at "
+    "position t predict token t + 1; explicit targets are read as given, one per output position. Pass "
+    "them shifted (input_ids[:, 1:] with -100 at the end), or as the dict batch's 'labels', which torchfim "
+    "shifts as the model's own loss does"
+)
 #: ``vmap`` in-dims of a batch's positional and keyword inputs: 0 where the batch dim is first, else None.
 SampleDims = tuple[tuple[int | None, ...], dict[str, int | None]]
 
@@ -121,6 +128,8 @@ def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.d
         found = [v for k, v in x.items() if k in TARGET_KEYS]
         if y is None and found:
             y = next_token_labels(found[0]) if next_token is not None and next_token() else found[0]
+        elif next_token is not None and _equal_to_input_ids(x, y) and next_token():
+            warn_user(UNSHIFTED)
         tensors = [v for v in kwargs.values() if isinstance(v, Tensor) and v.dim() > 0]
         if not tensors:
             raise TorchfimError("a dict mini-batch holds no tensor inputs; pass e.g. {'input_ids': ids}")
@@ -133,6 +142,13 @@ def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.d
     if x.dim() == 0:
         raise TorchfimError("inputs must have a batch dimension first, got a 0-dim tensor")
     return Batch((_to(x, device, dtype),), {}, x.shape[0], y)
+
+
+def _equal_to_input_ids(x: Mapping, y: object) -> bool:
+    """Whether explicit targets ``y`` are the dict batch's own ``input_ids`` (a causal LM's labels unshifted)."""
+    ids = x.get("input_ids")
+    return (isinstance(y, Tensor) and isinstance(ids, Tensor) and y.shape == ids.shape
+            and y.device == ids.device and torch.equal(y, ids))
 
 
 def next_token_labels(labels: object) -> object:
