@@ -80,12 +80,12 @@ CLOSED_FORM_CALLS = {
 
 @pytest.mark.parametrize("call", list(CLOSED_FORM_CALLS))
 def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(call, monkeypatch):
-    """10,000 classes on 50,000 parameters: one input's Jacobian and unit vectors hold 6·10⁸ numbers
-    (4.47 GiB in float32, with a working copy). With 1 GiB free the closed forms refuse at once and name
-    the alternatives; with 6 GiB one input fits but a mini-batch of 64 does not (its pull-back of 10,000
-    vectors holds 6.4·10⁹ numbers more: 52.2 GiB in all), and the error gives the mini-batch size that
-    does (64 · 6 / 52.2: 7). Calls that also need the exact Fisher or Î2 (9,999 pull-backs per input
-    here) refuse before starting them."""
+    """10,000 classes: pulled back together, one input's output numbers hold 2·10⁸ numbers (the 10⁴ × 10⁴
+    unit vectors and 10⁴ pull-backs of the layer's 10⁴ outputs: 1.49 GiB in float32, with a working copy).
+    With 1 GiB free the closed forms refuse at once and name the alternatives; with 6 GiB one input fits
+    but a mini-batch of 64 does not (6.5·10⁹ numbers: 48.4 GiB), and the error gives the mini-batch size
+    that does (64 · 6 / 48.4: 7). Calls that also need the exact Fisher or Î2 (9,999 pull-backs per
+    input here) refuse before starting them."""
     from torchfim import _memory, estimators
 
     def exact(*args, **kwargs):
@@ -95,11 +95,11 @@ def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(
     model = nn.Linear(4, 10_000)
     x = torch.randn(64, 4)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
-    with pytest.raises(TorchfimError, match=r"C = 10,000 output numbers.*one input needs about 4\.47 GiB.*"
+    with pytest.raises(TorchfimError, match=r"C = 10,000 output numbers.*one input needs about 1\.49 GiB.*"
                                             r"1\.0 GiB is available.*estimator='score'"):
         CLOSED_FORM_CALLS[call](model, x)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 6 * 2**30)
-    with pytest.raises(TorchfimError, match=r"a mini-batch of 64 inputs needs about 52\.\d GiB.*"
+    with pytest.raises(TorchfimError, match=r"a mini-batch of 64 inputs needs about 48\.4 GiB.*"
                                             r"mini-batches of at most 7 inputs"):
         CLOSED_FORM_CALLS[call](model, x)
 

@@ -365,10 +365,10 @@ def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, mon
 
 
 def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(monkeypatch):
-    """10,000 classes on 50,000 parameters: the closed forms read 6·10⁸ numbers per input (4.47 GiB in
-    float32 with a working copy). With 1 GiB free the report refuses before its first measurement (the
-    library is never called), naming the size and the score estimator; with the memory it needs, the same
-    check lets it through to the library."""
+    """10,000 classes: the closed forms pull back the 10,000 output numbers of an input together, at
+    least their 10⁴ × 10⁴ unit vectors (0.745 GiB in float32 with a working copy). With 256 MiB free the
+    report refuses before its first measurement (the library is never called), naming the size and the
+    score estimator; with the memory it needs, the same check lets it through to the library."""
     from torchfim import _memory
 
     model = nn.Linear(4, 10_000)
@@ -380,9 +380,9 @@ def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(mo
         raise RuntimeError("the report's first measurement")
 
     monkeypatch.setattr(torchfim, "fisher", first_measurement)
-    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
-    with pytest.raises(TorchfimError, match=r"beyond the report's reach.*10,000 output numbers of an input "
-                                            r"on 50,000 parameters, about 4\.47 GiB per input with 1\.0 GiB.*"
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**28)
+    with pytest.raises(TorchfimError, match=r"beyond the report's reach.*all 10,000 output numbers of an input "
+                                            r"together, at least 0\.745 GiB per input with 0\.2 GiB.*"
                                             r"estimator='score'"):
         report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False)
     assert not called

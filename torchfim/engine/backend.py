@@ -143,15 +143,14 @@ class Backend(ABC):
 
     def vector_elements(self, rec: Recording) -> int:
         """Numbers one output vector's pull-back holds for the whole batch ``rec`` (a backend's estimate;
-        default: one per-sample gradient per input)."""
+        default: one per-sample gradient per input, as the whole model's Jacobian takes them)."""
         return rec.batch.size * self.layout.num_params
 
     def _eye(self, rec: Recording) -> Tensor:
         """Every output number's unit vector, ``(B, C, C)``: the quantities that need the whole Jacobian of
         each input (closed-form variances, bounds, covariances), after :func:`check_whole_jacobian`."""
         out = rec.values
-        check_whole_jacobian(out.shape[0], out.shape[1], self.layout.num_params, self.vector_elements(rec),
-                             out.dtype, out.device)
+        check_whole_jacobian(out.shape[0], out.shape[1], self.vector_elements(rec), out.dtype, out.device)
         eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
         return eye.expand(out.shape[0], -1, -1)
 
@@ -297,23 +296,22 @@ def is_trace(structure: Structure) -> bool:
     return isinstance(structure, Trace)
 
 
-def whole_jacobian_entries(width: int, num_params: int) -> int:
-    """Numbers the closed forms hold per input: the ``C × C`` unit vectors and the ``C × P`` Jacobian."""
-    return width * (width + num_params)
+def whole_output_entries(width: int, vector_elements: int) -> int:
+    """Numbers a pull-back of all ``width`` output numbers together holds: the ``C × C`` unit vectors and
+    ``C`` times ``vector_elements``, what one vector's pull-back holds (:meth:`Backend.vector_elements`)."""
+    return width * (width + vector_elements)
 
 
-def check_whole_jacobian(batch: int, width: int, num_params: int, vector_elements: int, dtype: torch.dtype,
+def check_whole_jacobian(batch: int, width: int, vector_elements: int, dtype: torch.dtype,
                          device: torch.device) -> None:
     """Refuse, before any of it is allocated, a pull-back of all ``width`` output numbers of each of ``batch``
-    inputs that would not fit in memory: per input :func:`whole_jacobian_entries`, for the batch ``C`` times
-    ``vector_elements`` (one vector's pull-back)."""
-    per_input = whole_jacobian_entries(width, num_params)
-    if per_input + width * vector_elements < 2**26:  # under 0.5 GiB: not worth reading the free memory
+    inputs that would not fit in memory (:func:`whole_output_entries`, for one input and for the batch)."""
+    whole = whole_output_entries(width, vector_elements)
+    if whole < 2**26:  # under 0.5 GiB: not worth reading the free memory
         return
-    fits, needed, free = fits_in_memory(per_input, dtype, device)
-    what = (f"the closed-form variances, bounds and covariances read the Jacobian of all C = {width:,} output "
-            f"numbers of each input (classes, times positions for outputs with positions) on {num_params:,} "
-            "parameters")
+    fits, needed, free = fits_in_memory(whole_output_entries(width, vector_elements // max(1, batch)), dtype, device)
+    what = (f"the closed-form variances, bounds and covariances pull back all C = {width:,} output numbers of "
+            "each input together (classes, times positions for outputs with positions)")
     if not fits:
         raise TorchfimError(
             f"{what}: one input needs about {needed:.3g} GiB, but {free:.1f} GiB is available on {device}. "
@@ -321,7 +319,7 @@ def check_whole_jacobian(batch: int, width: int, num_params: int, vector_element
             "measure the spread of the score estimator instead: fisher(..., estimator='score') with several "
             "generators, or FisherTraceMonitor for Tr(F)"
         )
-    fits, needed, free = fits_in_memory(per_input + width * vector_elements, dtype, device)
+    fits, needed, free = fits_in_memory(whole, dtype, device)
     if not fits:
         most = max(1, int(batch * free / needed))
         raise TorchfimError(

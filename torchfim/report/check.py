@@ -53,7 +53,7 @@ def check_model_and_data(
             "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson; "
             "outputs (batch, *positions, C) are read one vector per position)"
         ) from exc
-    _check_reach(model, o, positions)
+    _check_reach(o, positions)
     if data.targets is not None:
         try:
             _check_targets(family, data.targets[: o.shape[0]].to(o.device), o, positions)
@@ -64,23 +64,21 @@ def check_model_and_data(
     return data, None, layout
 
 
-def _check_reach(model: nn.Module, o: Tensor, positions: tuple[int, ...]) -> None:
+def _check_reach(o: Tensor, positions: tuple[int, ...]) -> None:
     """Refuse, before any of it runs, a model whose closed forms would not fit in memory: the report's
-    variances and bounds read the Jacobian of every output number of an input (a language model's
-    vocabulary times its tokens), :func:`~torchfim.engine.backend.whole_jacobian_entries` numbers."""
+    variances and bounds pull back every output number of an input together (a language model's
+    vocabulary times its tokens), at least their ``C × C`` unit vectors and output Gram matrix."""
     from .._memory import fits_in_memory
-    from ..engine.backend import whole_jacobian_entries
 
     width = o[0].numel()
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fits, needed, free = fits_in_memory(whole_jacobian_entries(width, params), o.dtype, o.device)
+    fits, needed, free = fits_in_memory(width * width, o.dtype, o.device)
     if not fits:
         shape = f" ({' × '.join(map(str, positions))} positions × {o.shape[-1]:,})" if positions else ""
         raise TorchfimError(
-            f"this model is beyond the report's reach: its closed-form variances read the Jacobian of every one "
-            f"of the {width:,} output numbers of an input{shape} on {params:,} parameters, about {needed:.3g} "
-            f"GiB per input with {free:.1f} GiB available, and its exact Fisher pulls back about as many vectors "
-            "per input. The report has no score-only mode yet: use torchfim.fisher(..., estimator='score') and "
+            f"this model is beyond the report's reach: its closed-form variances pull back all {width:,} output "
+            f"numbers of an input{shape} together, at least {needed:.3g} GiB per input with {free:.1f} GiB "
+            "available, and its exact Fisher pulls back about as many vectors per input. The report has no "
+            "score-only mode yet: use torchfim.fisher(..., estimator='score') and "
             "torchfim.train.FisherTraceMonitor on this model, or report on fewer output numbers (shorter "
             "sequences, a model with fewer classes)"
         )
