@@ -67,41 +67,60 @@ def test_full_too_large_for_memory():
     assert torchfim.fisher(big, torch.randn(2, 2000), family="gaussian").shape == (200100,)
 
 
+#: The closed forms on one (B, C) output: call, and whether it builds a C × C output Gram matrix per input
+#: (the trace of Î1's variance does, the diagonals do not).
 CLOSED_FORM_CALLS = {
-    "fisher_variance": lambda m, x: torchfim.fisher_variance(m, x, structure="trace"),
-    "variance_bound": lambda m, x: torchfim.variance_bound(m, x, structure="trace"),
-    "fisher_covariance": lambda m, x: torchfim.fisher_covariance(m, x, structure="trace"),
-    "return_stderr": lambda m, x: torchfim.fisher(m, x, estimator="score", return_stderr=True),
-    "combined": lambda m, x: torchfim.fisher(m, x, estimator="combined", structure="trace"),
-    "samples_needed": lambda m, x: torchfim.samples_needed(m, x),
-    "compare_estimators": lambda m, x: torchfim.compare_estimators(m, x),
+    "fisher_variance": (lambda m, x: torchfim.fisher_variance(m, x, structure="trace"), True),
+    "variance_bound": (lambda m, x: torchfim.variance_bound(m, x, structure="trace"), True),
+    "fisher_covariance": (lambda m, x: torchfim.fisher_covariance(m, x, structure="trace"), True),
+    "combined": (lambda m, x: torchfim.fisher(m, x, estimator="combined", structure="trace"), True),
+    "samples_needed": (lambda m, x: torchfim.samples_needed(m, x), True),
+    "return_stderr": (lambda m, x: torchfim.fisher(m, x, estimator="score", return_stderr=True), False),
+    "compare_estimators": (lambda m, x: torchfim.compare_estimators(m, x), False),
+    "diag variance": (lambda m, x: torchfim.fisher_variance(m, x, structure="diag"), False),
 }
 
 
 @pytest.mark.parametrize("call", list(CLOSED_FORM_CALLS))
 def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(call, monkeypatch):
-    """10,000 classes: pulled back together, one input's output numbers hold 2·10⁸ numbers (the 10⁴ × 10⁴
-    unit vectors and 10⁴ pull-backs of the layer's 10⁴ outputs: 1.49 GiB in float32, with a working copy).
-    With 1 GiB free the closed forms refuse at once and name the alternatives; with 6 GiB one input fits
-    but a mini-batch of 64 does not (6.5·10⁹ numbers: 48.4 GiB), and the error gives the mini-batch size
-    that does (64 · 6 / 48.4: 7). Calls that also need the exact Fisher or Î2 (9,999 pull-backs per
-    input here) refuse before starting them."""
+    """10,000 classes, 64 inputs, the per-module backend: pulled back together, one input's output numbers
+    hold the 10⁴ × 10⁴ unit vectors and 10⁴ pull-backs of the layer's 10⁴ outputs, 2·10⁸ numbers (1.49 GiB
+    in float32 with a working copy), and with its output Gram matrix 3·10⁸ (2.24 GiB); the mini-batch
+    6.5·10⁹ (48.4 GiB), or 1.29·10¹⁰ with 64 Gram matrices (96.1 GiB). With 1 GiB free the closed forms
+    refuse at once and name the alternatives; with 6 GiB one input fits but the mini-batch does not, and
+    the error gives the mini-batch size that does (64 · 6 / 48.4: 7; 64 · 6 / 96.1: 3). Calls that also
+    need the exact Fisher or Î2 (9,999 pull-backs per input here) refuse before starting them."""
     from torchfim import _memory, estimators
 
     def exact(*args, **kwargs):
         raise AssertionError("the exact Fisher ran before the closed form that refuses")
 
     monkeypatch.setattr(estimators, "_add_exact", exact)
+    run, grams = CLOSED_FORM_CALLS[call]
+    one, whole, most = ("2\\.24", "96\\.1", 3) if grams else ("1\\.49", "48\\.4", 7)
     model = nn.Linear(4, 10_000)
     x = torch.randn(64, 4)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
-    with pytest.raises(TorchfimError, match=r"C = 10,000 output numbers.*one input needs about 1\.49 GiB.*"
+    with pytest.raises(TorchfimError, match=rf"C = 10,000 output numbers.*one input needs about {one} GiB.*"
                                             r"1\.0 GiB is available.*estimator='score'"):
-        CLOSED_FORM_CALLS[call](model, x)
+        run(model, x)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 6 * 2**30)
-    with pytest.raises(TorchfimError, match=r"a mini-batch of 64 inputs needs about 48\.4 GiB.*"
-                                            r"mini-batches of at most 7 inputs"):
-        CLOSED_FORM_CALLS[call](model, x)
+    with pytest.raises(TorchfimError, match=rf"a mini-batch of 64 inputs needs about {whole} GiB.*"
+                                            rf"mini-batches of at most {most} inputs"):
+        run(model, x)
+
+
+def test_the_functional_backend_sizes_whole_output_pull_backs_by_per_sample_gradients(monkeypatch):
+    """The functional backend builds every input's Jacobian: 10,000 outputs by 50,000 parameters (with the
+    unit vectors, 6·10⁸ numbers: 4.47 GiB) per input, where the per-module backend holds 1.49 GiB."""
+    from torchfim import _memory
+
+    model, x = nn.Linear(4, 10_000), torch.randn(64, 4)
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2 * 2**30)
+    with pytest.raises(TorchfimError, match=r"one input needs about 4\.47 GiB"):
+        torchfim.fisher_variance(model, x, structure="diag", backend="functional")
+    with pytest.raises(TorchfimError, match=r"a mini-batch of 64 inputs needs about 48\.4 GiB.*at most 2 inputs"):
+        torchfim.fisher_variance(model, x, structure="diag", backend="modules")
 
 
 def test_batchnorm_in_training_mode():

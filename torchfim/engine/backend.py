@@ -146,11 +146,12 @@ class Backend(ABC):
         default: one per-sample gradient per input, as the whole model's Jacobian takes them)."""
         return rec.batch.size * self.layout.num_params
 
-    def _eye(self, rec: Recording) -> Tensor:
+    def _eye(self, rec: Recording, grams: bool = False) -> Tensor:
         """Every output number's unit vector, ``(B, C, C)``: the quantities that need the whole Jacobian of
-        each input (closed-form variances, bounds, covariances), after :func:`check_whole_jacobian`."""
+        each input (closed-form variances, bounds, covariances), after :func:`check_whole_jacobian`
+        (``grams``: a ``C × C`` output Gram matrix per input is built from them too)."""
         out = rec.values
-        check_whole_jacobian(out.shape[0], out.shape[1], self.vector_elements(rec), out.dtype, out.device)
+        check_whole_jacobian(out.shape[0], out.shape[1], self.vector_elements(rec), out.dtype, out.device, grams)
         eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
         return eye.expand(out.shape[0], -1, -1)
 
@@ -176,8 +177,9 @@ class Backend(ABC):
     def output_gram(self, rec: Recording) -> Tensor:
         """Per input ``Jᵢ Jᵢᵀ``: ``(B, C, C)``."""
         out = rec.values
+        pieces = self.pieces(rec, self._eye(rec, grams=True), whole=True)  # the memory checked first
         gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1])
-        for rows, piece in self.jacobian_pieces(rec):
+        for rows, _, piece in pieces:
             for g in piece.values():
                 gram[rows] += g @ g.transpose(1, 2)
         return gram
@@ -296,20 +298,23 @@ def is_trace(structure: Structure) -> bool:
     return isinstance(structure, Trace)
 
 
-def whole_output_entries(width: int, vector_elements: int) -> int:
-    """Numbers a pull-back of all ``width`` output numbers together holds: the ``C × C`` unit vectors and
-    ``C`` times ``vector_elements``, what one vector's pull-back holds (:meth:`Backend.vector_elements`)."""
-    return width * (width + vector_elements)
+def whole_output_entries(width: int, vector_elements: int, grams: int = 0) -> int:
+    """Numbers a pull-back of all ``width`` output numbers together holds: the ``C × C`` unit vectors,
+    ``C`` times ``vector_elements``, what one vector's pull-back holds (:meth:`Backend.vector_elements`),
+    and ``grams`` output Gram matrices ``C × C``."""
+    return width * (width * (1 + grams) + vector_elements)
 
 
 def check_whole_jacobian(batch: int, width: int, vector_elements: int, dtype: torch.dtype,
-                         device: torch.device) -> None:
+                         device: torch.device, grams: bool = False) -> None:
     """Refuse, before any of it is allocated, a pull-back of all ``width`` output numbers of each of ``batch``
-    inputs that would not fit in memory (:func:`whole_output_entries`, for one input and for the batch)."""
-    whole = whole_output_entries(width, vector_elements)
+    inputs that would not fit in memory (:func:`whole_output_entries`, for one input and for the batch;
+    ``grams``: with a Gram matrix per input)."""
+    whole = whole_output_entries(width, vector_elements, batch if grams else 0)
     if whole < 2**26:  # under 0.5 GiB: not worth reading the free memory
         return
-    fits, needed, free = fits_in_memory(whole_output_entries(width, vector_elements // max(1, batch)), dtype, device)
+    one = whole_output_entries(width, vector_elements // max(1, batch), int(grams))
+    fits, needed, free = fits_in_memory(one, dtype, device)
     what = (f"the closed-form variances, bounds and covariances pull back all C = {width:,} output numbers of "
             "each input together (classes, times positions for outputs with positions)")
     if not fits:

@@ -438,7 +438,7 @@ class PerModuleBackend(Backend):
     def output_gram(self, rec: ModuleRecording) -> Tensor:
         """Dense layers: ``Σ_u (‖a‖² + 1) g_u g_uᵀ`` per sample; other parameters from their Jacobians."""
         dense, rest = self._dense_split(rec)
-        eye = self._eye(rec)
+        eye = self._eye(rec, grams=True)
         sens = self._sensitivities(rec, eye)
         out = rec.values
         gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1], dtype=as_float(out).dtype)
