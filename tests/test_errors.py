@@ -110,6 +110,25 @@ def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(
         run(model, x)
 
 
+@pytest.mark.parametrize("structure", ["trace", "diag"])
+def test_a_bounds_per_input_constant_comes_after_the_memory_check(structure, monkeypatch):
+    """The kurtosis bound's ``E‖u‖⁴`` reads a ``C × C`` identity per input: it is taken at its first use,
+    after the engine has refused the outputs, never before (a vocabulary would fail inside torch)."""
+    from torchfim import _memory, variance
+
+    taken = []
+    own = variance._bound_scale
+    monkeypatch.setattr(variance, "_bound_scale", lambda *args: taken.append(True) or own(*args))
+    model, x = nn.Linear(4, 10_000), torch.randn(64, 4)
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
+    with pytest.raises(TorchfimError, match="one input needs about"):
+        torchfim.score_variance_bound_kurtosis(model, x, structure=structure)
+    assert not taken
+    small = nn.Linear(4, 3)  # the constant is still taken where the outputs fit
+    torchfim.score_variance_bound_kurtosis(small, x[:4], structure=structure)
+    assert taken
+
+
 def test_the_functional_backend_sizes_whole_output_pull_backs_by_per_sample_gradients(monkeypatch):
     """The functional backend builds every input's Jacobian: 10,000 outputs by 50,000 parameters (with the
     unit vectors, 6·10⁸ numbers: 4.47 GiB) per input, where the per-module backend holds 1.49 GiB."""

@@ -15,6 +15,7 @@ where ``j_p = ∂o(xᵢ)/∂θ_p`` is column ``p`` of ``Jᵢ``. The trace estima
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,12 @@ class ScoreVariance(StructureVisitor):
     def __init__(self, engine: Backend, rec: Recording, fam: Family, mode: str) -> None:
         self.engine, self.rec, self.fam, self.mode = engine, rec, fam, mode
         self.o = rec.values
-        self.scale = _bound_scale(fam, self.o, mode)
+
+    @cached_property
+    def scale(self) -> Tensor | None:
+        """The bound's per-input constant, taken at its first use: after the engine has checked that all
+        output numbers of an input fit in memory (the kurtosis bound's ``E‖u‖⁴`` reads a ``C × C`` identity)."""
+        return _bound_scale(self.fam, self.o, self.mode)
 
     def trace(self, structure: Trace) -> None:
         structure.add_squares(0, self.trace_terms(slice(None), self.engine.output_gram(self.rec)).sum())
@@ -83,11 +89,11 @@ class ScoreVariance(StructureVisitor):
         return second - trace_i**2
 
     def diag(self, structure: Diag) -> None:
-        o, fam, mode, scale = self.o, self.fam, self.mode, self.scale
+        o, fam, mode = self.o, self.fam, self.mode
 
         def quartic(rows: slice, cols: Tensor) -> Tensor:
             fisher_pp, fourth = fam.for_rows(rows).moments_along(o[rows], cols)
-            second = fourth if mode == "exact" else scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2
+            second = fourth if mode == "exact" else self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2
             return second - fisher_pp**2
 
         for i, value in self.engine.entry_quartic(self.rec, quartic).items():
