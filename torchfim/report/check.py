@@ -67,11 +67,13 @@ def check_model_and_data(
 def _check_reach(o: Tensor, positions: tuple[int, ...]) -> None:
     """Refuse, before any of it runs, a model whose closed forms would not fit in memory: the report's
     variances and bounds pull back every output number of an input together (a language model's
-    vocabulary times its tokens), at least their ``C × C`` unit vectors and output Gram matrix."""
+    vocabulary times its tokens), at least their ``C × C`` unit vectors (:func:`whole_output_entries` with
+    nothing pulled back yet; the library checks the rest when it records)."""
     from .._memory import fits_in_memory
+    from ..engine.backend import whole_output_entries
 
     width = o[0].numel()
-    fits, needed, free = fits_in_memory(width * width, o.dtype, o.device)
+    fits, needed, free = fits_in_memory(whole_output_entries(width, 0), o.dtype, o.device)
     if not fits:
         shape = f" ({' × '.join(map(str, positions))} positions × {o.shape[-1]:,})" if positions else ""
         raise TorchfimError(
