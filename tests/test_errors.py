@@ -79,6 +79,13 @@ CLOSED_FORM_CALLS = {
     "compare_estimators": (lambda m, x: torchfim.compare_estimators(m, x), False),
     "diag variance": (lambda m, x: torchfim.fisher_variance(m, x, structure="diag"), False),
 }
+#: The one closed form that cannot cut a mini-batch: the combined estimator draws labels, and cutting would
+#: change which rows get which.
+UNCUT = {"combined"}
+
+
+class _Cut(Exception):
+    """Raised by the spy on the engine loop's recordings at the first smaller group."""
 
 
 @pytest.mark.parametrize("call", list(CLOSED_FORM_CALLS))
@@ -87,10 +94,13 @@ def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(
     hold the 10⁴ × 10⁴ unit vectors and 10⁴ pull-backs of the layer's 10⁴ outputs, 2·10⁸ numbers (1.49 GiB
     in float32 with a working copy), and with its output Gram matrix 3·10⁸ (2.24 GiB); the mini-batch
     6.5·10⁹ (48.4 GiB), or 1.29·10¹⁰ with 64 Gram matrices (96.1 GiB). With 1 GiB free the closed forms
-    refuse at once and name the alternatives; with 6 GiB one input fits but the mini-batch does not, and
-    the error gives the mini-batch size that does (64 · 6 / 48.4: 7; 64 · 6 / 96.1: 3). Calls that also
-    need the exact Fisher or Î2 (9,999 pull-backs per input here) refuse before starting them."""
+    refuse at once and name the alternatives. With 6 GiB one input fits but the mini-batch does not: the
+    engine loop records it again in groups of the size that fits (64 · 6 / 48.4: 7; 64 · 6 / 96.1: 3), where
+    the combined estimator, which draws labels and so cannot cut its mini-batches, gives that size in its
+    error. Calls that also need the exact Fisher or Î2 (9,999 pull-backs per input here) refuse before
+    starting them."""
     from torchfim import _memory, estimators
+    from torchfim.engine import loop
 
     def exact(*args, **kwargs):
         raise AssertionError("the exact Fisher ran before the closed form that refuses")
@@ -105,9 +115,23 @@ def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(
                                             r"1\.0 GiB is available.*estimator='score'"):
         run(model, x)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 6 * 2**30)
-    with pytest.raises(TorchfimError, match=rf"a mini-batch of 64 inputs needs about {whole} GiB.*"
-                                            rf"mini-batches of at most {most} inputs"):
+    if call in UNCUT:
+        with pytest.raises(TorchfimError, match=rf"a mini-batch of 64 inputs needs about {whole} GiB.*"
+                                                rf"mini-batches of at most {most} inputs"):
+            run(model, x)
+        return
+    sizes, record = [], loop._record
+
+    def spy(view, backend, part):
+        sizes.append(part.size)
+        if part.size < 64:  # the first smaller group: its pull-back would take minutes, the cut is what is tested
+            raise _Cut
+        return record(view, backend, part)
+
+    monkeypatch.setattr(loop, "_record", spy)
+    with pytest.raises(_Cut):
         run(model, x)
+    assert sizes[-2:] == [64, most], sizes
 
 
 @pytest.mark.parametrize("structure", ["trace", "diag"])
@@ -139,7 +163,7 @@ def test_the_functional_backend_sizes_whole_output_pull_backs_by_per_sample_grad
     with pytest.raises(TorchfimError, match=r"one input needs about 4\.47 GiB"):
         torchfim.fisher_variance(model, x, structure="diag", backend="functional")
     with pytest.raises(TorchfimError, match=r"a mini-batch of 64 inputs needs about 48\.4 GiB.*at most 2 inputs"):
-        torchfim.fisher_variance(model, x, structure="diag", backend="modules")
+        torchfim.fisher(model, x, estimator="combined", structure="diag", backend="modules")
 
 
 def test_batchnorm_in_training_mode():

@@ -365,10 +365,10 @@ def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, mon
 
 
 def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(monkeypatch):
-    """10,000 classes: the closed forms pull back the 10,000 output numbers of an input together, at
-    least their 10⁴ × 10⁴ unit vectors (0.745 GiB in float32 with a working copy). With 256 MiB free the
-    report refuses before its first measurement (the library is never called), naming the size and the
-    score estimator; with the memory it needs, the same check lets it through to the library."""
+    """10,000 classes: the closed forms pull back the 10,000 output numbers of an input together. With 256
+    MiB or 1 GiB free the report refuses before its first measurement (the library is never called), naming
+    the size and the score estimator; with the memory it needs, the same check lets it through to the
+    library."""
     from torchfim import _memory
 
     model = nn.Linear(4, 10_000)
@@ -380,11 +380,15 @@ def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(mo
         raise RuntimeError("the report's first measurement")
 
     monkeypatch.setattr(torchfim, "fisher", first_measurement)
-    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**28)
-    with pytest.raises(TorchfimError, match=r"beyond the report's reach.*all 10,000 output numbers of an input "
-                                            r"together, at least 0\.745 GiB per input with 0\.2 GiB.*"
-                                            r"estimator='score'"):
-        report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False)
+    # One input: the 10⁴ × 10⁴ unit vectors and 10⁴ pull-backs of the layer's 10⁴ outputs, 2·10⁸ numbers
+    # (1.49 GiB in float32 with a working copy), as the library counts them. With 1 GiB free, the unit
+    # vectors alone (0.745 GiB) would pass, and the library would refuse only after the exact parts.
+    for free, shown in ((2**28, "0\\.2"), (2**30, "1\\.0")):
+        monkeypatch.setattr(_memory, "available_bytes", lambda device, free=free: free)
+        with pytest.raises(TorchfimError, match=rf"beyond the report's reach.*all 10,000 output numbers of an "
+                                                rf"input together, about 1\.49 GiB per input with {shown} GiB.*"
+                                                r"estimator='score'"):
+            report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False)
     assert not called
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 8 * 2**30)
     with pytest.raises(RuntimeError, match="first measurement"):

@@ -20,7 +20,7 @@ from test_engine_oracles import IDS, PAIRS, _close, _kwargs, _oracle, _view
 
 import torchfim
 from torchfim import covariance, variance
-from torchfim.engine import backend, functional, per_module
+from torchfim.engine import backend, functional, loop, per_module
 from torchfim.engine.batch import make_batch
 from torchfim.engine.session import engine_pass
 
@@ -131,3 +131,65 @@ def test_estimators_that_draw_labels_record_the_batch_whole(monkeypatch, recorde
         recorded_sizes.clear()
         torchfim.fisher(model, x, estimator=estimator, generator=torch.Generator().manual_seed(0))
         assert 1 not in recorded_sizes and 6 in recorded_sizes, (estimator, recorded_sizes)
+
+
+@pytest.fixture
+def one_input_per_pull_back(monkeypatch) -> list[int]:
+    """Every backend answers that one input's whole-output pull-back is all that fits in memory; returns the
+    sizes the engine loop records (both backends, through ``loop._record``)."""
+    sizes: list[int] = []
+    record = loop._record
+
+    def spy(view, engine, part):
+        sizes.append(part.size)
+        return record(view, engine, part)
+
+    monkeypatch.setattr(loop, "_record", spy)
+    monkeypatch.setattr(backend.Backend, "rows_for_whole_outputs", lambda self, rec, grams=False: 1)
+    return sizes
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
+@pytest.mark.parametrize("backend_name", ["modules", "functional"])
+@pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
+def test_closed_forms_cut_to_what_fits_in_memory_equal_the_oracle(case, family, backend_name,
+                                                                  one_input_per_pull_back) -> None:
+    """Where a mini-batch's whole-output pull-back would not fit, the loop records it again one input at a
+    time (before: "pass mini-batches of at most 1 inputs"); the score variances, the Hessian variances
+    (never cut: they pull back no whole output) and the bounds still equal the brute-force oracles."""
+    n = len(_oracle(case, family)["x"])
+    engine_oracles.test_variances(case, family, backend_name)
+    if case.name == "gru" and backend_name == "functional":
+        return  # refused before recording
+    assert 1 in one_input_per_pull_back and n in one_input_per_pull_back, one_input_per_pull_back
+
+
+@pytest.mark.parametrize("case_name,family", COMBINED_PAIRS, ids=COMBINED_IDS)
+def test_covariance_and_combined_variance_cut_to_what_fits_equal_the_oracle(case_name, family,
+                                                                            one_input_per_pull_back) -> None:
+    combined_oracles.test_covariance_matches_oracle(case_name, family, "modules")
+    combined_oracles.test_combined_variance_matches_oracle_and_beats_both(case_name, family)
+    assert 1 in one_input_per_pull_back, one_input_per_pull_back
+
+
+@pytest.mark.parametrize("grams", [False, True], ids=["diag", "trace"])
+def test_the_cut_is_the_memory_check_s_size_in_nearly_equal_groups(grams, monkeypatch, recorded_sizes) -> None:
+    """With the free memory set to 2.5/7 of what 7 inputs' whole-output pull-back needs, the check allows
+    ⌊7 · 2.5 / 7⌋ = 2 inputs at a time: 7 inputs are recorded whole, then again as 2 + 2 + 2 + 1, and the
+    variance is unchanged."""
+    from torchfim import _memory
+
+    case = BY_NAME["tanh_mlp"]
+    model, x = case.build(3), case.inputs(7)
+    structure = "trace" if grams else "diag"
+    want = torchfim.fisher_variance(model, x, structure=structure, backend="modules")
+    with engine_pass(model, "modules") as one:
+        rec = one.backend.record(make_batch(x, None, one.view.device, one.view.dtype))
+        width, vector, itemsize = rec.values.shape[1], one.backend.vector_elements(rec), rec.values.element_size()
+    needed = 2 * itemsize * backend.whole_output_entries(width, vector, 7 if grams else 0)  # with a working copy
+    monkeypatch.setattr(backend, "WHOLE_OUTPUTS_UNCHECKED", 0)
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2.5 / 7 * needed)
+    recorded_sizes.clear()
+    got = torchfim.fisher_variance(model, x, structure=structure, backend="modules")
+    _close(got, want, 1e-12)
+    assert recorded_sizes == [7, 2, 2, 2, 1], recorded_sizes

@@ -45,7 +45,7 @@ from .engine import (
     backend_name,
     check_finite_result,
 )
-from .engine.backend import second_order_support
+from .engine.backend import is_trace, second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
@@ -111,6 +111,11 @@ class SharedLabelSums:
         self.draw = draw
         self.n = 0
 
+    @property
+    def grams(self) -> bool:
+        """Whether the closed forms build an output Gram matrix per input (the trace's do)."""
+        return is_trace(self.parts["var_score"])
+
     def add(self, engine: Backend, rec: Recording, fam: Family, k: int, generator: torch.Generator | None) -> None:
         """Add one mini-batch: the two estimates (same labels) and the per-input variance terms."""
         parts = self.parts
@@ -171,7 +176,8 @@ def combined_terms(
         sums = SharedLabelSums(structure, one.view, draw)
         # Row groups only without draws: cutting a batch would change which labels its rows get.
         for rec, fam_b in one.batches(inputs, targets, fam, mask, progress,
-                                      "fisher[combined]" if draw else "variance[combined]", split=not draw):
+                                      "fisher[combined]" if draw else "variance[combined]", split=not draw,
+                                      whole=not draw, grams=sums.grams):
             sums.add(one.backend, rec, fam_b, k, generator)
         result = sums.finish(k)
     if result.estimate is not None:

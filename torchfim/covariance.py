@@ -28,7 +28,7 @@ from .engine import (
     Recording,
     backend_name,
 )
-from .engine.backend import CHUNK_ELEMENTS, Pieces, second_order_support
+from .engine.backend import CHUNK_ELEMENTS, Pieces, is_trace, second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import check_choice, check_n_samples
@@ -144,7 +144,8 @@ def covariance_of(
     with engine_pass(model, backend, output, class_dim) as one:
         result = make_structure(structure, one.view.layout)
         # A closed form that draws nothing: large mini-batches go in row groups.
-        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "covariance[score, hessian]", split=True):
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "covariance[score, hessian]", split=True,
+                                      whole=True, grams=is_trace(result)):
             with second_order_support():
                 result.visit(ScoreHessianCovariance(one.backend, rec, fam_b))
         return result.finish(one.n * one.n * k)

@@ -89,7 +89,7 @@ def score_trace_variances(
     modes = ("exact", "spectral", "kurtosis") if bounds else ("exact",)
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
         sums = _Sums(one.view.layout, ("var", *modes[1:]))
-        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True):
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True):
             forms = [ScoreVariance(one.backend, rec, fam_b, mode) for mode in modes]
             for rows, piece in one.backend.jacobian_pieces(rec):
                 gram = None

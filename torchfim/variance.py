@@ -27,7 +27,7 @@ from .engine import (
     backend_name,
     check_finite_result,
 )
-from .engine.backend import CHUNK_ELEMENTS, second_order_support
+from .engine.backend import CHUNK_ELEMENTS, is_trace, second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import check_choice, check_n_samples
@@ -194,7 +194,8 @@ def variance_of(
     with engine_pass(model, backend, output, class_dim) as one:
         result = make_structure(structure, one.view.layout)
         # Closed forms pull every output vector back and draw nothing: large mini-batches go in row groups.
-        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]", split=True):
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]", split=True,
+                                      whole=estimator == "score", grams=is_trace(result)):
             if estimator == "score":
                 result.visit(ScoreVariance(one.backend, rec, fam_b, mode))
             else:

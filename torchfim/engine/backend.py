@@ -146,6 +146,12 @@ class Backend(ABC):
         default: one per-sample gradient per input, as the whole model's Jacobian takes them)."""
         return rec.batch.size * self.layout.num_params
 
+    def rows_for_whole_outputs(self, rec: Recording, grams: bool = False) -> int:
+        """How many inputs of ``rec`` fit in one pull-back of all their output numbers (``grams``: with an
+        output Gram matrix per input; :func:`whole_output_rows`); raises when one input does not fit."""
+        out = rec.values
+        return whole_output_rows(out.shape[0], out.shape[1], self.vector_elements(rec), out.dtype, out.device, grams)
+
     def _eye(self, rec: Recording, grams: bool = False) -> Tensor:
         """Every output number's unit vector, ``(B, C, C)``: the quantities that need the whole Jacobian of
         each input (closed-form variances, bounds, covariances), after :func:`check_whole_jacobian`
@@ -298,6 +304,10 @@ def is_trace(structure: Structure) -> bool:
     return isinstance(structure, Trace)
 
 
+#: Below this many numbers (0.5 GiB in float64) a whole-output pull-back is not worth reading the free memory for.
+WHOLE_OUTPUTS_UNCHECKED = 2**26
+
+
 def whole_output_entries(width: int, vector_elements: int, grams: int = 0) -> int:
     """Numbers a pull-back of all ``width`` output numbers together holds: the ``C × C`` unit vectors,
     ``C`` times ``vector_elements``, what one vector's pull-back holds (:meth:`Backend.vector_elements`),
@@ -305,30 +315,42 @@ def whole_output_entries(width: int, vector_elements: int, grams: int = 0) -> in
     return width * (width * (1 + grams) + vector_elements)
 
 
+def whole_output_rows(batch: int, width: int, vector_elements: int, dtype: torch.dtype,
+                      device: torch.device, grams: bool = False) -> int:
+    """How many of ``batch`` inputs can pull back all ``width`` output numbers each together in memory
+    (:func:`whole_output_entries`, ``vector_elements`` for the whole batch; ``grams``: with a Gram matrix
+    per input): ``batch`` when all of them can. Raises, naming the alternatives, when one input cannot."""
+    whole = whole_output_entries(width, vector_elements, batch if grams else 0)
+    if whole < WHOLE_OUTPUTS_UNCHECKED:
+        return batch
+    one = whole_output_entries(width, vector_elements // max(1, batch), int(grams))
+    fits, needed, free = fits_in_memory(one, dtype, device)
+    if not fits:
+        raise TorchfimError(
+            f"{_WHOLE_OUTPUTS.format(width=width)}: one input needs about {needed:.3g} GiB, but {free:.1f} GiB is "
+            f"available on {device}. Use fewer output numbers per input (shorter sequences, or a mask that keeps "
+            "fewer positions), or measure the spread of the score estimator instead: fisher(..., estimator='score') "
+            "with several generators, or FisherTraceMonitor for Tr(F)"
+        )
+    fits, needed, free = fits_in_memory(whole, dtype, device)
+    return batch if fits else max(1, int(batch * free / needed))
+
+
 def check_whole_jacobian(batch: int, width: int, vector_elements: int, dtype: torch.dtype,
                          device: torch.device, grams: bool = False) -> None:
     """Refuse, before any of it is allocated, a pull-back of all ``width`` output numbers of each of ``batch``
-    inputs that would not fit in memory (:func:`whole_output_entries`, for one input and for the batch;
-    ``grams``: with a Gram matrix per input)."""
-    whole = whole_output_entries(width, vector_elements, batch if grams else 0)
-    if whole < 2**26:  # under 0.5 GiB: not worth reading the free memory
-        return
-    one = whole_output_entries(width, vector_elements // max(1, batch), int(grams))
-    fits, needed, free = fits_in_memory(one, dtype, device)
-    what = (f"the closed-form variances, bounds and covariances pull back all C = {width:,} output numbers of "
-            "each input together (classes, times positions for outputs with positions)")
-    if not fits:
+    inputs that would not fit in memory (:func:`whole_output_rows`); the engine loop has already cut the
+    mini-batches it may cut (``run(..., whole=True)``), so what is left names the mini-batch size."""
+    most = whole_output_rows(batch, width, vector_elements, dtype, device, grams)
+    if most < batch:
+        whole = whole_output_entries(width, vector_elements, batch if grams else 0)
+        _, needed, free = fits_in_memory(whole, dtype, device)
         raise TorchfimError(
-            f"{what}: one input needs about {needed:.3g} GiB, but {free:.1f} GiB is available on {device}. "
-            "Use fewer output numbers per input (shorter sequences, or a mask that keeps fewer positions), or "
-            "measure the spread of the score estimator instead: fisher(..., estimator='score') with several "
-            "generators, or FisherTraceMonitor for Tr(F)"
+            f"{_WHOLE_OUTPUTS.format(width=width)}: a mini-batch of {batch} inputs needs about {needed:.3g} GiB, but "
+            f"{free:.1f} GiB is available on {device}; pass mini-batches of at most {most} inputs (an iterable of "
+            "batches, e.g. x.split(...))"
         )
-    fits, needed, free = fits_in_memory(whole, dtype, device)
-    if not fits:
-        most = max(1, int(batch * free / needed))
-        raise TorchfimError(
-            f"{what}: a mini-batch of {batch} inputs needs about {needed:.3g} GiB, but {free:.1f} GiB is "
-            f"available on {device}; pass mini-batches of at most {most} inputs (an iterable of batches, "
-            "e.g. x.split(...))"
-        )
+
+
+_WHOLE_OUTPUTS = ("the closed-form variances, bounds and covariances pull back all C = {width:,} output numbers of "
+                  "each input together (classes, times positions for outputs with positions)")

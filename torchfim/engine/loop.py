@@ -7,6 +7,7 @@ check on the first samples; the caller then asks the backend for products of tha
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -54,27 +55,29 @@ def run(
     progress: bool = False,
     desc: str = "torchfim",
     split: bool = False,
+    whole: bool = False,
+    grams: bool = False,
 ) -> Iterator[tuple[Recording, Family]]:
     """Recordings of every mini-batch, each with the family of its flat outputs (checked).
 
     With ``split`` (for computations that pull many vectors back and draw nothing at random), a
     large mini-batch is recorded in the groups of rows the backend asks for
-    (:meth:`~.backend.Backend.row_groups`), each yielded as a mini-batch of its own.
+    (:meth:`~.backend.Backend.row_groups`), each yielded as a mini-batch of its own. With ``whole`` too
+    (closed forms, which pull back all output numbers of an input together), a group whose pull-back
+    would not fit in memory is recorded again in as many smaller groups as it takes
+    (:meth:`~.backend.Backend.rows_for_whole_outputs`; ``grams``: the computation builds an output Gram
+    matrix per input too).
     """
     checked = 0
     versions = view.versions()
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         _check_finite_inputs(batch)
         # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.
-        cuttable = not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size)
-        groups = backend.row_groups(batch) if split and cuttable else [slice(0, batch.size)]
-        for rows in groups:
-            part = batch if len(groups) == 1 else batch.rows(rows)
-            try:
-                rec = backend.record(part)
-            except RuntimeError as err:
-                raise _forward_error(part, view, err) from err
-            part_mask = mask[rows] if len(groups) > 1 and isinstance(mask, torch.Tensor) else mask
+        cuttable = split and (not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size))
+        groups = backend.row_groups(batch) if cuttable else [slice(0, batch.size)]
+        for rows, part, rec in _recordings(view, backend, batch, groups, whole and cuttable, grams):
+            cut = rows != slice(0, batch.size)
+            part_mask = mask[rows] if cut and isinstance(mask, torch.Tensor) else mask
             fam = view.family_for(rec.shape, part, family, part_mask)
             fam.check_output(rec.values)
             try:
@@ -84,6 +87,34 @@ def run(
                 raise
             yield rec, fam
             view.check_unchanged(versions)
+
+
+def _recordings(view: ModelView, backend: Backend, batch: Batch, groups: list[slice],
+                whole: bool, grams: bool) -> Iterator[tuple[slice, Batch, Recording]]:
+    """``(rows, their batch, its recording)`` for each group of ``batch``'s rows; with ``whole``, a group
+    too large for a pull-back of all its output numbers is recorded again in smaller groups of nearly
+    equal size (one forward more, against the output width's backward passes)."""
+    for rows in groups:
+        part = batch if rows == slice(0, batch.size) else batch.rows(rows)
+        rec = _record(view, backend, part)
+        most = backend.rows_for_whole_outputs(rec, grams) if whole else part.size
+        if most >= part.size:
+            yield rows, part, rec
+            continue
+        del rec  # its taps go before the smaller groups record theirs
+        count = math.ceil(part.size / most)
+        step = math.ceil(part.size / count)
+        for start in range(rows.start, rows.stop, step):
+            sub = slice(start, min(rows.stop, start + step))
+            piece = batch.rows(sub)
+            yield sub, piece, _record(view, backend, piece)
+
+
+def _record(view: ModelView, backend: Backend, part: Batch) -> Recording:
+    try:
+        return backend.record(part)
+    except RuntimeError as err:
+        raise _forward_error(part, view, err) from err
 
 
 def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exception:

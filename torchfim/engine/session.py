@@ -30,16 +30,19 @@ class Pass:
     n: int = 0
 
     def batches(self, inputs: object, targets: object, family: Family, mask: Mask, progress: bool,
-                desc: str, split: bool = False) -> Iterator[tuple[Recording, Family]]:
+                desc: str, split: bool = False, whole: bool = False,
+                grams: bool = False) -> Iterator[tuple[Recording, Family]]:
         """Each mini-batch's recording and family; raises after the loop when there was no input.
 
-        ``split``: large mini-batches may come as groups of their rows (see :func:`.loop.run`).
+        ``split``: large mini-batches may come as groups of their rows; ``whole``: cut further where a pull-back
+        of all output numbers of their inputs (``grams``: and an output Gram matrix each) would not fit in
+        memory (see :func:`.loop.run`).
         """
         view = self.view
         self.backend.directions.progress = progress
         mini_batches = batches(inputs, targets, view.device, view.dtype, next_token=view.predicts_next_token,
                                defaults=view.call_defaults())
-        for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split):
+        for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split, whole, grams):
             yield rec, fam
             self.n += rec.batch.size
         if self.n == 0:

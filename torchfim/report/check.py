@@ -53,7 +53,7 @@ def check_model_and_data(
             "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson; "
             "outputs (batch, *positions, C) are read one vector per position)"
         ) from exc
-    _check_reach(o, positions)
+    _check_reach(model, data, fam, mask, class_dim, o, positions)
     if data.targets is not None:
         try:
             _check_targets(family, data.targets[: o.shape[0]].to(o.device), o, positions)
@@ -64,26 +64,40 @@ def check_model_and_data(
     return data, None, layout
 
 
-def _check_reach(o: Tensor, positions: tuple[int, ...]) -> None:
+def _check_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int, o: Tensor,
+                 positions: tuple[int, ...]) -> None:
     """Refuse, before any of it runs, a model whose closed forms would not fit in memory: the report's
     variances and bounds pull back every output number of an input together (a language model's
-    vocabulary times its tokens), at least their ``C × C`` unit vectors (:func:`whole_output_entries` with
-    nothing pulled back yet; the library checks the rest when it records)."""
+    vocabulary times its tokens). One input's pull-back is sized as the library sizes it
+    (:func:`whole_output_entries`: the ``C × C`` unit vectors and ``C`` times what one vector's pull-back
+    holds, from a recording of the first input), so that what passes here is not refused by the library
+    after the exact parts have run; larger mini-batches the library cuts to what fits."""
     from .._memory import fits_in_memory
     from ..engine.backend import whole_output_entries
 
     width = o[0].numel()
-    fits, needed, free = fits_in_memory(whole_output_entries(width, 0), o.dtype, o.device)
+    entries = whole_output_entries(width, _pulled_back_per_input(model, data, fam, mask, class_dim))
+    fits, needed, free = fits_in_memory(entries, o.dtype, o.device)
     if not fits:
         shape = f" ({' × '.join(map(str, positions))} positions × {o.shape[-1]:,})" if positions else ""
         raise TorchfimError(
             f"this model is beyond the report's reach: its closed-form variances pull back all {width:,} output "
-            f"numbers of an input{shape} together, at least {needed:.3g} GiB per input with {free:.1f} GiB "
+            f"numbers of an input{shape} together, about {needed:.3g} GiB per input with {free:.1f} GiB "
             "available, and its exact Fisher pulls back about as many vectors per input. The report has no "
             "score-only mode yet: use torchfim.fisher(..., estimator='score') and "
             "torchfim.train.FisherTraceMonitor on this model, or report on fewer output numbers (shorter "
             "sequences, a model with fewer classes)"
         )
+
+
+def _pulled_back_per_input(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int) -> int:
+    """Numbers one output vector's pull-back holds for the first input, as the library's default backend
+    records it (:meth:`~torchfim.engine.backend.Backend.vector_elements`)."""
+    from ..engine.session import engine_pass
+
+    with engine_pass(model, "auto", None, class_dim) as one:
+        rec, _ = next(one.batches(data.rows(slice(0, 1)), None, fam, mask, False, "report"))
+        return one.backend.vector_elements(rec)
 
 
 def _family_of(fam, positions: tuple[int, ...], keep: Tensor | None):
