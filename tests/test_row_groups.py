@@ -1,7 +1,7 @@
 """Large mini-batches recorded in groups of rows (``Backend.row_groups``) where nothing is drawn.
 
 The exact Fisher pulls C − 1 vectors back per input, the closed-form variances, bounds and
-covariances all C; when one vector's pull-back records more than ``per_module.ROW_GROUP_ELEMENTS``
+covariances all C; when one vector's pull-back records more than ``row_groups.ROW_GROUP_ELEMENTS``
 numbers, the loop records the batch in groups of rows, each a mini-batch of its own. The result
 must not change: every case of the shared list is checked against the brute-force oracles with the
 budget forced down to groups of one row (and of two rows for the exact Fisher).
@@ -20,14 +20,14 @@ from test_engine_oracles import IDS, PAIRS, _close, _kwargs, _oracle, _view
 
 import torchfim
 from torchfim import covariance, variance
-from torchfim.engine import backend, functional, loop, per_module
+from torchfim.engine import backend, functional, loop, per_module, row_groups
 from torchfim.engine.batch import make_batch
 from torchfim.engine.session import engine_pass
 
 
 @pytest.fixture
 def recorded_sizes(monkeypatch) -> list[int]:
-    """The batch sizes the per-module backend records (not the two-row probe of ``_taps_per_sample``,
+    """The batch sizes the per-module backend records (not the two-row probe of ``row_groups.per_sample``,
     which records through ``_record``)."""
     sizes: list[int] = []
     original = per_module.PerModuleBackend.record
@@ -41,9 +41,11 @@ def recorded_sizes(monkeypatch) -> list[int]:
 
 
 def _row_budget(monkeypatch, rows: int) -> None:
-    """A row-group budget of ``rows`` samples: every sample counts one number per pulled-back vector."""
-    monkeypatch.setattr(per_module.PerModuleBackend, "_taps_per_sample", lambda self, batch: 1.0)
-    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", rows)
+    """A row-group budget of ``rows`` samples: every sample counts one number per pulled-back vector, and
+    one output number (so 1·(1 + 1) = 2 numbers in a pull-back of all of them)."""
+    monkeypatch.setattr(row_groups, "per_sample", lambda batch, model, record: (1.0, 1))
+    monkeypatch.setattr(row_groups, "ROW_GROUP_ELEMENTS", rows)
+    monkeypatch.setattr(row_groups, "WHOLE_GROUP_ELEMENTS", 2 * rows)
 
 
 @pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
@@ -107,17 +109,22 @@ def test_row_groups_cover_the_batch_in_order_in_nearly_equal_groups(monkeypatch)
     model, x = case.build(3), case.inputs(7)
     with engine_pass(model, "modules") as one:
         batch = make_batch(x, None, one.view.device, one.view.dtype)
-        per_sample = one.backend._taps_per_sample(batch)
-        monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", int(2.5 * per_sample))
+        taps, width = row_groups.per_sample(batch, model, lambda part: one.backend._record(part, clone=False))
+        monkeypatch.setattr(row_groups, "ROW_GROUP_ELEMENTS", int(2.5 * taps))
         assert one.backend.row_groups(batch) == [slice(0, 3), slice(3, 6), slice(6, 7)]  # ⌈7 / 2.5⌉ = 3 groups
-        monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", int(7 * per_sample))
+        monkeypatch.setattr(row_groups, "ROW_GROUP_ELEMENTS", int(7 * taps))
         assert one.backend.row_groups(batch) == [slice(0, 7)]  # within the budget: the batch as it is
+        # Pulling back all 3 output numbers of each input together: 3·(3 + taps) numbers per input.
+        assert width == 3
+        monkeypatch.setattr(row_groups, "WHOLE_GROUP_ELEMENTS", int(3.5 * 3 * (3 + taps)))
+        assert one.backend.row_groups(batch, whole=True) == [slice(0, 4), slice(4, 7)]  # ⌈7 / 3.5⌉ = 2 groups
+        assert one.backend.row_groups(batch) == [slice(0, 7)]
 
 
 def test_a_mask_tensor_of_the_wrong_size_is_refused_as_without_groups(monkeypatch) -> None:
     res = _oracle(BY_NAME["tokens"], "categorical")
     wrong = torch.cat([res["mask"], res["mask"][:1]])  # one row too many
-    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(row_groups, "ROW_GROUP_ELEMENTS", 1)
     with pytest.raises(torchfim.TorchfimError, match="mask"):
         torchfim.fisher(res["model"], res["x"], backend="modules", mask=wrong)
 
@@ -126,7 +133,7 @@ def test_estimators_that_draw_labels_record_the_batch_whole(monkeypatch, recorde
     """Row groups would change the order of the label draws: the estimators that draw keep the batch whole."""
     case = BY_NAME["tanh_mlp"]
     model, x = case.build(3), case.inputs(6)
-    monkeypatch.setattr(per_module, "ROW_GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(row_groups, "ROW_GROUP_ELEMENTS", 1)
     for estimator in ("score", "hessian", "combined"):
         recorded_sizes.clear()
         torchfim.fisher(model, x, estimator=estimator, generator=torch.Generator().manual_seed(0))

@@ -73,9 +73,9 @@ class Backend(ABC):
     def record(self, batch: Batch) -> Recording:
         """One forward of ``batch`` kept for back-propagating output vectors."""
 
-    def row_groups(self, batch: Batch) -> list[slice]:
+    def row_groups(self, batch: Batch, whole: bool = False) -> list[slice]:
         """Consecutive groups of ``batch``'s rows to record one at a time where many vectors are
-        pulled back (the whole batch by default)."""
+        pulled back (``whole``: all output numbers of each input together); the whole batch by default."""
         return [slice(0, batch.size)]
 
     @abstractmethod

@@ -63,8 +63,9 @@ def run(
     With ``split`` (for computations that pull many vectors back and draw nothing at random), a
     large mini-batch is recorded in the groups of rows the backend asks for
     (:meth:`~.backend.Backend.row_groups`), each yielded as a mini-batch of its own. With ``whole`` too
-    (closed forms, which pull back all output numbers of an input together), a group whose pull-back
-    would not fit in memory is recorded again in as many smaller groups as it takes
+    (closed forms, which pull back all output numbers of an input together), the groups are sized for
+    that, and a group whose pull-back would not fit in memory is recorded again in as many smaller groups
+    as it takes
     (:meth:`~.backend.Backend.rows_for_whole_outputs`; ``grams``: the computation builds an output Gram
     matrix per input too).
     """
@@ -74,7 +75,7 @@ def run(
         _check_finite_inputs(batch)
         # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.
         cuttable = split and (not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size))
-        groups = backend.row_groups(batch) if cuttable else [slice(0, batch.size)]
+        groups = backend.row_groups(batch, whole) if cuttable else [slice(0, batch.size)]
         for rows, part, rec in _recordings(view, backend, batch, groups, whole and cuttable, grams):
             cut = rows != slice(0, batch.size)
             part_mask = mask[rows] if cut and isinstance(mask, torch.Tensor) else mask

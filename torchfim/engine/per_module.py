@@ -13,7 +13,6 @@ recorded forward itself is :mod:`.recording`'s.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -29,6 +28,7 @@ from .modules import Call, GenericRule, LinearRule, Rule, left_to_the_deepest, o
 from .modules.base import as_float
 from .pullback import Consumer, consumable, pull_back
 from .recording import ModuleRecording, may_attend, record_calls
+from .row_groups import groups_of_rows
 from .second_order import UnitHessians
 from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
 from .view import PARAMETERS_CHANGED, ModelView
@@ -41,20 +41,11 @@ CACHE_ELEMENTS = 2**21
 _COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Elements of the output sensitivities of one group of vectors.
 GROUP_ELEMENTS = 2**22
-#: Elements one vector's pull-back may record (the taps of all calls) before a batch is recorded in
-#: groups of rows where many vectors are pulled back: past this size the pull-backs no longer stay in
-#: the processor's cache. Measured on the benchmark models (exact diagonal, paired with the whole
-#: batch): the ResNet's 128 images (38 M per vector) in 3 groups took 0.84 of the time, the
-#: transformer's 256 sequences (24 M) in 2 groups 0.98; budgets of 2²², 2²³ and 2²⁵ gave 0.89, 0.83
-#: and 0.89 on the ResNet.
-ROW_GROUP_ELEMENTS = 2**24
 #: Numbers the taps of one vector's pull-back hold, from which :meth:`PerModuleBackend._walk` hands the
 #: sensitivities to the rules during the backward instead of keeping them all until it ends. Below it
 #: the memory at stake is small and a pull-back skips the walk down the graph that consuming needs. The
 #: benchmark ResNet's taps hold 38 M, the transformer's 24 M; the test models' under 1 M.
 STREAM_ELEMENTS = 2**22
-#: Per user model and per sample signature (Batch.signature): numbers its taps hold per sample.
-_PER_SAMPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PerModuleBackend(Backend):
@@ -146,29 +137,8 @@ class PerModuleBackend(Backend):
                                                [paths[m] for m in self.shared], [paths[m] for m in self.demoted])
         return rec
 
-    def row_groups(self, batch: Batch) -> list[slice]:
-        per_sample = self._taps_per_sample(batch)
-        if per_sample is None:
-            return [slice(0, batch.size)]
-        groups = math.ceil(batch.size * per_sample / ROW_GROUP_ELEMENTS)
-        if groups <= 1:
-            return [slice(0, batch.size)]
-        step = math.ceil(batch.size / groups)  # groups of (nearly) equal size
-        return [slice(start, min(batch.size, start + step)) for start in range(0, batch.size, step)]
-
-    def _taps_per_sample(self, batch: Batch) -> float | None:
-        """Numbers one vector's pull-back records per sample, from a forward of two samples (once per
-        model and sample shape); None where that forward fails."""
-        known = _PER_SAMPLE.setdefault(self.view.user_model, {})
-        key = batch.signature()
-        if key not in known:
-            rows = min(2, batch.size)
-            try:
-                probe = self._record(batch.rows(slice(0, rows)), clone=False)
-            except Exception:  # noqa: BLE001 - the whole batch's recording, next, raises it with its own message
-                return None
-            known[key] = probe.tap_elements / rows
-        return known[key]
+    def row_groups(self, batch: Batch, whole: bool = False) -> list[slice]:
+        return groups_of_rows(batch, self.view.user_model, lambda part: self._record(part, clone=False), whole)
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
         return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared)
