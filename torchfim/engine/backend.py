@@ -306,6 +306,9 @@ def is_trace(structure: Structure) -> bool:
 
 #: Below this many numbers (0.5 GiB in float64) a whole-output pull-back is not worth reading the free memory for.
 WHOLE_OUTPUTS_UNCHECKED = 2**26
+#: What the memory errors of whole-output pull-backs begin with.
+_WHOLE_OUTPUTS = ("the closed-form variances, bounds and covariances pull back all C = {width:,} output numbers of "
+                  "each input together (classes, times positions for outputs with positions)")
 
 
 def whole_output_entries(width: int, vector_elements: int, grams: int = 0) -> int:
@@ -350,7 +353,3 @@ def check_whole_jacobian(batch: int, width: int, vector_elements: int, dtype: to
             f"{free:.1f} GiB is available on {device}; pass mini-batches of at most {most} inputs (an iterable of "
             "batches, e.g. x.split(...))"
         )
-
-
-_WHOLE_OUTPUTS = ("the closed-form variances, bounds and covariances pull back all C = {width:,} output numbers of "
-                  "each input together (classes, times positions for outputs with positions)")

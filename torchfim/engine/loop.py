@@ -65,9 +65,8 @@ def run(
     (:meth:`~.backend.Backend.row_groups`), each yielded as a mini-batch of its own. With ``whole`` too
     (closed forms, which pull back all output numbers of an input together), the groups are sized for
     that, and a group whose pull-back would not fit in memory is recorded again in as many smaller groups
-    as it takes
-    (:meth:`~.backend.Backend.rows_for_whole_outputs`; ``grams``: the computation builds an output Gram
-    matrix per input too).
+    as it takes (:meth:`~.backend.Backend.rows_for_whole_outputs`; ``grams``: the computation builds an
+    output Gram matrix per input too).
     """
     checked = 0
     versions = view.versions()
