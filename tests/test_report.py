@@ -366,9 +366,9 @@ def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, mon
 
 def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(monkeypatch):
     """10,000 classes: the closed forms pull back the 10,000 output numbers of an input together. With 256
-    MiB or 1 GiB free the report refuses before its first measurement (the library is never called), naming
-    the size and the score estimator; with the memory it needs, the same check lets it through to the
-    library."""
+    MiB or 1 GiB free, ``score_only=False`` (``--mode full``) refuses before its first measurement (the
+    library is never called), naming the size and the score-only mode; with the memory it needs, the same
+    check lets it through to the library."""
     from torchfim import _memory
 
     model = nn.Linear(4, 10_000)
@@ -385,10 +385,10 @@ def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(mo
     # vectors alone (0.745 GiB) would pass, and the library would refuse only after the exact parts.
     for free, shown in ((2**28, "0\\.2"), (2**30, "1\\.0")):
         monkeypatch.setattr(_memory, "available_bytes", lambda device, free=free: free)
-        with pytest.raises(TorchfimError, match=rf"beyond the report's reach.*all 10,000 output numbers of an "
-                                                rf"input together, about 1\.49 GiB per input with {shown} GiB.*"
-                                                r"estimator='score'"):
-            report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False)
+        with pytest.raises(TorchfimError, match=rf"beyond the full report's reach.*all 10,000 output numbers of "
+                                                rf"an input together, about 1\.49 GiB per input with {shown} GiB.*"
+                                                r"--mode score-only"):
+            report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only=False)
     assert not called
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 8 * 2**30)
     with pytest.raises(RuntimeError, match="first measurement"):
@@ -452,7 +452,9 @@ def test_the_progress_bar_ends_at_its_total(monkeypatch, hessian, targets):
 # ----------------------------------------------- --out holds other files (issue 11): never touched
 SMALL = ["--model", "umod:make", "--variance-inputs", "8", "--max-block", "0", "--no-progress"]
 USER_FILES = {"notes.txt": b"keep me\n", "thesis.tex": b"\\documentclass{article}\n", "runs/a.json": b"{}\n"}
-REPORT_NAMES = set(report_settings.REPORT_FILES)
+# The files of a full report of data with targets: every name of REPORT_FILES but the score-only figure.
+REPORT_NAMES = set(report_settings.FILES) | {report_settings.EMPIRICAL_FIGURE}
+assert REPORT_NAMES == set(report_settings.REPORT_FILES) - {report_settings.SCORE_ONLY_FIGURE}
 
 
 def _add_user_files(folder: Path) -> None:

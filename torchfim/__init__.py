@@ -3,10 +3,12 @@
 The main entry point is :func:`torchfim.fisher`; :func:`torchfim.fisher_variance`
 and the bounds say how accurate its estimators are; output distributions live in
 :mod:`torchfim.families`; :mod:`torchfim.train` has the Fisher penalty and the
-Tr(F) monitor for a training loop; :mod:`torchfim.compare` compares runs over seeds.
+Tr(F) monitor for a training loop; :mod:`torchfim.compare` compares runs over seeds;
+:mod:`torchfim.score_norms` gives the score estimate's squared norms per input, label and parameter
+tensor, with error bars from their spread, where the closed forms would not fit in memory.
 """
 
-from . import compare, families, forecast, structures, train
+from . import compare, families, forecast, score_norms, structures, train
 from .bounds import (
     hessian_variance_bound_spectral,
     score_variance_bound_kurtosis,
@@ -37,6 +39,7 @@ __all__ = [
     "fisher_variance",
     "hessian_variance_bound_spectral",
     "samples_needed",
+    "score_norms",
     "score_variance_bound_kurtosis",
     "score_variance_bound_spectral",
     "train",

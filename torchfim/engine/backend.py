@@ -141,6 +141,17 @@ class Backend(ABC):
                 total[rows, vecs] += g.square().sum(-1).to(total.dtype)
         return total
 
+    def tensor_sample_squares(self, rec: Recording, v: Tensor) -> Pieces:
+        """``‖J_{i,t}ᵀ v_ij‖²`` per parameter tensor ``t`` (its columns of the Jacobian), sample and vector:
+        ``{index: (B, m)}`` for the tensors the vectors reach, in float32 or wider."""
+        out: Pieces = {}
+        for rows, vecs, piece in self.pieces(rec, v):
+            for i, g in piece.items():
+                if i not in out:
+                    out[i] = v.new_zeros(v.shape[0], v.shape[1], dtype=_wide(v.dtype))
+                out[i][rows, vecs] += g.to(out[i].dtype).square().sum(-1)
+        return out
+
     def vector_elements(self, rec: Recording) -> int:
         """Numbers one output vector's pull-back holds for the whole batch ``rec`` (a backend's estimate;
         default: one per-sample gradient per input, as the whole model's Jacobian takes them)."""

@@ -15,12 +15,13 @@ __all__ = ["check_model_and_data"]
 
 def check_model_and_data(
     model: nn.Module, data: Data, fam, family_name: str, mask: str | None = None, class_dim: int = -1
-) -> tuple[Data, str | None, OutputLayout]:
+) -> tuple[Data, str | None, OutputLayout, str | None]:
     """Run the model on a few inputs; errors name the fix.
 
-    Returns ``(data, note, layout)``: the data with its targets dropped when they are not labels of
-    the family (``note`` then says so), else the data unchanged and None; and how the outputs are
-    read (positions, the mask ``mask`` of the dict inputs, ``class_dim``).
+    Returns ``(data, note, layout, beyond)``: the data with its targets dropped when they are not labels
+    of the family (``note`` then says so), else the data unchanged and None; how the outputs are read
+    (positions, the mask ``mask`` of the dict inputs, ``class_dim``); and, where the exact parts and the
+    closed forms would not fit in memory, why (else None).
     """
     # The library's own checks of the model's mode and of class_dim (those torchfim.fisher applies),
     # so that the report refuses exactly what the library refuses.
@@ -53,20 +54,20 @@ def check_model_and_data(
             "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson; "
             "outputs (batch, *positions, C) are read one vector per position)"
         ) from exc
-    _check_reach(model, data, fam, mask, class_dim, o, positions)
+    beyond = _beyond_reach(model, data, fam, mask, class_dim, o, positions)
     if data.targets is not None:
         try:
             _check_targets(family, data.targets[: o.shape[0]].to(o.device), o, positions)
         except TorchfimError as exc:
             note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the empirical "
                     "Fisher was skipped")
-            return Data(data.inputs, None, data.source), note, layout
-    return data, None, layout
+            return Data(data.inputs, None, data.source), note, layout, beyond
+    return data, None, layout, beyond
 
 
-def _check_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int, o: Tensor,
-                 positions: tuple[int, ...]) -> None:
-    """Refuse, before any of it runs, a model whose closed forms would not fit in memory: the report's
+def _beyond_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int, o: Tensor,
+                  positions: tuple[int, ...]) -> str | None:
+    """Why the full report would not fit in memory (None where it fits), said before any of it runs: its
     variances and bounds pull back every output number of an input together (a language model's
     vocabulary times its tokens). One input's pull-back is sized as the library sizes it
     (:func:`whole_output_entries`: the ``C × C`` unit vectors and ``C`` times what one vector's pull-back
@@ -78,16 +79,12 @@ def _check_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim:
     width = o[0].numel()
     entries = whole_output_entries(width, _pulled_back_per_input(model, data, fam, mask, class_dim))
     fits, needed, free = fits_in_memory(entries, o.dtype, o.device)
-    if not fits:
-        shape = f" ({' × '.join(map(str, positions))} positions × {o.shape[-1]:,})" if positions else ""
-        raise TorchfimError(
-            f"this model is beyond the report's reach: its closed-form variances pull back all {width:,} output "
-            f"numbers of an input{shape} together, about {needed:.3g} GiB per input with {free:.1f} GiB "
-            "available, and its exact Fisher pulls back about as many vectors per input. The report has no "
-            "score-only mode yet: use torchfim.fisher(..., estimator='score') and "
-            "torchfim.train.FisherTraceMonitor on this model, or report on fewer output numbers (shorter "
-            "sequences, a model with fewer classes)"
-        )
+    if fits:
+        return None
+    shape = f" ({' × '.join(map(str, positions))} positions × {o.shape[-1]:,})" if positions else ""
+    return (f"this model is beyond the full report's reach: its closed-form variances pull back all {width:,} "
+            f"output numbers of an input{shape} together, about {needed:.3g} GiB per input with {free:.1f} GiB "
+            "available, and its exact Fisher pulls back about as many vectors per input")
 
 
 def _pulled_back_per_input(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int) -> int:

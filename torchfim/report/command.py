@@ -20,6 +20,7 @@ from .settings import (
     DEFAULT_VARIANCE_INPUTS,
     HESSIAN_BUDGET,
     MIN_AUTO_VARIANCE_INPUTS,
+    MODES,
 )
 
 __all__ = ["HELP", "add_arguments", "main"]
@@ -75,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads (default: 1 for the embedded default model, "
                              "whose tensors are small; torch's own setting for --model)")
+    parser.add_argument("--mode", choices=sorted(MODES), default="auto",
+                        help="full: the exact Fisher, variances, bounds and spectra (refused where they would "
+                             "not fit in memory); score-only: Tr(F) per layer by the score estimator with error "
+                             "bars from at least 2 labels per input; auto (default): full where it fits")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -83,7 +88,7 @@ def _command(args: argparse.Namespace) -> str:
     import shlex
 
     defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical", "mask": None,
-                "class_dim": -1,
+                "class_dim": -1, "mode": "auto",
                 "out": DEFAULT_OUT, "n_samples": 1, "variance_inputs": None,
                 "max_block": DEFAULT_MAX_BLOCK, "seed": 0, "epochs": DEFAULT_EPOCHS, "hidden": None}
     parts = ["torchfim", "report"]
@@ -126,6 +131,7 @@ def main(args: argparse.Namespace) -> int:
         n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
         seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
         progress=not args.no_progress, command=_command(args), mask=args.mask, class_dim=args.class_dim,
+        score_only=MODES[args.mode],
         model_source=None if args.model is None else f"{args.model}()"
         + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
     )

@@ -8,11 +8,13 @@ import time
 import torch
 from torch import nn
 
+from ..errors import TorchfimError
 from . import settings
 from .assemble import Layout, Setup, assemble
 from .check import check_model_and_data
 from .data import Data
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
+from .score_only import compute_score_only
 
 __all__ = ["compute_report"]
 
@@ -30,6 +32,7 @@ def compute_report(
     progress: bool = True,
     mask: str | None = None,
     class_dim: int = -1,
+    score_only: bool | None = None,
 ) -> dict:
     """Every number of the report, as a JSON-ready dict (see :mod:`torchfim.report` for what and how).
 
@@ -39,12 +42,28 @@ def compute_report(
     with positions ``(batch, *positions, C)`` (or ``(batch, C, *positions)`` with ``class_dim=1``) are
     read one vector per position, those where the dict inputs' entry ``mask`` is 0 left out, as
     :func:`torchfim.fisher` reads them (see :mod:`torchfim.report.outputs`).
+
+    ``score_only``: True computes the score-only report (:mod:`torchfim.report.score_only`: Tr(F) per
+    layer by the score estimator with ``max(n_samples, 2)`` labels per input and error bars from their
+    spread, the empirical Fisher beside it); None (default) does so only where the exact Fisher and the
+    closed forms would not fit in memory (a language model over a real vocabulary), saying why in the
+    report; False refuses such a model instead.
     """
     from ..families import get_family
 
+    if score_only not in (None, True, False):
+        raise TorchfimError(f"score_only must be None (automatic), True or False, got {score_only!r}")
     fam = get_family(family)
     model.eval()
-    data, targets_note, outputs = check_model_and_data(model, data, fam, fam.name, mask, class_dim)
+    data, targets_note, outputs, beyond = check_model_and_data(model, data, fam, fam.name, mask, class_dim)
+    if beyond is not None and score_only is False:
+        raise TorchfimError(
+            f"{beyond}; leave score_only=None (--mode auto) or pass True (--mode score-only) for the score-only "
+            "report, or report on fewer output numbers (shorter sequences, a model with fewer classes)")
+    if score_only or beyond is not None:
+        reason = beyond or "asked for (score_only=True, --mode score-only)"
+        return compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
+                                  targets_note=targets_note, reason=reason)
     layout = Layout.of(model)
     m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters,
                                                             math.prod(outputs.positions))

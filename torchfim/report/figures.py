@@ -12,13 +12,14 @@ from collections.abc import Callable
 
 from .format import fmt
 
-__all__ = ["draw"]
+__all__ = ["draw", "png_bytes", "figure_width"]
 
 _DPI = 100
 _C1, _C2, _CE = "#1f77b4", "#d62728", "#2ca02c"  # Î1 (score), Î2 (hessian), empirical
 
 
-def _width(n_columns: int) -> float:
+def figure_width(n_columns: int) -> float:
+    """Inches across a figure of ``n_columns`` bars or markers (6.5 to 16)."""
     return min(16.0, max(6.5, 2.5 + 0.5 * n_columns))
 
 
@@ -163,7 +164,8 @@ def _ax_empirical(ax, R: dict) -> None:
     ax.grid(alpha=0.3)
 
 
-def _png(draw: Callable, width: float, height: float = 4.6) -> bytes:
+def png_bytes(draw: Callable, width: float, height: float = 4.6) -> bytes:
+    """The PNG of a figure of ``width × height`` inches that ``draw(figure)`` fills."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -180,14 +182,14 @@ def draw(R: dict) -> dict[str, bytes]:
     """File name -> PNG bytes for every figure of the report (``R``: the report.json dict)."""
     L = len(R["layers"])
     single = {
-        "trace_per_layer.png": (_ax_trace, _width(L)),
-        "variance_per_layer.png": (_ax_variance, _width(L + 1)),
-        "samples_needed.png": (_ax_samples, _width(L + 1)),
+        "trace_per_layer.png": (_ax_trace, figure_width(L)),
+        "variance_per_layer.png": (_ax_variance, figure_width(L + 1)),
+        "samples_needed.png": (_ax_samples, figure_width(L + 1)),
         "spectrum.png": (_ax_spectrum, 6.5),
     }
     if R["empirical"] is not None:
         single["empirical_vs_true.png"] = (_ax_empirical, 6.5)
-    out = {name: _png(lambda fig, f=f: f(fig.add_subplot(1, 1, 1), R), w) for name, (f, w) in single.items()}
+    out = {name: png_bytes(lambda fig, f=f: f(fig.add_subplot(1, 1, 1), R), w) for name, (f, w) in single.items()}
     fourth = _ax_empirical if R["empirical"] is not None else _ax_spectrum
     panels = (_ax_trace, _ax_variance, _ax_samples, fourth)
 
@@ -195,5 +197,5 @@ def draw(R: dict) -> dict[str, bytes]:
         for i, f in enumerate(panels):
             f(fig.add_subplot(2, 2, i + 1), R)
 
-    out["overview.png"] = _png(overview, 2 * min(8.0, _width(L + 1)), 9.2)
+    out["overview.png"] = png_bytes(overview, 2 * min(8.0, figure_width(L + 1)), 9.2)
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .format import fmt, md_table, pct
 
-__all__ = ["markdown"]
+__all__ = ["markdown", "positions_text"]
 
 
 def markdown(R: dict) -> str:
@@ -38,7 +38,7 @@ def _per_layer_winner(R: dict) -> str:
     return text + "."
 
 
-def _positions_text(O: dict) -> str:
+def positions_text(O: dict) -> str:
     """What outputs with positions mean for every number of the report (the ``outputs`` entry ``O``)."""
     shape = "×".join(map(str, O["positions"]))
     masked = (f"those where `{O['mask']}` is 0 left out, {O['observed_positions_per_input']:.4g} observed per "
@@ -70,7 +70,7 @@ def _head(R: dict) -> list[str]:
     add(f"- **Output family:** `{R['family']}`; labels are drawn from the model (the Fisher under the "
         "model's own predictive distribution).")
     if R.get("outputs", {}).get("positions"):  # a key since report.json's of the same format version 1
-        add("- **Outputs with positions:** " + _positions_text(R["outputs"]))
+        add("- **Outputs with positions:** " + positions_text(R["outputs"]))
     if R.get("command"):
         add(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, torch {R['torch_version']}).")
     add("")

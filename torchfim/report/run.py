@@ -20,6 +20,7 @@ from .default import default_model, digits_data
 from .load import apply_state_dict, load_checkpoint
 from .markdown import markdown
 from .publish import check_out, publish
+from .score_only_render import draw_score_only, markdown_score_only, summary_score_only
 from .terminal import summary_table
 
 __all__ = ["run_report"]
@@ -46,6 +47,7 @@ def run_report(
     model_source: str | None = None,
     mask: str | None = None,
     class_dim: int = -1,
+    score_only: bool | None = None,
 ) -> dict:
     """Compute the report of ``model`` on ``data`` and write it to ``out`` (see :mod:`torchfim.report`).
 
@@ -60,6 +62,8 @@ def run_report(
     positions (a language model's ``(batch, tokens, vocabulary)``) is read one output vector per
     position; ``mask`` names the entry of dict inputs that marks the observed ones (e.g.
     ``"attention_mask"``), ``class_dim=1`` reads ``(batch, C, *positions)`` outputs.
+    ``score_only``: as in :func:`~torchfim.report.compute_report` (None: the score-only report where the
+    full one would not fit in memory).
 
     Returns ``{"results": <the report.json dict>, "model", "data": Data, "out": Path | None,
     "markdown", "table", "training"}``.
@@ -87,19 +91,21 @@ def run_report(
         torch.set_num_threads(threads)
     try:
         return _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, max_block,
-                    seed, epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim)
+                    seed, epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim,
+                    score_only)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, max_block, seed,
-         epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim) -> dict:
+         epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim, score_only) -> dict:
     started = time.perf_counter()
     model, data, training, model_source = _model_and_data(
         model, data, checkpoint, hidden, epochs, seed, progress, data_source, model_source)
     setup_seconds = time.perf_counter() - started
     results = compute_report(model, data, family, n_samples=n_samples, variance_inputs=variance_inputs,
-                             max_block=max_block, seed=seed, progress=progress, mask=mask, class_dim=class_dim)
+                             max_block=max_block, seed=seed, progress=progress, mask=mask, class_dim=class_dim,
+                             score_only=score_only)
     results["model"]["source"] = model_source
     results["model"]["training"] = training
     results["model"]["checkpoint"] = None if checkpoint is None else str(checkpoint)
@@ -107,13 +113,15 @@ def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, 
     results["timings"]["setup"] = setup_seconds
     results["timings"]["compute_total"] = time.perf_counter() - started
 
+    draw, write, summarise = ((draw_score_only, markdown_score_only, summary_score_only)
+                              if results.get("mode") == "score_only" else (figures.draw, markdown, summary_table))
     t0 = time.perf_counter()
-    figure_files = figures.draw(results)
+    figure_files = draw(results)
     results["timings"]["figures"] = time.perf_counter() - t0
     results["timings"]["total"] = time.perf_counter() - started
     results["files"] = sorted(["report.md", "report.json", "model.pt", *figure_files])
-    text = markdown(results)
-    table = summary_table(results)
+    text = write(results)
+    table = summarise(results)
     if out_path is not None:
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)

@@ -14,7 +14,9 @@ __all__ = [
     "REL_ERROR",
     "FILES",
     "EMPIRICAL_FIGURE",
+    "SCORE_ONLY_FIGURE",
     "REPORT_FILES",
+    "MODES",
     "SCATTER_POINTS_PER_LAYER",
     "variance_plan",
 ]
@@ -55,8 +57,13 @@ FILES = (
     "spectrum.png",
 )
 EMPIRICAL_FIGURE = "empirical_vs_true.png"
+#: The one figure of a score-only report (:mod:`torchfim.report.score_only`), beside report.md, report.json
+#: and model.pt.
+SCORE_ONLY_FIGURE = "trace_score_only.png"
 #: Every file name a report may write: the only files of ``--out`` it ever replaces or removes.
-REPORT_FILES = (*FILES, EMPIRICAL_FIGURE)
+REPORT_FILES = (*FILES, EMPIRICAL_FIGURE, SCORE_ONLY_FIGURE)
+#: ``--mode`` of ``torchfim report`` -> ``score_only`` of :func:`torchfim.report.run_report`.
+MODES = {"auto": None, "full": False, "score-only": True}
 
 
 def variance_plan(variance_inputs: int | None, n: int, P: int, positions: int = 1) -> tuple[int, bool, str | None]:

@@ -1,0 +1,127 @@
+"""The score-only report (``torchfim/report/score_only.py``): where the full report would not fit in memory
+(a language model over a real vocabulary) or when asked for, Tr(F) per layer by the score estimator with
+error bars from its own labels, the empirical Fisher beside it.
+
+Its numbers are checked against the library's score estimate drawn with the same generator (the same
+labels), its error bars against :class:`torchfim.score_norms.ScoreNorms` (whose oracle tests are in
+tests/test_score_norms.py), and its derived figures against their definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import clients
+import pytest
+import torch
+from torch import nn
+
+import torchfim
+from torchfim import _memory, cli
+from torchfim import report as report_mod
+from torchfim.errors import TorchfimError
+from torchfim.score_norms import squared_score_norms
+
+
+def _wide_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """10,000 classes: one input's closed forms need 2.98 GiB in float64 (1.49 in float32, tests/test_report.py)."""
+    torch.manual_seed(0)
+    return nn.Linear(4, 10_000).double(), torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 10_000, (8,))
+
+
+def test_where_the_full_report_would_not_fit_it_falls_back_to_score_only(monkeypatch):
+    """With 1 GiB free, the default mode computes the score-only report, saying why; the exact Fisher is
+    never asked for, and the numbers are the library's score estimate with the same labels."""
+    model, X, y = _wide_model()
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
+    exact_calls = []
+    original = torchfim.fisher
+
+    def no_exact(*args, **kwargs):
+        exact_calls.append(kwargs.get("estimator", "exact"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torchfim, "fisher", no_exact)
+    R = report_mod.compute_report(model, report_mod.Data(X, y, "test"), progress=False, seed=3)
+    assert R["mode"] == "score_only" and "about 2.98 GiB per input with 1.0 GiB" in R["mode_reason"]
+    assert exact_calls == ["empirical"]
+    assert R["n_samples"] == 2  # at least two labels per input, whatever n_samples asks
+    monkeypatch.setattr(torchfim, "fisher", original)
+    diag = torchfim.fisher(model, X, estimator="score", structure="diag", n_samples=2,
+                           generator=torch.Generator().manual_seed(4))
+    per_layer = dict(zip(("weight", "bias"), diag.split([40_000, 10_000])))
+    norms = squared_score_norms(model, X, n_samples=2, generator=torch.Generator().manual_seed(4))
+    for layer in R["layers"]:
+        want = float(per_layer[layer["name"]].sum())
+        assert math.isclose(layer["trace_score_estimate"], want, rel_tol=1e-12)
+        assert math.isclose(layer["trace_score_stderr"], norms.trace(layer["name"])[1], rel_tol=1e-12)
+        assert math.isclose(layer["trace_score_stderr_inputs"],
+                            norms.trace(layer["name"], inputs_as_sample=True)[1], rel_tol=1e-12)
+    T = R["trace"]
+    assert math.isclose(T["trace_score_estimate"], sum(lay["trace_score_estimate"] for lay in R["layers"]),
+                        rel_tol=1e-12)
+    assert math.isclose(sum(lay["share_of_trace"] for lay in R["layers"]), 1.0, rel_tol=1e-12)
+    one_label = 2 * T["trace_score_stderr"] ** 2  # k · s.e.²: the one-label variance
+    assert T["samples_needed_score"] == max(1, math.ceil(one_label / (0.1 * T["trace_score_estimate"]) ** 2))
+    empirical = torchfim.fisher(model, X, targets=y, estimator="empirical", structure="trace")
+    assert math.isclose(T["trace_empirical"], float(empirical), rel_tol=1e-12)
+    assert math.isclose(T["empirical_ratio"], float(empirical) / T["trace_score_estimate"], rel_tol=1e-12)
+
+
+def test_score_only_when_asked_for_and_its_files(tmp_path, capsys):
+    """``--mode score-only`` on the embedded default writes report.md, report.json (no NaN), model.pt and
+    its one figure; a full report into the same directory then replaces them, its figure removed."""
+    out = tmp_path / "rep"
+    base = ["report", "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert cli.main([*base, "--mode", "score-only", "--n-samples", "3"]) == 0
+    assert "Fisher information report (score only)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.json", "report.md", "trace_score_only.png"]
+    R = json.loads((out / "report.json").read_text())
+    assert R["mode"] == "score_only" and R["n_samples"] == 3 and R["mode_reason"].startswith("asked for")
+    assert "--mode score-only" in R["command"]
+    text = (out / "report.md").read_text()
+    assert "# torchfim report (score only)" in text and "](trace_score_only.png)" in text
+    assert f"**Tr(F) ≈ {float(R['trace']['trace_score_estimate']):.4g} ±" in text
+    assert cli.main([*base, "--max-block", "0", "--variance-inputs", "16"]) == 0
+    assert "trace_score_only.png" not in {p.name for p in out.iterdir()}
+    assert json.loads((out / "report.json").read_text())["trace"]["exact"] > 0
+
+
+def test_one_input_has_no_standard_error_and_the_report_says_so():
+    model, X, y = _wide_model()
+    R = report_mod.compute_report(nn.Linear(4, 3).double(), report_mod.Data(X[:1], None, "one"), progress=False,
+                                  score_only=True)
+    assert R["trace"]["trace_score_stderr"] is None and R["trace"]["samples_needed_score"] is None
+    text = report_mod.run_report(nn.Linear(4, 3).double(), X[:1], out=None, progress=False, emit=None,
+                                 score_only=True)["markdown"]
+    assert "**Tr(F) ≈" in text and "± –**" in text
+
+
+def test_a_real_vocabulary_language_model_gets_the_score_only_report():
+    """GPT-2 from a config with its real vocabulary (50,257): the full report would need about 2.4e3 GiB per
+    input, so the report is score-only, and its Tr(F) is the library's score estimate with the same labels
+    over the unpadded next-token positions."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50_257, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 50_257, (4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    R = report_mod.compute_report(model, report_mod.as_data(batch, "test"), mask="attention_mask", progress=False)
+    assert R["mode"] == "score_only" and "6 positions × 50,257" in R["mode_reason"]
+    want = torchfim.fisher(model, {"input_ids": ids, "attention_mask": mask}, estimator="score", structure="trace",
+                           n_samples=2, mask="attention_mask", generator=torch.Generator().manual_seed(1))
+    assert math.isclose(R["trace"]["trace_score_estimate"], float(want), rel_tol=1e-5)
+    assert R["trace"]["trace_score_stderr"] > 0 and R["trace"]["trace_empirical"] > 0
+
+
+def test_full_mode_refuses_what_does_not_fit_with_the_fix(monkeypatch):
+    model, X, _ = _wide_model()
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
+    with pytest.raises(TorchfimError, match=r"leave score_only=None \(--mode auto\) or pass True"):
+        report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only=False)
+    with pytest.raises(TorchfimError, match="score_only must be None"):
+        report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only="yes")

@@ -1,0 +1,111 @@
+"""The score-only report: Tr(F) per layer by the score estimator Î1 with error bars from its own labels.
+
+For models whose per-input Jacobian would not fit in memory (a language model over a real vocabulary:
+tokens × vocabulary output numbers per input), the exact Fisher and the closed-form variances are out of
+reach, since both pull back about one vector per output number. The score estimator pulls back ``k``
+vectors per input, and its error bars come from the spread of its own draws
+(:func:`torchfim.score_norms.squared_score_norms`): with ``k ≥ 2`` labels per input, the spread over an
+input's labels measures the label noise alone, so the standard error is that of the estimate about
+``Tr(F)`` of these inputs, as in the full report; the standard error of ``E_x Tr(F(x))`` with the inputs
+taken as a sample of the data (input spread counted too) stands beside it. With targets, the empirical
+Fisher's trace per layer is shown against the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+
+import torch
+from torch import nn
+
+from . import settings
+from .assemble import Layout, samples_needed
+from .data import Data
+from .measure import Steps, json_float, measure_empirical
+from .outputs import OutputLayout
+
+__all__ = ["MIN_LABELS", "compute_score_only"]
+
+#: Fewest labels per input of the score-only report: the spread of one input's labels is its error bar.
+MIN_LABELS = 2
+
+
+def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout, *, n_samples: int, seed: int,
+                       progress: bool, targets_note: str | None, reason: str) -> dict:
+    """The score-only report.json dict; ``reason`` says why the exact parts were left out.
+
+    ``max(n_samples, MIN_LABELS)`` labels per input (per position) are drawn with ``torch.Generator``
+    seeded ``seed + 1``, as the full report draws its score estimate."""
+    from ..score_norms import squared_score_norms
+
+    k = max(int(n_samples), MIN_LABELS)
+    layout = Layout.of(model)
+    opts = outputs.options(fam)
+    timings: dict[str, float] = {}
+    steps = Steps(2 if data.targets is not None else 1, progress)
+    try:
+        t0 = time.perf_counter()
+        steps.step(f"score estimate ({k} labels per input)")
+        norms = squared_score_norms(model, data.inputs, **opts, n_samples=k, progress=progress,
+                                    generator=torch.Generator().manual_seed(seed + 1))
+        steps.done()
+        timings["trace"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        diag_emp = measure_empirical(model, data.inputs, data.targets, opts, steps)
+        timings["empirical"] = time.perf_counter() - t0
+    finally:
+        steps.close()
+    empirical = layout.per_layer(diag_emp) if diag_emp is not None else None
+    whole = _entry(norms, None, None if empirical is None else sum(empirical), k)
+    layers = [{"name": name, "shape": layout.shapes[i], "size": layout.sizes[i],
+               **_entry(norms, name, None if empirical is None else empirical[i], k)}
+              for i, name in enumerate(layout.names)]
+    for layer in layers:
+        layer["share_of_trace"] = _ratio(layer["trace_score_estimate"], whole["trace_score_estimate"])
+    return {
+        **_versions(),
+        "mode": "score_only",
+        "mode_reason": reason,
+        "family": fam.name,
+        "outputs": outputs.to_json(),
+        "n_samples": k,
+        "rel_error": settings.REL_ERROR,
+        "seed": seed,
+        "model": {"class": type(model).__name__, "n_parameters": layout.n_parameters, "n_layers": len(layout.names),
+                  "dtype": str(next(p for p in model.parameters() if p.requires_grad).dtype).replace("torch.", "")},
+        "data": {"source": data.source, "n_inputs": data.n, "input_shape": data.input_shape(),
+                 "has_targets": data.targets is not None, "targets_note": targets_note},
+        "trace": whole,
+        "layers": layers,
+        "timings": timings,
+    }
+
+
+def _entry(norms, name: str | None, empirical: float | None, k: int) -> dict:
+    """The report.json entry of one layer (``name``) or of the whole model (None); the labels per input
+    for :data:`~torchfim.report.settings.REL_ERROR` relative error from the one-label variance
+    ``k·s.e.²`` that the draws estimate."""
+    estimate, stderr = norms.trace(name)
+    _, stderr_inputs = norms.trace(name, inputs_as_sample=True)
+    return {
+        "trace_score_estimate": json_float(estimate),
+        "trace_score_stderr": json_float(stderr),
+        "trace_score_stderr_inputs": json_float(stderr_inputs),
+        "samples_needed_score": samples_needed(k * stderr**2 if math.isfinite(stderr) else None, estimate,
+                                               settings.REL_ERROR),
+        "trace_empirical": json_float(empirical),
+        "empirical_ratio": _ratio(empirical, estimate),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else json_float(a / b)
+
+
+def _versions() -> dict:
+    import torchfim
+
+    return {"torchfim_report": settings.FORMAT_VERSION, "torchfim_version": torchfim.__version__,
+            "torch_version": torch.__version__, "python_version": platform.python_version()}

@@ -1,0 +1,136 @@
+"""The score-only report's text, terminal summary and figure, from its report.json dict alone
+(:mod:`torchfim.report.score_only`)."""
+
+from __future__ import annotations
+
+from .figures import figure_width, png_bytes
+from .format import fmt, md_table, pct
+from .markdown import positions_text
+from .settings import SCORE_ONLY_FIGURE
+
+__all__ = ["markdown_score_only", "summary_score_only", "draw_score_only"]
+
+_C1, _CE = "#1f77b4", "#2ca02c"  # the score estimate, the empirical Fisher (as in the full report)
+
+
+def _relative(entry: dict) -> float | None:
+    se, est = entry["trace_score_stderr"], entry["trace_score_estimate"]
+    return se / est if se is not None and est else None
+
+
+def markdown_score_only(R: dict) -> str:
+    """The text of ``report.md`` for a score-only report.json dict ``R``."""
+    T, D, M, k = R["trace"], R["data"], R["model"], R["n_samples"]
+    n = D["n_inputs"]
+    shape = D["input_shape"]
+    shape = ", ".join(f"{key} {tuple(v)}" for key, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
+    lines = [
+        "# torchfim report (score only)", "",
+        (f"**Why score only:** {R['mode_reason']}. This report gives what stays within reach: Tr(F) per layer by "
+        f"the score estimator Î1, with error bars from its own draws. The exact Fisher, the variances of Î1 "
+        "and Î2 in closed form, their bounds and the spectra are left out."), "",
+        (f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']:,} trainable parameters in "
+        f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode."),
+        f"- **Data:** {D['source']}: {n} inputs of shape {shape}, "
+        + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
+        + (f" Note: {D['targets_note']}." if D.get("targets_note") else ""),
+        f"- **Output family:** `{R['family']}`; labels are drawn from the model.",
+    ]
+    if R["outputs"].get("positions"):
+        lines.append("- **Outputs with positions:** " + positions_text(R["outputs"]))
+    if R.get("command"):
+        lines.append(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, "
+                     f"torch {R['torch_version']}).")
+    lines += ["", "## Tr(F) per layer, with error bars", "",
+              (f"**Tr(F) ≈ {fmt(T['trace_score_estimate'])} ± {fmt(T['trace_score_stderr'])}** (one standard "
+              f"error, {pct(_relative(T))}), the mean over the {n} inputs of `‖∇θ log p(y|x)‖²` for {k} labels "
+              f"drawn per input (seed {R['seed'] + 1}; `torchfim.score_norms.squared_score_norms`). The "
+              "standard error is that of the label draws about Tr(F) of these inputs, `√(v̄/n)` with v̄ the mean "
+              f"over inputs of the variance of an input's {k} values divided by {k}; about 95% of such draws fall "
+              f"within ± 2 of it. Taking the inputs as a sample of the data, the standard error of E_x Tr(F(x)) "
+              f"is {fmt(T['trace_score_stderr_inputs'])} (input spread and label noise). "
+              f"Labels per input for {100 * R['rel_error']:.0f}% relative error: "
+              f"{fmt(T['samples_needed_score'])}."), "",
+              f"![Tr(F) per layer by the score estimator]({SCORE_ONLY_FIGURE})", ""]
+    emp = T["trace_empirical"] is not None
+    rows = [[f"`{layer['name']}`", str(tuple(layer["shape"])), str(layer["size"]), fmt(layer["trace_score_estimate"]),
+             fmt(layer["trace_score_stderr"]), pct(_relative(layer)), pct(layer["share_of_trace"]),
+             fmt(layer["samples_needed_score"])] + ([fmt(layer["trace_empirical"]), fmt(layer["empirical_ratio"], 3)]
+                                                    if emp else []) for layer in R["layers"]]
+    rows.append(["**whole model**", "", str(M["n_parameters"]), fmt(T["trace_score_estimate"]),
+                 fmt(T["trace_score_stderr"]), pct(_relative(T)), "100%", fmt(T["samples_needed_score"])]
+                + ([fmt(T["trace_empirical"]), fmt(T["empirical_ratio"], 3)] if emp else []))
+    header = ["layer", "shape", "size", f"Tr(F) Î1 (k={k})", "s.e.", "s.e./Tr", "share",
+              f"k {100 * R['rel_error']:.0f}%"] + (["Tr empirical", "empirical / Î1"] if emp else [])
+    lines += [md_table(header, rows, "lll" + "r" * (len(header) - 3)), ""]
+    if emp:
+        lines += [(f"The empirical Fisher uses the true labels instead of labels drawn from the model, so it "
+                  f"estimates a different matrix: its trace is {fmt(T['empirical_ratio'], 3)}× the score "
+                  "estimate over the whole model."), ""]
+    tm = R["timings"]
+    lines += ["## Notes", "",
+              (f"- Time: {fmt(tm.get('total'), 3)} s in all (score estimate {fmt(tm['trace'], 3)} s, empirical "
+              f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s)."),
+              "- All values are means over inputs (not sums).",
+              ("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
+              "(shorter sequences, fewer classes) or on more memory; `--mode full` refuses instead of "
+              "falling back."), ""]
+    return "\n".join(lines)
+
+
+def summary_score_only(R: dict) -> str:
+    """The terminal summary of a score-only report: one row per layer plus the whole model."""
+    T, D, k = R["trace"], R["data"], R["n_samples"]
+    header = ["layer", "size", "Tr(F) Î1", "s.e.", "share", "k10%"]
+    body = [[layer["name"], str(layer["size"]), fmt(layer["trace_score_estimate"]),
+             fmt(layer["trace_score_stderr"], 2), pct(layer["share_of_trace"]), fmt(layer["samples_needed_score"])]
+            for layer in R["layers"]]
+    body.append(["whole model", str(R["model"]["n_parameters"]), fmt(T["trace_score_estimate"]),
+                 fmt(T["trace_score_stderr"], 2), "100%", fmt(T["samples_needed_score"])])
+    widths = [max(len(r[j]) for r in [header] + body) for j in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    out = [(f"Fisher information report (score only): {R['model']['n_parameters']} parameters, {D['n_inputs']} "
+           f"inputs, family {R['family']}"),
+           line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
+           (f"Tr(F) by the score estimator with {k} labels/input; s.e. from the spread of each input's labels; "
+           f"k10% = labels per input for 10% relative error."),
+           f"Score only: {R['mode_reason']}."]
+    if T["trace_empirical"] is not None:
+        out.append(f"Empirical Fisher (true labels): Tr {fmt(T['trace_empirical'])}, "
+                   f"{fmt(T['empirical_ratio'], 3)}× the estimate.")
+    return "\n".join(out)
+
+
+def _ax_trace(ax, R: dict) -> None:
+    layers = R["layers"]
+    x = list(range(len(layers)))
+    est = [layer["trace_score_estimate"] or 0.0 for layer in layers]
+    se = [layer["trace_score_stderr"] or 0.0 for layer in layers]
+    use_log = all(v > 0 for v in est)
+    low = [min(2 * s, e * (1 - 1e-3)) if use_log else 2 * s for e, s in zip(est, se)]
+    ax.errorbar(x, est, yerr=[low, [2 * s for s in se]], fmt="o", color=_C1, ms=4, capsize=3,
+                label=f"score estimate Î1 ({R['n_samples']} labels/input) ± 2 s.e.")
+    if R["trace"]["trace_empirical"] is not None:
+        ax.plot([i + 0.15 for i in x], [layer["trace_empirical"] for layer in layers], "x", color=_CE, ms=6,
+                label="empirical Fisher (true labels)")
+    if use_log:
+        ax.set_yscale("log")
+    names = [layer["name"] for layer in layers]
+    ax.set_xticks(x, names, rotation=45 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
+                  fontsize=8)
+    ax.set_ylabel("Tr(F) (mean over inputs)")
+    ax.set_title(f"Tr(F) per layer on {R['data']['n_inputs']} inputs (score only): total "
+                 f"{fmt(R['trace']['trace_score_estimate'])} ± {fmt(R['trace']['trace_score_stderr'], 2)}",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def draw_score_only(R: dict) -> dict[str, bytes]:
+    """File name -> PNG bytes of the score-only report's figure."""
+    return {SCORE_ONLY_FIGURE: png_bytes(lambda fig: _ax_trace(fig.add_subplot(1, 1, 1), R),
+                                         figure_width(len(R["layers"])))}
