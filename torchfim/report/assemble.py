@@ -232,6 +232,7 @@ def assemble(model: nn.Module, data: Data, layout: Layout, setup: Setup, measure
         "torchfim_version": torchfim.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
+        "mode": "full",  # "score_only" for the report of torchfim.report.score_only
         "family": setup.family,
         "outputs": setup.outputs.to_json(),
         "n_samples": setup.n_samples,

@@ -114,7 +114,7 @@ def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, 
     results["timings"]["compute_total"] = time.perf_counter() - started
 
     draw, write, summarise = ((draw_score_only, markdown_score_only, summary_score_only)
-                              if results.get("mode") == "score_only" else (figures.draw, markdown, summary_table))
+                              if results["mode"] == "score_only" else (figures.draw, markdown, summary_table))
     t0 = time.perf_counter()
     figure_files = draw(results)
     results["timings"]["figures"] = time.perf_counter() - t0
