@@ -24,7 +24,7 @@ from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
 from .coverage import DETACHED, cause_of, missed, moved_message, names_of, nearest_called
 from .functional import FunctionalBackend
-from .modules import Call, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
+from .modules import Call, EmbeddingRule, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
 from .modules.base import as_float
 from .pullback import Consumer, consumable, pull_back
 from .recording import ModuleRecording, may_attend, record_calls
@@ -273,16 +273,35 @@ class PerModuleBackend(Backend):
                 yield rows, vecs, self._summed(rec, sens, rows, None)
 
     def _summed(self, rec: ModuleRecording, sens: list, rows: slice, only: set[int] | None) -> Pieces:
-        """Per-sample gradients of ``rows`` summed over the calls of each parameter (``only`` these)."""
+        """Per-sample gradients of ``rows`` summed over the calls of each parameter (``only`` these).
+
+        Lookups of a tied table (an embedding shared with the output layer) come last and add their few
+        rows into the sum the other uses built (:meth:`.Rule.add_grads`), in place where no input or
+        sensitivity of the recording shares its storage.
+        """
         total: Pieces = {}
+        lookups = []
         for (rule, call), s in zip(rec.calls, sens):
             if only is not None and not (set(rule.params.values()) & only):
                 continue
             if not s or all(t is None for t in s):
                 continue
+            if isinstance(rule, EmbeddingRule) and not self._single(rule):
+                lookups.append((rule, call, s))
+                continue
             for i, g in rule.grads(call, s, rows).items():
                 if only is None or i in only:
                     total[i] = g if i not in total else total[i] + g
+        for rule, call, s in lookups:
+            for i in rule.params.values():
+                if only is not None and i not in only:
+                    continue
+                if i not in total:
+                    total[i] = rule.grads(call, s, rows)[i]
+                elif _aliases(total[i], rec, sens):
+                    total[i] = total[i] + rule.grads(call, s, rows)[i]
+                else:
+                    total[i] = rule.add_grads(call, s, rows, total[i], i)
         return total
 
     def _single(self, rule: Rule) -> bool:
@@ -459,6 +478,13 @@ class PerModuleBackend(Backend):
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
         return self.functional.output_hessian_columns(batch, columns)
+
+
+def _aliases(t: Tensor, rec: ModuleRecording, sens: list) -> bool:
+    """Whether ``t`` shares its storage with an input or a sensitivity of ``rec`` (so must not be written)."""
+    mine = t.untyped_storage().data_ptr()
+    others = [x for (_, call), s in zip(rec.calls, sens) for x in (*call.args, *(s or ())) if isinstance(x, Tensor)]
+    return any(x.untyped_storage().data_ptr() == mine for x in others)
 
 
 def _handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:

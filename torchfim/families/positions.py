@@ -127,6 +127,8 @@ class Positions(Family):
         c = self._width(o)
         keep = self._keep(o).reshape(-1)
         rows = o.reshape(-1, c)
+        if self.mask is None:  # all observed: no copy (a language model's rows span its vocabulary)
+            return rows, keep
         return torch.where(keep.unsqueeze(-1), rows, torch.zeros((), dtype=o.dtype, device=o.device)), keep
 
     def _vector_rows(self, v: Tensor, c: int) -> Tensor:
@@ -136,8 +138,9 @@ class Positions(Family):
 
     def _per_position(self, keep: Tensor, values: Tensor) -> Tensor:
         """Per-row results ``(B·L, *shape)`` → ``(B, L, *shape)`` with masked positions 0."""
-        mask = keep.reshape(keep.shape + (1,) * (values.dim() - 1))
-        values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        if self.mask is not None:
+            mask = keep.reshape(keep.shape + (1,) * (values.dim() - 1))
+            values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
         return values.reshape(-1, self.length, *values.shape[1:])
 
     def _label_rows(self, y: Tensor, rows: Tensor, keep: Tensor) -> Tensor:
@@ -199,6 +202,12 @@ class Positions(Family):
         rows, _ = self._rows(o.detach())
         y = self.base.sample(rows, k, generator)
         return y.reshape(o.shape[0], self.length, *y.shape[1:]).transpose(1, 2).contiguous()
+
+    def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(B, k, L·C)``: ``base.sample_scores`` on the ``(B·L, C)`` per-position outputs (the draws of
+        :meth:`sample`, without a one-hot of the labels over a vocabulary), 0 where masked."""
+        rows, keep = self._rows(o)
+        return self._from_rows(keep, self.base.sample_scores(rows, k, generator))
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         """``u = (u_1, …, u_L)`` with ``u_t`` the base score at position ``t`` (0 where masked)."""

@@ -72,6 +72,11 @@ class Rule:
         """Per-sample gradients of the samples ``rows`` for every vector: ``{index: (b, m, size)}``."""
         raise NotImplementedError
 
+    def add_grads(self, call: Call, sens: list[Tensor | None], rows: slice, into: Tensor, index: int) -> Tensor:
+        """``into`` (the other uses' per-sample gradients of parameter ``index``, ``(b, m, size)``) plus this
+        call's; a rule whose gradients touch few entries adds them in place where ``into`` is contiguous."""
+        return into + self.grads(call, sens, rows)[index]
+
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         """``Σᵢⱼ (∂(vᵢⱼᵀoᵢ)/∂θ)²`` per parameter, flat; None when not cheaper than :meth:`grads`."""
         return None

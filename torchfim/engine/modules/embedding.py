@@ -46,6 +46,19 @@ class EmbeddingRule(Rule):
         dense = sums.new_zeros(m * b * vocab, sums.shape[-1]).index_copy_(0, unique, sums)
         return {self.params["weight"]: dense.reshape(m, b, -1).transpose(0, 1)}
 
+    def add_grads(self, call: Call, sens: list[Tensor | None], rows: slice, into: Tensor, index: int) -> Tensor:
+        """The rows of the tokens each sample uses, added in place into ``into`` (contiguous, owned by the
+        caller): a tied output layer's per-sample gradients get the lookup's without a dense copy."""
+        if not into.is_contiguous():
+            return super().add_grads(call, sens, rows, into, index)
+        sub = Call(call.module, (call.args[0][rows],), {}, [], len(range(*rows.indices(call.size))))
+        sums, unique, vocab = self._sums(sub, sens[0][:, rows])
+        b, m = into.shape[:2]
+        owner, token = unique // vocab, unique % vocab  # owner = vector · b + sample
+        at = ((owner % b) * m + owner // b) * vocab + token  # the row of (sample, vector, token) in into
+        into.view(b * m * vocab, -1).index_add_(0, at, sums.to(into.dtype))
+        return into
+
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         if "weight" not in self.params:
             return {}
