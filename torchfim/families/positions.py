@@ -171,8 +171,8 @@ class Positions(Family):
     def check_output(self, o: Tensor) -> None:
         """The base family's checks on every observed position's output (masked ones may be anything)."""
         c = self._width(o)
-        keep = self._keep(o).reshape(-1)
-        self.base.check_output(o.reshape(-1, c)[keep])
+        rows = o.reshape(-1, c)
+        self.base.check_output(rows if self.mask is None else rows[self._keep(o).reshape(-1)])
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
         """Canonical targets ``(B, L, *base_label)``: the base checks on observed positions; masked

@@ -21,61 +21,76 @@ def _relative(entry: dict) -> float | None:
 def markdown_score_only(R: dict) -> str:
     """The text of ``report.md`` for a score-only report.json dict ``R``."""
     T, D, M, k = R["trace"], R["data"], R["model"], R["n_samples"]
-    n = D["n_inputs"]
+    n, pct_error = D["n_inputs"], f"{100 * R['rel_error']:.0f}%"
     shape = D["input_shape"]
     shape = ", ".join(f"{key} {tuple(v)}" for key, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
-    lines = [
-        "# torchfim report (score only)", "",
-        (f"**Why score only:** {R['mode_reason']}. This report gives what stays within reach: Tr(F) per layer by "
-        f"the score estimator Î1, with error bars from its own draws. The exact Fisher, the variances of Î1 "
-        "and Î2 in closed form, their bounds and the spectra are left out."), "",
-        (f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']:,} trainable parameters in "
-        f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode."),
-        f"- **Data:** {D['source']}: {n} inputs of shape {shape}, "
+    lines: list[str] = []
+    add = lines.append
+    add("# torchfim report (score only)")
+    add("")
+    add(f"**Why score only:** {R['mode_reason']}. This report gives what stays within reach: Tr(F) per layer "
+        "by the score estimator Î1, with error bars from its own draws. The exact Fisher, the variances of "
+        "Î1 and Î2 in closed form, their bounds and the spectra are left out.")
+    add("")
+    add(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']:,} trainable parameters in "
+        f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")
+    add(f"- **Data:** {D['source']}: {n} inputs of shape {shape}, "
         + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
-        + (f" Note: {D['targets_note']}." if D.get("targets_note") else ""),
-        f"- **Output family:** `{R['family']}`; labels are drawn from the model.",
-    ]
+        + (f" Note: {D['targets_note']}." if D.get("targets_note") else ""))
+    add(f"- **Output family:** `{R['family']}`; labels are drawn from the model.")
     if R["outputs"].get("positions"):
-        lines.append("- **Outputs with positions:** " + positions_text(R["outputs"]))
+        add("- **Outputs with positions:** " + positions_text(R["outputs"]))
     if R.get("command"):
-        lines.append(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, "
-                     f"torch {R['torch_version']}).")
-    lines += ["", "## Tr(F) per layer, with error bars", "",
-              (f"**Tr(F) ≈ {fmt(T['trace_score_estimate'])} ± {fmt(T['trace_score_stderr'])}** (one standard "
-              f"error, {pct(_relative(T))}), the mean over the {n} inputs of `‖∇θ log p(y|x)‖²` for {k} labels "
-              f"drawn per input (seed {R['seed'] + 1}; `torchfim.score_norms.squared_score_norms`). The "
-              "standard error is that of the label draws about Tr(F) of these inputs, `√(v̄/n)` with v̄ the mean "
-              f"over inputs of the variance of an input's {k} values divided by {k}; about 95% of such draws fall "
-              f"within ± 2 of it. Taking the inputs as a sample of the data, the standard error of E_x Tr(F(x)) "
-              f"is {fmt(T['trace_score_stderr_inputs'])} (input spread and label noise). "
-              f"Labels per input for {100 * R['rel_error']:.0f}% relative error: "
-              f"{fmt(T['samples_needed_score'])}."), "",
-              f"![Tr(F) per layer by the score estimator]({SCORE_ONLY_FIGURE})", ""]
+        add(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, torch {R['torch_version']}).")
+    add("")
+    add("## Tr(F) per layer, with error bars")
+    add("")
+    add(f"**Tr(F) ≈ {fmt(T['trace_score_estimate'])} ± {fmt(T['trace_score_stderr'])}** (one standard error, "
+        f"{pct(_relative(T))}), the mean over the {n} inputs of `‖∇θ log p(y|x)‖²` for {k} labels drawn per "
+        f"input (seed {R['seed'] + 1}; `torchfim.score_norms.squared_score_norms`). The standard error is that "
+        "of the label draws about Tr(F) of these inputs, `√(v̄/n)` with v̄ the mean over inputs of the variance "
+        f"of an input's {k} values divided by {k}; about 95% of such draws fall within ± 2 of it. Taking the "
+        f"inputs as a sample of the data, the standard error of E_x Tr(F(x)) is "
+        f"{fmt(T['trace_score_stderr_inputs'])} (input spread and label noise). Labels per input for "
+        f"{pct_error} relative error: {fmt(T['samples_needed_score'])}.")
+    add("")
+    add(f"![Tr(F) per layer by the score estimator]({SCORE_ONLY_FIGURE})")
+    add("")
+    add(_layer_table(R))
+    add("")
+    if T["trace_empirical"] is not None:
+        add("The empirical Fisher uses the true labels instead of labels drawn from the model, so it estimates "
+            f"a different matrix: its trace is {fmt(T['empirical_ratio'], 3)}× the score estimate over the "
+            "whole model.")
+        add("")
+    tm = R["timings"]
+    add("## Notes")
+    add("")
+    add(f"- Time: {fmt(tm.get('total'), 3)} s in all (score estimate {fmt(tm['trace'], 3)} s, empirical "
+        f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s).")
+    add("- All values are means over inputs (not sums).")
+    add("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
+        "(shorter sequences, fewer classes) or with more memory; `--mode full` refuses instead of falling back.")
+    add("")
+    return "\n".join(lines)
+
+
+def _layer_table(R: dict) -> str:
+    """One row per layer and the whole model: the estimate, its error, share, labels needed, empirical."""
+    T, k = R["trace"], R["n_samples"]
     emp = T["trace_empirical"] is not None
-    rows = [[f"`{layer['name']}`", str(tuple(layer["shape"])), str(layer["size"]), fmt(layer["trace_score_estimate"]),
-             fmt(layer["trace_score_stderr"]), pct(_relative(layer)), pct(layer["share_of_trace"]),
-             fmt(layer["samples_needed_score"])] + ([fmt(layer["trace_empirical"]), fmt(layer["empirical_ratio"], 3)]
-                                                    if emp else []) for layer in R["layers"]]
-    rows.append(["**whole model**", "", str(M["n_parameters"]), fmt(T["trace_score_estimate"]),
-                 fmt(T["trace_score_stderr"]), pct(_relative(T)), "100%", fmt(T["samples_needed_score"])]
-                + ([fmt(T["trace_empirical"]), fmt(T["empirical_ratio"], 3)] if emp else []))
+
+    def row(name: str, shape: str, size: int, entry: dict, share: str) -> list[str]:
+        cells = [name, shape, str(size), fmt(entry["trace_score_estimate"]), fmt(entry["trace_score_stderr"]),
+                 pct(_relative(entry)), share, fmt(entry["samples_needed_score"])]
+        return cells + ([fmt(entry["trace_empirical"]), fmt(entry["empirical_ratio"], 3)] if emp else [])
+
+    rows = [row(f"`{layer['name']}`", str(tuple(layer["shape"])), layer["size"], layer, pct(layer["share_of_trace"]))
+            for layer in R["layers"]]
+    rows.append(row("**whole model**", "", R["model"]["n_parameters"], T, "100%"))
     header = ["layer", "shape", "size", f"Tr(F) Î1 (k={k})", "s.e.", "s.e./Tr", "share",
               f"k {100 * R['rel_error']:.0f}%"] + (["Tr empirical", "empirical / Î1"] if emp else [])
-    lines += [md_table(header, rows, "lll" + "r" * (len(header) - 3)), ""]
-    if emp:
-        lines += [(f"The empirical Fisher uses the true labels instead of labels drawn from the model, so it "
-                  f"estimates a different matrix: its trace is {fmt(T['empirical_ratio'], 3)}× the score "
-                  "estimate over the whole model."), ""]
-    tm = R["timings"]
-    lines += ["## Notes", "",
-              (f"- Time: {fmt(tm.get('total'), 3)} s in all (score estimate {fmt(tm['trace'], 3)} s, empirical "
-              f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s)."),
-              "- All values are means over inputs (not sums).",
-              ("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
-              "(shorter sequences, fewer classes) or on more memory; `--mode full` refuses instead of "
-              "falling back."), ""]
-    return "\n".join(lines)
+    return md_table(header, rows, "lll" + "r" * (len(header) - 3))
 
 
 def summary_score_only(R: dict) -> str:
