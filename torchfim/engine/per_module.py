@@ -24,7 +24,7 @@ from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
 from .coverage import DETACHED, cause_of, missed, moved_message, names_of, nearest_called
 from .functional import FunctionalBackend
-from .modules import Call, EmbeddingRule, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
+from .modules import Call, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
 from .modules.base import as_float
 from .pullback import Consumer, consumable, pull_back
 from .recording import ModuleRecording, may_attend, record_calls
@@ -275,9 +275,10 @@ class PerModuleBackend(Backend):
     def _summed(self, rec: ModuleRecording, sens: list, rows: slice, only: set[int] | None) -> Pieces:
         """Per-sample gradients of ``rows`` summed over the calls of each parameter (``only`` these).
 
-        Lookups of a tied table (an embedding shared with the output layer) come last and add their few
-        rows into the sum the other uses built (:meth:`.Rule.add_grads`), in place where no input or
-        sensitivity of the recording shares its storage.
+        Calls with :attr:`.Rule.sparse_grads` of a shared parameter (a lookup table tied to the output
+        layer) come last and add their few entries into the sum the other uses built
+        (:meth:`.Rule.add_grads`), in place where no input or sensitivity of the recording shares its
+        storage.
         """
         total: Pieces = {}
         lookups = []
@@ -286,7 +287,7 @@ class PerModuleBackend(Backend):
                 continue
             if not s or all(t is None for t in s):
                 continue
-            if isinstance(rule, EmbeddingRule) and not self._single(rule):
+            if rule.sparse_grads and not self._single(rule):
                 lookups.append((rule, call, s))
                 continue
             for i, g in rule.grads(call, s, rows).items():
@@ -298,10 +299,9 @@ class PerModuleBackend(Backend):
                     continue
                 if i not in total:
                     total[i] = rule.grads(call, s, rows)[i]
-                elif _aliases(total[i], rec, sens):
-                    total[i] = total[i] + rule.grads(call, s, rows)[i]
-                else:
-                    total[i] = rule.add_grads(call, s, rows, total[i], i)
+                else:  # out of place where the sum so far is a view of what the recording holds
+                    add = Rule.add_grads if _aliases(total[i], rec, sens) else type(rule).add_grads
+                    total[i] = add(rule, call, s, rows, total[i], i)
         return total
 
     def _single(self, rule: Rule) -> bool:

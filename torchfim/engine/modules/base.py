@@ -59,6 +59,9 @@ class Rule:
     #: Whether the module's class has a forward of its own, unlike the torch class whose rule this is:
     #: the rule stands only where the coverage check finds its per-sample gradients right.
     on_probation: bool = False
+    #: Whether the per-sample gradients touch few entries, so that :meth:`add_grads` adds them into another
+    #: use's in place (a lookup table tied to an output layer).
+    sparse_grads: bool = False
 
     def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
         self.module = module
@@ -74,7 +77,7 @@ class Rule:
 
     def add_grads(self, call: Call, sens: list[Tensor | None], rows: slice, into: Tensor, index: int) -> Tensor:
         """``into`` (the other uses' per-sample gradients of parameter ``index``, ``(b, m, size)``) plus this
-        call's; a rule whose gradients touch few entries adds them in place where ``into`` is contiguous."""
+        call's; a rule with :attr:`sparse_grads` adds them in place where ``into`` is contiguous."""
         return into + self.grads(call, sens, rows)[index]
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:

@@ -21,6 +21,8 @@ def embedding_supported(module: nn.Module) -> bool:
 class EmbeddingRule(Rule):
     """Per-sample products of ``nn.Embedding`` (``padding_idx`` rows get no gradient, as in torch)."""
 
+    sparse_grads = True
+
     def _sums(self, call: Call, g: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per (vector, sample, token) sums of sensitivities ``(U, d)``, their (vector·B + sample) and token ids."""
         ids = call.args[0].reshape(call.size, -1)  # (B, L)
