@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import clients
 import pytest
@@ -21,6 +22,8 @@ import torchfim
 from torchfim import _memory, cli
 from torchfim import report as report_mod
 from torchfim.errors import TorchfimError
+from torchfim.report import settings as report_settings
+from torchfim.report.cost import full_report_work
 from torchfim.score_norms import squared_score_norms
 
 
@@ -125,3 +128,46 @@ def test_full_mode_refuses_what_does_not_fit_with_the_fix(monkeypatch):
         report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only=False)
     with pytest.raises(TorchfimError, match="score_only must be None"):
         report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only="yes")
+
+
+def test_a_full_report_over_its_time_budget_falls_back_unless_asked_for(monkeypatch):
+    """With the budget set to 0 s the estimate exceeds it: ``auto`` gives the score-only report, naming the
+    estimate and ``--mode full``; ``score_only=False`` computes the full report anyway."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    data = report_mod.Data(torch.randn(16, 4, dtype=torch.float64), None, "test")
+    assert report_mod.compute_report(model, data, progress=False, max_block=0)["mode"] == "full"
+    monkeypatch.setattr(report_settings, "FULL_REPORT_SECONDS", 0.0)
+    R = report_mod.compute_report(model, data, progress=False, max_block=0)
+    assert R["mode"] == "score_only"
+    assert re.search(r"the full report would take about [\d,]+ min here, more than its budget of 0: over the 16 "
+                     r"inputs it pulls back about 3 output vectors per input.*--mode full", R["mode_reason"])
+    assert report_mod.compute_report(model, data, progress=False, max_block=0, score_only=False)["mode"] == "full"
+
+
+@pytest.mark.parametrize("case", ["mlp", "tokens"])
+def test_the_estimate_counts_the_pull_backs_the_full_report_makes(case, monkeypatch):
+    """The cost model's count of one-vector pull-backs through one input, ``W·(3n + 3m + S·n)``, against the
+    vectors × inputs the engine pulls back during a whole full report (spied on ``pull_back``), within a
+    factor 2 either way: the count behind the time estimate is the report's."""
+    from torchfim.engine import per_module
+
+    torch.manual_seed(0)
+    if case == "mlp":
+        model, X = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5)).double(), torch.randn(24, 4).double()
+    else:
+        model, X = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 6)).double(), torch.randint(0, 7, (24, 3))
+    counted = []
+    pull_back = per_module.pull_back
+
+    def spy(output, calls, v, *args, **kwargs):
+        counted.append(v.shape[0] * v.shape[1])
+        return pull_back(output, calls, v, *args, **kwargs)
+
+    monkeypatch.setattr(per_module, "pull_back", spy)
+    R = report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, variance_inputs=8,
+                                  score_only=False)
+    width = 5 if case == "mlp" else 3 * 6
+    spectra = sum(1 for layer in R["layers"] if layer["spectrum"] is not None)
+    want, _ = full_report_work(width, 24, 8, R["model"]["n_parameters"], spectra)
+    assert 0.5 <= sum(counted) / want <= 2, (sum(counted), want)

@@ -41,11 +41,13 @@ comparison.
 Cost: besides the Hessian parts, about ``L + 5`` passes over all inputs (L = parameter tensors: one
 exact-block pass per layer of at most ``max_block`` parameters for the spectra); about 7 s for the
 default on 2 cores. The exact Fisher and the closed forms read every output number of an input (a
-language model's tokens × vocabulary): where they would not fit in memory, the report says so before
-anything runs and gives the score-only report instead (:mod:`~torchfim.report.score_only`: Tr(F) per
-layer by the score estimator with error bars from its own labels, the empirical Fisher beside it, one
-figure ``trace_score_only.png``); ``--mode score-only`` asks for it on any model, ``--mode full``
-refuses instead.
+language model's tokens × vocabulary): where they would not fit in memory, or would take longer than
+:data:`~torchfim.report.settings.FULL_REPORT_SECONDS` by the estimate of :mod:`~torchfim.report.cost`,
+the report says so before anything runs and gives the score-only report instead
+(:mod:`~torchfim.report.score_only`: Tr(F) per layer by the score estimator with error bars from its own
+labels, the empirical Fisher beside it, one figure ``trace_score_only.png``); ``--mode score-only`` asks
+for it on any model, ``--mode full`` computes the full report whatever it takes (refusing what does not
+fit in memory).
 
 The report is built in memory and only then written into ``--out``, which gets the report's own
 files and nothing else: files already there (notes, a ``thesis.tex``, a ``runs/`` folder) stay
@@ -59,7 +61,7 @@ variance subset), :mod:`~torchfim.report.load` and :mod:`~torchfim.report.data` 
 checkpoints, data), :mod:`~torchfim.report.default` (the embedded default model),
 :mod:`~torchfim.report.check` and :mod:`~torchfim.report.outputs`, :mod:`~torchfim.report.measure`, :mod:`~torchfim.report.assemble`
 and :mod:`~torchfim.report.compute` (the numbers), :mod:`~torchfim.report.figures`,
-:mod:`~torchfim.report.markdown` and :mod:`~torchfim.report.terminal` (rendering), :mod:`~torchfim.report.score_only`
+:mod:`~torchfim.report.markdown` and :mod:`~torchfim.report.terminal` (rendering), :mod:`~torchfim.report.cost` (the time estimate), :mod:`~torchfim.report.score_only`
 and :mod:`~torchfim.report.score_only_render` (the score-only report),
 :mod:`~torchfim.report.publish` (writing), :mod:`~torchfim.report.run` (all of it) and
 :mod:`~torchfim.report.command` (the command line).

@@ -77,9 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (default: 1 for the embedded default model, "
                              "whose tensors are small; torch's own setting for --model)")
     parser.add_argument("--mode", choices=sorted(MODES), default="auto",
-                        help="full: the exact Fisher, variances, bounds and spectra (refused where they would "
-                             "not fit in memory); score-only: Tr(F) per layer by the score estimator with error "
-                             "bars from at least 2 labels per input; auto (default): full where it fits")
+                        help="full: the exact Fisher, variances, bounds and spectra, however long they take "
+                             "(refused where they would not fit in memory); score-only: Tr(F) per layer by the "
+                             "score estimator with error bars from at least 2 labels per input; auto (default): "
+                             "full where it fits in memory and its estimated time in 30 minutes")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

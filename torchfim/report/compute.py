@@ -12,6 +12,7 @@ from ..errors import TorchfimError
 from . import settings
 from .assemble import Layout, Setup, assemble
 from .check import check_model_and_data
+from .cost import full_report_seconds, time_pull_back
 from .data import Data
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
 from .score_only import compute_score_only
@@ -46,8 +47,9 @@ def compute_report(
     ``score_only``: True computes the score-only report (:mod:`torchfim.report.score_only`: Tr(F) per
     layer by the score estimator with ``max(n_samples, 2)`` labels per input and error bars from their
     spread, the empirical Fisher beside it); None (default) does so only where the exact Fisher and the
-    closed forms would not fit in memory (a language model over a real vocabulary), saying why in the
-    report; False refuses such a model instead.
+    closed forms would not fit in memory (a language model over a real vocabulary) or would take longer
+    than :data:`~torchfim.report.settings.FULL_REPORT_SECONDS` (:mod:`torchfim.report.cost`), saying why in
+    the report; False computes the full report whatever it takes, and refuses a model that does not fit.
     """
     from ..families import get_family
 
@@ -60,22 +62,39 @@ def compute_report(
         raise TorchfimError(
             f"{beyond}; leave score_only=None (--mode auto) or pass True (--mode score-only) for the score-only "
             "report, or report on fewer output numbers (shorter sequences, a model with fewer classes)")
+    layout = Layout.of(model)
+    m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters,
+                                                            math.prod(outputs.positions))
+    spectrum_layers = [i for i, s in enumerate(layout.sizes) if s <= max_block]
+    if score_only is None and beyond is None:
+        beyond = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers))
     if score_only or beyond is not None:
         reason = beyond or "asked for (score_only=True, --mode score-only)"
         return compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
                                   targets_note=targets_note, reason=reason)
-    layout = Layout.of(model)
-    m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters,
-                                                            math.prod(outputs.positions))
     setup = Setup(
         family=fam.name, n_samples=int(n_samples), seed=seed, rel_error=rel_error, max_block=max_block,
         subset=torch.randperm(data.n, generator=torch.Generator().manual_seed(seed))[:m].sort().values,
-        with_hessian=with_hessian,
-        spectrum_layers=[i for i, s in enumerate(layout.sizes) if s <= max_block],
+        with_hessian=with_hessian, spectrum_layers=spectrum_layers,
         targets_note=targets_note, variance_note=variance_note, outputs=outputs,
     )
     measured, timings = _measure(model, data, fam, layout, setup, progress)
     return assemble(model, data, layout, setup, measured, timings)
+
+
+def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: int, spectra: int) -> str | None:
+    """Why the full report would take too long (over :data:`~torchfim.report.settings.FULL_REPORT_SECONDS`
+    by :func:`.cost.full_report_seconds`), or None."""
+    pull_back = time_pull_back(model, data, fam, outputs.mask, outputs.class_dim)
+    first = next(p for p in model.parameters() if p.requires_grad)
+    seconds = full_report_seconds(pull_back, data.n, m, parameters, spectra, first.dtype, first.device)
+    if seconds <= settings.FULL_REPORT_SECONDS:
+        return None
+    return (f"the full report would take about {seconds / 60:,.0f} min here, more than its budget of "
+            f"{settings.FULL_REPORT_SECONDS / 60:.0f}: over the {data.n} inputs it pulls back about "
+            f"{pull_back.width:,} output vectors per input and forms output Gram matrices of {pull_back.width:,}² "
+            "entries per parameter (estimated from a timed pull-back and a timed matrix product); pass "
+            "score_only=False (--mode full) to compute it anyway")
 
 
 def _total_steps(setup: Setup, has_targets: bool) -> int:

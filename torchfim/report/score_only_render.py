@@ -70,7 +70,8 @@ def markdown_score_only(R: dict) -> str:
         f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s).")
     add("- All values are means over inputs (not sums).")
     add("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
-        "(shorter sequences, fewer classes) or with more memory; `--mode full` refuses instead of falling back.")
+        "(shorter sequences, fewer classes) or with more memory; `--mode full` computes them whatever they take "
+        "and refuses what does not fit in memory.")
     add("")
     return "\n".join(lines)
 

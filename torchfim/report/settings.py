@@ -17,6 +17,7 @@ __all__ = [
     "SCORE_ONLY_FIGURE",
     "REPORT_FILES",
     "MODES",
+    "FULL_REPORT_SECONDS",
     "SCATTER_POINTS_PER_LAYER",
     "variance_plan",
 ]
@@ -62,6 +63,9 @@ EMPIRICAL_FIGURE = "empirical_vs_true.png"
 SCORE_ONLY_FIGURE = "trace_score_only.png"
 #: Every file name a report may write: the only files of ``--out`` it ever replaces or removes.
 REPORT_FILES = (*FILES, EMPIRICAL_FIGURE, SCORE_ONLY_FIGURE)
+#: Seconds the full report may take, by :func:`torchfim.report.cost.full_report_seconds`, before ``--mode auto``
+#: gives the score-only report instead.
+FULL_REPORT_SECONDS = 1800.0
 #: ``--mode`` of ``torchfim report`` -> ``score_only`` of :func:`torchfim.report.run_report`.
 MODES = {"auto": None, "full": False, "score-only": True}
 
