@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import clients
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,8 @@ def run_example(name: str) -> str:
 
 
 def test_every_example_is_tested():
-    tested = {"estimate_with_error_bars.py", "choose_estimator.py", "fisher_penalty_loop.py", "forecast_counts_in_cells.py"}
+    tested = {"estimate_with_error_bars.py", "choose_estimator.py", "fisher_penalty_loop.py", "forecast_counts_in_cells.py",
+              "language_model_report.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -33,6 +36,24 @@ def test_estimate_with_error_bars():
     out = run_example("estimate_with_error_bars.py")
     assert "Tr(F): exact" in out and "± " in out
     assert "within 2 s.e. of the exact value" in out
+
+
+def test_language_model_report():
+    """The example as a user runs it; here through tests/clients.py, which hides a torchvision built for CUDA
+    beside the CPU torch (transformers would fail to import it, as on this test machine)."""
+    clients.need("transformers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    code = ("import sys, runpy; sys.path.insert(0, 'tests'); import clients; "
+            "runpy.run_path('examples/language_model_report.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "mode: score_only: this model is beyond the full report's reach" in out
+    report = re.search(r"report:  Tr\(F\) = (\S+) ± (\S+);", out)
+    library = re.search(r"library: Tr\(F\) = (\S+) ± (\S+) ", out)
+    assert report and library and report.groups() == library.groups()  # the same labels, the same numbers
+    assert "transformer.wte.weight: Tr = " in out
 
 
 def test_choose_estimator():

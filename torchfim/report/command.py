@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"report directory (default: {DEFAULT_OUT}/); the report writes only its "
                              "own files there (an earlier report's are replaced, all others kept)")
     parser.add_argument("--n-samples", type=positive_int, default=1,
-                        help="labels per input for the score estimate and its error bars (default: 1)")
+                        help="labels per input for the score estimate and its error bars (default: 1; at "
+                             "least 2 in the score-only report, whose error bars come from their spread)")
     parser.add_argument("--variance-inputs", type=positive_int, default=None, metavar="N",
                         help=f"inputs (a seeded random subset) for the Î1-vs-Î2 variances; the "
                              f"Hessian estimator costs a pass per parameter over them (default: "

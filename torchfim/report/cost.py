@@ -52,9 +52,17 @@ def time_pull_back(model: nn.Module, data: Data, fam, mask: str | None, class_di
         rec, _ = next(one.batches(data.rows(slice(0, min(TIMED_INPUTS, data.n))), None, fam, mask, False, "report"))
         v = torch.randn(rec.batch.size, 1, rec.values.shape[1], dtype=rec.values.dtype, device=rec.values.device)
         one.backend.squares(rec, v)
+        _finished(v)
         start = time.perf_counter()
         one.backend.squares(rec, v)
+        _finished(v)
         return PullBack((time.perf_counter() - start) / rec.batch.size, int(rec.values.shape[1]))
+
+
+def _finished(t: torch.Tensor) -> None:
+    """Wait for the device's queued work (a GPU runs it after the call returns)."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 def full_report_work(width: int, n: int, m: int, parameters: int, spectra: int) -> tuple[int, int]:
