@@ -14,8 +14,9 @@ over tensors (docs/math.md §3, ``1/n²`` as the public functions):
   ``λ_max(Λ) ‖d‖²`` (:meth:`.variance.HessianVariance.quadratic`), and the diagonal
   ``Var(Î2)_pp = (1/n²) Σᵢ d_pᵀ Λᵢ d_p`` from the same sweep.
 
-So :func:`score_trace_variances` takes one pass (each chunk of inputs: the per-tensor grams, one at
-a time, and their sum) and :func:`hessian_trace_variances` one sweep.
+So :func:`score_trace_variances` takes one pass (the per-tensor grams of each mini-batch,
+:meth:`.engine.backend.Backend.tensor_output_grams`: a dense layer's from its factors, ``‖a‖² G Gᵀ``, at
+``C²`` multiply-adds per unit instead of per weight; and their sum) and :func:`hessian_trace_variances` one sweep.
 """
 
 from __future__ import annotations
@@ -91,16 +92,17 @@ def score_trace_variances(
         sums = _Sums(one.view.layout, ("var", *modes[1:]))
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True):
             forms = [ScoreVariance(one.backend, rec, fam_b, mode) for mode in modes]
-            for rows, piece in one.backend.jacobian_pieces(rec):
-                gram = None
-                for i, g in piece.items():
-                    own = g @ g.transpose(1, 2)  # G_t (b, C, C)
-                    gram = own if gram is None else gram + own
+            gram = None  # G = Σ_t G_t per input, (B, C, C)
+            for rows, grams in one.backend.tensor_output_grams(rec):
+                for i, own in grams.items():  # G_t (b, C, C)
                     for key, form in zip(sums.tensors, forms):
                         sums.tensors[key][i] += form.trace_terms(rows, own).sum().to(sums.tensors[key].dtype)
-                for key, form in zip(sums.total, forms):
-                    if gram is not None:
-                        sums.total[key] += form.trace_terms(rows, gram).sum().to(sums.total[key].dtype)
+                    if gram is None:
+                        gram = own.new_zeros(rec.batch.size, *own.shape[1:])
+                    gram[rows] += own
+            for key, form in zip(sums.total, forms):
+                if gram is not None:
+                    sums.total[key] += form.trace_terms(slice(0, rec.batch.size), gram).sum().to(sums.total[key].dtype)
         if bounds:  # the tightest bound, as variance_bound takes it: the smaller sum over inputs
             for part in (sums.total, sums.tensors):
                 part["bound"] = torch.minimum(part.pop("spectral"), part.pop("kurtosis"))

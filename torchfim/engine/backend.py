@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -191,14 +192,21 @@ class Backend(ABC):
         for rows, _, piece in self.pieces(rec, self._eye(rec), whole=True):
             yield rows, piece
 
+    def tensor_output_grams(self, rec: Recording) -> Iterator[tuple[slice, Pieces]]:
+        """Chunks of per-tensor output Gram matrices ``J_{i,t} J_{i,t}ᵀ`` (``t``'s columns of the Jacobian):
+        ``(rows, {index: (b, C, C)})``, each tensor's rows once; the memory is checked first."""
+        for rows, _, piece in self.pieces(rec, self._eye(rec, grams=True), whole=True):
+            yield rows, {i: g @ g.transpose(1, 2) for i, g in piece.items()}
+
     def output_gram(self, rec: Recording) -> Tensor:
-        """Per input ``Jᵢ Jᵢᵀ``: ``(B, C, C)``."""
+        """Per input ``Jᵢ Jᵢᵀ = Σ_t J_{i,t} J_{i,t}ᵀ``: ``(B, C, C)``."""
         out = rec.values
-        pieces = self.pieces(rec, self._eye(rec, grams=True), whole=True)  # the memory checked first
-        gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1])
-        for rows, _, piece in pieces:
-            for g in piece.values():
-                gram[rows] += g @ g.transpose(1, 2)
+        chunks = self.tensor_output_grams(rec)
+        first = next(chunks, None)  # the memory checked before the sum is allocated
+        gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1], dtype=_wide(out.dtype))
+        for rows, grams in chain([first], chunks) if first is not None else ():
+            for g in grams.values():
+                gram[rows] += g.to(gram.dtype)
         return gram
 
     # ------------------------------------------------------------------ second order

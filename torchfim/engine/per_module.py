@@ -424,28 +424,26 @@ class PerModuleBackend(Backend):
                     total[i] = value if i not in total else total[i].add_(value)
         return total
 
-    def output_gram(self, rec: ModuleRecording) -> Tensor:
-        """Dense layers: ``Σ_u (‖a‖² + 1) g_u g_uᵀ`` per sample; other parameters from their Jacobians."""
+    def tensor_output_grams(self, rec: ModuleRecording) -> Iterator[tuple[slice, Pieces]]:
+        """Dense layers by their factors, ``‖a‖² G Gᵀ`` for the weight and ``G Gᵀ`` for the bias with
+        ``G = ∂o/∂z`` (C × units) per sample, all rows at once; other parameters from their Jacobians."""
         dense, rest = self._dense_split(rec)
         eye = self._eye(rec, grams=True)
         sens = self._sensitivities(rec, eye)
-        out = rec.values
-        gram = out.new_zeros(out.shape[0], out.shape[1], out.shape[1], dtype=as_float(out).dtype)
+        every = slice(0, rec.batch.size)
         for rule, call, k in dense:
             if not sens[k] or sens[k][0] is None:
                 continue
             a, g = as_float(rule.unit_input(call)), as_float(sens[k][0])
-            weight = a.square().sum(1) if "weight" in rule.params else torch.zeros_like(a[:, 0])
-            bias = 1.0 if "bias" in rule.params else 0.0
-            gram += torch.einsum("cbu,dbu,b->bcd", g, g, weight + bias)
+            units = torch.einsum("cbu,dbu->bcd", g, g)
+            grams = {rule.params["weight"]: units * a.square().sum(1)[:, None, None]} if "weight" in rule.params else {}
+            yield every, {**grams, **({rule.params["bias"]: units} if "bias" in rule.params else {})}
         if rest:
             step = self._row_step(eye.shape[1], CHUNK_ELEMENTS, rest)
             for start in range(0, rec.batch.size, step):
                 rows = slice(start, min(rec.batch.size, start + step))
-                for g in self._summed(rec, sens, rows, rest).values():
-                    g = as_float(g)
-                    gram[rows] += g @ g.transpose(1, 2)
-        return gram
+                yield rows, {i: as_float(g) @ as_float(g).transpose(1, 2) for i, g in
+                             self._summed(rec, sens, rows, rest).items()}
 
     # ------------------------------------------------------------------ second order
     def _units(self, batch: Batch) -> UnitHessians:
