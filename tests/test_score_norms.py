@@ -14,6 +14,7 @@ import pytest
 import torch
 from cases import Case
 from test_engine_oracles import BACKENDS, IDS, PAIRS, _close, _kwargs, _oracle
+from torch import nn
 
 import torchfim
 from torchfim import score_norms
@@ -97,3 +98,43 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
     with pytest.raises(torchfim.TorchfimError, match="no trainable parameter named 'nope'"):
         got.of("nope")
     assert math.isnan(squared_score_norms(model, x[:1]).trace()[1])
+
+
+class _WideTokens(nn.Module):
+    """Tokens through layers wide enough that their squared norms come from the positions' Gram matrices
+    (``L·(in + out) < in·out``: 3 · 32 < 256 for the 16 → 16 layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(7, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_squared_norms_from_position_grams_equal_per_sample_gradients(backend: str, drawn_scores) -> None:
+    """Per tensor, against per-sample gradients of ``u_ijᵀ o(xᵢ)`` by autograd, one input and label at a
+    time; the monitor's per-sample squared norms (``Backend.sample_squares``) are their sum over tensors."""
+    from torchfim.engine.batch import make_batch
+    from torchfim.engine.modules import linear
+    from torchfim.engine.session import engine_pass
+    from torchfim.families import get_family
+
+    torch.manual_seed(0)
+    model, x = _WideTokens().double(), torch.randint(0, 7, (6, 3))
+    a, g = torch.randn(6, 3, 16, dtype=torch.float64), torch.randn(2, 6, 3, 16, dtype=torch.float64)
+    assert linear.linear_squared_norms({"weight": 0}, a, g) is not None  # the Gram path is the one tested
+    got = squared_score_norms(model, x, n_samples=2, backend=backend, generator=torch.Generator().manual_seed(2))
+    u = torch.cat(drawn_scores).double().reshape(6, 2, 3, 5)
+    params = dict(model.named_parameters())
+    for i in range(6):
+        for j in range(2):
+            grads = torch.autograd.grad((model(x[i : i + 1])[0] * u[i, j]).sum(), list(params.values()))
+            for name, grad in zip(params, grads):
+                assert math.isclose(float(got.of(name)[i, j]), float(grad.square().sum()), rel_tol=1e-10, abs_tol=1e-14)
+    with engine_pass(model, backend) as one:
+        rec = one.backend.record(make_batch(x, None, torch.device("cpu"), torch.float64))
+        fam = one.view.family_for(rec.shape, rec.batch, get_family("categorical"), None)
+        v = fam.sample_scores(rec.values, 2, torch.Generator().manual_seed(2))
+        _close(one.backend.sample_squares(rec, v), got.total, 1e-10)

@@ -14,6 +14,7 @@ recorded forward itself is :mod:`.recording`'s.
 from __future__ import annotations
 
 import weakref
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import torch
@@ -300,7 +301,7 @@ class PerModuleBackend(Backend):
                 if i not in total:
                     total[i] = rule.grads(call, s, rows)[i]
                 else:  # out of place where the sum so far is a view of what the recording holds
-                    add = Rule.add_grads if _aliases(total[i], rec, sens) else type(rule).add_grads
+                    add = Rule.add_grads if rec.holds_storage_of(total[i], sens) else type(rule).add_grads
                     total[i] = add(rule, call, s, rows, total[i], i)
         return total
 
@@ -391,6 +392,21 @@ class PerModuleBackend(Backend):
             out[:, start : start + part.shape[1]] += part
         return out
 
+    def tensor_sample_squares(self, rec: ModuleRecording, v: Tensor) -> Pieces:
+        wide = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+        out: defaultdict[int, Tensor] = defaultdict(lambda: v.new_zeros(v.shape[0], v.shape[1], dtype=wide))
+
+        def from_fast(vecs: slice, result: Pieces) -> None:
+            for i, t in result.items():
+                out[i][:, vecs] += t.to(wide)
+
+        def from_grads(rows: slice, vecs: slice, grads: Pieces) -> None:
+            for i, g in grads.items():
+                out[i][rows, vecs] += as_float(g).square().sum(-1).to(wide)
+
+        self._walk(rec, v, lambda r, c, s: r.tensor_sample_squares(c, s), from_fast, from_grads)
+        return dict(out)
+
     def _dense_split(self, rec: ModuleRecording) -> tuple[list[tuple[Rule, Call, int]], set[int]]:
         """Dense single-use Linear calls (with their position in ``rec.calls``) and the other parameters."""
         dense = [(r, c, k) for k, (r, c) in enumerate(rec.calls)
@@ -476,13 +492,6 @@ class PerModuleBackend(Backend):
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
         return self.functional.output_hessian_columns(batch, columns)
-
-
-def _aliases(t: Tensor, rec: ModuleRecording, sens: list) -> bool:
-    """Whether ``t`` shares its storage with an input or a sensitivity of ``rec`` (so must not be written)."""
-    mine = t.untyped_storage().data_ptr()
-    others = [x for (_, call), s in zip(rec.calls, sens) for x in (*call.args, *(s or ())) if isinstance(x, Tensor)]
-    return any(x.untyped_storage().data_ptr() == mine for x in others)
 
 
 def _handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:

@@ -44,6 +44,13 @@ class ModuleRecording(Recording):
             call.release()
         self.released = True
 
+    def holds_storage_of(self, t: Tensor, sens: list) -> bool:
+        """Whether ``t`` shares its storage with an input of a call or with one of the calls' sensitivities
+        ``sens`` (so must not be written in place)."""
+        mine = t.untyped_storage().data_ptr()
+        held = [x for (_, call), s in zip(self.calls, sens) for x in (*call.args, *(s or ())) if isinstance(x, Tensor)]
+        return any(x.untyped_storage().data_ptr() == mine for x in held)
+
 
 def may_attend(model: nn.Module) -> bool:
     """Whether a forward of ``model`` may call ``scaled_dot_product_attention``: it has a module that

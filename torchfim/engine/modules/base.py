@@ -88,6 +88,10 @@ class Rule:
         """``Σ_θ (∂(vᵢⱼᵀoᵢ)/∂θ)²`` over the module's parameters, ``(B, m)``; None when not cheaper."""
         return None
 
+    def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        """The same per parameter tensor, ``{index: (B, m)}``; None when not cheaper than :meth:`grads`."""
+        return None
+
     def unit_input(self, call: Call) -> Tensor | None:
         """For a dense layer seen once per sample: its input ``a`` (B, K), else None (docs/math.md §6)."""
         return None

@@ -68,6 +68,9 @@ class EmbeddingRule(Rule):
         table = sums.new_zeros(vocab, sums.shape[-1]).index_add_(0, unique % vocab, sums.square())
         return {self.params["weight"]: table.reshape(-1)}
 
+    def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        return {self.params["weight"]: self.sample_squares(call, sens)} if "weight" in self.params else {}
+
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
         m = sens[0].shape[0]
         if "weight" not in self.params:

@@ -41,10 +41,44 @@ class LinearRule(Rule):
         return named_squares(self.params, None if weight is None else weight.T, bias)
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
-        return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None
+        if self._dense(call):
+            return dense_squared_norms(self.params, call.args[0], sens[0])
+        return total_of(self.tensor_sample_squares(call, sens))
+
+    def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        return linear_squared_norms(self.params, call.args[0], sens[0])
 
     def unit_input(self, call: Call) -> Tensor | None:
         return call.args[0] if self._dense(call) else None
+
+
+def linear_squared_norms(params: dict[str, int], a: Tensor, g: Tensor) -> Grads | None:
+    """Per sample and vector ``(B, m)``, the squared norms of a linear map's per-sample gradients (either
+    layout of the weight) with input ``a`` ``(B, *positions, in)`` and sensitivities ``g``
+    ``(m, B, *positions, out)``: ``‖Σ_l g_l a_lᵀ‖² = Σ_{l,k} (g_l·g_k)(a_l·a_k)`` for the weight and
+    ``‖Σ_l g_l‖²`` for the bias, from the positions' Gram matrices (docs/math.md §6), none per-sample
+    product built. None where building those is cheaper: ``L·(in + out) ≥ in·out`` for ``L`` positions."""
+    a = as_float(a.reshape(a.shape[0], -1, a.shape[-1]))  # (B, L, in)
+    g = as_float(g.reshape(*g.shape[:2], -1, g.shape[-1]))  # (m, B, L, out)
+    positions, width, units = a.shape[1], a.shape[2], g.shape[-1]
+    if positions > 1 and positions * (width + units) >= width * units:
+        return None
+    out: Grads = {}
+    if "weight" in params:
+        inputs = a @ a.transpose(1, 2)  # (B, L, L): a_l·a_k
+        out[params["weight"]] = torch.einsum("mblk,blk->bm", g @ g.transpose(2, 3), inputs)
+    if "bias" in params:
+        summed = g.sum(2)  # (m, B, out)
+        out[params["bias"]] = torch.linalg.vecdot(summed, summed).T
+    return out
+
+
+def total_of(parts: Grads | None) -> Tensor | None:
+    """The sum of per-tensor squared norms ``(B, m)`` over the tensors (None for None or none)."""
+    if not parts:
+        return None
+    values = list(parts.values())
+    return values[0] if len(values) == 1 else torch.stack(values).sum(0)
 
 
 def dense_squares(params: dict[str, int], a: Tensor, g: Tensor, transposed: bool = False) -> Grads:

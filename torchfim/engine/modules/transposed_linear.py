@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Call, Grads, Rule, as_float, positions_squares
-from .linear import dense_squared_norms, dense_squares, named_squares
+from .linear import dense_squared_norms, dense_squares, linear_squared_norms, named_squares, total_of
 
 
 def transposed_linear_supported(module: nn.Module) -> bool:
@@ -54,7 +54,12 @@ class TransposedLinearRule(Rule):
         return named_squares(self.params, weight, bias)
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
-        return dense_squared_norms(self.params, call.args[0], sens[0]) if self._dense(call) else None
+        if self._dense(call):
+            return dense_squared_norms(self.params, call.args[0], sens[0])
+        return total_of(self.tensor_sample_squares(call, sens))
+
+    def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        return linear_squared_norms(self.params, call.args[0], sens[0])
 
     def _dense(self, call: Call) -> bool:
         return call.args[0].dim() == 2
