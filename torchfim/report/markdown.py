@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .format import fmt, md_table, pct
 
-__all__ = ["markdown", "positions_text"]
+__all__ = ["markdown", "analysed", "positions_text"]
 
 
 def markdown(R: dict) -> str:
@@ -50,29 +50,37 @@ def positions_text(O: dict) -> str:
             + (f" Note: {O['note']}." if O.get("note") else ""))
 
 
+def analysed(R: dict) -> list[str]:
+    """The bullet points of what was analysed: model, data, family, positions, the command that re-creates it."""
+    D, M = R["data"], R["model"]
+    shape = D["input_shape"]
+    shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
+    lines = [(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']} trainable parameters in "
+              f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")]
+    lines.append(f"- **Data:** {D['source']}: {D['n_inputs']} inputs of shape {shape}, "
+                 + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
+                 + (f" Note: {D['targets_note']}." if D.get("targets_note") else "")
+                 + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))
+    lines.append(f"- **Output family:** `{R['family']}`; labels are drawn from the model (the Fisher under the "
+                 "model's own predictive distribution).")
+    if R.get("outputs", {}).get("positions"):  # a key since report.json's of the same format version 1
+        lines.append("- **Outputs with positions:** " + positions_text(R["outputs"]))
+    if R.get("command"):
+        lines.append(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, "
+                     f"torch {R['torch_version']}).")
+    return lines
+
+
 def _head(R: dict) -> list[str]:
     """Title, what was analysed, the summary and the overview figure."""
-    T, D, M = R["trace"], R["data"], R["model"]
+    T, D = R["trace"], R["data"]
     n, k = D["n_inputs"], R["n_samples"]
     subset_text, sub = _subset_text(D), T["subset"]
     lines: list[str] = []
     add = lines.append
     add("# torchfim report")
     add("")
-    add(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']} trainable parameters in "
-        f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")
-    shape = D["input_shape"]
-    shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
-    add(f"- **Data:** {D['source']}: {n} inputs of shape {shape}, "
-        + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
-        + (f" Note: {D['targets_note']}." if D.get("targets_note") else "")
-        + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))
-    add(f"- **Output family:** `{R['family']}`; labels are drawn from the model (the Fisher under the "
-        "model's own predictive distribution).")
-    if R.get("outputs", {}).get("positions"):  # a key since report.json's of the same format version 1
-        add("- **Outputs with positions:** " + positions_text(R["outputs"]))
-    if R.get("command"):
-        add(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, torch {R['torch_version']}).")
+    lines += analysed(R)
     add("")
     add("## Summary")
     add("")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .figures import figure_width, png_bytes
 from .format import fmt, md_table, pct
-from .markdown import positions_text
+from .markdown import analysed
 from .settings import SCORE_ONLY_FIGURE
 
 __all__ = ["markdown_score_only", "summary_score_only", "draw_score_only"]
@@ -20,10 +20,8 @@ def _relative(entry: dict) -> float | None:
 
 def markdown_score_only(R: dict) -> str:
     """The text of ``report.md`` for a score-only report.json dict ``R``."""
-    T, D, M, k = R["trace"], R["data"], R["model"], R["n_samples"]
-    n, pct_error = D["n_inputs"], f"{100 * R['rel_error']:.0f}%"
-    shape = D["input_shape"]
-    shape = ", ".join(f"{key} {tuple(v)}" for key, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
+    T, k = R["trace"], R["n_samples"]
+    n, pct_error = R["data"]["n_inputs"], f"{100 * R['rel_error']:.0f}%"
     lines: list[str] = []
     add = lines.append
     add("# torchfim report (score only)")
@@ -32,16 +30,7 @@ def markdown_score_only(R: dict) -> str:
         "by the score estimator Î1, with error bars from its own draws. The exact Fisher, the variances of "
         "Î1 and Î2 in closed form, their bounds and the spectra are left out.")
     add("")
-    add(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']:,} trainable parameters in "
-        f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")
-    add(f"- **Data:** {D['source']}: {n} inputs of shape {shape}, "
-        + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
-        + (f" Note: {D['targets_note']}." if D.get("targets_note") else ""))
-    add(f"- **Output family:** `{R['family']}`; labels are drawn from the model.")
-    if R["outputs"].get("positions"):
-        add("- **Outputs with positions:** " + positions_text(R["outputs"]))
-    if R.get("command"):
-        add(f"- **Re-create:** `{R['command']}` (torchfim {R['torchfim_version']}, torch {R['torch_version']}).")
+    lines += analysed(R)
     add("")
     add("## Tr(F) per layer, with error bars")
     add("")
