@@ -19,7 +19,8 @@ from .data import Data
 from .measure import json_float
 from .outputs import OutputLayout
 
-__all__ = ["Layout", "Setup", "assemble", "samples_needed_unrounded", "samples_needed"]
+__all__ = ["Layout", "Setup", "assemble", "samples_needed_unrounded", "samples_needed", "ratio", "versions",
+           "model_summary"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,26 @@ def samples_needed(var1: float | None, value: float | None, rel: float) -> int |
     return None if ratio is None else max(1, math.ceil(ratio * (1 - 1e-12)))
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``; None where either is None or ``b`` is 0."""
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def versions() -> dict:
+    """The report.json keys of its format version and of the versions that computed it."""
+    import torchfim
+
+    return {"torchfim_report": settings.FORMAT_VERSION, "torchfim_version": torchfim.__version__,
+            "torch_version": torch.__version__, "python_version": platform.python_version()}
+
+
+def model_summary(model: nn.Module, layout: Layout) -> dict:
+    """The ``model`` entry of report.json: class, trainable parameters and tensors, dtype."""
+    first = next(p for p in model.parameters() if p.requires_grad)
+    return {"class": type(model).__name__, "n_parameters": layout.n_parameters, "n_layers": len(layout.names),
+            "dtype": str(first.dtype).replace("torch.", "")}
 
 
 def _cosine(a: Tensor, b: Tensor) -> float | None:
@@ -101,8 +118,8 @@ def _spectrum_summary(eig: list[float]) -> dict:
         "min": eig[-1] if eig else None,
         "sum": sum(eig),
         "rank_1e-6": rank,
-        "top10_share": _ratio(sum(v for v in eig[:10] if v > 0), total),
-        "condition_of_nonzero": _ratio(top, min((v for v in eig if v > 1e-6 * top), default=None))
+        "top10_share": ratio(sum(v for v in eig[:10] if v > 0), total),
+        "condition_of_nonzero": ratio(top, min((v for v in eig if v > 1e-6 * top), default=None))
         if top > 0 else None,
     }
 
@@ -120,8 +137,8 @@ def _block(value, value_sub, var_all, est, dvs, dvh, sub: dict, k: int, scale: f
         "subset": {
             "trace_exact": value_sub,
             **sub,
-            "bound_ratio_score": _ratio(sub["bound_score"], sub["var_score"]),
-            "bound_ratio_hessian": _ratio(sub["bound_hessian"], sub["var_hessian"]),
+            "bound_ratio_score": ratio(sub["bound_score"], sub["var_score"]),
+            "bound_ratio_hessian": ratio(sub["bound_hessian"], sub["var_hessian"]),
             "better_for_trace": None if sub["var_score"] is None or sub["var_hessian"] is None
             else ("hessian" if sub["var_hessian"] <= sub["var_score"] else "score"),
             "diag_var_sum_score": dvs,
@@ -197,14 +214,14 @@ def _empirical(diag_emp: Tensor | None, diag_exact: Tensor, layout: Layout, seed
     return {
         "trace": float(diag_emp.double().sum()),
         "trace_exact": float(diag_exact.double().sum()),
-        "trace_ratio": _ratio(float(diag_emp.double().sum()), float(diag_exact.double().sum())),
+        "trace_ratio": ratio(float(diag_emp.double().sum()), float(diag_exact.double().sum())),
         "cosine_diag": _cosine(diag_emp, diag_exact),
         "layers": [
             {
                 "name": name,
                 "trace": float(diag_emp[o : o + s].double().sum()),
                 "trace_exact": tr_layers[i],
-                "trace_ratio": _ratio(float(diag_emp[o : o + s].double().sum()), tr_layers[i]),
+                "trace_ratio": ratio(float(diag_emp[o : o + s].double().sum()), tr_layers[i]),
                 "cosine_diag": _cosine(diag_emp[o : o + s], diag_exact[o : o + s]),
             }
             for i, (name, o, s) in enumerate(zip(layout.names, layout.offsets, layout.sizes))
@@ -216,7 +233,6 @@ def _empirical(diag_emp: Tensor | None, diag_exact: Tensor, layout: Layout, seed
 def assemble(model: nn.Module, data: Data, layout: Layout, setup: Setup, measured: dict, timings: dict) -> dict:
     """Every number of the report, as the JSON-ready dict of report.json (without the keys that
     :func:`torchfim.report.run_report` adds: model source and training, command, files)."""
-    import torchfim
 
     whole, blocks = _blocks(layout, measured, setup, data.n)
     tr_layers = layout.per_layer(measured["diag_exact"])
@@ -224,26 +240,18 @@ def assemble(model: nn.Module, data: Data, layout: Layout, setup: Setup, measure
     layers = []
     for i, name in enumerate(layout.names):
         entry = {"name": name, "shape": layout.shapes[i], "size": layout.sizes[i], **blocks[i]}
-        entry["share_of_trace"] = _ratio(tr_layers[i], sum(tr_layers))
+        entry["share_of_trace"] = ratio(tr_layers[i], sum(tr_layers))
         entry["spectrum"] = _spectrum_summary(spectra[i]) if i in spectra else None
         layers.append(entry)
     return {
-        "torchfim_report": settings.FORMAT_VERSION,
-        "torchfim_version": torchfim.__version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
+        **versions(),
         "mode": "full",  # "score_only" for the report of torchfim.report.score_only
         "family": setup.family,
         "outputs": setup.outputs.to_json(),
         "n_samples": setup.n_samples,
         "rel_error": setup.rel_error,
         "seed": setup.seed,
-        "model": {
-            "class": type(model).__name__,
-            "n_parameters": layout.n_parameters,
-            "n_layers": len(layout.names),
-            "dtype": str(next(p for p in model.parameters() if p.requires_grad).dtype).replace("torch.", ""),
-        },
+        "model": model_summary(model, layout),
         "data": {
             "source": data.source,
             "n_inputs": data.n,

@@ -63,7 +63,7 @@ def run_report(
     position; ``mask`` names the entry of dict inputs that marks the observed ones (e.g.
     ``"attention_mask"``), ``class_dim=1`` reads ``(batch, C, *positions)`` outputs.
     ``score_only``: as in :func:`~torchfim.report.compute_report` (None: the score-only report where the
-    full one would not fit in memory).
+    full one would not fit in memory or would take too long).
 
     Returns ``{"results": <the report.json dict>, "model", "data": Data, "out": Path | None,
     "markdown", "table", "training"}``.

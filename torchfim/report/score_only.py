@@ -14,14 +14,13 @@ Fisher's trace per layer is shown against the estimate.
 from __future__ import annotations
 
 import math
-import platform
 import time
 
 import torch
 from torch import nn
 
 from . import settings
-from .assemble import Layout, samples_needed
+from .assemble import Layout, model_summary, ratio, samples_needed, versions
 from .data import Data
 from .measure import Steps, json_float, measure_empirical
 from .outputs import OutputLayout
@@ -63,9 +62,9 @@ def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout,
                **_entry(norms, name, None if empirical is None else empirical[i], k)}
               for i, name in enumerate(layout.names)]
     for layer in layers:
-        layer["share_of_trace"] = _ratio(layer["trace_score_estimate"], whole["trace_score_estimate"])
+        layer["share_of_trace"] = json_float(ratio(layer["trace_score_estimate"], whole["trace_score_estimate"]))
     return {
-        **_versions(),
+        **versions(),
         "mode": "score_only",
         "mode_reason": reason,
         "family": fam.name,
@@ -73,8 +72,7 @@ def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout,
         "n_samples": k,
         "rel_error": settings.REL_ERROR,
         "seed": seed,
-        "model": {"class": type(model).__name__, "n_parameters": layout.n_parameters, "n_layers": len(layout.names),
-                  "dtype": str(next(p for p in model.parameters() if p.requires_grad).dtype).replace("torch.", "")},
+        "model": model_summary(model, layout),
         "data": {"source": data.source, "n_inputs": data.n, "input_shape": data.input_shape(),
                  "has_targets": data.targets is not None, "targets_note": targets_note},
         "trace": whole,
@@ -96,16 +94,5 @@ def _entry(norms, name: str | None, empirical: float | None, k: int) -> dict:
         "samples_needed_score": samples_needed(k * stderr**2 if math.isfinite(stderr) else None, estimate,
                                                settings.REL_ERROR),
         "trace_empirical": json_float(empirical),
-        "empirical_ratio": _ratio(empirical, estimate),
+        "empirical_ratio": json_float(ratio(empirical, estimate)),
     }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else json_float(a / b)
-
-
-def _versions() -> dict:
-    import torchfim
-
-    return {"torchfim_report": settings.FORMAT_VERSION, "torchfim_version": torchfim.__version__,
-            "torch_version": torch.__version__, "python_version": platform.python_version()}
