@@ -25,7 +25,7 @@ from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
 from .coverage import DETACHED, cause_of, missed, moved_message, names_of, nearest_called
 from .functional import FunctionalBackend
-from .modules import Call, GenericRule, LinearRule, Rule, left_to_the_deepest, owns_subtree, rule_for
+from .modules import Call, GenericRule, LinearRule, Rule, build_rules
 from .modules.base import as_float
 from .pullback import Consumer, consumable, pull_back
 from .recording import ModuleRecording, may_attend, record_calls
@@ -34,11 +34,15 @@ from .second_order import UnitHessians
 from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
 from .view import PARAMETERS_CHANGED, ModelView
 
+WRONGLY_BATCHED = ("torchfim: torch.func's per-sample gradients of module {!r} ({}) differ from autograd's, "
+                   "sample by sample (a batching rule of this torch build gives wrong numbers); they are computed "
+                   "one sample at a time, which is correct but slower")
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
 CACHE_ELEMENTS = 2**21
 #: Per user model: its parameters' identities, the parameters moved to another module's generic rule
-#: by the coverage check, and the paths of the modules whose shared inputs are spread over the batch and of
-#: those whose rule on probation failed, so that later calls on the same model skip the check.
+#: by the coverage check, and the paths of the modules whose shared inputs are spread over the batch, of
+#: those whose rule on probation failed and of those whose generic rule loops, so that later calls on the
+#: same model skip the check.
 _COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Elements of the output sensitivities of one group of vectors.
 GROUP_ELEMENTS = 2**22
@@ -63,51 +67,26 @@ class PerModuleBackend(Backend):
         self._unshared: set[nn.Module] = set()  # such modules whose spreading changed the output or failed the check
         #: Modules whose rule on probation (:attr:`.modules.Rule.on_probation`) failed: the generic rule instead.
         self.demoted: set[nn.Module] = set()
+        #: Modules whose generic rule computes one sample at a time: torch.func batched them to wrong numbers.
+        self.looped: set[nn.Module] = set()
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         self.uses: dict[int, int] = {}
         self._last_units: tuple[Batch, UnitHessians] | None = None
         cached = _COVERAGE.get(view.user_model)
         self._key = tuple(id(p) for p in view.user_model.parameters())
         self._verified = cached is not None and cached[0] == self._key
-        if self._verified and (cached[1] or cached[2] or cached[3]):  # checked before: reuse where its parameters are used
+        if self._verified and any(cached[1:]):  # checked before: reuse where its parameters are used
             modules = dict(view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
             self.shared = frozenset(modules[path] for path in cached[2])
             self.demoted = {modules[path] for path in cached[3]}
+            self.looped = {modules[path] for path in cached[4]}
         self.rules = self._build_rules(self.moved)
         self._attends = may_attend(view.model)
 
     # --------------------------------------------------------------- rule set-up
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
-        """A rule per module owning trainable parameters; ``moved`` assigns parameters (full name →
-        (module, local name)) to the generic rule of another module instead."""
-        index_of = self.view.index_of
-        moved = moved or {}
-        taken = {index_of[id(p)] for n, p in self.view.model.named_parameters() if n in moved}
-        owned: dict[nn.Module, dict[str, int]] = {}
-        paths = {}
-        claimed: set[nn.Module] = set()  # sub-modules whose parameters a rule above covers
-        for path, module in self.view.model.named_modules():
-            paths[module] = path
-            if module in claimed:
-                continue
-            subtree = owns_subtree(module)
-            if subtree:
-                claimed.update(m for m in module.modules() if m is not module)
-            own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=subtree) if id(p) in index_of}
-            own = {n: i for n, i in own.items() if i not in taken}
-            if own:
-                owned[module] = own
-        left_to_the_deepest(owned, paths)
-        extra: dict[nn.Module, dict[str, int]] = {}
-        named = dict(self.view.model.named_parameters())
-        for full, (module, local) in moved.items():
-            extra.setdefault(module, {})[local] = index_of[id(named[full])]
-        rules = {m: GenericRule(m, params, paths[m]) if m in self.demoted else rule_for(m, params, paths[m])
-                 for m, params in owned.items() if m not in extra}
-        for module, params in extra.items():
-            rules[module] = GenericRule(module, {**owned.get(module, {}), **params}, paths[module])
-        return rules
+        return build_rules(self.view.model, self.view.index_of, moved or {}, self.demoted, self.looped)
 
     # ------------------------------------------------------------------ recording
     def record(self, batch: Batch) -> ModuleRecording:
@@ -135,7 +114,8 @@ class PerModuleBackend(Backend):
             if detached:
                 warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
-                                               [paths[m] for m in self.shared], [paths[m] for m in self.demoted])
+                                               [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
+                                               [paths[m] for m in self.looped])
         return rec
 
     def row_groups(self, batch: Batch, whole: bool = False) -> list[slice]:
@@ -192,6 +172,8 @@ class PerModuleBackend(Backend):
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
         if failed:
             return self._demote(failed)
+        if self._loop_wrongly_batched(rec, v, set(misses)):
+            return True
         spread = {rule.module for rule, _ in rec.calls if rule.module in self.shared and set(misses) & set(rule.params.values())}
         if spread:  # the model reads a spread output across samples: record those calls as they come
             self.shared -= spread
@@ -205,6 +187,19 @@ class PerModuleBackend(Backend):
         if causes:
             self._move(list(causes), rec)
         return self.moved != before
+
+    def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int]) -> bool:
+        """Give the generic rules among ``misses``' whose torch.func products differ from autograd's, one
+        sample at a time, a loop (a batching rule of torch that gives wrong numbers, as PReLU's backward
+        under nested vmap in torch 2.13); True when some were found."""
+        wrong = {rule.module for (rule, call), s in zip(rec.calls, self._sensitivities(rec, v))
+                 if isinstance(rule, GenericRule) and not rule.unbatchable and misses & set(rule.params.values())
+                 and not rule.batches_correctly(call, s)}
+        for module in wrong:
+            warn_user(WRONGLY_BATCHED.format(self.rules[module].path, type(module).__name__))
+        self.looped |= wrong
+        self.rules = self._build_rules(self.moved) if wrong else self.rules
+        return bool(wrong)
 
     def _failing(self, rec: ModuleRecording, v: Tensor, probation: set[nn.Module]) -> set[nn.Module]:
         """The modules of ``probation`` whose rule raises on its recorded calls (all, if none does alone)."""

@@ -1,7 +1,7 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
-Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval), MultiheadAttention
-and transformers' ``Conv1D`` (GPT-2's transposed Linear) have rules of their own; any other module with
+Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval), MultiheadAttention,
+PReLU and transformers' ``Conv1D`` (GPT-2's transposed Linear) have rules of their own; any other module with
 trainable parameters gets the generic rule (``torch.func`` over that module alone). Adding a rule is one
 module here and one line in :func:`rule_for`.
 """
@@ -18,16 +18,55 @@ from .embedding import EmbeddingRule, embedding_supported
 from .generic import GenericRule, tensors_of
 from .linear import LinearRule
 from .norm import BatchNormRule, NormRule, norm_supported, rms_norm_by_name
+from .prelu import PReLURule, prelu_supported
 from .transposed_linear import TransposedLinearRule, transposed_linear_supported
 
 __all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "left_to_the_deepest",
-           "tensors_of"]
+           "tensors_of", "build_rules"]
 
 
 def owns_subtree(module: nn.Module) -> bool:
     """Whether ``module``'s rule covers its sub-modules' parameters too (a multi-head attention uses
-    ``out_proj``'s weight inside its own forward and never calls ``out_proj``)."""
-    return attention_supported(module)
+    ``out_proj``'s weight inside its own forward and never calls ``out_proj``, whether its own rule or
+    the generic one covers it)."""
+    return isinstance(module, nn.MultiheadAttention)
+
+
+def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tuple[nn.Module, str]],
+                generic: set[nn.Module], looped: set[nn.Module]) -> dict[nn.Module, Rule]:
+    """A rule per module of ``model`` owning parameters of θ (``index_of``: parameter id → index).
+
+    ``moved`` assigns parameters (full name → (module, local name)) to the generic rule of another
+    module instead; the modules of ``generic`` get the generic rule instead of their own, and the
+    generic rules of those in ``looped`` compute one sample at a time (torch.func gave wrong numbers).
+    """
+    taken = {index_of[id(p)] for n, p in model.named_parameters() if n in moved}
+    owned: dict[nn.Module, dict[str, int]] = {}
+    paths = {}
+    claimed: set[nn.Module] = set()  # sub-modules whose parameters a rule above covers
+    for path, module in model.named_modules():
+        paths[module] = path
+        if module in claimed:
+            continue
+        subtree = owns_subtree(module)
+        if subtree:
+            claimed.update(m for m in module.modules() if m is not module)
+        own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=subtree) if id(p) in index_of}
+        own = {n: i for n, i in own.items() if i not in taken}
+        if own:
+            owned[module] = own
+    left_to_the_deepest(owned, paths)
+    extra: dict[nn.Module, dict[str, int]] = {}
+    named = dict(model.named_parameters())
+    for full, (module, local) in moved.items():
+        extra.setdefault(module, {})[local] = index_of[id(named[full])]
+    rules = {m: GenericRule(m, params, paths[m]) if m in generic else rule_for(m, params, paths[m])
+             for m, params in owned.items() if m not in extra}
+    for module, params in extra.items():
+        rules[module] = GenericRule(module, {**owned.get(module, {}), **params}, paths[module])
+    for module in looped & set(rules):
+        rules[module].unbatchable = True
+    return rules
 
 
 def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
@@ -59,6 +98,8 @@ def _weight_and_bias_rule(module: nn.Module, params: dict[str, int]) -> Rule | N
         return (BatchNormRule if batch_norm else NormRule)(module, params)
     if transposed_linear_supported(module):
         return TransposedLinearRule(module, params)
+    if prelu_supported(module):
+        return PReLURule(module, params)
     return None
 
 

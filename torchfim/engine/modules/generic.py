@@ -59,6 +59,21 @@ class GenericRule(Rule):
                 )
         return self._looped(call, sens, rows, used)
 
+    def batches_correctly(self, call: Call, sens: list[Tensor | None]) -> bool:
+        """Whether torch.func's per-sample gradients of ``call`` equal autograd's, one sample at a time
+        (to a few units in the last place), or torch.func cannot batch the module at all (it loops then)."""
+        used = [i for i, s in enumerate(sens) if s is not None]
+        if not used:
+            return True
+        rows = slice(0, call.size)
+        try:
+            batched = self._vmapped(call, sens, rows, used)
+        except Exception:  # noqa: BLE001 - the module's first products will find it and loop it, with a warning
+            return True
+        looped = self._looped(call, sens, rows, used)
+        return all(batched[i].shape == g.shape and torch.allclose(batched[i], g, rtol=1e-4, atol=1e-6 * (1 + g.abs().max()))
+                   for i, g in looped.items())
+
     def _primals(self) -> dict[str, Tensor]:
         named = dict(self.module.named_parameters())
         return {n: named[n].detach() for n in self.params}

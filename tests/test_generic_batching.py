@@ -1,0 +1,145 @@
+"""Modules that torch.func batches to wrong numbers, PReLU's rule, and attention the generic rule covers.
+
+The per-module backend checks on the first batch that the summed per-sample gradients equal autograd's
+batch gradient. A generic rule that misses there may be a module whose parameters are used elsewhere
+(they move to a module above) or one whose torch.func products are wrong (a batching rule of torch):
+that one is computed one sample at a time instead, with one warning, and the rest of the model keeps
+its rules. The oracle is the dense float64 ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+from torchfim.engine import ModelView, batches
+from torchfim.engine.modules import GenericRule
+from torchfim.engine.modules.prelu import PReLURule
+from torchfim.engine.per_module import PerModuleBackend
+
+
+class _OwnPReLU(nn.Module):
+    """A PReLU of its own class (no rule): the generic rule covers it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.slope = nn.Parameter(torch.linspace(0.1, 0.4, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.prelu(x, self.slope)
+
+
+class _Net(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.act, self.head = nn.Linear(3, 4), act, nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.inner(x)))
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, slopes: int) -> None:
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(1, 2, 2), nn.PReLU(slopes, init=0.3), nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).flatten(1))
+
+
+def _rules(model: nn.Module, x: torch.Tensor) -> tuple[PerModuleBackend, dict]:
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    backend.record(next(batches(x, None, view.device, view.dtype)))
+    paths = {m: p for p, m in view.model.named_modules()}
+    return backend, {paths[m]: r for m, r in backend.rules.items()}
+
+
+def _diag_warnings(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diag = torchfim.fisher(model, x, structure="diag")
+    return diag, [str(w.message) for w in caught if str(w.message).startswith("torchfim")]
+
+
+def test_a_generic_rule_whose_batched_products_are_wrong_loops_over_samples_and_keeps_its_place(monkeypatch) -> None:
+    """torch.func products made wrong on purpose (scaled by 1.5): the module loops, with one warning naming
+    it, the Linear layers keep their rules, nothing moves to the module above, and the Fisher is exact."""
+    wrong = GenericRule._vmapped
+    monkeypatch.setattr(GenericRule, "_vmapped", lambda self, *a: {i: 1.5 * g for i, g in wrong(self, *a).items()})
+    torch.manual_seed(0)
+    model, x = _Net(_OwnPReLU(4)).double(), torch.randn(6, 3, dtype=torch.float64)
+    diag, caught = _diag_warnings(model, x)
+    assert len(caught) == 1 and "'act' (_OwnPReLU)" in caught[0] and "one sample at a time" in caught[0]
+    assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
+    backend, rules = _rules(model, x)
+    assert not backend.moved and rules["act"].unbatchable
+    assert type(rules["inner"]).__name__ == type(rules["head"]).__name__ == "LinearRule"
+    _, again = _diag_warnings(model, x)
+    assert again == []  # the check's outcome is kept per model
+
+
+def test_a_generic_rule_with_right_batched_products_is_not_looped() -> None:
+    """The same module without the spy: torch.func is right or cannot batch it (torch 2.13 cannot, under
+    nested vmap); either way the Fisher is exact and nothing moves."""
+    torch.manual_seed(0)
+    model, x = _Net(_OwnPReLU(4)).double(), torch.randn(6, 3, dtype=torch.float64)
+    diag, _ = _diag_warnings(model, x)
+    assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
+    backend, _ = _rules(model, x)
+    assert not backend.moved
+
+
+@pytest.mark.parametrize("slopes", [1, 2])
+@pytest.mark.parametrize("structure", ["diag", "blocks"])
+def test_prelu_rule_equals_the_dense_oracle(slopes: int, structure: str) -> None:
+    """nn.PReLU with one slope or one per channel, after a convolution: its own rule, no warning, exact."""
+    torch.manual_seed(0)
+    model, x = _ConvNet(slopes).double(), torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torchfim.fisher(model, x, structure=structure)
+    assert not [w for w in caught if str(w.message).startswith("torchfim")]
+    full = exact_fisher(model, x, "categorical")
+    if structure == "diag":
+        assert torch.allclose(got, torch.diagonal(full), rtol=1e-10, atol=1e-14)
+    else:
+        start = 0
+        for name, p in model.named_parameters():
+            block = full[start : start + p.numel(), start : start + p.numel()]
+            assert torch.allclose(got[name], block, rtol=1e-10, atol=1e-14), name
+            start += p.numel()
+    assert isinstance(_rules(model, x)[1]["act"], PReLURule)
+
+
+class _KeyValueDims(nn.Module):
+    """Attention with other key and value widths (separate q/k/v projections): the generic rule's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 8)
+        self.attend = nn.MultiheadAttention(8, 2, kdim=5, vdim=6, batch_first=True)
+        self.keys, self.values, self.head = nn.Linear(8, 5), nn.Linear(8, 6), nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return self.head(self.attend(h, self.keys(h), self.values(h))[0].mean(1))
+
+
+def test_attention_the_generic_rule_covers_takes_its_out_projection_without_a_move() -> None:
+    """Before, out_proj got a Linear rule that MultiheadAttention never calls: the check moved its
+    parameters, with a warning blaming a use outside their module."""
+    torch.manual_seed(0)
+    model, x = _KeyValueDims().double(), torch.randint(0, 7, (5, 3))
+    diag, caught = _diag_warnings(model, x)
+    assert caught == []
+    assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
+    backend, rules = _rules(model, x)
+    assert not backend.moved and "attend.out_proj" not in rules
+    assert isinstance(rules["attend"], GenericRule) and {"out_proj.weight", "q_proj_weight"} <= set(rules["attend"].params)
