@@ -22,12 +22,13 @@ from torch import Tensor, nn
 
 from .batch import Batch
 from .modules import Call, Rule, tensors_of
-from .modules.generic import batch_dim
+from .modules.generic import output_batch_dims
 
 
 def carries_batch(call: Call) -> bool:
     """Whether every output of the call carries the batch (first, or second for a sequence-first module)."""
-    return all(batch_dim(call.module, t, call.size) is not None for t in call.taps)
+    outputs = call.taps[: len(call.taps) - len(call.cache.get("parts", ()))]  # a rule's own taps come after
+    return all(d is not None for d in output_batch_dims(call.module, outputs, call.size))
 
 
 def unbatched_calls(calls: list[tuple[Rule, Call]], size: int) -> list[tuple[Rule, Call]]:
@@ -43,7 +44,7 @@ def modules_carrying_batch(model: nn.Module, batch: Batch) -> set[nn.Module]:
 
     def seen(module: nn.Module, args: object, output: object) -> None:
         outs = [t for t in tensors_of(output) if t.requires_grad]
-        ok = bool(outs) and all(batch_dim(module, t, batch.size) is not None for t in outs)
+        ok = bool(outs) and all(d is not None for d in output_batch_dims(module, outs, batch.size))
         carrying[module] = carrying.get(module, True) and ok
 
     handles = [m.register_forward_hook(seen) for m in model.modules()]

@@ -1,7 +1,7 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
 Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval), MultiheadAttention,
-PReLU and transformers' ``Conv1D`` (GPT-2's transposed Linear) have rules of their own; any other module with
+RNN/GRU/LSTM, PReLU and transformers' ``Conv1D`` (GPT-2's transposed Linear) have rules of their own; any other module with
 trainable parameters gets the generic rule (``torch.func`` over that module alone). Adding a rule is one
 module here and one line in :func:`rule_for`.
 """
@@ -19,6 +19,7 @@ from .generic import GenericRule, tensors_of
 from .linear import LinearRule
 from .norm import BatchNormRule, NormRule, norm_supported, rms_norm_by_name
 from .prelu import PReLURule, prelu_supported
+from .recurrent import RecurrentRule, recurrent_supported
 from .transposed_linear import TransposedLinearRule, transposed_linear_supported
 
 __all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "left_to_the_deepest",
@@ -75,6 +76,8 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
             and _forward_of_torch(module)):
         # (the rule binds the call's arguments by the class forward's names, which one set on the instance may not use)
         return AttentionRule(module, params, path)
+    if recurrent_supported(module) and "forward" not in module.__dict__ and _forward_of_torch(module):
+        return RecurrentRule(module, params, path)
     rule = _weight_and_bias_rule(module, params)
     if rule is None:
         return GenericRule(module, params, path)

@@ -37,6 +37,16 @@ def batch_dim(module: nn.Module, t: object, size: int) -> int | None:
     return 0 if t.shape[0] == size else None
 
 
+def output_batch_dims(module: nn.Module, outputs: list[Tensor], size: int) -> list[int | None]:
+    """:func:`batch_dim` of each output of a call, in :func:`tensors_of`'s order, except that a recurrent
+    layer's final states ``h_n`` (and ``c_n``) come ``(layers·directions, batch, hidden)`` whatever its
+    ``batch_first`` says."""
+    if not isinstance(module, nn.RNNBase):
+        return [batch_dim(module, t, size) for t in outputs]
+    states = [1 if t.dim() == 3 and t.shape[1] == size else None for t in outputs[1:]]
+    return [batch_dim(module, outputs[0], size), *states] if outputs else []
+
+
 class GenericRule(Rule):
     """Per-sample gradients of one module's parameters through ``torch.func`` over that module alone."""
 
@@ -82,7 +92,7 @@ class GenericRule(Rule):
         module, size = self.module, call.size
         arg_dims = tuple(batch_dim(module, a, size) for a in call.args)
         kw_dims = {k: batch_dim(module, v, size) for k, v in call.kwargs.items()}
-        out_dims = [batch_dim(module, call.taps[i], size) for i in used]
+        out_dims = [output_batch_dims(module, call.taps, size)[i] for i in used]
         args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
         kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
         cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
@@ -111,7 +121,7 @@ class GenericRule(Rule):
         module, size = self.module, call.size
         arg_dims = [batch_dim(module, a, size) for a in call.args]
         kw_dims = {k: batch_dim(module, v, size) for k, v in call.kwargs.items()}
-        out_dims = [batch_dim(module, call.taps[i], size) for i in used]
+        out_dims = [output_batch_dims(module, call.taps, size)[i] for i in used]
         leaves = {n: p.detach().requires_grad_(True) for n, p in self._primals().items()}
         names = list(leaves)
         per_sample = []

@@ -1,0 +1,139 @@
+"""RNN, GRU and LSTM on their own rule: per-sample products from the step-by-step recording.
+
+Oracle: the dense float64 ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` with each sample's Jacobian taken row by row by
+autograd (torch.func cannot batch these layers), and the empirical Fisher from per-sample scores.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchfim
+from torchfim.engine import ModelView, batches
+from torchfim.engine.modules.recurrent import RecurrentRule
+from torchfim.engine.per_module import PerModuleBackend
+
+KINDS = {"rnn_tanh": lambda **kw: nn.RNN(nonlinearity="tanh", **kw), "rnn_relu": lambda **kw: nn.RNN(nonlinearity="relu", **kw),
+         "gru": nn.GRU, "lstm": nn.LSTM}
+
+
+class _Recurrent(nn.Module):
+    """A recurrent layer whose output sequence (mean over steps) and final hidden state both reach the
+    three logits; ``initial``: the initial states come from the input (per sample)."""
+
+    def __init__(self, kind: str, batch_first: bool, bidirectional: bool, bias: bool, initial: bool) -> None:
+        super().__init__()
+        self.rnn = KINDS[kind](input_size=3, hidden_size=4, num_layers=2, batch_first=batch_first,
+                               bidirectional=bidirectional, bias=bias)
+        d = 2 if bidirectional else 1
+        self.start = nn.Linear(3, 2 * d * 4) if initial else None
+        self.head = nn.Linear(d * 4 + 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x if self.rnn.batch_first else x.transpose(0, 1)
+        hx = None
+        if self.start is not None:
+            h0 = torch.tanh(self.start(x[:, 0])).reshape(x.shape[0], -1, 4).transpose(0, 1).contiguous()
+            hx = (h0, h0.flip(0).contiguous()) if isinstance(self.rnn, nn.LSTM) else h0
+        out, state = self.rnn(seq, hx)
+        h_n = state[0] if isinstance(state, tuple) else state
+        out = out if self.rnn.batch_first else out.transpose(0, 1)
+        return self.head(torch.cat([out.mean(1), h_n[-1]], -1))
+
+
+def _jacobians(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    jac, outs = [], []
+    for i in range(len(x)):
+        o = model(x[i : i + 1])[0]
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(o[c], params, retain_graph=True)]) for c in range(len(o))]
+        jac.append(torch.stack(rows))
+        outs.append(o.detach())
+    return torch.stack(jac), torch.stack(outs)
+
+
+def _oracle(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Fisher and empirical Fisher (labels ``y``), dense."""
+    jac, o = _jacobians(model, x)
+    p = torch.softmax(o, -1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    exact = torch.einsum("ncp,ncd,ndq->pq", jac, lam, jac) / len(x)
+    scores = torch.einsum("nc,ncp->np", nn.functional.one_hot(y, 3).double() - p, jac)
+    return exact, scores.T @ scores / len(x)
+
+
+def _blocks(full: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = full[start : start + p.numel(), start : start + p.numel()]
+            start += p.numel()
+    return out
+
+
+def _rules(model: nn.Module, x: torch.Tensor) -> tuple[PerModuleBackend, dict]:
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    backend.record(next(batches(x, None, view.device, view.dtype)))
+    paths = {m: p for p, m in view.model.named_modules()}
+    return backend, {paths[m]: r for m, r in backend.rules.items()}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize(("batch_first", "bidirectional", "bias", "initial"), [
+    (True, False, True, False), (False, True, True, True), (True, True, False, True), (False, False, True, True)])
+def test_recurrent_rule_equals_the_dense_oracle(kind: str, batch_first: bool, bidirectional: bool, bias: bool,
+                                                 initial: bool) -> None:
+    """Exact diagonal (squares), exact blocks and the empirical diagonal (per-sample gradients) to 1e-10,
+    on the rule itself: no warning, nothing moved."""
+    torch.manual_seed(0)
+    model = _Recurrent(kind, batch_first, bidirectional, bias, initial).double().eval()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    exact, empirical = _oracle(model, x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diag = torchfim.fisher(model, x, structure="diag")
+        blocks = torchfim.fisher(model, x, structure="blocks")
+        emp = torchfim.fisher(model, x, estimator="empirical", targets=y, structure="diag")
+    assert [str(w.message) for w in caught if str(w.message).startswith("torchfim")] == []
+    assert torch.allclose(diag, torch.diagonal(exact), rtol=1e-10, atol=1e-14)
+    assert torch.allclose(emp, torch.diagonal(empirical), rtol=1e-10, atol=1e-14)
+    for name, block in _blocks(exact, model).items():
+        assert torch.allclose(blocks[name], block, rtol=1e-10, atol=1e-14), name
+    backend, rules = _rules(model, x)
+    assert not backend.moved and isinstance(rules["rnn"], RecurrentRule)
+
+
+@pytest.mark.parametrize("frozen", ["weight_hh_l0", "weight_ih_l1", "bias_hh_l1"])
+def test_frozen_recurrent_weights_are_left_out_and_the_rest_exact(frozen: str) -> None:
+    torch.manual_seed(1)
+    model = _Recurrent("lstm", True, False, True, False).double().eval()
+    getattr(model.rnn, frozen).requires_grad_(False)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    exact, _ = _oracle(model, x, torch.zeros(4, dtype=torch.long))
+    assert torch.allclose(torchfim.fisher(model, x, structure="diag"), torch.diagonal(exact), rtol=1e-10, atol=1e-14)
+
+
+def test_a_packed_sequence_goes_to_the_generic_rule_and_stays_exact() -> None:
+    """The step-by-step recording covers tensors only: a PackedSequence runs the layer's own forward."""
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            packed = nn.utils.rnn.pack_padded_sequence(x, torch.full((x.shape[0],), x.shape[1]), batch_first=True)
+            return self.head(self.rnn(packed)[1][-1])
+
+    torch.manual_seed(2)
+    model, x = Packed().double().eval(), torch.randn(4, 3, 3, dtype=torch.float64)
+    exact, _ = _oracle(model, x, torch.zeros(4, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diag = torchfim.fisher(model, x, structure="diag")
+    assert torch.allclose(diag, torch.diagonal(exact), rtol=1e-10, atol=1e-14)

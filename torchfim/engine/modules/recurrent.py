@@ -1,0 +1,181 @@
+"""``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``: two linear maps at every time step around a sample-local recurrence.
+
+In layer ``l`` and direction ``d`` the gates' pre-activations at step ``t`` are made of two linear
+maps, ``a_t = W_ih x_t + b_ih`` of the layer's input and ``r_t = W_hh h_{t−1} + b_hh`` of the previous
+hidden state: RNN ``h_t = act(a_t + r_t)``; LSTM gates ``i, f, g, o`` of ``a_t + r_t``; GRU ``r, z`` of
+``a + r`` and ``n = tanh(a_n + r ⊙ r_n)``. With ``δ^a_t = ∂(vᵀo)/∂a_t`` and ``δ^r_t = ∂(vᵀo)/∂r_t`` the
+per-sample gradients are those of a linear layer applied at ``T`` positions (docs/math.md §6.1):
+``∂/∂W_ih = Σ_t δ^a_t x_tᵀ``, ``∂/∂b_ih = Σ_t δ^a_t``, ``∂/∂W_hh = Σ_t δ^r_t h_{t−1}ᵀ``,
+``∂/∂b_hh = Σ_t δ^r_t``. The recurrence mixes time steps but never samples.
+
+While the engine records, the module runs :meth:`RecurrentRule.recording_forward`: the same recurrence
+step by step in torch operations, which keeps each layer's input and previous hidden states and makes
+``a`` (one tensor per layer and direction) and every ``r_t`` taps of the call, so the engine's backward
+of the output vectors delivers the ``δ`` with everything else.
+
+Covered: batched tensor inputs (either ``batch_first``), any number of layers, both directions, with or
+without biases, initial states given or zero, dropout between layers inactive, LSTM without
+``proj_size``. Other calls (a ``PackedSequence``, an unbatched input) run the module's own forward and
+go to the generic rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares
+from .generic import GenericRule
+
+
+def recurrent_supported(module: nn.Module) -> bool:
+    """``nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` (the last without ``proj_size``)."""
+    return isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)) and not getattr(module, "proj_size", 0)
+
+
+class RecurrentRule(Rule):
+    """Per-sample gradients of a recurrent layer's weights (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, params: dict[str, int], path: str) -> None:
+        super().__init__(module, params)
+        self.generic = GenericRule(module, params, path)
+        self.directions = 2 if module.bidirectional else 1
+        #: What :meth:`recording_forward` kept of the call in progress, for :meth:`take_recorded`.
+        self._pending: tuple[list[Tensor], list[tuple]] | None = None
+
+    def _names(self, layer: int, direction: int) -> tuple[str, str, str, str]:
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        return tuple(f"{kind}{suffix}" for kind in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+
+    # ------------------------------------------------------------ recording step by step
+    def recording_forward(self, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> object:
+        """The module's forward while the engine records, step by step (see the module docstring); calls
+        it does not cover run the module's own forward."""
+        module = self.module
+        dropout = module.training and module.dropout > 0 and module.num_layers > 1
+        if not isinstance(input, Tensor) or input.dim() != 3 or dropout:
+            self._pending = None
+            return type(module).forward(module, input, hx)
+        x = input if module.batch_first else input.transpose(0, 1)  # (B, T, in)
+        lstm = isinstance(module, nn.LSTM)
+        if hx is None:
+            zeros = x.new_zeros(module.num_layers * self.directions, x.shape[0], module.hidden_size)
+            hx = (zeros, zeros) if lstm else zeros
+        h0, c0 = hx if lstm else (hx, None)
+        taps: list[Tensor] = []
+        kept: list[tuple] = []  # per layer and direction: its names, input, previous states, number of taps
+        finals_h, finals_c = [], []
+        for layer in range(module.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                k = layer * self.directions + direction
+                names = self._names(layer, direction)
+                hs, (h, c), layer_taps, previous = self._direction(x, names, direction, h0[k], None if c0 is None else c0[k])
+                outputs.append(hs)
+                finals_h.append(h)
+                finals_c.append(c)
+                taps.extend(layer_taps)
+                kept.append((names, x.detach(), previous, len(layer_taps)))
+            x = torch.cat(outputs, -1) if len(outputs) > 1 else outputs[0]
+        self._pending = (taps, kept)
+        out = x if module.batch_first else x.transpose(0, 1)
+        h_n = torch.stack(finals_h)
+        return (out, (h_n, torch.stack(finals_c))) if lstm else (out, h_n)
+
+    def _direction(self, x: Tensor, names: tuple[str, ...], reverse: int, h: Tensor,
+                   c: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor | None], list[Tensor], Tensor]:
+        """One direction of one layer over ``x`` (B, T, in): its hidden states (B, T, H), final states,
+        taps (``a`` where ``W_ih``/``b_ih`` train, then each ``r_t`` where ``W_hh``/``b_hh`` train, in step
+        order) and previous hidden states (B, T, H) in step order."""
+        module = self.module
+        w_ih, b_ih, w_hh, b_hh = (getattr(module, n) if hasattr(module, n) else None for n in names)
+        a = F.linear(x, w_ih, b_ih)
+        steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+        states: list[Tensor | None] = [None] * x.shape[1]
+        previous, rs = [], []
+        for t in steps:
+            previous.append(h.detach())
+            r = F.linear(h, w_hh, b_hh)
+            rs.append(r)
+            h, c = self._cell(a[:, t], r, h, c)
+            states[t] = h
+        taps = [a] if {names[0], names[1]} & set(self.params) else []
+        taps += rs if {names[2], names[3]} & set(self.params) else []
+        return torch.stack(states, 1), (h, c), taps, torch.stack(previous, 1)
+
+    def _cell(self, a: Tensor, r: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One step from the pre-activations ``a`` and ``r`` (torch's gate orders)."""
+        module = self.module
+        if isinstance(module, nn.LSTM):
+            i, f, g, o = (a + r).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        if isinstance(module, nn.GRU):
+            a_r, a_z, a_n = a.chunk(3, -1)
+            r_r, r_z, r_n = r.chunk(3, -1)
+            reset, update = torch.sigmoid(a_r + r_r), torch.sigmoid(a_z + r_z)
+            n = torch.tanh(a_n + reset * r_n)
+            return (1 - update) * n + update * h, None
+        act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
+        return act(a + r), None
+
+    def take_recorded(self, call: Call) -> list[Tensor]:
+        """The ``a`` and ``r_t`` taps of the call just recorded (none when it ran the module's own forward)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        call.cache["parts"], call.cache["kept"] = pending
+        return list(pending[0])
+
+    # ------------------------------------------------------------------ products
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        if "parts" not in call.cache:
+            return self.generic.grads(call, sens, rows)
+        out: Grads = {}
+        for names, x, previous, delta_a, delta_r in self._prepared(call, sens):
+            if delta_a is not None:
+                positions_grads(self, delta_a[:, rows], x[rows], names[0], names[1], out)
+            if delta_r is not None:
+                positions_grads(self, delta_r[:, rows], previous[rows], names[2], names[3], out)
+        return out
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        """Each map's squares by :func:`.base.positions_squares` (None: the call goes generic)."""
+        if "parts" not in call.cache:
+            return None
+        out: Grads = {}
+        for names, x, previous, delta_a, delta_r in self._prepared(call, sens):
+            for delta, inputs, (weight, bias) in ((delta_a, x, names[:2]), (delta_r, previous, names[2:])):
+                if delta is None:
+                    continue
+                w, b = positions_squares(delta, inputs, weight in self.params)
+                if weight in self.params:
+                    out[self.params[weight]] = w.T.reshape(-1)
+                if bias in self.params:
+                    out[self.params[bias]] = b
+        return out
+
+    def _prepared(self, call: Call, sens: list[Tensor | None]) -> list[tuple]:
+        """Per layer and direction: names, input (B, T, in), previous states (B, T, H), ``δ^a`` and ``δ^r``
+        (m, B, T, G·H) or None where not trained; once per call and group of vectors."""
+        cached = call.cache.get("prepared")
+        if cached is not None and cached[0] is sens:
+            return cached[1]
+        parts = sens[len(sens) - len(call.cache["parts"]):]
+        taps = call.cache["parts"]
+        prepared, k = [], 0
+        for names, x, previous, count in call.cache["kept"]:
+            mine, shapes = parts[k : k + count], taps[k : k + count]
+            k += count
+            mine = [s if s is not None else t.new_zeros(_vectors(sens), *t.shape) for s, t in zip(mine, shapes)]
+            delta_a = as_float(mine.pop(0)) if {names[0], names[1]} & set(self.params) else None
+            delta_r = as_float(torch.stack(mine, 2)) if mine else None
+            prepared.append((names, as_float(x), as_float(previous), delta_a, delta_r))
+        call.cache["prepared"] = (sens, prepared)
+        return prepared
+
+
+def _vectors(sens: list[Tensor | None]) -> int:
+    """The number of vectors ``m`` of a call's sensitivities (its first that the vectors reach)."""
+    return next(s.shape[0] for s in sens if s is not None)
