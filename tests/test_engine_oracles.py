@@ -132,10 +132,6 @@ def _kwargs(case: Case, res: dict) -> dict:
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
 def test_exact_every_structure(case: Case, family: str, backend: str) -> None:
     res = _oracle(case, family)
-    if case.name == "gru" and backend == "functional":  # vmap has no batching rule for the GRU
-        with pytest.raises(torchfim.TorchfimError, match="backend='auto'"):
-            torchfim.fisher(res["model"], res["x"], family=family, backend=backend)
-        return
     for structure in ("full", "diag", "trace", "blocks"):
         got = torchfim.fisher(res["model"], res["x"], family=family, structure=structure, backend=backend,
                               **_kwargs(case, res))
@@ -146,8 +142,6 @@ def test_exact_every_structure(case: Case, family: str, backend: str) -> None:
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
 def test_variances(case: Case, family: str, backend: str) -> None:
     res = _oracle(case, family)
-    if case.name == "gru" and backend == "functional":
-        return  # refused, as test_exact_every_structure checks
     for estimator in ("score", "hessian"):
         for structure in ("diag", "trace", "blocks"):
             got = torchfim.fisher_variance(res["model"], res["x"], family=family, estimator=estimator,

@@ -96,12 +96,16 @@ def test_a_generic_rule_with_right_batched_products_is_not_looped() -> None:
     assert not backend.moved
 
 
-@pytest.mark.parametrize("slopes", [1, 2])
+@pytest.mark.parametrize(("slopes", "conv"), [(1, True), (2, True), (1, False), (4, False)])
 @pytest.mark.parametrize("structure", ["diag", "blocks"])
-def test_prelu_rule_equals_the_dense_oracle(slopes: int, structure: str) -> None:
-    """nn.PReLU with one slope or one per channel, after a convolution: its own rule, no warning, exact."""
+def test_prelu_rule_equals_the_dense_oracle(slopes: int, conv: bool, structure: str) -> None:
+    """nn.PReLU with one slope or one per channel, after a convolution (channels and positions) or a
+    Linear layer (channels only): its own rule, no warning, exact."""
     torch.manual_seed(0)
-    model, x = _ConvNet(slopes).double(), torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    if conv:
+        model, x = _ConvNet(slopes).double(), torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    else:
+        model, x = _Net(nn.PReLU(slopes, init=0.3)).double(), torch.randn(5, 3, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = torchfim.fisher(model, x, structure=structure)

@@ -1,7 +1,9 @@
 """RNN, GRU and LSTM on their own rule: per-sample products from the step-by-step recording.
 
 Oracle: the dense float64 ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` with each sample's Jacobian taken row by row by
-autograd (torch.func cannot batch these layers), and the empirical Fisher from per-sample scores.
+autograd through the layers' own (fused) forward, and the empirical Fisher from per-sample scores.
+Under torch.func the layers compute step by step (:func:`stepwise_recurrent`), which vmap batches and
+forward-mode AD differentiates: the whole-model backend and the Hessian estimator work on them too.
 """
 
 from __future__ import annotations
@@ -137,3 +139,27 @@ def test_a_packed_sequence_goes_to_the_generic_rule_and_stays_exact() -> None:
         warnings.simplefilter("ignore")
         diag = torchfim.fisher(model, x, structure="diag")
     assert torch.allclose(diag, torch.diagonal(exact), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_functional_backend_and_the_hessian_estimator_run_the_layers_step_by_step(kind: str) -> None:
+    """Before, the functional backend refused a GRU or LSTM called without initial states (vmap has no
+    rule for the in-place fill of the zero states) and the Hessian estimator a float32 LSTM (its CPU
+    kernel has no forward-mode derivative). Now the functional backend equals the oracle to 1e-10, and
+    in float32 Î2 with 300 labels per input lies within 4 of its own closed-form standard errors of the
+    exact trace (the variance from both backends, equal to 1e-5)."""
+    torch.manual_seed(3)
+    model = _Recurrent(kind, True, True, True, False).double().eval()
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    exact, _ = _oracle(model, x, torch.zeros(6, dtype=torch.long))
+    functional = torchfim.fisher(model, x, structure="diag", backend="functional")
+    assert torch.allclose(functional, torch.diagonal(exact), rtol=1e-10, atol=1e-14)
+    model, x = model.float(), x.float()
+    variance = torchfim.fisher_variance(model, x, estimator="hessian", structure="trace", n_samples=300)
+    variance_f = torchfim.fisher_variance(model, x, estimator="hessian", structure="trace", n_samples=300,
+                                          backend="functional")
+    assert torch.allclose(variance, variance_f, rtol=1e-5)
+    estimate = torchfim.fisher(model, x, estimator="hessian", structure="trace", n_samples=300,
+                               generator=torch.Generator().manual_seed(0))
+    assert abs(float(estimate) - float(torch.trace(exact))) < 4 * float(variance) ** 0.5
+    assert float(variance) > 0

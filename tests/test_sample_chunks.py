@@ -14,7 +14,6 @@ from torchfim.engine.modules import base as base_module
 from torchfim.engine.modules import conv as conv_module
 
 
-@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch")
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
 def test_exact_fisher_in_one_sample_chunks_equals_the_oracle(case, family, monkeypatch) -> None:
     for module, name in ((per_module, "CACHE_ELEMENTS"),

@@ -40,8 +40,6 @@ def drawn_scores(monkeypatch) -> list[torch.Tensor]:
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
 def test_squared_norms_per_tensor_equal_the_oracle(case: Case, family: str, backend: str, drawn_scores) -> None:
     res = _oracle(case, family)
-    if case.name == "gru" and backend == "functional":
-        return  # vmap cannot batch the GRU: refused, as test_engine_oracles checks
     got = squared_score_norms(res["model"], res["x"], family=family, n_samples=3, backend=backend,
                               generator=torch.Generator().manual_seed(4), **_kwargs(case, res))
     u = torch.cat(drawn_scores).double()  # (n, k, L·C)

@@ -36,8 +36,6 @@ def _hessian_variance_and_bound(res: dict, d: torch.Tensor) -> tuple[torch.Tenso
 @pytest.mark.parametrize("case,family", PAIRS, ids=IDS)
 def test_trace_variances_per_tensor_equal_the_oracle(case: Case, family: str, backend: str) -> None:
     res = _oracle(case, family)
-    if case.name == "gru" and backend == "functional":
-        return  # refused, as test_engine_oracles checks
     kw = dict(backend=backend, **_kwargs(case, res))
     score = score_trace_variances(res["model"], res["x"], family, bounds=False, **kw)
     hessian = hessian_trace_variances(res["model"], res["x"], family, **kw)

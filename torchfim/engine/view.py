@@ -28,6 +28,7 @@ from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
+from .modules.recurrent import stepwise_candidates, stepwise_recurrent
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -203,6 +204,7 @@ class ModelView:
         self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
         self._defaults: dict[str, object] | None = None  # see call_defaults
+        self._recurrent = stepwise_candidates(self.model)  # computed step by step under torch.func
 
     def predicts_next_token(self) -> bool:
         """Whether the model's own loss pairs its outputs at position t with ``labels[t + 1]``
@@ -311,7 +313,8 @@ class ModelView:
         """Flat outputs ``(B, L·C)`` at parameters ``params`` (``torch.func.functional_call`` on the copy)."""
         from torch.func import functional_call
 
-        raw = functional_call(self.model, {**self.constants, **params}, batch.args, batch.kwargs)
+        with stepwise_recurrent(self._recurrent):
+            raw = functional_call(self.model, {**self.constants, **params}, batch.args, batch.kwargs)
         return self.flat(self.to_tensor(raw))
 
     def outputs(self, batch: Batch) -> Tensor:

@@ -27,6 +27,6 @@ class PReLURule(Rule):
         products = g * x.clamp(max=0)
         if self.module.weight.numel() == 1:
             per_sample = products.flatten(2).sum(-1, keepdim=True)  # (m, b, 1)
-        else:
-            per_sample = products.flatten(3).sum(-1)  # (m, b, channels)
+        else:  # channels in dim 1 of the input, dim 2 here
+            per_sample = products.flatten(3).sum(-1) if products.dim() > 3 else products  # (m, b, channels)
         return {self.params["weight"]: per_sample.transpose(0, 1)}

@@ -21,6 +21,10 @@ go to the generic rule.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,91 +38,134 @@ def recurrent_supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)) and not getattr(module, "proj_size", 0)
 
 
+def covers_call(module: nn.Module, input: object) -> bool:
+    """Whether the step-by-step computation covers a call on ``input``: a batched tensor, no dropout active."""
+    dropout = module.training and module.dropout > 0 and module.num_layers > 1
+    return isinstance(input, Tensor) and input.dim() == 3 and not dropout
+
+
+def _names(layer: int, direction: int) -> tuple[str, str, str, str]:
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    return tuple(f"{kind}{suffix}" for kind in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+
+
+def run_stepwise(module: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None,
+                 trained: set[str] | None = None) -> tuple[object, list[Tensor], list[tuple]]:
+    """The layer's forward on a covered call, step by step in torch operations: its outputs as the module
+    returns them, and, with ``trained`` (the local names of its trainable parameters), the taps ``a`` and
+    ``r_t`` of the maps with a trained parameter, and per layer and direction its names, input (B, T, in),
+    previous hidden states (B, T, H) in step order and number of taps."""
+    x = input if module.batch_first else input.transpose(0, 1)  # (B, T, in)
+    lstm, directions = isinstance(module, nn.LSTM), 2 if module.bidirectional else 1
+    if hx is None:
+        zeros = x.new_zeros(module.num_layers * directions, x.shape[0], module.hidden_size)
+        hx = (zeros, zeros) if lstm else zeros
+    h0, c0 = hx if lstm else (hx, None)
+    taps: list[Tensor] = []
+    kept: list[tuple] = []
+    finals_h, finals_c = [], []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            names = _names(layer, direction)
+            hs, (h, c), previous, a, rs = _direction(module, x, names, direction, h0[k], None if c0 is None else c0[k],
+                                                     trained is not None)
+            outputs.append(hs)
+            finals_h.append(h)
+            finals_c.append(c)
+            if trained is not None:
+                mine = ([a] if {names[0], names[1]} & trained else []) + (rs if {names[2], names[3]} & trained else [])
+                taps.extend(mine)
+                kept.append((names, x.detach(), previous, len(mine)))
+        x = torch.cat(outputs, -1) if len(outputs) > 1 else outputs[0]
+    out = x if module.batch_first else x.transpose(0, 1)
+    h_n = torch.stack(finals_h)
+    return ((out, (h_n, torch.stack(finals_c))) if lstm else (out, h_n)), taps, kept
+
+
+def _direction(module: nn.Module, x: Tensor, names: tuple[str, ...], reverse: int, h: Tensor, c: Tensor | None,
+               keep: bool) -> tuple[Tensor, tuple[Tensor, Tensor | None], Tensor | None, Tensor, list[Tensor]]:
+    """One direction of one layer over ``x`` (B, T, in): its hidden states (B, T, H), final states, the
+    previous hidden states (B, T, H) in step order (``keep``, else None), ``a`` and the ``r_t`` in step order."""
+    w_ih, b_ih, w_hh, b_hh = (getattr(module, n) if hasattr(module, n) else None for n in names)
+    a = F.linear(x, w_ih, b_ih)
+    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+    states: list[Tensor | None] = [None] * x.shape[1]
+    previous, rs = [], []
+    for t in steps:
+        if keep:
+            previous.append(h.detach())
+        r = F.linear(h, w_hh, b_hh)
+        rs.append(r)
+        h, c = _cell(module, a[:, t], r, h, c)
+        states[t] = h
+    return torch.stack(states, 1), (h, c), torch.stack(previous, 1) if keep else None, a, rs
+
+
+def _cell(module: nn.Module, a: Tensor, r: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One step from the pre-activations ``a`` and ``r`` (torch's gate orders)."""
+    if isinstance(module, nn.LSTM):
+        i, f, g, o = (a + r).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if isinstance(module, nn.GRU):
+        a_r, a_z, a_n = a.chunk(3, -1)
+        r_r, r_z, r_n = r.chunk(3, -1)
+        reset, update = torch.sigmoid(a_r + r_r), torch.sigmoid(a_z + r_z)
+        n = torch.tanh(a_n + reset * r_n)
+        return (1 - update) * n + update * h, None
+    act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
+    return act(a + r), None
+
+
+@contextmanager
+def stepwise_recurrent(modules: list[nn.Module]) -> Iterator[None]:
+    """While the block runs, ``modules`` (recurrent layers that run their class's forward) compute their
+    covered calls step by step: operations that torch.func batches and differentiates in forward mode,
+    where the fused kernels are not (vmap has no rule for them; the CPU LSTM kernel has no forward-mode
+    derivative)."""
+    for module in modules:
+        module.__dict__["forward"] = functools.partial(_stepwise_forward, module)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.__dict__["forward"]
+
+
+def _stepwise_forward(module: nn.Module, input: object, hx: object = None) -> object:
+    if not covers_call(module, input):
+        return type(module).forward(module, input, hx)
+    return run_stepwise(module, input, hx)[0]
+
+
+def stepwise_candidates(model: nn.Module) -> list[nn.Module]:
+    """The recurrent layers of ``model`` that :func:`stepwise_recurrent` may take: covered kinds running
+    their class's forward."""
+    return [m for m in model.modules() if recurrent_supported(m) and "forward" not in m.__dict__
+            and type(m).forward in (nn.RNN.forward, nn.GRU.forward, nn.LSTM.forward)]
+
+
 class RecurrentRule(Rule):
     """Per-sample gradients of a recurrent layer's weights (see the module docstring)."""
 
     def __init__(self, module: nn.Module, params: dict[str, int], path: str) -> None:
         super().__init__(module, params)
         self.generic = GenericRule(module, params, path)
-        self.directions = 2 if module.bidirectional else 1
         #: What :meth:`recording_forward` kept of the call in progress, for :meth:`take_recorded`.
         self._pending: tuple[list[Tensor], list[tuple]] | None = None
 
-    def _names(self, layer: int, direction: int) -> tuple[str, str, str, str]:
-        suffix = f"_l{layer}" + ("_reverse" if direction else "")
-        return tuple(f"{kind}{suffix}" for kind in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
-
-    # ------------------------------------------------------------ recording step by step
     def recording_forward(self, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> object:
-        """The module's forward while the engine records, step by step (see the module docstring); calls
-        it does not cover run the module's own forward."""
+        """The module's forward while the engine records, step by step (:func:`run_stepwise`); calls it does
+        not cover run the module's own forward."""
         module = self.module
-        dropout = module.training and module.dropout > 0 and module.num_layers > 1
-        if not isinstance(input, Tensor) or input.dim() != 3 or dropout:
+        if not covers_call(module, input):
             self._pending = None
             return type(module).forward(module, input, hx)
-        x = input if module.batch_first else input.transpose(0, 1)  # (B, T, in)
-        lstm = isinstance(module, nn.LSTM)
-        if hx is None:
-            zeros = x.new_zeros(module.num_layers * self.directions, x.shape[0], module.hidden_size)
-            hx = (zeros, zeros) if lstm else zeros
-        h0, c0 = hx if lstm else (hx, None)
-        taps: list[Tensor] = []
-        kept: list[tuple] = []  # per layer and direction: its names, input, previous states, number of taps
-        finals_h, finals_c = [], []
-        for layer in range(module.num_layers):
-            outputs = []
-            for direction in range(self.directions):
-                k = layer * self.directions + direction
-                names = self._names(layer, direction)
-                hs, (h, c), layer_taps, previous = self._direction(x, names, direction, h0[k], None if c0 is None else c0[k])
-                outputs.append(hs)
-                finals_h.append(h)
-                finals_c.append(c)
-                taps.extend(layer_taps)
-                kept.append((names, x.detach(), previous, len(layer_taps)))
-            x = torch.cat(outputs, -1) if len(outputs) > 1 else outputs[0]
+        out, taps, kept = run_stepwise(module, input, hx, set(self.params))
         self._pending = (taps, kept)
-        out = x if module.batch_first else x.transpose(0, 1)
-        h_n = torch.stack(finals_h)
-        return (out, (h_n, torch.stack(finals_c))) if lstm else (out, h_n)
-
-    def _direction(self, x: Tensor, names: tuple[str, ...], reverse: int, h: Tensor,
-                   c: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor | None], list[Tensor], Tensor]:
-        """One direction of one layer over ``x`` (B, T, in): its hidden states (B, T, H), final states,
-        taps (``a`` where ``W_ih``/``b_ih`` train, then each ``r_t`` where ``W_hh``/``b_hh`` train, in step
-        order) and previous hidden states (B, T, H) in step order."""
-        module = self.module
-        w_ih, b_ih, w_hh, b_hh = (getattr(module, n) if hasattr(module, n) else None for n in names)
-        a = F.linear(x, w_ih, b_ih)
-        steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
-        states: list[Tensor | None] = [None] * x.shape[1]
-        previous, rs = [], []
-        for t in steps:
-            previous.append(h.detach())
-            r = F.linear(h, w_hh, b_hh)
-            rs.append(r)
-            h, c = self._cell(a[:, t], r, h, c)
-            states[t] = h
-        taps = [a] if {names[0], names[1]} & set(self.params) else []
-        taps += rs if {names[2], names[3]} & set(self.params) else []
-        return torch.stack(states, 1), (h, c), taps, torch.stack(previous, 1)
-
-    def _cell(self, a: Tensor, r: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """One step from the pre-activations ``a`` and ``r`` (torch's gate orders)."""
-        module = self.module
-        if isinstance(module, nn.LSTM):
-            i, f, g, o = (a + r).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
-        if isinstance(module, nn.GRU):
-            a_r, a_z, a_n = a.chunk(3, -1)
-            r_r, r_z, r_n = r.chunk(3, -1)
-            reset, update = torch.sigmoid(a_r + r_r), torch.sigmoid(a_z + r_z)
-            n = torch.tanh(a_n + reset * r_n)
-            return (1 - update) * n + update * h, None
-        act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
-        return act(a + r), None
+        return out
 
     def take_recorded(self, call: Call) -> list[Tensor]:
         """The ``a`` and ``r_t`` taps of the call just recorded (none when it ran the module's own forward)."""
