@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
+from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.view import check_output_map, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
@@ -115,9 +116,11 @@ class ModelIO:
         ``vmap`` over the inputs (as :meth:`per_input_gradients` calls it): what ``kind="trace"``
         differentiates per input."""
 
+        recurrent = stepwise_candidates(model)  # step by step: vmap has no rules for the fused kernels
+
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)
-            with self.forms():
+            with self.forms(), stepwise_recurrent(recurrent):
                 out = self.tensor(functional_call(model, params, single.args, single.kwargs))
             return family.log_prob_of_one(out, y1.unsqueeze(0), m1)
 
@@ -127,7 +130,7 @@ class ModelIO:
                             y: Tensor, masks: Tensor | None) -> dict[str, Tensor]:
         """``vmap(grad(log_p))`` over the inputs of ``x``, their labels ``y`` and mask rows ``masks``, at
         ``params`` (per input too where ``params_dim`` is 0): per-input gradients. Where torch.func cannot
-        batch the model over its inputs (a recurrent layer, BERT's padding mask), they are taken one input
+        batch the model over its inputs (BERT's padding mask), they are taken one input
         at a time from then on, with a one-time warning."""
         dims = x.sample_dims()
         if not self.looped:
