@@ -1,4 +1,4 @@
-"""The models of the engine issue's table: a transformer classifier, a small ResNet, a causal LM.
+"""The models of the engine issue's table: a transformer classifier, a small ResNet, a causal LM, an LSTM.
 
 Data are generated here (seeded tokens and images, random targets): these workloads time the
 Fisher of the architecture, not of a trained model.
@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from .config import Config
 
-__all__ = ["ReachData", "transformer_classifier", "small_resnet", "causal_lm", "reach_model"]
+__all__ = ["ReachData", "transformer_classifier", "small_resnet", "causal_lm", "lstm_classifier", "reach_model",
+           "OutputSequence", "LastStep"]
 
 
 @dataclass
@@ -119,6 +120,35 @@ def causal_lm(cfg: Config) -> tuple[nn.Module, ReachData, str]:
         f"causal LM d{d} 2 layers, vocab {vocab}, {n}×{t} tokens"
 
 
+class OutputSequence(nn.Module):
+    """A recurrent layer's output sequence (the first of its outputs)."""
+
+    def forward(self, outputs: tuple) -> Tensor:
+        return outputs[0]
+
+
+class LastStep(nn.Module):
+    """The last step of a batch-first sequence ``(B, T, H)``."""
+
+    def forward(self, sequence: Tensor) -> Tensor:
+        return sequence[:, -1]
+
+
+def lstm_classifier(cfg: Config) -> tuple[nn.Module, ReachData, str]:
+    """Embedding (vocabulary 100, 32), LSTM 32 → 64, its last step to a Linear to 10 classes; 128 sequences
+    of 20 tokens. A ``Sequential``, so that BackPACK (which covers a one-layer batch-first LSTM) computes it
+    with its own modules in place of :class:`OutputSequence` and :class:`LastStep`."""
+    vocab, d, h, n, t = (100, 32, 64, 128, 20) if not cfg.quick else (20, 4, 6, 8, 5)
+    torch.manual_seed(cfg.seed)
+    model = nn.Sequential(nn.Embedding(vocab, d), nn.LSTM(d, h, batch_first=True), OutputSequence(), LastStep(),
+                          nn.Linear(h, 10)).eval()
+    x = torch.randint(0, vocab, (n, t), generator=_gen(cfg.seed + 1))
+    y = torch.randint(0, 10, (n,), generator=_gen(cfg.seed + 2))
+    return model, ReachData(list(x.split(cfg.batch_size)), list(y.split(cfg.batch_size))), \
+        f"LSTM {d}→{h}, {n}×{t} tokens"
+
+
 def reach_model(cfg: Config, which: str) -> tuple[nn.Module, ReachData, str]:
-    """``"transformer"``, ``"resnet"`` or ``"lm"``."""
-    return {"transformer": transformer_classifier, "resnet": small_resnet, "lm": causal_lm}[which](cfg)
+    """``"transformer"``, ``"resnet"``, ``"lm"`` or ``"lstm"``."""
+    return {"transformer": transformer_classifier, "resnet": small_resnet, "lm": causal_lm,
+            "lstm": lstm_classifier}[which](cfg)

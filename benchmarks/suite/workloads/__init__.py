@@ -42,6 +42,8 @@ WORKLOADS: dict[str, Builder] = {
     "diag-score-resnet": lambda c, s: build_reach(c, s, "score", "resnet"),
     "diag-exact-resnet": lambda c, s: build_reach(c, s, "exact", "resnet"),
     "diag-score-lm": lambda c, s: build_reach(c, s, "score", "lm"),
+    "diag-score-lstm": lambda c, s: build_reach(c, s, "score", "lstm"),
+    "diag-exact-lstm": lambda c, s: build_reach(c, s, "exact", "lstm"),
     "monitor-every10-mlp": build_monitor,
     "bound-score-c100": build_bound_c100,
 }

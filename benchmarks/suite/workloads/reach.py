@@ -1,8 +1,8 @@
-"""Workloads of the engine issue: transformer, ResNet (BatchNorm in eval mode) and a causal LM.
+"""Workloads of the engine issue: transformer, ResNet (BatchNorm in eval mode), a causal LM and an LSTM.
 
-nngeometry computes the ResNet and joins it with the agreement check; no peer computes the
-transformer or the LM (see :data:`LEFT_OUT`), so every result is also checked against torchfim's
-whole-model ``torch.func`` backend (the reference path), computed once outside the timing.
+nngeometry computes the ResNet and BackPACK the LSTM, and they join with the agreement check; no peer
+computes the transformer or the LM (see :data:`LEFT_OUT`), so every result is also checked against
+torchfim's whole-model ``torch.func`` backend (the reference path), computed once outside the timing.
 """
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ LEFT_OUT = {
     },
 }
 LEFT_OUT["lm"] = dict(LEFT_OUT["transformer"])
+LEFT_OUT["lstm"] = {
+    "nngeometry": "nngeometry's layer collection has no LSTM",
+    "curvlinops": "curvlinops has no exact diagonal; P products of its dense GGN are out of reach",
+}
+
+
+def _for_backpack(model: nn.Module) -> nn.Module:
+    """The LSTM classifier with BackPACK's modules for reading the LSTM's output and slicing its last step
+    (BackPACK's ``extend`` knows only its own modules), sharing the parameters."""
+    from backpack.custom_module.reduce_tuple import ReduceTuple
+    from backpack.custom_module.slicing import Slicing
+
+    return nn.Sequential(model[0], model[1], ReduceTuple(index=0), Slicing((slice(None), -1)), model[4]).eval()
 
 
 def _floor(model: nn.Module, data: ReachData) -> Contender:
@@ -73,11 +86,12 @@ def build_reach(cfg: Config, status: dict, kind: str, which: str) -> Workload:
         return lambda: call("modules")
 
     others, left_out = [], dict(LEFT_OUT[which])
-    if which == "resnet":
+    if which in ("resnet", "lstm"):
         labels = data.targets
         if estimator == "score":
             labels, _, _ = torchfim_labels(model, data, cfg.seed + 3, cfg.tol)
-        found, missing = peer_contenders(f"diag-{kind}", model, data, labels, status)
+        peer_model = _for_backpack(model) if which == "lstm" and status["backpack"]["available"] else model
+        found, missing = peer_contenders(f"diag-{kind}", peer_model, data, labels, status)
         others = [c for c in found if c.name not in left_out]
         left_out.update({k: v for k, v in missing.items() if k not in left_out})
 
