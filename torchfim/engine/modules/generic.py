@@ -37,6 +37,15 @@ def batch_dim(module: nn.Module, t: object, size: int) -> int | None:
     return 0 if t.shape[0] == size else None
 
 
+def nested_batch_dims(module: nn.Module, value: object, size: int) -> object:
+    """:func:`batch_dim` of a tensor argument; of a tuple or list of them (an LSTM cell's ``(h, c)``), the
+    same structure of dims, as ``vmap``'s ``in_dims`` takes for a nested argument."""
+    if isinstance(value, (tuple, list)):
+        dims = [nested_batch_dims(module, v, size) for v in value]
+        return value._make(dims) if hasattr(value, "_make") else type(value)(dims)
+    return batch_dim(module, value, size)
+
+
 def output_batch_dims(module: nn.Module, outputs: list[Tensor], size: int) -> list[int | None]:
     """:func:`batch_dim` of each output of a call, in :func:`tensors_of`'s order, except that a recurrent
     layer's final states ``h_n`` (and ``c_n``) come ``(layers·directions, batch, hidden)`` whatever its
@@ -90,16 +99,16 @@ class GenericRule(Rule):
 
     def _vmapped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         module, size = self.module, call.size
-        arg_dims = tuple(batch_dim(module, a, size) for a in call.args)
-        kw_dims = {k: batch_dim(module, v, size) for k, v in call.kwargs.items()}
+        arg_dims = tuple(nested_batch_dims(module, a, size) for a in call.args)
+        kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
         out_dims = [output_batch_dims(module, call.taps, size)[i] for i in used]
         args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
         kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
         cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
 
         def per_sample(a1: tuple, k1: dict, s1: tuple) -> dict[str, Tensor]:
-            a1 = tuple(x.unsqueeze(d) if d is not None else x for x, d in zip(a1, arg_dims))
-            k1 = {k: (x.unsqueeze(kw_dims[k]) if kw_dims[k] is not None else x) for k, x in k1.items()}
+            a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, arg_dims))
+            k1 = {k: _unsqueezed(x, kw_dims[k]) for k, x in k1.items()}
 
             def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
                 outs = tensors_of(functional_call(module, p, a1, k1))
@@ -119,8 +128,8 @@ class GenericRule(Rule):
 
     def _looped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         module, size = self.module, call.size
-        arg_dims = [batch_dim(module, a, size) for a in call.args]
-        kw_dims = {k: batch_dim(module, v, size) for k, v in call.kwargs.items()}
+        arg_dims = [nested_batch_dims(module, a, size) for a in call.args]
+        kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
         out_dims = [output_batch_dims(module, call.taps, size)[i] for i in used]
         leaves = {n: p.detach().requires_grad_(True) for n, p in self._primals().items()}
         names = list(leaves)
@@ -144,7 +153,19 @@ class GenericRule(Rule):
         }
 
 
-def _cut(t: object, dim: int | None, rows: slice) -> object:
+def _cut(t: object, dim: object, rows: slice) -> object:
+    """The rows ``rows`` of ``t`` along its batch dim ``dim`` (of each tensor, for a nested argument)."""
+    if isinstance(dim, (tuple, list)):
+        parts = [_cut(ti, di, rows) for ti, di in zip(t, dim)]
+        return t._make(parts) if hasattr(t, "_make") else type(t)(parts)
     if dim is None or not isinstance(t, Tensor):
         return t
     return t.narrow(dim, rows.start or 0, len(range(*rows.indices(t.shape[dim]))))
+
+
+def _unsqueezed(t: object, dim: object) -> object:
+    """One sample's ``t`` with its batch dim ``dim`` back, of size 1 (of each tensor, for a nested argument)."""
+    if isinstance(dim, (tuple, list)):
+        parts = [_unsqueezed(ti, di) for ti, di in zip(t, dim)]
+        return t._make(parts) if hasattr(t, "_make") else type(t)(parts)
+    return t.unsqueeze(dim) if dim is not None else t

@@ -1,4 +1,4 @@
-"""``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``: two linear maps at every time step around a sample-local recurrence.
+"""``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` and their cells: two linear maps per step around a sample-local recurrence.
 
 In layer ``l`` and direction ``d`` the gates' pre-activations at step ``t`` are made of two linear
 maps, ``a_t = W_ih x_t + b_ih`` of the layer's input and ``r_t = W_hh h_{t−1} + b_hh`` of the previous
@@ -16,7 +16,10 @@ of the output vectors delivers the ``δ`` with everything else.
 Covered: batched tensor inputs (either ``batch_first``), any number of layers, both directions, with or
 without biases, initial states given or zero, dropout between layers inactive, LSTM without
 ``proj_size``. Other calls (a ``PackedSequence``, an unbatched input) run the module's own forward and
-go to the generic rule.
+go to the generic rule. The cells (``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell``) are one step of the
+same: each call has its ``a`` and ``r`` as taps (one position), and a cell called at every step of a
+loop gets the sum of its calls, as any module called more than once. (Their own outputs would not do:
+an LSTM cell returns ``h`` computed from ``c``, so the two outputs' sensitivities overlap.)
 """
 
 from __future__ import annotations
@@ -32,14 +35,20 @@ from torch import Tensor, nn
 from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares
 from .generic import GenericRule
 
+_LAYERS = (nn.RNN, nn.GRU, nn.LSTM)
+_CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+
 
 def recurrent_supported(module: nn.Module) -> bool:
-    """``nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` (the last without ``proj_size``)."""
-    return isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)) and not getattr(module, "proj_size", 0)
+    """``nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` (the last without ``proj_size``), and their cells."""
+    return isinstance(module, _CELLS) or (isinstance(module, _LAYERS) and not getattr(module, "proj_size", 0))
 
 
 def covers_call(module: nn.Module, input: object) -> bool:
-    """Whether the step-by-step computation covers a call on ``input``: a batched tensor, no dropout active."""
+    """Whether the step-by-step computation covers a call on ``input``: a batched tensor (sequences for a
+    layer), no dropout active."""
+    if isinstance(module, _CELLS):
+        return isinstance(input, Tensor) and input.dim() == 2
     dropout = module.training and module.dropout > 0 and module.num_layers > 1
     return isinstance(input, Tensor) and input.dim() == 3 and not dropout
 
@@ -84,6 +93,28 @@ def run_stepwise(module: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Te
     return ((out, (h_n, torch.stack(finals_c))) if lstm else (out, h_n)), taps, kept
 
 
+def run_cell(module: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None,
+             trained: set[str] | None = None) -> tuple[object, list[Tensor], list[tuple]]:
+    """One step of a cell on a covered call, as :func:`run_stepwise` returns a layer's: its outputs, and with
+    ``trained`` the taps ``a`` (B, 1, G·H) and ``r`` (B, G·H) of the maps with a trained parameter, and one
+    entry of names, input (B, 1, in), previous hidden state (B, 1, H) and number of taps."""
+    lstm = isinstance(module, nn.LSTMCell)
+    if hx is None:
+        zeros = input.new_zeros(input.shape[0], module.hidden_size)
+        hx = (zeros, zeros) if lstm else zeros
+    h, c = hx if lstm else (hx, None)
+    names = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+    a = F.linear(input.unsqueeze(1), module.weight_ih, module.bias_ih)  # one position: the layers' layout
+    r = F.linear(h, module.weight_hh, module.bias_hh)
+    h, c = _cell(module, a[:, 0], r, h, c)
+    taps, kept = [], []
+    if trained is not None:
+        taps = ([a] if {names[0], names[1]} & trained else []) + ([r] if {names[2], names[3]} & trained else [])
+        kept = [(names, input.unsqueeze(1).detach(), hx[0].unsqueeze(1).detach() if lstm else hx.unsqueeze(1).detach(),
+                 len(taps))]
+    return ((h, c) if lstm else h), taps, kept
+
+
 def _direction(module: nn.Module, x: Tensor, names: tuple[str, ...], reverse: int, h: Tensor, c: Tensor | None,
                keep: bool) -> tuple[Tensor, tuple[Tensor, Tensor | None], Tensor | None, Tensor, list[Tensor]]:
     """One direction of one layer over ``x`` (B, T, in): its hidden states (B, T, H), final states, the
@@ -108,11 +139,11 @@ def _direction(module: nn.Module, x: Tensor, names: tuple[str, ...], reverse: in
 
 def _cell(module: nn.Module, a: Tensor, r: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """One step from the pre-activations ``a`` and ``r`` (torch's gate orders)."""
-    if isinstance(module, nn.LSTM):
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
         i, f, g, o = (a + r).chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
-    if isinstance(module, nn.GRU):
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
         a_r, a_z, a_n = a.chunk(3, -1)
         r_r, r_z, r_n = r.chunk(3, -1)
         reset, update = torch.sigmoid(a_r + r_r), torch.sigmoid(a_z + r_z)
@@ -140,14 +171,14 @@ def stepwise_recurrent(modules: list[nn.Module]) -> Iterator[None]:
 def _stepwise_forward(module: nn.Module, input: object, hx: object = None) -> object:
     if not covers_call(module, input):
         return type(module).forward(module, input, hx)
-    return run_stepwise(module, input, hx)[0]
+    return (run_cell if isinstance(module, _CELLS) else run_stepwise)(module, input, hx)[0]
 
 
 def stepwise_candidates(model: nn.Module) -> list[nn.Module]:
     """The recurrent layers of ``model`` that :func:`stepwise_recurrent` may take: covered kinds running
     their class's forward."""
     return [m for m in model.modules() if recurrent_supported(m) and "forward" not in m.__dict__
-            and type(m).forward in (nn.RNN.forward, nn.GRU.forward, nn.LSTM.forward)]
+            and type(m).forward in [cls.forward for cls in _LAYERS + _CELLS]]
 
 
 class RecurrentRule(Rule):
@@ -166,7 +197,8 @@ class RecurrentRule(Rule):
         if not covers_call(module, input):
             self._pending = None
             return type(module).forward(module, input, hx)
-        out, taps, kept = run_stepwise(module, input, hx, set(self.params))
+        run = run_cell if isinstance(module, _CELLS) else run_stepwise
+        out, taps, kept = run(module, input, hx, set(self.params))
         self._pending = (taps, kept)
         return out
 
