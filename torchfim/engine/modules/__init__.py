@@ -1,9 +1,9 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
-Linear, Conv1d/Conv2d, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval), MultiheadAttention,
-RNN/GRU/LSTM, PReLU and transformers' ``Conv1D`` (GPT-2's transposed Linear) have rules of their own; any other module with
-trainable parameters gets the generic rule (``torch.func`` over that module alone). Adding a rule is one
-module here and one line in :func:`rule_for`.
+Linear, Conv1d/2d/3d and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval),
+MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU and transformers' ``Conv1D`` (GPT-2's transposed
+Linear) have rules of their own; any other module with trainable parameters gets the generic rule
+(``torch.func`` over that module alone). Adding a rule is one module here and one line in :func:`rule_for`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``nn.Conv1d`` and ``nn.Conv2d`` with zero padding (stride, padding, dilation and groups).
+"""``nn.Conv1d/2d/3d`` with zero padding (stride, padding, dilation and groups), and their transposes.
 
 A convolution is a linear layer applied at every output position ``l`` to the patch ``p_l`` of its
 input under the kernel: per group, ``∂/∂W = Σ_l g_l p_lᵀ`` and ``∂/∂b = Σ_l g_l`` (docs/math.md §6).
@@ -6,6 +6,11 @@ The per-sample sums over positions are computed as one grouped convolution-weigh
 group per sample (and vector), which never builds the patches; where the patches of a call are
 small (small images) and there are enough vectors, :meth:`ConvRule.squares` builds them once and
 takes one batched matrix product per chunk instead, which is faster there.
+
+A transposed convolution ``z = convᵀ(x; W)`` is the adjoint of the convolution ``u ↦ conv(u; W)`` (same
+weight tensor, stride, padding, dilation and groups), so ``⟨g, z⟩ = ⟨conv(g; W), x⟩`` and its weight
+gradient is that convolution's with ``g`` as the input and ``x`` as the output sensitivity: the same
+grouped computation with the two roles swapped (output padding only adds rows ``conv`` does not read).
 """
 
 from __future__ import annotations
@@ -36,15 +41,26 @@ PATCH_VECTORS = 5
 PATCH_WIDTH = 64
 
 
+#: The convolution-weight gradient per number of spatial dims.
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def conv_supported(module: nn.Module) -> bool:
-    """Convolutions this rule covers: 1-d and 2-d, zero padding given as numbers or 'valid'."""
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+    """Convolutions this rule covers: 1-d to 3-d and their transposes, zero padding given as numbers or
+    'valid'."""
+    if not isinstance(module, _KINDS):
         return False
     return module.padding_mode == "zeros" and (not isinstance(module.padding, str) or module.padding == "valid")
 
 
 class ConvRule(Rule):
-    """Per-sample products of a zero-padded ``Conv1d``/``Conv2d`` (any stride, dilation, groups)."""
+    """Per-sample products of a zero-padded convolution or transposed convolution (any stride, dilation,
+    groups, output padding)."""
+
+    def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
+        super().__init__(module, params)
+        self.transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
 
     def _weight(self, x: Tensor, g: Tensor) -> Tensor:
         """Per-sample weight gradients ``(b, m, size)`` of inputs ``x`` (b, in, *) and ``g`` (m, b, out, *').
@@ -57,8 +73,10 @@ class ConvRule(Rule):
         groups = module.groups * m * b
         xs = x.unsqueeze(0).expand(m, *x.shape).reshape(1, m * b * x.shape[1], *x.shape[2:])
         gs = g.reshape(1, m * b * g.shape[2], *g.shape[3:])
-        shape = (m * b * module.out_channels, *module.weight.shape[1:])
-        weight_grad = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
+        if self.transposed:  # the adjoint convolution's weight gradient: g its input, x its sensitivity
+            xs, gs = gs, xs
+        shape = (m * b * module.weight.shape[0], *module.weight.shape[1:])
+        weight_grad = _WEIGHT_GRAD[module.weight.dim() - 2]
         w = weight_grad(xs, shape, gs, module.stride, self._padding(), module.dilation, groups)
         return w.reshape(m, b, -1).transpose(0, 1)
 
@@ -76,7 +94,7 @@ class ConvRule(Rule):
         order), or None where the layer has groups or dilation, or the patches would be large."""
         module = self.module
         kernel = module.kernel_size
-        if module.groups != 1 or any(d != 1 for d in module.dilation):
+        if self.transposed or module.groups != 1 or any(d != 1 for d in module.dilation):
             return None
         positions = 1
         for size, k, step, pad in zip(x.shape[2:], kernel, module.stride, self._padding()):
