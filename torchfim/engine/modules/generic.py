@@ -41,8 +41,7 @@ def nested_batch_dims(module: nn.Module, value: object, size: int) -> object:
     """:func:`batch_dim` of a tensor argument; of a tuple or list of them (an LSTM cell's ``(h, c)``), the
     same structure of dims, as ``vmap``'s ``in_dims`` takes for a nested argument."""
     if isinstance(value, (tuple, list)):
-        dims = [nested_batch_dims(module, v, size) for v in value]
-        return value._make(dims) if hasattr(value, "_make") else type(value)(dims)
+        return _rebuilt(value, [nested_batch_dims(module, v, size) for v in value])
     return batch_dim(module, value, size)
 
 
@@ -101,7 +100,8 @@ class GenericRule(Rule):
         module, size = self.module, call.size
         arg_dims = tuple(nested_batch_dims(module, a, size) for a in call.args)
         kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
-        out_dims = [output_batch_dims(module, call.taps, size)[i] for i in used]
+        every = output_batch_dims(module, call.taps, size)
+        out_dims = [every[i] for i in used]
         args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
         kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
         cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
@@ -130,7 +130,8 @@ class GenericRule(Rule):
         module, size = self.module, call.size
         arg_dims = [nested_batch_dims(module, a, size) for a in call.args]
         kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
-        out_dims = [output_batch_dims(module, call.taps, size)[i] for i in used]
+        every = output_batch_dims(module, call.taps, size)
+        out_dims = [every[i] for i in used]
         leaves = {n: p.detach().requires_grad_(True) for n, p in self._primals().items()}
         names = list(leaves)
         per_sample = []
@@ -156,8 +157,7 @@ class GenericRule(Rule):
 def _cut(t: object, dim: object, rows: slice) -> object:
     """The rows ``rows`` of ``t`` along its batch dim ``dim`` (of each tensor, for a nested argument)."""
     if isinstance(dim, (tuple, list)):
-        parts = [_cut(ti, di, rows) for ti, di in zip(t, dim)]
-        return t._make(parts) if hasattr(t, "_make") else type(t)(parts)
+        return _rebuilt(t, [_cut(ti, di, rows) for ti, di in zip(t, dim)])
     if dim is None or not isinstance(t, Tensor):
         return t
     return t.narrow(dim, rows.start or 0, len(range(*rows.indices(t.shape[dim]))))
@@ -166,6 +166,10 @@ def _cut(t: object, dim: object, rows: slice) -> object:
 def _unsqueezed(t: object, dim: object) -> object:
     """One sample's ``t`` with its batch dim ``dim`` back, of size 1 (of each tensor, for a nested argument)."""
     if isinstance(dim, (tuple, list)):
-        parts = [_unsqueezed(ti, di) for ti, di in zip(t, dim)]
-        return t._make(parts) if hasattr(t, "_make") else type(t)(parts)
+        return _rebuilt(t, [_unsqueezed(ti, di) for ti, di in zip(t, dim)])
     return t.unsqueeze(dim) if dim is not None else t
+
+
+def _rebuilt(like: tuple | list, parts: list) -> tuple | list:
+    """``parts`` in the container type of ``like`` (a tuple, named tuple or list)."""
+    return like._make(parts) if hasattr(like, "_make") else type(like)(parts)
