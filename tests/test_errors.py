@@ -253,3 +253,23 @@ def test_bad_inputs_and_model(model):
         torchfim.fisher(frozen, mlp_inputs(2))
     with pytest.raises(TorchfimError, match="targets must have shape|class index"):
         torchfim.fisher(model, mlp_inputs(4), estimator="empirical", targets=torch.tensor([0, 1]))
+
+
+class _FixedBatch(nn.Module):
+    """A forward with the batch size written into it: it runs on 8 inputs only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)).view(8, 4))
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_a_forward_with_a_fixed_batch_size_is_named_with_the_fix(backend: str) -> None:
+    """Before, the error came from inside the model's forward on the sub-batch torchfim checks."""
+    model, x = _FixedBatch().double(), torch.randn(8, 3, dtype=torch.float64)
+    model(x)  # the mini-batch itself runs
+    with pytest.raises(TorchfimError, match=r"mini-batch of 8 inputs but failed on \d of them .*x.view\(x.shape\[0\], -1\)"):
+        torchfim.fisher(model, x, structure="diag", backend=backend)

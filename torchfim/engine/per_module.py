@@ -32,7 +32,7 @@ from .recording import ModuleRecording, may_attend, record_calls
 from .row_groups import groups_of_rows
 from .second_order import UnitHessians
 from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
-from .view import PARAMETERS_CHANGED, ModelView
+from .view import PARAMETERS_CHANGED, ModelView, fewer_inputs
 
 WRONGLY_BATCHED = ("torchfim: torch.func's per-sample gradients of module {!r} ({}) differ from autograd's, "
                    "sample by sample (a batching rule of this torch build gives wrong numbers); they are computed "
@@ -103,7 +103,9 @@ class PerModuleBackend(Backend):
             for i in rule.params.values():
                 self.uses[i] = self.uses.get(i, 0) + 1
         if not self._verified and all_finite(rec.values):  # else the family check refuses
-            if self._verify(self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)):
+            with fewer_inputs(min(2, batch.size), batch.size):
+                few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
+            if self._verify(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
             self._verified = True
             paths = {m: p for p, m in self.view.model.named_modules()}

@@ -52,6 +52,22 @@ STALE_MODULES = (
 
 
 @contextmanager
+def fewer_inputs(size: int, full: int) -> Iterator[None]:
+    """While the block runs a forward on ``size`` of a mini-batch's ``full`` inputs, a RuntimeError becomes
+    an error that says the forward must take any number of inputs (a batch size fixed in it)."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise TorchfimError(
+            f"the model's forward ran on a mini-batch of {full} inputs but failed on {size} of them "
+            f"({str(err).splitlines()[0][:160]}); torchfim also calls it on fewer inputs (to check that samples "
+            "are independent, and on sub-batches where memory asks), so the forward must take any number of "
+            "inputs: look for a batch size fixed in it, such as x.view(16, -1) where x.view(x.shape[0], -1) "
+            "or x.flatten(1) is meant"
+        ) from err
+
+
+@contextmanager
 def engine_session() -> Iterator[None]:
     """Hold :data:`ENGINE_LOCK` with the caller's ``torch.autocast`` switched off: torchfim computes in
     the model's dtype (forwards, per-module rules and families alike)."""
@@ -340,7 +356,8 @@ class ModelView:
             return checked
         take = min(batch.size - 1, 4 - checked)
         rows = torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)
-        alone = self.flat(self._reached(batch.rows(rows)))
+        with fewer_inputs(take, batch.size):
+            alone = self.flat(self._reached(batch.rows(rows)))
         ref = out[rows]
         scale = ref.abs().amax().clamp_min(1.0).float()
         tol = 1e3 * torch.finfo(ref.dtype).eps * scale
