@@ -20,27 +20,32 @@ from torchfim.engine.modules.recurrent import RecurrentRule
 from torchfim.engine.per_module import PerModuleBackend
 
 KINDS = {"rnn_tanh": lambda **kw: nn.RNN(nonlinearity="tanh", **kw), "rnn_relu": lambda **kw: nn.RNN(nonlinearity="relu", **kw),
-         "gru": nn.GRU, "lstm": nn.LSTM}
+         "gru": nn.GRU, "lstm": nn.LSTM, "lstm_proj": lambda **kw: nn.LSTM(proj_size=3, **kw)}
 
 
 class _Recurrent(nn.Module):
     """A recurrent layer whose output sequence (mean over steps) and final hidden state both reach the
-    three logits; ``initial``: the initial states come from the input (per sample)."""
+    three logits; ``initial``: the initial states come from the input (per sample). ``lstm_proj``: an LSTM
+    with ``proj_size``, whose hidden states are projected (a third map per layer and direction)."""
 
     def __init__(self, kind: str, batch_first: bool, bidirectional: bool, bias: bool, initial: bool) -> None:
         super().__init__()
         self.rnn = KINDS[kind](input_size=3, hidden_size=4, num_layers=2, batch_first=batch_first,
                                bidirectional=bidirectional, bias=bias)
-        d = 2 if bidirectional else 1
-        self.start = nn.Linear(3, 2 * d * 4) if initial else None
-        self.head = nn.Linear(d * 4 + 4, 3)
+        d, width = 2 if bidirectional else 1, getattr(self.rnn, "proj_size", 0) or 4
+        self.start = nn.Linear(3, 2 * d * width) if initial else None
+        self.cells = nn.Linear(3, 2 * d * 4) if initial and isinstance(self.rnn, nn.LSTM) else None
+        self.head = nn.Linear(d * width + width, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = x if self.rnn.batch_first else x.transpose(0, 1)
         hx = None
         if self.start is not None:
-            h0 = torch.tanh(self.start(x[:, 0])).reshape(x.shape[0], -1, 4).transpose(0, 1).contiguous()
-            hx = (h0, h0.flip(0).contiguous()) if isinstance(self.rnn, nn.LSTM) else h0
+            states = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)  # (layers·directions, B, ·)
+            h0 = torch.tanh(self.start(x[:, 0])).reshape(x.shape[0], states, -1).transpose(0, 1).contiguous()
+            hx = h0
+            if self.cells is not None:  # an LSTM's cell states, (layers·directions, B, hidden)
+                hx = (h0, self.cells(x[:, 0]).reshape(x.shape[0], states, 4).transpose(0, 1).contiguous())
         out, state = self.rnn(seq, hx)
         h_n = state[0] if isinstance(state, tuple) else state
         out = out if self.rnn.batch_first else out.transpose(0, 1)

@@ -13,9 +13,11 @@ step by step in torch operations, which keeps each layer's input and previous hi
 ``a`` (one tensor per layer and direction) and every ``r_t`` taps of the call, so the engine's backward
 of the output vectors delivers the ``δ`` with everything else.
 
+An LSTM with ``proj_size`` projects each step's hidden state, ``h_t = W_hr m_t`` with ``m_t = o_t ⊙
+tanh(c_t)``: a third map, ``∂/∂W_hr = Σ_t δ^h_t m_tᵀ`` with ``δ^h_t = ∂(vᵀo)/∂h_t``.
+
 Covered: batched tensor inputs (either ``batch_first``), any number of layers, both directions, with or
-without biases, initial states given or zero, dropout between layers inactive, LSTM without
-``proj_size``. Other calls (a ``PackedSequence``, an unbatched input) run the module's own forward and
+without biases, initial states given or zero, dropout between layers inactive. Other calls (a ``PackedSequence``, an unbatched input) run the module's own forward and
 go to the generic rule. The cells (``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell``) are one step of the
 same: each call has its ``a`` and ``r`` as taps (one position), and a cell called at every step of a
 loop gets the sum of its calls, as any module called more than once. (Their own outputs would not do:
@@ -27,6 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +43,8 @@ _CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
 
 
 def recurrent_supported(module: nn.Module) -> bool:
-    """``nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` (the last without ``proj_size``), and their cells."""
-    return isinstance(module, _CELLS) or (isinstance(module, _LAYERS) and not getattr(module, "proj_size", 0))
+    """``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``, and their cells."""
+    return isinstance(module, _CELLS + _LAYERS)
 
 
 def covers_call(module: nn.Module, input: object) -> bool:
@@ -53,40 +56,59 @@ def covers_call(module: nn.Module, input: object) -> bool:
     return isinstance(input, Tensor) and input.dim() == 3 and not dropout
 
 
-def _names(layer: int, direction: int) -> tuple[str, str, str, str]:
+@dataclass
+class _Map:
+    """One linear map of a recurrent layer in a recorded call: its weight's and bias's local names, its
+    inputs ``(B, T, in)`` and how many taps it has (one ``(B, T, out)`` for the input map, one ``(B, out)``
+    per step for the others)."""
+
+    weight: str
+    bias: str
+    inputs: Tensor
+    taps: int
+
+
+def _names(layer: int, direction: int) -> tuple[str, ...]:
     suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    return tuple(f"{kind}{suffix}" for kind in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+    return tuple(f"{kind}{suffix}" for kind in ("weight_ih", "bias_ih", "weight_hh", "bias_hh", "weight_hr"))
+
+
+def _kept(names: tuple[str, ...], trained: set[str], groups: list[tuple[list[Tensor], Tensor]],
+          taps: list[Tensor], kept: list[_Map]) -> None:
+    """Add to ``taps`` and ``kept`` the maps (input map, hidden map, projection) with a trained parameter:
+    ``groups`` gives each one's taps and inputs."""
+    for (weight, bias), (mine, inputs) in zip(((names[0], names[1]), (names[2], names[3]), (names[4], "")), groups):
+        if mine and {weight, bias} & trained:
+            taps.extend(mine)
+            kept.append(_Map(weight, bias, inputs, len(mine)))
 
 
 def run_stepwise(module: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None,
-                 trained: set[str] | None = None) -> tuple[object, list[Tensor], list[tuple]]:
+                 trained: set[str] | None = None) -> tuple[object, list[Tensor], list[_Map]]:
     """The layer's forward on a covered call, step by step in torch operations: its outputs as the module
-    returns them, and, with ``trained`` (the local names of its trainable parameters), the taps ``a`` and
-    ``r_t`` of the maps with a trained parameter, and per layer and direction its names, input (B, T, in),
-    previous hidden states (B, T, H) in step order and number of taps."""
+    returns them, and, with ``trained`` (the local names of its trainable parameters), the taps of the maps
+    with a trained parameter and those maps (:class:`_Map`)."""
     x = input if module.batch_first else input.transpose(0, 1)  # (B, T, in)
     lstm, directions = isinstance(module, nn.LSTM), 2 if module.bidirectional else 1
     if hx is None:
-        zeros = x.new_zeros(module.num_layers * directions, x.shape[0], module.hidden_size)
-        hx = (zeros, zeros) if lstm else zeros
+        h0 = x.new_zeros(module.num_layers * directions, x.shape[0], getattr(module, "proj_size", 0) or module.hidden_size)
+        hx = (h0, x.new_zeros(module.num_layers * directions, x.shape[0], module.hidden_size)) if lstm else h0
     h0, c0 = hx if lstm else (hx, None)
     taps: list[Tensor] = []
-    kept: list[tuple] = []
+    kept: list[_Map] = []
     finals_h, finals_c = [], []
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
             names = _names(layer, direction)
-            hs, (h, c), previous, a, rs = _direction(module, x, names, direction, h0[k], None if c0 is None else c0[k],
-                                                     trained is not None)
+            hs, (h, c), groups = _direction(module, x, names, direction, h0[k], None if c0 is None else c0[k],
+                                            trained is not None)
             outputs.append(hs)
             finals_h.append(h)
             finals_c.append(c)
             if trained is not None:
-                mine = ([a] if {names[0], names[1]} & trained else []) + (rs if {names[2], names[3]} & trained else [])
-                taps.extend(mine)
-                kept.append((names, x.detach(), previous, len(mine)))
+                _kept(names, trained, groups, taps, kept)
         x = torch.cat(outputs, -1) if len(outputs) > 1 else outputs[0]
     out = x if module.batch_first else x.transpose(0, 1)
     h_n = torch.stack(finals_h)
@@ -94,47 +116,53 @@ def run_stepwise(module: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Te
 
 
 def run_cell(module: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None,
-             trained: set[str] | None = None) -> tuple[object, list[Tensor], list[tuple]]:
-    """One step of a cell on a covered call, as :func:`run_stepwise` returns a layer's: its outputs, and with
-    ``trained`` the taps ``a`` (B, 1, G·H) and ``r`` (B, G·H) of the maps with a trained parameter, and one
-    entry of names, input (B, 1, in), previous hidden state (B, 1, H) and number of taps."""
+             trained: set[str] | None = None) -> tuple[object, list[Tensor], list[_Map]]:
+    """One step of a cell on a covered call, as :func:`run_stepwise` returns a layer's (one position)."""
     lstm = isinstance(module, nn.LSTMCell)
     if hx is None:
         zeros = input.new_zeros(input.shape[0], module.hidden_size)
         hx = (zeros, zeros) if lstm else zeros
     h, c = hx if lstm else (hx, None)
-    names = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
     a = F.linear(input.unsqueeze(1), module.weight_ih, module.bias_ih)  # one position: the layers' layout
     r = F.linear(h, module.weight_hh, module.bias_hh)
-    h, c = _cell(module, a[:, 0], r, h, c)
-    taps, kept = [], []
+    out, c = _cell(module, a[:, 0], r, h, c)
+    taps: list[Tensor] = []
+    kept: list[_Map] = []
     if trained is not None:
-        taps = ([a] if {names[0], names[1]} & trained else []) + ([r] if {names[2], names[3]} & trained else [])
-        kept = [(names, input.unsqueeze(1).detach(), hx[0].unsqueeze(1).detach() if lstm else hx.unsqueeze(1).detach(),
-                 len(taps))]
-    return ((h, c) if lstm else h), taps, kept
+        names = ("weight_ih", "bias_ih", "weight_hh", "bias_hh", "")
+        _kept(names, trained, [([a], input.unsqueeze(1).detach()), ([r], h.unsqueeze(1).detach())], taps, kept)
+    return ((out, c) if lstm else out), taps, kept
 
 
 def _direction(module: nn.Module, x: Tensor, names: tuple[str, ...], reverse: int, h: Tensor, c: Tensor | None,
-               keep: bool) -> tuple[Tensor, tuple[Tensor, Tensor | None], Tensor | None, Tensor, list[Tensor]]:
-    """One direction of one layer over ``x`` (B, T, in): its hidden states (B, T, H), final states, the
-    previous hidden states (B, T, H) in step order (``keep``, else None), ``a`` and the ``r_t`` in step order."""
-    w_ih, b_ih, w_hh, b_hh = (getattr(module, n) if hasattr(module, n) else None for n in names)
+               keep: bool) -> tuple[Tensor, tuple[Tensor, Tensor | None], list[tuple[list[Tensor], Tensor | None]]]:
+    """One direction of one layer over ``x`` (B, T, in): its hidden states (B, T, H), final states, and per
+    map (input, hidden, projection) its taps in step order and its inputs (B, T, ·) (``keep``, else None)."""
+    w_ih, b_ih, w_hh, b_hh, w_hr = (getattr(module, n) if hasattr(module, n) else None for n in names)
     a = F.linear(x, w_ih, b_ih)
     # unbind, not a[:, t]: autograd adds the steps' gradients in one stack, where each select's backward
     # would fill a zero tensor the size of ``a`` (T of them: 89% of an LSTM's exact diagonal)
     a_steps = a.unbind(1)
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
     states: list[Tensor | None] = [None] * x.shape[1]
-    previous, rs = [], []
+    previous, rs, unprojected, ps = [], [], [], []
     for t in steps:
         if keep:
             previous.append(h.detach())
         r = F.linear(h, w_hh, b_hh)
         rs.append(r)
         h, c = _cell(module, a_steps[t], r, h, c)
+        if w_hr is not None:  # an LSTM with proj_size: h = W_hr (o ⊙ tanh c)
+            unprojected.append(h.detach())
+            h = F.linear(h, w_hr)
+            ps.append(h)
         states[t] = h
-    return torch.stack(states, 1), (h, c), torch.stack(previous, 1) if keep else None, a, rs
+
+    def stacked(ts: list[Tensor]) -> Tensor | None:
+        return torch.stack(ts, 1) if keep and ts else None
+
+    groups = [([a], x.detach()), (rs, stacked(previous)), (ps, stacked(unprojected))]
+    return torch.stack(states, 1), (h, c), groups
 
 
 def _cell(module: nn.Module, a: Tensor, r: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -215,11 +243,8 @@ class RecurrentRule(Rule):
         if "parts" not in call.cache:
             return self.generic.grads(call, sens, rows)
         out: Grads = {}
-        for names, x, previous, delta_a, delta_r in self._prepared(call, sens):
-            if delta_a is not None:
-                positions_grads(self, delta_a[:, rows], x[rows], names[0], names[1], out)
-            if delta_r is not None:
-                positions_grads(self, delta_r[:, rows], previous[rows], names[2], names[3], out)
+        for linear, delta in self._prepared(call, sens):
+            positions_grads(self, delta[:, rows], as_float(linear.inputs[rows]), linear.weight, linear.bias, out)
         return out
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
@@ -227,33 +252,29 @@ class RecurrentRule(Rule):
         if "parts" not in call.cache:
             return None
         out: Grads = {}
-        for names, x, previous, delta_a, delta_r in self._prepared(call, sens):
-            for delta, inputs, (weight, bias) in ((delta_a, x, names[:2]), (delta_r, previous, names[2:])):
-                if delta is None:
-                    continue
-                w, b = positions_squares(delta, inputs, weight in self.params)
-                if weight in self.params:
-                    out[self.params[weight]] = w.T.reshape(-1)
-                if bias in self.params:
-                    out[self.params[bias]] = b
+        for linear, delta in self._prepared(call, sens):
+            w, b = positions_squares(delta, linear.inputs, linear.weight in self.params)
+            if linear.weight in self.params:
+                out[self.params[linear.weight]] = w.T.reshape(-1)
+            if linear.bias in self.params:
+                out[self.params[linear.bias]] = b
         return out
 
-    def _prepared(self, call: Call, sens: list[Tensor | None]) -> list[tuple]:
-        """Per layer and direction: names, input (B, T, in), previous states (B, T, H), ``δ^a`` and ``δ^r``
-        (m, B, T, G·H) or None where not trained; once per call and group of vectors."""
+    def _prepared(self, call: Call, sens: list[Tensor | None]) -> list[tuple[_Map, Tensor]]:
+        """Per map: the map and its sensitivities ``δ`` (m, B, T, out), the steps' stacked; once per call
+        and group of vectors."""
         cached = call.cache.get("prepared")
         if cached is not None and cached[0] is sens:
             return cached[1]
-        parts = sens[len(sens) - len(call.cache["parts"]):]
         taps = call.cache["parts"]
+        parts = sens[len(sens) - len(taps):]
         prepared, k = [], 0
-        for names, x, previous, count in call.cache["kept"]:
-            mine, shapes = parts[k : k + count], taps[k : k + count]
-            k += count
-            mine = [s if s is not None else t.new_zeros(_vectors(sens), *t.shape) for s, t in zip(mine, shapes)]
-            delta_a = as_float(mine.pop(0)) if {names[0], names[1]} & set(self.params) else None
-            delta_r = as_float(torch.stack(mine, 2)) if mine else None
-            prepared.append((names, as_float(x), as_float(previous), delta_a, delta_r))
+        for linear in call.cache["kept"]:
+            mine = [s if s is not None else t.new_zeros(_vectors(sens), *t.shape)
+                    for s, t in zip(parts[k : k + linear.taps], taps[k : k + linear.taps])]
+            k += linear.taps
+            delta = mine[0] if taps[k - 1].dim() == 3 else torch.stack(mine, 2)  # the input map's one tap is (B, T, ·)
+            prepared.append((linear, as_float(delta)))
         call.cache["prepared"] = (sens, prepared)
         return prepared
 
