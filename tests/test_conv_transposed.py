@@ -11,13 +11,12 @@ import warnings
 
 import pytest
 import torch
+from engine_checks import assert_equals_dense, module_rules, torchfim_messages
 from oracles import exact_fisher
 from torch import nn
 
 import torchfim
-from torchfim.engine import ModelView, batches
 from torchfim.engine.modules.conv import ConvRule
-from torchfim.engine.per_module import PerModuleBackend
 
 
 class _Decoder(nn.Module):
@@ -56,20 +55,9 @@ def test_transposed_and_3d_convolutions_equal_the_dense_oracle_on_the_conv_rule(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = torchfim.fisher(model, x, structure=structure)
-    assert [str(w.message) for w in caught if str(w.message).startswith("torchfim")] == []
-    full = exact_fisher(model, x, "categorical")
-    if structure == "diag":
-        assert torch.allclose(got, torch.diagonal(full), rtol=1e-10, atol=1e-14)
-    else:
-        start = 0
-        for name, p in model.named_parameters():
-            block = full[start : start + p.numel(), start : start + p.numel()]
-            assert torch.allclose(got[name], block, rtol=1e-10, atol=1e-14), name
-            start += p.numel()
-    view = ModelView(model)
-    backend = PerModuleBackend(view)
-    backend.record(next(batches(x, None, view.device, view.dtype)))
-    rules = {p: r for p, m in view.model.named_modules() for mm, r in backend.rules.items() if mm is m}
+    assert torchfim_messages(caught) == []
+    assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, structure)
+    backend, rules = module_rules(model, x)
     assert not backend.moved and isinstance(rules["up"], ConvRule) and isinstance(rules["down"], ConvRule)
 
 

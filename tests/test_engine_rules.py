@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from cases import BY_NAME, CASES, Gate, TokenModel
+from engine_checks import module_rules
 from torch import nn
 
 import torchfim
@@ -23,11 +24,7 @@ from torchfim.engine.per_module import PerModuleBackend
 
 
 def _rules(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
-    view = ModelView(model)
-    backend = PerModuleBackend(view)
-    backend.record(next(batches(x, None, view.device, view.dtype)))
-    paths = {m: p for p, m in view.model.named_modules()}
-    return {paths[m]: type(r).__name__ for m, r in backend.rules.items()}
+    return {path: type(rule).__name__ for path, rule in module_rules(model, x)[1].items()}
 
 
 def _assert_equals_functional(model: nn.Module, x: torch.Tensor, estimator: str, seed: int,

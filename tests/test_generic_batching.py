@@ -14,14 +14,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_checks import assert_equals_dense, module_rules, torchfim_messages
 from oracles import exact_fisher
 from torch import nn
 
 import torchfim
-from torchfim.engine import ModelView, batches
 from torchfim.engine.modules import GenericRule
 from torchfim.engine.modules.prelu import PReLURule
-from torchfim.engine.per_module import PerModuleBackend
 
 
 class _OwnPReLU(nn.Module):
@@ -53,19 +52,11 @@ class _ConvNet(nn.Module):
         return self.head(self.act(self.conv(x)).flatten(1))
 
 
-def _rules(model: nn.Module, x: torch.Tensor) -> tuple[PerModuleBackend, dict]:
-    view = ModelView(model)
-    backend = PerModuleBackend(view)
-    backend.record(next(batches(x, None, view.device, view.dtype)))
-    paths = {m: p for p, m in view.model.named_modules()}
-    return backend, {paths[m]: r for m, r in backend.rules.items()}
-
-
 def _diag_warnings(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         diag = torchfim.fisher(model, x, structure="diag")
-    return diag, [str(w.message) for w in caught if str(w.message).startswith("torchfim")]
+    return diag, torchfim_messages(caught)
 
 
 def test_a_generic_rule_whose_batched_products_are_wrong_loops_over_samples_and_keeps_its_place(monkeypatch) -> None:
@@ -78,7 +69,7 @@ def test_a_generic_rule_whose_batched_products_are_wrong_loops_over_samples_and_
     diag, caught = _diag_warnings(model, x)
     assert len(caught) == 1 and "'act' (_OwnPReLU)" in caught[0] and "one sample at a time" in caught[0]
     assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
-    backend, rules = _rules(model, x)
+    backend, rules = module_rules(model, x)
     assert not backend.moved and rules["act"].unbatchable
     assert type(rules["inner"]).__name__ == type(rules["head"]).__name__ == "LinearRule"
     _, again = _diag_warnings(model, x)
@@ -92,7 +83,7 @@ def test_a_generic_rule_with_right_batched_products_is_not_looped() -> None:
     model, x = _Net(_OwnPReLU(4)).double(), torch.randn(6, 3, dtype=torch.float64)
     diag, _ = _diag_warnings(model, x)
     assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
-    backend, _ = _rules(model, x)
+    backend, _ = module_rules(model, x)
     assert not backend.moved
 
 
@@ -109,17 +100,9 @@ def test_prelu_rule_equals_the_dense_oracle(slopes: int, conv: bool, structure: 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = torchfim.fisher(model, x, structure=structure)
-    assert not [w for w in caught if str(w.message).startswith("torchfim")]
-    full = exact_fisher(model, x, "categorical")
-    if structure == "diag":
-        assert torch.allclose(got, torch.diagonal(full), rtol=1e-10, atol=1e-14)
-    else:
-        start = 0
-        for name, p in model.named_parameters():
-            block = full[start : start + p.numel(), start : start + p.numel()]
-            assert torch.allclose(got[name], block, rtol=1e-10, atol=1e-14), name
-            start += p.numel()
-    assert isinstance(_rules(model, x)[1]["act"], PReLURule)
+    assert torchfim_messages(caught) == []
+    assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, structure)
+    assert isinstance(module_rules(model, x)[1]["act"], PReLURule)
 
 
 class _KeyValueDims(nn.Module):
@@ -144,6 +127,6 @@ def test_attention_the_generic_rule_covers_takes_its_out_projection_without_a_mo
     diag, caught = _diag_warnings(model, x)
     assert caught == []
     assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
-    backend, rules = _rules(model, x)
+    backend, rules = module_rules(model, x)
     assert not backend.moved and "attend.out_proj" not in rules
     assert isinstance(rules["attend"], GenericRule) and {"out_proj.weight", "q_proj_weight"} <= set(rules["attend"].params)

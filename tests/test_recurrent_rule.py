@@ -12,12 +12,11 @@ import warnings
 
 import pytest
 import torch
+from engine_checks import assert_equals_dense, module_rules, torchfim_messages
 from torch import nn
 
 import torchfim
-from torchfim.engine import ModelView, batches
 from torchfim.engine.modules.recurrent import RecurrentRule
-from torchfim.engine.per_module import PerModuleBackend
 
 KINDS = {"rnn_tanh": lambda **kw: nn.RNN(nonlinearity="tanh", **kw), "rnn_relu": lambda **kw: nn.RNN(nonlinearity="relu", **kw),
          "gru": nn.GRU, "lstm": nn.LSTM, "lstm_proj": lambda **kw: nn.LSTM(proj_size=3, **kw)}
@@ -73,23 +72,6 @@ def _oracle(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     return exact, scores.T @ scores / len(x)
 
 
-def _blocks(full: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out[name] = full[start : start + p.numel(), start : start + p.numel()]
-            start += p.numel()
-    return out
-
-
-def _rules(model: nn.Module, x: torch.Tensor) -> tuple[PerModuleBackend, dict]:
-    view = ModelView(model)
-    backend = PerModuleBackend(view)
-    backend.record(next(batches(x, None, view.device, view.dtype)))
-    paths = {m: p for p, m in view.model.named_modules()}
-    return backend, {paths[m]: r for m, r in backend.rules.items()}
-
-
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize(("batch_first", "bidirectional", "bias", "initial"), [
     (True, False, True, False), (False, True, True, True), (True, True, False, True), (False, False, True, True)])
@@ -106,12 +88,11 @@ def test_recurrent_rule_equals_the_dense_oracle(kind: str, batch_first: bool, bi
         diag = torchfim.fisher(model, x, structure="diag")
         blocks = torchfim.fisher(model, x, structure="blocks")
         emp = torchfim.fisher(model, x, estimator="empirical", targets=y, structure="diag")
-    assert [str(w.message) for w in caught if str(w.message).startswith("torchfim")] == []
+    assert torchfim_messages(caught) == []
     assert torch.allclose(diag, torch.diagonal(exact), rtol=1e-10, atol=1e-14)
     assert torch.allclose(emp, torch.diagonal(empirical), rtol=1e-10, atol=1e-14)
-    for name, block in _blocks(exact, model).items():
-        assert torch.allclose(blocks[name], block, rtol=1e-10, atol=1e-14), name
-    backend, rules = _rules(model, x)
+    assert_equals_dense(blocks, exact, model, "blocks")
+    backend, rules = module_rules(model, x)
     assert not backend.moved and isinstance(rules["rnn"], RecurrentRule)
 
 
@@ -207,11 +188,10 @@ def test_cells_called_in_a_loop_equal_the_dense_oracle_on_their_rule(kind: str, 
             assert torch.allclose(diag, torch.diagonal(exact), rtol=1e-10, atol=1e-14), backend
         blocks = torchfim.fisher(model, x, structure="blocks")
         emp = torchfim.fisher(model, x, estimator="empirical", targets=y, structure="diag")
-    assert [str(w.message) for w in caught if str(w.message).startswith("torchfim")] == []
+    assert torchfim_messages(caught) == []
     assert torch.allclose(emp, torch.diagonal(empirical), rtol=1e-10, atol=1e-14)
-    for name, block in _blocks(exact, model).items():
-        assert torch.allclose(blocks[name], block, rtol=1e-10, atol=1e-14), name
-    backend, rules = _rules(model, x)
+    assert_equals_dense(blocks, exact, model, "blocks")
+    backend, rules = module_rules(model, x)
     assert not backend.moved and isinstance(rules["cell"], RecurrentRule)
 
 
@@ -244,7 +224,7 @@ def test_the_generic_rule_cuts_tuple_arguments_per_sample() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         diag = torchfim.fisher(model, x, structure="diag")
-    assert [str(w.message) for w in caught if str(w.message).startswith("torchfim")] == []
+    assert torchfim_messages(caught) == []
     assert torch.allclose(diag, torch.diagonal(exact), rtol=1e-10, atol=1e-14)
-    backend, rules = _rules(model, x)
+    backend, rules = module_rules(model, x)
     assert not backend.moved and type(rules["pair"]).__name__ == "GenericRule"

@@ -1,0 +1,34 @@
+"""Checks the engine's rule tests share: which rule each module got, and a Fisher against the dense oracle."""
+
+from __future__ import annotations
+
+import torch
+from oracles import blocks
+from torch import nn
+
+from torchfim.engine import ModelView, batches
+from torchfim.engine.per_module import PerModuleBackend
+
+
+def module_rules(model: nn.Module, x: torch.Tensor) -> tuple[PerModuleBackend, dict]:
+    """The per-module backend after recording ``x`` once (the coverage check done), and its rules by the
+    path of their module."""
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    backend.record(next(batches(x, None, view.device, view.dtype)))
+    paths = {m: p for p, m in view.model.named_modules()}
+    return backend, {paths[m]: r for m, r in backend.rules.items()}
+
+
+def assert_equals_dense(got: torch.Tensor | dict, full: torch.Tensor, model: nn.Module, structure: str) -> None:
+    """``got`` (a diagonal, or blocks by parameter name) equals the dense ``full`` to 1e-10."""
+    if structure == "diag":
+        assert torch.allclose(got, torch.diagonal(full), rtol=1e-10, atol=1e-14)
+        return
+    for name, block in blocks(full, model).items():
+        assert torch.allclose(got[name], block, rtol=1e-10, atol=1e-14), name
+
+
+def torchfim_messages(caught: list) -> list[str]:
+    """The messages of torchfim's own warnings among ``caught``."""
+    return [str(w.message) for w in caught if str(w.message).startswith("torchfim")]
