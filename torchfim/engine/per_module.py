@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import TorchfimError, all_finite, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
-from .coverage import DETACHED, cause_of, missed, moved_message, names_of, nearest_called
+from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
 from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, build_rules
 from .modules.base import as_float
@@ -34,9 +34,6 @@ from .second_order import UnitHessians
 from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
 from .view import PARAMETERS_CHANGED, ModelView, fewer_inputs
 
-WRONGLY_BATCHED = ("torchfim: torch.func's per-sample gradients of module {!r} ({}) differ from autograd's, "
-                   "sample by sample (a batching rule of this torch build gives wrong numbers); they are computed "
-                   "one sample at a time, which is correct but slower")
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
 CACHE_ELEMENTS = 2**21
 #: Per user model: its parameters' identities, the parameters moved to another module's generic rule
@@ -191,16 +188,20 @@ class PerModuleBackend(Backend):
         return self.moved != before
 
     def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int]) -> bool:
-        """Give the generic rules among ``misses``' whose torch.func products differ from autograd's, one
-        sample at a time, a loop (a batching rule of torch that gives wrong numbers, as PReLU's backward
-        under nested vmap in torch 2.13); True when some were found."""
-        wrong = {rule.module for (rule, call), s in zip(rec.calls, self._sensitivities(rec, v))
-                 if isinstance(rule, GenericRule) and not rule.unbatchable and misses & set(rule.params.values())
-                 and not rule.batches_correctly(call, s)}
+        """Compute one sample at a time each generic rule among those of the missed parameters whose
+        torch.func products differ from autograd's (a batching rule of torch that gives wrong numbers, as
+        PReLU's backward under nested vmap in torch 2.13); True when some were found."""
+        suspects = [k for k, (rule, _) in enumerate(rec.calls)
+                    if isinstance(rule, GenericRule) and not rule.unbatchable and misses & set(rule.params.values())]
+        if not suspects:
+            return False
+        sens = self._sensitivities(rec, v)
+        wrong = {rec.calls[k][0].module for k in suspects if not rec.calls[k][0].batches_correctly(rec.calls[k][1], sens[k])}
         for module in wrong:
             warn_user(WRONGLY_BATCHED.format(self.rules[module].path, type(module).__name__))
-        self.looped |= wrong
-        self.rules = self._build_rules(self.moved) if wrong else self.rules
+        if wrong:
+            self.looped |= wrong
+            self.rules = self._build_rules(self.moved)
         return bool(wrong)
 
     def _failing(self, rec: ModuleRecording, v: Tensor, probation: set[nn.Module]) -> set[nn.Module]:
