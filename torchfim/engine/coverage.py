@@ -28,14 +28,14 @@ from torch import Tensor, nn
 
 from .modules import Call, Rule
 
-#: Warned once per model (by the per-module backend): modules with trainable parameters whose outputs carry
-#: no autograd history.
 #: A generic rule whose torch.func products differ from autograd's, sample by sample.
 WRONGLY_BATCHED = (
     "torchfim: torch.func's per-sample gradients of module {!r} ({}) differ from autograd's, sample by sample "
     "(a batching rule of this torch build gives wrong numbers); they are computed one sample at a time, which is "
     "correct but slower"
 )
+#: Warned once per model (by the per-module backend): modules with trainable parameters whose outputs carry
+#: no autograd history.
 DETACHED = (
     "torchfim: module(s) {} ran without autograd (inside torch.no_grad, or a torch.utils.checkpoint with "
     "use_reentrant=True whose inputs do not require grad), so no output depends on their parameters through "
