@@ -24,10 +24,12 @@ from ..errors import TorchfimError, all_finite, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
 from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
+from .factored import shared_squared_norms
 from .functional import FunctionalBackend
 from .modules import Call, GenericRule, LinearRule, Rule, build_rules
 from .modules.base import as_float
-from .pullback import Consumer, consumable, pull_back
+from .modules.linear import total_of
+from .pullback import Consumer, consumable, handed_to, pull_back
 from .recording import ModuleRecording, may_attend, record_calls
 from .row_groups import groups_of_rows
 from .second_order import UnitHessians
@@ -316,11 +318,13 @@ class PerModuleBackend(Backend):
 
     def _walk(self, rec: ModuleRecording, v: Tensor, fast: Callable[[Rule, Call, list], object | None],
               on_fast: Callable[[slice, object], None], on_grads: Callable[[slice, slice, Pieces], None],
-              last: bool = False) -> None:
+              last: bool = False, on_norms: Callable[[slice, Pieces], None] | None = None) -> None:
         """Every call's products for ``v``: a rule's shortcut ``fast`` where it has one and the call is
         its parameters' only use (``on_fast(vecs, result)``), else per-sample gradients in chunks
-        (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first. ``last``:
-        the recording's last use; where it streams, its final pull-back frees it as it goes."""
+        (``on_grads(rows, vecs, grads)``), summed over the calls of a shared parameter first; with
+        ``on_norms`` (squared norms asked for), a shared parameter's norms from its uses' factors where they
+        have them (:mod:`.factored`; ``on_norms(vecs, {index: (B, m)})``). ``last``: the recording's last
+        use; where it streams, its final pull-back frees it as it goes."""
         streamed = self._streamed(rec)
         last = last and bool(streamed)  # a small recording stays: freeing it early only moves glibc's trims
         for vecs in self._groups(rec, v.shape[1], False):
@@ -334,7 +338,7 @@ class PerModuleBackend(Backend):
                 for rows, grads in self._single_chunks(rule, call, s, m):
                     on_grads(rows, vecs, grads)
 
-            consumers = {k: _handed_to(visit, *rec.calls[k]) for k in streamed} if m == 1 else {}
+            consumers = {k: handed_to(visit, *rec.calls[k]) for k in streamed} if m == 1 else {}
             sens = self._sensitivities(rec, v[:, vecs], consumers, release=last and vecs.stop == v.shape[1])
             shared: set[int] = set()
             for (rule, call), s in zip(rec.calls, sens):
@@ -344,6 +348,10 @@ class PerModuleBackend(Backend):
                     shared.update(rule.params.values())
                     continue
                 visit(rule, call, s)
+            factored = shared_squared_norms(rec.calls, sens, shared, self.layout.sizes) if on_norms and shared else {}
+            if factored:
+                on_norms(vecs, factored)
+                shared -= set(factored)
             if shared:  # parameters of several calls: their gradients are summed before squaring
                 step = self._row_step(m, CHUNK_ELEMENTS, shared)
                 for start in range(0, rec.batch.size, step):
@@ -382,7 +390,8 @@ class PerModuleBackend(Backend):
             for g in grads.values():
                 total[0][rows, vecs] += as_float(g).square().sum(-1).to(wide)
 
-        self._walk(rec, v, lambda r, c, s: r.sample_squares(c, s), from_fast, from_grads, last)
+        self._walk(rec, v, lambda r, c, s: r.sample_squares(c, s), from_fast, from_grads, last,
+                   lambda vecs, norms: from_fast(vecs, total_of(norms)))
         if not total and list(fast) == [0] and fast[0].shape[1] == v.shape[1]:
             return fast[0]  # one group, all shortcuts (a small window's usual case): no sums into slices
         out = total[0] if total else v.new_zeros(v.shape[0], v.shape[1], dtype=wide)
@@ -402,7 +411,7 @@ class PerModuleBackend(Backend):
             for i, g in grads.items():
                 out[i][rows, vecs] += as_float(g).square().sum(-1).to(wide)
 
-        self._walk(rec, v, lambda r, c, s: r.tensor_sample_squares(c, s), from_fast, from_grads)
+        self._walk(rec, v, lambda r, c, s: r.tensor_sample_squares(c, s), from_fast, from_grads, on_norms=from_fast)
         return dict(out)
 
     def _dense_split(self, rec: ModuleRecording) -> tuple[list[tuple[Rule, Call, int]], set[int]]:
@@ -465,13 +474,10 @@ class PerModuleBackend(Backend):
         if self._last_units is None or self._last_units[0] is not batch:
             curved = self.curved(batch)
             kept = set(curved)
-            layers = [(r, c) for r, c in self.dense_layers(self.record(batch)) if kept.intersection(r.params.values())]
+            # dense Linear layers whose parameters only that call uses: their unit Hessians factor
+            layers = [(r, c) for r, c, _ in self._dense_split(self.record(batch))[0] if kept.intersection(r.params.values())]
             self._last_units = (batch, UnitHessians(self.view, batch, layers, curved))
         return self._last_units[1]
-
-    def dense_layers(self, rec: ModuleRecording) -> list[tuple[Rule, Call]]:
-        """Calls of dense Linear layers whose parameters are used by that call only (factor by unit)."""
-        return [(r, c) for r, c, _ in self._dense_split(rec)[0]]
 
     def unfactored(self, batch: Batch) -> list[int]:
         return self._units(batch).unfactored()
@@ -490,8 +496,3 @@ class PerModuleBackend(Backend):
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
         return self.functional.output_hessian_columns(batch, columns)
-
-
-def _handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:
-    """A consumer that gives one vector's tap gradient ``(B, *tap)`` to ``visit`` as the call's sensitivities."""
-    return lambda g: visit(rule, call, [g.unsqueeze(0)])

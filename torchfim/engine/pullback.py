@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .modules import Call
+from .modules import Call, Rule
 
 #: A call's sensitivity consumer: gets the tap's gradient ``(B, *tap)`` for the one vector.
 Consumer = Callable[[Tensor], None]
@@ -138,3 +138,8 @@ def _without_tap_below(taps: list[Tensor], tap_nodes: set) -> list[Tensor]:
                 stack.extend((c, False) for c in children if c not in below and c not in tap_nodes)
     roots = {id(t): t for t in taps if not below[t.grad_fn]}  # a tap shared by calls is asked for once
     return list(roots.values())
+
+
+def handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:
+    """A consumer that gives one vector's tap gradient ``(B, *tap)`` to ``visit`` as the call's sensitivities."""
+    return lambda g: visit(rule, call, [g.unsqueeze(0)])

@@ -16,6 +16,9 @@ import torch
 from torch import Tensor, nn
 
 Grads = dict[int, Tensor]  # parameter index in θ -> per-sample gradients (b, m, size)
+#: A use's per-sample gradient ``Σ_k u_k v_kᵀ`` of a weight over positions ``k``: ``(u, v)``, each dense
+#: ``(m or 1, B, K, n)`` or the token ids ``(B, K)`` of one-hot rows (:mod:`..factored`).
+Factors = tuple[Tensor, Tensor]
 
 #: Elements of the per-sample products that :func:`positions_squares` builds at once: a chunk small
 #: enough to stay in cache from its product to its square. On the benchmark transformer's layers (one
@@ -90,6 +93,11 @@ class Rule:
 
     def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         """The same per parameter tensor, ``{index: (B, m)}``; None when not cheaper than :meth:`grads`."""
+        return None
+
+    def factors(self, call: Call, sens: list[Tensor | None]) -> dict[int, Factors] | None:
+        """Per parameter, the factors of its per-sample gradients (for the squared norms of a parameter
+        several calls share, :mod:`..factored`); None where the rule has none."""
         return None
 
     def unit_input(self, call: Call) -> Tensor | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, Grads, Rule, as_float
+from .base import Call, Factors, Grads, Rule, as_float
 
 
 def embedding_supported(module: nn.Module) -> bool:
@@ -67,6 +67,16 @@ class EmbeddingRule(Rule):
         sums, unique, vocab = self._sums(call, sens[0])
         table = sums.new_zeros(vocab, sums.shape[-1]).index_add_(0, unique % vocab, sums.square())
         return {self.params["weight"]: table.reshape(-1)}
+
+    def factors(self, call: Call, sens: list[Tensor | None]) -> dict[int, Factors] | None:
+        """``(token ids, g)``: one-hot rows times the sensitivities (zero at ``padding_idx``)."""
+        if "weight" not in self.params:
+            return {}
+        ids = call.args[0].reshape(call.size, -1)  # (B, L)
+        g = as_float(sens[0].reshape(sens[0].shape[0], call.size, -1, sens[0].shape[-1]))  # (m, B, L, d)
+        if self.module.padding_idx is not None:
+            g = g * (ids != self.module.padding_idx % self.module.num_embeddings)[None, :, :, None]
+        return {self.params["weight"]: (ids, g)}
 
     def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         return {self.params["weight"]: self.sample_squares(call, sens)} if "weight" in self.params else {}

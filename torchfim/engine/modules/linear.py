@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares
+from .base import Call, Factors, Grads, Rule, as_float, positions_grads, positions_squares
 
 
 class LinearRule(Rule):
@@ -48,8 +48,24 @@ class LinearRule(Rule):
     def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         return linear_squared_norms(self.params, call.args[0], sens[0])
 
+    def factors(self, call: Call, sens: list[Tensor | None]) -> dict[int, Factors] | None:
+        a, g = self._factors(call, sens[0])
+        return linear_factors(self.params, a, g, transposed=False)
+
     def unit_input(self, call: Call) -> Tensor | None:
         return call.args[0] if self._dense(call) else None
+
+
+def linear_factors(params: dict[str, int], a: Tensor, g: Tensor, transposed: bool) -> dict[int, Factors]:
+    """The factors of a linear map's per-sample gradients at positions, from ``a`` ``(B, L, in)`` and ``g``
+    ``(m, B, L, out)``: ``(g, a)`` for a weight ``(out, in)`` (``(a, g)`` for one stored ``transposed``),
+    ``(g, 1)`` for the bias."""
+    out: dict[int, Factors] = {}
+    if "weight" in params:
+        out[params["weight"]] = (a.unsqueeze(0), g) if transposed else (g, a.unsqueeze(0))
+    if "bias" in params:
+        out[params["bias"]] = (g, a.new_ones(1, *a.shape[:2], 1))
+    return out
 
 
 def linear_squared_norms(params: dict[str, int], a: Tensor, g: Tensor) -> Grads | None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, Grads, Rule, as_float, positions_squares
-from .linear import dense_squared_norms, dense_squares, linear_squared_norms, named_squares, total_of
+from .base import Call, Factors, Grads, Rule, as_float, positions_squares
+from .linear import dense_squared_norms, dense_squares, linear_factors, linear_squared_norms, named_squares, total_of
 
 
 def transposed_linear_supported(module: nn.Module) -> bool:
@@ -60,6 +60,11 @@ class TransposedLinearRule(Rule):
 
     def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         return linear_squared_norms(self.params, call.args[0], sens[0])
+
+    def factors(self, call: Call, sens: list[Tensor | None]) -> dict[int, Factors] | None:
+        a, g = call.args[0], sens[0]
+        a = as_float(a.reshape(a.shape[0], -1, a.shape[-1]))
+        return linear_factors(self.params, a, as_float(g.reshape(*g.shape[:2], -1, g.shape[-1])), transposed=True)
 
     def _dense(self, call: Call) -> bool:
         return call.args[0].dim() == 2
