@@ -15,30 +15,22 @@ from torch import Tensor
 from .base import Call, Factors, Grads, Rule, as_float, positions_grads, positions_squares
 
 
-class LinearRule(Rule):
-    """Per-sample products of ``nn.Linear`` (weight ``(out, in)``, optional bias)."""
+class LinearMap(Rule):
+    """What a linear map's rule does the same in either layout of its weight: the inputs and sensitivities
+    by position, the squared norms and the factors of its per-sample gradients."""
+
+    #: Whether the weight is stored ``(in, out)`` (transformers' ``Conv1D``) rather than ``(out, in)``.
+    transposed = False
 
     def _factors(self, call: Call, g: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """The inputs ``(b, L, in)`` and sensitivities ``(m, b, L, out)`` of the samples ``rows``."""
         a = call.args[0][rows]
         a = a.reshape(a.shape[0], -1, a.shape[-1])  # (b, L, in)
         g = g[:, rows]
         return as_float(a), as_float(g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]))  # (m, b, L, out)
 
-    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
-        a, g = self._factors(call, sens[0], rows)
-        out: Grads = {}
-        positions_grads(self, g, a, "weight", "bias", out)
-        return out
-
     def _dense(self, call: Call) -> bool:
         return call.args[0].dim() == 2
-
-    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
-        if self._dense(call):
-            return dense_squares(self.params, call.args[0], sens[0])
-        a, g = self._factors(call, sens[0])
-        weight, bias = positions_squares(g, a, weight="weight" in self.params)
-        return named_squares(self.params, None if weight is None else weight.T, bias)
 
     def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
         if self._dense(call):
@@ -50,7 +42,24 @@ class LinearRule(Rule):
 
     def factors(self, call: Call, sens: list[Tensor | None]) -> dict[int, Factors] | None:
         a, g = self._factors(call, sens[0])
-        return linear_factors(self.params, a, g, transposed=False)
+        return linear_factors(self.params, a, g, self.transposed)
+
+
+class LinearRule(LinearMap):
+    """Per-sample products of ``nn.Linear`` (weight ``(out, in)``, optional bias)."""
+
+    def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
+        a, g = self._factors(call, sens[0], rows)
+        out: Grads = {}
+        positions_grads(self, g, a, "weight", "bias", out)
+        return out
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        if self._dense(call):
+            return dense_squares(self.params, call.args[0], sens[0])
+        a, g = self._factors(call, sens[0])
+        weight, bias = positions_squares(g, a, weight="weight" in self.params)
+        return named_squares(self.params, None if weight is None else weight.T, bias)
 
     def unit_input(self, call: Call) -> Tensor | None:
         return call.args[0] if self._dense(call) else None

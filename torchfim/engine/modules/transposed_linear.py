@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, Factors, Grads, Rule, as_float, positions_squares
-from .linear import dense_squared_norms, dense_squares, linear_factors, linear_squared_norms, named_squares, total_of
+from .base import Call, Grads, positions_squares
+from .linear import LinearMap, dense_squares, named_squares
 
 
 def transposed_linear_supported(module: nn.Module) -> bool:
@@ -27,15 +27,14 @@ def transposed_linear_supported(module: nn.Module) -> bool:
             and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
 
 
-class TransposedLinearRule(Rule):
+class TransposedLinearRule(LinearMap):
     """Per-sample products of a ``transformers`` ``Conv1D`` (weight ``(in, out)``, bias ``(out,)``)."""
 
+    transposed = True
+
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
-        a = call.args[0][rows]
-        a = as_float(a.reshape(a.shape[0], -1, a.shape[-1]))  # (b, L, in)
-        g = sens[0][:, rows]
+        a, g = self._factors(call, sens[0], rows)
         m, b, units = g.shape[0], g.shape[1], g.shape[-1]
-        g = as_float(g.reshape(m, b, -1, units))  # (m, b, L, out)
         out: Grads = {}
         if "weight" in self.params:
             stacked = g.permute(1, 2, 0, 3).reshape(b, -1, m * units)  # (b, L, m·out)
@@ -48,23 +47,6 @@ class TransposedLinearRule(Rule):
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         if self._dense(call):
             return dense_squares(self.params, call.args[0], sens[0], transposed=True)
-        a, g = call.args[0], sens[0]
-        weight, bias = positions_squares(g.reshape(*g.shape[:2], -1, g.shape[-1]), a.reshape(a.shape[0], -1, a.shape[-1]),
-                                         weight="weight" in self.params)
+        a, g = self._factors(call, sens[0])
+        weight, bias = positions_squares(g, a, weight="weight" in self.params)
         return named_squares(self.params, weight, bias)
-
-    def sample_squares(self, call: Call, sens: list[Tensor | None]) -> Tensor | None:
-        if self._dense(call):
-            return dense_squared_norms(self.params, call.args[0], sens[0])
-        return total_of(self.tensor_sample_squares(call, sens))
-
-    def tensor_sample_squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
-        return linear_squared_norms(self.params, call.args[0], sens[0])
-
-    def factors(self, call: Call, sens: list[Tensor | None]) -> dict[int, Factors] | None:
-        a, g = call.args[0], sens[0]
-        a = as_float(a.reshape(a.shape[0], -1, a.shape[-1]))
-        return linear_factors(self.params, a, as_float(g.reshape(*g.shape[:2], -1, g.shape[-1])), transposed=True)
-
-    def _dense(self, call: Call) -> bool:
-        return call.args[0].dim() == 2
