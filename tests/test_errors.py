@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import mlp_inputs, tanh_mlp
@@ -273,3 +275,27 @@ def test_a_forward_with_a_fixed_batch_size_is_named_with_the_fix(backend: str) -
     model(x)  # the mini-batch itself runs
     with pytest.raises(TorchfimError, match=r"mini-batch of 8 inputs but failed on \d of them .*x.view\(x.shape\[0\], -1\)"):
         torchfim.fisher(model, x, structure="diag", backend=backend)
+
+
+class _InnerDropout(nn.Module):
+    """Layers whose dropout is an argument, not an nn.Dropout module (``kind``: "lstm" or "attention")."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.lstm = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True) if kind == "lstm" else None
+        self.attn = nn.MultiheadAttention(3, 1, dropout=0.5, batch_first=True) if kind == "attention" else None
+        self.head = nn.Linear(4 if kind == "lstm" else 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lstm(x)[0] if self.kind == "lstm" else self.attn(x, x, x, need_weights=False)[0]
+        return self.head(h[:, -1])
+
+
+@pytest.mark.parametrize(("kind", "name"), [("lstm", "'lstm' (LSTM)"), ("attention", "'attn' (MultiheadAttention)")])
+def test_dropout_inside_a_recurrent_or_attention_layer_in_training_mode_is_named(kind: str, name: str) -> None:
+    """Before, it was refused as a model whose samples mix (its outputs differ from call to call)."""
+    model, x = _InnerDropout(kind).train(), torch.randn(6, 5, 3)
+    with pytest.raises(TorchfimError, match=re.escape(name) + r" applies its own dropout \(dropout=0.5\) in training mode.*model.eval"):
+        torchfim.fisher(model, x, structure="trace")
+    assert torch.isfinite(torchfim.fisher(model.eval(), x, structure="trace"))

@@ -112,6 +112,13 @@ def check_mode(model: nn.Module) -> None:
                 f"module {name or type(module).__name__!r} is a Dropout layer in training mode, which makes "
                 "the outputs random; call model.eval() before computing the Fisher"
             )
+        inner = isinstance(module, nn.MultiheadAttention) or (isinstance(module, nn.RNNBase) and module.num_layers > 1)
+        if inner and module.dropout > 0:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} ({type(module).__name__}) applies its own dropout "
+                f"(dropout={module.dropout}) in training mode, which makes the outputs random; call model.eval() "
+                "before computing the Fisher"
+            )
 
 
 def read_logits(raw: object) -> object:
