@@ -51,6 +51,7 @@ class ModelIO:
         self.defaults = dict(defaults or {})
         self.forms: Callable[[], AbstractContextManager] = composite_forms if composite else nullcontext
         self.looped = False  # whether per-input gradients are taken one input at a time (vmap failed)
+        self._recurrent: tuple[nn.Module, list[nn.Module]] | None = None  # a model and its stepwise layers
 
     # ------------------------------------------------------------ inputs
     def batch(self, inputs: object) -> Batch:
@@ -116,7 +117,9 @@ class ModelIO:
         ``vmap`` over the inputs (as :meth:`per_input_gradients` calls it): what ``kind="trace"``
         differentiates per input."""
 
-        recurrent = stepwise_candidates(model)  # step by step: vmap has no rules for the fused kernels
+        if self._recurrent is None or self._recurrent[0] is not model:  # found once per model, not per step
+            self._recurrent = (model, stepwise_candidates(model))
+        recurrent = self._recurrent[1]  # step by step: vmap has no rules for the fused kernels
 
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)

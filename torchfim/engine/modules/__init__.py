@@ -12,7 +12,7 @@ from torch import nn
 
 from .attention import PARAMETERS as ATTENTION_PARAMETERS
 from .attention import AttentionRule, attention_supported
-from .base import Call, Grads, Rule
+from .base import Call, Grads, Rule, runs_torch_forward
 from .conv import ConvRule, conv_supported
 from .embedding import EmbeddingRule, embedding_supported
 from .generic import GenericRule, tensors_of
@@ -73,15 +73,15 @@ def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tup
 def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     """The rule for ``module`` covering ``params`` (local name → index in θ)."""
     if (attention_supported(module) and set(params) <= set(ATTENTION_PARAMETERS) and "forward" not in module.__dict__
-            and _forward_of_torch(module)):
+            and runs_torch_forward(module)):
         # (the rule binds the call's arguments by the class forward's names, which one set on the instance may not use)
         return AttentionRule(module, params, path)
-    if recurrent_supported(module) and "forward" not in module.__dict__ and _forward_of_torch(module):
+    if recurrent_supported(module) and "forward" not in module.__dict__ and runs_torch_forward(module):
         return RecurrentRule(module, params, path)
     rule = _weight_and_bias_rule(module, params)
     if rule is None:
         return GenericRule(module, params, path)
-    rule.on_probation = not _forward_of_torch(module) or rms_norm_by_name(module)
+    rule.on_probation = not runs_torch_forward(module) or rms_norm_by_name(module)
     return rule
 
 
@@ -104,17 +104,6 @@ def _weight_and_bias_rule(module: nn.Module, params: dict[str, int]) -> Rule | N
     if prelu_supported(module):
         return PReLURule(module, params)
     return None
-
-
-def _forward_of_torch(module: nn.Module) -> bool:
-    """Whether ``module`` runs the forward of the ``torch.nn`` class it derives from (or is not one). A
-    subclass with a forward of its own may compute the same (Falcon's Linear) or something else than the
-    rule follows (OPT's position embedding takes the attention mask and computes its ids; Gemma's scales
-    its lookup): its rule is on probation, the attention rule (which replaces the forward) not given."""
-    for cls in type(module).__mro__:
-        if cls is not nn.Module and cls.__module__.startswith("torch.nn.modules."):
-            return type(module).forward is cls.forward
-    return True
 
 
 def left_to_the_deepest(owned: dict[nn.Module, dict[str, int]], paths: dict[nn.Module, str]) -> None:

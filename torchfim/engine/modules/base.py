@@ -110,6 +110,18 @@ class Rule:
         return sum(named[n].numel() for n in self.params)
 
 
+def runs_torch_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs the forward of the ``torch.nn`` class it derives from (or is not one). A
+    subclass with a forward of its own may compute the same (Falcon's Linear) or something else than the
+    rule follows (OPT's position embedding takes the attention mask and computes its ids; Gemma's scales
+    its lookup): its rule is on probation, and the rules that replace the forward (attention, recurrent
+    layers) are not given."""
+    for cls in type(module).__mro__:
+        if cls is not nn.Module and cls.__module__.startswith("torch.nn.modules."):
+            return type(module).forward is cls.forward
+    return True
+
+
 def zero_grads(rule: Rule, b: int, m: int, like: Tensor) -> Grads:
     """Zero per-sample gradients for every parameter of ``rule`` (a call the vectors do not reach)."""
     named = dict(rule.module.named_parameters())

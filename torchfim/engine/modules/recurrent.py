@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares
+from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares, runs_torch_forward
 from .generic import GenericRule
 
 _LAYERS = (nn.RNN, nn.GRU, nn.LSTM)
@@ -153,7 +153,8 @@ def _direction(module: nn.Module, x: Tensor, names: tuple[str, ...], reverse: in
         rs.append(r)
         h, c = _cell(module, a_steps[t], r, h, c)
         if w_hr is not None:  # an LSTM with proj_size: h = W_hr (o ⊙ tanh c)
-            unprojected.append(h.detach())
+            if keep:
+                unprojected.append(h.detach())
             h = F.linear(h, w_hr)
             ps.append(h)
         states[t] = h
@@ -205,8 +206,7 @@ def _stepwise_forward(module: nn.Module, input: object, hx: object = None) -> ob
 def stepwise_candidates(model: nn.Module) -> list[nn.Module]:
     """The recurrent layers of ``model`` that :func:`stepwise_recurrent` may take: covered kinds running
     their class's forward."""
-    return [m for m in model.modules() if recurrent_supported(m) and "forward" not in m.__dict__
-            and type(m).forward in [cls.forward for cls in _LAYERS + _CELLS]]
+    return [m for m in model.modules() if recurrent_supported(m) and "forward" not in m.__dict__ and runs_torch_forward(m)]
 
 
 class RecurrentRule(Rule):
