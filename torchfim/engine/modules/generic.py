@@ -1,12 +1,16 @@
 """Any other module with trainable parameters: per-sample vector–Jacobian products of it alone.
 
 ``torch.func`` differentiates the module's own forward on its recorded inputs, one sample at a
-time under ``vmap``, against the recorded output sensitivities. A module that ``vmap`` cannot batch
-(a recurrent layer, say) is computed one sample at a time with plain autograd, with a one-time
-warning that names it: correct first, then fast.
+time under ``vmap``, against the recorded output sensitivities. Calls of its sub-modules whose outputs
+do not depend on the rule's parameters are not run again: they return their recorded outputs
+(:mod:`.constant_children`). A module that ``vmap`` cannot batch (a recurrent layer, say) is computed
+one sample at a time with plain autograd, with a one-time warning that names it: correct first, then
+fast.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import warn_user
 from .base import Call, Grads, Rule
+from .constant_children import KEY, ReplayMismatch, capturing_children, constant_outputs, replaying, unchanged
 
 
 def tensors_of(out: object) -> list[Tensor]:
@@ -62,6 +67,27 @@ class GenericRule(Rule):
         super().__init__(module, params)
         self.path = path or type(module).__name__
         self.unbatchable = False
+        #: The sub-module calls and inputs :meth:`recording_forward` kept of the call in progress.
+        self._pending: tuple[list, list[Tensor]] | None = None
+
+    def recording_forward(self, *args: object, **kwargs: object) -> object:
+        """The module's class forward, keeping the outputs of its sub-modules' calls (for :meth:`take_recorded`)."""
+        module = self.module
+        with capturing_children(module) as captured:
+            out = type(module).forward(module, *args, **kwargs)
+        self._pending = (captured, [t for v in (*args, *kwargs.values()) for t in tensors_of(v)])
+        return out
+
+    def take_recorded(self, call: Call) -> list[Tensor]:
+        """No taps; the call's sub-module calls whose outputs are constants of its products, in its cache."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0]:
+            named = dict(self.module.named_parameters())
+            entries = constant_outputs(pending[0], [named[n] for n in self.params], pending[1],
+                                       lambda child, t: batch_dim(child, t, call.size) is not None)
+            if any(out is not None for _, out, _ in entries):
+                call.cache[KEY] = entries
+        return []
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         used = [i for i, s in enumerate(sens) if s is not None]
@@ -97,6 +123,18 @@ class GenericRule(Rule):
         return {n: named[n].detach() for n in self.params}
 
     def _vmapped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
+        """:meth:`_batched`, with the call's constant sub-module outputs where its forward makes the recorded
+        sub-module calls again (else with none)."""
+        entries = call.cache.get(KEY)
+        if entries is not None and unchanged(entries):
+            try:
+                return self._batched(call, sens, rows, used, entries)
+            except ReplayMismatch:
+                del call.cache[KEY]
+        return self._batched(call, sens, rows, used, None)
+
+    def _batched(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int],
+                 entries: list | None) -> Grads:
         module, size = self.module, call.size
         arg_dims = tuple(nested_batch_dims(module, a, size) for a in call.args)
         kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
@@ -105,13 +143,18 @@ class GenericRule(Rule):
         args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
         kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
         cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
+        kept = [(child, out, batch_dim(child, out, size)) for child, out, _ in entries or () if out is not None]
+        constants = tuple(_cut(out, d, rows) for _, out, d in kept)
 
-        def per_sample(a1: tuple, k1: dict, s1: tuple) -> dict[str, Tensor]:
+        def per_sample(a1: tuple, k1: dict, s1: tuple, c1: tuple) -> dict[str, Tensor]:
             a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, arg_dims))
             k1 = {k: _unsqueezed(x, kw_dims[k]) for k, x in k1.items()}
+            one = iter(_unsqueezed(c, d) for c, (_, _, d) in zip(c1, kept))
+            replay = [(child, None if out is None else next(one)) for child, out, _ in entries or ()]
 
             def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-                outs = tensors_of(functional_call(module, p, a1, k1))
+                with replaying(module, replay) if replay else nullcontext():
+                    outs = tensors_of(functional_call(module, p, a1, k1))
                 return tuple(outs[i].squeeze(d) for i, d in zip(used, out_dims))
 
             _, pullback = vjp(forward, self._primals())
@@ -121,7 +164,8 @@ class GenericRule(Rule):
         # torch.func still differentiates under no_grad (no graph to the module's other tensors); the math
         # attention kernel has batching rules, the fused CPU kernels would run sample by sample.
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used)))(args, kwargs, cotangents)
+            g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used), tuple(d for *_, d in kept)))(
+                args, kwargs, cotangents, constants)
         # A parameter the forward leaves unused gets a broadcast zero from vmap, whose entries share one
         # memory location: made contiguous, so that the per-sample products may square it in place.
         return {self.params[n]: t.contiguous().reshape(t.shape[0], t.shape[1], -1) for n, t in g.items()}

@@ -1,0 +1,146 @@
+"""A generic rule does not run again the sub-module calls whose outputs do not depend on its parameters.
+
+A block with a raw parameter (a layer scale ``x + γ ⊙ f(x)``) gets the generic rule; its products
+differentiate the block's forward again under ``torch.func``. The calls of its sub-modules whose outputs
+do not depend on ``γ`` (all of ``f``'s layers) return their recorded outputs instead of running
+(:mod:`torchfim.engine.modules.constant_children`). Spies count the sub-modules' calls made under a
+``torch.func`` transform; the oracle is the dense float64 ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`.
+"""
+
+from __future__ import annotations
+
+import clients
+import pytest
+import torch
+from engine_checks import assert_equals_dense
+from oracles import exact_fisher
+from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
+
+import torchfim
+from torchfim.engine import ModelView, batches
+from torchfim.engine.modules import GenericRule
+from torchfim.engine.modules.constant_children import KEY, ReplayMismatch, replaying
+from torchfim.engine.per_module import PerModuleBackend
+
+
+class _Block(nn.Module):
+    """``x + γ ⊙ fc2(tanh(fc1(x)))`` (``scale="after"``), ``fc2(γ ⊙ tanh(fc1(x)))`` (``"middle"``) or
+    ``fc2(tanh(fc1(γ ⊙ x)))`` (``"before"``); ``"in_place"`` is ``"after"`` with ``fc1``'s output doubled
+    in place; ``"twice_under_transforms"`` calls ``fc1`` once more while torch.func differentiates it."""
+
+    def __init__(self, scale: str) -> None:
+        super().__init__()
+        self.scale = scale
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 4)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6 if scale == "middle" else 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale == "before":
+            return self.fc2(self.act(self.fc1(self.gamma * x)))
+        h = self.fc1(x)
+        if self.scale == "in_place":
+            h.mul_(2.0)
+        if self.scale == "twice_under_transforms" and is_functorch_wrapped_tensor(self.gamma):
+            h = self.fc1(x)
+        if self.scale == "middle":
+            return self.fc2(self.gamma * self.act(h))
+        return x + self.gamma * self.fc2(self.act(h))
+
+
+def _model(scale: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(_Block(scale), nn.Linear(4, 3)).double()
+
+
+@pytest.fixture
+def linear_runs(monkeypatch) -> list[int]:
+    """A list whose length counts the Linear layers that ran on torch.func-wrapped inputs."""
+    runs: list[int] = []
+    linear = torch.nn.functional.linear
+
+    def counting(x: torch.Tensor, *args: object) -> torch.Tensor:
+        if is_functorch_wrapped_tensor(x):
+            runs.append(1)
+        return linear(x, *args)
+
+    monkeypatch.setattr(torch.nn.modules.linear.F, "linear", counting)
+    return runs
+
+
+def _constants(model: nn.Module, x: torch.Tensor) -> list[bool] | None:
+    """Which of the block's recorded sub-module calls are kept as constants (None: none are)."""
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    recording = backend.record(next(batches(x, None, view.device, view.dtype)))
+    rule = next(r for m, r in backend.rules.items() if isinstance(m, _Block))
+    assert isinstance(rule, GenericRule)
+    entries = next(call for r, call in recording.calls if r is rule).cache.get(KEY)
+    return None if entries is None else [out is not None for _, out, _ in entries]
+
+
+def _assert_equals_oracle(model: nn.Module, x: torch.Tensor, structure: str, runs: list[int]) -> int:
+    """Assert that the Fisher equals the dense oracle; the number of Linear runs under torch.func it made."""
+    full = exact_fisher(model, x, "categorical")  # (its Jacobians run the layers under torch.func too)
+    runs.clear()
+    got = torchfim.fisher(model, x, structure=structure)
+    made = len(runs)
+    if structure == "full":
+        assert torch.allclose(got, full, rtol=1e-10, atol=1e-14)
+    else:
+        assert_equals_dense(got, full, model, structure)
+    return made
+
+
+@pytest.mark.parametrize("structure", ["diag", "layers", "full"])
+def test_a_layer_scale_block_keeps_its_layers_outputs_and_equals_the_dense_oracle(structure: str, linear_runs) -> None:
+    model, x = _model("after"), torch.randn(7, 4, dtype=torch.float64)
+    assert _constants(model, x) == [True, True, True]  # fc1, act, fc2
+    assert _assert_equals_oracle(model, x, structure, linear_runs) == 0  # neither Linear ran again under torch.func
+
+
+@pytest.mark.parametrize(("scale", "constants", "reruns"), [("middle", [True, True, False], True),
+                                                             ("before", None, True), ("in_place", [True, True, True], True)])
+def test_calls_that_depend_on_the_parameters_or_were_changed_in_place_run_again(scale: str, constants, reruns,
+                                                                               linear_runs) -> None:
+    """γ before fc2 makes fc2's output depend on it, γ before fc1 every output; an output modified in place
+    after its call is not the recorded one, so nothing is kept (checked when the products are formed)."""
+    model, x = _model(scale), torch.randn(7, 4, dtype=torch.float64)
+    assert _constants(model, x) == constants
+    assert (_assert_equals_oracle(model, x, "diag", linear_runs) > 0) is reruns
+
+
+def test_a_forward_that_calls_its_layers_otherwise_under_torch_func_runs_everything_again(linear_runs) -> None:
+    model, x = _model("twice_under_transforms"), torch.randn(7, 4, dtype=torch.float64)
+    assert _constants(model, x) == [True, True, True]
+    assert _assert_equals_oracle(model, x, "diag", linear_runs) > 0  # the replay found fc1 called twice, and the rule ran the whole forward
+
+
+def test_replaying_refuses_other_calls_than_the_recorded_ones() -> None:
+    parent = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    first, second = parent
+    kept = torch.ones(1, 2)
+    with replaying(parent, [(first, kept), (second, None)]):
+        assert first(torch.zeros(1, 2)) is kept
+        assert torch.equal(second(kept), torch.nn.functional.linear(kept, second.weight, second.bias))
+    with pytest.raises(ReplayMismatch), replaying(parent, [(first, kept), (second, None)]):
+        second(kept)
+    with pytest.raises(ReplayMismatch), replaying(parent, [(first, kept), (second, None)]):
+        first(kept)  # the block ends before the second call
+    assert "forward" not in first.__dict__ and "forward" not in second.__dict__
+
+
+def test_convnext_layers_keep_their_sub_module_outputs_and_match_the_whole_model_backend(linear_runs) -> None:
+    """Hugging Face's ConvNeXt layer scales its block's output by a raw ``γ``: the generic rule of each layer
+    runs none of its convolution and Linear layers again, and the Fisher is the whole-model backend's."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, image_size=16)
+    model = transformers.ConvNextForImageClassification(config).double().eval()
+    x = {"pixel_values": torch.randn(3, 3, 16, 16, dtype=torch.float64)}
+    logits = lambda out: out.logits  # noqa: E731
+    reference = torchfim.fisher(model, x, structure="diag", output=logits, backend="functional")
+    linear_runs.clear()
+    got = torchfim.fisher(model, x, structure="diag", output=logits)
+    assert linear_runs == []
+    assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
