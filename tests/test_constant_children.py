@@ -9,6 +9,8 @@ do not depend on ``γ`` (all of ``f``'s layers) return their recorded outputs in
 
 from __future__ import annotations
 
+import warnings
+
 import clients
 import pytest
 import torch
@@ -54,15 +56,15 @@ def _model(scale: str) -> nn.Module:
 
 
 @pytest.fixture
-def linear_runs(monkeypatch) -> list[int]:
-    """A list whose length counts the Linear layers that ran on torch.func-wrapped inputs."""
-    runs: list[int] = []
+def linear_runs(monkeypatch) -> list[torch.Tensor]:
+    """The weights of the Linear layers that ran on torch.func-wrapped inputs, one entry per run."""
+    runs: list[torch.Tensor] = []
     linear = torch.nn.functional.linear
 
-    def counting(x: torch.Tensor, *args: object) -> torch.Tensor:
+    def counting(x: torch.Tensor, weight: torch.Tensor, *args: object) -> torch.Tensor:
         if is_functorch_wrapped_tensor(x):
-            runs.append(1)
-        return linear(x, *args)
+            runs.append(weight)
+        return linear(x, weight, *args)
 
     monkeypatch.setattr(torch.nn.modules.linear.F, "linear", counting)
     return runs
@@ -79,7 +81,7 @@ def _constants(model: nn.Module, x: torch.Tensor) -> list[bool] | None:
     return None if entries is None else [out is not None for _, out, _ in entries]
 
 
-def _assert_equals_oracle(model: nn.Module, x: torch.Tensor, structure: str, runs: list[int]) -> int:
+def _assert_equals_oracle(model: nn.Module, x: torch.Tensor, structure: str, runs: list[torch.Tensor]) -> int:
     """Assert that the Fisher equals the dense oracle; the number of Linear runs under torch.func it made."""
     full = exact_fisher(model, x, "categorical")  # (its Jacobians run the layers under torch.func too)
     runs.clear()
@@ -144,3 +146,26 @@ def test_convnext_layers_keep_their_sub_module_outputs_and_match_the_whole_model
     got = torchfim.fisher(model, x, structure="diag", output=logits)
     assert linear_runs == []
     assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
+
+
+def test_beit_layers_run_again_only_what_follows_their_first_layer_scale(linear_runs) -> None:
+    """BEiT's layers scale the attention's output by a raw ``λ₁`` (and the MLP's by ``λ₂``) and take the
+    image's resolution as a ``torch.Size``: the generic rule of a layer keeps the attention's outputs (a
+    tuple) and runs again only the MLP after ``λ₁``; the Fisher is the whole-model backend's."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.BeitConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     image_size=16, patch_size=8, num_labels=3, layer_scale_init_value=0.1,
+                                     use_relative_position_bias=True)
+    model = transformers.BeitForImageClassification(config).double().eval()
+    x = {"pixel_values": torch.randn(3, 3, 16, 16, dtype=torch.float64)}
+    logits = lambda out: out.logits  # noqa: E731
+    reference = torchfim.fisher(model, x, structure="diag", output=logits, backend="functional")
+    linear_runs.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no module falls back to one sample at a time
+        got = torchfim.fisher(model, x, structure="diag", output=logits)
+    assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
+    names = {id(p): n for n, p in model.named_parameters()}
+    ran = {names[id(w)] for w in linear_runs}
+    assert len(ran) == 2 and not any("attention" in n for n in ran), ran  # the MLP's two (its names vary by version)

@@ -87,6 +87,37 @@ def test_a_generic_rule_with_right_batched_products_is_not_looped() -> None:
     assert not backend.moved
 
 
+class _SizedScale(nn.Module):
+    """A raw scale applied to an input reshaped to a ``torch.Size`` passed beside it (as BEiT's layers take
+    the image's ``resolution``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return (self.scale * x).reshape(x.shape[0], *shape)
+
+
+class _SizedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.sized, self.head = nn.Linear(3, 4), _SizedScale(), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.sized(self.inner(x), torch.Size([2, 2])).flatten(1)))
+
+
+def test_a_generic_module_given_a_torch_size_is_batched_and_exact() -> None:
+    """A ``torch.Size`` argument is a tuple holding no tensor: no batch dim to split (it was read as a
+    nested argument, and the module failed both batched and one sample at a time)."""
+    torch.manual_seed(0)
+    model, x = _SizedNet().double(), torch.randn(6, 3, dtype=torch.float64)
+    diag, caught = _diag_warnings(model, x)
+    assert caught == []
+    assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize(("slopes", "conv"), [(1, True), (2, True), (1, False), (4, False)])
 @pytest.mark.parametrize("structure", ["diag", "blocks"])
 def test_prelu_rule_equals_the_dense_oracle(slopes: int, conv: bool, structure: str) -> None:

@@ -27,8 +27,8 @@ KEY = "constant_children"
 #: leaves the module through a tensor other than its inputs may reach back through the whole model).
 _WALK_LIMIT = 4096
 
-#: One sub-module call: the sub-module, its output where constant (else None), and that output's version.
-Entry = tuple[nn.Module, Tensor | None, int]
+#: One sub-module call: the sub-module, its output where constant (else None), and its tensors' versions.
+Entry = tuple[nn.Module, object, list[int]]
 
 
 class ReplayMismatch(RuntimeError):
@@ -54,15 +54,16 @@ def _forwards_replaced(module: nn.Module, make) -> Iterator[None]:
 
 
 @contextmanager
-def capturing_children(module: nn.Module) -> Iterator[list[tuple[nn.Module, object, int]]]:
-    """The calls of ``module``'s direct sub-modules made within the block, as ``(child, output, version)``
-    (the output's version counter as the call returned it: the forward may modify it in place later)."""
-    captured: list[tuple[nn.Module, object, int]] = []
+def capturing_children(module: nn.Module) -> Iterator[list[tuple[nn.Module, object, list[int]]]]:
+    """The calls of ``module``'s direct sub-modules made within the block, as ``(child, output, versions)``
+    (the version counters of the output's tensors as the call returned them: the forward may modify them
+    in place later)."""
+    captured: list[tuple[nn.Module, object, list[int]]] = []
 
     def make(child: nn.Module, forward):
         def forward_and_keep(*args: object, **kwargs: object) -> object:
             out = forward(*args, **kwargs)
-            captured.append((child, out, out._version if isinstance(out, Tensor) else 0))
+            captured.append((child, out, [t._version for t in parts_of(out) or ()]))
             return out
 
         return forward_and_keep
@@ -71,19 +72,41 @@ def capturing_children(module: nn.Module) -> Iterator[list[tuple[nn.Module, obje
         yield captured
 
 
-def constant_outputs(captured: list[tuple[nn.Module, object, int]], params: list[Tensor], inputs: list[Tensor],
-                     has_batch) -> list[Entry]:
-    """Per captured call, its output (detached) where it is a tensor with a batch dim (``has_batch(child,
-    t)``) whose history reaches none of ``params`` without passing through ``inputs`` (the module's
-    inputs), else None; with the version it had when its call returned (:func:`unchanged`)."""
+def parts_of(out: object) -> list[Tensor] | None:
+    """The tensors of a sub-module's output that can be kept: a tensor, or a tuple or list of tensors and
+    Nones (an attention module's ``(context, weights)``); None for any other output."""
+    if isinstance(out, Tensor):
+        return [out]
+    if type(out) not in (tuple, list) or not all(item is None or isinstance(item, Tensor) for item in out):
+        return None
+    parts = [item for item in out if item is not None]
+    return parts or None
+
+
+def with_parts(out: object, parts: list[Tensor]) -> object:
+    """``out`` with its tensors (:func:`parts_of`'s) replaced by ``parts``, in order."""
+    if isinstance(out, Tensor):
+        return parts[0]
+    rest = iter(parts)
+    return type(out)(None if item is None else next(rest) for item in out)
+
+
+def constant_outputs(captured: list[tuple[nn.Module, object, list[int]]], params: list[Tensor],
+                     inputs: list[Tensor], has_batch) -> list[Entry]:
+    """Per captured call, its output (detached) where its tensors (:func:`parts_of`) all have a batch dim
+    (``has_batch(child, t)``) and histories that reach none of ``params`` without passing through
+    ``inputs`` (the module's inputs), else None; with their versions when the call returned
+    (:func:`unchanged`)."""
     targets = {id(p) for p in params}
     stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
     clean: set = set()  # nodes a finished walk found free of the parameters
     entries: list[Entry] = []
-    for child, out, version in captured:
-        constant = (isinstance(out, Tensor) and has_batch(child, out) and id(out) not in targets
-                    and not _reaches(out.grad_fn, targets, stop, clean))
-        entries.append((child, out.detach(), version) if constant else (child, None, 0))
+    for child, out, versions in captured:
+        parts = parts_of(out)
+        constant = parts is not None and all(has_batch(child, t) and id(t) not in targets
+                                             and not _reaches(t.grad_fn, targets, stop, clean) for t in parts)
+        entries.append((child, with_parts(out, [t.detach() for t in parts]), versions) if constant
+                       else (child, None, []))
     return entries
 
 
@@ -105,11 +128,11 @@ def _reaches(root, targets: set[int], stop: set, clean: set) -> bool:
 
 def unchanged(entries: list[Entry]) -> bool:
     """Whether no kept output was modified in place since its call returned (in the forward or after)."""
-    return all(out is None or out._version == version for _, out, version in entries)
+    return all(out is None or [t._version for t in parts_of(out)] == versions for _, out, versions in entries)
 
 
 @contextmanager
-def replaying(module: nn.Module, entries: list[tuple[nn.Module, Tensor | None]]) -> Iterator[None]:
+def replaying(module: nn.Module, entries: list[tuple[nn.Module, object]]) -> Iterator[None]:
     """Within the block, the calls of ``module``'s direct sub-modules return the outputs of ``entries``
     in order (running the sub-module where it is None); :class:`ReplayMismatch` where a call is not the
     next entry's sub-module, or where the block ends before the last."""

@@ -19,7 +19,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import warn_user
 from .base import Call, Grads, Rule
-from .constant_children import KEY, ReplayMismatch, capturing_children, constant_outputs, replaying, unchanged
+from .constant_children import (
+    KEY,
+    ReplayMismatch,
+    capturing_children,
+    constant_outputs,
+    parts_of,
+    replaying,
+    unchanged,
+    with_parts,
+)
 
 
 def tensors_of(out: object) -> list[Tensor]:
@@ -43,9 +52,10 @@ def batch_dim(module: nn.Module, t: object, size: int) -> int | None:
 
 
 def nested_batch_dims(module: nn.Module, value: object, size: int) -> object:
-    """:func:`batch_dim` of a tensor argument; of a tuple or list of them (an LSTM cell's ``(h, c)``), the
-    same structure of dims, as ``vmap``'s ``in_dims`` takes for a nested argument."""
-    if isinstance(value, (tuple, list)):
+    """:func:`batch_dim` of a tensor argument; of a tuple or list holding tensors (an LSTM cell's ``(h, c)``),
+    the same structure of dims, as ``vmap``'s ``in_dims`` takes for a nested argument (None for one without,
+    such as a ``torch.Size``)."""
+    if isinstance(value, (tuple, list)) and tensors_of(value):
         return _rebuilt(value, [nested_batch_dims(module, v, size) for v in value])
     return batch_dim(module, value, size)
 
@@ -143,14 +153,16 @@ class GenericRule(Rule):
         args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
         kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
         cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
-        kept = [(child, out, batch_dim(child, out, size)) for child, out, _ in entries or () if out is not None]
-        constants = tuple(_cut(out, d, rows) for _, out, d in kept)
+        kept = [(child, t, batch_dim(child, t, size)) for child, out, _ in entries or () if out is not None
+                for t in parts_of(out)]
+        constants = tuple(_cut(t, d, rows) for _, t, d in kept)
 
         def per_sample(a1: tuple, k1: dict, s1: tuple, c1: tuple) -> dict[str, Tensor]:
             a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, arg_dims))
             k1 = {k: _unsqueezed(x, kw_dims[k]) for k, x in k1.items()}
             one = iter(_unsqueezed(c, d) for c, (_, _, d) in zip(c1, kept))
-            replay = [(child, None if out is None else next(one)) for child, out, _ in entries or ()]
+            replay = [(child, None if out is None else with_parts(out, [next(one) for _ in parts_of(out)]))
+                      for child, out, _ in entries or ()]
 
             def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
                 with replaying(module, replay) if replay else nullcontext():
