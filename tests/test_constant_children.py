@@ -118,6 +118,34 @@ def test_a_forward_that_calls_its_layers_otherwise_under_torch_func_runs_everyth
     assert _assert_equals_oracle(model, x, "diag", linear_runs) > 0  # the replay found fc1 called twice, and the rule ran the whole forward
 
 
+class _Loop(nn.Module):
+    """``h_{t+1} = tanh(W fc(h_t) + x)`` from ``h_0 = x``, three steps: fc's first call is a constant of
+    ``W``'s products, its later calls are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.W = nn.Parameter(torch.eye(4) + 0.1 * torch.arange(16.0).reshape(4, 4) / 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for _ in range(3):
+            h = torch.tanh(self.fc(h) @ self.W.T + x)
+        return h
+
+
+def test_a_sub_module_called_at_every_step_of_a_loop_keeps_only_its_constant_calls(linear_runs) -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_Loop(), nn.Linear(4, 3)).double(), torch.randn(7, 4, dtype=torch.float64)
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    recording = backend.record(next(batches(x, None, view.device, view.dtype)))
+    rule = next(r for m, r in backend.rules.items() if isinstance(m, _Loop))
+    entries = next(call for r, call in recording.calls if r is rule).cache[KEY]
+    assert [out is not None for _, out, _ in entries] == [True, False, False]
+    assert _assert_equals_oracle(model, x, "diag", linear_runs) > 0  # the two later calls ran again
+
+
 def test_replaying_refuses_other_calls_than_the_recorded_ones() -> None:
     parent = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     first, second = parent

@@ -15,6 +15,7 @@ same calls in the same order (:class:`ReplayMismatch` otherwise: the rule then r
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -113,15 +114,15 @@ def constant_outputs(captured: list[tuple[nn.Module, object, list[int]]], params
 def _reaches(root, targets: set[int], stop: set, clean: set) -> bool:
     """Whether the autograd graph below ``root`` reaches a leaf in ``targets`` (ids) before ``stop``;
     the nodes of a walk that finds none join ``clean``."""
-    seen, stack = set(), [root]
-    while stack:
-        node = stack.pop()
+    seen, queue = set(), deque([root])
+    while queue:  # breadth first: a parameter used at every step of a loop is found near the output
+        node = queue.popleft()
         if node is None or node in stop or node in clean or node in seen:
             continue
         seen.add(node)
         if len(seen) > _WALK_LIMIT or id(getattr(node, "variable", None)) in targets:
             return True
-        stack.extend(fn for fn, _ in node.next_functions)
+        queue.extend(fn for fn, _ in node.next_functions)
     clean.update(seen)
     return False
 
