@@ -101,6 +101,26 @@ def test_a_layer_scale_block_keeps_its_layers_outputs_and_equals_the_dense_oracl
     assert _assert_equals_oracle(model, x, structure, linear_runs) == 0  # neither Linear ran again under torch.func
 
 
+@pytest.mark.parametrize("estimator", ["score", "hessian", "empirical"])
+def test_a_layer_scale_block_gives_every_estimator_and_variance_of_the_whole_model_backend(estimator: str) -> None:
+    """The same labels (one seeded generator) through both backends: the sampled estimators, the empirical
+    Fisher and the closed-form variances of the diagonal and the trace agree to rounding."""
+    model, x = _model("after"), torch.randn(9, 4, dtype=torch.float64)
+    targets = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2))
+
+    def both(call) -> tuple[torch.Tensor, torch.Tensor]:
+        return call("auto"), call("functional")
+
+    kw = {"targets": targets} if estimator == "empirical" else {}
+    pairs = [both(lambda b: torchfim.fisher(model, x, estimator=estimator, structure="diag", backend=b,
+                                            generator=torch.Generator().manual_seed(1), **kw))]
+    if estimator != "empirical":
+        pairs += [both(lambda b, s=s: torchfim.fisher_variance(model, x, estimator=estimator, structure=s, backend=b))
+                  for s in ("diag", "trace")]
+    for got, reference in pairs:
+        assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
+
+
 @pytest.mark.parametrize(("scale", "constants", "reruns"), [("middle", [True, True, False], True),
                                                              ("before", None, True), ("in_place", [True, True, True], True)])
 def test_calls_that_depend_on_the_parameters_or_were_changed_in_place_run_again(scale: str, constants, reruns,
