@@ -13,36 +13,29 @@ recorded forward itself is :mod:`.recording`'s.
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import TorchfimError, all_finite, warn_user
+from ..errors import TorchfimError
 from .backend import CHUNK_ELEMENTS, Backend, EntryFn, Pieces
 from .batch import Batch
-from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
+from .coverage_check import CoverageCheck
 from .factored import shared_squared_norms
 from .functional import FunctionalBackend
-from .modules import Call, GenericRule, LinearRule, Rule, build_rules
+from .modules import Call, GenericRule, LinearRule, Rule
 from .modules.base import as_float
 from .modules.linear import total_of
 from .pullback import Consumer, consumable, handed_to, pull_back
-from .recording import ModuleRecording, may_attend, record_calls
+from .recording import ModuleRecording, may_attend
 from .row_groups import groups_of_rows
 from .second_order import UnitHessians
-from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
-from .view import PARAMETERS_CHANGED, ModelView, fewer_inputs
+from .view import PARAMETERS_CHANGED, ModelView
 
 #: Elements of per-sample gradients built at once for squares: small enough to stay in cache.
 CACHE_ELEMENTS = 2**21
-#: Per user model: its parameters' identities, the parameters moved to another module's generic rule
-#: by the coverage check, and the paths of the modules whose shared inputs are spread over the batch, of
-#: those whose rule on probation failed and of those whose generic rule loops, so that later calls on the
-#: same model skip the check.
-_COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Elements of the output sensitivities of one group of vectors.
 GROUP_ELEMENTS = 2**22
 #: Numbers the taps of one vector's pull-back hold, from which :meth:`PerModuleBackend._walk` hands the
@@ -52,7 +45,7 @@ GROUP_ELEMENTS = 2**22
 STREAM_ELEMENTS = 2**22
 
 
-class PerModuleBackend(Backend):
+class PerModuleBackend(CoverageCheck, Backend):
     """Per-sample products from per-module rules; see the module docstring."""
 
     name = "modules"
@@ -60,175 +53,13 @@ class PerModuleBackend(Backend):
     def __init__(self, view: ModelView) -> None:
         super().__init__(view)
         self.functional = FunctionalBackend(view)
-        self.moved: dict[str, tuple[nn.Module, str]] = {}
-        #: Modules called on inputs shared by every sample, recorded with them spread (:mod:`.shared_inputs`).
-        self.shared: frozenset[nn.Module] = frozenset()
-        self._unshared: set[nn.Module] = set()  # such modules whose spreading changed the output or failed the check
-        #: Modules whose rule on probation (:attr:`.modules.Rule.on_probation`) failed: the generic rule instead.
-        self.demoted: set[nn.Module] = set()
-        #: Modules whose generic rule computes one sample at a time: torch.func batched them to wrong numbers.
-        self.looped: set[nn.Module] = set()
-        self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         self.uses: dict[int, int] = {}
         self._last_units: tuple[Batch, UnitHessians] | None = None
-        cached = _COVERAGE.get(view.user_model)
-        self._key = tuple(id(p) for p in view.user_model.parameters())
-        self._verified = cached is not None and cached[0] == self._key
-        if self._verified and any(cached[1:]):  # checked before: reuse where its parameters are used
-            modules = dict(view.model.named_modules())
-            self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
-            self.shared = frozenset(modules[path] for path in cached[2])
-            self.demoted = {modules[path] for path in cached[3]}
-            self.looped = {modules[path] for path in cached[4]}
-        self.rules = self._build_rules(self.moved)
+        self._init_coverage()
         self._attends = may_attend(view.model)
-
-    # --------------------------------------------------------------- rule set-up
-    def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
-        return build_rules(self.view.model, self.view.index_of, moved or {}, self.demoted, self.looped)
-
-    # ------------------------------------------------------------------ recording
-    def record(self, batch: Batch) -> ModuleRecording:
-        rec = self._record(batch, clone=False)
-        if any(c.versions != [t._version for t in c.taps] for _, c in rec.calls):
-            rec = self._record(batch, clone=True)  # a later in-place op changed a tap
-        unbatched = unbatched_calls(rec.calls, batch.size)
-        if unbatched:
-            if not self._spread_shared(batch, rec, unbatched):
-                self._move(names_of(self.view.model, unbatched), rec)
-            return self.record(batch)
-        self.uses = {}
-        for rule, _ in rec.calls:
-            for i in rule.params.values():
-                self.uses[i] = self.uses.get(i, 0) + 1
-        if not self._verified and all_finite(rec.values):  # else the family check refuses
-            with fewer_inputs(min(2, batch.size), batch.size):
-                few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
-            if self._verify(few):
-                return self.record(batch)  # the rules changed: record again, and check the new ones too
-            self._verified = True
-            paths = {m: p for p, m in self.view.model.named_modules()}
-            if self._causes:
-                warn_user(moved_message({n: paths[self.moved[n][0]] for n in self._causes}, self._causes))
-            reached = {rule.module for rule, call in rec.calls if call.taps}  # a no_grad call beside a graded one is fine
-            detached = sorted({paths[rule.module] or "the model" for rule, _ in rec.calls if rule.module not in reached})
-            if detached:
-                warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
-            _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
-                                               [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
-                                               [paths[m] for m in self.looped])
-        return rec
 
     def row_groups(self, batch: Batch, whole: bool = False) -> list[slice]:
         return groups_of_rows(batch, self.view.user_model, lambda part: self._record(part, clone=False), whole)
-
-    def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
-        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared)
-
-    def _spread_shared(self, batch: Batch, rec: ModuleRecording, unbatched: list[tuple[Rule, Call]]) -> bool:
-        """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids
-        ``(1, T)``), where the model's output stays as it was; True when some were taken on."""
-        new = {call.module for _, call in unbatched if shares_inputs(call)} - self.shared - self._unshared
-        if not new:
-            return False
-        self.shared |= new
-        try:
-            same = same_output(self._record(batch, clone=True).values, rec.values)
-        except Exception:  # noqa: BLE001 - the model's forward refused the spread inputs: keep them shared
-            same = False
-        if not same:
-            self.shared -= new
-            self._unshared |= new
-        return same
-
-    def _verify(self, rec: ModuleRecording) -> bool:
-        """Move parameters whose per-sample gradients miss uses to the generic rule of a module above
-        (above the module that holds them now, for one moved before), keeping each one's first cause. First,
-        a rule on probation whose gradients miss (or that fails) gives way to its module's generic rule, and
-        a module recorded with its shared inputs spread whose gradients miss is recorded without them.
-
-        Returns True when the rules changed (the batch must be recorded, and the new rules checked, again):
-        a module above may itself miss uses, e.g. when it returns outputs computed one from another.
-        """
-        odd = unbatched_calls(rec.calls, rec.batch.size)  # their leading dim only happened to equal the batch's
-        if odd:
-            self._move(names_of(self.view.model, odd), rec)
-            return True
-        v = torch.randn(rec.output.shape, dtype=rec.output.dtype, device=rec.output.device,
-                        generator=torch.Generator(device=rec.output.device).manual_seed(0)).unsqueeze(1)
-        params = [p for p in self.view.model.parameters() if id(p) in self.view.index_of]
-        index = [self.view.index_of[id(p)] for p in params]
-        per_sample: Pieces = {}
-        probation = {rule.module for rule, _ in rec.calls if rule.on_probation}
-        try:
-            for rows, _, piece in self.pieces(rec, v):
-                for i, g in piece.items():
-                    per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
-        except Exception:  # a rule on probation read inputs its module's own forward takes otherwise
-            if not probation:
-                raise
-            return self._demote(self._failing(rec, v, probation))
-        misses = {index[k]: summed for k, summed in
-                  missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
-        failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
-        if failed:
-            return self._demote(failed)
-        if self._loop_wrongly_batched(rec, v, set(misses)):
-            return True
-        spread = {rule.module for rule, _ in rec.calls if rule.module in self.shared and set(misses) & set(rule.params.values())}
-        if spread:  # the model reads a spread output across samples: record those calls as they come
-            self.shared -= spread
-            self._unshared |= spread
-            return True
-        causes = {self.view.layout.names[i]: "rows" if summed else cause_of(i, rec.calls)  # each → its likely cause
-                  for i, summed in misses.items()}
-        for name, cause in causes.items():
-            self._causes.setdefault(name, cause)
-        before = dict(self.moved)
-        if causes:
-            self._move(list(causes), rec)
-        return self.moved != before
-
-    def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int]) -> bool:
-        """Compute one sample at a time each generic rule among those of the missed parameters whose
-        torch.func products differ from autograd's (a batching rule of torch that gives wrong numbers, as
-        PReLU's backward under nested vmap in torch 2.13); True when some were found."""
-        suspects = [k for k, (rule, _) in enumerate(rec.calls)
-                    if isinstance(rule, GenericRule) and not rule.unbatchable and misses & set(rule.params.values())]
-        if not suspects:
-            return False
-        sens = self._sensitivities(rec, v)
-        wrong = {rec.calls[k][0].module for k in suspects if not rec.calls[k][0].batches_correctly(rec.calls[k][1], sens[k])}
-        for module in wrong:
-            warn_user(WRONGLY_BATCHED.format(self.rules[module].path, type(module).__name__))
-        if wrong:
-            self.looped |= wrong
-            self.rules = self._build_rules(self.moved)
-        return bool(wrong)
-
-    def _failing(self, rec: ModuleRecording, v: Tensor, probation: set[nn.Module]) -> set[nn.Module]:
-        """The modules of ``probation`` whose rule raises on its recorded calls (all, if none does alone)."""
-        failing = set()
-        for (rule, call), s in zip(rec.calls, self._sensitivities(rec, v)):
-            if rule.module in probation and any(t is not None for t in s):
-                try:
-                    rule.grads(call, s, slice(0, rec.batch.size))
-                except Exception:  # noqa: BLE001 - the error says only that the rule does not fit this forward
-                    failing.add(rule.module)
-        return failing or probation
-
-    def _demote(self, modules: set[nn.Module]) -> bool:
-        """Give ``modules`` the generic rule instead of their rule on probation; True (the rules changed)."""
-        self.demoted |= modules
-        self.rules = self._build_rules(self.moved)
-        return True
-
-    def _move(self, names: list[str], rec: ModuleRecording) -> None:
-        """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""
-        called = {call.module for _, call in rec.calls if carries_batch(call)}
-        called |= modules_carrying_batch(self.view.model, rec.batch)
-        self.moved.update({n: nearest_called(self.view.model, n, self.moved.get(n), called) for n in names})
-        self.rules = self._build_rules(self.moved)
 
     # --------------------------------------------------------------- sensitivities
     def _sensitivities(self, rec: ModuleRecording, v: Tensor, consumers: dict[int, Consumer] | None = None,
