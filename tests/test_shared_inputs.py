@@ -112,23 +112,27 @@ def test_a_leading_dim_equal_to_the_batch_size_by_chance_is_not_taken_for_it(bat
 
 
 class _FlatFeedForward(nn.Module):
-    """A block that runs its layers on the hidden states flattened to ``(B·T, d)``, as OPT's decoder layers
-    do; its output ``(B, T, d)`` carries the batch, its layers' outputs do not. It has no parameters of its
+    """A block that runs its layers on the hidden states flattened to rows, as OPT's decoder layers do
+    (``(B·T, d)``, sample by sample) or time step by time step (``(T·B, d)`` from a sequence-first copy);
+    its output ``(B, T, d)`` carries the batch, its layers' outputs do not. It has no parameters of its
     own, so it has no rule and the recorded forward does not see its calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, sequence_first: bool) -> None:
         super().__init__()
+        self.sequence_first = sequence_first
         self.up, self.down = nn.Linear(3, 5), nn.Linear(5, 3)
 
     def forward(self, h: Tensor) -> Tensor:
-        flat = h.reshape(-1, h.shape[-1])
-        return h + self.down(torch.tanh(self.up(flat))).reshape(h.shape)
+        rows = h.transpose(0, 1) if self.sequence_first else h
+        flat = self.down(torch.tanh(self.up(rows.reshape(-1, h.shape[-1])))).reshape(rows.shape)
+        return h + (flat.transpose(0, 1) if self.sequence_first else flat)
 
 
 class _FlatModel(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, sequence_first: bool) -> None:
         super().__init__()
-        self.embed, self.blocks, self.head = nn.Embedding(5, 3), nn.ModuleList([_FlatFeedForward()]), nn.Linear(3, 4)
+        self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 4)
+        self.blocks = nn.ModuleList([_FlatFeedForward(sequence_first)])
 
     def forward(self, tokens: Tensor) -> Tensor:
         h = self.embed(tokens)
@@ -137,14 +141,21 @@ class _FlatModel(nn.Module):
         return self.head(h)
 
 
-def test_layers_on_flattened_inputs_go_to_the_nearest_called_module_above_them() -> None:
+def test_layers_on_rows_not_sample_by_sample_go_to_the_nearest_called_module_above_them() -> None:
     """Before, the layers went to the nearest module above with a rule of its own: the whole model."""
     torch.manual_seed(0)
-    model = _FlatModel().double()
+    model = _FlatModel(sequence_first=True).double()
     backend = _checked(model)
     block = backend.view.model.blocks[0]
     assert {name: module for name, (module, _) in backend.moved.items()} == {
         f"blocks.0.{layer}.{kind}": block for layer in ("up", "down") for kind in ("weight", "bias")}
+
+
+def test_layers_on_rows_sample_by_sample_keep_their_rules() -> None:
+    """The same layers on ``(B·T, d)``: their rules read the rows as positions (tests/test_folded_batch.py)."""
+    torch.manual_seed(0)
+    backend = _checked(_FlatModel(sequence_first=False).double())
+    assert backend.moved == {}
 
 
 class _PositionsBesideIds(nn.Embedding):

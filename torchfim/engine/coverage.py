@@ -18,7 +18,9 @@ first move, which the recorded calls of the parameter's module show:
   ``F.linear(h, embedding.weight)``): that use has no rule.
 
 (Calls whose outputs do not carry the batch, such as a lookup shared by every sample, are moved
-before the check, silently: nothing is wrong with the model there.)
+before the check, silently: nothing is wrong with the model there. So are, after the check, the calls of
+a Linear or LayerNorm recorded with the batch folded into their rows (:attr:`.modules.Call.fold`) whose
+rows turn out not to come sample by sample.)
 """
 
 from __future__ import annotations

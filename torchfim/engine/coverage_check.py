@@ -48,6 +48,9 @@ class CoverageCheck:
         self.demoted: set[nn.Module] = set()
         #: Modules whose generic rule computes one sample at a time: torch.func batched them to wrong numbers.
         self.looped: set[nn.Module] = set()
+        #: Modules whose calls with the batch folded into their rows fed other samples than the rule read (their
+        #: parameters then move up, which the cache keeps).
+        self.unfolded: set[nn.Module] = set()
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
         self._key = tuple(id(p) for p in self.view.user_model.parameters())
@@ -96,7 +99,7 @@ class CoverageCheck:
         return rec
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
-        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared)
+        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, frozenset(self.unfolded))
 
     def _spread_shared(self, batch: Batch, rec: ModuleRecording, unbatched: list[tuple[Rule, Call]]) -> bool:
         """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids
@@ -138,11 +141,15 @@ class CoverageCheck:
                 for i, g in piece.items():
                     per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
         except Exception:  # a rule on probation read inputs its module's own forward takes otherwise
+            if self._unfold({call.module for _, call in rec.calls if call.fold > 1}):
+                return True
             if not probation:
                 raise
             return self._demote(self._failing(rec, v, probation))
         misses = {index[k]: summed for k, summed in
                   missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
+        if self._unfold({call.module for rule, call in rec.calls if call.fold > 1 and set(misses) & set(rule.params.values())}):
+            return True  # its rows were not sample by sample (a sequence-first batch flattened): record them as they come
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
         if failed:
             return self._demote(failed)
@@ -161,6 +168,12 @@ class CoverageCheck:
         if causes:
             self._move(list(causes), rec)
         return self.moved != before
+
+    def _unfold(self, modules: set[nn.Module]) -> bool:
+        """Record the calls of ``modules`` without folding (their parameters then move up, silently, as for
+        any call whose outputs do not carry the batch); True when there were some."""
+        self.unfolded |= modules
+        return bool(modules)
 
     def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int]) -> bool:
         """Compute one sample at a time each generic rule among those of the missed parameters whose

@@ -83,7 +83,7 @@ def _per_call(calls: Sequence[Call], grads: Sequence[Tensor | None],
             if i in call.unread:
                 row.append(None)
             else:
-                row.append(grads[k])
+                row.append(unfolded(call, grads[k], 1))
                 k += 1
         out.append(row)
     return out
@@ -142,4 +142,9 @@ def _without_tap_below(taps: list[Tensor], tap_nodes: set) -> list[Tensor]:
 
 def handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:
     """A consumer that gives one vector's tap gradient ``(B, *tap)`` to ``visit`` as the call's sensitivities."""
-    return lambda g: visit(rule, call, [g.unsqueeze(0)])
+    return lambda g: visit(rule, call, [unfolded(call, g, 0).unsqueeze(0)])
+
+
+def unfolded(call: Call, g: Tensor | None, dim: int) -> Tensor | None:
+    """A sensitivity of a folded call (:attr:`.modules.Call.fold`) with its rows ``dim`` as ``(size, k)``."""
+    return g if g is None or call.fold == 1 else g.unflatten(dim, (call.size, call.fold))

@@ -61,7 +61,8 @@ def may_attend(model: nn.Module) -> bool:
 
 
 def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, clone: bool,
-                 attends: bool, shared: frozenset[nn.Module] = frozenset()) -> ModuleRecording:
+                 attends: bool, shared: frozenset[nn.Module] = frozenset(),
+                 unfolded: frozenset[nn.Module] = frozenset()) -> ModuleRecording:
     """One forward of ``batch`` through ``view``'s model, recording every call of a module in ``rules``.
 
     ``clone``: the layers downstream of a call get a copy of its output, so that in-place operations
@@ -70,10 +71,12 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     batched pass (the fused CPU kernels go vector by vector); entering that setting costs about as
     much as a small layer's forward, so models without attention skip it. ``shared``: modules whose
     inputs leading with 1 (shared by every sample) are expanded to the batch (:mod:`.shared_inputs`).
+    The calls of a rule that reads a folded batch (:attr:`.modules.Rule.folds_batch`) whose rows are ``k``
+    per sample are recorded folded (:attr:`.modules.Call.fold`), except those of the modules ``unfolded``.
     """
     calls: list[tuple[Rule, Call]] = []
     kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
-    with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared), kernel:
+    with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, unfolded), kernel:
         raw = view.to_tensor(batch.call(view.model))
     for rule, call in calls:
         if call.module is view.model and isinstance(rule, GenericRule) and any(t is raw for t in call.taps):
@@ -86,7 +89,7 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
 
 @contextmanager
 def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], size: int,
-               clone: bool, shared: frozenset[nn.Module]) -> Iterator[None]:
+               clone: bool, shared: frozenset[nn.Module], unfolded: frozenset[nn.Module]) -> Iterator[None]:
     """While the block runs, every module of ``rules`` runs its forward (or its rule's
     ``recording_forward``) and then appends the call to ``calls``.
 
@@ -101,6 +104,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
         signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
 
         spreads = module in shared and size > 1
+        folds = rule.folds_batch and module not in unfolded
 
         def forward_and_record(*args: object, **kwargs: object) -> object:
             if spreads:
@@ -113,7 +117,10 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
             taps = [t for t in tensors_of(output) if t.requires_grad]
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
-            call = Call(module, detached, kw, taps, size)
+            fold = folded_rows(detached, taps, size) if folds else 1
+            if fold > 1:
+                detached = (detached[0].unflatten(0, (size, fold)), *detached[1:])
+            call = Call(module, detached, kw, taps, size, fold=fold)
             taps.extend(rule.take_recorded(call))
             call.versions = [t._version for t in taps]
             calls.append((rule, call))
@@ -133,6 +140,14 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
                 del m.__dict__["forward"]
             else:
                 m.__dict__["forward"] = forward
+
+
+def folded_rows(args: tuple, taps: list[Tensor], size: int) -> int:
+    """``k`` where the call's first input and every output lead with ``size·k`` rows (``k > 1``), else 1."""
+    a = args[0] if args else None
+    if not isinstance(a, Tensor) or a.dim() < 2 or not taps or a.shape[0] <= size or a.shape[0] % size:
+        return 1
+    return a.shape[0] // size if all(t.dim() >= 1 and t.shape[0] == a.shape[0] for t in taps) else 1
 
 
 def _positional(forward: Callable[..., object], signature: list[inspect.Signature], args: tuple,

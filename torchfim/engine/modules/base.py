@@ -42,6 +42,11 @@ class Call:
     #: as an encoder's last hidden state next to the logits). Their outside sensitivity is zero; the one
     #: autograd gives them would count again the paths inside the call to the read output.
     unread: frozenset[int] = frozenset()
+    #: ``k`` where the call's input and outputs lead with ``size·k`` rows, sample by sample (the batch folded
+    #: with ``k`` positions, as ``x.view(-1, d)`` does): its input is kept as ``(size, k, ...)`` and its
+    #: sensitivities come as ``(m, size, k, ...)``, so a rule that reads positions reads the folded rows as
+    #: positions (:attr:`Rule.folds_batch`). 1 otherwise.
+    fold: int = 1
 
     def release(self) -> None:
         """Drop the call's inputs, taps and cache (its recording's last pull-back has used them)."""
@@ -65,6 +70,9 @@ class Rule:
     #: Whether the per-sample gradients touch few entries, so that :meth:`add_grads` adds them into another
     #: use's in place (a lookup table tied to an output layer).
     sparse_grads: bool = False
+    #: Whether the rule reads a call with the batch folded into its leading dim as positions (:attr:`Call.fold`):
+    #: one that treats every row of its input alike and sums its products over positions.
+    folds_batch: bool = False
 
     def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
         self.module = module

@@ -64,6 +64,11 @@ def normalised(module: nn.Module, x: Tensor) -> Tensor:
 class NormRule(Rule):
     """Per-sample products of the affine parameters of a normalisation layer."""
 
+    @property
+    def folds_batch(self) -> bool:  # type: ignore[override]
+        """A norm over the trailing dims treats every row alike; one over channels does not."""
+        return not isinstance(self.module, _CHANNEL)
+
     def _fold(self, t: Tensor) -> Tensor:
         """``(m, b, ...)`` summed over the dims that share one parameter entry → ``(b, m, size)``."""
         m, b = t.shape[:2]

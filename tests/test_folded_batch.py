@@ -1,0 +1,106 @@
+"""Layers called on the batch folded into their rows keep their rules, reading the rows as positions.
+
+A model that flattens ``(B, T, d)`` to ``(B·T, d)`` before a Linear or a LayerNorm (``h.reshape(-1, d)``)
+calls them on rows that come ``T`` per sample, in sample order. Their rules read such a call as ``T``
+positions per sample (:attr:`torchfim.engine.modules.Call.fold`); the coverage check compares the
+per-sample gradients with autograd's sample by sample, so rows in another order (a sequence-first batch
+flattened) are found on the first batch and recorded as they come: their parameters then go to the
+generic rule of a module above, silently, as before. The oracle is the dense float64
+``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from engine_checks import assert_equals_dense, module_rules
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+from torchfim.engine.modules import GenericRule, LinearRule
+from torchfim.engine.modules.norm import NormRule
+
+
+class _Flattening(nn.Module):
+    """Linear on ``(B, T, 3)``, then a Linear and a LayerNorm on its output flattened to rows (sample by
+    sample, or time step by time step with ``sequence_first``), a mean over time and a Linear head."""
+
+    def __init__(self, sequence_first: bool = False) -> None:
+        super().__init__()
+        self.sequence_first = sequence_first
+        self.inner, self.fc, self.norm, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        b, t, d = h.shape
+        if self.sequence_first:
+            rows = self.norm(torch.tanh(self.fc(h.transpose(0, 1).reshape(t * b, d))))
+            h = rows.reshape(t, b, d).transpose(0, 1)
+        else:
+            h = self.norm(torch.tanh(self.fc(h.reshape(b * t, d)))).reshape(b, t, d)
+        return self.head(h.mean(1))
+
+
+def _model(sequence_first: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return _Flattening(sequence_first).double()
+
+
+def _fisher_quietly(model: nn.Module, x: torch.Tensor, structure: str) -> torch.Tensor | dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is moved with a warning, nothing loops
+        return torchfim.fisher(model, x, structure=structure)
+
+
+@pytest.mark.parametrize("structure", ["diag", "layers"])
+@pytest.mark.parametrize("inputs", [5, 1])
+def test_layers_on_rows_of_the_batch_keep_their_rules_and_equal_the_dense_oracle(structure: str, inputs: int) -> None:
+    model, x = _model(), torch.randn(inputs, 4, 3, dtype=torch.float64)
+    backend, rules = module_rules(model, x)
+    assert isinstance(rules["fc"], LinearRule) and isinstance(rules["norm"], NormRule) and not backend.moved
+    assert_equals_dense(_fisher_quietly(model, x, structure), exact_fisher(model, x, "categorical"), model, structure)
+
+
+def test_rows_of_a_sequence_first_batch_go_to_the_generic_rule_above_without_a_warning() -> None:
+    model, x = _model(sequence_first=True), torch.randn(5, 4, 3, dtype=torch.float64)
+    full = exact_fisher(model, x, "categorical")
+    assert_equals_dense(_fisher_quietly(model, x, "diag"), full, model, "diag")
+    backend, rules = module_rules(model, x)
+    assert {"fc.weight", "fc.bias", "norm.weight", "norm.bias"} <= set(backend.moved)
+    assert isinstance(rules[""], GenericRule) and "fc" not in rules
+    # A later call takes the settled rules from the per-model cache, without the check: still exact.
+    assert_equals_dense(_fisher_quietly(model, x, "diag"), full, model, "diag")
+
+
+@pytest.mark.parametrize("estimator", ["score", "hessian", "empirical"])
+def test_folded_rows_give_every_estimator_and_variance_of_the_whole_model_backend(estimator: str) -> None:
+    model, x = _model(), torch.randn(6, 4, 3, dtype=torch.float64)
+    targets = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+    kw = {"targets": targets} if estimator == "empirical" else {}
+
+    def both(call) -> tuple[torch.Tensor, torch.Tensor]:
+        return call("auto"), call("functional")
+
+    pairs = [both(lambda b: torchfim.fisher(model, x, estimator=estimator, structure="diag", backend=b,
+                                            generator=torch.Generator().manual_seed(1), **kw))]
+    if estimator != "empirical":
+        pairs += [both(lambda b, s=s: torchfim.fisher_variance(model, x, estimator=estimator, structure=s, backend=b))
+                  for s in ("diag", "trace")]
+    for got, reference in pairs:
+        assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
+
+
+def test_the_monitors_squared_norms_read_folded_rows() -> None:
+    """The per-input squared score norms (the monitor's and the score-only report's terms) from folded rows."""
+    from torchfim.score_norms import squared_score_norms
+
+    model, x = _model(), torch.randn(6, 4, 3, dtype=torch.float64)
+    got = squared_score_norms(model, x, n_samples=2, generator=torch.Generator().manual_seed(3))
+    reference = squared_score_norms(model, x, n_samples=2, generator=torch.Generator().manual_seed(3),
+                                    backend="functional")
+    assert got.names == reference.names
+    assert torch.allclose(got.per_tensor, reference.per_tensor, rtol=1e-10,
+                          atol=1e-14 * reference.per_tensor.abs().max())
