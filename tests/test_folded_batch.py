@@ -104,3 +104,39 @@ def test_the_monitors_squared_norms_read_folded_rows() -> None:
     assert got.names == reference.names
     assert torch.allclose(got.per_tensor, reference.per_tensor, rtol=1e-10,
                           atol=1e-14 * reference.per_tensor.abs().max())
+
+
+class _SharedQueries(nn.Module):
+    """A Linear on learned queries ``(4, 3)`` that every sample shares: its rows are no sample's, though with
+    2 inputs they come 2 per input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.linspace(-1.0, 1.0, 12).reshape(4, 3))
+        self.proj, self.inner, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.tanh(self.proj(self.queries))
+        return self.head(torch.softmax(torch.tanh(self.inner(x)) @ q.T, -1) @ q)
+
+
+@pytest.mark.parametrize("sizes", [(1, 2, 4), (2, 1, 4), (4, 2, 1)])
+def test_rows_every_sample_shares_are_exact_whichever_batch_size_comes_first(sizes: tuple[int, ...]) -> None:
+    """One input's rows are all its own, so a first call on one input checks nothing about the layout: later
+    calls fold only the layers the check saw folded on 2 inputs (here none), and the shared rows, which fold
+    evenly on 2 or 4 inputs, are never read as positions."""
+    torch.manual_seed(0)
+    model = _SharedQueries().double()
+    for n in sizes:
+        x = torch.randn(n, 3, dtype=torch.float64)
+        got = torchfim.fisher(model, x, structure="diag")
+        assert torch.allclose(got, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("first", [1, 5])
+def test_flattened_rows_stay_exact_after_a_first_call_on_one_input(first: int) -> None:
+    model = _model()
+    for n in (first, 3):
+        x = torch.randn(n, 4, 3, dtype=torch.float64)
+        assert_equals_dense(torchfim.fisher(model, x, structure="diag"), exact_fisher(model, x, "categorical"),
+                            model, "diag")

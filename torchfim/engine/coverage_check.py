@@ -51,6 +51,10 @@ class CoverageCheck:
         #: Modules whose calls with the batch folded into their rows fed other samples than the rule read (their
         #: parameters then move up, which the cache keeps).
         self.unfolded: set[nn.Module] = set()
+        #: Once checked: the modules whose calls the check saw folded, on 2 inputs, and found right. Only they
+        #: are recorded folded on later batches (and any module on a batch of 1, whose rows are all its own; a
+        #: check on one input with folded calls is not kept, and runs again on the next batch).
+        self.folding: set[nn.Module] = set()
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
         self._key = tuple(id(p) for p in self.view.user_model.parameters())
@@ -61,6 +65,7 @@ class CoverageCheck:
             self.shared = frozenset(modules[path] for path in cached[2])
             self.demoted = {modules[path] for path in cached[3]}
             self.looped = {modules[path] for path in cached[4]}
+            self.folding = {modules[path] for path in cached[5]}
         self.rules = self._build_rules(self.moved)
 
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
@@ -85,6 +90,9 @@ class CoverageCheck:
                 few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
             if self._verify(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
+            self.folding = {call.module for _, call in few.calls if call.fold > 1}
+            if self.folding and few.batch.size == 1:
+                return rec  # one input's rows are all its own: right here, but check the layout on more inputs
             self._verified = True
             paths = {m: p for p, m in self.view.model.named_modules()}
             if self._causes:
@@ -95,11 +103,16 @@ class CoverageCheck:
                 warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
                                                [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
-                                               [paths[m] for m in self.looped])
+                                               [paths[m] for m in self.looped], [paths[m] for m in self.folding])
         return rec
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
-        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, frozenset(self.unfolded))
+        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, self._may_fold)
+
+    def _may_fold(self, module: nn.Module) -> bool:
+        """Whether ``module``'s calls may be recorded with the batch folded into their rows: while checking,
+        unless they were found wrong; once checked, where the check saw them folded."""
+        return module in self.folding if self._verified else module not in self.unfolded
 
     def _spread_shared(self, batch: Batch, rec: ModuleRecording, unbatched: list[tuple[Rule, Call]]) -> bool:
         """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids

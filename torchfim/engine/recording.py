@@ -62,7 +62,7 @@ def may_attend(model: nn.Module) -> bool:
 
 def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, clone: bool,
                  attends: bool, shared: frozenset[nn.Module] = frozenset(),
-                 unfolded: frozenset[nn.Module] = frozenset()) -> ModuleRecording:
+                 may_fold: Callable[[nn.Module], bool] = lambda module: True) -> ModuleRecording:
     """One forward of ``batch`` through ``view``'s model, recording every call of a module in ``rules``.
 
     ``clone``: the layers downstream of a call get a copy of its output, so that in-place operations
@@ -72,11 +72,12 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     much as a small layer's forward, so models without attention skip it. ``shared``: modules whose
     inputs leading with 1 (shared by every sample) are expanded to the batch (:mod:`.shared_inputs`).
     The calls of a rule that reads a folded batch (:attr:`.modules.Rule.folds_batch`) whose rows are ``k``
-    per sample are recorded folded (:attr:`.modules.Call.fold`), except those of the modules ``unfolded``.
+    per sample are recorded folded (:attr:`.modules.Call.fold`) where ``may_fold(module)`` or the batch has
+    one sample (whose rows are all its own).
     """
     calls: list[tuple[Rule, Call]] = []
     kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
-    with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, unfolded), kernel:
+    with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, may_fold), kernel:
         raw = view.to_tensor(batch.call(view.model))
     for rule, call in calls:
         if call.module is view.model and isinstance(rule, GenericRule) and any(t is raw for t in call.taps):
@@ -89,7 +90,7 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
 
 @contextmanager
 def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], size: int,
-               clone: bool, shared: frozenset[nn.Module], unfolded: frozenset[nn.Module]) -> Iterator[None]:
+               clone: bool, shared: frozenset[nn.Module], may_fold: Callable[[nn.Module], bool]) -> Iterator[None]:
     """While the block runs, every module of ``rules`` runs its forward (or its rule's
     ``recording_forward``) and then appends the call to ``calls``.
 
@@ -104,7 +105,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
         signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
 
         spreads = module in shared and size > 1
-        folds = rule.folds_batch and module not in unfolded
+        folds = rule.folds_batch and (size == 1 or may_fold(module))
 
         def forward_and_record(*args: object, **kwargs: object) -> object:
             if spreads:
