@@ -140,3 +140,53 @@ def test_flattened_rows_stay_exact_after_a_first_call_on_one_input(first: int) -
         x = torch.randn(n, 4, 3, dtype=torch.float64)
         assert_equals_dense(torchfim.fisher(model, x, structure="diag"), exact_fisher(model, x, "categorical"),
                             model, "diag")
+
+
+class _SequenceFirstEncoder(nn.Module):
+    """``nn.TransformerEncoderLayer`` with torch's default ``batch_first=False``: its feed-forward layers and
+    norms see ``(T, B, d)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(torch.tanh(self.embed(x)).transpose(0, 1)).mean(0))
+
+
+@pytest.mark.parametrize("structure", ["diag", "layers"])
+def test_a_sequence_first_encoder_layer_keeps_its_rules_and_equals_the_dense_oracle(structure: str) -> None:
+    """Its layers went to the whole model's generic rule before (their outputs carry the batch second)."""
+    torch.manual_seed(0)
+    model, x = _SequenceFirstEncoder().double().eval(), torch.randn(3, 4, 3, dtype=torch.float64)
+    backend, rules = module_rules(model, x)
+    assert not backend.moved
+    assert isinstance(rules["encoder.linear1"], LinearRule) and isinstance(rules["encoder.norm2"], NormRule)
+    assert_equals_dense(_fisher_quietly(model, x, structure), exact_fisher(model, x, "categorical"), model, structure)
+
+
+class _Windows(nn.Module):
+    """A Linear on windows: ``(B, 4·L, d)`` cut into ``(B·4, L, d)``, sample by sample (as Swin's attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.window, self.head = nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))  # (B, 4·L, 3)
+        windows = torch.tanh(self.window(h.reshape(h.shape[0] * 4, -1, 3)))  # (B·4, L, 3)
+        return self.head(windows.reshape(h.shape).mean(1))
+
+
+def test_a_layout_found_right_is_the_only_one_read_on_later_batches() -> None:
+    """Windows of 3 rows: with 3 inputs their ``(12, 3, d)`` also looks sequence first, but the check on the
+    first batch (2 inputs) found them folded, and only that layout is read afterwards."""
+    torch.manual_seed(0)
+    model = _Windows().double()
+    for n in (2, 3):
+        x = torch.randn(n, 12, 2, dtype=torch.float64)
+        assert_equals_dense(_fisher_quietly(model, x, "diag"), exact_fisher(model, x, "categorical"), model, "diag")
+    backend, rules = module_rules(model, torch.randn(3, 12, 2, dtype=torch.float64))
+    assert isinstance(rules["window"], LinearRule) and backend.folding == {backend.view.model.window: "folded"}

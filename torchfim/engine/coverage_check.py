@@ -20,6 +20,7 @@ from .backend import Pieces
 from .batch import Batch
 from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
 from .modules import Call, GenericRule, Rule, build_rules
+from .modules.base import LAYOUTS
 from .recording import ModuleRecording, record_calls
 from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
 from .view import ModelView, fewer_inputs
@@ -48,13 +49,13 @@ class CoverageCheck:
         self.demoted: set[nn.Module] = set()
         #: Modules whose generic rule computes one sample at a time: torch.func batched them to wrong numbers.
         self.looped: set[nn.Module] = set()
-        #: Modules whose calls with the batch folded into their rows fed other samples than the rule read (their
-        #: parameters then move up, which the cache keeps).
-        self.unfolded: set[nn.Module] = set()
-        #: Once checked: the modules whose calls the check saw folded, on 2 inputs, and found right. Only they
-        #: are recorded folded on later batches (and any module on a batch of 1, whose rows are all its own; a
-        #: check on one input with folded calls is not kept, and runs again on the next batch).
-        self.folding: set[nn.Module] = set()
+        #: Per module, the layouts of its rows (:data:`.modules.base.LAYOUTS`) whose reading fed other samples
+        #: than the rule read: not tried again (with none left, its parameters move up, which the cache keeps).
+        self.unfolded: dict[nn.Module, set[str]] = {}
+        #: Once checked: the layout each module's calls had in the check, on 2 inputs, and were found right
+        #: in. Only those are read on later batches (and any on a batch of 1, whose rows are all its own; a
+        #: check on one input with regrouped calls is not kept, and runs again on the next batch).
+        self.folding: dict[nn.Module, str] = {}
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
         self._key = tuple(id(p) for p in self.view.user_model.parameters())
@@ -65,7 +66,7 @@ class CoverageCheck:
             self.shared = frozenset(modules[path] for path in cached[2])
             self.demoted = {modules[path] for path in cached[3]}
             self.looped = {modules[path] for path in cached[4]}
-            self.folding = {modules[path] for path in cached[5]}
+            self.folding = {modules[path]: layout for path, layout in cached[5].items()}
         self.rules = self._build_rules(self.moved)
 
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
@@ -90,7 +91,7 @@ class CoverageCheck:
                 few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
             if self._verify(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
-            self.folding = {call.module for _, call in few.calls if call.fold > 1}
+            self.folding = {call.module: call.layout for _, call in few.calls if call.regrouped}
             if self.folding and few.batch.size == 1:
                 return rec  # one input's rows are all its own: right here, but check the layout on more inputs
             self._verified = True
@@ -103,16 +104,19 @@ class CoverageCheck:
                 warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
                                                [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
-                                               [paths[m] for m in self.looped], [paths[m] for m in self.folding])
+                                               [paths[m] for m in self.looped],
+                                               {paths[m]: layout for m, layout in self.folding.items()})
         return rec
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
-        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, self._may_fold)
+        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, self._layouts)
 
-    def _may_fold(self, module: nn.Module) -> bool:
-        """Whether ``module``'s calls may be recorded with the batch folded into their rows: while checking,
-        unless they were found wrong; once checked, where the check saw them folded."""
-        return module in self.folding if self._verified else module not in self.unfolded
+    def _layouts(self, module: nn.Module) -> frozenset[str]:
+        """The layouts ``module``'s rows may be read in: while checking, those not found wrong; once checked,
+        the one the check saw."""
+        if self._verified:
+            return frozenset({self.folding[module]}) if module in self.folding else frozenset()
+        return LAYOUTS - self.unfolded.get(module, set())
 
     def _spread_shared(self, batch: Batch, rec: ModuleRecording, unbatched: list[tuple[Rule, Call]]) -> bool:
         """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids
@@ -154,14 +158,14 @@ class CoverageCheck:
                 for i, g in piece.items():
                     per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
         except Exception:  # a rule on probation read inputs its module's own forward takes otherwise
-            if self._unfold({call.module for _, call in rec.calls if call.fold > 1}):
+            if self._unfold([call for _, call in rec.calls if call.regrouped]):
                 return True
             if not probation:
                 raise
             return self._demote(self._failing(rec, v, probation))
         misses = {index[k]: summed for k, summed in
                   missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
-        if self._unfold({call.module for rule, call in rec.calls if call.fold > 1 and set(misses) & set(rule.params.values())}):
+        if self._unfold([call for rule, call in rec.calls if call.regrouped and set(misses) & set(rule.params.values())]):
             return True  # its rows were not sample by sample (a sequence-first batch flattened): record them as they come
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
         if failed:
@@ -182,11 +186,13 @@ class CoverageCheck:
             self._move(list(causes), rec)
         return self.moved != before
 
-    def _unfold(self, modules: set[nn.Module]) -> bool:
-        """Record the calls of ``modules`` without folding (their parameters then move up, silently, as for
-        any call whose outputs do not carry the batch); True when there were some."""
-        self.unfolded |= modules
-        return bool(modules)
+    def _unfold(self, calls: list[Call]) -> bool:
+        """Read the rows of the modules of ``calls`` in their layout no more (another one is tried next; with
+        none left, their parameters move up, silently, as for any call whose outputs do not carry the batch);
+        True when there were some."""
+        for call in calls:
+            self.unfolded.setdefault(call.module, set()).add(call.layout)
+        return bool(calls)
 
     def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int]) -> bool:
         """Compute one sample at a time each generic rule among those of the missed parameters whose

@@ -146,5 +146,9 @@ def handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call)
 
 
 def unfolded(call: Call, g: Tensor | None, dim: int) -> Tensor | None:
-    """A sensitivity of a folded call (:attr:`.modules.Call.fold`) with its rows ``dim`` as ``(size, k)``."""
-    return g if g is None or call.fold == 1 else g.unflatten(dim, (call.size, call.fold))
+    """A sensitivity of a call whose rows are regrouped (:attr:`.modules.Call.regrouped`) in the layout its
+    input is kept in: rows ``dim`` as ``(size, k)`` for a folded call, dims ``dim`` and ``dim + 1`` swapped
+    for one that came sequence first."""
+    if g is None or not call.regrouped:
+        return g
+    return g.unflatten(dim, (call.size, call.fold)) if call.fold > 1 else g.transpose(dim, dim + 1)

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
+from .modules.base import LAYOUTS
 from .shared_inputs import spread, spread_output
 from .view import ModelView
 
@@ -62,7 +63,7 @@ def may_attend(model: nn.Module) -> bool:
 
 def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, clone: bool,
                  attends: bool, shared: frozenset[nn.Module] = frozenset(),
-                 may_fold: Callable[[nn.Module], bool] = lambda module: True) -> ModuleRecording:
+                 layouts: Callable[[nn.Module], frozenset[str]] = lambda module: LAYOUTS) -> ModuleRecording:
     """One forward of ``batch`` through ``view``'s model, recording every call of a module in ``rules``.
 
     ``clone``: the layers downstream of a call get a copy of its output, so that in-place operations
@@ -72,12 +73,13 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     much as a small layer's forward, so models without attention skip it. ``shared``: modules whose
     inputs leading with 1 (shared by every sample) are expanded to the batch (:mod:`.shared_inputs`).
     The calls of a rule that reads a folded batch (:attr:`.modules.Rule.folds_batch`) whose rows are ``k``
-    per sample are recorded folded (:attr:`.modules.Call.fold`) where ``may_fold(module)`` or the batch has
-    one sample (whose rows are all its own).
+    per sample, or which come sequence first, are recorded so (:attr:`.modules.Call.fold`,
+    :attr:`.modules.Call.sequence_first`) where ``layouts(module)`` holds that layout or the batch has one
+    sample (whose rows are all its own).
     """
     calls: list[tuple[Rule, Call]] = []
     kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
-    with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, may_fold), kernel:
+    with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, layouts), kernel:
         raw = view.to_tensor(batch.call(view.model))
     for rule, call in calls:
         if call.module is view.model and isinstance(rule, GenericRule) and any(t is raw for t in call.taps):
@@ -90,7 +92,8 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
 
 @contextmanager
 def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], size: int,
-               clone: bool, shared: frozenset[nn.Module], may_fold: Callable[[nn.Module], bool]) -> Iterator[None]:
+               clone: bool, shared: frozenset[nn.Module], layouts: Callable[[nn.Module], frozenset[str]]
+               ) -> Iterator[None]:
     """While the block runs, every module of ``rules`` runs its forward (or its rule's
     ``recording_forward``) and then appends the call to ``calls``.
 
@@ -105,7 +108,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
         signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
 
         spreads = module in shared and size > 1
-        folds = rule.folds_batch and (size == 1 or may_fold(module))
+        allowed = (LAYOUTS if size == 1 else layouts(module)) if rule.folds_batch else frozenset()
 
         def forward_and_record(*args: object, **kwargs: object) -> object:
             if spreads:
@@ -118,10 +121,11 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
             taps = [t for t in tensors_of(output) if t.requires_grad]
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
-            fold = folded_rows(detached, taps, size) if folds else 1
-            if fold > 1:
-                detached = (detached[0].unflatten(0, (size, fold)), *detached[1:])
-            call = Call(module, detached, kw, taps, size, fold=fold)
+            fold, second = rows_layout(detached, taps, size, allowed) if allowed else (1, False)
+            if fold > 1 or second:
+                first = detached[0].unflatten(0, (size, fold)) if fold > 1 else detached[0].transpose(0, 1)
+                detached = (first, *detached[1:])
+            call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second)
             taps.extend(rule.take_recorded(call))
             call.versions = [t._version for t in taps]
             calls.append((rule, call))
@@ -143,12 +147,20 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
                 m.__dict__["forward"] = forward
 
 
-def folded_rows(args: tuple, taps: list[Tensor], size: int) -> int:
-    """``k`` where the call's first input and every output lead with ``size·k`` rows (``k > 1``), else 1."""
+def rows_layout(args: tuple, taps: list[Tensor], size: int, allowed: frozenset[str]) -> tuple[int, bool]:
+    """How the call's first input and every output hold the batch's rows, among the ``allowed`` layouts:
+    ``(1, True)`` where they come ``(T, size, ...)`` with ``T ≠ size`` (``"sequence_first"``), ``(k, False)``
+    where they lead with ``size·k`` rows (``"folded"``, ``k > 1``), else ``(1, False)``."""
     a = args[0] if args else None
-    if not isinstance(a, Tensor) or a.dim() < 2 or not taps or a.shape[0] <= size or a.shape[0] % size:
-        return 1
-    return a.shape[0] // size if all(t.dim() >= 1 and t.shape[0] == a.shape[0] for t in taps) else 1
+    if not isinstance(a, Tensor) or a.dim() < 2 or not taps or a.shape[0] == size:
+        return 1, False
+    if ("sequence_first" in allowed and a.dim() >= 3 and a.shape[1] == size
+            and all(t.dim() >= 3 and t.shape[:2] == a.shape[:2] for t in taps)):
+        return 1, True
+    if ("folded" in allowed and a.shape[0] > size and a.shape[0] % size == 0
+            and all(t.dim() >= 1 and t.shape[0] == a.shape[0] for t in taps)):
+        return a.shape[0] // size, False
+    return 1, False
 
 
 def _positional(forward: Callable[..., object], signature: list[inspect.Signature], args: tuple,

@@ -27,8 +27,8 @@ from .modules.generic import output_batch_dims
 
 def carries_batch(call: Call) -> bool:
     """Whether every output of the call carries the batch (first, or second for a sequence-first module), or
-    it was recorded with the batch folded into its rows (:attr:`.modules.Call.fold`)."""
-    if call.fold > 1:
+    it was recorded with its rows regrouped for its rule (:attr:`.modules.Call.regrouped`)."""
+    if call.regrouped:
         return True
     outputs = call.taps[: len(call.taps) - len(call.cache.get("parts", ()))]  # a rule's own taps come after
     return all(d is not None for d in output_batch_dims(call.module, outputs, call.size))

@@ -27,6 +27,10 @@ Factors = tuple[Tensor, Tensor]
 SQUARES_ELEMENTS = 2**19
 
 
+#: The layouts of a call's rows that a positions rule reads (:attr:`Call.layout`).
+LAYOUTS = frozenset({"folded", "sequence_first"})
+
+
 @dataclass
 class Call:
     """One call of a module in a recorded forward: its inputs (detached) and its output taps."""
@@ -47,6 +51,20 @@ class Call:
     #: sensitivities come as ``(m, size, k, ...)``, so a rule that reads positions reads the folded rows as
     #: positions (:attr:`Rule.folds_batch`). 1 otherwise.
     fold: int = 1
+    #: Whether the call's input and outputs came sequence first, ``(T, size, ...)`` (``nn.Transformer``'s
+    #: layers with ``batch_first=False``): its input is kept as ``(size, T, ...)`` and its sensitivities
+    #: come as ``(m, size, T, ...)``, for a rule that reads positions (:attr:`Rule.folds_batch`).
+    sequence_first: bool = False
+
+    @property
+    def regrouped(self) -> bool:
+        """Whether the call's rows are read in another layout than they came (folded or sequence first)."""
+        return self.fold > 1 or self.sequence_first
+
+    @property
+    def layout(self) -> str | None:
+        """The layout its rows were read in: one of :data:`LAYOUTS`, or None (as they came)."""
+        return "folded" if self.fold > 1 else "sequence_first" if self.sequence_first else None
 
     def release(self) -> None:
         """Drop the call's inputs, taps and cache (its recording's last pull-back has used them)."""
@@ -70,8 +88,9 @@ class Rule:
     #: Whether the per-sample gradients touch few entries, so that :meth:`add_grads` adds them into another
     #: use's in place (a lookup table tied to an output layer).
     sparse_grads: bool = False
-    #: Whether the rule reads a call with the batch folded into its leading dim as positions (:attr:`Call.fold`):
-    #: one that treats every row of its input alike and sums its products over positions.
+    #: Whether the rule reads a call with the batch folded into its leading dim (:attr:`Call.fold`), or in its
+    #: second dim (:attr:`Call.sequence_first`), as positions: one that treats every row of its input alike
+    #: and sums its products over positions.
     folds_batch: bool = False
 
     def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
