@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+import clients
 import pytest
 import torch
 from engine_checks import assert_equals_dense, module_rules
@@ -190,3 +191,24 @@ def test_a_layout_found_right_is_the_only_one_read_on_later_batches() -> None:
         assert_equals_dense(_fisher_quietly(model, x, "diag"), exact_fisher(model, x, "categorical"), model, "diag")
     backend, rules = module_rules(model, torch.randn(3, 12, 2, dtype=torch.float64))
     assert isinstance(rules["window"], LinearRule) and backend.folding == {backend.view.model.window: "folded"}
+
+
+def test_longformer_self_attention_projections_keep_their_rules_and_match_the_jacobian_oracle() -> None:
+    """Longformer's self-attention runs its query, key and value projections on ``(T, B, d)``: they keep the
+    Linear rule (the attention went to a generic rule that torch.func could not batch, one sample at a time,
+    before), and the diagonal is the one of the Jacobians."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.LongformerConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32, attention_window=[4], num_labels=3)
+    model = transformers.LongformerForSequenceClassification(config).double().eval()
+    batch = {"input_ids": torch.randint(3, 90, (3, 8), generator=torch.Generator().manual_seed(0))}
+    logits = lambda out: out.logits  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # nothing loops, nothing moves with a warning
+        got = torchfim.fisher(model, batch, structure="diag", output=logits)
+    jac, out = clients.jacobians(model, kwargs=batch, output="logits")
+    assert clients.rel_err(got, clients.categorical_diag(jac, out, 3)) < 1e-10
+    _, rules = module_rules(model, batch)
+    attention = "longformer.encoder.layer.0.attention.self"
+    assert attention not in rules and isinstance(rules[f"{attention}.query"], LinearRule)
