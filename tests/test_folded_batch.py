@@ -190,7 +190,7 @@ def test_a_layout_found_right_is_the_only_one_read_on_later_batches() -> None:
         x = torch.randn(n, 12, 2, dtype=torch.float64)
         assert_equals_dense(_fisher_quietly(model, x, "diag"), exact_fisher(model, x, "categorical"), model, "diag")
     backend, rules = module_rules(model, torch.randn(3, 12, 2, dtype=torch.float64))
-    assert isinstance(rules["window"], LinearRule) and backend.folding == {backend.view.model.window: "folded"}
+    assert isinstance(rules["window"], LinearRule) and backend.layout_of == {backend.view.model.window: "folded"}
 
 
 def test_longformer_self_attention_projections_keep_their_rules_and_match_the_jacobian_oracle() -> None:

@@ -29,8 +29,8 @@ __all__ = ["CoverageCheck"]
 
 #: Per user model: its parameters' identities, the parameters moved to another module's generic rule
 #: by the coverage check, and the paths of the modules whose shared inputs are spread over the batch, of
-#: those whose rule on probation failed and of those whose generic rule loops, so that later calls on the
-#: same model skip the check.
+#: those whose rule on probation failed, of those whose generic rule loops and (with its layout) of those
+#: whose rows are read regrouped, so that later calls on the same model skip the check.
 _COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -51,11 +51,11 @@ class CoverageCheck:
         self.looped: set[nn.Module] = set()
         #: Per module, the layouts of its rows (:data:`.modules.base.LAYOUTS`) whose reading fed other samples
         #: than the rule read: not tried again (with none left, its parameters move up, which the cache keeps).
-        self.unfolded: dict[nn.Module, set[str]] = {}
+        self.wrong_layouts: dict[nn.Module, set[str]] = {}
         #: Once checked: the layout each module's calls had in the check, on 2 inputs, and were found right
         #: in. Only those are read on later batches (and any on a batch of 1, whose rows are all its own; a
         #: check on one input with regrouped calls is not kept, and runs again on the next batch).
-        self.folding: dict[nn.Module, str] = {}
+        self.layout_of: dict[nn.Module, str] = {}
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
         self._key = tuple(id(p) for p in self.view.user_model.parameters())
@@ -66,7 +66,7 @@ class CoverageCheck:
             self.shared = frozenset(modules[path] for path in cached[2])
             self.demoted = {modules[path] for path in cached[3]}
             self.looped = {modules[path] for path in cached[4]}
-            self.folding = {modules[path]: layout for path, layout in cached[5].items()}
+            self.layout_of = {modules[path]: layout for path, layout in cached[5].items()}
         self.rules = self._build_rules(self.moved)
 
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
@@ -91,8 +91,8 @@ class CoverageCheck:
                 few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
             if self._verify(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
-            self.folding = {call.module: call.layout for _, call in few.calls if call.regrouped}
-            if self.folding and few.batch.size == 1:
+            self.layout_of = {call.module: call.layout for _, call in few.calls if call.regrouped}
+            if self.layout_of and few.batch.size == 1:
                 return rec  # one input's rows are all its own: right here, but check the layout on more inputs
             self._verified = True
             paths = {m: p for p, m in self.view.model.named_modules()}
@@ -105,7 +105,7 @@ class CoverageCheck:
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
                                                [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
                                                [paths[m] for m in self.looped],
-                                               {paths[m]: layout for m, layout in self.folding.items()})
+                                               {paths[m]: layout for m, layout in self.layout_of.items()})
         return rec
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
@@ -115,8 +115,8 @@ class CoverageCheck:
         """The layouts ``module``'s rows may be read in: while checking, those not found wrong; once checked,
         the one the check saw."""
         if self._verified:
-            return frozenset({self.folding[module]}) if module in self.folding else frozenset()
-        return LAYOUTS - self.unfolded.get(module, set())
+            return frozenset({self.layout_of[module]}) if module in self.layout_of else frozenset()
+        return LAYOUTS - self.wrong_layouts.get(module, set())
 
     def _spread_shared(self, batch: Batch, rec: ModuleRecording, unbatched: list[tuple[Rule, Call]]) -> bool:
         """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids
@@ -158,14 +158,14 @@ class CoverageCheck:
                 for i, g in piece.items():
                     per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
         except Exception:  # a rule on probation read inputs its module's own forward takes otherwise
-            if self._unfold([call for _, call in rec.calls if call.regrouped]):
+            if self._reject_layouts([call for _, call in rec.calls if call.regrouped]):
                 return True
             if not probation:
                 raise
             return self._demote(self._failing(rec, v, probation))
         misses = {index[k]: summed for k, summed in
                   missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
-        if self._unfold([call for rule, call in rec.calls if call.regrouped and set(misses) & set(rule.params.values())]):
+        if self._reject_layouts([call for rule, call in rec.calls if call.regrouped and set(misses) & set(rule.params.values())]):
             return True  # its rows were not sample by sample (a sequence-first batch flattened): record them as they come
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
         if failed:
@@ -186,12 +186,12 @@ class CoverageCheck:
             self._move(list(causes), rec)
         return self.moved != before
 
-    def _unfold(self, calls: list[Call]) -> bool:
+    def _reject_layouts(self, calls: list[Call]) -> bool:
         """Read the rows of the modules of ``calls`` in their layout no more (another one is tried next; with
         none left, their parameters move up, silently, as for any call whose outputs do not carry the batch);
         True when there were some."""
         for call in calls:
-            self.unfolded.setdefault(call.module, set()).add(call.layout)
+            self.wrong_layouts.setdefault(call.module, set()).add(call.layout)
         return bool(calls)
 
     def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int]) -> bool:

@@ -72,7 +72,7 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     batched pass (the fused CPU kernels go vector by vector); entering that setting costs about as
     much as a small layer's forward, so models without attention skip it. ``shared``: modules whose
     inputs leading with 1 (shared by every sample) are expanded to the batch (:mod:`.shared_inputs`).
-    The calls of a rule that reads a folded batch (:attr:`.modules.Rule.folds_batch`) whose rows are ``k``
+    The calls of a rule that reads a folded batch (:attr:`.modules.Rule.reads_regrouped_rows`) whose rows are ``k``
     per sample, or which come sequence first, are recorded so (:attr:`.modules.Call.fold`,
     :attr:`.modules.Call.sequence_first`) where ``layouts(module)`` holds that layout or the batch has one
     sample (whose rows are all its own).
@@ -108,7 +108,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
         signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
 
         spreads = module in shared and size > 1
-        allowed = (LAYOUTS if size == 1 else layouts(module)) if rule.folds_batch else frozenset()
+        allowed = (LAYOUTS if size == 1 else layouts(module)) if rule.reads_regrouped_rows else frozenset()
 
         def forward_and_record(*args: object, **kwargs: object) -> object:
             if spreads:

@@ -49,11 +49,11 @@ class Call:
     #: ``k`` where the call's input and outputs lead with ``size·k`` rows, sample by sample (the batch folded
     #: with ``k`` positions, as ``x.view(-1, d)`` does): its input is kept as ``(size, k, ...)`` and its
     #: sensitivities come as ``(m, size, k, ...)``, so a rule that reads positions reads the folded rows as
-    #: positions (:attr:`Rule.folds_batch`). 1 otherwise.
+    #: positions (:attr:`Rule.reads_regrouped_rows`). 1 otherwise.
     fold: int = 1
     #: Whether the call's input and outputs came sequence first, ``(T, size, ...)`` (``nn.Transformer``'s
     #: layers with ``batch_first=False``): its input is kept as ``(size, T, ...)`` and its sensitivities
-    #: come as ``(m, size, T, ...)``, for a rule that reads positions (:attr:`Rule.folds_batch`).
+    #: come as ``(m, size, T, ...)``, for a rule that reads positions (:attr:`Rule.reads_regrouped_rows`).
     sequence_first: bool = False
 
     @property
@@ -91,7 +91,7 @@ class Rule:
     #: Whether the rule reads a call with the batch folded into its leading dim (:attr:`Call.fold`), or in its
     #: second dim (:attr:`Call.sequence_first`), as positions: one that treats every row of its input alike
     #: and sums its products over positions.
-    folds_batch: bool = False
+    reads_regrouped_rows: bool = False
 
     def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
         self.module = module

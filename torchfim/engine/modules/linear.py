@@ -21,7 +21,7 @@ class LinearMap(Rule):
 
     #: Whether the weight is stored ``(in, out)`` (transformers' ``Conv1D``) rather than ``(out, in)``.
     transposed = False
-    folds_batch = True
+    reads_regrouped_rows = True
 
     def _factors(self, call: Call, g: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
         """The inputs ``(b, L, in)`` and sensitivities ``(m, b, L, out)`` of the samples ``rows``."""

@@ -65,7 +65,7 @@ class NormRule(Rule):
     """Per-sample products of the affine parameters of a normalisation layer."""
 
     @property
-    def folds_batch(self) -> bool:  # type: ignore[override]
+    def reads_regrouped_rows(self) -> bool:  # type: ignore[override]
         """A norm over the trailing dims treats every row alike; one over channels does not."""
         return not isinstance(self.module, _CHANNEL)
 
