@@ -212,3 +212,54 @@ def test_longformer_self_attention_projections_keep_their_rules_and_match_the_ja
     _, rules = module_rules(model, batch)
     attention = "longformer.encoder.layer.0.attention.self"
     assert attention not in rules and isinstance(rules[f"{attention}.query"], LinearRule)
+
+
+class _PositionBias(nn.Module):
+    """A learned bias of the window's positions, ``(L, L)``, computed from parameters alone (as Swin's
+    relative position bias table): shared by every window of every sample."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.linspace(-0.5, 0.5, size * size).reshape(size, size))
+
+    def forward(self) -> torch.Tensor:
+        return self.table
+
+
+class _WindowMixing(nn.Module):
+    """Mixes the rows of each window ``(B·4, L, d)`` by ``softmax(h hᵀ + bias)``, with a raw scale: the generic
+    rule of a call on windows, each sample's 4 windows its input."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.proj, self.bias = nn.Linear(3, 3), _PositionBias(length)
+        self.scale = nn.Parameter(torch.tensor([0.7, 1.1, 0.9]))
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        h = self.proj(windows)
+        weights = torch.softmax(h @ h.transpose(-1, -2) + self.bias(), -1)
+        return self.scale * (weights @ h)
+
+
+class _WindowModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.mixing, self.head = nn.Linear(2, 3), _WindowMixing(3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))  # (B, 12, 3)
+        return self.head(self.mixing(h.reshape(h.shape[0] * 4, 3, 3)).reshape(h.shape).mean(1))
+
+
+def test_a_generic_rule_reads_windows_as_each_samples_input_and_takes_a_shared_table() -> None:
+    """The mixing module's raw scale gets its generic rule on the folded windows; the bias table, whose output
+    every window shares, goes to it (the nearest module above whose rows can be read per sample) rather than
+    to the whole model's; the projection inside keeps the Linear rule."""
+    torch.manual_seed(0)
+    model, x = _WindowModel().double(), torch.randn(3, 12, 2, dtype=torch.float64)
+    assert_equals_dense(_fisher_quietly(model, x, "diag"), exact_fisher(model, x, "categorical"), model, "diag")
+    backend, rules = module_rules(model, x)
+    mixing = backend.view.model.mixing
+    assert isinstance(rules["mixing"], GenericRule) and isinstance(rules["mixing.proj"], LinearRule)
+    assert {n: m for n, (m, _) in backend.moved.items()} == {"mixing.bias.table": mixing}
+    assert backend.layout_of[mixing] == "folded"

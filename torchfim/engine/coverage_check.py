@@ -106,6 +106,8 @@ class CoverageCheck:
                                                [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
                                                [paths[m] for m in self.looped],
                                                {paths[m]: layout for m, layout in self.layout_of.items()})
+            if any(self.layout_of.get(call.module) != call.layout for _, call in rec.calls if call.regrouped):
+                return self.record(batch)  # the whole batch's rows looked like another layout as well (read first)
         return rec
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:

@@ -20,7 +20,7 @@ from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
 from .modules.base import LAYOUTS
-from .shared_inputs import spread, spread_output
+from .shared_inputs import rows_layout, spread, spread_output
 from .view import ModelView
 
 #: torch.nn's modules whose forward may call ``scaled_dot_product_attention``.
@@ -145,22 +145,6 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
                 del m.__dict__["forward"]
             else:
                 m.__dict__["forward"] = forward
-
-
-def rows_layout(args: tuple, taps: list[Tensor], size: int, allowed: frozenset[str]) -> tuple[int, bool]:
-    """How the call's first input and every output hold the batch's rows, among the ``allowed`` layouts:
-    ``(1, True)`` where they come ``(T, size, ...)`` with ``T ≠ size`` (``"sequence_first"``), ``(k, False)``
-    where they lead with ``size·k`` rows (``"folded"``, ``k > 1``), else ``(1, False)``."""
-    a = args[0] if args else None
-    if not isinstance(a, Tensor) or a.dim() < 2 or not taps or a.shape[0] == size:
-        return 1, False
-    if ("sequence_first" in allowed and a.dim() >= 3 and a.shape[1] == size
-            and all(t.dim() >= 3 and t.shape[:2] == a.shape[:2] for t in taps)):
-        return 1, True
-    if ("folded" in allowed and a.shape[0] > size and a.shape[0] % size == 0
-            and all(t.dim() >= 1 and t.shape[0] == a.shape[0] for t in taps)):
-        return a.shape[0] // size, False
-    return 1, False
 
 
 def _positional(forward: Callable[..., object], signature: list[inspect.Signature], args: tuple,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .batch import Batch
 from .modules import Call, Rule, tensors_of
+from .modules.base import LAYOUTS
 from .modules.generic import output_batch_dims
 
 
@@ -41,13 +42,15 @@ def unbatched_calls(calls: list[tuple[Rule, Call]], size: int) -> list[tuple[Rul
 
 def modules_carrying_batch(model: nn.Module, batch: Batch) -> set[nn.Module]:
     """The modules of ``model`` that a forward of ``batch`` calls with every differentiable output carrying
-    the batch (a container such as ``nn.ModuleList`` is never called): where the parameters of a call that
-    does not carry it (a layer on inputs flattened to ``(B·T, d)``) may go, in a generic rule."""
+    the batch, or with rows a rule may read regrouped (:func:`rows_layout`; a container such as
+    ``nn.ModuleList`` is never called): where the parameters of a call that does not carry it (a lookup
+    shared by every sample) may go, in a generic rule."""
     carrying: dict[nn.Module, bool] = {}
 
     def seen(module: nn.Module, args: object, output: object) -> None:
         outs = [t for t in tensors_of(output) if t.requires_grad]
-        ok = bool(outs) and all(d is not None for d in output_batch_dims(module, outs, batch.size))
+        ok = bool(outs) and (all(d is not None for d in output_batch_dims(module, outs, batch.size))
+                             or rows_layout(args, outs, batch.size, LAYOUTS) != (1, False))
         carrying[module] = carrying.get(module, True) and ok
 
     handles = [m.register_forward_hook(seen) for m in model.modules()]
@@ -97,3 +100,19 @@ def same_output(spread_out: Tensor, shared_out: Tensor) -> bool:
     scale = float(shared_out.detach().abs().max()) if shared_out.numel() else 0.0
     return torch.allclose(spread_out.detach(), shared_out.detach(), rtol=tol, atol=tol * max(scale, 1e-30),
                           equal_nan=True)
+
+
+def rows_layout(args: tuple, taps: list[Tensor], size: int, allowed: frozenset[str]) -> tuple[int, bool]:
+    """How the call's first input and every output hold the batch's rows, among the ``allowed`` layouts:
+    ``(1, True)`` where they come ``(T, size, ...)`` with ``T ≠ size`` (``"sequence_first"``), ``(k, False)``
+    where they lead with ``size·k`` rows (``"folded"``, ``k > 1``), else ``(1, False)``."""
+    a = args[0] if args else None
+    if not isinstance(a, Tensor) or a.dim() < 2 or not taps or a.shape[0] == size:
+        return 1, False
+    if ("sequence_first" in allowed and a.dim() >= 3 and a.shape[1] == size
+            and all(t.dim() >= 3 and t.shape[:2] == a.shape[:2] for t in taps)):
+        return 1, True
+    if ("folded" in allowed and a.shape[0] > size and a.shape[0] % size == 0
+            and all(t.dim() >= 1 and t.shape[0] == a.shape[0] for t in taps)):
+        return a.shape[0] // size, False
+    return 1, False

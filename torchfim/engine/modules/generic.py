@@ -73,6 +73,10 @@ def output_batch_dims(module: nn.Module, outputs: list[Tensor], size: int) -> li
 class GenericRule(Rule):
     """Per-sample gradients of one module's parameters through ``torch.func`` over that module alone."""
 
+    #: A call with its rows regrouped (:attr:`.base.Call.regrouped`): each sample's rows, ``(k, ...)`` or
+    #: ``(T, 1, ...)``, are the module's input for that sample.
+    reads_regrouped_rows = True
+
     def __init__(self, module: nn.Module, params: dict[str, int], path: str) -> None:
         super().__init__(module, params)
         self.path = path or type(module).__name__
@@ -104,7 +108,9 @@ class GenericRule(Rule):
         if not self.unbatchable:
             try:
                 return self._vmapped(call, sens, rows, used)
-            except Exception as err:  # noqa: BLE001 - torch.func could not batch this module (it raises several types)
+            except Exception as err:
+                if call.regrouped:
+                    raise  # the coverage check reads the rows as they come instead
                 self.unbatchable = True
                 warn_user(
                     f"torchfim: torch.func cannot batch module {self.path!r} ({type(self.module).__name__}: "
@@ -117,7 +123,7 @@ class GenericRule(Rule):
         """Whether torch.func's per-sample gradients of ``call`` equal autograd's, one sample at a time
         (to a few units in the last place), or torch.func cannot batch the module at all (it loops then)."""
         used = [i for i, s in enumerate(sens) if s is not None]
-        if not used:
+        if not used or call.regrouped:  # (regrouped rows are only ever batched, and checked so)
             return True
         rows = slice(0, call.size)
         try:
@@ -149,7 +155,8 @@ class GenericRule(Rule):
         arg_dims = tuple(nested_batch_dims(module, a, size) for a in call.args)
         kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
         every = output_batch_dims(module, call.taps, size)
-        out_dims = [every[i] for i in used]
+        out_dims = [0 if call.regrouped else every[i] for i in used]
+        lifts, squeezes = _per_sample_dims(call, arg_dims, out_dims)
         args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
         kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
         cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
@@ -158,7 +165,7 @@ class GenericRule(Rule):
         constants = tuple(_cut(t, d, rows) for _, t, d in kept)
 
         def per_sample(a1: tuple, k1: dict, s1: tuple, c1: tuple) -> dict[str, Tensor]:
-            a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, arg_dims))
+            a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, lifts))
             k1 = {k: _unsqueezed(x, kw_dims[k]) for k, x in k1.items()}
             one = iter(_unsqueezed(c, d) for c, (_, _, d) in zip(c1, kept))
             replay = [(child, None if out is None else with_parts(out, [next(one) for _ in parts_of(out)]))
@@ -167,7 +174,7 @@ class GenericRule(Rule):
             def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
                 with replaying(module, replay) if replay else nullcontext():
                     outs = tensors_of(functional_call(module, p, a1, k1))
-                return tuple(outs[i].squeeze(d) for i, d in zip(used, out_dims))
+                return tuple(outs[i] if d is None else outs[i].squeeze(d) for i, d in zip(used, squeezes))
 
             _, pullback = vjp(forward, self._primals())
             (g,) = vmap(pullback)(s1)
@@ -208,6 +215,16 @@ class GenericRule(Rule):
             self.params[n]: torch.stack([s[k] for s in per_sample]).reshape(len(per_sample), -1, leaves[n].numel())
             for k, n in enumerate(names)
         }
+
+
+def _per_sample_dims(call: Call, arg_dims: tuple, out_dims: list) -> tuple[tuple, list]:
+    """Where one sample's arguments get their batch dim back, and its outputs lose it: the batch dims, except
+    for a call with its rows regrouped, whose first argument and outputs hold a sample's rows as they came
+    (``(k, ...)`` folded: nothing to add; ``(T, 1, ...)`` sequence first: the dim after the positions)."""
+    if not call.regrouped:
+        return arg_dims, out_dims
+    dim = None if call.fold > 1 else 1
+    return (dim, *arg_dims[1:]), [dim] * len(out_dims)
 
 
 def _cut(t: object, dim: object, rows: slice) -> object:
