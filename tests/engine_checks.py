@@ -1,4 +1,5 @@
-"""Checks the engine's rule tests share: which rule each module got, and a Fisher against the dense oracle."""
+"""Checks the engine's rule tests share: which rule each module got, and a Fisher against the dense oracle or the
+whole-model backend."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from oracles import blocks
 from torch import nn
 
+import torchfim
 from torchfim.engine import ModelView, batches
 from torchfim.engine.per_module import PerModuleBackend
 
@@ -32,3 +34,21 @@ def assert_equals_dense(got: torch.Tensor | dict, full: torch.Tensor, model: nn.
 def torchfim_messages(caught: list) -> list[str]:
     """The messages of torchfim's own warnings among ``caught``."""
     return [str(w.message) for w in caught if str(w.message).startswith("torchfim")]
+
+
+def assert_matches_functional(model: nn.Module, x: torch.Tensor, estimator: str, targets: torch.Tensor) -> None:
+    """The diagonal of ``estimator`` (the same labels: one seeded generator; ``targets`` for the empirical
+    Fisher) and, for the sampled estimators, the closed-form variances of the diagonal and the trace equal
+    the whole-model torch.func backend's to rounding."""
+    kw = {"targets": targets} if estimator == "empirical" else {}
+
+    def both(call) -> tuple[torch.Tensor, torch.Tensor]:
+        return call("auto"), call("functional")
+
+    pairs = [both(lambda b: torchfim.fisher(model, x, estimator=estimator, structure="diag", backend=b,
+                                            generator=torch.Generator().manual_seed(1), **kw))]
+    if estimator != "empirical":
+        pairs += [both(lambda b, s=s: torchfim.fisher_variance(model, x, estimator=estimator, structure=s, backend=b))
+                  for s in ("diag", "trace")]
+    for got, reference in pairs:
+        assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())

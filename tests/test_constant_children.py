@@ -14,7 +14,7 @@ import warnings
 import clients
 import pytest
 import torch
-from engine_checks import assert_equals_dense
+from engine_checks import assert_equals_dense, assert_matches_functional
 from oracles import exact_fisher
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
@@ -106,19 +106,7 @@ def test_a_layer_scale_block_gives_every_estimator_and_variance_of_the_whole_mod
     """The same labels (one seeded generator) through both backends: the sampled estimators, the empirical
     Fisher and the closed-form variances of the diagonal and the trace agree to rounding."""
     model, x = _model("after"), torch.randn(9, 4, dtype=torch.float64)
-    targets = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2))
-
-    def both(call) -> tuple[torch.Tensor, torch.Tensor]:
-        return call("auto"), call("functional")
-
-    kw = {"targets": targets} if estimator == "empirical" else {}
-    pairs = [both(lambda b: torchfim.fisher(model, x, estimator=estimator, structure="diag", backend=b,
-                                            generator=torch.Generator().manual_seed(1), **kw))]
-    if estimator != "empirical":
-        pairs += [both(lambda b, s=s: torchfim.fisher_variance(model, x, estimator=estimator, structure=s, backend=b))
-                  for s in ("diag", "trace")]
-    for got, reference in pairs:
-        assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
+    assert_matches_functional(model, x, estimator, torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2)))
 
 
 @pytest.mark.parametrize(("scale", "constants", "reruns"), [("middle", [True, True, False], True),

@@ -16,7 +16,7 @@ import warnings
 import clients
 import pytest
 import torch
-from engine_checks import assert_equals_dense, module_rules
+from engine_checks import assert_equals_dense, assert_matches_functional, module_rules
 from oracles import exact_fisher
 from torch import nn
 
@@ -79,19 +79,7 @@ def test_rows_of_a_sequence_first_batch_go_to_the_generic_rule_above_without_a_w
 @pytest.mark.parametrize("estimator", ["score", "hessian", "empirical"])
 def test_folded_rows_give_every_estimator_and_variance_of_the_whole_model_backend(estimator: str) -> None:
     model, x = _model(), torch.randn(6, 4, 3, dtype=torch.float64)
-    targets = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
-    kw = {"targets": targets} if estimator == "empirical" else {}
-
-    def both(call) -> tuple[torch.Tensor, torch.Tensor]:
-        return call("auto"), call("functional")
-
-    pairs = [both(lambda b: torchfim.fisher(model, x, estimator=estimator, structure="diag", backend=b,
-                                            generator=torch.Generator().manual_seed(1), **kw))]
-    if estimator != "empirical":
-        pairs += [both(lambda b, s=s: torchfim.fisher_variance(model, x, estimator=estimator, structure=s, backend=b))
-                  for s in ("diag", "trace")]
-    for got, reference in pairs:
-        assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
+    assert_matches_functional(model, x, estimator, torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2)))
 
 
 def test_the_monitors_squared_norms_read_folded_rows() -> None:
