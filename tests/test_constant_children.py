@@ -154,6 +154,38 @@ def test_a_sub_module_called_at_every_step_of_a_loop_keeps_only_its_constant_cal
     assert _assert_equals_oracle(model, x, "diag", linear_runs) > 0  # the two later calls ran again
 
 
+class _FrozenTable(nn.Module):
+    """A frozen table ``(4, 4)`` looked up whole: the same for every sample, 4 rows whatever the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.linspace(-1.0, 1.0, 16).reshape(4, 4), requires_grad=False)
+
+    def forward(self) -> torch.Tensor:
+        return torch.tanh(self.table)
+
+
+class _Mixer(nn.Module):
+    """``γ ⊙ Σ_r (x ⊙ T_r)``: a raw scale on the inputs weighted by each row of the frozen table, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.gamma = _FrozenTable(), nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * (x.unsqueeze(1) * self.table()).sum(1)
+
+
+def test_an_output_every_sample_shares_is_not_cut_by_sample_when_its_rows_match_the_batch() -> None:
+    """With 4 inputs the frozen table's 4 rows look like one per sample; kept and cut by sample they gave the
+    wrong Fisher (the table has no autograd history, so it is run again instead)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Mixer(), nn.Linear(4, 3)).double()
+    for n in (2, 4):
+        x = torch.randn(n, 3, dtype=torch.float64)
+        _assert_equals_oracle(model, x, "diag", [])
+
+
 def test_replaying_refuses_other_calls_than_the_recorded_ones() -> None:
     parent = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     first, second = parent

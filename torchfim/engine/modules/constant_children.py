@@ -95,9 +95,12 @@ def with_parts(out: object, parts: list[Tensor]) -> object:
 def constant_outputs(captured: list[tuple[nn.Module, object, list[int]]], params: list[Tensor],
                      inputs: list[Tensor], has_batch) -> list[Entry]:
     """Per captured call, its output (detached) where its tensors (:func:`parts_of`) all have a batch dim
-    (``has_batch(child, t)``) and histories that reach none of ``params`` without passing through
-    ``inputs`` (the module's inputs), else None; with their versions when the call returned
-    (:func:`unchanged`)."""
+    (``has_batch(child, t)``) and an autograd history that reaches none of ``params`` without passing
+    through ``inputs`` (the module's inputs), else None; with their versions when the call returned
+    (:func:`unchanged`). A tensor without history (a frozen table's lookup, the same for every sample
+    whatever its leading dim says) or a parameter itself is not kept: it is run again rather than cut by
+    sample. (A trainable one that every sample shares has no batch, so the coverage check gives its
+    parameters to a rule above, the module's own at the nearest.)"""
     targets = {id(p) for p in params}
     stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
     clean: set = set()  # nodes a finished walk found free of the parameters
@@ -105,6 +108,7 @@ def constant_outputs(captured: list[tuple[nn.Module, object, list[int]]], params
     for child, out, versions in captured:
         parts = parts_of(out)
         constant = parts is not None and all(has_batch(child, t) and id(t) not in targets
+                                             and t.grad_fn is not None
                                              and not _reaches(t.grad_fn, targets, stop, clean) for t in parts)
         entries.append((child, with_parts(out, [t.detach() for t in parts]), versions) if constant
                        else (child, None, []))
