@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
-from .modules.base import LAYOUTS
+from .modules.base import LAYOUTS, forwards_replaced
 from .shared_inputs import rows_layout, spread, spread_output
 from .view import ModelView
 
@@ -133,18 +133,13 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
 
         return forward_and_record
 
-    own = {m: m.__dict__.get("forward") for m in rules}  # a forward set on the instance, else None
-    for m, rule in rules.items():
+    def forward_of(m: nn.Module) -> Callable[..., object]:
         # A rule's recording forward stands in for the class's forward only: one set on the instance runs.
-        m.__dict__["forward"] = recorder(m, rule, (own[m] is None and rule.recording_forward) or m.forward)
-    try:
+        own = "forward" in m.__dict__
+        return recorder(m, rules[m], (not own and rules[m].recording_forward) or m.forward)
+
+    with forwards_replaced(rules, forward_of):
         yield
-    finally:
-        for m, forward in own.items():
-            if forward is None:
-                del m.__dict__["forward"]
-            else:
-                m.__dict__["forward"] = forward
 
 
 def _positional(forward: Callable[..., object], signature: list[inspect.Signature], args: tuple,

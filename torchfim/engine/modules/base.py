@@ -9,7 +9,8 @@ summed over samples and vectors, or their squared norms per sample (docs/math.md
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -206,3 +207,21 @@ def positions_squares(g: Tensor, a: Tensor, weight: bool = True) -> tuple[Tensor
 def as_float(t: Tensor) -> Tensor:
     """Half-precision tensors in float32 for products (the sums are accumulated wide anyway)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@contextmanager
+def forwards_replaced(modules: Iterable[nn.Module], make: Callable[[nn.Module], Callable[..., object]]) -> Iterator[None]:
+    """Within the block, each of ``modules`` runs ``make(module)`` as its forward, set on the instance (so
+    that calls keep torch's fast path, without hooks); the forward the instance had, or none, is put back
+    afterwards. ``make`` sees the module before its forward is replaced."""
+    own = {m: m.__dict__.get("forward") for m in modules}  # a forward set on the instance, else None
+    for m in own:
+        m.__dict__["forward"] = make(m)
+    try:
+        yield
+    finally:
+        for m, forward in own.items():
+            if forward is None:
+                del m.__dict__["forward"]
+            else:
+                m.__dict__["forward"] = forward

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
+from .base import forwards_replaced
+
 #: The key of :attr:`.base.Call.cache` under which a generic rule keeps a call's sub-module calls.
 KEY = "constant_children"
 
@@ -34,24 +36,6 @@ Entry = tuple[nn.Module, object, list[int]]
 
 class ReplayMismatch(RuntimeError):
     """The forward called its sub-modules otherwise than when it was recorded."""
-
-
-@contextmanager
-def _forwards_replaced(module: nn.Module, make) -> Iterator[None]:
-    """Within the block, each direct sub-module of ``module`` runs ``make(child, its forward)`` instead
-    (set on the instance, as the engine's recording does; the one it had is put back afterwards)."""
-    children = list(module.children())
-    saved = [(child, child.__dict__.get("forward")) for child in children]
-    for child in children:
-        child.__dict__["forward"] = make(child, child.forward)
-    try:
-        yield
-    finally:
-        for child, own in saved:
-            if own is None:
-                del child.__dict__["forward"]
-            else:
-                child.__dict__["forward"] = own
 
 
 @contextmanager
@@ -69,7 +53,7 @@ def capturing_children(module: nn.Module) -> Iterator[list[tuple[nn.Module, obje
 
         return forward_and_keep
 
-    with _forwards_replaced(module, make):
+    with forwards_replaced(module.children(), lambda child: make(child, child.forward)):
         yield captured
 
 
@@ -154,7 +138,7 @@ def replaying(module: nn.Module, entries: list[tuple[nn.Module, object]]) -> Ite
 
         return replay
 
-    with _forwards_replaced(module, make):
+    with forwards_replaced(module.children(), lambda child: make(child, child.forward)):
         yield
     if position[0] != len(entries):
         raise ReplayMismatch(f"{position[0]} of the {len(entries)} recorded sub-module calls were made")
