@@ -251,3 +251,21 @@ def test_a_generic_rule_reads_windows_as_each_samples_input_and_takes_a_shared_t
     assert isinstance(rules["mixing"], GenericRule) and isinstance(rules["mixing.proj"], LinearRule)
     assert {n: m for n, (m, _) in backend.moved.items()} == {"mixing.bias.table": mixing}
     assert backend.layout_of[mixing] == "folded"
+
+
+def test_a_generic_rule_on_windows_that_torch_func_cannot_batch_loops_over_samples_exactly(monkeypatch) -> None:
+    """Where torch.func fails on a call with regrouped rows, the rule takes each sample's rows one at a time."""
+
+    def failing(*_args: object) -> None:
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(GenericRule, "_vmapped", failing)
+    torch.manual_seed(0)
+    model, x = _WindowModel().double(), torch.randn(3, 12, 2, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torchfim.fisher(model, x, structure="diag")
+    assert any("one sample at a time" in str(w.message) for w in caught)
+    assert torch.allclose(got, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
+    backend, _ = module_rules(model, x)
+    assert backend.layout_of[backend.view.model.mixing] == "folded"

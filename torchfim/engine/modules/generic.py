@@ -108,9 +108,7 @@ class GenericRule(Rule):
         if not self.unbatchable:
             try:
                 return self._vmapped(call, sens, rows, used)
-            except Exception as err:
-                if call.regrouped:
-                    raise  # the coverage check reads the rows as they come instead
+            except Exception as err:  # noqa: BLE001 - torch.func could not batch this module (it raises several types)
                 self.unbatchable = True
                 warn_user(
                     f"torchfim: torch.func cannot batch module {self.path!r} ({type(self.module).__name__}: "
@@ -123,7 +121,7 @@ class GenericRule(Rule):
         """Whether torch.func's per-sample gradients of ``call`` equal autograd's, one sample at a time
         (to a few units in the last place), or torch.func cannot batch the module at all (it loops then)."""
         used = [i for i, s in enumerate(sens) if s is not None]
-        if not used or call.regrouped:  # (regrouped rows are only ever batched, and checked so)
+        if not used:
             return True
         rows = slice(0, call.size)
         try:
@@ -194,20 +192,22 @@ class GenericRule(Rule):
         arg_dims = [nested_batch_dims(module, a, size) for a in call.args]
         kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
         every = output_batch_dims(module, call.taps, size)
-        out_dims = [every[i] for i in used]
+        out_dims = [0 if call.regrouped else every[i] for i in used]
         leaves = {n: p.detach().requires_grad_(True) for n, p in self._primals().items()}
         names = list(leaves)
         per_sample = []
         for i in range(*rows.indices(size)):
             one = slice(i, i + 1)
             a1 = tuple(_cut(a, d, one) for a, d in zip(call.args, arg_dims))
+            a1 = (_as_came(call, a1[0]), *a1[1:]) if call.regrouped else a1
             k1 = {k: _cut(v, kw_dims[k], one) for k, v in call.kwargs.items()}
             with torch.enable_grad():
                 outs = tensors_of(functional_call(module, leaves, a1, k1))
                 outs = [outs[j] for j in used]
                 vectors = []
                 for j in range(sens[used[0]].shape[0]):
-                    cots = [_cut(sens[u][j], d, one) for u, d in zip(used, out_dims)]
+                    cots = [_as_came(call, _cut(sens[u][j], d, one)) if call.regrouped else _cut(sens[u][j], d, one)
+                            for u, d in zip(used, out_dims)]
                     grads = torch.autograd.grad(outs, [leaves[n] for n in names], cots, retain_graph=True, allow_unused=True)
                     vectors.append([torch.zeros_like(leaves[n]) if g is None else g.detach() for n, g in zip(names, grads)])
             per_sample.append([torch.stack([v[k] for v in vectors]) for k in range(len(names))])
@@ -215,6 +215,12 @@ class GenericRule(Rule):
             self.params[n]: torch.stack([s[k] for s in per_sample]).reshape(len(per_sample), -1, leaves[n].numel())
             for k, n in enumerate(names)
         }
+
+
+def _as_came(call: Call, t: Tensor) -> Tensor:
+    """One sample's rows ``(1, k, ...)`` of a regrouped call as its module had them: ``(k, ...)`` folded,
+    ``(T, 1, ...)`` sequence first."""
+    return t.flatten(0, 1) if call.fold > 1 else t.transpose(0, 1)
 
 
 def _per_sample_dims(call: Call, arg_dims: tuple, out_dims: list) -> tuple[tuple, list]:
