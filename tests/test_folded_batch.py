@@ -253,6 +253,28 @@ def test_a_generic_rule_reads_windows_as_each_samples_input_and_takes_a_shared_t
     assert backend.layout_of[mixing] == "folded"
 
 
+def test_a_generic_rule_on_windows_keeps_its_projections_outputs(monkeypatch) -> None:
+    """The projection's output, folded like the windows and free of the rule's parameters, is a constant of the
+    products: no Linear runs again under torch.func (it did twice per call before)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    runs: list[int] = []
+    linear = torch.nn.functional.linear
+
+    def counting(x: torch.Tensor, *args: object) -> torch.Tensor:
+        if is_functorch_wrapped_tensor(x):
+            runs.append(1)
+        return linear(x, *args)
+
+    torch.manual_seed(0)
+    model, x = _WindowModel().double(), torch.randn(3, 12, 2, dtype=torch.float64)
+    full = exact_fisher(model, x, "categorical")
+    monkeypatch.setattr(torch.nn.modules.linear.F, "linear", counting)
+    got = torchfim.fisher(model, x, structure="diag")
+    assert runs == []
+    assert torch.allclose(got, torch.diagonal(full), rtol=1e-10, atol=1e-14)
+
+
 def test_a_generic_rule_on_windows_that_torch_func_cannot_batch_loops_over_samples_exactly(monkeypatch) -> None:
     """Where torch.func fails on a call with regrouped rows, the rule takes each sample's rows one at a time."""
 

@@ -98,9 +98,11 @@ class GenericRule(Rule):
         if pending is not None and pending[0]:
             named = dict(self.module.named_parameters())
             entries = constant_outputs(pending[0], [named[n] for n in self.params], pending[1],
-                                       lambda child, t: batch_dim(child, t, call.size) is not None)
+                                       lambda child, t: _rows_like_call(call, child, t))
             if any(out is not None for _, out, _ in entries):
-                call.cache[KEY] = entries
+                call.cache[KEY] = [(child, out if out is None else with_parts(out, [_batch_first(call, t) for t in
+                                                                                    parts_of(out)]), versions)
+                                   for child, out, versions in entries]
         return []
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
@@ -158,14 +160,14 @@ class GenericRule(Rule):
         args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
         kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
         cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
-        kept = [(child, t, batch_dim(child, t, size)) for child, out, _ in entries or () if out is not None
-                for t in parts_of(out)]
+        kept = [(child, t, 0 if call.regrouped else batch_dim(child, t, size)) for child, out, _ in entries or ()
+                if out is not None for t in parts_of(out)]
         constants = tuple(_cut(t, d, rows) for _, t, d in kept)
 
         def per_sample(a1: tuple, k1: dict, s1: tuple, c1: tuple) -> dict[str, Tensor]:
             a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, lifts))
             k1 = {k: _unsqueezed(x, kw_dims[k]) for k, x in k1.items()}
-            one = iter(_unsqueezed(c, d) for c, (_, _, d) in zip(c1, kept))
+            one = iter(_unsqueezed(c, lifts[0] if call.regrouped else d) for c, (_, _, d) in zip(c1, kept))
             replay = [(child, None if out is None else with_parts(out, [next(one) for _ in parts_of(out)]))
                       for child, out, _ in entries or ()]
 
@@ -215,6 +217,23 @@ class GenericRule(Rule):
             self.params[n]: torch.stack([s[k] for s in per_sample]).reshape(len(per_sample), -1, leaves[n].numel())
             for k, n in enumerate(names)
         }
+
+
+def _rows_like_call(call: Call, child: nn.Module, t: Tensor) -> bool:
+    """Whether a sub-module's output holds the batch as the call's input does: regrouped the same way (``B·k``
+    rows folded, or ``(T, B, ...)``), else at its batch dim."""
+    if call.fold > 1:
+        return t.dim() >= 1 and t.shape[0] == call.size * call.fold
+    if call.sequence_first:
+        return t.dim() >= 2 and t.shape[1] == call.size and t.shape[0] != call.size
+    return batch_dim(child, t, call.size) is not None
+
+
+def _batch_first(call: Call, t: Tensor) -> Tensor:
+    """A kept output of a regrouped call in the layout its input is kept in, ``(B, k, ...)`` or ``(B, T, ...)``."""
+    if call.fold > 1:
+        return t.unflatten(0, (call.size, call.fold))
+    return t.transpose(0, 1) if call.sequence_first else t
 
 
 def _as_came(call: Call, t: Tensor) -> Tensor:
