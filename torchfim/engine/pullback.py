@@ -83,7 +83,7 @@ def _per_call(calls: Sequence[Call], grads: Sequence[Tensor | None],
             if i in call.unread:
                 row.append(None)
             else:
-                row.append(unfolded(call, grads[k], 1))
+                row.append(None if grads[k] is None else call.batch_first(grads[k], 1))
                 k += 1
         out.append(row)
     return out
@@ -142,13 +142,5 @@ def _without_tap_below(taps: list[Tensor], tap_nodes: set) -> list[Tensor]:
 
 def handed_to(visit: Callable[[Rule, Call, list], None], rule: Rule, call: Call) -> Consumer:
     """A consumer that gives one vector's tap gradient ``(B, *tap)`` to ``visit`` as the call's sensitivities."""
-    return lambda g: visit(rule, call, [unfolded(call, g, 0).unsqueeze(0)])
+    return lambda g: visit(rule, call, [call.batch_first(g).unsqueeze(0)])
 
-
-def unfolded(call: Call, g: Tensor | None, dim: int) -> Tensor | None:
-    """A sensitivity of a call whose rows are regrouped (:attr:`.modules.Call.regrouped`) in the layout its
-    input is kept in: rows ``dim`` as ``(size, k)`` for a folded call, dims ``dim`` and ``dim + 1`` swapped
-    for one that came sequence first."""
-    if g is None or not call.regrouped:
-        return g
-    return g.unflatten(dim, (call.size, call.fold)) if call.fold > 1 else g.transpose(dim, dim + 1)

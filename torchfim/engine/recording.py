@@ -122,10 +122,9 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             fold, second = rows_layout(detached, taps, size, allowed) if allowed else (1, False)
-            if fold > 1 or second:
-                first = detached[0].unflatten(0, (size, fold)) if fold > 1 else detached[0].transpose(0, 1)
-                detached = (first, *detached[1:])
             call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second)
+            if call.regrouped:
+                call.args = (call.batch_first(detached[0]), *detached[1:])
             taps.extend(rule.take_recorded(call))
             call.versions = [t._version for t in taps]
             calls.append((rule, call))

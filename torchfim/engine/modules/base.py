@@ -67,6 +67,14 @@ class Call:
         """The layout its rows were read in: one of :data:`LAYOUTS`, or None (as they came)."""
         return "folded" if self.fold > 1 else "sequence_first" if self.sequence_first else None
 
+    def batch_first(self, t: Tensor, dim: int = 0) -> Tensor:
+        """``t``, whose dim ``dim`` holds rows as the call's input and outputs came, in the layout the call's
+        input is kept in: that dim as ``(size, k)`` folded, swapped with the next one sequence first, as it
+        is otherwise."""
+        if self.fold > 1:
+            return t.unflatten(dim, (self.size, self.fold))
+        return t.transpose(dim, dim + 1) if self.sequence_first else t
+
     def release(self) -> None:
         """Drop the call's inputs, taps and cache (its recording's last pull-back has used them)."""
         self.args, self.kwargs, self.taps = (), {}, []

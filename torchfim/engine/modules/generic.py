@@ -100,9 +100,8 @@ class GenericRule(Rule):
             entries = constant_outputs(pending[0], [named[n] for n in self.params], pending[1],
                                        lambda child, t: _rows_like_call(call, child, t))
             if any(out is not None for _, out, _ in entries):
-                call.cache[KEY] = [(child, out if out is None else with_parts(out, [_batch_first(call, t) for t in
-                                                                                    parts_of(out)]), versions)
-                                   for child, out, versions in entries]
+                call.cache[KEY] = [(child, None if out is None else with_parts(out, [call.batch_first(t) for t in parts_of(out)]),
+                                    versions) for child, out, versions in entries]
         return []
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
@@ -227,13 +226,6 @@ def _rows_like_call(call: Call, child: nn.Module, t: Tensor) -> bool:
     if call.sequence_first:
         return t.dim() >= 2 and t.shape[1] == call.size and t.shape[0] != call.size
     return batch_dim(child, t, call.size) is not None
-
-
-def _batch_first(call: Call, t: Tensor) -> Tensor:
-    """A kept output of a regrouped call in the layout its input is kept in, ``(B, k, ...)`` or ``(B, T, ...)``."""
-    if call.fold > 1:
-        return t.unflatten(0, (call.size, call.fold))
-    return t.transpose(0, 1) if call.sequence_first else t
 
 
 def _as_came(call: Call, t: Tensor) -> Tensor:
