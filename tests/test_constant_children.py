@@ -22,7 +22,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 import torchfim
 from torchfim.engine import ModelView, batches
 from torchfim.engine.modules import GenericRule
-from torchfim.engine.modules.constant_children import KEY, ReplayMismatch, replaying
+from torchfim.engine.modules.constant_children import KEY, REACHED, ReplayMismatch, replaying
 from torchfim.engine.per_module import PerModuleBackend
 
 
@@ -237,3 +237,86 @@ def test_beit_layers_run_again_only_what_follows_their_first_layer_scale(linear_
     names = {id(p): n for n, p in model.named_parameters()}
     ran = {names[id(w)] for w in linear_runs}
     assert len(ran) == 2 and not any("attention" in n for n in ran), ran  # the MLP's two (its names vary by version)
+
+
+class _MaskToken(nn.Module):
+    """``head(tanh(fc(s ⊙ h)))`` with ``h`` the input's first four columns; where the input has a fifth column
+    (flags), the flagged rows of ``h`` are a trainable token instead: a mask that only some inputs use, as a
+    speech model's spectrogram mask or a vision model's mask token is used in training only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x[..., :4]
+        if x.shape[-1] == 5:
+            h = torch.where(x[..., 4:] > 0, self.token, h)
+        return self.head(torch.tanh(self.fc(self.scale * h)))
+
+
+def _reached(model: nn.Module, x: torch.Tensor) -> frozenset[str] | None:
+    """The parameters the generic rule of ``model`` (the whole model) found its call's outputs depend on,
+    where not all (else None)."""
+    view = ModelView(model)
+    backend = PerModuleBackend(view)
+    recording = backend.record(next(batches(x, None, view.device, view.dtype)))
+    return next(call for r, call in recording.calls if r.module is view.model).cache.get(REACHED)
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_parameters_the_outputs_do_not_depend_on_get_zeros_without_a_run(structure: str, linear_runs) -> None:
+    """With the scale frozen and no flags, the model's own generic rule has only the token, which this
+    forward does not use: zeros, without differentiating the model again (no Linear runs under torch.func)."""
+    torch.manual_seed(0)
+    model = _MaskToken().double()
+    model.scale.requires_grad_(False)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    assert _reached(model, x) == frozenset()
+    assert _assert_equals_oracle(model, x, structure, linear_runs) == 0
+
+
+def test_a_later_input_that_uses_the_parameter_gets_its_products(linear_runs) -> None:
+    """Inputs without flags reach the scale only (the token gets zeros); flagged inputs on the same model
+    (its coverage settled and kept) reach the token too, and both Fishers are the dense oracle's."""
+    torch.manual_seed(0)
+    model = _MaskToken().double()
+    plain = torch.randn(7, 4, dtype=torch.float64)
+    flagged = torch.cat([plain, (torch.arange(7.0, dtype=torch.float64) % 3 == 0).unsqueeze(1)], 1)
+    assert _reached(model, plain) == frozenset({"scale"})
+    _assert_equals_oracle(model, plain, "diag", linear_runs)
+    assert _reached(model, flagged) is None  # all of them
+    _assert_equals_oracle(model, flagged, "diag", linear_runs)
+    token = torchfim.fisher(model, flagged, structure="layers")["token"]
+    assert token.diagonal().min() > 0
+
+
+@pytest.mark.parametrize("estimator", ["score", "hessian", "empirical"])
+def test_a_partly_used_generic_rule_gives_every_estimator_and_variance_of_the_whole_model_backend(estimator: str) -> None:
+    torch.manual_seed(0)
+    model, x = _MaskToken().double(), torch.randn(9, 4, dtype=torch.float64)
+    assert_matches_functional(model, x, estimator, torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2)))
+
+
+def test_hubert_does_not_differentiate_the_whole_model_for_its_training_mask(linear_runs) -> None:
+    """Hugging Face's speech models hold the spectrogram mask ``masked_spec_embed`` as a raw parameter of the
+    whole model, used in training only: in eval its generic rule (the whole model's) runs no layer again,
+    and the Fisher is the whole-model backend's (zero for the mask)."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.HubertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=1,
+                                       conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_labels=3,
+                                       num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    model = transformers.HubertForSequenceClassification(config).double().eval()
+    x = {"input_values": torch.randn(3, 400, dtype=torch.float64)}
+    logits = lambda out: out.logits  # noqa: E731
+    reference = torchfim.fisher(model, x, structure="layers", output=logits, backend="functional")
+    linear_runs.clear()
+    got = torchfim.fisher(model, x, structure="layers", output=logits)
+    assert linear_runs == []
+    assert got["hubert.masked_spec_embed"].abs().max() == 0
+    scale = max(block.abs().max() for block in reference.values())  # the key bias's blocks are rounding (zero)
+    for name, block in reference.items():
+        assert torch.allclose(got[name], block, rtol=1e-10, atol=1e-14 * scale), name

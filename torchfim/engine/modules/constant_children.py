@@ -6,7 +6,9 @@ Of that forward, a call of a direct sub-module whose output does not depend on t
 differentiation: its recorded output. Running it again costs a forward and a backward of that
 sub-module per group of vectors, which for a block with a layer scale is the whole block.
 
-While the engine records, :func:`capturing_children` keeps the output of each direct sub-module call in
+While the engine records, :func:`reached_parameters` finds which of the rule's parameters the call's
+outputs depend on at all (a mask token or a spectrogram mask that only training uses: the others get zero
+products without a run); :func:`capturing_children` keeps the output of each direct sub-module call in
 call order; :func:`constant_outputs` keeps those whose autograd history, walked back to the module's
 inputs, reaches none of the rule's parameters; while the rule differentiates, :func:`replaying` returns
 the kept outputs in place of those calls (and runs the others), after checking that the forward makes the
@@ -29,6 +31,10 @@ KEY = "constant_children"
 #: Autograd nodes one walk may visit before it gives up and calls the output dependent (a history that
 #: leaves the module through a tensor other than its inputs may reach back through the whole model).
 _WALK_LIMIT = 4096
+
+#: The key of :attr:`.base.Call.cache` under which a generic rule keeps the names of the parameters the
+#: call's outputs depend on, where that is not all of them.
+REACHED = "reached_parameters"
 
 #: One sub-module call: the sub-module, its output where constant (else None), and its tensors' versions.
 Entry = tuple[nn.Module, object, list[int]]
@@ -76,18 +82,43 @@ def with_parts(out: object, parts: list[Tensor]) -> object:
     return type(out)(None if item is None else next(rest) for item in out)
 
 
+def reached_parameters(outputs: list[Tensor], params: dict[str, Tensor], inputs: list[Tensor]
+                       ) -> tuple[frozenset[str] | None, set]:
+    """The names of ``params`` that the autograd history of ``outputs`` reaches without passing through
+    ``inputs`` (None past :data:`_WALK_LIMIT` nodes: all of them, as far as anyone knows), and the nodes the
+    walk visited where it reached none (free of the parameters: :func:`constant_outputs` need not walk
+    them again)."""
+    targets = {id(p): n for n, p in params.items()}
+    stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    found: set[str] = set()
+    seen, queue = set(), deque(t.grad_fn for t in outputs)
+    while queue and len(found) < len(targets):
+        node = queue.popleft()
+        if node is None or node in stop or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _WALK_LIMIT:
+            return None, set()
+        name = targets.get(id(getattr(node, "variable", None)))
+        if name is not None:
+            found.add(name)
+        queue.extend(fn for fn, _ in node.next_functions)
+    found.update(n for t in outputs for i, n in targets.items() if id(t) == i)  # a parameter returned as it is
+    return frozenset(found), (seen if not found else set())
+
+
 def constant_outputs(captured: list[tuple[nn.Module, object, list[int]]], params: list[Tensor],
-                     inputs: list[Tensor], has_batch) -> list[Entry]:
+                     inputs: list[Tensor], has_batch, clean: set | None = None) -> list[Entry]:
     """Per captured call, its output (detached) where its tensors (:func:`parts_of`) all have a batch dim
     (``has_batch(child, t)``) and an autograd history that reaches none of ``params`` without passing
     through ``inputs`` (the module's inputs), else None; with their versions when the call returned
-    (:func:`unchanged`). A tensor without history (a frozen table's lookup, the same for every sample
+    (:func:`unchanged`). ``clean``: autograd nodes known to reach none of ``params``. A tensor without history (a frozen table's lookup, the same for every sample
     whatever its leading dim says) or a parameter itself is not kept: it is run again rather than cut by
     sample. (A trainable one that every sample shares has no batch, so the coverage check gives its
     parameters to a rule above, the module's own at the nearest.)"""
     targets = {id(p) for p in params}
     stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
-    clean: set = set()  # nodes a finished walk found free of the parameters
+    clean = set(clean or ())  # nodes a finished walk found free of the parameters
     entries: list[Entry] = []
     for child, out, versions in captured:
         parts = parts_of(out)

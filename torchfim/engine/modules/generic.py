@@ -1,11 +1,13 @@
 """Any other module with trainable parameters: per-sample vector–Jacobian products of it alone.
 
 ``torch.func`` differentiates the module's own forward on its recorded inputs, one sample at a
-time under ``vmap``, against the recorded output sensitivities. Calls of its sub-modules whose outputs
+time under ``vmap``, against the recorded output sensitivities, for the parameters the call's outputs
+depend on (the others, unused by this forward, get zeros without a run). Calls of its sub-modules whose outputs
 do not depend on the rule's parameters are not run again: they return their recorded outputs
 (:mod:`.constant_children`). A module that ``vmap`` cannot batch (a recurrent layer, say) is computed
 one sample at a time with plain autograd, with a one-time warning that names it: correct first, then
-fast.
+fast. A module that reads state from its own attributes runs again on the state its call found
+(:mod:`.attribute_state`).
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...errors import warn_user
-from .base import Call, Grads, Rule
+from ...errors import TorchfimError, warn_user
+from .attribute_state import KEY as STATE
+from .attribute_state import attribute_state, attributes_set, state_to_keep
+from .base import Call, Grads, Rule, zero_grads
 from .constant_children import (
     KEY,
+    REACHED,
     ReplayMismatch,
     capturing_children,
     constant_outputs,
     parts_of,
+    reached_parameters,
     replaying,
     unchanged,
     with_parts,
@@ -81,24 +87,34 @@ class GenericRule(Rule):
         super().__init__(module, params)
         self.path = path or type(module).__name__
         self.unbatchable = False
-        #: The sub-module calls and inputs :meth:`recording_forward` kept of the call in progress.
-        self._pending: tuple[list, list[Tensor]] | None = None
+        #: The sub-module calls, inputs and attribute state :meth:`recording_forward` kept of the call in progress.
+        self._pending: tuple[list, list[Tensor], dict] | None = None
 
     def recording_forward(self, *args: object, **kwargs: object) -> object:
         """The module's class forward, keeping the outputs of its sub-modules' calls (for :meth:`take_recorded`)."""
         module = self.module
+        state = attribute_state(module)
         with capturing_children(module) as captured:
             out = type(module).forward(module, *args, **kwargs)
-        self._pending = (captured, [t for v in (*args, *kwargs.values()) for t in tensors_of(v)])
+        self._pending = (captured, [t for v in (*args, *kwargs.values()) for t in tensors_of(v)], state)
         return out
 
     def take_recorded(self, call: Call) -> list[Tensor]:
-        """No taps; the call's sub-module calls whose outputs are constants of its products, in its cache."""
+        """No taps; in the call's cache, the attribute state it found, the parameters its outputs depend on
+        where not all, and its sub-module calls whose outputs are constants of its products."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0]:
-            named = dict(self.module.named_parameters())
+        if pending is None:
+            return []
+        state = state_to_keep(self.module, pending[2])
+        if state is not None:
+            call.cache[STATE] = state
+        named = dict(self.module.named_parameters())
+        reached, clean = reached_parameters(call.taps, {n: named[n] for n in self.params}, pending[1])
+        if reached is not None and len(reached) < len(self.params):
+            call.cache[REACHED] = reached
+        if pending[0] and reached != frozenset():
             entries = constant_outputs(pending[0], [named[n] for n in self.params], pending[1],
-                                       lambda child, t: _rows_like_call(call, child, t))
+                                       lambda child, t: _rows_like_call(call, child, t), clean)
             if any(out is not None for _, out, _ in entries):
                 call.cache[KEY] = [(child, None if out is None else with_parts(out, [call.batch_first(t) for t in parts_of(out)]),
                                     versions) for child, out, versions in entries]
@@ -106,6 +122,13 @@ class GenericRule(Rule):
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         used = [i for i, s in enumerate(sens) if s is not None]
+        reached = call.cache.get(REACHED)
+        if reached is not None:  # zeros for the parameters the outputs do not depend on, the rest as below
+            zeros = zero_grads(self, len(range(*rows.indices(call.size))), sens[used[0]].shape[0], sens[used[0]])
+            return zeros | (self._products(call, sens, rows, used) if reached else {})
+        return self._products(call, sens, rows, used)
+
+    def _products(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         if not self.unbatchable:
             try:
                 return self._vmapped(call, sens, rows, used)
@@ -116,26 +139,39 @@ class GenericRule(Rule):
                     f"{str(err).splitlines()[0][:120]}); its per-sample gradients are computed one sample at a "
                     "time, which is correct but slower"
                 )
-        return self._looped(call, sens, rows, used)
+        return self._one_at_a_time(call, sens, rows, used)
+
+    def _one_at_a_time(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
+        """:meth:`_looped`, with what the module raises there named, and the ways out."""
+        try:
+            return self._looped(call, sens, rows, used)
+        except Exception as err:  # whatever the module raises: named, with the ways out
+            raise TorchfimError(
+                f"torchfim: module {self.path!r} ({type(self.module).__name__}) has parameters that only the generic "
+                f"rule covers, which runs it again alone, one sample at a time, on its recorded inputs; there it "
+                f"raised {type(err).__name__}: {str(err).splitlines()[0][:160]}. Try backend='functional' (the "
+                "whole model through torch.func), or freeze the module's parameters (requires_grad_(False))"
+            ) from err
 
     def batches_correctly(self, call: Call, sens: list[Tensor | None]) -> bool:
         """Whether torch.func's per-sample gradients of ``call`` equal autograd's, one sample at a time
         (to a few units in the last place), or torch.func cannot batch the module at all (it loops then)."""
         used = [i for i, s in enumerate(sens) if s is not None]
-        if not used:
+        if not used or call.cache.get(REACHED) == frozenset():
             return True
         rows = slice(0, call.size)
         try:
             batched = self._vmapped(call, sens, rows, used)
         except Exception:  # noqa: BLE001 - the module's first products will find it and loop it, with a warning
             return True
-        looped = self._looped(call, sens, rows, used)
+        looped = self._one_at_a_time(call, sens, rows, used)
         return all(batched[i].shape == g.shape and torch.allclose(batched[i], g, rtol=1e-4, atol=1e-6 * (1 + g.abs().max()))
                    for i, g in looped.items())
 
-    def _primals(self) -> dict[str, Tensor]:
-        named = dict(self.module.named_parameters())
-        return {n: named[n].detach() for n in self.params}
+    def _primals(self, call: Call) -> dict[str, Tensor]:
+        """The parameters to differentiate for ``call``: those its outputs depend on."""
+        named, reached = dict(self.module.named_parameters()), call.cache.get(REACHED)
+        return {n: named[n].detach() for n in self.params if reached is None or n in reached}
 
     def _vmapped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         """:meth:`_batched`, with the call's constant sub-module outputs where its forward makes the recorded
@@ -162,28 +198,32 @@ class GenericRule(Rule):
         kept = [(child, t, 0 if call.regrouped else batch_dim(child, t, size)) for child, out, _ in entries or ()
                 if out is not None for t in parts_of(out)]
         constants = tuple(_cut(t, d, rows) for _, t, d in kept)
+        primals = self._primals(call)
+        state, state_dims = _state_and_dims(call)
+        tensors = {k: _cut(v, state_dims[k], rows) for k, v in state.items() if isinstance(v, Tensor)}
 
-        def per_sample(a1: tuple, k1: dict, s1: tuple, c1: tuple) -> dict[str, Tensor]:
+        def per_sample(a1: tuple, k1: dict, s1: tuple, c1: tuple, t1: dict) -> dict[str, Tensor]:
             a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, lifts))
+            attributes = state | {k: _unsqueezed(x, state_dims[k]) for k, x in t1.items()}
             k1 = {k: _unsqueezed(x, kw_dims[k]) for k, x in k1.items()}
             one = iter(_unsqueezed(c, lifts[0] if call.regrouped else d) for c, (_, _, d) in zip(c1, kept))
             replay = [(child, None if out is None else with_parts(out, [next(one) for _ in parts_of(out)]))
                       for child, out, _ in entries or ()]
 
             def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-                with replaying(module, replay) if replay else nullcontext():
+                with replaying(module, replay) if replay else nullcontext(), attributes_set(module, attributes):
                     outs = tensors_of(functional_call(module, p, a1, k1))
                 return tuple(outs[i] if d is None else outs[i].squeeze(d) for i, d in zip(used, squeezes))
 
-            _, pullback = vjp(forward, self._primals())
+            _, pullback = vjp(forward, primals)
             (g,) = vmap(pullback)(s1)
             return g
 
         # torch.func still differentiates under no_grad (no graph to the module's other tensors); the math
         # attention kernel has batching rules, the fused CPU kernels would run sample by sample.
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used), tuple(d for *_, d in kept)))(
-                args, kwargs, cotangents, constants)
+            g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used), tuple(d for *_, d in kept),
+                                          {k: state_dims[k] for k in tensors}))(args, kwargs, cotangents, constants, tensors)
         # A parameter the forward leaves unused gets a broadcast zero from vmap, whose entries share one
         # memory location: made contiguous, so that the per-sample products may square it in place.
         return {self.params[n]: t.contiguous().reshape(t.shape[0], t.shape[1], -1) for n, t in g.items()}
@@ -194,15 +234,16 @@ class GenericRule(Rule):
         kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
         every = output_batch_dims(module, call.taps, size)
         out_dims = [0 if call.regrouped else every[i] for i in used]
-        leaves = {n: p.detach().requires_grad_(True) for n, p in self._primals().items()}
+        leaves = {n: p.requires_grad_(True) for n, p in self._primals(call).items()}
         names = list(leaves)
+        state, state_dims = _state_and_dims(call)
         per_sample = []
         for i in range(*rows.indices(size)):
             one = slice(i, i + 1)
             a1 = tuple(_cut(a, d, one) for a, d in zip(call.args, arg_dims))
             a1 = (_as_came(call, a1[0]), *a1[1:]) if call.regrouped else a1
             k1 = {k: _cut(v, kw_dims[k], one) for k, v in call.kwargs.items()}
-            with torch.enable_grad():
+            with torch.enable_grad(), attributes_set(module, {k: _cut(v, state_dims[k], one) for k, v in state.items()}):
                 outs = tensors_of(functional_call(module, leaves, a1, k1))
                 outs = [outs[j] for j in used]
                 vectors = []
@@ -216,6 +257,14 @@ class GenericRule(Rule):
             self.params[n]: torch.stack([s[k] for s in per_sample]).reshape(len(per_sample), -1, leaves[n].numel())
             for k, n in enumerate(names)
         }
+
+
+def _state_and_dims(call: Call) -> tuple[dict[str, object], dict[str, int | None]]:
+    """The attribute state the call found (:mod:`.attribute_state`), and each entry's batch dim: 0 for a
+    tensor whose first dim is the batch (each sample its own row), else None."""
+    state = call.cache.get(STATE, {})
+    return state, {k: 0 if isinstance(v, Tensor) and not call.regrouped and v.dim() and v.shape[0] == call.size else None
+                   for k, v in state.items()}
 
 
 def _rows_like_call(call: Call, child: nn.Module, t: Tensor) -> bool:

@@ -1,0 +1,131 @@
+"""A generic rule runs a module again on the attribute state its call found, and names a module that fails.
+
+A recurrence that reads its initial state from an attribute its parent sets, and leaves its final state
+there (as Hugging Face's RecurrentGemma does), is run again by its generic rule after the whole forward:
+on the state the call found, not the one it left (:mod:`torchfim.engine.modules.attribute_state`). The
+oracle is the dense float64 ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import clients
+import pytest
+import torch
+from engine_checks import assert_equals_dense, module_rules
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+from torchfim.engine.modules import GenericRule
+from torchfim.errors import TorchfimError
+
+
+class _Recurrence(nn.Module):
+    """``h_t = a ⊙ h_{t−1} + x_t`` from the initial state ``self.state`` that its parent sets, which it
+    leaves at the final state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.linspace(0.2, 0.9, 3))
+        self.state: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, states = self.state, []
+        for t in range(x.shape[1]):
+            h = self.a * h + x[:, t]
+            states.append(h)
+        self.state = h
+        return torch.stack(states, 1)
+
+
+class _Sequence(nn.Module):
+    """A Linear layer, the recurrence started at ``tanh`` of each sequence's first input, a mean-pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head = nn.Linear(3, 3), _Recurrence(), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rec.state = torch.tanh(x[:, 0])
+        return self.head(self.rec(self.inp(x)).mean(1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_a_recurrence_on_a_state_its_parent_sets_keeps_its_rule_and_equals_the_dense_oracle(structure: str) -> None:
+    torch.manual_seed(0)
+    model, x = _Sequence().double(), torch.randn(5, 4, 3, dtype=torch.float64)
+    full = exact_fisher(model, x, "categorical")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing moved, nothing looped
+        got = torchfim.fisher(model, x, structure=structure, family="categorical")
+    if structure == "full":
+        assert torch.allclose(got, full, rtol=1e-10, atol=1e-14)
+    else:
+        assert_equals_dense(got, full, model, structure)
+    backend, rules = module_rules(model, x)
+    assert not backend.moved and isinstance(rules["rec"], GenericRule)
+
+
+class _NeedsItsBatch(nn.Module):
+    """Reshapes its input by the batch size its parent stored in an attribute: it fails on one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.batch = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.scale * x).reshape(self.batch, 2, 2).sum(1)
+
+
+class _Parent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = _NeedsItsBatch(), nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.block.batch = x.shape[0]
+        return self.head(self.block(x))
+
+
+def test_a_module_that_fails_when_run_again_alone_is_named_with_the_ways_out() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), pytest.raises(TorchfimError, match=r"module 'block' \(_NeedsItsBatch\).*raised "
+                                                                       r"RuntimeError.*backend='functional'"):
+        warnings.simplefilter("ignore")  # the warning that it goes one sample at a time
+        torchfim.fisher(_Parent().double(), torch.randn(5, 4, dtype=torch.float64), structure="diag")
+
+
+def test_recurrent_gemma_runs_its_recurrent_unit_again_on_the_state_its_call_found() -> None:
+    """RecurrentGemma's recurrent unit has raw parameters (generic rule), a custom autograd function that
+    torch.func does not batch (one sample at a time) and its initial state in an attribute that its block
+    sets before the call and the unit overwrites: the Fisher is the per-sample Jacobian oracle's (the unit
+    accumulates in float32, hence the tolerance)."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.RecurrentGemmaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=32, lru_width=16,
+                                               attention_window_size=4, conv1d_width=2,
+                                               block_types=["recurrent", "attention"])
+    model = transformers.RecurrentGemmaForCausalLM(config).double().eval()
+    x = {"input_ids": torch.randint(3, 50, (2, 4))}
+    logits = lambda out: out.logits  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torchfim.fisher(model, x, structure="diag", output=logits)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(2):  # Σ_t Σ_c (∂(√p_c (e_c − p)ᵀ o_t)/∂θ)²: Λ = diag(p) − ppᵀ factored by class
+        o = model(input_ids=x["input_ids"][i : i + 1]).logits[0]
+        p = o.softmax(-1).detach()
+        for t in range(o.shape[0]):
+            for c in range(o.shape[1]):
+                v = (torch.eye(o.shape[1], dtype=o.dtype)[c] - p[t]) * p[t, c].sqrt()
+                grads = torch.autograd.grad(o[t] @ v, params, retain_graph=True, allow_unused=True)
+                for e, g in zip(expected, grads):
+                    if g is not None:
+                        e += g.square() / 2
+    expected = torch.cat([e.flatten() for e in expected])
+    assert (got - expected).abs().max() < 1e-6 * expected.abs().max()
