@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import orthogonal, spectral_norm
 
 ALL_FAMILIES = ("categorical", "bernoulli", "gaussian", "poisson")
 
@@ -244,6 +245,12 @@ def token_model(c: int) -> nn.Module:
     return TokenModel(c).double()
 
 
+def parametrized(c: int) -> nn.Module:
+    """An orthogonal first layer and a spectral-normed last one (weights as functions of their originals)."""
+    _seed()
+    return nn.Sequential(orthogonal(nn.Linear(3, 3)), nn.Tanh(), spectral_norm(nn.Linear(3, c))).double().eval()
+
+
 CASES = [
     Case("tanh_mlp", tanh_mlp, mlp_inputs),
     Case("relu_mlp", relu_mlp, mlp_inputs),
@@ -259,6 +266,7 @@ CASES = [
     Case("tied", tied, lambda n: _tokens(n, 3, 4), ("categorical",)),
     Case("frozen", frozen, mlp_inputs),
     Case("custom", custom, mlp_inputs),
+    Case("parametrized", parametrized, mlp_inputs),
     Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian")),
     Case("tokens", token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
 ]

@@ -3,7 +3,9 @@
 Linear, Conv1d/2d/3d and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval),
 MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU and transformers' ``Conv1D`` (GPT-2's transposed
 Linear) have rules of their own; any other module with trainable parameters gets the generic rule
-(``torch.func`` over that module alone). Adding a rule is one module here and one line in :func:`rule_for`.
+(``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) keeps its rule,
+with the originals' gradients by the chain rule (:mod:`.parametrized`). Adding a rule is one module here and
+one line in :func:`rule_for`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .embedding import EmbeddingRule, embedding_supported
 from .generic import GenericRule, tensors_of
 from .linear import LinearRule
 from .norm import BatchNormRule, NormRule, norm_supported, rms_norm_by_name
+from .parametrized import PREFIX, parametrized_names, parametrized_rule
 from .prelu import PReLURule, prelu_supported
 from .recurrent import RecurrentRule, recurrent_supported
 from .transposed_linear import TransposedLinearRule, transposed_linear_supported
@@ -49,10 +52,13 @@ def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tup
         paths[module] = path
         if module in claimed:
             continue
-        subtree = owns_subtree(module)
+        subtree, parametrized = owns_subtree(module), bool(parametrized_names(module))
         if subtree:
             claimed.update(m for m in module.modules() if m is not module)
-        own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=subtree) if id(p) in index_of}
+        if parametrized:  # the originals go with the layer that uses them, never to the list that holds them
+            claimed.update(module.parametrizations.modules())
+        own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=subtree or parametrized)
+               if id(p) in index_of and (subtree or "." not in n or (parametrized and n.startswith(PREFIX)))}
         own = {n: i for n, i in own.items() if i not in taken}
         if own:
             owned[module] = own
@@ -78,6 +84,8 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         return AttentionRule(module, params, path)
     if recurrent_supported(module) and "forward" not in module.__dict__ and runs_torch_forward(module):
         return RecurrentRule(module, params, path)
+    if parametrized_names(module):
+        return parametrized_rule(module, params, _weight_and_bias_rule) or GenericRule(module, params, path)
     rule = _weight_and_bias_rule(module, params)
     if rule is None:
         return GenericRule(module, params, path)
@@ -85,9 +93,10 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     return rule
 
 
-def _weight_and_bias_rule(module: nn.Module, params: dict[str, int]) -> Rule | None:
-    """The rule of a layer whose trainable parameters are its own ``weight`` and ``bias`` (None: no rule)."""
-    own = set(dict(module.named_parameters(recurse=False)))
+def _weight_and_bias_rule(module: nn.Module, params: dict[str, int], own: set[str] | None = None) -> Rule | None:
+    """The rule of a layer whose trainable parameters are its own ``weight`` and ``bias`` (None: no rule);
+    ``own``: the names of its tensors (its own parameters where not given)."""
+    own = set(dict(module.named_parameters(recurse=False))) if own is None else own
     if not set(params) <= own or not set(params) <= {"weight", "bias"}:
         return None
     if isinstance(module, nn.Linear):
