@@ -245,6 +245,25 @@ def token_model(c: int) -> nn.Module:
     return TokenModel(c).double()
 
 
+class ScaledEmbedding(nn.Embedding):
+    """A lookup times ``√d`` held in a buffer, as Gemma's word embedding is: a forward of its own."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__(vocab, dim, padding_idx=0)
+        self.register_buffer("embed_scale", torch.tensor(dim**0.5), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+def scaled_token_model(c: int) -> nn.Module:
+    """:class:`TokenModel` with a scaled word embedding (token 0 its padding row)."""
+    _seed()
+    model = TokenModel(c)
+    model.embed = ScaledEmbedding(5, 3)
+    return model.double()
+
+
 def parametrized(c: int) -> nn.Module:
     """An orthogonal first layer and a spectral-normed last one (weights as functions of their originals)."""
     _seed()
@@ -269,6 +288,7 @@ CASES = [
     Case("parametrized", parametrized, mlp_inputs),
     Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian")),
     Case("tokens", token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
+    Case("scaled_tokens", scaled_token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
 ]
 
 BY_NAME = {case.name: case for case in CASES}

@@ -11,12 +11,17 @@ of ``grad``). Two functions that transformers call break it in torch 2.x:
   (``need_weights=False``, as ``nn.TransformerEncoderLayer`` calls it) or a Hugging Face SDPA
   attention fails.
 
+And one differs from torch's reverse mode by convention: ``embedding`` with a ``padding_idx``, whose
+padding row torch's backward leaves without a gradient (a constant of the model), while forward-mode
+AD differentiates the lookup of that row like any other; the second derivatives would then disagree
+with every first-order quantity about that row.
+
 Within :func:`composite_forms` both run as their definitions in elementary operations, whose
 forward-mode rules torch composes correctly: the layer norm as
 ``(x − μ)/√(σ² + ε)·w + b`` (``μ``, ``σ²`` the mean and biased variance over the normalised dims),
 attention as torch's own reference implementation (``softmax(q kᵀ·scale + mask) v``), and
 ``multi_head_attention_forward`` on its explicit path (``need_weights=True``, the weights dropped
-where the caller did not ask for them). The values are those of the fused kernels to round-off;
+where the caller did not ask for them), and the lookup from a table whose padding row is detached. The values are those of the fused kernels to round-off;
 the passes are slower, which second derivatives (one pass per direction) hardly notice.
 
 A torch function mode sees only the calls made outside other torch functions, so the attention
@@ -59,6 +64,15 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **gqa)[0]
 
 
+def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *args: object, **kwargs: object) -> Tensor:
+    """``F.embedding`` with the padding row of ``weight`` detached: a constant, as torch's backward has it."""
+    if padding_idx is not None:
+        keep = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        keep[padding_idx] = 0
+        weight = weight * keep + weight.detach() * (1 - keep)
+    return F.embedding(input, weight, padding_idx, *args, **kwargs)
+
+
 _MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
 
 
@@ -75,6 +89,7 @@ _COMPOSITES: dict[Callable, Callable] = {
     torch.layer_norm: layer_norm,
     F.scaled_dot_product_attention: attention,
     F.multi_head_attention_forward: multi_head_attention,
+    F.embedding: embedding,
 }
 
 

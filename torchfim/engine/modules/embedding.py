@@ -3,11 +3,16 @@
 The per-sample gradient of ``W`` holds, in the row of token ``k``, the sum of the sensitivities
 ``g_l`` of the positions where the sample has token ``k`` (docs/math.md §6). Only the rows a sample
 uses are non-zero, so the squares and the squared norms are built from those sums alone.
+
+A subclass with a forward of its own that scales the lookup by a constant, ``z_l = c·W[t_l]`` (Gemma's
+and BART's scaled word embeddings), has the same gradients with ``c·g_l``: the factor is read off the
+recorded call (:func:`lookup_scale`), and the coverage check confirms the rule as for any subclass.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Call, Factors, Grads, Rule, as_float
@@ -18,10 +23,47 @@ def embedding_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
 
 
+#: The key of :attr:`.base.Call.cache` under which the rule keeps a call's scale ``c`` (module docstring).
+SCALE = "lookup_scale"
+
+
+def lookup_scale(module: nn.Embedding, call: Call) -> float | None:
+    """``c`` where the call's output is ``c·W[ids]`` for its first argument ``ids`` (to a few units in the last
+    place), else None."""
+    ids = call.args[0] if call.args else None
+    if not call.taps or not isinstance(ids, Tensor) or ids.is_floating_point() or ids.numel() == 0:
+        return None
+    out = call.taps[0].detach()
+    if out.shape != (*ids.shape, module.embedding_dim) or ids.min() < 0 or ids.max() >= module.num_embeddings:
+        return None
+    lookup = F.embedding(ids, module.weight.detach())
+    at = lookup.abs().argmax()
+    if lookup.reshape(-1)[at] == 0:
+        return None
+    scale = (out.reshape(-1)[at] / lookup.reshape(-1)[at]).item()
+    tolerance = 16 * torch.finfo(out.dtype).eps
+    return scale if torch.allclose(out, lookup * scale, rtol=tolerance, atol=tolerance * out.abs().max().item()) else None
+
+
 class EmbeddingRule(Rule):
-    """Per-sample products of ``nn.Embedding`` (``padding_idx`` rows get no gradient, as in torch)."""
+    """Per-sample products of ``nn.Embedding`` (``padding_idx`` rows get no gradient, as in torch), and of
+    subclasses that scale its lookup by a constant."""
 
     sparse_grads = True
+
+    def take_recorded(self, call: Call) -> list[Tensor]:
+        """No taps; the call's scale in its cache, for a subclass whose output is a multiple ``c ≠ 1`` of the lookup."""
+        if self.on_probation:
+            scale = lookup_scale(self.module, call)
+            if scale is not None and scale != 1.0:
+                call.cache[SCALE] = scale
+        return []
+
+    @staticmethod
+    def _sensitivity(call: Call, sens: list[Tensor | None]) -> Tensor:
+        """The sensitivities of the lookup ``W[ids]``: the output's, times the call's scale."""
+        scale = call.cache.get(SCALE)
+        return sens[0] if scale is None else sens[0] * scale
 
     def _sums(self, call: Call, g: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per (vector, sample, token) sums of sensitivities ``(U, d)``, their (vector·B + sample) and token ids."""
@@ -42,7 +84,7 @@ class EmbeddingRule(Rule):
         if "weight" not in self.params:
             return {}
         sub = Call(call.module, (call.args[0][rows],), {}, [], len(range(*rows.indices(call.size))))
-        g = sens[0][:, rows]
+        g = self._sensitivity(call, sens)[:, rows]
         sums, unique, vocab = self._sums(sub, g)
         m, b = g.shape[0], sub.size
         dense = sums.new_zeros(m * b * vocab, sums.shape[-1]).index_copy_(0, unique, sums)
@@ -54,7 +96,7 @@ class EmbeddingRule(Rule):
         if not into.is_contiguous():
             return super().add_grads(call, sens, rows, into, index)
         sub = Call(call.module, (call.args[0][rows],), {}, [], len(range(*rows.indices(call.size))))
-        sums, unique, vocab = self._sums(sub, sens[0][:, rows])
+        sums, unique, vocab = self._sums(sub, self._sensitivity(call, sens)[:, rows])
         b, m = into.shape[:2]
         owner, token = unique // vocab, unique % vocab  # owner = vector · b + sample
         at = ((owner % b) * m + owner // b) * vocab + token  # the row of (sample, vector, token) in into
@@ -64,7 +106,7 @@ class EmbeddingRule(Rule):
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         if "weight" not in self.params:
             return {}
-        sums, unique, vocab = self._sums(call, sens[0])
+        sums, unique, vocab = self._sums(call, self._sensitivity(call, sens))
         table = sums.new_zeros(vocab, sums.shape[-1]).index_add_(0, unique % vocab, sums.square())
         return {self.params["weight"]: table.reshape(-1)}
 
@@ -73,7 +115,8 @@ class EmbeddingRule(Rule):
         if "weight" not in self.params:
             return {}
         ids = call.args[0].reshape(call.size, -1)  # (B, L)
-        g = as_float(sens[0].reshape(sens[0].shape[0], call.size, -1, sens[0].shape[-1]))  # (m, B, L, d)
+        g = self._sensitivity(call, sens)
+        g = as_float(g.reshape(g.shape[0], call.size, -1, g.shape[-1]))  # (m, B, L, d)
         if self.module.padding_idx is not None:
             g = g * (ids != self.module.padding_idx % self.module.num_embeddings)[None, :, :, None]
         return {self.params["weight"]: (ids, g)}
@@ -85,6 +128,6 @@ class EmbeddingRule(Rule):
         m = sens[0].shape[0]
         if "weight" not in self.params:
             return sens[0].new_zeros(call.size, m)
-        sums, unique, vocab = self._sums(call, sens[0])
+        sums, unique, vocab = self._sums(call, self._sensitivity(call, sens))
         norms = sums.new_zeros(m * call.size).index_add_(0, unique // vocab, sums.square().sum(-1))
         return norms.reshape(m, call.size).T
