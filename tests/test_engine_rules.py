@@ -18,6 +18,7 @@ from torchfim.engine.modules import GenericRule
 from torchfim.engine.modules import conv as conv_module
 from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules.conv import ConvRule
+from torchfim.engine.modules.embedding import EmbeddingRule
 from torchfim.engine.modules.linear import LinearRule
 from torchfim.engine.modules.norm import BatchNormRule, NormRule
 from torchfim.engine.per_module import PerModuleBackend
@@ -533,10 +534,17 @@ def test_attention_causal_hint_without_a_mask_fails_as_in_torch() -> None:
 
 
 class _ScaledEmbedding(nn.Embedding):
-    """A lookup scaled in its own forward (as Gemma's): the Embedding rule would miss the scale."""
+    """A lookup scaled in its own forward (as Gemma's): the Embedding rule reads the scale off the call."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids) * 3.0
+
+
+class _SquaredEmbedding(nn.Embedding):
+    """A lookup squared in its own forward: the Embedding rule would miss the square."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).square()
 
 
 class _PositionsFromMask(nn.Embedding):
@@ -562,25 +570,27 @@ class _Subclasses(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.position = _ScaledEmbedding(5, 3), _PositionsFromMask(4, 3)
+        self.squared = _SquaredEmbedding(5, 3)
         self.mix, self.head = _OwnLinear(3, 3), _SameLinear(3, 4)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens) + self.position(torch.ones(tokens.shape, dtype=torch.float64))
+        h = self.embed(tokens) + self.position(torch.ones(tokens.shape, dtype=torch.float64)) + self.squared(tokens)
         return self.head(torch.tanh(self.mix(h)))
 
 
 def test_subclasses_with_a_forward_of_their_own_keep_their_rule_only_where_it_holds() -> None:
-    """Their rule is on probation: the scaled lookup's per-sample gradients miss and the mask-reading
-    lookup's rule fails, so both get the generic rule of their own module (before: the scaled one went to
-    the whole model with a warning, the other failed with torch's error); the Linear that computes what
-    ``nn.Linear`` does keeps its rule."""
+    """Their rule is on probation: the squared lookup's per-sample gradients miss and the mask-reading
+    lookup's rule fails, so both get the generic rule of their own module (before: such a lookup went to
+    the whole model with a warning, the other failed with torch's error); the scaled lookup (its scale
+    read off the call) and the Linear that computes what ``nn.Linear`` does keep their rules."""
     torch.manual_seed(0)
     model = _Subclasses().double()
     x = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        assert _rules(model, x) == {"embed": GenericRule.__name__, "position": GenericRule.__name__,
-                                    "mix": LinearRule.__name__, "head": LinearRule.__name__}
+        assert _rules(model, x) == {"embed": EmbeddingRule.__name__, "position": GenericRule.__name__,
+                                    "squared": GenericRule.__name__, "mix": LinearRule.__name__,
+                                    "head": LinearRule.__name__}
         _assert_equals_functional(model, x, "exact", seed=0)
 
 

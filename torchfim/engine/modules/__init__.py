@@ -19,7 +19,7 @@ from .conv import ConvRule, conv_supported
 from .embedding import EmbeddingRule, embedding_supported
 from .generic import GenericRule, tensors_of
 from .linear import LinearRule
-from .norm import BatchNormRule, NormRule, norm_supported, rms_norm_by_name
+from .norm import BatchNormRule, NormRule, norm_supported, own_norm
 from .parametrized import PREFIX, parametrized_names, parametrized_rule
 from .prelu import PReLURule, prelu_supported
 from .recurrent import RecurrentRule, recurrent_supported
@@ -89,7 +89,7 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     rule = _weight_and_bias_rule(module, params)
     if rule is None:
         return GenericRule(module, params, path)
-    rule.on_probation = not runs_torch_forward(module) or rms_norm_by_name(module)
+    rule.on_probation = not runs_torch_forward(module) or own_norm(module)
     return rule
 
 

@@ -8,6 +8,11 @@ is one affine map per channel: :class:`BatchNormRule` records it in that form an
 per-sample products from torch's fused batch-norm backward. BatchNorm without running statistics
 normalises with the batch's own statistics and is left to the generic rule (the independence check
 then refuses it).
+
+A norm of a class of its own (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``, ``CohereLayerNorm``)
+gets the rule on probation (:func:`own_norm`); which ``x̂`` it computes, over the last dim, the first call
+says (:func:`own_norm_kind`): the one whose affine map ``x̂ ⊙ γ + β`` (or ``x̂ ⊙ (1 + γ) + β``, as Gemma's,
+whose gradients are the same) gives the call's output.
 """
 
 from __future__ import annotations
@@ -22,38 +27,61 @@ _TRAILING = (nn.LayerNorm, nn.RMSNorm)
 _CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+#: The ``x̂`` a norm of its own class may compute over the last dim (:func:`own_norm_kind`).
+OWN_KINDS = ("rms", "layer")
+
+
 def norm_supported(module: nn.Module) -> bool:
     """LayerNorm, RMSNorm, GroupNorm, and BatchNorm in eval mode with running statistics; and a module
-    that looks like an RMSNorm of its own class (:func:`rms_norm_by_name`)."""
+    that looks like a norm of its own class (:func:`own_norm`)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return not module.training and module.running_mean is not None and isinstance(module, _CHANNEL)
-    return isinstance(module, _TRAILING + (nn.GroupNorm,)) or rms_norm_by_name(module)
+    return isinstance(module, _TRAILING + (nn.GroupNorm,)) or own_norm(module)
 
 
-def rms_norm_by_name(module: nn.Module) -> bool:
-    """A class of its own named ``…RMSNorm`` with one trainable vector ``weight`` and a float ``eps`` or
-    ``variance_epsilon``, as Hugging Face models define them (Llama, Mistral, Qwen2). Only its name says
-    it computes ``weight ⊙ x/√(mean(x²) + eps)`` (Gemma's computes ``(1 + weight) ⊙ …``), so its rule is
-    on probation: the coverage check keeps it where its per-sample gradients hold."""
-    if isinstance(module, nn.RMSNorm) or not type(module).__name__.endswith("RMSNorm"):
+def own_norm(module: nn.Module) -> bool:
+    """A class of its own named ``…Norm`` with a trainable vector ``weight`` (and a ``bias``), a float ``eps``
+    or ``variance_epsilon`` and no sub-modules, as Hugging Face models define them (Llama, Mistral, T5,
+    Cohere). Only its name says it normalises, so its rule is on probation: the coverage check keeps it
+    where its per-sample gradients hold."""
+    if isinstance(module, _TRAILING + _CHANNEL + (nn.modules.batchnorm._BatchNorm,)):
+        return False
+    if not type(module).__name__.endswith("Norm"):
         return False
     params = dict(module.named_parameters(recurse=False))
-    return (list(params) == ["weight"] and params["weight"].dim() == 1 and not list(module.children())
-            and isinstance(_eps(module), float))
+    return ("weight" in params and set(params) <= {"weight", "bias"} and params["weight"].dim() == 1
+            and not list(module.children()) and isinstance(_eps(module), float))
+
+
+def own_norm_kind(module: nn.Module, call: Call) -> str | None:
+    """Which of :data:`OWN_KINDS` the call of a norm of its own class computed: its output is ``x̂ ⊙ γ + β`` or
+    ``x̂ ⊙ (1 + γ) + β`` (to float32's precision at least: such norms often compute in float32); None if
+    neither."""
+    x, out, weight = call.args[0] if call.args else None, call.taps[0].detach() if call.taps else None, module.weight
+    if not isinstance(x, Tensor) or out is None or out.shape != x.shape or x.shape[-1] != weight.numel():
+        return None
+    bias = module.bias if isinstance(getattr(module, "bias", None), Tensor) else 0
+    tolerance = max(32 * torch.finfo(out.dtype).eps, 1e-5)
+    for kind in OWN_KINDS:
+        x_hat = normalised(module, x.to(out.dtype), kind)
+        for scale in (weight, 1 + weight):
+            if torch.allclose(out, x_hat * scale.detach() + bias, rtol=tolerance, atol=tolerance * out.abs().max().item()):
+                return kind
+    return None
 
 
 def _eps(module: nn.Module) -> object:
     return getattr(module, "variance_epsilon", getattr(module, "eps", None))
 
 
-def normalised(module: nn.Module, x: Tensor) -> Tensor:
-    """``x̂``: the module's output before its affine parameters."""
-    if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    if isinstance(module, nn.RMSNorm):
-        return F.rms_norm(x, module.normalized_shape, None, module.eps)
-    if rms_norm_by_name(module):
-        return F.rms_norm(x, (x.shape[-1],), None, _eps(module))
+def normalised(module: nn.Module, x: Tensor, kind: str | None = None) -> Tensor:
+    """``x̂``: the module's output before its affine parameters (of a norm of its own class: ``kind``'s)."""
+    if isinstance(module, nn.LayerNorm) or kind == "layer":
+        shape = module.normalized_shape if isinstance(module, nn.LayerNorm) else (x.shape[-1],)
+        return F.layer_norm(x, shape, None, None, _eps(module))
+    if isinstance(module, nn.RMSNorm) or kind == "rms":
+        shape = module.normalized_shape if isinstance(module, nn.RMSNorm) else (x.shape[-1],)
+        return F.rms_norm(x, shape, None, _eps(module))
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -63,6 +91,17 @@ def normalised(module: nn.Module, x: Tensor) -> Tensor:
 
 class NormRule(Rule):
     """Per-sample products of the affine parameters of a normalisation layer."""
+
+    def __init__(self, module: nn.Module, params: dict[str, int]) -> None:
+        super().__init__(module, params)
+        #: For a norm of its own class: which ``x̂`` it computes, once its first call said (None before).
+        self.kind: str | None = None
+
+    def take_recorded(self, call: Call) -> list[Tensor]:
+        """No taps; the kind of a norm of its own class, from its first call."""
+        if self.kind is None and own_norm(self.module):
+            self.kind = own_norm_kind(self.module, call) or OWN_KINDS[0]  # neither: the coverage check finds it
+        return []
 
     @property
     def reads_regrouped_rows(self) -> bool:  # type: ignore[override]
@@ -82,7 +121,7 @@ class NormRule(Rule):
         out: Grads = {}
         if "weight" in self.params:
             if "normalised" not in call.cache:  # once per call, not per chunk and group of vectors
-                call.cache["normalised"] = as_float(normalised(self.module, call.args[0]))
+                call.cache["normalised"] = as_float(normalised(self.module, call.args[0], self.kind))
             out[self.params["weight"]] = self._fold(g * call.cache["normalised"][rows].unsqueeze(0))
         if "bias" in self.params:
             out[self.params["bias"]] = self._fold(g)

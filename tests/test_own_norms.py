@@ -1,0 +1,109 @@
+"""Norms of a class of their own keep the norm rule, with the ``x̂`` their first call shows.
+
+A class named ``…Norm`` with a trainable vector ``weight`` (and a ``bias``) and a float ``eps`` gets the norm
+rule on probation; whether it normalises as an RMSNorm or a LayerNorm (over the last dim) is read off its
+first call (:func:`torchfim.engine.modules.norm.own_norm_kind`). The oracle is the dense float64
+``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import clients
+import pytest
+import torch
+from engine_checks import assert_equals_dense, module_rules
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+from torchfim.engine.modules import GenericRule
+from torchfim.engine.modules.norm import NormRule
+
+
+class T5LayerNorm(nn.Module):
+    """T5's: an RMSNorm named a LayerNorm, ``w ⊙ x/√(mean(x²) + eps)``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.linspace(0.5, 1.5, d)), 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+class CohereLayerNorm(nn.Module):
+    """A LayerNorm written out, ``w ⊙ (x − μ)/√(σ² + eps) + b``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.linspace(0.5, 1.5, d)), nn.Parameter(torch.linspace(-0.2, 0.2, d))
+        self.eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        return self.weight * centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps) + self.bias
+
+
+class GatedNorm(nn.Module):
+    """Named like a norm, but ``w ⊙ tanh(x) + b``: neither kind."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.linspace(0.5, 1.5, d)), nn.Parameter(torch.zeros(d))
+        self.eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(x) + self.bias
+
+
+@pytest.mark.parametrize(("norm", "kind"), [(T5LayerNorm, "rms"), (CohereLayerNorm, "layer"), (GatedNorm, None)])
+@pytest.mark.parametrize("structure", ["diag", "layers"])
+def test_norms_of_their_own_class_keep_the_norm_rule_of_their_kind(norm: type, kind: str | None, structure: str) -> None:
+    """An RMSNorm named a LayerNorm and a LayerNorm written out keep the rule with the right ``x̂`` (the wrong
+    one fails the oracle); a module named like a norm that is none gets its generic rule, silently. The
+    reference is the whole-model backend (the dense oracle takes no positions); below, the dense oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), norm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)  # positions too: the weight is shared over them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = torchfim.fisher(model, x, structure=structure)
+        want = torchfim.fisher(model, x, structure=structure, backend="functional")
+    if structure == "diag":
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+    else:
+        assert all(torch.allclose(got[n], want[n], rtol=1e-10, atol=1e-14) for n in want)
+    backend, rules = module_rules(model, x)
+    if kind is None:
+        assert isinstance(rules["1"], GenericRule)
+    else:
+        assert isinstance(rules["1"], NormRule) and rules["1"].kind == kind and not backend.demoted
+
+
+def test_an_own_norm_on_inputs_without_positions_equals_the_dense_oracle() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), CohereLayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert_equals_dense(torchfim.fisher(model, x, structure="layers"), exact_fisher(model, x, "categorical"), model,
+                        "layers")
+
+
+def test_cohere_keeps_its_layer_norm_on_the_norm_rule() -> None:
+    """Cohere's LayerNorm (no bias, float32 inside): the rule, and the whole-model backend's Fisher."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.CohereConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.CohereForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(1, 60, (3, 5), generator=torch.Generator().manual_seed(1))}
+    logits = lambda out: out.logits  # noqa: E731
+    reference = torchfim.fisher(model, x, structure="diag", output=logits, backend="functional")
+    got = torchfim.fisher(model, x, structure="diag", output=logits)
+    assert torch.allclose(got, reference, rtol=1e-4, atol=1e-6 * reference.abs().max())
+    view = torchfim.engine.ModelView(model, output=logits)
+    backend = torchfim.engine.per_module.PerModuleBackend(view)
+    backend.record(next(torchfim.engine.batches(x, None, view.device, view.dtype)))
+    norms = [r for m, r in backend.rules.items() if type(m).__name__ == "CohereLayerNorm"]
+    assert norms and all(isinstance(r, NormRule) and r.kind == "layer" for r in norms)
