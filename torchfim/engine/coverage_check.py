@@ -231,8 +231,11 @@ class CoverageCheck:
         return True
 
     def _move(self, names: list[str], rec: ModuleRecording) -> None:
-        """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs."""
-        called = {call.module for _, call in rec.calls if carries_batch(call)}
-        called |= modules_carrying_batch(self.view.model, rec.batch)
+        """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs, or
+        with outputs batched but for some shared by every sample, which it then records spread."""
+        carrying, spreading = modules_carrying_batch(self.view.model, rec.batch)
+        called = {call.module for _, call in rec.calls if carries_batch(call)} | carrying
+        called |= spreading - self._unshared
         self.moved.update({n: nearest_called(self.view.model, n, self.moved.get(n), called) for n in names})
+        self.shared |= {module for module, _ in self.moved.values()} & (spreading - carrying)
         self.rules = self._build_rules(self.moved)

@@ -40,18 +40,24 @@ def unbatched_calls(calls: list[tuple[Rule, Call]], size: int) -> list[tuple[Rul
     return [(rule, call) for rule, call in calls if not carries_batch(call)] if size > 1 else []
 
 
-def modules_carrying_batch(model: nn.Module, batch: Batch) -> set[nn.Module]:
+def modules_carrying_batch(model: nn.Module, batch: Batch) -> tuple[set[nn.Module], set[nn.Module]]:
     """The modules of ``model`` that a forward of ``batch`` calls with every differentiable output carrying
     the batch, or with rows a rule may read regrouped (:func:`rows_layout`; a container such as
     ``nn.ModuleList`` is never called): where the parameters of a call that does not carry it (a lookup
-    shared by every sample) may go, in a generic rule."""
+    shared by every sample) may go, in a generic rule. And those whose outputs carry it but for some that
+    lead with 1, shared by every sample (T5's attention returns its position bias ``(1, H, T, T)`` beside
+    its batched output): such a module may take them too, with those outputs spread (:func:`spread_output`)."""
     carrying: dict[nn.Module, bool] = {}
+    spreading: dict[nn.Module, bool] = {}
 
     def seen(module: nn.Module, args: object, output: object) -> None:
         outs = [t for t in tensors_of(output) if t.requires_grad]
-        ok = bool(outs) and (all(d is not None for d in output_batch_dims(module, outs, batch.size))
-                             or rows_layout(args, outs, batch.size, LAYOUTS) != (1, False))
+        dims = output_batch_dims(module, outs, batch.size)
+        ok = bool(outs) and (all(d is not None for d in dims) or rows_layout(args, outs, batch.size, LAYOUTS) != (1, False))
         carrying[module] = carrying.get(module, True) and ok
+        spreads = batch.size > 1 and any(d is not None for d in dims) and all(
+            d is not None or (t.dim() > 0 and t.shape[0] == 1) for t, d in zip(outs, dims))
+        spreading[module] = spreading.get(module, True) and spreads
 
     handles = [m.register_forward_hook(seen) for m in model.modules()]
     try:
@@ -60,7 +66,7 @@ def modules_carrying_batch(model: nn.Module, batch: Batch) -> set[nn.Module]:
     finally:
         for handle in handles:
             handle.remove()
-    return {m for m, ok in carrying.items() if ok}
+    return {m for m, ok in carrying.items() if ok}, {m for m, ok in spreading.items() if ok and not carrying[m]}
 
 
 def shares_inputs(call: Call) -> bool:
@@ -83,10 +89,13 @@ def spread(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
 
 
 def spread_output(output: object, size: int) -> object:
-    """A tensor output that still leads with 1 after its inputs were spread, expanded to ``size`` (a view):
-    each sample's rows then carry that sample's sensitivity, which a generic rule reads per sample."""
+    """A tensor output that still leads with 1 after its inputs were spread, expanded to ``size`` (a view),
+    and so each such tensor of a tuple or list output: each sample's rows then carry that sample's
+    sensitivity, which a generic rule reads per sample."""
     if isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == 1:
         return output.expand(size, *output.shape[1:])
+    if type(output) in (tuple, list):
+        return type(output)(spread_output(item, size) for item in output)
     return output
 
 

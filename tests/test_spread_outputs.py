@@ -1,0 +1,108 @@
+"""A parameter shared by every sample goes to the nearest module whose outputs carry the batch but for some
+that every sample shares, which the engine then records spread over the batch.
+
+T5's first attention layer computes a position bias ``(1, H, T, T)`` from a table of relative positions and
+returns it beside its batched output; every layer adds it to its scores. The table's lookup carries no
+batch, so its parameter moves to a generic rule above: before, the whole stack's (every layer run again);
+now the first attention's, with its bias output expanded to ``(B, H, T, T)`` so that each sample's rows
+carry that sample's sensitivity (:mod:`torchfim.engine.shared_inputs`). The oracle is the dense float64
+``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import clients
+import pytest
+import torch
+from engine_checks import assert_equals_dense, module_rules
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+
+T, D = 4, 3
+
+
+class _BiasAttention(nn.Module):
+    """One-head attention with scores ``q kᵀ/√d + bias``; with ``table``, the bias is looked up from relative
+    positions ``(1, 1, T, T)``, else taken from the layer before, and returned either way."""
+
+    def __init__(self, table: bool) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+        self.table = nn.Embedding(2 * T - 1, 1) if table else None
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if bias is None:
+            relative = torch.arange(T)[None, :] - torch.arange(T)[:, None] + T - 1
+            bias = self.table(relative).permute(2, 0, 1).unsqueeze(0)
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(D) + bias[:, 0]
+        return self.o(torch.softmax(scores, -1) @ self.v(x)), bias
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_BiasAttention(True), _BiasAttention(False)])
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None
+        for layer in self.layers:
+            out, bias = layer(x, bias)
+            x = x + torch.tanh(out)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_a_shared_position_table_goes_to_the_layer_that_returns_its_bias_and_equals_the_dense_oracle(structure: str) -> None:
+    torch.manual_seed(0)
+    model, x = _Stack().double(), torch.randn(5, T, D, dtype=torch.float64)
+    full = exact_fisher(model, x, "categorical")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the table moves, with a warning
+        got = torchfim.fisher(model, x, structure=structure)
+    if structure == "full":
+        assert torch.allclose(got, full, rtol=1e-10, atol=1e-14)
+    else:
+        assert_equals_dense(got, full, model, structure)
+    backend, _ = module_rules(model, x)
+    paths = {m: p for p, m in backend.view.model.named_modules()}
+    assert {n: paths[m] for n, (m, _) in backend.moved.items()} == {"layers.0.table.weight": "layers.0"}
+    assert {paths[m] for m in backend.shared} == {"layers.0"}
+
+
+def test_t5_gives_its_relative_position_tables_to_the_first_attention_layers() -> None:
+    """T5's encoder and decoder each look up one table in their first attention layer: those layers take
+    them (not the whole stacks), and the Fisher is the whole-model backend's (float32: T5's own model)."""
+    transformers = clients.need("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                   num_labels=3, decoder_start_token_id=0, eos_token_id=1)
+    model = transformers.T5ForSequenceClassification(config).eval()
+    ids = torch.randint(3, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = 1
+    x = {"input_ids": ids}
+    logits = lambda out: out.logits  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torchfim.fisher(model, x, structure="diag", output=logits)
+        view = torchfim.engine.ModelView(model, output=logits)
+        backend = torchfim.engine.per_module.PerModuleBackend(view)
+        backend.record(next(torchfim.engine.batches({**x, "use_cache": False}, None, view.device, view.dtype)))
+    paths = {m: p for p, m in view.model.named_modules()}
+    assert sorted(paths[m] for m, _ in backend.moved.values()) == [
+        "transformer.decoder.block.0.layer.0.SelfAttention", "transformer.encoder.block.0.layer.0.SelfAttention"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.zeros(sum(p.numel() for p in params))
+    for i in range(3):  # Σ_c (∂(√p_c (e_c − p)ᵀ o)/∂θ)² per input: Λ = diag(p) − ppᵀ factored by class
+        o = model(input_ids=ids[i : i + 1], use_cache=False).logits[0]
+        p = o.softmax(-1).detach()
+        for c in range(3):
+            v = (torch.eye(3)[c] - p) * p[c].sqrt()
+            grads = torch.autograd.grad(o @ v, params, retain_graph=True, allow_unused=True)
+            want += torch.cat([torch.zeros(q.numel()) if g is None else g.flatten() for q, g in zip(params, grads)]).square() / 3
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
