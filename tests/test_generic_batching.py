@@ -161,3 +161,39 @@ def test_attention_the_generic_rule_covers_takes_its_out_projection_without_a_mo
     backend, rules = module_rules(model, x)
     assert not backend.moved and "attend.out_proj" not in rules
     assert isinstance(rules["attend"], GenericRule) and {"out_proj.weight", "q_proj_weight"} <= set(rules["attend"].params)
+
+
+class _ReturnsItsInput(nn.Module):
+    """``(s ⊙ x, x)``, with a branch on the data that torch.func cannot batch (so one sample at a time), and its
+    input among its outputs, as a Hugging Face encoder returns the hidden states it was given: on one sample,
+    that output does not depend on the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scaled = self.scale * x if bool(x.sum() > -1e9) else x
+        return scaled, x
+
+
+class _UsesBoth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.block, self.head = nn.Linear(3, 4), _ReturnsItsInput(), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled, same = self.block(torch.tanh(self.inner(x)))
+        return self.head(scaled + same**2)
+
+
+def test_a_module_looped_one_sample_at_a_time_that_returns_its_input_equals_the_dense_oracle() -> None:
+    """(Before: autograd refused the output that does not depend on the parameters, "element 1 of tensors
+    does not require grad", from inside the rule; DeBERTa's encoder failed so.)"""
+    torch.manual_seed(0)
+    model, x = _UsesBoth().double(), torch.randn(5, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torchfim.fisher(model, x, structure="layers")
+    assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, "layers")
+    assert any("cannot batch module 'block'" in m for m in torchfim_messages(caught))  # it went one at a time

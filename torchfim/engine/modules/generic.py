@@ -250,7 +250,10 @@ class GenericRule(Rule):
                 for j in range(sens[used[0]].shape[0]):
                     cots = [_as_came(call, _cut(sens[u][j], d, one)) if call.regrouped else _cut(sens[u][j], d, one)
                             for u, d in zip(used, out_dims)]
-                    grads = torch.autograd.grad(outs, [leaves[n] for n in names], cots, retain_graph=True, allow_unused=True)
+                    # an output that does not depend on the parameters (an input returned as it came) adds nothing
+                    live = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
+                    grads = torch.autograd.grad([o for o, _ in live], [leaves[n] for n in names], [c for _, c in live],
+                                                retain_graph=True, allow_unused=True) if live else [None] * len(names)
                     vectors.append([torch.zeros_like(leaves[n]) if g is None else g.detach() for n, g in zip(names, grads)])
             per_sample.append([torch.stack([v[k] for v in vectors]) for k in range(len(names))])
         return {
