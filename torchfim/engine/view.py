@@ -36,9 +36,11 @@ from .private_tree import private_tree, users_modules_called
 ENGINE_LOCK = threading.RLock()
 #: Why a computation stops when the weights move under it.
 PARAMETERS_CHANGED = (
-    "the model's parameters changed during the computation (an optimiser step in another thread?), so the "
-    "result would mix two sets of weights; hold torchfim.engine.ENGINE_LOCK around the training step, or "
-    "compute between steps"
+    "the model's parameters changed during the computation (an optimiser step in another thread? a forward "
+    "that changes the model's own weights in place, as Hugging Face's RWKV rescales its layers on its first "
+    "call in eval mode?), so the result would mix two sets of weights; hold torchfim.engine.ENGINE_LOCK "
+    "around the training step, or compute between steps; for a model that changes itself once, call it once "
+    "before"
 )
 
 #: A forward that reaches the user's modules: their parameters are not the ones torchfim differentiates.
