@@ -13,13 +13,15 @@ Import this module before any client library. It does three things:
   missing on a developer's machine, but fails it under CI (``CI`` set), where ``.[dev]`` installs
   every client: a missing install step must not turn into silently skipped tests.
 * **Brute-force oracles.** :func:`jacobians` differentiates the whole model with ``torch.func``
-  against the flat parameter vector, independently of torchfim's engine.
+  against the flat parameter vector, independently of torchfim's engine; :func:`categorical_diag_by_autograd`
+  takes one backward per input, position and class, for models ``torch.func`` cannot batch.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -118,3 +120,36 @@ def categorical_diag(jac: Tensor, logits: Tensor, classes: int, mask: Tensor | N
     if mask is not None:
         per_position = per_position * mask.to(per_position.dtype).unsqueeze(-1)
     return per_position.sum((0, 1)) / b
+
+
+def categorical_diag_by_autograd(model: nn.Module, x: dict[str, Tensor]) -> Tensor:
+    """The exact Fisher's diagonal of a Hugging Face model's ``.logits``, ``(1/n) Σᵢ Σₜ Σ_c (∂(√p_c (e_c − p)ᵀ
+    oᵢₜ)/∂θ)²`` (``Λ = diag(p) − ppᵀ`` factored by class), by plain autograd, one backward per input, position
+    and class (no ``torch.func``: models it cannot batch too); without a key-value cache."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    n = next(iter(x.values())).shape[0]
+    use_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    for i in range(n):
+        logits = model(**{k: v[i : i + 1] for k, v in x.items()}, **use_cache).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        probs = logits.softmax(-1).detach()
+        for t in range(logits.shape[0]):
+            for c in range(logits.shape[1]):
+                v = (torch.eye(logits.shape[1], dtype=logits.dtype)[c] - probs[t]) * probs[t, c].sqrt()
+                grads = torch.autograd.grad(logits[t] @ v, params, retain_graph=True, allow_unused=True)
+                total += torch.cat([torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.flatten().double()
+                                    for p, g in zip(params, grads)]).square()
+    return total / n
+
+
+def tiny_hubert() -> tuple[nn.Module, dict[str, Tensor]]:
+    """Hugging Face's Hubert classifier from a tiny config (float64, eval) and three clips of 400 samples:
+    a training-only spectrogram mask on the whole model and a weight-normed positional convolution."""
+    transformers = need("transformers")
+    torch.manual_seed(0)
+    config = transformers.HubertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=1,
+                                       conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_labels=3,
+                                       num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    model = transformers.HubertForSequenceClassification(config).double().eval()
+    return model, {"input_values": torch.randn(3, 400, dtype=torch.float64)}

@@ -10,14 +10,17 @@ from torch import nn
 import torchfim
 from torchfim.engine import ModelView, batches
 from torchfim.engine.per_module import PerModuleBackend
+from torchfim.engine.view import forward_defaults
 
 
-def module_rules(model: nn.Module, x: torch.Tensor) -> tuple[PerModuleBackend, dict]:
+def module_rules(model: nn.Module, x: torch.Tensor | dict, output=None) -> tuple[PerModuleBackend, dict]:
     """The per-module backend after recording ``x`` once (the coverage check done), and its rules by the
-    path of their module."""
-    view = ModelView(model)
+    path of their module; ``output`` as :func:`torchfim.fisher` takes it (a Hugging Face model's inputs get
+    ``use_cache=False`` as the library passes it)."""
+    view = ModelView(model, output=output)
     backend = PerModuleBackend(view)
-    backend.record(next(batches(x, None, view.device, view.dtype)))
+    inputs = {**forward_defaults(model), **x} if isinstance(x, dict) else x
+    backend.record(next(batches(inputs, None, view.device, view.dtype)))
     paths = {m: p for p, m in view.model.named_modules()}
     return backend, {paths[m]: r for m, r in backend.rules.items()}
 

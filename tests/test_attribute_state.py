@@ -3,14 +3,14 @@
 A recurrence that reads its initial state from an attribute its parent sets, and leaves its final state
 there (as Hugging Face's RecurrentGemma does), is run again by its generic rule after the whole forward:
 on the state the call found, not the one it left (:mod:`torchfim.engine.modules.attribute_state`). The
-oracle is the dense float64 ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`.
+oracle is the dense float64 ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` of :mod:`oracles`; RecurrentGemma itself is in
+tests/test_clients_transformers_zoo.py.
 """
 
 from __future__ import annotations
 
 import warnings
 
-import clients
 import pytest
 import torch
 from engine_checks import assert_equals_dense, module_rules
@@ -96,36 +96,3 @@ def test_a_module_that_fails_when_run_again_alone_is_named_with_the_ways_out() -
                                                                        r"RuntimeError.*backend='functional'"):
         warnings.simplefilter("ignore")  # the warning that it goes one sample at a time
         torchfim.fisher(_Parent().double(), torch.randn(5, 4, dtype=torch.float64), structure="diag")
-
-
-def test_recurrent_gemma_runs_its_recurrent_unit_again_on_the_state_its_call_found() -> None:
-    """RecurrentGemma's recurrent unit has raw parameters (generic rule), a custom autograd function that
-    torch.func does not batch (one sample at a time) and its initial state in an attribute that its block
-    sets before the call and the unit overwrites: the Fisher is the per-sample Jacobian oracle's (the unit
-    accumulates in float32, hence the tolerance)."""
-    transformers = clients.need("transformers")
-    torch.manual_seed(0)
-    config = transformers.RecurrentGemmaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                               num_key_value_heads=1, intermediate_size=32, lru_width=16,
-                                               attention_window_size=4, conv1d_width=2,
-                                               block_types=["recurrent", "attention"])
-    model = transformers.RecurrentGemmaForCausalLM(config).double().eval()
-    x = {"input_ids": torch.randint(3, 50, (2, 4))}
-    logits = lambda out: out.logits  # noqa: E731
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = torchfim.fisher(model, x, structure="diag", output=logits)
-    params = [p for p in model.parameters() if p.requires_grad]
-    expected = [torch.zeros_like(p) for p in params]
-    for i in range(2):  # Σ_t Σ_c (∂(√p_c (e_c − p)ᵀ o_t)/∂θ)²: Λ = diag(p) − ppᵀ factored by class
-        o = model(input_ids=x["input_ids"][i : i + 1]).logits[0]
-        p = o.softmax(-1).detach()
-        for t in range(o.shape[0]):
-            for c in range(o.shape[1]):
-                v = (torch.eye(o.shape[1], dtype=o.dtype)[c] - p[t]) * p[t, c].sqrt()
-                grads = torch.autograd.grad(o[t] @ v, params, retain_graph=True, allow_unused=True)
-                for e, g in zip(expected, grads):
-                    if g is not None:
-                        e += g.square() / 2
-    expected = torch.cat([e.flatten() for e in expected])
-    assert (got - expected).abs().max() < 1e-6 * expected.abs().max()

@@ -1,9 +1,9 @@
 """Hugging Face architectures built from tiny configs: the exact diagonal equals a per-sample autograd oracle.
 
 A guard on reach: each architecture below once failed, or gave its layers to a generic rule above, and each
-is computed here by the default backend and compared with ``(1/n) Σᵢ Σₜ Σ_c (∂(√p_c (e_c − p)ᵀ oᵢₜ)/∂θ)²``
-(``Λ = diag(p) − ppᵀ`` factored by class), one backward per input, position and class with plain autograd:
-no torch.func, so models that it cannot batch are checked too. Models that compute in float32 inside (their
+is computed here by the default backend and compared with :func:`clients.categorical_diag_by_autograd` (one
+backward per input, position and class with plain autograd: no torch.func, so models that it cannot batch are
+checked too). Models that compute in float32 inside (their
 norms, whatever the model's dtype) get a float32-sized tolerance; RWKV, whose time decays are exponentials,
 one of 1e-7 (its Fisher from one input at a time and from the batch differ by 3e-9 of the largest entry).
 """
@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 import torchfim
-from torchfim.engine.view import forward_defaults
 
 T = clients.need("transformers")
 _TEXT = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=40)
@@ -109,24 +108,6 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict], float]] = {
 }
 
 
-def _oracle(model: nn.Module, x: dict) -> torch.Tensor:
-    """The exact Fisher's diagonal by plain autograd, one input, position and class at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
-    n = next(iter(x.values())).shape[0]
-    for i in range(n):
-        logits = model(**{k: v[i : i + 1] for k, v in x.items()}, **forward_defaults(model)).logits  # no cache
-        logits = logits.reshape(-1, logits.shape[-1])
-        probs = logits.softmax(-1).detach()
-        for t in range(logits.shape[0]):
-            for c in range(logits.shape[1]):
-                v = (torch.eye(logits.shape[1], dtype=logits.dtype)[c] - probs[t]) * probs[t, c].sqrt()
-                grads = torch.autograd.grad(logits[t] @ v, params, retain_graph=True, allow_unused=True)
-                total += torch.cat([torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.flatten().double()
-                                    for p, g in zip(params, grads)]).square()
-    return total / n
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_the_exact_diagonal_of_each_architecture_equals_the_autograd_oracle(name: str) -> None:
     build, inputs, tolerance = ZOO[name]
@@ -140,5 +121,5 @@ def test_the_exact_diagonal_of_each_architecture_equals_the_autograd_oracle(name
                 torchfim.fisher(model, x, structure="diag", output=lambda out: out.logits)
             model(**x)
         got = torchfim.fisher(model, x, structure="diag", output=lambda out: out.logits)
-    want = _oracle(model, x)
+    want = clients.categorical_diag_by_autograd(model, x)
     assert (got - want).abs().max() <= tolerance * want.abs().max()

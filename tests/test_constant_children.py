@@ -304,13 +304,7 @@ def test_hubert_does_not_differentiate_the_whole_model_for_its_training_mask(lin
     """Hugging Face's speech models hold the spectrogram mask ``masked_spec_embed`` as a raw parameter of the
     whole model, used in training only: in eval its generic rule (the whole model's) runs no layer again,
     and the Fisher is the whole-model backend's (zero for the mask)."""
-    transformers = clients.need("transformers")
-    torch.manual_seed(0)
-    config = transformers.HubertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=1,
-                                       conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_labels=3,
-                                       num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
-    model = transformers.HubertForSequenceClassification(config).double().eval()
-    x = {"input_values": torch.randn(3, 400, dtype=torch.float64)}
+    model, x = clients.tiny_hubert()
     logits = lambda out: out.logits  # noqa: E731
     reference = torchfim.fisher(model, x, structure="layers", output=logits, backend="functional")
     linear_runs.clear()

@@ -102,8 +102,6 @@ def test_cohere_keeps_its_layer_norm_on_the_norm_rule() -> None:
     reference = torchfim.fisher(model, x, structure="diag", output=logits, backend="functional")
     got = torchfim.fisher(model, x, structure="diag", output=logits)
     assert torch.allclose(got, reference, rtol=1e-4, atol=1e-6 * reference.abs().max())
-    view = torchfim.engine.ModelView(model, output=logits)
-    backend = torchfim.engine.per_module.PerModuleBackend(view)
-    backend.record(next(torchfim.engine.batches(x, None, view.device, view.dtype)))
+    backend, _ = module_rules(model, x, logits)
     norms = [r for m, r in backend.rules.items() if type(m).__name__ == "CohereLayerNorm"]
     assert norms and all(isinstance(r, NormRule) and r.kind == "layer" for r in norms)

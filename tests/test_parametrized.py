@@ -101,21 +101,11 @@ def test_a_parametrization_with_parameters_of_its_own_goes_to_the_generic_rule_a
 
 
 def test_hubert_keeps_its_weight_normed_position_convolution_on_the_convolution_rule() -> None:
-    transformers = clients.need("transformers")
-    torch.manual_seed(0)
-    config = transformers.HubertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=1,
-                                       conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_labels=3,
-                                       num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
-    model = transformers.HubertForSequenceClassification(config).double().eval()
-    x = {"input_values": torch.randn(3, 400, dtype=torch.float64)}
+    model, x = clients.tiny_hubert()
     logits = lambda out: out.logits  # noqa: E731
     reference = torchfim.fisher(model, x, structure="diag", output=logits, backend="functional")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing moved
         got = torchfim.fisher(model, x, structure="diag", output=logits)
     assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
-    view = torchfim.engine.ModelView(model, output=logits)
-    backend = torchfim.engine.per_module.PerModuleBackend(view)
-    backend.record(next(torchfim.engine.batches(x, None, view.device, view.dtype)))
-    conv = view.model.hubert.encoder.pos_conv_embed.conv
-    assert isinstance(backend.rules[conv], ParametrizedRule)
+    assert isinstance(module_rules(model, x, logits)[1]["hubert.encoder.pos_conv_embed.conv"], ParametrizedRule)

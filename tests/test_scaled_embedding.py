@@ -37,7 +37,4 @@ def test_gemma2_keeps_its_scaled_word_embedding_on_the_embedding_rule() -> None:
     reference = torchfim.fisher(model, x, structure="diag", output=logits, backend="functional")
     got = torchfim.fisher(model, x, structure="diag", output=logits)
     assert torch.allclose(got, reference, rtol=1e-6, atol=1e-8 * reference.abs().max())
-    view = torchfim.engine.ModelView(model, output=logits)
-    backend = torchfim.engine.per_module.PerModuleBackend(view)
-    backend.record(next(torchfim.engine.batches(x, None, view.device, view.dtype)))
-    assert isinstance(backend.rules[view.model.model.embed_tokens], EmbeddingRule)
+    assert isinstance(module_rules(model, x, logits)[1]["model.embed_tokens"], EmbeddingRule)

@@ -90,19 +90,9 @@ def test_t5_gives_its_relative_position_tables_to_the_first_attention_layers() -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = torchfim.fisher(model, x, structure="diag", output=logits)
-        view = torchfim.engine.ModelView(model, output=logits)
-        backend = torchfim.engine.per_module.PerModuleBackend(view)
-        backend.record(next(torchfim.engine.batches({**x, "use_cache": False}, None, view.device, view.dtype)))
-    paths = {m: p for p, m in view.model.named_modules()}
+        backend, _ = module_rules(model, x, logits)
+    paths = {m: p for p, m in backend.view.model.named_modules()}
     assert sorted(paths[m] for m, _ in backend.moved.values()) == [
         "transformer.decoder.block.0.layer.0.SelfAttention", "transformer.encoder.block.0.layer.0.SelfAttention"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    want = torch.zeros(sum(p.numel() for p in params))
-    for i in range(3):  # Σ_c (∂(√p_c (e_c − p)ᵀ o)/∂θ)² per input: Λ = diag(p) − ppᵀ factored by class
-        o = model(input_ids=ids[i : i + 1], use_cache=False).logits[0]
-        p = o.softmax(-1).detach()
-        for c in range(3):
-            v = (torch.eye(3)[c] - p) * p[c].sqrt()
-            grads = torch.autograd.grad(o @ v, params, retain_graph=True, allow_unused=True)
-            want += torch.cat([torch.zeros(q.numel()) if g is None else g.flatten() for q, g in zip(params, grads)]).square() / 3
+    want = clients.categorical_diag_by_autograd(model, x)
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
