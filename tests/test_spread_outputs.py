@@ -30,23 +30,26 @@ class _BiasAttention(nn.Module):
     """One-head attention with scores ``q kᵀ/√d + bias``; with ``table``, the bias is looked up from relative
     positions ``(1, 1, T, T)``, else taken from the layer before, and returned either way."""
 
-    def __init__(self, table: bool) -> None:
+    def __init__(self, table: bool, summed: bool = False) -> None:
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
         self.table = nn.Embedding(2 * T - 1, 1) if table else None
+        self.summed = summed  # read the bias over the size of its first dim: spread, it would be B times smaller
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if bias is None:
             relative = torch.arange(T)[None, :] - torch.arange(T)[:, None] + T - 1
             bias = self.table(relative).permute(2, 0, 1).unsqueeze(0)
+        elif self.summed:
+            bias = bias / bias.shape[0]
         scores = self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(D) + bias[:, 0]
         return self.o(torch.softmax(scores, -1) @ self.v(x)), bias
 
 
 class _Stack(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, summed: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([_BiasAttention(True), _BiasAttention(False)])
+        self.layers = nn.ModuleList([_BiasAttention(True), _BiasAttention(False, summed)])
         self.head = nn.Linear(D, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +76,20 @@ def test_a_shared_position_table_goes_to_the_layer_that_returns_its_bias_and_equ
     paths = {m: p for p, m in backend.view.model.named_modules()}
     assert {n: paths[m] for n, (m, _) in backend.moved.items()} == {"layers.0.table.weight": "layers.0"}
     assert {paths[m] for m in backend.shared} == {"layers.0"}
+
+
+def test_a_bias_that_the_model_reads_otherwise_once_spread_is_not_spread_and_its_table_goes_above() -> None:
+    """The second layer divides the bias by the size of its first dim: spread, the model's output would change
+    (with no sample reading another's rows, so the per-sample check alone would pass), so the layer is not
+    recorded spread and the table goes to the whole model's generic rule, exact as before."""
+    torch.manual_seed(0)
+    model, x = _Stack(summed=True).double(), torch.randn(5, T, D, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torchfim.fisher(model, x, structure="layers")
+    assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, "layers")
+    backend, _ = module_rules(model, x)
+    assert [m for m, _ in backend.moved.values()] == [backend.view.model] and not backend.shared
 
 
 def test_t5_gives_its_relative_position_tables_to_the_first_attention_layers() -> None:

@@ -124,12 +124,15 @@ class CoverageCheck:
         """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids
         ``(1, T)``), where the model's output stays as it was; True when some were taken on."""
         new = {call.module for _, call in unbatched if shares_inputs(call)} - self.shared - self._unshared
-        if not new:
-            return False
+        return bool(new) and self._spreads_alike(batch, rec, new)
+
+    def _spreads_alike(self, batch: Batch, rec: ModuleRecording, new: set[nn.Module]) -> bool:
+        """Record the modules ``new`` spread from now on, where the model's output stays as ``rec`` had it;
+        else never (:attr:`_unshared`). Whether it stayed."""
         self.shared |= new
         try:
             same = same_output(self._record(batch, clone=True).values, rec.values)
-        except Exception:  # noqa: BLE001 - the model's forward refused the spread inputs: keep them shared
+        except Exception:  # noqa: BLE001 - the model's forward refused the spread tensors: keep them shared
             same = False
         if not same:
             self.shared -= new
@@ -234,8 +237,10 @@ class CoverageCheck:
         """Give parameters ``names`` to the generic rule of the nearest called module with batched outputs, or
         with outputs batched but for some shared by every sample, which it then records spread."""
         carrying, spreading = modules_carrying_batch(self.view.model, rec.batch)
-        called = {call.module for _, call in rec.calls if carries_batch(call)} | carrying
-        called |= spreading - self._unshared
+        spreading -= self._unshared
+        called = {call.module for _, call in rec.calls if carries_batch(call)} | carrying | spreading
         self.moved.update({n: nearest_called(self.view.model, n, self.moved.get(n), called) for n in names})
-        self.shared |= {module for module, _ in self.moved.values()} & (spreading - carrying)
         self.rules = self._build_rules(self.moved)
+        spread = {module for module, _ in self.moved.values()} & spreading - self.shared
+        if spread and not self._spreads_alike(rec.batch, rec, spread):
+            self._move(names, rec)  # on above them: the model reads those outputs otherwise once spread
