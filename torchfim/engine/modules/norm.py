@@ -63,7 +63,7 @@ def own_norm_kind(module: nn.Module, call: Call) -> str | None:
     x, out, weight = call.args[0] if call.args else None, call.taps[0].detach() if call.taps else None, module.weight
     if not isinstance(x, Tensor) or out is None or out.shape != x.shape or x.shape[-1] != weight.numel():
         return None
-    bias = module.bias if isinstance(getattr(module, "bias", None), Tensor) else 0
+    bias = module.bias.detach() if isinstance(getattr(module, "bias", None), Tensor) else 0
     tolerance = max(32 * torch.finfo(out.dtype).eps, 1e-5)
     for kind in OWN_KINDS:
         x_hat = normalised(module, x.to(out.dtype), kind)
