@@ -113,3 +113,59 @@ def test_t5_gives_its_relative_position_tables_to_the_first_attention_layers() -
         "transformer.decoder.block.0.layer.0.SelfAttention", "transformer.encoder.block.0.layer.0.SelfAttention"]
     want = clients.categorical_diag_by_autograd(model, x)
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+H = 2
+
+
+class _FoldedBias(nn.Module):
+    """Scores ``x (w ⊙ x)ᵀ``; with ``table``, a bias table repeated over the batch and folded, ``(B·H, T, T)``,
+    is returned beside them, as WavLM's first attention returns its position bias; else the bias given, gated
+    by each sample's input, is added to the scores. The next layer so reads the batch folded in rows. (The first
+    layer does not use its bias itself: outputs computed one from another go to a rule above.)"""
+
+    def __init__(self, table: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, D))
+        self.table = nn.Parameter(0.3 * torch.randn(H, T, T)) if table else None
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = (x @ (self.w * x).transpose(1, 2)).unsqueeze(1)
+        if bias is None:
+            bias = self.table.unsqueeze(0).repeat(x.shape[0], 1, 1, 1).view(-1, T, T)
+        else:
+            scores = scores + bias.view(x.shape[0], H, T, T) * torch.sigmoid(x.mean(-1))[:, None, :, None]
+        return torch.softmax(scores, -1).mean(1) @ x, bias
+
+
+class _FoldedStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_FoldedBias(True), _FoldedBias(False)])
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None
+        for layer in self.layers:
+            out, bias = layer(x, bias=bias)
+            x = x + out
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_a_bias_folded_over_the_batch_keeps_each_layer_on_its_own_rule_and_equals_the_dense_oracle(structure: str) -> None:
+    """Each layer's generic rule reads its folded bias output, and the next one its folded bias input, by sample
+    (before, the first layer's outputs did not carry the batch, and both layers' parameters went to the whole
+    model's rule)."""
+    torch.manual_seed(0)
+    model, x = _FoldedStack().double(), torch.randn(5, T, D, dtype=torch.float64)
+    full = exact_fisher(model, x, "categorical")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing moved, nothing looped
+        got = torchfim.fisher(model, x, structure=structure)
+    if structure == "full":
+        assert torch.allclose(got, full, rtol=1e-10, atol=1e-14)
+    else:
+        assert_equals_dense(got, full, model, structure)
+    backend, rules = module_rules(model, x)
+    assert not backend.moved and isinstance(rules["layers.0"], torchfim.engine.modules.GenericRule)

@@ -238,7 +238,7 @@ class CoverageCheck:
         with outputs batched but for some shared by every sample, which it then records spread."""
         carrying, spreading = modules_carrying_batch(self.view.model, rec.batch)
         spreading -= self._unshared
-        called = {call.module for _, call in rec.calls if carries_batch(call)} | carrying | spreading
+        called = {call.module for _, call in rec.calls if carries_batch(call, folded=True)} | carrying | spreading
         self.moved.update({n: nearest_called(self.view.model, n, self.moved.get(n), called) for n in names})
         self.rules = self._build_rules(self.moved)
         spread = {module for module, _ in self.moved.values()} & spreading - self.shared

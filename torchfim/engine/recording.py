@@ -20,6 +20,7 @@ from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
 from .modules.base import LAYOUTS, forwards_replaced
+from .modules.generic import FOLDED_INPUTS, folded_rows, output_batch_dims
 from .shared_inputs import rows_layout, spread, spread_output
 from .view import ModelView
 
@@ -101,8 +102,11 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
     with a hook leaves torch's fast call path, which cost 20-25 µs per call on the benchmark MLP
     (for its three layers, a fifth of the forward of a 32-input window). The call is the forward's own: its arguments after
     any forward pre-hook, and its output before any forward hook of the user's (which may replace
-    it by a function of it, so the taps stay the module's outputs).
+    it by a function of it, so the taps stay the module's outputs). A generic call given another generic
+    call's output that holds the batch folded (an attention bias ``(B·H, T, T)`` passed on to the next
+    layer) notes it (:data:`.modules.generic.FOLDED_INPUTS`): its rule reads it by sample.
     """
+    folded: dict[int, int] = {}  # id of a generic call's folded output (kept alive by its call's taps) → k
 
     def recorder(module: nn.Module, rule: Rule, forward: Callable[..., object]) -> Callable[..., object]:
         signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
@@ -125,6 +129,8 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
             call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second)
             if call.regrouped:
                 call.args = (call.batch_first(detached[0]), *detached[1:])
+            if isinstance(rule, GenericRule) and not call.regrouped:
+                _note_folded(call, args, kwargs, taps, folded)
             taps.extend(rule.take_recorded(call))
             call.versions = [t._version for t in taps]
             calls.append((rule, call))
@@ -139,6 +145,19 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
 
     with forwards_replaced(rules, forward_of):
         yield
+
+
+def _note_folded(call: Call, args: tuple, kwargs: dict, taps: list[Tensor], folded: dict[int, int]) -> None:
+    """Note in ``call``'s cache its inputs that are earlier generic calls' folded outputs (``folded``), and add
+    its own folded outputs there."""
+    given = {**dict(enumerate(args)), **kwargs}
+    found = {key: folded[id(v)] for key, v in given.items() if isinstance(v, Tensor) and id(v) in folded}
+    if found:
+        call.cache[FOLDED_INPUTS] = found
+    for t, dim in zip(taps, output_batch_dims(call.module, taps, call.size)):
+        k = folded_rows(t, call.size) if dim is None else None
+        if k is not None:
+            folded[id(t)] = k
 
 
 def _positional(forward: Callable[..., object], signature: list[inspect.Signature], args: tuple,

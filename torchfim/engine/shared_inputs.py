@@ -23,21 +23,37 @@ from torch import Tensor, nn
 from .batch import Batch
 from .modules import Call, Rule, tensors_of
 from .modules.base import LAYOUTS
-from .modules.generic import output_batch_dims
+from .modules.generic import FOLDED_INPUTS, GenericRule, batch_dim, folded_rows, output_batch_dims
 
 
-def carries_batch(call: Call) -> bool:
+def carries_batch(call: Call, folded: bool = False) -> bool:
     """Whether every output of the call carries the batch (first, or second for a sequence-first module), or
-    it was recorded with its rows regrouped for its rule (:attr:`.modules.Call.regrouped`)."""
+    it was recorded with its rows regrouped for its rule (:attr:`.modules.Call.regrouped`); with ``folded`` (a
+    generic rule's call), outputs that lead with the batch folded, ``B·k`` rows sample by sample, count too."""
     if call.regrouped:
         return True
     outputs = call.taps[: len(call.taps) - len(call.cache.get("parts", ()))]  # a rule's own taps come after
-    return all(d is not None for d in output_batch_dims(call.module, outputs, call.size))
+    folded = folded and reads_by_sample(call.module, {**dict(enumerate(call.args)), **call.kwargs}, call.size,
+                                        set(call.cache.get(FOLDED_INPUTS, ())))
+    return all(d is not None or (folded and folded_rows(t, call.size) is not None)
+               for t, d in zip(outputs, output_batch_dims(call.module, outputs, call.size)))
+
+
+def reads_by_sample(module: nn.Module, inputs: dict, size: int, known: set) -> bool:
+    """Whether a generic rule can cut a call with these ``inputs`` (position or keyword → value) by sample
+    when its outputs lead with the batch folded: some input holds the batch at its batch dim, and every
+    input that leads with ``size·k`` rows is one the recording knows as another call's folded output (its
+    key in ``known``; a flattened ``(B·T, d)`` it does not know how to cut)."""
+    tensors = {key: t for key, t in inputs.items() if isinstance(t, Tensor)}
+    dims = {key: batch_dim(module, t, size) for key, t in tensors.items()}
+    return any(d is not None for d in dims.values()) and all(
+        dims[key] is not None or folded_rows(t, size) is None or key in known for key, t in tensors.items())
 
 
 def unbatched_calls(calls: list[tuple[Rule, Call]], size: int) -> list[tuple[Rule, Call]]:
     """The calls of a forward of ``size`` samples whose outputs do not carry the batch (none if ``size < 2``)."""
-    return [(rule, call) for rule, call in calls if not carries_batch(call)] if size > 1 else []
+    return [(rule, call) for rule, call in calls if not carries_batch(call, isinstance(rule, GenericRule))] \
+        if size > 1 else []
 
 
 def modules_carrying_batch(model: nn.Module, batch: Batch) -> tuple[set[nn.Module], set[nn.Module]]:
@@ -49,17 +65,25 @@ def modules_carrying_batch(model: nn.Module, batch: Batch) -> tuple[set[nn.Modul
     its batched output): such a module may take them too, with those outputs spread (:func:`spread_output`)."""
     carrying: dict[nn.Module, bool] = {}
     spreading: dict[nn.Module, bool] = {}
+    folded: set[int] = set()  # ids of the folded outputs of modules found carrying (their next readers know them)
 
-    def seen(module: nn.Module, args: object, output: object) -> None:
+    def seen(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         outs = [t for t in tensors_of(output) if t.requires_grad]
         dims = output_batch_dims(module, outs, batch.size)
-        ok = bool(outs) and (all(d is not None for d in dims) or rows_layout(args, outs, batch.size, LAYOUTS) != (1, False))
+        inputs = {**dict(enumerate(args)), **kwargs}
+        known = {key for key, t in inputs.items() if isinstance(t, Tensor) and id(t) in folded}
+        by_sample = reads_by_sample(module, inputs, batch.size, known)
+        ok = bool(outs) and (all(d is not None or (by_sample and folded_rows(t, batch.size) is not None)
+                                 for t, d in zip(outs, dims))
+                             or rows_layout(args, outs, batch.size, LAYOUTS) != (1, False))
         carrying[module] = carrying.get(module, True) and ok
+        if ok:
+            folded.update(id(t) for t, d in zip(outs, dims) if d is None and folded_rows(t, batch.size) is not None)
         spreads = batch.size > 1 and any(d is not None for d in dims) and all(
             d is not None or (t.dim() > 0 and t.shape[0] == 1) for t, d in zip(outs, dims))
         spreading[module] = spreading.get(module, True) and spreads
 
-    handles = [m.register_forward_hook(seen) for m in model.modules()]
+    handles = [m.register_forward_hook(seen, with_kwargs=True) for m in model.modules()]
     try:
         with torch.enable_grad():
             batch.call(model)

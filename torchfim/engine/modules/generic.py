@@ -57,6 +57,20 @@ def batch_dim(module: nn.Module, t: object, size: int) -> int | None:
     return 0 if t.shape[0] == size else None
 
 
+def folded_rows(t: object, size: int) -> int | None:
+    """``k`` where ``t`` leads with ``size·k`` rows, ``k > 1``: the batch folded with ``k`` rows per sample, sample
+    by sample (an attention bias ``(B·H, T, T)``); else None."""
+    if not isinstance(t, Tensor) or t.dim() == 0 or size < 2:
+        return None
+    rows = t.shape[0]
+    return rows // size if rows > size and rows % size == 0 else None
+
+
+#: The key of :attr:`.base.Call.cache` under which the recording notes a generic call's inputs that are another
+#: generic call's folded outputs (:func:`folded_rows`): argument position or keyword → ``k``.
+FOLDED_INPUTS = "folded_inputs"
+
+
 def nested_batch_dims(module: nn.Module, value: object, size: int) -> object:
     """:func:`batch_dim` of a tensor argument; of a tuple or list holding tensors (an LSTM cell's ``(h, c)``),
     the same structure of dims, as ``vmap``'s ``in_dims`` takes for a nested argument (None for one without,
@@ -187,14 +201,18 @@ class GenericRule(Rule):
     def _batched(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int],
                  entries: list | None) -> Grads:
         module, size = self.module, call.size
-        arg_dims = tuple(nested_batch_dims(module, a, size) for a in call.args)
-        kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
+        every_arg, every_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
         every = output_batch_dims(module, call.taps, size)
-        out_dims = [0 if call.regrouped else every[i] for i in used]
+        folds = _output_folds(call, every)
+        out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
         lifts, squeezes = _per_sample_dims(call, arg_dims, out_dims)
-        args = tuple(_cut(a, d, rows) for a, d in zip(call.args, arg_dims))
-        kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in call.kwargs.items()}
-        cotangents = tuple(_cut(sens[i], None if d is None else d + 1, rows).movedim(d + 1, 1) for i, d in zip(used, out_dims))
+        lifts = tuple(None if i in as_came else d for i, d in enumerate(lifts))
+        kw_lifts = {k: None if k in as_came else d for k, d in kw_dims.items()}
+        squeezes = [None if folds[i] else d for i, d in zip(used, squeezes)]
+        args = tuple(_cut(a, d, rows) for a, d in zip(every_arg, arg_dims))
+        kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in every_kw.items()}
+        cotangents = tuple(_cut(_by_sample(sens[i], folds[i], size), None if d is None else d + 1, rows).movedim(d + 1, 1)
+                           for i, d in zip(used, out_dims))
         kept = [(child, t, 0 if call.regrouped else batch_dim(child, t, size)) for child, out, _ in entries or ()
                 if out is not None for t in parts_of(out)]
         constants = tuple(_cut(t, d, rows) for _, t, d in kept)
@@ -205,7 +223,7 @@ class GenericRule(Rule):
         def per_sample(a1: tuple, k1: dict, s1: tuple, c1: tuple, t1: dict) -> dict[str, Tensor]:
             a1 = tuple(_unsqueezed(x, d) for x, d in zip(a1, lifts))
             attributes = state | {k: _unsqueezed(x, state_dims[k]) for k, x in t1.items()}
-            k1 = {k: _unsqueezed(x, kw_dims[k]) for k, x in k1.items()}
+            k1 = {k: _unsqueezed(x, kw_lifts[k]) for k, x in k1.items()}
             one = iter(_unsqueezed(c, lifts[0] if call.regrouped else d) for c, (_, _, d) in zip(c1, kept))
             replay = [(child, None if out is None else with_parts(out, [next(one) for _ in parts_of(out)]))
                       for child, out, _ in entries or ()]
@@ -230,26 +248,27 @@ class GenericRule(Rule):
 
     def _looped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         module, size = self.module, call.size
-        arg_dims = [nested_batch_dims(module, a, size) for a in call.args]
-        kw_dims = {k: nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
+        every_arg, every_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
         every = output_batch_dims(module, call.taps, size)
-        out_dims = [0 if call.regrouped else every[i] for i in used]
+        folds = _output_folds(call, every)
+        out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
         leaves = {n: p.requires_grad_(True) for n, p in self._primals(call).items()}
         names = list(leaves)
         state, state_dims = _state_and_dims(call)
         per_sample = []
         for i in range(*rows.indices(size)):
             one = slice(i, i + 1)
-            a1 = tuple(_cut(a, d, one) for a, d in zip(call.args, arg_dims))
+            a1 = tuple(_cut(a, d, one).flatten(0, 1) if i in as_came else _cut(a, d, one)
+                       for i, (a, d) in enumerate(zip(every_arg, arg_dims)))
             a1 = (_as_came(call, a1[0]), *a1[1:]) if call.regrouped else a1
-            k1 = {k: _cut(v, kw_dims[k], one) for k, v in call.kwargs.items()}
+            k1 = {k: _cut(v, kw_dims[k], one).flatten(0, 1) if k in as_came else _cut(v, kw_dims[k], one)
+                  for k, v in every_kw.items()}
             with torch.enable_grad(), attributes_set(module, {k: _cut(v, state_dims[k], one) for k, v in state.items()}):
                 outs = tensors_of(functional_call(module, leaves, a1, k1))
                 outs = [outs[j] for j in used]
                 vectors = []
                 for j in range(sens[used[0]].shape[0]):
-                    cots = [_as_came(call, _cut(sens[u][j], d, one)) if call.regrouped else _cut(sens[u][j], d, one)
-                            for u, d in zip(used, out_dims)]
+                    cots = [_one_cotangent(call, sens[u][j], d, folds[u], one) for u, d in zip(used, out_dims)]
                     # an output that does not depend on the parameters (an input returned as it came) adds nothing
                     live = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
                     grads = torch.autograd.grad([o for o, _ in live], [leaves[n] for n in names], [c for _, c in live],
@@ -260,6 +279,36 @@ class GenericRule(Rule):
             self.params[n]: torch.stack([s[k] for s in per_sample]).reshape(len(per_sample), -1, leaves[n].numel())
             for k, n in enumerate(names)
         }
+
+
+def _inputs(call: Call, module: nn.Module) -> tuple[tuple, dict, tuple, dict, set]:
+    """The call's arguments and keywords, with those that are another generic call's folded outputs
+    (:data:`FOLDED_INPUTS`) as ``(size, k, ...)``; their batch dims; and which of them (positions, keywords) a
+    sample's forward takes as they came for one sample, ``(k, ...)``, without a batch dim put back."""
+    size, folded = call.size, call.cache.get(FOLDED_INPUTS, {})
+    args = tuple(a.unflatten(0, (size, folded[i])) if i in folded else a for i, a in enumerate(call.args))
+    kwargs = {k: v.unflatten(0, (size, folded[k])) if k in folded else v for k, v in call.kwargs.items()}
+    arg_dims = tuple(0 if i in folded else nested_batch_dims(module, a, size) for i, a in enumerate(call.args))
+    kw_dims = {k: 0 if k in folded else nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
+    return args, kwargs, arg_dims, kw_dims, set(folded)
+
+
+def _output_folds(call: Call, every: list[int | None]) -> list[int | None]:
+    """Per output, ``k`` where it has no batch dim but leads with the batch folded (:func:`folded_rows`)."""
+    return [None if d is not None or call.regrouped else folded_rows(t, call.size) for t, d in zip(call.taps, every)]
+
+
+def _by_sample(s: Tensor, fold: int | None, size: int) -> Tensor:
+    """Sensitivities ``(m, size·k, ...)`` of a folded output as ``(m, size, k, ...)`` (as they are otherwise)."""
+    return s if fold is None else s.unflatten(1, (size, fold))
+
+
+def _one_cotangent(call: Call, s: Tensor, dim: int | None, fold: int | None, one: slice) -> Tensor:
+    """One vector's sensitivity ``s`` of an output, cut to the sample ``one`` as its module gives that output
+    for a batch of that sample alone."""
+    if fold is not None:
+        return s.unflatten(0, (call.size, fold))[one].flatten(0, 1)
+    return _as_came(call, _cut(s, dim, one)) if call.regrouped else _cut(s, dim, one)
 
 
 def _state_and_dims(call: Call) -> tuple[dict[str, object], dict[str, int | None]]:
