@@ -26,12 +26,23 @@ def module_rules(model: nn.Module, x: torch.Tensor | dict, output=None) -> tuple
 
 
 def assert_equals_dense(got: torch.Tensor | dict, full: torch.Tensor, model: nn.Module, structure: str) -> None:
-    """``got`` (a diagonal, or blocks by parameter name) equals the dense ``full`` to 1e-10."""
+    """``got`` (the full matrix, a diagonal, or blocks by parameter name) equals the dense ``full`` to 1e-10."""
+    if structure == "full":
+        assert torch.allclose(got, full, rtol=1e-10, atol=1e-14)
+        return
     if structure == "diag":
         assert torch.allclose(got, torch.diagonal(full), rtol=1e-10, atol=1e-14)
         return
     for name, block in blocks(full, model).items():
         assert torch.allclose(got[name], block, rtol=1e-10, atol=1e-14), name
+
+
+def assert_same_fisher(got: torch.Tensor | dict, want: torch.Tensor | dict) -> None:
+    """Two results of one structure (a tensor, or blocks by parameter name) agree to 1e-10."""
+    if isinstance(want, dict):
+        assert all(torch.allclose(got[n], want[n], rtol=1e-10, atol=1e-14) for n in want)
+    else:
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
 def torchfim_messages(caught: list) -> list[str]:

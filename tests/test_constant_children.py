@@ -87,10 +87,7 @@ def _assert_equals_oracle(model: nn.Module, x: torch.Tensor, structure: str, run
     runs.clear()
     got = torchfim.fisher(model, x, structure=structure)
     made = len(runs)
-    if structure == "full":
-        assert torch.allclose(got, full, rtol=1e-10, atol=1e-14)
-    else:
-        assert_equals_dense(got, full, model, structure)
+    assert_equals_dense(got, full, model, structure)
     return made
 
 

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 from cases import TokenModel
+from engine_checks import assert_same_fisher
 from torch import Tensor, nn
 
 import torchfim
@@ -64,10 +65,7 @@ def _assert_matches_functional(model: nn.Module, x: Tensor) -> None:
     for structure in ("diag", "blocks"):
         got = torchfim.fisher(model, x, structure=structure)
         want = torchfim.fisher(model, x, structure=structure, backend="functional")
-        if structure == "diag":
-            assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
-        else:
-            assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-14) for k in want)
+        assert_same_fisher(got, want)
 
 
 def test_a_lookup_shared_by_the_batch_keeps_its_rule() -> None:
