@@ -20,7 +20,7 @@ from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
 from .modules.base import LAYOUTS, forwards_replaced
-from .modules.generic import FOLDED_INPUTS, folded_rows, output_batch_dims
+from .modules.generic import FOLDED_INPUTS, output_batch_dims, output_folds
 from .shared_inputs import rows_layout, spread, spread_output
 from .view import ModelView
 
@@ -154,8 +154,7 @@ def _note_folded(call: Call, args: tuple, kwargs: dict, taps: list[Tensor], fold
     found = {key: folded[id(v)] for key, v in given.items() if isinstance(v, Tensor) and id(v) in folded}
     if found:
         call.cache[FOLDED_INPUTS] = found
-    for t, dim in zip(taps, output_batch_dims(call.module, taps, call.size)):
-        k = folded_rows(t, call.size) if dim is None else None
+    for t, k in zip(taps, output_folds(call, output_batch_dims(call.module, taps, call.size))):
         if k is not None:
             folded[id(t)] = k
 

@@ -201,16 +201,16 @@ class GenericRule(Rule):
     def _batched(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int],
                  entries: list | None) -> Grads:
         module, size = self.module, call.size
-        every_arg, every_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
+        given_args, given_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
         every = output_batch_dims(module, call.taps, size)
-        folds = _output_folds(call, every)
+        folds = output_folds(call, every)
         out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
         lifts, squeezes = _per_sample_dims(call, arg_dims, out_dims)
         lifts = tuple(None if i in as_came else d for i, d in enumerate(lifts))
         kw_lifts = {k: None if k in as_came else d for k, d in kw_dims.items()}
         squeezes = [None if folds[i] else d for i, d in zip(used, squeezes)]
-        args = tuple(_cut(a, d, rows) for a, d in zip(every_arg, arg_dims))
-        kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in every_kw.items()}
+        args = tuple(_cut(a, d, rows) for a, d in zip(given_args, arg_dims))
+        kwargs = {k: _cut(v, kw_dims[k], rows) for k, v in given_kw.items()}
         cotangents = tuple(_cut(_by_sample(sens[i], folds[i], size), None if d is None else d + 1, rows).movedim(d + 1, 1)
                            for i, d in zip(used, out_dims))
         kept = [(child, t, 0 if call.regrouped else batch_dim(child, t, size)) for child, out, _ in entries or ()
@@ -248,9 +248,9 @@ class GenericRule(Rule):
 
     def _looped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         module, size = self.module, call.size
-        every_arg, every_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
+        given_args, given_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
         every = output_batch_dims(module, call.taps, size)
-        folds = _output_folds(call, every)
+        folds = output_folds(call, every)
         out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
         leaves = {n: p.requires_grad_(True) for n, p in self._primals(call).items()}
         names = list(leaves)
@@ -259,10 +259,10 @@ class GenericRule(Rule):
         for i in range(*rows.indices(size)):
             one = slice(i, i + 1)
             a1 = tuple(_cut(a, d, one).flatten(0, 1) if i in as_came else _cut(a, d, one)
-                       for i, (a, d) in enumerate(zip(every_arg, arg_dims)))
+                       for i, (a, d) in enumerate(zip(given_args, arg_dims)))
             a1 = (_as_came(call, a1[0]), *a1[1:]) if call.regrouped else a1
             k1 = {k: _cut(v, kw_dims[k], one).flatten(0, 1) if k in as_came else _cut(v, kw_dims[k], one)
-                  for k, v in every_kw.items()}
+                  for k, v in given_kw.items()}
             with torch.enable_grad(), attributes_set(module, {k: _cut(v, state_dims[k], one) for k, v in state.items()}):
                 outs = tensors_of(functional_call(module, leaves, a1, k1))
                 outs = [outs[j] for j in used]
@@ -293,7 +293,7 @@ def _inputs(call: Call, module: nn.Module) -> tuple[tuple, dict, tuple, dict, se
     return args, kwargs, arg_dims, kw_dims, set(folded)
 
 
-def _output_folds(call: Call, every: list[int | None]) -> list[int | None]:
+def output_folds(call: Call, every: list[int | None]) -> list[int | None]:
     """Per output, ``k`` where it has no batch dim but leads with the batch folded (:func:`folded_rows`)."""
     return [None if d is not None or call.regrouped else folded_rows(t, call.size) for t, d in zip(call.taps, every)]
 
