@@ -6,31 +6,36 @@ import warnings
 
 import pytest
 import torch
+from engine_checks import assert_quietly_equals_dense
 from torch import nn
 
 import torchfim
-from torchfim.engine.coverage import CAUSES, _dependent
+from torchfim.engine.coverage import CAUSES
 
 
 class _Block(nn.Module):
-    """Returns its hidden state and an output computed from it; the model above uses both."""
+    """Returns its hidden state and an output computed from it (as a tuple, a dict, or with ``h`` twice)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
-        self.w = nn.Parameter(torch.randn(4, 4) * 0.5)
+        self.w, self.kind = nn.Parameter(torch.randn(4, 4) * 0.5), kind
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> object:
         h = torch.tanh(x @ self.w)
-        return h, torch.tanh(h @ self.w.T)
+        out = torch.tanh(h @ self.w.T)
+        if self.kind == "dict":
+            return {"hidden": h, "out": out}
+        return (h, h) if self.kind == "twice" else (h, out)
 
 
 class _TwoOutputs(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
-        self.block, self.head = _Block(), nn.Linear(8, 3)
+        self.block, self.head = _Block(kind), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat(self.block(x), -1))
+        outs = self.block(x)
+        return self.head(torch.cat(list(outs.values()) if isinstance(outs, dict) else outs, -1))
 
 
 class _TiedOutside(nn.Module):
@@ -46,9 +51,8 @@ class _TiedOutside(nn.Module):
 
 @pytest.mark.parametrize(
     ("build", "inputs", "moved", "cause"),
-    [(_TwoOutputs, lambda: torch.randn(6, 4, dtype=torch.float64), "block.w", "dependent"),
-     (_TiedOutside, lambda: torch.randint(0, 7, (5, 3)), "embed.weight", "outside")],
-    ids=["outputs-one-from-another", "used-outside-its-module"],
+    [(_TiedOutside, lambda: torch.randint(0, 7, (5, 3)), "embed.weight", "outside")],
+    ids=["used-outside-its-module"],
 )
 def test_the_moved_parameter_is_named_with_its_likely_cause_and_stays_exact(build, inputs, moved: str,
                                                                            cause: str) -> None:
@@ -65,45 +69,52 @@ def test_the_moved_parameter_is_named_with_its_likely_cause_and_stays_exact(buil
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
 
 
-def test_outputs_are_dependent_only_when_one_is_computed_from_another() -> None:
-    x = torch.randn(3, 4, requires_grad=True)
-    h = torch.tanh(x)
-    siblings = [h * 2, h + 1]  # both from h, neither from the other
-    assert not _dependent(siblings) and not _dependent([h]) and not _dependent([x, x.detach()])
-    assert _dependent([h, torch.sin(h) * 3]) and _dependent([torch.sin(h) * 3, h])
+@pytest.mark.parametrize("kind", ["tuple", "dict", "twice"])
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_a_module_returning_outputs_computed_one_from_another_keeps_its_rule(kind: str, structure: str) -> None:
+    """Each output's sensitivity is that of its uses outside the module alone (the taps are views of the
+    outputs), so the block's generic rule does not count the paths from ``h`` through ``out`` (or through
+    ``h``'s second copy) twice: nothing moves, and the Fisher is the dense oracle's. Before, ``block.w``
+    missed and went to the whole model."""
+    torch.manual_seed(0)
+    model, x = _TwoOutputs(kind).double(), torch.randn(6, 4, dtype=torch.float64)
+    backend, rules = assert_quietly_equals_dense(model, x, structure)
+    assert type(rules["block"]).__name__ == "GenericRule" and not backend.moved
 
 
 class _OutsideInBlock(nn.Module):
-    """A Linear whose weight the block also uses directly; the block has a parameter of its own and, with
-    ``dependent``, returns its hidden state and an output computed from it."""
+    """A Linear whose weight the block also uses directly; the block has a parameter of its own."""
 
-    def __init__(self, dependent: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.lin, self.scale, self.dependent = nn.Linear(4, 4), nn.Parameter(torch.tensor(1.5)), dependent
+        self.lin, self.scale = nn.Linear(4, 4), nn.Parameter(torch.tensor(1.5))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = torch.tanh(self.lin(x) + 0.3 * x @ self.lin.weight.T)
-        return h, torch.tanh((h if self.dependent else x) * self.scale)
+        return h, torch.tanh(h * self.scale)
 
 
 class _BlockAbove(nn.Module):
-    def __init__(self, dependent: bool) -> None:
+    """With ``above``, the model uses the Linear's weight directly too, outside the block."""
+
+    def __init__(self, above: bool) -> None:
         super().__init__()
-        self.block, self.head = _OutsideInBlock(dependent), nn.Linear(8, 3)
+        self.block, self.head, self.above = _OutsideInBlock(), nn.Linear(8, 3), above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat(self.block(x), -1))
+        out = self.head(torch.cat(self.block(x), -1))
+        return out + (x @ self.block.lin.weight.T)[:, :3] if self.above else out
 
 
-@pytest.mark.parametrize(("dependent", "holder"), [(False, "block"), (True, "the whole model")],
+@pytest.mark.parametrize(("above", "holder"), [(False, "block"), (True, "the whole model")],
                          ids=["block-suffices", "block-misses-too"])
 @pytest.mark.parametrize("structure", ["diag", "full"])
-def test_a_moved_parameter_goes_on_up_while_the_module_above_misses_it_too(dependent: bool, holder: str,
+def test_a_moved_parameter_goes_on_up_while_the_module_above_misses_it_too(above: bool, holder: str,
                                                                           structure: str) -> None:
-    # The block's generic rule is handed both outputs' whole sensitivities; where one output is computed
-    # from the other, it would count the weight's paths through the later one twice.
+    # The block's generic rule covers the uses inside the block; one in the model's own forward is the
+    # whole model's.
     torch.manual_seed(0)
-    model, x = _BlockAbove(dependent).double(), torch.randn(6, 4, dtype=torch.float64)
+    model, x = _BlockAbove(above).double(), torch.randn(6, 4, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = torchfim.fisher(model, x, structure=structure)

@@ -197,3 +197,41 @@ def test_a_module_looped_one_sample_at_a_time_that_returns_its_input_equals_the_
         got = torchfim.fisher(model, x, structure="layers")
     assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, "layers")
     assert any("cannot batch module 'block'" in m for m in torchfim_messages(caught))  # it went one at a time
+
+
+class _RowGate(nn.Module):
+    """Gates each row of the flattened tokens ``(B·T, d)`` by a weight given per row ``(B·T, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) * 0.5)
+
+    def forward(self, rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(rows @ self.weight) * gates
+
+
+class _Routed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.score, self.gate, self.head = nn.Embedding(7, 4), nn.Linear(4, 1), _RowGate(), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        rows = h.reshape(-1, 4)
+        return self.head(self.gate(rows, torch.sigmoid(self.score(rows))).view_as(h).mean(1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_a_generic_module_read_folded_cuts_its_other_inputs_with_as_many_rows_by_sample(structure: str) -> None:
+    """A generic call whose first input is read folded, ``(B·T, d)`` as ``(B, T, d)``, also reads its other
+    inputs that lead with ``B·T`` rows (a router's weights for those rows) by sample: it keeps its own rule,
+    nothing moves, and the Fisher is the dense oracle's. Before, they went whole to each sample's run and the
+    module's parameters went to the whole model."""
+    torch.manual_seed(0)
+    model, ids = _Routed().double(), torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torchfim.fisher(model, ids, structure=structure)
+    assert_equals_dense(got, exact_fisher(model, ids, "categorical"), model, structure)
+    backend, rules = module_rules(model, ids)
+    assert isinstance(rules["gate"], GenericRule) and not backend.moved and backend.layout_of

@@ -9,9 +9,6 @@ first move, which the recorded calls of the parameter's module show:
 
 * the module's forward is set on the instance and computes something else than its class's forward,
   which the module's rule follows (a rule never replaces such a forward while the engine records);
-* the module returns several outputs computed one from another inside its forward, and more than one
-  is used downstream: its rule is handed each output's whole sensitivity, so the paths from the earlier
-  output through the later one are counted twice (a block returning its hidden state and its output);
 * the per-sample gradients are wrong but sum to the right gradient: the call's output only looked
   batched, its leading dim happening to equal the number of samples (positions shared by the batch);
 * otherwise, the parameter is used outside its module's forward (tied output weights through
@@ -50,17 +47,12 @@ CAUSES = {
     "instance": "their module's forward is set on the instance (module.forward = ...) and computes something "
                 "other than its class's forward, which the module's rule follows: nothing to fix, or patch the "
                 "class, or compute the change in the module above",
-    "dependent": "their module returns outputs computed one from another, more than one of them used downstream "
-                 "(its rule would count the paths through the later ones twice): return only the outputs "
-                 "used, or compute the later ones in the module above",
     "rows": "their module's output has one row per sample but its rows do not feed one sample each (a lookup "
             "of T positions shared by the batch, with T equal to the number of samples): nothing to fix",
     "outside": "they are used outside their module's forward, e.g. F.linear(h, embedding.weight) for tied output "
                "weights: use them through a module instead (an nn.Linear whose .weight is the same Parameter) so "
                "that every use has a rule",
 }
-#: Autograd nodes walked per output when looking for another output of the same call below it.
-_WALK_LIMIT = 20_000
 
 
 def cause_of(index: int, calls: list[tuple[Rule, Call]]) -> str:
@@ -68,7 +60,7 @@ def cause_of(index: int, calls: list[tuple[Rule, Call]]) -> str:
     own = [call for rule, call in calls if index in rule.params.values()]
     if any("forward" in call.module.__dict__ for call in own):
         return "instance"
-    return "dependent" if any(_dependent(call.taps) for call in own) else "outside"
+    return "outside"
 
 
 def moved_message(where: dict[str, str], causes: dict[str, str]) -> str:
@@ -83,25 +75,6 @@ def moved_message(where: dict[str, str], causes: dict[str, str]) -> str:
         f"autograd's gradient, so they go to the generic rule of the module above ({moves}); the result "
         f"stays exact but is slower. Likely cause — {reasons}"
     )
-
-
-def _dependent(taps: list[Tensor]) -> bool:
-    """Whether one of the call's outputs was computed from another: a walk down the autograd graph from
-    each output meets another output's node (bounded by :data:`_WALK_LIMIT` nodes per output)."""
-    nodes = {t.grad_fn for t in taps if t.grad_fn is not None}
-    if len(nodes) < 2:
-        return False
-    for start in nodes:
-        seen, stack = {start}, [start]
-        while stack and len(seen) < _WALK_LIMIT:
-            for below, _ in stack.pop().next_functions:
-                if below is None or below in seen:
-                    continue
-                if below in nodes:
-                    return True
-                seen.add(below)
-                stack.append(below)
-    return False
 
 
 def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tensor | None]) -> dict[int, bool]:

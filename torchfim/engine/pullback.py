@@ -35,8 +35,7 @@ Consumer = Callable[[Tensor], None]
 
 def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
               consumers: dict[int, Consumer] | None = None, release: bool = False) -> list[list[Tensor | None]]:
-    """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)``, None where the vectors do not reach it
-    and for the call's ``unread`` taps (not asked of autograd).
+    """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)``, None where the vectors do not reach it.
 
     ``v`` is ``(B, m, outputs)``. ``consumers`` (only with ``m == 1``) maps call indices with one tap
     each to a function that receives that tap's gradient as the backward reaches it; those calls
@@ -46,7 +45,7 @@ def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
     by vector.)
     """
     consumers = consumers or {}
-    taps = [t for call in calls for t in _read(call)]
+    taps = [t for call in calls for t in call.taps]
     if not taps:
         return [[None] * len(call.taps) for call in calls]
     if consumers:
@@ -65,27 +64,16 @@ def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
     return _per_call(calls, grads, set())
 
 
-def _read(call: Call) -> list[Tensor]:
-    return [t for i, t in enumerate(call.taps) if i not in call.unread]
-
-
 def _per_call(calls: Sequence[Call], grads: Sequence[Tensor | None],
               consumed: set[int]) -> list[list[Tensor | None]]:
-    """``grads`` (one per read tap of the calls not consumed, in order) as a list per call and tap, None
-    for unread taps and ``[None]`` for consumed calls."""
-    out, k = [], 0
+    """``grads`` (one per tap of the calls not consumed, in order) as a list per call and tap, and ``[None]``
+    for consumed calls."""
+    out, taken = [], iter(grads)
     for index, call in enumerate(calls):
         if index in consumed:
             out.append([None])
             continue
-        row: list[Tensor | None] = []
-        for i in range(len(call.taps)):
-            if i in call.unread:
-                row.append(None)
-            else:
-                row.append(None if grads[k] is None else call.batch_first(grads[k], 1))
-                k += 1
-        out.append(row)
+        out.append([None if g is None else call.batch_first(g, 1) for g in (next(taken) for _ in call.taps)])
     return out
 
 
@@ -99,7 +87,7 @@ def _consumed(output: Tensor, calls: Sequence[Call], v: Tensor, consumers: dict[
               release: bool) -> list[list[Tensor | None]]:
     if v.shape[1] != 1:
         raise ValueError("sensitivities are handed to consumers one vector at a time")
-    kept = [t for k, call in enumerate(calls) if k not in consumers for t in _read(call)]
+    kept = [t for k, call in enumerate(calls) if k not in consumers for t in call.taps]
     roots = _without_tap_below([calls[k].taps[0] for k in consumers], {t.grad_fn for call in calls for t in call.taps})
     handles = [calls[k].taps[0].register_hook(_releasing(consumers[k], calls[k]) if release else consumers[k])
                for k in consumers]

@@ -20,7 +20,7 @@ from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
 from .modules.base import LAYOUTS, forwards_replaced
-from .modules.generic import FOLDED_INPUTS, output_batch_dims, output_folds
+from .modules.generic import FOLDED_INPUTS, output_batch_dims, output_folds, rebuilt
 from .shared_inputs import rows_layout, spread, spread_output
 from .view import ModelView
 
@@ -82,12 +82,6 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
     with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, layouts), kernel:
         raw = view.to_tensor(batch.call(view.model))
-    for rule, call in calls:
-        if call.module is view.model and isinstance(rule, GenericRule) and any(t is raw for t in call.taps):
-            # The whole model's call (parameters moved to its generic rule): of its outputs, the Fisher reads
-            # only ``raw``, and the others (an encoder's last hidden state beside the logits) lie on paths to
-            # it inside the call, which the rule's products already follow.
-            call.unread = frozenset(i for i, t in enumerate(call.taps) if t is not raw)
     return ModuleRecording(batch, view.flat(raw), raw.shape, calls)
 
 
@@ -122,6 +116,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
                 output = spread_output(output, size)
             if kwargs and not isinstance(rule, GenericRule):  # rules read their inputs by position
                 args, kwargs = _positional(forward, signature, args, kwargs)
+            output = own_outputs(output)
             taps = [t for t in tensors_of(output) if t.requires_grad]
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
@@ -145,6 +140,34 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
 
     with forwards_replaced(rules, forward_of):
         yield
+
+
+def own_outputs(output: object) -> object:
+    """A call's output with each of its tensors that require grad replaced by a view of it, where it has two or
+    more (in tuples, lists and dicts, nested; a dict subclass such as a ``ModelOutput`` updated in place).
+
+    The views are the call's taps: the model downstream reads them, while the module computed its outputs
+    from the tensors under them. So a tap's sensitivity is that of its uses outside the call alone, even
+    where the module computed one output from another (a router's scores from its logits, a block's output
+    from the hidden state it also returns) or returns one tensor twice. Autograd's sensitivity of the tensor
+    itself would also hold the paths through the other outputs, which a product over all the outputs (the
+    generic rule's) then counts twice (docs/math.md §6.3e)."""
+    if sum(t.requires_grad for t in tensors_of(output)) < 2:
+        return output
+    return _viewed(output)
+
+
+def _viewed(out: object) -> object:
+    if isinstance(out, Tensor):
+        return out.view_as(out) if out.requires_grad else out
+    if isinstance(out, (tuple, list)):
+        return rebuilt(out, [_viewed(item) for item in out])
+    if isinstance(out, dict):
+        if type(out) is dict:
+            return {k: _viewed(v) for k, v in out.items()}
+        for k, v in list(out.items()):
+            out[k] = _viewed(v)
+    return out
 
 
 def _note_folded(call: Call, args: tuple, kwargs: dict, taps: list[Tensor], folded: dict[int, int]) -> None:

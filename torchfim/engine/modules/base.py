@@ -43,10 +43,6 @@ class Call:
     size: int  # batch size of the forward
     versions: list[int] = field(default_factory=list)  # the taps' versions when recorded
     cache: dict = field(default_factory=dict)  # per-call quantities a rule reuses across vector groups
-    #: Taps that only leave the model (the whole model's call: outputs beside the one the Fisher is of, such
-    #: as an encoder's last hidden state next to the logits). Their outside sensitivity is zero; the one
-    #: autograd gives them would count again the paths inside the call to the read output.
-    unread: frozenset[int] = frozenset()
     #: ``k`` where the call's input and outputs lead with ``size·k`` rows, sample by sample (the batch folded
     #: with ``k`` positions, as ``x.view(-1, d)`` does): its input is kept as ``(size, k, ...)`` and its
     #: sensitivities come as ``(m, size, k, ...)``, so a rule that reads positions reads the folded rows as

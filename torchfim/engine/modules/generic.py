@@ -76,7 +76,7 @@ def nested_batch_dims(module: nn.Module, value: object, size: int) -> object:
     the same structure of dims, as ``vmap``'s ``in_dims`` takes for a nested argument (None for one without,
     such as a ``torch.Size``)."""
     if isinstance(value, (tuple, list)) and tensors_of(value):
-        return _rebuilt(value, [nested_batch_dims(module, v, size) for v in value])
+        return rebuilt(value, [nested_batch_dims(module, v, size) for v in value])
     return batch_dim(module, value, size)
 
 
@@ -283,9 +283,14 @@ class GenericRule(Rule):
 
 def _inputs(call: Call, module: nn.Module) -> tuple[tuple, dict, tuple, dict, set]:
     """The call's arguments and keywords, with those that are another generic call's folded outputs
-    (:data:`FOLDED_INPUTS`) as ``(size, k, ...)``; their batch dims; and which of them (positions, keywords) a
+    (:data:`FOLDED_INPUTS`), and for a call read folded (:attr:`.base.Call.fold`) those after its first input that
+    lead with as many rows, as ``(size, k, ...)``; their batch dims; and which of them (positions, keywords) a
     sample's forward takes as they came for one sample, ``(k, ...)``, without a batch dim put back."""
-    size, folded = call.size, call.cache.get(FOLDED_INPUTS, {})
+    size, folded = call.size, dict(call.cache.get(FOLDED_INPUTS, {}))
+    if call.fold > 1:  # beside the first input read folded, the others with as many rows (routing for its rows)
+        given = {**{i: a for i, a in enumerate(call.args) if i > 0}, **call.kwargs}
+        folded.update({key: call.fold for key, a in given.items()
+                       if isinstance(a, Tensor) and a.dim() and a.shape[0] == size * call.fold})
     args = tuple(a.unflatten(0, (size, folded[i])) if i in folded else a for i, a in enumerate(call.args))
     kwargs = {k: v.unflatten(0, (size, folded[k])) if k in folded else v for k, v in call.kwargs.items()}
     arg_dims = tuple(0 if i in folded else nested_batch_dims(module, a, size) for i, a in enumerate(call.args))
@@ -348,7 +353,7 @@ def _per_sample_dims(call: Call, arg_dims: tuple, out_dims: list) -> tuple[tuple
 def _cut(t: object, dim: object, rows: slice) -> object:
     """The rows ``rows`` of ``t`` along its batch dim ``dim`` (of each tensor, for a nested argument)."""
     if isinstance(dim, (tuple, list)):
-        return _rebuilt(t, [_cut(ti, di, rows) for ti, di in zip(t, dim)])
+        return rebuilt(t, [_cut(ti, di, rows) for ti, di in zip(t, dim)])
     if dim is None or not isinstance(t, Tensor):
         return t
     return t.narrow(dim, rows.start or 0, len(range(*rows.indices(t.shape[dim]))))
@@ -357,10 +362,10 @@ def _cut(t: object, dim: object, rows: slice) -> object:
 def _unsqueezed(t: object, dim: object) -> object:
     """One sample's ``t`` with its batch dim ``dim`` back, of size 1 (of each tensor, for a nested argument)."""
     if isinstance(dim, (tuple, list)):
-        return _rebuilt(t, [_unsqueezed(ti, di) for ti, di in zip(t, dim)])
+        return rebuilt(t, [_unsqueezed(ti, di) for ti, di in zip(t, dim)])
     return t.unsqueeze(dim) if dim is not None else t
 
 
-def _rebuilt(like: tuple | list, parts: list) -> tuple | list:
+def rebuilt(like: tuple | list, parts: list) -> tuple | list:
     """``parts`` in the container type of ``like`` (a tuple, named tuple or list)."""
     return like._make(parts) if hasattr(like, "_make") else type(like)(parts)
