@@ -89,7 +89,8 @@ class CoverageCheck:
         if not self._verified and all_finite(rec.values):  # else the family check refuses
             with fewer_inputs(min(2, batch.size), batch.size):
                 few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
-            if self._verify(few):
+                substitutes_differ = self._substitutes_differ(few)
+            if substitutes_differ or self._verify(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
             self.layout_of = {call.module: call.layout for _, call in few.calls if call.regrouped}
             if self.layout_of and few.batch.size == 1:
@@ -138,6 +139,17 @@ class CoverageCheck:
             self.shared -= new
             self._unshared |= new
         return same
+
+    def _substitutes_differ(self, rec: ModuleRecording) -> bool:
+        """Give the generic rule to the modules whose rule recorded them by its own formula
+        (:attr:`.modules.Rule.substitutes_forward`) where the recorded output is not the model's own; True when
+        it did (the rules changed)."""
+        substitutes = {rule.module for rule, _ in rec.calls if rule.substitutes_forward}
+        if not substitutes:
+            return False
+        with torch.no_grad():
+            own = self.view.flat(self.view.to_tensor(rec.batch.call(self.view.model)))
+        return not same_output(rec.values, own) and self._demote(substitutes)
 
     def _verify(self, rec: ModuleRecording) -> bool:
         """Move parameters whose per-sample gradients miss uses to the generic rule of a module above

@@ -1,8 +1,8 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
 Linear, Conv1d/2d/3d and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval),
-MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU and transformers' ``Conv1D`` (GPT-2's transposed
-Linear) have rules of their own; any other module with trainable parameters gets the generic rule
+MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed
+Linear) and its fused mixture-of-experts layers have rules of their own; any other module with trainable parameters gets the generic rule
 (``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) keeps its rule,
 with the originals' gradients by the chain rule (:mod:`.parametrized`). Adding a rule is one module here and
 one line in :func:`rule_for`.
@@ -17,6 +17,7 @@ from .attention import AttentionRule, attention_supported
 from .base import Call, Grads, Rule, runs_torch_forward
 from .conv import ConvRule, conv_supported
 from .embedding import EmbeddingRule, embedding_supported
+from .experts import ExpertsRule, covered_names, experts_supported
 from .generic import GenericRule, tensors_of
 from .linear import LinearRule
 from .norm import BatchNormRule, NormRule, norm_supported, own_norm
@@ -84,6 +85,8 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         return AttentionRule(module, params, path)
     if recurrent_supported(module) and "forward" not in module.__dict__ and runs_torch_forward(module):
         return RecurrentRule(module, params, path)
+    if experts_supported(module) and set(params) <= covered_names(module):
+        return ExpertsRule(module, params)
     if parametrized_names(module):
         return parametrized_rule(module, params, _weight_and_bias_rule) or GenericRule(module, params, path)
     rule = _weight_and_bias_rule(module, params)

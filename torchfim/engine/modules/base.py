@@ -87,6 +87,10 @@ class Rule:
     #: A forward the module runs instead of its own while the engine records (None: its own). It must
     #: compute the same outputs; :meth:`take_recorded` then hands over intermediate taps it kept.
     recording_forward: Callable[..., object] | None = None
+    #: Whether :attr:`recording_forward` computes the module's output by the rule's own formula rather than by
+    #: the module's class forward: the coverage check compares the recorded output with the model's own, and a
+    #: module whose forward computes something else gets the generic rule.
+    substitutes_forward: bool = False
     #: Whether the module's class has a forward of its own, unlike the torch class whose rule this is:
     #: the rule stands only where the coverage check finds its per-sample gradients right.
     on_probation: bool = False
