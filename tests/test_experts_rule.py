@@ -3,8 +3,8 @@
 The experts modules are built with transformers' own ``use_experts_implementation`` decorator, in every layout
 it declares (gated or not, weights ``(E, out, in)`` or transposed, with biases, with a post-expert norm), and run
 by transformers' own forwards (``batched_mm``, and the class's loop as ``eager``, where index ``E`` drops a
-pair). Every structure equals the dense float64 oracle to 1e-10; the real Mixtral, GPT-OSS, Qwen2-MoE, OLMoE and
-DeepSeek-V3 equal the autograd oracle (their routers and norms compute in float32 inside).
+pair). Every structure equals the dense float64 oracle to 1e-10; the real Mixtral, GPT-OSS, Qwen2-MoE, Phi-MoE,
+OLMoE and DeepSeek-V3 equal the autograd oracle (their routers and norms compute in float32 inside).
 """
 
 from __future__ import annotations
@@ -71,19 +71,22 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Te
 
 class _MoEClassifier(nn.Module):
     """Tokens → embedding → a routed experts layer on the flattened tokens ``(B·T, H)`` → mean → classes. With
-    ``drops`` the router has a column more, and a pair routed there is dropped."""
+    ``drops`` the router has a column more, and a pair routed there is dropped; ``time_major`` flattens the
+    tokens position first, ``(T·B, H)``, so that their rows do not come sample by sample."""
 
-    def __init__(self, layout: dict, implementation: str, drops: bool = False) -> None:
+    def __init__(self, layout: dict, implementation: str, drops: bool = False, time_major: bool = False) -> None:
         super().__init__()
+        self.time_major = time_major
         self.embed, self.head = nn.Embedding(9, _HIDDEN), nn.Linear(_HIDDEN, 3)
         self.router = nn.Linear(_HIDDEN, _EXPERTS + drops)
         self.experts = _experts(**layout)(types.SimpleNamespace(_experts_implementation=implementation))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
+        h = self.embed(ids).transpose(0, 1) if self.time_major else self.embed(ids)
         flat = h.reshape(-1, _HIDDEN)
         weights, index = self.router(flat).softmax(-1).topk(_TOP)
         y = self.experts(flat, index, weights).view_as(h)
+        h, y = (h.transpose(0, 1), y.transpose(0, 1)) if self.time_major else (h, y)
         return self.head(torch.tanh(h + y).mean(1))
 
 
@@ -95,9 +98,9 @@ _LAYOUTS = {
 }
 
 
-def _model(layout: str, implementation: str, drops: bool = False) -> tuple[nn.Module, torch.Tensor]:
+def _model(layout: str, implementation: str, drops: bool = False, time_major: bool = False) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    model = _MoEClassifier(_LAYOUTS[layout], implementation, drops).double()
+    model = _MoEClassifier(_LAYOUTS[layout], implementation, drops, time_major).double()
     return model, torch.randint(0, 9, (4, 5), generator=torch.Generator().manual_seed(1))
 
 
@@ -117,6 +120,19 @@ def test_the_eager_loop_with_dropped_pairs_equals_the_dense_oracle(structure: st
     assert (index == _EXPERTS).any() and (index < _EXPERTS).any()  # some pairs dropped, some kept
     backend, rules = assert_quietly_equals_dense(model, ids, structure)
     assert type(rules["experts"]).__name__ == "ExpertsRule" and not backend.demoted
+
+
+def test_rows_that_do_not_come_sample_by_sample_send_the_experts_to_the_module_above() -> None:
+    """Tokens flattened position first: the experts' rows read folded would mix samples, so the check on the first
+    batch moves their parameters (and the router's) to the whole model, which stays exact."""
+    model, ids = _model("mixtral", "batched_mm", time_major=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.func may loop the whole model
+        got = torchfim.fisher(model, ids, structure="diag")
+        backend, rules = module_rules(model, ids)
+    assert "experts" not in rules and {"experts.gate_up_proj", "experts.down_proj"} <= set(backend.moved)
+    want = torchfim.fisher(model, ids, structure="diag", backend="functional")
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
 def test_a_frozen_map_gets_no_tap_and_the_other_its_products() -> None:
@@ -163,6 +179,9 @@ _HF = {
     "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(num_experts=3, num_experts_per_tok=2,
                                                                 moe_intermediate_size=8,
                                                                 shared_expert_intermediate_size=16, **_DECODER)),
+    # its router is a Linear subclass returning a tuple, whose Linear rule fails and gives way to the generic one
+    "phimoe": lambda: T.PhimoeForCausalLM(T.PhimoeConfig(num_local_experts=3, num_experts_per_tok=2,
+                                                         max_position_embeddings=64, **_DECODER)),
     "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(num_experts=3, num_experts_per_tok=2, **_DECODER)),
     "deepseek_v3": lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
         n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=8,
@@ -184,7 +203,8 @@ def test_hugging_face_moe_models_keep_the_experts_rule_and_equal_the_autograd_or
     ids = {"input_ids": torch.randint(3, 24, (2, 5), generator=torch.Generator().manual_seed(1))}
     backend, rules = module_rules(model, ids, output=lambda out: out.logits)
     experts = {path: type(rule).__name__ for path, rule in rules.items() if path.endswith(".experts")}
-    assert list(experts.values()) == ["ExpertsRule"] and not backend.moved and not backend.demoted
+    assert list(experts.values()) == ["ExpertsRule"] and not backend.moved
+    assert [type(m).__name__ for m in backend.demoted] == (["PhimoeTopKRouter"] if name == "phimoe" else [])
     got = torchfim.fisher(model, ids, structure="diag", output=lambda out: out.logits)
     want = clients.categorical_diag_by_autograd(model, ids)
     assert (got - want).abs().max() <= 1e-6 * want.abs().max()

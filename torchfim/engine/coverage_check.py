@@ -175,11 +175,14 @@ class CoverageCheck:
                 for i, g in piece.items():
                     per_sample.setdefault(i, g.new_zeros(rec.batch.size, g.shape[-1]))[rows] += g.sum(1)
         except Exception:  # a rule on probation read inputs its module's own forward takes otherwise
+            raising = self._raising(rec, v, probation) if probation else set()
+            if raising:  # before any layout: a module's generic rule reads its rows regrouped too
+                return self._demote(raising)
             if self._reject_layouts([call for _, call in rec.calls if call.regrouped]):
                 return True
             if not probation:
                 raise
-            return self._demote(self._failing(rec, v, probation))
+            return self._demote(probation)
         misses = {index[k]: summed for k, summed in
                   missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
         if self._reject_layouts([call for rule, call in rec.calls if call.regrouped and set(misses) & set(rule.params.values())]):
@@ -228,16 +231,17 @@ class CoverageCheck:
             self.rules = self._build_rules(self.moved)
         return bool(wrong)
 
-    def _failing(self, rec: ModuleRecording, v: Tensor, probation: set[nn.Module]) -> set[nn.Module]:
-        """The modules of ``probation`` whose rule raises on its recorded calls (all, if none does alone)."""
-        failing = set()
+    def _raising(self, rec: ModuleRecording, v: Tensor, probation: set[nn.Module]) -> set[nn.Module]:
+        """The modules of ``probation`` whose rule raises on its recorded calls alone (a Linear subclass
+        returning a tuple, whose sensitivities the rule cannot read)."""
+        raising = set()
         for (rule, call), s in zip(rec.calls, self._sensitivities(rec, v)):
             if rule.module in probation and any(t is not None for t in s):
                 try:
                     rule.grads(call, s, slice(0, rec.batch.size))
                 except Exception:  # noqa: BLE001 - the error says only that the rule does not fit this forward
-                    failing.add(rule.module)
-        return failing or probation
+                    raising.add(rule.module)
+        return raising
 
     def _demote(self, modules: set[nn.Module]) -> bool:
         """Give ``modules`` the generic rule instead of their rule on probation; True (the rules changed)."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .batch import Batch
 from .modules import Call, Rule, tensors_of
-from .modules.base import LAYOUTS
+from .modules.base import LAYOUTS, PARTS
 from .modules.generic import FOLDED_INPUTS, GenericRule, batch_dim, folded_rows, output_batch_dims
 
 
@@ -32,7 +32,7 @@ def carries_batch(call: Call, folded: bool = False) -> bool:
     generic rule's call), outputs that lead with the batch folded, ``B·k`` rows sample by sample, count too."""
     if call.regrouped:
         return True
-    outputs = call.taps[: len(call.taps) - len(call.cache.get("parts", ()))]  # a rule's own taps come after
+    outputs = call.taps[: len(call.taps) - len(call.cache.get(PARTS, ()))]  # a rule's own taps come after
     folded = folded and reads_by_sample(call.module, {**dict(enumerate(call.args)), **call.kwargs}, call.size,
                                         set(call.cache.get(FOLDED_INPUTS, ())))
     return all(d is not None or (folded and folded_rows(t, call.size) is not None)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares
+from .base import PARTS, Call, Grads, Rule, as_float, positions_grads, positions_squares
 from .generic import GenericRule
 
 #: The parameters the rule covers, by their names below the module.
@@ -75,7 +75,7 @@ class AttentionRule(Rule):
 
     def _covers(self, call: Call, sens: list[Tensor | None]) -> bool:
         dropout = self.module.training and self.module.dropout > 0
-        weights_used = any(s is not None for s in sens[1 : len(sens) - len(call.cache.get("parts", ()))])
+        weights_used = any(s is not None for s in sens[1 : len(sens) - len(call.cache.get(PARTS, ()))])
         return not dropout and not weights_used and self._arguments(call)["query"].dim() == 3
 
     # ------------------------------------------------------------ recording in parts
@@ -114,7 +114,7 @@ class AttentionRule(Rule):
             return []
         # A frozen in-projection needs no δ (and its q, k, v need not carry autograd history).
         parts = list(pending[0]) if "in_proj" in self.trained else []
-        call.cache["parts"], call.cache["context"] = parts, pending[1]
+        call.cache[PARTS], call.cache["context"] = parts, pending[1]
         return parts
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
@@ -150,13 +150,13 @@ class AttentionRule(Rule):
         """Inputs, output sensitivities, ``c`` and ``δ`` of the call: once per call and group of vectors."""
         cached = call.cache.get("prepared")
         if cached is None or cached[0] is not sens[0]:
-            prepared = self._recorded(call, sens) if "parts" in call.cache else self._local(call, sens[0])
+            prepared = self._recorded(call, sens) if PARTS in call.cache else self._local(call, sens[0])
             cached = call.cache["prepared"] = (sens[0], prepared)
         return cached[1]
 
     def _recorded(self, call: Call, sens: list[Tensor | None]) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """Inputs, output sensitivities, ``c`` and ``δ`` of a call recorded in parts (as :meth:`_local`)."""
-        g, deltas = sens[0], sens[len(sens) - len(call.cache["parts"]) :]
+        g, deltas = sens[0], sens[len(sens) - len(call.cache[PARTS]) :]
         if not self.module.batch_first:  # (m, L, B, ·) → (m, B, L, ·)
             g, deltas = g.transpose(1, 2), [d.transpose(1, 2) for d in deltas]
         return self._inputs(call), as_float(g), call.cache["context"], [as_float(d) for d in deltas]

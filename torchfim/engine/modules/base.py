@@ -28,6 +28,10 @@ Factors = tuple[Tensor, Tensor]
 SQUARES_ELEMENTS = 2**19
 
 
+#: The key of :attr:`Call.cache` under which a rule keeps the taps its :meth:`Rule.take_recorded` added after the
+#: call's outputs (a list; their sensitivities come last).
+PARTS = "parts"
+
 #: The layouts of a call's rows that a positions rule reads (:attr:`Call.layout`).
 LAYOUTS = frozenset({"folded", "sequence_first"})
 

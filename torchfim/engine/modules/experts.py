@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Grads, Rule, as_float
+from .base import PARTS, Call, Grads, Rule, as_float
 
 #: The two maps' parameters by the names transformers gives them: (weight, bias) of the first and second.
 _GATED = (("gate_up_proj", "gate_up_proj_bias"), ("down_proj", "down_proj_bias"))
@@ -132,7 +132,7 @@ class ExpertsRule(Rule):
         if pending is None:
             return []
         taps, x, index, h = pending
-        call.cache["parts"] = len(taps)
+        call.cache[PARTS] = taps
         call.cache["routing"] = (call.batch_first(x), call.batch_first(index), call.batch_first(h))
         return taps
 
@@ -144,7 +144,7 @@ class ExpertsRule(Rule):
         index = index.reshape(b, -1)  # (b, L): L = T·k pairs per sample
         pairs = index.shape[1]
         inputs = (x, as_float(h.reshape(b, pairs, -1)))
-        deltas = iter(sens[len(sens) - call.cache["parts"] :])
+        deltas = iter(sens[len(sens) - len(call.cache[PARTS]) :])
         out: Grads = {}
         for (weight, bias), trained, a in zip(_maps(self.module), self.trained, inputs):
             g = next(deltas) if trained else None

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Grads, Rule, as_float, positions_grads, positions_squares, runs_torch_forward
+from .base import PARTS, Call, Grads, Rule, as_float, positions_grads, positions_squares, runs_torch_forward
 from .generic import GenericRule
 
 _LAYERS = (nn.RNN, nn.GRU, nn.LSTM)
@@ -235,12 +235,12 @@ class RecurrentRule(Rule):
         pending, self._pending = self._pending, None
         if pending is None:
             return []
-        call.cache["parts"], call.cache["kept"] = pending
+        call.cache[PARTS], call.cache["kept"] = pending
         return list(pending[0])
 
     # ------------------------------------------------------------------ products
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
-        if "parts" not in call.cache:
+        if PARTS not in call.cache:
             return self.generic.grads(call, sens, rows)
         out: Grads = {}
         for linear, delta in self._prepared(call, sens):
@@ -249,7 +249,7 @@ class RecurrentRule(Rule):
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         """Each map's squares by :func:`.base.positions_squares` (None: the call goes generic)."""
-        if "parts" not in call.cache:
+        if PARTS not in call.cache:
             return None
         out: Grads = {}
         for linear, delta in self._prepared(call, sens):
@@ -266,7 +266,7 @@ class RecurrentRule(Rule):
         cached = call.cache.get("prepared")
         if cached is not None and cached[0] is sens:
             return cached[1]
-        taps = call.cache["parts"]
+        taps = call.cache[PARTS]
         parts = sens[len(sens) - len(taps):]
         prepared, k = [], 0
         for linear in call.cache["kept"]:
