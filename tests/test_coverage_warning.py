@@ -123,3 +123,28 @@ def test_a_moved_parameter_goes_on_up_while_the_module_above_misses_it_too(above
     assert "block.scale" not in texts[0]  # the block's own parameter stays with the block
     want = torchfim.fisher(model, x, structure=structure, backend="functional")
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+class _Pair(tuple):
+    """A tuple subclass whose constructor takes its two items apart (it cannot be rebuilt from one iterable)."""
+
+    def __new__(cls, first: torch.Tensor, second: torch.Tensor) -> _Pair:
+        return super().__new__(cls, (first, second))
+
+
+class _PairBlock(_Block):
+    def forward(self, x: torch.Tensor) -> _Pair:
+        return _Pair(*super().forward(x))
+
+
+def test_an_output_container_that_cannot_be_rebuilt_keeps_its_tensors_and_the_result_stays_exact() -> None:
+    """Its outputs are not replaced by views; the paths counted twice are found by the check as before, and the
+    block's parameter goes above, exact."""
+    torch.manual_seed(0)
+    model, x = _TwoOutputs("tuple").double(), torch.randn(6, 4, dtype=torch.float64)
+    model.block.__class__ = _PairBlock
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the move above
+        got = torchfim.fisher(model, x, structure="diag")
+    want = torchfim.fisher(model, x, structure="diag", backend="functional")
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)

@@ -158,15 +158,20 @@ def own_outputs(output: object) -> object:
 
 
 def _viewed(out: object) -> object:
+    """:func:`own_outputs` on any output; a container that cannot be rebuilt or assigned to (a tuple subclass
+    with a constructor of its own, a mapping that refuses items) keeps the tensors it holds as they are."""
     if isinstance(out, Tensor):
         return out.view_as(out) if out.requires_grad else out
-    if isinstance(out, (tuple, list)):
-        return rebuilt(out, [_viewed(item) for item in out])
-    if isinstance(out, dict):
+    try:
+        if isinstance(out, (tuple, list)):
+            return rebuilt(out, [_viewed(item) for item in out])
         if type(out) is dict:
             return {k: _viewed(v) for k, v in out.items()}
-        for k, v in list(out.items()):
-            out[k] = _viewed(v)
+        if isinstance(out, dict):
+            for k, v in list(out.items()):
+                out[k] = _viewed(v)
+    except (TypeError, AttributeError, RuntimeError):
+        pass
     return out
 
 
