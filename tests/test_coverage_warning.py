@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 
+import clients
 import pytest
 import torch
 from engine_checks import assert_quietly_equals_dense
@@ -14,7 +17,8 @@ from torchfim.engine.coverage import CAUSES
 
 
 class _Block(nn.Module):
-    """Returns its hidden state and an output computed from it (as a tuple, a dict, or with ``h`` twice)."""
+    """Returns its hidden state and an output computed from it (as a tuple, a dict, a transformers ``ModelOutput``,
+    or with ``h`` twice)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -25,7 +29,22 @@ class _Block(nn.Module):
         out = torch.tanh(h @ self.w.T)
         if self.kind == "dict":
             return {"hidden": h, "out": out}
+        if self.kind == "model-output":
+            return _model_output_class()(hidden=h, out=out)
         return (h, h) if self.kind == "twice" else (h, out)
+
+
+@functools.cache
+def _model_output_class() -> type:
+    """A transformers ``ModelOutput`` (a dict subclass whose items are also attributes) of two tensors."""
+    transformers = clients.need("transformers")
+
+    @dataclasses.dataclass
+    class BlockOutput(transformers.utils.ModelOutput):
+        hidden: torch.Tensor | None = None
+        out: torch.Tensor | None = None
+
+    return BlockOutput
 
 
 class _TwoOutputs(nn.Module):
@@ -69,7 +88,7 @@ def test_the_moved_parameter_is_named_with_its_likely_cause_and_stays_exact(buil
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("kind", ["tuple", "dict", "twice"])
+@pytest.mark.parametrize("kind", ["tuple", "dict", "model-output", "twice"])
 @pytest.mark.parametrize("structure", ["diag", "full"])
 def test_a_module_returning_outputs_computed_one_from_another_keeps_its_rule(kind: str, structure: str) -> None:
     """Each output's sensitivity is that of its uses outside the module alone (the taps are views of the
