@@ -157,13 +157,15 @@ class _PairBlock(_Block):
 
 
 def test_an_output_container_that_cannot_be_rebuilt_keeps_its_tensors_and_the_result_stays_exact() -> None:
-    """Its outputs are not replaced by views; the paths counted twice are found by the check as before, and the
-    block's parameter goes above, exact."""
+    """Its outputs are not replaced by views; the check finds the paths counted twice, the block's parameter goes
+    above with the container named as the cause, and the result stays exact."""
     torch.manual_seed(0)
     model, x = _TwoOutputs("tuple").double(), torch.randn(6, 4, dtype=torch.float64)
     model.block.__class__ = _PairBlock
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the move above
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = torchfim.fisher(model, x, structure="diag")
+    texts = [str(w.message) for w in caught if "do not add up" in str(w.message)]
+    assert len(texts) == 1 and f"block.w: {CAUSES['container']}" in texts[0]
     want = torchfim.fisher(model, x, structure="diag", backend="functional")
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)

@@ -11,6 +11,8 @@ first move, which the recorded calls of the parameter's module show:
   which the module's rule follows (a rule never replaces such a forward while the engine records);
 * the per-sample gradients are wrong but sum to the right gradient: the call's output only looked
   batched, its leading dim happening to equal the number of samples (positions shared by the batch);
+* the module returns several outputs in a container the recording cannot rebuild with views of them
+  (:func:`.recording.own_outputs`), one computed from another: the paths through the later one count twice;
 * otherwise, the parameter is used outside its module's forward (tied output weights through
   ``F.linear(h, embedding.weight)``): that use has no rule.
 
@@ -49,6 +51,9 @@ CAUSES = {
                 "class, or compute the change in the module above",
     "rows": "their module's output has one row per sample but its rows do not feed one sample each (a lookup "
             "of T positions shared by the batch, with T equal to the number of samples): nothing to fix",
+    "container": "their module returns several outputs in a container that torchfim cannot rebuild (a tuple "
+                 "subclass with a constructor of its own), and one is computed from another, so the paths through "
+                 "the later one count twice: return them in a tuple, list or dict",
     "outside": "they are used outside their module's forward, e.g. F.linear(h, embedding.weight) for tied output "
                "weights: use them through a module instead (an nn.Linear whose .weight is the same Parameter) so "
                "that every use has a rule",
@@ -60,7 +65,7 @@ def cause_of(index: int, calls: list[tuple[Rule, Call]]) -> str:
     own = [call for rule, call in calls if index in rule.params.values()]
     if any("forward" in call.module.__dict__ for call in own):
         return "instance"
-    return "outside"
+    return "container" if any(call.unviewed for call in own) else "outside"
 
 
 def moved_message(where: dict[str, str], causes: dict[str, str]) -> str:

@@ -116,12 +116,14 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
                 output = spread_output(output, size)
             if kwargs and not isinstance(rule, GenericRule):  # rules read their inputs by position
                 args, kwargs = _positional(forward, signature, args, kwargs)
+            returned = [t for t in tensors_of(output) if t.requires_grad]
             output = own_outputs(output)
             taps = [t for t in tensors_of(output) if t.requires_grad]
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             fold, second = rows_layout(detached, taps, size, allowed) if allowed else (1, False)
-            call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second)
+            call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second,
+                        unviewed=len(taps) > 1 and any(t is r for t, r in zip(taps, returned)))
             if call.regrouped:
                 call.args = (call.batch_first(detached[0]), *detached[1:])
             if isinstance(rule, GenericRule) and not call.regrouped:

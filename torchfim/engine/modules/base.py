@@ -47,6 +47,9 @@ class Call:
     size: int  # batch size of the forward
     versions: list[int] = field(default_factory=list)  # the taps' versions when recorded
     cache: dict = field(default_factory=dict)  # per-call quantities a rule reuses across vector groups
+    #: Whether the call returned two or more outputs in a container the recording could not rebuild with views
+    #: of them (:func:`..recording.own_outputs`): their sensitivities then hold the paths from one through another.
+    unviewed: bool = False
     #: ``k`` where the call's input and outputs lead with ``size·k`` rows, sample by sample (the batch folded
     #: with ``k`` positions, as ``x.view(-1, d)`` does): its input is kept as ``(size, k, ...)`` and its
     #: sensitivities come as ``(m, size, k, ...)``, so a rule that reads positions reads the folded rows as
