@@ -3,8 +3,9 @@
 The experts modules are built with transformers' own ``use_experts_implementation`` decorator, in every layout
 it declares (gated or not, weights ``(E, out, in)`` or transposed, with biases, with a post-expert norm), and run
 by transformers' own forwards (``batched_mm``, and the class's loop as ``eager``, where index ``E`` drops a
-pair). Every structure equals the dense float64 oracle to 1e-10; the real Mixtral, GPT-OSS, Qwen2-MoE, Phi-MoE,
-OLMoE and DeepSeek-V3 equal the autograd oracle (their routers and norms compute in float32 inside).
+pair), and Llama 4's experts, which take every token once per expert. Every structure equals the dense float64
+oracle to 1e-10; the real Mixtral, GPT-OSS, Qwen2-MoE, Phi-MoE, OLMoE, Llama 4 and DeepSeek-V3 equal the autograd
+oracle (their routers and norms compute in float32 inside).
 """
 
 from __future__ import annotations
@@ -163,6 +164,35 @@ def test_a_forward_that_computes_something_else_gives_way_to_the_generic_rule() 
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
+class _DenseMoE(nn.Module):
+    """Tokens → embedding → Llama 4's text experts on every token once per expert, scaled by a sigmoid router →
+    mean → classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = T.Llama4TextConfig(hidden_size=_HIDDEN, intermediate_size=_INTER, num_local_experts=_EXPERTS)
+        self.embed, self.router, self.head = nn.Embedding(9, _HIDDEN), nn.Linear(_HIDDEN, _EXPERTS), nn.Linear(_HIDDEN, 3)
+        self.experts = T.models.llama4.modeling_llama4.Llama4TextExperts(config)
+        nn.init.normal_(self.experts.gate_up_proj, std=0.5)
+        nn.init.normal_(self.experts.down_proj, std=0.5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        flat = h.reshape(-1, _HIDDEN)
+        scores = torch.sigmoid(self.router(flat))  # (B·T, E)
+        routed = flat.repeat(_EXPERTS, 1) * scores.T.reshape(-1, 1)  # (E·B·T, d), expert by expert
+        y = self.experts(routed).view(_EXPERTS, *h.shape).sum(0)
+        return self.head(torch.tanh(h + y).mean(1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "layers"])
+def test_llama4_dense_experts_equal_the_dense_oracle_on_their_own_rule(structure: str) -> None:
+    torch.manual_seed(0)
+    model, ids = _DenseMoE().double(), torch.randint(0, 9, (4, 5), generator=torch.Generator().manual_seed(1))
+    backend, rules = assert_quietly_equals_dense(model, ids, structure)
+    assert type(rules["experts"]).__name__ == "DenseExpertsRule" and not backend.moved and not backend.demoted
+
+
 def test_expert_blocks_group_each_samples_pairs_by_expert() -> None:
     index = torch.tensor([[2, 0, 2, 3], [1, 1, 1, 0]])  # 3 experts; index 3 is dropped
     blocks, length = _expert_blocks(index, 3)
@@ -183,6 +213,10 @@ _HF = {
     "phimoe": lambda: T.PhimoeForCausalLM(T.PhimoeConfig(num_local_experts=3, num_experts_per_tok=2,
                                                          max_position_embeddings=64, **_DECODER)),
     "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(num_experts=3, num_experts_per_tok=2, **_DECODER)),
+    # its experts take every token once per expert, scaled by the router's score: the dense experts' rule
+    "llama4": lambda: T.Llama4ForCausalLM(T.Llama4TextConfig(
+        intermediate_size=8, intermediate_size_mlp=32, num_local_experts=3, num_experts_per_tok=1, head_dim=8,
+        interleave_moe_layer_step=1, no_rope_layers=[1], **{k: v for k, v in _DECODER.items() if k != "intermediate_size"})),
     "deepseek_v3": lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
         n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=8,
         first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
@@ -203,8 +237,9 @@ def test_hugging_face_moe_models_keep_the_experts_rule_and_equal_the_autograd_or
     ids = {"input_ids": torch.randint(3, 24, (2, 5), generator=torch.Generator().manual_seed(1))}
     backend, rules = module_rules(model, ids, output=lambda out: out.logits)
     experts = {path: type(rule).__name__ for path, rule in rules.items() if path.endswith(".experts")}
-    assert list(experts.values()) == ["ExpertsRule"] and not backend.moved
-    assert [type(m).__name__ for m in backend.demoted] == (["PhimoeTopKRouter"] if name == "phimoe" else [])
+    assert list(experts.values()) == ["DenseExpertsRule" if name == "llama4" else "ExpertsRule"] and not backend.moved
+    routers = {"phimoe": ["PhimoeTopKRouter"], "llama4": ["Llama4Router"]}  # Linear subclasses returning tuples
+    assert [type(m).__name__ for m in backend.demoted] == routers.get(name, [])
     got = torchfim.fisher(model, ids, structure="diag", output=lambda out: out.logits)
     want = clients.categorical_diag_by_autograd(model, ids)
     assert (got - want).abs().max() <= 1e-6 * want.abs().max()

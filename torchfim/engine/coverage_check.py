@@ -185,11 +185,13 @@ class CoverageCheck:
             return self._demote(probation)
         misses = {index[k]: summed for k, summed in
                   missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
-        if self._reject_layouts([call for rule, call in rec.calls if call.regrouped and set(misses) & set(rule.params.values())]):
-            return True  # its rows were not sample by sample (a sequence-first batch flattened): record them as they come
+        # A rule on probation that misses gives way first (its generic rule reads the rows regrouped as well:
+        # a Linear subclass returning a tuple keeps them), then rows read regrouped that still miss come as they are.
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
         if failed:
             return self._demote(failed)
+        if self._reject_layouts([call for rule, call in rec.calls if call.regrouped and set(misses) & set(rule.params.values())]):
+            return True  # its rows were not sample by sample (a sequence-first batch flattened): record them as they come
         if self._loop_wrongly_batched(rec, v, set(misses)):
             return True
         spread = {rule.module for rule, _ in rec.calls if rule.module in self.shared and set(misses) & set(rule.params.values())}

@@ -28,9 +28,10 @@ from .modules.generic import FOLDED_INPUTS, GenericRule, batch_dim, folded_rows,
 
 def carries_batch(call: Call, folded: bool = False) -> bool:
     """Whether every output of the call carries the batch (first, or second for a sequence-first module), or
-    it was recorded with its rows regrouped for its rule (:attr:`.modules.Call.regrouped`); with ``folded`` (a
+    it was recorded with its rows regrouped for its rule (:attr:`.modules.Call.regrouped`) or read by sample
+    in a layout of its rule's own (:attr:`.modules.Call.own_layout`); with ``folded`` (a
     generic rule's call), outputs that lead with the batch folded, ``B·k`` rows sample by sample, count too."""
-    if call.regrouped:
+    if call.regrouped or call.own_layout:
         return True
     outputs = call.taps[: len(call.taps) - len(call.cache.get(PARTS, ()))]  # a rule's own taps come after
     folded = folded and reads_by_sample(call.module, {**dict(enumerate(call.args)), **call.kwargs}, call.size,

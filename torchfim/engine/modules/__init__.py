@@ -2,7 +2,7 @@
 
 Linear, Conv1d/2d/3d and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval),
 MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed
-Linear) and its fused mixture-of-experts layers have rules of their own; any other module with trainable parameters gets the generic rule
+Linear) and its mixture-of-experts layers (routed, and Llama 4's dense) have rules of their own; any other module with trainable parameters gets the generic rule
 (``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) keeps its rule,
 with the originals' gradients by the chain rule (:mod:`.parametrized`). Adding a rule is one module here and
 one line in :func:`rule_for`.
@@ -16,6 +16,7 @@ from .attention import PARAMETERS as ATTENTION_PARAMETERS
 from .attention import AttentionRule, attention_supported
 from .base import Call, Grads, Rule, runs_torch_forward
 from .conv import ConvRule, conv_supported
+from .dense_experts import DenseExpertsRule, dense_experts_supported
 from .embedding import EmbeddingRule, embedding_supported
 from .experts import ExpertsRule, covered_names, experts_supported
 from .generic import GenericRule, tensors_of
@@ -87,6 +88,8 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         return RecurrentRule(module, params, path)
     if experts_supported(module) and set(params) <= covered_names(module):
         return ExpertsRule(module, params)
+    if dense_experts_supported(module) and set(params) <= {"gate_up_proj", "down_proj"}:
+        return DenseExpertsRule(module, params)
     if parametrized_names(module):
         return parametrized_rule(module, params, _weight_and_bias_rule) or GenericRule(module, params, path)
     rule = _weight_and_bias_rule(module, params)

@@ -50,6 +50,9 @@ class Call:
     #: Whether the call returned two or more outputs in a container the recording could not rebuild with views
     #: of them (:func:`..recording.own_outputs`): their sensitivities then hold the paths from one through another.
     unviewed: bool = False
+    #: Whether the call's rule reads its rows by sample in a layout of its own (Llama 4's experts: ``(E·B·T, d)``
+    #: block by block), set by :meth:`Rule.take_recorded`; the call counts as carrying the batch.
+    own_layout: bool = False
     #: ``k`` where the call's input and outputs lead with ``size·k`` rows, sample by sample (the batch folded
     #: with ``k`` positions, as ``x.view(-1, d)`` does): its input is kept as ``(size, k, ...)`` and its
     #: sensitivities come as ``(m, size, k, ...)``, so a rule that reads positions reads the folded rows as
