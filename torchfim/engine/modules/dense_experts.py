@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import PARTS, Call, Grads, Rule, as_float
+from .experts import block_gradients
 
 _NAMES = ("gate_up_proj", "down_proj")
 
@@ -84,9 +85,8 @@ class DenseExpertsRule(Rule):
                 continue
             a = as_float(a.unflatten(1, (size, -1))[:, rows])  # (E, b, T, in)
             g = as_float(g.reshape(m, experts, size, -1, g.shape[-1])[:, :, rows])  # (m, E, b, T, out)
-            b, positions, width, units = a.shape[1], a.shape[2], a.shape[3], g.shape[-1]
-            inputs = a.permute(1, 0, 3, 2).reshape(b * experts, width, positions)
-            stacked = g.permute(2, 1, 3, 0, 4).reshape(b * experts, positions, m * units)
-            product = torch.bmm(inputs, stacked).view(b, experts, width, m, units)  # Σ_t a_t δ_tᵀ
-            out[self.params[name]] = product.permute(0, 3, 1, 2, 4).reshape(b, m, -1)
+            b, positions = a.shape[1], a.shape[2]
+            inputs = a.transpose(0, 1).reshape(b * experts, positions, -1)
+            stacked = g.permute(2, 1, 3, 0, 4).reshape(b * experts, positions, -1)
+            out[self.params[name]] = block_gradients(inputs, stacked, b, m, transposed=True)
         return out

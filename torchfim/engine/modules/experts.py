@@ -180,12 +180,21 @@ class ExpertsRule(Rule):
         # A padded slot reads some pair's δ against a zero input row: it adds nothing.
         ge = _gathered(g, rows_of).permute(1, 2, 0, 3).reshape(b * experts, length, m * units)  # a view for m = 1
         ae = _gathered(a, rows_of // per_row).masked_fill_((blocks == pairs).unsqueeze(-1), 0)
-        ae = ae.view(b * experts, length, width)
-        if self.module.is_transposed:  # (b·E, in, m·out) → (b, m, E, in, out)
-            product = torch.bmm(ae.transpose(1, 2), ge).view(b, experts, width, m, units).permute(0, 3, 1, 2, 4)
-        else:  # (b·E, m·out, in) → (b, m, E, out, in)
-            product = torch.bmm(ge.transpose(1, 2), ae).view(b, experts, m, units, width).transpose(1, 2)
-        return product.reshape(b, m, -1)
+        return block_gradients(ae.view(b * experts, length, width), ge, b, m, self.module.is_transposed)
+
+
+def block_gradients(a: Tensor, g: Tensor, size: int, vectors: int, transposed: bool) -> Tensor:
+    """Per-sample gradients ``(b, m, E·…)`` of stacked experts' weights from the blocks of positions of every
+    (sample, expert), sample-major: inputs ``a`` ``(b·E, C, in)`` and sensitivities ``g`` ``(b·E, C, m·out)``,
+    ``Σ_c a_c g_cᵀ`` per block and vector in the weights' layout, ``(E, in, out)`` where they are stored
+    transposed, else ``(E, out, in)``; one batched product (a transposed operand is not copied)."""
+    blocks, _, width = a.shape
+    experts, units = blocks // size, g.shape[-1] // vectors
+    if transposed:  # (b·E, in, m·out) → (b, m, E, in, out)
+        product = torch.bmm(a.transpose(1, 2), g).view(size, experts, width, vectors, units).permute(0, 3, 1, 2, 4)
+    else:  # (b·E, m·out, in) → (b, m, E, out, in)
+        product = torch.bmm(g.transpose(1, 2), a).view(size, experts, vectors, units, width).transpose(1, 2)
+    return product.reshape(size, vectors, -1)
 
 
 class _Permuted(torch.autograd.Function):
