@@ -116,14 +116,11 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
                 output = spread_output(output, size)
             if kwargs and not isinstance(rule, GenericRule):  # rules read their inputs by position
                 args, kwargs = _positional(forward, signature, args, kwargs)
-            returned = [t for t in tensors_of(output) if t.requires_grad]
-            output = own_outputs(output)
-            taps = [t for t in tensors_of(output) if t.requires_grad]
+            output, taps, unviewed = own_outputs(output)
             detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             fold, second = rows_layout(detached, taps, size, allowed) if allowed else (1, False)
-            call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second,
-                        unviewed=len(taps) > 1 and any(t is r for t, r in zip(taps, returned)))
+            call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second, unviewed=unviewed)
             if call.regrouped:
                 call.args = (call.batch_first(detached[0]), *detached[1:])
             if isinstance(rule, GenericRule) and not call.regrouped:
@@ -144,9 +141,10 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
         yield
 
 
-def own_outputs(output: object) -> object:
+def own_outputs(output: object) -> tuple[object, list[Tensor], bool]:
     """A call's output with each of its tensors that require grad replaced by a view of it, where it has two or
-    more (in tuples, lists and dicts, nested; a dict subclass such as a ``ModelOutput`` updated in place).
+    more (in tuples, lists and dicts, nested; a dict subclass such as a ``ModelOutput`` updated in place); those
+    tensors (the call's taps); and whether some of them could not be replaced (:attr:`.modules.Call.unviewed`).
 
     The views are the call's taps: the model downstream reads them, while the module computed its outputs
     from the tensors under them. So a tap's sensitivity is that of its uses outside the call alone, even
@@ -154,9 +152,12 @@ def own_outputs(output: object) -> object:
     from the hidden state it also returns) or returns one tensor twice. Autograd's sensitivity of the tensor
     itself would also hold the paths through the other outputs, which a product over all the outputs (the
     generic rule's) then counts twice (docs/math.md §6.3e)."""
-    if sum(t.requires_grad for t in tensors_of(output)) < 2:
-        return output
-    return _viewed(output)
+    returned = [t for t in tensors_of(output) if t.requires_grad]
+    if len(returned) < 2:
+        return output, returned, False
+    output = _viewed(output)
+    taps = [t for t in tensors_of(output) if t.requires_grad]
+    return output, taps, any(t is r for t, r in zip(taps, returned))
 
 
 def _viewed(out: object) -> object:
