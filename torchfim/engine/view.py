@@ -29,6 +29,7 @@ from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
+from .power_iteration import pause_power_iterations
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -41,6 +42,13 @@ PARAMETERS_CHANGED = (
     "call in eval mode?), so the result would mix two sets of weights; hold torchfim.engine.ENGINE_LOCK "
     "around the training step, or compute between steps; for a model that changes itself once, call it once "
     "before"
+)
+
+#: Why outputs differ between forwards when a forward updates the model's buffers.
+STATE_UPDATED = (
+    "every forward of the model updates its buffer(s) {} in place (a running average, a counter or another "
+    "state kept in training mode), so each forward torchfim runs sees another model and per-sample Fisher "
+    "terms are undefined; call model.eval() (or turn that update off) while torchfim computes"
 )
 
 #: A forward that reaches the user's modules: their parameters are not the ones torchfim differentiates.
@@ -181,6 +189,11 @@ def _embeddings_for_derivatives(copy: nn.Module) -> None:
             )
 
 
+def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
+    """Each buffer's identity and version counter: a forward that updates one changes them."""
+    return {name: (id(b), b._version) for name, b in tree.named_buffers()}
+
+
 def _check_in_memory(tensors: dict[str, Tensor]) -> None:
     """Refuse parameters and buffers on the meta device: their values live elsewhere, if anywhere."""
     on_meta = [n for n, t in tensors.items() if t.is_meta]
@@ -209,6 +222,7 @@ class ModelView:
             self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
         check_mode(self.model)
         _embeddings_for_derivatives(self.model)
+        pause_power_iterations(self.model)  # one weight for every forward; the user's u, v left as they are
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise TorchfimError(
@@ -365,12 +379,16 @@ class ModelView:
             return checked
         take = min(batch.size - 1, 4 - checked)
         rows = torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)
+        before = _buffer_states(self.model)
         with fewer_inputs(take, batch.size):
             alone = self.flat(self._reached(batch.rows(rows)))
         ref = out[rows]
         scale = ref.abs().amax().clamp_min(1.0).float()
         tol = 1e3 * torch.finfo(ref.dtype).eps * scale
         if (ref.float() - alone.reshape(ref.shape).float()).abs().amax() > tol:
+            updated = [n for n, state in _buffer_states(self.model).items() if before.get(n) != state]
+            if updated:
+                raise TorchfimError(STATE_UPDATED.format(", ".join(repr(n) for n in updated)))
             raise TorchfimError(
                 "the model's output for a sample depends on the other samples in its batch "
                 "(e.g. BatchNorm in training mode, or an operation across the batch dimension), so per-sample "

@@ -21,8 +21,10 @@ The perturbed pass runs the model with shifted copies of the parameters in their
 ``torch.func.functional_call`` does), so the parameters themselves are never modified (nothing to
 restore, no drift, and no in-place change of a tensor an outer graph saved). It sees the same
 inputs and the same labels; in training mode it also sees the same random numbers as the first
-pass (torch's RNG state is replayed, so a Dropout mask is the same) and it updates no buffer
-(BatchNorm running statistics are updated once, by the first pass, as by any forward).
+pass (torch's RNG state is replayed, so a Dropout mask is the same), and it sees the state the
+first pass left and updates none of it: BatchNorm running statistics are updated once, by the first
+pass, as by any forward, and spectral norm's power iteration, which the first pass moves by a step,
+is paused (:mod:`torchfim.engine.power_iteration`), so both passes divide by the same ``σ``.
 
 In a training step, :func:`batch_gradient_fd_shared` (behind
 :meth:`~torchfim.train.FisherPenalty.penalised_loss`) makes the perturbed pass the step's only
@@ -32,20 +34,21 @@ differentiated forward: the task loss is taken at ``θ' = θ + ε ĝ`` too, and 
 ``2F + 3B`` for the separate term. The task gradient is then off by ``ε H_task ĝ + O(ε²)``, with
 ``ε = 0.1·√eps·(1 + ‖θ‖)`` (about ``1.5e-9·(1 + ‖θ‖)`` in float64, ``3.5e-5·(1 + ‖θ‖)`` in
 float32); on the test models the whole gradient is within ``4e-8`` (float64) and ``1e-3`` (float32) of
-double backprop at θ. The first pass then runs on clones of the buffers and the perturbed pass,
-with the replayed random numbers, updates them once.
+double backprop at θ. There too the first pass updates the buffers (once) and the perturbed pass
+runs on clones of them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
+from ..engine.power_iteration import paused_power_iterations
 from ..errors import TorchfimError
 from ..families import Family
 from .model_io import ModelIO
@@ -188,9 +191,7 @@ def batch_gradient_fd(
     if alpha == 0.0:
         return value, [torch.zeros_like(p) for p in params]
     shifted = [t.requires_grad_() for t in _shifted([p.detach() for p in params], g, shift)]
-    # Buffers of a training-mode model are cloned so that the perturbed pass updates none of them.
-    buffers = {id(b): b.clone() for b in model.buffers()} if replay.active else {}
-    with replay.second_pass(), _substituted(model, {**buffers, **{id(p): t for p, t in zip(params, shifted)}}):
+    with _perturbed(model, replay, dict(zip(params, shifted))):
         g_plus = _gradients(family.nll(io.outputs(model, x), y), shifted)
     return value, [(a - b).mul_(scale) for a, b in zip(g_plus, g)]
 
@@ -215,6 +216,13 @@ def trace_fd(
 
     log_p, masks = io.input_log_prob(model, family, x), family.mask
     base = {n: p.detach() for n, p in named}
+    with paused_power_iterations(model):  # both passes see σ as the labels' forward left it
+        return _trace_difference(io, log_p, base, x, y, masks, alpha, fd_step)
+
+
+def _trace_difference(io: ModelIO, log_p: Callable, base: dict[str, Tensor], x: Batch, y: Tensor, masks: Tensor | None,
+                      alpha: float, fd_step: float | None) -> tuple[Tensor, list[Tensor]]:
+    """:func:`trace_fd`'s two passes of per-input gradients, at θ and at each input's θ + ε ĝᵢ."""
     g = io.per_input_gradients(log_p, base, None, x, y, masks)
     sq = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in g.values())  # (B,)
     norms = sq.sqrt()
@@ -279,10 +287,10 @@ def batch_gradient_fd_shared(
     the parameters ``p + (ε/‖g‖)·g_p`` in their slots — differentiable in ``p``, so a
     backward through ``o'`` lands on the real parameters' ``.grad``.
 
-    In training mode pass 1 runs on clones of the buffers (its BatchNorm updates are thrown away)
-    and pass 2 replays its random numbers (the same Dropout masks) on the real buffers, so the
-    running statistics move once, by the batch statistics at θ' (an O(ε) difference from θ).
-    torch's RNG ends where pass 1 and the label draw left it.
+    In training mode pass 1 updates the buffers as any forward does (running statistics by the batch
+    at θ, a step of spectral norm's power iteration) and pass 2 replays its random numbers (the same
+    Dropout masks) on clones of them, with the power iteration paused (:func:`_perturbed`). torch's
+    RNG ends where pass 1 and the label draw left it.
 
     Returns ``(o', L(θ') on o', c, α‖g‖², last)`` with ``c = 2α‖g‖/ε`` (a number on CPU, else a 0-dim
     tensor; see :func:`_fd_scalars`) and the value a 0-dim tensor. With
@@ -292,21 +300,18 @@ def batch_gradient_fd_shared(
     """
     params = [p for _, p in named]
     replay = _Replay(model, params[0].device)
-    buffers = {id(b): b.clone() for b in model.buffers()} if replay.active else {}
     with torch.enable_grad():
-        with _substituted(model, buffers):
-            o = leading(io.outputs(model, x), rows)
+        o = leading(io.outputs(model, x), rows)
         y = draw_labels(o)
         nll = family.nll(o, y)
         g = _gradients(nll, params) if nll.requires_grad else [torch.zeros_like(p) for p in params]
     shift, coef, value = _fd_scalars(g, params, fd_step, alpha)  # θ + ε ĝ = θ + (ε/‖g‖) g; g = 0 is not moved
-    with replay.second_pass():  # the same Dropout masks as pass 1
-        if cache:
-            shifted, last = _shifted(params, g, shift), g
-        else:
-            *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
-        with _substituted(model, {id(p): t for p, t in zip(params, shifted)}):
-            out = io.call(model, x)
+    if cache:
+        shifted, last = _shifted(params, g, shift), g
+    else:
+        *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
+    with _perturbed(model, replay, dict(zip(params, shifted))):
+        out = io.call(model, x)
     return out, family.nll(leading(io.tensor(out), rows), y), coef, value, last
 
 
@@ -324,6 +329,25 @@ def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: f
     else:
         torch._foreach_add_(grads, g, alpha=-coef)
     return grads
+
+
+@contextmanager
+def _perturbed(model: nn.Module, replay: _Replay, shifted: dict[Tensor, Tensor]) -> Iterator[None]:
+    """The second pass: the ``shifted`` parameters in their slots, the model's state as the first pass left
+    it and untouched by this one, and the first pass's random numbers.
+
+    In training mode the buffers are clones (the BatchNorm statistics this pass would add are thrown
+    away) and spectral norm's power iteration is paused, so this pass divides by ``σ`` from the ``u, v``
+    the first pass moved and used: a second step of the iteration would change ``σ`` by far more than
+    the ``ε`` of the difference.
+    """
+    buffers = {id(b): b.clone() for b in model.buffers()} if replay.active else {}
+    with ExitStack() as stack:
+        if replay.active:  # in eval mode nothing moves u, v: no walk over the modules
+            stack.enter_context(paused_power_iterations(model))
+        stack.enter_context(replay.second_pass())
+        stack.enter_context(_substituted(model, {**buffers, **{id(p): t for p, t in shifted.items()}}))
+        yield
 
 
 @contextmanager

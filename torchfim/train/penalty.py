@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
+from ..engine.power_iteration import paused_power_iterations
 from ..engine.view import check_mode as _check_mode
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
@@ -124,7 +125,8 @@ class FisherPenalty:
     ``kind="batch_gradient"`` any model works (in train mode, BatchNorm statistics of that pass
     are those of the batch and its running statistics are updated once, as by any forward pass;
     the finite difference's second pass replays the first one's random numbers, so Dropout masks
-    agree, and updates no buffer). ``kind="trace"`` needs per-sample gradients, so it refuses
+    agree, and updates no buffer: spectral norm's power iteration is paused there, so both passes
+    divide by the same ``σ``). ``kind="trace"`` needs per-sample gradients, so it refuses
     BatchNorm or Dropout in training mode (call ``model.eval()`` or use ``kind="batch_gradient"``).
     The penalty is computed with gradients enabled even inside ``torch.no_grad()``, so its value
     (and ``last_value``) is right there too.
@@ -321,8 +323,9 @@ class FisherPenalty:
         * Other steps: ``task_loss(model(inputs))``, plus the cached-gradient surrogate when
           ``reuse_between=True`` and a step was computed (no term otherwise).
 
-        In training mode the model's buffers are updated once per call, by the forward whose
-        outputs are returned, and the finite difference replays the Dropout masks of pass 1. On
+        In training mode the model's buffers are updated once per call (with finite differences by
+        pass 1, at θ; pass 2 runs on clones of them with spectral norm's power iteration paused), and
+        the finite difference replays the Dropout masks of pass 1. On
         computed steps gradients are enabled even inside ``torch.no_grad()``.
 
         Example:
@@ -449,7 +452,8 @@ class FisherPenalty:
         y = self._trace_labels(x) if y is None else y
         masks = self.family.mask
         log_p = self.io.input_log_prob(self.model, self.family, x)
-        per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
+        with paused_power_iterations(self.model):  # the per-sample passes see the labels' forward's σ
+            per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
         return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
 
