@@ -214,6 +214,20 @@ def test_scale_grad_by_freq_leaves_the_fisher_of_derivatives(backend: str):
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13) and model[0].scale_grad_by_freq
 
 
+@pytest.mark.parametrize("call", ["fisher", "fisher_variance", "samples_needed"])
+def test_a_lazy_module_before_its_first_forward_is_refused_with_the_fix(call: str):
+    """Its parameters have no shape yet; before, a RuntimeError from inside torch. After the forward the
+    message names, the Fisher is the dense oracle's."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3)).double(), mlp_inputs(5)
+    with pytest.raises(TorchfimError, match=r"'0\.weight', '0\.bias' of the model are not initialised yet.*model\(x\)"):
+        getattr(torchfim, call)(model, x)
+    with torch.no_grad():
+        model(x)
+    assert torch.allclose(torchfim.fisher(model, x, structure="full"), exact_fisher(model, x, "categorical"),
+                          rtol=1e-10, atol=1e-13)
+
+
 def test_dropout_in_training_mode():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 3)).double()
     with pytest.raises(TorchfimError, match=r"Dropout.*model\.eval\(\)"):

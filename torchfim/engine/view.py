@@ -194,6 +194,18 @@ def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (id(b), b._version) for name, b in tree.named_buffers()}
 
 
+def _check_initialised(tree: nn.Module) -> None:
+    """Refuse parameters and buffers of lazy modules before their first forward: they have no shape yet."""
+    lazy = [n for n, t in [*tree.named_parameters(), *tree.named_buffers()] if nn.parameter.is_lazy(t)]
+    if lazy:
+        shown = ", ".join(repr(n) for n in lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
+        raise TorchfimError(
+            f"{shown} of the model are not initialised yet (a lazy module, such as nn.LazyLinear, takes its "
+            "shapes from its first input), so the Fisher has no shape; run one forward first, e.g. "
+            "with torch.no_grad(): model(x) on a mini-batch"
+        )
+
+
 def _check_in_memory(tensors: dict[str, Tensor]) -> None:
     """Refuse parameters and buffers on the meta device: their values live elsewhere, if anywhere."""
     on_meta = [n for n, t in tensors.items() if t.is_meta]
@@ -223,6 +235,7 @@ class ModelView:
         check_mode(self.model)
         _embeddings_for_derivatives(self.model)
         pause_power_iterations(self.model)  # one weight for every forward; the user's u, v left as they are
+        _check_initialised(self.model)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise TorchfimError(
