@@ -1,7 +1,7 @@
 """Models whose forward in training mode updates their own state.
 
 Spectral norm divides a weight by ``σ = uᵀ W v`` after moving its buffers ``u, v`` by a step of the power
-method, in place, on every forward in training mode (:mod:`torchfim.engine.power_iteration`). The
+method, in place, on every forward in training mode (:mod:`torchfim.engine.derivative_settings`). The
 Fisher's forwards and the finite-difference penalty's second pass must all see one ``σ``: the oracle is
 a copy of the model after one training-mode forward (``u, v`` moved once), then put in eval mode, so that
 its forwards hold ``σ``. A state update the engine cannot pause is named in the error.

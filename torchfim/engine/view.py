@@ -28,8 +28,8 @@ from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
+from .derivative_settings import for_derivatives
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
-from .power_iteration import pause_power_iterations
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -170,25 +170,6 @@ def check_class_dim(class_dim: object) -> int:
     return int(class_dim)
 
 
-def _embeddings_for_derivatives(copy: nn.Module) -> None:
-    """On the engine's copy: refuse embeddings whose forward rescales rows of their trainable weight in
-    place (``max_norm``: torchfim's check that no training step changes the weights during a computation
-    would refuse each of its forwards, blaming another thread), and turn off ``scale_grad_by_freq`` (a
-    rescaling of the gradient by the ids' counts in the batch: the Fisher is of derivatives)."""
-    for name, module in copy.named_modules():
-        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            continue
-        module.scale_grad_by_freq = False
-        if module.max_norm is not None and module.weight.requires_grad:
-            raise TorchfimError(
-                f"module {name or type(module).__name__!r} is an embedding with max_norm={module.max_norm}, "
-                "whose every forward rescales the rows it looks up in place, so its weight changes during "
-                "the computation; rescale them once yourself (with torch.no_grad(): "
-                "torch.embedding_renorm_(emb.weight, ids, max_norm, norm_type) for the ids you use) and set "
-                "emb.max_norm = None while torchfim computes"
-            )
-
-
 def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
     """Each buffer's identity and version counter: a forward that updates one changes them."""
     return {name: (id(b), b._version) for name, b in tree.named_buffers()}
@@ -233,8 +214,7 @@ class ModelView:
         if eval_mode and self.model is not model:
             self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
         check_mode(self.model)
-        _embeddings_for_derivatives(self.model)
-        pause_power_iterations(self.model)  # one weight for every forward; the user's u, v left as they are
+        for_derivatives(self.model)  # one weight for every forward (the user's u, v left as they are), dense grads
         _check_initialised(self.model)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:

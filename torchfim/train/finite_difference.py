@@ -24,7 +24,7 @@ inputs and the same labels; in training mode it also sees the same random number
 pass (torch's RNG state is replayed, so a Dropout mask is the same), and it sees the state the
 first pass left and updates none of it: BatchNorm running statistics are updated once, by the first
 pass, as by any forward, and spectral norm's power iteration, which the first pass moves by a step,
-is paused (:mod:`torchfim.engine.power_iteration`), so both passes divide by the same ``σ``.
+is paused (:mod:`torchfim.engine.derivative_settings`), so both passes divide by the same ``σ``.
 
 In a training step, :func:`batch_gradient_fd_shared` (behind
 :meth:`~torchfim.train.FisherPenalty.penalised_loss`) makes the perturbed pass the step's only
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
-from ..engine.power_iteration import paused_power_iterations
+from ..engine.derivative_settings import paused_power_iterations
 from ..errors import TorchfimError
 from ..families import Family
 from .model_io import ModelIO

@@ -1,0 +1,105 @@
+"""Settings of a model's modules that torchfim overrides while it computes, so that its forwards are of
+one function and its gradients dense.
+
+* Spectral norm divides a weight by ``σ = uᵀ W v``, with ``u, v`` buffers that every forward in training
+  mode first moves by ``n_power_iterations`` steps of the power method, in place, and then holds constant
+  (no gradient flows through them). Two forwards of one computation would then see two weights: the
+  Fisher's forwards and the finite-difference penalty's two passes must see one. Paused, a forward uses
+  the stored ``u, v`` as a forward in eval mode does, and writes nothing. Both spellings are covered: the
+  parametrization ``torch.nn.utils.parametrizations.spectral_norm`` (a module) and the forward pre-hook
+  of the older ``torch.nn.utils.spectral_norm``.
+* Embeddings with ``sparse=True`` store their gradient as a sparse tensor, for a sparse optimiser; the
+  Fisher's products, norms and per-sample (``vmap``) gradients need it dense. The values are the same.
+* Embeddings with ``scale_grad_by_freq=True`` rescale their gradient by the ids' counts in the batch, a
+  training heuristic; the Fisher is of derivatives, so the engine's copy turns it off.
+* Embeddings with ``max_norm`` rescale the rows they look up in place on every forward: refused.
+
+:func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
+which runs the user's own model, overrides what it needs for the length of a block
+(:func:`dense_gradients`, :func:`paused_power_iterations`) and restores it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
+
+from ..errors import TorchfimError
+
+__all__ = ["dense_gradients", "for_derivatives", "paused_power_iterations"]
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def for_derivatives(tree: nn.Module) -> None:
+    """Set ``tree`` (the engine's private copy of a model) up for derivatives: power iterations paused,
+    embeddings' gradients dense and unscaled; embeddings with ``max_norm`` refused.
+
+    The parametrization modules and embeddings are the copy's own; the older spectral norm's hook objects
+    are shared with the user's modules, so the copy's registries get paused copies of them.
+    """
+    for name, module in tree.named_modules():
+        if isinstance(module, _SpectralNorm):
+            module.n_power_iterations = 0
+        hooks = module._forward_pre_hooks
+        for key, hook in list(hooks.items()):
+            if isinstance(hook, SpectralNorm):
+                paused = copy.copy(hook)
+                paused.n_power_iterations = 0
+                hooks[key] = paused
+        if isinstance(module, _EMBEDDINGS):
+            _refuse_max_norm(name, module)
+            module.scale_grad_by_freq = module.sparse = False
+
+
+@contextmanager
+def paused_power_iterations(model: nn.Module) -> Iterator[None]:
+    """Within the block, the forwards of ``model`` (the user's own) move no ``u, v``; restored after."""
+    owners = []
+    for module in model.modules():
+        if isinstance(module, _SpectralNorm):
+            owners.append(module)
+        if module._forward_pre_hooks:
+            owners += [h for h in module._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
+    with _overridden(owners, "n_power_iterations", 0):
+        yield
+
+
+@contextmanager
+def dense_gradients(model: nn.Module) -> Iterator[None]:
+    """Within the block, the embeddings of ``model`` (the user's own) with ``sparse=True`` give dense
+    gradients (the same values); restored after."""
+    with _overridden([m for m in model.modules() if isinstance(m, _EMBEDDINGS) and m.sparse], "sparse", False):
+        yield
+
+
+@contextmanager
+def _overridden(owners: list[object], attribute: str, value: object) -> Iterator[None]:
+    """Within the block, ``owner.attribute = value`` for each of ``owners``; what each held before, after."""
+    before = [getattr(o, attribute) for o in owners]
+    for owner in owners:
+        setattr(owner, attribute, value)
+    try:
+        yield
+    finally:
+        for owner, held in zip(owners, before):
+            setattr(owner, attribute, held)
+
+
+def _refuse_max_norm(name: str, module: nn.Module) -> None:
+    """Refuse an embedding whose forward rescales rows of its trainable weight in place (``max_norm``:
+    torchfim's check that no training step changes the weights during a computation would refuse each of
+    its forwards, blaming another thread)."""
+    if module.max_norm is not None and module.weight.requires_grad:
+        raise TorchfimError(
+            f"module {name or type(module).__name__!r} is an embedding with max_norm={module.max_norm}, "
+            "whose every forward rescales the rows it looks up in place, so its weight changes during "
+            "the computation; rescale them once yourself (with torch.no_grad(): "
+            "torch.embedding_renorm_(emb.weight, ids, max_norm, norm_type) for the ids you use) and set "
+            "emb.max_norm = None while torchfim computes"
+        )
