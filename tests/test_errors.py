@@ -228,6 +228,39 @@ def test_a_lazy_module_before_its_first_forward_is_refused_with_the_fix(call: st
                           rtol=1e-10, atol=1e-13)
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 4)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.a(x1) * torch.tanh(self.b(x2))
+
+
+class _SameInputTwice(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, x)
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+@pytest.mark.parametrize(("inputs", "call"), [("pair", r"model\(<tensor>\): missing a required argument: 'x2'"),
+                                              ("misnamed", r"model\(x1=…, y2=…\): missing a required argument: 'x2'")])
+def test_a_mini_batch_the_forward_cannot_take_is_named_with_the_fix(inputs: str, call: str, backend: str):
+    """Before any forward; before, a TypeError from inside the model's call. A dict by the forward's
+    argument names then gives the oracle's Fisher."""
+    torch.manual_seed(0)
+    model, x = _TwoInputs().double(), mlp_inputs(5)
+    given = (x, x) if inputs == "pair" else {"x1": x, "y2": x}
+    with pytest.raises(TorchfimError, match=call + r"; the forward takes \(x1, x2\)\. A pair \(x, y\).*as \(inputs, targets\)"):
+        torchfim.fisher(model, given, structure="diag", backend=backend)
+    got = torchfim.fisher(model, {"x1": x, "x2": x}, structure="full", backend=backend)
+    assert torch.allclose(got, exact_fisher(_SameInputTwice(model), x, "categorical"), rtol=1e-10, atol=1e-13)
+
+
 def test_dropout_in_training_mode():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 3)).double()
     with pytest.raises(TorchfimError, match=r"Dropout.*model\.eval\(\)"):

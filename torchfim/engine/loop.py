@@ -72,6 +72,7 @@ def run(
     versions = view.versions()
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         _check_finite_inputs(batch)
+        view.check_call(batch)
         # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.
         cuttable = split and (not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size))
         groups = backend.row_groups(batch, whole) if cuttable else [slice(0, batch.size)]

@@ -51,6 +51,14 @@ STATE_UPDATED = (
     "terms are undefined; call model.eval() (or turn that update off) while torchfim computes"
 )
 
+#: Why a mini-batch does not fit the model's forward.
+FORWARD_ARGUMENTS = (
+    "the model's forward cannot take the mini-batch as torchfim passes it, {call}: {why}; the forward "
+    "takes {signature}. A pair (x, y) of tensors is read as (inputs, targets); pass a model of several "
+    "inputs a dict keyed by its forward's argument names (e.g. {{'x1': x1, 'x2': x2}}, or a loader of such "
+    "dicts), or wrap it in a module whose forward takes one tensor"
+)
+
 #: A forward that reaches the user's modules: their parameters are not the ones torchfim differentiates.
 STALE_MODULES = (
     "the model's forward (or the output= function) calls {} of the model you passed, not of torchfim's "
@@ -236,6 +244,7 @@ class ModelView:
         self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
         self._defaults: dict[str, object] | None = None  # see call_defaults
+        self._call_checked = False  # see check_call
         self._recurrent = stepwise_candidates(self.model)  # computed step by step under torch.func
 
     def predicts_next_token(self) -> bool:
@@ -251,6 +260,22 @@ class ModelView:
         if self._defaults is None:
             self._defaults = forward_defaults(self.model)
         return self._defaults
+
+    def check_call(self, batch: Batch) -> None:
+        """Refuse, before any forward, a mini-batch that the model's forward cannot take as torchfim
+        passes it (``model(x)`` for a tensor, ``model(**batch)`` for a dict); once per view."""
+        if self._call_checked:
+            return
+        self._call_checked = True
+        try:
+            signature = inspect.signature(self.model.forward)
+        except (TypeError, ValueError):  # a forward without a signature: its own call will say
+            return
+        try:
+            signature.bind(*batch.args, **batch.kwargs)
+        except TypeError as why:
+            raise TorchfimError(FORWARD_ARGUMENTS.format(
+                call=describe_call(batch), why=why, signature=_parameter_names(signature))) from None
 
     def versions(self) -> list[int]:
         """The version counters of the trainable parameters (an in-place update increases them)."""
@@ -409,6 +434,20 @@ class ModelView:
         """Split a flat ``(P,)`` vector into a parameter dict."""
         pieces = torch.split(flat, self.layout.sizes)
         return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}
+
+
+def describe_call(batch: Batch) -> str:
+    """How the engine calls the model on ``batch``: ``model(<tensor>)`` or ``model(input_ids=…, …)``."""
+    args = ["<tensor>" for _ in batch.args] + [f"{k}=…" for k in batch.kwargs]
+    return f"model({', '.join(args)})"
+
+
+def _parameter_names(signature: inspect.Signature) -> str:
+    """A forward's parameters as a call would name them: ``(x1, x2, mask=…, *args, **kwargs)``."""
+    kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    names = [kinds.get(p.kind, "") + p.name + ("=…" if p.default is not p.empty else "")
+             for p in signature.parameters.values()]
+    return f"({', '.join(names)})"
 
 
 def forward_defaults(model: nn.Module) -> dict[str, object]:
