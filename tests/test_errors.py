@@ -11,6 +11,7 @@ from oracles import exact_fisher
 from torch import nn
 
 import torchfim
+import torchfim.train
 from torchfim import TorchfimError
 
 
@@ -259,6 +260,19 @@ def test_a_mini_batch_the_forward_cannot_take_is_named_with_the_fix(inputs: str,
         torchfim.fisher(model, given, structure="diag", backend=backend)
     got = torchfim.fisher(model, {"x1": x, "x2": x}, structure="full", backend=backend)
     assert torch.allclose(got, exact_fisher(_SameInputTwice(model), x, "categorical"), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize(("inputs", "call"), [("tensor", r"model\(<tensor>\): missing a required argument: 'x2'"),
+                                              ("misnamed", r"model\(x1=…, y2=…\): missing a required argument: 'x2'")])
+def test_the_penalty_names_a_mini_batch_the_forward_cannot_take(inputs: str, call: str):
+    """Its mini-batch is a tensor or a dict; before, the model's TypeError. The dict by names then works
+    (the penalty's value against its definition is tested in test_train_penalty)."""
+    model, x = _TwoInputs().double(), mlp_inputs(5)
+    pen = torchfim.train.FisherPenalty(model, alpha=0.1)
+    with pytest.raises(TorchfimError, match=call + r"; the forward takes \(x1, x2\)"):
+        pen(x if inputs == "tensor" else {"x1": x, "y2": x}, step=0)
+    pen = torchfim.train.FisherPenalty(model, alpha=0.1)
+    assert pen({"x1": x, "x2": x}, step=0) > 0
 
 
 def test_dropout_in_training_mode():

@@ -264,18 +264,9 @@ class ModelView:
     def check_call(self, batch: Batch) -> None:
         """Refuse, before any forward, a mini-batch that the model's forward cannot take as torchfim
         passes it (``model(x)`` for a tensor, ``model(**batch)`` for a dict); once per view."""
-        if self._call_checked:
-            return
-        self._call_checked = True
-        try:
-            signature = inspect.signature(self.model.forward)
-        except (TypeError, ValueError):  # a forward without a signature: its own call will say
-            return
-        try:
-            signature.bind(*batch.args, **batch.kwargs)
-        except TypeError as why:
-            raise TorchfimError(FORWARD_ARGUMENTS.format(
-                call=describe_call(batch), why=why, signature=_parameter_names(signature))) from None
+        if not self._call_checked:
+            check_forward_takes(self.model, batch)
+            self._call_checked = True
 
     def versions(self) -> list[int]:
         """The version counters of the trainable parameters (an in-place update increases them)."""
@@ -434,6 +425,20 @@ class ModelView:
         """Split a flat ``(P,)`` vector into a parameter dict."""
         pieces = torch.split(flat, self.layout.sizes)
         return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}
+
+
+def check_forward_takes(model: nn.Module, batch: Batch) -> None:
+    """Refuse a mini-batch that ``model``'s forward cannot take as the engine calls it
+    (:data:`FORWARD_ARGUMENTS`), by binding its arguments to the forward's signature (no forward run)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a signature: its own call will say
+        return
+    try:
+        signature.bind(*batch.args, **batch.kwargs)
+    except TypeError as why:
+        raise TorchfimError(FORWARD_ARGUMENTS.format(
+            call=describe_call(batch), why=why, signature=_parameter_names(signature))) from None
 
 
 def describe_call(batch: Batch) -> str:

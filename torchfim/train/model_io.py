@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
-from ..engine.view import check_output_map, read_logits
+from ..engine.view import check_forward_takes, check_output_map, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
@@ -52,6 +52,7 @@ class ModelIO:
         self.forms: Callable[[], AbstractContextManager] = composite_forms if composite else nullcontext
         self.looped = False  # whether per-input gradients are taken one input at a time (vmap failed)
         self._recurrent: tuple[nn.Module, list[nn.Module]] | None = None  # a model and its stepwise layers
+        self._call_checked = False  # see call
 
     # ------------------------------------------------------------ inputs
     def batch(self, inputs: object) -> Batch:
@@ -97,7 +98,11 @@ class ModelIO:
     # ------------------------------------------------------------ calls
     def call(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> object:
         """The model's output on the mini-batch, as the model returns it (in the composite forms where
-        it will be ``differentiated_twice`` and they are on)."""
+        it will be ``differentiated_twice`` and they are on); the first call checks that the forward takes
+        the mini-batch (:func:`.engine.view.check_forward_takes`)."""
+        if not self._call_checked:
+            check_forward_takes(model, x)
+            self._call_checked = True
         with self.forms() if differentiated_twice else nullcontext():
             return x.call(model)
 
