@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 from torch.nn.utils.parametrizations import orthogonal, spectral_norm
 
 ALL_FAMILIES = ("categorical", "bernoulli", "gaussian", "poisson")
@@ -270,6 +271,20 @@ def parametrized(c: int) -> nn.Module:
     return nn.Sequential(orthogonal(nn.Linear(3, 3)), nn.Tanh(), spectral_norm(nn.Linear(3, c))).double().eval()
 
 
+def hooked(c: int) -> nn.Module:
+    """A pruned first layer (weight and bias) and a last one under the older spectral norm (weights set by
+    forward pre-hooks from their originals; not the older weight norm: torch's fused weight norm has no
+    forward-mode derivative, which the Hessian estimator needs)."""
+    _seed()
+    first, last = nn.Linear(3, 4), torch.nn.utils.spectral_norm(nn.Linear(4, c))
+    prune.l1_unstructured(first, "weight", amount=0.4)
+    prune.random_unstructured(first, "bias", amount=0.25)
+    with torch.no_grad():  # the older spectral norm starts from random u, v: converge them (σ ≈ ‖W‖₂)
+        for _ in range(20):
+            last(torch.zeros(1, 4))
+    return nn.Sequential(first, nn.Tanh(), last).double().eval()
+
+
 CASES = [
     Case("tanh_mlp", tanh_mlp, mlp_inputs),
     Case("relu_mlp", relu_mlp, mlp_inputs),
@@ -286,6 +301,7 @@ CASES = [
     Case("frozen", frozen, mlp_inputs),
     Case("custom", custom, mlp_inputs),
     Case("parametrized", parametrized, mlp_inputs),
+    Case("hooked", hooked, mlp_inputs),
     Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian")),
     Case("tokens", token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
     Case("scaled_tokens", scaled_token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),

@@ -3,8 +3,9 @@
 Linear, Conv1d/2d/3d and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval),
 MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed
 Linear) and its mixture-of-experts layers (routed, and Llama 4's dense) have rules of their own; any other module with trainable parameters gets the generic rule
-(``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) keeps its rule,
-with the originals' gradients by the chain rule (:mod:`.parametrized`). Adding a rule is one module here and
+(``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) or computed by
+one of torch's forward pre-hooks (pruning, the older weight and spectral norms) keeps its rule, with the
+originals' gradients by the chain rule (:mod:`.parametrized`, :mod:`.hooked`). Adding a rule is one module here and
 one line in :func:`rule_for`.
 """
 
@@ -20,6 +21,7 @@ from .dense_experts import DenseExpertsRule, dense_experts_supported
 from .embedding import EmbeddingRule, embedding_supported
 from .experts import ExpertsRule, covered_names, experts_supported
 from .generic import GenericRule, tensors_of
+from .hooked import hooked_names, hooked_rule
 from .linear import LinearRule
 from .norm import BatchNormRule, NormRule, norm_supported, own_norm
 from .parametrized import PREFIX, parametrized_names, parametrized_rule
@@ -92,6 +94,8 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
         return DenseExpertsRule(module, params)
     if parametrized_names(module):
         return parametrized_rule(module, params, _weight_and_bias_rule) or GenericRule(module, params, path)
+    if hooked_names(module):
+        return hooked_rule(module, params, _weight_and_bias_rule) or GenericRule(module, params, path)
     rule = _weight_and_bias_rule(module, params)
     if rule is None:
         return GenericRule(module, params, path)

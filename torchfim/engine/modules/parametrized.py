@@ -13,6 +13,8 @@ layer; its map is written out (torch's fused weight-norm backward has no batchin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.utils.parametrizations import _WeightNorm
@@ -45,17 +47,28 @@ def split_originals(params: dict[str, int]) -> tuple[dict[str, int], dict[str, i
     return {**base, **placeholders}, placeholders
 
 
-class ParametrizedRule(Rule):
-    """The per-sample gradients of ``base`` (the layer's rule), with those of each parametrized tensor taken
-    back to its trainable originals (module docstring)."""
+#: Per-sample rows of a derived tensor's gradient ``(R, numel)`` → those of each trainable original, by its
+#: name in the module (``(R, *original.shape)``).
+PullBack = Callable[[Tensor], dict[str, Tensor]]
+#: For a pull-back that multiplies elementwise (a pruning mask): the factor of each original, by its name.
+Factors = Callable[[], dict[str, Tensor]]
 
-    #: A parametrization may be anything: the coverage check confirms the rule, else the generic rule stands.
+
+class ParametrizedRule(Rule):
+    """The per-sample gradients of ``base`` (the layer's rule), with those of each derived tensor taken back to
+    its trainable originals by its pull-back (module docstring): a parametrization's, or a forward
+    pre-hook's (:mod:`.hooked`)."""
+
+    #: A derivation may be anything: the coverage check confirms the rule, else the generic rule stands.
     on_probation = True
 
-    def __init__(self, base: Rule, params: dict[str, int], placeholders: dict[str, int]) -> None:
+    def __init__(self, base: Rule, params: dict[str, int], placeholders: dict[str, int],
+                 pull_backs: dict[str, PullBack], elementwise: dict[str, Factors] | None = None) -> None:
         super().__init__(base.module, params)
         self.base = base
         self.placeholders = placeholders
+        self.pull_backs = pull_backs
+        self.elementwise = elementwise or {}
         self.reads_regrouped_rows = base.reads_regrouped_rows
         self.recording_forward = base.recording_forward
 
@@ -72,33 +85,54 @@ class ParametrizedRule(Rule):
         out = {i: g for i, g in used.items() if i >= 0}
         for name, placeholder in self.placeholders.items():
             if placeholder in used:
-                out.update(self._originals(name, used[placeholder]))
+                g = used[placeholder]
+                b, m = g.shape[:2]
+                per_row = self.pull_backs[name](g.reshape(b * m, -1))
+                out.update({self.params[n]: t.reshape(b, m, -1) for n, t in per_row.items() if n in self.params})
         return out
 
-    def _originals(self, name: str, g: Tensor) -> Grads:
-        """``(∂P/∂u_k)ᵀ G`` for each trainable original ``u_k`` of tensor ``name``, from ``G`` ``(b, m, size)``."""
-        chain = self.module.parametrizations[name]
+
+    def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
+        """The base rule's squares, where every derived tensor's pull-back is elementwise: ``(G ⊙ c)² = G² ⊙ c²``."""
+        if not set(self.placeholders) <= set(self.elementwise):
+            return None
+        used = self.base.squares(call, sens)
+        if used is None:
+            return None
+        out = {i: sq for i, sq in used.items() if i >= 0}
+        for name, placeholder in self.placeholders.items():
+            if placeholder in used:
+                out.update({self.params[n]: used[placeholder] * c.reshape(-1).square()
+                            for n, c in self.elementwise[name]().items() if n in self.params})
+        return out
+
+
+def _parametrization_pull_back(module: nn.Module, name: str) -> PullBack:
+    """``(∂P/∂u_k)ᵀ G`` for each trainable original ``u_k`` of the parametrized tensor ``name``."""
+    chain = module.parametrizations[name]
+
+    def pull_back(rows: Tensor) -> dict[str, Tensor]:
         originals = {n: p.detach() for n, p in chain.named_parameters(recurse=False)}
         if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
-            per_row = _weight_norm_grads(g.reshape(-1, *originals["original1"].shape), originals, chain[0].dim)
+            per_row = weight_norm_grads(rows.reshape(-1, *originals["original1"].shape), originals["original0"],
+                                        originals["original1"], chain[0].dim)
+            per_row = {"original0": per_row[0], "original1": per_row[1]}
         else:
-            tensor, pull_back = vjp(lambda u: functional_call(chain, u, ()), originals)
-            (per_row,) = vmap(pull_back)(g.reshape(-1, *tensor.shape))
-        b, m = g.shape[:2]
-        return {self.params[PREFIX + f"{name}.{n}"]: t.reshape(b, m, -1) for n, t in per_row.items()
-                if PREFIX + f"{name}.{n}" in self.params}
+            tensor, vector_jacobian = vjp(lambda u: functional_call(chain, u, ()), originals)
+            (per_row,) = vmap(vector_jacobian)(rows.reshape(-1, *tensor.shape))
+        return {PREFIX + f"{name}.{n}": t for n, t in per_row.items()}
+
+    return pull_back
 
 
-def _weight_norm_grads(rows: Tensor, originals: dict[str, Tensor], dim: int) -> dict[str, Tensor]:
-    """The weight-norm map of the module docstring for rows ``G`` ``(R, *v.shape)``: ``g`` is ``original0``,
-    ``v`` ``original1``, the norm over every dim of ``v`` but ``dim`` (over all of them for ``dim = -1``, as
-    torch has it)."""
-    scale, direction = originals["original0"], originals["original1"]
+def weight_norm_grads(rows: Tensor, scale: Tensor, direction: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The weight-norm map of the module docstring for rows ``G`` ``(R, *v.shape)``: the rows of ``g``
+    (``scale``) and of ``v`` (``direction``), the norm over every dim of ``v`` but ``dim`` (over all of them
+    for ``dim = -1``, as torch has it)."""
     dims = [d for d in range(direction.dim()) if dim == -1 or d != dim % direction.dim()]
     norm = direction.square().sum(dims, keepdim=True).sqrt()
     along = (rows * direction).sum([d + 1 for d in dims], keepdim=True)  # Σ G ⊙ v, (R, *norm.shape)
-    return {"original0": (along / norm).reshape(rows.shape[0], *scale.shape),
-            "original1": (scale / norm) * rows - (scale * along / norm**3) * direction}
+    return (along / norm).reshape(rows.shape[0], *scale.shape), (scale / norm) * rows - (scale * along / norm**3) * direction
 
 
 def parametrized_rule(module: nn.Module, params: dict[str, int], base_rule) -> Rule | None:
@@ -110,4 +144,6 @@ def parametrized_rule(module: nn.Module, params: dict[str, int], base_rule) -> R
     base_params, placeholders = split
     own = set(dict(module.named_parameters(recurse=False))) | parametrized_names(module)
     base = base_rule(module, base_params, own)
-    return None if base is None else ParametrizedRule(base, params, placeholders)
+    if base is None:
+        return None
+    return ParametrizedRule(base, params, placeholders, {n: _parametrization_pull_back(module, n) for n in placeholders})
