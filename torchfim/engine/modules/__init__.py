@@ -1,6 +1,7 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
-Linear, Conv1d/2d/3d and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval),
+Linear, Conv1d/2d/3d (any padding) and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, InstanceNorm
+(affine), BatchNorm (eval),
 MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed
 Linear) and its mixture-of-experts layers (routed, and Llama 4's dense) have rules of their own; any other module with trainable parameters gets the generic rule
 (``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) or computed by

@@ -1,4 +1,4 @@
-"""``nn.Conv1d/2d/3d`` with zero padding (stride, padding, dilation and groups), and their transposes.
+"""``nn.Conv1d/2d/3d`` (stride, padding, dilation, groups, any padding mode) and their transposes.
 
 A convolution is a linear layer applied at every output position ``l`` to the patch ``p_l`` of its
 input under the kernel: per group, ``∂/∂W = Σ_l g_l p_lᵀ`` and ``∂/∂b = Σ_l g_l`` (docs/math.md §6).
@@ -11,6 +11,10 @@ A transposed convolution ``z = convᵀ(x; W)`` is the adjoint of the convolution
 weight tensor, stride, padding, dilation and groups), so ``⟨g, z⟩ = ⟨conv(g; W), x⟩`` and its weight
 gradient is that convolution's with ``g`` as the input and ``x`` as the output sensitivity: the same
 grouped computation with the two roles swapped (output padding only adds rows ``conv`` does not read).
+
+A layer that pads its input itself before an unpadded convolution (reflect, replicate or circular
+padding; 'same') is the same linear map of its padded input, so the rule pads the recorded input the same
+way (:meth:`ConvRule._padded`) and takes the unpadded convolution's gradients.
 """
 
 from __future__ import annotations
@@ -47,11 +51,9 @@ _KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 
 
 def conv_supported(module: nn.Module) -> bool:
-    """Convolutions this rule covers: 1-d to 3-d and their transposes, zero padding given as numbers or
-    'valid'."""
-    if not isinstance(module, _KINDS):
-        return False
-    return module.padding_mode == "zeros" and (not isinstance(module.padding, str) or module.padding == "valid")
+    """Convolutions this rule covers: 1-d to 3-d and their transposes, any padding mode and padding (numbers,
+    'valid', 'same')."""
+    return isinstance(module, _KINDS)
 
 
 class ConvRule(Rule):
@@ -84,7 +86,7 @@ class ConvRule(Rule):
         g = as_float(sens[0][:, rows])  # (m, b, out, *spatial)
         out: Grads = {}
         if "weight" in self.params:
-            out[self.params["weight"]] = self._weight(as_float(call.args[0][rows]), g)
+            out[self.params["weight"]] = self._weight(self._padded(as_float(call.args[0][rows])), g)
         if "bias" in self.params:
             out[self.params["bias"]] = g.flatten(3).sum(-1).transpose(0, 1)
         return out
@@ -113,8 +115,22 @@ class ConvRule(Rule):
         return windows.permute(order).reshape(x.shape[0], width, positions).transpose(1, 2)
 
     def _padding(self) -> tuple[int, ...]:
+        """The padding the weight gradient applies itself: none where :meth:`_padded` padded the input."""
         module = self.module
-        return (0,) * len(module.kernel_size) if module.padding == "valid" else tuple(module.padding)
+        return (0,) * len(module.kernel_size) if self._pads_input() or module.padding == "valid" else tuple(module.padding)
+
+    def _pads_input(self) -> bool:
+        """Whether the layer pads its input before a convolution without padding, as torch does for the
+        padding modes other than zeros and for 'same' (asymmetric where the kernel's extent is even)."""
+        return self.module.padding_mode != "zeros" or self.module.padding == "same"
+
+    def _padded(self, x: Tensor) -> Tensor:
+        """The input as the layer's convolution reads it: padded by the layer's mode where it pads itself."""
+        if not self._pads_input():
+            return x
+        module = self.module
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
 
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         """Per-sample weight gradients a few samples at a time, squared in place: by one batched matrix
@@ -123,7 +139,7 @@ class ConvRule(Rule):
         later groups), else by :meth:`_weight`."""
         g = as_float(sens[0])  # (m, B, out, *spatial)
         m, size = g.shape[:2]
-        x = as_float(call.args[0])
+        x = self._padded(as_float(call.args[0]))
         out: Grads = {}
         if "weight" in self.params:
             width = self.module.weight[0].numel()  # in/groups · k²

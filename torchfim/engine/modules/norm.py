@@ -1,7 +1,8 @@
 """Normalisation layers with an elementwise affine map: ``z = x̂ ⊙ γ + β``.
 
 ``x̂`` is the normalised input (LayerNorm, RMSNorm: over the trailing ``normalized_shape``;
-GroupNorm: per group of channels; BatchNorm in eval mode: with the running statistics), so the
+GroupNorm: per group of channels; InstanceNorm with ``affine``: per channel of each sample, or with the
+running statistics where it tracks them in eval mode; BatchNorm in eval mode: with the running statistics), so the
 per-sample gradients are ``∂/∂γ = Σ g ⊙ x̂`` and ``∂/∂β = Σ g``, summed over the dims that share the
 parameter (positions, or the spatial dims of a channel) (docs/math.md §6.3c). Eval-mode BatchNorm
 is one affine map per channel: :class:`BatchNormRule` records it in that form and takes its
@@ -24,7 +25,8 @@ from torch import Tensor, nn
 from .base import Call, Grads, Rule, as_float
 
 _TRAILING = (nn.LayerNorm, nn.RMSNorm)
-_CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_INSTANCE = nn.modules.instancenorm._InstanceNorm
+_CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _INSTANCE)
 
 
 #: The ``x̂`` a norm of its own class may compute over the last dim (:func:`own_norm_kind`).
@@ -39,6 +41,8 @@ def norm_supported(module: nn.Module) -> bool:
     that looks like a norm of its own class (:func:`own_norm`)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return not module.training and module.running_mean is not None and isinstance(module, _CHANNEL)
+    if isinstance(module, _INSTANCE):
+        return module.affine
     return isinstance(module, _TRAILING + (nn.GroupNorm,)) or own_norm(module)
 
 
@@ -87,6 +91,8 @@ def normalised(module: nn.Module, x: Tensor, kind: str | None = None) -> Tensor:
         return F.rms_norm(x, shape, None, _eps(module))
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
+    if isinstance(module, _INSTANCE) and (module.training or not module.track_running_stats):
+        return F.instance_norm(x, use_input_stats=True, eps=module.eps)  # each sample's own statistics
     shape = (1, -1) + (1,) * (x.dim() - 2)
     mean, var = module.running_mean.view(shape), module.running_var.view(shape)
     return (x - mean) / (var + module.eps).sqrt()
