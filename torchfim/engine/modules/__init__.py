@@ -1,6 +1,6 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
-Linear, Conv1d/2d/3d (any padding) and their transposes, Embedding, LayerNorm, RMSNorm, GroupNorm, InstanceNorm
+Linear, Conv1d/2d/3d (any padding) and their transposes, Embedding, EmbeddingBag (sum, mean), LayerNorm, RMSNorm, GroupNorm, InstanceNorm
 (affine), BatchNorm (eval),
 MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed
 Linear) and its mixture-of-experts layers (routed, and Llama 4's dense) have rules of their own; any other module with trainable parameters gets the generic rule
@@ -19,7 +19,7 @@ from .attention import AttentionRule, attention_supported
 from .base import Call, Grads, Rule, runs_torch_forward
 from .conv import ConvRule, conv_supported
 from .dense_experts import DenseExpertsRule, dense_experts_supported
-from .embedding import EmbeddingRule, embedding_supported
+from .embedding import EmbeddingBagRule, EmbeddingRule, embedding_bag_supported, embedding_supported
 from .experts import ExpertsRule, covered_names, experts_supported
 from .generic import GenericRule, tensors_of
 from .hooked import hooked_names, hooked_rule
@@ -100,7 +100,7 @@ def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     rule = _weight_and_bias_rule(module, params)
     if rule is None:
         return GenericRule(module, params, path)
-    rule.on_probation = not runs_torch_forward(module) or own_norm(module)
+    rule.on_probation = rule.on_probation or not runs_torch_forward(module) or own_norm(module)
     return rule
 
 
@@ -116,6 +116,8 @@ def _weight_and_bias_rule(module: nn.Module, params: dict[str, int], own: set[st
         return ConvRule(module, params)
     if embedding_supported(module):
         return EmbeddingRule(module, params)
+    if embedding_bag_supported(module):
+        return EmbeddingBagRule(module, params)
     if norm_supported(module):
         batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
         return (BatchNormRule if batch_norm else NormRule)(module, params)
