@@ -275,6 +275,42 @@ def test_the_penalty_names_a_mini_batch_the_forward_cannot_take(inputs: str, cal
     assert pen({"x1": x, "x2": x}, step=0) > 0
 
 
+class _Named(nn.Module):
+    """Returns its logits under a name torchfim does not look for, beside a scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h = self.lin(x)
+        return {"prediction_logits": h, "loss": h.square().mean(), "note": "not a tensor"}
+
+
+@pytest.mark.parametrize("call", ["fisher", "penalty"])
+def test_an_output_to_pick_from_is_described_with_its_tensors(call: str):
+    """Without output=, and with an output= that asks for a field the output lacks (before: the KeyError from
+    inside the engine), the message lists the tensors the output holds; the right field then gives the oracle."""
+    model, x = _Named().double(), mlp_inputs(5)
+
+    def run(output):
+        if call == "fisher":
+            return torchfim.fisher(model, x, structure="full", output=output)
+        return torchfim.train.FisherPenalty(model, alpha=0.1, output=output)(x, step=0)
+
+    fields = r"a dict with tensors prediction_logits \(5, 3\), loss \(\)"
+    with pytest.raises(TorchfimError, match=r"returned " + fields):
+        run(None)
+    with pytest.raises(TorchfimError, match=r"output= function raised KeyError: 'logits', on the model's output, " + fields):
+        run(lambda out: out["logits"])
+    got = run(lambda out: out["prediction_logits"])
+    if call == "fisher":
+        want = exact_fisher(nn.Sequential(model.lin), x, "categorical")
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
+    else:
+        assert got > 0
+
+
 def test_dropout_in_training_mode():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 3)).double()
     with pytest.raises(TorchfimError, match=r"Dropout.*model\.eval\(\)"):

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -82,3 +83,20 @@ def check_label_memory(batch: int, n_samples: int, width: int, device: torch.dev
             f"output scores, but {free:.1f} GiB is available on {device}; draw fewer labels per call "
             "(average the results of several calls) or pass smaller mini-batches"
         )
+
+
+def tensor_fields(raw: object, most: int = 6) -> str:
+    """The tensors a structured output holds, as `` with tensors name (shape), …`` (empty where none): what
+    an ``output=`` function may pick."""
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+    elif isinstance(raw, (tuple, list)):
+        names = getattr(raw, "_fields", None) or [f"[{i}]" for i in range(len(raw))]
+        items = list(zip(names, raw))
+    else:
+        items = list(vars(raw).items()) if hasattr(raw, "__dict__") else []
+    shown = [f"{name} {tuple(value.shape)}" for name, value in items if isinstance(value, torch.Tensor)]
+    if not shown:
+        return ""
+    more = f" and {len(shown) - most} more" if len(shown) > most else ""
+    return " with tensors " + ", ".join(shown[:most]) + more

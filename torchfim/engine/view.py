@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, tensor_fields
 from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
@@ -148,6 +148,18 @@ def read_logits(raw: object) -> object:
         return raw["logits"]
     logits = getattr(raw, "logits", None)
     return logits if isinstance(logits, Tensor) else raw
+
+
+def mapped_output(output: OutputMap, raw: object) -> object:
+    """``output(raw)``; where it fails to find a field the output does not have, an error that names the
+    output's type and the tensors it holds."""
+    try:
+        return output(raw)
+    except (TypeError, KeyError, AttributeError, IndexError) as err:
+        raise TorchfimError(
+            f"the output= function raised {type(err).__name__}: {err}, on the model's output, a "
+            f"{type(raw).__name__}{tensor_fields(raw)}; make it return the tensor of outputs"
+        ) from err
 
 
 def predicts_next_token(model: nn.Module) -> bool:
@@ -289,15 +301,16 @@ class ModelView:
     def to_tensor(self, raw: object) -> Tensor:
         """The model's raw output as a tensor: through ``output=``, ``.logits`` or ``["logits"]``."""
         if self.output_map is not None:
-            raw = self.output_map(raw)
+            raw = mapped_output(self.output_map, raw)
             what = "the output= function"
         else:
             what = "the model"
         out = read_logits(raw)
         if not isinstance(out, Tensor):
             raise TorchfimError(
-                f"{what} returned a {type(raw).__name__}, not a tensor of outputs; pass output=lambda out: "
-                "out[0] (or the field holding the logits), or wrap the model in a module that returns one tensor"
+                f"{what} returned a {type(raw).__name__}{tensor_fields(raw)}, not a tensor of outputs; pass "
+                "output=lambda out: out[0] (or the field holding the logits), or wrap the model in a module that "
+                "returns one tensor"
             )
         if not out.is_floating_point():
             raise TorchfimError(

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
-from ..engine.view import check_forward_takes, check_output_map, read_logits
+from ..engine.view import check_forward_takes, check_output_map, mapped_output, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
@@ -109,7 +109,7 @@ class ModelIO:
     def tensor(self, out: object) -> Tensor:
         """The tensor of outputs the penalty reads: ``output(out)``, or ``out`` itself, ``out.logits`` or
         ``out["logits"]`` (anything else is left to the family to refuse, with its fix)."""
-        return self.output(out) if self.output is not None else read_logits(out)
+        return mapped_output(self.output, out) if self.output is not None else read_logits(out)
 
     def outputs(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> Tensor:
         """The tensor of outputs of the model on the mini-batch."""

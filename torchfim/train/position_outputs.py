@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, tensor_fields
 from ..families import Family, Positions
 from ..families.positions import is_position_mask
 
@@ -61,7 +61,7 @@ class PositionOutputs:
     def _family(self, o: Tensor) -> tuple[Family, Tensor]:
         if not isinstance(o, Tensor):
             raise TorchfimError(
-                f"the model returned a {type(o).__name__}, but FisherPenalty needs its outputs as one tensor of "
+                f"the model returned a {type(o).__name__}{tensor_fields(o)}, but FisherPenalty needs its outputs as one tensor of "
                 "the family's natural parameters; pass output= a function that picks it (e.g. output=lambda out: "
                 "out[0])"
             )
