@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -309,6 +310,29 @@ def test_an_output_to_pick_from_is_described_with_its_tensors(call: str):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
     else:
         assert got > 0
+
+
+@pytest.mark.parametrize(("estimator", "kwargs", "message"), [
+    ("exact", {"targets": True}, r"targets= is read only by estimator='empirical'; estimator='exact' uses"),
+    ("score", {"targets": True}, r"targets= is read only by estimator='empirical'; estimator='score' uses"),
+    ("exact", {"n_samples": 4}, r"n_samples=4 is ignored by estimator='exact', which draws no labels"),
+    ("empirical", {"n_samples": 4, "targets": True}, r"n_samples=4 is ignored by estimator='empirical'"),
+])
+def test_an_argument_the_estimator_does_not_read_is_named_in_a_warning(estimator, kwargs, message, model):
+    """Before, silently ignored (targets= with the default estimator looks like the empirical Fisher, and is
+    not); the result is the one without the argument. Targets carried by (inputs, targets) pairs, as a
+    DataLoader yields them for every estimator, do not warn."""
+    x = mlp_inputs(6)
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(0))
+    given = {k: (y if k == "targets" else v) for k, v in kwargs.items()}
+    plain = {"targets": y} if estimator == "empirical" else {}
+    with pytest.warns(RuntimeWarning, match=message):
+        got = torchfim.fisher(model, x, estimator=estimator, generator=torch.Generator().manual_seed(1), **given)
+    want = torchfim.fisher(model, x, estimator=estimator, generator=torch.Generator().manual_seed(1), **plain)
+    assert torch.equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torchfim.fisher(model, [(x, y)], estimator="exact")
 
 
 def test_dropout_in_training_mode():

@@ -29,7 +29,7 @@ from .combined import combined_terms
 from .engine import Batch, backend_name, check_finite_result
 from .engine.session import engine_pass
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice, check_generator, check_n_samples
+from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
 from .structures import STRUCTURE_NAMES, PublicValue, make_structure
@@ -128,6 +128,7 @@ def fisher(
             "estimator='empirical' uses the true labels: pass targets=... (one per input), "
             "or use estimator='exact' for the Fisher under the model's own distribution"
         )
+    _warn_unused(estimator, targets, k)
     if estimator == "combined":
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
@@ -172,3 +173,15 @@ def _tensor_mask(mask: Mask, inputs: object) -> Mask:
             "(e.g. mask=lambda x: x != pad_id) or as the key of a dict batch"
         )
     return mask
+
+
+def _warn_unused(estimator: str, targets: object, k: int) -> None:
+    """Warn where an argument given explicitly does not enter ``estimator``: ``targets=`` anywhere but the
+    empirical Fisher (the others use the model's own distribution), ``n_samples`` where no label is drawn."""
+    if targets is not None and estimator != "empirical":
+        warn_user(
+            f"torchfim: targets= is read only by estimator='empirical'; estimator={estimator!r} uses the model's "
+            "own predictive distribution and ignores them (pass estimator='empirical' for the Fisher at these labels)"
+        )
+    if k != 1 and estimator in ("exact", "empirical"):
+        warn_user(f"torchfim: n_samples={k} is ignored by estimator={estimator!r}, which draws no labels")
