@@ -14,7 +14,7 @@ backward of the output vectors then delivers ``δ_q, δ_k, δ_v`` with everythin
 the attention is computed again. Calls that ask for the attention weights keep the module's own
 forward and the local backward above.
 
-Covered: packed projections (``kdim = vdim = embed_dim``), no ``add_bias_kv``/``add_zero_attn``,
+Covered: packed projections, or q, k and v weights of their own (``kdim``, ``vdim``), no ``add_bias_kv``/``add_zero_attn``,
 batched inputs (either ``batch_first``), ``attn_mask`` (2-D or 3-D, boolean or additive) and
 ``key_padding_mask``, attention dropout inactive, the attention weights not used downstream. Any
 other call goes to the generic rule.
@@ -33,17 +33,15 @@ from .base import PARTS, Call, Grads, Rule, as_float, positions_grads, positions
 from .generic import GenericRule
 
 #: The parameters the rule covers, by their names below the module.
-PARAMETERS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+PARAMETERS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight",
+              "out_proj.bias")
+#: The in-projection's weights of q, k and v: the packed one's rows, or three of their own (``kdim``, ``vdim``).
+_SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def attention_supported(module: nn.Module) -> bool:
     """Whether ``module`` is a multi-head attention whose every call the rule may cover."""
-    return (
-        isinstance(module, nn.MultiheadAttention)
-        and module._qkv_same_embed_dim
-        and module.bias_k is None
-        and not module.add_zero_attn
-    )
+    return isinstance(module, nn.MultiheadAttention) and module.bias_k is None and not module.add_zero_attn
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -61,7 +59,9 @@ class AttentionRule(Rule):
         self.generic = GenericRule(module, params, path)
         self.signature = inspect.signature(module.forward)
         #: Which projections have a trainable parameter ("in_proj", "out_proj"): only those are computed.
-        self.trained = {name.split(".")[0].removesuffix("_weight").removesuffix("_bias") for name in params}
+        self.trained = {"in_proj" if name.startswith(("in_proj", *_SEPARATE)) else "out_proj" for name in params}
+        #: The names of the q, k and v blocks' weights (the packed weight's three times where it is packed).
+        self.in_weights = ("in_proj_weight",) * 3 if module._qkv_same_embed_dim else _SEPARATE
         #: What :meth:`recording_forward` kept of the call in progress, for :meth:`take_recorded`.
         self._pending: tuple[list[Tensor], Tensor] | None = None
 
@@ -95,11 +95,11 @@ class AttentionRule(Rule):
         if own or (is_causal and attn_mask is None):  # the last: torch refuses the hint without a mask
             self._pending = None
             return type(module).forward(module, *args)
-        if query is key and key is value:  # self-attention: one packed projection, one tap
+        if query is key and key is value and module._qkv_same_embed_dim:  # one packed projection, one tap
             parts = [F.linear(query, module.in_proj_weight, module.in_proj_bias)]
             qkv = parts[0].chunk(3, -1)
         else:
-            parts = qkv = _project(module, (query, key, value), module.in_proj_weight, module.in_proj_bias)
+            parts = qkv = _project((query, key, value), _in_weights(module), module.in_proj_bias)
         first = [t if module.batch_first else t.transpose(0, 1) for t in qkv]  # (B, L, E)
         mask = self._mask({"attn_mask": attn_mask, "key_padding_mask": key_padding_mask}, first[0])
         ctx = _attend(*first, mask, module.num_heads)
@@ -132,19 +132,20 @@ class AttentionRule(Rule):
         if not self._covers(call, sens):
             return None
         x, g, ctx, deltas = self._prepared(call, sens)
-        squares = {}  # per projection with a trainable parameter: (weight or None where frozen, bias)
+        squares = {}  # per parameter name: its squares, weights (out, in) in the layout (in, out)
         if "in_proj" in self.trained:
-            weight = "in_proj_weight" in self.params
-            parts = [positions_squares(d, xi, weight) for d, xi in self._in_parts(x, deltas)]
-            squares["in_proj"] = parts[0] if len(parts) == 1 else (
-                torch.cat([w for w, _ in parts], 1) if weight else None, torch.cat([b for _, b in parts]))
+            pairs = self._in_parts(x, deltas)
+            parts = [positions_squares(d, xi, self.in_weights[k] in self.params) for k, (d, xi) in enumerate(pairs)]
+            if self.in_weights[0] == "in_proj_weight":
+                squares["in_proj_weight"] = parts[0][0] if len(parts) == 1 or parts[0][0] is None else \
+                    torch.cat([w for w, _ in parts], 1)
+            else:
+                squares.update({name: w for name, (w, _) in zip(self.in_weights, parts)})
+            squares["in_proj_bias"] = torch.cat([b for _, b in parts])
         if "out_proj" in self.trained:
-            squares["out_proj"] = positions_squares(g, ctx, "out_proj.weight" in self.params)
-        out: Grads = {}
-        for name, i in self.params.items():  # weights (out, in) are squared in the layout (in, out)
-            weight, bias = squares["out_proj" if name.startswith("out_proj") else "in_proj"]
-            out[i] = (bias if name.endswith("bias") else weight.T).reshape(-1)
-        return out
+            squares["out_proj.weight"], squares["out_proj.bias"] = positions_squares(g, ctx, "out_proj.weight" in self.params)
+        return {i: (squares[name] if name.endswith("bias") else squares[name].T).reshape(-1)
+                for name, i in self.params.items()}
 
     def _prepared(self, call: Call, sens: list[Tensor | None]) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """Inputs, output sensitivities, ``c`` and ``δ`` of the call: once per call and group of vectors."""
@@ -191,7 +192,7 @@ class AttentionRule(Rule):
         module = self.module
         m, b = g.shape[0], g.shape[1]
         bias = None if module.in_proj_bias is None else module.in_proj_bias.detach()
-        qkv = _project(module, x, module.in_proj_weight.detach(), bias)
+        qkv = _project(x, [w.detach() for w in _in_weights(module)], bias)
         with torch.enable_grad():
             # One copy of the attention per vector: the vectors' backwards run as one batched pass.
             leaves = [t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]).requires_grad_() for t in qkv]
@@ -204,37 +205,44 @@ class AttentionRule(Rule):
         c = ctx.detach().reshape(m, b, *ctx.shape[1:])[0]
         return c, [d.reshape(m, b, *d.shape[1:]) for d in deltas]
 
-    @staticmethod
-    def _in_parts(x: list[Tensor], deltas: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        """The packed in-projection as ``(δ, input)`` pairs: one for self-attention (the three row blocks
+    def _in_parts(self, x: list[Tensor], deltas: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """The in-projection as ``(δ, input)`` pairs: one for packed self-attention (the three row blocks
         q, k, v of ``W_in`` on one input, side by side), else one per block. ``deltas`` is
         ``[δ_q, δ_k, δ_v]``, or the three side by side ``(m, b, L, 3E)`` when recorded in parts."""
         same = all(t.data_ptr() == x[0].data_ptr() and t.shape == x[0].shape and t.stride() == x[0].stride() for t in x)
-        if len(deltas) == 1 or same:
+        if len(deltas) == 1 or (same and self.in_weights[0] == "in_proj_weight"):
             return [(deltas[0] if len(deltas) == 1 else torch.cat(deltas, -1), x[0])]
         return list(zip(deltas, x))
 
     def _in_projection(self, x: list[Tensor], deltas: list[Tensor], out: Grads) -> None:
-        """The packed in-projection's per-sample gradients (see :meth:`_in_parts`)."""
+        """The in-projection's per-sample gradients (see :meth:`_in_parts`): each block's, the packed weight's
+        and the bias's blocks side by side."""
         pairs = self._in_parts(x, deltas)
         if len(pairs) == 1:
             positions_grads(self, *pairs[0], "in_proj_weight", "in_proj_bias", out)
             return
         parts: list[Grads] = [{}, {}, {}]
         for k, (d, xi) in enumerate(pairs):
-            positions_grads(self, d, xi, "in_proj_weight", "in_proj_bias", parts[k])
+            positions_grads(self, d, xi, self.in_weights[k], "in_proj_bias", parts[k])
         for name in ("in_proj_weight", "in_proj_bias"):
             if name in self.params:
                 i = self.params[name]
                 b, m = parts[0][i].shape[:2]
                 out[i] = torch.cat([p[i].reshape(b, m, -1) for p in parts], -1)
+        out.update({self.params[n]: parts[k][self.params[n]] for k, n in enumerate(_SEPARATE) if n in self.params})
 
 
-def _project(module: nn.Module, inputs: tuple[Tensor, ...] | list[Tensor], weight: Tensor,
-             bias: Tensor | None) -> list[Tensor]:
-    """``q, k, v`` from their own inputs through the rows of the packed in-projection ``weight``."""
+def _in_weights(module: nn.MultiheadAttention) -> list[Tensor]:
+    """The weights of q, k and v: the row blocks of the packed in-projection, or their own (``kdim``, ``vdim``)."""
+    if module._qkv_same_embed_dim:
+        return list(module.in_proj_weight.chunk(3))
+    return [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+
+
+def _project(inputs: tuple[Tensor, ...] | list[Tensor], weights: list[Tensor], bias: Tensor | None) -> list[Tensor]:
+    """``q, k, v`` from their own inputs through their weights and the blocks of the packed ``bias``."""
     biases = (None, None, None) if bias is None else bias.chunk(3)
-    return [F.linear(t, w, b) for t, w, b in zip(inputs, weight.chunk(3), biases)]
+    return [F.linear(t, w, b) for t, w, b in zip(inputs, weights, biases)]
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, heads: int) -> Tensor:
