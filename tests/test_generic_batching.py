@@ -20,6 +20,7 @@ from torch import nn
 
 import torchfim
 from torchfim.engine.modules import GenericRule
+from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules.prelu import PReLURule
 
 
@@ -137,7 +138,7 @@ def test_prelu_rule_equals_the_dense_oracle(slopes: int, conv: bool, structure: 
 
 
 class _KeyValueDims(nn.Module):
-    """Attention with other key and value widths (separate q/k/v projections): the generic rule's."""
+    """Attention with other key and value widths (separate q/k/v projections)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,9 +151,10 @@ class _KeyValueDims(nn.Module):
         return self.head(self.attend(h, self.keys(h), self.values(h))[0].mean(1))
 
 
-def test_attention_the_generic_rule_covers_takes_its_out_projection_without_a_move() -> None:
+def test_attention_of_other_key_widths_takes_its_out_projection_without_a_move() -> None:
     """Before, out_proj got a Linear rule that MultiheadAttention never calls: the check moved its
-    parameters, with a warning blaming a use outside their module."""
+    parameters, with a warning blaming a use outside their module. The attention's rule covers it (the generic
+    rule did, before separate projections had the attention rule)."""
     torch.manual_seed(0)
     model, x = _KeyValueDims().double(), torch.randint(0, 7, (5, 3))
     diag, caught = _diag_warnings(model, x)
@@ -160,7 +162,7 @@ def test_attention_the_generic_rule_covers_takes_its_out_projection_without_a_mo
     assert torch.allclose(diag, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
     backend, rules = module_rules(model, x)
     assert not backend.moved and "attend.out_proj" not in rules
-    assert isinstance(rules["attend"], GenericRule) and {"out_proj.weight", "q_proj_weight"} <= set(rules["attend"].params)
+    assert isinstance(rules["attend"], AttentionRule) and {"out_proj.weight", "q_proj_weight"} <= set(rules["attend"].params)
 
 
 class _ReturnsItsInput(nn.Module):
