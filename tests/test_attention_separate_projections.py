@@ -8,11 +8,9 @@ generic rule (exact, and slower).
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from engine_checks import assert_equals_dense, assert_matches_functional, module_rules, torchfim_messages
+from engine_checks import assert_equals_dense, assert_matches_functional, assert_quietly_equals_dense, module_rules
 from oracles import exact_fisher
 from torch import nn
 
@@ -56,13 +54,7 @@ def _model(case: str, frozen: str | None = None) -> tuple[nn.Module, torch.Tenso
 @pytest.mark.parametrize("structure", ["diag", "blocks", "full"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_separate_projections_keep_the_attention_rule_and_equal_the_dense_oracle(case: str, structure: str) -> None:
-    model, x = _model(case)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = torchfim.fisher(model, x, structure=structure)
-    assert torchfim_messages(caught) == []
-    assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, structure)
-    backend, rules = module_rules(model, x)
+    backend, rules = assert_quietly_equals_dense(*_model(case), structure)
     assert isinstance(rules["attn"], AttentionRule) and not backend.moved and not backend.demoted
 
 

@@ -195,13 +195,18 @@ def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (id(b), b._version) for name, b in tree.named_buffers()}
 
 
+def _first_names(names: list[str], most: int = 3) -> str:
+    """``'a', 'b', 'c' and 4 more``: the first names of a list, for a message."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(repr(n) for n in names[:most]) + more
+
+
 def _check_initialised(tree: nn.Module) -> None:
     """Refuse parameters and buffers of lazy modules before their first forward: they have no shape yet."""
     lazy = [n for n, t in [*tree.named_parameters(), *tree.named_buffers()] if nn.parameter.is_lazy(t)]
     if lazy:
-        shown = ", ".join(repr(n) for n in lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
         raise TorchfimError(
-            f"{shown} of the model are not initialised yet (a lazy module, such as nn.LazyLinear, takes its "
+            f"{_first_names(lazy)} of the model are not initialised yet (a lazy module, such as nn.LazyLinear, takes its "
             "shapes from its first input), so the Fisher has no shape; run one forward first, e.g. "
             "with torch.no_grad(): model(x) on a mini-batch"
         )
@@ -211,9 +216,8 @@ def _check_in_memory(tensors: dict[str, Tensor]) -> None:
     """Refuse parameters and buffers on the meta device: their values live elsewhere, if anywhere."""
     on_meta = [n for n, t in tensors.items() if t.is_meta]
     if on_meta:
-        shown = ", ".join(repr(n) for n in on_meta[:3]) + (f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else "")
         raise TorchfimError(
-            f"{shown} of the model are on the meta device, so their values are not in memory (accelerate's "
+            f"{_first_names(on_meta)} of the model are on the meta device, so their values are not in memory (accelerate's "
             "cpu_offload or disk offload loads weights only inside each module's forward; init_empty_weights "
             "never does), and torchfim cannot differentiate with respect to them; load the model with its "
             "weights in memory, e.g. from_pretrained(..., device_map='cpu') or dispatch_model without offloading"
