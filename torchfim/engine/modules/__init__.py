@@ -1,13 +1,13 @@
 """Per-module rules: which rule covers a module (docs/math.md §6).
 
-Linear, Conv1d/2d/3d (any padding) and their transposes, Embedding, EmbeddingBag (sum, mean), LayerNorm, RMSNorm, GroupNorm, InstanceNorm
-(affine), BatchNorm (eval),
-MultiheadAttention, RNN/GRU/LSTM and their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed
-Linear) and its mixture-of-experts layers (routed, and Llama 4's dense) have rules of their own; any other module with trainable parameters gets the generic rule
-(``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) or computed by
-one of torch's forward pre-hooks (pruning, the older weight and spectral norms) keeps its rule, with the
-originals' gradients by the chain rule (:mod:`.parametrized`, :mod:`.hooked`). Adding a rule is one module here and
-one line in :func:`rule_for`.
+Linear, Bilinear, Conv1d/2d/3d (any padding) and their transposes, Embedding, EmbeddingBag (sum, mean),
+LayerNorm, RMSNorm, GroupNorm, InstanceNorm (affine), BatchNorm (eval), MultiheadAttention, RNN/GRU/LSTM and
+their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed Linear) and its mixture-of-experts layers
+(routed, and Llama 4's dense) have rules of their own; any other module with trainable parameters gets the
+generic rule (``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) or
+computed by one of torch's forward pre-hooks (pruning, the older weight and spectral norms) keeps its rule,
+with the originals' gradients by the chain rule (:mod:`.parametrized`, :mod:`.hooked`). Adding a rule is one
+module here and one line in :func:`rule_for`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from .attention import PARAMETERS as ATTENTION_PARAMETERS
 from .attention import AttentionRule, attention_supported
 from .base import Call, Grads, Rule, runs_torch_forward
+from .bilinear import BilinearRule, bilinear_supported
 from .conv import ConvRule, conv_supported
 from .dense_experts import DenseExpertsRule, dense_experts_supported
 from .embedding import EmbeddingBagRule, EmbeddingRule, embedding_bag_supported, embedding_supported
@@ -112,6 +113,8 @@ def _weight_and_bias_rule(module: nn.Module, params: dict[str, int], own: set[st
         return None
     if isinstance(module, nn.Linear):
         return LinearRule(module, params)
+    if bilinear_supported(module):
+        return BilinearRule(module, params)
     if conv_supported(module):
         return ConvRule(module, params)
     if embedding_supported(module):
