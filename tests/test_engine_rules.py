@@ -442,10 +442,10 @@ def test_conv_squares_by_patches_or_grouped_gradients_equal_the_functional_backe
 class _EvalBatchNorm(nn.Module):
     """A convolution, an eval-mode BatchNorm over ``dims`` spatial dims (none: ``(b, C)`` inputs), a head."""
 
-    def __init__(self, dims: int, frozen: str | None) -> None:
+    def __init__(self, dims: int, frozen: str | None, sync: bool = False) -> None:
         super().__init__()
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[max(dims, 1) - 1]
-        norm = (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims]
+        norm = nn.SyncBatchNorm if sync else (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims]
         self.conv, self.norm, self.head = conv(2, 3, 2), norm(3), nn.Linear(3, 4)
         self.dims = dims
         with torch.no_grad():
@@ -474,6 +474,17 @@ def test_eval_batch_norm_rule_equals_the_functional_backend(dims: int, frozen: s
     x = torch.randn(5, 2, *(4,) * max(dims, 1), dtype=torch.float64)
     assert _rules(model, x)["norm"] == BatchNormRule.__name__
     _assert_equals_functional(model, x, estimator, seed=12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dims", [0, 2])
+def test_eval_sync_batch_norm_takes_the_batch_norm_rule(dims: int) -> None:
+    """``nn.SyncBatchNorm`` (``convert_sync_batchnorm``'s) normalises as BatchNorm does in eval mode; before,
+    it went to the generic rule."""
+    torch.manual_seed(11)
+    model = _EvalBatchNorm(dims, None, sync=True).double()
+    x = torch.randn(5, 2, *(4,) * max(dims, 1), dtype=torch.float64)
+    assert _rules(model, x)["norm"] == BatchNormRule.__name__
+    _assert_equals_functional(model, x, "exact", seed=12, atol=1e-13)
 
 
 def test_eval_batch_norm_is_recorded_as_one_affine_map_with_the_module_output() -> None:

@@ -26,7 +26,7 @@ from .base import Call, Grads, Rule, as_float
 
 _TRAILING = (nn.LayerNorm, nn.RMSNorm)
 _INSTANCE = nn.modules.instancenorm._InstanceNorm
-_CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _INSTANCE)
+_CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, _INSTANCE)
 
 
 #: The ``x̂`` a norm of its own class may compute over the last dim (:func:`own_norm_kind`).
