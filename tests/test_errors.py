@@ -341,6 +341,16 @@ def test_dropout_in_training_mode():
         torchfim.fisher(model, mlp_inputs(4))
 
 
+def test_rrelu_in_training_mode_is_named_as_random():
+    """Before: refused as mixing samples (its random slopes differ between forwards)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.Linear(4, 3)).double()
+    with pytest.raises(TorchfimError, match=r"'1' is an RReLU in training mode.*random.*model\.eval\(\)"):
+        torchfim.fisher(model, mlp_inputs(4))
+    model.eval()
+    assert torch.allclose(torchfim.fisher(model, mlp_inputs(4), structure="full"),
+                          exact_fisher(model, mlp_inputs(4), "categorical"), rtol=1e-10, atol=1e-13)
+
+
 class MixesSamples(nn.Module):
     """Subtracts the batch mean: a forward that couples samples without BatchNorm."""
 

@@ -130,6 +130,12 @@ def check_mode(model: nn.Module) -> None:
                 f"module {name or type(module).__name__!r} is a Dropout layer in training mode, which makes "
                 "the outputs random; call model.eval() before computing the Fisher"
             )
+        if isinstance(module, nn.RReLU) and module.lower != module.upper:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is an RReLU in training mode, which draws a random "
+                "slope for every negative input, so the outputs are random; call model.eval() before computing "
+                "the Fisher (its slope is then the mean of lower and upper)"
+            )
         inner = isinstance(module, nn.MultiheadAttention) or (isinstance(module, nn.RNNBase) and module.num_layers > 1)
         if inner and module.dropout > 0:
             raise TorchfimError(
