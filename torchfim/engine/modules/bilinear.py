@@ -9,8 +9,6 @@ product ``x₁ ⊗ x₂`` (docs/math.md §6.1). With one position per sample the
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor, nn
 
@@ -26,9 +24,8 @@ class BilinearRule(Rule):
     """Per-sample products of ``nn.Bilinear`` (weight ``(out, in₁, in₂)``, optional bias)."""
 
     def _inputs(self, call: Call, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
-        """The two inputs of the samples ``rows``, each ``(b, L, in)``."""
-        bound = inspect.signature(nn.Bilinear.forward).bind(self.module, *call.args, **call.kwargs).arguments
-        first, second = bound["input1"][rows], bound["input2"][rows]
+        """The two inputs of the samples ``rows``, each ``(b, L, in)`` (the recording put both in position)."""
+        first, second = call.args[0][rows], call.args[1][rows]
         return (as_float(first.reshape(first.shape[0], -1, first.shape[-1])),
                 as_float(second.reshape(second.shape[0], -1, second.shape[-1])))
 

@@ -11,7 +11,8 @@ recorded call (:func:`lookup_scale`), and the coverage check confirms the rule a
 ``nn.EmbeddingBag`` in mode ``sum`` or ``mean`` sums its lookups over each sample's bag with weights
 ``w_l`` (1; ``1/n`` over the bag's ``n`` ids other than ``padding_idx``; or the call's
 ``per_sample_weights``), ``z = Σ_l w_l W[t_l]``: the lookup's gradients with ``g_l = w_l g``
-(:class:`EmbeddingBagRule`, for bags given as the rows of a 2-D input).
+(:class:`EmbeddingBagRule`, for one bag per sample: the rows of a 2-D input, or cut from a 1-D one by
+``offsets``).
 """
 
 from __future__ import annotations

@@ -91,7 +91,6 @@ class ParametrizedRule(Rule):
                 out.update({self.params[n]: t.reshape(b, m, -1) for n, t in per_row.items() if n in self.params})
         return out
 
-
     def squares(self, call: Call, sens: list[Tensor | None]) -> Grads | None:
         """The base rule's squares, where every derived tensor's pull-back is elementwise: ``(G ⊙ c)² = G² ⊙ c²``."""
         if not set(self.placeholders) <= set(self.elementwise):
