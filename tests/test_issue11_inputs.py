@@ -370,8 +370,26 @@ def test_one_dimensional_inputs_to_a_one_feature_model() -> None:
 
 
 def test_integer_inputs_to_a_float_model() -> None:
-    with pytest.raises(TorchfimError, match=r"integer.*\.float\(\)"):
+    with pytest.raises(TorchfimError, match=r"integer.*\.float\(\).*torch said: mat1 and mat2 must have the same dtype"):
         torchfim.fisher(tanh_mlp(3), torch.ones(4, 3, dtype=torch.long))
+
+
+def test_a_failure_that_only_mentions_a_dtype_is_not_blamed_on_integer_inputs() -> None:
+    """torch's checkpoint lists the metadata (``'dtype': torch.float64``) of tensors it recomputed
+    differently: that error was reported as "failed on integer inputs" for token ids."""
+
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            self.emb(ids)
+            raise RuntimeError("recomputed metadata: {'shape': torch.Size([2]), 'dtype': torch.float64}")
+
+    with pytest.raises(RuntimeError, match="recomputed metadata") as caught:
+        torchfim.fisher(Fails().double(), torch.ones(4, 2, dtype=torch.long))
+    assert not isinstance(caught.value, TorchfimError)
 
 
 def test_model_returning_a_long_tensor() -> None:

@@ -1,5 +1,5 @@
 """Models as users and libraries change them: forwards set on instances, compiled and data-parallel
-wrappers, parameters a forward leaves unused, checkpointed layers and layers run without autograd.
+wrappers, parameters a forward leaves unused and layers run without autograd.
 
 The engine computes on a private copy of the module tree (``torchfim.engine.private_tree``). A forward
 set on an instance, as ``accelerate``'s hooks set one on every module of a dispatched Hugging Face
@@ -360,46 +360,31 @@ def test_a_parameter_the_forward_leaves_unused_has_zero_fisher(structure: str) -
         assert torch.equal(got[spare : spare + 3], torch.zeros(3, dtype=torch.float64))
 
 
-class _Checkpointed(nn.Module):
-    """``b(tanh(a(x)))`` with ``a`` under ``torch.utils.checkpoint`` (``use_reentrant`` as given), or plain."""
+class _DetachedBody(nn.Module):
+    """``b(tanh(a(x)))`` with ``a`` run under ``torch.no_grad``: no output depends on ``a`` through autograd."""
 
-    def __init__(self, reentrant: bool | None) -> None:
+    def __init__(self, detached: bool) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.a = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5))
         self.b = nn.Linear(5, 4)
-        self.reentrant = reentrant
+        self.detached = detached
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.reentrant is None:
+        with torch.no_grad() if self.detached else contextlib.nullcontext():
             h = self.a(x)
-        else:
-            h = torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=self.reentrant)
         return self.b(torch.tanh(h))
 
 
-def test_checkpointed_layers_are_exact_on_the_per_module_backend() -> None:
-    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    want = torch.diagonal(exact_fisher(_Checkpointed(None).double(), x, "categorical"))
-    model = _Checkpointed(reentrant=False).double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing moved, nothing detached
-        got = torchfim.fisher(model, x, structure="diag")
-    assert clients.rel_err(got, want) < 1e-10
-    with pytest.raises(torchfim.TorchfimError, match="backend='auto'"):  # torch.func refuses saved-tensor hooks
-        torchfim.fisher(model, x, structure="diag", backend="functional")
-
-
 def test_layers_run_without_autograd_are_named_in_one_warning() -> None:
-    """A reentrant checkpoint on inputs without gradients detaches ``a``: autograd, and so training and
-    the Fisher, see no dependence on its parameters. Said once per model; ``b`` stays exact."""
+    """Layers under ``torch.no_grad``: autograd, and so training and the Fisher, see no dependence on their
+    parameters. Said once per model; ``b`` stays exact."""
     x = torch.randn(7, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    want = torch.diagonal(exact_fisher(_Checkpointed(None).double(), x, "categorical"))
-    model = _Checkpointed(reentrant=True).double()
-    with pytest.warns(RuntimeWarning, match=r"'a\.0', 'a\.2' ran without autograd.*use_reentrant=False"):
+    want = torch.diagonal(exact_fisher(_DetachedBody(False).double(), x, "categorical"))
+    model = _DetachedBody(True).double()
+    with pytest.warns(RuntimeWarning, match=r"'a\.0', 'a\.2' ran without autograd \(inside torch\.no_grad"):
         got = torchfim.fisher(model, x, structure="diag")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's own: "None of the inputs have requires_grad=True"
         warnings.simplefilter("error", RuntimeWarning)
         again = torchfim.fisher(model, x, structure="diag")
     in_a = sum(p.numel() for p in model.a.parameters())

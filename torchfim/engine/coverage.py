@@ -38,10 +38,9 @@ WRONGLY_BATCHED = (
 #: Warned once per model (by the per-module backend): modules with trainable parameters whose outputs carry
 #: no autograd history.
 DETACHED = (
-    "torchfim: module(s) {} ran without autograd (inside torch.no_grad, or a torch.utils.checkpoint with "
-    "use_reentrant=True whose inputs do not require grad), so no output depends on their parameters through "
-    "autograd and their Fisher is zero, as their gradients in training are; use "
-    "torch.utils.checkpoint(..., use_reentrant=False), or set requires_grad=False on parameters meant to be frozen"
+    "torchfim: module(s) {} ran without autograd (inside torch.no_grad, or on detached inputs), so no output "
+    "depends on their parameters through autograd and their Fisher is zero, as their gradients in training are; "
+    "run them with autograd, or set requires_grad=False on parameters meant to be frozen"
 )
 
 #: The likely causes, each with its fix, in the order the warning lists them.

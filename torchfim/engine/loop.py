@@ -122,10 +122,11 @@ def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exceptio
     """A clear error for a forward that failed on integer inputs or on 1-D inputs; else ``err``."""
     inputs = [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, torch.Tensor)]
     shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
-    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs) and "dtype" in str(err):
+    said = str(err).strip().split("\n")[0]
+    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs) and _mixes_integer_types(said):
         return TorchfimError(
             f"the model's forward failed on integer inputs ({shapes}) with {view.dtype} parameters; pass "
-            "x.float() (integer inputs suit embedding layers only)"
+            f"x.float() (integer inputs suit embedding layers only); torch said: {said}"
         )
     if any(t.dim() == 1 for t in inputs):
         return TorchfimError(
@@ -133,6 +134,13 @@ def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exceptio
             "x.unsqueeze(1) for one feature per input, or x.unsqueeze(0) for a single input"
         )
     return err
+
+
+def _mixes_integer_types(said: str) -> bool:
+    """Whether torch's message ``said`` is about an integer tensor meeting floating-point ones (as in
+    "mat1 and mat2 must have the same dtype, but got Long and Double")."""
+    said = said.lower()
+    return any(k in said for k in ("dtype", "scalar type", "type (")) and any(k in said for k in ("long", "int"))
 
 
 def _check_finite_inputs(batch: Batch) -> None:

@@ -28,7 +28,7 @@ from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
-from .derivative_settings import for_derivatives
+from .derivative_settings import for_derivatives, plain_checkpoints
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
 from .private_tree import private_tree, users_modules_called
 
@@ -87,9 +87,10 @@ def fewer_inputs(size: int, full: int) -> Iterator[None]:
 
 @contextmanager
 def engine_session() -> Iterator[None]:
-    """Hold :data:`ENGINE_LOCK` with the caller's ``torch.autocast`` switched off: torchfim computes in
-    the model's dtype (forwards, per-module rules and families alike)."""
-    with ENGINE_LOCK, ExitStack() as stack:
+    """Hold :data:`ENGINE_LOCK` with the caller's ``torch.autocast`` switched off (torchfim computes in
+    the model's dtype: forwards, per-module rules and families alike) and checkpointed regions run plain
+    (:func:`.plain_checkpoints`)."""
+    with ENGINE_LOCK, plain_checkpoints(), ExitStack() as stack:
         for device_type in ("cpu", "cuda"):
             if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
                 stack.enter_context(torch.autocast(device_type, enabled=False))

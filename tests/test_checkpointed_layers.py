@@ -1,0 +1,220 @@
+"""Layers under ``torch.utils.checkpoint``: every entry point computes as on the plain model.
+
+A checkpointed region runs again during the backward pass, with the parameters its modules hold then.
+Before torchfim ran such regions plain (``torchfim.engine.derivative_settings.plain_checkpoints``), the
+Hessian estimator, ``backend="functional"`` and the penalty's ``trace`` kind raised from inside torch
+(torch.func refuses both forms of checkpoint), a reentrant checkpoint on inputs that require grad
+made every computation raise (it refuses ``torch.autograd.grad``), and the finite-difference penalty
+step's gradient was silently wrong (its perturbed pass was recomputed at the unperturbed parameters).
+Oracles: the definition ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from ``torch.func`` Jacobians of the plain twin with the
+same weights, the penalty's definition by double backprop, and, for the random estimators, the plain
+twin with the same seed.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import clients  # first: hides a torchvision build that cannot load
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
+from oracles import exact_fisher, penalty_definition
+from torch import Tensor, nn
+
+import torchfim
+from torchfim.engine.derivative_settings import plain_checkpoints
+from torchfim.families import Categorical
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+MODES = ["reentrant", "non_reentrant"]
+ALPHA = 0.3
+
+
+class _Body(nn.Module):
+    """``tanh(h W)`` with a raw parameter: a module only the generic rule covers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 5) * 0.5)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.tanh(h @ self.w)
+
+
+class _Checkpointed(nn.Module):
+    """``c(body(tanh(a(x))))`` with the body (a rule-less module) run under a checkpoint (``mode``), or plain.
+
+    The checkpoint's input depends on ``a``'s parameters, so a reentrant one sees inputs that require grad.
+    """
+
+    def __init__(self, mode: str | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.body, self.c = nn.Linear(3, 5), _Body(), nn.Linear(5, 4)
+        self.mode = mode
+        self.body_calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.mode is None:
+            h = self._body(h)
+        else:
+            h = torch_checkpoint.checkpoint(self._body, h, use_reentrant=self.mode == "reentrant")
+        return self.c(h)
+
+    def _body(self, h: Tensor) -> Tensor:
+        self.body_calls += 1
+        return self.body(h)
+
+
+def _x(seed: int = 3) -> Tensor:
+    return torch.randn(7, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_exact_fisher_of_checkpointed_layers_is_the_definition(mode: str, backend: str) -> None:
+    x = _x()
+    want = exact_fisher(_Checkpointed(None).double(), x, "categorical")
+    model = _Checkpointed(mode).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing detached, nothing refused
+        for structure, expected in (("full", want), ("diag", torch.diagonal(want)), ("trace", torch.trace(want))):
+            got = torchfim.fisher(model, x, structure=structure, backend=backend)
+            assert clients.rel_err(got, expected) < 1e-10, structure
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "trace"])
+@pytest.mark.parametrize("estimator", ["hessian", "score"])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_sampled_estimators_of_checkpointed_layers_are_the_plain_models(mode: str, estimator: str,
+                                                                             structure: str) -> None:
+    """Same seed, same draws: the plain twin's estimate to round-off (the Hessian's full structure runs the
+    whole model through torch.func)."""
+    x = _x(4)
+    got = torchfim.fisher(_Checkpointed(mode).double(), x, structure=structure, estimator=estimator,
+                          generator=torch.Generator().manual_seed(1))
+    want = torchfim.fisher(_Checkpointed(None).double(), x, structure=structure, estimator=estimator,
+                           generator=torch.Generator().manual_seed(1))
+    assert clients.rel_err(got, want) < 1e-12
+
+
+def _penalty_definition(model: nn.Module, x: Tensor, kind: str) -> list[Tensor]:
+    """The penalty's value and gradient by double backprop on ``model``, labels drawn as the penalty draws them."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        y = Categorical().sample(model(x), 1, torch.Generator().manual_seed(5)).reshape(-1)
+
+    def log_p(rows: slice) -> Tensor:
+        return -F.cross_entropy(model(x[rows]), y[rows], reduction="sum")
+
+    return penalty_definition(log_p, params, len(x), kind, ALPHA)
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_penalty_of_checkpointed_layers_is_its_definition(mode: str, kind: str, grad_method: str) -> None:
+    x = _x(5)
+    want = _penalty_definition(_Checkpointed(None).double(), x, kind)
+    model = _Checkpointed(mode).double().train()
+    pen = FisherPenalty(model, alpha=ALPHA, kind=kind, grad_method=grad_method,
+                        generator=torch.Generator().manual_seed(5))
+    term = pen(x, step=0)
+    got = [term.detach(), *torch.autograd.grad(term, list(model.parameters()))]
+    tol = 1e-10 if grad_method == "exact" else 1e-6  # the forward difference: ε·‖H'‖ (float64)
+    assert torch.allclose(got[0], want[0], rtol=1e-10, atol=0)
+    for g, w in zip(got[1:], want[1:]):
+        assert clients.rel_err(g, w) < tol
+
+
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_penalised_loss_of_checkpointed_layers_is_the_plain_models(mode: str, kind: str) -> None:
+    """``penalised_loss`` with finite differences returns the graph of its perturbed pass for the caller's
+    backward: recomputed at θ instead of θ + εĝ, the penalty's part of the non-reentrant case was 10 % off
+    on a tiny Llama."""
+    x, y = _x(6), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    grads = []
+    for m in (mode, None):
+        model = _Checkpointed(m).double().train()
+        pen = FisherPenalty(model, alpha=ALPHA, kind=kind, grad_method="finite_difference",
+                            generator=torch.Generator().manual_seed(5))
+        pen.penalised_loss(x, lambda out: F.cross_entropy(out, y), step=0).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert clients.rel_err(grads[0], grads[1]) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_monitor_of_checkpointed_layers_is_the_plain_models(mode: str) -> None:
+    x = _x(7)
+    records = []
+    for m in (mode, None):
+        monitor = FisherTraceMonitor(_Checkpointed(m).double(), x, every=1, n_samples=4,
+                                     generator=torch.Generator().manual_seed(2))
+        records.append(monitor.measure(0))
+    assert records[0].trace == pytest.approx(records[1].trace, rel=1e-12)
+    assert records[0].stderr == pytest.approx(records[1].stderr, rel=1e-12)
+
+
+def test_checkpointing_is_the_users_again_after_a_computation() -> None:
+    """Outside torchfim's computations the region is recomputed in the backward pass, as the user set it."""
+    held = (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator)
+    model = _Checkpointed("non_reentrant").double()
+    torchfim.fisher(model, _x(), structure="diag")
+    assert (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator) == held
+    model.body_calls = 0
+    model(_x()).sum().backward()
+    assert model.body_calls == 2  # the forward and its recomputation
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_llama_with_gradient_checkpointing_in_training_mode(mode: str) -> None:
+    """transformers checkpoints its layers in training mode. Before: ``fisher`` raised (blaming the integer
+    inputs) and the finite-difference penalty's gradient was 10 % off (non-reentrant)."""
+    clients.need("transformers")
+    from test_clients_transformers import VOCAB, tiny_llama
+
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(8))
+    results = []
+    for checkpointed in (True, False):
+        model = tiny_llama().train()  # no dropout modules: training mode is deterministic
+        if checkpointed:
+            settings = {"use_reentrant": mode == "reentrant"}
+            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.25
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+        diag = torchfim.fisher(model, {"input_ids": ids}, structure="diag", output=lambda out: out.logits)
+        pen = FisherPenalty(model, alpha=ALPHA, grad_method="finite_difference",
+                            generator=torch.Generator().manual_seed(5), output=lambda out: out.logits)
+        loss = pen.penalised_loss({"input_ids": ids}, lambda out: F.cross_entropy(out.logits.flatten(0, 1),
+                                                                                  ids.flatten()), step=0)
+        loss.backward()
+        results.append((diag, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert clients.rel_err(results[0][0], results[1][0]) < 1e-12
+    assert clients.rel_err(results[0][1], results[1][1]) < 1e-12
+
+
+def test_overlapping_computations_in_two_threads_give_torchs_checkpoint_back_after_the_last() -> None:
+    """Thread 1 enters, thread 2 enters, thread 1 leaves: still plain for thread 2; torch's own after both."""
+    held = torch_checkpoint.CheckpointFunction
+    entered, left, seen = threading.Event(), threading.Event(), []
+
+    def second() -> None:
+        with plain_checkpoints():
+            entered.set()
+            left.wait(5)
+            seen.append(torch_checkpoint.CheckpointFunction is held)
+
+    thread = threading.Thread(target=second)
+    with plain_checkpoints():
+        thread.start()
+        entered.wait(5)
+        assert torch_checkpoint.CheckpointFunction is not held
+    left.set()
+    thread.join(5)
+    assert seen == [False] and torch_checkpoint.CheckpointFunction is held
