@@ -13,34 +13,25 @@ one function and its gradients dense.
 * Embeddings with ``scale_grad_by_freq=True`` rescale their gradient by the ids' counts in the batch, a
   training heuristic; the Fisher is of derivatives, so the engine's copy turns it off.
 * Embeddings with ``max_norm`` rescale the rows they look up in place on every forward: refused.
-* ``torch.utils.checkpoint`` trades memory for time by running a region again during the backward pass,
-  with the parameters the module holds *then*. torch.func refuses both of its forms (a custom
-  autograd function, saved-tensor hooks), a reentrant checkpoint refuses ``torch.autograd.grad``, and
-  the penalty's perturbed pass, whose parameters are substituted only while it runs forward, would be
-  recomputed at the unperturbed ones (a silently wrong gradient). Within :func:`plain_checkpoints`
-  every checkpointed region runs as a plain forward: the same values, memory as without checkpointing.
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
-(:func:`dense_gradients`, :func:`paused_power_iterations`) and restores it. :func:`plain_checkpoints`
-holds for every computation of the engine and of the penalty.
+(:func:`dense_gradients`, :func:`paused_power_iterations`) and restores it.
 """
 
 from __future__ import annotations
 
 import copy
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..errors import TorchfimError
 
-__all__ = ["dense_gradients", "for_derivatives", "paused_power_iterations", "plain_checkpoints"]
+__all__ = ["dense_gradients", "for_derivatives", "paused_power_iterations"]
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -98,51 +89,6 @@ def _overridden(owners: list[object], attribute: str, value: object) -> Iterator
     finally:
         for owner, held in zip(owners, before):
             setattr(owner, attribute, held)
-
-
-class _PlainReentrant:
-    """Stands in for torch's reentrant checkpoint function: runs the region, saving what autograd saves."""
-
-    @staticmethod
-    def apply(function: Callable, preserve_rng_state: bool, *args: object) -> object:
-        return function(*args)
-
-
-def _plain_region(*args: object, **kwargs: object) -> Iterator[None]:
-    """Stands in for torch's non-reentrant checkpoint generator: nothing before or after the region."""
-    yield
-
-
-#: torch's names that ``torch.utils.checkpoint.checkpoint`` looks up on each call, and their stand-ins.
-_PLAIN = {"CheckpointFunction": _PlainReentrant, "_checkpoint_without_reentrant_generator": _plain_region}
-_plain_lock = threading.Lock()
-_plain_depth = 0
-_plain_saved: dict[str, object] = {}
-
-
-@contextmanager
-def plain_checkpoints() -> Iterator[None]:
-    """Within the block, ``torch.utils.checkpoint.checkpoint`` (and ``checkpoint_sequential``) run their
-    region as a plain forward, in every thread; nested and concurrent blocks restore torch's own when the
-    last one ends. Also reaches callers that bound ``checkpoint`` itself (``functools.partial`` as
-    Hugging Face models do), since it reads these names from its module on each call."""
-    global _plain_depth
-    with _plain_lock:
-        if _plain_depth == 0:
-            names = [n for n in _PLAIN if hasattr(torch_checkpoint, n)]  # a torch without one keeps its own
-            _plain_saved.update({n: getattr(torch_checkpoint, n) for n in names})
-            for n in names:
-                setattr(torch_checkpoint, n, _PLAIN[n])
-        _plain_depth += 1
-    try:
-        yield
-    finally:
-        with _plain_lock:
-            _plain_depth -= 1
-            if _plain_depth == 0:
-                for n, held in _plain_saved.items():
-                    setattr(torch_checkpoint, n, held)
-                _plain_saved.clear()
 
 
 def _refuse_max_norm(name: str, module: nn.Module) -> None:

@@ -28,8 +28,9 @@ from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
-from .derivative_settings import for_derivatives, plain_checkpoints
+from .derivative_settings import for_derivatives
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
+from .plain_forwards import plain_forwards
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -88,9 +89,9 @@ def fewer_inputs(size: int, full: int) -> Iterator[None]:
 @contextmanager
 def engine_session() -> Iterator[None]:
     """Hold :data:`ENGINE_LOCK` with the caller's ``torch.autocast`` switched off (torchfim computes in
-    the model's dtype: forwards, per-module rules and families alike) and checkpointed regions run plain
-    (:func:`.plain_checkpoints`)."""
-    with ENGINE_LOCK, plain_checkpoints(), ExitStack() as stack:
+    the model's dtype: forwards, per-module rules and families alike) and activation checkpointing and
+    offloading off (:func:`.plain_forwards`)."""
+    with ENGINE_LOCK, plain_forwards(), ExitStack() as stack:
         for device_type in ("cpu", "cuda"):
             if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
                 stack.enter_context(torch.autocast(device_type, enabled=False))

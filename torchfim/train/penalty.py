@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
-from ..engine.derivative_settings import dense_gradients, paused_power_iterations, plain_checkpoints
+from ..engine.derivative_settings import dense_gradients, paused_power_iterations
+from ..engine.plain_forwards import plain_forwards
 from ..engine.view import check_mode as _check_mode
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
@@ -263,7 +264,7 @@ class FisherPenalty:
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
         # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
-        with torch.enable_grad(), self.family.masked(mask, x.size), dense_gradients(self.model), plain_checkpoints():
+        with torch.enable_grad(), self.family.masked(mask, x.size), dense_gradients(self.model), plain_forwards():
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -354,7 +355,7 @@ class FisherPenalty:
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
         with (torch.enable_grad(), self.family.masked(self.io.mask(mask, x), rows), dense_gradients(self.model),
-              plain_checkpoints()):
+              plain_forwards()):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:

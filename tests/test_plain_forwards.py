@@ -1,14 +1,16 @@
-"""Layers under ``torch.utils.checkpoint``: every entry point computes as on the plain model.
+"""Layers under ``torch.utils.checkpoint`` or saved-tensor hooks: every entry point computes as on the plain
+model.
 
-A checkpointed region runs again during the backward pass, with the parameters its modules hold then.
-Before torchfim ran such regions plain (``torchfim.engine.derivative_settings.plain_checkpoints``), the
-Hessian estimator, ``backend="functional"`` and the penalty's ``trace`` kind raised from inside torch
-(torch.func refuses both forms of checkpoint), a reentrant checkpoint on inputs that require grad
-made every computation raise (it refuses ``torch.autograd.grad``), and the finite-difference penalty
-step's gradient was silently wrong (its perturbed pass was recomputed at the unperturbed parameters).
-Oracles: the definition ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from ``torch.func`` Jacobians of the plain twin with the
-same weights, the penalty's definition by double backprop, and, for the random estimators, the plain
-twin with the same seed.
+A checkpointed region runs again during the backward pass, with the parameters its modules hold then;
+saved-tensor hooks (``save_on_cpu``) move what autograd saves elsewhere and back. Before torchfim ran
+its computations with both off (``torchfim.engine.plain_forwards``), the Hessian estimator,
+``backend="functional"`` and the penalty's ``trace`` kind raised from inside torch (torch.func refuses
+both), a reentrant checkpoint on inputs that require grad made every computation raise (it refuses
+``torch.autograd.grad``), and the finite-difference penalty step's gradient was silently wrong (its
+perturbed pass was recomputed at the unperturbed parameters). Oracles: the definition
+``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from ``torch.func`` Jacobians of the plain twin with the same weights, the
+penalty's definition by double backprop, and, for the random estimators, the plain twin with the same
+seed.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from oracles import exact_fisher, penalty_definition
 from torch import Tensor, nn
 
 import torchfim
-from torchfim.engine.derivative_settings import plain_checkpoints
+from torchfim.engine.plain_forwards import plain_forwards
 from torchfim.families import Categorical
 from torchfim.train import FisherPenalty, FisherTraceMonitor
 
-MODES = ["reentrant", "non_reentrant"]
+MODES = ["reentrant", "non_reentrant", "offloaded"]
 ALPHA = 0.3
 
 
@@ -45,7 +47,8 @@ class _Body(nn.Module):
 
 
 class _Checkpointed(nn.Module):
-    """``c(body(tanh(a(x))))`` with the body (a rule-less module) run under a checkpoint (``mode``), or plain.
+    """``c(body(tanh(a(x))))`` with the body (a rule-less module) run under a checkpoint (``mode``
+    ``"reentrant"`` or ``"non_reentrant"``), with its saved tensors offloaded (``"offloaded"``), or plain.
 
     The checkpoint's input depends on ``a``'s parameters, so a reentrant one sees inputs that require grad.
     """
@@ -61,6 +64,9 @@ class _Checkpointed(nn.Module):
         h = torch.tanh(self.a(x))
         if self.mode is None:
             h = self._body(h)
+        elif self.mode == "offloaded":
+            with torch.autograd.graph.save_on_cpu():
+                h = self._body(h)
         else:
             h = torch_checkpoint.checkpoint(self._body, h, use_reentrant=self.mode == "reentrant")
         return self.c(h)
@@ -160,21 +166,27 @@ def test_the_monitor_of_checkpointed_layers_is_the_plain_models(mode: str) -> No
     assert records[0].stderr == pytest.approx(records[1].stderr, rel=1e-12)
 
 
-def test_checkpointing_is_the_users_again_after_a_computation() -> None:
-    """Outside torchfim's computations the region is recomputed in the backward pass, as the user set it."""
-    held = (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator)
+def test_checkpointing_and_hooks_are_the_users_again_after_a_computation() -> None:
+    """Outside torchfim's computations the region is recomputed in the backward pass and hooks pack what
+    autograd saves, as the user set them."""
+    hooks = torch.autograd.graph.saved_tensors_hooks
+    held = (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator,
+            hooks.__enter__, hooks.__exit__)
     model = _Checkpointed("non_reentrant").double()
     torchfim.fisher(model, _x(), structure="diag")
-    assert (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator) == held
-    model.body_calls = 0
-    model(_x()).sum().backward()
-    assert model.body_calls == 2  # the forward and its recomputation
+    assert (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator,
+            hooks.__enter__, hooks.__exit__) == held
+    model.body_calls, packed = 0, []
+    with hooks(lambda t: (packed.append(t.shape), t.detach())[1], lambda t: t):
+        model(_x()).sum().backward()
+    assert model.body_calls == 2 and packed  # the forward and its recomputation; the hooks ran
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_llama_with_gradient_checkpointing_in_training_mode(mode: str) -> None:
-    """transformers checkpoints its layers in training mode. Before: ``fisher`` raised (blaming the integer
-    inputs) and the finite-difference penalty's gradient was 10 % off (non-reentrant)."""
+    """transformers checkpoints its layers in training mode (offloading the saved inputs to the host, with
+    ``offload=True``). Before: ``fisher`` raised (blaming the integer inputs) and the finite-difference
+    penalty's gradient was 10 % off (non-reentrant)."""
     clients.need("transformers")
     from test_clients_transformers import VOCAB, tiny_llama
 
@@ -185,7 +197,10 @@ def test_a_llama_with_gradient_checkpointing_in_training_mode(mode: str) -> None
         if checkpointed:
             settings = {"use_reentrant": mode == "reentrant"}
             if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.25
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings,
+                                                      offload=mode == "offloaded")
+            elif mode == "offloaded":
+                pytest.skip("this transformers has no offloading of checkpointed activations")
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
         diag = torchfim.fisher(model, {"input_ids": ids}, structure="diag", output=lambda out: out.logits)
@@ -199,22 +214,20 @@ def test_a_llama_with_gradient_checkpointing_in_training_mode(mode: str) -> None
     assert clients.rel_err(results[0][1], results[1][1]) < 1e-12
 
 
-def test_overlapping_computations_in_two_threads_give_torchs_checkpoint_back_after_the_last() -> None:
-    """Thread 1 enters, thread 2 enters, thread 1 leaves: still plain for thread 2; torch's own after both."""
+def test_other_threads_keep_checkpointing_and_torchs_own_is_back_after_the_last_block() -> None:
+    """Thread 1 in a block, thread 2 not: thread 2's checkpoint is torch's (its node in the graph); nested
+    blocks in thread 1 end with torch's own functions back."""
     held = torch_checkpoint.CheckpointFunction
-    entered, left, seen = threading.Event(), threading.Event(), []
+    w = torch.randn(3, 3, requires_grad=True)
+    nodes = []
 
-    def second() -> None:
-        with plain_checkpoints():
-            entered.set()
-            left.wait(5)
-            seen.append(torch_checkpoint.CheckpointFunction is held)
+    def outside() -> None:
+        nodes.append(type(torch_checkpoint.checkpoint(torch.tanh, w @ w, use_reentrant=True).grad_fn).__name__)
 
-    thread = threading.Thread(target=second)
-    with plain_checkpoints():
+    with plain_forwards(), plain_forwards():
+        inside = type(torch_checkpoint.checkpoint(torch.tanh, w @ w, use_reentrant=True).grad_fn).__name__
+        thread = threading.Thread(target=outside)
         thread.start()
-        entered.wait(5)
-        assert torch_checkpoint.CheckpointFunction is not held
-    left.set()
-    thread.join(5)
-    assert seen == [False] and torch_checkpoint.CheckpointFunction is held
+        thread.join(5)
+    assert (inside, nodes) == ("TanhBackward0", ["CheckpointFunctionBackward"])
+    assert torch_checkpoint.CheckpointFunction is held
