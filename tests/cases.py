@@ -285,6 +285,19 @@ def hooked(c: int) -> nn.Module:
     return nn.Sequential(first, nn.Tanh(), last).double().eval()
 
 
+def user_hooks(c: int) -> nn.Module:
+    """Forward hooks of the user's own, as activation steering and patching set them: the first layer's
+    output scaled by a hook, a steering vector added to the second layer's input by a pre-hook, and the
+    last layer's output shifted by a hook that reads its call's keyword arguments (none here)."""
+    _seed()
+    first, second, last = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, c)
+    steer = torch.randn(4, dtype=torch.float64)
+    first.register_forward_hook(lambda module, args, out: 1.5 * out)
+    second.register_forward_pre_hook(lambda module, args: (args[0] + steer,))
+    last.register_forward_hook(lambda module, args, kwargs, out: out - 0.25, with_kwargs=True)
+    return nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), last).double()
+
+
 CASES = [
     Case("tanh_mlp", tanh_mlp, mlp_inputs),
     Case("relu_mlp", relu_mlp, mlp_inputs),
@@ -302,6 +315,7 @@ CASES = [
     Case("custom", custom, mlp_inputs),
     Case("parametrized", parametrized, mlp_inputs),
     Case("hooked", hooked, mlp_inputs),
+    Case("user_hooks", user_hooks, mlp_inputs),
     Case("gru", gru, lambda n: _floats(n, 3, 3), ("categorical", "gaussian")),
     Case("tokens", token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),
     Case("scaled_tokens", scaled_token_model, lambda n: _tokens(n, 3, 5), ("categorical", "gaussian"), positions=True),

@@ -13,6 +13,11 @@ one function and its gradients dense.
 * Embeddings with ``scale_grad_by_freq=True`` rescale their gradient by the ids' counts in the batch, a
   training heuristic; the Fisher is of derivatives, so the engine's copy turns it off.
 * Embeddings with ``max_norm`` rescale the rows they look up in place on every forward: refused.
+* A module's backward hooks (``register_full_backward_hook``, ``register_full_backward_pre_hook``) change or
+  watch the gradients that pass through it; they are no part of the function whose Fisher is taken (a
+  hook that rescales or reverses gradients would rescale it; a logging hook would see every output vector
+  the engine pulls back), and torch.func cannot transform them. The copy has none; forward hooks, which
+  are part of the function, stay.
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
@@ -38,7 +43,7 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 def for_derivatives(tree: nn.Module) -> None:
     """Set ``tree`` (the engine's private copy of a model) up for derivatives: power iterations paused,
-    embeddings' gradients dense and unscaled; embeddings with ``max_norm`` refused.
+    embeddings' gradients dense and unscaled, no backward hooks; embeddings with ``max_norm`` refused.
 
     The parametrization modules and embeddings are the copy's own; the older spectral norm's hook objects
     are shared with the user's modules, so the copy's registries get paused copies of them.
@@ -52,6 +57,10 @@ def for_derivatives(tree: nn.Module) -> None:
                 paused = copy.copy(hook)
                 paused.n_power_iterations = 0
                 hooks[key] = paused
+        if module._backward_hooks or module._backward_pre_hooks:  # the copy's own registries
+            module._backward_hooks.clear()
+            module._backward_pre_hooks.clear()
+            module._is_full_backward_hook = None
         if isinstance(module, _EMBEDDINGS):
             _refuse_max_norm(name, module)
             module.scale_grad_by_freq = module.sparse = False

@@ -52,7 +52,9 @@ class UnitHessians:
         zero = torch.zeros(batch.size, units, dtype=dtype, device=device)
 
         def out(delta: Tensor) -> Tensor:
-            handle = module.register_forward_hook(lambda m, a, o: o + delta)
+            # first among the module's forward hooks: δ moves the layer's own output, which the user's
+            # hooks (a scale, a steering shift) then see
+            handle = module.register_forward_hook(lambda m, a, o: o + delta, prepend=True)
             try:
                 return view.flat(view.to_tensor(batch.call(view.model)))
             finally:

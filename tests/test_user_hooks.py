@@ -1,0 +1,54 @@
+"""Hooks of the user's own on a model's modules.
+
+Forward hooks are part of the function (activation steering, patching): the ``user_hooks`` case of
+``cases.py`` runs them through every oracle. Backward hooks are not: they change or watch the gradients
+that pass through a module, so the Fisher is that of the same model without them, and a logging hook
+must not see the output vectors the engine pulls back. Before, a hook that zeroed its module's input
+gradient changed the exact diagonal by 11 % (the modules backend) or made ``backend="functional"`` raise
+from inside torch. Oracle: ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from ``torch.func`` Jacobians of the model without hooks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import mlp_inputs, tanh_mlp
+from clients import rel_err
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+from torchfim.train import FisherTraceMonitor
+
+
+def _with_backward_hooks(seen: list[str]) -> nn.Module:
+    """``tanh_mlp`` with a hook that zeroes the gradient into its hidden layer's input (as a gradient
+    reversal or a per-module clip would change it), one that rescales its last layer's output gradient,
+    and one that logs."""
+    model = tanh_mlp(3, hidden=5)
+    model[2].register_full_backward_hook(lambda module, grad_in, grad_out: (torch.zeros_like(grad_in[0]),))
+    model[4].register_full_backward_pre_hook(lambda module, grad_out: (3.0 * grad_out[0],))
+    model[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append("backward"))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's, on the user's own backward
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_the_fisher_of_a_model_with_backward_hooks_is_that_of_its_forward(backend: str) -> None:
+    x, seen = mlp_inputs(9), []
+    want = exact_fisher(tanh_mlp(3, hidden=5), x, "categorical")
+    model = _with_backward_hooks(seen)
+    for structure, expected in (("full", want), ("diag", torch.diagonal(want)), ("trace", torch.trace(want))):
+        assert rel_err(torchfim.fisher(model, x, structure=structure, backend=backend), expected) < 1e-10
+    hessian = torchfim.fisher(model, x, structure="diag", estimator="hessian", backend=backend,
+                              generator=torch.Generator().manual_seed(2))
+    plain = torchfim.fisher(tanh_mlp(3, hidden=5), x, structure="diag", estimator="hessian", backend=backend,
+                            generator=torch.Generator().manual_seed(2))
+    assert rel_err(hessian, plain) < 1e-12
+    monitor = FisherTraceMonitor(model, x, every=1, n_samples=3, generator=torch.Generator().manual_seed(4))
+    plain_monitor = FisherTraceMonitor(tanh_mlp(3, hidden=5), x, every=1, n_samples=3,
+                                       generator=torch.Generator().manual_seed(4))
+    assert monitor.measure(0).trace == pytest.approx(plain_monitor.measure(0).trace, rel=1e-12)
+    assert seen == []  # the logging hook saw none of the engine's pull-backs
+    model(x).sum().backward()
+    assert seen == ["backward"]  # and the user's own backward still runs it
