@@ -10,9 +10,11 @@ from inside torch. Oracle: ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from ``torch.func`
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from cases import mlp_inputs, tanh_mlp
+from cases import _tokens, mlp_inputs, tanh_mlp, tied
 from clients import rel_err
 from oracles import exact_fisher
 from torch import nn
@@ -52,3 +54,23 @@ def test_the_fisher_of_a_model_with_backward_hooks_is_that_of_its_forward(backen
     assert seen == []  # the logging hook saw none of the engine's pull-backs
     model(x).sum().backward()
     assert seen == ["backward"]  # and the user's own backward still runs it
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_the_fisher_of_a_model_with_parameter_hooks_is_that_of_its_forward(backend: str) -> None:
+    """A mask on a tied embedding/output weight (only the last two rows train) and a clamp on a bias: the
+    rules keep every parameter (no warning), tying stays, and the hooks see none of the engine's gradients."""
+    x, calls = _tokens(8, 3, 4), []
+    want = exact_fisher(tied(4), x, "categorical")
+    model = tied(4)
+    rows = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)[:, None]
+    model.embed.weight.register_hook(lambda g: (calls.append("mask"), g * rows)[1])
+    model.mix.bias.register_hook(lambda g: (calls.append("clamp"), g.clamp(-1e-3, 1e-3))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing sent to a generic rule, nothing said
+        for structure, expected in (("full", want), ("diag", torch.diagonal(want)), ("trace", torch.trace(want))):
+            assert rel_err(torchfim.fisher(model, x, structure=structure, backend=backend), expected) < 1e-10
+    assert calls == []
+    model(x).sum().backward()
+    assert sorted(calls) == ["clamp", "mask"]
+    assert torch.equal(model.embed.weight.grad[:2], torch.zeros(2, 3, dtype=torch.float64))

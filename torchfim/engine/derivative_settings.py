@@ -17,7 +17,9 @@ one function and its gradients dense.
   watch the gradients that pass through it; they are no part of the function whose Fisher is taken (a
   hook that rescales or reverses gradients would rescale it; a logging hook would see every output vector
   the engine pulls back), and torch.func cannot transform them. The copy has none; forward hooks, which
-  are part of the function, stay.
+  are part of the function, stay. Nor has it the hooks on parameters (``weight.register_hook``, a mask
+  that trains a few embedding rows): each such parameter is an alias of the user's without them (the
+  same storage and version counter, so every in-place update is seen).
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
@@ -43,11 +45,13 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 def for_derivatives(tree: nn.Module) -> None:
     """Set ``tree`` (the engine's private copy of a model) up for derivatives: power iterations paused,
-    embeddings' gradients dense and unscaled, no backward hooks; embeddings with ``max_norm`` refused.
+    embeddings' gradients dense and unscaled, no backward hooks on modules or parameters; embeddings with
+    ``max_norm`` refused.
 
     The parametrization modules and embeddings are the copy's own; the older spectral norm's hook objects
     are shared with the user's modules, so the copy's registries get paused copies of them.
     """
+    aliases: dict[int, nn.Parameter] = {}
     for name, module in tree.named_modules():
         if isinstance(module, _SpectralNorm):
             module.n_power_iterations = 0
@@ -57,6 +61,7 @@ def for_derivatives(tree: nn.Module) -> None:
                 paused = copy.copy(hook)
                 paused.n_power_iterations = 0
                 hooks[key] = paused
+        _unhook_parameters(module, aliases)
         if module._backward_hooks or module._backward_pre_hooks:  # the copy's own registries
             module._backward_hooks.clear()
             module._backward_pre_hooks.clear()
@@ -64,6 +69,16 @@ def for_derivatives(tree: nn.Module) -> None:
         if isinstance(module, _EMBEDDINGS):
             _refuse_max_norm(name, module)
             module.scale_grad_by_freq = module.sparse = False
+
+
+def _unhook_parameters(module: nn.Module, aliases: dict[int, nn.Parameter]) -> None:
+    """In ``module`` (of the copy), each parameter with tensor hooks replaced by its alias without them
+    (one alias per parameter, in all its slots: tying stays)."""
+    for key, p in module._parameters.items():  # the copy's own registry
+        if p is not None and p._backward_hooks:
+            if id(p) not in aliases:
+                aliases[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+            module._parameters[key] = aliases[id(p)]
 
 
 @contextmanager
