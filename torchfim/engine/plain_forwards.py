@@ -1,4 +1,4 @@
-"""Forwards that save their activations as plain autograd does, while torchfim computes.
+"""Forwards as torchfim computes them: activations saved as plain autograd saves them, in the model's dtype.
 
 Two devices trade the memory of a forward's saved activations for time, without changing any value:
 
@@ -16,18 +16,67 @@ entering a saved-tensor hooks context does nothing: the same values, the memory 
 them. It holds for every computation of the engine (:func:`.view.engine_session`) and each step of the
 penalty that computes it; the user's own forwards and backwards outside, and other threads (a training
 loop beside a monitor), keep both devices.
+
+A forward may also turn ``torch.autocast`` on for a region of its own. torchfim computes in the model's
+dtype (:func:`.view.engine_session` switches the caller's autocast off), and a region in half precision
+would both round the Fisher to it and trip the engine's checks of its rules against autograd (their
+per-sample gradients would differ by that rounding), sending every layer to a slow generic loop. Within
+:func:`native_dtype_forwards` an autocast region that would turn autocast on runs with it off (one that
+turns it off, as Hugging Face's rotary embeddings do, runs as it is).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch.utils.checkpoint as torch_checkpoint
+from torch.amp.autocast_mode import autocast
 from torch.autograd.graph import saved_tensors_hooks
 
-__all__ = ["plain_forwards"]
+__all__ = ["native_dtype_forwards", "plain_forwards"]
+
+
+class _ThreadMode:
+    """Stand-ins for some of torch's functions, installed while any thread is in the mode; each stand-in
+    asks :meth:`active` and defers to torch's own (:meth:`torchs`) in the other threads. Nested and
+    concurrent blocks give torch's own back when the last one ends."""
+
+    def __init__(self, stand_ins: list[tuple[object, str, object]]) -> None:
+        self.stand_ins = stand_ins  # (owner, name, stand-in); a torch without one of the names keeps its own
+        self.lock = threading.Lock()
+        self.depths: dict[int, int] = {}  # thread id → blocks it is in
+        self.held: dict[tuple[int, str], tuple[object, object]] = {}  # (id(owner), name) → (owner, torch's own)
+
+    def active(self) -> bool:
+        return threading.get_ident() in self.depths
+
+    def torchs(self, owner: object, name: str) -> object:
+        return self.held[id(owner), name][1]
+
+    @contextmanager
+    def block(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.lock:
+            if not self.depths:
+                for owner, name, stand_in in self.stand_ins:
+                    if hasattr(owner, name):
+                        self.held[id(owner), name] = owner, getattr(owner, name)
+                        setattr(owner, name, stand_in)
+            self.depths[me] = self.depths.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depths[me] -= 1
+                if not self.depths[me]:
+                    del self.depths[me]
+                if not self.depths:
+                    for (_, name), (owner, own) in self.held.items():
+                        setattr(owner, name, own)
+                    self.held.clear()
 
 
 class _Reentrant:
@@ -35,60 +84,66 @@ class _Reentrant:
 
     @staticmethod
     def apply(function: Callable, preserve_rng_state: bool, *args: object) -> object:
-        if _plain():
+        if _PLAIN.active():
             return function(*args)
-        return _torchs(torch_checkpoint, "CheckpointFunction").apply(function, preserve_rng_state, *args)
+        return _PLAIN.torchs(torch_checkpoint, "CheckpointFunction").apply(function, preserve_rng_state, *args)
 
 
 def _non_reentrant(*args: object, **kwargs: object) -> Iterator[None]:
     """Stands in for torch's non-reentrant checkpoint generator: in a plain thread, nothing before or after
     the region (torch's ``checkpoint`` advances it once before the region and once after)."""
-    if _plain():
+    if _PLAIN.active():
         yield
     else:
-        yield from _torchs(torch_checkpoint, "_checkpoint_without_reentrant_generator")(*args, **kwargs)
+        yield from _PLAIN.torchs(torch_checkpoint, "_checkpoint_without_reentrant_generator")(*args, **kwargs)
+
+
+_SKIPPED = "_torchfim_hooks_skipped"
 
 
 def _enter_hooks(self: saved_tensors_hooks) -> None:
     """Stands in for entering a saved-tensor hooks context: in a plain thread, no hooks pushed."""
-    if _plain():
+    if _PLAIN.active():
         self.__dict__[_SKIPPED] = True
     else:
-        _torchs(saved_tensors_hooks, "__enter__")(self)
+        _PLAIN.torchs(saved_tensors_hooks, "__enter__")(self)
 
 
 def _leave_hooks(self: saved_tensors_hooks, *exc: object) -> None:
     """Stands in for leaving a saved-tensor hooks context: none popped where none were pushed."""
     if not self.__dict__.pop(_SKIPPED, False):
-        _torchs(saved_tensors_hooks, "__exit__")(self, *exc)
+        _PLAIN.torchs(saved_tensors_hooks, "__exit__")(self, *exc)
 
 
-_SKIPPED = "_torchfim_hooks_skipped"
-#: ``(owner, name, stand-in)``: names that ``torch.utils.checkpoint.checkpoint`` looks up in its module on
-#: each call (so callers that bound ``checkpoint`` itself, as Hugging Face models do, are reached too),
-#: and the methods of the saved-tensor hooks contexts (``save_on_cpu`` and torch's other subclasses inherit
-#: them). Installed while any thread is in a block; each defers to torch's own in the other threads.
-_STAND_INS = [
+#: Names that ``torch.utils.checkpoint.checkpoint`` looks up in its module on each call (so callers that
+#: bound ``checkpoint`` itself, as Hugging Face models do, are reached too), and the methods of the
+#: saved-tensor hooks contexts (``save_on_cpu`` and torch's other subclasses inherit them).
+_PLAIN = _ThreadMode([
     (torch_checkpoint, "CheckpointFunction", _Reentrant),
     (torch_checkpoint, "_checkpoint_without_reentrant_generator", _non_reentrant),
     (saved_tensors_hooks, "__enter__", _enter_hooks),
     (saved_tensors_hooks, "__exit__", _leave_hooks),
-]
-_lock = threading.Lock()
-_depths: dict[int, int] = {}  # thread id → blocks it is in
-_torchs_own: dict[tuple[int, str], object] = {}
+])
 
 
-def _plain() -> bool:
-    return threading.get_ident() in _depths
+def _enter_autocast(self: autocast) -> autocast:
+    """Stands in for entering an autocast region: in a thread of the mode, one that would turn autocast on
+    enters with it off (torch's own entry and exit, so the nesting and the cache stay torch's)."""
+    enter = _NATIVE.torchs(autocast, "__enter__")
+    if not (self._enabled and _NATIVE.active()):
+        return enter(self)
+    self._enabled = False
+    try:
+        return enter(self)
+    finally:
+        self._enabled = True
 
 
-def _torchs(owner: object, name: str) -> object:
-    return _torchs_own[id(owner), name]
+#: The entry of ``torch.autocast`` (``torch.cpu.amp.autocast`` and ``torch.cuda.amp.autocast`` call it).
+_NATIVE = _ThreadMode([(autocast, "__enter__", _enter_autocast)])
 
 
-@contextmanager
-def plain_forwards() -> Iterator[None]:
+def plain_forwards() -> contextlib.AbstractContextManager[None]:
     """Within the block, this thread's checkpointed regions run as plain forwards and its saved-tensor
     hooks contexts push no hooks; other threads keep torch's own behaviour.
 
@@ -101,22 +156,18 @@ def plain_forwards() -> Iterator[None]:
         >>> type(out.grad_fn).__name__  # autograd's own node: no checkpoint in the graph
         'TanhBackward0'
     """
-    me = threading.get_ident()
-    with _lock:
-        if not _depths:
-            for owner, name, stand_in in _STAND_INS:
-                if hasattr(owner, name):  # a torch without one of these keeps its own
-                    _torchs_own[id(owner), name] = getattr(owner, name)
-                    setattr(owner, name, stand_in)
-        _depths[me] = _depths.get(me, 0) + 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _depths[me] -= 1
-            if not _depths[me]:
-                del _depths[me]
-            if not _depths:
-                for owner, name, _ in _STAND_INS:
-                    if (id(owner), name) in _torchs_own:
-                        setattr(owner, name, _torchs_own.pop((id(owner), name)))
+    return _PLAIN.block()
+
+
+def native_dtype_forwards() -> contextlib.AbstractContextManager[None]:
+    """Within the block, this thread's autocast regions that would turn autocast on run with it off; other
+    threads keep torch's own behaviour.
+
+    Example:
+        >>> import torch
+        >>> with native_dtype_forwards(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     out = torch.randn(2, 3) @ torch.randn(3, 3)
+        >>> out.dtype
+        torch.float32
+    """
+    return _NATIVE.block()

@@ -30,7 +30,7 @@ from ..structures import Layout
 from .batch import Batch
 from .derivative_settings import for_derivatives
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
-from .plain_forwards import plain_forwards
+from .plain_forwards import native_dtype_forwards, plain_forwards
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -88,10 +88,10 @@ def fewer_inputs(size: int, full: int) -> Iterator[None]:
 
 @contextmanager
 def engine_session() -> Iterator[None]:
-    """Hold :data:`ENGINE_LOCK` with the caller's ``torch.autocast`` switched off (torchfim computes in
-    the model's dtype: forwards, per-module rules and families alike) and activation checkpointing and
-    offloading off (:func:`.plain_forwards`)."""
-    with ENGINE_LOCK, plain_forwards(), ExitStack() as stack:
+    """Hold :data:`ENGINE_LOCK` with ``torch.autocast`` switched off, the caller's and the forward's own
+    (:func:`.native_dtype_forwards`: torchfim computes in the model's dtype, forwards, per-module rules
+    and families alike), and activation checkpointing and offloading off (:func:`.plain_forwards`)."""
+    with ENGINE_LOCK, plain_forwards(), native_dtype_forwards(), ExitStack() as stack:
         for device_type in ("cpu", "cuda"):
             if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
                 stack.enter_context(torch.autocast(device_type, enabled=False))
