@@ -356,7 +356,10 @@ def test_generator_that_is_not_a_torch_generator(generator: object, estimator: s
 
 
 def test_one_input_without_batch_dimension() -> None:
-    with pytest.raises(TorchfimError, match="batch dimension"):
+    """The (3,) input runs as 3 inputs, its (3,) outputs read as one per input; the forward then fails on
+    fewer of them, which is said as the 1-D input it is (not as a batch size fixed in the forward)."""
+    with pytest.raises(TorchfimError, match=r"1-D inputs \(\(3,\) torch.float64\) when called on 2 of their 3 "
+                                            r"entries: their first dimension is the batch.*x\.unsqueeze\(0\)"):
         torchfim.fisher(tanh_mlp(3), mlp_inputs(4)[0])
     with pytest.raises(TorchfimError, match="batch dimension first"):
         torchfim.fisher(tanh_mlp(3), torch.tensor(1.0, dtype=torch.float64))

@@ -252,6 +252,18 @@ def test_run_report_api_with_a_tensor_and_no_targets(tmp_path):
     assert "skipped" in (out / "report.md").read_text()
 
 
+def test_run_report_api_with_one_output_per_input(tmp_path, fast_figures):
+    """A binary classifier returning ``(batch,)`` logits, with its targets: refused before as not ``(batch, C)``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(0))
+    X, y = torch.randn(20, 4), (torch.rand(20) > 0.5).float()
+    R = torchfim.report.run_report(model, (X, y), family="bernoulli", out=tmp_path / "r", progress=False,
+                                   emit=None)["results"]
+    assert R["empirical"] is not None
+    assert R["trace"]["exact"] == pytest.approx(
+        float(torchfim.fisher(model, X, family="bernoulli", structure="trace")), rel=1e-6)
+
+
 class _KeywordModel(nn.Module):
     """Token ids and an attention mask by keyword, outputs in ``.logits``: as a Hugging Face classifier."""
 

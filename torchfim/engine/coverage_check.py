@@ -87,7 +87,7 @@ class CoverageCheck:
             for i in rule.params.values():
                 self.uses[i] = self.uses.get(i, 0) + 1
         if not self._verified and all_finite(rec.values):  # else the family check refuses
-            with fewer_inputs(min(2, batch.size), batch.size):
+            with fewer_inputs(min(2, batch.size), batch):
                 few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
                 substitutes_differ = self._substitutes_differ(few)
             if substitutes_differ or self._verify(few):

@@ -19,6 +19,7 @@ from ..families import Family
 from .backend import Backend, Recording
 from .batch import Batch
 from .functional import FunctionalBackend
+from .model_checks import ONE_DIMENSIONAL, one_dimensional
 from .per_module import PerModuleBackend
 from .view import Mask, ModelView
 
@@ -128,12 +129,8 @@ def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exceptio
             f"the model's forward failed on integer inputs ({shapes}) with {view.dtype} parameters; pass "
             f"x.float() (integer inputs suit embedding layers only); torch said: {said}"
         )
-    if any(t.dim() == 1 for t in inputs):
-        return TorchfimError(
-            f"the model's forward failed on 1-D inputs ({shapes}): their first dimension is the batch; pass "
-            "x.unsqueeze(1) for one feature per input, or x.unsqueeze(0) for a single input"
-        )
-    return err
+    flat = one_dimensional(batch)
+    return err if flat is None else TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where=""))
 
 
 def _mixes_integer_types(said: str) -> bool:

@@ -9,7 +9,7 @@ parameters afresh.
 
 Outputs are mapped to one flat vector per input: a tensor ``(B, C)``, or with positions
 ``(B, *positions, C)`` (``class_dim=1`` for ``(B, C, *positions)`` as ``cross_entropy`` takes them),
-becomes ``(B, L·C)`` with ``L`` the number of positions; objects with ``.logits``, dicts with
+becomes ``(B, L·C)`` with ``L`` the number of positions, and ``(B,)`` becomes ``(B, 1)``; objects with ``.logits``, dicts with
 ``"logits"`` and the result of an ``output=`` callable are accepted.
 """
 
@@ -29,6 +29,14 @@ from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
 from .derivative_settings import for_derivatives
+from .model_checks import (
+    ONE_DIMENSIONAL,
+    check_forward_takes,
+    check_in_memory,
+    check_initialised,
+    check_mode,
+    one_dimensional,
+)
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
 from .plain_forwards import native_dtype_forwards, plain_forwards
 from .private_tree import private_tree, users_modules_called
@@ -52,14 +60,6 @@ STATE_UPDATED = (
     "terms are undefined; call model.eval() (or turn that update off) while torchfim computes"
 )
 
-#: Why a mini-batch does not fit the model's forward.
-FORWARD_ARGUMENTS = (
-    "the model's forward cannot take the mini-batch as torchfim passes it, {call}: {why}; the forward "
-    "takes {signature}. A pair (x, y) of tensors is read as (inputs, targets); pass a model of several "
-    "inputs a dict keyed by its forward's argument names (e.g. {{'x1': x1, 'x2': x2}}, or a loader of such "
-    "dicts), or wrap it in a module whose forward takes one tensor"
-)
-
 #: A forward that reaches the user's modules: their parameters are not the ones torchfim differentiates.
 STALE_MODULES = (
     "the model's forward (or the output= function) calls {} of the model you passed, not of torchfim's "
@@ -71,12 +71,18 @@ STALE_MODULES = (
 
 
 @contextmanager
-def fewer_inputs(size: int, full: int) -> Iterator[None]:
-    """While the block runs a forward on ``size`` of a mini-batch's ``full`` inputs, a RuntimeError becomes
-    an error that says the forward must take any number of inputs (a batch size fixed in it)."""
+def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
+    """While the block runs a forward on ``size`` of ``batch``'s inputs, a RuntimeError becomes an error that
+    says the forward must take any number of inputs (a batch size fixed in it), or, for 1-D inputs, that
+    their first dimension is the batch (a single input passed without one ran as a batch of its entries)."""
+    full = batch.size
     try:
         yield
     except RuntimeError as err:
+        flat = one_dimensional(batch)
+        if flat is not None:
+            raise TorchfimError(ONE_DIMENSIONAL.format(
+                shapes=flat, where=f" when called on {size} of their {full} entries")) from err
         raise TorchfimError(
             f"the model's forward ran on a mini-batch of {full} inputs but failed on {size} of them "
             f"({str(err).splitlines()[0][:160]}); torchfim also calls it on fewer inputs (to check that samples "
@@ -108,45 +114,6 @@ OutputMap = Callable[[object], Tensor]
 Mask = Tensor | Callable[[Batch], Tensor] | str | None
 
 
-def check_mode(model: nn.Module) -> None:
-    """Refuse modules whose forward mixes samples (BatchNorm in training mode, or without running
-    statistics) or is random (Dropout in training mode)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is None:
-            raise TorchfimError(
-                f"module {name or type(module).__name__!r} is a BatchNorm layer without running statistics "
-                "(track_running_stats=False), so even in eval mode it normalises with the statistics of the "
-                "batch, which mixes its samples, and per-sample Fisher terms are undefined; use a layer that "
-                "normalises each sample (nn.GroupNorm, nn.LayerNorm) or BatchNorm with running statistics"
-            )
-        if not module.training:
-            continue
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise TorchfimError(
-                f"module {name or type(module).__name__!r} is a BatchNorm layer in training mode, whose "
-                "forward mixes the samples of a batch, so per-sample Fisher terms are undefined; "
-                "call model.eval() before computing the Fisher"
-            )
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            raise TorchfimError(
-                f"module {name or type(module).__name__!r} is a Dropout layer in training mode, which makes "
-                "the outputs random; call model.eval() before computing the Fisher"
-            )
-        if isinstance(module, nn.RReLU) and module.lower != module.upper:
-            raise TorchfimError(
-                f"module {name or type(module).__name__!r} is an RReLU in training mode, which draws a random "
-                "slope for every negative input, so the outputs are random; call model.eval() before computing "
-                "the Fisher (its slope is then the mean of lower and upper)"
-            )
-        inner = isinstance(module, nn.MultiheadAttention) or (isinstance(module, nn.RNNBase) and module.num_layers > 1)
-        if inner and module.dropout > 0:
-            raise TorchfimError(
-                f"module {name or type(module).__name__!r} ({type(module).__name__}) applies its own dropout "
-                f"(dropout={module.dropout}) in training mode, which makes the outputs random; call model.eval() "
-                "before computing the Fisher"
-            )
-
-
 def read_logits(raw: object) -> object:
     """A model's raw output as its tensor of outputs: the tensor itself, ``raw["logits"]`` or ``raw.logits``
     (anything else as it is, for the caller to refuse)."""
@@ -168,6 +135,12 @@ def mapped_output(output: OutputMap, raw: object) -> object:
             f"the output= function raised {type(err).__name__}: {err}, on the model's output, a "
             f"{type(raw).__name__}{tensor_fields(raw)}; make it return the tensor of outputs"
         ) from err
+
+
+def as_columns(out: object) -> object:
+    """Outputs ``(batch,)``, one number per input (a binary classifier's logits as ``BCEWithLogitsLoss``
+    takes them, a regression's means), as the column ``(batch, 1)``; anything else as it is."""
+    return out.unsqueeze(-1) if isinstance(out, Tensor) and out.dim() == 1 else out
 
 
 def predicts_next_token(model: nn.Module) -> bool:
@@ -203,35 +176,6 @@ def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (id(b), b._version) for name, b in tree.named_buffers()}
 
 
-def _first_names(names: list[str], most: int = 3) -> str:
-    """``'a', 'b', 'c' and 4 more``: the first names of a list, for a message."""
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(repr(n) for n in names[:most]) + more
-
-
-def _check_initialised(tree: nn.Module) -> None:
-    """Refuse parameters and buffers of lazy modules before their first forward: they have no shape yet."""
-    lazy = [n for n, t in [*tree.named_parameters(), *tree.named_buffers()] if nn.parameter.is_lazy(t)]
-    if lazy:
-        raise TorchfimError(
-            f"{_first_names(lazy)} of the model are not initialised yet (a lazy module, such as nn.LazyLinear, takes its "
-            "shapes from its first input), so the Fisher has no shape; run one forward first, e.g. "
-            "with torch.no_grad(): model(x) on a mini-batch"
-        )
-
-
-def _check_in_memory(tensors: dict[str, Tensor]) -> None:
-    """Refuse parameters and buffers on the meta device: their values live elsewhere, if anywhere."""
-    on_meta = [n for n, t in tensors.items() if t.is_meta]
-    if on_meta:
-        raise TorchfimError(
-            f"{_first_names(on_meta)} of the model are on the meta device, so their values are not in memory (accelerate's "
-            "cpu_offload or disk offload loads weights only inside each module's forward; init_empty_weights "
-            "never does), and torchfim cannot differentiate with respect to them; load the model with its "
-            "weights in memory, e.g. from_pretrained(..., device_map='cpu') or dispatch_model without offloading"
-        )
-
-
 class ModelView:
     """A private view of ``model`` with its trainable parameters θ and its output mapping."""
 
@@ -247,7 +191,7 @@ class ModelView:
             self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
         check_mode(self.model)
         for_derivatives(self.model)  # one weight for every forward (the user's u, v left as they are), dense grads
-        _check_initialised(self.model)
+        check_initialised(self.model)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise TorchfimError(
@@ -262,7 +206,7 @@ class ModelView:
         self.index_of = {id(p): i for i, (_, p) in enumerate(named)}
         self.constants = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
         self.constants.update(dict(self.model.named_buffers()))
-        _check_in_memory({**self.params, **self.constants})
+        check_in_memory({**self.params, **self.constants})
         self.output_map = output
         self.class_dim = class_dim
         self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
@@ -329,12 +273,13 @@ class ModelView:
                 f"{what} returned a tensor of dtype {out.dtype}; the Fisher needs floating-point outputs "
                 "(logits, means or log-rates), not class indices"
             )
-        if out.dim() < 2:
+        if out.dim() == 0:
             raise TorchfimError(
-                f"{what} returned outputs of shape {tuple(out.shape)}; expected (batch, C) or "
-                "(batch, *positions, C): give the inputs a batch dimension and keep the output's last dim"
+                f"{what} returned a single number; expected outputs of shape (batch, C), (batch, *positions, C) "
+                "or (batch,) for one output per input: give the inputs a batch dimension and return one row "
+                "of outputs per input"
             )
-        return out
+        return as_columns(out)
 
     def flat(self, out: Tensor) -> Tensor:
         """``(B, *positions, C)`` (or ``(B, C, *positions)`` with ``class_dim=1``) → ``(B, L·C)``."""
@@ -414,7 +359,7 @@ class ModelView:
         take = min(batch.size - 1, 4 - checked)
         rows = torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)
         before = _buffer_states(self.model)
-        with fewer_inputs(take, batch.size):
+        with fewer_inputs(take, batch):
             alone = self.flat(self._reached(batch.rows(rows)))
         ref = out[rows]
         scale = ref.abs().amax().clamp_min(1.0).float()
@@ -450,34 +395,6 @@ class ModelView:
         """Split a flat ``(P,)`` vector into a parameter dict."""
         pieces = torch.split(flat, self.layout.sizes)
         return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}
-
-
-def check_forward_takes(model: nn.Module, batch: Batch) -> None:
-    """Refuse a mini-batch that ``model``'s forward cannot take as the engine calls it
-    (:data:`FORWARD_ARGUMENTS`), by binding its arguments to the forward's signature (no forward run)."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):  # a forward without a signature: its own call will say
-        return
-    try:
-        signature.bind(*batch.args, **batch.kwargs)
-    except TypeError as why:
-        raise TorchfimError(FORWARD_ARGUMENTS.format(
-            call=describe_call(batch), why=why, signature=_parameter_names(signature))) from None
-
-
-def describe_call(batch: Batch) -> str:
-    """How the engine calls the model on ``batch``: ``model(<tensor>)`` or ``model(input_ids=…, …)``."""
-    args = ["<tensor>" for _ in batch.args] + [f"{k}=…" for k in batch.kwargs]
-    return f"model({', '.join(args)})"
-
-
-def _parameter_names(signature: inspect.Signature) -> str:
-    """A forward's parameters as a call would name them: ``(x1, x2, mask=…, *args, **kwargs)``."""
-    kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
-    names = [kinds.get(p.kind, "") + p.name + ("=…" if p.default is not p.empty else "")
-             for p in signature.parameters.values()]
-    return f"({', '.join(names)})"
 
 
 def forward_defaults(model: nn.Module) -> dict[str, object]:

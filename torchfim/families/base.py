@@ -159,11 +159,13 @@ class Family(ABC):
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
         """Validate true targets for a batch of outputs and return them in canonical form.
 
-        Targets must have shape ``(B, *label_shape)`` and be finite (NaN/Inf targets would make the
-        empirical Fisher NaN). Real-valued targets come back in the output's dtype, widened to
-        float32 for half-precision outputs.
+        Targets must have shape ``(B, *label_shape)`` (``(B,)`` where that is ``(B, 1)``) and be finite
+        (NaN/Inf targets would make the empirical Fisher NaN). Real-valued targets come back in the
+        output's dtype, widened to float32 for half-precision outputs.
         """
         want = (o.shape[0],) + self._label_shape(o)
+        if want[1:] == (1,) and tuple(y.shape) == want[:1]:  # one target per input for one output per input
+            y = y.unsqueeze(1)
         if tuple(y.shape) != want:
             raise TorchfimError(
                 f"targets for family {self.name!r} must have shape {want} for outputs of shape "

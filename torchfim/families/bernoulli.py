@@ -46,8 +46,6 @@ class Bernoulli(Family):
         return torch.zeros_like(o)
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
-        if y.dim() == 1:
-            y = y.unsqueeze(1)
         y = super().check_targets(y, o)
         if not bool(((y == 0) | (y == 1)).all()):
             raise TorchfimError("bernoulli targets must be 0 or 1; threshold or binarise them first")

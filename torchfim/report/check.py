@@ -25,7 +25,8 @@ def check_model_and_data(
     """
     # The library's own checks of the model's mode and of class_dim (those torchfim.fisher applies),
     # so that the report refuses exactly what the library refuses.
-    from ..engine.view import check_class_dim, check_mode
+    from ..engine.model_checks import check_mode
+    from ..engine.view import check_class_dim
 
     if not isinstance(model, nn.Module):
         raise TorchfimError(
@@ -119,8 +120,9 @@ def _check_targets(family, y: Tensor, o: Tensor, positions: tuple[int, ...]) -> 
 
 def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     """The model's outputs on the first (up to) 8 inputs, checked to be finite; a dict of
-    inputs is passed as keyword arguments, and an output's ``.logits`` read as :func:`torchfim.fisher` reads it."""
-    from ..engine.view import read_logits
+    inputs is passed as keyword arguments, and an output's ``.logits`` (or ``(batch,)`` as ``(batch, 1)``)
+    read as :func:`torchfim.fisher` reads it."""
+    from ..engine.view import as_columns, read_logits
 
     first = next(p for p in model.parameters() if p.requires_grad)
 
@@ -132,7 +134,8 @@ def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     x = data.rows(slice(0, min(8, data.n)))
     try:
         with torch.no_grad():
-            o = read_logits(model(**{k: moved(v) for k, v in x.items()}) if isinstance(x, dict) else model(moved(x)))
+            o = as_columns(read_logits(model(**{k: moved(v) for k, v in x.items()}) if isinstance(x, dict)
+                                       else model(moved(x))))
     except Exception as exc:
         raise TorchfimError(
             f"the model could not run on the data's inputs of shape {data.input_shape()} "

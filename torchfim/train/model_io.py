@@ -23,8 +23,9 @@ from torch.func import functional_call, grad, vmap
 
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
+from ..engine.model_checks import check_forward_takes
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
-from ..engine.view import check_forward_takes, check_output_map, mapped_output, read_logits
+from ..engine.view import as_columns, check_output_map, mapped_output, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
@@ -99,7 +100,7 @@ class ModelIO:
     def call(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> object:
         """The model's output on the mini-batch, as the model returns it (in the composite forms where
         it will be ``differentiated_twice`` and they are on); the first call checks that the forward takes
-        the mini-batch (:func:`.engine.view.check_forward_takes`)."""
+        the mini-batch (:func:`.engine.model_checks.check_forward_takes`)."""
         if not self._call_checked:
             check_forward_takes(model, x)
             self._call_checked = True
@@ -108,8 +109,9 @@ class ModelIO:
 
     def tensor(self, out: object) -> Tensor:
         """The tensor of outputs the penalty reads: ``output(out)``, or ``out`` itself, ``out.logits`` or
-        ``out["logits"]`` (anything else is left to the family to refuse, with its fix)."""
-        return mapped_output(self.output, out) if self.output is not None else read_logits(out)
+        ``out["logits"]``, ``(batch,)`` as ``(batch, 1)`` (anything else is left to the family to refuse,
+        with its fix)."""
+        return as_columns(mapped_output(self.output, out) if self.output is not None else read_logits(out))
 
     def outputs(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> Tensor:
         """The tensor of outputs of the model on the mini-batch."""

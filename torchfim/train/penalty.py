@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from ..engine.batch import Batch
 from ..engine.derivative_settings import dense_gradients, paused_power_iterations
+from ..engine.model_checks import check_mode as _check_mode
 from ..engine.plain_forwards import plain_forwards
-from ..engine.view import check_mode as _check_mode
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family

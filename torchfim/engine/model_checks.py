@@ -1,0 +1,136 @@
+"""Models the engine refuses before it computes, each with the fix named.
+
+A forward that mixes the samples of a batch or draws random numbers (:func:`check_mode`), parameters
+without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
+and a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor, nn
+
+from ..errors import TorchfimError
+from .batch import Batch
+
+__all__ = ["FORWARD_ARGUMENTS", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory", "check_initialised",
+           "check_mode", "describe_call", "one_dimensional"]
+
+#: Why a mini-batch does not fit the model's forward.
+FORWARD_ARGUMENTS = (
+    "the model's forward cannot take the mini-batch as torchfim passes it, {call}: {why}; the forward "
+    "takes {signature}. A pair (x, y) of tensors is read as (inputs, targets); pass a model of several "
+    "inputs a dict keyed by its forward's argument names (e.g. {{'x1': x1, 'x2': x2}}, or a loader of such "
+    "dicts), or wrap it in a module whose forward takes one tensor"
+)
+
+#: Why a forward fails on 1-D inputs: the engine reads their first (only) dimension as the batch.
+ONE_DIMENSIONAL = (
+    "the model's forward failed on 1-D inputs ({shapes}){where}: their first dimension is the batch; pass "
+    "x.unsqueeze(1) for one feature per input, or x.unsqueeze(0) for a single input"
+)
+
+
+def one_dimensional(batch: Batch) -> str | None:
+    """The shapes and dtypes of ``batch``'s input tensors (for :data:`ONE_DIMENSIONAL`) where one is 1-D."""
+    inputs = [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, Tensor)]
+    if not any(t.dim() == 1 for t in inputs):
+        return None
+    return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+
+
+def check_mode(model: nn.Module) -> None:
+    """Refuse modules whose forward mixes samples (BatchNorm in training mode, or without running
+    statistics) or is random (Dropout in training mode)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is None:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is a BatchNorm layer without running statistics "
+                "(track_running_stats=False), so even in eval mode it normalises with the statistics of the "
+                "batch, which mixes its samples, and per-sample Fisher terms are undefined; use a layer that "
+                "normalises each sample (nn.GroupNorm, nn.LayerNorm) or BatchNorm with running statistics"
+            )
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is a BatchNorm layer in training mode, whose "
+                "forward mixes the samples of a batch, so per-sample Fisher terms are undefined; "
+                "call model.eval() before computing the Fisher"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is a Dropout layer in training mode, which makes "
+                "the outputs random; call model.eval() before computing the Fisher"
+            )
+        if isinstance(module, nn.RReLU) and module.lower != module.upper:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} is an RReLU in training mode, which draws a random "
+                "slope for every negative input, so the outputs are random; call model.eval() before computing "
+                "the Fisher (its slope is then the mean of lower and upper)"
+            )
+        inner = isinstance(module, nn.MultiheadAttention) or (isinstance(module, nn.RNNBase) and module.num_layers > 1)
+        if inner and module.dropout > 0:
+            raise TorchfimError(
+                f"module {name or type(module).__name__!r} ({type(module).__name__}) applies its own dropout "
+                f"(dropout={module.dropout}) in training mode, which makes the outputs random; call model.eval() "
+                "before computing the Fisher"
+            )
+
+
+def _first_names(names: list[str], most: int = 3) -> str:
+    """``'a', 'b', 'c' and 4 more``: the first names of a list, for a message."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(repr(n) for n in names[:most]) + more
+
+
+def check_initialised(tree: nn.Module) -> None:
+    """Refuse parameters and buffers of lazy modules before their first forward: they have no shape yet."""
+    lazy = [n for n, t in [*tree.named_parameters(), *tree.named_buffers()] if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise TorchfimError(
+            f"{_first_names(lazy)} of the model are not initialised yet (a lazy module, such as nn.LazyLinear, takes its "
+            "shapes from its first input), so the Fisher has no shape; run one forward first, e.g. "
+            "with torch.no_grad(): model(x) on a mini-batch"
+        )
+
+
+def check_in_memory(tensors: dict[str, Tensor]) -> None:
+    """Refuse parameters and buffers on the meta device: their values live elsewhere, if anywhere."""
+    on_meta = [n for n, t in tensors.items() if t.is_meta]
+    if on_meta:
+        raise TorchfimError(
+            f"{_first_names(on_meta)} of the model are on the meta device, so their values are not in memory (accelerate's "
+            "cpu_offload or disk offload loads weights only inside each module's forward; init_empty_weights "
+            "never does), and torchfim cannot differentiate with respect to them; load the model with its "
+            "weights in memory, e.g. from_pretrained(..., device_map='cpu') or dispatch_model without offloading"
+        )
+
+
+def check_forward_takes(model: nn.Module, batch: Batch) -> None:
+    """Refuse a mini-batch that ``model``'s forward cannot take as the engine calls it
+    (:data:`FORWARD_ARGUMENTS`), by binding its arguments to the forward's signature (no forward run)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a signature: its own call will say
+        return
+    try:
+        signature.bind(*batch.args, **batch.kwargs)
+    except TypeError as why:
+        raise TorchfimError(FORWARD_ARGUMENTS.format(
+            call=describe_call(batch), why=why, signature=_parameter_names(signature))) from None
+
+
+def describe_call(batch: Batch) -> str:
+    """How the engine calls the model on ``batch``: ``model(<tensor>)`` or ``model(input_ids=…, …)``."""
+    args = ["<tensor>" for _ in batch.args] + [f"{k}=…" for k in batch.kwargs]
+    return f"model({', '.join(args)})"
+
+
+def _parameter_names(signature: inspect.Signature) -> str:
+    """A forward's parameters as a call would name them: ``(x1, x2, mask=…, *args, **kwargs)``."""
+    kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    names = [kinds.get(p.kind, "") + p.name + ("=…" if p.default is not p.empty else "")
+             for p in signature.parameters.values()]
+    return f"({', '.join(names)})"
