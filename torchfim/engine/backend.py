@@ -303,15 +303,33 @@ class Backend(ABC):
 
 @contextmanager
 def second_order_support() -> Iterator[None]:
-    """Turn torch's missing forward-mode rules into a clear error naming the alternative."""
+    """Turn torch's missing forward-mode rules, and custom autograd functions that torch.func cannot
+    transform, into a clear error naming the alternative."""
     try:
         yield
-    except NotImplementedError as err:
+    except (NotImplementedError, RuntimeError) as err:
+        function = _custom_function(err)
+        if isinstance(err, RuntimeError) and function is None:
+            raise
+        what = (f"the model's custom autograd function {function} does not support (it needs the setup_context, "
+                "jvp and vmap staticmethods of torch's 'Extending torch.func with autograd.Function', or "
+                "generate_vmap_rule=True)" if function is not None else
+                f"an operation of this model does not support ({str(err).splitlines()[0][:160]})")
         raise TorchfimError(
-            "the Hessian estimator and its variances need second derivatives by forward-mode AD, which "
-            f"an operation of this model does not support ({str(err).splitlines()[0][:160]}); "
+            f"the Hessian estimator and its variances need second derivatives by forward-mode AD, which {what}; "
             "use estimator='score' (its variance needs first derivatives only)"
         ) from None
+
+
+def _custom_function(err: BaseException) -> str | None:
+    """The name of the ``torch.autograd.Function`` whose ``apply`` raised ``err`` (the innermost), if any."""
+    name, tb = None, err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("cls") if tb.tb_frame.f_code.co_name == "apply" else None
+        if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+            name = owner.__qualname__
+        tb = tb.tb_next
+    return name
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

@@ -60,6 +60,14 @@ STATE_UPDATED = (
     "terms are undefined; call model.eval() (or turn that update off) while torchfim computes"
 )
 
+#: Why outputs differ between two forwards of the same inputs.
+RANDOM_FORWARD = (
+    "the model's forward is random: two forwards of the same inputs gave different outputs (dropout forced "
+    "on, as F.dropout(x, p, training=True) does whatever the mode, or noise drawn in the forward), so the "
+    "outputs are not a function of the parameters and the Fisher is undefined; make the forward "
+    "deterministic while torchfim computes (F.dropout(x, p, self.training) and model.eval(), or no noise)"
+)
+
 #: A forward that reaches the user's modules: their parameters are not the ones torchfim differentiates.
 STALE_MODULES = (
     "the model's forward (or the output= function) calls {} of the model you passed, not of torchfim's "
@@ -368,6 +376,9 @@ class ModelView:
             updated = [n for n, state in _buffer_states(self.model).items() if before.get(n) != state]
             if updated:
                 raise TorchfimError(STATE_UPDATED.format(", ".join(repr(n) for n in updated)))
+            again = self.flat(self._reached(batch.rows(rows)))
+            if (again.float() - alone.float()).abs().amax() > tol:  # two forwards of the same inputs differ
+                raise TorchfimError(RANDOM_FORWARD)
             raise TorchfimError(
                 "the model's output for a sample depends on the other samples in its batch "
                 "(e.g. BatchNorm in training mode, or an operation across the batch dimension), so per-sample "

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from .base import _TINY64, Family, _to_generator_device, _work_dtype, robust_eigvalsh
 
 #: Classes up to which :meth:`Categorical.fourth_moment_top_eigenvalue` is exact (a float64
@@ -127,6 +127,14 @@ def _collatz_wielandt_bound(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
 _FUSED_NLL = (torch.float32, torch.float64)  # dtypes whose cross-entropy runs in the dtype itself
 
 
+#: A categorical model that returns probabilities where logits are expected.
+PROBABILITIES = (
+    "torchfim: the model's outputs are probability vectors (each row non-negative, summing to 1), but the "
+    "categorical family reads them as logits (p = softmax(outputs)), so the Fisher would be that of another "
+    "model; drop the final softmax, or return its log (log_softmax: log-probabilities are logits too)"
+)
+
+
 class Categorical(Family):
     """Categorical over ``C`` classes with logits ``o``: ``p = softmax(o)``.
 
@@ -147,6 +155,17 @@ class Categorical(Family):
                 f"family 'categorical' needs at least 2 logits per input, got {width}; "
                 "for a single logit use family='bernoulli'"
             )
+
+    def check_output(self, o: Tensor) -> None:
+        """The base checks, and a warning where every row is a probability vector (non-negative, summing
+        to 1): a model ending in a softmax, whose outputs this family would read as logits, giving the
+        Fisher of ``softmax(p)`` instead of ``p``."""
+        super().check_output(o)
+        if not o.numel() or not bool((o >= 0).all()):
+            return
+        off = float((o.double().sum(-1) - 1).abs().max())
+        if off <= max(1e-5, 4 * torch.finfo(o.dtype).eps):  # a sum's rounding in the outputs' dtype
+            warn_user(PROBABILITIES)
 
     def _label_shape(self, o: Tensor) -> tuple[int, ...]:
         return ()

@@ -140,8 +140,9 @@ class ModelIO:
                             y: Tensor, masks: Tensor | None) -> dict[str, Tensor]:
         """``vmap(grad(log_p))`` over the inputs of ``x``, their labels ``y`` and mask rows ``masks``, at
         ``params`` (per input too where ``params_dim`` is 0): per-input gradients. Where torch.func cannot
-        batch the model over its inputs (BERT's padding mask), they are taken one input
-        at a time from then on, with a one-time warning."""
+        batch the model over its inputs (BERT's padding mask, a custom autograd function without
+        ``setup_context``), they are taken one input at a time by autograd from then on, with a one-time
+        warning: differentiable in ``params`` where those require grad (double backprop)."""
         dims = x.sample_dims()
         if not self.looped:
             in_dims = (params_dim, dims, 0, None if masks is None else 0)
@@ -157,8 +158,19 @@ class ModelIO:
         rows = []
         for i in range(x.size):
             at = params if params_dim is None else {k: v[i] for k, v in params.items()}
-            rows.append(grad(log_p)(at, x.sample_at(i, dims), y[i], None if masks is None else masks[i]))
+            rows.append(_autograd_gradient(log_p, at, x.sample_at(i, dims), y[i], None if masks is None else masks[i]))
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _autograd_gradient(log_p: Callable, params: dict[str, Tensor], *sample: object) -> dict[str, Tensor]:
+    """``∇ log_p(params, *sample)`` by autograd: with a graph where ``params`` require grad (so that the
+    penalty's gradient can differentiate it again), else at leaves of their values."""
+    twice = any(p.requires_grad for p in params.values())
+    leaves = params if twice else {k: p.detach().requires_grad_() for k, p in params.items()}
+    with torch.enable_grad():
+        value = log_p(leaves, *sample)
+        grads = torch.autograd.grad(value, list(leaves.values()), create_graph=twice, allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
 
 
 def leading_rows(batch: Batch, rows: int | None) -> Batch:

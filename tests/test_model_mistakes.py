@@ -1,0 +1,146 @@
+"""What a model does that torchfim names with its fix, or takes another way: a final softmax under the
+categorical family, a forward that draws random numbers whatever its mode, custom autograd functions
+that torch.func cannot transform.
+
+Before, the first gave the Fisher of ``softmax(p)`` without a word, the second was refused as "depends
+on the other samples in its batch", which sends the user looking for a BatchNorm, and the third raised
+from inside torch (the penalty's ``trace`` kind, the Hessian estimator).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import _tokens, mlp_inputs, tanh_mlp
+from clients import rel_err
+from torch import Tensor, nn
+
+import torchfim
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+
+class _Ending(nn.Module):
+    """``tanh_mlp`` followed by ``end`` on its last dim."""
+
+    def __init__(self, end) -> None:
+        super().__init__()
+        self.body, self.end = tanh_mlp(3), end
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.end(self.body(x))
+
+
+def _softmax(o: Tensor) -> Tensor:
+    return F.softmax(o, -1)
+
+
+def _log_softmax(o: Tensor) -> Tensor:
+    return F.log_softmax(o, -1)
+
+
+def test_probabilities_under_the_categorical_family_are_warned_about() -> None:
+    x = mlp_inputs(6)
+    with pytest.warns(RuntimeWarning, match=r"probability vectors.*reads them as logits.*log_softmax"):
+        torchfim.fisher(_Ending(_softmax), x, structure="trace")
+    with pytest.warns(RuntimeWarning, match="probability vectors"):
+        FisherTraceMonitor(_Ending(_softmax), x, every=1).measure(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log-probabilities are logits; plain logits; another family
+        torchfim.fisher(_Ending(_log_softmax), x, structure="trace")
+        torchfim.fisher(tanh_mlp(3), x, structure="trace")
+        torchfim.fisher(_Ending(_softmax), x, family="gaussian", structure="trace")
+
+
+def test_probabilities_at_every_position_are_warned_about() -> None:
+    """A token model ending in a softmax over its vocabulary: rows of C at each position sum to 1."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(5, 4), nn.Linear(4, 5)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return F.softmax(self.head(self.embed(ids)), -1)
+
+    with pytest.warns(RuntimeWarning, match="probability vectors"):
+        torchfim.fisher(Tokens().double(), _tokens(4, 3, 5), structure="trace")
+
+
+class _ForcedDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tanh_mlp(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(F.dropout(x, 0.5, training=True))
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+def test_a_forward_that_draws_random_numbers_is_refused_as_random(backend: str) -> None:
+    model = _ForcedDropout().eval()
+    with pytest.raises(torchfim.TorchfimError, match=r"forward is random.*F\.dropout\(x, p, training=True\)"):
+        torchfim.fisher(model, mlp_inputs(6), structure="diag", backend=backend)
+    with pytest.raises(torchfim.TorchfimError, match="forward is random"):
+        FisherTraceMonitor(model, mlp_inputs(6), every=1).measure(0)
+
+
+class _Swish(torch.autograd.Function):
+    """``x·σ(x)`` as an autograd function of the older style: ``forward(ctx, x)``, no ``setup_context``,
+    so torch.func cannot transform it (no batching, no forward mode). Its backward computes from ``x``
+    alone, so autograd differentiates it again correctly (a ``σ(x)`` saved from the forward would carry
+    no graph, and double backprop through it would be wrong: 28 % on the trace penalty's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * (s + x * s * (1 - s))
+
+
+class _Activated(nn.Module):
+    def __init__(self, custom: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 4)
+        self.custom = custom
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return self.b(_Swish.apply(h) if self.custom else F.silu(h))
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_the_trace_penalty_takes_custom_autograd_functions_one_input_at_a_time(grad_method: str) -> None:
+    """torch.func cannot vmap the model: the per-input gradients come from autograd, one input at a time
+    (before, that fallback used torch.func too and raised from inside torch)."""
+    x, grads = mlp_inputs(6), []
+    for custom in (True, False):
+        model = _Activated(custom).double()
+        pen = FisherPenalty(model, alpha=0.3, kind="trace", grad_method=grad_method,
+                            generator=torch.Generator().manual_seed(5))
+        if custom:
+            with pytest.warns(RuntimeWarning, match="one input at a time"):
+                term = pen(x, step=0)
+        else:
+            term = pen(x, step=0)
+        grads.append([term.detach(), *torch.autograd.grad(term, list(model.parameters()))])
+    tol = 1e-12 if grad_method == "exact" else 1e-6  # a forward difference turns rounding into ~1e-7
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < tol
+
+
+def test_the_hessian_estimator_names_a_custom_autograd_function_it_cannot_differentiate_forward() -> None:
+    x = mlp_inputs(6)
+    want = torchfim.fisher(_Activated(False).double(), x, structure="diag")
+    assert rel_err(torchfim.fisher(_Activated(True).double(), x, structure="diag"), want) < 1e-12
+    with pytest.raises(torchfim.TorchfimError, match=r"custom autograd function _Swish does not support.*"
+                                                     r"setup_context.*estimator='score'"):
+        torchfim.fisher(_Activated(True).double(), x, structure="diag", estimator="hessian")
