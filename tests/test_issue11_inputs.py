@@ -15,6 +15,7 @@ from oracles import exact_fisher
 from torch import nn
 
 import torchfim
+import torchfim.train
 from torchfim import TorchfimError
 from torchfim.engine import ModelView
 from torchfim.errors import check_label_memory
@@ -375,6 +376,17 @@ def test_one_dimensional_inputs_to_a_one_feature_model() -> None:
 def test_integer_inputs_to_a_float_model() -> None:
     with pytest.raises(TorchfimError, match=r"integer.*\.float\(\).*torch said: mat1 and mat2 must have the same dtype"):
         torchfim.fisher(tanh_mlp(3), torch.ones(4, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_integer_inputs_to_a_float_model_in_the_penalty(grad_method: str) -> None:
+    """The penalty says what ``fisher`` says (torch's dtype error from inside the forward before)."""
+    pen = torchfim.train.FisherPenalty(tanh_mlp(3), grad_method=grad_method)
+    x = torch.ones(4, 3, dtype=torch.long)
+    with pytest.raises(TorchfimError, match=r"integer inputs.*\.float\(\).*torch said: mat1 and mat2"):
+        pen(x, step=0)
+    with pytest.raises(TorchfimError, match=r"integer inputs.*\.float\(\)"):
+        pen.penalised_loss(x, lambda out: out.sum(), step=0)
 
 
 def test_a_failure_that_only_mentions_a_dtype_is_not_blamed_on_integer_inputs() -> None:

@@ -19,7 +19,7 @@ from ..families import Family
 from .backend import Backend, Recording
 from .batch import Batch
 from .functional import FunctionalBackend
-from .model_checks import ONE_DIMENSIONAL, one_dimensional
+from .model_checks import forward_error
 from .per_module import PerModuleBackend
 from .view import Mask, ModelView
 
@@ -116,28 +116,7 @@ def _record(view: ModelView, backend: Backend, part: Batch) -> Recording:
     try:
         return backend.record(part)
     except RuntimeError as err:
-        raise _forward_error(part, view, err) from err
-
-
-def _forward_error(batch: Batch, view: ModelView, err: RuntimeError) -> Exception:
-    """A clear error for a forward that failed on integer inputs or on 1-D inputs; else ``err``."""
-    inputs = [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, torch.Tensor)]
-    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
-    said = str(err).strip().split("\n")[0]
-    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs) and _mixes_integer_types(said):
-        return TorchfimError(
-            f"the model's forward failed on integer inputs ({shapes}) with {view.dtype} parameters; pass "
-            f"x.float() (integer inputs suit embedding layers only); torch said: {said}"
-        )
-    flat = one_dimensional(batch)
-    return err if flat is None else TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where=""))
-
-
-def _mixes_integer_types(said: str) -> bool:
-    """Whether torch's message ``said`` is about an integer tensor meeting floating-point ones (as in
-    "mat1 and mat2 must have the same dtype, but got Long and Double")."""
-    said = said.lower()
-    return any(k in said for k in ("dtype", "scalar type", "type (")) and any(k in said for k in ("long", "int"))
+        raise forward_error(part, view.dtype, err) from err
 
 
 def _check_finite_inputs(batch: Batch) -> None:

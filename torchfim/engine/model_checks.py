@@ -2,20 +2,22 @@
 
 A forward that mixes the samples of a batch or draws random numbers (:func:`check_mode`), parameters
 without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
-and a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`).
+a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), and forwards that
+failed on integer or 1-D inputs (:func:`forward_error`).
 """
 
 from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import TorchfimError
 from .batch import Batch
 
 __all__ = ["FORWARD_ARGUMENTS", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory", "check_initialised",
-           "check_mode", "describe_call", "one_dimensional"]
+           "check_mode", "describe_call", "forward_error", "one_dimensional"]
 
 #: Why a mini-batch does not fit the model's forward.
 FORWARD_ARGUMENTS = (
@@ -38,6 +40,28 @@ def one_dimensional(batch: Batch) -> str | None:
     if not any(t.dim() == 1 for t in inputs):
         return None
     return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+
+
+def forward_error(batch: Batch, dtype: torch.dtype, err: RuntimeError) -> Exception:
+    """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer inputs or
+    on 1-D inputs; else ``err`` itself."""
+    inputs = [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, Tensor)]
+    said = str(err).strip().split("\n")[0]
+    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs) and _mixes_integer_types(said):
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+        return TorchfimError(
+            f"the model's forward failed on integer inputs ({shapes}) with {dtype} parameters; pass "
+            f"x.float() (integer inputs suit embedding layers only); torch said: {said}"
+        )
+    flat = one_dimensional(batch)
+    return err if flat is None else TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where=""))
+
+
+def _mixes_integer_types(said: str) -> bool:
+    """Whether torch's message ``said`` is about an integer tensor meeting floating-point ones (as in
+    "mat1 and mat2 must have the same dtype, but got Long and Double")."""
+    said = said.lower()
+    return any(k in said for k in ("dtype", "scalar type", "type (")) and any(k in said for k in ("long", "int"))
 
 
 def check_mode(model: nn.Module) -> None:

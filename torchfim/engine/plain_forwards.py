@@ -128,7 +128,9 @@ _PLAIN = _ThreadMode([
 
 def _enter_autocast(self: autocast) -> autocast:
     """Stands in for entering an autocast region: in a thread of the mode, one that would turn autocast on
-    enters with it off (torch's own entry and exit, so the nesting and the cache stay torch's)."""
+    enters with it off (torch's own entry and exit, so the nesting and the cache stay torch's). The
+    instance's flag is off for the length of torch's entry only: another thread entering the same
+    instance (a decorated forward) at that instant would enter with autocast off too."""
     enter = _NATIVE.torchs(autocast, "__enter__")
     if not (self._enabled and _NATIVE.active()):
         return enter(self)

@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
-from ..engine.model_checks import check_forward_takes
+from ..engine.model_checks import check_forward_takes, forward_error
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.view import as_columns, check_output_map, mapped_output, read_logits
 from ..errors import TorchfimError, warn_user
@@ -100,12 +100,19 @@ class ModelIO:
     def call(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> object:
         """The model's output on the mini-batch, as the model returns it (in the composite forms where
         it will be ``differentiated_twice`` and they are on); the first call checks that the forward takes
-        the mini-batch (:func:`.engine.model_checks.check_forward_takes`)."""
+        the mini-batch (:func:`.engine.model_checks.check_forward_takes`); a forward that fails on integer or
+        1-D inputs says so (:func:`.engine.model_checks.forward_error`)."""
         if not self._call_checked:
             check_forward_takes(model, x)
             self._call_checked = True
         with self.forms() if differentiated_twice else nullcontext():
-            return x.call(model)
+            try:
+                return x.call(model)
+            except RuntimeError as err:
+                clear = forward_error(x, next(model.parameters()).dtype, err)
+                if clear is err:
+                    raise
+                raise clear from err
 
     def tensor(self, out: object) -> Tensor:
         """The tensor of outputs the penalty reads: ``output(out)``, or ``out`` itself, ``out.logits`` or
