@@ -308,7 +308,7 @@ def second_order_support() -> Iterator[None]:
     try:
         yield
     except (NotImplementedError, RuntimeError) as err:
-        function = _custom_function(err)
+        function = _custom_function(err) if "autograd.Function" in str(err) else None  # torch's words for it
         if isinstance(err, RuntimeError) and function is None:
             raise
         what = (f"the model's custom autograd function {function} does not support (it needs the setup_context, "

@@ -9,8 +9,8 @@ parameters afresh.
 
 Outputs are mapped to one flat vector per input: a tensor ``(B, C)``, or with positions
 ``(B, *positions, C)`` (``class_dim=1`` for ``(B, C, *positions)`` as ``cross_entropy`` takes them),
-becomes ``(B, L·C)`` with ``L`` the number of positions, and ``(B,)`` becomes ``(B, 1)``; objects with ``.logits``, dicts with
-``"logits"`` and the result of an ``output=`` callable are accepted.
+becomes ``(B, L·C)`` with ``L`` the number of positions, and ``(B,)`` becomes ``(B, 1)``; objects with
+``.logits``, dicts with ``"logits"`` and the result of an ``output=`` callable are accepted.
 """
 
 from __future__ import annotations
