@@ -370,13 +370,19 @@ class FisherTraceMonitor:
         (keying on ``_version`` would rebuild after every optimiser step for nothing).
         ``p.data = ...``, ``model.double()``, ``.to(device)`` or a reassigned buffer give new storage,
         hence a new key; the old storage stays referenced by the old view, so its address cannot
-        be reused by the new one. A module added or replaced brings new tensors, hence a new key too.
+        be reused by the new one. A module added or replaced brings new tensors, hence a new key too,
+        and so does a forward hook registered or removed, or a forward set on an instance.
         """
-        # One walk over the modules (named_parameters and named_buffers would make two, with names).
+        # One walk over the modules (named_parameters and named_buffers would make two, with names). The
+        # copy holds the forward hooks and instance forwards of the time it was made: a hook registered
+        # or removed since (its handle's id is new) rebuilds it too.
         key = tuple(
             (id(t), t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
             for m in self.model.modules() for tensors in (m._parameters, m._buffers)
             for t in tensors.values() if t is not None
+        ) + tuple(
+            (tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(m.__dict__.get("forward")))
+            for m in self.model.modules()
         )
         if self._path_key != key:
             view = ModelView(self.model, self.output, eval_mode=True)
