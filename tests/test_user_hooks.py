@@ -88,3 +88,28 @@ def test_a_monitor_sees_a_forward_hook_registered_after_its_first_measurement() 
     record = monitor.measure(1)
     assert abs(after - before) > 6 * record.stderr  # the test can tell the two apart
     assert abs(record.trace - after) < 4 * record.stderr
+
+
+def _reads_the_last_weight(model: nn.Module) -> None:
+    """A forward hook on the activation that reads the last layer's weight (a closure over ``model``, which
+    the engine's copy rebinds): a use of that weight outside its module, which the coverage check finds."""
+    model[1].register_forward_hook(lambda module, args, out: out + 0.5 * torch.tanh(out @ model[2].weight.T
+                                                                                     @ model[2].weight))
+
+
+def test_a_hook_registered_after_a_first_call_is_checked_again() -> None:
+    """What the coverage check settled on the first call is kept per model; a hook registered since changes
+    the forward, so the check runs again. Before, the kept coverage left the new use of the weight out:
+    23 % off."""
+    x = mlp_inputs(9)
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    later = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    later.load_state_dict(fresh.state_dict())
+    _reads_the_last_weight(fresh)
+    want = torch.diagonal(exact_fisher(fresh, x, "categorical"))
+    with pytest.warns(RuntimeWarning, match="used outside their module's forward"):
+        assert rel_err(torchfim.fisher(fresh, x, structure="diag"), want) < 1e-10
+    torchfim.fisher(later, x, structure="diag")
+    _reads_the_last_weight(later)
+    with pytest.warns(RuntimeWarning, match="used outside their module's forward"):
+        assert rel_err(torchfim.fisher(later, x, structure="diag"), want) < 1e-10

@@ -21,13 +21,15 @@ from .batch import Batch
 from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
 from .modules import Call, GenericRule, Rule, build_rules
 from .modules.base import LAYOUTS
+from .private_tree import forward_signature
 from .recording import ModuleRecording, record_calls
 from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
 from .view import ModelView, fewer_inputs
 
 __all__ = ["CoverageCheck"]
 
-#: Per user model: its parameters' identities, the parameters moved to another module's generic rule
+#: Per user model: its parameters' identities and its forward's signature (hooks, instance forwards:
+#: :func:`.private_tree.forward_signature`), the parameters moved to another module's generic rule
 #: by the coverage check, and the paths of the modules whose shared inputs are spread over the batch, of
 #: those whose rule on probation failed, of those whose generic rule loops and (with its layout) of those
 #: whose rows are read regrouped, so that later calls on the same model skip the check.
@@ -58,7 +60,7 @@ class CoverageCheck:
         self.layout_of: dict[nn.Module, str] = {}
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
-        self._key = tuple(id(p) for p in self.view.user_model.parameters())
+        self._key = (tuple(id(p) for p in self.view.user_model.parameters()), forward_signature(self.view.user_model))
         self._verified = cached is not None and cached[0] == self._key
         if self._verified and any(cached[1:]):  # checked before: reuse where its parameters are used
             modules = dict(self.view.model.named_modules())

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-__all__ = ["private_tree", "users_modules_called"]
+__all__ = ["forward_signature", "private_tree", "users_modules_called"]
 
 
 def private_tree(model: nn.Module) -> nn.Module:
@@ -65,6 +65,14 @@ def private_tree(model: nn.Module) -> nn.Module:
             elif _may_hold_a_module(value):
                 own[key] = rebind(value)
     return copies[id(model)]  # type: ignore[return-value]
+
+
+def forward_signature(model: nn.Module) -> tuple:
+    """What a copy of ``model`` fixes when it is made besides its tensors: each module's forward hooks (their
+    handles' ids, new for every registration) and forward set on the instance. Where it changed since, a copy
+    or what was settled on one (the coverage of the module rules) is of another forward."""
+    return tuple((tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(m.__dict__.get("forward")))
+                 for m in model.modules())
 
 
 @contextmanager

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from .._batches import Inputs
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
+from ..engine.private_tree import forward_signature
 from ..engine.view import check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
@@ -373,17 +374,13 @@ class FisherTraceMonitor:
         be reused by the new one. A module added or replaced brings new tensors, hence a new key too,
         and so does a forward hook registered or removed, or a forward set on an instance.
         """
-        # One walk over the modules (named_parameters and named_buffers would make two, with names). The
-        # copy holds the forward hooks and instance forwards of the time it was made: a hook registered
-        # or removed since (its handle's id is new) rebuilds it too.
+        # One walk over the modules for the tensors (named_parameters and named_buffers would make two, with
+        # names); the copy holds the forward hooks and instance forwards of the time it was made, too.
         key = tuple(
             (id(t), t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
             for m in self.model.modules() for tensors in (m._parameters, m._buffers)
             for t in tensors.values() if t is not None
-        ) + tuple(
-            (tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(m.__dict__.get("forward")))
-            for m in self.model.modules()
-        )
+        ) + forward_signature(self.model)
         if self._path_key != key:
             view = ModelView(self.model, self.output, eval_mode=True)
             self._path_cache = (view, make_backend(view, "auto"))
