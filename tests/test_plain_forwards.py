@@ -270,3 +270,13 @@ def test_an_autocast_region_of_the_forward_runs_in_the_models_dtype(estimator: s
     assert model.b(torch.randn(2, 6)).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.b(torch.randn(2, 6)).dtype == torch.bfloat16
+
+
+def test_a_stand_in_fetched_before_the_last_block_ended_still_defers_to_torch() -> None:
+    """A thread that looked ``CheckpointFunction`` up while another was in a block, and calls it after the
+    block ended, gets torch's checkpoint (not a KeyError for the originals, which the end had forgotten)."""
+    w = torch.randn(3, 3, requires_grad=True)
+    with plain_forwards():
+        fetched = torch_checkpoint.CheckpointFunction
+    out = fetched.apply(torch.tanh, True, w @ w)
+    assert type(out.grad_fn).__name__ == "CheckpointFunctionBackward"

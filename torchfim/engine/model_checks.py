@@ -34,23 +34,29 @@ ONE_DIMENSIONAL = (
 )
 
 
+def _input_tensors(batch: Batch) -> list[Tensor]:
+    return [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, Tensor)]
+
+
+def _described(inputs: list[Tensor]) -> str:
+    """``(4, 3) torch.int64, …``: the inputs' shapes and dtypes, for a message."""
+    return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+
+
 def one_dimensional(batch: Batch) -> str | None:
     """The shapes and dtypes of ``batch``'s input tensors (for :data:`ONE_DIMENSIONAL`) where one is 1-D."""
-    inputs = [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, Tensor)]
-    if not any(t.dim() == 1 for t in inputs):
-        return None
-    return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+    inputs = _input_tensors(batch)
+    return _described(inputs) if any(t.dim() == 1 for t in inputs) else None
 
 
 def forward_error(batch: Batch, dtype: torch.dtype, err: RuntimeError) -> Exception:
     """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer inputs or
     on 1-D inputs; else ``err`` itself."""
-    inputs = [t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, Tensor)]
+    inputs = _input_tensors(batch)
     said = str(err).strip().split("\n")[0]
     if any(not (t.is_floating_point() or t.is_complex()) for t in inputs) and _mixes_integer_types(said):
-        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
         return TorchfimError(
-            f"the model's forward failed on integer inputs ({shapes}) with {dtype} parameters; pass "
+            f"the model's forward failed on integer inputs ({_described(inputs)}) with {dtype} parameters; pass "
             f"x.float() (integer inputs suit embedding layers only); torch said: {said}"
         )
     flat = one_dimensional(batch)

@@ -42,7 +42,8 @@ __all__ = ["native_dtype_forwards", "plain_forwards"]
 class _ThreadMode:
     """Stand-ins for some of torch's functions, installed while any thread is in the mode; each stand-in
     asks :meth:`active` and defers to torch's own (:meth:`torchs`) in the other threads. Nested and
-    concurrent blocks give torch's own back when the last one ends."""
+    concurrent blocks give torch's own back when the last one ends; what torch's own are stays known after
+    (a thread that fetched a stand-in just before then still finds them)."""
 
     def __init__(self, stand_ins: list[tuple[object, str, object]]) -> None:
         self.stand_ins = stand_ins  # (owner, name, stand-in); a torch without one of the names keeps its own
@@ -76,7 +77,6 @@ class _ThreadMode:
                 if not self.depths:
                     for (_, name), (owner, own) in self.held.items():
                         setattr(owner, name, own)
-                    self.held.clear()
 
 
 class _Reentrant:
