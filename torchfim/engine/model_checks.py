@@ -17,7 +17,7 @@ from ..errors import TorchfimError
 from .batch import Batch
 
 __all__ = ["FORWARD_ARGUMENTS", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory", "check_initialised",
-           "check_mode", "describe_call", "forward_error", "one_dimensional"]
+           "check_mode", "check_not_scripted", "describe_call", "forward_error", "one_dimensional"]
 
 #: Why a mini-batch does not fit the model's forward.
 FORWARD_ARGUMENTS = (
@@ -123,6 +123,24 @@ def check_initialised(tree: nn.Module) -> None:
             f"{_first_names(lazy)} of the model are not initialised yet (a lazy module, such as nn.LazyLinear, takes its "
             "shapes from its first input), so the Fisher has no shape; run one forward first, e.g. "
             "with torch.no_grad(): model(x) on a mini-batch"
+        )
+
+
+def check_not_scripted(model: nn.Module) -> None:
+    """Refuse TorchScript modules (``torch.jit.script`` or ``torch.jit.trace``), the model or one inside it:
+    they take no forward hooks, and torch.func cannot call them with other parameters."""
+    scripted: list[str] = []
+    for path, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not any(path.startswith(f"{q}.") or not q for q in scripted):
+            scripted.append(path)  # the outermost only: a ScriptModule's children are ScriptModules too
+    scripted = [path or "the model" for path in scripted]
+    if scripted:
+        where = ("the model is" if scripted == ["the model"] else
+                 f"its module{'s' * (len(scripted) > 1)} {_first_names(scripted)} {'are' if len(scripted) > 1 else 'is'}")
+        raise TorchfimError(
+            f"{where} TorchScript (torch.jit.script or torch.jit.trace), which torchfim can neither record "
+            "(a ScriptModule takes no forward hooks) nor call with other parameters (torch.func); pass the "
+            "Python nn.Module it was made from (before torch.jit.script/trace), or torch.compile it instead"
         )
 
 

@@ -23,20 +23,30 @@ would both round the Fisher to it and trip the engine's checks of its rules agai
 per-sample gradients would differ by that rounding), sending every layer to a slow generic loop. Within
 :func:`native_dtype_forwards` an autocast region that would turn autocast on runs with it off (one that
 turns it off, as Hugging Face's rotary embeddings do, runs as it is).
+
+Code compiled by ``torch.compile`` (a model's ``compile()``, a compiled function its forward calls, a
+compiled submodule) cannot run under torch.func's transforms, and its backward, compiled by
+AOTAutograd, can be neither run again nor differentiated again (it raises inside torch, or flakily
+depending on what dynamo compiled before). Within :func:`eager_compiled` all compiled code runs as the
+Python it was compiled from (``torch.compiler.set_stance("force_eager")``: the same values). The stance is
+the process's, not the thread's: other threads' compiled code runs eagerly too while a block is open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.utils.checkpoint as torch_checkpoint
+from torch import nn
 from torch.amp.autocast_mode import autocast
 from torch.autograd.graph import saved_tensors_hooks
 
-__all__ = ["native_dtype_forwards", "plain_forwards"]
+__all__ = ["eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards"]
 
 
 class _ThreadMode:
@@ -173,3 +183,58 @@ def native_dtype_forwards() -> contextlib.AbstractContextManager[None]:
         torch.float32
     """
     return _NATIVE.block()
+
+
+class _EagerStance:
+    """``torch.compiler.set_stance("force_eager")`` while any block, of any thread, is open; the stance the
+    first block found is set back when the last one ends."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.stance: object | None = None  # torch's context object, which holds the stance to set back
+
+    @contextmanager
+    def block(self) -> Iterator[None]:
+        with self.lock:
+            # Nothing is compiled before dynamo is imported (importing it costs a second: not for nothing).
+            if not self.depth and "torch._dynamo" in sys.modules:
+                try:
+                    self.stance = torch.compiler.set_stance("force_eager")
+                except (AttributeError, RuntimeError):  # torch < 2.6; or called from inside a compiled region
+                    self.stance = None
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if not self.depth and self.stance is not None:
+                    self.stance.__exit__(None, None, None)
+                    self.stance = None
+
+
+_EAGER = _EagerStance()
+
+
+def eager_compiled() -> contextlib.AbstractContextManager[None]:
+    """Within the block, code compiled by ``torch.compile`` runs eagerly, in every thread (see above).
+
+    Example:
+        >>> import torch
+        >>> double = torch.compile(lambda t: 2 * t, backend="eager")
+        >>> with eager_compiled():
+        ...     out = torch.func.vmap(double)(torch.ones(3, 2))  # torch.func over compiled code
+        >>> out.sum().item()
+        12.0
+    """
+    return _EAGER.block()
+
+
+def holds_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a module inside it is compiled: wrapped by ``torch.compile``, or compiled in
+    place by its ``compile()`` (a compiled function that a forward calls is not seen)."""
+    if "torch._dynamo" not in sys.modules:  # nothing is compiled before dynamo is imported
+        return False
+    return any(type(m).__name__ == "OptimizedModule" or m.__dict__.get("_compiled_call_impl") is not None
+               for m in model.modules())

@@ -35,10 +35,11 @@ from .model_checks import (
     check_in_memory,
     check_initialised,
     check_mode,
+    check_not_scripted,
     one_dimensional,
 )
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
-from .plain_forwards import native_dtype_forwards, plain_forwards
+from .plain_forwards import eager_compiled, native_dtype_forwards, plain_forwards
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -104,8 +105,9 @@ def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
 def engine_session() -> Iterator[None]:
     """Hold :data:`ENGINE_LOCK` with ``torch.autocast`` switched off, the caller's and the forward's own
     (:func:`.native_dtype_forwards`: torchfim computes in the model's dtype, forwards, per-module rules
-    and families alike), and activation checkpointing and offloading off (:func:`.plain_forwards`)."""
-    with ENGINE_LOCK, plain_forwards(), native_dtype_forwards(), ExitStack() as stack:
+    and families alike), activation checkpointing and offloading off (:func:`.plain_forwards`) and code
+    compiled by ``torch.compile`` run eagerly (:func:`.eager_compiled`)."""
+    with ENGINE_LOCK, plain_forwards(), native_dtype_forwards(), eager_compiled(), ExitStack() as stack:
         for device_type in ("cpu", "cuda"):
             if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
                 stack.enter_context(torch.autocast(device_type, enabled=False))
@@ -193,6 +195,7 @@ class ModelView:
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_output_map(output)
         check_class_dim(class_dim)
+        check_not_scripted(model)
         self.user_model = model
         self.model = private_tree(model)
         if eval_mode and self.model is not model:

@@ -18,11 +18,18 @@ The gradient is taken with respect to the model's trainable parameters (``requir
 ``model.parameters()`` order), either exactly by double backprop (``grad_method="exact"``) or by
 a forward difference of gradients (``grad_method="finite_difference"``, see
 :mod:`torchfim.train.finite_difference`), which needs no higher-order graph.
+
+A model compiled by ``torch.compile`` runs compiled in the finite difference of
+``kind="batch_gradient"``, which differentiates it once, as a training step does. Double backprop and
+per-sample gradients cannot run compiled code (AOTAutograd's backward cannot be differentiated again, and
+torch.func cannot transform dynamo's frames), so the other penalties' computing steps run it eagerly (with
+a warning; steps that reuse the cached gradient run it compiled).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +37,10 @@ from torch import Tensor, nn
 from ..engine.batch import Batch
 from ..engine.derivative_settings import dense_gradients, paused_power_iterations
 from ..engine.model_checks import check_mode as _check_mode
-from ..engine.plain_forwards import plain_forwards
+from ..engine.model_checks import check_not_scripted
+from ..engine.plain_forwards import eager_compiled, holds_compiled, plain_forwards
 from ..engine.view import forward_defaults
-from ..errors import TorchfimError, check_choice
+from ..errors import TorchfimError, check_choice, warn_user
 from ..families import Family, get_family
 from .finite_difference import (
     GRAD_METHODS,
@@ -48,6 +56,11 @@ from .position_outputs import PositionOutputs
 from .surrogate import fixed_gradient, zero_term
 
 KINDS = ("batch_gradient", "trace")
+
+COMPILED = ("the model is compiled (torch.compile), and FisherPenalty(kind={kind!r}, grad_method={method!r}) "
+            "differentiates it twice or per sample, which compiled code cannot: the steps that compute the "
+            "penalty run it eagerly. kind='batch_gradient' with grad_method='finite_difference' differentiates "
+            "it once and keeps it compiled")
 
 
 def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
@@ -228,6 +241,8 @@ class FisherPenalty:
             _check_int("sub_batch", sub_batch, 1, "pass the number of leading inputs to use, or None for all")
         self.sub_batch = sub_batch
         self.kind = check_choice("kind", kind, KINDS)
+        if self.kind == "trace":  # per-sample gradients call the model with other parameters (torch.func)
+            check_not_scripted(model)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
@@ -264,7 +279,7 @@ class FisherPenalty:
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
         # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
-        with torch.enable_grad(), self.family.masked(mask, x.size), dense_gradients(self.model), plain_forwards():
+        with torch.enable_grad(), self.family.masked(mask, x.size), dense_gradients(self.model), self._forwards():
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -355,7 +370,7 @@ class FisherPenalty:
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
         with (torch.enable_grad(), self.family.masked(self.io.mask(mask, x), rows), dense_gradients(self.model),
-              plain_forwards()):
+              self._forwards()):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
@@ -366,6 +381,17 @@ class FisherPenalty:
         return loss
 
     # -------------------------------------------------------------- helpers
+    def _forwards(self) -> ExitStack:
+        """The passes of a computing step: plain forwards (:func:`.plain_forwards`), and compiled code run
+        eagerly (:func:`.eager_compiled`) unless they differentiate the model once only."""
+        stack = ExitStack()
+        stack.enter_context(plain_forwards())
+        if not (self.grad_method == "finite_difference" and self.kind == "batch_gradient"):
+            if holds_compiled(self.model):
+                warn_user(COMPILED.format(kind=self.kind, method=self.grad_method))
+            stack.enter_context(eager_compiled())
+        return stack
+
     def _task(self, task_loss: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
         loss = task_loss(out)
         if not isinstance(loss, Tensor) or loss.numel() != 1:

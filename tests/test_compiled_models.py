@@ -1,0 +1,175 @@
+"""Models compiled by ``torch.compile``, and TorchScript modules.
+
+A model compiled in place (``model.compile()``, as torch's docs now recommend), a compiled submodule or a
+compiled function that the forward calls: torchfim computes on them under torch.func's transforms and
+pulls several vectors back through one graph, which compiled code cannot take (AOTAutograd's backward
+donates its buffers to a single backward and cannot be differentiated again; dynamo's frames cannot be
+transformed). Before, ``fisher`` raised from inside torch on ``model.compile()``, ``backend="functional"``
+raised on a compiled function depending on what dynamo had compiled before, and the exact penalty raised
+"does not currently support double backward". The engine and those penalties now run compiled code
+eagerly, the same function; the finite-difference ``batch_gradient`` penalty, which differentiates once,
+keeps it compiled. Oracles: ``(1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ`` from ``torch.func`` Jacobians of an uncompiled twin,
+and the penalty's gradient on that twin. TorchScript modules are refused with the fix named.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from cases import mlp_inputs, tanh_mlp
+from clients import rel_err
+from oracles import exact_fisher
+from torch import nn
+
+import torchfim
+from torchfim.errors import TorchfimError
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+
+class _Counting:
+    """A ``torch.compile`` backend that counts the graphs it is given and runs them as they are."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs += 1
+        return graph.forward
+
+
+class _Block(nn.Module):
+    """A Linear layer and ``act``, a function its forward calls."""
+
+    def __init__(self, act: object) -> None:
+        super().__init__()
+        self.linear, self.act = nn.Linear(5, 5).double(), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
+
+
+class _Net(nn.Module):
+    """A Linear layer, a :class:`_Block`, a Linear layer to 3 classes. A class of its own: dynamo compiles
+    nothing of ``nn.Sequential``'s (torch's own frames), so ``compile()`` on it would test nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.block, self.last = nn.Linear(3, 5).double(), _Block(_scaled_tanh), nn.Linear(5, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.block(torch.tanh(self.first(x))))
+
+
+def _scaled_tanh(z: torch.Tensor) -> torch.Tensor:
+    return 2.0 * torch.tanh(z)
+
+
+def _compiled(kind: str, backend: object = "aot_eager") -> tuple[nn.Module, nn.Module]:
+    """(the compiled model, its uncompiled twin with the same parameters)."""
+    torch._dynamo.reset()  # each case compiles afresh: what dynamo compiled before changed torch's failures
+    twin = _Net()
+    model = copy.deepcopy(twin)
+    if kind == "in place":
+        model.compile(backend=backend)
+    elif kind == "submodule":
+        model.block = torch.compile(model.block, backend=backend)
+    else:  # a compiled function that a forward calls
+        model.block.act = torch.compile(_scaled_tanh, backend=backend)
+    return model, twin
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+@pytest.mark.parametrize("kind", ["in place", "submodule", "function"])
+def test_the_fisher_of_a_compiled_model_is_that_of_its_python(kind: str, backend: str) -> None:
+    model, twin = _compiled(kind)
+    x = mlp_inputs(7)
+    model(x)  # compiled on a first call, as in training
+    want = exact_fisher(twin, x, "categorical").diagonal()
+    got = torchfim.fisher(model, x, structure="diag", backend=backend)
+    assert rel_err(got, want) < 1e-10
+
+
+def test_compiled_code_runs_eagerly_inside_torchfim_only() -> None:
+    """No graph reaches the compiler while torchfim computes (the stance is force_eager), and the
+    caller's stance is back afterwards: the model's next call compiles."""
+    counting, x = _Counting(), mlp_inputs(7)
+    model, _ = _compiled("in place", counting)
+    torchfim.fisher(model, x, structure="diag")
+    FisherTraceMonitor(model, x, every=1).step(0)
+    assert counting.graphs == 0
+    model(x)
+    assert counting.graphs > 0
+
+
+@pytest.mark.parametrize(("kind", "grad_method"), [("batch_gradient", "exact"), ("trace", "exact"),
+                                                    ("trace", "finite_difference")])
+@pytest.mark.parametrize("compiled", ["in place", "submodule"])
+def test_penalties_that_differentiate_twice_run_a_compiled_model_eagerly(compiled: str, kind: str,
+                                                                         grad_method: str) -> None:
+    """The exact penalty raised "torch.compile with aot_autograd does not currently support double
+    backward"; its gradient is now the uncompiled twin's, with a warning that names the cheaper choice."""
+    model, twin = _compiled(compiled)
+    x, y = mlp_inputs(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    grads = []
+    for net in (twin, model):
+        pen = FisherPenalty(net, alpha=0.3, kind=kind, grad_method=grad_method,
+                            generator=torch.Generator().manual_seed(2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pen.penalised_loss(x, lambda o: nn.functional.cross_entropy(o, y), step=0).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        warned = [str(w.message) for w in caught if "compiled" in str(w.message)]
+        assert (net is model) == bool(warned)
+    assert warned and "grad_method='finite_difference'" in warned[0]
+    assert rel_err(grads[1], grads[0]) < 1e-12
+
+
+def test_the_finite_difference_penalty_keeps_a_compiled_model_compiled() -> None:
+    counting, x, y = _Counting(), mlp_inputs(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    model, twin = _compiled("in place", counting)
+    grads = []
+    for net in (twin, model):
+        pen = FisherPenalty(net, alpha=0.3, grad_method="finite_difference", generator=torch.Generator().manual_seed(2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pen.penalised_loss(x, lambda o: nn.functional.cross_entropy(o, y), step=0).backward()
+        assert not [w for w in caught if "compiled" in str(w.message)]  # it runs compiled
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    assert counting.graphs > 0
+    assert rel_err(grads[1], grads[0]) < 1e-12
+
+
+def _scripted_inside() -> nn.Module:
+    model = tanh_mlp(3, hidden=5)
+    model[2] = torch.jit.script(nn.Sequential(nn.Linear(5, 5), nn.Tanh()).double())
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # torch's deprecation notice
+@pytest.mark.parametrize(("how", "named"), [("script", "the model is"), ("trace", "the model is"),
+                                            ("inside", "its module '2' is")])
+def test_torchscript_modules_are_refused_with_the_fix(how: str, named: str) -> None:
+    """Before: "register_forward_hook is not supported on ScriptModules" (script) or an AttributeError
+    ('_CachedForward', trace) from inside torch."""
+    x = mlp_inputs(7)
+    model = {"script": lambda: torch.jit.script(tanh_mlp(3)), "trace": lambda: torch.jit.trace(tanh_mlp(3), x),
+             "inside": _scripted_inside}[how]()
+    for compute in (lambda: torchfim.fisher(model, x), lambda: FisherPenalty(model, kind="trace")):
+        with pytest.raises(TorchfimError, match=rf"{named} TorchScript .* pass the Python nn.Module"):
+            compute()
+
+
+def test_the_batch_gradient_penalty_takes_a_torchscript_model() -> None:
+    """It only calls the model and differentiates: TorchScript takes both, so it is not refused."""
+    x, y = mlp_inputs(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    twin = tanh_mlp(3, hidden=5)
+    grads = []
+    for net in (twin, torch.jit.script(copy.deepcopy(twin))):
+        pen = FisherPenalty(net, alpha=0.3, generator=torch.Generator().manual_seed(2))
+        pen.penalised_loss(x, lambda o: nn.functional.cross_entropy(o, y), step=0).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    assert rel_err(grads[1], grads[0]) < 1e-12
