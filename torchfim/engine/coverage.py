@@ -56,6 +56,9 @@ CAUSES = {
     "outside": "they are used outside their module's forward, e.g. F.linear(h, embedding.weight) for tied output "
                "weights: use them through a module instead (an nn.Linear whose .weight is the same Parameter) so "
                "that every use has a rule",
+    "global": "they are read through a name outside the model (a hook or function that reads model.layer.weight "
+              "from the enclosing scope), which only autograd on the parameters themselves follows, one sample at "
+              "a time: read them through the module instead (the hook's module argument, or self)",
 }
 
 

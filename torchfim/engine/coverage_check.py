@@ -28,11 +28,13 @@ from .view import ModelView, fewer_inputs
 
 __all__ = ["CoverageCheck"]
 
-#: Per user model: its parameters' identities and its forward's signature (hooks, instance forwards:
+#: Per user model: its parameters' identities and flags (θ is those that require gradients: one unfrozen
+#: after the check may have a use that no rule covers) and its forward's signature (hooks, instance forwards:
 #: :func:`.private_tree.forward_signature`), the parameters moved to another module's generic rule
 #: by the coverage check, and the paths of the modules whose shared inputs are spread over the batch, of
-#: those whose rule on probation failed, of those whose generic rule loops and (with its layout) of those
-#: whose rows are read regrouped, so that later calls on the same model skip the check.
+#: those whose rule on probation failed, of those whose generic rule loops, (with its layout) of those
+#: whose rows are read regrouped and of those whose generic rule differentiates the parameters themselves,
+#: so that later calls on the same model skip the check.
 _COVERAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -51,6 +53,8 @@ class CoverageCheck:
         self.demoted: set[nn.Module] = set()
         #: Modules whose generic rule computes one sample at a time: torch.func batched them to wrong numbers.
         self.looped: set[nn.Module] = set()
+        #: Modules whose generic rule differentiates the parameters themselves (:meth:`_on_own_tensors`).
+        self.own_tensors: set[nn.Module] = set()
         #: Per module, the layouts of its rows (:data:`.modules.base.LAYOUTS`) whose reading fed other samples
         #: than the rule read: not tried again (with none left, its parameters move up, which the cache keeps).
         self.wrong_layouts: dict[nn.Module, set[str]] = {}
@@ -60,7 +64,8 @@ class CoverageCheck:
         self.layout_of: dict[nn.Module, str] = {}
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
-        self._key = (tuple(id(p) for p in self.view.user_model.parameters()), forward_signature(self.view.user_model))
+        self._key = (tuple((id(p), p.requires_grad) for p in self.view.user_model.parameters()),
+                     forward_signature(self.view.user_model))
         self._verified = cached is not None and cached[0] == self._key
         if self._verified and any(cached[1:]):  # checked before: reuse where its parameters are used
             modules = dict(self.view.model.named_modules())
@@ -69,10 +74,12 @@ class CoverageCheck:
             self.demoted = {modules[path] for path in cached[3]}
             self.looped = {modules[path] for path in cached[4]}
             self.layout_of = {modules[path]: layout for path, layout in cached[5].items()}
+            self.own_tensors = {modules[path] for path in cached[6]}
         self.rules = self._build_rules(self.moved)
 
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
-        return build_rules(self.view.model, self.view.index_of, moved or {}, self.demoted, self.looped)
+        return build_rules(self.view.model, self.view.index_of, moved or {}, self.demoted, self.looped,
+                           frozenset(self.own_tensors))
 
     # ------------------------------------------------------------------ recording
     def record(self, batch: Batch) -> ModuleRecording:
@@ -108,7 +115,8 @@ class CoverageCheck:
             _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
                                                [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
                                                [paths[m] for m in self.looped],
-                                               {paths[m]: layout for m, layout in self.layout_of.items()})
+                                               {paths[m]: layout for m, layout in self.layout_of.items()},
+                                               [paths[m] for m in self.own_tensors])
             if any(self.layout_of.get(call.module) != call.layout for _, call in rec.calls if call.regrouped):
                 return self.record(batch)  # the whole batch's rows looked like another layout as well (read first)
         return rec
@@ -208,7 +216,21 @@ class CoverageCheck:
         before = dict(self.moved)
         if causes:
             self._move(list(causes), rec)
-        return self.moved != before
+        return self.moved != before or self._on_own_tensors(rec, set(misses))
+
+    def _on_own_tensors(self, rec: ModuleRecording, misses: set[int]) -> bool:
+        """Give the generic rules of the missed parameters that moved as high as they go (the model's own, or
+        the highest module called with the batch) products by autograd on the parameters themselves: their
+        stand-ins in the copy's slots miss a read through a name outside the model (a hook reading
+        ``model.layer.weight`` from the enclosing scope). True when some were taken on."""
+        stuck = {rule.module for rule, _ in rec.calls
+                 if isinstance(rule, GenericRule) and not rule.on_own_tensors and misses & set(rule.params.values())}
+        for name in [self.view.layout.names[i] for i in misses]:
+            if self.moved.get(name, (None,))[0] in stuck:
+                self._causes[name] = "global"
+        self.own_tensors |= stuck
+        self.rules = self._build_rules(self.moved) if stuck else self.rules
+        return bool(stuck)
 
     def _reject_layouts(self, calls: list[Call]) -> bool:
         """Read the rows of the modules of ``calls`` in their layout no more (another one is tried next; with

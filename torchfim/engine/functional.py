@@ -19,7 +19,8 @@ from ..errors import TorchfimError, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
 from .composites import composite_forms
-from .view import ModelView
+from .private_tree import users_modules_called
+from .view import ModelView, fewer_inputs
 
 
 class FunctionalBackend(Backend):
@@ -31,10 +32,37 @@ class FunctionalBackend(Backend):
         super().__init__(view)
         self._along_theta: set[str] = set()  # tensors whose directions need tangents over all of θ
         self._sample_by_sample = False  # whether output Hessians are taken one sample at a time
+        self._reads_checked = False  # see _refuse_reads_outside
+
+    def _refuse_reads_outside(self, batch: Batch) -> None:
+        """Refuse a forward that reads a parameter of θ through a name outside the model (a hook or function
+        reading ``model.layer.weight`` from the enclosing scope): it reads the tensor itself, not the stand-in
+        that ``functional_call`` puts in the copy's slot, so torch.func would take that use for a constant.
+        Found as the parameters that the outputs at stand-ins without autograd history still depend on, on the
+        first two inputs of the first batch."""
+        self._reads_checked = True
+        view, few = self.view, min(2, batch.size)
+        real = [p for p in view.model.parameters() if id(p) in view.index_of]
+        with torch.enable_grad(), fewer_inputs(few, batch), users_modules_called(view.user_model) as stale:
+            out = view.functional(view.params, batch.rows(slice(0, few)))
+        if stale or not out.requires_grad:  # a call of the user's module is named by the independence check
+            return
+        grads = torch.autograd.grad(out, real, torch.ones_like(out), allow_unused=True)
+        read = [view.layout.names[view.index_of[id(p)]] for p, g in zip(real, grads) if g is not None]
+        if read:
+            raise TorchfimError(
+                f"the model's forward reads parameter(s) {', '.join(map(repr, read[:3]))} through a name outside "
+                "the model (e.g. a hook or function that reads model.layer.weight from the enclosing scope), which "
+                "torch.func's functional calls cannot follow; use backend='auto' (it differentiates such "
+                "parameters by autograd, one sample at a time), or read them through the module (the hook's "
+                "module argument, or self)"
+            )
 
     def record(self, batch: Batch) -> Recording:
         with torch.no_grad():
             raw = self.view.to_tensor(batch.call(self.view.model))
+        if not self._reads_checked:
+            self._refuse_reads_outside(batch)
         return Recording(batch, self.view.flat(raw), raw.shape)
 
     def row_chunks(self, batch: int, vectors: int) -> Iterator[slice]:

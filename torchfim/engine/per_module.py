@@ -320,10 +320,31 @@ class PerModuleBackend(CoverageCheck, Backend):
         return self._units(batch).traces()
 
     def hessian_columns(self, batch: Batch, w: Tensor, columns: Tensor) -> Tensor:
+        self._refuse_own_tensors(columns)
         return self.functional.hessian_columns(batch, w, columns)
 
     def output_hessian_diagonals(self, batch: Batch, columns: Tensor) -> Tensor:
+        self._refuse_own_tensors(columns)
         return self.functional.output_hessian_diagonals(batch, columns)
 
     def output_hessian_columns(self, batch: Batch, columns: Tensor) -> Tensor:
+        self._refuse_own_tensors(columns)
         return self.functional.output_hessian_columns(batch, columns)
+
+    def _refuse_own_tensors(self, columns: Tensor) -> None:
+        """Refuse second derivatives along parameters whose generic rule differentiates the tensors themselves
+        (:attr:`.modules.GenericRule.on_own_tensors`): forward-mode AD along a stand-in cannot follow the
+        read through a name outside the model that put them there."""
+        layout = self.layout
+        own = sorted({i for rule in self.rules.values() if isinstance(rule, GenericRule) and rule.on_own_tensors
+                      for i in rule.params.values()})
+        hit = [layout.names[i] for i in own
+               if bool(((columns >= layout.offsets[i]) & (columns < layout.offsets[i] + layout.sizes[i])).any())]
+        if hit:
+            raise TorchfimError(
+                f"the Hessian estimator and its variances need second derivatives of {', '.join(map(repr, hit[:3]))}, "
+                "which the model reads through a name outside it (a hook or function reading model.layer.weight "
+                "from the enclosing scope): autograd follows that read, forward-mode AD cannot; use "
+                "estimator='score' (first derivatives only), or read them through the module (the hook's module "
+                "argument, or self)"
+            )

@@ -43,12 +43,15 @@ def owns_subtree(module: nn.Module) -> bool:
 
 
 def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tuple[nn.Module, str]],
-                generic: set[nn.Module], looped: set[nn.Module]) -> dict[nn.Module, Rule]:
+                generic: set[nn.Module], looped: set[nn.Module], own_tensors: frozenset[nn.Module] = frozenset(),
+                ) -> dict[nn.Module, Rule]:
     """A rule per module of ``model`` owning parameters of θ (``index_of``: parameter id → index).
 
     ``moved`` assigns parameters (full name → (module, local name)) to the generic rule of another
-    module instead; the modules of ``generic`` get the generic rule instead of their own, and the
-    generic rules of those in ``looped`` compute one sample at a time (torch.func gave wrong numbers).
+    module instead; the modules of ``generic`` get the generic rule instead of their own, the
+    generic rules of those in ``looped`` compute one sample at a time (torch.func gave wrong numbers),
+    and those of ``own_tensors`` do so by autograd on the parameters themselves
+    (:attr:`.generic.GenericRule.on_own_tensors`).
     """
     taken = {index_of[id(p)] for n, p in model.named_parameters() if n in moved}
     owned: dict[nn.Module, dict[str, int]] = {}
@@ -77,8 +80,10 @@ def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tup
              for m, params in owned.items() if m not in extra}
     for module, params in extra.items():
         rules[module] = GenericRule(module, {**owned.get(module, {}), **params}, paths[module])
-    for module in looped & set(rules):
+    for module in (looped | own_tensors) & set(rules):
         rules[module].unbatchable = True
+    for module in own_tensors & set(rules):
+        rules[module].on_own_tensors = True
     return rules
 
 

@@ -101,6 +101,11 @@ class GenericRule(Rule):
         super().__init__(module, params)
         self.path = path or type(module).__name__
         self.unbatchable = False
+        #: Whether the one-sample-at-a-time products differentiate the module's own parameter tensors (plain
+        #: autograd) rather than stand-ins in their slots (:func:`torch.func.functional_call`): a forward or
+        #: hook that reads a parameter through a name outside the module tree (``model.layer.weight`` from
+        #: the enclosing scope) reads the tensor itself, which no stand-in in the engine's copy replaces.
+        self.on_own_tensors = False
         #: The sub-module calls, inputs and attribute state :meth:`recording_forward` kept of the call in progress.
         self._pending: tuple[list, list[Tensor], dict] | None = None
 
@@ -252,7 +257,10 @@ class GenericRule(Rule):
         every = output_batch_dims(module, call.taps, size)
         folds = output_folds(call, every)
         out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
-        leaves = {n: p.requires_grad_(True) for n, p in self._primals(call).items()}
+        primals = self._primals(call)
+        own = dict(self.module.named_parameters())
+        leaves = ({n: own[n] for n in primals} if self.on_own_tensors else
+                  {n: p.requires_grad_(True) for n, p in primals.items()})
         names = list(leaves)
         state, state_dims = _state_and_dims(call)
         per_sample = []
