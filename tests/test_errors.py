@@ -430,3 +430,19 @@ def test_dropout_inside_a_recurrent_or_attention_layer_in_training_mode_is_named
     with pytest.raises(TorchfimError, match=re.escape(name) + r" applies its own dropout \(dropout=0.5\) in training mode.*model.eval"):
         torchfim.fisher(model, x, structure="trace")
     assert torch.isfinite(torchfim.fisher(model.eval(), x, structure="trace"))
+
+
+@pytest.mark.parametrize("compute", [
+    lambda m, inputs: torchfim.fisher(m, inputs, structure="diag"),
+    lambda m, inputs: torchfim.fisher_variance(m, inputs, structure="trace"),
+    lambda m, inputs: torchfim.train.FisherTraceMonitor(m, inputs),
+], ids=["fisher", "fisher_variance", "monitor"])
+def test_a_tuple_of_inputs_and_targets_is_named_with_the_fix(compute) -> None:
+    """Before, the targets ran through the model as a second mini-batch: "failed on integer inputs ... pass
+    x.float()". A tuple of two mini-batches (alike in dims and dtype) is still read as mini-batches."""
+    model, x = tanh_mlp(3), mlp_inputs(6)
+    with pytest.raises(TorchfimError, match=r"\(6, 3\) torch.float64 and \(6,\) torch.int64, that looks like "
+                                            r"\(inputs, targets\).*targets=y.*\[\(x, y\)\]"):
+        compute(model, (x, torch.tensor([0, 1, 2, 0, 1, 2])))
+    halves = torchfim.fisher(model, (x[:3], x[3:]), structure="diag")
+    assert torch.allclose(halves, torchfim.fisher(model, x, structure="diag"), rtol=1e-12, atol=0)

@@ -31,6 +31,7 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
         raise TorchfimError(
             f"inputs must be a tensor or an iterable of mini-batches, got {type(inputs).__name__}"
         )
+    _refuse_a_pair(inputs)
     if isinstance(targets, Tensor):
         raise TorchfimError(
             "inputs is an iterable of mini-batches but targets is one tensor; pass targets as an "
@@ -52,6 +53,21 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
                     "targets has fewer mini-batches than inputs; align the two iterables"
                 ) from None
         yield x, y
+
+
+def _refuse_a_pair(inputs: object) -> None:
+    """Refuse a tuple of two tensors that is an ``(inputs, targets)`` pair rather than two mini-batches: as
+    many rows, but another number of dims or another dtype (mini-batches of one model have the same)."""
+    if not (isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(t, Tensor) and t.dim() for t in inputs)):
+        return
+    x, y = inputs
+    if x.shape[0] == y.shape[0] and (x.dim() != y.dim() or x.dtype != y.dtype):
+        raise TorchfimError(
+            f"inputs is a tuple of two tensors, {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}, that looks "
+            "like (inputs, targets); a tuple or list is read as mini-batches, so the second would run through the "
+            "model as inputs. Pass the inputs alone (with targets=y where the estimator uses true labels), or "
+            "[(x, y)] for one (inputs, targets) mini-batch"
+        )
 
 
 def reusable(inputs: Inputs) -> Inputs:
