@@ -237,3 +237,35 @@ def test_a_generic_module_read_folded_cuts_its_other_inputs_with_as_many_rows_by
     assert_equals_dense(got, exact_fisher(model, ids, "categorical"), model, structure)
     backend, rules = module_rules(model, ids)
     assert isinstance(rules["gate"], GenericRule) and not backend.moved and backend.layout_of
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("compute", [
+    lambda m, x: torchfim.fisher(m, x, structure="diag", backend="functional"),
+    lambda m, x: torchfim.train.FisherPenalty(m, kind="trace", grad_method="finite_difference")(x, step=0).backward(),
+], ids=["functional-backend", "finite-difference-trace-penalty"])
+def test_vmapped_attention_runs_the_math_kernel_without_torchs_fallback_warning(compute) -> None:
+    """Under ``vmap`` the fused CPU attention kernel has no batching rule: torch ran it sample by sample
+    with a warning ("There is a performance drop ... batching rule for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward. Please file us an issue") at every call of
+    these two paths. They now pick the math kernel, as the per-module rules do; the values are those of the
+    oracle (the functional backend's against the dense Fisher)."""
+    model, x = _SelfAttention().double().eval(), torch.randn(4, 3, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compute(model, x)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    if got is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the oracle's own jacrev through the fused kernel
+            want = exact_fisher(model, x, "categorical").diagonal()
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)

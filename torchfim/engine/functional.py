@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import TorchfimError, warn_user
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
@@ -86,8 +87,9 @@ class FunctionalBackend(Backend):
             (g,) = vmap(pullback)(v1)
             return view.flatten_params(g, lead=1)
 
-        try:
-            return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
+        try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
+            with sdpa_kernel(SDPBackend.MATH):
+                return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
         except (RuntimeError, NotImplementedError) as err:
             raise TorchfimError(
                 "backend='functional' cannot batch this model through torch.func "

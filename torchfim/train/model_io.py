@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
@@ -153,8 +154,9 @@ class ModelIO:
         dims = x.sample_dims()
         if not self.looped:
             in_dims = (params_dim, dims, 0, None if masks is None else 0)
-            try:
-                return vmap(grad(log_p), in_dims=in_dims)(params, (x.args, x.kwargs), y, masks)
+            try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
+                with sdpa_kernel(SDPBackend.MATH):
+                    return vmap(grad(log_p), in_dims=in_dims)(params, (x.args, x.kwargs), y, masks)
             except (RuntimeError, NotImplementedError) as err:
                 self.looped = True
                 warn_user(
