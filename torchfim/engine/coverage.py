@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .modules import Call, Rule
+from .modules.base import rounding_tolerance
 
 #: A generic rule whose torch.func products differ from autograd's, sample by sample.
 WRONGLY_BATCHED = (
@@ -103,7 +104,7 @@ def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tens
     # One scale for every parameter: a parameter whose true gradient is zero (a key bias under
     # softmax) has only rounding noise, which its own maximum would not cover.
     scale = max((float(w.abs().max()) for w in want if w is not None), default=0.0)
-    tol = 1e-4 if output.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+    tol = rounding_tolerance(output.dtype)
     out = {}
     for k, (w, g) in enumerate(zip(want, got)):
         if w is None and g is None:

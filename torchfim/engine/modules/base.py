@@ -227,6 +227,16 @@ def as_float(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """The relative gap within which two ways of computing the same per-sample gradients in ``dtype`` agree
+    (the coverage check's test of the rules against autograd): 1e-8 in float64, 1e-4 in float32, and in half
+    precision 8 units in the last place (float16 7.8e-3, bfloat16 6.3e-2), where a rule that accumulates in
+    float32 and autograd's kernels round at other steps differ by a few."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 8 * torch.finfo(dtype).eps
+    return 1e-4 if dtype == torch.float32 else 1e-8
+
+
 @contextmanager
 def forwards_replaced(modules: Iterable[nn.Module], make: Callable[[nn.Module], Callable[..., object]]) -> Iterator[None]:
     """Within the block, each of ``modules`` runs ``make(module)`` as its forward, set on the instance (so
