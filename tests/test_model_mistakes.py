@@ -144,3 +144,61 @@ def test_the_hessian_estimator_names_a_custom_autograd_function_it_cannot_differ
     with pytest.raises(torchfim.TorchfimError, match=r"custom autograd function _Swish does not support.*"
                                                      r"setup_context.*estimator='score'"):
         torchfim.fisher(_Activated(True).double(), x, structure="diag", estimator="hessian")
+
+
+class _WritesItsInput(nn.Module):
+    """``tanh_mlp`` behind an input normalisation; ``in_place`` writes it into the input tensor (x /= 2)."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.body, self.in_place = tanh_mlp(3), in_place
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_place:
+            x /= 2.0
+        else:
+            x = x / 2.0
+        return self.body(x)
+
+
+_CALLS = {
+    "fisher": lambda m, x: torchfim.fisher(m, x, structure="diag"),
+    "fisher-functional": lambda m, x: torchfim.fisher(m, x, structure="diag", backend="functional"),
+    "fisher_variance": lambda m, x: torchfim.fisher_variance(m, x, structure="trace"),
+    "monitor": lambda m, x: FisherTraceMonitor(m, x).measure(0),
+    "penalty": lambda m, x: FisherPenalty(m)(x, step=0),
+    "penalty-finite-difference": lambda m, x: FisherPenalty(m, grad_method="finite_difference").penalised_loss(
+        x, lambda out: out.sum(), step=0),
+}
+
+
+@pytest.mark.parametrize("call", list(_CALLS))
+def test_a_forward_that_writes_into_its_input_is_refused_and_the_input_kept(call: str) -> None:
+    """torchfim runs the forward several times on one mini-batch: before, each run saw what the last one
+    wrote (x/2, x/4, ...), which the engine reported as "depends on the other samples in its batch", the
+    penalty's finite difference took at other inputs than its first pass, and the caller's tensor was
+    changed. Refused now, naming the input, with the tensor's values put back."""
+    x = mlp_inputs(6)
+    kept = x.clone()
+    with pytest.raises(torchfim.TorchfimError, match=r"writes into its input 'x' in place .*\(x = x / 255\)"):
+        _CALLS[call](_WritesItsInput(in_place=True), x)
+    assert torch.equal(x, kept)
+
+
+def test_a_pre_hook_that_writes_into_a_keyword_input_is_named() -> None:
+    model, ids = _WritesItsInput(in_place=False), {"x": mlp_inputs(6)}
+
+    def steer(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs["x"].mul_(1.5)
+
+    model.register_forward_pre_hook(steer, with_kwargs=True)
+    with pytest.raises(torchfim.TorchfimError, match=r"its input 'x' in place"):
+        torchfim.fisher(model, ids, structure="diag")
+
+
+def test_a_forward_that_writes_into_its_own_copy_is_computed() -> None:
+    """No false alarm: ``x = x / 2`` (a new tensor) gives the Fisher of ``tanh_mlp`` at x/2, exactly."""
+    x = mlp_inputs(6)
+    got = torchfim.fisher(_WritesItsInput(in_place=False), x, structure="diag")
+    want = torchfim.fisher(tanh_mlp(3), x / 2.0, structure="diag")
+    assert rel_err(got, want) < 1e-12

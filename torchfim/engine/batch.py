@@ -113,6 +113,9 @@ class Batch:
 def _to(t: object, device: torch.device | None, dtype: torch.dtype | None) -> object:
     if not isinstance(t, Tensor):
         return t
+    if t.is_inference():  # made in inference mode: autograd cannot save it for the backward passes
+        with torch.inference_mode(False):
+            t = t.clone()
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 

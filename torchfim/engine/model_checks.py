@@ -2,13 +2,16 @@
 
 A forward that mixes the samples of a batch or draws random numbers (:func:`check_mode`), parameters
 without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
-a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), and forwards that
-failed on integer or 1-D inputs (:func:`forward_error`).
+a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), forwards that
+failed on integer or 1-D inputs (:func:`forward_error`), TorchScript modules (:func:`check_not_scripted`), and
+forwards that write into their inputs (:func:`inputs_unwritten`, :func:`watch_input_writes`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +19,9 @@ from torch import Tensor, nn
 from ..errors import TorchfimError
 from .batch import Batch
 
-__all__ = ["FORWARD_ARGUMENTS", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory", "check_initialised",
-           "check_mode", "check_not_scripted", "describe_call", "forward_error", "one_dimensional"]
+__all__ = ["FORWARD_ARGUMENTS", "INPUT_WRITTEN", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory",
+           "check_initialised", "check_mode", "check_not_scripted", "describe_call", "forward_error", "inputs_unwritten",
+           "one_dimensional", "watch_input_writes"]
 
 #: Why a mini-batch does not fit the model's forward.
 FORWARD_ARGUMENTS = (
@@ -31,6 +35,15 @@ FORWARD_ARGUMENTS = (
 ONE_DIMENSIONAL = (
     "the model's forward failed on 1-D inputs ({shapes}){where}: their first dimension is the batch; pass "
     "x.unsqueeze(1) for one feature per input, or x.unsqueeze(0) for a single input"
+)
+
+
+#: A forward that writes into the tensors it is given.
+INPUT_WRITTEN = (
+    "the model's forward writes into its input {names} in place (e.g. x /= 255, x.sub_(mean), x.clamp_(...), or a "
+    "forward pre-hook that does); torchfim runs the forward more than once on the same inputs (its passes and "
+    "checks, the penalty's finite difference), and each run would see what the last one wrote. Compute out of "
+    "place (x = x / 255) or clone the input first (x = x.clone()); your tensor holds its values as before"
 )
 
 
@@ -182,3 +195,59 @@ def _parameter_names(signature: inspect.Signature) -> str:
     names = [kinds.get(p.kind, "") + p.name + ("=…" if p.default is not p.empty else "")
              for p in signature.parameters.values()]
     return f"({', '.join(names)})"
+
+
+def _snapshot(module: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor, int, Tensor]]:
+    """Each input tensor of a call of ``module``: its name (the forward's, else its position), itself, its
+    version and its values."""
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # a forward without a signature to read
+        params = []
+    named = [(params[i] if i < len(params) else f"#{i}", t) for i, t in enumerate(args)] + list(kwargs.items())
+    # Unseen by torch function modes around the forward (the engine's counts of its outputs and its tracing);
+    # inference tensors have no version counter, and cannot be written outside inference mode anyway.
+    with torch._C.DisableTorchFunction():
+        return [(repr(n), t, t._version, t.detach().clone()) for n, t in named
+                if isinstance(t, Tensor) and not t.is_inference()]
+
+
+def _refuse_written(snapshot: list[tuple[str, Tensor, int, Tensor]]) -> None:
+    """Put back the values of the inputs of ``snapshot`` written since (their version moved), and refuse."""
+    written = [(n, t, saved) for n, t, version, saved in snapshot if t._version != version]
+    if written:
+        with torch.no_grad():
+            for _, t, saved in written:
+                t.copy_(saved)
+        raise TorchfimError(INPUT_WRITTEN.format(names=", ".join(n for n, _, _ in written)))
+
+
+@contextmanager
+def inputs_unwritten(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[None]:
+    """Refuse a forward of ``model``, run in the block on ``args`` and ``kwargs``, that writes into its input
+    tensors in place (:data:`INPUT_WRITTEN`), their values put back first: it would feed each later run what
+    the last one wrote, and change the caller's data."""
+    snapshot = _snapshot(model, args, kwargs)
+    try:
+        yield
+    finally:  # a write is the cause of whatever else the forward raised on what it wrote
+        _refuse_written(snapshot)
+
+
+def watch_input_writes(model: nn.Module) -> None:
+    """Hooks on ``model`` (the engine's private copy) that apply :func:`inputs_unwritten` to its calls until
+    one returns without writing into its inputs, then go: first among the forward pre-hooks and last among
+    the forward hooks, so that a user's hook that writes into the inputs counts."""
+    state: dict[str, list] = {}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state["snapshot"] = _snapshot(module, args, kwargs)
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        _refuse_written(state.pop("snapshot", []))
+        for handle in handles:  # not before: a caller that catches the refusal (a probe) meets it again next call
+            handle.remove()
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+               model.register_forward_hook(after, with_kwargs=True)]

@@ -37,6 +37,7 @@ from .model_checks import (
     check_mode,
     check_not_scripted,
     one_dimensional,
+    watch_input_writes,
 )
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
 from .plain_forwards import eager_compiled, native_dtype_forwards, plain_forwards
@@ -105,9 +106,11 @@ def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
 def engine_session() -> Iterator[None]:
     """Hold :data:`ENGINE_LOCK` with ``torch.autocast`` switched off, the caller's and the forward's own
     (:func:`.native_dtype_forwards`: torchfim computes in the model's dtype, forwards, per-module rules
-    and families alike), activation checkpointing and offloading off (:func:`.plain_forwards`) and code
-    compiled by ``torch.compile`` run eagerly (:func:`.eager_compiled`)."""
-    with ENGINE_LOCK, plain_forwards(), native_dtype_forwards(), eager_compiled(), ExitStack() as stack:
+    and families alike), activation checkpointing and offloading off (:func:`.plain_forwards`), code
+    compiled by ``torch.compile`` run eagerly (:func:`.eager_compiled`), and autograd on whatever mode the
+    caller is in (``torch.no_grad``, ``torch.inference_mode``): the engine differentiates."""
+    with (ENGINE_LOCK, torch.inference_mode(False), torch.enable_grad(), plain_forwards(), native_dtype_forwards(),
+          eager_compiled(), ExitStack() as stack):
         for device_type in ("cpu", "cuda"):
             if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
                 stack.enter_context(torch.autocast(device_type, enabled=False))
@@ -198,6 +201,7 @@ class ModelView:
         check_not_scripted(model)
         self.user_model = model
         self.model = private_tree(model)
+        watch_input_writes(self.model)
         if eval_mode and self.model is not model:
             self.model.eval()  # the copy only: the user's flags stay (a training step in another thread)
         check_mode(self.model)

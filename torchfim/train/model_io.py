@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
-from ..engine.model_checks import check_forward_takes, forward_error
+from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.view import as_columns, check_output_map, mapped_output, read_logits
 from ..errors import TorchfimError, warn_user
@@ -103,10 +103,12 @@ class ModelIO:
         it will be ``differentiated_twice`` and they are on); the first call checks that the forward takes
         the mini-batch (:func:`.engine.model_checks.check_forward_takes`); a forward that fails on integer or
         1-D inputs says so (:func:`.engine.model_checks.forward_error`)."""
-        if not self._call_checked:
+        first = not self._call_checked
+        if first:
             check_forward_takes(model, x)
             self._call_checked = True
-        with self.forms() if differentiated_twice else nullcontext():
+        with self.forms() if differentiated_twice else nullcontext(), \
+                inputs_unwritten(model, x.args, x.kwargs) if first else nullcontext():
             try:
                 return x.call(model)
             except RuntimeError as err:

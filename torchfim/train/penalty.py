@@ -382,10 +382,12 @@ class FisherPenalty:
 
     # -------------------------------------------------------------- helpers
     def _forwards(self) -> ExitStack:
-        """The passes of a computing step: plain forwards (:func:`.plain_forwards`), and compiled code run
-        eagerly (:func:`.eager_compiled`) unless they differentiate the model once only."""
+        """The passes of a computing step: with autograd whatever the caller's mode, plain forwards
+        (:func:`.plain_forwards`), and compiled code run eagerly (:func:`.eager_compiled`) unless they
+        differentiate the model once only."""
         stack = ExitStack()
-        stack.enter_context(plain_forwards())
+        for context in (torch.inference_mode(False), torch.enable_grad(), plain_forwards()):  # inference mode too
+            stack.enter_context(context)
         if not (self.grad_method == "finite_difference" and self.kind == "batch_gradient"):
             if holds_compiled(self.model):
                 warn_user(COMPILED.format(kind=self.kind, method=self.grad_method))

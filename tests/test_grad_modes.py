@@ -1,0 +1,50 @@
+"""torchfim called inside ``torch.no_grad()`` or ``torch.inference_mode()``, and inputs made in inference mode.
+
+An evaluation block is where a monitor's measurement or a Fisher is often taken. torchfim differentiates,
+so it computes with autograd on whatever mode the caller is in. Before: inside ``torch.no_grad()`` the
+per-module backend raised "element 0 of tensors does not require grad" from inside torch (``fisher``,
+``fisher_variance``, the monitor); inside ``torch.inference_mode()`` every one of them returned a wrong
+Fisher without a word (the exact diagonal 0.25 off on a small MLP), and inputs made in inference mode
+(a preprocessing step under it) made them raise "Inference tensors cannot be saved for backward".
+Oracle: the same call outside any such mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import mlp_inputs, tanh_mlp
+
+import torchfim
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+_CALLS = {
+    "fisher": lambda m, x: torchfim.fisher(m, x, structure="diag"),
+    "fisher-functional": lambda m, x: torchfim.fisher(m, x, structure="diag", backend="functional"),
+    "fisher-hessian": lambda m, x: torchfim.fisher(m, x, estimator="hessian", structure="diag", n_samples=3,
+                                                   generator=torch.Generator().manual_seed(1)),
+    "fisher_variance": lambda m, x: torchfim.fisher_variance(m, x, structure="diag"),
+    "monitor": lambda m, x: torch.tensor(FisherTraceMonitor(m, x, generator=torch.Generator().manual_seed(1))
+                                         .measure(0).trace),
+    "penalty": lambda m, x: FisherPenalty(m, generator=torch.Generator().manual_seed(1))(x, step=0).detach(),
+}
+_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+@pytest.mark.parametrize("call", list(_CALLS))
+def test_torchfim_inside_a_mode_without_autograd_computes_as_outside(call: str, mode: str) -> None:
+    model, x = tanh_mlp(3), mlp_inputs(7)
+    want = _CALLS[call](model, x)
+    with _MODES[mode]():
+        got = _CALLS[call](model, x)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("call", list(_CALLS))
+def test_inputs_made_in_inference_mode_are_taken(call: str) -> None:
+    model, x = tanh_mlp(3), mlp_inputs(7)
+    with torch.inference_mode():
+        made = x * 1.0
+    assert made.is_inference()
+    assert torch.allclose(_CALLS[call](model, made), _CALLS[call](model, x), rtol=1e-12, atol=0)
