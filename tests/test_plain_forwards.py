@@ -280,3 +280,29 @@ def test_a_stand_in_fetched_before_the_last_block_ended_still_defers_to_torch() 
         fetched = torch_checkpoint.CheckpointFunction
     out = fetched.apply(torch.tanh, True, w @ w)
     assert type(out.grad_fn).__name__ == "CheckpointFunctionBackward"
+
+
+def _tagging_hooks(seen: list[str]) -> torch.autograd.graph.saved_tensors_hooks:
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: (seen.append("pack"), t)[1], lambda t: t)
+
+
+@pytest.mark.parametrize("callers", ["save_on_cpu", "own hooks"])
+def test_saved_tensor_hooks_the_caller_entered_are_set_aside_and_back_after(callers: str) -> None:
+    """A caller that wraps its training step in ``save_on_cpu`` (or hooks of its own) and calls torchfim
+    inside: before, ``backend="functional"`` refused the model as one torch.func "cannot batch", and the
+    trace penalty fell back to one input at a time with a warning. The caller's hooks are set aside while
+    torchfim computes, and pack its own tensors again after."""
+    model, x = _Checkpointed(None).double(), _x()
+    want = exact_fisher(model, x, "categorical").diagonal()
+    value = FisherPenalty(model, kind="trace", generator=torch.Generator().manual_seed(0))(x, step=0)
+    seen: list[str] = []
+    with torch.autograd.graph.save_on_cpu() if callers == "save_on_cpu" else _tagging_hooks(seen):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            got = torchfim.fisher(model, x, structure="diag", backend="functional")
+            penalty = FisherPenalty(model, kind="trace", generator=torch.Generator().manual_seed(0))(x, step=0)
+        assert not seen
+        model.a.weight.exp().sum()  # the caller's hooks are theirs again: they pack what exp saves
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(penalty, value, rtol=1e-12, atol=0)
+    assert callers == "save_on_cpu" or seen

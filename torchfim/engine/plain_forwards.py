@@ -11,11 +11,12 @@ Two devices trade the memory of a forward's saved activations for time, without 
   Hugging Face's activation checkpointing) move what autograd saves elsewhere and back; their contract is
   that the tensor unpacked equals the tensor packed. torch.func refuses them.
 
-Within :func:`plain_forwards` every checkpointed region of the thread runs once, as a plain forward, and
-entering a saved-tensor hooks context does nothing: the same values, the memory of a forward without
-them. It holds for every computation of the engine (:func:`.view.engine_session`) and each step of the
-penalty that computes it; the user's own forwards and backwards outside, and other threads (a training
-loop beside a monitor), keep both devices.
+Within :func:`plain_forwards` every checkpointed region of the thread runs once, as a plain forward,
+entering a saved-tensor hooks context does nothing, and the hooks a caller pushed before the block are set
+aside until it ends: the same values, the memory of a forward without them. It holds for every
+computation of the engine (:func:`.view.engine_session`) and each step of the penalty that computes it;
+the user's own forwards and backwards outside, and other threads (a training loop beside a monitor), keep
+both devices.
 
 A forward may also turn ``torch.autocast`` on for a region of its own. torchfim computes in the model's
 dtype (:func:`.view.engine_session` switches the caller's autocast off), and a region in half precision
@@ -155,9 +156,31 @@ def _enter_autocast(self: autocast) -> autocast:
 _NATIVE = _ThreadMode([(autocast, "__enter__", _enter_autocast)])
 
 
-def plain_forwards() -> contextlib.AbstractContextManager[None]:
-    """Within the block, this thread's checkpointed regions run as plain forwards and its saved-tensor
-    hooks contexts push no hooks; other threads keep torch's own behaviour.
+@contextmanager
+def _callers_hooks_set_aside() -> Iterator[None]:
+    """This thread's saved-tensor hooks pushed before the block (a caller's ``save_on_cpu`` around a torchfim
+    call), set aside within it and pushed back after, in their order. A torch without the stack's functions
+    keeps them."""
+    autograd = torch._C._autograd
+    aside = []
+    try:
+        while (top := autograd._top_saved_tensors_default_hooks(False)) is not None:
+            autograd._pop_saved_tensors_default_hooks()
+            aside.append(top)
+    except (AttributeError, TypeError):  # torch's private stack as another version has it: leave what is left
+        pass
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(aside):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+@contextmanager
+def plain_forwards() -> Iterator[None]:
+    """Within the block, this thread's checkpointed regions run as plain forwards, its saved-tensor hooks
+    contexts push no hooks, and those pushed before it are set aside; other threads keep torch's own
+    behaviour.
 
     Example:
         >>> import torch
@@ -168,7 +191,8 @@ def plain_forwards() -> contextlib.AbstractContextManager[None]:
         >>> type(out.grad_fn).__name__  # autograd's own node: no checkpoint in the graph
         'TanhBackward0'
     """
-    return _PLAIN.block()
+    with _PLAIN.block(), _callers_hooks_set_aside():
+        yield
 
 
 def native_dtype_forwards() -> contextlib.AbstractContextManager[None]:
