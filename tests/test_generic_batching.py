@@ -269,3 +269,38 @@ def test_vmapped_attention_runs_the_math_kernel_without_torchs_fallback_warning(
             warnings.simplefilter("ignore")  # the oracle's own jacrev through the fused kernel
             want = exact_fisher(model, x, "categorical").diagonal()
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+class _BagAndBilinear(nn.Module):
+    """An ``EmbeddingBag`` and an ``nn.Bilinear``: operations that ``vmap`` runs sample by sample (no batching
+    rule for ``_embedding_bag`` or ``_trilinear``), exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag, self.mix, self.head = nn.EmbeddingBag(7, 4, mode="max"), nn.Bilinear(4, 4, 4), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.bag(ids)
+        return self.head(torch.tanh(self.mix(h, h)))
+
+
+@pytest.mark.parametrize("compute", [
+    lambda m, x: torchfim.fisher(m, x, structure="diag"),
+    lambda m, x: torchfim.fisher(m, x, structure="diag", backend="functional"),
+    lambda m, x: torchfim.train.FisherPenalty(m, kind="trace", grad_method="finite_difference")(x, step=0).backward(),
+], ids=["modules-backend", "functional-backend", "trace-penalty"])
+def test_torchs_notice_of_vmaps_exact_fallback_is_off_inside_torchfim_only(compute) -> None:
+    """torch warned "There is a performance drop because we have not yet implemented the batching rule for
+    aten::_embedding_bag. Please file us an issue on GitHub" wherever torchfim's generic rules or torch.func
+    paths met such an operation (by design: the fallback is exact). Off while torchfim computes; on again
+    after (a fallback outside torchfim still warns)."""
+    model, ids = _BagAndBilinear().double(), torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compute(model, ids)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.func.vmap(lambda i: model.bag(i.unsqueeze(0)))(ids)
+    assert [w for w in caught if "batching rule" in str(w.message)]

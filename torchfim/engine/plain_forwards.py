@@ -47,7 +47,7 @@ from torch import nn
 from torch.amp.autocast_mode import autocast
 from torch.autograd.graph import saved_tensors_hooks
 
-__all__ = ["eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards"]
+__all__ = ["eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
 
 
 class _ThreadMode:
@@ -209,36 +209,58 @@ def native_dtype_forwards() -> contextlib.AbstractContextManager[None]:
     return _NATIVE.block()
 
 
-class _EagerStance:
-    """``torch.compiler.set_stance("force_eager")`` while any block, of any thread, is open; the stance the
-    first block found is set back when the last one ends."""
+class _ProcessSwitch:
+    """A setting of the process switched while any block, of any thread, is open: ``switch()`` sets it when
+    the first block starts and returns how to set it back (None where it set nothing), called when the last
+    block ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, switch: Callable[[], Callable[[], None] | None]) -> None:
+        self.switch = switch
         self.lock = threading.Lock()
         self.depth = 0
-        self.stance: object | None = None  # torch's context object, which holds the stance to set back
+        self.undo: Callable[[], None] | None = None
 
     @contextmanager
     def block(self) -> Iterator[None]:
         with self.lock:
-            # Nothing is compiled before dynamo is imported (importing it costs a second: not for nothing).
-            if not self.depth and "torch._dynamo" in sys.modules:
-                try:
-                    self.stance = torch.compiler.set_stance("force_eager")
-                except (AttributeError, RuntimeError):  # torch < 2.6; or called from inside a compiled region
-                    self.stance = None
+            if not self.depth:
+                self.undo = self.switch()
             self.depth += 1
         try:
             yield
         finally:
             with self.lock:
                 self.depth -= 1
-                if not self.depth and self.stance is not None:
-                    self.stance.__exit__(None, None, None)
-                    self.stance = None
+                if not self.depth and self.undo is not None:
+                    self.undo()
+                    self.undo = None
 
 
-_EAGER = _EagerStance()
+def _force_eager() -> Callable[[], None] | None:
+    """``torch.compiler.set_stance("force_eager")``, and how to set the caller's stance back."""
+    if "torch._dynamo" not in sys.modules:  # nothing is compiled before dynamo is imported (a second to import)
+        return None
+    try:
+        stance = torch.compiler.set_stance("force_eager")
+    except (AttributeError, RuntimeError):  # torch < 2.6; or called from inside a compiled region
+        return None
+    return lambda: stance.__exit__(None, None, None)
+
+
+def _quiet_vmap_fallbacks() -> Callable[[], None] | None:
+    """torch's warning off where ``vmap`` runs an operation without a batching rule one sample at a time
+    ("There is a performance drop ... Please file us an issue"): torchfim's generic rules and torch.func
+    paths meet such operations (Bilinear's ``_trilinear``, ``embedding_bag``) by design, and the fallback is
+    exact. torch keeps no getter for the flag; it is on unless someone turned it off."""
+    switch = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if switch is None:
+        return None
+    switch(False)
+    return lambda: switch(True)
+
+
+_EAGER = _ProcessSwitch(_force_eager)
+_QUIET = _ProcessSwitch(_quiet_vmap_fallbacks)
 
 
 def eager_compiled() -> contextlib.AbstractContextManager[None]:
@@ -262,3 +284,17 @@ def holds_compiled(model: nn.Module) -> bool:
         return False
     return any(type(m).__name__ == "OptimizedModule" or m.__dict__.get("_compiled_call_impl") is not None
                for m in model.modules())
+
+
+def quiet_vmap_fallbacks() -> contextlib.AbstractContextManager[None]:
+    """Within the block, torch warns no more where ``vmap`` falls back to running an operation sample by
+    sample (see :func:`_quiet_vmap_fallbacks`), in every thread.
+
+    Example:
+        >>> import torch
+        >>> with quiet_vmap_fallbacks():
+        ...     out = torch.func.vmap(torch.trace)(torch.eye(3).expand(2, 3, 3))
+        >>> out.tolist()
+        [3.0, 3.0]
+    """
+    return _QUIET.block()

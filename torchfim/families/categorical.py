@@ -163,7 +163,7 @@ class Categorical(Family):
         super().check_output(o)
         if not o.numel() or not bool((o >= 0).all()):
             return
-        off = float((o.double().sum(-1) - 1).abs().max())
+        off = float((o.detach().double().sum(-1) - 1).abs().max())  # (the penalty's outputs carry a graph)
         if off <= max(1e-5, 4 * torch.finfo(o.dtype).eps):  # a sum's rounding in the outputs' dtype
             warn_user(PROBABILITIES)
 
