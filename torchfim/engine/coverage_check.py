@@ -228,8 +228,9 @@ class CoverageCheck:
         for name in [self.view.layout.names[i] for i in misses]:
             if self.moved.get(name, (None,))[0] in stuck:
                 self._causes[name] = "global"
-        self.own_tensors |= stuck
-        self.rules = self._build_rules(self.moved) if stuck else self.rules
+        if stuck:
+            self.own_tensors |= stuck
+            self.rules = self._build_rules(self.moved)
         return bool(stuck)
 
     def _reject_layouts(self, calls: list[Call]) -> bool:

@@ -47,6 +47,8 @@ from torch import nn
 from torch.amp.autocast_mode import autocast
 from torch.autograd.graph import saved_tensors_hooks
 
+from .private_tree import is_compile_wrapper
+
 __all__ = ["eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
 
 
@@ -282,7 +284,7 @@ def holds_compiled(model: nn.Module) -> bool:
     place by its ``compile()`` (a compiled function that a forward calls is not seen)."""
     if "torch._dynamo" not in sys.modules:  # nothing is compiled before dynamo is imported
         return False
-    return any(type(m).__name__ == "OptimizedModule" or m.__dict__.get("_compiled_call_impl") is not None
+    return any(is_compile_wrapper(m) or m.__dict__.get("_compiled_call_impl") is not None
                for m in model.modules())
 
 

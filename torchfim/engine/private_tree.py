@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-__all__ = ["forward_signature", "private_tree", "users_modules_called"]
+__all__ = ["forward_signature", "is_compile_wrapper", "private_tree", "users_modules_called"]
 
 
 def private_tree(model: nn.Module) -> nn.Module:
@@ -94,6 +94,12 @@ def users_modules_called(user_model: nn.Module) -> Iterator[list[str]]:
         handle.remove()
 
 
+def is_compile_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper (dynamo's ``OptimizedModule``, by name: dynamo is
+    imported by the first compile, not here)."""
+    return type(module).__name__ == "OptimizedModule"
+
+
 def _unwrapped(module: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``'s, ``DataParallel``'s or ``DistributedDataParallel``'s wrapper
     (through several), else ``module`` itself. The engine computes on the inner module: dynamo cannot
@@ -102,7 +108,7 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     while True:
         if isinstance(module, (DataParallel, DistributedDataParallel)):
             inner = module.__dict__["_modules"].get("module")
-        elif type(module).__name__ == "OptimizedModule":
+        elif is_compile_wrapper(module):
             inner = module.__dict__["_modules"].get("_orig_mod")
         else:
             return module

@@ -189,10 +189,11 @@ class GenericRule(Rule):
         return all(batched[i].shape == g.shape and torch.allclose(batched[i], g, rtol=rtol, atol=1e-2 * rtol * (1 + g.abs().max()))
                    for i, g in looped.items())
 
-    def _primals(self, call: Call) -> dict[str, Tensor]:
-        """The parameters to differentiate for ``call``: those its outputs depend on."""
+    def _primals(self, call: Call, own: bool = False) -> dict[str, Tensor]:
+        """The parameters to differentiate for ``call``: those its outputs depend on, detached (``own``: the
+        tensors themselves)."""
         named, reached = dict(self.module.named_parameters()), call.cache.get(REACHED)
-        return {n: named[n].detach() for n in self.params if reached is None or n in reached}
+        return {n: named[n] if own else named[n].detach() for n in self.params if reached is None or n in reached}
 
     def _vmapped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         """:meth:`_batched`, with the call's constant sub-module outputs where its forward makes the recorded
@@ -259,10 +260,8 @@ class GenericRule(Rule):
         every = output_batch_dims(module, call.taps, size)
         folds = output_folds(call, every)
         out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
-        primals = self._primals(call)
-        own = dict(self.module.named_parameters())
-        leaves = ({n: own[n] for n in primals} if self.on_own_tensors else
-                  {n: p.requires_grad_(True) for n, p in primals.items()})
+        leaves = (self._primals(call, own=True) if self.on_own_tensors else
+                  {n: p.requires_grad_(True) for n, p in self._primals(call).items()})
         names = list(leaves)
         state, state_dims = _state_and_dims(call)
         per_sample = []
