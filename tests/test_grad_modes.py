@@ -48,3 +48,15 @@ def test_inputs_made_in_inference_mode_are_taken(call: str) -> None:
         made = x * 1.0
     assert made.is_inference()
     assert torch.allclose(_CALLS[call](model, made), _CALLS[call](model, x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("call", [c for c in _CALLS if c != "penalty"])
+def test_inputs_that_require_grad_leave_no_graph_on_the_result(call: str) -> None:
+    """Inputs that require grad (a saliency map's): before, ``backend="functional"`` returned a Fisher that
+    carried an autograd graph through them (held in memory; torch warned where the user read it as a number).
+    The engine takes the inputs detached; the penalty, which a training step differentiates, keeps them."""
+    model, x = tanh_mlp(3), mlp_inputs(7)
+    wanting = x.clone().requires_grad_(True)
+    got = _CALLS[call](model, wanting)
+    assert not got.requires_grad and wanting.grad is None
+    assert torch.allclose(got, _CALLS[call](model, x), rtol=1e-12, atol=0)

@@ -175,6 +175,12 @@ def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.
         yield from (b.with_defaults(defaults) for b in inputs)  # mini-batches an earlier pass prepared
         return
     for x, y in iter_batches(inputs, targets):
-        batch = make_batch(x, y, device, dtype, next_token=next_token)
+        # Detached: the engine differentiates with respect to θ only, and inputs that require grad (a saliency
+        # map's) would otherwise hang their graph on a result that torch.func computes through them.
+        batch = make_batch(x, y, device, dtype, next_token=next_token).map(_detached)
         if batch.size > 0:
             yield batch.with_defaults(defaults)
+
+
+def _detached(t: object) -> object:
+    return t.detach() if isinstance(t, Tensor) else t
