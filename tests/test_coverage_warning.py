@@ -188,3 +188,20 @@ def test_a_tied_weight_frozen_or_unfrozen_after_the_check_is_checked_again(first
     want = torchfim.fisher(model, x, structure="diag", backend="functional")
     assert got.shape == want.shape == (sum(p.numel() for p in model.parameters() if p.requires_grad),)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_parameters_of_modules_never_called_are_named_as_such_and_stay_exact() -> None:
+    """A program from ``torch.export`` inlines its modules: no rule sees a use of their parameters, which go
+    to the whole model's generic rule. Before, the warning blamed "a use outside their module's forward"
+    (tied weights) for every one of them."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double(), torch.randn(6, 3)
+    x = x.double()
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torchfim.fisher(exported, x, structure="diag")
+    texts = [str(w.message) for w in caught if "do not add up" in str(w.message)]
+    assert len(texts) == 1 and CAUSES["uncalled"] in texts[0] and CAUSES["outside"] not in texts[0]
+    want = torchfim.fisher(model, x, structure="diag", backend="functional")
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)

@@ -446,3 +446,30 @@ def test_a_tuple_of_inputs_and_targets_is_named_with_the_fix(compute) -> None:
         compute(model, (x, torch.tensor([0, 1, 2, 0, 1, 2])))
     halves = torchfim.fisher(model, (x[:3], x[3:]), structure="diag")
     assert torch.allclose(halves, torchfim.fisher(model, x, structure="diag"), rtol=1e-12, atol=0)
+
+
+class _AssertsItsBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tanh_mlp(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[0] == 6, "trained on batches of 6"
+        return self.body(x)
+
+
+def _exported_at_batch_size(x: torch.Tensor) -> nn.Module:
+    return torch.export.export(tanh_mlp(3), (x,)).module()
+
+
+@pytest.mark.parametrize("backend", ["modules", "functional"])
+@pytest.mark.parametrize("build", [lambda x: _AssertsItsBatch(), _exported_at_batch_size], ids=["assert", "export"])
+def test_a_batch_size_fixed_by_an_assert_or_an_export_is_named_with_the_fix(build, backend: str) -> None:
+    """Before: the AssertionError from inside the forward (or torch.export's guard, "Guard failed:
+    input.size()[0] == 6") on the sub-batch torchfim checks, with no word of what to do."""
+    x = mlp_inputs(6)
+    model = build(x)
+    fix = r"dynamic_shapes=\(\{0: torch.export.Dim\('batch'\)\},\)" if isinstance(model, torch.fx.GraphModule) \
+        else r"a batch size fixed in it"
+    with pytest.raises(TorchfimError, match=rf"mini-batch of 6 inputs but failed on 2 of them .*{fix}"):
+        torchfim.fisher(model, x, structure="diag", backend=backend)

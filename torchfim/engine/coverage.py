@@ -57,6 +57,9 @@ CAUSES = {
     "outside": "they are used outside their module's forward, e.g. F.linear(h, embedding.weight) for tied output "
                "weights: use them through a module instead (an nn.Linear whose .weight is the same Parameter) so "
                "that every use has a rule",
+    "uncalled": "their module is never called: the forward reads them directly (a graph from torch.export, which "
+                "inlines its modules, or F.linear(x, layer.weight)), so no rule of theirs sees a use: call the module, "
+                "or nothing to fix",
     "global": "they are read through a name outside the model (a hook or function that reads model.layer.weight "
               "from the enclosing scope), which only autograd on the parameters themselves follows, one sample at "
               "a time: read them through the module instead (the hook's module argument, or self)",
@@ -66,6 +69,8 @@ CAUSES = {
 def cause_of(index: int, calls: list[tuple[Rule, Call]]) -> str:
     """The likely cause (a key of :data:`CAUSES`) for the parameter ``index`` of θ, from the recorded calls."""
     own = [call for rule, call in calls if index in rule.params.values()]
+    if not own:
+        return "uncalled"
     if any("forward" in call.module.__dict__ for call in own):
         return "instance"
     return "container" if any(call.unviewed for call in own) else "outside"

@@ -80,15 +80,22 @@ STALE_MODULES = (
 )
 
 
+#: What :func:`fewer_inputs` adds where a guard failed: a program from torch.export fixes the batch size.
+EXPORTED_BATCH = ("; a program from torch.export takes only the batch size it was exported with unless exported "
+                  "with a dynamic batch dim, e.g. torch.export.export(model, (x,), dynamic_shapes=({0: "
+                  "torch.export.Dim('batch')},))")
+
+
 @contextmanager
 def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
-    """While the block runs a forward on ``size`` of ``batch``'s inputs, a RuntimeError becomes an error that
-    says the forward must take any number of inputs (a batch size fixed in it), or, for 1-D inputs, that
-    their first dimension is the batch (a single input passed without one ran as a batch of its entries)."""
+    """While the block runs a forward on ``size`` of ``batch``'s inputs, a RuntimeError or AssertionError (an
+    ``assert`` on the batch size, a guard of a program from ``torch.export``) becomes an error that says the
+    forward must take any number of inputs (a batch size fixed in it), or, for 1-D inputs, that their first
+    dimension is the batch (a single input passed without one ran as a batch of its entries)."""
     full = batch.size
     try:
         yield
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:
         flat = one_dimensional(batch)
         if flat is not None:
             raise TorchfimError(ONE_DIMENSIONAL.format(
@@ -98,7 +105,7 @@ def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
             f"({str(err).splitlines()[0][:160]}); torchfim also calls it on fewer inputs (to check that samples "
             "are independent, and on sub-batches where memory asks), so the forward must take any number of "
             "inputs: look for a batch size fixed in it, such as x.view(16, -1) where x.view(x.shape[0], -1) "
-            "or x.flatten(1) is meant"
+            "or x.flatten(1) is meant" + (EXPORTED_BATCH if "Guard failed" in str(err) else "")
         ) from err
 
 
