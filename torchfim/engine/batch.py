@@ -177,10 +177,12 @@ def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.
     for x, y in iter_batches(inputs, targets):
         # Detached: the engine differentiates with respect to θ only, and inputs that require grad (a saliency
         # map's) would otherwise hang their graph on a result that torch.func computes through them.
-        batch = make_batch(x, y, device, dtype, next_token=next_token).map(_detached)
+        batch = make_batch(x, y, device, dtype, next_token=next_token).map(detached)
         if batch.size > 0:
             yield batch.with_defaults(defaults)
 
 
-def _detached(t: object) -> object:
+def detached(t: object) -> object:
+    """``t`` detached where it is a tensor (for :meth:`Batch.map`): the inputs torchfim differentiates through
+    are its own, never the caller's graph."""
     return t.detach() if isinstance(t, Tensor) else t

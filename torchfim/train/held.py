@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._batches import Inputs, iter_batches
-from ..engine.batch import Batch, make_batch
+from ..engine.batch import Batch, detached, make_batch
 from ..errors import TorchfimError, all_finite
 
 __all__ = ["hold", "pooled"]
@@ -35,7 +35,7 @@ def hold(inputs: Inputs) -> list[Batch]:
         if any(t.is_floating_point() and not all_finite(t) for t in tensors):
             raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
         if batch.size > 0:
-            held.append(batch.map(lambda t: t.detach() if isinstance(t, Tensor) else t))
+            held.append(batch.map(detached))
     if not held:
         raise TorchfimError("the held inputs are empty: pass at least one input to measure Tr(F) on")
     return held
