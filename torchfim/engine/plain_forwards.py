@@ -49,7 +49,8 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from .private_tree import is_compile_wrapper
 
-__all__ = ["eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
+__all__ = ["differentiated_forwards", "eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards",
+           "quiet_vmap_fallbacks"]
 
 
 class _ThreadMode:
@@ -300,3 +301,12 @@ def quiet_vmap_fallbacks() -> contextlib.AbstractContextManager[None]:
         [3.0, 3.0]
     """
     return _QUIET.block()
+
+
+@contextmanager
+def differentiated_forwards() -> Iterator[None]:
+    """What every computation of torchfim runs in, the engine's and the penalty's: autograd whatever mode the
+    caller is in (``torch.no_grad``, ``torch.inference_mode``), plain forwards (:func:`plain_forwards`), and
+    torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`)."""
+    with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks():
+        yield

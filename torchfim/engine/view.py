@@ -40,7 +40,7 @@ from .model_checks import (
     watch_input_writes,
 )
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
-from .plain_forwards import eager_compiled, native_dtype_forwards, plain_forwards, quiet_vmap_fallbacks
+from .plain_forwards import differentiated_forwards, eager_compiled, native_dtype_forwards
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -113,12 +113,10 @@ def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
 def engine_session() -> Iterator[None]:
     """Hold :data:`ENGINE_LOCK` with ``torch.autocast`` switched off, the caller's and the forward's own
     (:func:`.native_dtype_forwards`: torchfim computes in the model's dtype, forwards, per-module rules
-    and families alike), activation checkpointing and offloading off (:func:`.plain_forwards`), code
-    compiled by ``torch.compile`` run eagerly (:func:`.eager_compiled`), torch's notices of vmap's exact
-    fallbacks off (:func:`.quiet_vmap_fallbacks`), and autograd on whatever mode the caller is in
-    (``torch.no_grad``, ``torch.inference_mode``): the engine differentiates."""
-    with (ENGINE_LOCK, torch.inference_mode(False), torch.enable_grad(), plain_forwards(), native_dtype_forwards(),
-          eager_compiled(), quiet_vmap_fallbacks(), ExitStack() as stack):
+    and families alike), code compiled by ``torch.compile`` run eagerly (:func:`.eager_compiled`), and in
+    :func:`.differentiated_forwards` (autograd whatever the caller's mode, activation checkpointing and
+    offloading off, torch's notices of vmap's exact fallbacks off)."""
+    with ENGINE_LOCK, differentiated_forwards(), native_dtype_forwards(), eager_compiled(), ExitStack() as stack:
         for device_type in ("cpu", "cuda"):
             if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
                 stack.enter_context(torch.autocast(device_type, enabled=False))

@@ -38,7 +38,7 @@ from ..engine.batch import Batch
 from ..engine.derivative_settings import dense_gradients, paused_power_iterations
 from ..engine.model_checks import check_mode as _check_mode
 from ..engine.model_checks import check_not_scripted
-from ..engine.plain_forwards import eager_compiled, holds_compiled, plain_forwards, quiet_vmap_fallbacks
+from ..engine.plain_forwards import differentiated_forwards, eager_compiled, holds_compiled
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice, warn_user
 from ..families import Family, get_family
@@ -382,12 +382,10 @@ class FisherPenalty:
 
     # -------------------------------------------------------------- helpers
     def _forwards(self) -> ExitStack:
-        """The passes of a computing step: with autograd whatever the caller's mode, plain forwards
-        (:func:`.plain_forwards`), and compiled code run eagerly (:func:`.eager_compiled`) unless they
-        differentiate the model once only."""
+        """The passes of a computing step: in :func:`.differentiated_forwards` (as the engine's), and with
+        compiled code run eagerly (:func:`.eager_compiled`) unless they differentiate the model once only."""
         stack = ExitStack()
-        for context in (torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks()):
-            stack.enter_context(context)
+        stack.enter_context(differentiated_forwards())
         if not (self.grad_method == "finite_difference" and self.kind == "batch_gradient"):
             if holds_compiled(self.model):
                 warn_user(COMPILED.format(kind=self.kind, method=self.grad_method))
