@@ -71,8 +71,8 @@ from ..engine.private_tree import forward_signature
 from ..engine.view import check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
+from .arguments import check_int
 from .held import hold, pooled
-from .penalty import _check_int
 from .trace_stats import ControlVariate, Windows, mean_and_variance
 
 #: Seed of the private generator used when no ``generator`` is given.
@@ -203,7 +203,7 @@ class FisherTraceMonitor:
             )
         self.model = model
         self.family = get_family(family)
-        self.every = _check_int("every", every, 1, "pass e.g. every=10 to measure every 10 steps")
+        self.every = check_int("every", every, 1, "pass e.g. every=10 to measure every 10 steps")
         self.n_samples = check_n_samples(n_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -245,14 +245,14 @@ class FisherTraceMonitor:
     # --------------------------------------------------------------- public
     def step(self, step: int) -> TraceRecord | None:
         """Measure when ``step % every == 0`` and return the record; else return None."""
-        _check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
+        check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         if step % self.every != 0:
             return None
         return self.measure(step)
 
     def measure(self, step: int) -> TraceRecord:
         """Measure now (whatever ``every`` says), record and return the :class:`TraceRecord`."""
-        _check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
+        check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         start = time.perf_counter()
         trace, variance, plain = self._estimate()
         record = TraceRecord(
@@ -293,7 +293,7 @@ class FisherTraceMonitor:
     # ------------------------------------------------------------ internals
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
         if subset is not None:
-            _check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
+            check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
         if not isinstance(control_variate, bool):
             raise TorchfimError(f"control_variate must be True or False, got {control_variate!r}")
         size = self.n_inputs if subset is None else min(subset, self.n_inputs)

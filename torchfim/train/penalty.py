@@ -42,6 +42,8 @@ from ..engine.plain_forwards import differentiated_forwards, eager_compiled, hol
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice, warn_user
 from ..families import Family, get_family
+from .arguments import check_alpha, check_int, check_step, trainable
+from .double_backward import penalty_gradients
 from .finite_difference import (
     GRAD_METHODS,
     batch_gradient_fd,
@@ -61,30 +63,6 @@ COMPILED = ("the model is compiled (torch.compile), and FisherPenalty(kind={kind
             "differentiates it twice or per sample, which compiled code cannot: the steps that compute the "
             "penalty run it eagerly. kind='batch_gradient' with grad_method='finite_difference' differentiates "
             "it once and keeps it compiled")
-
-
-def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TorchfimError(f"{name} must be an integer ≥ {minimum}, got {value!r}; {hint}")
-    return value
-
-
-def _check_step(step: object) -> None:
-    if step is None:
-        raise TorchfimError(
-            "FisherPenalty needs the training step to follow its schedule: pass step=step (0, 1, 2, ...)"
-        )
-    _check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
-
-
-def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise TorchfimError(
-            "the model has no parameters with requires_grad=True, so the Fisher penalty has nothing "
-            "to act on; enable gradients on the parameters you want (p.requires_grad_(True))"
-        )
-    return [n for n, _ in named], [p for _, p in named]
 
 
 class FisherPenalty:
@@ -114,7 +92,10 @@ class FisherPenalty:
     surrogate: value and parameter gradient are the penalty's, but it carries no higher-order
     graph. Otherwise the returned tensor is the penalty itself, with its double-backprop graph.
 
-    Gradient (``grad_method``): ``"exact"`` differentiates through ``g`` (double backprop). For
+    Gradient (``grad_method``): ``"exact"`` differentiates through ``g`` (double backprop), which needs a
+    second derivative of every operation of the model; the first computed step takes that gradient once
+    (one more backward) to refuse, with the fix, a model with an operation that has none in torch
+    (``nn.EmbeddingBag(mode="max")``) before the caller's backward meets it. For
     ``"finite_difference"`` the gradient ``2α H g`` of ``α‖g‖²`` (``g = ∇_θ L`` of the sampled-label
     NLL ``L``, ``H = ∇²_θ L``) is the forward difference ``2α (∇L(θ + ε ĝ) − ∇L(θ))‖g‖/ε`` along
     ``ĝ = g/‖g‖``, with the same inputs and labels, and ``ε = fd_step`` or by default
@@ -227,18 +208,13 @@ class FisherPenalty:
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.family = PositionOutputs(get_family(family))
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
-            raise TorchfimError(
-                f"alpha must be a finite number ≥ 0 (the penalty coefficient), got {alpha!r}; "
-                "the paper tunes it log-uniformly in about [1e-3, 1e-1]"
-            )
-        self.alpha = float(alpha)
-        self.every = _check_int("every", every, 1, "pass every=1 to compute the penalty on every step")
+        self.alpha = check_alpha(alpha)
+        self.every = check_int("every", every, 1, "pass every=1 to compute the penalty on every step")
         if not isinstance(reuse_between, bool):
             raise TorchfimError(f"reuse_between must be True or False, got {reuse_between!r}")
         self.reuse_between = reuse_between
         if sub_batch is not None:
-            _check_int("sub_batch", sub_batch, 1, "pass the number of leading inputs to use, or None for all")
+            check_int("sub_batch", sub_batch, 1, "pass the number of leading inputs to use, or None for all")
         self.sub_batch = sub_batch
         self.kind = check_choice("kind", kind, KINDS)
         if self.kind == "trace":  # per-sample gradients call the model with other parameters (torch.func)
@@ -249,11 +225,12 @@ class FisherPenalty:
         self.grad_method = check_choice("grad_method", grad_method, GRAD_METHODS)
         self.fd_step = check_fd_step(fd_step, self.grad_method)
         self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model))
-        _trainable(model)  # fail early when there is nothing to penalise
+        trainable(model)  # fail early when there is nothing to penalise
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
         self._cached_params: list[Tensor] | None = None
         self._cached_grads: list[Tensor] | None = None
+        self._second_derivatives_checked = False
 
     def __repr__(self) -> str:
         return (
@@ -267,10 +244,10 @@ class FisherPenalty:
         """The penalty term for this training step (see the class docstring); ``mask`` ``(B, *pos)``, or
         the key of one in a dict mini-batch, marks the observed positions of outputs with positions
         (padding False)."""
-        _check_step(step)
+        check_step(step)
         if step % self.every != 0 and self.reuse_between and self._cached_grads is not None:
             return self._surrogate(self._cached_params, self._cached_grads, self.last_value)
-        names, params = _trainable(self.model)
+        names, params = trainable(self.model)
         first = params[0]
         if step % self.every != 0:
             return zero_term(params, first.dtype, first.device)
@@ -278,8 +255,7 @@ class FisherPenalty:
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
-        # Inside torch.no_grad() the penalty would otherwise be a constant 0 (no graph to differentiate).
-        with torch.enable_grad(), self.family.masked(mask, x.size), dense_gradients(self.model), self._forwards():
+        with self.family.masked(mask, x.size), dense_gradients(self.model), self._forwards():
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -287,7 +263,7 @@ class FisherPenalty:
                     value = self._batch_gradient(self.io.outputs(self.model, x), params)
                 else:
                     value = self._trace(x, names, params)
-                grads = self._gradient(value, params) if self.every > 1 and self.reuse_between else None
+                grads = self._double_backprop(value, params, self.every > 1 and self.reuse_between, retain=False)
             self.last_value = value.detach()
             self.last_step = step
             if self.every > 1 and self.reuse_between:
@@ -357,7 +333,7 @@ class FisherPenalty:
             >>> bool(torch.isclose(loss, at_theta, rtol=1e-4)), bool(torch.isclose(loss, at_theta, rtol=1e-7))
             (True, False)
         """
-        _check_step(step)
+        check_step(step)
         if not callable(task_loss):
             raise TorchfimError(
                 f"task_loss must be a function of the model's outputs returning the scalar task loss, got "
@@ -365,12 +341,11 @@ class FisherPenalty:
             )
         if step % self.every != 0:
             return self._between(inputs, task_loss)
-        names, params = _trainable(self.model)
+        names, params = trainable(self.model)
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
-        with (torch.enable_grad(), self.family.masked(self.io.mask(mask, x), rows), dense_gradients(self.model),
-              self._forwards()):
+        with self.family.masked(self.io.mask(mask, x), rows), dense_gradients(self.model), self._forwards():
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
@@ -405,7 +380,7 @@ class FisherPenalty:
     def _between(self, inputs: Inputs, task_loss: Callable[[object], Tensor]) -> Tensor:
         """A step that does not compute the penalty: the task loss, plus the cached-gradient surrogate."""
         reuse = self.reuse_between and self._cached_grads is not None
-        first = self._cached_params[0] if reuse else _trainable(self.model)[1][0]
+        first = self._cached_params[0] if reuse else trainable(self.model)[1][0]
         loss = self._task(task_loss, self.io.call(self.model, self.io.prepare(inputs, first), differentiated_twice=False))
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
         return loss + self._surrogate(self._cached_params, self._cached_grads, self.last_value) if reuse else loss
@@ -428,8 +403,8 @@ class FisherPenalty:
                                         self.fd_step)
             else:
                 value, grads = self._trace(x, names, params, y), None
-        if grads is None and cache:
-            grads = self._gradient(value, params, retain_graph=True)
+        if grads is None:
+            grads = self._double_backprop(value, params, cache, retain=True)
         term = value if grads is None else self._surrogate(params, grads, value.detach())
         return self._task(task_loss, out) + term, value, grads
 
@@ -446,6 +421,17 @@ class FisherPenalty:
             return task + coef * (nll - nll.detach()) + last, value, None
         grads = penalty_gradient(nll, params, last, coef)  # c·(∇L(θ') − g), to reuse on the next steps
         return task + self._surrogate(params, grads, value), value, grads
+
+    def _double_backprop(self, value: Tensor, params: list[Tensor], cache: bool, retain: bool) -> list[Tensor] | None:
+        """The exact penalty's gradient when it is cached (else None). Without a cache it is taken once, on the
+        first computed step, and dropped: an operation without a second derivative is then named here, with the
+        fix, rather than by torch in the caller's backward."""
+        if cache:
+            return penalty_gradients(value, params, retain_graph=retain)
+        if not self._second_derivatives_checked:
+            penalty_gradients(value, params, retain_graph=True)
+            self._second_derivatives_checked = True
+        return None
 
     def _outputs_and_labels(self, o: Tensor) -> Tensor:
         self.family.check_output(o)  # first: it says what to do with an output that is not a tensor
@@ -484,13 +470,6 @@ class FisherPenalty:
             per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
         return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
-
-    @staticmethod
-    def _gradient(value: Tensor, params: list[Tensor], retain_graph: bool = False) -> list[Tensor]:
-        if not value.requires_grad:
-            return [torch.zeros_like(p) for p in params]
-        grads = torch.autograd.grad(value, params, retain_graph=retain_graph, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 
     @staticmethod
     def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor) -> Tensor:

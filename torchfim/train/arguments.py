@@ -1,0 +1,46 @@
+"""Checks of the arguments the training tools take (:class:`~torchfim.train.FisherPenalty`,
+:class:`~torchfim.train.FisherTraceMonitor`): each refuses a bad value with the fix named."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..errors import TorchfimError
+
+
+def check_int(name: str, value: object, minimum: int, hint: str) -> int:
+    """``value`` when it is an integer ≥ ``minimum`` (not a bool); else an error that ends with ``hint``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TorchfimError(f"{name} must be an integer ≥ {minimum}, got {value!r}; {hint}")
+    return value
+
+
+def check_step(step: object) -> None:
+    """A training step counter: required (the schedules follow it), an integer ≥ 0."""
+    if step is None:
+        raise TorchfimError(
+            "FisherPenalty needs the training step to follow its schedule: pass step=step (0, 1, 2, ...)"
+        )
+    check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
+
+
+def check_alpha(alpha: object) -> float:
+    """The penalty coefficient: a finite number ≥ 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
+        raise TorchfimError(
+            f"alpha must be a finite number ≥ 0 (the penalty coefficient), got {alpha!r}; "
+            "the paper tunes it log-uniformly in about [1e-3, 1e-1]"
+        )
+    return float(alpha)
+
+
+def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors of the parameters with ``requires_grad=True``, in ``model.named_parameters()`` order;
+    refused when there are none (a penalty would have nothing to act on)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise TorchfimError(
+            "the model has no parameters with requires_grad=True, so the Fisher penalty has nothing "
+            "to act on; enable gradients on the parameters you want (p.requires_grad_(True))"
+        )
+    return [n for n, _ in named], [p for _, p in named]
