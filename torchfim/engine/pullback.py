@@ -53,15 +53,24 @@ def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
     if v.shape[1] == 1:
         grads = torch.autograd.grad(output, taps, v[:, 0], retain_graph=not release, allow_unused=True)
         grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    elif torch.is_anomaly_enabled():
+        # Anomaly mode reads every gradient's NaN check as a Python bool, which a batched backward cannot do:
+        # it would fail, and torch would print that failure as an anomaly of the caller's model.
+        grads = _vector_by_vector(output, taps, v)
     else:
         try:
             grads = torch.autograd.grad(output, taps, v.transpose(0, 1).contiguous(),
                                         is_grads_batched=True, retain_graph=True, allow_unused=True)
         except RuntimeError:  # an op without a batching rule: one backward per vector
-            per_vector = [torch.autograd.grad(output, taps, v[:, j], retain_graph=True, allow_unused=True)
-                          for j in range(v.shape[1])]
-            grads = [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_vector)]
+            grads = _vector_by_vector(output, taps, v)
     return _per_call(calls, grads, set())
+
+
+def _vector_by_vector(output: Tensor, taps: list[Tensor], v: Tensor) -> list[Tensor | None]:
+    """Per tap, ``∂(vⱼᵀo)/∂tap`` stacked over the vectors ``j``: one backward per vector."""
+    per_vector = [torch.autograd.grad(output, taps, v[:, j], retain_graph=True, allow_unused=True)
+                  for j in range(v.shape[1])]
+    return [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_vector)]
 
 
 def _per_call(calls: Sequence[Call], grads: Sequence[Tensor | None],
