@@ -289,9 +289,9 @@ def test_fd_step_scalars_are_the_formula_as_host_numbers_and_as_tensors(fd_step:
     step = fd_step if fd_step is not None else FD_STEP_SCALE * math.sqrt(torch.finfo(torch.float64).eps) * (1 + theta)
     want = (step / norm, 2 * 0.3 * norm / step, 0.3 * norm**2)
     for host in (True, False):
-        got = _fd_scalars(grads, params, fd_step, 0.3, host=host)
+        got = _fd_scalars(grads, params, fd_step, 0.3, torch.float64, host=host)
         assert all(math.isclose(float(a), b, rel_tol=1e-12) for a, b in zip(got, want))
-        zero = _fd_scalars([torch.zeros_like(p) for p in params], params, fd_step, 0.3, host=host)
+        zero = _fd_scalars([torch.zeros_like(p) for p in params], params, fd_step, 0.3, torch.float64, host=host)
         assert [float(v) for v in zero] == [0.0, 0.0, 0.0]
 
 

@@ -49,8 +49,8 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from .private_tree import is_compile_wrapper
 
-__all__ = ["differentiated_forwards", "eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards",
-           "quiet_vmap_fallbacks"]
+__all__ = ["autocast_dtype", "autocast_enabled", "differentiated_forwards", "eager_compiled", "holds_compiled",
+           "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
 
 
 class _ThreadMode:
@@ -310,3 +310,21 @@ def differentiated_forwards() -> Iterator[None]:
     torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`)."""
     with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks():
         yield
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` ("cpu", "cuda") in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 asks per device by name
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs eligible operations in on ``device_type``, or None where it is off."""
+    if not autocast_enabled(device_type):
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()

@@ -40,7 +40,7 @@ from .model_checks import (
     watch_input_writes,
 )
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
-from .plain_forwards import differentiated_forwards, eager_compiled, native_dtype_forwards
+from .plain_forwards import autocast_enabled, differentiated_forwards, eager_compiled, native_dtype_forwards
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -118,16 +118,10 @@ def engine_session() -> Iterator[None]:
     offloading off, torch's notices of vmap's exact fallbacks off)."""
     with ENGINE_LOCK, differentiated_forwards(), native_dtype_forwards(), eager_compiled(), ExitStack() as stack:
         for device_type in ("cpu", "cuda"):
-            if _autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
+            if autocast_enabled(device_type):  # entering a context costs more than asking (a monitor's window)
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 asks per device by name
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 OutputMap = Callable[[object], Tensor]
 Mask = Tensor | Callable[[Batch], Tensor] | str | None
