@@ -184,6 +184,11 @@ def check_class_dim(class_dim: object) -> int:
     return int(class_dim)
 
 
+def classes_last(out: Tensor, class_dim: int) -> Tensor:
+    """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are."""
+    return out.movedim(1, -1) if class_dim == 1 and out.dim() > 2 else out
+
+
 def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
     """Each buffer's identity and version counter: a forward that updates one changes them."""
     return {name: (id(b), b._version) for name, b in tree.named_buffers()}
@@ -298,8 +303,7 @@ class ModelView:
 
     def flat(self, out: Tensor) -> Tensor:
         """``(B, *positions, C)`` (or ``(B, C, *positions)`` with ``class_dim=1``) → ``(B, L·C)``."""
-        if self.class_dim == 1 and out.dim() > 2:
-            out = out.movedim(1, -1)
+        out = classes_last(out, self.class_dim)
         return out.reshape(out.shape[0], -1)
 
     def family_for(self, shape: torch.Size, batch: Batch, family: Family, mask: Mask) -> Family:

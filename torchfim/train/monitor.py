@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from .._batches import Inputs
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
 from ..engine.private_tree import forward_signature
-from ..engine.view import check_output_map
+from ..engine.view import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .arguments import check_int
@@ -161,6 +161,8 @@ class FisherTraceMonitor:
         mask: the observed positions of outputs with positions: the key of a dict input (e.g.
             ``"attention_mask"``) or a function of a held mini-batch returning ``(B, *pos)``
             booleans; padding positions add nothing to the trace.
+        class_dim: ``-1`` when the classes are last; ``1`` for outputs ``(B, C, *pos)`` as
+            ``F.cross_entropy`` takes them, as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim.train
@@ -193,6 +195,7 @@ class FisherTraceMonitor:
         control_variate: bool = False,
         output: Callable[[object], Tensor] | None = None,
         mask: str | Callable[[object], Tensor] | None = None,
+        class_dim: int = -1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -209,6 +212,7 @@ class FisherTraceMonitor:
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.output, self.mask = _check_output_and_mask(output, mask)
+        self.class_dim = check_class_dim(class_dim)
         self.inputs = hold(inputs)
         self._path_key: tuple | None = None
         self._path_cache: tuple[ModelView, Backend] | None = None
@@ -382,7 +386,7 @@ class FisherTraceMonitor:
             for t in tensors.values() if t is not None
         ) + forward_signature(self.model)
         if self._path_key != key:
-            view = ModelView(self.model, self.output, eval_mode=True)
+            view = ModelView(self.model, self.output, self.class_dim, eval_mode=True)
             self._path_cache = (view, make_backend(view, "auto"))
             self._path_key = key
             self._checked = 0  # samples checked for independence with this view

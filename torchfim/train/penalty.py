@@ -156,6 +156,8 @@ class FisherPenalty:
             ``0.1·√eps_dtype·(1 + ‖θ‖)``; only with ``grad_method="finite_difference"``.
         output: a function of the model's output returning the tensor of outputs, e.g.
             ``lambda out: out[0]`` (None: the output itself, its ``.logits`` or ``["logits"]``).
+        class_dim: ``-1`` when the classes are last, ``(B, *pos, C)``; ``1`` for ``(B, C, *pos)`` as
+            ``F.cross_entropy`` takes them (a segmentation model's), as in :func:`torchfim.fisher`.
 
     Attributes:
         last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included;
@@ -208,6 +210,7 @@ class FisherPenalty:
         grad_method: str = "exact",
         fd_step: float | None = None,
         output: Callable[[object], Tensor] | None = None,
+        class_dim: int = -1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -229,7 +232,8 @@ class FisherPenalty:
         self.generator = generator
         self.grad_method = check_choice("grad_method", grad_method, GRAD_METHODS)
         self.fd_step = check_fd_step(fd_step, self.grad_method)
-        self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model))
+        self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model),
+                          class_dim=class_dim)
         trainable(model)  # fail early when there is nothing to penalise
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
