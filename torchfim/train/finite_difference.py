@@ -15,10 +15,10 @@ was smallest near c = 0.3 on the small test models and near c = 0.05 on the benc
 gradient is below 1e-6 in float64 and 2e-3 in float32. ``eps_dtype`` is that of the least precise
 dtype the passes compute in (:func:`working_dtype`: the parameters', the outputs', and autocast's where
 the caller runs the penalty under ``torch.autocast``), since the difference of two gradients must stand
-above their rounding: with the float32 step under bfloat16 autocast the gradient was 4-9 times its own
+above their rounding: with the float32 step under bfloat16 autocast the gradient was 3.7-9 times its own
 size off. In half precision the forward difference is coarse whatever the step: measured against float32
-double backprop on a GELU/LayerNorm MLP, 8 % (``kind="batch_gradient"``) and 10-17 % (``"trace"``) off in
-bfloat16, 3-5 % in float16, where double backprop in the same precision is within 1 %. A central difference,
+double backprop on a GELU/LayerNorm MLP, 6-8 % (``kind="batch_gradient"``) and 13-17 % (``"trace"``) off
+in bfloat16, 3-5 % in float16, where double backprop in the same precision is within 1 %. A central difference,
 ``(∇L(θ + ε ĝ) − ∇L(θ − ε ĝ))‖g‖/(2ε)``, is 20-60 times more accurate but needs a second extra
 pass (1.4 times the penalty's cost); the forward difference is far inside 1 % (float64) and
 5 % (float32), so the cheaper one is used.

@@ -65,7 +65,7 @@ COMPILED = ("the model is compiled (torch.compile), and FisherPenalty(kind={kind
             "penalty run it eagerly. kind='batch_gradient' with grad_method='finite_difference' differentiates "
             "it once and keeps it compiled")
 COARSE = ("torchfim: FisherPenalty(grad_method='finite_difference') computes in {dtype} here (the model's parameters "
-          "or torch.autocast), where a forward difference of gradients is coarse: measured 8-17 % off the exact "
+          "or torch.autocast), where a forward difference of gradients is coarse: measured 7-17 % off the exact "
           "gradient in bfloat16, 3-5 % in float16; grad_method='exact' is within 1 % in the same precision")
 
 
@@ -104,18 +104,17 @@ class FisherPenalty:
     NLL ``L``, ``H = ∇²_θ L``) is the forward difference ``2α (∇L(θ + ε ĝ) − ∇L(θ))‖g‖/ε`` along
     ``ĝ = g/‖g‖``, with the same inputs and labels, and ``ε = fd_step`` or by default
     ``0.1·√eps_dtype·(1 + ‖θ‖)``; ``kind="trace"`` does the same per input, ``(2α/B) Σᵢ Hᵢgᵢ``
-    with ``Hᵢ gᵢ ≈ (gᵢ(θ + ε ĝᵢ) − gᵢ(θ))‖gᵢ‖/ε``; ``eps_dtype`` is that of the precision the passes compute
-    in, autocast's included. Its relative error is about ``1e-7`` in float64 and ``1e-3`` in float32, and
-    coarse in half precision (8-17 % in bfloat16, 3-5 % in float16; named by a warning); it costs one extra forward and backward and no higher-order graph, and
-    it works where an operation of the model has no double-backward formula. With
-    ``kind="batch_gradient"`` as a separate term, ``loss + pen(x)``, it is a little cheaper than
-    double backprop (2F + 3B against the plain step's F + B: measured on the benchmark MLP
-    64-256-256-10, batch 256, one thread: 3.5-3.7× a plain SGD step, 3.8-4× for double backprop);
-    :meth:`penalised_loss` shares the forward at ``θ + ε ĝ`` with the task loss and needs two
-    forwards and two backwards (measured 2.4-2.6×, where two plain passes cost 1.9-2.1×), so use it
-    in a training loop. With ``kind="trace"`` it is slower (every input moves its own copy of the
-    parameters: 1.7× the exact per-input double backprop), so use it there only for
-    models without double backward.
+    with ``Hᵢ gᵢ ≈ (gᵢ(θ + ε ĝᵢ) − gᵢ(θ))‖gᵢ‖/ε``; ``eps_dtype`` is that of the precision the passes
+    compute in, autocast's included. Its relative error is about ``1e-7`` in float64 and ``1e-3`` in
+    float32, and coarse in half precision (7-17 % in bfloat16, 3-5 % in float16; named by a warning); it
+    costs one extra forward and backward and no higher-order graph, and it works where an operation of the
+    model has no double-backward formula. With ``kind="batch_gradient"`` as a separate term, ``loss +
+    pen(x)``, it is a little cheaper than double backprop (2F + 3B against the plain step's F + B: measured
+    on the benchmark MLP 64-256-256-10, batch 256, one thread: 3.5-3.7× a plain SGD step, 3.8-4× for double
+    backprop); :meth:`penalised_loss` shares the forward at ``θ + ε ĝ`` with the task loss and needs two
+    forwards and two backwards (measured 2.4-2.6×, where two plain passes cost 1.9-2.1×), so use it in a
+    training loop. With ``kind="trace"`` it is slower (every input moves its own copy of the parameters:
+    1.7× the exact per-input double backprop), so use it there only for models without double backward.
     The returned tensor then always has the value ``α‖g‖²`` (resp. the trace value) and exactly that
     gradient, and no graph beyond it. The parameters are never modified in place.
 
