@@ -214,6 +214,25 @@ def test_categorical_exact_fisher_from_its_root_one_column_at_a_time(case: Case,
         _close(got, _view(res["exact"], structure, res["model"]), 1e-10)
 
 
+def test_progress_counts_the_columns_of_a_long_exact_fisher(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``progress=True``, one mini-batch whose exact columns project past COLUMN_BAR_S gets a bar over
+    them (the bar over mini-batches would stand still the whole time), and the Fisher is the oracle's; with
+    the projection under it, or without ``progress``, no such bar."""
+    from torchfim import estimators
+    from torchfim.families import positions
+
+    case = next(c for c in CASES if c.positions)
+    res = _oracle(case, "categorical")
+    monkeypatch.setattr(positions, "SQRT_BLOCK_ENTRIES", 1)  # one output vector per block
+    for threshold, progress, shown in ((-1.0, True, True), (60.0, True, False), (-1.0, False, False)):
+        monkeypatch.setattr(estimators, "COLUMN_BAR_S", threshold)
+        got = torchfim.fisher(res["model"], res["x"], structure="diag", backend="modules", progress=progress,
+                              **_kwargs(case, res))
+        _close(got, _view(res["exact"], "diag", res["model"]), 1e-10)
+        assert ("output vectors" in capsys.readouterr().err) == shown
+
+
 def test_a_long_exact_fisher_warns_with_its_estimate_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
     """A language model's exact Fisher pulls back about one vector per output number (tokens × vocabulary):
     where the blocks after the first project past LONG_EXACT_S, the warning gives the estimate and names

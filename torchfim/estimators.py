@@ -16,6 +16,7 @@ import time
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .engine import Backend, Recording
 from .engine.backend import second_order_support
@@ -28,6 +29,8 @@ from .structures import Structure
 ESTIMATORS = ("exact", "score", "hessian", "empirical", "combined")
 #: Seconds the exact Fisher of one mini-batch may be projected to take before it warns (:func:`_add_exact`).
 LONG_EXACT_S = 60.0
+#: Seconds left in one mini-batch's exact Fisher past which ``progress=True`` shows a bar over its columns.
+COLUMN_BAR_S = 5.0
 
 
 def add_estimate(
@@ -38,15 +41,17 @@ def add_estimate(
     structure: Structure,
     k: int,
     generator: torch.Generator | None,
+    progress: bool = False,
 ) -> None:
     """Add one mini-batch's sum over inputs of ``estimator`` to ``structure``.
 
     ``combined`` needs two structures: use :func:`add_shared_label_estimates`. For ``score`` and
-    ``empirical`` this is ``rec``'s last use: the backend may free it on the way.
+    ``empirical`` this is ``rec``'s last use: the backend may free it on the way. ``progress``: a bar over
+    the exact Fisher's columns where they take long (:class:`_ColumnPace`).
     """
     o = rec.values
     if estimator in ("exact", "hessian"):
-        _add_exact(backend, rec, fam, structure)
+        _add_exact(backend, rec, fam, structure, progress)
     elif estimator == "score":
         backend.add_products(rec, sampled_scores(fam, o, k, generator).to(o.dtype), structure, 1.0 / k, last=True)
     elif estimator == "empirical":
@@ -79,32 +84,57 @@ def add_shared_label_estimates(
     _add_hessian_correction(backend, rec, scores, hessian, k)
 
 
-def _add_exact(backend: Backend, rec: Recording, fam: Family, structure: Structure) -> None:
+def _add_exact(backend: Backend, rec: Recording, fam: Family, structure: Structure, progress: bool = False) -> None:
     """Add ``Σᵢ Jᵢᵀ Λᵢ Jᵢ``: the columns of ``S`` (``S Sᵀ = Λ``) pulled back, a block of them at a time.
 
-    Where the columns left, at the pace of the blocks after the first (which pays one-time costs), are
-    projected past :data:`LONG_EXACT_S`, a warning gives the estimate and names the cheaper estimator:
-    the columns number about one per output number of an input (a language model's tokens × vocabulary).
+    The columns number about one per output number of an input (a language model's tokens × vocabulary),
+    so one mini-batch may take long: :class:`_ColumnPace` warns, and with ``progress`` shows a bar over them.
     """
-    width = rec.values.shape[1]
-    done, first, start, warned = 0, 0, 0.0, False
+    pace = _ColumnPace(rec.values.shape[1], tuple(rec.shape[1:]), progress)
     for block in fam.fisher_output_sqrt_blocks(rec.values):
         backend.add_products(rec, block.transpose(-1, -2).to(rec.values.dtype), structure)
-        done += block.shape[-1]
-        if not first:
-            first, start = done, time.perf_counter()
-        elif not warned and done < width:
-            left = (time.perf_counter() - start) / (done - first) * (width - done)
-            if left > LONG_EXACT_S:
-                warned = True
-                warn_user(
-                    f"torchfim: the exact Fisher (and Î2's exact part) pulls back about one output vector per "
-                    f"output number of each input, {width:,} here (outputs {tuple(rec.shape[1:])}), which will "
-                    f"take about {left:.0f} s more for this mini-batch; estimator='score' pulls back n_samples "
-                    "vectors per input (labels drawn at every position at once); its precision comes from "
-                    "return_stderr=True or fisher_variance where each input's Jacobian fits in memory, else from "
-                    "the spread of estimates with different generators"
-                )
+        pace.advance(block.shape[-1])
+    pace.close()
+
+
+class _ColumnPace:
+    """The pace of the exact Fisher's columns in one mini-batch, at the rate of the blocks after the first
+    (which pays one-time costs). Where the columns left are projected past :data:`LONG_EXACT_S`, a warning
+    gives the estimate and names the cheaper estimator; with ``progress``, past :data:`COLUMN_BAR_S`, a bar
+    counts the columns (the mini-batch bar alone would stand still)."""
+
+    def __init__(self, width: int, shape: tuple[int, ...], progress: bool) -> None:
+        self.width, self.shape, self.progress = width, shape, progress
+        self.done, self.first, self.start = 0, 0, 0.0
+        self.warned = False
+        self.bar: tqdm | None = None
+
+    def advance(self, columns: int) -> None:
+        self.done += columns
+        if self.bar is not None:
+            self.bar.update(columns)
+        if not self.first:
+            self.first, self.start = self.done, time.perf_counter()
+            return
+        if self.done >= self.width or (self.warned and (self.bar is not None or not self.progress)):
+            return
+        left = (time.perf_counter() - self.start) / (self.done - self.first) * (self.width - self.done)
+        if self.progress and self.bar is None and left > COLUMN_BAR_S:
+            self.bar = tqdm(total=self.width, initial=self.done, desc="output vectors", unit="vector", leave=False)
+        if not self.warned and left > LONG_EXACT_S:
+            self.warned = True
+            warn_user(
+                f"torchfim: the exact Fisher (and Î2's exact part) pulls back about one output vector per "
+                f"output number of each input, {self.width:,} here (outputs {self.shape}), which will "
+                f"take about {left:.0f} s more for this mini-batch; estimator='score' pulls back n_samples "
+                "vectors per input (labels drawn at every position at once); its precision comes from "
+                "return_stderr=True or fisher_variance where each input's Jacobian fits in memory, else from "
+                "the spread of estimates with different generators"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def sampled_scores(fam: Family, o: Tensor, k: int, generator: torch.Generator | None) -> Tensor:

@@ -140,7 +140,7 @@ def fisher(
         # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
         for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
                                       f"fisher[{estimator}]", split=estimator == "exact"):
-            add_estimate(estimator, one.backend, rec, fam_b, result, k, generator)
+            add_estimate(estimator, one.backend, rec, fam_b, result, k, generator, progress)
             if return_stderr:
                 seen.append(rec.batch)
         estimate = result.finish(one.n)
