@@ -100,6 +100,8 @@ def test_masks_the_penalty_cannot_use_are_refused() -> None:
         _penalty(model)(tokens, step=0, mask=mask[:2])
     with pytest.raises(TorchfimError, match=r"mask must be a bool tensor of shape \(batch, 5\)"):
         _penalty(model)(tokens, step=0, mask=mask[:, :3])
+    with pytest.raises(TorchfimError, match=r"got torch.float64 \(4, 5\) holding values other than 0 and 1"):
+        _penalty(model)(tokens, step=0, mask=mask.double() * 0.5)  # a weighting, not a mask
     flat = nn.Sequential(nn.Linear(3, 4)).double()
     with pytest.raises(TorchfimError, match="outputs \\(4, 4\\) have none"):
         _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask)
