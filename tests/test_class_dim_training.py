@@ -5,10 +5,13 @@ Before, neither the penalty nor the monitor took ``class_dim`` (``torchfim.fishe
 last dim as the classes, and on the model below measured Tr(F) ≈ 83 where it is 114, silently. The
 oracle is the same model with its outputs moved to ``(B, *positions, C)`` (a wrapper), whose penalty and
 monitor are tested against their definitions elsewhere: with the same generator, the values and
-gradients agree to rounding.
+gradients agree to rounding. Left unsaid (None), the classes are read last, and outputs with two or more
+position dims, where torch's convention puts them in dim 1, are named once by a warning.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -97,3 +100,42 @@ REFUSED = {
 def test_other_class_dims_are_refused(make) -> None:
     with pytest.raises(TorchfimError, match="class_dim must be -1"):
         make(Segmenter())
+
+
+CALLS = {
+    "fisher": lambda model, x, **kw: torchfim.fisher(model, x, **kw),
+    "fisher_variance": lambda model, x, **kw: torchfim.fisher_variance(model, x, **kw),
+    "penalty": lambda model, x, **kw: FisherPenalty(model, **kw)(x, step=0),
+    "monitor": lambda model, x, **kw: FisherTraceMonitor(model, x, **kw).measure(0),
+}
+
+
+def _said(call, model, x, **kw) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        call(model, x, **kw)
+    return [str(w.message) for w in record if "read with the classes last" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_outputs_with_two_position_dims_and_no_class_dim_are_named_once(name: str) -> None:
+    """``(B, 4, 4, 6)`` without ``class_dim``: read as 6 classes at 4×4 positions, with one warning naming
+    ``class_dim=1`` and ``class_dim=-1``; either said, no warning."""
+    model, twin, x, _, _ = _setting()
+    said = _said(CALLS[name], model, x)
+    assert len(said) == 1
+    assert "(batch, 4, 4, 6)" in said[0] and "6 classes at 4×4 positions" in said[0]
+    assert "class_dim=1" in said[0] and "class_dim=-1" in said[0]
+    for class_dim in (-1, 1):
+        assert _said(CALLS[name], model, x, class_dim=class_dim) == []
+    assert len(_said(CALLS[name], twin, x)) == 1  # classes last too: not said, so named
+
+
+def test_a_language_model_is_not_named() -> None:
+    """``(batch, tokens, vocabulary)``: one position dim, read with the classes last without a word."""
+    from cases import BY_NAME
+
+    case = BY_NAME["tokens"]
+    model, x = case.build(3), case.inputs(4)
+    for call in CALLS.values():
+        assert _said(call, model, x) == []

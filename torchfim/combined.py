@@ -165,7 +165,7 @@ def combined_terms(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> CombinedResult:
     """One pass over ``inputs``: with ``draw`` the shared-label Î1 and Î2, and always V1, V2 and C12;
     then the weight and the combination (module docstring)."""
@@ -197,7 +197,7 @@ def combined_variance(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> PublicValue:
     """Exact variance of each entry of the combined estimator (``torchfim.fisher(...,
     estimator="combined")`` with the same arguments).

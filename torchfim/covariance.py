@@ -135,7 +135,7 @@ def covariance_of(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> PublicValue:
     """``Cov(Î1, Î2)`` from shared labels per entry of ``structure`` (the loop of :func:`fisher_covariance`)."""
     fam = get_family(family)
@@ -163,7 +163,7 @@ def fisher_covariance(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> PublicValue:
     """Exact covariance of each entry of Î1 (``score``) with the same entry of Î2 (``hessian``)
     when both are computed from the same ``k = n_samples`` labels per input.

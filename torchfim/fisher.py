@@ -54,7 +54,7 @@ def fisher(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> FisherResult | tuple[FisherResult, FisherResult]:
     """Fisher information of ``model`` over ``inputs`` under its own predictive distribution.
 
@@ -99,8 +99,10 @@ def fisher(
             a dict batch (e.g. ``"attention_mask"``). True = observed.
         output: maps the model's raw output to the output tensor (e.g. ``lambda out: out[0]``);
             objects with ``.logits`` and dicts with ``"logits"`` are read without it.
-        class_dim: ``-1`` (default) when the class (output) dimension is last; ``1`` for outputs
-            ``(B, C, *positions)`` as ``torch.nn.functional.cross_entropy`` takes them.
+        class_dim: ``-1`` when the class (output) dimension is last; ``1`` for outputs
+            ``(B, C, *positions)`` as ``torch.nn.functional.cross_entropy`` takes them (a segmentation
+            model's logits). None (default): last, with a one-time warning on outputs with two or more
+            position dims, where torch's convention puts the classes in dim 1.
 
     Returns:
         The requested structure, on the model's device in the model's dtype (accumulated in

@@ -28,7 +28,7 @@ def samples_needed(
     backend: str = "auto",
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> int:
     """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value.
 
@@ -114,7 +114,7 @@ def compare_estimators(
     backend: str = "auto",
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> EstimatorComparison:
     """For every parameter tensor, which of Î1 and Î2 estimates its diagonal Fisher with less variance.
 

@@ -86,7 +86,7 @@ def squared_score_norms(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> ScoreNorms:
     """``s^t_ij = ‖∇_{θ_t} log p(y_ij|xᵢ)‖²`` for ``n_samples`` labels drawn per input, per tensor.
 

@@ -71,7 +71,7 @@ class _Sums:
 def score_trace_variances(
     model: nn.Module, inputs: Inputs, family: str | Family = "categorical", *, bounds: bool = True,
     backend: str = "auto", progress: bool = False, mask: Mask = None,
-    output: Callable[[object], Tensor] | None = None, class_dim: int = -1,
+    output: Callable[[object], Tensor] | None = None, class_dim: int | None = None,
 ) -> TraceVariances:
     """``Var(Tr Î1)`` and (with ``bounds``) its tightest bound, for the model and for each tensor alone,
     in one pass; arguments as in :func:`torchfim.fisher_variance`.
@@ -112,7 +112,7 @@ def score_trace_variances(
 def hessian_trace_variances(
     model: nn.Module, inputs: Inputs, family: str | Family = "categorical", *, backend: str = "auto",
     progress: bool = False, mask: Mask = None, output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> TraceVariances:
     """``Var(Tr Î2)`` and its bound for the model and for each tensor alone, and the diagonal
     ``Var(Î2)_pp``, from one sweep; arguments as in :func:`torchfim.fisher_variance`.

@@ -184,7 +184,7 @@ def variance_of(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> PublicValue:
     """The variance (``mode="exact"``) of an estimator, or one of its bounds, per entry of ``structure``."""
     fam = get_family(family)
@@ -220,7 +220,7 @@ def fisher_variance(
     progress: bool = False,
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
 ) -> PublicValue:
     """Exact variance of each entry of the Î1 (``score``) or Î2 (``hessian``) estimator.
 

@@ -51,7 +51,7 @@ class Pass:
 
 @contextmanager
 def engine_pass(model: nn.Module, backend: str, output: Callable[[object], Tensor] | None = None,
-                class_dim: int = -1) -> Iterator[Pass]:
+                class_dim: int | None = None) -> Iterator[Pass]:
     """The engine session with a private view of ``model`` and the backend named ``backend``."""
     with engine_session():
         view = ModelView(model, output, class_dim)

@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..errors import TorchfimError, tensor_fields
+from ..errors import TorchfimError, tensor_fields, warn_user
 from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
@@ -173,9 +173,11 @@ def check_output_map(output: object) -> None:
         raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
 
 
-def check_class_dim(class_dim: object) -> int:
-    """Refuse a ``class_dim`` other than -1 (classes last) or 1 (classes in dim 1, as ``F.cross_entropy``
-    takes them)."""
+def check_class_dim(class_dim: object) -> int | None:
+    """Refuse a ``class_dim`` other than -1 (classes last), 1 (classes in dim 1, as ``F.cross_entropy``
+    takes them) or None (not said: last, see :class:`ClassDim`)."""
+    if class_dim is None:
+        return None
     if isinstance(class_dim, bool) or class_dim not in (-1, 1):
         raise TorchfimError(
             f"class_dim must be -1 (classes last: (batch, *positions, C)) or 1 (classes in dim 1: "
@@ -184,9 +186,37 @@ def check_class_dim(class_dim: object) -> int:
     return int(class_dim)
 
 
-def classes_last(out: Tensor, class_dim: int) -> Tensor:
-    """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are."""
-    return out.movedim(1, -1) if class_dim == 1 and out.dim() > 2 else out
+CLASSES_LAST = (
+    "torchfim: outputs (batch, {shape}) are read with the classes last: {classes} classes at {positions} "
+    "positions per input. A segmentation model's logits (batch, C, H, W), as F.cross_entropy takes them, have the classes in "
+    "dim 1: pass class_dim=1; pass class_dim=-1 to say they are last (and silence this)"
+)
+
+
+class ClassDim:
+    """Where the classes are in outputs with positions: ``-1`` last, ``1`` in dim 1, ``None`` not said.
+
+    Not said reads them last, as language models' ``(batch, tokens, vocabulary)``, but outputs with two or
+    more position dims are where torch's convention (``cross_entropy``, convolutions) puts them in dim 1:
+    there the first outputs seen get a warning that names both choices.
+    """
+
+    def __init__(self, class_dim: object) -> None:
+        given = check_class_dim(class_dim)
+        self.dim = -1 if given is None else given
+        self._unsaid = given is None
+
+    def last(self, out: Tensor) -> Tensor:
+        """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are."""
+        self.check(out.shape)
+        return out.movedim(1, -1) if self.dim == 1 and out.dim() > 2 else out
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Warn once where the class dim was not said and ``shape`` has two or more position dims."""
+        if self._unsaid and len(shape) >= 4:
+            self._unsaid = False
+            warn_user(CLASSES_LAST.format(shape=", ".join(str(s) for s in shape[1:]), classes=shape[-1],
+                                          positions="×".join(str(s) for s in shape[1:-1])))
 
 
 def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
@@ -197,12 +227,11 @@ def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
 class ModelView:
     """A private view of ``model`` with its trainable parameters θ and its output mapping."""
 
-    def __init__(self, model: nn.Module, output: OutputMap | None = None, class_dim: int = -1,
+    def __init__(self, model: nn.Module, output: OutputMap | None = None, class_dim: int | None = None,
                  eval_mode: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_output_map(output)
-        check_class_dim(class_dim)
         check_not_scripted(model)
         self.user_model = model
         self.model = private_tree(model)
@@ -228,7 +257,7 @@ class ModelView:
         self.constants.update(dict(self.model.named_buffers()))
         check_in_memory({**self.params, **self.constants})
         self.output_map = output
-        self.class_dim = class_dim
+        self.classes = ClassDim(class_dim)
         self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
         self._defaults: dict[str, object] | None = None  # see call_defaults
@@ -303,7 +332,7 @@ class ModelView:
 
     def flat(self, out: Tensor) -> Tensor:
         """``(B, *positions, C)`` (or ``(B, C, *positions)`` with ``class_dim=1``) → ``(B, L·C)``."""
-        out = classes_last(out, self.class_dim)
+        out = self.classes.last(out)
         return out.reshape(out.shape[0], -1)
 
     def family_for(self, shape: torch.Size, batch: Batch, family: Family, mask: Mask) -> Family:
@@ -311,7 +340,8 @@ class ModelView:
 
         ``shape`` is the output tensor's shape before flattening.
         """
-        if self.class_dim == 1 and len(shape) > 2:
+        self.classes.check(shape)
+        if self.classes.dim == 1 and len(shape) > 2:
             shape = (shape[0], *shape[2:], shape[1])
         positions = tuple(shape[1:-1])
         m = self._mask(batch, mask, positions)

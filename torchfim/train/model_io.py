@@ -26,7 +26,7 @@ from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
-from ..engine.view import as_columns, check_class_dim, check_output_map, classes_last, mapped_output, read_logits
+from ..engine.view import ClassDim, as_columns, check_output_map, mapped_output, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
@@ -46,10 +46,10 @@ class ModelIO:
     """
 
     def __init__(self, output: Callable[[object], Tensor] | None = None, composite: bool = False,
-                 defaults: Mapping[str, object] | None = None, class_dim: int = -1) -> None:
+                 defaults: Mapping[str, object] | None = None, class_dim: int | None = None) -> None:
         check_output_map(output)
         self.output = output
-        self.class_dim = check_class_dim(class_dim)
+        self.classes = ClassDim(class_dim)
         #: Keyword inputs every mini-batch gets unless it sets them (:func:`.engine.view.forward_defaults`).
         self.defaults = dict(defaults or {})
         self.forms: Callable[[], AbstractContextManager] = composite_forms if composite else nullcontext
@@ -123,7 +123,7 @@ class ModelIO:
         ``out["logits"]``, ``(batch,)`` as ``(batch, 1)``, classes moved last where ``class_dim=1`` (anything
         else is left to the family to refuse, with its fix)."""
         out = as_columns(mapped_output(self.output, out) if self.output is not None else read_logits(out))
-        return classes_last(out, self.class_dim) if isinstance(out, Tensor) else out
+        return self.classes.last(out) if isinstance(out, Tensor) else out
 
     def outputs(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> Tensor:
         """The tensor of outputs of the model on the mini-batch."""

@@ -162,7 +162,7 @@ class FisherTraceMonitor:
             ``"attention_mask"``) or a function of a held mini-batch returning ``(B, *pos)``
             booleans; padding positions add nothing to the trace.
         class_dim: ``-1`` when the classes are last; ``1`` for outputs ``(B, C, *pos)`` as
-            ``F.cross_entropy`` takes them, as in :func:`torchfim.fisher`.
+            ``F.cross_entropy`` takes them; None as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim.train
@@ -195,7 +195,7 @@ class FisherTraceMonitor:
         control_variate: bool = False,
         output: Callable[[object], Tensor] | None = None,
         mask: str | Callable[[object], Tensor] | None = None,
-        class_dim: int = -1,
+        class_dim: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -156,7 +156,7 @@ class FisherPenalty:
         output: a function of the model's output returning the tensor of outputs, e.g.
             ``lambda out: out[0]`` (None: the output itself, its ``.logits`` or ``["logits"]``).
         class_dim: ``-1`` when the classes are last, ``(B, *pos, C)``; ``1`` for ``(B, C, *pos)`` as
-            ``F.cross_entropy`` takes them (a segmentation model's), as in :func:`torchfim.fisher`.
+            ``F.cross_entropy`` takes them (a segmentation model's); None as in :func:`torchfim.fisher`.
 
     Attributes:
         last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included;
@@ -209,7 +209,7 @@ class FisherPenalty:
         grad_method: str = "exact",
         fd_step: float | None = None,
         output: Callable[[object], Tensor] | None = None,
-        class_dim: int = -1,
+        class_dim: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
