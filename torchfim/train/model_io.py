@@ -53,6 +53,9 @@ class ModelIO:
         #: Keyword inputs every mini-batch gets unless it sets them (:func:`.engine.view.forward_defaults`).
         self.defaults = dict(defaults or {})
         self.forms: Callable[[], AbstractContextManager] = composite_forms if composite else nullcontext
+        #: The forms of the per-input passes under ``vmap``: :attr:`forms`, or the composite ones from the first
+        #: time the model's own could not be batched (:meth:`per_input_gradients`).
+        self.vmapped_forms = self.forms
         self.looped = False  # whether per-input gradients are taken one input at a time (vmap failed)
         self._recurrent: tuple[nn.Module, list[nn.Module]] | None = None  # a model and its stepwise layers
         self._call_checked = False  # see call
@@ -142,7 +145,7 @@ class ModelIO:
 
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)
-            with self.forms(), stepwise_recurrent(recurrent):
+            with self.vmapped_forms(), stepwise_recurrent(recurrent):
                 out = self.tensor(functional_call(model, params, single.args, single.kwargs))
             return family.log_prob_of_one(out, y1.unsqueeze(0), m1)
 
@@ -152,16 +155,21 @@ class ModelIO:
                             y: Tensor, masks: Tensor | None) -> dict[str, Tensor]:
         """``vmap(grad(log_p))`` over the inputs of ``x``, their labels ``y`` and mask rows ``masks``, at
         ``params`` (per input too where ``params_dim`` is 0): per-input gradients. Where torch.func cannot
-        batch the model over its inputs (BERT's padding mask, a custom autograd function without
-        ``setup_context``), they are taken one input at a time by autograd from then on, with a one-time
-        warning: differentiable in ``params`` where those require grad (double backprop)."""
+        batch the model's own forms, it tries the composite ones (:func:`.engine.composites.composite_forms`;
+        ``layer_norm`` under autocast has no batched backward), and where it cannot batch those either (BERT's
+        padding mask, a custom autograd function without ``setup_context``), they are taken one input at a
+        time by autograd from then on, with a one-time warning: differentiable in ``params`` where those
+        require grad (double backprop)."""
         dims = x.sample_dims()
-        if not self.looped:
+        while not self.looped:
             in_dims = (params_dim, dims, 0, None if masks is None else 0)
             try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
                 with sdpa_kernel(SDPBackend.MATH):
                     return vmap(grad(log_p), in_dims=in_dims)(params, (x.args, x.kwargs), y, masks)
             except (RuntimeError, NotImplementedError) as err:
+                if self.vmapped_forms is not composite_forms:  # layer_norm under autocast has no batched backward
+                    self.vmapped_forms = composite_forms
+                    continue
                 self.looped = True
                 warn_user(
                     f"torchfim: torch.func cannot vmap the model over its inputs ({str(err).splitlines()[0][:120]}); "
