@@ -262,8 +262,30 @@ def _quiet_vmap_fallbacks() -> Callable[[], None] | None:
     return lambda: switch(True)
 
 
+def _uncached_parametrizations() -> Callable[[], None] | None:
+    """torch's cache of parametrized tensors (``torch.nn.utils.parametrize.cached()``) off, and how to turn it
+    back on. The cache keeps the first value of a parametrized weight for the rest of the block, while
+    torchfim calls the model at other parameters (``functional_call``, the penalty's shifted pass): under the
+    caller's ``cached()`` those calls read the first value (a zero Fisher from ``backend="functional"``, a
+    finite-difference penalty gradient 10⁸ times too large)."""
+    from torch.nn.utils import parametrize
+
+    enabled = parametrize._cache_enabled
+    if not enabled:
+        return None
+    parametrize._cache_enabled = 0
+
+    def undo() -> None:
+        parametrize._cache_enabled += enabled  # a caller's block that ended meanwhile has counted itself off
+        if not parametrize._cache_enabled:
+            parametrize._cache = {}
+
+    return undo
+
+
 _EAGER = _ProcessSwitch(_force_eager)
 _QUIET = _ProcessSwitch(_quiet_vmap_fallbacks)
+_UNCACHED = _ProcessSwitch(_uncached_parametrizations)
 
 
 def eager_compiled() -> contextlib.AbstractContextManager[None]:
@@ -306,9 +328,11 @@ def quiet_vmap_fallbacks() -> contextlib.AbstractContextManager[None]:
 @contextmanager
 def differentiated_forwards() -> Iterator[None]:
     """What every computation of torchfim runs in, the engine's and the penalty's: autograd whatever mode the
-    caller is in (``torch.no_grad``, ``torch.inference_mode``), plain forwards (:func:`plain_forwards`), and
-    torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`)."""
-    with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks():
+    caller is in (``torch.no_grad``, ``torch.inference_mode``), plain forwards (:func:`plain_forwards`),
+    torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`), and its cache of
+    parametrized tensors off (:func:`_uncached_parametrizations`; in every thread, as the notices)."""
+    with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks(), \
+            _UNCACHED.block():
         yield
 
 
