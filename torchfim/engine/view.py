@@ -188,8 +188,8 @@ def check_class_dim(class_dim: object) -> int | None:
 
 CLASSES_LAST = (
     "torchfim: outputs (batch, {shape}) are read with the classes last: {classes} classes at {positions} "
-    "positions per input. A segmentation model's logits (batch, C, H, W), as F.cross_entropy takes them, have the classes in "
-    "dim 1: pass class_dim=1; pass class_dim=-1 to say they are last (and silence this)"
+    "positions per input. A segmentation model's logits (batch, C, H, W), as F.cross_entropy takes them, "
+    "have the classes in dim 1: pass class_dim=1; pass class_dim=-1 to say they are last (and silence this)"
 )
 
 
@@ -232,6 +232,7 @@ class ModelView:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_output_map(output)
+        self.classes = ClassDim(class_dim)
         check_not_scripted(model)
         self.user_model = model
         self.model = private_tree(model)
@@ -257,7 +258,6 @@ class ModelView:
         self.constants.update(dict(self.model.named_buffers()))
         check_in_memory({**self.params, **self.constants})
         self.output_map = output
-        self.classes = ClassDim(class_dim)
         self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
         self._defaults: dict[str, object] | None = None  # see call_defaults
