@@ -108,10 +108,10 @@ class FisherPenalty:
     compute in, autocast's included. Its relative error is about ``1e-7`` in float64 and ``1e-3`` in
     float32, and coarse in half precision (7-17 % in bfloat16, 3-5 % in float16; named by a warning); it
     costs one extra forward and backward and no higher-order graph, and it works where an operation of the
-    model has no double-backward formula. With ``kind="batch_gradient"`` as a separate term, ``loss +
-    pen(x)``, it is a little cheaper than double backprop (2F + 3B against the plain step's F + B: measured
-    on the benchmark MLP 64-256-256-10, batch 256, one thread: 3.5-3.7× a plain SGD step, 3.8-4× for double
-    backprop); :meth:`penalised_loss` shares the forward at ``θ + ε ĝ`` with the task loss and needs two
+    model has no double-backward formula. With ``kind="batch_gradient"`` as a separate term,
+    ``loss + pen(x)``, it is a little cheaper than double backprop (2F + 3B against the plain step's F + B:
+    measured on the benchmark MLP 64-256-256-10, batch 256, one thread: 3.5-3.7× a plain SGD step, 3.8-4×
+    for double backprop); :meth:`penalised_loss` shares the forward at ``θ + ε ĝ`` with the task loss and needs two
     forwards and two backwards (measured 2.4-2.6×, where two plain passes cost 1.9-2.1×), so use it in a
     training loop. With ``kind="trace"`` it is slower (every input moves its own copy of the parameters:
     1.7× the exact per-input double backprop), so use it there only for models without double backward.
