@@ -18,7 +18,7 @@ from conftest import mlp_inputs, tanh_mlp
 from torch import nn
 
 import torchfim
-import torchfim.train.monitor as monitor_module
+import torchfim.train.record_sinks as sinks_module
 from torchfim.families import get_family
 from torchfim.train import FisherTraceMonitor, TraceRecord
 
@@ -165,7 +165,7 @@ def test_csv_rows_written_flushed_and_appended(tmp_path) -> None:
 
 
 def test_tensorboard_missing_warns_once(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(monitor_module, "_load_summary_writer", lambda: None)
+    monkeypatch.setattr(sinks_module, "_load_summary_writer", lambda: None)
     with pytest.warns(RuntimeWarning, match="tensorboard") as caught:
         mon = FisherTraceMonitor(tanh_mlp(3), mlp_inputs(8), every=1, tensorboard_dir=tmp_path / "tb")
         for s in range(3):
@@ -190,7 +190,7 @@ def test_tensorboard_logs_scalars(monkeypatch, tmp_path) -> None:
         def close(self) -> None:
             calls.append(("close",))
 
-    monkeypatch.setattr(monitor_module, "_load_summary_writer", lambda: FakeWriter)
+    monkeypatch.setattr(sinks_module, "_load_summary_writer", lambda: FakeWriter)
     with FisherTraceMonitor(tanh_mlp(3), mlp_inputs(8), every=2, tensorboard_dir=tmp_path / "tb") as mon:
         for s in range(4):
             mon.step(s)

@@ -164,7 +164,7 @@ def load(model: nn.Module, weights: list[torch.Tensor]) -> None:
 
 # ------------------------------------------------------------------ output
 def test_csv_and_tensorboard_carry_the_variance_ratio(tmp_path, monkeypatch) -> None:
-    import torchfim.train.monitor as monitor_module
+    import torchfim.train.record_sinks as sinks_module
 
     calls = []
 
@@ -181,7 +181,7 @@ def test_csv_and_tensorboard_carry_the_variance_ratio(tmp_path, monkeypatch) -> 
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(monitor_module, "_load_summary_writer", lambda: FakeWriter)
+    monkeypatch.setattr(sinks_module, "_load_summary_writer", lambda: FakeWriter)
     model, x = tanh_mlp(3, seed=83), mlp_inputs(8, seed=84)
     path = tmp_path / "cv.csv"
     mon = FisherTraceMonitor(model, x, every=1, control_variate=True, csv_path=path, tensorboard_dir=tmp_path / "tb")

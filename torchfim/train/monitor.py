@@ -52,12 +52,9 @@ adding a monitor does not change a training run.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -72,7 +69,9 @@ from ..engine.view import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .arguments import check_int
+from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
 from .held import hold, pooled
+from .record_sinks import CsvSink, TensorBoardSink
 from .trace_stats import ControlVariate, Windows, mean_and_variance
 
 #: Seed of the private generator used when no ``generator`` is given.
@@ -117,15 +116,6 @@ class TraceRecord:
 COLUMNS = tuple(f.name for f in fields(TraceRecord) if f.name != "variance_ratio")
 
 
-def _load_summary_writer() -> type | None:
-    """``torch.utils.tensorboard.SummaryWriter``, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter
-
-
 class FisherTraceMonitor:
     """Measure ``Tr(F)`` on fixed held inputs every ``every`` training steps.
 
@@ -167,13 +157,19 @@ class FisherTraceMonitor:
     Example:
         >>> import torch, torchfim.train
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        >>> mon = torchfim.train.FisherTraceMonitor(model, torch.randn(64, 4), every=10,
-        ...                                         generator=torch.Generator().manual_seed(0))
+        >>> held = torch.randn(64, 4)
+        >>> mon = torchfim.train.FisherTraceMonitor(model, held, every=10, generator=torch.Generator().manual_seed(0))
         >>> [mon.step(s) is None for s in (0, 5, 10)]
         [False, True, False]
         >>> rec = mon.history[-1]
         >>> rec.step, rec.n_inputs, rec.n_samples, rec.trace > 0, rec.stderr > 0
         (10, 64, 1, True, True)
+        >>> state = mon.state_dict()  # saved beside the model's and optimiser's, to resume from
+        >>> resumed = torchfim.train.FisherTraceMonitor(model, held, every=10, generator=torch.Generator())
+        >>> resumed.load_state_dict(state)
+        >>> a, b = resumed.measure(20), mon.measure(20)  # the same labels: the generator's state was restored
+        >>> (a.trace, a.stderr) == (b.trace, b.stderr), len(resumed.history)
+        (True, 3)
         >>> cheap = torchfim.train.FisherTraceMonitor(model, torch.randn(512, 4), subset=64,
         ...                                           control_variate=True)
         >>> recs = [cheap.measure(s) for s in range(3)]
@@ -217,27 +213,16 @@ class FisherTraceMonitor:
         self._path_key: tuple | None = None
         self._path_cache: tuple[ModelView, Backend] | None = None
         self.n_inputs = sum(b.size for b in self.inputs)
+        self._checksum = inputs_checksum(self.inputs)
         self.history: list[TraceRecord] = []
         self.subset, self.control_variate = self._check_options(subset, control_variate)
         self._plan()
         self.columns = COLUMNS + (("variance_ratio",) if self.control_variate else ())
 
         self.csv_path = None if csv_path is None else Path(csv_path)
-        if self.csv_path is not None:
-            self._check_csv(self.csv_path)
+        self._csv = None if csv_path is None else CsvSink(csv_path, self.columns)
         self.tensorboard_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
-        self._writer_cls = None
-        self._writer = None
-        if self.tensorboard_dir is not None:
-            self._writer_cls = _load_summary_writer()
-            if self._writer_cls is None:
-                warnings.warn(
-                    "tensorboard is not installed, so FisherTraceMonitor will not log to "
-                    f"{str(self.tensorboard_dir)!r} "
-                    "(records still go to .history and csv_path); pip install tensorboard to enable it",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        self._tensorboard = None if tensorboard_dir is None else TensorBoardSink(tensorboard_dir)
 
     def __repr__(self) -> str:
         return (
@@ -269,10 +254,10 @@ class FisherTraceMonitor:
             variance_ratio=(variance / plain if plain > 0 else math.nan) if self.control_variate else None,
         )
         self.history.append(record)
-        if self.csv_path is not None:
-            self._append_csv(record)
-        if self._writer_cls is not None:
-            self._log_tensorboard(record)
+        if self._csv is not None:
+            self._csv.append(record)
+        if self._tensorboard is not None:
+            self._tensorboard.log(record)
         return record
 
     def to_rows(self) -> list[dict[str, float | int]]:
@@ -282,11 +267,39 @@ class FisherTraceMonitor:
 
     as_dicts = to_rows
 
+    def state_dict(self) -> dict[str, object]:
+        """What resuming needs (:mod:`torchfim.train.checkpoint`): the history, the generator's state, the subset
+        windows' permutations and positions, the control-variate chains and the previous window's rows."""
+        return {
+            "version": VERSION, "settings": self._settings(), "history": [r.as_dict() for r in self.history],
+            "generator": generator_state(self.generator), "windows": [w.state() for w in self._windows],
+            "chains": None if self._cv is None else self._cv.state(),
+            "previous": None if self._previous is None else list(self._previous),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Go on from a saved :meth:`state_dict` as the saved run would (the same labels and windows); refused,
+        with the difference named, for a monitor made with other held inputs or options. The generator
+        passed at construction, if any, is set to the saved state; ``csv_path`` is rewritten to hold exactly
+        the restored history, and the TensorBoard events after its last step are purged."""
+        state = checked(state, "FisherTraceMonitor", self._settings(),
+                        ("history", "generator", "windows", "chains", "previous"))
+        self.history = [TraceRecord(**row) for row in state["history"]]
+        self.generator = restored_generator(self.generator, state["generator"], "FisherTraceMonitor")
+        for windows, saved in zip(self._windows, state["windows"]):
+            windows.load(saved)
+        if self._cv is not None:
+            self._cv.load(state["chains"])
+        self._previous = None if state["previous"] is None else tuple(state["previous"])
+        if self._csv is not None:
+            self._csv.rewrite(self.history)
+        if self._tensorboard is not None:
+            self._tensorboard.resume_after(self.history[-1].step if self.history else None)
+
     def close(self) -> None:
         """Flush and close the TensorBoard writer (the CSV file is never held open)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def __enter__(self) -> FisherTraceMonitor:
         return self
@@ -295,6 +308,11 @@ class FisherTraceMonitor:
         self.close()
 
     # ------------------------------------------------------------ internals
+    def _settings(self) -> dict[str, object]:
+        """The options a saved state depends on."""
+        return {"family": self.family.name, "n_samples": self.n_samples, "n_inputs": self.n_inputs,
+                "subset": self.subset, "control_variate": self.control_variate, "inputs_checksum": self._checksum}
+
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
         if subset is not None:
             check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
@@ -320,7 +338,7 @@ class FisherTraceMonitor:
             sizes = [half, self._window_size - half] if self.control_variate else [self._window_size]
             self._windows = [Windows(n, size) for size in sizes]
         self._cv: ControlVariate | None = None
-        self._previous: tuple[list[Batch], Tensor] | None = None  # window and generator state of the last draw
+        self._previous: tuple[Tensor | None, Tensor] | None = None  # window rows and generator state of the last draw
         if self.control_variate:
             size = self._window_size
             if self.subset is None:  # two fixed halves: the target is their mean, label noise only
@@ -340,12 +358,15 @@ class FisherTraceMonitor:
         # modules: a training step in another thread keeps its Dropout.
         return self._estimate_eval()
 
-    def _window(self, generator: torch.Generator) -> list[Batch]:
-        """The mini-batches of this measurement: all held ones, or the next subset window."""
+    def _window(self, generator: torch.Generator) -> Tensor | None:
+        """The rows of the pooled held inputs this measurement uses: the next subset window (None: all)."""
         if not self._windows:
-            return self.inputs
+            return None
         picks = [w.next(generator) for w in self._windows]
-        return [self.inputs[0].rows(picks[0] if len(picks) == 1 else torch.cat(picks))]
+        return picks[0] if len(picks) == 1 else torch.cat(picks)
+
+    def _batches(self, rows: Tensor | None) -> list[Batch]:
+        return self.inputs if rows is None else [self.inputs[0].rows(rows)]
 
     def _estimate_eval(self) -> tuple[float, float, float]:
         """``(trace, variance, variance of the fresh labels alone)``."""
@@ -353,16 +374,17 @@ class FisherTraceMonitor:
         generator = self._label_generator(path[0].device)
         window = self._window(generator)
         if self._cv is None:
-            trace, variance = mean_and_variance(self._squared_norms(path, window, generator), self._population)
+            norms = self._squared_norms(path, self._batches(window), generator)
+            trace, variance = mean_and_variance(norms, self._population)
             return trace, variance, variance
         state = generator.get_state()
-        fresh = self._squared_norms(path, window, generator)
+        fresh = self._squared_norms(path, self._batches(window), generator)
         replay = None
         if self._previous is not None:
             earlier, earlier_state = self._previous
             replayed = torch.Generator(device=generator.device)
             replayed.set_state(earlier_state)  # the same random numbers as that draw: common random numbers
-            replay = self._squared_norms(path, earlier, replayed)
+            replay = self._squared_norms(path, self._batches(earlier), replayed)
         self._previous = (window, state)
         return self._cv.update(fresh, replay)
 
@@ -414,40 +436,6 @@ class FisherTraceMonitor:
                 u = fam.sample_scores(rec.values, self.n_samples, generator)  # (B, k, C)
                 norms.append(backend.sample_squares(rec, u, last=True))  # (B, k): ‖Jᵢᵀ u_ij‖²; rec is spent
         return (norms[0] if len(norms) == 1 else torch.cat(norms)).double()
-
-    def _check_csv(self, path: Path) -> None:
-        if path.exists() and path.is_dir():
-            raise TorchfimError(f"csv_path {str(path)!r} is a directory; pass a file path such as 'trace.csv'")
-        if path.exists() and path.stat().st_size > 0:
-            with path.open(newline="") as f:
-                header = f.readline().strip()
-            if header != ",".join(self.columns):
-                raise TorchfimError(
-                    f"csv_path {str(path)!r} exists with header {header!r}, not {','.join(self.columns)!r}; "
-                    "pass a new path or delete the file (records are appended to an existing file)"
-                )
-
-    def _append_csv(self, record: TraceRecord) -> None:
-        path = self.csv_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        if not path.exists() or path.stat().st_size == 0:
-            writer.writerow(self.columns)
-        writer.writerow([repr(v) if isinstance(v, float) else v for v in (getattr(record, c) for c in self.columns)])
-        with path.open("a", newline="") as f:
-            f.write(buf.getvalue())  # one write per record: header (first time) and row together
-            f.flush()
-
-    def _log_tensorboard(self, record: TraceRecord) -> None:
-        if self._writer is None:
-            self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = self._writer_cls(log_dir=str(self.tensorboard_dir))
-        self._writer.add_scalar("fisher/trace", record.trace, record.step)
-        self._writer.add_scalar("fisher/trace_stderr", record.stderr, record.step)
-        if record.variance_ratio is not None:
-            self._writer.add_scalar("fisher/trace_variance_ratio", record.variance_ratio, record.step)
-        self._writer.flush()
 
 
 def _check_output_and_mask(output: object, mask: object) -> tuple[object, object]:

@@ -38,11 +38,12 @@ from ..engine.batch import Batch
 from ..engine.derivative_settings import dense_gradients, paused_power_iterations
 from ..engine.model_checks import check_mode as _check_mode
 from ..engine.model_checks import check_not_scripted
-from ..engine.plain_forwards import differentiated_forwards, eager_compiled, holds_compiled
 from ..engine.view import forward_defaults
-from ..errors import TorchfimError, check_choice, warn_user
+from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
 from .arguments import check_alpha, check_int, check_step, trainable
+from .checkpoint import VERSION, checked, generator_state, gradients_on, named_gradients, restored_generator
+from .computing_passes import computing_passes
 from .double_backward import penalty_gradients
 from .finite_difference import (
     GRAD_METHODS,
@@ -52,22 +53,12 @@ from .finite_difference import (
     leading,
     penalty_gradient,
     trace_fd,
-    working_dtype,
 )
 from .model_io import Inputs, ModelIO, leading_rows
 from .position_outputs import PositionOutputs
 from .surrogate import fixed_gradient, zero_term
 
 KINDS = ("batch_gradient", "trace")
-
-COMPILED = ("the model is compiled (torch.compile), and FisherPenalty(kind={kind!r}, grad_method={method!r}) "
-            "differentiates it twice or per sample, which compiled code cannot: the steps that compute the "
-            "penalty run it eagerly. kind='batch_gradient' with grad_method='finite_difference' differentiates "
-            "it once and keeps it compiled")
-COARSE = ("torchfim: FisherPenalty(grad_method='finite_difference') computes in {dtype} here (the model's parameters "
-          "or torch.autocast), where a forward difference of gradients is coarse: measured 7-17 % off the exact "
-          "gradient in bfloat16, 3-5 % in float16; grad_method='exact' is within 1 % in the same precision")
-
 
 class FisherPenalty:
     """A Fisher penalty to add to the task loss in a plain PyTorch training loop.
@@ -364,23 +355,30 @@ class FisherPenalty:
             self._cached_params, self._cached_grads = params, grads
         return loss
 
+    def state_dict(self) -> dict[str, object]:
+        """What resuming needs (:mod:`torchfim.train.checkpoint`): the generator's state (None for torch's
+        global one, which the caller saves), ``last_value``, ``last_step`` and the cached gradient by name."""
+        cache = None if self._cached_grads is None else named_gradients(self.model, self._cached_params,
+                                                                            self._cached_grads)
+        return {"version": VERSION, "settings": {"kind": self.kind}, "generator": generator_state(self.generator),
+                "last_value": self.last_value, "last_step": self.last_step, "cache": cache}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Go on from a saved :meth:`state_dict` as the saved run would: the steps up to the next computed
+        one reuse the saved gradient, put on this model's parameters of the same names; the generator
+        passed at construction, if any, is set to the saved state."""
+        state = checked(state, "FisherPenalty", {"kind": self.kind}, ("generator", "last_value", "last_step", "cache"))
+        self.generator = restored_generator(self.generator, state["generator"], "FisherPenalty")
+        self.last_step, first = state["last_step"], trainable(self.model)[1][0]
+        self.last_value = None if state["last_value"] is None else state["last_value"].to(first.device, first.dtype)
+        cached = (None, None) if state["cache"] is None else gradients_on(self.model, state["cache"])
+        self._cached_params, self._cached_grads = cached
+
     # -------------------------------------------------------------- helpers
     def _forwards(self, first: Tensor) -> ExitStack:
-        """The passes of a computing step: in :func:`.differentiated_forwards` (as the engine's), and with
-        compiled code run eagerly (:func:`.eager_compiled`) unless they differentiate the model once only.
-        A finite difference in half precision (``first``, a parameter, or autocast) is named once as coarse."""
-        if self.grad_method == "finite_difference" and not self._precision_named:
-            self._precision_named = True
-            dtype = working_dtype(first)
-            if dtype in (torch.float16, torch.bfloat16):
-                warn_user(COARSE.format(dtype=str(dtype).removeprefix("torch.")))
-        stack = ExitStack()
-        stack.enter_context(differentiated_forwards())
-        if not (self.grad_method == "finite_difference" and self.kind == "batch_gradient"):
-            if holds_compiled(self.model):
-                warn_user(COMPILED.format(kind=self.kind, method=self.grad_method))
-            stack.enter_context(eager_compiled())
-        return stack
+        """The contexts of a computing step (:mod:`.computing_passes`); a coarse precision is named once."""
+        named, self._precision_named = self._precision_named, True
+        return computing_passes(self.model, self.kind, self.grad_method, first, not named)
 
     def _task(self, task_loss: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
         loss = task_loss(out)

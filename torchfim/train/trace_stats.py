@@ -12,7 +12,7 @@ holds the ``k`` values ``s_ij = ‖∇_θ log p(y_ij|xᵢ)‖²`` of input ``x�
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -82,6 +82,13 @@ class Windows:
             return self.permutation[start:end]
         return torch.cat([self.permutation[start:], self.permutation[: end - self.population]])
 
+    def state(self) -> dict[str, object]:
+        """The permutation (None before the first window) and the next window's start."""
+        return {"permutation": self.permutation, "position": self.position}
+
+    def load(self, state: dict[str, object]) -> None:
+        self.permutation, self.position = state["permutation"], state["position"]
+
 
 @dataclass
 class _Chain:
@@ -132,7 +139,7 @@ class ControlVariate:
     def __init__(self, chains: list[Tensor], population: list[int | None]) -> None:
         self.rows = chains
         self.population = population
-        self.state: list[_Chain] | None = None
+        self.chains: list[_Chain] | None = None
 
     def update(self, fresh: Tensor, replay: Tensor | None) -> tuple[float, float, float]:
         """Estimate, its variance and the variance of the fresh-only estimate, from ``a`` and ``b``.
@@ -141,10 +148,10 @@ class ControlVariate:
         previous window at θ_t with the previous labels' random numbers (None the first time).
         """
         xs = [mean_and_variance(fresh[rows], pop) for rows, pop in zip(self.rows, self.population)]
-        if self.state is None or replay is None:
+        if self.chains is None or replay is None:
             props = [(math.nan, math.nan)] * len(self.rows)
         else:
-            props = [self._propagated(chain, replay[rows], pop) for chain, rows, pop in zip(self.state, self.rows, self.population)]
+            props = [self._propagated(chain, replay[rows], pop) for chain, rows, pop in zip(self.chains, self.rows, self.population)]
         chains, total, variance, plain = [], 0.0, 0.0, 0.0
         n = sum(len(rows) for rows in self.rows)
         for h, ((x, var_x), (p, var_p)) in enumerate(zip(xs, props)):
@@ -156,8 +163,15 @@ class ControlVariate:
             variance += w * w * ((1.0 - weight) ** 2 * var_x + (weight**2 * var_p if weight else 0.0))
             plain += w * w * var_x
             chains.append(_Chain(estimate, weight, var_p if weight else 0.0, fresh[self.rows[h]]))
-        self.state = chains
+        self.chains = chains
         return total, variance, plain
+
+    def state(self) -> list[dict[str, object]] | None:
+        """Each chain's estimate, weight, propagated variance and fresh values (None before a measurement)."""
+        return None if self.chains is None else [asdict(chain) for chain in self.chains]
+
+    def load(self, chains: list[dict[str, object]] | None) -> None:
+        self.chains = None if chains is None else [_Chain(**chain) for chain in chains]
 
     @staticmethod
     def _propagated(chain: _Chain, b: Tensor, population: int | None) -> tuple[float, float]:

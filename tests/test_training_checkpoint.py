@@ -1,0 +1,206 @@
+"""Saving and resuming the training tools: ``state_dict()`` / ``load_state_dict()`` of the monitor and penalty.
+
+The oracle is the uninterrupted run: a run that saves model, optimiser and the tool's state at a step, is
+rebuilt from scratch (new model object, new tool) and resumes from the saved files must record, step for
+step, exactly what the uninterrupted run records. Each test also shows that resuming without the tool's
+state gives something else, so it would fail if loading did nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import clients
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfim
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+STEPS, SAVE_AT = 10, 4
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 4, (32,), generator=g), torch.randn(40, 5, generator=g, dtype=torch.float64)
+
+
+def _saved(obj: object) -> object:
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a checkpoint file would take it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _fields(mon: FisherTraceMonitor) -> list[tuple]:
+    return [(r.step, r.trace, r.stderr, r.n_inputs, r.variance_ratio) for r in mon.history]
+
+
+def _train(model, opt, x, y, steps, tool=None) -> None:
+    for step in steps:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if tool is not None:
+            tool.step(step)
+
+
+def _monitored(options: dict, resume: str | None, **paths) -> FisherTraceMonitor:
+    """The monitor of a run of STEPS steps: uninterrupted (None), or rebuilt after step SAVE_AT with its
+    saved state ("state") or without it ("fresh")."""
+    x, y, held = _data()
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    own = options.pop("own_generator", False)  # a generator of the caller's, set to the saved state on loading
+    mon = FisherTraceMonitor(model, held, every=1, n_samples=2, **options, **paths,
+                             generator=torch.Generator().manual_seed(5) if own else None)
+    if resume is None:
+        _train(model, opt, x, y, range(STEPS), mon)
+        return mon
+    _train(model, opt, x, y, range(SAVE_AT + 1), mon)
+    saved = _saved({"model": model.state_dict(), "opt": opt.state_dict(), "mon": mon.state_dict()})
+    _train(model, opt, x, y, range(SAVE_AT + 1, STEPS - 2), mon)  # a run that goes on, then dies
+    model = _model()
+    model.load_state_dict(saved["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt.load_state_dict(saved["opt"])
+    mon = FisherTraceMonitor(model, held, every=1, n_samples=2, **options, **paths,
+                             generator=torch.Generator().manual_seed(99) if own else None)
+    if resume == "state":
+        mon.load_state_dict(saved["mon"])
+    _train(model, opt, x, y, range(SAVE_AT + 1, STEPS), mon)
+    return mon
+
+
+OPTIONS = [{}, {"subset": 12}, {"control_variate": True}, {"subset": 12, "control_variate": True},
+           {"subset": 12, "control_variate": True, "own_generator": True}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "subset", "cv", "subset-cv", "subset-cv-own-generator"])
+def test_a_resumed_monitor_records_what_the_uninterrupted_one_does(options: dict) -> None:
+    whole = _fields(_monitored(dict(options), None))
+    assert len(whole) == STEPS
+    assert _fields(_monitored(dict(options), "state")) == whole
+    restarted = _fields(_monitored(dict(options), "fresh"))
+    assert restarted[SAVE_AT + 1 :] != whole[SAVE_AT + 1 :] and restarted[0] != whole[0]
+
+
+def _rows(path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return [row[:5] + row[6:] for row in csv.reader(f)]  # without the seconds column
+
+
+def test_the_csv_of_a_resumed_run_holds_the_uninterrupted_rows(tmp_path) -> None:
+    options = {"subset": 12, "control_variate": True}
+    _monitored(options, None, csv_path=tmp_path / "whole.csv")
+    _monitored(options, "state", csv_path=tmp_path / "resumed.csv")
+    whole = _rows(tmp_path / "whole.csv")
+    assert len(whole) == STEPS + 1 and whole[0][:2] == ["step", "trace"]
+    assert _rows(tmp_path / "resumed.csv") == whole
+    _monitored(options, "fresh", csv_path=tmp_path / "appended.csv")  # without the state: the dead run's rows stay
+    assert len(_rows(tmp_path / "appended.csv")) == STEPS + 1 + (STEPS - 2 - SAVE_AT - 1)
+
+
+def test_tensorboard_drops_the_events_after_the_saved_step(tmp_path) -> None:
+    clients.need("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged(run: str, resume: str | None) -> list[tuple[int, float]]:
+        mon = _monitored({"subset": 12}, resume, tensorboard_dir=tmp_path / run)
+        mon.close()
+        events = EventAccumulator(str(tmp_path / run))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("fisher/trace")]
+
+    whole = logged("whole", None)
+    assert [step for step, _ in whole] == list(range(STEPS))
+    resumed = logged("resumed", "state")
+    assert [step for step, _ in resumed] == list(range(STEPS))
+    assert resumed == whole
+    assert len(logged("restarted", "fresh")) > STEPS  # without the state the dead run's events stay
+
+
+def test_a_monitor_refuses_the_state_of_another_set_up() -> None:
+    _, _, held = _data()
+    model = _model()
+    mon = FisherTraceMonitor(model, held, subset=12, control_variate=True)
+    mon.measure(0)
+    state = _saved(mon.state_dict())
+    for other, named in [({"subset": 10, "control_variate": True}, "subset=12"),
+                         ({"subset": 12}, "control_variate=True"),
+                         ({"subset": 12, "control_variate": True, "n_samples": 3}, "n_samples=1")]:
+        with pytest.raises(torchfim.TorchfimError, match=named):
+            FisherTraceMonitor(model, held, **other).load_state_dict(state)
+    with pytest.raises(torchfim.TorchfimError, match="inputs_checksum"):  # the same inputs in another order
+        FisherTraceMonitor(model, held.flip(0), subset=12, control_variate=True).load_state_dict(state)
+    with pytest.raises(torchfim.TorchfimError, match="state_dict"):
+        mon.load_state_dict({"history": []})
+
+
+def _penalised(pen_options: dict, resume: str | None, method: str) -> list[torch.Tensor]:
+    """The parameters after each step of a run with a penalty every 3 steps, saved after step SAVE_AT (between
+    two computed steps) and resumed as in :func:`_monitored`."""
+    x, y, _ = _data()
+    torch.manual_seed(0)
+    model, after = _model(), []
+
+    def run(model, opt, pen, steps):
+        for step in steps:
+            opt.zero_grad()
+            pen.penalised_loss(x, lambda out: F.cross_entropy(out, y), step=step).backward()
+            opt.step()
+            after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+
+    def made(model):
+        generator = torch.Generator().manual_seed(7)
+        return FisherPenalty(model, alpha=0.5, every=3, grad_method=method, generator=generator, **pen_options)
+
+    opt, pen = torch.optim.SGD(model.parameters(), lr=0.5), made(model)
+    if resume is None:
+        run(model, opt, pen, range(STEPS))
+        return after
+    run(model, opt, pen, range(SAVE_AT + 1))
+    saved = _saved({"model": model.state_dict(), "opt": opt.state_dict(), "pen": pen.state_dict()})
+    model = _model()
+    model.load_state_dict(saved["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt.load_state_dict(saved["opt"])
+    pen = made(model)
+    if resume == "state":
+        pen.load_state_dict(saved["pen"])
+    run(model, opt, pen, range(SAVE_AT + 1, STEPS))
+    return after
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+def test_a_resumed_penalty_trains_as_the_uninterrupted_one(kind: str, method: str) -> None:
+    whole = _penalised({"kind": kind}, None, method)
+    resumed = _penalised({"kind": kind}, "state", method)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole)) and len(resumed) == STEPS
+    restarted = _penalised({"kind": kind}, "fresh", method)  # step 5 reuses nothing, step 6 draws other labels
+    assert not torch.equal(restarted[SAVE_AT + 1], whole[SAVE_AT + 1])
+
+
+def test_a_penalty_refuses_the_state_of_another_model() -> None:
+    x, _, _ = _data()
+    model = _model()
+    pen = FisherPenalty(model, every=3)
+    pen(x, step=0)
+    state = _saved(pen.state_dict())
+    assert set(state["cache"]) == {n for n, _ in model.named_parameters()}
+    other = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    with pytest.raises(torchfim.TorchfimError, match=r"\['2.weight', '2.bias'\]"):
+        FisherPenalty(other, every=3).load_state_dict(state)
+    with pytest.raises(torchfim.TorchfimError, match="kind='batch_gradient'"):
+        FisherPenalty(model, every=3, kind="trace").load_state_dict(state)

@@ -1,0 +1,108 @@
+"""The parts of the training tools' ``state_dict()`` they share, and its checks on loading.
+
+A run saved with the model, the optimiser and the tools' ``state_dict()`` and resumed from them goes on
+as the uninterrupted run would: the same labels (the states of the tools' generators), the same subset
+windows and control-variate chains of :class:`~torchfim.train.FisherTraceMonitor`, the cached gradient
+of :class:`~torchfim.train.FisherPenalty`. A state holds only tensors, numbers, strings, lists and dicts,
+so ``torch.load(path, weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.batch import Batch
+from ..errors import TorchfimError
+
+VERSION = 1
+
+
+def generator_state(generator: torch.Generator | None) -> dict[str, object] | None:
+    """The generator's device and state (None for no generator)."""
+    if generator is None:
+        return None
+    return {"device": str(generator.device), "state": generator.get_state()}
+
+
+def restored_generator(generator: torch.Generator | None, saved: Mapping[str, object] | None,
+                       owner: str) -> torch.Generator | None:
+    """``generator`` set to the saved state (a new generator on the saved device when None)."""
+    if saved is None:
+        return generator
+    try:
+        generator = torch.Generator(device=saved["device"]) if generator is None else generator
+        generator.set_state(saved["state"])
+    except (RuntimeError, TypeError, ValueError):
+        here = "this machine" if generator is None else f"this one on {generator.device}"
+        raise TorchfimError(
+            f"{owner}.load_state_dict: the saved generator state comes from a generator on {saved['device']}, which "
+            f"does not fit {here}; resume where a generator on {saved['device']} can be made and pass one"
+        ) from None
+    return generator
+
+
+def inputs_checksum(held: list[Batch]) -> float:
+    """A number that tells held inputs apart, their order included: ``Σ_rows (row index + 1)·(row sum)``."""
+    total, offset = 0.0, 0
+    for batch in held:
+        for t in (*batch.args, *batch.kwargs.values()):
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size:
+                sums = t.detach().reshape(batch.size, -1).double().sum(1)
+                total += float((sums * torch.arange(offset + 1, offset + batch.size + 1, dtype=torch.float64,
+                                                     device=sums.device)).sum())
+        offset += batch.size
+    return total
+
+
+def checked(state: object, owner: str, settings: Mapping[str, object], keys: tuple[str, ...]) -> Mapping[str, object]:
+    """``state`` when it is a state this object can load: a mapping with ``keys``, of this version, saved with
+    the same ``settings`` (the checksum of held inputs compared to 1e-9 relative)."""
+    if not isinstance(state, Mapping) or state.get("version") != VERSION or any(k not in state for k in keys):
+        raise TorchfimError(
+            f"{owner}.load_state_dict takes what {owner}.state_dict() returned (version {VERSION}), got "
+            f"{type(state).__name__}{'' if not isinstance(state, Mapping) else ' with keys ' + repr(sorted(state))}"
+        )
+    saved = state["settings"]
+    differ = [k for k, v in settings.items() if not _same(saved.get(k), v)]
+    if differ:
+        said = ", ".join(f"{k}={saved.get(k)!r} (here {settings[k]!r})" for k in differ)
+        raise TorchfimError(
+            f"{owner}.load_state_dict: the state was saved by a {owner} made with {said}; make this one as the "
+            "saved run made its own (the same held inputs, in the same order, and options)"
+        )
+    return state
+
+
+def _same(saved: object, now: object) -> bool:
+    if isinstance(saved, float) and isinstance(now, float):
+        return abs(saved - now) <= 1e-9 * max(abs(saved), abs(now), 1e-300)
+    return saved == now
+
+
+def named_gradients(model: nn.Module, params: list[Tensor], grads: list[Tensor]) -> dict[str, Tensor]:
+    """``grads`` by the names of ``params`` in ``model`` (a cached gradient saved so that it can be put on
+    the parameters of a model rebuilt to resume)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise TorchfimError(
+            "FisherPenalty.state_dict: the cached penalty gradient belongs to parameters the model no longer holds "
+            "(a layer was replaced after the last computed step); save the state right after a computed step"
+        )
+    return {names[id(p)]: g for p, g in zip(params, grads)}
+
+
+def gradients_on(model: nn.Module, saved: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters of ``model`` that the saved gradients are named after, and the gradients (in the
+    parameters' dtype and device); refused when a name is missing or a shape differs."""
+    params = dict(model.named_parameters())
+    wrong = [n for n, g in saved.items() if n not in params or params[n].shape != g.shape]
+    if wrong:
+        raise TorchfimError(
+            f"FisherPenalty.load_state_dict: the saved penalty gradient has parameters {wrong[:3]} that this model "
+            "does not hold with those shapes; load the state into the penalty of the model it was saved with"
+        )
+    return [params[n] for n in saved], [g.to(params[n].device, params[n].dtype) for n, g in saved.items()]

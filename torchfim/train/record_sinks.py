@@ -1,0 +1,113 @@
+"""Where :class:`~torchfim.train.FisherTraceMonitor` writes its records besides ``.history``.
+
+* :class:`CsvSink` — one flushed line per record, so an interrupted run keeps its rows; on resuming
+  from a saved state the file is rewritten to hold exactly the restored history.
+* :class:`TensorBoardSink` — scalars under ``fisher/trace``, ``fisher/trace_stderr`` (and
+  ``fisher/trace_variance_ratio``); on resuming, TensorBoard's ``purge_step`` drops the events
+  logged after the saved state, as it does for any resumed run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .._io import atomic_write
+from ..errors import TorchfimError
+
+
+def _load_summary_writer() -> type | None:
+    """``torch.utils.tensorboard.SummaryWriter``, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter
+
+
+def _row(record: object, columns: Sequence[str]) -> list[object]:
+    return [repr(v) if isinstance(v, float) else v for v in (getattr(record, c) for c in columns)]
+
+
+class CsvSink:
+    """The records as CSV lines with the header ``columns`` (checked against an existing file)."""
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.columns = tuple(columns)
+        if self.path.exists() and self.path.is_dir():
+            raise TorchfimError(f"csv_path {str(self.path)!r} is a directory; pass a file path such as 'trace.csv'")
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open(newline="") as f:
+                header = f.readline().strip()
+            if header != ",".join(self.columns):
+                raise TorchfimError(
+                    f"csv_path {str(self.path)!r} exists with header {header!r}, not {','.join(self.columns)!r}; "
+                    "pass a new path or delete the file (records are appended to an existing file)"
+                )
+
+    def append(self, record: object) -> None:
+        """One write per record (the header too, the first time), flushed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            writer.writerow(self.columns)
+        writer.writerow(_row(record, self.columns))
+        with self.path.open("a", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+
+    def rewrite(self, records: Iterable[object]) -> None:
+        """The file replaced, atomically, by the header and ``records`` (rows past them are dropped)."""
+        def write(f) -> None:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(self.columns)
+            writer.writerows(_row(r, self.columns) for r in records)
+        atomic_write(self.path, write)
+
+
+class TensorBoardSink:
+    """A ``SummaryWriter`` on ``log_dir``, opened at the first record (a warning at construction when
+    tensorboard is not installed; records still go to ``.history`` and the CSV file)."""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        self.log_dir = Path(log_dir)
+        self._writer_cls = _load_summary_writer()
+        self._writer = None
+        self._purge_step: int | None = None
+        if self._writer_cls is None:
+            warnings.warn(
+                f"tensorboard is not installed, so FisherTraceMonitor will not log to {str(self.log_dir)!r} "
+                "(records still go to .history and csv_path); pip install tensorboard to enable it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def log(self, record: object) -> None:
+        if self._writer_cls is None:
+            return
+        if self._writer is None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            purge = {} if self._purge_step is None else {"purge_step": self._purge_step}
+            self._writer = self._writer_cls(log_dir=str(self.log_dir), **purge)
+            self._purge_step = None
+        self._writer.add_scalar("fisher/trace", record.trace, record.step)
+        self._writer.add_scalar("fisher/trace_stderr", record.stderr, record.step)
+        if record.variance_ratio is not None:
+            self._writer.add_scalar("fisher/trace_variance_ratio", record.variance_ratio, record.step)
+        self._writer.flush()
+
+    def resume_after(self, step: int | None) -> None:
+        """Drop, when the writer next opens, the events logged at steps after ``step`` (all of them when None)."""
+        self.close()
+        self._purge_step = 0 if step is None else step + 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
