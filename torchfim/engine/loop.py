@@ -81,7 +81,7 @@ def run(
             cut = rows != slice(0, batch.size)
             part_mask = mask[rows] if cut and isinstance(mask, torch.Tensor) else mask
             fam = view.family_for(rec.shape, part, family, part_mask)
-            fam.check_output(rec.values)
+            fam.check_output(rec.output)  # with its graph, where the backend keeps one: it names the last operation
             try:
                 checked = view.check_independent(part, rec.values, checked)
             except TorchfimError:

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError, all_finite
+from ..errors import TorchfimError, all_finite, warn_user
+from .output_origin import last_operation
 
 _HALF = (torch.float16, torch.bfloat16)
 #: Smallest positive normal float64: below it relative precision is lost.
@@ -127,6 +128,9 @@ class Family(ABC):
     name: str = ""
     #: Number of trailing label dimensions (0 for a class index, 1 for a vector).
     label_ndim: int = 1
+    #: Warnings by the autograd node that made the outputs (:mod:`.output_origin`): an inverse link the
+    #: family would misread as its natural parameters.
+    misread: dict[str, str] = {}
 
     def for_rows(self, rows: slice) -> Family:
         """The family of the outputs ``o[rows]`` of a mini-batch: itself, unless it holds something per
@@ -148,6 +152,8 @@ class Family(ABC):
                 "the model produced non-finite outputs (NaN or Inf); check the inputs for NaN/Inf "
                 "and the parameters for divergence (e.g. lower the learning rate) before computing the Fisher"
             )
+        if self.misread and (message := self.misread.get(last_operation(o) or "")):
+            warn_user(message)
 
     def _width_hint(self) -> str:
         return "C"

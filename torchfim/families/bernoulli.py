@@ -21,6 +21,14 @@ def _variance_and_root(o: Tensor) -> tuple[Tensor, Tensor]:
     return t / denominator**2, torch.exp(-0.5 * o.abs()) / denominator
 
 
+#: A Bernoulli model that ends in a sigmoid.
+SIGMOID = (
+    "torchfim: the model's outputs come out of a sigmoid (probabilities), but the bernoulli family reads them as "
+    "logits (p = sigmoid(outputs)), so the Fisher would be that of another model; drop the final sigmoid (train "
+    "with BCEWithLogitsLoss, which takes logits)"
+)
+
+
 class Bernoulli(Family):
     """Bernoulli with one logit ``o``: ``p = sigmoid(o)``, labels in ``{0, 1}`` of shape ``(1,)``.
 
@@ -31,6 +39,7 @@ class Bernoulli(Family):
     """
 
     name = "bernoulli"
+    misread = {"SigmoidBackward0": SIGMOID}
 
     def _width_hint(self) -> str:
         return "1"

@@ -56,6 +56,13 @@ def _sample_deviations(rate: Tensor, generator: torch.Generator | None) -> Tenso
     return torch.where(exact, deviations, rate.sqrt() * z + (z * z - 1) / 6)
 
 
+#: A Poisson model that ends in an exponential or a softplus, returning rates.
+RATES = (
+    "torchfim: the model's outputs come out of {op} (rates), but the poisson family reads them as log-rates "
+    "(rate = exp(outputs)), so the Fisher would be that of another model; return the log of the rate ({fix})"
+)
+
+
 class Poisson(Family):
     """Independent Poisson counts with log-rates ``o``: ``λ = exp(o)``.
 
@@ -71,6 +78,9 @@ class Poisson(Family):
     """
 
     name = "poisson"
+    misread = {"ExpBackward0": RATES.format(op="exp", fix="drop the final exp; PoissonNLLLoss(log_input=True) takes "
+                                               "log-rates"),
+               "SoftplusBackward0": RATES.format(op="a softplus", fix="torch.log of it")}
 
     def _filler_label(self, o: Tensor) -> Tensor:
         return torch.zeros(o.shape, dtype=_wide_float(o.device), device=o.device)

@@ -431,7 +431,7 @@ class FisherTraceMonitor:
                 batch = held.to(view.device, view.dtype)
                 rec = backend.record(batch)
                 fam = view.family_for(rec.shape, batch, self.family, self.mask)
-                fam.check_output(rec.values)
+                fam.check_output(rec.output)  # with its graph: it names the last operation
                 self._checked = view.check_independent(batch, rec.values, self._checked)
                 u = fam.sample_scores(rec.values, self.n_samples, generator)  # (B, k, C)
                 norms.append(backend.sample_squares(rec, u, last=True))  # (B, k): ‖Jᵢᵀ u_ij‖²; rec is spent

@@ -1,0 +1,111 @@
+"""Models that end in the inverse link: a sigmoid's probabilities given to the Bernoulli family, an exponential's
+or a softplus's rates given to the Poisson family. Each family reads the outputs as its natural parameters, so
+the Fisher is that of another model (shown below against the model the user meant); torchfim names the final
+operation by a warning, from every entry point, and stays quiet for models that return natural parameters."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchfim
+from torchfim.families.bernoulli import SIGMOID
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+
+class Ending(nn.Module):
+    """``head(body(x))`` through ``end``: a module, or a function applied in ``forward``."""
+
+    def __init__(self, width: int, end) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, width))
+        self.end = end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.end(self.body(x))
+
+
+def _model(width: int, end) -> nn.Module:
+    torch.manual_seed(0)
+    return Ending(width, end).double()
+
+
+X = torch.randn(48, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _messages(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if str(w.message).startswith("torchfim: the model's outputs come out")]
+
+
+ENTRIES = {
+    "fisher": lambda m, fam: torchfim.fisher(m, X, family=fam, structure="diag"),
+    "fisher_variance": lambda m, fam: torchfim.fisher_variance(m, X, family=fam, structure="trace"),
+    "monitor": lambda m, fam: FisherTraceMonitor(m, X, family=fam).measure(0),
+    "penalty": lambda m, fam: FisherPenalty(m, family=fam, generator=torch.Generator().manual_seed(0))(X, step=0),
+    "fd-penalty": lambda m, fam: FisherPenalty(m, family=fam, grad_method="finite_difference")(X, step=0),
+}
+
+MISREAD = [
+    ("bernoulli", 1, nn.Sigmoid(), "a sigmoid"),
+    ("bernoulli", 1, lambda z: torch.sigmoid(z).float().double().reshape(-1, 1), "a sigmoid"),  # through a cast
+    ("poisson", 2, torch.exp, "exp"),
+    ("poisson", 2, nn.Softplus(), "a softplus"),
+]
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize(("family", "width", "end", "named"), MISREAD, ids=["sigmoid", "sigmoid-cast", "exp", "softplus"])
+def test_a_model_ending_in_the_inverse_link_is_named(family, width, end, named, entry) -> None:
+    messages = _messages(lambda: ENTRIES[entry](_model(width, end), family))
+    assert messages and all(f"come out of {named}" in m and family in m for m in messages)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize(("family", "width", "end"), [
+    ("bernoulli", 1, nn.Identity()),
+    ("bernoulli", 1, lambda z: 2 * torch.sigmoid(z) - 1),  # not the sigmoid's values
+    ("poisson", 2, nn.Tanh()),
+    ("gaussian", 1, nn.Sigmoid()),  # a mean in (0, 1) is a mean
+], ids=["logits", "shifted-sigmoid", "tanh", "gaussian-sigmoid"])
+def test_models_that_return_natural_parameters_are_not_named(family, width, end, entry) -> None:
+    assert _messages(lambda: ENTRIES[entry](_model(width, end), family)) == []
+
+
+def test_the_warning_is_warranted_the_fisher_is_of_another_model() -> None:
+    """With the sigmoid, torchfim computes the Fisher of the Bernoulli model with logits σ(z) (brute force
+    below), which is not the Fisher of the model the user meant, with logits z."""
+    with_sigmoid, logits = _model(1, nn.Sigmoid()), _model(1, nn.Identity())
+    with pytest.warns(RuntimeWarning, match="sigmoid"):
+        got = torchfim.fisher(with_sigmoid, X, family="bernoulli", structure="diag")
+    params = dict(with_sigmoid.named_parameters())
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(with_sigmoid, p, (X,))[:, 0])(params)
+    lam = torch.sigmoid(with_sigmoid(X)[:, 0]).detach()
+    lam = lam * (1 - lam)
+    brute = torch.cat([(lam[:, None] * jac[n].reshape(len(X), -1) ** 2).mean(0) for n in params])
+    assert torch.allclose(got, brute, rtol=1e-10, atol=1e-14)
+    meant = torchfim.fisher(logits, X, family="bernoulli", structure="diag")
+    assert (got - meant).norm() > 0.5 * meant.norm()
+
+
+def test_positions_and_a_mask_name_it_too() -> None:
+    """A per-token Bernoulli model (B, T, 1) ending in a sigmoid, with padding masked."""
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.proj(x))
+
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[:, 3:] = False
+    model = Tokens().double()
+    messages = _messages(lambda: torchfim.fisher(model, x, family="bernoulli", structure="trace", mask=mask))
+    assert messages == [SIGMOID]

@@ -1,0 +1,33 @@
+"""The operation that made a model's outputs, read off their autograd graph.
+
+A family reads the outputs as its natural parameters; a model that ends in the inverse link instead (a
+sigmoid's probabilities for Bernoulli logits, an exponential's rates for Poisson log-rates) gives the
+Fisher of another model, with no error anywhere. Where the outputs carry a graph (the engine's recorded
+forward, the penalty's), :func:`last_operation` names the operation behind them, looking through
+operations that only move or copy values (views, reshapes, permutes, clones, casts, indexing), so a family
+can warn about one it would misread. Outputs without a graph (torch.func's forward) say nothing.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+#: Autograd nodes that only move or copy values (the outputs' flattening, a cast, a padding mask's rows).
+_PASS_THROUGH = frozenset({
+    "AliasBackward0", "CloneBackward0", "ExpandBackward0", "IndexBackward0", "PermuteBackward0",
+    "ReshapeAliasBackward0", "SelectBackward0", "SliceBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "ToCopyBackward0", "TransposeBackward0", "TransposeBackward1", "UnsafeViewBackward0",
+    "UnsqueezeBackward0", "ViewBackward0",
+})
+
+
+def last_operation(o: Tensor) -> str | None:
+    """The name of the autograd node that computed the values of ``o`` (e.g. ``"SigmoidBackward0"``), or None
+    when ``o`` has no graph or its values come from several nodes."""
+    node = o.grad_fn
+    while node is not None and node.name() in _PASS_THROUGH:
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None if node is None else node.name()
