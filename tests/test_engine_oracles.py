@@ -231,6 +231,19 @@ def test_progress_counts_the_columns_of_a_long_exact_fisher(monkeypatch: pytest.
                               **_kwargs(case, res))
         _close(got, _view(res["exact"], "diag", res["model"]), 1e-10)
         assert ("output vectors" in capsys.readouterr().err) == shown
+    # The bar ends full: its total is the C − 1 vectors of each position that some input observes.
+    ends = []
+
+    class Bar(estimators.tqdm):
+        def close(self) -> None:
+            ends.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(estimators, "tqdm", Bar)
+    monkeypatch.setattr(estimators, "COLUMN_BAR_S", -1.0)
+    torchfim.fisher(res["model"], res["x"], structure="diag", progress=True, **_kwargs(case, res))
+    total = int(res["mask"].any(0).sum()) * (res["model"](res["x"]).shape[-1] - 1)
+    assert (total, total) in ends
 
 
 def test_a_long_exact_fisher_warns_with_its_estimate_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,7 +257,7 @@ def test_a_long_exact_fisher_warns_with_its_estimate_and_names_the_score_estimat
     model, x = case.build(3), case.inputs(N)
     monkeypatch.setattr(positions, "SQRT_BLOCK_ENTRIES", 1)  # one output vector per block: 3 positions × 2
     monkeypatch.setattr(estimators, "LONG_EXACT_S", -1.0)
-    with pytest.warns(RuntimeWarning, match=r"9 here \(outputs \(3, 3\)\), which will take about \d+ s more.*"
+    with pytest.warns(RuntimeWarning, match=r"6 here \(outputs \(3, 3\)\), which will take about \d+ s more.*"
                                             r"estimator='score'") as caught:
         torchfim.fisher(model, x, mask=token_mask(x))
     assert len([w for w in caught if "exact Fisher" in str(w.message)]) == 1  # once per mini-batch

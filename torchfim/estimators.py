@@ -90,7 +90,7 @@ def _add_exact(backend: Backend, rec: Recording, fam: Family, structure: Structu
     The columns number about one per output number of an input (a language model's tokens × vocabulary),
     so one mini-batch may take long: :class:`_ColumnPace` warns, and with ``progress`` shows a bar over them.
     """
-    pace = _ColumnPace(rec.values.shape[1], tuple(rec.shape[1:]), progress)
+    pace = _ColumnPace(fam.fisher_output_sqrt_count(rec.values), tuple(rec.shape[1:]), progress)
     for block in fam.fisher_output_sqrt_blocks(rec.values):
         backend.add_products(rec, block.transpose(-1, -2).to(rec.values.dtype), structure)
         pace.advance(block.shape[-1])

@@ -243,6 +243,11 @@ class Family(ABC):
         family knows it without computing ``Λ``; None otherwise (the default)."""
         return None
 
+    def fisher_output_sqrt_count(self, o: Tensor) -> int:
+        """How many columns :meth:`fisher_output_sqrt_blocks` yields for ``o``: ``r`` where the family knows it
+        in advance, else ``C`` (the most there can be)."""
+        return self.fisher_output_sqrt_width(o.shape[-1]) or o.shape[-1]
+
     def fisher_output_sqrt_columns(self, o: Tensor, start: int, stop: int) -> Tensor:
         """Columns ``start:stop`` of :meth:`fisher_output_sqrt`, ``(B, C, stop − start)``. Default: sliced
         from the whole factor; a family with many outputs builds the block alone."""

@@ -237,6 +237,12 @@ class Positions(Family):
         """Block-diagonal ``S = diag(S_1, …, S_L)`` (B, L·C, L·r), masked columns 0."""
         return self._block_diagonal(o, self.base.fisher_output_sqrt(self._rows(o)[0]))
 
+    def fisher_output_sqrt_count(self, o: Tensor) -> int:
+        """The columns :meth:`fisher_output_sqrt_blocks` yields: ``r`` for each position some input observes."""
+        c = self._width(o)
+        observed = int(self._keep(o).reshape(o.shape[0], self.length).any(0).sum())
+        return observed * (self.base.fisher_output_sqrt_width(c) or c)
+
     def fisher_output_sqrt_blocks(self, o: Tensor, max_entries: int | None = None) -> Iterator[Tensor]:
         """:meth:`fisher_output_sqrt`'s columns a few at a time, never the whole ``(B, L·C, L·r)``.
 
