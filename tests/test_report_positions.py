@@ -208,3 +208,27 @@ def test_the_library_the_penalty_and_the_report_take_the_same_masks():
     with pytest.raises(torchfim.TorchfimError, match="values other than 0 and 1"):
         report_mod.compute_report(model, report_mod.as_data({**batch, "attention_mask": fractions}, "test"),
                                   mask="attention_mask", progress=False)
+
+
+def test_an_unsaid_class_dim_on_image_outputs_is_noted_in_the_report():
+    """Outputs (batch, C, H, W) without --class-dim are read with the classes last, as the library reads
+    them, and the report says so in its outputs note, naming both choices, instead of a library warning per
+    call; --class-dim -1 says it and silences the note, and --class-dim 1 reads dim 1 as the classes."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)).double()
+    x = torch.randn(6, 2, 3, 4, dtype=torch.float64)
+    kw = {"variance_inputs": 4, "max_block": 0, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no CLASSES_LAST from the library's calls
+        unsaid = report_mod.compute_report(model, report_mod.as_data(x, "test"), **kw)
+    note = unsaid["outputs"]["note"]
+    assert "(batch, 3, 3, 4) were read with the classes last, 4 classes at 3×3 positions" in note
+    assert "--class-dim 1" in note and "--class-dim -1" in note
+    last = report_mod.compute_report(model, report_mod.as_data(x, "test"), class_dim=-1, **kw)
+    assert last["outputs"]["note"] is None and last["trace"]["exact"] == unsaid["trace"]["exact"]
+    first = report_mod.compute_report(model, report_mod.as_data(x, "test"), class_dim=1, **kw)
+    assert first["outputs"]["note"] is None and first["outputs"]["positions"] == [3, 4]
+    want = torchfim.fisher(model, x, structure="trace", class_dim=1)
+    assert first["trace"]["exact"] == pytest.approx(float(want), rel=1e-10)

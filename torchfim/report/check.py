@@ -8,13 +8,13 @@ from torch import Tensor, nn
 
 from ..errors import TorchfimError
 from .data import Data
-from .outputs import OutputLayout, mask_of, observed_per_input, unmasked_padding_note
+from .outputs import OutputLayout, classes_last_note, mask_of, observed_per_input, unmasked_padding_note
 
 __all__ = ["check_model_and_data"]
 
 
 def check_model_and_data(
-    model: nn.Module, data: Data, fam, family_name: str, mask: str | None = None, class_dim: int = -1
+    model: nn.Module, data: Data, fam, family_name: str, mask: str | None = None, class_dim: int | None = None
 ) -> tuple[Data, str | None, OutputLayout, str | None]:
     """Run the model on a few inputs; errors name the fix.
 
@@ -40,11 +40,15 @@ def check_model_and_data(
             "return a model whose parameters require gradients"
         )
     o = _outputs_on_a_few(model, data)
-    if check_class_dim(class_dim) == 1 and o.dim() > 2:
+    given = check_class_dim(class_dim)
+    if given == 1 and o.dim() > 2:
         o = o.movedim(1, -1)
     positions = tuple(o.shape[1:-1])
     keep = mask_of(data, mask, positions)
-    note = unmasked_padding_note(data, positions) if mask is None else None
+    notes = [unmasked_padding_note(data, positions) if mask is None else None,
+             classes_last_note(o.shape) if given is None else None]
+    note = "; ".join(n for n in notes if n) or None
+    class_dim = -1 if given is None else given  # said once in the note: the library calls get it said
     layout = OutputLayout(positions, mask, class_dim, observed_per_input(keep, positions, data.n), note)
     family = _family_of(fam, positions, None if keep is None else keep[: o.shape[0]])
     try:

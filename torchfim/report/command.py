@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", metavar="KEY", default=None,
                         help="for outputs with positions (a language model's tokens): the entry of the "
                              "dict inputs marking observed positions, e.g. attention_mask (default: all)")
-    parser.add_argument("--class-dim", type=int, choices=(-1, 1), default=-1,
-                        help="where the classes are in outputs with positions: -1, (batch, *positions, C) "
-                             "(default), or 1, (batch, C, *positions) as F.cross_entropy takes them")
+    parser.add_argument("--class-dim", type=int, choices=(-1, 1), default=None,
+                        help="where the classes are in outputs with positions: -1, (batch, *positions, C), or "
+                             "1, (batch, C, *positions) as F.cross_entropy takes them (default: last, with a "
+                             "note in the report for outputs with two or more position dims)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"report directory (default: {DEFAULT_OUT}/); the report writes only its "
                              "own files there (an earlier report's are replaced, all others kept)")
@@ -90,7 +91,7 @@ def _command(args: argparse.Namespace) -> str:
     import shlex
 
     defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical", "mask": None,
-                "class_dim": -1, "mode": "auto",
+                "class_dim": None, "mode": "auto",
                 "out": DEFAULT_OUT, "n_samples": 1, "variance_inputs": None,
                 "max_block": DEFAULT_MAX_BLOCK, "seed": 0, "epochs": DEFAULT_EPOCHS, "hidden": None}
     parts = ["torchfim", "report"]

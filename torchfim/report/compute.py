@@ -32,7 +32,7 @@ def compute_report(
     rel_error: float = settings.REL_ERROR,
     progress: bool = True,
     mask: str | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
     score_only: bool | None = None,
 ) -> dict:
     """Every number of the report, as a JSON-ready dict (see :mod:`torchfim.report` for what and how).
@@ -40,8 +40,8 @@ def compute_report(
     ``model`` is put in eval mode. ``n_samples`` is the labels per input of the score estimate and
     its error bars; the variance comparison is for one label per input (divide by k for k labels).
     The variance subset is ``torch.randperm(n, generator=manual_seed(seed))[:m]``, sorted. Outputs
-    with positions ``(batch, *positions, C)`` (or ``(batch, C, *positions)`` with ``class_dim=1``) are
-    read one vector per position, those where the dict inputs' entry ``mask`` is 0 left out, as
+    with positions ``(batch, *positions, C)`` (or ``(batch, C, *positions)`` with ``class_dim=1``; None reads the
+    classes last, with a note where there are two or more position dims) are read one vector per position, those where the dict inputs' entry ``mask`` is 0 left out, as
     :func:`torchfim.fisher` reads them (see :mod:`torchfim.report.outputs`).
 
     ``score_only``: True computes the score-only report (:mod:`torchfim.report.score_only`: Tr(F) per

@@ -18,7 +18,7 @@ from ..errors import TorchfimError
 from ..families.positions import is_position_mask
 from .data import Data
 
-__all__ = ["OutputLayout", "mask_of", "observed_per_input", "unmasked_padding_note"]
+__all__ = ["OutputLayout", "classes_last_note", "mask_of", "observed_per_input", "unmasked_padding_note"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,13 @@ def unmasked_padding_note(data: Data, positions: tuple[int, ...]) -> str | None:
         return None
     return (f"the data's attention_mask marks {padded} padded positions, which count here as observed; pass "
             "--mask attention_mask to leave them out")
+
+
+def classes_last_note(shape: tuple[int, ...]) -> str | None:
+    """A note when ``--class-dim`` was not given and the outputs have two or more position dims, where torch's
+    convention (``F.cross_entropy``, convolutions) puts the classes in dim 1: they are read last here."""
+    if len(shape) < 4:
+        return None
+    return (f"the outputs (batch, {', '.join(map(str, shape[1:]))}) were read with the classes last, {shape[-1]} "
+            f"classes at {'×'.join(map(str, shape[1:-1]))} positions; pass --class-dim 1 for a segmentation "
+            "model's (batch, C, H, W) logits, or --class-dim -1 to say the classes are last")

@@ -46,7 +46,7 @@ def run_report(
     data_source: str | None = None,
     model_source: str | None = None,
     mask: str | None = None,
-    class_dim: int = -1,
+    class_dim: int | None = None,
     score_only: bool | None = None,
 ) -> dict:
     """Compute the report of ``model`` on ``data`` and write it to ``out`` (see :mod:`torchfim.report`).
