@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "report": "torchfim.report.command",
     "reproduce": "torchfim.experiments.command",
     "explosion": "torchfim.experiments.explosion.command",
+    "plot-trace": "torchfim.train.plot_command",
 }
 #: Commands kept under their old name: name -> the command line it is the same as.
 ALIASES: dict[str, str] = {"explosion": "reproduce explosion"}

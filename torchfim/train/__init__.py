@@ -5,11 +5,14 @@
   compute-every-T-steps schedule.
 * :class:`FisherTraceMonitor` — the unbiased ``Tr(F)`` estimate on held inputs with its standard
   error, every ``every`` steps, kept in ``.history`` and optionally written to CSV / TensorBoard.
+* :func:`plot_trace` — Tr(F) over training with its error band, from monitors or their CSV files
+  (:func:`read_trace_csv` reads one back).
 
 See ``docs/math.md`` §7 (the Fisher penalty).
 """
 
 from .monitor import FisherTraceMonitor, TraceRecord
 from .penalty import KINDS, FisherPenalty
+from .trace_plot import plot_trace, read_trace_csv
 
-__all__ = ["KINDS", "FisherPenalty", "FisherTraceMonitor", "TraceRecord"]
+__all__ = ["KINDS", "FisherPenalty", "FisherTraceMonitor", "TraceRecord", "plot_trace", "read_trace_csv"]

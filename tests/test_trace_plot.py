@@ -1,0 +1,110 @@
+"""``torchfim.train.plot_trace``, ``read_trace_csv`` and ``torchfim plot-trace``: the figure holds the
+monitor's records (line = estimates, band = estimate ± k standard errors, cut at 0), and the CSV file reads
+back exactly the records the monitor wrote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfim
+from torchfim import cli
+from torchfim.train import FisherTraceMonitor, plot_trace, read_trace_csv
+
+
+def _run(tmp_path, name: str, lr: float, **options) -> FisherTraceMonitor:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(48, 4, dtype=torch.float64), torch.randint(0, 3, (48,))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    mon = FisherTraceMonitor(model, x, every=2, n_samples=2, csv_path=tmp_path / f"{name}.csv", **options)
+    for step in range(12):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        mon.step(step)
+    return mon
+
+
+def _band(collection) -> tuple[np.ndarray, np.ndarray]:
+    """The lower and upper edges of a ``fill_between`` band, by x."""
+    xy = collection.get_paths()[0].vertices
+    lower, upper = {}, {}
+    for x, y in xy:
+        lower[x] = min(lower.get(x, np.inf), y)
+        upper[x] = max(upper.get(x, -np.inf), y)
+    xs = sorted(lower)
+    return np.array([lower[x] for x in xs]), np.array([upper[x] for x in xs])
+
+
+@pytest.mark.parametrize("options", [{}, {"subset": 16, "control_variate": True}], ids=["plain", "cv"])
+def test_the_csv_reads_back_the_monitors_records(tmp_path, options) -> None:
+    mon = _run(tmp_path, "run", 0.5, **options)
+    assert read_trace_csv(tmp_path / "run.csv") == mon.history  # floats written with repr: exact
+
+
+def test_the_figure_holds_each_runs_estimates_and_band(tmp_path) -> None:
+    runs = {"slow": _run(tmp_path, "slow", 0.05), "fast": _run(tmp_path, "fast", 2.0)}
+    fig = plot_trace({"slow": runs["slow"], "fast": tmp_path / "fast.csv"}, band=1.5)
+    ax = fig.axes[0]
+    spread = max(r.trace for m in runs.values() for r in m.history) / min(r.trace for m in runs.values()
+                                                                         for r in m.history)
+    log = spread > 10
+    assert ax.get_yscale() == ("log" if log else "linear")
+    assert [line.get_label() for line in ax.get_lines()] == ["slow", "fast"]
+    for line, band, mon in zip(ax.get_lines(), ax.collections, runs.values()):
+        steps = [r.step for r in mon.history]
+        trace = np.array([r.trace for r in mon.history])
+        se = np.array([r.stderr for r in mon.history])
+        np.testing.assert_array_equal(line.get_xdata(), steps)
+        np.testing.assert_array_equal(line.get_ydata(), trace)
+        lower, upper = _band(band)
+        np.testing.assert_allclose(upper, trace + 1.5 * se, rtol=1e-12)
+        np.testing.assert_allclose(lower, np.maximum(trace - 1.5 * se, 1e-3 * trace if log else 0.0), rtol=1e-12)
+    assert plot_trace(runs["slow"], log=True).axes[0].get_yscale() == "log"
+    assert plot_trace(runs["slow"], log=False).axes[0].get_yscale() == "linear"
+    assert len(plot_trace(runs["slow"], band=0).axes[0].collections) == 0
+
+
+def test_the_command_line_writes_the_figure(tmp_path, capsys) -> None:
+    _run(tmp_path, "a", 0.1)
+    _run(tmp_path, "b", 1.0)
+    out = tmp_path / "fig" / "trace.png"
+    assert cli.main(["plot-trace", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for argv, message in [
+        ([str(tmp_path / "missing.csv")], "no such CSV file"),
+        ([str(tmp_path / "other.csv")], "is not a FisherTraceMonitor CSV file: its header is 'a,b'"),
+        ([str(tmp_path / "a.csv"), "--labels", "x", "y"], "--labels gives 2 labels for 1 CSV files"),
+        ([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--labels", "x", "x"], "repeat"),
+        ([str(tmp_path / "a.csv"), "--band", "-1"], "band must be a finite number"),
+    ]:
+        capsys.readouterr()
+        assert cli.main(["plot-trace", *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+def test_a_run_that_is_not_records_is_refused() -> None:
+    with pytest.raises(torchfim.TorchfimError, match="a run must be a FisherTraceMonitor"):
+        plot_trace([1.0, 2.0])
+
+
+def test_an_explosion_is_drawn_on_a_log_axis_and_the_band_stops_above_zero() -> None:
+    """Estimates spanning more than a factor of 10 get a log axis; Tr(F) ≥ 0, so the band's lower edge is cut
+    at 0 on a linear axis and at a thousandth of the estimate on a log one."""
+    from torchfim.train import TraceRecord
+
+    records = [TraceRecord(step, trace, se, 8, 1, 0.0) for step, trace, se in
+               ((0, 1.0, 0.25), (10, 50.0, 1.0), (20, 200.0, 500.0))]
+    for log, floor in ((None, 1e-3), (False, 0.0)):
+        ax = plot_trace(records, log=log).axes[0]
+        assert ax.get_yscale() == ("log" if floor else "linear")
+        lower, upper = _band(ax.collections[0])
+        np.testing.assert_allclose(lower, [0.5, 48.0, 200.0 * floor if floor else 0.0], rtol=1e-12)
+        np.testing.assert_allclose(upper, [1.5, 52.0, 1200.0], rtol=1e-12)
+        assert ax.get_legend() is None  # one unlabelled run

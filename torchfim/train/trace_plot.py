@@ -1,0 +1,131 @@
+"""Tr(F) over training with its error band: from a monitor, its records or the CSV files it writes.
+
+:func:`plot_trace` draws one line per run, the estimate against the step, with a band of ``±band``
+standard errors around it (``band=2``: about a 95 % interval for each measurement on its own), on a
+log axis where the estimates span more than a factor of 10 (an explosion of Tr(F) spans decades). Tr(F)
+is not negative, so the band's lower edge stops at 0 (on a log axis, at a thousandth of the estimate). :func:`read_trace_csv` reads the records back from a monitor's ``csv_path``. Drawn with
+matplotlib's object API (no pyplot, no change of backend); matplotlib comes with the ``cli`` extra.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._io import save_figure
+from ..errors import TorchfimError
+from .monitor import COLUMNS, FisherTraceMonitor, TraceRecord
+
+#: What :func:`plot_trace` takes as one run: a monitor, its records, or the path of its CSV file.
+Run = FisherTraceMonitor | Sequence[TraceRecord] | str | os.PathLike
+
+LOG_SPAN = 10.0  # max/min of the estimates above which the axis is logarithmic (log=None)
+FLOOR = 1e-3  # on a log axis, the band's lower edge is at least FLOOR × the estimate
+
+
+def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
+    """The records of a :class:`~torchfim.train.FisherTraceMonitor` CSV file (``csv_path``), in file order."""
+    path = Path(path)
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    expected = list(COLUMNS)
+    if not rows or rows[0] not in (expected, [*expected, "variance_ratio"]):
+        found = ",".join(rows[0]) if rows else "an empty file"
+        raise TorchfimError(
+            f"{str(path)!r} is not a FisherTraceMonitor CSV file: its header is {found!r}, not "
+            f"{','.join(expected)!r} (with ',variance_ratio' after control_variate=True); pass the monitor's csv_path"
+        )
+    header = rows[0]
+    try:
+        return [TraceRecord(**{k: _number(k, v) for k, v in zip(header, row, strict=True)}) for row in rows[1:]]
+    except ValueError as exc:
+        raise TorchfimError(f"{str(path)!r} has a row that is not a record of numbers ({exc})") from None
+
+
+def _number(key: str, text: str) -> int | float:
+    return int(text) if key in ("step", "n_inputs", "n_samples") else float(text)
+
+
+def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | None = None, ax: Any = None,
+               path: str | os.PathLike | None = None) -> Any:
+    """Tr(F) against the training step, ``±band`` standard errors shaded, one line per run.
+
+    Args:
+        runs: one run, or a dict label → run; a run is a monitor (its ``history``), a list of
+            :class:`~torchfim.train.TraceRecord` or the path of a monitor's CSV file.
+        band: the half-width of the shaded band in standard errors (0: no band).
+        log: a logarithmic y axis (None: where the estimates, all positive, span more than ``LOG_SPAN``).
+        ax: a matplotlib ``Axes`` to draw into (None: a new figure).
+        path: save the figure there (the format from its suffix, written atomically).
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> import torch, torchfim.train
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> mon = torchfim.train.FisherTraceMonitor(model, torch.randn(64, 4), every=1)
+        >>> for step in range(3):
+        ...     _ = mon.step(step)
+        >>> fig = torchfim.train.plot_trace({"lr 0.1": mon})
+        >>> [line.get_label() for line in fig.axes[0].get_lines()]
+        ['lr 0.1']
+    """
+    if isinstance(band, bool) or not isinstance(band, (int, float)) or not band >= 0 or math.isinf(band):
+        raise TorchfimError(f"band must be a finite number of standard errors ≥ 0, got {band!r}")
+    named = dict(runs) if isinstance(runs, Mapping) else {None: runs}
+    records = {label: _records(run) for label, run in named.items()}
+    fig, ax = _axes(ax)
+    traces = [r.trace for recs in records.values() for r in recs]
+    if log is None:
+        log = bool(traces) and min(traces) > 0 and max(traces) > LOG_SPAN * min(traces)
+    for label, recs in records.items():
+        steps, values = [r.step for r in recs], [r.trace for r in recs]
+        (line,) = ax.plot(steps, values, marker="." if len(recs) < 30 else None, label=label)
+        if band > 0:
+            low = [v - band * r.stderr for v, r in zip(values, recs)]
+            low = [max(lo, FLOOR * v if log else 0.0) for lo, v in zip(low, values)]
+            ax.fill_between(steps, low, [v + band * r.stderr for v, r in zip(values, recs)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"Tr(F), ± {band:g} standard errors" if band > 0 else "Tr(F)")
+    ax.grid(alpha=0.3)
+    if any(label is not None for label in records):
+        ax.legend()
+    if path is not None:
+        save_figure(fig, path, dpi=120)
+    return fig
+
+
+def _records(run: Run) -> list[TraceRecord]:
+    if isinstance(run, (str, os.PathLike)):
+        return read_trace_csv(run)
+    history = run.history if isinstance(run, FisherTraceMonitor) else run
+    if not isinstance(history, Sequence) or not all(isinstance(r, TraceRecord) for r in history):
+        raise TorchfimError(
+            f"a run must be a FisherTraceMonitor, a list of TraceRecord or the path of a monitor's CSV file, got "
+            f"{type(run).__name__}"
+        )
+    return list(history)
+
+
+def _axes(ax: Any) -> tuple[Any, Any]:
+    if ax is not None:
+        return ax.figure, ax
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise TorchfimError(
+            "plotting Tr(F) needs matplotlib, which is not installed; run `pip install matplotlib` (or install "
+            "torchfim with the cli extra)"
+        ) from err
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
