@@ -230,6 +230,31 @@ def test_a_lazy_module_before_its_first_forward_is_refused_with_the_fix(call: st
                           rtol=1e-10, atol=1e-13)
 
 
+def test_training_tools_on_a_lazy_module_before_its_first_forward():
+    """A monitor made, and measured, before the training loop's first forward is refused with the fix (before, a
+    ValueError from inside torch) and, after that forward, measures what a monitor of the initialised model does;
+    the penalty's own forward initialises the model, and its value and gradient are the initialised twin's."""
+    import copy
+
+    from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3)).double(), mlp_inputs(6)
+    mon = FisherTraceMonitor(model, x, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TorchfimError, match=r"'0\.weight', '0\.bias' of the model are not initialised yet.*model\(x\)"):
+        mon.measure(0)
+    pen = FisherPenalty(model, generator=torch.Generator().manual_seed(1))
+    value = pen(x, step=0)  # its forward initialises the lazy layer
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    twin = copy.deepcopy(model)
+    twin_value = FisherPenalty(twin, generator=torch.Generator().manual_seed(1))(x, step=0)
+    assert float(value.detach()) == float(twin_value.detach()) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(twin_value, list(twin.parameters()))))
+    want = FisherTraceMonitor(twin, x, generator=torch.Generator().manual_seed(0)).measure(0)
+    got = mon.measure(0)
+    assert (got.trace, got.stderr) == (want.trace, want.stderr)
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
