@@ -23,7 +23,7 @@ one function and its gradients dense.
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
-(:func:`dense_gradients`, :func:`paused_power_iterations`) and restores it.
+(:func:`dense_gradients`, :func:`paused_power_iterations`, :func:`quiet_backward_hooks`) and restores it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..errors import TorchfimError
 
-__all__ = ["dense_gradients", "for_derivatives", "paused_power_iterations"]
+__all__ = ["dense_gradients", "for_derivatives", "has_module_backward_hooks", "paused_power_iterations",
+           "quiet_backward_hooks"]
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -100,6 +101,33 @@ def dense_gradients(model: nn.Module) -> Iterator[None]:
     gradients (the same values); restored after."""
     with _overridden([m for m in model.modules() if isinstance(m, _EMBEDDINGS) and m.sparse], "sparse", False):
         yield
+
+
+def has_module_backward_hooks(model: nn.Module) -> bool:
+    """Whether a module of ``model`` has backward hooks (``register_full_backward_hook`` or its pre-hook)."""
+    return any(m._backward_hooks or m._backward_pre_hooks for m in model.modules())
+
+
+@contextmanager
+def quiet_backward_hooks(model: nn.Module, params: list[nn.Parameter], modules: bool = True) -> Iterator[None]:
+    """Within the block, the tensor hooks of ``params`` (``weight.register_hook``) do not run, and with ``modules``
+    neither do the backward hooks of ``model``'s modules, whose forwards in the block then put none in the graph;
+    all restored after. The penalty's own differentiations are of the model's function, as the engine's
+    copy without hooks is: the hooks act on the gradient of the loss the caller back-propagates.
+
+    Both registries are emptied and refilled in place: autograd reads a parameter's hook dict when it runs.
+    """
+    registries = [p._backward_hooks for p in params if p._backward_hooks]
+    if modules:
+        registries += [r for m in model.modules() for r in (m._backward_hooks, m._backward_pre_hooks) if r]
+    held = [list(r.items()) for r in registries]
+    for registry in registries:
+        registry.clear()
+    try:
+        yield
+    finally:
+        for registry, items in zip(registries, held):
+            registry.update(items)
 
 
 @contextmanager

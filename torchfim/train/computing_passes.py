@@ -3,7 +3,9 @@
 Like the engine's, they run in :func:`~torchfim.engine.plain_forwards.differentiated_forwards`; compiled
 code runs eagerly (:func:`~torchfim.engine.plain_forwards.eager_compiled`) unless the step differentiates
 the model once only (the finite difference of ``kind="batch_gradient"``), since double backprop and
-per-sample gradients cannot run it; and a finite difference computed in half precision is named as coarse.
+per-sample gradients cannot run it; a finite difference computed in half precision is named as coarse;
+embeddings give dense gradients; and the caller's backward hooks do not run on the penalty's own
+differentiations (:func:`~torchfim.engine.derivative_settings.quiet_backward_hooks`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor, nn
 
+from ..engine.derivative_settings import dense_gradients, quiet_backward_hooks
 from ..engine.plain_forwards import differentiated_forwards, eager_compiled, holds_compiled
 from ..errors import warn_user
 from .finite_difference import working_dtype
@@ -26,15 +29,20 @@ COARSE = ("torchfim: FisherPenalty(grad_method='finite_difference') computes in 
           "gradient in bfloat16, 3-5 % in float16; grad_method='exact' is within 1 % in the same precision")
 
 
-def computing_passes(model: nn.Module, kind: str, grad_method: str, first: Tensor, name_precision: bool) -> ExitStack:
-    """The contexts of one computing step; with ``name_precision``, a finite difference in half precision (of
-    ``first``, a parameter, or of autocast) is named by a warning."""
+def computing_passes(model: nn.Module, kind: str, grad_method: str, params: list[Tensor], name_precision: bool,
+                     module_hooks: bool = True) -> ExitStack:
+    """The contexts of one computing step on the trainable ``params``; with ``name_precision``, a finite difference
+    in half precision (of the parameters, or of autocast) is named by a warning; the backward hooks of the
+    parameters, and with ``module_hooks`` of the modules (not where a forward is shared with the task loss), are
+    quiet."""
     if grad_method == "finite_difference" and name_precision:
-        dtype = working_dtype(first)
+        dtype = working_dtype(params[0])
         if dtype in (torch.float16, torch.bfloat16):
             warn_user(COARSE.format(dtype=str(dtype).removeprefix("torch.")))
     stack = ExitStack()
     stack.enter_context(differentiated_forwards())
+    stack.enter_context(dense_gradients(model))
+    stack.enter_context(quiet_backward_hooks(model, params, modules=module_hooks))
     if not (grad_method == "finite_difference" and kind == "batch_gradient"):
         if holds_compiled(model):
             warn_user(COMPILED.format(kind=kind, method=grad_method))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
-from ..engine.derivative_settings import dense_gradients, paused_power_iterations
+from ..engine.derivative_settings import has_module_backward_hooks, paused_power_iterations
 from ..engine.model_checks import check_mode as _check_mode
 from ..engine.model_checks import check_not_scripted
 from ..engine.view import forward_defaults
@@ -119,7 +119,10 @@ class FisherPenalty:
     divide by the same ``σ``). ``kind="trace"`` needs per-sample gradients, so it refuses
     BatchNorm or Dropout in training mode (call ``model.eval()`` or use ``kind="batch_gradient"``).
     The penalty is computed with gradients enabled even inside ``torch.no_grad()``, so its value
-    (and ``last_value``) is right there too.
+    (and ``last_value``) is right there too. The caller's backward hooks (``weight.register_hook``, a module's
+    ``register_full_backward_hook``) do not run in its own differentiations: value and gradient are the model's
+    without them, and the hooks act on the gradient the caller back-propagates (module hooks on the task loss's;
+    with them, :meth:`penalised_loss` takes the penalty on a forward of its own).
 
     Outputs with positions, ``(B, *pos, C)`` (a language model's logits): each position is an observation
     of ``family`` given the input, labels are drawn per position and an input's NLL sums over its
@@ -255,7 +258,7 @@ class FisherPenalty:
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
-        with self.family.masked(mask, x.size), dense_gradients(self.model), self._forwards(first):
+        with self.family.masked(mask, x.size), self._forwards(params):
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -341,11 +344,14 @@ class FisherPenalty:
             )
         if step % self.every != 0:
             return self._between(inputs, task_loss)
+        if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
+            out = self.io.call(self.model, self.io.prepare(inputs, trainable(self.model)[1][0]), differentiated_twice=False)
+            return self._task(task_loss, out) + self(inputs, step=step, mask=mask)
         names, params = trainable(self.model)
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
-        with self.family.masked(self.io.mask(mask, x), rows), dense_gradients(self.model), self._forwards(params[0]):
+        with self.family.masked(self.io.mask(mask, x), rows), self._forwards(params, module_hooks=False):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
@@ -375,10 +381,10 @@ class FisherPenalty:
         self._cached_params, self._cached_grads = cached
 
     # -------------------------------------------------------------- helpers
-    def _forwards(self, first: Tensor) -> ExitStack:
+    def _forwards(self, params: list[Tensor], module_hooks: bool = True) -> ExitStack:
         """The contexts of a computing step (:mod:`.computing_passes`); a coarse precision is named once."""
         named, self._precision_named = self._precision_named, True
-        return computing_passes(self.model, self.kind, self.grad_method, first, not named)
+        return computing_passes(self.model, self.kind, self.grad_method, params, not named, module_hooks)
 
     def _task(self, task_loss: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
         loss = task_loss(out)
