@@ -42,6 +42,10 @@ def test_quotient_is_the_median_of_the_paired_calls_over_all_rounds(regression, 
     table = regression.markdown(results, "abc", 3)
     assert "| `a` | 6.00, 6.00, 2.00 | 2.20, 2.20, 2.00 | 1.05 [1.00, 2.73], 9 | met |" in table
     assert "| `b` |" in table and "1.30 [1.30, 1.30], 9 | **missed** |" in table
+    assert table.startswith("# Regression check against commit abc\n") and "before the engine" not in table
+    engine = regression.markdown(results, regression.BEFORE_ENGINE[:7], 3)
+    assert engine.startswith("# Regression check against the code before the engine\n")
+    assert "(the last before the engine)" in engine
 
 
 def test_fixed_malloc_reaches_every_worker_and_the_table(regression, monkeypatch) -> None:
