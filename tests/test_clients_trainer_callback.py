@@ -1,0 +1,107 @@
+"""``FisherTraceCallback`` in transformers' own ``Trainer`` (a BERT classifier built from a config, on CPU).
+
+Oracles: a monitor of copies of the model taken at the measured steps, measured in order with the same
+generator, records exactly what the callback records; a run resumed from a checkpoint records exactly what
+the uninterrupted run does, and its CSV file holds the same rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import shutil
+
+import clients
+import pytest
+import torch
+
+transformers = clients.need("transformers")
+
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from torchfim.train import FisherTraceMonitor  # noqa: E402
+from torchfim.train.trainer_callback import CSV_NAME, STATE_NAME, FisherTraceCallback  # noqa: E402
+
+STEPS, EVERY, SAVE = 10, 2, 4
+OPTIONS = {"subset": 8, "control_variate": True}
+
+g = torch.Generator().manual_seed(0)
+IDS = torch.randint(1, 40, (64, 8), generator=g)
+MASK = torch.ones(64, 8, dtype=torch.long)
+MASK[::3, 6:] = 0
+LABELS = torch.randint(0, 3, (64,), generator=g)
+DATA = [{"input_ids": IDS[i], "attention_mask": MASK[i], "labels": LABELS[i]} for i in range(64)]
+HELD = {"input_ids": IDS[:16], "attention_mask": MASK[:16]}
+
+
+def _model() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    return BertForSequenceClassification(config).double()
+
+
+class _Snapshots(TrainerCallback):
+    """Copies of the model at the steps the callback measures (registered after it)."""
+
+    def __init__(self) -> None:
+        self.models: dict[int, torch.nn.Module] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.models[state.global_step] = copy.deepcopy(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % EVERY == 0:
+            self.models[state.global_step] = copy.deepcopy(model)
+
+
+def _train(out, resume=None, *extra) -> FisherTraceCallback:
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, save_steps=SAVE,
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
+                             learning_rate=1e-2)
+    callback = FisherTraceCallback(HELD, every=EVERY, **OPTIONS)
+    Trainer(model=_model(), args=args, train_dataset=DATA, callbacks=[callback, *extra]).train(
+        resume_from_checkpoint=None if resume is None else str(resume))
+    return callback
+
+
+def _records(callback: FisherTraceCallback) -> list[tuple]:
+    return [(r.step, r.trace, r.stderr, r.variance_ratio) for r in callback.history]
+
+
+def _rows(path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return [row[:5] + row[6:] for row in csv.reader(f)]  # without the seconds column
+
+
+def test_the_callback_measures_the_trainers_model_at_its_steps(tmp_path) -> None:
+    snapshots = _Snapshots()
+    callback = _train(tmp_path, None, snapshots)
+    assert [r.step for r in callback.history] == list(range(0, STEPS + 1, EVERY))
+    reference = FisherTraceMonitor(snapshots.models[0], HELD, **OPTIONS)
+    want = []
+    for step, model in sorted(snapshots.models.items()):
+        reference.model = model  # the same monitor (its generator, windows and chains) on the step's copy
+        record = reference.measure(step)
+        want.append((record.step, record.trace, record.stderr, record.variance_ratio))
+    assert _records(callback) == want
+    assert len(_rows(tmp_path / CSV_NAME)) == len(want) + 1
+
+
+def test_a_resumed_trainer_records_what_the_uninterrupted_one_does(tmp_path) -> None:
+    whole = _train(tmp_path / "whole")
+    _train(tmp_path / "cut")
+    for later in range(2 * SAVE, STEPS + 1, SAVE):  # as if the run had died after the checkpoint of step SAVE
+        shutil.rmtree(tmp_path / "cut" / f"checkpoint-{later}", ignore_errors=True)
+    resumed = _train(tmp_path / "cut", tmp_path / "cut" / f"checkpoint-{SAVE}")
+    assert _records(resumed) == _records(whole)
+    assert _rows(tmp_path / "cut" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
+    (tmp_path / "cut" / f"checkpoint-{SAVE}" / STATE_NAME).unlink()
+    with pytest.warns(RuntimeWarning, match=f"resumes at step {SAVE} without a saved monitor state"):
+        afresh = _train(tmp_path / "cut", tmp_path / "cut" / f"checkpoint-{SAVE}")
+    assert [r.step for r in afresh.history] == list(range(SAVE + EVERY, STEPS + 1, EVERY))
+    rows = _rows(tmp_path / "cut" / CSV_NAME)  # the dead run's rows up to the checkpoint, then the new ones
+    assert [int(r[0]) for r in rows[1:]] == list(range(0, SAVE + 1, EVERY)) + list(range(SAVE + EVERY, STEPS + 1, EVERY))
+    assert rows[1:] != _rows(tmp_path / "whole" / CSV_NAME)[1:]  # fresh labels after the checkpoint
+    _train(tmp_path / "cut")  # a run from step 0 in the same folder: its own rows only
+    assert _rows(tmp_path / "cut" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)

@@ -1,0 +1,107 @@
+"""``FisherTraceCallback``: the Tr(F) monitor in a Hugging Face ``Trainer``, checkpointed with it.
+
+``Trainer(..., callbacks=[FisherTraceCallback(held, every=50)])`` measures Tr(F) with its standard error on
+the held inputs (a dict of keyword inputs, or mini-batches of them) by a
+:class:`~torchfim.train.FisherTraceMonitor` of the trainer's model, made when training begins: at step 0,
+then every ``every`` optimiser steps (``state.global_step``, so gradient accumulation's micro-steps do not
+count). The records go to ``callback.history`` and to ``fisher_trace.csv`` in the trainer's ``output_dir``
+(``csv_path`` picks another file; a run that starts at step 0 starts it afresh). Every checkpoint the trainer
+saves gets the monitor's state (``torchfim_monitor.pt`` in its ``checkpoint-N`` folder), and
+``trainer.train(resume_from_checkpoint=...)`` loads it back, so the resumed run records exactly what the
+uninterrupted one would and the CSV file is cut back to the checkpoint (:mod:`torchfim.train.checkpoint`;
+without the saved state, the records start afresh there and the file keeps the rows up to it).
+Under several processes only the first measures and writes.
+
+Importing this module imports transformers, which torchfim does not depend on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .._batches import Inputs
+from .._io import atomic_write
+from ..errors import TorchfimError, warn_user
+from .monitor import FisherTraceMonitor, TraceRecord
+from .record_sinks import CsvSink
+from .trace_plot import read_trace_csv
+
+__all__ = ["CSV_NAME", "STATE_NAME", "FisherTraceCallback"]
+
+CSV_NAME = "fisher_trace.csv"
+STATE_NAME = "torchfim_monitor.pt"
+
+
+class FisherTraceCallback(TrainerCallback):
+    """A :class:`~torchfim.train.FisherTraceMonitor` of a ``Trainer``'s model (see the module docstring).
+
+    Args:
+        inputs: the held inputs, as :class:`~torchfim.train.FisherTraceMonitor` takes them (target keys such
+            as ``labels`` are dropped).
+        every: measure on optimiser steps with ``global_step % every == 0``.
+        csv_path: the CSV file (None: ``fisher_trace.csv`` in the trainer's ``output_dir``).
+        **options: the monitor's other arguments (``family``, ``n_samples``, ``subset``, ``control_variate``,
+            ``mask``, ``output``, ``class_dim``, ``generator``, ``tensorboard_dir``).
+
+    Example:
+        >>> from torchfim.train.trainer_callback import FisherTraceCallback  # doctest: +SKIP
+        >>> held = tokenizer(texts, padding=True, return_tensors="pt")  # doctest: +SKIP
+        >>> trainer = Trainer(model, args, train_dataset=data,  # doctest: +SKIP
+        ...                   callbacks=[FisherTraceCallback(dict(held), every=50, mask="attention_mask")])
+    """
+
+    def __init__(self, inputs: Inputs, every: int = 50, csv_path: str | os.PathLike | None = None,
+                 **options: object) -> None:
+        self.inputs, self.every, self.csv_path, self.options = inputs, every, csv_path, options
+        self.monitor: FisherTraceMonitor | None = None
+
+    @property
+    def history(self) -> list[TraceRecord]:
+        """The records of this training run (those restored from a checkpoint included)."""
+        return [] if self.monitor is None else self.monitor.history
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        if not state.is_world_process_zero:
+            return
+        if model is None:
+            raise TorchfimError("FisherTraceCallback needs the trainer's model, which the Trainer passes to callbacks")
+        path = Path(args.output_dir) / CSV_NAME if self.csv_path is None else Path(self.csv_path)
+        saved = _checkpoint(args, state.global_step) / STATE_NAME
+        if state.global_step == 0 and path.exists():
+            path.unlink()  # a run from step 0: its own records only
+        self.monitor = FisherTraceMonitor(model, self.inputs, every=self.every, csv_path=path, **self.options)
+        if state.global_step == 0:
+            self.monitor.measure(0)
+        elif saved.is_file():
+            self.monitor.load_state_dict(torch.load(saved, weights_only=True))
+        else:
+            warn_user(f"torchfim: training resumes at step {state.global_step} without a saved monitor state "
+                      f"({saved} is missing): the Tr(F) records start afresh there, and {path.name} keeps the "
+                      "rows up to that step")
+            if path.exists():  # rows past the checkpoint are of the run that died
+                kept = [r for r in read_trace_csv(path) if r.step <= state.global_step]
+                CsvSink(path, self.monitor.columns).rewrite(kept)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.monitor is not None:
+            self.monitor.step(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        folder = _checkpoint(args, state.global_step)
+        if self.monitor is not None and folder.is_dir():
+            state_dict = self.monitor.state_dict()
+            atomic_write(folder / STATE_NAME, lambda f: torch.save(state_dict, f), binary=True)
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def _checkpoint(args, step: int) -> Path:
+    """The folder the trainer saves the checkpoint of ``step`` in."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
