@@ -498,3 +498,49 @@ def test_a_batch_size_fixed_by_an_assert_or_an_export_is_named_with_the_fix(buil
         else r"a batch size fixed in it"
     with pytest.raises(TorchfimError, match=rf"mini-batch of 6 inputs but failed on 2 of them .*{fix}"):
         torchfim.fisher(model, x, structure="diag", backend=backend)
+
+
+class _PackedGRU(nn.Module):
+    """A GRU classifier that packs its padded inputs itself: forward(x (B, T, 3), lengths (B,))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+        packed = x if isinstance(x, PackedSequence) else pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                                               enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_a_packed_sequence_is_refused_and_the_padded_form_it_names_is_exact():
+    """A PackedSequence iterates as its four fields, so it was read as mini-batches: its data (all time steps
+    of all sequences) ran through the model as one batch, ending in a RecursionError. Every entry point now
+    names the padded form; that form's Fisher is the per-sequence oracle's, each sequence unpadded."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from torchfim import report as report_mod
+    from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+    torch.manual_seed(0)
+    model, x = _PackedGRU().double(), torch.randn(5, 6, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 4, 3, 5])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    fix = r"a PackedSequence is not a mini-batch .* \{'x': padded, 'lengths': lengths\}"
+    for call in (lambda: torchfim.fisher(model, packed), lambda: torchfim.fisher(model, [packed]),
+                 lambda: FisherTraceMonitor(model, packed), lambda: FisherPenalty(model)(packed, step=0),
+                 lambda: report_mod.as_data(packed, "test")):
+        with pytest.raises(TorchfimError, match=fix):
+            call()
+    params, want = list(model.parameters()), 0
+    for i in range(5):  # each sequence alone, unpadded: J by one backward per class
+        o = model(x[i : i + 1, : lengths[i]], lengths[i : i + 1])[0]
+        jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(o[c], params, retain_graph=True)])
+                           for c in range(2)])
+        p = torch.softmax(o.detach(), -1)
+        want = want + torch.einsum("ap,ab,bp->p", jac, torch.diag(p) - torch.outer(p, p), jac) / 5
+    with pytest.warns(RuntimeWarning, match="one sample at a time"):  # sequences of their own lengths
+        got = torchfim.fisher(model, {"x": x, "lengths": lengths}, structure="diag")
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)

@@ -5,10 +5,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from .errors import TorchfimError
 
 Inputs = Tensor | Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]]
+
+#: Why a PackedSequence cannot be a mini-batch, and what to pass instead.
+PACKED = (
+    "a PackedSequence is not a mini-batch torchfim can split by input (its data has the time steps of all "
+    "sequences in one dim, and it iterates as its four fields); pass the padded batch and the lengths, e.g. "
+    "{{'x': padded, 'lengths': lengths}} for a forward(x, lengths) that packs them with "
+    "pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False){where}"
+)
+
+
+def refuse_packed(obj: object, where: str = "") -> None:
+    """Refuse a ``PackedSequence`` given as inputs or as a mini-batch, naming the padded form to pass."""
+    if isinstance(obj, PackedSequence):
+        raise TorchfimError(PACKED.format(where=where))
 
 
 def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[object, object]]:
@@ -31,6 +46,7 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
         raise TorchfimError(
             f"inputs must be a tensor or an iterable of mini-batches, got {type(inputs).__name__}"
         )
+    refuse_packed(inputs)
     _refuse_a_pair(inputs)
     if isinstance(targets, Tensor):
         raise TorchfimError(
@@ -39,6 +55,7 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
         )
     target_iter = None if targets is None else iter(targets)
     for item in inputs:
+        refuse_packed(item, " (a DataLoader's collate_fn can yield that pair instead)")
         if isinstance(item, (tuple, list)):
             if not item:
                 raise TorchfimError("a mini-batch of inputs is an empty tuple; yield (inputs, targets) pairs")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._batches import refuse_packed
 from ..errors import TorchfimError
 from .load import one_line
 
@@ -105,6 +106,7 @@ def as_data(obj: object, source: str, option: str = "--data") -> Data:
     from torch.utils.data import DataLoader, Dataset
 
     targets: Tensor | None = None
+    refuse_packed(obj, f" ({option})")
     if isinstance(obj, Mapping):
         return _from_mapping(obj, source, option)
     if isinstance(obj, (Tensor, np.ndarray)):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._batches import refuse_packed
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
@@ -77,6 +78,7 @@ class ModelIO:
                     f"keys {list(inputs)}"
                 )
         else:
+            refuse_packed(inputs)
             raise TorchfimError(
                 f"FisherPenalty takes the mini-batch as a torch.Tensor (model(x)) or a dict of keyword inputs "
                 f"(model(**batch)), got {type(inputs).__name__}"
