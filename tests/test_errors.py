@@ -544,3 +544,43 @@ def test_a_packed_sequence_is_refused_and_the_padded_form_it_names_is_exact():
     with pytest.warns(RuntimeWarning, match="one sample at a time"):  # sequences of their own lengths
         got = torchfim.fisher(model, {"x": x, "lengths": lengths}, structure="diag")
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+class _SummedOverBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).sum(0)
+
+
+class _UnbatchedGRU(nn.Module):
+    """nn.GRU reads a 2-D input as one sequence: inputs (B, features) without a time dim are one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[1][-1])
+
+
+@pytest.mark.parametrize("model", [_SummedOverBatch, _UnbatchedGRU])
+def test_outputs_without_the_batch_dim_first_are_refused_with_the_cause(model):
+    """Before: a size mismatch from inside torch (summed), a RecursionError (the GRU), and from the penalty a
+    message about the number of logits (the outputs read as a batch of their own length)."""
+    from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+    m, x = model().double(), torch.randn(6, 3, dtype=torch.float64)
+    shape = "(4,)" if model is _SummedOverBatch else "(2,)"
+    message = re.escape(f"outputs of shape {shape} for a mini-batch of 6 inputs") + ".*batch_first=True"
+    calls = [lambda b=backend: torchfim.fisher(m, x, backend=b) for backend in ("auto", "functional")]
+    calls += [lambda: FisherTraceMonitor(m, x).measure(0)]
+    calls += [lambda k=kind, g=method: FisherPenalty(m, kind=k, grad_method=g)(x, step=0)
+              for kind in ("batch_gradient", "trace") for method in ("exact", "finite_difference")]
+    calls += [lambda g=method: FisherPenalty(m, grad_method=g).penalised_loss(x, lambda out: out.sum(), step=0)
+              for method in ("exact", "finite_difference")]
+    for call in calls:
+        with pytest.raises(TorchfimError, match=message):
+            call()

@@ -81,7 +81,7 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     calls: list[tuple[Rule, Call]] = []
     kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
     with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, layouts), kernel:
-        raw = view.to_tensor(batch.call(view.model))
+        raw = view.to_tensor(batch.call(view.model), batch.size)
     return ModuleRecording(batch, view.flat(raw), raw.shape, calls)
 
 

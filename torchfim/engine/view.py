@@ -303,8 +303,9 @@ class ModelView:
         return self.layout.device
 
     # -------------------------------------------------------------- outputs
-    def to_tensor(self, raw: object) -> Tensor:
-        """The model's raw output as a tensor: through ``output=``, ``.logits`` or ``["logits"]``."""
+    def to_tensor(self, raw: object, size: int | None = None) -> Tensor:
+        """The model's raw output as a tensor: through ``output=``, ``.logits`` or ``["logits"]``; with ``size``,
+        refused unless its first dim is the batch of ``size`` inputs."""
         if self.output_map is not None:
             raw = mapped_output(self.output_map, raw)
             what = "the output= function"
@@ -328,6 +329,8 @@ class ModelView:
                 "or (batch,) for one output per input: give the inputs a batch dimension and return one row "
                 "of outputs per input"
             )
+        if size is not None:
+            check_batch_rows(out, size)
         return as_columns(out)
 
     def flat(self, out: Tensor) -> Tensor:
@@ -447,6 +450,17 @@ class ModelView:
         """Split a flat ``(P,)`` vector into a parameter dict."""
         pieces = torch.split(flat, self.layout.sizes)
         return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}
+
+
+def check_batch_rows(out: Tensor, size: int) -> None:
+    """Refuse outputs whose first dim is not the batch of ``size`` inputs."""
+    if out.dim() > 0 and out.shape[0] != size:
+        raise TorchfimError(
+            f"the model returned outputs of shape {tuple(out.shape)} for a mini-batch of {size} inputs; their first "
+            "dimension must be the batch, one row per input. A reduction over the batch (.sum(0), .mean(0)) or a "
+            "layer that read the inputs as one unbatched sample does this: nn.GRU, nn.LSTM and nn.RNN read a 2-D "
+            "input as one sequence, so give them (batch, time, features) with batch_first=True"
+        )
 
 
 def forward_defaults(model: nn.Module) -> dict[str, object]:

@@ -27,7 +27,7 @@ from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
-from ..engine.view import ClassDim, as_columns, check_output_map, mapped_output, read_logits
+from ..engine.view import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
@@ -123,16 +123,20 @@ class ModelIO:
                     raise
                 raise clear from err
 
-    def tensor(self, out: object) -> Tensor:
-        """The tensor of outputs the penalty reads: ``output(out)``, or ``out`` itself, ``out.logits`` or
-        ``out["logits"]``, ``(batch,)`` as ``(batch, 1)``, classes moved last where ``class_dim=1`` (anything
-        else is left to the family to refuse, with its fix)."""
-        out = as_columns(mapped_output(self.output, out) if self.output is not None else read_logits(out))
+    def tensor(self, out: object, size: int) -> Tensor:
+        """The tensor of outputs the penalty reads from a mini-batch of ``size`` inputs: ``output(out)``, or
+        ``out`` itself, ``out.logits`` or ``out["logits"]``, ``(batch,)`` as ``(batch, 1)``, classes moved last
+        where ``class_dim=1``; refused when its first dim is not the batch (anything else is left to the family
+        to refuse, with its fix)."""
+        out = mapped_output(self.output, out) if self.output is not None else read_logits(out)
+        if isinstance(out, Tensor):
+            check_batch_rows(out, size)
+        out = as_columns(out)
         return self.classes.last(out) if isinstance(out, Tensor) else out
 
     def outputs(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> Tensor:
         """The tensor of outputs of the model on the mini-batch."""
-        return self.tensor(self.call(model, x, differentiated_twice))
+        return self.tensor(self.call(model, x, differentiated_twice), x.size)
 
     def input_log_prob(self, model: nn.Module, family: PositionOutputs, x: Batch
                        ) -> Callable[[dict[str, Tensor], tuple, Tensor, Tensor | None], Tensor]:

@@ -412,7 +412,7 @@ class FisherPenalty:
         if self.kind == "trace":
             _check_mode(self.model)
         out = self.io.call(self.model, x)
-        o = leading(self.io.tensor(out), rows)
+        o = leading(self.io.tensor(out, x.size), rows)
         if self.kind == "batch_gradient":
             value, grads = self._batch_gradient(o, params), None
         else:
