@@ -152,7 +152,7 @@ class ModelIO:
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)
             with self.vmapped_forms(), stepwise_recurrent(recurrent):
-                out = self.tensor(functional_call(model, params, single.args, single.kwargs))
+                out = self.tensor(functional_call(model, params, single.args, single.kwargs), single.size)
             return family.log_prob_of_one(out, y1.unsqueeze(0), m1)
 
         return log_p
