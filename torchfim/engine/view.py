@@ -459,7 +459,8 @@ def check_batch_rows(out: Tensor, size: int) -> None:
             f"the model returned outputs of shape {tuple(out.shape)} for a mini-batch of {size} inputs; their first "
             "dimension must be the batch, one row per input. A reduction over the batch (.sum(0), .mean(0)) or a "
             "layer that read the inputs as one unbatched sample does this: nn.GRU, nn.LSTM and nn.RNN read a 2-D "
-            "input as one sequence, so give them (batch, time, features) with batch_first=True"
+            "input as one sequence, so give them (batch, time, features) with batch_first=True; a model that "
+            "returns (time, batch, ...) needs output=lambda out: out.transpose(0, 1)"
         )
 
 
