@@ -104,7 +104,12 @@ def dense_gradients(model: nn.Module) -> Iterator[None]:
 
 
 def has_module_backward_hooks(model: nn.Module) -> bool:
-    """Whether a module of ``model`` has backward hooks (``register_full_backward_hook`` or its pre-hook)."""
+    """Whether a module of ``model`` has backward hooks (``register_full_backward_hook`` or its pre-hook, its
+    own or torch's global ones)."""
+    from torch.nn.modules import module
+
+    if module._global_backward_hooks or module._global_backward_pre_hooks:
+        return True
     return any(m._backward_hooks or m._backward_pre_hooks for m in model.modules())
 
 

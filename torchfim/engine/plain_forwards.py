@@ -283,9 +283,31 @@ def _uncached_parametrizations() -> Callable[[], None] | None:
     return undo
 
 
+def _no_global_backward_hooks() -> Callable[[], None] | None:
+    """torch's global module backward hooks (``register_module_full_backward_hook`` and its pre-hook) off, and
+    how to put them back. Like a module's own backward hooks, which the engine's copy and the penalty drop, they
+    are no part of the function whose Fisher is taken: one that rescales gradients rescaled the exact Fisher
+    (25 % off for a factor ½), and torch.func cannot transform them."""
+    from torch.nn.modules import module
+
+    registries = [r for r in (module._global_backward_hooks, module._global_backward_pre_hooks) if r]
+    if not registries:
+        return None
+    held = [list(r.items()) for r in registries]
+    for registry in registries:
+        registry.clear()
+
+    def undo() -> None:
+        for registry, items in zip(registries, held):
+            registry.update(items)
+
+    return undo
+
+
 _EAGER = _ProcessSwitch(_force_eager)
 _QUIET = _ProcessSwitch(_quiet_vmap_fallbacks)
 _UNCACHED = _ProcessSwitch(_uncached_parametrizations)
+_UNHOOKED = _ProcessSwitch(_no_global_backward_hooks)
 
 
 def eager_compiled() -> contextlib.AbstractContextManager[None]:
@@ -329,10 +351,11 @@ def quiet_vmap_fallbacks() -> contextlib.AbstractContextManager[None]:
 def differentiated_forwards() -> Iterator[None]:
     """What every computation of torchfim runs in, the engine's and the penalty's: autograd whatever mode the
     caller is in (``torch.no_grad``, ``torch.inference_mode``), plain forwards (:func:`plain_forwards`),
-    torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`), and its cache of
-    parametrized tensors off (:func:`_uncached_parametrizations`; in every thread, as the notices)."""
+    torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`), its cache of parametrized
+    tensors off (:func:`_uncached_parametrizations`) and its global module backward hooks off
+    (:func:`_no_global_backward_hooks`; the last two in every thread, as the notices)."""
     with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks(), \
-            _UNCACHED.block():
+            _UNCACHED.block(), _UNHOOKED.block():
         yield
 
 
