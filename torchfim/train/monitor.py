@@ -214,7 +214,7 @@ class FisherTraceMonitor:
         self._path_key: tuple | None = None
         self._path_cache: tuple[ModelView, Backend] | None = None
         self.n_inputs = sum(b.size for b in self.inputs)
-        self._checksum = inputs_checksum(self.inputs)
+        self._checksum: float | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
         self.subset, self.control_variate = self._check_options(subset, control_variate)
         self._plan()
@@ -311,6 +311,8 @@ class FisherTraceMonitor:
     # ------------------------------------------------------------ internals
     def _settings(self) -> dict[str, object]:
         """The options a saved state depends on."""
+        if self._checksum is None:
+            self._checksum = inputs_checksum(self.inputs)
         return {"family": self.family.name, "n_samples": self.n_samples, "n_inputs": self.n_inputs,
                 "subset": self.subset, "control_variate": self.control_variate, "inputs_checksum": self._checksum}
 

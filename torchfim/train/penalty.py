@@ -345,8 +345,7 @@ class FisherPenalty:
         if step % self.every != 0:
             return self._between(inputs, task_loss)
         if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
-            out = self.io.call(self.model, self.io.prepare(inputs, trainable(self.model)[1][0]), differentiated_twice=False)
-            return self._task(task_loss, out) + self(inputs, step=step, mask=mask)
+            return self._between(inputs, task_loss, surrogate=False) + self(inputs, step=step, mask=mask)
         names, params = trainable(self.model)
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
@@ -396,9 +395,10 @@ class FisherPenalty:
             )
         return loss if loss.dim() == 0 else loss.reshape(())
 
-    def _between(self, inputs: Inputs, task_loss: Callable[[object], Tensor]) -> Tensor:
-        """A step that does not compute the penalty: the task loss, plus the cached-gradient surrogate."""
-        reuse = self.reuse_between and self._cached_grads is not None
+    def _between(self, inputs: Inputs, task_loss: Callable[[object], Tensor], surrogate: bool = True) -> Tensor:
+        """The task loss from a forward of the caller's, plus (on a step that does not compute the penalty) the
+        cached-gradient surrogate."""
+        reuse = surrogate and self.reuse_between and self._cached_grads is not None
         first = self._cached_params[0] if reuse else trainable(self.model)[1][0]
         loss = self._task(task_loss, self.io.call(self.model, self.io.prepare(inputs, first), differentiated_twice=False))
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
