@@ -205,3 +205,38 @@ def test_parameters_of_modules_never_called_are_named_as_such_and_stay_exact() -
     assert len(texts) == 1 and CAUSES["uncalled"] in texts[0] and CAUSES["outside"] not in texts[0]
     want = torchfim.fisher(model, x, structure="diag", backend="functional")
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+class _ForceField(nn.Module):
+    """Forces ``−∂E/∂x`` of an energy MLP: the forward differentiates through the layers' parameters itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.requires_grad_(True)
+            (force,) = torch.autograd.grad(self.energy(x).sum(), x, create_graph=True)
+        return -force
+
+
+def test_a_forward_that_differentiates_itself_is_exact_and_named():
+    """A force field's outputs depend on the weights through a backward pass of the forward's own, which no
+    module rule sees: the coverage check moves them to the generic rule, the warning says so, and the Gaussian
+    Fisher is the brute-force ``(1/n) Σᵢ Jᵢᵀ Jᵢ`` (the last bias does not reach the forces: zero)."""
+    torch.manual_seed(0)
+    model, x = _ForceField().double(), torch.randn(6, 3, dtype=torch.float64)
+    params, want = list(model.parameters()), 0
+    for i in range(len(x)):
+        out = model(x[i : i + 1].clone())[0]
+        rows = []
+        for c in range(3):
+            grads = torch.autograd.grad(out[c], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)]))
+        jac = torch.stack(rows)
+        want = want + (jac * jac).sum(0) / len(x)
+    with pytest.warns(RuntimeWarning, match="one sample at a time"), \
+            pytest.warns(RuntimeWarning, match="the forward differentiates through them itself"):
+        got = torchfim.fisher(model, x, family="gaussian", structure="diag")
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14) and float(got[-1]) == 0.0

@@ -56,7 +56,8 @@ CAUSES = {
                  "the later one count twice: return them in a tuple, list or dict",
     "outside": "they are used outside their module's forward, e.g. F.linear(h, embedding.weight) for tied output "
                "weights: use them through a module instead (an nn.Linear whose .weight is the same Parameter) so "
-               "that every use has a rule",
+               "that every use has a rule; or the forward differentiates through them itself (torch.autograd.grad "
+               "in forward, as a force field's −∂E/∂x): nothing to fix",
     "uncalled": "their module is never called: the forward reads them directly (a graph from torch.export, which "
                 "inlines its modules, or F.linear(x, layer.weight)), so no rule of theirs sees a use: call the module, "
                 "or nothing to fix",
