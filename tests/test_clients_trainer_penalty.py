@@ -5,12 +5,14 @@ from a config, CPU, no dropout, no gradient clipping).
 Oracle: at every optimiser step, the gradient the Trainer hands its optimiser equals the gradient of
 ``out.loss + penalty`` computed by hand on a copy of the model at that step, on the batch the Trainer used,
 with a penalty drawing from a generator seeded alike (exact double backprop: to 1e-12; the finite difference:
-to the O(ε) of the task gradient taken at θ + ε ĝ, 1e-6 here).
+to the O(ε) of the task gradient taken at θ + ε ĝ, 1e-6 here). With ``FisherPenaltyCallback``, a run resumed
+from a checkpoint ends with the uninterrupted run's parameters, bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 
 import clients
 import pytest
@@ -79,3 +81,35 @@ def test_the_trainer_steps_on_task_plus_penalty(tmp_path, method: str) -> None:
         scale = max(float(w.abs().max()) for w in want)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+
+def _resumable(out, resume=None, steps: int = 6) -> list[torch.Tensor]:
+    """The parameters after ``steps`` steps of a penalised Trainer (every=2) saving its checkpoints every 3 steps,
+    with the penalty's state through ``FisherPenaltyCallback`` (None: without it)."""
+    from torchfim.train.trainer_callback import FisherPenaltyCallback
+
+    model = _model()
+    penalty = FisherPenalty(model, alpha=0.5, every=2, generator=torch.Generator().manual_seed(3))
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, save_steps=3,
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
+                             learning_rate=1e-2, max_grad_norm=0.0)
+    trainer = PenalisedTrainer(model=model, args=args, train_dataset=DATA, penalty=penalty,
+                               callbacks=[FisherPenaltyCallback(penalty)])
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_resumed_penalised_trainer_trains_as_the_uninterrupted_one(tmp_path) -> None:
+    """Checkpoint-3 falls between two computed steps (every=2): the next step reuses the cached gradient and the
+    one after draws labels from the generator, both restored from the checkpoint; without the penalty's state
+    the resumed run ends elsewhere."""
+    whole = _resumable(tmp_path / "whole")
+    _resumable(tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-6")  # as if the run had died after checkpoint-3
+    resumed = _resumable(tmp_path / "cut", tmp_path / "cut" / "checkpoint-3")
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole))
+    (tmp_path / "cut" / "checkpoint-3" / "torchfim_penalty-0.pt").unlink()
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-6")
+    with pytest.warns(RuntimeWarning, match="resumes at step 3 without a saved penalty state"):
+        afresh = _resumable(tmp_path / "cut", tmp_path / "cut" / "checkpoint-3")
+    assert not all(torch.equal(a, b) for a, b in zip(afresh, whole))

@@ -1,4 +1,4 @@
-"""``FisherTraceCallback``: the Tr(F) monitor in a Hugging Face ``Trainer``, checkpointed with it.
+"""Callbacks for a Hugging Face ``Trainer``: the Tr(F) monitor, and the penalty's state in its checkpoints.
 
 ``Trainer(..., callbacks=[FisherTraceCallback(held, every=50)])`` measures Tr(F) with its standard error on
 the held inputs (a dict of keyword inputs, or mini-batches of them) by a
@@ -11,6 +11,11 @@ saves gets the monitor's state (``torchfim_monitor.pt`` in its ``checkpoint-N`` 
 uninterrupted one would and the CSV file is cut back to the checkpoint (:mod:`torchfim.train.checkpoint`;
 without the saved state, the records start afresh there and the file keeps the rows up to it).
 Under several processes only the first measures and writes.
+
+``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
+``compute_loss`` (see the README): its state (generator, cached gradient) goes into every checkpoint, one
+file per process (``torchfim_penalty-<process index>.pt``, each process drawing its own labels), and comes back
+on ``resume_from_checkpoint``, so the resumed run trains as the uninterrupted one would.
 
 Importing this module imports transformers, which torchfim does not depend on.
 """
@@ -28,10 +33,11 @@ from .._batches import Inputs
 from .._io import atomic_write
 from ..errors import TorchfimError, warn_user
 from .monitor import FisherTraceMonitor, TraceRecord
+from .penalty import FisherPenalty
 from .record_sinks import CsvSink
 from .trace_plot import read_trace_csv
 
-__all__ = ["CSV_NAME", "STATE_NAME", "FisherTraceCallback"]
+__all__ = ["CSV_NAME", "STATE_NAME", "FisherPenaltyCallback", "FisherTraceCallback"]
 
 CSV_NAME = "fisher_trace.csv"
 STATE_NAME = "torchfim_monitor.pt"
@@ -100,6 +106,43 @@ class FisherTraceCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
             self.monitor.close()
+
+
+class FisherPenaltyCallback(TrainerCallback):
+    """The state of a :class:`~torchfim.train.FisherPenalty` saved in each of a ``Trainer``'s checkpoints and
+    loaded on ``resume_from_checkpoint`` (see the module docstring); the penalty itself goes into
+    ``compute_loss``.
+
+    Example:
+        >>> pen = FisherPenalty(model, alpha=0.01, every=10)  # doctest: +SKIP
+        >>> trainer = PenalisedTrainer(model, args, train_dataset=data,  # doctest: +SKIP
+        ...                            callbacks=[FisherPenaltyCallback(pen)])
+    """
+
+    def __init__(self, penalty: FisherPenalty) -> None:
+        if not isinstance(penalty, FisherPenalty):
+            raise TorchfimError(f"FisherPenaltyCallback takes a FisherPenalty, got {type(penalty).__name__}")
+        self.penalty = penalty
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == 0:
+            return
+        saved = _checkpoint(args, state.global_step) / _penalty_file(args)
+        if saved.is_file():
+            self.penalty.load_state_dict(torch.load(saved, weights_only=True))
+        else:
+            warn_user(f"torchfim: training resumes at step {state.global_step} without a saved penalty state "
+                      f"({saved} is missing): its labels and cached gradient start afresh there")
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        folder = _checkpoint(args, state.global_step)
+        if folder.is_dir():
+            state_dict = self.penalty.state_dict()
+            atomic_write(folder / _penalty_file(args), lambda f: torch.save(state_dict, f), binary=True)
+
+
+def _penalty_file(args) -> str:
+    return f"torchfim_penalty-{args.process_index}.pt"
 
 
 def _checkpoint(args, step: int) -> Path:
