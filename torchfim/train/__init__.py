@@ -8,7 +8,8 @@
 * :func:`plot_trace` — Tr(F) over training with its error band, from monitors or their CSV files
   (:func:`read_trace_csv` reads one back).
 * ``torchfim.train.trainer_callback.FisherTraceCallback`` — the monitor in transformers' ``Trainer``, saved
-  in its checkpoints and resumed with them (that module imports transformers; this package does not).
+  in its checkpoints and resumed with them; ``FisherPenaltyCallback`` does the same for the penalty's state
+  (that module imports transformers; this package does not).
 
 See ``docs/math.md`` §7 (the Fisher penalty).
 """
