@@ -56,11 +56,12 @@ MISREAD = [
     ("bernoulli", 1, lambda z: torch.sigmoid(z).float().double().reshape(-1, 1), "a sigmoid"),  # through a cast
     ("poisson", 2, torch.exp, "exp"),
     ("poisson", 2, nn.Softplus(), "a softplus"),
+    ("gamma", 2, torch.exp, "exp"),
 ]
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
-@pytest.mark.parametrize(("family", "width", "end", "named"), MISREAD, ids=["sigmoid", "sigmoid-cast", "exp", "softplus"])
+@pytest.mark.parametrize(("family", "width", "end", "named"), MISREAD, ids=["sigmoid", "sigmoid-cast", "exp", "softplus", "gamma-exp"])
 def test_a_model_ending_in_the_inverse_link_is_named(family, width, end, named, entry) -> None:
     messages = _messages(lambda: ENTRIES[entry](_model(width, end), family))
     assert messages and all(f"come out of {named}" in m and family in m for m in messages)
@@ -71,8 +72,9 @@ def test_a_model_ending_in_the_inverse_link_is_named(family, width, end, named, 
     ("bernoulli", 1, nn.Identity()),
     ("bernoulli", 1, lambda z: 2 * torch.sigmoid(z) - 1),  # not the sigmoid's values
     ("poisson", 2, nn.Tanh()),
+    ("gamma", 2, nn.Tanh()),
     ("gaussian", 1, nn.Sigmoid()),  # a mean in (0, 1) is a mean
-], ids=["logits", "shifted-sigmoid", "tanh", "gaussian-sigmoid"])
+], ids=["logits", "shifted-sigmoid", "tanh", "gamma-tanh", "gaussian-sigmoid"])
 def test_models_that_return_natural_parameters_are_not_named(family, width, end, entry) -> None:
     assert _messages(lambda: ENTRIES[entry](_model(width, end), family)) == []
 

@@ -37,6 +37,14 @@ def _reduced_polygamma(order: int, shape: Tensor) -> Tensor:
     return torch.where(alpha < _ASYMPTOTIC_SHAPE, direct, series)
 
 
+#: A gamma model that ends in an exponential or a softplus, returning the mean and shape themselves.
+POSITIVE = (
+    "torchfim: the model's outputs come out of {op} (positive values), but the gamma family reads them as a "
+    "log-mean and a log-shape (μ = exp(outputs[..., :D]), α = exp(outputs[..., D:])), so the Fisher would be that "
+    "of another model; return their logs ({fix})"
+)
+
+
 class Gamma(PairedFamily):
     """Independent gamma labels ``y_d > 0`` with outputs ``o = [log μ (D), log α (D)]``.
 
@@ -79,6 +87,8 @@ class Gamma(PairedFamily):
 
     name = "gamma"
     halves = ("log-mean", "log-shape")
+    misread = {"ExpBackward0": POSITIVE.format(op="exp", fix="drop the final exp"),
+               "SoftplusBackward0": POSITIVE.format(op="a softplus", fix="torch.log of it")}
     curvature_coupling = (((1.0, -1.0), (-1.0, 0.0)), ((0.0, 0.0), (0.0, -1.0)))
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
