@@ -29,7 +29,7 @@ which runs the user's own model, overrides what it needs for the length of a blo
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from torch import nn
@@ -38,7 +38,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..errors import TorchfimError
 
-__all__ = ["dense_gradients", "for_derivatives", "has_module_backward_hooks", "paused_power_iterations",
+__all__ = ["dense_gradients", "emptied", "for_derivatives", "has_module_backward_hooks", "paused_power_iterations",
            "quiet_backward_hooks"]
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
@@ -125,14 +125,25 @@ def quiet_backward_hooks(model: nn.Module, params: list[nn.Parameter], modules: 
     registries = [p._backward_hooks for p in params if p._backward_hooks]
     if modules:
         registries += [r for m in model.modules() for r in (m._backward_hooks, m._backward_pre_hooks) if r]
-    held = [list(r.items()) for r in registries]
-    for registry in registries:
-        registry.clear()
+    refill = emptied(registries)
     try:
         yield
     finally:
+        refill()
+
+
+def emptied(registries: list[dict]) -> Callable[[], None]:
+    """Empty each hook registry in place (whoever holds it, autograd or a module, then finds it empty); return
+    how to put its entries back (after any added meanwhile)."""
+    held = [list(r.items()) for r in registries]
+    for registry in registries:
+        registry.clear()
+
+    def refill() -> None:
         for registry, items in zip(registries, held):
             registry.update(items)
+
+    return refill
 
 
 @contextmanager

@@ -47,6 +47,7 @@ from torch import nn
 from torch.amp.autocast_mode import autocast
 from torch.autograd.graph import saved_tensors_hooks
 
+from .derivative_settings import emptied
 from .private_tree import is_compile_wrapper
 
 __all__ = ["autocast_dtype", "autocast_enabled", "differentiated_forwards", "eager_compiled", "holds_compiled",
@@ -291,17 +292,7 @@ def _no_global_backward_hooks() -> Callable[[], None] | None:
     from torch.nn.modules import module
 
     registries = [r for r in (module._global_backward_hooks, module._global_backward_pre_hooks) if r]
-    if not registries:
-        return None
-    held = [list(r.items()) for r in registries]
-    for registry in registries:
-        registry.clear()
-
-    def undo() -> None:
-        for registry, items in zip(registries, held):
-            registry.update(items)
-
-    return undo
+    return emptied(registries) if registries else None
 
 
 _EAGER = _ProcessSwitch(_force_eager)

@@ -98,10 +98,8 @@ class FisherTraceCallback(TrainerCallback):
             self.monitor.step(state.global_step)
 
     def on_save(self, args, state, control, **kwargs) -> None:
-        folder = _checkpoint(args, state.global_step)
-        if self.monitor is not None and folder.is_dir():
-            state_dict = self.monitor.state_dict()
-            atomic_write(folder / STATE_NAME, lambda f: torch.save(state_dict, f), binary=True)
+        if self.monitor is not None:
+            _save_into(_checkpoint(args, state.global_step), STATE_NAME, self.monitor)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
@@ -135,10 +133,14 @@ class FisherPenaltyCallback(TrainerCallback):
                       f"({saved} is missing): its labels and cached gradient start afresh there")
 
     def on_save(self, args, state, control, **kwargs) -> None:
-        folder = _checkpoint(args, state.global_step)
-        if folder.is_dir():
-            state_dict = self.penalty.state_dict()
-            atomic_write(folder / _penalty_file(args), lambda f: torch.save(state_dict, f), binary=True)
+        _save_into(_checkpoint(args, state.global_step), _penalty_file(args), self.penalty)
+
+
+def _save_into(folder: Path, name: str, tool: FisherTraceMonitor | FisherPenalty) -> None:
+    """``tool.state_dict()`` written atomically as ``folder/name``, where the trainer saved a checkpoint."""
+    if folder.is_dir():
+        state_dict = tool.state_dict()
+        atomic_write(folder / name, lambda f: torch.save(state_dict, f), binary=True)
 
 
 def _penalty_file(args) -> str:
