@@ -1,5 +1,5 @@
 """``FisherPenalty`` in transformers' own ``Trainer``, by the README's recipe: a ``compute_loss`` that returns
-``pen.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step)`` (a BERT classifier built
+``pen.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)`` (a BERT classifier built
 from a config, CPU, no dropout, no gradient clipping).
 
 Oracle: at every optimiser step, the gradient the Trainer hands its optimiser equals the gradient of
@@ -48,7 +48,7 @@ class PenalisedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.batches.append({k: v.clone() for k, v in inputs.items()})
-        return self.penalty.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step)
+        return self.penalty.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)
 
 
 class _Gradients(TrainerCallback):

@@ -272,6 +272,43 @@ def test_bad_calls_raise() -> None:
         pen.penalised_loss(x, lambda out: out.pow(2).mean(1), step=0)
     with pytest.raises(torchfim.TorchfimError, match="inputs"):
         pen.penalised_loss([1.0], lambda out: out.sum(), step=0)
+    with pytest.raises(torchfim.TorchfimError, match="model must be a torch.nn.Module"):
+        pen.penalised_loss(x, lambda out: out.sum(), step=0, model=lambda x: x)
+    with pytest.raises(torchfim.TorchfimError, match="trainable parameters are not the penalty's"):
+        pen.penalised_loss(x, lambda out: out.sum(), step=0, model=tanh_mlp(3))
+    with pytest.raises(torchfim.TorchfimError, match="scalar task loss"):
+        pen.penalised_loss(x, lambda out: out.pow(2).mean(1), step=0, model=_Counting(model))
+    assert pen.model is model  # the module run is the penalty's own again
+
+
+class _Counting(nn.Module):
+    """A wrapper of the model that counts its forwards (as DistributedDataParallel wraps one)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.module(x)
+
+
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_wrapper_passed_as_model_is_the_module_run(kind: str, grad_method: str, every: int) -> None:
+    """``model=wrapper``: the loss's forwards go through the wrapper (as DDP needs them to), and the loss and
+    its gradient are the ones without it, bit for bit; the penalty's own model is kept."""
+    model, x = tanh_mlp(3, seed=64), mlp_inputs(6, seed=65)
+    task, wrapper = squared_task(3, 6), _Counting(model)
+    plain, wrapped = (penalty(model, kind=kind, grad_method=grad_method, every=every) for _ in range(2))
+    for step in range(2):
+        want = plain.penalised_loss(x, task, step=step)
+        calls = wrapper.calls
+        got = wrapped.penalised_loss(x, task, step=step, model=wrapper)
+        assert wrapper.calls > calls and wrapped.model is model
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(grads_of(got, model), grads_of(want, model)))
 
 
 @pytest.mark.parametrize("fd_step", [None, 1e-3])

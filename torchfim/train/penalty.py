@@ -55,6 +55,7 @@ from .finite_difference import (
     trace_fd,
 )
 from .model_io import Inputs, ModelIO, leading_rows
+from .penalised_arguments import check_task_loss, running_module, scalar_task_loss
 from .position_outputs import PositionOutputs
 from .surrogate import fixed_gradient, zero_term
 
@@ -276,7 +277,7 @@ class FisherPenalty:
             return value
 
     def penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int | None = None,
-                       mask: Tensor | str | None = None) -> Tensor:
+                       mask: Tensor | str | None = None, model: nn.Module | None = None) -> Tensor:
         """The task loss plus the penalty from one shared forward pass: ``task_loss(outputs) + term``.
 
         ``task_loss`` maps the model's outputs on the whole batch ``inputs`` to the scalar task
@@ -286,7 +287,10 @@ class FisherPenalty:
         instead of the caller, and the caller does ``loss.backward()`` on the result. For a model
         that treats samples independently the penalty is the one ``pen(inputs, step=step)`` gives
         (same labels from the same generator); with BatchNorm in training mode its batch
-        statistics are those of the whole batch.
+        statistics are those of the whole batch. ``model`` is the module to run instead of the
+        penalty's own: a wrapper holding the same trainable parameters, such as the
+        ``DistributedDataParallel`` module (a ``Trainer``'s ``compute_loss`` receives it), whose
+        forwards alone make the processes average their gradients (:mod:`.penalised_arguments`).
 
         * Steps that compute the penalty, ``grad_method="finite_difference"``,
           ``kind="batch_gradient"``: pass 1 at θ (forward, labels ŷ, ``g = ∇L(θ)`` by one backward
@@ -337,11 +341,15 @@ class FisherPenalty:
             (True, False)
         """
         check_step(step)
-        if not callable(task_loss):
-            raise TorchfimError(
-                f"task_loss must be a function of the model's outputs returning the scalar task loss, got "
-                f"{type(task_loss).__name__}; pass e.g. lambda out: F.cross_entropy(out, y)"
-            )
+        check_task_loss(task_loss)
+        own, self.model = self.model, running_module(self.model, model)
+        try:
+            return self._penalised_loss(inputs, task_loss, step, mask)
+        finally:
+            self.model = own
+
+    def _penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int,
+                        mask: Tensor | str | None) -> Tensor:
         if step % self.every != 0:
             return self._between(inputs, task_loss)
         if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
@@ -385,22 +393,13 @@ class FisherPenalty:
         named, self._precision_named = self._precision_named, True
         return computing_passes(self.model, self.kind, self.grad_method, params, not named, module_hooks)
 
-    def _task(self, task_loss: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
-        loss = task_loss(out)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise TorchfimError(
-                f"task_loss must return the scalar task loss (a one-element tensor), got {shape}; "
-                "reduce it, e.g. F.cross_entropy(out, y) with its default reduction='mean'"
-            )
-        return loss if loss.dim() == 0 else loss.reshape(())
-
     def _between(self, inputs: Inputs, task_loss: Callable[[object], Tensor], surrogate: bool = True) -> Tensor:
         """The task loss from a forward of the caller's, plus (on a step that does not compute the penalty) the
         cached-gradient surrogate."""
         reuse = surrogate and self.reuse_between and self._cached_grads is not None
         first = self._cached_params[0] if reuse else trainable(self.model)[1][0]
-        loss = self._task(task_loss, self.io.call(self.model, self.io.prepare(inputs, first), differentiated_twice=False))
+        out = self.io.call(self.model, self.io.prepare(inputs, first), differentiated_twice=False)
+        loss = scalar_task_loss(task_loss, out)
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
         return loss + self._surrogate(self._cached_params, self._cached_grads, self.last_value) if reuse else loss
 
@@ -425,7 +424,7 @@ class FisherPenalty:
         if grads is None:
             grads = self._double_backprop(value, params, cache, retain=True)
         term = value if grads is None else self._surrogate(params, grads, value.detach())
-        return self._task(task_loss, out) + term, value, grads
+        return scalar_task_loss(task_loss, out) + term, value, grads
 
     def _shared_fd(
         self, x: Batch, rows: int, named: list[tuple[str, Tensor]], task_loss: Callable[[object], Tensor],
@@ -435,7 +434,7 @@ class FisherPenalty:
         params = [p for _, p in named]
         out, nll, coef, value, last = batch_gradient_fd_shared(
             self.model, self.io, self.family, named, x, rows, self._outputs_and_labels, self.alpha, self.fd_step, cache)
-        task = self._task(task_loss, out)
+        task = scalar_task_loss(task_loss, out)
         if not cache:  # one backward: ∇task(θ') + c·∇L(θ') − c·g
             return task + coef * (nll - nll.detach()) + last, value, None
         grads = penalty_gradient(nll, params, last, coef)  # c·(∇L(θ') − g), to reuse on the next steps

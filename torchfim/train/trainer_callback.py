@@ -10,10 +10,11 @@ saves gets the monitor's state (``torchfim_monitor.pt`` in its ``checkpoint-N`` 
 ``trainer.train(resume_from_checkpoint=...)`` loads it back, so the resumed run records exactly what the
 uninterrupted one would and the CSV file is cut back to the checkpoint (:mod:`torchfim.train.checkpoint`;
 without the saved state, the records start afresh there and the file keeps the rows up to it).
-Under several processes only the first measures and writes.
+Under several processes only the first measures and writes (tests/test_clients_trainer_processes.py).
 
 ``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
-``compute_loss`` (see the README): its state (generator, cached gradient) goes into every checkpoint, one
+``compute_loss`` (see the README; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
+it, whose forwards alone make several processes average their gradients): its state (generator, cached gradient) goes into every checkpoint, one
 file per process (``torchfim_penalty-<process index>.pt``, each process drawing its own labels), and comes back
 on ``resume_from_checkpoint``, so the resumed run trains as the uninterrupted one would.
 
