@@ -57,7 +57,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +71,7 @@ from ..families import Family, get_family
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
 from .held import hold, pooled
-from .record_sinks import CsvSink, TensorBoardSink
+from .record_sinks import CsvSink, TensorBoardSink, process_paths
 from .trace_stats import ControlVariate, Windows, mean_and_variance
 
 #: Seed of the private generator used when no ``generator`` is given.
@@ -140,8 +139,10 @@ class FisherTraceMonitor:
         generator: ``torch.Generator`` for the labels. When None the monitor uses a private
             generator seeded with ``DEFAULT_SEED`` (never torch's global RNG, so measuring does not
             change the training run's random stream).
-        csv_path: file to append records to (parent directories are created).
-        tensorboard_dir: log directory for a ``SummaryWriter``.
+        csv_path: file to append records to (parent directories are created). Under several processes
+            (``torch.distributed``) each measures its own held inputs and writes its own file: process r > 0
+            ``<stem>.rank<r><suffix>`` beside it (:func:`~torchfim.train.record_sinks.process_paths`).
+        tensorboard_dir: log directory for a ``SummaryWriter`` (process r > 0: its folder ``rank<r>``).
         subset: measure on this many held inputs per measurement (rotating windows, see the module
             docstring); None for all of them. A subset larger than the held inputs uses them all.
         control_variate: carry the previous estimate over by common random numbers (see the
@@ -220,10 +221,9 @@ class FisherTraceMonitor:
         self._plan()
         self.columns = COLUMNS + (("variance_ratio",) if self.control_variate else ())
 
-        self.csv_path = None if csv_path is None else Path(csv_path)
-        self._csv = None if csv_path is None else CsvSink(csv_path, self.columns)
-        self.tensorboard_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
-        self._tensorboard = None if tensorboard_dir is None else TensorBoardSink(tensorboard_dir)
+        self.csv_path, self.tensorboard_dir = process_paths(csv_path, tensorboard_dir)
+        self._csv = None if self.csv_path is None else CsvSink(self.csv_path, self.columns)
+        self._tensorboard = None if self.tensorboard_dir is None else TensorBoardSink(self.tensorboard_dir)
 
     def __repr__(self) -> str:
         return (

@@ -5,6 +5,9 @@
 * :class:`TensorBoardSink` — scalars under ``fisher/trace``, ``fisher/trace_stderr`` (and
   ``fisher/trace_variance_ratio``); on resuming, TensorBoard's ``purge_step`` drops the events
   logged after the saved state, as it does for any resumed run.
+* :func:`process_paths` — under several processes (``torch.distributed``), each writes its own files: the
+  first the paths given, process r ``<stem>.rank<r><suffix>`` and the folder ``rank<r>`` inside the log
+  directory, so that no two processes append to one file.
 """
 
 from __future__ import annotations
@@ -16,8 +19,23 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
+
 from .._io import atomic_write
 from ..errors import TorchfimError
+
+
+def process_paths(csv_path: str | os.PathLike | None,
+                  tensorboard_dir: str | os.PathLike | None) -> tuple[Path | None, Path | None]:
+    """This process's CSV file and TensorBoard directory (see the module docstring)."""
+    csv_file = None if csv_path is None else Path(csv_path)
+    log_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
+    distributed = torch.distributed
+    rank = distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
+    if rank == 0:
+        return csv_file, log_dir
+    return (None if csv_file is None else csv_file.with_name(f"{csv_file.stem}.rank{rank}{csv_file.suffix}"),
+            None if log_dir is None else log_dir / f"rank{rank}")
 
 
 def _load_summary_writer() -> type | None:
