@@ -5,14 +5,16 @@ Oracles: at every step, both processes hand their optimisers the same gradient, 
 the gradient of ``out.loss + penalty`` computed by hand on a copy of the model at that step, on that process's
 batch, with a penalty drawing from that process's generator (exact double backprop: 1e-12; the finite
 difference: the O(ε) of the task gradient taken at θ + ε ĝ, 1e-6); a penalised loss through the bare model,
-which the processes' gradient averaging does not see, is named by a warning. The first process alone measures Tr(F): its
-records are those of one monitor measuring copies of the model at the measured steps. A two-process run resumed
-from a checkpoint ends with the uninterrupted run's parameters and records, bit for bit.
+which the processes' gradient averaging does not see, is named by a warning. The processes share each Tr(F)
+measurement: the record is the stratified combination of two monitors, each measuring one process's share of
+the held inputs on copies of the model at the measured steps. A two-process run resumed from a checkpoint ends
+with the uninterrupted run's parameters and records, bit for bit.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import subprocess
@@ -28,7 +30,8 @@ transformers = clients.need("transformers")
 import trainer_ranks as ranks  # noqa: E402
 
 from torchfim.train import FisherTraceMonitor  # noqa: E402
-from torchfim.train.trainer_callback import CSV_NAME, STATE_NAME  # noqa: E402
+from torchfim.train.monitor import DEFAULT_SEED  # noqa: E402
+from torchfim.train.trainer_callback import CSV_NAME  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
 WORLD = 2
@@ -98,23 +101,33 @@ def test_both_processes_step_on_the_mean_of_their_penalised_gradients(runs: Path
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
 
 
-def test_the_first_process_alone_measures_and_writes(runs: Path) -> None:
+def test_the_processes_share_each_measurement_and_the_first_writes(runs: Path) -> None:
+    """Each process measures rows r::2 of the held inputs (a monitor of that share alone, generator seeded
+    DEFAULT_SEED + r, measuring copies of the model at the measured steps); both record the combination."""
     first, second = _saved(runs, "exact", "whole")
-    assert second["records"] == []
-    reference = FisherTraceMonitor(_at(first["params"][0]), ranks.HELD)
+    assert first["records"] == second["records"]
     steps = list(range(0, ranks.STEPS + 1, ranks.EVERY))
-    want = []
-    for step in steps:
-        reference.model = _at(first["params"][step] if step < ranks.STEPS else first["final"])
-        record = reference.measure(step)
-        want.append((record.step, record.trace, record.stderr))
-    assert first["records"] == want
+    shares = []
+    for rank in range(WORLD):
+        share = {k: v[rank::WORLD] for k, v in ranks.HELD.items()}
+        alone = FisherTraceMonitor(_at(first["params"][0]), share, generator=torch.Generator().manual_seed(DEFAULT_SEED + rank))
+        for step in steps:
+            alone.model = _at(first["params"][step] if step < ranks.STEPS else first["final"])
+            alone.measure(step)
+        shares.append((len(share["input_ids"]), alone.history))
+    total = sum(n for n, _ in shares)
+    for k, (step, trace, stderr) in enumerate(first["records"]):
+        assert step == steps[k]
+        assert trace == pytest.approx(sum(n / total * h[k].trace for n, h in shares), rel=1e-12)
+        assert stderr == pytest.approx(math.sqrt(sum((n / total * h[k].stderr) ** 2 for n, h in shares)), rel=1e-12)
     with open(runs / "exact" / "whole" / CSV_NAME, newline="") as f:
-        assert [int(row[0]) for row in list(csv.reader(f))[1:]] == steps
+        assert [(int(row[0]), float(row[1])) for row in list(csv.reader(f))[1:]] == [r[:2] for r in first["records"]]
     checkpoint = runs / "exact" / "whole" / f"checkpoint-{ranks.SAVE}"
-    assert (checkpoint / STATE_NAME).is_file()
+    monitors = [torch.load(checkpoint / f"torchfim_monitor-{rank}.pt") for rank in range(WORLD)]
+    timeless = [[{k: v for k, v in row.items() if k != "seconds"} for row in m["history"]] for m in monitors]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 2
     states = [torch.load(checkpoint / f"torchfim_penalty-{rank}.pt") for rank in range(WORLD)]
-    assert not torch.equal(states[0]["generator"]["state"], states[1]["generator"]["state"])  # each process its own labels
+    assert not torch.equal(states[0]["generator"]["state"], states[1]["generator"]["state"])  # each its own labels
 
 
 @pytest.mark.parametrize("method", ranks.METHODS)
@@ -122,6 +135,6 @@ def test_a_resumed_two_process_run_ends_as_the_uninterrupted_one(runs: Path, met
     whole, resumed = _saved(runs, method, "whole"), _saved(runs, method, "resume")
     for rank in range(WORLD):
         assert _equal(resumed[rank]["final"], whole[rank]["final"])
-    assert resumed[0]["records"] == whole[0]["records"]
+    assert all(resumed[rank]["records"] == whole[rank]["records"] for rank in range(WORLD))
     rows = [(runs / method / phase / CSV_NAME).read_text().splitlines() for phase in ("whole", "cut")]
     assert [r.split(",")[:5] for r in rows[0]] == [r.split(",")[:5] for r in rows[1]]

@@ -8,6 +8,7 @@ TensorBoard's event files (``EventAccumulator``).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,10 +18,15 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from torchfim import TorchfimError
 from torchfim.train import FisherTraceMonitor, read_trace_csv
+from torchfim.train.monitor import DEFAULT_SEED
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
 WORLD, STEPS = 2, 4
+HELD = torch.randn(33, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))  # shares of 17 and 16
+OPTIONS = {"plain": {}, "subset": {"subset": 10}, "control_variate": {"control_variate": True},
+           "both": {"subset": 10, "control_variate": True}}
 
 
 def _rank(rank: int, root: str) -> None:
@@ -41,8 +47,42 @@ def _rank(rank: int, root: str) -> None:
         monitor.step(step)
     monitor.close()
     torch.save({"records": [(r.step, r.trace, r.stderr) for r in monitor.history],
-                "paths": (str(monitor.csv_path), str(monitor.tensorboard_dir))}, f"{root}/records.{rank}")
+                "paths": (str(monitor.csv_path), str(monitor.tensorboard_dir)),
+                "shared": _shared_measurements(model, root), "refusals": _refusals(model)}, f"{root}/records.{rank}")
     torch.distributed.destroy_process_group()
+
+
+def _shared_measurements(model: nn.Module, root: str) -> dict:
+    """For each option set: the records of ``across_processes=True`` monitors (the same held inputs on both
+    processes) and the parameters at each measured step."""
+    out = {}
+    for name, options in OPTIONS.items():
+        monitor = FisherTraceMonitor(model, HELD, every=1, across_processes=True, csv_path=f"{root}/{name}.csv",
+                                     **options)
+        params, g = [], torch.Generator().manual_seed(20)  # the same batches in both processes
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(STEPS):
+            params.append([p.detach().clone() for p in model.module.parameters()])
+            monitor.step(step)
+            x, y = torch.randn(8, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        out[name] = {"records": [r.as_dict() for r in monitor.history], "params": params,
+                     "csv": None if monitor.csv_path is None else str(monitor.csv_path)}
+    return out
+
+
+def _refusals(model: nn.Module) -> list[str]:
+    """The errors of monitors whose processes hold other inputs, or seed their generators alike."""
+    said = []
+    rank = torch.distributed.get_rank()
+    for held, generator in ((HELD + rank, None), (HELD, torch.Generator().manual_seed(1))):
+        try:
+            FisherTraceMonitor(model, held, across_processes=True, generator=generator).measure(0)
+        except TorchfimError as err:
+            said.append(str(err))
+    return said
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +117,64 @@ def test_each_process_logs_its_own_tensorboard_run(ran: Path) -> None:
         events.Reload()
         logged = [(e.step, e.value) for e in events.Scalars("fisher/trace")]
         assert [(step, pytest.approx(trace, rel=1e-6)) for step, trace, _ in s["records"]] == logged
+
+
+def _combined(records: list[list], shares: list[int]) -> list[tuple]:
+    """The stratified combination of the processes' records: ``Σ w_r T_r`` and ``√(Σ w_r² V_r)``."""
+    total, out = sum(shares), []
+    for per_process in zip(*records):
+        weights = [n / total for n in shares]
+        trace = sum(w * r.trace for w, r in zip(weights, per_process))
+        variance = sum(w * w * r.stderr**2 for w, r in zip(weights, per_process))
+        ratio = None
+        if per_process[0].variance_ratio is not None:  # V over the fresh labels' Σ w_r² P_r, P_r = V_r / ratio_r
+            ratio = variance / sum(w * w * r.stderr**2 / r.variance_ratio for w, r in zip(weights, per_process))
+        out.append((per_process[0].step, trace, math.sqrt(variance), sum(r.n_inputs for r in per_process), ratio))
+    return out
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_a_shared_measurement_is_the_combination_of_the_processes_shares(ran: Path, name: str) -> None:
+    """Each process measures rows r::2 of the held inputs with its own labels (a monitor of that share alone,
+    generator seeded DEFAULT_SEED + r, windows of ⌈10/2⌉); both get the combined record; the first writes it."""
+    saved = [torch.load(ran / f"records.{rank}")["shared"][name] for rank in range(WORLD)]
+    timeless = [[{k: v for k, v in r.items() if k != "seconds"} for r in s["records"]] for s in saved]
+    assert timeless[0] == timeless[1]
+    options = dict(OPTIONS[name])
+    if "subset" in options:
+        options["subset"] = -(-options["subset"] // WORLD)
+    records = []
+    for rank in range(WORLD):
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        alone = FisherTraceMonitor(model, HELD[rank::WORLD], generator=torch.Generator().manual_seed(DEFAULT_SEED + rank),
+                                   **options)
+        for step, params in enumerate(saved[0]["params"]):
+            with torch.no_grad():
+                for p, value in zip(model.parameters(), params, strict=True):
+                    p.copy_(value)
+            alone.measure(step)
+        records.append(alone.history)
+    got = [(r["step"], r["trace"], r["stderr"], r["n_inputs"], r.get("variance_ratio")) for r in saved[0]["records"]]
+    want = _combined(records, [len(HELD[r::WORLD]) for r in range(WORLD)])
+    assert [(s, n) for s, _, _, n, _ in got] == [(s, n) for s, _, _, n, _ in want]
+    for (_, trace, stderr, _, ratio), (_, t, e, _, q) in zip(got, want, strict=True):
+        assert trace == pytest.approx(t, rel=1e-12) and stderr == pytest.approx(e, rel=1e-12)
+        assert ratio == q if q is None else ratio == pytest.approx(q, rel=1e-12)
+    assert "control_variate" not in OPTIONS[name] or min(r for *_, r in got[1:]) < 1  # the chains carried over
+    assert saved[0]["csv"] == str(ran / f"{name}.csv") and saved[1]["csv"] is None
+    assert [(r.step, r.trace) for r in read_trace_csv(ran / f"{name}.csv")] == [(s, t) for s, t, *_ in got]
+
+
+def test_shared_measurements_refuse_other_inputs_or_alike_generators(ran: Path) -> None:
+    for rank in range(WORLD):
+        other, alike = torch.load(ran / f"records.{rank}")["refusals"]
+        assert "needs the same held inputs on every process" in other
+        assert "label generators are in the same state" in alike
+
+
+def test_sharing_needs_a_process_group_and_a_bool() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(TorchfimError, match="no process group is initialised; call torch.distributed.init_process_group"):
+        FisherTraceMonitor(model, HELD, across_processes=True)
+    with pytest.raises(TorchfimError, match="across_processes must be True or False"):
+        FisherTraceMonitor(model, HELD, across_processes="yes")

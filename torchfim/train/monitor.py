@@ -44,6 +44,10 @@ followed by the second's ``⌊m/2⌋`` (without a subset the chains are the even
 inputs). With ``control_variate`` the generator's state is saved before each fresh draw, and the
 next measurement re-draws that window's labels from a copy of the generator set to that state.
 
+Under several processes (``torch.distributed``), ``across_processes=True`` shares each measurement between
+them: each measures its share of the held inputs and the records combine the shares
+(:mod:`torchfim.train.process_share`); otherwise each process measures its own held inputs on its own.
+
 Measuring is done with the model in ``eval()`` mode (BatchNorm uses its running statistics,
 Dropout is off; the paper measures Tr(F) the same way) and each module's mode is restored
 afterwards. It leaves no gradients in ``.grad`` and draws labels only from its own generator, so
@@ -71,6 +75,7 @@ from ..families import Family, get_family
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
 from .held import hold, pooled
+from .process_share import shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
 from .trace_stats import ControlVariate, Windows, mean_and_variance
 
@@ -137,8 +142,8 @@ class FisherTraceMonitor:
         every: measure on steps with ``step % every == 0``.
         n_samples: labels drawn per input per measurement.
         generator: ``torch.Generator`` for the labels. When None the monitor uses a private
-            generator seeded with ``DEFAULT_SEED`` (never torch's global RNG, so measuring does not
-            change the training run's random stream).
+            generator seeded with ``DEFAULT_SEED`` (plus the process's rank with ``across_processes``;
+            never torch's global RNG, so measuring does not change the training run's random stream).
         csv_path: file to append records to (parent directories are created). Under several processes
             (``torch.distributed``) each measures its own held inputs and writes its own file: process r > 0
             ``<stem>.rank<r><suffix>`` beside it (:func:`~torchfim.train.record_sinks.process_paths`).
@@ -155,6 +160,10 @@ class FisherTraceMonitor:
             booleans; padding positions add nothing to the trace.
         class_dim: ``-1`` when the classes are last; ``1`` for outputs ``(B, C, *pos)`` as
             ``F.cross_entropy`` takes them; None as in :func:`torchfim.fisher`.
+        across_processes: share each measurement between the processes of a ``torch.distributed`` run:
+            every process holds the same inputs, measures its share (rows ``r::W``) and gets the record of
+            the whole held set, which the first process alone writes; every process must measure at the
+            same steps (:mod:`torchfim.train.process_share`).
 
     Example:
         >>> import torch, torchfim.train
@@ -194,6 +203,7 @@ class FisherTraceMonitor:
         output: Callable[[object], Tensor] | None = None,
         mask: str | Callable[[object], Tensor] | None = None,
         class_dim: int | None = None,
+        across_processes: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TorchfimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -211,16 +221,20 @@ class FisherTraceMonitor:
         self.generator = generator
         self.output, self.mask = _check_output_and_mask(output, mask)
         self.class_dim = check_class_dim(class_dim)
-        self.inputs = hold(inputs)
+        held = hold(inputs)
+        self.inputs, self._share = shared(held, across_processes)  # this process's share, and its place
+        self._share_checked = False
         self._path_key: tuple | None = None
         self._path_cache: tuple[ModelView, Backend] | None = None
-        self.n_inputs = sum(b.size for b in self.inputs)
+        self.n_inputs = sum(b.size for b in held)
         self._checksum: float | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
         self.subset, self.control_variate = self._check_options(subset, control_variate)
         self._plan()
         self.columns = COLUMNS + (("variance_ratio",) if self.control_variate else ())
 
+        if self._share is not None and self._share.rank > 0:  # the first process writes the shared records
+            csv_path = tensorboard_dir = None
         self.csv_path, self.tensorboard_dir = process_paths(csv_path, tensorboard_dir)
         self._csv = None if self.csv_path is None else CsvSink(self.csv_path, self.columns)
         self._tensorboard = None if self.tensorboard_dir is None else TensorBoardSink(self.tensorboard_dir)
@@ -244,12 +258,18 @@ class FisherTraceMonitor:
         """Measure now (whatever ``every`` says), record and return the :class:`TraceRecord`."""
         check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         start = time.perf_counter()
+        if self._share is not None and not self._share_checked:  # before any label is drawn
+            self._share.check(self._label_generator(self._engine()[0].device))
+            self._share_checked = True
         trace, variance, plain = self._estimate()
+        measured = self._window_size
+        if self._share is not None:
+            trace, variance, plain, measured = self._share.combined(trace, variance, plain, measured)
         record = TraceRecord(
             step=step,
             trace=trace,
             stderr=math.sqrt(variance),
-            n_inputs=self._window_size,
+            n_inputs=measured,
             n_samples=self.n_samples,
             seconds=time.perf_counter() - start,
             variance_ratio=(variance / plain if plain > 0 else math.nan) if self.control_variate else None,
@@ -314,14 +334,16 @@ class FisherTraceMonitor:
         if self._checksum is None:
             self._checksum = inputs_checksum(self.inputs)
         return {"family": self.family.name, "n_samples": self.n_samples, "n_inputs": self.n_inputs,
-                "subset": self.subset, "control_variate": self.control_variate, "inputs_checksum": self._checksum}
+                "subset": self.subset, "control_variate": self.control_variate, "inputs_checksum": self._checksum,
+                "processes": None if self._share is None else [self._share.rank, self._share.world]}
 
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
         if subset is not None:
             check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
         if not isinstance(control_variate, bool):
             raise TorchfimError(f"control_variate must be True or False, got {control_variate!r}")
-        size = self.n_inputs if subset is None else min(subset, self.n_inputs)
+        n, m = self._local_sizes(subset)
+        size = n if m is None else min(m, n)
         if control_variate and size < 4:
             raise TorchfimError(
                 f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}; "
@@ -329,13 +351,20 @@ class FisherTraceMonitor:
             )
         return subset, control_variate
 
+    def _local_sizes(self, subset: int | None) -> tuple[int, int | None]:
+        """The held inputs this process measures, and its window (``⌈subset/W⌉`` across W processes)."""
+        n = sum(b.size for b in self.inputs)
+        if subset is None or self._share is None:
+            return n, subset
+        return n, -(-subset // self._share.world)
+
     def _plan(self) -> None:
         """Windows, control-variate chains and variance targets for the chosen options."""
-        n = self.n_inputs
-        self._window_size = n if self.subset is None else min(self.subset, n)
-        self._population = None if self.subset is None else n  # None: the held inputs as an i.i.d. sample
+        n, subset = self._local_sizes(self.subset)
+        self._window_size = n if subset is None else min(subset, n)
+        self._population = None if subset is None else n  # None: the held inputs as an i.i.d. sample
         self._windows: list[Windows] = []
-        if self.subset is not None:
+        if subset is not None:
             self.inputs = [pooled(self.inputs)]  # one pool to draw windows from
             half = (self._window_size + 1) // 2
             sizes = [half, self._window_size - half] if self.control_variate else [self._window_size]
@@ -353,7 +382,8 @@ class FisherTraceMonitor:
 
     def _label_generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None:
-            self.generator = torch.Generator(device=device).manual_seed(DEFAULT_SEED)
+            rank = 0 if self._share is None else self._share.rank  # independent labels in each process
+            self.generator = torch.Generator(device=device).manual_seed(DEFAULT_SEED + rank)
         return self.generator
 
     def _estimate(self) -> tuple[float, float, float]:

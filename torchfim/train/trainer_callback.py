@@ -10,7 +10,10 @@ saves gets the monitor's state (``torchfim_monitor.pt`` in its ``checkpoint-N`` 
 ``trainer.train(resume_from_checkpoint=...)`` loads it back, so the resumed run records exactly what the
 uninterrupted one would and the CSV file is cut back to the checkpoint (:mod:`torchfim.train.checkpoint`;
 without the saved state, the records start afresh there and the file keeps the rows up to it).
-Under several processes only the first measures and writes (tests/test_clients_trainer_processes.py).
+Under several processes every process measures its share of the held inputs (``across_processes=True``,
+:mod:`torchfim.train.process_share`: each about ``1/W`` of the work, all with the same records), the first
+writes the CSV file, and each saves its own state (``torchfim_monitor-<process index>.pt``); with
+``across_processes=False`` the first process alone measures (tests/test_clients_trainer_processes.py).
 
 ``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
 ``compute_loss`` (see the README; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
@@ -66,6 +69,7 @@ class FisherTraceCallback(TrainerCallback):
                  **options: object) -> None:
         self.inputs, self.every, self.csv_path, self.options = inputs, every, csv_path, options
         self.monitor: FisherTraceMonitor | None = None
+        self._state_name = STATE_NAME
 
     @property
     def history(self) -> list[TraceRecord]:
@@ -73,15 +77,18 @@ class FisherTraceCallback(TrainerCallback):
         return [] if self.monitor is None else self.monitor.history
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        if not state.is_world_process_zero:
+        options = {"across_processes": args.world_size > 1, **self.options}
+        first = state.is_world_process_zero
+        if not (first or options["across_processes"]):
             return
         if model is None:
             raise TorchfimError("FisherTraceCallback needs the trainer's model, which the Trainer passes to callbacks")
         path = Path(args.output_dir) / CSV_NAME if self.csv_path is None else Path(self.csv_path)
-        saved = _checkpoint(args, state.global_step) / STATE_NAME
-        if state.global_step == 0 and path.exists():
+        self._state_name = f"torchfim_monitor-{args.process_index}.pt" if options["across_processes"] else STATE_NAME
+        saved = _checkpoint(args, state.global_step) / self._state_name
+        if first and state.global_step == 0 and path.exists():
             path.unlink()  # a run from step 0: its own records only
-        self.monitor = FisherTraceMonitor(model, self.inputs, every=self.every, csv_path=path, **self.options)
+        self.monitor = FisherTraceMonitor(model, self.inputs, every=self.every, csv_path=path, **options)
         if state.global_step == 0:
             self.monitor.measure(0)
         elif saved.is_file():
@@ -90,7 +97,7 @@ class FisherTraceCallback(TrainerCallback):
             warn_user(f"torchfim: training resumes at step {state.global_step} without a saved monitor state "
                       f"({saved} is missing): the Tr(F) records start afresh there, and {path.name} keeps the "
                       "rows up to that step")
-            if path.exists():  # rows past the checkpoint are of the run that died
+            if first and path.exists():  # rows past the checkpoint are of the run that died
                 kept = [r for r in read_trace_csv(path) if r.step <= state.global_step]
                 CsvSink(path, self.monitor.columns).rewrite(kept)
 
@@ -100,7 +107,7 @@ class FisherTraceCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
-            _save_into(_checkpoint(args, state.global_step), STATE_NAME, self.monitor)
+            _save_into(_checkpoint(args, state.global_step), self._state_name, self.monitor)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
