@@ -145,8 +145,9 @@ class FisherTraceMonitor:
             generator seeded with ``DEFAULT_SEED`` (plus the process's rank with ``across_processes``;
             never torch's global RNG, so measuring does not change the training run's random stream).
         csv_path: file to append records to (parent directories are created). Under several processes
-            (``torch.distributed``) each measures its own held inputs and writes its own file: process r > 0
-            ``<stem>.rank<r><suffix>`` beside it (:func:`~torchfim.train.record_sinks.process_paths`).
+            (``torch.distributed``) without ``across_processes``, each measures its own held inputs and writes
+            its own file: process r > 0 ``<stem>.rank<r><suffix>`` beside it
+            (:func:`~torchfim.train.record_sinks.process_paths`).
         tensorboard_dir: log directory for a ``SummaryWriter`` (process r > 0: its folder ``rank<r>``).
         subset: measure on this many held inputs per measurement (rotating windows, see the module
             docstring); None for all of them. A subset larger than the held inputs uses them all.
@@ -259,12 +260,14 @@ class FisherTraceMonitor:
         check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         start = time.perf_counter()
         if self._share is not None and not self._share_checked:  # before any label is drawn
-            self._share.check(self._label_generator(self._engine()[0].device))
+            device = self._engine()[0].device
+            self._share.check(self._label_generator(device), device)
             self._share_checked = True
         trace, variance, plain = self._estimate()
         measured = self._window_size
-        if self._share is not None:
-            trace, variance, plain, measured = self._share.combined(trace, variance, plain, measured)
+        if self._share is not None:  # the generator lives on the model's device
+            trace, variance, plain, measured = self._share.combined(trace, variance, plain, measured,
+                                                                    self.generator.device)
         record = TraceRecord(
             step=step,
             trace=trace,
@@ -346,7 +349,8 @@ class FisherTraceMonitor:
         size = n if m is None else min(m, n)
         if control_variate and size < 4:
             raise TorchfimError(
-                f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}; "
+                f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}"
+                f"{' per process' if self._share is not None else ''}; "
                 "pass subset ≥ 4 (or hold more inputs)"
             )
         return subset, control_variate

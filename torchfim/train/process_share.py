@@ -44,18 +44,20 @@ class ProcessShare:
     total: int
     checksum: float
 
-    def combined(self, trace: float, variance: float, plain: float, measured: int) -> tuple[float, float, float, int]:
-        """``(T, V, P, inputs measured)`` of all processes from this one's (see the module docstring)."""
+    def combined(self, trace: float, variance: float, plain: float, measured: int,
+                 device: torch.device) -> tuple[float, float, float, int]:
+        """``(T, V, P, inputs measured)`` of all processes from this one's (see the module docstring); ``device``
+        is the model's."""
         weight = self.share / self.total
         local = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured)],
-                             dtype=torch.float64, device=_device())
+                             dtype=torch.float64, device=_device(device))
         torch.distributed.all_reduce(local)
         t, v, p, n = local.tolist()
         return t, v, p, int(n)
 
-    def check(self, generator: torch.Generator) -> None:
+    def check(self, generator: torch.Generator, device: torch.device) -> None:
         """Refuse processes that hold other inputs, or whose label generators are in the same state."""
-        mine = torch.tensor([self.checksum, _fingerprint(generator)], dtype=torch.float64, device=_device())
+        mine = torch.tensor([self.checksum, _fingerprint(generator)], dtype=torch.float64, device=_device(device))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
         sums, states = [float(t[0]) for t in every], [float(t[1]) for t in every]
@@ -100,11 +102,11 @@ def shared_rows(held: list[Batch], rank: int, world: int) -> list[Batch]:
     return share
 
 
-def _device() -> torch.device:
-    """Where the collectives' tensors live: CUDA for NCCL, else the CPU."""
+def _device(model_device: torch.device) -> torch.device:
+    """Where the collectives' tensors live: for NCCL alone, the process's GPU (the model's), else the CPU."""
     backend = str(torch.distributed.get_backend())
     if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
+        return model_device if model_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

@@ -17,9 +17,10 @@ writes the CSV file, and each saves its own state (``torchfim_monitor-<process i
 
 ``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
 ``compute_loss`` (see the README; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
-it, whose forwards alone make several processes average their gradients): its state (generator, cached gradient) goes into every checkpoint, one
-file per process (``torchfim_penalty-<process index>.pt``, each process drawing its own labels), and comes back
-on ``resume_from_checkpoint``, so the resumed run trains as the uninterrupted one would.
+it, whose forwards alone make several processes average their gradients): its state (generator, cached
+gradient) goes into every checkpoint, one file per process (``torchfim_penalty-<process index>.pt``, each
+process drawing its own labels), and comes back on ``resume_from_checkpoint``, so the resumed run trains as
+the uninterrupted one would.
 
 Importing this module imports transformers, which torchfim does not depend on.
 """
@@ -77,7 +78,9 @@ class FisherTraceCallback(TrainerCallback):
         return [] if self.monitor is None else self.monitor.history
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        options = {"across_processes": args.world_size > 1, **self.options}
+        distributed = torch.distributed
+        several = args.world_size > 1 and distributed.is_available() and distributed.is_initialized()
+        options = {"across_processes": several, **self.options}
         first = state.is_world_process_zero
         if not (first or options["across_processes"]):
             return
