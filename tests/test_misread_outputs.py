@@ -1,5 +1,6 @@
 """Models that end in the inverse link: a sigmoid's probabilities given to the Bernoulli family, an exponential's
-or a softplus's rates given to the Poisson family. Each family reads the outputs as its natural parameters, so
+or a softplus's rates given to the Poisson family, a variance (GaussianNLLLoss's) given to the heteroscedastic
+Gaussian family as its log-variance half. Each family reads the outputs as its natural parameters, so
 the Fisher is that of another model (shown below against the model the user meant); torchfim names the final
 operation by a warning, from every entry point, and stays quiet for models that return natural parameters."""
 
@@ -111,3 +112,62 @@ def test_positions_and_a_mask_name_it_too() -> None:
     model = Tokens().double()
     messages = _messages(lambda: torchfim.fisher(model, x, family="bernoulli", structure="trace", mask=mask))
     assert messages == [SIGMOID]
+
+
+def _variance_messages(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if str(w.message).startswith("torchfim: the second half")]
+
+
+def _halves(mean_end, second_end):
+    """``torch.cat([mean_end(μ), second_end(v)], -1)`` of the two halves of the body's outputs."""
+    def end(z: torch.Tensor) -> torch.Tensor:
+        mean, second = z.chunk(2, dim=-1)
+        return torch.cat([mean_end(mean), second_end(second)], -1)
+    return end
+
+
+def _log_softplus(v: torch.Tensor) -> torch.Tensor:
+    return torch.log(nn.functional.softplus(v))
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize(("end", "named"), [
+    (_halves(nn.Identity(), nn.functional.softplus), "softplus"),
+    (_halves(nn.Identity(), torch.exp), "exp"),
+    (lambda z: torch.cat([z[:, :2], nn.Softplus()(z[:, 2:]).float().double()], dim=1), "softplus"),  # cast, dim=1
+], ids=["softplus", "exp", "softplus-cast"])
+def test_a_variance_given_as_the_log_variance_is_named(end, named, entry) -> None:
+    """A model trained with torch's GaussianNLLLoss returns the variance (through an exp or a softplus); the
+    heteroscedastic family reads that half as log σ²."""
+    messages = _variance_messages(lambda: ENTRIES[entry](_model(4, end), "heteroscedastic_gaussian"))
+    assert messages and all(f"final {named}" in m and "heteroscedastic_gaussian" in m for m in messages)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("end", [
+    nn.Identity(),
+    _halves(nn.Identity(), torch.tanh),
+    _halves(nn.functional.softplus, nn.Identity()),  # a positive mean is a mean
+    _halves(nn.Identity(), _log_softplus),  # the log of a variance: what the family reads
+], ids=["plain", "tanh", "positive-mean", "log-of-variance"])
+def test_log_variances_are_not_named(end, entry) -> None:
+    assert _variance_messages(lambda: ENTRIES[entry](_model(4, end), "heteroscedastic_gaussian")) == []
+
+
+def test_the_variance_warning_is_warranted() -> None:
+    """With the softplus, torchfim computes the Fisher of the model whose log-variance is softplus(v) (brute force:
+    ``Λ = diag(1/σ², ½)`` on the outputs), not that of the model meant, whose variance is softplus(v)."""
+    given, meant = _model(4, _halves(nn.Identity(), nn.functional.softplus)), _model(4, _halves(nn.Identity(), _log_softplus))
+    with pytest.warns(RuntimeWarning, match="final softplus"):
+        got = torchfim.fisher(given, X, family="heteroscedastic_gaussian", structure="diag")
+    params = dict(given.named_parameters())
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(given, p, (X,)))(params)
+    out = given(X).detach()
+    lam = torch.cat([torch.exp(-out[:, 2:]), torch.full_like(out[:, 2:], 0.5)], -1)  # (B, 4)
+    brute = torch.cat([(lam[:, :, None] * jac[n].reshape(len(X), 4, -1) ** 2).sum(1).mean(0) for n in params])
+    assert torch.allclose(got, brute, rtol=1e-10, atol=1e-14)
+    wanted = torchfim.fisher(meant, X, family="heteroscedastic_gaussian", structure="diag")
+    assert (got - wanted).norm() > 0.5 * wanted.norm()

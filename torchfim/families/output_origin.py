@@ -24,10 +24,39 @@ _PASS_THROUGH = frozenset({
 def last_operation(o: Tensor) -> str | None:
     """The name of the autograd node that computed the values of ``o`` (e.g. ``"SigmoidBackward0"``), or None
     when ``o`` has no graph or its values come from several nodes."""
-    node = o.grad_fn
+    node = _computing(o.grad_fn)
+    return None if node is None else node.name()
+
+
+def half_operations(o: Tensor) -> tuple[str | None, str | None] | None:
+    """For outputs made by joining two parts along the last dim (``torch.cat([first, second], -1)``, the
+    layout of two-part families), the last operations of the two parts (None for a part without a graph);
+    None for outputs made otherwise."""
+    node = _computing(o.grad_fn)
+    if node is None or node.name() != "CatBackward0":
+        return None
+    dim = int(node._saved_dim)
+    dim = dim - 2**64 if dim >= 2**63 else dim  # autograd keeps the dim as an unsigned 64-bit number
+    parts = [part for part, _ in node.next_functions]
+    if len(parts) != 2 or dim not in (-1, _joined_dims(node, o) - 1):
+        return None
+    first, second = (_computing(part) for part in parts)
+    return (None if first is None else first.name()), (None if second is None else second.name())
+
+
+def _joined_dims(node: object, o: Tensor) -> int:
+    """The number of dims of the tensor ``node`` made (from autograd's private metadata where it has it)."""
+    try:
+        return len(node._input_metadata[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        return o.dim() if node is o.grad_fn else 0
+
+
+def _computing(node: object) -> object:
+    """The first node from ``node`` back that is not a pass-through one (None where the values branch)."""
     while node is not None and node.name() in _PASS_THROUGH:
         inputs = [n for n, _ in node.next_functions if n is not None]
         if len(inputs) != 1:
             return None
         node = inputs[0]
-    return None if node is None else node.name()
+    return node
