@@ -1,11 +1,12 @@
 """Models that end in the inverse link: a sigmoid's probabilities given to the Bernoulli family, an exponential's
 or a softplus's rates given to the Poisson family, a variance (GaussianNLLLoss's) given to the heteroscedastic
-Gaussian family as its log-variance half. Each family reads the outputs as its natural parameters, so
-the Fisher is that of another model (shown below against the model the user meant); torchfim names the final
+Gaussian family as its log-variance half, a gamma's mean or shape as their logs. Each family reads the outputs
+as its natural parameters, so the Fisher is that of another model (shown below against the model the user meant); torchfim names the final
 operation by a warning, from every entry point, and stays quiet for models that return natural parameters."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -114,11 +115,11 @@ def test_positions_and_a_mask_name_it_too() -> None:
     assert messages == [SIGMOID]
 
 
-def _variance_messages(call) -> list[str]:
+def _half_messages(call) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         call()
-    return [str(w.message) for w in caught if str(w.message).startswith("torchfim: the second half")]
+    return [str(w.message) for w in caught if " half of the model's outputs comes out of" in str(w.message)]
 
 
 def _halves(mean_end, second_end):
@@ -134,34 +135,38 @@ def _log_softplus(v: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
-@pytest.mark.parametrize(("end", "named"), [
-    (_halves(nn.Identity(), nn.functional.softplus), "softplus"),
-    (_halves(nn.Identity(), torch.exp), "exp"),
-    (lambda z: torch.cat([z[:, :2], nn.Softplus()(z[:, 2:]).float().double()], dim=1), "softplus"),  # cast, dim=1
-], ids=["softplus", "exp", "softplus-cast"])
-def test_a_variance_given_as_the_log_variance_is_named(end, named, entry) -> None:
-    """A model trained with torch's GaussianNLLLoss returns the variance (through an exp or a softplus); the
-    heteroscedastic family reads that half as log σ²."""
-    messages = _variance_messages(lambda: ENTRIES[entry](_model(4, end), "heteroscedastic_gaussian"))
-    assert messages and all(f"final {named}" in m and "heteroscedastic_gaussian" in m for m in messages)
+@pytest.mark.parametrize(("family", "end", "named"), [
+    ("heteroscedastic_gaussian", _halves(nn.Identity(), nn.functional.softplus), "second half.*final softplus"),
+    ("heteroscedastic_gaussian", _halves(nn.Identity(), torch.exp), "second half.*final exp"),
+    ("heteroscedastic_gaussian", lambda z: torch.cat([z[:, :2], nn.Softplus()(z[:, 2:]).float().double()], dim=1),
+     "second half.*final softplus"),  # through a cast, joined along dim=1
+    ("gamma", _halves(torch.exp, nn.Identity()), "first half.*final exp.*log-mean"),
+    ("gamma", _halves(nn.Identity(), nn.functional.softplus), "second half.*final softplus.*log-shape"),
+], ids=["variance-softplus", "variance-exp", "variance-softplus-cast", "gamma-mean-exp", "gamma-shape-softplus"])
+def test_a_half_made_positive_where_its_log_is_read_is_named(family, end, named, entry) -> None:
+    """A model trained with torch's GaussianNLLLoss returns the variance (through an exp or a softplus), where the
+    heteroscedastic family reads log σ²; a gamma model returning its mean or shape, where their logs are read."""
+    messages = _half_messages(lambda: ENTRIES[entry](_model(4, end), family))
+    assert messages and all(re.search(named, m) and family in m for m in messages)
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
-@pytest.mark.parametrize("end", [
-    nn.Identity(),
-    _halves(nn.Identity(), torch.tanh),
-    _halves(nn.functional.softplus, nn.Identity()),  # a positive mean is a mean
-    _halves(nn.Identity(), _log_softplus),  # the log of a variance: what the family reads
-], ids=["plain", "tanh", "positive-mean", "log-of-variance"])
-def test_log_variances_are_not_named(end, entry) -> None:
-    assert _variance_messages(lambda: ENTRIES[entry](_model(4, end), "heteroscedastic_gaussian")) == []
+@pytest.mark.parametrize(("family", "end"), [
+    ("heteroscedastic_gaussian", nn.Identity()),
+    ("heteroscedastic_gaussian", _halves(nn.Identity(), torch.tanh)),
+    ("heteroscedastic_gaussian", _halves(nn.functional.softplus, nn.Identity())),  # a positive mean is a mean
+    ("heteroscedastic_gaussian", _halves(nn.Identity(), _log_softplus)),  # the log of a variance: what is read
+    ("gamma", _halves(_log_softplus, _log_softplus)),
+], ids=["plain", "tanh", "positive-mean", "log-of-variance", "gamma-logs"])
+def test_halves_read_as_they_are_meant_are_not_named(family, end, entry) -> None:
+    assert _half_messages(lambda: ENTRIES[entry](_model(4, end), family)) == []
 
 
 def test_the_variance_warning_is_warranted() -> None:
     """With the softplus, torchfim computes the Fisher of the model whose log-variance is softplus(v) (brute force:
     ``Λ = diag(1/σ², ½)`` on the outputs), not that of the model meant, whose variance is softplus(v)."""
     given, meant = _model(4, _halves(nn.Identity(), nn.functional.softplus)), _model(4, _halves(nn.Identity(), _log_softplus))
-    with pytest.warns(RuntimeWarning, match="final softplus"):
+    with pytest.warns(RuntimeWarning, match="second half of the model's outputs comes out of a final softplus"):
         got = torchfim.fisher(given, X, family="heteroscedastic_gaussian", structure="diag")
     params = dict(given.named_parameters())
     jac = torch.func.jacrev(lambda p: torch.func.functional_call(given, p, (X,)))(params)

@@ -26,8 +26,17 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from .base import Family, _top_eig_diag_plus_rank_one, _work_dtype
+from .output_origin import half_operations
+
+#: Final operations that make positive values, by autograd node.
+_POSITIVE = {"ExpBackward0": "exp", "SoftplusBackward0": "softplus"}
+LOG_HALF = (
+    "torchfim: the {half} half of the model's outputs comes out of a final {op} (positive values), but the {family} "
+    "family reads it as the {read}{hint}, so the Fisher would be that of another model; return the {op}'s input as "
+    "the {read}, or the log of those values"
+)
 
 
 def _count_table(order: int, device: torch.device) -> Tensor:
@@ -76,8 +85,22 @@ class PairedFamily(Family):
     halves: tuple[str, str] = ("first parameter", "second parameter")
     #: ``Γ[a, i, j]``: ``−∇²_o log p = Λ + Σ_a u_a Γ_a`` within one label dimension (slots a, i, j ∈ {0, 1}).
     curvature_coupling: tuple[tuple[tuple[float, float], tuple[float, float]], ...] = ()
+    #: Per half, whether it is read as the log of a positive quantity, and what to add to the warning when a
+    #: final exp or softplus makes it that quantity instead (:meth:`check_output`).
+    log_halves: tuple[bool, bool] = (False, False)
+    log_half_hint: str = ""
 
     # ----------------------------------------------------------------- checks
+    def check_output(self, o: Tensor) -> None:
+        """As :meth:`Family.check_output`, and a warning for a half read as a log that comes out of a final exp
+        or softplus (:func:`.output_origin.half_operations`): positive values, misread as their log."""
+        super().check_output(o)
+        for k, operation in enumerate(half_operations(o) or ()):
+            op = _POSITIVE.get(operation or "")
+            if op is not None and self.log_halves[k]:
+                warn_user(LOG_HALF.format(half=("first", "second")[k], op=op, family=self.name,
+                                          read=self.halves[k], hint=self.log_half_hint))
+
     def _width_hint(self) -> str:
         return f"2·D: the D {self.halves[0]}s, then the D {self.halves[1]}s"
 

@@ -7,17 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import warn_user
 from ._paired import PairedFamily
 from .base import _work_dtype
-from .output_origin import half_operations
-
-VARIANCE = (
-    "torchfim: the second half of the model's outputs comes out of a final {op}, which makes it a variance (as "
-    "torch.nn.GaussianNLLLoss takes one), but the heteroscedastic_gaussian family reads it as the log-variance "
-    "log σ², so the Fisher would be that of another model; return the {op}'s input as the log-variance "
-    "(σ² = exp(outputs)), or the log of the variance"
-)
 
 
 class HeteroscedasticGaussian(PairedFamily):
@@ -50,16 +41,9 @@ class HeteroscedasticGaussian(PairedFamily):
 
     name = "heteroscedastic_gaussian"
     halves = ("mean", "log-variance")
+    log_halves = (False, True)
+    log_half_hint = " (a variance, as torch.nn.GaussianNLLLoss takes, is not its log)"
     curvature_coupling = (((0.0, 1.0), (1.0, 0.0)), ((0.0, 0.0), (0.0, 1.0)))
-
-    def check_output(self, o: Tensor) -> None:
-        """As :meth:`Family.check_output`, and a warning when the log-variance half comes out of an exp or a
-        softplus (:func:`.output_origin.half_operations`): a variance, misread as log σ²."""
-        super().check_output(o)
-        halves = half_operations(o)
-        op = {"ExpBackward0": "exp", "SoftplusBackward0": "softplus"}.get((halves or (None, None))[1] or "")
-        if op is not None:
-            warn_user(VARIANCE.format(op=op))
 
     def _filler_label(self, o: Tensor) -> Tensor:
         return o.detach().to(_work_dtype(o)[0]).chunk(2, dim=-1)[0]
