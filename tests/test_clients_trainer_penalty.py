@@ -11,7 +11,6 @@ from a checkpoint ends with the uninterrupted run's parameters, bit for bit.
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import clients
@@ -20,45 +19,13 @@ import torch
 
 transformers = clients.need("transformers")
 
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from trainer_ranks import DATA, PenalisedTrainer, Steps, model_at  # noqa: E402
+from trainer_ranks import model as _model  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 from torchfim.train import FisherPenalty  # noqa: E402
 
-g = torch.Generator().manual_seed(0)
-IDS = torch.randint(1, 40, (32, 8), generator=g)
-LABELS = torch.randint(0, 3, (32,), generator=g)
-DATA = [{"input_ids": IDS[i], "labels": LABELS[i]} for i in range(32)]
 STEPS = 3
-
-
-def _model() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config).double()
-
-
-class PenalisedTrainer(Trainer):
-    """The README's recipe, recording each step's batch for the oracle."""
-
-    def __init__(self, *args, penalty: FisherPenalty, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.penalty, self.batches = penalty, []
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.batches.append({k: v.clone() for k, v in inputs.items()})
-        return self.penalty.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)
-
-
-class _Gradients(TrainerCallback):
-    """The model and its gradients as the optimiser receives them, at every step."""
-
-    def __init__(self) -> None:
-        self.seen = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.seen.append((copy.deepcopy(model), [p.grad.clone() for p in model.parameters()]))
 
 
 @pytest.mark.parametrize("method", ["exact", "finite_difference"])
@@ -68,13 +35,14 @@ def test_the_trainer_steps_on_task_plus_penalty(tmp_path, method: str) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=STEPS,
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
                              save_strategy="no", learning_rate=1e-2, max_grad_norm=0.0)
-    grads = _Gradients()
-    trainer = PenalisedTrainer(model=model, args=args, train_dataset=DATA, callbacks=[grads], penalty=penalty)
+    steps = Steps()
+    trainer = PenalisedTrainer(model=model, args=args, train_dataset=DATA, callbacks=[steps], penalty=penalty)
     trainer.train()
-    assert len(grads.seen) == STEPS == len(trainer.batches) and penalty.last_step == STEPS - 1
+    assert len(steps.grads) == STEPS == len(trainer.batches) and penalty.last_step == STEPS - 1
     generator = torch.Generator().manual_seed(3)  # the labels the Trainer's penalty drew, in the same order
     tol = 1e-12 if method == "exact" else 1e-6
-    for step, ((at_step, got), batch) in enumerate(zip(grads.seen, trainer.batches)):
+    for step, (at, got, batch) in enumerate(zip(steps.params, steps.grads, trainer.batches)):
+        at_step = model_at(at)
         params = list(at_step.parameters())
         loss = at_step(**batch).loss + FisherPenalty(at_step, alpha=0.5, generator=generator)(batch, step=step)
         want = torch.autograd.grad(loss, params)

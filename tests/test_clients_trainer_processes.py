@@ -68,14 +68,6 @@ def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def _at(params: list[torch.Tensor]) -> torch.nn.Module:
-    net = ranks.model()
-    with torch.no_grad():
-        for p, value in zip(net.parameters(), params, strict=True):
-            p.copy_(value)
-    return net
-
-
 @pytest.mark.parametrize("method", ranks.METHODS)
 def test_both_processes_step_on_the_mean_of_their_penalised_gradients(runs: Path, method: str) -> None:
     first, second = _saved(runs, method, "whole")
@@ -90,7 +82,7 @@ def test_both_processes_step_on_the_mean_of_their_penalised_gradients(runs: Path
     for step, (params, got) in enumerate(zip(first["params"], first["grads"], strict=True)):
         per_process = []
         for rank, saved in enumerate((first, second)):
-            net, batch = _at(params), saved["batches"][step]
+            net, batch = ranks.model_at(params), saved["batches"][step]
             term = ranks.penalty(net, "exact", rank)
             term.generator = generators[rank]
             loss = net(**batch).loss + term(batch, step=step)
@@ -110,9 +102,9 @@ def test_the_processes_share_each_measurement_and_the_first_writes(runs: Path) -
     shares = []
     for rank in range(WORLD):
         share = {k: v[rank::WORLD] for k, v in ranks.HELD.items()}
-        alone = FisherTraceMonitor(_at(first["params"][0]), share, generator=torch.Generator().manual_seed(DEFAULT_SEED + rank))
+        alone = FisherTraceMonitor(ranks.model_at(first["params"][0]), share, generator=torch.Generator().manual_seed(DEFAULT_SEED + rank))
         for step in steps:
-            alone.model = _at(first["params"][step] if step < ranks.STEPS else first["final"])
+            alone.model = ranks.model_at(first["params"][step] if step < ranks.STEPS else first["final"])
             alone.measure(step)
         shares.append((len(share["input_ids"]), alone.history))
     total = sum(n for n, _ in shares)

@@ -9,13 +9,11 @@ TensorBoard's event files (``EventAccumulator``).
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from processes import over_loopback, run_processes
 from torch import nn
 
 from torchfim import TorchfimError
@@ -30,8 +28,7 @@ OPTIONS = {"plain": {}, "subset": {"subset": 10}, "control_variate": {"control_v
 
 
 def _rank(rank: int, root: str) -> None:
-    if sys.platform != "win32":  # the ranks talk over loopback: no network interface or resolvable host needed
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+    over_loopback()
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double())
@@ -88,14 +85,7 @@ def _refusals(model: nn.Module) -> list[str]:
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("monitor-processes")
-    context = mp.start_processes(_rank, args=(str(root),), nprocs=WORLD, join=False, start_method="spawn")
-    for _ in range(240):  # a collective that never matches would hang: give up after 2 minutes
-        if context.join(timeout=0.5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the two processes did not finish within 2 minutes")
+    run_processes(_rank, (str(root),), WORLD)
     return root
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from processes import over_loopback, run_processes
 from torch import nn
 
 from torchfim.train import FisherPenalty
@@ -55,8 +53,7 @@ def _loss(model: nn.Module, pen: FisherPenalty, batch: tuple, step: int, shared:
 
 
 def _rank(rank: int, store: str, out: str) -> None:
-    if sys.platform != "win32":  # the ranks talk over loopback: no network interface or resolvable host needed
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+    over_loopback()
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     warnings.simplefilter("ignore")
     base, data = _setting()
@@ -94,15 +91,7 @@ def _one_process(case: tuple) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     where: Path = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(_rank, args=(str(where / "store"), str(where / "trained")), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    for _ in range(240):  # a collective that never matches would hang: give up after 2 minutes
-        if context.join(timeout=0.5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the two DDP processes did not finish within 2 minutes")
+    run_processes(_rank, (str(where / "store"), str(where / "trained")), WORLD)
     return [torch.load(where / f"trained.{rank}") for rank in range(WORLD)]
 
 

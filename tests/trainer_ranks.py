@@ -43,6 +43,15 @@ def model() -> BertForSequenceClassification:
     return BertForSequenceClassification(config).double()
 
 
+def model_at(params: list[torch.Tensor]) -> BertForSequenceClassification:
+    """The model with the parameters ``params``."""
+    net = model()
+    with torch.no_grad():
+        for p, value in zip(net.parameters(), params, strict=True):
+            p.copy_(value)
+    return net
+
+
 def penalty(net: torch.nn.Module, method: str, rank: int) -> FisherPenalty:
     return FisherPenalty(net, alpha=ALPHA, grad_method=method, generator=torch.Generator().manual_seed(3 + rank))
 
@@ -59,7 +68,7 @@ class PenalisedTrainer(Trainer):
         return self.penalty.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)
 
 
-class _Steps(TrainerCallback):
+class Steps(TrainerCallback):
     """The parameters and the gradients the optimiser receives, at every step."""
 
     def __init__(self) -> None:
@@ -73,7 +82,7 @@ class _Steps(TrainerCallback):
 def _run(root: Path, method: str, phase: str, rank: int) -> None:
     out = root / method / ("whole" if phase == "whole" else "cut")
     net = model()
-    pen, steps, monitor = penalty(net, method, rank), _Steps(), FisherTraceCallback(HELD, every=EVERY)
+    pen, steps, monitor = penalty(net, method, rank), Steps(), FisherTraceCallback(HELD, every=EVERY)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS, save_steps=SAVE,
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
                              learning_rate=1e-2, max_grad_norm=0.0, ddp_backend="gloo")

@@ -1,0 +1,28 @@
+"""Shared set-up of the tests that run several ``torch.distributed`` processes (gloo, CPU, spawned)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def over_loopback() -> None:
+    """Let gloo talk over loopback: no network interface or resolvable host needed (call in each process)."""
+    if sys.platform != "win32":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+
+
+def run_processes(rank_function: Callable[..., None], args: tuple, world: int, minutes: float = 2.0) -> None:
+    """``rank_function(rank, *args)`` in ``world`` spawned processes; a collective that never matches would hang,
+    so the test fails when they have not finished within ``minutes``."""
+    context = mp.start_processes(rank_function, args=args, nprocs=world, join=False, start_method="spawn")
+    for _ in range(int(minutes * 120)):
+        if context.join(timeout=0.5):
+            return
+    for process in context.processes:
+        process.kill()
+    pytest.fail(f"the {world} processes did not finish within {minutes:g} minutes")
