@@ -214,6 +214,35 @@ def test_a_llama_with_gradient_checkpointing_in_training_mode(mode: str) -> None
     assert clients.rel_err(results[0][1], results[1][1]) < 1e-12
 
 
+def test_a_checkpointed_token_model_keeps_the_vmapped_paths() -> None:
+    """Activation checkpointing of a token model also marks the embedding's outputs as requiring grad, by a
+    forward hook (``enable_input_require_grads``) whose ``requires_grad_`` torch.func refuses. Before:
+    ``backend="functional"`` refused the model and the trace penalty took its per-input gradients one input at
+    a time (warning). Now both run batched and equal the model without checkpointing; the method is torch's
+    again afterwards."""
+    clients.need("transformers")
+    from test_clients_transformers import VOCAB, tiny_llama
+
+    ids = {"input_ids": torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(8))}
+    results = []
+    for checkpointed in (True, False):
+        model = tiny_llama().train()
+        if checkpointed:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()  # the name since transformers 5.25
+            assert getattr(model, "_require_grads_hook", None) is not None
+        diag = torchfim.fisher(model, ids, structure="diag", backend="functional", output=lambda out: out.logits)
+        pen = FisherPenalty(model, alpha=ALPHA, kind="trace", generator=torch.Generator().manual_seed(5),
+                            output=lambda out: out.logits)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no one-input-at-a-time notice
+            grads = torch.autograd.grad(pen(ids, step=0), list(model.parameters()))
+        results.append((diag, torch.cat([g.flatten() for g in grads])))
+    assert clients.rel_err(results[0][0], results[1][0]) < 1e-12
+    assert clients.rel_err(results[0][1], results[1][1]) < 1e-12
+    assert "requires_grad_" not in torch.Tensor.__dict__
+
+
 def test_other_threads_keep_checkpointing_and_torchs_own_is_back_after_the_last_block() -> None:
     """Thread 1 in a block, thread 2 not: thread 2's checkpoint is torch's (its node in the graph); nested
     blocks in thread 1 end with torch's own functions back."""

@@ -295,10 +295,39 @@ def _no_global_backward_hooks() -> Callable[[], None] | None:
     return emptied(registries) if registries else None
 
 
+def _requires_grad_under_transforms() -> Callable[[], None] | None:
+    """``Tensor.requires_grad_(True)`` a no-op where torch refuses it, on a tensor that torch.func is
+    transforming, and how to put torch's method back. A forward hook that marks outputs as requiring grad, so that a
+    reentrant checkpoint's backward reaches a frozen embedding's output (Hugging Face's
+    ``enable_input_require_grads``, set by activation checkpointing for token models and by PEFT), has nothing
+    to do in torchfim's passes, which run checkpoints plain and track what they differentiate; elsewhere the
+    method is torch's."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is None or "requires_grad_" in torch.Tensor.__dict__:  # an older torch, or patched by someone else
+        return None
+    torchs = torch.Tensor.requires_grad_
+
+    def requires_grad_(self: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+        try:
+            return torchs(self, requires_grad)
+        except RuntimeError as err:  # torch.func's own calls (marking what it differentiates) go through above
+            if requires_grad and wrapped(self) and "functorch transform" in str(err):
+                return self
+            raise
+
+    torch.Tensor.requires_grad_ = requires_grad_
+
+    def undo() -> None:
+        del torch.Tensor.requires_grad_
+
+    return undo
+
+
 _EAGER = _ProcessSwitch(_force_eager)
 _QUIET = _ProcessSwitch(_quiet_vmap_fallbacks)
 _UNCACHED = _ProcessSwitch(_uncached_parametrizations)
 _UNHOOKED = _ProcessSwitch(_no_global_backward_hooks)
+_TRACKED = _ProcessSwitch(_requires_grad_under_transforms)
 
 
 def eager_compiled() -> contextlib.AbstractContextManager[None]:
@@ -343,10 +372,11 @@ def differentiated_forwards() -> Iterator[None]:
     """What every computation of torchfim runs in, the engine's and the penalty's: autograd whatever mode the
     caller is in (``torch.no_grad``, ``torch.inference_mode``), plain forwards (:func:`plain_forwards`),
     torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`), its cache of parametrized
-    tensors off (:func:`_uncached_parametrizations`) and its global module backward hooks off
-    (:func:`_no_global_backward_hooks`; the last two in every thread, as the notices)."""
+    tensors off (:func:`_uncached_parametrizations`), its global module backward hooks off
+    (:func:`_no_global_backward_hooks`) and ``requires_grad_`` harmless on transformed tensors
+    (:func:`_requires_grad_under_transforms`; the last three in every thread, as the notices)."""
     with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks(), \
-            _UNCACHED.block(), _UNHOOKED.block():
+            _UNCACHED.block(), _UNHOOKED.block(), _TRACKED.block():
         yield
 
 
