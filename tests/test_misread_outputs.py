@@ -38,11 +38,12 @@ def _model(width: int, end) -> nn.Module:
 X = torch.randn(48, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def _messages(call) -> list[str]:
+def _messages(call, said: str = "torchfim: the model's outputs come out") -> list[str]:
+    """The warnings of ``call`` that contain ``said`` (by default, those naming the outputs' final operation)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         call()
-    return [str(w.message) for w in caught if str(w.message).startswith("torchfim: the model's outputs come out")]
+    return [str(w.message) for w in caught if said in str(w.message)]
 
 
 ENTRIES = {
@@ -115,11 +116,8 @@ def test_positions_and_a_mask_name_it_too() -> None:
     assert messages == [SIGMOID]
 
 
-def _half_messages(call) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        call()
-    return [str(w.message) for w in caught if " half of the model's outputs comes out of" in str(w.message)]
+#: What the warnings naming one half of the outputs say.
+HALF = " half of the model's outputs comes out of"
 
 
 def _halves(mean_end, second_end):
@@ -146,7 +144,7 @@ def _log_softplus(v: torch.Tensor) -> torch.Tensor:
 def test_a_half_made_positive_where_its_log_is_read_is_named(family, end, named, entry) -> None:
     """A model trained with torch's GaussianNLLLoss returns the variance (through an exp or a softplus), where the
     heteroscedastic family reads log σ²; a gamma model returning its mean or shape, where their logs are read."""
-    messages = _half_messages(lambda: ENTRIES[entry](_model(4, end), family))
+    messages = _messages(lambda: ENTRIES[entry](_model(4, end), family), HALF)
     assert messages and all(re.search(named, m) and family in m for m in messages)
 
 
@@ -159,7 +157,7 @@ def test_a_half_made_positive_where_its_log_is_read_is_named(family, end, named,
     ("gamma", _halves(_log_softplus, _log_softplus)),
 ], ids=["plain", "tanh", "positive-mean", "log-of-variance", "gamma-logs"])
 def test_halves_read_as_they_are_meant_are_not_named(family, end, entry) -> None:
-    assert _half_messages(lambda: ENTRIES[entry](_model(4, end), family)) == []
+    assert _messages(lambda: ENTRIES[entry](_model(4, end), family), HALF) == []
 
 
 def test_the_variance_warning_is_warranted() -> None:
