@@ -81,3 +81,36 @@ def test_a_resumed_penalised_trainer_trains_as_the_uninterrupted_one(tmp_path) -
     with pytest.warns(RuntimeWarning, match="resumes at step 3 without a saved penalty state"):
         afresh = _resumable(tmp_path / "cut", tmp_path / "cut" / "checkpoint-3")
     assert not all(torch.equal(a, b) for a, b in zip(afresh, whole))
+
+
+def _evaluated(out, evaluate: bool) -> tuple[PenalisedTrainer, Steps, FisherPenalty]:
+    """Three penalised steps, with an evaluation after each (or none)."""
+    model = _model()
+    penalty = FisherPenalty(model, alpha=0.5, generator=torch.Generator().manual_seed(3))
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no", save_strategy="no",
+                             learning_rate=1e-2, max_grad_norm=0.0, eval_strategy="steps" if evaluate else "no",
+                             eval_steps=1, per_device_eval_batch_size=8)
+    steps = Steps()
+    trainer = PenalisedTrainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:8], penalty=penalty,
+                               callbacks=[steps])
+    trainer.train()
+    return trainer, steps, penalty
+
+
+def test_evaluation_takes_the_task_loss_and_draws_none_of_the_penaltys_labels(tmp_path) -> None:
+    """The recipe hands evaluation (which asks for the outputs) to the Trainer's own compute_loss: each eval loss is
+    the task loss at that step's parameters, and the evaluated run trains bit for bit as the one without evaluation.
+    Before, evaluation unpacked the penalised loss as ``(loss, outputs)`` and raised."""
+    evaluated, steps, penalty = _evaluated(tmp_path / "evaluated", True)
+    plain, _, plain_penalty = _evaluated(tmp_path / "plain", False)
+    final = [p.detach() for p in evaluated.model.parameters()]
+    assert all(torch.equal(a, b.detach()) for a, b in zip(final, plain.model.parameters(), strict=True))
+    assert torch.equal(penalty.generator.get_state(), plain_penalty.generator.get_state())
+    losses = [(row["step"], row["eval_loss"]) for row in evaluated.state.log_history if "eval_loss" in row]
+    assert [s for s, _ in losses] == [1, 2, 3]
+    batch = {k: torch.stack([d[k] for d in DATA[:8]]) for k in DATA[0]}
+    for step, loss in losses:
+        at = model_at(steps.params[step] if step < STEPS else final)
+        with torch.no_grad():
+            assert float(loss) == pytest.approx(float(at.eval()(**batch).loss), rel=1e-6)

@@ -64,6 +64,8 @@ class PenalisedTrainer(Trainer):
         self.penalty, self.batches = penalty, []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not model.training:  # evaluation: the task loss alone
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.batches.append({k: v.clone() for k, v in inputs.items()})
         return self.penalty.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)
 
