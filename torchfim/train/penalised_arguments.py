@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import TorchfimError, warn_user
 from .arguments import trainable
+from .process_share import process_group
 
 
 def check_task_loss(task_loss: object) -> None:
@@ -68,8 +68,7 @@ def running_module(penalty_model: nn.Module, given: nn.Module | None) -> nn.Modu
 
 def _processes() -> int:
     """The number of processes of the default group (1 without one)."""
-    distributed = torch.distributed
-    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+    return (process_group() or (0, 1))[1]
 
 
 def _synchronising() -> tuple[type, ...]:

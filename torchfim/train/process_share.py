@@ -74,20 +74,28 @@ class ProcessShare:
             )
 
 
+def process_group() -> tuple[int, int] | None:
+    """``(rank, world size)`` of this process in the default ``torch.distributed`` group; None without one."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return None
+    return distributed.get_rank(), distributed.get_world_size()
+
+
 def process_share(across_processes: object) -> tuple[int, int] | None:
     """``(rank, world)`` for ``across_processes=True`` (refused without an initialised process group), else None."""
     if not isinstance(across_processes, bool):
         raise TorchfimError(f"across_processes must be True or False, got {across_processes!r}")
     if not across_processes:
         return None
-    distributed = torch.distributed
-    if not (distributed.is_available() and distributed.is_initialized()):
+    place = process_group()
+    if place is None:
         raise TorchfimError(
             "across_processes=True shares each measurement between the processes of a torch.distributed run, but "
             "no process group is initialised; call torch.distributed.init_process_group first (torchrun does not), "
             "or pass across_processes=False"
         )
-    return distributed.get_rank(), distributed.get_world_size()
+    return place
 
 
 def shared_rows(held: list[Batch], rank: int, world: int) -> list[Batch]:

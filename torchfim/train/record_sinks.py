@@ -19,10 +19,9 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import torch
-
 from .._io import atomic_write
 from ..errors import TorchfimError
+from .process_share import process_group
 
 
 def process_paths(csv_path: str | os.PathLike | None,
@@ -30,8 +29,7 @@ def process_paths(csv_path: str | os.PathLike | None,
     """This process's CSV file and TensorBoard directory (see the module docstring)."""
     csv_file = None if csv_path is None else Path(csv_path)
     log_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
-    distributed = torch.distributed
-    rank = distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
+    rank = (process_group() or (0, 1))[0]
     if rank == 0:
         return csv_file, log_dir
     return (None if csv_file is None else csv_file.with_name(f"{csv_file.stem}.rank{rank}{csv_file.suffix}"),

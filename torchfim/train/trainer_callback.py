@@ -39,6 +39,7 @@ from .._io import atomic_write
 from ..errors import TorchfimError, warn_user
 from .monitor import FisherTraceMonitor, TraceRecord
 from .penalty import FisherPenalty
+from .process_share import process_group
 from .record_sinks import CsvSink
 from .trace_plot import read_trace_csv
 
@@ -78,9 +79,7 @@ class FisherTraceCallback(TrainerCallback):
         return [] if self.monitor is None else self.monitor.history
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        distributed = torch.distributed
-        several = args.world_size > 1 and distributed.is_available() and distributed.is_initialized()
-        options = {"across_processes": several, **self.options}
+        options = {"across_processes": args.world_size > 1 and process_group() is not None, **self.options}
         first = state.is_world_process_zero
         if not (first or options["across_processes"]):
             return
