@@ -1,6 +1,7 @@
-"""``FisherPenalty`` in transformers' own ``Trainer``, by the README's recipe: a ``compute_loss`` that returns
+"""``FisherPenalty`` in transformers' own ``Trainer``, by the README's recipe run as the README writes it
+(``trainer_ranks.PenalisedTrainer``): a ``compute_loss`` that returns
 ``pen.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)`` (a BERT classifier built
-from a config, CPU, no dropout, no gradient clipping).
+from a config, CPU, no dropout, no gradient clipping), with and without gradient accumulation.
 
 Oracle: at every optimiser step, the gradient the Trainer hands its optimiser equals the gradient of
 ``out.loss + penalty`` computed by hand on a copy of the model at that step, on the batch the Trainer used,
@@ -46,6 +47,47 @@ def test_the_trainer_steps_on_task_plus_penalty(tmp_path, method: str) -> None:
         params = list(at_step.parameters())
         loss = at_step(**batch).loss + FisherPenalty(at_step, alpha=0.5, generator=generator)(batch, step=step)
         want = torch.autograd.grad(loss, params)
+        scale = max(float(w.abs().max()) for w in want)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+
+def _grads(params: list[torch.Tensor], batch: dict, step: int | None = None,
+           generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """At the parameters ``params``, the gradient of ``out.loss`` on ``batch`` (``step`` None), or of the penalty on it
+    with labels from ``generator``."""
+    at = model_at(params)
+    loss = at(**batch).loss if step is None else FisherPenalty(at, alpha=0.5, generator=generator)(batch, step=step)
+    return list(torch.autograd.grad(loss, list(at.parameters())))
+
+
+def _mean(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [sum(same) / len(parts) for same in zip(*parts)]
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_gradient_accumulation_averages_the_micro_batches(tmp_path, method: str) -> None:
+    """Two micro-batches of 4 per optimiser step, every=2: a computed step hands the optimiser the mean over its
+    micro-batches of ``out.loss + penalty``; the step after, the mean of their task gradients plus the mean of the
+    computed step's penalty gradients. Before, the recipe's loss counted as scaled for accumulation (the model takes
+    loss keyword arguments), so the Trainer summed the micro-batches: twice the gradient; and the step after reused
+    the last micro-batch's penalty gradient alone."""
+    model, ga = _model(), 2
+    penalty = FisherPenalty(model, alpha=0.5, every=2, grad_method=method, generator=torch.Generator().manual_seed(3))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=ga,
+                             max_steps=STEPS, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                             logging_strategy="no", save_strategy="no", learning_rate=1e-2, max_grad_norm=0.0)
+    steps = Steps()
+    trainer = PenalisedTrainer(model=model, args=args, train_dataset=DATA, callbacks=[steps], penalty=penalty)
+    trainer.train()
+    assert len(steps.grads) == STEPS and len(trainer.batches) == ga * STEPS
+    generator, kept = torch.Generator().manual_seed(3), None  # the labels the Trainer's penalty drew, in order
+    tol = 1e-12 if method == "exact" else 1e-6
+    for step, (at, got) in enumerate(zip(steps.params, steps.grads)):
+        batches = trainer.batches[ga * step: ga * (step + 1)]
+        if step % 2 == 0:
+            kept = _mean([_grads(at, b, step, generator) for b in batches])
+        want = [t + k for t, k in zip(_mean([_grads(at, b) for b in batches]), kept)]
         scale = max(float(w.abs().max()) for w in want)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)

@@ -181,7 +181,7 @@ def test_every_reuses_the_cached_penalty_gradient(grad_method: str) -> None:
     first = pen.penalised_loss(x, task, step=0)
     expected = [a + b for a, b in zip(grads_of(task(model(x)), model), pen_grads)]
     assert rel_error(grads_of(first, model), expected) < (1e-10 if grad_method == "exact" else 1e-5)
-    cached = pen._cached_grads
+    cached = pen._kept.grads
     assert rel_error(cached, pen_grads) < (1e-10 if grad_method == "exact" else 1e-5)
     with torch.no_grad():
         for p in model.parameters():
@@ -258,7 +258,7 @@ def test_parameters_untouched_and_under_no_grad_the_value_is_right() -> None:
     value, pen_grads = brute_penalty(model, x, y, "categorical", ALPHA, "batch_gradient")
     torch.testing.assert_close(loss.detach(), task(model(x)).detach() + value, rtol=1e-8, atol=0)
     torch.testing.assert_close(pen.last_value, value, rtol=1e-10, atol=0)
-    assert rel_error(pen._cached_grads, pen_grads) < 1e-5
+    assert rel_error(pen._kept.grads, pen_grads) < 1e-5
 
 
 def test_bad_calls_raise() -> None:

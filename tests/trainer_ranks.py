@@ -13,6 +13,7 @@ those of one penalised loss taken through the bare model instead of the wrapper.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -56,18 +57,29 @@ def penalty(net: torch.nn.Module, method: str, rank: int) -> FisherPenalty:
     return FisherPenalty(net, alpha=ALPHA, grad_method=method, generator=torch.Generator().manual_seed(3 + rank))
 
 
-class PenalisedTrainer(Trainer):
-    """The README's recipe, recording each step's batch."""
+def _readme_recipe() -> tuple[type[Trainer], dict]:
+    """The README's ``PenalisedTrainer``, as written there, and the namespace its ``pen`` is looked up in."""
+    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S)
+    namespace = {"Trainer": Trainer}
+    exec(next(b for b in blocks if "class PenalisedTrainer(Trainer):" in b), namespace)
+    return namespace["PenalisedTrainer"], namespace
+
+
+_Recipe, _RECIPE = _readme_recipe()
+
+
+class PenalisedTrainer(_Recipe):
+    """The README's recipe, run as written with this trainer's penalty as its ``pen``, recording each step's batch."""
 
     def __init__(self, *args, penalty: FisherPenalty, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.penalty, self.batches = penalty, []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not model.training:  # evaluation: the task loss alone
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.batches.append({k: v.clone() for k, v in inputs.items()})
-        return self.penalty.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)
+        if model.training and not return_outputs:
+            self.batches.append({k: v.clone() for k, v in inputs.items()})
+        _RECIPE["pen"] = self.penalty
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 class Steps(TrainerCallback):

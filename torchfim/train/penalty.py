@@ -54,6 +54,7 @@ from .finite_difference import (
     penalty_gradient,
     trace_fd,
 )
+from .kept_gradient import KeptGradient
 from .model_io import Inputs, ModelIO, leading_rows
 from .penalised_arguments import check_task_loss, running_module, scalar_task_loss
 from .position_outputs import PositionOutputs
@@ -80,7 +81,8 @@ class FisherPenalty:
     the returned value and its gradient the returned gradient. On other steps, with
     ``reuse_between=True`` (the paper computes every 10 steps and reuses the most recent gradient),
     the term is the linear surrogate ``Σ_p ⟨c_p, θ_p⟩ − Σ_p ⟨c_p, θ_p⟩|_detached + v`` built from the
-    cached gradient ``c`` and value ``v`` of the last computed step: its value is ``v`` and its
+    cached gradient ``c`` and value ``v`` of the last computed step (the mean over its calls when several
+    micro-batches of gradient accumulation share it, :mod:`.kept_gradient`): its value is ``v`` and its
     gradient w.r.t. each parameter is exactly ``c_p``. Before any step has been computed, and on
     every skipped step with ``reuse_between=False``, the term is exactly 0 (with zero gradients,
     so ``backward`` still works). When ``every > 1`` and ``reuse_between=True``, the gradient of a
@@ -154,8 +156,9 @@ class FisherPenalty:
             ``F.cross_entropy`` takes them (a segmentation model's); None as in :func:`torchfim.fisher`.
 
     Attributes:
-        last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included;
-            None before the first computed step). ``float(pen.last_value)`` for a number.
+        last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included; the
+            value reused between computed steps, so a mean over micro-batches as ``c``; None before the
+            first computed step). ``float(pen.last_value)`` for a number.
         last_step: the step at which ``last_value`` was computed (None before).
 
     Example:
@@ -231,10 +234,8 @@ class FisherPenalty:
         trainable(model)  # fail early when there is nothing to penalise
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
-        self._cached_params: list[Tensor] | None = None
-        self._cached_grads: list[Tensor] | None = None
-        self._second_derivatives_checked = False
-        self._precision_named = False
+        self._kept = KeptGradient()
+        self._second_derivatives_checked = self._precision_named = False
 
     def __repr__(self) -> str:
         return (
@@ -249,8 +250,8 @@ class FisherPenalty:
         the key of one in a dict mini-batch, marks the observed positions of outputs with positions
         (padding False)."""
         check_step(step)
-        if step % self.every != 0 and self.reuse_between and self._cached_grads is not None:
-            return self._surrogate(self._cached_params, self._cached_grads, self.last_value)
+        if step % self.every != 0 and self.reuse_between and self._kept.grads is not None:
+            return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
         names, params = trainable(self.model)
         first = params[0]
         if step % self.every != 0:
@@ -268,13 +269,8 @@ class FisherPenalty:
                 else:
                     value = self._trace(x, names, params)
                 grads = self._double_backprop(value, params, self.every > 1 and self.reuse_between, retain=False)
-            self.last_value = value.detach()
-            self.last_step = step
-            if self.every > 1 and self.reuse_between:
-                self._cached_params, self._cached_grads = params, grads
-            if grads is not None:
-                return self._surrogate(params, grads, self.last_value)
-            return value
+            self._computed(step, params, grads, value.detach())
+            return value if grads is None else self._surrogate(params, grads, value.detach())
 
     def penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int | None = None,
                        mask: Tensor | str | None = None, model: nn.Module | None = None) -> Tensor:
@@ -363,16 +359,14 @@ class FisherPenalty:
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
                 loss, value, grads = self._shared_forward(x, rows, names, params, task_loss, cache)
-        self.last_value, self.last_step = value.detach(), step
-        if cache:
-            self._cached_params, self._cached_grads = params, grads
+        self._computed(step, params, grads, value.detach())
         return loss
 
     def state_dict(self) -> dict[str, object]:
         """What resuming needs (:mod:`torchfim.train.checkpoint`): the generator's state (None for torch's
         global one, which the caller saves), ``last_value``, ``last_step`` and the cached gradient by name."""
-        cache = None if self._cached_grads is None else named_gradients(self.model, self._cached_params,
-                                                                            self._cached_grads)
+        kept = self._kept
+        cache = None if kept.grads is None else named_gradients(self.model, kept.params, kept.grads)
         return {"version": VERSION, "settings": {"kind": self.kind}, "generator": generator_state(self.generator),
                 "last_value": self.last_value, "last_step": self.last_step, "cache": cache}
 
@@ -384,8 +378,8 @@ class FisherPenalty:
         self.generator = restored_generator(self.generator, state["generator"], "FisherPenalty")
         self.last_step, first = state["last_step"], trainable(self.model)[1][0]
         self.last_value = None if state["last_value"] is None else state["last_value"].to(first.device, first.dtype)
-        cached = (None, None) if state["cache"] is None else gradients_on(self.model, state["cache"])
-        self._cached_params, self._cached_grads = cached
+        params, grads = (None, None) if state["cache"] is None else gradients_on(self.model, state["cache"])
+        self._kept.restore(params, grads, self.last_value, self.last_step)
 
     # -------------------------------------------------------------- helpers
     def _forwards(self, params: list[Tensor], module_hooks: bool = True) -> ExitStack:
@@ -396,12 +390,23 @@ class FisherPenalty:
     def _between(self, inputs: Inputs, task_loss: Callable[[object], Tensor], surrogate: bool = True) -> Tensor:
         """The task loss from a forward of the caller's, plus (on a step that does not compute the penalty) the
         cached-gradient surrogate."""
-        reuse = surrogate and self.reuse_between and self._cached_grads is not None
-        first = self._cached_params[0] if reuse else trainable(self.model)[1][0]
+        kept = self._kept
+        reuse = surrogate and self.reuse_between and kept.grads is not None
+        first = kept.params[0] if reuse else trainable(self.model)[1][0]
         out = self.io.call(self.model, self.io.prepare(inputs, first), differentiated_twice=False)
         loss = scalar_task_loss(task_loss, out)
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
-        return loss + self._surrogate(self._cached_params, self._cached_grads, self.last_value) if reuse else loss
+        return loss + self._surrogate(kept.params, kept.grads, kept.value) if reuse else loss
+
+    def _computed(self, step: int, params: list[Tensor], grads: list[Tensor] | None, value: Tensor) -> None:
+        """Record a computed call: its value, and with a cache the gradient to reuse (the mean over the calls
+        of this step at these parameters, :mod:`.kept_gradient`), whose value ``last_value`` then is."""
+        self.last_step = step
+        if grads is None or not (self.every > 1 and self.reuse_between):
+            self.last_value = value
+            return
+        self._kept.keep(step, params, grads, value)
+        self.last_value = self._kept.value
 
     def _shared_forward(
         self, x: Batch, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[object], Tensor],

@@ -1,0 +1,57 @@
+"""The penalty gradient that :class:`~torchfim.train.FisherPenalty` keeps for the steps between computed ones.
+
+With ``every > 1`` and ``reuse_between=True`` a computed step's gradient ``c`` and value ``v`` are reused until
+the next computed step. Under gradient accumulation one optimiser step runs ``k`` micro-batches, each a call
+at the same step number and at the same parameters, and each computes the penalty on its own micro-batch;
+the step's penalty, as the optimiser receives it, is their mean. So :meth:`KeptGradient.keep` keeps the
+running mean over the calls of one step, ``c = (1/k) Σⱼ cⱼ`` and ``v = (1/k) Σⱼ vⱼ``: the last call's alone
+would be the penalty of one micro-batch, with ``k`` times the variance. A call at the same step number after
+the parameters moved (an optimiser's closure, as L-BFGS evaluates it) starts the mean over: the parameters
+count as moved when a tensor is another object or was written in place (its ``_version`` counter, which an
+optimiser's in-place update advances).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class KeptGradient:
+    """The kept gradient ``grads`` on the parameters ``params``, its value and the step that computed it.
+
+    ``calls`` is the number of calls averaged into it; ``versions`` the parameters' version counters then.
+    Empty (``grads is None``) before a computed step.
+    """
+
+    params: list[Tensor] | None = None
+    grads: list[Tensor] | None = None
+    value: Tensor | None = None
+    step: int | None = None
+    calls: int = 0
+    versions: tuple[int, ...] = field(default=())
+
+    def keep(self, step: int, params: list[Tensor], grads: list[Tensor], value: Tensor) -> None:
+        """Keep a computed call's gradient and value, averaged with those of the earlier calls at the same
+        step and parameters."""
+        if self._same_step(step, params):
+            self.calls += 1
+            weight = 1.0 / self.calls  # the running mean: c ← c + (cⱼ − c)/j
+            grads = [kept.lerp(new, weight) for kept, new in zip(self.grads, grads, strict=True)]
+            value = self.value.lerp(value, weight)
+        else:
+            self.calls = 1
+        self.params, self.grads, self.value, self.step = params, grads, value, step
+        self.versions = tuple(p._version for p in params)
+
+    def restore(self, params: list[Tensor] | None, grads: list[Tensor] | None, value: Tensor | None,
+                step: int | None) -> None:
+        """Put back a saved gradient; the next call starts a new mean (a resumed run goes on at a later step)."""
+        self.params, self.grads, self.value, self.step, self.calls, self.versions = params, grads, value, step, 0, ()
+
+    def _same_step(self, step: int, params: list[Tensor]) -> bool:
+        return (self.grads is not None and self.calls > 0 and step == self.step and len(params) == len(self.params)
+                and all(a is b for a, b in zip(params, self.params))
+                and tuple(p._version for p in params) == self.versions)
