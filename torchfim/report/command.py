@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="importable callable returning the nn.Module (current directory on "
                              "sys.path; file.py:FACTORY works too). Default: the demo's MLP, "
                              "trained briefly on scikit-learn's digits")
-    parser.add_argument("--checkpoint", metavar="FILE",
-                        help="torch.save file: a state dict for --model (or the default MLP), or a "
-                             "whole module (unpickled: only files you trust)")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="the weights for --model (or the default MLP): a torch.save file (a state dict, "
+                             "or a whole module, unpickled: only files you trust), a .safetensors file, or a "
+                             "Hugging Face checkpoint folder (save_pretrained's, a Trainer's checkpoint-N)")
     parser.add_argument("--data", metavar="MODULE:FACTORY",
                         help="callable returning the inputs: a tensor, an (inputs, targets) pair, "
                              "a Dataset yielding (x, y), or a dict of keyword inputs (a tokenizer's "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -127,33 +128,23 @@ def _is_state_dict(obj: object) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike) -> nn.Module | dict[str, Tensor]:
-    """Read a checkpoint written by ``torch.save``: a whole module or a state dict.
+    """Read a checkpoint: a file written by ``torch.save`` (a whole module or a state dict), a ``.safetensors``
+    file, or a Hugging Face checkpoint folder (``save_pretrained``'s or a ``Trainer``'s ``checkpoint-N``).
 
-    Tries ``weights_only=True`` first (a state dict needs nothing more); whole modules are pickled
-    Python objects, so they are then read with ``weights_only=False``, which runs the pickled code:
-    only pass checkpoints you trust. A dict that nests the state dict under ``"state_dict"``,
-    ``"model_state_dict"``, ``"model"``, ``"net"`` or ``"module"`` is unwrapped.
+    ``torch.save`` files are read with ``weights_only=True`` first (a state dict needs nothing more);
+    whole modules are pickled Python objects, so they are then read with ``weights_only=False``, which runs
+    the pickled code: only pass checkpoints you trust. A dict that nests the state dict under
+    ``"state_dict"``, ``"model_state_dict"``, ``"model"``, ``"net"`` or ``"module"`` is unwrapped. A folder
+    gives the state dict of its ``model.safetensors`` or ``pytorch_model.bin``, or of all the shards its
+    ``*.index.json`` lists.
     """
     ensure_cwd_on_path()
     p = Path(path)
+    if p.is_dir():
+        return _folder_state(p)
     if not p.is_file():
         raise TorchfimError(f"--checkpoint {path}: no such file; give the file written by torch.save")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any refusal of the safe loader: retry with the full unpickler below
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-        except (AttributeError, ModuleNotFoundError, ImportError) as exc:
-            raise TorchfimError(
-                f"--checkpoint {path}: it holds a whole module whose class cannot be imported here "
-                f"({one_line(exc)}); save model.state_dict() instead and pass the class's factory "
-                "with --model MODULE:FACTORY"
-            ) from exc
-        except Exception as exc:
-            raise TorchfimError(
-                f"--checkpoint {path}: not a checkpoint torch.load can read ({one_line(exc)}); "
-                "save it with torch.save(model.state_dict(), FILE) or torch.save(model, FILE)"
-            ) from exc
+    obj = _read_safetensors(p) if p.suffix == ".safetensors" else _read_torch_file(p)
     if isinstance(obj, nn.Module) or _is_state_dict(obj):
         return obj
     if isinstance(obj, Mapping):
@@ -167,17 +158,78 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module | dict[str, Tensor]:
     )
 
 
+def _read_torch_file(p: Path) -> object:
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any refusal of the safe loader: retry with the full unpickler below
+        try:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+            raise TorchfimError(
+                f"--checkpoint {p}: it holds a whole module whose class cannot be imported here "
+                f"({one_line(exc)}); save model.state_dict() instead and pass the class's factory "
+                "with --model MODULE:FACTORY"
+            ) from exc
+        except Exception as exc:
+            raise TorchfimError(
+                f"--checkpoint {p}: not a checkpoint torch.load can read ({one_line(exc)}); "
+                "save it with torch.save(model.state_dict(), FILE) or torch.save(model, FILE)"
+            ) from exc
+
+
+def _read_safetensors(p: Path) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise TorchfimError(f"--checkpoint {p}: reading .safetensors files needs the safetensors package; "
+                            "pip install safetensors") from exc
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:
+        raise TorchfimError(f"--checkpoint {p}: not a safetensors file that can be read ({one_line(exc)})") from exc
+
+
+#: The weights of a Hugging Face checkpoint folder, in the order they are looked for.
+_FOLDER_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                   "pytorch_model.bin")
+
+
+def _folder_state(folder: Path) -> dict[str, Tensor]:
+    """The state dict of a Hugging Face checkpoint folder (all its shards, where an index lists them)."""
+    name = next((n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if name is None:
+        raise TorchfimError(f"--checkpoint {folder}: a folder without {' or '.join(_FOLDER_WEIGHTS[1::2])} (what a "
+                            "Hugging Face checkpoint folder holds); give one of those or a file written by torch.save")
+    if not name.endswith(".index.json"):
+        return load_checkpoint(folder / name)
+    try:
+        shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TorchfimError(f"--checkpoint {folder}: {name} is not an index with a weight_map "
+                            f"({one_line(exc)}); give the folder as save_pretrained wrote it") from exc
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(load_checkpoint(folder / shard))
+    return state
+
+
 def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str, hint: str) -> None:
     """Load ``state`` into ``model`` (strictly), or raise one line saying how they differ.
 
-    A ``module.`` prefix on every key (as ``nn.DataParallel`` saves) is stripped. ``hint`` ends the
-    message (what to pass instead).
+    A prefix on every key that the model's names lack is stripped: ``module.`` (``nn.DataParallel`` and
+    ``DistributedDataParallel`` save it), ``_orig_mod.`` (``torch.compile``), or the attribute that holds the
+    network in a Lightning checkpoint (``model.``). A weight tied to another (one tensor under two names, such
+    as a language model's output layer and its token embedding) may be missing: ``save_pretrained`` writes it
+    once, and it is loaded through the other name. ``hint`` ends the message (what to pass instead).
     """
-    if state and all(k.startswith("module.") for k in state) and not any(
-        k.startswith("module.") for k in model.state_dict()
-    ):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)
+    state, prefix = _without_prefix(dict(state), own)
+    names_of = {}  # a tensor's names in the model: tied weights have several
+    for k, v in own.items():
+        names_of.setdefault(id(v), []).append(k)
+    tied = {k: next(a for a in names_of[id(v)] if a in state) for k, v in own.items()
+            if k not in state and any(a in state for a in names_of[id(v)])}
+    state.update({k: state[alias] for k, alias in tied.items()})
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
@@ -194,12 +246,29 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str, h
         problems.append("; ".join(shapes[:2]) + (f" (and {len(shapes) - 2} more)" if len(shapes) > 2 else ""))
     if problems:
         raise TorchfimError(
-            f"--checkpoint {path} does not match the model: {'; '.join(problems)}; {hint}"
+            f"--checkpoint {path} does not match the model{_read_as(prefix)}: {'; '.join(problems)}; {hint}"
         )
     try:
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # dtype trouble or a custom load hook
         raise TorchfimError(f"--checkpoint {path} does not match the model ({one_line(exc)}); {hint}") from exc
+
+
+def _without_prefix(state: dict[str, Tensor], own: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """``state`` without the leading name components that all its keys share, where that makes some of them names
+    of the model and none was (else ``state`` as it is, so that a mismatch is reported with the saved names), and
+    the prefix removed."""
+    stripped, prefix = state, ""
+    while stripped and not any(k in own for k in stripped):
+        heads = {k.split(".", 1)[0] for k in stripped}
+        if len(heads) != 1 or not all("." in k for k in stripped):
+            return state, ""
+        stripped, prefix = {k.split(".", 1)[1]: v for k, v in stripped.items()}, prefix + heads.pop() + "."
+    return stripped, prefix
+
+
+def _read_as(prefix: str) -> str:
+    return f" (its keys read without their common prefix {prefix!r})" if prefix else ""
 
 
 def _listed(keys: list[str], most: int = 3) -> str:
