@@ -404,6 +404,9 @@ def test_bad_inputs_and_model(model):
         torchfim.fisher(lambda x: x, mlp_inputs(2))
     with pytest.raises(TorchfimError, match="iterable of mini-batches"):
         torchfim.fisher(model, 3.0)
+    dataset = torch.utils.data.TensorDataset(mlp_inputs(4))  # map-style: indexable, not iterable by contract
+    with pytest.raises(TorchfimError, match=r"got TensorDataset: wrap the dataset in a DataLoader"):
+        torchfim.fisher(model, dataset)
     with pytest.raises(TorchfimError, match="must be a torch.Tensor"):
         torchfim.fisher(model, [[1.0, 2.0, 3.0]])
     frozen = tanh_mlp(3).requires_grad_(False)

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils.data import Dataset
 
 from .errors import TorchfimError
 
@@ -43,8 +44,10 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
         yield inputs, targets
         return
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
+        fix = (": wrap the dataset in a DataLoader, e.g. torch.utils.data.DataLoader(dataset, batch_size=64)"
+               if isinstance(inputs, Dataset) else "")
         raise TorchfimError(
-            f"inputs must be a tensor or an iterable of mini-batches, got {type(inputs).__name__}"
+            f"inputs must be a tensor or an iterable of mini-batches, got {type(inputs).__name__}{fix}"
         )
     refuse_packed(inputs)
     _refuse_a_pair(inputs)

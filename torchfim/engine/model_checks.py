@@ -3,13 +3,15 @@
 A forward that mixes the samples of a batch or draws random numbers (:func:`check_mode`), parameters
 without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
 a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), forwards that
-failed on integer or 1-D inputs (:func:`forward_error`), TorchScript modules (:func:`check_not_scripted`), and
-forwards that write into their inputs (:func:`inputs_unwritten`, :func:`watch_input_writes`).
+failed on integer or 1-D inputs (:func:`forward_error`), TorchScript modules (:func:`check_not_scripted`),
+parameters sharded over processes (:func:`check_unsharded`), and forwards that write into their inputs
+(:func:`inputs_unwritten`, :func:`watch_input_writes`).
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,7 +22,7 @@ from ..errors import TorchfimError
 from .batch import Batch
 
 __all__ = ["FORWARD_ARGUMENTS", "INPUT_WRITTEN", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory",
-           "check_initialised", "check_mode", "check_not_scripted", "describe_call", "forward_error", "inputs_unwritten",
+           "check_initialised", "check_mode", "check_not_scripted", "check_unsharded", "describe_call", "forward_error", "inputs_unwritten",
            "one_dimensional", "watch_input_writes"]
 
 #: Why a mini-batch does not fit the model's forward.
@@ -154,6 +156,39 @@ def check_not_scripted(model: nn.Module) -> None:
             f"{where} TorchScript (torch.jit.script or torch.jit.trace), which torchfim can neither record "
             "(a ScriptModule takes no forward hooks) nor call with other parameters (torch.func); pass the "
             "Python nn.Module it was made from (before torch.jit.script/trace), or torch.compile it instead"
+        )
+
+
+#: Where torch defines what shards a model's parameters over processes: (module, name, what it is).
+_SHARDING = (("torch.distributed.fsdp", "FSDPModule", "FSDP (fully_shard)"),
+             ("torch.distributed.fsdp", "FullyShardedDataParallel", "FSDP (FullyShardedDataParallel)"),
+             ("torch.distributed.tensor", "DTensor", "a DTensor (tensor parallelism)"),
+             ("torch.distributed._tensor", "DTensor", "a DTensor (tensor parallelism)"))
+
+
+def check_unsharded(model: nn.Module, what: str = "torchfim", params: list[Tensor] | None = None) -> None:
+    """Refuse a model whose parameters are sharded over processes (FSDP, tensor parallelism): no process holds them
+    whole, and torchfim differentiates with respect to whole parameters.
+
+    The model and its parameters are looked at (``params``, where the caller has them already): an FSDP module is
+    the model or its wrapper, and sharded parameters are DTensors. Only the classes torch has already imported are
+    looked for: a model sharded by them imported them.
+    """
+    kinds = {kind: said for module_name, name, said in _SHARDING
+             if isinstance(kind := getattr(sys.modules.get(module_name), name, None), type)}
+    if not kinds:
+        return
+    types = tuple(kinds)
+    tensors = model.parameters() if params is None else params
+    hit = model if isinstance(model, types) else next((p for p in tensors if isinstance(p, types)), None)
+    if hit is not None:
+        said = next(said for kind, said in kinds.items() if isinstance(hit, kind))
+        raise TorchfimError(
+            f"the model's parameters are sharded over processes by {said}, so no process holds them whole, and "
+            f"{what} differentiates with respect to whole parameters; measure a whole copy instead (gather the full "
+            "state dict, torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True)), into a model built without sharding), or train with "
+            "DistributedDataParallel, whose processes hold the whole model"
         )
 
 

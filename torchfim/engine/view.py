@@ -36,6 +36,7 @@ from .model_checks import (
     check_initialised,
     check_mode,
     check_not_scripted,
+    check_unsharded,
     one_dimensional,
     watch_input_writes,
 )
@@ -234,6 +235,7 @@ class ModelView:
         check_output_map(output)
         self.classes = ClassDim(class_dim)
         check_not_scripted(model)
+        check_unsharded(model)
         self.user_model = model
         self.model = private_tree(model)
         watch_input_writes(self.model)

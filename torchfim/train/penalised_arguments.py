@@ -5,7 +5,8 @@ Under several processes, ``DistributedDataParallel`` averages the gradients of i
 penalised loss that ran the bare model would leave each process with its own gradient, and the processes'
 copies of the model would drift apart without an error. So ``model=`` takes the wrapper to run (the module a
 ``Trainer``'s ``compute_loss`` receives), which must hold the penalty's trainable parameters; and a loss taken
-through a module that synchronises nothing, while several processes train, is named by a warning.
+through a module that synchronises nothing, while several processes train, is named by a warning. Parameters
+sharded over processes (FSDP) are refused: the penalty's gradient needs them whole.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from ..engine.model_checks import check_unsharded
 from ..errors import TorchfimError, warn_user
 from .arguments import trainable
 from .process_share import process_group
@@ -40,14 +42,23 @@ def scalar_task_loss(task_loss: Callable[[object], Tensor], out: object) -> Tens
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
+def penalised_parameters(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """The names and tensors of the trainable parameters; refused where there are none, or where they are
+    sharded over processes (FSDP)."""
+    names, params = trainable(model)
+    check_unsharded(model, "the Fisher penalty", params)
+    return names, params
+
+
 def running_module(penalty_model: nn.Module, given: nn.Module | None) -> nn.Module:
     """The module a penalised loss runs: ``given`` (checked to hold the penalty's trainable parameters, in
     order), else the penalty's own model; a warning when several processes train and it synchronises no
     gradient."""
-    module = penalty_model
-    if given is not None and given is not penalty_model:
-        if not isinstance(given, nn.Module):
-            raise TorchfimError(f"model must be a torch.nn.Module (the wrapper to run), got {type(given).__name__}")
+    module = penalty_model if given is None else given
+    if not isinstance(module, nn.Module):
+        raise TorchfimError(f"model must be a torch.nn.Module (the wrapper to run), got {type(module).__name__}")
+    check_unsharded(module, "the Fisher penalty", [])  # the wrapper: sharding replaces the parameters with others
+    if module is not penalty_model:
         ours, theirs = trainable(penalty_model)[1], [p for p in given.parameters() if p.requires_grad]
         if len(ours) != len(theirs) or any(a is not b for a, b in zip(ours, theirs)):
             raise TorchfimError(
@@ -55,8 +66,7 @@ def running_module(penalty_model: nn.Module, given: nn.Module | None) -> nn.Modu
                 f"({len(theirs)} tensors against {len(ours)}, or other tensors); pass a wrapper of the model the "
                 "penalty was built on, such as its DistributedDataParallel or torch.compile module"
             )
-        module = given
-    if _processes() > 1 and not any(isinstance(m, _synchronising()) for m in module.modules()):
+    if _processes() > 1 and not any(isinstance(m, _averaging()) for m in module.modules()):
         warn_user(
             f"FisherPenalty.penalised_loss runs {type(module).__name__}, which averages no gradient over the "
             f"{_processes()} processes: each keeps the gradient of its own batch and their models drift apart. "
@@ -71,10 +81,8 @@ def _processes() -> int:
     return (process_group() or (0, 1))[1]
 
 
-def _synchronising() -> tuple[type, ...]:
-    """The module types whose forwards prepare the averaging of gradients over processes."""
-    from torch.distributed import fsdp
+def _averaging() -> type:
+    """The module type whose forwards prepare the averaging of gradients over processes (imported when asked)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return tuple(t for t in (DistributedDataParallel, getattr(fsdp, "FullyShardedDataParallel", None),
-                             getattr(fsdp, "FSDPModule", None)) if isinstance(t, type))
+    return DistributedDataParallel

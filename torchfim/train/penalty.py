@@ -56,7 +56,7 @@ from .finite_difference import (
 )
 from .kept_gradient import KeptGradient
 from .model_io import Inputs, ModelIO, leading_rows
-from .penalised_arguments import check_task_loss, running_module, scalar_task_loss
+from .penalised_arguments import check_task_loss, penalised_parameters, running_module, scalar_task_loss
 from .position_outputs import PositionOutputs
 from .surrogate import fixed_gradient, zero_term
 
@@ -231,7 +231,7 @@ class FisherPenalty:
         self.fd_step = check_fd_step(fd_step, self.grad_method)
         self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model),
                           class_dim=class_dim)
-        trainable(model)  # fail early when there is nothing to penalise
+        penalised_parameters(model)  # fail early: nothing to penalise, or parameters no process holds whole
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
         self._kept = KeptGradient()
@@ -252,7 +252,7 @@ class FisherPenalty:
         check_step(step)
         if step % self.every != 0 and self.reuse_between and self._kept.grads is not None:
             return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
-        names, params = trainable(self.model)
+        names, params = penalised_parameters(self.model)
         first = params[0]
         if step % self.every != 0:
             return zero_term(params, first.dtype, first.device)
@@ -350,7 +350,7 @@ class FisherPenalty:
             return self._between(inputs, task_loss)
         if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
             return self._between(inputs, task_loss, surrogate=False) + self(inputs, step=step, mask=mask)
-        names, params = trainable(self.model)
+        names, params = penalised_parameters(self.model)
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between

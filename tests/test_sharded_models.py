@@ -1,0 +1,76 @@
+"""Models whose parameters are sharded over processes (FSDP2's ``fully_shard``, two processes, gloo, CPU): every entry
+point refuses them with one ``TorchfimError`` that names the fix, and the fix works.
+
+Before, ``fisher`` raised torch's "got mixed torch.Tensor and DTensor" from inside a forward, left the model
+unsharded so that a second call ran on whatever that left, and the penalty failed in FSDP's own backward hook.
+Oracle for the fix: the full state dict gathered from the shards, loaded into a model built without sharding, gives
+the exact Fisher of the model before it was sharded, to the last bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from processes import over_loopback, run_processes
+from torch import nn
+
+import torchfim
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+WORLD = 2
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _refusal(call) -> str:
+    try:
+        call()
+    except torchfim.TorchfimError as err:
+        return str(err)
+    return "no error"
+
+
+def _rank(rank: int, root: str) -> None:
+    over_loopback()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model = _net()
+    built_before, other = FisherPenalty(model), FisherPenalty(_net())  # penalties built before the sharding
+    fully_shard(model[0])
+    fully_shard(model)
+    refusals = {
+        "fisher": _refusal(lambda: torchfim.fisher(model, x, structure="diag")),
+        "again": _refusal(lambda: torchfim.fisher(model, x, structure="trace")),
+        "variance": _refusal(lambda: torchfim.fisher_variance(model, x, structure="trace")),
+        "monitor": _refusal(lambda: FisherTraceMonitor(model, x, every=1).step(0)),
+        "penalty": _refusal(lambda: FisherPenalty(model)),
+        "model=": _refusal(lambda: other.penalised_loss(x, lambda out: out.sum(), step=0, model=model)),
+        "built before, called": _refusal(lambda: built_before(x, step=0)),
+        "built before, penalised_loss": _refusal(lambda: built_before.penalised_loss(x, lambda out: out.sum(), step=0)),
+    }
+    whole = _net()  # the fix the message names: the full state dict, in a model built without sharding
+    whole.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    torch.save({"refusals": refusals, "fixed": torchfim.fisher(whole, x, structure="diag")}, f"{root}/out.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_parameters_are_refused_with_a_fix_that_works(tmp_path: Path) -> None:
+    run_processes(_rank, (str(tmp_path),), WORLD)
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = torchfim.fisher(_net(), x, structure="diag")
+    for rank in range(WORLD):
+        out = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        for where, message in out["refusals"].items():
+            assert message.startswith("the model's parameters are sharded over processes by FSDP (fully_shard)"), where
+            assert "get_model_state_dict" in message and "DistributedDataParallel" in message, where
+        assert "the Fisher penalty differentiates" in out["refusals"]["penalty"]
+        assert torch.equal(out["fixed"], want)
