@@ -11,9 +11,16 @@ drew (from its autocast outputs, with the same generator).
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+from types import MethodType
 
+import clients
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,15 +53,32 @@ def _autocast_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return get_family("categorical").sample(o, 1, torch.Generator().manual_seed(SEED))[:, 0]
 
 
+def accelerate_bf16(model: nn.Module) -> nn.Module:
+    """The model with its forward wrapped as ``accelerate``'s ``Accelerator(mixed_precision="bf16").prepare`` wraps
+    it on CPU (an autocast region around the forward, the outputs converted back to float32 by accelerate's own
+    ``convert_outputs_to_fp32``), without the process-wide state an ``Accelerator`` sets."""
+    operations = clients.need("accelerate.utils.operations")
+    wrapped = torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward)
+    model.forward = MethodType(operations.convert_outputs_to_fp32(wrapped), model)
+    return model
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["call", "penalised_loss"])
 @pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
-def test_fd_gradient_under_bfloat16_autocast_is_within_tolerance_of_the_definition(kind: str, shared: bool) -> None:
+@pytest.mark.parametrize("where", ["caller", "forward"])
+def test_fd_gradient_under_bfloat16_autocast_is_within_tolerance_of_the_definition(kind: str, shared: bool,
+                                                                                   where: str) -> None:
+    """``where="forward"``: the autocast region is the forward's own and its outputs come back in float32, so neither
+    the caller's autocast state nor the outputs' dtype says bfloat16. Before, ε was then float32's: 7.5 times the
+    gradient's size off, without a warning."""
     model, x = gelu_norm_mlp()
     y = _autocast_labels(model, x)
     _, want = brute_penalty(copy.deepcopy(model).double(), x.double(), y, "categorical", ALPHA, kind)
+    if where == "forward":
+        model = accelerate_bf16(model)
     pen = FisherPenalty(model, alpha=ALPHA, kind=kind, grad_method="finite_difference",
                         generator=torch.Generator().manual_seed(SEED))
-    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "caller"):
         warnings.simplefilter("ignore")
         if shared:  # a task loss without gradient: the step's gradient is the penalty's
             term = pen.penalised_loss(x, lambda out: 0.0 * out.float().sum(), step=0)
@@ -64,10 +88,12 @@ def test_fd_gradient_under_bfloat16_autocast_is_within_tolerance_of_the_definiti
     assert _rel(got, want) < BF16_TOLERANCE
 
 
-@pytest.mark.parametrize("where", ["autocast", "bfloat16", "float16"])
+@pytest.mark.parametrize("where", ["autocast", "forward", "bfloat16", "float16"])
 def test_a_half_precision_finite_difference_is_named_once(where: str) -> None:
     model, x = gelu_norm_mlp()
-    if where != "autocast":
+    if where == "forward":
+        model = accelerate_bf16(model)
+    elif where != "autocast":
         dtype = getattr(torch, where)
         model, x = model.to(dtype), x.to(dtype)
     pen = FisherPenalty(model, alpha=ALPHA, grad_method="finite_difference")
@@ -108,3 +134,43 @@ def test_trace_penalty_under_autocast_keeps_its_per_input_gradients_batched(grad
     assert not [w for w in record if "cannot vmap" in str(w.message)]
     got = torch.autograd.grad(term, list(model.parameters()))
     assert _rel(got, want) < (BF16_TOLERANCE if grad_method == "finite_difference" else 0.02)
+
+
+ACCELERATED = """
+import copy, json, sys, warnings
+sys.path.insert(0, {tests!r})
+import clients  # noqa: F401
+import torch
+from accelerate import Accelerator
+from test_penalty_half_precision import ALPHA, SEED, gelu_norm_mlp
+from test_train_penalty import brute_penalty
+from torchfim.families import get_family
+from torchfim.train import FisherPenalty
+
+model, x = gelu_norm_mlp()
+reference = copy.deepcopy(model).double()
+model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+with torch.no_grad():
+    y = get_family("categorical").sample(model(x), 1, torch.Generator().manual_seed(SEED))[:, 0]
+_, want = brute_penalty(reference, x.double(), y, "categorical", ALPHA, "batch_gradient")
+pen = FisherPenalty(model, alpha=ALPHA, grad_method="finite_difference", generator=torch.Generator().manual_seed(SEED))
+with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    got = torch.autograd.grad(pen(x, step=0), list(model.parameters()))
+num = sum(float((a.double() - b).square().sum()) for a, b in zip(got, want))
+print(json.dumps({{"error": (num / sum(float(b.square().sum()) for b in want)) ** 0.5,
+                  "named": [str(w.message) for w in record if "coarse" in str(w.message)]}}))
+"""
+
+
+def test_accelerates_mixed_precision_itself(tmp_path) -> None:
+    """The same with a real ``Accelerator(mixed_precision="bf16")`` (in a process of its own: an Accelerator's state
+    is the process's): the step is taken for bfloat16 and the coarse precision is named."""
+    clients.need("accelerate")
+    script = tmp_path / "accelerated.py"
+    script.write_text(ACCELERATED.format(tests=str(Path(__file__).parent)))
+    done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] < BF16_TOLERANCE and len(result["named"]) == 1

@@ -50,7 +50,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from .derivative_settings import emptied
 from .private_tree import is_compile_wrapper
 
-__all__ = ["autocast_dtype", "autocast_enabled", "differentiated_forwards", "eager_compiled", "holds_compiled",
+__all__ = ["autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed", "differentiated_forwards", "eager_compiled", "holds_compiled",
            "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
 
 
@@ -73,8 +73,10 @@ class _ThreadMode:
         return self.held[id(owner), name][1]
 
     @contextmanager
-    def block(self) -> Iterator[None]:
-        me = threading.get_ident()
+    def block(self, active: bool = True) -> Iterator[None]:
+        """The thread in the mode; with ``active=False`` the stand-ins are installed but the thread is not in the
+        mode (they run torch's own for it, and may observe it)."""
+        me = threading.get_ident() if active else None
         with self.lock:
             if not self.depths:
                 for owner, name, stand_in in self.stand_ins:
@@ -145,8 +147,12 @@ def _enter_autocast(self: autocast) -> autocast:
     """Stands in for entering an autocast region: in a thread of the mode, one that would turn autocast on
     enters with it off (torch's own entry and exit, so the nesting and the cache stay torch's). The
     instance's flag is off for the length of torch's entry only: another thread entering the same
-    instance (a decorated forward) at that instant would enter with autocast off too."""
+    instance (a decorated forward) at that instant would enter with autocast off too. A thread observing
+    (:func:`autocast_observed`) notes the precision of a region that turns autocast on."""
     enter = _NATIVE.torchs(autocast, "__enter__")
+    seen = getattr(_OBSERVING, "seen", None)
+    if seen is not None and self._enabled:
+        seen.add((str(self.device), self.fast_dtype))
     if not (self._enabled and _NATIVE.active()):
         return enter(self)
     self._enabled = False
@@ -158,6 +164,39 @@ def _enter_autocast(self: autocast) -> autocast:
 
 #: The entry of ``torch.autocast`` (``torch.cpu.amp.autocast`` and ``torch.cuda.amp.autocast`` call it).
 _NATIVE = _ThreadMode([(autocast, "__enter__", _enter_autocast)])
+_OBSERVING = threading.local()  # .seen: the (device type, dtype) of the regions entered in an observing block
+
+
+@contextmanager
+def autocast_observed() -> Iterator[set[tuple[str, torch.dtype]]]:
+    """Within the block, the autocast regions this thread enters that turn autocast on (a forward's own, such as
+    the one ``accelerate``'s mixed precision wraps a model's forward in) run as torch runs them, and their
+    ``(device type, dtype)`` are collected in the set yielded (read by :func:`autocast_dtypes`).
+
+    Example:
+        >>> import torch
+        >>> with autocast_observed() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     out = torch.randn(2, 3) @ torch.randn(3, 3)
+        >>> out.dtype, seen
+        (torch.bfloat16, {('cpu', torch.bfloat16)})
+    """
+    outer, seen = getattr(_OBSERVING, "seen", None), set()
+    _OBSERVING.seen = seen
+    try:
+        with _NATIVE.block(active=False):
+            yield seen
+    finally:
+        if outer is not None:
+            outer.update(seen)
+        _OBSERVING.seen = outer
+
+
+def autocast_dtypes(device_type: str) -> list[torch.dtype]:
+    """The dtypes autocast computes in on ``device_type`` here: the caller's, where it is on, and those of the regions
+    entered so far in this thread's :func:`autocast_observed` block."""
+    ambient = autocast_dtype(device_type)
+    seen = getattr(_OBSERVING, "seen", None) or ()
+    return [*([] if ambient is None else [ambient]), *(dtype for device, dtype in seen if device == device_type)]
 
 
 @contextmanager

@@ -3,20 +3,22 @@
 Like the engine's, they run in :func:`~torchfim.engine.plain_forwards.differentiated_forwards`; compiled
 code runs eagerly (:func:`~torchfim.engine.plain_forwards.eager_compiled`) unless the step differentiates
 the model once only (the finite difference of ``kind="batch_gradient"``), since double backprop and
-per-sample gradients cannot run it; a finite difference computed in half precision is named as coarse;
+per-sample gradients cannot run it; a finite difference computed in half precision (the parameters', or
+autocast's: the caller's, or a region the forward enters) is named as coarse;
 embeddings give dense gradients; and the caller's backward hooks do not run on the penalty's own
 differentiations (:func:`~torchfim.engine.derivative_settings.quiet_backward_hooks`).
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ..engine.derivative_settings import dense_gradients, quiet_backward_hooks
-from ..engine.plain_forwards import differentiated_forwards, eager_compiled, holds_compiled
+from ..engine.plain_forwards import autocast_observed, differentiated_forwards, eager_compiled, holds_compiled
 from ..errors import warn_user
 from .finite_difference import working_dtype
 
@@ -35,11 +37,9 @@ def computing_passes(model: nn.Module, kind: str, grad_method: str, params: list
     in half precision (of the parameters, or of autocast) is named by a warning; the backward hooks of the
     parameters, and with ``module_hooks`` of the modules (not where a forward is shared with the task loss), are
     quiet."""
-    if grad_method == "finite_difference" and name_precision:
-        dtype = working_dtype(params[0])
-        if dtype in (torch.float16, torch.bfloat16):
-            warn_user(COARSE.format(dtype=str(dtype).removeprefix("torch.")))
     stack = ExitStack()
+    if grad_method == "finite_difference":
+        stack.enter_context(_precision_seen(params[0], name_precision))
     stack.enter_context(differentiated_forwards())
     stack.enter_context(dense_gradients(model))
     stack.enter_context(quiet_backward_hooks(model, params, modules=module_hooks))
@@ -48,3 +48,14 @@ def computing_passes(model: nn.Module, kind: str, grad_method: str, params: list
             warn_user(COMPILED.format(kind=kind, method=grad_method))
         stack.enter_context(eager_compiled())
     return stack
+
+
+@contextmanager
+def _precision_seen(first: Tensor, name: bool) -> Iterator[None]:
+    """Autocast regions of the forward observed (the step ε is taken for their precision); with ``name``, a step
+    that computed in half precision, of the parameters or of autocast, is named when it ends."""
+    with autocast_observed():
+        yield
+        dtype = working_dtype(first)  # within the block: the regions the passes entered count
+    if name and dtype in (torch.float16, torch.bfloat16):
+        warn_user(COARSE.format(dtype=str(dtype).removeprefix("torch.")))

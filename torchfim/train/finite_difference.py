@@ -14,7 +14,7 @@ was smallest near c = 0.3 on the small test models and near c = 0.05 on the benc
 64-256-256-10; 0.1 is within a factor 3 of both). On all of them the relative error of the
 gradient is below 1e-6 in float64 and 2e-3 in float32. ``eps_dtype`` is that of the least precise
 dtype the passes compute in (:func:`working_dtype`: the parameters', the outputs', and autocast's where
-the caller runs the penalty under ``torch.autocast``), since the difference of two gradients must stand
+the caller runs the penalty under ``torch.autocast`` or the forward turns it on), since the difference of two gradients must stand
 above their rounding: with the float32 step under bfloat16 autocast the gradient was 3.7-9 times its own
 size off. In half precision the forward difference is coarse whatever the step: measured against float32
 double backprop on a GELU/LayerNorm MLP, 6-8 % (``kind="batch_gradient"``) and 13-17 % (``"trace"``) off
@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ..engine.batch import Batch
 from ..engine.derivative_settings import paused_power_iterations
-from ..engine.plain_forwards import autocast_dtype
+from ..engine.plain_forwards import autocast_dtypes
 from ..errors import TorchfimError
 from ..families import Family
 from .model_io import ModelIO
@@ -85,10 +85,11 @@ def check_fd_step(fd_step: object, grad_method: str) -> float | None:
 
 def working_dtype(first: Tensor, *outputs: Tensor) -> torch.dtype:
     """The least precise of the dtypes the passes compute in: the parameters' (``first``), the ``outputs``',
-    and the one ``torch.autocast`` runs in where the caller has it on for the parameters' device."""
-    dtypes = [first.dtype, *(o.dtype for o in outputs if o.is_floating_point())]
-    cast = autocast_dtype(first.device.type)
-    return max(dtypes if cast is None else [*dtypes, cast], key=lambda d: torch.finfo(d).eps)
+    and those ``torch.autocast`` runs in on the parameters' device, where the caller has it on or a region of the
+    forward turned it on (``accelerate``'s mixed precision, whose outputs come back in float32; seen within
+    :func:`~torchfim.engine.plain_forwards.autocast_observed`)."""
+    dtypes = [first.dtype, *(o.dtype for o in outputs if o.is_floating_point()), *autocast_dtypes(first.device.type)]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 def fd_step_for(params: list[Tensor], fd_step: float | None, theta_norm: Tensor | None = None,
