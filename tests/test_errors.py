@@ -404,6 +404,8 @@ def test_bad_inputs_and_model(model):
         torchfim.fisher(lambda x: x, mlp_inputs(2))
     with pytest.raises(TorchfimError, match="iterable of mini-batches"):
         torchfim.fisher(model, 3.0)
+    with pytest.raises(TorchfimError, match=r"got ndarray of shape \(4, 3\); pass torch.from_numpy\(inputs\)"):
+        torchfim.fisher(model, mlp_inputs(4).numpy())
     dataset = torch.utils.data.TensorDataset(mlp_inputs(4))  # map-style: indexable, not iterable by contract
     with pytest.raises(TorchfimError, match=r"got TensorDataset: wrap the dataset in a DataLoader"):
         torchfim.fisher(model, dataset)

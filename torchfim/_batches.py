@@ -43,6 +43,11 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
             )
         yield inputs, targets
         return
+    if hasattr(inputs, "__array__") and hasattr(inputs, "shape"):  # a NumPy (or array-like) array: rows are not batches
+        raise TorchfimError(
+            f"inputs must be a tensor or an iterable of mini-batches, got {type(inputs).__name__} of shape "
+            f"{tuple(inputs.shape)}; pass torch.from_numpy(inputs) (with .float() for a float32 model)"
+        )
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
         fix = (": wrap the dataset in a DataLoader, e.g. torch.utils.data.DataLoader(dataset, batch_size=64)"
                if isinstance(inputs, Dataset) else "")
