@@ -50,8 +50,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from .derivative_settings import emptied
 from .private_tree import is_compile_wrapper
 
-__all__ = ["autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed", "differentiated_forwards", "eager_compiled", "holds_compiled",
-           "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
+__all__ = ["autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed", "differentiated_forwards",
+           "eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
 
 
 class _ThreadMode:
