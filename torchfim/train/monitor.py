@@ -77,6 +77,7 @@ from .checkpoint import VERSION, checked, generator_state, inputs_checksum, rest
 from .held import hold, pooled
 from .process_share import shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
+from .step_order import StepOrder
 from .trace_stats import ControlVariate, Windows, mean_and_variance
 
 #: Seed of the private generator used when no ``generator`` is given.
@@ -230,6 +231,7 @@ class FisherTraceMonitor:
         self.n_inputs = sum(b.size for b in held)
         self._checksum: float | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
+        self._order = StepOrder()
         self.subset, self.control_variate = self._check_options(subset, control_variate)
         self._plan()
         self.columns = COLUMNS + (("variance_ratio",) if self.control_variate else ())
@@ -249,15 +251,17 @@ class FisherTraceMonitor:
 
     # --------------------------------------------------------------- public
     def step(self, step: int) -> TraceRecord | None:
-        """Measure when ``step % every == 0`` and return the record; else return None."""
+        """Measure when ``step % every == 0`` and return the record; else return None. A second call at the last
+        measured step returns its record (:mod:`.step_order`)."""
         check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         if step % self.every != 0:
             return None
-        return self.measure(step)
+        return self._order.repeated(step, self.history) or self.measure(step)
 
     def measure(self, step: int) -> TraceRecord:
         """Measure now (whatever ``every`` says), record and return the :class:`TraceRecord`."""
         check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
+        self._order.check(step, self.history)
         start = time.perf_counter()
         if self._share is not None and not self._share_checked:  # before any label is drawn
             device = self._engine()[0].device

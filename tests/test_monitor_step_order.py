@@ -1,0 +1,66 @@
+"""``FisherTraceMonitor.step`` in loops that call it out of order: once per micro-batch under gradient accumulation
+(the same step several times), or with a counter that starts over (the batch index within an epoch).
+
+Oracle: the records and the CSV rows, one per measured step; the warnings, each once. Before, every repeated
+call measured again (k measurements and k rows for one step) and a counter that went back made a zigzag curve,
+both silently.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from torchfim.train import FisherTraceMonitor, read_trace_csv
+
+
+def _monitor(tmp_path, every: int = 2) -> FisherTraceMonitor:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    held = torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return FisherTraceMonitor(model, held, every=every, csv_path=tmp_path / "trace.csv")
+
+
+def _warnings(run) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in seen if "FisherTraceMonitor" in str(w.message)]
+
+
+def test_a_step_called_once_per_micro_batch_is_measured_once(tmp_path) -> None:
+    monitor, returned = _monitor(tmp_path), []
+
+    def loop() -> None:
+        for step in range(5):
+            for _ in range(3):  # three micro-batches per optimiser step
+                returned.append(monitor.step(step))
+
+    said = _warnings(loop)
+    assert [r.step for r in monitor.history] == [0, 2, 4]
+    assert [r.step for r in read_trace_csv(tmp_path / "trace.csv")] == [0, 2, 4]
+    for step in (0, 2, 4):  # the later calls at a measured step return its record itself
+        assert all(r is monitor.history[step // 2] for r in returned[3 * step: 3 * step + 3])
+    assert len(said) == 1 and "called again at its last measured step" in said[0] and "micro-batch" in said[0]
+
+
+def test_a_step_that_goes_back_is_named_once_and_still_measured(tmp_path) -> None:
+    monitor = _monitor(tmp_path, every=1)
+
+    def two_epochs() -> None:
+        for _ in range(2):
+            for i in range(3):  # the batch index: starts over each epoch
+                monitor.step(i)
+
+    said = _warnings(two_epochs)
+    assert [r.step for r in monitor.history] == [0, 1, 2, 0, 1, 2]
+    assert len(said) == 1 and "at step 0 after step 2" in said[0] and "epoch * len(loader) + i" in said[0]
+
+
+def test_measure_at_the_same_step_measures_again(tmp_path) -> None:
+    monitor = _monitor(tmp_path)
+    first = monitor.measure(4)
+    assert not _warnings(lambda: monitor.measure(4))
+    assert len(monitor.history) == 2 and monitor.history[0] is first and monitor.history[1] is not first
