@@ -122,3 +122,16 @@ def test_a_hugging_face_folder_loads_as_from_pretrained(tmp_path, shard) -> None
     apply_state_dict(model, load_checkpoint(tmp_path), str(tmp_path), "hint")
     assert _same(model, transformers.GPT2LMHeadModel.from_pretrained(tmp_path)) and _same(model, saved)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_peft_adapter_folder_names_how_to_load_it(tmp_path) -> None:
+    """peft's ``save_pretrained`` writes the adapter alone: the report cannot apply it to a model without the base
+    model, so it says where to load it (before: "a folder without model.safetensors")."""
+    transformers, peft = clients.need("transformers"), clients.need("peft")
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    base = transformers.BertForSequenceClassification(config)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    lora.save_pretrained(tmp_path)
+    with pytest.raises(torchfim.TorchfimError, match=r"a PEFT adapter folder.*PeftModel.from_pretrained"):
+        load_checkpoint(tmp_path)

@@ -197,6 +197,10 @@ _FOLDER_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch
 def _folder_state(folder: Path) -> dict[str, Tensor]:
     """The state dict of a Hugging Face checkpoint folder (all its shards, where an index lists them)."""
     name = next((n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if name is None and (folder / "adapter_config.json").is_file():
+        raise TorchfimError(f"--checkpoint {folder}: a PEFT adapter folder (adapter weights only, no base model); "
+                            "load it in your --model factory, peft.PeftModel.from_pretrained(base_model, FOLDER), "
+                            "and drop --checkpoint")
     if name is None:
         raise TorchfimError(f"--checkpoint {folder}: a folder without {' or '.join(_FOLDER_WEIGHTS[1::2])} (what a "
                             "Hugging Face checkpoint folder holds); give one of those or a file written by torch.save")
