@@ -333,21 +333,6 @@ def test_bad_input_is_one_line_and_leaves_no_report(case, user_dir, capsys):
     assert not _leftovers(user_dir)
 
 
-def test_checkpoint_of_a_whole_module_is_accepted(user_dir, capsys, fast_figures):
-    import umod
-
-    model = umod.make()
-    with torch.no_grad():
-        model[0].weight.mul_(2)
-    torch.save(model, user_dir / "whole.pt")
-    status = cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--checkpoint", "whole.pt",
-                       "--variance-inputs", "8", "--max-block", "0", "--no-progress", "--out", "rep"])
-    assert status == 0, capsys.readouterr().err
-    R = json.loads((user_dir / "rep" / "report.json").read_text())
-    X, _ = umod.data()
-    assert R["trace"]["exact"] == pytest.approx(float(torchfim.fisher(model, X, structure="trace")), rel=1e-6)
-
-
 def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, monkeypatch, fast_figures):
     import torchfim._io as io_mod
 

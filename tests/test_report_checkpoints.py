@@ -90,15 +90,25 @@ def test_folders_without_weights_and_unreadable_files_name_the_fix(tmp_path) -> 
         load_checkpoint(tmp_path)
 
 
-def test_the_report_reads_a_checkpoint_folder(user_dir, capsys, fast_figures):  # noqa: F811
+def _whole_module(model: nn.Module, folder) -> str:
+    torch.save(model, folder / "whole.pt")
+    return "whole.pt"
+
+
+def _safetensors_folder(model: nn.Module, folder) -> str:
+    (folder / "ckpt").mkdir()
+    safetensors_torch.save_file(model.state_dict(), str(folder / "ckpt" / "model.safetensors"))
+    return "ckpt"
+
+
+@pytest.mark.parametrize("write", [_whole_module, _safetensors_folder], ids=["whole-module", "folder"])
+def test_the_report_reads_the_checkpoint(user_dir, capsys, fast_figures, write):  # noqa: F811
     import umod
 
     model = umod.make()
     with torch.no_grad():
         model[0].weight.mul_(2)
-    (user_dir / "ckpt").mkdir()
-    safetensors_torch.save_file(model.state_dict(), str(user_dir / "ckpt" / "model.safetensors"))
-    status = cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--checkpoint", "ckpt",
+    status = cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--checkpoint", write(model, user_dir),
                        "--variance-inputs", "8", "--max-block", "0", "--no-progress", "--out", "rep"])
     assert status == 0, capsys.readouterr().err
     R = json.loads((user_dir / "rep" / "report.json").read_text())
