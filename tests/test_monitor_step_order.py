@@ -1,15 +1,16 @@
 """``FisherTraceMonitor.step`` in loops that call it out of order: once per micro-batch under gradient accumulation
 (the same step several times), or with a counter that starts over (the batch index within an epoch).
 
-Oracle: the records and the CSV rows, one per measured step; the warnings, each once. Before, every repeated
-call measured again (k measurements and k rows for one step) and a counter that went back made a zigzag curve,
-both silently.
+Oracle: the records and the CSV rows, one per measured step where the parameters stood still, one per call where
+they moved; the warnings, each once. Before, every repeated call measured again (k measurements and k rows for one
+step) and a counter that went back made a zigzag curve, both silently.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,13 +31,22 @@ def _warnings(run) -> list[str]:
     return [str(w.message) for w in seen if "FisherTraceMonitor" in str(w.message)]
 
 
+def _backward(monitor: FisherTraceMonitor) -> None:
+    x = torch.randn(8, 4, dtype=torch.float64)
+    nn.functional.cross_entropy(monitor.model(x), torch.randint(0, 3, (8,))).backward()
+
+
 def test_a_step_called_once_per_micro_batch_is_measured_once(tmp_path) -> None:
     monitor, returned = _monitor(tmp_path), []
+    optimiser = torch.optim.SGD(monitor.model.parameters(), lr=0.1)
 
     def loop() -> None:
         for step in range(5):
-            for _ in range(3):  # three micro-batches per optimiser step
+            for _ in range(3):  # three micro-batches per optimiser step, each measured after its backward
+                _backward(monitor)
                 returned.append(monitor.step(step))
+            optimiser.step()
+            optimiser.zero_grad()
 
     said = _warnings(loop)
     assert [r.step for r in monitor.history] == [0, 2, 4]
@@ -57,6 +67,27 @@ def test_a_step_that_goes_back_is_named_once_and_still_measured(tmp_path) -> Non
     said = _warnings(two_epochs)
     assert [r.step for r in monitor.history] == [0, 1, 2, 0, 1, 2]
     assert len(said) == 1 and "at step 0 after step 2" in said[0] and "epoch * len(loader) + i" in said[0]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused-adam"])
+def test_a_counter_that_does_not_advance_while_training_is_measured_each_time(tmp_path, fused: bool) -> None:
+    """Full-batch training passing the batch index (always 0): the parameters move between the calls (a fused
+    optimiser's step leaves their version counters as they were; the optimiser step count does not), so each call
+    measures, and the stalled counter is named once."""
+    monitor = _monitor(tmp_path)
+    optimiser = torch.optim.Adam(monitor.model.parameters(), lr=0.1, fused=fused)
+
+    def full_batch() -> None:
+        for _ in range(4):
+            _backward(monitor)
+            optimiser.step()
+            optimiser.zero_grad()
+            monitor.step(0)
+
+    said = _warnings(full_batch)
+    traces = [r.trace for r in monitor.history]
+    assert [r.step for r in monitor.history] == [0, 0, 0, 0] and len(set(traces)) == 4
+    assert len(said) == 1 and "after the parameters moved" in said[0]
 
 
 def test_measure_at_the_same_step_measures_again(tmp_path) -> None:

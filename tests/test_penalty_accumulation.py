@@ -57,17 +57,31 @@ def test_the_reused_gradient_is_the_mean_over_the_computed_steps_micro_batches(c
     assert rel_error(last_alone, mean_grads) > 0.1
 
 
+def _in_place(model) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)  # an L-BFGS line search's write (version counters advance)
+
+
+def _fused_adam(model) -> None:
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)  # version counters stay as they were
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimiser.step()
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("move", [_in_place, _fused_adam], ids=["in-place", "fused-adam"])
 @pytest.mark.parametrize("method", ["exact", "finite_difference"])
-def test_a_call_after_the_parameters_moved_starts_the_mean_over(method: str) -> None:
-    """An optimiser's closure (L-BFGS) calls at the same step number at new parameters: the reused gradient is that
-    call's alone, at the parameters it was taken at."""
+def test_a_call_after_the_parameters_moved_starts_the_mean_over(method: str, move) -> None:
+    """An optimiser's closure (L-BFGS), or a step counter that does not advance, calls at the same step number at new
+    parameters: the reused gradient is that call's alone, at the parameters it was taken at."""
     model = tanh_mlp(3, seed=84)
     x = mlp_inputs(6, seed=85)
     pen = FisherPenalty(model, alpha=ALPHA, every=4, grad_method=method, generator=torch.Generator().manual_seed(SEED))
     _computed(pen, x, 0, shared=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.1)  # an optimiser's in-place update
+    model.zero_grad(set_to_none=True)
+    move(model)
     _computed(pen, x, 0, shared=True)
     generator = torch.Generator().manual_seed(SEED)
     labels(model, x, "categorical", generator)  # the first call's draw
@@ -79,7 +93,8 @@ def test_a_call_after_the_parameters_moved_starts_the_mean_over(method: str) -> 
 
 
 def test_a_resumed_penalty_reuses_the_saved_mean_and_starts_a_new_one() -> None:
-    """The saved state carries the mean; the resumed penalty's next computed step averages its own calls only."""
+    """The saved state carries the mean; calls of the resumed penalty, even at the saved step with the parameters as
+    they were, average their own gradients only (as a penalty without a kept gradient and the same generator)."""
     model = tanh_mlp(3, seed=86)
     xs = [mlp_inputs(6, seed=87 + j) for j in range(2)]
     pen = FisherPenalty(model, alpha=ALPHA, every=2, generator=torch.Generator().manual_seed(SEED))
@@ -88,8 +103,10 @@ def test_a_resumed_penalty_reuses_the_saved_mean_and_starts_a_new_one() -> None:
     resumed = FisherPenalty(model, alpha=ALPHA, every=2, generator=torch.Generator())
     resumed.load_state_dict(pen.state_dict())
     assert rel_error(grads_of(resumed(xs[0], step=1), model), grads_of(pen(xs[0], step=1), model)) == 0.0
+    fresh = FisherPenalty(model, alpha=ALPHA, every=2, generator=torch.Generator())
+    fresh.generator.set_state(pen.generator.get_state())
     for x in xs:
-        _computed(resumed, x, 2, shared=True)
-        _computed(pen, x, 2, shared=True)
-    assert math.isclose(float(resumed.last_value), float(pen.last_value), rel_tol=1e-12)
-    assert rel_error(grads_of(resumed(xs[0], step=3), model), grads_of(pen(xs[0], step=3), model)) < 1e-12
+        _computed(resumed, x, 0, shared=True)
+        _computed(fresh, x, 0, shared=True)
+    assert math.isclose(float(resumed.last_value), float(fresh.last_value), rel_tol=1e-12)
+    assert rel_error(grads_of(resumed(xs[0], step=1), model), grads_of(fresh(xs[0], step=1), model)) < 1e-12

@@ -20,7 +20,7 @@ from torch import nn
 
 import torchfim
 from torchfim import cli
-from torchfim.report.load import apply_state_dict, load_checkpoint
+from torchfim.report.load import apply_state_dict, load_checkpoint, pretrained_state
 
 safetensors_torch = clients.need("safetensors.torch")  # installed with transformers
 assert USER_MODULE
@@ -145,3 +145,22 @@ def test_a_peft_adapter_folder_names_how_to_load_it(tmp_path) -> None:
     lora.save_pretrained(tmp_path)
     with pytest.raises(torchfim.TorchfimError, match=r"a PEFT adapter folder.*PeftModel.from_pretrained"):
         load_checkpoint(tmp_path)
+
+
+def test_a_folder_whose_keys_transformers_converts_loads_through_from_pretrained(tmp_path) -> None:
+    """transformers 5 saves a mixture of experts in its original layout (one tensor per expert) and converts it when
+    loading; the report loads such a folder through the model class's ``from_pretrained`` (before: "missing
+    ...experts.gate_up_proj; unexpected ...block_sparse_moe.experts.0.w1.weight")."""
+    transformers = clients.need("transformers")
+    config = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
+                                        num_experts_per_tok=1, max_position_embeddings=16)
+    torch.manual_seed(7)
+    saved = transformers.MixtralForCausalLM(config)
+    saved.save_pretrained(tmp_path)
+    assert not set(load_checkpoint(tmp_path)) <= set(saved.state_dict())  # the layout on disk is not the model's
+    torch.manual_seed(8)
+    model = transformers.MixtralForCausalLM(config)
+    apply_state_dict(model, pretrained_state(model, tmp_path), str(tmp_path), "hint")
+    assert _same(model, saved)
+    assert pretrained_state(_net(1), tmp_path) is None  # not a transformers model: the folder's files as they are

@@ -1,5 +1,6 @@
-"""Models whose parameters are sharded over processes (FSDP2's ``fully_shard``, two processes, gloo, CPU): every entry
-point refuses them with one ``TorchfimError`` that names the fix, and the fix works.
+"""Models whose parameters torch.distributed manages (FSDP2's ``fully_shard``, FSDP1's ``FullyShardedDataParallel``,
+``replicate``; two processes, gloo, CPU): every entry point refuses them with one ``TorchfimError`` that names the fix,
+and the fix works.
 
 Before, ``fisher`` raised torch's "got mixed torch.Tensor and DTensor" from inside a forward, left the model
 unsharded so that a second call ran on whatever that left, and the penalty failed in FSDP's own backward hook.
@@ -57,10 +58,37 @@ def _rank(rank: int, root: str) -> None:
         "built before, called": _refusal(lambda: built_before(x, step=0)),
         "built before, penalised_loss": _refusal(lambda: built_before.penalised_loss(x, lambda out: out.sum(), step=0)),
     }
+    refusals.update(_flat_parameters(x))
+    refusals.update(_replicated(x))
     whole = _net()  # the fix the message names: the full state dict, in a model built without sharding
     whole.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
     torch.save({"refusals": refusals, "fixed": torchfim.fisher(whole, x, structure="diag")}, f"{root}/out.{rank}")
     torch.distributed.destroy_process_group()
+
+
+def _flat_parameters(x: torch.Tensor) -> dict[str, str]:
+    """FSDP1: layers wrapped one by one, then the whole; the inner model holds flat parameters (and before, fisher on it
+    crashed the process)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    inner = _net()
+    built_before = FisherPenalty(inner)
+    for i in (0, 2):
+        inner[i] = FullyShardedDataParallel(inner[i], device_id=torch.device("cpu"))
+    root = FullyShardedDataParallel(inner, device_id=torch.device("cpu"))
+    return {"FSDP1 fisher(inner)": _refusal(lambda: torchfim.fisher(inner, x, structure="trace")),
+            "FSDP1 fisher(root)": _refusal(lambda: torchfim.fisher(root, x, structure="trace")),
+            "FSDP1 penalty(inner)": _refusal(lambda: FisherPenalty(inner)),
+            "FSDP1 built before, called": _refusal(lambda: built_before(x, step=0))}
+
+
+def _replicated(x: torch.Tensor) -> dict[str, str]:
+    """``replicate``: every process holds the parameters whole, as DTensors (the message must not say sharded only)."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    model = _net()
+    replicate(model)
+    return {"replicate fisher": _refusal(lambda: torchfim.fisher(model, x, structure="trace"))}
 
 
 def test_sharded_parameters_are_refused_with_a_fix_that_works(tmp_path: Path) -> None:
@@ -70,7 +98,9 @@ def test_sharded_parameters_are_refused_with_a_fix_that_works(tmp_path: Path) ->
     for rank in range(WORLD):
         out = torch.load(tmp_path / f"out.{rank}", weights_only=True)
         for where, message in out["refusals"].items():
-            assert message.startswith("the model's parameters are sharded over processes by FSDP (fully_shard)"), where
+            said = "FullyShardedDataParallel" if where.startswith("FSDP1") else "fully_shard or replicate"
+            assert message.startswith(f"the model's parameters are managed by torch.distributed's {said}"), where
+            assert "sharded over processes (whole in none of them) or distributed tensors" in message, where
             assert "get_model_state_dict" in message and "DistributedDataParallel" in message, where
         assert "the Fisher penalty differentiates" in out["refusals"]["penalty"]
         assert torch.equal(out["fixed"], want)

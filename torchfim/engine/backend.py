@@ -301,6 +301,11 @@ class Backend(ABC):
         return total, traces
 
 
+class NoForwardDerivative(TorchfimError):
+    """The model has an operation (or custom autograd function) without the forward-mode derivative that the
+    Hessian estimator's second derivatives need."""
+
+
 @contextmanager
 def second_order_support() -> Iterator[None]:
     """Turn torch's missing forward-mode rules, and custom autograd functions that torch.func cannot
@@ -309,13 +314,13 @@ def second_order_support() -> Iterator[None]:
         yield
     except (NotImplementedError, RuntimeError) as err:
         function = _custom_function(err) if "autograd.Function" in str(err) else None  # torch's words for it
-        if isinstance(err, RuntimeError) and function is None:
+        if not isinstance(err, NotImplementedError) and function is None:  # (a NotImplementedError is a RuntimeError)
             raise
         what = (f"the model's custom autograd function {function} does not support (it needs the setup_context, "
                 "jvp and vmap staticmethods of torch's 'Extending torch.func with autograd.Function', or "
                 "generate_vmap_rule=True)" if function is not None else
                 f"an operation of this model does not support ({str(err).splitlines()[0][:160]})")
-        raise TorchfimError(
+        raise NoForwardDerivative(
             f"the Hessian estimator and its variances need second derivatives by forward-mode AD, which {what}; "
             "use estimator='score' (its variance needs first derivatives only)"
         ) from None

@@ -4,7 +4,7 @@ A forward that mixes the samples of a batch or draws random numbers (:func:`chec
 without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
 a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), forwards that
 failed on integer or 1-D inputs (:func:`forward_error`), TorchScript modules (:func:`check_not_scripted`),
-parameters sharded over processes (:func:`check_unsharded`), and forwards that write into their inputs
+parameters that torch.distributed manages (:func:`check_not_distributed`), and forwards that write into their inputs
 (:func:`inputs_unwritten`, :func:`watch_input_writes`).
 """
 
@@ -22,7 +22,7 @@ from ..errors import TorchfimError
 from .batch import Batch
 
 __all__ = ["FORWARD_ARGUMENTS", "INPUT_WRITTEN", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory",
-           "check_initialised", "check_mode", "check_not_scripted", "check_unsharded", "describe_call", "forward_error", "inputs_unwritten",
+           "check_initialised", "check_mode", "check_not_distributed", "check_not_scripted", "describe_call", "forward_error", "inputs_unwritten",
            "one_dimensional", "watch_input_writes"]
 
 #: Why a mini-batch does not fit the model's forward.
@@ -159,36 +159,40 @@ def check_not_scripted(model: nn.Module) -> None:
         )
 
 
-#: Where torch defines what shards a model's parameters over processes: (module, name, what it is).
-_SHARDING = (("torch.distributed.fsdp", "FSDPModule", "FSDP (fully_shard)"),
-             ("torch.distributed.fsdp", "FullyShardedDataParallel", "FSDP (FullyShardedDataParallel)"),
-             ("torch.distributed.tensor", "DTensor", "a DTensor (tensor parallelism)"),
-             ("torch.distributed._tensor", "DTensor", "a DTensor (tensor parallelism)"))
+#: Where torch defines what manages a model's parameters across processes: (module, name, what it is).
+_DISTRIBUTED = (("torch.distributed.fsdp", "FSDPModule", "fully_shard or replicate"),
+                ("torch.distributed.fsdp", "FullyShardedDataParallel", "FullyShardedDataParallel"),
+                ("torch.distributed.fsdp._flat_param", "FlatParameter", "FullyShardedDataParallel"),
+                ("torch.distributed.tensor", "DTensor", "DTensor (tensor parallelism, fully_shard or replicate)"),
+                ("torch.distributed._tensor", "DTensor", "DTensor (tensor parallelism, fully_shard or replicate)"))
 
 
-def check_unsharded(model: nn.Module, what: str = "torchfim", params: list[Tensor] | None = None) -> None:
-    """Refuse a model whose parameters are sharded over processes (FSDP, tensor parallelism): no process holds them
-    whole, and torchfim differentiates with respect to whole parameters.
+def check_not_distributed(model: nn.Module, what: str = "torchfim", params: list[Tensor] | None = None,
+                          modules: bool = True) -> None:
+    """Refuse a model whose parameters torch.distributed manages across processes (FSDP's ``fully_shard`` or
+    ``FullyShardedDataParallel``, ``replicate``, tensor parallelism): sharded ones are whole in no process, and
+    none of them are the plain tensors torchfim differentiates.
 
-    The model and its parameters are looked at (``params``, where the caller has them already): an FSDP module is
-    the model or its wrapper, and sharded parameters are DTensors. Only the classes torch has already imported are
-    looked for: a model sharded by them imported them.
+    Looked at: the model, with ``modules`` every module in it (an FSDP wrapper inside), and its parameters
+    (``params``, where the caller has them already: DTensors, or FSDP's flat parameters). Only the classes torch has
+    already imported are looked for: a model they manage imported them.
     """
-    kinds = {kind: said for module_name, name, said in _SHARDING
+    kinds = {kind: said for module_name, name, said in _DISTRIBUTED
              if isinstance(kind := getattr(sys.modules.get(module_name), name, None), type)}
     if not kinds:
         return
     types = tuple(kinds)
     tensors = model.parameters() if params is None else params
-    hit = model if isinstance(model, types) else next((p for p in tensors if isinstance(p, types)), None)
+    looked_at = (*(model.modules() if modules else (model,)), *tensors)
+    hit = next((t for t in looked_at if isinstance(t, types)), None)
     if hit is not None:
         said = next(said for kind, said in kinds.items() if isinstance(hit, kind))
         raise TorchfimError(
-            f"the model's parameters are sharded over processes by {said}, so no process holds them whole, and "
-            f"{what} differentiates with respect to whole parameters; measure a whole copy instead (gather the full "
-            "state dict, torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-            "options=StateDictOptions(full_state_dict=True)), into a model built without sharding), or train with "
-            "DistributedDataParallel, whose processes hold the whole model"
+            f"the model's parameters are managed by torch.distributed's {said} ({type(hit).__name__}): sharded over "
+            f"processes (whole in none of them) or distributed tensors, not the plain tensors {what} differentiates; "
+            "measure a plain copy instead (the full state dict, torch.distributed.checkpoint.state_dict."
+            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)), loaded into a model built "
+            "without them), or train with DistributedDataParallel, whose processes hold the whole model"
         )
 
 

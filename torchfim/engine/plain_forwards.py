@@ -55,8 +55,9 @@ __all__ = ["autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_ob
 
 
 class _ThreadMode:
-    """Stand-ins for some of torch's functions, installed while any thread is in the mode; each stand-in
-    asks :meth:`active` and defers to torch's own (:meth:`torchs`) in the other threads. Nested and
+    """Stand-ins for some of torch's functions, installed while any block is open (a thread in the mode, or a
+    passive block that only observes); each stand-in asks :meth:`active` and defers to torch's own
+    (:meth:`torchs`) in the threads outside the mode. Nested and
     concurrent blocks give torch's own back when the last one ends; what torch's own are stays known after
     (a thread that fetched a stand-in just before then still finds them)."""
 

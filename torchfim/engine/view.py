@@ -35,8 +35,8 @@ from .model_checks import (
     check_in_memory,
     check_initialised,
     check_mode,
+    check_not_distributed,
     check_not_scripted,
-    check_unsharded,
     one_dimensional,
     watch_input_writes,
 )
@@ -235,7 +235,7 @@ class ModelView:
         check_output_map(output)
         self.classes = ClassDim(class_dim)
         check_not_scripted(model)
-        check_unsharded(model)
+        check_not_distributed(model)
         self.user_model = model
         self.model = private_tree(model)
         watch_input_writes(self.model)

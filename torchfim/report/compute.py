@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -79,6 +80,9 @@ def compute_report(
         targets_note=targets_note, variance_note=variance_note, outputs=outputs,
     )
     measured, timings = _measure(model, data, fam, layout, setup, progress)
+    if measured["hessian_skipped"] is not None:
+        notes = [n for n in (setup.variance_note, measured["hessian_skipped"]) if n]
+        setup = replace(setup, with_hessian=False, variance_note="; ".join(notes))
     return assemble(model, data, layout, setup, measured, timings)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "load_factory",
     "call_factory",
     "load_checkpoint",
+    "pretrained_state",
     "apply_state_dict",
     "one_line",
 ]
@@ -192,6 +193,20 @@ def _read_safetensors(p: Path) -> dict[str, Tensor]:
 #: The weights of a Hugging Face checkpoint folder, in the order they are looked for.
 _FOLDER_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                    "pytorch_model.bin")
+
+
+def pretrained_state(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor] | None:
+    """For a Hugging Face model and a checkpoint folder with its ``config.json``: the state dict that the model's
+    class loads from it (``from_pretrained``, so with the key conversions transformers applies to the layouts
+    it saves, such as a mixture of experts' stacked weights); else None."""
+    folder, pretrained = Path(path), getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    if not (isinstance(pretrained, type) and isinstance(model, pretrained) and (folder / "config.json").is_file()):
+        return None
+    try:
+        return type(model).from_pretrained(folder).state_dict()
+    except Exception as exc:  # transformers' own refusal, on one line with the fix
+        raise TorchfimError(f"--checkpoint {path}: {type(model).__name__}.from_pretrained cannot load this folder "
+                            f"({one_line(exc)}); pass the folder saved from this --model's class") from exc
 
 
 def _folder_state(folder: Path) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..engine.backend import NoForwardDerivative
 from .data import Inputs
 
 __all__ = [
@@ -105,7 +106,8 @@ def measure_trace(model: nn.Module, X: Inputs, opts: dict, names: list[str], k: 
 
 def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str], with_hessian: bool, steps: Steps) -> dict:
     """On the subset ``S``: diag(F), the trace estimators' variances and bounds for the model and
-    each layer alone, and the diagonals of Var(Î1) and Var(Î2) (the Î2 figures None without Î2).
+    each layer alone, and the diagonals of Var(Î1) and Var(Î2) (the Î2 figures None without Î2, and
+    ``hessian_skipped`` saying why where the model has no forward-mode derivative for them).
     The trace figures of each estimator come from one pass over ``S`` (:mod:`torchfim.trace_summary`)."""
     import torchfim
     from torchfim.trace_summary import hessian_trace_variances, score_trace_variances
@@ -119,9 +121,13 @@ def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str],
     steps.step("Σ diag Var Î1")
     diagvar_score = torchfim.fisher_variance(model, S, **opts, estimator="score", structure="diag").detach()
     steps.done()
+    skipped = None
     if with_hessian:
         steps.step("Var Î2: traces and diagonal")
-        summaries["hessian"] = hessian_trace_variances(model, S, **opts, progress=steps.progress)
+        try:
+            summaries["hessian"] = hessian_trace_variances(model, S, **opts, progress=steps.progress)
+        except NoForwardDerivative as err:  # the rest of the report stands without Î2's figures
+            skipped = f"the Hessian estimator's (Î2) variances were skipped: {err}"
         steps.done()
     subset_total: dict[str, float | None] = {}
     subset_layers: list[dict[str, float | None]] = [{} for _ in names]
@@ -134,7 +140,8 @@ def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str],
             layer[f"bound_{est}"] = json_float(got.tensor_bounds[name]) if got and got.tensor_bounds else None
     hessian = summaries.get("hessian")
     return {"diag_subset": diag_subset, "subset_total": subset_total, "subset_layers": subset_layers,
-            "diagvar_score": diagvar_score, "diagvar_hessian": hessian.diag_variance if hessian else None}
+            "diagvar_score": diagvar_score, "diagvar_hessian": hessian.diag_variance if hessian else None,
+            "hessian_skipped": skipped}
 
 
 def measure_spectra(

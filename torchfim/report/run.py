@@ -17,7 +17,7 @@ from . import figures, settings
 from .compute import compute_report
 from .data import Data, as_data
 from .default import default_model, digits_data
-from .load import apply_state_dict, load_checkpoint
+from .load import apply_state_dict, load_checkpoint, pretrained_state
 from .markdown import markdown
 from .publish import check_out, publish
 from .score_only_render import draw_score_only, markdown_score_only, summary_score_only
@@ -149,7 +149,9 @@ def _summarise(emit: Callable[[str], object], table: str, results: dict, out_pat
 def _model_and_data(model, data, checkpoint, hidden, epochs, seed, progress, data_source, model_source):
     """``(model, Data, training summary or None, model description)`` from what the caller gave."""
     training = None
-    loaded = load_checkpoint(checkpoint) if checkpoint is not None else None
+    loaded = pretrained_state(model, checkpoint) if model is not None and checkpoint is not None else None
+    if loaded is None and checkpoint is not None:
+        loaded = load_checkpoint(checkpoint)
     if model is None and isinstance(loaded, nn.Module):
         model = loaded
         model_source = model_source or f"{type(model).__name__}, a whole module from {checkpoint}"

@@ -6,23 +6,26 @@ at the same step number and at the same parameters, and each computes the penalt
 the step's penalty, as the optimiser receives it, is their mean. So :meth:`KeptGradient.keep` keeps the
 running mean over the calls of one step, ``c = (1/k) Σⱼ cⱼ`` and ``v = (1/k) Σⱼ vⱼ``: the last call's alone
 would be the penalty of one micro-batch, with ``k`` times the variance. A call at the same step number after
-the parameters moved (an optimiser's closure, as L-BFGS evaluates it) starts the mean over: the parameters
-count as moved when a tensor is another object or was written in place (its ``_version`` counter, which an
-optimiser's in-place update advances).
+the parameters moved (an optimiser's closure, as L-BFGS evaluates it, or a step counter that does not advance)
+starts the mean over: the parameters count as moved when a tensor is another object, or when their
+:func:`~torchfim.train.parameter_stamp.stamp` changed (an optimiser's step, fused ones included, or an in-place
+write).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
+
+from .parameter_stamp import stamp
 
 
 @dataclass
 class KeptGradient:
     """The kept gradient ``grads`` on the parameters ``params``, its value and the step that computed it.
 
-    ``calls`` is the number of calls averaged into it; ``versions`` the parameters' version counters then.
+    ``calls`` is the number of calls averaged into it; ``stamped`` the parameters' stamp then.
     Empty (``grads is None``) before a computed step.
     """
 
@@ -31,7 +34,7 @@ class KeptGradient:
     value: Tensor | None = None
     step: int | None = None
     calls: int = 0
-    versions: tuple[int, ...] = field(default=())
+    stamped: tuple[int, tuple[int, ...]] | None = None
 
     def keep(self, step: int, params: list[Tensor], grads: list[Tensor], value: Tensor) -> None:
         """Keep a computed call's gradient and value, averaged with those of the earlier calls at the same
@@ -43,15 +46,13 @@ class KeptGradient:
             value = self.value.lerp(value, weight)
         else:
             self.calls = 1
-        self.params, self.grads, self.value, self.step = params, grads, value, step
-        self.versions = tuple(p._version for p in params)
+        self.params, self.grads, self.value, self.step, self.stamped = params, grads, value, step, stamp(params)
 
     def restore(self, params: list[Tensor] | None, grads: list[Tensor] | None, value: Tensor | None,
                 step: int | None) -> None:
         """Put back a saved gradient; the next call starts a new mean (a resumed run goes on at a later step)."""
-        self.params, self.grads, self.value, self.step, self.calls, self.versions = params, grads, value, step, 0, ()
+        self.params, self.grads, self.value, self.step, self.calls, self.stamped = params, grads, value, step, 0, None
 
     def _same_step(self, step: int, params: list[Tensor]) -> bool:
         return (self.grads is not None and self.calls > 0 and step == self.step and len(params) == len(self.params)
-                and all(a is b for a, b in zip(params, self.params))
-                and tuple(p._version for p in params) == self.versions)
+                and all(a is b for a, b in zip(params, self.params)) and stamp(params) == self.stamped)

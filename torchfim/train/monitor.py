@@ -252,16 +252,16 @@ class FisherTraceMonitor:
     # --------------------------------------------------------------- public
     def step(self, step: int) -> TraceRecord | None:
         """Measure when ``step % every == 0`` and return the record; else return None. A second call at the last
-        measured step returns its record (:mod:`.step_order`)."""
+        measured step, the parameters unmoved, returns its record (:mod:`.step_order`)."""
         check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         if step % self.every != 0:
             return None
-        return self._order.repeated(step, self.history) or self.measure(step)
+        return self._order.repeated(step, self.history, self.model.parameters()) or self.measure(step)
 
     def measure(self, step: int) -> TraceRecord:
         """Measure now (whatever ``every`` says), record and return the :class:`TraceRecord`."""
         check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
-        self._order.check(step, self.history)
+        self._order.measuring(step, self.history, self.model.parameters())
         start = time.perf_counter()
         if self._share is not None and not self._share_checked:  # before any label is drawn
             device = self._engine()[0].device

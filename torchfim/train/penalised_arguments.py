@@ -6,7 +6,7 @@ penalised loss that ran the bare model would leave each process with its own gra
 copies of the model would drift apart without an error. So ``model=`` takes the wrapper to run (the module a
 ``Trainer``'s ``compute_loss`` receives), which must hold the penalty's trainable parameters; and a loss taken
 through a module that synchronises nothing, while several processes train, is named by a warning. Parameters
-sharded over processes (FSDP) are refused: the penalty's gradient needs them whole.
+managed by torch.distributed (FSDP, DTensors) are refused: the penalty differentiates plain tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from ..engine.model_checks import check_unsharded
+from ..engine.model_checks import check_not_distributed
 from ..errors import TorchfimError, warn_user
 from .arguments import trainable
 from .process_share import process_group
@@ -42,11 +42,12 @@ def scalar_task_loss(task_loss: Callable[[object], Tensor], out: object) -> Tens
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-def penalised_parameters(model: nn.Module) -> tuple[list[str], list[Tensor]]:
-    """The names and tensors of the trainable parameters; refused where there are none, or where they are
-    sharded over processes (FSDP)."""
+def penalised_parameters(model: nn.Module, every_module: bool = False) -> tuple[list[str], list[Tensor]]:
+    """The names and tensors of the trainable parameters; refused where there are none, or where torch.distributed
+    manages them (FSDP, DTensors): the model and its parameters are looked at on each step, and with
+    ``every_module`` (at construction) every module in it too."""
     names, params = trainable(model)
-    check_unsharded(model, "the Fisher penalty", params)
+    check_not_distributed(model, "the Fisher penalty", params, modules=every_module)
     return names, params
 
 
@@ -57,7 +58,7 @@ def running_module(penalty_model: nn.Module, given: nn.Module | None) -> nn.Modu
     module = penalty_model if given is None else given
     if not isinstance(module, nn.Module):
         raise TorchfimError(f"model must be a torch.nn.Module (the wrapper to run), got {type(module).__name__}")
-    check_unsharded(module, "the Fisher penalty", [])  # the wrapper: sharding replaces the parameters with others
+    check_not_distributed(module, "the Fisher penalty", [], modules=False)  # first: FSDP replaces the parameters
     if module is not penalty_model:
         ours, theirs = trainable(penalty_model)[1], [p for p in given.parameters() if p.requires_grad]
         if len(ours) != len(theirs) or any(a is not b for a, b in zip(ours, theirs)):
@@ -86,3 +87,4 @@ def _averaging() -> type:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel
+

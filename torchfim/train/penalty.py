@@ -231,7 +231,7 @@ class FisherPenalty:
         self.fd_step = check_fd_step(fd_step, self.grad_method)
         self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model),
                           class_dim=class_dim)
-        penalised_parameters(model)  # fail early: nothing to penalise, or parameters no process holds whole
+        penalised_parameters(model, every_module=True)  # fail early: nothing to penalise, or FSDP's
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
         self._kept = KeptGradient()
