@@ -164,3 +164,14 @@ def test_a_folder_whose_keys_transformers_converts_loads_through_from_pretrained
     apply_state_dict(model, pretrained_state(model, tmp_path), str(tmp_path), "hint")
     assert _same(model, saved)
     assert pretrained_state(_net(1), tmp_path) is None  # not a transformers model: the folder's files as they are
+
+
+def test_a_folder_of_another_class_is_refused_not_filled_at_random(tmp_path) -> None:
+    """A folder saved from the bare encoder, for a classifier: ``from_pretrained`` alone would initialise the
+    classifier at random (with a logged note); the report refuses, naming the missing weights."""
+    transformers = clients.need("transformers")
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    with pytest.raises(torchfim.TorchfimError, match=r"does not match the model .*missing classifier\.weight"):
+        pretrained_state(transformers.BertForSequenceClassification(config), tmp_path)

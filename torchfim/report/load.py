@@ -203,10 +203,16 @@ def pretrained_state(model: nn.Module, path: str | os.PathLike) -> dict[str, Ten
     if not (isinstance(pretrained, type) and isinstance(model, pretrained) and (folder / "config.json").is_file()):
         return None
     try:
-        return type(model).from_pretrained(folder).state_dict()
+        loaded, info = type(model).from_pretrained(folder, output_loading_info=True)
     except Exception as exc:  # transformers' own refusal, on one line with the fix
         raise TorchfimError(f"--checkpoint {path}: {type(model).__name__}.from_pretrained cannot load this folder "
                             f"({one_line(exc)}); pass the folder saved from this --model's class") from exc
+    problems = [f"{what.split('_')[0]} {_listed([str(k) for k in info.get(what) or ()])}"
+                for what in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(what)]
+    if problems:  # from_pretrained would initialise what is missing at random: strict, as for any checkpoint
+        raise TorchfimError(f"--checkpoint {path} does not match the model ({type(model).__name__}.from_pretrained: "
+                            f"{'; '.join(problems)}); pass the folder saved from this --model's class")
+    return loaded.state_dict()
 
 
 def _folder_state(folder: Path) -> dict[str, Tensor]:
