@@ -54,3 +54,14 @@ def test_the_report_leaves_out_the_hessian_estimators_figures_and_reads_the_fold
         res["out"] / "report.md").read_text()
     assert R["trace"]["exact"] == pytest.approx(float(torchfim.fisher(saved, IDS, structure="trace")), rel=1e-6)
     assert R["layers"][0]["subset"]["var_hessian"] is None and R["layers"][0]["subset"]["var_score"] > 0
+
+
+def test_compare_estimators_chooses_the_score_estimator_and_says_why() -> None:
+    """Before, the comparison failed as a whole; now Î1's figures stand, Î2's are NaN and the reason is kept."""
+    model = _mixtral(0)
+    cmp = torchfim.compare_estimators(model, IDS)
+    score = torchfim.fisher_variance(model, IDS, estimator="score", structure="diag")
+    assert cmp.hessian_unavailable is not None and "_grouped_mm" in cmp.hessian_unavailable
+    assert all(r.better == "score" and r.hessian_variance != r.hessian_variance for r in cmp.rows)  # NaN
+    assert sum(r.score_variance for r in cmp.rows) == pytest.approx(float(score.double().sum()), rel=1e-10)
+    assert "Î2 unavailable: the Hessian estimator" in str(cmp)

@@ -6,10 +6,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs, reusable
 from .engine import ModelView
+from .engine.backend import NoForwardDerivative
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice
 from .families import Family
@@ -73,7 +75,8 @@ def samples_needed(
 
 @dataclass(frozen=True)
 class EstimatorRow:
-    """One parameter tensor: summed diagonal variances of Î1 and Î2 with ``n_samples`` labels."""
+    """One parameter tensor: summed diagonal variances of Î1 and Î2 with ``n_samples`` labels (Î2's NaN where
+    the model has no forward-mode derivative for it: :attr:`EstimatorComparison.hessian_unavailable`)."""
 
     name: str
     size: int
@@ -83,7 +86,8 @@ class EstimatorRow:
 
     @property
     def better(self) -> str:
-        """``"hessian"`` or ``"score"``: the estimator with the smaller variance (ties go to hessian)."""
+        """``"hessian"`` or ``"score"``: the estimator with the smaller variance (ties go to hessian; a NaN
+        variance of Î2, which cannot be computed, to score)."""
         return "hessian" if self.hessian_variance <= self.score_variance else "score"
 
 
@@ -93,6 +97,7 @@ class EstimatorComparison:
 
     rows: tuple[EstimatorRow, ...]
     n_samples: int
+    hessian_unavailable: str | None = None  # why Î2's variances could not be computed, where they could not
 
     def __str__(self) -> str:
         head = f"{'parameter':<24} {'size':>7} {'Σ diag F':>11} {'Σ Var Î1':>11} {'Σ Var Î2':>11}  better"
@@ -102,6 +107,8 @@ class EstimatorComparison:
                 f"{r.name:<24} {r.size:>7} {r.fisher_diag_sum:>11.4g} {r.score_variance:>11.4g} "
                 f"{r.hessian_variance:>11.4g}  {r.better}"
             )
+        if self.hessian_unavailable is not None:
+            lines.append(f"Î2 unavailable: {self.hessian_unavailable}")
         return "\n".join(lines)
 
 
@@ -138,7 +145,11 @@ def compare_estimators(
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
     score = fisher_variance(model, inputs, estimator="score", structure="diag", n_samples=n_samples, **how)
     diag = fisher(model, inputs, structure="diag", **how)  # after a closed form, as in samples_needed
-    hess = fisher_variance(model, inputs, estimator="hessian", structure="diag", n_samples=n_samples, **how)
+    try:
+        hess, unavailable = fisher_variance(model, inputs, estimator="hessian", structure="diag", n_samples=n_samples,
+                                            **how), None
+    except NoForwardDerivative as err:  # the comparison still stands: Î1 is the estimator there is
+        hess, unavailable = torch.full_like(score, math.nan), str(err)
     layout = ModelView(model, output, class_dim).layout  # the engine's names: a wrapper's prefix dropped
     rows, start = [], 0
     for name, size in zip(layout.names, layout.sizes):
@@ -150,4 +161,4 @@ def compare_estimators(
             )
         )
         start += size
-    return EstimatorComparison(tuple(rows), n_samples)
+    return EstimatorComparison(tuple(rows), n_samples, unavailable)
