@@ -38,9 +38,12 @@ def train(penalised: bool, out: str) -> tuple[list, float]:
     model = bert()
     pen = FisherPenalty(model, alpha=0.05, every=1, generator=torch.Generator().manual_seed(1))
 
-    class PenalisedTrainer(Trainer):  # the README's recipe
+    class PlainTrainer(Trainer):
         loss_is_scaled_for_ga = False  # a micro-batch mean: divided by the Trainer under gradient accumulation
+        # (BERT's classifier takes loss keyword arguments but its loss ignores them: without this line the plain
+        # Trainer would sum the micro-batches' means)
 
+    class PenalisedTrainer(PlainTrainer):  # the README's recipe
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not model.training:  # evaluation: the task loss alone
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -50,7 +53,7 @@ def train(penalised: bool, out: str) -> tuple[list, float]:
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=16, gradient_accumulation_steps=2,
                              max_steps=40, learning_rate=3e-3, report_to=[], use_cpu=True, seed=0,
                              disable_tqdm=True, logging_strategy="no", save_strategy="no")
-    trainer_class = PenalisedTrainer if penalised else Trainer
+    trainer_class = PenalisedTrainer if penalised else PlainTrainer
     callbacks = [monitor, FisherPenaltyCallback(pen)] if penalised else [monitor]
     trainer_class(model=model, args=args, train_dataset=DATA, callbacks=callbacks).train()
     with torch.no_grad():

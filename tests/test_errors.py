@@ -589,3 +589,17 @@ def test_outputs_without_the_batch_dim_first_are_refused_with_the_cause(model):
     for call in calls:
         with pytest.raises(TorchfimError, match=message):
             call()
+
+
+
+@pytest.mark.parametrize("said, refused", [
+    ("Trying to use forward AD with _grouped_mm that does not support it", True),  # torch's words for a missing rule
+    ("this model's own unfinished branch", False),
+])
+def test_only_a_missing_forward_rule_becomes_the_hessian_estimators_refusal(said: str, refused: bool):
+    from torchfim.engine.backend import NoForwardDerivative, second_order_support
+
+    with pytest.raises(NotImplementedError if not refused else NoForwardDerivative) as caught:
+        with second_order_support():
+            raise NotImplementedError(said)
+    assert isinstance(caught.value, TorchfimError) == refused

@@ -95,3 +95,21 @@ def test_measure_at_the_same_step_measures_again(tmp_path) -> None:
     first = monitor.measure(4)
     assert not _warnings(lambda: monitor.measure(4))
     assert len(monitor.history) == 2 and monitor.history[0] is first and monitor.history[1] is not first
+
+
+def test_parameters_replaced_or_moved_by_another_models_optimiser(tmp_path) -> None:
+    """Parameters replaced by other tensors (``load_state_dict(..., assign=True)``) are measured again; an optimiser
+    of another model stepping between two calls is not this model's step (no second measurement)."""
+    monitor = _monitor(tmp_path)
+    first = monitor.step(0)
+    other = nn.Linear(3, 3)
+    other_optimiser = torch.optim.Adam(other.parameters(), lr=0.1, fused=True)
+    other(torch.randn(2, 3)).sum().backward()
+    other_optimiser.step()
+    assert _warnings(lambda: monitor.step(0)) and monitor.history == [first]
+    state = {k: v + 0.5 for k, v in monitor.model.state_dict().items()}
+    monitor.model.load_state_dict(state, assign=True)
+    said = _warnings(lambda: monitor.step(0))
+    again = monitor.history[-1]
+    assert again is not first and len(monitor.history) == 2 and again.trace != first.trace
+    assert len(said) == 1 and "after the parameters moved" in said[0]

@@ -110,3 +110,20 @@ def test_a_resumed_penalty_reuses_the_saved_mean_and_starts_a_new_one() -> None:
         _computed(fresh, x, 0, shared=True)
     assert math.isclose(float(resumed.last_value), float(fresh.last_value), rel_tol=1e-12)
     assert rel_error(grads_of(resumed(xs[0], step=1), model), grads_of(fresh(xs[0], step=1), model)) < 1e-12
+
+
+def test_another_models_optimiser_does_not_break_the_mean() -> None:
+    """An optimiser of other parameters stepping between the micro-batches (another model trained beside) leaves this
+    model's parameters unmoved: the mean goes on over the step's calls."""
+    model = tanh_mlp(3, seed=90)
+    xs = [mlp_inputs(6, seed=91 + j) for j in range(2)]
+    pen = FisherPenalty(model, alpha=ALPHA, every=4, generator=torch.Generator().manual_seed(SEED))
+    other = torch.nn.Linear(3, 3)
+    other_optimiser = torch.optim.SGD(other.parameters(), lr=0.1)
+    for x in xs:
+        _computed(pen, x, 0, shared=True)
+        other(torch.randn(2, 3)).sum().backward()
+        other_optimiser.step()
+    brute = _brute(model, xs, "batch_gradient")
+    mean_grads = [sum(parts) / len(brute) for parts in zip(*(grads for _, grads in brute))]
+    assert pen._kept.calls == 2 and rel_error(grads_of(pen(xs[0], step=1), model), mean_grads) < 1e-10

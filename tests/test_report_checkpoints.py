@@ -20,7 +20,7 @@ from torch import nn
 
 import torchfim
 from torchfim import cli
-from torchfim.report.load import apply_state_dict, load_checkpoint, pretrained_state
+from torchfim.report.load import apply_checkpoint, apply_state_dict, load_checkpoint
 
 safetensors_torch = clients.need("safetensors.torch")  # installed with transformers
 assert USER_MODULE
@@ -149,8 +149,9 @@ def test_a_peft_adapter_folder_names_how_to_load_it(tmp_path) -> None:
 
 def test_a_folder_whose_keys_transformers_converts_loads_through_from_pretrained(tmp_path) -> None:
     """transformers 5 saves a mixture of experts in its original layout (one tensor per expert) and converts it when
-    loading; the report loads such a folder through the model class's ``from_pretrained`` (before: "missing
-    ...experts.gate_up_proj; unexpected ...block_sparse_moe.experts.0.w1.weight")."""
+    loading; where the saved keys do not match, the report loads such a folder through the model class's
+    ``from_pretrained`` (before: "missing ...experts.gate_up_proj; unexpected ...block_sparse_moe.experts.0.w1.weight").
+    A model that is not a transformers model gets the mismatch of the keys as saved."""
     transformers = clients.need("transformers")
     config = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
@@ -161,9 +162,10 @@ def test_a_folder_whose_keys_transformers_converts_loads_through_from_pretrained
     assert not set(load_checkpoint(tmp_path)) <= set(saved.state_dict())  # the layout on disk is not the model's
     torch.manual_seed(8)
     model = transformers.MixtralForCausalLM(config)
-    apply_state_dict(model, pretrained_state(model, tmp_path), str(tmp_path), "hint")
+    apply_checkpoint(model, load_checkpoint(tmp_path), tmp_path, "hint")
     assert _same(model, saved)
-    assert pretrained_state(_net(1), tmp_path) is None  # not a transformers model: the folder's files as they are
+    with pytest.raises(torchfim.TorchfimError, match=r"does not match the model: missing 0\.weight"):
+        apply_checkpoint(_net(1), load_checkpoint(tmp_path), tmp_path, "hint")  # not a transformers model
 
 
 def test_a_folder_of_another_class_is_refused_not_filled_at_random(tmp_path) -> None:
@@ -173,5 +175,5 @@ def test_a_folder_of_another_class_is_refused_not_filled_at_random(tmp_path) -> 
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=3)
     transformers.BertModel(config).save_pretrained(tmp_path)
-    with pytest.raises(torchfim.TorchfimError, match=r"does not match the model .*missing classifier\.weight"):
-        pretrained_state(transformers.BertForSequenceClassification(config), tmp_path)
+    with pytest.raises(torchfim.TorchfimError, match=r"from_pretrained leaves missing classifier\.weight"):
+        apply_checkpoint(transformers.BertForSequenceClassification(config), load_checkpoint(tmp_path), tmp_path, "h")

@@ -59,6 +59,7 @@ def _rank(rank: int, root: str) -> None:
         "built before, penalised_loss": _refusal(lambda: built_before.penalised_loss(x, lambda out: out.sum(), step=0)),
     }
     refusals.update(_flat_parameters(x))
+    refusals.update(_original_parameters(x))
     refusals.update(_replicated(x))
     whole = _net()  # the fix the message names: the full state dict, in a model built without sharding
     whole.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
@@ -80,6 +81,18 @@ def _flat_parameters(x: torch.Tensor) -> dict[str, str]:
             "FSDP1 fisher(root)": _refusal(lambda: torchfim.fisher(root, x, structure="trace")),
             "FSDP1 penalty(inner)": _refusal(lambda: FisherPenalty(inner)),
             "FSDP1 built before, called": _refusal(lambda: built_before(x, step=0))}
+
+
+def _original_parameters(x: torch.Tensor) -> dict[str, str]:
+    """FSDP1 with ``use_orig_params=True`` (accelerate's default): plain parameters that view the flat shards (before,
+    the penalty built before the wrapping returned 0 without an error, and fisher raised inside torch)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    inner = _net()
+    built_before = FisherPenalty(inner)
+    FullyShardedDataParallel(inner, device_id=torch.device("cpu"), use_orig_params=True)
+    return {"FSDP1 original fisher(inner)": _refusal(lambda: torchfim.fisher(inner, x, structure="trace")),
+            "FSDP1 original built before, called": _refusal(lambda: built_before(x, step=0))}
 
 
 def _replicated(x: torch.Tensor) -> dict[str, str]:

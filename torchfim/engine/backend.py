@@ -314,7 +314,8 @@ def second_order_support() -> Iterator[None]:
         yield
     except (NotImplementedError, RuntimeError) as err:
         function = _custom_function(err) if "autograd.Function" in str(err) else None  # torch's words for it
-        if not isinstance(err, NotImplementedError) and function is None:  # (a NotImplementedError is a RuntimeError)
+        missing = isinstance(err, NotImplementedError) and "forward AD" in str(err)  # torch's words for a missing rule
+        if not missing and function is None:  # (a NotImplementedError is a RuntimeError: tested first)
             raise
         what = (f"the model's custom autograd function {function} does not support (it needs the setup_context, "
                 "jvp and vmap staticmethods of torch's 'Extending torch.func with autograd.Function', or "

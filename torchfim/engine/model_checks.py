@@ -184,9 +184,11 @@ def check_not_distributed(model: nn.Module, what: str = "torchfim", params: list
     types = tuple(kinds)
     tensors = model.parameters() if params is None else params
     looked_at = (*(model.modules() if modules else (model,)), *tensors)
-    hit = next((t for t in looked_at if isinstance(t, types)), None)
+    # FSDP1 with use_orig_params=True (accelerate's default) leaves plain parameters, viewing its flat shards,
+    # and marks them
+    hit = next((t for t in looked_at if isinstance(t, types) or getattr(t, "_fsdp_flattened", False)), None)
     if hit is not None:
-        said = next(said for kind, said in kinds.items() if isinstance(hit, kind))
+        said = next((said for kind, said in kinds.items() if isinstance(hit, kind)), "FullyShardedDataParallel")
         raise TorchfimError(
             f"the model's parameters are managed by torch.distributed's {said} ({type(hit).__name__}): sharded over "
             f"processes (whole in none of them) or distributed tensors, not the plain tensors {what} differentiates; "

@@ -26,7 +26,7 @@ __all__ = [
     "load_factory",
     "call_factory",
     "load_checkpoint",
-    "pretrained_state",
+    "apply_checkpoint",
     "apply_state_dict",
     "one_line",
 ]
@@ -195,23 +195,40 @@ _FOLDER_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch
                    "pytorch_model.bin")
 
 
-def pretrained_state(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor] | None:
-    """For a Hugging Face model and a checkpoint folder with its ``config.json``: the state dict that the model's
-    class loads from it (``from_pretrained``, so with the key conversions transformers applies to the layouts
-    it saves, such as a mixture of experts' stacked weights); else None."""
-    folder, pretrained = Path(path), getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+def apply_checkpoint(model: nn.Module, loaded: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
+                     hint: str) -> None:
+    """Load what :func:`load_checkpoint` read into ``model``: its state as saved (:func:`apply_state_dict`), or, where
+    the keys differ and ``model`` is a transformers model whose checkpoint folder holds its ``config.json``, as the
+    model's class loads the folder (``from_pretrained``, with the key conversions transformers applies to the layouts
+    it saves, such as a mixture of experts' stacked weights)."""
+    state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
+    try:
+        apply_state_dict(model, state, str(path), hint)
+    except TorchfimError as mismatch:
+        converted = _pretrained_state(model, Path(path), mismatch)
+        if converted is None:
+            raise
+        apply_state_dict(model, converted, str(path), hint)
+
+
+def _pretrained_state(model: nn.Module, folder: Path, mismatch: TorchfimError) -> dict[str, Tensor] | None:
+    """The state ``type(model).from_pretrained`` loads from ``folder`` with the model's config and dtype (None where
+    that does not apply); refused, with ``mismatch`` beside the reason, where it fails or would leave weights at
+    random (missing or unexpected keys)."""
+    pretrained = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
     if not (isinstance(pretrained, type) and isinstance(model, pretrained) and (folder / "config.json").is_file()):
         return None
+    first = next(iter(model.parameters()), None)
+    options = {"config": model.config, **({} if first is None else {"dtype": first.dtype})}
     try:
-        loaded, info = type(model).from_pretrained(folder, output_loading_info=True)
-    except Exception as exc:  # transformers' own refusal, on one line with the fix
-        raise TorchfimError(f"--checkpoint {path}: {type(model).__name__}.from_pretrained cannot load this folder "
-                            f"({one_line(exc)}); pass the folder saved from this --model's class") from exc
+        loaded, info = type(model).from_pretrained(folder, output_loading_info=True, **options)
+    except Exception as exc:  # transformers' own refusal, on one line
+        raise TorchfimError(f"{mismatch}; {type(model).__name__}.from_pretrained cannot load it either "
+                            f"({one_line(exc)})") from exc
     problems = [f"{what.split('_')[0]} {_listed([str(k) for k in info.get(what) or ()])}"
-                for what in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(what)]
+                for what in ("missing_keys", "unexpected_keys") if info.get(what)]
     if problems:  # from_pretrained would initialise what is missing at random: strict, as for any checkpoint
-        raise TorchfimError(f"--checkpoint {path} does not match the model ({type(model).__name__}.from_pretrained: "
-                            f"{'; '.join(problems)}); pass the folder saved from this --model's class")
+        raise TorchfimError(f"{mismatch}; {type(model).__name__}.from_pretrained leaves {'; '.join(problems)}")
     return loaded.state_dict()
 
 

@@ -17,7 +17,7 @@ from . import figures, settings
 from .compute import compute_report
 from .data import Data, as_data
 from .default import default_model, digits_data
-from .load import apply_state_dict, load_checkpoint, pretrained_state
+from .load import apply_checkpoint, load_checkpoint
 from .markdown import markdown
 from .publish import check_out, publish
 from .score_only_render import draw_score_only, markdown_score_only, summary_score_only
@@ -149,9 +149,7 @@ def _summarise(emit: Callable[[str], object], table: str, results: dict, out_pat
 def _model_and_data(model, data, checkpoint, hidden, epochs, seed, progress, data_source, model_source):
     """``(model, Data, training summary or None, model description)`` from what the caller gave."""
     training = None
-    loaded = pretrained_state(model, checkpoint) if model is not None and checkpoint is not None else None
-    if loaded is None and checkpoint is not None:
-        loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint) if checkpoint is not None else None
     if model is None and isinstance(loaded, nn.Module):
         model = loaded
         model_source = model_source or f"{type(model).__name__}, a whole module from {checkpoint}"
@@ -165,9 +163,7 @@ def _model_and_data(model, data, checkpoint, hidden, epochs, seed, progress, dat
             data = default_data
     else:
         if loaded is not None:
-            state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
-            apply_state_dict(model, state, str(checkpoint),
-                             "pass the checkpoint saved from this --model's architecture "
+            apply_checkpoint(model, loaded, checkpoint, "pass the checkpoint saved from this --model's architecture "
                              "(or the --model factory that built it)")
         if data is None:
             raise TorchfimError("a model was given without data: pass --data MODULE:FACTORY")

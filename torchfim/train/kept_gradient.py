@@ -8,8 +8,8 @@ running mean over the calls of one step, ``c = (1/k) Σⱼ cⱼ`` and ``v = (1/k
 would be the penalty of one micro-batch, with ``k`` times the variance. A call at the same step number after
 the parameters moved (an optimiser's closure, as L-BFGS evaluates it, or a step counter that does not advance)
 starts the mean over: the parameters count as moved when a tensor is another object, or when their
-:func:`~torchfim.train.parameter_stamp.stamp` changed (an optimiser's step, fused ones included, or an in-place
-write).
+:class:`~torchfim.train.parameter_stamp.Stamp` no longer matches (an optimiser's step, fused ones included, or an
+in-place write).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .parameter_stamp import stamp
+from .parameter_stamp import Stamp, stamp
 
 
 @dataclass
@@ -34,7 +34,7 @@ class KeptGradient:
     value: Tensor | None = None
     step: int | None = None
     calls: int = 0
-    stamped: tuple[int, tuple[int, ...]] | None = None
+    stamped: Stamp | None = None
 
     def keep(self, step: int, params: list[Tensor], grads: list[Tensor], value: Tensor) -> None:
         """Keep a computed call's gradient and value, averaged with those of the earlier calls at the same
@@ -54,5 +54,4 @@ class KeptGradient:
         self.params, self.grads, self.value, self.step, self.calls, self.stamped = params, grads, value, step, 0, None
 
     def _same_step(self, step: int, params: list[Tensor]) -> bool:
-        return (self.grads is not None and self.calls > 0 and step == self.step and len(params) == len(self.params)
-                and all(a is b for a, b in zip(params, self.params)) and stamp(params) == self.stamped)
+        return self.calls > 0 and step == self.step and self.stamped is not None and self.stamped.matches(params)

@@ -88,4 +88,3 @@ def _averaging() -> type:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel
-

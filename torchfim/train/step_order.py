@@ -6,8 +6,9 @@ under gradient accumulation (the same step ``k`` times: ``k`` times the measurin
 step), one whose step counter does not advance (full-batch training passing the batch index, always 0), and
 one whose counter starts over (the batch index within an epoch, or a resumed run whose monitor did not load
 its state). :class:`StepOrder` answers a second call at the last measured step with that step's record where the
-parameters have not moved since (their :func:`~torchfim.train.parameter_stamp.stamp`), measures again where they
-have, and names each of these, once per monitor, with the fix.
+parameters are the same tensors and have not moved since (their
+:class:`~torchfim.train.parameter_stamp.Stamp`), measures again where they have, and names each of these, once per
+monitor, with the fix.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol
 from torch import Tensor
 
 from ..errors import warn_user
-from .parameter_stamp import stamp
+from .parameter_stamp import Stamp, stamp
 
 REPEATED = ("torchfim: FisherTraceMonitor.step({step}) was called again at its last measured step, with the "
             "parameters unmoved, so it returns that record instead of measuring again (once per optimiser step; "
@@ -40,13 +41,13 @@ class StepOrder:
 
     def __init__(self) -> None:
         self._named: set[str] = set()
-        self._stamp: tuple[int, tuple[int, ...]] | None = None  # at the last measurement
+        self._stamp: Stamp | None = None  # at the last measurement
 
     def repeated(self, step: int, history: Sequence[_Record], params: Iterable[Tensor]) -> _Record | None:
         """The last record, where it was taken at ``step`` and the parameters have not moved since; else None."""
         if not history or history[-1].step != step:
             return None
-        if stamp(params) == self._stamp:
+        if self._stamp is not None and self._stamp.matches(params):
             self._name("repeated", REPEATED.format(step=step))
             return history[-1]
         self._name("stalled", STALLED.format(step=step))
