@@ -26,6 +26,20 @@ def run_example(name: str) -> str:
     return proc.stdout
 
 
+def run_transformers_example(name: str) -> str:
+    """An example that needs transformers, as a user runs it; here through tests/clients.py, which hides a
+    torchvision built for CUDA beside the CPU torch (transformers would fail to import it, as on this test
+    machine)."""
+    clients.need("transformers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    code = ("import sys, runpy; sys.path.insert(0, 'tests'); import clients; "
+            f"runpy.run_path('examples/{name}', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_every_example_is_tested():
     tested = {"estimate_with_error_bars.py", "choose_estimator.py", "fisher_penalty_loop.py", "forecast_counts_in_cells.py",
               "language_model_report.py", "trainer_fisher_penalty.py"}
@@ -39,16 +53,8 @@ def test_estimate_with_error_bars():
 
 
 def test_language_model_report():
-    """The example as a user runs it; here through tests/clients.py, which hides a torchvision built for CUDA
-    beside the CPU torch (transformers would fail to import it, as on this test machine)."""
-    clients.need("transformers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = ("import sys, runpy; sys.path.insert(0, 'tests'); import clients; "
-            "runpy.run_path('examples/language_model_report.py', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    """The example as a user runs it (:func:`run_transformers_example`)."""
+    out = run_transformers_example("language_model_report.py")
     assert "mode: score_only: this model is beyond the full report's reach" in out
     report = re.search(r"report:  Tr\(F\) = (\S+) ± (\S+);", out)
     library = re.search(r"library: Tr\(F\) = (\S+) ± (\S+) ", out)
@@ -118,17 +124,11 @@ def test_readme_picture_and_report_example_are_committed_and_small():
 def test_trainer_fisher_penalty():
     """transformers' Trainer with the README's recipe and both callbacks: the plain run's Tr(F) peaks early (75 at step
     20, measured) and the penalised run's peak is a quarter of it (21), while both learn the rule (100 %)."""
-    clients.need("transformers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = ("import sys, runpy; sys.path.insert(0, 'tests'); import clients; "
-            "runpy.run_path('examples/trainer_fisher_penalty.py', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"^\s*(\d+)\s+(\S+) ± \S+\s+(\S+) ± \S+$", proc.stdout, re.M)
+    out = run_transformers_example("trainer_fisher_penalty.py")
+    rows = re.findall(r"^\s*(\d+)\s+(\S+) ± \S+\s+(\S+) ± \S+$", out, re.M)
     assert [int(r[0]) for r in rows] == [0, 10, 20, 30, 40] and rows[0][1] == rows[0][2]
     peak = re.search(r"peak Tr\(F\): (\S+) \(step \d+\) with the penalty, (\S+) \(step \d+\) without; "
-                     r"training accuracy (\S+)% with it, (\S+)% without", proc.stdout)
-    assert peak, proc.stdout
+                     r"training accuracy (\S+)% with it, (\S+)% without", out)
+    assert peak, out
     with_it, without, accuracy_with, accuracy_without = map(float, peak.groups())
     assert with_it < 0.5 * without and accuracy_with > 90 and accuracy_without > 90
