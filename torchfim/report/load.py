@@ -225,7 +225,7 @@ def _pretrained_state(model: nn.Module, folder: Path, mismatch: TorchfimError) -
     except Exception as exc:  # transformers' own refusal, on one line
         raise TorchfimError(f"{mismatch}; {type(model).__name__}.from_pretrained cannot load it either "
                             f"({one_line(exc)})") from exc
-    problems = [f"{what.split('_')[0]} {_listed([str(k) for k in info.get(what) or ()])}"
+    problems = [f"{what.split('_')[0]} {_listed(sorted(str(k) for k in info.get(what) or ()))}"
                 for what in ("missing_keys", "unexpected_keys") if info.get(what)]
     if problems:  # from_pretrained would initialise what is missing at random: strict, as for any checkpoint
         raise TorchfimError(f"{mismatch}; {type(model).__name__}.from_pretrained leaves {'; '.join(problems)}")
