@@ -22,8 +22,8 @@ from ..errors import TorchfimError
 from .batch import Batch
 
 __all__ = ["FORWARD_ARGUMENTS", "INPUT_WRITTEN", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory",
-           "check_initialised", "check_mode", "check_not_distributed", "check_not_scripted", "describe_call", "forward_error", "inputs_unwritten",
-           "one_dimensional", "watch_input_writes"]
+           "check_initialised", "check_mode", "check_not_distributed", "check_not_scripted", "describe_call",
+           "forward_error", "inputs_unwritten", "one_dimensional", "watch_input_writes"]
 
 #: Why a mini-batch does not fit the model's forward.
 FORWARD_ARGUMENTS = (

@@ -39,19 +39,17 @@ class KeptGradient:
     def keep(self, step: int, params: list[Tensor], grads: list[Tensor], value: Tensor) -> None:
         """Keep a computed call's gradient and value, averaged with those of the earlier calls at the same
         step and parameters."""
-        if self._same_step(step, params):
+        now = stamp(params)
+        if self.calls > 0 and step == self.step and self.stamped is not None and self.stamped.same_as(now):
             self.calls += 1
             weight = 1.0 / self.calls  # the running mean: c ← c + (cⱼ − c)/j
             grads = [kept.lerp(new, weight) for kept, new in zip(self.grads, grads, strict=True)]
             value = self.value.lerp(value, weight)
         else:
             self.calls = 1
-        self.params, self.grads, self.value, self.step, self.stamped = params, grads, value, step, stamp(params)
+        self.params, self.grads, self.value, self.step, self.stamped = params, grads, value, step, now
 
     def restore(self, params: list[Tensor] | None, grads: list[Tensor] | None, value: Tensor | None,
                 step: int | None) -> None:
         """Put back a saved gradient; the next call starts a new mean (a resumed run goes on at a later step)."""
         self.params, self.grads, self.value, self.step, self.calls, self.stamped = params, grads, value, step, 0, None
-
-    def _same_step(self, step: int, params: list[Tensor]) -> bool:
-        return self.calls > 0 and step == self.step and self.stamped is not None and self.stamped.matches(params)

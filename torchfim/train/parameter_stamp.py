@@ -5,8 +5,8 @@ autograd's view of them: an L-BFGS line search's, a hand-written ``p -= lr * p.g
 steps taken on them. The steps are counted per parameter by a global post-step hook of ``torch.optim``, registered
 on the first stamp: every optimiser's ``step()``, fused ones included, whose in-place kernels leave the version
 counters as they were (a loop over the optimiser's parameters, about 0.3 µs each). An optimiser of other
-parameters (another model trained in another thread) does not count. Two stamps match when the parameters are the same tensors and none of this moved; writes to ``p.data``
-are seen by neither.
+parameters (another model trained in another thread) does not count. Two stamps match when the parameters are the
+same tensors and none of this moved; writes to ``p.data`` are seen by neither.
 """
 
 from __future__ import annotations
@@ -56,11 +56,15 @@ class Stamp:
     versions: tuple[int, ...]
     steps: int
 
+    def same_as(self, now: Stamp) -> bool:
+        """Whether the stamp ``now`` is of the same tensors as this one, unmoved since (but for writes to ``p.data``).
+        Compared by identity: ``==`` on weak references compares the tensors, elementwise."""
+        return (len(now.tensors) == len(self.tensors) and all(a() is b() for a, b in zip(self.tensors, now.tensors))
+                and now.versions == self.versions and now.steps == self.steps)
+
     def matches(self, params: Iterable[Tensor]) -> bool:
-        """Whether ``params`` are the same tensors as then, unmoved since (but for writes to ``p.data``)."""
-        params = list(params)
-        return (len(params) == len(self.tensors) and all(ref() is p for ref, p in zip(self.tensors, params))
-                and tuple(p._version for p in params) == self.versions and _optimiser_steps(params) == self.steps)
+        """Whether ``params`` are the same tensors as then, unmoved since."""
+        return self.same_as(stamp(params))
 
 
 def stamp(params: Iterable[Tensor]) -> Stamp:

@@ -67,8 +67,7 @@ def running_module(penalty_model: nn.Module, given: nn.Module | None) -> nn.Modu
                 f"({len(theirs)} tensors against {len(ours)}, or other tensors); pass a wrapper of the model the "
                 "penalty was built on, such as its DistributedDataParallel or torch.compile module"
             )
-    averaging = _averaging()  # the wrapper is the module run, as a rule: asked first, before a walk of the tree
-    if _processes() > 1 and not (isinstance(module, averaging) or any(isinstance(m, averaging) for m in module.modules())):
+    if _processes() > 1 and not any(isinstance(m, _averaging()) for m in module.modules()):
         warn_user(
             f"FisherPenalty.penalised_loss runs {type(module).__name__}, which averages no gradient over the "
             f"{_processes()} processes: each keeps the gradient of its own batch and their models drift apart. "
