@@ -5,8 +5,10 @@ so it computes with autograd on whatever mode the caller is in. Before: inside `
 per-module backend raised "element 0 of tensors does not require grad" from inside torch (``fisher``,
 ``fisher_variance``, the monitor); inside ``torch.inference_mode()`` every one of them returned a wrong
 Fisher without a word (the exact diagonal 0.25 off on a small MLP), and inputs made in inference mode
-(a preprocessing step under it) made them raise "Inference tensors cannot be saved for backward".
-Oracle: the same call outside any such mode.
+(a preprocessing step under it) made them raise "Inference tensors cannot be saved for backward", and so did a
+model built or loaded in inference mode (for evaluation), whose parameters and buffers are such tensors (the
+monitor raised "Inference tensors do not track version counter"). Oracle: the same call outside any such mode,
+on a twin of the model made outside it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import mlp_inputs, tanh_mlp
+from torch import nn
 
 import torchfim
 from torchfim.train import FisherPenalty, FisherTraceMonitor
@@ -60,3 +63,43 @@ def test_inputs_that_require_grad_leave_no_graph_on_the_result(call: str) -> Non
     got = _CALLS[call](model, wanting)
     assert not got.requires_grad and wanting.grad is None
     assert torch.allclose(got, _CALLS[call](model, x), rtol=1e-12, atol=0)
+
+
+class _TiedNormed(nn.Module):
+    """Two tanh layers with one weight (tied), batch norm between them (buffers read in eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Linear(3, 3)
+        self.norm = nn.BatchNorm1d(3)
+        self.outer = nn.Linear(3, 3)
+        self.outer.weight = self.inner.weight
+        self.head = nn.Linear(3, 4)
+        self.norm.running_mean.normal_()
+        self.norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.outer(torch.tanh(self.norm(self.inner(x))))))
+
+
+@pytest.mark.parametrize("call", [c for c in _CALLS if c != "penalty"])
+def test_a_model_made_in_inference_mode_is_measured_as_its_twin(call: str) -> None:
+    """The penalty is left out: such a model cannot be trained (its loss's backward raises in torch)."""
+    want = _CALLS[call](_TiedNormed().double().eval(), mlp_inputs(7))
+    with torch.inference_mode():
+        model = _TiedNormed().double().eval()
+    assert model.inner.weight.is_inference() and model.norm.running_var.is_inference()
+    got = _CALLS[call](model, mlp_inputs(7))
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert model.inner.weight.is_inference()  # the user's model is left as it was
+
+
+def test_a_model_made_in_inference_mode_keeps_its_ties() -> None:
+    """One parameter held by two modules stays one: the full Fisher has the twin's size and values."""
+    want = torchfim.fisher(_TiedNormed().double().eval(), mlp_inputs(7), structure="full")
+    with torch.inference_mode():
+        model = _TiedNormed().double().eval()
+    got = torchfim.fisher(model, mlp_inputs(7), structure="full")
+    assert got.shape == want.shape == (3 * 3 + 3 + 3 + 3 + 3 + 4 * 3 + 4,) * 2
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)

@@ -20,6 +20,9 @@ one function and its gradients dense.
   are part of the function, stay. Nor has it the hooks on parameters (``weight.register_hook``, a mask
   that trains a few embedding rows): each such parameter is an alias of the user's without them (the
   same storage and version counter, so every in-place update is seen).
+* Parameters and buffers made under ``torch.inference_mode()`` (a model built or loaded for evaluation) can
+  be neither saved for backward nor versioned; the copy holds copies of them, made once (the user's cannot
+  change outside inference mode, where torch forbids in-place updates of such tensors).
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
@@ -62,7 +65,7 @@ def for_derivatives(tree: nn.Module) -> None:
                 paused = copy.copy(hook)
                 paused.n_power_iterations = 0
                 hooks[key] = paused
-        _unhook_parameters(module, aliases)
+        _derivable_tensors(module, aliases)
         if module._backward_hooks or module._backward_pre_hooks:  # the copy's own registries
             module._backward_hooks.clear()
             module._backward_pre_hooks.clear()
@@ -72,14 +75,18 @@ def for_derivatives(tree: nn.Module) -> None:
             module.scale_grad_by_freq = module.sparse = False
 
 
-def _unhook_parameters(module: nn.Module, aliases: dict[int, nn.Parameter]) -> None:
-    """In ``module`` (of the copy), each parameter with tensor hooks replaced by its alias without them
-    (one alias per parameter, in all its slots: tying stays)."""
+def _derivable_tensors(module: nn.Module, aliases: dict[int, nn.Parameter]) -> None:
+    """In ``module`` (of the copy), each parameter with tensor hooks replaced by its alias without them, and
+    each parameter or buffer made in inference mode by a copy (one per tensor, in all its slots: tying stays)."""
     for key, p in module._parameters.items():  # the copy's own registry
-        if p is not None and p._backward_hooks:
+        if p is not None and (p._backward_hooks or p.is_inference()):
             if id(p) not in aliases:
-                aliases[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                value = p.detach().clone() if p.is_inference() else p.detach()
+                aliases[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
             module._parameters[key] = aliases[id(p)]
+    for key, b in module._buffers.items():
+        if b is not None and b.is_inference():
+            module._buffers[key] = aliases.setdefault(id(b), b.clone())
 
 
 @contextmanager

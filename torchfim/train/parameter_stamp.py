@@ -50,17 +50,19 @@ def _optimiser_steps(params: list[Tensor]) -> int:
 
 @dataclass(frozen=True)
 class Stamp:
-    """The parameters (weakly), their version counters and the optimiser steps taken on them, at one moment."""
+    """The parameters (weakly), their version counters and the optimiser steps taken on them, at one moment.
+    A tensor made under ``torch.inference_mode()`` has no version counter (None): it may have moved inside
+    inference mode, so a stamp that holds one is the same as no other."""
 
     tensors: tuple[weakref.ref, ...]
-    versions: tuple[int, ...]
+    versions: tuple[int | None, ...]
     steps: int
 
     def same_as(self, now: Stamp) -> bool:
         """Whether the stamp ``now`` is of the same tensors as this one, unmoved since (but for writes to ``p.data``).
         Compared by identity: ``==`` on weak references compares the tensors, elementwise."""
         return (len(now.tensors) == len(self.tensors) and all(a() is b() for a, b in zip(self.tensors, now.tensors))
-                and now.versions == self.versions and now.steps == self.steps)
+                and None not in self.versions and now.versions == self.versions and now.steps == self.steps)
 
     def matches(self, params: Iterable[Tensor]) -> bool:
         """Whether ``params`` are the same tensors as then, unmoved since."""
@@ -74,4 +76,5 @@ def stamp(params: Iterable[Tensor]) -> Stamp:
             if not _HOOKED:
                 _HOOKED.append(register_optimizer_step_post_hook(_count_step))
     params = list(params)
-    return Stamp(tuple(weakref.ref(p) for p in params), tuple(p._version for p in params), _optimiser_steps(params))
+    return Stamp(tuple(weakref.ref(p) for p in params), tuple(None if p.is_inference() else p._version for p in params),
+                 _optimiser_steps(params))

@@ -25,8 +25,9 @@ REPEATED = ("torchfim: FisherTraceMonitor.step({step}) was called again at its l
             "parameters unmoved, so it returns that record instead of measuring again (once per optimiser step; "
             "under gradient accumulation call it after the optimiser step, not once per micro-batch)")
 STALLED = ("torchfim: FisherTraceMonitor.step({step}) was called again at its last measured step after the parameters "
-           "moved, so it measures again under the same step; pass a counter that advances with each optimiser step "
-           "(epoch * len(loader) + i, not the batch index)")
+           "moved (or were made under torch.inference_mode(), which keeps no record of moves), so it measures again "
+           "under the same step; pass a counter that advances with each optimiser step (epoch * len(loader) + i, "
+           "not the batch index)")
 BACKWARDS = ("torchfim: FisherTraceMonitor measures at step {step} after step {last}: its records are a curve against "
              "the training step; pass a counter that goes on over epochs (epoch * len(loader) + i), and load the "
              "monitor's state_dict when a run resumes")
