@@ -2,7 +2,8 @@
 
 Oracles: a monitor of copies of the model taken at the measured steps, measured in order with the same
 generator, records exactly what the callback records; a run resumed from a checkpoint records exactly what
-the uninterrupted run does, and its CSV file holds the same rows.
+the uninterrupted run does, and its CSV file holds the same rows. Given the trainer, the callback's records are
+the trainer's log entries and TensorBoard's scalars (transformers' own ``TensorBoardCallback``), once each.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ transformers = clients.need("transformers")
 
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from torchfim import TorchfimError  # noqa: E402
 from torchfim.train import FisherTraceMonitor  # noqa: E402
 from torchfim.train.trainer_callback import CSV_NAME, STATE_NAME, FisherTraceCallback  # noqa: E402
 
@@ -55,13 +57,15 @@ class _Snapshots(TrainerCallback):
             self.models[state.global_step] = copy.deepcopy(model)
 
 
-def _train(out, resume=None, *extra) -> FisherTraceCallback:
+def _train(out, resume=None, *extra, logged: bool = False) -> FisherTraceCallback:
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, save_steps=SAVE,
-                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
-                             learning_rate=1e-2)
-    callback = FisherTraceCallback(HELD, every=EVERY, **OPTIONS)
-    Trainer(model=_model(), args=args, train_dataset=DATA, callbacks=[callback, *extra]).train(
-        resume_from_checkpoint=None if resume is None else str(resume))
+                             report_to=["tensorboard"] if logged else [], use_cpu=True, seed=0, disable_tqdm=True,
+                             logging_strategy="no", learning_rate=1e-2)
+    trainer = Trainer(model=_model(), args=args, train_dataset=DATA, callbacks=list(extra))
+    callback = FisherTraceCallback(HELD, every=EVERY, trainer=trainer if logged else None, **OPTIONS)
+    trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    callback.log_history = trainer.state.log_history
     return callback
 
 
@@ -105,3 +109,26 @@ def test_a_resumed_trainer_records_what_the_uninterrupted_one_does(tmp_path) -> 
     assert rows[1:] != _rows(tmp_path / "whole" / CSV_NAME)[1:]  # fresh labels after the checkpoint
     _train(tmp_path / "cut")  # a run from step 0 in the same folder: its own rows only
     assert _rows(tmp_path / "cut" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
+
+
+def _logged(log_history: list[dict]) -> list[tuple]:
+    return [(e["step"], e["fisher_trace"], e["fisher_trace_stderr"], e["fisher_trace_variance_ratio"])
+            for e in log_history if "fisher_trace" in e]
+
+
+def test_given_the_trainer_the_records_go_to_its_logs_once(tmp_path) -> None:
+    whole = _train(tmp_path / "whole", logged=True)
+    assert _logged(whole.log_history) == _records(whole) and len(whole.history) == STEPS // EVERY + 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (tmp_path / "whole" / "runs").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = [(e.step, e.value) for e in events.Scalars("train/fisher_trace")]
+    assert scalars == [(r.step, pytest.approx(r.trace, rel=1e-6)) for r in whole.history]  # float32 in the file
+    _train(tmp_path / "cut", logged=True)
+    resumed = _train(tmp_path / "cut", tmp_path / "cut" / f"checkpoint-{SAVE}", logged=True)
+    assert _logged(resumed.log_history) == _records(whole)  # the checkpoint's entries, then the new ones
+    assert not _logged(_train(tmp_path / "plain").log_history)
+    with pytest.raises(TorchfimError, match="must be the transformers Trainer it is added to"):
+        FisherTraceCallback(HELD, trainer=Trainer)  # the class, not the trainer

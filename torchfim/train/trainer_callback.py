@@ -15,6 +15,13 @@ Under several processes every process measures its share of the held inputs (``a
 writes the CSV file, and each saves its own state (``torchfim_monitor-<process index>.pt``); with
 ``across_processes=False`` the first process alone measures (tests/test_clients_trainer_processes.py).
 
+A callback does not see the trainer, so its records reach the trainer's own logs (``state.log_history``, saved in
+each checkpoint's ``trainer_state.json``, and every ``report_to`` integration: TensorBoard, Weights & Biases,
+MLflow) only when it is given the trainer: ``trainer.add_callback(FisherTraceCallback(held, trainer=trainer))``.
+Each measurement is then logged by ``trainer.log`` at its step, as ``fisher_trace`` and ``fisher_trace_stderr``
+(and ``fisher_trace_variance_ratio`` with ``control_variate=True``); records restored on resuming are not
+logged again.
+
 ``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
 ``compute_loss`` (see the README; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
 it, whose forwards alone make several processes average their gradients): its state (generator, cached
@@ -31,7 +38,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._batches import Inputs
@@ -57,19 +64,25 @@ class FisherTraceCallback(TrainerCallback):
             as ``labels`` are dropped).
         every: measure on optimiser steps with ``global_step % every == 0``.
         csv_path: the CSV file (None: ``fisher_trace.csv`` in the trainer's ``output_dir``).
+        trainer: the ``Trainer`` whose ``log`` each record goes through (None: the records are not logged there).
         **options: the monitor's other arguments (``family``, ``n_samples``, ``subset``, ``control_variate``,
             ``mask``, ``output``, ``class_dim``, ``generator``, ``tensorboard_dir``).
 
     Example:
         >>> from torchfim.train.trainer_callback import FisherTraceCallback  # doctest: +SKIP
         >>> held = tokenizer(texts, padding=True, return_tensors="pt")  # doctest: +SKIP
-        >>> trainer = Trainer(model, args, train_dataset=data,  # doctest: +SKIP
-        ...                   callbacks=[FisherTraceCallback(dict(held), every=50, mask="attention_mask")])
+        >>> trainer = Trainer(model, args, train_dataset=data)  # doctest: +SKIP
+        >>> trainer.add_callback(FisherTraceCallback(dict(held), every=50, mask="attention_mask",  # doctest: +SKIP
+        ...                                          trainer=trainer))
     """
 
     def __init__(self, inputs: Inputs, every: int = 50, csv_path: str | os.PathLike | None = None,
-                 **options: object) -> None:
+                 trainer: Trainer | None = None, **options: object) -> None:
+        if trainer is not None and not isinstance(trainer, Trainer):
+            raise TorchfimError(f"FisherTraceCallback's trainer must be the transformers Trainer it is added to (its "
+                                f"records go through trainer.log), got {trainer!r:.80}")
         self.inputs, self.every, self.csv_path, self.options = inputs, every, csv_path, options
+        self.trainer = trainer
         self.monitor: FisherTraceMonitor | None = None
         self._state_name = STATE_NAME
 
@@ -92,7 +105,7 @@ class FisherTraceCallback(TrainerCallback):
             path.unlink()  # a run from step 0: its own records only
         self.monitor = FisherTraceMonitor(model, self.inputs, every=self.every, csv_path=path, **options)
         if state.global_step == 0:
-            self.monitor.measure(0)
+            self._log(self.monitor.measure(0))
         elif saved.is_file():
             self.monitor.load_state_dict(torch.load(saved, weights_only=True))
         else:
@@ -105,7 +118,16 @@ class FisherTraceCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
-            self.monitor.step(state.global_step)
+            self._log(self.monitor.step(state.global_step))
+
+    def _log(self, record: TraceRecord | None) -> None:
+        """``record`` into the trainer's logs, where the callback was given the trainer."""
+        if self.trainer is None or record is None:
+            return
+        logs = {"fisher_trace": record.trace, "fisher_trace_stderr": record.stderr}
+        if record.variance_ratio is not None:
+            logs["fisher_trace_variance_ratio"] = record.variance_ratio
+        self.trainer.log(logs)
 
     def on_save(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
