@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .._batches import Inputs, iter_batches
 from ..errors import TorchfimError, warn_user
+from .grad_free_regions import constant_grad_free_regions
 
 #: Keys of a dict batch that hold targets, not model inputs.
 TARGET_KEYS = ("labels", "label", "targets")
@@ -43,8 +44,10 @@ class Batch:
     targets: object = None
 
     def call(self, module: torch.nn.Module) -> object:
-        """The module's raw output on this batch."""
-        return module(*self.args, **self.kwargs)
+        """The module's raw output on this batch (its regions without autograd constant for forward mode too,
+        :mod:`.grad_free_regions`)."""
+        with constant_grad_free_regions():
+            return module(*self.args, **self.kwargs)
 
     def rows(self, rows: slice | Tensor) -> Batch:
         """The samples ``rows`` (a slice or a tensor of indices) of the batch (every tensor whose first

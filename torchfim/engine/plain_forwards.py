@@ -50,11 +50,12 @@ from torch.autograd.graph import saved_tensors_hooks
 from .derivative_settings import emptied
 from .private_tree import is_compile_wrapper
 
-__all__ = ["autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed", "differentiated_forwards",
-           "eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards", "quiet_vmap_fallbacks"]
+__all__ = ["ThreadMode", "autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed",
+           "differentiated_forwards", "eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards",
+           "quiet_vmap_fallbacks"]
 
 
-class _ThreadMode:
+class ThreadMode:
     """Stand-ins for some of torch's functions, installed while any block is open (a thread in the mode, or a
     passive block that only observes); each stand-in asks :meth:`active` and defers to torch's own
     (:meth:`torchs`) in the threads outside the mode. Nested and
@@ -136,7 +137,7 @@ def _leave_hooks(self: saved_tensors_hooks, *exc: object) -> None:
 #: Names that ``torch.utils.checkpoint.checkpoint`` looks up in its module on each call (so callers that
 #: bound ``checkpoint`` itself, as Hugging Face models do, are reached too), and the methods of the
 #: saved-tensor hooks contexts (``save_on_cpu`` and torch's other subclasses inherit them).
-_PLAIN = _ThreadMode([
+_PLAIN = ThreadMode([
     (torch_checkpoint, "CheckpointFunction", _Reentrant),
     (torch_checkpoint, "_checkpoint_without_reentrant_generator", _non_reentrant),
     (saved_tensors_hooks, "__enter__", _enter_hooks),
@@ -164,7 +165,7 @@ def _enter_autocast(self: autocast) -> autocast:
 
 
 #: The entry of ``torch.autocast`` (``torch.cpu.amp.autocast`` and ``torch.cuda.amp.autocast`` call it).
-_NATIVE = _ThreadMode([(autocast, "__enter__", _enter_autocast)])
+_NATIVE = ThreadMode([(autocast, "__enter__", _enter_autocast)])
 _OBSERVING = threading.local()  # .seen: the (device type, dtype) of the regions entered in an observing block
 
 

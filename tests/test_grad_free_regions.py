@@ -1,0 +1,101 @@
+"""Forwards that compute part of their output without autograd (``torch.no_grad`` and its kin inside the forward).
+
+Reverse mode holds such a part constant; forward mode, which the engine's second derivatives go through,
+did not: on a frozen encoder under ``torch.no_grad()`` the Hessian estimator Î2's diagonal had entries for
+the encoder (summing to −0.11 on the model below) where the exact Fisher and Î1 were zero, and a statistic of a
+weight taken under ``torch.no_grad()`` moved Î2 of that weight itself. Oracle: the twin of each model whose
+region is the same computation detached (``.detach()`` stops both modes), with the same labels; and the
+exact Fisher, which Î2 averages to.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import mlp_inputs
+from torch import Tensor, nn
+
+import torchfim
+
+_REGIONS = {
+    "no_grad": torch.no_grad,
+    "set_grad_enabled": lambda: torch.set_grad_enabled(False),
+}
+
+
+class _FrozenEncoder(nn.Module):
+    """A tanh encoder run without autograd (or detached, ``region=None``), a trainable tanh head after it."""
+
+    def __init__(self, region: str | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.region = region
+        self.enc, self.mid, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.enc(x))
+
+    @torch.no_grad()
+    def encode_decorated(self, x: Tensor) -> Tensor:
+        return self.encode(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.region is None:
+            h = self.encode(x).detach()
+        elif self.region == "decorator":
+            h = self.encode_decorated(x)
+        else:
+            with _REGIONS[self.region]():
+                h = self.encode(x)
+        return self.head(torch.tanh(self.mid(h)))
+
+
+class _NormedHead(nn.Module):
+    """``head(tanh(body(x))) / ‖W_head‖`` with the norm taken without autograd and the hidden layer inside a
+    ``torch.enable_grad()`` within that region, so it keeps its derivatives (or the norm detached)."""
+
+    def __init__(self, detached: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.detached = detached
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.detached:
+            scale = self.head.weight.norm().detach()
+            h = torch.tanh(self.body(x))
+        else:
+            with torch.no_grad():
+                scale = self.head.weight.norm()
+                with torch.enable_grad():
+                    h = torch.tanh(self.body(x))
+        return self.head(h) / scale
+
+
+def _hessian(model: nn.Module, structure: str, backend: str) -> Tensor:
+    return torchfim.fisher(model, mlp_inputs(9), estimator="hessian", structure=structure, n_samples=4,
+                           generator=torch.Generator().manual_seed(3), backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. module")
+@pytest.mark.parametrize("backend", ["auto", "functional"])
+@pytest.mark.parametrize("region", ["no_grad", "set_grad_enabled", "decorator"])
+def test_a_frozen_encoder_has_no_hessian_estimate(region: str, backend: str) -> None:
+    model, twin = _FrozenEncoder(region).double(), _FrozenEncoder(None).double()
+    got = _hessian(model, "diag", backend)
+    assert torch.allclose(got, _hessian(twin, "diag", backend), rtol=1e-12, atol=1e-14)
+    assert not got[:16].any()  # the encoder's weight and bias, as in the exact Fisher
+    variance = torchfim.fisher_variance(model, mlp_inputs(9), estimator="hessian", structure="diag")
+    assert torch.allclose(variance, torchfim.fisher_variance(twin, mlp_inputs(9), estimator="hessian",
+                                                             structure="diag"), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["auto", "functional"])
+def test_a_statistic_taken_without_autograd_is_a_constant_of_the_hessian(backend: str) -> None:
+    """The region's ``enable_grad()`` keeps the body's derivatives: the twin detaches the norm alone."""
+    model, twin = _NormedHead(detached=False).double(), _NormedHead(detached=True).double()
+    got, want = _hessian(model, "full", backend), _hessian(twin, "full", backend)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    exact = torchfim.fisher(model, mlp_inputs(9), structure="full")
+    assert torch.allclose(exact, torchfim.fisher(twin, mlp_inputs(9), structure="full"), rtol=1e-12, atol=1e-14)
+    assert exact[:16, :16].abs().max() > 1e-3  # the body's block: kept by the enable_grad inside the region
