@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._batches import Inputs, iter_batches
 from ..errors import TorchfimError, warn_user
-from .grad_free_regions import constant_grad_free_regions
+from .function_forwards import function_forwards
 
 #: Keys of a dict batch that hold targets, not model inputs.
 TARGET_KEYS = ("labels", "label", "targets")
@@ -44,9 +44,9 @@ class Batch:
     targets: object = None
 
     def call(self, module: torch.nn.Module) -> object:
-        """The module's raw output on this batch (its regions without autograd constant for forward mode too,
-        :mod:`.grad_free_regions`)."""
-        with constant_grad_free_regions():
+        """The module's raw output on this batch, as of the function whose Fisher is taken
+        (:mod:`.function_forwards`)."""
+        with function_forwards():
             return module(*self.args, **self.kwargs)
 
     def rows(self, rows: slice | Tensor) -> Batch:

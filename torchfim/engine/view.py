@@ -29,7 +29,7 @@ from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
 from .derivative_settings import for_derivatives
-from .grad_free_regions import constant_grad_free_regions
+from .function_forwards import function_forwards
 from .model_checks import (
     ONE_DIMENSIONAL,
     check_forward_takes,
@@ -386,7 +386,7 @@ class ModelView:
         """Flat outputs ``(B, L·C)`` at parameters ``params`` (``torch.func.functional_call`` on the copy)."""
         from torch.func import functional_call
 
-        with stepwise_recurrent(self._recurrent), constant_grad_free_regions():
+        with stepwise_recurrent(self._recurrent), function_forwards():
             raw = functional_call(self.model, {**self.constants, **params}, batch.args, batch.kwargs)
         return self.flat(self.to_tensor(raw))
 

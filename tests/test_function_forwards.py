@@ -1,11 +1,15 @@
-"""Forwards that compute part of their output without autograd (``torch.no_grad`` and its kin inside the forward).
+"""Forwards that compute part of their output without autograd (``torch.no_grad`` and its kin inside the
+forward), or register gradient hooks on their tensors.
 
-Reverse mode holds such a part constant; forward mode, which the engine's second derivatives go through,
-did not: on a frozen encoder under ``torch.no_grad()`` the Hessian estimator Î2's diagonal had entries for
-the encoder (summing to −0.11 on the model below) where the exact Fisher and Î1 were zero, and a statistic of a
-weight taken under ``torch.no_grad()`` moved Î2 of that weight itself. Oracle: the twin of each model whose
-region is the same computation detached (``.detach()`` stops both modes), with the same labels; and the
-exact Fisher, which Î2 averages to.
+Reverse mode holds a region without autograd constant; forward mode, which the engine's second derivatives go
+through, did not: on a frozen encoder under ``torch.no_grad()`` the Hessian estimator Î2's diagonal had entries
+for the encoder (summing to −0.11 on the model below) where the exact Fisher and Î1 were zero, and a statistic
+of a weight taken under ``torch.no_grad()`` moved Î2 of that weight itself. Oracle: the twin of each model whose
+region is the same computation detached (``.detach()`` stops both modes), with the same labels.
+
+A hook that doubled the gradient into a layer made its exact Fisher and Î1 4 times the function's, and Î2 6.2
+times; a hook that stored gradients saw the engine's pull-backs. Oracle: the twin without the hook. The penalty,
+whose forward is the training step's, keeps them (the task loss's gradient goes through it).
 """
 
 from __future__ import annotations
@@ -72,6 +76,22 @@ class _NormedHead(nn.Module):
         return self.head(h) / scale
 
 
+class _HookedHidden(nn.Module):
+    """A tanh MLP whose hidden activations get a gradient hook registered in the forward (``hook=None``: none)."""
+
+    def __init__(self, hook=None) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.hook = hook
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        if self.hook is not None and h.requires_grad:
+            h.register_hook(self.hook)
+        return self.head(h)
+
+
 def _hessian(model: nn.Module, structure: str, backend: str) -> Tensor:
     return torchfim.fisher(model, mlp_inputs(9), estimator="hessian", structure=structure, n_samples=4,
                            generator=torch.Generator().manual_seed(3), backend=backend)
@@ -99,3 +119,35 @@ def test_a_statistic_taken_without_autograd_is_a_constant_of_the_hessian(backend
     exact = torchfim.fisher(model, mlp_inputs(9), structure="full")
     assert torch.allclose(exact, torchfim.fisher(twin, mlp_inputs(9), structure="full"), rtol=1e-12, atol=1e-14)
     assert exact[:16, :16].abs().max() > 1e-3  # the body's block: kept by the enable_grad inside the region
+
+
+@pytest.mark.parametrize("backend", ["auto", "functional"])
+@pytest.mark.parametrize("estimator", ["exact", "score", "hessian"])
+def test_gradient_hooks_of_the_forward_are_no_part_of_the_fisher(estimator: str, backend: str) -> None:
+    seen: list[Tensor] = []
+
+    def compute(hook) -> Tensor:
+        random = {} if estimator == "exact" else {"n_samples": 3, "generator": torch.Generator().manual_seed(3)}
+        return torchfim.fisher(_HookedHidden(hook).double(), mlp_inputs(9), estimator=estimator, structure="diag",
+                               backend=backend, **random)
+
+    want = compute(None)
+    assert torch.allclose(compute(lambda g: 2 * g), want, rtol=1e-12, atol=0)
+    assert torch.allclose(compute(seen.append), want, rtol=1e-12, atol=0) and not seen
+    model = _HookedHidden(seen.append).double()
+    model(mlp_inputs(9)).sum().backward()  # the user's own backward: the hook is torch's again
+    assert len(seen) == 1
+
+
+def test_the_penalty_keeps_the_training_forwards_gradient_hooks() -> None:
+    """The penalty's forward is the step's (its task loss shares it): a hook doubling the gradient into the body
+    makes ``α‖g‖² = α(4‖g_body‖² + ‖g_head‖²)``, as in training (the same labels: same outputs, same seed)."""
+    from torchfim.train import FisherPenalty
+
+    def value(hook, body: bool = True) -> Tensor:
+        model = _HookedHidden(hook).double()
+        model.body.requires_grad_(body)
+        return FisherPenalty(model, generator=torch.Generator().manual_seed(3))(mlp_inputs(9), step=0).detach()
+
+    plain, head = value(None), value(None, body=False)
+    assert torch.allclose(value(lambda g: 2 * g), 4 * (plain - head) + head, rtol=1e-12, atol=0)

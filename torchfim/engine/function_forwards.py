@@ -1,0 +1,111 @@
+"""The engine's forwards, as of the function whose Fisher is taken: what autograd alone would see differently
+is made the same for every pass.
+
+* Regions without autograd. A forward that computes part of its output inside ``torch.no_grad()`` (a frozen
+  encoder, a statistic used as a constant), ``torch.set_grad_enabled(False)`` or ``torch.inference_mode()``
+  makes that part a constant for reverse mode: the parameters used only there get zero gradients and a zero
+  Fisher (the engine says so, :data:`.coverage.DETACHED`). Forward mode does not follow grad mode, and the
+  engine's second derivatives go through it (``jvp`` of ``jvp``, ``jvp`` of ``grad``): the Hessian estimator
+  Î2 saw another function than the first-order quantities did (a frozen encoder had nonzero Î2 entries where
+  its Fisher and Î1 were zero). Here every region without autograd that the forward enters (``torch.no_grad``,
+  ``torch.set_grad_enabled(False)``, ``torch.inference_mode()``, as a context or a decorator) turns
+  forward-mode derivatives off, and ``torch.enable_grad`` or ``torch.set_grad_enabled(True)`` inside one turns
+  them back on, until the region ends; ``torch.set_grad_enabled(False)`` called as a plain function, with no
+  region to end, is not seen.
+* Gradient hooks on the forward's tensors (``h.register_hook(fn)`` inside ``forward``) change or watch the
+  gradients that pass through them. Like a module's backward hooks, which the engine's copy drops
+  (:mod:`.derivative_settings`), they are no part of the function: one that doubled the gradient into a layer
+  made reverse mode's Fisher of that layer 4 times its own, and Î2, half of which goes through forward mode,
+  6.2 times; a hook that stores gradients (a saliency map's) would see every vector the engine pulls back.
+  Here ``Tensor.register_hook`` registers nothing (its handle removes nothing).
+
+Within :func:`function_forwards` both hold for the forwards this thread runs; regions and hooks that torchfim
+itself enters around a forward are outside the block, and other threads keep torch's own behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .plain_forwards import ThreadMode
+
+__all__ = ["function_forwards"]
+
+_SAVED = "_torchfim_forward_grad"
+_REGIONS = (torch.no_grad, torch.enable_grad, torch.set_grad_enabled, torch.inference_mode)
+
+
+def _sets_autograd(region: object) -> bool | None:
+    """Whether ``region`` turns autograd on or off; None where it leaves it (``inference_mode(False)``)."""
+    if isinstance(region, torch.no_grad):
+        return False
+    if isinstance(region, torch.enable_grad):
+        return True
+    if isinstance(region, torch.set_grad_enabled):
+        return bool(region.mode)
+    return False if region.mode else None  # inference_mode
+
+
+def _entering(owner: type) -> object:
+    """Stands in for entering a region of ``owner``: in a thread of the mode, forward-mode derivatives follow
+    autograd where the region turns it on or off, the previous setting kept on the instance."""
+
+    def enter(self: object) -> object:
+        result = _FUNCTION.torchs(owner, "__enter__")(self)
+        mode = _sets_autograd(self) if _FUNCTION.active() else None
+        if mode is not None:
+            self.__dict__.setdefault(_SAVED, []).append(torch._C._is_fwd_grad_enabled())
+            torch._C._set_fwd_grad_enabled(mode)
+        return result
+
+    return enter
+
+
+def _leaving(owner: type) -> object:
+    """Stands in for leaving a region of ``owner``: the forward-mode setting from before it is set back."""
+
+    def leave(self: object, *exc: object) -> object:
+        saved = self.__dict__.get(_SAVED)
+        result = _FUNCTION.torchs(owner, "__exit__")(self, *exc)
+        if saved:
+            torch._C._set_fwd_grad_enabled(saved.pop())
+        return result
+
+    return leave
+
+
+def _register_hook(self: torch.Tensor, hook: object) -> RemovableHandle:
+    """Stands in for ``Tensor.register_hook``: in a thread of the mode, nothing registered."""
+    if _FUNCTION.active():
+        return RemovableHandle(OrderedDict())  # a registry of its own, empty
+    return _FUNCTION.torchs(torch.Tensor, "register_hook")(self, hook)
+
+
+_FUNCTION = ThreadMode([*((owner, name, make(owner)) for owner in _REGIONS
+                          for name, make in (("__enter__", _entering), ("__exit__", _leaving))),
+                        (torch.Tensor, "register_hook", _register_hook)])
+
+
+def function_forwards() -> contextlib.AbstractContextManager[None]:
+    """Within the block, this thread's forwards are of the function whose Fisher is taken: their regions without
+    autograd hold forward-mode derivatives off too, and their gradient hooks are not registered (see the
+    module docstring).
+
+    Example:
+        >>> import torch
+        >>> def f(x):
+        ...     with torch.no_grad():
+        ...         scale = x.sum()
+        ...     return x * scale
+        >>> x, t = torch.ones(2), torch.tensor([1.0, 0.0])
+        >>> torch.func.jvp(f, (x,), (t,))[1].tolist()  # through the region: 2 + 1
+        [3.0, 1.0]
+        >>> with function_forwards():
+        ...     torch.func.jvp(f, (x,), (t,))[1].tolist()  # the region a constant, as for autograd
+        [2.0, 0.0]
+    """
+    return _FUNCTION.block()
