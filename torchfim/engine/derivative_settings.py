@@ -21,8 +21,8 @@ one function and its gradients dense.
   that trains a few embedding rows): each such parameter is an alias of the user's without them (the
   same storage and version counter, so every in-place update is seen).
 * Parameters and buffers made under ``torch.inference_mode()`` (a model built or loaded for evaluation) can
-  be neither saved for backward nor versioned; the copy holds copies of them, made once (the user's cannot
-  change outside inference mode, where torch forbids in-place updates of such tensors).
+  be neither saved for backward nor versioned; the copy holds copies of them, made with it (they can change
+  only inside inference mode, unseen: a copy kept for long, as the monitor's, is made afresh for each use).
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
@@ -35,14 +35,15 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..errors import TorchfimError
 
-__all__ = ["dense_gradients", "emptied", "for_derivatives", "has_module_backward_hooks", "paused_power_iterations",
-           "quiet_backward_hooks"]
+__all__ = ["dense_gradients", "emptied", "for_derivatives", "has_module_backward_hooks", "made_in_inference_mode",
+           "paused_power_iterations", "quiet_backward_hooks"]
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -75,18 +76,26 @@ def for_derivatives(tree: nn.Module) -> None:
             module.scale_grad_by_freq = module.sparse = False
 
 
+def made_in_inference_mode(t: Tensor) -> bool:
+    """Whether ``t`` was made under ``torch.inference_mode()`` (a lazy module's parameter without a shape yet is
+    not: torch refuses the question, and the engine refuses the parameter with its fix)."""
+    return not is_lazy(t) and t.is_inference()
+
+
 def _derivable_tensors(module: nn.Module, aliases: dict[int, nn.Parameter]) -> None:
     """In ``module`` (of the copy), each parameter with tensor hooks replaced by its alias without them, and
     each parameter or buffer made in inference mode by a copy (one per tensor, in all its slots: tying stays)."""
     for key, p in module._parameters.items():  # the copy's own registry
-        if p is not None and (p._backward_hooks or p.is_inference()):
+        if p is not None and (p._backward_hooks or made_in_inference_mode(p)):
             if id(p) not in aliases:
                 value = p.detach().clone() if p.is_inference() else p.detach()
                 aliases[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
             module._parameters[key] = aliases[id(p)]
     for key, b in module._buffers.items():
-        if b is not None and b.is_inference():
-            module._buffers[key] = aliases.setdefault(id(b), b.clone())
+        if b is not None and made_in_inference_mode(b):
+            if id(b) not in aliases:
+                aliases[id(b)] = b.clone()
+            module._buffers[key] = aliases[id(b)]
 
 
 @contextmanager

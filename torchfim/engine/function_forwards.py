@@ -25,8 +25,10 @@ itself enters around a forward are outside the block, and other threads keep tor
 
 from __future__ import annotations
 
-import contextlib
+import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -52,13 +54,15 @@ def _sets_autograd(region: object) -> bool | None:
 
 def _entering(owner: type) -> object:
     """Stands in for entering a region of ``owner``: in a thread of the mode, forward-mode derivatives follow
-    autograd where the region turns it on or off, the previous setting kept on the instance."""
+    autograd where the region turns it on or off, the previous setting kept on the instance for this thread (an
+    instance may be shared: a module-level ``NO_GRAD = torch.no_grad()``)."""
 
     def enter(self: object) -> object:
         result = _FUNCTION.torchs(owner, "__enter__")(self)
         mode = _sets_autograd(self) if _FUNCTION.active() else None
         if mode is not None:
-            self.__dict__.setdefault(_SAVED, []).append(torch._C._is_fwd_grad_enabled())
+            saved = self.__dict__.setdefault(_SAVED, {})
+            saved.setdefault(threading.get_ident(), []).append(torch._C._is_fwd_grad_enabled())
             torch._C._set_fwd_grad_enabled(mode)
         return result
 
@@ -66,10 +70,11 @@ def _entering(owner: type) -> object:
 
 
 def _leaving(owner: type) -> object:
-    """Stands in for leaving a region of ``owner``: the forward-mode setting from before it is set back."""
+    """Stands in for leaving a region of ``owner``: the forward-mode setting this thread had before it is set
+    back."""
 
     def leave(self: object, *exc: object) -> object:
-        saved = self.__dict__.get(_SAVED)
+        saved = self.__dict__.get(_SAVED, {}).get(threading.get_ident())
         result = _FUNCTION.torchs(owner, "__exit__")(self, *exc)
         if saved:
             torch._C._set_fwd_grad_enabled(saved.pop())
@@ -90,7 +95,8 @@ _FUNCTION = ThreadMode([*((owner, name, make(owner)) for owner in _REGIONS
                         (torch.Tensor, "register_hook", _register_hook)])
 
 
-def function_forwards() -> contextlib.AbstractContextManager[None]:
+@contextmanager
+def function_forwards() -> Iterator[None]:
     """Within the block, this thread's forwards are of the function whose Fisher is taken: their regions without
     autograd hold forward-mode derivatives off too, and their gradient hooks are not registered (see the
     module docstring).
@@ -108,4 +114,9 @@ def function_forwards() -> contextlib.AbstractContextManager[None]:
         ...     torch.func.jvp(f, (x,), (t,))[1].tolist()  # the region a constant, as for autograd
         [2.0, 0.0]
     """
-    return _FUNCTION.block()
+    forward_mode = torch._C._is_fwd_grad_enabled()
+    try:
+        with _FUNCTION.block():
+            yield
+    finally:  # a region the forward left open (entered, never ended) ends here
+        torch._C._set_fwd_grad_enabled(forward_mode)

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from .._batches import Inputs
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
+from ..engine.derivative_settings import made_in_inference_mode
 from ..engine.model_checks import check_initialised
 from ..engine.private_tree import forward_signature
 from ..engine.view import check_class_dim, check_output_map
@@ -443,16 +444,17 @@ class FisherTraceMonitor:
         """
         # One walk over the modules for the tensors (named_parameters and named_buffers would make two, with
         # names); the copy holds the forward hooks and instance forwards of the time it was made, too.
+        tensors = [t for m in self.model.modules() for held in (m._parameters, m._buffers)
+                   for t in held.values() if t is not None]
         try:
-            key = tuple(
-                (id(t), t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
-                for m in self.model.modules() for tensors in (m._parameters, m._buffers)
-                for t in tensors.values() if t is not None
-            ) + forward_signature(self.model)
+            key = tuple((id(t), t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
+                        for t in tensors) + forward_signature(self.model)
         except ValueError:  # torch's refusal of data_ptr() on a lazy module's parameter: say what to do
             check_initialised(self.model)
             raise
-        if self._path_key != key:
+        # Tensors made in inference mode are copied into the view once (ModelView) and may be rewritten in place
+        # inside inference mode, unseen: such a view is made afresh for each measurement.
+        if self._path_key != key or any(made_in_inference_mode(t) for t in tensors):
             view = ModelView(self.model, self.output, self.class_dim, eval_mode=True)
             self._path_cache = (view, make_backend(view, "auto"))
             self._path_key = key

@@ -20,6 +20,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..engine.derivative_settings import made_in_inference_mode
+
 _LOCK = threading.Lock()
 #: id of a parameter → (a weak reference to it, the optimiser steps taken on it since the hook). Keyed by id, not by
 #: the tensor: a dict compares colliding keys with ``==``, which is elementwise for tensors.
@@ -76,5 +78,5 @@ def stamp(params: Iterable[Tensor]) -> Stamp:
             if not _HOOKED:
                 _HOOKED.append(register_optimizer_step_post_hook(_count_step))
     params = list(params)
-    return Stamp(tuple(weakref.ref(p) for p in params), tuple(None if p.is_inference() else p._version for p in params),
+    return Stamp(tuple(weakref.ref(p) for p in params), tuple(None if made_in_inference_mode(p) else p._version for p in params),
                  _optimiser_steps(params))

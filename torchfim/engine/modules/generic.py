@@ -20,6 +20,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import TorchfimError, warn_user
+from ..function_forwards import function_forwards
 from .attribute_state import KEY as STATE
 from .attribute_state import attribute_state, attributes_set, state_to_keep
 from .base import Call, Grads, Rule, rounding_tolerance, zero_grads
@@ -237,7 +238,8 @@ class GenericRule(Rule):
                       for child, out, _ in entries or ()]
 
             def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-                with replaying(module, replay) if replay else nullcontext(), attributes_set(module, attributes):
+                with replaying(module, replay) if replay else nullcontext(), attributes_set(module, attributes), \
+                        function_forwards():
                     outs = tensors_of(functional_call(module, p, a1, k1))
                 return tuple(outs[i] if d is None else outs[i].squeeze(d) for i, d in zip(used, squeezes))
 
@@ -273,7 +275,8 @@ class GenericRule(Rule):
             k1 = {k: _cut(v, kw_dims[k], one).flatten(0, 1) if k in as_came else _cut(v, kw_dims[k], one)
                   for k, v in given_kw.items()}
             with torch.enable_grad(), attributes_set(module, {k: _cut(v, state_dims[k], one) for k, v in state.items()}):
-                outs = tensors_of(functional_call(module, leaves, a1, k1))
+                with function_forwards():
+                    outs = tensors_of(functional_call(module, leaves, a1, k1))
                 outs = [outs[j] for j in used]
                 vectors = []
                 for j in range(sens[used[0]].shape[0]):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.utils.parametrizations import _WeightNorm
 
+from ..function_forwards import function_forwards
 from .base import Call, Grads, Rule
 
 #: The prefix of the originals' names below a parametrized module.
@@ -117,11 +118,17 @@ def _parametrization_pull_back(module: nn.Module, name: str) -> PullBack:
                                         originals["original1"], chain[0].dim)
             per_row = {"original0": per_row[0], "original1": per_row[1]}
         else:
-            tensor, vector_jacobian = vjp(lambda u: functional_call(chain, u, ()), originals)
+            tensor, vector_jacobian = vjp(lambda u: _parametrized(chain, u), originals)
             (per_row,) = vmap(vector_jacobian)(rows.reshape(-1, *tensor.shape))
         return {PREFIX + f"{name}.{n}": t for n, t in per_row.items()}
 
     return pull_back
+
+
+def _parametrized(chain: nn.Module, originals: dict[str, Tensor]) -> Tensor:
+    """The tensor the parametrization ``chain`` makes of ``originals``, as of the function (:mod:`..function_forwards`)."""
+    with function_forwards():
+        return functional_call(chain, originals, ())
 
 
 def weight_norm_grads(rows: Tensor, scale: Tensor, direction: Tensor, dim: int) -> tuple[Tensor, Tensor]:
