@@ -95,7 +95,8 @@ class CoverageCheck:
         for rule, _ in rec.calls:
             for i in rule.params.values():
                 self.uses[i] = self.uses.get(i, 0) + 1
-        if not self._verified and all_finite(rec.values):  # else the family check refuses
+        values = rec.values.detach()  # −Inf: a class masked out of a categorical; NaN or +Inf the family refuses
+        if not self._verified and all_finite(values.masked_fill(torch.isneginf(values), 0)):
             with fewer_inputs(min(2, batch.size), batch):
                 few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
                 substitutes_differ = self._substitutes_differ(few)

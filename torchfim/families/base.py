@@ -112,6 +112,10 @@ def _top_eig_diag_plus_rank_one(d: Tensor, z: Tensor, steps: int = 100) -> Tenso
     return 0.5 * (lo + hi)
 
 
+#: The refusal of outputs with NaN or Inf entries.
+NON_FINITE = ("the model produced non-finite outputs (NaN or Inf); check the inputs for NaN/Inf and the parameters "
+              "for divergence (e.g. lower the learning rate) before computing the Fisher")
+
 class Family(ABC):
     """An output distribution ``p(y | o)`` over labels given a network output ``o``.
 
@@ -147,13 +151,16 @@ class Family(ABC):
                 "(e.g. end with nn.Flatten() or reshape in forward)"
             )
         self._check_width(o.shape[1])
-        if not all_finite(o):
-            raise TorchfimError(
-                "the model produced non-finite outputs (NaN or Inf); check the inputs for NaN/Inf "
-                "and the parameters for divergence (e.g. lower the learning rate) before computing the Fisher"
-            )
+        if (message := self._unusable_values(o)) is not None:
+            raise TorchfimError(message)
         if self.misread and (message := self.misread.get(last_operation(o) or "")):
             warn_user(message)
+
+    def _unusable_values(self, o: Tensor) -> str | None:
+        """Why the values of the outputs ``o`` cannot be read (None where they can): NaN or ±Inf."""
+        if all_finite(o):
+            return None
+        return NON_FINITE
 
     def _width_hint(self) -> str:
         return "C"

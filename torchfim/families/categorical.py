@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError, warn_user
-from .base import _TINY64, Family, _to_generator_device, _work_dtype, robust_eigvalsh
+from ..errors import TorchfimError, all_finite, warn_user
+from .base import _TINY64, NON_FINITE, Family, _to_generator_device, _work_dtype, robust_eigvalsh
 
 #: Classes up to which :meth:`Categorical.fourth_moment_top_eigenvalue` is exact (a float64
 #: C×C eigen-solve per input); above it returns a Collatz–Wielandt upper bound in O(C) memory.
@@ -155,6 +155,20 @@ class Categorical(Family):
                 f"family 'categorical' needs at least 2 logits per input, got {width}; "
                 "for a single logit use family='bernoulli'"
             )
+
+    def _unusable_values(self, o: Tensor) -> str | None:
+        """NaN or +Inf logits, or a row whose logits are all −Inf; a −Inf logit alone is a class masked out
+        (probability 0: action masking, a constrained vocabulary), as ``torch.distributions.Categorical`` and
+        ``F.cross_entropy`` read it."""
+        if all_finite(o):
+            return None
+        o = o.detach()
+        if bool(torch.isnan(o).any() | torch.isposinf(o).any()):
+            return NON_FINITE
+        if bool(torch.isneginf(o).all(-1).any()):
+            return ("the model produced a row of logits that are all -inf, so no class has a probability "
+                    "above 0; leave at least one class unmasked in every output")
+        return None
 
     def check_output(self, o: Tensor) -> None:
         """The base checks, and a warning where every row is a probability vector (non-negative, summing
