@@ -126,3 +126,9 @@ def test_a_row_with_every_class_masked_is_refused_with_the_fix() -> None:
 
     with pytest.raises(torchfim.TorchfimError, match="all -inf.*leave at least one class unmasked"):
         torchfim.fisher(_AllMasked(0.0).double(), _X, structure="trace")
+
+
+def test_true_labels_of_masked_classes_are_named() -> None:
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 4])
+    with pytest.warns(RuntimeWarning, match="2 of the 8 targets are classes whose logit is -inf"):
+        torchfim.fisher(_Masked(float("-inf")).double(), _X, targets=y, estimator="empirical", structure="trace")

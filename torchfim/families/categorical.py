@@ -207,7 +207,13 @@ class Categorical(Family):
                 f"categorical targets must lie in [0, {o.shape[1] - 1}], got values in "
                 f"[{int(y.min())}, {int(y.max())}]; check that the model has one logit per class"
             )
-        return y.to(device=o.device, dtype=torch.long)
+        y = y.to(device=o.device, dtype=torch.long)
+        masked = int(o.detach().gather(-1, y.unsqueeze(-1)).isneginf().sum())
+        if masked:
+            warn_user(f"torchfim: {masked} of the {y.numel()} targets are classes whose logit is -inf (probability 0 "
+                      "under the model, a log-likelihood of -inf); their scores are taken as autograd gives them: "
+                      "check the mask or the labels")
+        return y
 
     def _probs(self, o: Tensor) -> Tensor:
         return torch.softmax(o.to(_work_dtype(o)[0]), dim=-1)
