@@ -103,6 +103,58 @@ def test_masked_logits_keep_the_check_of_the_module_rules() -> None:
     assert torch.allclose(got, torchfim.fisher(_UsedOutside(-1e30).double(), _X, structure="diag"), rtol=1e-12, atol=0)
 
 
+class _Mixing(_Masked):
+    """Each sample's logits move with the batch's mean: refused, masked or not."""
+
+    def logits(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head(torch.tanh(h - h.mean(0)))
+
+
+def test_a_model_that_mixes_samples_is_refused_with_masked_logits() -> None:
+    """Before, an infinite tolerance (scaled by the largest |logit|) let any difference pass."""
+    with pytest.raises(torchfim.TorchfimError, match="depends on the other samples in its batch"):
+        torchfim.fisher(_Mixing(float("-inf")).double(), _X, structure="trace")
+
+
+class _SwappedExperts(nn.Module):
+    """Experts laid out as Llama 4's (``gate_up_proj``, ``down_proj``) whose forward swaps gate and up, unlike the
+    rule for that layout: the engine's comparison of the two must send them to a generic rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.expert_dim, self.act_fn = 2, 3, nn.SiLU()
+        self.gate_up_proj = nn.Parameter(torch.randn(2, 6, 6) * 0.5)
+        self.down_proj = nn.Parameter(torch.randn(2, 3, 6) * 0.5)
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = h.view(self.num_experts, -1, h.shape[-1])
+        gate, up = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.bmm(gate * self.act_fn(up), self.down_proj).view(-1, h.shape[-1])
+
+
+class _WithExperts(_Masked):
+    def __init__(self, fill: float, sliced: bool = False) -> None:
+        super().__init__(fill)
+        self.sliced = sliced
+        self.experts = _SwappedExperts()
+
+    def logits(self, x: Tensor) -> Tensor:
+        h = self.experts(torch.tanh(self.body(x)).repeat(2, 1)).view(2, x.shape[0], -1).sum(0)
+        return self.head(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits(x)[:, :3] if self.sliced else super().forward(x)
+
+
+@pytest.mark.filterwarnings("ignore:torchfim")
+def test_masked_logits_keep_the_engines_comparison_of_a_rule_with_the_forward() -> None:
+    """Before, the comparison passed with an infinite tolerance and the rule's formula was used: trace 1.2 % off."""
+    got = torchfim.fisher(_WithExperts(float("-inf")).double(), _X, structure="full")
+    want = exact_fisher(_WithExperts(0.0, sliced=True).double(), _X, "categorical")
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-13)
+
+
 def test_the_report_takes_masked_logits() -> None:
     model = _Masked(float("-inf"), fixed=False).double()
     got = report.compute_report(model, report.Data(_X, None, "masked"), progress=False)
