@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
+from ._processes import process_place
 from .combined import combined_terms
 from .engine import Batch, backend_name, check_finite_result
 from .engine.session import engine_pass
@@ -32,6 +33,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
+from .process_rows import RowShare
 from .structures import STRUCTURE_NAMES, PublicValue, make_structure
 
 STRUCTURES = STRUCTURE_NAMES
@@ -55,6 +57,7 @@ def fisher(
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
+    across_processes: bool = False,
 ) -> FisherResult | tuple[FisherResult, FisherResult]:
     """Fisher information of ``model`` over ``inputs`` under its own predictive distribution.
 
@@ -103,6 +106,10 @@ def fisher(
             ``(B, C, *positions)`` as ``torch.nn.functional.cross_entropy`` takes them (a segmentation
             model's logits). None (default): last, with a one-time warning on outputs with two or more
             position dims, where torch's convention puts the classes in dim 1.
+        across_processes: compute together with the other processes of a ``torch.distributed`` run, each on
+            its share of every mini-batch (every process passes the same inputs and gets the same result, the
+            Fisher of them all, for about ``1/W`` of the work): :mod:`torchfim.process_rows`. Not with
+            ``estimator="combined"``.
 
     Returns:
         The requested structure, on the model's device in the model's dtype (accumulated in
@@ -131,21 +138,28 @@ def fisher(
             "or use estimator='exact' for the Fisher under the model's own distribution"
         )
     _warn_unused(estimator, targets, k)
+    share, draws = _row_share(across_processes, estimator, mask), estimator in ("score", "hessian")
     if estimator == "combined":
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
                                   class_dim=class_dim)
         return (combined.estimate, _map(combined.variance, torch.sqrt)) if return_stderr else combined.estimate
     with engine_pass(model, name, output, class_dim) as one:
+        device = one.view.device
+        generator = share.generator(generator, device) if share is not None and draws else generator
         result = make_structure(structure, one.view.layout)
         seen: list[Batch] = []
         # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
         for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
-                                      f"fisher[{estimator}]", split=estimator == "exact"):
+                                      f"fisher[{estimator}]", split=estimator == "exact",
+                                      rows=None if share is None else share.rows):
             add_estimate(estimator, one.backend, rec, fam_b, result, k, generator, progress)
             if return_stderr:
                 seen.append(rec.batch)
-        estimate = result.finish(one.n)
+        estimate, n = result.finish(max(one.n, 1)), one.n
+    if share is not None:
+        share.check(device)
+        estimate, total = share.mean(estimate, n, device)
     check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
     if not return_stderr:
         return estimate
@@ -154,7 +168,9 @@ def fisher(
     from .variance import fisher_variance
 
     variance = fisher_variance(model, seen, family=fam, estimator=estimator, structure=structure, n_samples=k,
-                               backend=name, mask=mask, output=output, class_dim=class_dim)
+                               backend=name, mask=mask, output=output, class_dim=class_dim) if seen else estimate
+    if share is not None:
+        variance = share.mean_variance(variance, n, total, device)
     return estimate, _map(variance, lambda v: v.clamp_min(0).sqrt())
 
 
@@ -163,6 +179,20 @@ def _map(result: FisherResult, fn: Callable[[Tensor], Tensor]) -> FisherResult:
     if isinstance(result, dict):
         return {name: fn(block) for name, block in result.items()}
     return fn(result)
+
+
+def _row_share(across_processes: object, estimator: str, mask: Mask) -> RowShare | None:
+    """This process's share of the rows for ``across_processes=True`` (:mod:`.process_rows`), else None."""
+    place = process_place(across_processes)
+    if place is None:
+        return None
+    if estimator == "combined":
+        raise TorchfimError("across_processes=True is not available for estimator='combined'; use 'score' or "
+                            "'hessian' (each with its standard error), or compute it in one process")
+    if isinstance(mask, Tensor):
+        raise TorchfimError("across_processes=True takes the mask as a function of a mini-batch or the key of a dict "
+                            "batch (each process computes on some of its rows), not one tensor for the whole data set")
+    return RowShare(*place)
 
 
 def _tensor_mask(mask: Mask, inputs: object) -> Mask:

@@ -16,9 +16,11 @@ from torch import Tensor, nn
 from ..errors import TorchfimError
 from ..families import Family
 from .backend import Backend, Recording
-from .batch import batches
+from .batch import Batch, batches
 from .loop import make_backend, run
 from .view import Mask, ModelView, engine_session
+
+EMPTY = "inputs is empty: pass at least one input (a tensor with batch size ≥ 1)"
 
 
 @dataclass
@@ -30,23 +32,26 @@ class Pass:
     n: int = 0
 
     def batches(self, inputs: object, targets: object, family: Family, mask: Mask, progress: bool,
-                desc: str, split: bool = False, whole: bool = False,
-                grams: bool = False) -> Iterator[tuple[Recording, Family]]:
+                desc: str, split: bool = False, whole: bool = False, grams: bool = False,
+                rows: Callable[[Iterator[Batch]], Iterator[Batch]] | None = None) -> Iterator[tuple[Recording, Family]]:
         """Each mini-batch's recording and family; raises after the loop when there was no input.
 
         ``split``: large mini-batches may come as groups of their rows; ``whole``: cut further where a pull-back
         of all output numbers of their inputs (``grams``: and an output Gram matrix each) would not fit in
-        memory (see :func:`.loop.run`).
+        memory (see :func:`.loop.run`); ``rows``: the rows of each mini-batch to compute on (a process's share,
+        which may be empty: the caller refuses no input in all).
         """
         view = self.view
         self.backend.directions.progress = progress
         mini_batches = batches(inputs, targets, view.device, view.dtype, next_token=view.predicts_next_token,
                                defaults=view.call_defaults())
+        if rows is not None:
+            mini_batches = rows(mini_batches)
         for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split, whole, grams):
             yield rec, fam
             self.n += rec.batch.size
-        if self.n == 0:
-            raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
+        if self.n == 0 and rows is None:  # a process's share may be empty where the others' are not
+            raise TorchfimError(EMPTY)
 
 
 @contextmanager

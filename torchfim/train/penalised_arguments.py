@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from .._processes import process_group
 from ..engine.model_checks import check_not_distributed
 from ..errors import TorchfimError, warn_user
 from .arguments import trainable
-from .process_share import process_group
 
 
 def check_task_loss(task_loss: object) -> None:

@@ -22,16 +22,14 @@ Every process must measure at the same steps, as it takes every optimiser step.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from ..engine.batch import Batch
+from .._processes import collective_device, generator_fingerprint, process_place
+from ..engine.batch import Batch, inputs_checksum
 from ..errors import TorchfimError
-from .checkpoint import inputs_checksum
 
 
 @dataclass(frozen=True)
@@ -50,14 +48,14 @@ class ProcessShare:
         is the model's."""
         weight = self.share / self.total
         local = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured)],
-                             dtype=torch.float64, device=_device(device))
+                             dtype=torch.float64, device=collective_device(device))
         torch.distributed.all_reduce(local)
         t, v, p, n = local.tolist()
         return t, v, p, int(n)
 
     def check(self, generator: torch.Generator, device: torch.device) -> None:
         """Refuse processes that hold other inputs, or whose label generators are in the same state."""
-        mine = torch.tensor([self.checksum, _fingerprint(generator)], dtype=torch.float64, device=_device(device))
+        mine = torch.tensor([self.checksum, generator_fingerprint(generator)], dtype=torch.float64, device=collective_device(device))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
         sums, states = [float(t[0]) for t in every], [float(t[1]) for t in every]
@@ -74,30 +72,6 @@ class ProcessShare:
             )
 
 
-def process_group() -> tuple[int, int] | None:
-    """``(rank, world size)`` of this process in the default ``torch.distributed`` group; None without one."""
-    distributed = torch.distributed
-    if not (distributed.is_available() and distributed.is_initialized()):
-        return None
-    return distributed.get_rank(), distributed.get_world_size()
-
-
-def process_share(across_processes: object) -> tuple[int, int] | None:
-    """``(rank, world)`` for ``across_processes=True`` (refused without an initialised process group), else None."""
-    if not isinstance(across_processes, bool):
-        raise TorchfimError(f"across_processes must be True or False, got {across_processes!r}")
-    if not across_processes:
-        return None
-    place = process_group()
-    if place is None:
-        raise TorchfimError(
-            "across_processes=True shares each measurement between the processes of a torch.distributed run, but "
-            "no process group is initialised; call torch.distributed.init_process_group first (torchrun does not), "
-            "or pass across_processes=False"
-        )
-    return place
-
-
 def shared_rows(held: list[Batch], rank: int, world: int) -> list[Batch]:
     """Rows ``rank, rank + world, …`` of each held mini-batch (the empty ones dropped); refused when none is left."""
     share = [b.rows(slice(rank, None, world)) for b in held if b.size > rank]
@@ -110,23 +84,9 @@ def shared_rows(held: list[Batch], rank: int, world: int) -> list[Batch]:
     return share
 
 
-def _device(model_device: torch.device) -> torch.device:
-    """Where the collectives' tensors live: for NCCL alone, the process's GPU (the model's), else the CPU."""
-    backend = str(torch.distributed.get_backend())
-    if "nccl" in backend and "gloo" not in backend:
-        return model_device if model_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _fingerprint(generator: torch.Generator) -> float:
-    """A number that tells generator states apart (48 bits of a hash: exact in float64)."""
-    state: Tensor = generator.get_state()
-    return float(int(hashlib.sha1(state.cpu().numpy().tobytes()).hexdigest()[:12], 16))
-
-
 def shared(held: list[Batch], across_processes: object) -> tuple[list[Batch], ProcessShare | None]:
     """This process's share of ``held`` and its place (``held`` itself and None unless ``across_processes``)."""
-    place = process_share(across_processes)
+    place = process_place(across_processes)
     if place is None:
         return held, None
     rank, world = place

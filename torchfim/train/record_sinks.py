@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .._io import atomic_write
+from .._processes import process_group
 from ..errors import TorchfimError
-from .process_share import process_group
 
 
 def process_paths(csv_path: str | os.PathLike | None,

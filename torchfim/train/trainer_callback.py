@@ -43,10 +43,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._batches import Inputs
 from .._io import atomic_write
+from .._processes import process_group
 from ..errors import TorchfimError, warn_user
 from .monitor import FisherTraceMonitor, TraceRecord
 from .penalty import FisherPenalty
-from .process_share import process_group
 from .record_sinks import CsvSink
 from .trace_plot import read_trace_csv
 

@@ -1,0 +1,130 @@
+"""``torchfim.fisher(..., across_processes=True)`` in two processes (``torch.distributed``, gloo, CPU).
+
+Oracles: the exact and empirical Fisher of one process computing on all the inputs (float64, to rounding); for
+the random estimators, the stratified combination ``Σ_r (n_r/N) F_r``, ``Σ_r (n_r/N)² V_r`` of each process's
+own computation on its rows with the same generator (the same labels), done by hand. Both processes return the
+same result. Refused: processes holding other inputs, label generators in the same state, ``combined``, a mask
+given as one tensor, and no process group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from processes import over_loopback, run_processes
+from torch import nn
+
+import torchfim
+from torchfim import TorchfimError
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+WORLD = 2
+X = torch.randn(33, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+Y = torch.randint(0, 3, (33,), generator=torch.Generator().manual_seed(8))
+BATCHES = [X[:8], X[8:23], X[23:]]  # shares of 4 + 8 + 5 rows and 4 + 7 + 5 rows
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _seeded(rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(50 + rank)
+
+
+def _computations(model: nn.Module, across: bool, rank: int) -> dict:
+    """The results of one process: across processes, or (``across=False``) of its own rows alone."""
+    mine = BATCHES if across else [b[rank::WORLD] for b in BATCHES]
+    targets = Y if across else torch.cat([Y[:8][rank::WORLD], Y[8:23][rank::WORLD], Y[23:][rank::WORLD]])
+    loader = [(b, t) for b, t in zip(mine, torch.split(targets, [len(b) for b in mine]))]
+    options = {"across_processes": True} if across else {}
+    return {
+        "exact-full": torchfim.fisher(model, mine, structure="full", **options),
+        "exact-layers": torchfim.fisher(model, mine, structure="layers", **options),
+        "empirical": torchfim.fisher(model, loader, estimator="empirical", structure="diag", **options),
+        "score": torchfim.fisher(model, mine, estimator="score", structure="diag", n_samples=3,
+                                 generator=_seeded(rank), return_stderr=True, **options),
+        "hessian": torchfim.fisher(model, mine, estimator="hessian", structure="trace", n_samples=2,
+                                   generator=_seeded(rank), return_stderr=True, **options),
+        "n": sum(len(b) for b in mine),
+    }
+
+
+def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
+    said = {}
+    cases = {
+        "other inputs": lambda: torchfim.fisher(model, X[rank::2], structure="trace", across_processes=True),
+        "same generator": lambda: torchfim.fisher(model, X, estimator="score", structure="trace",
+                                                  generator=torch.Generator().manual_seed(1), across_processes=True),
+        "combined": lambda: torchfim.fisher(model, X, estimator="combined", structure="trace", across_processes=True),
+        "tensor mask": lambda: torchfim.fisher(model, X, structure="trace", mask=torch.ones(33, dtype=torch.bool),
+                                               across_processes=True),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+        except TorchfimError as err:
+            said[name] = str(err)
+    return said
+
+
+def _rank(rank: int, root: str) -> None:
+    over_loopback()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
+    model = _model()
+    torch.manual_seed(123)  # the same global generator on both: the private label generators differ by rank
+    unseeded = torchfim.fisher(model, X, estimator="score", structure="trace", across_processes=True,
+                               return_stderr=True)
+    torch.save({"across": _computations(model, True, rank), "own": _computations(model, False, rank),
+                "unseeded": unseeded, "refusals": _refusals(model, rank)}, f"{root}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("fisher_processes")
+    run_processes(_rank, (str(root),), WORLD)
+    return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_the_exact_and_empirical_fisher_are_one_processs(ranks) -> None:
+    model = _model()
+    want = {"exact-full": torchfim.fisher(model, X, structure="full"),
+            "exact-layers": torchfim.fisher(model, X, structure="layers"),
+            "empirical": torchfim.fisher(model, X, targets=Y, estimator="empirical", structure="diag")}
+    for rank in ranks:
+        for name, value in want.items():
+            got = rank["across"][name]
+            pairs = [(got[k], value[k]) for k in value] if isinstance(value, dict) else [(got, value)]
+            assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-14) for g, w in pairs), name
+
+
+def test_the_random_estimators_are_the_stratified_combination(ranks) -> None:
+    n = [rank["own"]["n"] for rank in ranks]
+    weights = [k / sum(n) for k in n]
+    assert n == [17, 16]
+    for name in ("score", "hessian"):
+        estimate = sum(w * rank["own"][name][0] for w, rank in zip(weights, ranks))
+        variance = sum(w**2 * rank["own"][name][1] ** 2 for w, rank in zip(weights, ranks))
+        for rank in ranks:
+            got, stderr = rank["across"][name]
+            assert torch.allclose(got, estimate, rtol=1e-12, atol=0)
+            assert torch.allclose(stderr, variance.sqrt(), rtol=1e-12, atol=0)
+
+
+def test_without_a_generator_each_process_draws_its_own_labels(ranks) -> None:
+    first, second = (rank["unseeded"] for rank in ranks)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert first[1] > 0
+
+
+def test_refusals_name_the_fix(ranks) -> None:
+    for rank in ranks:
+        said = rank["refusals"]
+        assert "needs the same inputs on every process" in said["other inputs"]
+        assert "label generators are in the same state" in said["same generator"]
+        assert "not available for estimator='combined'" in said["combined"]
+        assert "not one tensor for the whole data set" in said["tensor mask"]
+    with pytest.raises(TorchfimError, match="no process group is initialised"):
+        torchfim.fisher(_model(), X, structure="trace", across_processes=True)
