@@ -3,8 +3,10 @@
 Oracles: the exact and empirical Fisher of one process computing on all the inputs (float64, to rounding); for
 the random estimators, the stratified combination ``Σ_r (n_r/N) F_r``, ``Σ_r (n_r/N)² V_r`` of each process's
 own computation on its rows with the same generator (the same labels), done by hand. Both processes return the
-same result. Refused: processes holding other inputs, label generators in the same state, ``combined``, a mask
-given as one tensor, and no process group.
+same result, also where one process's share is empty. Refused: processes holding other inputs (other rows,
+other targets, a row's entries in another order), label generators in the same state, ``combined``, a mask given
+as one tensor, and no process group; a process that fails alone (a NaN in one of its rows) makes the other stop
+with its name instead of waiting for a collective.
 """
 
 from __future__ import annotations
@@ -53,8 +55,17 @@ def _computations(model: nn.Module, across: bool, rank: int) -> dict:
 
 def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
     said = {}
+    bad = X.clone()
+    bad[1, 0] = float("nan")  # a row of process 1
+    flipped = X.clone()
+    if rank:
+        flipped[3] = flipped[3].flip(0)
     cases = {
         "other inputs": lambda: torchfim.fisher(model, X[rank::2], structure="trace", across_processes=True),
+        "other targets": lambda: torchfim.fisher(model, [(X, (Y + rank) % 3)], estimator="empirical",
+                                                 structure="trace", across_processes=True),
+        "a row in another order": lambda: torchfim.fisher(model, flipped, structure="trace", across_processes=True),
+        "one fails": lambda: torchfim.fisher(model, bad, structure="trace", across_processes=True),
         "same generator": lambda: torchfim.fisher(model, X, estimator="score", structure="trace",
                                                   generator=torch.Generator().manual_seed(1), across_processes=True),
         "combined": lambda: torchfim.fisher(model, X, estimator="combined", structure="trace", across_processes=True),
@@ -76,8 +87,11 @@ def _rank(rank: int, root: str) -> None:
     torch.manual_seed(123)  # the same global generator on both: the private label generators differ by rank
     unseeded = torchfim.fisher(model, X, estimator="score", structure="trace", across_processes=True,
                                return_stderr=True)
+    one_input = torchfim.fisher(model, X[:1], estimator="score", structure="diag", generator=_seeded(rank),
+                                return_stderr=True, across_processes=True)  # process 1 has no row
     torch.save({"across": _computations(model, True, rank), "own": _computations(model, False, rank),
-                "unseeded": unseeded, "refusals": _refusals(model, rank)}, f"{root}/rank{rank}.pt")
+                "unseeded": unseeded, "one input": one_input, "refusals": _refusals(model, rank)},
+               f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -119,10 +133,20 @@ def test_without_a_generator_each_process_draws_its_own_labels(ranks) -> None:
     assert first[1] > 0
 
 
+def test_a_process_without_rows_adds_nothing(ranks) -> None:
+    want = torchfim.fisher(_model(), X[:1], estimator="score", structure="diag", generator=_seeded(0),
+                           return_stderr=True)
+    for rank in ranks:
+        assert all(torch.allclose(g, w, rtol=1e-12, atol=0) for g, w in zip(rank["one input"], want))
+
+
 def test_refusals_name_the_fix(ranks) -> None:
+    assert "inputs contain NaN" in ranks[1]["refusals"]["one fails"]
+    assert "process 1 of 2 failed" in ranks[0]["refusals"]["one fails"]
     for rank in ranks:
         said = rank["refusals"]
-        assert "needs the same inputs on every process" in said["other inputs"]
+        for case in ("other inputs", "other targets", "a row in another order"):
+            assert "needs the same inputs on every process" in said[case], case
         assert "label generators are in the same state" in said["same generator"]
         assert "not available for estimator='combined'" in said["combined"]
         assert "not one tensor for the whole data set" in said["tensor mask"]

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfim
-from torchfim.engine import batch as engine_batch
-from torchfim.train import FisherPenalty, FisherTraceMonitor
+from torchfim.train import FisherPenalty, FisherTraceMonitor, checkpoint
 
 STEPS, SAVE_AT = 10, 4
 
@@ -146,7 +145,7 @@ def test_a_monitor_refuses_the_state_of_another_set_up(monkeypatch: pytest.Monke
         FisherTraceMonitor(model, held.flip(0), subset=12, control_variate=True).load_state_dict(state)
     with pytest.raises(torchfim.TorchfimError, match="state_dict"):
         mon.load_state_dict({"history": []})
-    monkeypatch.setattr(engine_batch, "CHECKSUM_CHUNK", 7)  # the held inputs summed a row at a time: the same inputs
+    monkeypatch.setattr(checkpoint, "CHECKSUM_CHUNK", 7)  # the held inputs summed a row at a time: the same inputs
     FisherTraceMonitor(model, held, subset=12, control_variate=True).load_state_dict(state)
 
 

@@ -144,34 +144,35 @@ def fisher(
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
                                   class_dim=class_dim)
         return (combined.estimate, _map(combined.variance, torch.sqrt)) if return_stderr else combined.estimate
-    with engine_pass(model, name, output, class_dim) as one:
-        device = one.view.device
-        generator = share.generator(generator, device) if share is not None and draws else generator
-        result = make_structure(structure, one.view.layout)
-        seen: list[Batch] = []
-        # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
-        for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
-                                      f"fisher[{estimator}]", split=estimator == "exact",
-                                      rows=None if share is None else share.rows):
-            add_estimate(estimator, one.backend, rec, fam_b, result, k, generator, progress)
-            if return_stderr:
-                seen.append(rec.batch)
-        estimate, n = result.finish(max(one.n, 1)), one.n
-    if share is not None:
-        share.check(device)
-        estimate, total = share.mean(estimate, n, device)
-    check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
-    if not return_stderr:
-        return estimate
-    if estimator in ("exact", "empirical"):
-        return estimate, _map(estimate, torch.zeros_like)
-    from .variance import fisher_variance
 
-    variance = fisher_variance(model, seen, family=fam, estimator=estimator, structure=structure, n_samples=k,
-                               backend=name, mask=mask, output=output, class_dim=class_dim) if seen else estimate
+    def compute() -> tuple[FisherResult, FisherResult | None, int]:
+        """This process's estimate over its inputs (its rows of them, shared), their number, and with
+        ``return_stderr`` the estimate's variance."""
+        with engine_pass(model, name, output, class_dim) as one:
+            drawing = generator if share is None or not draws else share.generator(generator, one.view.device)
+            result = make_structure(structure, one.view.layout)
+            seen: list[Batch] = []
+            # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
+            for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
+                                          f"fisher[{estimator}]", split=estimator == "exact",
+                                          rows=None if share is None else share.rows):
+                add_estimate(estimator, one.backend, rec, fam_b, result, k, drawing, progress)
+                if return_stderr:
+                    seen.append(rec.batch)
+            estimate = result.finish(max(one.n, 1))
+        check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
+        if not return_stderr or not (draws and seen):
+            return estimate, _map(estimate, torch.zeros_like) if return_stderr else None, one.n
+        from .variance import fisher_variance
+
+        return estimate, fisher_variance(model, seen, family=fam, estimator=estimator, structure=structure,
+                                         n_samples=k, backend=name, mask=mask, output=output,
+                                         class_dim=class_dim), one.n
+
+    estimate, variance, n = compute() if share is None else share.together(compute, model)
     if share is not None:
-        variance = share.mean_variance(variance, n, total, device)
-    return estimate, _map(variance, lambda v: v.clamp_min(0).sqrt())
+        estimate, variance = share.mean(estimate, variance, n, model)
+    return (estimate, _map(variance, lambda v: v.clamp_min(0).sqrt())) if return_stderr else estimate
 
 
 def _map(result: FisherResult, fn: Callable[[Tensor], Tensor]) -> FisherResult:

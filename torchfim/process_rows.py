@@ -10,23 +10,28 @@ other processes', so the Fisher of all the inputs is the stratified combination
 
 from an ``all_reduce`` of the result (for ``structure="full"`` its ``P × P`` matrix) and of two numbers; every
 process returns the same. The exact Fisher is then that of one process computing everything, to rounding. Each
-process does about ``1/W`` of the work. Before the result is combined, one ``all_gather`` checks that the
-processes held the same inputs (a checksum of every mini-batch, in order: a ``DistributedSampler``'s shard on each
-would be refused) and, for the random estimators, that their label generators were in different states: labels
-drawn with the same random numbers would make ``V`` too small. Without a generator, each process draws from a
-private one seeded from torch's global generator (one draw, the same on every process) plus its rank.
+process does about ``1/W`` of the work.
+
+Each process computes its share alone, with no collective until it is done; then one ``all_gather`` says whether
+every process succeeded (a process that failed raises its error, the others name it: none waits for a
+collective that would never come), checks that the processes held the same inputs (a digest of the bytes of every
+mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and, for the
+random estimators, that their label generators started in different states: labels drawn with the same random
+numbers would make ``V`` too small. Without a generator, each process draws from a private one seeded from
+torch's global generator (one draw, the same on every process) plus its rank.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._processes import collective_device, generator_fingerprint
-from .engine.batch import Batch, inputs_checksum
+from .engine.batch import Batch
 from .engine.session import EMPTY
 from .errors import TorchfimError
 
@@ -34,6 +39,7 @@ __all__ = ["RowShare"]
 
 #: A result as the public functions return it: one tensor, or one per parameter tensor.
 Result = Tensor | dict[str, Tensor]
+Computed = TypeVar("Computed")
 
 
 class RowShare:
@@ -41,55 +47,68 @@ class RowShare:
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
-        self._checksum, self._rows_seen = 0.0, 0
+        self._digest = hashlib.sha1()
         self._labels: float | None = None  # the label generator's fingerprint before any draw; None: no labels
 
     def rows(self, batches: Iterable[Batch]) -> Iterator[Batch]:
-        """This process's rows of each mini-batch (those with none for it skipped), every whole one checksummed."""
+        """This process's rows of each mini-batch (those with none for it skipped), every whole one digested."""
         for batch in batches:
-            self._checksum += inputs_checksum([batch], self._rows_seen)
-            self._rows_seen += batch.size
+            _digest(self._digest, (batch.args, batch.kwargs, batch.targets))
             if batch.size > self.rank:
                 yield batch.rows(slice(self.rank, None, self.world))
 
     def generator(self, generator: torch.Generator | None, device: torch.device) -> torch.Generator:
         """The labels' generator: ``generator``, or where there is none a private one on ``device`` seeded from
-        torch's global generator plus the rank; its state noted before any draw, for :meth:`check`."""
+        torch's global generator plus the rank; its state noted before any draw."""
         if generator is None:
             generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,))) + self.rank)
         self._labels = generator_fingerprint(generator)
         return generator
 
-    def check(self, device: torch.device) -> None:
-        """Refuse processes that held other inputs, or whose label generators were in the same state."""
-        mine = torch.tensor([self._checksum, -1.0 if self._labels is None else self._labels],
-                            dtype=torch.float64, device=collective_device(device))
+    def together(self, compute: Callable[[], Computed], model: nn.Module) -> Computed:
+        """``compute()`` (this process's share), once every process has finished its own, checked (see the module
+        docstring)."""
+        try:
+            computed, failure = compute(), None
+        except Exception as err:  # noqa: BLE001 (re-raised below, once the other processes know)
+            computed, failure = None, err
+        digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
+        mine = torch.tensor([failure is not None, digest, -1.0 if self._labels is None else self._labels],
+                            dtype=torch.float64, device=collective_device(_device(model)))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
-        sums, states = [float(t[0]) for t in every], [float(t[1]) for t in every]
-        if any(not math.isclose(s, sums[0], rel_tol=1e-9, abs_tol=1e-12) for s in sums):
+        failed = [r for r, t in enumerate(every) if t[0]]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise TorchfimError(f"fisher(across_processes=True): process {failed[0]} of {self.world} failed (its error "
+                                "is raised there), so this one stops too")
+        if len({float(t[1]) for t in every}) > 1:
             raise TorchfimError(
                 "fisher(across_processes=True) needs the same inputs on every process (each computes on its share "
                 "of every mini-batch), but they differ; pass every process the whole data set (not a "
                 "DistributedSampler's shard), or across_processes=False for each process's Fisher of its own inputs"
             )
-        if self._labels is not None and len(set(states)) < len(states):
+        if self._labels is not None and len({float(t[2]) for t in every}) < self.world:
             raise TorchfimError(
                 "fisher(across_processes=True): two processes' label generators are in the same state, so their "
                 "labels would share random numbers and the standard error would be too small; seed each process's "
                 "generator differently (e.g. manual_seed(seed + rank)), or pass none"
             )
+        return computed  # type: ignore[return-value]
 
-    def mean(self, value: Result, n: int, device: torch.device) -> tuple[Result, int]:
-        """``(Σ_r n_r F_r / N, N)`` from this process's mean ``value`` over its ``n`` inputs."""
-        total = self._sum(torch.tensor(float(n), dtype=torch.float64), device)
+    def mean(self, value: Result, variance: Result | None, n: int, model: nn.Module) -> tuple[Result, Result | None]:
+        """``(Σ_r (n_r/N) F_r, Σ_r (n_r/N)² V_r)`` from this process's mean ``value`` over its ``n`` inputs and its
+        variance ``variance`` (None: none)."""
+        device = _device(model)
+        total = float(self._sum(torch.tensor(float(n), dtype=torch.float64), device))
         if not total:
             raise TorchfimError(EMPTY)
-        return _map(value, lambda t: self._sum(t.double() * n, device).div_(total).to(t.dtype)), int(total)
-
-    def mean_variance(self, variance: Result, n: int, total: int, device: torch.device) -> Result:
-        """``Σ_r (n_r/N)² V_r`` from this process's variance ``variance`` of its mean over ``n`` inputs."""
-        return _map(variance, lambda t: self._sum(t.double() * (n / total) ** 2, device).to(t.dtype))
+        weight = n / total
+        value = _map(value, lambda t: self._sum(t.double() * weight, device).to(t.dtype))
+        if variance is not None:
+            variance = _map(variance, lambda t: self._sum(t.double() * weight**2, device).to(t.dtype))
+        return value, variance
 
     def _sum(self, t: Tensor, device: torch.device) -> Tensor:
         """``t`` summed over the processes, on ``t``'s device."""
@@ -99,5 +118,26 @@ class RowShare:
         return t.to(where)
 
 
-def _map(value: Result, fn) -> Result:
+def _digest(digest: hashlib._Hash, value: object) -> None:
+    """Feed ``value``'s tensors (in containers, keys included) into ``digest``, their bytes and shapes."""
+    if isinstance(value, Tensor):
+        digest.update(repr((tuple(value.shape), str(value.dtype))).encode())
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            _digest(digest, item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _digest(digest, item)
+    elif isinstance(value, (int, float, str, bool)) or value is None:
+        digest.update(repr(value).encode())
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _map(value: Result, fn: Callable[[Tensor], Tensor]) -> Result:
     return {name: fn(t) for name, t in value.items()} if isinstance(value, dict) else fn(value)

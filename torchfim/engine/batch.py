@@ -189,25 +189,3 @@ def detached(t: object) -> object:
     """``t`` detached where it is a tensor (for :meth:`Batch.map`): the inputs torchfim differentiates through
     are its own, never the caller's graph."""
     return t.detach() if isinstance(t, Tensor) else t
-
-
-#: Numbers of held inputs summed at a time in float64 by :func:`inputs_checksum` (bounds its memory).
-CHECKSUM_CHUNK = 2**22
-
-
-def inputs_checksum(held: list[Batch], first_row: int = 0) -> float:
-    """A number that tells held inputs apart, their order included: ``Σ_rows (row index + 1)·(row sum)``, the
-    rows counted from ``first_row`` (a checksum of a stream, mini-batch by mini-batch, is the sum of theirs)."""
-    total, offset = 0.0, first_row
-    for batch in held:
-        for t in (*batch.args, *batch.kwargs.values()):
-            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size:
-                rows = t.detach().reshape(batch.size, -1)
-                step = max(1, CHECKSUM_CHUNK // max(1, rows.shape[1]))
-                for start in range(0, batch.size, step):
-                    sums = rows[start:start + step].double().sum(1)
-                    first = offset + start + 1
-                    weights = torch.arange(first, first + len(sums), dtype=torch.float64, device=sums.device)
-                    total += float((sums * weights).sum())
-        offset += batch.size
-    return total

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..engine.batch import Batch
 from ..errors import TorchfimError
 
 VERSION = 1
@@ -41,6 +42,27 @@ def restored_generator(generator: torch.Generator | None, saved: Mapping[str, ob
             f"does not fit {here}; resume where a generator on {saved['device']} can be made and pass one"
         ) from None
     return generator
+
+
+#: Numbers of held inputs summed at a time in float64 by :func:`inputs_checksum` (bounds its memory).
+CHECKSUM_CHUNK = 2**22
+
+
+def inputs_checksum(held: list[Batch]) -> float:
+    """A number that tells held inputs apart, their order included: ``Σ_rows (row index + 1)·(row sum)``."""
+    total, offset = 0.0, 0
+    for batch in held:
+        for t in (*batch.args, *batch.kwargs.values()):
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size:
+                rows = t.detach().reshape(batch.size, -1)
+                step = max(1, CHECKSUM_CHUNK // max(1, rows.shape[1]))
+                for start in range(0, batch.size, step):
+                    sums = rows[start:start + step].double().sum(1)
+                    first = offset + start + 1
+                    weights = torch.arange(first, first + len(sums), dtype=torch.float64, device=sums.device)
+                    total += float((sums * weights).sum())
+        offset += batch.size
+    return total
 
 
 def checked(state: object, owner: str, settings: Mapping[str, object], keys: tuple[str, ...]) -> Mapping[str, object]:

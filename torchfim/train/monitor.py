@@ -67,7 +67,6 @@ from torch import Tensor, nn
 
 from .._batches import Inputs
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
-from ..engine.batch import inputs_checksum
 from ..engine.derivative_settings import made_in_inference_mode
 from ..engine.model_checks import check_initialised
 from ..engine.private_tree import forward_signature
@@ -75,7 +74,7 @@ from ..engine.view import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .arguments import check_int
-from .checkpoint import VERSION, checked, generator_state, restored_generator
+from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
 from .held import hold, pooled
 from .process_share import shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths

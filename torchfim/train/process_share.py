@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from .._processes import collective_device, generator_fingerprint, process_place
-from ..engine.batch import Batch, inputs_checksum
+from ..engine.batch import Batch
 from ..errors import TorchfimError
+from .checkpoint import inputs_checksum
 
 
 @dataclass(frozen=True)
