@@ -111,10 +111,14 @@ class _Mixing(_Masked):
         return self.head(torch.tanh(h - h.mean(0)))
 
 
-def test_a_model_that_mixes_samples_is_refused_with_masked_logits() -> None:
-    """Before, an infinite tolerance (scaled by the largest |logit|) let any difference pass."""
+_FILLS = [float("-inf"), torch.finfo(torch.float64).min, -1e30]
+
+
+@pytest.mark.parametrize("fill", _FILLS)
+def test_a_model_that_mixes_samples_is_refused_with_masked_logits(fill: float) -> None:
+    """Before, a tolerance scaled by the largest |logit| (infinite, or 1e95 and more) let any difference pass."""
     with pytest.raises(torchfim.TorchfimError, match="depends on the other samples in its batch"):
-        torchfim.fisher(_Mixing(float("-inf")).double(), _X, structure="trace")
+        torchfim.fisher(_Mixing(fill).double(), _X, structure="trace")
 
 
 class _SwappedExperts(nn.Module):
@@ -148,9 +152,11 @@ class _WithExperts(_Masked):
 
 
 @pytest.mark.filterwarnings("ignore:torchfim")
-def test_masked_logits_keep_the_engines_comparison_of_a_rule_with_the_forward() -> None:
-    """Before, the comparison passed with an infinite tolerance and the rule's formula was used: trace 1.2 % off."""
-    got = torchfim.fisher(_WithExperts(float("-inf")).double(), _X, structure="full")
+@pytest.mark.parametrize("fill", _FILLS)
+def test_masked_logits_keep_the_engines_comparison_of_a_rule_with_the_forward(fill: float) -> None:
+    """Before, the comparison passed with an infinite (or huge) tolerance and the rule's formula was used: trace
+    1.2 % off."""
+    got = torchfim.fisher(_WithExperts(fill).double(), _X, structure="full")
     want = exact_fisher(_WithExperts(0.0, sliced=True).double(), _X, "categorical")
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-13)
 

@@ -1,9 +1,13 @@
-"""Whether two computations of a model's outputs agree, rounding aside, where outputs may hold infinities.
+"""Whether two computations of a model's outputs agree, rounding aside, where outputs may hold masked classes.
 
-A categorical logit of −Inf is a class masked out (:mod:`torchfim.families.categorical`). A tolerance scaled by
-the outputs' largest magnitude would then be infinite and pass anything (``-inf − -inf`` is NaN, and no
-comparison with NaN fails): the infinite entries are compared exactly, their places and signs, and the finite
-ones against a scale taken from the finite entries alone.
+A categorical logit of −Inf is a class masked out (:mod:`torchfim.families.categorical`); so, in effect, is a fill
+of −1e30 or ``torch.finfo(dtype).min``. A tolerance scaled by the outputs' largest magnitude would then be
+infinite, or astronomically large, and pass anything (``-inf − -inf`` is NaN, and no comparison with NaN fails).
+So the infinite entries are compared exactly, their places and signs, and each finite entry within
+``tol · max(|b|, S)``, where the scale ``S`` is the largest magnitude among the entries within a million times
+the median one: a fill is left out of it (and compared relative to itself), the model's own values are not
+(``S`` is their largest, as a tolerance scaled by the largest output had it). Outputs most of whose entries are
+fills keep them in ``S``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["finite_gap", "same_infinities"]
+__all__ = ["outputs_agree", "same_infinities"]
+
+#: Entries beyond this many times the median magnitude are fills, left out of the scale.
+FILL_RATIO = 1e6
 
 
 def same_infinities(a: Tensor, b: Tensor) -> bool:
@@ -19,16 +26,25 @@ def same_infinities(a: Tensor, b: Tensor) -> bool:
     return all(torch.equal(test(a), test(b)) for test in (torch.isneginf, torch.isposinf, torch.isnan))
 
 
-def finite_gap(a: Tensor, b: Tensor) -> tuple[float, float]:
-    """``(max |a − b|, max |b|)`` over the entries finite in both (zeros where there are none), in float64.
+def outputs_agree(a: Tensor, b: Tensor, tol: float, floor: float = 0.0) -> bool:
+    """Whether ``a`` and ``b`` (one shape) agree: infinities and NaNs in the same places, each entry finite in both
+    within ``tol · max(|b|, S, floor)`` (see the module docstring), in float64.
 
     Example:
-        >>> inf = float("inf")
-        >>> finite_gap(torch.tensor([1.0, -inf, 3.0]), torch.tensor([1.5, -inf, 2.0]))
-        (1.0, 2.0)
+        >>> inf, fill = float("inf"), torch.finfo(torch.float32).min
+        >>> outputs_agree(torch.tensor([1.0, -inf, 3.0]), torch.tensor([1.0, -inf, 3.0 + 1e-7]), 1e-6)
+        True
+        >>> outputs_agree(torch.tensor([1.0, fill, 3.0]), torch.tensor([1.5, fill, 3.0]), 1e-6)  # not 1e32 wide
+        False
     """
+    if not same_infinities(a, b):
+        return False
     a, b = a.detach().double(), b.detach().double()
     both = torch.isfinite(a) & torch.isfinite(b)
     if not bool(both.any()):
-        return 0.0, 0.0
-    return float((a[both] - b[both]).abs().max()), float(b[both].abs().max())
+        return True
+    x, size = a[both], b[both].abs()
+    typical = float(size.median())
+    ordinary = size[size <= FILL_RATIO * typical] if typical > 0 else size
+    scale = max(float(ordinary.max()) if ordinary.numel() else 0.0, floor)
+    return bool(((x - b[both]).abs() <= tol * size.clamp_min(scale)).all())

@@ -24,7 +24,7 @@ from .batch import Batch
 from .modules import Call, Rule, tensors_of
 from .modules.base import LAYOUTS, PARTS
 from .modules.generic import FOLDED_INPUTS, GenericRule, batch_dim, folded_rows, output_batch_dims
-from .output_compare import finite_gap, same_infinities
+from .output_compare import outputs_agree
 
 
 def carries_batch(call: Call, folded: bool = False) -> bool:
@@ -132,10 +132,7 @@ def same_output(spread_out: Tensor, shared_out: Tensor) -> bool:
     if not (spread_out.is_floating_point() or spread_out.is_complex()):
         return torch.equal(spread_out, shared_out)
     tol = 1e-10 if spread_out.dtype == torch.float64 else 1e-4
-    if not same_infinities(spread_out, shared_out):  # a masked logit (−Inf) in one only
-        return False
-    gap, scale = finite_gap(spread_out, shared_out)
-    return gap <= tol * max(scale, 1e-30)
+    return outputs_agree(spread_out, shared_out, tol, floor=1e-30)
 
 
 def rows_layout(args: tuple, taps: list[Tensor], size: int, allowed: frozenset[str]) -> tuple[int, bool]:

@@ -42,7 +42,7 @@ from .model_checks import (
     watch_input_writes,
 )
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
-from .output_compare import finite_gap, same_infinities
+from .output_compare import outputs_agree
 from .plain_forwards import autocast_enabled, differentiated_forwards, eager_compiled, native_dtype_forwards
 from .private_tree import private_tree, users_modules_called
 
@@ -220,13 +220,6 @@ class ClassDim:
             self._unsaid = False
             warn_user(CLASSES_LAST.format(shape=", ".join(str(s) for s in shape[1:]), classes=shape[-1],
                                           positions="×".join(str(s) for s in shape[1:-1])))
-
-
-def _agree(a: Tensor, b: Tensor, tol: float) -> bool:
-    """Whether two computations of outputs agree to ``tol`` relative to their finite scale (at least 1), with their
-    infinities (masked logits) in the same places (:mod:`.output_compare`)."""
-    gap, scale = finite_gap(a, b)
-    return same_infinities(a, b) and gap <= tol * max(scale, 1.0)
 
 
 def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
@@ -426,12 +419,12 @@ class ModelView:
             alone = self.flat(self._reached(batch.rows(rows)))
         ref, alone = out[rows], alone.reshape(out[rows].shape)
         tol = 1e3 * torch.finfo(ref.dtype).eps
-        if not _agree(ref, alone, tol):
+        if not outputs_agree(alone, ref, tol, floor=1.0):
             updated = [n for n, state in _buffer_states(self.model).items() if before.get(n) != state]
             if updated:
                 raise TorchfimError(STATE_UPDATED.format(", ".join(repr(n) for n in updated)))
             again = self.flat(self._reached(batch.rows(rows))).reshape(alone.shape)
-            if not _agree(again, alone, tol):  # two forwards of the same inputs differ
+            if not outputs_agree(again, alone, tol, floor=1.0):  # two forwards of the same inputs differ
                 raise TorchfimError(RANDOM_FORWARD)
             raise TorchfimError(
                 "the model's output for a sample depends on the other samples in its batch "
