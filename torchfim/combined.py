@@ -51,7 +51,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
 from .estimators import add_shared_label_estimates
 from .families import Family, get_family
-from .structures import STRUCTURE_NAMES, PublicValue, Structure, make_structure
+from .structures import STRUCTURE_NAMES, PublicValue, Structure, entrywise, make_structure
 from .variance import HessianVariance, ScoreVariance
 
 VARIANCE_PARTS = ("var_score", "var_hessian", "cov")
@@ -135,20 +135,12 @@ class SharedLabelSums:
             raise TorchfimError("inputs is empty: pass at least one input (a tensor with batch size ≥ 1)")
         done = {name: s.finish(self.n * self.n * k if name in VARIANCE_PARTS else self.n)
                 for name, s in self.parts.items()}
-        weight = _entrywise(optimal_weight, done["var_score"], done["var_hessian"], done["cov"])
-        variance = _entrywise(weighted_variance, weight, done["var_score"], done["var_hessian"], done["cov"])
+        weight = entrywise(optimal_weight, done["var_score"], done["var_hessian"], done["cov"])
+        variance = entrywise(weighted_variance, weight, done["var_score"], done["var_hessian"], done["cov"])
         estimate = None
         if self.draw:
-            estimate = _entrywise(lambda w, a, b: w * a + (1 - w) * b, weight, done["score"], done["hessian"])
+            estimate = entrywise(lambda w, a, b: w * a + (1 - w) * b, weight, done["score"], done["hessian"])
         return CombinedResult(estimate, variance, weight, done)
-
-
-def _entrywise(fn: Callable[..., Tensor], *values: PublicValue) -> PublicValue:
-    """``fn`` on tensors, or block by block on ``blocks`` dicts."""
-    first = values[0]
-    if isinstance(first, dict):
-        return {name: fn(*(v[name] for v in values)) for name in first}  # type: ignore[index]
-    return fn(*values)
 
 
 def combined_terms(

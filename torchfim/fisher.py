@@ -34,7 +34,7 @@ from .errors import TorchfimError, check_choice, check_generator, check_n_sample
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
 from .process_rows import RowShare
-from .structures import STRUCTURE_NAMES, PublicValue, make_structure
+from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure
 
 STRUCTURES = STRUCTURE_NAMES
 FisherResult = PublicValue
@@ -143,7 +143,7 @@ def fisher(
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
                                   class_dim=class_dim)
-        return (combined.estimate, _map(combined.variance, torch.sqrt)) if return_stderr else combined.estimate
+        return (combined.estimate, entrywise(torch.sqrt, combined.variance)) if return_stderr else combined.estimate
 
     def compute() -> tuple[FisherResult, FisherResult | None, int]:
         """This process's estimate over its inputs (its rows of them, shared), their number, and with
@@ -162,7 +162,7 @@ def fisher(
             estimate = result.finish(max(one.n, 1))
         check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
         if not return_stderr or not (draws and seen):
-            return estimate, _map(estimate, torch.zeros_like) if return_stderr else None, one.n
+            return estimate, entrywise(torch.zeros_like, estimate) if return_stderr else None, one.n
         from .variance import fisher_variance
 
         return estimate, fisher_variance(model, seen, family=fam, estimator=estimator, structure=structure,
@@ -172,14 +172,7 @@ def fisher(
     estimate, variance, n = compute() if share is None else share.together(compute, model)
     if share is not None:
         estimate, variance = share.mean(estimate, variance, n, model)
-    return (estimate, _map(variance, lambda v: v.clamp_min(0).sqrt())) if return_stderr else estimate
-
-
-def _map(result: FisherResult, fn: Callable[[Tensor], Tensor]) -> FisherResult:
-    """Apply ``fn`` to a result tensor or to every block of a ``blocks`` dict."""
-    if isinstance(result, dict):
-        return {name: fn(block) for name, block in result.items()}
-    return fn(result)
+    return (estimate, entrywise(lambda v: v.clamp_min(0).sqrt(), variance)) if return_stderr else estimate
 
 
 def _row_share(across_processes: object, estimator: str, mask: Mask) -> RowShare | None:

@@ -34,11 +34,10 @@ from ._processes import collective_device, generator_fingerprint
 from .engine.batch import Batch
 from .engine.session import EMPTY
 from .errors import TorchfimError
+from .structures import PublicValue, entrywise
 
 __all__ = ["RowShare"]
 
-#: A result as the public functions return it: one tensor, or one per parameter tensor.
-Result = Tensor | dict[str, Tensor]
 Computed = TypeVar("Computed")
 
 
@@ -97,7 +96,7 @@ class RowShare:
             )
         return computed  # type: ignore[return-value]
 
-    def mean(self, value: Result, variance: Result | None, n: int, model: nn.Module) -> tuple[Result, Result | None]:
+    def mean(self, value: PublicValue, variance: PublicValue | None, n: int, model: nn.Module) -> tuple[PublicValue, PublicValue | None]:
         """``(Σ_r (n_r/N) F_r, Σ_r (n_r/N)² V_r)`` from this process's mean ``value`` over its ``n`` inputs and its
         variance ``variance`` (None: none)."""
         device = _device(model)
@@ -105,9 +104,9 @@ class RowShare:
         if not total:
             raise TorchfimError(EMPTY)
         weight = n / total
-        value = _map(value, lambda t: self._sum(t.double() * weight, device).to(t.dtype))
+        value = entrywise(lambda t: self._sum(t.double() * weight, device).to(t.dtype), value)
         if variance is not None:
-            variance = _map(variance, lambda t: self._sum(t.double() * weight**2, device).to(t.dtype))
+            variance = entrywise(lambda t: self._sum(t.double() * weight**2, device).to(t.dtype), variance)
         return value, variance
 
     def _sum(self, t: Tensor, device: torch.device) -> Tensor:
@@ -137,7 +136,3 @@ def _digest(digest: hashlib._Hash, value: object) -> None:
 def _device(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return torch.device("cpu") if first is None else first.device
-
-
-def _map(value: Result, fn: Callable[[Tensor], Tensor]) -> Result:
-    return {name: fn(t) for name, t in value.items()} if isinstance(value, dict) else fn(value)

@@ -45,13 +45,21 @@ from .errors import TorchfimError
 
 __all__ = [
     "STRUCTURE_NAMES", "PublicValue", "Layout", "StructureVisitor", "Structure", "Full", "Diag", "Trace", "Blocks",
-    "make_structure", "check_fits", "accumulation_dtype",
+    "make_structure", "check_fits", "accumulation_dtype", "entrywise",
 ]
 
 #: Structure names accepted by the public functions (``"layers"`` is the old name of ``"blocks"``).
 STRUCTURE_NAMES = ("full", "diag", "trace", "blocks", "layers")
 
 PublicValue = Tensor | dict[str, Tensor]
+
+
+def entrywise(fn: Callable[..., Tensor], *values: PublicValue) -> PublicValue:
+    """``fn`` on public values: on tensors, or block by block on ``blocks`` dicts."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {name: fn(*(v[name] for v in values)) for name in first}  # type: ignore[index]
+    return fn(*values)
 
 
 @dataclass
