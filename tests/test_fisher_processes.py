@@ -1,8 +1,10 @@
-"""``torchfim.fisher(..., across_processes=True)`` in two processes (``torch.distributed``, gloo, CPU).
+"""``torchfim.fisher(..., across_processes=True)`` (and ``fisher_variance``) in two processes
+(``torch.distributed``, gloo, CPU).
 
-Oracles: the exact and empirical Fisher of one process computing on all the inputs (float64, to rounding); for
-the random estimators, the stratified combination ``Σ_r (n_r/N) F_r``, ``Σ_r (n_r/N)² V_r`` of each process's
-own computation on its rows with the same generator (the same labels), done by hand. Both processes return the
+Oracles: the exact and empirical Fisher, and ``fisher_variance``, of one process computing on all the inputs
+(float64, to rounding); for the random estimators, the stratified combination ``Σ_r (n_r/N) F_r``,
+``Σ_r (n_r/N)² V_r`` of each process's own computation on its rows with the same generator (the same labels),
+done by hand. Both processes return the
 same result, also where one process's share is empty. Refused: processes holding other inputs (other rows,
 other targets, a row's entries in another order), label generators in the same state, ``combined``, a mask given
 as one tensor, and no process group; a process that fails alone (a NaN in one of its rows) makes the other stop
@@ -49,6 +51,7 @@ def _computations(model: nn.Module, across: bool, rank: int) -> dict:
                                  generator=_seeded(rank), return_stderr=True, **options),
         "hessian": torchfim.fisher(model, mine, estimator="hessian", structure="trace", n_samples=2,
                                    generator=_seeded(rank), return_stderr=True, **options),
+        "variance": torchfim.fisher_variance(model, mine, estimator="hessian", structure="diag", **options),
         "n": sum(len(b) for b in mine),
     }
 
@@ -102,11 +105,13 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def test_the_exact_and_empirical_fisher_are_one_processs(ranks) -> None:
+def test_the_exact_fisher_empirical_fisher_and_variance_are_one_processs(ranks) -> None:
+    """The closed-form variance given the inputs, ``(1/N²) Σᵢ vᵢ``, is the processes' ``Σ_r (n_r/N)² V_r``."""
     model = _model()
     want = {"exact-full": torchfim.fisher(model, X, structure="full"),
             "exact-layers": torchfim.fisher(model, X, structure="layers"),
-            "empirical": torchfim.fisher(model, X, targets=Y, estimator="empirical", structure="diag")}
+            "empirical": torchfim.fisher(model, X, targets=Y, estimator="empirical", structure="diag"),
+            "variance": torchfim.fisher_variance(model, X, estimator="hessian", structure="diag")}
     for rank in ranks:
         for name, value in want.items():
             got = rank["across"][name]
@@ -114,10 +119,12 @@ def test_the_exact_and_empirical_fisher_are_one_processs(ranks) -> None:
             assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-14) for g, w in pairs), name
 
 
-def test_the_random_estimators_are_the_stratified_combination(ranks) -> None:
+def test_the_random_estimators_and_variances_are_the_stratified_combination(ranks) -> None:
     n = [rank["own"]["n"] for rank in ranks]
     weights = [k / sum(n) for k in n]
     assert n == [17, 16]
+    variance = sum(w**2 * rank["own"]["variance"] for w, rank in zip(weights, ranks))
+    assert all(torch.allclose(rank["across"]["variance"], variance, rtol=1e-12, atol=0) for rank in ranks)
     for name in ("score", "hessian"):
         estimate = sum(w * rank["own"][name][0] for w, rank in zip(weights, ranks))
         variance = sum(w**2 * rank["own"][name][1] ** 2 for w, rank in zip(weights, ranks))

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
-from ._processes import process_place
 from .combined import combined_terms
 from .engine import Batch, backend_name, check_finite_result
 from .engine.session import engine_pass
@@ -33,7 +32,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
-from .process_rows import RowShare
+from .process_rows import RowShare, row_share
 from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure
 
 STRUCTURES = STRUCTURE_NAMES
@@ -177,16 +176,11 @@ def fisher(
 
 def _row_share(across_processes: object, estimator: str, mask: Mask) -> RowShare | None:
     """This process's share of the rows for ``across_processes=True`` (:mod:`.process_rows`), else None."""
-    place = process_place(across_processes)
-    if place is None:
-        return None
-    if estimator == "combined":
+    share = row_share(across_processes, mask)
+    if share is not None and estimator == "combined":
         raise TorchfimError("across_processes=True is not available for estimator='combined'; use 'score' or "
                             "'hessian' (each with its standard error), or compute it in one process")
-    if isinstance(mask, Tensor):
-        raise TorchfimError("across_processes=True takes the mask as a function of a mini-batch or the key of a dict "
-                            "batch (each process computes on some of its rows), not one tensor for the whole data set")
-    return RowShare(*place)
+    return share
 
 
 def _tensor_mask(mask: Mask, inputs: object) -> Mask:

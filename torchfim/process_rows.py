@@ -30,13 +30,13 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._processes import collective_device, generator_fingerprint
+from ._processes import collective_device, generator_fingerprint, process_place
 from .engine.batch import Batch
 from .engine.session import EMPTY
 from .errors import TorchfimError
 from .structures import PublicValue, entrywise
 
-__all__ = ["RowShare"]
+__all__ = ["RowShare", "row_share"]
 
 Computed = TypeVar("Computed")
 
@@ -96,15 +96,17 @@ class RowShare:
             )
         return computed  # type: ignore[return-value]
 
-    def mean(self, value: PublicValue, variance: PublicValue | None, n: int, model: nn.Module) -> tuple[PublicValue, PublicValue | None]:
+    def mean(self, value: PublicValue | None, variance: PublicValue | None, n: int,
+             model: nn.Module) -> tuple[PublicValue | None, PublicValue | None]:
         """``(Σ_r (n_r/N) F_r, Σ_r (n_r/N)² V_r)`` from this process's mean ``value`` over its ``n`` inputs and its
-        variance ``variance`` (None: none)."""
+        variance ``variance`` (either None: none)."""
         device = _device(model)
         total = float(self._sum(torch.tensor(float(n), dtype=torch.float64), device))
         if not total:
             raise TorchfimError(EMPTY)
         weight = n / total
-        value = entrywise(lambda t: self._sum(t.double() * weight, device).to(t.dtype), value)
+        if value is not None:
+            value = entrywise(lambda t: self._sum(t.double() * weight, device).to(t.dtype), value)
         if variance is not None:
             variance = entrywise(lambda t: self._sum(t.double() * weight**2, device).to(t.dtype), variance)
         return value, variance
@@ -136,3 +138,15 @@ def _digest(digest: hashlib._Hash, value: object) -> None:
 def _device(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return torch.device("cpu") if first is None else first.device
+
+
+def row_share(across_processes: object, mask: object) -> RowShare | None:
+    """This process's share of the rows for ``across_processes=True``, else None; refused without a process group
+    or with a mask given as one tensor for the whole data set (each process computes on some of its rows)."""
+    place = process_place(across_processes)
+    if place is None:
+        return None
+    if isinstance(mask, Tensor):
+        raise TorchfimError("across_processes=True takes the mask as a function of a mini-batch or the key of a dict "
+                            "batch (each process computes on some of its rows), not one tensor for the whole data set")
+    return RowShare(*place)

@@ -33,6 +33,7 @@ from .engine.view import Mask
 from .errors import check_choice, check_n_samples
 from .families import Family, get_family
 from .families.base import robust_eigvalsh
+from .process_rows import RowShare, row_share
 from .structures import (
     STRUCTURE_NAMES,
     Blocks,
@@ -185,26 +186,37 @@ def variance_of(
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
+    share: RowShare | None = None,
 ) -> PublicValue:
-    """The variance (``mode="exact"``) of an estimator, or one of its bounds, per entry of ``structure``."""
+    """The variance (``mode="exact"``) of an estimator, or one of its bounds, per entry of ``structure``; with
+    ``share``, of the estimator over the inputs of all processes, each computing on its rows
+    (:mod:`torchfim.process_rows`: ``Σ_r (n_r/N)² V_r``)."""
     fam = get_family(family)
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
-    with engine_pass(model, backend, output, class_dim) as one:
-        result = make_structure(structure, one.view.layout)
-        # Closed forms pull every output vector back and draw nothing: large mini-batches go in row groups.
-        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]", split=True,
-                                      whole=estimator == "score", grams=is_trace(result)):
-            if estimator == "score":
-                result.visit(ScoreVariance(one.backend, rec, fam_b, mode))
-            else:
-                with second_order_support():
-                    result.visit(HessianVariance(one.backend, rec, fam_b, mode))
-        value = result.finish(one.n * one.n * k)
-    what = f"the variance of the {estimator} estimator" if mode == "exact" else f"the {mode} bound on its variance"
-    check_finite_result(value, what, one.view.dtype)
-    return value
+
+    def compute() -> tuple[PublicValue, int]:
+        with engine_pass(model, backend, output, class_dim) as one:
+            result = make_structure(structure, one.view.layout)
+            # Closed forms pull every output vector back and draw nothing: large mini-batches go in row groups.
+            for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]", split=True,
+                                          whole=estimator == "score", grams=is_trace(result),
+                                          rows=None if share is None else share.rows):
+                if estimator == "score":
+                    result.visit(ScoreVariance(one.backend, rec, fam_b, mode))
+                else:
+                    with second_order_support():
+                        result.visit(HessianVariance(one.backend, rec, fam_b, mode))
+            value = result.finish(max(one.n, 1) ** 2 * k)
+        what = f"the variance of the {estimator} estimator" if mode == "exact" else f"the {mode} bound on its variance"
+        check_finite_result(value, what, one.view.dtype)
+        return value, one.n
+
+    if share is None:
+        return compute()[0]
+    value, n = share.together(compute, model)
+    return share.mean(None, value, n, model)[1]
 
 
 def fisher_variance(
@@ -221,6 +233,7 @@ def fisher_variance(
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
+    across_processes: bool = False,
 ) -> PublicValue:
     """Exact variance of each entry of the Î1 (``score``) or Î2 (``hessian``) estimator.
 
@@ -228,8 +241,9 @@ def fisher_variance(
     docstring states: for ``full``/``diag``/``blocks`` the variance of each entry of the estimator
     that :func:`torchfim.fisher` returns with the same arguments; for ``trace`` the variance of the
     trace estimator (not the sum of the diagonal entries' variances). Scales as ``1/(n²k)·Σᵢ``,
-    i.e. ``1/(nk)`` for a data set of similar inputs. ``backend``, ``mask``, ``output`` and
-    ``class_dim`` as in :func:`torchfim.fisher`.
+    i.e. ``1/(nk)`` for a data set of similar inputs. ``backend``, ``mask``, ``output``,
+    ``class_dim`` and ``across_processes`` (the variance of the estimator over every process's inputs, each
+    process computing on its rows: ``Σ_r (n_r/N)² V_r``) as in :func:`torchfim.fisher`.
 
     ``diag`` and ``trace`` never build ``P×P`` objects: Î2's needs the diagonal of every output
     Hessian ``∇²_θ o_a(xᵢ)``, computed exactly by forward-over-forward differentiation, one
@@ -246,4 +260,4 @@ def fisher_variance(
     """
     return variance_of(model, inputs, family, estimator, structure, n_samples, "exact",
                        backend=backend_name(backend, method), progress=progress, mask=mask, output=output,
-                       class_dim=class_dim)
+                       class_dim=class_dim, share=row_share(across_processes, mask))
