@@ -8,6 +8,7 @@ TensorBoard's event files (``EventAccumulator``).
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -71,12 +72,19 @@ def _shared_measurements(model: nn.Module, root: str) -> dict:
 
 
 def _refusals(model: nn.Module) -> list[str]:
-    """The errors of monitors whose processes hold other inputs, or seed their generators alike."""
+    """The errors of monitors whose processes hold other inputs, or seed their generators alike, and of a shared
+    measurement that fails in process 1 alone (a NaN weight there: before, process 0 waited for it in a collective
+    until gloo's timeout)."""
     said = []
     rank = torch.distributed.get_rank()
-    for held, generator in ((HELD + rank, None), (HELD, torch.Generator().manual_seed(1))):
+    broken = copy.deepcopy(model)
+    if rank:
+        with torch.no_grad():
+            next(broken.parameters()).view(-1)[0] = float("nan")
+    for model_, held, generator in ((model, HELD + rank, None), (model, HELD, torch.Generator().manual_seed(1)),
+                                    (broken, HELD, None)):
         try:
-            FisherTraceMonitor(model, held, across_processes=True, generator=generator).measure(0)
+            FisherTraceMonitor(model_, held, across_processes=True, generator=generator).measure(0)
         except TorchfimError as err:
             said.append(str(err))
     return said
@@ -155,11 +163,12 @@ def test_a_shared_measurement_is_the_combination_of_the_processes_shares(ran: Pa
     assert [(r.step, r.trace) for r in read_trace_csv(ran / f"{name}.csv")] == [(s, t) for s, t, *_ in got]
 
 
-def test_shared_measurements_refuse_other_inputs_or_alike_generators(ran: Path) -> None:
+def test_shared_measurements_refuse_other_inputs_or_alike_generators_and_stop_together(ran: Path) -> None:
     for rank in range(WORLD):
-        other, alike = torch.load(ran / f"records.{rank}")["refusals"]
+        other, alike, failed = torch.load(ran / f"records.{rank}")["refusals"]
         assert "needs the same held inputs on every process" in other
         assert "label generators are in the same state" in alike
+        assert ("non-finite" if rank else "1 other process(es) failed to measure") in failed
 
 
 def test_sharing_needs_a_process_group_and_a_bool() -> None:

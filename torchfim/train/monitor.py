@@ -268,10 +268,10 @@ class FisherTraceMonitor:
             device = self._engine()[0].device
             self._share.check(self._label_generator(device), device)
             self._share_checked = True
-        trace, variance, plain = self._estimate()
-        measured = self._window_size
-        if self._share is not None:  # the generator lives on the model's device
-            trace, variance, plain, measured = self._share.combined(trace, variance, plain, measured,
+        if self._share is None:
+            (trace, variance, plain), measured = self._estimate(), self._window_size
+        else:  # the generator lives on the model's device
+            trace, variance, plain, measured = self._share.measured(lambda: (*self._estimate(), self._window_size),
                                                                     self.generator.device)
         record = TraceRecord(
             step=step,

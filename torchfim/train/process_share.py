@@ -23,6 +23,7 @@ Every process must measure at the same steps, as it takes every optimiser step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,15 +44,25 @@ class ProcessShare:
     total: int
     checksum: float
 
-    def combined(self, trace: float, variance: float, plain: float, measured: int,
+    def measured(self, measure: Callable[[], tuple[float, float, float, int]],
                  device: torch.device) -> tuple[float, float, float, int]:
-        """``(T, V, P, inputs measured)`` of all processes from this one's (see the module docstring); ``device``
-        is the model's."""
+        """``(T, V, P, inputs measured)`` of all processes from this one's ``measure()`` (see the module
+        docstring); ``device`` is the model's. The one ``all_reduce`` also counts the processes that failed: one
+        that did raises its error, the others say so, and none waits for a collective that would never come."""
+        try:
+            (trace, variance, plain, measured), failure = measure(), None
+        except Exception as err:  # noqa: BLE001 (re-raised below, once the other processes know)
+            (trace, variance, plain, measured), failure = (0.0, 0.0, 0.0, 0), err
         weight = self.share / self.total
-        local = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured)],
-                             dtype=torch.float64, device=collective_device(device))
+        local = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
+                              float(failure is not None)], dtype=torch.float64, device=collective_device(device))
         torch.distributed.all_reduce(local)
-        t, v, p, n = local.tolist()
+        t, v, p, n, failed = local.tolist()
+        if failure is not None:
+            raise failure
+        if failed:
+            raise TorchfimError(f"FisherTraceMonitor(across_processes=True): {int(failed)} other process(es) failed to "
+                                "measure at this step (their error is raised there), so this one stops too")
         return t, v, p, int(n)
 
     def check(self, generator: torch.Generator, device: torch.device) -> None:
