@@ -153,7 +153,7 @@ def test_refusals_name_the_fix(ranks) -> None:
     for rank in ranks:
         said = rank["refusals"]
         for case in ("other inputs", "other targets", "a row in another order"):
-            assert "needs the same inputs on every process" in said[case], case
+            assert "needs the same inputs in the same order on every process" in said[case], case
         assert "label generators are in the same state" in said["same generator"]
         assert "not available for estimator='combined'" in said["combined"]
         assert "not one tensor for the whole data set" in said["tensor mask"]

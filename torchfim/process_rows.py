@@ -84,9 +84,10 @@ class RowShare:
                                 "is raised there), so this one stops too")
         if len({float(t[1]) for t in every}) > 1:
             raise TorchfimError(
-                "fisher(across_processes=True) needs the same inputs on every process (each computes on its share "
-                "of every mini-batch), but they differ; pass every process the whole data set (not a "
-                "DistributedSampler's shard), or across_processes=False for each process's Fisher of its own inputs"
+                "fisher(across_processes=True) needs the same inputs in the same order on every process (each computes "
+                "on its share of every mini-batch), but they differ; pass every process the whole data set in one "
+                "order (not a DistributedSampler's shard, nor a loader shuffled by each process's own seed), or "
+                "across_processes=False for each process's Fisher of its own inputs"
             )
         if self._labels is not None and len({float(t[2]) for t in every}) < self.world:
             raise TorchfimError(
