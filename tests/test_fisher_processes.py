@@ -1,4 +1,4 @@
-"""``torchfim.fisher(..., across_processes=True)`` (and ``fisher_variance``) in two processes
+"""``torchfim.fisher(..., across_processes=True)`` (and ``fisher_variance``, ``samples_needed``) in two processes
 (``torch.distributed``, gloo, CPU).
 
 Oracles: the exact and empirical Fisher, and ``fisher_variance``, of one process computing on all the inputs
@@ -52,6 +52,7 @@ def _computations(model: nn.Module, across: bool, rank: int) -> dict:
         "hessian": torchfim.fisher(model, mine, estimator="hessian", structure="trace", n_samples=2,
                                    generator=_seeded(rank), return_stderr=True, **options),
         "variance": torchfim.fisher_variance(model, mine, estimator="hessian", structure="diag", **options),
+        "labels needed": torchfim.samples_needed(model, mine, structure="diag", rel_error=0.05, **options),
         "n": sum(len(b) for b in mine),
     }
 
@@ -111,10 +112,11 @@ def test_the_exact_fisher_empirical_fisher_and_variance_are_one_processs(ranks) 
     want = {"exact-full": torchfim.fisher(model, X, structure="full"),
             "exact-layers": torchfim.fisher(model, X, structure="layers"),
             "empirical": torchfim.fisher(model, X, targets=Y, estimator="empirical", structure="diag"),
-            "variance": torchfim.fisher_variance(model, X, estimator="hessian", structure="diag")}
+            "variance": torchfim.fisher_variance(model, X, estimator="hessian", structure="diag"),
+            "labels needed": torch.tensor(torchfim.samples_needed(model, X, structure="diag", rel_error=0.05))}
     for rank in ranks:
         for name, value in want.items():
-            got = rank["across"][name]
+            got = torch.tensor(rank["across"][name]) if name == "labels needed" else rank["across"][name]
             pairs = [(got[k], value[k]) for k in value] if isinstance(value, dict) else [(got, value)]
             assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-14) for g, w in pairs), name
 

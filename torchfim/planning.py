@@ -31,14 +31,16 @@ def samples_needed(
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
+    across_processes: bool = False,
 ) -> int:
     """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value.
 
     The variance with ``k`` labels is ``V₁/k`` (``V₁`` = :func:`fisher_variance`
     with one label), so ``k = ⌈V₁ / (ε·I)²⌉`` for ``structure="trace"`` (``I`` =
     Tr of the exact Fisher) and the largest such ``k`` over the non-zero diagonal
-    entries for ``structure="diag"`` (the worst entry). At least 1. ``backend``, ``mask``, ``output``
-    and ``class_dim`` as in :func:`torchfim.fisher`.
+    entries for ``structure="diag"`` (the worst entry). At least 1. ``backend``, ``mask``, ``output``,
+    ``class_dim`` and ``across_processes`` (every process gets the ``k`` of all the inputs) as in
+    :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim
@@ -52,7 +54,8 @@ def samples_needed(
     if not (isinstance(rel_error, (int, float)) and 0 < rel_error and math.isfinite(rel_error)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
     inputs = reusable(inputs)  # iterated twice below
-    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
+    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
+               across_processes=across_processes)
     # The variance first: where an input's Jacobian would not fit it refuses at once, before the exact
     # Fisher's one pull-back per output number (hours for a language model's vocabulary).
     var1 = fisher_variance(model, inputs, estimator=estimator, structure=structure, n_samples=1, **how)
