@@ -20,6 +20,7 @@ from torchfim.forecast import (
     default_steps,
     forecast,
     gaussian_fisher,
+    scan_steps,
     stable_inverse,
 )
 
@@ -222,3 +223,23 @@ def test_autograd_silently_cut_by_float_is_caught_at_inversion():
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def _emulator() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double()
+
+
+@pytest.mark.parametrize("derivatives", ["autograd", "stencil5"])
+def test_an_emulator_made_in_inference_mode_is_forecast(derivatives):
+    """A neural emulator of the mean loaded for evaluation (``torch.inference_mode()``) made every forecast raise
+    "Inference tensors cannot be saved for backward"; nothing here needs a backward graph. Oracle: ``JᵀC⁻¹J``
+    with ``J`` the twin's Jacobian by reverse mode."""
+    with torch.inference_mode():
+        made = _emulator()
+    theta0, cov = torch.tensor([0.3, 0.7], dtype=torch.float64), 0.1 * torch.eye(5, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(_emulator(), theta0)
+    want = jac.T @ torch.linalg.solve(cov, jac)
+    got = forecast(lambda t: made(t), cov, theta0, derivatives=derivatives).fisher
+    assert torch.allclose(got, want, rtol=1e-12 if derivatives == "autograd" else 1e-7, atol=0)
+    assert scan_steps(lambda t: made(t), cov, theta0).steps.shape == (2,)

@@ -79,9 +79,11 @@ class GaussianModel:
         return self.mean0.numel()
 
     def evaluate(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """``(μ(θ), C(θ))`` with their shapes checked."""
-        mean = self._mean_fixed if self.mean_fn is None else self.mean_fn(theta)
-        cov = self._cov_fixed if self.cov_fn is None else self.cov_fn(theta)
+        """``(μ(θ), C(θ))`` with their shapes checked, without autograd (nothing here is differentiated backwards:
+        an emulator's parameters need no graph, and one made under ``torch.inference_mode()`` can have none)."""
+        with torch.no_grad():
+            mean = self._mean_fixed if self.mean_fn is None else self.mean_fn(theta)
+            cov = self._cov_fixed if self.cov_fn is None else self.cov_fn(theta)
         if not isinstance(mean, Tensor) or mean.dim() != 1 or mean.numel() == 0:
             raise TorchfimError(
                 "mean must be (or return) a non-empty 1-D tensor, the data vector's mean; got "

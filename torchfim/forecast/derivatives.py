@@ -133,7 +133,8 @@ def _jvp(function, theta0: Tensor, direction: Tensor, value0: Tensor, what: str)
     if function is None:
         return torch.zeros_like(value0)
     try:
-        _, tangent = torch.func.jvp(function, (theta0,), (direction,))
+        with torch.no_grad():  # forward mode alone (grad mode does not stop it): no graph through an emulator's weights
+            _, tangent = torch.func.jvp(function, (theta0,), (direction,))
     except (RuntimeError, NotImplementedError) as err:
         raise TorchfimError(
             f"autograd could not differentiate {what} ({err}); write it in torch operations of theta, "
