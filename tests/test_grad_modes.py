@@ -103,3 +103,18 @@ def test_a_model_made_in_inference_mode_keeps_its_ties() -> None:
     got = torchfim.fisher(model, mlp_inputs(7), structure="full")
     assert got.shape == want.shape == (3 * 3 + 3 + 3 + 3 + 3 + 4 * 3 + 4,) * 2
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_the_report_of_a_model_made_in_inference_mode_is_its_twins() -> None:
+    """The report freezes all but one parameter tensor for each layer's spectrum; torch lets a parameter made in
+    inference mode require grad again only inside that mode (before: the report raised there)."""
+    from torchfim import report
+
+    def computed(model: nn.Module) -> dict:
+        got = report.compute_report(model, report.Data(mlp_inputs(12), None, "held"), progress=False)
+        return {key: got[key] for key in ("trace", "layers", "spectra")}
+
+    with torch.inference_mode():
+        model = tanh_mlp(3)
+    assert computed(model) == computed(tanh_mlp(3))
+    assert all(p.requires_grad and p.is_inference() for p in model.parameters())  # as the user had it

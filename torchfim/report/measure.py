@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from ..engine.backend import NoForwardDerivative
+from ..engine.derivative_settings import made_in_inference_mode
 from .data import Inputs
 
 __all__ = [
@@ -39,11 +40,18 @@ def only_trainable(model: nn.Module, name: str) -> Iterator[None]:
     saved = {n: p.requires_grad for n, p in params.items()}
     try:
         for n, p in params.items():
-            p.requires_grad_(n == name)
+            _requires_grad(p, n == name)
         yield
     finally:
         for n, p in params.items():
-            p.requires_grad_(saved[n])
+            _requires_grad(p, saved[n])
+
+
+def _requires_grad(p: Tensor, flag: bool) -> None:
+    """``p.requires_grad_(flag)``; inside inference mode for a parameter made there (a model loaded for
+    evaluation), where torch alone allows turning it on."""
+    with torch.inference_mode() if made_in_inference_mode(p) else nullcontext():
+        p.requires_grad_(flag)
 
 
 def json_float(x: object) -> float | None:
