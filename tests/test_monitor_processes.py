@@ -77,7 +77,7 @@ def _refusals(model: nn.Module) -> list[str]:
     until gloo's timeout)."""
     said = []
     rank = torch.distributed.get_rank()
-    broken = copy.deepcopy(model)
+    broken = copy.deepcopy(model.module)  # the module inside DDP: a copy of DDP itself would hold a second reducer
     if rank:
         with torch.no_grad():
             next(broken.parameters()).view(-1)[0] = float("nan")
