@@ -78,7 +78,10 @@ class RowShare:
         torch.distributed.all_gather(every, mine)
         failed = [r for r, t in enumerate(every) if t[0]]
         if failure is not None:
-            raise failure
+            try:
+                raise failure
+            finally:  # this frame let go of it: no cycle through the traceback keeps the failed computation alive
+                failure = None
         if failed:
             raise TorchfimError(f"fisher(across_processes=True): process {failed[0]} of {self.world} failed (its error "
                                 "is raised there), so this one stops too")

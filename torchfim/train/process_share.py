@@ -59,7 +59,10 @@ class ProcessShare:
         torch.distributed.all_reduce(local)
         t, v, p, n, failed = local.tolist()
         if failure is not None:
-            raise failure
+            try:
+                raise failure
+            finally:  # this frame let go of it: no cycle through the traceback keeps the failed measurement alive
+                failure = None
         if failed:
             raise TorchfimError(f"FisherTraceMonitor(across_processes=True): {int(failed)} other process(es) failed to "
                                 "measure at this step (their error is raised there), so this one stops too")
