@@ -168,7 +168,7 @@ def test_shared_measurements_refuse_other_inputs_or_alike_generators_and_stop_to
         other, alike, failed = torch.load(ran / f"records.{rank}")["refusals"]
         assert "needs the same held inputs on every process" in other
         assert "label generators are in the same state" in alike
-        assert ("non-finite" if rank else "1 other process(es) failed to measure") in failed
+        assert ("non-finite" if rank else "1 other process(es) failed") in failed
 
 
 def test_sharing_needs_a_process_group_and_a_bool() -> None:

@@ -5,13 +5,17 @@ collectives' tensors live, and a number that tells label generators apart."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 from .errors import TorchfimError
 
-__all__ = ["collective_device", "generator_fingerprint", "process_group", "process_place"]
+Result = TypeVar("Result")
+
+__all__ = ["Attempt", "collective_device", "generator_fingerprint", "process_group", "process_place"]
 
 
 def process_group() -> tuple[int, int] | None:
@@ -50,3 +54,36 @@ def generator_fingerprint(generator: torch.Generator) -> float:
     """A number that tells generator states apart (48 bits of a hash: exact in float64)."""
     state: Tensor = generator.get_state()
     return float(int(hashlib.sha1(state.cpu().numpy().tobytes()).hexdigest()[:12], 16))
+
+
+class Attempt(Generic[Result]):
+    """This process's part of a shared computation, run to its end or to its error before the collective that every
+    process must reach either way (so that none waits for one that never comes); the collective carries
+    :attr:`failed`, and :meth:`settle` then raises where any process failed."""
+
+    def __init__(self, compute: Callable[[], Result]) -> None:
+        try:
+            self.result: Result | None = compute()
+            self.error: Exception | None = None
+        except Exception as err:  # noqa: BLE001 (raised by settle, once the other processes know)
+            self.result, self.error = None, err
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def settle(self, others_failed: int, what: str) -> Result:
+        """The result; or this process's error raised; or, where ``others_failed`` other processes failed, an error
+        that says so. The error leaves this object and the raising frame as it goes: kept by a frame in its own
+        traceback, it would hold the failed computation (engine state, suspended generators) until a later cyclic
+        collection, possibly during interpreter teardown."""
+        error, self.error = self.error, None
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None
+        if others_failed:
+            raise TorchfimError(f"{what}: {others_failed} other process(es) failed (the error is raised there), so "
+                                "this one stops too")
+        return self.result  # type: ignore[return-value]

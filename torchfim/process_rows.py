@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._processes import collective_device, generator_fingerprint, process_place
+from ._processes import Attempt, collective_device, generator_fingerprint, process_place
 from .engine.batch import Batch
 from .engine.session import EMPTY
 from .errors import TorchfimError
@@ -67,24 +67,13 @@ class RowShare:
     def together(self, compute: Callable[[], Computed], model: nn.Module) -> Computed:
         """``compute()`` (this process's share), once every process has finished its own, checked (see the module
         docstring)."""
-        try:
-            computed, failure = compute(), None
-        except Exception as err:  # noqa: BLE001 (re-raised below, once the other processes know)
-            computed, failure = None, err
+        attempt = Attempt(compute)
         digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
-        mine = torch.tensor([failure is not None, digest, -1.0 if self._labels is None else self._labels],
+        mine = torch.tensor([attempt.failed, digest, -1.0 if self._labels is None else self._labels],
                             dtype=torch.float64, device=collective_device(_device(model)))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
-        failed = [r for r, t in enumerate(every) if t[0]]
-        if failure is not None:
-            try:
-                raise failure
-            finally:  # this frame let go of it: no cycle through the traceback keeps the failed computation alive
-                failure = None
-        if failed:
-            raise TorchfimError(f"fisher(across_processes=True): process {failed[0]} of {self.world} failed (its error "
-                                "is raised there), so this one stops too")
+        computed = attempt.settle(sum(bool(t[0]) for t in every) - attempt.failed, "fisher(across_processes=True)")
         if len({float(t[1]) for t in every}) > 1:
             raise TorchfimError(
                 "fisher(across_processes=True) needs the same inputs in the same order on every process (each computes "

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._processes import collective_device, generator_fingerprint, process_place
+from .._processes import Attempt, collective_device, generator_fingerprint, process_place
 from ..engine.batch import Batch
 from ..errors import TorchfimError
 from .checkpoint import inputs_checksum
@@ -49,23 +49,14 @@ class ProcessShare:
         """``(T, V, P, inputs measured)`` of all processes from this one's ``measure()`` (see the module
         docstring); ``device`` is the model's. The one ``all_reduce`` also counts the processes that failed: one
         that did raises its error, the others say so, and none waits for a collective that would never come."""
-        try:
-            (trace, variance, plain, measured), failure = measure(), None
-        except Exception as err:  # noqa: BLE001 (re-raised below, once the other processes know)
-            (trace, variance, plain, measured), failure = (0.0, 0.0, 0.0, 0), err
+        attempt = Attempt(measure)
+        trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0)
         weight = self.share / self.total
         local = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                              float(failure is not None)], dtype=torch.float64, device=collective_device(device))
+                              float(attempt.failed)], dtype=torch.float64, device=collective_device(device))
         torch.distributed.all_reduce(local)
         t, v, p, n, failed = local.tolist()
-        if failure is not None:
-            try:
-                raise failure
-            finally:  # this frame let go of it: no cycle through the traceback keeps the failed measurement alive
-                failure = None
-        if failed:
-            raise TorchfimError(f"FisherTraceMonitor(across_processes=True): {int(failed)} other process(es) failed to "
-                                "measure at this step (their error is raised there), so this one stops too")
+        attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
         return t, v, p, int(n)
 
     def check(self, generator: torch.Generator, device: torch.device) -> None:
