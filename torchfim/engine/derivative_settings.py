@@ -88,7 +88,7 @@ def _derivable_tensors(module: nn.Module, aliases: dict[int, nn.Parameter]) -> N
     for key, p in module._parameters.items():  # the copy's own registry
         if p is not None and (p._backward_hooks or made_in_inference_mode(p)):
             if id(p) not in aliases:
-                value = p.detach().clone() if p.is_inference() else p.detach()
+                value = p.detach().clone() if made_in_inference_mode(p) else p.detach()
                 aliases[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
             module._parameters[key] = aliases[id(p)]
     for key, b in module._buffers.items():
