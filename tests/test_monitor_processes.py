@@ -9,6 +9,7 @@ TensorBoard's event files (``EventAccumulator``).
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 from pathlib import Path
 
@@ -30,7 +31,9 @@ OPTIONS = {"plain": {}, "subset": {"subset": 10}, "control_variate": {"control_v
 
 def _rank(rank: int, root: str) -> None:
     over_loopback()
-    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
+    # A process left waiting in a collective fails after a minute rather than gloo's default half hour
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD,
+                                         timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double())
     held = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))  # its own share
@@ -72,9 +75,10 @@ def _shared_measurements(model: nn.Module, root: str) -> dict:
 
 
 def _refusals(model: nn.Module) -> list[str]:
-    """The errors of monitors whose processes hold other inputs, or seed their generators alike, and of a shared
-    measurement that fails in process 1 alone (a NaN weight there: before, process 0 waited for it in a collective
-    until gloo's timeout)."""
+    """The errors of monitors whose processes hold other inputs, or seed their generators alike, and of shared
+    measurements that fail in process 1 alone: a NaN weight there (before, process 0 waited for it in a collective
+    until gloo's timeout), or every weight frozen there after the monitor was made, which stops it while the
+    engine is built, before the first measurement's checks (before, process 0 waited in their collective)."""
     said = []
     rank = torch.distributed.get_rank()
     broken = copy.deepcopy(model.module)  # the module inside DDP: a copy of DDP itself would hold a second reducer
@@ -87,6 +91,13 @@ def _refusals(model: nn.Module) -> list[str]:
             FisherTraceMonitor(model_, held, across_processes=True, generator=generator).measure(0)
         except TorchfimError as err:
             said.append(str(err))
+    frozen = copy.deepcopy(model.module)
+    monitor = FisherTraceMonitor(frozen, HELD, across_processes=True)
+    frozen.requires_grad_(not rank)
+    try:
+        monitor.measure(0)
+    except TorchfimError as err:
+        said.append(str(err))
     return said
 
 
@@ -165,10 +176,11 @@ def test_a_shared_measurement_is_the_combination_of_the_processes_shares(ran: Pa
 
 def test_shared_measurements_refuse_other_inputs_or_alike_generators_and_stop_together(ran: Path) -> None:
     for rank in range(WORLD):
-        other, alike, failed = torch.load(ran / f"records.{rank}")["refusals"]
+        other, alike, failed, unbuilt = torch.load(ran / f"records.{rank}")["refusals"]
         assert "needs the same held inputs on every process" in other
         assert "label generators are in the same state" in alike
         assert ("non-finite" if rank else "1 other process(es) failed") in failed
+        assert ("no parameters with requires_grad=True" if rank else "1 other process(es) failed") in unbuilt
 
 
 def test_sharing_needs_a_process_group_and_a_bool() -> None:

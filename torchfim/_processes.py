@@ -15,7 +15,7 @@ from .errors import TorchfimError
 
 Result = TypeVar("Result")
 
-__all__ = ["Attempt", "collective_device", "generator_fingerprint", "process_group", "process_place"]
+__all__ = ["Attempt", "collective_device", "generator_fingerprint", "model_device", "process_group", "process_place"]
 
 
 def process_group() -> tuple[int, int] | None:
@@ -48,6 +48,13 @@ def collective_device(model_device: torch.device) -> torch.device:
     if "nccl" in backend and "gloo" not in backend:
         return model_device if model_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU without one): known before any engine is built, so a
+    process whose engine fails still joins the collectives on the device the others use."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def generator_fingerprint(generator: torch.Generator) -> float:

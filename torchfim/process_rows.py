@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._processes import Attempt, collective_device, generator_fingerprint, process_place
+from ._processes import Attempt, collective_device, generator_fingerprint, model_device, process_place
 from .engine.batch import Batch
 from .engine.session import EMPTY
 from .errors import TorchfimError
@@ -70,7 +70,7 @@ class RowShare:
         attempt = Attempt(compute)
         digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
         mine = torch.tensor([attempt.failed, digest, -1.0 if self._labels is None else self._labels],
-                            dtype=torch.float64, device=collective_device(_device(model)))
+                            dtype=torch.float64, device=collective_device(model_device(model)))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
         computed = attempt.settle(sum(bool(t[0]) for t in every) - attempt.failed, "fisher(across_processes=True)")
@@ -93,7 +93,7 @@ class RowShare:
              model: nn.Module) -> tuple[PublicValue | None, PublicValue | None]:
         """``(Σ_r (n_r/N) F_r, Σ_r (n_r/N)² V_r)`` from this process's mean ``value`` over its ``n`` inputs and its
         variance ``variance`` (either None: none)."""
-        device = _device(model)
+        device = model_device(model)
         total = float(self._sum(torch.tensor(float(n), dtype=torch.float64), device))
         if not total:
             raise TorchfimError(EMPTY)
@@ -126,11 +126,6 @@ def _digest(digest: hashlib._Hash, value: object) -> None:
             _digest(digest, item)
     elif isinstance(value, (int, float, str, bool)) or value is None:
         digest.update(repr(value).encode())
-
-
-def _device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return torch.device("cpu") if first is None else first.device
 
 
 def row_share(across_processes: object, mask: object) -> RowShare | None:

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs
+from .._processes import model_device
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
 from ..engine.derivative_settings import made_in_inference_mode
 from ..engine.model_checks import check_initialised
@@ -226,7 +227,6 @@ class FisherTraceMonitor:
         self.class_dim = check_class_dim(class_dim)
         held = hold(inputs)
         self.inputs, self._share = shared(held, across_processes)  # this process's share, and its place
-        self._share_checked = False
         self._path_key: tuple | None = None
         self._path_cache: tuple[ModelView, Backend] | None = None
         self.n_inputs = sum(b.size for b in held)
@@ -264,15 +264,12 @@ class FisherTraceMonitor:
         check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         self._order.measuring(step, self.history, self.model.parameters())
         start = time.perf_counter()
-        if self._share is not None and not self._share_checked:  # before any label is drawn
-            device = self._engine()[0].device
-            self._share.check(self._label_generator(device), device)
-            self._share_checked = True
         if self._share is None:
             (trace, variance, plain), measured = self._estimate(), self._window_size
-        else:  # the generator lives on the model's device
+        else:  # the generator lives on the model's device, known before any engine is built
+            generator = self._label_generator(model_device(self.model))
             trace, variance, plain, measured = self._share.measured(lambda: (*self._estimate(), self._window_size),
-                                                                    self.generator.device)
+                                                                    generator)
         record = TraceRecord(
             step=step,
             trace=trace,
