@@ -217,7 +217,10 @@ class CoverageCheck:
         before = dict(self.moved)
         if causes:
             self._move(list(causes), rec)
-        return self.moved != before or self._on_own_tensors(rec, set(misses))
+        changed = self.moved != before or self._on_own_tensors(rec, set(misses))
+        if misses and not changed:  # nothing left to try above them: the model mixes samples, or draws at random
+            self.view.check_independent(rec.batch, rec.values.detach(), 0)  # says which, before any warning
+        return changed
 
     def _on_own_tensors(self, rec: ModuleRecording, misses: set[int]) -> bool:
         """Give the generic rules of the missed parameters that moved as high as they go (the model's own, or

@@ -130,6 +130,23 @@ def _first_names(names: list[str], most: int = 3) -> str:
     return ", ".join(repr(n) for n in names[:most]) + more
 
 
+def mixes_samples(model: nn.Module) -> TorchfimError:
+    """The error for a model whose output for one sample depends on the others in its batch; where the model holds
+    modules that take their batch in dim 1 (``batch_first=False``: recurrent layers, attention and transformer
+    layers by default), the likely cause named: torchfim takes dim 0 of every input as the batch."""
+    seq_first = [n or type(m).__name__ for n, m in model.named_modules() if getattr(m, "batch_first", True) is False]
+    hint = ""
+    if seq_first:
+        hint = (f"; if the inputs are sequence-first, that is the cause: module(s) {_first_names(seq_first)} take "
+                "batch_first=False, but torchfim reads dim 0 of every input as the batch, so pass (batch, sequence, "
+                "...) inputs to modules built with batch_first=True, or transpose inside forward")
+    return TorchfimError(
+        "the model's output for a sample depends on the other samples in its batch "
+        "(e.g. BatchNorm in training mode, or an operation across the batch dimension), so per-sample "
+        f"Fisher terms are undefined; call model.eval() or remove the cross-sample operation{hint}"
+    )
+
+
 def check_initialised(tree: nn.Module) -> None:
     """Refuse parameters and buffers of lazy modules before their first forward: they have no shape yet."""
     lazy = [n for n, t in [*tree.named_parameters(), *tree.named_buffers()] if nn.parameter.is_lazy(t)]

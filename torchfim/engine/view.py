@@ -38,6 +38,7 @@ from .model_checks import (
     check_mode,
     check_not_distributed,
     check_not_scripted,
+    mixes_samples,
     one_dimensional,
     watch_input_writes,
 )
@@ -426,11 +427,7 @@ class ModelView:
             again = self.flat(self._reached(batch.rows(rows))).reshape(alone.shape)
             if not outputs_agree(again, alone, tol, floor=1.0):  # two forwards of the same inputs differ
                 raise TorchfimError(RANDOM_FORWARD)
-            raise TorchfimError(
-                "the model's output for a sample depends on the other samples in its batch "
-                "(e.g. BatchNorm in training mode, or an operation across the batch dimension), so per-sample "
-                "Fisher terms are undefined; call model.eval() or remove the cross-sample operation"
-            )
+            raise mixes_samples(self.model)
         return checked + take
 
     def _reached(self, batch: Batch) -> object:
