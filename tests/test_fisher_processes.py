@@ -1,7 +1,8 @@
-"""``torchfim.fisher(..., across_processes=True)`` (and ``fisher_variance``, ``samples_needed``) in two processes
-(``torch.distributed``, gloo, CPU).
+"""``torchfim.fisher(..., across_processes=True)`` (and ``fisher_variance``, ``samples_needed``, the variance bounds,
+``compare_estimators``) in two processes (``torch.distributed``, gloo, CPU).
 
-Oracles: the exact and empirical Fisher, and ``fisher_variance``, of one process computing on all the inputs
+Oracles: the exact and empirical Fisher, ``fisher_variance``, the bounds and the comparison, of one process
+computing on all the inputs
 (float64, to rounding); for the random estimators, the stratified combination ``Σ_r (n_r/N) F_r``,
 ``Σ_r (n_r/N)² V_r`` of each process's own computation on its rows with the same generator (the same labels),
 done by hand. Both processes return the
@@ -56,8 +57,16 @@ def _computations(model: nn.Module, across: bool, rank: int) -> dict:
                                    generator=_seeded(rank), return_stderr=True, **options),
         "variance": torchfim.fisher_variance(model, mine, estimator="hessian", structure="diag", **options),
         "labels needed": torchfim.samples_needed(model, mine, structure="diag", rel_error=0.05, **options),
+        "bound": torchfim.variance_bound(model, mine, structure="diag", **options),
+        "hessian bound": torchfim.hessian_variance_bound_spectral(model, mine, structure="trace", **options),
+        "comparison": _table(torchfim.compare_estimators(model, mine, **options)),
         "n": sum(len(b) for b in mine),
     }
+
+
+def _table(comparison: torchfim.EstimatorComparison) -> torch.Tensor:
+    return torch.tensor([[r.fisher_diag_sum, r.score_variance, r.hessian_variance] for r in comparison.rows],
+                        dtype=torch.float64)
 
 
 def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
@@ -133,7 +142,10 @@ def test_the_exact_fisher_empirical_fisher_and_variance_are_one_processs(ranks) 
             "exact-layers": torchfim.fisher(model, X, structure="layers"),
             "empirical": torchfim.fisher(model, X, targets=Y, estimator="empirical", structure="diag"),
             "variance": torchfim.fisher_variance(model, X, estimator="hessian", structure="diag"),
-            "labels needed": torch.tensor(torchfim.samples_needed(model, X, structure="diag", rel_error=0.05))}
+            "labels needed": torch.tensor(torchfim.samples_needed(model, X, structure="diag", rel_error=0.05)),
+            "bound": torchfim.variance_bound(model, X, structure="diag"),
+            "hessian bound": torchfim.hessian_variance_bound_spectral(model, X, structure="trace"),
+            "comparison": _table(torchfim.compare_estimators(model, X))}
     for rank in ranks:
         for name, value in want.items():
             got = torch.tensor(rank["across"][name]) if name == "labels needed" else rank["across"][name]

@@ -125,12 +125,14 @@ def compare_estimators(
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
+    across_processes: bool = False,
 ) -> EstimatorComparison:
     """For every parameter tensor, which of Î1 and Î2 estimates its diagonal Fisher with less variance.
 
     Compares ``Σ_p Var(Î)_pp`` over the parameter's entries (the expected squared
-    error of its diagonal) from :func:`fisher_variance`. ``backend``, ``mask``, ``output`` and
-    ``class_dim`` as in :func:`torchfim.fisher`.
+    error of its diagonal) from :func:`fisher_variance`. ``backend``, ``mask``, ``output``,
+    ``class_dim`` and ``across_processes`` (every process gets the comparison over all the inputs) as in
+    :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim
@@ -145,7 +147,8 @@ def compare_estimators(
             "whose parameters are the ones to compare"
         )
     inputs = reusable(inputs)
-    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim)
+    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
+               across_processes=across_processes)
     score = fisher_variance(model, inputs, estimator="score", structure="diag", n_samples=n_samples, **how)
     diag = fisher(model, inputs, structure="diag", **how)  # after a closed form, as in samples_needed
     try:

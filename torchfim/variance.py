@@ -33,7 +33,7 @@ from .engine.view import Mask
 from .errors import check_choice, check_n_samples
 from .families import Family, get_family
 from .families.base import robust_eigvalsh
-from .process_rows import RowShare, row_share
+from .process_rows import row_share
 from .structures import (
     STRUCTURE_NAMES,
     Blocks,
@@ -186,11 +186,12 @@ def variance_of(
     mask: Mask = None,
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
-    share: RowShare | None = None,
+    across_processes: bool = False,
 ) -> PublicValue:
     """The variance (``mode="exact"``) of an estimator, or one of its bounds, per entry of ``structure``; with
-    ``share``, of the estimator over the inputs of all processes, each computing on its rows
-    (:mod:`torchfim.process_rows`: ``Σ_r (n_r/N)² V_r``)."""
+    ``across_processes``, of the estimator over the inputs of all processes, each computing on its rows
+    (:mod:`torchfim.process_rows`: ``Σ_r (n_r/N)² V_r``; a bound's per-input terms combine alike)."""
+    share = row_share(across_processes, mask)
     fam = get_family(family)
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, STRUCTURE_NAMES)
@@ -260,4 +261,4 @@ def fisher_variance(
     """
     return variance_of(model, inputs, family, estimator, structure, n_samples, "exact",
                        backend=backend_name(backend, method), progress=progress, mask=mask, output=output,
-                       class_dim=class_dim, share=row_share(across_processes, mask))
+                       class_dim=class_dim, across_processes=across_processes)
