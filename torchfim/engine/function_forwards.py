@@ -18,8 +18,16 @@ is made the same for every pass.
   made reverse mode's Fisher of that layer 4 times its own, and Î2, half of which goes through forward mode,
   6.2 times; a hook that stores gradients (a saliency map's) would see every vector the engine pulls back.
   Here ``Tensor.register_hook`` registers nothing (its handle removes nothing).
+* The fast path of ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``,
+  which torch takes in eval mode without autograd, is another function than the one training differentiates:
+  the encoder packs a padded batch into a nested tensor and gives its padded positions zeros, where the path
+  with autograd computes them. A forward without autograd (the engine's check that samples are independent)
+  then saw other outputs than the forward that was differentiated, and a transformer encoder with a padding
+  mask, in eval mode, was refused as mixing samples. Here ``torch.backends.mha.get_fastpath_enabled()`` answers
+  False, so every forward takes the path with autograd. :func:`attention_fast_path_off` does this alone, for
+  the penalty's forwards, which are the training step's otherwise.
 
-Within :func:`function_forwards` both hold for the forwards this thread runs; regions and hooks that torchfim
+Within :func:`function_forwards` all three hold for the forwards this thread runs; regions and hooks that torchfim
 itself enters around a forward are outside the block, and other threads keep torch's own behaviour.
 """
 
@@ -31,13 +39,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.backends.mha
 from torch.utils.hooks import RemovableHandle
 
 from .plain_forwards import ThreadMode
 
-__all__ = ["function_forwards"]
+__all__ = ["attention_fast_path_off", "function_forwards"]
 
 _SAVED = "_torchfim_forward_grad"
+_FAST_PATH_OFF = threading.local()  # depth: blocks of attention_fast_path_off this thread is in
 _REGIONS = (torch.no_grad, torch.enable_grad, torch.set_grad_enabled, torch.inference_mode)
 
 
@@ -90,16 +100,25 @@ def _register_hook(self: torch.Tensor, hook: object) -> RemovableHandle:
     return _FUNCTION.torchs(torch.Tensor, "register_hook")(self, hook)
 
 
+def _fastpath_enabled() -> bool:
+    """Stands in for ``torch.backends.mha.get_fastpath_enabled``: in a thread of the mode or of
+    :func:`attention_fast_path_off`, False."""
+    if _FUNCTION.active() or getattr(_FAST_PATH_OFF, "depth", 0):
+        return False
+    return _FUNCTION.torchs(torch.backends.mha, "get_fastpath_enabled")()
+
+
 _FUNCTION = ThreadMode([*((owner, name, make(owner)) for owner in _REGIONS
                           for name, make in (("__enter__", _entering), ("__exit__", _leaving))),
-                        (torch.Tensor, "register_hook", _register_hook)])
+                        (torch.Tensor, "register_hook", _register_hook),
+                        (torch.backends.mha, "get_fastpath_enabled", _fastpath_enabled)])
 
 
 @contextmanager
 def function_forwards() -> Iterator[None]:
     """Within the block, this thread's forwards are of the function whose Fisher is taken: their regions without
-    autograd hold forward-mode derivatives off too, and their gradient hooks are not registered (see the
-    module docstring).
+    autograd hold forward-mode derivatives off too, their gradient hooks are not registered, and attention takes
+    no fast path (see the module docstring).
 
     Example:
         >>> import torch
@@ -120,3 +139,16 @@ def function_forwards() -> Iterator[None]:
             yield
     finally:  # a region the forward left open (entered, never ended) ends here
         torch._C._set_fwd_grad_enabled(forward_mode)
+
+
+@contextmanager
+def attention_fast_path_off() -> Iterator[None]:
+    """Within the block, this thread's attention and transformer layers take no fast path (the module docstring's
+    third point, alone); other threads, and a ``torch.backends.mha.set_fastpath_enabled`` of the user's, keep
+    theirs."""
+    _FAST_PATH_OFF.depth = getattr(_FAST_PATH_OFF, "depth", 0) + 1
+    try:
+        with _FUNCTION.block(active=False):  # the stand-ins installed, deferring to torch's own but for this one
+            yield
+    finally:
+        _FAST_PATH_OFF.depth -= 1

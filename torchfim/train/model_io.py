@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .._batches import refuse_packed
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
+from ..engine.function_forwards import attention_fast_path_off
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.view import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
@@ -138,6 +139,13 @@ class ModelIO:
         """The tensor of outputs of the model on the mini-batch."""
         return self.tensor(self.call(model, x, differentiated_twice), x.size)
 
+    def label_outputs(self, model: nn.Module, x: Batch) -> Tensor:
+        """The outputs to draw labels from, without autograd, as the differentiated forward computes them:
+        attention takes no fast path there (:func:`torchfim.engine.function_forwards.attention_fast_path_off`; a
+        transformer encoder in eval mode would give padded positions zeros)."""
+        with torch.no_grad(), attention_fast_path_off():
+            return self.outputs(model, x, differentiated_twice=False)
+
     def input_log_prob(self, model: nn.Module, family: PositionOutputs, x: Batch
                        ) -> Callable[[dict[str, Tensor], tuple, Tensor, Tensor | None], Tensor]:
         """``(params, (args₁, kwargs₁), y₁, m₁) ↦ log p(y₁|x₁)`` of one input of ``x`` at the parameters
@@ -151,7 +159,7 @@ class ModelIO:
 
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)
-            with self.vmapped_forms(), stepwise_recurrent(recurrent):
+            with self.vmapped_forms(), stepwise_recurrent(recurrent), attention_fast_path_off():
                 out = self.tensor(functional_call(model, params, single.args, single.kwargs), single.size)
             return family.log_prob_of_one(out, y1.unsqueeze(0), m1)
 

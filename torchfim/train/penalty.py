@@ -473,9 +473,7 @@ class FisherPenalty:
     def _trace_labels(self, x: Batch) -> Tensor:
         """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
         _check_mode(self.model)
-        with torch.no_grad():
-            o = self.io.outputs(self.model, x, differentiated_twice=False)
-        return self._outputs_and_labels(o)
+        return self._outputs_and_labels(self.io.label_outputs(self.model, x))
 
     def _finite_difference(self, x: Batch, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         named, io = list(zip(names, params)), self.io

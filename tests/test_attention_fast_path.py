@@ -1,0 +1,120 @@
+"""A transformer encoder in eval mode with a padding mask (``nn.TransformerEncoder``, whose nested-tensor fast path
+torch takes by default without autograd).
+
+Without autograd the encoder packs the padded batch into a nested tensor and gives the padded positions zeros,
+where the forward with autograd (the one training and torchfim differentiate) computes them; the engine's check
+that samples are independent runs without autograd, so it saw other outputs and refused the model as mixing
+samples. The engine's forwards now take no fast path (``engine/function_forwards.py``), nor do the trace penalty's
+forward for its labels and its per-input gradients.
+
+Oracle: ``(1/n) Σᵢ Σₜ mᵢₜ Jᵢₜᵀ Λᵢₜ Jᵢₜ`` from ``torch.func`` Jacobians of the forward with the fast path off
+(float64), with the padding mask ``m`` and without one (every position observed).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+import torchfim
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)  # enable_nested_tensor=True, torch's default
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: Tensor, pad: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=pad))
+
+
+def _model_and_batch() -> tuple[nn.Module, dict[str, Tensor]]:
+    torch.manual_seed(0)
+    model = _Encoder().double().eval()
+    pad = torch.zeros(5, 6, dtype=torch.bool)
+    pad[0, 4:], pad[2, 2:], pad[3, 5:] = True, True, True  # right-padded, as a tokenizer pads
+    return model, {"ids": torch.randint(0, 11, (5, 6)), "pad": pad}
+
+
+def _oracle(model: nn.Module, batch: dict[str, Tensor], observed: Tensor) -> Tensor:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        total = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64)
+        for i in range(len(batch["ids"])):
+            one = {k: v[i : i + 1] for k, v in batch.items()}
+            jac = jacrev(lambda p, one=one: functional_call(model, p, (), one)[0])(params)
+            jac = torch.cat([j.reshape(6, 3, -1) for j in jac.values()], -1)  # (T, C, P)
+            with torch.no_grad():
+                probs = model(**one)[0].softmax(-1)
+            lam = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+            total += torch.einsum("tcp,tcd,tdp,t->p", jac, lam, jac, observed[i].double())
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+    return total / len(batch["ids"])
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_an_eval_mode_encoder_with_a_padding_mask_has_its_fisher(masked: bool) -> None:
+    model, batch = _model_and_batch()
+    observed = ~batch["pad"] if masked else torch.ones_like(batch["pad"])
+    mask = (lambda b: ~b["pad"]) if masked else None
+    want = _oracle(model, batch, observed)
+    got = torchfim.fisher(model, [batch], structure="diag", mask=mask)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting, as it was
+
+
+def test_the_monitor_measures_an_eval_mode_encoder_with_a_padding_mask() -> None:
+    model, batch = _model_and_batch()
+    want = float(_oracle(model, batch, ~batch["pad"]).sum())
+    record = FisherTraceMonitor(model, [batch], mask=lambda b: ~b["pad"], n_samples=64).measure(0)
+    assert abs(record.trace - want) < 5 * record.stderr
+
+
+def test_a_forward_outside_torchfim_keeps_torchs_fast_path() -> None:
+    """The engine's stand-in answers for its own forwards only: torch's own answer, and a user's setting, stand."""
+    model, batch = _model_and_batch()
+    torchfim.fisher(model, [batch], structure="trace", mask=lambda b: ~b["pad"])
+    with torch.no_grad():
+        out = model(**batch)
+    assert bool((out[2, 2:] == model.head.bias).all())  # the padded positions of the fast path: zeros, then the head
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torchfim.fisher(model, [batch], structure="trace", mask=lambda b: ~b["pad"])
+        assert not torch.backends.mha.get_fastpath_enabled()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_the_trace_penalty_draws_and_differentiates_as_without_the_fast_path(grad_method: str) -> None:
+    """``kind="trace"``: its labels come from a forward without autograd, its per-input gradients from vmap; with
+    torch's fast path on (the default), labels at padded positions (no mask: they count) were drawn from the fast
+    path's zeros, and vmap met the encoder's nested-tensor check, so the gradients went one input at a time. Oracle:
+    the same penalty, same generator seed, with the fast path turned off by the user."""
+    model, batch = _model_and_batch()
+
+    def value() -> float:
+        pen = FisherPenalty(model, alpha=1.0, kind="trace", grad_method=grad_method,
+                            generator=torch.Generator().manual_seed(3))
+        return float(pen(batch, step=0).detach())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "one input at a time" would raise
+        got = value()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        want = value()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert got == pytest.approx(want, rel=1e-12)
