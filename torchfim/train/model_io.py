@@ -157,10 +157,14 @@ class ModelIO:
             self._recurrent = (model, stepwise_candidates(model))
         recurrent = self._recurrent[1]  # step by step: vmap has no rules for the fused kernels
 
+        # torch's stateless calls refuse DataParallel: the module inside it, whose names lack the wrapper's prefix
+        module, prefix = (model.module, "module.") if isinstance(model, nn.DataParallel) else (model, "")
+
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)
+            params = {k.removeprefix(prefix): v for k, v in params.items()}
             with self.vmapped_forms(), stepwise_recurrent(recurrent), attention_fast_path_off():
-                out = self.tensor(functional_call(model, params, single.args, single.kwargs), single.size)
+                out = self.tensor(functional_call(module, params, single.args, single.kwargs), single.size)
             return family.log_prob_of_one(out, y1.unsqueeze(0), m1)
 
         return log_p
