@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 import torchfim
+from torchfim.engine.function_forwards import attention_fast_path_off
 from torchfim.train import FisherPenalty, FisherTraceMonitor
 
 
@@ -79,6 +80,16 @@ def test_the_monitor_measures_an_eval_mode_encoder_with_a_padding_mask() -> None
     want = float(_oracle(model, batch, ~batch["pad"]).sum())
     record = FisherTraceMonitor(model, [batch], mask=lambda b: ~b["pad"], n_samples=64).measure(0)
     assert abs(record.trace - want) < 5 * record.stderr
+
+
+def test_attention_layers_script_while_and_after_the_stand_in_is_installed() -> None:
+    """TorchScript compiles the attention layer's call of ``get_fastpath_enabled``: the stand-in's own body
+    (a ``ThreadMode``) failed to compile, and the half-compiled class then refused every later script."""
+    with attention_fast_path_off():
+        during = torch.jit.script(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval())
+    after = torch.jit.script(nn.MultiheadAttention(8, 2, batch_first=True).eval())
+    x = torch.randn(2, 3, 8)
+    assert during(x).shape == x.shape and after(x, x, x)[0].shape == x.shape
 
 
 def test_a_forward_outside_torchfim_keeps_torchs_fast_path() -> None:

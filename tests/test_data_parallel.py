@@ -40,13 +40,16 @@ def test_the_fisher_of_a_data_parallel_model_is_its_modules() -> None:
     assert record.trace == pytest.approx(alone.trace, rel=1e-12)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
 @pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
-def test_the_penalty_of_a_data_parallel_model_is_its_modules(kind: str, grad_method: str) -> None:
+def test_the_penalty_of_a_data_parallel_model_is_its_modules(kind: str, grad_method: str, depth: int) -> None:
+    """``depth``: wrappers around the model (``DataParallel(DataParallel(model))`` for 2)."""
     results = []
-    for wrap in (False, True):
-        model = _model()
-        held = nn.DataParallel(model) if wrap else model
+    for wrap in (0, depth):
+        model = held = _model()
+        for _ in range(wrap):
+            held = nn.DataParallel(held)
         pen = FisherPenalty(held, alpha=0.5, kind=kind, grad_method=grad_method,
                             generator=torch.Generator().manual_seed(2))
         with warnings.catch_warnings():

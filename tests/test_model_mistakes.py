@@ -202,3 +202,27 @@ def test_a_forward_that_writes_into_its_own_copy_is_computed() -> None:
     got = torchfim.fisher(_WritesItsInput(in_place=False), x, structure="diag")
     want = torchfim.fisher(tanh_mlp(3), x / 2.0, structure="diag")
     assert rel_err(got, want) < 1e-12
+
+
+def test_a_forward_that_moves_its_weights_and_mixes_samples_is_told_the_weights_moved() -> None:
+    """Samples mixed after the weights (``o − mean(o)``): the coverage check finds the misses with nothing above
+    left to try and runs the independence check itself; a forward that also moves the weights in place (a
+    pre-hook) must hear that, as from the engine's loop, not "depends on the other samples"."""
+
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            o = self.layer(x)
+            return o - o.mean(0)
+
+    def nudge(module: nn.Module, args: tuple) -> None:
+        with torch.no_grad():
+            module.weight.add_(1e-3)
+
+    model = Centred().double()
+    model.layer.register_forward_pre_hook(nudge)
+    with pytest.raises(torchfim.TorchfimError, match="parameters changed during the computation"):
+        torchfim.fisher(model, torch.randn(6, 4, dtype=torch.float64), structure="trace")

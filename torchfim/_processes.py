@@ -51,9 +51,11 @@ def collective_device(model_device: torch.device) -> torch.device:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU without one): known before any engine is built, so a
-    process whose engine fails still joins the collectives on the device the others use."""
-    first = next(model.parameters(), None)
+    """The device of the model's first trainable parameter, as the engine's (else of its first parameter; the CPU
+    without one): known before any engine is built, so a process whose engine fails still joins the collectives
+    on the device the others use."""
+    params = list(model.parameters())
+    first = next((p for p in params if p.requires_grad), params[0] if params else None)
     return torch.device("cpu") if first is None else first.device
 
 

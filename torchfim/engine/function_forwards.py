@@ -102,10 +102,13 @@ def _register_hook(self: torch.Tensor, hook: object) -> RemovableHandle:
 
 def _fastpath_enabled() -> bool:
     """Stands in for ``torch.backends.mha.get_fastpath_enabled``: in a thread of the mode or of
-    :func:`attention_fast_path_off`, False."""
-    if _FUNCTION.active() or getattr(_FAST_PATH_OFF, "depth", 0):
-        return False
-    return _FUNCTION.torchs(torch.backends.mha, "get_fastpath_enabled")()
+    :func:`attention_fast_path_off`, False. TorchScript compiles only the last line, as torch's own does (a layer
+    scripted in another thread while the stand-in is installed)."""
+    if not torch.jit.is_scripting():
+        if _FUNCTION.active() or getattr(_FAST_PATH_OFF, "depth", 0):
+            return False
+        return _FUNCTION.torchs(torch.backends.mha, "get_fastpath_enabled")()
+    return True
 
 
 _FUNCTION = ThreadMode([*((owner, name, make(owner)) for owner in _REGIONS

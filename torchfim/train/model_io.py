@@ -157,8 +157,10 @@ class ModelIO:
             self._recurrent = (model, stepwise_candidates(model))
         recurrent = self._recurrent[1]  # step by step: vmap has no rules for the fused kernels
 
-        # torch's stateless calls refuse DataParallel: the module inside it, whose names lack the wrapper's prefix
-        module, prefix = (model.module, "module.") if isinstance(model, nn.DataParallel) else (model, "")
+        # torch's stateless calls refuse DataParallel: the module inside (through several), whose names lack the prefix
+        module, prefix = model, ""
+        while isinstance(module, nn.DataParallel):
+            module, prefix = module.module, prefix + "module."
 
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)

@@ -45,10 +45,10 @@ class ProcessShare:
     total: int
     checksum: float
 
-    def measured(self, measure: Callable[[], tuple[float, float, float, int]],
-                 generator: torch.Generator) -> tuple[float, float, float, int]:
+    def measured(self, measure: Callable[[], tuple[float, float, float, int]], generator: torch.Generator,
+                 device: torch.device) -> tuple[float, float, float, int]:
         """``(T, V, P, inputs measured)`` of all processes from this one's ``measure()``, which draws its labels from
-        ``generator`` (on the model's device); see the module docstring. The one ``all_gather`` also counts the
+        ``generator``; ``device`` is the model's; see the module docstring. The one ``all_gather`` also counts the
         processes that failed (one that did raises its error, the others say so: none waits for a collective that
         would never come) and checks the held inputs and the generators' states as they were before the draw."""
         state = generator_fingerprint(generator)
@@ -57,7 +57,7 @@ class ProcessShare:
         weight = self.share / self.total
         mine = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
                              float(attempt.failed), self.checksum, state], dtype=torch.float64,
-                            device=collective_device(generator.device))
+                            device=collective_device(device))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
         t, v, p, n, failed, *_ = torch.stack(every).sum(0).tolist()
