@@ -8,7 +8,7 @@ computing on all the inputs
 done by hand. Both processes return the
 same result, also where one process's share is empty. Refused: processes holding other inputs (other rows,
 other targets, a row's entries in another order), label generators in the same state, ``combined``, a mask given
-as one tensor, and no process group; a process that fails alone (a NaN in one of its rows) makes the other stop
+as one tensor, other weights (one moved by 1e-3), and no process group; a process that fails alone (a NaN in one of its rows) makes the other stop
 with its name instead of waiting for a collective.
 """
 
@@ -69,6 +69,15 @@ def _table(comparison: torchfim.EstimatorComparison) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+def _nudged(rank: int) -> nn.Module:
+    """The model, one weight moved by 1e-3 in process 1 (a model not wrapped in DDP, trained apart)."""
+    model = _model()
+    if rank:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] += 1e-3
+    return model
+
+
 def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
     said = _one_failing(model)
     flipped = X.clone()
@@ -79,6 +88,7 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
         "other targets": lambda: torchfim.fisher(model, [(X, (Y + rank) % 3)], estimator="empirical",
                                                  structure="trace", across_processes=True),
         "a row in another order": lambda: torchfim.fisher(model, flipped, structure="trace", across_processes=True),
+        "other weights": lambda: torchfim.fisher(_nudged(rank), X, structure="trace", across_processes=True),
         "same generator": lambda: torchfim.fisher(model, X, estimator="score", structure="trace",
                                                   generator=torch.Generator().manual_seed(1), across_processes=True),
         "combined": lambda: torchfim.fisher(model, X, estimator="combined", structure="trace", across_processes=True),
@@ -190,6 +200,7 @@ def test_refusals_name_the_fix(ranks) -> None:
         for case in ("other inputs", "other targets", "a row in another order"):
             assert "needs the same inputs in the same order on every process" in said[case], case
         assert "label generators are in the same state" in said["same generator"]
+        assert "the processes' trainable weights differ; wrap the model in DistributedDataParallel" in said["other weights"]
         assert "not available for estimator='combined'" in said["combined"]
         assert "not one tensor for the whole data set" in said["tensor mask"]
     with pytest.raises(TorchfimError, match="no process group is initialised"):

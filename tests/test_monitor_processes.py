@@ -75,7 +75,7 @@ def _shared_measurements(model: nn.Module, root: str) -> dict:
 
 
 def _refusals(model: nn.Module) -> list[str]:
-    """The errors of monitors whose processes hold other inputs, or seed their generators alike, and of shared
+    """The errors of monitors whose processes hold other inputs or other weights, or seed their generators alike, and of shared
     measurements that fail in process 1 alone: a NaN weight there (before, process 0 waited for it in a collective
     until gloo's timeout), or every weight frozen there after the monitor was made, which stops it while the
     engine is built, before the first measurement's checks (before, process 0 waited in their collective)."""
@@ -91,6 +91,13 @@ def _refusals(model: nn.Module) -> list[str]:
             FisherTraceMonitor(model_, held, across_processes=True, generator=generator).measure(0)
         except TorchfimError as err:
             said.append(str(err))
+    nudged = copy.deepcopy(model.module)  # a copy trained apart: one weight moved by 1e-3 in process 1
+    with torch.no_grad():
+        next(nudged.parameters()).view(-1)[0] += 1e-3 * rank
+    try:
+        FisherTraceMonitor(nudged, HELD, across_processes=True).measure(0)
+    except TorchfimError as err:
+        said.append(str(err))
     frozen = copy.deepcopy(model.module)
     monitor = FisherTraceMonitor(frozen, HELD, across_processes=True)
     frozen.requires_grad_(not rank)
@@ -174,9 +181,10 @@ def test_a_shared_measurement_is_the_combination_of_the_processes_shares(ran: Pa
     assert [(r.step, r.trace) for r in read_trace_csv(ran / f"{name}.csv")] == [(s, t) for s, t, *_ in got]
 
 
-def test_shared_measurements_refuse_other_inputs_or_alike_generators_and_stop_together(ran: Path) -> None:
+def test_shared_measurements_refuse_other_inputs_weights_or_alike_generators_and_stop_together(ran: Path) -> None:
     for rank in range(WORLD):
-        other, alike, failed, unbuilt = torch.load(ran / f"records.{rank}")["refusals"]
+        other, alike, failed, moved, unbuilt = torch.load(ran / f"records.{rank}")["refusals"]
+        assert "the processes' trainable weights differ" in moved
         assert "needs the same held inputs on every process" in other
         assert "label generators are in the same state" in alike
         assert ("non-finite" if rank else "1 other process(es) failed") in failed

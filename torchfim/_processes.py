@@ -5,6 +5,7 @@ collectives' tensors live, and a number that tells label generators apart."""
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -15,7 +16,16 @@ from .errors import TorchfimError
 
 Result = TypeVar("Result")
 
-__all__ = ["Attempt", "collective_device", "generator_fingerprint", "model_device", "process_group", "process_place"]
+__all__ = ["DIFFERENT_WEIGHTS", "Attempt", "collective_device", "generator_fingerprint", "model_device", "process_group", "process_place",
+           "same_weights", "weights_fingerprint"]
+
+
+#: Why processes that hold other weights are refused (``{}``: the call).
+DIFFERENT_WEIGHTS = (
+    "{} needs the same model on every process (each computes on its share of the inputs), but the processes' "
+    "trainable weights differ; wrap the model in DistributedDataParallel (which gives every process the first "
+    "one's weights and keeps them equal), or load the same weights on every process"
+)
 
 
 def process_group() -> tuple[int, int] | None:
@@ -63,6 +73,29 @@ def generator_fingerprint(generator: torch.Generator) -> float:
     """A number that tells generator states apart (48 bits of a hash: exact in float64)."""
     state: Tensor = generator.get_state()
     return float(int(hashlib.sha1(state.cpu().numpy().tobytes()).hexdigest()[:12], 16))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> float:
+    """A number that tells the trainable weights of two processes' models apart:
+    ``Σ_k (k + 1)(‖θ_k‖ + ½ Σθ_k / √n_k)`` over the trainable parameter tensors in order (each term at least
+    ``½‖θ_k‖``, so no cancellation), in float64 on their devices; NaN where it cannot be taken (a lazy module's
+    parameter) or is not finite, which no check reads."""
+    try:
+        total = 0.0
+        for k, p in enumerate(p for p in model.parameters() if p.requires_grad):
+            t = p.detach()
+            total += (k + 1) * float(torch.linalg.vector_norm(t, dtype=torch.float64)
+                                     + 0.5 * t.sum(dtype=torch.float64) / max(t.numel(), 1) ** 0.5)
+    except (RuntimeError, ValueError):  # an uninitialised parameter: the computation will say so
+        return math.nan
+    return total if math.isfinite(total) else math.nan
+
+
+def same_weights(fingerprints: list[float]) -> bool:
+    """Whether the processes' :func:`weights_fingerprint` agree (to rounding: processes on unlike devices sum in
+    other orders; models that differ, by their initialisation or their training, differ far more)."""
+    known = [f for f in fingerprints if math.isfinite(f)]
+    return all(math.isclose(f, known[0], rel_tol=1e-9, abs_tol=1e-12) for f in known)
 
 
 class Attempt(Generic[Result]):

@@ -15,9 +15,10 @@ process does about ``1/W`` of the work.
 Each process computes its share alone, with no collective until it is done; then one ``all_gather`` says whether
 every process succeeded (a process that failed raises its error, the others name it: none waits for a
 collective that would never come), checks that the processes held the same inputs (a digest of the bytes of every
-mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and, for the
-random estimators, that their label generators started in different states: labels drawn with the same random
-numbers would make ``V`` too small. Without a generator, each process draws from a private one seeded from
+mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and the same
+trainable weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not
+wrapped in ``DistributedDataParallel``, would be refused) and, for the random estimators, that their label
+generators started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a generator, each process draws from a private one seeded from
 torch's global generator (one draw, the same on every process) plus its rank.
 """
 
@@ -30,7 +31,16 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._processes import Attempt, collective_device, generator_fingerprint, model_device, process_place
+from ._processes import (
+    DIFFERENT_WEIGHTS,
+    Attempt,
+    collective_device,
+    generator_fingerprint,
+    model_device,
+    process_place,
+    same_weights,
+    weights_fingerprint,
+)
 from .engine.batch import Batch
 from .engine.session import EMPTY
 from .errors import TorchfimError
@@ -67,9 +77,10 @@ class RowShare:
     def together(self, compute: Callable[[], Computed], model: nn.Module) -> Computed:
         """``compute()`` (this process's share), once every process has finished its own, checked (see the module
         docstring)."""
+        weights = weights_fingerprint(model)
         attempt = Attempt(compute)
         digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
-        mine = torch.tensor([attempt.failed, digest, -1.0 if self._labels is None else self._labels],
+        mine = torch.tensor([attempt.failed, digest, -1.0 if self._labels is None else self._labels, weights],
                             dtype=torch.float64, device=collective_device(model_device(model)))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
@@ -81,6 +92,8 @@ class RowShare:
                 "order (not a DistributedSampler's shard, nor a loader shuffled by each process's own seed), or "
                 "across_processes=False for each process's Fisher of its own inputs"
             )
+        if not same_weights([float(t[3]) for t in every]):
+            raise TorchfimError(DIFFERENT_WEIGHTS.format("fisher(across_processes=True)"))
         if self._labels is not None and len({float(t[2]) for t in every}) < self.world:
             raise TorchfimError(
                 "fisher(across_processes=True): two processes' label generators are in the same state, so their "

@@ -267,9 +267,9 @@ class FisherTraceMonitor:
         if self._share is None:
             (trace, variance, plain), measured = self._estimate(), self._window_size
         else:  # the generator lives on the model's device, known before any engine is built
-            device = model_device(self.model)
+            generator = self._label_generator(model_device(self.model))
             trace, variance, plain, measured = self._share.measured(lambda: (*self._estimate(), self._window_size),
-                                                                    self._label_generator(device), device)
+                                                                    generator, self.model)
         record = TraceRecord(
             step=step,
             trace=trace,

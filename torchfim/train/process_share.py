@@ -10,14 +10,16 @@ stratified combination
 
     ``T = Σ_r (N_r/N) T_r``,  ``V = Σ_r (N_r/N)² V_r``,  ``variance_ratio = V / Σ_r (N_r/N)² P_r``,
 
-from one ``all_gather`` of seven numbers per measurement; every process gets the same record, and the first alone
+from one ``all_gather`` of eight numbers per measurement; every process gets the same record, and the first alone
 writes the files. A large measurement costs each process about ``1/W`` of a whole one; a small one keeps its fixed
 costs (the engine's set-up, the collective). Measured, two processes of one thread against one process measuring
 everything, MLP 64-256-256-10, gloo on one CPU: 0.45× at 8192 held inputs, 0.81× at 2048, 1.09× at 512. With ``subset=m``, each process
 measures windows of ``⌈m/W⌉`` of its share. The same ``all_gather`` checks that the processes hold the same
-inputs and that their generators were in different states (refused otherwise, with the fix): a share of other
-inputs, or labels drawn with the same random numbers, would make ``V`` too small. A process that fails anywhere in
-its measurement (building the engine included) raises its error there, and the others say that it failed.
+inputs and the same weights (:func:`torchfim._processes.weights_fingerprint`) and that their generators were in
+different states (refused otherwise, with the fix): a share of other inputs, or labels drawn with the same
+random numbers, would make ``V`` too small, and shares of other models would make a trace of no model. A process
+that fails anywhere in its measurement (building the engine included) raises its error there, and the others say
+that it failed.
 Every process must measure at the same steps, as it takes every optimiser step.
 """
 
@@ -28,8 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .._processes import Attempt, collective_device, generator_fingerprint, process_place
+from .._processes import (
+    DIFFERENT_WEIGHTS,
+    Attempt,
+    collective_device,
+    generator_fingerprint,
+    model_device,
+    process_place,
+    same_weights,
+    weights_fingerprint,
+)
 from ..engine.batch import Batch
 from ..errors import TorchfimError
 from .checkpoint import inputs_checksum
@@ -46,33 +58,36 @@ class ProcessShare:
     checksum: float
 
     def measured(self, measure: Callable[[], tuple[float, float, float, int]], generator: torch.Generator,
-                 device: torch.device) -> tuple[float, float, float, int]:
-        """``(T, V, P, inputs measured)`` of all processes from this one's ``measure()``, which draws its labels from
-        ``generator``; ``device`` is the model's; see the module docstring. The one ``all_gather`` also counts the
-        processes that failed (one that did raises its error, the others say so: none waits for a collective that
-        would never come) and checks the held inputs and the generators' states as they were before the draw."""
-        state = generator_fingerprint(generator)
+                 model: nn.Module) -> tuple[float, float, float, int]:
+        """``(T, V, P, inputs measured)`` of all processes from this one's ``measure()`` of ``model``, which draws its
+        labels from ``generator``; see the module docstring. The one ``all_gather`` also counts the processes that
+        failed (one that did raises its error, the others say so: none waits for a collective that would never
+        come) and checks the held inputs, the weights and the generators' states as they were before the draw."""
+        state, weights = generator_fingerprint(generator), weights_fingerprint(model)
         attempt = Attempt(measure)
         trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0)
         weight = self.share / self.total
         mine = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                             float(attempt.failed), self.checksum, state], dtype=torch.float64,
-                            device=collective_device(device))
+                             float(attempt.failed), self.checksum, state, weights], dtype=torch.float64,
+                            device=collective_device(model_device(model)))
         every = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
         t, v, p, n, failed, *_ = torch.stack(every).sum(0).tolist()
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
-        _check_alike([float(e[5]) for e in every], [float(e[6]) for e in every])
+        _check_alike([float(e[5]) for e in every], [float(e[6]) for e in every], [float(e[7]) for e in every])
         return t, v, p, int(n)
 
 
-def _check_alike(checksums: list[float], states: list[float]) -> None:
-    """Refuse processes that hold other inputs, or whose label generators were in the same state."""
+def _check_alike(checksums: list[float], states: list[float], weights: list[float]) -> None:
+    """Refuse processes that hold other inputs or other weights, or whose label generators were in the same
+    state."""
     if any(not math.isclose(s, checksums[0], rel_tol=1e-9, abs_tol=1e-12) for s in checksums):
         raise TorchfimError(
             "FisherTraceMonitor(across_processes=True) needs the same held inputs on every process (each "
             "measures its share), but they differ; pass every process the whole held set"
         )
+    if not same_weights(weights):
+        raise TorchfimError(DIFFERENT_WEIGHTS.format("FisherTraceMonitor(across_processes=True)"))
     if len(set(states)) < len(states):
         raise TorchfimError(
             "FisherTraceMonitor(across_processes=True): two processes' label generators are in the same state, "
