@@ -81,13 +81,14 @@ def weights_fingerprint(model: torch.nn.Module) -> float:
     ``½‖θ_k‖``, so no cancellation), in float64 on their devices; NaN where it cannot be taken (a lazy module's
     parameter) or is not finite, which no check reads."""
     try:
-        total = 0.0
-        for k, p in enumerate(p for p in model.parameters() if p.requires_grad):
-            t = p.detach()
-            total += (k + 1) * float(torch.linalg.vector_norm(t, dtype=torch.float64)
-                                     + 0.5 * t.sum(dtype=torch.float64) / max(t.numel(), 1) ** 0.5)
+        terms = [(k + 1) * (torch.linalg.vector_norm(t, dtype=torch.float64)
+                            + 0.5 * t.sum(dtype=torch.float64) / max(t.numel(), 1) ** 0.5)
+                 for k, t in enumerate(p.detach() for p in model.parameters() if p.requires_grad)]
     except (RuntimeError, ValueError):  # an uninitialised parameter: the computation will say so
         return math.nan
+    if not terms:
+        return 0.0
+    total = float(torch.stack([t.to(terms[0].device) for t in terms]).sum())  # one wait for the device, not one each
     return total if math.isfinite(total) else math.nan
 
 
