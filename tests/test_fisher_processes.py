@@ -2,14 +2,13 @@
 ``compare_estimators``) in two processes (``torch.distributed``, gloo, CPU).
 
 Oracles: the exact and empirical Fisher, ``fisher_variance``, the bounds and the comparison, of one process
-computing on all the inputs
-(float64, to rounding); for the random estimators, the stratified combination ``Σ_r (n_r/N) F_r``,
-``Σ_r (n_r/N)² V_r`` of each process's own computation on its rows with the same generator (the same labels),
-done by hand. Both processes return the
-same result, also where one process's share is empty. Refused: processes holding other inputs (other rows,
-other targets, a row's entries in another order), label generators in the same state, ``combined``, a mask given
-as one tensor, other weights (one moved by 1e-3), and no process group; a process that fails alone (a NaN in one of its rows) makes the other stop
-with its name instead of waiting for a collective.
+computing on all the inputs (float64, to rounding); for the random estimators, the stratified combination
+``Σ_r (n_r/N) F_r``, ``Σ_r (n_r/N)² V_r`` of each process's own computation on its rows with the same generator
+(the same labels), done by hand. Both processes return the same result, also where one process's share is empty.
+Refused: processes holding other inputs (other rows, other targets, a row's entries in another order), label
+generators in the same state, ``combined``, a mask given as one tensor, other weights (one moved by 1e-3), a
+model that is no module (before, an ``AttributeError``), and no process group; a process that fails alone (a NaN
+in one of its rows) makes the other stop with its name instead of waiting for a collective.
 """
 
 from __future__ import annotations
@@ -89,6 +88,7 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
                                                  structure="trace", across_processes=True),
         "a row in another order": lambda: torchfim.fisher(model, flipped, structure="trace", across_processes=True),
         "other weights": lambda: torchfim.fisher(_nudged(rank), X, structure="trace", across_processes=True),
+        "not a module": lambda: torchfim.fisher_variance(torch.tanh, X, structure="trace", across_processes=True),
         "same generator": lambda: torchfim.fisher(model, X, estimator="score", structure="trace",
                                                   generator=torch.Generator().manual_seed(1), across_processes=True),
         "combined": lambda: torchfim.fisher(model, X, estimator="combined", structure="trace", across_processes=True),
@@ -201,6 +201,7 @@ def test_refusals_name_the_fix(ranks) -> None:
             assert "needs the same inputs in the same order on every process" in said[case], case
         assert "label generators are in the same state" in said["same generator"]
         assert "the processes' trainable weights differ; wrap the model in DistributedDataParallel" in said["other weights"]
+        assert "model must be a torch.nn.Module, got builtin_function_or_method" in said["not a module"]
         assert "not available for estimator='combined'" in said["combined"]
         assert "not one tensor for the whole data set" in said["tensor mask"]
     with pytest.raises(TorchfimError, match="no process group is initialised"):

@@ -64,7 +64,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first trainable parameter, as the engine's (else of its first parameter; the CPU
     without one): known before any engine is built, so a process whose engine fails still joins the collectives
     on the device the others use."""
-    params = list(model.parameters())
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []  # else: refused by the computation
     first = next((p for p in params if p.requires_grad), params[0] if params else None)
     return torch.device("cpu") if first is None else first.device
 
@@ -80,6 +80,8 @@ def weights_fingerprint(model: torch.nn.Module) -> float:
     ``Σ_k (k + 1)(‖θ_k‖ + ½ Σθ_k / √n_k)`` over the trainable parameter tensors in order (each term at least
     ``½‖θ_k‖``, so no cancellation), in float64 on their devices; NaN where it cannot be taken (a lazy module's
     parameter) or is not finite, which no check reads."""
+    if not isinstance(model, torch.nn.Module):  # the computation refuses it, with the fix
+        return math.nan
     try:
         terms = [(k + 1) * (torch.linalg.vector_norm(t, dtype=torch.float64)
                             + 0.5 * t.sum(dtype=torch.float64) / max(t.numel(), 1) ** 0.5)
