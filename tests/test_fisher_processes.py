@@ -6,9 +6,10 @@ computing on all the inputs (float64, to rounding); for the random estimators, t
 ``Σ_r (n_r/N) F_r``, ``Σ_r (n_r/N)² V_r`` of each process's own computation on its rows with the same generator
 (the same labels), done by hand. Both processes return the same result, also where one process's share is empty.
 Refused: processes holding other inputs (other rows, other targets, a row's entries in another order), label
-generators in the same state, ``combined``, a mask given as one tensor, other weights (one moved by 1e-3), a
-model that is no module (before, an ``AttributeError``), and no process group; a process that fails alone (a NaN
-in one of its rows) makes the other stop with its name instead of waiting for a collective.
+generators in the same state, ``combined``, a mask given as one tensor, other weights (one moved by 1e-3,
+trainable or frozen), a model that is no module (before, an ``AttributeError``), and no process group; a process
+that fails alone (a NaN in one of its rows, weights on the meta device) makes the other stop with its name
+instead of waiting for a collective.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def _table(comparison: torchfim.EstimatorComparison) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def _nudged(rank: int) -> nn.Module:
-    """The model, one weight moved by 1e-3 in process 1 (a model not wrapped in DDP, trained apart)."""
+def _nudged(rank: int, frozen: bool = False) -> nn.Module:
+    """The model, one weight moved by 1e-3 in process 1 (a model not wrapped in DDP, trained apart); ``frozen``:
+    in a frozen first layer (a base model loaded otherwise under the same head)."""
     model = _model()
+    model[0].requires_grad_(not frozen)
     if rank:
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] += 1e-3
@@ -88,6 +91,10 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
                                                  structure="trace", across_processes=True),
         "a row in another order": lambda: torchfim.fisher(model, flipped, structure="trace", across_processes=True),
         "other weights": lambda: torchfim.fisher(_nudged(rank), X, structure="trace", across_processes=True),
+        "other frozen weights": lambda: torchfim.fisher(_nudged(rank, frozen=True), X, structure="trace",
+                                                        across_processes=True),
+        "meta weights in one": lambda: torchfim.fisher(_model().to("meta") if rank else _model(), X,
+                                                       structure="trace", across_processes=True),
         "not a module": lambda: torchfim.fisher_variance(torch.tanh, X, structure="trace", across_processes=True),
         "same generator": lambda: torchfim.fisher(model, X, estimator="score", structure="trace",
                                                   generator=torch.Generator().manual_seed(1), across_processes=True),
@@ -195,12 +202,15 @@ def test_refusals_name_the_fix(ranks) -> None:
     assert all(rank["refusals"]["let go"] for rank in ranks)
     assert "inputs contain NaN" in ranks[1]["refusals"]["one fails"]
     assert "1 other process(es) failed" in ranks[0]["refusals"]["one fails"]
+    assert "meta" in ranks[1]["refusals"]["meta weights in one"]  # the engine's refusal, not the fingerprint's error
+    assert "1 other process(es) failed" in ranks[0]["refusals"]["meta weights in one"]
     for rank in ranks:
         said = rank["refusals"]
         for case in ("other inputs", "other targets", "a row in another order"):
             assert "needs the same inputs in the same order on every process" in said[case], case
         assert "label generators are in the same state" in said["same generator"]
-        assert "the processes' trainable weights differ; wrap the model in DistributedDataParallel" in said["other weights"]
+        for case in ("other weights", "other frozen weights"):
+            assert "the processes' weights differ; wrap the model in DistributedDataParallel" in said[case], case
         assert "model must be a torch.nn.Module, got builtin_function_or_method" in said["not a module"]
         assert "not available for estimator='combined'" in said["combined"]
         assert "not one tensor for the whole data set" in said["tensor mask"]

@@ -75,10 +75,11 @@ def _shared_measurements(model: nn.Module, root: str) -> dict:
 
 
 def _refusals(model: nn.Module) -> list[str]:
-    """The errors of monitors whose processes hold other inputs or other weights, or seed their generators alike, and of shared
-    measurements that fail in process 1 alone: a NaN weight there (before, process 0 waited for it in a collective
-    until gloo's timeout), or every weight frozen there after the monitor was made, which stops it while the
-    engine is built, before the first measurement's checks (before, process 0 waited in their collective)."""
+    """The errors of monitors whose processes hold other inputs or other weights, or seed their generators alike,
+    and of shared measurements that fail in process 1 alone: a NaN weight there (before, process 0 waited for it
+    in a collective until gloo's timeout), or every weight frozen there after the monitor was made, which stops it
+    while the engine is built, before the first measurement's checks (before, process 0 waited in their
+    collective)."""
     said = []
     rank = torch.distributed.get_rank()
     broken = copy.deepcopy(model.module)  # the module inside DDP: a copy of DDP itself would hold a second reducer
@@ -184,7 +185,7 @@ def test_a_shared_measurement_is_the_combination_of_the_processes_shares(ran: Pa
 def test_shared_measurements_refuse_other_inputs_weights_or_alike_generators_and_stop_together(ran: Path) -> None:
     for rank in range(WORLD):
         other, alike, failed, moved, unbuilt = torch.load(ran / f"records.{rank}")["refusals"]
-        assert "the processes' trainable weights differ" in moved
+        assert "the processes' weights differ" in moved
         assert "needs the same held inputs on every process" in other
         assert "label generators are in the same state" in alike
         assert ("non-finite" if rank else "1 other process(es) failed") in failed

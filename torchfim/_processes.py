@@ -16,14 +16,14 @@ from .errors import TorchfimError
 
 Result = TypeVar("Result")
 
-__all__ = ["DIFFERENT_WEIGHTS", "Attempt", "collective_device", "generator_fingerprint", "model_device", "process_group", "process_place",
-           "same_weights", "weights_fingerprint"]
+__all__ = ["DIFFERENT_WEIGHTS", "Attempt", "collective_device", "generator_fingerprint", "model_device",
+           "process_group", "process_place", "same_weights", "weights_fingerprint"]
 
 
 #: Why processes that hold other weights are refused (``{}``: the call).
 DIFFERENT_WEIGHTS = (
     "{} needs the same model on every process (each computes on its share of the inputs), but the processes' "
-    "trainable weights differ; wrap the model in DistributedDataParallel (which gives every process the first "
+    "weights differ; wrap the model in DistributedDataParallel (which gives every process the first "
     "one's weights and keeps them equal), or load the same weights on every process"
 )
 
@@ -76,22 +76,28 @@ def generator_fingerprint(generator: torch.Generator) -> float:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> float:
-    """A number that tells the trainable weights of two processes' models apart:
-    ``Σ_k (k + 1)(‖θ_k‖ + ½ Σθ_k / √n_k)`` over the trainable parameter tensors in order (each term at least
-    ``½‖θ_k‖``, so no cancellation), in float64 on their devices; NaN where it cannot be taken (a lazy module's
-    parameter) or is not finite, which no check reads."""
-    if not isinstance(model, torch.nn.Module):  # the computation refuses it, with the fix
-        return math.nan
+    """A number that tells the weights of two processes' models apart, frozen ones included (a base model loaded
+    otherwise under the same adapter): ``Σ_k (k + 1)(‖θ_k‖ + ½ Σθ_k / √n_k)`` over the parameter tensors in
+    order (each term at least ``½‖θ_k‖``, so no cancellation), in float64 on their devices, in pieces of at most
+    2²² numbers (no float64 copy of a whole embedding); NaN where it cannot be taken (a lazy or meta parameter, a
+    model that is no module: the computation says why) or is not finite, which no check reads. It tells apart
+    models from other seeds or trained apart; one weight moved a little in a large model may go unseen."""
     try:
-        terms = [(k + 1) * (torch.linalg.vector_norm(t, dtype=torch.float64)
-                            + 0.5 * t.sum(dtype=torch.float64) / max(t.numel(), 1) ** 0.5)
-                 for k, t in enumerate(p.detach() for p in model.parameters() if p.requires_grad)]
-    except (RuntimeError, ValueError):  # an uninitialised parameter: the computation will say so
+        terms = [(k + 1) * _norm_and_sum(p.detach()) for k, p in enumerate(model.parameters())]
+        if not terms:
+            return 0.0
+        total = float(torch.stack([t.to(terms[0].device) for t in terms]).sum())  # one wait for the device
+    except Exception:  # noqa: BLE001 (before the collective: raising here would leave the other processes waiting)
         return math.nan
-    if not terms:
-        return 0.0
-    total = float(torch.stack([t.to(terms[0].device) for t in terms]).sum())  # one wait for the device, not one each
     return total if math.isfinite(total) else math.nan
+
+
+def _norm_and_sum(t: Tensor) -> Tensor:
+    """``‖t‖ + ½ Σt / √n`` in float64, on ``t``'s device."""
+    pieces = t.reshape(-1).split(1 << 22)
+    squares = torch.stack([torch.linalg.vector_norm(c, dtype=torch.float64) ** 2 for c in pieces]).sum()
+    total = torch.stack([c.sum(dtype=torch.float64) for c in pieces]).sum()
+    return squares.sqrt() + 0.5 * total / max(t.numel(), 1) ** 0.5
 
 
 def same_weights(fingerprints: list[float]) -> bool:

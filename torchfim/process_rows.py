@@ -16,10 +16,11 @@ Each process computes its share alone, with no collective until it is done; then
 every process succeeded (a process that failed raises its error, the others name it: none waits for a
 collective that would never come), checks that the processes held the same inputs (a digest of the bytes of every
 mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and the same
-trainable weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not
-wrapped in ``DistributedDataParallel``, would be refused) and, for the random estimators, that their label
-generators started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a generator, each process draws from a private one seeded from
-torch's global generator (one draw, the same on every process) plus its rank.
+weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not wrapped in
+``DistributedDataParallel``, would be refused) and, for the random estimators, that their label generators
+started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a
+generator, each process draws from a private one seeded from torch's global generator (one draw, the same on
+every process) plus its rank.
 """
 
 from __future__ import annotations
