@@ -131,3 +131,32 @@ def test_the_trace_penalty_draws_and_differentiates_as_without_the_fast_path(gra
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
     assert got == pytest.approx(want, rel=1e-12)
+
+
+class _Kept(_Encoder):
+    """The encoder taking the observed positions (``keep``, 1 where observed), as a report's ``--mask`` names them."""
+
+    def forward(self, ids: Tensor, keep: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(ids, keep == 0)
+
+
+def test_the_report_of_an_eval_mode_encoder_with_a_padding_mask_is_the_oracles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: refused by the engine's independence check; the report's own first forward also took the fast path
+    (with torch's warning that nested tensors are a prototype): no forward of the report packs the batch now."""
+    from torchfim import report as report_mod
+
+    packed = []
+    pack = torch._nested_tensor_from_mask
+    monkeypatch.setattr(torch, "_nested_tensor_from_mask", lambda *a, **k: packed.append(1) or pack(*a, **k))
+    model, batch = _model_and_batch()
+    kept = _Kept().double().eval()
+    kept.load_state_dict(model.state_dict())
+    data = {"ids": batch["ids"], "keep": (~batch["pad"]).long()}
+    got = report_mod.compute_report(kept, report_mod.as_data(data, "test"), mask="keep", variance_inputs=2,
+                                    max_block=0, progress=False)
+    assert not packed
+    want = float(_oracle(model, batch, ~batch["pad"]).sum())
+    assert got["trace"]["exact"] == pytest.approx(want, rel=1e-10)
+    with torch.no_grad():
+        kept(**data)
+    assert packed  # the spy sees torch's own fast path

@@ -126,6 +126,7 @@ def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     """The model's outputs on the first (up to) 8 inputs, checked to be finite; a dict of
     inputs is passed as keyword arguments, and an output's ``.logits`` (or ``(batch,)`` as ``(batch, 1)``)
     read as :func:`torchfim.fisher` reads it."""
+    from ..engine.function_forwards import attention_fast_path_off
     from ..engine.view import as_columns, read_logits
 
     first = next(p for p in model.parameters() if p.requires_grad)
@@ -137,7 +138,7 @@ def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
 
     x = data.rows(slice(0, min(8, data.n)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention_fast_path_off():  # the forward torchfim differentiates (no nested tensors)
             o = as_columns(read_logits(model(**{k: moved(v) for k, v in x.items()}) if isinstance(x, dict)
                                        else model(moved(x))))
     except Exception as exc:
