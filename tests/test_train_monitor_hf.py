@@ -17,7 +17,7 @@ import torchfim
 from torchfim import TorchfimError
 from torchfim.engine import Batch
 from torchfim.train import FisherTraceMonitor
-from torchfim.train.held import hold, pooled
+from torchfim.train.held import hold, pooled, pooled_by_signature, window_batches
 
 clients.need("transformers")
 
@@ -61,6 +61,50 @@ def test_subset_windows_of_dict_inputs_measure_the_rows_they_draw() -> None:
     assert rec.n_inputs == 3 and abs(rec.trace - float(want)) <= 1e-10 * float(want)
 
 
+def _trimmed(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """The mini-batch padded to ``length`` positions only, as a collator pads each mini-batch to its longest."""
+    return {k: v[:, :length] for k, v in batch.items()}
+
+
+def test_subset_windows_of_mini_batches_padded_to_other_lengths_measure_the_rows_they_draw() -> None:
+    """Held mini-batches of 5, 3 and 5 positions (before: refused, "one input shape"): the pool joins those of one
+    length, in the order the lengths first come (rows 0-3 and 4-7: the two of 5 positions; 8-11: the one of 3), and
+    a window is measured as one sub-batch per length, in that order, as :func:`torchfim.fisher` measures them."""
+    model = tiny_gpt2()
+    held = [_trimmed(padded_batch([5, 3, 4, 2], seed=1), 5), _trimmed(padded_batch([2, 3, 1, 3], seed=2), 3),
+            _trimmed(padded_batch([4, 5, 1, 2], seed=3), 5)]
+    pool = [concat([held[0], held[2]]), held[1]]
+    for seed in (4, 5):
+        rec = FisherTraceMonitor(model, held, subset=5, output=_logits, mask="attention_mask",
+                                 generator=torch.Generator().manual_seed(seed)).measure(0)
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(12, generator=gen)[:5]  # the monitor's generator drew the permutation first
+        total = 0.0
+        for (start, stop), group in zip(((0, 8), (8, 12)), pool):
+            mine = rows[(rows >= start) & (rows < stop)] - start
+            if len(mine):
+                window = {k: v[mine] for k, v in group.items()}
+                total += len(mine) * float(torchfim.fisher(model, window, estimator="score", structure="trace",
+                                                           output=_logits, mask="attention_mask", generator=gen))
+        assert rec.n_inputs == 5 and abs(rec.trace - total / 5) <= 1e-10 * rec.trace
+
+
+def test_a_windows_sub_batches_come_back_in_the_windows_order() -> None:
+    """Rows numbered through the pool, split by signature, and the order that puts them back."""
+    sizes, lengths = (3, 4, 2, 5), (2, 3, 2, 4)
+    held, start = [], 0
+    for size, length in zip(sizes, lengths):
+        held.append({"input_ids": torch.arange(start, start + size).unsqueeze(1).repeat(1, length)})
+        start += size
+    pool = pooled_by_signature(hold(held))
+    assert [b.size for b in pool] == [5, 4, 5]  # lengths 2 (3 + 2 rows), 3, 4
+    numbered = torch.cat([b.kwargs["input_ids"][:, 0] for b in pool])  # the pool's row r holds its global id
+    for rows in (torch.tensor([13, 0, 6, 4, 9, 2]), torch.tensor([7]), torch.randperm(14)):
+        parts, order = window_batches(pool, rows)
+        got = torch.cat([b.kwargs["input_ids"][:, 0] for b in parts])
+        assert torch.equal(got if order is None else got[order], numbered[rows])
+
+
 def test_pooled_dict_batches_concatenate_per_sample_tensors_and_keep_shared_values() -> None:
     shared = torch.arange(5).unsqueeze(0)  # (1, T): one row for every sample, as position ids often are
     a = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "position_ids": shared, "use_cache": False}
@@ -71,7 +115,7 @@ def test_pooled_dict_batches_concatenate_per_sample_tensors_and_keep_shared_valu
     assert torch.equal(pool.kwargs["position_ids"], shared)
     window = pool.rows(torch.tensor([4, 0]))
     assert torch.equal(window.kwargs["input_ids"][:, 0], torch.tensor([1, 0])) and window.size == 2
-    with pytest.raises(TorchfimError, match="subset= needs held mini-batches of one input shape and the same keys"):
+    with pytest.raises(TorchfimError, match="subset= joins the held mini-batches of one input signature"):
         pooled(hold([a, {**b, "position_ids": shared + 1}]))
 
 

@@ -123,7 +123,8 @@ def test_subset_edge_cases_and_errors() -> None:
     for bad in (0, -1, 2.5, True):
         with pytest.raises(torchfim.TorchfimError, match="subset"):
             FisherTraceMonitor(model, x, subset=bad)
-    with pytest.raises(torchfim.TorchfimError, match="subset"):
-        FisherTraceMonitor(model, [x, torch.randn(4, 5, dtype=torch.float64)], subset=4)
+    one = torch.ones(1, dtype=torch.float64)  # an input that is not per sample, other in each mini-batch: no pool
+    with pytest.raises(torchfim.TorchfimError, match="subset= joins the held mini-batches of one input signature"):
+        FisherTraceMonitor(model, [{"x": x[:5], "scale": one}, {"x": x[5:], "scale": 2 * one}], subset=4)
     with pytest.raises(torchfim.TorchfimError, match="NaN"):
         FisherTraceMonitor(model, torch.full((4, 3), float("nan"), dtype=torch.float64))

@@ -1,5 +1,10 @@
 """The monitor's held inputs: its mini-batches as the engine's batches, pooled for subset windows.
 
+Pooled by input signature: the mini-batches whose inputs have the same keys and the same shapes past the batch
+dimension are joined into one batch each; those of other shapes (a language model's mini-batches padded to other
+lengths) stay in batches of their own. A window's rows are numbered through the pool's batches in order, and a
+window is measured as one sub-batch per pooled batch that holds some of its rows.
+
 A held mini-batch is a tensor whose first dimension is the batch, or a dict of keyword inputs
 (Hugging Face style: ``{"input_ids": ..., "attention_mask": ...}``); target keys are dropped. The
 tensors are kept as they came (detached) and moved to the model's device and float dtype at each
@@ -17,7 +22,7 @@ from .._batches import Inputs, iter_batches
 from ..engine.batch import Batch, detached, make_batch
 from ..errors import TorchfimError, all_finite
 
-__all__ = ["hold", "pooled"]
+__all__ = ["hold", "pooled", "pooled_by_signature", "window_batches"]
 
 
 def hold(inputs: Inputs) -> list[Batch]:
@@ -50,10 +55,43 @@ def pooled(held: list[Batch]) -> Batch:
         kwargs = {k: _joined([b.kwargs[k] for b in held], held) for k in first.kwargs}
     except (RuntimeError, KeyError, IndexError, ValueError) as exc:
         raise TorchfimError(
-            f"subset= needs held mini-batches of one input shape and the same keys, to draw windows across "
-            f"them ({exc})"
+            f"subset= joins the held mini-batches of one input signature, whose inputs that are not per sample "
+            f"must then be the same ({exc})"
         ) from None
     return Batch(args, kwargs, sum(b.size for b in held))
+
+
+def pooled_by_signature(held: list[Batch]) -> list[Batch]:
+    """The held mini-batches pooled for subset windows: one batch per input signature (keys, and each per-sample
+    tensor's shape past the batch dimension and dtype), in the order the signatures first come."""
+    groups: dict[tuple, list[Batch]] = {}
+    for batch in held:
+        groups.setdefault(_signature(batch), []).append(batch)
+    return [pooled(group) for group in groups.values()]
+
+
+def window_batches(pool: list[Batch], rows: Tensor) -> tuple[list[Batch], Tensor | None]:
+    """The sub-batches of the pool's rows ``rows`` (numbered through ``pool`` in order), one per pooled batch that
+    holds some, and the order that puts their per-input results back in the order of ``rows`` (None: that order)."""
+    if len(pool) == 1:
+        return [pool[0].rows(rows)], None
+    parts, taken, start = [], [], 0
+    for batch in pool:
+        mine = ((rows >= start) & (rows < start + batch.size)).nonzero().reshape(-1)
+        if len(mine):
+            parts.append(batch.rows(rows[mine] - start))
+            taken.append(mine)
+        start += batch.size
+    return parts, torch.argsort(torch.cat(taken))
+
+
+def _signature(batch: Batch) -> tuple:
+    def of(value: object) -> object:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch.size:
+            return tuple(value.shape[1:]), value.dtype
+        return type(value).__name__  # not per sample: pooled() checks it is the same in the group
+
+    return len(batch.args), tuple(of(a) for a in batch.args), tuple((k, of(v)) for k, v in batch.kwargs.items())
 
 
 def _joined(values: list[object], held: list[Batch]) -> object:

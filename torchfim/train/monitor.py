@@ -38,7 +38,8 @@ Two options make it cheaper or steadier (formulas in :mod:`torchfim.train.trace_
 Sampling order (what a generator seeded identically reproduces): without options, each held
 mini-batch's labels come from one call ``family.sample(o, k, generator)`` on its outputs, batch
 after batch. With ``subset``, the first measurement first draws ``torch.randperm(N, generator=g)``
-over the held inputs (pooled in order; with ``control_variate`` two permutations, one per chain),
+over the held inputs (pooled in order, those of one input signature together: :mod:`.held`; with
+``control_variate`` two permutations, one per chain),
 and each window is one mini-batch: with ``control_variate`` the first chain's ``⌈m/2⌉`` inputs
 followed by the second's ``⌊m/2⌋`` (without a subset the chains are the even and odd held
 inputs). With ``control_variate`` the generator's state is saved before each fresh draw, and the
@@ -76,7 +77,7 @@ from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
-from .held import hold, pooled
+from .held import hold, pooled_by_signature, window_batches
 from .process_share import shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
 from .step_order import StepOrder
@@ -371,7 +372,7 @@ class FisherTraceMonitor:
         self._population = None if subset is None else n  # None: the held inputs as an i.i.d. sample
         self._windows: list[Windows] = []
         if subset is not None:
-            self.inputs = [pooled(self.inputs)]  # one pool to draw windows from
+            self.inputs = pooled_by_signature(self.inputs)  # the pool to draw windows from
             half = (self._window_size + 1) // 2
             sizes = [half, self._window_size - half] if self.control_variate else [self._window_size]
             self._windows = [Windows(n, size) for size in sizes]
@@ -404,8 +405,8 @@ class FisherTraceMonitor:
         picks = [w.next(generator) for w in self._windows]
         return picks[0] if len(picks) == 1 else torch.cat(picks)
 
-    def _batches(self, rows: Tensor | None) -> list[Batch]:
-        return self.inputs if rows is None else [self.inputs[0].rows(rows)]
+    def _batches(self, rows: Tensor | None) -> tuple[list[Batch], Tensor | None]:
+        return (self.inputs, None) if rows is None else window_batches(self.inputs, rows)
 
     def _estimate_eval(self) -> tuple[float, float, float]:
         """``(trace, variance, variance of the fresh labels alone)``."""
@@ -459,7 +460,7 @@ class FisherTraceMonitor:
         return self._path_cache
 
     def _squared_norms(
-        self, path: tuple[ModelView, Backend], inputs: list[Batch], generator: torch.Generator
+        self, path: tuple[ModelView, Backend], picked: tuple[list[Batch], Tensor | None], generator: torch.Generator
     ) -> Tensor:
         """``‖∇_θ log p(y_ij|xᵢ)‖²`` (n, k) in float64, one ``family.sample`` call per mini-batch, in order.
 
@@ -469,7 +470,7 @@ class FisherTraceMonitor:
         when held).
         """
         view, backend = path
-        norms = []
+        (inputs, order), norms = picked, []
         with engine_session():
             for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
                 batch = held.to(view.device, view.dtype)
@@ -479,7 +480,8 @@ class FisherTraceMonitor:
                 self._checked = view.check_independent(batch, rec.values, self._checked)
                 u = fam.sample_scores(rec.values, self.n_samples, generator)  # (B, k, C)
                 norms.append(backend.sample_squares(rec, u, last=True))  # (B, k): ‖Jᵢᵀ u_ij‖²; rec is spent
-        return (norms[0] if len(norms) == 1 else torch.cat(norms)).double()
+        norms = norms[0] if len(norms) == 1 else torch.cat(norms)
+        return (norms if order is None else norms[order.to(norms.device)]).double()  # in the window's order
 
 
 def _check_output_and_mask(output: object, mask: object) -> tuple[object, object]:
