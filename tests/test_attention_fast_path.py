@@ -22,8 +22,6 @@ from torch.func import functional_call, jacrev
 
 import torchfim
 from torchfim.engine.function_forwards import attention_fast_path_off
-
-pytest.importorskip("torch.backends.mha", reason="torch < 2.3 has no switch for the attention fast path")
 from torchfim.train import FisherPenalty, FisherTraceMonitor
 
 

@@ -115,7 +115,7 @@ def test_pooled_dict_batches_concatenate_per_sample_tensors_and_keep_shared_valu
     assert torch.equal(pool.kwargs["position_ids"], shared)
     window = pool.rows(torch.tensor([4, 0]))
     assert torch.equal(window.kwargs["input_ids"][:, 0], torch.tensor([1, 0])) and window.size == 2
-    with pytest.raises(TorchfimError, match="subset= joins the held mini-batches of one input signature"):
+    with pytest.raises(TorchfimError, match="subset= could not join the held mini-batches into one pool"):
         pooled(hold([a, {**b, "position_ids": shared + 1}]))
 
 

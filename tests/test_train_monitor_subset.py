@@ -8,16 +8,19 @@ measurement j draws the labels of window ``perm[j·m … j·m + m − 1 (mod N)]
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from conftest import mlp_inputs, tanh_mlp
 from test_train_monitor import score_sq_norms
+from torch import nn
 
 import torchfim
 from torchfim.families import get_family
 from torchfim.train import FisherTraceMonitor
+from torchfim.train.held import hold, pooled_by_signature
 
 
 def fpc_variance(s: torch.Tensor, population: int) -> float:
@@ -123,8 +126,57 @@ def test_subset_edge_cases_and_errors() -> None:
     for bad in (0, -1, 2.5, True):
         with pytest.raises(torchfim.TorchfimError, match="subset"):
             FisherTraceMonitor(model, x, subset=bad)
-    one = torch.ones(1, dtype=torch.float64)  # an input that is not per sample, other in each mini-batch: no pool
-    with pytest.raises(torchfim.TorchfimError, match="subset= joins the held mini-batches of one input signature"):
-        FisherTraceMonitor(model, [{"x": x[:5], "scale": one}, {"x": x[5:], "scale": 2 * one}], subset=4)
     with pytest.raises(torchfim.TorchfimError, match="NaN"):
         FisherTraceMonitor(model, torch.full((4, 3), float("nan"), dtype=torch.float64))
+
+
+class _Pooling(nn.Module):
+    """Takes inputs of any length (the mean and spread of each row): held mini-batches of other lengths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.stack([x.mean(1), x.std(1)], 1))
+
+
+def _ragged() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(70)
+    return [torch.randn(n, length, dtype=torch.float64, generator=g) for n, length in ((5, 3), (4, 6), (3, 3), (6, 9),
+                                                                                       (2, 6))]
+
+
+def test_mini_batches_that_do_not_join_are_pooled_by_group_and_joined_ones_as_before() -> None:
+    held = hold(_ragged())
+    assert [b.size for b in pooled_by_signature(held)] == [8, 6, 6]  # lengths 3 (5 + 3), 6 (4 + 2), 9
+    ints = [{"ids": torch.zeros(2, 3, dtype=torch.int32)}, {"ids": torch.ones(3, 3, dtype=torch.int64)}]
+    assert [b.size for b in pooled_by_signature(hold(ints))] == [5]  # joined as one pool joined them before
+    flags = [{"x": torch.zeros(2, 3), "flag": flag} for flag in (True, True, False)]
+    assert [b.size for b in pooled_by_signature(hold(flags))] == [4, 2]  # values not per sample: equal ones join
+
+
+def test_a_resumed_control_variate_run_over_groups_is_the_uninterrupted_one() -> None:
+    """Windows over three groups of lengths, the control variate's replays included, the weights moving: a run
+    saved and restored mid-way (a fresh monitor, another generator) records exactly what the whole run records."""
+    torch.manual_seed(0)
+    base = _Pooling().double()
+
+    def run(resume_at: int | None = None) -> list[float]:
+        model = copy.deepcopy(base)
+        options = {"subset": 8, "control_variate": True, "n_samples": 2}
+        monitor = FisherTraceMonitor(model, _ragged(), generator=torch.Generator().manual_seed(3), **options)
+        traces = []
+        for step in range(8):
+            if step == resume_at:
+                state = copy.deepcopy(monitor.state_dict())
+                monitor = FisherTraceMonitor(model, _ragged(), generator=torch.Generator(), **options)
+                monitor.load_state_dict(state)
+            traces.append(monitor.measure(step).trace)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01)
+        return traces
+
+    whole = run()
+    assert run(resume_at=4) == whole and len(set(whole)) == len(whole)

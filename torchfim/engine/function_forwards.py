@@ -25,8 +25,7 @@ is made the same for every pass.
   then saw other outputs than the forward that was differentiated, and a transformer encoder with a padding
   mask, in eval mode, was refused as mixing samples. Here ``torch.backends.mha.get_fastpath_enabled()`` answers
   False, so every forward takes the path with autograd. :func:`attention_fast_path_off` does this alone, for
-  the penalty's forwards, which are the training step's otherwise. (torch 2.3 brought that switch; before it,
-  torch's layers take the fast path where their inputs allow, and the engine cannot turn it off.)
+  the penalty's forwards, which are the training step's otherwise.
 
 Within :func:`function_forwards` all three hold for the forwards this thread runs; regions and hooks that torchfim
 itself enters around a forward are outside the block, and other threads keep torch's own behaviour.
@@ -40,14 +39,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.backends.mha
 from torch.utils.hooks import RemovableHandle
 
 from .plain_forwards import ThreadMode
-
-try:
-    from torch.backends import mha as _MHA
-except ImportError:  # torch < 2.3 has no switch: its attention layers take the fast path where their inputs allow
-    _MHA = None
 
 __all__ = ["attention_fast_path_off", "function_forwards"]
 
@@ -112,14 +107,14 @@ def _fastpath_enabled() -> bool:
     if not torch.jit.is_scripting():
         if _FUNCTION.active() or getattr(_FAST_PATH_OFF, "depth", 0):
             return False
-        return _FUNCTION.torchs(_MHA, "get_fastpath_enabled")()
+        return _FUNCTION.torchs(torch.backends.mha, "get_fastpath_enabled")()
     return True
 
 
 _FUNCTION = ThreadMode([*((owner, name, make(owner)) for owner in _REGIONS
                           for name, make in (("__enter__", _entering), ("__exit__", _leaving))),
                         (torch.Tensor, "register_hook", _register_hook),
-                        *([(_MHA, "get_fastpath_enabled", _fastpath_enabled)] if _MHA is not None else [])])
+                        (torch.backends.mha, "get_fastpath_enabled", _fastpath_enabled)])
 
 
 @contextmanager

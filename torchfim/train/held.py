@@ -1,9 +1,11 @@
 """The monitor's held inputs: its mini-batches as the engine's batches, pooled for subset windows.
 
-Pooled by input signature: the mini-batches whose inputs have the same keys and the same shapes past the batch
-dimension are joined into one batch each; those of other shapes (a language model's mini-batches padded to other
-lengths) stay in batches of their own. A window's rows are numbered through the pool's batches in order, and a
-window is measured as one sub-batch per pooled batch that holds some of its rows.
+All held mini-batches are pooled into one batch where they join (per-sample tensors of one shape past the batch
+dimension, the same other values); where they do not (a language model's mini-batches padded to other lengths),
+into one batch per group that does, each mini-batch joining the first group it fits. A window's rows are numbered
+through the pool's batches in order, and a window is measured as one sub-batch per pooled batch that holds some
+of its rows (so it costs one forward and backward per such batch: bucket held sequences to a few lengths, or pad
+them to one with a mask, where there are many).
 
 A held mini-batch is a tensor whose first dimension is the batch, or a dict of keyword inputs
 (Hugging Face style: ``{"input_ids": ..., "attention_mask": ...}``); target keys are dropped. The
@@ -55,19 +57,26 @@ def pooled(held: list[Batch]) -> Batch:
         kwargs = {k: _joined([b.kwargs[k] for b in held], held) for k in first.kwargs}
     except (RuntimeError, KeyError, IndexError, ValueError) as exc:
         raise TorchfimError(
-            f"subset= joins the held mini-batches of one input signature, whose inputs that are not per sample "
-            f"must then be the same ({exc})"
+            f"subset= could not join the held mini-batches into one pool to draw windows from ({exc})"
         ) from None
     return Batch(args, kwargs, sum(b.size for b in held))
 
 
 def pooled_by_signature(held: list[Batch]) -> list[Batch]:
-    """The held mini-batches pooled for subset windows: one batch per input signature (keys, and each per-sample
-    tensor's shape past the batch dimension and dtype), in the order the signatures first come."""
-    groups: dict[tuple, list[Batch]] = {}
-    for batch in held:
-        groups.setdefault(_signature(batch), []).append(batch)
-    return [pooled(group) for group in groups.values()]
+    """The held mini-batches pooled for subset windows: all in one batch where :func:`pooled` joins them; else one
+    batch per group of mini-batches that join (the same keys, per-sample tensors of the same shape past the batch
+    dimension, the same values that are not per sample), each joining the first group it fits, in held order."""
+    try:
+        return [pooled(held)]
+    except TorchfimError:
+        groups: list[list[Batch]] = []
+        for batch in held:
+            group = next((g for g in groups if _join(g[0], batch)), None)
+            if group is None:
+                groups.append([batch])
+            else:
+                group.append(batch)
+        return [pooled(group) for group in groups]
 
 
 def window_batches(pool: list[Batch], rows: Tensor) -> tuple[list[Batch], Tensor | None]:
@@ -85,13 +94,20 @@ def window_batches(pool: list[Batch], rows: Tensor) -> tuple[list[Batch], Tensor
     return parts, torch.argsort(torch.cat(taken))
 
 
-def _signature(batch: Batch) -> tuple:
-    def of(value: object) -> object:
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch.size:
-            return tuple(value.shape[1:]), value.dtype
-        return type(value).__name__  # not per sample: pooled() checks it is the same in the group
+def _join(first: Batch, batch: Batch) -> bool:
+    """Whether ``batch`` joins the group of ``first`` (see :func:`pooled_by_signature`)."""
+    if len(first.args) != len(batch.args) or list(first.kwargs) != list(batch.kwargs):
+        return False
+    pairs = [*zip(first.args, batch.args), *((v, batch.kwargs[k]) for k, v in first.kwargs.items())]
+    return all(_joinable(a, first.size, b, batch.size) for a, b in pairs)
 
-    return len(batch.args), tuple(of(a) for a in batch.args), tuple((k, of(v)) for k, v in batch.kwargs.items())
+
+def _joinable(a: object, a_size: int, b: object, b_size: int) -> bool:
+    if all(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t, n in ((a, a_size), (b, b_size))):
+        return a.shape[1:] == b.shape[1:]  # type: ignore[union-attr]
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    return a is b or (type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b)
 
 
 def _joined(values: list[object], held: list[Batch]) -> object:

@@ -38,11 +38,11 @@ Two options make it cheaper or steadier (formulas in :mod:`torchfim.train.trace_
 Sampling order (what a generator seeded identically reproduces): without options, each held
 mini-batch's labels come from one call ``family.sample(o, k, generator)`` on its outputs, batch
 after batch. With ``subset``, the first measurement first draws ``torch.randperm(N, generator=g)``
-over the held inputs (pooled in order, those of one input signature together: :mod:`.held`; with
-``control_variate`` two permutations, one per chain),
+over the held inputs (pooled in order; with ``control_variate`` two permutations, one per chain),
 and each window is one mini-batch: with ``control_variate`` the first chain's ``⌈m/2⌉`` inputs
 followed by the second's ``⌊m/2⌋`` (without a subset the chains are the even and odd held
-inputs). With ``control_variate`` the generator's state is saved before each fresh draw, and the
+inputs). Held mini-batches that do not join into one pool (other sequence lengths) are pooled by group
+(:mod:`.held`, rows numbered through the groups); a window is then one mini-batch per group, in that order. With ``control_variate`` the generator's state is saved before each fresh draw, and the
 next measurement re-draws that window's labels from a copy of the generator set to that state.
 
 Under several processes (``torch.distributed``), ``across_processes=True`` shares each measurement between
