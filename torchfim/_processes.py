@@ -16,8 +16,8 @@ from .errors import TorchfimError
 
 Result = TypeVar("Result")
 
-__all__ = ["DIFFERENT_WEIGHTS", "Attempt", "collective_device", "generator_fingerprint", "model_device",
-           "process_group", "process_place", "same_weights", "weights_fingerprint"]
+__all__ = ["Attempt", "check_same_weights", "collective_device", "gather_numbers", "generator_fingerprint",
+           "model_device", "process_group", "process_place", "same_weights", "weights_fingerprint"]
 
 
 #: Why processes that hold other weights are refused (``{}``: the call).
@@ -69,6 +69,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
+def gather_numbers(numbers: list[float], model: torch.nn.Module) -> list[list[float]]:
+    """Every process's ``numbers`` (as many on each), in rank order, from one ``all_gather`` in float64 on the
+    collectives' device for ``model``."""
+    mine = torch.tensor(numbers, dtype=torch.float64, device=collective_device(model_device(model)))
+    every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
 def generator_fingerprint(generator: torch.Generator) -> float:
     """A number that tells generator states apart (48 bits of a hash: exact in float64)."""
     state: Tensor = generator.get_state()
@@ -105,6 +114,12 @@ def same_weights(fingerprints: list[float]) -> bool:
     other orders; models that differ, by their initialisation or their training, differ far more)."""
     known = [f for f in fingerprints if math.isfinite(f)]
     return all(math.isclose(f, known[0], rel_tol=1e-9, abs_tol=1e-12) for f in known)
+
+
+def check_same_weights(fingerprints: list[float], what: str) -> None:
+    """Refuse, for the call ``what``, processes whose :func:`weights_fingerprint` differ."""
+    if not same_weights(fingerprints):
+        raise TorchfimError(DIFFERENT_WEIGHTS.format(what))
 
 
 class Attempt(Generic[Result]):

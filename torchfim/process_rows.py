@@ -33,13 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from ._processes import (
-    DIFFERENT_WEIGHTS,
     Attempt,
+    check_same_weights,
     collective_device,
+    gather_numbers,
     generator_fingerprint,
     model_device,
     process_place,
-    same_weights,
     weights_fingerprint,
 )
 from .engine.batch import Batch
@@ -81,21 +81,17 @@ class RowShare:
         weights = weights_fingerprint(model)
         attempt = Attempt(compute)
         digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
-        mine = torch.tensor([attempt.failed, digest, -1.0 if self._labels is None else self._labels, weights],
-                            dtype=torch.float64, device=collective_device(model_device(model)))
-        every = [torch.empty_like(mine) for _ in range(self.world)]
-        torch.distributed.all_gather(every, mine)
-        computed = attempt.settle(sum(bool(t[0]) for t in every) - attempt.failed, "fisher(across_processes=True)")
-        if len({float(t[1]) for t in every}) > 1:
+        every = gather_numbers([attempt.failed, digest, -1.0 if self._labels is None else self._labels, weights], model)
+        computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, "fisher(across_processes=True)")
+        if len({e[1] for e in every}) > 1:
             raise TorchfimError(
                 "fisher(across_processes=True) needs the same inputs in the same order on every process (each computes "
                 "on its share of every mini-batch), but they differ; pass every process the whole data set in one "
                 "order (not a DistributedSampler's shard, nor a loader shuffled by each process's own seed), or "
                 "across_processes=False for each process's Fisher of its own inputs"
             )
-        if not same_weights([float(t[3]) for t in every]):
-            raise TorchfimError(DIFFERENT_WEIGHTS.format("fisher(across_processes=True)"))
-        if self._labels is not None and len({float(t[2]) for t in every}) < self.world:
+        check_same_weights([e[3] for e in every], "fisher(across_processes=True)")
+        if self._labels is not None and len({e[2] for e in every}) < self.world:
             raise TorchfimError(
                 "fisher(across_processes=True): two processes' label generators are in the same state, so their "
                 "labels would share random numbers and the standard error would be too small; seed each process's "

@@ -33,13 +33,11 @@ import torch
 from torch import nn
 
 from .._processes import (
-    DIFFERENT_WEIGHTS,
     Attempt,
-    collective_device,
+    check_same_weights,
+    gather_numbers,
     generator_fingerprint,
-    model_device,
     process_place,
-    same_weights,
     weights_fingerprint,
 )
 from ..engine.batch import Batch
@@ -67,14 +65,11 @@ class ProcessShare:
         attempt = Attempt(measure)
         trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0)
         weight = self.share / self.total
-        mine = torch.tensor([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                             float(attempt.failed), self.checksum, state, weights], dtype=torch.float64,
-                            device=collective_device(model_device(model)))
-        every = [torch.empty_like(mine) for _ in range(self.world)]
-        torch.distributed.all_gather(every, mine)
-        t, v, p, n, failed, *_ = torch.stack(every).sum(0).tolist()
+        every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
+                                float(attempt.failed), self.checksum, state, weights], model)
+        t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
-        _check_alike([float(e[5]) for e in every], [float(e[6]) for e in every], [float(e[7]) for e in every])
+        _check_alike([e[5] for e in every], [e[6] for e in every], [e[7] for e in every])
         return t, v, p, int(n)
 
 
@@ -86,8 +81,7 @@ def _check_alike(checksums: list[float], states: list[float], weights: list[floa
             "FisherTraceMonitor(across_processes=True) needs the same held inputs on every process (each "
             "measures its share), but they differ; pass every process the whole held set"
         )
-    if not same_weights(weights):
-        raise TorchfimError(DIFFERENT_WEIGHTS.format("FisherTraceMonitor(across_processes=True)"))
+    check_same_weights(weights, "FisherTraceMonitor(across_processes=True)")
     if len(set(states)) < len(states):
         raise TorchfimError(
             "FisherTraceMonitor(across_processes=True): two processes' label generators are in the same state, "
