@@ -17,7 +17,7 @@ import torchfim
 from torchfim import TorchfimError
 from torchfim.engine import Batch
 from torchfim.train import FisherTraceMonitor
-from torchfim.train.held import hold, pooled, pooled_by_signature, window_batches
+from torchfim.train.held import hold, pooled, pooled_groups, window_batches
 
 clients.need("transformers")
 
@@ -96,7 +96,7 @@ def test_a_windows_sub_batches_come_back_in_the_windows_order() -> None:
     for size, length in zip(sizes, lengths):
         held.append({"input_ids": torch.arange(start, start + size).unsqueeze(1).repeat(1, length)})
         start += size
-    pool = pooled_by_signature(hold(held))
+    pool = pooled_groups(hold(held))
     assert [b.size for b in pool] == [5, 4, 5]  # lengths 2 (3 + 2 rows), 3, 4
     numbered = torch.cat([b.kwargs["input_ids"][:, 0] for b in pool])  # the pool's row r holds its global id
     for rows in (torch.tensor([13, 0, 6, 4, 9, 2]), torch.tensor([7]), torch.randperm(14)):

@@ -20,7 +20,7 @@ from torch import nn
 import torchfim
 from torchfim.families import get_family
 from torchfim.train import FisherTraceMonitor
-from torchfim.train.held import hold, pooled_by_signature
+from torchfim.train.held import hold, pooled_groups
 
 
 def fpc_variance(s: torch.Tensor, population: int) -> float:
@@ -149,11 +149,11 @@ def _ragged() -> list[torch.Tensor]:
 
 def test_mini_batches_that_do_not_join_are_pooled_by_group_and_joined_ones_as_before() -> None:
     held = hold(_ragged())
-    assert [b.size for b in pooled_by_signature(held)] == [8, 6, 6]  # lengths 3 (5 + 3), 6 (4 + 2), 9
+    assert [b.size for b in pooled_groups(held)] == [8, 6, 6]  # lengths 3 (5 + 3), 6 (4 + 2), 9
     ints = [{"ids": torch.zeros(2, 3, dtype=torch.int32)}, {"ids": torch.ones(3, 3, dtype=torch.int64)}]
-    assert [b.size for b in pooled_by_signature(hold(ints))] == [5]  # joined as one pool joined them before
+    assert [b.size for b in pooled_groups(hold(ints))] == [5]  # joined as one pool joined them before
     flags = [{"x": torch.zeros(2, 3), "flag": flag} for flag in (True, True, False)]
-    assert [b.size for b in pooled_by_signature(hold(flags))] == [4, 2]  # values not per sample: equal ones join
+    assert [b.size for b in pooled_groups(hold(flags))] == [4, 2]  # values not per sample: equal ones join
 
 
 def test_a_resumed_control_variate_run_over_groups_is_the_uninterrupted_one() -> None:

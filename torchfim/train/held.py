@@ -24,7 +24,7 @@ from .._batches import Inputs, iter_batches
 from ..engine.batch import Batch, detached, make_batch
 from ..errors import TorchfimError, all_finite
 
-__all__ = ["hold", "pooled", "pooled_by_signature", "window_batches"]
+__all__ = ["hold", "pooled", "pooled_groups", "window_batches"]
 
 
 def hold(inputs: Inputs) -> list[Batch]:
@@ -62,10 +62,10 @@ def pooled(held: list[Batch]) -> Batch:
     return Batch(args, kwargs, sum(b.size for b in held))
 
 
-def pooled_by_signature(held: list[Batch]) -> list[Batch]:
+def pooled_groups(held: list[Batch]) -> list[Batch]:
     """The held mini-batches pooled for subset windows: all in one batch where :func:`pooled` joins them; else one
     batch per group of mini-batches that join (the same keys, per-sample tensors of the same shape past the batch
-    dimension, the same values that are not per sample), each joining the first group it fits, in held order."""
+    dimension, the same values that are not per sample), each joining the group of the first it joins with."""
     try:
         return [pooled(held)]
     except TorchfimError:
@@ -95,19 +95,12 @@ def window_batches(pool: list[Batch], rows: Tensor) -> tuple[list[Batch], Tensor
 
 
 def _join(first: Batch, batch: Batch) -> bool:
-    """Whether ``batch`` joins the group of ``first`` (see :func:`pooled_by_signature`)."""
-    if len(first.args) != len(batch.args) or list(first.kwargs) != list(batch.kwargs):
+    """Whether ``batch`` joins the group of ``first``: :func:`pooled` joins the two."""
+    try:
+        pooled([first, batch])
+    except TorchfimError:
         return False
-    pairs = [*zip(first.args, batch.args), *((v, batch.kwargs[k]) for k, v in first.kwargs.items())]
-    return all(_joinable(a, first.size, b, batch.size) for a, b in pairs)
-
-
-def _joinable(a: object, a_size: int, b: object, b_size: int) -> bool:
-    if all(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t, n in ((a, a_size), (b, b_size))):
-        return a.shape[1:] == b.shape[1:]  # type: ignore[union-attr]
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and torch.equal(a, b)
-    return a is b or (type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b)
+    return True
 
 
 def _joined(values: list[object], held: list[Batch]) -> object:

@@ -42,8 +42,9 @@ over the held inputs (pooled in order; with ``control_variate`` two permutations
 and each window is one mini-batch: with ``control_variate`` the first chain's ``⌈m/2⌉`` inputs
 followed by the second's ``⌊m/2⌋`` (without a subset the chains are the even and odd held
 inputs). Held mini-batches that do not join into one pool (other sequence lengths) are pooled by group
-(:mod:`.held`, rows numbered through the groups); a window is then one mini-batch per group, in that order. With ``control_variate`` the generator's state is saved before each fresh draw, and the
-next measurement re-draws that window's labels from a copy of the generator set to that state.
+(:mod:`.held`, rows numbered through the groups); a window is then one mini-batch per group, in that order.
+With ``control_variate`` the generator's state is saved before each fresh draw, and the next measurement
+re-draws that window's labels from a copy of the generator set to that state.
 
 Under several processes (``torch.distributed``), ``across_processes=True`` shares each measurement between
 them: each measures its share of the held inputs and the records combine the shares
@@ -77,7 +78,7 @@ from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
-from .held import hold, pooled_by_signature, window_batches
+from .held import hold, pooled_groups, window_batches
 from .process_share import shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
 from .step_order import StepOrder
@@ -372,7 +373,7 @@ class FisherTraceMonitor:
         self._population = None if subset is None else n  # None: the held inputs as an i.i.d. sample
         self._windows: list[Windows] = []
         if subset is not None:
-            self.inputs = pooled_by_signature(self.inputs)  # the pool to draw windows from
+            self.inputs = pooled_groups(self.inputs)  # the pool to draw windows from
             half = (self._window_size + 1) // 2
             sizes = [half, self._window_size - half] if self.control_variate else [self._window_size]
             self._windows = [Windows(n, size) for size in sizes]
