@@ -89,4 +89,7 @@ def test_export_and_one_worker_time_a_tree(regression, tmp_path) -> None:
     times = regression.run_one(tree, "diag-score-mlp")
     reps = regression.WORKLOADS["diag-score-mlp"][1]
     assert set(times) == {"floor", "now", "before"} and all(len(t) == reps and min(t) > 0 for t in times.values())
-    assert 0.5 < sorted(times["now"])[reps // 2] / sorted(times["before"])[reps // 2] < 2.0  # the same code twice
+    # The same code twice, each turn's calls back to back and paired as the harness pairs them: a machine that
+    # slows for a while (another job) slows both calls of its turns, where it moved the two medians apart
+    pairs = sorted(now / before for now, before in zip(times["now"], times["before"]))
+    assert 0.5 < pairs[reps // 2] < 2.0
