@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..errors import TorchfimError, all_finite, warn_user
+from ..errors import all_finite, warn_user
 from .backend import Pieces
 from .batch import Batch
 from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
@@ -219,12 +219,8 @@ class CoverageCheck:
             self._move(list(causes), rec)
         changed = self.moved != before or self._on_own_tensors(rec, set(misses))
         if misses and not changed:  # nothing left to try above them: the model mixes samples, or draws at random
-            versions = self.view.versions()
-            try:
-                self.view.check_independent(rec.batch, rec.values.detach(), 0)  # says which, before any warning
-            except TorchfimError:
-                self.view.check_unchanged(versions)  # weights moved under the check: say so, not "mixes samples"
-                raise
+            # says which, before any warning
+            self.view.check_independent_unmoved(rec.batch, rec.values.detach(), 0, self.view.versions())
         return changed
 
     def _on_own_tensors(self, rec: ModuleRecording, misses: set[int]) -> bool:

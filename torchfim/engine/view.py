@@ -299,6 +299,15 @@ class ModelView:
         if self.versions() != versions:
             raise TorchfimError(PARAMETERS_CHANGED)
 
+    def check_independent_unmoved(self, batch: Batch, out: Tensor, checked: int, versions: list[int]) -> int:
+        """:meth:`check_independent`, whose refusal first says so where the weights moved since ``versions`` were
+        read (an optimiser step in another thread, a forward that rescales its own weights), not "mixes samples"."""
+        try:
+            return self.check_independent(batch, out, checked)
+        except TorchfimError:
+            self.check_unchanged(versions)
+            raise
+
     @property
     def dtype(self) -> torch.dtype:
         return self.layout.dtype
