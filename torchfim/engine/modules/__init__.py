@@ -4,7 +4,8 @@ Linear, Bilinear, Conv1d/2d/3d (any padding) and their transposes, Embedding, Em
 LayerNorm, RMSNorm, GroupNorm, InstanceNorm (affine), BatchNorm (eval), MultiheadAttention, RNN/GRU/LSTM and
 their cells, PReLU, transformers' ``Conv1D`` (GPT-2's transposed Linear) and its mixture-of-experts layers
 (routed, and Llama 4's dense) have rules of their own; any other module with trainable parameters gets the
-generic rule (``torch.func`` over that module alone). A layer whose weight is parametrized (weight norm) or
+generic rule (``torch.func`` over that module alone); the parameters an ``nn.ParameterList`` or ``nn.ParameterDict``
+holds go with the module that reads them (:func:`held_for`). A layer whose weight is parametrized (weight norm) or
 computed by one of torch's forward pre-hooks (pruning, the older weight and spectral norms) keeps its rule,
 with the originals' gradients by the chain rule (:mod:`.parametrized`, :mod:`.hooked`). Adding a rule is one
 module here and one line in :func:`rule_for`.
@@ -31,8 +32,8 @@ from .prelu import PReLURule, prelu_supported
 from .recurrent import RecurrentRule, recurrent_supported
 from .transposed_linear import TransposedLinearRule, transposed_linear_supported
 
-__all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "left_to_the_deepest",
-           "tensors_of", "build_rules"]
+__all__ = ["Call", "Grads", "Rule", "GenericRule", "LinearRule", "rule_for", "owns_subtree", "held_for",
+           "left_to_the_deepest", "tensors_of", "build_rules"]
 
 
 def owns_subtree(module: nn.Module) -> bool:
@@ -40,6 +41,29 @@ def owns_subtree(module: nn.Module) -> bool:
     ``out_proj``'s weight inside its own forward and never calls ``out_proj``, whether its own rule or
     the generic one covers it)."""
     return isinstance(module, nn.MultiheadAttention)
+
+
+#: Modules that only hold others and are never called.
+_CONTAINERS = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
+
+
+def held_for(model: nn.Module) -> dict[nn.Module, dict[str, nn.Parameter]]:
+    """The parameters that an ``nn.ParameterList`` or ``nn.ParameterDict`` holds for the module that reads
+    them: its nearest module above that is not a container (it alone is ever called), by name below it
+    (``"scales.0"``). A rule of that module's covers them from the start, with no coverage check's move."""
+    modules = dict(model.named_modules())
+    held: dict[nn.Module, dict[str, nn.Parameter]] = {}
+    for path, module in modules.items():
+        if not path or not isinstance(module, (nn.ParameterList, nn.ParameterDict)):
+            continue
+        parts = path.split(".")
+        depth = len(parts) - 1
+        while depth > 0 and isinstance(modules[".".join(parts[:depth])], _CONTAINERS):
+            depth -= 1
+        below = ".".join(parts[depth:])
+        holder = held.setdefault(modules[".".join(parts[:depth])], {})
+        holder.update({f"{below}.{n}": p for n, p in module.named_parameters(recurse=False)})
+    return held
 
 
 def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tuple[nn.Module, str]],
@@ -57,6 +81,7 @@ def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tup
     owned: dict[nn.Module, dict[str, int]] = {}
     paths = {}
     claimed: set[nn.Module] = set()  # sub-modules whose parameters a rule above covers
+    held = held_for(model)
     for path, module in model.named_modules():
         paths[module] = path
         if module in claimed:
@@ -67,7 +92,9 @@ def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tup
         if parametrized:  # the originals go with the layer that uses them, never to the list that holds them
             claimed.update(module.parametrizations.modules())
         own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=subtree or parametrized)
-               if id(p) in index_of and (subtree or "." not in n or (parametrized and n.startswith(PREFIX)))}
+               if id(p) in index_of and (subtree or "." not in n or (parametrized and n.startswith(PREFIX)))
+               and not isinstance(module, (nn.ParameterList, nn.ParameterDict))}
+        own.update({n: index_of[id(p)] for n, p in held.get(module, {}).items() if id(p) in index_of})
         own = {n: i for n, i in own.items() if i not in taken}
         if own:
             owned[module] = own
