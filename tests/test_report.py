@@ -21,6 +21,7 @@ from torchfim import report as report_mod
 from torchfim.datasets import load_digits
 from torchfim.errors import TorchfimError
 from torchfim.report import figures as report_figures
+from torchfim.report import kept_steps
 from torchfim.report import settings as report_settings
 from torchfim.toy import mlp
 
@@ -343,9 +344,10 @@ def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, mon
     real = io_mod._write_temporary
 
     def failing(path, write, binary):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
+        if Path(path).parent.name != kept_steps.FOLDER:  # a report file (the steps are kept as they finish)
+            calls.append(path)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
         return real(path, write, binary)
 
     monkeypatch.setattr(io_mod, "_write_temporary", failing)
@@ -353,12 +355,15 @@ def test_a_failure_while_writing_leaves_the_earlier_report(user_dir, capsys, mon
                        "--max-block", "0", "--seed", "1", "--no-progress", "--out", "rep"])
     assert status == 2 and "No space left" in capsys.readouterr().err
     assert len(calls) == 3
-    assert {p.name: p.read_bytes() for p in (user_dir / "rep").iterdir()} == before  # no temporary file left
-    # and a fresh --out gets nothing at all
+    # no temporary file left; the finished steps stay kept for the next run
+    assert {p.name: p.read_bytes() for p in (user_dir / "rep").iterdir() if p.name != kept_steps.FOLDER} == before
+    assert (user_dir / "rep" / kept_steps.FOLDER).is_dir()
+    # and a fresh --out gets no file of the report, only its kept steps
     calls.clear()
     assert cli.main(["report", "--model", "umod:make", "--data", "umod:data", "--variance-inputs", "8",
                      "--max-block", "0", "--no-progress", "--out", "fresh/sub"]) == 2
-    assert not (user_dir / "fresh").exists() and not _leftovers(user_dir)
+    assert [p.name for p in (user_dir / "fresh" / "sub").iterdir()] == [kept_steps.FOLDER]
+    assert not _leftovers(user_dir) and not _leftovers(user_dir / "fresh" / "sub" / kept_steps.FOLDER)
 
 
 def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(monkeypatch):
@@ -421,8 +426,8 @@ def test_the_progress_bar_ends_at_its_total(monkeypatch, hessian, targets):
     seen: list[tuple[int, int]] = []
     init, done, close = measure.Steps.__init__, measure.Steps.done, measure.Steps.close
 
-    def counting_init(self, total, progress):
-        init(self, total, progress)
+    def counting_init(self, total, progress, kept=None):
+        init(self, total, progress, kept)
         self.total, self.count = total, 0
 
     def counting_done(self):

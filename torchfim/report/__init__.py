@@ -55,6 +55,10 @@ untouched, an earlier report's files are replaced, and a file with a report's na
 wrote makes the command refuse before computing anything. Every file is written completely to a
 temporary file first and then renamed into place, report.json last, so a failed or interrupted
 run never removes ``--out`` and never leaves a half-written file (:mod:`torchfim.report.publish`).
+While it computes, each finished step is kept in the folder ``.torchfim-report-steps`` inside ``--out``,
+removed once the report is written: the same report run again after an interruption (the same weights,
+forward, data and options) reads the finished steps back and computes only the rest; ``--no-resume``
+computes them all again (:mod:`torchfim.report.kept_steps`).
 
 The package, one job per module: :mod:`~torchfim.report.settings` (file names, defaults, the
 variance subset), :mod:`~torchfim.report.load` and :mod:`~torchfim.report.data` (factories,
@@ -63,7 +67,8 @@ checkpoints, data), :mod:`~torchfim.report.default` (the embedded default model)
 and :mod:`~torchfim.report.compute` (the numbers), :mod:`~torchfim.report.figures`,
 :mod:`~torchfim.report.markdown` and :mod:`~torchfim.report.terminal` (rendering), :mod:`~torchfim.report.cost` (the time estimate), :mod:`~torchfim.report.score_only`
 and :mod:`~torchfim.report.score_only_render` (the score-only report),
-:mod:`~torchfim.report.publish` (writing), :mod:`~torchfim.report.run` (all of it) and
+:mod:`~torchfim.report.publish` (writing), :mod:`~torchfim.report.kept_steps` (the finished steps, kept),
+:mod:`~torchfim.report.run` (all of it) and
 :mod:`~torchfim.report.command` (the command line).
 """
 

@@ -10,7 +10,7 @@ from ..errors import TorchfimError
 from .data import Data
 from .outputs import OutputLayout, classes_last_note, mask_of, observed_per_input, unmasked_padding_note
 
-__all__ = ["check_model_and_data"]
+__all__ = ["check_model_and_data", "outputs_on_a_few"]
 
 
 def check_model_and_data(
@@ -39,7 +39,7 @@ def check_model_and_data(
             "the model has no parameters with requires_grad=True, so its Fisher is empty; "
             "return a model whose parameters require gradients"
         )
-    o = _outputs_on_a_few(model, data)
+    o = outputs_on_a_few(model, data)
     given = check_class_dim(class_dim)
     if given == 1 and o.dim() > 2:
         o = o.movedim(1, -1)
@@ -122,7 +122,7 @@ def _check_targets(family, y: Tensor, o: Tensor, positions: tuple[int, ...]) -> 
     family.check_targets(y if ignored is None else y.masked_fill(ignored, 0), o.reshape(o.shape[0], -1))
 
 
-def _outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
+def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     """The model's outputs on the first (up to) 8 inputs, checked to be finite; a dict of
     inputs is passed as keyword arguments, and an output's ``.logits`` (or ``(batch,)`` as ``(batch, 1)``)
     read as :func:`torchfim.fisher` reads it."""

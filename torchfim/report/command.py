@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(refused where they would not fit in memory); score-only: Tr(F) per layer by the "
                              "score estimator with error bars from at least 2 labels per input; auto (default): "
                              "full where it fits in memory and its estimated time in 30 minutes")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="compute every step again; by default a report run again after an interruption reads "
+                             "the steps it had finished back from --out (kept there until the report is written)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -135,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
         n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
         seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
         progress=not args.no_progress, command=_command(args), mask=args.mask, class_dim=args.class_dim,
-        score_only=MODES[args.mode],
+        score_only=MODES[args.mode], resume=not args.no_resume,
         model_source=None if args.model is None else f"{args.model}()"
         + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import replace
 
@@ -12,9 +13,10 @@ from torch import nn
 from ..errors import TorchfimError
 from . import settings
 from .assemble import Layout, Setup, assemble
-from .check import check_model_and_data
+from .check import check_model_and_data, outputs_on_a_few
 from .cost import full_report_seconds, time_pull_back
 from .data import Data
+from .kept_steps import KeptSteps, fingerprint
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
 from .score_only import compute_score_only
 
@@ -35,6 +37,7 @@ def compute_report(
     mask: str | None = None,
     class_dim: int | None = None,
     score_only: bool | None = None,
+    keep_in: str | os.PathLike | None = None,
 ) -> dict:
     """Every number of the report, as a JSON-ready dict (see :mod:`torchfim.report` for what and how).
 
@@ -51,6 +54,10 @@ def compute_report(
     closed forms would not fit in memory (a language model over a real vocabulary) or would take longer
     than :data:`~torchfim.report.settings.FULL_REPORT_SECONDS` (:mod:`torchfim.report.cost`), saying why in
     the report; False computes the full report whatever it takes, and refuses a model that does not fit.
+
+    ``keep_in``: a folder where each step's result is kept as it finishes (:mod:`.kept_steps`), so that the
+    same report computed again after an interruption reads the finished steps back (report.json's
+    ``resumed_steps`` counts them); None keeps nothing.
     """
     from ..families import get_family
 
@@ -69,21 +76,26 @@ def compute_report(
     spectrum_layers = [i for i, s in enumerate(layout.sizes) if s <= max_block]
     if score_only is None and beyond is None:
         beyond = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers))
+    options = {"family": (type(fam).__qualname__, fam.name), "n_samples": n_samples, "seed": seed, "m": m,
+               "max_block": max_block, "mask": mask, "class_dim": class_dim, "with_hessian": with_hessian,
+               "score_only": bool(score_only or beyond is not None)}
+    kept = KeptSteps(keep_in, fingerprint(model, data, outputs_on_a_few(model, data), options))
     if score_only or beyond is not None:
         reason = beyond or "asked for (score_only=True, --mode score-only)"
-        return compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
-                                  targets_note=targets_note, reason=reason)
+        return {**compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
+                                     targets_note=targets_note, reason=reason, kept=kept),
+                "resumed_steps": kept.resumed}
     setup = Setup(
         family=fam.name, n_samples=int(n_samples), seed=seed, rel_error=rel_error, max_block=max_block,
         subset=torch.randperm(data.n, generator=torch.Generator().manual_seed(seed))[:m].sort().values,
         with_hessian=with_hessian, spectrum_layers=spectrum_layers,
         targets_note=targets_note, variance_note=variance_note, outputs=outputs,
     )
-    measured, timings = _measure(model, data, fam, layout, setup, progress)
+    measured, timings = _measure(model, data, fam, layout, setup, progress, kept)
     if measured["hessian_skipped"] is not None:
         notes = [n for n in (setup.variance_note, measured["hessian_skipped"]) if n]
         setup = replace(setup, with_hessian=False, variance_note="; ".join(notes))
-    return assemble(model, data, layout, setup, measured, timings)
+    return {**assemble(model, data, layout, setup, measured, timings), "resumed_steps": kept.resumed}
 
 
 def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: int, spectra: int) -> str | None:
@@ -105,11 +117,13 @@ def _total_steps(setup: Setup, has_targets: bool) -> int:
     return 4 + 3 + (1 if setup.with_hessian else 0) + len(setup.spectrum_layers) + (1 if has_targets else 0)
 
 
-def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, progress: bool) -> tuple[dict, dict]:
-    """The four measurement parts in turn, with their wall-clock seconds."""
+def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, progress: bool,
+             kept: KeptSteps) -> tuple[dict, dict]:
+    """The four measurement parts in turn, with their wall-clock seconds (of this run: a step ``kept`` from an
+    interrupted one takes none)."""
     X, names, opts = data.inputs, layout.names, setup.outputs.options(fam)
     timings: dict[str, float] = {}
-    steps = Steps(_total_steps(setup, data.targets is not None), progress)
+    steps = Steps(_total_steps(setup, data.targets is not None), progress, kept)
     try:
         t0 = time.perf_counter()
         measured = measure_trace(model, X, opts, names, setup.n_samples, setup.seed, steps)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .format import fmt, md_table, pct
 
-__all__ = ["markdown", "analysed", "positions_text"]
+__all__ = ["markdown", "analysed", "positions_text", "resumed_note"]
 
 
 def markdown(R: dict) -> str:
@@ -300,6 +300,13 @@ def _section_empirical(R: dict) -> list[str]:
     return lines
 
 
+def resumed_note(R: dict) -> str:
+    """The time note's addition where steps were read back from an interrupted run (their time not counted)."""
+    resumed = R.get("resumed_steps")
+    return (f"; {resumed} step(s) were read back from an interrupted run of this report, their time not counted"
+            if resumed else "")
+
+
 def _section_notes(R: dict) -> list[str]:
     """Timings and how to check the numbers."""
     n, subset_text = R["data"]["n_inputs"], _subset_text(R["data"])
@@ -311,7 +318,7 @@ def _section_notes(R: dict) -> list[str]:
     add(f"- Time: {fmt(tm.get('total'), 3)} s in all (loading and training {fmt(tm.get('setup'), 3)} s, "
         f"Tr(F) and Î1 error bars {fmt(tm['trace'], 3)} s, "
         f"Î1/Î2 variances {fmt(tm['variance'], 3)} s, spectra {fmt(tm['spectrum'], 3)} s, empirical "
-        f"{fmt(tm['empirical'], 3)} s, figures {fmt(tm.get('figures'), 3)} s).")
+        f"{fmt(tm['empirical'], 3)} s, figures {fmt(tm.get('figures'), 3)} s){resumed_note(R)}.")
     add("- All values are means over inputs (not sums) and conditional on these inputs: the variances "
         "are over the labels drawn from the model, not over resampling the data.")
     add(f"- The variance subset: {subset_text} of the {n} inputs; their indices are in report.json "

@@ -12,7 +12,7 @@ variances come with the model's from one pass, :mod:`torchfim.trace_summary`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..engine.backend import NoForwardDerivative
 from ..engine.derivative_settings import made_in_inference_mode
 from .data import Inputs
+from .kept_steps import KeptSteps
 
 __all__ = [
     "only_trainable",
@@ -63,15 +64,17 @@ def json_float(x: object) -> float | None:
 
 
 class Steps:
-    """The progress bar of a report: ``step(description)`` names the next step, ``done()`` ticks it."""
+    """The progress bar of a report: ``step(description)`` names the next step, ``done()`` ticks it;
+    :meth:`run` does both around a step whose result ``kept`` (:mod:`.kept_steps`) keeps on disk."""
 
-    def __init__(self, total: int, progress: bool) -> None:
+    def __init__(self, total: int, progress: bool, kept: KeptSteps | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, disable=not progress, leave=False, unit="step", desc="report")
         #: Whether the library's own bars show too: the Hessian estimator's sweeps over parameter entries,
         #: minutes on a transformer, get one below the report's.
         self.progress = progress
+        self.kept = KeptSteps(None, "") if kept is None else kept
 
     def step(self, desc: str) -> None:
         """Name the step being computed."""
@@ -80,6 +83,17 @@ class Steps:
     def done(self) -> None:
         """Count one step as done."""
         self.bar.update(1)
+
+    def run(self, desc: str, compute: Callable[[], object]) -> object:
+        """The result of the step ``desc``: kept from an interrupted run of the same report, else
+        ``compute()`` (then kept); ``desc`` names the step on the bar and in the folder of kept steps."""
+        self.step(desc)
+        found, result = self.kept.get(desc)
+        if not found:
+            result = compute()
+            self.kept.put(desc, result)
+        self.done()
+        return result
 
     def close(self) -> None:
         """Remove the bar."""
@@ -92,24 +106,20 @@ def measure_trace(model: nn.Module, X: Inputs, opts: dict, names: list[str], k: 
     import torchfim
     from torchfim.trace_summary import score_trace_variances
 
-    steps.step("Tr(F) exact")
-    trace_exact = torchfim.fisher(model, X, **opts, structure="trace")
-    steps.done()
-    steps.step("diag(F) exact")
-    diag_exact = torchfim.fisher(model, X, **opts, structure="diag").detach()
-    steps.done()
-    steps.step("score estimate")
-    diag_score = torchfim.fisher(
+    trace_exact = steps.run("Tr(F) exact", lambda: torchfim.fisher(model, X, **opts, structure="trace").detach())
+    diag_exact = steps.run("diag(F) exact", lambda: torchfim.fisher(model, X, **opts, structure="diag").detach())
+    diag_score = steps.run("score estimate", lambda: torchfim.fisher(
         model, X, **opts, estimator="score", structure="diag", n_samples=k,
         generator=torch.Generator().manual_seed(seed + 1),
-    ).detach()
-    steps.done()
-    steps.step("Var Tr Î1 (all inputs), the model and each tensor")
-    var1 = score_trace_variances(model, X, **opts, bounds=False)
-    steps.done()
+    ).detach())
+
+    def score_variances() -> dict:
+        var1 = score_trace_variances(model, X, **opts, bounds=False)
+        return {"var1_score_all": json_float(var1.variance),
+                "layer_var1_score_all": [json_float(var1.tensor_variances[name]) for name in names]}
+
     return {"trace_exact": trace_exact, "diag_exact": diag_exact, "diag_score": diag_score,
-            "var1_score_all": json_float(var1.variance),
-            "layer_var1_score_all": [json_float(var1.tensor_variances[name]) for name in names]}
+            **steps.run("Var Tr Î1 (all inputs), the model and each tensor", score_variances)}
 
 
 def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str], with_hessian: bool, steps: Steps) -> dict:
@@ -120,36 +130,46 @@ def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str],
     import torchfim
     from torchfim.trace_summary import hessian_trace_variances, score_trace_variances
 
-    steps.step("diag(F) on the subset")
-    diag_subset = torchfim.fisher(model, S, **opts, structure="diag").detach()
-    steps.done()
-    steps.step("Var Tr Î1 and its bound, the model and each tensor")
-    summaries = {"score": score_trace_variances(model, S, **opts)}
-    steps.done()
-    steps.step("Σ diag Var Î1")
-    diagvar_score = torchfim.fisher_variance(model, S, **opts, estimator="score", structure="diag").detach()
-    steps.done()
+    diag_subset = steps.run("diag(F) on the subset", lambda: torchfim.fisher(model, S, **opts, structure="diag").detach())
+    summaries = {"score": steps.run("Var Tr Î1 and its bound, the model and each tensor",
+                                    lambda: _summary(score_trace_variances(model, S, **opts), names))}
+    diagvar_score = steps.run("Σ diag Var Î1", lambda: torchfim.fisher_variance(
+        model, S, **opts, estimator="score", structure="diag").detach())
     skipped = None
-    if with_hessian:
-        steps.step("Var Î2: traces and diagonal")
+
+    def hessian_variances() -> dict:
         try:
-            summaries["hessian"] = hessian_trace_variances(model, S, **opts, progress=steps.progress)
+            return _summary(hessian_trace_variances(model, S, **opts, progress=steps.progress), names)
         except NoForwardDerivative as err:  # the rest of the report stands without Î2's figures
-            skipped = f"the Hessian estimator's (Î2) variances were skipped: {err}"
-        steps.done()
+            return {"skipped": f"the Hessian estimator's (Î2) variances were skipped: {err}"}
+
+    if with_hessian:
+        summaries["hessian"] = steps.run("Var Î2: traces and diagonal", hessian_variances)
+        skipped = summaries["hessian"].get("skipped")
+        if skipped is not None:
+            del summaries["hessian"]
     subset_total: dict[str, float | None] = {}
     subset_layers: list[dict[str, float | None]] = [{} for _ in names]
+    missing = {"variance": None, "bound": None, "tensor_variances": [None] * len(names),
+               "tensor_bounds": [None] * len(names)}
     for est in ("score", "hessian"):
-        got = summaries.get(est)
-        subset_total[f"var_{est}"] = json_float(got.variance) if got else None
-        subset_total[f"bound_{est}"] = json_float(got.bound) if got else None
-        for name, layer in zip(names, subset_layers):
-            layer[f"var_{est}"] = json_float(got.tensor_variances[name]) if got else None
-            layer[f"bound_{est}"] = json_float(got.tensor_bounds[name]) if got and got.tensor_bounds else None
+        got = summaries.get(est, missing)
+        subset_total[f"var_{est}"], subset_total[f"bound_{est}"] = got["variance"], got["bound"]
+        for layer, variance, bound in zip(subset_layers, got["tensor_variances"], got["tensor_bounds"]):
+            layer[f"var_{est}"], layer[f"bound_{est}"] = variance, bound
     hessian = summaries.get("hessian")
     return {"diag_subset": diag_subset, "subset_total": subset_total, "subset_layers": subset_layers,
-            "diagvar_score": diagvar_score, "diagvar_hessian": hessian.diag_variance if hessian else None,
+            "diagvar_score": diagvar_score, "diagvar_hessian": hessian["diag_variance"] if hessian else None,
             "hessian_skipped": skipped}
+
+
+def _summary(got, names: list[str]) -> dict:
+    """A trace summary (:mod:`torchfim.trace_summary`) as plain numbers, to keep: the model's variance and
+    bound, each tensor's (by ``names``' order; bounds None where not computed), the diagonal variance."""
+    return {"variance": json_float(got.variance), "bound": json_float(got.bound),
+            "tensor_variances": [json_float(got.tensor_variances[name]) for name in names],
+            "tensor_bounds": [json_float(got.tensor_bounds[name]) if got.tensor_bounds else None for name in names],
+            "diag_variance": None if got.diag_variance is None else got.diag_variance.detach()}
 
 
 def measure_spectra(
@@ -158,16 +178,12 @@ def measure_spectra(
     """Layer index -> the eigenvalues (largest first, float64) of its exact block on all inputs."""
     import torchfim
 
-    spectra: dict[int, list[float]] = {}
-    for i in layers:
-        steps.step(f"eigenvalues {names[i]}")
-        with only_trainable(model, names[i]):
+    def eigenvalues(name: str) -> list[float]:
+        with only_trainable(model, name):
             block = torchfim.fisher(model, X, **opts, structure="full")
-        eig = torch.linalg.eigvalsh(block.detach().double().cpu()).flip(0)
-        spectra[i] = [float(v) for v in eig]
-        del block
-        steps.done()
-    return spectra
+        return [float(v) for v in torch.linalg.eigvalsh(block.detach().double().cpu()).flip(0)]
+
+    return {i: steps.run(f"eigenvalues {names[i]}", lambda name=names[i]: eigenvalues(name)) for i in layers}
 
 
 def measure_empirical(model: nn.Module, X: Inputs, Y: Tensor | None, opts: dict, steps: Steps) -> Tensor | None:
@@ -180,8 +196,6 @@ def measure_empirical(model: nn.Module, X: Inputs, Y: Tensor | None, opts: dict,
 
     if Y is None:
         return None
-    steps.step("empirical Fisher")
     given = {"inputs": {**X, "labels": Y}} if isinstance(X, dict) else {"inputs": X, "targets": Y}
-    diag_emp = torchfim.fisher(model, **given, **opts, estimator="empirical", structure="diag").detach()
-    steps.done()
-    return diag_emp
+    return steps.run("empirical Fisher", lambda: torchfim.fisher(
+        model, **given, **opts, estimator="empirical", structure="diag").detach())

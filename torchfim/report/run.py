@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import TorchfimError
-from . import figures, settings
+from . import figures, kept_steps, settings
 from .compute import compute_report
 from .data import Data, as_data
 from .default import default_model, digits_data
@@ -48,6 +48,7 @@ def run_report(
     mask: str | None = None,
     class_dim: int | None = None,
     score_only: bool | None = None,
+    resume: bool = True,
 ) -> dict:
     """Compute the report of ``model`` on ``data`` and write it to ``out`` (see :mod:`torchfim.report`).
 
@@ -63,7 +64,10 @@ def run_report(
     position; ``mask`` names the entry of dict inputs that marks the observed ones (e.g.
     ``"attention_mask"``), ``class_dim=1`` reads ``(batch, C, *positions)`` outputs.
     ``score_only``: as in :func:`~torchfim.report.compute_report` (None: the score-only report where the
-    full one would not fit in memory or would take too long).
+    full one would not fit in memory or would take too long). While it computes, each finished step is kept in
+    ``out``'s folder :data:`~torchfim.report.kept_steps.FOLDER`, removed once the report is written: the same
+    report run again after an interruption reads the finished steps back (``resume=False`` computes them all
+    again); with ``out=None`` nothing is kept.
 
     Returns ``{"results": <the report.json dict>, "model", "data": Data, "out": Path | None,
     "markdown", "table", "training"}``.
@@ -92,20 +96,24 @@ def run_report(
     try:
         return _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, max_block,
                     seed, epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim,
-                    score_only)
+                    score_only, resume)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, max_block, seed,
-         epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim, score_only) -> dict:
+         epochs, hidden, progress, emit, command, data_source, model_source, mask, class_dim, score_only,
+         resume) -> dict:
     started = time.perf_counter()
     model, data, training, model_source = _model_and_data(
         model, data, checkpoint, hidden, epochs, seed, progress, data_source, model_source)
     setup_seconds = time.perf_counter() - started
+    keep_in = None if out_path is None else out_path / kept_steps.FOLDER
+    if keep_in is not None and not resume:
+        kept_steps.discard(keep_in)
     results = compute_report(model, data, family, n_samples=n_samples, variance_inputs=variance_inputs,
                              max_block=max_block, seed=seed, progress=progress, mask=mask, class_dim=class_dim,
-                             score_only=score_only)
+                             score_only=score_only, keep_in=keep_in)
     results["model"]["source"] = model_source
     results["model"]["training"] = training
     results["model"]["checkpoint"] = None if checkpoint is None else str(checkpoint)
@@ -131,6 +139,7 @@ def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, 
             "model.pt": buffer.getvalue(),
             **figure_files,
         })
+        kept_steps.discard(keep_in)
     if emit is not None:
         _summarise(emit, table, results, out_path)
     return {"results": results, "model": model, "data": data, "out": out_path,
@@ -142,6 +151,9 @@ def _summarise(emit: Callable[[str], object], table: str, results: dict, out_pat
         emit(line)
     if out_path is not None:
         emit("")
+        if results.get("resumed_steps"):
+            emit(f"read {results['resumed_steps']} finished step(s) back from an interrupted run of this report "
+                 "(--no-resume computes them again)")
         emit(f"wrote {out_path}/ ({', '.join(results['files'])}) in {results['timings']['total']:.1f} s; "
              f"read {out_path / 'report.md'}")
 

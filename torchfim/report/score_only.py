@@ -22,6 +22,7 @@ from torch import nn
 from . import settings
 from .assemble import Layout, model_summary, ratio, samples_needed, versions
 from .data import Data
+from .kept_steps import KeptSteps
 from .measure import Steps, json_float, measure_empirical
 from .outputs import OutputLayout
 
@@ -32,24 +33,28 @@ MIN_LABELS = 2
 
 
 def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout, *, n_samples: int, seed: int,
-                       progress: bool, targets_note: str | None, reason: str) -> dict:
+                       progress: bool, targets_note: str | None, reason: str, kept: KeptSteps | None = None) -> dict:
     """The score-only report.json dict; ``reason`` says why the exact parts were left out.
 
     ``max(n_samples, MIN_LABELS)`` labels per input (per position) are drawn with ``torch.Generator``
-    seeded ``seed + 1``, as the full report draws its score estimate."""
-    from ..score_norms import squared_score_norms
+    seeded ``seed + 1``, as the full report draws its score estimate; ``kept`` keeps the finished steps
+    (:mod:`.kept_steps`)."""
+    from ..score_norms import ScoreNorms, squared_score_norms
 
     k = max(int(n_samples), MIN_LABELS)
     layout = Layout.of(model)
     opts = outputs.options(fam)
     timings: dict[str, float] = {}
-    steps = Steps(2 if data.targets is not None else 1, progress)
+    steps = Steps(2 if data.targets is not None else 1, progress, kept)
+
+    def score_norms() -> dict:
+        got = squared_score_norms(model, data.inputs, **opts, n_samples=k, progress=progress,
+                                  generator=torch.Generator().manual_seed(seed + 1))
+        return {"names": got.names, "per_tensor": got.per_tensor}
+
     try:
         t0 = time.perf_counter()
-        steps.step(f"score estimate ({k} labels per input)")
-        norms = squared_score_norms(model, data.inputs, **opts, n_samples=k, progress=progress,
-                                    generator=torch.Generator().manual_seed(seed + 1))
-        steps.done()
+        norms = ScoreNorms(**steps.run(f"score estimate ({k} labels per input)", score_norms))
         timings["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         diag_emp = measure_empirical(model, data.inputs, data.targets, opts, steps)

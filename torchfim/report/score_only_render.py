@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .figures import figure_width, png_bytes
 from .format import fmt, md_table, pct
-from .markdown import analysed
+from .markdown import analysed, resumed_note
 from .settings import SCORE_ONLY_FIGURE
 
 __all__ = ["markdown_score_only", "summary_score_only", "draw_score_only"]
@@ -56,7 +56,7 @@ def markdown_score_only(R: dict) -> str:
     add("## Notes")
     add("")
     add(f"- Time: {fmt(tm.get('total'), 3)} s in all (score estimate {fmt(tm['trace'], 3)} s, empirical "
-        f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s).")
+        f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s){resumed_note(R)}.")
     add("- All values are means over inputs (not sums).")
     add("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
         "(shorter sequences, fewer classes) or with more memory; `--mode full` computes them whatever they take "

@@ -1,0 +1,126 @@
+"""An interrupted report, run again, reads its finished steps back and gives the report an uninterrupted run gives.
+
+The steps are kept in ``--out``'s folder :data:`~torchfim.report.kept_steps.FOLDER` as they finish
+(:mod:`torchfim.report.kept_steps`); the folder is removed once the report is written. Anything the results
+depend on that changed (the weights, the forward, the data, an option) makes the report start over. The oracle
+is the report of an uninterrupted run: every number of report.json equal, timings aside.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import torchfim.report as report_mod
+from torchfim.report import kept_steps
+from torchfim.report.measure import Steps
+
+
+class _Scaled(nn.Module):
+    """An MLP whose logits are divided by ``temperature``, an attribute outside the state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.temperature = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) / self.temperature
+
+
+def _setup() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    return _Scaled().double(), (torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,)))
+
+
+def _interrupt_at(monkeypatch, step: str) -> list[str]:
+    """Make the step named ``step`` raise KeyboardInterrupt before it computes; the names of the steps run."""
+    ran, original = [], Steps.run
+
+    def run(self, desc, compute):
+        ran.append(desc)
+        if desc == step:
+            raise KeyboardInterrupt
+        return original(self, desc, compute)
+
+    monkeypatch.setattr(Steps, "run", run)
+    return ran
+
+
+def _numbers(out) -> dict:
+    """report.json without what differs between runs of the same report: timings, and the steps read back."""
+    results = json.loads((out / "report.json").read_text())
+    return {k: v for k, v in results.items() if k not in ("timings", "resumed_steps")}
+
+
+def _report(model, data, out, **kw) -> dict:
+    return report_mod.run_report(model, data, out=out, progress=False, emit=None, **kw)["results"]
+
+
+@pytest.mark.parametrize("score_only", [False, True], ids=["full", "score-only"])
+def test_an_interrupted_report_goes_on_where_it_stopped(tmp_path, monkeypatch, score_only: bool) -> None:
+    model, data = _setup()
+    want = _report(model, data, tmp_path / "whole", score_only=score_only)
+    assert want["resumed_steps"] == 0 and not (tmp_path / "whole" / kept_steps.FOLDER).exists()
+
+    with monkeypatch.context() as patch:
+        ran = _interrupt_at(patch, "empirical Fisher")
+        with pytest.raises(KeyboardInterrupt):
+            _report(model, data, tmp_path / "r", score_only=score_only)
+    finished = len(ran) - 1
+    assert finished == (1 if score_only else 12)  # full: 4 + 3 + 1 (Î2) + 4 spectra, the empirical Fisher left
+    assert not (tmp_path / "r" / "report.json").exists()
+    assert len(list((tmp_path / "r" / kept_steps.FOLDER).glob("*.pt"))) == finished
+
+    got = _report(model, data, tmp_path / "r", score_only=score_only)
+    assert got["resumed_steps"] == finished
+    assert f"{finished} step(s) were read back from an interrupted run" in (tmp_path / "r" / "report.md").read_text()
+    assert _numbers(tmp_path / "r") == _numbers(tmp_path / "whole")
+    assert not (tmp_path / "r" / kept_steps.FOLDER).exists()
+
+
+def _interrupted(tmp_path, monkeypatch, model, data) -> None:
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "empirical Fisher")
+        with pytest.raises(KeyboardInterrupt):
+            _report(model, data, tmp_path / "r")
+
+
+@pytest.mark.parametrize("change", ["weights", "forward", "data", "option", "no-resume"])
+def test_a_report_of_anything_else_starts_over(tmp_path, monkeypatch, change: str) -> None:
+    model, (x, y) = _setup()
+    _interrupted(tmp_path, monkeypatch, model, (x, y))
+    kw = {}
+    if change == "weights":
+        with torch.no_grad():
+            model.net[0].weight[0, 0] += 1e-12
+    elif change == "forward":
+        model.temperature = 2.0
+    elif change == "data":
+        x = x.clone()
+        x[-1, -1] += 1e-12
+    elif change == "option":
+        kw = {"seed": 1}
+    else:
+        kw = {"resume": False}
+    got = _report(model, (x, y), tmp_path / "r", **kw)
+    assert got["resumed_steps"] == 0
+    assert _numbers(tmp_path / "r") == _numbers(_whole(tmp_path, model, (x, y), kw))
+
+
+def _whole(tmp_path, model, data, kw) -> object:
+    _report(model, data, tmp_path / "whole", **kw)
+    return tmp_path / "whole"
+
+
+def test_a_step_cut_short_is_computed_again(tmp_path, monkeypatch) -> None:
+    model, data = _setup()
+    _interrupted(tmp_path, monkeypatch, model, data)
+    kept = sorted((tmp_path / "r" / kept_steps.FOLDER).glob("*.pt"))
+    kept[0].write_bytes(kept[0].read_bytes()[:20])  # a crash while the file was written
+    got = _report(model, data, tmp_path / "r")
+    assert got["resumed_steps"] == len(kept) - 1
+    assert _numbers(tmp_path / "r") == _numbers(_whole(tmp_path, model, data, {}))
