@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import torchfim.report as report_mod
+from torchfim.families import Gaussian
 from torchfim.report import kept_steps
 from torchfim.report.measure import Steps
 
@@ -82,18 +83,18 @@ def test_an_interrupted_report_goes_on_where_it_stopped(tmp_path, monkeypatch, s
     assert not (tmp_path / "r" / kept_steps.FOLDER).exists()
 
 
-def _interrupted(tmp_path, monkeypatch, model, data) -> None:
+def _interrupted(tmp_path, monkeypatch, model, data, **kw) -> None:
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, "empirical Fisher")
+        _interrupt_at(patch, "eigenvalues net.2.bias")  # the last step before the empirical Fisher
         with pytest.raises(KeyboardInterrupt):
-            _report(model, data, tmp_path / "r")
+            _report(model, data, tmp_path / "r", **kw)
 
 
-@pytest.mark.parametrize("change", ["weights", "forward", "data", "option", "no-resume"])
+@pytest.mark.parametrize("change", ["weights", "forward", "data", "option", "family", "no-resume"])
 def test_a_report_of_anything_else_starts_over(tmp_path, monkeypatch, change: str) -> None:
     model, (x, y) = _setup()
-    _interrupted(tmp_path, monkeypatch, model, (x, y))
-    kw = {}
+    kw = {"family": Gaussian(sigma=2.0)} if change == "family" else {}
+    _interrupted(tmp_path, monkeypatch, model, (x, y), **({"family": Gaussian(sigma=1.0)} if kw else {}))
     if change == "weights":
         with torch.no_grad():
             model.net[0].weight[0, 0] += 1e-12
@@ -104,7 +105,7 @@ def test_a_report_of_anything_else_starts_over(tmp_path, monkeypatch, change: st
         x[-1, -1] += 1e-12
     elif change == "option":
         kw = {"seed": 1}
-    else:
+    elif change == "no-resume":
         kw = {"resume": False}
     got = _report(model, (x, y), tmp_path / "r", **kw)
     assert got["resumed_steps"] == 0

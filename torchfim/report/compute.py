@@ -76,9 +76,9 @@ def compute_report(
     spectrum_layers = [i for i, s in enumerate(layout.sizes) if s <= max_block]
     if score_only is None and beyond is None:
         beyond = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers))
-    options = {"family": (type(fam).__qualname__, fam.name), "n_samples": n_samples, "seed": seed, "m": m,
-               "max_block": max_block, "mask": mask, "class_dim": class_dim, "with_hessian": with_hessian,
-               "score_only": bool(score_only or beyond is not None)}
+    options = {"family": (type(fam).__qualname__, repr(fam), dict(getattr(fam, "__dict__", {}))),
+               "n_samples": n_samples, "seed": seed, "m": m, "max_block": max_block, "mask": mask,
+               "class_dim": class_dim, "with_hessian": with_hessian, "score_only": bool(score_only or beyond is not None)}
     kept = KeptSteps(keep_in, fingerprint(model, data, outputs_on_a_few(model, data), options))
     if score_only or beyond is not None:
         reason = beyond or "asked for (score_only=True, --mode score-only)"
