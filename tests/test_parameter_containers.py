@@ -45,6 +45,26 @@ class _LayerScales(nn.Module):
         return x
 
 
+class _CalledDict(nn.ModuleDict):
+    """A ModuleDict with a forward of its own, holding a ParameterList that forward reads: it is called, so it
+    is the one that reads them."""
+
+    def __init__(self) -> None:
+        super().__init__({"layer": nn.Linear(4, 3), "scales": nn.ParameterList([nn.Parameter(torch.randn(3))])})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self["layer"](x)) * self["scales"][0]
+
+
+class _WithCalledDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = _CalledDict(), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+
 class _Nested(nn.Module):
     """The container sits in a sub-module that is called: that sub-module reads it."""
 
@@ -62,6 +82,7 @@ _CASES = {
     "dict": (lambda: _Scaled("dict"), {"": {"extra.scale", "extra.shift"}}),
     "list-in-module-list": (_LayerScales, {"": {"scales.0.0", "scales.0.1"}}),
     "in-called-block": (_Nested, {"block": {"extra.0", "extra.1"}}),
+    "in-called-module-dict": (_WithCalledDict, {"block": {"scales.0"}}),
 }
 
 

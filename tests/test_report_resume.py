@@ -20,16 +20,41 @@ from torchfim.report import kept_steps
 from torchfim.report.measure import Steps
 
 
+class _ScaledBackward(torch.autograd.Function):
+    """The identity forward, whose backward scales the gradient by ``scale`` (a straight-through estimator's
+    kind of edit: the outputs stay, the gradients change)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h: torch.Tensor, scale: float) -> torch.Tensor:
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g * ctx.scale, None
+
+
 class _Scaled(nn.Module):
-    """An MLP whose logits are divided by ``temperature``, an attribute outside the state dict."""
+    """An MLP whose logits are divided by ``temperature`` and whose hidden layer's gradient is scaled by
+    ``backward_scale``, two attributes outside the state dict, and whose inputs equal to ``odd`` (None: none)
+    are scaled by 1.5; ``projection``, a sparse buffer (as a graph model's adjacency), is the identity."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-        self.temperature = 1.0
+        self.temperature, self.backward_scale, self.odd = 1.0, 1.0, None
+        self.register_buffer("projection", torch.eye(4).to_sparse())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) / self.temperature
+        if self.odd is not None:
+            x = torch.where((x == self.odd).all(-1, keepdim=True), 1.5 * x, x)
+        h = _ScaledBackward.apply(self.net[1](self.net[0](x @ self.projection.to_dense())), self.backward_scale)
+        return self.net[2](h) / self.temperature
 
 
 def _setup() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -90,7 +115,8 @@ def _interrupted(tmp_path, monkeypatch, model, data, **kw) -> None:
             _report(model, data, tmp_path / "r", **kw)
 
 
-@pytest.mark.parametrize("change", ["weights", "forward", "data", "option", "family", "no-resume"])
+@pytest.mark.parametrize("change", ["weights", "forward", "backward", "data", "last-input", "option", "family",
+                                    "no-resume"])
 def test_a_report_of_anything_else_starts_over(tmp_path, monkeypatch, change: str) -> None:
     model, (x, y) = _setup()
     kw = {"family": Gaussian(sigma=2.0)} if change == "family" else {}
@@ -100,9 +126,13 @@ def test_a_report_of_anything_else_starts_over(tmp_path, monkeypatch, change: st
             model.net[0].weight[0, 0] += 1e-12
     elif change == "forward":
         model.temperature = 2.0
+    elif change == "backward":
+        model.backward_scale = 0.5
     elif change == "data":
         x = x.clone()
         x[-1, -1] += 1e-12
+    elif change == "last-input":  # the forward changes on the last input alone: the first 8 outputs as before
+        model.odd = x[-1].clone()
     elif change == "option":
         kw = {"seed": 1}
     elif change == "no-resume":
@@ -125,3 +155,34 @@ def test_a_step_cut_short_is_computed_again(tmp_path, monkeypatch) -> None:
     got = _report(model, data, tmp_path / "r")
     assert got["resumed_steps"] == len(kept) - 1
     assert _numbers(tmp_path / "r") == _numbers(_whole(tmp_path, model, data, {}))
+
+
+def test_steps_are_read_back_only_under_their_report_s_key(tmp_path) -> None:
+    """A report of another model started into the same ``--out`` while one runs relabels the folder; the first
+    report's later files are not read as the second's."""
+    first = kept_steps.KeptSteps(tmp_path / "steps", "first")
+    second = kept_steps.KeptSteps(tmp_path / "steps", "second")
+    first.put("Tr(F) exact", torch.tensor(111.0))
+    assert second.get("Tr(F) exact") == (False, None) and second.resumed == 0
+    assert first.get("Tr(F) exact")[0] and first.resumed == 1
+
+
+def test_a_disk_that_refuses_the_steps_leaves_the_report_whole(tmp_path, monkeypatch) -> None:
+    """Keeping is an aid: where the disk refuses a kept step (full, read-only), the report warns once and ends
+    as it would without keeping."""
+    import torchfim._io as io_mod
+
+    model, data = _setup()
+    want = _numbers(_whole(tmp_path, model, data, {}))
+    real = io_mod.atomic_write
+
+    def refusing(path, *args, **kw):
+        if path.parent.name == kept_steps.FOLDER and path.suffix == ".pt":
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(io_mod, "atomic_write", refusing)
+    with pytest.warns(RuntimeWarning, match="no longer kept") as caught:
+        got = _report(model, data, tmp_path / "r")
+    assert len([w for w in caught if "no longer kept" in str(w.message)]) == 1
+    assert got["resumed_steps"] == 0 and _numbers(tmp_path / "r") == want

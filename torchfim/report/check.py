@@ -10,7 +10,7 @@ from ..errors import TorchfimError
 from .data import Data
 from .outputs import OutputLayout, classes_last_note, mask_of, observed_per_input, unmasked_padding_note
 
-__all__ = ["check_model_and_data", "outputs_on_a_few"]
+__all__ = ["check_model_and_data", "outputs_on_a_few", "outputs_on"]
 
 
 def check_model_and_data(
@@ -126,21 +126,8 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     """The model's outputs on the first (up to) 8 inputs, checked to be finite; a dict of
     inputs is passed as keyword arguments, and an output's ``.logits`` (or ``(batch,)`` as ``(batch, 1)``)
     read as :func:`torchfim.fisher` reads it."""
-    from ..engine.function_forwards import attention_fast_path_off
-    from ..engine.view import as_columns, read_logits
-
-    first = next(p for p in model.parameters() if p.requires_grad)
-
-    def moved(t: object) -> object:
-        if not isinstance(t, Tensor):
-            return t
-        return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
-
-    x = data.rows(slice(0, min(8, data.n)))
     try:
-        with torch.no_grad(), attention_fast_path_off():  # the forward torchfim differentiates (no nested tensors)
-            o = as_columns(read_logits(model(**{k: moved(v) for k, v in x.items()}) if isinstance(x, dict)
-                                       else model(moved(x))))
+        o = outputs_on(model, data, slice(0, min(8, data.n)))
     except Exception as exc:
         raise TorchfimError(
             f"the model could not run on the data's inputs of shape {data.input_shape()} "
@@ -158,3 +145,22 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
             "NaN/Inf and the weights (--checkpoint) for divergence"
         )
     return o
+
+
+def outputs_on(model: nn.Module, data: Data, rows: slice, differentiable: bool = False) -> object:
+    """The model's outputs on the inputs ``rows``, read as :func:`torchfim.fisher` reads them, with the forward
+    torchfim differentiates (no attention fast path); with autograd where ``differentiable``."""
+    from ..engine.function_forwards import attention_fast_path_off
+    from ..engine.view import as_columns, read_logits
+
+    first = next(p for p in model.parameters() if p.requires_grad)
+
+    def moved(t: object) -> object:
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
+
+    x = data.rows(rows)
+    with torch.set_grad_enabled(differentiable), attention_fast_path_off():  # no nested tensors
+        return as_columns(read_logits(model(**{k: moved(v) for k, v in x.items()}) if isinstance(x, dict)
+                                      else model(moved(x))))

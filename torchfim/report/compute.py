@@ -13,10 +13,10 @@ from torch import nn
 from ..errors import TorchfimError
 from . import settings
 from .assemble import Layout, Setup, assemble
-from .check import check_model_and_data, outputs_on_a_few
+from .check import check_model_and_data
 from .cost import full_report_seconds, time_pull_back
 from .data import Data
-from .kept_steps import KeptSteps, fingerprint
+from .kept_steps import KeptSteps
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
 from .score_only import compute_score_only
 
@@ -79,7 +79,7 @@ def compute_report(
     options = {"family": (type(fam).__qualname__, repr(fam), dict(getattr(fam, "__dict__", {}))),
                "n_samples": n_samples, "seed": seed, "m": m, "max_block": max_block, "mask": mask,
                "class_dim": class_dim, "with_hessian": with_hessian, "score_only": bool(score_only or beyond is not None)}
-    kept = KeptSteps(keep_in, fingerprint(model, data, outputs_on_a_few(model, data), options))
+    kept = KeptSteps.of(keep_in, model, data, options)
     if score_only or beyond is not None:
         reason = beyond or "asked for (score_only=True, --mode score-only)"
         return {**compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,

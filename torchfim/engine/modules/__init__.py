@@ -43,14 +43,20 @@ def owns_subtree(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention)
 
 
-#: Modules that only hold others and are never called.
+#: Modules that only hold others and, without a forward of their own, are never called.
 _CONTAINERS = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
+
+
+def _only_holds(module: nn.Module) -> bool:
+    """Whether ``module`` is a container without a forward of its own (a subclass with one may be called)."""
+    return isinstance(module, _CONTAINERS) and type(module).forward is nn.Module.forward
 
 
 def held_for(model: nn.Module) -> dict[nn.Module, dict[str, nn.Parameter]]:
     """The parameters that an ``nn.ParameterList`` or ``nn.ParameterDict`` holds for the module that reads
-    them: its nearest module above that is not a container (it alone is ever called), by name below it
-    (``"scales.0"``). A rule of that module's covers them from the start, with no coverage check's move."""
+    them: its nearest module above that is not a container without a forward of its own (it alone is ever
+    called), by name below it (``"scales.0"``). A rule of that module's covers them from the start, with no
+    coverage check's move."""
     modules = dict(model.named_modules())
     held: dict[nn.Module, dict[str, nn.Parameter]] = {}
     for path, module in modules.items():
@@ -58,7 +64,7 @@ def held_for(model: nn.Module) -> dict[nn.Module, dict[str, nn.Parameter]]:
             continue
         parts = path.split(".")
         depth = len(parts) - 1
-        while depth > 0 and isinstance(modules[".".join(parts[:depth])], _CONTAINERS):
+        while depth > 0 and _only_holds(modules[".".join(parts[:depth])]):
             depth -= 1
         below = ".".join(parts[depth:])
         holder = held.setdefault(modules[".".join(parts[:depth])], {})
