@@ -57,7 +57,7 @@ temporary file first and then renamed into place, report.json last, so a failed 
 run never removes ``--out`` and never leaves a half-written file (:mod:`torchfim.report.publish`).
 While it computes, each finished step is kept in the folder ``.torchfim-report-steps`` inside ``--out``,
 removed once the report is written: the same report run again after an interruption (the same weights,
-forward, data and options) reads the finished steps back and computes only the rest; ``--no-resume``
+forward and backward, data and options) reads the finished steps back and computes only the rest; ``--no-resume``
 computes them all again (:mod:`torchfim.report.kept_steps`).
 
 The package, one job per module: :mod:`~torchfim.report.settings` (file names, defaults, the

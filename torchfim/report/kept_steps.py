@@ -66,7 +66,7 @@ def fingerprint(model: nn.Module, data: Data, options: dict) -> str:
 
     digest = hashlib.sha256()
     first = next(p for p in model.parameters() if p.requires_grad)
-    for value in ({n: t for n, t in model.state_dict(keep_vars=True).items()},
+    for value in (model.state_dict(keep_vars=True),
                   [n for n, p in model.named_parameters() if p.requires_grad], str(first.device),
                   data.inputs, data.targets, options, [torch.__version__, torchfim.__version__]):
         _update(digest, value)
@@ -79,9 +79,10 @@ def _computed(model: nn.Module, data: Data, rows: int = 8) -> Iterator[object]:
     """The model's outputs on every input (``rows`` at a time, so that a language model's logits of a few
     inputs are all that is held) and the gradient, with respect to its trainable parameters, of a fixed random
     projection of its outputs on the first ``rows``."""
-    for start in range(0, data.n, rows):
-        yield outputs_on(model, data, slice(start, min(start + rows, data.n)))
     o = outputs_on(model, data, slice(0, min(rows, data.n)), differentiable=True)
+    yield o.detach() if isinstance(o, Tensor) else o
+    for start in range(rows, data.n, rows):
+        yield outputs_on(model, data, slice(start, min(start + rows, data.n)))
     if not isinstance(o, Tensor) or not o.requires_grad:
         return
     v = torch.randn(o.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(o.device, o.dtype)

@@ -43,8 +43,10 @@ def owns_subtree(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention)
 
 
+#: Modules that hold parameters for the module above, which reads them.
+_PARAMETER_CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 #: Modules that only hold others and, without a forward of their own, are never called.
-_CONTAINERS = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
+_CONTAINERS = (*_PARAMETER_CONTAINERS, nn.ModuleList, nn.ModuleDict)
 
 
 def _only_holds(module: nn.Module) -> bool:
@@ -60,7 +62,7 @@ def held_for(model: nn.Module) -> dict[nn.Module, dict[str, nn.Parameter]]:
     modules = dict(model.named_modules())
     held: dict[nn.Module, dict[str, nn.Parameter]] = {}
     for path, module in modules.items():
-        if not path or not isinstance(module, (nn.ParameterList, nn.ParameterDict)):
+        if not path or not isinstance(module, _PARAMETER_CONTAINERS):
             continue
         parts = path.split(".")
         depth = len(parts) - 1
@@ -99,7 +101,7 @@ def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tup
             claimed.update(module.parametrizations.modules())
         own = {n: index_of[id(p)] for n, p in module.named_parameters(recurse=subtree or parametrized)
                if id(p) in index_of and (subtree or "." not in n or (parametrized and n.startswith(PREFIX)))
-               and not isinstance(module, (nn.ParameterList, nn.ParameterDict))}
+               and not isinstance(module, _PARAMETER_CONTAINERS)}
         own.update({n: index_of[id(p)] for n, p in held.get(module, {}).items() if id(p) in index_of})
         own = {n: i for n, i in own.items() if i not in taken}
         if own:
