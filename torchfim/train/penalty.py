@@ -106,7 +106,7 @@ class FisherPenalty:
     ``loss + pen(x)``, it is a little cheaper than double backprop (2F + 3B against the plain step's F + B:
     measured on the benchmark MLP 64-256-256-10, batch 256, one thread: 3.5-3.7× a plain SGD step, 3.8-4×
     for double backprop); :meth:`penalised_loss` shares the forward at ``θ + ε ĝ`` with the task loss and needs two
-    forwards and two backwards (measured 2.4-2.6×, where two plain passes cost 1.9-2.1×), so use it in a
+    forwards and two backwards (measured 3.0×, where two plain passes cost 1.8×), so use it in a
     training loop. With ``kind="trace"`` it is slower (every input moves its own copy of the parameters:
     1.7× the exact per-input double backprop), so use it there only for models without double backward.
     The returned tensor then always has the value ``α‖g‖²`` (resp. the trace value) and exactly that
@@ -302,10 +302,10 @@ class FisherPenalty:
           The value is ``task_loss(o') + α‖g‖²`` (the task loss at θ', an O(ε) difference). Cost:
           two forwards and two backwards, about 2× a plain step (against 2F + 3B for
           ``loss + pen(x)``). Measured on the benchmark MLP 64-256-256-10, batch 256, SGD, two threads
-          (a busy 2-core machine, in one process): 2.3-2.4× a plain step, where two plain forwards and
-          backwards cost 1.9× and ``loss + pen(x)`` 3.5-3.7×; the rest is the label draw and output
-          check, the norms of g and θ, the node that shifts the parameters (a Python autograd
-          function, about 40 µs each way) and the second NLL.
+          (in one process, 2026-12-05; 2.6× on 12-02): 3.0× a plain step, where two plain forwards and
+          backwards cost 1.8× (``loss + pen(x)``: 3.5-3.7× on 12-02); the rest is Python per call: the
+          checks of the model (wrappers, hooks, precision), the label draw and output check, the norms of
+          g and θ, the node that shifts the parameters (a Python autograd function) and the second NLL.
           With ``every > 1`` and ``reuse_between=True`` the penalty's gradient is also taken
           on its own (one more backward through pass 2) to be cached, and the returned term is
           the surrogate with that gradient (a computed step costs 2F + 3B; measured at every=10:
