@@ -144,10 +144,10 @@ def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str],
             return {"skipped": f"the Hessian estimator's (Î2) variances were skipped: {err}"}
 
     if with_hessian:
-        summaries["hessian"] = steps.run("Var Î2: traces and diagonal", hessian_variances)
-        skipped = summaries["hessian"].get("skipped")
-        if skipped is not None:
-            del summaries["hessian"]
+        part = steps.run("Var Î2: traces and diagonal", hessian_variances)
+        skipped = part.get("skipped")
+        if skipped is None:
+            summaries["hessian"] = part
     subset_total: dict[str, float | None] = {}
     subset_layers: list[dict[str, float | None]] = [{} for _ in names]
     missing = {"variance": None, "bound": None, "tensor_variances": [None] * len(names),
