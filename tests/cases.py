@@ -68,10 +68,26 @@ def strided_cnn(c: int, seed: int = 0) -> nn.Module:
     ).double()
 
 
+class OwnRMSNorm(nn.Module):
+    """An RMSNorm of its own class, ``w ⊙ x/√(mean(x²) + eps)``: what models on a torch without ``nn.RMSNorm``
+    (< 2.4) write, and torchfim's norm rule takes on probation."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+#: torch's RMSNorm where it has one, else :class:`OwnRMSNorm`.
+RMS_NORM = getattr(nn, "RMSNorm", OwnRMSNorm)
+
+
 def rms_norm_mlp(c: int) -> nn.Module:
     """RMSNorm (affine, weights away from 1) between Linear layers, with GELU."""
     _seed()
-    model = nn.Sequential(nn.Linear(3, 5), nn.RMSNorm(5), nn.GELU(), nn.Linear(5, c)).double()
+    model = nn.Sequential(nn.Linear(3, 5), RMS_NORM(5), nn.GELU(), nn.Linear(5, c)).double()
     with torch.no_grad():
         model[1].weight.uniform_(0.5, 1.5)
     return model

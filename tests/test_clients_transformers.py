@@ -24,6 +24,7 @@ import torchfim
 import torchfim.report
 import torchfim.train
 from torchfim.engine import ModelView, batches, make_backend
+from torchfim.engine.attention_kernel import math_attention
 from torchfim.engine.modules import GenericRule
 from torchfim.engine.modules.transposed_linear import TransposedLinearRule
 
@@ -530,7 +531,7 @@ def test_bert_sdpa_hessian_variance_diag_matches_reverse_over_reverse() -> None:
         def logits(w: torch.Tensor, one=one) -> torch.Tensor:
             return torch.func.functional_call(model, {name: w}, kwargs=one).logits[0]
 
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        with math_attention():
             hess = torch.func.jacrev(torch.func.jacrev(logits))(query).reshape(CLASSES, query.numel(), -1)
         d = torch.diagonal(hess, dim1=1, dim2=2)  # (C, p)
         p = torch.softmax(logits(query).detach(), -1)

@@ -25,6 +25,7 @@ from oracles import exact_fisher
 from torch import nn
 
 import torchfim
+import torchfim.engine.plain_forwards as plain_forwards_module
 from torchfim.errors import TorchfimError
 from torchfim.train import FisherPenalty, FisherTraceMonitor
 
@@ -101,6 +102,22 @@ def test_compiled_code_runs_eagerly_inside_torchfim_only() -> None:
     torchfim.fisher(model, x, structure="diag")
     FisherTraceMonitor(model, x, every=1).step(0)
     assert counting.graphs == 0
+    model(x)
+    assert counting.graphs > 0
+
+
+@pytest.mark.parametrize("kind", ["in place", "submodule"])
+def test_without_set_stance_modules_compiled_run_their_python_in_the_mode_only(kind: str) -> None:
+    """What :func:`eager_compiled` does on a torch without ``torch.compiler.set_stance`` (< 2.6), forced here: within
+    the block no graph reaches the compiler and the exact penalty's double backprop goes through; the next call
+    outside compiles."""
+    counting, x = _Counting(), mlp_inputs(7)
+    model, twin = _compiled(kind, counting)
+    with plain_forwards_module._EAGER_CALLS.block():
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), create_graph=True)
+        torch.autograd.grad(sum(g.square().sum() for g in grads), list(model.parameters()))
+    assert counting.graphs == 0 and torch.equal(out, twin(x))
     model(x)
     assert counting.graphs > 0
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from torchfim.engine.attention_kernel import math_attention
 from torchfim.engine.composites import attention, composite_forms, layer_norm, multi_head_attention
 
 
@@ -99,7 +99,7 @@ def test_forward_over_forward_equals_reverse_over_reverse(seed: int) -> None:
     def f(w: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(block, {"lin.weight": w}, (x,))
 
-    with sdpa_kernel(SDPBackend.MATH):
+    with math_attention():
         exact = e.flatten() @ torch.autograd.functional.hessian(f, w0).reshape(16, 16) @ e.flatten()
     with composite_forms():
         second = jvp(lambda w: jvp(f, (w,), (e,))[1], (w0,), (e,))[1]

@@ -15,9 +15,9 @@ import torch
 from cases import CASES, Case, token_mask
 from oracles import FAMILY_WIDTH, flat_function, label_support, output_fisher
 from torch.func import jacrev
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torchfim
+from torchfim.engine.attention_kernel import math_attention
 
 BACKENDS = ("modules", "functional")
 N = 4
@@ -63,7 +63,7 @@ def oracle(case: Case, family: str) -> dict[str, torch.Tensor]:
     # Reverse over reverse (no forward-mode rule of torch's enters the oracle: the one of layer_norm
     # is wrong to second order), with attention on torch's math kernel (the CPU flash kernel has
     # no double backward).
-    with sdpa_kernel(SDPBackend.MATH):
+    with math_attention():
         hess = torch.stack([jacrev(jacrev(lambda th, i=i: f(th, x[i : i + 1])[0]))(theta) for i in range(N)])
     res["var_hessian"] = scale * torch.einsum("napq,nab,nbpq->pq", hess, lam, hess)
     traces = torch.einsum("naii->na", hess)

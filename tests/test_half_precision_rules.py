@@ -25,6 +25,11 @@ import torchfim
 from torchfim.engine.modules import GenericRule
 
 HALF = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # relative error of the diagonal allowed against float64
+#: torch 2.4's half-precision RMSNorm rounds more: rms_norm_mlp's diagonal comes 6.2e-3 off float64 in float16 with
+#: torch 2.4.1 (3.4e-4 with 2.13), and torch.func's (backend="functional") 6.0e-3, the model's own rounding, not the
+#: rule's; 4.5e-2 in bfloat16.
+OLD_HALF_RMS = {torch.bfloat16: 6e-2, torch.float16: 1e-2} \
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5) else HALF
 
 
 @pytest.mark.parametrize("dtype", list(HALF), ids=str)
@@ -42,7 +47,8 @@ def test_a_half_precision_model_keeps_its_rules_quietly(name: str, dtype: torch.
     assert not torchfim_messages(caught)
     assert not [path for path, rule in rules.items() if isinstance(rule, GenericRule)]
     want = torchfim.fisher(reference, x.double(), structure="diag")
-    assert float((got.double() - want).norm() / want.norm()) < HALF[dtype]
+    allowed = (OLD_HALF_RMS if name == "rms_norm_mlp" else HALF)[dtype]
+    assert float((got.double() - want).norm() / want.norm()) < allowed
 
 
 @pytest.mark.parametrize("dtype", list(HALF), ids=str)

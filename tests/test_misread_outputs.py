@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch_versions import NODE_SHAPES
 
 import torchfim
 from torchfim.families.bernoulli import SIGMOID
@@ -136,8 +137,11 @@ def _log_softplus(v: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("family", "end", "named"), [
     ("heteroscedastic_gaussian", _halves(nn.Identity(), nn.functional.softplus), "second half.*final softplus"),
     ("heteroscedastic_gaussian", _halves(nn.Identity(), torch.exp), "second half.*final exp"),
-    ("heteroscedastic_gaussian", lambda z: torch.cat([z[:, :2], nn.Softplus()(z[:, 2:]).float().double()], dim=1),
-     "second half.*final softplus"),  # through a cast, joined along dim=1
+    pytest.param("heteroscedastic_gaussian",
+                 lambda z: torch.cat([z[:, :2], nn.Softplus()(z[:, 2:]).float().double()], dim=1),
+                 "second half.*final softplus",  # through a cast, joined along dim=1
+                 marks=pytest.mark.skipif(not NODE_SHAPES, reason="a join along dim=1 is read from autograd's "
+                                          "metadata of its node, which torch < 2.5 does not show")),
     ("gamma", _halves(torch.exp, nn.Identity()), "first half.*final exp.*log-mean"),
     ("gamma", _halves(nn.Identity(), nn.functional.softplus), "second half.*final softplus.*log-shape"),
 ], ids=["variance-softplus", "variance-exp", "variance-softplus-cast", "gamma-mean-exp", "gamma-shape-softplus"])

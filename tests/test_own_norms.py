@@ -102,3 +102,25 @@ def test_cohere_keeps_its_layer_norm_on_the_norm_rule() -> None:
     backend, _ = module_rules(model, x, logits)
     norms = [r for m, r in backend.rules.items() if type(m).__name__ == "CohereLayerNorm"]
     assert norms and all(isinstance(r, NormRule) and r.kind == "layer" for r in norms)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "rms_norm"), reason="no torch rms_norm to compare with: the "
+                    "oracle tests of rms_norm_mlp run the written-out x̂ on this torch")
+@pytest.mark.parametrize("eps", [None, 1e-3])
+def test_an_rms_norm_without_torchs_rms_norm_is_normalised_as_torch_does(monkeypatch, eps: float | None) -> None:
+    """torch < 2.4 has no ``F.rms_norm``: ``x̂`` is then written out, ``x/√(mean(x²) + ε)`` over the trailing dims with
+    the dtype's machine epsilon for ``eps=None``; the same numbers as torch's, and an own RMSNorm keeps the norm rule
+    (its probation compares the rule, on that ``x̂``, with autograd) with the oracle's Fisher."""
+    from torchfim.engine.modules import norm
+
+    x = torch.randn(4, 3, 2, 5, dtype=torch.float64) * 0.01  # small: the epsilon counts
+    want = torch.nn.functional.rms_norm(x, (2, 5), None, eps)
+    monkeypatch.delattr(torch.nn.functional, "rms_norm")
+    assert torch.allclose(norm._rms_normalised(x, (2, 5), eps), want, rtol=1e-13, atol=0)
+    torch.manual_seed(0)
+    model, inputs = nn.Sequential(nn.Linear(3, 5), T5LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double(), \
+        torch.randn(6, 3, dtype=torch.float64)
+    assert torch.allclose(torchfim.fisher(model, inputs, structure="diag"),
+                          exact_fisher(model, inputs, "categorical").diagonal(), rtol=1e-10, atol=1e-14)
+    backend, rules = module_rules(model, inputs)
+    assert isinstance(rules["1"], NormRule) and not backend.demoted  # kept after probation: its x̂ is right

@@ -15,6 +15,7 @@ from oracles import penalty_definition
 from torch import nn
 
 from torchfim import TorchfimError
+from torchfim.engine.attention_kernel import math_attention
 from torchfim.families import Categorical
 from torchfim.train import FisherPenalty
 
@@ -162,7 +163,7 @@ def test_exact_penalty_through_attention_and_layer_norm_equals_its_definition(ki
     params = list(model.parameters())
     with torch.no_grad():
         y = Categorical().sample(model(tokens), 1, torch.Generator().manual_seed(5)).reshape(B)
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+    with math_attention():
         value, *want = penalty_definition(
             lambda rows: -F.cross_entropy(model(tokens[rows]), y[rows], reduction="sum"), params, B, kind, ALPHA)
     term = _penalty(model, kind=kind)(tokens, step=0)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from oracles import exact_fisher, penalty_definition
 from torch import Tensor, nn
+from torch_versions import SAVED_HOOKS_READABLE
 
 import torchfim
 from torchfim.engine.plain_forwards import plain_forwards
@@ -315,6 +316,9 @@ def _tagging_hooks(seen: list[str]) -> torch.autograd.graph.saved_tensors_hooks:
     return torch.autograd.graph.saved_tensors_hooks(lambda t: (seen.append("pack"), t)[1], lambda t: t)
 
 
+@pytest.mark.skipif(not SAVED_HOOKS_READABLE,
+                    reason="a torch without _top_saved_tensors_default_hooks (2.4) cannot read the caller's hooks back, so they stay: torch.func refuses "
+                           "them, and torchfim names backend='auto' as the fix")
 @pytest.mark.parametrize("callers", ["save_on_cpu", "own hooks"])
 def test_saved_tensor_hooks_the_caller_entered_are_set_aside_and_back_after(callers: str) -> None:
     """A caller that wraps its training step in ``save_on_cpu`` (or hooks of its own) and calls torchfim

@@ -123,11 +123,12 @@ class _ByKeyword(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin, self.norm, self.rms = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.RMSNorm(4)
+        # torch < 2.4 has no RMSNorm: a LayerNorm there, called by its name for the input
+        self.lin, self.norm, self.rms = nn.Linear(3, 4), nn.BatchNorm1d(4), getattr(nn, "RMSNorm", nn.LayerNorm)(4)
         self.conv, self.embed, self.head = nn.Conv1d(1, 2, 2), nn.Embedding(5, 2), nn.Linear(10, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.rms(x=self.norm(input=torch.tanh(self.lin(input=x))))
+        h = self.rms(**{"input" if isinstance(self.rms, nn.LayerNorm) else "x": self.norm(input=torch.tanh(self.lin(input=x)))})
         c = self.conv(input=x[:, None, :]).flatten(1)
         e = self.embed(input=(x[:, 0] > 0).long())
         return self.head(input=torch.cat([h, c, e], -1))

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import TorchfimError, warn_user
+from .attention_kernel import math_attention
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
 from .composites import composite_forms
@@ -88,7 +88,7 @@ class FunctionalBackend(Backend):
             return view.flatten_params(g, lead=1)
 
         try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
-            with sdpa_kernel(SDPBackend.MATH):
+            with math_attention():
                 return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
         except (RuntimeError, NotImplementedError) as err:
             raise TorchfimError(

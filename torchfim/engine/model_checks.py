@@ -178,6 +178,8 @@ def check_not_scripted(model: nn.Module) -> None:
 
 #: Where torch defines what manages a model's parameters across processes: (module, name, what it is).
 _DISTRIBUTED = (("torch.distributed.fsdp", "FSDPModule", "fully_shard or replicate"),
+                ("torch.distributed._composable.fsdp", "FSDPModule", "fully_shard or replicate"),  # torch 2.4, 2.5
+                ("torch.distributed._composable.fsdp", "FSDP", "fully_shard or replicate"),  # torch 2.3
                 ("torch.distributed.fsdp", "FullyShardedDataParallel", "FullyShardedDataParallel"),
                 ("torch.distributed.fsdp._flat_param", "FlatParameter", "FullyShardedDataParallel"),
                 ("torch.distributed.tensor", "DTensor", "DTensor (tensor parallelism, fully_shard or replicate)"),

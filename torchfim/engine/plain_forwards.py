@@ -371,8 +371,25 @@ _UNHOOKED = _ProcessSwitch(_no_global_backward_hooks)
 _TRACKED = _ProcessSwitch(_requires_grad_under_transforms)
 
 
+def _eager_call(self: nn.Module, *args: object, **kwargs: object) -> object:
+    """Stands in for ``nn.Module.__call__`` where torch has no ``set_stance`` (< 2.6): in a thread of the mode, a
+    module compiled in place (its ``compile()``) runs its Python forward, and ``torch.compile``'s wrapper the module
+    it wraps; elsewhere torch's own call."""
+    if _EAGER_CALLS.active():
+        if is_compile_wrapper(self):
+            return self._orig_mod(*args, **kwargs)
+        if self.__dict__.get("_compiled_call_impl") is not None:
+            return self._call_impl(*args, **kwargs)
+    return _EAGER_CALLS.torchs(nn.Module, "__call__")(self, *args, **kwargs)
+
+
+_EAGER_CALLS = ThreadMode([(nn.Module, "__call__", _eager_call)])
+
+
 def eager_compiled() -> contextlib.AbstractContextManager[None]:
-    """Within the block, code compiled by ``torch.compile`` runs eagerly, in every thread (see above).
+    """Within the block, code compiled by ``torch.compile`` runs eagerly, in every thread (see above). A torch
+    without ``torch.compiler.set_stance`` (< 2.6) runs the modules compiled in place or wrapped by
+    ``torch.compile`` eagerly, in this thread; a compiled function that a forward calls stays compiled there.
 
     Example:
         >>> import torch
@@ -382,7 +399,7 @@ def eager_compiled() -> contextlib.AbstractContextManager[None]:
         >>> out.sum().item()
         12.0
     """
-    return _EAGER.block()
+    return _EAGER.block() if hasattr(torch.compiler, "set_stance") else _EAGER_CALLS.block()
 
 
 def holds_compiled(model: nn.Module) -> bool:

@@ -14,8 +14,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention_kernel import math_attention
 from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
@@ -79,7 +79,7 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     sample (whose rows are all its own).
     """
     calls: list[tuple[Rule, Call]] = []
-    kernel = sdpa_kernel(SDPBackend.MATH) if attends else nullcontext()
+    kernel = math_attention() if attends else nullcontext()
     with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, layouts), kernel:
         raw = view.to_tensor(batch.call(view.model), batch.size)
     return ModuleRecording(batch, view.flat(raw), raw.shape, calls)

@@ -90,6 +90,13 @@ EXPORTED_BATCH = ("; a program from torch.export takes only the batch size it wa
                   "torch.export.Dim('batch')},))")
 
 
+def _exported_guard(err: BaseException) -> bool:
+    """Whether ``err`` is a program from torch.export refusing another batch size: its guard ("Guard failed"), or
+    the input check of torch < 2.5 ("Expected input at *args[0].shape[0] to be equal to 6, but got 2")."""
+    said = str(err)
+    return "Guard failed" in said or ("Expected input at" in said and "to be equal to" in said)
+
+
 @contextmanager
 def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
     """While the block runs a forward on ``size`` of ``batch``'s inputs, a RuntimeError or AssertionError (an
@@ -109,7 +116,7 @@ def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
             f"({str(err).splitlines()[0][:160]}); torchfim also calls it on fewer inputs (to check that samples "
             "are independent, and on sub-batches where memory asks), so the forward must take any number of "
             "inputs: look for a batch size fixed in it, such as x.view(16, -1) where x.view(x.shape[0], -1) "
-            "or x.flatten(1) is meant" + (EXPORTED_BATCH if "Guard failed" in str(err) else "")
+            "or x.flatten(1) is meant" + (EXPORTED_BATCH if _exported_guard(err) else "")
         ) from err
 
 

@@ -20,9 +20,9 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._batches import refuse_packed
+from ..engine.attention_kernel import math_attention
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import composite_forms
 from ..engine.function_forwards import attention_fast_path_off
@@ -184,7 +184,7 @@ class ModelIO:
         while not self.looped:
             in_dims = (params_dim, dims, 0, None if masks is None else 0)
             try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
-                with sdpa_kernel(SDPBackend.MATH):
+                with math_attention():
                     return vmap(grad(log_p), in_dims=in_dims)(params, (x.args, x.kwargs), y, masks)
             except (RuntimeError, NotImplementedError) as err:
                 if self.vmapped_forms is not composite_forms:  # layer_norm under autocast has no batched backward

@@ -27,8 +27,8 @@ import inspect
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..attention_kernel import math_attention
 from .base import PARTS, Call, Grads, Rule, as_float, positions_grads, positions_squares
 from .generic import GenericRule
 
@@ -253,6 +253,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, heads: int) ->
         return t.reshape(n, t.shape[1], heads, width // heads).transpose(1, 2)
 
     # The math kernel: on CPU the fused kernels are several times slower at these small shapes.
-    with sdpa_kernel(SDPBackend.MATH):
+    with math_attention():
         ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
     return ctx.transpose(1, 2).reshape(n, length, width)

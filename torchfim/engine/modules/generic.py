@@ -17,9 +17,9 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import TorchfimError, warn_user
+from ..attention_kernel import math_attention
 from ..function_forwards import function_forwards
 from .attribute_state import KEY as STATE
 from .attribute_state import attribute_state, attributes_set, state_to_keep
@@ -249,7 +249,7 @@ class GenericRule(Rule):
 
         # torch.func still differentiates under no_grad (no graph to the module's other tensors); the math
         # attention kernel has batching rules, the fused CPU kernels would run sample by sample.
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), math_attention():
             g = vmap(per_sample, in_dims=(arg_dims, kw_dims, tuple(1 for _ in used), tuple(d for *_, d in kept),
                                           {k: state_dims[k] for k in tensors}))(args, kwargs, cotangents, constants, tensors)
         # A parameter the forward leaves unused gets a broadcast zero from vmap, whose entries share one

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from .base import Call, Grads, Rule, as_float
 
-_TRAILING = (nn.LayerNorm, nn.RMSNorm)
+#: torch's RMSNorm (torch >= 2.4; an older torch has none, and its models have only their own classes).
+_RMS_NORM: tuple[type, ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+_TRAILING = (nn.LayerNorm, *_RMS_NORM)
 _INSTANCE = nn.modules.instancenorm._InstanceNorm
 _CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, _INSTANCE)
 
@@ -81,14 +83,23 @@ def _eps(module: nn.Module) -> object:
     return getattr(module, "variance_epsilon", getattr(module, "eps", None))
 
 
+def _rms_normalised(x: Tensor, shape: tuple[int, ...], eps: float | None) -> Tensor:
+    """``x / √(mean(x²) + ε)`` over the trailing ``shape`` (``ε`` the dtype's machine epsilon when None), as
+    ``F.rms_norm`` computes it; written out where torch has none (torch < 2.4)."""
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, shape, None, eps)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return x * torch.rsqrt(x.pow(2).mean(tuple(range(-len(shape), 0)), keepdim=True) + eps)
+
+
 def normalised(module: nn.Module, x: Tensor, kind: str | None = None) -> Tensor:
     """``x̂``: the module's output before its affine parameters (of a norm of its own class: ``kind``'s)."""
     if isinstance(module, nn.LayerNorm) or kind == "layer":
         shape = module.normalized_shape if isinstance(module, nn.LayerNorm) else (x.shape[-1],)
         return F.layer_norm(x, shape, None, None, _eps(module))
-    if isinstance(module, nn.RMSNorm) or kind == "rms":
-        shape = module.normalized_shape if isinstance(module, nn.RMSNorm) else (x.shape[-1],)
-        return F.rms_norm(x, shape, None, _eps(module))
+    if isinstance(module, _RMS_NORM) or kind == "rms":
+        shape = module.normalized_shape if isinstance(module, _RMS_NORM) else (x.shape[-1],)
+        return _rms_normalised(x, shape, _eps(module))
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
     if isinstance(module, _INSTANCE) and (module.training or not module.track_running_stats):
