@@ -29,6 +29,11 @@ import torchfim.engine.plain_forwards as plain_forwards_module
 from torchfim.errors import TorchfimError
 from torchfim.train import FisherPenalty, FisherTraceMonitor
 
+# The two tests of the stand-in for a torch without ``set_stance`` force it on this torch, where
+# ``torch.compiler.disable(fn, recursive=False)`` wraps ``fn`` instead of marking its code skipped (as 2.3-2.5 do): dynamo
+# then traces the stand-in inside the compiled graphs and says it cannot trace ``get_ident``; the library never
+# installs it on such a torch.
+
 
 class _Counting:
     """A ``torch.compile`` backend that counts the graphs it is given and runs them as they are."""
@@ -106,6 +111,7 @@ def test_compiled_code_runs_eagerly_inside_torchfim_only() -> None:
     assert counting.graphs > 0
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # see the note above _Counting
 @pytest.mark.parametrize("kind", ["in place", "submodule"])
 def test_without_set_stance_modules_compiled_run_their_python_in_the_mode_only(kind: str) -> None:
     """What :func:`eager_compiled` does on a torch without ``torch.compiler.set_stance`` (< 2.6), forced here: within
@@ -113,13 +119,31 @@ def test_without_set_stance_modules_compiled_run_their_python_in_the_mode_only(k
     outside compiles."""
     counting, x = _Counting(), mlp_inputs(7)
     model, twin = _compiled(kind, counting)
-    with plain_forwards_module._EAGER_CALLS.block():
+    with plain_forwards_module._eager_module_calls():
         out = model(x)
         grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), create_graph=True)
         torch.autograd.grad(sum(g.square().sum() for g in grads), list(model.parameters()))
     assert counting.graphs == 0 and torch.equal(out, twin(x))
     model(x)
     assert counting.graphs > 0
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # see the note above _Counting
+def test_without_set_stance_a_wrapper_keeps_its_hooks_and_a_disabled_one_is_left_alone() -> None:
+    """Forced as above. A wrapper from ``torch.compile`` with a hook of its own keeps torch's call (calling the module
+    inside would skip the hook: a penalty on another function, its task loss too); one from ``torch._dynamo.disable``
+    (how torch 2.3 wraps its compiled graphs) is left to torch, whose wrapper keeps dynamo out of the frames below."""
+    x = mlp_inputs(7)
+    _, twin = _compiled("in place")
+    hooked = torch.compile(copy.deepcopy(twin), backend="aot_eager")
+    for net in (hooked, twin):
+        net.register_forward_hook(lambda module, args, out: 2 * out)
+    disabled = torch._dynamo.disable(copy.deepcopy(twin))
+    bare = torch.compile(copy.deepcopy(twin), backend="aot_eager")
+    assert [plain_forwards_module._bare_compile_wrapper(m) for m in (hooked, disabled, bare)] == [False, False, True]
+    with plain_forwards_module._eager_module_calls():
+        assert torch.allclose(hooked(x), twin(x), rtol=1e-12, atol=0)
+        assert torch.equal(disabled(x), bare(x))
 
 
 @pytest.mark.parametrize(("kind", "grad_method"), [("batch_gradient", "exact"), ("trace", "exact"),

@@ -374,13 +374,27 @@ _TRACKED = _ProcessSwitch(_requires_grad_under_transforms)
 def _eager_call(self: nn.Module, *args: object, **kwargs: object) -> object:
     """Stands in for ``nn.Module.__call__`` where torch has no ``set_stance`` (< 2.6): in a thread of the mode, a
     module compiled in place (its ``compile()``) runs its Python forward, and ``torch.compile``'s wrapper the module
-    it wraps; elsewhere torch's own call."""
+    it wraps where calling that module is all the wrapper does (:func:`_bare_compile_wrapper`); elsewhere torch's own
+    call."""
     if _EAGER_CALLS.active():
-        if is_compile_wrapper(self):
+        if _bare_compile_wrapper(self):
             return self._orig_mod(*args, **kwargs)
         if self.__dict__.get("_compiled_call_impl") is not None:
             return self._call_impl(*args, **kwargs)
     return _EAGER_CALLS.torchs(nn.Module, "__call__")(self, *args, **kwargs)
+
+
+def _bare_compile_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper, compiling (not one that ``torch._dynamo.disable`` made, as
+    dynamo wraps its own graphs), with no hooks of its own (forward or backward) and no global forward hooks: then
+    calling the module it wraps computes what calling it would, uncompiled. A wrapper with hooks keeps torch's call."""
+    from torch.nn.modules import module as torch_module
+
+    if not is_compile_wrapper(module) or type(module.__dict__.get("dynamo_ctx")).__name__ == "DisableContext":
+        return False
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+    return not any(hooks)
 
 
 _EAGER_CALLS = ThreadMode([(nn.Module, "__call__", _eager_call)])
@@ -388,8 +402,9 @@ _EAGER_CALLS = ThreadMode([(nn.Module, "__call__", _eager_call)])
 
 def eager_compiled() -> contextlib.AbstractContextManager[None]:
     """Within the block, code compiled by ``torch.compile`` runs eagerly, in every thread (see above). A torch
-    without ``torch.compiler.set_stance`` (< 2.6) runs the modules compiled in place or wrapped by
-    ``torch.compile`` eagerly, in this thread; a compiled function that a forward calls stays compiled there.
+    without ``torch.compiler.set_stance`` (< 2.6) runs the modules compiled in place, and those wrapped by
+    ``torch.compile`` without hooks on the wrapper, eagerly in this thread only; a compiled function that a forward
+    calls, a wrapper with hooks and the replicas of ``DataParallel`` (its threads) stay compiled there.
 
     Example:
         >>> import torch
@@ -399,7 +414,19 @@ def eager_compiled() -> contextlib.AbstractContextManager[None]:
         >>> out.sum().item()
         12.0
     """
-    return _EAGER.block() if hasattr(torch.compiler, "set_stance") else _EAGER_CALLS.block()
+    if hasattr(torch.compiler, "set_stance"):
+        return _EAGER.block()
+    if "torch._dynamo" not in sys.modules:  # nothing is compiled before dynamo is imported: no stand-in needed
+        return contextlib.nullcontext()
+    return _eager_module_calls()
+
+
+def _eager_module_calls() -> contextlib.AbstractContextManager[None]:
+    """The block of :func:`_eager_call`, whose code dynamo skips: called by the modules of a compiled graph, it would
+    be traced (and compiled again for each module class). On the torches that use it (2.3-2.5) marking the code adds
+    no wrapper to the calls."""
+    torch.compiler.disable(_eager_call, recursive=False)
+    return _EAGER_CALLS.block()
 
 
 def holds_compiled(model: nn.Module) -> bool:
