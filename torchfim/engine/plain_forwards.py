@@ -36,6 +36,7 @@ the process's, not the thread's: other threads' compiled code runs eagerly too w
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -388,12 +389,10 @@ def _bare_compile_wrapper(module: nn.Module) -> bool:
     """Whether ``module`` is ``torch.compile``'s wrapper, compiling (not one that ``torch._dynamo.disable`` made, as
     dynamo wraps its own graphs), with no hooks of its own (forward or backward) and no global forward hooks: then
     calling the module it wraps computes what calling it would, uncompiled. A wrapper with hooks keeps torch's call."""
-    from torch.nn.modules import module as torch_module
-
     if not is_compile_wrapper(module) or type(module.__dict__.get("dynamo_ctx")).__name__ == "DisableContext":
         return False
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
-             torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+             nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
     return not any(hooks)
 
 
@@ -422,11 +421,17 @@ def eager_compiled() -> contextlib.AbstractContextManager[None]:
 
 
 def _eager_module_calls() -> contextlib.AbstractContextManager[None]:
-    """The block of :func:`_eager_call`, whose code dynamo skips: called by the modules of a compiled graph, it would
-    be traced (and compiled again for each module class). On the torches that use it (2.3-2.5) marking the code adds
-    no wrapper to the calls."""
-    torch.compiler.disable(_eager_call, recursive=False)
+    """The block of :func:`_eager_call`, whose code dynamo skips (:func:`_skipped_by_dynamo`)."""
+    _skipped_by_dynamo()
     return _EAGER_CALLS.block()
+
+
+@functools.cache
+def _skipped_by_dynamo() -> None:
+    """Mark :func:`_eager_call`'s code skipped by dynamo, once: called by the modules of a compiled graph, it would be
+    traced (and compiled again for each module class). On the torches that use it (2.3-2.5) the mark adds no wrapper
+    to the calls."""
+    torch.compiler.disable(_eager_call, recursive=False)
 
 
 def holds_compiled(model: nn.Module) -> bool:
