@@ -128,7 +128,8 @@ class _ByKeyword(nn.Module):
         self.conv, self.embed, self.head = nn.Conv1d(1, 2, 2), nn.Embedding(5, 2), nn.Linear(10, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.rms(**{"input" if isinstance(self.rms, nn.LayerNorm) else "x": self.norm(input=torch.tanh(self.lin(input=x)))})
+        named = "input" if isinstance(self.rms, nn.LayerNorm) else "x"  # each norm's name for its input
+        h = self.rms(**{named: self.norm(input=torch.tanh(self.lin(input=x)))})
         c = self.conv(input=x[:, None, :]).flatten(1)
         e = self.embed(input=(x[:, 0] > 0).long())
         return self.head(input=torch.cat([h, c, e], -1))

@@ -282,9 +282,14 @@ class _ProcessSwitch:
                     self.undo = None
 
 
+def _dynamo_imported() -> bool:
+    """Whether torch's compiler is imported: nothing is compiled before (and importing it takes a second)."""
+    return "torch._dynamo" in sys.modules
+
+
 def _force_eager() -> Callable[[], None] | None:
     """``torch.compiler.set_stance("force_eager")``, and how to set the caller's stance back."""
-    if "torch._dynamo" not in sys.modules:  # nothing is compiled before dynamo is imported (a second to import)
+    if not _dynamo_imported():
         return None
     try:
         stance = torch.compiler.set_stance("force_eager")
@@ -415,7 +420,7 @@ def eager_compiled() -> contextlib.AbstractContextManager[None]:
     """
     if hasattr(torch.compiler, "set_stance"):
         return _EAGER.block()
-    if "torch._dynamo" not in sys.modules:  # nothing is compiled before dynamo is imported: no stand-in needed
+    if not _dynamo_imported():  # no stand-in needed
         return contextlib.nullcontext()
     return _eager_module_calls()
 
@@ -437,7 +442,7 @@ def _skipped_by_dynamo() -> None:
 def holds_compiled(model: nn.Module) -> bool:
     """Whether ``model`` or a module inside it is compiled: wrapped by ``torch.compile``, or compiled in
     place by its ``compile()`` (a compiled function that a forward calls is not seen)."""
-    if "torch._dynamo" not in sys.modules:  # nothing is compiled before dynamo is imported
+    if not _dynamo_imported():
         return False
     return any(is_compile_wrapper(m) or m.__dict__.get("_compiled_call_impl") is not None
                for m in model.modules())
