@@ -23,6 +23,7 @@ from cases import mlp_inputs, tanh_mlp
 from clients import rel_err
 from oracles import exact_fisher
 from torch import nn
+from torch_versions import TORCH_VERSION
 
 import torchfim
 import torchfim.engine.plain_forwards as plain_forwards_module
@@ -94,6 +95,12 @@ def test_the_fisher_of_a_compiled_model_is_that_of_its_python(kind: str, backend
     model, twin = _compiled(kind)
     x = mlp_inputs(7)
     model(x)  # compiled on a first call, as in training
+    if kind == "function" and backend == "functional" and TORCH_VERSION < (2, 3):
+        # torch 2.2 fails inside torch.func's transforms of the whole model ("Cannot access data pointer of Tensor
+        # that doesn't have storage"); the per-module backend takes the model (backend="modules" above)
+        with pytest.raises(TorchfimError, match="cannot batch this model through torch.func .*use backend='auto'"):
+            torchfim.fisher(model, x, structure="diag", backend=backend)
+        return
     want = exact_fisher(twin, x, "categorical").diagonal()
     got = torchfim.fisher(model, x, structure="diag", backend=backend)
     assert rel_err(got, want) < 1e-10

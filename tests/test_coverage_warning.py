@@ -11,6 +11,7 @@ import pytest
 import torch
 from engine_checks import assert_quietly_equals_dense
 from torch import nn
+from torch_versions import TORCH_VERSION
 
 import torchfim
 from torchfim.engine.coverage import CAUSES
@@ -201,10 +202,13 @@ def test_parameters_of_modules_never_called_are_named_as_such_and_stay_exact() -
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = torchfim.fisher(exported, x, structure="diag")
-    texts = [str(w.message) for w in caught if "do not add up" in str(w.message)]
-    assert len(texts) == 1 and CAUSES["uncalled"] in texts[0] and CAUSES["outside"] not in texts[0]
     want = torchfim.fisher(model, x, structure="diag", backend="functional")
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
+    if TORCH_VERSION < (2, 3):
+        assert not list(exported.children())
+        pytest.skip("torch 2.2's export puts every parameter on the program itself: no module is left uncalled")
+    texts = [str(w.message) for w in caught if "do not add up" in str(w.message)]
+    assert len(texts) == 1 and CAUSES["uncalled"] in texts[0] and CAUSES["outside"] not in texts[0]
 
 
 class _ForceField(nn.Module):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from test_train_penalty import brute_penalty
 from torch import nn
+from torch_versions import skip_unless_the_model_runs
 
 from torchfim.families import get_family
 from torchfim.train import FisherPenalty
@@ -96,6 +97,7 @@ def test_a_half_precision_finite_difference_is_named_once(where: str) -> None:
     elif where != "autocast":
         dtype = getattr(torch, where)
         model, x = model.to(dtype), x.to(dtype)
+        skip_unless_the_model_runs(model, x)
     pen = FisherPenalty(model, alpha=ALPHA, grad_method="finite_difference")
     with warnings.catch_warnings(record=True) as record, torch.autocast("cpu", dtype=torch.bfloat16,
                                                                         enabled=where == "autocast"):

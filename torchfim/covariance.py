@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
+from ._identity import identity_like
 from .engine import (
     Backend,
     Recording,
@@ -58,7 +58,7 @@ class ScoreHessianCovariance(StructureVisitor):
         gram = self.engine.output_gram(self.rec).to(o.dtype)  # Kᵢ (B, C, C)
         d = self.engine.output_hessian_traces(self.rec.batch, o.shape[1]).to(o.dtype)  # dᵢ (B, C)
         # T[K, d] = Σ_ab K_ab T[e_a, e_b, d] = Σ_a T[e_a, K e_a, d]: C contractions, no C³ tensor.
-        eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand_as(gram)
+        eye = identity_like(o.shape[1], o).expand_as(gram)
         third = self.fam.moment3(o, eye, gram, d.unsqueeze(1).expand_as(gram))  # (B, C)
         structure.add_squares(0, -third.sum())
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
+from ._identity import identity_like
 from .engine import (
     Backend,
     Recording,
@@ -55,7 +56,7 @@ def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
     if mode == "spectral":
         return fam.fourth_moment_top_eigenvalue(o)
     if mode == "kurtosis":
-        eye = torch.eye(o.shape[1], dtype=o.dtype, device=o.device).expand(o.shape[0], -1, -1)
+        eye = identity_like(o.shape[1], o).expand(o.shape[0], -1, -1)
         return fam.quadratic_moment(o, eye)
     return None
 
@@ -79,7 +80,7 @@ class ScoreVariance(StructureVisitor):
     def trace_terms(self, rows: slice, gram: Tensor) -> Tensor:
         """Per input of ``rows``, ``E[(uᵀGu)²] − (tr ΛG)²`` (or its bound) for its output gram ``G`` (b, C, C)."""
         o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
+        eye = identity_like(gram.shape[-1], gram).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
         if mode == "exact":
             second = fam.quadratic_moment(o, gram)

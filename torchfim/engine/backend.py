@@ -29,6 +29,7 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from .._identity import identity_like
 from .._memory import fits_in_memory
 from ..errors import TorchfimError
 from ..structures import Structure, Trace
@@ -170,7 +171,7 @@ class Backend(ABC):
         (``grams``: a ``C × C`` output Gram matrix per input is built from them too)."""
         out = rec.values
         check_whole_jacobian(out.shape[0], out.shape[1], self.vector_elements(rec), out.dtype, out.device, grams)
-        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        eye = identity_like(out.shape[1], out)
         return eye.expand(out.shape[0], -1, -1)
 
     def entry_quartic(self, rec: Recording, fn: EntryFn) -> Pieces:

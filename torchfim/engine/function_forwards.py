@@ -24,7 +24,10 @@ is made the same for every pass.
   with autograd computes them. A forward without autograd (the engine's check that samples are independent)
   then saw other outputs than the forward that was differentiated, and a transformer encoder with a padding
   mask, in eval mode, was refused as mixing samples. Here ``torch.backends.mha.get_fastpath_enabled()`` answers
-  False, so every forward takes the path with autograd. :func:`attention_fast_path_off` does this alone, for
+  False, so every forward takes the path with autograd. torch 2.2 has no such switch: there the layers' question
+  whether an argument overrides torch's functions (``torch.overrides.has_torch_function``) answers True, which
+  sends them down the same path, and the encoder's whether its padding is left-aligned (asked first, of an operation
+  vmap cannot batch) answers False. :func:`attention_fast_path_off` does this alone, for
   the penalty's forwards, which are the training step's otherwise.
 
 Within :func:`function_forwards` all three hold for the forwards this thread runs; regions and hooks that torchfim
@@ -33,13 +36,15 @@ itself enters around a forward are outside the block, and other threads keep tor
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-import torch.backends.mha
+from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .plain_forwards import ThreadMode
@@ -100,21 +105,61 @@ def _register_hook(self: torch.Tensor, hook: object) -> RemovableHandle:
     return _FUNCTION.torchs(torch.Tensor, "register_hook")(self, hook)
 
 
+def _no_fast_path() -> bool:
+    """Whether this thread is in the mode or in :func:`attention_fast_path_off`."""
+    return _FUNCTION.active() or getattr(_FAST_PATH_OFF, "depth", 0) > 0
+
+
 def _fastpath_enabled() -> bool:
     """Stands in for ``torch.backends.mha.get_fastpath_enabled``: in a thread of the mode or of
     :func:`attention_fast_path_off`, False. TorchScript compiles only the last line, as torch's own does (a layer
     scripted in another thread while the stand-in is installed)."""
     if not torch.jit.is_scripting():
-        if _FUNCTION.active() or getattr(_FAST_PATH_OFF, "depth", 0):
+        if _no_fast_path():
             return False
         return _FUNCTION.torchs(torch.backends.mha, "get_fastpath_enabled")()
     return True
 
 
+#: The modules whose layers ask :func:`torch.overrides.has_torch_function` before their fast path (torch 2.2).
+_FAST_PATH_CALLERS = ("torch.nn.modules.activation", "torch.nn.modules.transformer")
+
+
+def _has_torch_function(args: Any) -> bool:
+    """Stands in for ``torch.overrides.has_torch_function`` on a torch without ``torch.backends.mha``: asked by an
+    attention or transformer layer in a thread of the mode or of :func:`attention_fast_path_off`, True (the layer
+    then takes the path with autograd); torch's own answer otherwise. TorchScript compiles only the last line (torch's
+    own is False there)."""
+    if not torch.jit.is_scripting():
+        if _no_fast_path() and sys._getframe(1).f_globals.get("__name__") in _FAST_PATH_CALLERS:
+            return True
+        return _FUNCTION.torchs(torch.overrides, "has_torch_function")(args)
+    return False
+
+
+def _left_aligned(src: Tensor, observed: Tensor) -> bool:
+    """Stands in for ``torch._nested_tensor_from_mask_left_aligned`` on a torch without ``torch.backends.mha``
+    (only ``nn.TransformerEncoder`` asks it, before the question above, unless built with ``mask_check=False``): in a
+    thread of the mode or of :func:`attention_fast_path_off`, False, so that vmap never meets the operation, which it
+    cannot batch. TorchScript compiles only the last line, torch's operation itself."""
+    if not torch.jit.is_scripting():
+        if _no_fast_path():
+            return False
+        return _FUNCTION.torchs(torch, "_nested_tensor_from_mask_left_aligned")(src, observed)
+    return torch.ops.aten._nested_tensor_from_mask_left_aligned(src, observed)
+
+
+try:
+    import torch.backends.mha
+
+    _FAST_PATH_SWITCHES = [(torch.backends.mha, "get_fastpath_enabled", _fastpath_enabled)]
+except ImportError:  # torch 2.2
+    _FAST_PATH_SWITCHES = [(torch.overrides, "has_torch_function", _has_torch_function),
+                           (torch, "_nested_tensor_from_mask_left_aligned", _left_aligned)]
+
 _FUNCTION = ThreadMode([*((owner, name, make(owner)) for owner in _REGIONS
                           for name, make in (("__enter__", _entering), ("__exit__", _leaving))),
-                        (torch.Tensor, "register_hook", _register_hook),
-                        (torch.backends.mha, "get_fastpath_enabled", _fastpath_enabled)])
+                        (torch.Tensor, "register_hook", _register_hook), *_FAST_PATH_SWITCHES])
 
 
 @contextmanager

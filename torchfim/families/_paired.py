@@ -26,6 +26,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
+from .._identity import identity_like
 from ..errors import TorchfimError, warn_user
 from .base import Family, _top_eig_diag_plus_rank_one, _work_dtype
 from .output_origin import half_operations
@@ -57,7 +58,7 @@ def _embed(per_dim: Tensor) -> Tensor:
     Output index ``(i, d)`` (parameter slot ``i``, label dimension ``d``) is column ``i·D + d``.
     """
     n, dims, order = per_dim.shape[0], per_dim.shape[1], per_dim.dim() - 2
-    eye = torch.eye(dims, dtype=per_dim.dtype, device=per_dim.device)
+    eye = identity_like(dims, per_dim)
     letters = "ijkl"[:order]
     spread = "efgh"[: order - 1]
     spec = f"nd{letters}," + ",".join(f"d{e}" for e in spread) + "->n" + "".join(

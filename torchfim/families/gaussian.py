@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._identity import identity_like
 from ..errors import TorchfimError
 from .base import (
     Family,
@@ -62,11 +63,11 @@ class Gaussian(Family):
         return ((y.to(work) - self._align(y, o).to(work)) / self.sigma**2).to(o.dtype)
 
     def fisher_output(self, o: Tensor) -> Tensor:
-        eye = torch.eye(o.shape[-1], dtype=o.dtype, device=o.device)
+        eye = identity_like(o.shape[-1], o)
         return (eye / self.sigma**2).expand(o.shape[0], -1, -1)
 
     def fisher_output_sqrt(self, o: Tensor) -> Tensor:
-        eye = torch.eye(o.shape[-1], dtype=o.dtype, device=o.device)
+        eye = identity_like(o.shape[-1], o)
         return (eye / self.sigma).expand(o.shape[0], -1, -1)
 
     def fisher_output_bilinear(self, o: Tensor, v: Tensor, w: Tensor) -> Tensor:

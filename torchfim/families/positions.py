@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .._identity import identity_like
 from ..errors import TorchfimError
 from .base import SQRT_BLOCK_ENTRIES, Family, _isserlis, _top_eig_diag_plus_rank_one
 
@@ -225,7 +226,7 @@ class Positions(Family):
         """Per-row ``(B·L, C, r)`` blocks → block-diagonal ``(B, L·C, L·r)``."""
         _, keep = self._rows(o)
         per = self._per_position(keep, blocks)
-        eye = torch.eye(self.length, dtype=per.dtype, device=per.device)
+        eye = identity_like(self.length, per)
         full = torch.einsum("btaj,ts->btasj", per, eye)
         return full.reshape(o.shape[0], self.length * blocks.shape[1], self.length * blocks.shape[2])
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._identity import identity_like
 from ..errors import TorchfimError, check_choice
 from ._model import GaussianModel
 
@@ -120,7 +121,7 @@ def check_steps(step: object, theta0: Tensor) -> Tensor:
 
 def _autograd_derivatives(model: GaussianModel) -> Derivatives:
     """Forward mode: one Jacobian-vector product per parameter direction ``e_a``."""
-    basis = torch.eye(model.n_parameters, dtype=model.theta0.dtype, device=model.theta0.device)
+    basis = identity_like(model.n_parameters, model.theta0)
     mean_rows, cov_rows = [], []
     for direction in basis:
         mean_rows.append(_jvp(model.mean_fn, model.theta0, direction, model.mean0, "mean"))
