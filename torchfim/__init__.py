@@ -9,6 +9,7 @@ tensor, with error bars from their spread, where the closed forms would not fit 
 """
 
 from . import compare, families, forecast, score_norms, structures, train
+from ._numpy_bridge import check_numpy_bridge
 from .bounds import (
     hessian_variance_bound_spectral,
     score_variance_bound_kurtosis,
@@ -46,3 +47,5 @@ __all__ = [
     "variance_bound",
 ]
 __version__ = "0.1.0"
+
+check_numpy_bridge()
