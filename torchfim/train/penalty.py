@@ -58,6 +58,7 @@ from .kept_gradient import KeptGradient
 from .model_io import Inputs, ModelIO, leading_rows
 from .penalised_arguments import check_task_loss, penalised_parameters, running_module, scalar_task_loss
 from .position_outputs import PositionOutputs
+from .step_draws import StepDraws
 from .surrogate import fixed_gradient, zero_term
 
 KINDS = ("batch_gradient", "trace")
@@ -104,13 +105,15 @@ class FisherPenalty:
     costs one extra forward and backward and no higher-order graph, and it works where an operation of the
     model has no double-backward formula. With ``kind="batch_gradient"`` as a separate term,
     ``loss + pen(x)``, it is a little cheaper than double backprop (2F + 3B against the plain step's F + B:
-    measured on the benchmark MLP 64-256-256-10, batch 256, one thread: 3.5-3.7× a plain SGD step, 3.8-4×
-    for double backprop); :meth:`penalised_loss` shares the forward at ``θ + ε ĝ`` with the task loss and needs two
-    forwards and two backwards (measured 3.0×, where two plain passes cost 1.8×), so use it in a
-    training loop. With ``kind="trace"`` it is slower (every input moves its own copy of the parameters:
-    1.7× the exact per-input double backprop), so use it there only for models without double backward.
+    3.5-3.7× a plain SGD step on the benchmark MLP, 3.8-4× for double backprop); :meth:`penalised_loss` shares
+    the forward at ``θ + ε ĝ`` with the task loss and needs two forwards and two backwards (measured 2.3-3.0×,
+    where two plain passes cost 1.8×), so use it in a training loop. With ``kind="trace"`` it is slower (every
+    input moves its own copy of the parameters: 1.7× the exact per-input double backprop), so use it there only
+    for models without double backward.
     The returned tensor then always has the value ``α‖g‖²`` (resp. the trace value) and exactly that
-    gradient, and no graph beyond it. The parameters are never modified in place.
+    gradient, and no graph beyond it. The parameters are never modified in place. Where an optimiser evaluates a
+    step again at parameters it moved in place (a closure, as L-BFGS's line search calls it), the calls draw the
+    random numbers of the step's first evaluation (:mod:`.step_draws`): within a step the penalty is one function.
 
     ``pen.penalised_loss(inputs, task_loss, step=step)`` returns ``task_loss(model(inputs))`` plus
     this term from one shared forward pass (see :meth:`penalised_loss`); ``pen(inputs, step=step)``
@@ -234,15 +237,12 @@ class FisherPenalty:
         penalised_parameters(model, every_module=True)  # fail early: nothing to penalise, or FSDP's
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
-        self._kept = KeptGradient()
+        self._kept, self._draws = KeptGradient(), StepDraws()
         self._second_derivatives_checked = self._precision_named = False
 
     def __repr__(self) -> str:
-        return (
-            f"FisherPenalty(kind={self.kind!r}, family={self.family!r}, alpha={self.alpha}, "
-            f"every={self.every}, reuse_between={self.reuse_between}, sub_batch={self.sub_batch}, "
-            f"grad_method={self.grad_method!r})"
-        )
+        return (f"FisherPenalty(kind={self.kind!r}, family={self.family!r}, alpha={self.alpha}, every={self.every}, "
+                f"reuse_between={self.reuse_between}, sub_batch={self.sub_batch}, grad_method={self.grad_method!r})")
 
     # ------------------------------------------------------------------ call
     def __call__(self, inputs: Inputs, step: int | None = None, mask: Tensor | str | None = None) -> Tensor:
@@ -260,7 +260,7 @@ class FisherPenalty:
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
-        with self.family.masked(mask, x.size), self._forwards(params):
+        with self.family.masked(mask, x.size), self._forwards(step, params):
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -300,12 +300,10 @@ class FisherPenalty:
           ``ε‖H_task ĝ‖``, with ``ε = 0.1·√eps·(1 + ‖θ‖)`` tiny: measured relative error of the
           whole gradient against double backprop at θ about 4e-8 in float64 and 1e-3 in float32.
           The value is ``task_loss(o') + α‖g‖²`` (the task loss at θ', an O(ε) difference). Cost:
-          two forwards and two backwards, about 2× a plain step (against 2F + 3B for
-          ``loss + pen(x)``). Measured on the benchmark MLP 64-256-256-10, batch 256, SGD, two threads
-          (in one process, 2026-12-05; 2.6× on 12-02): 3.0× a plain step, where two plain forwards and
-          backwards cost 1.8× (``loss + pen(x)``: 3.5-3.7× on 12-02); the rest is Python per call: the
-          checks of the model (wrappers, hooks, precision), the label draw and output check, the norms of
-          g and θ, the node that shifts the parameters (a Python autograd function) and the second NLL.
+          two forwards and two backwards (against 2F + 3B for ``loss + pen(x)``); on the benchmark MLP
+          64-256-256-10 (batch 256, SGD, two threads) 2.3-3.0× a plain step, where the passes alone cost
+          1.8×, the rest Python per call (the model's checks, the label draw, the norms of g and θ, the
+          node that shifts the parameters, the second NLL).
           With ``every > 1`` and ``reuse_between=True`` the penalty's gradient is also taken
           on its own (one more backward through pass 2) to be cached, and the returned term is
           the surrogate with that gradient (a computed step costs 2F + 3B; measured at every=10:
@@ -354,7 +352,7 @@ class FisherPenalty:
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
-        with self.family.masked(self.io.mask(mask, x), rows), self._forwards(params, module_hooks=False):
+        with self.family.masked(self.io.mask(mask, x), rows), self._forwards(step, params, module_hooks=False):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
@@ -380,12 +378,16 @@ class FisherPenalty:
         self.last_value = None if state["last_value"] is None else state["last_value"].to(first.device, first.dtype)
         params, grads = (None, None) if state["cache"] is None else gradients_on(self.model, state["cache"])
         self._kept.restore(params, grads, self.last_value, self.last_step)
+        self._draws = StepDraws()  # a run rolled back in this process draws as the saved one went on
 
     # -------------------------------------------------------------- helpers
-    def _forwards(self, params: list[Tensor], module_hooks: bool = True) -> ExitStack:
-        """The contexts of a computing step (:mod:`.computing_passes`); a coarse precision is named once."""
+    def _forwards(self, step: int, params: list[Tensor], module_hooks: bool = True) -> ExitStack:
+        """The contexts of a computing step (:mod:`.computing_passes`; a coarse precision is named once), drawing
+        as the step's first call did where the parameters moved since (:mod:`.step_draws`)."""
         named, self._precision_named = self._precision_named, True
-        return computing_passes(self.model, self.kind, self.grad_method, params, not named, module_hooks)
+        stack = computing_passes(self.model, self.kind, self.grad_method, params, not named, module_hooks)
+        stack.enter_context(self._draws.replayed(step, params, self.generator))
+        return stack
 
     def _between(self, inputs: Inputs, task_loss: Callable[[object], Tensor], surrogate: bool = True) -> Tensor:
         """The task loss from a forward of the caller's, plus (on a step that does not compute the penalty) the

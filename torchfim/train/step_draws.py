@@ -1,0 +1,82 @@
+"""The random numbers of one step of :class:`~torchfim.train.FisherPenalty`, drawn again where an optimiser evaluates
+the step again at moved parameters.
+
+An optimiser that evaluates its closure several times per step (L-BFGS, in its line search) calls the penalty at the
+same step number at new parameters, written in place, with no optimiser step between. Each call drew new labels
+``ŷ ~ p(y|x, θ)``, so the line search compared values of a different random function at each point. Here the calls of
+a step's first evaluation (one, or one per chunk of data a closure loops over) each keep the state of the random
+numbers they start from: the penalty's generator and torch's global one (CPU, and the parameters' CUDA device), which
+Dropout draws from. Once the parameters move without an optimiser step, the calls of the new evaluation start, in
+order, from those states again (common random numbers: the same uniforms, the labels of the new θ), each leaving the
+generators as it found them; calls beyond the first evaluation's number draw from the stream. Within one step the
+penalty is then one function of θ.
+
+A new step number, or an optimiser step taken since the last call (a step counter that does not advance), starts a
+new first evaluation; so do calls at unmoved parameters (the micro-batches of gradient accumulation: they draw from
+the stream, one state kept each). Generators of other accelerators (MPS, XPU) and of the other GPUs of a model split
+over several are not replayed; other threads that draw while a replayed call runs see the rewound global stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .parameter_stamp import Stamp, stamp
+
+__all__ = ["StepDraws"]
+
+State = tuple[Tensor | None, Tensor, Tensor | None]  # the penalty's generator, torch's CPU one, the CUDA device's
+
+
+def _state(generator: torch.Generator | None, device: torch.device) -> State:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return (None if generator is None else generator.get_state()), torch.get_rng_state(), cuda
+
+
+def _set_state(generator: torch.Generator | None, device: torch.device, state: State) -> None:
+    if generator is not None:
+        generator.set_state(state[0])
+    torch.set_rng_state(state[1])
+    if state[2] is not None:
+        torch.cuda.set_rng_state(state[2], device)
+
+
+@dataclass
+class StepDraws:
+    """The step whose draws are kept, the states its first evaluation's calls started from, the call of the current
+    evaluation, whether that is the first, and the parameters' stamp at the last call."""
+
+    step: int | None = None
+    starts: list[State] = field(default_factory=list)
+    call: int = 0
+    first: bool = True
+    stamped: Stamp | None = None
+
+    @contextmanager
+    def replayed(self, step: int, params: list[Tensor], generator: torch.Generator | None) -> Iterator[None]:
+        """The block draws from the state its counterpart in the step's first evaluation started from, where this
+        call belongs to a later evaluation of ``step`` (the module docstring); otherwise from the stream."""
+        now, device = stamp(params), params[0].device
+        if step != self.step or self.stamped is None or now.steps != self.stamped.steps:
+            self.step, self.starts, self.call, self.first = step, [], 0, True
+        elif not self.stamped.same_as(now):  # moved in place since the last call: the step evaluated again
+            self.call, self.first = 0, False
+        self.stamped = now
+        if self.first:
+            self.starts.append(_state(generator, device))
+        replay = not self.first and self.call < len(self.starts)
+        self.call += 1
+        if not replay:
+            yield
+            return
+        current = _state(generator, device)
+        _set_state(generator, device, self.starts[self.call - 1])
+        try:
+            yield
+        finally:
+            _set_state(generator, device, current)
