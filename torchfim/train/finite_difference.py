@@ -60,6 +60,7 @@ from ..errors import TorchfimError
 from ..families import Family
 from .model_io import ModelIO
 from .position_outputs import PositionOutputs
+from .step_draws import set_torch_rng_state, torch_rng_state
 
 GRAD_METHODS = ("exact", "finite_difference")
 
@@ -144,17 +145,6 @@ def _ratio_or_zero(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 class _Replay:
     """For a model in training mode: torch's RNG state before the first pass, replayed for the second
     pass (the same Dropout masks) and then restored to where the first pass left it."""
@@ -162,7 +152,7 @@ class _Replay:
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.device = device
         self.active = any(m.training for m in model.modules())
-        self.before = _rng_state(device) if self.active else None
+        self.before = torch_rng_state(device) if self.active else None
 
     @contextmanager
     def second_pass(self) -> Iterator[None]:
@@ -170,12 +160,12 @@ class _Replay:
         if not self.active:
             yield
             return
-        after = _rng_state(self.device)
-        _set_rng_state(self.device, self.before)
+        after = torch_rng_state(self.device)
+        set_torch_rng_state(self.device, self.before)
         try:
             yield
         finally:
-            _set_rng_state(self.device, after)
+            set_torch_rng_state(self.device, after)
 
 
 def _gradients(loss: Tensor, params: list[Tensor], seed: Tensor | None = None, retain_graph: bool = False) -> list[Tensor]:

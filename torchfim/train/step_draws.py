@@ -28,22 +28,33 @@ from torch import Tensor
 
 from .parameter_stamp import Stamp, stamp
 
-__all__ = ["StepDraws"]
+__all__ = ["StepDraws", "set_torch_rng_state", "torch_rng_state"]
 
-State = tuple[Tensor | None, Tensor, Tensor | None]  # the penalty's generator, torch's CPU one, the CUDA device's
+TorchState = tuple[Tensor, Tensor | None]  # torch's CPU generator's state, the CUDA device's
+State = tuple[Tensor | None, TorchState]  # the penalty's generator's, torch's
+
+
+def torch_rng_state(device: torch.device) -> TorchState:
+    """The states of torch's global generators that a pass on ``device`` draws from (CPU, and ``device``'s on CUDA)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_torch_rng_state(device: torch.device, state: TorchState) -> None:
+    """Set torch's global generators to ``state`` (from :func:`torch_rng_state`)."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _state(generator: torch.Generator | None, device: torch.device) -> State:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return (None if generator is None else generator.get_state()), torch.get_rng_state(), cuda
+    return (None if generator is None else generator.get_state()), torch_rng_state(device)
 
 
 def _set_state(generator: torch.Generator | None, device: torch.device, state: State) -> None:
     if generator is not None:
         generator.set_state(state[0])
-    torch.set_rng_state(state[1])
-    if state[2] is not None:
-        torch.cuda.set_rng_state(state[2], device)
+    set_torch_rng_state(device, state[1])
 
 
 @dataclass
