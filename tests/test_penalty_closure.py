@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import mlp_inputs, tanh_mlp
 from test_train_penalty import SEED, brute_penalty, labels
 from torch import nn
+from torch_versions import optimiser_step_hooks_run
 
 from torchfim.train import FisherPenalty
 
@@ -134,6 +135,9 @@ def test_a_closure_over_chunks_replays_each_chunk() -> None:
 
 
 def test_a_step_counter_that_does_not_advance_draws_new_numbers_after_each_optimiser_step() -> None:
+    if not optimiser_step_hooks_run():
+        pytest.skip("this torch's dynamo, having compiled in this process, unwrapped the optimisers' step hooks, by "
+                    "which an optimiser step is seen (torch 2.2)")
     model, x = tanh_mlp(3, seed=102), mlp_inputs(40, seed=103)
     pen = FisherPenalty(model, alpha=ALPHA, generator=torch.Generator().manual_seed(SEED))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -48,3 +48,15 @@ def skip_unless_the_model_runs(model: Callable[..., object], *inputs: object) ->
         if "not implemented for" not in str(err):
             raise
         pytest.skip(f"torch {torch.__version__} cannot run the model itself ({err})")
+
+
+def optimiser_step_hooks_run() -> bool:
+    """Whether an optimiser's ``step()`` runs its post-step hooks now: once torch 2.2's dynamo has compiled something,
+    its patcher unwraps every optimiser's step from the wrapper that runs them (torchfim's parameter stamp then sees
+    no optimiser step)."""
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.zeros(1)
+    optimiser, ran = torch.optim.SGD([p], lr=0.1), []
+    optimiser.register_step_post_hook(lambda *args: ran.append(True))
+    optimiser.step()
+    return bool(ran)

@@ -6,7 +6,9 @@ steps taken on them. The steps are counted per parameter by a global post-step h
 on the first stamp: every optimiser's ``step()``, fused ones included, whose in-place kernels leave the version
 counters as they were (a loop over the optimiser's parameters, about 0.3 µs each). An optimiser of other
 parameters (another model trained in another thread) does not count. Two stamps match when the parameters are the
-same tensors and none of this moved; writes to ``p.data`` are seen by neither.
+same tensors and none of this moved; writes to ``p.data`` are seen by neither. torch 2.2's dynamo, once it has
+compiled something, strips the hooks' wrapper from every optimiser's step, so there a fused optimiser's step is not
+seen.
 """
 
 from __future__ import annotations

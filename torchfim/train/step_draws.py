@@ -15,6 +15,9 @@ A new step number, or an optimiser step taken since the last call (a step counte
 new first evaluation; so do calls at unmoved parameters (the micro-batches of gradient accumulation: they draw from
 the stream, one state kept each). Generators of other accelerators (MPS, XPU) and of the other GPUs of a model split
 over several are not replayed; other threads that draw while a replayed call runs see the rewound global stream.
+Optimiser steps are seen through torch's post-step hooks (:mod:`.parameter_stamp`), which torch 2.2's dynamo strips
+from every optimiser once it has compiled something: there a step counter that does not advance replays the step's
+first numbers after each optimiser step.
 """
 
 from __future__ import annotations
