@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp
+from torch_versions import TORCH_VERSION
 
 from torchfim.engine.attention_kernel import math_attention
 from torchfim.engine.composites import attention, composite_forms, layer_norm, multi_head_attention
@@ -31,7 +32,7 @@ def test_layer_norm_equals_torch(affine: bool) -> None:
     assert torch.allclose(layer_norm(x, [6], None, None, 1e-5, True), F.layer_norm(x, [6]), rtol=0, atol=1e-12)
 
 
-GROUPED = pytest.param("grouped", marks=pytest.mark.skipif(torch.__version__ < "2.5", reason="enable_gqa is in torch 2.5+"))
+GROUPED = pytest.param("grouped", marks=pytest.mark.skipif(TORCH_VERSION < (2, 5), reason="enable_gqa is in torch 2.5+"))
 
 
 @pytest.mark.parametrize("mask", ["none", "bool", "float", "causal", GROUPED])
