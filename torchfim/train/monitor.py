@@ -69,15 +69,12 @@ from torch import Tensor, nn
 
 from .._batches import Inputs
 from .._processes import model_device
-from ..engine import Backend, Batch, ModelView, engine_session, make_backend
-from ..engine.derivative_settings import made_in_inference_mode
-from ..engine.model_checks import check_initialised
-from ..engine.private_tree import forward_signature
 from ..engine.view import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
+from .engine_path import EnginePath
 from .held import hold, pooled_groups, window_batches
 from .process_share import shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
@@ -229,8 +226,7 @@ class FisherTraceMonitor:
         self.class_dim = check_class_dim(class_dim)
         held = hold(inputs)
         self.inputs, self._share = shared(held, across_processes)  # this process's share, and its place
-        self._path_key: tuple | None = None
-        self._path_cache: tuple[ModelView, Backend] | None = None
+        self._path = EnginePath()
         self.n_inputs = sum(b.size for b in held)
         self._checksum: float | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
@@ -406,83 +402,29 @@ class FisherTraceMonitor:
         picks = [w.next(generator) for w in self._windows]
         return picks[0] if len(picks) == 1 else torch.cat(picks)
 
-    def _batches(self, rows: Tensor | None) -> tuple[list[Batch], Tensor | None]:
-        return (self.inputs, None) if rows is None else window_batches(self.inputs, rows)
-
     def _estimate_eval(self) -> tuple[float, float, float]:
         """``(trace, variance, variance of the fresh labels alone)``."""
-        path = self._engine()  # once per measurement: the key walks every module
+        path = self._path.current(self.model, self.output, self.class_dim)  # once per measurement: walks the modules
+
+        def norms_of(rows: Tensor | None, generator: torch.Generator) -> Tensor:
+            picked = (self.inputs, None) if rows is None else window_batches(self.inputs, rows)
+            return self._path.squared_norms(path, picked, generator, self.family, self.mask, self.n_samples)
+
         generator = self._label_generator(path[0].device)
         window = self._window(generator)
         if self._cv is None:
-            norms = self._squared_norms(path, self._batches(window), generator)
-            trace, variance = mean_and_variance(norms, self._population)
+            trace, variance = mean_and_variance(norms_of(window, generator), self._population)
             return trace, variance, variance
         state = generator.get_state()
-        fresh = self._squared_norms(path, self._batches(window), generator)
+        fresh = norms_of(window, generator)
         replay = None
         if self._previous is not None:
             earlier, earlier_state = self._previous
             replayed = torch.Generator(device=generator.device)
             replayed.set_state(earlier_state)  # the same random numbers as that draw: common random numbers
-            replay = self._squared_norms(path, self._batches(earlier), replayed)
+            replay = norms_of(earlier, replayed)
         self._previous = (window, state)
         return self._cv.update(fresh, replay)
-
-    # The only code that touches the engine: its view of the model (cached) and the squared score norms.
-    def _engine(self) -> tuple[ModelView, Backend]:
-        """The engine's view of the model, rebuilt whenever a parameter or buffer tensor is replaced.
-
-        The view shares the parameter and buffer tensors, so in-place updates (the optimiser's,
-        BatchNorm's running statistics) are read live, and nothing cached depends on their values
-        (keying on ``_version`` would rebuild after every optimiser step for nothing).
-        ``p.data = ...``, ``model.double()``, ``.to(device)`` or a reassigned buffer give new storage,
-        hence a new key; the old storage stays referenced by the old view, so its address cannot
-        be reused by the new one. A module added or replaced brings new tensors, hence a new key too,
-        and so does a forward hook registered or removed, or a forward set on an instance.
-        """
-        # One walk over the modules for the tensors (named_parameters and named_buffers would make two, with
-        # names); the copy holds the forward hooks and instance forwards of the time it was made, too.
-        tensors = [t for m in self.model.modules() for held in (m._parameters, m._buffers)
-                   for t in held.values() if t is not None]
-        try:
-            key = tuple((id(t), t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
-                        for t in tensors) + forward_signature(self.model)
-        except ValueError:  # torch's refusal of data_ptr() on a lazy module's parameter: say what to do
-            check_initialised(self.model)
-            raise
-        # Tensors made in inference mode are copied into the view once (ModelView) and may be rewritten in place
-        # inside inference mode, unseen: such a view is made afresh for each measurement.
-        if self._path_key != key or any(made_in_inference_mode(t) for t in tensors):
-            view = ModelView(self.model, self.output, self.class_dim, eval_mode=True)
-            self._path_cache = (view, make_backend(view, "auto"))
-            self._path_key = key
-            self._checked = 0  # samples checked for independence with this view
-        return self._path_cache
-
-    def _squared_norms(
-        self, path: tuple[ModelView, Backend], picked: tuple[list[Batch], Tensor | None], generator: torch.Generator
-    ) -> Tensor:
-        """``‖∇_θ log p(y_ij|xᵢ)‖²`` (n, k) in float64, one ``family.sample`` call per mini-batch, in order.
-
-        The engine's loop step by step rather than ``engine.run``, which would re-run its check that
-        samples are independent (one extra forward) on every measurement: here it runs
-        until 4 samples were checked after each rebuild of the view (the inputs were checked finite
-        when held).
-        """
-        view, backend = path
-        (inputs, order), norms = picked, []
-        with engine_session():
-            for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
-                batch = held.to(view.device, view.dtype)
-                rec = backend.record(batch)
-                fam = view.family_for(rec.shape, batch, self.family, self.mask)
-                fam.check_output(rec.output)  # with its graph: it names the last operation
-                self._checked = view.check_independent(batch, rec.values, self._checked)
-                u = fam.sample_scores(rec.values, self.n_samples, generator)  # (B, k, C)
-                norms.append(backend.sample_squares(rec, u, last=True))  # (B, k): ‖Jᵢᵀ u_ij‖²; rec is spent
-        norms = norms[0] if len(norms) == 1 else torch.cat(norms)
-        return (norms if order is None else norms[order.to(norms.device)]).double()  # in the window's order
 
 
 def _check_output_and_mask(output: object, mask: object) -> tuple[object, object]:
