@@ -17,7 +17,7 @@ from test_train_penalty import SEED, labels
 from torch import nn
 from torch.func import functional_call
 
-import torchfim.train.penalty as penalty_module
+import torchfim.train.penalty_terms as penalty_module
 from torchfim import TorchfimError
 from torchfim.families import get_family
 from torchfim.train import FisherPenalty

@@ -1,0 +1,125 @@
+"""How a computing step of :class:`~torchfim.train.FisherPenalty` makes the penalty's value and gradient: the
+labels, the batch-gradient and trace penalties by double backprop or by finite differences, each from a forward
+of its own or from the one forward the task loss shares (``penalised_loss``), and the cached-gradient surrogate.
+The schedule (which steps compute, what is cached and reused) is :mod:`.penalty`'s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.batch import Batch
+from ..engine.derivative_settings import paused_power_iterations
+from ..engine.model_checks import check_mode as _check_mode
+from .double_backward import penalty_gradients
+from .finite_difference import batch_gradient_fd, batch_gradient_fd_shared, leading, penalty_gradient, trace_fd
+from .model_io import ModelIO, leading_rows
+from .penalised_arguments import scalar_task_loss
+from .position_outputs import PositionOutputs
+from .surrogate import fixed_gradient, zero_term
+
+
+class PenaltyTerms:
+    """The penalty's computations on one computing step, over the settings :class:`~torchfim.train.FisherPenalty`
+    holds (a base class of it: the two share these attributes, set and checked by its constructor)."""
+
+    model: nn.Module
+    family: PositionOutputs
+    io: ModelIO
+    kind: str
+    grad_method: str
+    alpha: float
+    fd_step: float | None
+    generator: torch.Generator | None
+    _second_derivatives_checked: bool
+
+    def _shared_forward(
+        self, x: Batch, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[object], Tensor],
+        cache: bool,
+    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+        """Loss, penalty value and cached gradient from one forward (exact penalty, or ``kind="trace"``)."""
+        if self.kind == "trace":
+            _check_mode(self.model)
+        out = self.io.call(self.model, x)
+        o = leading(self.io.tensor(out, x.size), rows)
+        if self.kind == "batch_gradient":
+            value, grads = self._batch_gradient(o, params), None
+        else:
+            y, x = self._outputs_and_labels(o), leading_rows(x, rows)
+            if self.grad_method == "finite_difference":
+                value, grads = trace_fd(self.model, self.io, self.family, list(zip(names, params)), x, y, self.alpha,
+                                        self.fd_step)
+            else:
+                value, grads = self._trace(x, names, params, y), None
+        if grads is None:
+            grads = self._double_backprop(value, params, cache, retain=True)
+        term = value if grads is None else self._surrogate(params, grads, value.detach())
+        return scalar_task_loss(task_loss, out) + term, value, grads
+
+    def _shared_fd(
+        self, x: Batch, rows: int, named: list[tuple[str, Tensor]], task_loss: Callable[[object], Tensor],
+        cache: bool,
+    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+        """Loss, penalty value and cached gradient by the two passes of the finite difference."""
+        params = [p for _, p in named]
+        out, nll, coef, value, last = batch_gradient_fd_shared(
+            self.model, self.io, self.family, named, x, rows, self._outputs_and_labels, self.alpha, self.fd_step, cache)
+        task = scalar_task_loss(task_loss, out)
+        if not cache:  # one backward: ∇task(θ') + c·∇L(θ') − c·g
+            return task + coef * (nll - nll.detach()) + last, value, None
+        grads = penalty_gradient(nll, params, last, coef)  # c·(∇L(θ') − g), to reuse on the next steps
+        return task + self._surrogate(params, grads, value), value, grads
+
+    def _double_backprop(self, value: Tensor, params: list[Tensor], cache: bool, retain: bool) -> list[Tensor] | None:
+        """The exact penalty's gradient when it is cached (else None). Without a cache it is taken once, on the
+        first computed step, and dropped: an operation without a second derivative is then named here, with the
+        fix, rather than by torch in the caller's backward."""
+        if cache:
+            return penalty_gradients(value, params, retain_graph=retain)
+        if not self._second_derivatives_checked:
+            penalty_gradients(value, params, retain_graph=True)
+            self._second_derivatives_checked = True
+        return None
+
+    def _outputs_and_labels(self, o: Tensor) -> Tensor:
+        self.family.check_output(o)  # first: it says what to do with an output that is not a tensor
+        return self.family.sample(o.detach(), 1, self.generator)  # (B, 1, *label_shape)
+
+    def _batch_gradient(self, o: Tensor, params: list[Tensor]) -> Tensor:
+        """``α‖∇_θ L‖²`` with its double-backprop graph, on the outputs ``o`` of the inputs used."""
+        y = self._outputs_and_labels(o)
+        nll = self.family.nll(o, y)  # (1/B) Σᵢ −log p(ŷᵢ|xᵢ)
+        zero = zero_term(params, o.dtype, o.device)  # every parameter gets a gradient, even unused ones
+        if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
+            return zero
+        grads = torch.autograd.grad(nll, params, create_graph=True, allow_unused=True)
+        return self.alpha * sum((g.pow(2).sum() for g in grads if g is not None), zero)
+
+    def _trace_labels(self, x: Batch) -> Tensor:
+        """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
+        _check_mode(self.model)
+        return self._outputs_and_labels(self.io.label_outputs(self.model, x))
+
+    def _finite_difference(self, x: Batch, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        named, io = list(zip(names, params)), self.io
+        if self.kind == "batch_gradient":
+            return batch_gradient_fd(self.model, io, self.family, named, x, self._outputs_and_labels, self.alpha,
+                                     self.fd_step)
+        return trace_fd(self.model, io, self.family, named, x, self._trace_labels(x), self.alpha, self.fd_step)
+
+    def _trace(self, x: Batch, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
+        """``α (1/B) Σᵢ ‖gᵢ‖²`` by per-sample gradients (labels ``y``, or drawn from a forward of ``x``)."""
+        y = self._trace_labels(x) if y is None else y
+        masks = self.family.mask
+        log_p = self.io.input_log_prob(self.model, self.family, x)
+        with paused_power_iterations(self.model):  # the per-sample passes see the labels' forward's σ
+            per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
+        sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
+        return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
+
+    @staticmethod
+    def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor) -> Tensor:
+        """The linear surrogate: value exactly ``v``, gradient exactly ``c``."""
+        return fixed_gradient(params, grads, value)
