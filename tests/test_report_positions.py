@@ -162,7 +162,7 @@ def test_the_command_line_takes_mask_and_class_dim(tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("class_dim", [2, 0, True])
 def test_the_library_and_the_report_refuse_the_same_class_dims(class_dim):
-    """One check (``engine.view.check_class_dim``) serves both: -1 or 1, and not a bool."""
+    """One check (``engine.output_reading.check_class_dim``) serves both: -1 or 1, and not a bool."""
     model, batch = _lm_and_data()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with pytest.raises(torchfim.TorchfimError, match=r"class_dim must be -1 .* or 1 "):

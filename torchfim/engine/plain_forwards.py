@@ -1,4 +1,5 @@
-"""Forwards as torchfim computes them: activations saved as plain autograd saves them, in the model's dtype.
+"""Forwards as torchfim computes them: activations saved as plain autograd saves them (and in the model's dtype:
+:mod:`.native_dtype`).
 
 Two devices trade the memory of a forward's saved activations for time, without changing any value:
 
@@ -17,13 +18,6 @@ aside until it ends: the same values, the memory of a forward without them. It h
 computation of the engine (:func:`.view.engine_session`) and each step of the penalty that computes it;
 the user's own forwards and backwards outside, and other threads (a training loop beside a monitor), keep
 both devices.
-
-A forward may also turn ``torch.autocast`` on for a region of its own. torchfim computes in the model's
-dtype (:func:`.view.engine_session` switches the caller's autocast off), and a region in half precision
-would both round the Fisher to it and trip the engine's checks of its rules against autograd (their
-per-sample gradients would differ by that rounding), sending every layer to a slow generic loop. Within
-:func:`native_dtype_forwards` an autocast region that would turn autocast on runs with it off (one that
-turns it off, as Hugging Face's rotary embeddings do, runs as it is).
 
 Code compiled by ``torch.compile`` (a model's ``compile()``, a compiled function its forward calls, a
 compiled submodule) cannot run under torch.func's transforms, and its backward, compiled by
@@ -45,14 +39,12 @@ from contextlib import contextmanager
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
-from torch.amp.autocast_mode import autocast
 from torch.autograd.graph import saved_tensors_hooks
 
 from .derivative_settings import emptied
 from .private_tree import is_compile_wrapper
 
-__all__ = ["ThreadMode", "autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed",
-           "differentiated_forwards", "eager_compiled", "holds_compiled", "native_dtype_forwards", "plain_forwards",
+__all__ = ["ThreadMode", "differentiated_forwards", "eager_compiled", "holds_compiled", "plain_forwards",
            "quiet_vmap_fallbacks"]
 
 
@@ -146,62 +138,6 @@ _PLAIN = ThreadMode([
 ])
 
 
-def _enter_autocast(self: autocast) -> autocast:
-    """Stands in for entering an autocast region: in a thread of the mode, one that would turn autocast on
-    enters with it off (torch's own entry and exit, so the nesting and the cache stay torch's). The
-    instance's flag is off for the length of torch's entry only: another thread entering the same
-    instance (a decorated forward) at that instant would enter with autocast off too. A thread observing
-    (:func:`autocast_observed`) notes the precision of a region that turns autocast on."""
-    enter = _NATIVE.torchs(autocast, "__enter__")
-    seen = getattr(_OBSERVING, "seen", None)
-    if seen is not None and self._enabled:
-        seen.add((str(self.device), self.fast_dtype))
-    if not (self._enabled and _NATIVE.active()):
-        return enter(self)
-    self._enabled = False
-    try:
-        return enter(self)
-    finally:
-        self._enabled = True
-
-
-#: The entry of ``torch.autocast`` (``torch.cpu.amp.autocast`` and ``torch.cuda.amp.autocast`` call it).
-_NATIVE = ThreadMode([(autocast, "__enter__", _enter_autocast)])
-_OBSERVING = threading.local()  # .seen: the (device type, dtype) of the regions entered in an observing block
-
-
-@contextmanager
-def autocast_observed() -> Iterator[set[tuple[str, torch.dtype]]]:
-    """Within the block, the autocast regions this thread enters that turn autocast on (a forward's own, such as
-    the one ``accelerate``'s mixed precision wraps a model's forward in) run as torch runs them, and their
-    ``(device type, dtype)`` are collected in the set yielded (read by :func:`autocast_dtypes`).
-
-    Example:
-        >>> import torch
-        >>> with autocast_observed() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
-        ...     out = torch.randn(2, 3) @ torch.randn(3, 3)
-        >>> out.dtype, seen
-        (torch.bfloat16, {('cpu', torch.bfloat16)})
-    """
-    outer, seen = getattr(_OBSERVING, "seen", None), set()
-    _OBSERVING.seen = seen
-    try:
-        with _NATIVE.block(active=False):
-            yield seen
-    finally:
-        if outer is not None:
-            outer.update(seen)
-        _OBSERVING.seen = outer
-
-
-def autocast_dtypes(device_type: str) -> list[torch.dtype]:
-    """The dtypes autocast computes in on ``device_type`` here: the caller's, where it is on, and those of the regions
-    entered so far in this thread's :func:`autocast_observed` block."""
-    ambient = autocast_dtype(device_type)
-    seen = getattr(_OBSERVING, "seen", None) or ()
-    return [*([] if ambient is None else [ambient]), *(dtype for device, dtype in seen if device == device_type)]
-
-
 @contextmanager
 def _callers_hooks_set_aside() -> Iterator[None]:
     """This thread's saved-tensor hooks pushed before the block (a caller's ``save_on_cpu`` around a torchfim
@@ -239,20 +175,6 @@ def plain_forwards() -> Iterator[None]:
     """
     with _PLAIN.block(), _callers_hooks_set_aside():
         yield
-
-
-def native_dtype_forwards() -> contextlib.AbstractContextManager[None]:
-    """Within the block, this thread's autocast regions that would turn autocast on run with it off; other
-    threads keep torch's own behaviour.
-
-    Example:
-        >>> import torch
-        >>> with native_dtype_forwards(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ...     out = torch.randn(2, 3) @ torch.randn(3, 3)
-        >>> out.dtype
-        torch.float32
-    """
-    return _NATIVE.block()
 
 
 class _ProcessSwitch:
@@ -473,21 +395,3 @@ def differentiated_forwards() -> Iterator[None]:
     with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks(), \
             _UNCACHED.block(), _UNHOOKED.block(), _TRACKED.block():
         yield
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is on for ``device_type`` ("cpu", "cuda") in this thread."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 asks per device by name
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` runs eligible operations in on ``device_type``, or None where it is off."""
-    if not autocast_enabled(device_type):
-        return None
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()

@@ -10,7 +10,8 @@ parameters afresh.
 Outputs are mapped to one flat vector per input: a tensor ``(B, C)``, or with positions
 ``(B, *positions, C)`` (``class_dim=1`` for ``(B, C, *positions)`` as ``cross_entropy`` takes them),
 becomes ``(B, L·C)`` with ``L`` the number of positions, and ``(B,)`` becomes ``(B, 1)``; objects with
-``.logits``, dicts with ``"logits"`` and the result of an ``output=`` callable are accepted.
+``.logits``, dicts with ``"logits"`` and the result of an ``output=`` callable are accepted
+(:mod:`.output_reading`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..errors import TorchfimError, tensor_fields, warn_user
+from ..errors import TorchfimError, tensor_fields
 from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
@@ -43,8 +44,18 @@ from .model_checks import (
     watch_input_writes,
 )
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
+from .native_dtype import autocast_enabled, native_dtype_forwards
 from .output_compare import outputs_agree
-from .plain_forwards import autocast_enabled, differentiated_forwards, eager_compiled, native_dtype_forwards
+from .output_reading import (
+    ClassDim,
+    OutputMap,
+    as_columns,
+    check_batch_rows,
+    check_output_map,
+    mapped_output,
+    read_logits,
+)
+from .plain_forwards import differentiated_forwards, eager_compiled
 from .private_tree import private_tree, users_modules_called
 
 #: Serialises torchfim's computations: forward-mode AD levels are process-global in torch. A training
@@ -125,7 +136,7 @@ def fewer_inputs(size: int, batch: Batch) -> Iterator[None]:
 @contextmanager
 def engine_session() -> Iterator[None]:
     """Hold :data:`ENGINE_LOCK` with ``torch.autocast`` switched off, the caller's and the forward's own
-    (:func:`.native_dtype_forwards`: torchfim computes in the model's dtype, forwards, per-module rules
+    (:func:`.native_dtype.native_dtype_forwards`: torchfim computes in the model's dtype, forwards, per-module rules
     and families alike), code compiled by ``torch.compile`` run eagerly (:func:`.eager_compiled`), and in
     :func:`.differentiated_forwards` (autograd whatever the caller's mode, activation checkpointing and
     offloading off, torch's notices of vmap's exact fallbacks off)."""
@@ -136,37 +147,7 @@ def engine_session() -> Iterator[None]:
         yield
 
 
-OutputMap = Callable[[object], Tensor]
 Mask = Tensor | Callable[[Batch], Tensor] | str | None
-
-
-def read_logits(raw: object) -> object:
-    """A model's raw output as its tensor of outputs: the tensor itself, ``raw["logits"]`` or ``raw.logits``
-    (anything else as it is, for the caller to refuse)."""
-    if isinstance(raw, Tensor):
-        return raw
-    if isinstance(raw, dict) and isinstance(raw.get("logits"), Tensor):
-        return raw["logits"]
-    logits = getattr(raw, "logits", None)
-    return logits if isinstance(logits, Tensor) else raw
-
-
-def mapped_output(output: OutputMap, raw: object) -> object:
-    """``output(raw)``; where it fails to find a field the output does not have, an error that names the
-    output's type and the tensors it holds."""
-    try:
-        return output(raw)
-    except (TypeError, KeyError, AttributeError, IndexError) as err:
-        raise TorchfimError(
-            f"the output= function raised {type(err).__name__}: {err}, on the model's output, a "
-            f"{type(raw).__name__}{tensor_fields(raw)}; make it return the tensor of outputs"
-        ) from err
-
-
-def as_columns(out: object) -> object:
-    """Outputs ``(batch,)``, one number per input (a binary classifier's logits as ``BCEWithLogitsLoss``
-    takes them, a regression's means), as the column ``(batch, 1)``; anything else as it is."""
-    return out.unsqueeze(-1) if isinstance(out, Tensor) and out.dim() == 1 else out
 
 
 def predicts_next_token(model: nn.Module) -> bool:
@@ -178,58 +159,6 @@ def predicts_next_token(model: nn.Module) -> bool:
     except Exception:  # noqa: BLE001 - a property of the user's model that fails: not such a model
         return False
     return getattr(loss, "__name__", "") == "ForCausalLMLoss"
-
-
-def check_output_map(output: object) -> None:
-    """Refuse an ``output=`` that is neither None nor a function of the model's output."""
-    if output is not None and not callable(output):
-        raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
-
-
-def check_class_dim(class_dim: object) -> int | None:
-    """Refuse a ``class_dim`` other than -1 (classes last), 1 (classes in dim 1, as ``F.cross_entropy``
-    takes them) or None (not said: last, see :class:`ClassDim`)."""
-    if class_dim is None:
-        return None
-    if isinstance(class_dim, bool) or class_dim not in (-1, 1):
-        raise TorchfimError(
-            f"class_dim must be -1 (classes last: (batch, *positions, C)) or 1 (classes in dim 1: "
-            f"(batch, C, *positions), as F.cross_entropy takes them), got {class_dim!r}"
-        )
-    return int(class_dim)
-
-
-CLASSES_LAST = (
-    "torchfim: outputs (batch, {shape}) are read with the classes last: {classes} classes at {positions} "
-    "positions per input. A segmentation model's logits (batch, C, H, W), as F.cross_entropy takes them, "
-    "have the classes in dim 1: pass class_dim=1; pass class_dim=-1 to say they are last (and silence this)"
-)
-
-
-class ClassDim:
-    """Where the classes are in outputs with positions: ``-1`` last, ``1`` in dim 1, ``None`` not said.
-
-    Not said reads them last, as language models' ``(batch, tokens, vocabulary)``, but outputs with two or
-    more position dims are where torch's convention (``cross_entropy``, convolutions) puts them in dim 1:
-    there the first outputs seen get a warning that names both choices.
-    """
-
-    def __init__(self, class_dim: object) -> None:
-        given = check_class_dim(class_dim)
-        self.dim = -1 if given is None else given
-        self._unsaid = given is None
-
-    def last(self, out: Tensor) -> Tensor:
-        """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are."""
-        self.check(out.shape)
-        return out.movedim(1, -1) if self.dim == 1 and out.dim() > 2 else out
-
-    def check(self, shape: tuple[int, ...]) -> None:
-        """Warn once where the class dim was not said and ``shape`` has two or more position dims."""
-        if self._unsaid and len(shape) >= 4:
-            self._unsaid = False
-            warn_user(CLASSES_LAST.format(shape=", ".join(str(s) for s in shape[1:]), classes=shape[-1],
-                                          positions="×".join(str(s) for s in shape[1:-1])))
 
 
 def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
@@ -468,18 +397,6 @@ class ModelView:
         """Split a flat ``(P,)`` vector into a parameter dict."""
         pieces = torch.split(flat, self.layout.sizes)
         return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}
-
-
-def check_batch_rows(out: Tensor, size: int) -> None:
-    """Refuse outputs whose first dim is not the batch of ``size`` inputs."""
-    if out.dim() > 0 and out.shape[0] != size:
-        raise TorchfimError(
-            f"the model returned outputs of shape {tuple(out.shape)} for a mini-batch of {size} inputs; their first "
-            "dimension must be the batch, one row per input. A reduction over the batch (.sum(0), .mean(0)) or a "
-            "layer that read the inputs as one unbatched sample does this: nn.GRU, nn.LSTM and nn.RNN read a 2-D "
-            "input as one sequence, so give them (batch, time, features) with batch_first=True; a model that "
-            "returns (time, batch, ...) needs output=lambda out: out.transpose(0, 1)"
-        )
 
 
 def forward_defaults(model: nn.Module) -> dict[str, object]:

@@ -26,7 +26,7 @@ def check_model_and_data(
     # The library's own checks of the model's mode and of class_dim (those torchfim.fisher applies),
     # so that the report refuses exactly what the library refuses.
     from ..engine.model_checks import check_mode
-    from ..engine.view import check_class_dim
+    from ..engine.output_reading import check_class_dim
 
     if not isinstance(model, nn.Module):
         raise TorchfimError(
@@ -151,7 +151,7 @@ def outputs_on(model: nn.Module, data: Data, rows: slice, differentiable: bool =
     """The model's outputs on the inputs ``rows``, read as :func:`torchfim.fisher` reads them, with the forward
     torchfim differentiates (no attention fast path); with autograd where ``differentiable``."""
     from ..engine.function_forwards import attention_fast_path_off
-    from ..engine.view import as_columns, read_logits
+    from ..engine.output_reading import as_columns, read_logits
 
     first = next(p for p in model.parameters() if p.requires_grad)
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.derivative_settings import dense_gradients, quiet_backward_hooks
-from ..engine.plain_forwards import autocast_observed, differentiated_forwards, eager_compiled, holds_compiled
+from ..engine.native_dtype import autocast_observed
+from ..engine.plain_forwards import differentiated_forwards, eager_compiled, holds_compiled
 from ..errors import warn_user
 from .finite_difference import working_dtype
 

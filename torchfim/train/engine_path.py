@@ -9,8 +9,9 @@ from torch import Tensor, nn
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
 from ..engine.derivative_settings import made_in_inference_mode
 from ..engine.model_checks import check_initialised
+from ..engine.output_reading import OutputMap
 from ..engine.private_tree import forward_signature
-from ..engine.view import Mask, OutputMap
+from ..engine.view import Mask
 from ..families import Family
 
 Path = tuple[ModelView, Backend]

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ..engine.batch import Batch
 from ..engine.derivative_settings import paused_power_iterations
-from ..engine.plain_forwards import autocast_dtypes
+from ..engine.native_dtype import autocast_dtypes
 from ..errors import TorchfimError
 from ..families import Family
 from .model_io import ModelIO
@@ -88,7 +88,7 @@ def working_dtype(first: Tensor, *outputs: Tensor) -> torch.dtype:
     """The least precise of the dtypes the passes compute in: the parameters' (``first``), the ``outputs``',
     and those ``torch.autocast`` runs in on the parameters' device, where the caller has it on or a region of the
     forward turned it on (``accelerate``'s mixed precision, whose outputs come back in float32; seen within
-    :func:`~torchfim.engine.plain_forwards.autocast_observed`)."""
+    :func:`~torchfim.engine.native_dtype.autocast_observed`)."""
     dtypes = [first.dtype, *(o.dtype for o in outputs if o.is_floating_point()), *autocast_dtypes(first.device.type)]
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
 

@@ -28,7 +28,7 @@ from ..engine.composites import composite_forms
 from ..engine.function_forwards import attention_fast_path_off
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
-from ..engine.view import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
+from ..engine.output_reading import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
 from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 
 from .._batches import Inputs
 from .._processes import model_device
-from ..engine.view import check_class_dim, check_output_map
+from ..engine.output_reading import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples
 from ..families import Family, get_family
 from .arguments import check_int

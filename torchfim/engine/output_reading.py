@@ -1,0 +1,106 @@
+"""A model's raw output read as its tensor of outputs, and the checks of the options that say how: ``output=``
+(a function of the raw output), ``class_dim`` (where the classes are in outputs with positions), and the batch
+rows of what comes back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ..errors import TorchfimError, tensor_fields, warn_user
+
+OutputMap = Callable[[object], Tensor]
+
+
+def read_logits(raw: object) -> object:
+    """A model's raw output as its tensor of outputs: the tensor itself, ``raw["logits"]`` or ``raw.logits``
+    (anything else as it is, for the caller to refuse)."""
+    if isinstance(raw, Tensor):
+        return raw
+    if isinstance(raw, dict) and isinstance(raw.get("logits"), Tensor):
+        return raw["logits"]
+    logits = getattr(raw, "logits", None)
+    return logits if isinstance(logits, Tensor) else raw
+
+
+def mapped_output(output: OutputMap, raw: object) -> object:
+    """``output(raw)``; where it fails to find a field the output does not have, an error that names the
+    output's type and the tensors it holds."""
+    try:
+        return output(raw)
+    except (TypeError, KeyError, AttributeError, IndexError) as err:
+        raise TorchfimError(
+            f"the output= function raised {type(err).__name__}: {err}, on the model's output, a "
+            f"{type(raw).__name__}{tensor_fields(raw)}; make it return the tensor of outputs"
+        ) from err
+
+
+def as_columns(out: object) -> object:
+    """Outputs ``(batch,)``, one number per input (a binary classifier's logits as ``BCEWithLogitsLoss``
+    takes them, a regression's means), as the column ``(batch, 1)``; anything else as it is."""
+    return out.unsqueeze(-1) if isinstance(out, Tensor) and out.dim() == 1 else out
+
+
+def check_output_map(output: object) -> None:
+    """Refuse an ``output=`` that is neither None nor a function of the model's output."""
+    if output is not None and not callable(output):
+        raise TorchfimError(f"output must be a function of the model's output, got {type(output).__name__}")
+
+
+def check_class_dim(class_dim: object) -> int | None:
+    """Refuse a ``class_dim`` other than -1 (classes last), 1 (classes in dim 1, as ``F.cross_entropy``
+    takes them) or None (not said: last, see :class:`ClassDim`)."""
+    if class_dim is None:
+        return None
+    if isinstance(class_dim, bool) or class_dim not in (-1, 1):
+        raise TorchfimError(
+            f"class_dim must be -1 (classes last: (batch, *positions, C)) or 1 (classes in dim 1: "
+            f"(batch, C, *positions), as F.cross_entropy takes them), got {class_dim!r}"
+        )
+    return int(class_dim)
+
+
+CLASSES_LAST = (
+    "torchfim: outputs (batch, {shape}) are read with the classes last: {classes} classes at {positions} "
+    "positions per input. A segmentation model's logits (batch, C, H, W), as F.cross_entropy takes them, "
+    "have the classes in dim 1: pass class_dim=1; pass class_dim=-1 to say they are last (and silence this)"
+)
+
+
+class ClassDim:
+    """Where the classes are in outputs with positions: ``-1`` last, ``1`` in dim 1, ``None`` not said.
+
+    Not said reads them last, as language models' ``(batch, tokens, vocabulary)``, but outputs with two or
+    more position dims are where torch's convention (``cross_entropy``, convolutions) puts them in dim 1:
+    there the first outputs seen get a warning that names both choices.
+    """
+
+    def __init__(self, class_dim: object) -> None:
+        given = check_class_dim(class_dim)
+        self.dim = -1 if given is None else given
+        self._unsaid = given is None
+
+    def last(self, out: Tensor) -> Tensor:
+        """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are."""
+        self.check(out.shape)
+        return out.movedim(1, -1) if self.dim == 1 and out.dim() > 2 else out
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Warn once where the class dim was not said and ``shape`` has two or more position dims."""
+        if self._unsaid and len(shape) >= 4:
+            self._unsaid = False
+            warn_user(CLASSES_LAST.format(shape=", ".join(str(s) for s in shape[1:]), classes=shape[-1],
+                                          positions="×".join(str(s) for s in shape[1:-1])))
+
+
+def check_batch_rows(out: Tensor, size: int) -> None:
+    """Refuse outputs whose first dim is not the batch of ``size`` inputs."""
+    if out.dim() > 0 and out.shape[0] != size:
+        raise TorchfimError(
+            f"the model returned outputs of shape {tuple(out.shape)} for a mini-batch of {size} inputs; their first "
+            "dimension must be the batch, one row per input. A reduction over the batch (.sum(0), .mean(0)) or a "
+            "layer that read the inputs as one unbatched sample does this: nn.GRU, nn.LSTM and nn.RNN read a 2-D "
+            "input as one sequence, so give them (batch, time, features) with batch_first=True; a model that "
+            "returns (time, batch, ...) needs output=lambda out: out.transpose(0, 1)"
+        )
