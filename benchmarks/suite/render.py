@@ -136,8 +136,10 @@ def _targets(main: dict, details: dict, md_path: Path, plot_files: dict[str, str
                "the passes the method cannot do without (one forward and C − 1 backward passes for an exact "
                "diagonal; two forwards and two backwards per step for the finite-difference penalty) as plain "
                "autograd calls: what the target's limit leaves for everything else (benchmarks/README.md, cost "
-               "model).\n")
-    out.append("| target | this run | limit | status | passes alone |\n| --- | --- | --- | --- | --- |")
+               "model). `by hand`: the same ratio for the `by-hand` contender, which computes what the target asks "
+               "for, the same numbers, written for the benchmark's model alone (benchmarks/suite/by_hand.py): "
+               "whether code of any kind reaches the limit on this machine.\n")
+    out.append("| target | this run | limit | status | passes alone | by hand |\n| --- | --- | --- | --- | --- | --- |")
     footnotes = []
     for t in details.get("targets", []):
         limit = ("< " if t["strict"] else "≤ ") + f"{t['limit']:g}{t['unit']}"
@@ -146,9 +148,8 @@ def _targets(main: dict, details: dict, md_path: Path, plot_files: dict[str, str
         if t.get("note"):
             footnotes.append(t["note"])
             mark_note = f" [{len(footnotes)}]"
-        passes = t.get("passes")
-        alone = "" if passes is None else f"{passes:.2f}{t['unit']}"
-        out.append(f"| {t['target']}{mark_note} | {fmt_value(t)} | {limit} | {mark} | {alone} |")
+        alone, hand = ("" if r is None else f"{r:.2f}{t['unit']}" for r in (t.get("passes"), t.get("by_hand")))
+        out.append(f"| {t['target']}{mark_note} | {fmt_value(t)} | {limit} | {mark} | {alone} | {hand} |")
     out.append("")
     for i, note in enumerate(footnotes, 1):
         out.append(f"[{i}] {note}  ")

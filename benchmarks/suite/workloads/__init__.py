@@ -51,4 +51,4 @@ WORKLOADS: dict[str, Builder] = {
 #: Every contender's name, in the order of the report's columns.
 CONTENDERS = ("floor", "torchfim", "backpack", "nngeometry", "curvlinops", "plain", "torchfim-every10",
               "torchfim-fd", "torchfim-fd-every10", "torchfim-fd-term", "torchfim-subset32", "torchfim-subset32-cv",
-              "torchfim-diag", "arithmetic", "arithmetic-every10")
+              "torchfim-diag", "arithmetic", "arithmetic-every10", "by-hand")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchfim
 import torchfim.families
 
+from ..by_hand import MONITOR_BY_HAND_NOTE, monitor_by_hand
 from ..config import Config
 from ..models import model_for, num_params
 from ..workload import Contender, Runner, Workload
@@ -81,9 +82,10 @@ def build_monitor(cfg: Config, status: dict) -> Workload:
                                             "autograd, one input at a time, on the same window and labels")
 
     return Workload("monitor-every10-mlp", desc, num_params(base),
-                    [_training_contender(name, kw, base, data, held, cfg) for name, kw in MONITOR_CONTENDERS.items()],
+                    [*(_training_contender(name, kw, base, data, held, cfg) for name, kw in MONITOR_CONTENDERS.items()),
+                     monitor_by_hand(base, data, held, cfg)],
                     ratio_to="plain", check=check,
                     notes=[(f"SGD training (lr {cfg.lr}, mini-batches of {cfg.batch_size}) with FisherTraceMonitor("
                             f"every=10) holding all {len(held)} inputs; seconds per step as the mean over 10 consecutive "
                             "steps (one measurement each); torchfim: every held input, torchfim-subset32: subset=32 "
-                            "(a rotating window), -cv: with control_variate=True; ratios are to 'plain'")])
+                            "(a rotating window), -cv: with control_variate=True; ratios are to 'plain'"), MONITOR_BY_HAND_NOTE])

@@ -12,6 +12,7 @@ import torchfim.families
 
 from ..agreement import rel_error
 from ..arithmetic import PENALTY_NOTE, PenaltyPasses
+from ..by_hand import BY_HAND_NOTE, fd_penalty_by_hand
 from ..config import Config
 from ..models import model_for, num_params
 from ..workload import Contender, Runner, Workload
@@ -110,7 +111,8 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
 
     return Workload("penalty-step-mlp", desc, num_params(base),
                     [*(_step_contender(name, kw, base, data, cfg) for name, kw in PENALTY_CONTENDERS.items()),
-                     *(_passes_contender(every, base, data, cfg) for every in (1, 10))],
+                     *(_passes_contender(every, base, data, cfg) for every in (1, 10)),
+                     fd_penalty_by_hand(base, data, cfg)],
                     ratio_to="plain", check=check,
                     notes=[(f"one SGD step (lr {cfg.lr}) on a mini-batch of {cfg.batch_size}, seconds per step as the "
                             f"mean over {cfg.penalty_steps} consecutive steps (cycling through the mini-batches); "
@@ -121,4 +123,4 @@ def build_penalty(cfg: Config, status: dict) -> Workload:
                             "pen.penalised_loss(x, task_loss) (the task loss and the penalty share the forward at "
                             "θ + εĝ: two forwards and two backwards per computed step), torchfim-fd-term: the same "
                             "penalty as a separate term, cross_entropy(model(x), y) + pen(x); ratios are to 'plain'"),
-                           PENALTY_NOTE])
+                           PENALTY_NOTE, BY_HAND_NOTE])
