@@ -17,7 +17,7 @@ from .errors import TorchfimError
 Result = TypeVar("Result")
 
 __all__ = ["Attempt", "check_same_weights", "collective_device", "gather_numbers", "generator_fingerprint",
-           "model_device", "process_group", "process_place", "same_weights", "weights_fingerprint"]
+           "keep_until_next", "model_device", "process_group", "process_place", "same_weights", "weights_fingerprint"]
 
 
 #: Why processes that hold other weights are refused (``{}``: the call).
@@ -69,12 +69,30 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
+#: The tensors of this process's last collective, held until its next one (:func:`keep_until_next`).
+_LAST_COLLECTIVE: list[Tensor] = []
+
+
+def keep_until_next(tensors: list[Tensor]) -> None:
+    """Hold ``tensors``, the ones a collective just used, until the next collective replaces them.
+
+    gloo's worker thread may let go of a finished collective after the call has returned. Where it drops the last
+    reference to a tensor, it frees the tensor's Python object, which takes the GIL; if the main thread is then
+    destroying the process group (the last reference to it gone: a ``DistributedDataParallel`` wrapper freed),
+    which joins that thread while holding the GIL, the two wait for each other for good. Seen on torch 2.2, in
+    two of three runs of ``tests/test_monitor_processes.py``, at the end of a spawned process; the tensors held here
+    outlive the worker's reference, so the main thread frees them.
+    """
+    _LAST_COLLECTIVE[:] = tensors
+
+
 def gather_numbers(numbers: list[float], model: torch.nn.Module) -> list[list[float]]:
     """Every process's ``numbers`` (as many on each), in rank order, from one ``all_gather`` in float64 on the
     collectives' device for ``model``."""
     mine = torch.tensor(numbers, dtype=torch.float64, device=collective_device(model_device(model)))
     every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(every, mine)
+    keep_until_next([mine, *every])
     return [t.tolist() for t in every]
 
 

@@ -38,6 +38,7 @@ from ._processes import (
     collective_device,
     gather_numbers,
     generator_fingerprint,
+    keep_until_next,
     model_device,
     process_place,
     weights_fingerprint,
@@ -119,6 +120,7 @@ class RowShare:
         where = t.device
         t = t.to(collective_device(device)).contiguous()
         torch.distributed.all_reduce(t)
+        keep_until_next([t])
         return t.to(where)
 
 
