@@ -51,16 +51,23 @@ def test_a_gather_holds_its_tensors_until_the_next_collective() -> None:
         assert all(r() is None for r in first)  # let go at the next
 
 
-def test_a_fisher_across_processes_holds_the_tensors_of_its_sums() -> None:
-    """Its sums over the processes (``all_reduce``) are held too, the last of them until the next collective."""
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_a_fisher_across_processes_holds_one_number_of_its_sums(structure: str) -> None:
+    """Its sums over the processes (``all_reduce``) are held too, the last until the next collective: the count of
+    inputs, one number, not a copy of the result (a float64 copy of a full Fisher is twice its size in float32)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x = torch.randn(5, 3, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = torch.randn(5, 3)
     with _one_process():
         _processes.gather_numbers([0.0], model)
         before = _held()
-        shared = torchfim.fisher(model, x, structure="diag", across_processes=True)
+        shared, stderr = torchfim.fisher(model, x, structure=structure, estimator="score", n_samples=2,
+                                         generator=torch.Generator().manual_seed(1), return_stderr=True,
+                                         across_processes=True)
         gc.collect()
         held = _held()
-        assert held and all(r() is not None for r in held) and all(r() is None for r in before)
-    assert torch.allclose(shared, torchfim.fisher(model, x, structure="diag"), rtol=1e-12, atol=0)
+        assert [r().numel() for r in held] == [1] and all(r() is None for r in before)
+    alone, alone_stderr = torchfim.fisher(model, x, structure=structure, estimator="score", n_samples=2,
+                                          generator=torch.Generator().manual_seed(1), return_stderr=True)
+    assert shared.dtype == stderr.dtype == torch.float32
+    assert torch.allclose(shared, alone, rtol=1e-6, atol=0) and torch.allclose(stderr, alone_stderr, rtol=1e-6, atol=0)

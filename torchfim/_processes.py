@@ -81,7 +81,9 @@ def keep_until_next(tensors: list[Tensor]) -> None:
     destroying the process group (the last reference to it gone: a ``DistributedDataParallel`` wrapper freed),
     which joins that thread while holding the GIL, the two wait for each other for good. Seen on torch 2.2, in
     two of three runs of ``tests/test_monitor_processes.py``, at the end of a spawned process; the tensors held here
-    outlive the worker's reference, so the main thread frees them.
+    outlive the worker's reference, so the main thread frees them. One slot for the process: torch.distributed
+    takes one collective at a time per group, and a caller ends with a small one where its big ones would
+    otherwise stay held (:meth:`torchfim.process_rows.RowShare.mean`).
     """
     _LAST_COLLECTIVE[:] = tensors
 

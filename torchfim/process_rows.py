@@ -105,14 +105,15 @@ class RowShare:
         """``(Σ_r (n_r/N) F_r, Σ_r (n_r/N)² V_r)`` from this process's mean ``value`` over its ``n`` inputs and its
         variance ``variance`` (either None: none)."""
         device = model_device(model)
+        # Σ_r n_r F_r and Σ_r n_r² V_r first, N = Σ_r n_r last: the collective whose tensor stays held after the
+        # call (keep_until_next) is then one number, not a copy of the result (P² numbers for a full Fisher)
+        summed = [None if v is None else entrywise(lambda t, p=power: self._sum(t.double() * n**p, device), v)
+                  for v, power in ((value, 1), (variance, 2))]
         total = float(self._sum(torch.tensor(float(n), dtype=torch.float64), device))
         if not total:
             raise TorchfimError(EMPTY)
-        weight = n / total
-        if value is not None:
-            value = entrywise(lambda t: self._sum(t.double() * weight, device).to(t.dtype), value)
-        if variance is not None:
-            variance = entrywise(lambda t: self._sum(t.double() * weight**2, device).to(t.dtype), variance)
+        value, variance = (None if s is None else entrywise(lambda a, t, p=power: (a / total**p).to(t.dtype), s, v)
+                           for s, v, power in ((summed[0], value, 1), (summed[1], variance, 2)))
         return value, variance
 
     def _sum(self, t: Tensor, device: torch.device) -> Tensor:

@@ -52,7 +52,8 @@ def draw_labels(logits: Tensor, generator: torch.Generator) -> Tensor:
 
 def fd_penalty_step(model: nn.Module, names: list[str], params: list[Tensor], x: Tensor, y: Tensor, alpha: float,
                     generator: torch.Generator) -> None:
-    """Leave in ``.grad`` the gradient of the finite-difference penalised loss (see the module docstring)."""
+    """Leave in ``.grad`` the gradient of the finite-difference penalised loss (see the module docstring), on the
+    CPU, for a gradient ``g`` that is not 0 (torchfim's guards for other devices and for ``g = 0`` left out)."""
     o = model(x)
     labels = draw_labels(o.detach(), generator)
     g = torch.autograd.grad(F.cross_entropy(o, labels), params)
@@ -96,7 +97,7 @@ class SubsetTraceByHand:
     from the same generator)."""
 
     def __init__(self, model: nn.Sequential, held: Tensor, subset: int, generator: torch.Generator) -> None:
-        self.model, self.held, self.subset, self.generator = model, held, subset, generator
+        self.model, self.held, self.subset, self.generator = model, held, min(subset, len(held)), generator
         self.permutation: Tensor | None = None
         self.position = 0
 
