@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 
@@ -37,3 +39,13 @@ def run_processes(rank_function: Callable[..., None], args: tuple, world: int, m
     for process in context.processes:
         process.kill()
     pytest.fail(f"the {world} processes did not finish within {minutes:g} minutes")
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[None]:
+    """A one-process gloo group in this process, on an in-memory store (no network), destroyed at the end."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()

@@ -9,13 +9,12 @@ tests check what prevents it: the tensors stay referenced after the call, until 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
+from processes import one_process_group
 from torch import nn
 
 import torchfim
@@ -24,23 +23,13 @@ from torchfim import _processes
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
 
 
-@contextlib.contextmanager
-def _one_process() -> Iterator[None]:
-    """A one-process gloo group on an in-memory store (no network)."""
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _held() -> list[weakref.ref]:
     return [weakref.ref(t) for t in _processes._LAST_COLLECTIVE]
 
 
 def test_a_gather_holds_its_tensors_until_the_next_collective() -> None:
     model = nn.Linear(2, 2)
-    with _one_process():
+    with one_process_group():
         assert _processes.gather_numbers([1.0, 2.0], model) == [[1.0, 2.0]]
         first = _held()
         assert [r().tolist() for r in first] == [[1.0, 2.0], [1.0, 2.0]]  # what it sent and what it received
@@ -58,7 +47,7 @@ def test_a_fisher_across_processes_holds_one_number_of_its_sums(structure: str) 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
     x = torch.randn(5, 3)
-    with _one_process():
+    with one_process_group():
         _processes.gather_numbers([0.0], model)
         before = _held()
         shared, stderr = torchfim.fisher(model, x, structure=structure, estimator="score", n_samples=2,

@@ -16,13 +16,13 @@ import dataclasses
 import functools
 import types
 import warnings
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
 from oracles import exact_fisher
+from processes import one_process_group
 from torch import Tensor, nn
 
 import torchfim
@@ -292,16 +292,6 @@ def test_accelerate_hooks_on_a_transformers_model(backend: str) -> None:
     assert clients.rel_err(got, want) < 1e-10
 
 
-@contextlib.contextmanager
-def _process_group() -> Iterator[None]:
-    """A one-process gloo group on an in-memory store (no network), as DistributedDataParallel needs."""
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 WRAPPERS = {
     "compiled": lambda m: torch.compile(m, backend="eager"),  # the eager backend needs no compiler
     "data_parallel": nn.DataParallel,  # on CPU it calls the module
@@ -320,7 +310,7 @@ def test_a_wrapped_model_or_submodule_is_computed_on_the_module_inside(wrapper: 
     Names drop the wrapper's ``_orig_mod.`` or ``module.``."""
     x = torch.randn(7, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     want = exact_fisher(_mlp(), x, "categorical")
-    group = _process_group() if wrapper == "distributed" else contextlib.nullcontext()
+    group = one_process_group() if wrapper == "distributed" else contextlib.nullcontext()
     with group:
         model = _mlp()
         if where == "model":
