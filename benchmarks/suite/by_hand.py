@@ -7,14 +7,14 @@ the report shows beside a target whether code of any kind reaches it on this mac
 generality costs on top:
 
 * ``by-hand`` in ``penalty-step-mlp``: the step of ``FisherPenalty(grad_method="finite_difference")
-  .penalised_loss`` at ``every=1``. A forward at θ, labels drawn as torchfim draws them (inverse CDF, one uniform
-  per input), ``g = ∇L(θ)`` by autograd, the norms of ``g`` and θ in one pass, the parameters shifted to
-  ``θ' = θ + ε ĝ`` (``torch.func.functional_call``), the forward at θ' of ``task + c·L``, its backward, and
-  ``−c·g`` added into ``.grad`` after it (``c = 2α‖g‖/ε``, ``ε = 0.1·√eps·(1 + ‖θ‖)``).
-* ``by-hand`` in ``monitor-every10-mlp``: training with the ``subset=32`` measurement every 10 steps. The next
-  window of one random permutation of the held inputs, a forward that keeps each Linear layer's input and output,
-  labels by inverse CDF, one backward of the output scores to the layers' outputs, and the per-input squared score
-  norms from them (``‖δ‖²(‖a‖² + 1)`` per layer: weight and bias), their mean and its standard error.
+  .penalised_loss`` at ``every=1``. A forward at θ, labels drawn by the categorical family's own draw, ``g = ∇L(θ)``
+  by autograd, the norms of ``g`` and θ in one pass, the parameters shifted to ``θ' = θ + ε ĝ``
+  (``torch.func.functional_call``), the forward at θ' of ``task + c·L``, its backward, and ``−c·g`` added into
+  ``.grad`` after it (``c = 2α‖g‖/ε``, ``ε = 0.1·√eps·(1 + ‖θ‖)``).
+* ``by-hand`` in ``monitor-every10-mlp``: training with the ``subset=32`` measurement every 10 steps. The monitor's
+  next window of held inputs, a forward that keeps each Linear layer's input and output, labels and scores by the
+  categorical family's routines, one backward of the scores to the layers' outputs, and the per-input squared
+  score norms from them (``‖δ‖²(‖a‖² + 1)`` per layer: weight and bias), their mean and its standard error.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from torchfim.families import Categorical
+from torchfim.train.finite_difference import FD_STEP_SCALE
+from torchfim.train.trace_stats import Windows
 
 from .config import Config
 from .models import Data
@@ -38,16 +42,8 @@ BY_HAND_NOTE = ("by-hand: the finite-difference penalised step (every=1) written
 MONITOR_BY_HAND_NOTE = ("by-hand: the subset=32 measurement written out for this MLP alone, the same windows, "
                         "labels and numbers as torchfim-subset32 without its checks and generality "
                         "(benchmarks/suite/by_hand.py)")
-
-#: The constant of torchfim's default finite-difference step, ``ε = 0.1·√eps·(1 + ‖θ‖)``.
-FD_STEP_SCALE = 0.1
-
-
-def draw_labels(logits: Tensor, generator: torch.Generator) -> Tensor:
-    """One label per row of ``logits`` (B, C), drawn as torchfim's categorical family draws it."""
-    cdf = torch.softmax(logits, -1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=cdf.dtype)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+#: torchfim's categorical family: the labels and scores by hand are drawn by its own routines.
+CATEGORICAL = Categorical()
 
 
 def fd_penalty_step(model: nn.Module, names: list[str], params: list[Tensor], x: Tensor, y: Tensor, alpha: float,
@@ -55,7 +51,7 @@ def fd_penalty_step(model: nn.Module, names: list[str], params: list[Tensor], x:
     """Leave in ``.grad`` the gradient of the finite-difference penalised loss (see the module docstring), on the
     CPU, for a gradient ``g`` that is not 0 (torchfim's guards for other devices and for ``g = 0`` left out)."""
     o = model(x)
-    labels = draw_labels(o.detach(), generator)
+    labels = CATEGORICAL.sample(o.detach(), 1, generator).reshape(-1)
     g = torch.autograd.grad(F.cross_entropy(o, labels), params)
     norms = torch.stack(torch._foreach_norm([*g, *(p.detach() for p in params)])).tolist()
     g_norm, theta_norm = math.hypot(*norms[: len(g)]), math.hypot(*norms[len(g) :])
@@ -97,24 +93,13 @@ class SubsetTraceByHand:
     from the same generator)."""
 
     def __init__(self, model: nn.Sequential, held: Tensor, subset: int, generator: torch.Generator) -> None:
-        self.model, self.held, self.subset, self.generator = model, held, min(subset, len(held)), generator
-        self.permutation: Tensor | None = None
-        self.position = 0
-
-    def _window(self) -> Tensor:
-        if self.permutation is None:
-            self.permutation = torch.randperm(len(self.held), generator=self.generator)
-        end = self.position + self.subset
-        rows = self.permutation[self.position : end]
-        if end > len(self.held):
-            rows = torch.cat([rows, self.permutation[: end - len(self.held)]])
-        self.position = end % len(self.held)
-        return rows
+        self.model, self.held, self.generator = model, held, generator
+        self.windows = Windows(len(held), subset)  # the monitor's windows
 
     def measure(self) -> tuple[float, float]:
         """The mean of the window's squared score norms and its standard error (a random subset of the held
         inputs, one label each: ``s/√m``, see ``torchfim.train.trace_stats.mean_and_variance``)."""
-        h = self.held[self._window()]
+        h = self.held[self.windows.next(self.generator)]
         inputs, outputs = [], []
         with torch.enable_grad():
             for layer in self.model:
@@ -124,9 +109,7 @@ class SubsetTraceByHand:
                     outputs.append(h)
                 else:
                     h = layer(h)
-        p = torch.softmax(h.detach(), -1)
-        labels = draw_labels(h.detach(), self.generator)
-        scores = p.neg().scatter_add_(1, labels.unsqueeze(1), torch.ones(len(p), 1, dtype=p.dtype))
+        scores = CATEGORICAL.sample_scores(h.detach(), 1, self.generator)[:, 0]  # one-hot(ŷ) − p
         sensitivities = torch.autograd.grad(h, outputs, scores)
         with torch.no_grad():
             norms = sum(d.square().sum(1) * (a.square().sum(1) + 1) for d, a in zip(sensitivities, inputs)).double()
