@@ -107,13 +107,15 @@ class RowShare:
         device = model_device(model)
         # Σ_r n_r F_r and Σ_r n_r² V_r first, N = Σ_r n_r last: the collective whose tensor stays held after the
         # call (keep_until_next) is then one number, not a copy of the result (P² numbers for a full Fisher)
-        summed = [None if v is None else entrywise(lambda t, p=power: self._sum(t.double() * n**p, device), v)
-                  for v, power in ((value, 1), (variance, 2))]
+        value_sum = None if value is None else entrywise(lambda t: self._sum(t.double() * n, device), value)
+        variance_sum = None if variance is None else entrywise(lambda t: self._sum(t.double() * n**2, device), variance)
         total = float(self._sum(torch.tensor(float(n), dtype=torch.float64), device))
         if not total:
             raise TorchfimError(EMPTY)
-        value, variance = (None if s is None else entrywise(lambda a, t, p=power: (a / total**p).to(t.dtype), s, v)
-                           for s, v, power in ((summed[0], value, 1), (summed[1], variance, 2)))
+        if value is not None:
+            value = entrywise(lambda a, t: (a / total).to(t.dtype), value_sum, value)
+        if variance is not None:
+            variance = entrywise(lambda a, t: (a / total**2).to(t.dtype), variance_sum, variance)
         return value, variance
 
     def _sum(self, t: Tensor, device: torch.device) -> Tensor:
