@@ -18,11 +18,11 @@ from torchfim.engine.modules import linear as linear_module
 from torchfim.engine.modules.base import positions_squares
 
 
-@pytest.mark.parametrize("budget", [1, 2**19], ids=["one-sample-chunks", "one-chunk"])
+@pytest.mark.parametrize("budget", [1, 24, 2**19], ids=["one-sample-chunks", "a-shorter-last-chunk", "one-chunk"])
 def test_positions_squares_equal_brute_force_per_sample_gradients(monkeypatch, budget: int) -> None:
     monkeypatch.setattr(base_module, "SQUARES_ELEMENTS", budget)
     gen = torch.Generator().manual_seed(0)
-    m, b, length, units, width = 3, 5, 4, 6, 2
+    m, b, length, units, width = 3, 5, 4, 6, 2  # a budget of 24 = 2·width·units: chunks of 2, 2 and 1 samples
     g = torch.randn(m, b, length, units, generator=gen, dtype=torch.float64)
     a = torch.randn(b, length, width, generator=gen, dtype=torch.float64)
     weight, bias = positions_squares(g.transpose(1, 2).contiguous().transpose(1, 2), a)  # a strided g too
@@ -92,7 +92,7 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("budget", [1, 2**19], ids=["one-sample-chunks", "one-chunk"])
+@pytest.mark.parametrize("budget", [1, 24, 2**19], ids=["one-sample-chunks", "a-shorter-last-chunk", "one-chunk"])
 @pytest.mark.parametrize("estimator", ["exact", "score"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_rules_at_positions_square_as_the_functional_backend(monkeypatch, name: str, estimator: str,

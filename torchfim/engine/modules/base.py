@@ -22,10 +22,10 @@ Grads = dict[int, Tensor]  # parameter index in θ -> per-sample gradients (b, m
 Factors = tuple[Tensor, Tensor]
 
 #: Elements of the per-sample products that :func:`positions_squares` builds at once: a chunk small
-#: enough to stay in cache from its product to its square. On the benchmark transformer's layers (one
-#: vector, 256 sequences of 32) 2**19 took 0.70-0.73 of the time of the generic chunks of 2**21 with
-#: their copy of the sensitivities; 2**18 was slower again (more, smaller products).
-SQUARES_ELEMENTS = 2**19
+#: enough that it and its accumulator of squares stay in cache from the product to the square. On the
+#: benchmark transformer's layers (256 sequences of 32; in, out ∈ {128, 384, 512}) 2**18 took 0.79-0.95 of the
+#: time of 2**19 with a reduction per chunk; 2**17 and below were slower (more, smaller products).
+SQUARES_ELEMENTS = 2**18
 
 
 #: The key of :attr:`Call.cache` under which a rule keeps the taps its :meth:`Rule.take_recorded` added after the
@@ -204,22 +204,24 @@ def positions_squares(g: Tensor, a: Tensor, weight: bool = True) -> tuple[Tensor
     frozen weight beside a trainable bias) the first is None and no product is formed.
 
     One vector at a time over chunks of :data:`SQUARES_ELEMENTS` (the product ``aᵢᵀ gᵢⱼ`` reads both
-    factors where they lie, without a copy of ``g`` into a stacked layout)."""
+    factors where they lie, without a copy of ``g`` into a stacked layout). Each chunk's squares are added
+    into an accumulator of the chunk's shape in one pass (``addcmul_``), summed over its rows once at the
+    end: a reduction per chunk would read the products twice more."""
     a, g = as_float(a), as_float(g)
     bias = g.sum(2).square_().sum((0, 1))
     if not weight:
         return None, bias
     m, size, _, units = g.shape
     step = max(1, SQUARES_ELEMENTS // (a.shape[-1] * units))
-    by_input = a.transpose(1, 2)  # (B, in, L)
-    total = g.new_zeros(a.shape[-1], units)
-    buffer = g.new_empty(min(step, size), a.shape[-1], units)
+    inputs = a.transpose(1, 2).split(step)  # (rows, in, L) per chunk, the same for every vector
+    buffer = g.new_empty(len(inputs[0]), a.shape[-1], units)
+    squares = torch.zeros_like(buffer)
     for k in range(m):
-        for start in range(0, size, step):
-            rows = slice(start, min(size, start + step))
-            products = torch.bmm(by_input[rows], g[k, rows], out=buffer[: rows.stop - rows.start])
-            total += products.square_().sum(0)
-    return total, bias
+        for x, sens in zip(inputs, g[k].split(step)):
+            full = len(x) == step  # the last chunk may be shorter
+            products = torch.bmm(x, sens, out=buffer if full else buffer[: len(x)])
+            (squares if full else squares[: len(x)]).addcmul_(products, products)
+    return squares.sum(0), bias
 
 
 def as_float(t: Tensor) -> Tensor:
