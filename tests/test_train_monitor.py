@@ -273,7 +273,8 @@ def test_bad_arguments_raise() -> None:
         mon.step(-1)
     with pytest.raises(torchfim.TorchfimError, match="step"):
         mon.step(1.5)
-    single = FisherTraceMonitor(model, x[:1]).step(0)
+    with pytest.warns(RuntimeWarning, match="1 input per measurement"):
+        single = FisherTraceMonitor(model, x[:1]).step(0)
     assert math.isnan(single.stderr) and math.isfinite(single.trace)
 
 

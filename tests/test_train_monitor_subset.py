@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -128,6 +129,20 @@ def test_subset_edge_cases_and_errors() -> None:
             FisherTraceMonitor(model, x, subset=bad)
     with pytest.raises(torchfim.TorchfimError, match="NaN"):
         FisherTraceMonitor(model, torch.full((4, 3), float("nan"), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("held, subset", [(10, 1), (1, None)], ids=["a-window-of-one", "one-held-input"])
+def test_one_input_per_measurement_is_named_at_construction(held: int, subset: int | None) -> None:
+    """A single input has no spread to estimate: the standard error is NaN, which the monitor says when built
+    (with the fix) rather than only in its records."""
+    model, x = tanh_mlp(3, seed=68), mlp_inputs(held, seed=69)
+    with pytest.warns(RuntimeWarning, match=r"measures 1 input per measurement.*NaN.*subset ≥ 2"):
+        mon = FisherTraceMonitor(model, x, subset=subset, n_samples=3)
+    record = mon.measure(0)
+    assert record.n_inputs == 1 and math.isnan(record.stderr) and math.isfinite(record.trace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two inputs: no warning
+        FisherTraceMonitor(model, mlp_inputs(10, seed=69), subset=2)
 
 
 class _Pooling(nn.Module):

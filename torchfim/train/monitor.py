@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from .._batches import Inputs
 from .._processes import model_device
 from ..engine.output_reading import check_class_dim, check_output_map
-from ..errors import TorchfimError, check_n_samples
+from ..errors import TorchfimError, check_n_samples, warn_user
 from ..families import Family, get_family
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
@@ -95,7 +95,7 @@ class TraceRecord:
             the per-sample squared score norms ``‖∇_θ log p(y|x)‖²``.
         stderr: its standard error (per-input means' sample std over √n_inputs; see the module
             docstring for exactly what it covers, and for ``subset`` and ``control_variate``). NaN
-            when there is a single input.
+            when there is a single input (the monitor warns when built so).
         n_inputs: inputs the estimate is a mean over: all held inputs, or the ``subset`` window.
         n_samples: labels drawn per input ``k``.
         seconds: wall-clock time the measurement took.
@@ -347,10 +347,14 @@ class FisherTraceMonitor:
             raise TorchfimError(f"control_variate must be True or False, got {control_variate!r}")
         n, m = self._local_sizes(subset)
         size = n if m is None else min(m, n)
+        where = " per process" if self._share is not None else ""
+        if size < 2:
+            warn_user(f"torchfim: FisherTraceMonitor measures {size} input{where} per measurement, so its standard "
+                      "error (the spread of the per-input values, which it needs two inputs to see) will be NaN; "
+                      "pass subset ≥ 2 (or hold more inputs)")
         if control_variate and size < 4:
             raise TorchfimError(
-                f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}"
-                f"{' per process' if self._share is not None else ''}; "
+                f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}{where}; "
                 "pass subset ≥ 4 (or hold more inputs)"
             )
         return subset, control_variate
