@@ -389,6 +389,38 @@ def test_integer_inputs_to_a_float_model_in_the_penalty(grad_method: str) -> Non
         pen.penalised_loss(x, lambda out: out.sum(), step=0)
 
 
+_WIDE = r"\([36], 7\) torch.float64\): a layer does not take inputs of this shape.*torch said: mat1 and mat2 shapes"
+
+
+@pytest.mark.parametrize("call", [
+    lambda model, x: torchfim.fisher(model, x),
+    lambda model, x: torchfim.fisher(model, x, backend="functional"),
+    lambda model, x: torchfim.fisher_variance(model, x),
+    lambda model, x: torchfim.train.FisherTraceMonitor(model, x).step(0),
+    lambda model, x: torchfim.train.FisherTraceMonitor(model, x, subset=3).step(0),
+    lambda model, x: torchfim.train.FisherPenalty(model)(x, step=0),
+    lambda model, x: torchfim.train.FisherPenalty(model, grad_method="finite_difference").penalised_loss(
+        x, lambda out: out.sum(), step=0),
+], ids=["fisher", "functional", "variance", "monitor", "monitor-subset", "penalty", "penalised-loss"])
+def test_inputs_of_a_shape_the_model_does_not_take(call) -> None:
+    """Inputs 7 wide for a model whose first layer takes 3: every entry point says so with torch's words (torch's
+    own error from inside the forward before, or from inside torchfim's stand-ins for the penalty)."""
+    with pytest.raises(TorchfimError, match=rf"the model's forward failed on the mini-batch \({_WIDE}") as caught:
+        call(tanh_mlp(3), torch.randn(6, 7, dtype=torch.float64))
+    assert isinstance(caught.value.__cause__, RuntimeError)  # torch's error, kept as the cause
+
+
+def test_images_of_another_size_and_token_ids_past_the_table() -> None:
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    with pytest.raises(TorchfimError, match=r"\(2, 1, 8, 8\) torch.float64\): a layer does not take.*torch said"):
+        torchfim.fisher(conv, torch.randn(2, 1, 8, 8, dtype=torch.float64))  # built for 6×6 images
+    with pytest.raises(TorchfimError, match=r"\(2, 3, 6, 6\).*a layer does not take.*expected input.*3 channels"):
+        torchfim.fisher(conv, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    tokens = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 3)).double()
+    with pytest.raises(TorchfimError, match=r"outside an embedding's table; pass token ids in \[0, num_embeddings\)"):
+        torchfim.fisher(tokens, torch.randint(0, 9, (4, 2), generator=torch.Generator().manual_seed(0)))
+
+
 def test_a_failure_that_only_mentions_a_dtype_is_not_blamed_on_integer_inputs() -> None:
     """torch's checkpoint lists the metadata (``'dtype': torch.float64``) of tensors it recomputed
     differently: that error was reported as "failed on integer inputs" for token ids."""

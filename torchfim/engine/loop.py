@@ -94,7 +94,7 @@ def _recordings(view: ModelView, backend: Backend, batch: Batch, groups: list[sl
     equal size (one forward more, against the output width's backward passes)."""
     for rows in groups:
         part = batch if rows == slice(0, batch.size) else batch.rows(rows)
-        rec = _record(view, backend, part)
+        rec = recorded(view, backend, part)
         most = backend.rows_for_whole_outputs(rec, grams) if whole else part.size
         if most >= part.size:
             yield rows, part, rec
@@ -105,14 +105,19 @@ def _recordings(view: ModelView, backend: Backend, batch: Batch, groups: list[sl
         for start in range(rows.start, rows.stop, step):
             sub = slice(start, min(rows.stop, start + step))
             piece = batch.rows(sub)
-            yield sub, piece, _record(view, backend, piece)
+            yield sub, piece, recorded(view, backend, piece)
 
 
-def _record(view: ModelView, backend: Backend, part: Batch) -> Recording:
+def recorded(view: ModelView, backend: Backend, part: Batch) -> Recording:
+    """``backend.record(part)``; a forward that fails on inputs it does not take raises :func:`.forward_error`'s
+    clear error, any other failure its own."""
     try:
         return backend.record(part)
-    except RuntimeError as err:
-        raise forward_error(part, view.dtype, err) from err
+    except (RuntimeError, IndexError) as err:
+        clear = forward_error(part, view.dtype, err)
+        if clear is err:
+            raise
+        raise clear from err
 
 
 def _check_finite_inputs(batch: Batch) -> None:

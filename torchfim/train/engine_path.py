@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
 from ..engine.derivative_settings import made_in_inference_mode
+from ..engine.loop import recorded
 from ..engine.model_checks import check_initialised
 from ..engine.output_reading import OutputMap
 from ..engine.private_tree import forward_signature
@@ -72,7 +73,7 @@ class EnginePath:
         with engine_session():
             for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
                 batch = held.to(view.device, view.dtype)
-                rec = backend.record(batch)
+                rec = recorded(view, backend, batch)
                 fam = view.family_for(rec.shape, batch, family, mask)
                 fam.check_output(rec.output)  # with its graph: it names the last operation
                 self._checked = view.check_independent(batch, rec.values, self._checked)

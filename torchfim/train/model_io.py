@@ -109,7 +109,7 @@ class ModelIO:
         """The model's output on the mini-batch, as the model returns it (in the composite forms where
         it will be ``differentiated_twice`` and they are on); the first call checks that the forward takes
         the mini-batch (:func:`.engine.model_checks.check_forward_takes`); a forward that fails on integer or
-        1-D inputs says so (:func:`.engine.model_checks.forward_error`)."""
+        1-D inputs, or on inputs of a shape a layer does not take, says so (:func:`.engine.model_checks.forward_error`)."""
         first = not self._call_checked
         if first:
             check_forward_takes(model, x)
@@ -118,7 +118,7 @@ class ModelIO:
                 inputs_unwritten(model, x.args, x.kwargs) if first else nullcontext():
             try:  # the training forward as it runs (not Batch.call's): its gradient hooks are the task loss's too
                 return model(*x.args, **x.kwargs)
-            except RuntimeError as err:
+            except (RuntimeError, IndexError) as err:
                 clear = forward_error(x, next(model.parameters()).dtype, err)
                 if clear is err:
                     raise
