@@ -121,11 +121,14 @@ def recorded(view: ModelView, backend: Backend, part: Batch) -> Recording:
 
 
 def _check_finite_inputs(batch: Batch) -> None:
-    for key, t in [(str(i), a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items()):
+    named = [(f"positional argument {i}", a) for i, a in enumerate(batch.args)]
+    for name, t in named + [(f"input {k!r}", v) for k, v in batch.kwargs.items()]:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
+            rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist() if t.dim() else []
+            where = f", row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}{' …' if len(rows) > 5 else ''}"
             raise TorchfimError(
-                f"the inputs contain NaN or Inf (input {key!r}); clean or drop those samples before "
-                "computing the Fisher"
+                f"the inputs contain NaN or Inf ({name}{where if rows else ''} of a mini-batch of {batch.size}); "
+                "clean or drop those samples before computing the Fisher"
             )
 
 
