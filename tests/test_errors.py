@@ -127,7 +127,7 @@ def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(
     # Row groups by size (row_groups.WHOLE_GROUP_ELEMENTS) would record these inputs one at a time from the
     # start: lifted, the memory check alone decides.
     monkeypatch.setattr(row_groups, "WHOLE_GROUP_ELEMENTS", 2**62)
-    sizes, record = [], loop._record
+    sizes, record = [], loop.recorded
 
     def spy(view, backend, part):
         sizes.append(part.size)
@@ -135,7 +135,7 @@ def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(
             raise _Cut
         return record(view, backend, part)
 
-    monkeypatch.setattr(loop, "_record", spy)
+    monkeypatch.setattr(loop, "recorded", spy)
     with pytest.raises(_Cut):
         run(model, x)
     assert sizes[-2:] == [64, most], sizes

@@ -141,15 +141,15 @@ def test_estimators_that_draw_labels_record_the_batch_whole(monkeypatch, recorde
 @pytest.fixture
 def one_input_per_pull_back(monkeypatch) -> list[int]:
     """Every backend answers that one input's whole-output pull-back is all that fits in memory; returns the
-    sizes the engine loop records (both backends, through ``loop._record``)."""
+    sizes the engine loop records (both backends, through ``loop.recorded``)."""
     sizes: list[int] = []
-    record = loop._record
+    record = loop.recorded
 
     def spy(view, engine, part):
         sizes.append(part.size)
         return record(view, engine, part)
 
-    monkeypatch.setattr(loop, "_record", spy)
+    monkeypatch.setattr(loop, "recorded", spy)
     monkeypatch.setattr(backend.Backend, "rows_for_whole_outputs", lambda self, rec, grams=False: 1)
     return sizes
 
