@@ -163,7 +163,7 @@ def test_nan_in_a_later_mini_batch_or_dict_input_is_refused() -> None:
     x = mlp_inputs(6, seed=43)
     bad = x[3:].clone()
     bad[0, 2] = float("nan")
-    with pytest.raises(TorchfimError, match=r"NaN or Inf \(positional argument 0, row 0 of a mini-batch of 3\)"):
+    with pytest.raises(TorchfimError, match=r"NaN or Inf \(positional argument 0 of mini-batch 1, counting from 0\)"):
         torchfim.fisher(model, [x[:3], bad])
 
     class Keyword(nn.Module):
@@ -174,7 +174,7 @@ def test_nan_in_a_later_mini_batch_or_dict_input_is_refused() -> None:
         def forward(self, features: torch.Tensor) -> torch.Tensor:
             return self.lin(features)
 
-    with pytest.raises(TorchfimError, match=r"NaN or Inf \(input 'features', row 0 of"):
+    with pytest.raises(TorchfimError, match=r"NaN or Inf \(input 'features' of mini-batch 0"):
         torchfim.fisher(Keyword().double(), {"features": bad})
 
 
@@ -389,7 +389,7 @@ def test_integer_inputs_to_a_float_model_in_the_penalty(grad_method: str) -> Non
         pen.penalised_loss(x, lambda out: out.sum(), step=0)
 
 
-_WIDE = r"\([36], 7\) torch.float64\): a layer does not take inputs of this shape.*torch said: mat1 and mat2 shapes"
+_WIDE = r"\([36], 7\) torch.float64\): a layer does not take the shape it is given.*torch said: mat1 and mat2 shapes"
 
 
 @pytest.mark.parametrize("call", [
@@ -412,13 +412,48 @@ def test_inputs_of_a_shape_the_model_does_not_take(call) -> None:
 
 def test_images_of_another_size_and_token_ids_past_the_table() -> None:
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
-    with pytest.raises(TorchfimError, match=r"\(2, 1, 8, 8\) torch.float64\): a layer does not take.*torch said"):
+    with pytest.raises(TorchfimError, match=r"\(2, 1, 8, 8\) torch.float64\): a layer does not take.*torch said: mat1"):
         torchfim.fisher(conv, torch.randn(2, 1, 8, 8, dtype=torch.float64))  # built for 6×6 images
     with pytest.raises(TorchfimError, match=r"\(2, 3, 6, 6\).*a layer does not take.*expected input.*3 channels"):
         torchfim.fisher(conv, torch.randn(2, 3, 6, 6, dtype=torch.float64))
     tokens = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 3)).double()
     with pytest.raises(TorchfimError, match=r"outside an embedding's table; pass token ids in \[0, num_embeddings\)"):
         torchfim.fisher(tokens, torch.randint(0, 9, (4, 2), generator=torch.Generator().manual_seed(0)))
+    one_each = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 4)).double()  # 1-D ids: one token per input
+    with pytest.raises(TorchfimError, match=r"outside an embedding's table"):  # not the 1-D inputs' advice
+        torchfim.fisher(one_each, torch.tensor([0, 1, 2, 7]))
+
+
+def test_errors_of_the_forward_own_and_of_the_output_map_are_raised_as_they_are() -> None:
+    """Only torch's words for a layer's input shape, raised inside the model's forward, are read as the inputs'
+    shape: an IndexError of the forward's own code, a broadcast in the forward and a product in ``output=``
+    come out as themselves."""
+
+    class Indexes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.sizes = nn.Linear(3, 3), [3]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.sizes[1]
+
+    class Broadcasts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + torch.zeros(5, dtype=x.dtype)
+
+    x = mlp_inputs(4)
+    with pytest.raises(IndexError, match="list index out of range"):
+        torchfim.fisher(Indexes().double(), x)
+    with pytest.raises(RuntimeError, match="must match the size") as caught:
+        torchfim.fisher(Broadcasts().double(), x)
+    assert not isinstance(caught.value, TorchfimError)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
+        torchfim.fisher(tanh_mlp(3), x, output=lambda out: out @ torch.zeros(5, 2, dtype=out.dtype))
+    assert not isinstance(caught.value, TorchfimError)
 
 
 def test_a_failure_that_only_mentions_a_dtype_is_not_blamed_on_integer_inputs() -> None:

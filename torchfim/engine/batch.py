@@ -9,6 +9,7 @@ loss). ``torch.func.vmap`` takes a batch's inputs as ``(args, kwargs)`` with in-
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -48,6 +49,12 @@ class Batch:
         (:mod:`.function_forwards`)."""
         with function_forwards():
             return module(*self.args, **self.kwargs)
+
+    @staticmethod
+    def raised_in_call(err: BaseException) -> bool:
+        """Whether ``err`` came out of a model's forward that :meth:`call` ran (not out of what torchfim did with
+        the output after it: an ``output=`` function, a backward pass)."""
+        return any(frame.f_code is Batch.call.__code__ for frame, _ in traceback.walk_tb(err.__traceback__))
 
     def rows(self, rows: slice | Tensor) -> Batch:
         """The samples ``rows`` (a slice or a tensor of indices) of the batch (every tensor whose first

@@ -71,8 +71,8 @@ def run(
     """
     checked = 0
     versions = view.versions()
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        _check_finite_inputs(batch)
+    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
+        _check_finite_inputs(batch, index)
         view.check_call(batch)
         # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.
         cuttable = split and (not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size))
@@ -114,21 +114,20 @@ def recorded(view: ModelView, backend: Backend, part: Batch) -> Recording:
     try:
         return backend.record(part)
     except (RuntimeError, IndexError) as err:
-        clear = forward_error(part, view.dtype, err)
+        clear = forward_error(part, view.dtype, err, in_forward=Batch.raised_in_call(err))
         if clear is err:
             raise
         raise clear from err
 
 
-def _check_finite_inputs(batch: Batch) -> None:
+def _check_finite_inputs(batch: Batch, index: int) -> None:
+    """Refuse NaN or Inf in a floating-point input tensor, named by its argument and its mini-batch (from 0)."""
     named = [(f"positional argument {i}", a) for i, a in enumerate(batch.args)]
     for name, t in named + [(f"input {k!r}", v) for k, v in batch.kwargs.items()]:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
-            rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist() if t.dim() else []
-            where = f", row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}{' …' if len(rows) > 5 else ''}"
             raise TorchfimError(
-                f"the inputs contain NaN or Inf ({name}{where if rows else ''} of a mini-batch of {batch.size}); "
-                "clean or drop those samples before computing the Fisher"
+                f"the inputs contain NaN or Inf ({name} of mini-batch {index}, counting from 0); clean or drop "
+                "those samples before computing the Fisher (torch.isfinite(x).flatten(1).all(1) marks the finite rows)"
             )
 
 

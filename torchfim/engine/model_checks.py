@@ -3,7 +3,7 @@
 A forward that mixes the samples of a batch or draws random numbers (:func:`check_mode`), parameters
 without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
 a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), forwards that
-failed on integer or 1-D inputs or on inputs of a shape a layer does not take (:func:`forward_error`), TorchScript modules (:func:`check_not_scripted`),
+failed on integer or 1-D inputs, or on inputs a layer does not take (:func:`forward_error`), TorchScript modules (:func:`check_not_scripted`),
 parameters that torch.distributed manages (:func:`check_not_distributed`), and forwards that write into their inputs
 (:func:`inputs_unwritten`, :func:`watch_input_writes`).
 """
@@ -64,19 +64,28 @@ def one_dimensional(batch: Batch) -> str | None:
     return _described(inputs) if any(t.dim() == 1 for t in inputs) else None
 
 
-#: torch's words for an input of a shape a layer cannot take: a Linear's width, a convolution's channels or number
-#: of dims, a norm's shape, a view's size, a broadcast.
-_SHAPE_WORDS = ("shapes cannot be multiplied", "channels, but got", "input to conv", "expected input with shape",
-                "is invalid for input of size", "must match the size of tensor")
+#: torch's words for a layer given an input of a shape it does not take: a Linear's width, a convolution's channels
+#: or number of dims, a norm's shape.
+_SHAPE_WORDS = ("shapes cannot be multiplied", "channels, but got", "input to conv", "expected input with shape")
+#: torch's words for an index past the end of an embedding's table (on CPU).
+_TABLE_WORDS = "index out of range in self"
 
 
-def forward_error(batch: Batch, dtype: torch.dtype, err: Exception) -> Exception:
-    """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer inputs, on 1-D
-    inputs or on inputs of a shape (or token ids of a range) a layer does not take, with torch's words; else
-    ``err`` itself (an error of the forward's own, raised as it was)."""
+def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: bool = True) -> Exception:
+    """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer inputs or on 1-D
+    inputs (a RuntimeError), or, where ``err`` came out of the model's forward (``in_forward``), with torch's words
+    for a layer given inputs of a shape it does not take (a RuntimeError) or for token ids past an embedding's
+    table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
     inputs = _input_tensors(batch)
     said = str(err).strip().split("\n")[0]
-    if any(not (t.is_floating_point() or t.is_complex()) for t in inputs) and _mixes_integer_types(said):
+    integer = any(not (t.is_floating_point() or t.is_complex()) for t in inputs)
+    failed = f"the model's forward failed on the mini-batch ({_described(inputs)})"
+    if isinstance(err, IndexError):
+        if in_forward and integer and _TABLE_WORDS in said:
+            return TorchfimError(f"{failed}: an index lies outside an embedding's table; pass token ids in [0, "
+                                 f"num_embeddings); torch said: {said}")
+        return err
+    if integer and _mixes_integer_types(said):
         return TorchfimError(
             f"the model's forward failed on integer inputs ({_described(inputs)}) with {dtype} parameters; pass "
             f"x.float() (integer inputs suit embedding layers only); torch said: {said}"
@@ -84,13 +93,10 @@ def forward_error(batch: Batch, dtype: torch.dtype, err: Exception) -> Exception
     flat = one_dimensional(batch)
     if flat is not None:
         return TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where=""))
-    failed = f"the model's forward failed on the mini-batch ({_described(inputs)})"
-    if any(words in said for words in _SHAPE_WORDS):
-        return TorchfimError(f"{failed}: a layer does not take inputs of this shape; pass inputs of the shape the "
-                             f"model takes in training (the first dimension is the batch); torch said: {said}")
-    if isinstance(err, IndexError) and "index out of range" in said:
-        return TorchfimError(f"{failed}: an index lies outside an embedding's table; pass token ids in [0, "
-                             f"num_embeddings) as the model takes them in training; torch said: {said}")
+    if in_forward and any(words in said for words in _SHAPE_WORDS):
+        return TorchfimError(f"{failed}: a layer does not take the shape it is given; if these are not the shapes "
+                             f"the model takes in training, pass those (the first dimension is the batch); torch "
+                             f"said: {said}")
     return err
 
 

@@ -348,15 +348,16 @@ class FisherTraceMonitor:
         n, m = self._local_sizes(subset)
         size = n if m is None else min(m, n)
         where = " per process" if self._share is not None else ""
-        if size < 2:
-            warn_user(f"torchfim: FisherTraceMonitor measures {size} input{where} per measurement, so its standard "
-                      "error (the spread of the per-input values, which it needs two inputs to see) will be NaN; "
-                      "pass subset ≥ 2 (or hold more inputs)")
         if control_variate and size < 4:
             raise TorchfimError(
                 f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}{where}; "
                 "pass subset ≥ 4 (or hold more inputs)"
             )
+        if size < 2:
+            world = 1 if self._share is None else self._share.world
+            warn_user(f"torchfim: FisherTraceMonitor measures {size} input{where} per measurement, so its standard "
+                      "error (the spread of the per-input values, which it needs two inputs to see) will be NaN; "
+                      f"pass subset ≥ {2 * world} (or hold more inputs)")
         return subset, control_variate
 
     def _local_sizes(self, subset: int | None) -> tuple[int, int | None]:
