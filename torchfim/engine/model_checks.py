@@ -3,9 +3,9 @@
 A forward that mixes the samples of a batch or draws random numbers (:func:`check_mode`), parameters
 without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
 a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), forwards that
-failed on integer or 1-D inputs, or on inputs a layer does not take (:func:`forward_error`), TorchScript modules (:func:`check_not_scripted`),
-parameters that torch.distributed manages (:func:`check_not_distributed`), and forwards that write into their inputs
-(:func:`inputs_unwritten`, :func:`watch_input_writes`).
+failed on integer or 1-D inputs, or on inputs a layer does not take (:func:`forward_error`), TorchScript
+modules (:func:`check_not_scripted`), parameters that torch.distributed manages (:func:`check_not_distributed`),
+and forwards that write into their inputs (:func:`inputs_unwritten`, :func:`watch_input_writes`).
 """
 
 from __future__ import annotations

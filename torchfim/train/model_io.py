@@ -109,7 +109,7 @@ class ModelIO:
         """The model's output on the mini-batch, as the model returns it (in the composite forms where
         it will be ``differentiated_twice`` and they are on); the first call checks that the forward takes
         the mini-batch (:func:`.engine.model_checks.check_forward_takes`); a forward that fails on integer or
-        1-D inputs, or on inputs of a shape a layer does not take, says so (:func:`.engine.model_checks.forward_error`)."""
+        1-D inputs, or on inputs a layer does not take, says so (:func:`.engine.model_checks.forward_error`)."""
         first = not self._call_checked
         if first:
             check_forward_takes(model, x)
