@@ -7,7 +7,8 @@ computing on all the inputs (float64, to rounding); for the random estimators, t
 (the same labels), done by hand. Both processes return the same result, also where one process's share is empty.
 Refused: processes holding other inputs (other rows, other targets, a row's entries in another order), label
 generators in the same state, ``combined``, a mask given as one tensor, other weights (one moved by 1e-3,
-trainable or frozen), a model that is no module (before, an ``AttributeError``), and no process group; a process
+trainable or frozen), calls that differ (return_stderr on one process alone, other estimators, families, structures
+or variance modes), a model that is no module (before, an ``AttributeError``), and no process group; a process
 that fails alone (a NaN in one of its rows, weights on the meta device) makes the other stop with its name
 instead of waiting for a collective.
 """
@@ -101,6 +102,18 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
         "combined": lambda: torchfim.fisher(model, X, estimator="combined", structure="trace", across_processes=True),
         "tensor mask": lambda: torchfim.fisher(model, X, structure="trace", mask=torch.ones(33, dtype=torch.bool),
                                                across_processes=True),
+        # Calls that differ between the processes: before, their sums paired up wrongly (a wrong Fisher on one
+        # process, a wait on the other), mixed two estimators or families, or (another structure, other sizes)
+        # aborted a process inside gloo.
+        "stderr on one": lambda: torchfim.fisher(model, X, estimator="score", structure="trace", generator=_seeded(rank),
+                                                 return_stderr=rank == 0, across_processes=True),
+        "other estimators": lambda: torchfim.fisher(model, X, estimator=("exact", "score")[rank], structure="trace",
+                                                    generator=_seeded(rank), across_processes=True),
+        "other families": lambda: torchfim.fisher(model, X, family=("categorical", "gaussian")[rank],
+                                                  structure="trace", across_processes=True),
+        "other structures": lambda: torchfim.fisher(model, X, structure=("diag", "trace")[rank], across_processes=True),
+        "other variance modes": lambda: torchfim.variance_bound(model, X, structure="diag", across_processes=True)
+        if rank else torchfim.fisher_variance(model, X, structure="diag", across_processes=True),
     }
     for name, call in cases.items():
         try:
@@ -214,5 +227,7 @@ def test_refusals_name_the_fix(ranks) -> None:
         assert "model must be a torch.nn.Module, got builtin_function_or_method" in said["not a module"]
         assert "not available for estimator='combined'" in said["combined"]
         assert "not one tensor for the whole data set" in said["tensor mask"]
+        for case in ("stderr on one", "other estimators", "other families", "other structures", "other variance modes"):
+            assert "needs the same call on every process" in said[case], case
     with pytest.raises(TorchfimError, match="no process group is initialised"):
         torchfim.fisher(_model(), X, structure="trace", across_processes=True)

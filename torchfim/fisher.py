@@ -137,7 +137,9 @@ def fisher(
             "or use estimator='exact' for the Fisher under the model's own distribution"
         )
     _warn_unused(estimator, targets, k)
-    share, draws = _row_share(across_processes, estimator, mask), estimator in ("score", "hessian")
+    share = _row_share(across_processes, estimator, mask, ("fisher", estimator, structure, repr(fam), k, bool(return_stderr),
+                                                            class_dim, mask if isinstance(mask, str) else None))
+    draws = estimator in ("score", "hessian")
     if estimator == "combined":
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
@@ -174,9 +176,9 @@ def fisher(
     return (estimate, entrywise(lambda v: v.clamp_min(0).sqrt(), variance)) if return_stderr else estimate
 
 
-def _row_share(across_processes: object, estimator: str, mask: Mask) -> RowShare | None:
+def _row_share(across_processes: object, estimator: str, mask: Mask, call: tuple) -> RowShare | None:
     """This process's share of the rows for ``across_processes=True`` (:mod:`.process_rows`), else None."""
-    share = row_share(across_processes, mask)
+    share = row_share(across_processes, mask, call)
     if share is not None and estimator == "combined":
         raise TorchfimError("across_processes=True is not available for estimator='combined'; use 'score' or "
                             "'hessian' (each with its standard error), or compute it in one process")

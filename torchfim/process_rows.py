@@ -56,10 +56,11 @@ Computed = TypeVar("Computed")
 class RowShare:
     """Process ``rank`` of ``world``: its rows of each mini-batch, and the combination of the processes' results."""
 
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, call: tuple = ()) -> None:
         self.rank, self.world = rank, world
         self._digest = hashlib.sha1()
         self._labels: float | None = None  # the label generator's fingerprint before any draw; None: no labels
+        self._call = _fingerprint(repr(call).encode())  # the settings the processes must share (row_share)
 
     def rows(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """This process's rows of each mini-batch (those with none for it skipped), every whole one digested."""
@@ -81,9 +82,16 @@ class RowShare:
         docstring)."""
         weights = weights_fingerprint(model)
         attempt = Attempt(compute)
-        digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
-        every = gather_numbers([attempt.failed, digest, -1.0 if self._labels is None else self._labels, weights], model)
+        digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits, as _fingerprint
+        every = gather_numbers([attempt.failed, digest, -1.0 if self._labels is None else self._labels, weights,
+                                self._call], model)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, "fisher(across_processes=True)")
+        if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
+            raise TorchfimError(
+                "across_processes=True needs the same call on every process (the same function, estimator, family, "
+                "structure, n_samples, return_stderr, mode and class_dim), but the processes called it differently; "
+                "call it the same way on each (a setting such as return_stderr=(rank == 0) differs between them)"
+            )
         if len({e[1] for e in every}) > 1:
             raise TorchfimError(
                 "fisher(across_processes=True) needs the same inputs in the same order on every process (each computes "
@@ -127,6 +135,11 @@ class RowShare:
         return t.to(where)
 
 
+def _fingerprint(data: bytes) -> float:
+    """48 bits of the SHA-1 of ``data``, as a float (exact in float64: gathered as a number)."""
+    return float(int(hashlib.sha1(data).hexdigest()[:12], 16))
+
+
 def _digest(digest: hashlib._Hash, value: object) -> None:
     """Feed ``value``'s tensors (in containers, keys included) into ``digest``, their bytes and shapes."""
     if isinstance(value, Tensor):
@@ -143,13 +156,15 @@ def _digest(digest: hashlib._Hash, value: object) -> None:
         digest.update(repr(value).encode())
 
 
-def row_share(across_processes: object, mask: object) -> RowShare | None:
+def row_share(across_processes: object, mask: object, call: tuple = ()) -> RowShare | None:
     """This process's share of the rows for ``across_processes=True``, else None; refused without a process group
-    or with a mask given as one tensor for the whole data set (each process computes on some of its rows)."""
+    or with a mask given as one tensor for the whole data set (each process computes on some of its rows).
+    ``call``: the settings every process must call with alike (numbers, strings, families by their repr), checked
+    in :meth:`RowShare.together` before any sum."""
     place = process_place(across_processes)
     if place is None:
         return None
     if isinstance(mask, Tensor):
         raise TorchfimError("across_processes=True takes the mask as a function of a mini-batch or the key of a dict "
                             "batch (each process computes on some of its rows), not one tensor for the whole data set")
-    return RowShare(*place)
+    return RowShare(*place, call)

@@ -192,8 +192,9 @@ def variance_of(
     """The variance (``mode="exact"``) of an estimator, or one of its bounds, per entry of ``structure``; with
     ``across_processes``, of the estimator over the inputs of all processes, each computing on its rows
     (:mod:`torchfim.process_rows`: ``Σ_r (n_r/N)² V_r``; a bound's per-input terms combine alike)."""
-    share = row_share(across_processes, mask)
     fam = get_family(family)
+    share = row_share(across_processes, mask, ("variance", estimator, structure, repr(fam), n_samples, mode, class_dim,
+                                               mask if isinstance(mask, str) else None))
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
