@@ -104,15 +104,21 @@ def generator_fingerprint(generator: torch.Generator) -> float:
     return float(int(hashlib.sha1(state.cpu().numpy().tobytes()).hexdigest()[:12], 16))
 
 
+#: Numbers of a parameter tensor that :func:`weights_fingerprint` reduces at once.
+_PIECE = 1 << 22
+
+
 def weights_fingerprint(model: torch.nn.Module) -> float:
     """A number that tells the weights of two processes' models apart, frozen ones included (a base model loaded
-    otherwise under the same adapter): ``Σ_k (k + 1)(‖θ_k‖ + ½ Σθ_k / √n_k)`` over the parameter tensors in
-    order (each term at least ``½‖θ_k‖``, so no cancellation), in float64 on their devices, in pieces of at most
-    2²² numbers (no float64 copy of a whole embedding); NaN where it cannot be taken (a lazy or meta parameter, a
-    model that is no module: the computation says why) or is not finite, which no check reads. It tells apart
-    models from other seeds or trained apart; one weight moved a little in a large model may go unseen."""
+    otherwise under the same adapter): ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)`` over the parameter
+    tensors in order, with ``wᵢ = ((i mod 7) + 1)/7`` by the entry's place in its tensor (so a reordering of the
+    entries, a transposed square weight, moves it; each term is at least ``¼‖θ_k‖``, so no cancellation), in
+    float64 on their devices, in pieces of at most 2²² numbers (no float64 copy of a whole embedding); NaN where it
+    cannot be taken (a lazy or meta parameter, a model that is no module: the computation says why) or is not
+    finite, which no check reads. It tells apart models from other seeds or trained apart; one weight moved a little
+    in a large model may go unseen."""
     try:
-        terms = [(k + 1) * _norm_and_sum(p.detach()) for k, p in enumerate(model.parameters())]
+        terms = [(k + 1) * _norm_and_sums(p.detach()) for k, p in enumerate(model.parameters())]
         if not terms:
             return 0.0
         total = float(torch.stack([t.to(terms[0].device) for t in terms]).sum())  # one wait for the device
@@ -121,12 +127,19 @@ def weights_fingerprint(model: torch.nn.Module) -> float:
     return total if math.isfinite(total) else math.nan
 
 
-def _norm_and_sum(t: Tensor) -> Tensor:
-    """``‖t‖ + ½ Σt / √n`` in float64, on ``t``'s device."""
-    pieces = t.reshape(-1).split(1 << 22)
-    squares = torch.stack([torch.linalg.vector_norm(c, dtype=torch.float64) ** 2 for c in pieces]).sum()
-    total = torch.stack([c.sum(dtype=torch.float64) for c in pieces]).sum()
-    return squares.sqrt() + 0.5 * total / max(t.numel(), 1) ** 0.5
+def _norm_and_sums(t: Tensor) -> Tensor:
+    """``‖t‖ + (½ Σᵢ tᵢ + ¼ Σᵢ wᵢ tᵢ) / √n`` (:func:`weights_fingerprint`) in float64, on ``t``'s device."""
+    squares, sums = [], []
+    flat = t.reshape(-1)
+    for start in range(0, max(flat.numel(), 1), _PIECE):
+        piece = flat[start : start + _PIECE]
+        squares.append(torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2)
+        whole = piece.numel() // 7 * 7
+        by_place = piece[:whole].reshape(-1, 7).sum(0, dtype=torch.float64)  # Σ over the entries l ≡ j (mod 7)
+        by_place[: piece.numel() - whole] += piece[whole:].double()
+        weights = (torch.arange(7, dtype=torch.float64, device=piece.device) + start) % 7 + 1  # 7 wᵢ at i = start + j
+        sums.append(0.5 * by_place.sum() + 0.25 * (by_place * weights).sum() / 7)
+    return torch.stack(squares).sum().sqrt() + torch.stack(sums).sum() / max(t.numel(), 1) ** 0.5
 
 
 def same_weights(fingerprints: list[float]) -> bool:
