@@ -216,8 +216,9 @@ class Structure(ABC):
 
     def to_dense(self) -> Tensor:
         """The ``P×P`` matrix (zero outside what is kept); refused when it would not fit in memory."""
-        check_fits(self.layout.num_params**2, f"a {self.layout.num_params}×{self.layout.num_params} matrix",
-                   self.name, self.layout)
+        p = self.layout.num_params
+        check_fits(p**2, f"a {p}×{p} matrix for to_dense()", self.name, self.layout,
+                   "use its diag(), trace(), mv(v) or block(name), which need no dense matrix")
         return self._dense()
 
     @abstractmethod
@@ -235,14 +236,15 @@ class Structure(ABC):
         return f"{type(self).__name__}(P={self.layout.num_params})"
 
 
-def check_fits(entries: int, what: str, name: str, layout: Layout) -> None:
-    """Refuse a dense allocation of ``entries`` that would not fit, naming the size and the fix."""
+def check_fits(entries: int, what: str, name: str, layout: Layout,
+               fix: str = "use structure='diag' or 'trace', or freeze parameters you do not need with "
+                          "p.requires_grad_(False)") -> None:
+    """Refuse a dense allocation of ``entries`` that would not fit, naming the size and ``fix``."""
     ok, needed, free = fits_in_memory(entries, accumulation_dtype(layout.dtype), layout.device)
     if not ok:
         raise TorchfimError(
             f"structure={name!r} needs {what} (about {needed:.1f} GiB with working memory) but only "
-            f"{free:.1f} GiB is available on {layout.device}; use structure='diag' or 'trace', or freeze "
-            "parameters you do not need with p.requires_grad_(False)"
+            f"{free:.1f} GiB is available on {layout.device}; {fix}"
         )
 
 
