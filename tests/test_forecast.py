@@ -192,8 +192,17 @@ def test_singular_fisher_names_the_parameter_or_the_degeneracy():
     with pytest.raises(TorchfimError, match="'ghost' has no Fisher information"):
         no_info.covariance()
     degenerate = forecast(lambda t: (t[0] + t[1]) * X, torch.eye(5, dtype=F64), torch.ones(2, dtype=F64))
-    with pytest.raises(TorchfimError, match="singular to float64 precision"):
+    with pytest.raises(TorchfimError, match="singular to float64 precision.*Forecast.fix"):
         degenerate.marginal_errors()
+
+
+def test_an_indefinite_matrix_is_not_called_singular():
+    """Eigenvalues 3 and −1: before, "singular to float64 precision (condition number inf)" and the advice to fix a
+    parameter; no Fisher matrix has a negative eigenvalue, so the message says that, and where to look."""
+    with pytest.raises(TorchfimError, match=r"not positive semi-definite \(the unit-free matrix has the eigenvalue -1, "
+                                            r"beside 3\).*check how it was built") as caught:
+        stable_inverse(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=F64))
+    assert "singular" not in str(caught.value) and "Forecast.fix" not in str(caught.value)
 
 
 def test_autograd_failure_suggests_the_stencils():

@@ -32,8 +32,9 @@ __all__ = ["InversionDiagnostics", "inversion_diagnostics", "stable_inverse"]
 def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor:
     """``F⁻¹`` in float64 via the unit-free ``R = D F D`` (``D = diag(F)^{-1/2}``) and its eigenvalues.
 
-    Raises a :class:`TorchfimError` if a parameter has no information (``F_aa ≤ 0``) or ``R`` is
-    singular to float64 precision (a combination of parameters the data cannot measure).
+    Raises a :class:`TorchfimError` if a parameter has no information (``F_aa ≤ 0``), ``R`` has a negative
+    eigenvalue beyond rounding (no Fisher matrix has), or ``R`` is singular to float64 precision (a combination of
+    parameters the data cannot measure).
 
     Example:
         >>> import torch
@@ -46,10 +47,12 @@ def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor
     if problem is not None:
         index, detail = problem
         label = f"parameter {names[index]!r}" if names is not None and index >= 0 else "the Fisher matrix"
-        raise TorchfimError(
-            f"{label} {detail}; fix the parameter (Forecast.fix) or add data or a prior that constrains it"
-        )
+        raise TorchfimError(f"{label} {detail}")
     return inverse
+
+
+#: The fix for a parameter, or a combination of them, that the data do not constrain.
+_UNCONSTRAINED = "fix the parameter (Forecast.fix) or add data or a prior that constrains it"
 
 
 def _scaled_inverse(fisher: Tensor) -> tuple[Tensor, tuple[int, str] | None]:
@@ -58,7 +61,7 @@ def _scaled_inverse(fisher: Tensor) -> tuple[Tensor, tuple[int, str] | None]:
     diagonal = torch.diagonal(fisher)
     failed = torch.full_like(fisher, math.nan)
     if not bool(torch.isfinite(fisher).all()):
-        return failed, (-1, "has non-finite entries")
+        return failed, (-1, "has non-finite entries; check what it was built from (a mean, a covariance) for NaN or Inf")
     if bool((diagonal <= 0).any()):
         index = int(torch.nonzero(diagonal <= 0)[0])
         return failed, (
@@ -66,19 +69,29 @@ def _scaled_inverse(fisher: Tensor) -> tuple[Tensor, tuple[int, str] | None]:
             (
                 f"has no Fisher information (F_aa = {float(diagonal[index]):.3g}): the data do not depend on "
                 "it, or autograd lost track of it (float(), .item(), numpy in mean or cov; try "
-                "derivatives='stencil5')"
+                f"derivatives='stencil5'); {_UNCONSTRAINED}"
             ),
         )
     scale = diagonal.rsqrt()
     unit_free = fisher * scale[:, None] * scale[None, :]
     eigenvalues, vectors = torch.linalg.eigh((unit_free + unit_free.T) / 2)
-    if float(eigenvalues[0]) <= n * torch.finfo(torch.float64).eps * float(eigenvalues[-1]):
+    rounding = n * torch.finfo(torch.float64).eps * float(eigenvalues[-1])
+    if float(eigenvalues[0]) < -rounding:
+        return failed, (
+            -1,
+            (
+                f"is not positive semi-definite (the unit-free matrix has the eigenvalue {float(eigenvalues[0]):.3g}, "
+                f"beside {float(eigenvalues[-1]):.3g}), which no Fisher matrix is: check how it was built (a covariance "
+                "that is not positive definite, a sign, derivatives too coarse for the data)"
+            ),
+        )
+    if float(eigenvalues[0]) <= rounding:
         ratio = float(eigenvalues[-1] / eigenvalues[0]) if float(eigenvalues[0]) > 0 else math.inf
         return failed, (
             -1,
             (
                 f"is singular to float64 precision (condition number of the unit-free matrix {ratio:.3g}): "
-                "some combination of parameters is not constrained"
+                f"some combination of parameters is not constrained; {_UNCONSTRAINED}"
             ),
         )
     inverse = (vectors / eigenvalues) @ vectors.T
