@@ -8,7 +8,7 @@ computing on all the inputs (float64, to rounding); for the random estimators, t
 Refused: processes holding other inputs (other rows, other targets, a row's entries in another order), label
 generators in the same state, ``combined``, a mask given as one tensor, other weights (one moved by 1e-3,
 trainable or frozen), calls that differ (return_stderr on one process alone, other estimators, families, structures
-or variance modes), a model that is no module (before, an ``AttributeError``), and no process group; a process
+or variance modes, other parameters trained), a model that is no module (before, an ``AttributeError``), and no process group; a process
 that fails alone (a NaN in one of its rows, weights on the meta device) makes the other stop with its name
 instead of waiting for a collective.
 """
@@ -114,13 +114,32 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
         "other structures": lambda: torchfim.fisher(model, X, structure=("diag", "trace")[rank], across_processes=True),
         "other variance modes": lambda: torchfim.variance_bound(model, X, structure="diag", across_processes=True)
         if rank else torchfim.fisher_variance(model, X, structure="diag", across_processes=True),
+        # Other parameters trained: a diagonal of another length aborted a process inside gloo; two frozen layers
+        # swapped between the processes summed unlike traces without a word.
+        "frozen on one": lambda: torchfim.fisher(_frozen(rank, [] if rank else [0]), X, structure="diag",
+                                                 across_processes=True),
+        "frozen swapped": lambda: torchfim.fisher(_frozen(rank, [2] if rank else [0]), X, structure="trace",
+                                                  across_processes=True),
+        # Differences that change nothing are taken: an old structure name, labels per input where none are drawn.
+        "layers and blocks": lambda: torchfim.fisher(model, X, structure=("layers", "blocks")[rank],
+                                                     across_processes=True),
+        "exact n_samples": lambda: torchfim.fisher(model, X, structure="trace", n_samples=1 + rank,
+                                                   across_processes=True),
     }
     for name, call in cases.items():
         try:
             call()
+            said[name] = "taken"
         except TorchfimError as err:
             said[name] = str(err)
     return said
+
+
+def _frozen(rank: int, layers: list[int]) -> nn.Module:
+    model = _model()
+    for k in layers:
+        model[k].requires_grad_(False)
+    return model
 
 
 def _one_failing(model: nn.Module) -> dict[str, object]:
@@ -227,7 +246,9 @@ def test_refusals_name_the_fix(ranks) -> None:
         assert "model must be a torch.nn.Module, got builtin_function_or_method" in said["not a module"]
         assert "not available for estimator='combined'" in said["combined"]
         assert "not one tensor for the whole data set" in said["tensor mask"]
-        for case in ("stderr on one", "other estimators", "other families", "other structures", "other variance modes"):
+        for case in ("stderr on one", "other estimators", "other families", "other structures", "other variance modes",
+                     "frozen on one", "frozen swapped"):
             assert "needs the same call on every process" in said[case], case
+        assert said["layers and blocks"] == said["exact n_samples"] == "taken"
     with pytest.raises(TorchfimError, match="no process group is initialised"):
         torchfim.fisher(_model(), X, structure="trace", across_processes=True)

@@ -81,7 +81,8 @@ def test_unknown_names_and_vectors_of_another_length_are_refused(name: str) -> N
 
 def test_a_dense_matrix_that_would_not_fit_is_refused_with_its_size() -> None:
     """A million parameters: the diagonal is small, its dense matrix 10¹² numbers. to_dense() names the size and the
-    algebra that needs no dense matrix (before, it advised structure='diag' to a Diag); Full refuses to be built."""
+    algebra that needs no dense matrix (before, it advised structure='diag' to a Diag); Full refuses to be built; a
+    Trace refuses to_dense() as a trace whatever its size."""
     huge = _layout([torch.Size([10**6])], ["w"])
     diag = make_structure("diag", huge)
     diag.finish(1)
@@ -90,3 +91,6 @@ def test_a_dense_matrix_that_would_not_fit_is_refused_with_its_size() -> None:
         diag.to_dense()
     with pytest.raises(TorchfimError, match=r"structure='full' needs a 1000000×1000000 matrix .*structure='diag'"):
         make_structure("full", huge)
+    trace = make_structure("trace", huge)  # it keeps no matrix to offer: its own refusal, not the memory's
+    with pytest.raises(TorchfimError, match=r"keeps only Tr; to_dense\(\) needs structure="):
+        trace.to_dense()

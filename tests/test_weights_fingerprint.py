@@ -1,5 +1,6 @@
 """``_processes.weights_fingerprint``, the number by which ``across_processes=True`` refuses processes holding other
-weights: ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)``, ``wᵢ = ((i mod 7) + 1)/7``, over every parameter
+weights: ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)``, ``wᵢ = ((i mod m) + 1)/m`` with
+``m = min(n_k, 65521)``, over every parameter
 tensor (frozen ones included), in float64, in pieces of at most 2²² numbers; NaN where it cannot be taken. Oracle:
 the formula by hand in float64.
 """
@@ -19,7 +20,8 @@ def _by_hand(model: nn.Module, placed: bool = True) -> float:
     total = 0.0
     for k, p in enumerate(model.parameters()):
         t = p.detach().double().reshape(-1)
-        weights = (torch.arange(t.numel(), dtype=torch.float64) % 7 + 1) / 7
+        period = min(t.numel(), 65521)
+        weights = (torch.arange(t.numel(), dtype=torch.float64) % period + 1) / period
         term = 0.5 * float(t.sum()) + (0.25 * float((weights * t).sum()) if placed else 0.0)
         total += (k + 1) * (float(t.norm()) + term / math.sqrt(t.numel()))
     return total
@@ -50,13 +52,14 @@ def test_what_cannot_be_fingerprinted_is_nan_and_agrees_with_anything() -> None:
 
 
 def test_entries_in_another_order_are_told_apart() -> None:
-    """A transposed square weight and shuffled entries: the same norm and sum, so the fingerprint without its term
-    by place (the one before) could not tell them apart."""
+    """A transposed square weight, shuffled entries and rows in another order: the same norm and sum, so the
+    fingerprint without its term by place (the one before) could not tell them apart."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = nn.Sequential(nn.Linear(14, 14), nn.Tanh(), nn.Linear(14, 3))  # rows of 14: a period of 7 missed them
     before = weights_fingerprint(model)
-    for reorder in (lambda w: w.T.clone(), lambda w: w.reshape(-1)[torch.randperm(w.numel())].reshape(w.shape)):
-        other = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    for reorder in (lambda w: w.T.clone(), lambda w: w.reshape(-1)[torch.randperm(w.numel())].reshape(w.shape),
+                    lambda w: w[torch.randperm(w.shape[0])]):
+        other = nn.Sequential(nn.Linear(14, 14), nn.Tanh(), nn.Linear(14, 3))
         other.load_state_dict(model.state_dict())
         with torch.no_grad():
             other[0].weight.copy_(reorder(model[0].weight))

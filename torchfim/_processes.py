@@ -106,13 +106,16 @@ def generator_fingerprint(generator: torch.Generator) -> float:
 
 #: Numbers of a parameter tensor that :func:`weights_fingerprint` reduces at once.
 _PIECE = 1 << 22
+#: The longest period of :func:`weights_fingerprint`'s weights by place (a prime: no row length is a multiple of it).
+_PLACES = 65521
 
 
 def weights_fingerprint(model: torch.nn.Module) -> float:
     """A number that tells the weights of two processes' models apart, frozen ones included (a base model loaded
     otherwise under the same adapter): ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)`` over the parameter
-    tensors in order, with ``wᵢ = ((i mod 7) + 1)/7`` by the entry's place in its tensor (so a reordering of the
-    entries, a transposed square weight, moves it; each term is at least ``¼‖θ_k‖``, so no cancellation), in
+    tensors in order, with ``wᵢ = ((i mod m) + 1)/m`` by the entry's place in its tensor, ``m = min(n_k, 65521)``
+    (a ramp, repeating only every 65521 entries, a prime: a transposed square weight or rows in another order move
+    it; each term is at least ``¼‖θ_k‖``, so no cancellation), in
     float64 on their devices, in pieces of at most 2²² numbers (no float64 copy of a whole embedding); NaN where it
     cannot be taken (a lazy or meta parameter, a model that is no module: the computation says why) or is not
     finite, which no check reads. It tells apart models from other seeds or trained apart; one weight moved a little
@@ -131,14 +134,17 @@ def _norm_and_sums(t: Tensor) -> Tensor:
     """``‖t‖ + (½ Σᵢ tᵢ + ¼ Σᵢ wᵢ tᵢ) / √n`` (:func:`weights_fingerprint`) in float64, on ``t``'s device."""
     squares, sums = [], []
     flat = t.reshape(-1)
+    period = max(1, min(flat.numel(), _PLACES))
+    ramp = torch.arange(1, period + 1, dtype=torch.float64, device=t.device)  # m wᵢ at i = 0, …, m − 1
     for start in range(0, max(flat.numel(), 1), _PIECE):
         piece = flat[start : start + _PIECE]
         squares.append(torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2)
-        whole = piece.numel() // 7 * 7
-        by_place = piece[:whole].reshape(-1, 7).sum(0, dtype=torch.float64)  # Σ over the entries l ≡ j (mod 7)
+        whole = piece.numel() // period * period
+        rows = piece[:whole].reshape(-1, period)
+        by_place = rows[0].double() if len(rows) == 1 else rows.sum(0, dtype=torch.float64)  # Σ over l ≡ j (mod m)
         by_place[: piece.numel() - whole] += piece[whole:].double()
-        weights = (torch.arange(7, dtype=torch.float64, device=piece.device) + start) % 7 + 1  # 7 wᵢ at i = start + j
-        sums.append(0.5 * by_place.sum() + 0.25 * (by_place * weights).sum() / 7)
+        weights = ramp.roll(-(start % period)) if start % period else ramp  # m wᵢ at i = start + j
+        sums.append(0.5 * by_place.sum() + 0.25 * torch.dot(by_place, weights) / period)
     return torch.stack(squares).sum().sqrt() + torch.stack(sums).sum() / max(t.numel(), 1) ** 0.5
 
 

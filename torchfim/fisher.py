@@ -32,8 +32,8 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
-from .process_rows import RowShare, row_share
-from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure
+from .process_rows import RowShare, family_settings, row_share
+from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure, structure_kind
 
 STRUCTURES = STRUCTURE_NAMES
 FisherResult = PublicValue
@@ -137,9 +137,10 @@ def fisher(
             "or use estimator='exact' for the Fisher under the model's own distribution"
         )
     _warn_unused(estimator, targets, k)
-    share = _row_share(across_processes, estimator, mask, ("fisher", estimator, structure, repr(fam), k, bool(return_stderr),
-                                                            class_dim, mask if isinstance(mask, str) else None))
     draws = estimator in ("score", "hessian")
+    share = _row_share(across_processes, estimator, mask,
+                       ("fisher", estimator, structure_kind(structure), family_settings(fam), k if draws else None,
+                        bool(return_stderr), class_dim, mask if isinstance(mask, str) else None))
     if estimator == "combined":
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,

@@ -48,7 +48,7 @@ from .engine.session import EMPTY
 from .errors import TorchfimError
 from .structures import PublicValue, entrywise
 
-__all__ = ["RowShare", "row_share"]
+__all__ = ["RowShare", "family_settings", "row_share"]
 
 Computed = TypeVar("Computed")
 
@@ -56,11 +56,12 @@ Computed = TypeVar("Computed")
 class RowShare:
     """Process ``rank`` of ``world``: its rows of each mini-batch, and the combination of the processes' results."""
 
-    def __init__(self, rank: int, world: int, call: tuple = ()) -> None:
+    def __init__(self, rank: int, world: int, call: tuple) -> None:
         self.rank, self.world = rank, world
         self._digest = hashlib.sha1()
         self._labels: float | None = None  # the label generator's fingerprint before any draw; None: no labels
-        self._call = _fingerprint(repr(call).encode())  # the settings the processes must share (row_share)
+        self._call = hashlib.sha1()  # the settings the processes must share (row_share)
+        _digest(self._call, call)
 
     def rows(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """This process's rows of each mini-batch (those with none for it skipped), every whole one digested."""
@@ -82,15 +83,17 @@ class RowShare:
         docstring)."""
         weights = weights_fingerprint(model)
         attempt = Attempt(compute)
-        digest = float(int(self._digest.hexdigest()[:12], 16))  # 48 bits, as _fingerprint
-        every = gather_numbers([attempt.failed, digest, -1.0 if self._labels is None else self._labels, weights,
-                                self._call], model)
+        # What decides the sums: the call's settings, the parameters trained, the result's shapes (mean's collectives)
+        _digest(self._call, (_trained(model), _shapes(attempt.result)))
+        every = gather_numbers([attempt.failed, _number(self._digest), -1.0 if self._labels is None else self._labels,
+                                weights, _number(self._call)], model)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, "fisher(across_processes=True)")
         if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
             raise TorchfimError(
                 "across_processes=True needs the same call on every process (the same function, estimator, family, "
-                "structure, n_samples, return_stderr, mode and class_dim), but the processes called it differently; "
-                "call it the same way on each (a setting such as return_stderr=(rank == 0) differs between them)"
+                "structure, n_samples, return_stderr, mode and class_dim, and the same parameters trained), but the "
+                "processes called it differently; call it the same way on each (a setting such as "
+                "return_stderr=(rank == 0), or a layer frozen on one process alone, differs between them)"
             )
         if len({e[1] for e in every}) > 1:
             raise TorchfimError(
@@ -135,9 +138,33 @@ class RowShare:
         return t.to(where)
 
 
-def _fingerprint(data: bytes) -> float:
-    """48 bits of the SHA-1 of ``data``, as a float (exact in float64: gathered as a number)."""
-    return float(int(hashlib.sha1(data).hexdigest()[:12], 16))
+def _number(digest: hashlib._Hash) -> float:
+    """48 bits of ``digest``, as a float (exact in float64: gathered as a number)."""
+    return float(int(digest.hexdigest()[:12], 16))
+
+
+def _trained(model: nn.Module) -> list[str] | None:
+    """The names of ``model``'s trainable parameters (None for what is no module: the computation says why)."""
+    if not isinstance(model, nn.Module):
+        return None
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _shapes(result: object) -> object:
+    """The shapes of a result's tensors, its dicts' keys and its Nones: what the sums of :meth:`RowShare.mean` take."""
+    if isinstance(result, Tensor):
+        return tuple(result.shape)
+    if isinstance(result, Mapping):
+        return [(key, _shapes(value)) for key, value in result.items()]
+    if isinstance(result, (tuple, list)):
+        return [_shapes(value) for value in result]
+    return None if result is None else type(result).__name__
+
+
+def family_settings(family: object) -> tuple:
+    """A family as the processes must share it: its class and the values it holds (tensors by their bytes)."""
+    held = {key: value for key, value in vars(family).items() if not key.startswith("__")}
+    return type(family).__qualname__, held
 
 
 def _digest(digest: hashlib._Hash, value: object) -> None:
@@ -156,11 +183,12 @@ def _digest(digest: hashlib._Hash, value: object) -> None:
         digest.update(repr(value).encode())
 
 
-def row_share(across_processes: object, mask: object, call: tuple = ()) -> RowShare | None:
+def row_share(across_processes: object, mask: object, call: tuple) -> RowShare | None:
     """This process's share of the rows for ``across_processes=True``, else None; refused without a process group
     or with a mask given as one tensor for the whole data set (each process computes on some of its rows).
-    ``call``: the settings every process must call with alike (numbers, strings, families by their repr), checked
-    in :meth:`RowShare.together` before any sum."""
+    ``call``: the settings every process must call with alike (numbers, strings, tensors, and containers of them;
+    a family as :func:`family_settings` gives it), checked in :meth:`RowShare.together` before any sum, with the
+    parameters trained and the result's shapes."""
     place = process_place(across_processes)
     if place is None:
         return None

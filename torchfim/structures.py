@@ -216,10 +216,13 @@ class Structure(ABC):
 
     def to_dense(self) -> Tensor:
         """The ``P×P`` matrix (zero outside what is kept); refused when it would not fit in memory."""
+        return self._dense()
+
+    def _check_dense_fits(self) -> None:
+        """Refuse a ``P×P`` matrix for :meth:`to_dense` that would not fit, naming the algebra that needs none."""
         p = self.layout.num_params
         check_fits(p**2, f"a {p}×{p} matrix for to_dense()", self.name, self.layout,
                    "use its diag(), trace(), mv(v) or block(name), which need no dense matrix")
-        return self._dense()
 
     @abstractmethod
     def _dense(self) -> Tensor: ...
@@ -284,6 +287,7 @@ class Diag(Structure):
         return self.value[self.layout.span(self.layout.index(name))]
 
     def _dense(self) -> Tensor:
+        self._check_dense_fits()
         return torch.diag(self.value)
 
 
@@ -393,6 +397,7 @@ class Blocks(Structure):
         return self.value[name]
 
     def _dense(self) -> Tensor:
+        self._check_dense_fits()
         return torch.block_diag(*self.value.values())
 
 
@@ -458,6 +463,11 @@ class Full(Structure):
 
 
 _BY_NAME: dict[str, type[Structure]] = {"full": Full, "diag": Diag, "trace": Trace, "blocks": Blocks, "layers": Blocks}
+
+
+def structure_kind(name: str) -> str:
+    """The kind of structure a name gives: the name itself, but ``"blocks"`` for its old name ``"layers"``."""
+    return _BY_NAME[name].name if name in _BY_NAME else name
 
 
 def make_structure(name: str, layout: Layout) -> Structure:

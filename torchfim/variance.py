@@ -34,7 +34,7 @@ from .engine.view import Mask
 from .errors import check_choice, check_n_samples
 from .families import Family, get_family
 from .families.base import robust_eigvalsh
-from .process_rows import row_share
+from .process_rows import family_settings, row_share
 from .structures import (
     STRUCTURE_NAMES,
     Blocks,
@@ -45,6 +45,7 @@ from .structures import (
     StructureVisitor,
     Trace,
     make_structure,
+    structure_kind,
 )
 
 VARIANCE_ESTIMATORS = ("score", "hessian")
@@ -193,8 +194,8 @@ def variance_of(
     ``across_processes``, of the estimator over the inputs of all processes, each computing on its rows
     (:mod:`torchfim.process_rows`: ``Σ_r (n_r/N)² V_r``; a bound's per-input terms combine alike)."""
     fam = get_family(family)
-    share = row_share(across_processes, mask, ("variance", estimator, structure, repr(fam), n_samples, mode, class_dim,
-                                               mask if isinstance(mask, str) else None))
+    share = row_share(across_processes, mask, ("variance", estimator, structure_kind(structure), family_settings(fam),
+                                               n_samples, mode, class_dim, mask if isinstance(mask, str) else None))
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)

@@ -33,8 +33,8 @@ def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor
     """``F⁻¹`` in float64 via the unit-free ``R = D F D`` (``D = diag(F)^{-1/2}``) and its eigenvalues.
 
     Raises a :class:`TorchfimError` if a parameter has no information (``F_aa ≤ 0``), ``R`` has a negative
-    eigenvalue beyond rounding (no Fisher matrix has), or ``R`` is singular to float64 precision (a combination of
-    parameters the data cannot measure).
+    eigenvalue beyond rounding (no expected Fisher matrix has), or ``R`` is singular to the precision ``F`` is given
+    in, float64 or coarser (a combination of parameters the data cannot measure).
 
     Example:
         >>> import torch
@@ -43,7 +43,8 @@ def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor
         tensor([[2.5000e-01, 0.0000e+00],
                 [0.0000e+00, 1.0000e+12]], dtype=torch.float64)
     """
-    inverse, problem = _scaled_inverse(fisher.to(torch.float64))
+    given = fisher.dtype if fisher.is_floating_point() and fisher.dtype != torch.float64 else None
+    inverse, problem = _scaled_inverse(fisher.to(torch.float64), given)
     if problem is not None:
         index, detail = problem
         label = f"parameter {names[index]!r}" if names is not None and index >= 0 else "the Fisher matrix"
@@ -55,8 +56,10 @@ def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor
 _UNCONSTRAINED = "fix the parameter (Forecast.fix) or add data or a prior that constrains it"
 
 
-def _scaled_inverse(fisher: Tensor) -> tuple[Tensor, tuple[int, str] | None]:
-    """``(F⁻¹, None)``, or ``(NaNs, (index, why))`` when ``F`` cannot be inverted (index −1: no one parameter)."""
+def _scaled_inverse(fisher: Tensor, given: torch.dtype | None = None) -> tuple[Tensor, tuple[int, str] | None]:
+    """``(F⁻¹, None)``, or ``(NaNs, (index, why))`` when ``F`` cannot be inverted (index −1: no one parameter).
+    ``given``: a coarser dtype ``F`` was given in than float64 (None: float64), whose rounding ``n ε λ_max`` bounds
+    what an eigenvalue of ``R`` can tell from 0: at most that, it is singular; below ``−10 n ε λ_max``, indefinite."""
     n = fisher.shape[0]
     diagonal = torch.diagonal(fisher)
     failed = torch.full_like(fisher, math.nan)
@@ -75,14 +78,14 @@ def _scaled_inverse(fisher: Tensor) -> tuple[Tensor, tuple[int, str] | None]:
     scale = diagonal.rsqrt()
     unit_free = fisher * scale[:, None] * scale[None, :]
     eigenvalues, vectors = torch.linalg.eigh((unit_free + unit_free.T) / 2)
-    rounding = n * torch.finfo(torch.float64).eps * float(eigenvalues[-1])
-    if float(eigenvalues[0]) < -rounding:
+    rounding = n * torch.finfo(given or torch.float64).eps * float(eigenvalues[-1])
+    if float(eigenvalues[0]) < -10 * rounding:
         return failed, (
             -1,
             (
                 f"is not positive semi-definite (the unit-free matrix has the eigenvalue {float(eigenvalues[0]):.3g}, "
-                f"beside {float(eigenvalues[-1]):.3g}), which no Fisher matrix is: check how it was built (a covariance "
-                "that is not positive definite, a sign, derivatives too coarse for the data)"
+                f"beside {float(eigenvalues[-1]):.3g}), which an expected Fisher matrix never is: check how it was built "
+                "(a covariance that is not positive definite, a sign, derivatives too coarse for the data)"
             ),
         )
     if float(eigenvalues[0]) <= rounding:
@@ -90,7 +93,8 @@ def _scaled_inverse(fisher: Tensor) -> tuple[Tensor, tuple[int, str] | None]:
         return failed, (
             -1,
             (
-                f"is singular to float64 precision (condition number of the unit-free matrix {ratio:.3g}): "
+                f"is singular to {str(given or torch.float64)[6:]} precision (condition number of the unit-free matrix "
+                f"{ratio:.3g}): "
                 f"some combination of parameters is not constrained; {_UNCONSTRAINED}"
             ),
         )
