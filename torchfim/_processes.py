@@ -115,11 +115,10 @@ def weights_fingerprint(model: torch.nn.Module) -> float:
     otherwise under the same adapter): ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)`` over the parameter
     tensors in order, with ``wᵢ = ((i mod m) + 1)/m`` by the entry's place in its tensor, ``m = min(n_k, 65521)``
     (a ramp, repeating only every 65521 entries, a prime: a transposed square weight or rows in another order move
-    it; each term is at least ``¼‖θ_k‖``, so no cancellation), in
-    float64 on their devices, in pieces of at most 2²² numbers (no float64 copy of a whole embedding); NaN where it
-    cannot be taken (a lazy or meta parameter, a model that is no module: the computation says why) or is not
-    finite, which no check reads. It tells apart models from other seeds or trained apart; one weight moved a little
-    in a large model may go unseen."""
+    it; each term is at least ``¼‖θ_k‖``, so no cancellation), in float64 on their devices, in pieces of at most 2²²
+    numbers (no float64 copy of a whole embedding); NaN where it cannot be taken (a lazy or meta parameter, a model
+    that is no module: the computation says why) or is not finite, which no check reads. It tells apart models from
+    other seeds or trained apart; one weight moved a little in a large model may go unseen."""
     try:
         terms = [(k + 1) * _norm_and_sums(p.detach()) for k, p in enumerate(model.parameters())]
         if not terms:

@@ -163,7 +163,7 @@ def _shapes(result: object) -> object:
 
 def family_settings(family: object) -> tuple:
     """A family as the processes must share it: its class and the values it holds (tensors by their bytes)."""
-    held = {key: value for key, value in vars(family).items() if not key.startswith("__")}
+    held = {key: value for key, value in getattr(family, "__dict__", {}).items() if not key.startswith("__")}
     return type(family).__qualname__, held
 
 

@@ -94,8 +94,7 @@ def _scaled_inverse(fisher: Tensor, given: torch.dtype | None = None) -> tuple[T
             -1,
             (
                 f"is singular to {str(given or torch.float64)[6:]} precision (condition number of the unit-free matrix "
-                f"{ratio:.3g}): "
-                f"some combination of parameters is not constrained; {_UNCONSTRAINED}"
+                f"{ratio:.3g}): some combination of parameters is not constrained; {_UNCONSTRAINED}"
             ),
         )
     inverse = (vectors / eigenvalues) @ vectors.T
