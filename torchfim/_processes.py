@@ -16,8 +16,9 @@ from .errors import TorchfimError
 
 Result = TypeVar("Result")
 
-__all__ = ["Attempt", "check_same_weights", "collective_device", "gather_numbers", "generator_fingerprint",
-           "keep_until_next", "model_device", "process_group", "process_place", "same_weights", "weights_fingerprint"]
+__all__ = ["Attempt", "check_same_weights", "collective_device", "digest_number", "gather_numbers",
+           "generator_fingerprint", "keep_until_next", "model_device", "process_group", "process_place", "same_weights",
+           "weights_fingerprint"]
 
 
 #: Why processes that hold other weights are refused (``{}``: the call).
@@ -98,10 +99,15 @@ def gather_numbers(numbers: list[float], model: torch.nn.Module) -> list[list[fl
     return [t.tolist() for t in every]
 
 
+def digest_number(digest: hashlib._Hash) -> float:
+    """48 bits of ``digest``, as a float (exact in float64: gathered as a number)."""
+    return float(int(digest.hexdigest()[:12], 16))
+
+
 def generator_fingerprint(generator: torch.Generator) -> float:
-    """A number that tells generator states apart (48 bits of a hash: exact in float64)."""
+    """A number that tells generator states apart (:func:`digest_number` of a hash of the state)."""
     state: Tensor = generator.get_state()
-    return float(int(hashlib.sha1(state.cpu().numpy().tobytes()).hexdigest()[:12], 16))
+    return digest_number(hashlib.sha1(state.cpu().numpy().tobytes()))
 
 
 #: Numbers of a parameter tensor that :func:`weights_fingerprint` reduces at once.

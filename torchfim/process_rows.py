@@ -36,6 +36,7 @@ from ._processes import (
     Attempt,
     check_same_weights,
     collective_device,
+    digest_number,
     gather_numbers,
     generator_fingerprint,
     keep_until_next,
@@ -85,8 +86,9 @@ class RowShare:
         attempt = Attempt(compute)
         # What decides the sums: the call's settings, the parameters trained, the result's shapes (mean's collectives)
         _digest(self._call, (_trained(model), _shapes(attempt.result)))
-        every = gather_numbers([attempt.failed, _number(self._digest), -1.0 if self._labels is None else self._labels,
-                                weights, _number(self._call)], model)
+        labels = -1.0 if self._labels is None else self._labels
+        numbers = [attempt.failed, digest_number(self._digest), labels, weights, digest_number(self._call)]
+        every = gather_numbers(numbers, model)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, "fisher(across_processes=True)")
         if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
             raise TorchfimError(
@@ -136,11 +138,6 @@ class RowShare:
         torch.distributed.all_reduce(t)
         keep_until_next([t])
         return t.to(where)
-
-
-def _number(digest: hashlib._Hash) -> float:
-    """48 bits of ``digest``, as a float (exact in float64: gathered as a number)."""
-    return float(int(digest.hexdigest()[:12], 16))
 
 
 def _trained(model: nn.Module) -> list[str] | None:
