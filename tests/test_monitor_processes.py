@@ -18,6 +18,7 @@ import torch
 from processes import over_loopback, run_processes
 from torch import nn
 
+import torchfim.families
 from torchfim import TorchfimError
 from torchfim.train import FisherTraceMonitor, read_trace_csv
 from torchfim.train.monitor import DEFAULT_SEED
@@ -49,7 +50,8 @@ def _rank(rank: int, root: str) -> None:
     monitor.close()
     torch.save({"records": [(r.step, r.trace, r.stderr) for r in monitor.history],
                 "paths": (str(monitor.csv_path), str(monitor.tensorboard_dir)),
-                "shared": _shared_measurements(model, root), "refusals": _refusals(model)}, f"{root}/records.{rank}")
+                "shared": _shared_measurements(model, root), "refusals": _refusals(model),
+                "unlike": _unlike_monitors(model.module)}, f"{root}/records.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -106,6 +108,32 @@ def _refusals(model: nn.Module) -> list[str]:
         monitor.measure(0)
     except TorchfimError as err:
         said.append(str(err))
+    return said
+
+
+#: Monitors built otherwise on process 1 than on process 0: each is refused on both, before any record.
+UNLIKE = {"family": {"family": "gaussian"}, "n_samples": {"n_samples": 2}, "subset": {"subset": 12},
+          "control_variate": {"control_variate": True}, "every": {"every": 2}, "class_dim": {"class_dim": -1},
+          "frozen layer": {}}
+
+
+def _unlike_monitors(module: nn.Module) -> dict[str, str]:
+    """The error of each :data:`UNLIKE` monitor's first measurement (before, a family, ``n_samples`` or
+    ``control_variate`` chosen by rank was mixed into the record without a word), and the record of monitors that
+    differ only where it does not matter (the same settings spelled otherwise)."""
+    rank, said = torch.distributed.get_rank(), {}
+    for name, options in UNLIKE.items():
+        model = copy.deepcopy(module)
+        if name == "frozen layer" and rank:
+            model[0].requires_grad_(False)
+        try:
+            FisherTraceMonitor(model, HELD, across_processes=True, **(options if rank else {})).measure(0)
+            said[name] = "measured"
+        except TorchfimError as err:
+            said[name] = str(err)
+    spelled = torchfim.families.get_family("categorical") if rank else "categorical"
+    said["alike"] = FisherTraceMonitor(copy.deepcopy(module), HELD, across_processes=True,
+                                       family=spelled).measure(0).trace
     return said
 
 
@@ -190,6 +218,14 @@ def test_shared_measurements_refuse_other_inputs_weights_or_alike_generators_and
         assert "label generators are in the same state" in alike
         assert ("non-finite" if rank else "1 other process(es) failed") in failed
         assert ("no parameters with requires_grad=True" if rank else "1 other process(es) failed") in unbuilt
+
+
+def test_monitors_built_otherwise_are_refused_on_every_process(ran: Path) -> None:
+    said = [torch.load(ran / f"records.{rank}")["unlike"] for rank in range(WORLD)]
+    for name in UNLIKE:
+        for rank in range(WORLD):
+            assert "needs the same monitor on every process" in said[rank][name], (name, rank, said[rank][name])
+    assert said[0]["alike"] == said[1]["alike"] > 0  # a family given by name on one, as an object on the other
 
 
 def test_sharing_needs_a_process_group_and_a_bool() -> None:

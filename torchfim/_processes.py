@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 import torch
@@ -102,6 +102,44 @@ def gather_numbers(numbers: list[float], model: torch.nn.Module) -> list[list[fl
 def digest_number(digest: hashlib._Hash) -> float:
     """48 bits of ``digest``, as a float (exact in float64: gathered as a number)."""
     return float(int(digest.hexdigest()[:12], 16))
+
+
+def family_settings(family: object) -> tuple:
+    """A family as the processes must share it: its class and the values it holds (tensors by their bytes)."""
+    held = {key: value for key, value in getattr(family, "__dict__", {}).items() if not key.startswith("__")}
+    return type(family).__qualname__, held
+
+
+def trained_names(model: torch.nn.Module) -> list[str] | None:
+    """The names of ``model``'s trainable parameters (None for what is no module: the computation says why)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def feed_digest(digest: hashlib._Hash, value: object) -> None:
+    """Feed ``value`` into ``digest``: numbers, strings and None by their ``repr``, tensors by their shape, dtype
+    and bytes, containers item by item (a mapping's keys included)."""
+    if isinstance(value, Tensor):
+        digest.update(repr((tuple(value.shape), str(value.dtype))).encode())
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            feed_digest(digest, item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            feed_digest(digest, item)
+    elif isinstance(value, (int, float, str, bool)) or value is None:
+        digest.update(repr(value).encode())
+
+
+def settings_number(value: object) -> float:
+    """:func:`digest_number` of ``value`` fed to a fresh digest (:func:`feed_digest`): processes called alike
+    gather the same number."""
+    digest = hashlib.sha1()
+    feed_digest(digest, value)
+    return digest_number(digest)
 
 
 def generator_fingerprint(generator: torch.Generator) -> float:

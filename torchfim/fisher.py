@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
+from ._processes import family_settings
 from .combined import combined_terms
 from .engine import Batch, backend_name, check_finite_result
 from .engine.session import engine_pass
@@ -32,7 +33,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
-from .process_rows import RowShare, family_settings, row_share
+from .process_rows import RowShare, row_share
 from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure, structure_kind
 
 STRUCTURES = STRUCTURE_NAMES

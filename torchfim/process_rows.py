@@ -37,11 +37,13 @@ from ._processes import (
     check_same_weights,
     collective_device,
     digest_number,
+    feed_digest,
     gather_numbers,
     generator_fingerprint,
     keep_until_next,
     model_device,
     process_place,
+    trained_names,
     weights_fingerprint,
 )
 from .engine.batch import Batch
@@ -49,7 +51,7 @@ from .engine.session import EMPTY
 from .errors import TorchfimError
 from .structures import PublicValue, entrywise
 
-__all__ = ["RowShare", "family_settings", "row_share"]
+__all__ = ["RowShare", "row_share"]
 
 Computed = TypeVar("Computed")
 
@@ -62,12 +64,12 @@ class RowShare:
         self._digest = hashlib.sha1()
         self._labels: float | None = None  # the label generator's fingerprint before any draw; None: no labels
         self._call = hashlib.sha1()  # the settings the processes must share (row_share)
-        _digest(self._call, call)
+        feed_digest(self._call, call)
 
     def rows(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """This process's rows of each mini-batch (those with none for it skipped), every whole one digested."""
         for batch in batches:
-            _digest(self._digest, (batch.args, batch.kwargs, batch.targets))
+            feed_digest(self._digest, (batch.args, batch.kwargs, batch.targets))
             if batch.size > self.rank:
                 yield batch.rows(slice(self.rank, None, self.world))
 
@@ -85,7 +87,7 @@ class RowShare:
         weights = weights_fingerprint(model)
         attempt = Attempt(compute)
         # What decides the sums: the call's settings, the parameters trained, the result's shapes (mean's collectives)
-        _digest(self._call, (_trained(model), _shapes(attempt.result)))
+        feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
         numbers = [attempt.failed, digest_number(self._digest), labels, weights, digest_number(self._call)]
         every = gather_numbers(numbers, model)
@@ -140,13 +142,6 @@ class RowShare:
         return t.to(where)
 
 
-def _trained(model: nn.Module) -> list[str] | None:
-    """The names of ``model``'s trainable parameters (None for what is no module: the computation says why)."""
-    if not isinstance(model, nn.Module):
-        return None
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
 def _shapes(result: object) -> object:
     """The shapes of a result's tensors, its dicts' keys and its Nones: what the sums of :meth:`RowShare.mean` take."""
     if isinstance(result, Tensor):
@@ -158,33 +153,11 @@ def _shapes(result: object) -> object:
     return None if result is None else type(result).__name__
 
 
-def family_settings(family: object) -> tuple:
-    """A family as the processes must share it: its class and the values it holds (tensors by their bytes)."""
-    held = {key: value for key, value in getattr(family, "__dict__", {}).items() if not key.startswith("__")}
-    return type(family).__qualname__, held
-
-
-def _digest(digest: hashlib._Hash, value: object) -> None:
-    """Feed ``value``'s tensors (in containers, keys included) into ``digest``, their bytes and shapes."""
-    if isinstance(value, Tensor):
-        digest.update(repr((tuple(value.shape), str(value.dtype))).encode())
-        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            digest.update(repr(key).encode())
-            _digest(digest, item)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _digest(digest, item)
-    elif isinstance(value, (int, float, str, bool)) or value is None:
-        digest.update(repr(value).encode())
-
-
 def row_share(across_processes: object, mask: object, call: tuple) -> RowShare | None:
     """This process's share of the rows for ``across_processes=True``, else None; refused without a process group
     or with a mask given as one tensor for the whole data set (each process computes on some of its rows).
     ``call``: the settings every process must call with alike (numbers, strings, tensors, and containers of them;
-    a family as :func:`family_settings` gives it), checked in :meth:`RowShare.together` before any sum, with the
+    a family as :func:`torchfim._processes.family_settings` gives it), checked in :meth:`RowShare.together` before any sum, with the
     parameters trained and the result's shapes."""
     place = process_place(across_processes)
     if place is None:

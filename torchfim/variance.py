@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from ._identity import identity_like
+from ._processes import family_settings
 from .engine import (
     Backend,
     Recording,
@@ -34,7 +35,7 @@ from .engine.view import Mask
 from .errors import check_choice, check_n_samples
 from .families import Family, get_family
 from .families.base import robust_eigvalsh
-from .process_rows import family_settings, row_share
+from .process_rows import row_share
 from .structures import (
     STRUCTURE_NAMES,
     Blocks,

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs
-from .._processes import model_device
+from .._processes import family_settings, model_device
 from ..engine.output_reading import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples, warn_user
 from ..families import Family, get_family
@@ -267,7 +267,7 @@ class FisherTraceMonitor:
         else:  # the generator lives on the model's device, known before any engine is built
             generator = self._label_generator(model_device(self.model))
             trace, variance, plain, measured = self._share.measured(lambda: (*self._estimate(), self._window_size),
-                                                                    generator, self.model)
+                                                                    generator, self.model, self._shared_settings())
         record = TraceRecord(
             step=step,
             trace=trace,
@@ -339,6 +339,14 @@ class FisherTraceMonitor:
         return {"family": self.family.name, "n_samples": self.n_samples, "n_inputs": self.n_inputs,
                 "subset": self.subset, "control_variate": self.control_variate, "inputs_checksum": self._checksum,
                 "processes": None if self._share is None else [self._share.rank, self._share.world]}
+
+    def _shared_settings(self) -> tuple:
+        """What every process's monitor must have alike under ``across_processes`` (functions by their names)."""
+        def named(f: object) -> object:
+            return f if f is None or isinstance(f, str) else getattr(f, "__qualname__", type(f).__qualname__)
+
+        return (family_settings(self.family), self.every, self.n_samples, self.subset, self.control_variate,
+                self.class_dim, named(self.mask), named(self.output))
 
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
         if subset is not None:

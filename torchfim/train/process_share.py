@@ -10,13 +10,13 @@ stratified combination
 
     ``T = Σ_r (N_r/N) T_r``,  ``V = Σ_r (N_r/N)² V_r``,  ``variance_ratio = V / Σ_r (N_r/N)² P_r``,
 
-from one ``all_gather`` of eight numbers per measurement; every process gets the same record, and the first alone
+from one ``all_gather`` of nine numbers per measurement; every process gets the same record, and the first alone
 writes the files. A large measurement costs each process about ``1/W`` of a whole one; a small one keeps its fixed
 costs (the engine's set-up, the collective). Measured, two processes of one thread against one process measuring
 everything, MLP 64-256-256-10, gloo on one CPU: 0.45× at 8192 held inputs, 0.81× at 2048, 1.09× at 512. With ``subset=m``, each process
-measures windows of ``⌈m/W⌉`` of its share. The same ``all_gather`` checks that the processes hold the same
-inputs and the same weights (:func:`torchfim._processes.weights_fingerprint`) and that their generators were in
-different states (refused otherwise, with the fix): a share of other inputs, or labels drawn with the same
+measures windows of ``⌈m/W⌉`` of its share. The same ``all_gather`` checks that the processes' monitors have the
+same settings and train the same parameters, that they hold the same inputs and the same weights
+(:func:`torchfim._processes.weights_fingerprint`) and that their generators were in different states (refused otherwise, with the fix): a share of other inputs, or labels drawn with the same
 random numbers, would make ``V`` too small, and shares of other models would make a trace of no model. A process
 that fails anywhere in its measurement (building the engine included) raises its error there, and the others say
 that it failed.
@@ -38,11 +38,20 @@ from .._processes import (
     gather_numbers,
     generator_fingerprint,
     process_place,
+    settings_number,
+    trained_names,
     weights_fingerprint,
 )
 from ..engine.batch import Batch
 from ..errors import TorchfimError
 from .checkpoint import inputs_checksum
+
+SETTINGS_DIFFER = (
+    "FisherTraceMonitor(across_processes=True) needs the same monitor on every process (the same family, every, "
+    "n_samples, subset, control_variate, class_dim, mask and output, and the same parameters trained), but the "
+    "processes' monitors differ; build it the same way on each (a setting chosen by rank, or a layer frozen on one "
+    "process alone, differs between them)"
+)
 
 
 @dataclass(frozen=True)
@@ -56,19 +65,23 @@ class ProcessShare:
     checksum: float
 
     def measured(self, measure: Callable[[], tuple[float, float, float, int]], generator: torch.Generator,
-                 model: nn.Module) -> tuple[float, float, float, int]:
+                 model: nn.Module, settings: tuple) -> tuple[float, float, float, int]:
         """``(T, V, P, inputs measured)`` of all processes from this one's ``measure()`` of ``model``, which draws its
         labels from ``generator``; see the module docstring. The one ``all_gather`` also counts the processes that
         failed (one that did raises its error, the others say so: none waits for a collective that would never
-        come) and checks the held inputs, the weights and the generators' states as they were before the draw."""
+        come) and checks the monitors' ``settings`` with the parameters trained, the held inputs, the weights and
+        the generators' states as they were before the draw."""
         state, weights = generator_fingerprint(generator), weights_fingerprint(model)
+        call = settings_number((settings, trained_names(model)))
         attempt = Attempt(measure)
         trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0)
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                                float(attempt.failed), self.checksum, state, weights], model)
+                                float(attempt.failed), self.checksum, state, weights, call], model)
         t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
+        if len({e[8] for e in every}) > 1:  # before any record: the shares would be of other measurements
+            raise TorchfimError(SETTINGS_DIFFER)
         _check_alike([e[5] for e in every], [e[6] for e in every], [e[7] for e in every])
         return t, v, p, int(n)
 
