@@ -59,6 +59,15 @@ def relu_mlp(c: int, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, c)).double()
 
 
+def smooth_activations(c: int) -> nn.Module:
+    """SiLU, GLU and Mish: activations whose backward has no forward-mode rule, which the Hessian estimator's
+    second derivatives take in composite form (Hardsigmoid has no second derivative in torch's reverse mode, which
+    the oracle needs, and the eval-mode RReLU no batching rule, which the functional backend needs: both are
+    tested in tests/test_composites.py)."""
+    _seed()
+    return nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 6), nn.GLU(), nn.Mish(), nn.Linear(3, c)).double().eval()
+
+
 def strided_cnn(c: int, seed: int = 0) -> nn.Module:
     """Strided, padded conv → tanh → conv → tanh → average pool → Linear on 1×6×6 images."""
     _seed(seed)
@@ -317,6 +326,7 @@ def user_hooks(c: int) -> nn.Module:
 CASES = [
     Case("tanh_mlp", tanh_mlp, mlp_inputs),
     Case("relu_mlp", relu_mlp, mlp_inputs),
+    Case("smooth_activations", smooth_activations, mlp_inputs),
     Case("strided_cnn", strided_cnn, cnn_inputs),
     Case("maxpool_cnn", maxpool_cnn, cnn_inputs),
     Case("conv1d", conv1d_net, lambda n: _floats(n, 2, 7)),

@@ -7,6 +7,8 @@ kernel, which has a double backward).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from torch import nn
 from torch.func import jvp
 from torch_versions import TORCH_VERSION
 
+import torchfim
 from torchfim.engine.attention_kernel import math_attention
 from torchfim.engine.composites import attention, composite_forms, layer_norm, multi_head_attention
 
@@ -105,3 +108,77 @@ def test_forward_over_forward_equals_reverse_over_reverse(seed: int) -> None:
     with composite_forms():
         second = jvp(lambda w: jvp(f, (w,), (e,))[1], (w0,), (e,))[1]
     assert abs(float(second - exact)) <= 1e-10 * max(1.0, abs(float(exact)))
+
+
+#: torch's activation → its composite, with the keyword arguments each call passes.
+ACTIVATIONS = {
+    "silu": (F.silu, {}), "silu_inplace": (F.silu, {"inplace": True}), "mish": (F.mish, {}),
+    "hardsigmoid": (F.hardsigmoid, {}), "glu": (F.glu, {"dim": 1}), "rrelu_eval": (F.rrelu, {"training": False}),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activations_equal_torch_and_their_derivatives_reverse_mode(name: str) -> None:
+    """Values, first derivatives (jvp against torch's backward) and second derivatives (jvp of jvp, the Hessian
+    estimator's) along a direction: against reverse over reverse where torch has a double backward, and 0 for the
+    piecewise-linear ones (Hardsigmoid, the eval-mode RReLU), whose second derivative is 0 off their kinks."""
+    function, kwargs = ACTIVATIONS[name]
+    x, e, w = _randn(4, 6) * 3, _randn(4, 6), _randn(4, 3 if name == "glu" else 6)
+    x = x.masked_fill((x.abs() - 3).abs() < 1e-3, 0.5)  # off Hardsigmoid's kinks
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return (function(t.clone(), **kwargs) * w).sum()
+
+    with composite_forms():
+        value = f(x)
+        first = jvp(f, (x,), (e,))[1]
+        second = jvp(lambda t: jvp(f, (t,), (e,))[1], (x,), (e,))[1]
+    assert torch.allclose(value, f(x), rtol=1e-13, atol=0)
+    grad = torch.autograd.grad(f(x.requires_grad_()), x)[0]
+    # torch's float64 Hardsigmoid backward has its slope 1/6 rounded to float32 (3e-8 off); the composite's is exact
+    rtol = 1e-7 if name == "hardsigmoid" else 1e-12
+    assert torch.allclose(first, (grad * e).sum(), rtol=rtol, atol=0)
+    if name in ("hardsigmoid", "rrelu_eval"):
+        assert float(second) == 0.0
+    else:
+        exact = e.flatten() @ torch.autograd.functional.hessian(f, x.detach()).reshape(24, 24) @ e.flatten()
+        assert abs(float(second - exact)) <= 1e-10 * max(1.0, abs(float(exact)))
+
+
+def test_rrelu_in_training_mode_is_torchs_own() -> None:
+    """Random slopes, drawn from torch's generator as torch's own function draws them."""
+    x = _randn(5, 7)
+    torch.manual_seed(3)
+    want = F.rrelu(x, training=True)
+    torch.manual_seed(3)
+    with composite_forms():
+        got = F.rrelu(x, training=True)
+    assert torch.equal(got, want) and not torch.equal(got, F.leaky_relu(x, (1 / 8 + 1 / 3) / 2))
+
+
+@pytest.mark.parametrize("module", [nn.Hardsigmoid(), nn.RReLU()], ids=["hardsigmoid", "rrelu"])
+def test_the_hessian_estimator_takes_what_has_no_forward_or_batching_rule(module: nn.Module) -> None:
+    """Î2 of an MLP with the activation equals Î2 of the same MLP with the activation written out in elementary
+    operations (the same labels: the same seed); before, Hardsigmoid had no forward-mode rule for its backward
+    and the eval-mode RReLU no batching rule, and both failed."""
+
+    class Written(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            if isinstance(module, nn.Hardsigmoid):
+                return torch.clamp(t / 6 + 0.5, 0.0, 1.0)
+            return torch.where(t >= 0, t, t * ((module.lower + module.upper) / 2))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), module, nn.Linear(6, 4)).double().eval()
+    written = copy.deepcopy(model)
+    written[1] = Written()
+    x = _randn(16, 3) * 4
+    tol = 2e-7 if isinstance(module, nn.Hardsigmoid) else 1e-12  # torch's float32 slope (above), squared in F
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        return float((got - want).abs().max()) <= tol * float(want.abs().max())
+
+    for structure in ("diag", "full"):
+        assert close(*(torchfim.fisher(m, x, estimator="hessian", structure=structure, n_samples=3,
+                                       generator=torch.Generator().manual_seed(1)) for m in (model, written)))
+    assert close(*(torchfim.fisher_variance(m, x, estimator="hessian", structure="diag") for m in (model, written)))

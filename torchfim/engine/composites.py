@@ -11,6 +11,12 @@ of ``grad``). Two functions that transformers call break it in torch 2.x:
   (``need_weights=False``, as ``nn.TransformerEncoderLayer`` calls it) or a Hugging Face SDPA
   attention fails.
 
+Five activations have no forward-mode rule for their backward (``silu``, ``mish``, ``hardsigmoid`` and ``glu``),
+or no batching rule (``rrelu`` in eval mode), so every second derivative through them fails; they run as
+``x·σ(x)``, ``x·tanh(softplus(x))``, ``relu6(x + 3)/6``, ``a·σ(b)`` (``a, b`` the halves of ``x``) and the
+leaky ReLU of slope ``(lower + upper)/2`` (the eval-mode RReLU; in training mode its slopes are random and it is
+left as it is). ``inplace=True`` is read as out of place: the same values.
+
 And one differs from torch's reverse mode by convention: ``embedding`` with a ``padding_idx``, whose
 padding row torch's backward leaves without a gradient (a constant of the model), while forward-mode
 AD differentiates the lookup of that row like any other; the second derivatives would then disagree
@@ -73,6 +79,35 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *ar
     return F.embedding(input, weight, padding_idx, *args, **kwargs)
 
 
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
+    """``x·σ(x)``."""
+    return input * torch.sigmoid(input)
+
+
+def mish(input: Tensor, inplace: bool = False) -> Tensor:
+    """``x·tanh(softplus(x))``."""
+    return input * torch.tanh(F.softplus(input))
+
+
+def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    """``relu6(x + 3)/6``, torch's values to the bit (``clamp(x/6 + 1/2, 0, 1)``)."""
+    return F.relu6(input + 3) / 6
+
+
+def glu(input: Tensor, dim: int = -1) -> Tensor:
+    """``a·σ(b)`` for the halves ``a, b`` of ``input`` along ``dim``."""
+    a, b = input.chunk(2, dim)
+    return a * torch.sigmoid(b)
+
+
+def rrelu(input: Tensor, lower: float = 1.0 / 8, upper: float = 1.0 / 3, training: bool = False,
+          inplace: bool = False) -> Tensor:
+    """In eval mode, the leaky ReLU of slope ``(lower + upper)/2``; in training mode torch's own (random slopes)."""
+    if training:
+        return F.rrelu(input, lower, upper, training, inplace)
+    return F.leaky_relu(input, (lower + upper) / 2)
+
+
 _MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
 
 
@@ -90,6 +125,11 @@ _COMPOSITES: dict[Callable, Callable] = {
     F.scaled_dot_product_attention: attention,
     F.multi_head_attention_forward: multi_head_attention,
     F.embedding: embedding,
+    F.silu: silu,
+    F.mish: mish,
+    F.hardsigmoid: hardsigmoid,
+    F.glu: glu,
+    F.rrelu: rrelu,
 }
 
 
