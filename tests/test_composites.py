@@ -182,3 +182,20 @@ def test_the_hessian_estimator_takes_what_has_no_forward_or_batching_rule(module
         assert close(*(torchfim.fisher(m, x, estimator="hessian", structure=structure, n_samples=3,
                                        generator=torch.Generator().manual_seed(1)) for m in (model, written)))
     assert close(*(torchfim.fisher_variance(m, x, estimator="hessian", structure="diag") for m in (model, written)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm_in_half_precision_normalises_in_float32(dtype: torch.dtype) -> None:
+    """torch's values to one unit in the last place, and second derivatives that stay finite on activations that
+    vary little (σ² ≈ 4e-4: in float16, ``(σ² + ε)^(-3/2)/2`` overflows)."""
+    x, w, b = (_randn(64, 32) * 0.02).to(dtype), _randn(32).to(dtype), _randn(32).to(dtype)
+    want, got = F.layer_norm(x, (32,), w, b), layer_norm(x, (32,), w, b)
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), want.float(), rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+    e = torch.randn_like(x)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return layer_norm(t, (32,), w, b).float().square().sum()
+
+    second = jvp(lambda t: jvp(f, (t,), (e,))[1], (x,), (e,))[1]
+    assert bool(torch.isfinite(second))

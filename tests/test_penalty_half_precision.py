@@ -176,3 +176,27 @@ def test_accelerates_mixed_precision_itself(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["error"] < BF16_TOLERANCE and len(result["named"]) == 1
+
+
+def test_exact_penalty_of_a_float16_layer_norm_on_small_activations_is_finite_and_right() -> None:
+    """The exact penalty takes layer norms in composite form; in float16 the derivative of ``1/√(σ² + ε)`` overflowed
+    where the normalised activations vary little (σ² ≈ 3e-4 here, as a transformer's embeddings at initialisation),
+    and the value and every gradient came out NaN, without a word. The composite now normalises in float32 as
+    torch's kernel does: within 2 % of the float64 definition on the labels the penalty drew."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(0.025)
+        model[0].bias.zero_()
+    x = torch.randn(64, 8)
+    half = copy.deepcopy(model).half()
+    assert float(half[0](x.half()).float().var(-1).mean()) < 3e-4  # where (σ² + ε)^(-3/2) / 2 overflows float16
+    with torch.no_grad():
+        y = get_family("categorical").sample(half(x.half()), 1, torch.Generator().manual_seed(SEED))[:, 0]
+    value, want = brute_penalty(copy.deepcopy(model).double(), x.double(), y, "categorical", ALPHA, "batch_gradient")
+    pen = FisherPenalty(half, alpha=ALPHA, generator=torch.Generator().manual_seed(SEED))
+    term = pen(x.half(), step=0)
+    got = torch.autograd.grad(term, list(half.parameters()))
+    assert all(bool(torch.isfinite(g).all()) for g in got)
+    assert abs(float(term) - float(value)) < 0.02 * float(value)
+    assert _rel(got, want) < 0.02

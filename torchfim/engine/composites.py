@@ -49,13 +49,18 @@ from torch.overrides import TorchFunctionMode
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5, cudnn_enable: bool = True) -> Tensor:
     """``(x − μ)/√(σ² + ε)·w + b`` over the last ``len(normalized_shape)`` dims (biased variance);
-    ``cudnn_enable`` (of ``torch.layer_norm``) is ignored."""
+    ``cudnn_enable`` (of ``torch.layer_norm``) is ignored. Half-precision inputs are normalised in float32 and
+    the result cast back, as torch's kernel computes them: in float16 the derivative of ``1/√(σ² + ε)``,
+    ``(σ² + ε)^(−3/2)/2``, overflows for a variance below about 5e-4 (a transformer's embeddings at
+    initialisation), and the gradients came out NaN."""
     dims = tuple(range(-len(normalized_shape), 0))
-    centred = input - input.mean(dims, keepdim=True)
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    centred = x - x.mean(dims, keepdim=True)
     out = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
     if weight is not None:
         out = out * weight
-    return out if bias is None else out + bias
+    out = out if bias is None else out + bias
+    return out.to(input.dtype)
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
