@@ -132,3 +132,16 @@ def test_given_the_trainer_the_records_go_to_its_logs_once(tmp_path) -> None:
     assert not _logged(_train(tmp_path / "plain").log_history)
     with pytest.raises(TorchfimError, match="must be the transformers Trainer it is added to"):
         FisherTraceCallback(HELD, trainer=Trainer)  # the class, not the trainer
+
+
+def test_options_the_monitor_would_refuse_are_refused_when_the_callback_is_built() -> None:
+    """Before, the callback took them and training stopped at its first step, inside ``trainer.train()``."""
+    with pytest.raises(TorchfimError, match=r"control_variate=True needs at least 4 inputs per measurement.*got 3"):
+        FisherTraceCallback(HELD, subset=3, control_variate=True)
+    with pytest.raises(TorchfimError, match=r"option\(s\) the monitor does not take: subsett; it takes .*subset"):
+        FisherTraceCallback(HELD, subsett=3)
+    with pytest.raises(TorchfimError, match=r"every must be an integer ≥ 1, got 0"):
+        FisherTraceCallback(HELD, every=0)
+    with pytest.raises(TorchfimError, match=r"control_variate must be True or False"):
+        FisherTraceCallback(HELD, control_variate="yes")
+    FisherTraceCallback(HELD, subset=4, control_variate=True, n_samples=2)  # what the monitor takes

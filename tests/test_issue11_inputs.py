@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import mlp_inputs, relu_mlp, tanh_mlp
 from oracles import exact_fisher
 from torch import nn
@@ -424,6 +425,44 @@ def test_images_of_another_size_and_token_ids_past_the_table() -> None:
         torchfim.fisher(one_each, torch.tensor([0, 1, 2, 7]))
 
 
+class _OwnLoss(nn.Module):
+    """Token ids to a class per input, with its own loss where ``labels`` are given (as Hugging Face models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(5, 3), nn.Linear(3, 4)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(self.emb(input_ids).mean(1))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+@pytest.mark.parametrize("call", [
+    lambda model, x: torchfim.fisher(model, x, output=lambda out: out["logits"]),
+    lambda model, x: torchfim.train.FisherTraceMonitor(model, x, output=lambda out: out["logits"]).step(0),
+    lambda model, x: torchfim.train.FisherPenalty(model, output=lambda out: out["logits"])(x, step=0),
+], ids=["fisher", "monitor", "penalty"])
+def test_token_ids_given_as_floats_are_named(call) -> None:
+    """torch's "Expected tensor for argument #1 'indices'" came out as it was, from inside the embedding."""
+    ids = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TorchfimError, match=r"an embedding was given floating-point indices; pass token ids as "
+                                            r"integers \(ids.long\(\)\); torch said: Expected tensor"):
+        call(_OwnLoss().double(), {"input_ids": ids.double()})
+
+
+def test_labels_of_the_models_own_loss_given_as_floats_are_named_as_the_labels() -> None:
+    """The advice was "failed on integer inputs … pass x.float()": wrong, since the labels are what is wrong."""
+    ids = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
+    model = _OwnLoss().double()
+    pen = torchfim.train.FisherPenalty(model, output=lambda out: out["logits"])
+    with pytest.raises(TorchfimError, match=r"class targets that are not integers.*labels.long\(\).*expected target"):
+        pen.penalised_loss({"input_ids": ids, "labels": torch.zeros(4, dtype=torch.float64)}, lambda o: o["loss"],
+                           step=0)
+
+
 def test_errors_of_the_forward_own_and_of_the_output_map_are_raised_as_they_are() -> None:
     """Only torch's words for a layer's input shape, raised inside the model's forward, are read as the inputs'
     shape: an IndexError of the forward's own code, a broadcast in the forward and a product in ``output=``
@@ -542,3 +581,13 @@ def test_small_rel_error_gives_the_exact_huge_count() -> None:
 def test_tiny_rel_error_with_zero_variance_needs_one_label() -> None:
     """Î2 of a ReLU network has zero variance: one label meets any accuracy (0/0 gave ValueError)."""
     assert torchfim.samples_needed(relu_mlp(3), mlp_inputs(6), estimator="hessian", rel_error=1e-300) == 1
+
+
+def test_targets_of_the_wrong_shape_for_outputs_with_positions_are_named_in_the_users_terms() -> None:
+    """The message named an internal object ("targets for Positions((3,)) of 'categorical'")."""
+    from cases import token_model
+
+    tokens = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TorchfimError, match=r"^targets for outputs with positions \(3,\) \(family 'categorical' at "
+                                            r"each\) must have shape \(batch, \*positions.*got \(4, 2\)"):
+        torchfim.fisher(token_model(4), [(tokens, torch.zeros(4, 2, dtype=torch.long))], estimator="empirical")

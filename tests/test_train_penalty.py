@@ -313,8 +313,10 @@ def test_trace_kind_refuses_dropout_in_train_mode_but_batch_gradient_works() -> 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
     x = mlp_inputs(8)
-    with pytest.raises(torchfim.TorchfimError, match="eval"):
+    with pytest.raises(torchfim.TorchfimError, match=r"eval.*; or use FisherPenalty\(kind='batch_gradient'\)"):
         FisherPenalty(model, kind="trace")(x, step=0)
+    with pytest.raises(torchfim.TorchfimError, match=r"eval.*; or use FisherPenalty\(kind='batch_gradient'\)"):
+        FisherPenalty(model, kind="trace").penalised_loss(x, lambda out: out.sum(), step=0)
     term = FisherPenalty(model, generator=torch.Generator().manual_seed(0))(x, step=0)
     term.backward()
     assert torch.isfinite(term)

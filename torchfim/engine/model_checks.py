@@ -69,13 +69,17 @@ def one_dimensional(batch: Batch) -> str | None:
 _SHAPE_WORDS = ("shapes cannot be multiplied", "channels, but got", "input to conv", "expected input with shape")
 #: torch's words for an index past the end of an embedding's table (on CPU).
 _TABLE_WORDS = "index out of range in self"
+#: torch's words for an embedding given floating-point indices, and for a loss given class targets that are not integers.
+_INDEX_WORDS = "'indices' to have one of the following scalar types"
+_TARGET_WORDS = "expected target dtype"
 
 
 def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: bool = True) -> Exception:
     """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer inputs or on 1-D
     inputs (a RuntimeError), or, where ``err`` came out of the model's forward (``in_forward``), with torch's words
-    for a layer given inputs of a shape it does not take (a RuntimeError) or for token ids past an embedding's
-    table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
+    for a layer given inputs of a shape it does not take, for an embedding given floating-point indices or for a
+    loss of the model's own given class targets that are not integers (RuntimeErrors), or for token ids past an
+    embedding's table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
     inputs = _input_tensors(batch)
     said = str(err).strip().split("\n")[0]
     integer = any(not (t.is_floating_point() or t.is_complex()) for t in inputs)
@@ -85,6 +89,13 @@ def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: 
             return TorchfimError(f"{failed}: an index lies outside an embedding's table; pass token ids in [0, "
                                  f"num_embeddings); torch said: {said}")
         return err
+    if in_forward and _INDEX_WORDS in said:
+        return TorchfimError(f"{failed}: an embedding was given floating-point indices; pass token ids as integers "
+                             f"(ids.long()); torch said: {said}")
+    if in_forward and _TARGET_WORDS in said:  # before the integer inputs' check: the targets are what is wrong
+        return TorchfimError(f"{failed}: a loss the model computes itself was given class targets that are not "
+                             f"integers (such as a batch's 'labels'); pass them as class indices (labels.long()); "
+                             f"torch said: {said}")
     if integer and _mixes_integer_types(said):
         return TorchfimError(
             f"the model's forward failed on integer inputs ({_described(inputs)}) with {dtype} parameters; pass "

@@ -187,8 +187,8 @@ class Positions(Family):
         fits = shape[:1] == (b,) and cut >= 1 and shape[cut:] == label and math.prod(shape[1:cut]) == n
         if not fits and not (label == (1,) and shape[:1] == (b,) and y.dim() >= 2 and math.prod(shape[1:]) == n):
             raise TorchfimError(
-                f"targets for Positions({self.positions}) of {self.base.name!r} must have shape "
-                f"(batch, *positions, *{label}) with {n} positions, e.g. {(b, n, *label)}, got {shape}; "
+                f"targets for outputs with positions {self.positions} (family {self.base.name!r} at each) must have "
+                f"shape (batch, *positions, *{label}) with {n} positions, e.g. {(b, n, *label)}, got {shape}; "
                 "pass one label per position"
             )
         y = y.reshape(b * n, *label).to(o.device)

@@ -349,18 +349,10 @@ class FisherTraceMonitor:
                 self.class_dim, named(self.mask), named(self.output))
 
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
-        if subset is not None:
-            check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
-        if not isinstance(control_variate, bool):
-            raise TorchfimError(f"control_variate must be True or False, got {control_variate!r}")
-        n, m = self._local_sizes(subset)
+        n, m = self._local_sizes(check_window_options(subset, control_variate))
         size = n if m is None else min(m, n)
         where = " per process" if self._share is not None else ""
-        if control_variate and size < 4:
-            raise TorchfimError(
-                f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}{where}; "
-                "pass subset ≥ 4 (or hold more inputs)"
-            )
+        check_window(size, control_variate, where)
         if size < 2:
             world = 1 if self._share is None else self._share.world
             warn_user(f"torchfim: FisherTraceMonitor measures {size} input{where} per measurement, so its standard "
@@ -438,6 +430,24 @@ class FisherTraceMonitor:
             replay = norms_of(earlier, replayed)
         self._previous = (window, state)
         return self._cv.update(fresh, replay)
+
+
+def check_window_options(subset: object, control_variate: object) -> int | None:
+    """``subset`` (a positive int or None, returned) and ``control_variate`` (a bool), refused otherwise."""
+    if subset is not None:
+        check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
+    if not isinstance(control_variate, bool):
+        raise TorchfimError(f"control_variate must be True or False, got {control_variate!r}")
+    return subset
+
+
+def check_window(size: int, control_variate: bool, where: str = "") -> None:
+    """Refuse ``control_variate=True`` on measurements of fewer than 4 inputs (``where``: " per process")."""
+    if control_variate and size < 4:
+        raise TorchfimError(
+            f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}{where}; "
+            "pass subset ≥ 4 (or hold more inputs)"
+        )
 
 
 def _check_output_and_mask(output: object, mask: object) -> tuple[object, object]:

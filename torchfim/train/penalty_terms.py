@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ..engine.batch import Batch
 from ..engine.derivative_settings import paused_power_iterations
-from ..engine.model_checks import check_mode as _check_mode
+from ..engine.model_checks import check_mode
+from ..errors import TorchfimError
 from .double_backward import penalty_gradients
 from .finite_difference import batch_gradient_fd, batch_gradient_fd_shared, leading, penalty_gradient, trace_fd
 from .model_io import ModelIO, leading_rows
@@ -41,7 +42,7 @@ class PenaltyTerms:
     ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """Loss, penalty value and cached gradient from one forward (exact penalty, or ``kind="trace"``)."""
         if self.kind == "trace":
-            _check_mode(self.model)
+            _check_trace_mode(self.model)
         out = self.io.call(self.model, x)
         o = leading(self.io.tensor(out, x.size), rows)
         if self.kind == "batch_gradient":
@@ -99,7 +100,7 @@ class PenaltyTerms:
 
     def _trace_labels(self, x: Batch) -> Tensor:
         """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
-        _check_mode(self.model)
+        _check_trace_mode(self.model)
         return self._outputs_and_labels(self.io.label_outputs(self.model, x))
 
     def _finite_difference(self, x: Batch, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -123,3 +124,13 @@ class PenaltyTerms:
     def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor) -> Tensor:
         """The linear surrogate: value exactly ``v``, gradient exactly ``c``."""
         return fixed_gradient(params, grads, value)
+
+
+def _check_trace_mode(model: nn.Module) -> None:
+    """``kind="trace"`` needs per-sample gradients, hence a model that treats samples independently: refused as the
+    Fisher refuses it, with the other kind, which takes a model in training mode, named beside ``eval()``."""
+    try:
+        check_mode(model)
+    except TorchfimError as err:
+        raise TorchfimError(f"{err}; or use FisherPenalty(kind='batch_gradient'), the gradient of the batch's mean "
+                            "loss, which takes the model in training mode") from None

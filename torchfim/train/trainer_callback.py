@@ -34,6 +34,7 @@ Importing this module imports transformers, which torchfim does not depend on.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -45,7 +46,9 @@ from .._batches import Inputs
 from .._io import atomic_write
 from .._processes import process_group
 from ..errors import TorchfimError, warn_user
-from .monitor import FisherTraceMonitor, TraceRecord
+from .arguments import check_int
+from .held import hold
+from .monitor import FisherTraceMonitor, TraceRecord, check_window, check_window_options
 from .penalty import FisherPenalty
 from .record_sinks import CsvSink
 from .trace_plot import read_trace_csv
@@ -81,6 +84,7 @@ class FisherTraceCallback(TrainerCallback):
         if trainer is not None and not isinstance(trainer, Trainer):
             raise TorchfimError(f"FisherTraceCallback's trainer must be the transformers Trainer it is added to (its "
                                 f"records go through trainer.log), got {trainer!r:.80}")
+        _check_monitor_options(inputs, every, options)
         self.inputs, self.every, self.csv_path, self.options = inputs, every, csv_path, options
         self.trainer = trainer
         self.monitor: FisherTraceMonitor | None = None
@@ -166,6 +170,25 @@ class FisherPenaltyCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs) -> None:
         _save_into(_checkpoint(args, state.global_step), _penalty_file(args), self.penalty)
+
+
+#: The monitor's arguments a callback takes in ``**options`` (the others it sets itself).
+MONITOR_OPTIONS = frozenset(inspect.signature(FisherTraceMonitor).parameters) - {
+    "model", "inputs", "every", "csv_path", "across_processes"}
+
+
+def _check_monitor_options(inputs: Inputs, every: object, options: dict[str, object]) -> None:
+    """Refuse at once what the monitor, built when training begins, would refuse then: an option it does not take,
+    ``every``, and the window's options against the held inputs (in one process: each process's share is checked
+    when the monitor is built)."""
+    unknown = sorted(set(options) - MONITOR_OPTIONS)
+    if unknown:
+        raise TorchfimError(f"FisherTraceCallback got option(s) the monitor does not take: {', '.join(unknown)}; "
+                            f"it takes {', '.join(sorted(MONITOR_OPTIONS))}")
+    check_int("every", every, 1, "pass e.g. every=50 to measure every 50 optimiser steps")
+    subset = check_window_options(options.get("subset"), options.get("control_variate", False))
+    held = sum(b.size for b in hold(inputs))
+    check_window(held if subset is None else min(subset, held), bool(options.get("control_variate", False)))
 
 
 def _save_into(folder: Path, name: str, tool: FisherTraceMonitor | FisherPenalty) -> None:
