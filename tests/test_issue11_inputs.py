@@ -591,3 +591,23 @@ def test_targets_of_the_wrong_shape_for_outputs_with_positions_are_named_in_the_
     with pytest.raises(TorchfimError, match=r"^targets for outputs with positions \(3,\) \(family 'categorical' at "
                                             r"each\) must have shape \(batch, \*positions.*got \(4, 2\)"):
         torchfim.fisher(token_model(4), [(tokens, torch.zeros(4, 2, dtype=torch.long))], estimator="empirical")
+
+
+def test_an_input_with_no_observed_position_counts_with_a_warning() -> None:
+    """An input whose mask is False everywhere counts in the mean over inputs with a Fisher of 0: the Fisher of the
+    batch is (n − 1)/n times that of the others, and torchfim says so once."""
+    import warnings
+
+    from cases import token_model
+
+    model = token_model(4)
+    tokens = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[2] = False
+    with pytest.warns(RuntimeWarning, match=r"1 of the 4 inputs of a mini-batch have no observed position.*counts in"):
+        whole = torchfim.fisher(model, tokens, mask=mask, structure="trace")
+    others = torchfim.fisher(model, tokens[[0, 1, 3]], mask=mask[[0, 1, 3]], structure="trace")
+    assert torch.allclose(whole, others * 3 / 4, rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torchfim.fisher(model, tokens, mask=torch.ones(4, 3, dtype=torch.bool), structure="trace")

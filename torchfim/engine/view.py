@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..errors import TorchfimError, tensor_fields
+from ..errors import TorchfimError, tensor_fields, warn_user
 from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
@@ -203,6 +203,7 @@ class ModelView:
         self.output_map = output
         self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
+        self._unobserved_named = False  # whether inputs with no observed position were named (once per view)
         self._defaults: dict[str, object] | None = None  # see call_defaults
         self._call_checked = False  # see check_call
         self._recurrent = stepwise_candidates(self.model)  # computed step by step under torch.func
@@ -328,7 +329,14 @@ class ModelView:
                 f"the position mask has shape {tuple(m.shape)} but the outputs have (batch, *positions) = {want}; "
                 "pass one boolean per input and position (True = observed, False = padding)"
             )
-        return m.to(device=self.device).bool().reshape(batch.size, -1)
+        flat = m.to(device=self.device).bool().reshape(batch.size, -1)
+        if not self._unobserved_named and flat.shape[1] and not bool(flat.any(1).all()):
+            self._unobserved_named = True
+            empty = int((~flat.any(1)).sum())
+            warn_user(f"torchfim: {empty} of the {batch.size} inputs of a mini-batch have no observed position (their "
+                      "mask is False everywhere): each counts in the mean over inputs with a Fisher of 0 (docs/math.md "
+                      "§5.5); drop such inputs if they should not count")
+        return flat
 
     # ------------------------------------------------------------- forwards
     def functional(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
