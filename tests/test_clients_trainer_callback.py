@@ -144,4 +144,11 @@ def test_options_the_monitor_would_refuse_are_refused_when_the_callback_is_built
         FisherTraceCallback(HELD, every=0)
     with pytest.raises(TorchfimError, match=r"control_variate must be True or False"):
         FisherTraceCallback(HELD, control_variate="yes")
-    FisherTraceCallback(HELD, subset=4, control_variate=True, n_samples=2)  # what the monitor takes
+    FisherTraceCallback(HELD, subset=4, control_variate=True, n_samples=2, across_processes=False)  # all taken
+
+
+def test_held_inputs_given_as_a_generator_are_read_once() -> None:
+    """The options' check at construction reads the inputs; a generator must still hold them when training begins."""
+    callback = FisherTraceCallback({"input_ids": IDS[i : i + 8], "attention_mask": MASK[i : i + 8]} for i in (0, 8))
+    monitor = FisherTraceMonitor(_model(), callback.inputs, mask="attention_mask")
+    assert monitor.n_inputs == 16

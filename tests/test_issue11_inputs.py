@@ -458,9 +458,10 @@ def test_labels_of_the_models_own_loss_given_as_floats_are_named_as_the_labels()
     ids = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
     model = _OwnLoss().double()
     pen = torchfim.train.FisherPenalty(model, output=lambda out: out["logits"])
-    with pytest.raises(TorchfimError, match=r"class targets that are not integers.*labels.long\(\).*expected target"):
-        pen.penalised_loss({"input_ids": ids, "labels": torch.zeros(4, dtype=torch.float64)}, lambda o: o["loss"],
-                           step=0)
+    for dtype in (torch.float64, torch.int32):
+        with pytest.raises(TorchfimError, match=r"class targets of a dtype it does not take.*int64 class indices "
+                                                r"\(labels.long\(\)\).*expected target"):
+            pen.penalised_loss({"input_ids": ids, "labels": torch.zeros(4, dtype=dtype)}, lambda o: o["loss"], step=0)
 
 
 def test_errors_of_the_forward_own_and_of_the_output_map_are_raised_as_they_are() -> None:

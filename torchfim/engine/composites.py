@@ -11,18 +11,15 @@ of ``grad``). Two functions that transformers call break it in torch 2.x:
   (``need_weights=False``, as ``nn.TransformerEncoderLayer`` calls it) or a Hugging Face SDPA
   attention fails.
 
-Five activations have no forward-mode rule for their backward (``silu``, ``mish``, ``hardsigmoid`` and ``glu``),
-or no batching rule (``rrelu`` in eval mode), so every second derivative through them fails; they run as
-``x·σ(x)``, ``x·tanh(softplus(x))``, ``relu6(x + 3)/6``, ``a·σ(b)`` (``a, b`` the halves of ``x``) and the
-leaky ReLU of slope ``(lower + upper)/2`` (the eval-mode RReLU; in training mode its slopes are random and it is
-left as it is). ``inplace=True`` is read as out of place: the same values.
+Five activations break second derivatives too (``silu``, ``mish``, ``glu``, ``hardsigmoid`` and the eval-mode
+``rrelu``): :mod:`.composite_activations` says which and how they run.
 
 And one differs from torch's reverse mode by convention: ``embedding`` with a ``padding_idx``, whose
 padding row torch's backward leaves without a gradient (a constant of the model), while forward-mode
 AD differentiates the lookup of that row like any other; the second derivatives would then disagree
 with every first-order quantity about that row.
 
-Within :func:`composite_forms` both run as their definitions in elementary operations, whose
+Within :func:`composite_forms` these functions run as their definitions in elementary operations, whose
 forward-mode rules torch composes correctly: the layer norm as
 ``(x − μ)/√(σ² + ε)·w + b`` (``μ``, ``σ²`` the mean and biased variance over the normalised dims),
 attention as torch's own reference implementation (``softmax(q kᵀ·scale + mask) v``), and
@@ -45,6 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .composite_activations import EVERY_MODE, FORWARD_MODE
+from .native_dtype import autocast_enabled
+
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5, cudnn_enable: bool = True) -> Tensor:
@@ -52,7 +52,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     ``cudnn_enable`` (of ``torch.layer_norm``) is ignored. Half-precision inputs are normalised in float32 and
     the result cast back, as torch's kernel computes them: in float16 the derivative of ``1/√(σ² + ε)``,
     ``(σ² + ε)^(−3/2)/2``, overflows for a variance below about 5e-4 (a transformer's embeddings at
-    initialisation), and the gradients came out NaN."""
+    initialisation), and the gradients came out NaN. The result has the dtype torch's own gives: float32 under
+    CUDA autocast (which runs layer norms in float32), else the input's."""
     dims = tuple(range(-len(normalized_shape), 0))
     x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
     centred = x - x.mean(dims, keepdim=True)
@@ -60,7 +61,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     if weight is not None:
         out = out * weight
     out = out if bias is None else out + bias
-    return out.to(input.dtype)
+    return out.to(torch.float32 if input.is_cuda and autocast_enabled("cuda") else input.dtype)
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
@@ -84,35 +85,6 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *ar
     return F.embedding(input, weight, padding_idx, *args, **kwargs)
 
 
-def silu(input: Tensor, inplace: bool = False) -> Tensor:
-    """``x·σ(x)``."""
-    return input * torch.sigmoid(input)
-
-
-def mish(input: Tensor, inplace: bool = False) -> Tensor:
-    """``x·tanh(softplus(x))``."""
-    return input * torch.tanh(F.softplus(input))
-
-
-def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
-    """``relu6(x + 3)/6``, torch's values to the bit (``clamp(x/6 + 1/2, 0, 1)``)."""
-    return F.relu6(input + 3) / 6
-
-
-def glu(input: Tensor, dim: int = -1) -> Tensor:
-    """``a·σ(b)`` for the halves ``a, b`` of ``input`` along ``dim``."""
-    a, b = input.chunk(2, dim)
-    return a * torch.sigmoid(b)
-
-
-def rrelu(input: Tensor, lower: float = 1.0 / 8, upper: float = 1.0 / 3, training: bool = False,
-          inplace: bool = False) -> Tensor:
-    """In eval mode, the leaky ReLU of slope ``(lower + upper)/2``; in training mode torch's own (random slopes)."""
-    if training:
-        return F.rrelu(input, lower, upper, training, inplace)
-    return F.leaky_relu(input, (lower + upper) / 2)
-
-
 _MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
 
 
@@ -123,28 +95,38 @@ def multi_head_attention(*args: object, **kwargs: object) -> tuple[Tensor, Tenso
     return out, (weights if bound.get("need_weights", True) else None)
 
 
-#: torch function -> its composite form.
+#: torch function -> its composite form, in forward and reverse mode alike.
 _COMPOSITES: dict[Callable, Callable] = {
     F.layer_norm: layer_norm,
     torch.layer_norm: layer_norm,
     F.scaled_dot_product_attention: attention,
     F.multi_head_attention_forward: multi_head_attention,
     F.embedding: embedding,
-    F.silu: silu,
-    F.mish: mish,
-    F.hardsigmoid: hardsigmoid,
-    F.glu: glu,
-    F.rrelu: rrelu,
+    **EVERY_MODE,
 }
+#: The same with the activations that forward-mode AD alone needs in composite form.
+_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE}
 
 
 class _CompositeForms(TorchFunctionMode):
+    def __init__(self, table: dict[Callable, Callable]) -> None:
+        super().__init__()
+        self.table = table
+
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> object:
-        return _COMPOSITES.get(func, func)(*args, **(kwargs or {}))
+        return self.table.get(func, func)(*args, **(kwargs or {}))
+
+
+def reverse_mode_forms() -> TorchFunctionMode:
+    """:func:`composite_forms` for second derivatives by reverse mode (double backprop) and for ``vmap(grad)``:
+    without the activations that torch differentiates twice in reverse mode and batches itself (SiLU, Mish, GLU),
+    whose composites would only cost time and memory there."""
+    return _CompositeForms(_COMPOSITES)
 
 
 def composite_forms() -> TorchFunctionMode:
-    """A context in which layer norms and attention run as compositions of elementary operations.
+    """A context in which layer norms, attention and the activations of :mod:`.composite_activations` run as
+    compositions of elementary operations.
 
     Example:
         >>> import torch
@@ -158,4 +140,4 @@ def composite_forms() -> TorchFunctionMode:
         >>> bool(torch.isclose(second, exact, rtol=1e-10))
         True
     """
-    return _CompositeForms()
+    return _CompositeForms(_FORWARD_COMPOSITES)

@@ -89,12 +89,12 @@ def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: 
             return TorchfimError(f"{failed}: an index lies outside an embedding's table; pass token ids in [0, "
                                  f"num_embeddings); torch said: {said}")
         return err
-    if in_forward and _INDEX_WORDS in said:
+    if in_forward and _INDEX_WORDS in said and any(t.is_floating_point() for t in inputs):
         return TorchfimError(f"{failed}: an embedding was given floating-point indices; pass token ids as integers "
                              f"(ids.long()); torch said: {said}")
     if in_forward and _TARGET_WORDS in said:  # before the integer inputs' check: the targets are what is wrong
-        return TorchfimError(f"{failed}: a loss the model computes itself was given class targets that are not "
-                             f"integers (such as a batch's 'labels'); pass them as class indices (labels.long()); "
+        return TorchfimError(f"{failed}: a loss the model computes itself was given class targets of a dtype it does "
+                             f"not take (such as a batch's 'labels'); pass them as int64 class indices (labels.long()); "
                              f"torch said: {said}")
     if integer and _mixes_integer_types(said):
         return TorchfimError(

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 from .._batches import refuse_packed
 from ..engine.attention_kernel import math_attention
 from ..engine.batch import Batch, make_batch
-from ..engine.composites import composite_forms
+from ..engine.composites import reverse_mode_forms
 from ..engine.function_forwards import attention_fast_path_off
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
@@ -54,7 +54,7 @@ class ModelIO:
         self.classes = ClassDim(class_dim)
         #: Keyword inputs every mini-batch gets unless it sets them (:func:`.engine.view.forward_defaults`).
         self.defaults = dict(defaults or {})
-        self.forms: Callable[[], AbstractContextManager] = composite_forms if composite else nullcontext
+        self.forms: Callable[[], AbstractContextManager] = reverse_mode_forms if composite else nullcontext
         #: The forms of the per-input passes under ``vmap``: :attr:`forms`, or the composite ones from the first
         #: time the model's own could not be batched (:meth:`per_input_gradients`).
         self.vmapped_forms = self.forms
@@ -175,7 +175,7 @@ class ModelIO:
                             y: Tensor, masks: Tensor | None) -> dict[str, Tensor]:
         """``vmap(grad(log_p))`` over the inputs of ``x``, their labels ``y`` and mask rows ``masks``, at
         ``params`` (per input too where ``params_dim`` is 0): per-input gradients. Where torch.func cannot
-        batch the model's own forms, it tries the composite ones (:func:`.engine.composites.composite_forms`;
+        batch the model's own forms, it tries the composite ones (:func:`.engine.composites.reverse_mode_forms`;
         ``layer_norm`` under autocast has no batched backward), and where it cannot batch those either (BERT's
         padding mask, a custom autograd function without ``setup_context``), they are taken one input at a
         time by autograd from then on, with a one-time warning: differentiable in ``params`` where those
@@ -187,8 +187,8 @@ class ModelIO:
                 with math_attention():
                     return vmap(grad(log_p), in_dims=in_dims)(params, (x.args, x.kwargs), y, masks)
             except (RuntimeError, NotImplementedError) as err:
-                if self.vmapped_forms is not composite_forms:  # layer_norm under autocast has no batched backward
-                    self.vmapped_forms = composite_forms
+                if self.vmapped_forms is not reverse_mode_forms:  # layer_norm under autocast has no batched backward
+                    self.vmapped_forms = reverse_mode_forms
                     continue
                 self.looped = True
                 warn_user(

@@ -72,9 +72,9 @@ class ProcessShare:
         come) and checks the monitors' ``settings`` with the parameters trained, the held inputs, the weights and
         the generators' states as they were before the draw."""
         state, weights = generator_fingerprint(generator), weights_fingerprint(model)
-        call = settings_number((settings, trained_names(model)))
-        attempt = Attempt(measure)
-        trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0)
+        # The settings' digest inside the attempt too: a process that fails to take it says so to the others
+        attempt = Attempt(lambda: (settings_number((settings, trained_names(model))), *measure()))
+        call, trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0.0, 0)
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
                                 float(attempt.failed), self.checksum, state, weights, call], model)

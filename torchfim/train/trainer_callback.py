@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -84,6 +85,8 @@ class FisherTraceCallback(TrainerCallback):
         if trainer is not None and not isinstance(trainer, Trainer):
             raise TorchfimError(f"FisherTraceCallback's trainer must be the transformers Trainer it is added to (its "
                                 f"records go through trainer.log), got {trainer!r:.80}")
+        if not isinstance(inputs, (torch.Tensor, Mapping)):
+            inputs = list(inputs)  # read once: checked here, held when training begins (a generator would be spent)
         _check_monitor_options(inputs, every, options)
         self.inputs, self.every, self.csv_path, self.options = inputs, every, csv_path, options
         self.trainer = trainer
@@ -172,9 +175,9 @@ class FisherPenaltyCallback(TrainerCallback):
         _save_into(_checkpoint(args, state.global_step), _penalty_file(args), self.penalty)
 
 
-#: The monitor's arguments a callback takes in ``**options`` (the others it sets itself).
-MONITOR_OPTIONS = frozenset(inspect.signature(FisherTraceMonitor).parameters) - {
-    "model", "inputs", "every", "csv_path", "across_processes"}
+#: The monitor's arguments a callback takes in ``**options`` (the others it sets itself; ``across_processes``
+#: it sets by the trainer's processes unless given).
+MONITOR_OPTIONS = frozenset(inspect.signature(FisherTraceMonitor).parameters) - {"model", "inputs", "every", "csv_path"}
 
 
 def _check_monitor_options(inputs: Inputs, every: object, options: dict[str, object]) -> None:
