@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp
-from torch_versions import TORCH_VERSION
+from torch_versions import TORCH_VERSION, skip_unless_the_model_runs
 
 import torchfim
 import torchfim.train
@@ -190,6 +190,7 @@ def test_layer_norm_in_half_precision_normalises_in_float32(dtype: torch.dtype) 
     """torch's values to one unit in the last place, and second derivatives that stay finite on activations that
     vary little (σ² ≈ 4e-4: in float16, ``(σ² + ε)^(-3/2)/2`` overflows)."""
     x, w, b = (_randn(64, 32) * 0.02).to(dtype), _randn(32).to(dtype), _randn(32).to(dtype)
+    skip_unless_the_model_runs(lambda t: F.layer_norm(t, (32,), w, b), x)  # torch 2.2 has no float16 CPU kernel
     want, got = F.layer_norm(x, (32,), w, b), layer_norm(x, (32,), w, b)
     assert got.dtype == dtype
     assert torch.allclose(got.float(), want.float(), rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)

@@ -458,6 +458,11 @@ def test_labels_of_the_models_own_loss_given_as_floats_are_named_as_the_labels()
     ids = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
     model = _OwnLoss().double()
     pen = torchfim.train.FisherPenalty(model, output=lambda out: out["logits"])
+    try:
+        F.cross_entropy(torch.zeros(2, 3), torch.zeros(2))
+    except RuntimeError as err:
+        if "expected target dtype" not in str(err):
+            pytest.skip(f"this torch names float targets in other words ({err}), read as any dtype mismatch")
     for dtype in (torch.float64, torch.int32):
         with pytest.raises(TorchfimError, match=r"class targets of a dtype it does not take.*int64 class indices "
                                                 r"\(labels.long\(\)\).*expected target"):

@@ -190,6 +190,7 @@ def test_exact_penalty_of_a_float16_layer_norm_on_small_activations_is_finite_an
         model[0].bias.zero_()
     x = torch.randn(64, 8)
     half = copy.deepcopy(model).half()
+    skip_unless_the_model_runs(half, x.half())  # torch 2.2 has no float16 CPU layer norm
     assert float(half[0](x.half()).float().var(-1).mean()) < 3e-4  # where (σ² + ε)^(-3/2) / 2 overflows float16
     with torch.no_grad():
         y = get_family("categorical").sample(half(x.half()), 1, torch.Generator().manual_seed(SEED))[:, 0]
