@@ -115,6 +115,42 @@ def test_settings_mismatch_on_resume_is_refused(reference, tmp_path):
         E.run(out, other, master_seed=3, resume=True, progress=False)
 
 
+def _copy_runs(out: Path, fresh: Path) -> Path:
+    (fresh / "runs").mkdir(parents=True)
+    for p in (out / "runs").glob("*.json"):
+        (fresh / "runs" / p.name).write_bytes(p.read_bytes())
+    return fresh
+
+
+def test_another_master_seed_on_resume_is_refused(reference, tmp_path, capsys):
+    fresh = _copy_runs(reference[0], tmp_path / "seed")
+    before = {p.name: p.read_bytes() for p in (fresh / "runs").iterdir()}
+    argv = ["reproduce", "explosion", "--tiny", "--resume", "--out", str(fresh), "--no-progress", "--max-runs", "1"]
+    assert cli.main([*argv, "--master-seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with master seed 3, not the 1 given; pass --master-seed 3" in err and "a new --out folder" in err
+    assert {p.name: p.read_bytes() for p in (fresh / "runs").iterdir()} == before  # no run file rewritten
+
+
+def test_an_incomplete_run_file_is_named_with_its_fix(reference, tmp_path, capsys):
+    fresh = _copy_runs(reference[0], tmp_path / "empty")
+    broken = sorted((fresh / "runs").glob("*.json"))[0]
+    broken.write_text("{}")
+    argv = ["reproduce", "explosion", "--tiny", "--resume", "--out", str(fresh), "--no-progress", "--master-seed", "3"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the run file {str(broken)!r} (it is incomplete: no 'run_id'" in err
+    assert "delete it and rerun with --resume" in err and "different settings" not in err
+
+
+def test_run_options_with_from_results_are_refused(reference, tmp_path, capsys):
+    argv = ["reproduce", "explosion", "--from-results", str(reference[0] / "results.json"), "--out", str(tmp_path / "r")]
+    assert cli.main([*argv, "--seeds", "5", "--master-seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds, --master-seed cannot apply with --from-results" in err and "drop them" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_more_seeds_reuse_the_finished_runs(reference, tmp_path):
     out, expected = reference
     fresh = tmp_path / "more"

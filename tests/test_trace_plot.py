@@ -81,12 +81,56 @@ def test_the_command_line_writes_the_figure(tmp_path, capsys) -> None:
         ([str(tmp_path / "other.csv")], "is not a FisherTraceMonitor CSV file: its header is 'a,b'"),
         ([str(tmp_path / "a.csv"), "--labels", "x", "y"], "--labels gives 2 labels for 1 CSV files"),
         ([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--labels", "x", "x"], "repeat"),
-        ([str(tmp_path / "a.csv"), "--band", "-1"], "band must be a finite number"),
+        ([str(tmp_path / "a.csv"), "--band", "-1"], "--band: expected a number of standard errors from 0 to 100"),
     ]:
         capsys.readouterr()
         assert cli.main(["plot-trace", *argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def _plot_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert cli.main(["plot-trace", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    return err
+
+
+def test_files_that_are_not_whole_runs_are_refused_or_warned_about(tmp_path, capsys) -> None:
+    _run(tmp_path, "a", 0.1)
+    lines = (tmp_path / "a.csv").read_text().splitlines(keepends=True)
+    out = str(tmp_path / "t.png")
+    (tmp_path / "header.csv").write_text(lines[0])
+    assert "header.csv holds no records, only its header" in _plot_error(capsys, [str(tmp_path / "header.csv"), "--out", out])
+    assert not (tmp_path / "t.png").exists()
+    # a killed run's file: its last line cut off, left out with a warning
+    (tmp_path / "cut.csv").write_text("".join(lines[:-1]) + lines[-1][:7])
+    with pytest.warns(RuntimeWarning, match=f"its last line, {len(lines)}, is incomplete"):
+        assert cli.main(["plot-trace", str(tmp_path / "cut.csv"), "--out", out]) == 0
+    assert len(read_trace_csv(tmp_path / "a.csv")) == len(lines) - 1
+    # a cut line that is not the last is an error naming it
+    (tmp_path / "mid.csv").write_text("".join(lines[:2]) + lines[2][:7] + "\n" + "".join(lines[3:]))
+    assert "line 3 is not a record of numbers" in _plot_error(capsys, [str(tmp_path / "mid.csv"), "--out", out])
+    # two runs in one file: drawn, with a warning naming where the step goes back
+    (tmp_path / "two.csv").write_text("".join(lines) + "".join(lines[1:]))
+    with pytest.warns(RuntimeWarning, match=f"the step goes back from 10 to 0 at line {len(lines) + 1}"):
+        assert cli.main(["plot-trace", str(tmp_path / "two.csv"), "--out", out]) == 0
+    # not a CSV file: the header quoted is cut short
+    (tmp_path / "results.json").write_text('{"runs": "' + "x" * 100_000 + '"}')
+    err = _plot_error(capsys, [str(tmp_path / "results.json"), "--out", out])
+    assert "is not a FisherTraceMonitor CSV file" in err and len(err) < 400
+
+
+def test_an_out_that_cannot_be_the_figure_and_a_huge_band_are_refused(tmp_path, capsys) -> None:
+    _run(tmp_path, "a", 0.1)
+    csv = str(tmp_path / "a.csv")
+    assert "is a folder, not a file; name the figure file" in _plot_error(capsys, [csv, "--out", str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    err = _plot_error(capsys, [csv, "--out", str(tmp_path / "file" / "x.png")])
+    assert f"{tmp_path / 'file'} is a file, not a folder" in err
+    err = _plot_error(capsys, [csv, "--band", "1e308", "--out", str(tmp_path / "t.png")])
+    assert "--band: expected a number of standard errors from 0 to 100, got '1e308'" in err
 
 
 def test_a_run_that_is_not_records_is_refused() -> None:

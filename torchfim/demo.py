@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from . import toy
-from .cli.types import layer_widths, nonnegative_int, positive_float, positive_int
+from .cli.types import layer_widths, positive_float, positive_int, seed_int, thread_count
 
 __all__ = ["run_demo", "format_table", "ESTIMATORS", "EPOCHS", "HELP", "add_arguments", "main"]
 
@@ -199,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``torchfim demo``."""
     parser.add_argument("--seconds", type=positive_float, default=3.0,
                         help="time limit for training, in seconds (default: 3)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
+    parser.add_argument("--seed", type=seed_int, default=0,
                         help="seed for initialisation, batches and sampled labels (default: 0)")
     parser.add_argument("--epochs", type=positive_int, default=EPOCHS,
                         help=f"at most this many training epochs (default: {EPOCHS})")
@@ -209,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-samples", type=positive_int, default=1,
                         help="labels drawn per input by the score and hessian estimators "
                              "(default: 1)")
-    parser.add_argument("--threads", type=positive_int, default=1,
+    parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch intra-op threads (default: 1; 2 was ~30%% faster on an idle "
                              "2-core machine but several times slower on a busy one)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import TorchfimError
+
 __all__ = [
     "ACTIVATIONS",
     "HIDDEN",
@@ -59,6 +61,7 @@ def mlp(
 
     ``activation`` is a key of :data:`ACTIVATIONS`; the weights are drawn in ``dtype``.
     """
+    _check_fits(n_in, hidden, n_out, dtype)
     act = ACTIVATIONS[activation]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -69,6 +72,24 @@ def mlp(
             width = h
         layers.append(nn.Linear(width, n_out, dtype=dtype))
         return nn.Sequential(*layers)
+
+
+def _check_fits(n_in: int, hidden: tuple[int, ...], n_out: int, dtype: torch.dtype) -> None:
+    """Refuse widths whose MLP would not fit in memory: torch would fail with a bare allocation error, or
+    the machine swap, with widths such as 100000,100000 (10¹⁰ parameters, 40 GB in float32)."""
+    from ._memory import available_bytes
+
+    widths = (n_in, *hidden, n_out)
+    n = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    # weights, gradients and Adam's two moments: what training the model, or its Fisher, holds at least
+    needed = 4 * n * torch.empty((), dtype=dtype).element_size()
+    free = available_bytes(torch.device("cpu"))
+    if needed > free:
+        raise TorchfimError(
+            f"hidden widths {','.join(map(str, hidden))} make an MLP of {n:,} parameters, which needs "
+            f"{needed / 2**30:.1f} GiB (weights, gradients and optimiser state) of the {free / 2**30:.1f} GiB of "
+            "memory available; choose smaller hidden widths (--hidden)"
+        )
 
 
 def cnn1d(length: int, channels: int, n_out: int, seed: int = 0) -> nn.Sequential:

@@ -6,6 +6,9 @@ Each subcommand lives in its own module, listed in :data:`COMMANDS`. A command m
 - ``add_arguments(parser)``: adds its options to its ``argparse`` sub-parser;
 - ``main(args) -> int``: runs it with the parsed ``argparse.Namespace`` and returns the exit status.
 
+``add_arguments`` may set the default ``_interrupted`` (``parser.set_defaults``): what to do after an
+interruption (how to go on), printed after ``interrupted``.
+
 Adding a command is one module with those three names plus one line in :data:`COMMANDS`; the
 ``argparse`` value types the commands share are in :mod:`torchfim.cli.types`. Command modules
 import optional dependencies inside ``main`` so that ``torchfim --help`` works without them.
@@ -77,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ALIASES:
             description = f"the same as '{parser.prog} {ALIASES[name]}': {module.HELP}"
         p = sub.add_parser(name, help=description, description=description)
+        p.set_defaults(_run=module.main, _prog=p.prog)
         module.add_arguments(p)
-        p.set_defaults(_run=module.main)
     return parser
 
 
@@ -93,18 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("TORCHFIM_DEBUG", "") not in ("", "0")
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
     except UsageError as exc:
         return _fail(exc.prog, str(exc), f" (see {exc.prog} --help)")
     if getattr(args, "_run", None) is None:
         names = ", ".join(COMMANDS)
         return _fail(parser.prog, f"choose a command: {names}", f" (see {parser.prog} --help)")
 
-    prog = f"{parser.prog} {args.command}"
+    # the innermost sub-parser's name ("torchfim reproduce explosion"), which the top-level parser's own
+    # "unrecognized arguments" error would not name
+    prog = args._prog
+    if extra:
+        return _fail(prog, f"unrecognized arguments: {' '.join(extra)}", f" (see {prog} --help)")
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        hint = getattr(args, "_interrupted", None)
+        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, ImportError, OSError) as exc:
         # torchfim.TorchfimError is a ValueError; ImportError covers missing optional extras;

@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, module_name in EXPERIMENTS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p.set_defaults(_experiment=module.main, _prog=p.prog)
         module.add_arguments(p)
-        p.set_defaults(_experiment=module.main)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,9 +7,10 @@ import argparse
 from torch import nn
 
 from .. import toy
-from ..cli.types import layer_widths, nonnegative_int, positive_int
+from ..cli.types import layer_widths, nonnegative_int, positive_int, seed_int, thread_count
 from ..errors import TorchfimError
 from .data import as_data
+from .kept_steps import FOLDER
 from .load import call_factory, ensure_cwd_on_path, load_factory
 from .publish import check_out
 from .run import run_report
@@ -26,6 +27,9 @@ from .settings import (
 __all__ = ["HELP", "add_arguments", "main"]
 
 HELP = "write a Fisher-information report (Tr(F) with error bars, Î1 vs Î2, spectra) of a model"
+#: What to do after an interruption (printed by :mod:`torchfim.cli`); see :mod:`torchfim.report.kept_steps`.
+INTERRUPTED = (f"the finished steps are kept in --out's {FOLDER}/ folder; run the same command again (without "
+               "--no-resume) to go on from them")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-block", type=nonnegative_int, default=DEFAULT_MAX_BLOCK, metavar="N",
                         help="compute eigenvalues of layers with at most N parameters "
                              f"(default: {DEFAULT_MAX_BLOCK})")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
+    parser.add_argument("--seed", type=seed_int, default=0,
                         help="seed for the default model's training, the subset and sampled labels "
                              "(default: 0)")
     parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
@@ -76,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=layer_widths, default=None, metavar="W1,W2,...",
                         help="hidden widths of the default model (default: "
                              f"{','.join(map(str, toy.HIDDEN))})")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch intra-op threads (default: 1 for the embedded default model, "
+    parser.add_argument("--threads", type=thread_count, default=None,
+                        help="torch intra-op threads, at most 256 (default: 1 for the embedded default model, "
                              "whose tensors are small; torch's own setting for --model)")
     parser.add_argument("--mode", choices=sorted(MODES), default="auto",
                         help="full: the exact Fisher, variances, bounds and spectra, however long they take "
@@ -88,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute every step again; by default a report run again after an interruption reads "
                              "the steps it had finished back from --out (kept there until the report is written)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(_interrupted=INTERRUPTED)
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from .. import _io
-from ..errors import TorchfimError
+from .._out_folder import check_out_folder
 from .settings import REPORT_FILES
 
 __all__ = ["check_out", "publish"]
@@ -39,31 +39,14 @@ def _earlier_report(path: Path) -> set[str]:
     return {INDEX} | {name for name in (listed if isinstance(listed, list) else []) if name in REPORT_FILES}
 
 
-def _in_the_way(path: Path) -> list[str]:
-    """Names a report writes that exist in ``path`` but were not written there by a report."""
-    owned = _earlier_report(path)
-    return [name for name in REPORT_FILES
-            if os.path.lexists(path / name) and (name not in owned or not (path / name).is_file())]
-
-
 def check_out(out: str | os.PathLike) -> Path:
-    """``out`` as a Path, if a report can be written into it without overwriting anyone else's file.
+    """``out`` as a Path, created if missing, once a report can be written into it without overwriting
+    anyone else's file (:func:`torchfim._out_folder.check_out_folder`).
 
-    ``out`` may be missing (it is created), any directory without files of a report's names, or a
-    directory holding an earlier report (whose files are replaced).
+    ``out`` may be missing, any directory without files of a report's names, or a directory holding an
+    earlier report (whose files are replaced).
     """
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise TorchfimError(f"--out {out} is an existing file; choose a directory name for the report")
-    if path.is_dir():
-        taken = _in_the_way(path)
-        if taken:
-            raise TorchfimError(
-                f"--out {out} holds {', '.join(taken)}, which the report would overwrite and no earlier "
-                "torchfim report there wrote; move them or choose another directory (a report writes "
-                "only its own files and leaves all others alone)"
-            )
-    return path
+    return check_out_folder(out, REPORT_FILES, _earlier_report, "report")
 
 
 def publish(out: Path, files: dict[str, bytes | str]) -> Path:

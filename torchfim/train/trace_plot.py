@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import save_figure
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from .monitor import COLUMNS, FisherTraceMonitor, TraceRecord
 
 #: What :func:`plot_trace` takes as one run: a monitor, its records, or the path of its CSV file.
@@ -25,25 +25,49 @@ Run = FisherTraceMonitor | Sequence[TraceRecord] | str | os.PathLike
 
 LOG_SPAN = 10.0  # max/min of the estimates above which the axis is logarithmic (log=None)
 FLOOR = 1e-3  # on a log axis, the band's lower edge is at least FLOOR × the estimate
+QUOTED = 80  # the most characters of a wrong header that an error quotes
 
 
 def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
-    """The records of a :class:`~torchfim.train.FisherTraceMonitor` CSV file (``csv_path``), in file order."""
+    """The records of a :class:`~torchfim.train.FisherTraceMonitor` CSV file (``csv_path``), in file order.
+
+    An incomplete last line (what a run killed while writing leaves) is left out with a warning naming it;
+    a step that goes back (two runs appended to one file) is kept, with a warning naming its line.
+    """
     path = Path(path)
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     expected = list(COLUMNS)
     if not rows or rows[0] not in (expected, [*expected, "variance_ratio"]):
         found = ",".join(rows[0]) if rows else "an empty file"
+        found = found if len(found) <= QUOTED else found[:QUOTED] + "…"  # a JSON file is one long line
         raise TorchfimError(
             f"{str(path)!r} is not a FisherTraceMonitor CSV file: its header is {found!r}, not "
             f"{','.join(expected)!r} (with ',variance_ratio' after control_variate=True); pass the monitor's csv_path"
         )
     header = rows[0]
-    try:
-        return [TraceRecord(**{k: _number(k, v) for k, v in zip(header, row, strict=True)}) for row in rows[1:]]
-    except ValueError as exc:
-        raise TorchfimError(f"{str(path)!r} has a row that is not a record of numbers ({exc})") from None
+    records = []
+    for line, row in enumerate(rows[1:], start=2):
+        try:
+            records.append(TraceRecord(**{k: _number(k, v) for k, v in zip(header, row, strict=True)}))
+        except ValueError as exc:
+            if line == len(rows):
+                warn_user(f"{str(path)!r}: its last line, {line}, is incomplete (a run stopped while writing it?) "
+                          "and is left out")
+                break
+            raise TorchfimError(
+                f"{str(path)!r}: line {line} is not a record of numbers ({exc}); delete or mend that line"
+            ) from None
+    _warn_step_back(path, records)
+    return records
+
+
+def _warn_step_back(path: Path, records: list[TraceRecord]) -> None:
+    """Warn where a step is below the one before it: the file holds several runs, drawn as a zig-zag."""
+    back = next((i for i in range(1, len(records)) if records[i].step < records[i - 1].step), None)
+    if back is not None:
+        warn_user(f"{str(path)!r}: the step goes back from {records[back - 1].step} to {records[back].step} at line "
+                  f"{back + 2}: the file holds more than one run; split it into one file per run")
 
 
 def _number(key: str, text: str) -> int | float:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ...cli.types import nonnegative_int, positive_int
 from ...errors import TorchfimError
+from ..out_folder import check_study_out
 from .settings import DEFAULT_OUT, FILES, PRESETS, settings_from_json
 from .store import extract_runs
 from .study import run
@@ -18,6 +19,10 @@ from .study import run
 __all__ = ["HELP", "add_arguments", "main"]
 
 HELP = "the Catastrophic Fisher Explosion study (Jastrzębski et al. 2021) at CPU scale"
+#: What to do after an interruption (printed by :mod:`torchfim.cli`): every finished run is in DIR/runs/.
+INTERRUPTED = "the finished runs are kept in --out's runs/ folder; run the same command with --resume to go on"
+#: The options that make the runs, which --from-results takes from the results.json instead.
+_RUN_OPTIONS = {"quick": False, "tiny": False, "seeds": None, "master_seed": None, "jobs": 1, "max_runs": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reuse the finished runs in DIR/runs/ and run only the missing ones")
     parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                         help="seeds per configuration (default: 5, or 2 with --quick; at least 2)")
-    parser.add_argument("--master-seed", type=nonnegative_int, default=0, metavar="S",
+    parser.add_argument("--master-seed", type=nonnegative_int, default=None, metavar="S",
                         help="the study's master seed, from which every run's seeds derive (default: 0)")
     parser.add_argument("--jobs", type=positive_int, default=1, metavar="J",
                         help="runs in parallel, one thread each (default: 1; results do not depend on it)")
@@ -40,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-runs", type=positive_int, default=None, help=argparse.SUPPRESS)  # stop after N new runs
+    parser.set_defaults(_interrupted=INTERRUPTED)
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
@@ -57,13 +63,15 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             ) from exc
     if args.from_results is not None:
         return _from_results(args)
+    _check_out(args.out)
     settings = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
     if args.seeds is not None:
         if args.seeds < 2:
             raise TorchfimError("--seeds must be at least 2 (prob_outperform needs 2 paired runs)")
         settings = replace(settings, n_seeds=args.seeds)
     start = time.perf_counter()
-    res = run(args.out, settings, master_seed=args.master_seed, resume=args.resume, jobs=args.jobs,
+    master_seed = 0 if args.master_seed is None else args.master_seed
+    res = run(args.out, settings, master_seed=master_seed, resume=args.resume, jobs=args.jobs,
               progress=not args.no_progress, max_runs=args.max_runs)  # fmt: skip
     if res is None:
         print(f"stopped after {args.max_runs} runs; finish with the same command and --resume", file=sys.stderr)
@@ -73,8 +81,21 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     return 0
 
 
+def _check_out(out: str) -> None:
+    """Refuse an ``--out`` that cannot be written, or that holds a user's files of the study's names (the
+    study's own are those of a results.json of the study, or beside run files of an unfinished one)."""
+    check_study_out(out, FILES.values(), "explosion", earlier=lambda path: any((path / "runs").glob("*.json")))
+
+
 def _from_results(args: argparse.Namespace) -> int:
     """``--from-results``: the run files of a results.json into DIR/runs/, then the outputs rebuilt from them."""
+    given = [f"--{k.replace('_', '-')}" for k, default in _RUN_OPTIONS.items() if getattr(args, k) != default]
+    if given:
+        raise TorchfimError(
+            f"{', '.join(given)} cannot apply with --from-results: the runs, their settings and seeds are those "
+            "stored in the results.json; drop them"
+        )
+    _check_out(args.out)
     path = Path(args.from_results)
     try:
         results = json.loads(path.read_text(encoding="utf-8"))

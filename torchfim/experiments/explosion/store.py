@@ -17,6 +17,10 @@ from .train import train_one
 __all__ = ["execute", "load_runs", "write_timings", "extract_runs"]
 
 
+#: What every run file holds (written by :func:`_write_run`).
+_RECORD_KEYS = ("run_id", "fingerprint", "spec", "result")
+
+
 def _run_path(runs_dir: Path, run_id: str) -> Path:
     return runs_dir / f"{run_id}.json"
 
@@ -28,8 +32,9 @@ def _write_run(runs_dir: Path, run_id: str, fingerprint: str, spec: dict, result
     return record
 
 
-def execute(spec: RunSpec, settings: Settings, runs_dir: str) -> tuple[str, dict, float]:
-    """Train ``spec``, write its run file atomically, return (run id, record, seconds).
+def execute(spec: RunSpec, settings: Settings, runs_dir: str, master_seed: int) -> tuple[str, dict, float]:
+    """Train ``spec`` (a run of the study of ``master_seed``), write its run file atomically, return (run id,
+    record, seconds).
 
     A module-level function of picklable arguments, so that a process pool can run it.
     """
@@ -37,7 +42,7 @@ def execute(spec: RunSpec, settings: Settings, runs_dir: str) -> tuple[str, dict
     result = train_one(spec, settings)
     seconds = time.perf_counter() - start
     record = _write_run(Path(runs_dir), spec.run_id, settings.fingerprint(), asdict(spec), result,
-                        seconds=round(seconds, 3))
+                        master_seed=master_seed, seconds=round(seconds, 3))
     return spec.run_id, record, seconds
 
 
@@ -50,28 +55,44 @@ def extract_runs(results: dict[str, Any], runs_dir: Path, settings: Settings) ->
     runs_dir.mkdir(parents=True, exist_ok=True)
     fp = settings.fingerprint()
     for run_id, run in results["runs"].items():
-        _write_run(runs_dir, run_id, fp, run["spec"], run["result"])
+        _write_run(runs_dir, run_id, fp, run["spec"], run["result"], master_seed=results["master_seed"])
     return len(results["runs"])
 
 
-def load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:
-    """Run id -> record of every run file in ``runs_dir``; refuses files made with other settings."""
+def load_runs(runs_dir: Path, settings: Settings, master_seed: int) -> dict[str, dict]:
+    """Run id -> record of every run file in ``runs_dir``; refuses files that cannot be read and files made
+    with other settings or another master seed."""
     done: dict[str, dict] = {}
     if not runs_dir.is_dir():
         return done
     fp = settings.fingerprint()
     for path in sorted(runs_dir.glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise TorchfimError(f"cannot read the run file {str(path)!r} ({exc}); delete it and rerun with --resume") from exc
-        if record.get("fingerprint") != fp:
+        record = _read_run(path)
+        if record["fingerprint"] != fp:
             raise TorchfimError(
                 f"the run file {str(path)!r} was made with different settings (another preset, or another "
                 "version of the study); use a new --out folder or delete its runs/ folder"
             )
+        saved = record.get("master_seed")  # None in the run files of versions before it was stored
+        if saved is not None and saved != master_seed:
+            raise TorchfimError(
+                f"the run file {str(path)!r} was made with master seed {saved}, not the {master_seed} given; pass "
+                f"--master-seed {saved} to finish that study, or a new --out folder for a study of seed {master_seed}"
+            )
         done[record["run_id"]] = record
     return done
+
+
+def _read_run(path: Path) -> dict:
+    """The record in the run file ``path``; refuses a file that is not one (cut short, emptied, edited)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in _RECORD_KEYS if k not in record] if isinstance(record, dict) else list(_RECORD_KEYS)
+        if missing:
+            raise ValueError(f"it is incomplete: no {', '.join(map(repr, missing))}")
+    except (OSError, ValueError) as exc:
+        raise TorchfimError(f"cannot read the run file {str(path)!r} ({exc}); delete it and rerun with --resume") from exc
+    return record
 
 
 def write_timings(path: Path, timings: dict[str, float], invocation: dict[str, Any]) -> None:

@@ -34,15 +34,16 @@ class _Executor:
 
             self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
-    def map(self, specs: list[RunSpec], settings: Settings, runs_dir: Path) -> Iterator[tuple[str, dict, float]]:
+    def map(self, specs: list[RunSpec], settings: Settings, runs_dir: Path,
+            master_seed: int) -> Iterator[tuple[str, dict, float]]:
         """``(run id, record, seconds)`` of each spec as it finishes (several at once: by run id)."""
         if self.pool is None:
             for s in specs:
-                yield execute(s, settings, str(runs_dir))
+                yield execute(s, settings, str(runs_dir), master_seed)
             return
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        pending = {self.pool.submit(execute, s, settings, str(runs_dir)) for s in specs}
+        pending = {self.pool.submit(execute, s, settings, str(runs_dir), master_seed) for s in specs}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -67,9 +68,10 @@ def _postfix(spec: RunSpec) -> str:
 class _Phases:
     """Runs the missing runs of one phase after another, counting them on the progress bar."""
 
-    def __init__(self, done: dict[str, dict], settings: Settings, runs_dir: Path, executor: _Executor, bar,
-                 max_runs: int | None, on_run: Callable[[str], None] | None) -> None:
+    def __init__(self, done: dict[str, dict], settings: Settings, master_seed: int, runs_dir: Path,
+                 executor: _Executor, bar, max_runs: int | None, on_run: Callable[[str], None] | None) -> None:
         self.done, self.settings, self.runs_dir, self.executor, self.bar = done, settings, runs_dir, executor, bar
+        self.master_seed = master_seed
         self.max_runs, self.on_run = max_runs, on_run
         self.timings: dict[str, float] = {k: v.get("seconds", 0.0) for k, v in done.items()}
         self.counted: set[str] = set()
@@ -86,7 +88,7 @@ class _Phases:
             todo = todo[: max(0, self.max_runs - self.new)]
         if todo:
             bar.set_postfix_str(_postfix(todo[0]), refresh=False)
-        for run_id, record, seconds in self.executor.map(todo, self.settings, self.runs_dir):
+        for run_id, record, seconds in self.executor.map(todo, self.settings, self.runs_dir, self.master_seed):
             done[run_id] = record
             self.counted.add(run_id)
             self.timings[run_id] = round(seconds, 3)
@@ -119,7 +121,7 @@ def run(
 
     out = Path(out)
     runs_dir = out / "runs"
-    done = load_runs(runs_dir, settings)
+    done = load_runs(runs_dir, settings, master_seed)
     if done and not resume:
         raise TorchfimError(
             f"{str(runs_dir)!r} already holds {len(done)} finished runs; pass --resume to finish that "
@@ -129,7 +131,7 @@ def run(
     start = time.perf_counter()
     bar = tqdm(total=count_runs(settings), desc="explosion", unit="run", disable=not progress, file=sys.stderr)
     executor = _Executor(jobs)
-    phases = _Phases(done, settings, runs_dir, executor, bar, max_runs, on_run)
+    phases = _Phases(done, settings, master_seed, runs_dir, executor, bar, max_runs, on_run)
     try:
         ok = phases.run(tune_lr_specs(settings, master_seed))
         if ok:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...cli.types import positive_int
+from ...cli.types import thread_count
+from ..out_folder import check_study_out
 from .settings import DEFAULT_OUT, FILES
 from .study import run
 
@@ -20,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"output folder (created if needed; default: {DEFAULT_OUT}/)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny networks and fewer settings (under a minute; for tests and smoke runs)")
-    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
-                        help="torch intra-op threads (default: 1; more only helps on an idle machine)")
+    parser.add_argument("--threads", type=thread_count, default=1, metavar="N",
+                        help="torch intra-op threads, at most 256 (default: 1; more only helps on an idle machine)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -38,6 +39,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             raise ImportError(
                 f"torchfim reproduce soen-sun needs the optional package {module!r}: pip install 'torchfim[cli]'"
             ) from exc
+    check_study_out(args.out, FILES.values(), "soen-sun")
     cmd = f"torchfim reproduce soen-sun --out {args.out}" + (" --quick" if args.quick else "")
     res = run(args.out, quick=args.quick, progress=not args.no_progress, threads=args.threads, command=cmd)
     print(f"wrote {Path(args.out) / FILES['summary']} and {len(FILES) - 1} more files "

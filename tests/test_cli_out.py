@@ -1,0 +1,142 @@
+"""Command-line mistakes found before the work: an ``--out`` folder that cannot be written or holds a user's
+files (report and both reproductions, one check), out-of-range seeds, threads and widths, errors naming the
+subcommand, and interruptions that say how to go on. Each command's work is replaced by a stand-in that fails
+the test if it is reached."""
+
+from __future__ import annotations
+
+import errno
+import json
+import tempfile
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+pytest.importorskip("mnist1d")
+
+from torchfim import _memory, cli, demo, toy
+from torchfim.errors import TorchfimError
+from torchfim.experiments.explosion import command as explosion_command
+from torchfim.experiments.soen_sun import command as soen_sun_command
+from torchfim.report import command as report_command
+
+#: Each command, and the name in its module of the function that does its work.
+COMMANDS = {
+    ("report",): (report_command, "run_report"),
+    ("reproduce", "soen-sun", "--quick"): (soen_sun_command, "run"),
+    ("reproduce", "explosion", "--tiny"): (explosion_command, "run"),
+}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """The commands' work replaced by a failure: a refusal must come before it."""
+    def work(*args, **kwargs):
+        raise AssertionError("the command started its work before refusing --out")
+
+    for module, name in [*COMMANDS.values(), (demo, "_train")]:
+        monkeypatch.setattr(module, name, work)
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    return err
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_an_unwritable_out_is_refused_before_the_work(command, tmp_path, monkeypatch, capsys, no_work):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # root writes into a chmod-ed folder anyway
+    err = _error(capsys, [*command, "--out", str(tmp_path / "new" / "out")])
+    assert "cannot write into the folder" in err and "Read-only file system" in err
+    assert "choose a folder you can write to" in err
+    assert not (tmp_path / "new").exists()  # the folders made for the check are removed
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_file_as_out_or_in_its_path_is_refused(command, tmp_path, capsys, no_work):
+    file = tmp_path / "somefile"
+    file.write_text("mine")
+    err = _error(capsys, [*command, "--out", str(file)])
+    assert "is an existing file; choose a directory name" in err
+    err = _error(capsys, [*command, "--out", str(file / "sub")])
+    assert f"{file} is a file, not a folder" in err and "choose another --out" in err
+    err = _error(capsys, [*command, "--out", ""])
+    assert "--out is empty; name a folder" in err
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c[0] == "reproduce"])
+def test_a_users_files_in_out_are_not_overwritten(command, tmp_path, capsys, no_work):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    (out / "results.json").write_text('{"mine": 1}')
+    err = _error(capsys, [*command, "--out", str(out)])
+    assert "holds results.json, summary.md" in err and "no earlier torchfim" in err
+    assert (out / "summary.md").read_text() == "my notes"
+
+
+def test_an_earlier_study_in_out_is_the_studys_own(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "summary.md").write_text("an earlier run's")
+    (out / "results.json").write_text(json.dumps({"meta": {"experiment": "soen-sun"}}))
+    monkeypatch.setattr(soen_sun_command, "run", lambda *a, **k: {"meta": {"seconds_total": 0.0}})
+    assert cli.main(["reproduce", "soen-sun", "--quick", "--out", str(out)]) == 0
+
+
+def test_explosion_from_results_does_not_overwrite_a_users_summary(tmp_path, capsys, no_work):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"experiment": "explosion", "settings": {}, "master_seed": 0, "runs": {}}))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    err = _error(capsys, ["reproduce", "explosion", "--from-results", str(results), "--out", str(out)])
+    assert "holds summary.md" in err
+    assert (out / "summary.md").read_text() == "my notes" and not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "--seed", "99999999999999999999"], "argument --seed: expected a whole number from 0 to 2**63-1"),
+    (["demo", "--seed", str(2**63)], "argument --seed: expected a whole number from 0 to 2**63-1"),
+    (["report", "--threads", "5000"], "argument --threads: expected a number of threads from 1 to 256"),
+    (["reproduce", "soen-sun", "--threads", "100000"], "argument --threads: expected a number of threads from 1"),
+    (["report", "--bogus"], "torchfim report: error: unrecognized arguments: --bogus (see torchfim report --help)"),
+    (["reproduce", "explosion", "--bogus"], "torchfim reproduce explosion: error: unrecognized arguments: --bogus"),
+])
+def test_out_of_range_values_and_unknown_options_name_the_option_and_command(argv, needle, capsys, no_work):
+    assert needle in _error(capsys, argv)
+
+
+def test_a_default_model_too_large_for_memory_is_refused_with_its_size(monkeypatch, capsys):
+    def work(*args, **kwargs):
+        raise AssertionError("the demo trained a model that does not fit")
+
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**20)
+    monkeypatch.setattr(demo, "_train", work)
+    with pytest.raises(TorchfimError, match=r"1,076,010 parameters, which needs .* choose smaller hidden"):
+        toy.mlp(64, (1000, 1000), 10)
+    assert "choose smaller hidden widths (--hidden)" in _error(capsys, ["demo", "--hidden", "1000,1000"])
+    toy.mlp(64, (10,), 10)  # a small one fits
+
+
+@pytest.mark.parametrize("argv, module, hint", [
+    (["report"], report_command, "run the same command again (without --no-resume) to go on"),
+    (["reproduce", "explosion", "--tiny"], explosion_command, "run the same command with --resume to go on"),
+    (["explosion", "--tiny"], explosion_command, "run the same command with --resume to go on"),
+])
+def test_an_interruption_says_how_to_go_on(argv, module, hint, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run_report" if module is report_command else "run", interrupted)
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"torchfim {' '.join(a for a in argv if not a.startswith('-'))}: interrupted; ")
+    assert hint in err

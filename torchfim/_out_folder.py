@@ -1,0 +1,97 @@
+"""The ``--out`` folder of a command that writes several files (``report``, ``reproduce ...``): checked at
+start-up, so that a folder that cannot be written, or someone else's file in the way, is found before the
+work rather than after it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .errors import TorchfimError
+
+__all__ = ["check_out_folder", "check_out_file"]
+
+
+def check_out_folder(out: str | os.PathLike, files: Iterable[str], owned: Callable[[Path], set[str]],
+                     what: str) -> Path:
+    """``out`` as a Path, once a file can be written into it (:func:`_check_writable`) and none of ``files`` there
+    is someone else's: each must be missing or among ``owned(path)``, the names an earlier torchfim
+    ``what`` (e.g. "report") wrote there, which are replaced.
+
+    Raises :class:`~torchfim.TorchfimError` naming the problem and the fix: an empty name, an existing file,
+    a folder that cannot be created or written, or files in the way.
+    """
+    if str(out) == "":
+        raise TorchfimError(f"--out is empty; name a folder for the {what}, e.g. --out ./{what.replace(' ', '-')}")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise TorchfimError(f"--out {out} is an existing file; choose a directory name for the {what}")
+    _check_writable(path, what)
+    mine = owned(path)
+    taken = [name for name in files
+             if os.path.lexists(path / name) and (name not in mine or not (path / name).is_file())]
+    if taken:
+        raise TorchfimError(
+            f"--out {out} holds {', '.join(taken)}, which the {what} would overwrite and no earlier torchfim "
+            f"{what} there wrote; move them or choose another directory (the {what} writes only its own files "
+            "and leaves all others alone)"
+        )
+    return path
+
+
+def check_out_file(out: str | os.PathLike, what: str) -> Path:
+    """``out`` as a Path, once the file ``what`` (e.g. "figure") can be written there: not a folder, in a
+    folder that exists or can be made, and can be written."""
+    path = Path(out)
+    if str(out) == "" or path.is_dir():
+        raise TorchfimError(f"--out {out!r} is a folder, not a file; name the {what} file, e.g. "
+                            f"--out {path / 'trace.png'}")
+    _check_writable(path.parent, what)
+    return path
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Create the folder ``path`` if missing, create and remove a file in it, then remove the folders created:
+    a command refused later (a bad option, a bad model) leaves nothing behind, and the writers create them
+    again."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        _create(path, what)
+        _probe(path, what)
+    finally:
+        for folder in created:  # deepest first
+            if folder.is_dir():
+                folder.rmdir()
+
+
+def _create(path: Path, what: str) -> None:
+    """Make the folder ``path`` (and its parents), or say why it cannot be made."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        # mkdir says only "File exists": name the file that stands where a folder is needed
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
+        raise TorchfimError(
+            f"--out: {blocker} is a file, not a folder, so the folder {path} cannot be made; choose another "
+            f"--out for the {what}"
+        ) from None
+    except OSError as exc:
+        raise TorchfimError(
+            f"--out: cannot create the folder {path} ({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
+
+
+def _probe(path: Path, what: str) -> None:
+    """Create and remove a file in ``path``: the folder's permissions, a read-only file system and a full
+    disk show here, before the work, rather than when its results are written."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".torchfim-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TorchfimError(
+            f"--out: cannot write into the folder {path} ({exc.strerror or exc}); choose a folder you can write "
+            f"to for the {what}, or make it writable"
+        ) from None
