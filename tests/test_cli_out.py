@@ -5,6 +5,7 @@ the test if it is reached."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import tempfile
@@ -18,6 +19,7 @@ pytest.importorskip("mnist1d")
 from torchfim import _memory, cli, demo, toy
 from torchfim.errors import TorchfimError
 from torchfim.experiments.explosion import command as explosion_command
+from torchfim.experiments.explosion.settings import PRESETS
 from torchfim.experiments.soen_sun import command as soen_sun_command
 from torchfim.report import command as report_command
 
@@ -93,13 +95,41 @@ def test_an_earlier_study_in_out_is_the_studys_own(tmp_path, capsys, monkeypatch
 
 def test_explosion_from_results_does_not_overwrite_a_users_summary(tmp_path, capsys, no_work):
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"experiment": "explosion", "settings": {}, "master_seed": 0, "runs": {}}))
+    settings = dataclasses.asdict(PRESETS["tiny"])
+    results.write_text(json.dumps({"experiment": "explosion", "settings": settings, "master_seed": 0, "runs": {}}))
     out = tmp_path / "mine"
     out.mkdir()
     (out / "summary.md").write_text("my notes")
     err = _error(capsys, ["reproduce", "explosion", "--from-results", str(results), "--out", str(out)])
     assert "holds summary.md" in err
     assert (out / "summary.md").read_text() == "my notes" and not (out / "runs").exists()
+
+
+def test_explosion_checks_its_learning_curves_and_reads_only_its_own_run_files(tmp_path, capsys, no_work):
+    """A user's ``curves_<data>_<model>.png`` was overwritten (only the fixed names were checked), and any JSON file
+    in ``runs/`` made the folder count as an unfinished study's, whose summary.md would be replaced."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "curves_digits_mlp.png").write_text("my figure")
+    err = _error(capsys, ["reproduce", "explosion", "--tiny", "--out", str(out)])
+    assert "holds curves_digits_mlp.png" in err and (out / "curves_digits_mlp.png").read_text() == "my figure"
+    (out / "curves_digits_mlp.png").unlink()
+    (out / "runs").mkdir()
+    (out / "runs" / "mine.json").write_text('{"my": 1}')
+    (out / "summary.md").write_text("my notes")
+    err = _error(capsys, ["reproduce", "explosion", "--tiny", "--out", str(out)])
+    assert "holds summary.md" in err and (out / "summary.md").read_text() == "my notes"
+
+
+def test_the_check_leaves_no_folder_behind_for_an_out_that_climbs_back(tmp_path, monkeypatch, capsys, no_work):
+    """``new/..`` names an existing folder through one the check creates: it crashed removing ``new/..``
+    (Directory not empty) and left ``new`` behind."""
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    err = _error(capsys, ["reproduce", "soen-sun", "--quick", "--out", str(tmp_path / "new" / "..")])
+    assert "cannot write into the folder" in err and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -122,7 +152,7 @@ def test_a_default_model_too_large_for_memory_is_refused_with_its_size(monkeypat
     monkeypatch.setattr(demo, "_train", work)
     with pytest.raises(TorchfimError, match=r"1,076,010 parameters, which needs .* choose smaller hidden"):
         toy.mlp(64, (1000, 1000), 10)
-    assert "choose smaller hidden widths (--hidden)" in _error(capsys, ["demo", "--hidden", "1000,1000"])
+    assert "choose smaller hidden widths (the command line's --hidden)" in _error(capsys, ["demo", "--hidden", "1000,1000"])
     toy.mlp(64, (10,), 10)  # a small one fits
 
 

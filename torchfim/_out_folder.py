@@ -45,7 +45,9 @@ def check_out_file(out: str | os.PathLike, what: str) -> Path:
     """``out`` as a Path, once the file ``what`` (e.g. "figure") can be written there: not a folder, in a
     folder that exists or can be made, and can be written."""
     path = Path(out)
-    if str(out) == "" or path.is_dir():
+    if str(out) == "":
+        raise TorchfimError(f"--out is empty; name the {what} file, e.g. --out trace.png")
+    if path.is_dir():
         raise TorchfimError(f"--out {out!r} is a folder, not a file; name the {what} file, e.g. "
                             f"--out {path / 'trace.png'}")
     _check_writable(path.parent, what)
@@ -56,14 +58,17 @@ def _check_writable(path: Path, what: str) -> None:
     """Create the folder ``path`` if missing, create and remove a file in it, then remove the folders created:
     a command refused later (a bad option, a bad model) leaves nothing behind, and the writers create them
     again."""
+    path = Path(os.path.abspath(path))  # "new/.." names no folder to remove: its parts do
     created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         _create(path, what)
         _probe(path, what)
     finally:
         for folder in created:  # deepest first
-            if folder.is_dir():
+            try:
                 folder.rmdir()
+            except OSError:  # another command wrote into it meanwhile, or it is gone: leave it
+                pass
 
 
 def _create(path: Path, what: str) -> None:

@@ -88,7 +88,7 @@ def _check_fits(n_in: int, hidden: tuple[int, ...], n_out: int, dtype: torch.dty
         raise TorchfimError(
             f"hidden widths {','.join(map(str, hidden))} make an MLP of {n:,} parameters, which needs "
             f"{needed / 2**30:.1f} GiB (weights, gradients and optimiser state) of the {free / 2**30:.1f} GiB of "
-            "memory available; choose smaller hidden widths (--hidden)"
+            "memory available; choose smaller hidden widths (the command line's --hidden)"
         )
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from ...cli.types import nonnegative_int, positive_int
 from ...errors import TorchfimError
 from ..out_folder import check_study_out
-from .settings import DEFAULT_OUT, FILES, PRESETS, settings_from_json
-from .store import extract_runs
+from .figures import curves_name
+from .settings import DEFAULT_OUT, FILES, PRESETS, Settings, settings_from_json
+from .store import extract_runs, holds_runs
 from .study import run
 
 __all__ = ["HELP", "add_arguments", "main"]
@@ -63,8 +64,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             ) from exc
     if args.from_results is not None:
         return _from_results(args)
-    _check_out(args.out)
     settings = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    _check_out(args.out, settings)
     if args.seeds is not None:
         if args.seeds < 2:
             raise TorchfimError("--seeds must be at least 2 (prob_outperform needs 2 paired runs)")
@@ -81,10 +82,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     return 0
 
 
-def _check_out(out: str) -> None:
-    """Refuse an ``--out`` that cannot be written, or that holds a user's files of the study's names (the
-    study's own are those of a results.json of the study, or beside run files of an unfinished one)."""
-    check_study_out(out, FILES.values(), "explosion", earlier=lambda path: any((path / "runs").glob("*.json")))
+def _check_out(out: str, settings: Settings) -> None:
+    """Refuse an ``--out`` that cannot be written, or that holds a user's files of the study's names, its learning
+    curves' included (the study's own are those of a results.json of the study, or beside run files of an
+    unfinished one)."""
+    names = [*FILES.values(), *(curves_name(f"{d}/{m}") for d, m in settings.combos)]
+    check_study_out(out, names, "explosion", earlier=holds_runs)
 
 
 def _from_results(args: argparse.Namespace) -> int:
@@ -95,13 +98,13 @@ def _from_results(args: argparse.Namespace) -> int:
             f"{', '.join(given)} cannot apply with --from-results: the runs, their settings and seeds are those "
             "stored in the results.json; drop them"
         )
-    _check_out(args.out)
     path = Path(args.from_results)
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
         settings = settings_from_json(results["settings"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TorchfimError(f"cannot read the study in {str(path)!r} ({exc}); pass a results.json the study wrote") from exc
+    _check_out(args.out, settings)
     runs_dir = Path(args.out) / "runs"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
         raise TorchfimError(f"{str(runs_dir)!r} already holds run files; pass an empty --out folder with --from-results")

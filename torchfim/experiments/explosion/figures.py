@@ -11,12 +11,17 @@ import numpy as np
 from ..._io import save_figure
 from .settings import CLEAN_VARIANTS, FILES, LABELS, NOISY_VARIANTS, lr_text, noisy_label
 
-__all__ = ["draw"]
+__all__ = ["curves_name", "draw"]
 
 COLORS = {
     "large": "tab:blue", "small": "tab:red", "small_fp": "tab:green",
     "base": "tab:red", "fp": "tab:green", "fp_fixed": "tab:purple",
 }  # fmt: skip
+
+
+def curves_name(combo: str) -> str:
+    """The file of the learning curves of ``combo`` ("data/model")."""
+    return f"curves_{combo.replace('/', '_')}.png"
 
 
 def draw(out: Path, results: dict[str, Any]) -> list[str]:
@@ -30,7 +35,7 @@ def draw(out: Path, results: dict[str, Any]) -> list[str]:
     s = results["settings"]
     for combo in [f"{d}/{m}" for d, m in s["combos"]]:
         fig = _curves(plt, results, combo)
-        name = f"curves_{combo.replace('/', '_')}.png"
+        name = curves_name(combo)
         save_figure(fig, out / name, dpi=90)
         plt.close(fig)
         written.append(name)

@@ -14,7 +14,7 @@ from ...errors import TorchfimError
 from .settings import RunSpec, Settings
 from .train import train_one
 
-__all__ = ["execute", "load_runs", "write_timings", "extract_runs"]
+__all__ = ["execute", "load_runs", "write_timings", "extract_runs", "holds_runs"]
 
 
 #: What every run file holds (written by :func:`_write_run`).
@@ -81,6 +81,19 @@ def load_runs(runs_dir: Path, settings: Settings, master_seed: int) -> dict[str,
             )
         done[record["run_id"]] = record
     return done
+
+
+def holds_runs(out: Path) -> bool:
+    """Whether ``out/runs`` holds a run file of the study (a JSON object with every key a run file has): the folder
+    of an unfinished study, whose other files are its own."""
+    for path in (out / "runs").glob("*.json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and all(k in record for k in _RECORD_KEYS):
+            return True
+    return False
 
 
 def _read_run(path: Path) -> dict:
