@@ -88,11 +88,10 @@ def holds_runs(out: Path) -> bool:
     of an unfinished study, whose other files are its own."""
     for path in (out / "runs").glob("*.json"):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            _read_run(path)
+        except TorchfimError:
             continue
-        if isinstance(record, dict) and all(k in record for k in _RECORD_KEYS):
-            return True
+        return True
     return False
 
 
