@@ -77,17 +77,17 @@ def mlp(
 def _check_fits(n_in: int, hidden: tuple[int, ...], n_out: int, dtype: torch.dtype) -> None:
     """Refuse widths whose MLP would not fit in memory: torch would fail with a bare allocation error, or
     the machine swap, with widths such as 100000,100000 (10¹⁰ parameters, 40 GB in float32)."""
-    from ._memory import available_bytes
+    from ._memory import fits_in_memory
 
     widths = (n_in, *hidden, n_out)
     n = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
-    # weights, gradients and Adam's two moments: what training the model, or its Fisher, holds at least
-    needed = 4 * n * torch.empty((), dtype=dtype).element_size()
-    free = available_bytes(torch.device("cpu"))
-    if needed > free:
+    # weights, gradients and Adam's two moments (4n numbers: fits_in_memory counts 2n with its working copy):
+    # what training the model, or its Fisher, holds at least
+    ok, needed, free = fits_in_memory(2 * n, dtype, torch.device("cpu"))
+    if not ok:
         raise TorchfimError(
             f"hidden widths {','.join(map(str, hidden))} make an MLP of {n:,} parameters, which needs "
-            f"{needed / 2**30:.1f} GiB (weights, gradients and optimiser state) of the {free / 2**30:.1f} GiB of "
+            f"{needed:.1f} GiB (weights, gradients and optimiser state) of the {free:.1f} GiB of "
             "memory available; choose smaller hidden widths (the command line's --hidden)"
         )
 
