@@ -48,6 +48,13 @@ _torchfim_venv_ensure() {
         echo "torchfim: installing into $venv failed (see pip's message above); rerun to retry" >&2
         return 1
     fi
+    # The peers (BackPACK, nngeometry, laplace-torch) pull torchvision from PyPI, a CUDA build whose
+    # operators do not load next to the CPU torch ("operator torchvision::nms does not exist"); with it
+    # installed, transformers fails on import in the examples. torchfim and its tests never use it:
+    # where it does not import, it is removed.
+    if ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+        "$venv/bin/python" -m pip uninstall -q -y torchvision >/dev/null 2>&1 || true
+    fi
     printf '%s\n' "$want" > "$stamp"
     echo "torchfim: $venv is ready" >&2
 }

@@ -144,6 +144,43 @@ def test_meaningful_but_not_significant():
     assert "meaningful" not in str(r)
 
 
+def _null_verdict_rate(n: int, confidence: float) -> float:
+    """The exact probability that prob_outperform draws a verdict from n untied pairs of two methods whose
+    runs are exchangeable: each of the 2^n win/loss patterns is equally likely, and the verdict depends on
+    the number of wins only (the resampled pairs are exchangeable too)."""
+    rate = 0.0
+    for wins in range(n + 1):
+        a = np.r_[np.ones(wins), np.zeros(n - wins)]
+        r = prob_outperform(a, 1.0 - a, confidence=confidence, generator_or_seed=wins)
+        rate += math.comb(n, wins) / 2**n * (r.conclusion != "not significant")
+    return rate
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95])
+def test_a_verdict_by_chance_is_at_most_one_minus_confidence(confidence):
+    # The percentile interval alone is [1, 1] when one method wins every pair: from 2 pairs it declared a
+    # winner half the time by chance (4 pairs: 1 in 8). The sign test caps the rate at 1 - confidence.
+    rates = {n: _null_verdict_rate(n, confidence) for n in range(2, 16)}
+    assert all(rate <= 1.0 - confidence + 1e-12 for rate in rates.values()), rates
+    assert rates[2] == 0.0
+    # ... without losing the power to conclude where the pairs can support it: 6 of 6 at 95%.
+    assert prob_outperform(np.ones(6), np.zeros(6)).conclusion == "A better"
+    assert prob_outperform(np.zeros(6), np.ones(6)).conclusion == "B better"
+
+
+def test_sign_test_p_is_the_exact_two_sided_binomial_tail():
+    # Brute force over every sign pattern of the untied pairs: the probability, under fair coins, of a
+    # split at least as lopsided as the observed one.
+    for wins, losses in [(0, 0), (1, 0), (3, 1), (5, 0), (2, 2), (7, 3), (0, 9)]:
+        m = wins + losses
+        far = max(wins, losses)
+        brute = sum(max(k, m - k) >= far for pattern in range(2**m) for k in [bin(pattern).count("1")]) / 2**m
+        ties = 3
+        a = np.r_[np.ones(wins), np.zeros(losses), np.full(ties, 0.5)]
+        b = np.r_[np.zeros(wins), np.ones(losses), np.full(ties, 0.5)]
+        assert prob_outperform(a, b).sign_test_p == pytest.approx(brute if m else 1.0, abs=1e-15)
+
+
 def test_bootstrap_matches_a_plain_reference_implementation(monkeypatch):
     rng = np.random.default_rng(5)
     a = np.round(rng.normal(0.3, 1.0, size=37), 1)
@@ -279,7 +316,7 @@ def test_result_is_frozen_and_prints_one_line():
         ({}, [1.0, float("nan"), 3.0], [1.0, 2.0, 3.0], r"a has non-finite values .* index \[1\]"),
         ({}, [1.0, 2.0, 3.0], [1.0, float("inf"), 3.0], "b has non-finite values"),
         ({}, [[1.0, 2.0], [3.0, 4.0]], [1.0, 2.0], "one-dimensional"),
-        ({}, ["x", "y"], [1.0, 2.0], "sequence of numbers"),
+        ({}, ["x", "y"], [1.0, 2.0], "must hold numbers"),
         ({"confidence": 0.0}, [1.0, 2.0], [0.0, 1.0], r"confidence must be in \(0, 1\)"),
         ({"confidence": 1.0}, [1.0, 2.0], [0.0, 1.0], r"confidence must be in \(0, 1\)"),
         ({"confidence": 95}, [1.0, 2.0], [0.0, 1.0], r"confidence must be in \(0, 1\)"),

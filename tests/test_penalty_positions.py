@@ -106,6 +106,8 @@ def test_masks_the_penalty_cannot_use_are_refused() -> None:
     flat = nn.Sequential(nn.Linear(3, 4)).double()
     with pytest.raises(TorchfimError, match="outputs \\(4, 4\\) have none"):
         _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask)
+    with pytest.raises(TorchfimError, match=r"mask has one value per input, shape \(4,\).*x\[mask\]"):
+        _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask[:, 0])
 
 
 def test_outputs_and_inputs_the_penalty_cannot_read_are_refused_with_the_fix_named() -> None:

@@ -133,9 +133,29 @@ def test_an_out_that_cannot_be_the_figure_and_a_huge_band_are_refused(tmp_path, 
     assert "--band: expected a number of standard errors from 0 to 100, got '1e308'" in err
 
 
-def test_a_run_that_is_not_records_is_refused() -> None:
-    with pytest.raises(torchfim.TorchfimError, match="a run must be a FisherTraceMonitor"):
+def test_a_run_that_is_not_records_is_refused(tmp_path) -> None:
+    with pytest.raises(torchfim.TorchfimError, match=r"a run must be a FisherTraceMonitor.*dict \{label: run\}"):
         plot_trace([1.0, 2.0])
+    with pytest.raises(torchfim.TorchfimError, match="no run"):
+        plot_trace({})
+    with pytest.raises(torchfim.TorchfimError, match="no CSV file at .*missing.csv"):
+        plot_trace({"a": tmp_path / "missing.csv"})
+    with pytest.raises(torchfim.TorchfimError, match=r"no CSV file at .*\(a folder\)"):
+        read_trace_csv(tmp_path)
+
+
+def test_record_files_that_cannot_be_written_are_refused_at_construction(tmp_path) -> None:
+    model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(8, 4)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(torchfim.TorchfimError, match="csv_path: .*is a file, not a folder"):
+        FisherTraceMonitor(model, x, csv_path=blocker / "trace.csv")
+    with pytest.raises(torchfim.TorchfimError, match="csv_path .* is a folder; name the CSV file"):
+        FisherTraceMonitor(model, x, csv_path=tmp_path)
+    with pytest.raises(torchfim.TorchfimError, match="tensorboard_dir: .*is a file, not a folder"):
+        FisherTraceMonitor(model, x, tensorboard_dir=blocker / "events")
+    FisherTraceMonitor(model, x, csv_path=tmp_path / "new" / "trace.csv")
+    assert not (tmp_path / "new").exists()  # the check leaves nothing behind; the first record makes it
 
 
 def test_an_explosion_is_drawn_on_a_log_axis_and_the_band_stops_above_zero() -> None:

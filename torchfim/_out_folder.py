@@ -16,7 +16,7 @@ __all__ = ["check_out_folder", "check_out_file"]
 
 def check_out_folder(out: str | os.PathLike, files: Iterable[str], owned: Callable[[Path], set[str]],
                      what: str) -> Path:
-    """``out`` as a Path, once a file can be written into it (:func:`_check_writable`) and none of ``files`` there
+    """``out`` as a Path, once a file can be written into it (:func:`check_writable`) and none of ``files`` there
     is someone else's: each must be missing or among ``owned(path)``, the names an earlier torchfim
     ``what`` (e.g. "report") wrote there, which are replaced.
 
@@ -28,7 +28,7 @@ def check_out_folder(out: str | os.PathLike, files: Iterable[str], owned: Callab
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise TorchfimError(f"--out {out} is an existing file; choose a directory name for the {what}")
-    _check_writable(path, what)
+    check_writable(path, what)
     mine = owned(path)
     taken = [name for name in files
              if os.path.lexists(path / name) and (name not in mine or not (path / name).is_file())]
@@ -50,19 +50,19 @@ def check_out_file(out: str | os.PathLike, what: str) -> Path:
     if path.is_dir():
         raise TorchfimError(f"--out {out!r} is a folder, not a file; name the {what} file, e.g. "
                             f"--out {path / 'trace.png'}")
-    _check_writable(path.parent, what)
+    check_writable(path.parent, what)
     return path
 
 
-def _check_writable(path: Path, what: str) -> None:
+def check_writable(path: Path, what: str, option: str = "--out") -> None:
     """Create the folder ``path`` if missing, create and remove a file in it, then remove the folders created:
     a command refused later (a bad option, a bad model) leaves nothing behind, and the writers create them
-    again."""
+    again. Errors name the ``option`` that gave the folder (``--out``, ``csv_path``, ...)."""
     path = Path(os.path.abspath(path))  # "new/.." names no folder to remove: its parts do
     created = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        _create(path, what)
-        _probe(path, what)
+        _create(path, what, option)
+        _probe(path, what, option)
     finally:
         for folder in created:  # deepest first
             try:
@@ -71,7 +71,7 @@ def _check_writable(path: Path, what: str) -> None:
                 pass
 
 
-def _create(path: Path, what: str) -> None:
+def _create(path: Path, what: str, option: str) -> None:
     """Make the folder ``path`` (and its parents), or say why it cannot be made."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -79,16 +79,16 @@ def _create(path: Path, what: str) -> None:
         # mkdir says only "File exists": name the file that stands where a folder is needed
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
         raise TorchfimError(
-            f"--out: {blocker} is a file, not a folder, so the folder {path} cannot be made; choose another "
-            f"--out for the {what}"
+            f"{option}: {blocker} is a file, not a folder, so the folder {path} cannot be made; choose another "
+            f"{option} for the {what}"
         ) from None
     except OSError as exc:
         raise TorchfimError(
-            f"--out: cannot create the folder {path} ({exc.strerror or exc}); choose a folder you can write to"
+            f"{option}: cannot create the folder {path} ({exc.strerror or exc}); choose a folder you can write to"
         ) from None
 
 
-def _probe(path: Path, what: str) -> None:
+def _probe(path: Path, what: str, option: str) -> None:
     """Create and remove a file in ``path``: the folder's permissions, a read-only file system and a full
     disk show here, before the work, rather than when its results are written."""
     try:
@@ -97,6 +97,6 @@ def _probe(path: Path, what: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise TorchfimError(
-            f"--out: cannot write into the folder {path} ({exc.strerror or exc}); choose a folder you can write "
+            f"{option}: cannot write into the folder {path} ({exc.strerror or exc}); choose a folder you can write "
             f"to for the {what}, or make it writable"
         ) from None

@@ -8,7 +8,8 @@ follows Bouthillier et al., "Accounting for Variance in Machine Learning Benchma
 
 * :func:`prob_outperform` estimates the probability of outperforming P(A > B) from paired runs,
   gives it a percentile-bootstrap confidence interval, and applies the paper's decision rule
-  (significant *and* meaningful, with threshold ``gamma = 0.75``).
+  (significant *and* meaningful, with threshold ``gamma = 0.75``), guarded by an exact sign test
+  so that a verdict is never drawn from fewer pairs than can support it.
 * :func:`seeds`, :func:`derive_seeds` / :class:`SeedPlan` and :func:`torch_generator` give every run
   one master seed and split it, with :class:`numpy.random.SeedSequence` spawning, into independent
   seeds for each source of variation (``init``, ``data_order``, ``data_split``, ``label_noise``,
@@ -83,7 +84,11 @@ class OutperformResult:
         n: the number of paired runs.
         gamma: the threshold a meaningful effect must be able to reach (0.75 in the paper).
         confidence: the level of the interval (0.95 for a 95% interval).
-        significant: the interval excludes 0.5 (``ci_low > 0.5`` or ``ci_high < 0.5``).
+        sign_test_p: the exact two-sided sign test's p-value on the pairs that are not tied:
+            ``min(1, 2·P(Bin(m, 1/2) ≥ max(w, m − w)))`` for ``w`` wins of A among ``m`` untied
+            pairs (1 when every pair is tied).
+        significant: the interval excludes 0.5 (``ci_low > 0.5`` or ``ci_high < 0.5``) and the
+            sign test agrees: ``sign_test_p ≤ 1 - confidence``.
         meaningful: the interval reaches the meaningful zone on the side it points to:
             ``ci_high > gamma`` on A's side, ``ci_low < 1 - gamma`` on B's side (the side is the
             one the interval lies on when significant, else the side of ``p``; at ``p == 0.5``
@@ -94,11 +99,13 @@ class OutperformResult:
 
     ``str(result)`` is one readable line:
 
-    >>> r = prob_outperform([3, 4, 5, 6], [1, 2, 3, 4])
+    >>> r = prob_outperform([3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6])
     >>> print(r)
-    P(A > B) = 1.000, 95% CI [1.000, 1.000], n = 4 pairs, gamma = 0.75: A better
+    P(A > B) = 1.000, 95% CI [1.000, 1.000], sign test p = 0.031, n = 6 pairs, gamma = 0.75: A better
     >>> (r.p, r.significant, r.meaningful)
     (1.0, True, True)
+    >>> print(prob_outperform([3, 4, 5, 6], [1, 2, 3, 4]))  # 4 of 4: as likely as 1 in 8 by chance
+    P(A > B) = 1.000, 95% CI [1.000, 1.000], sign test p = 0.125, n = 4 pairs, gamma = 0.75: not significant
     """
 
     p: float
@@ -107,6 +114,7 @@ class OutperformResult:
     n: int
     gamma: float
     confidence: float
+    sign_test_p: float
     significant: bool
     meaningful: bool
     conclusion: str
@@ -114,11 +122,17 @@ class OutperformResult:
     def __str__(self) -> str:
         line = (
             f"P(A > B) = {self.p:.3f}, {_percent(self.confidence)} CI [{self.ci_low:.3f}, "
-            f"{self.ci_high:.3f}], n = {self.n} pairs, gamma = {self.gamma:g}: {self.conclusion}"
+            f"{self.ci_high:.3f}], sign test p {_p_value(self.sign_test_p)}, n = {self.n} pairs, "
+            f"gamma = {self.gamma:g}: {self.conclusion}"
         )
         if self.conclusion == NOT_SIGNIFICANT and self.significant:
             line += " (significant but not meaningful)"
         return line
+
+
+def _p_value(p: float) -> str:
+    """``= 0.031``, or ``< 0.001`` below that."""
+    return f"= {p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 def _percent(confidence: float) -> str:
@@ -130,6 +144,7 @@ def _as_runs(x: object, name: str) -> np.ndarray:
     """``x`` as a 1-D float64 array of finite values, else a TorchfimError naming ``name``."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
+    _refuse_text(x, name)
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -148,6 +163,19 @@ def _as_runs(x: object, name: str) -> np.ndarray:
             "drop or fix the failed runs, together with their partners in the other method"
         )
     return arr
+
+
+def _refuse_text(x: object, name: str) -> None:
+    """Refuse metric values given as text: numpy would parse ``"0.9"`` as a number without a word."""
+    items = [x] if isinstance(x, (str, bytes)) else x if isinstance(x, (list, tuple)) else []
+    if isinstance(x, np.ndarray) and x.dtype.kind in "USO":
+        items = x.ravel().tolist()
+    text = next((v for v in items if isinstance(v, (str, bytes))), None)
+    if text is not None:
+        raise TorchfimError(
+            f"{name} must hold numbers (one metric value per run), got text such as {text!r}; convert "
+            "it first, e.g. [float(v) for v in values]"
+        )
 
 
 def _check_probability(
@@ -205,12 +233,19 @@ def prob_outperform(
     The confidence interval is the percentile bootstrap: resample the ``n`` pairs with replacement
     ``n_bootstrap`` times, recompute P on each resample, and take the ``(1 - confidence) / 2`` and
     ``(1 + confidence) / 2`` quantiles. It is slightly anti-conservative at small ``n`` (a 95%
-    interval from 30 pairs covers the true P about 91-95% of the time, depending on P).
+    interval from 30 pairs covers the true P about 91-95% of the time, depending on P), and
+    degenerate when one method wins every pair: the interval is then ``[1, 1]`` whatever ``n``.
+    So the interval alone would declare a winner from 2 pairs, which happens by chance half the
+    time when the methods do not differ. A verdict therefore also needs the exact two-sided sign
+    test on the untied pairs at level ``1 - confidence`` (:attr:`OutperformResult.sign_test_p`):
+    when the two methods' runs are exchangeable, a verdict is drawn with probability at most
+    ``1 - confidence``. At 95% that takes at least 6 pairs (6 wins of 6: p = 1/32), 9 with one
+    loss (p = 0.039), 11 with two (p = 0.039).
 
     Decision rule, after Bouthillier et al. (2021), "Accounting for Variance in Machine Learning
     Benchmarks", Proceedings of MLSys 3 (arXiv:2103.03098), where the probability of outperforming
     is the recommended criterion (paraphrased): the improvement of A over B is *statistically
-    significant* when the interval's lower bound is above 0.5, and *statistically meaningful* when
+    significant* when the interval's lower bound is above 0.5 (here: and the sign test agrees), and *statistically meaningful* when
     its upper bound is above a threshold ``gamma``, for which the paper recommends 0.75; A is
     declared better only when both hold. Meaningful is judged on the upper bound, not on P itself:
     P = 0.7 with interval [0.55, 0.85] is a conclusive improvement. The rule applied to B
@@ -286,18 +321,21 @@ def prob_outperform(
     alpha = 1.0 - confidence
     ci_low, ci_high = (float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
 
-    significant = ci_low > 0.5 or ci_high < 0.5
+    sign_test_p = _sign_test(int((x > y).sum()), int((x < y).sum()))
+    agrees = sign_test_p <= 1.0 - confidence
+    ci_low_above, ci_high_below = ci_low > 0.5 and agrees, ci_high < 0.5 and agrees
+    significant = ci_low_above or ci_high_below
     # Side the evidence points to: where the interval lies if it excludes 0.5, else where P is.
     a_reaches, b_reaches = ci_high > gamma, ci_low < 1.0 - gamma
-    if ci_low > 0.5 or (not significant and p > 0.5):
+    if ci_low_above or (not significant and p > 0.5):
         meaningful = a_reaches
-    elif ci_high < 0.5 or p < 0.5:
+    elif ci_high_below or p < 0.5:
         meaningful = b_reaches
     else:  # P = 0.5 exactly, interval around it: no side, either reach counts
         meaningful = a_reaches or b_reaches
-    if ci_low > 0.5 and ci_high > gamma:
+    if ci_low_above and ci_high > gamma:
         conclusion = A_BETTER
-    elif ci_high < 0.5 and ci_low < 1.0 - gamma:
+    elif ci_high_below and ci_low < 1.0 - gamma:
         conclusion = B_BETTER
     else:
         conclusion = NOT_SIGNIFICANT
@@ -308,10 +346,21 @@ def prob_outperform(
         n=n,
         gamma=gamma,
         confidence=confidence,
+        sign_test_p=sign_test_p,
         significant=significant,
         meaningful=meaningful,
         conclusion=conclusion,
     )
+
+
+def _sign_test(wins: int, losses: int) -> float:
+    """The exact two-sided sign test's p-value for ``wins`` against ``losses`` (ties left out):
+    ``min(1, 2·P(Bin(m, 1/2) ≥ max(wins, losses)))`` with ``m = wins + losses``; 1 when ``m = 0``."""
+    m, k = wins + losses, max(wins, losses)
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, j) for j in range(k, m + 1))
+    return min(1.0, 2.0 * tail / 2**m)
 
 
 # ---------------------------------------------------------------------------------------------

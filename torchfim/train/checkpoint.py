@@ -79,7 +79,8 @@ def checked(state: object, owner: str, settings: Mapping[str, object], keys: tup
         said = ", ".join(f"{k}={saved.get(k)!r} (here {settings[k]!r})" for k in differ)
         raise TorchfimError(
             f"{owner}.load_state_dict: the state was saved by a {owner} made with {said}; make this one as the "
-            "saved run made its own (the same held inputs, in the same order, and options)"
+            f"saved run made its own ({'the same held inputs, in the same order, and ' if 'inputs_checksum' in settings else 'the same '}"
+            "options)"
         )
     return state
 

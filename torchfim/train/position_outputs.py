@@ -96,6 +96,12 @@ class PositionOutputs:
 
 def check_mask(mask: object, size: int) -> Tensor:
     """``mask`` as a bool tensor with one row per input (``size`` of them); refuses anything else."""
+    if is_position_mask(mask) and mask.dim() == 1 and mask.shape[0] == size:
+        raise TorchfimError(
+            f"mask has one value per input, shape {tuple(mask.shape)}: a mask drops positions within an input "
+            "(padding tokens), shape (batch, *positions), for outputs (batch, *positions, ...); to leave out whole "
+            "inputs, pass only the inputs to keep, e.g. x[mask]"
+        )
     if not is_position_mask(mask) or mask.dim() < 2 or mask.shape[0] != size:
         shape = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
         fractions = isinstance(mask, Tensor) and mask.is_floating_point() and not is_position_mask(mask)

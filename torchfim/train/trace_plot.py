@@ -35,6 +35,9 @@ def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
     a step that goes back (two runs appended to one file) is kept, with a warning naming its line.
     """
     path = Path(path)
+    if not path.is_file():
+        raise TorchfimError(f"no CSV file at {str(path)!r}{' (a folder)' if path.is_dir() else ''}; pass the csv_path "
+                            "a FisherTraceMonitor wrote its records to")
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     expected = list(COLUMNS)
@@ -102,6 +105,9 @@ def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | 
     if isinstance(band, bool) or not isinstance(band, (int, float)) or not band >= 0 or math.isinf(band):
         raise TorchfimError(f"band must be a finite number of standard errors ≥ 0, got {band!r}")
     named = dict(runs) if isinstance(runs, Mapping) else {None: runs}
+    if not named:
+        raise TorchfimError("plot_trace got no run (an empty dict); pass a monitor, its records or its CSV file, "
+                            "or a dict {label: run} with at least one")
     records = {label: _records(run) for label, run in named.items()}
     fig, ax = _axes(ax)
     traces = [r.trace for recs in records.values() for r in recs]
@@ -134,7 +140,7 @@ def _records(run: Run) -> list[TraceRecord]:
     if not isinstance(history, Sequence) or not all(isinstance(r, TraceRecord) for r in history):
         raise TorchfimError(
             f"a run must be a FisherTraceMonitor, a list of TraceRecord or the path of a monitor's CSV file, got "
-            f"{type(run).__name__}"
+            f"{type(run).__name__}; several runs go in a dict {{label: run}}, e.g. plot_trace({{'lr 0.1': monitor}})"
         )
     return list(history)
 

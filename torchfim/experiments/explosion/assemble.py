@@ -294,7 +294,8 @@ def _find(comparisons: list[dict], name: str, combo: str) -> dict | None:
 
 
 def _verdicts(settings: Settings, aggregates: dict, comparisons: list[dict]) -> dict[str, Any]:
-    """Per claim and configuration: 'held', 'not significant' or 'opposite', from prob_outperform's conclusion.
+    """Per claim and configuration: 'held', 'not significant' or 'opposite', from prob_outperform's conclusion,
+    with the pairs in the claim's direction (ties one half) out of all, e.g. ``"held (20/20)"``.
 
     ``{"clean": {data/model or pooled: {claim: verdict, "b_gap_closed": x}}, "noisy": {label: {claim: verdict}}}``.
     """
@@ -303,7 +304,8 @@ def _verdicts(settings: Settings, aggregates: dict, comparisons: list[dict]) -> 
         c = _find(comparisons, name, combo)
         if c is None:
             return None
-        return {"A better": "held", "B better": "opposite"}.get(c["conclusion"], "not significant")
+        verdict = {"A better": "held", "B better": "opposite"}.get(c["conclusion"], "not significant")
+        return f"{verdict} ({c['p'] * c['n']:g}/{c['n']})"  # the seeds in the claim's direction, ties one half
 
     clean: dict[str, Any] = {}
     combos = [f"{d}/{m}" for d, m in settings.combos]

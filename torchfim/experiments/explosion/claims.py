@@ -30,14 +30,24 @@ _CLAIMS = {
 def _count(table: dict, key: str, labels: list[str], pooled: str | None) -> str:
     """In how many of ``labels`` the claim ``key`` held (and where it was reversed; the pooled verdict)."""
     got = [table[c].get(key) for c in labels]
-    held = [c for c, g in zip(labels, got) if g == "held"]
-    opp = [c for c, g in zip(labels, got) if g == "opposite"]
+    held = [c for c, g in zip(labels, got) if g and g.startswith("held")]
+    opp = [c for c, g in zip(labels, got) if g and g.startswith("opposite")]
     text = f"held in {len(held)} of {len(labels)}" + (f" ({', '.join(held)})" if held else "")
+    if not held and not opp and all(got):  # the seeds' directions say more than "0 of 4"
+        text += f" alone (seeds its way: {', '.join(g[g.index('(') + 1:-1] for g in got)})"
     if opp:
         text += f", significantly reversed in {', '.join(opp)}"
     if pooled is not None and pooled in table and table[pooled].get(key) is not None:
         text += f"; pooled: {table[pooled][key]}"
     return text
+
+
+def _fewest_pairs(confidence: float) -> int:
+    """The fewest pairs from which the sign test can conclude: all agreeing, ``2^(1-n) ≤ 1 - confidence``."""
+    n = 1
+    while 2.0 ** (1 - n) > 1.0 - confidence:
+        n += 1
+    return n
 
 
 def _verdict_table(table: dict, keys: Sequence[str], extra: list[str] | None = None) -> list[str]:
@@ -60,10 +70,15 @@ def claims_text(s: dict, verdicts: dict, agg: dict, combos: list[str], nsets: li
 def _verdict_tables(s: dict, verdicts: dict) -> list[str]:
     """What the verdicts mean, then the clean-label and the noisy-label verdict tables."""
     clean, noisy = verdicts["clean"], verdicts["noisy"]
+    fewest = _fewest_pairs(0.95)
+    pooled = ("Pooled columns pair the runs of every data set and model" + (
+        f"; with {s['n_seeds']} seeds a data set and model alone cannot reach a conclusion, so they decide."
+        if s["n_seeds"] < fewest else "."))
     lines = [
-        ("'held' = `prob_outperform` concluded 'A better' in the claim's direction; 'not significant' = no conclusion "
-         f"(with {s['n_seeds']} seeds the interval excludes 0.5 only when (nearly) every seed agrees); 'opposite' = "
-         "significant in the other direction. Pooled columns pair the runs of every data set and model."),
+        ("'held' = `prob_outperform` concluded 'A better' in the claim's direction; 'opposite' = significant in the "
+         "other direction; 'not significant' = no conclusion. In brackets: the seeds whose runs went the claim's way "
+         "(ties count one half), of all. A conclusion needs the exact sign test to agree with the bootstrap interval, "
+         f"which at 95% takes at least {fewest} pairs, all agreeing. " + pooled),
         "",
     ]
     if clean:

@@ -121,7 +121,7 @@ def _seeds_and_tuning(results: dict[str, Any]) -> list[str]:
          "seeds of the initialisation, data order, data split (validation/test sets, held Tr(F) inputs), label noise and "
          "label sampling (penalty and monitor). All configurations of one seed index share it, so comparisons are "
          "paired. `prob_outperform` (Bouthillier et al. 2021): 95% percentile-bootstrap interval; 'A better' only when "
-         "the interval lies above 0.5 and reaches 0.75."),
+         "the interval lies above 0.5 and reaches 0.75, and the exact two-sided sign test agrees at 5%."),
         "",
         f"## Tuning ({s['n_tuning_seeds']} seeds)",
         "",
