@@ -71,8 +71,9 @@ def _scaled_inverse(fisher: Tensor, given: torch.dtype | None = None) -> tuple[T
             index,
             (
                 f"has no Fisher information (F_aa = {float(diagonal[index]):.3g}): the data do not depend on "
-                "it, or autograd lost track of it (float(), .item(), numpy in mean or cov; try "
-                f"derivatives='stencil5'); {_UNCONSTRAINED}"
+                "it, autograd lost track of it (float(), .item(), numpy in mean or cov; try "
+                "derivatives='stencil5'), or a stencil step lost the change of the mean and covariance to rounding "
+                f"(scan_steps finds a step that does not); {_UNCONSTRAINED}"
             ),
         )
     scale = diagonal.rsqrt()
