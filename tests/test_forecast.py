@@ -216,6 +216,57 @@ def test_a_degenerate_matrix_built_in_float32_is_called_singular():
             stable_inverse(a.T @ a)
 
 
+NEAR_SINGULAR = [[1.0, 1 - 1e-7], [1 - 1e-7, 1.0]]  # in float32 the off-diagonal is 1 − 2⁻²³: R's λ_min ≈ 1.2e-7
+
+
+def test_a_float32_fisher_is_judged_at_float32_precision_by_forecast():
+    """Forecast converts F to float64 for the arithmetic; before, that also made it judge singularity at float64,
+    so a float32 matrix that stable_inverse calls singular gave marginal errors of 2048 without a word. Now every
+    route to F⁻¹ (and what is derived from it) refuses it as stable_inverse does, and keeps refusing after fix,
+    addition and scaling; the same numbers given in float64 are inverted (oracle: the 2×2 inverse by hand)."""
+    f32 = torch.tensor(NEAR_SINGULAR)
+    with pytest.raises(TorchfimError, match="singular to float32 precision"):
+        stable_inverse(f32)
+    fc = Forecast(f32, names=["a", "b"])
+    for route in (fc.marginal_errors, fc.covariance, fc.correlation, (2 * fc).marginal_errors,
+                  (fc + fc).marginal_errors):
+        with pytest.raises(TorchfimError, match="singular to float32 precision.*Forecast.fix"):
+            route()
+    assert fc.diagnostics().unstable and fc.diagnostics().max_relative_change == float("inf")
+    assert "singular" in str(fc)
+    assert fc.precision == torch.float32 and fc.fisher.dtype == F64
+    with pytest.raises(TorchfimError, match="singular to float32 precision"):
+        Forecast(f32.double(), precision=torch.float32).marginal_errors()
+    in_f64 = f32.double()
+    a, b = float(in_f64[0, 0]), float(in_f64[0, 1])
+    by_hand = torch.tensor([[a, -b], [-b, a]], dtype=F64) / (a * a - b * b)
+    assert _rel(Forecast(in_f64).covariance(), by_hand) < 1e-8
+    # a float32 matrix of three parameters whose degeneracy sits in a block: fixing keeps the precision
+    three = torch.eye(3)
+    three[:2, :2] = f32
+    assert Forecast(three).fix(2).precision == torch.float32
+    with pytest.raises(TorchfimError, match="float32 precision"):
+        Forecast(three).fix(2).marginal_errors()
+    assert Forecast(three).fix(1).marginal_errors().tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("derivatives", DERIVATIVES)
+def test_a_degenerate_float32_forecast_is_refused_not_inverted(derivatives):
+    """μ = (θ₀ + θ₁ + 1e-4 θ₁²)·x at θ = (1, 1): ∂μ/∂θ₁ = 1.0002·∂μ/∂θ₀, exactly rank one. With θ in float32 the
+    stencils' noise made F invertible in float64 and the marginal errors came out near 1e5 with no error (stencil3;
+    only diagnostics() said UNSTABLE), and even the exactly singular F was called singular "to float64 precision". Now the forecast knows F came from float32 and refuses it; a well-posed float32
+    forecast (θ₁ entering as θ₁²) is still inverted, to the closed form AᵀA."""
+    x = torch.linspace(0, 1, 10)  # float32, as in the trial
+    fc = forecast(lambda t: (t[0] + t[1] + 1e-4 * t[1] ** 2) * x, torch.eye(10), torch.ones(2), derivatives=derivatives)
+    with pytest.raises(TorchfimError, match="singular to float32 precision"):
+        fc.marginal_errors()
+    assert fc.precision == torch.float32
+    fine = forecast(lambda t: torch.cat([t[0] * x, t[1] ** 2 * x]), torch.eye(20), torch.ones(2),
+                    derivatives=derivatives)
+    expected = torch.diag(torch.tensor([1.0, 4.0], dtype=F64)) * float((x.double() ** 2).sum())
+    assert _rel(torch.linalg.inv(fine.covariance()), expected) < 1e-3
+
+
 def test_autograd_failure_suggests_the_stencils():
     def through_numpy(t):
         return torch.from_numpy(t.numpy() ** 2)

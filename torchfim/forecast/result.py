@@ -12,7 +12,13 @@ from torch import Tensor
 from ..errors import TorchfimError
 from ._model import parameter_names
 from .ellipse import ONE_SIGMA, TWO_SIGMA, draw_ellipses
-from .stability import InversionDiagnostics, inversion_diagnostics, stable_inverse
+from .stability import (
+    InversionDiagnostics,
+    coarsest_dtype,
+    inversion_diagnostics,
+    precision_of,
+    stable_inverse,
+)
 
 __all__ = ["Forecast"]
 
@@ -26,6 +32,12 @@ class Forecast:
     is ``1/√F_aa``, never larger. Forecasts of independent data sets add (``a + b``); ``n * a`` is
     ``n`` independent copies of the data.
 
+    ``F`` is kept in float64 for the arithmetic, but whether it is singular (or indefinite) is judged
+    against the precision it was computed in, :attr:`precision`: the dtype of the ``fisher`` given,
+    or the coarser ``precision=`` passed (:func:`forecast` passes the dtype of θ, the mean and the
+    covariance). A float32 Fisher matrix singular to float32 precision is refused as
+    :func:`stable_inverse` refuses it, not inverted into errors made of its rounding.
+
     Example:
         >>> import torch
         >>> from torchfim.forecast import Forecast
@@ -38,8 +50,18 @@ class Forecast:
         tensor([0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, fisher: Tensor, *, theta0: Tensor | None = None, names: Sequence[str] | None = None) -> None:
-        fisher = torch.as_tensor(fisher).detach().to(torch.float64)
+    def __init__(
+        self,
+        fisher: Tensor,
+        *,
+        theta0: Tensor | None = None,
+        names: Sequence[str] | None = None,
+        precision: torch.dtype | None = None,
+    ) -> None:
+        fisher = torch.as_tensor(fisher).detach()
+        #: The dtype ``F`` was computed in (float64 or coarser), against whose rounding its inverse is judged.
+        self.precision: torch.dtype = precision_of(fisher, precision)
+        fisher = fisher.to(torch.float64)
         if fisher.dim() != 2 or fisher.shape[0] != fisher.shape[1] or fisher.shape[0] == 0:
             raise TorchfimError(f"a Fisher matrix must be square (P, P), got shape {tuple(fisher.shape)}")
         if not bool(torch.isfinite(fisher).all()):
@@ -58,7 +80,7 @@ class Forecast:
 
     def covariance(self) -> Tensor:
         """``F⁻¹`` in float64, by the stable route of :func:`torchfim.forecast.stable_inverse` (raises if singular)."""
-        return stable_inverse(self.fisher, self.names)
+        return stable_inverse(self.fisher, self.names, precision=self.precision)
 
     def marginal_errors(self) -> Tensor:
         """``σ_a = √(F⁻¹)_aa``: the error of each parameter with all the others free."""
@@ -84,7 +106,7 @@ class Forecast:
     ) -> InversionDiagnostics:
         """Condition numbers, eigenvalues and perturbation stability; see :func:`inversion_diagnostics`."""
         return inversion_diagnostics(
-            self.fisher, eps=eps, n_trials=n_trials, tolerance=tolerance, generator=generator
+            self.fisher, eps=eps, n_trials=n_trials, tolerance=tolerance, generator=generator, precision=self.precision
         )
 
     def fix(self, *keys: int | str) -> Forecast:
@@ -98,7 +120,8 @@ class Forecast:
             raise TorchfimError("fix would remove every parameter; keep at least one")
         index = torch.tensor(keep)
         return Forecast(
-            self.fisher[index][:, index], theta0=self.theta0[index], names=[self.names[a] for a in keep]
+            self.fisher[index][:, index], theta0=self.theta0[index], names=[self.names[a] for a in keep],
+            precision=self.precision,
         )
 
     def plot_ellipse(
@@ -132,14 +155,15 @@ class Forecast:
             return NotImplemented
         if other.names != self.names or not torch.equal(other.theta0, self.theta0):
             raise TorchfimError("only forecasts of the same parameters (names and theta0) can be added")
-        return Forecast(self.fisher + other.fisher, theta0=self.theta0, names=self.names)
+        precision = coarsest_dtype(self.precision, other.precision)
+        return Forecast(self.fisher + other.fisher, theta0=self.theta0, names=self.names, precision=precision)
 
     def __rmul__(self, copies: object) -> Forecast:
         if isinstance(copies, bool) or not isinstance(copies, (int, float)):
             return NotImplemented
         if not (copies > 0 and math.isfinite(copies)):
             raise TorchfimError(f"a forecast can only be scaled by a positive number of copies, got {copies!r}")
-        return Forecast(copies * self.fisher, theta0=self.theta0, names=self.names)
+        return Forecast(copies * self.fisher, theta0=self.theta0, names=self.names, precision=self.precision)
 
     def __str__(self) -> str:
         conditional = self.conditional_errors()

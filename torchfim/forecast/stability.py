@@ -29,12 +29,21 @@ from ..errors import TorchfimError
 __all__ = ["InversionDiagnostics", "inversion_diagnostics", "stable_inverse"]
 
 
-def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor:
+def stable_inverse(
+    fisher: Tensor, names: Sequence[str] | None = None, *, precision: torch.dtype | None = None
+) -> Tensor:
     """``F⁻¹`` in float64 via the unit-free ``R = D F D`` (``D = diag(F)^{-1/2}``) and its eigenvalues.
 
     Raises a :class:`TorchfimError` if a parameter has no information (``F_aa ≤ 0``), ``R`` has a negative
-    eigenvalue beyond rounding (no expected Fisher matrix has), or ``R`` is singular to the precision ``F`` is given
-    in, float64 or coarser (a combination of parameters the data cannot measure).
+    eigenvalue beyond rounding (no expected Fisher matrix has), or ``R`` is singular to the precision ``F`` was
+    computed in, float64 or coarser (a combination of parameters the data cannot measure).
+
+    Args:
+        fisher: ``(P, P)``, the Fisher matrix.
+        names: one name per parameter, for the messages.
+        precision: the dtype ``F`` was computed in when that is coarser than its own dtype (a matrix
+            assembled in float64 from float32 derivatives: ``torch.float32``). ``None``: ``fisher``'s
+            dtype. Singularity and definiteness are judged against the coarser of the two.
 
     Example:
         >>> import torch
@@ -43,13 +52,38 @@ def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor
         tensor([[2.5000e-01, 0.0000e+00],
                 [0.0000e+00, 1.0000e+12]], dtype=torch.float64)
     """
-    given = fisher.dtype if fisher.is_floating_point() and fisher.dtype != torch.float64 else None
-    inverse, problem = _scaled_inverse(fisher.to(torch.float64), given)
+    inverse, problem = _scaled_inverse(fisher.to(torch.float64), _given(fisher, precision))
     if problem is not None:
         index, detail = problem
         label = f"parameter {names[index]!r}" if names is not None and index >= 0 else "the Fisher matrix"
         raise TorchfimError(f"{label} {detail}")
     return inverse
+
+
+def coarsest_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The floating dtype of largest machine epsilon among ``dtypes`` (others ignored); float64 if none.
+
+    Example:
+        >>> import torch
+        >>> from torchfim.forecast.stability import coarsest_dtype
+        >>> coarsest_dtype(torch.float64, torch.float32, torch.int64, None)
+        torch.float32
+    """
+    floating = [d for d in dtypes if d is not None and d.is_floating_point]
+    return max(floating, key=lambda d: torch.finfo(d).eps, default=torch.float64)
+
+
+def precision_of(fisher: Tensor, precision: torch.dtype | None = None) -> torch.dtype:
+    """The precision a Fisher matrix was computed in: the coarser of its dtype and ``precision`` (checked)."""
+    if precision is not None and not (isinstance(precision, torch.dtype) and precision.is_floating_point):
+        raise TorchfimError(f"precision must be a floating torch dtype such as torch.float32, got {precision!r}")
+    return coarsest_dtype(torch.as_tensor(fisher).dtype, precision)
+
+
+def _given(fisher: Tensor, precision: torch.dtype | None) -> torch.dtype | None:
+    """:func:`precision_of` when coarser than float64, else ``None`` (the form :func:`_scaled_inverse` takes)."""
+    given = precision_of(fisher, precision)
+    return None if given == torch.float64 else given
 
 
 #: The fix for a parameter, or a combination of them, that the data do not constrain.
@@ -154,6 +188,7 @@ def inversion_diagnostics(
     n_trials: int = 100,
     tolerance: float = 0.01,
     generator: torch.Generator | None = None,
+    precision: torch.dtype | None = None,
 ) -> InversionDiagnostics:
     """Condition numbers, eigenvalues, and the sensitivity of the marginal errors to perturbations of ``F``.
 
@@ -162,7 +197,8 @@ def inversion_diagnostics(
     ``None`` uses a fresh generator seeded with 0, so the result is reproducible). The result is
     flagged ``unstable`` when the marginal errors ``σ_a = √(F⁻¹)_aa`` move by more than
     ``tolerance`` (relative) in any trial. With the defaults: a Fisher matrix known to 0.1% must give
-    marginal errors good to 1%.
+    marginal errors good to 1%. ``precision``: as for :func:`stable_inverse`; a matrix singular to
+    that precision cannot be inverted (``max_relative_change = inf``).
 
     Example:
         >>> import torch
@@ -180,6 +216,7 @@ def inversion_diagnostics(
         raise TorchfimError(f"n_trials must be a positive integer such as 100, got {n_trials!r}")
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise TorchfimError(f"tolerance must be a positive relative change such as 0.01, got {tolerance!r}")
+    given = _given(fisher, precision)
     fisher = fisher.detach().to(torch.float64)
     eigenvalues = torch.linalg.eigvalsh((fisher + fisher.T) / 2)
     return InversionDiagnostics(
@@ -188,7 +225,7 @@ def inversion_diagnostics(
         unit_free_condition_number=_unit_free_condition(fisher),
         eps=float(eps),
         n_trials=n_trials,
-        max_relative_change=_max_relative_change(fisher, float(eps), n_trials, generator),
+        max_relative_change=_max_relative_change(fisher, float(eps), n_trials, generator, given),
         tolerance=float(tolerance),
     )
 
@@ -207,8 +244,10 @@ def _unit_free_condition(fisher: Tensor) -> float:
     return _condition(torch.linalg.eigvalsh((unit_free + unit_free.T) / 2))
 
 
-def _max_relative_change(fisher: Tensor, eps: float, n_trials: int, generator: torch.Generator | None) -> float:
-    inverse, problem = _scaled_inverse(fisher)
+def _max_relative_change(
+    fisher: Tensor, eps: float, n_trials: int, generator: torch.Generator | None, given: torch.dtype | None
+) -> float:
+    inverse, problem = _scaled_inverse(fisher, given)
     if problem is not None:
         return math.inf
     errors = torch.diagonal(inverse).sqrt()
@@ -219,7 +258,7 @@ def _max_relative_change(fisher: Tensor, eps: float, n_trials: int, generator: t
     symmetric = draws.triu() + draws.triu(1).transpose(-1, -2)
     worst = 0.0
     for g in symmetric:
-        perturbed, problem = _scaled_inverse(fisher * (1 + eps * g))
+        perturbed, problem = _scaled_inverse(fisher * (1 + eps * g), given)
         if problem is not None:
             return math.inf
         change = (torch.diagonal(perturbed).sqrt() / errors - 1).abs().max()
