@@ -216,6 +216,40 @@ def test_a_degenerate_matrix_built_in_float32_is_called_singular():
             stable_inverse(a.T @ a)
 
 
+@pytest.mark.parametrize(
+    "matrix, match",
+    [
+        ([[-1.0, 0.0], [0.0, 1.0]], r"parameter 'a' has negative Fisher information \(F_aa = -1\).*check how it was built"),
+        ([[1.0, 2.0], [2.0, 1.0]], r"not positive semi-definite \(the unit-free matrix has the eigenvalue -1.*check how"),
+        ([[0.0, 0.5], [0.5, 1.0]], r"parameter 'a' has no Fisher information \(F_aa = 0\) but F_ab ≠ 0.*check how"),
+    ],
+)
+def test_conditional_errors_refuse_what_marginal_errors_refuse(matrix, match):
+    """conditional_errors() read 1/√F_aa off the diagonal whatever the matrix: NaN for F_aa = −1, and [1, 1] for
+    the indefinite [[1, 2], [2, 1]] (eigenvalues 3 and −1), where marginal_errors() refuses. Now both refuse with
+    the same message, and the table prints neither error."""
+    fc = Forecast(torch.tensor(matrix, dtype=F64), names=["a", "b"])
+    with pytest.raises(TorchfimError, match=match) as conditional:
+        fc.conditional_errors()
+    with pytest.raises(TorchfimError) as marginal:
+        fc.marginal_errors()
+    assert str(conditional.value) == str(marginal.value)
+    assert str(fc).count("invalid") == 4
+
+
+def test_conditional_errors_of_a_singular_fisher_matrix_are_still_given():
+    """What conditional_errors() must keep: a singular F (fully degenerate pair; a parameter without information)
+    has conditional errors 1/√F_aa, infinite for F_aa = 0, while marginal_errors() refuses."""
+    degenerate = Forecast(torch.tensor([[4.0, 2.0], [2.0, 1.0]], dtype=F64))
+    assert degenerate.conditional_errors().tolist() == [0.5, 1.0]
+    ghost = Forecast(torch.diag(torch.tensor([0.0, 4.0], dtype=F64)))
+    assert ghost.conditional_errors().tolist() == [float("inf"), 0.5]
+    for fc in (degenerate, ghost):
+        with pytest.raises(TorchfimError):
+            fc.marginal_errors()
+        assert "singular" in str(fc) and "invalid" not in str(fc)
+
+
 NEAR_SINGULAR = [[1.0, 1 - 1e-7], [1 - 1e-7, 1.0]]  # in float32 the off-diagonal is 1 − 2⁻²³: R's λ_min ≈ 1.2e-7
 
 

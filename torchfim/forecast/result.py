@@ -14,6 +14,7 @@ from ._model import parameter_names
 from .ellipse import ONE_SIGMA, TWO_SIGMA, draw_ellipses
 from .stability import (
     InversionDiagnostics,
+    check_fisher,
     coarsest_dtype,
     inversion_diagnostics,
     precision_of,
@@ -87,7 +88,14 @@ class Forecast:
         return torch.diagonal(self.covariance()).sqrt()
 
     def conditional_errors(self) -> Tensor:
-        """``1/√F_aa``: the error of each parameter with all the others fixed at ``theta0``."""
+        """``1/√F_aa``: the error of each parameter with all the others fixed at ``theta0``.
+
+        Refuses, as :meth:`marginal_errors` does, a matrix that no Fisher matrix can be (negative
+        information ``F_aa < 0``, an indefinite ``F``), with a :class:`TorchfimError` naming the
+        problem and the fix. A singular ``F`` is accepted: fixing the other parameters is what makes
+        it invertible; a parameter without information (``F_aa = 0``) has an infinite error.
+        """
+        check_fisher(self.fisher, self.names, precision=self.precision)
         return torch.diagonal(self.fisher).rsqrt()
 
     def correlation(self) -> Tensor:
@@ -166,15 +174,20 @@ class Forecast:
         return Forecast(copies * self.fisher, theta0=self.theta0, names=self.names, precision=self.precision)
 
     def __str__(self) -> str:
-        conditional = self.conditional_errors()
+        try:  # refused only when F is no Fisher matrix (F_aa < 0, indefinite); then neither error exists
+            conditional = [f"{float(c):.4g}" for c in self.conditional_errors()]
+            refused = "singular"  # all that marginal_errors refuses beyond that
+        except TorchfimError:
+            conditional = ["invalid"] * len(self.names)
+            refused = "invalid"
         try:
             marginal = [f"{float(s):.4g}" for s in self.marginal_errors()]
         except TorchfimError:
-            marginal = ["singular"] * len(self.names)
+            marginal = [refused] * len(self.names)
         width = max(9, *(len(n) for n in self.names))
         rows = [f"{'parameter':<{width}} {'theta0':>11} {'marginal σ':>11} {'conditional σ':>14}"]
         for name, value, m, c in zip(self.names, self.theta0, marginal, conditional, strict=True):
-            rows.append(f"{name:<{width}} {float(value):>11.4g} {m:>11} {float(c):>14.4g}")
+            rows.append(f"{name:<{width}} {float(value):>11.4g} {m:>11} {c:>14}")
         return "\n".join(rows)
 
     def __repr__(self) -> str:
