@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,36 @@ def test_independent_data_sets_add_and_copies_scale():
         A + Forecast(A.fisher)
     with pytest.raises(TorchfimError, match="positive number of copies"):
         0 * A
+
+
+@pytest.mark.parametrize(
+    "copies", [3, 2.5, torch.tensor(3.0), torch.tensor(3), np.float64(3.0), np.float32(2.5), np.int64(3),
+               np.array(3.0)], ids=repr
+)
+def test_a_forecast_is_scaled_from_either_side_by_any_scalar(copies):
+    """Only ``3 * fc`` worked: ``fc * 3`` and ``torch.tensor(3.) * fc`` raised TypeError. Scaling means n copies
+    of the data: F·n on both sides, for Python numbers, numpy scalars and 0-dim tensors and arrays alike."""
+    fc = Forecast(torch.tensor([[4.0, 1.0], [1.0, 2.0]]), names=["a", "b"])
+    n = float(copies)
+    for scaled in (fc * copies, copies * fc):
+        assert isinstance(scaled, Forecast) and scaled.names == fc.names and scaled.precision == torch.float32
+        assert torch.equal(scaled.fisher, n * fc.fisher)
+        assert torch.allclose(scaled.marginal_errors(), fc.marginal_errors() / n**0.5, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(
+    "copies, match",
+    [(torch.ones(2), r"one positive real number.*Tensor of shape \(2,\)"),
+     (np.array([3.0, 4.0]), r"one positive real number.*ndarray of shape \(2,\)"),
+     (True, "one positive real number"), (torch.tensor(True), "one positive real number"),
+     (torch.tensor(-2.0), "positive number of copies"), (float("nan"), "positive number of copies")],
+    ids=repr,
+)
+def test_scaling_by_anything_but_one_positive_number_is_refused(copies, match):
+    fc = Forecast(torch.eye(2, dtype=F64))
+    for scale in (lambda: fc * copies, lambda: copies * fc):
+        with pytest.raises(TorchfimError, match=match):
+            scale()
 
 
 def test_str_lists_every_parameter_and_survives_a_singular_matrix():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -166,12 +167,22 @@ class Forecast:
         precision = coarsest_dtype(self.precision, other.precision)
         return Forecast(self.fisher + other.fisher, theta0=self.theta0, names=self.names, precision=precision)
 
-    def __rmul__(self, copies: object) -> Forecast:
-        if isinstance(copies, bool) or not isinstance(copies, (int, float)):
+    #: numpy defers to :meth:`__rmul__` (else ``array * forecast`` builds an array of forecasts).
+    __array_ufunc__ = None
+
+    def __mul__(self, copies: object) -> Forecast:
+        """``n * forecast`` or ``forecast * n``: ``n`` independent copies of the data, the Fisher matrix times ``n``.
+
+        ``n`` is a positive finite number: a Python or numpy scalar, or a 0-dim tensor or array
+        (fractions such as a sky fraction are allowed). Anything else with a shape, and booleans,
+        raise a :class:`TorchfimError`.
+        """
+        n = _copies(copies)
+        if n is None:
             return NotImplemented
-        if not (copies > 0 and math.isfinite(copies)):
-            raise TorchfimError(f"a forecast can only be scaled by a positive number of copies, got {copies!r}")
-        return Forecast(copies * self.fisher, theta0=self.theta0, names=self.names, precision=self.precision)
+        return Forecast(n * self.fisher, theta0=self.theta0, names=self.names, precision=self.precision)
+
+    __rmul__ = __mul__
 
     def __str__(self) -> str:
         try:  # refused only when F is no Fisher matrix (F_aa < 0, indefinite); then neither error exists
@@ -201,3 +212,31 @@ class Forecast:
         if isinstance(key, bool) or not isinstance(key, int) or not -len(self.names) <= key < len(self.names):
             raise TorchfimError(f"parameter index {key!r} is out of range for {len(self.names)} parameters")
         return key % len(self.names)
+
+
+def _copies(value: object) -> float | None:
+    """``value`` as a positive finite number of copies; ``None`` for an object that is no number at all.
+
+    Python and numpy numbers are :class:`numbers.Real`; tensors and numpy arrays must hold one real number.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, (Tensor, bool)) or hasattr(value, "__array__"):
+        tensor = torch.as_tensor(value).detach()
+        if tensor.dim() != 0 or tensor.dtype == torch.bool or tensor.is_complex():
+            raise TorchfimError(
+                "a forecast is scaled by one positive real number, the number of independent copies of the data "
+                f"(3 * fc, torch.tensor(3.0) * fc); got {_describe(value)}"
+            )
+        number = float(tensor)
+    else:
+        return None
+    if not (number > 0 and math.isfinite(number)):
+        raise TorchfimError(f"a forecast can only be scaled by a positive number of copies, got {value!r}")
+    return number
+
+
+def _describe(value: object) -> str:
+    shape = tuple(getattr(value, "shape", ()))
+    dtype = getattr(value, "dtype", type(value).__name__)
+    return f"a {type(value).__name__} of shape {shape} and dtype {dtype}" if shape else f"a {dtype} value {value!r}"
