@@ -138,3 +138,53 @@ def test_explicit_step_grids():
 def test_bad_scan_input(kwargs, match):
     with pytest.raises(TorchfimError, match=match):
         scan_steps(_mean, _cov, THETA0, **kwargs)
+
+
+# ------------------------------------------------------------- steps lost to rounding (user trial)
+LINE = torch.linspace(0, 1, 10, dtype=F64)
+LINE_INFORMATION = float((LINE**2).sum())  # F_aa = Σ x_i² for μ = θ·x with unit noise: 3.5185…
+
+
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 0.0), (F64, 1e9)])
+def test_steps_lost_to_rounding_are_round_off_and_never_chosen(dtype, offset):
+    """μ = offset + θ·x at θ = 1. Below some step, θ ± h rounds back to θ (float32) or the change of μ is below
+    μ's rounding (float64, μ ≈ 1e9): the stencil derivative is exactly 0 at every such step. Before, those zeros
+    "agreed" with each other, formed the longest plateau, and the scan chose h = 1e-12 with F_aa = 0 and
+    found=True. Oracle: the analytic F_aa = Σ x² at the chosen step; every step with a zero derivative, or where
+    θ + h == θ in the dtype, flagged round-off."""
+    x = LINE.to(dtype)
+    scan = scan_steps(lambda t: offset + t[0] * x, torch.eye(10, dtype=dtype), torch.tensor([1.0], dtype=dtype))
+    p = scan[0]
+    assert scan.found and p.found
+    chosen = int((p.steps == p.step).nonzero())
+    assert math.isclose(float(p.information[chosen]), LINE_INFORMATION, rel_tol=1e-5)
+    lost = (p.information == 0) | torch.tensor([float(torch.tensor(1.0, dtype=dtype) + h) == 1.0 for h in p.steps])
+    assert int(lost.sum()) >= 8 and bool(p.round_off[lost].all()) and not bool(p.resolved[lost].any())
+    assert not bool(lost[p.plateau[0]:p.plateau[1] + 1].any())
+    # the round-off steps are labelled so in the table, the plateau's are not
+    lines = p.table().splitlines()[1:]
+    assert all(line.split()[3] == "round-off" for line, gone in zip(lines, lost.tolist(), strict=True) if gone)
+    # and the chosen steps give the right forecast (before: "no Fisher information … autograd lost track of it")
+    fc = forecast(lambda t: offset + t[0] * x, torch.eye(10, dtype=dtype), torch.tensor([1.0], dtype=dtype),
+                  derivatives="stencil3", step=scan.steps)
+    assert math.isclose(float(fc.fisher[0, 0]), LINE_INFORMATION, rel_tol=1e-5)
+    assert p.reason == ""
+
+
+def test_no_resolved_step_is_no_plateau_with_a_reason():
+    """μ = 1e20 + θ·x in float64: no step up to θ's size moves μ beyond its rounding (ulp of 1e20 ≈ 1.6e4), so
+    every derivative is 0. Before: found=True and a step of 1e-12. Now: found=False, every step round-off, a
+    reason that names the rounding, and asking for the steps raises it."""
+    scan = scan_steps(lambda t: 1e20 + t[0] * LINE, torch.eye(10, dtype=F64), torch.tensor([1.0], dtype=F64))
+    p = scan[0]
+    assert not scan.found and not p.found and not bool(p.resolved.any()) and bool(p.round_off.all())
+    assert "rounding error at every step" in p.reason and "NONE FOUND" in str(scan)
+    with pytest.raises(TorchfimError, match="no step can be chosen for parameter 'θ\\[0\\]'.*rounding"):
+        _ = scan.steps
+
+
+def test_a_step_that_rounds_back_to_theta_is_refused_by_the_stencils():
+    """θ = 1 in float32 with h = 1e-12: θ ± h == θ, the stencil's derivative is 0, and the forecast then said
+    "no Fisher information … autograd lost track of it". Now the step itself is refused, with the fix."""
+    with pytest.raises(TorchfimError, match="below the resolution of torch.float32.*scan_steps finds one"):
+        forecast(lambda t: t[0] * LINE.float(), torch.eye(10), torch.tensor([1.0]), derivatives="stencil3", step=1e-12)

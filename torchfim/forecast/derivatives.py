@@ -72,8 +72,24 @@ def stencil_derivative(model: GaussianModel, index: int, step: float, stencil: s
     Returns ``(∂μ/∂θ_index, ∂C/∂θ_index)``; the second is ``None`` for a fixed covariance and the
     first is zero for a fixed mean.
     """
+    mean, cov, _, _ = stencil_terms(model, index, step, stencil)
+    return mean, cov
+
+
+def stencil_terms(
+    model: GaussianModel, index: int, step: float, stencil: str
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The stencil derivative of ``(μ, C)`` and the size of its rounding error, from one set of evaluations.
+
+    Returns ``(∂μ, ∂C, δμ, δC)``: the derivatives as :func:`stencil_derivative`, and entrywise
+    ``δf = ε Σ_k |w_k| |f(θ + k h)| / h`` (``ε`` the machine epsilon of ``f``'s dtype), what rounding
+    each value ``f(θ + k h)`` to its dtype can contribute to the derivative. A derivative no larger
+    than that is round-off, whatever its value (zero, when ``f(θ ± h)`` round to the same numbers).
+    """
     d_mean = torch.zeros_like(model.mean0) if model.mean_fn is None else 0.0
     d_cov = None if model.cov_fn is None else 0.0
+    r_mean = torch.zeros_like(model.mean0) if model.mean_fn is None else 0.0
+    r_cov = None if model.cov_fn is None else 0.0
     with torch.no_grad():
         for offset, weight in STENCILS[stencil]:
             theta = model.theta0.clone()
@@ -81,9 +97,24 @@ def stencil_derivative(model: GaussianModel, index: int, step: float, stencil: s
             mean, cov = model.evaluate(theta)
             if model.mean_fn is not None:
                 d_mean = d_mean + weight * mean
+                r_mean = r_mean + abs(weight) * torch.finfo(mean.dtype).eps * mean.abs()
             if d_cov is not None:
                 d_cov = d_cov + weight * cov
-    return d_mean / step, (None if d_cov is None else d_cov / step)
+                r_cov = r_cov + abs(weight) * torch.finfo(cov.dtype).eps * cov.abs()
+    if d_cov is None:
+        return d_mean / step, None, r_mean / step, None
+    return d_mean / step, d_cov / step, r_mean / step, r_cov / step
+
+
+def step_resolves(theta0: Tensor, index: int, step: float, stencil: str) -> bool:
+    """Whether every point ``θ_index + k·h`` of the stencil differs from ``θ_index`` in ``theta0``'s dtype.
+
+    A step below half the spacing of the dtype's numbers at ``θ`` rounds ``θ ± h`` back to ``θ``:
+    the stencil then differences equal values and the "derivative" is 0 (or, with one side rounded
+    away, a multiple of the true one).
+    """
+    value = theta0[index]
+    return all(bool(value + offset * step != value) for offset, _ in STENCILS[stencil])
 
 
 def compute_derivatives(model: GaussianModel, method: str = "autograd", step: object = None) -> Derivatives:
@@ -98,6 +129,13 @@ def compute_derivatives(model: GaussianModel, method: str = "autograd", step: ob
             raise TorchfimError("step is only used by the stencils; drop it or pass derivatives='stencil5'")
         return _autograd_derivatives(model)
     steps = default_steps(model.theta0, method) if step is None else check_steps(step, model.theta0)
+    for a in range(model.n_parameters):
+        if not step_resolves(model.theta0, a, float(steps[a]), method):
+            raise TorchfimError(
+                f"the step {float(steps[a]):.3g} of parameter {a} is below the resolution of {model.theta0.dtype} at "
+                f"theta0[{a}] = {float(model.theta0[a]):.6g}: θ ± h rounds back to θ and the derivative would be 0; "
+                "pass a larger step (scan_steps finds one) or theta0 in float64"
+            )
     columns = [stencil_derivative(model, a, float(steps[a]), method) for a in range(model.n_parameters)]
     mean = torch.stack([m for m, _ in columns])
     cov = None if model.cov_fn is None else torch.stack([c for _, c in columns])

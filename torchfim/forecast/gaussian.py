@@ -17,6 +17,7 @@ from ._model import (
 )
 from .derivatives import compute_derivatives
 from .result import Forecast
+from .stability import coarsest_dtype
 
 __all__ = ["forecast", "gaussian_fisher"]
 
@@ -84,7 +85,9 @@ def forecast(
         mean: ``θ ↦ μ(θ)``, a 1-D tensor of length ``d``; or a fixed tensor.
         cov: ``θ ↦ C(θ)``, a ``(d, d)`` symmetric positive definite tensor; or a fixed tensor.
         theta0: the fiducial parameters, a 1-D tensor of length ``P``. Its dtype is the dtype the
-            derivatives are taken in; the Fisher matrix is always assembled in float64.
+            derivatives are taken in; the Fisher matrix is always assembled in float64, and its
+            inverse judged against the coarsest dtype of θ, the mean and the covariance
+            (:attr:`Forecast.precision`).
         derivatives: ``"autograd"`` (forward mode, exact), ``"stencil3"`` or ``"stencil5"``
             (central finite differences; see :mod:`torchfim.forecast.derivatives`).
         step: the stencils' step, one number or one per parameter (absolute, in θ's units);
@@ -109,4 +112,5 @@ def forecast(
     names = parameter_names(names, model.n_parameters)
     found = compute_derivatives(model, derivatives, step)
     fisher = gaussian_fisher(found.mean, model.cov0, found.cov)
-    return Forecast(fisher, theta0=model.theta0, names=names)
+    precision = coarsest_dtype(model.theta0.dtype, model.mean0.dtype, model.cov0.dtype)
+    return Forecast(fisher, theta0=model.theta0, names=names, precision=precision)

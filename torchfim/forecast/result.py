@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,14 @@ from torch import Tensor
 from ..errors import TorchfimError
 from ._model import parameter_names
 from .ellipse import ONE_SIGMA, TWO_SIGMA, draw_ellipses
-from .stability import InversionDiagnostics, inversion_diagnostics, stable_inverse
+from .stability import (
+    InversionDiagnostics,
+    check_fisher,
+    coarsest_dtype,
+    inversion_diagnostics,
+    precision_of,
+    stable_inverse,
+)
 
 __all__ = ["Forecast"]
 
@@ -26,6 +34,12 @@ class Forecast:
     is ``1/√F_aa``, never larger. Forecasts of independent data sets add (``a + b``); ``n * a`` is
     ``n`` independent copies of the data.
 
+    ``F`` is kept in float64 for the arithmetic, but whether it is singular (or indefinite) is judged
+    against the precision it was computed in, :attr:`precision`: the dtype of the ``fisher`` given,
+    or the coarser ``precision=`` passed (:func:`forecast` passes the dtype of θ, the mean and the
+    covariance). A float32 Fisher matrix singular to float32 precision is refused as
+    :func:`stable_inverse` refuses it, not inverted into errors made of its rounding.
+
     Example:
         >>> import torch
         >>> from torchfim.forecast import Forecast
@@ -38,8 +52,18 @@ class Forecast:
         tensor([0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, fisher: Tensor, *, theta0: Tensor | None = None, names: Sequence[str] | None = None) -> None:
-        fisher = torch.as_tensor(fisher).detach().to(torch.float64)
+    def __init__(
+        self,
+        fisher: Tensor,
+        *,
+        theta0: Tensor | None = None,
+        names: Sequence[str] | None = None,
+        precision: torch.dtype | None = None,
+    ) -> None:
+        fisher = torch.as_tensor(fisher).detach()
+        #: The dtype ``F`` was computed in (float64 or coarser), against whose rounding its inverse is judged.
+        self.precision: torch.dtype = precision_of(fisher, precision)
+        fisher = fisher.to(torch.float64)
         if fisher.dim() != 2 or fisher.shape[0] != fisher.shape[1] or fisher.shape[0] == 0:
             raise TorchfimError(f"a Fisher matrix must be square (P, P), got shape {tuple(fisher.shape)}")
         if not bool(torch.isfinite(fisher).all()):
@@ -58,14 +82,21 @@ class Forecast:
 
     def covariance(self) -> Tensor:
         """``F⁻¹`` in float64, by the stable route of :func:`torchfim.forecast.stable_inverse` (raises if singular)."""
-        return stable_inverse(self.fisher, self.names)
+        return stable_inverse(self.fisher, self.names, precision=self.precision)
 
     def marginal_errors(self) -> Tensor:
         """``σ_a = √(F⁻¹)_aa``: the error of each parameter with all the others free."""
         return torch.diagonal(self.covariance()).sqrt()
 
     def conditional_errors(self) -> Tensor:
-        """``1/√F_aa``: the error of each parameter with all the others fixed at ``theta0``."""
+        """``1/√F_aa``: the error of each parameter with all the others fixed at ``theta0``.
+
+        Refuses, as :meth:`marginal_errors` does, a matrix that no Fisher matrix can be (negative
+        information ``F_aa < 0``, an indefinite ``F``), with a :class:`TorchfimError` naming the
+        problem and the fix. A singular ``F`` is accepted: fixing the other parameters is what makes
+        it invertible; a parameter without information (``F_aa = 0``) has an infinite error.
+        """
+        check_fisher(self.fisher, self.names, precision=self.precision)
         return torch.diagonal(self.fisher).rsqrt()
 
     def correlation(self) -> Tensor:
@@ -84,7 +115,7 @@ class Forecast:
     ) -> InversionDiagnostics:
         """Condition numbers, eigenvalues and perturbation stability; see :func:`inversion_diagnostics`."""
         return inversion_diagnostics(
-            self.fisher, eps=eps, n_trials=n_trials, tolerance=tolerance, generator=generator
+            self.fisher, eps=eps, n_trials=n_trials, tolerance=tolerance, generator=generator, precision=self.precision
         )
 
     def fix(self, *keys: int | str) -> Forecast:
@@ -98,7 +129,8 @@ class Forecast:
             raise TorchfimError("fix would remove every parameter; keep at least one")
         index = torch.tensor(keep)
         return Forecast(
-            self.fisher[index][:, index], theta0=self.theta0[index], names=[self.names[a] for a in keep]
+            self.fisher[index][:, index], theta0=self.theta0[index], names=[self.names[a] for a in keep],
+            precision=self.precision,
         )
 
     def plot_ellipse(
@@ -132,25 +164,41 @@ class Forecast:
             return NotImplemented
         if other.names != self.names or not torch.equal(other.theta0, self.theta0):
             raise TorchfimError("only forecasts of the same parameters (names and theta0) can be added")
-        return Forecast(self.fisher + other.fisher, theta0=self.theta0, names=self.names)
+        precision = coarsest_dtype(self.precision, other.precision)
+        return Forecast(self.fisher + other.fisher, theta0=self.theta0, names=self.names, precision=precision)
 
-    def __rmul__(self, copies: object) -> Forecast:
-        if isinstance(copies, bool) or not isinstance(copies, (int, float)):
+    #: numpy defers to :meth:`__rmul__` (else ``array * forecast`` builds an array of forecasts).
+    __array_ufunc__ = None
+
+    def __mul__(self, copies: object) -> Forecast:
+        """``n * forecast`` or ``forecast * n``: ``n`` independent copies of the data, the Fisher matrix times ``n``.
+
+        ``n`` is a positive finite number: a Python or numpy scalar, or a 0-dim tensor or array
+        (fractions such as a sky fraction are allowed). Anything else with a shape, and booleans,
+        raise a :class:`TorchfimError`.
+        """
+        n = _copies(copies)
+        if n is None:
             return NotImplemented
-        if not (copies > 0 and math.isfinite(copies)):
-            raise TorchfimError(f"a forecast can only be scaled by a positive number of copies, got {copies!r}")
-        return Forecast(copies * self.fisher, theta0=self.theta0, names=self.names)
+        return Forecast(n * self.fisher, theta0=self.theta0, names=self.names, precision=self.precision)
+
+    __rmul__ = __mul__
 
     def __str__(self) -> str:
-        conditional = self.conditional_errors()
+        try:  # refused only when F is no Fisher matrix (F_aa < 0, indefinite); then neither error exists
+            conditional = [f"{float(c):.4g}" for c in self.conditional_errors()]
+            refused = "singular"  # all that marginal_errors refuses beyond that
+        except TorchfimError:
+            conditional = ["invalid"] * len(self.names)
+            refused = "invalid"
         try:
             marginal = [f"{float(s):.4g}" for s in self.marginal_errors()]
         except TorchfimError:
-            marginal = ["singular"] * len(self.names)
+            marginal = [refused] * len(self.names)
         width = max(9, *(len(n) for n in self.names))
         rows = [f"{'parameter':<{width}} {'theta0':>11} {'marginal σ':>11} {'conditional σ':>14}"]
         for name, value, m, c in zip(self.names, self.theta0, marginal, conditional, strict=True):
-            rows.append(f"{name:<{width}} {float(value):>11.4g} {m:>11} {float(c):>14.4g}")
+            rows.append(f"{name:<{width}} {float(value):>11.4g} {m:>11} {c:>14}")
         return "\n".join(rows)
 
     def __repr__(self) -> str:
@@ -164,3 +212,31 @@ class Forecast:
         if isinstance(key, bool) or not isinstance(key, int) or not -len(self.names) <= key < len(self.names):
             raise TorchfimError(f"parameter index {key!r} is out of range for {len(self.names)} parameters")
         return key % len(self.names)
+
+
+def _copies(value: object) -> float | None:
+    """``value`` as a positive finite number of copies; ``None`` for an object that is no number at all.
+
+    Python and numpy numbers are :class:`numbers.Real`; tensors and numpy arrays must hold one real number.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, (Tensor, bool)) or hasattr(value, "__array__"):
+        tensor = torch.as_tensor(value).detach()
+        if tensor.dim() != 0 or tensor.dtype == torch.bool or tensor.is_complex():
+            raise TorchfimError(
+                "a forecast is scaled by one positive real number, the number of independent copies of the data "
+                f"(3 * fc, torch.tensor(3.0) * fc); got {_describe(value)}"
+            )
+        number = float(tensor)
+    else:
+        return None
+    if not (number > 0 and math.isfinite(number)):
+        raise TorchfimError(f"a forecast can only be scaled by a positive number of copies, got {value!r}")
+    return number
+
+
+def _describe(value: object) -> str:
+    shape = tuple(getattr(value, "shape", ()))
+    dtype = getattr(value, "dtype", type(value).__name__)
+    return f"a {type(value).__name__} of shape {shape} and dtype {dtype}" if shape else f"a {dtype} value {value!r}"

@@ -29,12 +29,22 @@ from ..errors import TorchfimError
 __all__ = ["InversionDiagnostics", "inversion_diagnostics", "stable_inverse"]
 
 
-def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor:
+def stable_inverse(
+    fisher: Tensor, names: Sequence[str] | None = None, *, precision: torch.dtype | None = None
+) -> Tensor:
     """``F⁻¹`` in float64 via the unit-free ``R = D F D`` (``D = diag(F)^{-1/2}``) and its eigenvalues.
 
-    Raises a :class:`TorchfimError` if a parameter has no information (``F_aa ≤ 0``), ``R`` has a negative
-    eigenvalue beyond rounding (no expected Fisher matrix has), or ``R`` is singular to the precision ``F`` is given
-    in, float64 or coarser (a combination of parameters the data cannot measure).
+    Raises a :class:`TorchfimError` if a parameter has no information (``F_aa = 0``) or negative information
+    (``F_aa < 0``, which no Fisher matrix has), ``R`` has a negative
+    eigenvalue beyond rounding (no expected Fisher matrix has), or ``R`` is singular to the precision ``F`` was
+    computed in, float64 or coarser (a combination of parameters the data cannot measure).
+
+    Args:
+        fisher: ``(P, P)``, the Fisher matrix.
+        names: one name per parameter, for the messages.
+        precision: the dtype ``F`` was computed in when that is coarser than its own dtype (a matrix
+            assembled in float64 from float32 derivatives: ``torch.float32``). ``None``: ``fisher``'s
+            dtype. Singularity and definiteness are judged against the coarser of the two.
 
     Example:
         >>> import torch
@@ -43,13 +53,71 @@ def stable_inverse(fisher: Tensor, names: Sequence[str] | None = None) -> Tensor
         tensor([[2.5000e-01, 0.0000e+00],
                 [0.0000e+00, 1.0000e+12]], dtype=torch.float64)
     """
-    given = fisher.dtype if fisher.is_floating_point() and fisher.dtype != torch.float64 else None
-    inverse, problem = _scaled_inverse(fisher.to(torch.float64), given)
+    inverse, problem = _scaled_inverse(fisher.to(torch.float64), _given(fisher, precision))
     if problem is not None:
-        index, detail = problem
-        label = f"parameter {names[index]!r}" if names is not None and index >= 0 else "the Fisher matrix"
-        raise TorchfimError(f"{label} {detail}")
+        _raise(problem, names)
     return inverse
+
+
+def check_fisher(fisher: Tensor, names: Sequence[str] | None = None, *, precision: torch.dtype | None = None) -> None:
+    """Raise, as :func:`stable_inverse` does, for what no Fisher matrix can be; accept a singular one.
+
+    Refused: non-finite entries, negative information (``F_aa < 0``), and an indefinite ``F`` (an
+    eigenvalue of ``R`` below minus its rounding, or ``F_ab ≠ 0`` beside ``F_aa = 0``). A singular
+    ``F``, a parameter without information among them, passes: it has no inverse, but each ``F_aa``
+    is still the information on ``θ_a`` with the others fixed. Arguments as for :func:`stable_inverse`.
+    """
+    given = _given(fisher, precision)
+    fisher = fisher.detach().to(torch.float64)
+    diagonal = torch.diagonal(fisher)
+    none = diagonal == 0
+    if bool(none.any()) and not bool(fisher[none].any()):  # parameters without information: set aside their rows
+        names = None if names is None else [n for n, empty in zip(names, none.tolist(), strict=True) if not empty]
+        fisher = fisher[~none][:, ~none]
+        if fisher.numel() == 0:
+            return
+    found = _unit_free(fisher, given)
+    if not isinstance(found, _UnitFree):
+        _raise(found, names)
+
+
+#: A parameter without information that correlates with others: ``|F_ab|² ≤ F_aa F_bb`` fails.
+_ZERO_BUT_CORRELATED = (
+    "has no Fisher information (F_aa = 0) but F_ab ≠ 0 with another parameter, which no Fisher matrix has "
+    "(|F_ab|² ≤ F_aa F_bb): the matrix is not positive semi-definite; check how it was built"
+)
+
+
+def _raise(problem: tuple[int, str], names: Sequence[str] | None) -> None:
+    index, detail = problem
+    label = f"parameter {names[index]!r}" if names is not None and index >= 0 else "the Fisher matrix"
+    raise TorchfimError(f"{label} {detail}")
+
+
+def coarsest_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The floating dtype of largest machine epsilon among ``dtypes`` (others ignored); float64 if none.
+
+    Example:
+        >>> import torch
+        >>> from torchfim.forecast.stability import coarsest_dtype
+        >>> coarsest_dtype(torch.float64, torch.float32, torch.int64, None)
+        torch.float32
+    """
+    floating = [d for d in dtypes if d is not None and d.is_floating_point]
+    return max(floating, key=lambda d: torch.finfo(d).eps, default=torch.float64)
+
+
+def precision_of(fisher: Tensor, precision: torch.dtype | None = None) -> torch.dtype:
+    """The precision a Fisher matrix was computed in: the coarser of its dtype and ``precision`` (checked)."""
+    if precision is not None and not (isinstance(precision, torch.dtype) and precision.is_floating_point):
+        raise TorchfimError(f"precision must be a floating torch dtype such as torch.float32, got {precision!r}")
+    return coarsest_dtype(torch.as_tensor(fisher).dtype, precision)
+
+
+def _given(fisher: Tensor, precision: torch.dtype | None) -> torch.dtype | None:
+    """:func:`precision_of` when coarser than float64, else ``None`` (the form :func:`_scaled_inverse` takes)."""
+    given = precision_of(fisher, precision)
+    return None if given == torch.float64 else given
 
 
 #: The fix for a parameter, or a combination of them, that the data do not constrain.
@@ -60,35 +128,12 @@ def _scaled_inverse(fisher: Tensor, given: torch.dtype | None = None) -> tuple[T
     """``(F⁻¹, None)``, or ``(NaNs, (index, why))`` when ``F`` cannot be inverted (index −1: no one parameter).
     ``given``: a coarser dtype ``F`` was given in than float64 (None: float64), whose rounding ``n ε λ_max`` bounds
     what an eigenvalue of ``R`` can tell from 0: at most that, it is singular; below ``−10 n ε λ_max``, indefinite."""
-    n = fisher.shape[0]
-    diagonal = torch.diagonal(fisher)
     failed = torch.full_like(fisher, math.nan)
-    if not bool(torch.isfinite(fisher).all()):
-        return failed, (-1, "has non-finite entries; check what it was built from (a mean, a covariance) for NaN or Inf")
-    if bool((diagonal <= 0).any()):
-        index = int(torch.nonzero(diagonal <= 0)[0])
-        return failed, (
-            index,
-            (
-                f"has no Fisher information (F_aa = {float(diagonal[index]):.3g}): the data do not depend on "
-                "it, or autograd lost track of it (float(), .item(), numpy in mean or cov; try "
-                f"derivatives='stencil5'); {_UNCONSTRAINED}"
-            ),
-        )
-    scale = diagonal.rsqrt()
-    unit_free = fisher * scale[:, None] * scale[None, :]
-    eigenvalues, vectors = torch.linalg.eigh((unit_free + unit_free.T) / 2)
-    rounding = n * torch.finfo(given or torch.float64).eps * float(eigenvalues[-1])
-    if float(eigenvalues[0]) < -10 * rounding:
-        return failed, (
-            -1,
-            (
-                f"is not positive semi-definite (the unit-free matrix has the eigenvalue {float(eigenvalues[0]):.3g}, "
-                f"beside {float(eigenvalues[-1]):.3g}), which an expected Fisher matrix never is: check how it was built "
-                "(a covariance that is not positive definite, a sign, derivatives too coarse for the data)"
-            ),
-        )
-    if float(eigenvalues[0]) <= rounding:
+    found = _unit_free(fisher, given)
+    if not isinstance(found, _UnitFree):
+        return failed, found
+    eigenvalues = found.eigenvalues
+    if float(eigenvalues[0]) <= found.rounding:
         ratio = float(eigenvalues[-1] / eigenvalues[0]) if float(eigenvalues[0]) > 0 else math.inf
         return failed, (
             -1,
@@ -97,8 +142,54 @@ def _scaled_inverse(fisher: Tensor, given: torch.dtype | None = None) -> tuple[T
                 f"{ratio:.3g}): some combination of parameters is not constrained; {_UNCONSTRAINED}"
             ),
         )
-    inverse = (vectors / eigenvalues) @ vectors.T
-    return inverse * scale[:, None] * scale[None, :], None
+    inverse = (found.vectors / eigenvalues) @ found.vectors.T
+    return inverse * found.scale[:, None] * found.scale[None, :], None
+
+
+@dataclass(frozen=True, eq=False)
+class _UnitFree:
+    """``R = D F D = V diag(eigenvalues) Vᵀ`` with ``D = diag(scale)``, and the rounding ``n ε λ_max`` of ``R``."""
+
+    scale: Tensor
+    eigenvalues: Tensor
+    vectors: Tensor
+    rounding: float
+
+
+def _unit_free(fisher: Tensor, given: torch.dtype | None) -> _UnitFree | tuple[int, str]:
+    """The eigendecomposition of the unit-free ``R``, or ``(index, why)`` when ``F`` is no Fisher matrix at all:
+    non-finite, ``F_aa ≤ 0``, or indefinite beyond rounding (``given`` as for :func:`_scaled_inverse`)."""
+    diagonal = torch.diagonal(fisher)
+    if not bool(torch.isfinite(fisher).all()):
+        return -1, "has non-finite entries; check what it was built from (a mean, a covariance) for NaN or Inf"
+    if bool((diagonal < 0).any()):
+        index = int(torch.nonzero(diagonal < 0)[0])
+        return index, (
+            f"has negative Fisher information (F_aa = {float(diagonal[index]):.3g}), which an expected Fisher matrix "
+            "never has: the matrix is not positive definite; check how it was built (a covariance that is not "
+            "positive definite, a sign, derivatives too coarse for the data)"
+        )
+    if bool((diagonal == 0).any()):
+        correlated = (diagonal == 0) & (fisher != 0).any(dim=1)
+        if bool(correlated.any()):
+            return int(torch.nonzero(correlated)[0]), _ZERO_BUT_CORRELATED
+        index = int(torch.nonzero(diagonal == 0)[0])
+        return index, (
+            "has no Fisher information (F_aa = 0): the data do not depend on it, autograd lost track of it (float(), "
+            ".item(), numpy in mean or cov; try derivatives='stencil5'), or a stencil step lost the change of the mean "
+            f"and covariance to rounding (scan_steps finds a step that does not); {_UNCONSTRAINED}"
+        )
+    scale = diagonal.rsqrt()
+    unit_free = fisher * scale[:, None] * scale[None, :]
+    eigenvalues, vectors = torch.linalg.eigh((unit_free + unit_free.T) / 2)
+    rounding = fisher.shape[0] * torch.finfo(given or torch.float64).eps * float(eigenvalues[-1])
+    if float(eigenvalues[0]) < -10 * rounding:
+        return -1, (
+            f"is not positive semi-definite (the unit-free matrix has the eigenvalue {float(eigenvalues[0]):.3g}, "
+            f"beside {float(eigenvalues[-1]):.3g}), which an expected Fisher matrix never is: check how it was built "
+            "(a covariance that is not positive definite, a sign, derivatives too coarse for the data)"
+        )
+    return _UnitFree(scale=scale, eigenvalues=eigenvalues, vectors=vectors, rounding=rounding)
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,6 +244,7 @@ def inversion_diagnostics(
     n_trials: int = 100,
     tolerance: float = 0.01,
     generator: torch.Generator | None = None,
+    precision: torch.dtype | None = None,
 ) -> InversionDiagnostics:
     """Condition numbers, eigenvalues, and the sensitivity of the marginal errors to perturbations of ``F``.
 
@@ -161,7 +253,8 @@ def inversion_diagnostics(
     ``None`` uses a fresh generator seeded with 0, so the result is reproducible). The result is
     flagged ``unstable`` when the marginal errors ``σ_a = √(F⁻¹)_aa`` move by more than
     ``tolerance`` (relative) in any trial. With the defaults: a Fisher matrix known to 0.1% must give
-    marginal errors good to 1%.
+    marginal errors good to 1%. ``precision``: as for :func:`stable_inverse`; a matrix singular to
+    that precision cannot be inverted (``max_relative_change = inf``).
 
     Example:
         >>> import torch
@@ -179,6 +272,7 @@ def inversion_diagnostics(
         raise TorchfimError(f"n_trials must be a positive integer such as 100, got {n_trials!r}")
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise TorchfimError(f"tolerance must be a positive relative change such as 0.01, got {tolerance!r}")
+    given = _given(fisher, precision)
     fisher = fisher.detach().to(torch.float64)
     eigenvalues = torch.linalg.eigvalsh((fisher + fisher.T) / 2)
     return InversionDiagnostics(
@@ -187,7 +281,7 @@ def inversion_diagnostics(
         unit_free_condition_number=_unit_free_condition(fisher),
         eps=float(eps),
         n_trials=n_trials,
-        max_relative_change=_max_relative_change(fisher, float(eps), n_trials, generator),
+        max_relative_change=_max_relative_change(fisher, float(eps), n_trials, generator, given),
         tolerance=float(tolerance),
     )
 
@@ -206,8 +300,10 @@ def _unit_free_condition(fisher: Tensor) -> float:
     return _condition(torch.linalg.eigvalsh((unit_free + unit_free.T) / 2))
 
 
-def _max_relative_change(fisher: Tensor, eps: float, n_trials: int, generator: torch.Generator | None) -> float:
-    inverse, problem = _scaled_inverse(fisher)
+def _max_relative_change(
+    fisher: Tensor, eps: float, n_trials: int, generator: torch.Generator | None, given: torch.dtype | None
+) -> float:
+    inverse, problem = _scaled_inverse(fisher, given)
     if problem is not None:
         return math.inf
     errors = torch.diagonal(inverse).sqrt()
@@ -218,7 +314,7 @@ def _max_relative_change(fisher: Tensor, eps: float, n_trials: int, generator: t
     symmetric = draws.triu() + draws.triu(1).transpose(-1, -2)
     worst = 0.0
     for g in symmetric:
-        perturbed, problem = _scaled_inverse(fisher * (1 + eps * g))
+        perturbed, problem = _scaled_inverse(fisher * (1 + eps * g), given)
         if problem is not None:
             return math.inf
         change = (torch.diagonal(perturbed).sqrt() / errors - 1).abs().max()

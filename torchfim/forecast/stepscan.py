@@ -13,6 +13,21 @@ weigh the mean and the covariance as the forecast does: for a derivative ``D = (
 ``‖D‖² = ∂μᵀ C⁻¹ ∂μ + ½ tr(C⁻¹ ∂C C⁻¹ ∂C)`` (``= F_aa`` when ``D`` is the derivative along ``θ_a``),
 and the relative change between steps ``h_k`` and ``h_{k+1}`` is
 ``‖D(h_{k+1}) − D(h_k)‖ / max(‖D(h_k)‖, ‖D(h_{k+1})‖)``.
+
+**Agreement.** Two neighbouring steps *agree* when their relative change is at most ``rtol`` **and
+both steps are resolved**. A step ``h`` is resolved when
+
+* every point ``θ_a + k·h`` of the stencil differs from ``θ_a`` in θ's dtype (below half the spacing
+  of the dtype's numbers at ``θ_a``, ``θ ± h`` rounds back to ``θ`` and the stencil differences equal
+  values), and
+* the derivative rises above its rounding: ``‖D(h)‖ > ‖δ(h)‖`` with ``δ = ε Σ_k |w_k| |f(θ + k h)| / h``
+  entrywise (``w_k`` the stencil's weights, ``ε`` the epsilon of the dtype ``f = (μ, C)`` is
+  computed in), the change of ``f`` that rounding its values alone can produce.
+
+An unresolved step is round-off whatever its derivative: two exactly-zero derivatives (``θ ± h``
+rounded back to ``θ``, or a mean too large for its dtype to register the change) "agree" perfectly
+and mean nothing. Unresolved steps are flagged ``round_off`` wherever they sit and are never
+chosen. Without any agreeing pair, ``found`` is ``False`` and ``reason`` says why.
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ from torch import Tensor
 
 from ..errors import TorchfimError, check_choice
 from ._model import CovLike, GaussianModel, MeanLike, parameter_names
-from .derivatives import STENCILS, stencil_derivative
+from .derivatives import STENCILS, stencil_terms, step_resolves
 from .gaussian import gaussian_fisher
 
 __all__ = ["ParameterScan", "StepScan", "scan_steps"]
@@ -43,9 +58,12 @@ class ParameterScan:
         information: ``(K,)``, the Fisher entry ``F_aa`` the derivative with each step gives.
         relative_change: ``(K − 1,)``, the change between steps ``k`` and ``k + 1`` (module docstring).
         plateau: ``(lo, hi)``, indices of the first and last step of the plateau.
-        found: whether a plateau was found; if not, ``plateau`` is the single step whose derivative
-            changes least with respect to its neighbours, and no step can be trusted to ``rtol``.
+        found: whether a plateau was found; if not, ``plateau`` is the single resolved step whose
+            derivative changes least with respect to its neighbours, and no step can be trusted to ``rtol``.
         rtol: the largest relative change accepted between neighbours on the plateau.
+        resolved: ``(K,)`` booleans: steps at which ``θ ± h`` differs from ``θ`` in θ's dtype and the
+            derivative exceeds its rounding error (module docstring). Only these can agree or be chosen.
+        reason: why no plateau was found (``""`` when one was).
     """
 
     name: str
@@ -57,37 +75,45 @@ class ParameterScan:
     plateau: tuple[int, int]
     found: bool
     rtol: float
+    resolved: Tensor
+    reason: str = ""
 
     @property
     def step(self) -> float:
         """The chosen step: on the plateau, the step whose derivative agrees best with both neighbours.
 
         That is the step minimising the larger of its two neighbour changes; where round-off and
-        truncation are both smallest, the derivative is steadiest.
+        truncation are both smallest, the derivative is steadiest. Raises a :class:`TorchfimError`
+        (with :attr:`reason`) when no step of the scan is resolved: there is none to choose.
         """
+        if not bool(self.resolved.any()):
+            raise TorchfimError(f"no step can be chosen for parameter {self.name!r}: {self.reason}")
         lo, hi = self.plateau
-        steadiness = _worst_neighbour_change(self.relative_change)[lo:hi + 1]
+        steadiness = _worst_neighbour_change(self.relative_change, self.resolved)[lo:hi + 1]
         return float(self.steps[lo + int(steadiness.argmin())])
 
     @property
     def round_off(self) -> Tensor:
-        """``(K,)`` booleans: steps below the plateau, where round-off error dominates."""
-        return torch.arange(len(self.steps)) < self.plateau[0]
+        """``(K,)`` booleans: steps below the plateau, and unresolved steps, where round-off error dominates."""
+        return (torch.arange(len(self.steps)) < self.plateau[0]) | ~self.resolved
 
     @property
     def truncation(self) -> Tensor:
-        """``(K,)`` booleans: steps above the plateau, where the stencil's truncation error dominates."""
-        return torch.arange(len(self.steps)) > self.plateau[1]
+        """``(K,)`` booleans: resolved steps above the plateau, where the stencil's truncation error dominates."""
+        return (torch.arange(len(self.steps)) > self.plateau[1]) & self.resolved
 
     def table(self) -> str:
         """One line per step: the step, ``F_aa`` from it, the change to the next step, and its flag."""
         lines = [f"{self.name}: {'step':>10} {'F_aa':>14} {'change to next':>15}  flag"]
+        chosen = self.step if bool(self.resolved.any()) else None
         for k, step in enumerate(self.steps):
             change = f"{float(self.relative_change[k]):.2e}" if k < len(self.relative_change) else ""
             flag = "round-off" if self.round_off[k] else "truncation" if self.truncation[k] else "plateau"
-            mark = "  <- chosen" if float(step) == self.step else ""
+            mark = "  <- chosen" if float(step) == chosen else ""
             lines.append(f"{'':{len(self.name) + 1}} {float(step):>10.3e} {float(self.information[k]):>14.8g} "
                          f"{change:>15}  {flag}{mark}")
+        if self.reason:
+            lines.append(f"no plateau: {self.reason}")
         return "\n".join(lines)
 
 
@@ -100,7 +126,11 @@ class StepScan:
 
     @property
     def steps(self) -> Tensor:
-        """``(P,)``: the chosen step of each parameter (pass it as ``forecast(..., step=scan.steps)``)."""
+        """``(P,)``: the chosen step of each parameter (pass it as ``forecast(..., step=scan.steps)``).
+
+        Raises a :class:`TorchfimError` naming the parameter when one has no resolved step (see
+        :attr:`ParameterScan.reason`).
+        """
         return torch.tensor([p.step for p in self.parameters], dtype=torch.float64)
 
     @property
@@ -123,8 +153,10 @@ class StepScan:
         for p in self.parameters:
             lo, hi = float(p.steps[p.plateau[0]]), float(p.steps[p.plateau[1]])
             plateau = f"{lo:.1e} … {hi:.1e}" if p.found else "NONE FOUND"
-            rows.append(f"{p.name:<{width}} {p.step:>12.3e} {plateau:>23}  {int(p.round_off.sum()):>9} "
+            step = f"{p.step:>12.3e}" if bool(p.resolved.any()) else f"{'none':>12}"
+            rows.append(f"{p.name:<{width}} {step} {plateau:>23}  {int(p.round_off.sum()):>9} "
                         f"{int(p.truncation.sum()):>10}")
+        rows += [f"{p.name}: {p.reason}" for p in self.parameters if p.reason]
         return "\n".join(rows)
 
 
@@ -146,8 +178,9 @@ def scan_steps(
         steps: the steps to try: a 1-D tensor of positive steps (absolute, for every parameter) or
             ``(P, K)`` (one row per parameter). ``None``: 25 steps, two per decade, from
             ``1e-12·s_a`` to ``s_a`` with ``s_a = max(|θ_a|, 1)``.
-        rtol: neighbouring steps belong to the plateau when their derivatives differ by at most
-            ``rtol`` (relative, in the Fisher norm of the module docstring).
+        rtol: neighbouring steps belong to the plateau when both are resolved (``θ ± h`` differs from
+            ``θ`` in its dtype and the derivative exceeds its rounding error) and their derivatives
+            differ by at most ``rtol`` (relative, in the Fisher norm); the module docstring gives the rule.
 
     Example:
         >>> import torch
@@ -195,27 +228,35 @@ def _step_grid(steps: object, theta0: Tensor) -> Tensor:
 def _scan_parameter(
     model: GaussianModel, index: int, name: str, steps: Tensor, stencil: str, rtol: float
 ) -> ParameterScan:
-    columns = [stencil_derivative(model, index, float(h), stencil) for h in steps]
-    mean_d = torch.stack([m for m, _ in columns])
-    cov_d = None if model.cov_fn is None else torch.stack([c for _, c in columns])
+    columns = [stencil_terms(model, index, float(h), stencil) for h in steps]
+    mean_d = torch.stack([c[0] for c in columns])
+    cov_d = None if model.cov_fn is None else torch.stack([c[1] for c in columns])
     information = torch.diagonal(gaussian_fisher(mean_d, model.cov0, cov_d))
+    mean_r = torch.stack([c[2] for c in columns])
+    cov_r = None if model.cov_fn is None else torch.stack([c[3] for c in columns])
+    rounding = torch.diagonal(gaussian_fisher(mean_r, model.cov0, cov_r)).clamp_min(0).sqrt()
+    in_dtype = torch.tensor([step_resolves(model.theta0, index, float(h), stencil) for h in steps])
+    resolved = in_dtype & (information.clamp_min(0).sqrt() > rounding)  # NaN compares False: unresolved
     mean_diff = mean_d[1:] - mean_d[:-1]
     cov_diff = None if cov_d is None else cov_d[1:] - cov_d[:-1]
     distance = torch.diagonal(gaussian_fisher(mean_diff, model.cov0, cov_diff)).clamp_min(0).sqrt()
     size = torch.maximum(information[1:], information[:-1]).clamp_min(0).sqrt()
     change = torch.where(size > 0, distance / size.clamp_min(torch.finfo(torch.float64).tiny), distance)
-    lo, hi, found = _plateau(change, rtol)
+    lo, hi, found = _plateau(change, rtol, resolved)
+    reason = "" if found else _no_plateau_reason(steps, change, resolved, in_dtype, model.theta0, index, rtol)
     return ParameterScan(name=name, steps=steps, mean_derivatives=mean_d, cov_derivatives=cov_d,
-                         information=information, relative_change=change, plateau=(lo, hi), found=found, rtol=rtol)
+                         information=information, relative_change=change, plateau=(lo, hi), found=found, rtol=rtol,
+                         resolved=resolved, reason=reason)
 
 
-def _plateau(change: Tensor, rtol: float) -> tuple[int, int, bool]:
-    """Step indices ``(lo, hi, found)`` of the longest run of neighbour changes ≤ ``rtol``.
+def _plateau(change: Tensor, rtol: float, resolved: Tensor) -> tuple[int, int, bool]:
+    """Step indices ``(lo, hi, found)`` of the longest run of agreeing neighbours (module docstring).
 
-    Ties go to the run whose largest change is smaller. Without any such pair: the step whose larger
-    neighbour change is smallest, with ``found=False``.
+    Neighbours agree when both are resolved and their change is ≤ ``rtol``; ties go to the run whose
+    largest change is smaller. Without any agreeing pair: the resolved step whose larger neighbour
+    change is smallest, with ``found=False`` (the last step if none is resolved).
     """
-    agree = (change <= rtol).tolist()
+    agree = ((change <= rtol) & resolved[:-1] & resolved[1:]).tolist()
     best: tuple[int, int] | None = None
     start = None
     for k, ok in enumerate(agree + [False]):
@@ -227,13 +268,40 @@ def _plateau(change: Tensor, rtol: float) -> tuple[int, int, bool]:
             start = None
     if best is not None:
         return best[0], best[1] + 1, True
-    k = int(_worst_neighbour_change(change).argmin())
+    if not bool(resolved.any()):
+        return len(resolved) - 1, len(resolved) - 1, False
+    steadiness = torch.where(resolved, _worst_neighbour_change(change, resolved), torch.nan)
+    k = int(torch.nan_to_num(steadiness, nan=torch.inf, posinf=torch.finfo(torch.float64).max).argmin())
     return k, k, False
 
 
-def _worst_neighbour_change(change: Tensor) -> Tensor:
-    """``(K,)``: for each step, the larger of its changes to the previous and the next step (NaN → inf)."""
-    finite = torch.nan_to_num(change, nan=torch.inf)
+def _no_plateau_reason(
+    steps: Tensor, change: Tensor, resolved: Tensor, in_dtype: Tensor, theta0: Tensor, index: int, rtol: float
+) -> str:
+    """Why no two neighbouring steps agree: none is resolved, or the resolved ones disagree."""
+    if not bool(resolved.any()):
+        below = f"θ ± h rounds back to θ in {theta0.dtype} for steps up to {float(steps[~in_dtype].max()):.3g}, and " \
+            if not bool(in_dtype.all()) else ""
+        return (
+            f"no step tried resolves the derivative at theta0[{index}] = {float(theta0[index]):.6g}: {below}the change "
+            "of the mean and covariance is within their rounding error at every step; if the data depend on this "
+            "parameter, try larger steps (steps=...), theta0 and the model in float64, or derivatives='autograd'"
+        )
+    worst = _worst_neighbour_change(change, resolved)[resolved]
+    return (
+        f"no two neighbouring resolved steps agree to rtol={rtol:g} (the steadiest changes by {float(worst.min()):.3g}): "
+        "no step can be trusted to that tolerance (a noisy model, or too coarse a dtype); compute in float64, "
+        "use derivatives='autograd', or loosen rtol"
+    )
+
+
+def _worst_neighbour_change(change: Tensor, resolved: Tensor) -> Tensor:
+    """``(K,)``: for each step, the larger of its changes to the previous and the next step.
+
+    A change to or from an unresolved step, or a NaN, counts as ``inf``: no agreement.
+    """
+    usable = resolved[:-1] & resolved[1:]
+    finite = torch.where(usable, torch.nan_to_num(change, nan=torch.inf), torch.inf)
     padded = torch.cat([finite[:1], finite, finite[-1:]])
     return torch.maximum(padded[:-1], padded[1:])
 
