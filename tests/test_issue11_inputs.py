@@ -159,6 +159,27 @@ def test_inf_inputs_are_refused(call) -> None:
         call(tanh_mlp(3, seed=41), _inf_inputs())
 
 
+@pytest.mark.parametrize("call", [
+    lambda m, x: torchfim.fisher(m, x),
+    lambda m, x: torchfim.fisher(m, [{"input": x}]),
+    lambda m, x: torchfim.fisher_variance(m, x),
+    lambda m, x: torchfim.variance_bound(m, x),
+    lambda m, x: torchfim.samples_needed(m, x),
+    lambda m, x: torchfim.compare_estimators(m, x),
+    lambda m, x: torchfim.train.FisherTraceMonitor(m, x),
+    lambda m, x: torchfim.train.FisherPenalty(m)(x, step=0),
+    lambda m, x: torchfim.train.FisherPenalty(m, grad_method="finite_difference").penalised_loss(
+        x, lambda out: out.sum(), step=0),
+], ids=["fisher", "dict", "variance", "bound", "samples_needed", "compare", "monitor", "penalty", "penalised-loss"])
+def test_inputs_on_the_meta_device_are_refused(call) -> None:
+    """Inputs on the meta device (a shape without values) failed inside torch: "NotImplementedError: Cannot copy out
+    of meta tensor" from the move to the model's device (``Tensor.item()`` on a meta tensor from the monitor's
+    finiteness check). Every entry point now names them, as a model on the meta device was named already."""
+    with pytest.raises(TorchfimError, match=r"the inputs are on the meta device \(\(8, 3\) torch.float64\).*no "
+                                            r"values.*pass the inputs with their values"):
+        call(tanh_mlp(3), torch.empty(8, 3, dtype=torch.float64, device="meta"))
+
+
 def test_nan_in_a_later_mini_batch_or_dict_input_is_refused() -> None:
     model = tanh_mlp(3, seed=42)
     x = mlp_inputs(6, seed=43)
