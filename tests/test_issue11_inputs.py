@@ -400,6 +400,25 @@ def test_integer_inputs_to_a_float_model() -> None:
         torchfim.fisher(tanh_mlp(3), torch.ones(4, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize(("dtype", "fix"), [
+    (torch.bool, r"boolean inputs \(\(4, 3\) torch.bool\) with torch.float64 parameters; pass x\.float\(\)"),
+    (torch.complex128, (r"complex inputs \(\(4, 3\) torch.complex128\) with torch.float64 parameters; torchfim's "
+                       r"families take real outputs.*torch.view_as_real\(x\)")),
+])
+@pytest.mark.parametrize("call", [
+    lambda m, x: torchfim.fisher(m, x),
+    lambda m, x: torchfim.train.FisherTraceMonitor(m, x).step(0),
+    lambda m, x: torchfim.train.FisherPenalty(m)(x, step=0),
+], ids=["fisher", "monitor", "penalty"])
+def test_boolean_and_complex_inputs_to_a_float_model(dtype: torch.dtype, fix: str, call) -> None:
+    """torch's dtype error from inside the forward ("mat1 and mat2 must have the same dtype, but got Bool and
+    Double") came out as it was, where integer inputs got the fix: now both are named with theirs, torch's words
+    after."""
+    x = (mlp_inputs(4) > 0).to(dtype)
+    with pytest.raises(TorchfimError, match=fix + r".*torch said: mat1 and mat2 must have the same dtype"):
+        call(tanh_mlp(3), x)
+
+
 @pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
 def test_integer_inputs_to_a_float_model_in_the_penalty(grad_method: str) -> None:
     """The penalty says what ``fisher`` says (torch's dtype error from inside the forward before)."""
