@@ -388,6 +388,23 @@ def test_one_input_without_batch_dimension() -> None:
         torchfim.fisher(tanh_mlp(3), torch.tensor(1.0, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("call", [
+    lambda m, x: torchfim.fisher(m, x),
+    lambda m, x: torchfim.fisher(m, x, backend="functional"),
+    lambda m, x: torchfim.train.FisherTraceMonitor(m, x).step(0),
+    lambda m, x: torchfim.train.FisherPenalty(m)(x, step=0),
+], ids=["fisher", "functional", "monitor", "penalty"])
+def test_one_input_without_batch_dimension_read_as_one_sample_by_the_model(call) -> None:
+    """One input of 4 features for a model of 3 outputs: the model reads the (4,) input as one unbatched sample and
+    returns (3,). The message spoke of a reduction over the batch and of nn.GRU/nn.LSTM, never of the input: it now
+    names the 1-D input and x.unsqueeze(0) first."""
+    model, x = tanh_mlp(3, d_in=4), mlp_inputs(1, d_in=4)[0]
+    with pytest.raises(TorchfimError, match=r"^the model returned outputs of shape \(3,\) for 1-D inputs \(\(4,\) "
+                                            r"torch.float64\): it read them as one unbatched sample.*pass "
+                                            r"x\.unsqueeze\(0\) for a single input"):
+        call(model, x)
+
+
 def test_one_dimensional_inputs_to_a_one_feature_model() -> None:
     """Inputs of shape (n,) for ``nn.Linear(1, C)``: the first dim is the batch, the feature dim is missing."""
     torch.manual_seed(54)

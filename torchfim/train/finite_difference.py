@@ -323,7 +323,7 @@ def batch_gradient_fd_shared(
         *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
     with _perturbed(model, replay, dict(zip(params, shifted))):
         out = io.call(model, x)
-    return out, family.nll(leading(io.tensor(out, x.size), rows), y), coef, value, last
+    return out, family.nll(leading(io.tensor(out, x), rows), y), coef, value, last
 
 
 def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: float | Tensor) -> list[Tensor]:
