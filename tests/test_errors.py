@@ -478,6 +478,28 @@ def test_a_tuple_of_inputs_and_targets_is_named_with_the_fix(compute) -> None:
     assert torch.allclose(halves, torchfim.fisher(model, x, structure="diag"), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize(("targets", "described"), [
+    (torch.randn(6, 1, dtype=torch.float64), r"\(6, 1\) torch.float64, that looks like \(inputs, targets\); "),
+    (torch.tensor([0, 1, 2, 0, 1, 2, 0]),
+     (r"\(7,\) torch.int64, that looks like \(inputs, targets\) \(but with 6 and 7 rows: a pair needs one target per "
+     r"input\); ")),
+], ids=["regression", "seven-labels"])
+@pytest.mark.parametrize("compute", [
+    lambda m, inputs: torchfim.fisher(m, inputs, family="gaussian"),
+    lambda m, inputs: torchfim.train.FisherTraceMonitor(m, inputs, family="gaussian"),
+], ids=["fisher", "monitor"])
+def test_a_tuple_of_inputs_and_regression_targets_or_of_unequal_length_is_named(targets, described, compute) -> None:
+    """Float targets (6, 1) of a one-output regression ran through the model as a second mini-batch ("a layer does not
+    take the shape it is given"), and 7 labels for 6 inputs as integer inputs ("pass x.float()"): both now get the
+    tuple's message, with targets= named. Two mini-batches of one width are still read as such."""
+    model, x = tanh_mlp(1), mlp_inputs(6)
+    with pytest.raises(TorchfimError, match=r"\(6, 3\) torch.float64 and " + described +
+                                            r"a tuple or list is read as mini-batches.*targets=y.*\[\(x, y\)\]"):
+        compute(model, (x, targets))
+    halves = torchfim.fisher(model, (x[:3], x[3:]), family="gaussian", structure="diag")
+    assert torch.allclose(halves, torchfim.fisher(model, x, family="gaussian", structure="diag"), rtol=1e-12, atol=0)
+
+
 class _AssertsItsBatch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

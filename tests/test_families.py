@@ -162,6 +162,10 @@ def test_gaussian_sigma():
     assert torch.allclose(fam.fisher_output(o)[0], 4 * torch.eye(2, dtype=torch.float64))
     with pytest.raises(TorchfimError, match="sigma must be a positive"):
         Gaussian(sigma=0.0)
+    for refused in (True, torch.tensor([0.5]), float("nan")):
+        with pytest.raises(TorchfimError, match="sigma must be a positive"):
+            Gaussian(sigma=refused)
+    assert Gaussian(sigma=np.float32(0.5)).sigma == Gaussian(sigma=torch.tensor(0.5)).sigma == 0.5  # refused before
 
 
 def test_get_family():

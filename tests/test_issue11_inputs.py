@@ -159,6 +159,27 @@ def test_inf_inputs_are_refused(call) -> None:
         call(tanh_mlp(3, seed=41), _inf_inputs())
 
 
+@pytest.mark.parametrize("call", [
+    lambda m, x: torchfim.fisher(m, x),
+    lambda m, x: torchfim.fisher(m, [{"input": x}]),
+    lambda m, x: torchfim.fisher_variance(m, x),
+    lambda m, x: torchfim.variance_bound(m, x),
+    lambda m, x: torchfim.samples_needed(m, x),
+    lambda m, x: torchfim.compare_estimators(m, x),
+    lambda m, x: torchfim.train.FisherTraceMonitor(m, x),
+    lambda m, x: torchfim.train.FisherPenalty(m)(x, step=0),
+    lambda m, x: torchfim.train.FisherPenalty(m, grad_method="finite_difference").penalised_loss(
+        x, lambda out: out.sum(), step=0),
+], ids=["fisher", "dict", "variance", "bound", "samples_needed", "compare", "monitor", "penalty", "penalised-loss"])
+def test_inputs_on_the_meta_device_are_refused(call) -> None:
+    """Inputs on the meta device (a shape without values) failed inside torch: "NotImplementedError: Cannot copy out
+    of meta tensor" from the move to the model's device (``Tensor.item()`` on a meta tensor from the monitor's
+    finiteness check). Every entry point now names them, as a model on the meta device was named already."""
+    with pytest.raises(TorchfimError, match=r"the inputs are on the meta device \(\(8, 3\) torch.float64\).*no "
+                                            r"values.*pass the inputs with their values"):
+        call(tanh_mlp(3), torch.empty(8, 3, dtype=torch.float64, device="meta"))
+
+
 def test_nan_in_a_later_mini_batch_or_dict_input_is_refused() -> None:
     model = tanh_mlp(3, seed=42)
     x = mlp_inputs(6, seed=43)
@@ -367,6 +388,23 @@ def test_one_input_without_batch_dimension() -> None:
         torchfim.fisher(tanh_mlp(3), torch.tensor(1.0, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("call", [
+    lambda m, x: torchfim.fisher(m, x),
+    lambda m, x: torchfim.fisher(m, x, backend="functional"),
+    lambda m, x: torchfim.train.FisherTraceMonitor(m, x).step(0),
+    lambda m, x: torchfim.train.FisherPenalty(m)(x, step=0),
+], ids=["fisher", "functional", "monitor", "penalty"])
+def test_one_input_without_batch_dimension_read_as_one_sample_by_the_model(call) -> None:
+    """One input of 4 features for a model of 3 outputs: the model reads the (4,) input as one unbatched sample and
+    returns (3,). The message spoke of a reduction over the batch and of nn.GRU/nn.LSTM, never of the input: it now
+    names the 1-D input and x.unsqueeze(0) first."""
+    model, x = tanh_mlp(3, d_in=4), mlp_inputs(1, d_in=4)[0]
+    with pytest.raises(TorchfimError, match=r"^the model returned outputs of shape \(3,\) for 1-D inputs \(\(4,\) "
+                                            r"torch.float64\): it read them as one unbatched sample.*pass "
+                                            r"x\.unsqueeze\(0\) for a single input"):
+        call(model, x)
+
+
 def test_one_dimensional_inputs_to_a_one_feature_model() -> None:
     """Inputs of shape (n,) for ``nn.Linear(1, C)``: the first dim is the batch, the feature dim is missing."""
     torch.manual_seed(54)
@@ -377,6 +415,25 @@ def test_one_dimensional_inputs_to_a_one_feature_model() -> None:
 def test_integer_inputs_to_a_float_model() -> None:
     with pytest.raises(TorchfimError, match=r"integer.*\.float\(\).*torch said: mat1 and mat2 must have the same dtype"):
         torchfim.fisher(tanh_mlp(3), torch.ones(4, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("dtype", "fix"), [
+    (torch.bool, r"boolean inputs \(\(4, 3\) torch.bool\) with torch.float64 parameters; pass x\.float\(\)"),
+    (torch.complex128, (r"complex inputs \(\(4, 3\) torch.complex128\) with torch.float64 parameters; torchfim's "
+                       r"families take real outputs.*torch.view_as_real\(x\)")),
+])
+@pytest.mark.parametrize("call", [
+    lambda m, x: torchfim.fisher(m, x),
+    lambda m, x: torchfim.train.FisherTraceMonitor(m, x).step(0),
+    lambda m, x: torchfim.train.FisherPenalty(m)(x, step=0),
+], ids=["fisher", "monitor", "penalty"])
+def test_boolean_and_complex_inputs_to_a_float_model(dtype: torch.dtype, fix: str, call) -> None:
+    """torch's dtype error from inside the forward ("mat1 and mat2 must have the same dtype, but got Bool and
+    Double") came out as it was, where integer inputs got the fix: now both are named with theirs, torch's words
+    after."""
+    x = (mlp_inputs(4) > 0).to(dtype)
+    with pytest.raises(TorchfimError, match=fix + r".*torch said: mat1 and mat2 must have the same dtype"):
+        call(tanh_mlp(3), x)
 
 
 @pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])

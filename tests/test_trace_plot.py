@@ -67,6 +67,7 @@ def test_the_figure_holds_each_runs_estimates_and_band(tmp_path) -> None:
     assert plot_trace(runs["slow"], log=True).axes[0].get_yscale() == "log"
     assert plot_trace(runs["slow"], log=False).axes[0].get_yscale() == "linear"
     assert len(plot_trace(runs["slow"], band=0).axes[0].collections) == 0
+    assert len(plot_trace(runs["slow"], band=np.float32(0)).axes[0].collections) == 0  # refused before
 
 
 def test_the_command_line_writes_the_figure(tmp_path, capsys) -> None:

@@ -184,11 +184,22 @@ def test_under_no_grad_the_value_is_right(kind: str, grad_method: str) -> None:
         ({"grad_method": "finite_difference", "fd_step": -1e-3}, "fd_step"),
         ({"grad_method": "finite_difference", "fd_step": float("nan")}, "fd_step"),
         ({"grad_method": "finite_difference", "fd_step": True}, "fd_step"),
+        ({"grad_method": "finite_difference", "fd_step": torch.tensor([1e-3])}, "fd_step"),
+        ({"alpha": torch.tensor(True)}, "alpha must be a finite number"),
     ],
 )
 def test_bad_fd_arguments_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(torchfim.TorchfimError, match=match):
         FisherPenalty(tanh_mlp(3), **kwargs)
+
+
+def test_alpha_and_fd_step_take_numpy_scalars_and_0_dim_tensors() -> None:
+    """``alpha=np.float32(0.25)`` or ``fd_step=torch.tensor(0.5)`` were refused as not numbers; now the float they
+    hold."""
+    import numpy as np
+
+    pen = FisherPenalty(tanh_mlp(3), alpha=np.float32(0.25), grad_method="finite_difference", fd_step=torch.tensor(0.5))
+    assert (pen.alpha, pen.fd_step) == (0.25, 0.5) and type(pen.alpha) is float and type(pen.fd_step) is float
 
 
 def test_fd_trace_refuses_dropout_in_train_mode() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, MODELS, mlp_inputs, relu_mlp, tanh_mlp
@@ -241,3 +242,20 @@ def test_variance_errors():
         torchfim.samples_needed(model, x, rel_error=0)
     with pytest.raises(torchfim.TorchfimError, match="n_samples must be a positive integer"):
         torchfim.fisher_variance(model, x, n_samples=0)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(1), torch.tensor(0.25),
+                                   torch.tensor(0.25, dtype=torch.float64, requires_grad=True)])
+def test_rel_error_takes_a_numpy_scalar_or_a_0_dim_tensor(value) -> None:
+    """``rel_error=np.float32(0.1)`` and ``rel_error=torch.tensor(0.1)`` were refused ("must be a positive number
+    such as 0.1 (10%), got np.float32(0.1)"); they count as the float they hold (the shared ``real_number``)."""
+    model, x = tanh_mlp(3), mlp_inputs(6)
+    assert torchfim.samples_needed(model, x, rel_error=value) == torchfim.samples_needed(model, x, rel_error=float(value))
+
+
+@pytest.mark.parametrize("value", [True, np.True_, float("nan"), np.float32("nan"), torch.tensor([0.25]),
+                                   torch.tensor(0.25 + 0j), torch.tensor(True), "0.25"])
+def test_rel_error_refuses_bools_nan_and_tensors_of_other_shapes(value) -> None:
+    """A bool is no error bound (``rel_error=True`` counted as 1 before), nor a tensor of one number in a dim."""
+    with pytest.raises(torchfim.TorchfimError, match="rel_error must be a positive number such as 0.1"):
+        torchfim.samples_needed(tanh_mlp(3), mlp_inputs(6), rel_error=value)

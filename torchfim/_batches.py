@@ -81,18 +81,27 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
 
 
 def _refuse_a_pair(inputs: object) -> None:
-    """Refuse a tuple of two tensors that is an ``(inputs, targets)`` pair rather than two mini-batches: as
-    many rows, but another number of dims or another dtype (mini-batches of one model have the same)."""
+    """Refuse a tuple of two tensors that is an ``(inputs, targets)`` pair rather than two mini-batches: another
+    number of dims or another kind of dtype (floating point or not), which mini-batches of one model share; with as
+    many rows, any other dtype, or floating-point ones of another width (a regression's targets, ``(n, 1)`` beside
+    ``(n, d)``: mini-batches of one model share their features; a list of two mini-batches is not refused)."""
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(t, Tensor) and t.dim() for t in inputs)):
         return
     x, y = inputs
-    if x.shape[0] == y.shape[0] and (x.dim() != y.dim() or x.dtype != y.dtype):
-        raise TorchfimError(
-            f"inputs is a tuple of two tensors, {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}, that looks "
-            "like (inputs, targets); a tuple or list is read as mini-batches, so the second would run through the "
-            "model as inputs. Pass the inputs alone (with targets=y where the estimator uses true labels), or "
-            "[(x, y)] for one (inputs, targets) mini-batch"
-        )
+    unlike = x.dim() != y.dim() or x.is_floating_point() != y.is_floating_point()
+    if x.shape[0] == y.shape[0]:
+        wider = x.is_floating_point() and y.is_floating_point() and x.shape[-1] != y.shape[-1]
+        unlike = unlike or x.dtype != y.dtype or wider
+    if not unlike:
+        return
+    rows = "" if x.shape[0] == y.shape[0] else (
+        f" (but with {x.shape[0]} and {y.shape[0]} rows: a pair needs one target per input)")
+    raise TorchfimError(
+        f"inputs is a tuple of two tensors, {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}, that looks "
+        f"like (inputs, targets){rows}; a tuple or list is read as mini-batches, so the second would run through the "
+        "model as inputs. Pass the inputs alone (with targets=y where the estimator uses true labels), or [(x, y)] "
+        "for one (inputs, targets) mini-batch (for two mini-batches after all, pass the list [x1, x2])"
+    )
 
 
 def reusable(inputs: Inputs) -> Inputs:

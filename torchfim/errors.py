@@ -7,6 +7,7 @@ Every error torchfim raises on purpose is a :class:`TorchfimError`, a subclass o
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -48,6 +49,19 @@ def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
         listed = ", ".join(repr(c) for c in choices)
         raise TorchfimError(f"unknown {kind} {value!r}; choose one of {listed}")
     return value
+
+
+def real_number(value: object) -> float | None:
+    """``value`` as a float where it is one real number: a Python or NumPy int or float, or a 0-dim tensor of a real
+    dtype (with its value, so not on the meta device); None for anything else, such as a bool, a complex number, a
+    string or a tensor of another shape. Options that take a real number check their range on the float (NaN is in
+    none)."""
+    if isinstance(value, torch.Tensor):
+        real = value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool or value.is_meta)
+        return float(value.item()) if real else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def check_n_samples(n_samples: object) -> int:

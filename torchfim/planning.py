@@ -13,7 +13,7 @@ from ._batches import Inputs, reusable
 from .engine import ModelView
 from .engine.backend import NoForwardDerivative
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice
+from .errors import TorchfimError, check_choice, real_number
 from .families import Family
 from .fisher import fisher
 from .variance import VARIANCE_ESTIMATORS, fisher_variance
@@ -51,8 +51,10 @@ def samples_needed(
     """
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
     check_choice("structure", structure, ("trace", "diag"))
-    if not (isinstance(rel_error, (int, float)) and 0 < rel_error and math.isfinite(rel_error)):
+    rel = real_number(rel_error)
+    if rel is None or not (0 < rel and math.isfinite(rel)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
+    rel_error = rel
     inputs = reusable(inputs)  # iterated twice below
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
                across_processes=across_processes)

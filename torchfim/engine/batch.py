@@ -31,6 +31,12 @@ UNSHIFTED = (
     "them shifted (input_ids[:, 1:] with -100 at the end), or as the dict batch's 'labels', which torchfim "
     "shifts as the model's own loss does"
 )
+#: Inputs on the meta device (a shape without values), which no forward can read.
+META_INPUTS = (
+    "the inputs are on the meta device ({described}): a meta tensor has a shape and a dtype but no values, so "
+    "the model cannot be run on it; pass the inputs with their values (your data, or torch.randn(...) of that "
+    "shape to try a call), on the model's device"
+)
 #: ``vmap`` in-dims of a batch's positional and keyword inputs: 0 where the batch dim is first, else None.
 SampleDims = tuple[tuple[int | None, ...], dict[str, int | None]]
 
@@ -136,6 +142,7 @@ def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.d
     the model where ``keep_targets``. Where ``next_token()`` says the model is a causal language model
     (whose own loss shifts its ``labels``; asked only when a dict brings targets), they are shifted as
     its loss does, so that the outputs at position t get ``labels[t + 1]`` (:func:`next_token_labels`)."""
+    _refuse_meta(x, y)
     if isinstance(x, Mapping):
         kwargs = {k: _to(v, device, dtype) for k, v in x.items() if keep_targets or k not in TARGET_KEYS}
         found = [v for k, v in x.items() if k in TARGET_KEYS]
@@ -155,6 +162,16 @@ def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.d
     if x.dim() == 0:
         raise TorchfimError("inputs must have a batch dimension first, got a 0-dim tensor")
     return Batch((_to(x, device, dtype),), {}, x.shape[0], y)
+
+
+def _refuse_meta(x: object, y: object) -> None:
+    """Refuse a mini-batch whose inputs (a tensor or a dict's values) or targets lie on the meta device
+    (:data:`META_INPUTS`): copying them to the model's device, or running the model on them, fails inside torch."""
+    tensors = [*(x.values() if isinstance(x, Mapping) else [x]), y]
+    on_meta = [t for t in tensors if isinstance(t, Tensor) and t.is_meta]
+    if on_meta:
+        described = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in on_meta)
+        raise TorchfimError(META_INPUTS.format(described=described))
 
 
 def _equal_to_input_ids(x: Mapping, y: object) -> bool:

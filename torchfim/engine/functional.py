@@ -61,7 +61,7 @@ class FunctionalBackend(Backend):
 
     def record(self, batch: Batch) -> Recording:
         with torch.no_grad():
-            raw = self.view.to_tensor(batch.call(self.view.model), batch.size)
+            raw = self.view.to_tensor(batch.call(self.view.model), batch)
         if not self._reads_checked:
             self._refuse_reads_outside(batch)
         return Recording(batch, self.view.flat(raw), raw.shape)

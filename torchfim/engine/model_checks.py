@@ -3,9 +3,10 @@
 A forward that mixes the samples of a batch or draws random numbers (:func:`check_mode`), parameters
 without a shape yet or without values in memory (:func:`check_initialised`, :func:`check_in_memory`),
 a mini-batch that the forward's signature cannot take (:func:`check_forward_takes`), forwards that
-failed on integer or 1-D inputs, or on inputs a layer does not take (:func:`forward_error`), TorchScript
-modules (:func:`check_not_scripted`), parameters that torch.distributed manages (:func:`check_not_distributed`),
-and forwards that write into their inputs (:func:`inputs_unwritten`, :func:`watch_input_writes`).
+failed on integer, boolean, complex or 1-D inputs, or on inputs a layer does not take (:func:`forward_error`),
+TorchScript modules (:func:`check_not_scripted`), parameters that torch.distributed manages
+(:func:`check_not_distributed`), and forwards that write into their inputs (:func:`inputs_unwritten`,
+:func:`watch_input_writes`).
 """
 
 from __future__ import annotations
@@ -72,14 +73,24 @@ _TABLE_WORDS = "index out of range in self"
 #: torch's words for an embedding given floating-point indices, and for a loss given class targets that are not integers.
 _INDEX_WORDS = "'indices' to have one of the following scalar types"
 _TARGET_WORDS = "expected target dtype"
+#: Inputs of a dtype that a model of floating-point parameters does not take: which inputs are of it, torch's words
+#: for it in a dtype error, and the fix.
+_NOT_FLOAT = {
+    "integer": (lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool), ("long", "int"),
+                "pass x.float() (integer inputs suit embedding layers only)"),
+    "boolean": (lambda t: t.dtype == torch.bool, ("bool",), "pass x.float() (True as 1.0, False as 0.0)"),
+    "complex": (Tensor.is_complex, ("complex",),
+                ("torchfim's families take real outputs, from a model of real parameters: pass real features, e.g. "
+                "torch.view_as_real(x).flatten(1) (real and imaginary parts side by side) or x.abs()")),
+}
 
 
 def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: bool = True) -> Exception:
-    """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer inputs or on 1-D
-    inputs (a RuntimeError), or, where ``err`` came out of the model's forward (``in_forward``), with torch's words
-    for a layer given inputs of a shape it does not take, for an embedding given floating-point indices or for a
-    loss of the model's own given class targets that are not integers (RuntimeErrors), or for token ids past an
-    embedding's table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
+    """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer, boolean or complex
+    inputs or on 1-D inputs (a RuntimeError), or, where ``err`` came out of the model's forward (``in_forward``),
+    with torch's words for a layer given inputs of a shape it does not take, for an embedding given floating-point
+    indices or for a loss of the model's own given class targets that are not integers (RuntimeErrors), or for token
+    ids past an embedding's table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
     inputs = _input_tensors(batch)
     said = str(err).strip().split("\n")[0]
     integer = any(not (t.is_floating_point() or t.is_complex()) for t in inputs)
@@ -96,11 +107,10 @@ def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: 
         return TorchfimError(f"{failed}: a loss the model computes itself was given class targets of a dtype it does "
                              f"not take (such as a batch's 'labels'); pass them as int64 class indices (labels.long()); "
                              f"torch said: {said}")
-    if integer and _mixes_integer_types(said):
-        return TorchfimError(
-            f"the model's forward failed on integer inputs ({_described(inputs)}) with {dtype} parameters; pass "
-            f"x.float() (integer inputs suit embedding layers only); torch said: {said}"
-        )
+    for kind, (holds, words, fix) in _NOT_FLOAT.items():
+        if any(holds(t) for t in inputs) and _mixes_types(said, words):
+            return TorchfimError(f"the model's forward failed on {kind} inputs ({_described(inputs)}) with {dtype} "
+                                 f"parameters; {fix}; torch said: {said}")
     flat = one_dimensional(batch)
     if flat is not None:
         return TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where=""))
@@ -111,11 +121,11 @@ def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: 
     return err
 
 
-def _mixes_integer_types(said: str) -> bool:
-    """Whether torch's message ``said`` is about an integer tensor meeting floating-point ones (as in
-    "mat1 and mat2 must have the same dtype, but got Long and Double")."""
+def _mixes_types(said: str, words: tuple[str, ...]) -> bool:
+    """Whether torch's message ``said`` is about a tensor of a dtype named by one of ``words`` meeting floating-point
+    ones (as in "mat1 and mat2 must have the same dtype, but got Long and Double")."""
     said = said.lower()
-    return any(k in said for k in ("dtype", "scalar type", "type (")) and any(k in said for k in ("long", "int"))
+    return any(k in said for k in ("dtype", "scalar type", "type (")) and any(k in said for k in words)
 
 
 def check_mode(model: nn.Module) -> None:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ..errors import TorchfimError, tensor_fields, warn_user
+from .batch import Batch
+from .model_checks import one_dimensional
 
 OutputMap = Callable[[object], Tensor]
 
@@ -94,13 +96,24 @@ class ClassDim:
                                           positions="×".join(str(s) for s in shape[1:-1])))
 
 
-def check_batch_rows(out: Tensor, size: int) -> None:
-    """Refuse outputs whose first dim is not the batch of ``size`` inputs."""
-    if out.dim() > 0 and out.shape[0] != size:
+def check_batch_rows(out: Tensor, batch: Batch) -> None:
+    """Refuse outputs whose first dim is not the batch of ``batch``'s inputs; where an input is 1-D and the outputs
+    too, the model read it as one unbatched sample: that is named first, with its fix."""
+    size = batch.size
+    if out.dim() == 0 or out.shape[0] == size:
+        return
+    flat = one_dimensional(batch) if out.dim() == 1 else None
+    if flat is not None:
         raise TorchfimError(
-            f"the model returned outputs of shape {tuple(out.shape)} for a mini-batch of {size} inputs; their first "
-            "dimension must be the batch, one row per input. A reduction over the batch (.sum(0), .mean(0)) or a "
-            "layer that read the inputs as one unbatched sample does this: nn.GRU, nn.LSTM and nn.RNN read a 2-D "
-            "input as one sequence, so give them (batch, time, features) with batch_first=True; a model that "
-            "returns (time, batch, ...) needs output=lambda out: out.transpose(0, 1)"
+            f"the model returned outputs of shape {tuple(out.shape)} for 1-D inputs ({flat}): it read them as one "
+            f"unbatched sample, while torchfim reads their first dimension as the batch ({size} inputs); pass "
+            f"x.unsqueeze(0) for a single input, or x.unsqueeze(1) for {size} inputs of one feature each (else the "
+            "model reduces over the batch, .sum(0) or .mean(0): the outputs need one row per input)"
         )
+    raise TorchfimError(
+        f"the model returned outputs of shape {tuple(out.shape)} for a mini-batch of {size} inputs; their first "
+        "dimension must be the batch, one row per input. A reduction over the batch (.sum(0), .mean(0)) or a "
+        "layer that read the inputs as one unbatched sample does this: nn.GRU, nn.LSTM and nn.RNN read a 2-D "
+        "input as one sequence, so give them (batch, time, features) with batch_first=True; a model that "
+        "returns (time, batch, ...) needs output=lambda out: out.transpose(0, 1)"
+    )

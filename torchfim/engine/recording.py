@@ -81,7 +81,7 @@ def record_calls(view: ModelView, rules: dict[nn.Module, Rule], batch: Batch, cl
     calls: list[tuple[Rule, Call]] = []
     kernel = math_attention() if attends else nullcontext()
     with torch.enable_grad(), _recording(rules, calls, batch.size, clone, shared, layouts), kernel:
-        raw = view.to_tensor(batch.call(view.model), batch.size)
+        raw = view.to_tensor(batch.call(view.model), batch)
     return ModuleRecording(batch, view.flat(raw), raw.shape, calls)
 
 

@@ -256,9 +256,9 @@ class ModelView:
         return self.layout.device
 
     # -------------------------------------------------------------- outputs
-    def to_tensor(self, raw: object, size: int | None = None) -> Tensor:
-        """The model's raw output as a tensor: through ``output=``, ``.logits`` or ``["logits"]``; with ``size``,
-        refused unless its first dim is the batch of ``size`` inputs."""
+    def to_tensor(self, raw: object, batch: Batch | None = None) -> Tensor:
+        """The model's raw output as a tensor: through ``output=``, ``.logits`` or ``["logits"]``; with ``batch`` (the
+        inputs it came from), refused unless its first dim is their batch."""
         if self.output_map is not None:
             raw = mapped_output(self.output_map, raw)
             what = "the output= function"
@@ -282,8 +282,8 @@ class ModelView:
                 "or (batch,) for one output per input: give the inputs a batch dimension and return one row "
                 "of outputs per input"
             )
-        if size is not None:
-            check_batch_rows(out, size)
+        if batch is not None:
+            check_batch_rows(out, batch)
         return as_columns(out)
 
     def flat(self, out: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._identity import identity_like
-from ..errors import TorchfimError
+from ..errors import TorchfimError, real_number
 from .base import (
     Family,
     _isserlis,
@@ -30,9 +30,10 @@ class Gaussian(Family):
     name = "gaussian"
 
     def __init__(self, sigma: float = 1.0) -> None:
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        value = real_number(sigma)
+        if value is None or not (math.isfinite(value) and value > 0):
             raise TorchfimError(f"Gaussian sigma must be a positive finite number, got {sigma!r}")
-        self.sigma = float(sigma)
+        self.sigma = value
 
     def __repr__(self) -> str:
         return f"Gaussian(sigma={self.sigma})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, real_number
 
 
 def check_int(name: str, value: object, minimum: int, hint: str) -> int:
@@ -25,13 +25,14 @@ def check_step(step: object) -> None:
 
 
 def check_alpha(alpha: object) -> float:
-    """The penalty coefficient: a finite number ≥ 0."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
+    """The penalty coefficient: a finite number ≥ 0 (:func:`~torchfim.errors.real_number`), as a float."""
+    value = real_number(alpha)
+    if value is None or not value >= 0 or value == float("inf"):
         raise TorchfimError(
             f"alpha must be a finite number ≥ 0 (the penalty coefficient), got {alpha!r}; "
             "the paper tunes it log-uniformly in about [1e-3, 1e-1]"
         )
-    return float(alpha)
+    return value
 
 
 def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:

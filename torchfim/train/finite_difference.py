@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from ..engine.batch import Batch
 from ..engine.derivative_settings import paused_power_iterations
 from ..engine.native_dtype import autocast_dtypes
-from ..errors import TorchfimError
+from ..errors import TorchfimError, real_number
 from ..families import Family
 from .model_io import ModelIO
 from .position_outputs import PositionOutputs
@@ -85,12 +85,13 @@ def check_fd_step(fd_step: object, grad_method: str) -> float | None:
         raise TorchfimError(
             f"fd_step={fd_step!r} only applies to grad_method='finite_difference'; drop it or switch the method"
         )
-    if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < math.inf:
+    step = real_number(fd_step)
+    if step is None or not 0 < step < math.inf:
         raise TorchfimError(
             f"fd_step must be a finite number > 0 (the step length along ĝ in parameter space), got {fd_step!r}; "
             "pass None for the default 0.1·√eps·(1 + ‖θ‖)"
         )
-    return float(fd_step)
+    return step
 
 
 def working_dtype(first: Tensor, *outputs: Tensor) -> torch.dtype:
@@ -331,7 +332,7 @@ def batch_gradient_fd_shared(
         *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
     with _perturbed(model, replay, dict(zip(params, shifted))):
         out = io.call(model, x)
-    return out, family.nll(leading(io.tensor(out, x.size), rows), y), coef, value, last
+    return out, family.nll(leading(io.tensor(out, x), rows), y), coef, value, last
 
 
 def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: float | Tensor) -> list[Tensor]:

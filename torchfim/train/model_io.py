@@ -124,20 +124,20 @@ class ModelIO:
                     raise
                 raise clear from err
 
-    def tensor(self, out: object, size: int) -> Tensor:
-        """The tensor of outputs the penalty reads from a mini-batch of ``size`` inputs: ``output(out)``, or
+    def tensor(self, out: object, x: Batch) -> Tensor:
+        """The tensor of outputs the penalty reads from the mini-batch ``x``: ``output(out)``, or
         ``out`` itself, ``out.logits`` or ``out["logits"]``, ``(batch,)`` as ``(batch, 1)``, classes moved last
         where ``class_dim=1``; refused when its first dim is not the batch (anything else is left to the family
         to refuse, with its fix)."""
         out = mapped_output(self.output, out) if self.output is not None else read_logits(out)
         if isinstance(out, Tensor):
-            check_batch_rows(out, size)
+            check_batch_rows(out, x)
         out = as_columns(out)
         return self.classes.last(out) if isinstance(out, Tensor) else out
 
     def outputs(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> Tensor:
         """The tensor of outputs of the model on the mini-batch."""
-        return self.tensor(self.call(model, x, differentiated_twice), x.size)
+        return self.tensor(self.call(model, x, differentiated_twice), x)
 
     def label_outputs(self, model: nn.Module, x: Batch) -> Tensor:
         """The outputs to draw labels from, without autograd, as the differentiated forward computes them:
@@ -166,7 +166,7 @@ class ModelIO:
             single = x.one_sample(*sample)
             params = {k.removeprefix(prefix): v for k, v in params.items()}
             with self.vmapped_forms(), stepwise_recurrent(recurrent), attention_fast_path_off():
-                out = self.tensor(functional_call(module, params, single.args, single.kwargs), single.size)
+                out = self.tensor(functional_call(module, params, single.args, single.kwargs), single)
             return family.log_prob_of_one(out, y1.unsqueeze(0), m1)
 
         return log_p

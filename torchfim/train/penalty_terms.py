@@ -44,7 +44,7 @@ class PenaltyTerms:
         if self.kind == "trace":
             _check_trace_mode(self.model)
         out = self.io.call(self.model, x)
-        o = leading(self.io.tensor(out, x.size), rows)
+        o = leading(self.io.tensor(out, x), rows)
         if self.kind == "batch_gradient":
             value, grads = self._batch_gradient(o, params), None
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import save_figure
-from ..errors import TorchfimError, warn_user
+from ..errors import TorchfimError, real_number, warn_user
 from .monitor import COLUMNS, FisherTraceMonitor, TraceRecord
 
 #: What :func:`plot_trace` takes as one run: a monitor, its records, or the path of its CSV file.
@@ -102,8 +102,10 @@ def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | 
         >>> [line.get_label() for line in fig.axes[0].get_lines()]
         ['lr 0.1']
     """
-    if isinstance(band, bool) or not isinstance(band, (int, float)) or not band >= 0 or math.isinf(band):
+    width = real_number(band)
+    if width is None or not width >= 0 or math.isinf(width):
         raise TorchfimError(f"band must be a finite number of standard errors ≥ 0, got {band!r}")
+    band = width
     named = dict(runs) if isinstance(runs, Mapping) else {None: runs}
     if not named:
         raise TorchfimError("plot_trace got no run (an empty dict); pass a monitor, its records or its CSV file, "
