@@ -29,7 +29,7 @@ from .models import Data
 from .reach_models import ReachData
 from .workload import Contender, Runner
 
-__all__ = ["backward_passes", "PenaltyPasses", "EXACT_NOTE", "PENALTY_NOTE"]
+__all__ = ["backward_passes", "exact_flop_limit", "PenaltyPasses", "EXACT_NOTE", "PENALTY_NOTE"]
 
 #: The report's notes on the two kinds of reference.
 EXACT_NOTE = ("arithmetic: one forward and C − 1 = 9 backward passes of the summed NLL per mini-batch (graph "
@@ -61,6 +61,27 @@ def backward_passes(model: nn.Module, data: Data | ReachData) -> Contender:
         return run
 
     return Contender("arithmetic", make, compare=False)
+
+
+def exact_flop_limit(model: nn.Module, data: Data | ReachData) -> str:
+    """The report's note on the least work of an exact diagonal, counted on the first mini-batch by torch's
+    ``FlopCounterMode`` (matrix products and convolutions): ``F`` of the floor's forward and ``B`` of its
+    backward. The method's ``C − 1`` pull-backs and per-sample weight gradients are the contractions of
+    ``C − 1`` backward passes, so it needs ``F + (C − 1)·B`` against the floor's ``F + B``: the ratio a
+    target below it can meet only by running faster per multiply-add than the floor's own kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = data.batches[0], data.targets[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    with FlopCounterMode(display=False) as forward:
+        out = model(x)
+        loss = _nll(out, y)
+    with FlopCounterMode(display=False) as backward:
+        torch.autograd.grad(loss, params)
+    f, b, vectors = forward.get_total_flops(), backward.get_total_flops(), out.shape[-1] - 1
+    return (f"least work of the exact diagonal (torch's FlopCounterMode, first mini-batch): forward F = {f / 1e9:.2f} "
+            f"GFLOP, backward B = {b / 1e9:.2f} GFLOP; F + {vectors}·B over the floor's F + B = "
+            f"{(f + vectors * b) / (f + b):.2f}× floor at the floor's FLOP rate")
 
 
 class PenaltyPasses:

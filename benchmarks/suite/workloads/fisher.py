@@ -7,7 +7,7 @@ from torch import nn
 
 import torchfim
 
-from ..arithmetic import EXACT_NOTE, backward_passes
+from ..arithmetic import EXACT_NOTE, backward_passes, exact_flop_limit
 from ..config import Config
 from ..labels import torchfim_labels
 from ..models import Data, arch, load_data, make_mlp, model_for, num_params
@@ -62,7 +62,7 @@ def build_exact(cfg: Config, status: dict, kind: str, which: str) -> Workload:
     elif kind == "diag-exact":
         notes.append("BackPACK: DiagGGNExact; nngeometry: FIM(variant='classif_logits') in PMatDiag")
         if which == "cnn":  # a dense layer needs no per-sample product, so the MLP's has no such reference
-            notes.append(EXACT_NOTE)
+            notes += [EXACT_NOTE, exact_flop_limit(model, data)]
             reference.append(backward_passes(model, data))
     else:
         notes.append("BackPACK: sum of DiagGGNExact; nngeometry: FIM(variant='classif_logits') in "

@@ -13,7 +13,7 @@ from torch import nn
 
 import torchfim
 
-from ..arithmetic import EXACT_NOTE, backward_passes
+from ..arithmetic import EXACT_NOTE, backward_passes, exact_flop_limit
 from ..config import Config
 from ..labels import torchfim_labels
 from ..models import num_params
@@ -105,7 +105,7 @@ def build_reach(cfg: Config, status: dict, kind: str, which: str) -> Workload:
     reference = []
     if estimator == "exact":
         reference = [backward_passes(model, data)]
-        notes.append(EXACT_NOTE)
+        notes += [EXACT_NOTE, exact_flop_limit(model, data)]
     return Workload(f"diag-{kind}-{which}", desc, num_params(model),
                     [_floor(model, data), Contender("torchfim", make), *reference, *others], check=check,
                     notes=notes, left_out=left_out)
