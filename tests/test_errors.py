@@ -625,3 +625,29 @@ def test_only_a_missing_forward_rule_becomes_the_hessian_estimators_refusal(said
         with second_order_support():
             raise NotImplementedError(said)
     assert isinstance(caught.value, TorchfimError) == refused
+
+
+def test_integer_options_take_numpy_and_tensor_integers_as_the_int_they_hold(tmp_path) -> None:
+    """A step counter from np.arange or a 0-dim tensor, n_samples from a NumPy config: taken as the int they hold
+    (kept as an int in records and state), while bools, floats and tensors of other shapes are still refused."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model, x = tanh_mlp(3), mlp_inputs(8)
+    gen = torch.Generator().manual_seed(1)
+    reference = torchfim.fisher(model, x, estimator="score", n_samples=2, generator=gen)
+    gen = torch.Generator().manual_seed(1)
+    assert torch.equal(torchfim.fisher(model, x, estimator="score", n_samples=np.int64(2), generator=gen), reference)
+    monitor = torchfim.train.FisherTraceMonitor(model, x, every=np.int32(2), subset=np.int64(4),
+                                                csv_path=tmp_path / "trace.csv")
+    record = monitor.step(torch.tensor(4))
+    assert type(record.step) is int and record.step == 4 and monitor.every == 2 and type(monitor.subset) is int
+    assert (tmp_path / "trace.csv").read_text().splitlines()[1].startswith("4,")
+    penalty = torchfim.train.FisherPenalty(model, alpha=0.1, every=np.int64(3))
+    penalty(x, step=np.int64(3))
+    assert type(penalty.last_step) is int and penalty.every == 3
+    for bad in (True, 2.0, np.float64(2.0), torch.tensor([2]), torch.tensor(2.0), np.bool_(True)):
+        with pytest.raises(torchfim.TorchfimError, match="n_samples must be a positive integer"):
+            torchfim.fisher(model, x, estimator="score", n_samples=bad)
+        with pytest.raises(torchfim.TorchfimError, match="step must be an integer"):
+            monitor.step(bad)

@@ -64,14 +64,27 @@ def real_number(value: object) -> float | None:
     return float(value)
 
 
+def whole_number(value: object) -> int | None:
+    """``value`` as an int where it is one integer: a Python or NumPy integer, or a 0-dim tensor of an integer dtype;
+    None for anything else, such as a bool, a float (even 3.0) or a tensor of another shape."""
+    if isinstance(value, torch.Tensor):
+        whole = value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+                                          or value.is_meta)
+        return int(value.item()) if whole else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def check_n_samples(n_samples: object) -> int:
-    """Return ``n_samples`` as an int if it is a positive integer, else raise."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
+    """Return ``n_samples`` as an int if it is a positive integer (:func:`whole_number`), else raise."""
+    value = whole_number(n_samples)
+    if value is None or value <= 0:
         raise TorchfimError(
             f"n_samples must be a positive integer (labels drawn per input), got {n_samples!r}; "
             "pass e.g. n_samples=1"
         )
-    return n_samples
+    return value
 
 
 def check_generator(generator: object) -> None:

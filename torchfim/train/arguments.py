@@ -5,23 +5,25 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import TorchfimError, real_number
+from ..errors import TorchfimError, real_number, whole_number
 
 
 def check_int(name: str, value: object, minimum: int, hint: str) -> int:
-    """``value`` when it is an integer ≥ ``minimum`` (not a bool); else an error that ends with ``hint``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int when it is an integer ≥ ``minimum`` (:func:`~torchfim.errors.whole_number`: a NumPy
+    integer or a 0-dim integer tensor too, not a bool); else an error that ends with ``hint``."""
+    whole = whole_number(value)
+    if whole is None or whole < minimum:
         raise TorchfimError(f"{name} must be an integer ≥ {minimum}, got {value!r}; {hint}")
-    return value
+    return whole
 
 
-def check_step(step: object) -> None:
-    """A training step counter: required (the schedules follow it), an integer ≥ 0."""
+def check_step(step: object) -> int:
+    """A training step counter, as an int: required (the schedules follow it), an integer ≥ 0."""
     if step is None:
         raise TorchfimError(
             "FisherPenalty needs the training step to follow its schedule: pass step=step (0, 1, 2, ...)"
         )
-    check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
+    return check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
 
 
 def check_alpha(alpha: object) -> float:

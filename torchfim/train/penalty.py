@@ -241,7 +241,7 @@ class FisherPenalty(PenaltyTerms):
         """The penalty term for this training step (see the class docstring); ``mask`` ``(B, *pos)``, or
         the key of one in a dict mini-batch, marks the observed positions of outputs with positions
         (padding False)."""
-        check_step(step)
+        step = check_step(step)
         if step % self.every != 0 and self.reuse_between and self._kept.grads is not None:
             return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
         names, params = penalised_parameters(self.model)
@@ -326,7 +326,7 @@ class FisherPenalty(PenaltyTerms):
             >>> bool(torch.isclose(loss, at_theta, rtol=1e-4)), bool(torch.isclose(loss, at_theta, rtol=1e-7))
             (True, False)
         """
-        check_step(step)
+        step = check_step(step)
         check_task_loss(task_loss)
         own, self.model = self.model, running_module(self.model, model)
         try:
