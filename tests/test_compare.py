@@ -168,6 +168,17 @@ def test_a_verdict_by_chance_is_at_most_one_minus_confidence(confidence):
     assert prob_outperform(np.zeros(6), np.ones(6)).conclusion == "B better"
 
 
+def test_the_fewest_pairs_for_a_verdict_are_those_the_docstring_gives():
+    # "At 95% that takes at least 6 pairs (6 wins of 6), 9 with one loss, 12 with two."
+    for losses, fewest in [(0, 6), (1, 9), (2, 12)]:
+        def agrees(n: int) -> bool:
+            a = np.r_[np.ones(n - losses), np.zeros(losses)]
+            return prob_outperform(a, 1.0 - a).sign_test_p <= 0.05
+        assert agrees(fewest) and not agrees(fewest - 1)
+    assert "6 pairs" in prob_outperform.__doc__ and "9 with one" in prob_outperform.__doc__
+    assert "12 with two" in prob_outperform.__doc__
+
+
 def test_sign_test_p_is_the_exact_two_sided_binomial_tail():
     # Brute force over every sign pattern of the untied pairs: the probability, under fair coins, of a
     # split at least as lopsided as the observed one.

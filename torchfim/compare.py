@@ -240,7 +240,7 @@ def prob_outperform(
     test on the untied pairs at level ``1 - confidence`` (:attr:`OutperformResult.sign_test_p`):
     when the two methods' runs are exchangeable, a verdict is drawn with probability at most
     ``1 - confidence``. At 95% that takes at least 6 pairs (6 wins of 6: p = 1/32), 9 with one
-    loss (p = 0.039), 11 with two (p = 0.039).
+    loss (p = 0.039), 12 with two (p = 0.039).
 
     Decision rule, after Bouthillier et al. (2021), "Accounting for Variance in Machine Learning
     Benchmarks", Proceedings of MLSys 3 (arXiv:2103.03098), where the probability of outperforming
