@@ -6,7 +6,7 @@
 # by constraints.txt (torch==2.13.0, the CPU build on this machine; every other package at the
 # version the tests last passed with). The first use creates it;
 # later uses only compare a stamp file and return at once. The install is redone when
-# pyproject.toml or constraints.txt change, or when an earlier install was interrupted.
+# pyproject.toml, constraints.txt or this file change, or when an earlier install was interrupted.
 #
 # Sets TORCHFIM_ROOT (the repository root) and TORCHFIM_VENV (its .venv).
 # Set PYTHON to choose the interpreter that creates the environment (default: python3).
@@ -18,7 +18,7 @@ _torchfim_venv_ensure() {
     local root="$TORCHFIM_ROOT" venv="$TORCHFIM_VENV"
     local stamp="$venv/.torchfim-install-stamp"
     local want
-    want="$(cat "$root/pyproject.toml" "$root/constraints.txt" | cksum)" || return 1
+    want="$(cat "$root/pyproject.toml" "$root/constraints.txt" "$root/scripts/_venv.sh" | cksum)" || return 1
 
     if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0    # up to date: the fast path

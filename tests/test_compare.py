@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchfim.compare as compare
+import torchfim.seed_plans as seed_plans
 from torchfim.compare import (
     SOURCES,
     OutperformResult,
@@ -457,9 +458,12 @@ def test_seeds_count_and_source_errors():
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(compare, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
-    assert result.attempted >= 30
+    attempted = 0
+    for module in (compare, seed_plans):  # the seeds' functions live in their own module, re-exported by compare
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0
+        attempted += result.attempted
+    assert attempted >= 30
 
 
 def test_every_public_object_has_an_example():

@@ -498,6 +498,11 @@ def test_a_tuple_of_inputs_and_regression_targets_or_of_unequal_length_is_named(
         compute(model, (x, targets))
     halves = torchfim.fisher(model, (x[:3], x[3:]), family="gaussian", structure="diag")
     assert torch.allclose(halves, torchfim.fisher(model, x, family="gaussian", structure="diag"), rtol=1e-12, atol=0)
+    # Images of two sizes, to a model that pools them, are two mini-batches, not a pair (a review found them refused).
+    pooled = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).double()
+    small, large = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randn(6, 3, 12, 12, dtype=torch.float64)
+    both = torchfim.fisher(pooled, (small, large), structure="diag")
+    assert torch.allclose(both, torchfim.fisher(pooled, [small, large], structure="diag"), rtol=1e-12, atol=0)
 
 
 class _AssertsItsBatch(nn.Module):

@@ -180,6 +180,13 @@ def test_inputs_on_the_meta_device_are_refused(call) -> None:
         call(tanh_mlp(3), torch.empty(8, 3, dtype=torch.float64, device="meta"))
 
 
+def test_targets_on_the_meta_device_are_named_as_targets() -> None:
+    model, x = tanh_mlp(3), mlp_inputs(8)
+    labels = torch.zeros(8, dtype=torch.long, device="meta")
+    with pytest.raises(TorchfimError, match=r"the targets are on the meta device \(\(8,\) torch.int64\).*pass the targets"):
+        torchfim.fisher(model, x, targets=labels, estimator="empirical")
+
+
 def test_nan_in_a_later_mini_batch_or_dict_input_is_refused() -> None:
     model = tanh_mlp(3, seed=42)
     x = mlp_inputs(6, seed=43)

@@ -83,14 +83,16 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
 def _refuse_a_pair(inputs: object) -> None:
     """Refuse a tuple of two tensors that is an ``(inputs, targets)`` pair rather than two mini-batches: another
     number of dims or another kind of dtype (floating point or not), which mini-batches of one model share; with as
-    many rows, any other dtype, or floating-point ones of another width (a regression's targets, ``(n, 1)`` beside
-    ``(n, d)``: mini-batches of one model share their features; a list of two mini-batches is not refused)."""
+    many rows, any other dtype, or 2-D floating-point ones of another width (a regression's targets, ``(n, 1)`` beside
+    ``(n, d)``: tabular mini-batches of one model share their features; images or sequences of other sizes may not,
+    and a list of two mini-batches is never refused)."""
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(t, Tensor) and t.dim() for t in inputs)):
         return
     x, y = inputs
     unlike = x.dim() != y.dim() or x.is_floating_point() != y.is_floating_point()
     if x.shape[0] == y.shape[0]:
-        wider = x.is_floating_point() and y.is_floating_point() and x.shape[-1] != y.shape[-1]
+        # tables only: images or sequences of other sizes are mini-batches a pooling model takes alike
+        wider = x.dim() == 2 and x.is_floating_point() and y.is_floating_point() and x.shape[-1] != y.shape[-1]
         unlike = unlike or x.dtype != y.dtype or wider
     if not unlike:
         return

@@ -71,6 +71,14 @@ def check_writable(path: Path, what: str, option: str = "--out") -> None:
                 pass
 
 
+def check_creatable(path: Path, what: str, option: str) -> None:
+    """Make the folder ``path`` if missing and create and remove a file in it; the folder is kept, since several
+    processes may check the same one at once (each removing what it made would pull it from under the others)."""
+    path = Path(os.path.abspath(path))
+    _create(path, what, option)
+    _probe(path, what, option)
+
+
 def _create(path: Path, what: str, option: str) -> None:
     """Make the folder ``path`` (and its parents), or say why it cannot be made."""
     try:

@@ -33,12 +33,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import TorchfimError
+from .seed_plans import SOURCES, SeedPlan, derive_seeds, seeds, torch_generator
 
 __all__ = [
     "OutperformResult",
@@ -54,15 +55,6 @@ __all__ = [
 A_BETTER = "A better"
 B_BETTER = "B better"
 NOT_SIGNIFICANT = "not significant"
-
-#: Sources of variation a :class:`SeedPlan` holds one seed for, in spawn order. A new source must be
-#: appended at the end, so that the seeds of the existing ones stay what they were.
-SOURCES: tuple[str, ...] = ("init", "data_order", "data_split", "label_noise", "sampling")
-
-# Spawn key of the root that :func:`seeds` spawns the runs' master seeds from ("RUNS" in ASCII).
-# Keeps those seeds apart from the per-source children of SeedSequence(master_seed) that
-# :func:`derive_seeds` uses (spawn keys 0..4): seeds(n, m)[k] is not derive_seeds(m)'s k-th seed.
-_RUNS_SPAWN_KEY = 0x52554E53
 
 # Rows of bootstrap indices drawn at once: keeps the (rows, n) index array near 32 MiB.
 _BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
@@ -84,18 +76,18 @@ class OutperformResult:
         n: the number of paired runs.
         gamma: the threshold a meaningful effect must be able to reach (0.75 in the paper).
         confidence: the level of the interval (0.95 for a 95% interval).
-        sign_test_p: the exact two-sided sign test's p-value on the pairs that are not tied:
-            ``min(1, 2·P(Bin(m, 1/2) ≥ max(w, m − w)))`` for ``w`` wins of A among ``m`` untied
-            pairs (1 when every pair is tied).
         significant: the interval excludes 0.5 (``ci_low > 0.5`` or ``ci_high < 0.5``) and the
             sign test agrees: ``sign_test_p ≤ 1 - confidence``.
         meaningful: the interval reaches the meaningful zone on the side it points to:
             ``ci_high > gamma`` on A's side, ``ci_low < 1 - gamma`` on B's side (the side is the
             one the interval lies on when significant, else the side of ``p``; at ``p == 0.5``
             either counts, so that swapping A and B never changes the flag).
-        conclusion: ``"A better"`` (``ci_low > 0.5`` and ``ci_high > gamma``), ``"B better"``
-            (``ci_high < 0.5`` and ``ci_low < 1 - gamma``) or ``"not significant"`` (no
+        conclusion: ``"A better"`` (significant with ``ci_low > 0.5``, and ``ci_high > gamma``), ``"B better"``
+            (significant with ``ci_high < 0.5``, and ``ci_low < 1 - gamma``) or ``"not significant"`` (no
             conclusion: not significant, or significant but not meaningful; the flags say which).
+        sign_test_p: the exact two-sided sign test's p-value on the pairs that are not tied:
+            ``min(1, 2·P(Bin(m, 1/2) ≥ max(w, m − w)))`` for ``w`` wins of A among ``m`` untied
+            pairs (1 when every pair is tied).
 
     ``str(result)`` is one readable line:
 
@@ -114,10 +106,10 @@ class OutperformResult:
     n: int
     gamma: float
     confidence: float
-    sign_test_p: float
     significant: bool
     meaningful: bool
     conclusion: str
+    sign_test_p: float
 
     def __str__(self) -> str:
         line = (
@@ -361,181 +353,3 @@ def _sign_test(wins: int, losses: int) -> float:
         return 1.0
     tail = sum(math.comb(m, j) for j in range(k, m + 1))
     return min(1.0, 2.0 * tail / 2**m)
-
-
-# ---------------------------------------------------------------------------------------------
-# Seeds
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_seed(name: str, seed: object) -> int:
-    """``seed`` as an int if it is a non-negative integer, else raise."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TorchfimError(f"{name} must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
-def _seed_from(sequence: np.random.SeedSequence) -> int:
-    """A 32-bit seed from ``sequence``, accepted by torch, numpy (legacy too) and scikit-learn."""
-    return int(sequence.generate_state(1, dtype=np.uint32)[0])
-
-
-@dataclass(frozen=True)
-class SeedPlan:
-    """One run's seed for each source of variation, all derived from the run's master seed.
-
-    Build it with :func:`derive_seeds` (or ``SeedPlan.from_master``). Each field is a 32-bit
-    integer (``0 <= seed < 2**32``), accepted by ``torch.manual_seed``,
-    ``numpy.random.default_rng``, ``numpy.random.seed`` and scikit-learn's ``random_state``.
-    The five seeds come from five children
-    of ``numpy.random.SeedSequence(master_seed)``, so their streams are independent of each other,
-    and the same master seed always gives the same plan.
-
-    Attributes:
-        master_seed: the run's master seed, from which the others are derived.
-        init: initialisation of the model's parameters.
-        data_order: order of the training examples (shuffling, mini-batch composition).
-        data_split: which examples go to the train, validation and test sets.
-        label_noise: which labels are corrupted, and into what, when training with label noise.
-        sampling: labels drawn from the model's predictive distribution to estimate the Fisher
-            information (the ``sampled`` estimators).
-
-    >>> plan = derive_seeds(7)
-    >>> plan == SeedPlan.from_master(7)
-    True
-    >>> len(set(plan.as_dict().values()))    # five different seeds
-    5
-    >>> g = plan.generator("init")           # a seeded torch.Generator for that source
-    >>> torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=plan.generator("init")))
-    True
-    """
-
-    master_seed: int
-    init: int
-    data_order: int
-    data_split: int
-    label_noise: int
-    sampling: int
-
-    @classmethod
-    def from_master(cls, master_seed: int) -> SeedPlan:
-        """The plan of the run whose master seed is ``master_seed`` (same as :func:`derive_seeds`).
-
-        >>> SeedPlan.from_master(3).master_seed
-        3
-        """
-        master_seed = _check_seed("master_seed", master_seed)
-        children = np.random.SeedSequence(master_seed).spawn(len(SOURCES))
-        return cls(master_seed, *(_seed_from(child) for child in children))
-
-    def as_dict(self) -> dict[str, int]:
-        """The seed of each source, keyed by source name (the master seed is left out).
-
-        >>> list(derive_seeds(0).as_dict()) == list(SOURCES)
-        True
-        """
-        seeds_by_field = asdict(self)
-        return {source: seeds_by_field[source] for source in SOURCES}
-
-    def seed(self, source: str) -> int:
-        """The seed of ``source``, one of :data:`SOURCES`.
-
-        >>> plan = derive_seeds(0)
-        >>> plan.seed("data_order") == plan.data_order
-        True
-        """
-        if not isinstance(source, str) or source not in SOURCES:
-            listed = ", ".join(repr(s) for s in SOURCES)
-            raise TorchfimError(f"unknown source of variation {source!r}; choose one of {listed}")
-        return getattr(self, source)
-
-    def generator(self, source: str, device: str | torch.device = "cpu") -> torch.Generator:
-        """A fresh ``torch.Generator`` on ``device`` seeded with the seed of ``source``.
-
-        >>> plan = derive_seeds(0)
-        >>> plan.generator("sampling").initial_seed() == plan.sampling
-        True
-        """
-        return torch_generator(self.seed(source), device=device)
-
-
-def derive_seeds(master_seed: int) -> SeedPlan:
-    """Split one run's master seed into independent seeds, one per source of variation.
-
-    Uses ``numpy.random.SeedSequence(master_seed).spawn(5)``: child ``k`` gives the seed of
-    ``SOURCES[k]``. Spawned sequences are designed to give independent streams, so e.g. changing
-    the data order between runs does not tie it to the initialisation. Deterministic: the same
-    master seed gives the same seeds, on every machine and numpy version (SeedSequence's hashing is
-    fixed). Give both methods of a comparison the same master seed for run ``i``: their runs are
-    then paired, as :func:`prob_outperform` expects.
-
-    Args:
-        master_seed: a non-negative integer, e.g. one of :func:`seeds`.
-
-    Returns:
-        A :class:`SeedPlan`.
-
-    >>> plan = derive_seeds(42)
-    >>> plan == derive_seeds(42)                 # reproducible
-    True
-    >>> plan.init != plan.data_order              # one seed per source
-    True
-    >>> derive_seeds(43).init != plan.init        # and per run
-    True
-    """
-    return SeedPlan.from_master(master_seed)
-
-
-def seeds(n: int, master_seed: int = 0) -> list[int]:
-    """``n`` master seeds, one per run, derived from one study-wide ``master_seed``.
-
-Child ``i`` of ``numpy.random.SeedSequence(master_seed, spawn_key=(0x52554E53,)).spawn(n)``
-    gives run ``i``'s seed (the spawn key, "RUNS" in ASCII, keeps these seeds apart from the
-    per-source seeds ``derive_seeds(master_seed)`` spawns from the same ``master_seed``). The list
-    is reproducible and a longer list extends a shorter one: ``seeds(5, s)[:3] == seeds(3, s)``.
-    Each is a 32-bit integer; pass it to :func:`derive_seeds`.
-
-    Args:
-        n: number of runs, a non-negative integer.
-        master_seed: the study's seed, a non-negative integer.
-
-    Returns:
-        A list of ``n`` ints in ``[0, 2**32)``.
-
-    >>> s = seeds(5, master_seed=1)
-    >>> len(s), len(set(s))
-    (5, 5)
-    >>> seeds(3, master_seed=1) == s[:3]
-    True
-    >>> seeds(3, master_seed=2) != s[:3]
-    True
-    """
-    n = _check_seed("n", n)
-    master_seed = _check_seed("master_seed", master_seed)
-    root = np.random.SeedSequence(master_seed, spawn_key=(_RUNS_SPAWN_KEY,))
-    return [_seed_from(child) for child in root.spawn(n)]
-
-
-def torch_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A new ``torch.Generator`` on ``device``, seeded with ``seed``.
-
-    Pass it as ``generator=`` to torch's random functions (``torch.randn``, ``torch.randperm``,
-    a ``DataLoader``, ...) instead of seeding torch's global generator, so one source of
-    randomness cannot shift another's stream.
-
-    Args:
-        seed: a non-negative integer, e.g. a field of a :class:`SeedPlan`.
-        device: where the generator lives (``"cpu"``, ``"cuda"``, ...); it must match the device
-            of the tensors it draws.
-
-    >>> g = torch_generator(123)
-    >>> x = torch.randperm(5, generator=g)
-    >>> torch.equal(x, torch.randperm(5, generator=torch_generator(123)))
-    True
-    >>> g.initial_seed()
-    123
-    """
-    seed = _check_seed("seed", seed)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator

@@ -33,8 +33,8 @@ UNSHIFTED = (
 )
 #: Inputs on the meta device (a shape without values), which no forward can read.
 META_INPUTS = (
-    "the inputs are on the meta device ({described}): a meta tensor has a shape and a dtype but no values, so "
-    "the model cannot be run on it; pass the inputs with their values (your data, or torch.randn(...) of that "
+    "the {which} on the meta device ({described}): a meta tensor has a shape and a dtype but no values, so "
+    "the model cannot be run on it; pass the {what} with their values (your data, or torch.randn(...) of that "
     "shape to try a call), on the model's device"
 )
 #: ``vmap`` in-dims of a batch's positional and keyword inputs: 0 where the batch dim is first, else None.
@@ -167,11 +167,12 @@ def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.d
 def _refuse_meta(x: object, y: object) -> None:
     """Refuse a mini-batch whose inputs (a tensor or a dict's values) or targets lie on the meta device
     (:data:`META_INPUTS`): copying them to the model's device, or running the model on them, fails inside torch."""
-    tensors = [*(x.values() if isinstance(x, Mapping) else [x]), y]
-    on_meta = [t for t in tensors if isinstance(t, Tensor) and t.is_meta]
-    if on_meta:
-        described = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in on_meta)
-        raise TorchfimError(META_INPUTS.format(described=described))
+    inputs = [t for t in (x.values() if isinstance(x, Mapping) else [x]) if isinstance(t, Tensor) and t.is_meta]
+    targets = [y] if isinstance(y, Tensor) and y.is_meta else []
+    if inputs or targets:
+        which = " and ".join(w for w, ts in (("inputs", inputs), ("targets", targets)) if ts)
+        described = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs + targets)
+        raise TorchfimError(META_INPUTS.format(which=which + " are", what=which, described=described))
 
 
 def _equal_to_input_ids(x: Mapping, y: object) -> bool:

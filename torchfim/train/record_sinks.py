@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .._io import atomic_write
-from .._out_folder import check_writable
+from .._out_folder import check_creatable
 from .._processes import process_group
 from ..errors import TorchfimError
 
@@ -34,9 +34,9 @@ def process_paths(csv_path: str | os.PathLike | None,
         if csv_file.is_dir():
             raise TorchfimError(f"csv_path {str(csv_path)!r} is a folder; name the CSV file, e.g. "
                                 f"csv_path={str(csv_file / 'trace.csv')!r}")
-        check_writable(csv_file.parent, "Tr(F) records", "csv_path")
+        check_creatable(csv_file.parent, "Tr(F) records", "csv_path")
     if log_dir is not None:
-        check_writable(log_dir, "TensorBoard events", "tensorboard_dir")
+        check_creatable(log_dir, "TensorBoard events", "tensorboard_dir")
     rank = (process_group() or (0, 1))[0]
     if rank == 0:
         return csv_file, log_dir

@@ -65,6 +65,7 @@ def _compare(name: str, claim: str, combo: str, a_label: str, b_label: str, metr
         "p": compact(r.p),
         "ci_low": compact(r.ci_low),
         "ci_high": compact(r.ci_high),
+        "sign_test_p": compact(r.sign_test_p),
         "n": r.n,
         "conclusion": r.conclusion,
         "significant": r.significant,
@@ -305,7 +306,8 @@ def _verdicts(settings: Settings, aggregates: dict, comparisons: list[dict]) -> 
         if c is None:
             return None
         verdict = {"A better": "held", "B better": "opposite"}.get(c["conclusion"], "not significant")
-        return f"{verdict} ({c['p'] * c['n']:g}/{c['n']})"  # the seeds in the claim's direction, ties one half
+        # the seeds in the claim's direction, ties one half (p is stored to 6 digits: back to a multiple of 1/2)
+        return f"{verdict} ({round(2 * c['p'] * c['n']) / 2:g}/{c['n']})"
 
     clean: dict[str, Any] = {}
     combos = [f"{d}/{m}" for d, m in settings.combos]
