@@ -171,11 +171,12 @@ def test_a_verdict_by_chance_is_at_most_one_minus_confidence(confidence):
 
 def test_the_fewest_pairs_for_a_verdict_are_those_the_docstring_gives():
     # "At 95% that takes at least 6 pairs (6 wins of 6), 9 with one loss, 12 with two."
+    def agrees(n: int, losses: int) -> bool:
+        a = np.r_[np.ones(n - losses), np.zeros(losses)]
+        return prob_outperform(a, 1.0 - a).sign_test_p <= 0.05
+
     for losses, fewest in [(0, 6), (1, 9), (2, 12)]:
-        def agrees(n: int) -> bool:
-            a = np.r_[np.ones(n - losses), np.zeros(losses)]
-            return prob_outperform(a, 1.0 - a).sign_test_p <= 0.05
-        assert agrees(fewest) and not agrees(fewest - 1)
+        assert agrees(fewest, losses) and not agrees(fewest - 1, losses)
     assert "6 pairs" in prob_outperform.__doc__ and "9 with one" in prob_outperform.__doc__
     assert "12 with two" in prob_outperform.__doc__
 
