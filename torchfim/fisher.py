@@ -109,7 +109,8 @@ def fisher(
         across_processes: compute together with the other processes of a ``torch.distributed`` run, each on
             its share of every mini-batch (every process passes the same inputs and gets the same result, the
             Fisher of them all, for about ``1/W`` of the work): :mod:`torchfim.process_rows`. Not with
-            ``estimator="combined"``.
+            ``estimator="combined"``. Every process must make the call: one that passes
+            ``across_processes=True`` alone waits for the others in a collective until they leave the run.
 
     Returns:
         The requested structure, on the model's device in the model's dtype (accumulated in
