@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from cases import CASES, Case, token_mask
+from cases import CASES, Case, mlp_inputs, tanh_mlp, token_mask
 from oracles import FAMILY_WIDTH, flat_function, label_support, output_fisher
 from torch.func import jacrev
 
@@ -244,6 +244,29 @@ def test_progress_counts_the_columns_of_a_long_exact_fisher(monkeypatch: pytest.
     torchfim.fisher(res["model"], res["x"], structure="diag", progress=True, **_kwargs(case, res))
     total = int(res["mask"].any(0).sum()) * (res["model"](res["x"]).shape[-1] - 1)
     assert (total, total) in ends
+
+
+def test_the_bar_over_mini_batches_knows_their_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DataLoader or a list has a length: the bar shows it (a user trial saw "3batch" with no total or ETA),
+    and ends full; a generator's has none."""
+    from torch.utils.data import DataLoader
+
+    from torchfim.engine import loop
+
+    ends = []
+
+    class Bar(loop.tqdm):
+        def close(self) -> None:
+            if not self.disable:  # tqdm closes again when collected
+                ends.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    model, x = tanh_mlp(3), mlp_inputs(12)
+    for inputs, total in ((DataLoader(x, batch_size=4), 3), ([x[:5], x[5:]], 2), (x, 1), ((b for b in [x]), None)):
+        ends.clear()
+        torchfim.fisher(model, inputs, structure="diag", progress=True)
+        assert ends == [(total or 1, total)], (inputs, ends)
 
 
 def test_a_long_exact_fisher_warns_with_its_estimate_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:

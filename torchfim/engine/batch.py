@@ -210,6 +210,18 @@ def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.
             yield batch.with_defaults(defaults)
 
 
+def batch_count(inputs: Inputs) -> int | None:
+    """How many mini-batches :func:`batches` reads from ``inputs`` where that is known before reading them (a
+    progress bar's total): 1 for a tensor or a dict, else ``len(inputs)`` (a list, a ``DataLoader``), or None for
+    an iterable without a length."""
+    if isinstance(inputs, (Tensor, Mapping)):
+        return 1
+    try:
+        return len(inputs)
+    except TypeError:  # a generator, or a DataLoader over an IterableDataset
+        return None
+
+
 def detached(t: object) -> object:
     """``t`` detached where it is a tensor (for :meth:`Batch.map`): the inputs torchfim differentiates through
     are its own, never the caller's graph."""

@@ -58,8 +58,10 @@ def run(
     split: bool = False,
     whole: bool = False,
     grams: bool = False,
+    total: int | None = None,
 ) -> Iterator[tuple[Recording, Family]]:
-    """Recordings of every mini-batch, each with the family of its flat outputs (checked).
+    """Recordings of every mini-batch, each with the family of its flat outputs (checked); ``total``: the number
+    of mini-batches where known, for the progress bar.
 
     With ``split`` (for computations that pull many vectors back and draw nothing at random), a
     large mini-batch is recorded in the groups of rows the backend asks for
@@ -71,7 +73,7 @@ def run(
     """
     checked = 0
     versions = view.versions()
-    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
+    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress)):
         _check_finite_inputs(batch, index)
         view.check_call(batch)
         # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import TorchfimError
 from ..families import Family
 from .backend import Backend, Recording
-from .batch import Batch, batches
+from .batch import Batch, batch_count, batches
 from .loop import make_backend, run
 from .view import Mask, ModelView, engine_session
 
@@ -47,7 +47,8 @@ class Pass:
                                defaults=view.call_defaults())
         if rows is not None:
             mini_batches = rows(mini_batches)
-        for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split, whole, grams):
+        for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split, whole, grams,
+                            total=batch_count(inputs) if progress else None):
             yield rec, fam
             self.n += rec.batch.size
         if self.n == 0 and rows is None:  # a process's share may be empty where the others' are not
