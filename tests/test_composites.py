@@ -8,6 +8,7 @@ kernel, which has a double backward).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -248,3 +249,38 @@ def test_in_place_activations_write_their_input_in_composite_form() -> None:
 def test_glu_on_an_odd_dimension_is_refused_as_torch_refuses_it() -> None:
     with composite_forms(), pytest.raises(RuntimeError, match="Halving dimension must be even"):
         F.glu(_randn(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+def test_the_hessian_estimator_takes_weight_norm(kind: str) -> None:
+    """Î2 and its variance of an MLP whose first layer is weight-normalised (the parametrization and the older
+    hook) equal those of the same MLP with ``w = v·g/‖v‖`` written out (a user trial: torch's fused weight norm has
+    no forward-mode rule for its backward, and both were refused)."""
+
+    class Written(nn.Module):
+        def __init__(self, bias: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> None:
+            super().__init__()
+            self.bias, self.g, self.v = (nn.Parameter(t.detach().clone()) for t in (bias, g, v))
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            w = self.v * (self.g / self.v.square().sum(1, keepdim=True).sqrt())
+            return t @ w.T + self.bias
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook is deprecated in favour of the parametrization
+        first = (nn.utils.parametrizations.weight_norm if kind == "parametrization" else nn.utils.weight_norm)(
+            nn.Linear(3, 5))
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(5, 4)).double()
+    (_, bias), (_, g), (_, v) = list(model[0].named_parameters())
+    written = nn.Sequential(Written(bias, g, v), nn.Tanh(), copy.deepcopy(model[2]))
+    x = _randn(16, 3)
+
+    def blocks(m: nn.Module) -> list[torch.Tensor]:
+        return list(torchfim.fisher(m, x, estimator="hessian", structure="layers", n_samples=3,
+                                    generator=torch.Generator().manual_seed(1)).values())
+
+    for got, want in zip(blocks(model), blocks(written), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(*(torchfim.fisher_variance(m, x, estimator="hessian", structure="trace")
+                                 for m in (model, written)), rtol=1e-10, atol=1e-12)

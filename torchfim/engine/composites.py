@@ -12,7 +12,10 @@ of ``grad``). Two functions that transformers call break it in torch 2.x:
   attention fails.
 
 Five activations break second derivatives too (``silu``, ``mish``, ``glu``, ``hardsigmoid`` and the eval-mode
-``rrelu``): :mod:`.composite_activations` says which and how they run.
+``rrelu``): :mod:`.composite_activations` says which and how they run. So does weight normalisation
+(``torch._weight_norm``, behind ``nn.utils.parametrizations.weight_norm`` and the older ``nn.utils.weight_norm``):
+its fused kernel has no forward-mode rule for its backward, and it runs as ``v·g/‖v‖`` (the norm over every dim
+but ``dim``) where forward-mode AD differentiates it.
 
 And one differs from torch's reverse mode by convention: ``embedding`` with a ``padding_idx``, whose
 padding row torch's backward leaves without a gradient (a constant of the model), while forward-mode
@@ -85,6 +88,15 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *ar
     return F.embedding(input, weight, padding_idx, *args, **kwargs)
 
 
+def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``v·g/‖v‖``, the norm over every dim of ``v`` but ``dim`` (over all of them where ``dim = −1``), as
+    ``torch._weight_norm`` computes it."""
+    if dim == -1:
+        return v * (g / torch.linalg.vector_norm(v))
+    others = [d for d in range(v.dim()) if d != dim % v.dim()]
+    return v * (g / torch.linalg.vector_norm(v, dim=others, keepdim=True))
+
+
 _MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
 
 
@@ -104,8 +116,8 @@ _COMPOSITES: dict[Callable, Callable] = {
     F.embedding: embedding,
     **EVERY_MODE,
 }
-#: The same with the activations that forward-mode AD alone needs in composite form.
-_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE}
+#: The same with the functions that forward-mode AD alone needs in composite form (activations, weight norm).
+_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, torch._weight_norm: weight_norm}
 
 
 class _CompositeForms(TorchFunctionMode):
