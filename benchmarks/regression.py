@@ -144,10 +144,11 @@ def export(commit: str, into: Path) -> Path:
     return into
 
 
-def run_one(tree: Path, name: str, env: dict[str, str] | None = None) -> dict[str, list[float]]:
-    """One worker's times; ``env``: variables added to its environment."""
-    out = subprocess.run([sys.executable, __file__, "--worker", str(tree), name], check=True, capture_output=True,
-                         text=True, env=None if env is None else {**os.environ, **env})
+def run_one(tree: Path, name: str, env: dict[str, str] | None = None, reps: int | None = None) -> dict[str, list[float]]:
+    """One worker's times; ``env``: variables added to its environment; ``reps``: turns (default: the workload's)."""
+    extra = [] if reps is None else ["--worker-reps", str(reps)]
+    out = subprocess.run([sys.executable, __file__, "--worker", str(tree), name, *extra], check=True,
+                         capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -225,9 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="write the raw ratios here")
     p.add_argument("--fixed-malloc", action="store_true", help="run the workers with glibc's thresholds fixed")
     p.add_argument("--worker", nargs=2, metavar=("TREE", "WORKLOAD"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-reps", type=int, help=argparse.SUPPRESS)  # fewer turns, for the tests
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker[0], args.worker[1], WORKLOADS[args.worker[1]][1])
+        worker(args.worker[0], args.worker[1], args.worker_reps or WORKLOADS[args.worker[1]][1])
         return
     names = [n for n in args.workloads.split(",") if n]
     unknown = sorted(set(names) - set(WORKLOADS))
