@@ -71,6 +71,8 @@ def exact_flop_limit(model: nn.Module, data: Data | ReachData) -> str:
     target below it can meet only by running faster per multiply-add than the floor's own kernels."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return "least work of the exact diagonal: not counted (torch's FlopCounterMode has no formula for recurrent layers)"
     x, y = data.batches[0], data.targets[0]
     params = [p for p in model.parameters() if p.requires_grad]
     with FlopCounterMode(display=False) as forward:
