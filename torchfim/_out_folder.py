@@ -54,15 +54,13 @@ def check_out_file(out: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def check_writable(path: Path, what: str, option: str = "--out") -> None:
-    """Create the folder ``path`` if missing, create and remove a file in it, then remove the folders created:
-    a command refused later (a bad option, a bad model) leaves nothing behind, and the writers create them
-    again. Errors name the ``option`` that gave the folder (``--out``, ``csv_path``, ...)."""
+def check_writable(path: Path, what: str) -> None:
+    """:func:`check_creatable` for ``--out``, then remove the folders it created: a command refused later (a bad
+    option, a bad model) leaves nothing behind, and the writers create them again."""
     path = Path(os.path.abspath(path))  # "new/.." names no folder to remove: its parts do
     created = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        _create(path, what, option)
-        _probe(path, what, option)
+        check_creatable(path, what, "--out")
     finally:
         for folder in created:  # deepest first
             try:
@@ -72,8 +70,9 @@ def check_writable(path: Path, what: str, option: str = "--out") -> None:
 
 
 def check_creatable(path: Path, what: str, option: str) -> None:
-    """Make the folder ``path`` if missing and create and remove a file in it; the folder is kept, since several
-    processes may check the same one at once (each removing what it made would pull it from under the others)."""
+    """Make the folder ``path`` if missing and create and remove a file in it, or say why not, naming the ``option``
+    that gave the folder (``--out``, ``csv_path``, ...); the folder is kept, since several processes may check the
+    same one at once (each removing what it made would pull it from under the others)."""
     path = Path(os.path.abspath(path))
     _create(path, what, option)
     _probe(path, what, option)
