@@ -234,6 +234,18 @@ def test_compare_estimators():
     assert "better" in str(cmp)
 
 
+def test_compare_estimators_table_keeps_its_columns_with_long_names():
+    """A weight-normalised layer's parameters are named '0.parametrizations.weight.original0' (35 characters): the
+    table widened its first column only to 24, and its columns lost their alignment (a user trial)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 3)).double()
+    lines = str(torchfim.compare_estimators(model, mlp_inputs(6))).splitlines()
+    rows = [line for line in lines[2:] if not line.startswith("Î2 unavailable")]
+    assert len(rows) == 5
+    ends = {len(line) - len(line.split()[-1]) for line in [lines[0], *rows]}  # where the last column starts
+    assert len(ends) == 1, lines
+
+
 def test_variance_errors():
     model, x = tanh_mlp(3), mlp_inputs(4)
     with pytest.raises(torchfim.TorchfimError, match="unknown estimator 'exact'"):

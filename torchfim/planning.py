@@ -105,11 +105,12 @@ class EstimatorComparison:
     hessian_unavailable: str | None = None  # why Î2's variances could not be computed, where they could not
 
     def __str__(self) -> str:
-        head = f"{'parameter':<24} {'size':>7} {'Σ diag F':>11} {'Σ Var Î1':>11} {'Σ Var Î2':>11}  better"
+        width = max([24, *(len(r.name) for r in self.rows)])  # long names (parametrizations) keep the columns
+        head = f"{'parameter':<{width}} {'size':>7} {'Σ diag F':>11} {'Σ Var Î1':>11} {'Σ Var Î2':>11}  better"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
-                f"{r.name:<24} {r.size:>7} {r.fisher_diag_sum:>11.4g} {r.score_variance:>11.4g} "
+                f"{r.name:<{width}} {r.size:>7} {r.fisher_diag_sum:>11.4g} {r.score_variance:>11.4g} "
                 f"{r.hessian_variance:>11.4g}  {r.better}"
             )
         if self.hessian_unavailable is not None:
