@@ -177,6 +177,7 @@ def test_the_fewest_pairs_for_a_verdict_are_those_the_docstring_gives():
 
     for losses, fewest in [(0, 6), (1, 9), (2, 12)]:
         assert agrees(fewest, losses) and not agrees(fewest - 1, losses)
+        assert compare.fewest_pairs(0.95, losses) == fewest
     assert "6 pairs" in prob_outperform.__doc__ and "9 with one" in prob_outperform.__doc__
     assert "12 with two" in prob_outperform.__doc__
 

@@ -43,6 +43,7 @@ from .seed_plans import SOURCES, SeedPlan, derive_seeds, seeds, torch_generator
 
 __all__ = [
     "OutperformResult",
+    "fewest_pairs",
     "prob_outperform",
     "SOURCES",
     "SeedPlan",
@@ -232,7 +233,7 @@ def prob_outperform(
     test on the untied pairs at level ``1 - confidence`` (:attr:`OutperformResult.sign_test_p`):
     when the two methods' runs are exchangeable, a verdict is drawn with probability at most
     ``1 - confidence``. At 95% that takes at least 6 pairs (6 wins of 6: p = 1/32), 9 with one
-    loss (p = 0.039), 12 with two (p = 0.039).
+    loss (p = 0.039), 12 with two (p = 0.039): :func:`fewest_pairs`.
 
     Decision rule, after Bouthillier et al. (2021), "Accounting for Variance in Machine Learning
     Benchmarks", Proceedings of MLSys 3 (arXiv:2103.03098), where the probability of outperforming
@@ -343,6 +344,23 @@ def prob_outperform(
         meaningful=meaningful,
         conclusion=conclusion,
     )
+
+
+def fewest_pairs(confidence: float = 0.95, losses: int = 0) -> int:
+    """The fewest paired runs from which :func:`prob_outperform` can draw a verdict at ``confidence`` when the
+    losing method wins ``losses`` of them: the smallest ``n`` whose exact two-sided sign test of ``n − losses``
+    wins against ``losses`` has ``p ≤ 1 − confidence`` (the bootstrap interval must agree as well).
+
+    >>> fewest_pairs(), fewest_pairs(losses=1), fewest_pairs(losses=2), fewest_pairs(0.99)
+    (6, 9, 12, 8)
+    """
+    confidence = _check_probability("confidence", confidence, 0.0, 1.0, closed_low=False)
+    if isinstance(losses, bool) or not isinstance(losses, numbers.Integral) or losses < 0:
+        raise TorchfimError(f"losses must be a non-negative integer, got {losses!r}")
+    n = int(losses) + 1
+    while _sign_test(n - int(losses), int(losses)) > 1.0 - confidence:
+        n += 1
+    return n
 
 
 def _sign_test(wins: int, losses: int) -> float:

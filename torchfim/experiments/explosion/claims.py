@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ...compare import fewest_pairs
 from .assemble import CLEAN_CLAIMS, NOISY_CLAIMS
 from .settings import CLEAN_VARIANTS, LABELS, POOLED, lr_text, noisy_label, noisy_pooled
 
@@ -42,14 +43,6 @@ def _count(table: dict, key: str, labels: list[str], pooled: str | None) -> str:
     return text
 
 
-def _fewest_pairs(confidence: float) -> int:
-    """The fewest pairs from which the sign test can conclude: all agreeing, ``2^(1-n) ≤ 1 - confidence``."""
-    n = 1
-    while 2.0 ** (1 - n) > 1.0 - confidence:
-        n += 1
-    return n
-
-
 def _verdict_table(table: dict, keys: Sequence[str], extra: list[str] | None = None) -> list[str]:
     """A markdown table of verdicts: one row per claim, one column per configuration."""
     lines = ["| claim | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
@@ -70,7 +63,7 @@ def claims_text(s: dict, verdicts: dict, agg: dict, combos: list[str], nsets: li
 def _verdict_tables(s: dict, verdicts: dict) -> list[str]:
     """What the verdicts mean, then the clean-label and the noisy-label verdict tables."""
     clean, noisy = verdicts["clean"], verdicts["noisy"]
-    fewest = _fewest_pairs(0.95)
+    fewest = fewest_pairs(0.95)
     pooled = ("Pooled columns pair the runs of every data set and model" + (
         f"; with {s['n_seeds']} seeds a data set and model alone cannot reach a conclusion, so they decide."
         if s["n_seeds"] < fewest else "."))
