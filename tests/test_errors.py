@@ -651,7 +651,10 @@ def test_integer_options_take_numpy_and_tensor_integers_as_the_int_they_hold(tmp
     penalty = torchfim.train.FisherPenalty(model, alpha=0.1, every=np.int64(3))
     penalty(x, step=np.int64(3))
     assert type(penalty.last_step) is int and penalty.every == 3
-    for bad in (True, 2.0, np.float64(2.0), torch.tensor([2]), torch.tensor(2.0), np.bool_(True)):
+    gen = torch.Generator().manual_seed(1)  # a 0-dim array (np.asarray of a config value) holds one integer too
+    assert torch.equal(torchfim.fisher(model, x, estimator="score", n_samples=np.array(2), generator=gen), reference)
+    for bad in (True, 2.0, np.float64(2.0), torch.tensor([2]), torch.tensor(2.0), np.bool_(True), np.array(2.0),
+                np.array([2])):
         with pytest.raises(torchfim.TorchfimError, match="n_samples must be a positive integer"):
             torchfim.fisher(model, x, estimator="score", n_samples=bad)
         with pytest.raises(torchfim.TorchfimError, match="step must be an integer"):

@@ -379,3 +379,18 @@ def test_an_emulator_made_in_inference_mode_is_forecast(derivatives):
     got = forecast(lambda t: made(t), cov, theta0, derivatives=derivatives).fisher
     assert torch.allclose(got, want, rtol=1e-12 if derivatives == "autograd" else 1e-7, atol=0)
     assert scan_steps(lambda t: made(t), cov, theta0).steps.shape == (2,)
+
+
+def test_symmetry_is_judged_at_the_precision_the_fisher_came_in():
+    """A Fisher made in float32 as JᵀC⁻¹J by two different routes is asymmetric at ~1e-7 of its largest entry:
+    before, the float64 tolerance (1e-10) refused it. Now float32 takes 64ε of round-off and float64 keeps 1e-10;
+    an asymmetry of 1e-3 is refused in both, with its size named."""
+    base = torch.tensor([[4.0, 1.0], [1.0, 2.0]], dtype=F64)
+    nudged = base + torch.tensor([[0.0, 4e-7 * 4], [0.0, 0.0]], dtype=F64)  # 4e-7 of the largest entry, once
+    fc = Forecast(nudged.float(), names=["a", "b"])
+    assert fc.precision == torch.float32
+    assert _rel(fc.fisher, fc.fisher.T) == 0 and _rel(fc.fisher, base) < 1e-6
+    with pytest.raises(TorchfimError, match=r"must be symmetric, but F − Fᵀ reaches 1.6e-06"):
+        Forecast(nudged)
+    with pytest.raises(TorchfimError, match=r"reaches 0.004.*torch.float32's round-off.*\(F \+ F.T\) / 2"):
+        Forecast((base + torch.tensor([[0.0, 4e-3], [0.0, 0.0]], dtype=F64)).float())

@@ -324,7 +324,8 @@ def test_mixing_of_the_fourth_sample_is_caught() -> None:
 def test_independence_check_runs_the_last_samples_reversed_across_batches() -> None:
     """Four samples in all are checked, from the first batches with ≥ 2 inputs, each time the last rows
     of a batch in reverse order as one extra forward, fewer than the batch (here sample 2 alone, then
-    9, 8, 7); no later sample is; an independent model passes and gets the oracle's value."""
+    9, 8, 7), and the first check also runs its batch's first sample alone (1); no later sample is; an
+    independent model passes and gets the oracle's value."""
     model, x = tanh_mlp(3, seed=50), mlp_inputs(10, seed=51)
     calls: list[list[int]] = []
 
@@ -335,7 +336,7 @@ def test_independence_check_runs_the_last_samples_reversed_across_batches() -> N
     got = torchfim.fisher(model, [x[:1], x[1:3], x[3:]])
     batches = [[0], [1, 2], list(range(3, 10))]
     extra = [c for c in calls if c not in batches]
-    assert extra == [[2], [9, 8, 7]]
+    assert extra == [[2], [1], [9, 8, 7]]
     assert torch.allclose(got, oracle_diag(model, x), rtol=1e-10, atol=1e-14)
 
 

@@ -226,3 +226,27 @@ def test_a_forward_that_moves_its_weights_and_mixes_samples_is_told_the_weights_
     model.layer.register_forward_pre_hook(nudge)
     with pytest.raises(torchfim.TorchfimError, match="parameters changed during the computation"):
         torchfim.fisher(model, torch.randn(6, 4, dtype=torch.float64), structure="trace")
+
+
+class _ScaledByBatchMax(nn.Module):
+    """Outputs divided by the largest input entry of the whole batch: one sample decides for all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x) / x.abs().amax()
+
+
+@pytest.mark.parametrize("largest", [0, 3, 8, 9])
+def test_a_statistic_that_one_sample_decides_is_caught_wherever_that_sample_sits(largest: int) -> None:
+    """The last samples run alone contain the deciding sample for ``largest`` in 6..9 (they agree with the
+    batch there); the first sample run alone does not, so the check refuses whatever the position."""
+    model = _ScaledByBatchMax().double()
+    x = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).clamp(-2, 2)
+    x[largest, 1] = 10.0
+    with pytest.raises(torchfim.TorchfimError, match="depends on the other samples in its batch"):
+        torchfim.fisher(model, x, structure="diag")
+    with pytest.raises(torchfim.TorchfimError, match="depends on the other samples in its batch"):
+        FisherTraceMonitor(model, x, every=1).step(0)

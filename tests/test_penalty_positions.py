@@ -104,10 +104,36 @@ def test_masks_the_penalty_cannot_use_are_refused() -> None:
     with pytest.raises(TorchfimError, match=r"got torch.float64 \(4, 5\) holding values other than 0 and 1"):
         _penalty(model)(tokens, step=0, mask=mask.double() * 0.5)  # a weighting, not a mask
     flat = nn.Sequential(nn.Linear(3, 4)).double()
-    with pytest.raises(TorchfimError, match="outputs \\(4, 4\\) have none"):
+    with pytest.raises(TorchfimError, match=r"shape \(4, 5\) marks positions, but the model's outputs \(4, 4\) have none.*"
+                                            r"pass a \(batch,\) mask"):
         _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask)
-    with pytest.raises(TorchfimError, match=r"mask has one value per input, shape \(4,\).*x\[mask\]"):
-        _penalty(flat)(torch.randn(4, 3, dtype=torch.float64), step=0, mask=mask[:, 0])
+
+
+@pytest.mark.parametrize(("kind", "grad_method"), [(k, g) for k in ("batch_gradient", "trace")
+                                                   for g in ("exact", "finite_difference")])
+def test_a_mask_of_one_value_per_input_is_one_position_per_input(kind: str, grad_method: str) -> None:
+    """Outputs ``(B, C)`` with a ``(B,)`` mask, as ``fisher`` reads them: an input marked False observes nothing,
+    ``α‖∇_θ (1/B) Σᵢ mᵢ (−log p(ŷᵢ|xᵢ))‖²``, the mean still over all ``B`` inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, VOCAB)).double()
+    x = torch.randn(B, 3, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True])
+    with torch.no_grad():
+        y = Categorical().sample(model(x), 1, torch.Generator().manual_seed(5)).reshape(B)
+
+    def log_p(rows: slice) -> torch.Tensor:
+        lp = torch.log_softmax(model(x[rows]), -1).gather(-1, y[rows, None])[:, 0]
+        return (lp * keep[rows].double()).sum()
+
+    want = penalty_definition(log_p, list(model.parameters()), B, kind, ALPHA)
+    term = _penalty(model, kind=kind, grad_method=grad_method)(x, step=0, mask=keep)
+    got = [term.detach(), *torch.autograd.grad(term, list(model.parameters()))]
+    tol = 1e-11 if grad_method == "exact" else 1e-6
+    assert torch.allclose(got[0], want[0], rtol=1e-12, atol=0)
+    for g, w in zip(got[1:], want[1:]):
+        assert torch.allclose(g, w, rtol=tol, atol=tol * max(float(t.abs().max()) for t in want[1:]))
+    unmasked = _penalty(model, kind=kind, grad_method=grad_method)(x, step=0)
+    assert not torch.allclose(term, unmasked, rtol=1e-3)  # the mask matters
 
 
 def test_outputs_and_inputs_the_penalty_cannot_read_are_refused_with_the_fix_named() -> None:

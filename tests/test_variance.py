@@ -256,7 +256,7 @@ def test_variance_errors():
         torchfim.fisher_variance(model, x, n_samples=0)
 
 
-@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(1), torch.tensor(0.25),
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(1), np.array(0.25), torch.tensor(0.25),
                                    torch.tensor(0.25, dtype=torch.float64, requires_grad=True)])
 def test_rel_error_takes_a_numpy_scalar_or_a_0_dim_tensor(value) -> None:
     """``rel_error=np.float32(0.1)`` and ``rel_error=torch.tensor(0.1)`` were refused ("must be a positive number
@@ -265,7 +265,8 @@ def test_rel_error_takes_a_numpy_scalar_or_a_0_dim_tensor(value) -> None:
     assert torchfim.samples_needed(model, x, rel_error=value) == torchfim.samples_needed(model, x, rel_error=float(value))
 
 
-@pytest.mark.parametrize("value", [True, np.True_, float("nan"), np.float32("nan"), torch.tensor([0.25]),
+@pytest.mark.parametrize("value", [True, np.True_, np.array(True), np.array([0.25]), float("nan"), np.float32("nan"),
+                                   torch.tensor([0.25]),
                                    torch.tensor(0.25 + 0j), torch.tensor(True), "0.25"])
 def test_rel_error_refuses_bools_nan_and_tensors_of_other_shapes(value) -> None:
     """A bool is no error bound (``rel_error=True`` counted as 1 before), nor a tensor of one number in a dim."""

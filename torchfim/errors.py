@@ -52,10 +52,11 @@ def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
 
 
 def real_number(value: object) -> float | None:
-    """``value`` as a float where it is one real number: a Python or NumPy int or float, or a 0-dim tensor of a real
-    dtype (with its value, so not on the meta device); None for anything else, such as a bool, a complex number, a
-    string or a tensor of another shape. Options that take a real number check their range on the float (NaN is in
+    """``value`` as a float where it is one real number: a Python or NumPy int or float (or a 0-dim NumPy array of
+    one), or a 0-dim tensor of a real dtype (with its value, so not on the meta device); None for anything else,
+    such as a bool, a complex number, a string or a tensor of another shape. Options that take a real number check their range on the float (NaN is in
     none)."""
+    value = _numpy_zero_dim(value)
     if isinstance(value, torch.Tensor):
         real = value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool or value.is_meta)
         return float(value.item()) if real else None
@@ -65,8 +66,10 @@ def real_number(value: object) -> float | None:
 
 
 def whole_number(value: object) -> int | None:
-    """``value`` as an int where it is one integer: a Python or NumPy integer, or a 0-dim tensor of an integer dtype;
+    """``value`` as an int where it is one integer: a Python or NumPy integer (or a 0-dim NumPy array of one), or a
+    0-dim tensor of an integer dtype;
     None for anything else, such as a bool, a float (even 3.0) or a tensor of another shape."""
+    value = _numpy_zero_dim(value)
     if isinstance(value, torch.Tensor):
         whole = value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
                                           or value.is_meta)
@@ -74,6 +77,14 @@ def whole_number(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
+
+
+def _numpy_zero_dim(value: object) -> object:
+    """The number a 0-dim NumPy array holds (``np.array(0.5)``, what ``arr.mean(keepdims=...)`` or ``np.asarray``
+    of a number give), as a Python number; anything else unchanged (NumPy is not imported for the question)."""
+    if type(value).__name__ == "ndarray" and type(value).__module__ == "numpy" and value.shape == ():
+        return value.item()
+    return value
 
 
 def check_n_samples(n_samples: object) -> int:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .engine import Backend, Recording
 from .engine.backend import second_order_support
-from .engine.batch import IGNORE_INDEX
+from .engine.labels import IGNORE_INDEX
 from .errors import TorchfimError, check_label_memory, warn_user
 from .families import Family
 from .families.positions import Positions

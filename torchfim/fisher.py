@@ -19,7 +19,7 @@ an output with positions sums over its (unmasked) positions (docs/math.md §2 an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -192,10 +192,11 @@ def _tensor_mask(mask: Mask, inputs: object) -> Mask:
     """A mask tensor for the whole data set becomes a function of each mini-batch's rows."""
     if not isinstance(mask, Tensor):
         return mask
-    if not isinstance(inputs, Tensor):
+    if not isinstance(inputs, (Tensor, Mapping)):
         raise TorchfimError(
-            "mask is one tensor but inputs come in mini-batches; pass mask as a function of a mini-batch "
-            "(e.g. mask=lambda x: x != pad_id) or as the key of a dict batch"
+            "mask is one tensor but inputs come in several mini-batches; a tensor mask goes with inputs given as "
+            "one tensor or one dict mini-batch. Pass mask as a function of a mini-batch (e.g. mask=lambda x: "
+            "x != pad_id) or as the key of dict mini-batches (e.g. mask='attention_mask')"
         )
     return mask
 
@@ -206,7 +207,8 @@ def _warn_unused(estimator: str, targets: object, k: int) -> None:
     if targets is not None and estimator != "empirical":
         warn_user(
             f"torchfim: targets= is read only by estimator='empirical'; estimator={estimator!r} uses the model's "
-            "own predictive distribution and ignores them (pass estimator='empirical' for the Fisher at these labels)"
+            "own predictive distribution and ignores their values (a class label -100 still leaves its position out, "
+            "as in the loss; pass estimator='empirical' for the Fisher at these labels)"
         )
     if k != 1 and estimator in ("exact", "empirical"):
         warn_user(f"torchfim: n_samples={k} is ignored by estimator={estimator!r}, which draws no labels")

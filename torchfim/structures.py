@@ -11,6 +11,9 @@ memory check, and one algebra that every structure answers the same way:
 * ``mv(v)``: ``A v`` for a ``P``-vector (``Blocks``: block-diagonal product);
 * ``block(name)``: the diagonal block of one parameter tensor.
 
+As torch's own ``diagonal()`` and slicing do, what these return may share memory with the structure
+(``Diag.diag()`` is its stored vector, ``Full.block`` a view): clone a result before writing into it.
+
 The engine adds per-sample products with ``add_rows`` (rows ``r`` of ``Σ r rᵀ``, all parameters),
 ``add_block_rows`` (rows of one parameter tensor), ``add_squares`` (entrywise squares of one
 parameter tensor), ``add_diagonal`` (values on the diagonal of one parameter tensor) and

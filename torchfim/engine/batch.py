@@ -19,11 +19,12 @@ from torch import Tensor
 from .._batches import Inputs, iter_batches
 from ..errors import TorchfimError, warn_user
 from .function_forwards import function_forwards
+from .labels import ModelLabels
 
 #: Keys of a dict batch that hold targets, not model inputs.
 TARGET_KEYS = ("labels", "label", "targets")
-#: A class label that marks a position without a target (PyTorch's ``ignore_index``).
-IGNORE_INDEX = -100
+#: Keys by which a dict batch gives an encoder-decoder's decoder its inputs.
+_DECODER_KEYS = {"decoder_input_ids", "decoder_inputs_embeds"}
 #: Warned where a causal language model's explicit targets are its input_ids as they are.
 UNSHIFTED = (
     "torchfim: the targets given are the batch's input_ids, but this causal language model's logits at "
@@ -136,19 +137,25 @@ def _to(t: object, device: torch.device | None, dtype: torch.dtype | None) -> ob
 
 
 def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.dtype | None,
-               keep_targets: bool = False, next_token: Callable[[], bool] | None = None) -> Batch:
+               keep_targets: bool = False, labels: ModelLabels | None = None) -> Batch:
     """A :class:`Batch` from one mini-batch of user inputs, moved to the model's device and float dtype
     (None: left where it is). A dict's target keys become the batch's targets, and are also passed to
-    the model where ``keep_targets``. Where ``next_token()`` says the model is a causal language model
-    (whose own loss shifts its ``labels``; asked only when a dict brings targets), they are shifted as
-    its loss does, so that the outputs at position t get ``labels[t + 1]`` (:func:`next_token_labels`)."""
+    the model where ``keep_targets``. With ``labels`` (how the model's own loss reads them, asked only
+    when a dict brings targets), they are aligned as its loss aligns them (a causal language model's
+    shifted, so that the outputs at position t get ``labels[t + 1]``), and an encoder-decoder whose batch
+    brings no decoder inputs gets those the model builds from its labels (:mod:`.labels`)."""
     _refuse_meta(x, y)
     if isinstance(x, Mapping):
+        _refuse_outputs(x)
         kwargs = {k: _to(v, device, dtype) for k, v in x.items() if keep_targets or k not in TARGET_KEYS}
         found = [v for k, v in x.items() if k in TARGET_KEYS]
         if y is None and found:
-            y = next_token_labels(found[0]) if next_token is not None and next_token() else found[0]
-        elif next_token is not None and _equal_to_input_ids(x, y) and next_token():
+            y = found[0] if labels is None else labels.aligned(found[0])
+            if labels is not None and not keep_targets and not _DECODER_KEYS & set(x) and isinstance(found[0], Tensor):
+                built = labels.decoder_inputs(found[0])
+                if built is not None:
+                    kwargs["decoder_input_ids"] = _to(built, device, dtype)
+        elif labels is not None and _equal_to_input_ids(x, y) and labels.next_token():
             warn_user(UNSHIFTED)
         tensors = [v for v in kwargs.values() if isinstance(v, Tensor) and v.dim() > 0]
         if not tensors:
@@ -162,6 +169,17 @@ def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.d
     if x.dim() == 0:
         raise TorchfimError("inputs must have a batch dimension first, got a 0-dim tensor")
     return Batch((_to(x, device, dtype),), {}, x.shape[0], y)
+
+
+def _refuse_outputs(x: Mapping) -> None:
+    """Refuse a dict mini-batch that is a model's output (a Hugging Face ``ModelOutput`` is a mapping), not its
+    inputs: called as ``model(**outputs)``, it failed inside the model with a message about its inputs."""
+    if "logits" in x or (type(x).__module__.startswith("transformers") and type(x).__name__.endswith("Output")):
+        raise TorchfimError(
+            f"the mini-batch is a {type(x).__name__} with keys {sorted(x)}: it looks like a model's outputs, not its "
+            "inputs; pass the batch the model is called on (e.g. {'input_ids': ..., 'attention_mask': ...}), as "
+            "torchfim runs the model itself"
+        )
 
 
 def _refuse_meta(x: object, y: object) -> None:
@@ -182,19 +200,10 @@ def _equal_to_input_ids(x: Mapping, y: object) -> bool:
             and y.device == ids.device and torch.equal(y, ids))
 
 
-def next_token_labels(labels: object) -> object:
-    """A causal language model's ``labels`` ``(B, T)`` aligned with its logits as its loss aligns them
-    (Hugging Face's ``ForCausalLMLoss``): ``labels[:, 1:]`` with ``IGNORE_INDEX`` at the last position,
-    which predicts a token past the sequence. Anything else is returned as it is."""
-    if not isinstance(labels, Tensor) or labels.dim() < 2 or labels.is_floating_point():
-        return labels
-    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-
-
 def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype,
-            next_token: Callable[[], bool] | None = None, defaults: Mapping[str, object] | None = None,
+            labels: ModelLabels | None = None, defaults: Mapping[str, object] | None = None,
             ) -> Iterator[Batch]:
-    """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects (``next_token``: see
+    """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects (``labels``: see
     :func:`make_batch`), with the keyword inputs of ``defaults`` where a batch does not set them."""
     defaults = defaults or {}
     if isinstance(inputs, Mapping):  # one dict mini-batch, its targets (if given apart) one tensor
@@ -205,7 +214,7 @@ def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.
     for x, y in iter_batches(inputs, targets):
         # Detached: the engine differentiates with respect to θ only, and inputs that require grad (a saliency
         # map's) would otherwise hang their graph on a result that torch.func computes through them.
-        batch = make_batch(x, y, device, dtype, next_token=next_token).map(detached)
+        batch = make_batch(x, y, device, dtype, labels=labels).map(detached)
         if batch.size > 0:
             yield batch.with_defaults(defaults)
 

@@ -128,7 +128,9 @@ class DirectionSweep:
         warn_user(
             f"{what}: {total} parameter entries ({shown}) need one forward-mode pass each over {batch.size} "
             f"inputs; at the pace of its second chunk this mini-batch alone takes about {_duration(projected)}. "
-            f"estimator='score' needs first derivatives only{'' if self.progress else '; pass progress=True to watch the sweep'}. "
+            "Only what involves Î2 (the Hessian estimator, its variances and bounds, its covariance with Î1, the "
+            "combined estimator) needs this sweep: the score estimator and its variances need first derivatives "
+            f"only{'' if self.progress else '; pass progress=True to watch the sweep'}. "
             "Parameters the outputs depend on piecewise linearly (ReLU, pooling, BatchNorm in eval mode, residual "
             "sums) are skipped already; a smooth activation (tanh, GELU) or a normalisation of activations after a "
             "parameter keeps it in the sweep."

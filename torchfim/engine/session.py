@@ -17,6 +17,7 @@ from ..errors import TorchfimError
 from ..families import Family
 from .backend import Backend, Recording
 from .batch import Batch, batch_count, batches
+from .kept_buffers import buffers_kept
 from .loop import make_backend, run
 from .view import Mask, ModelView, engine_session
 
@@ -43,7 +44,7 @@ class Pass:
         """
         view = self.view
         self.backend.directions.progress = progress
-        mini_batches = batches(inputs, targets, view.device, view.dtype, next_token=view.predicts_next_token,
+        mini_batches = batches(inputs, targets, view.device, view.dtype, labels=view.labels,
                                defaults=view.call_defaults())
         if rows is not None:
             mini_batches = rows(mini_batches)
@@ -58,7 +59,9 @@ class Pass:
 @contextmanager
 def engine_pass(model: nn.Module, backend: str, output: Callable[[object], Tensor] | None = None,
                 class_dim: int | None = None) -> Iterator[Pass]:
-    """The engine session with a private view of ``model`` and the backend named ``backend``."""
+    """The engine session with a private view of ``model`` and the backend named ``backend``; the model's
+    buffers are left as they were (:func:`.kept_buffers.buffers_kept`)."""
     with engine_session():
         view = ModelView(model, output, class_dim)
-        yield Pass(view, make_backend(view, backend))
+        with buffers_kept(view.model):
+            yield Pass(view, make_backend(view, backend))

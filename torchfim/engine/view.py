@@ -31,6 +31,7 @@ from ..structures import Layout
 from .batch import Batch
 from .derivative_settings import for_derivatives
 from .function_forwards import function_forwards
+from .labels import ModelLabels, labelled_positions
 from .model_checks import (
     ONE_DIMENSIONAL,
     check_forward_takes,
@@ -150,15 +151,9 @@ def engine_session() -> Iterator[None]:
 Mask = Tensor | Callable[[Batch], Tensor] | str | None
 
 
-def predicts_next_token(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face causal language model: its own loss (``loss_function``,
-    ``ForCausalLMLoss``) shifts a batch's ``labels`` so that the logits at position t predict
-    ``labels[t + 1]``, and the engine shifts them the same way."""
-    try:
-        loss = getattr(model, "loss_function", None)
-    except Exception:  # noqa: BLE001 - a property of the user's model that fails: not such a model
-        return False
-    return getattr(loss, "__name__", "") == "ForCausalLMLoss"
+def _classes(family: Family) -> bool:
+    """Whether ``family`` (or the base of a product over positions) reads class labels, where -100 marks none."""
+    return getattr(getattr(family, "base", family), "name", "") == "categorical"
 
 
 def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
@@ -201,20 +196,13 @@ class ModelView:
         self.constants.update(dict(self.model.named_buffers()))
         check_in_memory({**self.params, **self.constants})
         self.output_map = output
-        self._next_token: bool | None = None  # see predicts_next_token (asked once, when labels come)
+        self.labels = ModelLabels(self.user_model)  # how its loss reads a batch's labels (asked when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
         self._unobserved_named = False  # whether inputs with no observed position were named (once per view)
+        self._padding_named = False  # whether padding counted as observed was named (once per view)
         self._defaults: dict[str, object] | None = None  # see call_defaults
         self._call_checked = False  # see check_call
         self._recurrent = stepwise_candidates(self.model)  # computed step by step under torch.func
-
-    def predicts_next_token(self) -> bool:
-        """Whether the model's own loss pairs its outputs at position t with ``labels[t + 1]``
-        (:func:`predicts_next_token`; Hugging Face logs which loss it resolved, so it is asked only
-        when a batch brings labels, and once)."""
-        if self._next_token is None:
-            self._next_token = predicts_next_token(self.user_model)
-        return self._next_token
 
     def call_defaults(self) -> dict[str, object]:
         """Keyword inputs the engine passes where a batch does not set them (:func:`forward_defaults`)."""
@@ -294,13 +282,22 @@ class ModelView:
     def family_for(self, shape: torch.Size, batch: Batch, family: Family, mask: Mask) -> Family:
         """The family of a batch's flat outputs: ``family`` itself, or its product over positions.
 
-        ``shape`` is the output tensor's shape before flattening.
+        ``shape`` is the output tensor's shape before flattening. The observed positions are those of
+        ``mask`` that a class label does not leave out (-100, as in the loss: :func:`.labels.labelled_positions`).
         """
         self.classes.check(shape)
         if self.classes.dim == 1 and len(shape) > 2:
             shape = (shape[0], *shape[2:], shape[1])
         positions = tuple(shape[1:-1])
         m = self._mask(batch, mask, positions)
+        labelled = labelled_positions(batch.targets, batch.size, positions) if _classes(family) else None
+        if labelled is not None:
+            labelled = labelled.to(self.device).reshape(batch.size, -1)
+            m = labelled if m is None else m & labelled
+        if m is not None:
+            self._name_unobserved(m, batch.size)
+        if positions and mask is None:
+            self._name_padding(batch, positions, m)
         if not positions and m is None:
             return family
         from ..families.positions import Positions
@@ -309,6 +306,30 @@ class ModelView:
         for s in positions:
             count *= s
         return Positions(family, count, m)
+
+    def _name_unobserved(self, m: Tensor, size: int) -> None:
+        """Warn, once per view, where an input has no observed position at all."""
+        if not self._unobserved_named and m.shape[1] and not bool(m.any(1).all()):
+            self._unobserved_named = True
+            empty = int((~m.any(1)).sum())
+            warn_user(f"torchfim: {empty} of the {size} inputs of a mini-batch have no observed position (their "
+                      "mask is False everywhere): each counts in the mean over inputs with a Fisher of 0 (docs/math.md "
+                      "§5.5); drop such inputs if they should not count")
+
+    def _name_padding(self, batch: Batch, positions: tuple[int, ...], m: Tensor | None) -> None:
+        """Warn, once per view, where a dict batch's ``attention_mask`` marks padding that counts as observed
+        (no ``mask=``, and no label -100 there): the Fisher then sums over padding tokens too."""
+        padding = batch.kwargs.get("attention_mask")
+        if self._padding_named or not isinstance(padding, Tensor) or tuple(padding.shape) != (batch.size, *positions):
+            return
+        counted = (padding.to(self.device) == 0).reshape(batch.size, -1)
+        if m is not None:
+            counted &= m
+        if bool(counted.any()):
+            self._padding_named = True
+            warn_user(f"torchfim: the batch's attention_mask marks {int(counted.sum())} padding position(s) that count "
+                      "as observed, since mask= is not set; pass mask='attention_mask' to leave padding out (or "
+                      "give those positions the label -100)")
 
     def _mask(self, batch: Batch, mask: Mask, positions: tuple[int, ...]) -> Tensor | None:
         if mask is None:
@@ -329,14 +350,7 @@ class ModelView:
                 f"the position mask has shape {tuple(m.shape)} but the outputs have (batch, *positions) = {want}; "
                 "pass one boolean per input and position (True = observed, False = padding)"
             )
-        flat = m.to(device=self.device).bool().reshape(batch.size, -1)
-        if not self._unobserved_named and flat.shape[1] and not bool(flat.any(1).all()):
-            self._unobserved_named = True
-            empty = int((~flat.any(1)).sum())
-            warn_user(f"torchfim: {empty} of the {batch.size} inputs of a mini-batch have no observed position (their "
-                      "mask is False everywhere): each counts in the mean over inputs with a Fisher of 0 (docs/math.md "
-                      "§5.5); drop such inputs if they should not count")
-        return flat
+        return m.to(device=self.device).bool().reshape(batch.size, -1)
 
     # ------------------------------------------------------------- forwards
     def functional(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
@@ -360,6 +374,8 @@ class ModelView:
         sample broadcast to the others, a cumulative sum) sees other neighbours, another first row
         and another batch size there. ``k < batch.size`` (a one-sample forward on batches of two)
         and 4 samples in all, from the first batches of size ≥ 2, so one small forward per call.
+        The first check also runs the first sample alone: the two groups share no sample, so a
+        statistic that one sample decides (a maximum over the batch) differs in at least one of them.
         That forward also raises when it reaches a module of the user's tree instead of its copy
         (:func:`.private_tree.users_modules_called`); with batches of one input, a forward of the
         first is run for that alone.
@@ -369,9 +385,18 @@ class ModelView:
         if checked >= 4 or batch.size < 2:
             return checked
         take = min(batch.size - 1, 4 - checked)
-        rows = torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)
+        groups = [torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)]
+        if checked == 0:
+            groups.append(torch.zeros(1, dtype=torch.long, device=out.device))
+        for rows in groups:
+            self._check_alone(batch, out, rows)
+        return checked + take
+
+    def _check_alone(self, batch: Batch, out: Tensor, rows: Tensor) -> None:
+        """Raise unless ``batch``'s ``rows``, run as a batch of their own, give their rows of ``out``; the error names
+        buffers the forward updated, a forward that is random, or else samples mixed."""
         before = _buffer_states(self.model)
-        with fewer_inputs(take, batch):
+        with fewer_inputs(len(rows), batch):
             alone = self.flat(self._reached(batch.rows(rows)))
         ref, alone = out[rows], alone.reshape(out[rows].shape)
         tol = 1e3 * torch.finfo(ref.dtype).eps
@@ -383,7 +408,6 @@ class ModelView:
             if not outputs_agree(again, alone, tol, floor=1.0):  # two forwards of the same inputs differ
                 raise TorchfimError(RANDOM_FORWARD)
             raise mixes_samples(self.model)
-        return checked + take
 
     def _reached(self, batch: Batch) -> object:
         """The copy's outputs on ``batch`` (no autograd), refused where its forward reaches a module of the

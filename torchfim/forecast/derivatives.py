@@ -85,7 +85,9 @@ def stencil_terms(
     ``δf = ε Σ_k |w_k| |f(θ + k h)| / h`` (``ε`` the machine epsilon of ``f``'s dtype), what rounding
     each value ``f(θ + k h)`` to its dtype can contribute to the derivative. A derivative no larger
     than that is round-off, whatever its value (zero, when ``f(θ ± h)`` round to the same numbers).
+    ``h`` is the step as ``θ`` resolves it (:func:`resolved_step`).
     """
+    step = resolved_step(model.theta0, index, step)
     d_mean = torch.zeros_like(model.mean0) if model.mean_fn is None else 0.0
     d_cov = None if model.cov_fn is None else 0.0
     r_mean = torch.zeros_like(model.mean0) if model.mean_fn is None else 0.0
@@ -104,6 +106,19 @@ def stencil_terms(
     if d_cov is None:
         return d_mean / step, None, r_mean / step, None
     return d_mean / step, d_cov / step, r_mean / step, r_cov / step
+
+
+def resolved_step(theta0: Tensor, index: int, step: float) -> float:
+    """The step ``h' = fl(θ + h) − θ`` that ``θ = theta0[index]`` takes in its dtype when asked for ``h``.
+
+    ``θ + h`` rounds to a number of ``θ``'s dtype, so the points a stencil evaluates lie ``k·h'``
+    from ``θ``, not ``k·h``; dividing by ``h`` would add a relative error up to ``ulp(θ)/h`` (1e-4 at
+    ``θ = 3.3``, ``h = 1e-3`` in float32), dividing by ``h'`` none. A step that ``θ`` does not resolve
+    (``h' = 0``) is kept as asked: :func:`step_resolves` names it.
+    """
+    value = theta0[index]
+    taken = float((value + step) - value)  # exact (Sterbenz): both are numbers of the dtype, close together
+    return taken if taken != 0.0 else step
 
 
 def step_resolves(theta0: Tensor, index: int, step: float, stencil: str) -> bool:

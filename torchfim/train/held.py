@@ -8,7 +8,8 @@ of its rows (so it costs one forward and backward per such batch: bucket held se
 them to one with a mask, where there are many).
 
 A held mini-batch is a tensor whose first dimension is the batch, or a dict of keyword inputs
-(Hugging Face style: ``{"input_ids": ..., "attention_mask": ...}``); target keys are dropped. The
+(Hugging Face style: ``{"input_ids": ..., "attention_mask": ...}``); target keys are not passed to the model,
+but their labels -100 leave positions out as in :func:`torchfim.fisher`. The
 tensors are kept as they came (detached) and moved to the model's device and float dtype at each
 measurement, so a model moved or cast after the monitor was made is measured as it is then.
 """
@@ -22,13 +23,15 @@ from torch import Tensor
 
 from .._batches import Inputs, iter_batches
 from ..engine.batch import Batch, detached, make_batch
+from ..engine.labels import ModelLabels
 from ..errors import TorchfimError, all_finite
 
 __all__ = ["hold", "pooled", "pooled_groups", "window_batches"]
 
 
-def hold(inputs: Inputs) -> list[Batch]:
-    """The non-empty mini-batches of ``inputs``, checked (a batch dimension, finite floats) and detached."""
+def hold(inputs: Inputs, labels: ModelLabels | None = None) -> list[Batch]:
+    """The non-empty mini-batches of ``inputs``, checked (a batch dimension, finite floats) and detached; a dict's
+    labels read as the model's loss reads them where ``labels`` says how (:func:`.engine.batch.make_batch`)."""
     held = []
     for x, _ in iter_batches([inputs] if isinstance(inputs, Mapping) else inputs):
         if not isinstance(x, (Tensor, Mapping)):
@@ -37,7 +40,7 @@ def hold(inputs: Inputs) -> list[Batch]:
             )
         if isinstance(x, Tensor) and x.dim() == 0:
             raise TorchfimError("held inputs must have a batch dimension first, got a 0-dim tensor")
-        batch = make_batch(x, None, None, None)
+        batch = make_batch(x, None, None, None, labels=labels)
         tensors = [*batch.args, *(v for v in batch.kwargs.values() if isinstance(v, Tensor))]
         if any(t.is_floating_point() and not all_finite(t) for t in tensors):
             raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
@@ -55,11 +58,12 @@ def pooled(held: list[Batch]) -> Batch:
     try:
         args = tuple(_joined([b.args[i] for b in held], held) for i in range(len(first.args)))
         kwargs = {k: _joined([b.kwargs[k] for b in held], held) for k in first.kwargs}
+        targets = _joined([b.targets for b in held], held)
     except (RuntimeError, KeyError, IndexError, ValueError) as exc:
         raise TorchfimError(
             f"subset= could not join the held mini-batches into one pool to draw windows from ({exc})"
         ) from None
-    return Batch(args, kwargs, sum(b.size for b in held))
+    return Batch(args, kwargs, sum(b.size for b in held), targets)
 
 
 def pooled_groups(held: list[Batch]) -> list[Batch]:

@@ -26,6 +26,7 @@ from ..engine.attention_kernel import math_attention
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import reverse_mode_forms
 from ..engine.function_forwards import attention_fast_path_off
+from ..engine.labels import IGNORE_INDEX, ModelLabels
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.output_reading import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
@@ -48,8 +49,10 @@ class ModelIO:
     """
 
     def __init__(self, output: Callable[[object], Tensor] | None = None, composite: bool = False,
-                 defaults: Mapping[str, object] | None = None, class_dim: int | None = None) -> None:
+                 defaults: Mapping[str, object] | None = None, class_dim: int | None = None,
+                 labels: ModelLabels | None = None) -> None:
         check_output_map(output)
+        self.labels = labels  # how the model's loss reads a dict batch's labels (None: as given)
         self.output = output
         self.classes = ClassDim(class_dim)
         #: Keyword inputs every mini-batch gets unless it sets them (:func:`.engine.view.forward_defaults`).
@@ -103,6 +106,16 @@ class ModelIO:
         if mask is None:
             return None
         return check_mask(x.get(mask) if isinstance(mask, str) else mask, x.size)
+
+    def labelled(self, x: Batch) -> Tensor | None:
+        """Where the batch's class labels (a dict's ``labels``, aligned as the model's loss aligns them) hold one:
+        False at -100, which the loss leaves out, so the penalty's draws leave those positions out too, as
+        :func:`torchfim.fisher` does; None where no label is -100 (or the batch brings none)."""
+        y = x.targets if self.labels is None else self.labels.aligned(x.targets)
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            return None
+        ignored = y == IGNORE_INDEX
+        return ~ignored if bool(ignored.any()) else None
 
     # ------------------------------------------------------------ calls
     def call(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> object:

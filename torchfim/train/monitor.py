@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from .._batches import Inputs
 from .._processes import family_settings, model_device
+from ..engine.labels import ModelLabels
 from ..engine.output_reading import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples, warn_user
 from ..families import Family, get_family
@@ -228,7 +229,7 @@ class FisherTraceMonitor:
         self.generator = generator
         self.output, self.mask = _check_output_and_mask(output, mask)
         self.class_dim = check_class_dim(class_dim)
-        held = hold(inputs)
+        held = hold(inputs, ModelLabels(model))
         self.inputs, self._share = shared(held, across_processes)  # this process's share, and its place
         self._path = EnginePath()
         self.n_inputs = sum(b.size for b in held)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.derivative_settings import has_module_backward_hooks
+from ..engine.labels import ModelLabels
 from ..engine.model_checks import check_not_scripted
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
@@ -125,7 +126,9 @@ class FisherPenalty(PenaltyTerms):
     Outputs with positions, ``(B, *pos, C)`` (a language model's logits): each position is an observation
     of ``family`` given the input, labels are drawn per position and an input's NLL sums over its
     positions (:mod:`torchfim.train.position_outputs`, which also says how to get a per-token mean);
-    ``mask`` ``(B, *pos)``, passed to each call, drops padding (both kinds).
+    ``mask`` ``(B, *pos)``, passed to each call, drops padding (both kinds); on outputs ``(B, C)`` a
+    ``(B,)`` mask is one position per input, as in :func:`torchfim.fisher`: an input marked False adds
+    nothing and still counts in the mean over the ``B`` inputs.
 
     Mini-batches are one tensor (``model(x)``) or a dict of keyword inputs (``model(**batch)``, a Hugging
     Face batch; ``mask="attention_mask"`` then names the mask in it); the penalty reads the outputs
@@ -225,7 +228,7 @@ class FisherPenalty(PenaltyTerms):
         self.grad_method = check_choice("grad_method", grad_method, GRAD_METHODS)
         self.fd_step = check_fd_step(fd_step, self.grad_method)
         self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model),
-                          class_dim=class_dim)
+                          class_dim=class_dim, labels=ModelLabels(model))
         penalised_parameters(model, every_module=True)  # fail early: nothing to penalise, or FSDP's
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
@@ -240,7 +243,7 @@ class FisherPenalty(PenaltyTerms):
     def __call__(self, inputs: Inputs, step: int | None = None, mask: Tensor | str | None = None) -> Tensor:
         """The penalty term for this training step (see the class docstring); ``mask`` ``(B, *pos)``, or
         the key of one in a dict mini-batch, marks the observed positions of outputs with positions
-        (padding False)."""
+        (padding False); ``(B,)`` on outputs without positions marks the observed inputs."""
         step = check_step(step)
         if step % self.every != 0 and self.reuse_between and self._kept.grads is not None:
             return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
@@ -252,7 +255,7 @@ class FisherPenalty(PenaltyTerms):
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
-        with self.family.masked(mask, x.size), self._forwards(step, params):
+        with self.family.masked(mask, x.size, self.io.labelled(whole)), self._forwards(step, params):
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -344,7 +347,8 @@ class FisherPenalty(PenaltyTerms):
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
-        with self.family.masked(self.io.mask(mask, x), rows), self._forwards(step, params, module_hooks=False):
+        with self.family.masked(self.io.mask(mask, x), rows, self.io.labelled(x)), \
+                self._forwards(step, params, module_hooks=False):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:

@@ -6,7 +6,8 @@ the input (:class:`~torchfim.families.Positions`): the penalty draws one label p
 NLL of an input is the sum over its observed positions, averaged over the inputs, so
 ``g = ∇_θ (1/B) Σᵢ Σₜ −log p(ŷᵢₜ|xᵢ)``. A per-token mean instead divides ``g`` by the number of
 positions ``T``, that is ``α`` by ``T²`` for the batch gradient's ``α‖g‖²`` (and by ``T`` for the
-trace's ``α·Tr``). Outputs ``(B, C)`` go to the base family unchanged.
+trace's ``α·Tr``). Outputs ``(B, C)`` go to the base family unchanged, or, with a ``(B,)`` mask, to
+:class:`~torchfim.families.Positions` of one position per input (an input marked False observes nothing).
 """
 
 from __future__ import annotations
@@ -36,18 +37,26 @@ class PositionOutputs:
         self.base = base
         self.name = base.name
         self.mask: Tensor | None = None  # (rows, *pos) bool for the call in progress (None: every position)
+        self.from_labels = False  # whether the mask is the labels' alone (-100 left out), not the caller's
 
     def __repr__(self) -> str:
         return repr(self.base)
 
     @contextmanager
-    def masked(self, mask: Tensor | None, rows: int) -> Iterator[None]:
-        """Within the block, positions where ``mask[:rows]`` is False are not observed."""
-        self.mask = None if mask is None else mask[:rows]
+    def masked(self, mask: Tensor | None, rows: int, labelled: Tensor | None = None) -> Iterator[None]:
+        """Within the block, positions where ``mask[:rows]`` is False are not observed, nor, for class labels,
+        those where ``labelled[:rows]`` is False (a label -100, :meth:`.model_io.ModelIO.labelled`), where its
+        shape is that of the mask, or of the outputs' positions when there is no mask."""
+        mask = None if mask is None else mask[:rows]
+        labelled = None if labelled is None or self.base.name != "categorical" else labelled[:rows]
+        self.from_labels = mask is None and labelled is not None
+        if labelled is not None and (mask is None or mask.shape == labelled.shape):
+            mask = labelled if mask is None else mask & labelled.to(mask.device)
+        self.mask = mask
         try:
             yield
         finally:
-            self.mask = None
+            self.mask, self.from_labels = None, False
 
     def log_prob_of_one(self, out: Tensor, y: Tensor, mask_row: Tensor | None) -> Tensor:
         """``log p(y|x)`` of one input's outputs ``out`` ``(1, ...)``, summed over the positions that
@@ -65,14 +74,19 @@ class PositionOutputs:
                 "the family's natural parameters; pass output= a function that picks it (e.g. output=lambda out: "
                 "out[0])"
             )
-        if o.dim() <= 2:
-            if self.mask is not None:
-                raise TorchfimError(
-                    f"mask= marks observed positions, but the model's outputs {tuple(o.shape)} have none "
-                    "(they would be (batch, *positions, C)); drop mask="
-                )
-            return self.base, o
         mask = self.mask
+        if self.from_labels and tuple(mask.shape[1:]) != tuple(o.shape[1:-1] if o.dim() > 2 else ()):
+            mask = None  # labels of another shape than the outputs' positions (an output= of other positions)
+        if o.dim() <= 2:
+            if mask is None:
+                return self.base, o
+            if mask.dim() > 1:
+                raise TorchfimError(
+                    f"mask= of shape {tuple(mask.shape)} marks positions, but the model's outputs {tuple(o.shape)} "
+                    "have none (they would be (batch, *positions, C)); pass a (batch,) mask or drop mask="
+                )
+            mask = mask.reshape(-1, 1)  # one position per input, as fisher() reads a (batch,) mask
+            return Positions(self.base, 1, mask.to(o.device)), o.reshape(o.shape[0], -1)
         if mask is not None and mask.device != o.device:
             mask = mask.to(o.device)
         return Positions(self.base, tuple(o.shape[1:-1]), mask), o.reshape(o.shape[0], -1)
@@ -95,14 +109,13 @@ class PositionOutputs:
 
 
 def check_mask(mask: object, size: int) -> Tensor:
-    """``mask`` as a bool tensor with one row per input (``size`` of them); refuses anything else."""
-    if is_position_mask(mask) and mask.dim() == 1 and mask.shape[0] == size:
-        raise TorchfimError(
-            f"mask has one value per input, shape {tuple(mask.shape)}: a mask drops positions within an input "
-            "(padding tokens), shape (batch, *positions), for outputs (batch, *positions, ...); to leave out whole "
-            "inputs, pass only the inputs to keep, e.g. x[mask]"
-        )
-    if not is_position_mask(mask) or mask.dim() < 2 or mask.shape[0] != size:
+    """``mask`` as a bool tensor with one row per input (``size`` of them); refuses anything else.
+
+    A ``(batch,)`` mask is one position per input, for outputs without position dims, as in
+    :func:`torchfim.fisher`: an input marked False observes nothing (its NLL is 0) and still counts in the
+    mean over inputs.
+    """
+    if not is_position_mask(mask) or mask.dim() < 1 or mask.shape[0] != size:
         shape = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
         fractions = isinstance(mask, Tensor) and mask.is_floating_point() and not is_position_mask(mask)
         raise TorchfimError(

@@ -1,0 +1,148 @@
+"""A Hugging Face batch's ``labels`` read as the model's own loss reads them, by every estimator and tool.
+
+* A label -100 scores nothing in the loss, so its position observes nothing for the exact Fisher, the score
+  estimator, the monitor and the penalty too, not only for the empirical Fisher: before, they counted every
+  position, so the empirical and the true Fisher of one batch covered different positions (a user trial: a
+  report's "empirical 0.754× the estimate" was mostly 32 labelled positions against 40).
+* A causal LM's labels are shifted (its last position predicts nothing that is scored); an encoder-decoder's
+  are not (transformers gives T5 and BART the causal loss's name), and a batch without decoder inputs gets
+  those the model builds from its labels (before: T5 refused it from inside, BART decoded its own source).
+
+Oracles: float64 Jacobians of the logits (``clients.jacobians``) with the positions each model's loss scores.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import clients  # first: hides a torchvision build that cannot load
+import pytest
+import torch
+import transformers
+from test_clients_transformers import PAD, VOCAB, labelled_batch, tiny_gpt2
+
+import torchfim
+from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+
+def _prompted(lengths: list[int], prompt: int, seed: int) -> dict[str, torch.Tensor]:
+    """:func:`labelled_batch` with the first ``prompt`` labels of each input -100 too (a fine-tuning collator's
+    prompt masking)."""
+    batch = labelled_batch(lengths, seed)
+    batch["labels"][:, :prompt] = -100
+    return batch
+
+
+def _scored(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, T)``: the positions a causal LM's loss scores, where the next label is not -100."""
+    return torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100
+
+
+def test_a_causal_lms_labels_leave_out_the_positions_its_loss_does_not_score() -> None:
+    """Exact diag over the scored positions only: the prompt (-100), the padding and each input's last token."""
+    model, batch = tiny_gpt2(), _prompted([5, 4, 3], prompt=2, seed=7)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    jac, logits = clients.jacobians(model, kwargs=inputs, output="logits")
+    want = clients.categorical_diag(jac, logits, VOCAB, _scored(batch))
+    got = torchfim.fisher(model, batch, structure="diag")
+    assert clients.rel_err(got, want) < 1e-10
+    # counting every real token instead (what it did before) is far off
+    assert clients.rel_err(clients.categorical_diag(jac, logits, VOCAB, batch["attention_mask"]), want) > 0.1
+    with_mask = torchfim.fisher(model, batch, structure="diag", mask="attention_mask")  # the same: labels ⊂ mask
+    assert clients.rel_err(with_mask, want) < 1e-10
+
+
+def test_the_monitor_and_the_score_estimate_cover_the_same_positions() -> None:
+    """The score estimate and the monitor's Tr(F) are unbiased for the exact trace over the scored positions:
+    within 4 standard errors (of 400 labels per input) of it, and many from the trace over every real token."""
+    model, batch = tiny_gpt2(), _prompted([5, 4, 3], prompt=2, seed=8)
+    exact = float(torchfim.fisher(model, batch, structure="trace"))
+    every_token = float(torchfim.fisher(model, {k: v for k, v in batch.items() if k != "labels"},
+                                        structure="trace", mask="attention_mask"))
+    est, se = torchfim.fisher(model, batch, estimator="score", structure="trace", n_samples=400,
+                              generator=torch.Generator().manual_seed(3), return_stderr=True)
+    assert abs(float(est) - exact) < 4 * float(se) and abs(every_token - exact) > 10 * float(se)
+    # The monitor's stderr also covers the sampling of inputs (3 here): its label noise is the score estimate's, se.
+    monitor = FisherTraceMonitor(model, batch, every=1, n_samples=400, generator=torch.Generator().manual_seed(4))
+    assert abs(monitor.step(0).trace - exact) < 4 * float(se)
+
+
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+def test_the_penalty_leaves_out_what_the_loss_leaves_out(kind: str) -> None:
+    """The penalty on a batch whose labels hold -100 equals the penalty with those positions masked (the same
+    draws: one generator seed), value and gradient; without the labels it differs."""
+    model, batch = tiny_gpt2(), _prompted([5, 4, 3], prompt=2, seed=9)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def term(inputs: dict[str, torch.Tensor], **kw: object) -> list[torch.Tensor]:
+        pen = FisherPenalty(model, alpha=0.5, kind=kind, generator=torch.Generator().manual_seed(5))
+        value = pen(inputs, step=0, **kw)
+        return [value.detach(), *torch.autograd.grad(value, params, allow_unused=True)]
+
+    got = term(batch)
+    want = term({k: v for k, v in batch.items() if k != "labels"}, mask=_scored(batch))
+    for g, w in zip(got, want):
+        assert (g is None and w is None) or torch.allclose(g, w, rtol=1e-10, atol=1e-14)
+    unlabelled = term({k: v for k, v in batch.items() if k != "labels"}, mask=batch["attention_mask"].bool())
+    assert not torch.allclose(got[0], unlabelled[0], rtol=1e-3)
+
+
+def tiny_bart_generator() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=16, pad_token_id=PAD, bos_token_id=2,
+                                     eos_token_id=1, decoder_start_token_id=1, attn_implementation="eager")
+    return transformers.BartForConditionalGeneration(config).double().eval()
+
+
+def test_an_encoder_decoders_labels_are_not_shifted_and_build_its_decoder_inputs() -> None:
+    """BART on a Trainer-style batch ``{input_ids, attention_mask, labels}``: the decoder reads
+    ``shift_tokens_right(labels)`` as the model builds it, and the logits at position t pair with ``labels[t]``
+    (its loss); exact diag against the Jacobian oracle on those decoder inputs, the empirical trace against
+    per-input autograd of its loss. Before: the shift of a causal LM, and the decoder fed the source."""
+    model = tiny_bart_generator()
+    g = torch.Generator().manual_seed(11)
+    ids, labels = torch.randint(3, VOCAB, (3, 6), generator=g), torch.randint(3, VOCAB, (3, 4), generator=g)
+    labels[2, 3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    decoder = transformers.models.bart.modeling_bart.shift_tokens_right(labels, PAD, 1)
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"], "decoder_input_ids": decoder}
+    jac, logits = clients.jacobians(model, kwargs=inputs, output="logits")
+    want = clients.categorical_diag(jac, logits, VOCAB, labels != -100)
+    assert clients.rel_err(torchfim.fisher(model, batch, structure="diag"), want) < 1e-10
+    params = [p for p in model.parameters() if p.requires_grad]
+    empirical = 0.0
+    for i in range(3):
+        out = model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits[0]
+        loss = torch.nn.functional.cross_entropy(out, labels[i], reduction="sum")  # ignore_index=-100
+        empirical += sum(float(t.square().sum()) for t in torch.autograd.grad(loss, params, allow_unused=True)
+                         if t is not None) / 3
+    got = float(torchfim.fisher(model, batch, estimator="empirical", structure="trace"))
+    assert abs(got - empirical) < 1e-10 * empirical
+
+
+def test_a_models_outputs_given_as_inputs_are_named() -> None:
+    model = tiny_gpt2()
+    out = model(input_ids=torch.randint(2, VOCAB, (2, 4)))
+    for call in (lambda: torchfim.fisher(model, out), lambda: FisherTraceMonitor(model, out),
+                 lambda: FisherPenalty(model, alpha=0.1)(out, step=0)):
+        with pytest.raises(torchfim.TorchfimError, match=r"CausalLMOutputWithCrossAttentions with keys.*looks like a "
+                                                         r"model's outputs, not its inputs"):
+            call()
+
+
+def test_padding_that_counts_is_warned_of_and_a_tensor_mask_takes_one_dict_batch() -> None:
+    """A dict batch whose attention_mask marks padding, given no mask= and no labels: the padding counts, with a
+    warning that names mask='attention_mask'; a tensor mask with one dict batch is that mini-batch's mask (before:
+    refused as "inputs come in mini-batches")."""
+    model, batch = tiny_gpt2(), labelled_batch([5, 3], seed=12)
+    del batch["labels"]
+    with pytest.warns(RuntimeWarning, match=r"attention_mask marks 2 padding position\(s\) that count as observed.*"
+                                            r"mask='attention_mask'"):
+        torchfim.fisher(model, batch, structure="trace")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = torchfim.fisher(model, batch, structure="trace", mask="attention_mask")
+        given = torchfim.fisher(model, batch, structure="trace", mask=batch["attention_mask"].bool())
+    assert torch.equal(named, given)

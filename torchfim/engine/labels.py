@@ -1,0 +1,99 @@
+"""How a model's own loss reads the ``labels`` of a dict mini-batch, so that torchfim reads them the same way.
+
+* A causal language model (Hugging Face's ``ForCausalLMLoss``) pairs its logits at position t with
+  ``labels[t + 1]``: the labels are shifted, and the last position, which predicts a token past the
+  sequence, gets none (:func:`next_token_labels`).
+* An encoder-decoder (T5, BART, ``config.is_encoder_decoder``) pairs its logits with the labels as they
+  are, and builds its decoder's inputs from them where a batch brings none
+  (``prepare_decoder_input_ids_from_labels``). torchfim takes the labels out of the batch (the model
+  would compute its loss), so it builds those decoder inputs itself: without them T5 refused the batch
+  and BART decoded from its shifted source instead, a Fisher of another function.
+* A class label ``IGNORE_INDEX`` (-100) scores nothing in the loss, so that position observes nothing,
+  for every estimator (:func:`labelled_positions`): the exact Fisher and the empirical one cover the
+  same positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["IGNORE_INDEX", "ModelLabels", "labelled_positions", "next_token_labels", "predicts_next_token"]
+
+#: A class label that marks a position without a target (PyTorch's ``ignore_index``).
+IGNORE_INDEX = -100
+
+
+def predicts_next_token(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face causal language model: its own loss (``loss_function``,
+    ``ForCausalLMLoss``) shifts a batch's ``labels`` so that the logits at position t predict
+    ``labels[t + 1]``. transformers falls back to that loss for any model whose loss type it does not
+    know, encoder-decoders among them, whose own loss takes the labels unshifted: those are not."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
+        return False
+    try:
+        loss = getattr(model, "loss_function", None)
+    except Exception:  # noqa: BLE001 - a property of the user's model that fails: not such a model
+        return False
+    return getattr(loss, "__name__", "") == "ForCausalLMLoss"
+
+
+def decoder_inputs_from_labels(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The model's own way from ``labels`` to its decoder's inputs (an encoder-decoder's
+    ``prepare_decoder_input_ids_from_labels``), or None for a model without one."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is not True:
+        return None
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not callable(prepare):
+        return None
+    return lambda labels: prepare(labels=labels)
+
+
+def next_token_labels(labels: object) -> object:
+    """A causal language model's ``labels`` ``(B, T)`` aligned with its logits as its loss aligns them
+    (Hugging Face's ``ForCausalLMLoss``): ``labels[:, 1:]`` with ``IGNORE_INDEX`` at the last position,
+    which predicts a token past the sequence. Anything else is returned as it is."""
+    if not isinstance(labels, Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        return labels
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def labelled_positions(targets: object, size: int, positions: tuple[int, ...]) -> Tensor | None:
+    """``(size, *positions)`` bool, False where the class labels ``targets`` hold ``IGNORE_INDEX``; None where
+    none does, or where ``targets`` are not integer class labels of that shape (the empirical estimator
+    refuses those itself)."""
+    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
+        return None
+    if targets.dtype == torch.bool or tuple(targets.shape) != (size, *positions):
+        return None
+    ignored = targets == IGNORE_INDEX
+    return ~ignored if bool(ignored.any()) else None
+
+
+class ModelLabels:
+    """How ``model``'s own loss reads a dict batch's labels; asked of the model once, when a batch first
+    brings labels (Hugging Face logs which loss it resolved)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._asked: tuple[bool, Callable[[Tensor], Tensor] | None] | None = None
+
+    def _answers(self) -> tuple[bool, Callable[[Tensor], Tensor] | None]:
+        if self._asked is None:
+            self._asked = (predicts_next_token(self.model), decoder_inputs_from_labels(self.model))
+        return self._asked
+
+    def next_token(self) -> bool:
+        """Whether the model's loss pairs its outputs at position t with ``labels[t + 1]``."""
+        return self._answers()[0]
+
+    def aligned(self, labels: object) -> object:
+        """``labels`` one per output position, as the model's loss pairs them."""
+        return next_token_labels(labels) if self.next_token() else labels
+
+    def decoder_inputs(self, labels: Tensor) -> Tensor | None:
+        """The decoder inputs the model builds from ``labels`` where a batch brings none (None: it builds none)."""
+        build = self._answers()[1]
+        return None if build is None else build(labels)
