@@ -248,7 +248,7 @@ def test_compare_estimators_table_keeps_its_columns_with_long_names():
 
 def test_variance_errors():
     model, x = tanh_mlp(3), mlp_inputs(4)
-    with pytest.raises(torchfim.TorchfimError, match="unknown estimator 'exact'"):
+    with pytest.raises(torchfim.TorchfimError, match="estimator='exact' draws no labels, so it has no sampling variance"):
         torchfim.fisher_variance(model, x, estimator="exact")
     with pytest.raises(torchfim.TorchfimError, match="rel_error must be a positive number"):
         torchfim.samples_needed(model, x, rel_error=0)

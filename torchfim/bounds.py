@@ -15,14 +15,17 @@ inputs: its per-input terms combine as the variance's do, ``Σ_r (n_r/N)² B_r``
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 import torch
 from torch import nn
 
 from ._batches import Inputs, reusable
-from .errors import check_choice
+from .errors import TorchfimError
 from .families import Family
 from .structures import PublicValue
-from .variance import VARIANCE_ESTIMATORS, variance_of
+from .variance import check_variance_estimator, variance_of
 
 
 def score_variance_bound_spectral(
@@ -42,8 +45,9 @@ def score_variance_bound_spectral(
     ``Var(Tr Î1) ≤ (1/(n²k)) Σᵢ (λ_max(Mᵢ) ‖JᵢJᵢᵀ‖_F² − (tr I(θ|xᵢ))²)``.
 
     Assumptions: the output family of docs/math.md §1 (``E[uuᵀ] = Λ``); none on the
-    network. Equality: one output per input (``C = 1``). This is the spectral
-    form of the Î1 bound of Soen & Sun (2021), stated and proved here.
+    network. Equality: one output per input (``C = 1``). A bound of the kind Soen & Sun
+    (2021) give for Î1, derived here in their setting: the paper's own statement could not
+    be recovered (docs/math.md, Sources).
     """
     return variance_of(model, inputs, family, "score", structure, n_samples, "spectral", **options)
 
@@ -87,7 +91,8 @@ def hessian_variance_bound_spectral(
     Assumptions: docs/math.md §1 families; none on the network. Equality when
     ``Λ ∝ I`` (the fixed-σ Gaussian, any ``C = 1`` family). Like the exact
     variance it vanishes wherever ``∇²_θ o`` does (inside ReLU layers, the last
-    linear layer). The Î2 bound of Soen & Sun (2021), stated and proved here.
+    linear layer). A bound of the kind Soen & Sun (2021) give for Î2, derived here in their
+    setting: the paper's own statement could not be recovered (docs/math.md, Sources).
     """
     return variance_of(model, inputs, family, "hessian", structure, n_samples, "spectral", **options)
 
@@ -122,7 +127,8 @@ def variance_bound(
         >>> bool(bound >= exact)
         True
     """
-    check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
+    check_variance_estimator(estimator, "variance_bound")
+    _check_options(options)
     inputs = reusable(inputs)  # iterated once per bound
     results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
     best = results[0]
@@ -132,3 +138,15 @@ def variance_bound(
         else:
             best = torch.minimum(best, other)
     return best
+
+
+def _check_options(options: dict[str, object]) -> None:
+    """Refuse a keyword that the bounds do not take (a typo such as ``n_sample``), naming the ones they do."""
+    taken = sorted(name for name, p in inspect.signature(variance_of).parameters.items() if p.kind == p.KEYWORD_ONLY)
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], [*taken, "family", "estimator", "structure", "n_samples"], n=1)
+        raise TorchfimError(
+            f"variance_bound got an unknown option {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+            + f"; it takes family, estimator, structure, n_samples and the options {', '.join(taken)}"
+        )

@@ -174,6 +174,7 @@ def combined_terms(
         result = sums.finish(k)
     if result.estimate is not None:
         check_finite_result(result.estimate, "the combined Fisher", one.view.dtype)
+    check_finite_result(result.variance, "the combined estimator's variance", one.view.dtype)
     return result
 
 

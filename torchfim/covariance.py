@@ -27,6 +27,7 @@ from .engine import (
     Backend,
     Recording,
     backend_name,
+    check_finite_result,
 )
 from .engine.backend import CHUNK_ELEMENTS, Pieces, is_trace, second_order_support
 from .engine.session import engine_pass
@@ -148,7 +149,9 @@ def covariance_of(
                                       whole=True, grams=is_trace(result)):
             with second_order_support():
                 result.visit(ScoreHessianCovariance(one.backend, rec, fam_b))
-        return result.finish(one.n * one.n * k)
+        value = result.finish(one.n * one.n * k)
+        check_finite_result(value, "the covariance of Î1 and Î2", one.view.dtype)
+        return value
 
 
 def fisher_covariance(

@@ -54,8 +54,8 @@ def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
 def real_number(value: object) -> float | None:
     """``value`` as a float where it is one real number: a Python or NumPy int or float (or a 0-dim NumPy array of
     one), or a 0-dim tensor of a real dtype (with its value, so not on the meta device); None for anything else,
-    such as a bool, a complex number, a string or a tensor of another shape. Options that take a real number check their range on the float (NaN is in
-    none)."""
+    such as a bool, a complex number, a string or a tensor of another shape. Options that take a real number check
+    their range on the float (NaN is in none)."""
     value = _numpy_zero_dim(value)
     if isinstance(value, torch.Tensor):
         real = value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool or value.is_meta)

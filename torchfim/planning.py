@@ -10,10 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs, reusable
+from .combined import combined_variance
 from .engine import ModelView
 from .engine.backend import NoForwardDerivative
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice, real_number
+from .errors import TorchfimError, check_choice, real_number, warn_user
 from .families import Family
 from .fisher import fisher
 from .variance import VARIANCE_ESTIMATORS, fisher_variance
@@ -37,8 +38,11 @@ def samples_needed(
 
     The variance with ``k`` labels is ``V₁/k`` (``V₁`` = :func:`fisher_variance`
     with one label), so ``k = ⌈V₁ / (ε·I)²⌉`` for ``structure="trace"`` (``I`` =
-    Tr of the exact Fisher) and the largest such ``k`` over the non-zero diagonal
-    entries for ``structure="diag"`` (the worst entry). At least 1. ``backend``, ``mask``, ``output``,
+    Tr of the exact Fisher) and the largest such ``k`` over the diagonal entries whose exact Fisher is
+    non-zero for ``structure="diag"`` (the worst entry; an entry with Fisher 0 whose estimate still varies
+    has no relative error to reach, and a warning names how many there are). At least 1.
+    ``estimator="combined"`` takes ``V₁`` from :func:`torchfim.combined.combined_variance` (its weights
+    do not depend on ``k``, so its variance too is ``V₁/k``; one process). ``backend``, ``mask``, ``output``,
     ``class_dim`` and ``across_processes`` (every process gets the ``k`` of all the inputs) as in
     :func:`torchfim.fisher`.
 
@@ -49,8 +53,11 @@ def samples_needed(
         >>> k >= 1
         True
     """
-    check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
+    check_choice("estimator", estimator, (*VARIANCE_ESTIMATORS, "combined"))
     check_choice("structure", structure, ("trace", "diag"))
+    if estimator == "combined" and across_processes:
+        raise TorchfimError("samples_needed(estimator='combined') runs in one process (combined_variance has no "
+                            "across_processes); call it on one process, or ask for 'score' or 'hessian'")
     rel = real_number(rel_error)
     if rel is None or not (0 < rel and math.isfinite(rel)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
@@ -60,12 +67,17 @@ def samples_needed(
                across_processes=across_processes)
     # The variance first: where an input's Jacobian would not fit it refuses at once, before the exact
     # Fisher's one pull-back per output number (hours for a language model's vocabulary).
-    var1 = fisher_variance(model, inputs, estimator=estimator, structure=structure, n_samples=1, **how)
+    if estimator == "combined":
+        del how["across_processes"]
+        var1 = combined_variance(model, inputs, structure=structure, n_samples=1, **how)
+    else:
+        var1 = fisher_variance(model, inputs, estimator=estimator, structure=structure, n_samples=1, **how)
     value = fisher(model, inputs, estimator="exact", structure=structure, **how)
     value, var1 = value.reshape(-1).double(), var1.reshape(-1).double()
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
         raise TorchfimError("the exact Fisher is zero here, so a relative error is undefined; check the model")
+    _name_uninformative(var1[~informative], estimator)
     var1, value = var1[informative].clamp_min(0), value[informative]
     labels = float((var1 / (rel_error * value) ** 2).max())
     if not math.isfinite(labels):  # (ε·I)² underflowed (tiny ε): the same ratio as ((σ₁/|I|)/ε)²
@@ -76,6 +88,19 @@ def samples_needed(
             f"error with one label is {float((var1.sqrt() / value.abs()).max()):.3g}); ask for a larger rel_error"
         )
     return max(1, math.ceil(labels * (1 - 1e-12)))
+
+
+def _name_uninformative(var1: Tensor, estimator: str) -> None:
+    """Warn where entries left out (exact Fisher 0) still vary: no number of labels reaches a relative error there,
+    and the ``k`` returned does not cover them; their absolute error is ``σ₁/√k``."""
+    varying = var1 > 0
+    if bool(varying.any()):
+        warn_user(
+            f"torchfim: {int(varying.sum())} diagonal entr{'y has' if int(varying.sum()) == 1 else 'ies have'} an exact "
+            f"Fisher of 0 but a {estimator} estimate that varies (largest standard deviation with one label "
+            f"{float(var1.max().sqrt()):.3g}): no number of labels reaches a relative error there, so the k "
+            "returned covers the other entries only; with k labels their absolute error is that deviation over √k"
+        )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .engine import (
 from .engine.backend import CHUNK_ELEMENTS, is_trace, second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
-from .errors import check_choice, check_n_samples
+from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, get_family
 from .families.base import robust_eigvalsh
 from .process_rows import row_share
@@ -197,7 +197,7 @@ def variance_of(
     fam = get_family(family)
     share = row_share(across_processes, mask, ("variance", estimator, structure_kind(structure), family_settings(fam),
                                                n_samples, mode, class_dim, mask if isinstance(mask, str) else None))
-    check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
+    check_variance_estimator(estimator, "fisher_variance")
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
 
@@ -222,6 +222,21 @@ def variance_of(
         return compute()[0]
     value, n = share.together(compute, model)
     return share.mean(None, value, n, model)[1]
+
+
+def check_variance_estimator(estimator: object, caller: str) -> None:
+    """Refuse an estimator without closed-form variances here, naming where its variance is (or why it has none)."""
+    if estimator == "combined":
+        raise TorchfimError(
+            f"{caller} takes estimator='score' or 'hessian'; the combined estimator's variance is "
+            "torchfim.combined_variance(model, inputs, ...) (or fisher(..., estimator='combined', return_stderr=True))"
+        )
+    if estimator in ("exact", "empirical"):
+        raise TorchfimError(
+            f"{caller} takes estimator='score' or 'hessian': estimator={estimator!r} draws no labels, so it has no "
+            "sampling variance given the inputs"
+        )
+    check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
 
 
 def fisher_variance(

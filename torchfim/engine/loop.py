@@ -138,6 +138,14 @@ def check_finite_result(value: torch.Tensor | dict, what: str, dtype: torch.dtyp
     values = value.values() if isinstance(value, dict) else [value]
     if all(all_finite(v) for v in values):
         return
+    if dtype == torch.float64:  # .double() is no fix: the outputs themselves are out of range
+        raise TorchfimError(
+            f"{what} has non-finite entries: the per-sample products overflowed even in torch.float64, or the "
+            "model produced non-finite derivatives. In float64 that takes extreme outputs: the family's moments "
+            "of them (a Poisson rate e^o squared at o ≈ 700, 1/σ⁴ for σ near 1e-80, a variance e^s at s ≈ ±700) "
+            "or activations beyond 1e154; check the largest outputs the model returns and rescale the inputs or "
+            "the output layer"
+        )
     raise TorchfimError(
         f"{what} has non-finite entries: the per-sample products overflowed in {dtype} (inputs or "
         "activations too large for it) or the model produced non-finite derivatives; rescale the inputs, "

@@ -1,0 +1,86 @@
+"""What the variance side says where a user trial found it silent or pointing the wrong way: entries that no number
+of labels makes accurate, the combined estimator's label count, estimators and options the variance functions do not
+take, and results that overflowed (NaN returned without a word)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cases import mlp_inputs, tanh_mlp
+from torch import nn
+
+import torchfim
+from torchfim import TorchfimError
+
+
+class _SquaredFeature(nn.Module):
+    """``o = (x·w1)²·w2 + lin(x)`` at ``w1 = 0``: the Fisher of ``w1`` is 0 (``∂o/∂w1 = 0`` there) while Î2's entries of
+    ``w1`` vary (``∂²o/∂w1² = 2 x xᵀ w2 ≠ 0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(1, 2, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(3, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+        self.lin = nn.Linear(2, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.w1.T) ** 2 @ self.w2.T + self.lin(x)
+
+
+def test_entries_with_fisher_zero_whose_estimate_varies_are_named() -> None:
+    """Before: k = 1 without a word, while one Î2 draw of those entries is 0.40 ± 1.09 for a true 0. Now a warning
+    names the two entries and their deviation; k is the worst of the informative entries, by hand."""
+    torch.manual_seed(1)
+    model, x = _SquaredFeature(), torch.randn(8, 2, dtype=torch.float64)
+    value = torchfim.fisher(model, x, structure="diag")
+    var = torchfim.fisher_variance(model, x, estimator="hessian", structure="diag")
+    assert bool((value[:2] == 0).all()) and bool((var[:2] > 0.1).all())
+    with pytest.warns(RuntimeWarning, match=rf"2 diagonal entries have an exact Fisher of 0 but a hessian estimate that "
+                                            rf"varies \(largest standard deviation with one label {var[:2].max().sqrt():.3g}\)"):
+        k = torchfim.samples_needed(model, x, estimator="hessian", structure="diag", rel_error=0.1)
+    kept = value.abs() > 0
+    assert k == max(1, math.ceil(float((var[kept] / (0.1 * value[kept]) ** 2).max()) * (1 - 1e-12)))
+
+
+def test_samples_needed_for_the_combined_estimator() -> None:
+    """``V₁`` of the combined estimator from ``combined_variance``; never more labels than the better of Î1 and Î2."""
+    model, x = tanh_mlp(3), mlp_inputs(16)
+    for structure in ("trace", "diag"):
+        k = torchfim.samples_needed(model, x, estimator="combined", structure=structure, rel_error=0.05)
+        v = torchfim.combined_variance(model, x, structure=structure).reshape(-1)
+        f = torchfim.fisher(model, x, structure=structure).reshape(-1)
+        kept = f.abs() > 1e-12 * f.abs().max()
+        assert k == max(1, math.ceil(float((v[kept] / (0.05 * f[kept]) ** 2).max()) * (1 - 1e-12)))
+        others = [torchfim.samples_needed(model, x, estimator=e, structure=structure, rel_error=0.05)
+                  for e in ("score", "hessian")]
+        assert k <= min(others)
+
+
+def test_estimators_and_options_the_variance_functions_do_not_take_are_named() -> None:
+    model, x = tanh_mlp(3), mlp_inputs(6)
+    with pytest.raises(TorchfimError, match=r"fisher_variance takes estimator='score' or 'hessian'; the combined "
+                                            r"estimator's variance is torchfim.combined_variance"):
+        torchfim.fisher_variance(model, x, estimator="combined")
+    with pytest.raises(TorchfimError, match=r"variance_bound takes estimator='score' or 'hessian': "
+                                            r"estimator='exact' draws no labels"):
+        torchfim.variance_bound(model, x, estimator="exact")
+    with pytest.raises(TorchfimError, match=r"unknown option 'n_sample' \(did you mean 'n_samples'\?\)"):
+        torchfim.variance_bound(model, x, n_sample=3)
+
+
+def test_overflowed_covariance_and_combined_variance_are_refused_and_float64_is_not_told_to_use_float64() -> None:
+    """Pre-activations of 1 from inputs of 1e160 and weights of 1e-160: Jacobians of 1e160, their squares overflow
+    float64. Before: fisher_covariance and combined_variance returned NaN entries without a word; the refusal told a
+    float64 model to "compute in float64 with model.double()"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-160)
+    x = torch.randn(5, 2, dtype=torch.float64) * 1e160
+    for call in (lambda: torchfim.fisher_covariance(model, x, family="bernoulli", structure="diag"),
+                 lambda: torchfim.combined_variance(model, x, family="bernoulli", structure="diag")):
+        with pytest.raises(TorchfimError, match=r"overflowed even in torch.float64") as caught:
+            call()
+        assert "model.double()" not in str(caught.value)
