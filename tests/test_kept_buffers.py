@@ -87,3 +87,19 @@ def test_the_monitor_leaves_buffers_as_they_were_between_measurements() -> None:
         _unmoved(model, before)
     model(x)  # the user's own forward still updates them
     assert model.calls.item() == before["calls"].item() + 1
+
+
+def test_buffers_written_while_the_parameters_move_are_left_to_their_writer() -> None:
+    """A forward that also writes a weight (another writer at work, which the engine refuses to measure through):
+    the refusal names the moved parameters, and the buffers keep that writer's updates (writing the old values
+    back would undo a training step in another thread)."""
+    model, x, before = _setup()
+
+    def nudge(module: nn.Module, args: tuple) -> None:
+        with torch.no_grad():
+            module.lin.weight.add_(1e-3)
+
+    model.register_forward_pre_hook(nudge)
+    with pytest.raises(TorchfimError, match="parameters changed during the computation"):
+        torchfim.fisher(model, x, family="categorical", structure="diag")
+    assert model.calls.item() > before["calls"].item()
