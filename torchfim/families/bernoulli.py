@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from .base import Family, _to_generator_device, _work_dtype
+from .base import Family, _to_generator_device, _wide_float, _work_dtype
 
 
 def _variance_and_root(o: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,9 +67,18 @@ class Bernoulli(Family):
         return _variance_and_root(self._wide(o))[0]
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        p = _to_generator_device(torch.sigmoid(self._wide(o.detach())), generator)
-        probs = p.unsqueeze(1).expand(p.shape[0], k, 1)
-        return torch.bernoulli(probs, generator=generator).to(device=o.device, dtype=o.dtype)
+        """``k`` labels per logit: the rarer label where ``U < σ(−|o|)`` for ``U`` uniform in float64.
+
+        Neither ``p`` nor ``1 − p`` of the likelier label is formed: ``σ(o)`` rounds to 1 in float32
+        for ``o ≥ 17`` (16.6), and label 0 was then never drawn; here the rare label keeps its
+        probability to float64's resolution, ``2⁻⁵³`` absolute.
+        """
+        logit = _to_generator_device(o.detach(), generator)
+        logit = logit.to(_wide_float(logit.device)).unsqueeze(1)
+        uniform = torch.rand((o.shape[0], k, 1), generator=generator, dtype=logit.dtype, device=logit.device)
+        rare = uniform < torch.sigmoid(-logit.abs())
+        labels = torch.where(logit >= 0, ~rare, rare)  # the rare label is 0 for o ≥ 0, 1 below
+        return labels.to(device=o.device, dtype=o.dtype)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         logit = self._wide(self._align(y, o))
