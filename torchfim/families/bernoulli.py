@@ -48,7 +48,9 @@ class Bernoulli(Family):
         if width != 1:
             raise TorchfimError(
                 f"family 'bernoulli' expects one logit per input, shape (batch, 1), got {width} outputs; "
-                "use family='categorical' for several classes"
+                f"use family='categorical' for {width} exclusive classes, or, for {width} independent binary labels "
+                f"per input, return the outputs as (batch, {width}, 1) ({width} positions of one logit, targets "
+                f"(batch, {width}))"
             )
 
     def _filler_label(self, o: Tensor) -> Tensor:
