@@ -139,3 +139,13 @@ def test_a_language_model_is_not_named() -> None:
     model, x = case.build(3), case.inputs(4)
     for call in CALLS.values():
         assert _said(call, model, x) == []
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+@pytest.mark.parametrize("family", ["gaussian", "poisson"])
+def test_families_without_classes_are_not_told_of_a_class_dim(name: str, family: str) -> None:
+    """Outputs (B, 4, 4, 6) of a Gaussian or Poisson model have no classes to misplace. Before: the warning
+    named "6 classes at 4×4 positions … a segmentation model's logits" for them too."""
+    model, _, x, _, _ = _setting()
+    assert _said(CALLS[name], model, x, family=family) == []
+    assert len(_said(CALLS[name], model, x, family="categorical")) == 1

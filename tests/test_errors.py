@@ -659,3 +659,47 @@ def test_integer_options_take_numpy_and_tensor_integers_as_the_int_they_hold(tmp
             torchfim.fisher(model, x, estimator="score", n_samples=bad)
         with pytest.raises(torchfim.TorchfimError, match="step must be an integer"):
             monitor.step(bad)
+
+
+def test_bernoulli_width_error_names_independent_binary_labels(model):
+    """Several outputs under the Bernoulli family: categorical for exclusive classes, or (batch, T, 1) for T
+    independent binary labels (the README's reading)."""
+    with pytest.raises(TorchfimError, match=r"for 3 independent binary labels.*\(batch, 3, 1\)"):
+        torchfim.fisher(model, mlp_inputs(4), family="bernoulli")
+
+
+def test_a_positions_family_with_position_outputs_names_the_base_family_and_mask():
+    """family=Positions(Bernoulli(), 3, mask) with (B, 3, 1) outputs: pass family='bernoulli', mask=... instead.
+    Before: 'Positions needs a base Family instance … pass e.g. Positions(Categorical(), (seq_len,), mask)'."""
+    from torchfim.families import Bernoulli, Positions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Unflatten(1, (3, 1))).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]] * 4)
+    with pytest.raises(TorchfimError, match=r"family=Bernoulli\(\) \(or 'bernoulli'\) and mask=") as caught:
+        torchfim.fisher(net, x, family=Positions(Bernoulli(), 3, mask), structure="trace")
+    assert "Positions(Categorical()" not in str(caught.value)
+    want = torchfim.fisher(net, x, family="bernoulli", mask=mask, structure="trace")
+    flat = torchfim.fisher(net[0], x, family=Positions(Bernoulli(), 3, mask), structure="trace")
+    assert torch.allclose(flat, want, rtol=1e-12, atol=0)
+
+
+def test_matrix_fisher_outputs_as_a_matrix_are_told_to_reshape():
+    """(B, 3, 3) outputs were read as 3 positions of 3 outputs ('expects 9 outputs … got 3')."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 9), nn.Unflatten(1, (3, 3))).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(TorchfimError, match=r"read as 3 positions of 3 outputs; reshape them to \(batch, 9\)"):
+        torchfim.fisher(net, x, family="matrix_fisher", structure="trace")
+    assert torch.isfinite(torchfim.fisher(net[0], x, family="matrix_fisher", structure="trace"))
+
+
+def test_matrix_fisher_at_positions_is_not_told_of_a_class_dim():
+    """(B, 2, 2, 9): four matrices per input; no 'classes at 2×2 positions' warning (it has no classes)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 36), nn.Unflatten(1, (2, 2, 9))).double()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        value = torchfim.fisher(net, torch.randn(4, 3, dtype=torch.float64), family="matrix_fisher", structure="trace")
+    assert torch.isfinite(value) and not [w for w in record if "classes last" in str(w.message)]

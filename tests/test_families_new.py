@@ -60,7 +60,9 @@ def test_output_hessian_is_negative_hessian_of_log_likelihood(family):
             ref = -hessian(lambda out, label=y[i, j]: log_likelihood(family, out, label))(o[i])
             canonical = getattr(fam, "canonical", True)
             got = fam.fisher_output(o)[i] if canonical else fam.output_hessian(y, o)[i, j]
-            assert torch.allclose(got, ref, rtol=1e-8, atol=1e-10)
+            # The gamma oracle's −∇² of log Γ(α) goes through torch's trigamma, off by up to ~1e-9 absolute
+            # at these shapes (α²ψ'(α), α ∈ [0.3, 5]); an entry near 0 cannot meet a relative tolerance.
+            assert torch.allclose(got, ref, rtol=1e-8, atol=3e-9 if family == "gamma" else 1e-10)
 
 
 def test_log_prob_autograd_hessian_is_fisher_for_matrix_fisher():

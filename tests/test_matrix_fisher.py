@@ -9,11 +9,13 @@ uniform to very concentrated laws, and the sampler at high concentration.
 from __future__ import annotations
 
 import math
+import warnings
 
 import mpmath
 import pytest
 import torch
 
+from torchfim import TorchfimError
 from torchfim.families import MatrixFisher
 from torchfim.families.matrix_fisher_normaliser import (
     matrix_fisher_moments,
@@ -95,3 +97,37 @@ def test_sampling_at_high_concentration():
     for values, target in ((u, torch.zeros_like(a)), (along**2, second), (along**4, fourth)):
         mean, se = values.mean(1), values.std(1) / k**0.5
         assert bool(((mean - target).abs() <= 4.5 * se).all())
+
+
+def _rotation(seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q * torch.linalg.det(q)  # det +1
+
+
+def _assert_accurate(fam: MatrixFisher, scale: float) -> None:
+    """Λ(U S Vᵀ) = (U ⊗ V) Λ(S) (U ⊗ V)ᵀ, and Λ(S) is the Laplace limit Var(ω_k) = 1/(s_i + s_j) of
+    R ≈ exp([ω]×) to O(1/s) relative."""
+    u, v = _rotation(1), _rotation(2)
+    s = scale * torch.tensor([1.0, 0.7, 0.2], dtype=torch.float64)
+    principal = fam.fisher_output(torch.diag(s).reshape(1, 9))[0]
+    rotated = fam.fisher_output((u @ torch.diag(s) @ v.T).reshape(1, 9))[0]
+    frame = torch.kron(u, v)
+    assert torch.allclose(rotated, frame @ principal @ frame.T, rtol=0, atol=1e-13 * float(principal.abs().max()))
+    for (i, j), pair in {(0, 1): s[0] + s[1], (0, 2): s[0] + s[2], (1, 2): s[1] + s[2]}.items():
+        assert math.isclose(float(principal[3 * i + j, 3 * i + j] * pair), 1.0, rel_tol=10 / scale)
+
+
+def test_outputs_beyond_the_accurate_range_are_warned_of_and_refused_where_not_finite():
+    """Accurate, and silent, up to singular values 1e13 (the documented range; it said 1e9). Before: at
+    1e14 Λ was off by 2.7e-3 relative (0.79 at 1e15, NaN at 1e18), silently."""
+    fam = MatrixFisher()
+    rotation = _rotation(3).reshape(1, 9)
+    for scale in (1e9, 1e13):
+        _assert_accurate(fam, scale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fam.check_output(scale * rotation)
+    with pytest.warns(RuntimeWarning, match=r"singular value of 1e\+14.*lose accuracy.*above 1e\+13.*rescale"):
+        fam.check_output(1e14 * rotation)
+    with pytest.raises(TorchfimError, match=r"singular value of 1e\+18.*not finite above 1e\+17"):
+        fam.check_output(1e18 * rotation)

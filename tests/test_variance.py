@@ -272,3 +272,45 @@ def test_rel_error_refuses_bools_nan_and_tensors_of_other_shapes(value) -> None:
     """A bool is no error bound (``rel_error=True`` counted as 1 before), nor a tensor of one number in a dim."""
     with pytest.raises(torchfim.TorchfimError, match="rel_error must be a positive number such as 0.1"):
         torchfim.samples_needed(tanh_mlp(3), mlp_inputs(6), rel_error=value)
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e-9, 1e-6, 1e-3, 0.5])
+def test_bernoulli_score_variance_near_one_half_against_mpmath(logit):
+    """Var(Î1) of a Bernoulli model whose every logit is ``b``, against the two labels enumerated in 40
+    digits: Σᵢ E[(g_p g_q)²] − (Λ J_p J_q)² over n², g = uJ. Near p = ½ that difference is
+    Λ tanh²(b/2) j_p² j_q², far below Λ²: before, it cancelled (−1.4e-17 at b = 1e-9, where it is 6e-20)."""
+    import mpmath
+
+    mpmath.mp.dps = 40
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.fill_(logit)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    jac = [[mpmath.mpf(float(v)) for v in row] + [mpmath.mpf(1)] for row in x]  # ∂o/∂(weight, bias)
+    p = 1 / (1 + mpmath.exp(-mpmath.mpf(logit)))
+    lam, n, size = p * (1 - p), len(jac), 4
+    want = mpmath.matrix(size, size)
+    trace = mpmath.mpf(0)
+    for j in jac:
+        for label, weight in ((1, p), (0, 1 - p)):
+            g = [(label - p) * v for v in j]
+            trace += weight * sum(v**2 for v in g) ** 2
+            for a in range(size):
+                for b in range(size):
+                    want[a, b] += weight * (g[a] * g[b]) ** 2
+        trace -= (lam * sum(v**2 for v in j)) ** 2
+        for a in range(size):
+            for b in range(size):
+                want[a, b] -= (lam * j[a] * j[b]) ** 2
+    want = torch.tensor([[float(want[a, b] / n**2) for b in range(size)] for a in range(size)], dtype=torch.float64)
+    got = {s: torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure=s)
+           for s in ("full", "diag", "trace", "blocks")}
+    scale = 1e-13 * float(want.abs().max())  # exact zeros at b = 0
+    assert torch.allclose(got["full"], want, rtol=1e-12, atol=scale)
+    assert torch.allclose(got["diag"], torch.diagonal(want), rtol=1e-12, atol=scale)
+    assert math.isclose(float(got["trace"]), float(trace / n**2), rel_tol=1e-12, abs_tol=scale)
+    weight = got["blocks"]["weight"].reshape(3, 3)
+    assert torch.allclose(weight, want[:3, :3], rtol=1e-12, atol=scale)
+    assert all(bool((v >= 0).all()) for v in (got["diag"], got["trace"]))

@@ -82,6 +82,8 @@ class ScoreVariance(StructureVisitor):
     def trace_terms(self, rows: slice, gram: Tensor) -> Tensor:
         """Per input of ``rows``, ``E[(uᵀGu)²] − (tr ΛG)²`` (or its bound) for its output gram ``G`` (b, C, C)."""
         o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
+        if mode == "exact" and (spread := fam.score_square_variance(o)) is not None:  # one output: Var(u²)·G²
+            return (spread * gram.reshape(gram.shape[0], -1).square().sum(-1)).to(torch.promote_types(o.dtype, gram.dtype))
         eye = identity_like(gram.shape[-1], gram).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
         if mode == "exact":
@@ -96,6 +98,9 @@ class ScoreVariance(StructureVisitor):
         o, fam, mode = self.o, self.fam, self.mode
 
         def quartic(rows: slice, cols: Tensor) -> Tensor:
+            if mode == "exact" and (spread := fam.for_rows(rows).score_square_variance(o[rows])) is not None:
+                excess = spread.unsqueeze(1) * cols.square().sum(-1) ** 2  # one output: Var(u²) v⁴
+                return excess.to(torch.promote_types(o.dtype, cols.dtype))
             fisher_pp, fourth = fam.for_rows(rows).moments_along(o[rows], cols)
             second = fourth if mode == "exact" else self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2
             return second - fisher_pp**2
@@ -116,6 +121,11 @@ class ScoreVariance(StructureVisitor):
     def _pairwise(self, structure: Structure, index: int | None, v: Tensor, rows: slice) -> None:
         """Add Σᵢ ``E[(uᵀv_p)²(uᵀv_q)²] − (v_pᵀΛv_q)²`` (or its bound) for columns ``v`` (b, n, C)."""
         o, fam = self.o[rows], self.fam.for_rows(rows)
+        if self.mode == "exact" and (spread := fam.score_square_variance(o)) is not None:  # one output: Var(u²) v_p² v_q²
+            norms = v.square().sum(-1)
+            excess = spread[:, None, None] * norms.unsqueeze(2) * norms.unsqueeze(1)
+            structure.add_matrix(index, slice(None), excess.to(torch.promote_types(o.dtype, v.dtype)).sum(0))
+            return
         fisher_pq = fam.fisher_output_gram(o, v)
         if self.mode == "exact":
             second = fam.pairwise_moment4(o, v)

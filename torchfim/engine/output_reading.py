@@ -82,15 +82,22 @@ class ClassDim:
         given = check_class_dim(class_dim)
         self.dim = -1 if given is None else given
         self._unsaid = given is None
+        #: Whether the family reads classes (the categorical one); None while not known. Only outputs with
+        #: classes are warned of: a Gaussian's or matrix Fisher's (batch, H, W, C) have no class dim to misplace.
+        self.categorical: bool | None = None
 
-    def last(self, out: Tensor) -> Tensor:
-        """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are."""
-        self.check(out.shape)
+    def last(self, out: Tensor, check: bool = True) -> Tensor:
+        """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are.
+        ``check=False`` leaves the warning to a later :meth:`check` that knows the family."""
+        if check:
+            self.check(out.shape)
         return out.movedim(1, -1) if self.dim == 1 and out.dim() > 2 else out
 
-    def check(self, shape: tuple[int, ...]) -> None:
-        """Warn once where the class dim was not said and ``shape`` has two or more position dims."""
-        if self._unsaid and len(shape) >= 4:
+    def check(self, shape: tuple[int, ...], categorical: bool | None = None) -> None:
+        """Warn once where the class dim was not said, ``shape`` has two or more position dims and the family
+        reads classes (``categorical``, else :attr:`categorical`; not known counts as reading them)."""
+        reads_classes = self.categorical if categorical is None else categorical
+        if self._unsaid and len(shape) >= 4 and reads_classes is not False:
             self._unsaid = False
             warn_user(CLASSES_LAST.format(shape=", ".join(str(s) for s in shape[1:]), classes=shape[-1],
                                           positions="×".join(str(s) for s in shape[1:-1])))

@@ -276,7 +276,7 @@ class ModelView:
 
     def flat(self, out: Tensor) -> Tensor:
         """``(B, *positions, C)`` (or ``(B, C, *positions)`` with ``class_dim=1``) → ``(B, L·C)``."""
-        out = self.classes.last(out)
+        out = self.classes.last(out, check=False)  # warned of by family_for, which knows whether it has classes
         return out.reshape(out.shape[0], -1)
 
     def family_for(self, shape: torch.Size, batch: Batch, family: Family, mask: Mask) -> Family:
@@ -285,7 +285,7 @@ class ModelView:
         ``shape`` is the output tensor's shape before flattening. The observed positions are those of
         ``mask`` that a class label does not leave out (-100, as in the loss: :func:`.labels.labelled_positions`).
         """
-        self.classes.check(shape)
+        self.classes.check(shape, _classes(family))
         if self.classes.dim == 1 and len(shape) > 2:
             shape = (shape[0], *shape[2:], shape[1])
         positions = tuple(shape[1:-1])

@@ -1,17 +1,21 @@
 """Output families: how a network output ``o`` becomes a distribution ``p(y | o)``.
 
-Every family here satisfies ``E_y[u] = 0`` and ``E_y[u uᵀ] = Λ(o) = −∇²_o log p(y|o)``
-for the output score ``u = ∇_o log p(y|o)``, with ``Λ`` independent of ``y``
-(canonical-link exponential families, and the Gaussian with fixed variance
-parametrised by its mean). That is what makes the Fisher information of a
-network equal to ``Jᵀ Λ J``; see ``docs/math.md`` §1.
+Every family here satisfies ``E_y[u] = 0`` and ``E_y[u uᵀ] = Λ(o) = E_y[−∇²_o log p(y|o)]``
+for the output score ``u = ∇_o log p(y|o)``. That is what makes the Fisher information of a
+network equal to ``Jᵀ Λ J``; see ``docs/math.md`` §1. For the canonical ones (categorical,
+Bernoulli, Poisson, matrix Fisher: canonical-link exponential families; the Gaussian with fixed
+variance, parametrised by its mean) ``−∇²_o log p`` is ``Λ`` itself, free of ``y``. The
+heteroscedastic Gaussian and the gamma family are not canonical: there
+``−∇²_o log p = Λ + Σ_a u_a Γ_a`` depends on ``y`` through the score, with expectation ``Λ``
+(``docs/math.md`` §1.6; :class:`~torchfim.families._paired.PairedFamily`).
 
 Shapes: outputs ``o`` are ``(B, C)``. Labels carry the batch dimension first, may
 carry extra leading sample dimensions after it (``(B, k, ...)`` from
 :meth:`Family.sample`) and end with the family's own label shape: ``()`` for a
 class index, ``(1,)`` for a Bernoulli outcome, ``(C,)`` for Gaussian or Poisson
-vectors. Output scores are returned with the labels' leading dimensions and a
-trailing ``C``.
+vectors, ``(D,)`` for the heteroscedastic Gaussian and gamma families (``C = 2D``
+outputs) and ``(3, 3)`` for a matrix Fisher rotation (``C = 9``). Output scores are
+returned with the labels' leading dimensions and a trailing ``C``.
 
 Example:
     >>> import torch
@@ -46,7 +50,9 @@ FAMILIES: dict[str, type[Family]] = {
 
 def get_family(family: str | Family) -> Family:
     """Return a :class:`Family` from its name (``"categorical"``, ``"bernoulli"``,
-    ``"gaussian"``, ``"poisson"``) or pass an instance through."""
+    ``"gaussian"`` (σ = 1; ``Gaussian(sigma=...)`` for another), ``"poisson"``,
+    ``"heteroscedastic_gaussian"``, ``"gamma"``, ``"matrix_fisher"``: the keys of :data:`FAMILIES`)
+    or pass an instance through."""
     if isinstance(family, Family):
         return family
     if isinstance(family, str) and family in FAMILIES:

@@ -332,6 +332,12 @@ class Family(ABC):
         c = o.shape[-1]
         return robust_eigvalsh(self.fourth_moment(o).reshape(o.shape[0], c * c, c * c))[..., -1].to(o.dtype)
 
+    def score_square_variance(self, o: Tensor) -> Tensor | None:
+        """``Var(u²) = E[u⁴] − Λ²`` per input ``(B,)`` for a family with one output, formed without
+        cancellation; None (the default) where the Î1 variances subtract ``(vᵀΛw)²`` from the fourth
+        moments themselves (:class:`~torchfim.variance.ScoreVariance`)."""
+        return None
+
     @abstractmethod
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         """``log p(y|o)`` with the labels' leading dims (``(B,)`` or ``(B, k)``)."""

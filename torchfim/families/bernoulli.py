@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from .base import Family, _to_generator_device, _work_dtype
+from .base import Family, _to_generator_device, _wide_float, _work_dtype
 
 
 def _variance_and_root(o: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,7 +48,9 @@ class Bernoulli(Family):
         if width != 1:
             raise TorchfimError(
                 f"family 'bernoulli' expects one logit per input, shape (batch, 1), got {width} outputs; "
-                "use family='categorical' for several classes"
+                f"use family='categorical' for {width} exclusive classes, or, for {width} independent binary labels "
+                f"per input, return the outputs as (batch, {width}, 1) ({width} positions of one logit, targets "
+                f"(batch, {width}))"
             )
 
     def _filler_label(self, o: Tensor) -> Tensor:
@@ -67,9 +69,18 @@ class Bernoulli(Family):
         return _variance_and_root(self._wide(o))[0]
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        p = _to_generator_device(torch.sigmoid(self._wide(o.detach())), generator)
-        probs = p.unsqueeze(1).expand(p.shape[0], k, 1)
-        return torch.bernoulli(probs, generator=generator).to(device=o.device, dtype=o.dtype)
+        """``k`` labels per logit: the rarer label where ``U < σ(−|o|)`` for ``U`` uniform in float64.
+
+        Neither ``p`` nor ``1 − p`` of the likelier label is formed: ``σ(o)`` rounds to 1 in float32
+        for ``o ≥ 17`` (16.6), and label 0 was then never drawn; here the rare label keeps its
+        probability to float64's resolution, ``2⁻⁵³`` absolute.
+        """
+        logit = _to_generator_device(o.detach(), generator)
+        logit = logit.to(_wide_float(logit.device)).unsqueeze(1)
+        uniform = torch.rand((o.shape[0], k, 1), generator=generator, dtype=logit.dtype, device=logit.device)
+        rare = uniform < torch.sigmoid(-logit.abs())
+        labels = torch.where(logit >= 0, ~rare, rare)  # the rare label is 0 for o ≥ 0, 1 below
+        return labels.to(device=o.device, dtype=o.dtype)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         logit = self._wide(self._align(y, o))
@@ -119,6 +130,13 @@ class Bernoulli(Family):
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
         work, out = _work_dtype(o, k)
         return (self._m4(o).to(work).reshape(-1) * k.to(work).reshape(-1) ** 2).to(out)
+
+    def score_square_variance(self, o: Tensor) -> Tensor:
+        """``E[u⁴] − Λ² = Λ(1 − 3Λ) − Λ² = Λ(1 − 4Λ) = Λ(1 − 2p)² = Λ tanh²(o/2)`` (B,), since
+        ``1 − 4p(1 − p) = (1 − 2p)²`` and ``1 − 2σ(o) = −tanh(o/2)``. The difference itself cancels
+        near ``p = ½``: at logit 1e-9 it gave −1.4e-17 where the value is 6e-20."""
+        wide = self._wide(o)
+        return (_variance_and_root(wide)[0] * torch.tanh(0.5 * wide) ** 2).reshape(-1)
 
     def _m3(self, o: Tensor) -> Tensor:
         """``E[u³] = Λ(1 − 2p) = −Λ tanh(o/2)`` (B, 1)."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..errors import TorchfimError
 from ._paired import PairedFamily
-from .base import _to_generator_device, _work_dtype
+from .base import _to_generator_device, _wide_float, _work_dtype
 
 # Beyond this shape the polygamma combinations below lose digits to cancellation, so their
 # asymptotic series (from ψ'(x) ~ 1/x + 1/(2x²) + Σ B₂ₖ/x²ᵏ⁺¹) take over; at α ≥ 20 the first
@@ -21,20 +21,52 @@ _SERIES = {
     2: (-1.0, -0.5, 0.0, 1 / 6, 0.0, -1 / 6, 0.0, 3 / 10, 0.0, -5 / 6, 0.0, 691 * 13 / 2730, 0.0, -7 * 15 / 6),
     3: (3.0, 2.0, 0.0, -1.0, 0.0, 4 / 3, 0.0, -3.0, 0.0, 10.0, 0.0, -691 * 13 * 14 / 2730, 0.0, 7 * 15 * 16 / 6),
 }
+# α(log α − ψ(α)) in powers of 1/α, from ψ(x) ~ log x − 1/(2x) − Σ B₂ₖ/(2k x²ᵏ).
+_DIGAMMA_SERIES = (0.5, 1 / 12, 0.0, -1 / 120, 0.0, 1 / 252, 0.0, -1 / 240, 0.0, 1 / 132, 0.0, -691 / 32760, 0.0,
+                   1 / 12)
+# Below this shape a Gamma(α, 1) draw can underflow float64 (P(w < 2⁻¹⁰²²) ≈ 2^(−1022α)/Γ(α+1)), so its
+# log is drawn instead: w = g·U^{1/α} with g ~ Gamma(α+1, 1), U uniform, i.e. log w = log g + log(U)/α.
+_LOG_DRAW_SHAPE = 1.0
+
+
+def _series(coefficients: tuple[float, ...], alpha: Tensor) -> Tensor:
+    """``Σ_k c_k α^{−k}`` by Horner, at ``max(α, 20)`` (the series are only used there)."""
+    inv, total = 1.0 / alpha.clamp_min(_ASYMPTOTIC_SHAPE), torch.zeros_like(alpha)
+    for coefficient in reversed(coefficients):
+        total = total * inv + coefficient
+    return total
 
 
 def _reduced_polygamma(order: int, shape: Tensor) -> Tensor:
-    """``α²ψ'(α) − α`` (order 1), ``α³ψ''(α) + α`` (2) or ``α⁴ψ'''(α) − 2α`` (3), in float64, without cancellation."""
+    r"""``α²ψ'(α) − α`` (order 1), ``α³ψ''(α) + α`` (2) or ``α⁴ψ'''(α) − 2α`` (3), in float64, without cancellation.
+
+    Below ``α = 20`` through ``ψ⁽ⁿ⁾(α) = (−1)ⁿ⁺¹ n!/αⁿ⁺¹ + ψ⁽ⁿ⁾(α+1)``, i.e.
+    ``αⁿ⁺¹ψ⁽ⁿ⁾(α) = (−1)ⁿ⁺¹ n! + αⁿ⁺¹ψ⁽ⁿ⁾(α+1)``, finite as ``α → 0`` (limits 1, −2, 6); above, by
+    the asymptotic series.
+    """
     alpha = shape.double()
     subtract = {1: alpha, 2: -alpha, 3: 2 * alpha}[order]
-    # ψ⁽ⁿ⁾(α) = (−1)ⁿ⁺¹ n! ζ(n+1, α); torch's trigamma is good to only ~1e-9, its Hurwitz zeta to 1e-16.
-    polygamma = (-1) ** (order + 1) * math.factorial(order) * torch.special.zeta(float(order + 1), alpha)
-    direct = alpha ** (order + 1) * polygamma - subtract
-    inv = 1.0 / alpha.clamp_min(_ASYMPTOTIC_SHAPE)
-    series = torch.zeros_like(alpha)
-    for coefficient in reversed(_SERIES[order]):
-        series = series * inv + coefficient
-    return torch.where(alpha < _ASYMPTOTIC_SHAPE, direct, series)
+    sign_factorial = (-1) ** (order + 1) * math.factorial(order)
+    # ψ⁽ⁿ⁾(x) = (−1)ⁿ⁺¹ n! ζ(n+1, x); torch's trigamma is good to only ~1e-9, its Hurwitz zeta to 1e-16.
+    # At x = α + 1, not α: αⁿ⁺¹ · ζ(n+1, α) overflowed for tiny α (κ₄ = inf below log α ≈ −180).
+    shifted = sign_factorial * torch.special.zeta(float(order + 1), alpha + 1)
+    direct = sign_factorial + (alpha ** (order + 1) * shifted - subtract)
+    return torch.where(alpha < _ASYMPTOTIC_SHAPE, direct, _series(_SERIES[order], alpha))
+
+
+def _shape_score(alpha: Tensor, log_w: Tensor, w: Tensor) -> Tensor:
+    """``u_α = α(log w − ψ(α)) − (w − α)`` from ``log w`` and ``w`` (float64 tensors).
+
+    For ``α ≥ 20`` as ``α(log α − ψ(α)) + α(log1p(δ) − δ)`` with ``δ = w/α − 1``, the first term by
+    its series ``½ + 1/(12α) − 1/(120α³) + …``: the direct form subtracts terms of size ``α log α``
+    to leave an O(1) score (float32 at log α = 14 gave E[u_α²]/Λ_αα = 1.81). Below, directly, with
+    ``αψ(α) = αψ(α+1) − 1`` so that a tiny ``α`` (``log w ≈ −E/α``) meets no ``0 · ∞``.
+    """
+    small = alpha * log_w - alpha * torch.digamma(alpha + 1) + 1 - (w - alpha)
+    big = alpha.clamp_min(_ASYMPTOTIC_SHAPE)
+    delta = w / big - 1
+    large = _series(_DIGAMMA_SERIES, alpha) + big * (torch.log1p(delta) - delta)
+    return torch.where(alpha < _ASYMPTOTIC_SHAPE, small, large)
 
 
 #: A gamma model that ends in an exponential or a softplus, returning the mean and shape themselves.
@@ -71,8 +103,10 @@ class Gamma(PairedFamily):
     ``Λ + u_μ Γ_μ + u_α Γ_α`` (:meth:`~PairedFamily.output_hessian`), with expectation ``Λ``; the
     ``hessian`` estimator (Î2) uses ``Λ`` as the output curvature.
 
-    Sampling draws ``w`` with ``torch._standard_gamma`` from the passed generator (float64, then
-    cast; draws that underflow are raised to the dtype's smallest normal number).
+    Sampling draws ``w`` with ``torch._standard_gamma`` from the passed generator in float64, for
+    ``α < 1`` as ``log w = log g + log(U)/α`` with ``g ~ Gamma(α+1, 1)`` and ``U`` uniform (``w``
+    itself underflows there). Labels below the dtype's range are raised to its smallest normal
+    number; :meth:`sample_scores` works from ``log w`` and is not affected.
 
     Example:
         >>> import torch
@@ -101,13 +135,38 @@ class Gamma(PairedFamily):
     def _filler_label(self, o: Tensor) -> Tensor:
         return torch.exp(o.detach().to(_work_dtype(o)[0]).chunk(2, dim=-1)[0])
 
+    def _log_draws(self, o: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        """``(log w, w, log μ, log α)``, ``k`` draws ``w ~ Gamma(α, 1)`` per output, ``(B, k, D)`` in
+        float64 on the generator's device (``log μ``, ``log α`` broadcast over the draws)."""
+        log_mean, log_shape = _to_generator_device(o.detach().double(), generator).chunk(2, dim=-1)
+        log_mean, log_shape = log_mean.unsqueeze(1), log_shape.unsqueeze(1).expand(-1, k, -1)
+        shape = torch.exp(log_shape)
+        small = shape < _LOG_DRAW_SHAPE
+        draw = torch._standard_gamma(torch.where(small, shape + 1, shape).contiguous(), generator=generator)
+        log_w = torch.log(draw)
+        if bool(small.any()):
+            # w = g·U^{1/α}, U ∈ (0, 1]: its log stays exact where w itself is below float64's range
+            # (log-shape −6: a third of the draws, and E[u_α²]/Λ_αα was 0.39 from the clipped ones).
+            log_u = torch.log1p(-torch.rand(draw.shape, generator=generator, dtype=draw.dtype, device=draw.device))
+            log_w = torch.where(small, log_w + log_u / shape, log_w)
+        return log_w, torch.where(small, torch.exp(log_w), draw), log_mean, log_shape
+
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         work = _work_dtype(o)[0]
-        log_mean, log_shape = _to_generator_device(o.detach().double(), generator).chunk(2, dim=-1)
-        shape = torch.exp(log_shape).unsqueeze(1).expand(o.shape[0], k, log_shape.shape[1]).contiguous()
-        w = torch._standard_gamma(shape, generator=generator)
-        y = (w * torch.exp(log_mean - log_shape).unsqueeze(1)).to(work)
+        log_w, w, log_mean, log_shape = self._log_draws(o, k, generator)
+        shift = log_mean - log_shape
+        # From w where it is a normal number: exp(log w + …) would lose ε·|log w| relative at large α.
+        y = torch.where(w >= torch.finfo(w.dtype).tiny, w * torch.exp(shift), torch.exp(log_w + shift)).to(work)
+        # A label must be positive: one below the dtype's range is raised to its smallest normal number.
         return y.clamp_min(torch.finfo(work).tiny).to(o.device)
+
+    def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """The scores of :meth:`sample`'s draws, from ``log w`` and ``w`` in float64 (:func:`_shape_score`),
+        not from the labels: those clip where ``w`` underflows and round away ``u_α`` at large ``α``."""
+        log_w, w, _, log_shape = self._log_draws(o, k, generator)
+        shape = torch.exp(log_shape)
+        scores = torch.cat([w - shape, _shape_score(shape, log_w, w)], dim=-1)
+        return scores.to(device=o.device, dtype=o.dtype)
 
     def _standard_draws(self, y: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
         """``(w, α)`` with ``w = αy/μ`` for labels ``y`` against outputs ``o``, in the work dtype."""
@@ -116,9 +175,12 @@ class Gamma(PairedFamily):
         return y.to(work) * torch.exp(log_shape - log_mean), torch.exp(log_shape)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
-        w, shape = self._standard_draws(y, o)
-        centred = w - shape
-        return torch.cat([centred, shape * (torch.log(w) - torch.digamma(shape)) - centred], dim=-1).to(o.dtype)
+        # In float64 (float32 on MPS) whatever the dtype: u_α is O(1) out of terms of size √α.
+        wide = _wide_float(o.device)
+        log_mean, log_shape = self._align(y, o).to(wide).chunk(2, dim=-1)
+        y, shape = y.to(wide), torch.exp(log_shape)
+        log_w, w = torch.log(y) + (log_shape - log_mean), y * torch.exp(log_shape - log_mean)
+        return torch.cat([w - shape, _shape_score(shape, log_w, w)], dim=-1).to(o.dtype)
 
     def cumulants_by_count(self, o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         work = _work_dtype(o)[0]

@@ -5,11 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from .base import Family, _to_generator_device, _work_dtype
 from .matrix_fisher_normaliser import matrix_fisher_moments, proper_svd
 
 _MAX_REJECTION_ROUNDS = 10_000
+# Largest singular value of A up to which the moments hold to ~1e-15 relative (a rotated A = s·UVᵀ
+# against its principal frame: 1.5e-15 at 1e13, 2.7e-3 at 1e14, 0.79 at 1e15); and beyond which they are NaN
+# (first seen at 3e17).
+ACCURATE_SINGULAR_VALUE = 1e13
+FINITE_SINGULAR_VALUE = 1e17
+_TOO_LARGE = (
+    "the matrix Fisher outputs A have a singular value of {size:.3g}; {what} above {limit:.0e}, where the law is "
+    "concentrated within 1/√s of a rotation; keep A's scale below that (e.g. clamp or rescale the model's "
+    "concentration output)"
+)
 
 
 def _batch_first(x: Tensor, in_dim: int | None, batch_size: int) -> Tensor:
@@ -169,7 +179,8 @@ class MatrixFisher(Family):
 
     ``c`` and every moment come from a one-dimensional integral evaluated by graded Gauss–Legendre
     quadrature in float64 (:mod:`torchfim.families.matrix_fisher_normaliser`); results are cast to
-    ``o``'s dtype. Sampling uses rejection from an angular central Gaussian envelope on the
+    ``o``'s dtype; they hold to ~1e-15 relative for singular values of ``A`` up to 1e13 (a warning
+    above, a :class:`TorchfimError` above 1e17, where they are NaN). Sampling uses rejection from an angular central Gaussian envelope on the
     quaternion sphere (Kent et al. 2018, as Mohlin et al. 2020 do), drawing only from the generator.
     :meth:`log_prob` is differentiable twice in ``o``.
 
@@ -186,6 +197,8 @@ class MatrixFisher(Family):
 
     name = "matrix_fisher"
     label_ndim = 2
+    #: The outputs per input, as one vector (a (batch, 3, 3) A is named with this fix by :class:`Positions`).
+    whole_width = 9
     canonical = True
 
     def _width_hint(self) -> str:
@@ -200,6 +213,29 @@ class MatrixFisher(Family):
 
     def _label_shape(self, o: Tensor) -> tuple[int, ...]:
         return (3, 3)
+
+    def _largest_singular_value(self, o: Tensor) -> float:
+        """The largest singular value of any ``A`` in ``o``, less its SVD's rounding (A = 1e13·R reads as 1e13)."""
+        if not o.shape[0]:
+            return 0.0
+        return float(torch.linalg.svdvals(o.detach().double().reshape(-1, 3, 3))[:, 0].max()) * (1 - 1e-12)
+
+    def _unusable_values(self, o: Tensor) -> str | None:
+        if (message := super()._unusable_values(o)) is not None:
+            return message
+        size = self._largest_singular_value(o)
+        if size > FINITE_SINGULAR_VALUE:
+            return "torchfim: " + _TOO_LARGE.format(size=size, what="its moments are not finite", limit=FINITE_SINGULAR_VALUE)
+        return None
+
+    def check_output(self, o: Tensor) -> None:
+        """As :meth:`Family.check_output`; refused above a singular value of 1e17 (NaN moments), and a warning
+        above 1e13, where the moments lose digits (relative error 2.7e-3 at 1e14)."""
+        super().check_output(o)
+        size = self._largest_singular_value(o)
+        if size > ACCURATE_SINGULAR_VALUE:
+            what = "the Fisher and its moments lose accuracy (relative error 2.7e-3 at 1e14, 0.8 at 1e15)"
+            warn_user("torchfim: " + _TOO_LARGE.format(size=size, what=what, limit=ACCURATE_SINGULAR_VALUE))
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
         y = super().check_targets(y, o)

@@ -74,7 +74,15 @@ class Positions(Family):
     dense_top_width = 12
 
     def __init__(self, base: Family, positions: int | Sequence[int], mask: Tensor | None = None) -> None:
-        if not isinstance(base, Family) or isinstance(base, Positions):
+        if isinstance(base, Positions):
+            # How this arises: family=Positions(...) with outputs (batch, *positions, C), which are wrapped per position.
+            raise TorchfimError(
+                f"family={base!r} was given outputs with positions of their own, (batch, *positions, C), which torchfim "
+                f"already reads one output vector per position: pass its base family and mask instead, "
+                f"family={base.base!r} (or {base.base.name!r}) and mask=<the (batch, {base.length}) mask>; a Positions "
+                "family is for flat (batch, L·C) outputs, and does not nest"
+            )
+        if not isinstance(base, Family):
             raise TorchfimError(
                 f"Positions needs a base Family instance (not a name, not Positions), got {base!r}; "
                 "pass e.g. Positions(Categorical(), (seq_len,), mask)"
@@ -172,6 +180,16 @@ class Positions(Family):
     def check_output(self, o: Tensor) -> None:
         """The base family's checks on every observed position's output (masked ones may be anything)."""
         c = self._width(o)
+        whole = getattr(self.base, "whole_width", None)
+        if whole is not None and c != whole and self.positions[-1] * c == whole:
+            # (batch, 3, 3) read as 3 positions of 3 outputs, where the family takes the 9 as one vector.
+            shape = ", ".join(map(str, (*self.positions, c)))
+            raise TorchfimError(
+                f"family {self.base.name!r} expects {whole} outputs per input (or per position), but outputs "
+                f"(batch, {shape}) are read as {self.length} positions of {c} outputs; reshape them to "
+                f"(batch, {whole}) (out.reshape(len(out), {whole})), or (batch, *positions, {whole}) for several per "
+                "input (out.flatten(-2))"
+            )
         rows = o.reshape(-1, c)
         self.base.check_output(rows if self.mask is None else rows[self._keep(o).reshape(-1)])
 

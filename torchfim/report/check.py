@@ -46,7 +46,7 @@ def check_model_and_data(
     positions = tuple(o.shape[1:-1])
     keep = mask_of(data, mask, positions)
     notes = [unmasked_padding_note(data, positions) if mask is None else None,
-             classes_last_note(o.shape) if given is None else None]
+             classes_last_note(o.shape) if given is None and getattr(fam, "name", None) == "categorical" else None]
     note = "; ".join(n for n in notes if n) or None
     class_dim = -1 if given is None else given  # said once in the note: the library calls get it said
     layout = OutputLayout(positions, mask, class_dim, observed_per_input(keep, positions, data.n), note)

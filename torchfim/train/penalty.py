@@ -229,6 +229,7 @@ class FisherPenalty(PenaltyTerms):
         self.fd_step = check_fd_step(fd_step, self.grad_method)
         self.io = ModelIO(output, composite=self.grad_method == "exact", defaults=forward_defaults(model),
                           class_dim=class_dim, labels=ModelLabels(model))
+        self.io.classes.categorical = self.family.base.name == "categorical"  # the class_dim warning's concern
         penalised_parameters(model, every_module=True)  # fail early: nothing to penalise, or FSDP's
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
