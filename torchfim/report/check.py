@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import TorchfimError
 from .data import Data
-from .outputs import OutputLayout, classes_last_note, mask_of, observed_per_input, unmasked_padding_note
+from .outputs import OutputLayout, classes_last_note, labelled_of, mask_of, observed_per_input, unmasked_padding_note
 
 __all__ = ["check_model_and_data", "outputs_on_a_few", "outputs_on"]
 
@@ -45,11 +45,7 @@ def check_model_and_data(
         o = o.movedim(1, -1)
     positions = tuple(o.shape[1:-1])
     keep = mask_of(data, mask, positions)
-    notes = [unmasked_padding_note(data, positions) if mask is None else None,
-             classes_last_note(o.shape) if given is None else None]
-    note = "; ".join(n for n in notes if n) or None
     class_dim = -1 if given is None else given  # said once in the note: the library calls get it said
-    layout = OutputLayout(positions, mask, class_dim, observed_per_input(keep, positions, data.n), note)
     family = _family_of(fam, positions, None if keep is None else keep[: o.shape[0]])
     try:
         family.check_output(o.reshape(o.shape[0], -1) if positions else o)
@@ -59,15 +55,23 @@ def check_model_and_data(
             "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson; "
             "outputs (batch, *positions, C) are read one vector per position)"
         ) from exc
-    beyond = _beyond_reach(model, data, fam, mask, class_dim, o, positions)
+    targets_note = None
     if data.targets is not None:
         try:
             _check_targets(family, data.targets[: o.shape[0]].to(o.device), o, positions)
         except TorchfimError as exc:
-            note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the empirical "
-                    "Fisher was skipped")
-            return Data(data.inputs, None, data.source), note, layout, beyond
-    return data, None, layout, beyond
+            targets_note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the "
+                            "empirical Fisher was skipped")
+            data = Data(data.inputs, None, data.source)
+    beyond = _beyond_reach(model, data, fam, mask, class_dim, o, positions)
+    # the positions every library call of the report observes: the mask's that the labels score
+    labelled = labelled_of(model, data, fam, positions)
+    observed = keep if labelled is None else labelled if keep is None else keep & labelled
+    notes = [unmasked_padding_note(data, positions, labelled) if mask is None else None,
+             classes_last_note(o.shape) if given is None else None]
+    layout = OutputLayout(positions, mask, class_dim, observed_per_input(observed, positions, data.n),
+                          "; ".join(n for n in notes if n) or None)
+    return data, targets_note, layout, beyond
 
 
 def _beyond_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int, o: Tensor,
@@ -98,7 +102,7 @@ def _pulled_back_per_input(model: nn.Module, data: Data, fam, mask: str | None, 
     from ..engine.session import engine_pass
 
     with engine_pass(model, "auto", None, class_dim) as one:
-        rec, _ = next(one.batches(data.rows(slice(0, 1)), None, fam, mask, False, "report"))
+        rec, _ = next(one.batches(data.given(slice(0, 1)), None, fam, mask, False, "report"))
         return one.backend.vector_elements(rec)
 
 

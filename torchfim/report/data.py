@@ -45,6 +45,16 @@ class Data:
             return self.inputs[index]
         return Batch((), dict(self.inputs), self.n).rows(index).kwargs
 
+    def given(self, index: slice | Tensor | None = None) -> Inputs:
+        """The inputs ``index`` (all by default) as the report's library calls take them: a dict's with its
+        targets back as ``labels``, so that every estimator observes the positions the model's loss scores
+        (a class label -100 none, a causal language model's labels shifted: :mod:`torchfim.engine.labels`).
+        Calls of the model itself take :meth:`rows`, without the labels."""
+        x = self.inputs if index is None else self.rows(index)
+        if not isinstance(x, dict) or self.targets is None:
+            return x
+        return {**x, "labels": self.targets if index is None else self.targets[index]}
+
     def input_shape(self) -> list[int] | dict[str, list[int]]:
         """The shape of one input: a tensor's less the batch dim, or that of each tensor of a dict."""
         if isinstance(self.inputs, Tensor):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .format import fmt
+from .format import family_text, fmt, warning_lines
 
 __all__ = ["summary_table"]
 
@@ -32,7 +32,7 @@ def summary_table(R: dict) -> str:
     D = R["data"]
     out = [
         (f"Fisher information report: {R['model']['n_parameters']} parameters, {D['n_inputs']} inputs, "
-         f"family {R['family']}"),
+         f"family {family_text(R)}"),
         line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
         (f"Tr(F) exact on all {D['n_inputs']} inputs; s.e. Î1 = standard error of the score estimate with "
          f"{R['n_samples']} label(s)/input; Var Î1/Î2 = variance of the trace estimators with one label "
@@ -47,6 +47,7 @@ def summary_table(R: dict) -> str:
     for note in (D.get("targets_note"), D.get("variance_inputs_note"), O.get("note")):
         if note:
             out.append(f"Note: {note}.")
+    out += warning_lines(R)
     if R["empirical"] is not None:
         E = R["empirical"]
         out.append(f"Empirical Fisher (true labels): Tr ratio {fmt(E['trace_ratio'], 3)}, cosine of "
