@@ -100,3 +100,22 @@ def test_the_command_line_takes_sigma_for_the_gaussian_family_only(capsys):
     assert cli.main(["report", "--family", "gaussian", "--sigma", "0", "--out", "unused"]) == 2
     assert "expected a positive number" in capsys.readouterr().err
 
+
+
+def test_the_terminal_table_names_the_inputs_of_each_column():
+    """Each column says whether it is over all n inputs or the m-input subset, which one is extrapolated, and
+    that 'lower Var Tr' is of the trace (before: s.e. Î1 over all inputs beside Var Î1 on the subset, both
+    unlabelled, 'better' and the extrapolated k10% Î2 unexplained)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(30, 3, dtype=torch.float64)
+    table = report_mod.run_report(model, x, out=None, progress=False, emit=None, max_block=0,
+                                  variance_inputs=8)["table"]
+    header = table.splitlines()[1].split("  ")
+    for column in ("Tr(F) n=30", "s.e. Î1 n=30", "Var Î1 m=8", "Var Î2 m=8", "lower Var Tr", "k10% Î1 n=30",
+                   "k10% Î2* n=30"):
+        assert column in [c.strip() for c in header]
+    assert "a random subset of m=8 of the n=30 inputs" in table and "*Î2's extrapolated from the subset" in table
+    assert "the lower variance of the trace (not of the diagonal" in table
+    whole = report_mod.run_report(model, x, out=None, progress=False, emit=None, max_block=0)["table"]
+    assert "Var Î1 m=30" in whole and "k10% Î2 n=30" in whole and "extrapolated" not in whole
