@@ -50,11 +50,7 @@ def check_model_and_data(
     try:
         family.check_output(o.reshape(o.shape[0], -1) if positions else o)
     except TorchfimError as exc:
-        raise TorchfimError(
-            f"the model's outputs (shape {tuple(o.shape)}) do not fit --family {family_name}: {exc} "
-            "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson; "
-            "outputs (batch, *positions, C) are read one vector per position)"
-        ) from exc
+        raise _not_the_family(o, family_name, exc) from exc
     targets_note = None
     if data.targets is not None:
         try:
@@ -72,6 +68,20 @@ def check_model_and_data(
     layout = OutputLayout(positions, mask, class_dim, observed_per_input(observed, positions, data.n),
                           "; ".join(n for n in notes if n) or None)
     return data, targets_note, layout, beyond
+
+
+def _not_the_family(o: Tensor, family_name: str, exc: TorchfimError) -> TorchfimError:
+    """The family's refusal of the outputs in the command line's words (``--family X``, not ``family='X'``),
+    with every family the report takes."""
+    import re
+
+    from ..families import FAMILIES
+
+    said = re.sub(r"family='(\w+)'", r"--family \1", str(exc))
+    return TorchfimError(
+        f"the model's outputs (shape {tuple(o.shape)}) do not fit --family {family_name}: {said} (or pass the "
+        f"--family that matches the outputs, one of {', '.join(sorted(FAMILIES))}; outputs (batch, *positions, C) "
+        "are read one vector per position)")
 
 
 def _beyond_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int, o: Tensor,
@@ -133,11 +143,7 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     try:
         o = outputs_on(model, data, slice(0, min(8, data.n)))
     except Exception as exc:
-        raise TorchfimError(
-            f"the model could not run on the data's inputs of shape {data.input_shape()} "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())}); make --data return inputs the "
-            "model accepts (first dimension = batch)"
-        ) from exc
+        raise _could_not_run(model, data, exc) from exc
     if not isinstance(o, Tensor):
         raise TorchfimError(
             f"the model returned a {type(o).__name__}, not a tensor (nor an object with .logits); make "
@@ -149,6 +155,26 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
             "NaN/Inf and the weights (--checkpoint) for divergence"
         )
     return o
+
+
+def _could_not_run(model: nn.Module, data: Data, exc: Exception) -> TorchfimError:
+    """Why the model could not run on the data, with the fix: the library's words where it knows the cause
+    (integer or 1-D inputs to a float model, a layer given another shape: :func:`forward_error`), else torch's."""
+    from ..engine.batch import Batch
+    from ..engine.model_checks import forward_error
+
+    x = data.rows(slice(0, min(8, data.n)))
+    batch = Batch((), x, data.n) if isinstance(x, dict) else Batch((x,), {}, data.n)
+    first = next(p for p in model.parameters() if p.requires_grad)
+    shape = data.input_shape()
+    what = (f"{data.n} inputs, each one number (a 1-D tensor of {data.n} values: the first dimension is the batch)"
+            if shape == [] else f"{data.n} inputs of shape {tuple(shape) if isinstance(shape, list) else shape}")
+    known = forward_error(batch, first.dtype, exc)
+    if isinstance(known, TorchfimError):
+        return TorchfimError(f"--data gave {what}, and {known} (in the --data factory)")
+    return TorchfimError(
+        f"the model could not run on the data's {what} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+        "make --data return inputs the model accepts (first dimension = batch)")
 
 
 def outputs_on(model: nn.Module, data: Data, rows: slice, differentiable: bool = False) -> object:
