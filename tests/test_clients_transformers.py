@@ -175,18 +175,44 @@ def next_token_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
 
 
 def test_the_report_of_a_causal_lm_pairs_its_labels_as_the_library_does() -> None:
-    """``torchfim report`` on a tokenizer-style dict with ``labels`` and ``--mask attention_mask``: Tr(F) sums
-    the unpadded positions, and the empirical Fisher uses the labels shifted as the model's loss shifts
-    them (before: outputs with positions refused)."""
+    """``torchfim report`` on a tokenizer-style dict with ``labels`` and ``--mask attention_mask``: every number
+    is over the positions the model's loss scores, as the library reads the dict (labels shifted, -100 and the
+    last position unscored): Tr(F), the per-position count and the empirical Fisher with the labels shifted as
+    the model's loss shifts them (before: Tr(F) and the count over every unpadded position, the last too)."""
     model = tiny_gpt2()
     batch = labelled_batch([5, 3, 4, 2], seed=3)
-    jac, logits, _, scores = next_token_scores(model, batch)
+    jac, logits, shifted, scores = next_token_scores(model, batch)
     R = torchfim.report.compute_report(model, torchfim.report.as_data(batch, "test"), mask="attention_mask",
                                        variance_inputs=2, max_block=0, progress=False)
-    exact = clients.categorical_diag(jac, logits, VOCAB, batch["attention_mask"]).sum()
+    scored = batch["attention_mask"].bool() & (shifted != -100)
+    exact = clients.categorical_diag(jac, logits, VOCAB, scored).sum()
     assert abs(R["trace"]["exact"] - float(exact)) < 1e-10 * float(exact)
+    unshifted = clients.categorical_diag(jac, logits, VOCAB, batch["attention_mask"]).sum()
+    assert abs(float(unshifted) - float(exact)) > 1e-2 * float(exact)  # the old positions are far off
+    assert R["outputs"]["observed_positions_per_input"] == int(scored.sum()) / len(scored)
     empirical = scores.sum(1).square().sum() / len(scores)
     assert abs(R["empirical"]["trace"] - float(empirical)) < 1e-10 * float(empirical)
+    assert abs(R["empirical"]["trace_ratio"] - float(empirical / exact)) < 1e-10
+
+
+def test_the_score_only_reports_empirical_ratio_compares_the_same_positions() -> None:
+    """The score-only report (``--mode score-only``, the trial's right-padded GPT-2 with labels) divides the
+    empirical trace by an estimate over the same scored positions: with many labels per input the estimate
+    is within its error bars of the float64 exact trace over those positions (before: over every unpadded
+    position, the last too, 0.754× where like for like is 0.984)."""
+    model = tiny_gpt2()
+    batch = labelled_batch([5, 3, 4, 2], seed=3)
+    jac, logits, shifted, scores = next_token_scores(model, batch)
+    R = torchfim.report.compute_report(model, torchfim.report.as_data(batch, "test"), mask="attention_mask",
+                                       n_samples=400, score_only=True, progress=False)
+    scored = batch["attention_mask"].bool() & (shifted != -100)
+    exact = float(clients.categorical_diag(jac, logits, VOCAB, scored).sum())
+    unshifted = float(clients.categorical_diag(jac, logits, VOCAB, batch["attention_mask"]).sum())
+    T = R["trace"]
+    assert abs(T["trace_score_estimate"] - exact) < 4 * T["trace_score_stderr"]
+    assert abs(T["trace_score_estimate"] - unshifted) > 8 * T["trace_score_stderr"]
+    empirical = float(scores.sum(1).square().sum() / len(scores))
+    assert abs(T["trace_empirical"] - empirical) < 1e-10 * empirical
 
 
 def test_gpt2_empirical_fisher_pairs_logits_with_the_next_label_as_its_loss_does() -> None:

@@ -69,6 +69,15 @@ def broken():
 
 def not_a_model():
     return 42
+
+def rows():
+    return [[0.1, 0.2, 0.3, 0.4, 0.5]] * 10
+
+def flat():
+    return torch.randn(40)
+
+def integers():
+    return torch.randint(0, 5, (40, 5))
 '''
 
 
@@ -314,6 +323,20 @@ BAD = {
                            "no such file"),
     "family mismatch": (["--model", "umod:make", "--data", "umod:data", "--family", "bernoulli"],
                         "do not fit --family bernoulli"),
+    # the command line's words and every family (before: "use family='categorical'", 4 of the 7 listed)
+    "family mismatch, the fix": (["--model", "umod:make", "--data", "umod:data", "--family", "bernoulli"],
+                                 ("use --family categorical for several classes (or pass the --family that matches "
+                                 "the outputs, one of bernoulli, categorical, gamma, gaussian, heteroscedastic_gaussian, "
+                                 "matrix_fisher, poisson;")),
+    # before: "inputs of shape [] (... mat1 and mat2 shapes cannot be multiplied ...)"
+    "list of lists": (["--model", "umod:make", "--data", "umod:rows"],
+                      "the factory returned a list of lists of numbers (10 items); return a tensor"),
+    "1-D tensor": (["--model", "umod:make", "--data", "umod:flat"],
+                   "40 inputs, each one number (a 1-D tensor of 40 values"),
+    "1-D tensor, the fix": (["--model", "umod:make", "--data", "umod:flat"], "pass x.unsqueeze(1)"),
+    # before: torch's dtype error alone
+    "integer inputs": (["--model", "umod:make", "--data", "umod:integers"],
+                       "failed on integer inputs ((8, 5) torch.int64) with torch.float32 parameters; pass x.float()"),
     "empty data": (["--model", "umod:make", "--data", "umod:empty"], "empty"),
     "model without data": (["--model", "umod:make"], "--data"),
 }

@@ -3,6 +3,8 @@ oracles that sum over the observed positions, the mask and class-dim options, an
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from oracles import flat_function
@@ -64,15 +66,23 @@ def test_a_language_models_report_sums_its_observed_positions_as_the_float64_ora
     observed = float(batch["attention_mask"].sum()) / N
     assert R["outputs"] == {"positions": [T], "mask": "attention_mask", "class_dim": -1,
                             "observed_positions_per_input": pytest.approx(observed), "note": None}
-    # Without the mask the padding counts: a different Fisher, so the mask is what made it agree; the
-    # report says so and names the option.
-    unmasked = report_mod.compute_report(model, report_mod.as_data(batch, "test"), variance_inputs=2, max_block=0,
-                                         progress=False)
+    # Without the mask, the labels' -100 leave the padding out all the same, as the library reads them.
+    kw = {"variance_inputs": 2, "max_block": 0, "progress": False}
+    labelled = report_mod.compute_report(model, report_mod.as_data(batch, "test"), **kw)
+    assert labelled["trace"]["exact"] == pytest.approx(trace, rel=1e-10)
+    assert labelled["outputs"]["note"] is None
+    # Without the mask and the labels the padding counts: a different Fisher, so the mask is what made it agree;
+    # the report says so and names the option (the library's own warning of it is not warned again).
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unmasked = report_mod.compute_report(model, report_mod.as_data(inputs, "test"), **kw)
     assert unmasked["trace"]["exact"] > trace * 1.05
     padded = int((batch["attention_mask"] == 0).sum())
     assert unmasked["outputs"]["note"] == (
         f"the data's attention_mask marks {padded} padded positions, which count here as observed; pass "
         "--mask attention_mask to leave them out")
+    assert not [w for w in caught if "padding" in str(w.message)] and unmasked["warnings"] == []
 
 
 def test_class_dim_1_reads_outputs_with_the_classes_in_dim_1():
@@ -139,6 +149,9 @@ def model():
 
 def data():
     return _lm_and_data()[1]
+
+def unlabelled():
+    return {k: v for k, v in _lm_and_data()[1].items() if k != "labels"}
 '''
 
 
@@ -154,8 +167,10 @@ def test_the_command_line_takes_mask_and_class_dim(tmp_path, monkeypatch, capsys
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "**Outputs with positions:** 4 per input (those where `attention_mask` is 0 left out" in text
     assert "--mask attention_mask" in text  # the re-create command keeps it
-    assert cli.main([*args[:5], "--variance-inputs", "4", "--max-block", "0", "--no-progress", "--out", "nomask"]) == 0
-    assert "Note: the data's attention_mask marks" in capsys.readouterr().out
+    assert cli.main([*args[:4], "lmmod:unlabelled", "--variance-inputs", "4", "--max-block", "0", "--no-progress",
+                     "--out", "nomask"]) == 0
+    shown = capsys.readouterr()
+    assert "Note: the data's attention_mask marks" in shown.out and "padding" not in shown.err
     assert "pass --mask attention_mask to leave them out." in (tmp_path / "nomask" / "report.md").read_text()
     assert cli.main([*args[:-1], "rep2", "--class-dim", "2"]) == 2  # argparse refuses other values
 

@@ -104,7 +104,8 @@ def test_one_input_has_no_standard_error_and_the_report_says_so():
 def test_a_real_vocabulary_language_model_gets_the_score_only_report():
     """GPT-2 from a config with its real vocabulary (50,257): the full report would need about 2.4e3 GiB per
     input, so the report is score-only, and its Tr(F) is the library's score estimate with the same labels
-    over the unpadded next-token positions."""
+    over the positions the labels score, as the library reads the batch (unpadded, next-token: the last left
+    out)."""
     transformers = clients.need("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50_257, n_positions=16)
@@ -115,7 +116,7 @@ def test_a_real_vocabulary_language_model_gets_the_score_only_report():
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     R = report_mod.compute_report(model, report_mod.as_data(batch, "test"), mask="attention_mask", progress=False)
     assert R["mode"] == "score_only" and "6 positions × 50,257" in R["mode_reason"]
-    want = torchfim.fisher(model, {"input_ids": ids, "attention_mask": mask}, estimator="score", structure="trace",
+    want = torchfim.fisher(model, batch, estimator="score", structure="trace",
                            n_samples=2, mask="attention_mask", generator=torch.Generator().manual_seed(1))
     assert math.isclose(R["trace"]["trace_score_estimate"], float(want), rel_tol=1e-5)
     assert R["trace"]["trace_score_stderr"] > 0 and R["trace"]["trace_empirical"] > 0

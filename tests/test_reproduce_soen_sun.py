@@ -185,6 +185,28 @@ def test_interrupted_run_keeps_finished_sections(tmp_path, monkeypatch):
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "Run incomplete" in summary and "Not yet run" in summary and "training" in summary
     assert torch.get_num_threads() >= 1
+    # its Figures section describes the figures drawn, and names those not drawn (before: all four described)
+    figures = summary.split("## Figures")[1].split("## Key numbers")[0]
+    assert "- `fig_a_bound_ratios.png` (a):" in figures and "- `fig_b_variance_by_activation.png` (b):" in figures
+    assert "(c):" not in figures and "(d):" not in figures
+    assert "- Not drawn, their parts unfinished: `fig_c_depth_width.png`, `fig_d_training.png`." in figures
+
+
+def test_an_interrupted_command_names_its_partial_output_and_that_it_does_not_resume(tmp_path, monkeypatch, capsys):
+    """(before: "interrupted" alone)"""
+    from torchfim.experiments.soen_sun import command
+
+    def interrupted(out, **kwargs):
+        Path(out).mkdir()
+        (Path(out) / "summary.md").write_text("**Run incomplete.**", encoding="utf-8")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run", interrupted)
+    out = tmp_path / "study"
+    assert cli_main(["reproduce", "soen-sun", "--quick", "--no-progress", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert f"interrupted; the finished parts are in {out}/ (summary.md, marked 'Run incomplete'" in err
+    assert "the study does not resume: run the same command again to start it over" in err
 
 
 def test_atomic_writers(tmp_path):

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import TorchfimError
 from .data import Data
-from .outputs import OutputLayout, classes_last_note, mask_of, observed_per_input, unmasked_padding_note
+from .outputs import OutputLayout, classes_last_note, labelled_of, mask_of, observed_per_input, unmasked_padding_note
 
 __all__ = ["check_model_and_data", "outputs_on_a_few", "outputs_on"]
 
@@ -45,29 +45,43 @@ def check_model_and_data(
         o = o.movedim(1, -1)
     positions = tuple(o.shape[1:-1])
     keep = mask_of(data, mask, positions)
-    notes = [unmasked_padding_note(data, positions) if mask is None else None,
-             classes_last_note(o.shape) if given is None and getattr(fam, "name", None) == "categorical" else None]
-    note = "; ".join(n for n in notes if n) or None
     class_dim = -1 if given is None else given  # said once in the note: the library calls get it said
-    layout = OutputLayout(positions, mask, class_dim, observed_per_input(keep, positions, data.n), note)
     family = _family_of(fam, positions, None if keep is None else keep[: o.shape[0]])
     try:
         family.check_output(o.reshape(o.shape[0], -1) if positions else o)
     except TorchfimError as exc:
-        raise TorchfimError(
-            f"the model's outputs (shape {tuple(o.shape)}) do not fit --family {family_name}: {exc} "
-            "(or pass the --family that matches the outputs: categorical, bernoulli, gaussian, poisson; "
-            "outputs (batch, *positions, C) are read one vector per position)"
-        ) from exc
-    beyond = _beyond_reach(model, data, fam, mask, class_dim, o, positions)
+        raise _not_the_family(o, family_name, exc) from exc
+    targets_note = None
     if data.targets is not None:
         try:
             _check_targets(family, data.targets[: o.shape[0]].to(o.device), o, positions)
         except TorchfimError as exc:
-            note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the empirical "
-                    "Fisher was skipped")
-            return Data(data.inputs, None, data.source), note, layout, beyond
-    return data, None, layout, beyond
+            targets_note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the "
+                            "empirical Fisher was skipped")
+            data = Data(data.inputs, None, data.source)
+    beyond = _beyond_reach(model, data, fam, mask, class_dim, o, positions)
+    # the positions every library call of the report observes: the mask's that the labels score
+    labelled = labelled_of(model, data, fam, positions)
+    observed = keep if labelled is None else labelled if keep is None else keep & labelled
+    notes = [unmasked_padding_note(data, positions, labelled) if mask is None else None,
+             classes_last_note(o.shape) if given is None and getattr(fam, "name", None) == "categorical" else None]
+    layout = OutputLayout(positions, mask, class_dim, observed_per_input(observed, positions, data.n),
+                          "; ".join(n for n in notes if n) or None)
+    return data, targets_note, layout, beyond
+
+
+def _not_the_family(o: Tensor, family_name: str, exc: TorchfimError) -> TorchfimError:
+    """The family's refusal of the outputs in the command line's words (``--family X``, not ``family='X'``),
+    with every family the report takes."""
+    import re
+
+    from ..families import FAMILIES
+
+    said = re.sub(r"family='(\w+)'", r"--family \1", str(exc))
+    return TorchfimError(
+        f"the model's outputs (shape {tuple(o.shape)}) do not fit --family {family_name}: {said} (or pass the "
+        f"--family that matches the outputs, one of {', '.join(sorted(FAMILIES))}; outputs (batch, *positions, C) "
+        "are read one vector per position)")
 
 
 def _beyond_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int, o: Tensor,
@@ -98,7 +112,7 @@ def _pulled_back_per_input(model: nn.Module, data: Data, fam, mask: str | None, 
     from ..engine.session import engine_pass
 
     with engine_pass(model, "auto", None, class_dim) as one:
-        rec, _ = next(one.batches(data.rows(slice(0, 1)), None, fam, mask, False, "report"))
+        rec, _ = next(one.batches(data.given(slice(0, 1)), None, fam, mask, False, "report"))
         return one.backend.vector_elements(rec)
 
 
@@ -129,11 +143,7 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     try:
         o = outputs_on(model, data, slice(0, min(8, data.n)))
     except Exception as exc:
-        raise TorchfimError(
-            f"the model could not run on the data's inputs of shape {data.input_shape()} "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())}); make --data return inputs the "
-            "model accepts (first dimension = batch)"
-        ) from exc
+        raise _could_not_run(model, data, exc) from exc
     if not isinstance(o, Tensor):
         raise TorchfimError(
             f"the model returned a {type(o).__name__}, not a tensor (nor an object with .logits); make "
@@ -145,6 +155,26 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
             "NaN/Inf and the weights (--checkpoint) for divergence"
         )
     return o
+
+
+def _could_not_run(model: nn.Module, data: Data, exc: Exception) -> TorchfimError:
+    """Why the model could not run on the data, with the fix: the library's words where it knows the cause
+    (integer or 1-D inputs to a float model, a layer given another shape: :func:`forward_error`), else torch's."""
+    from ..engine.batch import Batch
+    from ..engine.model_checks import forward_error
+
+    x = data.rows(slice(0, min(8, data.n)))
+    batch = Batch((), x, data.n) if isinstance(x, dict) else Batch((x,), {}, data.n)
+    first = next(p for p in model.parameters() if p.requires_grad)
+    shape = data.input_shape()
+    what = (f"{data.n} inputs, each one number (a 1-D tensor of {data.n} values: the first dimension is the batch)"
+            if shape == [] else f"{data.n} inputs of shape {tuple(shape) if isinstance(shape, list) else shape}")
+    known = forward_error(batch, first.dtype, exc)
+    if isinstance(known, TorchfimError):
+        return TorchfimError(f"--data gave {what}, and {known} (in the --data factory)")
+    return TorchfimError(
+        f"the model could not run on the data's {what} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+        "make --data return inputs the model accepts (first dimension = batch)")
 
 
 def outputs_on(model: nn.Module, data: Data, rows: slice, differentiable: bool = False) -> object:

@@ -7,7 +7,7 @@ import argparse
 from torch import nn
 
 from .. import toy
-from ..cli.types import layer_widths, nonnegative_int, positive_int, seed_int, thread_count
+from ..cli.types import layer_widths, nonnegative_int, positive_float, positive_int, seed_int, thread_count
 from ..errors import TorchfimError
 from .data import as_data
 from .kept_steps import FOLDER
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "output; its 'labels' are the targets). Default: the 1797 digits")
     parser.add_argument("--family", default="categorical", choices=sorted(FAMILIES),
                         help="output distribution of the model (default: categorical)")
+    parser.add_argument("--sigma", type=positive_float, default=None, metavar="σ",
+                        help="the noise scale σ of --family gaussian, y ~ N(output, σ²) (default: 1); the Fisher "
+                             "scales as 1/σ²")
     parser.add_argument("--mask", metavar="KEY", default=None,
                         help="for outputs with positions (a language model's tokens): the entry of the "
                              "dict inputs marking observed positions, e.g. attention_mask (default: all)")
@@ -99,7 +102,7 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that re-creates this report (options left at their defaults omitted)."""
     import shlex
 
-    defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical", "mask": None,
+    defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical", "sigma": None, "mask": None,
                 "class_dim": None, "mode": "auto",
                 "out": DEFAULT_OUT, "n_samples": 1, "variance_inputs": None,
                 "max_block": DEFAULT_MAX_BLOCK, "seed": 0, "epochs": DEFAULT_EPOCHS, "hidden": None}
@@ -115,6 +118,8 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``torchfim report`` with the parsed options."""
+    from ..families import Gaussian
+
     ensure_cwd_on_path()
     if args.model is not None and (args.hidden is not None or args.epochs != DEFAULT_EPOCHS):
         raise TorchfimError("--hidden and --epochs describe the default model; drop them with --model")
@@ -125,6 +130,9 @@ def main(args: argparse.Namespace) -> int:
             "--data without --model would analyse the default MLP (trained on the digits) on your "
             "data; pass --model MODULE:FACTORY for your model (and --checkpoint for its weights)"
         )
+    if args.sigma is not None and args.family != "gaussian":
+        raise TorchfimError(f"--sigma is the noise scale of the Gaussian family, but --family is {args.family}; drop "
+                            "--sigma, or pass --family gaussian")
     check_out(args.out)
     model = data = None
     if args.model is not None:
@@ -139,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
         data = as_data(raw, f"{args.data}()", "--data")
     threads = args.threads if args.threads is not None else (1 if args.model is None else None)
     run_report(
-        model, data, family=args.family, out=args.out, checkpoint=args.checkpoint,
+        model, data, family=args.family if args.sigma is None else Gaussian(sigma=args.sigma), out=args.out, checkpoint=args.checkpoint,
         n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
         seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
         progress=not args.no_progress, command=_command(args), mask=args.mask, class_dim=args.class_dim,

@@ -19,6 +19,7 @@ from .data import Data
 from .kept_steps import KeptSteps
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
 from .score_only import compute_score_only
+from .warned import library_warnings
 
 __all__ = ["compute_report"]
 
@@ -58,12 +59,27 @@ def compute_report(
     ``keep_in``: a folder where each step's result is kept as it finishes (:mod:`.kept_steps`), so that the
     same report computed again after an interruption reads the finished steps back (report.json's
     ``resumed_steps`` counts them); None keeps nothing.
+
+    torchfim's warnings while it computes (a model ending in a softmax under the categorical family) are
+    report.json's ``warnings`` (:mod:`.warned`), each once; a Gaussian family's σ is its ``sigma``.
     """
-    from ..families import get_family
+    from ..families import Gaussian, get_family
 
     if score_only not in (None, True, False):
         raise TorchfimError(f"score_only must be None (automatic), True or False, got {score_only!r}")
     fam = get_family(family)
+    with library_warnings() as warned:
+        results = _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_error, progress, mask,
+                           class_dim, score_only, keep_in)
+    results["warnings"] = warned
+    if isinstance(fam, Gaussian):
+        results["sigma"] = fam.sigma
+    return results
+
+
+def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_error, progress, mask, class_dim,
+             score_only, keep_in) -> dict:
+    """:func:`compute_report`'s results, but for the warnings and σ."""
     model.eval()
     data, targets_note, outputs, beyond = check_model_and_data(model, data, fam, fam.name, mask, class_dim)
     if beyond is not None and score_only is False:
@@ -78,7 +94,9 @@ def compute_report(
         beyond = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers))
     options = {"family": (type(fam).__qualname__, repr(fam), dict(getattr(fam, "__dict__", {}))),
                "n_samples": n_samples, "seed": seed, "m": m, "max_block": max_block, "mask": mask,
-               "class_dim": class_dim, "with_hessian": with_hessian, "score_only": bool(score_only or beyond is not None)}
+               "class_dim": class_dim, "with_hessian": with_hessian, "score_only": bool(score_only or beyond is not None),
+               # steps kept before every library call took a dict's labels are not read back
+               "observed": "the mask's positions that the labels score"}
     kept = KeptSteps.of(keep_in, model, data, options)
     if score_only or beyond is not None:
         reason = beyond or "asked for (score_only=True, --mode score-only)"
@@ -121,7 +139,7 @@ def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, pr
              kept: KeptSteps) -> tuple[dict, dict]:
     """The four measurement parts in turn, with their wall-clock seconds (of this run: a step ``kept`` from an
     interrupted one takes none)."""
-    X, names, opts = data.inputs, layout.names, setup.outputs.options(fam)
+    X, names, opts = data.given(), layout.names, setup.outputs.options(fam)
     timings: dict[str, float] = {}
     steps = Steps(_total_steps(setup, data.targets is not None), progress, kept)
     try:
@@ -129,7 +147,7 @@ def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, pr
         measured = measure_trace(model, X, opts, names, setup.n_samples, setup.seed, steps)
         timings["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        measured.update(measure_variances(model, data.rows(setup.subset), opts, names, setup.with_hessian, steps))
+        measured.update(measure_variances(model, data.given(setup.subset), opts, names, setup.with_hessian, steps))
         timings["variance"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         measured["spectra"] = measure_spectra(model, X, opts, names, setup.spectrum_layers, steps)

@@ -49,7 +49,7 @@ def time_pull_back(model: nn.Module, data: Data, fam, mask: str | None, class_di
     from ..engine.session import engine_pass
 
     with engine_pass(model, "auto", None, class_dim) as one:
-        rec, _ = next(one.batches(data.rows(slice(0, min(TIMED_INPUTS, data.n))), None, fam, mask, False, "report"))
+        rec, _ = next(one.batches(data.given(slice(0, min(TIMED_INPUTS, data.n))), None, fam, mask, False, "report"))
         v = torch.randn(rec.batch.size, 1, rec.values.shape[1], dtype=rec.values.dtype, device=rec.values.device)
         one.backend.squares(rec, v)
         _finished(v)

@@ -45,6 +45,16 @@ class Data:
             return self.inputs[index]
         return Batch((), dict(self.inputs), self.n).rows(index).kwargs
 
+    def given(self, index: slice | Tensor | None = None) -> Inputs:
+        """The inputs ``index`` (all by default) as the report's library calls take them: a dict's with its
+        targets back as ``labels``, so that every estimator observes the positions the model's loss scores
+        (a class label -100 none, a causal language model's labels shifted: :mod:`torchfim.engine.labels`).
+        Calls of the model itself take :meth:`rows`, without the labels."""
+        x = self.inputs if index is None else self.rows(index)
+        if not isinstance(x, dict) or self.targets is None:
+            return x
+        return {**x, "labels": self.targets if index is None else self.targets[index]}
+
     def input_shape(self) -> list[int] | dict[str, list[int]]:
         """The shape of one input: a tensor's less the batch dim, or that of each tensor of a dict."""
         if isinstance(self.inputs, Tensor):
@@ -107,6 +117,7 @@ def as_data(obj: object, source: str, option: str = "--data") -> Data:
 
     targets: Tensor | None = None
     refuse_packed(obj, f" ({option})")
+    _refuse_numbers(obj, option)
     if isinstance(obj, Mapping):
         return _from_mapping(obj, source, option)
     if isinstance(obj, (Tensor, np.ndarray)):
@@ -131,6 +142,24 @@ def as_data(obj: object, source: str, option: str = "--data") -> Data:
                 "return one target per input (or inputs only)"
             )
     return Data(inputs, targets, source)
+
+
+def _refuse_numbers(obj: object, option: str) -> None:
+    """Refuse a list (or tuple) of numbers, or of lists of numbers: read as mini-batches, its numbers would be
+    inputs of one number each (or pairs (x, y)), which is seldom what was meant."""
+    def numbers(v: object) -> bool:
+        return isinstance(v, (list, tuple)) and bool(v) and all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)
+
+    if not isinstance(obj, (list, tuple)) or not obj:
+        return
+    kind = ("list of lists of numbers" if all(numbers(row) for row in obj)
+            else "list of numbers" if numbers(obj) else None)
+    if kind is not None:
+        raise TorchfimError(
+            f"{option}: the factory returned a {kind} ({len(obj)} items); return a tensor, e.g. "
+            "torch.tensor(rows, dtype=torch.float32) with the first dimension the batch, or an (inputs, targets) "
+            "pair of tensors")
 
 
 def _from_mapping(obj: Mapping, source: str, option: str) -> Data:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["fmt", "pct", "md_table"]
+__all__ = ["fmt", "pct", "md_table", "family_text", "warning_lines"]
 
 
 def fmt(x: object, digits: int = 4) -> str:
@@ -32,3 +32,17 @@ def md_table(header: list[str], rows: list[list[str]], align: str | None = None)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def family_text(R: dict) -> str:
+    """The output family of the report.json dict ``R``, with the Gaussian's σ and what it scales."""
+    sigma = R.get("sigma")
+    if sigma is None:
+        return R["family"]
+    return (f"{R['family']} (σ = {fmt(sigma)}: the Fisher scales as 1/σ², Var Î1 as 1/σ⁴, Var Î2 as 1/σ²; "
+            "--sigma sets it)")
+
+
+def warning_lines(R: dict) -> list[str]:
+    """torchfim's warnings during the report (report.json's ``warnings``), one line each."""
+    return [f"Warning from torchfim: {w}" for w in R.get("warnings") or []]

@@ -189,8 +189,9 @@ def measure_spectra(
 def measure_empirical(model: nn.Module, X: Inputs, Y: Tensor | None, opts: dict, steps: Steps) -> Tensor | None:
     """diag of the empirical Fisher with the true targets ``Y`` (None without targets).
 
-    Dict inputs get ``Y`` back as their ``labels``, so that the library pairs them with the outputs as
-    it pairs a dict batch's own (a Hugging Face causal language model's shifted as its loss shifts them).
+    Dict inputs carry ``Y`` as their ``labels`` (:meth:`.Data.given`, as in every library call of the report),
+    so that the library pairs them with the outputs as it pairs a dict batch's own (a Hugging Face causal
+    language model's shifted as its loss shifts them).
     """
     import torchfim
 

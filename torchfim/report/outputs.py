@@ -18,7 +18,8 @@ from ..errors import TorchfimError
 from ..families.positions import is_position_mask
 from .data import Data
 
-__all__ = ["OutputLayout", "classes_last_note", "mask_of", "observed_per_input", "unmasked_padding_note"]
+__all__ = ["OutputLayout", "classes_last_note", "labelled_of", "mask_of", "observed_per_input",
+           "unmasked_padding_note"]
 
 
 @dataclass(frozen=True)
@@ -76,20 +77,37 @@ def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor |
     return m.bool().reshape(data.n, -1)
 
 
+def labelled_of(model, data: Data, family, positions: tuple[int, ...]) -> Tensor | None:
+    """``(n, positions)`` bool: the positions a dict's class ``labels`` score, aligned as the model's loss
+    aligns them (a causal language model's shifted, its last position unscored), False where they hold -100;
+    None where every position is scored or the labels do not choose positions, as the library reads them
+    (:meth:`torchfim.engine.view.ModelView.family_for`: only the report's dict inputs carry their labels)."""
+    from ..engine.labels import ModelLabels, labelled_positions
+
+    if (not positions or not isinstance(data.inputs, dict) or data.targets is None
+            or getattr(family, "name", "") != "categorical"):
+        return None
+    labelled = labelled_positions(ModelLabels(model).aligned(data.targets), data.n, positions)
+    return None if labelled is None else labelled.reshape(data.n, -1)
+
+
 def observed_per_input(keep: Tensor | None, positions: tuple[int, ...], n: int) -> float:
-    """Mean observed positions per input: the mask's count over ``n``, or all positions."""
+    """Mean observed positions per input: the count of ``keep`` (the mask and the labelled positions) over
+    ``n``, or all positions."""
     if keep is None:
         return float(math.prod(positions))
     return float(keep.sum()) / n
 
 
-def unmasked_padding_note(data: Data, positions: tuple[int, ...]) -> str | None:
+def unmasked_padding_note(data: Data, positions: tuple[int, ...], labelled: Tensor | None = None) -> str | None:
     """A note when the dict inputs carry an ``attention_mask`` over the output positions with padding in
-    it, but no mask was given: the padded positions then count as observed."""
+    it, but no mask was given: the padded positions then count as observed, those ``labelled`` leaves out
+    (label -100) apart."""
     m = data.inputs.get("attention_mask") if isinstance(data.inputs, dict) and positions else None
     if not isinstance(m, Tensor) or tuple(m.shape) != (data.n, *positions):
         return None
-    padded = int((m == 0).sum())
+    counted = (m == 0).reshape(data.n, -1)
+    padded = int((counted if labelled is None else counted & labelled.to(counted.device)).sum())
     if not padded:
         return None
     return (f"the data's attention_mask marks {padded} padded positions, which count here as observed; pass "

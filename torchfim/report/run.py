@@ -30,7 +30,7 @@ def run_report(
     model: nn.Module | None = None,
     data: object = None,
     *,
-    family: str = "categorical",
+    family: str | object = "categorical",
     out: str | os.PathLike | None = settings.DEFAULT_OUT,
     checkpoint: str | os.PathLike | None = None,
     n_samples: int = 1,

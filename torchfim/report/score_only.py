@@ -48,7 +48,7 @@ def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout,
     steps = Steps(2 if data.targets is not None else 1, progress, kept)
 
     def score_norms() -> dict:
-        got = squared_score_norms(model, data.inputs, **opts, n_samples=k, progress=progress,
+        got = squared_score_norms(model, data.given(), **opts, n_samples=k, progress=progress,
                                   generator=torch.Generator().manual_seed(seed + 1))
         return {"names": got.names, "per_tensor": got.per_tensor}
 
@@ -57,7 +57,7 @@ def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout,
         norms = ScoreNorms(**steps.run(f"score estimate ({k} labels per input)", score_norms))
         timings["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        diag_emp = measure_empirical(model, data.inputs, data.targets, opts, steps)
+        diag_emp = measure_empirical(model, data.given(), data.targets, opts, steps)
         timings["empirical"] = time.perf_counter() - t0
     finally:
         steps.close()

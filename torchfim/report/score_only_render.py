@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .figures import figure_width, png_bytes
-from .format import fmt, md_table, pct
+from .format import family_text, fmt, md_table, pct, warning_lines
 from .markdown import analysed, resumed_note
 from .settings import SCORE_ONLY_FIGURE
 
@@ -99,11 +99,13 @@ def summary_score_only(R: dict) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     out = [(f"Fisher information report (score only): {R['model']['n_parameters']} parameters, {D['n_inputs']} "
-           f"inputs, family {R['family']}"),
+           f"inputs, family {family_text(R)}"),
            line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
            (f"Tr(F) by the score estimator with {k} labels/input; s.e. from the spread of each input's labels; "
            f"k10% = labels per input for 10% relative error."),
            f"Score only: {R['mode_reason']}."]
+    out += [f"Note: {note}." for note in (D.get("targets_note"), R.get("outputs", {}).get("note")) if note]
+    out += warning_lines(R)
     if T["trace_empirical"] is not None:
         out.append(f"Empirical Fisher (true labels): Tr {fmt(T['trace_empirical'])}, "
                    f"{fmt(T['empirical_ratio'], 3)}× the estimate.")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from .format import fmt
+from .format import family_text, fmt, warning_lines
 
 __all__ = ["summary_table"]
 
 
 def summary_table(R: dict) -> str:
-    """The terminal summary: one row per layer plus the whole model, then the headline numbers."""
-    header = ["layer", "size", "Tr(F)", "s.e. Î1", "Var Î1", "Var Î2", "better", "k10% Î1",
-              "k10% Î2", "λ_max"]
+    """The terminal summary: one row per layer plus the whole model, then the headline numbers. Each column
+    names the inputs it is over (``n=``: all of them; ``m=``: the variance subset), ``*`` marks what is
+    extrapolated from the subset, and the footnote says each."""
+    D = R["data"]
+    n, m = D["n_inputs"], D["variance_inputs"]
+    star = "*" if m < n else ""
+    header = ["layer", "size", f"Tr(F) n={n}", f"s.e. Î1 n={n}", f"Var Î1 m={m}", f"Var Î2 m={m}", "lower Var Tr",
+              f"k10% Î1 n={n}", f"k10% Î2{star} n={n}", "λ_max"]
     body = []
     for l in R["layers"]:
         s = l["subset"]
@@ -29,14 +34,11 @@ def summary_table(R: dict) -> str:
         return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    D = R["data"]
     out = [
         (f"Fisher information report: {R['model']['n_parameters']} parameters, {D['n_inputs']} inputs, "
-         f"family {R['family']}"),
+         f"family {family_text(R)}"),
         line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
-        (f"Tr(F) exact on all {D['n_inputs']} inputs; s.e. Î1 = standard error of the score estimate with "
-         f"{R['n_samples']} label(s)/input; Var Î1/Î2 = variance of the trace estimators with one label "
-         f"on {D['variance_inputs']} inputs; k10% = labels per input for 10% relative error."),
+        *_footnote(R, n, m),
     ]
     O = R.get("outputs", {})
     if O.get("positions"):
@@ -47,8 +49,21 @@ def summary_table(R: dict) -> str:
     for note in (D.get("targets_note"), D.get("variance_inputs_note"), O.get("note")):
         if note:
             out.append(f"Note: {note}.")
+    out += warning_lines(R)
     if R["empirical"] is not None:
         E = R["empirical"]
         out.append(f"Empirical Fisher (true labels): Tr ratio {fmt(E['trace_ratio'], 3)}, cosine of "
                    f"diagonals {fmt(E['cosine_diag'], 3)}.")
     return "\n".join(out)
+
+
+def _footnote(R: dict, n: int, m: int) -> list[str]:
+    """What each column of the table is, and over which inputs."""
+    subset = "all the inputs" if m == n else f"a random subset of m={m} of the n={n} inputs (seed {R['seed']})"
+    columns = (f"Tr(F) exact, and s.e. Î1 = standard error of the score estimate with {R['n_samples']} "
+               f"label(s)/input, over all n={n} inputs; Var Î1/Î2 = variance of the trace estimators with one label "
+               f"per input on {subset} (≈ n/m times that on all n: s.e.² ≈ Var·m/(n·k)); lower Var Tr = the "
+               "estimator with the lower variance of the trace (not of the diagonal: see report.md).")
+    labels = (f"k10% = labels per input for 10% relative error of the trace on all n={n} inputs"
+              + ("; *Î2's extrapolated from the subset, (m/n)·Var Î2 (Î1's exact on all inputs)." if m < n else "."))
+    return [columns, labels]

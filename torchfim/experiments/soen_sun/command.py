@@ -10,7 +10,7 @@ from ..out_folder import check_study_out
 from .settings import DEFAULT_OUT, FILES
 from .study import run
 
-__all__ = ["HELP", "add_arguments", "main"]
+__all__ = ["HELP", "add_arguments", "interrupted_hint", "main"]
 
 HELP = "the Soen & Sun (2021) variance experiments at CPU scale"
 
@@ -24,6 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=thread_count, default=1, metavar="N",
                         help="torch intra-op threads, at most 256 (default: 1; more only helps on an idle machine)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def interrupted_hint(out: str) -> str:
+    """What an interrupted study left, and that it does not resume."""
+    summary = Path(out) / FILES["summary"]
+    left = (f"the finished parts are in {out}/ ({FILES['summary']}, marked 'Run incomplete', names what was not "
+            "run; results.json, results.csv and the figures of the finished parts)" if summary.is_file()
+            else f"nothing was written to {out}/ yet")
+    return f"{left}; the study does not resume: run the same command again to start it over"
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
@@ -41,7 +50,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             ) from exc
     check_study_out(args.out, FILES.values(), "soen-sun")
     cmd = f"torchfim reproduce soen-sun --out {args.out}" + (" --quick" if args.quick else "")
-    res = run(args.out, quick=args.quick, progress=not args.no_progress, threads=args.threads, command=cmd)
+    try:
+        res = run(args.out, quick=args.quick, progress=not args.no_progress, threads=args.threads, command=cmd)
+    except KeyboardInterrupt:
+        args._interrupted = interrupted_hint(args.out)  # printed by torchfim.cli
+        raise
     print(f"wrote {Path(args.out) / FILES['summary']} and {len(FILES) - 1} more files "
           f"in {res['meta']['seconds_total']:.0f} s")
     return 0

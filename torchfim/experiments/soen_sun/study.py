@@ -135,9 +135,9 @@ class _Study:
                 t0 = time.perf_counter()
                 experiment()
                 self.results["meta"]["seconds"][part] = time.perf_counter() - t0
+                self.draw(part)  # before the summary that lists its figures
                 if part != "training":  # the last part's tables are written once the total time is known
                     self.save()
-                self.draw(part)
         finally:
             self.bar.close()
         self.results["meta"]["seconds_total"] = time.perf_counter() - t_start

@@ -29,7 +29,7 @@ PARTS = ("bound_ratios", "activations", "seeds", "depth_width", "training")
 def summary(results: dict[str, Any], settings: Settings, done: set[str]) -> str:
     """The text of summary.md; ``done``: the parts (of :data:`PARTS`) that are finished."""
     s = settings
-    lines = _intro(results, s)
+    lines = _intro(results, s, done)
     concl: list[str] = []
     sections = ((_bounds, "bound_ratios"), (_activations, "activations"), (_seeds, "seed_ranges"),
                 (_depth_width, "depth_width"), (_training, "training"))
@@ -55,8 +55,13 @@ def summary(results: dict[str, Any], settings: Settings, done: set[str]) -> str:
     return "\n".join(lines)
 
 
-def _intro(results: dict[str, Any], s: Settings) -> list[str]:
+def _intro(results: dict[str, Any], s: Settings, done: set[str]) -> list[str]:
     """Title, what was run, the scale-down, the list of figures."""
+    return [*_about(results, s), "## Figures", *_figures(results, s, done), "", "## Key numbers"]
+
+
+def _about(results: dict[str, Any], s: Settings) -> list[str]:
+    """Title, what was run and the scale-down."""
     meta = results["meta"]
     return [
         "# Soen & Sun (2021) at CPU scale: the variance of the Fisher estimators Î1 and Î2",
@@ -85,24 +90,37 @@ def _intro(results: dict[str, Any], s: Settings) -> list[str]:
          "them and relate them to the paper's bounds (cf. the paper's Figure A.3, the ratio of its Theorem 7 "
          "bound to the variance) — they are not a transcription of the paper's theorem statements."),
         "",
-        "## Figures",
-        (f"- `{FILES['fig_a']}` (a): bound / exact variance per diagonal entry, per layer (box plots) and for the "
-         "trace estimator (◆), for Î1's spectral and kurtosis bounds and Î2's spectral bound, across activations."),
-        (f"- `{FILES['fig_b']}` (b): Σ over each layer's diagonal of Var(Î1) and Var(Î2), and the variance of the "
+    ]
+
+
+def _figures(results: dict[str, Any], s: Settings, done: set[str]) -> list[str]:
+    """The figures drawn, each once the part it shows is ``done`` (drawn before the summary says so); for an
+    interrupted run, which were not drawn."""
+    figures = [
+        ("bound_ratios", FILES["fig_a"],
+         (f"- `{FILES['fig_a']}` (a): bound / exact variance per diagonal entry, per layer (box plots) and for the "
+         "trace estimator (◆), for Î1's spectral and kurtosis bounds and Î2's spectral bound, across activations.")),
+        ("activations", FILES["fig_b"],
+         (f"- `{FILES['fig_b']}` (b): Σ over each layer's diagonal of Var(Î1) and Var(Î2), and the variance of the "
          "two trace estimators, across activations; rows: digits and MNIST-1D (categorical), digits with a "
-         "Gaussian (σ = 1) regression head on the same 10 outputs."),
-        (f"- `{FILES['fig_c']}` (c): the same variances and the relative error of Tr F against depth "
+         "Gaussian (σ = 1) regression head on the same 10 outputs.")),
+        ("depth_width", FILES["fig_c"],
+         (f"- `{FILES['fig_c']}` (c): the same variances and the relative error of Tr F against depth "
          f"({', '.join(map(str, s.depths))} hidden layers, width {s.width}) and width "
-         f"({', '.join(map(str, s.widths))}, {s.depth} hidden layers), {s.sweep_activation}, digits."),
-        (f"- `{FILES['fig_d']}` (d): Tr F, the trace variances, the relative standard error at k = 1 and "
+         f"({', '.join(map(str, s.widths))}, {s.depth} hidden layers), {s.sweep_activation}, digits.")),
+        ("training", FILES["fig_d"],
+         (f"- `{FILES['fig_d']}` (d): Tr F, the trace variances, the relative standard error at k = 1 and "
          f"`samples_needed(rel_error={REL_ERROR})` at epochs {', '.join(map(str, s.checkpoints))} of Adam "
          f"(lr {s.lr:g}, batch {s.batch_size}) for {' and '.join(s.train_activations)} on the digits; the Fisher "
-         "is measured on held-out inputs."),
-        (f"- `{FILES['json']}` holds every plotted number (box statistics, not raw per-entry ratios) and the "
-         f"settings; `{FILES['csv']}` the same numbers in long form."),
-        "",
-        "## Key numbers",
+         "is measured on held-out inputs.")),
     ]
+    lines = [text for part, _, text in figures if part in done]
+    missing = [name for part, name, _ in figures if part not in done]
+    if missing:
+        lines.append(f"- Not drawn, their parts unfinished: {', '.join(f'`{name}`' for name in missing)}.")
+    lines.append(f"- `{FILES['json']}` holds every number measured (box statistics, not raw per-entry ratios) and the "
+                 f"settings; `{FILES['csv']}` the same numbers in long form.")
+    return lines
 
 
 def _bounds(results: dict[str, Any], s: Settings) -> tuple[list[str], list[str]]:

@@ -1,0 +1,49 @@
+"""The library's warnings during a report, kept in the report: a warning of torchfim's (a model ending in a
+softmax under the categorical family) can change the meaning of every number, so it belongs beside them in
+report.md, report.json and the terminal summary, once each, rather than on the terminal alone.
+
+The library's warning of padding counted as observed is left out: the report says it in its own note
+(:func:`.outputs.unmasked_padding_note`), with the option that fixes it. The report's own warnings (``torchfim
+report:``, about its kept steps) and everyone else's are warned as they were.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["library_warnings"]
+
+#: The start of a library warning, and of the report's own (warned as they are).
+_LIBRARY, _REPORT = "torchfim:", "torchfim report:"
+#: A phrase of the library's padding warning (:meth:`torchfim.engine.view.ModelView._name_padding`).
+_PADDING = "padding position(s) that count as observed"
+
+
+@contextmanager
+def library_warnings() -> Iterator[list[str]]:
+    """Collect torchfim's RuntimeWarnings raised inside the block into the list yielded (each once, in order,
+    without its ``torchfim:`` prefix); every other warning is warned again as it came."""
+    kept: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    finished = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
+            warnings.simplefilter("always")
+            yield kept
+        finished = True
+    finally:  # after an error, every warning is warned again: no report will hold them
+        shown: dict = {}  # the caller's filters, with "default" showing each warning once
+        for w in caught:
+            text = str(w.message)
+            if finished and _kept(w.category, text):
+                text = text[len(_LIBRARY):].strip()
+                if _PADDING not in text and text not in kept:
+                    kept.append(text)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=shown, source=w.source)
+
+
+def _kept(category: type[Warning], text: str) -> bool:
+    return issubclass(category, RuntimeWarning) and text.startswith(_LIBRARY) and not text.startswith(_REPORT)
