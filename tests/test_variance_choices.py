@@ -84,3 +84,16 @@ def test_overflowed_covariance_and_combined_variance_are_refused_and_float64_is_
         with pytest.raises(TorchfimError, match=r"overflowed even in torch.float64") as caught:
             call()
         assert "model.double()" not in str(caught.value)
+
+
+def test_a_bound_whose_moments_overflow_is_refused_by_name() -> None:
+    """A heteroscedastic Gaussian head at log-variance −720: Λ_μμ = e^720 overflows float64, and the Î1 bound's
+    eigen-solve failed inside torch ("linalg.eigh … failed to converge"). Now the overflow is named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[2].bias[1] = -720.0
+    x = torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(TorchfimError, match=r"fourth moments of the 'heteroscedastic_gaussian' family's scores "
+                                            r"overflowed float64"):
+        torchfim.variance_bound(model, x, family="heteroscedastic_gaussian", estimator="score", structure="diag")

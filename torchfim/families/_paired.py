@@ -215,6 +215,12 @@ class PairedFamily(Family):
         lam, k4 = lam.double(), k4.double()
         n, dims = lam.shape[:2]
         within = torch.einsum("ndik,ndjl->ndijkl", lam, lam) + torch.einsum("ndil,ndjk->ndijkl", lam, lam) + k4
+        if not bool(torch.isfinite(within).all()):  # eigh would fail from inside torch ("failed to converge")
+            raise TorchfimError(
+                f"the fourth moments of the {self.name!r} family's scores overflowed float64 at these outputs (the "
+                "variance or shape parameter is beyond e^±350 or so), so the Î1 bound has no finite value; check the "
+                "model's largest outputs and rescale the output layer"
+            )
         evals, evecs = torch.linalg.eigh(within.reshape(n, dims, 4, 4))
         z = torch.einsum("ndab,nda->ndb", evecs, lam.reshape(n, dims, 4))
         return _top_eig_diag_plus_rank_one(evals.reshape(n, 4 * dims), z.reshape(n, 4 * dims)).to(o.dtype)
