@@ -32,9 +32,10 @@ print(f"mode: {R['mode']}: {R['mode_reason'][:90]}...")
 print(f"report:  Tr(F) = {T['trace_score_estimate']:.6g} ± {T['trace_score_stderr']:.2g}; "
       f"empirical Fisher {T['trace_empirical']:.6g}")
 
-# The same numbers from the library: squared score norms per input, label and parameter tensor.
-norms = torchfim.score_norms.squared_score_norms(model, {"input_ids": ids, "attention_mask": mask}, n_samples=2,
-                                                 mask="attention_mask", generator=torch.Generator().manual_seed(1))
+# The same numbers from the library: squared score norms per input, label and parameter tensor, over the positions
+# the labels score (each next token; -100 and each sequence's last position observe nothing), as in the report.
+norms = torchfim.score_norms.squared_score_norms(model, batch, n_samples=2, mask="attention_mask",
+                                                 generator=torch.Generator().manual_seed(1))
 estimate, stderr = norms.trace()
 print(f"library: Tr(F) = {estimate:.6g} ± {stderr:.2g} ({norms.per_tensor.shape[1]} sequences, "
       f"{norms.per_tensor.shape[2]} labels per token, the report's seed)")

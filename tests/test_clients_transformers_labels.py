@@ -146,3 +146,26 @@ def test_padding_that_counts_is_warned_of_and_a_tensor_mask_takes_one_dict_batch
         named = torchfim.fisher(model, batch, structure="trace", mask="attention_mask")
         given = torchfim.fisher(model, batch, structure="trace", mask=batch["attention_mask"].bool())
     assert torch.equal(named, given)
+
+
+def test_an_encoder_decoders_source_padding_is_not_taken_for_output_padding() -> None:
+    """BART with a padded source as long as its labels: the attention_mask is the encoder's, so no padding warning
+    (its advice, mask='attention_mask', would mask decoder positions by the source's padding); and the report
+    reads the decoder's positions, with the labels kept (before: the source decoded, the labels refused as not
+    fitting, the empirical Fisher skipped)."""
+    model = tiny_bart_generator()
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(3, VOCAB, (2, 4), generator=g), torch.randint(3, VOCAB, (2, 3), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 2:], ids[1, 2:] = 0, PAD
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.cat([labels, labels[:, :1]], 1)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torchfim.fisher(model, batch, structure="trace")
+    from torchfim.report.check import check_model_and_data
+    from torchfim.report.data import as_data
+
+    shorter = {**batch, "labels": labels}  # 3 decoder positions against a source of 4
+    data, note, layout, _ = check_model_and_data(model, as_data(shorter, "test"), torchfim.families.Categorical(),
+                                                 "categorical", None, None)
+    assert note is None and data.targets is not None and layout.positions == (3,)

@@ -97,7 +97,7 @@ def _name_uninformative(var1: Tensor, estimator: str) -> None:
     if bool(varying.any()):
         warn_user(
             f"torchfim: {int(varying.sum())} diagonal entr{'y has' if int(varying.sum()) == 1 else 'ies have'} an exact "
-            f"Fisher of 0 but a {estimator} estimate that varies (largest standard deviation with one label "
+            f"Fisher of 0 (below 1e-12 of the largest entry) but a {estimator} estimate that varies (largest standard deviation with one label "
             f"{float(var1.max().sqrt()):.3g}): no number of labels reaches a relative error there, so the k "
             "returned covers the other entries only; with k labels their absolute error is that deviation over √k"
         )

@@ -68,7 +68,10 @@ class Batch:
         dim is the batch is indexed)."""
 
         def cut(t: object) -> object:
-            return t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.size else t
+            if not (isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.size):
+                return t
+            # indices made on the model's device cut targets left on the caller's (a tokenizer's labels on the CPU)
+            return t[rows.to(t.device) if isinstance(rows, Tensor) and rows.device != t.device else rows]
 
         size = len(rows) if isinstance(rows, Tensor) else len(range(*rows.indices(self.size)))
         return self.map(cut, size)

@@ -1,9 +1,10 @@
-"""Buffers left as torchfim found them.
+"""Buffers of the user's model left as torchfim found them.
 
 The engine's private copy of a model shares its buffer tensors (:mod:`.private_tree`), so that updates the
 user makes (BatchNorm's running statistics in a training step) are read live. A forward that writes a buffer
 in place (a call counter, a running average kept in eval mode, a quantisation observer) would then carry
-torchfim's own forwards into the user's model: measuring would change what is measured next time.
+torchfim's own forwards into the user's model: measuring would change what is measured next time. So for
+the length of a pass the copy holds its own clones of the buffers, taken from their values at its start.
 """
 
 from __future__ import annotations
@@ -11,38 +12,39 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["buffers_kept"]
+__all__ = ["private_buffers"]
 
 
 @contextmanager
-def buffers_kept(tree: nn.Module) -> Iterator[None]:
-    """Within the block, forwards of ``tree`` may update its buffers; on leaving it, whether by an error or not,
-    every buffer slot of ``tree`` holds the tensor it held on entry, with the values it held on entry.
+def private_buffers(tree: nn.Module, constants: dict[str, Tensor]) -> Iterator[None]:
+    """Within the block, every buffer slot of ``tree`` (the engine's copy) and every buffer in ``constants`` (the
+    tensors the functional backend passes by name) holds a clone of its tensor: forwards write into the clones,
+    never into the user's tensors, which another writer (a training step in another thread) may update meanwhile.
+    On leaving it, whether by an error or not, every slot holds its own tensor again.
 
-    Each buffer is cloned on entry (buffers are small next to the parameters and to what a Fisher computes);
-    only those whose version counter moved are written back, and a slot that a forward reassigned
-    (``self.count = self.count + 1`` on the copy's own registry) gets its tensor back. Nothing is written back
-    where a parameter was written meanwhile: another writer was at work (the engine refuses such a measurement).
+    A tensor held in several slots gets one clone (tying stays); the clones cost one copy of the buffers per pass,
+    small next to the parameters and to what a Fisher computes.
     """
+    clones: dict[int, Tensor] = {}
+
+    def clone(t: Tensor) -> Tensor:
+        if id(t) not in clones:
+            clones[id(t)] = t.detach().clone()
+        return clones[id(t)]
+
     slots = [(m._buffers, name, b) for m in tree.modules() for name, b in m._buffers.items() if b is not None]
-    saved = [(b._version, b.detach().clone()) for _, _, b in slots]
-    params = _parameter_versions(tree)
+    held_ids = {id(b) for _, _, b in slots}
+    named = [(name, t) for name, t in constants.items() if id(t) in held_ids]
     try:
+        for table, name, held in slots:
+            table[name] = clone(held)
+        for name, held in named:
+            constants[name] = clone(held)
         yield
     finally:
-        # Parameters written meanwhile mean another writer (a training step in another thread, which the engine
-        # refuses to measure through): its buffer updates are its own, and writing the old values back would undo them.
-        unmoved = _parameter_versions(tree) == params
-        for (table, name, held), (version, values) in zip(slots, saved):
-            if table.get(name) is not held:
-                table[name] = held
-            if unmoved and held._version != version:
-                with torch.no_grad():  # a buffer written under a differentiated forward keeps no graph
-                    held.copy_(values)
-
-
-def _parameter_versions(tree: nn.Module) -> list[int]:
-    return [p._version for p in tree.parameters()]
+        for table, name, held in slots:
+            table[name] = held
+        for name, held in named:
+            constants[name] = held

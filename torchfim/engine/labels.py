@@ -20,10 +20,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "ModelLabels", "labelled_positions", "next_token_labels", "predicts_next_token"]
+__all__ = ["IGNORE_INDEX", "ModelLabels", "is_encoder_decoder", "labelled_positions", "next_token_labels",
+           "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face encoder-decoder (``config.is_encoder_decoder``): its outputs' positions
+    are the decoder's, and a batch's ``attention_mask`` is the encoder's."""
+    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
 
 
 def predicts_next_token(model: nn.Module) -> bool:
@@ -31,7 +38,7 @@ def predicts_next_token(model: nn.Module) -> bool:
     ``ForCausalLMLoss``) shifts a batch's ``labels`` so that the logits at position t predict
     ``labels[t + 1]``. transformers falls back to that loss for any model whose loss type it does not
     know, encoder-decoders among them, whose own loss takes the labels unshifted: those are not."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
+    if is_encoder_decoder(model):
         return False
     try:
         loss = getattr(model, "loss_function", None)
@@ -43,7 +50,7 @@ def predicts_next_token(model: nn.Module) -> bool:
 def decoder_inputs_from_labels(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
     """The model's own way from ``labels`` to its decoder's inputs (an encoder-decoder's
     ``prepare_decoder_input_ids_from_labels``), or None for a model without one."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is not True:
+    if not is_encoder_decoder(model):
         return None
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if not callable(prepare):

@@ -17,7 +17,7 @@ from ..errors import TorchfimError
 from ..families import Family
 from .backend import Backend, Recording
 from .batch import Batch, batch_count, batches
-from .kept_buffers import buffers_kept
+from .kept_buffers import private_buffers
 from .loop import make_backend, run
 from .view import Mask, ModelView, engine_session
 
@@ -60,8 +60,8 @@ class Pass:
 def engine_pass(model: nn.Module, backend: str, output: Callable[[object], Tensor] | None = None,
                 class_dim: int | None = None) -> Iterator[Pass]:
     """The engine session with a private view of ``model`` and the backend named ``backend``; the model's
-    buffers are left as they were (:func:`.kept_buffers.buffers_kept`)."""
+    buffers are left as they were (:func:`.kept_buffers.private_buffers`)."""
     with engine_session():
         view = ModelView(model, output, class_dim)
-        with buffers_kept(view.model):
+        with private_buffers(view.model, view.constants):
             yield Pass(view, make_backend(view, backend))

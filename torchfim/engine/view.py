@@ -31,7 +31,7 @@ from ..structures import Layout
 from .batch import Batch
 from .derivative_settings import for_derivatives
 from .function_forwards import function_forwards
-from .labels import ModelLabels, labelled_positions
+from .labels import ModelLabels, is_encoder_decoder, labelled_positions
 from .model_checks import (
     ONE_DIMENSIONAL,
     check_forward_takes,
@@ -321,6 +321,8 @@ class ModelView:
         (no ``mask=``, and no label -100 there): the Fisher then sums over padding tokens too."""
         padding = batch.kwargs.get("attention_mask")
         if self._padding_named or not isinstance(padding, Tensor) or tuple(padding.shape) != (batch.size, *positions):
+            return
+        if is_encoder_decoder(self.user_model):  # the encoder's mask, of the source: not the outputs' positions
             return
         counted = (padding.to(self.device) == 0).reshape(batch.size, -1)
         if m is not None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..engine.batch import make_batch
+from ..engine.labels import ModelLabels, is_encoder_decoder
 from ..errors import TorchfimError
 from .data import Data
 from .outputs import OutputLayout, classes_last_note, labelled_of, mask_of, observed_per_input, unmasked_padding_note
@@ -63,7 +65,9 @@ def check_model_and_data(
     # the positions every library call of the report observes: the mask's that the labels score
     labelled = labelled_of(model, data, fam, positions)
     observed = keep if labelled is None else labelled if keep is None else keep & labelled
-    notes = [unmasked_padding_note(data, positions, labelled) if mask is None else None,
+    # an encoder-decoder's attention_mask is its source's, not the (decoder's) output positions'
+    padding_note = mask is None and not is_encoder_decoder(model)
+    notes = [unmasked_padding_note(data, positions, labelled) if padding_note else None,
              classes_last_note(o.shape) if given is None and getattr(fam, "name", None) == "categorical" else None]
     layout = OutputLayout(positions, mask, class_dim, observed_per_input(observed, positions, data.n),
                           "; ".join(n for n in notes if n) or None)
@@ -183,14 +187,16 @@ def outputs_on(model: nn.Module, data: Data, rows: slice, differentiable: bool =
     from ..engine.function_forwards import attention_fast_path_off
     from ..engine.output_reading import as_columns, read_logits
 
-    first = next(p for p in model.parameters() if p.requires_grad)
+    first = next((p for p in model.parameters() if p.requires_grad), None)
 
     def moved(t: object) -> object:
-        if not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) or first is None:
             return t
         return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
 
     x = data.rows(rows)
+    if isinstance(x, dict):  # an encoder-decoder's decoder reads the inputs it builds from the labels, as in the library
+        x = make_batch(data.given(rows), None, None, None, labels=ModelLabels(model)).kwargs
     with torch.set_grad_enabled(differentiable), attention_fast_path_off():  # no nested tensors
         return as_columns(read_logits(model(**{k: moved(v) for k, v in x.items()}) if isinstance(x, dict)
                                       else model(moved(x))))

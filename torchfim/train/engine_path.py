@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..engine import Backend, Batch, ModelView, engine_session, make_backend
 from ..engine.derivative_settings import made_in_inference_mode
-from ..engine.kept_buffers import buffers_kept
+from ..engine.kept_buffers import private_buffers
 from ..engine.loop import recorded
 from ..engine.model_checks import check_initialised
 from ..engine.output_reading import OutputMap
@@ -71,7 +71,7 @@ class EnginePath:
         """
         view, backend = path
         (inputs, order), norms = picked, []
-        with engine_session(), buffers_kept(view.model):  # the user's buffers as they were
+        with engine_session(), private_buffers(view.model, view.constants):  # the user's buffers as they were
             for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
                 batch = held.to(view.device, view.dtype)
                 rec = recorded(view, backend, batch)

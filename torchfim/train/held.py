@@ -33,14 +33,14 @@ def hold(inputs: Inputs, labels: ModelLabels | None = None) -> list[Batch]:
     """The non-empty mini-batches of ``inputs``, checked (a batch dimension, finite floats) and detached; a dict's
     labels read as the model's loss reads them where ``labels`` says how (:func:`.engine.batch.make_batch`)."""
     held = []
-    for x, _ in iter_batches([inputs] if isinstance(inputs, Mapping) else inputs):
+    for x, y in iter_batches([inputs] if isinstance(inputs, Mapping) else inputs):
         if not isinstance(x, (Tensor, Mapping)):
             raise TorchfimError(
                 f"each mini-batch of held inputs must be a torch.Tensor or a dict of tensors, got {type(x).__name__}"
             )
         if isinstance(x, Tensor) and x.dim() == 0:
             raise TorchfimError("held inputs must have a batch dimension first, got a 0-dim tensor")
-        batch = make_batch(x, None, None, None, labels=labels)
+        batch = make_batch(x, y, None, None, labels=labels)  # an (x, y) pair's labels -100 leave positions out
         tensors = [*batch.args, *(v for v in batch.kwargs.values() if isinstance(v, Tensor))]
         if any(t.is_floating_point() and not all_finite(t) for t in tensors):
             raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
