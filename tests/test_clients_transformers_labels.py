@@ -18,11 +18,12 @@ import warnings
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
-import transformers
 from test_clients_transformers import PAD, VOCAB, labelled_batch, tiny_gpt2
 
 import torchfim
 from torchfim.train import FisherPenalty, FisherTraceMonitor
+
+transformers = clients.need("transformers")
 
 
 def _prompted(lengths: list[int], prompt: int, seed: int) -> dict[str, torch.Tensor]:
