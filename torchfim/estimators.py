@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .engine import Backend, Recording
 from .engine.backend import second_order_support
-from .engine.labels import IGNORE_INDEX
+from .engine.labels import ignored_labels
 from .errors import TorchfimError, check_label_memory, warn_user
 from .families import Family
 from .families.positions import Positions
@@ -171,7 +171,4 @@ def _true_scores(fam: Family, rec: Recording, o: Tensor) -> Tensor:
 def ignored_targets(fam: Family, y: Tensor) -> Tensor | None:
     """Where categorical targets hold ``IGNORE_INDEX`` (None: nowhere, or not a categorical family)."""
     base = fam.base if isinstance(fam, Positions) else fam
-    if base.name != "categorical" or y.is_floating_point() or y.dtype == torch.bool:
-        return None
-    ignored = y == IGNORE_INDEX
-    return ignored if bool(ignored.any()) else None
+    return ignored_labels(y) if base.name == "categorical" else None

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "ModelLabels", "is_encoder_decoder", "labelled_positions", "next_token_labels",
-           "predicts_next_token"]
+__all__ = ["IGNORE_INDEX", "ModelLabels", "ignored_labels", "is_encoder_decoder", "labelled_positions",
+           "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
@@ -67,16 +67,25 @@ def next_token_labels(labels: object) -> object:
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def ignored_labels(targets: object) -> Tensor | None:
+    """Where integer class labels ``targets`` hold ``IGNORE_INDEX`` (bool, their shape); None where none does, or
+    where ``targets`` are not integer class labels."""
+    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
+        return None
+    if targets.dtype == torch.bool:
+        return None
+    ignored = targets == IGNORE_INDEX
+    return ignored if bool(ignored.any()) else None
+
+
 def labelled_positions(targets: object, size: int, positions: tuple[int, ...]) -> Tensor | None:
     """``(size, *positions)`` bool, False where the class labels ``targets`` hold ``IGNORE_INDEX``; None where
     none does, or where ``targets`` are not integer class labels of that shape (the empirical estimator
     refuses those itself)."""
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
+    if not isinstance(targets, Tensor) or tuple(targets.shape) != (size, *positions):
         return None
-    if targets.dtype == torch.bool or tuple(targets.shape) != (size, *positions):
-        return None
-    ignored = targets == IGNORE_INDEX
-    return ~ignored if bool(ignored.any()) else None
+    ignored = ignored_labels(targets)
+    return None if ignored is None else ~ignored
 
 
 class ModelLabels:

@@ -26,7 +26,7 @@ from ..engine.attention_kernel import math_attention
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import reverse_mode_forms
 from ..engine.function_forwards import attention_fast_path_off
-from ..engine.labels import IGNORE_INDEX, ModelLabels
+from ..engine.labels import ModelLabels, ignored_labels
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.output_reading import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
@@ -111,11 +111,8 @@ class ModelIO:
         """Where the batch's class labels (a dict's ``labels``, aligned as the model's loss aligns them) hold one:
         False at -100, which the loss leaves out, so the penalty's draws leave those positions out too, as
         :func:`torchfim.fisher` does; None where no label is -100 (or the batch brings none)."""
-        y = x.targets if self.labels is None else self.labels.aligned(x.targets)
-        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            return None
-        ignored = y == IGNORE_INDEX
-        return ~ignored if bool(ignored.any()) else None
+        ignored = ignored_labels(x.targets if self.labels is None else self.labels.aligned(x.targets))
+        return None if ignored is None else ~ignored
 
     # ------------------------------------------------------------ calls
     def call(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> object:
