@@ -170,3 +170,21 @@ def test_an_encoder_decoders_source_padding_is_not_taken_for_output_padding() ->
     data, note, layout, _ = check_model_and_data(model, as_data(shorter, "test"), torchfim.families.Categorical(),
                                                  "categorical", None, None)
     assert note is None and data.targets is not None and layout.positions == (3,)
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_the_penalty_warns_of_padding_it_counts_as_fisher_does(grad_method: str) -> None:
+    """The README's PenalisedTrainer recipe passes no mask=: on a padded batch without labels -100 there, the
+    penalty draws labels at the padding too. It is warned of once (the penalty was silent), and not where
+    mask='attention_mask' is given or the labels leave the padding out."""
+    model, batch = tiny_gpt2(), labelled_batch([5, 3], seed=13)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    pen = FisherPenalty(model, alpha=0.1, grad_method=grad_method, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(RuntimeWarning, match=r"attention_mask marks 2 padding position\(s\) that count as observed"):
+        pen(unlabelled, step=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pen(unlabelled, step=1)  # once per penalty
+        for inputs, mask in ((unlabelled, "attention_mask"), (batch, None)):
+            fresh = FisherPenalty(model, alpha=0.1, grad_method=grad_method, generator=torch.Generator().manual_seed(1))
+            fresh.penalised_loss(inputs, lambda out: out.logits.sum(), step=0, mask=mask)

@@ -20,11 +20,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "ModelLabels", "ignored_labels", "is_encoder_decoder", "labelled_positions",
+__all__ = ["IGNORE_INDEX", "PADDING_COUNTED", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder", "labelled_positions",
            "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
+#: Warned where a dict batch's ``attention_mask`` marks padding that counts as observed (:func:`counted_padding`).
+PADDING_COUNTED = (
+    "torchfim: the batch's attention_mask marks {count} padding position(s) that count as observed, since mask= is "
+    "not set; pass mask='attention_mask' to leave padding out (or give those positions the label -100)"
+)
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
@@ -86,6 +91,19 @@ def labelled_positions(targets: object, size: int, positions: tuple[int, ...]) -
         return None
     ignored = ignored_labels(targets)
     return None if ignored is None else ~ignored
+
+
+def counted_padding(padding: object, shape: tuple[int, ...], observed: Tensor | None) -> int:
+    """How many positions a dict batch's ``attention_mask`` (``padding``) marks as padding while they count as
+    observed (``observed``: bool of the outputs' ``(batch, *positions)`` ``shape`` or flattened, None: all), for
+    outputs of that shape; 0 where the mask is of another shape. The caller leaves out an encoder-decoder, whose
+    mask is its source's (:func:`is_encoder_decoder`)."""
+    if not isinstance(padding, Tensor) or tuple(padding.shape) != tuple(shape):
+        return 0
+    counted = (padding == 0).reshape(shape[0], -1)
+    if observed is not None:
+        counted = counted & observed.to(counted.device).reshape(shape[0], -1)
+    return int(counted.sum())
 
 
 class ModelLabels:

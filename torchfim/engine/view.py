@@ -31,7 +31,7 @@ from ..structures import Layout
 from .batch import Batch
 from .derivative_settings import for_derivatives
 from .function_forwards import function_forwards
-from .labels import ModelLabels, is_encoder_decoder, labelled_positions
+from .labels import PADDING_COUNTED, ModelLabels, counted_padding, is_encoder_decoder, labelled_positions
 from .model_checks import (
     ONE_DIMENSIONAL,
     check_forward_takes,
@@ -318,20 +318,14 @@ class ModelView:
 
     def _name_padding(self, batch: Batch, positions: tuple[int, ...], m: Tensor | None) -> None:
         """Warn, once per view, where a dict batch's ``attention_mask`` marks padding that counts as observed
-        (no ``mask=``, and no label -100 there): the Fisher then sums over padding tokens too."""
-        padding = batch.kwargs.get("attention_mask")
-        if self._padding_named or not isinstance(padding, Tensor) or tuple(padding.shape) != (batch.size, *positions):
+        (no ``mask=``, and no label -100 there): the Fisher then sums over padding tokens too. An encoder-decoder's
+        mask is its source's, not the outputs' positions."""
+        if self._padding_named or is_encoder_decoder(self.user_model):
             return
-        if is_encoder_decoder(self.user_model):  # the encoder's mask, of the source: not the outputs' positions
-            return
-        counted = (padding.to(self.device) == 0).reshape(batch.size, -1)
-        if m is not None:
-            counted &= m
-        if bool(counted.any()):
+        count = counted_padding(batch.kwargs.get("attention_mask"), (batch.size, *positions), m)
+        if count:
             self._padding_named = True
-            warn_user(f"torchfim: the batch's attention_mask marks {int(counted.sum())} padding position(s) that count "
-                      "as observed, since mask= is not set; pass mask='attention_mask' to leave padding out (or "
-                      "give those positions the label -100)")
+            warn_user(PADDING_COUNTED.format(count=count))
 
     def _mask(self, batch: Batch, mask: Mask, positions: tuple[int, ...]) -> Tensor | None:
         if mask is None:

@@ -26,7 +26,7 @@ from ..engine.attention_kernel import math_attention
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import reverse_mode_forms
 from ..engine.function_forwards import attention_fast_path_off
-from ..engine.labels import ModelLabels, ignored_labels
+from ..engine.labels import ModelLabels, ignored_labels, is_encoder_decoder
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.output_reading import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
@@ -113,6 +113,14 @@ class ModelIO:
         :func:`torchfim.fisher` does; None where no label is -100 (or the batch brings none)."""
         ignored = ignored_labels(x.targets if self.labels is None else self.labels.aligned(x.targets))
         return None if ignored is None else ~ignored
+
+    def padding(self, x: Batch, mask: Tensor | None) -> Tensor | None:
+        """The batch's ``attention_mask`` where no ``mask`` was given and the model is not an encoder-decoder (whose
+        mask is its source's), for the warning of padding counted as observed; else None."""
+        if mask is not None or (self.labels is not None and is_encoder_decoder(self.labels.model)):
+            return None
+        padding = x.kwargs.get("attention_mask")
+        return padding if isinstance(padding, Tensor) else None
 
     # ------------------------------------------------------------ calls
     def call(self, model: nn.Module, x: Batch, differentiated_twice: bool = True) -> object:

@@ -256,7 +256,8 @@ class FisherPenalty(PenaltyTerms):
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
-        with self.family.masked(mask, x.size, self.io.labelled(whole)), self._forwards(step, params):
+        with self.family.masked(mask, x.size, self.io.labelled(whole), self.io.padding(whole, mask)), \
+                self._forwards(step, params):
             if self.grad_method == "finite_difference":
                 value, grads = self._finite_difference(x, names, params)
             else:
@@ -348,7 +349,8 @@ class FisherPenalty(PenaltyTerms):
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
         cache = self.every > 1 and self.reuse_between
-        with self.family.masked(self.io.mask(mask, x), rows, self.io.labelled(x)), \
+        given = self.io.mask(mask, x)
+        with self.family.masked(given, rows, self.io.labelled(x), self.io.padding(x, given)), \
                 self._forwards(step, params, module_hooks=False):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError, tensor_fields
+from ..engine.labels import PADDING_COUNTED, counted_padding
+from ..errors import TorchfimError, tensor_fields, warn_user
 from ..families import Family, Positions
 from ..families.positions import is_position_mask
 
@@ -38,15 +39,21 @@ class PositionOutputs:
         self.name = base.name
         self.mask: Tensor | None = None  # (rows, *pos) bool for the call in progress (None: every position)
         self.from_labels = False  # whether the mask is the labels' alone (-100 left out), not the caller's
+        self.padding: Tensor | None = None  # the call's attention_mask where no mask was given (see masked)
+        self._padding_named = False  # whether padding counted as observed was warned of (once per penalty)
 
     def __repr__(self) -> str:
         return repr(self.base)
 
     @contextmanager
-    def masked(self, mask: Tensor | None, rows: int, labelled: Tensor | None = None) -> Iterator[None]:
+    def masked(self, mask: Tensor | None, rows: int, labelled: Tensor | None = None,
+               padding: Tensor | None = None) -> Iterator[None]:
         """Within the block, positions where ``mask[:rows]`` is False are not observed, nor, for class labels,
         those where ``labelled[:rows]`` is False (a label -100, :meth:`.model_io.ModelIO.labelled`), where its
-        shape is that of the mask, or of the outputs' positions when there is no mask."""
+        shape is that of the mask, or of the outputs' positions when there is no mask. ``padding``: the batch's
+        ``attention_mask`` where no mask was given, whose padding counted as observed is warned of once, as
+        :func:`torchfim.fisher` does."""
+        self.padding = None if padding is None else padding[:rows]
         mask = None if mask is None else mask[:rows]
         labelled = None if labelled is None or self.base.name != "categorical" else labelled[:rows]
         self.from_labels = mask is None and labelled is not None
@@ -56,16 +63,17 @@ class PositionOutputs:
         try:
             yield
         finally:
-            self.mask, self.from_labels = None, False
+            self.mask, self.from_labels, self.padding = None, False, None
 
     def log_prob_of_one(self, out: Tensor, y: Tensor, mask_row: Tensor | None) -> Tensor:
         """``log p(y|x)`` of one input's outputs ``out`` ``(1, ...)``, summed over the positions that
         ``mask_row`` (its row of the call's mask, or None) marks observed: for ``vmap`` over inputs."""
-        whole, self.mask = self.mask, None if mask_row is None else mask_row.unsqueeze(0)
+        whole = self.mask, self.padding
+        self.mask, self.padding = None if mask_row is None else mask_row.unsqueeze(0), None  # checked on the batch
         try:
             return self.log_prob(out, y).sum()
         finally:
-            self.mask = whole
+            self.mask, self.padding = whole
 
     def _family(self, o: Tensor) -> tuple[Family, Tensor]:
         if not isinstance(o, Tensor):
@@ -89,6 +97,11 @@ class PositionOutputs:
             return Positions(self.base, 1, mask.to(o.device)), o.reshape(o.shape[0], -1)
         if mask is not None and mask.device != o.device:
             mask = mask.to(o.device)
+        if self.padding is not None and not self._padding_named:
+            count = counted_padding(self.padding.to(o.device), tuple(o.shape[:-1]), mask)
+            if count:
+                self._padding_named = True
+                warn_user(PADDING_COUNTED.format(count=count))
         return Positions(self.base, tuple(o.shape[1:-1]), mask), o.reshape(o.shape[0], -1)
 
     def check_output(self, o: Tensor) -> None:
