@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "PADDING_COUNTED", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder", "labelled_positions",
-           "next_token_labels", "predicts_next_token"]
+__all__ = ["IGNORE_INDEX", "PADDING_COUNTED", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder",
+           "labelled_positions", "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100

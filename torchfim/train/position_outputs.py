@@ -98,7 +98,9 @@ class PositionOutputs:
         if mask is not None and mask.device != o.device:
             mask = mask.to(o.device)
         if self.padding is not None and not self._padding_named:
-            count = counted_padding(self.padding.to(o.device), tuple(o.shape[:-1]), mask)
+            # once per call: the family is asked for several times per call (check, draws, log-likelihoods)
+            padding, self.padding = self.padding, None
+            count = counted_padding(padding.to(o.device), tuple(o.shape[:-1]), mask)
             if count:
                 self._padding_named = True
                 warn_user(PADDING_COUNTED.format(count=count))
