@@ -244,6 +244,28 @@ def test_a_checkpointed_token_model_keeps_the_vmapped_paths() -> None:
     assert "requires_grad_" not in torch.Tensor.__dict__
 
 
+@pytest.mark.parametrize("kind, grad_method, transformed", [("batch_gradient", "finite_difference", False),
+                                                          ("batch_gradient", "exact", False),
+                                                          ("trace", "exact", True)])
+def test_only_the_penalty_passes_that_torch_func_transforms_replace_a_tensor_method(
+        kind: str, grad_method: str, transformed: bool) -> None:
+    """``requires_grad_`` is replaced (and put back) for the passes torch.func transforms, the trace penalty's
+    per-input gradients; the batch-gradient penalty's passes run no transform and leave ``torch.Tensor`` alone,
+    whose every change costs the training step's later tensor look-ups their cache. Seen from inside the model's
+    forward, on the step that computes, for the separate term and for the shared forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    replaced = []
+    model[0].register_forward_hook(lambda *_: replaced.append("requires_grad_" in torch.Tensor.__dict__))
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    pen = FisherPenalty(model, alpha=ALPHA, kind=kind, grad_method=grad_method,
+                        generator=torch.Generator().manual_seed(1))
+    pen(x, step=0).backward()
+    pen.penalised_loss(x, lambda out: F.cross_entropy(out, y), step=1).backward()
+    assert any(replaced) is transformed
+    assert "requires_grad_" not in torch.Tensor.__dict__
+
+
 def test_other_threads_keep_checkpointing_and_torchs_own_is_back_after_the_last_block() -> None:
     """Thread 1 in a block, thread 2 not: thread 2's checkpoint is torch's (its node in the graph); nested
     blocks in thread 1 end with torch's own functions back."""

@@ -385,13 +385,19 @@ def quiet_vmap_fallbacks() -> contextlib.AbstractContextManager[None]:
 
 
 @contextmanager
-def differentiated_forwards() -> Iterator[None]:
+def differentiated_forwards(transforms: bool = True) -> Iterator[None]:
     """What every computation of torchfim runs in, the engine's and the penalty's: autograd whatever mode the
-    caller is in (``torch.no_grad``, ``torch.inference_mode``), plain forwards (:func:`plain_forwards`),
-    torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`), its cache of parametrized
-    tensors off (:func:`_uncached_parametrizations`), its global module backward hooks off
-    (:func:`_no_global_backward_hooks`) and ``requires_grad_`` harmless on transformed tensors
-    (:func:`_requires_grad_under_transforms`; the last three in every thread, as the notices)."""
-    with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), quiet_vmap_fallbacks(), \
-            _UNCACHED.block(), _UNHOOKED.block(), _TRACKED.block():
+    caller is in (``torch.no_grad``, ``torch.inference_mode``), plain forwards (:func:`plain_forwards`), torch's
+    cache of parametrized tensors off (:func:`_uncached_parametrizations`) and its global module backward hooks
+    off (:func:`_no_global_backward_hooks`). With ``transforms`` (passes that torch.func transforms), also
+    torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`) and ``requires_grad_``
+    harmless on transformed tensors (:func:`_requires_grad_under_transforms`); the last four in every thread.
+
+    Without ``transforms`` ``torch.Tensor`` is left as it is: replacing one of its methods and putting it back
+    costs every later attribute look-up on a tensor its cached entry, which took 0.1-0.25 ms of a 2-4 ms
+    training step (the finite-difference penalty's, which runs no transform) on the benchmark MLP.
+    """
+    with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), _UNCACHED.block(), \
+            _UNHOOKED.block(), quiet_vmap_fallbacks() if transforms else contextlib.nullcontext(), \
+            _TRACKED.block() if transforms else contextlib.nullcontext():
         yield

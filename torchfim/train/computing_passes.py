@@ -42,7 +42,7 @@ def computing_passes(model: nn.Module, kind: str, grad_method: str, params: list
     stack = ExitStack()
     if grad_method == "finite_difference":
         stack.enter_context(_precision_seen(params[0], name_precision))
-    stack.enter_context(differentiated_forwards())
+    stack.enter_context(differentiated_forwards(transforms=kind == "trace"))  # per-input gradients: vmap
     stack.enter_context(dense_gradients(model))
     stack.enter_context(quiet_backward_hooks(model, params, modules=module_hooks))
     if not (grad_method == "finite_difference" and kind == "batch_gradient"):
