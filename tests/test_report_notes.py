@@ -63,6 +63,23 @@ def test_the_librarys_warnings_are_in_the_report_once_each(score_only):
     assert "**Warning from torchfim:** the model's outputs are probability vectors" in got["markdown"]
 
 
+@pytest.mark.parametrize("action", ["error", "ignore"])
+def test_the_callers_warning_filters_hold_during_a_report(action):
+    """``-W error`` makes the library's warning an error where it is warned (before: the report kept it and
+    finished, raising nothing); a caller who ignores it finds it neither warned nor in the report."""
+    x = torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter(action)
+        if action == "error":
+            with pytest.raises(RuntimeWarning, match="probability vectors"):
+                report_mod.run_report(_softmax_model(), x, out=None, progress=False, emit=None, variance_inputs=4,
+                                      max_block=0)
+            return
+        got = report_mod.run_report(_softmax_model(), x, out=None, progress=False, emit=None, variance_inputs=4,
+                                    max_block=0)
+    assert not caught and got["results"]["warnings"] == []
+
+
 def test_other_warnings_pass_through_and_none_is_kept_from_a_clean_model():
     class Warns(nn.Linear):
         def forward(self, x):

@@ -9,11 +9,13 @@ is the report of an uninterrupted run: every number of report.json equal, timing
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import torchfim
 import torchfim.report as report_mod
 from torchfim.families import Gaussian
 from torchfim.report import kept_steps
@@ -108,6 +110,31 @@ def test_an_interrupted_report_goes_on_where_it_stopped(tmp_path, monkeypatch, s
     assert not (tmp_path / "r" / kept_steps.FOLDER).exists()
 
 
+def test_a_resumed_report_keeps_the_warnings_of_the_steps_it_reads_back(tmp_path, monkeypatch) -> None:
+    """A library warning raised by a step finished before the interruption is in the resumed report as in the
+    uninterrupted one (before: the step was read back and its warning lost). Here the exact trace warns."""
+    model, data = _setup()
+    fisher = torchfim.fisher
+
+    def warning_fisher(*args, **kw):
+        if kw.get("structure") == "trace" and kw.get("estimator", "exact") == "exact":
+            warnings.warn("torchfim: a warning of the exact trace", RuntimeWarning, stacklevel=2)
+        return fisher(*args, **kw)
+
+    monkeypatch.setattr(torchfim, "fisher", warning_fisher)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = _report(model, data, tmp_path / "whole")
+        with monkeypatch.context() as patch:
+            _interrupt_at(patch, "empirical Fisher")
+            with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="exact trace"):
+                _report(model, data, tmp_path / "r")  # no report will hold it: warned on the terminal
+        got = _report(model, data, tmp_path / "r")
+    assert want["warnings"] == ["a warning of the exact trace"]
+    assert got["resumed_steps"] == 12 and got["warnings"] == want["warnings"]
+    assert "a warning of the exact trace" in (tmp_path / "r" / "report.md").read_text()
+
+
 def _interrupted(tmp_path, monkeypatch, model, data, **kw) -> None:
     with monkeypatch.context() as patch:
         _interrupt_at(patch, "eigenvalues net.2.bias")  # the last step before the empirical Fisher
@@ -162,8 +189,8 @@ def test_steps_are_read_back_only_under_their_report_s_key(tmp_path) -> None:
     report's later files are not read as the second's."""
     first = kept_steps.KeptSteps(tmp_path / "steps", "first")
     second = kept_steps.KeptSteps(tmp_path / "steps", "second")
-    first.put("Tr(F) exact", torch.tensor(111.0))
-    assert second.get("Tr(F) exact") == (False, None) and second.resumed == 0
+    first.put("Tr(F) exact", torch.tensor(111.0), [])
+    assert second.get("Tr(F) exact") == (False, None, []) and second.resumed == 0
     assert first.get("Tr(F) exact")[0] and first.resumed == 1
 
 

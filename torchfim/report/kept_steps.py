@@ -124,26 +124,28 @@ class KeptSteps:
             return cls(None, "")
         return cls(folder, key)
 
-    def get(self, name: str) -> tuple[bool, object]:
-        """``(True, result)`` for the step ``name`` finished before, else ``(False, None)``."""
+    def get(self, name: str) -> tuple[bool, object, list[str]]:
+        """``(True, result, warnings)`` for the step ``name`` finished before (the library's warnings it raised),
+        else ``(False, None, [])``."""
         path = self._path(name)
         if path is None or not path.is_file():
-            return False, None
+            return False, None, []
         try:
             kept = torch.load(path, weights_only=True)
         except Exception:  # noqa: BLE001 - a file cut short by a crash: the step is computed again
-            return False, None
+            return False, None, []
         if not isinstance(kept, dict) or kept.get("name") != name or kept.get("key") != self.key:
-            return False, None
+            return False, None, []
         self.resumed += 1
-        return True, kept["result"]
+        return True, kept["result"], kept.get("warnings", [])
 
-    def put(self, name: str, result: object) -> None:
-        """Keep the finished step ``name``'s ``result`` (written to a temporary file, then renamed)."""
+    def put(self, name: str, result: object, said: list[str]) -> None:
+        """Keep the finished step ``name``'s ``result`` and the library's warnings ``said`` while it computed
+        (written to a temporary file, then renamed)."""
         path = self._path(name)
+        kept = {"name": name, "key": self.key, "result": result, "warnings": said}
         if path is not None:
-            self._write(lambda: _io.atomic_write(
-                path, lambda f: torch.save({"name": name, "key": self.key, "result": result}, f), binary=True))
+            self._write(lambda: _io.atomic_write(path, lambda f: torch.save(kept, f), binary=True))
 
     def _write(self, write: Callable[[], object]) -> None:
         """``write()``; where the disk refuses (full, read-only), keep nothing more, with a warning: the report

@@ -22,6 +22,7 @@ from ..engine.backend import NoForwardDerivative
 from ..engine.derivative_settings import made_in_inference_mode
 from .data import Inputs
 from .kept_steps import KeptSteps
+from .warned import step_warnings, warn_again
 
 __all__ = [
     "only_trainable",
@@ -85,13 +86,17 @@ class Steps:
         self.bar.update(1)
 
     def run(self, desc: str, compute: Callable[[], object]) -> object:
-        """The result of the step ``desc``: kept from an interrupted run of the same report, else
-        ``compute()`` (then kept); ``desc`` names the step on the bar and in the folder of kept steps."""
+        """The result of the step ``desc``: kept from an interrupted run of the same report (its library
+        warnings warned again), else ``compute()`` (then kept, with them: :mod:`.warned`); ``desc`` names the step
+        on the bar and in the folder of kept steps."""
         self.step(desc)
-        found, result = self.kept.get(desc)
-        if not found:
-            result = compute()
-            self.kept.put(desc, result)
+        found, result, said = self.kept.get(desc)
+        if found:
+            warn_again(said)
+        else:
+            with step_warnings() as said:
+                result = compute()
+            self.kept.put(desc, result, said)
         self.done()
         return result
 

@@ -4,7 +4,9 @@ report.md, report.json and the terminal summary, once each, rather than on the t
 
 The library's warning of padding counted as observed is left out: the report says it in its own note
 (:func:`.outputs.unmasked_padding_note`), with the option that fixes it. The report's own warnings (``torchfim
-report:``, about its kept steps) and everyone else's are warned as they were.
+report:``, about its kept steps) and everyone else's are warned as they were. A step kept on disk keeps the
+library's warnings it raised (:func:`step_warnings`), and a report that reads the step back warns them again
+(:func:`warn_again`), so a resumed report holds the warnings of the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["library_warnings"]
+__all__ = ["library_warnings", "step_warnings", "warn_again"]
 
 #: The start of a library warning, and of the report's own (warned as they are).
 _LIBRARY, _REPORT = "torchfim:", "torchfim report:"
@@ -24,13 +26,17 @@ _PADDING = "padding position(s) that count as observed"
 @contextmanager
 def library_warnings() -> Iterator[list[str]]:
     """Collect torchfim's RuntimeWarnings raised inside the block into the list yielded (each once, in order,
-    without its ``torchfim:`` prefix); every other warning is warned again as it came."""
+    without its ``torchfim:`` prefix); every other warning is warned again as it came.
+
+    The caller's filters decide inside the block as outside: ``-W error`` raises the first warning where it is
+    warned (not after the work, when the warnings are warned again), and a warning the caller ignores is
+    neither kept nor warned. A warning shown before the block is caught again (entering the block resets the
+    record of what was shown)."""
     kept: list[str] = []
     caught: list[warnings.WarningMessage] = []
     finished = False
     try:
         with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
-            warnings.simplefilter("always")
             yield kept
         finished = True
     finally:  # after an error, every warning is warned again: no report will hold them
@@ -47,3 +53,22 @@ def library_warnings() -> Iterator[list[str]]:
 
 def _kept(category: type[Warning], text: str) -> bool:
     return issubclass(category, RuntimeWarning) and text.startswith(_LIBRARY) and not text.startswith(_REPORT)
+
+
+@contextmanager
+def step_warnings() -> Iterator[list[str]]:
+    """The texts of torchfim's RuntimeWarnings raised inside the block, in the list yielded, to keep with a step's
+    result; every warning is passed on to the caller's filters as it came (to :func:`library_warnings` around)."""
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        yield said
+    for w in caught:
+        if _kept(w.category, str(w.message)):
+            said.append(str(w.message))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={}, source=w.source)
+
+
+def warn_again(said: list[str]) -> None:
+    """Warn the library's warnings of a step read back from disk, as :func:`step_warnings` kept them."""
+    for text in said:
+        warnings.warn(text, RuntimeWarning, stacklevel=2)
