@@ -314,3 +314,41 @@ def test_bernoulli_score_variance_near_one_half_against_mpmath(logit):
     weight = got["blocks"]["weight"].reshape(3, 3)
     assert torch.allclose(weight, want[:3, :3], rtol=1e-12, atol=scale)
     assert all(bool((v >= 0).all()) for v in (got["diag"], got["trace"]))
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e-9, 1e-3])
+def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
+    """The diagonal Var(Î1) of a Bernoulli model with 3 positions per input, a mask keeping one position of the first
+    input and all of the others, every logit ``b``: against the 2³ label sequences enumerated in 40 digits. Per input
+    ``Var[(Σ_t u_t J_t)²]``; an input with one observed position has Λ tanh²(b/2) J⁴ (0 at b = 0). Before, the
+    positions' fourth moment minus ``(Σ_t Λ J_t²)²`` cancelled to rounding: −3.3e-16 at b = 1e-9 for the first
+    input alone, where it is 3.6e-19, and 6.9e-18 at b = 0, where it is 0."""
+    import itertools
+
+    import mpmath
+
+    mpmath.mp.dps = 40
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.fill_(logit)
+    x = torch.randn(3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # (n, T, features)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[0, 1:] = False
+    p = 1 / (1 + mpmath.exp(-mpmath.mpf(logit)))
+    want = [mpmath.mpf(0)] * 4
+    for i in range(3):
+        jac = [[mpmath.mpf(float(v)) for v in x[i, t]] + [mpmath.mpf(1)] for t in range(3) if mask[i, t]]
+        for a in range(4):
+            first = second = mpmath.mpf(0)
+            for labels in itertools.product((0, 1), repeat=len(jac)):
+                weight = mpmath.fprod(p if y else 1 - p for y in labels)
+                g = sum((y - p) * j[a] for y, j in zip(labels, jac))
+                first, second = first + weight * g**2, second + weight * g**4
+            want[a] += (second - first**2) / 9
+    got = torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure="diag", mask=mask)
+    want = torch.tensor([float(v) for v in want], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    alone = torchfim.fisher_variance(model, x[:1], family="bernoulli", estimator="score", structure="diag",
+                                     mask=mask[:1])
+    assert bool((alone == 0).all()) if logit == 0 else bool((alone > 0).all())

@@ -98,12 +98,11 @@ class ScoreVariance(StructureVisitor):
         o, fam, mode = self.o, self.fam, self.mode
 
         def quartic(rows: slice, cols: Tensor) -> Tensor:
-            if mode == "exact" and (spread := fam.for_rows(rows).score_square_variance(o[rows])) is not None:
-                excess = spread.unsqueeze(1) * cols.square().sum(-1) ** 2  # one output: Var(u²) v⁴
-                return excess.to(torch.promote_types(o.dtype, cols.dtype))
-            fisher_pp, fourth = fam.for_rows(rows).moments_along(o[rows], cols)
-            second = fourth if mode == "exact" else self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2
-            return second - fisher_pp**2
+            if mode == "exact":  # Var[(uᵀv)²], by the family's form without cancellation
+                spread = fam.for_rows(rows).score_square_spread(o[rows], cols)
+                return spread.to(torch.promote_types(o.dtype, cols.dtype))
+            fisher_pp = fam.for_rows(rows).fisher_output_bilinear(o[rows], cols, cols)
+            return self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2 - fisher_pp**2
 
         for i, value in self.engine.entry_quartic(self.rec, quartic).items():
             structure.add_squares(i, value)
