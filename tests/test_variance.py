@@ -318,11 +318,12 @@ def test_bernoulli_score_variance_near_one_half_against_mpmath(logit):
 
 @pytest.mark.parametrize("logit", [0.0, 1e-9, 1e-3])
 def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
-    """The diagonal Var(Î1) of a Bernoulli model with 3 positions per input, a mask keeping one position of the first
+    """The diagonal and trace Var(Î1) of a Bernoulli model with 3 positions per input, a mask keeping one position of the first
     input and all of the others, every logit ``b``: against the 2³ label sequences enumerated in 40 digits. Per input
     ``Var[(Σ_t u_t J_t)²]``; an input with one observed position has Λ tanh²(b/2) J⁴ (0 at b = 0). Before, the
     positions' fourth moment minus ``(Σ_t Λ J_t²)²`` cancelled to rounding: −3.3e-16 at b = 1e-9 for the first
-    input alone, where it is 3.6e-19, and 6.9e-18 at b = 0, where it is 0."""
+    input alone, where it is 3.6e-19, and 6.9e-18 at b = 0, where it is 0; the trace's −1.6e-15 at b = 1e-9, where it
+    is 1.1e-18."""
     import itertools
 
     import mpmath
@@ -336,19 +337,22 @@ def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
     mask = torch.ones(3, 3, dtype=torch.bool)
     mask[0, 1:] = False
     p = 1 / (1 + mpmath.exp(-mpmath.mpf(logit)))
-    want = [mpmath.mpf(0)] * 4
+    want, want_trace = [mpmath.mpf(0)] * 4, mpmath.mpf(0)
     for i in range(3):
         jac = [[mpmath.mpf(float(v)) for v in x[i, t]] + [mpmath.mpf(1)] for t in range(3) if mask[i, t]]
-        for a in range(4):
-            first = second = mpmath.mpf(0)
-            for labels in itertools.product((0, 1), repeat=len(jac)):
-                weight = mpmath.fprod(p if y else 1 - p for y in labels)
-                g = sum((y - p) * j[a] for y, j in zip(labels, jac))
-                first, second = first + weight * g**2, second + weight * g**4
-            want[a] += (second - first**2) / 9
-    got = torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure="diag", mask=mask)
-    want = torch.tensor([float(v) for v in want], dtype=torch.float64)
-    assert torch.allclose(got, want, rtol=1e-12, atol=0)
-    alone = torchfim.fisher_variance(model, x[:1], family="bernoulli", estimator="score", structure="diag",
-                                     mask=mask[:1])
-    assert bool((alone == 0).all()) if logit == 0 else bool((alone > 0).all())
+        moments = [[mpmath.mpf(0)] * 2 for _ in range(5)]  # E[s], E[s²] of s = g_a² (a < 4) and s = ‖g‖²
+        for labels in itertools.product((0, 1), repeat=len(jac)):
+            weight = mpmath.fprod(p if y else 1 - p for y in labels)
+            g = [sum((y - p) * j[a] for y, j in zip(labels, jac)) for a in range(4)]
+            for m, square in zip(moments, [v**2 for v in g] + [sum(v**2 for v in g)]):
+                m[0], m[1] = m[0] + weight * square, m[1] + weight * square**2
+        want = [w + (m[1] - m[0] ** 2) / 9 for w, m in zip(want, moments)]
+        want_trace += (moments[4][1] - moments[4][0] ** 2) / 9
+    got = {s: torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure=s, mask=mask)
+           for s in ("diag", "trace")}
+    assert torch.allclose(got["diag"], torch.tensor([float(v) for v in want], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert math.isclose(float(got["trace"]), float(want_trace), rel_tol=1e-12)
+    for structure in ("diag", "trace"):
+        alone = torchfim.fisher_variance(model, x[:1], family="bernoulli", estimator="score", structure=structure,
+                                         mask=mask[:1])
+        assert bool((alone == 0).all()) if logit == 0 else bool((alone > 0).all())

@@ -82,13 +82,11 @@ class ScoreVariance(StructureVisitor):
     def trace_terms(self, rows: slice, gram: Tensor) -> Tensor:
         """Per input of ``rows``, ``E[(uᵀGu)²] − (tr ΛG)²`` (or its bound) for its output gram ``G`` (b, C, C)."""
         o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
-        if mode == "exact" and (spread := fam.score_square_variance(o)) is not None:  # one output: Var(u²)·G²
-            return (spread * gram.reshape(gram.shape[0], -1).square().sum(-1)).to(torch.promote_types(o.dtype, gram.dtype))
+        if mode == "exact":  # Var[uᵀGu], by the family's form without cancellation
+            return fam.score_quadratic_spread(o, gram).to(torch.promote_types(o.dtype, gram.dtype))
         eye = identity_like(gram.shape[-1], gram).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
-        if mode == "exact":
-            second = fam.quadratic_moment(o, gram)
-        elif mode == "spectral":
+        if mode == "spectral":
             second = self.scale[rows] * gram.square().sum((1, 2))
         else:
             second = self.scale[rows] * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2

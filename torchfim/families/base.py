@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .._identity import identity_like
 from ..errors import TorchfimError, all_finite, warn_user
 from .output_origin import last_operation
 
@@ -295,6 +296,16 @@ class Family(ABC):
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
         """``E_y[(uᵀ K u)²]`` for symmetric ``K`` (B, C, C) → (B,)."""
         return torch.einsum("nabcd,nab,ncd->n", self.fourth_moment(o), k, k)
+
+    def score_quadratic_spread(self, o: Tensor, k: Tensor) -> Tensor:
+        """``Var_y[uᵀKu] = E_y[(uᵀKu)²] − (tr ΛK)²`` for symmetric ``K`` (B, C, C) → (B,): the one-label Î1
+        variance of the trace, ``K`` an input's output gram ``JJᵀ``. For one output it is ``Var(u²) K²``
+        (:meth:`score_square_variance`, formed without cancellation); else the difference of
+        :meth:`quadratic_moment` and ``(tr ΛK)²``."""
+        if (spread := self.score_square_variance(o)) is not None:
+            return spread * k.reshape(k.shape[0], -1).square().sum(-1)
+        eye = identity_like(k.shape[-1], k).expand_as(k)
+        return self.quadratic_moment(o, k) - self.fisher_output_bilinear(o, eye, k).sum(-1) ** 2
 
     def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``E_y[(uᵀv)²] = vᵀΛv`` and ``E_y[(uᵀv)⁴]`` for output-space vectors ``v`` (B, m, C) → (B, m) each."""

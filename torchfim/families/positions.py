@@ -25,12 +25,12 @@ from torch import Tensor
 
 from .._identity import identity_like
 from ..errors import TorchfimError
-from .base import SQRT_BLOCK_ENTRIES, Family, _isserlis, _top_eig_diag_plus_rank_one
+from .base import SQRT_BLOCK_ENTRIES, Family, _isserlis
+from .positions_spectra import CHUNK_ELEMENTS as _CHUNK_ELEMENTS
+from .positions_spectra import PositionSpectra
 
 #: Entries a dense moment tensor (``fourth_moment``, ``third_moment``) may have in all.
 DENSE_MOMENT_LIMIT = 1 << 26
-#: Entries per work chunk of per-position (m × m) results and of per-position ``Λ_t``.
-_CHUNK_ELEMENTS = 1 << 24
 
 
 def is_position_mask(mask: object) -> bool:
@@ -41,7 +41,7 @@ def is_position_mask(mask: object) -> bool:
     return not mask.is_floating_point() or bool(((mask == 0) | (mask == 1)).all())
 
 
-class Positions(Family):
+class Positions(PositionSpectra, Family):
     """Product family of ``L`` independent positions, each an observation of ``base`` given the input.
 
     Args:
@@ -70,8 +70,6 @@ class Positions(Family):
     """
 
     name = "positions"
-    #: Largest flat width ``L·C`` for which :meth:`fourth_moment_top_eigenvalue` is exact (dense).
-    dense_top_width = 12
 
     def __init__(self, base: Family, positions: int | Sequence[int], mask: Tensor | None = None) -> None:
         if isinstance(base, Positions):
@@ -393,18 +391,35 @@ class Positions(Family):
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
         """``(tr T)² + 2‖T‖² + Σ_t [base E[(u_tᵀK_ttu_t)²] − (tr T_tt)² − 2‖T_tt‖²]`` with
         ``T = SᵀKS`` (``S`` the block-diagonal root, ``tr ΛK = tr T``, ``tr ΛKΛK = ‖T‖²_F``)."""
+        rows, keep, t, diagonal_k = self._rooted(o, k)
+        gauss = torch.einsum("btjtj->b", t) ** 2 + 2 * (t**2).sum((1, 2, 3, 4))
+        idx = torch.arange(self.length, device=o.device)
+        own = t[:, idx, :, idx, :].transpose(0, 1)  # (B, L, r, r): T_tt
+        own_gauss = torch.einsum("btjj->bt", own) ** 2 + 2 * (own**2).sum((2, 3))
+        exact = self._per_position(keep, self.base.quadratic_moment(rows, diagonal_k))
+        return gauss + (exact - own_gauss.to(exact.dtype)).sum(1)
+
+    def score_quadratic_spread(self, o: Tensor, k: Tensor) -> Tensor:
+        """``2 Σ_{s≠t} ‖T_st‖² + Σ_t Var[u_tᵀK_ttu_t]`` (``T`` as in :meth:`quadratic_moment`): the positions' own
+        variances and their pairs', every term ≥ 0, so no difference of the fourth moment and ``(tr T)²`` cancels
+        (a Bernoulli output near p = ½ has ``Var(u²) ≈ 0``)."""
+        rows, keep, t, diagonal_k = self._rooted(o, k)
+        apart = ~torch.eye(self.length, dtype=torch.bool, device=o.device)  # pairs s ≠ t
+        cross = 2 * ((t**2).sum((2, 4)) * apart).sum((1, 2))
+        own = self._per_position(keep, self.base.score_quadratic_spread(rows, diagonal_k)).sum(1)
+        return cross + own.to(cross.dtype)
+
+    def _rooted(self, o: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The rows and mask of :meth:`_rows`, ``T = SᵀKS`` by pairs of positions ``(B, L, r, L, r)`` and the
+        diagonal blocks ``K_tt`` ``(B·L, C, C)`` of ``K`` (B, L·C, L·C)."""
         rows, keep = self._rows(o)
         b, n, c = o.shape[0], self.length, rows.shape[1]
         roots = self._per_position(keep, self.base.fisher_output_sqrt(rows))  # (B, L, C, r)
         blocks = k.reshape(b, n, c, n, c)
         t = torch.einsum("btaj,btasc,bsck->btjsk", roots, blocks.to(roots.dtype), roots)
-        gauss = torch.einsum("btjtj->b", t) ** 2 + 2 * (t**2).sum((1, 2, 3, 4))
         idx = torch.arange(n, device=o.device)
-        own = t[:, idx, :, idx, :].transpose(0, 1)  # (B, L, r, r): T_tt
-        own_gauss = torch.einsum("btjj->bt", own) ** 2 + 2 * (own**2).sum((2, 3))
         diagonal_k = blocks[:, idx, :, idx, :].transpose(0, 1).reshape(b * n, c, c)
-        exact = self._per_position(keep, self.base.quadratic_moment(rows, diagonal_k))
-        return gauss + (exact - own_gauss.to(exact.dtype)).sum(1)
+        return rows, keep, t, diagonal_k
 
     def _check_dense(self, o: Tensor, order: int, what: str) -> None:
         size = o.shape[0] * o.shape[1] ** order
@@ -448,47 +463,6 @@ class Positions(Family):
         width = rows.shape[1]
         a, b, c = (self._vector_rows(x, width) for x in (a, b, c))
         return self._per_position(keep, self.base.moment3(rows, a, b, c)).sum(1)
-
-    # ------------------------------------------------------------ spectra
-    def fisher_output_top_eigenvalue(self, o: Tensor) -> Tensor:
-        """``max_t λ_max(Λ_t)`` over observed positions (0 if none)."""
-        rows, keep = self._rows(o)
-        return self._per_position(keep, self.base.fisher_output_top_eigenvalue(rows)).amax(1)
-
-    def _fisher_norms(self, rows: Tensor, tops: Tensor) -> Tensor:
-        """``‖Λ_t‖_F`` per row, from ``base.fisher_output`` in chunks; where ``C²`` entries per row are
-        too many, the upper bound ``‖Λ_t‖²_F ≤ λ_max(M_t)`` (``tops``) instead (see below)."""
-        c = rows.shape[1]
-        if c * c > _CHUNK_ELEMENTS:
-            return tops.to(torch.float64).clamp_min(0).sqrt()
-        span = max(1, _CHUNK_ELEMENTS // (c * c))
-        parts = [self.base.fisher_output(part).to(torch.float64).square().sum((1, 2)) for part in rows.split(span)]
-        return torch.cat(parts).sqrt()
-
-    def fourth_moment_top_eigenvalue(self, o: Tensor) -> Tensor:
-        """``λ_max(M)``, ``M = E[vec(uuᵀ)vec(uuᵀ)ᵀ]``: exact (dense) for ``L·C ≤ dense_top_width``,
-        else the upper bound ``max(max_t μ_t + ρ(hhᵀ − diag h²), 2 λ_(1) λ_(2))``.
-
-        Here ``μ_t = λ_max(M_t)`` and ``λ_t = λ_max(Λ_t)`` per observed position (``λ_(1) ≥ λ_(2)`` the
-        two largest), ``h_t = ‖Λ_t‖_F`` and ``ρ`` the top eigenvalue. Why: for symmetric ``X`` split
-        ``uᵀXu = D + O`` into position-diagonal blocks ``D = Σ_t u_tᵀX_ttu_t`` and the rest ``O``;
-        ``E[DO] = 0``, ``E[O²] = 2Σ_{t≠s} tr(Λ_tX_tsΛ_sX_st) ≤ 2λ_(1)λ_(2)‖X_off‖²`` and
-        ``E[D²] = Σ_t x_tᵀM_tx_t + Σ_{t≠s}(tr Λ_tX_tt)(tr Λ_sX_ss) ≤ (max μ + ρ(hhᵀ − diag h²))‖X_diag‖²``
-        (``|tr Λ_tX_tt| ≤ h_t‖X_tt‖``). With one observed position the bound is exact. Where
-        ``C²`` is too large to form ``Λ_t``, ``h_t = √μ_t`` (valid: ``‖Λ_t‖²_F ≤ μ_t`` by the Rayleigh
-        quotient of ``M_t`` at ``vec Λ_t``, and ``ρ`` grows with ``h``).
-        """
-        if o.shape[1] <= self.dense_top_width:
-            return super().fourth_moment_top_eigenvalue(o)
-        rows, keep = self._rows(o)
-        mu = self._per_position(keep, self.base.fourth_moment_top_eigenvalue(rows).to(torch.float64))
-        lam = self._per_position(keep, self.base.fisher_output_top_eigenvalue(rows).to(torch.float64))
-        norms = self._per_position(keep, self._fisher_norms(rows, mu.reshape(-1)))
-        coupling = _top_eig_diag_plus_rank_one(-(norms**2), norms)
-        diagonal_part = mu.amax(1) + coupling
-        top_two = lam.topk(min(2, self.length), dim=1).values
-        off_part = 2 * top_two.prod(1) if self.length > 1 else torch.zeros_like(diagonal_part)
-        return torch.maximum(diagonal_part, off_part).to(o.dtype)
 
 
 __all__ = ["DENSE_MOMENT_LIMIT", "Positions", "is_position_mask"]
