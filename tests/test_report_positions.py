@@ -85,6 +85,36 @@ def test_a_language_models_report_sums_its_observed_positions_as_the_float64_ora
     assert not [w for w in caught if "padding" in str(w.message)] and unmasked["warnings"] == []
 
 
+class _TokensAsTensor(nn.Module):
+    """:class:`TinyLM` called on the token ids as one tensor (no dict)."""
+
+    def __init__(self, lm: TinyLM) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.lm(ids)
+
+
+def test_tensor_inputs_whose_targets_hold_minus_100_are_reported_over_the_labelled_positions():
+    """Tensor inputs with (inputs, targets) whose -100 mark the padding: every number of the report, not the empirical
+    Fisher's alone, covers the labelled positions, as the library reads an (inputs, targets) mini-batch. Before: the
+    exact Fisher, the score estimate and the variances covered every position, so the empirical/true ratio compared
+    two Fishers of different positions (0.49 where like-for-like is 0.99 on a model of this kind)."""
+    lm, batch = _lm_and_data()
+    model = _TokensAsTensor(lm)
+    trace, empirical = _oracle(lm, batch)
+    keep = batch["labels"] != -100
+    R = report_mod.compute_report(model, report_mod.as_data((batch["input_ids"], batch["labels"]), "test"),
+                                  variance_inputs=N, max_block=0, progress=False)
+    assert R["trace"]["exact"] == pytest.approx(trace, rel=1e-10)
+    assert R["empirical"]["trace"] == pytest.approx(empirical, rel=1e-10)
+    assert R["empirical"]["trace_ratio"] == pytest.approx(empirical / trace, rel=1e-10)
+    variance = torchfim.fisher_variance(model, batch["input_ids"], mask=keep, structure="trace")
+    assert R["trace"]["subset"]["var_score"] == pytest.approx(float(variance), rel=1e-10)
+    assert R["outputs"]["observed_positions_per_input"] == pytest.approx(float(keep.sum()) / N)
+
+
 def test_class_dim_1_reads_outputs_with_the_classes_in_dim_1():
     """(batch, C, *positions) outputs, as F.cross_entropy takes them, give the report of the same outputs
     with the classes last."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._batches import refuse_packed
+from ..engine.labels import ignored_labels
 from ..errors import TorchfimError
 from .load import one_line
 
@@ -45,15 +46,19 @@ class Data:
             return self.inputs[index]
         return Batch((), dict(self.inputs), self.n).rows(index).kwargs
 
-    def given(self, index: slice | Tensor | None = None) -> Inputs:
-        """The inputs ``index`` (all by default) as the report's library calls take them: a dict's with its
-        targets back as ``labels``, so that every estimator observes the positions the model's loss scores
-        (a class label -100 none, a causal language model's labels shifted: :mod:`torchfim.engine.labels`).
-        Calls of the model itself take :meth:`rows`, without the labels."""
+    def given(self, index: slice | Tensor | None = None) -> Inputs | list[tuple[Tensor, Tensor]]:
+        """The inputs ``index`` (all by default) as the report's library calls take them, so that every
+        estimator observes the positions the model's loss scores (a class label -100 none, a causal language
+        model's labels shifted: :mod:`torchfim.engine.labels`): a dict's with its targets back as ``labels``; a
+        tensor's, where a target is -100, as one ``(inputs, targets)`` mini-batch. Calls of the model itself take
+        :meth:`rows`, without the labels."""
         x = self.inputs if index is None else self.rows(index)
-        if not isinstance(x, dict) or self.targets is None:
+        if self.targets is None:
             return x
-        return {**x, "labels": self.targets if index is None else self.targets[index]}
+        y = self.targets if index is None else self.targets[index]
+        if isinstance(x, dict):
+            return {**x, "labels": y}
+        return [(x, y)] if ignored_labels(y) is not None else x
 
     def input_shape(self) -> list[int] | dict[str, list[int]]:
         """The shape of one input: a tensor's less the batch dim, or that of each tensor of a dict."""

@@ -196,12 +196,16 @@ def measure_empirical(model: nn.Module, X: Inputs, Y: Tensor | None, opts: dict,
 
     Dict inputs carry ``Y`` as their ``labels`` (:meth:`.Data.given`, as in every library call of the report),
     so that the library pairs them with the outputs as it pairs a dict batch's own (a Hugging Face causal
-    language model's shifted as its loss shifts them).
+    language model's shifted as its loss shifts them); tensor inputs whose targets hold -100 come as their
+    ``(inputs, targets)`` mini-batch.
     """
     import torchfim
 
     if Y is None:
         return None
-    given = {"inputs": {**X, "labels": Y}} if isinstance(X, dict) else {"inputs": X, "targets": Y}
+    if isinstance(X, dict):
+        given = {"inputs": {**X, "labels": Y}}
+    else:  # a tensor, or the (inputs, targets) mini-batch of targets with -100
+        given = {"inputs": X} if isinstance(X, list) else {"inputs": X, "targets": Y}
     return steps.run("empirical Fisher", lambda: torchfim.fisher(
         model, **given, **opts, estimator="empirical", structure="diag").detach())

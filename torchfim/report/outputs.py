@@ -78,16 +78,17 @@ def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor |
 
 
 def labelled_of(model, data: Data, family, positions: tuple[int, ...]) -> Tensor | None:
-    """``(n, positions)`` bool: the positions a dict's class ``labels`` score, aligned as the model's loss
-    aligns them (a causal language model's shifted, its last position unscored), False where they hold -100;
-    None where every position is scored or the labels do not choose positions, as the library reads them
-    (:meth:`torchfim.engine.view.ModelView.family_for`: only the report's dict inputs carry their labels)."""
+    """``(n, positions)`` bool: the positions the class targets score, False where they hold -100 (a dict's
+    ``labels`` aligned as the model's loss aligns them: a causal language model's shifted, its last position
+    unscored; a tensor's targets as they are); None where every position is scored or the targets do not choose
+    positions, as the library reads them (:meth:`torchfim.engine.view.ModelView.family_for`, given the labels
+    by :meth:`.Data.given`)."""
     from ..engine.labels import ModelLabels, labelled_positions
 
-    if (not positions or not isinstance(data.inputs, dict) or data.targets is None
-            or getattr(family, "name", "") != "categorical"):
+    if not positions or data.targets is None or getattr(family, "name", "") != "categorical":
         return None
-    labelled = labelled_positions(ModelLabels(model).aligned(data.targets), data.n, positions)
+    targets = ModelLabels(model).aligned(data.targets) if isinstance(data.inputs, dict) else data.targets
+    labelled = labelled_positions(targets, data.n, positions)
     return None if labelled is None else labelled.reshape(data.n, -1)
 
 
