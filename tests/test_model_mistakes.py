@@ -9,6 +9,7 @@ from inside torch (the penalty's ``trace`` kind, the Hessian estimator).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from cases import _tokens, mlp_inputs, tanh_mlp
 from clients import rel_err
+from oracles import exact_fisher
 from torch import Tensor, nn
 
 import torchfim
@@ -250,3 +252,51 @@ def test_a_statistic_that_one_sample_decides_is_caught_wherever_that_sample_sits
         torchfim.fisher(model, x, structure="diag")
     with pytest.raises(torchfim.TorchfimError, match="depends on the other samples in its batch"):
         FisherTraceMonitor(model, x, every=1).step(0)
+
+
+class _BatchCentred(nn.Module):
+    """Hidden units centred over the batch (a hand-written batch normalisation): mixes samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_samples_mixed_in_half_precision_are_refused_too(dtype: torch.dtype) -> None:
+    """Before: in bfloat16 and float16 the check allowed 1e3 eps of the outputs' scale (7.8 in bfloat16), so the model
+    passed and its Tr(F) depended on the batching (2.81 in one batch of 32, 2.30 in eight)."""
+    torch.manual_seed(0)
+    model = _BatchCentred().to(dtype)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with pytest.raises(torchfim.TorchfimError, match="depends on the other samples in its batch"):
+        torchfim.fisher(model, x, structure="trace")
+
+
+class _MixedPrecision(nn.Module):
+    """A float32 body under a float64 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 4).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x.float())).double())
+
+
+def test_a_float32_body_under_a_float64_head_is_computed_not_refused() -> None:
+    """The tolerance is of the least precise dtype the forward computes in. Before: taken from the float64 outputs
+    (2.2e-13), below the body's float32 rounding between batched and one-sample forwards (6e-8), so every call
+    refused the model as mixing samples. Against the float64 oracle at the same weights, within float32 rounding."""
+    torch.manual_seed(0)
+    model = _MixedPrecision()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    got = torchfim.fisher(model, x, structure="trace")
+    oracle = copy.deepcopy(model).double()
+    oracle.forward = lambda t: oracle.head(torch.tanh(oracle.body(t)))
+    want = torch.trace(exact_fisher(oracle, x.double(), "categorical"))
+    assert rel_err(got.double(), want) < 1e-5

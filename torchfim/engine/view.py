@@ -46,7 +46,7 @@ from .model_checks import (
 )
 from .modules.recurrent import stepwise_candidates, stepwise_recurrent
 from .native_dtype import autocast_enabled, native_dtype_forwards
-from .output_compare import outputs_agree
+from .output_compare import batching_tolerance, outputs_agree
 from .output_reading import (
     ClassDim,
     OutputMap,
@@ -395,7 +395,7 @@ class ModelView:
         with fewer_inputs(len(rows), batch):
             alone = self.flat(self._reached(batch.rows(rows)))
         ref, alone = out[rows], alone.reshape(out[rows].shape)
-        tol = 1e3 * torch.finfo(ref.dtype).eps
+        tol = batching_tolerance(self.model, ref)
         if not outputs_agree(alone, ref, tol, floor=1.0):
             updated = [n for n, state in _buffer_states(self.model).items() if before.get(n) != state]
             if updated:
