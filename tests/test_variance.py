@@ -356,3 +356,38 @@ def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
         alone = torchfim.fisher_variance(model, x[:1], family="bernoulli", estimator="score", structure=structure,
                                          mask=mask[:1])
         assert bool((alone == 0).all()) if logit == 0 else bool((alone > 0).all())
+
+
+@pytest.mark.parametrize("family", ["categorical", "bernoulli"])
+def test_dense_score_variances_taken_one_input_at_a_time_match_brute_force(family, monkeypatch):
+    """The dense Î1 variances add their per-input ``(n, n)`` moments a few inputs at a time (one here); before, a whole
+    chunk of Jacobians at once, up to 65 times the result's memory (16 inputs, P = 3418), out of memory where the
+    result itself fitted. The exact variances against the brute force, the bound against the bound taken at once."""
+    import torchfim.variance as variance_mod
+
+    model, x, k = tanh_mlp(FAMILY_WIDTH[family]), mlp_inputs(5), 2
+    oracle = variance_oracle(model, x, family, k)
+    whole = {s: torchfim.variance_bound(model, x, family=family, structure=s, n_samples=k) for s in ("full", "layers")}
+    monkeypatch.setattr(variance_mod, "CHUNK_ELEMENTS", 1)
+    for backend in ("torchfim.engine.per_module", "torchfim.engine.functional"):  # Jacobians of 2 inputs at a time
+        monkeypatch.setattr(f"{backend}.CHUNK_ELEMENTS", 2 * FAMILY_WIDTH[family] * sum(p.numel() for p in model.parameters()))
+    full = torchfim.fisher_variance(model, x, family=family, structure="full", n_samples=k)
+    assert rel_err(full, oracle["score"]) < RTOL
+    layers = torchfim.fisher_variance(model, x, family=family, structure="layers", n_samples=k)
+    for name, block in blocks(oracle["score"], model).items():
+        assert rel_err(layers[name], block) < RTOL, name
+    assert rel_err(torchfim.variance_bound(model, x, family=family, structure="full", n_samples=k), whole["full"]) < RTOL
+    bound = torchfim.variance_bound(model, x, family=family, structure="layers", n_samples=k)
+    assert all(rel_err(bound[name], whole["layers"][name]) < RTOL for name in bound)
+
+
+def test_dense_score_variances_refuse_working_memory_that_would_not_fit(monkeypatch):
+    """Memory for the result (and one working copy) but not for the per-input moments beside it: refused with the
+    size and a fix, before allocating them (before: computed until the allocator failed, inside torch)."""
+    from torchfim import _memory
+
+    model, x = tanh_mlp(3), mlp_inputs(5)
+    p = sum(t.numel() for t in model.parameters())
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: int(2.5 * p * p * 8))
+    with pytest.raises(torchfim.TorchfimError, match=r"structure='full' needs working memory of three .* freeze"):
+        torchfim.fisher_variance(model, x, structure="full")

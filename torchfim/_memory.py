@@ -25,9 +25,11 @@ def available_bytes(device: torch.device) -> int:
         return 2**63 - 1
 
 
-def fits_in_memory(n_entries: int, dtype: torch.dtype, device: torch.device) -> tuple[bool, float, float]:
-    """Whether a result of ``n_entries`` (plus one working copy) fits; also the GiB needed and free."""
+def fits_in_memory(n_entries: int, dtype: torch.dtype, device: torch.device,
+                   copies: int = 2) -> tuple[bool, float, float]:
+    """Whether ``copies`` tensors of ``n_entries`` fit (by default a result plus one working copy); also the GiB
+    needed and free."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    needed = 2 * n_entries * itemsize
+    needed = copies * n_entries * itemsize
     free = available_bytes(device)
     return needed <= free, needed / 2**30, free / 2**30

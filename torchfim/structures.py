@@ -244,9 +244,10 @@ class Structure(ABC):
 
 def check_fits(entries: int, what: str, name: str, layout: Layout,
                fix: str = "use structure='diag' or 'trace', or freeze parameters you do not need with "
-                          "p.requires_grad_(False)") -> None:
-    """Refuse a dense allocation of ``entries`` that would not fit, naming the size and ``fix``."""
-    ok, needed, free = fits_in_memory(entries, accumulation_dtype(layout.dtype), layout.device)
+                          "p.requires_grad_(False)", copies: int = 2) -> None:
+    """Refuse a dense allocation of ``copies`` tensors of ``entries`` (by default a result and one working copy)
+    that would not fit, naming the size and ``fix``."""
+    ok, needed, free = fits_in_memory(entries, accumulation_dtype(layout.dtype), layout.device, copies)
     if not ok:
         raise TorchfimError(
             f"structure={name!r} needs {what} (about {needed:.1f} GiB with working memory) but only "
