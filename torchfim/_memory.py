@@ -1,17 +1,42 @@
-"""How much memory a dense result may take before torchfim refuses to build it."""
+"""How much memory a dense result may take before torchfim refuses to build it.
+
+On the host the free memory is ``MemAvailable``; in a container whose cgroup limits its memory (Docker's
+``--memory``, a Kubernetes pod's limit) it is the least, over the process's cgroup and those above it, of
+the limit less the memory charged there that cannot be reclaimed (the usage less its inactive file cache, as
+Kubernetes counts a working set): ``MemAvailable`` reports the host's, and a result that fits the host but not
+the limit would be killed, not refused.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
+#: Where cgroup file systems are mounted and the file naming the process's cgroups (module attributes so that a
+#: test can point them at a tree of its own).
+CGROUP_ROOT, PROC_CGROUP = Path("/sys/fs/cgroup"), Path("/proc/self/cgroup")
+#: Per cgroup version: the folder under :data:`CGROUP_ROOT`, the files of the limit, the usage, and the key of
+#: the inactive file cache in ``memory.stat``.
+_V2 = ("", "memory.max", "memory.current", "inactive_file")
+_V1 = ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+#: Limits at or above this are "no limit" (cgroup v1 writes 2⁶³ rounded down to a page).
+_UNLIMITED = 2**60
+
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free memory, else the host's available RAM."""
+    """Free memory on ``device``: CUDA's free memory, else the host's available RAM, or less where the process's
+    cgroups limit its memory (see the module docstring)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    limited = cgroup_free_bytes()
+    host = _host_available()
+    return host if limited is None else min(host, limited)
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -23,6 +48,42 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 2**63 - 1
+
+
+def cgroup_free_bytes() -> int | None:
+    """The least free memory under a limit of the process's memory cgroup or one above it (None: no limit, or
+    no cgroup file system to read)."""
+    try:
+        entries = [line.split(":", 2) for line in PROC_CGROUP.read_text().splitlines()]
+    except OSError:
+        return None
+    free = None
+    for _, controllers, path in (e for e in entries if len(e) == 3):
+        version = _V2 if controllers == "" else _V1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        base = CGROUP_ROOT / version[0]
+        here = base / path.strip("/")
+        for folder in [here, *here.parents] if here.is_dir() else [base]:  # a namespaced cgroup sits at the root
+            room = _room(folder, *version[1:])
+            if room is not None:
+                free = room if free is None else min(free, room)
+            if folder == base:
+                break
+    return free
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    """The limit of the cgroup ``folder`` less its usage that cannot be reclaimed; None without a limit."""
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= _UNLIMITED:
+            return None
+        usage = int((folder / usage_file).read_text())
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
+        return max(0, int(limit) - usage + int(stat.get(inactive_key, 0)))
+    except (OSError, ValueError):
+        return None
 
 
 def fits_in_memory(n_entries: int, dtype: torch.dtype, device: torch.device,
