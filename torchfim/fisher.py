@@ -113,8 +113,9 @@ def fisher(
             ``across_processes=True`` alone waits for the others in a collective until they leave the run.
 
     Returns:
-        The requested structure, on the model's device in the model's dtype (accumulated in
-        float32 or wider); with ``return_stderr=True`` a pair ``(estimate, stderr)``.
+        The requested structure, on the model's device in the model's dtype (its first trainable
+        parameter's, where it has several; accumulated in float32 or wider); with
+        ``return_stderr=True`` a pair ``(estimate, stderr)``.
 
     Example:
         >>> import torch, torchfim
