@@ -393,9 +393,9 @@ def differentiated_forwards(transforms: bool = True) -> Iterator[None]:
     torch's notices of vmap's exact fallbacks off (:func:`quiet_vmap_fallbacks`) and ``requires_grad_``
     harmless on transformed tensors (:func:`_requires_grad_under_transforms`); the last four in every thread.
 
-    Without ``transforms`` ``torch.Tensor`` is left as it is: replacing one of its methods and putting it back
-    costs every later attribute look-up on a tensor its cached entry, which took 0.1-0.25 ms of a 2-4 ms
-    training step (the finite-difference penalty's, which runs no transform) on the benchmark MLP.
+    Without ``transforms`` ``torch.Tensor`` is left as it is (the penalty's batch-gradient steps, which run no
+    transform): a process-wide replacement of one of its methods, every training step, reaches every thread's
+    tensors while it lasts.
     """
     with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), _UNCACHED.block(), \
             _UNHOOKED.block(), quiet_vmap_fallbacks() if transforms else contextlib.nullcontext(), \
