@@ -250,9 +250,8 @@ def test_a_checkpointed_token_model_keeps_the_vmapped_paths() -> None:
 def test_only_the_penalty_passes_that_torch_func_transforms_replace_a_tensor_method(
         kind: str, grad_method: str, transformed: bool) -> None:
     """``requires_grad_`` is replaced (and put back) for the passes torch.func transforms, the trace penalty's
-    per-input gradients; the batch-gradient penalty's passes run no transform and leave ``torch.Tensor`` alone,
-    whose every change costs the training step's later tensor look-ups their cache. Seen from inside the model's
-    forward, on the step that computes, for the separate term and for the shared forward."""
+    per-input gradients; the batch-gradient penalty's passes run no transform and leave ``torch.Tensor`` alone
+    (a replacement reaches every thread's tensors while it lasts). Seen from inside the model's forward, on the step that computes, for the separate term and for the shared forward."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     replaced = []
