@@ -277,3 +277,25 @@ def test_an_unsaid_class_dim_on_image_outputs_is_noted_in_the_report():
     assert first["outputs"]["note"] is None and first["outputs"]["positions"] == [3, 4]
     want = torchfim.fisher(model, x, structure="trace", class_dim=1)
     assert first["trace"]["exact"] == pytest.approx(float(want), rel=1e-10)
+
+
+def test_inputs_whose_target_is_minus_100_count_with_a_fisher_of_0_and_are_said_once():
+    """A classifier's targets (n,) with -100 for 6 of 24 inputs: the library observes nothing of those inputs, and now
+    so does every number of the report, with one note of its own. Before: the report refused such targets ("not
+    labels of the categorical family") and skipped the empirical Fisher, while the library takes them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(24, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 4, (24,), generator=torch.Generator().manual_seed(3))
+    y[:6] = -100
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        R = report_mod.compute_report(model, report_mod.as_data((x, y), "test"), variance_inputs=24, max_block=0,
+                                      progress=False)
+    labelled = float(torchfim.fisher(model, x[6:], structure="trace")) * 18 / 24
+    empirical = float(torchfim.fisher(model, x[6:], targets=y[6:], estimator="empirical", structure="trace")) * 18 / 24
+    assert R["trace"]["exact"] == pytest.approx(labelled, rel=1e-10)
+    assert R["empirical"]["trace"] == pytest.approx(empirical, rel=1e-10)
+    assert R["outputs"]["observed_positions_per_input"] == pytest.approx(0.75)
+    assert R["outputs"]["note"].startswith("6 of the 24 inputs have no observed position (masked, or every target -100)")
+    assert R["warnings"] == [] and not [w for w in caught if "no observed position" in str(w.message)]

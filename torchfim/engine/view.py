@@ -313,7 +313,7 @@ class ModelView:
             self._unobserved_named = True
             empty = int((~m.any(1)).sum())
             warn_user(f"torchfim: {empty} of the {size} inputs of a mini-batch have no observed position (their "
-                      "mask is False everywhere): each counts in the mean over inputs with a Fisher of 0 (docs/math.md "
+                      "mask is False, or their class labels -100, everywhere): each counts in the mean over inputs with a Fisher of 0 (docs/math.md "
                       "§5.5); drop such inputs if they should not count")
 
     def _name_padding(self, batch: Batch, positions: tuple[int, ...], m: Tensor | None) -> None:

@@ -10,7 +10,15 @@ from ..engine.batch import make_batch
 from ..engine.labels import ModelLabels, is_encoder_decoder
 from ..errors import TorchfimError
 from .data import Data
-from .outputs import OutputLayout, classes_last_note, labelled_of, mask_of, observed_per_input, unmasked_padding_note
+from .outputs import (
+    OutputLayout,
+    classes_last_note,
+    labelled_of,
+    mask_of,
+    observed_per_input,
+    unmasked_padding_note,
+    unobserved_inputs_note,
+)
 
 __all__ = ["check_model_and_data", "outputs_on_a_few", "outputs_on"]
 
@@ -68,7 +76,8 @@ def check_model_and_data(
     # an encoder-decoder's attention_mask is its source's, not the (decoder's) output positions'
     padding_note = mask is None and not is_encoder_decoder(model)
     notes = [unmasked_padding_note(data, positions, labelled) if padding_note else None,
-             classes_last_note(o.shape) if given is None and getattr(fam, "name", None) == "categorical" else None]
+             classes_last_note(o.shape) if given is None and getattr(fam, "name", None) == "categorical" else None,
+             unobserved_inputs_note(observed, data.n)]
     layout = OutputLayout(positions, mask, class_dim, observed_per_input(observed, positions, data.n),
                           "; ".join(n for n in notes if n) or None)
     return data, targets_note, layout, beyond
@@ -130,10 +139,8 @@ def _family_of(fam, positions: tuple[int, ...], keep: Tensor | None):
 
 
 def _check_targets(family, y: Tensor, o: Tensor, positions: tuple[int, ...]) -> None:
-    """The family's checks of the targets; a categorical target of -100 observes nothing, as in the library."""
-    if not positions:
-        family.check_targets(y, o)
-        return
+    """The family's checks of the targets; a categorical target of -100 observes nothing, as in the library (an
+    input's, or a position's)."""
     from ..estimators import ignored_targets
 
     ignored = ignored_targets(family, y)

@@ -18,7 +18,7 @@ from ..errors import TorchfimError
 from ..families.positions import is_position_mask
 from .data import Data
 
-__all__ = ["OutputLayout", "classes_last_note", "labelled_of", "mask_of", "observed_per_input",
+__all__ = ["OutputLayout", "classes_last_note", "labelled_of", "mask_of", "observed_per_input", "unobserved_inputs_note",
            "unmasked_padding_note"]
 
 
@@ -85,7 +85,7 @@ def labelled_of(model, data: Data, family, positions: tuple[int, ...]) -> Tensor
     by :meth:`.Data.given`)."""
     from ..engine.labels import ModelLabels, labelled_positions
 
-    if not positions or data.targets is None or getattr(family, "name", "") != "categorical":
+    if data.targets is None or getattr(family, "name", "") != "categorical":
         return None
     targets = ModelLabels(model).aligned(data.targets) if isinstance(data.inputs, dict) else data.targets
     labelled = labelled_positions(targets, data.n, positions)
@@ -98,6 +98,20 @@ def observed_per_input(keep: Tensor | None, positions: tuple[int, ...], n: int) 
     if keep is None:
         return float(math.prod(positions))
     return float(keep.sum()) / n
+
+
+def unobserved_inputs_note(observed: Tensor | None, n: int) -> str | None:
+    """The report's note on inputs with no observed position (masked or labelled -100 everywhere), which every
+    mean over inputs counts with a Fisher of 0; None where there is none. (The library warns of them per
+    mini-batch; the report says it once, of all its inputs.)"""
+    if observed is None or not observed.shape[1]:
+        return None
+    empty = int((~observed.reshape(n, -1).any(1)).sum())
+    if not empty:
+        return None
+    return (f"{empty} of the {n} inputs have no observed position (masked, or every target -100): each counts in "
+            "every mean over inputs with a Fisher of 0 (docs/math.md §5.5); drop them from the data if they should "
+            "not count")
 
 
 def unmasked_padding_note(data: Data, positions: tuple[int, ...], labelled: Tensor | None = None) -> str | None:

@@ -2,9 +2,10 @@
 softmax under the categorical family) can change the meaning of every number, so it belongs beside them in
 report.md, report.json and the terminal summary, once each, rather than on the terminal alone.
 
-The library's warning of padding counted as observed is left out: the report says it in its own note
-(:func:`.outputs.unmasked_padding_note`), with the option that fixes it. The report's own warnings (``torchfim
-report:``, about its kept steps) and everyone else's are warned as they were. A step kept on disk keeps the
+The library's warnings of padding counted as observed and of inputs with no observed position are left out: the
+report says them in notes of its own (:func:`.outputs.unmasked_padding_note`,
+:func:`.outputs.unobserved_inputs_note`). The report's own warnings (``torchfim report:``, about its kept steps) and
+everyone else's are warned as they were. A step kept on disk keeps the
 library's warnings it raised (:func:`step_warnings`), and a report that reads the step back warns them again
 (:func:`warn_again`), so a resumed report holds the warnings of the uninterrupted one.
 """
@@ -19,8 +20,10 @@ __all__ = ["library_warnings", "step_warnings", "warn_again"]
 
 #: The start of a library warning, and of the report's own (warned as they are).
 _LIBRARY, _REPORT = "torchfim:", "torchfim report:"
-#: A phrase of the library's padding warning (:meth:`torchfim.engine.view.ModelView._name_padding`).
-_PADDING = "padding position(s) that count as observed"
+#: Phrases of the library's warnings that the report says in notes of its own, of all its inputs: padding counted as
+#: observed (:meth:`torchfim.engine.view.ModelView._name_padding`) and inputs with no observed position
+#: (:meth:`~torchfim.engine.view.ModelView._name_unobserved`, per mini-batch).
+_NOTED = ("padding position(s) that count as observed", "have no observed position")
 
 
 @contextmanager
@@ -45,7 +48,7 @@ def library_warnings() -> Iterator[list[str]]:
             text = str(w.message)
             if finished and _kept(w.category, text):
                 text = text[len(_LIBRARY):].strip()
-                if _PADDING not in text and text not in kept:
+                if not any(phrase in text for phrase in _NOTED) and text not in kept:
                     kept.append(text)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=shown, source=w.source)
