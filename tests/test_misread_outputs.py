@@ -61,11 +61,18 @@ MISREAD = [
     ("poisson", 2, torch.exp, "exp"),
     ("poisson", 2, nn.Softplus(), "a softplus"),
     ("gamma", 2, torch.exp, "exp"),
+    # through clamps, and for positive values through a constant added (before: named only as the last operation)
+    ("bernoulli", 1, lambda z: torch.sigmoid(z).clamp(1e-6, 1 - 1e-6), "a sigmoid"),
+    ("poisson", 2, lambda z: nn.functional.softplus(z) + 1e-6, "a softplus"),
+    ("poisson", 2, lambda z: torch.exp(z).clamp(max=1e4), "exp"),
+    ("gamma", 2, lambda z: torch.exp(z) + torch.tensor(1e-6, dtype=z.dtype), "exp"),
 ]
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
-@pytest.mark.parametrize(("family", "width", "end", "named"), MISREAD, ids=["sigmoid", "sigmoid-cast", "exp", "softplus", "gamma-exp"])
+@pytest.mark.parametrize(("family", "width", "end", "named"), MISREAD,
+                         ids=["sigmoid", "sigmoid-cast", "exp", "softplus", "gamma-exp", "sigmoid-clamped",
+                              "softplus-plus-eps", "exp-clamped", "gamma-exp-plus-eps"])
 def test_a_model_ending_in_the_inverse_link_is_named(family, width, end, named, entry) -> None:
     messages = _messages(lambda: ENTRIES[entry](_model(width, end), family))
     assert messages and all(f"come out of {named}" in m and family in m for m in messages)
@@ -144,7 +151,10 @@ def _log_softplus(v: torch.Tensor) -> torch.Tensor:
                                           "metadata of its node, which torch < 2.5 does not show")),
     ("gamma", _halves(torch.exp, nn.Identity()), "first half.*final exp.*log-mean"),
     ("gamma", _halves(nn.Identity(), nn.functional.softplus), "second half.*final softplus.*log-shape"),
-], ids=["variance-softplus", "variance-exp", "variance-softplus-cast", "gamma-mean-exp", "gamma-shape-softplus"])
+    ("heteroscedastic_gaussian", _halves(nn.Identity(), lambda v: nn.functional.softplus(v) + 1e-6),
+     "second half.*final softplus"),  # GaussianNLLLoss users keep the variance off 0
+], ids=["variance-softplus", "variance-exp", "variance-softplus-cast", "gamma-mean-exp", "gamma-shape-softplus",
+        "variance-softplus-plus-eps"])
 def test_a_half_made_positive_where_its_log_is_read_is_named(family, end, named, entry) -> None:
     """A model trained with torch's GaussianNLLLoss returns the variance (through an exp or a softplus), where the
     heteroscedastic family reads log σ²; a gamma model returning its mean or shape, where their logs are read."""

@@ -96,7 +96,7 @@ class PairedFamily(Family):
         """As :meth:`Family.check_output`, and a warning for a half read as a log that comes out of a final exp
         or softplus (:func:`.output_origin.half_operations`): positive values, misread as their log."""
         super().check_output(o)
-        for k, operation in enumerate(half_operations(o) or ()):
+        for k, operation in enumerate(half_operations(o, through_shifts=True) or ()):  # positive + 1e-6 too
             op = _POSITIVE.get(operation or "")
             if op is not None and self.log_halves[k]:
                 warn_user(LOG_HALF.format(half=("first", "second")[k], op=op, family=self.name,

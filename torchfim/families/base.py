@@ -136,6 +136,9 @@ class Family(ABC):
     #: Warnings by the autograd node that made the outputs (:mod:`.output_origin`): an inverse link the
     #: family would misread as its natural parameters.
     misread: dict[str, str] = {}
+    #: Whether outputs that a :attr:`misread` operation made and a constant was added to are still misread (positive
+    #: rates plus 1e-6 are rates; a sigmoid's probabilities shifted are no longer probabilities).
+    misread_through_shifts = False
 
     def for_rows(self, rows: slice) -> Family:
         """The family of the outputs ``o[rows]`` of a mini-batch: itself, unless it holds something per
@@ -154,7 +157,7 @@ class Family(ABC):
         self._check_width(o.shape[1])
         if (message := self._unusable_values(o)) is not None:
             raise TorchfimError(message)
-        if self.misread and (message := self.misread.get(last_operation(o) or "")):
+        if self.misread and (message := self.misread.get(last_operation(o, self.misread_through_shifts) or "")):
             warn_user(message)
 
     def _unusable_values(self, o: Tensor) -> str | None:

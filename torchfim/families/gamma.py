@@ -122,6 +122,7 @@ class Gamma(PairedFamily):
     name = "gamma"
     halves = ("log-mean", "log-shape")
     log_halves = (True, True)
+    misread_through_shifts = True  # positive values plus a constant: still positive
     misread = {"ExpBackward0": POSITIVE.format(op="exp", fix="drop the final exp"),
                "SoftplusBackward0": POSITIVE.format(op="a softplus", fix="torch.log of it")}
     curvature_coupling = (((1.0, -1.0), (-1.0, 0.0)), ((0.0, 0.0), (0.0, -1.0)))

@@ -78,6 +78,7 @@ class Poisson(Family):
     """
 
     name = "poisson"
+    misread_through_shifts = True  # positive values plus a constant: still positive
     misread = {"ExpBackward0": RATES.format(op="exp", fix="drop the final exp; PoissonNLLLoss(log_input=True) takes "
                                                "log-rates"),
                "SoftplusBackward0": RATES.format(op="a softplus", fix="torch.log of it")}
