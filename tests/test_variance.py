@@ -334,10 +334,12 @@ def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
         model.weight.zero_()
         model.bias.fill_(logit)
     x = torch.randn(3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # (n, T, features)
+    x[1, 0] *= 1e-6  # a position whose terms the next one dwarfs: their pair is summed, no difference taken
     mask = torch.ones(3, 3, dtype=torch.bool)
     mask[0, 1:] = False
+    mask[1, 2] = False
     p = 1 / (1 + mpmath.exp(-mpmath.mpf(logit)))
-    want, want_trace = [mpmath.mpf(0)] * 4, mpmath.mpf(0)
+    want, want_trace, second_input = [mpmath.mpf(0)] * 4, mpmath.mpf(0), None
     for i in range(3):
         jac = [[mpmath.mpf(float(v)) for v in x[i, t]] + [mpmath.mpf(1)] for t in range(3) if mask[i, t]]
         moments = [[mpmath.mpf(0)] * 2 for _ in range(5)]  # E[s], E[s²] of s = g_a² (a < 4) and s = ‖g‖²
@@ -347,11 +349,16 @@ def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
             for m, square in zip(moments, [v**2 for v in g] + [sum(v**2 for v in g)]):
                 m[0], m[1] = m[0] + weight * square, m[1] + weight * square**2
         want = [w + (m[1] - m[0] ** 2) / 9 for w, m in zip(want, moments)]
+        if i == 1:  # 4 X₀X₁ + each position's own, X₀ 1e-12 of X₁ on the weight's entries
+            second_input = torch.tensor([float(m[1] - m[0] ** 2) for m in moments[:4]], dtype=torch.float64)
         want_trace += (moments[4][1] - moments[4][0] ** 2) / 9
     got = {s: torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure=s, mask=mask)
            for s in ("diag", "trace")}
     assert torch.allclose(got["diag"], torch.tensor([float(v) for v in want], dtype=torch.float64), rtol=1e-12, atol=0)
     assert math.isclose(float(got["trace"]), float(want_trace), rel_tol=1e-12)
+    two = torchfim.fisher_variance(model, x[1:2], family="bernoulli", estimator="score", structure="diag",
+                                   mask=mask[1:2])
+    assert torch.allclose(two, second_input, rtol=1e-12, atol=0)
     for structure in ("diag", "trace"):
         alone = torchfim.fisher_variance(model, x[:1], family="bernoulli", estimator="score", structure=structure,
                                          mask=mask[:1])

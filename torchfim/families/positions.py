@@ -368,7 +368,7 @@ class Positions(PositionSpectra, Family):
         vr = self._vector_rows(v, rows.shape[1])
         own = self._per_position(keep, self.base.score_square_spread(rows, vr)).sum(1)
         along = self._per_position(keep, self.base.fisher_output_bilinear(rows, vr, vr))  # (B, L, m)
-        before = along.cumsum(1) - along  # Σ_{s<t} X_s, sums of terms ≥ 0
+        before = torch.nn.functional.pad(along[:, :-1], (0, 0, 1, 0)).cumsum(1)  # Σ_{s<t} X_s, no difference taken
         return own + 4 * (along * before).sum(1)
 
     def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
