@@ -57,10 +57,12 @@ class _Snapshots(TrainerCallback):
             self.models[state.global_step] = copy.deepcopy(model)
 
 
-def _train(out, resume=None, *extra, logged: bool = False) -> FisherTraceCallback:
+def _train(out, resume=None, *extra, logged: bool = False, logging_steps: int | None = None) -> FisherTraceCallback:
+    """``logging_steps``: the trainer logs its training loss every so many steps (None: it logs nothing)."""
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, save_steps=SAVE,
                              report_to=["tensorboard"] if logged else [], use_cpu=True, seed=0, disable_tqdm=True,
-                             logging_strategy="no", learning_rate=1e-2)
+                             logging_strategy="no" if logging_steps is None else "steps",
+                             logging_steps=logging_steps or 500, learning_rate=1e-2)
     trainer = Trainer(model=_model(), args=args, train_dataset=DATA, callbacks=list(extra))
     callback = FisherTraceCallback(HELD, every=EVERY, trainer=trainer if logged else None, **OPTIONS)
     trainer.add_callback(callback)
@@ -132,6 +134,23 @@ def test_given_the_trainer_the_records_go_to_its_logs_once(tmp_path) -> None:
     assert not _logged(_train(tmp_path / "plain").log_history)
     with pytest.raises(TorchfimError, match="must be the transformers Trainer it is added to"):
         FisherTraceCallback(HELD, trainer=Trainer)  # the class, not the trainer
+
+
+def _losses(log_history: list[dict]) -> list[tuple]:
+    return [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in log_history if "loss" in e]
+
+
+@pytest.mark.parametrize("logging_steps", [EVERY, 3])
+def test_given_the_trainer_its_own_loss_logs_are_kept(tmp_path, logging_steps: int) -> None:
+    """The trainer's loss entries are those of the run whose callback is not given the trainer, beside the records.
+    Before, logging a record cleared the trainer's ``should_log`` at each measured step: with ``every ==
+    logging_steps`` no loss was logged at all, and otherwise the next loss averaged two intervals."""
+    plain = _train(tmp_path / "plain", logging_steps=logging_steps)
+    logged = _train(tmp_path / "logged", logged=True, logging_steps=logging_steps)
+    want = _losses(plain.log_history)
+    assert [step for step, *_ in want] == list(range(logging_steps, STEPS + 1, logging_steps))
+    assert _losses(logged.log_history) == want
+    assert _logged(logged.log_history) == _records(logged) == _records(plain)
 
 
 def test_options_the_monitor_would_refuse_are_refused_when_the_callback_is_built() -> None:

@@ -20,7 +20,8 @@ each checkpoint's ``trainer_state.json``, and every ``report_to`` integration: T
 MLflow) only when it is given the trainer: ``trainer.add_callback(FisherTraceCallback(held, trainer=trainer))``.
 Each measurement is then logged by ``trainer.log`` at its step, as ``fisher_trace`` and ``fisher_trace_stderr``
 (and ``fisher_trace_variance_ratio`` with ``control_variate=True``); records restored on resuming are not
-logged again.
+logged again. The trainer's own logs (the training loss every ``logging_steps``) stay as they are without the
+callback.
 
 ``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
 ``compute_loss`` (see the README; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
@@ -112,7 +113,7 @@ class FisherTraceCallback(TrainerCallback):
             path.unlink()  # a run from step 0: its own records only
         self.monitor = FisherTraceMonitor(model, self.inputs, every=self.every, csv_path=path, **options)
         if state.global_step == 0:
-            self._log(self.monitor.measure(0))
+            self._log(self.monitor.measure(0), control)
         elif saved.is_file():
             self.monitor.load_state_dict(torch.load(saved, weights_only=True))
         else:
@@ -125,16 +126,20 @@ class FisherTraceCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
-            self._log(self.monitor.step(state.global_step))
+            self._log(self.monitor.step(state.global_step), control)
 
-    def _log(self, record: TraceRecord | None) -> None:
-        """``record`` into the trainer's logs, where the callback was given the trainer."""
+    def _log(self, record: TraceRecord | None, control) -> None:
+        """``record`` into the trainer's logs, where the callback was given the trainer; the trainer's own log of
+        this step (``control.should_log``) is kept."""
         if self.trainer is None or record is None:
             return
         logs = {"fisher_trace": record.trace, "fisher_trace_stderr": record.stderr}
         if record.variance_ratio is not None:
             logs["fisher_trace_variance_ratio"] = record.variance_ratio
+        # trainer.log clears should_log, which the trainer's flow set for its own loss log that follows this event
+        should_log = control.should_log
         self.trainer.log(logs)
+        control.should_log = self.trainer.control.should_log = should_log
 
     def on_save(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
