@@ -113,6 +113,16 @@ def test_a_resumed_trainer_records_what_the_uninterrupted_one_does(tmp_path) -> 
     assert _rows(tmp_path / "cut" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
 
 
+def test_a_run_resumed_into_another_output_dir_loads_the_state_of_the_checkpoint_it_is_given(tmp_path) -> None:
+    """Before, the callback looked for its state in the new ``output_dir``'s ``checkpoint-N``, warned that it was
+    missing and recorded afresh (3 records from step 6, against the uninterrupted run's 6)."""
+    whole = _train(tmp_path / "whole")
+    _train(tmp_path / "cut")
+    resumed = _train(tmp_path / "other", tmp_path / "cut" / f"checkpoint-{SAVE}")
+    assert _records(resumed) == _records(whole)
+    assert _rows(tmp_path / "other" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
+
+
 def _logged(log_history: list[dict]) -> list[tuple]:
     return [(e["step"], e["fisher_trace"], e["fisher_trace_stderr"], e["fisher_trace_variance_ratio"])
             for e in log_history if "fisher_trace" in e]
