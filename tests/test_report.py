@@ -23,6 +23,7 @@ from torchfim.errors import TorchfimError
 from torchfim.report import figures as report_figures
 from torchfim.report import kept_steps
 from torchfim.report import settings as report_settings
+from torchfim.report.publish import PUBLISHING
 from torchfim.toy import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -570,7 +571,7 @@ def test_at_every_point_a_kill_could_hit_the_folder_is_complete(user_dir, monkey
     real_replace = io_mod.os.replace
 
     def replace(src, dst):
-        if Path(dst).resolve().parent == rep:
+        if Path(dst).resolve().parent == rep and Path(dst).name != PUBLISHING:  # between two of the report's files
             assert rep.is_dir() and _user_files_intact(rep)
             states.append(_report_bytes(rep))
         return real_replace(src, dst)
@@ -599,7 +600,7 @@ figures.draw = lambda R: {{n: {png!r} for n in {names!r}}}
 rep, real, count = Path("rep").resolve(), os.replace, [0]
 
 def replace(src, dst):
-    if Path(dst).resolve().parent == rep:
+    if Path(dst).resolve().parent == rep and Path(dst).name != {publishing!r}:
         count[0] += 1
         if count[0] == {kill_at}:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -618,7 +619,7 @@ def test_sigkill_while_publishing_leaves_every_file_whole(user_dir, fast_figures
     argv = ["report", *SMALL, "--data", "umod:data", "--seed", "1", "--out", "rep"]
     new_png = PNG_MAGIC + b"new"
     script = KILL_SCRIPT.format(names=sorted(n for n in REPORT_NAMES if n.endswith(".png")), png=new_png,
-                                kill_at=5, argv=argv)
+                                kill_at=5, argv=argv, publishing=PUBLISHING)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=user_dir, env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
