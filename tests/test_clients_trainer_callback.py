@@ -103,8 +103,9 @@ def test_a_resumed_trainer_records_what_the_uninterrupted_one_does(tmp_path) -> 
     assert _records(resumed) == _records(whole)
     assert _rows(tmp_path / "cut" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
     (tmp_path / "cut" / f"checkpoint-{SAVE}" / STATE_NAME).unlink()
-    with pytest.warns(RuntimeWarning, match=f"resumes at step {SAVE} without a saved monitor state"):
+    with pytest.warns(RuntimeWarning, match=f"resumes at step {SAVE} without a saved monitor state") as caught:
         afresh = _train(tmp_path / "cut", tmp_path / "cut" / f"checkpoint-{SAVE}")
+    assert {w.filename for w in caught if "monitor state" in str(w.message)} == {__file__}  # trainer.train's line
     assert [r.step for r in afresh.history] == list(range(SAVE + EVERY, STEPS + 1, EVERY))
     rows = _rows(tmp_path / "cut" / CSV_NAME)  # the dead run's rows up to the checkpoint, then the new ones
     assert [int(r[0]) for r in rows[1:]] == list(range(0, SAVE + 1, EVERY)) + list(range(SAVE + EVERY, STEPS + 1, EVERY))
