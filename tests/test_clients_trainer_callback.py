@@ -57,10 +57,12 @@ class _Snapshots(TrainerCallback):
             self.models[state.global_step] = copy.deepcopy(model)
 
 
-def _train(out, resume=None, *extra, logged: bool = False) -> FisherTraceCallback:
+def _train(out, resume=None, *extra, logged: bool = False, logging_steps: int | None = None) -> FisherTraceCallback:
+    """``logging_steps``: the trainer logs its training loss every so many steps (None: it logs nothing)."""
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, save_steps=SAVE,
                              report_to=["tensorboard"] if logged else [], use_cpu=True, seed=0, disable_tqdm=True,
-                             logging_strategy="no", learning_rate=1e-2)
+                             logging_strategy="no" if logging_steps is None else "steps",
+                             logging_steps=logging_steps or 500, learning_rate=1e-2)
     trainer = Trainer(model=_model(), args=args, train_dataset=DATA, callbacks=list(extra))
     callback = FisherTraceCallback(HELD, every=EVERY, trainer=trainer if logged else None, **OPTIONS)
     trainer.add_callback(callback)
@@ -101,14 +103,25 @@ def test_a_resumed_trainer_records_what_the_uninterrupted_one_does(tmp_path) -> 
     assert _records(resumed) == _records(whole)
     assert _rows(tmp_path / "cut" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
     (tmp_path / "cut" / f"checkpoint-{SAVE}" / STATE_NAME).unlink()
-    with pytest.warns(RuntimeWarning, match=f"resumes at step {SAVE} without a saved monitor state"):
+    with pytest.warns(RuntimeWarning, match=f"resumes at step {SAVE} without a saved monitor state") as caught:
         afresh = _train(tmp_path / "cut", tmp_path / "cut" / f"checkpoint-{SAVE}")
+    assert {w.filename for w in caught if "monitor state" in str(w.message)} == {__file__}  # trainer.train's line
     assert [r.step for r in afresh.history] == list(range(SAVE + EVERY, STEPS + 1, EVERY))
     rows = _rows(tmp_path / "cut" / CSV_NAME)  # the dead run's rows up to the checkpoint, then the new ones
     assert [int(r[0]) for r in rows[1:]] == list(range(0, SAVE + 1, EVERY)) + list(range(SAVE + EVERY, STEPS + 1, EVERY))
     assert rows[1:] != _rows(tmp_path / "whole" / CSV_NAME)[1:]  # fresh labels after the checkpoint
     _train(tmp_path / "cut")  # a run from step 0 in the same folder: its own rows only
     assert _rows(tmp_path / "cut" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
+
+
+def test_a_run_resumed_into_another_output_dir_loads_the_state_of_the_checkpoint_it_is_given(tmp_path) -> None:
+    """Before, the callback looked for its state in the new ``output_dir``'s ``checkpoint-N``, warned that it was
+    missing and recorded afresh (3 records from step 6, against the uninterrupted run's 6)."""
+    whole = _train(tmp_path / "whole")
+    _train(tmp_path / "cut")
+    resumed = _train(tmp_path / "other", tmp_path / "cut" / f"checkpoint-{SAVE}")
+    assert _records(resumed) == _records(whole)
+    assert _rows(tmp_path / "other" / CSV_NAME) == _rows(tmp_path / "whole" / CSV_NAME)
 
 
 def _logged(log_history: list[dict]) -> list[tuple]:
@@ -132,6 +145,23 @@ def test_given_the_trainer_the_records_go_to_its_logs_once(tmp_path) -> None:
     assert not _logged(_train(tmp_path / "plain").log_history)
     with pytest.raises(TorchfimError, match="must be the transformers Trainer it is added to"):
         FisherTraceCallback(HELD, trainer=Trainer)  # the class, not the trainer
+
+
+def _losses(log_history: list[dict]) -> list[tuple]:
+    return [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in log_history if "loss" in e]
+
+
+@pytest.mark.parametrize("logging_steps", [EVERY, 3])
+def test_given_the_trainer_its_own_loss_logs_are_kept(tmp_path, logging_steps: int) -> None:
+    """The trainer's loss entries are those of the run whose callback is not given the trainer, beside the records.
+    Before, logging a record cleared the trainer's ``should_log`` at each measured step: with ``every ==
+    logging_steps`` no loss was logged at all, and otherwise the next loss averaged two intervals."""
+    plain = _train(tmp_path / "plain", logging_steps=logging_steps)
+    logged = _train(tmp_path / "logged", logged=True, logging_steps=logging_steps)
+    want = _losses(plain.log_history)
+    assert [step for step, *_ in want] == list(range(logging_steps, STEPS + 1, logging_steps))
+    assert _losses(logged.log_history) == want
+    assert _logged(logged.log_history) == _records(logged) == _records(plain)
 
 
 def test_options_the_monitor_would_refuse_are_refused_when_the_callback_is_built() -> None:

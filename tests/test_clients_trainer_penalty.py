@@ -13,6 +13,7 @@ from a checkpoint ends with the uninterrupted run's parameters, bit for bit.
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import clients
 import pytest
@@ -22,7 +23,7 @@ transformers = clients.need("transformers")
 
 from trainer_ranks import DATA, PenalisedTrainer, Steps, model_at  # noqa: E402
 from trainer_ranks import model as _model  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from torchfim.train import FisherPenalty  # noqa: E402
 
@@ -93,9 +94,21 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path, method: str)
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
 
 
-def _resumable(out, resume=None, steps: int = 6) -> list[torch.Tensor]:
+class _Values(TrainerCallback):
+    """``(global_step, pen.last_step, pen.last_value)`` at the end of every optimiser step."""
+
+    def __init__(self, penalty: FisherPenalty) -> None:
+        self.penalty, self.values = penalty, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        value = self.penalty.last_value
+        self.values.append((state.global_step, self.penalty.last_step, None if value is None else float(value)))
+
+
+def _resumable(out, resume=None, steps: int = 6, values: list | None = None) -> list[torch.Tensor]:
     """The parameters after ``steps`` steps of a penalised Trainer (every=2) saving its checkpoints every 3 steps,
-    with the penalty's state through ``FisherPenaltyCallback`` (None: without it)."""
+    with the penalty's state through ``FisherPenaltyCallback`` (None: without it); ``values`` gets the penalty's
+    values step by step."""
     from torchfim.train.trainer_callback import FisherPenaltyCallback
 
     model = _model()
@@ -103,9 +116,12 @@ def _resumable(out, resume=None, steps: int = 6) -> list[torch.Tensor]:
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, save_steps=3,
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
                              learning_rate=1e-2, max_grad_norm=0.0)
+    recorded = _Values(penalty)
     trainer = PenalisedTrainer(model=model, args=args, train_dataset=DATA, penalty=penalty,
-                               callbacks=[FisherPenaltyCallback(penalty)])
+                               callbacks=[FisherPenaltyCallback(penalty), recorded])
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    if values is not None:
+        values.extend(recorded.values)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -123,6 +139,20 @@ def test_a_resumed_penalised_trainer_trains_as_the_uninterrupted_one(tmp_path) -
     with pytest.warns(RuntimeWarning, match="resumes at step 3 without a saved penalty state"):
         afresh = _resumable(tmp_path / "cut", tmp_path / "cut" / "checkpoint-3")
     assert not all(torch.equal(a, b) for a, b in zip(afresh, whole))
+
+
+def test_a_run_resumed_into_another_output_dir_loads_the_penaltys_state_from_the_checkpoint_it_is_given(
+        tmp_path) -> None:
+    """Before, the callback looked in the new ``output_dir``'s ``checkpoint-3``, warned that the state was missing
+    and went on afresh: no cached gradient at step 4 (the step reusing it), fresh labels after."""
+    whole_values, resumed_values = [], []
+    whole = _resumable(tmp_path / "whole", values=whole_values)
+    _resumable(tmp_path / "cut")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning that the state is missing
+        resumed = _resumable(tmp_path / "other", tmp_path / "cut" / "checkpoint-3", values=resumed_values)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole, strict=True))
+    assert [v[0] for v in resumed_values] == [4, 5, 6] and resumed_values == whole_values[3:]
 
 
 def _evaluated(out, evaluate: bool) -> tuple[PenalisedTrainer, Steps, FisherPenalty]:

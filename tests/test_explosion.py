@@ -293,3 +293,24 @@ def test_committed_study_rebuilds_byte_identical_from_its_run_files(tmp_path):
         assert (out / name).read_bytes() == (COMMITTED / name).read_bytes(), name
     # a folder that already holds run files is refused
     assert cli.main(["reproduce", "explosion", "--from-results", str(COMMITTED / "results.json"), "--out", str(out)]) == 2
+
+
+def test_an_interruption_says_what_was_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any run finished says nothing was kept (before: "the finished runs are kept ... --resume");
+    after some, it counts them and names --resume."""
+    import torchfim.experiments.explosion.command as command
+
+    def interrupted(out, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run", interrupted)
+    argv = ["reproduce", "explosion", "--tiny", "--out", str(tmp_path / "study"), "--no-progress"]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "no run had finished, so none was kept; run the same command again" in err and "--resume" not in err
+    monkeypatch.undo()
+    assert cli.main(["explosion", "--tiny", "--out", str(tmp_path / "study"), "--no-progress", "--max-runs", "2"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(command, "run", interrupted)
+    assert cli.main([*argv, "--resume"]) == 130
+    assert "the 2 finished run(s) are kept in" in capsys.readouterr().err

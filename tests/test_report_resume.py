@@ -9,7 +9,9 @@ is the report of an uninterrupted run: every number of report.json equal, timing
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +19,12 @@ from torch import nn
 
 import torchfim
 import torchfim.report as report_mod
+from torchfim import TorchfimError
 from torchfim.families import Gaussian
 from torchfim.report import kept_steps
 from torchfim.report.measure import Steps
+from torchfim.report.publish import PUBLISHING
+from torchfim.report.settings import REPORT_FILES
 
 
 class _ScaledBackward(torch.autograd.Function):
@@ -213,3 +218,53 @@ def test_a_disk_that_refuses_the_steps_leaves_the_report_whole(tmp_path, monkeyp
         got = _report(model, data, tmp_path / "r")
     assert len([w for w in caught if "no longer kept" in str(w.message)]) == 1
     assert got["resumed_steps"] == 0 and _numbers(tmp_path / "r") == want
+
+
+def _interrupt_publishing(patch, out, after: int) -> list[str]:
+    """Make the report raise KeyboardInterrupt once ``after`` of its files are renamed into ``out``; their names."""
+    import torchfim._io as io_mod
+
+    renamed, real = [], os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(dst).parent == out and Path(dst).name in REPORT_FILES:
+            renamed.append(Path(dst).name)
+            if len(renamed) == after:
+                raise KeyboardInterrupt
+
+    patch.setattr(io_mod.os, "replace", replace)
+    return renamed
+
+
+def test_a_report_interrupted_while_it_publishes_goes_on(tmp_path, monkeypatch) -> None:
+    """Ctrl-C after 3 of the report's files are in place, before report.json: the same run again reads the kept
+    steps back and writes the uninterrupted report. Before, the rerun was refused: --out held files "no earlier
+    torchfim report there wrote", since only report.json (renamed last) said which files were the report's."""
+    model, data = _setup()
+    want = _numbers(_whole(tmp_path, model, data, {}))
+    out = tmp_path / "r"
+    with monkeypatch.context() as patch:
+        renamed = _interrupt_publishing(patch, out, 3)
+        with pytest.raises(KeyboardInterrupt):
+            _report(model, data, out)
+    assert len(renamed) == 3 and "report.json" not in renamed and not (out / "report.json").exists()
+    kept = len(list((out / kept_steps.FOLDER).glob("*.pt")))
+    got = _report(model, data, out)
+    assert got["resumed_steps"] == kept > 0 and _numbers(out) == want
+    assert not (out / kept_steps.FOLDER).exists() and not (out / PUBLISHING).exists()
+
+
+def test_a_users_file_in_place_of_an_interrupted_reports_file_is_refused(tmp_path, monkeypatch) -> None:
+    """The interrupted report owns the files it put there with the content it wrote, not whatever holds their
+    names later."""
+    model, data = _setup()
+    out = tmp_path / "r"
+    with monkeypatch.context() as patch:
+        renamed = _interrupt_publishing(patch, out, 2)
+        with pytest.raises(KeyboardInterrupt):
+            _report(model, data, out)
+    (out / renamed[0]).write_text("the user's own file")
+    with pytest.raises(TorchfimError, match=rf"holds {renamed[0]}, which the report would overwrite"):
+        _report(model, data, out)
+    assert (out / renamed[0]).read_text() == "the user's own file"

@@ -192,6 +192,30 @@ def test_interrupted_run_keeps_finished_sections(tmp_path, monkeypatch):
     assert "- Not drawn, their parts unfinished: `fig_c_depth_width.png`, `fig_d_training.png`." in figures
 
 
+def test_an_interrupted_rerun_leaves_no_figure_of_the_earlier_run(tmp_path, monkeypatch):
+    """A finished run, then the same study interrupted in its depth-width part: the folder holds the figures the
+    new summary.md describes, not the earlier run's fig_c and fig_d beside the new results (which summary.md
+    said were "Not drawn")."""
+    tiny = soen_sun.Settings(
+        n_inputs=8, width=4, activations=("relu",), settings_ab=(("digits", "categorical"),), depths=(1,),
+        widths=(4,), train_activations=("tanh",), checkpoints=(0,), extra_seeds=(),
+    )
+    soen_sun.run(tmp_path, settings=tiny, progress=False)
+    assert all((tmp_path / png).is_file() for png in PNGS)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from torchfim.experiments.soen_sun import figures
+
+    monkeypatch.setattr(figures, "plot_depth_width", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        soen_sun.run(tmp_path, settings=tiny, progress=False)
+    assert [png for png in PNGS if (tmp_path / png).exists()] == list(PNGS[:2])
+    assert "Not drawn, their parts unfinished: `fig_c_depth_width.png`, `fig_d_training.png`." in (
+        tmp_path / "summary.md").read_text(encoding="utf-8")
+
+
 def test_an_interrupted_command_names_its_partial_output_and_that_it_does_not_resume(tmp_path, monkeypatch, capsys):
     """(before: "interrupted" alone)"""
     from torchfim.experiments.soen_sun import command

@@ -54,16 +54,17 @@ def _train(model, opt, x, y, steps, tool=None) -> None:
             tool.step(step)
 
 
-def _monitored(options: dict, resume: str | None, **paths) -> FisherTraceMonitor:
+def _monitored(options: dict, resume: str | None, wrapped: str | None = None, **paths) -> FisherTraceMonitor:
     """The monitor of a run of STEPS steps: uninterrupted (None), or rebuilt after step SAVE_AT with its
-    saved state ("state") or without it ("fresh")."""
+    saved state ("state") or without it ("fresh"); ``wrapped``: the run ("saved" or "resumed") whose monitor is
+    built on the model in ``nn.DataParallel``."""
     x, y, held = _data()
     torch.manual_seed(0)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     own = options.pop("own_generator", False)  # a generator of the caller's, set to the saved state on loading
-    mon = FisherTraceMonitor(model, held, every=1, n_samples=2, **options, **paths,
-                             generator=torch.Generator().manual_seed(5) if own else None)
+    mon = FisherTraceMonitor(nn.DataParallel(model) if wrapped == "saved" else model, held, every=1, n_samples=2,
+                             **options, **paths, generator=torch.Generator().manual_seed(5) if own else None)
     if resume is None:
         _train(model, opt, x, y, range(STEPS), mon)
         return mon
@@ -74,8 +75,8 @@ def _monitored(options: dict, resume: str | None, **paths) -> FisherTraceMonitor
     model.load_state_dict(saved["model"])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     opt.load_state_dict(saved["opt"])
-    mon = FisherTraceMonitor(model, held, every=1, n_samples=2, **options, **paths,
-                             generator=torch.Generator().manual_seed(99) if own else None)
+    mon = FisherTraceMonitor(nn.DataParallel(model) if wrapped == "resumed" else model, held, every=1, n_samples=2,
+                             **options, **paths, generator=torch.Generator().manual_seed(99) if own else None)
     if resume == "state":
         mon.load_state_dict(saved["mon"])
     _train(model, opt, x, y, range(SAVE_AT + 1, STEPS), mon)
@@ -149,9 +150,10 @@ def test_a_monitor_refuses_the_state_of_another_set_up(monkeypatch: pytest.Monke
     FisherTraceMonitor(model, held, subset=12, control_variate=True).load_state_dict(state)
 
 
-def _penalised(pen_options: dict, resume: str | None, method: str) -> list[torch.Tensor]:
+def _penalised(pen_options: dict, resume: str | None, method: str, wrapped: str | None = None) -> list[torch.Tensor]:
     """The parameters after each step of a run with a penalty every 3 steps, saved after step SAVE_AT (between
-    two computed steps) and resumed as in :func:`_monitored`."""
+    two computed steps) and resumed as in :func:`_monitored`; ``wrapped``: the run ("saved" or "resumed") whose
+    penalty is built on the model in ``nn.DataParallel`` (its parameters' names prefixed ``module.``)."""
     x, y, _ = _data()
     torch.manual_seed(0)
     model, after = _model(), []
@@ -167,7 +169,7 @@ def _penalised(pen_options: dict, resume: str | None, method: str) -> list[torch
         generator = torch.Generator().manual_seed(7)
         return FisherPenalty(model, alpha=0.5, every=3, grad_method=method, generator=generator, **pen_options)
 
-    opt, pen = torch.optim.SGD(model.parameters(), lr=0.5), made(model)
+    opt, pen = torch.optim.SGD(model.parameters(), lr=0.5), made(nn.DataParallel(model) if wrapped == "saved" else model)
     if resume is None:
         run(model, opt, pen, range(STEPS))
         return after
@@ -177,7 +179,7 @@ def _penalised(pen_options: dict, resume: str | None, method: str) -> list[torch
     model.load_state_dict(saved["model"])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     opt.load_state_dict(saved["opt"])
-    pen = made(model)
+    pen = made(nn.DataParallel(model) if wrapped == "resumed" else model)
     if resume == "state":
         pen.load_state_dict(saved["pen"])
     run(model, opt, pen, range(SAVE_AT + 1, STEPS))
@@ -192,6 +194,22 @@ def test_a_resumed_penalty_trains_as_the_uninterrupted_one(kind: str, method: st
     assert all(torch.equal(a, b) for a, b in zip(resumed, whole)) and len(resumed) == STEPS
     restarted = _penalised({"kind": kind}, "fresh", method)  # step 5 reuses nothing, step 6 draws other labels
     assert not torch.equal(restarted[SAVE_AT + 1], whole[SAVE_AT + 1])
+
+
+@pytest.mark.parametrize("wrapped", ["saved", "resumed"])
+def test_a_penalty_resumes_from_the_state_of_the_same_model_wrapped_or_not(wrapped: str) -> None:
+    """A state saved on the model in DDP or ``nn.DataParallel`` (names ``module.0.weight``, ...) goes on in the bare
+    model's penalty, and the other way round. Before, it was refused as the state of another model."""
+    whole = _penalised({}, None, "exact")
+    resumed = _penalised({}, "state", "exact", wrapped)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole, strict=True))
+
+
+@pytest.mark.parametrize("wrapped", ["saved", "resumed"])
+def test_a_monitor_resumes_from_the_state_of_the_same_model_wrapped_or_not(wrapped: str) -> None:
+    """The monitor's state names no parameter: it goes on alike (a guard beside the penalty's test)."""
+    options = {"subset": 12, "control_variate": True}
+    assert _fields(_monitored(dict(options), "state", wrapped=wrapped)) == _fields(_monitored(dict(options), None))
 
 
 def test_a_penalty_refuses_the_state_of_another_model() -> None:

@@ -63,7 +63,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     return path
 
 
-def write_files(directory: str | os.PathLike, files: Mapping[str, str | bytes], *, remove: Iterable[str] = ()) -> Path:
+def write_files(directory: str | os.PathLike, files: Mapping[str, str | bytes], *, remove: Iterable[str] = (),
+                before_renaming: Callable[[], object] | None = None) -> Path:
     """Put ``files`` (name -> text or bytes) into ``directory``, each atomically; delete ``remove``.
 
     Every file is first written in full to a temporary file in ``directory``; only then are they
@@ -73,7 +74,8 @@ def write_files(directory: str | os.PathLike, files: Mapping[str, str | bytes], 
     last file is the last to appear: make it the one that says the others are complete. Nothing
     else in ``directory`` is touched, except the temporary files of these names that a killed
     process left behind. Directories created here are removed again when nothing could be
-    written. Returns ``directory`` as a :class:`Path`.
+    written. ``before_renaming`` is called once every file is written, before the first rename (a
+    failure in it counts as one while writing). Returns ``directory`` as a :class:`Path`.
     """
     directory = Path(directory)
     made = _missing_dirs(directory)
@@ -84,6 +86,8 @@ def write_files(directory: str | os.PathLike, files: Mapping[str, str | bytes], 
         for name, content in files.items():
             path = directory / name
             staged.append((_write_temporary(path, lambda f, c=content: f.write(c), not isinstance(content, str)), path))
+        if before_renaming is not None:
+            before_renaming()
     except BaseException:
         for tmp, _ in staged:
             _unlink_quietly(tmp)

@@ -35,10 +35,16 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+#: Packages that call torchfim back (a Trainer calls the callbacks): a warning goes past them to the user's line.
+_CALLERS = ("transformers.", "accelerate.")
+
+
 def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
-    """Warn with ``message``, attributed to the first caller outside torchfim (the user's line)."""
+    """Warn with ``message``, attributed to the first caller outside torchfim and the libraries that call it back
+    (transformers' ``Trainer``): the user's line."""
     frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+    while frame is not None and (str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE)
+                                 or str(frame.f_globals.get("__name__", "")).startswith(_CALLERS)):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

@@ -54,7 +54,9 @@ files and nothing else: files already there (notes, a ``thesis.tex``, a ``runs/`
 untouched, an earlier report's files are replaced, and a file with a report's name that no report
 wrote makes the command refuse before computing anything. Every file is written completely to a
 temporary file first and then renamed into place, report.json last, so a failed or interrupted
-run never removes ``--out`` and never leaves a half-written file (:mod:`torchfim.report.publish`).
+run never removes ``--out`` and never leaves a half-written file (:mod:`torchfim.report.publish`); the
+files an interrupted run had already renamed into place are still its own, so the same command run again
+replaces them.
 While it computes, each finished step is kept in the folder ``.torchfim-report-steps`` inside ``--out``,
 removed once the report is written: the same report run again after an interruption (the same weights,
 forward and backward, data and options) reads the finished steps back and computes only the rest; ``--no-resume``

@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed for the default model's training, the subset and sampled labels "
                              "(default: 0)")
     parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
-                        help=f"training epochs of the default model (default: {DEFAULT_EPOCHS})")
+                        help=f"training epochs of the default model, all of them however long they take (a few "
+                             "hundredths of a second each on one core), so a seed gives the same model and "
+                             f"report on every run (default: {DEFAULT_EPOCHS})")
     parser.add_argument("--hidden", type=layer_widths, default=None, metavar="W1,W2,...",
                         help="hidden widths of the default model (default: "
                              f"{','.join(map(str, toy.HIDDEN))})")

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import toy
 from .data import Data
 from .load import apply_state_dict
-from .settings import DEFAULT_EPOCHS, DEFAULT_TRAIN_SECONDS
+from .settings import DEFAULT_EPOCHS
 
 __all__ = ["default_model", "digits_data"]
 
@@ -21,16 +21,17 @@ def default_model(
     hidden: tuple[int, ...] | None = None,
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
-    seconds: float = DEFAULT_TRAIN_SECONDS,
+    seconds: float | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     checkpoint_name: str = "the checkpoint",
 ) -> tuple[nn.Module, Data, dict | None]:
     """The embedded default: the demo's tanh MLP on scikit-learn's digits, and the digits.
 
     Without ``state_dict`` the MLP (``hidden`` widths, default the demo's 32,32) is initialised
-    from ``seed`` and trained with :func:`torchfim.toy.train_classifier` for ``epochs`` epochs
-    (``seconds`` is a safety limit; the epoch cap normally ends training, so the result is
-    deterministic). With ``state_dict`` (of that architecture, e.g. a report's ``model.pt``) the
+    from ``seed`` and trained with :func:`torchfim.toy.train_classifier` for ``epochs`` epochs, all
+    of them by default, so the model is the same for a seed on every run (``seconds``: a wall-clock
+    limit that ends training after the first epoch past it, for a model that then depends on the
+    machine's speed; ``torchfim report`` sets none). With ``state_dict`` (of that architecture, e.g. a report's ``model.pt``) the
     weights are loaded instead. Returns ``(model, data, training)``, ``training`` being
     :func:`torchfim.toy.train_classifier`'s summary or None.
     """

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._prefix import without_prefix
 from ..errors import TorchfimError
 
 __all__ = [
@@ -265,7 +266,7 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str, h
     once, and it is loaded through the other name. ``hint`` ends the message (what to pass instead).
     """
     own = model.state_dict(keep_vars=True)
-    state, prefix = _without_prefix(dict(state), own)
+    state, prefix = without_prefix(dict(state), own)
     names_of = {}  # a tensor's names in the model: tied weights have several
     for k, v in own.items():
         names_of.setdefault(id(v), []).append(k)
@@ -294,19 +295,6 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str, h
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # dtype trouble or a custom load hook
         raise TorchfimError(f"--checkpoint {path} does not match the model ({one_line(exc)}); {hint}") from exc
-
-
-def _without_prefix(state: dict[str, Tensor], own: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """``state`` without the leading name components that all its keys share, where that makes some of them names
-    of the model and none was (else ``state`` as it is, so that a mismatch is reported with the saved names), and
-    the prefix removed."""
-    stripped, prefix = state, ""
-    while stripped and not any(k in own for k in stripped):
-        heads = {k.split(".", 1)[0] for k in stripped}
-        if len(heads) != 1 or not all("." in k for k in stripped):
-            return state, ""
-        stripped, prefix = {k.split(".", 1)[1]: v for k, v in stripped.items()}, prefix + heads.pop() + "."
-    return stripped, prefix
 
 
 def _read_as(prefix: str) -> str:

@@ -210,5 +210,4 @@ def _default_source(model: nn.Module, checkpoint, training: dict | None, seed: i
         f"with weights from {checkpoint}" if training is None
         else f"trained {training['epochs']} epochs with Adam on the digits (seed {seed}): "
              f"train loss {training['loss']:.3g}, accuracy {100 * training['accuracy']:.1f}%"
-             + (" (stopped by the time limit)" if training["stopped_by_time"] else "")
     )

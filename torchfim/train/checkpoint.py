@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .._prefix import without_prefix
 from ..engine.batch import Batch
 from ..errors import TorchfimError
 
@@ -106,12 +107,17 @@ def named_gradients(model: nn.Module, params: list[Tensor], grads: list[Tensor])
 
 def gradients_on(model: nn.Module, saved: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters of ``model`` that the saved gradients are named after, and the gradients (in the
-    parameters' dtype and device); refused when a name is missing or a shape differs."""
+    parameters' dtype and device); refused when a name is missing or a shape differs. Names saved on the model
+    in a wrapper (DDP's ``module.``) are read on the bare model, and the other way round."""
     params = dict(model.named_parameters())
+    saved, _ = without_prefix(dict(saved), params)  # saved on the wrapper, loaded on the bare model
+    _, prefix = without_prefix(params, saved)  # saved on the bare model, loaded on the wrapper
+    saved = {prefix + n: g for n, g in saved.items()}
     wrong = [n for n, g in saved.items() if n not in params or params[n].shape != g.shape]
     if wrong:
         raise TorchfimError(
             f"FisherPenalty.load_state_dict: the saved penalty gradient has parameters {wrong[:3]} that this model "
-            "does not hold with those shapes; load the state into the penalty of the model it was saved with"
+            "does not hold with those shapes (a prefix that a wrapper puts on every name, such as DDP's module., "
+            "is read away); load the state into the penalty of the model it was saved with"
         )
     return [params[n] for n in saved], [g.to(params[n].device, params[n].dtype) for n, g in saved.items()]

@@ -369,8 +369,10 @@ class FisherPenalty(PenaltyTerms):
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Go on from a saved :meth:`state_dict` as the saved run would: the steps up to the next computed
-        one reuse the saved gradient, put on this model's parameters of the same names; the generator
-        passed at construction, if any, is set to the saved state."""
+        one reuse the saved gradient, put on this model's parameters of the same names (a prefix a wrapper puts
+        on every name read away: a state saved on the model in DDP or ``nn.DataParallel`` loads into the bare
+        model's penalty, and the other way round); the generator passed at construction, if any, is set to
+        the saved state."""
         state = checked(state, "FisherPenalty", {"kind": self.kind}, ("generator", "last_value", "last_step", "cache"))
         self.generator = restored_generator(self.generator, state["generator"], "FisherPenalty")
         self.last_step, first = state["last_step"], trainable(self.model)[1][0]

@@ -7,7 +7,8 @@ then every ``every`` optimiser steps (``state.global_step``, so gradient accumul
 count). The records go to ``callback.history`` and to ``fisher_trace.csv`` in the trainer's ``output_dir``
 (``csv_path`` picks another file; a run that starts at step 0 starts it afresh). Every checkpoint the trainer
 saves gets the monitor's state (``torchfim_monitor.pt`` in its ``checkpoint-N`` folder), and
-``trainer.train(resume_from_checkpoint=...)`` loads it back, so the resumed run records exactly what the
+``trainer.train(resume_from_checkpoint=...)`` loads it back from the checkpoint folder the trainer resumes from
+(in ``output_dir`` or elsewhere: a run resumed into another ``output_dir`` goes on there), so the resumed run records exactly what the
 uninterrupted one would and the CSV file is cut back to the checkpoint (:mod:`torchfim.train.checkpoint`;
 without the saved state, the records start afresh there and the file keeps the rows up to it).
 Under several processes every process measures its share of the held inputs (``across_processes=True``,
@@ -20,14 +21,19 @@ each checkpoint's ``trainer_state.json``, and every ``report_to`` integration: T
 MLflow) only when it is given the trainer: ``trainer.add_callback(FisherTraceCallback(held, trainer=trainer))``.
 Each measurement is then logged by ``trainer.log`` at its step, as ``fisher_trace`` and ``fisher_trace_stderr``
 (and ``fisher_trace_variance_ratio`` with ``control_variate=True``); records restored on resuming are not
-logged again.
+logged again. The trainer's own logs (the training loss every ``logging_steps``) stay as they are without the
+callback.
 
 ``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
 ``compute_loss`` (see the README; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
 it, whose forwards alone make several processes average their gradients): its state (generator, cached
 gradient) goes into every checkpoint, one file per process (``torchfim_penalty-<process index>.pt``, each
-process drawing its own labels), and comes back on ``resume_from_checkpoint``, so the resumed run trains as
-the uninterrupted one would.
+process drawing its own labels), and comes back on ``resume_from_checkpoint`` (from the folder it names), so the
+resumed run trains as the uninterrupted one would.
+
+transformers hands callbacks no checkpoint path: both callbacks read it, when training begins at a step past 0,
+from the ``resume_from_checkpoint`` of the ``Trainer``'s training loop (``Trainer._inner_training_loop``); where
+that cannot be read (a trainer that trains otherwise), they look in ``output_dir/checkpoint-<step>``.
 
 Importing this module imports transformers, which torchfim does not depend on.
 """
@@ -107,12 +113,12 @@ class FisherTraceCallback(TrainerCallback):
             raise TorchfimError("FisherTraceCallback needs the trainer's model, which the Trainer passes to callbacks")
         path = Path(args.output_dir) / CSV_NAME if self.csv_path is None else Path(self.csv_path)
         self._state_name = f"torchfim_monitor-{args.process_index}.pt" if options["across_processes"] else STATE_NAME
-        saved = _checkpoint(args, state.global_step) / self._state_name
+        saved = _resumed_from(args, state.global_step) / self._state_name
         if first and state.global_step == 0 and path.exists():
             path.unlink()  # a run from step 0: its own records only
         self.monitor = FisherTraceMonitor(model, self.inputs, every=self.every, csv_path=path, **options)
         if state.global_step == 0:
-            self._log(self.monitor.measure(0))
+            self._log(self.monitor.measure(0), control)
         elif saved.is_file():
             self.monitor.load_state_dict(torch.load(saved, weights_only=True))
         else:
@@ -125,16 +131,20 @@ class FisherTraceCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
-            self._log(self.monitor.step(state.global_step))
+            self._log(self.monitor.step(state.global_step), control)
 
-    def _log(self, record: TraceRecord | None) -> None:
-        """``record`` into the trainer's logs, where the callback was given the trainer."""
+    def _log(self, record: TraceRecord | None, control) -> None:
+        """``record`` into the trainer's logs, where the callback was given the trainer; the trainer's own log of
+        this step (``control.should_log``) is kept."""
         if self.trainer is None or record is None:
             return
         logs = {"fisher_trace": record.trace, "fisher_trace_stderr": record.stderr}
         if record.variance_ratio is not None:
             logs["fisher_trace_variance_ratio"] = record.variance_ratio
+        # trainer.log clears should_log, which the trainer's flow set for its own loss log that follows this event
+        should_log = control.should_log
         self.trainer.log(logs)
+        control.should_log = self.trainer.control.should_log = should_log
 
     def on_save(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
@@ -164,7 +174,7 @@ class FisherPenaltyCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         if state.global_step == 0:
             return
-        saved = _checkpoint(args, state.global_step) / _penalty_file(args)
+        saved = _resumed_from(args, state.global_step) / _penalty_file(args)
         if saved.is_file():
             self.penalty.load_state_dict(torch.load(saved, weights_only=True))
         else:
@@ -208,3 +218,22 @@ def _penalty_file(args) -> str:
 def _checkpoint(args, step: int) -> Path:
     """The folder the trainer saves the checkpoint of ``step`` in."""
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def _resumed_from(args, step: int) -> Path:
+    """The checkpoint folder the trainer resumes from at ``step``: the ``resume_from_checkpoint`` its training loop
+    holds (``True`` already made the last checkpoint's path there), else the trainer's own ``checkpoint-<step>``."""
+    # transformers hands callbacks no checkpoint path, so it is read from Trainer._inner_training_loop's frame,
+    # which calls the callbacks' on_train_begin
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
+                path = frame.f_locals.get("resume_from_checkpoint")
+                if isinstance(path, (str, os.PathLike)):
+                    return Path(path)
+                break
+            frame = frame.f_back
+    finally:
+        del frame  # a frame held here would keep the trainer's locals alive in a reference cycle
+    return _checkpoint(args, step)

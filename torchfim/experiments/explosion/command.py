@@ -17,11 +17,9 @@ from .settings import DEFAULT_OUT, FILES, PRESETS, Settings, settings_from_json
 from .store import extract_runs, holds_runs
 from .study import run
 
-__all__ = ["HELP", "add_arguments", "main"]
+__all__ = ["HELP", "add_arguments", "interrupted_hint", "main"]
 
 HELP = "the Catastrophic Fisher Explosion study (Jastrzębski et al. 2021) at CPU scale"
-#: What to do after an interruption (printed by :mod:`torchfim.cli`): every finished run is in DIR/runs/.
-INTERRUPTED = "the finished runs are kept in --out's runs/ folder; run the same command with --resume to go on"
 #: The options that make the runs, which --from-results takes from the results.json instead.
 _RUN_OPTIONS = {"quick": False, "tiny": False, "seeds": None, "master_seed": None, "jobs": 1, "max_runs": None}
 
@@ -46,7 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-runs", type=positive_int, default=None, help=argparse.SUPPRESS)  # stop after N new runs
-    parser.set_defaults(_interrupted=INTERRUPTED)
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
@@ -72,14 +69,26 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         settings = replace(settings, n_seeds=args.seeds)
     start = time.perf_counter()
     master_seed = 0 if args.master_seed is None else args.master_seed
-    res = run(args.out, settings, master_seed=master_seed, resume=args.resume, jobs=args.jobs,
-              progress=not args.no_progress, max_runs=args.max_runs)  # fmt: skip
+    try:
+        res = run(args.out, settings, master_seed=master_seed, resume=args.resume, jobs=args.jobs,
+                  progress=not args.no_progress, max_runs=args.max_runs)  # fmt: skip
+    except KeyboardInterrupt:
+        args._interrupted = interrupted_hint(args.out)  # printed by torchfim.cli
+        raise
     if res is None:
         print(f"stopped after {args.max_runs} runs; finish with the same command and --resume", file=sys.stderr)
         return 0
     out = Path(args.out)
     print(f"wrote {out / FILES['summary']}, {out / FILES['json']} and figures in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def interrupted_hint(out: str) -> str:
+    """What to do after an interruption: go on with ``--resume`` from the finished runs in DIR/runs/, if any."""
+    kept = len(list((Path(out) / "runs").glob("*.json")))
+    if not kept:
+        return "no run had finished, so none was kept; run the same command again to start over"
+    return f"the {kept} finished run(s) are kept in {Path(out) / 'runs'}/; run the same command with --resume to go on"
 
 
 def _check_out(out: str, settings: Settings) -> None:

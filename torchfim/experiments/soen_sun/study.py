@@ -62,6 +62,10 @@ def run(
         torch.set_num_threads(previous)
 
 
+#: The keys in FILES of the study's figures.
+FIGURES = ("fig_a", "fig_b", "fig_c", "fig_d")
+
+
 def _units(s: Settings) -> int:
     return (
         len(s.settings_ab) * len(s.activations) * (1 + len(s.extra_seeds))
@@ -107,11 +111,17 @@ class _Study:
             "training": [],
         }
         self.done: set[str] = set()
+        self.drawn: set[str] = set()
         self.data: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.bar: Any = None
 
     def save(self) -> None:
-        """Rewrite results.json, results.csv and summary.md with what is finished so far."""
+        """Rewrite results.json, results.csv and summary.md with what is finished so far, and remove the figures
+        an earlier run drew of the parts this one has not finished (check_study_out made sure they are the
+        study's)."""
+        for key in FIGURES:
+            if key not in self.drawn:
+                (self.out / FILES[key]).unlink(missing_ok=True)
         write_tables(self.out, self.results)
         write_text(self.out / FILES["summary"], summary(self.results, self.s, self.done))
 
@@ -150,12 +160,15 @@ class _Study:
         if part == "bound_ratios+activations":
             figures.plot_bound_ratios(results, s, out / FILES["fig_a"])
             figures.plot_activations(results, s, out / FILES["fig_b"])
+            self.drawn |= {"fig_a", "fig_b"}
         elif part == "seeds":
             figures.plot_activations(results, s, out / FILES["fig_b"])
         elif part == "depth_width":
             figures.plot_depth_width(results, s, out / FILES["fig_c"])
+            self.drawn.add("fig_c")
         else:
             figures.plot_training(results, s, out / FILES["fig_d"])
+            self.drawn.add("fig_d")
 
     def load_data(self) -> None:
         """Each data set the settings use, with its measured rows."""
