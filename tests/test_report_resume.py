@@ -268,3 +268,24 @@ def test_a_users_file_in_place_of_an_interrupted_reports_file_is_refused(tmp_pat
     with pytest.raises(TorchfimError, match=rf"holds {renamed[0]}, which the report would overwrite"):
         _report(model, data, out)
     assert (out / renamed[0]).read_text() == "the user's own file"
+
+
+def test_the_warnings_of_a_step_that_fails_are_warned(monkeypatch) -> None:
+    """A step that warns and then fails (here interrupted): its warnings, the library's and others', reach the terminal,
+    as every warning of a report that ends in an error does (before the review's mend: lost with the step)."""
+    model, data = _setup()
+    fisher = torchfim.fisher
+
+    def warning_then_interrupted(*args, **kw):
+        if kw.get("structure") == "diag" and kw.get("estimator", "exact") == "exact":
+            warnings.warn("torchfim: a warning of the exact diagonal", RuntimeWarning, stacklevel=2)
+            warnings.warn("a user's warning", UserWarning, stacklevel=2)
+            raise KeyboardInterrupt
+        return fisher(*args, **kw)
+
+    monkeypatch.setattr(torchfim, "fisher", warning_then_interrupted)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(KeyboardInterrupt):
+        warnings.simplefilter("always")
+        report_mod.run_report(model, data, out=None, progress=False, emit=None)
+    shown = [str(w.message) for w in caught]
+    assert "torchfim: a warning of the exact diagonal" in shown and "a user's warning" in shown

@@ -390,11 +390,43 @@ def test_dense_score_variances_taken_one_input_at_a_time_match_brute_force(famil
 
 def test_dense_score_variances_refuse_working_memory_that_would_not_fit(monkeypatch):
     """Memory for the result (and one working copy) but not for the per-input moments beside it: refused with the
-    size and a fix, before allocating them (before: computed until the allocator failed, inside torch)."""
+    size and a fix, before allocating them (before: computed until the allocator failed, inside torch). A family of
+    one output needs a single (n, n) product beside the result, and is computed in the same memory."""
     from torchfim import _memory
 
-    model, x = tanh_mlp(3), mlp_inputs(5)
-    p = sum(t.numel() for t in model.parameters())
-    monkeypatch.setattr(_memory, "available_bytes", lambda device: int(2.5 * p * p * 8))
-    with pytest.raises(torchfim.TorchfimError, match=r"structure='full' needs working memory of three .* freeze"):
+    def room_for_two_and_a_half_results(model):
+        p = sum(t.numel() for t in model.parameters())
+        monkeypatch.setattr(_memory, "available_bytes", lambda device: int(2.5 * p * p * 8))
+        return model
+
+    x = mlp_inputs(5)
+    model = room_for_two_and_a_half_results(tanh_mlp(3))
+    with pytest.raises(torchfim.TorchfimError, match=r"structure='full' needs working memory of 3 .* freeze"):
         torchfim.fisher_variance(model, x, structure="full")
+    one_output = room_for_two_and_a_half_results(tanh_mlp(1))
+    got = torchfim.fisher_variance(one_output, x, family="bernoulli", structure="full")
+    assert rel_err(got, variance_oracle(one_output, x, "bernoulli", 1)["score"]) < RTOL
+
+
+def test_the_dense_bounds_take_a_float32_body_under_a_float64_head():
+    """Blocks of float32 tensors under float64 outputs: the bounds promote (the review found a matmul of float64 by
+    float32 refused inside torch); against the same model all in float64, within float32 rounding."""
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x.float())).double())
+
+    torch.manual_seed(0)
+    model = Mixed()
+    wide = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    wide.load_state_dict({"0.weight": model.body.weight.double(), "0.bias": model.body.bias.double(),
+                          "2.weight": model.head.weight, "2.bias": model.head.bias})
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for bound in (torchfim.score_variance_bound_spectral, torchfim.score_variance_bound_kurtosis):
+        got, want = bound(model, x, structure="blocks"), bound(wide, x, structure="blocks")
+        assert [n.split(".")[-1] for n in got] == [n.split(".")[-1] for n in want]
+        for (name, g), w in zip(got.items(), want.values()):
+            assert rel_err(g.double(), w) < 1e-5, name

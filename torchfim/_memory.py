@@ -74,16 +74,35 @@ def cgroup_free_bytes() -> int | None:
 
 
 def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
-    """The limit of the cgroup ``folder`` less its usage that cannot be reclaimed; None without a limit."""
+    """The limit of the cgroup ``folder`` less its usage that cannot be reclaimed; None without a limit. A usage
+    or cache that cannot be read counts as none: the limit itself stays known."""
     try:
         limit = (folder / limit_file).read_text().strip()
-        if limit == "max" or int(limit) >= _UNLIMITED:
-            return None
-        usage = int((folder / usage_file).read_text())
-        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
-        return max(0, int(limit) - usage + int(stat.get(inactive_key, 0)))
+        limit_bytes = None if limit == "max" else int(limit)
     except (OSError, ValueError):
         return None
+    if limit_bytes is None or limit_bytes >= _UNLIMITED:
+        return None
+    return max(0, limit_bytes - _read_int(folder / usage_file) + _stat(folder, inactive_key))
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _stat(folder: Path, key: str) -> int:
+    """The value of ``key`` in the cgroup's ``memory.stat`` (0 where it cannot be read)."""
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def fits_in_memory(n_entries: int, dtype: torch.dtype, device: torch.device,

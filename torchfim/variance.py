@@ -98,9 +98,9 @@ class ScoreVariance(StructureVisitor):
 
         def quartic(rows: slice, cols: Tensor) -> Tensor:
             if mode == "exact":  # Var[(uᵀv)²], by the family's form without cancellation
-                spread = fam.for_rows(rows).score_square_spread(o[rows], cols)
+                spread = fam.for_rows(rows).spread_along(o[rows], cols)[1]
                 return spread.to(torch.promote_types(o.dtype, cols.dtype))
-            fisher_pp = fam.for_rows(rows).fisher_output_bilinear(o[rows], cols, cols)
+            fisher_pp = fam.for_rows(rows).moments_along(o[rows], cols)[0]  # the categorical's fast second moments
             return self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2 - fisher_pp**2
 
         for i, value in self.engine.entry_quartic(self.rec, quartic).items():
@@ -122,9 +122,13 @@ class ScoreVariance(StructureVisitor):
         up to 65 times the result's memory (16 inputs, P = 3418)."""
         n, first = v.shape[1], rows.start or 0
         step = max(1, CHUNK_ELEMENTS // max(1, n * n))
-        # the family's fourth moments, the squared Fisher and a temporary of the family's: measured 3 beside the result
-        check_fits(min(step, v.shape[0]) * n * n, f"working memory of three {n}×{n} matrices per input for the "
-                   "closed-form Î1 variances", structure.name, self.engine.layout, copies=3)
+        one = slice(first, first + 1)
+        if self.mode == "exact" and self.fam.for_rows(one).score_square_variance(self.o[one]) is not None:
+            what, entries, copies = f"working memory of one {n}×{n} matrix", n * n, 1  # a product of the norms
+        else:  # the family's fourth moments, the squared Fisher and a temporary of the family's: measured 3
+            what, entries, copies = f"working memory of 3 {n}×{n} matrices per input", min(step, len(v)) * n * n, 3
+        check_fits(entries, what + " for the closed-form Î1 variances", structure.name, self.engine.layout,
+                   copies=copies)
         for start in range(0, v.shape[0], step):
             part = slice(start, min(v.shape[0], start + step))
             terms = self._pairwise_terms(v[part], slice(first + part.start, first + part.stop))
@@ -138,8 +142,9 @@ class ScoreVariance(StructureVisitor):
             weighted = (spread.unsqueeze(1) * norms).to(torch.promote_types(o.dtype, v.dtype))
             return weighted.T @ norms.to(weighted.dtype)
         fisher_squared = fam.fisher_output_gram(o, v).square_()
-        if self.mode != "exact":
-            return ((self.scale[rows].unsqueeze(1) * norms).T @ norms).sub_(fisher_squared.sum(0))
+        if self.mode != "exact":  # a block of a float32 tensor under float64 outputs: promoted
+            scaled = self.scale[rows].unsqueeze(1) * norms
+            return scaled.T @ norms.to(scaled.dtype) - fisher_squared.sum(0)
         terms = fam.pairwise_moment4(o, v).sub_(fisher_squared)
         return terms[0] if len(terms) == 1 else terms.sum(0)
 

@@ -314,15 +314,15 @@ class Family(ABC):
         """``E_y[(uᵀv)²] = vᵀΛv`` and ``E_y[(uᵀv)⁴]`` for output-space vectors ``v`` (B, m, C) → (B, m) each."""
         return self.fisher_output_bilinear(o, v, v), self.moment4(o, v, v)
 
-    def score_square_spread(self, o: Tensor, v: Tensor) -> Tensor:
-        """``Var_y[(uᵀv)²] = E_y[(uᵀv)⁴] − (vᵀΛv)²`` for output-space vectors ``v`` (B, m, C) → (B, m): the
-        one-label Î1 variance of a diagonal entry. For one output it is ``Var(u²) v⁴``
+    def spread_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``E_y[(uᵀv)²] = vᵀΛv`` and ``Var_y[(uᵀv)²] = E_y[(uᵀv)⁴] − (vᵀΛv)²`` for output-space vectors ``v``
+        (B, m, C) → (B, m) each: the one-label Î1 variance of a diagonal entry. For one output it is ``Var(u²) v⁴``
         (:meth:`score_square_variance`, formed without cancellation); else the difference of
         :meth:`moments_along`."""
         if (spread := self.score_square_variance(o)) is not None:
-            return spread.unsqueeze(1) * v.square().sum(-1) ** 2
+            return self.fisher_output_bilinear(o, v, v), spread.unsqueeze(1) * v.square().sum(-1) ** 2
         second, fourth = self.moments_along(o, v)
-        return fourth - second**2
+        return second, fourth - second**2
 
     def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
         """``E_y[(uᵀv_p)² (uᵀv_q)²]`` for every pair of output-space vectors ``v`` (B, m, C) → (B, m, m).

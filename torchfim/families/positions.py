@@ -359,17 +359,16 @@ class Positions(PositionSpectra, Family):
         total = second.sum(1)
         return total, (fourth - 3 * second**2).sum(1) + 3 * total**2
 
-    def score_square_spread(self, o: Tensor, v: Tensor) -> Tensor:
-        """``Σ_t Var[(u_tᵀv_t)²] + 4 Σ_{s<t} X_s X_t``, ``X_t = v_tᵀΛ_tv_t``: independent positions, so the
-        variance of ``(Σ_t u_tᵀv_t)²`` is the positions' own plus their pairs', every term ≥ 0. Formed so, no
+    def spread_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``Σ_t X_t`` and ``Σ_t Var[(u_tᵀv_t)²] + 4 Σ_{s<t} X_s X_t``, ``X_t = v_tᵀΛ_tv_t``: independent positions, so
+        the variance of ``(Σ_t u_tᵀv_t)²`` is the positions' own plus their pairs', every term ≥ 0. Formed so, no
         difference of the fourth moment and ``(Σ_t X_t)²`` cancels (a Bernoulli output near p = ½ has
         ``Var(u²) ≈ 0``)."""
         rows, keep = self._rows(o)
-        vr = self._vector_rows(v, rows.shape[1])
-        own = self._per_position(keep, self.base.score_square_spread(rows, vr)).sum(1)
-        along = self._per_position(keep, self.base.fisher_output_bilinear(rows, vr, vr))  # (B, L, m)
+        second, spread = self.base.spread_along(rows, self._vector_rows(v, rows.shape[1]))
+        along = self._per_position(keep, second)  # (B, L, m)
         before = torch.nn.functional.pad(along[:, :-1], (0, 0, 1, 0)).cumsum(1)  # Σ_{s<t} X_s, no difference taken
-        return own + 4 * (along * before).sum(1)
+        return along.sum(1), self._per_position(keep, spread).sum(1) + 4 * (along * before).sum(1)
 
     def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
         """``Σ_t (P_t − s_t s_tᵀ − 2G_t∘G_t) + d dᵀ + 2 G∘G`` with ``P_t`` the base pairwise moment,

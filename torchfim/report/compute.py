@@ -95,8 +95,8 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
     options = {"family": (type(fam).__qualname__, repr(fam), dict(getattr(fam, "__dict__", {}))),
                "n_samples": n_samples, "seed": seed, "m": m, "max_block": max_block, "mask": mask,
                "class_dim": class_dim, "with_hessian": with_hessian, "score_only": bool(score_only or beyond is not None),
-               # steps kept before every library call took a dict's labels are not read back
-               "observed": "the mask's positions that the labels score"}
+               # steps kept before every library call took the labels (a dict's, then a tensor's -100) are not read back
+               "observed": "the mask's positions that the labels score, a dict's or a tensor's"}
     kept = KeptSteps.of(keep_in, model, data, options)
     if score_only or beyond is not None:
         reason = beyond or "asked for (score_only=True, --mode score-only)"

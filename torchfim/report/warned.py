@@ -63,12 +63,17 @@ def step_warnings() -> Iterator[list[str]]:
     """The texts of torchfim's RuntimeWarnings raised inside the block, in the list yielded, to keep with a step's
     result; every warning is passed on to the caller's filters as it came (to :func:`library_warnings` around)."""
     said: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        yield said
-    for w in caught:
-        if _kept(w.category, str(w.message)):
-            said.append(str(w.message))
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={}, source=w.source)
+    caught: list[warnings.WarningMessage] = []
+    finished = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
+            yield said
+        finished = True
+    finally:  # after an error too: library_warnings around warns them all again then
+        for w in caught:
+            if finished and _kept(w.category, str(w.message)):
+                said.append(str(w.message))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={}, source=w.source)
 
 
 def warn_again(said: list[str]) -> None:
