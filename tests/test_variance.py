@@ -408,9 +408,10 @@ def test_dense_score_variances_refuse_working_memory_that_would_not_fit(monkeypa
     assert rel_err(got, variance_oracle(one_output, x, "bernoulli", 1)["score"]) < RTOL
 
 
-def test_the_dense_bounds_take_a_float32_body_under_a_float64_head():
-    """Blocks of float32 tensors under float64 outputs: the bounds promote (the review found a matmul of float64 by
-    float32 refused inside torch); against the same model all in float64, within float32 rounding."""
+def test_the_variances_take_a_float32_body_under_a_float64_head():
+    """Blocks of float32 tensors under float64 outputs: the dense bounds and every diagonal variance promote (the
+    review found a matmul of float64 by float32 refused inside torch, the dense bounds since this session, the
+    diagonals before); against the same model all in float64, within float32 rounding."""
     class Mixed(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -430,3 +431,5 @@ def test_the_dense_bounds_take_a_float32_body_under_a_float64_head():
         assert [n.split(".")[-1] for n in got] == [n.split(".")[-1] for n in want]
         for (name, g), w in zip(got.items(), want.values()):
             assert rel_err(g.double(), w) < 1e-5, name
+    for variance in (torchfim.fisher_variance, torchfim.score_variance_bound_spectral):  # diag: a refused matmul too
+        assert rel_err(variance(model, x, structure="diag").double(), variance(wide, x, structure="diag")) < 1e-5

@@ -264,7 +264,8 @@ class PerModuleBackend(CoverageCheck, Backend):
                 continue
             a = as_float(rule.unit_input(call))  # a⁴ overflows float16 from |a| = 16
             t = fn(slice(None), sens[k][0].permute(1, 2, 0))  # columns g_u per sample: (B, out, C) → (B, out)
-            t = t.to(torch.promote_types(t.dtype, a.dtype))
+            dtype = torch.promote_types(t.dtype, a.dtype)  # a float32 layer under float64 outputs: both float64
+            t, a = t.to(dtype), a.to(dtype)
             if "weight" in rule.params:
                 total[rule.params["weight"]] = (t.T @ a**4).reshape(-1)
             if "bias" in rule.params:
