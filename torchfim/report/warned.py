@@ -13,7 +13,7 @@ library's warnings it raised (:func:`step_warnings`), and a report that reads th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = ["library_warnings", "step_warnings", "warn_again"]
@@ -36,22 +36,34 @@ def library_warnings() -> Iterator[list[str]]:
     neither kept nor warned. A warning shown before the block is caught again (entering the block resets the
     record of what was shown)."""
     kept: list[str] = []
+    shown: dict = {}  # the caller's filters, with "default" showing each warning once
+
+    def handle(w: warnings.WarningMessage, finished: bool) -> None:
+        text = str(w.message)
+        if finished and _kept(w.category, text):
+            text = text[len(_LIBRARY):].strip()
+            if not any(phrase in text for phrase in _NOTED) and text not in kept:
+                kept.append(text)
+        else:  # after an error, every warning is warned again: no report will hold them
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=shown, source=w.source)
+
+    with _recorded(handle):
+        yield kept
+
+
+@contextmanager
+def _recorded(handle: Callable[[warnings.WarningMessage, bool], None]) -> Iterator[None]:
+    """The warnings raised inside the block, each given to ``handle`` with whether the block finished (after an
+    error too)."""
     caught: list[warnings.WarningMessage] = []
     finished = False
     try:
         with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
-            yield kept
+            yield
         finished = True
-    finally:  # after an error, every warning is warned again: no report will hold them
-        shown: dict = {}  # the caller's filters, with "default" showing each warning once
+    finally:
         for w in caught:
-            text = str(w.message)
-            if finished and _kept(w.category, text):
-                text = text[len(_LIBRARY):].strip()
-                if not any(phrase in text for phrase in _NOTED) and text not in kept:
-                    kept.append(text)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=shown, source=w.source)
+            handle(w, finished)
 
 
 def _kept(category: type[Warning], text: str) -> bool:
@@ -63,17 +75,14 @@ def step_warnings() -> Iterator[list[str]]:
     """The texts of torchfim's RuntimeWarnings raised inside the block, in the list yielded, to keep with a step's
     result; every warning is passed on to the caller's filters as it came (to :func:`library_warnings` around)."""
     said: list[str] = []
-    caught: list[warnings.WarningMessage] = []
-    finished = False
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
-            yield said
-        finished = True
-    finally:  # after an error too: library_warnings around warns them all again then
-        for w in caught:
-            if finished and _kept(w.category, str(w.message)):
-                said.append(str(w.message))
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={}, source=w.source)
+
+    def handle(w: warnings.WarningMessage, finished: bool) -> None:
+        if finished and _kept(w.category, str(w.message)):
+            said.append(str(w.message))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={}, source=w.source)
+
+    with _recorded(handle):  # after an error too: library_warnings around warns them all again then
+        yield said
 
 
 def warn_again(said: list[str]) -> None:
