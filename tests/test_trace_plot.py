@@ -4,6 +4,10 @@ back exactly the records the monitor wrote."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +125,24 @@ def test_files_that_are_not_whole_runs_are_refused_or_warned_about(tmp_path, cap
     (tmp_path / "results.json").write_text('{"runs": "' + "x" * 100_000 + '"}')
     err = _plot_error(capsys, [str(tmp_path / "results.json"), "--out", out])
     assert "is not a FisherTraceMonitor CSV file" in err and len(err) < 400
+
+
+def test_the_command_prints_its_warnings_in_its_own_words(tmp_path) -> None:
+    """Under ``python -m torchfim`` a warning names the command, not ``<frozen runpy>``, and ``-W error`` still
+    applies to it."""
+    _run(tmp_path, "a", 0.1)
+    lines = (tmp_path / "a.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "cut.csv").write_text("".join(lines[:-1]) + lines[-1][:7])
+    argv = ["-m", "torchfim", "plot-trace", str(tmp_path / "cut.csv"), "--out", str(tmp_path / "t.png")]
+    env = {**os.environ, "TORCHFIM_DEBUG": ""}
+    done = subprocess.run([sys.executable, *argv], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = (f"torchfim plot-trace: warning: {str(tmp_path / 'cut.csv')!r}: its last line, {len(lines)}, is incomplete "
+            "(a run stopped while writing it?) and is left out")
+    assert done.stderr.splitlines() == [said], done.stderr
+    refused = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", *argv], check=False, capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert refused.returncode != 0 and "is incomplete" in refused.stderr
 
 
 def test_an_out_that_cannot_be_the_figure_and_a_huge_band_are_refused(tmp_path, capsys) -> None:

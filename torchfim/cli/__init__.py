@@ -14,7 +14,8 @@ Adding a command is one module with those three names plus one line in :data:`CO
 import optional dependencies inside ``main`` so that ``torchfim --help`` works without them.
 
 User mistakes (bad options, bad values, missing optional packages) end with one line on stderr and
-exit status 2, never a traceback. Set ``TORCHFIM_DEBUG=1`` to get the traceback anyway.
+exit status 2, never a traceback. Warnings print as one line in the command's name. Set ``TORCHFIM_DEBUG=1`` to
+get the traceback anyway (and warnings as Python prints them, with the line that raised them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 __all__ = ["main", "build_parser", "COMMANDS", "ALIASES", "UsageError"]
 
@@ -91,6 +94,24 @@ def _fail(prog: str, message: str, hint: str = "") -> int:
     return EXIT_USAGE
 
 
+@contextmanager
+def _warnings_in_words(prog: str) -> Iterator[None]:
+    """Warnings printed while a command runs read ``<prog>: warning: <message>``, one line: a command has no
+    line of the user's to point at (under ``python -m`` Python would name ``<frozen runpy>``). Only their
+    printing changes: the filters (``-W``, ``PYTHONWARNINGS``) and anything recording them work as before."""
+    own = warnings.formatwarning
+
+    def in_words(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 line: str | None = None) -> str:
+        return f"{prog}: warning: {' '.join(str(message).split())}\n"
+
+    warnings.formatwarning = in_words
+    try:
+        yield
+    finally:
+        warnings.formatwarning = own
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the chosen command, return its exit status."""
     debug = os.environ.get("TORCHFIM_DEBUG", "") not in ("", "0")
@@ -109,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         return _fail(prog, f"unrecognized arguments: {' '.join(extra)}", f" (see {prog} --help)")
     try:
-        return int(args._run(args) or 0)
+        with _warnings_in_words(prog) if not debug else nullcontext():
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         hint = getattr(args, "_interrupted", None)
         print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
