@@ -50,6 +50,17 @@ def test_pairwise_moment4_matches_enumeration_and_dense_default(family):
     assert close(got, Family.pairwise_moment4(fam, o, v))
 
 
+def test_pairwise_spread_is_the_variance_of_the_score_products(family):
+    """``Var[(uᵀv_p)(uᵀv_q)]`` by enumeration over the labels (for one output by ``Var(u²) v_p² v_q²``)."""
+    fam, o = get_family(family), outputs(family)
+    v = vectors(o, 4, seed=1)
+    got = fam.pairwise_spread(o, v)
+    for i, (probs, u) in enumerate(enumerated(family, o)):
+        proj = u @ v[i].T  # (S, m)
+        mean = torch.einsum("s,sp,sq->pq", probs, proj, proj)
+        assert close(got[i], torch.einsum("s,sp,sq->pq", probs, proj**2, proj**2) - mean**2)
+
+
 def test_third_moments_match_enumeration(family):
     fam, o = get_family(family), outputs(family)
     a, b, c = vectors(o, 3, seed=2), vectors(o, 3, seed=3), vectors(o, 3, seed=4)

@@ -18,6 +18,7 @@ from oracles import label_support, log_likelihood
 from torchfim import TorchfimError
 from torchfim.families import Bernoulli, Categorical, Gaussian, Poisson, Positions, positions_spectra
 from torchfim.families import positions as positions_module
+from torchfim.families import positions_spread as positions_spread_module
 
 RTOL = 1e-10
 
@@ -95,7 +96,7 @@ def test_second_and_fourth_moments_match_enumeration(case):
     k = k + k.transpose(1, 2)
     lam, root, m4 = fam.fisher_output(o), fam.fisher_output_sqrt(o), fam.fourth_moment(o)
     second, fourth = fam.moments_along(o, v)
-    moment4, pairwise = fam.moment4(o, v, w), fam.pairwise_moment4(o, v)
+    moment4, pairwise, spread = fam.moment4(o, v, w), fam.pairwise_moment4(o, v), fam.pairwise_spread(o, v)
     quad, bilinear, gram = fam.quadratic_moment(o, k), fam.fisher_output_bilinear(o, v, w), fam.fisher_output_gram(o, v)
     for i, ref in enumerate(refs):
         assert ref["m1"].abs().max() < 1e-12
@@ -106,6 +107,8 @@ def test_second_and_fourth_moments_match_enumeration(case):
         assert close(second[i], (p * proj_v**2).sum(0)) and close(fourth[i], (p * proj_v**4).sum(0))
         assert close(moment4[i], (p * proj_v**2 * proj_w**2).sum(0))
         assert close(pairwise[i], torch.einsum("s,sp,sq->pq", ref["probs"], proj_v**2, proj_v**2))
+        mean = torch.einsum("s,sp,sq->pq", ref["probs"], proj_v, proj_v)
+        assert close(spread[i], pairwise[i] - mean**2)
         assert close(quad[i], torch.einsum("abcd,ab,cd->", ref["m4"], k[i], k[i]))
         assert close(bilinear[i], (p * proj_v * proj_w).sum(0))
         assert close(gram[i], torch.einsum("s,sp,sq->pq", ref["probs"], proj_v, proj_v))
@@ -222,9 +225,10 @@ def test_masked_outputs_may_be_non_finite(case):
 def test_chunked_accumulation_matches(case, monkeypatch):
     fam, _, o = case
     v = torch.randn(o.shape[0], 3, o.shape[1], generator=torch.Generator().manual_seed(9), dtype=o.dtype)
-    whole = fam.pairwise_moment4(o, v), fam.fisher_output_gram(o, v)
+    whole = fam.pairwise_moment4(o, v), fam.fisher_output_gram(o, v), fam.pairwise_spread(o, v)
     monkeypatch.setattr(positions_module, "_CHUNK_ELEMENTS", 1)  # one position per chunk
-    chunked = fam.pairwise_moment4(o, v), fam.fisher_output_gram(o, v)
+    monkeypatch.setattr(positions_spread_module, "CHUNK_ELEMENTS", 1)
+    chunked = fam.pairwise_moment4(o, v), fam.fisher_output_gram(o, v), fam.pairwise_spread(o, v)
     for a, b in zip(whole, chunked):
         assert close(b, a, rtol=1e-13)
 

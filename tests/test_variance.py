@@ -433,3 +433,63 @@ def test_the_variances_take_a_float32_body_under_a_float64_head():
             assert rel_err(g.double(), w) < 1e-5, name
     for variance in (torchfim.fisher_variance, torchfim.score_variance_bound_spectral):  # diag: a refused matmul too
         assert rel_err(variance(model, x, structure="diag").double(), variance(wide, x, structure="diag")) < 1e-5
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e-9, 1e-3])
+def test_bernoulli_positions_dense_score_variance_near_one_half_against_mpmath(logit):
+    """``full`` and ``blocks`` Var(Î1) of the model of the test above, every pair of parameters: against the label
+    sequences enumerated in 40 digits, ``Var[(Σ_t u_t J_ta)(Σ_t u_t J_tb)]`` per input. Before, the positions' pairwise
+    fourth moment minus the squared Fisher cancelled to rounding: in float64 the entries of the input with one observed
+    position came out at 1e-16 of the fourth moment where they are 0 (b = 0), and a float32 model near p = ½ had
+    negative variances and diagonal entries 34 times its own ``diag``'s."""
+    import itertools
+
+    import mpmath
+
+    mpmath.mp.dps = 40
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.fill_(logit)
+    x = torch.randn(3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # (n, T, features)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[0, 1:] = False
+    p = 1 / (1 + mpmath.exp(-mpmath.mpf(logit)))
+    want = [[mpmath.mpf(0)] * 4 for _ in range(4)]
+    for i in range(3):
+        jac = [[mpmath.mpf(float(v)) for v in x[i, t]] + [mpmath.mpf(1)] for t in range(3) if mask[i, t]]
+        for labels in itertools.product((0, 1), repeat=len(jac)):
+            weight = mpmath.fprod(p if y else 1 - p for y in labels)
+            g = [sum((y - p) * j[a] for y, j in zip(labels, jac)) for a in range(4)]
+            for a, b in itertools.product(range(4), repeat=2):
+                want[a][b] += weight * (g[a] * g[b]) ** 2 / 9
+        means = [[sum(mpmath.fprod(p if y else 1 - p for y in labels)
+                      * sum((y - p) * j[a] for y, j in zip(labels, jac)) * sum((y - p) * j[b] for y, j in zip(labels, jac))
+                      for labels in itertools.product((0, 1), repeat=len(jac))) for b in range(4)] for a in range(4)]
+        for a, b in itertools.product(range(4), repeat=2):
+            want[a][b] -= means[a][b] ** 2 / 9
+    want = torch.tensor([[float(v) for v in row] for row in want], dtype=torch.float64)
+    got = torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure="full", mask=mask)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    blocks = torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure="blocks", mask=mask)
+    assert torch.allclose(blocks["weight"], want[:3, :3], rtol=1e-12, atol=0)
+    alone = torchfim.fisher_variance(model, x[:1], family="bernoulli", estimator="score", structure="full",
+                                     mask=mask[:1])
+    assert bool((alone == 0).all()) if logit == 0 else bool((alone > 0).all())
+
+
+def test_bernoulli_positions_dense_score_variance_in_float32_near_one_half():
+    """A float32 Bernoulli model with logits near 0 and one observed position per input: its ``full`` Var(Î1) has the
+    diagonal of its own ``diag`` (float32 rounding) and no negative entry (before: −1.1e-25 beside entries of 4e-27)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e-4)  # logits of order 1e-4
+    x = torch.randn(6, 4, 3)
+    mask = torch.zeros(6, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    full = torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure="full", mask=mask)
+    diag = torchfim.fisher_variance(model, x, family="bernoulli", estimator="score", structure="diag", mask=mask)
+    assert bool((full >= 0).all())
+    assert torch.allclose(torch.diagonal(full), diag, rtol=1e-5, atol=0)

@@ -141,11 +141,10 @@ class ScoreVariance(StructureVisitor):
         if self.mode == "exact" and (spread := fam.score_square_variance(o)) is not None:  # one output: Var(u²) v_p² v_q²
             weighted = (spread.unsqueeze(1) * norms).to(torch.promote_types(o.dtype, v.dtype))
             return weighted.T @ norms.to(weighted.dtype)
-        fisher_squared = fam.fisher_output_gram(o, v).square_()
         if self.mode != "exact":  # a block of a float32 tensor under float64 outputs: promoted
             scaled = self.scale[rows].unsqueeze(1) * norms
-            return scaled.T @ norms.to(scaled.dtype) - fisher_squared.sum(0)
-        terms = fam.pairwise_moment4(o, v).sub_(fisher_squared)
+            return scaled.T @ norms.to(scaled.dtype) - fam.fisher_output_gram(o, v).square_().sum(0)
+        terms = fam.pairwise_spread(o, v)  # outputs with positions: without cancellation (the family's own form)
         return terms[0] if len(terms) == 1 else terms.sum(0)
 
 

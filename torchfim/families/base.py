@@ -332,6 +332,16 @@ class Family(ABC):
         """
         return torch.einsum("nabcd,npa,npb,nqc,nqd->npq", self.fourth_moment(o), v, v, v, v)
 
+    def pairwise_spread(self, o: Tensor, v: Tensor) -> Tensor:
+        """``Var_y[(uᵀv_p)(uᵀv_q)] = E_y[(uᵀv_p)²(uᵀv_q)²] − (v_pᵀΛv_q)²`` for every pair of output-space vectors ``v``
+        (B, m, C) → (B, m, m): the one-label Î1 variance of a ``full`` or ``blocks`` entry. For one output it is
+        ``Var(u²) v_p² v_q²`` (:meth:`score_square_variance`, formed without cancellation); else the difference of
+        :meth:`pairwise_moment4` and the squared :meth:`fisher_output_gram`."""
+        if (spread := self.score_square_variance(o)) is not None:
+            norms = v.square().sum(-1)  # (B, m)
+            return spread.reshape(-1, 1, 1) * norms.unsqueeze(-1) * norms.unsqueeze(-2)
+        return self.pairwise_moment4(o, v).sub_(self.fisher_output_gram(o, v).square_())
+
     def third_moment(self, o: Tensor) -> Tensor:
         """``E_y[u_a u_b u_c]``, shape ``(B, C, C, C)`` (the covariance of Î1 and Î2 needs it)."""
         raise TorchfimError(

@@ -28,6 +28,7 @@ from ..errors import TorchfimError
 from .base import SQRT_BLOCK_ENTRIES, Family, _isserlis
 from .positions_spectra import CHUNK_ELEMENTS as _CHUNK_ELEMENTS
 from .positions_spectra import PositionSpectra
+from .positions_spread import PositionSpreads
 
 #: Entries a dense moment tensor (``fourth_moment``, ``third_moment``) may have in all.
 DENSE_MOMENT_LIMIT = 1 << 26
@@ -41,7 +42,7 @@ def is_position_mask(mask: object) -> bool:
     return not mask.is_floating_point() or bool(((mask == 0) | (mask == 1)).all())
 
 
-class Positions(PositionSpectra, Family):
+class Positions(PositionSpreads, PositionSpectra, Family):
     """Product family of ``L`` independent positions, each an observation of ``base`` given the input.
 
     Args:
@@ -359,17 +360,6 @@ class Positions(PositionSpectra, Family):
         total = second.sum(1)
         return total, (fourth - 3 * second**2).sum(1) + 3 * total**2
 
-    def spread_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """``Σ_t X_t`` and ``Σ_t Var[(u_tᵀv_t)²] + 4 Σ_{s<t} X_s X_t``, ``X_t = v_tᵀΛ_tv_t``: independent positions, so
-        the variance of ``(Σ_t u_tᵀv_t)²`` is the positions' own plus their pairs', every term ≥ 0. Formed so, no
-        difference of the fourth moment and ``(Σ_t X_t)²`` cancels (a Bernoulli output near p = ½ has
-        ``Var(u²) ≈ 0``)."""
-        rows, keep = self._rows(o)
-        second, spread = self.base.spread_along(rows, self._vector_rows(v, rows.shape[1]))
-        along = self._per_position(keep, second)  # (B, L, m)
-        before = torch.nn.functional.pad(along[:, :-1], (0, 0, 1, 0)).cumsum(1)  # Σ_{s<t} X_s, no difference taken
-        return along.sum(1), self._per_position(keep, spread).sum(1) + 4 * (along * before).sum(1)
-
     def pairwise_moment4(self, o: Tensor, v: Tensor) -> Tensor:
         """``Σ_t (P_t − s_t s_tᵀ − 2G_t∘G_t) + d dᵀ + 2 G∘G`` with ``P_t`` the base pairwise moment,
         ``G_t = V_tΛ_tV_tᵀ``, ``s_t = diag G_t``, ``G = Σ_t G_t``, ``d = diag G``."""
@@ -397,16 +387,6 @@ class Positions(PositionSpectra, Family):
         own_gauss = torch.einsum("btjj->bt", own) ** 2 + 2 * (own**2).sum((2, 3))
         exact = self._per_position(keep, self.base.quadratic_moment(rows, diagonal_k))
         return gauss + (exact - own_gauss.to(exact.dtype)).sum(1)
-
-    def score_quadratic_spread(self, o: Tensor, k: Tensor) -> Tensor:
-        """``2 Σ_{s≠t} ‖T_st‖² + Σ_t Var[u_tᵀK_ttu_t]`` (``T`` as in :meth:`quadratic_moment`): the positions' own
-        variances and their pairs', every term ≥ 0, so no difference of the fourth moment and ``(tr T)²`` cancels
-        (a Bernoulli output near p = ½ has ``Var(u²) ≈ 0``)."""
-        rows, keep, t, diagonal_k = self._rooted(o, k)
-        apart = ~torch.eye(self.length, dtype=torch.bool, device=o.device)  # pairs s ≠ t
-        cross = 2 * ((t**2).sum((2, 4)) * apart).sum((1, 2))
-        own = self._per_position(keep, self.base.score_quadratic_spread(rows, diagonal_k)).sum(1)
-        return cross + own.to(cross.dtype)
 
     def _rooted(self, o: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The rows and mask of :meth:`_rows`, ``T = SᵀKS`` by pairs of positions ``(B, L, r, L, r)`` and the
