@@ -377,7 +377,7 @@ class Blocks(Structure):
             if bool(inside.any()):
                 block = self.value[name]
                 cols = values[inside][:, span].to(block.dtype)
-                block[:, columns[inside] - span.start] += scale * cols.T
+                block.index_add_(1, columns[inside] - span.start, cols.T, alpha=scale)
 
     def public(self) -> dict[str, Tensor]:
         return {n: b.to(self.layout.dtype) for n, b in self.value.items()}
@@ -435,7 +435,7 @@ class Full(Structure):
         self.value.diagonal()[self.layout.span(index)].add_(values.reshape(-1).to(self.value.dtype), alpha=scale)
 
     def add_columns(self, columns: Tensor, values: Tensor, scale: float = 1.0) -> None:
-        self.value[:, columns] += scale * values.to(self.value.dtype).T
+        self.value.index_add_(1, columns, values.to(self.value.dtype).T, alpha=scale)
 
     def add_matrix(self, index: int | None, rows: Tensor | slice, values: Tensor, scale: float = 1.0) -> None:
         span = slice(0, self.layout.num_params) if index is None else self.layout.span(index)
