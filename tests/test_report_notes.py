@@ -103,8 +103,8 @@ def test_the_gaussian_familys_sigma_is_said_and_used():
     want = float(torch.trace(exact_fisher(model, x, "gaussian"))) / 4
     assert got["results"]["trace"]["exact"] == pytest.approx(want, rel=1e-10)
     assert got["results"]["sigma"] == 2.0
-    said = "gaussian (σ = 2: the Fisher scales as 1/σ², Var Î1 as 1/σ⁴, Var Î2 as 1/σ²"
-    assert said in got["markdown"] and said in got["table"]
+    said = " (σ = 2: the Fisher scales as 1/σ², Var Î1 as 1/σ⁴, Var Î2 as 1/σ²"
+    assert "`gaussian`" + said in got["markdown"] and "gaussian" + said in got["table"]
     default = report_mod.run_report(model, x, family="gaussian", out=None, progress=False, emit=None, max_block=0)
     assert "(σ = 1:" in default["table"]
     assert default["results"]["trace"]["exact"] == pytest.approx(4 * want, rel=1e-10)

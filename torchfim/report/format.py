@@ -34,13 +34,13 @@ def md_table(header: list[str], rows: list[list[str]], align: str | None = None)
     return "\n".join(lines)
 
 
-def family_text(R: dict) -> str:
-    """The output family of the report.json dict ``R``, with the Gaussian's σ and what it scales."""
-    sigma = R.get("sigma")
+def family_text(R: dict, code: bool = False) -> str:
+    """The output family of the report.json dict ``R`` (with ``code``, its name in Markdown's code font), with the
+    Gaussian's σ and what it scales."""
+    name, sigma = f"`{R['family']}`" if code else R["family"], R.get("sigma")
     if sigma is None:
-        return R["family"]
-    return (f"{R['family']} (σ = {fmt(sigma)}: the Fisher scales as 1/σ², Var Î1 as 1/σ⁴, Var Î2 as 1/σ²; "
-            "--sigma sets it)")
+        return name
+    return f"{name} (σ = {fmt(sigma)}: the Fisher scales as 1/σ², Var Î1 as 1/σ⁴, Var Î2 as 1/σ²; --sigma sets it)"
 
 
 def warning_lines(R: dict) -> list[str]:

@@ -61,7 +61,7 @@ def analysed(R: dict) -> list[str]:
                  + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
                  + (f" Note: {D['targets_note']}." if D.get("targets_note") else "")
                  + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))
-    lines.append(f"- **Output family:** {family_text(R)}; labels are drawn from the model (the Fisher under the "
+    lines.append(f"- **Output family:** {family_text(R, code=True)}; labels are drawn from the model (the Fisher under the "
                  "model's own predictive distribution).")
     lines += [f"- **{w.replace(': ', ':** ', 1)}" for w in warning_lines(R)]
     if R.get("outputs", {}).get("positions"):  # a key since report.json's of the same format version 1
