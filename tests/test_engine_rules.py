@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -300,6 +301,32 @@ def test_tuple_output_error_names_the_fix_and_output_maps_it() -> None:
     model = _Pair()
     got = torchfim.fisher(model, x, output=lambda out: out[0])
     assert torch.allclose(got, torchfim.fisher(model.lin, x))
+
+
+class _Named(nn.Module):
+    """Returns its outputs under another name than ``logits``: in a dict, or as an object's attribute."""
+
+    def __init__(self, as_object: bool) -> None:
+        super().__init__()
+        self.lin, self.as_object = nn.Linear(3, 2).double(), as_object
+
+    def forward(self, x: torch.Tensor) -> object:
+        fields = {"count": 3, "scores": self.lin(x)}
+        return SimpleNamespace(**fields) if self.as_object else fields
+
+
+@pytest.mark.parametrize("as_object", [False, True])
+def test_a_structured_output_error_suggests_an_output_that_works(as_object: bool) -> None:
+    """The suggested ``output=`` picks the tensor by the output's own key or attribute (it said ``out[0]``, which on
+    a dict raised a KeyError), and following it gives the Fisher of the tensor."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model = _Named(as_object)
+    with pytest.raises(torchfim.TorchfimError) as err:
+        torchfim.fisher(model, x)
+    hint = "out.scores" if as_object else "out['scores']"
+    assert f"output=lambda out: {hint}" in str(err.value)
+    output = (lambda out: out.scores) if as_object else (lambda out: out["scores"])
+    assert torch.allclose(torchfim.fisher(model, x, output=output), torchfim.fisher(model.lin, x))
 
 
 def test_logits_objects_and_dicts_are_read() -> None:

@@ -16,7 +16,8 @@ from oracles_new import NEW_FAMILIES, NEW_WIDTH, label_moments, log_likelihood
 from torch.func import grad, hessian, jacrev, vmap
 
 import torchfim
-from torchfim.families import get_family
+from torchfim import TorchfimError
+from torchfim.families import Gaussian, get_family
 
 N_INPUTS = 3
 
@@ -215,3 +216,21 @@ def test_fisher_penalty_value_and_gradient(family, kind):
     want_grad = torch.autograd.grad(want, theta)[0]
     assert math.isclose(float(value.detach()), float(want.detach()), rel_tol=1e-10)
     assert torch.allclose(grads, want_grad, rtol=1e-8, atol=1e-12 * float(want_grad.abs().max()))
+
+
+@pytest.mark.parametrize(("given", "family"), [
+    (torch.nn.CrossEntropyLoss(), "categorical"), (torch.nn.functional.cross_entropy, "categorical"),
+    ("classif_logits", "categorical"), ("classification", "categorical"), (torch.nn.BCEWithLogitsLoss, "bernoulli"),
+    ("classif_binary_logits", "bernoulli"), (torch.nn.MSELoss(), "gaussian"), ("regression", "gaussian"),
+    (torch.nn.PoissonNLLLoss(), "poisson"), (torch.nn.GaussianNLLLoss(), "heteroscedastic_gaussian"),
+])
+def test_a_loss_or_another_librarys_name_is_refused_with_its_family(given, family) -> None:
+    """A loss (module, class or function) or BackPACK/laplace-torch/nngeometry's name for the output distribution
+    is refused with the family it stands for (the message listed the names only)."""
+    with pytest.raises(TorchfimError, match=rf"pass family='{family}' \(torchfim takes the distribution of the outputs"):
+        get_family(given)
+
+
+def test_a_family_class_is_refused_with_how_to_instantiate_it() -> None:
+    with pytest.raises(TorchfimError, match=r"Gaussian is the class, pass an instance, e\.g\. Gaussian\(\)"):
+        get_family(Gaussian)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import torchfim
 from torchfim import TorchfimError
-from torchfim.structures import Layout, make_structure
+from torchfim.structures import Blocks, Diag, Full, Layout, Trace, make_structure
 
 NAMES = ["weight", "bias", "scale"]
 SHAPES = [torch.Size([2, 3]), torch.Size([2]), torch.Size([4])]  # 6 + 2 + 4 = 12 numbers
@@ -55,6 +57,8 @@ def test_every_structure_answers_as_the_dense_matrix_of_what_it_keeps(name: str)
     assert torch.allclose(structure.diag(), kept.diagonal(), rtol=1e-13, atol=0)
     assert torch.allclose(structure.trace(), kept.trace(), rtol=1e-13, atol=0)
     assert torch.allclose(structure.mv(v), kept @ v, rtol=1e-12, atol=1e-15)
+    columns = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(structure.mv(columns), kept @ columns, rtol=1e-12, atol=1e-15)
     for index, span in enumerate((slice(0, 6), slice(6, 8), slice(8, 12))):
         block = structure.block(NAMES[index])
         want = kept[span, span].diagonal() if name == "diag" else kept[span, span]  # Diag keeps the diagonal
@@ -75,7 +79,8 @@ def test_unknown_names_and_vectors_of_another_length_are_refused(name: str) -> N
     structure = _built(name)
     with pytest.raises(TorchfimError, match="no trainable parameter named 'weights'; known: weight, bias, scale"):
         structure.block("weights")
-    with pytest.raises(TorchfimError, match=r"mv takes a vector of shape \(12,\), got \(11,\)"):
+    with pytest.raises(TorchfimError, match=r"mv takes a vector of shape \(12,\) or columns of shape \(12, k\), "
+                                            r"got \(11,\)"):
         structure.mv(torch.zeros(11, dtype=torch.float64))
 
 
@@ -94,3 +99,65 @@ def test_a_dense_matrix_that_would_not_fit_is_refused_with_its_size() -> None:
     trace = make_structure("trace", huge)  # it keeps no matrix to offer: its own refusal, not the memory's
     with pytest.raises(TorchfimError, match=r"keeps only Tr; to_dense\(\) needs structure="):
         trace.to_dense()
+
+
+def _tied_model() -> nn.Module:
+    """Parameters registered in another order than used, one tied and one frozen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    model[4].weight = model[2].weight  # tied
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def test_a_result_of_fisher_as_a_structure_answers_as_the_dense_fisher() -> None:
+    """``torchfim.as_structure`` on each kind of result: the object of that kind, sharing the result's memory, whose
+    algebra agrees with the full Fisher restricted to what the structure keeps; (P, k) columns for mv."""
+    model, x = _tied_model(), torch.randn(20, 3, dtype=torch.float64)
+    dense = torchfim.fisher(model, x, structure="full")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    spans, start = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            spans[name], start = slice(start, start + p.numel()), start + p.numel()
+    v = torch.randn(start, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for kind, cls in (("full", Full), ("diag", Diag), ("blocks", Blocks), ("trace", Trace)):
+        result = torchfim.fisher(model, x, structure=kind)
+        structure = torchfim.as_structure(result, model)
+        assert type(structure) is cls and structure.layout.names == names
+        assert torch.allclose(structure.trace(), dense.trace(), rtol=1e-12, atol=0)
+        if kind == "trace":
+            continue
+        kept = torch.zeros_like(dense)
+        for span in spans.values():
+            kept[span, span] = dense[span, span]
+        kept = dense if kind == "full" else torch.diag(dense.diagonal()) if kind == "diag" else kept
+        assert torch.allclose(structure.mv(v), kept @ v, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(structure.to_dense(), kept, rtol=1e-12, atol=0)
+        block = structure.block("2.weight")
+        assert torch.allclose(block, kept[spans["2.weight"], spans["2.weight"]].diagonal() if kind == "diag"
+                              else kept[spans["2.weight"], spans["2.weight"]], rtol=1e-12, atol=0)
+    shared = torchfim.fisher(model, x, structure="diag")
+    assert torchfim.as_structure(shared, model).diag().data_ptr() == shared.data_ptr()  # no copy
+
+
+def test_a_result_of_another_model_is_refused_with_what_differs() -> None:
+    model, x = _tied_model(), torch.randn(6, 3, dtype=torch.float64)
+    diag, blocks = (torchfim.fisher(model, x, structure=s) for s in ("diag", "blocks"))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(TorchfimError, match=r"a result of shape \(36,\) is none of a trace \(\), a diagonal \(24,\)"):
+        torchfim.as_structure(diag, model)
+    with pytest.raises(TorchfimError, match="the blocks are of the parameters 0.weight, 2.weight, 2.bias, 4.bias, but "
+                                            "the model's trainable ones are 2.weight, 2.bias, 4.bias"):
+        torchfim.as_structure(blocks, model)
+    with pytest.raises(TorchfimError, match="takes a tensor or a dict of blocks that torchfim returned, got list"):
+        torchfim.as_structure([diag], model)
+
+
+def test_the_docstring_examples_run() -> None:
+    import doctest
+
+    from torchfim import result_structure, structures
+
+    for module in (structures, result_structure):
+        assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0, module.__name__

@@ -22,6 +22,7 @@ from .errors import TorchfimError
 from .estimators import ESTIMATORS
 from .fisher import STRUCTURES, fisher
 from .planning import EstimatorComparison, compare_estimators, samples_needed
+from .result_structure import as_structure
 from .variance import fisher_variance
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "STRUCTURES",
     "EstimatorComparison",
     "TorchfimError",
+    "as_structure",
     "combined_variance",
     "compare",
     "compare_estimators",

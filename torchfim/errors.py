@@ -129,6 +129,20 @@ def check_label_memory(batch: int, n_samples: int, width: int, device: torch.dev
         )
 
 
+def output_hint(raw: object) -> str:
+    """An ``output=`` argument that picks the first tensor of a structured output ``raw``, written for its kind
+    (``out["key"]`` for a mapping, ``out[i]`` for a tuple or list, ``out.name`` for an object); a generic one where it
+    holds none."""
+    if isinstance(raw, Mapping):
+        picks = [f"out[{key!r}]" for key, value in raw.items() if isinstance(value, torch.Tensor)]
+    elif isinstance(raw, (tuple, list)):
+        picks = [f"out[{i}]" for i, value in enumerate(raw) if isinstance(value, torch.Tensor)]
+    else:
+        fields = vars(raw).items() if hasattr(raw, "__dict__") else ()
+        picks = [f"out.{name}" for name, value in fields if isinstance(value, torch.Tensor)]
+    return f"output=lambda out: {picks[0]}" if picks else "output= a function that picks the tensor of outputs"
+
+
 def tensor_fields(raw: object, most: int = 6) -> str:
     """The tensors a structured output holds, as `` with tensors name (shape), …`` (empty where none): what
     an ``output=`` function may pick."""

@@ -11,6 +11,9 @@ memory check, and one algebra that every structure answers the same way:
 * ``mv(v)``: ``A v`` for a ``P``-vector (``Blocks``: block-diagonal product);
 * ``block(name)``: the diagonal block of one parameter tensor.
 
+A result of :func:`torchfim.fisher` (a tensor, or the dict of ``structure="blocks"``) becomes the object of its kind
+with :func:`torchfim.as_structure`, so that this algebra applies to it.
+
 As torch's own ``diagonal()`` and slicing do, what these return may share memory with the structure
 (``Diag.diag()`` is its stored vector, ``Full.block`` a view): clone a result before writing into it.
 
@@ -211,7 +214,7 @@ class Structure(ABC):
 
     @abstractmethod
     def mv(self, v: Tensor) -> Tensor:
-        """The product with a ``P``-vector ``v``."""
+        """The product with a ``P``-vector ``v``, or with each column of ``v`` of shape ``(P, k)``."""
 
     @abstractmethod
     def block(self, name: str) -> Tensor:
@@ -231,9 +234,19 @@ class Structure(ABC):
     def _dense(self) -> Tensor: ...
 
     def _check_vector(self, v: Tensor) -> Tensor:
-        if v.shape != (self.layout.num_params,):
-            raise TorchfimError(f"mv takes a vector of shape ({self.layout.num_params},), got {tuple(v.shape)}")
+        p = self.layout.num_params
+        if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != p:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise TorchfimError(f"mv takes a vector of shape ({p},) or columns of shape ({p}, k), got {shape}")
         return v.to(self._stored_dtype())
+
+    @classmethod
+    def holding(cls, layout: Layout, value: PublicValue) -> Structure:
+        """A finished structure of ``layout`` whose stored value is ``value`` (shared, not copied)."""
+        structure = cls.__new__(cls)
+        Structure.__init__(structure, layout)
+        structure.value, structure.finished = value, True
+        return structure
 
     def _stored_dtype(self) -> torch.dtype:
         return accumulation_dtype(self.layout.dtype)
@@ -285,7 +298,8 @@ class Diag(Structure):
         return self.value.sum()
 
     def mv(self, v: Tensor) -> Tensor:
-        return self.value * self._check_vector(v)
+        v = self._check_vector(v)
+        return (self.value if v.dim() == 1 else self.value.unsqueeze(-1)) * v
 
     def block(self, name: str) -> Tensor:
         return self.value[self.layout.span(self.layout.index(name))]

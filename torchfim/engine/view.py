@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..errors import TorchfimError, tensor_fields, warn_user
+from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
@@ -256,7 +256,7 @@ class ModelView:
         if not isinstance(out, Tensor):
             raise TorchfimError(
                 f"{what} returned a {type(raw).__name__}{tensor_fields(raw)}, not a tensor of outputs; pass "
-                "output=lambda out: out[0] (or the field holding the logits), or wrap the model in a module that "
+                f"{output_hint(raw)} (or whichever field holds the outputs), or wrap the model in a module that "
                 "returns one tensor"
             )
         if not out.is_floating_point():

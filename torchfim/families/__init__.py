@@ -60,4 +60,29 @@ def get_family(family: str | Family) -> Family:
     listed = ", ".join(repr(n) for n in FAMILIES)
     raise TorchfimError(
         f"unknown family {family!r}; choose one of {listed} or pass a torchfim.families.Family instance"
+        f"{_family_hint(family)}"
     )
+
+
+#: Losses and other libraries' names for an output distribution (lower case), and torchfim's family for each.
+_NAMED_ELSEWHERE = {
+    **dict.fromkeys(("crossentropyloss", "cross_entropy", "nllloss", "nll_loss", "classification", "classif_logits"),
+                    "categorical"),
+    **dict.fromkeys(("bcewithlogitsloss", "binary_cross_entropy_with_logits", "classif_binary_logits"), "bernoulli"),
+    **dict.fromkeys(("mseloss", "mse_loss", "regression"), "gaussian"),
+    **dict.fromkeys(("poissonnllloss", "poisson_nll_loss"), "poisson"),
+    **dict.fromkeys(("gaussiannllloss", "gaussian_nll_loss"), "heteroscedastic_gaussian"),
+}
+
+
+def _family_hint(family: object) -> str:
+    """What to pass instead of ``family``: an instance of a family class, or the family a loss (a module, a function
+    or its name) or another library's name stands for; empty where there is nothing to say."""
+    if isinstance(family, type) and issubclass(family, Family):
+        return f": {family.__name__} is the class, pass an instance, e.g. {family.__name__}()"
+    name = family if isinstance(family, str) else getattr(family, "__name__", type(family).__name__)
+    match = _NAMED_ELSEWHERE.get(name.lower())
+    if match is None:
+        return ""
+    return (f": for {name} pass family={match!r} (torchfim takes the distribution of the outputs, not a loss; "
+            "docs/peers.md relates each loss's curvature to torchfim's Fisher)")

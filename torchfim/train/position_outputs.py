@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..engine.labels import PADDING_COUNTED, counted_padding
-from ..errors import TorchfimError, tensor_fields, warn_user
+from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family, Positions
 from ..families.positions import is_position_mask
 
@@ -79,8 +79,7 @@ class PositionOutputs:
         if not isinstance(o, Tensor):
             raise TorchfimError(
                 f"the model returned a {type(o).__name__}{tensor_fields(o)}, but FisherPenalty needs its outputs as one tensor of "
-                "the family's natural parameters; pass output= a function that picks it (e.g. output=lambda out: "
-                "out[0])"
+                f"the family's natural parameters; pass output= a function that picks it (e.g. {output_hint(o)})"
             )
         mask = self.mask
         if self.from_labels and tuple(mask.shape[1:]) != tuple(o.shape[1:-1] if o.dim() > 2 else ()):

@@ -1,0 +1,77 @@
+"""A result of :func:`torchfim.fisher` as its structure object, so that the structures' algebra applies to it."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .errors import TorchfimError
+from .structures import Blocks, Diag, Full, Layout, PublicValue, Structure, Trace, accumulation_dtype
+
+__all__ = ["as_structure"]
+
+
+def as_structure(result: PublicValue, model: nn.Module) -> Structure:
+    """The structure object holding ``result``, a value :func:`torchfim.fisher` (or :func:`torchfim.fisher_variance`,
+    :func:`torchfim.variance_bound`) returned for ``model``, so that the algebra of :mod:`torchfim.structures` applies:
+    ``diag()``, ``trace()``, ``to_dense()``, ``mv(v)`` for a ``P``-vector or ``(P, k)`` columns, and ``block(name)``.
+
+    The kind follows the result: a 0-dim tensor is a :class:`~torchfim.structures.Trace`, a ``P``-vector a
+    :class:`~torchfim.structures.Diag`, a ``P×P`` matrix a :class:`~torchfim.structures.Full` and a dict of blocks by
+    parameter name (``structure="blocks"``) a :class:`~torchfim.structures.Blocks`. ``P`` and the names are those of
+    ``model``'s trainable parameters (``requires_grad=True``) in ``model.named_parameters()`` order, the layout the
+    result was computed in: freezing or adding parameters in between gives a structure that does not match, which is
+    refused where the sizes or names differ. The structure shares the result's memory (a half-precision result is
+    widened to float32 first); the flat index of parameter ``name``'s entries is ``structure.layout.span(index)``.
+
+    Example:
+        >>> import torch, torchfim
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x = torch.randn(16, 3)
+        >>> blocks = torchfim.as_structure(torchfim.fisher(model, x, structure="blocks"), model)
+        >>> blocks.block("0.weight").shape, blocks.mv(torch.ones(26)).shape, blocks.mv(torch.ones(26, 5)).shape
+        (torch.Size([12, 12]), torch.Size([26]), torch.Size([26, 5]))
+        >>> full = torchfim.as_structure(torchfim.fisher(model, x, structure="full"), model)
+        >>> bool(torch.allclose(full.diag(), torchfim.fisher(model, x, structure="diag")))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TorchfimError(f"as_structure needs the model the result was computed for, got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise TorchfimError("the model has no parameters with requires_grad=True: no result of torchfim is of it")
+    first = named[0][1]
+    layout = Layout([n for n, _ in named], [p.shape for _, p in named], first.dtype, first.device)
+    if isinstance(result, dict):
+        return Blocks.holding(layout, _blocks(result, layout))
+    if not isinstance(result, Tensor):
+        raise TorchfimError(f"as_structure takes a tensor or a dict of blocks that torchfim returned, got "
+                            f"{type(result).__name__}")
+    p, value = layout.num_params, _stored(result, layout)
+    kinds = {(): Trace, (p,): Diag, (p, p): Full}
+    kind = kinds.get(tuple(result.shape))
+    if kind is None:
+        raise TorchfimError(
+            f"a result of shape {tuple(result.shape)} is none of a trace (), a diagonal ({p},) or a full matrix "
+            f"({p}, {p}) of this model's {p} trainable parameters: was it computed for another model, or with other "
+            "parameters trainable?")
+    return kind.holding(layout, value)
+
+
+def _blocks(result: dict, layout: Layout) -> dict[str, Tensor]:
+    """The blocks of a ``structure="blocks"`` result, checked against ``layout``'s names and sizes."""
+    if list(result) != layout.names:
+        raise TorchfimError(
+            f"the blocks are of the parameters {', '.join(map(str, result))}, but the model's trainable ones are "
+            f"{', '.join(layout.names)}: was the result computed for another model, or with other parameters trainable?")
+    for name, size in zip(layout.names, layout.sizes):
+        block = result[name]
+        if not isinstance(block, Tensor) or tuple(block.shape) != (size, size):
+            shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+            raise TorchfimError(f"the block of {name!r} should be {size}×{size} (the parameter's size), got {shape}")
+    return {name: _stored(block, layout) for name, block in result.items()}
+
+
+def _stored(value: Tensor, layout: Layout) -> Tensor:
+    """``value`` in the dtype a structure of ``layout`` stores (float32 for a half-precision model's result)."""
+    wide = accumulation_dtype(layout.dtype)
+    return value if value.dtype == wide or not value.is_floating_point() else value.to(wide)
