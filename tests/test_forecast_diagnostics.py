@@ -1,7 +1,7 @@
 """torchfim.forecast: inversion diagnostics against perturbation theory, and the confidence ellipses.
 
 For ``F = [[1, ρ], [ρ, 1]]`` perturbed to ``F_ab (1 + ε g_ab)``, first-order perturbation theory
-gives ``δσ_1/σ_1 = ε (2ρ² g_12 − g_11 − g_22) / (2(1 − ρ²))``: the amplification grows like
+gives ``δσ_1/σ_1 = ε (2ρ² g_12 − g_11 − ρ² g_22) / (2(1 − ρ²))``: the amplification grows like
 ``1/(1 − ρ²)``, the unit-free condition number. The tests check the measured amplification
 against that law, its linearity in ε, and the condition numbers against numpy.
 """
@@ -47,10 +47,23 @@ def test_diagonal_fisher_is_stable_and_moves_by_half_the_perturbation():
 def test_amplification_follows_first_order_perturbation_theory(rho):
     # Units must not matter: the same correlation with scales 1e-5 and 1e5.
     diag = inversion_diagnostics(_pair(rho, (1e-5, 1e5)), eps=1e-6)
-    # max over 100 trials of |2ρ²g12 − g11 − g22| / 2, a normal of s.d. √(4ρ⁴+2)/2 ≈ 1.2: in [1, 5]
+    # max over 100 trials of |2ρ²g12 − g11 − ρ²g22| / 2, a normal of s.d. √(1 + 5ρ⁴)/2 ≈ 1.2: in [1, 5]
     scaled = diag.amplification * (1 - rho**2)
     assert 1.0 < scaled < 5.0
     assert math.isclose(diag.unit_free_condition_number, (1 + rho) / (1 - rho), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, -0.9, 0.99])
+def test_one_marginal_error_moves_as_the_documented_first_order_law(rho):
+    """``δσ_1/σ_1 = ε (2ρ² g_12 − g_11 − ρ² g_22) / (2(1 − ρ²))`` for each entry perturbed alone (the docs had
+    ``− g_22``: perturbing ``F_22`` of an uncorrelated pair cannot move ``σ_1 = 1/√F_11``), with units 1e-3 and 1e3."""
+    eps, F = 1e-7, _pair(rho, (1e-3, 1e3))
+    sigma = Forecast(F).marginal_errors()[0]
+    for g11, g12, g22 in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.3, -1.2, 0.7)):
+        g = torch.tensor([[g11, g12], [g12, g22]], dtype=F64)
+        moved = Forecast(F * (1 + eps * g)).marginal_errors()[0]
+        law = eps * (2 * rho**2 * g12 - g11 - rho**2 * g22) / (2 * (1 - rho**2))
+        assert float(moved / sigma - 1) == pytest.approx(law, rel=1e-4, abs=1e-12)
 
 
 def test_relative_change_is_linear_in_eps_for_small_perturbations():

@@ -225,8 +225,9 @@ def prob_outperform(
 
     The confidence interval is the percentile bootstrap: resample the ``n`` pairs with replacement
     ``n_bootstrap`` times, recompute P on each resample, and take the ``(1 - confidence) / 2`` and
-    ``(1 + confidence) / 2`` quantiles. It is slightly anti-conservative at small ``n`` (a 95%
-    interval from 30 pairs covers the true P about 91-95% of the time, depending on P), and
+    ``(1 + confidence) / 2`` quantiles. It is not exact at small ``n``: a 95% interval from 30 pairs
+    covers the true P from about 91% to 96% of the time, depending on P (0.915 at P = 0.69, 0.957 at P = 0.5,
+    measured over thousands of simulated studies: a proportion of 30 pairs takes few values), and
     degenerate when one method wins every pair: the interval is then ``[1, 1]`` whatever ``n``.
     So the interval alone would declare a winner from 2 pairs, which happens by chance half the
     time when the methods do not differ. A verdict therefore also needs the exact two-sided sign
