@@ -170,8 +170,36 @@ def test_under_no_grad_the_value_is_right(kind: str, grad_method: str) -> None:
     assert float(value) > 0
     torch.testing.assert_close(term.detach(), value, rtol=1e-10, atol=0)
     torch.testing.assert_close(pen.last_value, value, rtol=1e-10, atol=0)
-    # the gradient cached at that step is the penalty's, and is applied on the next step
-    assert rel_error(penalty_grad(pen(x, step=1), model), grads) < (1e-10 if grad_method == "exact" else 1e-5)
+    # a call with gradients off evaluates: it keeps no gradient for the next steps, and draws as if it had not run
+    assert all(float(g.abs().max()) == 0 for g in penalty_grad(pen(x, step=1), model))
+    torch.testing.assert_close(pen(x, step=3).detach(), value, rtol=1e-10, atol=0)
+    assert rel_error(penalty_grad(pen(x, step=4), model), grads) < (1e-10 if grad_method == "exact" else 1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_validation_call_under_no_grad_leaves_the_training_penalty_alone(shared: bool) -> None:
+    """A loop that computes its validation loss with the penalty at the current step number, under
+    ``torch.no_grad()``, after the training step: the steps after reuse the training batch's gradient and the labels
+    the generator gives them are as without the validation call (before, the validation batch's gradient replaced
+    the kept one and its draw shifted the generator)."""
+    torch.manual_seed(0)
+    model, x, x_val = tanh_mlp(3, seed=41), mlp_inputs(8, seed=42), mlp_inputs(8, seed=43)
+
+    def run(validate: bool) -> list[torch.Tensor]:
+        pen = FisherPenalty(copy.deepcopy(model), alpha=0.37, every=3, generator=torch.Generator().manual_seed(SEED))
+        call = ((lambda inputs, step: pen.penalised_loss(inputs, lambda o: o.sum() * 0, step=step)) if shared
+                else (lambda inputs, step: pen(inputs, step=step)))
+        grads = []
+        for step in range(5):
+            term = call(x, step)
+            grads.append(penalty_grad(term, pen.model))
+            if validate:
+                with torch.no_grad():
+                    call(x_val, step)
+        return grads
+
+    for plain, validated in zip(run(False), run(True)):
+        assert rel_error(validated, plain) == 0
 
 
 # --------------------------------------------------------------- validation

@@ -28,8 +28,9 @@ a warning; steps that reuse the cached gradient run it compiled).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,7 @@ from .finite_difference import GRAD_METHODS, check_fd_step
 from .kept_gradient import KeptGradient
 from .model_io import Inputs, ModelIO
 from .penalised_arguments import check_task_loss, penalised_parameters, running_module, scalar_task_loss
+from .penalty_schedule import COMPUTE, REUSE, ZERO, Schedule
 from .penalty_terms import PenaltyTerms
 from .position_outputs import PositionOutputs
 from .step_draws import StepDraws
@@ -76,7 +78,13 @@ class FisherPenalty(PenaltyTerms):
     the term is the linear surrogate ``Σ_p ⟨c_p, θ_p⟩ − Σ_p ⟨c_p, θ_p⟩|_detached + v`` built from the
     cached gradient ``c`` and value ``v`` of the last computed step (the mean over its calls when several
     micro-batches of gradient accumulation share it, :mod:`.kept_gradient`): its value is ``v`` and its
-    gradient w.r.t. each parameter is exactly ``c_p``. Before any step has been computed, and on
+    gradient w.r.t. each parameter is exactly ``c_p``. Its value is ``v`` at any θ, so a line search that compares
+    values (L-BFGS with ``line_search_fn="strong_wolfe"``) sees values that do not move beside slopes that do: use
+    ``every=1`` there. Where the model's trainable parameters are no longer the tensors ``c`` was kept for (a layer
+    replaced, a parameter frozen or unfrozen since), the penalty is computed afresh instead, with a warning; step
+    numbers that keep missing the multiples of ``every`` are named by a warning (:mod:`.penalty_schedule`). The
+    gradient goes to the model's own parameters (``model.parameters()``): tensors trained outside it
+    (``torch.func.functional_call`` with a dict of other tensors) get none. Before any step has been computed, and on
     every skipped step with ``reuse_between=False``, the term is exactly 0 (with zero gradients,
     so ``backward`` still works). When ``every > 1`` and ``reuse_between=True``, the gradient of a
     computed step is taken inside the call (to cache it) and the returned tensor is that same
@@ -118,7 +126,9 @@ class FisherPenalty(PenaltyTerms):
     divide by the same ``σ``). ``kind="trace"`` needs per-sample gradients, so it refuses
     BatchNorm or Dropout in training mode (call ``model.eval()`` or use ``kind="batch_gradient"``).
     The penalty is computed with gradients enabled even inside ``torch.no_grad()``, so its value
-    (and ``last_value``) is right there too. The caller's backward hooks (``weight.register_hook``, a module's
+    (and ``last_value``) is right there too. A call with gradients off (``torch.no_grad()``,
+    ``torch.inference_mode()``: no training step can back-propagate it) is taken as an evaluation, of a validation
+    batch say: it leaves the kept gradient, the step's draws and the penalty's own generator as they were. The caller's backward hooks (``weight.register_hook``, a module's
     ``register_full_backward_hook``) do not run in its own differentiations: value and gradient are the model's
     without them, and the hooks act on the gradient the caller back-propagates (module hooks on the task loss's;
     with them, :meth:`penalised_loss` takes the penalty on a forward of its own).
@@ -234,6 +244,7 @@ class FisherPenalty(PenaltyTerms):
         self.last_value: Tensor | None = None
         self.last_step: int | None = None
         self._kept, self._draws = KeptGradient(), StepDraws()
+        self._schedule = Schedule(self.every, self.reuse_between)
         self._second_derivatives_checked = self._precision_named = False
 
     def __repr__(self) -> str:
@@ -246,13 +257,19 @@ class FisherPenalty(PenaltyTerms):
         the key of one in a dict mini-batch, marks the observed positions of outputs with positions
         (padding False); ``(B,)`` on outputs without positions marks the observed inputs."""
         step = check_step(step)
-        if step % self.every != 0 and self.reuse_between and self._kept.grads is not None:
-            return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
-        names, params = penalised_parameters(self.model)
-        first = params[0]
-        if step % self.every != 0:
-            return zero_term(params, first.dtype, first.device)
+        with self._kept_unless_training():
+            decision = self._schedule.decide(step, self._kept, self.model, self.last_step)
+            if decision == REUSE:
+                return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
+            names, params = penalised_parameters(self.model)
+            if decision == ZERO:
+                return zero_term(params, params[0].dtype, params[0].device)
+            return self._computed_call(inputs, step, mask, names, params)
 
+    def _computed_call(self, inputs: Inputs, step: int, mask: Tensor | str | None, names: list[str],
+                       params: list[Tensor]) -> Tensor:
+        """A call that computes the penalty on its own forward (:meth:`__call__`)."""
+        first = params[0]
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
@@ -335,14 +352,16 @@ class FisherPenalty(PenaltyTerms):
         check_task_loss(task_loss)
         own, self.model = self.model, running_module(self.model, model)
         try:
-            return self._penalised_loss(inputs, task_loss, step, mask)
+            with self._kept_unless_training():
+                return self._penalised_loss(inputs, task_loss, step, mask)
         finally:
             self.model = own
 
     def _penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int,
                         mask: Tensor | str | None) -> Tensor:
-        if step % self.every != 0:
-            return self._between(inputs, task_loss)
+        decision = self._schedule.decide(step, self._kept, self.model, self.last_step)
+        if decision != COMPUTE:
+            return self._between(inputs, task_loss, surrogate=decision == REUSE)
         if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
             return self._between(inputs, task_loss, surrogate=False) + self(inputs, step=step, mask=mask)
         names, params = penalised_parameters(self.model)
@@ -382,6 +401,23 @@ class FisherPenalty(PenaltyTerms):
         self._draws = StepDraws()  # a run rolled back in this process draws as the saved one went on
 
     # -------------------------------------------------------------- helpers
+    @contextmanager
+    def _kept_unless_training(self) -> Iterator[None]:
+        """A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: no training step can
+        back-propagate it) is an evaluation, on a validation batch say: it leaves the kept gradient, the step's
+        draws, ``last_step`` and the penalty's own generator as it found them (``last_value`` is its value)."""
+        if torch.is_grad_enabled():
+            yield
+            return
+        kept, draws, last_step = replace(self._kept), replace(self._draws, starts=list(self._draws.starts)), self.last_step
+        off, state = set(self._schedule.off), None if self.generator is None else self.generator.get_state()
+        try:
+            yield
+        finally:
+            self._kept, self._draws, self.last_step, self._schedule.off = kept, draws, last_step, off
+            if state is not None:
+                self.generator.set_state(state)
+
     def _forwards(self, step: int, params: list[Tensor], module_hooks: bool = True) -> ExitStack:
         """The contexts of a computing step (:mod:`.computing_passes`; a coarse precision is named once), drawing
         as the step's first call did where the parameters moved since (:mod:`.step_draws`)."""
@@ -405,6 +441,7 @@ class FisherPenalty(PenaltyTerms):
         """Record a computed call: its value, and with a cache the gradient to reuse (the mean over the calls
         of this step at these parameters, :mod:`.kept_gradient`), whose value ``last_value`` then is."""
         self.last_step = step
+        self._schedule.computed()
         if grads is None or not (self.every > 1 and self.reuse_between):
             self.last_value = value
             return
