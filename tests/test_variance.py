@@ -542,3 +542,21 @@ def test_categorical_score_variances_near_uniform_predictions(classes):
         if classes == 2:  # the entries' variances of three classes are not small here: the trace's is
             assert torch.allclose(got["full"], want_full, rtol=rtol, atol=0)
             assert torch.allclose(got["diag"], torch.diagonal(want_full), rtol=rtol, atol=0)
+
+
+def test_gaussian_score_variances_in_closed_form_keep_float32_digits():
+    """Var(Tr Î1) of a Gaussian model with 2000 outputs, float32 against float64: ``2λ²‖K‖²`` in closed form keeps
+    float32's digits (9e-8 relative); as ``(tr ΛK)² + 2 tr(ΛKΛK) − (tr ΛK)²`` it lost about C/2 of them (2e-5).
+    ``diag`` and ``full`` of the same model agree with float64 to float32 rounding too."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 2000).double(), torch.randn(5, 3, dtype=torch.float64)
+    small = copy.deepcopy(model).float()
+    for structure, rtol in (("trace", 1e-6), ("diag", 1e-5)):
+        want = torchfim.fisher_variance(model, x, family="gaussian", estimator="score", structure=structure)
+        got = torchfim.fisher_variance(small, x.float(), family="gaussian", estimator="score", structure=structure)
+        assert torch.allclose(got.double(), want, rtol=rtol, atol=0), structure
+    head = nn.Linear(3, 40).double()
+    want = torchfim.fisher_variance(head, x, family="gaussian", estimator="score", structure="full")
+    got = torchfim.fisher_variance(copy.deepcopy(head).float(), x.float(), family="gaussian", estimator="score",
+                                   structure="full")
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
