@@ -172,3 +172,43 @@ def test_the_report_of_an_eval_mode_encoder_with_a_padding_mask_is_the_oracles(m
     with torch.no_grad():
         kept(**data)
     assert packed  # the spy sees torch's own fast path
+
+
+class _FrozenNestedEncoder(nn.Module):
+    """A frozen ``nn.TransformerEncoder`` with nested tensors, and a trainable head over the sum of its positions,
+    the padded ones included (``read_padding``) or masked out."""
+
+    def __init__(self, read_padding: bool, nested: bool = True) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 6, 0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=nested).requires_grad_(False)
+        self.fc, self.read_padding = nn.Linear(4, 3), read_padding
+
+    def forward(self, x: Tensor, kpm: Tensor) -> Tensor:
+        h = self.enc(x, src_key_padding_mask=kpm)
+        return self.fc((h if self.read_padding else h.masked_fill(kpm.unsqueeze(-1), 0.0)).sum(1))
+
+
+@pytest.mark.parametrize("read_padding", [True, False])
+def test_a_frozen_nested_encoder_whose_padding_is_read_is_named(read_padding: bool) -> None:
+    """Outside torchfim torch's fast path gives the frozen encoder's padded positions zeros; torchfim computes them.
+    Where the head reads them the two models differ (Tr F 5.80 against 8.53 in a user trial, silently): named, with
+    the fix; following it (nested tensors off) the model runs everywhere as torchfim measures it, with the same
+    Fisher and no warning. Where the head masks them out, nothing to say."""
+    torch.manual_seed(0)
+    model = _FrozenNestedEncoder(read_padding).double().eval()
+    kpm = torch.zeros(4, 3, dtype=torch.bool)
+    kpm[1, 2] = True
+    kpm[2, 1:] = True
+    batch = {"x": torch.randn(4, 3, 4, dtype=torch.float64), "kpm": kpm}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace = torchfim.fisher(model, batch, structure="trace")
+    named = [str(w.message) for w in caught if "frozen nn.TransformerEncoder 'enc'" in str(w.message)]
+    assert len(named) == (1 if read_padding else 0)
+    if read_padding:
+        assert "enable_nested_tensor=False and use_nested_tensor=False" in named[0]
+    model.enc.enable_nested_tensor = model.enc.use_nested_tensor = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert float(torchfim.fisher(model, batch, structure="trace")) == pytest.approx(float(trace), rel=1e-12)

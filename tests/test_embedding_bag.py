@@ -85,3 +85,18 @@ def test_a_max_bag_stays_on_the_generic_rule_and_exact() -> None:
     assert_equals_dense(torchfim.fisher(model, ids, structure="diag"), exact_fisher(model, ids, "categorical"),
                         model, "diag")
     assert isinstance(module_rules(model, ids)[1]["bag"], GenericRule)
+
+
+def test_a_max_bag_of_packed_ids_is_refused_with_the_layout_that_works() -> None:
+    """A max bag has no rule of its own, and on 1-D ids with offsets the generic rule cannot cut it by sample:
+    refused with the input's shape and the way out, 2-D ids (it advised backend='functional', which refuses the
+    model too); the same bags given as 2-D ids are exact."""
+    model, ids = _model("max", layout="offsets")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-sample-at-a-time notice that comes before
+        with pytest.raises(torchfim.TorchfimError, match=r"Its input of shape \(\d+,\) has no row per sample of the \d+ "
+                                                         r"\(a packed layout.*2-D ids padded with padding_idx"):
+            torchfim.fisher(model, ids, structure="diag")
+    rows, _ = _model("max", layout="rows")
+    rows.load_state_dict(model.state_dict())
+    assert_equals_dense(torchfim.fisher(rows, ids, structure="diag"), exact_fisher(rows, ids, "categorical"), rows, "diag")

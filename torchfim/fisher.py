@@ -94,7 +94,9 @@ def fisher(
             :func:`torchfim.combined.combined_variance`.
         backend: ``"auto"``/``"modules"`` (per-module rules, with a generic rule for modules
             without one) or ``"functional"`` (the whole model through ``torch.func``, the
-            reference). Both give the same result.
+            reference). Both give the same result where both run the model; ``"functional"`` refuses what
+            ``torch.func`` cannot batch as a whole (``nn.PReLU`` and ``nn.RReLU`` in torch 2.13, packed sequences,
+            forwards that read data-dependent lengths), which ``"auto"`` computes one module at a time.
         method: deprecated name of ``backend`` (``"layers"`` means ``"modules"``).
         progress: show a progress bar over mini-batches.
         mask: drops positions (padding): a boolean tensor ``(n, *positions)`` aligned with tensor

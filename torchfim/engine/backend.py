@@ -316,16 +316,32 @@ def second_order_support() -> Iterator[None]:
     except (NotImplementedError, RuntimeError) as err:
         function = _custom_function(err) if "autograd.Function" in str(err) else None  # torch's words for it
         missing = isinstance(err, NotImplementedError) and "forward AD" in str(err)  # torch's words for a missing rule
-        if not missing and function is None:  # (a NotImplementedError is a RuntimeError: tested first)
+        module = None if missing or function is not None else _transformed_module(err)
+        if not missing and function is None and module is None:  # (a NotImplementedError is a RuntimeError)
             raise
+        said = str(err).splitlines()[0][:160]
         what = (f"the model's custom autograd function {function} does not support (it needs the setup_context, "
                 "jvp and vmap staticmethods of torch's 'Extending torch.func with autograd.Function', or "
                 "generate_vmap_rule=True)" if function is not None else
-                f"an operation of this model does not support ({str(err).splitlines()[0][:160]})")
+                f"torch.func cannot run through its module {module} ({said}; a PackedSequence, for one)"
+                if module is not None else f"an operation of this model does not support ({said})")
         raise NoForwardDerivative(
             f"the Hessian estimator and its variances need second derivatives by forward-mode AD, which {what}; "
             "use estimator='score' (its variance needs first derivatives only)"
         ) from None
+
+
+def _transformed_module(err: BaseException) -> str | None:
+    """The class of the innermost module that was running when torch raised ``err`` inside a torch.func transform
+    (``jvp``, ``vmap``), or None where ``err`` did not come from within one."""
+    module, transformed, tb = None, False, err.__traceback__
+    while tb is not None:
+        transformed = transformed or "torch/_functorch/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        owner = tb.tb_frame.f_locals.get("self")
+        if transformed and isinstance(owner, torch.nn.Module) and tb.tb_frame.f_code.co_name == "forward":
+            module = type(owner).__name__
+        tb = tb.tb_next
+    return module
 
 
 def _custom_function(err: BaseException) -> str | None:

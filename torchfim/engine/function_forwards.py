@@ -49,7 +49,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .plain_forwards import ThreadMode
 
-__all__ = ["attention_fast_path_off", "function_forwards"]
+__all__ = ["attention_fast_path_off", "function_forwards", "torchs_fast_path"]
 
 _SAVED = "_torchfim_forward_grad"
 _FAST_PATH_OFF = threading.local()  # depth: blocks of attention_fast_path_off this thread is in
@@ -106,7 +106,9 @@ def _register_hook(self: torch.Tensor, hook: object) -> RemovableHandle:
 
 
 def _no_fast_path() -> bool:
-    """Whether this thread is in the mode or in :func:`attention_fast_path_off`."""
+    """Whether this thread is in the mode or in :func:`attention_fast_path_off`, and not in :func:`torchs_fast_path`."""
+    if getattr(_FAST_PATH_OFF, "torchs", False):
+        return False
     return _FUNCTION.active() or getattr(_FAST_PATH_OFF, "depth", 0) > 0
 
 
@@ -187,6 +189,18 @@ def function_forwards() -> Iterator[None]:
             yield
     finally:  # a region the forward left open (entered, never ended) ends here
         torch._C._set_fwd_grad_enabled(forward_mode)
+
+
+@contextmanager
+def torchs_fast_path() -> Iterator[None]:
+    """Within the block, this thread's attention and transformer layers take their fast path where torch would, even
+    in the mode: a forward of the model as it runs outside torchfim, to compare with."""
+    before = getattr(_FAST_PATH_OFF, "torchs", False)
+    _FAST_PATH_OFF.torchs = True
+    try:
+        yield
+    finally:
+        _FAST_PATH_OFF.torchs = before
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from ..families.positions import is_position_mask
 from ..structures import Layout
 from .batch import Batch
 from .derivative_settings import for_derivatives
+from .fast_path_check import check_fast_path_agrees
 from .function_forwards import function_forwards
 from .labels import PADDING_COUNTED, ModelLabels, counted_padding, is_encoder_decoder, labelled_positions
 from .model_checks import (
@@ -384,6 +385,7 @@ class ModelView:
         groups = [torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)]
         if checked == 0:
             groups.append(torch.zeros(1, dtype=torch.long, device=out.device))
+            check_fast_path_agrees(self.model, batch, out, lambda raw: self.flat(self.to_tensor(raw)))
         for rows in groups:
             self._check_alone(batch, out, rows)
         return checked + take

@@ -166,11 +166,18 @@ class GenericRule(Rule):
         try:
             return self._looped(call, sens, rows, used)
         except Exception as err:  # whatever the module raises: named, with the ways out
+            packed = next((a for a in call.args if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] != call.size),
+                          None)
+            out = (f"Its input of shape {tuple(packed.shape)} has no row per sample of the {call.size} (a packed "
+                   "layout, such as an EmbeddingBag's 1-D ids with offsets), which neither rule nor torch.func can cut "
+                   "by sample: give the module one row per sample (for an EmbeddingBag, 2-D ids padded with "
+                   "padding_idx), or freeze its parameters (requires_grad_(False))" if packed is not None else
+                   "Try backend='functional' (the whole model through torch.func), or freeze the module's parameters "
+                   "(requires_grad_(False))")
             raise TorchfimError(
                 f"torchfim: module {self.path!r} ({type(self.module).__name__}) has parameters that only the generic "
                 f"rule covers, which runs it again alone, one sample at a time, on its recorded inputs; there it "
-                f"raised {type(err).__name__}: {str(err).splitlines()[0][:160]}. Try backend='functional' (the "
-                "whole model through torch.func), or freeze the module's parameters (requires_grad_(False))"
+                f"raised {type(err).__name__}: {str(err).splitlines()[0][:160]}. {out}"
             ) from err
 
     def batches_correctly(self, call: Call, sens: list[Tensor | None]) -> bool:
