@@ -212,3 +212,40 @@ def test_a_frozen_nested_encoder_whose_padding_is_read_is_named(read_padding: bo
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert float(torchfim.fisher(model, batch, structure="trace")) == pytest.approx(float(trace), rel=1e-12)
+
+
+class _PerPositionHead(nn.Module):
+    """The frozen nested encoder of the test above with a head per position: outputs (B, T, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 6, 0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True).requires_grad_(False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, kpm: Tensor) -> Tensor:
+        return self.fc(self.enc(x, src_key_padding_mask=kpm))
+
+
+def _fast_path_warnings(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "frozen nn.TransformerEncoder" in str(w.message)]
+
+
+def test_the_fast_path_check_reads_only_observed_positions_and_batches_of_one() -> None:
+    """Outputs per position whose padded positions a mask leaves out: the two paths differ only there, the Fisher is
+    the same, and nothing is said (the mask is read); without the mask it is said. A single padded input, a batch of
+    one, is checked too (the check ran with the independence check, from batches of two)."""
+    torch.manual_seed(0)
+    model = _PerPositionHead().double().eval()
+    kpm = torch.zeros(4, 3, dtype=torch.bool)
+    kpm[1, 2] = True
+    kpm[2, 1:] = True
+    batch = {"x": torch.randn(4, 3, 4, dtype=torch.float64), "kpm": kpm}
+    assert _fast_path_warnings(lambda: torchfim.fisher(model, batch, structure="trace", mask=~kpm)) == []
+    assert len(_fast_path_warnings(lambda: torchfim.fisher(model, batch, structure="trace"))) == 1
+    pooled = _FrozenNestedEncoder(read_padding=True).double().eval()
+    one = {"x": batch["x"][2:3], "kpm": kpm[2:3]}
+    assert len(_fast_path_warnings(lambda: torchfim.fisher(pooled, one, structure="trace"))) == 1

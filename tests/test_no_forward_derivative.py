@@ -65,3 +65,32 @@ def test_compare_estimators_chooses_the_score_estimator_and_says_why() -> None:
     assert all(r.better == "score" and r.hessian_variance != r.hessian_variance for r in cmp.rows)  # NaN
     assert sum(r.score_variance for r in cmp.rows) == pytest.approx(float(score.double().sum()), rel=1e-10)
     assert "Î2 unavailable: the Hessian estimator" in str(cmp)
+
+
+class _FailsUnderTransforms(torch.nn.Module):
+    """Raises ``error`` where torch.func's transforms run it (the Hessian estimator's forwards), not elsewhere."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.lin, self.error = torch.nn.Linear(3, 3), error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch._C._are_functorch_transforms_active():
+            raise self.error
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x3)"),
+                                   torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")],
+                         ids=["shapes", "memory"])
+def test_a_mistake_or_a_lack_of_memory_inside_a_transform_stays_what_it_is(error: Exception) -> None:
+    """Only torch's words for what its transforms cannot run (a PackedSequence's wrapper tensors have no storage)
+    become the refusal that compare_estimators and the report take as "no Î2 here": a shape mistake or a lack of
+    memory under the same transform is raised as it is, not hidden behind the score estimator."""
+    model = torch.nn.Sequential(_FailsUnderTransforms(error), torch.nn.Linear(3, 2))
+    x = torch.randn(8, 3)
+    with pytest.raises(type(error), match=str(error)[:20]) as raised:
+        torchfim.fisher(model, x, estimator="hessian", structure="diag")
+    assert not isinstance(raised.value, NoForwardDerivative)
+    with pytest.raises(type(error)):
+        torchfim.compare_estimators(model, x)

@@ -169,7 +169,7 @@ def test_under_no_grad_the_value_is_right(kind: str, grad_method: str) -> None:
     value, grads = brute_penalty(model, x, y, "categorical", 0.37, kind)
     assert float(value) > 0
     torch.testing.assert_close(term.detach(), value, rtol=1e-10, atol=0)
-    torch.testing.assert_close(pen.last_value, value, rtol=1e-10, atol=0)
+    assert pen.last_value is None  # an evaluation leaves the training state as it was
     # a call with gradients off evaluates: it keeps no gradient for the next steps, and draws as if it had not run
     assert all(float(g.abs().max()) == 0 for g in penalty_grad(pen(x, step=1), model))
     torch.testing.assert_close(pen(x, step=3).detach(), value, rtol=1e-10, atol=0)
@@ -185,21 +185,26 @@ def test_a_validation_call_under_no_grad_leaves_the_training_penalty_alone(share
     torch.manual_seed(0)
     model, x, x_val = tanh_mlp(3, seed=41), mlp_inputs(8, seed=42), mlp_inputs(8, seed=43)
 
-    def run(validate: bool) -> list[torch.Tensor]:
+    def run(validate: bool) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], dict]:
         pen = FisherPenalty(copy.deepcopy(model), alpha=0.37, every=3, generator=torch.Generator().manual_seed(SEED))
         call = ((lambda inputs, step: pen.penalised_loss(inputs, lambda o: o.sum() * 0, step=step)) if shared
                 else (lambda inputs, step: pen(inputs, step=step)))
-        grads = []
+        grads, values = [], []
         for step in range(5):
             term = call(x, step)
             grads.append(penalty_grad(term, pen.model))
             if validate:
                 with torch.no_grad():
                     call(x_val, step)
-        return grads
+            values.append(pen.last_value)
+        return grads, values, pen.state_dict()
 
-    for plain, validated in zip(run(False), run(True)):
-        assert rel_error(validated, plain) == 0
+    (plain, plain_values, plain_state), (validated, values, state) = run(False), run(True)
+    for a, b in zip(plain, validated):
+        assert rel_error(b, a) == 0
+    assert all(torch.equal(a, b) for a, b in zip(plain_values, values))  # a resumed run reuses the training value
+    assert torch.equal(state["last_value"], plain_state["last_value"]) and state["last_step"] == plain_state["last_step"]
+    assert all(torch.equal(state["cache"][n], plain_state["cache"][n]) for n in plain_state["cache"])
 
 
 # --------------------------------------------------------------- validation

@@ -407,6 +407,12 @@ def test_dense_score_variances_refuse_working_memory_that_would_not_fit(monkeypa
     one_output = room_for_two_and_a_half_results(tanh_mlp(1))
     got = torchfim.fisher_variance(one_output, x, family="bernoulli", structure="full")
     assert rel_err(got, variance_oracle(one_output, x, "bernoulli", 1)["score"]) < RTOL
+    # outputs with positions hold the running sums over an input's positions beside one position's matrices: their
+    # measured 11 n×n are checked (before, 3 per input were, against a measured 10 per input with several inputs)
+    positions = room_for_two_and_a_half_results(nn.Linear(3, 1).double())
+    with pytest.raises(torchfim.TorchfimError, match=r"structure='full' needs working memory of 12 .* matrices"):
+        torchfim.fisher_variance(positions, torch.randn(4, 3, 3, dtype=torch.float64), family="bernoulli",
+                                 structure="full", mask=torch.ones(4, 3, dtype=torch.bool))
 
 
 def test_the_variances_take_a_float32_body_under_a_float64_head():

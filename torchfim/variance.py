@@ -33,7 +33,7 @@ from .engine.backend import CHUNK_ELEMENTS, is_trace, second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
-from .families import Family, get_family
+from .families import Family, Positions, get_family
 from .families.base import robust_eigvalsh
 from .process_rows import row_share
 from .structures import (
@@ -52,6 +52,10 @@ from .structures import (
 
 VARIANCE_ESTIMATORS = ("score", "hessian")
 MODES = ("exact", "spectral", "kurtosis")
+#: n×n matrices the ``full``/``blocks`` Î1 variances of outputs with positions hold at once, an input at a time: the
+#: running sums over its positions and one position's gram, spread and products (measured 11.1 besides the result,
+#: categorical with 3 and 6 positions and Bernoulli with 6, P ≈ 1550, large blocks left to the OS as they are freed).
+POSITION_COPIES = 12
 
 
 def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
@@ -125,6 +129,9 @@ class ScoreVariance(StructureVisitor):
         one = slice(first, first + 1)
         if self.mode == "exact" and self.fam.for_rows(one).score_square_variance(self.o[one]) is not None:
             what, entries, copies = f"working memory of one {n}×{n} matrix", n * n, 1  # a product of the norms
+        elif self.mode == "exact" and isinstance(self.fam, Positions):  # per position: grams, their running sums
+            step, what, entries, copies = 1, f"working memory of {POSITION_COPIES} {n}×{n} matrices", n * n, \
+                POSITION_COPIES
         else:  # the family's fourth moments, the squared Fisher and a temporary of the family's: measured 3
             what, entries, copies = f"working memory of 3 {n}×{n} matrices per input", min(step, len(v)) * n * n, 3
         check_fits(entries, what + " for the closed-form Î1 variances", structure.name, self.engine.layout,

@@ -331,9 +331,17 @@ def second_order_support() -> Iterator[None]:
         ) from None
 
 
+#: torch's words for what its transforms cannot run (functorch's wrapper tensors have no storage of their own).
+_TRANSFORM_LIMITS = ("doesn't have storage", "Batching rule not implemented", "vmap", "functorch", "forward-mode",
+                     "forward AD")
+
+
 def _transformed_module(err: BaseException) -> str | None:
-    """The class of the innermost module that was running when torch raised ``err`` inside a torch.func transform
-    (``jvp``, ``vmap``), or None where ``err`` did not come from within one."""
+    """The class of the innermost module that was running when torch raised ``err``, in its words for what torch.func
+    cannot run (:data:`_TRANSFORM_LIMITS`), inside a transform (``jvp``, ``vmap``); None otherwise: a mistake of the
+    model's own or a lack of memory stays what it is."""
+    if isinstance(err, torch.cuda.OutOfMemoryError) or not any(words in str(err) for words in _TRANSFORM_LIMITS):
+        return None
     module, transformed, tb = None, False, err.__traceback__
     while tb is not None:
         transformed = transformed or "torch/_functorch/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import warn_user
+from ..families import Family, Positions
 from .batch import Batch
 from .function_forwards import torchs_fast_path
 from .output_compare import batching_tolerance, outputs_agree
@@ -39,15 +40,29 @@ def frozen_nested_encoders(model: nn.Module) -> list[str]:
             and not any(p.requires_grad for p in m.parameters())]
 
 
-def check_fast_path_agrees(model: nn.Module, batch: Batch, out: Tensor, flat: Callable[[object], Tensor]) -> None:
+def observed_outputs(family: Family, out: Tensor) -> Tensor | None:
+    """The output numbers of ``out`` (B, L·C) that ``family`` observes, where it leaves positions out (a mask of
+    :class:`~torchfim.families.Positions`); None where it observes them all."""
+    mask = family.mask if isinstance(family, Positions) else None
+    if mask is None or out.dim() != 2 or out.shape[1] % mask.shape[1]:
+        return None
+    return mask.to(out.device).repeat_interleave(out.shape[1] // mask.shape[1], dim=1)
+
+
+def check_fast_path_agrees(model: nn.Module, batch: Batch, out: Tensor, flat: Callable[[object], Tensor],
+                           observed: Tensor | None = None) -> None:
     """Warn where ``model``'s outputs on ``batch`` with torch's fast path differ from ``out`` (torchfim's forward;
-    ``flat`` reads a raw output as it); nothing to run for a model without a frozen nested encoder."""
+    ``flat`` reads a raw output as it) in the output numbers ``observed`` (all by default); nothing to run for a
+    model without a frozen nested encoder."""
     names = frozen_nested_encoders(model)
     if not names:
         return
     with torch.no_grad(), torchs_fast_path(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's notice that nested tensors are a prototype: this forward is ours
         plain = flat(batch.call(model)).reshape(out.shape)
-    if not outputs_agree(plain, out.detach(), batching_tolerance(model, out), floor=1.0):
-        gap = float((plain - out.detach()).abs().max())
+    ref = out.detach()
+    if observed is not None:
+        plain, ref = plain[observed], ref[observed]
+    if not outputs_agree(plain, ref, batching_tolerance(model, out), floor=1.0):
+        gap = float((plain - ref).abs().max())
         warn_user(FAST_PATH_DIFFERS.format(names=", ".join(repr(n) for n in names), gap=gap))

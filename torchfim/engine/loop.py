@@ -18,6 +18,7 @@ from ..errors import TorchfimError, all_finite
 from ..families import Family
 from .backend import Backend, Recording
 from .batch import Batch
+from .fast_path_check import observed_outputs
 from .functional import FunctionalBackend
 from .model_checks import forward_error
 from .per_module import PerModuleBackend
@@ -84,6 +85,7 @@ def run(
             part_mask = mask[rows] if cut and isinstance(mask, torch.Tensor) else mask
             fam = view.family_for(rec.shape, part, family, part_mask)
             fam.check_output(rec.output)  # with its graph, where the backend keeps one: it names the last operation
+            view.check_fast_path(part, rec.values, observed_outputs(fam, rec.values))
             checked = view.check_independent_unmoved(part, rec.values, checked, versions)
             yield rec, fam
             view.check_unchanged(versions)

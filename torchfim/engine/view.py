@@ -199,6 +199,7 @@ class ModelView:
         self.output_map = output
         self.labels = ModelLabels(self.user_model)  # how its loss reads a batch's labels (asked when labels come)
         self._reach_checked = False  # whether a forward has been checked for modules of the user's tree
+        self._fast_checked = False  # whether the outputs have been compared with torch's fast path's
         self._unobserved_named = False  # whether inputs with no observed position were named (once per view)
         self._padding_named = False  # whether padding counted as observed was named (once per view)
         self._defaults: dict[str, object] | None = None  # see call_defaults
@@ -377,6 +378,7 @@ class ModelView:
         (:func:`.private_tree.users_modules_called`); with batches of one input, a forward of the
         first is run for that alone.
         """
+        self.check_fast_path(batch, out)
         if batch.size < 2 and not self._reach_checked:  # no forward below: one of the single input here
             self._reached(batch)
         if checked >= 4 or batch.size < 2:
@@ -385,10 +387,16 @@ class ModelView:
         groups = [torch.arange(batch.size - 1, batch.size - 1 - take, -1, device=out.device)]
         if checked == 0:
             groups.append(torch.zeros(1, dtype=torch.long, device=out.device))
-            check_fast_path_agrees(self.model, batch, out, lambda raw: self.flat(self.to_tensor(raw)))
         for rows in groups:
             self._check_alone(batch, out, rows)
         return checked + take
+
+    def check_fast_path(self, batch: Batch, out: Tensor, observed: Tensor | None = None) -> None:
+        """Once per view: whether the outputs ``out`` of ``batch`` in the output numbers ``observed`` (all by default)
+        are those of the model as torch runs it outside torchfim (:mod:`.fast_path_check`)."""
+        if not self._fast_checked:
+            self._fast_checked = True
+            check_fast_path_agrees(self.model, batch, out, lambda raw: self.flat(self.to_tensor(raw)), observed)
 
     def _check_alone(self, batch: Batch, out: Tensor, rows: Tensor) -> None:
         """Raise unless ``batch``'s ``rows``, run as a batch of their own, give their rows of ``out``; the error names

@@ -39,7 +39,7 @@ class PositionSpreads:
         ``d_t = diag G_t``; in chunks of positions, so that about ``CHUNK_ELEMENTS`` per-position entries are held."""
         b, m = v.shape[:2]
         c, keep = self._width(o), self._keep(o)
-        span = max(1, CHUNK_ELEMENTS // max(1, 2 * b * m * m))
+        span = max(1, CHUNK_ELEMENTS // max(1, 8 * b * m * m))  # a chunk holds about 8 (B, span, m, m) tensors
         total = grams = diagonals = None
         for start in range(0, self.length, span):
             stop = min(start + span, self.length)
@@ -78,5 +78,7 @@ class PositionSpreads:
 def _earlier(values: Tensor, carried: Tensor | None = None) -> Tensor:
     """``carried + Σ_{s<t} values_s`` at each position ``t`` of dim 1: a cumulative sum shifted by one, not the
     cumulative sum less each term (which loses a term that its successors dwarf)."""
+    if values.shape[1] == 1:  # one position (the chunk of large vectors): what came before it, no copy
+        return torch.zeros_like(values) if carried is None else carried.unsqueeze(1)
     shifted = torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], dim=1).cumsum(1)
     return shifted if carried is None else shifted + carried.unsqueeze(1)

@@ -125,10 +125,11 @@ class FisherPenalty(PenaltyTerms):
     agree, and updates no buffer: spectral norm's power iteration is paused there, so both passes
     divide by the same ``σ``). ``kind="trace"`` needs per-sample gradients, so it refuses
     BatchNorm or Dropout in training mode (call ``model.eval()`` or use ``kind="batch_gradient"``).
-    The penalty is computed with gradients enabled even inside ``torch.no_grad()``, so its value
-    (and ``last_value``) is right there too. A call with gradients off (``torch.no_grad()``,
-    ``torch.inference_mode()``: no training step can back-propagate it) is taken as an evaluation, of a validation
-    batch say: it leaves the kept gradient, the step's draws and the penalty's own generator as they were. The caller's backward hooks (``weight.register_hook``, a module's
+    The penalty is computed with gradients enabled even inside ``torch.no_grad()``, so the value it returns is
+    right there too. A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: no training step
+    can back-propagate it) is taken as an evaluation, of a validation batch say: it returns the penalty of its
+    inputs and leaves the penalty as it found it (the kept gradient, the step's draws, ``last_value``,
+    ``last_step`` and its own generator), so the training run and its checkpoints go on as without it. The caller's backward hooks (``weight.register_hook``, a module's
     ``register_full_backward_hook``) do not run in its own differentiations: value and gradient are the model's
     without them, and the hooks act on the gradient the caller back-propagates (module hooks on the task loss's;
     with them, :meth:`penalised_loss` takes the penalty on a forward of its own).
@@ -405,16 +406,18 @@ class FisherPenalty(PenaltyTerms):
     def _kept_unless_training(self) -> Iterator[None]:
         """A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: no training step can
         back-propagate it) is an evaluation, on a validation batch say: it leaves the kept gradient, the step's
-        draws, ``last_step`` and the penalty's own generator as it found them (``last_value`` is its value)."""
+        draws, ``last_value``, ``last_step`` and the penalty's own generator as it found them."""
         if torch.is_grad_enabled():
             yield
             return
-        kept, draws, last_step = replace(self._kept), replace(self._draws, starts=list(self._draws.starts)), self.last_step
-        off, state = set(self._schedule.off), None if self.generator is None else self.generator.get_state()
+        kept, draws = replace(self._kept), replace(self._draws, starts=list(self._draws.starts))
+        last, off = (self.last_value, self.last_step), set(self._schedule.off)
+        state = None if self.generator is None else self.generator.get_state()
         try:
             yield
         finally:
-            self._kept, self._draws, self.last_step, self._schedule.off = kept, draws, last_step, off
+            self._kept, self._draws, self._schedule.off = kept, draws, off
+            self.last_value, self.last_step = last
             if state is not None:
                 self.generator.set_state(state)
 

@@ -166,8 +166,8 @@ class GenericRule(Rule):
         try:
             return self._looped(call, sens, rows, used)
         except Exception as err:  # whatever the module raises: named, with the ways out
-            packed = next((a for a in call.args if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] != call.size),
-                          None)
+            packed = next((a for a in call.args if isinstance(a, Tensor) and a.dim() == 1 and a.shape[0] != call.size),
+                          None) if isinstance(self.module, nn.EmbeddingBag) else None
             out = (f"Its input of shape {tuple(packed.shape)} has no row per sample of the {call.size} (a packed "
                    "layout, such as an EmbeddingBag's 1-D ids with offsets), which neither rule nor torch.func can cut "
                    "by sample: give the module one row per sample (for an EmbeddingBag, 2-D ids padded with "
