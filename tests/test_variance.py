@@ -317,6 +317,19 @@ def test_bernoulli_score_variance_near_one_half_against_mpmath(logit):
     assert all(bool((v >= 0).all()) for v in (got["diag"], got["trace"]))
 
 
+def _positions_near_one_half(logit: float) -> tuple[nn.Module, Tensor, Tensor]:
+    """A Bernoulli model of every logit ``logit`` over 3 inputs of 3 positions, its inputs, and a mask keeping one
+    position of the first input and all of the others."""
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.fill_(logit)
+    x = torch.randn(3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # (n, T, features)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[0, 1:] = False
+    return model, x, mask
+
+
 @pytest.mark.parametrize("logit", [0.0, 1e-9, 1e-3])
 def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
     """The diagonal and trace Var(Î1) of a Bernoulli model with 3 positions per input, a mask keeping one position of the first
@@ -330,14 +343,8 @@ def test_bernoulli_positions_score_variance_near_one_half_against_mpmath(logit):
     import mpmath
 
     mpmath.mp.dps = 40
-    model = nn.Linear(3, 1).double()
-    with torch.no_grad():
-        model.weight.zero_()
-        model.bias.fill_(logit)
-    x = torch.randn(3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # (n, T, features)
+    model, x, mask = _positions_near_one_half(logit)
     x[1, 0] *= 1e-6  # a position whose terms the next one dwarfs: their pair is summed, no difference taken
-    mask = torch.ones(3, 3, dtype=torch.bool)
-    mask[0, 1:] = False
     mask[1, 2] = False
     p = 1 / (1 + mpmath.exp(-mpmath.mpf(logit)))
     want, want_trace, second_input = [mpmath.mpf(0)] * 4, mpmath.mpf(0), None
@@ -454,13 +461,7 @@ def test_bernoulli_positions_dense_score_variance_near_one_half_against_mpmath(l
     import mpmath
 
     mpmath.mp.dps = 40
-    model = nn.Linear(3, 1).double()
-    with torch.no_grad():
-        model.weight.zero_()
-        model.bias.fill_(logit)
-    x = torch.randn(3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # (n, T, features)
-    mask = torch.ones(3, 3, dtype=torch.bool)
-    mask[0, 1:] = False
+    model, x, mask = _positions_near_one_half(logit)
     p = 1 / (1 + mpmath.exp(-mpmath.mpf(logit)))
     want = [[mpmath.mpf(0)] * 4 for _ in range(4)]
     for i in range(3):
