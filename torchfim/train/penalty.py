@@ -129,7 +129,8 @@ class FisherPenalty(PenaltyTerms):
     right there too. A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: no training step
     can back-propagate it) is taken as an evaluation, of a validation batch say: it returns the penalty of its
     inputs and leaves the penalty as it found it (the kept gradient, the step's draws, ``last_value``,
-    ``last_step`` and its own generator), so the training run and its checkpoints go on as without it. The caller's backward hooks (``weight.register_hook``, a module's
+    ``last_step`` and its own generator), so the training run and its checkpoints go on as without it. The
+    caller's backward hooks (``weight.register_hook``, a module's
     ``register_full_backward_hook``) do not run in its own differentiations: value and gradient are the model's
     without them, and the hooks act on the gradient the caller back-propagates (module hooks on the task loss's;
     with them, :meth:`penalised_loss` takes the penalty on a forward of its own).
