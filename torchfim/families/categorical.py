@@ -323,12 +323,15 @@ class Categorical(Family):
 
     def quadratic_moment(self, o: Tensor, k: Tensor) -> Tensor:
         """``Σ_y p_y (d_yᵀ K d_y)²`` with ``d_y = e_y − p``."""
+        p, quad, out = self._label_quadratics(o, k)
+        return (p * quad**2).sum(-1).to(out)
+
+    def _label_quadratics(self, o: Tensor, k: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+        """``p`` (B, C), ``q_y = d_yᵀ K d_y`` for each label (B, C) with ``d_y = e_y − p``, and the output dtype."""
         work, out = _work_dtype(o, k)
         p = torch.softmax(o.to(work), dim=-1)
-        eye = torch.eye(o.shape[-1], dtype=work, device=o.device)
-        d = eye - p.unsqueeze(1)
-        quad = torch.einsum("nya,nab,nyb->ny", d, k.to(work), d)
-        return (p * quad**2).sum(-1).to(out)
+        d = torch.eye(o.shape[-1], dtype=work, device=o.device) - p.unsqueeze(1)
+        return p, torch.einsum("nya,nab,nyb->ny", d, k.to(work), d), out
 
     # The variances of Î1's entries, formed without cancellation. With two classes every score is one Bernoulli
     # score along e₀ − e₁: uᵀv = s (v₀ − v₁), s = [y = 0] − p₀, so Var[(uᵀv)²] = Var(s²)(v₀ − v₁)⁴ with
@@ -358,10 +361,7 @@ class Categorical(Family):
         ``E[q²]`` and ``q̄²``; with two classes ``Var(s²)(K₀₀ − 2K₀₁ + K₁₁)²`` (see above)."""
         if (spread := self._binary_spread(o)) is not None:
             return spread * (k[:, 0, 0] - 2 * k[:, 0, 1] + k[:, 1, 1]).square()
-        work, out = _work_dtype(o, k)
-        p = torch.softmax(o.to(work), dim=-1)
-        d = torch.eye(o.shape[-1], dtype=work, device=o.device) - p.unsqueeze(1)
-        quad = torch.einsum("nya,nab,nyb->ny", d, k.to(work), d)
+        p, quad, out = self._label_quadratics(o, k)
         mean = (p * quad).sum(-1, keepdim=True)
         return (p * (quad - mean).square()).sum(-1).to(out)
 
