@@ -133,27 +133,26 @@ def output_hint(raw: object) -> str:
     """An ``output=`` argument that picks the first tensor of a structured output ``raw``, written for its kind
     (``out["key"]`` for a mapping, ``out[i]`` for a tuple or list, ``out.name`` for an object); a generic one where it
     holds none."""
-    if isinstance(raw, Mapping):
-        picks = [f"out[{key!r}]" for key, value in raw.items() if isinstance(value, torch.Tensor)]
-    elif isinstance(raw, (tuple, list)):
-        picks = [f"out[{i}]" for i, value in enumerate(raw) if isinstance(value, torch.Tensor)]
-    else:
-        fields = vars(raw).items() if hasattr(raw, "__dict__") else ()
-        picks = [f"out.{name}" for name, value in fields if isinstance(value, torch.Tensor)]
+    picks = [access for _, access, value in _entries(raw) if isinstance(value, torch.Tensor)]
     return f"output=lambda out: {picks[0]}" if picks else "output= a function that picks the tensor of outputs"
+
+
+def _entries(raw: object) -> list[tuple[object, str, object]]:
+    """``(name, how an output= function reads it, value)`` for each entry of a structured output ``raw``: a mapping's
+    items, a tuple's or list's elements (a named tuple's by their field names), an object's attributes."""
+    if isinstance(raw, Mapping):
+        return [(key, f"out[{key!r}]", value) for key, value in raw.items()]
+    if isinstance(raw, (tuple, list)):
+        names = getattr(raw, "_fields", None) or [f"[{i}]" for i in range(len(raw))]
+        return [(name, f"out[{i}]", value) for i, (name, value) in enumerate(zip(names, raw))]
+    fields = vars(raw).items() if hasattr(raw, "__dict__") else ()
+    return [(name, f"out.{name}", value) for name, value in fields]
 
 
 def tensor_fields(raw: object, most: int = 6) -> str:
     """The tensors a structured output holds, as `` with tensors name (shape), …`` (empty where none): what
     an ``output=`` function may pick."""
-    if isinstance(raw, Mapping):
-        items = list(raw.items())
-    elif isinstance(raw, (tuple, list)):
-        names = getattr(raw, "_fields", None) or [f"[{i}]" for i in range(len(raw))]
-        items = list(zip(names, raw))
-    else:
-        items = list(vars(raw).items()) if hasattr(raw, "__dict__") else []
-    shown = [f"{name} {tuple(value.shape)}" for name, value in items if isinstance(value, torch.Tensor)]
+    shown = [f"{name} {tuple(value.shape)}" for name, _, value in _entries(raw) if isinstance(value, torch.Tensor)]
     if not shown:
         return ""
     more = f" and {len(shown) - most} more" if len(shown) > most else ""
