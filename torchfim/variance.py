@@ -127,8 +127,8 @@ class ScoreVariance(StructureVisitor):
         n, first = v.shape[1], rows.start or 0
         step = max(1, CHUNK_ELEMENTS // max(1, n * n))
         one = slice(first, first + 1)
-        if self.mode == "exact" and self.fam.for_rows(one).score_square_variance(self.o[one]) is not None:
-            what, entries, copies = f"working memory of one {n}×{n} matrix", n * n, 1  # a product of the norms
+        if self.mode == "exact" and self.fam.for_rows(one).score_line(self.o[one]) is not None:
+            what, entries, copies = f"working memory of one {n}×{n} matrix", n * n, 1  # a product of the squares along the score line
         elif self.mode == "exact" and isinstance(self.fam, Positions):  # per position: grams, their running sums
             step, what, entries, copies = 1, f"working memory of {POSITION_COPIES} {n}×{n} matrices", n * n, \
                 POSITION_COPIES
@@ -144,11 +144,12 @@ class ScoreVariance(StructureVisitor):
     def _pairwise_terms(self, v: Tensor, rows: slice) -> Tensor:
         """:meth:`_pairwise`'s sum over the inputs ``rows``, whose columns are ``v``: ``(n, n)``."""
         o, fam = self.o[rows], self.fam.for_rows(rows)
-        norms = v.square().sum(-1)  # (b, n)
-        if self.mode == "exact" and (spread := fam.score_square_variance(o)) is not None:  # one output: Var(u²) v_p² v_q²
-            weighted = (spread.unsqueeze(1) * norms).to(torch.promote_types(o.dtype, v.dtype))
-            return weighted.T @ norms.to(weighted.dtype)
+        if self.mode == "exact" and (along := fam.along_score_line(o, v)) is not None:  # Var(s²)(v_pᵀe)²(v_qᵀe)²
+            spread, squares = along
+            weighted = (spread.unsqueeze(1) * squares).to(torch.promote_types(o.dtype, v.dtype))
+            return weighted.T @ squares.to(weighted.dtype)
         if self.mode != "exact":  # a block of a float32 tensor under float64 outputs: promoted
+            norms = v.square().sum(-1)  # (b, n)
             scaled = self.scale[rows].unsqueeze(1) * norms
             return scaled.T @ norms.to(scaled.dtype) - fam.fisher_output_gram(o, v).square_().sum(0)
         terms = fam.pairwise_spread(o, v)  # outputs with positions: without cancellation (the family's own form)

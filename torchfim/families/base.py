@@ -302,11 +302,12 @@ class Family(ABC):
 
     def score_quadratic_spread(self, o: Tensor, k: Tensor) -> Tensor:
         """``Var_y[uᵀKu] = E_y[(uᵀKu)²] − (tr ΛK)²`` for symmetric ``K`` (B, C, C) → (B,): the one-label Î1
-        variance of the trace, ``K`` an input's output gram ``JJᵀ``. For one output it is ``Var(u²) K²``
-        (:meth:`score_square_variance`, formed without cancellation); else the difference of
+        variance of the trace, ``K`` an input's output gram ``JJᵀ``. Where the scores lie on a line ``u = s e``
+        (:meth:`score_line`) it is ``Var(s²)(eᵀKe)²``, formed without cancellation; else the difference of
         :meth:`quadratic_moment` and ``(tr ΛK)²``."""
-        if (spread := self.score_square_variance(o)) is not None:
-            return spread * k.reshape(k.shape[0], -1).square().sum(-1)
+        if (line := self.score_line(o)) is not None:
+            spread, e = line
+            return spread * torch.einsum("a,nab,b->n", e.to(k.dtype), k, e.to(k.dtype)).square()
         eye = identity_like(k.shape[-1], k).expand_as(k)
         return self.quadratic_moment(o, k) - self.fisher_output_bilinear(o, eye, k).sum(-1) ** 2
 
@@ -316,11 +317,12 @@ class Family(ABC):
 
     def spread_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``E_y[(uᵀv)²] = vᵀΛv`` and ``Var_y[(uᵀv)²] = E_y[(uᵀv)⁴] − (vᵀΛv)²`` for output-space vectors ``v``
-        (B, m, C) → (B, m) each: the one-label Î1 variance of a diagonal entry. For one output it is ``Var(u²) v⁴``
-        (:meth:`score_square_variance`, formed without cancellation); else the difference of
+        (B, m, C) → (B, m) each: the one-label Î1 variance of a diagonal entry. Where the scores lie on a line it is
+        ``Var(s²)(vᵀe)⁴`` (:meth:`along_score_line`), formed without cancellation; else the difference of
         :meth:`moments_along`."""
-        if (spread := self.score_square_variance(o)) is not None:
-            return self.fisher_output_bilinear(o, v, v), spread.unsqueeze(1) * v.square().sum(-1) ** 2
+        if (along := self.along_score_line(o, v)) is not None:
+            spread, squares = along
+            return self.fisher_output_bilinear(o, v, v), spread.unsqueeze(1) * squares**2
         second, fourth = self.moments_along(o, v)
         return second, fourth - second**2
 
@@ -334,12 +336,12 @@ class Family(ABC):
 
     def pairwise_spread(self, o: Tensor, v: Tensor) -> Tensor:
         """``Var_y[(uᵀv_p)(uᵀv_q)] = E_y[(uᵀv_p)²(uᵀv_q)²] − (v_pᵀΛv_q)²`` for every pair of output-space vectors ``v``
-        (B, m, C) → (B, m, m): the one-label Î1 variance of a ``full`` or ``blocks`` entry. For one output it is
-        ``Var(u²) v_p² v_q²`` (:meth:`score_square_variance`, formed without cancellation); else the difference of
-        :meth:`pairwise_moment4` and the squared :meth:`fisher_output_gram`."""
-        if (spread := self.score_square_variance(o)) is not None:
-            norms = v.square().sum(-1)  # (B, m)
-            return spread.reshape(-1, 1, 1) * norms.unsqueeze(-1) * norms.unsqueeze(-2)
+        (B, m, C) → (B, m, m): the one-label Î1 variance of a ``full`` or ``blocks`` entry. Where the scores lie on a
+        line it is ``Var(s²)(v_pᵀe)²(v_qᵀe)²`` (:meth:`along_score_line`), formed without cancellation; else the
+        difference of :meth:`pairwise_moment4` and the squared :meth:`fisher_output_gram`."""
+        if (along := self.along_score_line(o, v)) is not None:
+            spread, squares = along
+            return spread.reshape(-1, 1, 1) * squares.unsqueeze(-1) * squares.unsqueeze(-2)
         return self.pairwise_moment4(o, v).sub_(self.fisher_output_gram(o, v).square_())
 
     def third_moment(self, o: Tensor) -> Tensor:
@@ -366,11 +368,20 @@ class Family(ABC):
         c = o.shape[-1]
         return robust_eigvalsh(self.fourth_moment(o).reshape(o.shape[0], c * c, c * c))[..., -1].to(o.dtype)
 
-    def score_square_variance(self, o: Tensor) -> Tensor | None:
-        """``Var(u²) = E[u⁴] − Λ²`` per input ``(B,)`` for a family with one output, formed without
-        cancellation; None (the default) where the Î1 variances subtract ``(vᵀΛw)²`` from the fourth
-        moments themselves (:class:`~torchfim.variance.ScoreVariance`)."""
+    def score_line(self, o: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(Var(s²), e)`` where every score is a multiple ``u = s e`` of one output-space vector ``e`` (C,): a family
+        of one output (``e = 1``), or two categories (``e = e₀ − e₁``); ``Var(s²)`` per input ``(B,)``, formed without
+        cancellation. None (the default) where the scores span more: the Î1 variances then subtract ``(vᵀΛw)²`` from
+        the fourth moments themselves (:class:`~torchfim.variance.ScoreVariance`)."""
         return None
+
+    def along_score_line(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(Var(s²), (vᵀe)²)`` for output-space vectors ``v`` (B, m, C) → ``((B,), (B, m))`` where the scores lie on
+        a line (:meth:`score_line`); None where they do not."""
+        if (line := self.score_line(o)) is None:
+            return None
+        spread, e = line
+        return spread, (v @ e.to(v.dtype)).square()
 
     @abstractmethod
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:

@@ -131,12 +131,12 @@ class Bernoulli(Family):
         work, out = _work_dtype(o, k)
         return (self._m4(o).to(work).reshape(-1) * k.to(work).reshape(-1) ** 2).to(out)
 
-    def score_square_variance(self, o: Tensor) -> Tensor:
-        """``E[u⁴] − Λ² = Λ(1 − 3Λ) − Λ² = Λ(1 − 4Λ) = Λ(1 − 2p)² = Λ tanh²(o/2)`` (B,), since
-        ``1 − 4p(1 − p) = (1 − 2p)²`` and ``1 − 2σ(o) = −tanh(o/2)``. The difference itself cancels
+    def score_line(self, o: Tensor) -> tuple[Tensor, Tensor]:
+        """One output, ``e = 1``, and ``Var(u²) = E[u⁴] − Λ² = Λ(1 − 3Λ) − Λ² = Λ(1 − 4Λ) = Λ(1 − 2p)² = Λ tanh²(o/2)``
+        (B,), since ``1 − 4p(1 − p) = (1 − 2p)²`` and ``1 − 2σ(o) = −tanh(o/2)``. The difference itself cancels
         near ``p = ½``: at logit 1e-9 it gave −1.4e-17 where the value is 6e-20."""
         wide = self._wide(o)
-        return (_variance_and_root(wide)[0] * torch.tanh(0.5 * wide) ** 2).reshape(-1)
+        return (_variance_and_root(wide)[0] * torch.tanh(0.5 * wide) ** 2).reshape(-1), torch.ones(1, device=o.device)
 
     def _m3(self, o: Tensor) -> Tensor:
         """``E[u³] = Λ(1 − 2p) = −Λ tanh(o/2)`` (B, 1)."""

@@ -333,34 +333,22 @@ class Categorical(Family):
         d = torch.eye(o.shape[-1], dtype=work, device=o.device) - p.unsqueeze(1)
         return p, torch.einsum("nya,nab,nyb->ny", d, k.to(work), d), out
 
-    # The variances of Î1's entries, formed without cancellation. With two classes every score is one Bernoulli
-    # score along e₀ − e₁: uᵀv = s (v₀ − v₁), s = [y = 0] − p₀, so Var[(uᵀv)²] = Var(s²)(v₀ − v₁)⁴ with
-    # Var(s²) = Λ tanh²((o₀ − o₁)/2), which is 0 at p = ½, where the fourth moment minus the squared second lost
-    # everything to rounding (a binary classifier near uniform predictions: negative variances in float32).
-    def _binary_spread(self, o: Tensor) -> Tensor | None:
-        """``Var(s²)`` (B,) for two classes (see above); None for more."""
+    def score_line(self, o: Tensor) -> tuple[Tensor, Tensor] | None:
+        """With two classes every score is one Bernoulli score along ``e = e₀ − e₁``: ``uᵀv = s (v₀ − v₁)``,
+        ``s = [y = 0] − p₀``, with ``Var(s²) = Λ tanh²((o₀ − o₁)/2)``, 0 at ``p = ½``, where the fourth moment less
+        the squared second lost everything to rounding (a binary classifier near uniform predictions: negative
+        variances in float32). None for more classes."""
         if o.shape[-1] != 2:
             return None
-        return Bernoulli().score_square_variance(o[..., :1] - o[..., 1:])
-
-    def spread_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if (spread := self._binary_spread(o)) is None:
-            return super().spread_along(o, v)
-        w = v[..., 0] - v[..., 1]  # (B, m)
-        return self.fisher_output_bilinear(o, v, v), spread.unsqueeze(1) * w.square() ** 2
-
-    def pairwise_spread(self, o: Tensor, v: Tensor) -> Tensor:
-        if (spread := self._binary_spread(o)) is None:
-            return super().pairwise_spread(o, v)
-        w2 = (v[..., 0] - v[..., 1]).square()  # (B, m)
-        return spread.reshape(-1, 1, 1) * w2.unsqueeze(-1) * w2.unsqueeze(-2)
+        spread, _ = Bernoulli().score_line(o[..., :1] - o[..., 1:])
+        return spread, torch.tensor([1.0, -1.0], device=o.device)
 
     def score_quadratic_spread(self, o: Tensor, k: Tensor) -> Tensor:
         """``Var_y[uᵀKu] = Σ_y p_y (q_y − q̄)²`` with ``q_y = d_yᵀKd_y``, ``d_y = e_y − p``, ``q̄ = tr ΛK``: centred, so
         that where ``q_y`` hardly depends on ``y`` (near uniform predictions) the variance is not the difference of
-        ``E[q²]`` and ``q̄²``; with two classes ``Var(s²)(K₀₀ − 2K₀₁ + K₁₁)²`` (see above)."""
-        if (spread := self._binary_spread(o)) is not None:
-            return spread * (k[:, 0, 0] - 2 * k[:, 0, 1] + k[:, 1, 1]).square()
+        ``E[q²]`` and ``q̄²``; with two classes the form along :meth:`score_line`."""
+        if o.shape[-1] == 2:
+            return super().score_quadratic_spread(o, k)
         p, quad, out = self._label_quadratics(o, k)
         mean = (p * quad).sum(-1, keepdim=True)
         return (p * (quad - mean).square()).sum(-1).to(out)
