@@ -5,7 +5,7 @@ For a batch with flat outputs ``o`` and output family ``fam`` (``Λ``, scores ``
 * ``exact``: the columns of ``S`` with ``S Sᵀ = Λ`` (``Σ_r (Jᵀs_r)(Jᵀs_r)ᵀ = JᵀΛJ``), scale 1;
 * ``score`` (Î1): ``k`` sampled scores ``u_ij``, scale ``1/k``;
 * ``hessian`` (Î2): the columns of ``S``, plus the term ``−(1/k) ∇²_θ Σᵢ (Σⱼ u_ij)ᵀ o(xᵢ)``;
-* ``empirical``: the score of the true target, scale 1;
+* ``empirical``: the score of the true target, scale 1 (per position: each position's part alone);
 * ``combined``: Î1 and Î2 from ONE set of ``k`` labels per input (:func:`add_shared_label_estimates`),
   weighted per entry by :mod:`torchfim.combined` (docs/math.md §8).
 """
@@ -42,18 +42,24 @@ def add_estimate(
     k: int,
     generator: torch.Generator | None,
     progress: bool = False,
+    per_position: bool = False,
 ) -> None:
     """Add one mini-batch's sum over inputs of ``estimator`` to ``structure``.
 
     ``combined`` needs two structures: use :func:`add_shared_label_estimates`. For ``score`` and
     ``empirical`` this is ``rec``'s last use: the backend may free it on the way. ``progress``: a bar over
-    the exact Fisher's columns where they take long (:class:`_ColumnPace`).
+    the exact Fisher's columns where they take long (:class:`_ColumnPace`). ``per_position``: the empirical
+    Fisher of each position's true label, ``Σₜ (Jₜᵀuₜ)(Jₜᵀuₜ)ᵀ``, instead of the input's summed score
+    ``(Σₜ Jₜᵀuₜ)(Σₜ Jₜᵀuₜ)ᵀ`` (the same where the outputs have no positions).
     """
     o = rec.values
     if estimator in ("exact", "hessian"):
         _add_exact(backend, rec, fam, structure, progress)
     elif estimator == "score":
         backend.add_products(rec, sampled_scores(fam, o, k, generator).to(o.dtype), structure, 1.0 / k, last=True)
+    elif estimator == "empirical" and per_position and isinstance(fam, Positions):
+        for block in fam.placed_columns(o, _true_scores(fam, rec, o)[:, 0].to(o.dtype)):
+            backend.add_products(rec, block.transpose(-1, -2), structure)
     elif estimator == "empirical":
         backend.add_products(rec, _true_scores(fam, rec, o).to(o.dtype), structure, last=True)
     else:

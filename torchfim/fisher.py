@@ -7,7 +7,8 @@ For inputs ``x_1..x_n`` (fixed) with per-sample Jacobians ``Jᵢ = ∂o(xᵢ)/�
 * ``exact``     ``I = (1/n) Σᵢ Jᵢᵀ Λᵢ Jᵢ``  (closed-form expectation over labels)
 * ``score``     Î1 ``= (1/(nk)) Σᵢⱼ Jᵢᵀ u_ij u_ijᵀ Jᵢ``
 * ``hessian``   Î2 ``= (1/(nk)) Σᵢⱼ [Jᵢᵀ Λᵢ Jᵢ − Σ_a u_ij,a ∇²_θ o_a(xᵢ)]``
-* ``empirical`` ``(1/n) Σᵢ Jᵢᵀ uᵢ uᵢᵀ Jᵢ`` with the true targets ``yᵢ`` (biased)
+* ``empirical`` ``(1/n) Σᵢ Jᵢᵀ uᵢ uᵢᵀ Jᵢ`` with the true targets ``yᵢ`` (biased); with
+  ``empirical_per="position"``, ``(1/n) Σᵢ Σₜ J_{it}ᵀ u_{it} u_{it}ᵀ J_{it}`` for outputs with positions
 * ``combined``  ``w·Î1 + (1 − w)·Î2`` with Î1 and Î2 from the same labels and, per entry (for
   ``trace``: for the trace), ``w = (V2 − C12)/(V1 + V2 − 2C12)``, the weight that minimises the
   variance given the closed-form ``V1 = Var Î1``, ``V2 = Var Î2`` and ``C12 = Cov(Î1, Î2)``
@@ -58,6 +59,7 @@ def fisher(
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
     across_processes: bool = False,
+    empirical_per: str = "input",
 ) -> FisherResult | tuple[FisherResult, FisherResult]:
     """Fisher information of ``model`` over ``inputs`` under its own predictive distribution.
 
@@ -113,6 +115,13 @@ def fisher(
             Fisher of them all, for about ``1/W`` of the work): :mod:`torchfim.process_rows`. Not with
             ``estimator="combined"``. Every process must make the call: one that passes
             ``across_processes=True`` alone waits for the others in a collective until they leave the run.
+        empirical_per: the observation of ``estimator="empirical"`` on outputs with positions. ``"input"``
+            (default): each input's score summed over its positions, ``(1/n) Σᵢ gᵢgᵢᵀ`` with
+            ``gᵢ = Σₜ J_{it}ᵀu_{it}``, which keeps the cross-position terms. ``"position"``: each position's
+            own, ``(1/n) Σᵢ Σₜ J_{it}ᵀu_{it}u_{it}ᵀJ_{it}``, the empirical Fisher of tokens as the peers
+            compute it (curvlinops' ``EFLinearOperator``, BackPACK's per-token ``BatchGrad``; divide by the
+            mean number of observed positions for their per-token mean, docs/math.md §5.5). It pulls back
+            one vector per observed position of each input. The same where the outputs have no positions.
 
     Returns:
         The requested structure, on the model's device in the model's dtype (its first trainable
@@ -136,6 +145,7 @@ def fisher(
     k = check_n_samples(n_samples)
     check_generator(generator)
     name = backend_name(backend, method)
+    per_position = _per_position(empirical_per, estimator)
     if estimator == "empirical" and targets is None and isinstance(inputs, Tensor):
         raise TorchfimError(
             "estimator='empirical' uses the true labels: pass targets=... (one per input), "
@@ -145,7 +155,7 @@ def fisher(
     draws = estimator in ("score", "hessian")
     share = _row_share(across_processes, estimator, mask,
                        ("fisher", estimator, structure_kind(structure), family_settings(fam), k if draws else None,
-                        bool(return_stderr), class_dim, mask if isinstance(mask, str) else None))
+                        bool(return_stderr), class_dim, mask if isinstance(mask, str) else None, per_position))
     if estimator == "combined":
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
@@ -161,9 +171,9 @@ def fisher(
             seen: list[Batch] = []
             # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
             for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
-                                          f"fisher[{estimator}]", split=estimator == "exact",
+                                          f"fisher[{estimator}]", split=estimator == "exact" or per_position,
                                           rows=None if share is None else share.rows):
-                add_estimate(estimator, one.backend, rec, fam_b, result, k, drawing, progress)
+                add_estimate(estimator, one.backend, rec, fam_b, result, k, drawing, progress, per_position)
                 if return_stderr:
                     seen.append(rec.batch)
             estimate = result.finish(max(one.n, 1))
@@ -180,6 +190,18 @@ def fisher(
     if share is not None:
         estimate, variance = share.mean(estimate, variance, n, model)
     return (estimate, entrywise(lambda v: v.clamp_min(0).sqrt(), variance)) if return_stderr else estimate
+
+
+def _per_position(empirical_per: object, estimator: str) -> bool:
+    """Whether the empirical Fisher is per position (``empirical_per="position"``), refused for other estimators."""
+    check_choice("empirical_per", empirical_per, ("input", "position"))
+    if empirical_per == "position" and estimator != "empirical":
+        raise TorchfimError(
+            f"empirical_per='position' chooses the observation of estimator='empirical' (each position's true label "
+            f"alone); estimator={estimator!r} takes its labels from the model, where the positions' cross terms vanish "
+            "in expectation: leave empirical_per out, or pass estimator='empirical'"
+        )
+    return empirical_per == "position"
 
 
 def _row_share(across_processes: object, estimator: str, mask: Mask, call: tuple) -> RowShare | None:

@@ -286,14 +286,22 @@ class Positions(PositionSpreads, PositionSpectra, Family):
             if not bool(keep[:, t0:t1].any()):
                 continue
             roots = self.base.fisher_output_sqrt(rows[:, t0:t1].reshape(-1, c))  # (B·P, C, r)
-            r = roots.shape[-1]
-            roots = roots.reshape(b, t1 - t0, c, r) * keep[:, t0:t1, None, None].to(roots.dtype)
-            for q0 in range(0, (t1 - t0) * r, step):
-                cols = torch.arange(q0, min((t1 - t0) * r, q0 + step), device=o.device)
-                t, j = torch.div(cols, r, rounding_mode="floor"), cols % r
-                block = roots.new_zeros(b, n, c, len(cols))
-                block[:, t0 + t, :, torch.arange(len(cols), device=o.device)] = roots[:, t, :, j]
-                yield block.reshape(b, n * c, len(cols))
+            roots = roots.reshape(b, t1 - t0, c, roots.shape[-1]) * keep[:, t0:t1, None, None].to(roots.dtype)
+            yield from _placed(roots, t0, n, step)
+
+    def placed_columns(self, o: Tensor, u: Tensor, max_entries: int | None = None) -> Iterator[Tensor]:
+        """Each position's part of the output-space vectors ``u`` (B, L·C) as a column of its own, zero at every
+        other position, in blocks ``(B, L·C, K)`` of under ``max_entries`` numbers where one column allows (default
+        :data:`SQRT_BLOCK_ENTRIES`); masked positions are zero, and a block of positions that no input observes is
+        left out. Pulled back, column ``t`` gives ``J_tᵀu_t``: summed, the per-position products
+        ``Σ_t (J_tᵀu_t)(J_tᵀu_t)ᵀ`` (the empirical Fisher per position, ``u_t`` the true labels' scores)."""
+        b, n, c = o.shape[0], self.length, self._width(o)
+        keep = self._keep(o).reshape(b, n)
+        step = max(1, (max_entries or SQRT_BLOCK_ENTRIES) // max(1, b * n * c))
+        roots = (u.reshape(b, n, c) * keep.unsqueeze(-1).to(u.dtype)).unsqueeze(-1)  # (B, L, C, 1)
+        for t0 in range(0, n, step):
+            if bool(keep[:, t0:t0 + step].any()):
+                yield from _placed(roots[:, t0:t0 + step], t0, n, step)
 
     def _sqrt_column_blocks(self, rows: Tensor, keep: Tensor, width: int, step: int) -> Iterator[Tensor]:
         """The blocks of :meth:`fisher_output_sqrt_blocks` one position at a time, ``step`` columns of its
@@ -445,3 +453,15 @@ class Positions(PositionSpreads, PositionSpectra, Family):
 
 
 __all__ = ["DENSE_MOMENT_LIMIT", "Positions", "is_position_mask"]
+
+
+def _placed(roots: Tensor, t0: int, n: int, step: int) -> Iterator[Tensor]:
+    """The columns of ``roots`` (B, P, C, r), the factors of positions ``t0 … t0 + P − 1``, each placed at its
+    position among ``n`` and zero elsewhere: blocks ``(B, n·C, K)`` of ``step`` columns (position-major)."""
+    b, p, c, r = roots.shape
+    for q0 in range(0, p * r, step):
+        cols = torch.arange(q0, min(p * r, q0 + step), device=roots.device)
+        t, j = torch.div(cols, r, rounding_mode="floor"), cols % r
+        block = roots.new_zeros(b, n, c, len(cols))
+        block[:, t0 + t, :, torch.arange(len(cols), device=roots.device)] = roots[:, t, :, j]
+        yield block.reshape(b, n * c, len(cols))
