@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError, all_finite, warn_user
-from .base import _TINY64, NON_FINITE, Family, _to_generator_device, _work_dtype, robust_eigvalsh
+from .base import _TINY64, NON_FINITE, Family, _to_generator_device, _wide_float, _work_dtype, robust_eigvalsh
 from .bernoulli import Bernoulli
 
 #: Classes up to which :meth:`Categorical.fourth_moment_top_eigenvalue` is exact (a float64
@@ -22,6 +22,9 @@ _SECULAR_STEPS = 72
 #: Rayleigh quotient at which they stop.
 _POWER_STEPS = 100
 _POWER_GAP = 1e-10
+#: An Î1 variance of three or more classes is first a difference of moments, ``E[x²] − E[x]²``; an entry where that
+#: keeps under this share of ``E[x²]`` (four bits or more cancelled) is formed again from the labels, centred.
+_CANCELLED = 1.0 / 16
 
 
 def _probabilities64(o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,6 +106,18 @@ def _structured_product(p: Tensor, r: Tensor, q: Tensor) -> Callable[[Tensor], T
         return gy.scatter(-1, r, (row * y).sum(-1, keepdim=True))
 
     return multiply
+
+
+def _label_spread(o: Tensor, v: Tensor, w: Tensor) -> Tensor:
+    """``Var_y[s_y t_y] = Σ_y p_y (s_y t_y − x̄)²`` with ``x̄ = Σ_y p_y s_y t_y``, ``s_y = v_y − pᵀv`` and
+    ``t_y = w_y − pᵀw``, for rows of logits and output-space vectors ``o, v, w`` (k, C) → (k,) in the widest float:
+    two passes, so nothing is the difference of two nearly equal moments. The few entries that need it are formed
+    here; in their own precision the products' rounding would still be amplified by the cancellation's ratio."""
+    wide = _wide_float(o.device)
+    p = torch.softmax(o.to(wide), dim=-1)
+    v, w = v.to(wide), w.to(wide)
+    x = (v - (p * v).sum(-1, keepdim=True)) * (w - (p * w).sum(-1, keepdim=True))
+    return (p * (x - (p * x).sum(-1, keepdim=True)).square()).sum(-1)
 
 
 def _collatz_wielandt_bound(p: Tensor, r: Tensor, q: Tensor) -> Tensor:
@@ -305,6 +320,41 @@ class Categorical(Family):
         p, (s,), out = self._centred(o, v)
         squared = s * s
         return torch.bmm(squared * p, squared.transpose(1, 2)).to(out)
+
+    def spread_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``vᵀΛv`` and ``Var_y[s_y²]`` (``s_y = v_y − pᵀv``): the difference of :meth:`moments_along`, and centred,
+        ``Σ_y p_y (s_y² − vᵀΛv)²``, for the entries where it cancels (:data:`_CANCELLED`): near uniform predictions
+        with ``|s_y|`` nearly the same for every class; with two classes the form along :meth:`score_line`."""
+        if o.shape[-1] == 2:
+            return super().spread_along(o, v)
+        work, out = _work_dtype(o, v)
+        second, fourth = self.moments_along(o.to(work), v.to(work))
+        spread = fourth - second.square()
+        lossy = spread < fourth.mul_(_CANCELLED)
+        if bool(lossy.any()):
+            rows, cols = lossy.nonzero(as_tuple=True)
+            spread[rows, cols] = _label_spread(o[rows], v[rows, cols], v[rows, cols]).to(work)
+        return second.to(out), spread.to(out)
+
+    def pairwise_spread(self, o: Tensor, v: Tensor) -> Tensor:
+        """``Var_y[s_py s_qy]`` for every pair (``s_py = v_py − pᵀv_p``): ``Σ_y p_y s_py² s_qy² − G_pq²`` with
+        ``G = fisher_output_gram``, and centred, ``Σ_y p_y (s_py s_qy − G_pq)²``, for the entries where the difference
+        cancels (:data:`_CANCELLED`); with two classes the form along :meth:`score_line`. Three ``m × m`` matrices
+        per input."""
+        if o.shape[-1] == 2:
+            return super().pairwise_spread(o, v)
+        p, (s,), out = self._centred(o, v)
+        gram = torch.bmm(s * p, s.transpose(1, 2))
+        squared = s * s
+        fourth = torch.bmm(squared * p, squared.transpose(1, 2))
+        del squared
+        spread = fourth - gram.square_()
+        lossy = spread < fourth.mul_(_CANCELLED)
+        del fourth, gram
+        if bool(lossy.any()):
+            rows, first, second = lossy.nonzero(as_tuple=True)
+            spread[rows, first, second] = _label_spread(o[rows], v[rows, first], v[rows, second]).to(spread.dtype)
+        return spread.to(out)
 
     def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # uᵀv = v_y − pᵀv for label y. One label at a time: each (B, m) slice stays in cache, which
