@@ -137,13 +137,14 @@ VARIANCE_CALLS = {
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("name", list(VARIANCE_CALLS))
 def test_half_model_variances_and_bounds(dtype, name) -> None:
-    """These raised ``"linalg_eigh_cpu" not implemented for 'Half'``; now they return the model's dtype,
-    within a few roundoffs of the float64 computation on the same weights and inputs."""
+    """These raised ``"linalg_eigh_cpu" not implemented for 'Half'``; now they return float32 (squares of the
+    Fisher's scale leave float16's range), within a few roundoffs of the float64 computation on the same weights and
+    inputs."""
     model = mlp(3, seed=65, dtype=dtype)
     x = mlp_inputs(32, seed=66, d_in=4).to(dtype)
     got = VARIANCE_CALLS[name](model, x)
     want = VARIANCE_CALLS[name](as_float64(model), x.double())
-    assert flat(got).dtype == dtype
+    assert flat(got).dtype == torch.float32
     assert close_to(got, want, 8 * EPS[dtype])
 
 
@@ -331,7 +332,8 @@ def test_confident_float32_hessian_variance_is_accurate_and_non_negative(margin,
 
 @pytest.mark.parametrize(("dtype", "log_rate"), [(torch.float32, 50.0), (torch.bfloat16, 50.0), (torch.float16, 8.0)])
 def test_poisson_variance_beyond_the_dtype_is_an_error(dtype, log_rate) -> None:
-    """``Var(Î1) ~ λ²`` overflows the dtype (e^100 > 3.4e38; e^16 > 65504) although the Fisher ``~ λ`` fits."""
+    """``Var(Î1) ~ λ²`` overflows float32 (e^100 > 3.4e38) although the Fisher ``~ λ`` fits. A float16 model's
+    variances are float32: at e^16 > 65504, which float16 could not hold, they agree with float64."""
     torch.manual_seed(82)
     model = nn.Linear(2, 2)
     with torch.no_grad():
@@ -340,5 +342,26 @@ def test_poisson_variance_beyond_the_dtype_is_an_error(dtype, log_rate) -> None:
     model = model.to(dtype)
     x = mlp_inputs(4, seed=83, d_in=2).to(dtype)
     assert bool(torch.isfinite(torchfim.fisher(model, x, family="poisson")).all())
+    if dtype == torch.float16:
+        got = torchfim.fisher_variance(model, x, family="poisson", estimator="score")
+        want = torchfim.fisher_variance(as_float64(model), x.double(), family="poisson", estimator="score")
+        assert float(got.max()) > 65504 and close_to(got, want, 8 * EPS[dtype])
+        return
     with pytest.raises(torchfim.TorchfimError, match="non-finite"):
         torchfim.fisher_variance(model, x, family="poisson", estimator="score")
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_half_model_variances_below_float16s_range_keep_their_digits(structure) -> None:
+    """A float16 model whose first layer is small: Var(Î1) entries down to 5e-10, below float16's smallest subnormal
+    (6e-8). Returned in float16 they were 0 (relative error 1); formed and returned in float32 they agree with the
+    float64 computation on the same weights and inputs to the half-precision Jacobians' rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-2)
+    model, x = model.half(), torch.randn(8, 3).half()
+    got = torchfim.fisher_variance(model, x, estimator="score", structure=structure)
+    want = torchfim.fisher_variance(as_float64(model), x.double(), estimator="score", structure=structure)
+    assert got.dtype == torch.float32 and float(want.abs().min()) < 6e-8
+    assert float(((got.double() - want).abs() / want.abs()).max()) < 1e-2

@@ -209,6 +209,7 @@ def test_fisher_and_estimator_means_agree_with_float64(case: Case) -> None:
 @given(cases())
 def test_variances_are_non_negative_and_below_their_bounds(case: Case) -> None:
     rtol = 2 * case.rtol()
+    squares = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype  # variances' dtype
     fisher_trace = float(torchfim.fisher(case.reference, case.x64, family=case.family, structure="trace"))
     for estimator in ("score", "hessian"):
         for structure in ("diag", "trace"):
@@ -222,11 +223,11 @@ def test_variances_are_non_negative_and_below_their_bounds(case: Case) -> None:
             natural = float(want_bound.max()) + (fisher_trace**2 if estimator == "score" else 0.0)
             slack = rtol * natural + 2 * case.tiny
             if variance is not None:
-                assert variance.dtype == case.dtype and finite(variance), (estimator, structure, variance)
+                assert variance.dtype == squares and finite(variance), (estimator, structure, variance)
                 assert bool((variance >= 0).all()), (estimator, structure, variance)
                 assert bool(((variance.double() - want).abs() <= slack).all()), (estimator, structure, variance, want)
             if bound is not None:
-                assert bound.dtype == case.dtype and finite(bound), (estimator, structure, bound)
+                assert bound.dtype == squares and finite(bound), (estimator, structure, bound)
                 assert bool(((bound.double() - want_bound).abs() <= slack).all()), (bound, want_bound)
                 if variance is not None:
                     assert bool((bound.double() >= variance.double() - slack).all()), (bound, variance)

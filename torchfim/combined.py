@@ -52,7 +52,7 @@ from .errors import TorchfimError, check_choice, check_n_samples
 from .estimators import add_shared_label_estimates
 from .families import Family, get_family
 from .structures import STRUCTURE_NAMES, PublicValue, Structure, entrywise, make_structure
-from .variance import HessianVariance, ScoreVariance
+from .variance import HessianVariance, ScoreVariance, squares_layout
 
 VARIANCE_PARTS = ("var_score", "var_hessian", "cov")
 ESTIMATE_PARTS = ("score", "hessian")
@@ -107,7 +107,9 @@ class SharedLabelSums:
 
     def __init__(self, structure: str, view: ModelView, draw: bool) -> None:
         names = (ESTIMATE_PARTS if draw else ()) + VARIANCE_PARTS
-        self.parts: dict[str, Structure] = {name: make_structure(structure, view.layout) for name in names}
+        self.parts: dict[str, Structure] = {
+            name: make_structure(structure, squares_layout(view.layout) if name in VARIANCE_PARTS else view.layout)
+            for name in names}
         self.draw = draw
         self.n = 0
 
@@ -139,7 +141,8 @@ class SharedLabelSums:
         variance = entrywise(weighted_variance, weight, done["var_score"], done["var_hessian"], done["cov"])
         estimate = None
         if self.draw:
-            estimate = entrywise(lambda w, a, b: w * a + (1 - w) * b, weight, done["score"], done["hessian"])
+            estimate = entrywise(lambda w, a, b: (w * a + (1 - w) * b).to(a.dtype), weight, done["score"],
+                                 done["hessian"])
         return CombinedResult(estimate, variance, weight, done)
 
 
@@ -174,7 +177,7 @@ def combined_terms(
         result = sums.finish(k)
     if result.estimate is not None:
         check_finite_result(result.estimate, "the combined Fisher", one.view.dtype)
-    check_finite_result(result.variance, "the combined estimator's variance", one.view.dtype)
+    check_finite_result(result.variance, "the combined estimator's variance", squares_layout(one.view.layout).dtype)
     return result
 
 

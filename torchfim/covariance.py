@@ -45,6 +45,7 @@ from .structures import (
     Trace,
     make_structure,
 )
+from .variance import squares_layout, widened
 
 
 class ScoreHessianCovariance(StructureVisitor):
@@ -52,7 +53,7 @@ class ScoreHessianCovariance(StructureVisitor):
 
     def __init__(self, engine: Backend, rec: Recording, fam: Family) -> None:
         self.engine, self.rec, self.fam = engine, rec, fam
-        self.o = rec.values
+        self.o = widened(rec.values)
 
     def trace(self, structure: Trace) -> None:
         o = self.o
@@ -143,14 +144,14 @@ def covariance_of(
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)
     with engine_pass(model, backend, output, class_dim) as one:
-        result = make_structure(structure, one.view.layout)
+        result = make_structure(structure, squares_layout(one.view.layout))
         # A closed form that draws nothing: large mini-batches go in row groups.
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "covariance[score, hessian]", split=True,
                                       whole=True, grams=is_trace(result)):
             with second_order_support():
                 result.visit(ScoreHessianCovariance(one.backend, rec, fam_b))
         value = result.finish(one.n * one.n * k)
-        check_finite_result(value, "the covariance of Î1 and Î2", one.view.dtype)
+        check_finite_result(value, "the covariance of Î1 and Î2", squares_layout(one.view.layout).dtype)
         return value
 
 

@@ -160,7 +160,9 @@ def fisher(
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
                                   class_dim=class_dim)
-        return (combined.estimate, entrywise(torch.sqrt, combined.variance)) if return_stderr else combined.estimate
+        if not return_stderr:
+            return combined.estimate
+        return combined.estimate, entrywise(lambda v, e: v.sqrt().to(e.dtype), combined.variance, combined.estimate)
 
     def compute() -> tuple[FisherResult, FisherResult | None, int]:
         """This process's estimate over its inputs (its rows of them, shared), their number, and with
@@ -189,7 +191,10 @@ def fisher(
     estimate, variance, n = compute() if share is None else share.together(compute, model)
     if share is not None:
         estimate, variance = share.mean(estimate, variance, n, model)
-    return (estimate, entrywise(lambda v: v.clamp_min(0).sqrt(), variance)) if return_stderr else estimate
+    # A half-precision model's variances come in float32 (torchfim.variance.squares_layout); its standard errors,
+    # of the Fisher's scale, in the estimate's dtype.
+    return (estimate, entrywise(lambda v, e: v.clamp_min(0).sqrt().to(e.dtype), variance, estimate)) \
+        if return_stderr else estimate
 
 
 def _per_position(empirical_per: object, estimator: str) -> bool:

@@ -15,6 +15,7 @@ where ``j_p = ∂o(xᵢ)/∂θ_p`` is column ``p`` of ``Jᵢ``. The trace estima
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cached_property
 
 import torch
@@ -41,6 +42,7 @@ from .structures import (
     Blocks,
     Diag,
     Full,
+    Layout,
     PublicValue,
     Structure,
     StructureVisitor,
@@ -56,6 +58,20 @@ MODES = ("exact", "spectral", "kurtosis")
 #: running sums over its positions and one position's gram, spread and products (measured 11.1 besides the result,
 #: categorical with 3 and 6 positions and Bernoulli with 6, P ≈ 1550, large blocks left to the OS as they are freed).
 POSITION_COPIES = 12
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def squares_layout(layout: Layout) -> Layout:
+    """The layout variances and covariances are summed and returned in: a half-precision model's widened to float32.
+    They are products of two numbers of the Fisher's scale, so where the Fisher's entries are in float16's range (6e-8
+    to 65504) theirs often are not: a variance of 1e-13 came back 0."""
+    return replace(layout, dtype=torch.float32) if layout.dtype in _HALF else layout
+
+
+def widened(values: Tensor) -> Tensor:
+    """A half-precision model's outputs in float32, so that the families form the per-input variance terms there
+    (their products with the engine's half-precision vectors promote to float32)."""
+    return values.float() if values.dtype in _HALF else values
 
 
 def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
@@ -73,7 +89,7 @@ class ScoreVariance(StructureVisitor):
 
     def __init__(self, engine: Backend, rec: Recording, fam: Family, mode: str) -> None:
         self.engine, self.rec, self.fam, self.mode = engine, rec, fam, mode
-        self.o = rec.values
+        self.o = widened(rec.values)
 
     @cached_property
     def scale(self) -> Tensor | None:
@@ -161,7 +177,7 @@ class HessianVariance(StructureVisitor):
 
     def __init__(self, engine: Backend, rec: Recording, fam: Family, mode: str) -> None:
         self.engine, self.rec, self.fam, self.mode = engine, rec, fam, mode
-        self.o = rec.values
+        self.o = widened(rec.values)
         self.top = fam.fisher_output_top_eigenvalue(self.o) if mode != "exact" else None
 
     def quadratic(self, rows: slice, d: Tensor) -> Tensor:
@@ -234,7 +250,7 @@ def variance_of(
 
     def compute() -> tuple[PublicValue, int]:
         with engine_pass(model, backend, output, class_dim) as one:
-            result = make_structure(structure, one.view.layout)
+            result = make_structure(structure, squares_layout(one.view.layout))
             # Closed forms pull every output vector back and draw nothing: large mini-batches go in row groups.
             for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]", split=True,
                                           whole=estimator == "score", grams=is_trace(result),
@@ -246,7 +262,7 @@ def variance_of(
                         result.visit(HessianVariance(one.backend, rec, fam_b, mode))
             value = result.finish(max(one.n, 1) ** 2 * k)
         what = f"the variance of the {estimator} estimator" if mode == "exact" else f"the {mode} bound on its variance"
-        check_finite_result(value, what, one.view.dtype)
+        check_finite_result(value, what, squares_layout(one.view.layout).dtype)
         return value, one.n
 
     if share is None:
@@ -294,7 +310,9 @@ def fisher_variance(
     trace estimator (not the sum of the diagonal entries' variances). Scales as ``1/(n²k)·Σᵢ``,
     i.e. ``1/(nk)`` for a data set of similar inputs. ``backend``, ``mask``, ``output``,
     ``class_dim`` and ``across_processes`` (the variance of the estimator over every process's inputs, each
-    process computing on its rows: ``Σ_r (n_r/N)² V_r``) as in :func:`torchfim.fisher`.
+    process computing on its rows: ``Σ_r (n_r/N)² V_r``) as in :func:`torchfim.fisher`. Returned in the model's
+    dtype, or float32 for a float16/bfloat16 model (variances are products of two numbers of the Fisher's scale:
+    1e-13 is 0 in float16), as are the bounds, :func:`torchfim.fisher_covariance` and the combined variance.
 
     ``diag`` and ``trace`` never build ``P×P`` objects: Î2's needs the diagonal of every output
     Hessian ``∇²_θ o_a(xᵢ)``, computed exactly by forward-over-forward differentiation, one
