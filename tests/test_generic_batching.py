@@ -19,6 +19,7 @@ from oracles import exact_fisher
 from torch import nn
 
 import torchfim
+from torchfim import TorchfimError
 from torchfim.engine.modules import GenericRule
 from torchfim.engine.modules.attention import AttentionRule
 from torchfim.engine.modules.prelu import PReLURule
@@ -135,6 +136,19 @@ def test_prelu_rule_equals_the_dense_oracle(slopes: int, conv: bool, structure: 
     assert torchfim_messages(caught) == []
     assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, structure)
     assert isinstance(module_rules(model, x)[1]["act"], PReLURule)
+
+
+def test_functional_backend_names_prelu_when_it_cannot_batch_it() -> None:
+    """torch.func's batching of nn.PReLU fails inside torch (its weight broadcast against the batch); the refusal
+    says so by name and points to the per-module backend, whose rule computes it."""
+    model, x = _Net(nn.PReLU(4, init=0.3)).double(), torch.randn(5, 3, dtype=torch.float64)
+    try:
+        torchfim.fisher(model, x, structure="diag", backend="functional")
+    except TorchfimError as err:
+        assert "no working batching rule for its nn.PReLU" in str(err) and "backend='auto'" in str(err)
+    else:  # a torch whose batching rule works: then the functional backend is right
+        assert_equals_dense(torchfim.fisher(model, x, structure="diag", backend="functional"),
+                            exact_fisher(model, x, "categorical"), model, "diag")
 
 
 class _KeyValueDims(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from ..errors import TorchfimError, warn_user
@@ -22,6 +22,10 @@ from .batch import Batch
 from .composites import composite_forms
 from .private_tree import users_modules_called
 from .view import ModelView, fewer_inputs
+
+#: Modules whose torch.func batching fails in torch 2.13 (their parameter broadcast against the batch): named in the
+#: functional backend's refusal.
+_UNBATCHED = (nn.PReLU, nn.RReLU)
 
 
 class FunctionalBackend(Backend):
@@ -91,9 +95,11 @@ class FunctionalBackend(Backend):
             with math_attention():
                 return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
         except (RuntimeError, NotImplementedError) as err:
+            known = sorted({type(m).__name__ for m in view.model.modules() if isinstance(m, _UNBATCHED)})
+            named = f"; torch.func has no working batching rule for its nn.{', nn.'.join(known)}" if known else ""
             raise TorchfimError(
                 "backend='functional' cannot batch this model through torch.func "
-                f"({str(err).splitlines()[0][:160]}); use backend='auto', whose generic rule computes such "
+                f"({str(err).splitlines()[0][:160]}){named}; use backend='auto', whose generic rule computes such "
                 "modules one sample at a time"
             ) from None
 
