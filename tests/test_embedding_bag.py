@@ -71,11 +71,11 @@ def test_embedding_bags_keep_their_rule_and_equal_the_dense_oracle(setting: str,
     assert isinstance(rules["bag"], EmbeddingBagRule) and not backend.moved and not backend.demoted
 
 
-@pytest.mark.parametrize("estimator", ["score", "empirical"])
+@pytest.mark.parametrize("estimator", ["score", "empirical", "hessian"])
 @pytest.mark.parametrize("layout", ["rows", "offsets"])
 def test_embedding_bags_give_every_estimator_and_variance_of_the_whole_model_backend(layout: str, estimator: str) -> None:
-    """The score's per-sample squared norms (trace variances) come from the rule's own shortcut. (Not the
-    Hessian estimator: torch's embedding bag has no forward-mode derivative, which it needs; torchfim says so.)"""
+    """The score's per-sample squared norms (trace variances) come from the rule's own shortcut; the Hessian
+    estimator's second derivatives from the bag's composite form (torch's kernel has no forward-mode derivative)."""
     model, ids = _model("mean", layout, weighted=False, padding_idx=0)
     assert_matches_functional(model, ids, estimator, torch.randint(0, 3, (len(ids),)))
 
@@ -100,3 +100,46 @@ def test_a_max_bag_of_packed_ids_is_refused_with_the_layout_that_works() -> None
     rows, _ = _model("max", layout="rows")
     rows.load_state_dict(model.state_dict())
     assert_equals_dense(torchfim.fisher(rows, ids, structure="diag"), exact_fisher(rows, ids, "categorical"), rows, "diag")
+
+
+class _MatrixBagTwin(nn.Module):
+    """:class:`_BagModel` with its bag written as a matrix product ``A W``: ``A[b, v]`` the summed weights of id
+    ``v`` in bag ``b`` (divided by the bag's count for ``mean``), built from the 2-D ids; for ``max`` each bag's
+    largest lookups. An independent forward of the same function, whose forward-mode derivatives are torch's own."""
+
+    def __init__(self, model: _BagModel) -> None:
+        super().__init__()
+        self.table = nn.Parameter(model.bag.weight.detach().clone())
+        self.head = nn.Linear(3, 3).double()
+        self.head.load_state_dict(model.head.state_dict())
+        self.mode, self.weighted, self.padding_idx = model.bag.mode, model.weighted, model.bag.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        observed = ids != (-1 if self.padding_idx is None else self.padding_idx)
+        if self.mode == "max":
+            rows = self.table[ids].masked_fill(~observed.unsqueeze(-1), float("-inf")).amax(1)
+            bagged = torch.where(observed.any(1, keepdim=True), rows, torch.zeros_like(rows))
+        else:
+            weights = (ids.to(self.table.dtype) + 1) / 5 if self.weighted else torch.ones_like(self.table[ids, 0])
+            a = torch.zeros(len(ids), len(self.table), dtype=self.table.dtype).scatter_add(1, ids, weights * observed)
+            if self.mode == "mean":
+                a = a / observed.sum(1, keepdim=True).clamp_min(1)
+            bagged = a @ self.table
+        return self.head(torch.tanh(bagged))
+
+
+@pytest.mark.parametrize(("setting", "layout"), [*((s, lay) for s in SETTINGS for lay in ("rows", "offsets",
+                                                                                         "last-offset")),
+                                                ("max", "rows")])
+def test_embedding_bags_hessian_estimator_equals_a_matrix_product_twin(setting: str, layout: str) -> None:
+    """Î2 (same labels: the same generator) and its variance through the bag's composite form equal those of the
+    twin that writes the bag as a matrix product. They were refused: torch's embedding bag has no forward-mode
+    derivative. (A max bag of 1-D ids is refused for another reason: no row per sample.)"""
+    model, ids = _model(layout=layout, **({"mode": "max"} if setting == "max" else SETTINGS[setting]))
+    twin = _MatrixBagTwin(model)
+    for structure in ("full", "trace"):
+        got, want = (torchfim.fisher(m, ids, estimator="hessian", structure=structure, n_samples=3,
+                                     generator=torch.Generator().manual_seed(4)) for m in (model, twin))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    got, want = (torchfim.fisher_variance(m, ids, estimator="hessian", structure="diag") for m in (model, twin))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -17,6 +17,9 @@ Five activations break second derivatives too (``silu``, ``mish``, ``glu``, ``ha
 its fused kernel has no forward-mode rule for its backward, and it runs as ``v·g/‖v‖`` (the norm over every dim
 but ``dim``) where forward-mode AD differentiates it.
 
+``embedding_bag`` has no forward-mode rule either: it runs as a lookup from a ``(bags, longest)`` table of the
+bags' ids and a weighted sum, mean or max over each bag (forward mode only).
+
 And one differs from torch's reverse mode by convention: ``embedding`` with a ``padding_idx``, whose
 padding row torch's backward leaves without a gradient (a constant of the model), while forward-mode
 AD differentiates the lookup of that row like any other; the second derivatives would then disagree
@@ -88,6 +91,53 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *ar
     return F.embedding(input, weight, padding_idx, *args, **kwargs)
 
 
+def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, max_norm: float | None = None,
+                  norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
+                  per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
+                  padding_idx: int | None = None) -> Tensor:
+    """``F.embedding_bag`` as a padded lookup and a reduction: each bag's ids laid out as a row of a
+    ``(bags, longest)`` table, looked up by :func:`embedding`, then summed with their weights (``sum``; ``mean``
+    divides by the bag's count of ids other than ``padding_idx``, an empty bag giving 0) or reduced by ``max``.
+    torch's fused kernel has no forward-mode derivative; ``max_norm`` (which renormalises the table in place) is
+    left to it."""
+    if max_norm is not None:
+        return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                               per_sample_weights, include_last_offset, padding_idx)
+    ids, weights, observed = _bag_table(input, offsets, per_sample_weights, include_last_offset, padding_idx)
+    rows = embedding(ids, weight, padding_idx)  # (bags, longest, d)
+    count = observed.sum(1, keepdim=True)
+    if mode == "max":
+        top = rows.masked_fill(~observed.unsqueeze(-1), float("-inf")).amax(1)
+        return torch.where(count > 0, top, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    weights = observed.to(rows.dtype) if weights is None else weights.to(rows.dtype) * observed
+    total = (rows * weights.unsqueeze(-1)).sum(1)
+    return total / count.clamp_min(1).to(rows.dtype) if mode == "mean" else total
+
+
+def _bag_table(input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None, include_last_offset: bool,
+               padding_idx: int | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """An embedding bag's ids and weights as ``(bags, longest)`` tables, and where they hold an id that counts
+    (inside its bag, not ``padding_idx``): 2-D ids as they are, 1-D ones cut at ``offsets``."""
+    if input.dim() == 2:
+        ids, weights = input, per_sample_weights
+        observed = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        starts = offsets[:-1] if include_last_offset else offsets
+        ends = torch.cat([starts[1:], torch.tensor([input.numel()], device=input.device)])
+        lengths = ends - starts
+        bag = torch.repeat_interleave(torch.arange(len(starts), device=input.device), lengths)
+        slot = torch.arange(input.numel(), device=input.device) - starts[bag]
+        longest = max(int(lengths.max()), 1) if len(lengths) else 1
+        ids = input.new_zeros(len(starts), longest).index_put((bag, slot), input)
+        observed = torch.zeros(len(starts), longest, dtype=torch.bool, device=input.device).index_put(
+            (bag, slot), torch.ones((), dtype=torch.bool, device=input.device))
+        weights = None if per_sample_weights is None else per_sample_weights.new_zeros(len(starts), longest).index_put(
+            (bag, slot), per_sample_weights)
+    if padding_idx is not None:
+        observed = observed & (ids != padding_idx)
+    return ids, weights, observed
+
+
 def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     """``v·g/‖v‖``, the norm over every dim of ``v`` but ``dim`` (over all of them where ``dim = −1``), as
     ``torch._weight_norm`` computes it."""
@@ -117,7 +167,8 @@ _COMPOSITES: dict[Callable, Callable] = {
     **EVERY_MODE,
 }
 #: The same with the functions that forward-mode AD alone needs in composite form (activations, weight norm).
-_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, torch._weight_norm: weight_norm}
+_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, torch._weight_norm: weight_norm,
+                                                  F.embedding_bag: embedding_bag}
 
 
 class _CompositeForms(TorchFunctionMode):
