@@ -160,7 +160,7 @@ NONE_KEPT = "no run had finished, so none was kept; run the same command again t
 
 
 @pytest.mark.parametrize("argv, module, hint", [
-    (["report"], report_command, "run the same command again (without --no-resume) to go on"),
+    (["report"], report_command, "no step had finished, so nothing was kept; the same command starts again"),
     # interrupted before any run finished (the runs kept, and --resume, are said once some have: test_explosion.py)
     (["reproduce", "explosion", "--tiny"], explosion_command, NONE_KEPT),
     (["explosion", "--tiny"], explosion_command, NONE_KEPT),
@@ -174,3 +174,20 @@ def test_an_interruption_says_how_to_go_on(argv, module, hint, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"torchfim {' '.join(a for a in argv if not a.startswith('-'))}: interrupted; ")
     assert hint in err
+
+
+def test_an_interrupted_report_names_its_kept_steps_only_where_there_are_some(tmp_path, monkeypatch, capsys):
+    """Interrupted before any step finished, it said the steps were kept in a folder that did not exist (a trial's
+    Ctrl-C at 4 s); once one is kept, it says so and how to go on."""
+    from torchfim.report.kept_steps import FOLDER
+
+    def interrupted_after_a_step(*args, **kwargs):
+        (tmp_path / "out" / FOLDER).mkdir(parents=True)
+        (tmp_path / "out" / FOLDER / "step.pt").write_bytes(b"kept")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_command, "run_report", interrupted_after_a_step)
+    assert cli.main(["report", "--out", str(tmp_path / "out")]) == 130
+    said = (f"the finished steps are kept in --out's {FOLDER}/ folder; run the same command again (without "
+            "--no-resume) to go on from them")
+    assert said in capsys.readouterr().err

@@ -281,6 +281,20 @@ def test_run_report_api_with_a_tensor_and_no_targets(tmp_path):
     assert "skipped" in (out / "report.md").read_text()
 
 
+def test_targets_that_are_not_labels_are_said_once_and_without_contradiction(tmp_path, fast_figures):
+    """Class 7 for three logits: the empirical Fisher is skipped with the reason, and the data line says so. It said
+    "without targets (so no empirical Fisher). Note: the data's targets are not labels ..." (a trial)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(20, 4), torch.full((20,), 7)
+    res = torchfim.report.run_report(model, (X, y), out=tmp_path / "r", progress=False, emit=None, max_block=0)
+    assert res["results"]["empirical"] is None
+    data_line = next(line for line in (res["out"] / "report.md").read_text().splitlines()
+                     if line.startswith("- **Data:**"))
+    assert "with targets, but the data's targets are not labels of the categorical family" in data_line
+    assert "without targets" not in data_line and data_line.count("not labels") == 1
+
+
 def test_run_report_api_with_one_output_per_input(tmp_path, fast_figures):
     """A binary classifier returning ``(batch,)`` logits, with its targets: refused before as not ``(batch, C)``."""
     torch.manual_seed(0)

@@ -233,8 +233,9 @@ def test_the_hessian_budget_counts_the_output_positions(monkeypatch):
 
 
 def test_the_library_the_penalty_and_the_report_take_the_same_masks():
-    """One rule everywhere (``families.positions.is_position_mask``): a bool or integer mask, or a float one
-    of 0s and 1s, is taken, and gives what the bool mask gives; a float mask of fractions is refused."""
+    """One rule everywhere (``families.positions.is_position_mask``): a bool mask, or an integer or float one
+    of 0s and 1s, is taken, and gives what the bool mask gives; a float mask of fractions is refused, and so is an
+    integer one with -1 for padding (it was read as ``!= 0``: every position observed, silently)."""
     model, batch = _lm_and_data()
     keep = batch["attention_mask"]
     want = torchfim.fisher(model, batch["input_ids"], structure="trace", mask=keep.bool())
@@ -253,6 +254,13 @@ def test_the_library_the_penalty_and_the_report_take_the_same_masks():
     with pytest.raises(torchfim.TorchfimError, match="values other than 0 and 1"):
         report_mod.compute_report(model, report_mod.as_data({**batch, "attention_mask": fractions}, "test"),
                                   mask="attention_mask", progress=False)
+    signed = keep * 2 - 1  # 1 observed, -1 padding
+    with pytest.raises(torchfim.TorchfimError, match="torch.int64 values other than 0 and 1"):
+        torchfim.fisher(model, batch["input_ids"], mask=signed)
+    with pytest.raises(torchfim.TorchfimError, match="values other than 0 and 1"):
+        penalty(batch["input_ids"], step=0, mask=signed)
+    with pytest.raises(torchfim.TorchfimError, match="0/1"):
+        torchfim.families.Positions(torchfim.families.Categorical(), signed.shape[1], mask=signed)
 
 
 def test_an_unsaid_class_dim_on_image_outputs_is_noted_in_the_report():

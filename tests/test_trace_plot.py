@@ -197,3 +197,20 @@ def test_an_explosion_is_drawn_on_a_log_axis_and_the_band_stops_above_zero() -> 
         np.testing.assert_allclose(lower, [0.5, 48.0, 200.0 * floor if floor else 0.0], rtol=1e-12)
         np.testing.assert_allclose(upper, [1.5, 52.0, 1200.0], rtol=1e-12)
         assert ax.get_legend() is None  # one unlabelled run
+
+
+def test_records_that_are_not_finite_are_named_where_they_are_not_drawn() -> None:
+    """matplotlib drops a NaN point or an infinite band without a word (a trial's CSV file drew with rc 0): the
+    steps are named in a warning; finite records draw without one."""
+    from torchfim.train import TraceRecord
+
+    records = [TraceRecord(step, trace, se, 8, 1, 0.0) for step, trace, se in
+               ((0, 1.0, 0.25), (10, float("nan"), 1.0), (20, 2.0, float("inf")))]
+    with pytest.warns(RuntimeWarning, match=r"run 'diverged': 2 record\(s\) with a non-finite Tr\(F\) or standard error "
+                                         r"\(step 10, 20;"):
+        plot_trace({"diverged": records})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_trace(records[:1])

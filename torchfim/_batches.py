@@ -81,28 +81,25 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
 
 
 def _refuse_a_pair(inputs: object) -> None:
-    """Refuse a tuple of two tensors that is an ``(inputs, targets)`` pair rather than two mini-batches: another
-    number of dims or another kind of dtype (floating point or not), which mini-batches of one model share; with as
-    many rows, any other dtype, or 2-D floating-point ones of another width (a regression's targets, ``(n, 1)`` beside
-    ``(n, d)``: tabular mini-batches of one model share their features; images or sequences of other sizes may not,
-    and a list of two mini-batches is never refused)."""
+    """Refuse a tuple of two tensors that may be an ``(inputs, targets)`` pair rather than two mini-batches: any two
+    with as many rows (an autoencoder's or a denoiser's targets have the inputs' shape, a super-resolution model's
+    another image size, so no shape tells the two readings apart, and the command line's ``--data`` reads such a
+    tuple as a pair), and two of unequal rows that differ in dims or in the kind of dtype (floating point or not),
+    which mini-batches of one model share. A list of mini-batches is never refused."""
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(t, Tensor) and t.dim() for t in inputs)):
         return
     x, y = inputs
-    unlike = x.dim() != y.dim() or x.is_floating_point() != y.is_floating_point()
-    if x.shape[0] == y.shape[0]:
-        # tables only: images or sequences of other sizes are mini-batches a pooling model takes alike
-        wider = x.dim() == 2 and x.is_floating_point() and y.is_floating_point() and x.shape[-1] != y.shape[-1]
-        unlike = unlike or x.dtype != y.dtype or wider
-    if not unlike:
+    same_rows = x.shape[0] == y.shape[0]
+    if not same_rows and x.dim() == y.dim() and x.is_floating_point() == y.is_floating_point():
         return
-    rows = "" if x.shape[0] == y.shape[0] else (
-        f" (but with {x.shape[0]} and {y.shape[0]} rows: a pair needs one target per input)")
+    reading = ("that may be (inputs, targets) or two mini-batches of the same size" if same_rows else
+               f"that looks like (inputs, targets) (but with {x.shape[0]} and {y.shape[0]} rows: a pair needs one "
+               "target per input)")
     raise TorchfimError(
-        f"inputs is a tuple of two tensors, {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}, that looks "
-        f"like (inputs, targets){rows}; a tuple or list is read as mini-batches, so the second would run through the "
-        "model as inputs. Pass the inputs alone (with targets=y where the estimator uses true labels), or [(x, y)] "
-        "for one (inputs, targets) mini-batch (for two mini-batches after all, pass the list [x1, x2])"
+        f"inputs is a tuple of two tensors, {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}, {reading}; "
+        "a tuple or list is read as mini-batches, so the second would run through the model as inputs. Pass the "
+        "inputs alone (with targets=y where the estimator uses true labels), or [(x, y)] for one (inputs, targets) "
+        "mini-batch, or the list [x1, x2] for two mini-batches"
     )
 
 

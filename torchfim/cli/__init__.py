@@ -7,7 +7,8 @@ Each subcommand lives in its own module, listed in :data:`COMMANDS`. A command m
 - ``main(args) -> int``: runs it with the parsed ``argparse.Namespace`` and returns the exit status.
 
 ``add_arguments`` may set the default ``_interrupted`` (``parser.set_defaults``): what to do after an
-interruption (how to go on), printed after ``interrupted``.
+interruption (how to go on), printed after ``interrupted``; a string, or a function of the parsed arguments
+that says it at the time.
 
 Adding a command is one module with those three names plus one line in :data:`COMMANDS`; the
 ``argparse`` value types the commands share are in :mod:`torchfim.cli.types`. Command modules
@@ -134,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args._run(args) or 0)
     except KeyboardInterrupt:
         hint = getattr(args, "_interrupted", None)
+        hint = hint(args) if callable(hint) else hint
         print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, ImportError, OSError) as exc:

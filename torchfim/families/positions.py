@@ -35,11 +35,12 @@ DENSE_MOMENT_LIMIT = 1 << 26
 
 
 def is_position_mask(mask: object) -> bool:
-    """Whether ``mask`` can mark observed positions: a bool or integer tensor, or a floating one holding
-    only 0s and 1s (``attention_mask`` in any dtype); a fraction such as 0.5 marks nothing clearly."""
+    """Whether ``mask`` can mark observed positions: a bool tensor, or one of numbers holding only 0s and 1s
+    (``attention_mask`` in any dtype). A fraction such as 0.5 marks nothing clearly, and neither does an integer
+    other than 0 and 1 (a mask with -1 for padding would mark every position observed)."""
     if not isinstance(mask, Tensor) or mask.is_complex():
         return False
-    return not mask.is_floating_point() or bool(((mask == 0) | (mask == 1)).all())
+    return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
 
 
 class Positions(PositionSpreads, PositionSpectra, Family):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from torch import nn
 
@@ -27,9 +28,15 @@ from .settings import (
 __all__ = ["HELP", "add_arguments", "main"]
 
 HELP = "write a Fisher-information report (Tr(F) with error bars, Î1 vs Î2, spectra) of a model"
-#: What to do after an interruption (printed by :mod:`torchfim.cli`); see :mod:`torchfim.report.kept_steps`.
-INTERRUPTED = (f"the finished steps are kept in --out's {FOLDER}/ folder; run the same command again (without "
-               "--no-resume) to go on from them")
+
+
+def interrupted_hint(out: str) -> str:
+    """What to do after an interruption (printed by :mod:`torchfim.cli`), by what :mod:`.kept_steps` kept in ``out``."""
+    folder = Path(out) / FOLDER
+    if folder.is_dir() and any(folder.iterdir()):
+        return (f"the finished steps are kept in --out's {FOLDER}/ folder; run the same command again (without "
+                "--no-resume) to go on from them")
+    return "no step had finished, so nothing was kept; the same command starts again from the beginning"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute every step again; by default a report run again after an interruption reads "
                              "the steps it had finished back from --out (kept there until the report is written)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(_interrupted=INTERRUPTED)
+    parser.set_defaults(_interrupted=lambda args: interrupted_hint(args.out))
 
 
 def _command(args: argparse.Namespace) -> str:

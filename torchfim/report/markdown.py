@@ -57,9 +57,9 @@ def analysed(R: dict) -> list[str]:
     shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
     lines = [(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']} trainable parameters in "
               f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")]
-    lines.append(f"- **Data:** {D['source']}: {D['n_inputs']} inputs of shape {shape}, "
-                 + ("with targets." if D["has_targets"] else "without targets (so no empirical Fisher).")
-                 + (f" Note: {D['targets_note']}." if D.get("targets_note") else "")
+    targets = ("with targets." if D["has_targets"] else f"with targets, but {D['targets_note']}."
+               if D.get("targets_note") else "without targets (so no empirical Fisher).")
+    lines.append(f"- **Data:** {D['source']}: {D['n_inputs']} inputs of shape {shape}, " + targets
                  + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))
     lines.append(f"- **Output family:** {family_text(R, code=True)}; labels are drawn from the model (the Fisher under the "
                  "model's own predictive distribution).")

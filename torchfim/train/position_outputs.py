@@ -131,7 +131,7 @@ def check_mask(mask: object, size: int) -> Tensor:
     """
     if not is_position_mask(mask) or mask.dim() < 1 or mask.shape[0] != size:
         shape = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
-        fractions = isinstance(mask, Tensor) and mask.is_floating_point() and not is_position_mask(mask)
+        fractions = isinstance(mask, Tensor) and not mask.is_complex() and not is_position_mask(mask)
         raise TorchfimError(
             f"mask must be a bool tensor (batch, *positions) (or 0/1 numbers), True where a position is observed, "
             f"with one row per input ({size}), got {shape}" + (" holding values other than 0 and 1" if fractions else "")

@@ -111,6 +111,8 @@ def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | 
         raise TorchfimError("plot_trace got no run (an empty dict); pass a monitor, its records or its CSV file, "
                             "or a dict {label: run} with at least one")
     records = {label: _records(run) for label, run in named.items()}
+    for label, recs in records.items():
+        _warn_non_finite(label, recs)
     fig, ax = _axes(ax)
     traces = [r.trace for recs in records.values() for r in recs]
     if log is None:
@@ -133,6 +135,17 @@ def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | 
     if path is not None:
         save_figure(fig, path, dpi=120)
     return fig
+
+
+def _warn_non_finite(label: str | None, records: list[TraceRecord]) -> None:
+    """Warn where a record's Tr(F) or standard error is NaN or infinite: matplotlib leaves such points and bands
+    out without a word."""
+    steps = [r.step for r in records if not (math.isfinite(r.trace) and math.isfinite(r.stderr))]
+    if steps:
+        shown = ", ".join(str(s) for s in steps[:5]) + (", …" if len(steps) > 5 else "")
+        run = "" if label is None else f"run {label!r}: "
+        warn_user(f"torchfim: {run}{len(steps)} record(s) with a non-finite Tr(F) or standard error (step {shown}; a "
+                  "measurement of a diverged model?) are not drawn")
 
 
 def _records(run: Run) -> list[TraceRecord]:

@@ -73,7 +73,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         res = run(args.out, settings, master_seed=master_seed, resume=args.resume, jobs=args.jobs,
                   progress=not args.no_progress, max_runs=args.max_runs)  # fmt: skip
     except KeyboardInterrupt:
-        args._interrupted = interrupted_hint(args.out)  # printed by torchfim.cli
+        args._interrupted = lambda parsed: interrupted_hint(parsed.out)  # said by torchfim.cli when interrupted
         raise
     if res is None:
         print(f"stopped after {args.max_runs} runs; finish with the same command and --resume", file=sys.stderr)

@@ -53,7 +53,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     try:
         res = run(args.out, quick=args.quick, progress=not args.no_progress, threads=args.threads, command=cmd)
     except KeyboardInterrupt:
-        args._interrupted = interrupted_hint(args.out)  # printed by torchfim.cli
+        args._interrupted = lambda parsed: interrupted_hint(parsed.out)  # said by torchfim.cli when interrupted
         raise
     print(f"wrote {Path(args.out) / FILES['summary']} and {len(FILES) - 1} more files "
           f"in {res['meta']['seconds_total']:.0f} s")
