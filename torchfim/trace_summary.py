@@ -34,13 +34,13 @@ from .engine.session import engine_pass
 from .engine.view import Mask
 from .families import Family, get_family
 from .structures import Layout
-from .variance import HessianVariance, ScoreVariance
+from .variance import HessianVariance, ScoreVariance, squares_layout
 
 
 @dataclass
 class TraceVariances:
-    """Variances of a trace estimator (one label per input), in the model's dtype; the bounds are the
-    tightest that :func:`torchfim.variance_bound` gives (None where not asked for)."""
+    """Variances of a trace estimator (one label per input), in the model's dtype (float32 for a half-precision
+    one); the bounds are the tightest that :func:`torchfim.variance_bound` gives (None where not asked for)."""
 
     variance: Tensor  # of the model's trace estimator, 0-dim
     bound: Tensor | None
@@ -89,7 +89,7 @@ def score_trace_variances(
     fam = get_family(family)
     modes = ("exact", "spectral", "kurtosis") if bounds else ("exact",)
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
-        sums = _Sums(one.view.layout, ("var", *modes[1:]))
+        sums = _Sums(squares_layout(one.view.layout), ("var", *modes[1:]))
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True):
             forms = [ScoreVariance(one.backend, rec, fam_b, mode) for mode in modes]
             gram = None  # G = Σ_t G_t per input, (B, C, C)
@@ -129,7 +129,7 @@ def hessian_trace_variances(
     """
     fam = get_family(family)
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
-        layout = one.view.layout
+        layout = squares_layout(one.view.layout)
         sums, diag = _Sums(layout, ("var", "bound")), layout.zeros(layout.num_params)
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[hessian]", split=True):
             forms = [HessianVariance(one.backend, rec, fam_b, mode) for mode in ("exact", "spectral")]
