@@ -457,6 +457,22 @@ def test_gpt2_score_within_four_standard_errors() -> None:
     assert abs(score.sum() - exact.sum()) < 4 * trace_se
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_the_functional_backend_batches_an_sdpa_model_with_eager_attention() -> None:
+    """GPT-2 with SDPA attention (transformers' default) and a padding mask: its mask construction asks whether the
+    padding mask is all ones, which vmap cannot batch, and backend='functional' refused the model. Its passes now
+    attend eagerly (the same attention to round-off): the two backends agree, and the model is SDPA again after."""
+    eager = tiny_gpt2()
+    model = type(eager)(transformers.GPT2Config(**{**eager.config.to_dict(), "attn_implementation": "sdpa"}))
+    model.load_state_dict(eager.state_dict())
+    model = model.double().eval()
+    batch = padded_batch([5, 3, 4], seed=2)
+    got = {backend: torchfim.fisher(model, batch, structure="diag", mask="attention_mask", backend=backend)
+           for backend in ("modules", "functional")}
+    assert clients.rel_err(got["functional"], got["modules"]) < 1e-10
+    assert model.config._attn_implementation == "sdpa"
+
+
 # ------------------------------------------------------------ sequence classifiers
 CLASSIFIERS = [pytest.param(tiny_bert, id="bert"), pytest.param(tiny_distilbert, id="distilbert")]
 NO_VMAP = pytest.mark.xfail(

@@ -10,6 +10,7 @@ a time with the others held constant.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from .attention_kernel import math_attention
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
 from .composites import composite_forms
+from .eager_attention import eager_attention, switchable_attention
 from .private_tree import users_modules_called
 from .view import ModelView, fewer_inputs
 
@@ -38,6 +40,7 @@ class FunctionalBackend(Backend):
         self._along_theta: set[str] = set()  # tensors whose directions need tangents over all of θ
         self._sample_by_sample = False  # whether output Hessians are taken one sample at a time
         self._reads_checked = False  # see _refuse_reads_outside
+        self.eager = False  # whether Hugging Face attention runs eagerly under vmap (.eager_attention)
 
     def _refuse_reads_outside(self, batch: Batch) -> None:
         """Refuse a forward that reads a parameter of θ through a name outside the model (a hook or function
@@ -91,10 +94,14 @@ class FunctionalBackend(Backend):
             (g,) = vmap(pullback)(v1)
             return view.flatten_params(g, lead=1)
 
+        eager = eager_attention(view.model) if self.eager else nullcontext()
         try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
-            with math_attention():
+            with math_attention(), eager:
                 return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
         except (RuntimeError, NotImplementedError) as err:
+            if not self.eager and switchable_attention(view.model) is not None:
+                self.eager = True  # a Hugging Face SDPA mask asks whether the padding mask is all ones
+                return self.vector_jacobian(batch, v)
             known = sorted({type(m).__name__ for m in view.model.modules() if isinstance(m, _UNBATCHED)})
             named = f"; torch.func has no working batching rule for its nn.{', nn.'.join(known)}" if known else ""
             raise TorchfimError(

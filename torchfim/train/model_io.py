@@ -25,6 +25,7 @@ from .._batches import refuse_packed
 from ..engine.attention_kernel import math_attention
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import reverse_mode_forms
+from ..engine.eager_attention import eager_attention, switchable_attention
 from ..engine.function_forwards import attention_fast_path_off
 from ..engine.labels import ModelLabels, ignored_labels, is_encoder_decoder
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
@@ -62,6 +63,10 @@ class ModelIO:
         #: time the model's own could not be batched (:meth:`per_input_gradients`).
         self.vmapped_forms = self.forms
         self.looped = False  # whether per-input gradients are taken one input at a time (vmap failed)
+        #: Whether the per-input passes run Hugging Face attention eagerly (:mod:`.engine.eager_attention`): from the
+        #: first time ``vmap`` could not batch the model's own, where it has attention to switch.
+        self.eager = False
+        self.vmapped_model: nn.Module | None = None  # the model of the last input_log_prob
         self._recurrent: tuple[nn.Module, list[nn.Module]] | None = None  # a model and its stepwise layers
         self._call_checked = False  # see call
 
@@ -171,6 +176,7 @@ class ModelIO:
         ``vmap`` over the inputs (as :meth:`per_input_gradients` calls it): what ``kind="trace"``
         differentiates per input."""
 
+        self.vmapped_model = model
         if self._recurrent is None or self._recurrent[0] is not model:  # found once per model, not per step
             self._recurrent = (model, stepwise_candidates(model))
         recurrent = self._recurrent[1]  # step by step: vmap has no rules for the fused kernels
@@ -201,12 +207,16 @@ class ModelIO:
         dims = x.sample_dims()
         while not self.looped:
             in_dims = (params_dim, dims, 0, None if masks is None else 0)
+            eager = eager_attention(self.vmapped_model) if self.eager and self.vmapped_model is not None else nullcontext()
             try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
-                with math_attention():
+                with math_attention(), eager:
                     return vmap(grad(log_p), in_dims=in_dims)(params, (x.args, x.kwargs), y, masks)
             except (RuntimeError, NotImplementedError) as err:
                 if self.vmapped_forms is not reverse_mode_forms:  # layer_norm under autocast has no batched backward
                     self.vmapped_forms = reverse_mode_forms
+                    continue
+                if not self.eager and self.vmapped_model is not None and switchable_attention(self.vmapped_model):
+                    self.eager = True  # a Hugging Face SDPA mask asks whether the padding mask is all ones
                     continue
                 self.looped = True
                 warn_user(
