@@ -158,6 +158,15 @@ class Poisson(Family):
         diag = torch.diagonal(k, dim1=-2, dim2=-1)
         return (_isserlis_quadratic(rate, k) + (rate * diag**2).sum(-1)).to(out)
 
+    def score_quadratic_spread(self, o: Tensor, k: Tensor) -> Tensor:
+        """``Var[uᵀKu] = 2 tr(ΛKΛK) + Σ_a λ_a K_aa²`` (independent counts, fourth cumulant ``λ``): every term
+        non-negative. As :meth:`quadratic_moment` less ``(tr ΛK)²`` it lost about ``log₁₀(C/2)`` digits (3e-4 off in
+        float32 at C = 3000)."""
+        rate, out = self._rate(o, k)
+        kl = k.to(rate.dtype) * rate.unsqueeze(1)  # K Λ
+        diag = torch.diagonal(k, dim1=-2, dim2=-1).to(rate.dtype)
+        return (2 * torch.einsum("nab,nba->n", kl, kl) + (rate * diag**2).sum(-1)).to(out)
+
     def third_moment(self, o: Tensor) -> Tensor:
         """``λ_a`` on the diagonal ``a = b = c`` (the third cumulant), 0 elsewhere."""
         rate = self._rate(o)[0]
