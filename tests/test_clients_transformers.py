@@ -471,6 +471,32 @@ def test_the_functional_backend_batches_an_sdpa_model_with_eager_attention() -> 
            for backend in ("modules", "functional")}
     assert clients.rel_err(got["functional"], got["modules"]) < 1e-10
     assert model.config._attn_implementation == "sdpa"
+    # the output Hessians too (they went one sample at a time, warning): Var(Tr Î2) by both backends
+    batch = padded_batch([5, 3], seed=2)
+    got = {backend: torchfim.fisher_variance(model, batch, estimator="hessian", structure="trace",
+                                             mask="attention_mask", backend=backend)
+           for backend in ("modules", "functional")}
+    assert clients.rel_err(got["functional"], got["modules"]) < 1e-10
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_eager_attention_switches_every_model_of_an_ensemble_and_restores_each() -> None:
+    """Two SDPA GPT-2s in one module: both attend eagerly inside the block (only the first did), and each is SDPA again
+    after it, an error included."""
+    from torchfim.engine.eager_attention import eager_attention, switchable_attention
+
+    def sdpa() -> torch.nn.Module:
+        eager = tiny_gpt2()
+        return type(eager)(transformers.GPT2Config(**{**eager.config.to_dict(), "attn_implementation": "sdpa"}))
+
+    pair = torch.nn.ModuleDict({"a": sdpa(), "b": sdpa()})
+    assert switchable_attention(pair)
+    with pytest.raises(KeyError), eager_attention(pair):
+        assert [m.config._attn_implementation for m in pair.values()] == ["eager", "eager"]
+        assert not switchable_attention(pair)
+        raise KeyError("an error inside the block")
+    assert [m.config._attn_implementation for m in pair.values()] == ["sdpa", "sdpa"]
 
 
 # ------------------------------------------------------------ sequence classifiers

@@ -274,15 +274,19 @@ class _SameInputTwice(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["modules", "functional"])
-@pytest.mark.parametrize(("inputs", "call"), [("pair", r"model\(<tensor>\): missing a required argument: 'x2'"),
-                                              ("misnamed", r"model\(x1=…, y2=…\): missing a required argument: 'x2'")])
+@pytest.mark.parametrize(("inputs", "call"), [
+    ("pair", (r"inputs is a tuple of two tensors, .*that may be \(inputs, targets\) or two mini-batches.*a model of two "
+             r"inputs takes a dict keyed by its forward's argument names, e.g. \{'x1': x1, 'x2': x2\}")),
+    ("misnamed", (r"model\(x1=…, y2=…\): missing a required argument: 'x2'; the forward takes \(x1, x2\)\. A pair "
+                 r"\(x, y\).*as \(inputs, targets\)"))])
 def test_a_mini_batch_the_forward_cannot_take_is_named_with_the_fix(inputs: str, call: str, backend: str):
     """Before any forward; before, a TypeError from inside the model's call. A dict by the forward's
-    argument names then gives the oracle's Fisher."""
+    argument names then gives the oracle's Fisher. (A tuple of two inputs is refused before the forward as an
+    ambiguous pair, naming the dict.)"""
     torch.manual_seed(0)
     model, x = _TwoInputs().double(), mlp_inputs(5)
     given = (x, x) if inputs == "pair" else {"x1": x, "y2": x}
-    with pytest.raises(TorchfimError, match=call + r"; the forward takes \(x1, x2\)\. A pair \(x, y\).*as \(inputs, targets\)"):
+    with pytest.raises(TorchfimError, match=call):
         torchfim.fisher(model, given, structure="diag", backend=backend)
     got = torchfim.fisher(model, {"x1": x, "x2": x}, structure="full", backend=backend)
     assert torch.allclose(got, exact_fisher(_SameInputTwice(model), x, "categorical"), rtol=1e-10, atol=1e-13)
@@ -479,6 +483,11 @@ def test_a_tuple_of_inputs_and_targets_is_named_with_the_fix(compute) -> None:
         compute(model, (x[:3], x[3:]))
     halves = torchfim.fisher(model, [x[:3], x[3:]], structure="diag")
     assert torch.allclose(halves, torchfim.fisher(model, x, structure="diag"), rtol=1e-12, atol=0)
+    # beside targets of their own, two alike are mini-batches, not a pair
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    tupled = torchfim.fisher(model, (x[:3], x[3:]), estimator="empirical", targets=[y[:3], y[3:]], structure="diag")
+    assert torch.allclose(tupled, torchfim.fisher(model, x, estimator="empirical", targets=y, structure="diag"),
+                          rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(("targets", "described"), [

@@ -131,6 +131,9 @@ VARIANCE_CALLS = {
     "bound-score-trace": lambda m, x: torchfim.variance_bound(m, x, estimator="score", structure="trace"),
     "bound-hessian-diag": lambda m, x: torchfim.variance_bound(m, x, estimator="hessian"),
     "bound-hessian-trace": lambda m, x: torchfim.variance_bound(m, x, estimator="hessian", structure="trace"),
+    # float32 bound constants times half-precision output-Hessian columns: refused by einsum (a review)
+    "bound-hessian-full": lambda m, x: torchfim.variance_bound(m, x, estimator="hessian", structure="full"),
+    "bound-hessian-blocks": lambda m, x: torchfim.variance_bound(m, x, estimator="hessian", structure="blocks"),
 }
 
 

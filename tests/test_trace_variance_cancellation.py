@@ -92,3 +92,22 @@ def test_hessian_bound_of_a_precise_paired_output_is_finite(family: str) -> None
         head.bias[1] = -50.0 if family == "heteroscedastic_gaussian" else 50.0
     bound = torchfim.variance_bound(head, X.float() / 4096, family=family, estimator="hessian", structure="trace")
     assert float(bound) == 0.0
+
+
+@pytest.mark.parametrize("family", ["poisson", "gamma", "heteroscedastic_gaussian", "matrix_fisher"])
+def test_the_cancellation_free_forms_equal_the_difference_of_moments_where_it_is_accurate(family: str) -> None:
+    """Any symmetric ``K`` (not a multiple of the identity: every term of the matrix Fisher's form is in play) at
+    ordinary outputs, float64: each family's ``score_quadratic_spread`` equals ``E[(uᵀKu)²] − (tr ΛK)²`` as the base
+    class forms it, which is accurate there."""
+    from torchfim.families import Family, get_family
+
+    fam = get_family(family)
+    g = torch.Generator().manual_seed(11)
+    width = 9 if family == "matrix_fisher" else 6
+    o = torch.randn(3, width, generator=g, dtype=torch.float64) * (0.8 if family == "matrix_fisher" else 0.5)
+    root = torch.randn(3, width, width, generator=g, dtype=torch.float64)
+    k = root @ root.transpose(1, 2)
+    got = fam.score_quadratic_spread(o, k)
+    want = Family.score_quadratic_spread(fam, o, k)
+    assert bool((want > 0).all())
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=0.0)

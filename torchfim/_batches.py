@@ -55,7 +55,7 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
             f"inputs must be a tensor or an iterable of mini-batches, got {type(inputs).__name__}{fix}"
         )
     refuse_packed(inputs)
-    _refuse_a_pair(inputs)
+    _refuse_a_pair(inputs, targets)
     if isinstance(targets, Tensor):
         raise TorchfimError(
             "inputs is an iterable of mini-batches but targets is one tensor; pass targets as an "
@@ -80,17 +80,19 @@ def iter_batches(inputs: Inputs, targets: object = None) -> Iterator[tuple[objec
         yield x, y
 
 
-def _refuse_a_pair(inputs: object) -> None:
+def _refuse_a_pair(inputs: object, targets: object = None) -> None:
     """Refuse a tuple of two tensors that may be an ``(inputs, targets)`` pair rather than two mini-batches: any two
     with as many rows (an autoencoder's or a denoiser's targets have the inputs' shape, a super-resolution model's
     another image size, so no shape tells the two readings apart, and the command line's ``--data`` reads such a
     tuple as a pair), and two of unequal rows that differ in dims or in the kind of dtype (floating point or not),
-    which mini-batches of one model share. A list of mini-batches is never refused."""
+    which mini-batches of one model share. A list of mini-batches is never refused, nor a tuple of two alike with as
+    many rows beside ``targets`` of their own (then they are not a pair)."""
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(t, Tensor) and t.dim() for t in inputs)):
         return
     x, y = inputs
     same_rows = x.shape[0] == y.shape[0]
-    if not same_rows and x.dim() == y.dim() and x.is_floating_point() == y.is_floating_point():
+    alike = x.dim() == y.dim() and x.is_floating_point() == y.is_floating_point()
+    if alike and (not same_rows or targets is not None):
         return
     reading = ("that may be (inputs, targets) or two mini-batches of the same size" if same_rows else
                f"that looks like (inputs, targets) (but with {x.shape[0]} and {y.shape[0]} rows: a pair needs one "
@@ -99,7 +101,8 @@ def _refuse_a_pair(inputs: object) -> None:
         f"inputs is a tuple of two tensors, {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}, {reading}; "
         "a tuple or list is read as mini-batches, so the second would run through the model as inputs. Pass the "
         "inputs alone (with targets=y where the estimator uses true labels), or [(x, y)] for one (inputs, targets) "
-        "mini-batch, or the list [x1, x2] for two mini-batches"
+        "mini-batch, or the list [x1, x2] for two mini-batches (a model of two inputs takes a dict keyed by its "
+        "forward's argument names, e.g. {'x1': x1, 'x2': x2})"
     )
 
 

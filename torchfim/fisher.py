@@ -121,7 +121,9 @@ def fisher(
             own, ``(1/n) Σᵢ Σₜ J_{it}ᵀu_{it}u_{it}ᵀJ_{it}``, the empirical Fisher of tokens as the peers
             compute it (curvlinops' ``EFLinearOperator``, BackPACK's per-token ``BatchGrad``; divide by the
             mean number of observed positions for their per-token mean, docs/math.md §5.5). It pulls back
-            one vector per observed position of each input. The same where the outputs have no positions.
+            one vector per input for every position some input of the mini-batch observes (an input's masked or
+            -100 positions are zero vectors): about the exact Fisher's cost over ``C − 1``, several times
+            ``"input"``'s. The same where the outputs have no positions.
 
     Returns:
         The requested structure, on the model's device in the model's dtype (its first trainable

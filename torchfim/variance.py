@@ -218,7 +218,7 @@ class HessianVariance(StructureVisitor):
                     v = h.permute(1, 0, 3, 2).reshape(b, m * size, c)  # every column of every sample
                     values = self.quadratic(rows, v).reshape(b, m, size).sum(0)
                 else:
-                    values = torch.einsum("n,mnab->mb", self.top[rows], h.square())
+                    values = torch.einsum("n,mnab->mb", self.top[rows], h.to(self.top.dtype).square())
                 structure.add_matrix(index, columns - span.start, values)
 
 

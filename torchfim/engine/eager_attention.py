@@ -18,32 +18,31 @@ from torch import nn
 __all__ = ["eager_attention", "switchable_attention"]
 
 
-def switchable_attention(model: nn.Module) -> nn.Module | None:
-    """The outermost Hugging Face model in ``model`` whose attention is not eager and can be switched (transformers'
-    ``set_attn_implementation``); None where there is none."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if hasattr(module, "set_attn_implementation") and getattr(config, "_attn_implementation", "eager") != "eager":
-            return module
-    return None
+def switchable_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds a Hugging Face model whose attention is not eager and can be switched (transformers'
+    ``set_attn_implementation``)."""
+    return any(_switchable(module) for module in model.modules())
+
+
+def _switchable(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return hasattr(module, "set_attn_implementation") and getattr(config, "_attn_implementation", "eager") != "eager"
 
 
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Within the block, the Hugging Face models in ``model`` attend by their eager implementation; afterwards each of
-    their configurations has the implementation it had (a multimodal model's sub-models may have had several)."""
-    owner = switchable_attention(model)
-    if owner is None:
-        yield
-        return
-    configs = {id(c): c for m in owner.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}
-    before = {key: config._attn_implementation for key, config in configs.items()}
+    """Within the block, every Hugging Face model in ``model`` (an ensemble's several, a multimodal model's
+    sub-models) attends by its eager implementation; afterwards each configuration has the implementation it had."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}
+    before = {key: config.__dict__.get("_attn_implementation_internal") for key, config in configs.items()}
     try:
-        try:
-            owner.set_attn_implementation("eager")
-        except (ValueError, RuntimeError):  # a model that refuses the switch keeps its own (vmap then says why)
-            pass
+        for module in model.modules():  # outermost first: switching one switches the sub-models it holds
+            if _switchable(module):
+                try:
+                    module.set_attn_implementation("eager")
+                except (ValueError, RuntimeError):  # a model that refuses the switch keeps its own (vmap says why)
+                    pass
         yield
     finally:
-        for key, config in configs.items():
-            config._attn_implementation = before[key]
+        for key, config in configs.items():  # the stored value itself: the setter would pass it to sub-configs
+            config.__dict__["_attn_implementation_internal"] = before[key]

@@ -94,14 +94,11 @@ class FunctionalBackend(Backend):
             (g,) = vmap(pullback)(v1)
             return view.flatten_params(g, lead=1)
 
-        eager = eager_attention(view.model) if self.eager else nullcontext()
         try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
-            with math_attention(), eager:
-                return vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(batch.args, batch.kwargs, v)
+            with math_attention():
+                return self._over_samples(lambda: vmap(per_sample, in_dims=(arg_dims, kw_dims, 0))(
+                    batch.args, batch.kwargs, v))
         except (RuntimeError, NotImplementedError) as err:
-            if not self.eager and switchable_attention(view.model) is not None:
-                self.eager = True  # a Hugging Face SDPA mask asks whether the padding mask is all ones
-                return self.vector_jacobian(batch, v)
             known = sorted({type(m).__name__ for m in view.model.modules() if isinstance(m, _UNBATCHED)})
             named = f"; torch.func has no working batching rule for its nn.{', nn.'.join(known)}" if known else ""
             raise TorchfimError(
@@ -109,6 +106,20 @@ class FunctionalBackend(Backend):
                 f"({str(err).splitlines()[0][:160]}){named}; use backend='auto', whose generic rule computes such "
                 "modules one sample at a time"
             ) from None
+
+    def _over_samples(self, batched: Callable[[], Tensor]) -> Tensor:
+        """``batched()``, a computation under ``vmap`` over the samples; where torch.func cannot batch it and the model
+        holds a Hugging Face model with SDPA attention (whose mask code asks whether the padding mask is all ones), again
+        with eager attention, from then on (:mod:`.eager_attention`)."""
+        try:
+            with eager_attention(self.view.model) if self.eager else nullcontext():
+                return batched()
+        except (RuntimeError, NotImplementedError):
+            if self.eager or not switchable_attention(self.view.model):
+                raise
+            self.eager = True
+        with eager_attention(self.view.model):
+            return batched()
 
     def pieces(self, rec: Recording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:
         spans = [self.layout.span(i) for i in range(len(self.layout.names))]
@@ -199,7 +210,7 @@ class FunctionalBackend(Backend):
         """
         if not self._sample_by_sample:
             try:
-                return self._along_each_tensor(columns, self._hessian_column(batch, looped=False))
+                return self._over_samples(lambda: self._along_each_tensor(columns, self._hessian_column(batch, False)))
             except RuntimeError as err:
                 self._sample_by_sample = True
                 warn_user(

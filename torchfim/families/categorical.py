@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -106,6 +106,18 @@ def _structured_product(p: Tensor, r: Tensor, q: Tensor) -> Callable[[Tensor], T
         return gy.scatter(-1, r, (row * y).sum(-1, keepdim=True))
 
     return multiply
+
+
+def _entries(lossy: Tensor, classes: int) -> Iterator[tuple[Tensor, ...]]:
+    """The indices of the ``lossy`` entries, a few at a time: each of them gathers its inputs' logits and vectors in
+    float64 (``C`` numbers each, a few copies), which for every entry of a ``full`` block would take many times the
+    block's own memory."""
+    if not bool(lossy.any()):
+        return
+    found = lossy.nonzero(as_tuple=True)
+    step = max(1, _CHUNK_ELEMENTS // (8 * classes))
+    for start in range(0, len(found[0]), step):
+        yield tuple(index[start:start + step] for index in found)
 
 
 def _label_spread(o: Tensor, v: Tensor, w: Tensor) -> Tensor:
@@ -331,8 +343,7 @@ class Categorical(Family):
         second, fourth = self.moments_along(o.to(work), v.to(work))
         spread = fourth - second.square()
         lossy = spread < fourth.mul_(_CANCELLED)
-        if bool(lossy.any()):
-            rows, cols = lossy.nonzero(as_tuple=True)
+        for rows, cols in _entries(lossy, o.shape[-1]):
             spread[rows, cols] = _label_spread(o[rows], v[rows, cols], v[rows, cols]).to(work)
         return second.to(out), spread.to(out)
 
@@ -351,8 +362,7 @@ class Categorical(Family):
         spread = fourth - gram.square_()
         lossy = spread < fourth.mul_(_CANCELLED)
         del fourth, gram
-        if bool(lossy.any()):
-            rows, first, second = lossy.nonzero(as_tuple=True)
+        for rows, first, second in _entries(lossy, o.shape[-1]):
             spread[rows, first, second] = _label_spread(o[rows], v[rows, first], v[rows, second]).to(spread.dtype)
         return spread.to(out)
 

@@ -145,7 +145,8 @@ def _warn_non_finite(label: str | None, records: list[TraceRecord]) -> None:
         shown = ", ".join(str(s) for s in steps[:5]) + (", …" if len(steps) > 5 else "")
         run = "" if label is None else f"run {label!r}: "
         warn_user(f"torchfim: {run}{len(steps)} record(s) with a non-finite Tr(F) or standard error (step {shown}; a "
-                  "measurement of a diverged model?) are not drawn")
+                  "measurement of a diverged model?): their points, or where only the standard error is not finite "
+                  "their band, are left out of the figure")
 
 
 def _records(run: Run) -> list[TraceRecord]:
