@@ -137,6 +137,38 @@ def test_trace_on_an_sdpa_model_is_batched_with_eager_attention(grad_method: str
         assert torch.allclose(g, w, rtol=tol, atol=tol * scale)
 
 
+def test_left_padding_that_eager_attention_makes_nan_goes_one_input_at_a_time() -> None:
+    """A left-padded SDPA Llama: under eager attention its padding rows, which attend to no key, are NaN (SDPA's are
+    finite), and the penalty came out NaN, NaN gradients with it (a trial). Such passes are not taken: the per-input
+    gradients go one input at a time, with the warning saying why, and equal those of the model run sample by
+    sample; backend='functional' refuses, saying why."""
+    import torchfim
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    config._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    keep = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    ids = torch.randint(1, 11, (2, 5), generator=torch.Generator().manual_seed(1)).masked_fill(keep == 0, 0)
+    batch = {"input_ids": ids, "attention_mask": keep}
+
+    def penalty(looped: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pen = FisherPenalty(model, alpha=ALPHA, kind="trace", generator=torch.Generator().manual_seed(5))
+        pen.io.looped = looped
+        term = pen(batch, step=0, mask="attention_mask")
+        return term.detach(), list(torch.autograd.grad(term, list(model.parameters()), allow_unused=True))
+
+    with pytest.warns(RuntimeWarning, match="with eager attention, which vmap needs, it gives non-finite values"):
+        value, grads = penalty(looped=False)
+    want, want_grads = penalty(looped=True)
+    assert bool(torch.isfinite(value)) and torch.equal(value, want)
+    for g, w in zip(grads, want_grads):
+        assert (g is None and w is None) or torch.allclose(g, w, rtol=1e-12, atol=0)
+    with pytest.raises(torchfim.TorchfimError, match="cannot batch this model.*with eager attention"):
+        torchfim.fisher(model, batch, structure="trace", mask="attention_mask", backend="functional")
+
+
 @pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
 def test_sub_batch_of_a_dict_batch_is_its_first_rows_with_their_mask(kind: str) -> None:
     model, batch = tiny_gpt2(), padded_batch([2, 5, 3], seed=4)

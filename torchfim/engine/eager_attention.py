@@ -15,7 +15,12 @@ from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["eager_attention", "switchable_attention"]
+__all__ = ["EAGER_NOT_FINITE", "eager_attention", "switchable_attention"]
+
+#: Why a pass under eager attention is not taken: a Hugging Face model's eager attention gives NaN on a query row
+#: that attends to no key (a left-padded sequence's padding under a causal mask), where SDPA gives finite values.
+EAGER_NOT_FINITE = ("with eager attention, which vmap needs, it gives non-finite values where its SDPA attention "
+                    "does not (padding rows that attend to no key, as left padding makes)")
 
 
 def switchable_attention(model: nn.Module) -> bool:
