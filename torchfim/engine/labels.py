@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "PADDING_COUNTED", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder",
+__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder",
            "labelled_positions", "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
@@ -29,6 +29,15 @@ IGNORE_INDEX = -100
 PADDING_COUNTED = (
     "torchfim: the batch's attention_mask marks {count} padding position(s) that count as observed, since mask= is "
     "not set; pass mask='attention_mask' to leave padding out (or give those positions the label -100)"
+)
+
+
+#: Why an encoder-decoder's ``attention_mask`` is no mask of its outputs.
+ENCODER_MASK = (
+    "mask='attention_mask' on an encoder-decoder: a batch's attention_mask marks the encoder's (source) padding, "
+    "while the outputs are the decoder's positions, so it would drop target tokens the loss scores and keep padding it "
+    "drops; pass mask='decoder_attention_mask' where the batch has one, or leave mask out: labels of -100 (as "
+    "tokenizers and collators pad them) already leave the decoder's padding out"
 )
 
 

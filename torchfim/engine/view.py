@@ -32,7 +32,7 @@ from .batch import Batch
 from .derivative_settings import for_derivatives
 from .fast_path_check import check_fast_path_agrees
 from .function_forwards import function_forwards
-from .labels import PADDING_COUNTED, ModelLabels, counted_padding, is_encoder_decoder, labelled_positions
+from .labels import ENCODER_MASK, PADDING_COUNTED, ModelLabels, counted_padding, is_encoder_decoder, labelled_positions
 from .model_checks import (
     ONE_DIMENSIONAL,
     check_forward_takes,
@@ -160,7 +160,6 @@ def _classes(family: Family) -> bool:
 def _buffer_states(tree: nn.Module) -> dict[str, tuple[int, int]]:
     """Each buffer's identity and version counter: a forward that updates one changes them."""
     return {name: (id(b), b._version) for name, b in tree.named_buffers()}
-
 
 class ModelView:
     """A private view of ``model`` with its trainable parameters θ and its output mapping."""
@@ -333,6 +332,8 @@ class ModelView:
         if mask is None:
             return None
         if isinstance(mask, str):
+            if mask == "attention_mask" and is_encoder_decoder(self.user_model):
+                raise TorchfimError(ENCODER_MASK)
             m = batch.get(mask)
         elif callable(mask) and not isinstance(mask, Tensor):
             m = mask(batch.args[0] if batch.args else batch.kwargs)

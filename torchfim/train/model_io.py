@@ -27,7 +27,7 @@ from ..engine.batch import Batch, make_batch
 from ..engine.composites import reverse_mode_forms
 from ..engine.eager_attention import EAGER_NOT_FINITE, eager_attention, switchable_attention
 from ..engine.function_forwards import attention_fast_path_off
-from ..engine.labels import ModelLabels, ignored_labels, is_encoder_decoder
+from ..engine.labels import ENCODER_MASK, ModelLabels, ignored_labels, is_encoder_decoder
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.output_reading import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
@@ -104,12 +104,13 @@ class ModelIO:
         """:meth:`batch` then :meth:`moved`."""
         return self.moved(self.batch(inputs), first, rows)
 
-    @staticmethod
-    def mask(mask: object, x: Batch) -> Tensor | None:
+    def mask(self, mask: object, x: Batch) -> Tensor | None:
         """The position mask of a call: a bool tensor with one row per input, from a tensor or a key of the
-        dict mini-batch ``x`` (None: every position)."""
+        dict mini-batch ``x`` (None: every position); an encoder-decoder's ``attention_mask`` (its source's) refused."""
         if mask is None:
             return None
+        if mask == "attention_mask" and self.labels is not None and is_encoder_decoder(self.labels.model):
+            raise TorchfimError(ENCODER_MASK)
         return check_mask(x.get(mask) if isinstance(mask, str) else mask, x.size)
 
     def labelled(self, x: Batch) -> Tensor | None:
