@@ -325,6 +325,16 @@ def _section_notes(R: dict) -> list[str]:
     add(f"- The variance subset: {subset_text} of the {n} inputs; their indices are in report.json "
         "(`data.variance_subset_indices`).")
     add("- `model.pt` holds the model's state dict, so the numbers can be checked with the library: "
-        "`torchfim.fisher(model, inputs, structure=\"trace\")` gives `trace.exact` of report.json.")
+        f"`{_trace_call(R)}` gives `trace.exact` of report.json.")
     add("")
     return lines
+
+
+def _trace_call(R: dict) -> str:
+    """The library call that gives the report's ``trace.exact``: with its family (σ included), mask and class dim."""
+    O = R.get("outputs", {})
+    family = (f"torchfim.families.Gaussian(sigma={R['sigma']!r})" if R.get("sigma") is not None
+              else repr(R["family"]) if R["family"] != "categorical" else None)
+    given = [("family", family), ("mask", repr(O["mask"]) if O.get("mask") else None),
+             ("class_dim", repr(O["class_dim"]) if O.get("class_dim") is not None else None)]
+    return "torchfim.fisher(model, inputs, " + "".join(f"{k}={v}, " for k, v in given if v) + 'structure="trace")'
