@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder",
+__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder",
            "labelled_positions", "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
@@ -45,6 +45,25 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face encoder-decoder (``config.is_encoder_decoder``): its outputs' positions
     are the decoder's, and a batch's ``attention_mask`` is the encoder's."""
     return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+
+
+#: The family of a Hugging Face classifier's own loss, by its ``config.problem_type``.
+PROBLEM_FAMILIES = {"single_label_classification": "categorical", "multi_label_classification": "bernoulli",
+                    "regression": "gaussian"}
+
+
+def problem_type_note(model: nn.Module, family: str) -> str | None:
+    """Where ``model`` is a Hugging Face classifier whose ``config.problem_type`` names a loss of another family than
+    ``family``: what to say (its loss, the family that matches it); else None."""
+    kind = getattr(getattr(model, "config", None), "problem_type", None)
+    matching = PROBLEM_FAMILIES.get(kind) if isinstance(kind, str) else None
+    if matching is None or matching == family:
+        return None
+    loss = {"bernoulli": "BCEWithLogitsLoss, one Bernoulli per label", "gaussian": "MSELoss, a unit Gaussian",
+            "categorical": "CrossEntropyLoss"}[matching]
+    how = " with output=lambda out: out.logits.unsqueeze(-1) (one position per label)" if matching == "bernoulli" else ""
+    return (f"torchfim: the model's config.problem_type is {kind!r}: its own loss is {loss}, the {matching!r} "
+            f"family, while family={family!r} computes the Fisher of another model; pass family={matching!r}{how}")
 
 
 def predicts_next_token(model: nn.Module) -> bool:

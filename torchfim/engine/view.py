@@ -32,7 +32,15 @@ from .batch import Batch
 from .derivative_settings import for_derivatives
 from .fast_path_check import check_fast_path_agrees
 from .function_forwards import function_forwards
-from .labels import ENCODER_MASK, PADDING_COUNTED, ModelLabels, counted_padding, is_encoder_decoder, labelled_positions
+from .labels import (
+    ENCODER_MASK,
+    PADDING_COUNTED,
+    ModelLabels,
+    counted_padding,
+    is_encoder_decoder,
+    labelled_positions,
+    problem_type_note,
+)
 from .model_checks import (
     ONE_DIMENSIONAL,
     check_forward_takes,
@@ -201,6 +209,7 @@ class ModelView:
         self._fast_checked = False  # whether the outputs have been compared with torch's fast path's
         self._unobserved_named = False  # whether inputs with no observed position were named (once per view)
         self._padding_named = False  # whether padding counted as observed was named (once per view)
+        self._problem_checked = False  # whether an HF classifier's problem_type was compared with the family
         self._defaults: dict[str, object] | None = None  # see call_defaults
         self._call_checked = False  # see check_call
         self._recurrent = stepwise_candidates(self.model)  # computed step by step under torch.func
@@ -286,6 +295,10 @@ class ModelView:
         ``shape`` is the output tensor's shape before flattening. The observed positions are those of
         ``mask`` that a class label does not leave out (-100, as in the loss: :func:`.labels.labelled_positions`).
         """
+        if not self._problem_checked:
+            self._problem_checked = True
+            if (note := problem_type_note(self.user_model, getattr(family, "name", ""))) is not None:
+                warn_user(note)
         self.classes.check(shape, _classes(family))
         if self.classes.dim == 1 and len(shape) > 2:
             shape = (shape[0], *shape[2:], shape[1])
