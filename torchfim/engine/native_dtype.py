@@ -20,7 +20,8 @@ from torch.amp.autocast_mode import autocast
 
 from .plain_forwards import ThreadMode
 
-__all__ = ["autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed", "native_dtype_forwards"]
+__all__ = ["autocast_dtype", "autocast_dtypes", "autocast_enabled", "autocast_observed", "native_dtype_forwards",
+           "observe_precision"]
 
 
 def _enter_autocast(self: autocast) -> autocast:
@@ -69,6 +70,14 @@ def autocast_observed() -> Iterator[set[tuple[str, torch.dtype]]]:
         if outer is not None:
             outer.update(seen)
         _OBSERVING.seen = outer
+
+
+def observe_precision(device_type: str, dtype: torch.dtype) -> None:
+    """Count ``dtype`` on ``device_type`` as a precision the passes compute in, as an autocast region entered in this
+    thread's :func:`autocast_observed` block is counted (nothing outside such a block)."""
+    seen = getattr(_OBSERVING, "seen", None)
+    if seen is not None:
+        seen.add((device_type, dtype))
 
 
 def autocast_dtypes(device_type: str) -> list[torch.dtype]:

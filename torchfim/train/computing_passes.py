@@ -22,6 +22,7 @@ from ..engine.native_dtype import autocast_observed
 from ..engine.plain_forwards import differentiated_forwards, eager_compiled, holds_compiled
 from ..errors import warn_user
 from .finite_difference import working_dtype
+from .forward_precision import ForwardPrecision
 
 COMPILED = ("the model is compiled (torch.compile), and FisherPenalty(kind={kind!r}, grad_method={method!r}) "
             "differentiates it twice or per sample, which compiled code cannot: the steps that compute the "
@@ -34,14 +35,14 @@ COARSE = ("torchfim: FisherPenalty(grad_method='finite_difference') computes in 
 
 
 def computing_passes(model: nn.Module, kind: str, grad_method: str, params: list[Tensor], name_precision: bool,
-                     module_hooks: bool = True) -> ExitStack:
+                     module_hooks: bool = True, precision: ForwardPrecision | None = None) -> ExitStack:
     """The contexts of one computing step on the trainable ``params``; with ``name_precision``, a finite difference
     in half precision (of the parameters, or of autocast) is named by a warning; the backward hooks of the
     parameters, and with ``module_hooks`` of the modules (not where a forward is shared with the task loss), are
     quiet."""
     stack = ExitStack()
     if grad_method == "finite_difference":
-        stack.enter_context(_precision_seen(params[0], name_precision))
+        stack.enter_context(_precision_seen(model, params[0], name_precision, precision or ForwardPrecision()))
     stack.enter_context(differentiated_forwards(transforms=kind == "trace"))  # per-input gradients: vmap
     stack.enter_context(dense_gradients(model))
     stack.enter_context(quiet_backward_hooks(model, params, modules=module_hooks))
@@ -53,10 +54,11 @@ def computing_passes(model: nn.Module, kind: str, grad_method: str, params: list
 
 
 @contextmanager
-def _precision_seen(first: Tensor, name: bool) -> Iterator[None]:
-    """Autocast regions of the forward observed (the step ε is taken for their precision); with ``name``, a step
-    that computed in half precision, of the parameters or of autocast, is named when it ends."""
-    with autocast_observed():
+def _precision_seen(model: nn.Module, first: Tensor, name: bool, precision: ForwardPrecision) -> Iterator[None]:
+    """Autocast regions of the forward and the less precise dtypes it casts to (``precision``) observed: the step ε
+    is taken for their precision; with ``name``, a step that computed in half precision, of the parameters or of
+    autocast, is named when it ends."""
+    with autocast_observed(), precision.counted(model, first):
         yield
         dtype = working_dtype(first)  # within the block: the regions the passes entered count
     if name and dtype in (torch.float16, torch.bfloat16):

@@ -45,6 +45,7 @@ from .arguments import check_alpha, check_int, check_step, trainable
 from .checkpoint import VERSION, checked, generator_state, gradients_on, named_gradients, restored_generator
 from .computing_passes import computing_passes
 from .finite_difference import GRAD_METHODS, check_fd_step
+from .forward_precision import ForwardPrecision
 from .kept_gradient import KeptGradient
 from .model_io import Inputs, ModelIO
 from .penalised_arguments import check_task_loss, penalised_parameters, running_module, scalar_task_loss
@@ -248,6 +249,7 @@ class FisherPenalty(PenaltyTerms):
         self._kept, self._draws = KeptGradient(), StepDraws()
         self._schedule = Schedule(self.every, self.reuse_between)
         self._second_derivatives_checked = self._precision_named = False
+        self._forward_precision = ForwardPrecision()  # the dtypes its forward casts down to (finite difference)
 
     def __repr__(self) -> str:
         return (f"FisherPenalty(kind={self.kind!r}, family={self.family!r}, alpha={self.alpha}, every={self.every}, "
@@ -426,7 +428,8 @@ class FisherPenalty(PenaltyTerms):
         """The contexts of a computing step (:mod:`.computing_passes`; a coarse precision is named once), drawing
         as the step's first call did where the parameters moved since (:mod:`.step_draws`)."""
         named, self._precision_named = self._precision_named, True
-        stack = computing_passes(self.model, self.kind, self.grad_method, params, not named, module_hooks)
+        stack = computing_passes(self.model, self.kind, self.grad_method, params, not named, module_hooks,
+                                 self._forward_precision)
         stack.enter_context(self._draws.replayed(step, params, self.generator))
         return stack
 
