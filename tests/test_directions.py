@@ -153,6 +153,20 @@ def test_progress_shows_a_bar_over_the_directions(capfd) -> None:
     assert "output-Hessian diagonals" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("call", ["compare_estimators", "samples_needed"])
+def test_the_planning_calls_take_progress_as_their_warning_advises(call: str, capfd) -> None:
+    """A long sweep's warning advises progress=True, which compare_estimators and samples_needed did not take (a
+    trial: 'about 1,700 hours', and no way to watch them): they pass it on, and the result is the same."""
+    case = BY_NAME["strided_cnn"]
+    model, x = case.build(3), case.inputs(4)
+    kwargs = {"estimator": "hessian", "structure": "diag"} if call == "samples_needed" else {}
+    quiet = getattr(torchfim, call)(model, x, **kwargs)
+    capfd.readouterr()
+    shown = getattr(torchfim, call)(model, x, progress=True, **kwargs)
+    assert "output-Hessian diagonals" in capfd.readouterr().err
+    assert shown == quiet
+
+
 @pytest.mark.parametrize("call", [torchfim.fisher, torchfim.fisher_variance])
 def test_hessian_diagonals_record_a_batch_once_for_its_outputs_and_once_for_its_dense_layers(call, monkeypatch) -> None:
     """The unit-wise Hessian diagonals ask the batch's factorable layers several questions (which

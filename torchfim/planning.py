@@ -33,6 +33,7 @@ def samples_needed(
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
     across_processes: bool = False,
+    progress: bool = False,
 ) -> int:
     """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value.
 
@@ -43,8 +44,8 @@ def samples_needed(
     has no relative error to reach, and a warning names how many there are). At least 1.
     ``estimator="combined"`` takes ``V₁`` from :func:`torchfim.combined.combined_variance` (its weights
     do not depend on ``k``, so its variance too is ``V₁/k``; one process). ``backend``, ``mask``, ``output``,
-    ``class_dim`` and ``across_processes`` (every process gets the ``k`` of all the inputs) as in
-    :func:`torchfim.fisher`.
+    ``class_dim``, ``across_processes`` (every process gets the ``k`` of all the inputs) and ``progress`` (bars
+    over the variance's and the Fisher's mini-batches and sweeps) as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim
@@ -64,7 +65,7 @@ def samples_needed(
     rel_error = rel
     inputs = reusable(inputs)  # iterated twice below
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
-               across_processes=across_processes)
+               across_processes=across_processes, progress=progress)
     # The variance first: where an input's Jacobian would not fit it refuses at once, before the exact
     # Fisher's one pull-back per output number (hours for a language model's vocabulary).
     if estimator == "combined":
@@ -154,13 +155,14 @@ def compare_estimators(
     output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
     across_processes: bool = False,
+    progress: bool = False,
 ) -> EstimatorComparison:
     """For every parameter tensor, which of Î1 and Î2 estimates its diagonal Fisher with less variance.
 
     Compares ``Σ_p Var(Î)_pp`` over the parameter's entries (the expected squared
     error of its diagonal) from :func:`fisher_variance`. ``backend``, ``mask``, ``output``,
-    ``class_dim`` and ``across_processes`` (every process gets the comparison over all the inputs) as in
-    :func:`torchfim.fisher`.
+    ``class_dim``, ``across_processes`` (every process gets the comparison over all the inputs) and ``progress``
+    (bars over the passes, the Hessian estimator's sweep among them) as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim
@@ -176,7 +178,7 @@ def compare_estimators(
         )
     inputs = reusable(inputs)
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
-               across_processes=across_processes)
+               across_processes=across_processes, progress=progress)
     score = fisher_variance(model, inputs, estimator="score", structure="diag", n_samples=n_samples, **how)
     diag = fisher(model, inputs, structure="diag", **how)  # after a closed form, as in samples_needed
     try:
