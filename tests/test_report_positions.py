@@ -320,6 +320,7 @@ def test_the_notes_library_call_gives_the_reports_trace():
     batch["labels"] = batch["input_ids"].clone()  # labels that do not mark the padding: only the mask leaves it out
     R = report_mod.compute_report(model, report_mod.as_data(batch, "test"), mask="attention_mask", variance_inputs=2,
                                   max_block=0, progress=False)
+    assert 'empirical_per="position"' in markdown(R)  # the report's empirical Fisher is per input: said, with the other
     note = next(line for line in markdown(R).splitlines() if "gives `trace.exact`" in line)
     call = re.search(r"`(torchfim\.fisher\([^`]*\))`", note).group(1)
     assert "mask='attention_mask'" in call

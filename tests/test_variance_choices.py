@@ -5,6 +5,7 @@ take, and results that overflowed (NaN returned without a word)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -42,6 +43,18 @@ def test_entries_with_fisher_zero_whose_estimate_varies_are_named() -> None:
         k = torchfim.samples_needed(model, x, estimator="hessian", structure="diag", rel_error=0.1)
     kept = value.abs() > 0
     assert k == max(1, math.ceil(float((var[kept] / (0.1 * value[kept]) ** 2).max()) * (1 - 1e-12)))
+
+
+def test_round_off_variances_of_entries_with_fisher_zero_are_not_named() -> None:
+    """An entry whose Fisher is 0 and whose variance is round-off (3.5e-33 against entries of order 1, a trial) was
+    named as varying: a variance below 1e-12 of the informative entries' largest is not."""
+    from torchfim.planning import _name_uninformative
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _name_uninformative(torch.tensor([3.5e-33, 0.0], dtype=torch.float64), "hessian", torch.tensor(2.0))
+    with pytest.warns(RuntimeWarning, match="1 diagonal entry has an exact Fisher of 0"):
+        _name_uninformative(torch.tensor([3.5e-3, 0.0], dtype=torch.float64), "hessian", torch.tensor(2.0))
 
 
 def test_samples_needed_for_the_combined_estimator() -> None:

@@ -78,7 +78,7 @@ def samples_needed(
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
         raise TorchfimError("the exact Fisher is zero here, so a relative error is undefined; check the model")
-    _name_uninformative(var1[~informative], estimator)
+    _name_uninformative(var1[~informative], estimator, var1[informative].max())
     var1, value = var1[informative].clamp_min(0), value[informative]
     labels = float((var1 / (rel_error * value) ** 2).max())
     if not math.isfinite(labels):  # (ε·I)² underflowed (tiny ε): the same ratio as ((σ₁/|I|)/ε)²
@@ -91,10 +91,11 @@ def samples_needed(
     return max(1, math.ceil(labels * (1 - 1e-12)))
 
 
-def _name_uninformative(var1: Tensor, estimator: str) -> None:
+def _name_uninformative(var1: Tensor, estimator: str, scale: Tensor) -> None:
     """Warn where entries left out (exact Fisher 0) still vary: no number of labels reaches a relative error there,
-    and the ``k`` returned does not cover them; their absolute error is ``σ₁/√k``."""
-    varying = var1 > 0
+    and the ``k`` returned does not cover them; their absolute error is ``σ₁/√k``. A variance below ``1e-12`` of the
+    other entries' largest, ``scale``, is round-off (3.5e-33 was named as varying, a trial)."""
+    varying = var1 > 1e-12 * scale
     if bool(varying.any()):
         warn_user(
             f"torchfim: {int(varying.sum())} diagonal entr{'y has' if int(varying.sum()) == 1 else 'ies have'} an exact "

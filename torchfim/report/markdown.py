@@ -288,7 +288,11 @@ def _section_empirical(R: dict) -> list[str]:
             f"{fmt(E['trace_ratio'], 3)}× the true one and the cosine similarity of the diagonals is "
             f"{fmt(E['cosine_diag'], 3)}. When a model fits its training labels well, the true label "
             "is mostly its most probable one, whose score is small, so the empirical Fisher tends to "
-            "underestimate F; the diagonal's direction (cosine) can still agree closely.")
+            "underestimate F; the diagonal's direction (cosine) can still agree closely."
+            + (" With outputs with positions it is the empirical Fisher of inputs, each input's score summed over "
+               "its observed positions (`empirical_per=\"input\"`); the per-token one that curvlinops, BackPACK and "
+               "laplace-torch compute is `torchfim.fisher(..., estimator=\"empirical\", "
+               "empirical_per=\"position\")`." if R.get("outputs", {}).get("positions") else ""))
         add("")
         add("![empirical vs true Fisher](empirical_vs_true.png)")
         add("")
