@@ -600,3 +600,24 @@ def test_gaussian_score_variances_in_closed_form_keep_float32_digits():
     got = torchfim.fisher_variance(copy.deepcopy(head).float(), x.float(), family="gaussian", estimator="score",
                                    structure="full")
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_variance_bound_takes_the_tightest_in_one_pass(monkeypatch):
+    """``variance_bound(estimator="score")``: for ``trace`` the smaller of the spectral and kurtosis bounds from one
+    pass over the inputs (it took two, and cost twice the exact variance it bounds: a trial on a ViT); for entries
+    the spectral one alone, which ``λ_max(M) ≤ E‖u‖⁴`` makes the smaller there."""
+    import torchfim.trace_summary
+    import torchfim.variance
+
+    model, x = tanh_mlp(3), mlp_inputs(12)
+    spectral = {s: torchfim.score_variance_bound_spectral(model, x, structure=s) for s in ("trace", "diag")}
+    kurtosis = {s: torchfim.score_variance_bound_kurtosis(model, x, structure=s) for s in ("trace", "diag")}
+    passes = []
+    for module in (torchfim.variance, torchfim.trace_summary):
+        original = module.engine_pass
+        monkeypatch.setattr(module, "engine_pass", lambda *a, _o=original, **k: passes.append(1) or _o(*a, **k))
+    tightest = torchfim.variance_bound(model, x, structure="trace", n_samples=2)
+    assert len(passes) == 1
+    assert float(tightest) == pytest.approx(min(float(spectral["trace"]), float(kurtosis["trace"])) / 2, rel=1e-12)
+    diag = torchfim.variance_bound(model, x, structure="diag")
+    assert len(passes) == 2 and torch.equal(diag, spectral["diag"]) and bool((diag <= kurtosis["diag"]).all())

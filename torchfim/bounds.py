@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ._batches import Inputs, reusable
-from .errors import TorchfimError
+from .errors import TorchfimError, check_n_samples
 from .families import Family
-from .structures import PublicValue
+from .structures import PublicValue, Trace, structure_class
+from .trace_summary import score_trace_variances
 from .variance import check_variance_estimator, variance_of
 
 
@@ -116,7 +117,10 @@ def variance_bound(
 
     ``score`` takes the elementwise minimum of :func:`score_variance_bound_spectral`
     and :func:`score_variance_bound_kurtosis`; ``hessian`` uses
-    :func:`hessian_variance_bound_spectral`. Same shape as :func:`fisher_variance`.
+    :func:`hessian_variance_bound_spectral`. Same shape as :func:`fisher_variance`. For entries (``diag``,
+    ``full``, ``blocks``) the kurtosis bound is never the tighter (``λ_max(M) ≤ E‖u‖⁴``, docs/math.md §4.2), so
+    the spectral one is taken alone; for ``trace`` both come from one pass over the inputs (it took two, and
+    cost more than the exact variance it bounds).
 
     Example:
         >>> import torch, torchfim
@@ -129,6 +133,12 @@ def variance_bound(
     """
     check_variance_estimator(estimator, "variance_bound")
     _check_options(options)
+    trace = structure_class(structure) is Trace
+    if estimator == "score" and not trace:  # entries: the kurtosis bound is never the tighter (§4.2)
+        return score_variance_bound_spectral(model, inputs, family, structure, n_samples, **options)
+    if estimator == "score" and not options.get("across_processes"):  # both trace bounds from one pass
+        k = check_n_samples(n_samples)
+        return score_trace_variances(model, inputs, family, bounds=True, **options).bound / k
     inputs = reusable(inputs)  # iterated once per bound
     results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
     best = results[0]

@@ -49,10 +49,8 @@ from torch import Tensor
 from ._memory import fits_in_memory
 from .errors import TorchfimError
 
-__all__ = [
-    "STRUCTURE_NAMES", "PublicValue", "Layout", "StructureVisitor", "Structure", "Full", "Diag", "Trace", "Blocks",
-    "make_structure", "check_fits", "accumulation_dtype", "entrywise",
-]
+__all__ = ["STRUCTURE_NAMES", "PublicValue", "Layout", "StructureVisitor", "Structure", "Full", "Diag", "Trace", "Blocks",
+           "make_structure", "structure_class", "check_fits", "accumulation_dtype", "entrywise"]
 
 #: Structure names accepted by the public functions (``"layers"`` is the old name of ``"blocks"``).
 STRUCTURE_NAMES = ("full", "diag", "trace", "blocks", "layers")
@@ -488,9 +486,14 @@ def structure_kind(name: str) -> str:
     return _BY_NAME[name].name if name in _BY_NAME else name
 
 
+def structure_class(name: object) -> type[Structure] | None:
+    """The structure class a name gives (``"layers"``: :class:`Blocks`); None for an unknown name."""
+    return _BY_NAME.get(name) if isinstance(name, str) else None
+
+
 def make_structure(name: str, layout: Layout) -> Structure:
     """A new, zero structure of kind ``name`` (one of :data:`STRUCTURE_NAMES`) for ``layout``."""
-    if not isinstance(name, str) or name not in _BY_NAME:
+    if (kind := structure_class(name)) is None:
         listed = ", ".join(repr(n) for n in STRUCTURE_NAMES)
         raise TorchfimError(f"unknown structure {name!r}; choose one of {listed}")
-    return _BY_NAME[name](layout)
+    return kind(layout)

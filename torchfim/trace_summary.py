@@ -90,7 +90,8 @@ def score_trace_variances(
     modes = ("exact", "spectral", "kurtosis") if bounds else ("exact",)
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
         sums = _Sums(squares_layout(one.view.layout), ("var", *modes[1:]))
-        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True):
+        for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True,
+                                      grams=True):  # an output Gram matrix per input, per tensor and in all
             forms = [ScoreVariance(one.backend, rec, fam_b, mode) for mode in modes]
             gram = None  # G = Σ_t G_t per input, (B, C, C)
             for rows, grams in one.backend.tensor_output_grams(rec):
