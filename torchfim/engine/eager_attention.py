@@ -10,17 +10,26 @@ than one input at a time).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["EAGER_NOT_FINITE", "eager_attention", "switchable_attention"]
+__all__ = ["EAGER_NOT_FINITE", "eager_attention", "refuse_non_finite", "switchable_attention"]
 
 #: Why a pass under eager attention is not taken: a Hugging Face model's eager attention gives NaN on a query row
 #: that attends to no key (a left-padded sequence's padding under a causal mask), where SDPA gives finite values.
 EAGER_NOT_FINITE = ("with eager attention, which vmap needs, it gives non-finite values where its SDPA attention "
                     "does not (padding rows that attend to no key, as left padding makes)")
+
+
+def refuse_non_finite(values: Tensor | Mapping[str, Tensor], eager: bool) -> None:
+    """Where ``eager`` attention made ``values`` (a tensor, or a dict of them) non-finite, raise the ``RuntimeError``
+    of a pass that cannot be batched (:data:`EAGER_NOT_FINITE`): the callers then take it as torch.func's own."""
+    tensors = values.values() if isinstance(values, Mapping) else (values,)
+    if eager and not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise RuntimeError(EAGER_NOT_FINITE)
 
 
 def switchable_attention(model: nn.Module) -> bool:

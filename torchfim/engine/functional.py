@@ -21,7 +21,7 @@ from .attention_kernel import math_attention
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
 from .composites import composite_forms
-from .eager_attention import EAGER_NOT_FINITE, eager_attention, switchable_attention
+from .eager_attention import eager_attention, refuse_non_finite, switchable_attention
 from .private_tree import users_modules_called
 from .view import ModelView, fewer_inputs
 
@@ -113,13 +113,17 @@ class FunctionalBackend(Backend):
         with eager attention, from then on (:mod:`.eager_attention`)."""
         try:
             with eager_attention(self.view.model) if self.eager else nullcontext():
-                return _finite_under_eager(batched(), self.eager)
+                result = batched()
+                refuse_non_finite(result, self.eager)
+                return result
         except (RuntimeError, NotImplementedError):
             if self.eager or not switchable_attention(self.view.model):
                 raise
             self.eager = True
         with eager_attention(self.view.model):
-            return _finite_under_eager(batched(), True)
+            result = batched()
+        refuse_non_finite(result, True)
+        return result
 
     def pieces(self, rec: Recording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:
         spans = [self.layout.span(i) for i in range(len(self.layout.names))]
@@ -240,10 +244,3 @@ class FunctionalBackend(Backend):
             return jvp(jacobians, (self._at(name),), (d,))[1]
 
         return column
-
-
-def _finite_under_eager(result: Tensor, eager: bool) -> Tensor:
-    """``result``, refused as a batching failure where eager attention made it non-finite (:data:`EAGER_NOT_FINITE`)."""
-    if eager and not bool(torch.isfinite(result).all()):
-        raise RuntimeError(EAGER_NOT_FINITE)
-    return result

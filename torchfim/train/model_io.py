@@ -25,13 +25,13 @@ from .._batches import refuse_packed
 from ..engine.attention_kernel import math_attention
 from ..engine.batch import Batch, make_batch
 from ..engine.composites import reverse_mode_forms
-from ..engine.eager_attention import EAGER_NOT_FINITE, eager_attention, switchable_attention
+from ..engine.eager_attention import eager_attention, refuse_non_finite, switchable_attention
 from ..engine.function_forwards import attention_fast_path_off
 from ..engine.labels import ENCODER_MASK, ModelLabels, ignored_labels, is_encoder_decoder
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.output_reading import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
-from ..errors import TorchfimError, all_finite, warn_user
+from ..errors import TorchfimError, warn_user
 from .position_outputs import PositionOutputs, check_mask
 
 __all__ = ["Inputs", "ModelIO"]
@@ -212,8 +212,7 @@ class ModelIO:
             try:  # the math attention kernel has batching rules; the fused CPU ones run sample by sample, warning
                 with math_attention(), eager:
                     grads = vmap(grad(log_p), in_dims=in_dims)(params, (x.args, x.kwargs), y, masks)
-                if self.eager and not all(all_finite(g) for g in grads.values()):
-                    raise RuntimeError(EAGER_NOT_FINITE)
+                refuse_non_finite(grads, self.eager)
                 return grads
             except (RuntimeError, NotImplementedError) as err:
                 if self.vmapped_forms is not reverse_mode_forms:  # layer_norm under autocast has no batched backward
