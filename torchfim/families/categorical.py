@@ -354,17 +354,13 @@ class Categorical(Family):
         per input."""
         if o.shape[-1] == 2:
             return super().pairwise_spread(o, v)
-        p, (s,), out = self._centred(o, v)
-        gram = torch.bmm(s * p, s.transpose(1, 2))
-        squared = s * s
-        fourth = torch.bmm(squared * p, squared.transpose(1, 2))
-        del squared
-        spread = fourth - gram.square_()
+        fourth = self.pairwise_moment4(o, v)
+        spread = fourth - self.fisher_output_gram(o, v).square_()
         lossy = spread < fourth.mul_(_CANCELLED)
-        del fourth, gram
+        del fourth
         for rows, first, second in _entries(lossy, o.shape[-1]):
             spread[rows, first, second] = _label_spread(o[rows], v[rows, first], v[rows, second]).to(spread.dtype)
-        return spread.to(out)
+        return spread
 
     def moments_along(self, o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # uᵀv = v_y − pᵀv for label y. One label at a time: each (B, m) slice stays in cache, which
