@@ -47,6 +47,7 @@ from .structures import (
     Structure,
     StructureVisitor,
     Trace,
+    accumulation_dtype,
     check_fits,
     make_structure,
     structure_kind,
@@ -58,20 +59,19 @@ MODES = ("exact", "spectral", "kurtosis")
 #: running sums over its positions and one position's gram, spread and products (measured 11.1 besides the result,
 #: categorical with 3 and 6 positions and Bernoulli with 6, P ≈ 1550, large blocks left to the OS as they are freed).
 POSITION_COPIES = 12
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def squares_layout(layout: Layout) -> Layout:
-    """The layout variances and covariances are summed and returned in: a half-precision model's widened to float32.
-    They are products of two numbers of the Fisher's scale, so where the Fisher's entries are in float16's range (6e-8
-    to 65504) theirs often are not: a variance of 1e-13 came back 0."""
-    return replace(layout, dtype=torch.float32) if layout.dtype in _HALF else layout
+    """The layout variances and covariances are summed and returned in: its accumulation dtype (a half-precision
+    model's widened to float32). They are products of two numbers of the Fisher's scale, so where the Fisher's entries
+    are in float16's range (6e-8 to 65504) theirs often are not: a variance of 1e-13 came back 0."""
+    return replace(layout, dtype=accumulation_dtype(layout.dtype))
 
 
 def widened(values: Tensor) -> Tensor:
     """A half-precision model's outputs in float32, so that the families form the per-input variance terms there
     (their products with the engine's half-precision vectors promote to float32)."""
-    return values.float() if values.dtype in _HALF else values
+    return values.to(accumulation_dtype(values.dtype))
 
 
 def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
