@@ -76,7 +76,8 @@ def fisher(
             position is an independent observation (a language model's tokens).
         inputs: a tensor whose first dimension is the batch, a dict of keyword inputs, or an
             iterable of mini-batches (tensors, dicts, or ``(inputs, targets)`` pairs, e.g. a
-            DataLoader). A dict's ``labels``/``label``/``targets`` entry is taken as targets; for a
+            DataLoader; a tuple of two tensors with as many rows is refused as ambiguous: ``[(x, y)]`` is one
+            pair, ``[x1, x2]`` two mini-batches). A dict's ``labels``/``label``/``targets`` entry is taken as targets; for a
             Hugging Face causal language model (whose own loss shifts its ``labels``), the outputs at
             position t get ``labels[t + 1]``, as in that loss.
         family: output family name or :class:`~torchfim.families.Family`.
