@@ -41,8 +41,10 @@ def _per_layer_winner(R: dict) -> str:
 def positions_text(O: dict) -> str:
     """What outputs with positions mean for every number of the report (the ``outputs`` entry ``O``)."""
     shape = "×".join(map(str, O["positions"]))
-    masked = (f"those where `{O['mask']}` is 0 left out, {O['observed_positions_per_input']:.4g} observed per "
-              "input on average" if O["mask"] else "all observed")
+    masked = (f"those where `{O['mask']}` is 0 left out, and those a label of -100 leaves out (a causal language "
+              f"model's last, whose labels its loss shifts, among them): {O['observed_positions_per_input']:.4g} "
+              "observed per input on average" if O["mask"]
+              else "all observed, but those a label of -100 leaves out where the data has labels")
     return (f"{shape} per input ({masked}), each an independent observation: the Fisher of one input "
             "is the sum over its observed positions, the means are over inputs, and \"one label per "
             "input\" means one label drawn per position. Tr(F) divided by "
