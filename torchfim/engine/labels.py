@@ -20,7 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "counted_padding", "ignored_labels", "is_encoder_decoder",
+from ..errors import TorchfimError
+
+__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "check_mask_key", "counted_padding", "ignored_labels", "is_encoder_decoder",
            "labelled_positions", "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
@@ -39,6 +41,13 @@ ENCODER_MASK = (
     "drops; pass mask='decoder_attention_mask' where the batch has one, or leave mask out: labels of -100 (as "
     "tokenizers and collators pad them) already leave the decoder's padding out"
 )
+
+
+def check_mask_key(model: nn.Module, mask: object) -> None:
+    """Refuse ``mask="attention_mask"`` on an encoder-decoder (:data:`ENCODER_MASK`): its source's padding, not its
+    outputs'."""
+    if mask == "attention_mask" and is_encoder_decoder(model):
+        raise TorchfimError(ENCODER_MASK)
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

@@ -33,9 +33,9 @@ from .derivative_settings import for_derivatives
 from .fast_path_check import check_fast_path_agrees
 from .function_forwards import function_forwards
 from .labels import (
-    ENCODER_MASK,
     PADDING_COUNTED,
     ModelLabels,
+    check_mask_key,
     counted_padding,
     is_encoder_decoder,
     labelled_positions,
@@ -345,8 +345,7 @@ class ModelView:
         if mask is None:
             return None
         if isinstance(mask, str):
-            if mask == "attention_mask" and is_encoder_decoder(self.user_model):
-                raise TorchfimError(ENCODER_MASK)
+            check_mask_key(self.user_model, mask)
             m = batch.get(mask)
         elif callable(mask) and not isinstance(mask, Tensor):
             m = mask(batch.args[0] if batch.args else batch.kwargs)

@@ -27,7 +27,7 @@ from ..engine.batch import Batch, make_batch
 from ..engine.composites import reverse_mode_forms
 from ..engine.eager_attention import eager_attention, refuse_non_finite, switchable_attention
 from ..engine.function_forwards import attention_fast_path_off
-from ..engine.labels import ENCODER_MASK, ModelLabels, ignored_labels, is_encoder_decoder
+from ..engine.labels import ModelLabels, check_mask_key, ignored_labels, is_encoder_decoder
 from ..engine.model_checks import check_forward_takes, forward_error, inputs_unwritten
 from ..engine.modules.recurrent import stepwise_candidates, stepwise_recurrent
 from ..engine.output_reading import ClassDim, as_columns, check_batch_rows, check_output_map, mapped_output, read_logits
@@ -66,9 +66,13 @@ class ModelIO:
         #: Whether the per-input passes run Hugging Face attention eagerly (:mod:`.engine.eager_attention`): from the
         #: first time ``vmap`` could not batch the model's own, where it has attention to switch.
         self.eager = False
-        self.vmapped_model: nn.Module | None = None  # the model of the last input_log_prob
         self._recurrent: tuple[nn.Module, list[nn.Module]] | None = None  # a model and its stepwise layers
         self._call_checked = False  # see call
+
+    @property
+    def vmapped_model(self) -> nn.Module | None:
+        """The model of the last :meth:`input_log_prob` (None before the first)."""
+        return None if self._recurrent is None else self._recurrent[0]
 
     # ------------------------------------------------------------ inputs
     def batch(self, inputs: object) -> Batch:
@@ -109,8 +113,8 @@ class ModelIO:
         dict mini-batch ``x`` (None: every position); an encoder-decoder's ``attention_mask`` (its source's) refused."""
         if mask is None:
             return None
-        if mask == "attention_mask" and self.labels is not None and is_encoder_decoder(self.labels.model):
-            raise TorchfimError(ENCODER_MASK)
+        if self.labels is not None:
+            check_mask_key(self.labels.model, mask)
         return check_mask(x.get(mask) if isinstance(mask, str) else mask, x.size)
 
     def labelled(self, x: Batch) -> Tensor | None:
@@ -177,7 +181,6 @@ class ModelIO:
         ``vmap`` over the inputs (as :meth:`per_input_gradients` calls it): what ``kind="trace"``
         differentiates per input."""
 
-        self.vmapped_model = model
         if self._recurrent is None or self._recurrent[0] is not model:  # found once per model, not per step
             self._recurrent = (model, stepwise_candidates(model))
         recurrent = self._recurrent[1]  # step by step: vmap has no rules for the fused kernels
