@@ -153,6 +153,15 @@ def test_progress_shows_a_bar_over_the_directions(capfd) -> None:
     assert "output-Hessian diagonals" in capfd.readouterr().err
 
 
+def test_no_bar_over_an_empty_sweep(capfd) -> None:
+    """A model whose dense layers give their Hessian diagonals without a sweep has no directions left: no bar of
+    "0param" beside the one over the inputs."""
+    case = BY_NAME["tanh_mlp"]
+    torchfim.fisher(case.build(3), case.inputs(4), estimator="hessian", structure="diag", progress=True)
+    err = capfd.readouterr().err
+    assert "fisher[hessian]" in err and "output-Hessian diagonals" not in err
+
+
 @pytest.mark.parametrize("call", ["compare_estimators", "samples_needed"])
 def test_the_planning_calls_take_progress_as_their_warning_advises(call: str, capfd) -> None:
     """A long sweep's warning advises progress=True, which compare_estimators and samples_needed did not take (a

@@ -246,16 +246,23 @@ def test_progress_counts_the_columns_of_a_long_exact_fisher(monkeypatch: pytest.
     assert (total, total) in ends
 
 
-def test_the_bar_over_mini_batches_knows_their_number(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A DataLoader or a list has a length: the bar shows it (a user trial saw "3batch" with no total or ETA),
-    and ends full; a generator's has none."""
+def test_the_bar_counts_inputs_and_knows_their_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar counts inputs, with their number where it is known before reading them (a user trial saw "3batch"
+    with no total or ETA, another a bar of 0/1 standing still over one large tensor), and ends full; a large
+    mini-batch computed in groups of rows moves it once per group; a generator's, or a DataLoader that drops its
+    last inputs, has no total."""
     from torch.utils.data import DataLoader
 
     from torchfim.engine import loop
+    from torchfim.engine.per_module import PerModuleBackend
 
-    ends = []
+    ends, steps = [], []
 
     class Bar(loop.tqdm):
+        def update(self, n: int = 1) -> None:
+            steps.append(n)
+            super().update(n)
+
         def close(self) -> None:
             if not self.disable:  # tqdm closes again when collected
                 ends.append((self.n, self.total))
@@ -263,10 +270,16 @@ def test_the_bar_over_mini_batches_knows_their_number(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(loop, "tqdm", Bar)
     model, x = tanh_mlp(3), mlp_inputs(12)
-    for inputs, total in ((DataLoader(x, batch_size=4), 3), ([x[:5], x[5:]], 2), (x, 1), ((b for b in [x]), None)):
+    for inputs, total in ((DataLoader(x, batch_size=4), 12), ([x[:5], x[5:]], 12), ((x[:5], x[5:]), 12), (x, 12),
+                          ((b for b in [x]), None), (DataLoader(x, batch_size=5, drop_last=True), None)):
         ends.clear()
         torchfim.fisher(model, inputs, structure="diag", progress=True)
-        assert ends == [(total or 1, total)], (inputs, ends)
+        assert ends == [(total or ends[0][0], total)], (inputs, ends)
+    assert ends == [(10, None)]
+    monkeypatch.setattr(PerModuleBackend, "row_groups", lambda self, batch, whole: [slice(0, 5), slice(5, batch.size)])
+    steps.clear()
+    torchfim.fisher(model, x, structure="diag", progress=True)
+    assert steps == [5, 7]
 
 
 def test_a_long_exact_fisher_warns_with_its_estimate_and_names_the_score_estimator(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,7 +107,7 @@ class _ColumnPace:
     """The pace of the exact Fisher's columns in one mini-batch, at the rate of the blocks after the first
     (which pays one-time costs). Where the columns left are projected past :data:`LONG_EXACT_S`, a warning
     gives the estimate and names the cheaper estimator; with ``progress``, past :data:`COLUMN_BAR_S`, a bar
-    counts the columns (the mini-batch bar alone would stand still)."""
+    counts the columns (the bar over the inputs alone would stand still)."""
 
     def __init__(self, width: int, shape: tuple[int, ...], progress: bool) -> None:
         self.width, self.shape, self.progress = width, shape, progress

@@ -94,14 +94,17 @@ def fisher(
             :func:`torchfim.fisher_variance` (closed form, conditional on the inputs). ``exact`` has
             none; ``empirical`` has no label randomness given the targets: both get zeros.
             ``combined``: ``√(w²V1 + (1 − w)²V2 + 2w(1 − w)C12)``, the square root of
-            :func:`torchfim.combined.combined_variance`.
+            :func:`torchfim.combined.combined_variance`. The closed form pulls back every output number of
+            each input, as the exact Fisher does: about ``C`` backward passes per input for ``C`` outputs, tens of
+            times the score estimate itself. Tr(F) with an error bar at the score estimator's cost comes from
+            :func:`torchfim.score_norms.squared_score_norms` with ``n_samples ≥ 2`` (the spread of the labels).
         backend: ``"auto"``/``"modules"`` (per-module rules, with a generic rule for modules
             without one) or ``"functional"`` (the whole model through ``torch.func``, the
             reference). Both give the same result where both run the model; ``"functional"`` refuses what
             ``torch.func`` cannot batch as a whole (``nn.PReLU`` and ``nn.RReLU`` in torch 2.13, packed sequences,
             forwards that read data-dependent lengths), which ``"auto"`` computes one module at a time.
         method: deprecated name of ``backend`` (``"layers"`` means ``"modules"``).
-        progress: show a progress bar over mini-batches.
+        progress: show a progress bar over the inputs (moved as each mini-batch, or group of a large one, is done).
         mask: drops positions (padding): a boolean tensor ``(n, *positions)`` aligned with tensor
             inputs, a function of a mini-batch's inputs returning ``(B, *positions)``, or the key of
             a dict batch (e.g. ``"attention_mask"``). True = observed.

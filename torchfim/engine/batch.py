@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from .._batches import Inputs, iter_batches
 from ..errors import TorchfimError, warn_user
@@ -222,16 +223,25 @@ def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.
             yield batch.with_defaults(defaults)
 
 
-def batch_count(inputs: Inputs) -> int | None:
-    """How many mini-batches :func:`batches` reads from ``inputs`` where that is known before reading them (a
-    progress bar's total): 1 for a tensor or a dict, else ``len(inputs)`` (a list, a ``DataLoader``), or None for
-    an iterable without a length."""
-    if isinstance(inputs, (Tensor, Mapping)):
-        return 1
-    try:
-        return len(inputs)
-    except TypeError:  # a generator, or a DataLoader over an IterableDataset
-        return None
+def input_count(inputs: Inputs) -> int | None:
+    """How many inputs :func:`batches` reads from ``inputs`` where that is known before reading them (a progress
+    bar's total): a tensor's rows, a dict's first tensor's rows, the sum over a list or tuple of mini-batches, a
+    ``DataLoader``'s sampler's length where it batches them all by ``batch_size``; None where not known."""
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0] if inputs.dim() else None
+    if isinstance(inputs, Mapping):
+        rows = [v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim()]
+        return rows[0] if rows else None
+    if isinstance(inputs, (list, tuple)):
+        counts = [b.size if isinstance(b, Batch) else input_count(b[0] if isinstance(b, (list, tuple)) and b else b)
+                  for b in inputs]
+        return None if None in counts else sum(counts)
+    if isinstance(inputs, DataLoader) and inputs.batch_size is not None and not inputs.drop_last:
+        try:
+            return len(inputs.sampler)
+        except TypeError:  # an IterableDataset's sampler has no length
+            return None
+    return None
 
 
 def detached(t: object) -> object:

@@ -61,8 +61,8 @@ def run(
     grams: bool = False,
     total: int | None = None,
 ) -> Iterator[tuple[Recording, Family]]:
-    """Recordings of every mini-batch, each with the family of its flat outputs (checked); ``total``: the number
-    of mini-batches where known, for the progress bar.
+    """Recordings of every mini-batch, each with the family of its flat outputs (checked), under a progress bar
+    that counts inputs as their computation ends (``total``: their number, where known).
 
     With ``split`` (for computations that pull many vectors back and draw nothing at random), a
     large mini-batch is recorded in the groups of rows the backend asks for
@@ -74,21 +74,23 @@ def run(
     """
     checked = 0
     versions = view.versions()
-    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress)):
-        _check_finite_inputs(batch, index)
-        view.check_call(batch)
-        # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.
-        cuttable = split and (not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size))
-        groups = backend.row_groups(batch, whole) if cuttable else [slice(0, batch.size)]
-        for rows, part, rec in _recordings(view, backend, batch, groups, whole and cuttable, grams):
-            cut = rows != slice(0, batch.size)
-            part_mask = mask[rows] if cut and isinstance(mask, torch.Tensor) else mask
-            fam = view.family_for(rec.shape, part, family, part_mask)
-            fam.check_output(rec.output)  # with its graph, where the backend keeps one: it names the last operation
-            view.check_fast_path(part, rec.values, observed_outputs(fam, rec.values))
-            checked = view.check_independent_unmoved(part, rec.values, checked, versions)
-            yield rec, fam
-            view.check_unchanged(versions)
+    with tqdm(desc=desc, unit="input", total=total, disable=not progress) as bar:
+        for index, batch in enumerate(batches):
+            _check_finite_inputs(batch, index)
+            view.check_call(batch)
+            # A mask tensor that does not fit the batch is not cut: the family refuses it below, whole.
+            cuttable = split and (not isinstance(mask, torch.Tensor) or (mask.dim() > 0 and mask.shape[0] == batch.size))
+            groups = backend.row_groups(batch, whole) if cuttable else [slice(0, batch.size)]
+            for rows, part, rec in _recordings(view, backend, batch, groups, whole and cuttable, grams):
+                cut = rows != slice(0, batch.size)
+                part_mask = mask[rows] if cut and isinstance(mask, torch.Tensor) else mask
+                fam = view.family_for(rec.shape, part, family, part_mask)
+                fam.check_output(rec.output)  # with its graph, where the backend keeps one: it names the last operation
+                view.check_fast_path(part, rec.values, observed_outputs(fam, rec.values))
+                checked = view.check_independent_unmoved(part, rec.values, checked, versions)
+                yield rec, fam
+                bar.update(rec.batch.size)  # after the caller's work on it: a large mini-batch's groups move the bar
+                view.check_unchanged(versions)
 
 
 def _recordings(view: ModelView, backend: Backend, batch: Batch, groups: list[slice],

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import TorchfimError
 from ..families import Family
 from .backend import Backend, Recording
-from .batch import Batch, batch_count, batches
+from .batch import Batch, batches, input_count
 from .kept_buffers import private_buffers
 from .loop import make_backend, run
 from .view import Mask, ModelView, engine_session
@@ -49,7 +49,7 @@ class Pass:
         if rows is not None:
             mini_batches = rows(mini_batches)
         for rec, fam in run(view, self.backend, mini_batches, family, mask, progress, desc, split, whole, grams,
-                            total=batch_count(inputs) if progress else None):
+                            total=input_count(inputs) if progress and rows is None else None):
             yield rec, fam
             self.n += rec.batch.size
         if self.n == 0 and rows is None:  # a process's share may be empty where the others' are not
