@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from ..errors import TorchfimError
 
 __all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "check_mask_key", "counted_padding", "ignored_labels", "is_encoder_decoder",
-           "labelled_positions", "next_token_labels", "predicts_next_token"]
+           "check_class_targets", "labelled_positions", "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
@@ -122,12 +123,56 @@ def ignored_labels(targets: object) -> Tensor | None:
 
 def labelled_positions(targets: object, size: int, positions: tuple[int, ...]) -> Tensor | None:
     """``(size, *positions)`` bool, False where the class labels ``targets`` hold ``IGNORE_INDEX``; None where
-    none does, or where ``targets`` are not integer class labels of that shape (the empirical estimator
-    refuses those itself)."""
-    if not isinstance(targets, Tensor) or tuple(targets.shape) != (size, *positions):
+    none does, or where ``targets`` are not integer class labels of a shape that fits (:func:`check_class_targets`
+    refuses those)."""
+    if not _fits(targets, size, positions):
         return None
     ignored = ignored_labels(targets)
-    return None if ignored is None else ~ignored
+    return None if ignored is None else ~ignored.reshape(size, *positions)
+
+
+def _integer(targets: object) -> bool:
+    return isinstance(targets, Tensor) and not (targets.is_floating_point() or targets.is_complex()
+                                                or targets.dtype == torch.bool)
+
+
+def _fits(targets: object, size: int, positions: tuple[int, ...]) -> bool:
+    """Whether ``targets`` are integer labels of one class per observation: ``(size,)`` without positions, any
+    shape ``(size, ...)`` with one entry per position with them (as the families' ``check_targets`` take)."""
+    if not _integer(targets):
+        return False
+    shape = tuple(targets.shape)
+    if not positions:
+        return shape == (size,)
+    return shape[:1] == (size,) and len(shape) >= 2 and math.prod(shape[1:]) == math.prod(positions)
+
+
+def check_class_targets(targets: object, shape: tuple[int, ...], class_dim: int, said: bool) -> None:
+    """Refuse integer class labels ``targets`` that do not fit outputs of ``shape`` (as the model returns them,
+    the classes in ``class_dim``, -1 or 1; ``said``: given by the caller): every estimator reads their -100 (the
+    exact Fisher and the score estimator left them out unread, and with them the padding they mark). Where the
+    class dim was not said and the labels fit the outputs read with classes in dim 1 (``F.cross_entropy``'s
+    ``(N, C, T)``), the error names ``class_dim=1``. Float targets (one-hot or soft labels) are the empirical
+    estimator's to refuse: no other estimator reads them."""
+    first = class_dim == 1 and len(shape) > 2
+    positions, classes = (tuple(shape[2:]), shape[1]) if first else (tuple(shape[1:-1]), shape[-1])
+    size = shape[0]
+    if not _integer(targets) or _fits(targets, size, positions):
+        return
+    got, dims = tuple(targets.shape), f"{len(positions)} position dim(s) {positions} of " if positions else ""
+    read = f"{dims}{classes} classes"
+    if not said and len(shape) >= 3 and _fits(targets, size, tuple(shape[2:])):
+        raise TorchfimError(
+            f"class-label targets of shape {got} do not fit outputs {tuple(shape)} read as {read} (the classes "
+            "last, the default), but fit them with the classes in dim 1, as F.cross_entropy takes (N, C, T) "
+            "logits: pass class_dim=1"
+        )
+    raise TorchfimError(
+        f"class-label targets of shape {got} do not fit outputs {tuple(shape)} read as {read}: pass one class "
+        f"index per {'position' if positions else 'input'}, of shape {(size, *positions)}, or no targets where the "
+        "estimator needs none (the exact Fisher and the score estimator read only their -100, which leaves a "
+        "position out)"
+    )
 
 
 def counted_padding(padding: object, shape: tuple[int, ...], observed: Tensor | None) -> int:

@@ -81,6 +81,8 @@ class ClassDim:
     def __init__(self, class_dim: object) -> None:
         given = check_class_dim(class_dim)
         self.dim = -1 if given is None else given
+        #: Whether ``class_dim`` was given.
+        self.given = given is not None
         self._unsaid = given is None
         #: Whether the family reads classes (the categorical one); None while not known. Only outputs with
         #: classes are warned of: a Gaussian's or matrix Fisher's (batch, H, W, C) have no class dim to misplace.

@@ -35,6 +35,7 @@ from .function_forwards import function_forwards
 from .labels import (
     PADDING_COUNTED,
     ModelLabels,
+    check_class_targets,
     check_mask_key,
     counted_padding,
     is_encoder_decoder,
@@ -300,10 +301,10 @@ class ModelView:
             if (note := problem_type_note(self.user_model, getattr(family, "name", ""))) is not None:
                 warn_user(note)
         self.classes.check(shape, _classes(family))
-        if self.classes.dim == 1 and len(shape) > 2:
-            shape = (shape[0], *shape[2:], shape[1])
-        positions = tuple(shape[1:-1])
+        positions = tuple(shape[2:]) if self.classes.dim == 1 and len(shape) > 2 else tuple(shape[1:-1])
         m = self._mask(batch, mask, positions)
+        if _classes(family):
+            check_class_targets(batch.targets, tuple(shape), self.classes.dim, self.classes.given)
         labelled = labelled_positions(batch.targets, batch.size, positions) if _classes(family) else None
         if labelled is not None:
             labelled = labelled.to(self.device).reshape(batch.size, -1)
