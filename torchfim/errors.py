@@ -49,11 +49,28 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+_KFAC = "Kronecker-factored structures (K-FAC, EK-FAC) are not in torchfim; docs/peers.md says what is"
+#: The peers' names for torchfim's choices (BackPACK, nngeometry, curvlinops, laplace-torch, ASDL), named in the
+#: error where a user passes one.
+PEER_NAMES = {
+    "kron": _KFAC, "kfac": _KFAC, "ekfac": _KFAC, "kflr": _KFAC,
+    "mc": "the Monte Carlo Fisher is estimator='score'", "fisher_mc": "the Monte Carlo Fisher is estimator='score'",
+    "ef": "the empirical Fisher is estimator='empirical'", "emp": "the empirical Fisher is estimator='empirical'",
+    "fisher_emp": "the empirical Fisher is estimator='empirical'",
+    "ggn": "the generalised Gauss-Newton is estimator='exact'", "fisher_exact": "estimator='exact'",
+    "dense": "structure='full'", "diagonal": "structure='diag'",
+    "block_diag": "structure='blocks' (one block per parameter tensor)",
+    "blockdiag": "structure='blocks' (one block per parameter tensor)",
+}
+
+
 def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise a :class:`TorchfimError`."""
+    """Return ``value`` if it is one of ``choices``, else raise a :class:`TorchfimError` (naming torchfim's choice
+    for a peer's name, :data:`PEER_NAMES`)."""
     if not isinstance(value, str) or value not in choices:
         listed = ", ".join(repr(c) for c in choices)
-        raise TorchfimError(f"unknown {kind} {value!r}; choose one of {listed}")
+        peer = PEER_NAMES.get(value.lower()) if isinstance(value, str) else None
+        raise TorchfimError(f"unknown {kind} {value!r}; choose one of {listed}" + (f" ({peer})" if peer else ""))
     return value
 
 

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ._memory import fits_in_memory
-from .errors import TorchfimError
+from .errors import TorchfimError, check_choice
 
 __all__ = ["STRUCTURE_NAMES", "PublicValue", "Layout", "StructureVisitor", "Structure", "Full", "Diag", "Trace", "Blocks",
            "make_structure", "structure_class", "check_fits", "accumulation_dtype", "entrywise"]
@@ -493,7 +493,4 @@ def structure_class(name: object) -> type[Structure] | None:
 
 def make_structure(name: str, layout: Layout) -> Structure:
     """A new, zero structure of kind ``name`` (one of :data:`STRUCTURE_NAMES`) for ``layout``."""
-    if (kind := structure_class(name)) is None:
-        listed = ", ".join(repr(n) for n in STRUCTURE_NAMES)
-        raise TorchfimError(f"unknown structure {name!r}; choose one of {listed}")
-    return kind(layout)
+    return _BY_NAME[check_choice("structure", name, STRUCTURE_NAMES)](layout)
