@@ -49,6 +49,15 @@ def score_variance_bound_spectral(
     network. Equality: one output per input (``C = 1``). A bound of the kind Soen & Sun
     (2021) give for Î1, derived here in their setting: the paper's own statement could not
     be recovered (docs/math.md, Sources).
+
+    Args:
+        model: the model, as in :func:`torchfim.fisher`.
+        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
+        family: output family name or :class:`~torchfim.families.Family`.
+        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
+        n_samples: the labels per input ``k`` of the estimator whose variance is bounded.
+        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
+            :func:`torchfim.fisher`; any other keyword raises ``TypeError``.
     """
     return variance_of(model, inputs, family, "score", structure, n_samples, "spectral", **options)
 
@@ -71,6 +80,15 @@ def score_variance_bound_kurtosis(
 
     Never tighter than :func:`score_variance_bound_spectral` for entries
     (``λ_max(M) ≤ E‖u‖⁴``) but may be for the trace. Equality: ``C = 1``.
+
+    Args:
+        model: the model, as in :func:`torchfim.fisher`.
+        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
+        family: output family name or :class:`~torchfim.families.Family`.
+        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
+        n_samples: the labels per input ``k`` of the estimator whose variance is bounded.
+        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
+            :func:`torchfim.fisher`; any other keyword raises ``TypeError``.
     """
     return variance_of(model, inputs, family, "score", structure, n_samples, "kurtosis", **options)
 
@@ -94,6 +112,15 @@ def hessian_variance_bound_spectral(
     variance it vanishes wherever ``∇²_θ o`` does (inside ReLU layers, the last
     linear layer). A bound of the kind Soen & Sun (2021) give for Î2, derived here in their
     setting: the paper's own statement could not be recovered (docs/math.md, Sources).
+
+    Args:
+        model: the model, as in :func:`torchfim.fisher`.
+        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
+        family: output family name or :class:`~torchfim.families.Family`.
+        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
+        n_samples: the labels per input ``k`` of the estimator whose variance is bounded.
+        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
+            :func:`torchfim.fisher`; any other keyword raises ``TypeError``.
     """
     return variance_of(model, inputs, family, "hessian", structure, n_samples, "spectral", **options)
 
@@ -121,6 +148,16 @@ def variance_bound(
     ``full``, ``blocks``) the kurtosis bound is never the tighter (``λ_max(M) ≤ E‖u‖⁴``, docs/math.md §4.2), so
     the spectral one is taken alone; for ``trace`` both come from one pass over the inputs (it took two, and
     cost more than the exact variance it bounds).
+
+    Args:
+        model: the model, as in :func:`torchfim.fisher`.
+        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
+        family: output family name or :class:`~torchfim.families.Family`.
+        estimator: ``"score"`` (Î1) or ``"hessian"`` (Î2), the estimator whose variance is bounded.
+        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
+        n_samples: the labels per input ``k`` of that estimator.
+        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
+            :func:`torchfim.fisher`; any other keyword is refused, naming the ones taken.
 
     Example:
         >>> import torch, torchfim

@@ -203,7 +203,8 @@ def combined_variance(
     covariance of §8.2 (docs/math.md §8.1; the module docstring handles ``V1 + V2 − 2C12 = 0``). It
     is ``≤ min(V1, V2)`` entry by entry. Conditional on ``inputs``, ``k = n_samples`` labels per
     input, scaling as ``1/(n²k)·Σᵢ``; for ``trace`` the variance of the combined trace estimator.
-    ``backend``, ``mask``, ``output`` and ``class_dim`` as in :func:`torchfim.fisher`.
+    ``family``, ``structure``, ``backend`` (``method`` is its deprecated name), ``progress`` (a progress bar over
+    the inputs), ``mask``, ``output`` and ``class_dim`` as in :func:`torchfim.fisher`.
 
     Example:
         >>> import torch, torchfim

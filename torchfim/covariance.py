@@ -176,8 +176,9 @@ def fisher_covariance(
     ``Cov(Î1, Î2)_pq = −(1/(n²k)) Σᵢ Tᵢ[j_p, j_q, h_pq]`` for ``full``/``diag``/``blocks``, and for
     ``trace`` the covariance of the two trace estimators, ``−(1/(n²k)) Σᵢ Tᵢ[JᵢJᵢᵀ, dᵢ]``. It needs
     the family's third moments (zero for the Gaussian) and the second derivatives of the outputs, as
-    the Î2 variance does; ``diag`` and ``trace`` never build ``P×P`` objects. ``backend``, ``mask``,
-    ``output`` and ``class_dim`` as in :func:`torchfim.fisher`. The variance-minimising combination
+    the Î2 variance does; ``diag`` and ``trace`` never build ``P×P`` objects. ``family``, ``structure``,
+    ``n_samples`` (``k``), ``backend`` (``method`` is its deprecated name), ``progress`` (a progress bar over the
+    inputs), ``mask``, ``output`` and ``class_dim`` as in :func:`torchfim.fisher`. The variance-minimising combination
     of the two estimators is :func:`torchfim.fisher` with ``estimator="combined"``.
 
     Example:

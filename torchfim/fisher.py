@@ -123,8 +123,9 @@ def fisher(
             (default): each input's score summed over its positions, ``(1/n) Σᵢ gᵢgᵢᵀ`` with
             ``gᵢ = Σₜ J_{it}ᵀu_{it}``, which keeps the cross-position terms. ``"position"``: each position's
             own, ``(1/n) Σᵢ Σₜ J_{it}ᵀu_{it}u_{it}ᵀJ_{it}``, the empirical Fisher of tokens as the peers
-            compute it (curvlinops' ``EFLinearOperator``, BackPACK's per-token ``BatchGrad``; divide by the
-            mean number of observed positions for their per-token mean, docs/math.md §5.5). It pulls back
+            compute it: curvlinops' ``EFLinearOperator`` of a summed loss is ``n`` times it. With a mean loss and
+            labels padded with -100 it is not this divided by the mean number of observed positions: curvlinops
+            counts the padded entries in the mean, per mini-batch (docs/peers.md gives the factor). It pulls back
             one vector per input for every position some input of the mini-batch observes (an input's masked or
             -100 positions are zero vectors): about the exact Fisher's cost over ``C − 1``, several times
             ``"input"``'s. The same where the outputs have no positions.

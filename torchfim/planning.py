@@ -43,8 +43,8 @@ def samples_needed(
     non-zero for ``structure="diag"`` (the worst entry; an entry with Fisher 0 whose estimate still varies
     has no relative error to reach, and a warning names how many there are). At least 1.
     ``estimator="combined"`` takes ``V₁`` from :func:`torchfim.combined.combined_variance` (its weights
-    do not depend on ``k``, so its variance too is ``V₁/k``; one process). ``backend``, ``mask``, ``output``,
-    ``class_dim``, ``across_processes`` (every process gets the ``k`` of all the inputs) and ``progress`` (bars
+    do not depend on ``k``, so its variance too is ``V₁/k``; one process). ``family`` (output family name or
+    :class:`~torchfim.families.Family`), ``backend``, ``mask``, ``output``, ``class_dim``, ``across_processes`` (every process gets the ``k`` of all the inputs) and ``progress`` (bars
     over the variance's and the Fisher's mini-batches and sweeps) as in :func:`torchfim.fisher`.
 
     Example:
@@ -161,8 +161,10 @@ def compare_estimators(
     """For every parameter tensor, which of Î1 and Î2 estimates its diagonal Fisher with less variance.
 
     Compares ``Σ_p Var(Î)_pp`` over the parameter's entries (the expected squared
-    error of its diagonal) from :func:`fisher_variance`. ``backend``, ``mask``, ``output``,
-    ``class_dim``, ``across_processes`` (every process gets the comparison over all the inputs) and ``progress``
+    error of its diagonal) from :func:`fisher_variance`. ``n_samples`` is the labels per input ``k`` of both
+    estimators: the rows give their variances for that ``k``, and since both scale as ``1/k`` the choice does not
+    depend on it. ``family`` (output family name or :class:`~torchfim.families.Family`), ``backend``, ``mask``,
+    ``output``, ``class_dim``, ``across_processes`` (every process gets the comparison over all the inputs) and ``progress``
     (bars over the passes, the Hessian estimator's sweep among them) as in :func:`torchfim.fisher`.
 
     Example:

@@ -308,15 +308,29 @@ def fisher_variance(
     docstring states: for ``full``/``diag``/``blocks`` the variance of each entry of the estimator
     that :func:`torchfim.fisher` returns with the same arguments; for ``trace`` the variance of the
     trace estimator (not the sum of the diagonal entries' variances). Scales as ``1/(n²k)·Σᵢ``,
-    i.e. ``1/(nk)`` for a data set of similar inputs. ``backend``, ``mask``, ``output``,
-    ``class_dim`` and ``across_processes`` (the variance of the estimator over every process's inputs, each
-    process computing on its rows: ``Σ_r (n_r/N)² V_r``) as in :func:`torchfim.fisher`. Returned in the model's
+    i.e. ``1/(nk)`` for a data set of similar inputs. Returned in the model's
     dtype, or float32 for a float16/bfloat16 model (variances are products of two numbers of the Fisher's scale:
     1e-13 is 0 in float16), as are the bounds, :func:`torchfim.fisher_covariance` and the combined variance.
 
     ``diag`` and ``trace`` never build ``P×P`` objects: Î2's needs the diagonal of every output
     Hessian ``∇²_θ o_a(xᵢ)``, computed exactly by forward-over-forward differentiation, one
     parameter direction at a time (one unit direction at a time inside dense layers).
+
+    Args:
+        model: the model, as in :func:`torchfim.fisher`.
+        inputs: the inputs the variance is conditional on, as in :func:`torchfim.fisher`.
+        family: output family name or :class:`~torchfim.families.Family`.
+        estimator: ``"score"`` (Î1) or ``"hessian"`` (Î2).
+        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``.
+        n_samples: the labels per input ``k`` of the estimator whose variance is returned.
+        backend: ``"auto"``/``"modules"`` or ``"functional"``, as in :func:`torchfim.fisher`.
+        method: deprecated name of ``backend``.
+        progress: show a progress bar over the inputs.
+        mask: drops positions, as in :func:`torchfim.fisher`.
+        output: maps the model's raw output to the output tensor, as in :func:`torchfim.fisher`.
+        class_dim: the class dimension of the outputs, as in :func:`torchfim.fisher`.
+        across_processes: the variance of the estimator over every process's inputs, each process computing on
+            its rows (:func:`torchfim.fisher`): ``Σ_r (n_r/N)² V_r``.
 
     Example:
         >>> import torch, torchfim

@@ -25,6 +25,10 @@ class Gaussian(Family):
     ``u = (y − o)/σ²``; ``Λ = λI`` with ``λ = 1/σ²``; fourth moments by Isserlis' theorem
     (``E[u_a u_b u_c u_d] = λ²(δ_ab δ_cd + δ_ac δ_bd + δ_ad δ_bc)``); odd moments vanish.
     Labels (sampled or checked) are in the output's dtype, float32 for half-precision outputs.
+
+    Args:
+        sigma: the fixed noise standard deviation ``σ`` (positive, finite; default 1, which is what
+            ``family="gaussian"`` means). The Fisher scales as ``1/σ²``.
     """
 
     name = "gaussian"

@@ -56,6 +56,11 @@ def fkp_fisher(signal_to_noise: Tensor | float) -> Tensor:
 def multi_tracer_fisher(densities: Tensor, biases: Tensor, power: float) -> Tensor:
     """The closed-form Fisher matrix of one cell for ``θ = (ln b_1, …, ln b_T, ln P)`` (module docstring).
 
+    Args:
+        densities: ``(T,)`` mean counts per cell ``n̄_α`` of the tracers, positive.
+        biases: ``(T,)`` their biases ``b_α``, positive.
+        power: the variance ``P`` of the field in one cell, positive.
+
     Example:
         >>> import torch
         >>> from torchfim.forecast import multi_tracer_fisher
@@ -101,7 +106,11 @@ class CountsInCells:
         return theta[-1].exp() * torch.outer(weighted, weighted) + torch.diag(self.densities.to(theta.dtype))
 
     def forecast(self, *, derivatives: str = "autograd", step: object = None) -> Forecast:
-        """The Fisher forecast of one cell by :func:`torchfim.forecast.forecast` (no closed form used)."""
+        """The Fisher forecast of one cell by :func:`torchfim.forecast.forecast` (no closed form used).
+
+        ``derivatives`` (``"autograd"``, ``"stencil3"`` or ``"stencil5"``) and ``step`` (the stencils' step, one
+        number or one per parameter) are passed on to :func:`torchfim.forecast.forecast`.
+        """
         zero_mean = torch.zeros(self.densities.numel(), dtype=torch.float64)
         return forecast(zero_mean, self.covariance, self.theta0, derivatives=derivatives, step=step, names=self.names)
 

@@ -49,7 +49,9 @@ def ellipse_points(
     """``n_points`` points on the boundary ``(x − c)ᵀ S⁻¹ (x − c) = Δχ²(level)``, shape ``(n_points, 2)``.
 
     ``cov2`` is the 2×2 marginal covariance ``S``; the boundary is ``c + √Δχ² · L (cos t, sin t)``
-    with ``S = L Lᵀ`` (Cholesky), ``t`` uniform on ``[0, 2π]`` (first and last points coincide).
+    with ``S = L Lᵀ`` (Cholesky), ``t`` uniform on ``[0, 2π]`` (first and last points coincide). ``center``
+    is the ellipse's centre ``c``, two numbers (the two parameters' fiducial values); ``level`` the confidence
+    level that fixes ``Δχ²`` for two parameters (:func:`delta_chi2`).
 
     Example:
         >>> import torch

@@ -118,7 +118,13 @@ class Forecast:
         tolerance: float = 0.01,
         generator: torch.Generator | None = None,
     ) -> InversionDiagnostics:
-        """Condition numbers, eigenvalues and perturbation stability; see :func:`inversion_diagnostics`."""
+        """Condition numbers, eigenvalues and perturbation stability; see :func:`inversion_diagnostics`.
+
+        ``eps`` (relative size of the perturbations of ``F``), ``n_trials`` (how many perturbed matrices),
+        ``tolerance`` (the relative change of a marginal error beyond which the matrix is flagged unstable)
+        and ``generator`` (for the perturbations; None: seeded with 0) are those of
+        :func:`inversion_diagnostics`, applied to this forecast's Fisher matrix at its precision.
+        """
         return inversion_diagnostics(
             self.fisher, eps=eps, n_trials=n_trials, tolerance=tolerance, generator=generator, precision=self.precision
         )

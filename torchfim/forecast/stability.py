@@ -248,7 +248,7 @@ def inversion_diagnostics(
 ) -> InversionDiagnostics:
     """Condition numbers, eigenvalues, and the sensitivity of the marginal errors to perturbations of ``F``.
 
-    Each of ``n_trials`` perturbed matrices is ``F'_ab = F_ab (1 + eps·g_ab)`` with ``g`` symmetric,
+    ``fisher`` is the square, symmetric Fisher matrix ``F`` to examine. Each of ``n_trials`` perturbed matrices is ``F'_ab = F_ab (1 + eps·g_ab)`` with ``g`` symmetric,
     its entries on and above the diagonal independent standard normals (drawn from ``generator``;
     ``None`` uses a fresh generator seeded with 0, so the result is reproducible). The result is
     flagged ``unstable`` when the marginal errors ``σ_a = √(F⁻¹)_aa`` move by more than

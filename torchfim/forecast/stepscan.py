@@ -119,7 +119,11 @@ class ParameterScan:
 
 @dataclass(frozen=True, eq=False)
 class StepScan:
-    """The step scans of every parameter for one stencil; ``steps`` feeds :func:`forecast`'s ``step``."""
+    """The step scans of every parameter for one stencil; ``steps`` feeds :func:`forecast`'s ``step``.
+
+    ``stencil`` names the finite-difference rule scanned (``"stencil3"`` or ``"stencil5"``), and
+    ``parameters`` holds one :class:`ParameterScan` per parameter, in the order of θ.
+    """
 
     stencil: str
     parameters: tuple[ParameterScan, ...]

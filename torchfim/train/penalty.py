@@ -304,7 +304,10 @@ class FisherPenalty(PenaltyTerms):
         statistics are those of the whole batch. ``model`` is the module to run instead of the
         penalty's own: a wrapper holding the same trainable parameters, such as the
         ``DistributedDataParallel`` module (a ``Trainer``'s ``compute_loss`` receives it), whose
-        forwards alone make the processes average their gradients (:mod:`.penalised_arguments`).
+        forwards alone make the processes average their gradients (:mod:`.penalised_arguments`). ``mask``
+        is that of ``pen(inputs, step=step, mask=mask)``: a ``(B, *pos)`` tensor, or the key of one in a dict
+        mini-batch (``"attention_mask"``), True at the observed positions; it leaves padding out of the penalty
+        only, and ``task_loss`` handles its own.
 
         * Steps that compute the penalty, ``grad_method="finite_difference"``,
           ``kind="batch_gradient"``: pass 1 at θ (forward, labels ŷ, ``g = ∇L(θ)`` by one backward
