@@ -14,6 +14,7 @@ Oracles: float64 Jacobians of the logits (``clients.jacobians``) with the positi
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import clients  # first: hides a torchvision build that cannot load
 import pytest
@@ -195,3 +196,34 @@ def test_the_penalty_warns_of_padding_it_counts_as_fisher_does(grad_method: str)
         for inputs, mask in ((unlabelled, "attention_mask"), (batch, None)):
             fresh = FisherPenalty(model, alpha=0.1, grad_method=grad_method, generator=torch.Generator().manual_seed(1))
             fresh.penalised_loss(inputs, lambda out: out.logits.sum(), step=0, mask=mask)
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel", "compiled"])
+def test_a_wrapped_causal_lm_reads_its_labels_as_the_bare_one(wrapper: str) -> None:
+    """The wrapper has no ``loss_function``: a causal LM in DistributedDataParallel (as the README builds the
+    penalty) had its labels read unshifted, the last token of each input counted (a processes trial: exact Tr(F)
+    178.1 against the brute force's 132.4). Exact, empirical, the monitor and the penalty equal the bare model's,
+    and the exact diagonal the float64 oracle over the scored positions."""
+    from processes import one_process_group
+
+    model, batch = tiny_gpt2(), _prompted([5, 4, 3], prompt=1, seed=10)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    jac, logits = clients.jacobians(model, kwargs=inputs, output="logits")
+    want = clients.categorical_diag(jac, logits, VOCAB, _scored(batch))
+
+    def measured(m: torch.nn.Module) -> list[torch.Tensor]:
+        monitor = FisherTraceMonitor(m, batch, every=1, generator=torch.Generator().manual_seed(4))
+        penalty = FisherPenalty(m, alpha=0.5, generator=torch.Generator().manual_seed(5))
+        return [torchfim.fisher(m, batch, structure="diag"),
+                torchfim.fisher(m, batch, estimator="empirical", structure="trace"),
+                torch.tensor(monitor.step(0).trace, dtype=torch.float64), penalty(batch, step=0).detach()]
+
+    bare = measured(model)
+    assert clients.rel_err(bare[0], want) < 1e-10
+    with warnings.catch_warnings(), one_process_group() if wrapper == "DistributedDataParallel" else nullcontext():
+        warnings.simplefilter("ignore")  # torch.compile's and DDP's own notes
+        wrapped = {"DataParallel": lambda: torch.nn.DataParallel(model),
+                   "DistributedDataParallel": lambda: torch.nn.parallel.DistributedDataParallel(model),
+                   "compiled": lambda: torch.compile(model)}[wrapper]()
+        for got, expected in zip(measured(wrapped), bare):
+            assert torch.allclose(got, expected, rtol=1e-10, atol=1e-14)

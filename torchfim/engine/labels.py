@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import TorchfimError
 
-__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "check_mask_key", "counted_padding", "ignored_labels", "is_encoder_decoder",
+__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "bare_model", "check_mask_key", "counted_padding", "ignored_labels", "is_encoder_decoder",
            "check_class_targets", "labelled_positions", "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
@@ -44,6 +44,20 @@ ENCODER_MASK = (
 )
 
 
+def bare_model(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers that hold one and add nothing to its outputs (``DistributedDataParallel``'s and
+    ``DataParallel``'s ``module``, ``torch.compile``'s ``_orig_mod``): where a Hugging Face model's ``config`` and
+    ``loss_function`` are (on the wrapper, a causal language model's labels were read unshifted)."""
+    for _ in range(8):  # wrappers of wrappers; a cycle of modules is not a model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
 def check_mask_key(model: nn.Module, mask: object) -> None:
     """Refuse ``mask="attention_mask"`` on an encoder-decoder (:data:`ENCODER_MASK`): its source's padding, not its
     outputs'."""
@@ -54,7 +68,7 @@ def check_mask_key(model: nn.Module, mask: object) -> None:
 def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face encoder-decoder (``config.is_encoder_decoder``): its outputs' positions
     are the decoder's, and a batch's ``attention_mask`` is the encoder's."""
-    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+    return getattr(getattr(bare_model(model), "config", None), "is_encoder_decoder", False) is True
 
 
 #: The family of a Hugging Face classifier's own loss, by its ``config.problem_type``.
@@ -65,7 +79,7 @@ PROBLEM_FAMILIES = {"single_label_classification": "categorical", "multi_label_c
 def problem_type_note(model: nn.Module, family: str) -> str | None:
     """Where ``model`` is a Hugging Face classifier whose ``config.problem_type`` names a loss of another family than
     ``family``: what to say (its loss, the family that matches it); else None."""
-    kind = getattr(getattr(model, "config", None), "problem_type", None)
+    kind = getattr(getattr(bare_model(model), "config", None), "problem_type", None)
     matching = PROBLEM_FAMILIES.get(kind) if isinstance(kind, str) else None
     if matching is None or matching == family:
         return None
@@ -84,7 +98,7 @@ def predicts_next_token(model: nn.Module) -> bool:
     if is_encoder_decoder(model):
         return False
     try:
-        loss = getattr(model, "loss_function", None)
+        loss = getattr(bare_model(model), "loss_function", None)
     except Exception:  # noqa: BLE001 - a property of the user's model that fails: not such a model
         return False
     return getattr(loss, "__name__", "") == "ForCausalLMLoss"
@@ -95,7 +109,7 @@ def decoder_inputs_from_labels(model: nn.Module) -> Callable[[Tensor], Tensor] |
     ``prepare_decoder_input_ids_from_labels``), or None for a model without one."""
     if not is_encoder_decoder(model):
         return None
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    prepare = getattr(bare_model(model), "prepare_decoder_input_ids_from_labels", None)
     if not callable(prepare):
         return None
     return lambda labels: prepare(labels=labels)
