@@ -7,8 +7,8 @@ computing on all the inputs (float64, to rounding); for the random estimators, t
 (the same labels), done by hand. Both processes return the same result, also where one process's share is empty.
 Refused: processes holding other inputs (other rows, other targets, a row's entries in another order), label
 generators in the same state, ``combined``, a mask given as one tensor, other weights (one moved by 1e-3,
-trainable or frozen), calls that differ (return_stderr on one process alone, other estimators, families, structures
-or variance modes, other parameters trained), a model that is no module (before, an ``AttributeError``), and no process group; a process
+trainable or frozen) or other BatchNorm statistics, calls that differ (return_stderr on one process alone, other
+estimators, families, structures, variance modes or output functions, other parameters trained), a model that is no module (before, an ``AttributeError``), and no process group; a process
 that fails alone (a NaN in one of its rows, weights on the meta device) makes the other stop with its name
 instead of waiting for a collective.
 """
@@ -120,6 +120,13 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
                                                  across_processes=True),
         "frozen swapped": lambda: torchfim.fisher(_frozen(rank, [2] if rank else [0]), X, structure="trace",
                                                   across_processes=True),
+        # A trial's silent blends: BatchNorm statistics of each process's own (DDP with broadcast_buffers=False),
+        # and output functions that compute differently (both lambdas).
+        "other buffers": lambda: torchfim.fisher(_normalised(rank), X, structure="trace", across_processes=True),
+        "other output functions": lambda: torchfim.fisher(model, X, structure="trace", across_processes=True,
+                                                          output=(lambda o: o, lambda o: 2 * o)[rank]),
+        "other variance outputs": lambda: torchfim.variance_bound(model, X, structure="diag", across_processes=True,
+                                                                  output=(lambda o: o, lambda o: 2 * o)[rank]),
         # Differences that change nothing are taken: an old structure name, labels per input where none are drawn.
         "layers and blocks": lambda: torchfim.fisher(model, X, structure=("layers", "blocks")[rank],
                                                      across_processes=True),
@@ -133,6 +140,15 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
         except TorchfimError as err:
             said[name] = str(err)
     return said
+
+
+def _normalised(rank: int) -> nn.Module:
+    """A model with BatchNorm in eval mode whose running mean differs on process 1 alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean += 0.1 * rank
+    return model
 
 
 def _frozen(rank: int, layers: list[int]) -> nn.Module:
@@ -250,5 +266,8 @@ def test_refusals_name_the_fix(ranks) -> None:
                      "frozen on one", "frozen swapped"):
             assert "needs the same call on every process" in said[case], case
         assert said["layers and blocks"] == said["exact n_samples"] == "taken"
+        assert "the processes' weights differ" in said["other buffers"]
+        assert "fisher(across_processes=True) needs the same call on every process" in said["other output functions"]
+        assert "variance_bound(across_processes=True) needs the same call" in said["other variance outputs"]
     with pytest.raises(TorchfimError, match="no process group is initialised"):
         torchfim.fisher(_model(), X, structure="trace", across_processes=True)

@@ -83,6 +83,17 @@ def test_estimators_and_options_the_variance_functions_do_not_take_are_named() -
         torchfim.variance_bound(model, x, n_sample=3)
 
 
+@pytest.mark.parametrize("structure", ["trace", "diag"])
+def test_across_processes_false_is_the_single_process_call(structure: str) -> None:
+    """Code passing the flag as a variable (``across_processes=distributed``) met a TypeError from the one-pass
+    trace bounds on its single-process path (a processes trial)."""
+    model, x = tanh_mlp(3), mlp_inputs(6)
+    for estimator in ("score", "hessian"):
+        plain = torchfim.variance_bound(model, x, estimator=estimator, structure=structure)
+        assert torch.equal(torchfim.variance_bound(model, x, estimator=estimator, structure=structure,
+                                                   across_processes=False), plain)
+
+
 def test_overflowed_covariance_and_combined_variance_are_refused_and_float64_is_not_told_to_use_float64() -> None:
     """Pre-activations of 1 from inputs of 1e160 and weights of 1e-160: Jacobians of 1e160, their squares overflow
     float64. Before: fisher_covariance and combined_variance returned NaN entries without a word; the refusal told a

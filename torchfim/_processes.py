@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import types
 from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
@@ -134,6 +135,24 @@ def feed_digest(digest: hashlib._Hash, value: object) -> None:
         digest.update(repr(value).encode())
 
 
+def function_settings(f: object) -> object:
+    """A function's part of the settings that processes must share (an ``output`` or a ``mask``): None or a string
+    as it is; else its qualified name and, for a Python function, its code (bytecode, constants, names), so that
+    two lambdas that compute differently differ (a trial's ``lambda o: o`` and ``lambda o: 2 * o`` on two processes
+    were blended). The values a closure holds are not read."""
+    if f is None or isinstance(f, str):
+        return f
+    code = getattr(f, "__code__", None)
+    name = getattr(f, "__qualname__", type(f).__qualname__)
+    return name if not isinstance(code, types.CodeType) else (name, _code_settings(code))
+
+
+def _code_settings(code: types.CodeType) -> tuple:
+    """Bytecode, constants (nested functions' code alike, not by their address) and names of ``code``."""
+    consts = tuple(_code_settings(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
+    return code.co_code.hex(), consts, code.co_names
+
+
 def settings_number(value: object) -> float:
     """:func:`digest_number` of ``value`` fed to a fresh digest (:func:`feed_digest`): processes called alike
     gather the same number."""
@@ -156,15 +175,17 @@ _PLACES = 65521
 
 def weights_fingerprint(model: torch.nn.Module) -> float:
     """A number that tells the weights of two processes' models apart, frozen ones included (a base model loaded
-    otherwise under the same adapter): ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)`` over the parameter
-    tensors in order, with ``wᵢ = ((i mod m) + 1)/m`` by the entry's place in its tensor, ``m = min(n_k, 65521)``
+    otherwise under the same adapter), and their floating-point buffers (BatchNorm's running statistics, which
+    ``DistributedDataParallel(broadcast_buffers=False)`` leaves to each process: a trial's blend of two was the
+    Fisher of neither): ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)`` over those tensors in order, with ``wᵢ = ((i mod m) + 1)/m`` by the entry's place in its tensor, ``m = min(n_k, 65521)``
     (a ramp, repeating only every 65521 entries, a prime: a transposed square weight or rows in another order move
     it; each term is at least ``¼‖θ_k‖``, so no cancellation), in float64 on their devices, in pieces of at most 2²²
     numbers (no float64 copy of a whole embedding); NaN where it cannot be taken (a lazy or meta parameter, a model
     that is no module: the computation says why) or is not finite, which no check reads. It tells apart models from
     other seeds or trained apart; one weight moved a little in a large model may go unseen."""
     try:
-        terms = [(k + 1) * _norm_and_sums(p.detach()) for k, p in enumerate(model.parameters())]
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        terms = [(k + 1) * _norm_and_sums(p.detach()) for k, p in enumerate([*model.parameters(), *buffers])]
         if not terms:
             return 0.0
         total = float(torch.stack([t.to(terms[0].device) for t in terms]).sum())  # one wait for the device

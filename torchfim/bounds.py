@@ -175,7 +175,8 @@ def variance_bound(
         return score_variance_bound_spectral(model, inputs, family, structure, n_samples, **options)
     if estimator == "score" and not options.get("across_processes"):  # both trace bounds from one pass
         k = check_n_samples(n_samples)
-        return score_trace_variances(model, inputs, family, bounds=True, **options).bound / k
+        single = {name: value for name, value in options.items() if name != "across_processes"}  # False, or None
+        return score_trace_variances(model, inputs, family, bounds=True, **single).bound / k
     inputs = reusable(inputs)  # iterated once per bound
     results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
     best = results[0]

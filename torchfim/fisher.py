@@ -160,9 +160,9 @@ def fisher(
         )
     _warn_unused(estimator, targets, k)
     draws = estimator in ("score", "hessian")
-    share = _row_share(across_processes, estimator, mask,
+    share = _row_share(across_processes, estimator, mask, output,
                        ("fisher", estimator, structure_kind(structure), family_settings(fam), k if draws else None,
-                        bool(return_stderr), class_dim, mask if isinstance(mask, str) else None, per_position))
+                        bool(return_stderr), class_dim, per_position))
     if estimator == "combined":
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
                                   backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
@@ -216,9 +216,9 @@ def _per_position(empirical_per: object, estimator: str) -> bool:
     return empirical_per == "position"
 
 
-def _row_share(across_processes: object, estimator: str, mask: Mask, call: tuple) -> RowShare | None:
+def _row_share(across_processes: object, estimator: str, mask: Mask, output: object, call: tuple) -> RowShare | None:
     """This process's share of the rows for ``across_processes=True`` (:mod:`.process_rows`), else None."""
-    share = row_share(across_processes, mask, call)
+    share = row_share(across_processes, mask, call, output)
     if share is not None and estimator == "combined":
         raise TorchfimError("across_processes=True is not available for estimator='combined'; use 'score' or "
                             "'hessian' (each with its standard error), or compute it in one process")

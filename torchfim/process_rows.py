@@ -38,6 +38,7 @@ from ._processes import (
     collective_device,
     digest_number,
     feed_digest,
+    function_settings,
     gather_numbers,
     generator_fingerprint,
     keep_until_next,
@@ -59,8 +60,9 @@ Computed = TypeVar("Computed")
 class RowShare:
     """Process ``rank`` of ``world``: its rows of each mini-batch, and the combination of the processes' results."""
 
-    def __init__(self, rank: int, world: int, call: tuple) -> None:
+    def __init__(self, rank: int, world: int, call: tuple, what: str = "fisher") -> None:
         self.rank, self.world = rank, world
+        self.what = f"{what}(across_processes=True)"  # the public call, in the messages
         self._digest = hashlib.sha1()
         self._labels: float | None = None  # the label generator's fingerprint before any draw; None: no labels
         self._call = hashlib.sha1()  # the settings the processes must share (row_share)
@@ -91,25 +93,25 @@ class RowShare:
         labels = -1.0 if self._labels is None else self._labels
         numbers = [attempt.failed, digest_number(self._digest), labels, weights, digest_number(self._call)]
         every = gather_numbers(numbers, model)
-        computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, "fisher(across_processes=True)")
+        computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what)
         if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
             raise TorchfimError(
-                "across_processes=True needs the same call on every process (the same function, estimator, family, "
-                "structure, n_samples, return_stderr, mode and class_dim, and the same parameters trained), but the "
-                "processes called it differently; call it the same way on each (a setting such as "
-                "return_stderr=(rank == 0), or a layer frozen on one process alone, differs between them)"
+                f"{self.what} needs the same call on every process (the same estimator, family, structure, n_samples, "
+                "return_stderr, class_dim, output and mask, and the same parameters trained), but the processes "
+                "called it differently; call it the same way on each (a setting such as return_stderr=(rank == 0), "
+                "an output function chosen by rank, or a layer frozen on one process alone, differs between them)"
             )
         if len({e[1] for e in every}) > 1:
             raise TorchfimError(
-                "fisher(across_processes=True) needs the same inputs in the same order on every process (each computes "
+                f"{self.what} needs the same inputs in the same order on every process (each computes "
                 "on its share of every mini-batch), but they differ; pass every process the whole data set in one "
                 "order (not a DistributedSampler's shard, nor a loader shuffled by each process's own seed), or "
                 "across_processes=False for each process's Fisher of its own inputs"
             )
-        check_same_weights([e[3] for e in every], "fisher(across_processes=True)")
+        check_same_weights([e[3] for e in every], self.what)
         if self._labels is not None and len({e[2] for e in every}) < self.world:
             raise TorchfimError(
-                "fisher(across_processes=True): two processes' label generators are in the same state, so their "
+                f"{self.what}: two processes' label generators are in the same state, so their "
                 "labels would share random numbers and the standard error would be too small; seed each process's "
                 "generator differently (e.g. manual_seed(seed + rank)), or pass none"
             )
@@ -153,16 +155,18 @@ def _shapes(result: object) -> object:
     return None if result is None else type(result).__name__
 
 
-def row_share(across_processes: object, mask: object, call: tuple) -> RowShare | None:
+def row_share(across_processes: object, mask: object, call: tuple, output: object = None,
+              what: str = "fisher") -> RowShare | None:
     """This process's share of the rows for ``across_processes=True``, else None; refused without a process group
     or with a mask given as one tensor for the whole data set (each process computes on some of its rows).
     ``call``: the settings every process must call with alike (numbers, strings, tensors, and containers of them;
     a family as :func:`torchfim._processes.family_settings` gives it), checked in :meth:`RowShare.together` before any sum, with the
-    parameters trained and the result's shapes."""
+    parameters trained and the result's shapes, as are the ``mask`` and ``output`` functions
+    (:func:`torchfim._processes.function_settings`); ``what``: the public function, for the messages."""
     place = process_place(across_processes)
     if place is None:
         return None
     if isinstance(mask, Tensor):
         raise TorchfimError("across_processes=True takes the mask as a function of a mini-batch or the key of a dict "
                             "batch (each process computes on some of its rows), not one tensor for the whole data set")
-    return RowShare(*place, call)
+    return RowShare(*place, (*call, function_settings(mask), function_settings(output)), what)

@@ -243,7 +243,8 @@ def variance_of(
     (:mod:`torchfim.process_rows`: ``Σ_r (n_r/N)² V_r``; a bound's per-input terms combine alike)."""
     fam = get_family(family)
     share = row_share(across_processes, mask, ("variance", estimator, structure_kind(structure), family_settings(fam),
-                                               n_samples, mode, class_dim, mask if isinstance(mask, str) else None))
+                                               n_samples, mode, class_dim), output,
+                      "fisher_variance" if mode == "exact" else "variance_bound")
     check_variance_estimator(estimator, "fisher_variance")
     check_choice("structure", structure, STRUCTURE_NAMES)
     k = check_n_samples(n_samples)

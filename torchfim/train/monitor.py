@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs
-from .._processes import family_settings, model_device
+from .._processes import family_settings, function_settings, model_device
 from ..engine.labels import ModelLabels
 from ..engine.output_reading import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples, warn_user
@@ -346,12 +346,10 @@ class FisherTraceMonitor:
                 "processes": None if self._share is None else [self._share.rank, self._share.world]}
 
     def _shared_settings(self) -> tuple:
-        """What every process's monitor must have alike under ``across_processes`` (functions by their names)."""
-        def named(f: object) -> object:
-            return f if f is None or isinstance(f, str) else getattr(f, "__qualname__", type(f).__qualname__)
-
+        """What every process's monitor must have alike under ``across_processes`` (functions by their names and
+        code)."""
         return (family_settings(self.family), self.every, self.n_samples, self.subset, self.control_variate,
-                self.class_dim, named(self.mask), named(self.output))
+                self.class_dim, function_settings(self.mask), function_settings(self.output))
 
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
         subset = check_window_options(subset, control_variate)
