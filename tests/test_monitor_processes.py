@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def _rank(rank: int, root: str) -> None:
     torch.save({"records": [(r.step, r.trace, r.stderr) for r in monitor.history],
                 "paths": (str(monitor.csv_path), str(monitor.tensorboard_dir)),
                 "shared": _shared_measurements(model, root), "refusals": _refusals(model),
-                "unlike": _unlike_monitors(model.module)}, f"{root}/records.{rank}")
+                "unlike": _unlike_monitors(model.module), "small": _small_held(model.module)}, f"{root}/records.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -108,6 +109,24 @@ def _refusals(model: nn.Module) -> list[str]:
         monitor.measure(0)
     except TorchfimError as err:
         said.append(str(err))
+    return said
+
+
+def _small_held(module: nn.Module) -> dict[str, str]:
+    """What each process says of held sets too small to share: one input (process 1 gets none), and three (process
+    1 gets one, a NaN standard error on every record). A processes trial: process 1 alone refused the first, and
+    process 0 waited for it at its first measurement; it alone warned of the second, advising a subset."""
+    said = {}
+    try:
+        FisherTraceMonitor(copy.deepcopy(module), HELD[:1], across_processes=True)
+        said["one"] = "built"
+    except TorchfimError as err:
+        said["one"] = str(err)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = FisherTraceMonitor(copy.deepcopy(module), HELD[:3], across_processes=True).measure(0)
+    said["three"] = " ".join(str(w.message) for w in caught if "standard error" in str(w.message))
+    said["three stderr"] = record.stderr
     return said
 
 
@@ -234,3 +253,12 @@ def test_sharing_needs_a_process_group_and_a_bool() -> None:
         FisherTraceMonitor(model, HELD, across_processes=True)
     with pytest.raises(TorchfimError, match="across_processes must be True or False"):
         FisherTraceMonitor(model, HELD, across_processes="yes")
+
+
+def test_held_sets_too_small_to_share_are_named_on_every_process(ran: Path) -> None:
+    for rank in range(WORLD):
+        small = torch.load(ran / f"records.{rank}")["small"]
+        assert "leave process 1 of 2 none to measure; hold at least 2 inputs in a mini-batch" in small["one"]
+        assert "measures 1 input per process per measurement" in small["three"], rank
+        assert "hold at least 4 inputs in a mini-batch" in small["three"] and "subset" not in small["three"]
+        assert math.isnan(small["three stderr"])

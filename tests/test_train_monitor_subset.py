@@ -136,7 +136,8 @@ def test_one_input_per_measurement_is_named_at_construction(held: int, subset: i
     """A single input has no spread to estimate: the standard error is NaN, which the monitor says when built
     (with the fix) rather than only in its records."""
     model, x = tanh_mlp(3, seed=68), mlp_inputs(held, seed=69)
-    with pytest.warns(RuntimeWarning, match=r"measures 1 input per measurement.*NaN.*subset ≥ 2"):
+    fix = "pass subset ≥ 2" if subset else "hold at least 2 inputs$"  # a subset cannot help one held input
+    with pytest.warns(RuntimeWarning, match=rf"measures 1 input per measurement.*NaN.*{fix}"):
         mon = FisherTraceMonitor(model, x, subset=subset, n_samples=3)
     record = mon.measure(0)
     assert record.n_inputs == 1 and math.isnan(record.stderr) and math.isfinite(record.trace)

@@ -354,14 +354,18 @@ class FisherTraceMonitor:
     def _check_options(self, subset: object, control_variate: object) -> tuple[int | None, bool]:
         subset = check_window_options(subset, control_variate)
         n, m = self._local_sizes(subset)
+        # Under across_processes, the process that measures the fewest decides, on every process alike.
+        n = n if self._share is None else self._share.smallest
         size = n if m is None else min(m, n)
         where = " per process" if self._share is not None else ""
         check_window(size, control_variate, where)
         if size < 2:
             world = 1 if self._share is None else self._share.world
+            fix = (f"pass subset ≥ {2 * world}" if m is not None and m < 2 else
+                   f"hold at least {2 * world} inputs" + (" in a mini-batch" if world > 1 else ""))
             warn_user(f"torchfim: FisherTraceMonitor measures {size} input{where} per measurement, so its standard "
                       "error (the spread of the per-input values, which it needs two inputs to see) will be NaN; "
-                      f"pass subset ≥ {2 * world} (or hold more inputs)")
+                      f"{fix}")
         return subset, control_variate
 
     def _local_sizes(self, subset: int | None) -> tuple[int, int | None]:

@@ -56,13 +56,15 @@ SETTINGS_DIFFER = (
 
 @dataclass(frozen=True)
 class ProcessShare:
-    """Process ``rank`` of ``world``, holding ``share`` of ``total`` inputs whose checksum is ``checksum``."""
+    """Process ``rank`` of ``world``, holding ``share`` of ``total`` inputs whose checksum is ``checksum``; the
+    fewest any process holds, ``smallest`` (every process knows it: what one alone would refuse or warn of, all do)."""
 
     rank: int
     world: int
     share: int
     total: int
     checksum: float
+    smallest: int
 
     def measured(self, measure: Callable[[], tuple[float, float, float, int]], generator: torch.Generator,
                  model: nn.Module, settings: tuple) -> tuple[float, float, float, int]:
@@ -104,15 +106,16 @@ def _check_alike(checksums: list[float], states: list[float], weights: list[floa
 
 
 def shared_rows(held: list[Batch], rank: int, world: int) -> list[Batch]:
-    """Rows ``rank, rank + world, …`` of each held mini-batch (the empty ones dropped); refused when none is left."""
-    share = [b.rows(slice(rank, None, world)) for b in held if b.size > rank]
-    if not share:
+    """Rows ``rank, rank + world, …`` of each held mini-batch (the empty ones dropped); refused on every process
+    when one is left none (refused by that one alone, the others waited for it at their first measurement)."""
+    if all(b.size < world for b in held):  # the last process, world − 1, gets no row of any mini-batch
         total = sum(b.size for b in held)
         raise TorchfimError(
-            f"across_processes=True: {total} held inputs leave process {rank} of {world} none to measure; hold at "
-            f"least {world} inputs"
+            f"across_processes=True: {total} held inputs (at most {max(b.size for b in held)} in a mini-batch, "
+            f"shared row by row) leave process {world - 1} of {world} none to measure; hold at least {world} "
+            "inputs in a mini-batch"
         )
-    return share
+    return [b.rows(slice(rank, None, world)) for b in held if b.size > rank]
 
 
 def shared(held: list[Batch], across_processes: object) -> tuple[list[Batch], ProcessShare | None]:
@@ -122,4 +125,6 @@ def shared(held: list[Batch], across_processes: object) -> tuple[list[Batch], Pr
         return held, None
     rank, world = place
     mine = shared_rows(held, rank, world)
-    return mine, ProcessShare(rank, world, sum(b.size for b in mine), sum(b.size for b in held), inputs_checksum(held))
+    smallest = sum(len(range(world - 1, b.size, world)) for b in held)  # the last process holds the fewest
+    return mine, ProcessShare(rank, world, sum(b.size for b in mine), sum(b.size for b in held), inputs_checksum(held),
+                              smallest)
