@@ -127,6 +127,14 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
                                                           output=(lambda o: o, lambda o: 2 * o)[rank]),
         "other variance outputs": lambda: torchfim.variance_bound(model, X, structure="diag", across_processes=True,
                                                                   output=(lambda o: o, lambda o: 2 * o)[rank]),
+        # Arguments refused on one process alone, before the shared computation: the other process waited for it
+        # until the group's timeout (a processes trial), now it stops naming it, in each public call.
+        "bad argument on one": lambda: torchfim.fisher(model, X, structure=("trace", "diagnal")[rank],
+                                                       across_processes=True),
+        "bad option on one": lambda: torchfim.variance_bound(model, X, structure="trace", across_processes=True,
+                                                             **({"n_sample": 2} if rank else {})),
+        "bad target on one": lambda: torchfim.samples_needed(model, X, structure="trace", across_processes=True,
+                                                             rel_error=(0.1, -1.0)[rank]),
         # Differences that change nothing are taken: an old structure name, labels per input where none are drawn.
         "layers and blocks": lambda: torchfim.fisher(model, X, structure=("layers", "blocks")[rank],
                                                      across_processes=True),
@@ -267,6 +275,12 @@ def test_refusals_name_the_fix(ranks) -> None:
             assert "needs the same call on every process" in said[case], case
         assert said["layers and blocks"] == said["exact n_samples"] == "taken"
         assert "the processes' weights differ" in said["other buffers"]
+    for case, own, call in (("bad argument on one", "unknown structure 'diagnal'", "fisher"),
+                            ("bad option on one", "unknown option 'n_sample'", "variance_bound"),
+                            ("bad target on one", "rel_error", "fisher_variance")):  # samples_needed's first
+        assert own in ranks[1]["refusals"][case], case
+        assert f"{call}(across_processes=True): 1 other process(es) failed (the error is raised there)" in \
+            ranks[0]["refusals"][case], case
         assert "fisher(across_processes=True) needs the same call on every process" in said["other output functions"]
         assert "variance_bound(across_processes=True) needs the same call" in said["other variance outputs"]
     with pytest.raises(TorchfimError, match="no process group is initialised"):

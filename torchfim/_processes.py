@@ -4,7 +4,10 @@ collectives' tensors live, and a number that tells label generators apart."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
 import math
 import types
 from collections.abc import Callable, Mapping
@@ -17,7 +20,7 @@ from .errors import TorchfimError
 
 Result = TypeVar("Result")
 
-__all__ = ["Attempt", "check_same_weights", "collective_device", "digest_number", "gather_numbers",
+__all__ = ["Attempt", "announced", "check_same_weights", "collective_device", "digest_number", "gather_numbers",
            "generator_fingerprint", "keep_until_next", "model_device", "process_group", "process_place", "same_weights",
            "weights_fingerprint"]
 
@@ -93,11 +96,54 @@ def keep_until_next(tensors: list[Tensor]) -> None:
 def gather_numbers(numbers: list[float], model: torch.nn.Module) -> list[list[float]]:
     """Every process's ``numbers`` (as many on each), in rank order, from one ``all_gather`` in float64 on the
     collectives' device for ``model``."""
+    global _GATHERS
+    _GATHERS += 1
     mine = torch.tensor(numbers, dtype=torch.float64, device=collective_device(model_device(model)))
     every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(every, mine)
     keep_until_next([mine, *every])
     return [t.tolist() for t in every]
+
+
+#: How many gathers this process has made: a call's errors before its first are announced (:func:`announced`).
+_GATHERS = 0
+Call = TypeVar("Call", bound=Callable)
+
+
+def announced(failed: list[float]) -> Callable[[Call], Call]:
+    """Decorate a function with ``model`` and ``across_processes`` arguments (or ``across_processes`` in its
+    ``**options``): where it runs across processes and raises before its first collective (a check of its
+    arguments, on one process called otherwise than the others), the error is first announced to the other
+    processes in the collective they wait in, ``failed`` being this process's numbers there (the failed flag
+    set), so that they stop naming it; before, they waited until the process group's timeout (30 minutes)."""
+
+    def wrap(function: Call) -> Call:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def call(*args: object, **kwargs: object) -> object:
+            gathers = _GATHERS
+            try:
+                return function(*args, **kwargs)
+            except Exception:
+                if _GATHERS == gathers and process_group() is not None and _across(signature, args, kwargs):
+                    with contextlib.suppress(Exception):  # the error raised here is the one that matters
+                        gather_numbers(failed, signature.bind_partial(*args, **kwargs).arguments.get("model"))
+                raise
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _across(signature: inspect.Signature, args: tuple, kwargs: dict) -> bool:
+    try:
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return False
+    options = next((v for k, v in arguments.items() if signature.parameters[k].kind == inspect.Parameter.VAR_KEYWORD),
+                   {})
+    return arguments.get("across_processes", options.get("across_processes")) is True
 
 
 def digest_number(digest: hashlib._Hash) -> float:

@@ -22,13 +22,16 @@ import torch
 from torch import nn
 
 from ._batches import Inputs, reusable
+from ._processes import announced
 from .errors import TorchfimError, check_n_samples
 from .families import Family
+from .process_rows import FAILED_BEFORE
 from .structures import PublicValue, Trace, structure_class
 from .trace_summary import score_trace_variances
 from .variance import check_variance_estimator, variance_of
 
 
+@announced(FAILED_BEFORE)
 def score_variance_bound_spectral(
     model: nn.Module,
     inputs: Inputs,
@@ -62,6 +65,7 @@ def score_variance_bound_spectral(
     return variance_of(model, inputs, family, "score", structure, n_samples, "spectral", **options)
 
 
+@announced(FAILED_BEFORE)
 def score_variance_bound_kurtosis(
     model: nn.Module,
     inputs: Inputs,
@@ -93,6 +97,7 @@ def score_variance_bound_kurtosis(
     return variance_of(model, inputs, family, "score", structure, n_samples, "kurtosis", **options)
 
 
+@announced(FAILED_BEFORE)
 def hessian_variance_bound_spectral(
     model: nn.Module,
     inputs: Inputs,
@@ -131,6 +136,7 @@ BOUNDS = {
 }
 
 
+@announced(FAILED_BEFORE)
 def variance_bound(
     model: nn.Module,
     inputs: Inputs,

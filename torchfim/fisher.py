@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
-from ._processes import family_settings
+from ._processes import announced, family_settings
 from .combined import combined_terms
 from .engine import Batch, backend_name, check_finite_result
 from .engine.session import engine_pass
@@ -34,13 +34,14 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
-from .process_rows import RowShare, row_share
+from .process_rows import FAILED_BEFORE, RowShare, row_share
 from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure, structure_kind
 
 STRUCTURES = STRUCTURE_NAMES
 FisherResult = PublicValue
 
 
+@announced(FAILED_BEFORE)
 def fisher(
     model: nn.Module,
     inputs: Inputs,
@@ -118,7 +119,10 @@ def fisher(
             its share of every mini-batch (every process passes the same inputs and gets the same result, the
             Fisher of them all, for about ``1/W`` of the work): :mod:`torchfim.process_rows`. Not with
             ``estimator="combined"``. Every process must make the call: one that passes
-            ``across_processes=True`` alone waits for the others in a collective until they leave the run.
+            ``across_processes=True`` alone waits for the others in a collective until they leave the run; a call
+            refused on some processes only (an argument chosen by rank) is refused there and named on the others.
+            Each process draws the labels of its own rows, so a generator's seed gives other labels, and another
+            estimate of the same distribution, for another number of processes.
         empirical_per: the observation of ``estimator="empirical"`` on outputs with positions. ``"input"``
             (default): each input's score summed over its positions, ``(1/n) Σᵢ gᵢgᵢᵀ`` with
             ``gᵢ = Σₜ J_{it}ᵀu_{it}``, which keeps the cross-position terms. ``"position"``: each position's

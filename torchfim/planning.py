@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs, reusable
+from ._processes import announced
 from .combined import combined_variance
 from .engine import ModelView
 from .engine.backend import NoForwardDerivative
@@ -17,9 +18,11 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, real_number, warn_user
 from .families import Family
 from .fisher import fisher
+from .process_rows import FAILED_BEFORE
 from .variance import VARIANCE_ESTIMATORS, fisher_variance
 
 
+@announced(FAILED_BEFORE)
 def samples_needed(
     model: nn.Module,
     inputs: Inputs,
@@ -145,6 +148,7 @@ class EstimatorComparison:
         return "\n".join(lines)
 
 
+@announced(FAILED_BEFORE)
 def compare_estimators(
     model: nn.Module,
     inputs: Inputs,

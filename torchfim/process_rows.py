@@ -14,13 +14,16 @@ process does about ``1/W`` of the work.
 
 Each process computes its share alone, with no collective until it is done; then one ``all_gather`` says whether
 every process succeeded (a process that failed raises its error, the others name it: none waits for a
-collective that would never come), checks that the processes held the same inputs (a digest of the bytes of every
+collective that would never come; a call refused before that, on some processes only, is announced in the same
+collective: :func:`torchfim._processes.announced`), checks that the processes held the same inputs (a digest of the bytes of every
 mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and the same
-weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not wrapped in
-``DistributedDataParallel``, would be refused) and, for the random estimators, that their label generators
+weights and floating-point buffers (:func:`torchfim._processes.weights_fingerprint`: a model built from another
+seed on each, not wrapped in ``DistributedDataParallel``, would be refused), the same call (settings, and the
+``output`` and ``mask`` functions by their code) and, for the random estimators, that their label generators
 started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a
 generator, each process draws from a private one seeded from torch's global generator (one draw, the same on
-every process) plus its rank.
+every process) plus its rank. Labels are drawn per process, so a seed gives other labels for another number of
+processes (and a one-process group other labels than the call without ``across_processes``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ from .structures import PublicValue, entrywise
 __all__ = ["RowShare", "row_share"]
 
 Computed = TypeVar("Computed")
+
+
+#: A process's numbers in :meth:`RowShare.together`'s collective where it failed before reaching it
+#: (:func:`torchfim._processes.announced`): the failed flag first.
+FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0]
 
 
 class RowShare:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from ._identity import identity_like
-from ._processes import family_settings
+from ._processes import announced, family_settings
 from .engine import (
     Backend,
     Recording,
@@ -36,7 +36,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, Positions, get_family
 from .families.base import robust_eigvalsh
-from .process_rows import row_share
+from .process_rows import FAILED_BEFORE, row_share
 from .structures import (
     STRUCTURE_NAMES,
     Blocks,
@@ -222,6 +222,7 @@ class HessianVariance(StructureVisitor):
                 structure.add_matrix(index, columns - span.start, values)
 
 
+@announced(FAILED_BEFORE)
 def variance_of(
     model: nn.Module,
     inputs: Inputs,
@@ -287,6 +288,7 @@ def check_variance_estimator(estimator: object, caller: str) -> None:
     check_choice("estimator", estimator, VARIANCE_ESTIMATORS)
 
 
+@announced(FAILED_BEFORE)
 def fisher_variance(
     model: nn.Module,
     inputs: Inputs,

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs
-from .._processes import family_settings, function_settings, model_device
+from .._processes import announced, family_settings, function_settings, model_device
 from ..engine.labels import ModelLabels
 from ..engine.output_reading import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples, warn_user
@@ -77,7 +77,7 @@ from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
 from .engine_path import EnginePath
 from .held import hold, pooled_groups, window_batches
-from .process_share import shared
+from .process_share import FAILED_BEFORE, shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
 from .step_order import StepOrder
 from .trace_stats import ControlVariate, Windows, mean_and_variance
@@ -196,6 +196,7 @@ class FisherTraceMonitor:
         (64, 1.0, True)
     """
 
+    @announced(FAILED_BEFORE)
     def __init__(
         self,
         model: nn.Module,

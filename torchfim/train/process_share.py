@@ -54,6 +54,11 @@ SETTINGS_DIFFER = (
 )
 
 
+#: A process's numbers in :meth:`ProcessShare.measured`'s collective where its monitor failed before (when built,
+#: :func:`torchfim._processes.announced`): the failed flag fifth.
+FAILED_BEFORE = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
 @dataclass(frozen=True)
 class ProcessShare:
     """Process ``rank`` of ``world``, holding ``share`` of ``total`` inputs whose checksum is ``checksum``; the
