@@ -167,9 +167,11 @@ class FisherPenalty(PenaltyTerms):
             ``F.cross_entropy`` takes them (a segmentation model's); None as in :func:`torchfim.fisher`.
 
     Attributes:
-        last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included; the
-            value reused between computed steps, so a mean over micro-batches as ``c``; None before the
-            first computed step). ``float(pen.last_value)`` for a number.
+        last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included; None
+            before the first computed step). With a cache (``every > 1``, ``reuse_between=True``) it is the
+            value reused between computed steps, the mean over the computed step's calls (its micro-batches),
+            as ``c``; otherwise the last call's, one micro-batch's under gradient accumulation: log the mean of
+            the calls' returned values for the step's. ``float(pen.last_value)`` for a number.
         last_step: the step at which ``last_value`` was computed (None before).
 
     Example:

@@ -22,8 +22,9 @@ from ..errors import warn_user
 from .parameter_stamp import Stamp, stamp
 
 REPEATED = ("torchfim: FisherTraceMonitor.step({step}) was called again at its last measured step, with the "
-            "parameters unmoved, so it returns that record instead of measuring again (once per optimiser step; "
-            "under gradient accumulation call it after the optimiser step, not once per micro-batch)")
+            "parameters unmoved, so it returns that record instead of measuring again: one record per optimiser "
+            "step, as under gradient accumulation with a call per micro-batch (a call after the optimiser step "
+            "alone says nothing)")
 STALLED = ("torchfim: FisherTraceMonitor.step({step}) was called again at its last measured step after the parameters "
            "moved (or were made under torch.inference_mode(), which keeps no record of moves), so it measures again "
            "under the same step; pass a counter that advances with each optimiser step (epoch * len(loader) + i, "
