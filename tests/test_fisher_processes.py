@@ -150,6 +150,29 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
     return said
 
 
+class _NoForwardRule(nn.Module):
+    """Says what torch says of an operation without a forward-mode rule where torch.func's transforms run it (the
+    Hessian estimator's second derivatives), and computes otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch._C._are_functorch_transforms_active():
+            raise NotImplementedError("Trying to use forward AD with _grouped_mm that does not support it")
+        return torch.tanh(self.lin(x))
+
+
+def _without_a_forward_rule() -> tuple[torch.Tensor, bool]:
+    """``compare_estimators`` across processes on one input, of a model without a forward-mode rule: process 1 has
+    no row, so it met no error (a processes trial: it raised "1 other process(es) failed" while process 0 returned
+    the comparison with Î1 alone); now both return that comparison."""
+    torch.manual_seed(0)
+    cmp = torchfim.compare_estimators(_NoForwardRule().double(), X[:1], across_processes=True)
+    return _table(cmp), cmp.hessian_unavailable is not None
+
+
 def _normalised(rank: int) -> nn.Module:
     """A model with BatchNorm in eval mode whose running mean differs on process 1 alone."""
     torch.manual_seed(0)
@@ -196,7 +219,8 @@ def _rank(rank: int, root: str) -> None:
     one_input = torchfim.fisher(model, X[:1], estimator="score", structure="diag", generator=_seeded(rank),
                                 return_stderr=True, across_processes=True)  # process 1 has no row
     torch.save({"across": _computations(model, True, rank), "own": _computations(model, False, rank),
-                "unseeded": unseeded, "one input": one_input, "refusals": _refusals(model, rank)},
+                "unseeded": unseeded, "one input": one_input, "refusals": _refusals(model, rank),
+                "no forward rule": _without_a_forward_rule()},
                f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -285,3 +309,10 @@ def test_refusals_name_the_fix(ranks) -> None:
         assert "variance_bound(across_processes=True) needs the same call" in said["other variance outputs"]
     with pytest.raises(TorchfimError, match="no process group is initialised"):
         torchfim.fisher(_model(), X, structure="trace", across_processes=True)
+
+
+def test_a_comparison_without_the_hessian_estimator_is_every_processs(ranks) -> None:
+    (first, unavailable), (second, also) = (rank["no forward rule"] for rank in ranks)
+    assert unavailable and also
+    assert torch.equal(first.isnan(), second.isnan()) and bool(first[:, 2].isnan().all())
+    assert torch.equal(first[:, :2], second[:, :2]) and bool((first[:, :2] > 0).all())

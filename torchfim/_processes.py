@@ -271,10 +271,16 @@ def check_same_weights(fingerprints: list[float], what: str) -> None:
         raise TorchfimError(DIFFERENT_WEIGHTS.format(what))
 
 
+#: Errors of what the model cannot do rather than of what one process's rows hold (a missing forward-mode
+#: derivative): where processes failed with one of these alone, the others raise it too (:meth:`Attempt.settle`), so
+#: that a caller catching it (``compare_estimators``) gets the same answer on each, a process without rows included.
+SHARED_ERRORS: list[type[Exception]] = []
+
+
 class Attempt(Generic[Result]):
     """This process's part of a shared computation, run to its end or to its error before the collective that every
     process must reach either way (so that none waits for one that never comes); the collective carries
-    :attr:`failed`, and :meth:`settle` then raises where any process failed."""
+    :attr:`failed` (or :attr:`kind`), and :meth:`settle` then raises where any process failed."""
 
     def __init__(self, compute: Callable[[], Result]) -> None:
         try:
@@ -287,7 +293,14 @@ class Attempt(Generic[Result]):
     def failed(self) -> bool:
         return self.error is not None
 
-    def settle(self, others_failed: int, what: str) -> Result:
+    @property
+    def kind(self) -> float:
+        """0 where it succeeded, ``2 + i`` where its error is of ``SHARED_ERRORS[i]``, else 1."""
+        if self.error is None:
+            return 0.0
+        return float(next((2 + i for i, cls in enumerate(SHARED_ERRORS) if isinstance(self.error, cls)), 1))
+
+    def settle(self, others_failed: int, what: str, kinds: list[float] = ()) -> Result:
         """The result; or this process's error raised; or, where ``others_failed`` other processes failed, an error
         that says so. The error leaves this object and the raising frame as it goes: kept by a frame in its own
         traceback, it would hold the failed computation (engine state, suspended generators) until a later cyclic
@@ -298,6 +311,10 @@ class Attempt(Generic[Result]):
                 raise error
             finally:
                 error = None
+        if others_failed and len(set(kinds)) == 1 and kinds[0] >= 2:  # all failed alike, in what the model lacks
+            shared = SHARED_ERRORS[int(kinds[0]) - 2]
+            raise shared(f"{what}: {others_failed} other process(es) failed with {shared.__name__} (the error is "
+                         f"raised there): {' '.join((shared.__doc__ or '').split())}")
         if others_failed:
             raise TorchfimError(f"{what}: {others_failed} other process(es) failed (the error is raised there), so "
                                 "this one stops too")

@@ -99,9 +99,10 @@ class RowShare:
         # What decides the sums: the call's settings, the parameters trained, the result's shapes (mean's collectives)
         feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
-        numbers = [attempt.failed, digest_number(self._digest), labels, weights, digest_number(self._call)]
+        numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call)]
         every = gather_numbers(numbers, model)
-        computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what)
+        computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
+                                  [e[0] for e in every if e[0]])
         if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
             raise TorchfimError(
                 f"{self.what} needs the same call on every process (the same estimator, family, structure, n_samples, "

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .._identity import identity_like
 from .._memory import fits_in_memory
+from .._processes import SHARED_ERRORS
 from ..errors import TorchfimError
 from ..structures import Structure, Trace
 from .batch import Batch
@@ -304,7 +305,10 @@ class Backend(ABC):
 
 class NoForwardDerivative(TorchfimError):
     """The model has an operation (or custom autograd function) without the forward-mode derivative that the
-    Hessian estimator's second derivatives need."""
+    Hessian estimator's second derivatives need; use estimator='score'."""
+
+
+SHARED_ERRORS.append(NoForwardDerivative)  # a process without rows raises it too, as the ones that met it
 
 
 @contextmanager
