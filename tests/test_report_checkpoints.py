@@ -90,6 +90,18 @@ def test_folders_without_weights_and_unreadable_files_name_the_fix(tmp_path) -> 
         load_checkpoint(tmp_path)
 
 
+def test_a_pickled_distributed_wrapper_names_the_module_inside_it(tmp_path) -> None:
+    """``torch.save(DistributedDataParallel(model), FILE)`` cannot be read outside a process group; the fix named
+    was ``torch.save(model, FILE)``, what the user had done (a CLI trial)."""
+    from processes import one_process_group
+
+    with one_process_group():
+        torch.save(nn.parallel.DistributedDataParallel(_net(1)), tmp_path / "ddp.pt")
+    with pytest.raises(torchfim.TorchfimError, match=r"pickled DistributedDataParallel wrapper: save the model inside "
+                                                     r"it, torch.save\(ddp.module.state_dict\(\), FILE\)"):
+        load_checkpoint(tmp_path / "ddp.pt")
+
+
 def _whole_module(model: nn.Module, folder) -> str:
     torch.save(model, folder / "whole.pt")
     return "whole.pt"

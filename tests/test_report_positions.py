@@ -197,7 +197,7 @@ def test_the_command_line_takes_mask_and_class_dim(tmp_path, monkeypatch, capsys
     assert "Outputs with 4 positions per input" in out and "mask attention_mask" in out
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "**Outputs with positions:** 4 per input (those where `attention_mask` is 0 left out" in text
-    assert "and those a label of -100 leaves out (a causal language model's last" in text  # what else the count drops
+    assert "and those a label of -100 leaves out (for a causal language model, its last too" in text  # what else it drops
     assert "--mask attention_mask" in text  # the re-create command keeps it
     assert cli.main([*args[:4], "lmmod:unlabelled", "--variance-inputs", "4", "--max-block", "0", "--no-progress",
                      "--out", "nomask"]) == 0

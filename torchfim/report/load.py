@@ -173,9 +173,12 @@ def _read_torch_file(p: Path) -> object:
                 "with --model MODULE:FACTORY"
             ) from exc
         except Exception as exc:
+            wrapped = "process group" in str(exc)  # a pickled DistributedDataParallel needs one to be rebuilt
             raise TorchfimError(
                 f"--checkpoint {p}: not a checkpoint torch.load can read ({one_line(exc)}); "
-                "save it with torch.save(model.state_dict(), FILE) or torch.save(model, FILE)"
+                + ("it looks like a pickled DistributedDataParallel wrapper: save the model inside it, "
+                   "torch.save(ddp.module.state_dict(), FILE) (or torch.save(ddp.module, FILE))" if wrapped else
+                   "save it with torch.save(model.state_dict(), FILE) or torch.save(model, FILE)")
             ) from exc
 
 

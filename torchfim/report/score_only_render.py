@@ -38,7 +38,8 @@ def markdown_score_only(R: dict) -> str:
         f"{pct(_relative(T))}), the mean over the {n} inputs of `‖∇θ log p(y|x)‖²` for {k} labels drawn per "
         f"input (seed {R['seed'] + 1}; `torchfim.score_norms.squared_score_norms`). The standard error is that "
         "of the label draws about Tr(F) of these inputs, `√(v̄/n)` with v̄ the mean over inputs of the variance "
-        f"of an input's {k} values divided by {k}; about 95% of such draws fall within ± 2 of it. Taking the "
+        f"of an input's {k} values divided by {k}; over many inputs of like size, about 95% of such draws fall "
+        "within ± 2 of it (fewer, mostly above, where a few inputs' large norms dominate). Taking the "
         f"inputs as a sample of the data, the standard error of E_x Tr(F(x)) is "
         f"{fmt(T['trace_score_stderr_inputs'])} (input spread and label noise). Labels per input for "
         f"{pct_error} relative error: {fmt(T['samples_needed_score'])}.")
