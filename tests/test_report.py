@@ -670,3 +670,26 @@ def test_sigkill_while_publishing_leaves_every_file_whole(user_dir, fast_figures
     assert not [p.name for p in rep.iterdir() if p.name.endswith(".tmp")] and _user_files_intact(rep)
     assert json.loads((rep / "report.json").read_text())["seed"] == 1
 
+
+
+def test_the_hessian_estimators_labels_from_a_subset_are_compared_like_for_like():
+    """Î2's labels per input come from a subset, extrapolated by m/n; a CLI trial's 20 of 64 heavy-tailed inputs put
+    them below Î1's exact ones while Î1 extrapolated the same way needed fewer still (the ranking flipped). The
+    summary gives Î1's k from the same subset (the library's fisher_variance on it, scaled by m/n), and says so
+    where the subset puts Î1's variance far from its exact value."""
+    from torchfim.report.markdown import _like_for_like, markdown
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X = torch.randn(40, 4, dtype=torch.float64)
+    R = report_mod.compute_report(model, report_mod.Data(X, None, "test"), variance_inputs=10, progress=False)
+    T, subset = R["trace"], X[R["data"]["variance_subset_indices"]]
+    var_sub = T["subset"]["var_score"]
+    assert var_sub == pytest.approx(float(torchfim.fisher_variance(model, subset, structure="trace")), rel=1e-6)
+    want = max(1, math.ceil(var_sub * 10 / 40 / (R["rel_error"] * T["exact"]) ** 2))
+    assert T["samples_needed_score_from_subset"] == want
+    assert T["subset_extrapolation_ratio"] == pytest.approx(var_sub * 10 / 40 / T["var1_score_all_inputs"])
+    assert f"Î1's extrapolated the same way is k = {want}, the like-for-like comparison" in markdown(R)
+    skewed = {**T, "subset_extrapolation_ratio": 0.18}
+    assert "The subset is not representative here: it puts Î1's variance at 0.18×" in _like_for_like(skewed, R["data"])
+    assert _like_for_like(T, {**R["data"], "variance_inputs": 40}) == ""  # no subset: nothing extrapolated

@@ -153,6 +153,12 @@ def _block(value, value_sub, var_all, est, dvs, dvh, sub: dict, k: int, scale: f
             "score": samples_needed_unrounded(var_all, value, rel),
             "hessian": samples_needed_unrounded(var_h_all, value, rel),
         },
+        # Î1's labels from the subset, extrapolated as Î2's are: the like-for-like comparison with Î2's k, and the
+        # subset's extrapolation of Î1's variance over its exact value (far from 1: an unrepresentative subset)
+        "samples_needed_score_from_subset": None if sub["var_score"] is None
+        else samples_needed(sub["var_score"] * scale, value, rel),
+        "subset_extrapolation_ratio": None if sub["var_score"] is None or not var_all
+        else sub["var_score"] * scale / var_all,
     }
 
 
