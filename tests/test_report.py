@@ -693,3 +693,29 @@ def test_the_hessian_estimators_labels_from_a_subset_are_compared_like_for_like(
     skewed = {**T, "subset_extrapolation_ratio": 0.18}
     assert "The subset is not representative here: it puts Î1's variance at 0.18×" in _like_for_like(skewed, R["data"])
     assert _like_for_like(T, {**R["data"], "variance_inputs": 40}) == ""  # no subset: nothing extrapolated
+
+
+def test_figures_of_many_layers_tell_them_apart():
+    """A CLI trial's 52-tensor model: the legends named 12 layers without saying that 40 more were drawn, in ten
+    colours that repeated; the overview's 52 names overlapped. Each layer now has its own colour, the legend says
+    how many it leaves out, and a crowded overview panel numbers the layers as the tables order them."""
+    from matplotlib.figure import Figure
+
+    from torchfim.report import figures
+
+    spectra = {f"block{j}.weight": [1.0 / (j + 1), 0.5 / (j + 1)] for j in range(30)}
+    ax = Figure().add_subplot(1, 1, 1)
+    figures._ax_spectrum(ax, {"spectra": spectra, "max_block": 100})
+    colours = {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+               for line in ax.get_lines()}
+    assert len(colours) == 30
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(texts) == figures.LEGEND_LAYERS + 1 and texts[-1] == "+ 18 more layers, colours in layer order"
+    names = list(spectra)
+    crowded = Figure().add_subplot(1, 1, 1)
+    figures._columns(crowded, names, compact=True, first=1)
+    labels = [t.get_text() for t in crowded.get_xticklabels()]
+    assert labels[0] == "1" and "block" not in "".join(labels) and "layer number" in crowded.get_xlabel()
+    named = Figure().add_subplot(1, 1, 1)
+    figures._columns(named, names, compact=False)
+    assert [t.get_text() for t in named.get_xticklabels()] == names

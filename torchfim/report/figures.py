@@ -27,12 +27,54 @@ def _labels(R: dict) -> list[str]:
     return [layer["name"] for layer in R["layers"]]
 
 
+#: Layers named in a legend; the others are drawn, in colours that run on along the layer order.
+LEGEND_LAYERS = 12
+#: Above this many columns, a panel of the overview numbers them (the names would overlap at its width).
+NAMED_COLUMNS = 16
+
+
+def _columns(ax, names: list[str], compact: bool, first: int = 0) -> None:
+    """The x ticks of a per-layer panel: the names, or in a crowded panel of the overview the layers' numbers in
+    the tables' order, from 1 (``first``: the number of the first column, 0 for the whole model) in every panel
+    (a CLI trial: 52 overlapping names, BERT's taking half the panel)."""
+    x = list(range(len(names)))
+    if compact and len(names) > NAMED_COLUMNS:
+        shown = x[::max(1, len(x) // NAMED_COLUMNS)]
+        ax.set_xticks(shown, [str(i + first) for i in shown], fontsize=8)
+        ax.set_xlabel("layer number, in the order of report.md's tables (0: the whole model)", fontsize=8)
+        return
+    ax.set_xticks(x, names, rotation=45 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
+                  fontsize=8)
+
+
+def _layer_colours(count: int) -> list:
+    """A colour per layer, all distinct: matplotlib's ten-colour cycle repeated itself past ten layers."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [colormaps["tab10"](j) for j in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](j) for j in range(count)]
+    return [colormaps["viridis"](j / (count - 1)) for j in range(count)]
+
+
+def _legend_of_layers(ax, count: int, **options: object) -> None:
+    """The legend, saying how many more layers are drawn than it names."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    if count > LEGEND_LAYERS:
+        handles.append(Line2D([], [], ls="none"))
+        labels.append(f"+ {count - LEGEND_LAYERS} more layers, colours in layer order")
+    ax.legend(handles, labels, **options)
+
+
 def _positive_floor(values: list[float | None]) -> float:
     pos = [v for v in values if v is not None and v > 0]
     return (min(pos) / 10) if pos else 1e-12
 
 
-def _ax_trace(ax, R: dict) -> None:
+def _ax_trace(ax, R: dict, compact: bool = False) -> None:
     names = _labels(R)
     x = list(range(len(names)))
     exact = [layer["trace_exact"] or 0.0 for layer in R["layers"]]
@@ -45,8 +87,7 @@ def _ax_trace(ax, R: dict) -> None:
                 label=f"score estimate Î1 ({R['n_samples']} label/input) ± 2 s.e.")
     if use_log:
         ax.set_yscale("log")
-    ax.set_xticks(x, names, rotation=45 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
-                  fontsize=8)
+    _columns(ax, names, compact, first=1)
     ax.set_ylabel("Tr(F) (mean over inputs)")
     ax.set_title(f"Tr(F) per layer on {R['data']['n_inputs']} inputs: total {fmt(R['trace']['exact'])}",
                  fontsize=10)
@@ -54,7 +95,7 @@ def _ax_trace(ax, R: dict) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def _ax_variance(ax, R: dict) -> None:
+def _ax_variance(ax, R: dict, compact: bool = False) -> None:
     cols = [("whole model", R["trace"]["subset"])] + [(l["name"], l["subset"]) for l in R["layers"]]
     x = list(range(len(cols)))
     series = [
@@ -79,8 +120,7 @@ def _ax_variance(ax, R: dict) -> None:
                             ha="center", fontsize=7, color=color)
     ax.set_yscale("log")
     ax.axvline(0.5, color="#999999", lw=0.8, ls="--")
-    ax.set_xticks(x, [c for c, _ in cols], rotation=45 if len(cols) > 4 else 0,
-                  ha="right" if len(cols) > 4 else "center", fontsize=8)
+    _columns(ax, [c for c, _ in cols], compact)
     ax.set_ylabel("variance, 1 label per input")
     ax.set_title(f"Variance of the trace estimators on {R['data']['variance_inputs']} inputs "
                  "(0 drawn at the floor)", fontsize=10)
@@ -88,7 +128,7 @@ def _ax_variance(ax, R: dict) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def _ax_samples(ax, R: dict) -> None:
+def _ax_samples(ax, R: dict, compact: bool = False) -> None:
     cols = [("whole model", R["trace"])] + [(l["name"], l) for l in R["layers"]]
     x = list(range(len(cols)))
     raw = [entry["samples_needed_unrounded"][key] for _, entry in cols for key in ("score", "hessian")]
@@ -108,8 +148,7 @@ def _ax_samples(ax, R: dict) -> None:
     ax.axhline(1.0, color="k", lw=0.8, ls=":", label="1 label per input")
     ax.set_yscale("log")
     ax.axvline(0.5, color="#999999", lw=0.8, ls="--")
-    ax.set_xticks(x, [c for c, _ in cols], rotation=45 if len(cols) > 4 else 0,
-                  ha="right" if len(cols) > 4 else "center", fontsize=8)
+    _columns(ax, [c for c, _ in cols], compact)
     ax.set_ylabel(f"Var₁ / ({R['rel_error']}·Tr)²;  k = ⌈bar⌉ ≥ 1 printed")
     ax.set_title(f"Labels per input for {100 * R['rel_error']:.0f}% relative error of Tr, "
                  f"on all {R['data']['n_inputs']} inputs", fontsize=10)
@@ -117,7 +156,7 @@ def _ax_samples(ax, R: dict) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def _ax_spectrum(ax, R: dict) -> None:
+def _ax_spectrum(ax, R: dict, compact: bool = False) -> None:
     spectra = R["spectra"]
     if not spectra:
         ax.text(0.5, 0.5, f"no layer has at most {R['max_block']} parameters", ha="center",
@@ -125,33 +164,35 @@ def _ax_spectrum(ax, R: dict) -> None:
         ax.set_axis_off()
         return
     top = max(max(eig) for eig in spectra.values() if eig)
+    colours = _layer_colours(len(spectra))
     for j, (name, eig) in enumerate(spectra.items()):
         size = len(eig)
         kept = [(i + 1, v) for i, v in enumerate(eig) if v > 1e-12 * top]
         if not kept:
             continue
-        ax.plot([i for i, _ in kept], [v for _, v in kept], lw=1.2,
-                label=f"{name} ({size})" if j < 12 else None)
+        ax.plot([i for i, _ in kept], [v for _, v in kept], lw=1.2, color=colours[j],
+                label=f"{name} ({size})" if j < LEGEND_LAYERS else None)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue rank")
     ax.set_ylabel("eigenvalue")
     ax.set_title("Eigenvalues of the per-layer exact Fisher blocks", fontsize=10)
-    ax.legend(fontsize=7, loc="best", ncol=2)
+    _legend_of_layers(ax, len(spectra), fontsize=7, loc="best", ncol=2)
     ax.grid(alpha=0.3)
 
 
-def _ax_empirical(ax, R: dict) -> None:
+def _ax_empirical(ax, R: dict, compact: bool = False) -> None:
     emp = R["empirical"]
     lo, hi = math.inf, 0.0
+    colours = _layer_colours(len(emp["points"]))
     for j, (name, pts) in enumerate(emp["points"].items()):
         xy = [(a, b) for a, b in zip(pts["exact"], pts["empirical"]) if a > 0 and b > 0]
         if not xy:
             continue
         lo = min(lo, min(min(p) for p in xy))
         hi = max(hi, max(max(p) for p in xy))
-        ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=4, alpha=0.5,
-                   label=name if j < 12 else None)
+        ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=4, alpha=0.5, color=colours[j],
+                   label=name if j < LEGEND_LAYERS else None)
     if math.isfinite(lo) and hi > 0:
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
         ax.set_xscale("log")
@@ -160,7 +201,7 @@ def _ax_empirical(ax, R: dict) -> None:
     ax.set_ylabel("diagonal of the empirical Fisher (true labels)")
     ax.set_title(f"Empirical vs true Fisher: Tr ratio {fmt(emp['trace_ratio'], 3)}, "
                  f"cosine {fmt(emp['cosine_diag'], 3)}", fontsize=10)
-    ax.legend(fontsize=7, loc="best", markerscale=3, ncol=2)
+    _legend_of_layers(ax, len(emp["points"]), fontsize=7, loc="best", markerscale=3, ncol=2)
     ax.grid(alpha=0.3)
 
 
@@ -195,7 +236,7 @@ def draw(R: dict) -> dict[str, bytes]:
 
     def overview(fig) -> None:
         for i, f in enumerate(panels):
-            f(fig.add_subplot(2, 2, i + 1), R)
+            f(fig.add_subplot(2, 2, i + 1), R, compact=True)
 
     out["overview.png"] = png_bytes(overview, 2 * min(8.0, figure_width(L + 1)), 9.2)
     return out
