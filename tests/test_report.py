@@ -719,3 +719,35 @@ def test_figures_of_many_layers_tell_them_apart():
     named = Figure().add_subplot(1, 1, 1)
     figures._columns(named, names, compact=False)
     assert [t.get_text() for t in named.get_xticklabels()] == names
+
+
+class _Shifted(nn.Module):
+    """Logits plus one shift shared by every class: softmax ignores it, so its Fisher is 0 (in exact arithmetic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.shift = nn.Linear(4, 5), nn.Parameter(torch.tensor([0.3]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.shift
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_layer_whose_fisher_is_zero_to_precision_is_said_so_not_reported_as_data(dtype):
+    """A CLI trial's BERT key bias (softmax ignores it) came out 3.6e-26 in float32, with 3e9 labels per input, a
+    full rank and a condition number reported as data. A layer whose Tr is at most ε²·Tr(F) is flagged, drawn as 0,
+    and has no labels needed or spectrum; the others keep theirs."""
+    from torchfim.report.markdown import markdown
+
+    torch.manual_seed(0)
+    model = _Shifted().to(dtype)
+    R = report_mod.compute_report(model, report_mod.Data(torch.randn(32, 4, dtype=dtype), None, "test"),
+                                  progress=False)
+    by_name = {layer["name"]: layer for layer in R["layers"]}
+    shift = by_name["shift"]
+    assert shift["zero_to_precision"] and shift["trace_exact"] <= torch.finfo(dtype).eps ** 2 * R["trace"]["exact"]
+    assert shift["samples_needed"] == {"score": None, "hessian": None} and shift["spectrum"] is None
+    assert not by_name["lin.weight"]["zero_to_precision"] and by_name["lin.weight"]["spectrum"] is not None
+    text = markdown(R)
+    assert f"Zero to the model's {str(dtype)[6:]} precision" in text and "`shift`" in text
+    assert "| `shift` | 1 | zero to precision |" in text

@@ -108,6 +108,13 @@ def _cosine(a: Tensor, b: Tensor) -> float | None:
     return float(a @ b) / den if den > 0 else None
 
 
+def _zero_to_precision(trace: float, total: float, eps: float) -> bool:
+    """Whether a layer's Tr is zero to the model's precision: at most ``eps² · Tr(F)``, what scores of rounding size
+    (``eps`` times the model's) give. A CLI trial's BERT key bias (softmax ignores it: 1.9e-43 in float64) came
+    out 3.6e-26 in float32, and its labels needed (3e9 per input), rank and condition were reported as data."""
+    return total > 0 and trace <= eps * eps * total
+
+
 def _spectrum_summary(eig: list[float]) -> dict:
     """λ_max, λ_min, Σλ, numerical rank (λ > 10⁻⁶·λ_max) and the top-10 share of the trace."""
     top = eig[0] if eig else 0.0
@@ -243,11 +250,16 @@ def assemble(model: nn.Module, data: Data, layout: Layout, setup: Setup, measure
     whole, blocks = _blocks(layout, measured, setup, data.n)
     tr_layers = layout.per_layer(measured["diag_exact"])
     spectra = measured["spectra"]
+    eps = torch.finfo(measured["diag_exact"].dtype).eps
     layers = []
     for i, name in enumerate(layout.names):
         entry = {"name": name, "shape": layout.shapes[i], "size": layout.sizes[i], **blocks[i]}
         entry["share_of_trace"] = ratio(tr_layers[i], sum(tr_layers))
         entry["spectrum"] = _spectrum_summary(spectra[i]) if i in spectra else None
+        entry["zero_to_precision"] = _zero_to_precision(tr_layers[i], sum(tr_layers), eps)
+        if entry["zero_to_precision"]:  # rounding, not data: no labels needed, no spectrum
+            entry["samples_needed"] = entry["samples_needed_unrounded"] = {"score": None, "hessian": None}
+            entry["samples_needed_score_from_subset"] = entry["spectrum"] = None
         layers.append(entry)
     return {
         **versions(),

@@ -77,11 +77,12 @@ def _positive_floor(values: list[float | None]) -> float:
 def _ax_trace(ax, R: dict, compact: bool = False) -> None:
     names = _labels(R)
     x = list(range(len(names)))
-    exact = [layer["trace_exact"] or 0.0 for layer in R["layers"]]
-    est = [layer["trace_score_estimate"] for layer in R["layers"]]
-    se = [layer["trace_score_stderr"] or 0.0 for layer in R["layers"]]
+    zero = [bool(layer.get("zero_to_precision")) for layer in R["layers"]]  # rounding: drawn as 0, not as data
+    exact = [0.0 if z else layer["trace_exact"] or 0.0 for z, layer in zip(zero, R["layers"])]
+    est = [math.nan if z else layer["trace_score_estimate"] for z, layer in zip(zero, R["layers"])]
+    se = [0.0 if z else layer["trace_score_stderr"] or 0.0 for z, layer in zip(zero, R["layers"])]
     ax.bar(x, exact, color="#c7c7c7", edgecolor="#555555", label="Tr(F) of the layer, exact")
-    use_log = all(v > 0 for v in exact)
+    use_log = any(v > 0 for v in exact) and all(v > 0 for v, z in zip(exact, zero) if not z)
     lo = [min(2 * s, e - max(e, 1e-30) * 1e-3) if use_log else 2 * s for e, s in zip(est, se)]
     ax.errorbar(x, est, yerr=[lo, [2 * s for s in se]], fmt="o", color=_C1, ms=4, capsize=3,
                 label=f"score estimate Î1 ({R['n_samples']} label/input) ± 2 s.e.")
@@ -96,7 +97,9 @@ def _ax_trace(ax, R: dict, compact: bool = False) -> None:
 
 
 def _ax_variance(ax, R: dict, compact: bool = False) -> None:
-    cols = [("whole model", R["trace"]["subset"])] + [(l["name"], l["subset"]) for l in R["layers"]]
+    cols = [("whole model", R["trace"]["subset"])] + [
+        (l["name"], {k: None if v is None else 0.0 for k, v in l["subset"].items()} if l.get("zero_to_precision")
+         else l["subset"]) for l in R["layers"]]
     x = list(range(len(cols)))
     series = [
         ("var_score", "Var Tr Î1 (score), exact", _C1, "o", True),
@@ -185,8 +188,9 @@ def _ax_empirical(ax, R: dict, compact: bool = False) -> None:
     emp = R["empirical"]
     lo, hi = math.inf, 0.0
     colours = _layer_colours(len(emp["points"]))
+    zero = {layer["name"] for layer in R["layers"] if layer.get("zero_to_precision")}
     for j, (name, pts) in enumerate(emp["points"].items()):
-        xy = [(a, b) for a, b in zip(pts["exact"], pts["empirical"]) if a > 0 and b > 0]
+        xy = [(a, b) for a, b in zip(pts["exact"], pts["empirical"]) if a > 0 and b > 0 and name not in zero]
         if not xy:
             continue
         lo = min(lo, min(min(p) for p in xy))

@@ -164,6 +164,13 @@ def _section_trace(R: dict) -> list[str]:
     add(md_table(["layer", "shape", "size", "Tr(F)", "share", f"Î1 draw (k={k})", "s.e. Î1",
                 "s.e./Tr", "s.e. Î2*"], rows, "lllrrrrrr"))
     add("")
+    zero = [f"`{layer['name']}`" for layer in R["layers"] if layer.get("zero_to_precision")]
+    if zero:
+        add(f"Zero to the model's {M['dtype']} precision (Tr at most ε²·Tr(F), what scores of rounding size give, "
+            "as for a parameter the outputs do not depend on, e.g. an attention key's bias, which softmax ignores): "
+            f"{', '.join(zero)}. Their numbers are rounding, not data: drawn as 0, without labels needed or "
+            "spectrum.")
+        add("")
     add(f"\\* The Î2 standard error on all {n} inputs is extrapolated from {subset_text} inputs as "
         f"√((m/n)·Var₁(subset)/k), m = {m}: the variance is a mean of per-input terms over n², so a "
         "random subset's mean per-input term estimates the full one without bias."
@@ -258,7 +265,7 @@ def _section_spectra(R: dict) -> list[str]:
     add = lines.append
     add("## 4. Eigenvalues of the per-layer exact blocks")
     add("")
-    skipped = [l["name"] for l in R["layers"] if l["spectrum"] is None]
+    skipped = [l["name"] for l in R["layers"] if l["spectrum"] is None and not l.get("zero_to_precision")]
     add(f"The eigenvalues of each layer's diagonal block of the exact F on all {n} inputs "
         f"(`torchfim.fisher(..., structure=\"full\")` on the model with only that layer trainable, the "
         f"same block as `structure=\"layers\"` gives; `torch.linalg.eigvalsh` in float64), sorted "
@@ -277,7 +284,8 @@ def _section_spectra(R: dict) -> list[str]:
     for layer in R["layers"]:
         s = layer["spectrum"]
         if s is None:
-            rows.append([f"`{layer['name']}`", str(layer["size"]), "skipped", "", "", "", "", ""])
+            said = "zero to precision" if layer.get("zero_to_precision") else "skipped"
+            rows.append([f"`{layer['name']}`", str(layer["size"]), said, "", "", "", "", ""])
             continue
         rows.append([f"`{layer['name']}`", str(layer["size"]), fmt(s["max"]), fmt(s["min"]), fmt(s["sum"]),
                      str(s["rank_1e-6"]), pct(s["top10_share"]), fmt(s["condition_of_nonzero"], 3)])
