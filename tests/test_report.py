@@ -751,3 +751,20 @@ def test_a_layer_whose_fisher_is_zero_to_precision_is_said_so_not_reported_as_da
     text = markdown(R)
     assert f"Zero to the model's {str(dtype)[6:]} precision" in text and "`shift`" in text
     assert "| `shift` | 1 | zero to precision |" in text
+
+
+def test_frozen_parameters_are_said_to_be_left_out():
+    """A CLI trial: a model with a frozen layer was reported as "324 trainable parameters", the 192 frozen ones
+    never named, so "whole model" read as all of it."""
+    from torchfim.report.markdown import markdown
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].requires_grad_(False)
+    R = report_mod.compute_report(model, report_mod.Data(torch.randn(16, 4), None, "test"), progress=False)
+    assert R["model"]["n_frozen_parameters"] == 30 and R["model"]["n_parameters"] == 21
+    assert "21 trainable parameters in 2 parameter tensors (\"layers\" below) (30 frozen parameters left out" in \
+        markdown(R)
+    model[0].requires_grad_(True)
+    R = report_mod.compute_report(model, report_mod.Data(torch.randn(16, 4), None, "test"), progress=False)
+    assert R["model"]["n_frozen_parameters"] == 0 and "frozen parameters left out" not in markdown(R)

@@ -96,10 +96,12 @@ def versions() -> dict:
 
 
 def model_summary(model: nn.Module, layout: Layout) -> dict:
-    """The ``model`` entry of report.json: class, trainable parameters and tensors, dtype."""
+    """The ``model`` entry of report.json: class, trainable parameters and tensors, frozen parameters (left out of
+    every number), dtype."""
     first = next(p for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in {id(p): p for p in model.parameters() if not p.requires_grad}.values())
     return {"class": type(model).__name__, "n_parameters": layout.n_parameters, "n_layers": len(layout.names),
-            "dtype": str(first.dtype).replace("torch.", "")}
+            "n_frozen_parameters": frozen, "dtype": str(first.dtype).replace("torch.", "")}
 
 
 def _cosine(a: Tensor, b: Tensor) -> float | None:

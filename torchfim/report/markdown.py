@@ -73,7 +73,10 @@ def analysed(R: dict) -> list[str]:
     shape = D["input_shape"]
     shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
     lines = [(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']} trainable parameters in "
-              f"{M['n_layers']} parameter tensors (\"layers\" below), {M['dtype']}, evaluated in eval mode.")]
+              f"{M['n_layers']} parameter tensors (\"layers\" below)"
+              + (f" ({M['n_frozen_parameters']} frozen parameters left out of every number: the Fisher of the "
+                 "trainable ones)" if M.get("n_frozen_parameters") else "")
+              + f", {M['dtype']}, evaluated in eval mode.")]
     targets = ("with targets." if D["has_targets"] else f"with targets, but {D['targets_note']}."
                if D.get("targets_note") else "without targets (so no empirical Fisher).")
     lines.append(f"- **Data:** {D['source']}: {D['n_inputs']} inputs of shape {shape}, " + targets
