@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,8 +31,27 @@ from .structures import PublicValue, Trace, structure_class
 from .trace_summary import score_trace_variances
 from .variance import check_variance_estimator, variance_of
 
+#: The arguments of the three bounds, appended to their docstrings by :func:`_with_arguments`.
+_ARGUMENTS = """
+    Args:
+        model: the model, as in :func:`torchfim.fisher`.
+        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
+        family: output family name or :class:`~torchfim.families.Family`.
+        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
+        n_samples: the labels per input ``k`` of the estimator whose variance is bounded.
+        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
+            :func:`torchfim.fisher`; any other keyword raises ``TypeError``.
+"""
+
+
+def _with_arguments(function: Callable) -> Callable:
+    """``function`` with :data:`_ARGUMENTS` at the end of its docstring."""
+    function.__doc__ = (function.__doc__ or "").rstrip() + "\n" + _ARGUMENTS
+    return function
+
 
 @announced(FAILED_BEFORE)
+@_with_arguments
 def score_variance_bound_spectral(
     model: nn.Module,
     inputs: Inputs,
@@ -53,19 +73,12 @@ def score_variance_bound_spectral(
     (2021) give for Î1, derived here in their setting: the paper's own statement could not
     be recovered (docs/math.md, Sources).
 
-    Args:
-        model: the model, as in :func:`torchfim.fisher`.
-        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
-        family: output family name or :class:`~torchfim.families.Family`.
-        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
-        n_samples: the labels per input ``k`` of the estimator whose variance is bounded.
-        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
-            :func:`torchfim.fisher`; any other keyword raises ``TypeError``.
     """
     return variance_of(model, inputs, family, "score", structure, n_samples, "spectral", **options)
 
 
 @announced(FAILED_BEFORE)
+@_with_arguments
 def score_variance_bound_kurtosis(
     model: nn.Module,
     inputs: Inputs,
@@ -85,19 +98,12 @@ def score_variance_bound_kurtosis(
     Never tighter than :func:`score_variance_bound_spectral` for entries
     (``λ_max(M) ≤ E‖u‖⁴``) but may be for the trace. Equality: ``C = 1``.
 
-    Args:
-        model: the model, as in :func:`torchfim.fisher`.
-        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
-        family: output family name or :class:`~torchfim.families.Family`.
-        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
-        n_samples: the labels per input ``k`` of the estimator whose variance is bounded.
-        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
-            :func:`torchfim.fisher`; any other keyword raises ``TypeError``.
     """
     return variance_of(model, inputs, family, "score", structure, n_samples, "kurtosis", **options)
 
 
 @announced(FAILED_BEFORE)
+@_with_arguments
 def hessian_variance_bound_spectral(
     model: nn.Module,
     inputs: Inputs,
@@ -118,14 +124,6 @@ def hessian_variance_bound_spectral(
     linear layer). A bound of the kind Soen & Sun (2021) give for Î2, derived here in their
     setting: the paper's own statement could not be recovered (docs/math.md, Sources).
 
-    Args:
-        model: the model, as in :func:`torchfim.fisher`.
-        inputs: the inputs the bound is conditional on, as in :func:`torchfim.fisher`.
-        family: output family name or :class:`~torchfim.families.Family`.
-        structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
-        n_samples: the labels per input ``k`` of the estimator whose variance is bounded.
-        **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
-            :func:`torchfim.fisher`; any other keyword raises ``TypeError``.
     """
     return variance_of(model, inputs, family, "hessian", structure, n_samples, "spectral", **options)
 
