@@ -1,5 +1,6 @@
 """Class labels beside the inputs are read by every estimator (their -100 leaves a position out), so labels of a
-shape that does not fit the outputs are refused, not ignored.
+shape that does not fit the outputs are named: refused where they fit the outputs read with the classes in dim 1
+(the outputs are likely misread), else warned of as not read.
 
 A user trial ported a curvlinops tagger, ``(N, C, T)`` logits with ``(N, T)`` labels holding -100 padding, and left
 out ``class_dim=1``: the exact Fisher read the outputs as C positions of T classes and dropped the labels, and the
@@ -77,15 +78,52 @@ def test_with_class_dim_the_labels_leave_their_padding_out() -> None:
     assert not torch.allclose(got, unmasked, rtol=1e-3)  # the padding counts: the labels were read
 
 
-@pytest.mark.parametrize("shape", [(10, 2), (5,), (10, 1)])
-def test_labels_that_fit_no_reading_are_refused(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("shape", [(10, 2), (5,)])
+def test_labels_that_fit_no_reading_are_said_to_be_unread(shape: tuple[int, ...]) -> None:
+    """A CTC transcript, labels at another resolution than the logits, outputs mapped to fewer positions: the
+    exact Fisher does not need the labels, so it goes on without their -100s, and says so once."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4)).double()
     x = torch.randn(10, 3, dtype=torch.float64)
     y = torch.randint(0, 4, shape)
     y.view(-1)[0] = -100
-    with pytest.raises(TorchfimError, match=r"do not fit outputs \(10, 4\) read as 4 classes.*shape \(10,\)"):
-        torchfim.fisher(model, [(x, y)], structure="diag")
+    with pytest.warns(RuntimeWarning, match=r"targets of shape .* do not fit outputs \(10, 4\) read as 4 classes "
+                                            r"\(one label per input, \(10,\)\), so their -100s are not read"):
+        got = torchfim.fisher(model, [(x, y)], structure="diag")
+    assert torch.equal(got, torchfim.fisher(model, x, structure="diag"))
+
+
+def test_a_ctc_shaped_dict_batch_goes_on_without_its_labels() -> None:
+    """Frame logits (B, T, V) with transcript labels (B, L), -100-padded by the collator (a reviewer's case)."""
+
+    class Frames(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 5)
+
+        def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+            return self.linear(input_values)
+
+    torch.manual_seed(0)
+    model = Frames().double()
+    frames = torch.randn(2, 7, 3, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, 3, -100], [4, 1, -100, -100]])
+    with pytest.warns(RuntimeWarning, match="a CTC transcript"):
+        got = torchfim.fisher(model, {"input_values": frames, "labels": labels}, structure="trace")
+    assert torch.equal(got, torchfim.fisher(model, {"input_values": frames}, structure="trace"))
+
+
+def test_labels_of_one_column_are_read_as_one_per_input() -> None:
+    """``(B, 1)`` labels, a tabular layout: their -100 leaves its input out, as ``(B,)`` labels' does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (10,))
+    y[0] = -100
+    assert torch.equal(torchfim.fisher(model, [(x, y.unsqueeze(1))], structure="diag"),
+                       torchfim.fisher(model, [(x, y)], structure="diag"))
+    assert not torch.equal(torchfim.fisher(model, [(x, y)], structure="diag"),
+                           torchfim.fisher(model, x, structure="diag"))
 
 
 def test_labels_of_any_position_shape_with_one_per_position_are_read() -> None:

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import TorchfimError
+from .private_tree import unwrapped
 
-__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "bare_model", "check_mask_key", "counted_padding", "ignored_labels", "is_encoder_decoder",
-           "check_class_targets", "labelled_positions", "next_token_labels", "predicts_next_token"]
+__all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "check_mask_key", "counted_padding", "ignored_labels", "is_encoder_decoder",
+           "labelled_positions", "unread_targets_note", "next_token_labels", "predicts_next_token"]
 
 #: A class label that marks a position without a target (PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
@@ -44,20 +45,6 @@ ENCODER_MASK = (
 )
 
 
-def bare_model(model: nn.Module) -> nn.Module:
-    """The model inside the wrappers that hold one and add nothing to its outputs (``DistributedDataParallel``'s and
-    ``DataParallel``'s ``module``, ``torch.compile``'s ``_orig_mod``): where a Hugging Face model's ``config`` and
-    ``loss_function`` are (on the wrapper, a causal language model's labels were read unshifted)."""
-    for _ in range(8):  # wrappers of wrappers; a cycle of modules is not a model
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
-
-
 def check_mask_key(model: nn.Module, mask: object) -> None:
     """Refuse ``mask="attention_mask"`` on an encoder-decoder (:data:`ENCODER_MASK`): its source's padding, not its
     outputs'."""
@@ -68,7 +55,7 @@ def check_mask_key(model: nn.Module, mask: object) -> None:
 def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face encoder-decoder (``config.is_encoder_decoder``): its outputs' positions
     are the decoder's, and a batch's ``attention_mask`` is the encoder's."""
-    return getattr(getattr(bare_model(model), "config", None), "is_encoder_decoder", False) is True
+    return getattr(getattr(unwrapped(model), "config", None), "is_encoder_decoder", False) is True
 
 
 #: The family of a Hugging Face classifier's own loss, by its ``config.problem_type``.
@@ -79,7 +66,7 @@ PROBLEM_FAMILIES = {"single_label_classification": "categorical", "multi_label_c
 def problem_type_note(model: nn.Module, family: str) -> str | None:
     """Where ``model`` is a Hugging Face classifier whose ``config.problem_type`` names a loss of another family than
     ``family``: what to say (its loss, the family that matches it); else None."""
-    kind = getattr(getattr(bare_model(model), "config", None), "problem_type", None)
+    kind = getattr(getattr(unwrapped(model), "config", None), "problem_type", None)
     matching = PROBLEM_FAMILIES.get(kind) if isinstance(kind, str) else None
     if matching is None or matching == family:
         return None
@@ -98,7 +85,7 @@ def predicts_next_token(model: nn.Module) -> bool:
     if is_encoder_decoder(model):
         return False
     try:
-        loss = getattr(bare_model(model), "loss_function", None)
+        loss = getattr(unwrapped(model), "loss_function", None)
     except Exception:  # noqa: BLE001 - a property of the user's model that fails: not such a model
         return False
     return getattr(loss, "__name__", "") == "ForCausalLMLoss"
@@ -109,7 +96,7 @@ def decoder_inputs_from_labels(model: nn.Module) -> Callable[[Tensor], Tensor] |
     ``prepare_decoder_input_ids_from_labels``), or None for a model without one."""
     if not is_encoder_decoder(model):
         return None
-    prepare = getattr(bare_model(model), "prepare_decoder_input_ids_from_labels", None)
+    prepare = getattr(unwrapped(model), "prepare_decoder_input_ids_from_labels", None)
     if not callable(prepare):
         return None
     return lambda labels: prepare(labels=labels)
@@ -137,8 +124,8 @@ def ignored_labels(targets: object) -> Tensor | None:
 
 def labelled_positions(targets: object, size: int, positions: tuple[int, ...]) -> Tensor | None:
     """``(size, *positions)`` bool, False where the class labels ``targets`` hold ``IGNORE_INDEX``; None where
-    none does, or where ``targets`` are not integer class labels of a shape that fits (:func:`check_class_targets`
-    refuses those)."""
+    none does, or where ``targets`` are not integer class labels of a shape that fits (:func:`unread_targets_note`
+    says so)."""
     if not _fits(targets, size, positions):
         return None
     ignored = ignored_labels(targets)
@@ -151,28 +138,27 @@ def _integer(targets: object) -> bool:
 
 
 def _fits(targets: object, size: int, positions: tuple[int, ...]) -> bool:
-    """Whether ``targets`` are integer labels of one class per observation: ``(size,)`` without positions, any
-    shape ``(size, ...)`` with one entry per position with them (as the families' ``check_targets`` take)."""
+    """Whether ``targets`` are integer labels of one class per observation: any shape ``(size, ...)`` with one
+    entry per position (``(size,)`` or ``(size, 1)`` without positions), as the families' ``check_targets`` read
+    them."""
     if not _integer(targets):
         return False
     shape = tuple(targets.shape)
-    if not positions:
-        return shape == (size,)
-    return shape[:1] == (size,) and len(shape) >= 2 and math.prod(shape[1:]) == math.prod(positions)
+    return shape[:1] == (size,) and math.prod(shape[1:]) == math.prod(positions)
 
 
-def check_class_targets(targets: object, shape: tuple[int, ...], class_dim: int, said: bool) -> None:
-    """Refuse integer class labels ``targets`` that do not fit outputs of ``shape`` (as the model returns them,
-    the classes in ``class_dim``, -1 or 1; ``said``: given by the caller): every estimator reads their -100 (the
-    exact Fisher and the score estimator left them out unread, and with them the padding they mark). Where the
+def unread_targets_note(targets: object, shape: tuple[int, ...], class_dim: int, said: bool) -> str | None:
+    """What to say of integer class labels ``targets`` that do not fit outputs of ``shape`` (as the model returns
+    them, the classes in ``class_dim``, -1 or 1; ``said``: given by the caller): their -100s, which every estimator
+    reads, cannot be placed, so they are not read (a warning; the empirical estimator refuses them itself). Where the
     class dim was not said and the labels fit the outputs read with classes in dim 1 (``F.cross_entropy``'s
-    ``(N, C, T)``), the error names ``class_dim=1``. Float targets (one-hot or soft labels) are the empirical
-    estimator's to refuse: no other estimator reads them."""
+    ``(N, C, T)``), the outputs are likely misread: refused, naming ``class_dim=1`` (a porting trial's tagger was 0.41
+    off its peer's GGN, silently). None where they fit, or are not integer labels."""
     first = class_dim == 1 and len(shape) > 2
     positions, classes = (tuple(shape[2:]), shape[1]) if first else (tuple(shape[1:-1]), shape[-1])
     size = shape[0]
     if not _integer(targets) or _fits(targets, size, positions):
-        return
+        return None
     got, dims = tuple(targets.shape), f"{len(positions)} position dim(s) {positions} of " if positions else ""
     read = f"{dims}{classes} classes"
     if not said and len(shape) >= 3 and _fits(targets, size, tuple(shape[2:])):
@@ -181,12 +167,11 @@ def check_class_targets(targets: object, shape: tuple[int, ...], class_dim: int,
             "last, the default), but fit them with the classes in dim 1, as F.cross_entropy takes (N, C, T) "
             "logits: pass class_dim=1"
         )
-    raise TorchfimError(
-        f"class-label targets of shape {got} do not fit outputs {tuple(shape)} read as {read}: pass one class "
-        f"index per {'position' if positions else 'input'}, of shape {(size, *positions)}, or no targets where the "
-        "estimator needs none (the exact Fisher and the score estimator read only their -100, which leaves a "
-        "position out)"
-    )
+    return (f"torchfim: class-label targets of shape {got} do not fit outputs {tuple(shape)} read as {read} (one "
+            f"label per {'position' if positions else 'input'}, {(size, *positions)}), so their -100s are not read "
+            "and every position counts: a CTC transcript, labels at another resolution than the logits, or outputs "
+            "mapped to fewer positions; pass mask= for the positions to leave out, or labels that fit (a dict "
+            "batch's 'labels' key is its targets)")
 
 
 def counted_padding(padding: object, shape: tuple[int, ...], observed: Tensor | None) -> int:

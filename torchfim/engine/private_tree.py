@@ -19,7 +19,7 @@ shared state stays shared. A forward that still reaches a module of the user's t
 kind of object) is caught by :meth:`.view.ModelView.check_independent`'s forward.
 
 A module wrapped by ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``, the model or one
-inside it, is replaced by the module inside (:func:`_unwrapped`), so parameter names drop the wrapper's
+inside it, is replaced by the module inside (:func:`unwrapped`), so parameter names drop the wrapper's
 ``_orig_mod.`` or ``module.``.
 """
 
@@ -37,19 +37,19 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-__all__ = ["forward_signature", "is_compile_wrapper", "private_tree", "users_modules_called"]
+__all__ = ["forward_signature", "is_compile_wrapper", "private_tree", "unwrapped", "users_modules_called"]
 
 
 def private_tree(model: nn.Module) -> nn.Module:
     """A structural copy of ``model``'s module objects, sharing every tensor and attribute with it."""
-    model = _unwrapped(model)
+    model = unwrapped(model)
     copies: dict[int, object] = {}
     for m in model.modules():
         c = object.__new__(type(m))
         c.__dict__.update(m.__dict__)
         copies[id(m)] = c
     for m in model.modules():
-        inner = _unwrapped(m)
+        inner = unwrapped(m)
         if inner is not m:  # a wrapped submodule: its parent's copy calls the copy of the module inside
             copies[id(m)] = copies[id(inner)]
     rebind = _Rebinder(copies)
@@ -100,7 +100,7 @@ def is_compile_wrapper(module: nn.Module) -> bool:
     return type(module).__name__ == "OptimizedModule"
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
+def unwrapped(module: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``'s, ``DataParallel``'s or ``DistributedDataParallel``'s wrapper
     (through several), else ``module`` itself. The engine computes on the inner module: dynamo cannot
     trace under torch.func's transforms and would recompile for every copy, torch's stateless calls

@@ -35,12 +35,12 @@ from .function_forwards import function_forwards
 from .labels import (
     PADDING_COUNTED,
     ModelLabels,
-    check_class_targets,
     check_mask_key,
     counted_padding,
     is_encoder_decoder,
     labelled_positions,
     problem_type_note,
+    unread_targets_note,
 )
 from .model_checks import (
     ONE_DIMENSIONAL,
@@ -210,6 +210,7 @@ class ModelView:
         self._fast_checked = False  # whether the outputs have been compared with torch's fast path's
         self._unobserved_named = False  # whether inputs with no observed position were named (once per view)
         self._padding_named = False  # whether padding counted as observed was named (once per view)
+        self._unread_named = False  # whether class labels that do not fit the outputs were named (once per view)
         self._problem_checked = False  # whether an HF classifier's problem_type was compared with the family
         self._defaults: dict[str, object] | None = None  # see call_defaults
         self._call_checked = False  # see check_call
@@ -303,8 +304,10 @@ class ModelView:
         self.classes.check(shape, _classes(family))
         positions = tuple(shape[2:]) if self.classes.dim == 1 and len(shape) > 2 else tuple(shape[1:-1])
         m = self._mask(batch, mask, positions)
-        if _classes(family):
-            check_class_targets(batch.targets, tuple(shape), self.classes.dim, self.classes.given)
+        if _classes(family) and (note := unread_targets_note(batch.targets, tuple(shape), self.classes.dim,
+                                                              self.classes.given)) and not self._unread_named:
+            self._unread_named = True
+            warn_user(note)
         labelled = labelled_positions(batch.targets, batch.size, positions) if _classes(family) else None
         if labelled is not None:
             labelled = labelled.to(self.device).reshape(batch.size, -1)
