@@ -7,7 +7,7 @@ computing on all the inputs (float64, to rounding); for the random estimators, t
 (the same labels), done by hand. Both processes return the same result, also where one process's share is empty.
 Refused: processes holding other inputs (other rows, other targets, a row's entries in another order), label
 generators in the same state, ``combined``, a mask given as one tensor, other weights (one moved by 1e-3,
-trainable or frozen) or other BatchNorm statistics, calls that differ (return_stderr on one process alone, other
+trainable or frozen; other BatchNorm statistics are warned of), calls that differ (return_stderr on one process alone, other
 estimators, families, structures, variance modes or output functions, other parameters trained), a model that is no module (before, an ``AttributeError``), and no process group; a process
 that fails alone (a NaN in one of its rows, weights on the meta device) makes the other stop with its name
 instead of waiting for a collective.
@@ -122,7 +122,6 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
                                                   across_processes=True),
         # A trial's silent blends: BatchNorm statistics of each process's own (DDP with broadcast_buffers=False),
         # and output functions that compute differently (both lambdas).
-        "other buffers": lambda: torchfim.fisher(_normalised(rank), X, structure="trace", across_processes=True),
         "other output functions": lambda: torchfim.fisher(model, X, structure="trace", across_processes=True,
                                                           output=(lambda o: o, lambda o: 2 * o)[rank]),
         "other variance outputs": lambda: torchfim.variance_bound(model, X, structure="diag", across_processes=True,
@@ -135,6 +134,8 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
                                                              **({"n_sample": 2} if rank else {})),
         "bad target on one": lambda: torchfim.samples_needed(model, X, structure="trace", across_processes=True,
                                                              rel_error=(0.1, -1.0)[rank]),
+        "typo on one": lambda: torchfim.fisher(model, X, structure="trace", across_processes=True,
+                                               **({"n_sample": 2} if rank else {})),
         # Differences that change nothing are taken: an old structure name, labels per input where none are drawn.
         "layers and blocks": lambda: torchfim.fisher(model, X, structure=("layers", "blocks")[rank],
                                                      across_processes=True),
@@ -145,7 +146,7 @@ def _refusals(model: nn.Module, rank: int) -> dict[str, str]:
         try:
             call()
             said[name] = "taken"
-        except TorchfimError as err:
+        except (TorchfimError, TypeError) as err:  # TypeError: a keyword the call does not take
             said[name] = str(err)
     return said
 
@@ -171,6 +172,18 @@ def _without_a_forward_rule() -> tuple[torch.Tensor, bool]:
     torch.manual_seed(0)
     cmp = torchfim.compare_estimators(_NoForwardRule().double(), X[:1], across_processes=True)
     return _table(cmp), cmp.hessian_unavailable is not None
+
+
+def _other_buffers(rank: int) -> str:
+    """The warning where the processes' BatchNorm statistics differ (each process's own, as plain DDP training
+    leaves them between its broadcasts, or DDP(broadcast_buffers=False) for good): a processes trial's blend of two
+    models was computed without a word; not refused, as training leaves them apart after every step."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torchfim.fisher(_normalised(rank), X, structure="trace", across_processes=True)
+    return " ".join(str(w.message) for w in caught)
 
 
 def _normalised(rank: int) -> nn.Module:
@@ -220,7 +233,7 @@ def _rank(rank: int, root: str) -> None:
                                 return_stderr=True, across_processes=True)  # process 1 has no row
     torch.save({"across": _computations(model, True, rank), "own": _computations(model, False, rank),
                 "unseeded": unseeded, "one input": one_input, "refusals": _refusals(model, rank),
-                "no forward rule": _without_a_forward_rule()},
+                "no forward rule": _without_a_forward_rule(), "buffers": _other_buffers(rank)},
                f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -298,15 +311,16 @@ def test_refusals_name_the_fix(ranks) -> None:
                      "frozen on one", "frozen swapped"):
             assert "needs the same call on every process" in said[case], case
         assert said["layers and blocks"] == said["exact n_samples"] == "taken"
-        assert "the processes' weights differ" in said["other buffers"]
+        assert "fisher(across_processes=True) needs the same call on every process" in said["other output functions"]
+        assert "variance_bound(across_processes=True) needs the same call" in said["other variance outputs"]
+        assert "floating-point buffers different" in rank["buffers"] and "SyncBatchNorm" in rank["buffers"]
     for case, own, call in (("bad argument on one", "unknown structure 'diagnal'", "fisher"),
                             ("bad option on one", "unknown option 'n_sample'", "variance_bound"),
-                            ("bad target on one", "rel_error", "fisher_variance")):  # samples_needed's first
+                            ("bad target on one", "rel_error", "fisher_variance"),  # samples_needed's first
+                            ("typo on one", "unexpected keyword argument 'n_sample'", "fisher")):
         assert own in ranks[1]["refusals"][case], case
         assert f"{call}(across_processes=True): 1 other process(es) failed (the error is raised there)" in \
             ranks[0]["refusals"][case], case
-        assert "fisher(across_processes=True) needs the same call on every process" in said["other output functions"]
-        assert "variance_bound(across_processes=True) needs the same call" in said["other variance outputs"]
     with pytest.raises(TorchfimError, match="no process group is initialised"):
         torchfim.fisher(_model(), X, structure="trace", across_processes=True)
 
@@ -316,3 +330,17 @@ def test_a_comparison_without_the_hessian_estimator_is_every_processs(ranks) -> 
     assert unavailable and also
     assert torch.equal(first.isnan(), second.isnan()) and bool(first[:, 2].isnan().all())
     assert torch.equal(first[:, :2], second[:, :2]) and bool((first[:, :2] > 0).all())
+
+
+def test_an_output_functions_settings_do_not_depend_on_the_hash_seed() -> None:
+    """A set constant's order follows each process's string hash seed, which torchrun does not fix: a reviewer's
+    lambda (``x in {"a", "b", "c"}``) gave three numbers under three seeds, so identical calls were refused."""
+    import subprocess
+    import sys
+
+    code = ("from torchfim._processes import function_settings, settings_number\n"
+            "f = lambda o: o if 'mean' in {'mean', 'logits', 'scores', 'hidden'} else 2 * o\n"
+            "print(settings_number(function_settings(f)))")
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(seen) == 1, seen

@@ -128,7 +128,7 @@ def _small_held(module: nn.Module) -> dict[str, str]:
     said["three"] = " ".join(str(w.message) for w in caught if "standard error" in str(w.message))
     said["three stderr"] = record.stderr
     # A monitor refused on process 1 alone when built (an option chosen by rank): process 0 waited for it at its
-    # first measurement until the group's timeout; now process 1 says so there, and process 0 stops naming it.
+    # first measurement until the group's timeout; now both stop when built, process 0 naming it.
     rank = torch.distributed.get_rank()
     try:
         FisherTraceMonitor(copy.deepcopy(module), HELD, across_processes=True, every=(1, 0)[rank]).measure(0)
@@ -270,5 +270,5 @@ def test_held_sets_too_small_to_share_are_named_on_every_process(ran: Path) -> N
         assert "measures 1 input per process per measurement" in small["three"], rank
         assert "hold at least 4 inputs in a mini-batch" in small["three"] and "subset" not in small["three"]
         assert math.isnan(small["three stderr"])
-        assert ("every must be" if rank else "1 other process(es) failed (the error is raised there)") in \
-            small["refused on one"], rank
+        assert ("every must be" if rank else "1 other process(es) failed to build it (the error is raised there)") \
+            in small["refused on one"], rank

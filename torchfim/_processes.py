@@ -10,13 +10,13 @@ import hashlib
 import inspect
 import math
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
-from .errors import TorchfimError
+from .errors import TorchfimError, warn_user
 
 Result = TypeVar("Result")
 
@@ -115,7 +115,8 @@ def announced(failed: list[float]) -> Callable[[Call], Call]:
     ``**options``): where it runs across processes and raises before its first collective (a check of its
     arguments, on one process called otherwise than the others), the error is first announced to the other
     processes in the collective they wait in, ``failed`` being this process's numbers there (the failed flag
-    set), so that they stop naming it; before, they waited until the process group's timeout (30 minutes)."""
+    set), so that they stop naming it; before, they waited until the process group's timeout (gloo's default: 30
+    minutes)."""
 
     def wrap(function: Call) -> Call:
         signature = inspect.signature(function)
@@ -128,7 +129,7 @@ def announced(failed: list[float]) -> Callable[[Call], Call]:
             except Exception:
                 if _GATHERS == gathers and process_group() is not None and _across(signature, args, kwargs):
                     with contextlib.suppress(Exception):  # the error raised here is the one that matters
-                        gather_numbers(failed, signature.bind_partial(*args, **kwargs).arguments.get("model"))
+                        gather_numbers(failed, _model_argument(signature, args, kwargs))
                 raise
 
         return call  # type: ignore[return-value]
@@ -136,11 +137,20 @@ def announced(failed: list[float]) -> Callable[[Call], Call]:
     return wrap
 
 
+def _model_argument(signature: inspect.Signature, args: tuple, kwargs: dict) -> object:
+    """The call's ``model``, also where the call does not bind (a keyword it does not take): where the collectives'
+    tensors go (:func:`model_device`, the CPU for anything else)."""
+    try:
+        return signature.bind_partial(*args, **kwargs).arguments.get("model")
+    except TypeError:
+        return kwargs.get("model", next((a for a in args if isinstance(a, torch.nn.Module)), None))
+
+
 def _across(signature: inspect.Signature, args: tuple, kwargs: dict) -> bool:
     try:
         arguments = signature.bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return False
+    except TypeError:  # a keyword the call does not take (a typo on one process): the flag as given
+        return kwargs.get("across_processes") is True
     options = next((v for k, v in arguments.items() if signature.parameters[k].kind == inspect.Parameter.VAR_KEYWORD),
                    {})
     return arguments.get("across_processes", options.get("across_processes")) is True
@@ -194,9 +204,21 @@ def function_settings(f: object) -> object:
 
 
 def _code_settings(code: types.CodeType) -> tuple:
-    """Bytecode, constants (nested functions' code alike, not by their address) and names of ``code``."""
-    consts = tuple(_code_settings(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
-    return code.co_code.hex(), consts, code.co_names
+    """Bytecode, constants and names of ``code``, the same in every process for the same source."""
+    return code.co_code.hex(), tuple(_constant(c) for c in code.co_consts), code.co_names
+
+
+def _constant(value: object) -> object:
+    """A code constant as processes agree on it: nested code by its own settings (not its address), a frozenset
+    (``x in {"a", "b"}``) sorted (its order follows each process's string hash seed, which torchrun does not fix:
+    a reviewer's lambda gave three numbers under three seeds), tuples item by item, others by ``repr``."""
+    if isinstance(value, types.CodeType):
+        return _code_settings(value)
+    if isinstance(value, frozenset):
+        return ("frozenset", tuple(sorted(repr(_constant(v)) for v in value)))
+    if isinstance(value, tuple):
+        return tuple(_constant(v) for v in value)
+    return repr(value)
 
 
 def settings_number(value: object) -> float:
@@ -219,19 +241,21 @@ _PIECE = 1 << 22
 _PLACES = 65521
 
 
-def weights_fingerprint(model: torch.nn.Module) -> float:
+def weights_fingerprint(model: torch.nn.Module, buffers: bool = False) -> float:
     """A number that tells the weights of two processes' models apart, frozen ones included (a base model loaded
-    otherwise under the same adapter), and their floating-point buffers (BatchNorm's running statistics, which
-    ``DistributedDataParallel(broadcast_buffers=False)`` leaves to each process: a trial's blend of two was the
-    Fisher of neither): ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki + ¼ Σᵢ wᵢ θ_ki) / √n_k)`` over those tensors in order, with ``wᵢ = ((i mod m) + 1)/m`` by the entry's place in its tensor, ``m = min(n_k, 65521)``
-    (a ramp, repeating only every 65521 entries, a prime: a transposed square weight or rows in another order move
-    it; each term is at least ``¼‖θ_k‖``, so no cancellation), in float64 on their devices, in pieces of at most 2²²
-    numbers (no float64 copy of a whole embedding); NaN where it cannot be taken (a lazy or meta parameter, a model
-    that is no module: the computation says why) or is not finite, which no check reads. It tells apart models from
-    other seeds or trained apart; one weight moved a little in a large model may go unseen."""
+    otherwise under the same adapter), or with ``buffers`` their floating-point buffers (their non-finite entries
+    as 0: a causal mask's -inf would make it NaN, which no check reads): ``Σ_k (k + 1)(‖θ_k‖ + (½ Σᵢ θ_ki +
+    ¼ Σᵢ wᵢ θ_ki) / √n_k)`` over those tensors in order, with ``wᵢ = ((i mod m) + 1)/m`` by the entry's place in its
+    tensor, ``m = min(n_k, 65521)`` (a ramp, repeating only every 65521 entries, a prime: a transposed square weight
+    or rows in another order move it; each term is at least ``¼‖θ_k‖``, so no cancellation), in float64 on their
+    devices, in pieces of at most 2²² numbers (no float64 copy of a whole embedding); NaN where it cannot be taken
+    (a lazy or meta parameter, a model that is no module: the computation says why) or is not finite, which no
+    check reads. It tells apart models from other seeds or trained apart; one weight moved a little in a large model
+    may go unseen."""
     try:
-        buffers = [b for b in model.buffers() if b.is_floating_point()]
-        terms = [(k + 1) * _norm_and_sums(p.detach()) for k, p in enumerate([*model.parameters(), *buffers])]
+        tensors = ([b.detach().nan_to_num(0.0, 0.0, 0.0) for b in model.buffers() if b.is_floating_point()]
+                   if buffers else [p.detach() for p in model.parameters()])
+        terms = [(k + 1) * _norm_and_sums(t) for k, t in enumerate(tensors)]
         if not terms:
             return 0.0
         total = float(torch.stack([t.to(terms[0].device) for t in terms]).sum())  # one wait for the device
@@ -265,10 +289,28 @@ def same_weights(fingerprints: list[float]) -> bool:
     return all(math.isclose(f, known[0], rel_tol=1e-9, abs_tol=1e-12) for f in known)
 
 
-def check_same_weights(fingerprints: list[float], what: str) -> None:
-    """Refuse, for the call ``what``, processes whose :func:`weights_fingerprint` differ."""
+def check_same_weights(fingerprints: list[float], what: str, buffers: list[float] = ()) -> None:
+    """Refuse, for the call ``what``, processes whose :func:`weights_fingerprint` differ; warn, once per process,
+    where their buffers' differ (:data:`DIFFERENT_BUFFERS`)."""
+    global _BUFFERS_NAMED
     if not same_weights(fingerprints):
         raise TorchfimError(DIFFERENT_WEIGHTS.format(what))
+    if buffers and not same_weights(list(buffers)) and not _BUFFERS_NAMED:
+        _BUFFERS_NAMED = True
+        warn_user(DIFFERENT_BUFFERS.format(what))
+
+
+#: Whether processes with other buffers were named in this process (:func:`check_same_weights`).
+_BUFFERS_NAMED = False
+#: Why processes whose buffers differ are warned of (``{}``: the call); not refused: plain DDP training leaves them
+#: apart between its broadcasts (each process updates BatchNorm's statistics with its own batch).
+DIFFERENT_BUFFERS = (
+    "torchfim: {} found the processes' floating-point buffers different (BatchNorm's running statistics, which "
+    "each process updates with its own batch, and DistributedDataParallel(broadcast_buffers=False) keeps apart): "
+    "each process computed with its own, so the result mixes models that differ in them; use SyncBatchNorm, or "
+    "give every process rank 0's buffers before the call (for b in model.buffers(): torch.distributed.broadcast(b, "
+    "0))"
+)
 
 
 #: Errors of what the model cannot do rather than of what one process's rows hold (a missing forward-mode
@@ -300,7 +342,7 @@ class Attempt(Generic[Result]):
             return 0.0
         return float(next((2 + i for i, cls in enumerate(SHARED_ERRORS) if isinstance(self.error, cls)), 1))
 
-    def settle(self, others_failed: int, what: str, kinds: list[float] = ()) -> Result:
+    def settle(self, others_failed: int, what: str, kinds: Sequence[float] = ()) -> Result:
         """The result; or this process's error raised; or, where ``others_failed`` other processes failed, an error
         that says so. The error leaves this object and the raising frame as it goes: kept by a frame in its own
         traceback, it would hold the failed computation (engine state, suspended generators) until a later cyclic

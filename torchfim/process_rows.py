@@ -17,8 +17,8 @@ every process succeeded (a process that failed raises its error, the others name
 collective that would never come; a call refused before that, on some processes only, is announced in the same
 collective: :func:`torchfim._processes.announced`), checks that the processes held the same inputs (a digest of the bytes of every
 mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and the same
-weights and floating-point buffers (:func:`torchfim._processes.weights_fingerprint`: a model built from another
-seed on each, not wrapped in ``DistributedDataParallel``, would be refused), the same call (settings, and the
+weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not wrapped in
+``DistributedDataParallel``, would be refused; other floating-point buffers, BatchNorm's statistics, are warned of), the same call (settings, and the
 ``output`` and ``mask`` functions by their code) and, for the random estimators, that their label generators
 started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a
 generator, each process draws from a private one seeded from torch's global generator (one draw, the same on
@@ -62,7 +62,7 @@ Computed = TypeVar("Computed")
 
 #: A process's numbers in :meth:`RowShare.together`'s collective where it failed before reaching it
 #: (:func:`torchfim._processes.announced`): the failed flag first.
-FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0]
+FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0]
 
 
 class RowShare:
@@ -94,12 +94,12 @@ class RowShare:
     def together(self, compute: Callable[[], Computed], model: nn.Module) -> Computed:
         """``compute()`` (this process's share), once every process has finished its own, checked (see the module
         docstring)."""
-        weights = weights_fingerprint(model)
+        weights, buffers = weights_fingerprint(model), weights_fingerprint(model, buffers=True)
         attempt = Attempt(compute)
         # What decides the sums: the call's settings, the parameters trained, the result's shapes (mean's collectives)
         feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
-        numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call)]
+        numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers]
         every = gather_numbers(numbers, model)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
                                   [e[0] for e in every if e[0]])
@@ -117,7 +117,7 @@ class RowShare:
                 "order (not a DistributedSampler's shard, nor a loader shuffled by each process's own seed), or "
                 "across_processes=False for each process's Fisher of its own inputs"
             )
-        check_same_weights([e[3] for e in every], self.what)
+        check_same_weights([e[3] for e in every], self.what, [e[5] for e in every])
         if self._labels is not None and len({e[2] for e in every}) < self.world:
             raise TorchfimError(
                 f"{self.what}: two processes' label generators are in the same state, so their "

@@ -239,7 +239,7 @@ def input_count(inputs: Inputs) -> int | None:
     if isinstance(inputs, DataLoader) and inputs.batch_size is not None and not inputs.drop_last:
         try:
             return len(inputs.sampler)
-        except TypeError:  # an IterableDataset's sampler has no length
+        except (TypeError, NotImplementedError):  # an IterableDataset's sampler has no length
             return None
     return None
 

@@ -41,7 +41,8 @@ def _columns(ax, names: list[str], compact: bool, first: int = 0) -> None:
     if compact and len(names) > NAMED_COLUMNS:
         shown = x[::max(1, len(x) // NAMED_COLUMNS)]
         ax.set_xticks(shown, [str(i + first) for i in shown], fontsize=8)
-        ax.set_xlabel("layer number, in the order of report.md's tables (0: the whole model)", fontsize=8)
+        whole = " (0: the whole model)" if first == 0 else ""
+        ax.set_xlabel(f"layer number, in the order of report.md's tables{whole}", fontsize=8)
         return
     ax.set_xticks(x, names, rotation=45 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
                   fontsize=8)

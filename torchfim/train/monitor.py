@@ -246,6 +246,8 @@ class FisherTraceMonitor:
         self.csv_path, self.tensorboard_dir = process_paths(csv_path, tensorboard_dir)
         self._csv = None if self.csv_path is None else CsvSink(self.csv_path, self.columns)
         self._tensorboard = None if self.tensorboard_dir is None else TensorBoardSink(self.tensorboard_dir)
+        if self._share is not None:
+            self._share.built(model)
 
     def __repr__(self) -> str:
         return (

@@ -54,9 +54,9 @@ SETTINGS_DIFFER = (
 )
 
 
-#: A process's numbers in :meth:`ProcessShare.measured`'s collective where its monitor failed before (when built,
-#: :func:`torchfim._processes.announced`): the failed flag fifth.
-FAILED_BEFORE = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+#: A process's numbers in :meth:`ProcessShare.built`'s collective where its monitor failed to be built
+#: (:func:`torchfim._processes.announced`).
+FAILED_BEFORE = [1.0]
 
 
 @dataclass(frozen=True)
@@ -79,21 +79,33 @@ class ProcessShare:
         come) and checks the monitors' ``settings`` with the parameters trained, the held inputs, the weights and
         the generators' states as they were before the draw."""
         state, weights = generator_fingerprint(generator), weights_fingerprint(model)
+        buffers = weights_fingerprint(model, buffers=True)
         # The settings' digest inside the attempt too: a process that fails to take it says so to the others
         attempt = Attempt(lambda: (settings_number((settings, trained_names(model))), *measure()))
         call, trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0.0, 0)
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                                float(attempt.failed), self.checksum, state, weights, call], model)
+                                float(attempt.failed), self.checksum, state, weights, call, buffers], model)
         t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
         if len({e[8] for e in every}) > 1:  # before any record: the shares would be of other measurements
             raise TorchfimError(SETTINGS_DIFFER)
-        _check_alike([e[5] for e in every], [e[6] for e in every], [e[7] for e in every])
+        _check_alike([e[5] for e in every], [e[6] for e in every], [e[7] for e in every], [e[9] for e in every])
         return t, v, p, int(n)
 
+    def built(self, model: nn.Module) -> None:
+        """The one collective of the monitors' construction, on every process: where one process's monitor was
+        refused when built (its :func:`~torchfim._processes.announced` constructor gathers :data:`FAILED_BEFORE`),
+        the others stop here, naming it, before any training step (they waited for it at their first measurement,
+        while its process went on to the training's own collectives)."""
+        every = gather_numbers([0.0], model)
+        failed = sum(e[0] for e in every)
+        if failed:
+            raise TorchfimError(f"FisherTraceMonitor(across_processes=True): {int(failed)} other process(es) failed "
+                                "to build it (the error is raised there), so this one stops too")
 
-def _check_alike(checksums: list[float], states: list[float], weights: list[float]) -> None:
+
+def _check_alike(checksums: list[float], states: list[float], weights: list[float], buffers: list[float]) -> None:
     """Refuse processes that hold other inputs or other weights, or whose label generators were in the same
     state."""
     if any(not math.isclose(s, checksums[0], rel_tol=1e-9, abs_tol=1e-12) for s in checksums):
@@ -101,7 +113,7 @@ def _check_alike(checksums: list[float], states: list[float], weights: list[floa
             "FisherTraceMonitor(across_processes=True) needs the same held inputs on every process (each "
             "measures its share), but they differ; pass every process the whole held set"
         )
-    check_same_weights(weights, "FisherTraceMonitor(across_processes=True)")
+    check_same_weights(weights, "FisherTraceMonitor(across_processes=True)", buffers)
     if len(set(states)) < len(states):
         raise TorchfimError(
             "FisherTraceMonitor(across_processes=True): two processes' label generators are in the same state, "
