@@ -171,7 +171,8 @@ class FisherTraceMonitor:
         across_processes: share each measurement between the processes of a ``torch.distributed`` run:
             every process holds the same inputs, measures its share (rows ``r::W``) and gets the record of
             the whole held set, which the first process alone writes; every process must measure at the
-            same steps (:mod:`torchfim.train.process_share`).
+            same steps (:mod:`torchfim.train.process_share`); building it is one collective, so every process
+            builds it at the same point (one refused when built stops the others there, naming it).
 
     Example:
         >>> import torch, torchfim.train
