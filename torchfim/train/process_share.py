@@ -10,7 +10,7 @@ stratified combination
 
     ``T = Σ_r (N_r/N) T_r``,  ``V = Σ_r (N_r/N)² V_r``,  ``variance_ratio = V / Σ_r (N_r/N)² P_r``,
 
-from one ``all_gather`` of nine numbers per measurement; every process gets the same record, and the first alone
+from one ``all_gather`` of ten numbers per measurement; every process gets the same record, and the first alone
 writes the files. A large measurement costs each process about ``1/W`` of a whole one; a small one keeps its fixed
 costs (the engine's set-up, the collective). Measured, two processes of one thread against one process measuring
 everything, MLP 64-256-256-10, gloo on one CPU: 0.45× at 8192 held inputs, 0.81× at 2048, 1.09× at 512. With ``subset=m``, each process
