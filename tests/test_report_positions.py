@@ -171,6 +171,17 @@ def test_a_mask_for_outputs_without_positions_is_refused():
         report_mod.compute_report(Keywords(), data, mask="attention_mask", progress=False)
 
 
+def test_class_dim_on_outputs_without_positions_is_refused_as_mask_is() -> None:
+    """A CLI trial: --class-dim 1 on a classifier's (B, C) outputs was taken silently where --mask is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    data = report_mod.as_data(torch.randn(8, 4), "test")
+    with pytest.raises(torchfim.TorchfimError, match=r"--class-dim 1: the model's outputs \(8, 3\) have no positions"
+                                                     r".*drop --class-dim"):
+        report_mod.compute_report(model, data, class_dim=1, progress=False)
+    assert report_mod.compute_report(model, data, class_dim=-1, progress=False)["trace"]["exact"] > 0
+
+
 LM_MODULE = '''
 import torch
 from test_report_positions import TinyLM, _lm_and_data

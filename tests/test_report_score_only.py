@@ -48,6 +48,8 @@ def test_where_the_full_report_would_not_fit_it_falls_back_to_score_only(monkeyp
     monkeypatch.setattr(torchfim, "fisher", no_exact)
     R = report_mod.compute_report(model, report_mod.Data(X, y, "test"), progress=False, seed=3)
     assert R["mode"] == "score_only" and "about 2.98 GiB per input with 1.0 GiB" in R["mode_reason"]
+    from torchfim.report.score_only_render import markdown_score_only
+    assert "or with more memory" in markdown_score_only(R)  # fallen back to: what would reach the full report
     assert exact_calls == ["empirical"]
     assert R["n_samples"] == 2  # at least two labels per input, whatever n_samples asks
     monkeypatch.setattr(torchfim, "fisher", original)
@@ -86,6 +88,8 @@ def test_score_only_when_asked_for_and_its_files(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "# torchfim report (score only)" in text and "](trace_score_only.png)" in text
     assert f"**Tr(F) ≈ {float(R['trace']['trace_score_estimate']):.4g} ±" in text
+    # asked for, its notes advise no smaller data or more memory (a CLI trial), only the mode that gives the rest
+    assert "more memory" not in text and "`--mode full` (or the default" in text
     assert cli.main([*base, "--max-block", "0", "--variance-inputs", "16"]) == 0
     assert "trace_score_only.png" not in {p.name for p in out.iterdir()}
     assert json.loads((out / "report.json").read_text())["trace"]["exact"] > 0

@@ -51,7 +51,12 @@ def check_model_and_data(
         )
     o = outputs_on_a_few(model, data)
     given = check_class_dim(class_dim)
-    if given == 1 and o.dim() > 2:
+    if given == 1 and o.dim() <= 2:  # as --mask there: an option that says nothing of these outputs is refused
+        raise TorchfimError(
+            f"--class-dim 1: the model's outputs {tuple(o.shape)} have no positions (one output vector per input), "
+            "so their classes have no other dim to be in; drop --class-dim"
+        )
+    if given == 1:
         o = o.movedim(1, -1)
     positions = tuple(o.shape[1:-1])
     keep = mask_of(data, mask, positions)

@@ -99,7 +99,7 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
                "observed": "the mask's positions that the labels score, a dict's or a tensor's"}
     kept = KeptSteps.of(keep_in, model, data, options)
     if score_only or beyond is not None:
-        reason = beyond or "asked for (score_only=True, --mode score-only)"
+        reason = beyond or settings.ASKED_SCORE_ONLY
         return {**compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
                                      targets_note=targets_note, reason=reason, kept=kept),
                 "resumed_steps": kept.resumed}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .figures import figure_width, png_bytes
 from .format import family_text, fmt, md_table, pct, warning_lines
 from .markdown import analysed, resumed_note
-from .settings import SCORE_ONLY_FIGURE
+from .settings import ASKED_SCORE_ONLY, SCORE_ONLY_FIGURE
 
 __all__ = ["markdown_score_only", "summary_score_only", "draw_score_only"]
 
@@ -59,9 +59,13 @@ def markdown_score_only(R: dict) -> str:
     add(f"- Time: {fmt(tm.get('total'), 3)} s in all (score estimate {fmt(tm['trace'], 3)} s, empirical "
         f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s){resumed_note(R)}.")
     add("- All values are means over inputs (not sums).")
-    add("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
-        "(shorter sequences, fewer classes) or with more memory; `--mode full` computes them whatever they take "
-        "and refuses what does not fit in memory.")
+    if R["mode_reason"] == ASKED_SCORE_ONLY:
+        add("- For the exact Fisher and the closed-form variances of Î1 and Î2, `--mode full` (or the default, "
+            "which chooses the full report where it fits in memory).")
+    else:
+        add("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
+            "(shorter sequences, fewer classes) or with more memory; `--mode full` computes them whatever they "
+            "take and refuses what does not fit in memory.")
     add("")
     return "\n".join(lines)
 

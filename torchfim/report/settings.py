@@ -66,6 +66,8 @@ REPORT_FILES = (*FILES, EMPIRICAL_FIGURE, SCORE_ONLY_FIGURE)
 FULL_REPORT_SECONDS = 1800.0
 #: ``--mode`` of ``torchfim report`` -> ``score_only`` of :func:`torchfim.report.run_report`.
 MODES = {"auto": None, "full": False, "score-only": True}
+#: Why a score-only report is one where the caller asked for it (its notes then advise no smaller data).
+ASKED_SCORE_ONLY = "asked for (score_only=True, --mode score-only)"
 
 
 def variance_plan(variance_inputs: int | None, n: int, P: int, positions: int = 1) -> tuple[int, bool, str | None]:
