@@ -127,9 +127,10 @@ def announced(failed: list[float]) -> Callable[[Call], Call]:
             try:
                 return function(*args, **kwargs)
             except Exception:
-                if _GATHERS == gathers and process_group() is not None and _across(signature, args, kwargs):
+                across, model = _across_and_model(signature, args, kwargs)
+                if _GATHERS == gathers and across and process_group() is not None:
                     with contextlib.suppress(Exception):  # the error raised here is the one that matters
-                        gather_numbers(failed, _model_argument(signature, args, kwargs))
+                        gather_numbers(failed, model)
                 raise
 
         return call  # type: ignore[return-value]
@@ -137,23 +138,18 @@ def announced(failed: list[float]) -> Callable[[Call], Call]:
     return wrap
 
 
-def _model_argument(signature: inspect.Signature, args: tuple, kwargs: dict) -> object:
-    """The call's ``model``, also where the call does not bind (a keyword it does not take): where the collectives'
-    tensors go (:func:`model_device`, the CPU for anything else)."""
-    try:
-        return signature.bind_partial(*args, **kwargs).arguments.get("model")
-    except TypeError:
-        return kwargs.get("model", next((a for a in args if isinstance(a, torch.nn.Module)), None))
-
-
-def _across(signature: inspect.Signature, args: tuple, kwargs: dict) -> bool:
+def _across_and_model(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[bool, object]:
+    """Whether the call runs across processes (``across_processes``, or the same in its ``**options``), and its
+    ``model`` (where the collectives' tensors go: :func:`model_device`, the CPU for anything else); also where the
+    call does not bind (a keyword typo on one process), from the arguments as given."""
     try:
         arguments = signature.bind_partial(*args, **kwargs).arguments
-    except TypeError:  # a keyword the call does not take (a typo on one process): the flag as given
-        return kwargs.get("across_processes") is True
+    except TypeError:
+        model = kwargs.get("model", next((a for a in args if isinstance(a, torch.nn.Module)), None))
+        return kwargs.get("across_processes") is True, model
     options = next((v for k, v in arguments.items() if signature.parameters[k].kind == inspect.Parameter.VAR_KEYWORD),
                    {})
-    return arguments.get("across_processes", options.get("across_processes")) is True
+    return arguments.get("across_processes", options.get("across_processes")) is True, arguments.get("model")
 
 
 def digest_number(digest: hashlib._Hash) -> float:

@@ -50,17 +50,15 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
 
 
 _KFAC = "Kronecker-factored structures (K-FAC, EK-FAC) are not in torchfim; docs/peers.md says what is"
+_MC, _EF = "the Monte Carlo Fisher is estimator='score'", "the empirical Fisher is estimator='empirical'"
+_BLOCKS = "structure='blocks' (one block per parameter tensor)"
 #: The peers' names for torchfim's choices (BackPACK, nngeometry, curvlinops, laplace-torch, ASDL), named in the
 #: error where a user passes one.
 PEER_NAMES = {
-    "kron": _KFAC, "kfac": _KFAC, "ekfac": _KFAC, "kflr": _KFAC,
-    "mc": "the Monte Carlo Fisher is estimator='score'", "fisher_mc": "the Monte Carlo Fisher is estimator='score'",
-    "ef": "the empirical Fisher is estimator='empirical'", "emp": "the empirical Fisher is estimator='empirical'",
-    "fisher_emp": "the empirical Fisher is estimator='empirical'",
-    "ggn": "the generalised Gauss-Newton is estimator='exact'", "fisher_exact": "estimator='exact'",
-    "dense": "structure='full'", "diagonal": "structure='diag'",
-    "block_diag": "structure='blocks' (one block per parameter tensor)",
-    "blockdiag": "structure='blocks' (one block per parameter tensor)",
+    "kron": _KFAC, "kfac": _KFAC, "ekfac": _KFAC, "kflr": _KFAC, "mc": _MC, "fisher_mc": _MC,
+    "ef": _EF, "emp": _EF, "fisher_emp": _EF, "ggn": "the generalised Gauss-Newton is estimator='exact'",
+    "fisher_exact": "estimator='exact'", "dense": "structure='full'", "diagonal": "structure='diag'",
+    "block_diag": _BLOCKS, "blockdiag": _BLOCKS,
 }
 
 
