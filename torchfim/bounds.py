@@ -15,7 +15,6 @@ inputs: its per-input terms combine as the variance's do, ``Σ_r (n_r/N)² B_r``
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 
@@ -24,8 +23,9 @@ from torch import nn
 
 from ._batches import Inputs, reusable
 from ._processes import announced
-from .errors import TorchfimError, check_n_samples
+from .errors import check_n_samples
 from .families import Family
+from .keyword_hints import explains_keywords
 from .process_rows import FAILED_BEFORE
 from .structures import PublicValue, Trace, structure_class
 from .trace_summary import score_trace_variances
@@ -44,10 +44,19 @@ _ARGUMENTS = """
 """
 
 
+#: The keywords the bounds' ``**options`` take: :func:`~torchfim.variance.variance_of`'s keyword-only arguments.
+OPTIONS = tuple(name for name, p in inspect.signature(variance_of).parameters.items() if p.kind == p.KEYWORD_ONLY)
+
+
+def _explained(function: Callable) -> Callable:
+    """``function``, refusing a keyword that neither it nor its ``**options`` take, with what to pass instead."""
+    return explains_keywords(function, OPTIONS)
+
+
 def _with_arguments(function: Callable) -> Callable:
-    """``function`` with :data:`_ARGUMENTS` at the end of its docstring."""
+    """``function`` with :data:`_ARGUMENTS` at the end of its docstring, its keywords checked (:func:`_explained`)."""
     function.__doc__ = (function.__doc__ or "").rstrip() + "\n" + _ARGUMENTS
-    return function
+    return _explained(function)
 
 
 @announced(FAILED_BEFORE)
@@ -135,6 +144,7 @@ BOUNDS = {
 
 
 @announced(FAILED_BEFORE)
+@_explained
 def variance_bound(
     model: nn.Module,
     inputs: Inputs,
@@ -161,7 +171,7 @@ def variance_bound(
         structure: ``"full"``, ``"diag"``, ``"trace"`` or ``"blocks"``, as in :func:`torchfim.fisher_variance`.
         n_samples: the labels per input ``k`` of that estimator.
         **options: ``backend``, ``progress``, ``mask``, ``output``, ``class_dim`` and ``across_processes``, as in
-            :func:`torchfim.fisher`; any other keyword is refused, naming the ones taken.
+            :func:`torchfim.fisher`; any other keyword is refused with what to pass instead.
 
     Example:
         >>> import torch, torchfim
@@ -173,7 +183,6 @@ def variance_bound(
         True
     """
     check_variance_estimator(estimator, "variance_bound")
-    _check_options(options)
     trace = structure_class(structure) is Trace
     if estimator == "score" and not trace:  # entries: the kurtosis bound is never the tighter (§4.2)
         return score_variance_bound_spectral(model, inputs, family, structure, n_samples, **options)
@@ -190,15 +199,3 @@ def variance_bound(
         else:
             best = torch.minimum(best, other)
     return best
-
-
-def _check_options(options: dict[str, object]) -> None:
-    """Refuse a keyword that the bounds do not take (a typo such as ``n_sample``), naming the ones they do."""
-    taken = sorted(name for name, p in inspect.signature(variance_of).parameters.items() if p.kind == p.KEYWORD_ONLY)
-    unknown = sorted(set(options) - set(taken))
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], [*taken, "family", "estimator", "structure", "n_samples"], n=1)
-        raise TorchfimError(
-            f"variance_bound got an unknown option {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-            + f"; it takes family, estimator, structure, n_samples and the options {', '.join(taken)}"
-        )

@@ -51,6 +51,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
 from .estimators import add_shared_label_estimates
 from .families import Family, get_family
+from .keyword_hints import explains_keywords
 from .structures import STRUCTURE_NAMES, PublicValue, Structure, entrywise, make_structure
 from .variance import HessianVariance, ScoreVariance, squares_layout
 
@@ -181,6 +182,7 @@ def combined_terms(
     return result
 
 
+@explains_keywords
 def combined_variance(
     model: nn.Module,
     inputs: Inputs,

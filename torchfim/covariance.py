@@ -34,6 +34,7 @@ from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import check_choice, check_n_samples
 from .families import Family, get_family
+from .keyword_hints import explains_keywords
 from .structures import (
     STRUCTURE_NAMES,
     Blocks,
@@ -155,6 +156,7 @@ def covariance_of(
         return value
 
 
+@explains_keywords
 def fisher_covariance(
     model: nn.Module,
     inputs: Inputs,

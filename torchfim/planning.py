@@ -18,11 +18,13 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, real_number, warn_user
 from .families import Family
 from .fisher import fisher
+from .keyword_hints import explains_keywords
 from .process_rows import FAILED_BEFORE
 from .variance import VARIANCE_ESTIMATORS, fisher_variance
 
 
 @announced(FAILED_BEFORE)
+@explains_keywords
 def samples_needed(
     model: nn.Module,
     inputs: Inputs,
@@ -149,6 +151,7 @@ class EstimatorComparison:
 
 
 @announced(FAILED_BEFORE)
+@explains_keywords
 def compare_estimators(
     model: nn.Module,
     inputs: Inputs,

@@ -30,6 +30,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_generator, check_n_samples
 from .estimators import sampled_scores
 from .families import Family, get_family
+from .keyword_hints import explains_keywords
 from .train.trace_stats import mean_and_variance
 
 __all__ = ["ScoreNorms", "squared_score_norms"]
@@ -75,6 +76,7 @@ class ScoreNorms:
         return mean, math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else math.nan
 
 
+@explains_keywords
 def squared_score_norms(
     model: nn.Module,
     inputs: Inputs,

@@ -36,6 +36,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples
 from .families import Family, Positions, get_family
 from .families.base import robust_eigvalsh
+from .keyword_hints import explains_keywords
 from .process_rows import FAILED_BEFORE, row_share
 from .structures import (
     STRUCTURE_NAMES,
@@ -289,6 +290,7 @@ def check_variance_estimator(estimator: object, caller: str) -> None:
 
 
 @announced(FAILED_BEFORE)
+@explains_keywords
 def fisher_variance(
     model: nn.Module,
     inputs: Inputs,

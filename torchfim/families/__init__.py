@@ -80,9 +80,16 @@ def _family_hint(family: object) -> str:
     or its name) or another library's name stands for; empty where there is nothing to say."""
     if isinstance(family, type) and issubclass(family, Family):
         return f": {family.__name__} is the class, pass an instance, e.g. {family.__name__}()"
-    name = family if isinstance(family, str) else getattr(family, "__name__", type(family).__name__)
+    hint = loss_family_hint(family)
+    return f": {hint}" if hint else ""
+
+
+def loss_family_hint(loss: object) -> str:
+    """The family to pass for ``loss`` (a loss module, function or name, or another library's name for a
+    distribution), as a sentence; empty where ``loss`` is none of these."""
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
     match = _NAMED_ELSEWHERE.get(name.lower())
     if match is None:
         return ""
-    return (f": for {name} pass family={match!r} (torchfim takes the distribution of the outputs, not a loss; "
+    return (f"for {name} pass family={match!r} (torchfim takes the distribution of the outputs, not a loss; "
             "docs/peers.md relates each loss's curvature to torchfim's Fisher)")

@@ -73,6 +73,7 @@ from ..engine.labels import ModelLabels
 from ..engine.output_reading import check_class_dim, check_output_map
 from ..errors import TorchfimError, check_n_samples, warn_user
 from ..families import Family, get_family
+from ..keyword_hints import explains_keywords
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
 from .engine_path import EnginePath
@@ -198,6 +199,7 @@ class FisherTraceMonitor:
     """
 
     @announced(FAILED_BEFORE)
+    @explains_keywords
     def __init__(
         self,
         model: nn.Module,

@@ -41,6 +41,7 @@ from ..engine.model_checks import check_not_scripted
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
+from ..keyword_hints import explains_keywords
 from .arguments import check_alpha, check_int, check_step, trainable
 from .checkpoint import VERSION, checked, generator_state, gradients_on, named_gradients, restored_generator
 from .computing_passes import computing_passes
@@ -207,6 +208,7 @@ class FisherPenalty(PenaltyTerms):
         True
     """
 
+    @explains_keywords
     def __init__(
         self,
         model: nn.Module,
