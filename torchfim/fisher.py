@@ -34,6 +34,7 @@ from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
 from .estimators import ESTIMATORS, add_estimate
 from .families import Family, get_family
+from .keyword_hints import explains_keywords
 from .process_rows import FAILED_BEFORE, RowShare, row_share
 from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure, structure_kind
 
@@ -42,6 +43,7 @@ FisherResult = PublicValue
 
 
 @announced(FAILED_BEFORE)
+@explains_keywords
 def fisher(
     model: nn.Module,
     inputs: Inputs,
@@ -93,7 +95,8 @@ def fisher(
         generator: ``torch.Generator`` for label sampling (global RNG when None).
         return_stderr: also return the standard error of each entry, the square root of
             :func:`torchfim.fisher_variance` (closed form, conditional on the inputs). ``exact`` has
-            none; ``empirical`` has no label randomness given the targets: both get zeros.
+            none; ``empirical`` has no label randomness given the targets: both get zeros (for ``empirical``
+            with a warning: its error is a bias that no standard error shows).
             ``combined``: ``√(w²V1 + (1 − w)²V2 + 2w(1 − w)C12)``, the square root of
             :func:`torchfim.combined.combined_variance`. The closed form pulls back every output number of
             each input, as the exact Fisher does: about ``C`` backward passes per input for ``C`` outputs, tens of
@@ -162,7 +165,7 @@ def fisher(
             "estimator='empirical' uses the true labels: pass targets=... (one per input), "
             "or use estimator='exact' for the Fisher under the model's own distribution"
         )
-    _warn_unused(estimator, targets, k)
+    _warn_unused(estimator, targets, k, return_stderr)
     draws = estimator in ("score", "hessian")
     share = _row_share(across_processes, estimator, mask, output,
                        ("fisher", estimator, structure_kind(structure), family_settings(fam), k if draws else None,
@@ -242,9 +245,14 @@ def _tensor_mask(mask: Mask, inputs: object) -> Mask:
     return mask
 
 
-def _warn_unused(estimator: str, targets: object, k: int) -> None:
+def _warn_unused(estimator: str, targets: object, k: int, return_stderr: bool) -> None:
     """Warn where an argument given explicitly does not enter ``estimator``: ``targets=`` anywhere but the
-    empirical Fisher (the others use the model's own distribution), ``n_samples`` where no label is drawn."""
+    empirical Fisher (the others use the model's own distribution), ``n_samples`` where no label is drawn; and
+    where the empirical Fisher's standard errors, all 0, would read as an exact result."""
+    if return_stderr and estimator == "empirical":
+        warn_user("torchfim: the empirical Fisher draws no labels, so its standard errors are 0; they say nothing of "
+                  "its bias, its distance to the Fisher (docs/what-fisher-is-not.md). estimator='score' estimates "
+                  "the Fisher itself with an error bar")
     if targets is not None and estimator != "empirical":
         warn_user(
             f"torchfim: targets= is read only by estimator='empirical'; estimator={estimator!r} uses the model's "
