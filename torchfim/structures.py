@@ -9,7 +9,8 @@ memory check, and one algebra that every structure answers the same way:
 * ``to_dense()``: ``A`` as a ``P×P`` tensor, zero outside what the structure keeps (refused with
   the size when it would not fit in memory);
 * ``mv(v)``: ``A v`` for a ``P``-vector (``Blocks``: block-diagonal product);
-* ``block(name)``: the diagonal block of one parameter tensor.
+* ``block(name)``: the diagonal block of one parameter tensor;
+* ``diag_by_parameter()``: the diagonal as one tensor per parameter, in its shape.
 
 A result of :func:`torchfim.fisher` (a tensor, or the dict of ``structure="blocks"``) becomes the object of its kind
 with :func:`torchfim.as_structure`, so that this algebra applies to it.
@@ -41,13 +42,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ._memory import fits_in_memory
 from .errors import TorchfimError, check_choice
+from .layout import Layout, accumulation_dtype
 
 __all__ = ["STRUCTURE_NAMES", "PublicValue", "Layout", "StructureVisitor", "Structure", "Full", "Diag", "Trace", "Blocks",
            "make_structure", "structure_class", "check_fits", "accumulation_dtype", "entrywise"]
@@ -64,47 +65,6 @@ def entrywise(fn: Callable[..., Tensor], *values: PublicValue) -> PublicValue:
     if isinstance(first, dict):
         return {name: fn(*(v[name] for v in values)) for name in first}  # type: ignore[index]
     return fn(*values)
-
-
-@dataclass
-class Layout:
-    """Where each trainable parameter tensor sits in the flat parameter vector θ."""
-
-    names: list[str]
-    shapes: list[torch.Size]
-    dtype: torch.dtype
-    device: torch.device
-    sizes: list[int] = field(init=False)
-    offsets: list[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-
-    @property
-    def num_params(self) -> int:
-        """``P``, the length of θ."""
-        return sum(self.sizes)
-
-    def span(self, index: int) -> slice:
-        """The slice of θ that parameter ``index`` occupies."""
-        return slice(self.offsets[index], self.offsets[index] + self.sizes[index])
-
-    def index(self, name: str) -> int:
-        """The position of parameter ``name``; a clear error for unknown names."""
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise TorchfimError(f"no trainable parameter named {name!r}; known: {', '.join(self.names)}") from None
-
-    def zeros(self, *shape: int) -> Tensor:
-        """A zero tensor in the accumulation dtype (float32 or wider) on the parameters' device."""
-        return torch.zeros(shape, dtype=accumulation_dtype(self.dtype), device=self.device)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision models (sums over many inputs overflow or lose digits), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class StructureVisitor(ABC):
@@ -217,6 +177,11 @@ class Structure(ABC):
     @abstractmethod
     def block(self, name: str) -> Tensor:
         """The diagonal block of parameter ``name`` (dense, or its diagonal for ``Diag``)."""
+
+    def diag_by_parameter(self) -> dict[str, Tensor]:
+        """The diagonal as one tensor per trainable parameter, in the parameter's shape (EWC's importances, a
+        pruning saliency ``½ F_ii θ_i²``): ``layout.unflatten(diag())``."""
+        return self.layout.unflatten(self.diag())
 
     def to_dense(self) -> Tensor:
         """The ``P×P`` matrix (zero outside what is kept); refused when it would not fit in memory."""
