@@ -65,17 +65,23 @@ def check_class_dim(class_dim: object) -> int | None:
 
 CLASSES_LAST = (
     "torchfim: outputs (batch, {shape}) are read with the classes last: {classes} classes at {positions} "
-    "positions per input. A segmentation model's logits (batch, C, H, W), as F.cross_entropy takes them, "
+    "positions per input. {kind} (batch, C, {where}), as F.cross_entropy takes them, "
     "have the classes in dim 1: pass class_dim=1; pass class_dim=-1 to say they are last (and silence this)"
 )
+
+
+def _from_convolution(out: Tensor) -> bool:
+    """Whether ``out`` is a convolution's output (channels in dim 1), as autograd recorded it."""
+    return out.grad_fn is not None and type(out.grad_fn).__name__.startswith("Convolution")
 
 
 class ClassDim:
     """Where the classes are in outputs with positions: ``-1`` last, ``1`` in dim 1, ``None`` not said.
 
     Not said reads them last, as language models' ``(batch, tokens, vocabulary)``, but outputs with two or
-    more position dims are where torch's convention (``cross_entropy``, convolutions) puts them in dim 1:
-    there the first outputs seen get a warning that names both choices.
+    more position dims, and a convolution's outputs with one (a Conv1d tagger's ``(batch, C, T)``), are where
+    torch's convention (``cross_entropy``, convolutions) puts them in dim 1: there the first outputs seen get a
+    warning that names both choices.
     """
 
     def __init__(self, class_dim: object) -> None:
@@ -87,22 +93,29 @@ class ClassDim:
         #: Whether the family reads classes (the categorical one); None while not known. Only outputs with
         #: classes are warned of: a Gaussian's or matrix Fisher's (batch, H, W, C) have no class dim to misplace.
         self.categorical: bool | None = None
+        #: Whether outputs seen by :meth:`last` came from a convolution (their channels in dim 1).
+        self.convolution = False
 
     def last(self, out: Tensor, check: bool = True) -> Tensor:
         """Outputs ``(B, C, *positions)`` with ``class_dim=1`` as ``(B, *positions, C)``; others as they are.
         ``check=False`` leaves the warning to a later :meth:`check` that knows the family."""
+        if self._unsaid and out.dim() == 3:
+            self.convolution = self.convolution or _from_convolution(out)
         if check:
             self.check(out.shape)
         return out.movedim(1, -1) if self.dim == 1 and out.dim() > 2 else out
 
     def check(self, shape: tuple[int, ...], categorical: bool | None = None) -> None:
-        """Warn once where the class dim was not said, ``shape`` has two or more position dims and the family
-        reads classes (``categorical``, else :attr:`categorical`; not known counts as reading them)."""
+        """Warn once where the class dim was not said, ``shape`` has two or more position dims (or one, for a
+        convolution's outputs) and the family reads classes (``categorical``, else :attr:`categorical`; not known
+        counts as reading them)."""
         reads_classes = self.categorical if categorical is None else categorical
-        if self._unsaid and len(shape) >= 4 and reads_classes is not False:
+        convolution = len(shape) == 3 and self.convolution
+        if self._unsaid and (len(shape) >= 4 or convolution) and reads_classes is not False:
             self._unsaid = False
+            kind, where = ("A convolution's outputs", "T") if convolution else ("A segmentation model's logits", "H, W")
             warn_user(CLASSES_LAST.format(shape=", ".join(str(s) for s in shape[1:]), classes=shape[-1],
-                                          positions="×".join(str(s) for s in shape[1:-1])))
+                                          positions="×".join(str(s) for s in shape[1:-1]), kind=kind, where=where))
 
 
 def check_batch_rows(out: Tensor, batch: Batch) -> None:
