@@ -261,7 +261,9 @@ def test_scripts_use_the_venv_helper():
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "_venv.sh")], check=True)
     assert ".venv/bin/torchfim\" demo \"$@\"" in (ROOT / "scripts" / "demo").read_text().replace(
         "$TORCHFIM_VENV", ".venv")
-    assert "-m pytest -q \"$@\"" in (ROOT / "scripts" / "test").read_text()
+    test = (ROOT / "scripts" / "test").read_text()
+    assert '-m pytest -q -n "$workers" --dist loadfile "$@"' in test  # both of CI's cores, a file per worker
+    assert 'workers="${TORCHFIM_TEST_WORKERS:-2}"' in test
     helper = (ROOT / "scripts" / "_venv.sh").read_text()
     assert "-c constraints.txt -e '.[dev]'" in helper
 
