@@ -78,7 +78,7 @@ def test_with_class_dim_the_labels_leave_their_padding_out() -> None:
     assert not torch.allclose(got, unmasked, rtol=1e-3)  # the padding counts: the labels were read
 
 
-@pytest.mark.parametrize("shape", [(10, 2), (5,)])
+@pytest.mark.parametrize("shape", [(10, 2), (10, 3, 2)])
 def test_labels_that_fit_no_reading_are_said_to_be_unread(shape: tuple[int, ...]) -> None:
     """A CTC transcript, labels at another resolution than the logits, outputs mapped to fewer positions: the
     exact Fisher does not need the labels, so it goes on without their -100s, and says so once."""
@@ -145,3 +145,19 @@ def test_float_labels_are_left_to_the_estimators_that_read_them() -> None:
                        torchfim.fisher(model, x, structure="diag"))
     with pytest.raises(TorchfimError, match="argmax"):
         torchfim.fisher(model, [(x, onehot)], estimator="empirical", structure="diag")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "score", "hessian", "empirical"])
+def test_labels_of_another_batch_size_are_refused_without_a_contradicting_warning(estimator: str) -> None:
+    """Labels with 10 rows for 16 inputs fit no reading of the outputs: they are another batch's. Before, the
+    estimators that read only their -100s warned that "every position counts" and went on (and the empirical one
+    warned so beside its refusal, a downstream-uses trial saw)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(3, 4).double(), torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 4, (10,))
+    with warnings.catch_warnings(record=True) as record, pytest.raises(TorchfimError) as caught:
+        warnings.simplefilter("always")
+        torchfim.fisher(model, x, estimator=estimator, targets=y)
+    assert "(10,)" in str(caught.value) and "16" in str(caught.value)
+    assert not [w for w in record if "every position counts" in str(w.message)]

@@ -153,13 +153,17 @@ def unread_targets_note(targets: object, shape: tuple[int, ...], class_dim: int,
     reads, cannot be placed, so they are not read (a warning; the empirical estimator refuses them itself). Where the
     class dim was not said and the labels fit the outputs read with classes in dim 1 (``F.cross_entropy``'s
     ``(N, C, T)``), the outputs are likely misread: refused, naming ``class_dim=1`` (a porting trial's tagger was 0.41
-    off its peer's GGN, silently). None where they fit, or are not integer labels."""
+    off its peer's GGN, silently); labels with another number of rows than the inputs are refused. None where they
+    fit, or are not integer labels."""
     first = class_dim == 1 and len(shape) > 2
     positions, classes = (tuple(shape[2:]), shape[1]) if first else (tuple(shape[1:-1]), shape[-1])
     size = shape[0]
     if not _integer(targets) or _fits(targets, size, positions):
         return None
     got, dims = tuple(targets.shape), f"{len(positions)} position dim(s) {positions} of " if positions else ""
+    if targets.dim() > 0 and got[0] != size:  # no reading of the outputs fits: the targets are another batch's
+        raise TorchfimError(f"class-label targets of shape {got} have {got[0]} rows for a mini-batch of {size} "
+                            f"inputs (outputs {tuple(shape)}): pass one row of labels per input, in the inputs' order")
     read = f"{dims}{classes} classes"
     if not said and len(shape) >= 3 and _fits(targets, size, tuple(shape[2:])):
         raise TorchfimError(
