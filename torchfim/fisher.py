@@ -84,7 +84,9 @@ def fisher(
             Hugging Face causal language model (whose own loss shifts its ``labels``), the outputs at
             position t get ``labels[t + 1]``, as in that loss.
         family: output family name or :class:`~torchfim.families.Family`.
-        estimator: ``"exact"``, ``"score"``, ``"hessian"``, ``"empirical"`` or ``"combined"``.
+        estimator: ``"exact"``, ``"score"``, ``"hessian"``, ``"empirical"`` or ``"combined"``. ``hessian``'s
+            entries (and ``combined``'s) can be negative, one label's Hessian not being positive semi-definite:
+            weights that must be non-negative (EWC, merging, pruning saliencies) take ``exact`` or ``score``.
         structure: ``"full"`` (P×P), ``"diag"`` (P), ``"trace"`` (0-dim) or ``"blocks"`` (dict:
             parameter name → its diagonal block; ``"layers"`` is the old name).
         n_samples: labels drawn per input (per position) for ``score``, ``hessian`` and ``combined``.
@@ -96,7 +98,10 @@ def fisher(
         return_stderr: also return the standard error of each entry, the square root of
             :func:`torchfim.fisher_variance` (closed form, conditional on the inputs). ``exact`` has
             none; ``empirical`` has no label randomness given the targets: both get zeros (for ``empirical``
-            with a warning: its error is a bias that no standard error shows).
+            with a warning: its error is a bias that no standard error shows). A standard error, not an
+            interval: ±1.96 s.e. covers 95% only where the estimate is close to normal (many inputs and
+            labels); with a few or heavy-tailed inputs it is skewed and covers less (README, "What a standard
+            error covers").
             ``combined``: ``√(w²V1 + (1 − w)²V2 + 2w(1 − w)C12)``, the square root of
             :func:`torchfim.combined.combined_variance`. The closed form pulls back every output number of
             each input, as the exact Fisher does: about ``C`` backward passes per input for ``C`` outputs, tens of

@@ -72,7 +72,8 @@ class Layout:
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
         """The ``P``-vector of ``tensors`` (by parameter name: ``dict(model.named_parameters())``, gradients by
         name) in this layout's order; names it does not hold (frozen parameters) are left out, as in the
-        results (``parameters_to_vector(model.parameters())`` keeps them, and so does not match)."""
+        results (``parameters_to_vector(model.parameters())`` keeps them, and so does not match). Autograd
+        history is kept (an EWC penalty differentiates through θ): detach the tensors for a plain vector."""
         missing = [name for name in self.names if name not in tensors]
         if missing:
             raise TorchfimError(f"flatten needs a tensor for every trainable parameter; missing: {', '.join(missing)}")

@@ -42,6 +42,8 @@ def samples_needed(
 ) -> int:
     """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value.
 
+    A one-σ target: about two estimates in three fall within ``rel_error`` of the value (for a normal estimate).
+
     The variance with ``k`` labels is ``V₁/k`` (``V₁`` = :func:`fisher_variance`
     with one label), so ``k = ⌈V₁ / (ε·I)²⌉`` for ``structure="trace"`` (``I`` =
     Tr of the exact Fisher) and the largest such ``k`` over the diagonal entries whose exact Fisher is
@@ -166,6 +168,10 @@ def compare_estimators(
     progress: bool = False,
 ) -> EstimatorComparison:
     """For every parameter tensor, which of Î1 and Î2 estimates its diagonal Fisher with less variance.
+
+    By variance alone: Î2's entries can be negative (one label's Hessian is not positive semi-definite), so
+    where the weights must be non-negative (EWC, merging, pruning saliencies) Î1 or the exact diagonal is the
+    choice whatever the comparison says.
 
     Compares ``Σ_p Var(Î)_pp`` over the parameter's entries (the expected squared
     error of its diagonal) from :func:`fisher_variance`. ``n_samples`` is the labels per input ``k`` of both

@@ -69,7 +69,9 @@ class ScoreNorms:
         ``k ≥ 2``; with ``k = 1`` the spread over inputs stands in and over-states it); with
         ``inputs_as_sample=True`` it is that of an estimate of ``E_x Tr(F(x))`` when the inputs are an
         i.i.d. sample of the data, ``√(s²/n)`` with ``s²`` the variance of the per-input means
-        (input spread and label noise together). NaN for a single input.
+        (input spread and label noise together). NaN for a single input. The variance behind it is
+        estimated from few, skewed numbers when there are few inputs: ±1.96 s.e. then covers well under 95%
+        (77% with 3 inputs and 2 labels each, 87% with 8, 93% with 32, in an error-bar trial).
         """
         s = self.of(name)
         mean, variance = mean_and_variance(s, None if inputs_as_sample else s.shape[0])

@@ -16,7 +16,8 @@ A result of :func:`torchfim.fisher` (a tensor, or the dict of ``structure="block
 with :func:`torchfim.as_structure`, so that this algebra applies to it.
 
 As torch's own ``diagonal()`` and slicing do, what these return may share memory with the structure
-(``Diag.diag()`` is its stored vector, ``Full.block`` a view): clone a result before writing into it.
+(``Diag.diag()`` is its stored vector, ``Full.block`` a view, ``Full.to_dense()`` the matrix itself,
+``diag_by_parameter()`` views of the diagonal): clone a result before writing into it.
 
 The engine adds per-sample products with ``add_rows`` (rows ``r`` of ``Σ r rᵀ``, all parameters),
 ``add_block_rows`` (rows of one parameter tensor), ``add_squares`` (entrywise squares of one
@@ -180,7 +181,7 @@ class Structure(ABC):
 
     def diag_by_parameter(self) -> dict[str, Tensor]:
         """The diagonal as one tensor per trainable parameter, in the parameter's shape (EWC's importances, a
-        pruning saliency ``½ F_ii θ_i²``): ``layout.unflatten(diag())``."""
+        pruning saliency ``½ F_ii θ_i²``): ``layout.unflatten(diag())``, views of :meth:`diag` (docs/uses.md)."""
         return self.layout.unflatten(self.diag())
 
     def to_dense(self) -> Tensor:
