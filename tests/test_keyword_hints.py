@@ -55,6 +55,16 @@ def test_every_unknown_keyword_is_named_and_one_without_a_hint_plainly(setting):
     assert "'reduction': torchfim's Fisher is the mean" in message and message.endswith("; 'zzz'")
 
 
+def test_a_peers_keyword_is_named_only_where_the_call_takes_what_it_stands_for(setting):
+    """samples_needed returns the labels per input and FisherPenalty draws one: neither takes n_samples, so
+    ``mc_samples=`` gets no hint there (and a near-miss where there is one), while fisher names n_samples=."""
+    model, x = setting
+    assert "n_samples=" in _message(lambda: torchfim.fisher(model, x, mc_samples=3))
+    assert _message(lambda: torchfim.samples_needed(model, x, mc_samples=3)).endswith("argument 'mc_samples'")
+    assert "estimator=" not in _message(lambda: FisherPenalty(model, fisher_type="mc"))
+    assert "(inputs, targets) pairs" in _message(lambda: torchfim.fisher_variance(model, x, labels=None))
+
+
 def test_compare_estimators_names_its_sibling_for_another_structure(setting):
     model, x = setting
     assert "fisher_variance(structure=...)" in _message(lambda: torchfim.compare_estimators(model, x, structure="full"))

@@ -28,26 +28,27 @@ _LOSS = ("torchfim takes the distribution of the outputs as family= ('categorica
 _REDUCTION = ("torchfim's Fisher is the mean over inputs of the sum over each input's positions (docs/math.md §2.4 "
               "and §5.5): multiply it by the number of inputs for a summed loss's curvature, divide it by the "
               "positions per input for a per-token mean")
+_TARGETS = ("true labels go with the inputs, as (inputs, targets) pairs or a DataLoader of them (fisher also takes "
+            "targets=); estimator='empirical' reads their values, every estimator their -100s")
 _DATA = "pass the inputs as the second positional argument (a tensor, (inputs, targets) pairs or a DataLoader)"
-_TARGETS = ("true labels go with the inputs, as (inputs, targets) pairs or a DataLoader of them, for "
-            "estimator='empirical'")
-_LABELS_PER_INPUT = "n_samples= (sampled labels per input)"
-_ESTIMATOR = "estimator= ('exact', 'score', 'hessian' or 'empirical')"
-_STRUCTURE = "structure= ('full', 'diag', 'trace' or 'blocks')"
 _DAMPING = ("torchfim returns the Fisher itself, without damping or prior: add λ·I (or the prior precision) to the "
-            "result")
+            "result (docs/uses.md)")
 
-#: The peers' keyword names (and torchfim's older ones) and what torchfim takes instead.
-FOREIGN_KEYWORDS = {
-    **dict.fromkeys(("loss_func", "lossfunc", "loss_fn", "loss", "criterion", "likelihood"), _LOSS),
-    "reduction": _REDUCTION,
-    **dict.fromkeys(("data", "dataloader", "data_loader", "loader", "train_loader", "x", "X"), _DATA),
-    **dict.fromkeys(("labels", "y"), _TARGETS),
+#: The peers' keyword names (and near-misses of torchfim's own): the keyword of torchfim's they stand for (None:
+#: none, the hint holds for every call), and what to say where the function takes that keyword.
+FOREIGN_KEYWORDS: dict[str, tuple[str | None, str]] = {
+    **dict.fromkeys(("loss_func", "lossfunc", "loss_fn", "loss", "criterion", "likelihood"), ("family", _LOSS)),
+    "reduction": (None, _REDUCTION),
+    **dict.fromkeys(("data", "dataloader", "data_loader", "loader", "train_loader", "x", "X"),
+                    ("inputs", _DATA)),
+    **dict.fromkeys(("labels", "y"), (None, _TARGETS)),
     **dict.fromkeys(("mc_samples", "num_samples", "n_mc", "num_mc_samples", "samples", "nsamples", "n_sample"),
-                    _LABELS_PER_INPUT),
-    **dict.fromkeys(("fisher_type", "curvature", "hessian_type", "variant"), _ESTIMATOR),
-    **dict.fromkeys(("hessian_structure", "representation", "repr", "subset_of_weights"), _STRUCTURE),
-    **dict.fromkeys(("damping", "prior_precision", "prior_prec"), _DAMPING),
+                    ("n_samples", "n_samples= (sampled labels per input)")),
+    **dict.fromkeys(("fisher_type", "curvature", "hessian_type", "variant"),
+                    ("estimator", "estimator= ('exact', 'score', 'hessian' or 'empirical')")),
+    **dict.fromkeys(("hessian_structure", "representation", "repr", "subset_of_weights"),
+                    ("structure", "structure= ('full', 'diag', 'trace' or 'blocks')")),
+    **dict.fromkeys(("damping", "prior_precision", "prior_prec"), (None, _DAMPING)),
 }
 
 #: Keywords one function lacks that a sibling takes, named with the sibling.
@@ -65,9 +66,9 @@ def keyword_hint(name: str, keyword: str, value: object, accepted: list[str]) ->
     of ``accepted``; empty where there is nothing to say."""
     if (name, keyword) in _ELSEWHERE:
         return _ELSEWHERE[name, keyword]
-    if keyword in FOREIGN_KEYWORDS:
-        loss = loss_family_hint(value) if FOREIGN_KEYWORDS[keyword] is _LOSS else ""
-        return loss or FOREIGN_KEYWORDS[keyword]
+    stands_for, hint = FOREIGN_KEYWORDS.get(keyword, ("", ""))
+    if hint and (stands_for is None or stands_for in accepted):
+        return (loss_family_hint(value) if hint is _LOSS else "") or hint
     near = difflib.get_close_matches(keyword, accepted, n=1, cutoff=0.7)
     return f"did you mean {near[0]}=?" if near else ""
 
