@@ -423,7 +423,7 @@ def test_bad_inputs_and_model(model):
     frozen = tanh_mlp(3).requires_grad_(False)
     with pytest.raises(TorchfimError, match="no parameters with requires_grad=True"):
         torchfim.fisher(frozen, mlp_inputs(2))
-    with pytest.raises(TorchfimError, match="targets must have shape|class index"):
+    with pytest.raises(TorchfimError, match="targets must have shape|class index|2 rows for a mini-batch of 4 inputs"):
         torchfim.fisher(model, mlp_inputs(4), estimator="empirical", targets=torch.tensor([0, 1]))
 
 
