@@ -740,3 +740,25 @@ def test_the_empirical_fishers_zero_standard_errors_come_with_a_warning():
         warnings.simplefilter("error")
         torchfim.fisher(model, x, estimator="empirical", targets=y)
         torchfim.fisher(model, x, estimator="score", return_stderr=True)
+
+
+def test_a_gamma_shape_that_underflows_is_named_with_the_smallest_outputs():
+    """Log-shapes near −800 make the shape e^o exactly 0 in float64, and the label draw divides by it: the refusal
+    blamed overflow and sent the user to the largest outputs (a statistics trial)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 4).double()
+
+    class LogShapes(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            o = self.lin(x)
+            return torch.cat([o[:, :2], o[:, 2:] - 800], -1)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.isfinite(torchfim.fisher(LogShapes(), x, family="gamma", structure="trace"))
+    with pytest.raises(TorchfimError, match=r"gamma shape e\^o that underflows to 0.*the largest and the smallest"):
+        torchfim.fisher(LogShapes(), x, family="gamma", estimator="score", structure="trace",
+                        generator=torch.Generator().manual_seed(0))

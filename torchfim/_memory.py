@@ -105,6 +105,18 @@ def _stat(folder: Path, key: str) -> int:
     return 0
 
 
+def size_text(gib: float) -> str:
+    """A size given in GiB as a person reads it: in GiB from 1 GiB, else in MiB, else in KiB (a refusal of a small
+    matrix on a machine out of memory read "0.0 GiB needed, 0.0 GiB available")."""
+    if gib >= 1:
+        return f"{gib:.1f} GiB"
+    return f"{gib * 1024:.1f} MiB" if gib >= 1 / 1024 else f"{gib * 1024**2:.0f} KiB"
+
+
+#: Below this (in GiB) a refused allocation is small: the machine, not the request, is what to change.
+SMALL_REQUEST_GIB = 1 / 16
+
+
 def fits_in_memory(n_entries: int, dtype: torch.dtype, device: torch.device,
                    copies: int = 2) -> tuple[bool, float, float]:
     """Whether ``copies`` tensors of ``n_entries`` fit (by default a result plus one working copy); also the GiB

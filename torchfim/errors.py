@@ -131,7 +131,7 @@ def check_generator(generator: object) -> None:
 def check_label_memory(batch: int, n_samples: int, width: int, device: torch.device) -> None:
     """Refuse to draw ``n_samples`` labels for each of ``batch`` inputs when their output scores
     (``batch × n_samples × width`` numbers, held at once) would not fit in memory."""
-    from ._memory import fits_in_memory
+    from ._memory import fits_in_memory, size_text
 
     if batch * n_samples * width < 2**26:  # under 0.5 GiB: not worth reading the free memory
         return
@@ -139,7 +139,7 @@ def check_label_memory(batch: int, n_samples: int, width: int, device: torch.dev
     if not fits:
         raise TorchfimError(
             f"n_samples={n_samples} labels for each of {batch} inputs need about {needed:.3g} GiB for their "
-            f"output scores, but {free:.1f} GiB is available on {device}; draw fewer labels per call "
+            f"output scores, but {size_text(free)} is available on {device}; draw fewer labels per call "
             "(average the results of several calls) or pass smaller mini-batches"
         )
 

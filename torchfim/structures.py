@@ -47,7 +47,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._memory import fits_in_memory
+from ._memory import SMALL_REQUEST_GIB, fits_in_memory, size_text
 from .errors import TorchfimError, check_choice
 from .layout import Layout, accumulation_dtype
 
@@ -226,9 +226,12 @@ def check_fits(entries: int, what: str, name: str, layout: Layout,
     that would not fit, naming the size and ``fix``."""
     ok, needed, free = fits_in_memory(entries, accumulation_dtype(layout.dtype), layout.device, copies)
     if not ok:
+        if needed < SMALL_REQUEST_GIB:  # the machine is out of memory at this moment: a smaller structure will not help
+            fix = ("the machine has next to no free memory at this call (MemAvailable, or a memory cgroup's limit "
+                   f"less its usage): free memory and call again, or {fix}")
         raise TorchfimError(
-            f"structure={name!r} needs {what} (about {needed:.1f} GiB with working memory) but only "
-            f"{free:.1f} GiB is available on {layout.device}; {fix}"
+            f"structure={name!r} needs {what} (about {size_text(needed)} with working memory) but only "
+            f"{size_text(free)} is available on {layout.device}; {fix}"
         )
 
 

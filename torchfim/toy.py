@@ -77,7 +77,7 @@ def mlp(
 def _check_fits(n_in: int, hidden: tuple[int, ...], n_out: int, dtype: torch.dtype) -> None:
     """Refuse widths whose MLP would not fit in memory: torch would fail with a bare allocation error, or
     the machine swap, with widths such as 100000,100000 (10¹⁰ parameters, 40 GB in float32)."""
-    from ._memory import fits_in_memory
+    from ._memory import fits_in_memory, size_text
 
     widths = (n_in, *hidden, n_out)
     n = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
@@ -87,7 +87,7 @@ def _check_fits(n_in: int, hidden: tuple[int, ...], n_out: int, dtype: torch.dty
     if not ok:
         raise TorchfimError(
             f"hidden widths {','.join(map(str, hidden))} make an MLP of {n:,} parameters, which needs "
-            f"{needed:.1f} GiB (weights, gradients and optimiser state) of the {free:.1f} GiB of "
+            f"{size_text(needed)} (weights, gradients and optimiser state) of the {size_text(free)} of "
             "memory available; choose smaller hidden widths (the command line's --hidden)"
         )
 

@@ -146,8 +146,9 @@ def check_finite_result(value: torch.Tensor | dict, what: str, dtype: torch.dtyp
         raise TorchfimError(
             f"{what} has non-finite entries: the per-sample products overflowed even in torch.float64, or the "
             "model produced non-finite derivatives. In float64 that takes extreme outputs: the family's moments "
-            "of them (a Poisson rate e^o squared at o ≈ 700, 1/σ⁴ for σ near 1e-80, a variance e^s at s ≈ ±700) "
-            "or activations beyond 1e154; check the largest outputs the model returns and rescale the inputs or "
+            "of them (a Poisson rate e^o squared at o ≈ 700, 1/σ⁴ for σ near 1e-80, a variance e^s at s ≈ ±700, "
+            "a gamma shape e^o that underflows to 0 below o ≈ −745 and divides the label draw) or activations "
+            "beyond 1e154; check the largest and the smallest outputs the model returns and rescale the inputs or "
             "the output layer"
         )
     raise TorchfimError(
