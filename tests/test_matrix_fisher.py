@@ -131,3 +131,31 @@ def test_outputs_beyond_the_accurate_range_are_warned_of_and_refused_where_not_f
         fam.check_output(1e14 * rotation)
     with pytest.raises(TorchfimError, match=r"singular value of 1e\+18.*not finite above 1e\+17"):
         fam.check_output(1e18 * rotation)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-6])
+@pytest.mark.parametrize("family", ["matrix_fisher", "categorical"])
+def test_float32_trace_bounds_near_the_uniform_law_stay_above_the_variance(scale: float, family: str) -> None:
+    """Near the uniform law uᵀGu hardly varies (‖vec R − E vec R‖² is constant on SO(3), nearly so for a softmax
+    of small logits), so the trace bound's two terms are far larger than their difference: formed in float32, a
+    matrix Fisher head at scale 1e-4 gave −339 times the variance (a statistics trial). The bound in float32 now
+    stays above the float64 exact variance, and the spectral one within 1% of its float64 value."""
+    import torchfim
+
+    def head(dtype: torch.dtype) -> torch.nn.Module:
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 9)).to(dtype)
+        with torch.no_grad():
+            model[2].weight.mul_(scale)
+            model[2].bias.mul_(scale)
+        return model
+
+    x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = float(torchfim.fisher_variance(head(torch.float64), x, family=family, structure="trace"))
+    spectral64 = float(torchfim.score_variance_bound_spectral(head(torch.float64), x, family=family, structure="trace"))
+    for bound in (torchfim.score_variance_bound_spectral, torchfim.score_variance_bound_kurtosis,
+                  torchfim.variance_bound):
+        assert float(bound(head(torch.float32), x.float(), family=family, structure="trace")) >= exact
+    spectral32 = float(torchfim.score_variance_bound_spectral(head(torch.float32), x.float(), family=family,
+                                                              structure="trace"))
+    assert abs(spectral32 / spectral64 - 1) < 0.01

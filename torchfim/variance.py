@@ -75,6 +75,11 @@ def widened(values: Tensor) -> Tensor:
     return values.to(accumulation_dtype(values.dtype))
 
 
+def _bound_dtype(t: Tensor) -> torch.dtype:
+    """float64 where the device has it (MPS has not), else ``t``'s dtype."""
+    return t.dtype if t.device.type == "mps" else torch.promote_types(t.dtype, torch.float64)
+
+
 def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
     """The per-input constant of an Î1 bound: ``λ_max(M)`` (spectral) or ``E‖u‖⁴`` (kurtosis)."""
     if mode == "spectral":
@@ -106,12 +111,19 @@ class ScoreVariance(StructureVisitor):
         o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
         if mode == "exact":  # Var[uᵀGu], by the family's form without cancellation
             return fam.score_quadratic_spread(o, gram).to(torch.promote_types(o.dtype, gram.dtype))
+        # Formed in float64: near a uniform law uᵀGu hardly varies (‖u‖² is constant on SO(3), nearly so for a
+        # softmax of small logits), so both terms are far larger than their difference, which float32 turned
+        # negative (a matrix Fisher head at scale 1e-4 gave −339 times the variance). Exact in float64 from the
+        # rounded outputs and gram, the difference is a bound of the rounded problem, hence ≥ 0.
+        wide = _bound_dtype(gram)
+        o, gram = o.to(wide), gram.to(wide)
         eye = identity_like(gram.shape[-1], gram).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
+        scale = _bound_scale(fam, o, mode)
         if mode == "spectral":
-            second = self.scale[rows] * gram.square().sum((1, 2))
+            second = scale * gram.square().sum((1, 2))
         else:
-            second = self.scale[rows] * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
+            second = scale * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
         return second - trace_i**2
 
     def diag(self, structure: Diag) -> None:
