@@ -181,8 +181,9 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
         lines += ["", ("Fraction of the small-vs-large gap closed by the penalty, (FP − small)/(large − small) on the seed "
                   "means, with a 95% bootstrap interval over the paired seeds (1 = as good as η*, 0 = no effect):"), ""]
         for c in combos + ([POOLED] if POOLED in agg else []):
-            lines.append(f"* {c}: at the best validation step {_gap(agg[c]['gap_closed'])}; final "
-                         f"{_gap(agg[c]['gap_closed_final'])}")
+            pooled = c == POOLED
+            lines.append(f"* {c}: at the best validation step {_gap(agg[c]['gap_closed'], pooled)}; final "
+                         f"{_gap(agg[c]['gap_closed_final'], pooled)}")
     return _trace_table(results, combos) + lines
 
 
@@ -190,9 +191,11 @@ def _yes_no(flag: bool | None) -> str:
     return "n/a" if flag is None else "yes" if flag else "no"
 
 
-def _gap(g: dict) -> str:
-    """``0.42 [0.10, 0.95]`` (the point value and its bootstrap interval), or why there is none."""
-    gap = f"η* − η*/10 = {100 * g['gap']:+.1f} points [{100 * g['gap_ci_low']:+.1f}, {100 * g['gap_ci_high']:+.1f}]"
+def _gap(g: dict, pooled: bool = False) -> str:
+    """``0.42 [0.10, 0.95]`` (the point value and its bootstrap interval), or why there is none; ``pooled``: the
+    gap is the sum of the settings' gaps (the fraction's denominator), and says so."""
+    gap = (f"{'Σ over the settings of ' if pooled else ''}η* − η*/10 = {100 * g['gap']:+.1f} points "
+           f"[{100 * g['gap_ci_low']:+.1f}, {100 * g['gap_ci_high']:+.1f}]")
     if g["value"] is None or g["gap_ci_low"] <= 0:
         return f"no clear gap to close ({gap})"
     return f"{g['value']:.2f} [{g['ci_low']:.2f}, {g['ci_high']:.2f}] ({gap})"

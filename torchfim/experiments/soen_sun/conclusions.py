@@ -67,7 +67,8 @@ def bound_tightness_sentence(recs: list[dict[str, Any]]) -> str:
     cat = {b: med(b, "categorical") for b in BOUNDS}
     if cat["score_spectral"] is not None and cat["score_kurtosis"] is not None:
         parts.append(
-            f"For classification the typical (median) entry's bound is {cat['score_spectral']:.3g}× its variance "
+            f"For classification (each layer's median entry, then the median over layers and data sets) the bound "
+            f"is {cat['score_spectral']:.3g}× the variance "
             f"for Î1's spectral bound and {cat['score_kurtosis']:.3g}× for the kurtosis bound"
         )
     if cat["hessian_spectral"] is not None:
@@ -96,7 +97,7 @@ def activation_sentences(recs: list[dict[str, Any]]) -> list[str]:
         out.append(
             "ReLU: Var(Î2) is exactly zero on every diagonal entry " + ("(as the maths says: ∂²o/∂θ_p² = 0 for a "
             "piecewise-linear network)" if zero else "— NOT observed, which would contradict the maths")
-            + f"; its trace variance is {fmt(max(r['trace']['var_hessian'] for r in relu))} at most "
+            + f"; the largest trace variance over the ReLU runs is {fmt(max(r['trace']['var_hessian'] for r in relu))} "
             "(Tr Î2 is then exact)."
         )
     last_zero = all(r["layers"][-1]["var_hessian_diag_max"] == 0 for r in recs)

@@ -78,17 +78,19 @@ def _about(results: dict[str, Any], s: Settings) -> list[str]:
          "inputs: nothing here is Monte-Carlo. Var(Î2) uses the exact diagonal output Hessians "
          "(forward-over-forward)."),
         "",
-        (f"**Scale-down.** The paper works with MNIST-scale networks; here the networks have P ≈ "
-         f"{p_range(results)} parameters (the width sweep goes further) and the variances are conditioned on "
+        (f"**What this is, and its scale.** The paper's own experiments (its data, architectures and numbers) "
+         "could not be recovered (docs/math.md says what was), so these are torchfim's experiments on the paper's "
+         "question, how the variances of Î1 and Î2 compare across layers and activations, and no number of the "
+         f"paper is compared here. The networks have P ≈ {p_range(results)} parameters (the width sweep goes "
+         "further) and the variances are conditioned on "
          f"n = {s.n_inputs} inputs, because the exact variance of Î2 needs ∂²o_a(xᵢ)/∂θ_p² for every parameter p "
          "and input i (forward-over-forward differentiation; on torchfim's general path one pass per parameter, "
          "a cost that grows like n·P²), Î1's needs the C²×C² fourth-moment matrix of every input, and the whole "
          "run must finish in minutes on 2 CPU cores. Variances scale like 1/n for a fixed network, so absolute "
          "values depend on n; comparisons between the estimators and ratios of bounds to variances do not. "
          "The bounds are torchfim's (`score_variance_bound_spectral`, "
-         "`score_variance_bound_kurtosis`, `hessian_variance_bound_spectral`); their docstrings state and prove "
-         "them and relate them to the paper's bounds (cf. the paper's Figure A.3, the ratio of its Theorem 7 "
-         "bound to the variance) — they are not a transcription of the paper's theorem statements."),
+         "`score_variance_bound_kurtosis`, `hessian_variance_bound_spectral`), stated and proved in their "
+         "docstrings and docs/math.md §4; they are not a transcription of the paper's theorem statements."),
         "",
     ]
 
