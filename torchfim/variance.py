@@ -80,6 +80,16 @@ def _bound_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.device.type == "mps" else torch.promote_types(t.dtype, torch.float64)
 
 
+def _widened_for_bounds(o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Outputs and vectors (columns, grams) in float64 for an Î1 bound, ``λ·‖v‖⁴ − (vᵀΛv)²`` or its trace form:
+    where ``uᵀv`` hardly varies (near a uniform law; ‖vec R − E vec R‖² is constant on SO(3)) the two terms are far
+    larger than their difference, which float32 turned negative (a matrix Fisher head at scale 1e-4: −339 times the
+    variance of the trace; a one-logit Bernoulli head: −1400 times on a diagonal entry). Formed from the rounded
+    numbers in float64, the difference keeps the digits float32 lost."""
+    wide = _bound_dtype(v)
+    return o.to(wide), v.to(wide)
+
+
 def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
     """The per-input constant of an Î1 bound: ``λ_max(M)`` (spectral) or ``E‖u‖⁴`` (kurtosis)."""
     if mode == "spectral":
@@ -99,9 +109,10 @@ class ScoreVariance(StructureVisitor):
 
     @cached_property
     def scale(self) -> Tensor | None:
-        """The bound's per-input constant, taken at its first use: after the engine has checked that all
-        output numbers of an input fit in memory (the kurtosis bound's ``E‖u‖⁴`` reads a ``C × C`` identity)."""
-        return _bound_scale(self.fam, self.o, self.mode)
+        """The bound's per-input constant in float64 (:func:`_bound_dtype`), taken at its first use: after the
+        engine has checked that all output numbers of an input fit in memory (the kurtosis bound's ``E‖u‖⁴``
+        reads a ``C × C`` identity)."""
+        return _bound_scale(self.fam, self.o.to(_bound_dtype(self.o)), self.mode)
 
     def trace(self, structure: Trace) -> None:
         structure.add_squares(0, self.trace_terms(slice(None), self.engine.output_gram(self.rec)).sum())
@@ -111,19 +122,13 @@ class ScoreVariance(StructureVisitor):
         o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
         if mode == "exact":  # Var[uᵀGu], by the family's form without cancellation
             return fam.score_quadratic_spread(o, gram).to(torch.promote_types(o.dtype, gram.dtype))
-        # Formed in float64: near a uniform law uᵀGu hardly varies (‖u‖² is constant on SO(3), nearly so for a
-        # softmax of small logits), so both terms are far larger than their difference, which float32 turned
-        # negative (a matrix Fisher head at scale 1e-4 gave −339 times the variance). Exact in float64 from the
-        # rounded outputs and gram, the difference is a bound of the rounded problem, hence ≥ 0.
-        wide = _bound_dtype(gram)
-        o, gram = o.to(wide), gram.to(wide)
+        o, gram = _widened_for_bounds(o, gram)
         eye = identity_like(gram.shape[-1], gram).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
-        scale = _bound_scale(fam, o, mode)
         if mode == "spectral":
-            second = scale * gram.square().sum((1, 2))
+            second = self.scale[rows] * gram.square().sum((1, 2))
         else:
-            second = scale * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
+            second = self.scale[rows] * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
         return second - trace_i**2
 
     def diag(self, structure: Diag) -> None:
@@ -133,7 +138,8 @@ class ScoreVariance(StructureVisitor):
             if mode == "exact":  # Var[(uᵀv)²], by the family's form without cancellation
                 spread = fam.for_rows(rows).spread_along(o[rows], cols)[1]
                 return spread.to(torch.promote_types(o.dtype, cols.dtype))
-            fisher_pp = fam.for_rows(rows).moments_along(o[rows], cols)[0]  # the categorical's fast second moments
+            o_rows, cols = _widened_for_bounds(o[rows], cols)
+            fisher_pp = fam.for_rows(rows).moments_along(o_rows, cols)[0]  # the categorical's fast second moments
             return self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2 - fisher_pp**2
 
         for i, value in self.engine.entry_quartic(self.rec, quartic).items():
@@ -161,8 +167,11 @@ class ScoreVariance(StructureVisitor):
         elif self.mode == "exact" and isinstance(self.fam, Positions):  # per position: grams, their running sums
             step, what, entries, copies = 1, f"working memory of {POSITION_COPIES} {n}×{n} matrices", n * n, \
                 POSITION_COPIES
-        else:  # the family's fourth moments, the squared Fisher and a temporary of the family's: measured 3
-            what, entries, copies = f"working memory of 3 {n}×{n} matrices per input", min(step, len(v)) * n * n, 3
+        else:  # the family's fourth moments, the squared Fisher and a temporary of the family's: measured 3 (a bound's
+            # in float64: twice a float32 model's)
+            widen = 2 if self.mode != "exact" and _bound_dtype(v).itemsize > v.dtype.itemsize else 1
+            what, entries, copies = (f"working memory of 3 {n}×{n} matrices per input", min(step, len(v)) * n * n,
+                                     3 * widen)
         check_fits(entries, what + " for the closed-form Î1 variances", structure.name, self.engine.layout,
                    copies=copies)
         for start in range(0, v.shape[0], step):
@@ -177,10 +186,11 @@ class ScoreVariance(StructureVisitor):
             spread, squares = along
             weighted = (spread.unsqueeze(1) * squares).to(torch.promote_types(o.dtype, v.dtype))
             return weighted.T @ squares.to(weighted.dtype)
-        if self.mode != "exact":  # a block of a float32 tensor under float64 outputs: promoted
+        if self.mode != "exact":
+            o, v = _widened_for_bounds(o, v)
             norms = v.square().sum(-1)  # (b, n)
             scaled = self.scale[rows].unsqueeze(1) * norms
-            return scaled.T @ norms.to(scaled.dtype) - fam.fisher_output_gram(o, v).square_().sum(0)
+            return scaled.T @ norms - fam.fisher_output_gram(o, v).square_().sum(0)
         terms = fam.pairwise_spread(o, v)  # outputs with positions: without cancellation (the family's own form)
         return terms[0] if len(terms) == 1 else terms.sum(0)
 
