@@ -175,6 +175,8 @@ def test_a_convolutions_outputs_with_one_position_dim_are_named_once(name: str) 
     for class_dim in (-1, 1):
         assert _said(CALLS[name], model, x, class_dim=class_dim) == []
     assert _said(CALLS[name], model, x, family="gaussian") == []
+    one_channel = nn.Conv1d(2, 1, 3, padding=1)  # (B, 1, T): one class is no class dim
+    assert _said(CALLS[name], one_channel, x) == []
 
 
 def test_a_convolutions_outputs_with_class_dim_1_are_its_transposed_outputs_fisher() -> None:

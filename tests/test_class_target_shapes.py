@@ -161,3 +161,10 @@ def test_labels_of_another_batch_size_are_refused_without_a_contradicting_warnin
         torchfim.fisher(model, x, estimator=estimator, targets=y)
     assert "(10,)" in str(caught.value) and "16" in str(caught.value)
     assert not [w for w in record if "every position counts" in str(w.message)]
+
+
+def test_labels_flattened_over_the_positions_are_told_how_to_go_back() -> None:
+    """``labels.view(-1)`` of ``(N, T)`` labels, a porting slip: the refusal names the reshape."""
+    model, x, y = _data()
+    with pytest.raises(TorchfimError, match=r"labels flattened over the positions go back with labels.reshape\(5, 6\)"):
+        torchfim.fisher(model, [(x, y.reshape(-1))], class_dim=1)

@@ -121,7 +121,7 @@ def test_closed_forms_refuse_a_jacobian_that_would_not_fit_before_allocating_it(
     x = torch.randn(64, 4)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
     with pytest.raises(TorchfimError, match=rf"C = 10,000 output numbers.*one input needs about {one} GiB.*"
-                                            r"1\.0 GiB is available.*estimator='score'"):
+                                            r"1 GiB is available.*estimator='score'"):
         run(model, x)
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 6 * 2**30)
     if call in UNCUT:
@@ -423,7 +423,7 @@ def test_bad_inputs_and_model(model):
     frozen = tanh_mlp(3).requires_grad_(False)
     with pytest.raises(TorchfimError, match="no parameters with requires_grad=True"):
         torchfim.fisher(frozen, mlp_inputs(2))
-    with pytest.raises(TorchfimError, match="targets must have shape|class index|2 rows for a mini-batch of 4 inputs"):
+    with pytest.raises(TorchfimError, match=r"targets of shape \(2,\) have 2 rows for a mini-batch of 4 inputs"):
         torchfim.fisher(model, mlp_inputs(4), estimator="empirical", targets=torch.tensor([0, 1]))
 
 

@@ -63,6 +63,8 @@ def test_a_peers_keyword_is_named_only_where_the_call_takes_what_it_stands_for(s
     assert _message(lambda: torchfim.samples_needed(model, x, mc_samples=3)).endswith("argument 'mc_samples'")
     assert "estimator=" not in _message(lambda: FisherPenalty(model, fisher_type="mc"))
     assert "(inputs, targets) pairs" in _message(lambda: torchfim.fisher_variance(model, x, labels=None))
+    assert "method= is its old name" in _message(lambda: torchfim.variance_bound(model, x, method="auto"))
+    assert "returns the labels per input" in _message(lambda: torchfim.samples_needed(model, x, n_samples=3))
 
 
 def test_compare_estimators_names_its_sibling_for_another_structure(setting):

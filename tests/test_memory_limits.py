@@ -74,11 +74,12 @@ def test_a_dense_result_over_the_containers_limit_is_refused_up_front(tmp_path, 
     fake_cgroups(*_v1_tree(tmp_path, 210 * MIB, 200 * MIB, 0))
     model = nn.Linear(199, 10)  # 2,000 parameters
     with pytest.raises(torchfim.TorchfimError, match=r"structure='full' needs a 2000×2000 matrix \(about 30\.5 MiB "
-                                                     r"with working memory\) but only 10\.0 MiB is available on cpu; "
+                                                     r"with working memory\) but only 10 MiB is available on cpu; "
                                                      r"the machine has next to no free memory at this call"):
         torchfim.fisher(model, torch.randn(4, 199), structure="full")
 
 
 def test_sizes_read_in_the_unit_that_shows_them() -> None:
     """A refusal of a 58 KiB matrix on a machine out of memory read "0.0 GiB needed, 0.0 GiB available"."""
-    assert [_memory.size_text(g) for g in (2.25, 0.5, 58 / 2**20, 0.0)] == ["2.2 GiB", "512.0 MiB", "58 KiB", "0 KiB"]
+    assert [_memory.size_text(g) for g in (2.25, 0.5, 58 / 2**20, 0.0, -0.5)] == ["2.25 GiB", "512 MiB", "58 KiB",
+                                                                                  "0 KiB", "0 KiB"]

@@ -65,8 +65,10 @@ def test_flatten_and_unflatten_refuse_what_does_not_fit_the_layout(setting) -> N
     with pytest.raises(TorchfimError, match=r"unflatten takes a vector of the 31 trainable parameters' entries, got "
                                             r"shape \(51,\)"):
         layout.unflatten(torch.nn.utils.parameters_to_vector(model.parameters()))
-    with pytest.raises(TorchfimError, match="missing: 4.bias"):
+    with pytest.raises(TorchfimError, match=r"missing or None \(a parameter without a gradient: pass torch.zeros_like\(p\)\): 4.bias"):
         layout.flatten({n: p for n, p in model.named_parameters() if n != "4.bias"})
+    with pytest.raises(TorchfimError, match=r"missing or None .*: 0.bias"):
+        layout.flatten({**dict(model.named_parameters()), "0.bias": None})  # p.grad of an unused parameter
     with pytest.raises(TorchfimError, match="another shape than their parameter's for: 0.weight"):
         layout.flatten({**dict(model.named_parameters()), "0.weight": torch.zeros(12)})
     with pytest.raises(TorchfimError, match=r"diag_by_parameter\(\)|diag\(\)"):

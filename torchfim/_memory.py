@@ -108,9 +108,15 @@ def _stat(folder: Path, key: str) -> int:
 def size_text(gib: float) -> str:
     """A size given in GiB as a person reads it: in GiB from 1 GiB, else in MiB, else in KiB (a refusal of a small
     matrix on a machine out of memory read "0.0 GiB needed, 0.0 GiB available")."""
+    gib = max(gib, 0.0)  # a cgroup's usage above its limit leaves no room, not a negative one
     if gib >= 1:
-        return f"{gib:.1f} GiB"
-    return f"{gib * 1024:.1f} MiB" if gib >= 1 / 1024 else f"{gib * 1024**2:.0f} KiB"
+        return f"{_digits(gib)} GiB"
+    return f"{_digits(gib * 1024)} MiB" if gib >= 1 / 1024 else f"{gib * 1024**2:.0f} KiB"
+
+
+def _digits(x: float) -> str:
+    """Three significant digits, without an exponent (14901, not 1.49e+04)."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 #: Below this (in GiB) a refused allocation is small: the machine, not the request, is what to change.

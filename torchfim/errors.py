@@ -138,7 +138,7 @@ def check_label_memory(batch: int, n_samples: int, width: int, device: torch.dev
     fits, needed, free = fits_in_memory(batch * n_samples * width, torch.float64, device)
     if not fits:
         raise TorchfimError(
-            f"n_samples={n_samples} labels for each of {batch} inputs need about {needed:.3g} GiB for their "
+            f"n_samples={n_samples} labels for each of {batch} inputs need about {size_text(needed)} for their "
             f"output scores, but {size_text(free)} is available on {device}; draw fewer labels per call "
             "(average the results of several calls) or pass smaller mini-batches"
         )

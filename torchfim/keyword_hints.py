@@ -31,6 +31,7 @@ _REDUCTION = ("torchfim's Fisher is the mean over inputs of the sum over each in
 _TARGETS = ("true labels go with the inputs, as (inputs, targets) pairs or a DataLoader of them (fisher also takes "
             "targets=); estimator='empirical' reads their values, every estimator their -100s")
 _DATA = "pass the inputs as the second positional argument (a tensor, (inputs, targets) pairs or a DataLoader)"
+_METHOD = "backend= ('auto', 'modules' or 'functional'; method= is its old name, which fisher and fisher_variance take)"
 _DAMPING = ("torchfim returns the Fisher itself, without damping or prior: add λ·I (or the prior precision) to the "
             "result (docs/uses.md)")
 
@@ -49,6 +50,7 @@ FOREIGN_KEYWORDS: dict[str, tuple[str | None, str]] = {
     **dict.fromkeys(("hessian_structure", "representation", "repr", "subset_of_weights"),
                     ("structure", "structure= ('full', 'diag', 'trace' or 'blocks')")),
     **dict.fromkeys(("damping", "prior_precision", "prior_prec"), (None, _DAMPING)),
+    "method": ("backend", _METHOD),
 }
 
 #: Keywords one function lacks that a sibling takes, named with the sibling.
@@ -56,6 +58,7 @@ _ELSEWHERE = {
     ("compare_estimators", "structure"): ("compare_estimators compares each parameter tensor's diagonal; "
                                           "fisher_variance(structure=...) gives the variances of another structure"),
     ("compare_estimators", "estimator"): "compare_estimators compares both estimators, 'score' and 'hessian'",
+    ("samples_needed", "n_samples"): "samples_needed returns the labels per input (n_samples) that reach rel_error",
 }
 
 Function = TypeVar("Function", bound=Callable)

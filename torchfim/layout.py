@@ -74,9 +74,10 @@ class Layout:
         name) in this layout's order; names it does not hold (frozen parameters) are left out, as in the
         results (``parameters_to_vector(model.parameters())`` keeps them, and so does not match). Autograd
         history is kept (an EWC penalty differentiates through θ): detach the tensors for a plain vector."""
-        missing = [name for name in self.names if name not in tensors]
+        missing = [name for name in self.names if tensors.get(name) is None]
         if missing:
-            raise TorchfimError(f"flatten needs a tensor for every trainable parameter; missing: {', '.join(missing)}")
+            raise TorchfimError(f"flatten needs a tensor for every trainable parameter; missing or None (a parameter "
+                                f"without a gradient: pass torch.zeros_like(p)): {', '.join(missing)}")
         wrong = [name for name, shape in zip(self.names, self.shapes) if tensors[name].shape != shape]
         if wrong:
             raise TorchfimError(f"flatten got tensors of another shape than their parameter's for: {', '.join(wrong)}")

@@ -402,7 +402,7 @@ def whole_output_rows(batch: int, width: int, vector_elements: int, dtype: torch
     fits, needed, free = fits_in_memory(one, dtype, device)
     if not fits:
         raise TorchfimError(
-            f"{_WHOLE_OUTPUTS.format(width=width)}: one input needs about {needed:.3g} GiB, but {size_text(free)} is "
+            f"{_WHOLE_OUTPUTS.format(width=width)}: one input needs about {size_text(needed)}, but {size_text(free)} is "
             f"available on {device}. Use fewer output numbers per input (shorter sequences, or a mask that keeps "
             "fewer positions), or measure the spread of the score estimator instead: fisher(..., estimator='score') "
             "with several generators, or FisherTraceMonitor for Tr(F)"
@@ -421,7 +421,7 @@ def check_whole_jacobian(batch: int, width: int, vector_elements: int, dtype: to
         whole = whole_output_entries(width, vector_elements, batch if grams else 0)
         _, needed, free = fits_in_memory(whole, dtype, device)
         raise TorchfimError(
-            f"{_WHOLE_OUTPUTS.format(width=width)}: a mini-batch of {batch} inputs needs about {needed:.3g} GiB, but "
+            f"{_WHOLE_OUTPUTS.format(width=width)}: a mini-batch of {batch} inputs needs about {size_text(needed)}, but "
             f"{size_text(free)} is available on {device}; pass mini-batches of at most {most} inputs (an iterable of "
             "batches, e.g. x.split(...))"
         )

@@ -162,8 +162,12 @@ def unread_targets_note(targets: object, shape: tuple[int, ...], class_dim: int,
         return None
     got, dims = tuple(targets.shape), f"{len(positions)} position dim(s) {positions} of " if positions else ""
     if targets.dim() > 0 and got[0] != size:  # no reading of the outputs fits: the targets are another batch's
+        per_input = (size, *positions)
+        flattened = (f"; labels flattened over the positions go back with labels.reshape{per_input}"
+                     if positions and targets.numel() == math.prod(per_input) else "")
         raise TorchfimError(f"class-label targets of shape {got} have {got[0]} rows for a mini-batch of {size} "
-                            f"inputs (outputs {tuple(shape)}): pass one row of labels per input, in the inputs' order")
+                            f"inputs (outputs {tuple(shape)}): pass one row of labels per input, in the inputs' order, "
+                            f"of shape {per_input}{flattened}")
     read = f"{dims}{classes} classes"
     if not said and len(shape) >= 3 and _fits(targets, size, tuple(shape[2:])):
         raise TorchfimError(

@@ -79,9 +79,10 @@ class ClassDim:
     """Where the classes are in outputs with positions: ``-1`` last, ``1`` in dim 1, ``None`` not said.
 
     Not said reads them last, as language models' ``(batch, tokens, vocabulary)``, but outputs with two or
-    more position dims, and a convolution's outputs with one (a Conv1d tagger's ``(batch, C, T)``), are where
-    torch's convention (``cross_entropy``, convolutions) puts them in dim 1: there the first outputs seen get a
-    warning that names both choices.
+    more position dims, and a convolution's outputs with one (a Conv1d tagger's ``(batch, C, T)``, seen in the
+    autograd record of the outputs as the model returns them: not after a further operation, nor under
+    ``backend="functional"``, which records none), are where torch's convention (``cross_entropy``,
+    convolutions) puts them in dim 1: there the first outputs seen get a warning that names both choices.
     """
 
     def __init__(self, class_dim: object) -> None:
@@ -110,7 +111,7 @@ class ClassDim:
         convolution's outputs) and the family reads classes (``categorical``, else :attr:`categorical`; not known
         counts as reading them)."""
         reads_classes = self.categorical if categorical is None else categorical
-        convolution = len(shape) == 3 and self.convolution
+        convolution = len(shape) == 3 and self.convolution and shape[1] > 1  # one channel holds no classes
         if self._unsaid and (len(shape) >= 4 or convolution) and reads_classes is not False:
             self._unsaid = False
             kind, where = ("A convolution's outputs", "T") if convolution else ("A segmentation model's logits", "H, W")
