@@ -448,11 +448,6 @@ class ModelView:
         values = tensors.values() if isinstance(tensors, dict) else tensors
         return torch.cat([t.reshape(t.shape[:lead] + (-1,)) for t in values], dim=-1)
 
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Split a flat ``(P,)`` vector into a parameter dict."""
-        pieces = torch.split(flat, self.layout.sizes)
-        return {n: piece.view(shape) for n, piece, shape in zip(self.layout.names, pieces, self.layout.shapes)}
-
 
 def forward_defaults(model: nn.Module) -> dict[str, object]:
     """``{"use_cache": False}`` for a model whose forward takes ``use_cache`` (Hugging Face's), else none.
