@@ -33,7 +33,7 @@ _TARGETS = ("true labels go with the inputs, as (inputs, targets) pairs or a Dat
 _DATA = "pass the inputs as the second positional argument (a tensor, (inputs, targets) pairs or a DataLoader)"
 _METHOD = "backend= ('auto', 'modules' or 'functional'; method= is its old name, which fisher and fisher_variance take)"
 _DAMPING = ("torchfim returns the Fisher itself, without damping or prior: add λ·I (or the prior precision) to the "
-            "result (docs/uses.md)")
+            "result, or solve with it damped, as_structure(result, model).solve(v, damping=λ) (docs/uses.md)")
 
 #: The peers' keyword names (and near-misses of torchfim's own): the keyword of torchfim's they stand for (None:
 #: none, the hint holds for every call), and what to say where the function takes that keyword.

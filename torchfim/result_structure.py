@@ -13,9 +13,9 @@ __all__ = ["as_structure"]
 def as_structure(result: PublicValue, model: nn.Module) -> Structure:
     """The structure object holding ``result``, a value :func:`torchfim.fisher` (or :func:`torchfim.fisher_variance`,
     :func:`torchfim.variance_bound`) returned for ``model``, so that the algebra of :mod:`torchfim.structures` applies:
-    ``diag()``, ``trace()``, ``to_dense()``, ``mv(v)`` for a ``P``-vector or ``(P, k)`` columns, ``block(name)`` and
-    ``diag_by_parameter()``; its ``layout`` flattens tensors by parameter name into the result's ``P`` entries and
-    back (:meth:`~torchfim.layout.Layout.flatten`, :meth:`~torchfim.layout.Layout.unflatten`; docs/uses.md).
+    ``diag()``, ``trace()``, ``to_dense()``, ``mv(v)`` for a ``P``-vector or ``(P, k)`` columns, ``solve(v, damping)``
+    (``(A + λI)⁻¹ v``), ``block(name)`` and ``diag_by_parameter()``; its ``layout`` flattens tensors by parameter name
+    into the result's ``P`` entries and back (:meth:`~torchfim.layout.Layout.flatten`, :meth:`~torchfim.layout.Layout.unflatten`; docs/uses.md).
 
     The kind follows the result: a 0-dim tensor is a :class:`~torchfim.structures.Trace`, a ``P``-vector a
     :class:`~torchfim.structures.Diag`, a ``P×P`` matrix a :class:`~torchfim.structures.Full` and a dict of blocks by
@@ -34,6 +34,9 @@ def as_structure(result: PublicValue, model: nn.Module) -> Structure:
         (torch.Size([12, 12]), torch.Size([26]), torch.Size([26, 5]))
         >>> full = torchfim.as_structure(torchfim.fisher(model, x, structure="full"), model)
         >>> bool(torch.allclose(full.diag(), torchfim.fisher(model, x, structure="diag")))
+        True
+        >>> step = full.solve(torch.ones(26), damping=1e-3)  # (F + 1e-3·I)⁻¹ v
+        >>> bool(torch.allclose(full.mv(step) + 1e-3 * step, torch.ones(26), atol=1e-4))
         True
     """
     if not isinstance(model, nn.Module):

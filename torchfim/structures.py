@@ -9,6 +9,7 @@ memory check, and one algebra that every structure answers the same way:
 * ``to_dense()``: ``A`` as a ``P×P`` tensor, zero outside what the structure keeps (refused with
   the size when it would not fit in memory);
 * ``mv(v)``: ``A v`` for a ``P``-vector (``Blocks``: block-diagonal product);
+* ``solve(v, damping)``: ``(A + λI)⁻¹ v`` (``Blocks``: block by block; :mod:`torchfim.damped_solve`);
 * ``block(name)``: the diagonal block of one parameter tensor;
 * ``diag_by_parameter()``: the diagonal as one tensor per parameter, in its shape.
 
@@ -48,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ._memory import SMALL_REQUEST_GIB, fits_in_memory, size_text
+from .damped_solve import check_damping, solve_diagonal, solve_symmetric
 from .errors import TorchfimError, check_choice
 from .layout import Layout, accumulation_dtype
 
@@ -175,6 +177,17 @@ class Structure(ABC):
     def mv(self, v: Tensor) -> Tensor:
         """The product with a ``P``-vector ``v``, or with each column of ``v`` of shape ``(P, k)``."""
 
+    def solve(self, v: Tensor, damping: float = 0.0) -> Tensor:
+        """``(A + λI)⁻¹ v`` for a ``P``-vector ``v`` or each column of ``v`` of shape ``(P, k)``, ``λ = damping ≥ 0``:
+        a natural-gradient step's direction, a Laplace posterior's mean shift (docs/uses.md). ``Full`` and each block
+        of ``Blocks`` by Cholesky, ``Diag`` entrywise, in the structure's dtype; refused, with the smallest eigenvalue
+        and a damping that works, where ``A + λI`` is not positive definite (a Fisher of rank below ``P``, an Î2
+        estimate with negative eigenvalues; :mod:`torchfim.damped_solve`)."""
+        return self._solve(self._check_vector(v, "solve"), check_damping(damping))
+
+    @abstractmethod
+    def _solve(self, v: Tensor, damping: float) -> Tensor: ...
+
     @abstractmethod
     def block(self, name: str) -> Tensor:
         """The diagonal block of parameter ``name`` (dense, or its diagonal for ``Diag``)."""
@@ -197,11 +210,11 @@ class Structure(ABC):
     @abstractmethod
     def _dense(self) -> Tensor: ...
 
-    def _check_vector(self, v: Tensor) -> Tensor:
+    def _check_vector(self, v: Tensor, what: str = "mv") -> Tensor:
         p = self.layout.num_params
         if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != p:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise TorchfimError(f"mv takes a vector of shape ({p},) or columns of shape ({p}, k), got {shape}")
+            raise TorchfimError(f"{what} takes a vector of shape ({p},) or columns of shape ({p}, k), got {shape}")
         return v.to(self._stored_dtype())
 
     @classmethod
@@ -268,6 +281,9 @@ class Diag(Structure):
         v = self._check_vector(v)
         return (self.value if v.dim() == 1 else self.value.unsqueeze(-1)) * v
 
+    def _solve(self, v: Tensor, damping: float) -> Tensor:
+        return solve_diagonal(self.value, v, damping, self.layout)
+
     def block(self, name: str) -> Tensor:
         return self.value[self.layout.span(self.layout.index(name))]
 
@@ -314,6 +330,9 @@ class Trace(Structure):
 
     def mv(self, v: Tensor) -> Tensor:
         raise self._refuse("mv()")
+
+    def _solve(self, v: Tensor, damping: float) -> Tensor:
+        raise self._refuse("solve()")
 
     def block(self, name: str) -> Tensor:
         raise self._refuse("block()")
@@ -377,6 +396,10 @@ class Blocks(Structure):
         v = self._check_vector(v)
         return torch.cat([b @ v[self.layout.span(i)] for i, b in enumerate(self.value.values())])
 
+    def _solve(self, v: Tensor, damping: float) -> Tensor:
+        return torch.cat([solve_symmetric(b, v[self.layout.span(i)], damping, f"the block of {n!r}")
+                          for i, (n, b) in enumerate(self.value.items())])
+
     def block(self, name: str) -> Tensor:
         self.layout.index(name)
         return self.value[name]
@@ -438,6 +461,9 @@ class Full(Structure):
 
     def mv(self, v: Tensor) -> Tensor:
         return self.value @ self._check_vector(v)
+
+    def _solve(self, v: Tensor, damping: float) -> Tensor:
+        return solve_symmetric(self.value, v, damping, "the matrix")
 
     def block(self, name: str) -> Tensor:
         span = self.layout.span(self.layout.index(name))

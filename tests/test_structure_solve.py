@@ -1,0 +1,143 @@
+"""``Structure.solve(v, damping)``: ``(A + λI)⁻¹ v`` against torch's dense solve of the kept matrix in float64, and the
+refusals of a matrix with no inverse, each with a damping that works."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import torchfim
+from torchfim.errors import TorchfimError
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+
+
+def _inputs(n: int = 40) -> torch.Tensor:
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _structure(model: torch.nn.Module, structure: str, **kwargs: object):
+    return torchfim.as_structure(torchfim.fisher(model, _inputs(), structure=structure, **kwargs), model)
+
+
+@pytest.mark.parametrize("structure", ["full", "blocks", "diag"])
+@pytest.mark.parametrize("columns", [None, 4])
+def test_solve_matches_the_dense_solve_of_the_kept_matrix(structure: str, columns: int | None) -> None:
+    model = _model()
+    s = _structure(model, structure)
+    p = s.layout.num_params
+    shape = (p,) if columns is None else (p, columns)
+    v = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    lam = 1e-2
+    expected = torch.linalg.solve(s.to_dense() + lam * torch.eye(p, dtype=torch.float64), v)
+    got = s.solve(v, damping=lam)
+    assert got.shape == v.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s.mv(got) + lam * got, v, rtol=1e-10, atol=1e-12)
+
+
+def test_blocks_solve_each_parameter_tensor_on_its_own() -> None:
+    model = _model()
+    s = _structure(model, "blocks")
+    v = torch.randn(s.layout.num_params, dtype=torch.float64)
+    got = s.solve(v, damping=0.1)
+    for i, name in enumerate(s.layout.names):
+        block = s.block(name) + 0.1 * torch.eye(s.layout.sizes[i], dtype=torch.float64)
+        torch.testing.assert_close(got[s.layout.span(i)], torch.linalg.solve(block, v[s.layout.span(i)]))
+
+
+def test_undamped_solve_of_a_full_rank_fisher_is_its_inverse() -> None:
+    """A Gaussian head's Fisher with many inputs and one hidden unit's worth of parameters has full rank."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 2)).double()
+    s = torchfim.as_structure(torchfim.fisher(model, _inputs(), family="gaussian", structure="full"), model)
+    v = torch.randn(s.layout.num_params, dtype=torch.float64)
+    torch.testing.assert_close(s.solve(v), torch.linalg.inv(s.to_dense()) @ v, rtol=1e-9, atol=1e-12)
+
+
+def _suggested(message: str) -> float:
+    return float(re.search(r"e\.g\. ([0-9.e+-]+)", message).group(1))
+
+
+def test_a_singular_softmax_fisher_is_refused_without_damping_and_the_suggested_damping_works() -> None:
+    model = _model()
+    s = _structure(model, "full")  # a softmax's Fisher is singular: one logit shift per input is free
+    v = torch.randn(s.layout.num_params, dtype=torch.float64)
+    with pytest.raises(TorchfimError, match=r"the matrix plus damping=0 is not positive definite.*softmax") as caught:
+        s.solve(v)
+    lam = _suggested(str(caught.value))
+    expected = torch.linalg.solve(s.to_dense() + lam * torch.eye(len(v), dtype=torch.float64), v)
+    torch.testing.assert_close(s.solve(v, damping=lam), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_an_indefinite_hessian_estimate_is_refused_naming_the_damping_it_needs() -> None:
+    model = _model()
+    s = _structure(model, "full", estimator="hessian", n_samples=1, generator=torch.Generator().manual_seed(3))
+    lowest = float(torch.linalg.eigvalsh(s.to_dense())[0])
+    assert lowest < -1e-3  # the test needs a clearly indefinite estimate
+    v = torch.ones(s.layout.num_params, dtype=torch.float64)
+    with pytest.raises(TorchfimError, match="negative eigenvalues") as caught:
+        s.solve(v, damping=-lowest / 2)
+    need = float(re.search(r"pass damping > ([0-9.e+-]+)", str(caught.value)).group(1))
+    assert need == pytest.approx(-lowest, rel=1e-2)
+    x = s.solve(v, damping=_suggested(str(caught.value)))
+    torch.testing.assert_close(s.mv(x) + _suggested(str(caught.value)) * x, v)
+
+
+def test_a_numerically_singular_factorisation_is_refused() -> None:
+    """A rank-one matrix plus a damping of rounding size (below P·eps of its norm) factors with pivots of rounding
+    size: refused; a damping above it is not."""
+    layout = _structure(_model(), "full").layout
+    u = torch.randn(layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s = torchfim.as_structure(torch.outer(u, u), _model())
+    with pytest.raises(TorchfimError, match=r"numerically singular in float64 \(condition number above 1/\(P·eps\)"):
+        s.solve(u, damping=1e-16 * float(u @ u))
+    s.solve(u, damping=1e-6 * float(u @ u))
+
+
+def test_a_diagonal_with_zero_entries_names_the_parameter() -> None:
+    model = _model()
+    diag = torchfim.fisher(model, _inputs(), structure="diag").clone()
+    s = torchfim.as_structure(diag, model)
+    span = s.layout.span(s.layout.index("2.bias"))
+    diag[span] = 0.0
+    with pytest.raises(TorchfimError, match=r"3 of the \d+ diagonal entries.*'2\.bias'.*does not act on the outputs; pass damping > 0, "):
+        s.solve(torch.ones(len(diag), dtype=torch.float64))
+    diag[span] = -0.5
+    with pytest.raises(TorchfimError, match=r"negative entries.*damping > 0\.5"):
+        s.solve(torch.ones(len(diag), dtype=torch.float64), damping=0.25)
+    x = s.solve(torch.ones(len(diag), dtype=torch.float64), damping=1.0)
+    torch.testing.assert_close(x[span], torch.full((3,), 2.0, dtype=torch.float64))
+
+
+def test_a_trace_has_no_solve() -> None:
+    model = _model()
+    s = _structure(model, "trace")
+    with pytest.raises(TorchfimError, match=r"solve\(\) needs structure='diag', 'blocks' or 'full'"):
+        s.solve(torch.ones(s.layout.num_params, dtype=torch.float64), damping=1.0)
+
+
+@pytest.mark.parametrize("damping", [-1e-3, float("inf"), float("nan"), "0.1", None, torch.ones(2)])
+def test_bad_damping_is_refused(damping: object) -> None:
+    s = _structure(_model(), "diag")
+    with pytest.raises(TorchfimError, match="damping must be a finite number ≥ 0"):
+        s.solve(torch.ones(s.layout.num_params, dtype=torch.float64), damping=damping)
+
+
+def test_a_vector_of_another_length_is_refused_naming_solve() -> None:
+    s = _structure(_model(), "full")
+    with pytest.raises(TorchfimError, match=rf"solve takes a vector of shape \({s.layout.num_params},\)"):
+        s.solve(torch.ones(3, dtype=torch.float64), damping=1.0)
+
+
+def test_solve_leaves_the_result_it_shares_unchanged() -> None:
+    model = _model()
+    result = torchfim.fisher(model, _inputs(), structure="full")
+    before = result.clone()
+    torchfim.as_structure(result, model).solve(torch.ones(len(result), dtype=torch.float64), damping=0.5)
+    assert torch.equal(result, before)

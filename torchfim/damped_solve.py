@@ -1,0 +1,106 @@
+"""Damped solves with a Fisher-shaped matrix: ``x = (A + λI)⁻¹ v``, behind :meth:`torchfim.structures.Structure.solve`.
+
+A natural-gradient step ``(F + λI)⁻¹ g``, a Laplace posterior's mean shift or an EWC-weighted merge all solve with
+the damped matrix. ``A`` is symmetric; an estimate of the Fisher from ``n`` inputs with ``C`` outputs each has rank
+at most ``n·C`` (less for a softmax), below ``P`` on any network of interest, and the Hessian estimator Î2 can have
+negative eigenvalues. So the solve is a Cholesky factorisation of ``A + λI`` (half the work of LU, and a test of
+positive definiteness on the way), and where that fails, or succeeds only on rounding, the call is refused with the
+smallest eigenvalue and a damping that works: an inverse of a singular or indefinite matrix is not a natural-gradient
+direction, whatever a general solver would return.
+
+"Succeeds only on rounding": for a positive definite ``M``, every pivot ``L_ii²`` of its Cholesky factor lies between
+``λ_min(M)`` and ``λ_max(M)``, so ``min L_ii² / max L_ii² ≥ 1/κ(M)``. A pivot ratio below ``P·eps`` of the dtype
+therefore proves ``κ(M) > 1/(P·eps)``, where the standard bound on a Cholesky solve's relative error, of order
+``P·eps·κ``, exceeds 1 (a rank-deficient Fisher with ``λ = 0`` factors with rounding-sized pivots about as often as it
+fails outright). No matrix with ``κ < 1/(P·eps)`` is refused; the damping suggested keeps the pivot ratio above
+``P·eps``. In float32 that limit is near: ``P = 1000`` refuses some ``κ`` above 8,000, so solve a float64 copy where a
+smaller damping matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .errors import TorchfimError, real_number
+from .layout import Layout
+
+__all__ = ["check_damping", "solve_diagonal", "solve_symmetric"]
+
+
+def check_damping(damping: object) -> float:
+    """The damping λ as a float: a finite number ≥ 0 (a Python or NumPy number, or a 0-dim tensor)."""
+    value = real_number(damping)
+    if value is None or not 0 <= value < math.inf:
+        raise TorchfimError(
+            f"damping must be a finite number ≥ 0 (λ of (A + λI)⁻¹ v), got {damping!r}; "
+            "1e-3 · trace()/P is a common start"
+        )
+    return value
+
+
+def solve_diagonal(diagonal: Tensor, v: Tensor, damping: float, layout: Layout) -> Tensor:
+    """``v / (d + λ)`` entrywise (each column of a ``(P, k)`` ``v``); refused where an entry of ``d + λ`` is ≤ 0,
+    naming the parameter tensor of the first."""
+    shifted = diagonal + damping
+    bad = (shifted <= 0).nonzero()
+    if len(bad):
+        first = int(bad[0])
+        name = next(n for i, n in enumerate(layout.names) if layout.span(i).start <= first < layout.span(i).stop)
+        lowest = float(diagonal.min())
+        raise TorchfimError(
+            f"solve: {len(bad)} of the {len(diagonal)} diagonal entries plus damping={damping:g} are ≤ 0 (the first "
+            f"in {name!r}, the lowest entry {lowest:.3g}), so the diagonal has no inverse there: "
+            f"{_cause(lowest < 0, diagonal=True)}; pass damping > {max(0.0, -lowest):.3g}, "
+            f"e.g. {_suggested(diagonal, max(0.0, -lowest)):.3g}"
+        )
+    return v / (shifted if v.dim() == 1 else shifted.unsqueeze(-1))
+
+
+def solve_symmetric(matrix: Tensor, v: Tensor, damping: float, what: str) -> Tensor:
+    """``(M + λI)⁻¹ v`` for the symmetric ``matrix`` ``M`` by Cholesky; refused (naming ``what``, the smallest
+    eigenvalue of ``M`` and a damping that works) where ``M + λI`` is not positive definite or factors with a pivot
+    ratio below ``P·eps`` (see the module docstring)."""
+    size = matrix.shape[0]
+    damped = matrix + damping * torch.eye(size, dtype=matrix.dtype, device=matrix.device)  # out of place: A is shared
+    tolerance = size * torch.finfo(matrix.dtype).eps
+    factor, info = torch.linalg.cholesky_ex(damped)
+    pivots = factor.diagonal().square()
+    if int(info) == 0 and float(pivots.min()) > tolerance * float(pivots.max()):
+        columns = v if v.dim() == 2 else v.unsqueeze(-1)
+        x = torch.cholesky_solve(columns, factor)
+        return x if v.dim() == 2 else x.squeeze(-1)
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    lowest, highest = float(eigenvalues[0]), float(eigenvalues[-1])
+    state = ("is not positive definite" if int(info) else
+             f"is numerically singular in {str(matrix.dtype).removeprefix('torch.')} (condition number above "
+             f"1/(P·eps) = {1 / tolerance:.2g})")
+    need = max(0.0, -lowest) + tolerance * max(abs(highest), abs(lowest))
+    wider = (" (or solve a float64 copy: as_structure(result.double(), model))"
+             if matrix.dtype == torch.float32 else "")
+    raise TorchfimError(
+        f"solve: {what} plus damping={damping:g} {state}: its smallest eigenvalue is {lowest:.3g} and its largest "
+        f"{highest:.3g}; {_cause(lowest < -tolerance * abs(highest))}; pass damping > {need:.3g}, e.g. {_suggested(matrix.diagonal(), need):.3g}"
+        f"{wider}"
+    )
+
+
+def _cause(negative: bool, diagonal: bool = False) -> str:
+    """Why the matrix has no inverse: eigenvalues (or ``diagonal`` entries) below 0 beyond rounding, or a singular
+    one."""
+    if negative:
+        return (f"the estimate has negative {'entries' if diagonal else 'eigenvalues'}, as the Hessian estimator Î2 "
+                "can (estimator='exact' or 'score' give positive semidefinite ones)")
+    if diagonal:
+        return "a Fisher's diagonal entry is 0 where its parameter does not act on the outputs"
+    return ("a Fisher is singular without damping: its rank is at most inputs × outputs, it is 0 where a parameter "
+            "does not act on the outputs, and a softmax output's is singular on its own (adding the same vector to "
+            "every class's weights changes no probability)")
+
+
+def _suggested(diagonal: Tensor, need: float) -> float:
+    """A damping that works: ``1e-3 · tr(A)/P``, the usual start, or twice the least damping ``need`` if more."""
+    scale = 1e-3 * float(diagonal.sum()) / len(diagonal)
+    return max(scale if scale > 0 else 1e-3, 2 * need)
