@@ -57,6 +57,43 @@ def test_round_off_variances_of_entries_with_fisher_zero_are_not_named() -> None
         _name_uninformative(torch.tensor([3.5e-3, 0.0], dtype=torch.float64), "hessian", torch.tensor(2.0))
 
 
+def test_the_entry_that_sets_the_diagonal_k_is_named() -> None:
+    """A trial: k = 5117 for Î2's diagonal on a tanh classifier where the trace needs 1-3, without a word of which
+    entry asked for it. The warning names that entry (parameter and index, by hand from the variances and the Fisher),
+    its relative standard error with one label, and the median entry's k."""
+    model, x = tanh_mlp(3), mlp_inputs(16)
+    var = torchfim.fisher_variance(model, x, estimator="hessian", structure="diag")
+    value = torchfim.fisher(model, x, structure="diag")
+    labels = var / (0.1 * value) ** 2
+    worst = int(labels.argmax())
+    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    start = 0
+    for name, p in names:
+        if worst < start + p.numel():
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst - start), p.shape))
+            break
+        start += p.numel()
+    median = max(1, math.ceil(float(labels.median()) * (1 - 1e-12)))
+    assert labels.max() > 10 * median  # the test needs a diagonal whose worst entry stands out
+    with pytest.warns(RuntimeWarning) as caught:
+        k = torchfim.samples_needed(model, x, estimator="hessian", structure="diag", rel_error=0.1)
+    message = next(str(w.message) for w in caught if "is set by entry" in str(w.message))
+    assert f"structure='diag') = {k} is set by entry {index} of {name!r}" in message
+    assert f"relative standard error with one label is {float(var[worst].sqrt() / value[worst].abs()):.3g}" in message
+    assert f"the median entry needs {median} labels per input" in message
+
+
+def test_no_entry_is_named_where_the_diagonal_is_even() -> None:
+    """Î2 of a linear Gaussian model is the Fisher itself (variance 0): k = 1 for every entry, nothing to name; nor is
+    anything named for the trace."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 2).double(), torch.randn(10, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is set by entry")
+        assert torchfim.samples_needed(model, x, family="gaussian", estimator="hessian", structure="diag") == 1
+        torchfim.samples_needed(tanh_mlp(3), mlp_inputs(16), estimator="hessian", structure="trace")
+
+
 def test_samples_needed_for_the_combined_estimator() -> None:
     """``V₁`` of the combined estimator from ``combined_variance``; never more labels than the better of Î1 and Î2."""
     model, x = tanh_mlp(3), mlp_inputs(16)

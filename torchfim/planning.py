@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy
 import torch
 from torch import Tensor, nn
 
@@ -48,7 +49,10 @@ def samples_needed(
     with one label), so ``k = ⌈V₁ / (ε·I)²⌉`` for ``structure="trace"`` (``I`` =
     Tr of the exact Fisher) and the largest such ``k`` over the diagonal entries whose exact Fisher is
     non-zero for ``structure="diag"`` (the worst entry; an entry with Fisher 0 whose estimate still varies
-    has no relative error to reach, and a warning names how many there are). At least 1.
+    has no relative error to reach, and a warning names how many there are). At least 1. Where the worst entry needs
+    at least ten times the labels of the median entry (a small Fisher entry with a large variance), a warning names
+    it (parameter and index), its ``k``, the median entry's and the 90th percentile's, so that a target on the entries
+    that matter can be chosen.
     ``estimator="combined"`` takes ``V₁`` from :func:`torchfim.combined.combined_variance` (its weights
     do not depend on ``k``, so its variance too is ``V₁/k``; one process). ``family`` (output family name or
     :class:`~torchfim.families.Family`), ``backend``, ``mask``, ``output``, ``class_dim``, ``across_processes`` (every process gets the ``k`` of all the inputs) and ``progress`` (bars
@@ -86,8 +90,11 @@ def samples_needed(
     if not bool(informative.any()):
         raise TorchfimError("the exact Fisher is zero here, so a relative error is undefined; check the model")
     _name_uninformative(var1[~informative], estimator, var1[informative].max())
+    where = informative.nonzero().reshape(-1)
     var1, value = var1[informative].clamp_min(0), value[informative]
     labels = float((var1 / (rel_error * value) ** 2).max())
+    if structure == "diag" and math.isfinite(labels):
+        _name_worst_entry(var1 / (rel_error * value) ** 2, rel_error, where, model, estimator)
     if not math.isfinite(labels):  # (ε·I)² underflowed (tiny ε): the same ratio as ((σ₁/|I|)/ε)²
         labels = float(((var1.sqrt() / value.abs()).max() / rel_error) ** 2)
     if not math.isfinite(labels):
@@ -110,6 +117,36 @@ def _name_uninformative(var1: Tensor, estimator: str, scale: Tensor) -> None:
             f"{float(var1.max().sqrt()):.3g}): no number of labels reaches a relative error there, so the k "
             "returned covers the other entries only; with k labels their absolute error is that deviation over √k"
         )
+
+
+def _name_worst_entry(labels: Tensor, rel_error: float, where: Tensor, model: nn.Module, estimator: str) -> None:
+    """Warn where the diagonal's ``k`` (the largest of the entries' ``labels`` for ``rel_error``, at flat indices
+    ``where`` of the trainable parameters) is at least ten times the median entry's: name that entry, its relative
+    standard error with one label, and the median's and the 90th percentile's ``k``."""
+    worst = int(labels.argmax())
+    needed = [max(1, math.ceil(float(q) * (1 - 1e-12))) for q in (labels.max(), labels.median(), labels.quantile(0.9))]
+    if needed[0] < 10 * needed[1]:
+        return
+    name, index = _parameter_entry(model, int(where[worst]))
+    warn_user(
+        f"torchfim: samples_needed(estimator={estimator!r}, structure='diag') = {needed[0]} is set by entry {index} of "
+        f"{name!r}, whose relative standard error with one label is {math.sqrt(float(labels[worst])) * rel_error:.3g} "
+        f"(a small Fisher entry, or a large variance); the median entry needs {needed[1]} labels per input and 90% of "
+        f"the entries {needed[2]}: a target on the entries you use, or on the trace (structure='trace'), may need far "
+        "fewer"
+    )
+
+
+def _parameter_entry(model: nn.Module, flat: int) -> tuple[str, tuple[int, ...]]:
+    """The trainable parameter (``named_parameters()`` order, ``requires_grad=True``) and the index within it of the
+    flat index ``flat`` of a result's entries."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if flat < p.numel():
+            return name, tuple(int(i) for i in numpy.unravel_index(flat, tuple(p.shape)))
+        flat -= p.numel()
+    raise TorchfimError(f"internal: flat index {flat} past the trainable parameters")
 
 
 @dataclass(frozen=True)
