@@ -4,6 +4,7 @@ take, and results that overflowed (NaN returned without a word)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -66,13 +67,11 @@ def test_the_entry_that_sets_the_diagonal_k_is_named() -> None:
     value = torchfim.fisher(model, x, structure="diag")
     labels = var / (0.1 * value) ** 2
     worst = int(labels.argmax())
-    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    start = 0
-    for name, p in names:
-        if worst < start + p.numel():
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst - start), p.shape))
-            break
-        start += p.numel()
+    named = list(model.named_parameters())  # all trainable here
+    ends = list(itertools.accumulate(p.numel() for _, p in named))
+    at = next(i for i, end in enumerate(ends) if worst < end)
+    name, shape = named[at][0], named[at][1].shape
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst - ends[at] + named[at][1].numel()), shape))
     median = max(1, math.ceil(float(labels.median()) * (1 - 1e-12)))
     assert labels.max() > 10 * median  # the test needs a diagonal whose worst entry stands out
     with pytest.warns(RuntimeWarning) as caught:
