@@ -4,6 +4,7 @@ through ``torchfim reproduce explosion`` and its old name ``torchfim explosion``
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,6 +165,38 @@ def test_more_seeds_reuse_the_finished_runs(reference, tmp_path):
     assert res["seeds"][:2] == expected["seeds"]
     for run_id, run in expected["runs"].items():
         assert res["runs"][run_id] == run
+
+
+def test_resuming_on_run_files_of_other_code_is_named(reference, tmp_path):
+    """Every run file records the code that made it (torch's version, a hash of torchfim's source). A study resumed
+    with other code names how many of its run files another code made; run files of this code, or a rebuild that adds
+    no run, say nothing."""
+    import warnings
+
+    import torch
+
+    from torchfim.experiments.code_version import code_version
+
+    out, _ = reference
+    files = sorted((out / "runs").glob("*.json"))
+    assert all(json.loads(p.read_text())["code"] == code_version() for p in files)
+    assert code_version()["torch"] == torch.__version__ and len(code_version()["torchfim"]) == 16
+    fresh = tmp_path / "other"
+    (fresh / "runs").mkdir(parents=True)
+    for i, p in enumerate(files):
+        record = json.loads(p.read_text())
+        if i == 0:
+            record["code"] = {**record["code"], "torch": "0.0.1"}
+        elif i == 1:
+            del record["code"]
+        (fresh / "runs" / p.name).write_text(json.dumps(record))
+    more = replace(TINY, n_seeds=3)
+    with pytest.warns(RuntimeWarning, match=rf"2 of the {len(files)} run files were made by other code: torch 0\.0\.1 "
+                                            rf"\(now {re.escape(torch.__version__)}\) and another torchfim source"):
+        E.run(fresh, more, master_seed=3, resume=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*made by other code")
+        E.run(fresh, more, master_seed=3, resume=True, progress=False)  # every run there: nothing is added
 
 
 def test_run_is_deterministic_and_restores_torch_state():

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..._io import write_json
 from ...errors import TorchfimError
+from ..code_version import code_version
 from .settings import RunSpec, Settings
 from .train import train_one
 
@@ -26,7 +27,8 @@ def _run_path(runs_dir: Path, run_id: str) -> Path:
 
 
 def _write_run(runs_dir: Path, run_id: str, fingerprint: str, spec: dict, result: dict, **extra: Any) -> dict:
-    """Write one run file (atomically) and return its record: id, settings fingerprint, spec, result, ``extra``."""
+    """Write one run file (atomically) and return its record: id, settings fingerprint, spec, result, ``extra`` (the
+    code that made it, :func:`~torchfim.experiments.code_version.code_version`, where known)."""
     record = {"run_id": run_id, "fingerprint": fingerprint, "spec": spec, "result": result, **extra}
     write_json(_run_path(runs_dir, run_id), record, indent=None)
     return record
@@ -42,7 +44,7 @@ def execute(spec: RunSpec, settings: Settings, runs_dir: str, master_seed: int) 
     result = train_one(spec, settings)
     seconds = time.perf_counter() - start
     record = _write_run(Path(runs_dir), spec.run_id, settings.fingerprint(), asdict(spec), result,
-                        master_seed=master_seed, seconds=round(seconds, 3))
+                        master_seed=master_seed, seconds=round(seconds, 3), code=code_version())
     return spec.run_id, record, seconds
 
 
@@ -50,7 +52,8 @@ def extract_runs(results: dict[str, Any], runs_dir: Path, settings: Settings) ->
     """Write the run files stored in a ``results.json`` (its ``"runs"``) into ``runs_dir``; return how many.
 
     ``results.json`` keeps every run's specification and result, so this gives back the run files
-    a study was assembled from (without their wall-clock seconds, which are in ``timings.json``).
+    a study was assembled from (without their wall-clock seconds, which are in ``timings.json``, nor the code that
+    made them, which it does not keep).
     """
     runs_dir.mkdir(parents=True, exist_ok=True)
     fp = settings.fingerprint()

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..._io import write_json, write_text
-from ...errors import TorchfimError
+from ...errors import TorchfimError, warn_user
+from ..code_version import other_code
 from . import figures
 from .assemble import assemble
 from .plan import count_runs, is_done, main_specs, tune_lr_specs, tuned, tuning_specs
@@ -20,6 +21,13 @@ from .store import execute, load_runs, write_timings
 from .summary import summary
 
 __all__ = ["run"]
+
+
+def _name_other_code(done: dict[str, dict], settings: Settings, runs_dir: Path) -> None:
+    """Warn where a resumed study will add runs to run files that other code made (:mod:`..code_version`)."""
+    if done and len(done) < count_runs(settings) and (mixed := other_code(list(done.values()))):
+        warn_user(f"torchfim: {str(runs_dir)!r}: {mixed}. The resumed study will mix them with this code's runs; for "
+                  "a study of one code, use a new --out folder")
 
 
 class _Executor:
@@ -127,6 +135,7 @@ def run(
             f"{str(runs_dir)!r} already holds {len(done)} finished runs; pass --resume to finish that "
             "study, or choose another --out folder"
         )
+    _name_other_code(done, settings, runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     bar = tqdm(total=count_runs(settings), desc="explosion", unit="run", disable=not progress, file=sys.stderr)
