@@ -97,6 +97,20 @@ def test_stderr_matches_the_spread_over_200_repetitions(n_held: int, subset: int
         assert spread / math.sqrt(sum(naive) / len(naive)) < 0.8  # uncorrected: the band would fail
 
 
+def test_subset_of_all_held_inputs_is_the_standard_error_at_fixed_inputs() -> None:
+    """``subset=N`` with ``k ≥ 2``: the label noise alone, the spread of measurements on the same held inputs with fresh
+    labels (to compare measurements on one set of inputs): std of 200 over RMS SE in [0.8, 1.25], where the SE without
+    a subset, which counts the inputs' spread too, is far above that spread."""
+    model, x = tanh_mlp(3, seed=62), mlp_inputs(64, seed=63)
+    exact = float(torchfim.fisher(model, x, estimator="exact", structure="trace"))
+    mean, spread, rms_se, se_of_mean = spread_and_coverage(model, x, 64, 4)
+    assert abs(mean - exact) < 4 * se_of_mean, (mean, exact, se_of_mean)
+    assert 0.8 < spread / rms_se < 1.25, spread / rms_se
+    whole = [FisherTraceMonitor(model, x, n_samples=4, generator=torch.Generator().manual_seed(r)).step(0).stderr
+             for r in range(20)]
+    assert spread / math.sqrt(sum(se * se for se in whole) / len(whole)) < 0.8
+
+
 def test_subset_back_propagates_only_its_window() -> None:
     """A window of m inputs runs the model on m inputs per measurement, not on all N held ones."""
     model, x = tanh_mlp(3, seed=64), mlp_inputs(4096, seed=65)

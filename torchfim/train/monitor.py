@@ -14,7 +14,9 @@ model per input, the monitor records
   labels are drawn from the model: it counts the spread between inputs *and* the label noise.
   Conditional on the held inputs (the same inputs measured again with fresh labels) the spread
   of ``trace`` is smaller or equal, ``√((1/(n²k)) Σᵢ Var_y(sᵢ))``; so ``|trace − Tr(F)|`` on the
-  held inputs is typically within a couple of ``stderr``.
+  held inputs is typically within a couple of ``stderr``. That conditional standard error, the label noise alone (to
+  compare measurements on the same held inputs), is what ``subset=N`` (all ``N`` held inputs) with
+  ``n_samples ≥ 2`` records: the finite-population correction below removes the input spread entirely.
 
 Two options make it cheaper or steadier (formulas in :mod:`torchfim.train.trace_stats`):
 
