@@ -186,14 +186,32 @@ def test_per_layer_variances_are_those_of_the_layer_alone(default_report):
         assert layer["spectrum"]["sum"] == pytest.approx(layer["trace_exact"], rel=1e-4)
 
 
+def test_the_samples_needed_figure_names_a_one_sigma_relative_standard_error(default_report):
+    """Its title said "10% relative error", which reads as a worst case; the target is s.e. ≤ 10% of the value."""
+    from matplotlib.figure import Figure
+
+    from torchfim.report import figures
+
+    _, R, _ = default_report
+    for compact in (False, True):
+        ax = Figure().add_subplot(1, 1, 1)
+        figures._ax_samples(ax, R, compact=compact)
+        title = ax.get_title()
+        assert title.startswith("Labels per input for 10% rel. s.e. (one σ) of Tr") and "relative error" not in title
+
+
 def test_report_md_describes_every_figure_with_numbers(default_report):
     out, R, _ = default_report
     md = (out / "report.md").read_text()
     for name in R["files"]:
         if name.endswith(".png"):
             assert f"]({name})" in md, name
-    for section in ("Tr(F) per layer", "Î1 vs Î2", "relative error", "Eigenvalues", "Empirical vs true"):
+    for section in ("Tr(F) per layer", "Î1 vs Î2", "## 3. Labels per input for a 10% relative standard error (one σ)",
+                    "Eigenvalues", "Empirical vs true"):
         assert section in md
+    # samples_needed's target is a one-σ relative standard error: "10% relative error" read as a worst case
+    assert "**Labels per input for a 10% relative standard error** (one σ) of Tr(F)" in md
+    assert "about two estimates in three fall within 10%" in md and "relative error" not in md
     from torchfim.report.format import fmt
 
     assert fmt(R["trace"]["exact"]) in md

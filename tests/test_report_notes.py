@@ -134,5 +134,7 @@ def test_the_terminal_table_names_the_inputs_of_each_column():
         assert column in [c.strip() for c in header]
     assert "a random subset of m=8 of the n=30 inputs" in table and "*Î2's extrapolated from the subset" in table
     assert "the lower variance of the trace (not of the diagonal" in table
+    assert ("k10% = labels per input for a 10% relative standard error (one σ: s.e. ≤ 10% of the value) of the trace"
+            in table and "relative error" not in table)
     whole = report_mod.run_report(model, x, out=None, progress=False, emit=None, max_block=0)["table"]
     assert "Var Î1 m=30" in whole and "k10% Î2 n=30" in whole and "extrapolated" not in whole

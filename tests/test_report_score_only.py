@@ -80,7 +80,9 @@ def test_score_only_when_asked_for_and_its_files(tmp_path, capsys):
     out = tmp_path / "rep"
     base = ["report", "--epochs", "1", "--no-progress", "--out", str(out)]
     assert cli.main([*base, "--mode", "score-only", "--n-samples", "3"]) == 0
-    assert "Fisher information report (score only)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Fisher information report (score only)" in printed
+    assert "k10% = labels per input for a 10% relative standard error (one σ) of Tr(F)." in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.json", "report.md", "trace_score_only.png"]
     R = json.loads((out / "report.json").read_text())
     assert R["mode"] == "score_only" and R["n_samples"] == 3 and R["mode_reason"].startswith("asked for")
@@ -88,6 +90,8 @@ def test_score_only_when_asked_for_and_its_files(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "# torchfim report (score only)" in text and "](trace_score_only.png)" in text
     assert f"**Tr(F) ≈ {float(R['trace']['trace_score_estimate']):.4g} ±" in text
+    assert "Labels per input for a 10% relative standard error (one σ: s.e. ≤ 10% of Tr(F)): " in text
+    assert "| k for 10% rel. s.e. |" in text and "relative error" not in text + printed
     # asked for, its notes advise no smaller data or more memory (a CLI trial), only the mode that gives the rest
     assert "more memory" not in text and "`--mode full` (or the default" in text
     assert cli.main([*base, "--max-block", "0", "--variance-inputs", "16"]) == 0

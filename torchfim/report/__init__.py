@@ -24,8 +24,8 @@ The report (:func:`run_report`), written to ``--out`` (default ``torchfim-report
   default re-creates the same report without training);
 * figures: ``trace_per_layer.png`` (per-layer Tr(F), exact, with a score-estimator draw and its
   ±2 standard errors), ``variance_per_layer.png`` (Var of the per-layer trace estimators Î1 and Î2
-  with their upper bounds), ``samples_needed.png`` (labels per input for 10% relative error of each
-  layer's trace), ``spectrum.png`` (eigenvalues of the per-layer exact blocks),
+  with their upper bounds), ``samples_needed.png`` (labels per input for a 10% relative standard
+  error, one σ, of each layer's trace), ``spectrum.png`` (eigenvalues of the per-layer exact blocks),
   ``empirical_vs_true.png`` (only when the data has targets) and ``overview.png`` (four panels).
 
 "Layer" means one parameter tensor (``0.weight``, ``0.bias``...), as in ``structure="layers"``.

@@ -1,7 +1,7 @@
 """Turning the report's measurements into the JSON-ready dict that report.json holds.
 
 Everything derived is computed here (per-layer sums, standard errors, labels needed for a relative
-error, spectrum summaries, the empirical-vs-true comparison), so the figures and the text, which
+standard error, spectrum summaries, the empirical-vs-true comparison), so the figures and the text, which
 only read this dict, never show a number that report.json lacks.
 """
 
@@ -68,7 +68,8 @@ class Setup:
 
 
 def samples_needed_unrounded(var1: float | None, value: float | None, rel: float) -> float | None:
-    """``Var₁ / (rel·value)²``: the labels per input for that relative error, before rounding up."""
+    """``Var₁ / (rel·value)²``: the labels per input for that relative standard error (one σ), before rounding
+    up."""
     if var1 is None or value is None or not value > 0:
         return None
     return max(var1, 0.0) / (rel * value) ** 2

@@ -154,7 +154,7 @@ def _ax_samples(ax, R: dict, compact: bool = False) -> None:
     ax.axvline(0.5, color="#999999", lw=0.8, ls="--")
     _columns(ax, [c for c, _ in cols], compact)
     ax.set_ylabel(f"Var₁ / ({R['rel_error']}·Tr)²;  k = ⌈bar⌉ ≥ 1 printed")
-    ax.set_title(f"Labels per input for {100 * R['rel_error']:.0f}% relative error of Tr, "
+    ax.set_title(f"Labels per input for {100 * R['rel_error']:.0f}% rel. s.e. (one σ) of Tr, "
                  f"on all {R['data']['n_inputs']} inputs", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)

@@ -116,8 +116,8 @@ def _head(R: dict) -> list[str]:
             f"{fmt(sub['var_score'])}, Var Tr Î2 = {fmt(sub['var_hessian'])}: the "
             f"**{sub['better_for_trace']}** estimator has the smaller variance for the whole trace. "
             + _per_layer_winner(R))
-    add(f"- **Labels per input for {100 * R['rel_error']:.0f}% relative error** of Tr(F) on all {n} "
-        f"inputs: k = {fmt(T['samples_needed']['score'])} with Î1, k = {fmt(T['samples_needed']['hessian'])} "
+    add(f"- **Labels per input for a {100 * R['rel_error']:.0f}% relative standard error** (one σ) of Tr(F) on "
+        f"all {n} inputs: k = {fmt(T['samples_needed']['score'])} with Î1, k = {fmt(T['samples_needed']['hessian'])} "
         "with Î2." + _like_for_like(T, R["data"]))
     if R["empirical"] is not None:
         E = R["empirical"]
@@ -230,21 +230,23 @@ def _section_variance(R: dict) -> list[str]:
 
 
 def _section_samples(R: dict) -> list[str]:
-    """Section 3: labels per input for the target relative error."""
+    """Section 3: labels per input for the target relative standard error (one σ)."""
     T, n, m = R["trace"], R["data"]["n_inputs"], R["data"]["variance_inputs"]
     lines: list[str] = []
     add = lines.append
-    add(f"## 3. Labels per input for {100 * R['rel_error']:.0f}% relative error")
+    pct = f"{100 * R['rel_error']:.0f}%"
+    add(f"## 3. Labels per input for a {pct} relative standard error (one σ)")
     add("")
     add(f"For each layer, the number of labels per input k such that the standard error of the "
-        f"layer's trace estimate on all {n} inputs is at most {100 * R['rel_error']:.0f}% of the exact "
-        f"value: k = ⌈Var₁ / ({R['rel_error']}·Tr_layer)²⌉ (at least 1), the per-layer version of "
-        f"`torchfim.samples_needed`. Var₁ is the one-label variance of the layer's trace estimator on "
-        f"all inputs: exact for Î1; for Î2 extrapolated from the subset, (m/n)·Var₁(subset) with "
+        f"layer's trace estimate on all {n} inputs is at most {pct} of the exact value, a {pct} relative "
+        f"standard error: a one-σ target, so about two estimates in three fall within {pct} of the value (for a "
+        f"normal estimate), not all of them. k = ⌈Var₁ / ({R['rel_error']}·Tr_layer)²⌉ (at least 1), the "
+        f"per-layer version of `torchfim.samples_needed`. Var₁ is the one-label variance of the layer's trace "
+        f"estimator on all inputs: exact for Î1; for Î2 extrapolated from the subset, (m/n)·Var₁(subset) with "
         f"m = {m}. The whole-model Î1 column equals `torchfim.samples_needed(model, inputs, "
         f"estimator=\"score\")`. The bars show Var₁/({R['rel_error']}·Tr)² before rounding up: "
-        f"below the dotted line at 1, one label per input already gives better than "
-        f"{100 * R['rel_error']:.0f}%; a bar at 10 means 10 labels per input (or 10× the inputs) are "
+        f"below the dotted line at 1, one label per input already gives a relative standard error below "
+        f"{pct}; a bar at 10 means 10 labels per input (or 10× the inputs) are "
         f"needed. Where Î2's variance is 0 (printed 0→1), one label gives the exact value.")
     add("")
     add("![labels per input needed](samples_needed.png)")

@@ -88,7 +88,7 @@ def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout,
 
 def _entry(norms, name: str | None, empirical: float | None, k: int) -> dict:
     """The report.json entry of one layer (``name``) or of the whole model (None); the labels per input
-    for :data:`~torchfim.report.settings.REL_ERROR` relative error from the one-label variance
+    for a relative standard error (one σ) of :data:`~torchfim.report.settings.REL_ERROR` from the one-label variance
     ``k·s.e.²`` that the draws estimate."""
     estimate, stderr = norms.trace(name)
     _, stderr_inputs = norms.trace(name, inputs_as_sample=True)

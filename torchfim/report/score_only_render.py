@@ -42,7 +42,8 @@ def markdown_score_only(R: dict) -> str:
         "within ± 2 of it (fewer, mostly above, where a few inputs' large norms dominate). Taking the "
         f"inputs as a sample of the data, the standard error of E_x Tr(F(x)) is "
         f"{fmt(T['trace_score_stderr_inputs'])} (input spread and label noise). Labels per input for "
-        f"{pct_error} relative error: {fmt(T['samples_needed_score'])}.")
+        f"a {pct_error} relative standard error (one σ: s.e. ≤ {pct_error} of Tr(F)): "
+        f"{fmt(T['samples_needed_score'])}.")
     add("")
     add(f"![Tr(F) per layer by the score estimator]({SCORE_ONLY_FIGURE})")
     add("")
@@ -84,14 +85,15 @@ def _layer_table(R: dict) -> str:
             for layer in R["layers"]]
     rows.append(row("**whole model**", "", R["model"]["n_parameters"], T, "100%"))
     header = ["layer", "shape", "size", f"Tr(F) Î1 (k={k})", "s.e.", "s.e./Tr", "share",
-              f"k {100 * R['rel_error']:.0f}%"] + (["Tr empirical", "empirical / Î1"] if emp else [])
+              f"k for {100 * R['rel_error']:.0f}% rel. s.e."] + (["Tr empirical", "empirical / Î1"] if emp else [])
     return md_table(header, rows, "lll" + "r" * (len(header) - 3))
 
 
 def summary_score_only(R: dict) -> str:
     """The terminal summary of a score-only report: one row per layer plus the whole model."""
     T, D, k = R["trace"], R["data"], R["n_samples"]
-    header = ["layer", "size", "Tr(F) Î1", "s.e.", "share", "k10%"]
+    pct_error = f"{100 * R['rel_error']:.0f}%"
+    header = ["layer", "size", "Tr(F) Î1", "s.e.", "share", f"k{pct_error}"]
     body = [[layer["name"], str(layer["size"]), fmt(layer["trace_score_estimate"]),
              fmt(layer["trace_score_stderr"], 2), pct(layer["share_of_trace"]), fmt(layer["samples_needed_score"])]
             for layer in R["layers"]]
@@ -107,7 +109,7 @@ def summary_score_only(R: dict) -> str:
            f"inputs, family {family_text(R)}"),
            line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
            (f"Tr(F) by the score estimator with {k} labels/input; s.e. from the spread of each input's labels; "
-           f"k10% = labels per input for 10% relative error."),
+           f"k{pct_error} = labels per input for a {pct_error} relative standard error (one σ) of Tr(F)."),
            f"Score only: {R['mode_reason']}."]
     out += [f"Note: {note}." for note in (D.get("targets_note"), R.get("outputs", {}).get("note")) if note]
     out += warning_lines(R)

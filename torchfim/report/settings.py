@@ -39,7 +39,8 @@ HESSIAN_BUDGET = 20_000_000
 MIN_AUTO_VARIANCE_INPUTS = 16
 #: Largest per-layer block whose eigenvalues are computed (a dense size² matrix and eigvalsh).
 DEFAULT_MAX_BLOCK = 2048
-#: Target relative error for the samples-needed figure.
+#: Target relative standard error (one σ: s.e. ≤ REL_ERROR × value) for the samples-needed figure and columns,
+#: as ``rel_error`` of :func:`torchfim.samples_needed`.
 REL_ERROR = 0.1
 #: At most this many diagonal entries per layer in the empirical-vs-true scatter (and report.json).
 SCATTER_POINTS_PER_LAYER = 4000

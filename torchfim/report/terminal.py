@@ -13,9 +13,9 @@ def summary_table(R: dict) -> str:
     extrapolated from the subset, and the footnote says each."""
     D = R["data"]
     n, m = D["n_inputs"], D["variance_inputs"]
-    star = "*" if m < n else ""
+    star, k = ("*" if m < n else ""), f"k{100 * R['rel_error']:.0f}%"
     header = ["layer", "size", f"Tr(F) n={n}", f"s.e. Î1 n={n}", f"Var Î1 m={m}", f"Var Î2 m={m}", "lower Var Tr",
-              f"k10% Î1 n={n}", f"k10% Î2{star} n={n}", "λ_max"]
+              f"{k} Î1 n={n}", f"{k} Î2{star} n={n}", "λ_max"]
     body = []
     for l in R["layers"]:
         s = l["subset"]
@@ -64,6 +64,8 @@ def _footnote(R: dict, n: int, m: int) -> list[str]:
                f"label(s)/input, over all n={n} inputs; Var Î1/Î2 = variance of the trace estimators with one label "
                f"per input on {subset} (≈ n/m times that on all n: s.e.² ≈ Var·m/(n·k)); lower Var Tr = the "
                "estimator with the lower variance of the trace (not of the diagonal: see report.md).")
-    labels = (f"k10% = labels per input for 10% relative error of the trace on all n={n} inputs"
+    pct = f"{100 * R['rel_error']:.0f}%"
+    labels = (f"k{pct} = labels per input for a {pct} relative standard error (one σ: s.e. ≤ {pct} of the value) "
+              f"of the trace on all n={n} inputs"
               + ("; *Î2's extrapolated from the subset, (m/n)·Var Î2 (Î1's exact on all inputs)." if m < n else "."))
     return [columns, labels]
