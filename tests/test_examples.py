@@ -59,7 +59,7 @@ def test_language_model_report():
 def test_choose_estimator():
     out = run_example("choose_estimator.py")
     assert out.count("better") == 2  # one compare_estimators table per network
-    assert "for 10% relative error of Tr(F)" in out
+    assert "for a 10% relative standard error of Tr(F)" in out
     relu_table = out.split("with Tanh")[0]
     assert "score" not in [line.split()[-1] for line in relu_table.splitlines() if line.startswith(("0.", "2.", "4."))]
 

@@ -190,7 +190,7 @@ class Poisson(Family):
         """``λ_max(M)`` with ``(M X)_ab = δ_ab λ_a Σ_c λ_c X_cc + λ_a λ_b (X_ab + X_ba) + δ_ab λ_a X_aa``.
 
         ``M`` is 0 on antisymmetric ``X``, ``2λ_aλ_b`` on ``E_ab + E_ba`` (``a ≠ b``) and, on diagonal
-        ``X = diag(x)``, the C×C matrix ``N = λλᵀ + diag(2λ² + λ)``. ``λ_max(N) ≥ 3λ_a² ≥ 2λ_aλ_b``,
+        ``X = diag(x)``, the C×C matrix ``N = λλᵀ + diag(2λ² + λ)``. ``λ_max(N) ≥ 3 max_a λ_a² ≥ 2λ_aλ_b``,
         so ``λ_max(M) = λ_max(N)``, found by the secular equation of a rank-one update in float64
         after dividing ``λ`` by ``s = max(1, max λ)``: ``λ_max(N) = s² λ_max(λ̃λ̃ᵀ + diag(2λ̃² + λ̃/s))``.
         """

@@ -14,7 +14,7 @@ paper's kind of evidence for small MLPs with torchfim's closed-form variances (d
     initialisation seeds (``seeds``, summarised in ``seed_ranges``: the error bars of figure (b));
 (c) ``depth_width``: the same trace and summed-diagonal variances against depth and width (tanh);
 (d) ``training``: Tr(F), both trace variances, the relative standard error with one label per input
-    and :func:`torchfim.samples_needed` for 10% error, at checkpoints while Adam trains the tanh and
+    and :func:`torchfim.samples_needed` for a 10% relative standard error (one σ), at checkpoints while Adam trains the tanh and
     softplus MLPs on the digits.
 
 Everything is float64, seeded, and conditional on a fixed set of ``n`` inputs (variances are those

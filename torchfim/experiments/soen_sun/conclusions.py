@@ -163,7 +163,7 @@ def training_sentences(recs: list[dict[str, Any]]) -> list[str]:
             f"Training ({act}, epoch {a['epoch']} → {b['epoch']}, held-out accuracy {a['heldout_accuracy']:.2f} → "
             f"{b['heldout_accuracy']:.2f}): Tr F {fmt(a['fisher_trace'])} → {fmt(b['fisher_trace'])}; relative SE "
             f"Î1 {fmt(a['rel_se_score'])} → {fmt(b['rel_se_score'])}, Î2 {fmt(a['rel_se_hessian'])} → "
-            f"{fmt(b['rel_se_hessian'])}; labels per input for {REL_ERROR:.0%} error: Î1 {a['samples_needed_score']} → "
+            f"{fmt(b['rel_se_hessian'])}; labels per input for a {REL_ERROR:.0%} relative standard error: Î1 {a['samples_needed_score']} → "
             f"{b['samples_needed_score']}, Î2 {a['samples_needed_hessian']} → {b['samples_needed_hessian']}."
             + _crossing(rows)
         )

@@ -231,7 +231,7 @@ def plot_training(results: dict[str, Any], settings: Settings, path: Path) -> No
                                                                   ("var_hessian_trace", "hessian")]),
         (axes[1][0], "relative standard error √Var / Tr F (k = 1)", [("rel_se_score", "score"),
                                                                       ("rel_se_hessian", "hessian")]),
-        (axes[1][1], f"labels per input for {REL_ERROR:.0%} error (samples_needed)",
+        (axes[1][1], f"labels per input for {REL_ERROR:.0%} rel. s.e. (samples_needed)",
          [("samples_needed_score", "score"), ("samples_needed_hessian", "hessian")]),
     )
     for ax, title, series in panels:

@@ -220,7 +220,7 @@ def _training(results: dict[str, Any], s: Settings) -> tuple[list[str], list[str
                  "checkpoints — all are in results.json):")
     lines.append("")
     lines.append("| activation | epoch | train loss | held-out acc. | Tr F | rel. SE Î1 | rel. SE Î2 | "
-                 f"k for {REL_ERROR:.0%}: Î1 | k: Î2 |")
+                 f"k for {REL_ERROR:.0%} rel. SE: Î1 | k: Î2 |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     shown = training_rows(recs)
     for r in shown:
