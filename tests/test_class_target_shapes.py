@@ -147,6 +147,23 @@ def test_float_labels_are_left_to_the_estimators_that_read_them() -> None:
         torchfim.fisher(model, [(x, onehot)], estimator="empirical", structure="diag")
 
 
+def test_integer_one_hot_labels_are_not_said_to_be_unread() -> None:
+    """Integer one-hot labels (``F.one_hot(y, C)``, a newcomer's trial) were warned of as "a CTC transcript, labels
+    at another resolution" before the empirical estimator's clear refusal: now that refusal alone, and the exact
+    Fisher as without them, as for float one-hot labels."""
+    import warnings
+
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 4).double(), torch.randn(10, 3, dtype=torch.float64)
+    onehot = nn.functional.one_hot(torch.randint(0, 4, (10,)), 4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*every position counts")
+        assert torch.equal(torchfim.fisher(model, [(x, onehot)], structure="diag"),
+                           torchfim.fisher(model, x, structure="diag"))
+        with pytest.raises(TorchfimError, match="argmax"):
+            torchfim.fisher(model, [(x, onehot)], estimator="empirical", structure="diag")
+
+
 @pytest.mark.parametrize("estimator", ["exact", "score", "hessian", "empirical"])
 def test_labels_of_another_batch_size_are_refused_without_a_contradicting_warning(estimator: str) -> None:
     """Labels with 10 rows for 16 inputs fit no reading of the outputs: they are another batch's. Before, the

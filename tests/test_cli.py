@@ -29,11 +29,11 @@ SMALL = dict(seconds=600.0, seed=3, epochs=3, hidden=(8,))
 SMALL_ARGS = ["--seconds", "600", "--seed", "3", "--epochs", "3", "--hidden", "8"]
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_ROW = re.compile(rf"^(\w+)\s+({_NUMBER})\s+({_NUMBER})\s+({_NUMBER})\s+({_NUMBER})\s+({_NUMBER})$")
+_ROW = re.compile(rf"^(\w+)\s+({_NUMBER})\s+({_NUMBER}|—)\s+({_NUMBER})\s+({_NUMBER})\s+({_NUMBER})\s+({_NUMBER})$")
 
 
 def table_rows(lines) -> dict[str, list[str]]:
-    """Estimator name -> its printed cells (Tr(F), diag mean, diag median, diag max, time)."""
+    """Estimator name -> its printed cells (Tr(F), s.e., diag mean, diag median, diag max, time)."""
     rows = {}
     for line in lines:
         m = _ROW.match(line.strip())
@@ -55,14 +55,16 @@ def test_demo_prints_all_four_estimators(small_demo):
     rows = table_rows(lines)
     assert list(rows) == list(ESTIMATORS)
     header = next(line for line in lines if line.startswith("estimator"))
-    for column in ("Tr(F)", "diag mean", "diag median", "diag max", "time(s)"):
+    for column in ("Tr(F)", "s.e.", "diag mean", "diag median", "diag max", "time(s)"):
         assert column in header
     assert result["training"]["epochs"] == SMALL["epochs"]
     assert not result["training"]["stopped_by_time"]
     assert result["n_parameters"] == 64 * 8 + 8 + 8 * 10 + 10
     for name in ESTIMATORS:
         numbers = result["estimators"][name]
-        assert all(math.isfinite(v) for v in numbers.values())
+        assert all(math.isfinite(v) for k, v in numbers.items() if k != "trace_se")
+        assert math.isnan(numbers["trace_se"]) == (name in ("exact", "empirical"))
+        assert (rows[name][1] == "—") == (name in ("exact", "empirical"))
         assert numbers["trace"] > 0
         assert numbers["diag_mean"] == pytest.approx(numbers["trace"] / result["n_parameters"])
         assert numbers["diag_median"] <= numbers["diag_max"]
@@ -78,6 +80,11 @@ def test_demo_exact_trace_matches_a_recomputation(small_demo):
     printed = float(table_rows(lines)["exact"][0])  # 4 significant digits
     assert printed == pytest.approx(recomputed, rel=1e-3)
     assert result["estimators"]["exact"]["trace"] == pytest.approx(recomputed, rel=1e-5)
+
+    # The s.e. of a sampled row is the closed-form standard deviation of that estimator's Tr(F) over its labels.
+    for name in ("score", "hessian"):
+        variance = float(torchfim.fisher_variance(model, X, estimator=name, structure="trace"))
+        assert result["estimators"][name]["trace_se"] == pytest.approx(variance**0.5, rel=1e-5)
 
     # The empirical row uses the true labels and nothing random.
     emp = float(torchfim.fisher(model, X, estimator="empirical", structure="trace",
@@ -105,8 +112,8 @@ def test_demo_rejects_bad_settings():
 
 def test_format_table_aligns_columns():
     rows = {
-        "exact": dict(trace=12.5, diag_mean=1e-3, diag_median=2e-4, diag_max=0.5, time=0.1),
-        "hessian": dict(trace=1234567.0, diag_mean=1.0, diag_median=1.0, diag_max=3.0, time=12.0),
+        "exact": dict(trace=12.5, trace_se=math.nan, diag_mean=1e-3, diag_median=2e-4, diag_max=0.5, time=0.1),
+        "hessian": dict(trace=1234567.0, trace_se=2.5, diag_mean=1.0, diag_median=1.0, diag_max=3.0, time=12.0),
     }
     lines = format_table(rows).splitlines()
     assert len(lines) == 4

@@ -365,8 +365,20 @@ def test_dict_batches_take_labels_as_targets() -> None:
 def test_mask_of_the_wrong_shape_is_refused() -> None:
     model = TokenModel(3).double()
     x = torch.randint(0, 5, (4, 3))
-    with pytest.raises(torchfim.TorchfimError, match="position mask has shape"):
+    with pytest.raises(torchfim.TorchfimError, match="position mask has shape.*pass one boolean per input and position"):
         torchfim.fisher(model, x, mask=torch.ones(4, 2, dtype=torch.bool))
+
+
+def test_a_token_mask_on_a_classifier_is_told_to_drop_it() -> None:
+    """A sequence classifier's outputs have no positions; a newcomer passed the attention mask as mask= and was told
+    to pass one boolean per position. Now: drop mask= (the model reads its attention mask), the monitor too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, tokens = torch.randn(4, 3, dtype=torch.float64), torch.ones(4, 7, dtype=torch.bool)
+    with pytest.raises(torchfim.TorchfimError, match=r"have no positions .* drop mask=, or pass a \(batch,\) mask"):
+        torchfim.fisher(model, x, mask=tokens)
+    with pytest.raises(torchfim.TorchfimError, match="drop mask="):
+        torchfim.train.FisherTraceMonitor(model, x, mask=lambda batch: tokens).measure(0)
 
 
 def test_long_outputs_are_refused() -> None:

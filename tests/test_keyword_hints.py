@@ -41,6 +41,9 @@ def _message(call) -> str:
     ("labels", None, "(inputs, targets) pairs"),
     ("dataloader", None, "second positional argument"),
     ("n_sampels", 2, "did you mean n_samples=?"),
+    ("loss_func", nn.BCELoss(), "which takes probabilities, pass family='bernoulli' with the model's logits"),
+    ("sigma", 0.5, "family=torchfim.families.Gaussian(sigma=0.5)"),
+    ("device", "cuda", "computes on the model's device"),
     ("estimater", "score", "did you mean estimator=?"),
 ])
 def test_fisher_names_the_keyword_to_pass_instead(setting, keyword, value, expected):
@@ -122,3 +125,29 @@ def test_decorated_functions_keep_their_signatures_and_results(setting):
     with pytest.raises(TypeError, match="missing 1 required positional argument") as caught:
         explained()  # a call that does not bind for another reason: Python's own error
     assert not isinstance(caught.value, UnknownKeywordError)
+
+
+@pytest.mark.parametrize(("family", "expected"), [
+    ("mse", "family='gaussian'"), ("nll", "family='categorical'"), ("ce", "family='categorical'"),
+    ("gaussian_nll", "family='heteroscedastic_gaussian'"), ("bce", "which takes probabilities"),
+    ("binary_cross_entropy", "with the model's logits"), (nn.BCELoss(), "drop its final sigmoid"),
+    ("Categorical", "family names are lower case: pass family='categorical'"),
+])
+def test_a_loss_or_a_capitalised_name_as_family_is_told_the_family(setting, family, expected):
+    """Short loss names, losses on probabilities and capitalised family names (a newcomer's trial) named the valid
+    families only; each now says which to pass."""
+    model, x = setting
+    with pytest.raises(TorchfimError, match="unknown family") as caught:
+        torchfim.fisher(model, x, family=family)
+    assert expected in str(caught.value)
+
+
+def test_a_bce_model_read_through_logit_has_the_bernoulli_fisher(setting):
+    """The fix the BCELoss hint names: a model ending in a sigmoid, read through ``output=torch.logit``, has the
+    Bernoulli Fisher of the model without its sigmoid."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double(), setting[1]
+    with_sigmoid = nn.Sequential(model, nn.Sigmoid())
+    expected = torchfim.fisher(model, x, family="bernoulli", structure="full")
+    got = torchfim.fisher(with_sigmoid, x, family="bernoulli", structure="full", output=torch.logit)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

@@ -133,6 +133,8 @@ def test_a_vector_of_another_length_is_refused_naming_solve() -> None:
     s = _structure(_model(), "full")
     with pytest.raises(TorchfimError, match=rf"solve takes a vector of shape \({s.layout.num_params},\)"):
         s.solve(torch.ones(3, dtype=torch.float64), damping=1.0)
+    with pytest.raises(TorchfimError, match=r"got dict \(tensors by parameter name go in through layout\.flatten"):
+        s.solve(dict(_model().named_parameters()), damping=1.0)
 
 
 def test_solve_leaves_the_result_it_shares_unchanged() -> None:

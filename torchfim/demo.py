@@ -12,6 +12,7 @@ the true labels, so it is the biased one.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 
@@ -31,15 +32,22 @@ EPOCHS = 100
 HELP = "train a small MLP on the digits and compare the four Fisher estimators"
 
 
-_COLUMNS = ("estimator", "Tr(F)", "diag mean", "diag median", "diag max", "time(s)")
-_KEYS = ("trace", "diag_mean", "diag_median", "diag_max", "time")
+_COLUMNS = ("estimator", "Tr(F)", "s.e.", "diag mean", "diag median", "diag max", "time(s)")
+_KEYS = ("trace", "trace_se", "diag_mean", "diag_median", "diag_max", "time")
+
+
+def _cell(key: str, value: float) -> str:
+    if key == "time":
+        return f"{value:.2f}"
+    return "—" if math.isnan(value) else f"{value:.4g}"
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """The results as an aligned text table, one row per estimator (4 significant digits)."""
+    """The results as an aligned text table, one row per estimator (4 significant digits; ``—`` for a standard
+    error that does not apply, NaN)."""
     body = []
     for name, r in rows.items():
-        cells = [name] + [f"{r[k]:.4g}" if k != "time" else f"{r[k]:.2f}" for k in _KEYS]
+        cells = [name] + [_cell(k, r.get(k, math.nan)) for k in _KEYS]
         body.append(cells)
     widths = [max(len(c[j]) for c in [list(_COLUMNS)] + body) for j in range(len(_COLUMNS))]
 
@@ -130,6 +138,9 @@ def _run_demo(seconds, seed, n_samples, out, epochs, hidden, progress) -> dict:
     emit("")
     for row in table.splitlines():
         emit(row)
+    emit("")
+    emit("s.e.: the standard error of Tr(F) over the label draws, from the closed-form variance (fisher_variance); "
+         "the exact Fisher has none, and the empirical Fisher is no estimate of F (its labels are the data's).")
     return {
         "model": model,
         "inputs": X,
@@ -183,8 +194,13 @@ def _estimate(model, X, y, n_samples: int, seed: int, bar) -> tuple[dict, dict]:
         elapsed = time.perf_counter() - t0
         diag = diag.detach()
         diags[name] = diag
+        se = math.nan
+        if name in ("score", "hessian"):  # the spread of this very Tr(F) over the labels (untimed)
+            se = float(torchfim.fisher_variance(model, X, family="categorical", estimator=name, structure="trace",
+                                                n_samples=n_samples)) ** 0.5
         rows[name] = {
             "trace": float(diag.sum()),
+            "trace_se": se,
             "diag_mean": float(diag.mean()),
             "diag_median": float(diag.median()),
             "diag_max": float(diag.max()),

@@ -50,6 +50,11 @@ FOREIGN_KEYWORDS: dict[str, tuple[str | None, str]] = {
     **dict.fromkeys(("hessian_structure", "representation", "repr", "subset_of_weights"),
                     ("structure", "structure= ('full', 'diag', 'trace' or 'blocks')")),
     **dict.fromkeys(("damping", "prior_precision", "prior_prec"), (None, _DAMPING)),
+    **dict.fromkeys(("sigma", "std", "noise_std", "sigma_noise"),
+                    (None, "a Gaussian's σ goes with the family: family=torchfim.families.Gaussian(sigma=0.5)")),
+    **dict.fromkeys(("device", "dtype"),
+                    (None, ("torchfim computes on the model's device and in its dtype, and moves the inputs there: "
+                            "move the model (model.to(device, dtype))"))),
     "method": ("backend", _METHOD),
 }
 

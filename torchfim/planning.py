@@ -41,7 +41,8 @@ def samples_needed(
     across_processes: bool = False,
     progress: bool = False,
 ) -> int:
-    """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value.
+    """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value
+    (``0 < rel_error < 1``: 0.1 for 10%).
 
     A one-σ target: about two estimates in three fall within ``rel_error`` of the value (for a normal estimate).
 
@@ -73,6 +74,10 @@ def samples_needed(
     rel = real_number(rel_error)
     if rel is None or not (0 < rel and math.isfinite(rel)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
+    if rel >= 1:  # a percentage read as a fraction: rel_error=10 asked for 1000%, and one label always reaches it
+        raise TorchfimError(
+            f"rel_error is a fraction of the value (0.1 for 10%), got {rel_error!r}: a relative standard error of "
+            "100% or more needs no more than one label per input; pass rel_error=0.1 for 10%")
     rel_error = rel
     inputs = reusable(inputs)  # iterated twice below
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,

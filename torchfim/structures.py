@@ -214,7 +214,8 @@ class Structure(ABC):
         p = self.layout.num_params
         if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != p:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise TorchfimError(f"{what} takes a vector of shape ({p},) or columns of shape ({p}, k), got {shape}")
+            flat = " (tensors by parameter name go in through layout.flatten(...))" if isinstance(v, dict) else ""
+            raise TorchfimError(f"{what} takes a vector of shape ({p},) or columns of shape ({p}, k), got {shape}{flat}")
         return v.to(self._stored_dtype())
 
     @classmethod

@@ -147,6 +147,13 @@ def _fits(targets: object, size: int, positions: tuple[int, ...]) -> bool:
     return shape[:1] == (size,) and math.prod(shape[1:]) == math.prod(positions)
 
 
+def _one_hot(targets: Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether integer ``targets`` of the outputs' ``shape`` (classes last) are one-hot rows: 0s and 1s, one 1 each."""
+    if tuple(targets.shape) != shape or targets.numel() == 0:
+        return False
+    return bool(((targets == 0) | (targets == 1)).all()) and bool((targets.sum(-1) == 1).all())
+
+
 def unread_targets_note(targets: object, shape: tuple[int, ...], class_dim: int, said: bool) -> str | None:
     """What to say of integer class labels ``targets`` that do not fit outputs of ``shape`` (as the model returns
     them, the classes in ``class_dim``, -1 or 1; ``said``: given by the caller): their -100s, which every estimator
@@ -154,7 +161,8 @@ def unread_targets_note(targets: object, shape: tuple[int, ...], class_dim: int,
     class dim was not said and the labels fit the outputs read with classes in dim 1 (``F.cross_entropy``'s
     ``(N, C, T)``), the outputs are likely misread: refused, naming ``class_dim=1`` (a porting trial's tagger was 0.41
     off its peer's GGN, silently); labels with another number of rows than the inputs are refused. None where they
-    fit, or are not integer labels."""
+    fit, are one-hot rows (no -100 among them: as float one-hot labels, only the empirical estimator reads them, and
+    it refuses them naming argmax), or are not integer labels."""
     first = class_dim == 1 and len(shape) > 2
     positions, classes = (tuple(shape[2:]), shape[1]) if first else (tuple(shape[1:-1]), shape[-1])
     size = shape[0]
@@ -169,6 +177,8 @@ def unread_targets_note(targets: object, shape: tuple[int, ...], class_dim: int,
                             f"inputs (outputs {tuple(shape)}): pass one row of labels per input, in the inputs' order, "
                             f"of shape {per_input}{flattened}")
     read = f"{dims}{classes} classes"
+    if _one_hot(targets, (size, *positions, classes)):  # no -100 to place; the empirical estimator names argmax
+        return None
     if not said and len(shape) >= 3 and _fits(targets, size, tuple(shape[2:])):
         raise TorchfimError(
             f"class-label targets of shape {got} do not fit outputs {tuple(shape)} read as {read} (the classes "

@@ -361,9 +361,11 @@ class ModelView:
                                 f"True where a position is observed; got {got}")
         want = (batch.size, *positions)
         if tuple(m.shape) != want:
+            fix = ("pass one boolean per input and position (True = observed, False = padding)" if positions else
+                   "these outputs have no positions (one per input, as a sequence classifier's, whose model reads "
+                   "its attention mask itself): drop mask=, or pass a (batch,) mask to leave out whole inputs")
             raise TorchfimError(
-                f"the position mask has shape {tuple(m.shape)} but the outputs have (batch, *positions) = {want}; "
-                "pass one boolean per input and position (True = observed, False = padding)"
+                f"the position mask has shape {tuple(m.shape)} but the outputs have (batch, *positions) = {want}; {fix}"
             )
         return m.to(device=self.device).bool().reshape(batch.size, -1)
 

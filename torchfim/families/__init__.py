@@ -66,13 +66,17 @@ def get_family(family: str | Family) -> Family:
 
 #: Losses and other libraries' names for an output distribution (lower case), and torchfim's family for each.
 _NAMED_ELSEWHERE = {
-    **dict.fromkeys(("crossentropyloss", "cross_entropy", "nllloss", "nll_loss", "classification", "classif_logits"),
-                    "categorical"),
-    **dict.fromkeys(("bcewithlogitsloss", "binary_cross_entropy_with_logits", "classif_binary_logits"), "bernoulli"),
-    **dict.fromkeys(("mseloss", "mse_loss", "regression"), "gaussian"),
+    **dict.fromkeys(("crossentropyloss", "cross_entropy", "ce", "nllloss", "nll_loss", "nll", "classification",
+                     "classif_logits"), "categorical"),
+    **dict.fromkeys(("bcewithlogitsloss", "binary_cross_entropy_with_logits", "bce_with_logits", "classif_binary_logits"),
+                    "bernoulli"),
+    **dict.fromkeys(("mseloss", "mse_loss", "mse", "regression"), "gaussian"),
     **dict.fromkeys(("poissonnllloss", "poisson_nll_loss"), "poisson"),
-    **dict.fromkeys(("gaussiannllloss", "gaussian_nll_loss"), "heteroscedastic_gaussian"),
+    **dict.fromkeys(("gaussiannllloss", "gaussian_nll_loss", "gaussian_nll"), "heteroscedastic_gaussian"),
 }
+
+#: Losses on probabilities, whose family takes logits instead.
+_ON_PROBABILITIES = {"bceloss": "bernoulli", "binary_cross_entropy": "bernoulli", "bce": "bernoulli"}
 
 
 def _family_hint(family: object) -> str:
@@ -88,6 +92,12 @@ def loss_family_hint(loss: object) -> str:
     """The family to pass for ``loss`` (a loss module, function or name, or another library's name for a
     distribution), as a sentence; empty where ``loss`` is none of these."""
     name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+    if isinstance(loss, str) and loss.lower() in FAMILIES:
+        return f"family names are lower case: pass family={loss.lower()!r}"
+    if name.lower() in _ON_PROBABILITIES:
+        return (f"for {name}, which takes probabilities, pass family={_ON_PROBABILITIES[name.lower()]!r} with the "
+                "model's logits (drop its final sigmoid, or output=torch.logit on its outputs); torchfim takes the "
+                "distribution of the outputs, not a loss (docs/peers.md)")
     match = _NAMED_ELSEWHERE.get(name.lower())
     if match is None:
         return ""

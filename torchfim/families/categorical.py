@@ -216,10 +216,10 @@ class Categorical(Family):
         return torch.zeros(o.shape[0], dtype=torch.long, device=o.device)
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
-        if y.dim() == 2 and y.shape[1] == o.shape[1] and y.is_floating_point():
+        if y.dim() == 2 and y.shape[1] == o.shape[1] and not y.is_complex():
             raise TorchfimError(
-                "categorical targets must be class indices of shape (batch,), got a (batch, C) "
-                "float tensor; pass y.argmax(dim=1) if these are one-hot labels"
+                f"categorical targets must be class indices of shape (batch,), got a (batch, C) {y.dtype} tensor; "
+                "pass y.argmax(dim=1) if these are one-hot labels"
             )
         if y.is_floating_point() or y.is_complex():
             raise TorchfimError(
