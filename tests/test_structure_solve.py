@@ -143,3 +143,63 @@ def test_solve_leaves_the_result_it_shares_unchanged() -> None:
     before = result.clone()
     torchfim.as_structure(result, model).solve(torch.ones(len(result), dtype=torch.float64), damping=0.5)
     assert torch.equal(result, before)
+
+
+def _blocks_of(model: torch.nn.Module, blocks: dict[str, torch.Tensor]):
+    return torchfim.as_structure(blocks, model)
+
+
+def test_blocks_that_fail_are_named_once_with_a_damping_for_all_of_them() -> None:
+    """Two indefinite blocks (a review): the first refusal's damping was refused again for the second block. Now one
+    refusal names the block that needs the most, and its damping (and the suggested one) solves every block."""
+    model = torch.nn.Linear(2, 2).double()  # blocks 'weight' (4×4) and 'bias' (2×2)
+    w, b = torch.diag(torch.tensor([1.0, -0.01, 2.0, 3.0], dtype=torch.float64)), torch.diag(
+        torch.tensor([1.0, -5.0], dtype=torch.float64))
+    s = _blocks_of(model, {"weight": w, "bias": b})
+    v = torch.ones(6, dtype=torch.float64)
+    with pytest.raises(TorchfimError, match=r"the block of 'bias' plus damping=0 is not positive definite \(2 blocks "
+                                            r"need damping.*smallest eigenvalue is -5.*pass damping > 5, ") as caught:
+        s.solve(v)
+    need = float(re.search(r"pass damping > ([0-9.e+-]+)", str(caught.value)).group(1))
+    for lam in (need * (1 + 1e-9), _suggested(str(caught.value))):
+        x = s.solve(v, damping=lam)
+        torch.testing.assert_close(s.mv(x) + lam * x, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_damping_named_is_rounded_up_so_that_passing_it_works(dtype: torch.dtype) -> None:
+    """``pass damping > 0.123`` for an eigenvalue −0.123456 (a review) was refused again at 0.1234: the threshold
+    printed is rounded up, and passing it (or the suggestion) solves, for a full matrix and a diagonal."""
+    model = torch.nn.Linear(1, 2).double()  # P = 4
+    values = torch.tensor([1.0, -0.123456, 2.0, 0.5], dtype=dtype)
+    for result in (torch.diag(values), values):
+        s = torchfim.as_structure(result, model)
+        v = torch.ones(4, dtype=dtype)
+        with pytest.raises(TorchfimError, match=r"pass damping > 0\.124, ") as caught:
+            s.solve(v, damping=0.1234)
+        for lam in (0.124, _suggested(str(caught.value))):
+            x = s.solve(v, damping=lam)
+            torch.testing.assert_close(s.mv(x) + lam * x, v, check_dtype=False, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_entries_are_refused_by_name() -> None:
+    model = _model()
+    for structure in ("full", "diag"):
+        result = torchfim.fisher(model, _inputs(), structure=structure).clone()
+        result.view(-1)[3] = float("nan")
+        with pytest.raises(TorchfimError, match="holds NaN or infinite entries"):
+            torchfim.as_structure(result, model).solve(torch.ones(result.shape[0], dtype=torch.float64), damping=1.0)
+
+
+def test_float32_solves_to_its_precision_and_names_the_float64_copy() -> None:
+    """A float32 Fisher: the solve is float32's (relative residual about κ·eps), and a refusal names the float64
+    copy."""
+    model = _model().float()
+    s = torchfim.as_structure(torchfim.fisher(model, _inputs().float(), structure="full"), model)
+    v = torch.randn(s.layout.num_params, generator=torch.Generator().manual_seed(4))
+    lam = 1e-2
+    x = s.solve(v, damping=lam)
+    assert x.dtype == torch.float32
+    assert float((s.mv(x) + lam * x - v).norm() / v.norm()) < 1e-4
+    with pytest.raises(TorchfimError, match=r"or solve a float64 copy: as_structure\(result\.double\(\), model\)"):
+        s.solve(v)

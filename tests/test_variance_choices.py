@@ -82,6 +82,21 @@ def test_the_entry_that_sets_the_diagonal_k_is_named() -> None:
     assert f"the median entry needs {median} labels per input" in message
 
 
+def test_the_worst_entry_of_more_than_2_to_the_24_entries_is_named() -> None:
+    """torch's ``quantile`` refuses more than 2**24 entries: samples_needed(structure='diag') of a model that large
+    raised RuntimeError after computing everything (a review). The 90th percentile is taken by ``kthvalue``."""
+    from torchfim.planning import _name_worst_entry
+
+    n = 2**24 + 8
+    model = nn.Module()
+    model.big = nn.Parameter(torch.empty(n, dtype=torch.float32))
+    labels = torch.ones(n, dtype=torch.float32)
+    labels[n - 3] = 500.0
+    with pytest.warns(RuntimeWarning, match=rf"= 500 is set by entry \({n - 3},\) of 'big'.*median entry needs 1 "
+                                            r"labels per input and 90% of the entries 1"):
+        _name_worst_entry(labels, 0.1, torch.arange(n), model, "score")
+
+
 def test_no_entry_is_named_where_the_diagonal_is_even() -> None:
     """Î2 of a linear Gaussian model is the Fisher itself (variance 0): k = 1 for every entry, nothing to name; nor is
     anything named for the trace."""

@@ -13,13 +13,16 @@ direction, whatever a general solver would return.
 therefore proves ``κ(M) > 1/(P·eps)``, where the standard bound on a Cholesky solve's relative error, of order
 ``P·eps·κ``, exceeds 1 (a rank-deficient Fisher with ``λ = 0`` factors with rounding-sized pivots about as often as it
 fails outright). No matrix with ``κ < 1/(P·eps)`` is refused; the damping suggested keeps the pivot ratio above
-``P·eps``. In float32 that limit is near: ``P = 1000`` refuses some ``κ`` above 8,000, so solve a float64 copy where a
+``P·eps``, and the least damping named, ``(P·eps·λ_max − λ_min)/(1 − P·eps)``, is where the eigenvalues' ratio
+clears it. Blocks are factored one by one; a refusal names the block that needs the most damping and a damping
+for all of them. In float32 that limit is near: ``P = 1000`` refuses some ``κ`` above 8,000, so solve a float64 copy where a
 smaller damping matters.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,7 +30,7 @@ from torch import Tensor
 from .errors import TorchfimError, real_number
 from .layout import Layout
 
-__all__ = ["check_damping", "solve_diagonal", "solve_symmetric"]
+__all__ = ["check_damping", "solve_blocks", "solve_diagonal", "solve_symmetric"]
 
 
 def check_damping(damping: object) -> float:
@@ -44,47 +47,107 @@ def check_damping(damping: object) -> float:
 def solve_diagonal(diagonal: Tensor, v: Tensor, damping: float, layout: Layout) -> Tensor:
     """``v / (d + λ)`` entrywise (each column of a ``(P, k)`` ``v``); refused where an entry of ``d + λ`` is ≤ 0,
     naming the parameter tensor of the first."""
+    _check_finite(diagonal, "the diagonal")
     shifted = diagonal + damping
     bad = (shifted <= 0).nonzero()
     if len(bad):
         first = int(bad[0])
         name = next(n for i, n in enumerate(layout.names) if layout.span(i).start <= first < layout.span(i).stop)
         lowest = float(diagonal.min())
+        need = max(0.0, -lowest)
         raise TorchfimError(
             f"solve: {len(bad)} of the {len(diagonal)} diagonal entries plus damping={damping:g} are ≤ 0 (the first "
             f"in {name!r}, the lowest entry {lowest:.3g}), so the diagonal has no inverse there: "
-            f"{_cause(lowest < 0, diagonal=True)}; pass damping > {max(0.0, -lowest):.3g}, "
-            f"e.g. {_suggested(diagonal, max(0.0, -lowest)):.3g}"
+            f"{_cause(lowest < 0, diagonal=True)}; pass damping > {_up(need):.3g}, "
+            f"e.g. {_suggested(diagonal, need):.3g}"
         )
     return v / (shifted if v.dim() == 1 else shifted.unsqueeze(-1))
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """Why one symmetric matrix (``what``) plus the damping does not factor: its extreme eigenvalues, the damping
+    that it needs (strictly more), one that works, and the message's parts."""
+
+    what: str
+    state: str
+    lowest: float
+    highest: float
+    need: float
+    suggested: float
+    negative: bool
+    float32: bool
 
 
 def solve_symmetric(matrix: Tensor, v: Tensor, damping: float, what: str) -> Tensor:
     """``(M + λI)⁻¹ v`` for the symmetric ``matrix`` ``M`` by Cholesky; refused (naming ``what``, the smallest
     eigenvalue of ``M`` and a damping that works) where ``M + λI`` is not positive definite or factors with a pivot
     ratio below ``P·eps`` (see the module docstring)."""
+    return solve_blocks({what: matrix}, [v], damping)[0]
+
+
+def solve_blocks(blocks: dict[str, Tensor], parts: list[Tensor], damping: float) -> list[Tensor]:
+    """``(M_b + λI)⁻¹ v_b`` for each symmetric block ``M_b`` (named by the keys) and its part ``v_b`` of ``v``; where
+    some block does not factor, one refusal names the block that needs the most damping and a damping that works for
+    every block."""
+    factors = {what: _factor(matrix, damping, what) for what, matrix in blocks.items()}
+    refusals = [f for f in factors.values() if isinstance(f, _Refusal)]
+    if refusals:
+        raise _refused(refusals, damping)
+    solved = []
+    for factor, v in zip(factors.values(), parts):
+        x = torch.cholesky_solve(v if v.dim() == 2 else v.unsqueeze(-1), factor)
+        solved.append(x if v.dim() == 2 else x.squeeze(-1))
+    return solved
+
+
+def _factor(matrix: Tensor, damping: float, what: str) -> Tensor | _Refusal:
+    """The Cholesky factor of ``matrix + λI``, or why there is none fit to solve with (the module docstring)."""
+    _check_finite(matrix, what)
     size = matrix.shape[0]
     damped = matrix + damping * torch.eye(size, dtype=matrix.dtype, device=matrix.device)  # out of place: A is shared
     tolerance = size * torch.finfo(matrix.dtype).eps
     factor, info = torch.linalg.cholesky_ex(damped)
     pivots = factor.diagonal().square()
     if int(info) == 0 and float(pivots.min()) > tolerance * float(pivots.max()):
-        columns = v if v.dim() == 2 else v.unsqueeze(-1)
-        x = torch.cholesky_solve(columns, factor)
-        return x if v.dim() == 2 else x.squeeze(-1)
+        return factor
     eigenvalues = torch.linalg.eigvalsh(matrix)
     lowest, highest = float(eigenvalues[0]), float(eigenvalues[-1])
     state = ("is not positive definite" if int(info) else
              f"is numerically singular in {str(matrix.dtype).removeprefix('torch.')} (condition number above "
              f"1/(P·eps) = {1 / tolerance:.2g})")
-    need = max(0.0, -lowest) + tolerance * max(abs(highest), abs(lowest))
-    wider = (" (or solve a float64 copy: as_structure(result.double(), model))"
-             if matrix.dtype == torch.float32 else "")
-    raise TorchfimError(
-        f"solve: {what} plus damping={damping:g} {state}: its smallest eigenvalue is {lowest:.3g} and its largest "
-        f"{highest:.3g}; {_cause(lowest < -tolerance * abs(highest))}; pass damping > {need:.3g}, e.g. {_suggested(matrix.diagonal(), need):.3g}"
-        f"{wider}"
+    # λ_min + d > tol·(λ_max + d): the eigenvalues' ratio, which the pivots' cannot fall below, clears P·eps
+    need = max(0.0, (tolerance * highest - lowest) / (1 - tolerance))
+    return _Refusal(what, state, lowest, highest, need, _suggested(matrix.diagonal(), need),
+                    lowest < -tolerance * abs(highest), matrix.dtype == torch.float32)
+
+
+def _refused(refusals: list[_Refusal], damping: float) -> TorchfimError:
+    """One error for the blocks that do not factor: the one that needs the most damping, and a damping for all."""
+    worst = max(refusals, key=lambda r: r.need)
+    need, suggested = worst.need, max(r.suggested for r in refusals)
+    others = (f" ({len(refusals)} blocks need damping; the one below needs the most, and the damping named is for "
+              "all of them)" if len(refusals) > 1 else "")
+    wider = " (or solve a float64 copy: as_structure(result.double(), model))" if worst.float32 else ""
+    return TorchfimError(
+        f"solve: {worst.what} plus damping={damping:g} {worst.state}{others}: its smallest eigenvalue is "
+        f"{worst.lowest:.3g} and its largest {worst.highest:.3g}; {_cause(any(r.negative for r in refusals))}; pass "
+        f"damping > {_up(need):.3g}, e.g. {suggested:.3g}{wider}"
     )
+
+
+def _check_finite(values: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise TorchfimError(f"solve: {what} holds NaN or infinite entries, so it has no inverse: the computation that "
+                            "made it overflowed or was given non-finite inputs; check it (torch.isfinite) and recompute")
+
+
+def _up(value: float) -> float:
+    """``value`` rounded up to 3 significant digits (a threshold printed so, then passed, must clear it)."""
+    if value <= 0 or not math.isfinite(value):
+        return value
+    step = 10.0 ** (math.floor(math.log10(value)) - 2)
+    return math.ceil(value / step * (1 - 1e-9)) * step  # a hair above a printed value is rounding, not more need
 
 
 def _cause(negative: bool, diagonal: bool = False) -> str:
@@ -103,4 +166,4 @@ def _cause(negative: bool, diagonal: bool = False) -> str:
 def _suggested(diagonal: Tensor, need: float) -> float:
     """A damping that works: ``1e-3 · tr(A)/P``, the usual start, or twice the least damping ``need`` if more."""
     scale = 1e-3 * float(diagonal.sum()) / len(diagonal)
-    return max(scale if scale > 0 else 1e-3, 2 * need)
+    return _up(max(scale if scale > 0 else 1e-3, 2 * need))

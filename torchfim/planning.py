@@ -42,7 +42,7 @@ def samples_needed(
     progress: bool = False,
 ) -> int:
     """Labels per input ``k`` so that the estimate's standard error is at most ``rel_error`` × its value
-    (``0 < rel_error < 1``: 0.1 for 10%).
+    (a fraction: 0.1 for 10%; a value above 1 is warned of as a likely percentage).
 
     A one-σ target: about two estimates in three fall within ``rel_error`` of the value (for a normal estimate).
 
@@ -74,10 +74,9 @@ def samples_needed(
     rel = real_number(rel_error)
     if rel is None or not (0 < rel and math.isfinite(rel)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
-    if rel >= 1:  # a percentage read as a fraction: rel_error=10 asked for 1000%, and one label always reaches it
-        raise TorchfimError(
-            f"rel_error is a fraction of the value (0.1 for 10%), got {rel_error!r}: a relative standard error of "
-            "100% or more needs no more than one label per input; pass rel_error=0.1 for 10%")
+    if rel > 1:  # likely a percentage: rel_error=10 asks for a standard error of 1000% of the value
+        warn_user(f"torchfim: samples_needed(rel_error={rel_error!r}) asks for a standard error of {100 * rel:g}% of the "
+                  f"value; rel_error is a fraction of it: for {rel:g}%, pass rel_error={rel / 100:g}")
     rel_error = rel
     inputs = reusable(inputs)  # iterated twice below
     how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
@@ -129,9 +128,11 @@ def _name_worst_entry(labels: Tensor, rel_error: float, where: Tensor, model: nn
     ``where`` of the trainable parameters) is at least ten times the median entry's: name that entry, its relative
     standard error with one label, and the median's and the 90th percentile's ``k``."""
     worst = int(labels.argmax())
-    needed = [max(1, math.ceil(float(q) * (1 - 1e-12))) for q in (labels.max(), labels.median(), labels.quantile(0.9))]
+    needed = [_whole_labels(labels.max()), _whole_labels(labels.median())]
     if needed[0] < 10 * needed[1]:
         return
+    # kthvalue, not quantile: torch's quantile refuses more than 2**24 entries
+    needed.append(_whole_labels(labels.kthvalue(max(1, math.ceil(0.9 * len(labels)))).values))
     name, index = _parameter_entry(model, int(where[worst]))
     warn_user(
         f"torchfim: samples_needed(estimator={estimator!r}, structure='diag') = {needed[0]} is set by entry {index} of "
@@ -140,6 +141,11 @@ def _name_worst_entry(labels: Tensor, rel_error: float, where: Tensor, model: nn
         f"the entries {needed[2]}: a target on the entries you use, or on the trace (structure='trace'), may need far "
         "fewer"
     )
+
+
+def _whole_labels(ratio: Tensor) -> int:
+    """Labels per input for the ratio ``V₁/(ε·I)²``, rounded up as :func:`samples_needed` rounds it (at least 1)."""
+    return max(1, math.ceil(float(ratio) * (1 - 1e-12)))
 
 
 def _parameter_entry(model: nn.Module, flat: int) -> tuple[str, tuple[int, ...]]:

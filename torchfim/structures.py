@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from ._memory import SMALL_REQUEST_GIB, fits_in_memory, size_text
-from .damped_solve import check_damping, solve_diagonal, solve_symmetric
+from .damped_solve import check_damping, solve_blocks, solve_diagonal, solve_symmetric
 from .errors import TorchfimError, check_choice
 from .layout import Layout, accumulation_dtype
 
@@ -400,8 +400,8 @@ class Blocks(Structure):
         return torch.cat([b @ v[self.layout.span(i)] for i, b in enumerate(self.value.values())])
 
     def _solve(self, v: Tensor, damping: float) -> Tensor:
-        return torch.cat([solve_symmetric(b, v[self.layout.span(i)], damping, f"the block of {n!r}")
-                          for i, (n, b) in enumerate(self.value.items())])
+        blocks = {f"the block of {n!r}": b for n, b in self.value.items()}
+        return torch.cat(solve_blocks(blocks, [v[self.layout.span(i)] for i in range(len(blocks))], damping))
 
     def block(self, name: str) -> Tensor:
         self.layout.index(name)
