@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 
 import clients
 import pytest
@@ -180,3 +181,32 @@ def test_the_estimate_counts_the_pull_backs_the_full_report_makes(case, monkeypa
     spectra = sum(1 for layer in R["layers"] if layer["spectrum"] is not None)
     want, _ = full_report_work(width, 24, 8, R["model"]["n_parameters"], spectra)
     assert 0.5 <= sum(counted) / want <= 2, (sum(counted), want)
+
+
+def test_the_re_create_line_leaves_out_what_the_score_only_report_did_not_use(tmp_path, capsys, monkeypatch):
+    """A review: ``--mode score-only --variance-inputs 50`` echoed ``--variance-inputs 50`` on report.md's Re-create
+    line, though the score-only report has no variance subset (nor spectra, ``--max-block``). Set but unused, they
+    are now named as such and left out of the line, also where the report fell back for memory; where it fell back
+    for time, they sized the estimate that chose it, and stay."""
+    out = tmp_path / "rep"
+    assert cli.main(["report", "--epochs", "1", "--no-progress", "--out", str(out), "--mode", "score-only",
+                     "--variance-inputs", "50", "--max-block", "10", "--seed", "2"]) == 0
+    printed = capsys.readouterr().out
+    R = json.loads((out / "report.json").read_text())
+    assert R["command"] == f"torchfim report --mode score-only --out {shlex.quote(str(out))} --seed 2 --epochs 1"
+    assert R["unused_options"] == {"variance_inputs": 50, "max_block": 10}
+    note = ("options of the full report's Î1-vs-Î2 subset and spectra, not used here: --variance-inputs 50 and "
+            "--max-block 10 (left out of the Re-create line)")
+    assert f"- **Re-create:** `{R['command']}`" in (out / "report.md").read_text()
+    assert f"- The {note}." in (out / "report.md").read_text() and f"Note: {note}." in printed
+    model, X, y = _wide_model()
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
+    R = report_mod.compute_report(model, report_mod.Data(X, y, "test"), progress=False, variance_inputs=4)
+    assert R["mode"] == "score_only" and R["unused_options"] == {"variance_inputs": 4}
+    monkeypatch.setattr(report_settings, "FULL_REPORT_SECONDS", 0.0)
+    small = nn.Sequential(nn.Linear(4, 3)).double()
+    R = report_mod.compute_report(small, report_mod.Data(X, None, "test"), progress=False, variance_inputs=4,
+                                  max_block=0)
+    assert R["mode"] == "score_only" and R["unused_options"] == {}
+    from torchfim.report.score_only_render import markdown_score_only
+    assert "not used here" not in markdown_score_only(R)

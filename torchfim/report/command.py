@@ -107,8 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_interrupted=lambda args: interrupted_hint(args.out))
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line that re-creates this report (options left at their defaults omitted)."""
+def _command(args: argparse.Namespace, unused: object = ()) -> str:
+    """The command line that re-creates this report (options left at their defaults omitted, and those in
+    ``unused``, the report.json's ``unused_options`` of a score-only report)."""
     import shlex
 
     defaults = {"model": None, "checkpoint": None, "data": None, "family": "categorical", "sigma": None, "mask": None,
@@ -118,7 +119,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["torchfim", "report"]
     for key, default in defaults.items():
         value = getattr(args, key, default)
-        if value == default or (key == "hidden" and value is not None and tuple(value) == toy.HIDDEN):
+        if key in unused or value == default or (key == "hidden" and value is not None and tuple(value) == toy.HIDDEN):
             continue
         text = ",".join(map(str, value)) if key == "hidden" else str(value)
         parts += ["--" + key.replace("_", "-"), text]
@@ -159,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
         model, data, family=args.family if args.sigma is None else Gaussian(sigma=args.sigma), out=args.out, checkpoint=args.checkpoint,
         n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
         seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
-        progress=not args.no_progress, command=_command(args), mask=args.mask, class_dim=args.class_dim,
+        progress=not args.no_progress, command=lambda results: _command(args, results.get("unused_options", ())), mask=args.mask, class_dim=args.class_dim,
         score_only=MODES[args.mode], resume=not args.no_resume,
         model_source=None if args.model is None else f"{args.model}()"
         + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),

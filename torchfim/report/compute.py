@@ -86,6 +86,7 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
         raise TorchfimError(
             f"{beyond}; leave score_only=None (--mode auto) or pass True (--mode score-only) for the score-only "
             "report, or report on fewer output numbers (shorter sequences, a model with fewer classes)")
+    measured_time = score_only is None and beyond is None  # the time estimate then sizes the subset and spectra
     layout = Layout.of(model)
     m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters,
                                                             math.prod(outputs.positions))
@@ -102,6 +103,7 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
         reason = beyond or settings.ASKED_SCORE_ONLY
         return {**compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
                                      targets_note=targets_note, reason=reason, kept=kept),
+                "unused_options": {} if measured_time else _full_report_options(variance_inputs, max_block),
                 "resumed_steps": kept.resumed}
     setup = Setup(
         family=fam.name, n_samples=int(n_samples), seed=seed, rel_error=rel_error, max_block=max_block,
@@ -114,6 +116,15 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
         notes = [n for n in (setup.variance_note, measured["hessian_skipped"]) if n]
         setup = replace(setup, with_hessian=False, variance_note="; ".join(notes))
     return {**assemble(model, data, layout, setup, measured, timings), "resumed_steps": kept.resumed}
+
+
+def _full_report_options(variance_inputs: int | None, max_block: int) -> dict:
+    """The options of the full report's variances and spectra that the caller set: unused by a score-only report
+    that was asked for or chosen for memory (its Re-create line leaves them out; a time estimate uses them)."""
+    unused = {} if variance_inputs is None else {"variance_inputs": variance_inputs}
+    if max_block != settings.DEFAULT_MAX_BLOCK:
+        unused["max_block"] = max_block
+    return unused
 
 
 def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: int, spectra: int) -> str | None:

@@ -42,7 +42,7 @@ def run_report(
     threads: int | None = None,
     progress: bool = True,
     emit: Callable[[str], object] | None = print,
-    command: str | None = None,
+    command: str | Callable[[dict], str] | None = None,
     data_source: str | None = None,
     model_source: str | None = None,
     mask: str | None = None,
@@ -59,7 +59,8 @@ def run_report(
     architecture. ``out=None`` computes without writing; otherwise only the report's own files are
     written into ``out`` (see :mod:`torchfim.report.publish`). ``emit`` receives the terminal
     summary lines (None: silent); ``progress`` shows a tqdm bar on stderr; ``threads`` sets torch's
-    intra-op threads for the run (restored after; None leaves them). A model whose outputs have
+    intra-op threads for the run (restored after; None leaves them); ``command``, report.md's Re-create line, may be
+    a function of the report.json dict (the command line leaves out what a score-only report did not use). A model whose outputs have
     positions (a language model's ``(batch, tokens, vocabulary)``) is read one output vector per
     position; ``mask`` names the entry of dict inputs that marks the observed ones (e.g.
     ``"attention_mask"``), ``class_dim=1`` reads ``(batch, C, *positions)`` outputs.
@@ -117,7 +118,7 @@ def _run(model, data, family, out_path, checkpoint, n_samples, variance_inputs, 
     results["model"]["source"] = model_source
     results["model"]["training"] = training
     results["model"]["checkpoint"] = None if checkpoint is None else str(checkpoint)
-    results["command"] = command
+    results["command"] = command(results) if callable(command) else command
     results["timings"]["setup"] = setup_seconds
     results["timings"]["compute_total"] = time.perf_counter() - started
 

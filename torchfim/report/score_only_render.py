@@ -18,6 +18,16 @@ def _relative(entry: dict) -> float | None:
     return se / est if se is not None and est else None
 
 
+def _unused_note(R: dict) -> str | None:
+    """The options of the full report that were set but not used here (report.json's ``unused_options``)."""
+    unused = R.get("unused_options") or {}
+    if not unused:
+        return None
+    flags = " and ".join(f"--{key.replace('_', '-')} {value}" for key, value in unused.items())
+    return (f"options of the full report's Î1-vs-Î2 subset and spectra, not used here: {flags}"
+            + (" (left out of the Re-create line)" if R.get("command") else ""))
+
+
 def markdown_score_only(R: dict) -> str:
     """The text of ``report.md`` for a score-only report.json dict ``R``."""
     T, k = R["trace"], R["n_samples"]
@@ -60,6 +70,8 @@ def markdown_score_only(R: dict) -> str:
     add(f"- Time: {fmt(tm.get('total'), 3)} s in all (score estimate {fmt(tm['trace'], 3)} s, empirical "
         f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s){resumed_note(R)}.")
     add("- All values are means over inputs (not sums).")
+    if _unused_note(R):
+        add(f"- The {_unused_note(R)}.")
     if R["mode_reason"] == ASKED_SCORE_ONLY:
         add("- For the exact Fisher and the closed-form variances of Î1 and Î2, `--mode full` (or the default, "
             "which chooses the full report where it fits in memory).")
@@ -111,7 +123,8 @@ def summary_score_only(R: dict) -> str:
            (f"Tr(F) by the score estimator with {k} labels/input; s.e. from the spread of each input's labels; "
            f"k{pct_error} = labels per input for a {pct_error} relative standard error (one σ) of Tr(F)."),
            f"Score only: {R['mode_reason']}."]
-    out += [f"Note: {note}." for note in (D.get("targets_note"), R.get("outputs", {}).get("note")) if note]
+    out += [f"Note: {note}." for note in (D.get("targets_note"), R.get("outputs", {}).get("note"), _unused_note(R))
+            if note]
     out += warning_lines(R)
     if T["trace_empirical"] is not None:
         out.append(f"Empirical Fisher (true labels): Tr {fmt(T['trace_empirical'])}, "
