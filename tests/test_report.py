@@ -739,6 +739,44 @@ def test_figures_of_many_layers_tell_them_apart():
     assert [t.get_text() for t in named.get_xticklabels()] == names
 
 
+def _legend_of(draw, R: dict) -> tuple[list[str], bool]:
+    """The legend's texts of the panel ``draw`` draws from ``R``, and whether the legend stands right of the axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    draw(ax, R)
+    fig.canvas.draw()
+    legend = ax.get_legend()
+    beside = legend.get_window_extent().x0 >= ax.get_window_extent().x1
+    return [t.get_text() for t in legend.get_texts()], beside
+
+
+def test_a_legend_counts_the_layers_it_draws_and_stands_beside_a_crowded_panel():
+    """A review: "+ N more layers" counted the layers a panel leaves out (a shift that softmax ignores, zero to
+    precision; a block whose eigenvalues are all 0), and each one left out before the twelfth took a name's place;
+    the legend of 40 spectra lay over them. It now names the first 12 drawn, counts only the others drawn, and with
+    more than 6 layers drawn stands right of the axes."""
+    from torchfim.report import figures
+
+    blocks = [f"block{j}.weight" for j in range(20)]
+    names = ["shift", *blocks, "dead"]
+    layers = [{"name": n, "zero_to_precision": n == "shift"} for n in names]
+    spectra = {"shift": [1e-3], **{b: [1.0 / (j + 1), 0.5 / (j + 1)] for j, b in enumerate(blocks)}, "dead": [0.0]}
+    texts, beside = _legend_of(figures._ax_spectrum, {"spectra": spectra, "max_block": 100, "layers": layers})
+    assert texts == [f"{b} (2)" for b in blocks[:12]] + ["+ 8 more layers, colours in layer order"] and beside
+    points = {n: {"exact": [0.0 if n == "dead" else 1e-3 * (j + 1)] * 2, "empirical": [2e-3 * (j + 1)] * 2}
+              for j, n in enumerate(names)}
+    R = {"empirical": {"points": points, "trace_ratio": 1.0, "cosine_diag": 1.0}, "layers": layers}
+    texts, beside = _legend_of(figures._ax_empirical, R)
+    assert texts == [*blocks[:12], "+ 8 more layers, colours in layer order", "y = x"] and beside
+    few = {"spectra": {b: spectra[b] for b in blocks[:6]}, "max_block": 100, "layers": layers}
+    texts, beside = _legend_of(figures._ax_spectrum, few)  # the default report's six: in the panel, where it fits
+    assert texts == [f"{b} (2)" for b in blocks[:6]] and not beside
+
+
 class _Shifted(nn.Module):
     """Logits plus one shift shared by every class: softmax ignores it, so its Fisher is 0 (in exact arithmetic)."""
 

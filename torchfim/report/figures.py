@@ -29,6 +29,9 @@ def _labels(R: dict) -> list[str]:
 
 #: Layers named in a legend; the others are drawn, in colours that run on along the layer order.
 LEGEND_LAYERS = 12
+#: Up to this many layers drawn, a per-layer legend sits in its panel where it covers least; more make it too tall for
+#: any free corner (a review: 40 spectra under it), so it stands right of the panel.
+LEGEND_INSIDE = 6
 #: Above this many columns, a panel of the overview numbers them (the names would overlap at its width).
 NAMED_COLUMNS = 16
 
@@ -59,14 +62,19 @@ def _layer_colours(count: int) -> list:
     return [colormaps["viridis"](j / (count - 1)) for j in range(count)]
 
 
-def _legend_of_layers(ax, count: int, **options: object) -> None:
-    """The legend, saying how many more layers are drawn than it names."""
+def _legend_of_layers(ax, drawn: int, **options: object) -> None:
+    """The legend of the ``drawn`` layers (those left out of the panel not counted), the first
+    :data:`LEGEND_LAYERS` named: it says how many more are drawn than it names."""
     from matplotlib.lines import Line2D
 
     handles, labels = ax.get_legend_handles_labels()
-    if count > LEGEND_LAYERS:
-        handles.append(Line2D([], [], ls="none"))
-        labels.append(f"+ {count - LEGEND_LAYERS} more layers, colours in layer order")
+    if not handles:
+        return
+    if drawn > LEGEND_LAYERS:  # after the named layers, before the rest (y = x)
+        handles.insert(LEGEND_LAYERS, Line2D([], [], ls="none"))
+        labels.insert(LEGEND_LAYERS, f"+ {drawn - LEGEND_LAYERS} more layers, colours in layer order")
+    if drawn > LEGEND_INSIDE:
+        options.update(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, ncol=1)
     ax.legend(handles, labels, **options)
 
 
@@ -169,19 +177,22 @@ def _ax_spectrum(ax, R: dict, compact: bool = False) -> None:
         return
     top = max(max(eig) for eig in spectra.values() if eig)
     colours = _layer_colours(len(spectra))
+    zero = {layer["name"] for layer in R.get("layers", []) if layer.get("zero_to_precision")}  # rounding, no spectrum
+    drawn = 0
     for j, (name, eig) in enumerate(spectra.items()):
         size = len(eig)
         kept = [(i + 1, v) for i, v in enumerate(eig) if v > 1e-12 * top]
-        if not kept:
+        if not kept or name in zero:
             continue
         ax.plot([i for i, _ in kept], [v for _, v in kept], lw=1.2, color=colours[j],
-                label=f"{name} ({size})" if j < LEGEND_LAYERS else None)
+                label=f"{name} ({size})" if drawn < LEGEND_LAYERS else None)
+        drawn += 1
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue rank")
     ax.set_ylabel("eigenvalue")
     ax.set_title("Eigenvalues of the per-layer exact Fisher blocks", fontsize=10)
-    _legend_of_layers(ax, len(spectra), fontsize=7, loc="best", ncol=2)
+    _legend_of_layers(ax, drawn, fontsize=7, loc="best", ncol=2)
     ax.grid(alpha=0.3)
 
 
@@ -190,6 +201,7 @@ def _ax_empirical(ax, R: dict, compact: bool = False) -> None:
     lo, hi = math.inf, 0.0
     colours = _layer_colours(len(emp["points"]))
     zero = {layer["name"] for layer in R["layers"] if layer.get("zero_to_precision")}
+    drawn = 0
     for j, (name, pts) in enumerate(emp["points"].items()):
         xy = [(a, b) for a, b in zip(pts["exact"], pts["empirical"]) if a > 0 and b > 0 and name not in zero]
         if not xy:
@@ -197,7 +209,8 @@ def _ax_empirical(ax, R: dict, compact: bool = False) -> None:
         lo = min(lo, min(min(p) for p in xy))
         hi = max(hi, max(max(p) for p in xy))
         ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=4, alpha=0.5, color=colours[j],
-                   label=name if j < LEGEND_LAYERS else None)
+                   label=name if drawn < LEGEND_LAYERS else None)
+        drawn += 1
     if math.isfinite(lo) and hi > 0:
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
         ax.set_xscale("log")
@@ -206,7 +219,7 @@ def _ax_empirical(ax, R: dict, compact: bool = False) -> None:
     ax.set_ylabel("diagonal of the empirical Fisher (true labels)")
     ax.set_title(f"Empirical vs true Fisher: Tr ratio {fmt(emp['trace_ratio'], 3)}, "
                  f"cosine {fmt(emp['cosine_diag'], 3)}", fontsize=10)
-    _legend_of_layers(ax, len(emp["points"]), fontsize=7, loc="best", markerscale=3, ncol=2)
+    _legend_of_layers(ax, drawn, fontsize=7, loc="best", markerscale=3, ncol=2)
     ax.grid(alpha=0.3)
 
 
@@ -227,14 +240,15 @@ def png_bytes(draw: Callable, width: float, height: float = 4.6) -> bytes:
 def draw(R: dict) -> dict[str, bytes]:
     """File name -> PNG bytes for every figure of the report (``R``: the report.json dict)."""
     L = len(R["layers"])
+    legend = 3.0 if L > LEGEND_INSIDE else 0.0  # inches for a legend right of the panel
     single = {
         "trace_per_layer.png": (_ax_trace, figure_width(L)),
         "variance_per_layer.png": (_ax_variance, figure_width(L + 1)),
         "samples_needed.png": (_ax_samples, figure_width(L + 1)),
-        "spectrum.png": (_ax_spectrum, 6.5),
+        "spectrum.png": (_ax_spectrum, 6.5 + legend),
     }
     if R["empirical"] is not None:
-        single["empirical_vs_true.png"] = (_ax_empirical, 6.5)
+        single["empirical_vs_true.png"] = (_ax_empirical, 6.5 + legend)
     out = {name: png_bytes(lambda fig, f=f: f(fig.add_subplot(1, 1, 1), R), w) for name, (f, w) in single.items()}
     fourth = _ax_empirical if R["empirical"] is not None else _ax_spectrum
     panels = (_ax_trace, _ax_variance, _ax_samples, fourth)
