@@ -78,10 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"Hessian estimator costs a pass per parameter over them (default: "
                              f"{DEFAULT_VARIANCE_INPUTS}, fewer where parameters × output positions "
                              f"exceed {HESSIAN_BUDGET // DEFAULT_VARIANCE_INPUTS}, and none of Î2's "
-                             f"over {HESSIAN_BUDGET // MIN_AUTO_VARIANCE_INPUTS})")
+                             f"over {HESSIAN_BUDGET // MIN_AUTO_VARIANCE_INPUTS}); unused by the score-only report")
     parser.add_argument("--max-block", type=nonnegative_int, default=DEFAULT_MAX_BLOCK, metavar="N",
                         help="compute eigenvalues of layers with at most N parameters "
-                             f"(default: {DEFAULT_MAX_BLOCK})")
+                             f"(default: {DEFAULT_MAX_BLOCK}); unused by the score-only report")
     parser.add_argument("--seed", type=seed_int, default=0,
                         help="seed for the default model's training, the subset and sampled labels "
                              "(default: 0)")
