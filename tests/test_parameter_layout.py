@@ -73,3 +73,22 @@ def test_flatten_and_unflatten_refuse_what_does_not_fit_the_layout(setting) -> N
         layout.flatten({**dict(model.named_parameters()), "0.weight": torch.zeros(12)})
     with pytest.raises(TorchfimError, match=r"diag_by_parameter\(\)|diag\(\)"):
         torchfim.as_structure(torchfim.fisher(model, x, structure="trace"), model).diag_by_parameter()
+
+
+def test_locate_is_the_inverse_of_the_flat_order() -> None:
+    """``layout.locate(i)``: the parameter holding entry ``i`` of θ and the row-major index within it, against numpy's
+    ``unravel_index`` over every entry (a 0-dim parameter included); an entry outside θ is refused."""
+    import numpy as np
+
+    from torchfim.layout import Layout
+
+    layout = Layout(["a", "b", "c"], [torch.Size([2, 3]), torch.Size([]), torch.Size([4, 1, 2])], torch.float32,
+                    torch.device("cpu"))
+    for flat in range(layout.num_params):
+        name, index = layout.locate(flat)
+        i = layout.names.index(name)
+        assert layout.span(i).start <= flat < layout.span(i).stop
+        expected = np.unravel_index(flat - layout.span(i).start, tuple(layout.shapes[i])) if layout.shapes[i] else ()
+        assert index == tuple(int(k) for k in expected)
+    with pytest.raises(TorchfimError, match="entry 15 lies outside θ's 15 entries"):
+        layout.locate(15)

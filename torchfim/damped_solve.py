@@ -51,8 +51,7 @@ def solve_diagonal(diagonal: Tensor, v: Tensor, damping: float, layout: Layout) 
     shifted = diagonal + damping
     bad = (shifted <= 0).nonzero()
     if len(bad):
-        first = int(bad[0])
-        name = next(n for i, n in enumerate(layout.names) if layout.span(i).start <= first < layout.span(i).stop)
+        name = layout.locate(int(bad[0]))[0]
         lowest = float(diagonal.min())
         need = max(0.0, -lowest)
         raise TorchfimError(

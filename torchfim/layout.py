@@ -40,6 +40,13 @@ class Layout:
         self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
 
+    @classmethod
+    def of(cls, named: list[tuple[str, Tensor]]) -> Layout:
+        """The layout of the ``(name, parameter)`` pairs ``named`` (the trainable ones, in ``named_parameters()``
+        order), in the first one's dtype and on its device."""
+        first = named[0][1]
+        return cls([n for n, _ in named], [p.shape for _, p in named], first.dtype, first.device)
+
     @property
     def num_params(self) -> int:
         """``P``, the length of θ."""
@@ -48,6 +55,17 @@ class Layout:
     def span(self, index: int) -> slice:
         """The slice of θ that parameter ``index`` occupies."""
         return slice(self.offsets[index], self.offsets[index] + self.sizes[index])
+
+    def locate(self, flat: int) -> tuple[str, tuple[int, ...]]:
+        """The parameter that holds entry ``flat`` of θ, and the entry's index within it (row-major)."""
+        i = next((i for i in range(len(self.names)) if flat < self.offsets[i] + self.sizes[i]), None)
+        if i is None or flat < 0:
+            raise TorchfimError(f"entry {flat} lies outside θ's {self.num_params} entries")
+        local, index = flat - self.offsets[i], []
+        for extent in reversed(tuple(self.shapes[i])):
+            local, rest = divmod(local, extent)
+            index.append(rest)
+        return self.names[i], tuple(reversed(index))
 
     def index(self, name: str) -> int:
         """The position of parameter ``name``; a clear error for unknown names."""

@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +19,7 @@ from .errors import TorchfimError, check_choice, real_number, warn_user
 from .families import Family
 from .fisher import fisher
 from .keyword_hints import explains_keywords
+from .layout import Layout
 from .process_rows import FAILED_BEFORE
 from .variance import VARIANCE_ESTIMATORS, fisher_variance
 
@@ -133,7 +133,7 @@ def _name_worst_entry(labels: Tensor, rel_error: float, where: Tensor, model: nn
         return
     # kthvalue, not quantile: torch's quantile refuses more than 2**24 entries
     needed.append(_whole_labels(labels.kthvalue(max(1, math.ceil(0.9 * len(labels)))).values))
-    name, index = _parameter_entry(model, int(where[worst]))
+    name, index = Layout.of([(n, p) for n, p in model.named_parameters() if p.requires_grad]).locate(int(where[worst]))
     warn_user(
         f"torchfim: samples_needed(estimator={estimator!r}, structure='diag') = {needed[0]} is set by entry {index} of "
         f"{name!r}, whose relative standard error with one label is {math.sqrt(float(labels[worst])) * rel_error:.3g} "
@@ -146,18 +146,6 @@ def _name_worst_entry(labels: Tensor, rel_error: float, where: Tensor, model: nn
 def _whole_labels(ratio: Tensor) -> int:
     """Labels per input for the ratio ``V₁/(ε·I)²``, rounded up as :func:`samples_needed` rounds it (at least 1)."""
     return max(1, math.ceil(float(ratio) * (1 - 1e-12)))
-
-
-def _parameter_entry(model: nn.Module, flat: int) -> tuple[str, tuple[int, ...]]:
-    """The trainable parameter (``named_parameters()`` order, ``requires_grad=True``) and the index within it of the
-    flat index ``flat`` of a result's entries."""
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if flat < p.numel():
-            return name, tuple(int(i) for i in numpy.unravel_index(flat, tuple(p.shape)))
-        flat -= p.numel()
-    raise TorchfimError(f"internal: flat index {flat} past the trainable parameters")
 
 
 @dataclass(frozen=True)

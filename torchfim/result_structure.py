@@ -44,8 +44,7 @@ def as_structure(result: PublicValue, model: nn.Module) -> Structure:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise TorchfimError("the model has no parameters with requires_grad=True: no result of torchfim is of it")
-    first = named[0][1]
-    layout = Layout([n for n, _ in named], [p.shape for _, p in named], first.dtype, first.device)
+    layout = Layout.of(named)
     if isinstance(result, dict):
         return Blocks.holding(layout, _blocks(result, layout))
     if not isinstance(result, Tensor):

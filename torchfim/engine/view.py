@@ -198,7 +198,7 @@ class ModelView:
         first = named[0][1]
         if not first.is_floating_point():
             raise TorchfimError(f"the model's parameters must be floating point, got {first.dtype}")
-        self.layout = Layout([n for n, _ in named], [p.shape for _, p in named], first.dtype, first.device)
+        self.layout = Layout.of(named)
         self.params = {n: p.detach() for n, p in named}
         self.index_of = {id(p): i for i, (_, p) in enumerate(named)}
         self.constants = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
