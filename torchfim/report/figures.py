@@ -164,7 +164,9 @@ def _ax_samples(ax, R: dict, compact: bool = False) -> None:
     ax.set_ylabel(f"Var₁ / ({R['rel_error']}·Tr)²;  k = ⌈bar⌉ ≥ 1 printed")
     ax.set_title(f"Labels per input for {100 * R['rel_error']:.0f}% rel. s.e. (one σ) of Tr, "
                  f"on all {R['data']['n_inputs']} inputs", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(bottom, top * (top / bottom) ** 0.25)  # a band above the bars and their labels for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     ax.grid(axis="y", alpha=0.3)
 
 
