@@ -711,3 +711,25 @@ def test_rms_norms_of_their_own_class_get_the_norm_rule_where_it_holds() -> None
         rules = _rules(model, x)
         _assert_equals_functional(model, x, "exact", seed=0)
     assert (rules["1"], rules["4"], rules["7"]) == (NormRule.__name__, NormRule.__name__, GenericRule.__name__)
+
+
+def test_a_trainable_parameter_without_entries_is_refused_with_the_fix() -> None:
+    """A size-0 trainable parameter reached a bare RuntimeError deep in the coverage check ("max(): Expected reduction
+    dim"); it is refused at the start, and frozen it leaves the Fisher of the rest as it is."""
+
+    class WithEmpty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+            self.empty = nn.Parameter(torch.zeros(0, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + self.empty.sum()
+
+    torch.manual_seed(0)
+    model, x = WithEmpty(), torch.randn(12, 3, dtype=torch.float64)
+    with pytest.raises(torchfim.TorchfimError, match=r"without entries \(size 0\): empty; .*\(p\.requires_grad_\(False\)\)"):
+        torchfim.fisher(model, x)
+    model.empty.requires_grad_(False)
+    torch.testing.assert_close(torchfim.fisher(model, x, structure="full"),
+                               torchfim.fisher(model.lin, x, structure="full"))

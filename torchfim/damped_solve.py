@@ -11,11 +11,11 @@ direction, whatever a general solver would return.
 "Succeeds only on rounding": for a positive definite ``M``, every pivot ``L_ii²`` of its Cholesky factor lies between
 ``λ_min(M)`` and ``λ_max(M)``, so ``min L_ii² / max L_ii² ≥ 1/κ(M)``. A pivot ratio below ``P·eps`` of the dtype
 therefore proves ``κ(M) > 1/(P·eps)``, where the standard bound on a Cholesky solve's relative error, of order
-``P·eps·κ``, exceeds 1 (a rank-deficient Fisher with ``λ = 0`` factors with rounding-sized pivots about as often as it
-fails outright). No matrix with ``κ < 1/(P·eps)`` is refused; the damping suggested keeps the pivot ratio above
-``P·eps``, and the least damping named, ``(P·eps·λ_max − λ_min)/(1 − P·eps)``, is where the eigenvalues' ratio
-clears it. Blocks are factored one by one; a refusal names the block that needs the most damping and a damping
-for all of them. In float32 that limit is near: ``P = 1000`` refuses some ``κ`` above 8,000, so solve a float64 copy where a
+``P·eps·κ``, exceeds 1 (a rank-deficient Fisher with ``λ = 0`` can factor, with pivots of rounding size, instead of
+failing). No matrix with ``κ < 1/(P·eps)`` is refused; the damping suggested keeps the pivot ratio above ``P·eps``,
+and the least damping named, ``(P·eps·λ_max − λ_min)/(1 − P·eps)``, is where the eigenvalues' ratio clears it.
+Blocks are factored one by one; a refusal names the block that needs the most damping and a damping for all of
+them. In float32 that limit is near: ``P = 1000`` refuses some ``κ`` above 8,000, so solve a float64 copy where a
 smaller damping matters.
 """
 
@@ -108,7 +108,7 @@ def _factor(matrix: Tensor, damping: float, what: str) -> Tensor | _Refusal:
     tolerance = size * torch.finfo(matrix.dtype).eps
     factor, info = torch.linalg.cholesky_ex(damped)
     pivots = factor.diagonal().square()
-    if int(info) == 0 and float(pivots.min()) > tolerance * float(pivots.max()):
+    if int(info) == 0 and (size == 0 or float(pivots.min()) > tolerance * float(pivots.max())):  # 0: an empty tensor
         return factor
     eigenvalues = torch.linalg.eigvalsh(matrix)
     lowest, highest = float(eigenvalues[0]), float(eigenvalues[-1])

@@ -198,6 +198,10 @@ class ModelView:
         first = named[0][1]
         if not first.is_floating_point():
             raise TorchfimError(f"the model's parameters must be floating point, got {first.dtype}")
+        empty = [n for n, p in named if p.numel() == 0]
+        if empty:
+            raise TorchfimError(f"trainable parameters without entries (size 0): {', '.join(empty)}; they add nothing "
+                                "to the Fisher: freeze them (p.requires_grad_(False))")
         self.layout = Layout.of(named)
         self.params = {n: p.detach() for n, p in named}
         self.index_of = {id(p): i for i, (_, p) in enumerate(named)}
