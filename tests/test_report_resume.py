@@ -115,6 +115,22 @@ def test_an_interrupted_report_goes_on_where_it_stopped(tmp_path, monkeypatch, s
     assert not (tmp_path / "r" / kept_steps.FOLDER).exists()
 
 
+def test_a_score_only_report_resumes_across_options_it_does_not_use(tmp_path, monkeypatch) -> None:
+    """``--variance-inputs`` and ``--max-block`` size the full report's subset and spectra, which a score-only report
+    asked for does not compute: restarted with other values, it started over (a report helper); it reads its steps
+    back, with the same numbers as an uninterrupted run."""
+    model, data = _setup()
+    want = _report(model, data, tmp_path / "whole", score_only=True)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "empirical Fisher")
+        with pytest.raises(KeyboardInterrupt):
+            _report(model, data, tmp_path / "r", score_only=True, variance_inputs=8, max_block=4)
+    got = _report(model, data, tmp_path / "r", score_only=True, variance_inputs=16, max_block=8)
+    assert got["resumed_steps"] == 1 == want["resumed_steps"] + 1
+    assert {k: v for k, v in _numbers(tmp_path / "r").items() if k != "unused_options"} == \
+        {k: v for k, v in _numbers(tmp_path / "whole").items() if k != "unused_options"}
+
+
 def test_a_resumed_report_keeps_the_warnings_of_the_steps_it_reads_back(tmp_path, monkeypatch) -> None:
     """A library warning raised by a step finished before the interruption is in the resumed report as in the
     uninterrupted one (before: the step was read back and its warning lost). Here the exact trace warns."""

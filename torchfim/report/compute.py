@@ -93,13 +93,16 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
     spectrum_layers = [i for i, s in enumerate(layout.sizes) if s <= max_block]
     if score_only is None and beyond is None:
         beyond = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers))
+    scoring_only = bool(score_only or beyond is not None)
+    sized = measured_time or not scoring_only  # the subset and the spectra shape the steps, or chose score-only
     options = {"family": (type(fam).__qualname__, repr(fam), dict(getattr(fam, "__dict__", {}))),
-               "n_samples": n_samples, "seed": seed, "m": m, "max_block": max_block, "mask": mask,
-               "class_dim": class_dim, "with_hessian": with_hessian, "score_only": bool(score_only or beyond is not None),
+               "n_samples": n_samples, "seed": seed, "m": m if sized else None,
+               "max_block": max_block if sized else None, "mask": mask, "class_dim": class_dim,
+               "with_hessian": with_hessian if sized else None, "score_only": scoring_only,
                # steps kept before every library call took the labels (a dict's, then a tensor's -100) are not read back
                "observed": "the mask's positions that the labels score, a dict's or a tensor's"}
     kept = KeptSteps.of(keep_in, model, data, options)
-    if score_only or beyond is not None:
+    if scoring_only:
         reason = beyond or settings.ASKED_SCORE_ONLY
         return {**compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
                                      targets_note=targets_note, reason=reason, kept=kept),
