@@ -807,6 +807,8 @@ def test_a_layer_whose_fisher_is_zero_to_precision_is_said_so_not_reported_as_da
     text = markdown(R)
     assert f"Zero to the model's {str(dtype)[6:]} precision" in text and "`shift`" in text
     assert "| `shift` | 1 | zero to precision |" in text
+    # nor is it a layer where Î2 "wins" (its variance 0 against Î1's rounding-sized one): not counted, and named
+    assert "Per layer, Î2 wins on 2 of 2 (" in text and "; `shift`, whose Fisher is zero to precision, not counted." in text
 
 
 def test_frozen_parameters_are_said_to_be_left_out():

@@ -44,12 +44,16 @@ def _relative_stderr(T: dict) -> float | None:
 
 
 def _per_layer_winner(R: dict) -> str:
-    layers = R["layers"]
+    """Î2's wins over the layers with a Fisher (one zero to precision has nothing to estimate: left out, named)."""
+    layers = [l for l in R["layers"] if not l.get("zero_to_precision")]
     h = [l["name"] for l in layers if l["subset"]["better_for_trace"] == "hessian"]
     zero = [l["name"] for l in layers if l["subset"]["var_hessian"] == 0]
     text = f"Per layer, Î2 wins on {len(h)} of {len(layers)}"
     if zero:
         text += f" (with exactly zero variance on {', '.join(f'`{z}`' for z in zero)})"
+    left = [l["name"] for l in R["layers"] if l.get("zero_to_precision")]
+    if left:
+        text += f"; {', '.join(f'`{z}`' for z in left)}, whose Fisher is zero to precision, not counted"
     return text + "."
 
 
