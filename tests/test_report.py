@@ -809,6 +809,10 @@ def test_a_layer_whose_fisher_is_zero_to_precision_is_said_so_not_reported_as_da
     assert "| `shift` | 1 | zero to precision |" in text
     # nor is it a layer where Î2 "wins" (its variance 0 against Î1's rounding-sized one): not counted, and named
     assert "Per layer, Î2 wins on 2 of 2 (" in text and "; `shift`, whose Fisher is zero to precision, not counted." in text
+    from torchfim.report.terminal import summary_table
+
+    row = next(line for line in summary_table(R).splitlines() if line.startswith("shift "))
+    assert "hessian" not in row and "score" not in row  # its "lower Var Tr" cell is "–", as its k and λ_max
 
 
 def test_frozen_parameters_are_said_to_be_left_out():

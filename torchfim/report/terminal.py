@@ -20,7 +20,8 @@ def summary_table(R: dict) -> str:
     for l in R["layers"]:
         s = l["subset"]
         body.append([l["name"], str(l["size"]), fmt(l["trace_exact"]), fmt(l["trace_score_stderr"], 2),
-                     fmt(s["var_score"], 3), fmt(s["var_hessian"], 3), s["better_for_trace"] or "–",
+                     fmt(s["var_score"], 3), fmt(s["var_hessian"], 3),
+                     "–" if l.get("zero_to_precision") else s["better_for_trace"] or "–",  # no Fisher: no winner
                      fmt(l["samples_needed"]["score"]), fmt(l["samples_needed"]["hessian"]),
                      fmt(l["spectrum"]["max"], 3) if l["spectrum"] else "–"])
     T = R["trace"]
