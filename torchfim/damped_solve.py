@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._identity import identity_like
 from .errors import TorchfimError, real_number
 from .layout import Layout
 
@@ -104,7 +105,7 @@ def _factor(matrix: Tensor, damping: float, what: str) -> Tensor | _Refusal:
     """The Cholesky factor of ``matrix + λI``, or why there is none fit to solve with (the module docstring)."""
     _check_finite(matrix, what)
     size = matrix.shape[0]
-    damped = matrix + damping * torch.eye(size, dtype=matrix.dtype, device=matrix.device)  # out of place: A is shared
+    damped = matrix + damping * identity_like(size, matrix)  # out of place: A is shared
     tolerance = size * torch.finfo(matrix.dtype).eps
     factor, info = torch.linalg.cholesky_ex(damped)
     pivots = factor.diagonal().square()

@@ -70,8 +70,8 @@ def markdown_score_only(R: dict) -> str:
     add(f"- Time: {fmt(tm.get('total'), 3)} s in all (score estimate {fmt(tm['trace'], 3)} s, empirical "
         f"{fmt(tm['empirical'], 3)} s, figure {fmt(tm.get('figures'), 3)} s){resumed_note(R)}.")
     add("- All values are means over inputs (not sums).")
-    if _unused_note(R):
-        add(f"- The {_unused_note(R)}.")
+    if unused := _unused_note(R):
+        add(f"- The {unused}.")
     if R["mode_reason"] == ASKED_SCORE_ONLY:
         add("- For the exact Fisher and the closed-form variances of Î1 and Î2, `--mode full` (or the default, "
             "which chooses the full report where it fits in memory).")
