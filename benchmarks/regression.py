@@ -16,7 +16,7 @@ quotients over all turns of all rounds, with a distribution-free 90 % interval f
 (binomial order statistics); ≤ 1.10 means within 10 % of the earlier code. Pairing adjacent calls
 cancels the machine's slow and fast phases, which a quotient of whole-round medians keeps (on two
 cores shared with other work that one read ±10 % from round to round). ``--fixed-malloc`` runs the
-workers with glibc's thresholds fixed (:data:`FIXED_MALLOC`, the README's settings): with the
+workers with glibc's thresholds fixed (:data:`FIXED_MALLOC`, the settings of docs/speed.md): with the
 defaults, where the heap happens to trim decides a good part of a second-order sweep's time (the
 same Î2 variance read 1.12 and 1.08 on two runs, 2.1-2.4 M page faults per call against 1.9-2.1 M),
 and with them only the code does.
@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 #: The last commit before the engine (issue 10): the per-layer fast path and the torch.func path.
 BEFORE_ENGINE = "2a26b692a5155ff258bebf2ddc47720671dc9874"
-#: glibc thresholds under which freed memory stays in the worker (README, "Speed on Linux").
+#: glibc thresholds under which freed memory stays in the worker (docs/speed.md, "The memory allocator (Linux)").
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 #: Workload name → (model, timed calls of each of the floor, before and now per worker).
 WORKLOADS = {

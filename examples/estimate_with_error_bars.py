@@ -6,8 +6,8 @@ estimators, the score form Î1 and the Hessian form Î2, together with their exa
 inputs). This script draws the score estimate of Tr(F) 200 times and checks that their spread is the standard
 error and that about 95% of them fall within two standard errors of the exact value (within four of the Monte Carlo
 errors of that fraction, 4·√(0.95·0.05/200) ≈ 5.9 points). With 128 inputs and 4 labels each the estimate is
-close to normal; with a handful of inputs, or heavy-tailed ones, it is skewed and fewer fall within (README, "What a
-standard error covers").
+close to normal; with a handful of inputs, or heavy-tailed ones, it is skewed and fewer fall within (docs/accuracy.md,
+"What a standard error covers").
 
 Run: python examples/estimate_with_error_bars.py   (a few seconds)
 """

@@ -1,7 +1,7 @@
 """The Fisher penalty and the Tr(F) monitor in transformers' own ``Trainer`` (needs ``transformers``).
 
 A small BERT classifier, built from a config (no download), learns a rule of synthetic token sequences twice with
-the same seed: once plainly, once with the Fisher penalty of Jastrzębski et al. (2021) through the README's
+the same seed: once plainly, once with the Fisher penalty of Jastrzębski et al. (2021) through docs/training.md's
 ``compute_loss`` recipe, both with gradient accumulation (two micro-batches per step). Early in the plain run Tr(F)
 rises far above where it ends (the early peak the paper studies); the penalty holds it down while the rule is learnt. ``FisherTraceCallback``
 measures Tr(F) on held sequences every 10 optimiser steps (into ``output_dir/fisher_trace.csv``), and
@@ -44,7 +44,7 @@ def train(penalised: bool, out: str) -> tuple[list, float]:
         # (BERT's classifier takes loss keyword arguments but its loss ignores them: without this line the plain
         # Trainer would sum the micro-batches' means)
 
-    class PenalisedTrainer(PlainTrainer):  # the README's recipe
+    class PenalisedTrainer(PlainTrainer):  # docs/training.md's recipe
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not model.training:  # evaluation: the task loss alone
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

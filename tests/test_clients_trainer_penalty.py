@@ -1,4 +1,4 @@
-"""``FisherPenalty`` in transformers' own ``Trainer``, by the README's recipe run as the README writes it
+"""``FisherPenalty`` in transformers' own ``Trainer``, by docs/training.md's recipe run as that page writes it
 (``trainer_ranks.PenalisedTrainer``): a ``compute_loss`` that returns
 ``pen.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)`` (a BERT classifier built
 from a config, CPU, no dropout, no gradient clipping), with and without gradient accumulation.

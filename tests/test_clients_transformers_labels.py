@@ -182,7 +182,7 @@ def test_an_encoder_decoders_source_padding_is_not_taken_for_output_padding() ->
 
 @pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
 def test_the_penalty_warns_of_padding_it_counts_as_fisher_does(grad_method: str) -> None:
-    """The README's PenalisedTrainer recipe passes no mask=: on a padded batch without labels -100 there, the
+    """docs/training.md's PenalisedTrainer recipe passes no mask=: on a padded batch without labels -100 there, the
     penalty draws labels at the padding too. It is warned of once (the penalty was silent), and not where
     mask='attention_mask' is given or the labels leave the padding out."""
     model, batch = tiny_gpt2(), labelled_batch([5, 3], seed=13)
@@ -200,7 +200,7 @@ def test_the_penalty_warns_of_padding_it_counts_as_fisher_does(grad_method: str)
 
 @pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel", "compiled"])
 def test_a_wrapped_causal_lm_reads_its_labels_as_the_bare_one(wrapper: str) -> None:
-    """The wrapper has no ``loss_function``: a causal LM in DistributedDataParallel (as the README builds the
+    """The wrapper has no ``loss_function``: a causal LM in DistributedDataParallel (as docs/training.md builds the
     penalty) had its labels read unshifted, the last token of each input counted (a processes trial: exact Tr(F)
     178.1 against the brute force's 132.4). Exact, empirical, the monitor and the penalty equal the bare model's,
     and the exact diagonal the float64 oracle over the scored positions."""

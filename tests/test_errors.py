@@ -685,7 +685,7 @@ def test_integer_options_take_numpy_and_tensor_integers_as_the_int_they_hold(tmp
 
 def test_bernoulli_width_error_names_independent_binary_labels(model):
     """Several outputs under the Bernoulli family: categorical for exclusive classes, or (batch, T, 1) for T
-    independent binary labels (the README's reading)."""
+    independent binary labels (the reading docs/models.md gives)."""
     with pytest.raises(TorchfimError, match=r"for 3 independent binary labels.*\(batch, 3, 1\)"):
         torchfim.fisher(model, mlp_inputs(4), family="bernoulli")
 

@@ -116,7 +116,7 @@ def test_readme_picture_and_report_example_are_committed_and_small():
 
 
 def test_trainer_fisher_penalty():
-    """transformers' Trainer with the README's recipe and both callbacks: the plain run's Tr(F) peaks early (75 at step
+    """transformers' Trainer with docs/training.md's recipe and both callbacks: the plain run's Tr(F) peaks early (75 at step
     20, measured) and the penalised run's peak is a quarter of it (21), while both learn the rule (100 %)."""
     out = run_transformers_example("trainer_fisher_penalty.py")
     rows = re.findall(r"^\s*(\d+)\s+(\S+) ± \S+\s+(\S+) ± \S+$", out, re.M)

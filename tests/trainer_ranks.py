@@ -1,7 +1,7 @@
 """One process of the two-process ``Trainer`` runs of tests/test_clients_trainer_processes.py.
 
 Run by ``torch.distributed.run --standalone --nproc_per_node 2 trainer_ranks.py ROOT PHASE``. For each gradient
-method, a penalised ``Trainer`` (the README's recipe, ``model=model``) trains a BERT classifier under
+method, a penalised ``Trainer`` (docs/training.md's recipe, ``model=model``) trains a BERT classifier under
 ``DistributedDataParallel`` (gloo, CPU) with both torchfim callbacks; each process draws its labels from its
 own generator. Phase ``whole`` trains from step 0 in ``ROOT/<method>/whole``, phase ``resume`` resumes
 ``ROOT/<method>/cut`` from its ``checkpoint-2``. Each process saves what the test checks in
@@ -57,19 +57,20 @@ def penalty(net: torch.nn.Module, method: str, rank: int) -> FisherPenalty:
     return FisherPenalty(net, alpha=ALPHA, grad_method=method, generator=torch.Generator().manual_seed(3 + rank))
 
 
-def _readme_recipe() -> tuple[type[Trainer], dict]:
-    """The README's ``PenalisedTrainer``, as written there, and the namespace its ``pen`` is looked up in."""
-    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S)
+def _documented_recipe() -> tuple[type[Trainer], dict]:
+    """docs/training.md's ``PenalisedTrainer``, as written there, and the namespace its ``pen`` is looked up in."""
+    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parents[1] / "docs" / "training.md").read_text(), re.S)
     namespace = {"Trainer": Trainer}
     exec(next(b for b in blocks if "class PenalisedTrainer(Trainer):" in b), namespace)
     return namespace["PenalisedTrainer"], namespace
 
 
-_Recipe, _RECIPE = _readme_recipe()
+_Recipe, _RECIPE = _documented_recipe()
 
 
 class PenalisedTrainer(_Recipe):
-    """The README's recipe, run as written with this trainer's penalty as its ``pen``, recording each step's batch."""
+    """docs/training.md's recipe, run as written with this trainer's penalty as its ``pen``, recording each step's
+    batch."""
 
     def __init__(self, *args, penalty: FisherPenalty, **kwargs) -> None:
         super().__init__(*args, **kwargs)

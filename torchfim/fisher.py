@@ -100,8 +100,8 @@ def fisher(
             none; ``empirical`` has no label randomness given the targets: both get zeros (for ``empirical``
             with a warning: its error is a bias that no standard error shows). A standard error, not an
             interval: ±1.96 s.e. covers 95% only where the estimate is close to normal (many inputs and
-            labels); with a few or heavy-tailed inputs it is skewed and covers less (README, "What a standard
-            error covers").
+            labels); with a few or heavy-tailed inputs it is skewed and covers less (docs/accuracy.md, "What a
+            standard error covers").
             ``combined``: ``√(w²V1 + (1 − w)²V2 + 2w(1 − w)C12)``, the square root of
             :func:`torchfim.combined.combined_variance`. The closed form pulls back every output number of
             each input, as the exact Fisher does: about ``C`` backward passes per input for ``C`` outputs, tens of

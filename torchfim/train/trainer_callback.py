@@ -25,7 +25,7 @@ logged again. The trainer's own logs (the training loss every ``logging_steps``)
 callback.
 
 ``FisherPenaltyCallback(pen)`` does the same for a :class:`~torchfim.train.FisherPenalty` used in the trainer's
-``compute_loss`` (see the README; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
+``compute_loss`` (see docs/training.md; ``pen.penalised_loss(..., model=model)`` runs the wrapper the trainer hands
 it, whose forwards alone make several processes average their gradients): its state (generator, cached
 gradient) goes into every checkpoint, one file per process (``torchfim_penalty-<process index>.pt``, each
 process drawing its own labels), and comes back on ``resume_from_checkpoint`` (from the folder it names), so the
