@@ -69,7 +69,9 @@ class Settings:
     )
     #: (dataset, model) pairs of claim (c), trained with label noise.
     noisy_combos: tuple[tuple[str, str], ...] = (("digits", "mlp"), ("mnist1d", "cnn"))
-    n_seeds: int = 5
+    #: Evaluation seeds: 6, the fewest with which one data set and model can reach a verdict of its own (the exact
+    #: sign test of 6 agreeing pairs gives p = 0.031; of 5, 0.062).
+    n_seeds: int = 6
     #: Tuning seeds (none of them an evaluation seed): η* and α maximise the mean over these seeds
     #: of the best validation accuracy over training.
     n_tuning_seeds: int = 2
@@ -79,7 +81,8 @@ class Settings:
     epochs: tuple[tuple[str, int], ...] = (("digits", 250), ("mnist1d", 100))
     batch_size: int = 128
     momentum: float = 0.9
-    lr_grid: tuple[float, ...] = (0.0316, 0.1, 0.316)
+    #: η* is chosen inside the grid: 1.0 above 0.316, which digits/MLP chose as the top of the earlier grid.
+    lr_grid: tuple[float, ...] = (0.0316, 0.1, 0.316, 1.0)
     lr_ratio: float = 10.0
     alpha_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     fp_every: int = 10
