@@ -25,6 +25,13 @@ SECTIONS = ("meta", "settings", "datasets", "bound_ratios", "activations", "seed
             "training")
 
 
+#: One small configuration of each experiment: a run in seconds.
+TINY = soen_sun.Settings(
+    n_inputs=8, width=4, activations=("relu",), settings_ab=(("digits", "categorical"),), depths=(1,),
+    widths=(4,), train_activations=("tanh",), checkpoints=(0,), extra_seeds=(),
+)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("soen_sun")
@@ -42,7 +49,10 @@ def test_files_exist_and_are_complete(quick_run):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for section in SECTIONS:
         assert section in results, section
-    assert results["meta"]["quick"] is True and results["meta"]["seconds_total"] > 0
+    assert results["meta"]["quick"] is True and results["meta"]["complete"] is True
+    # wall-clock seconds only in timings.json: results.json holds none of them
+    timings = json.loads((out / "timings.json").read_text(encoding="utf-8"))
+    assert timings["seconds_total"] >= sum(timings["seconds"].values()) > 0 and "second" not in json.dumps(results)
     s = soen_sun.QUICK
     assert len(results["activations"]) == len(results["bound_ratios"]) == len(s.settings_ab) * len(s.activations)
     assert len(results["seeds"]) == len(s.extra_seeds) * len(s.settings_ab) * len(s.activations)
@@ -165,10 +175,6 @@ def test_training_rows_are_consistent(quick_run):
 
 
 def test_interrupted_run_keeps_finished_sections(tmp_path, monkeypatch):
-    tiny = soen_sun.Settings(
-        n_inputs=8, width=4, activations=("relu",), settings_ab=(("digits", "categorical"),), depths=(1,),
-        widths=(4,), train_activations=("tanh",), checkpoints=(0,), extra_seeds=(),
-    )
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -177,10 +183,10 @@ def test_interrupted_run_keeps_finished_sections(tmp_path, monkeypatch):
 
     monkeypatch.setattr(figures, "plot_depth_width", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        soen_sun.run(tmp_path, settings=tiny, progress=False)
+        soen_sun.run(tmp_path, settings=TINY, progress=False)
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert len(results["activations"]) == 1 and len(results["depth_width"]) == 2
-    assert results["training"] == [] and "seconds_total" not in results["meta"]
+    assert results["training"] == [] and "complete" not in results["meta"] and not (tmp_path / "timings.json").exists()
     assert (tmp_path / "fig_a_bound_ratios.png").is_file() and not (tmp_path / "fig_d_training.png").exists()
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "Run incomplete" in summary and "Not yet run" in summary and "training" in summary
@@ -196,11 +202,7 @@ def test_an_interrupted_rerun_leaves_no_figure_of_the_earlier_run(tmp_path, monk
     """A finished run, then the same study interrupted in its depth-width part: the folder holds the figures the
     new summary.md describes, not the earlier run's fig_c and fig_d beside the new results (which summary.md
     said were "Not drawn")."""
-    tiny = soen_sun.Settings(
-        n_inputs=8, width=4, activations=("relu",), settings_ab=(("digits", "categorical"),), depths=(1,),
-        widths=(4,), train_activations=("tanh",), checkpoints=(0,), extra_seeds=(),
-    )
-    soen_sun.run(tmp_path, settings=tiny, progress=False)
+    soen_sun.run(tmp_path, settings=TINY, progress=False)
     assert all((tmp_path / png).is_file() for png in PNGS)
 
     def interrupt(*args, **kwargs):
@@ -210,7 +212,7 @@ def test_an_interrupted_rerun_leaves_no_figure_of_the_earlier_run(tmp_path, monk
 
     monkeypatch.setattr(figures, "plot_depth_width", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        soen_sun.run(tmp_path, settings=tiny, progress=False)
+        soen_sun.run(tmp_path, settings=TINY, progress=False)
     assert [png for png in PNGS if (tmp_path / png).exists()] == list(PNGS[:2])
     assert "Not drawn, their parts unfinished: `fig_c_depth_width.png`, `fig_d_training.png`." in (
         tmp_path / "summary.md").read_text(encoding="utf-8")
@@ -249,3 +251,13 @@ def test_atomic_writers(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "sub", "t.md"]
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]
+
+
+def test_a_repeated_run_writes_results_json_byte_for_byte(tmp_path):
+    """Wall-clock seconds go to timings.json, so two runs of the same settings write the same results.json and
+    summary.md (before, results.json held the seconds of each part and never compared equal)."""
+    for name in ("a", "b"):
+        soen_sun.run(tmp_path / name, settings=TINY, progress=False, command="same")
+    for name in ("results.json", "summary.md", "results.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "timings.json").is_file()

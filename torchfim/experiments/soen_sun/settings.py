@@ -30,6 +30,7 @@ FILES = {
     "json": "results.json",
     "csv": "results.csv",
     "summary": "summary.md",
+    "timings": "timings.json",
     "fig_a": "fig_a_bound_ratios.png",
     "fig_b": "fig_b_variance_by_activation.png",
     "fig_c": "fig_c_depth_width.png",

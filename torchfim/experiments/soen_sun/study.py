@@ -30,7 +30,7 @@ from .measure import (
 )
 from .settings import DEFAULT_OUT, FILES, FULL, QUICK, REL_ERROR, ZERO_VARIANCE_RTOL, Settings
 from .summary import summary
-from .tables import write_tables
+from .tables import write_tables, write_timings
 
 __all__ = ["run"]
 
@@ -90,7 +90,6 @@ def _meta(out: Path, quick: bool, command: str | None) -> dict[str, Any]:
         "zero_variance_rtol": ZERO_VARIANCE_RTOL,
         "init": "PyTorch default nn.Linear init in float32 under torch.manual_seed(seed), then .double()",
         "inputs": "rows measurement_indices = torch.randperm(N, generator=manual_seed(seed))[:n_inputs]",
-        "seconds": {},
     }
 
 
@@ -135,7 +134,8 @@ class _Study:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        t_start = time.perf_counter()
+        t_start, seconds = time.perf_counter(), {}
+        (self.out / FILES["timings"]).unlink(missing_ok=True)  # an earlier run's, until this one has its own
         self.load_data()
         self.bar = tqdm(total=_units(self.s), desc="soen-sun", unit="config", disable=not progress, file=sys.stderr)
         try:
@@ -144,14 +144,15 @@ class _Study:
                                      ("training", self.training)):
                 t0 = time.perf_counter()
                 experiment()
-                self.results["meta"]["seconds"][part] = time.perf_counter() - t0
+                seconds[part] = time.perf_counter() - t0
                 self.draw(part)  # before the summary that lists its figures
                 if part != "training":  # the last part's tables are written once the total time is known
                     self.save()
         finally:
             self.bar.close()
-        self.results["meta"]["seconds_total"] = time.perf_counter() - t_start
+        self.results["meta"]["complete"] = True
         self.save()
+        write_timings(self.out / FILES["timings"], seconds, time.perf_counter() - t_start)
         return self.results
 
     def draw(self, part: str) -> None:

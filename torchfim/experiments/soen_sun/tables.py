@@ -66,6 +66,13 @@ def _csv_rows(results: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def write_timings(path: Path, seconds: dict[str, float], total: float) -> None:
+    """``timings.json``: the wall-clock seconds of each part and of the whole run, kept out of ``results.json`` so
+    that a run repeated on the same code and threads writes ``results.json`` byte for byte again."""
+    write_json(path, {"note": "wall-clock seconds; they depend on the machine and its load",
+                      "seconds": {part: round(s, 3) for part, s in seconds.items()}, "seconds_total": round(total, 3)})
+
+
 def write_tables(out: Path, results: dict[str, Any]) -> None:
     """Write ``results.json`` and ``results.csv`` into ``out``."""
     write_json(out / FILES["json"], results)
