@@ -89,7 +89,7 @@ def test_an_earlier_study_in_out_is_the_studys_own(tmp_path, capsys, monkeypatch
     out.mkdir()
     (out / "summary.md").write_text("an earlier run's")
     (out / "results.json").write_text(json.dumps({"meta": {"experiment": "soen-sun"}}))
-    monkeypatch.setattr(soen_sun_command, "run", lambda *a, **k: {"meta": {"seconds_total": 0.0}})
+    monkeypatch.setattr(soen_sun_command, "run", lambda *a, **k: {"meta": {"complete": True}})
     assert cli.main(["reproduce", "soen-sun", "--quick", "--out", str(out)]) == 0
 
 
