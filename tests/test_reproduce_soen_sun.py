@@ -261,3 +261,15 @@ def test_a_repeated_run_writes_results_json_byte_for_byte(tmp_path):
     for name in ("results.json", "summary.md", "results.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "timings.json").is_file()
+
+
+def test_a_part_stopped_halfway_is_named_with_the_rows_it_has(quick_run):
+    """A part interrupted after some of its configurations has rows in results.json and results.csv: the summary
+    says how many, where it said only "Not yet run"."""
+    from torchfim.experiments.soen_sun.summary import PARTS, summary
+
+    _, results = quick_run
+    text = summary(results, soen_sun.QUICK, set(PARTS) - {"depth_width"})
+    rows = len(results["depth_width"])
+    assert rows > 0
+    assert f"depth_width ({rows} rows so far in results.json and results.csv, summarised once it finishes)" in text

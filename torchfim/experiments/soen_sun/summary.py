@@ -38,7 +38,9 @@ def summary(results: dict[str, Any], settings: Settings, done: set[str]) -> str:
             more, found = section(results, s)
             lines += more
             concl += found
-    pending = [k for k in PARTS if k not in done]
+    # a part stopped halfway has rows in results.json and results.csv already: say so, not "not run"
+    pending = [k + (f" ({len(results[k])} rows so far in results.json and results.csv, summarised once it finishes)"
+                    if results.get(k) else "") for k in PARTS if k not in done]
     if pending:
         lines.append(f"*Not yet run (interrupted or in progress): {', '.join(pending)}.*")
         lines.append("")
