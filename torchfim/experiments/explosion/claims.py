@@ -140,6 +140,19 @@ def _noisy_words(s: dict, noisy: dict) -> list[str]:
     return lines
 
 
+def _grid_edges(s: dict, tuning: dict, combos: list[str]) -> list[str]:
+    """Caveats where the tuning chose a grid's edge that the grid does not bound: the largest η (a larger rate, not
+    tried, might have validated better) or the largest α (a stronger penalty might have)."""
+    lines = []
+    for key, grid, what in (("lr_star", s["lr_grid"], "η*"), ("alpha", s["alpha_grid"], "α")):
+        top = [c for c in combos if c in tuning and len(grid) > 1 and tuning[c].get(key) == max(grid)]
+        if top:
+            lines.append(f"* Caveat: the validation-chosen {what} was the largest of {list(grid)} on {', '.join(top)}: "
+                         "a larger value, not tried, might have validated better, so the grid does not show that it "
+                         "is the best.")
+    return lines
+
+
 def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
     """What limits the conclusions: a weak tuned α, under-fitting, memorisation not reached, collapse, scale."""
     lines: list[str] = []
@@ -151,6 +164,7 @@ def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
             f"{', '.join(smallest)}: stronger penalties did not raise validation accuracy there, so the penalised "
             "runs of (b) use a weak penalty."
         )
+    lines += _grid_edges(s, tuning, combos)
     under = [c for c in combos if agg[c]["small"]["train_acc"]["mean"] < 0.99]
     if under:
         lines.append(
