@@ -361,3 +361,20 @@ def test_a_tuned_value_at_the_top_of_its_grid_is_a_caveat():
     assert "η* was the largest of [0.0316, 0.1, 0.316] on a/mlp:" in lines[0] and "b/cnn" not in lines[0]
     assert "α was the largest of [0.01, 0.03, 0.1] on b/cnn:" in lines[1]
     assert _grid_edges(s, {"a/mlp": {"lr_star": 0.1, "alpha": 0.03}}, ["a/mlp"]) == []
+
+
+def test_peak_trace_is_the_largest_measurement_after_the_first_epoch():
+    """As the paper's Table 4: a large rate's Tr(F) can peak within the first epoch, before the small rate's explosion
+    has begun; that measurement is not the peak (the committed study's mnist1d/CNN at η* peaked at step 28 ± 18,
+    within its first epoch of 29 steps in some seeds)."""
+    from dataclasses import replace
+
+    from torchfim.experiments.explosion.assemble import _extra
+
+    settings = replace(E.Settings(), batch_size=10)
+    curves = {"step": [0, 10, 20, 30], "trace": [50.0, 9.0, 7.0, None], "trace_stderr": [5.0, 0.9, 0.7, None],
+              "train_loss": [2.3, 0.5, 0.4, None]}
+    got = _extra({"curves": curves, "n_train": 95}, settings, "digits")  # an epoch of ⌈95/10⌉ = 10 steps
+    assert (got["peak_trace"], got["step_of_peak_trace"], got["stderr_at_peak"]) == (9.0, 10, 0.9)
+    early = _extra({"curves": curves, "n_train": 1000}, settings, "digits")  # no measurement after 100 steps
+    assert early["peak_trace"] is None and early["step_of_peak_trace"] is None

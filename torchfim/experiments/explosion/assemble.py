@@ -156,8 +156,8 @@ class _Aggregates:
                 if (s.phase, s.dataset, s.model, s.variant) == (phase, d, m, variant)]
 
     def metric(self, runs: list[dict], key: str) -> list[float]:
-        """One number per run: from its final values, or derived from its curves (:func:`_extra`)."""
-        return [r["result"]["final"][key] if key in r["result"]["final"] else self.extra[r["run_id"]][key]
+        """One number per run: derived from its curves (:func:`_extra`), or else from its final values."""
+        return [self.extra[r["run_id"]][key] if key in self.extra[r["run_id"]] else r["result"]["final"][key]
                 for r in runs]
 
     def summarise(self, runs: list[dict], keys: Sequence[str], entry: dict) -> dict:
@@ -272,18 +272,23 @@ class _Aggregates:
 
 
 def _extra(result: dict, settings: Settings, dataset: str) -> dict[str, float | None]:
-    """Numbers derived from a run's curves: the standard error of the peak Tr(F) measurement, and the
-    paper's early-phase Tr(Fᵢ), Tr(F) at the first measurement where the training loss is below
+    """Numbers derived from a run's curves: the peak Tr(F) as the paper's Table 4 takes it, the largest measurement
+    after the first epoch (``⌈n_train/batch⌉`` steps: the large rates' Tr(F) can peak within it, before the small
+    rates' explosion has begun), with its step and standard error (None where the run has no measurement there); and
+    the paper's early-phase Tr(Fᵢ), Tr(F) at the first measurement where the training loss is below
     ``loss_threshold`` (None if it never gets there), with the step it happens at."""
     c = result["curves"]
-    pairs = [(t, e) for t, e in zip(c["trace"], c["trace_stderr"]) if t is not None]
-    err = max(pairs, key=lambda p: p[0])[1] if pairs else None
+    epoch = -(-result["n_train"] // settings.batch_size)
+    after = [(t, e, s) for t, e, s in zip(c["trace"], c["trace_stderr"], c["step"]) if t is not None and s >= epoch]
+    peak, err, step = max(after, key=lambda p: p[0]) if after else (None, None, None)
     at = next(
         (i for i, (t, loss) in enumerate(zip(c["trace"], c["train_loss"]))
          if t is not None and loss is not None and loss <= settings.loss_threshold),
         None,
     )  # fmt: skip
     return {
+        "peak_trace": peak,
+        "step_of_peak_trace": step,
         "stderr_at_peak": err,
         "trace_at_threshold": None if at is None else c["trace"][at],
         "step_at_threshold": None if at is None else c["step"][at],

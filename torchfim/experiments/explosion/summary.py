@@ -208,7 +208,7 @@ def _trace_table(results: dict[str, Any], combos: list[str]) -> list[str]:
         "",
         "## (a) Tr(F) early in training",
         "",
-        ("Mean ± std over seeds. Peak Tr(F) is the largest measurement of the run (the paper's Table 4); Tr(Fᵢ) is the "
+        ("Mean ± std over seeds. Peak Tr(F) is the largest measurement after the first epoch (the paper's Table 4); Tr(Fᵢ) is the "
          f"paper's early-phase value, Tr(F) at the first measurement where the training loss is below ε = "
          f"{s['loss_threshold']:g} (ln 10 ≈ 2.3 at initialisation), with the step it happens at."),
         "",
