@@ -28,7 +28,7 @@ from .families import Family
 from .keyword_hints import explains_keywords
 from .process_rows import FAILED_BEFORE
 from .structures import PublicValue, Trace, structure_class
-from .trace_summary import score_trace_variances
+from .trace_summary import score_trace_bound
 from .variance import check_variance_estimator, variance_of
 
 #: The arguments of the three bounds, appended to their docstrings by :func:`_with_arguments`.
@@ -160,8 +160,8 @@ def variance_bound(
     and :func:`score_variance_bound_kurtosis`; ``hessian`` uses
     :func:`hessian_variance_bound_spectral`. Same shape as :func:`fisher_variance`. For entries (``diag``,
     ``full``, ``blocks``) the kurtosis bound is never the tighter (``λ_max(M) ≤ E‖u‖⁴``, docs/math.md §4.2), so
-    the spectral one is taken alone; for ``trace`` both come from one pass over the inputs (it took two, and
-    cost more than the exact variance it bounds).
+    the spectral one is taken alone; for ``trace`` both come from one pass over the inputs, from the model's output
+    gram alone (two passes took 1.5× as long).
 
     Args:
         model: the model, as in :func:`torchfim.fisher`.
@@ -189,7 +189,7 @@ def variance_bound(
     if estimator == "score" and not options.get("across_processes"):  # both trace bounds from one pass
         k = check_n_samples(n_samples)
         single = {name: value for name, value in options.items() if name != "across_processes"}  # False, or None
-        return score_trace_variances(model, inputs, family, bounds=True, **single).bound / k
+        return score_trace_bound(model, inputs, family, **single) / k
     inputs = reusable(inputs)  # iterated once per bound
     results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
     best = results[0]

@@ -86,28 +86,54 @@ def score_trace_variances(
         >>> bool(torch.isclose(s.bound, want)), sorted(s.tensor_variances)
         (True, ['0.bias', '0.weight', '2.bias', '2.weight'])
     """
-    fam = get_family(family)
-    modes = ("exact", "spectral", "kurtosis") if bounds else ("exact",)
+    modes = ("var", "spectral", "kurtosis") if bounds else ("var",)
+    sums, n = _score_trace_sums(model, inputs, get_family(family), modes, True, backend, progress, mask, output,
+                                class_dim)
+    if bounds:  # the tightest bound, as variance_bound takes it: the smaller sum over inputs
+        for part in (sums.total, sums.tensors):
+            part["bound"] = torch.minimum(part.pop("spectral"), part.pop("kurtosis"))
+    return sums.result(n, bounds)
+
+
+def score_trace_bound(
+    model: nn.Module, inputs: Inputs, family: str | Family = "categorical", *, backend: str = "auto",
+    progress: bool = False, mask: Mask = None, output: Callable[[object], Tensor] | None = None,
+    class_dim: int | None = None,
+) -> Tensor:
+    """The tightest bound on ``Var(Tr Î1)`` (one label per input) that :func:`torchfim.variance_bound` gives: the
+    smaller of the spectral and the kurtosis bound's sums over inputs, both from one pass, for the model alone (none
+    of :func:`score_trace_variances`' per-tensor terms nor the exact variance)."""
+    sums, n = _score_trace_sums(model, inputs, get_family(family), ("spectral", "kurtosis"), False, backend,
+                                progress, mask, output, class_dim)
+    bound = torch.minimum(sums.total["spectral"], sums.total["kurtosis"]) / float(n) ** 2
+    check_finite_result({"bound": bound}, "a variance bound of the trace estimator", sums.layout.dtype)
+    return bound.to(sums.layout.dtype)
+
+
+def _score_trace_sums(model: nn.Module, inputs: Inputs, fam: Family, modes: tuple[str, ...], per_tensor: bool,
+                      backend: str, progress: bool, mask: Mask, output: Callable[[object], Tensor] | None,
+                      class_dim: int | None) -> tuple[_Sums, int]:
+    """The sums over inputs of :meth:`.variance.ScoreVariance.trace_terms` of the model's output gram, per mode
+    (``"var"`` the exact variance) and, with ``per_tensor``, of each tensor's own gram; and the inputs counted."""
+    forms_of = {"var": "exact", "spectral": "spectral", "kurtosis": "kurtosis"}
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
-        sums = _Sums(squares_layout(one.view.layout), ("var", *modes[1:]))
+        sums = _Sums(squares_layout(one.view.layout), modes)
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True,
                                       grams=True):  # an output Gram matrix per input, per tensor and in all
-            forms = [ScoreVariance(one.backend, rec, fam_b, mode) for mode in modes]
+            forms = [ScoreVariance(one.backend, rec, fam_b, forms_of[mode]) for mode in modes]
             gram = None  # G = Σ_t G_t per input, (B, C, C)
             for rows, grams in one.backend.tensor_output_grams(rec):
                 for i, own in grams.items():  # G_t (b, C, C)
-                    for key, form in zip(sums.tensors, forms):
-                        sums.tensors[key][i] += form.trace_terms(rows, own).sum().to(sums.tensors[key].dtype)
+                    if per_tensor:
+                        for key, form in zip(modes, forms):
+                            sums.tensors[key][i] += form.trace_terms(rows, own).sum().to(sums.tensors[key].dtype)
                     if gram is None:
                         gram = own.new_zeros(rec.batch.size, *own.shape[1:])
                     gram[rows] += own
-            for key, form in zip(sums.total, forms):
+            for key, form in zip(modes, forms):
                 if gram is not None:
                     sums.total[key] += form.trace_terms(slice(0, rec.batch.size), gram).sum().to(sums.total[key].dtype)
-        if bounds:  # the tightest bound, as variance_bound takes it: the smaller sum over inputs
-            for part in (sums.total, sums.tensors):
-                part["bound"] = torch.minimum(part.pop("spectral"), part.pop("kurtosis"))
-        return sums.result(one.n, bounds)
+        return sums, one.n
 
 
 def hessian_trace_variances(
