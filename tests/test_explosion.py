@@ -378,3 +378,29 @@ def test_peak_trace_is_the_largest_measurement_after_the_first_epoch():
     assert (got["peak_trace"], got["step_of_peak_trace"], got["stderr_at_peak"]) == (9.0, 10, 0.9)
     early = _extra({"curves": curves, "n_train": 1000}, settings, "digits")  # no measurement after 100 steps
     assert early["peak_trace"] is None and early["step_of_peak_trace"] is None
+
+
+def test_a_run_whose_outputs_overflow_at_a_measurement_is_recorded_as_diverged(monkeypatch):
+    """A step with a finite loss can leave weights whose outputs overflow; where the next step measures Tr(F), the
+    run is a divergence (as a non-finite loss is), not an error that ends the whole study (the full study's
+    mnist1d/CNN at η = 1 stopped so: "the model produced non-finite outputs")."""
+    import torch
+
+    original, calls = torch.optim.SGD.step, []
+
+    def overflowing(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:  # after the 5th step: step 5 is measured before it is taken (TINY: every 5 early on)
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.mul_(1e30)
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", overflowing)
+    spec = E.RunSpec("x", "clean", "digits", "mlp", "small", 0.05, 0.0, 0.0, 11, 0)
+    result = E.train_one(spec, TINY)
+    assert result["diverged"] is True and result["steps"] == 5
+    assert result["curves"]["step"] == [0, 5]  # the measurement before step 0, and the last one, Tr(F) not measured
+    assert result["curves"]["trace"][-1] is None

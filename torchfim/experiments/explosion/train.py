@@ -150,6 +150,9 @@ class _Run:
             perm = torch.randperm(n, generator=self.order)
             for start in range(0, n, B):
                 if settings.is_eval_step(step):
+                    if not _outputs_finite(model, data.x_train[data.held]):  # a finite loss, then overflow
+                        diverged = True  # (the monitor would refuse the model; the study records a divergence)
+                        break
                     self.record(step, True)
                 idx = perm[start : start + B]
                 xb, yb = data.x_train[idx], data.y_train[idx]
