@@ -10,6 +10,7 @@ from pathlib import Path
 
 import clients
 import pytest
+from doc_blocks import code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -78,13 +79,8 @@ def test_fisher_penalty_loop():
 README = ROOT / "README.md"
 
 
-def _blocks(text: str, lang: str) -> list[str]:
-    parts = text.split("```" + lang + "\n")[1:]
-    return [p.split("```")[0] for p in parts]
-
-
 def test_readme_quick_start_is_report_then_test():
-    block = _blocks(README.read_text(), "bash")[0]
+    block = code_blocks(README, "bash")[0]
     commands = [line.split("#")[0].strip() for line in block.splitlines()]
     assert [c for c in commands if c] == ["scripts/report", "scripts/test"]
     script = (ROOT / "scripts" / "report").read_text()
@@ -95,7 +91,7 @@ def test_readme_quick_start_is_report_then_test():
 
 
 def test_readme_python_example_runs_and_is_short():
-    code = _blocks(README.read_text(), "python")[0]
+    code = code_blocks(README)[0]
     assert len([line for line in code.splitlines() if line.strip()]) <= 10
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -21,6 +21,7 @@ import clients  # first: laplace imports torchmetrics, which imports torchvision
 import pytest
 import torch
 import torch.nn.functional as F
+from doc_blocks import code_blocks
 from oracles import exact_fisher
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -35,7 +36,7 @@ P = 53  # trainable entries of _model: 30 + 5 + 15 + 3
 
 
 def _python_blocks() -> list[str]:
-    return [part.split("```")[0] for part in DOC.read_text().split("```python\n")[1:]]
+    return code_blocks(DOC)
 
 
 @functools.cache

@@ -13,7 +13,6 @@ those of one penalised loss taken through the bare model instead of the wrapper.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import clients  # noqa: F401  (before transformers: hides a torchvision that cannot load)
 import torch
+from doc_blocks import code_blocks
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from torchfim.train import FisherPenalty
@@ -59,7 +59,7 @@ def penalty(net: torch.nn.Module, method: str, rank: int) -> FisherPenalty:
 
 def _documented_recipe() -> tuple[type[Trainer], dict]:
     """docs/training.md's ``PenalisedTrainer``, as written there, and the namespace its ``pen`` is looked up in."""
-    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parents[1] / "docs" / "training.md").read_text(), re.S)
+    blocks = code_blocks("docs/training.md")
     namespace = {"Trainer": Trainer}
     exec(next(b for b in blocks if "class PenalisedTrainer(Trainer):" in b), namespace)
     return namespace["PenalisedTrainer"], namespace
