@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import clients
-import pytest
 from doc_blocks import code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +65,6 @@ def test_choose_estimator():
 
 
 def test_fisher_penalty_loop():
-    try:
-        import torchfim.train  # noqa: F401
-    except ImportError:
-        pytest.xfail("torchfim.train is not available in this checkout yet")
     out = run_example("fisher_penalty_loop.py")
     assert "penalty" in out
     assert "Tr(F) without the penalty" in out
