@@ -246,3 +246,31 @@ def test_a_dict_batch_takes_its_targets_apart_as_one_tensor() -> None:
     want = torchfim.fisher(model.inner, x, estimator="empirical", targets=y)
     assert torch.equal(torchfim.fisher(model, {"x": x}, estimator="empirical", targets=y), want)
     assert torch.equal(torchfim.fisher(model, {"x": x, "labels": y}, estimator="empirical"), want)
+
+
+class _Tagger(torch.nn.Module):
+    """(batch, tokens) ids to (batch, tokens, 30) logits: 8 positions × 30 classes = 240 output numbers per input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(30, 6), torch.nn.Linear(6, 30)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids)))
+
+
+def test_a_standard_error_that_costs_a_hundred_estimates_is_warned_of() -> None:
+    """return_stderr=True's closed form pulls back every output number of each input; where that is ≥ 100 times the
+    estimate's k pull-backs (a language model: a user trial waited 490 times the estimate for it, without a word),
+    a warning gives the factor and the cheap error bar of Tr(F); none for a 10-class classifier."""
+    import warnings
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (4, 8))
+    with pytest.warns(RuntimeWarning, match=r"240 output numbers where the estimate pulled back 2 vectors: expect it "
+                                            r"to take up to 120 times as long.*squared_score_norms"):
+        torchfim.fisher(_Tagger(), ids, estimator="score", n_samples=2, structure="trace", return_stderr=True)
+    classifier = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torchfim.fisher(classifier, torch.randn(6, 4), estimator="score", return_stderr=True)

@@ -133,9 +133,9 @@ class _ColumnPace:
                 f"torchfim: the exact Fisher (and Î2's exact part) pulls back about one output vector per "
                 f"output number of each input, {self.width:,} here (outputs {self.shape}), which will "
                 f"take about {left:.0f} s more for this mini-batch; estimator='score' pulls back n_samples "
-                "vectors per input (labels drawn at every position at once); its precision comes from "
-                "return_stderr=True or fisher_variance where each input's Jacobian fits in memory, else from "
-                "the spread of estimates with different generators"
+                "vectors per input (labels drawn at every position at once); Tr(F) with an error bar at that "
+                "cost comes from torchfim.score_norms.squared_score_norms(..., n_samples=2).trace() "
+                "(return_stderr=True and fisher_variance pull back every output number, as this does)"
             )
 
     def close(self) -> None:

@@ -190,6 +190,7 @@ def fisher(
             drawing = generator if share is None or not draws else share.generator(generator, one.view.device)
             result = make_structure(structure, one.view.layout)
             seen: list[Batch] = []
+            width = 0  # output numbers per input, which the standard error's closed form pulls back
             # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
             for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
                                           f"fisher[{estimator}]", split=estimator == "exact" or per_position,
@@ -197,14 +198,16 @@ def fisher(
                 add_estimate(estimator, one.backend, rec, fam_b, result, k, drawing, progress, per_position)
                 if return_stderr:
                     seen.append(rec.batch)
+                    width = max(width, rec.output.shape[1])
             estimate = result.finish(max(one.n, 1))
         check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
         if not return_stderr or not (draws and seen):
             return estimate, entrywise(torch.zeros_like, estimate) if return_stderr else None, one.n
         from .variance import fisher_variance
 
+        _warn_stderr_cost(width, k)
         return estimate, fisher_variance(model, seen, family=fam, estimator=estimator, structure=structure,
-                                         n_samples=k, backend=name, mask=mask, output=output,
+                                         n_samples=k, backend=name, progress=progress, mask=mask, output=output,
                                          class_dim=class_dim), one.n
 
     estimate, variance, n = compute() if share is None else share.together(compute, model)
@@ -214,6 +217,18 @@ def fisher(
     # of the Fisher's scale, in the estimate's dtype.
     return (estimate, entrywise(lambda v, e: v.clamp_min(0).sqrt().to(e.dtype), variance, estimate)) \
         if return_stderr else estimate
+
+
+def _warn_stderr_cost(width: int, k: int) -> None:
+    """Warn where the standard error's closed form, which pulls back each input's ``width`` output numbers, costs
+    a hundred times the estimate's ``k`` pull-backs or more (a language model's positions × vocabulary: a user trial
+    waited 490 times the estimate's time for it, longer than for the exact Fisher)."""
+    if width >= 100 * k:
+        warn_user(f"torchfim: return_stderr=True computes the standard error in closed form, which pulls back each "
+                  f"input's {width} output numbers where the estimate pulled back {k} vector{'s' if k > 1 else ''}: "
+                  f"expect it to take up to {width // k} times as long as the estimate. Tr(F) with an error bar at "
+                  "the estimate's cost: torchfim.score_norms.squared_score_norms(..., n_samples=2).trace() (the "
+                  "spread of each input's labels)")
 
 
 def _per_position(empirical_per: object, estimator: str) -> bool:
