@@ -199,6 +199,8 @@ def fisher(
                 if return_stderr:
                     seen.append(rec.batch)
                     width = max(width, rec.output.shape[1])
+            if share is not None:
+                share.probe(one.view)
             estimate = result.finish(max(one.n, 1))
         check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
         if not return_stderr or not (draws and seen):

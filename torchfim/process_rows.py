@@ -18,7 +18,10 @@ collective that would never come; a call refused before that, on some processes 
 collective: :func:`torchfim._processes.announced`), checks that the processes held the same inputs (a digest of the bytes of every
 mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and the same
 weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not wrapped in
-``DistributedDataParallel``, would be refused; other floating-point buffers, BatchNorm's statistics, are warned of), the same call (settings, and the
+``DistributedDataParallel``, would be refused; other floating-point buffers, BatchNorm's statistics, are warned of),
+where the buffers agree the same outputs on the first rows of the first mini-batch (a digest,
+:func:`torchfim.engine.output_probe.output_digest`: the same weights under another activation, temperature or
+forward hook would be refused), the same call (settings, and the
 ``output`` and ``mask`` functions by their code) and, for the random estimators, that their label generators
 started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a
 generator, each process draws from a private one seeded from torch's global generator (one draw, the same on
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 
 from ._processes import (
     Attempt,
+    check_same_outputs,
     check_same_weights,
     collective_device,
     digest_number,
@@ -47,11 +51,14 @@ from ._processes import (
     keep_until_next,
     model_device,
     process_place,
+    same_weights,
     trained_names,
     weights_fingerprint,
 )
 from .engine.batch import Batch
+from .engine.output_probe import output_digest, probe_rows
 from .engine.session import EMPTY
+from .engine.view import ModelView
 from .errors import TorchfimError
 from .structures import PublicValue, entrywise
 
@@ -62,7 +69,7 @@ Computed = TypeVar("Computed")
 
 #: A process's numbers in :meth:`RowShare.together`'s collective where it failed before reaching it
 #: (:func:`torchfim._processes.announced`): the failed flag first.
-FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0]
+FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * 4]
 
 
 class RowShare:
@@ -75,11 +82,15 @@ class RowShare:
         self._labels: float | None = None  # the label generator's fingerprint before any draw; None: no labels
         self._call = hashlib.sha1()  # the settings the processes must share (row_share)
         feed_digest(self._call, call)
+        self._first: Batch | None = None  # the first rows of the first mini-batch, every process's alike
+        self._outputs = [float("nan")] * 4  # the model's output digest on them (probe); NaN: none taken
 
     def rows(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """This process's rows of each mini-batch (those with none for it skipped), every whole one digested."""
         for batch in batches:
             feed_digest(self._digest, (batch.args, batch.kwargs, batch.targets))
+            if self._first is None and batch.size:
+                self._first = probe_rows(batch)
             if batch.size > self.rank:
                 yield batch.rows(slice(self.rank, None, self.world))
 
@@ -91,6 +102,12 @@ class RowShare:
         self._labels = generator_fingerprint(generator)
         return generator
 
+    def probe(self, view: ModelView) -> None:
+        """Take the digest of ``view``'s outputs on the first rows of the first mini-batch (after :meth:`rows` has
+        seen it, inside the engine pass), which :meth:`together` compares between the processes."""
+        if self._first is not None:
+            self._outputs = output_digest(view, self._first)
+
     def together(self, compute: Callable[[], Computed], model: nn.Module) -> Computed:
         """``compute()`` (this process's share), once every process has finished its own, checked (see the module
         docstring)."""
@@ -99,7 +116,8 @@ class RowShare:
         # What decides the sums: the call's settings, the parameters trained, the result's shapes (mean's collectives)
         feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
-        numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers]
+        numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers,
+                   *self._outputs]
         every = gather_numbers(numbers, model)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
                                   [e[0] for e in every if e[0]])
@@ -118,6 +136,8 @@ class RowShare:
                 "across_processes=False for each process's Fisher of its own inputs"
             )
         check_same_weights([e[3] for e in every], self.what, [e[5] for e in every])
+        if same_weights([e[5] for e in every]):  # other buffers (warned of) move the outputs too
+            check_same_outputs([e[6:10] for e in every], self.what)
         if self._labels is not None and len({e[2] for e in every}) < self.world:
             raise TorchfimError(
                 f"{self.what}: two processes' label generators are in the same state, so their "

@@ -285,6 +285,8 @@ def variance_of(
                 else:
                     with second_order_support():
                         result.visit(HessianVariance(one.backend, rec, fam_b, mode))
+            if share is not None:
+                share.probe(one.view)
             value = result.finish(max(one.n, 1) ** 2 * k)
         what = f"the variance of the {estimator} estimator" if mode == "exact" else f"the {mode} bound on its variance"
         check_finite_result(value, what, squares_layout(one.view.layout).dtype)

@@ -11,6 +11,7 @@ from ..engine.derivative_settings import made_in_inference_mode
 from ..engine.kept_buffers import private_buffers
 from ..engine.loop import recorded
 from ..engine.model_checks import check_initialised
+from ..engine.output_probe import output_digest
 from ..engine.output_reading import OutputMap
 from ..engine.private_tree import forward_signature
 from ..engine.view import Mask
@@ -82,3 +83,10 @@ class EnginePath:
                 norms.append(backend.sample_squares(rec, u, last=True))  # (B, k): ‖Jᵢᵀ u_ij‖²; rec is spent
         norms = norms[0] if len(norms) == 1 else torch.cat(norms)
         return (norms if order is None else norms[order.to(norms.device)]).double()  # in the window's order
+
+    def outputs(self, path: Path, rows: Batch) -> list[float]:
+        """The digest of the view's outputs on the held ``rows`` (:func:`~torchfim.engine.output_probe.output_digest`),
+        the user's buffers left as they were."""
+        view = path[0]
+        with engine_session(), private_buffers(view.model, view.constants):
+            return output_digest(view, rows.to(view.device, view.dtype))

@@ -279,8 +279,10 @@ class FisherTraceMonitor:
             (trace, variance, plain), measured = self._estimate(), self._window_size
         else:  # the generator lives on the model's device, known before any engine is built
             generator = self._label_generator(model_device(self.model))
-            trace, variance, plain, measured = self._share.measured(lambda: (*self._estimate(), self._window_size),
-                                                                    generator, self.model, self._shared_settings())
+            trace, variance, plain, measured = self._share.measured(
+                lambda: (*self._estimate(), self._window_size), generator, self.model, self._shared_settings(),
+                lambda: self._path.outputs(self._path.current(self.model, self.output, self.class_dim),
+                                           self._share.first))
         record = TraceRecord(
             step=step,
             trace=trace,

@@ -10,7 +10,7 @@ stratified combination
 
     ``T = Σ_r (N_r/N) T_r``,  ``V = Σ_r (N_r/N)² V_r``,  ``variance_ratio = V / Σ_r (N_r/N)² P_r``,
 
-from one ``all_gather`` of ten numbers per measurement; every process gets the same record, and the first alone
+from one ``all_gather`` of fourteen numbers per measurement; every process gets the same record, and the first alone
 writes the files. A large measurement costs each process about ``1/W`` of a whole one; a small one keeps its fixed
 costs (the engine's set-up, the collective). Measured, two processes of one thread against one process measuring
 everything, MLP 64-256-256-10, gloo on one CPU: 0.45× at 8192 held inputs, 0.81× at 2048, 1.09× at 512. With ``subset=m``, each process
@@ -34,15 +34,18 @@ from torch import nn
 
 from .._processes import (
     Attempt,
+    check_same_outputs,
     check_same_weights,
     gather_numbers,
     generator_fingerprint,
     process_place,
+    same_weights,
     settings_number,
     trained_names,
     weights_fingerprint,
 )
 from ..engine.batch import Batch
+from ..engine.output_probe import probe_rows
 from ..errors import TorchfimError
 from .checkpoint import inputs_checksum
 
@@ -62,7 +65,8 @@ FAILED_BEFORE = [1.0]
 @dataclass(frozen=True)
 class ProcessShare:
     """Process ``rank`` of ``world``, holding ``share`` of ``total`` inputs whose checksum is ``checksum``; the
-    fewest any process holds, ``smallest`` (every process knows it: what one alone would refuse or warn of, all do)."""
+    fewest any process holds, ``smallest`` (every process knows it: what one alone would refuse or warn of, all do);
+    ``first``, the first rows of the whole held set, on which the processes' models must give the same outputs."""
 
     rank: int
     world: int
@@ -70,27 +74,33 @@ class ProcessShare:
     total: int
     checksum: float
     smallest: int
+    first: Batch
 
     def measured(self, measure: Callable[[], tuple[float, float, float, int]], generator: torch.Generator,
-                 model: nn.Module, settings: tuple) -> tuple[float, float, float, int]:
+                 model: nn.Module, settings: tuple,
+                 probe: Callable[[], list[float]]) -> tuple[float, float, float, int]:
         """``(T, V, P, inputs measured)`` of all processes from this one's ``measure()`` of ``model``, which draws its
         labels from ``generator``; see the module docstring. The one ``all_gather`` also counts the processes that
         failed (one that did raises its error, the others say so: none waits for a collective that would never
-        come) and checks the monitors' ``settings`` with the parameters trained, the held inputs, the weights and
-        the generators' states as they were before the draw."""
+        come) and checks the monitors' ``settings`` with the parameters trained, the held inputs, the weights,
+        the generators' states as they were before the draw and, where the buffers agree, the models' outputs on
+        :attr:`first` (``probe()``: :func:`torchfim.engine.output_probe.output_digest`)."""
         state, weights = generator_fingerprint(generator), weights_fingerprint(model)
         buffers = weights_fingerprint(model, buffers=True)
         # The settings' digest inside the attempt too: a process that fails to take it says so to the others
-        attempt = Attempt(lambda: (settings_number((settings, trained_names(model))), *measure()))
-        call, trace, variance, plain, measured = attempt.result or (0.0, 0.0, 0.0, 0.0, 0)
+        attempt = Attempt(lambda: (settings_number((settings, trained_names(model))), *measure(), probe()))
+        call, trace, variance, plain, measured, outputs = attempt.result or (0.0, 0.0, 0.0, 0.0, 0,
+                                                                             [math.nan] * 4)
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                                float(attempt.failed), self.checksum, state, weights, call, buffers], model)
+                                float(attempt.failed), self.checksum, state, weights, call, buffers, *outputs], model)
         t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
         if len({e[8] for e in every}) > 1:  # before any record: the shares would be of other measurements
             raise TorchfimError(SETTINGS_DIFFER)
         _check_alike([e[5] for e in every], [e[6] for e in every], [e[7] for e in every], [e[9] for e in every])
+        if same_weights([e[9] for e in every]):  # other buffers (warned of) move the outputs too
+            check_same_outputs([e[10:14] for e in every], "FisherTraceMonitor(across_processes=True)")
         return t, v, p, int(n)
 
     def built(self, model: nn.Module) -> None:
@@ -144,4 +154,4 @@ def shared(held: list[Batch], across_processes: object) -> tuple[list[Batch], Pr
     mine = shared_rows(held, rank, world)
     smallest = sum(len(range(world - 1, b.size, world)) for b in held)  # the last process holds the fewest
     return mine, ProcessShare(rank, world, sum(b.size for b in mine), sum(b.size for b in held), inputs_checksum(held),
-                              smallest)
+                              smallest, probe_rows(held[0]))

@@ -1,0 +1,118 @@
+"""Mistakes of a user trial under ``torch.distributed`` (two gloo processes on the CPU), each refused with its fix
+named on every process, where before it gave a wrong number, hung or named another problem.
+
+Oracle: the message each process raises (or "taken" where the call returned). The two processes call alike
+except where a case says otherwise (``rank`` picks what differs).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+from processes import over_loopback, run_processes
+from torch import nn
+
+import torchfim
+from torchfim import TorchfimError
+from torchfim.train import FisherTraceMonitor
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+WORLD = 2
+X = torch.randn(24, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+
+def _model(activation: type[nn.Module] = nn.Tanh) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), activation(), nn.Linear(5, 3)).double()
+
+
+class _Tempered(nn.Module):
+    """The model's logits over a temperature: a plain float attribute, which no weight check reads."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.net, self.temperature = _model(), temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) / self.temperature
+
+
+class _ModeScaled(nn.Module):
+    """Logits doubled in training mode: a forward that reads ``self.training`` (no Dropout, which is refused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * (2.0 if self.training else 1.0)
+
+
+def _hooked(rank: int) -> nn.Module:
+    """A forward hook scaling the logits, registered on process 0 alone."""
+    model = _model()
+    if rank == 0:
+        model[2].register_forward_hook(lambda module, inputs, out: out * 3.0)
+    return model
+
+
+def _said(call: object) -> str:
+    try:
+        call()
+        return "taken"
+    except TorchfimError as err:
+        return str(err)
+
+
+def _other_forwards(rank: int) -> dict[str, str]:
+    """Same weights and inputs, other forwards: before, each was the mean of two models' Fishers, without a word."""
+
+    def fisher(model: nn.Module) -> object:
+        return lambda: torchfim.fisher(model, X, structure="trace", across_processes=True)
+
+    return {
+        "activation": _said(fisher(_model(nn.Tanh if rank == 0 else nn.ReLU))),
+        "temperature": _said(fisher(_Tempered(1.0 + rank))),
+        "hook": _said(fisher(_hooked(rank))),
+        "training mode": _said(fisher(_ModeScaled().train(rank == 0))),
+        "variance activation": _said(lambda: torchfim.variance_bound(_model(nn.Tanh if rank == 0 else nn.ReLU), X,
+                                                                     structure="trace", across_processes=True)),
+        "monitor hook": _said(lambda: FisherTraceMonitor(_hooked(rank), X, across_processes=True).measure(0)),
+        "monitor temperature": _said(lambda: FisherTraceMonitor(_Tempered(1.0 + rank), X,
+                                                                across_processes=True).measure(0)),
+        "alike": _said(fisher(_Tempered(2.0))),
+        "monitor alike": _said(lambda: FisherTraceMonitor(_hooked(1), X, across_processes=True).measure(0)),
+    }
+
+
+def _rank(rank: int, root: str) -> None:
+    over_loopback()
+    # A process left waiting in a collective fails after a minute rather than gloo's default half hour
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD,
+                                         timeout=datetime.timedelta(seconds=60))
+    torch.save({"forwards": _other_forwards(rank)}, f"{root}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    root = tmp_path_factory.mktemp("process_mistakes")
+    run_processes(_rank, (str(root),), WORLD)
+    return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_models_whose_forwards_differ_are_refused(ranks: list[dict]) -> None:
+    """A trial's activation, temperature and hook chosen by rank (and a forward that reads its mode) gave a mean of
+    two models' Fishers; now every process names the difference, while models alike are taken."""
+    for rank in ranks:
+        said = rank["forwards"]
+        for case in ("activation", "temperature", "hook", "training mode"):
+            assert "fisher(across_processes=True) needs the same model on every process" in said[case], case
+            assert "the processes' models give other outputs" in said[case], case
+        assert "variance_bound(across_processes=True) needs the same model" in said["variance activation"]
+        for case in ("monitor hook", "monitor temperature"):
+            assert "FisherTraceMonitor(across_processes=True) needs the same model" in said[case], case
+            assert "a forward hook" in said[case], case
+        assert said["alike"] == said["monitor alike"] == "taken"
