@@ -8,6 +8,7 @@ except where a case says otherwise (``rank`` picks what differs).
 from __future__ import annotations
 
 import datetime
+import functools
 
 import pytest
 import torch
@@ -87,12 +88,40 @@ def _other_forwards(rank: int) -> dict[str, str]:
     }
 
 
+def _not_pad(batch: torch.Tensor, pad: int) -> torch.Tensor:
+    return batch != pad
+
+
+def _held_values(rank: int) -> dict[str, str]:
+    """``output`` and ``mask`` functions of the same code holding values chosen by rank: before, a trial's were
+    blended (the mask's first row may be all observed, where the outputs' digest cannot see it)."""
+    torch.manual_seed(0)
+    embedded = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).double()
+    tokens = torch.randint(0, 10, (12, 5), generator=torch.Generator().manual_seed(3))
+    scale, pad, device = 1.0 + rank, rank, f"cpu:{rank}"
+
+    def tokens_fisher(mask: object) -> object:
+        return lambda: torchfim.fisher(embedded, tokens, mask=mask, structure="trace", across_processes=True)
+
+    return {
+        "output closure": _said(lambda: torchfim.fisher(_model(), X, output=lambda o: o * scale, structure="trace",
+                                                        across_processes=True)),
+        "mask closure": _said(tokens_fisher(lambda b: b != pad)),
+        "mask partial": _said(tokens_fisher(functools.partial(_not_pad, pad=pad))),
+        "mask default": _said(tokens_fisher(lambda b, p=pad: b != p)),
+        "monitor mask closure": _said(lambda: FisherTraceMonitor(embedded, tokens, mask=lambda b: b != pad,
+                                                                 across_processes=True).measure(0)),
+        "device alike": _said(tokens_fisher(lambda b: (b != 0).to(device))),
+        "partial alike": _said(tokens_fisher(functools.partial(_not_pad, pad=0))),
+    }
+
+
 def _rank(rank: int, root: str) -> None:
     over_loopback()
     # A process left waiting in a collective fails after a minute rather than gloo's default half hour
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD,
                                          timeout=datetime.timedelta(seconds=60))
-    torch.save({"forwards": _other_forwards(rank)}, f"{root}/rank{rank}.pt")
+    torch.save({"forwards": _other_forwards(rank), "held values": _held_values(rank)}, f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -116,3 +145,15 @@ def test_models_whose_forwards_differ_are_refused(ranks: list[dict]) -> None:
             assert "FisherTraceMonitor(across_processes=True) needs the same model" in said[case], case
             assert "a forward hook" in said[case], case
         assert said["alike"] == said["monitor alike"] == "taken"
+
+
+def test_functions_holding_values_chosen_by_rank_are_refused(ranks: list[dict]) -> None:
+    """A trial's ``lambda o: o * scale``, ``lambda b: b != pad`` and ``partial(notpad, pad=rank)`` with values of
+    each process's own were blended; a device name held (each process's own GPU) is no difference."""
+    for rank in ranks:
+        said = rank["held values"]
+        for case in ("output closure", "mask closure", "mask partial", "mask default"):
+            assert "fisher(across_processes=True) needs the same call on every process" in said[case], case
+            assert "holding a value chosen by rank" in said[case], case
+        assert "needs the same monitor on every process" in said["monitor mask closure"]
+        assert said["device alike"] == said["partial alike"] == "taken"

@@ -187,16 +187,73 @@ def feed_digest(digest: hashlib._Hash, value: object) -> None:
         digest.update(repr(value).encode())
 
 
-def function_settings(f: object) -> object:
+def function_settings(f: object, depth: int = 0) -> object:
     """A function's part of the settings that processes must share (an ``output`` or a ``mask``): None or a string
-    as it is; else its qualified name and, for a Python function, its code (bytecode, constants, names), so that
-    two lambdas that compute differently differ (a trial's ``lambda o: o`` and ``lambda o: 2 * o`` on two processes
-    were blended). The values a closure holds are not read."""
+    as it is; a ``functools.partial`` by its function, arguments and keywords; else its qualified name and, for a
+    Python function, its code (bytecode, constants, names), so that two lambdas that compute differently differ (a
+    trial's ``lambda o: o`` and ``lambda o: 2 * o`` on two processes were blended), and the values its closure and
+    defaults hold (:func:`_held_value`: a trial's ``lambda o: o * scale`` with ``scale = 1 + rank`` was blended).
+    Globals are not read (a device or rank named there is each process's own)."""
     if f is None or isinstance(f, str):
         return f
+    if depth > _DEPTH:  # a function that holds itself (a recursive closure)
+        return "..."
+    if isinstance(f, functools.partial):
+        return ("partial", function_settings(f.func, depth + 1), _held_value(f.args, depth),
+                _held_value(f.keywords, depth))
     code = getattr(f, "__code__", None)
     name = getattr(f, "__qualname__", type(f).__qualname__)
-    return name if not isinstance(code, types.CodeType) else (name, _code_settings(code))
+    if not isinstance(code, types.CodeType):
+        return name
+    cells = tuple(_cell(c, depth) for c in getattr(f, "__closure__", None) or ())
+    defaults = (getattr(f, "__defaults__", None), getattr(f, "__kwdefaults__", None))
+    return name, _code_settings(code), cells, _held_value(defaults, depth)
+
+
+#: How deep :func:`function_settings` follows functions held by functions.
+_DEPTH = 4
+#: The most entries of a tensor held by a function that :func:`_held_value` digests (larger: shape and dtype).
+_SMALL = 1 << 16
+
+
+def _cell(cell: types.CellType, depth: int) -> object:
+    """A closure cell's value (:func:`_held_value`); an empty cell (a name not yet bound) as None."""
+    try:
+        return _held_value(cell.cell_contents, depth)
+    except ValueError:
+        return None
+
+
+def _held_value(value: object, depth: int) -> object:
+    """A value a function holds, as processes must share it: numbers, strings, bools and None by ``repr`` (a device's
+    name by its kind: each process's GPU is its own), containers item by item, functions by their settings, small
+    tensors by a digest of their shape, dtype and bytes (large ones by shape and dtype), other objects by their
+    type's name."""
+    if isinstance(value, torch.device):
+        return "device", value.type
+    if isinstance(value, str):
+        return ("device", value.split(":")[0]) if _device_name(value) else value
+    if isinstance(value, (int, float, bool, complex)) or value is None:
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_held_value(v, depth) for v in value)
+    if isinstance(value, Mapping):
+        return tuple((repr(k), _held_value(v, depth)) for k, v in value.items())
+    if isinstance(value, Tensor):
+        return (tuple(value.shape), str(value.dtype),
+                settings_number(value) if value.numel() <= _SMALL and value.device.type != "meta" else None)
+    if callable(value) and not isinstance(value, torch.nn.Module):
+        return function_settings(value, depth + 1)
+    return type(value).__qualname__
+
+
+def _device_name(name: str) -> bool:
+    """Whether ``name`` names a device (``"cuda:1"``, ``"cpu"``)."""
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _code_settings(code: types.CodeType) -> tuple:

@@ -22,7 +22,7 @@ weights (:func:`torchfim._processes.weights_fingerprint`: a model built from ano
 where the buffers agree the same outputs on the first rows of the first mini-batch (a digest,
 :func:`torchfim.engine.output_probe.output_digest`: the same weights under another activation, temperature or
 forward hook would be refused), the same call (settings, and the
-``output`` and ``mask`` functions by their code) and, for the random estimators, that their label generators
+``output`` and ``mask`` functions by their code and the values they hold) and, for the random estimators, that their label generators
 started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a
 generator, each process draws from a private one seeded from torch's global generator (one draw, the same on
 every process) plus its rank. Labels are drawn per process, so a seed gives other labels for another number of
@@ -126,7 +126,8 @@ class RowShare:
                 f"{self.what} needs the same call on every process (the same estimator, family, structure, n_samples, "
                 "return_stderr, class_dim, output and mask, and the same parameters trained), but the processes "
                 "called it differently; call it the same way on each (a setting such as return_stderr=(rank == 0), "
-                "an output function chosen by rank, or a layer frozen on one process alone, differs between them)"
+                "an output or mask function chosen by rank or holding a value chosen by rank, as lambda o: o * scale "
+                "with scale = 1 + rank, or a layer frozen on one process alone, differs between them)"
             )
         if len({e[1] for e in every}) > 1:
             raise TorchfimError(
@@ -190,7 +191,7 @@ def row_share(across_processes: object, mask: object, call: tuple, output: objec
     or with a mask given as one tensor for the whole data set (each process computes on some of its rows).
     ``call``: the settings every process must call with alike (numbers, strings, tensors, and containers of them;
     a family as :func:`torchfim._processes.family_settings` gives it), checked in :meth:`RowShare.together` before any sum, with the
-    parameters trained and the result's shapes, as are the ``mask`` and ``output`` functions
+    parameters trained and the result's shapes, as are the ``mask`` and ``output`` functions with the values they hold
     (:func:`torchfim._processes.function_settings`); ``what``: the public function, for the messages."""
     place = process_place(across_processes)
     if place is None:

@@ -52,8 +52,8 @@ from .checkpoint import inputs_checksum
 SETTINGS_DIFFER = (
     "FisherTraceMonitor(across_processes=True) needs the same monitor on every process (the same family, every, "
     "n_samples, subset, control_variate, class_dim, mask and output, and the same parameters trained), but the "
-    "processes' monitors differ; build it the same way on each (a setting chosen by rank, or a layer frozen on one "
-    "process alone, differs between them)"
+    "processes' monitors differ; build it the same way on each (a setting chosen by rank, an output or mask "
+    "function holding a value chosen by rank, or a layer frozen on one process alone, differs between them)"
 )
 
 
