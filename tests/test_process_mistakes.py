@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +127,27 @@ def _rank(rank: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+def _called_alone(rank: int, root: str) -> None:
+    """Process 0 alone calls ``fisher``, then (in a new group) steps its monitor, while process 1 goes on without
+    (as under ``if rank == 0:``): before, gloo's bare ``RuntimeError`` after the group's timeout."""
+    over_loopback()
+    said = {}
+    for case in ("fisher", "monitor"):
+        torch.distributed.init_process_group("gloo", init_method=f"file://{root}/{case}", rank=rank,
+                                             world_size=WORLD, timeout=datetime.timedelta(seconds=3))
+        monitor = FisherTraceMonitor(_model(), X, every=1, across_processes=True) if case == "monitor" else None
+        if rank == 0:
+            try:
+                monitor.step(0) if monitor else torchfim.fisher(_model(), X, structure="trace", across_processes=True)
+                said[case] = "taken"
+            except TorchfimError as err:
+                said[case], said[f"{case} chained"] = str(err), isinstance(err.__cause__, RuntimeError)
+        else:
+            time.sleep(5)  # past process 0's timeout
+        torch.distributed.destroy_process_group()
+    torch.save(said, f"{root}/alone{rank}.pt")
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     root = tmp_path_factory.mktemp("process_mistakes")
@@ -157,3 +180,15 @@ def test_functions_holding_values_chosen_by_rank_are_refused(ranks: list[dict]) 
             assert "holding a value chosen by rank" in said[case], case
         assert "needs the same monitor on every process" in said["monitor mask closure"]
         assert said["device alike"] == said["partial alike"] == "taken"
+
+
+def test_a_call_on_one_process_alone_names_the_fix(tmp_path: Path) -> None:
+    """A trial's ``if rank == 0: mon.step(step)`` and ``if rank == 0: fisher(..., across_processes=True)`` ended,
+    after the group's timeout, in gloo's bare "Timed out waiting ... for send/recv"; now in a TorchfimError that says
+    another process did not reach the call, with the fix, gloo's error chained."""
+    run_processes(_called_alone, (str(tmp_path),), WORLD)
+    said = torch.load(tmp_path / "alone0.pt", weights_only=False)
+    for case, call in (("fisher", "fisher"), ("monitor", "FisherTraceMonitor")):
+        assert f"{call}(across_processes=True): the collective that shares this call" in said[case], case
+        assert "failed, so another process did not reach this call or left the run" in said[case], case
+        assert "not under `if rank == 0:`" in said[case] and said[f"{case} chained"], case

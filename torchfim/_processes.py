@@ -10,7 +10,7 @@ import hashlib
 import inspect
 import math
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import torch
@@ -20,8 +20,8 @@ from .errors import TorchfimError, warn_user
 
 Result = TypeVar("Result")
 
-__all__ = ["Attempt", "announced", "check_same_outputs", "check_same_weights", "collective_device", "digest_number",
-           "gather_numbers", "generator_fingerprint", "keep_until_next", "model_device", "process_group",
+__all__ = ["Attempt", "announced", "check_same_outputs", "check_same_weights", "collective_device", "collective_failed",
+           "digest_number", "gather_numbers", "generator_fingerprint", "keep_until_next", "model_device", "process_group",
            "process_place", "same_weights", "weights_fingerprint"]
 
 
@@ -93,16 +93,40 @@ def keep_until_next(tensors: list[Tensor]) -> None:
     _LAST_COLLECTIVE[:] = tensors
 
 
-def gather_numbers(numbers: list[float], model: torch.nn.Module) -> list[list[float]]:
+def gather_numbers(numbers: list[float], model: torch.nn.Module,
+                   what: str = "across_processes=True") -> list[list[float]]:
     """Every process's ``numbers`` (as many on each), in rank order, from one ``all_gather`` in float64 on the
-    collectives' device for ``model``."""
+    collectives' device for ``model``; where it fails, :func:`collective_failed` for the call ``what``."""
     global _GATHERS
     _GATHERS += 1
     mine = torch.tensor(numbers, dtype=torch.float64, device=collective_device(model_device(model)))
     every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(every, mine)
+    with collective_failed(what):
+        torch.distributed.all_gather(every, mine)
     keep_until_next([mine, *every])
     return [t.tolist() for t in every]
+
+
+#: Why a collective of torchfim's failed (``{}``: the call, then what torch.distributed said).
+NOT_REACHED = (
+    "{}: the collective that shares this call between the processes failed, so another process did not reach "
+    "this call or left the run (torch.distributed said: {}); every process must make the call at the same point, "
+    "not under `if rank == 0:` (a monitor's step and a Fisher with across_processes=True are each one collective "
+    "of all the processes: the first process alone writes the monitor's files), or pass across_processes=False to "
+    "compute on one process alone"
+)
+
+
+@contextlib.contextmanager
+def collective_failed(what: str) -> Iterator[None]:
+    """Around a collective of the call ``what``: its ``RuntimeError`` (gloo's timeout waiting for a process that
+    never came, or the connection its exit closed) raised as a :class:`TorchfimError` naming the likely cause and
+    the fix, the original chained."""
+    try:
+        yield
+    except RuntimeError as err:
+        said = " ".join(str(err).split())
+        raise TorchfimError(NOT_REACHED.format(what, said[:300])) from err
 
 
 #: How many gathers this process has made: a call's errors before its first are announced (:func:`announced`).

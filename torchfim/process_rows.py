@@ -43,6 +43,7 @@ from ._processes import (
     check_same_outputs,
     check_same_weights,
     collective_device,
+    collective_failed,
     digest_number,
     feed_digest,
     function_settings,
@@ -118,7 +119,7 @@ class RowShare:
         labels = -1.0 if self._labels is None else self._labels
         numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers,
                    *self._outputs]
-        every = gather_numbers(numbers, model)
+        every = gather_numbers(numbers, model, self.what)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
                                   [e[0] for e in every if e[0]])
         if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
@@ -169,7 +170,8 @@ class RowShare:
         """``t`` summed over the processes, on ``t``'s device."""
         where = t.device
         t = t.to(collective_device(device)).contiguous()
-        torch.distributed.all_reduce(t)
+        with collective_failed(self.what):
+            torch.distributed.all_reduce(t)
         keep_until_next([t])
         return t.to(where)
 

@@ -49,6 +49,8 @@ from ..engine.output_probe import probe_rows
 from ..errors import TorchfimError
 from .checkpoint import inputs_checksum
 
+#: The call, in the messages.
+WHAT = "FisherTraceMonitor(across_processes=True)"
 SETTINGS_DIFFER = (
     "FisherTraceMonitor(across_processes=True) needs the same monitor on every process (the same family, every, "
     "n_samples, subset, control_variate, class_dim, mask and output, and the same parameters trained), but the "
@@ -93,7 +95,8 @@ class ProcessShare:
                                                                              [math.nan] * 4)
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                                float(attempt.failed), self.checksum, state, weights, call, buffers, *outputs], model)
+                                float(attempt.failed), self.checksum, state, weights, call, buffers, *outputs], model,
+                               WHAT)
         t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
         if len({e[8] for e in every}) > 1:  # before any record: the shares would be of other measurements
@@ -108,7 +111,7 @@ class ProcessShare:
         refused when built (its :func:`~torchfim._processes.announced` constructor gathers :data:`FAILED_BEFORE`),
         the others stop here, naming it, before any training step (they waited for it at their first measurement,
         while its process went on to the training's own collectives)."""
-        every = gather_numbers([0.0], model)
+        every = gather_numbers([0.0], model, WHAT)
         failed = sum(e[0] for e in every)
         if failed:
             raise TorchfimError(f"FisherTraceMonitor(across_processes=True): {int(failed)} other process(es) failed "
