@@ -60,3 +60,24 @@ def test_a_fisher_across_processes_holds_one_number_of_its_sums(structure: str) 
                                           generator=torch.Generator().manual_seed(1), return_stderr=True)
     assert shared.dtype == stderr.dtype == torch.float32
     assert torch.allclose(shared, alone, rtol=1e-6, atol=0) and torch.allclose(stderr, alone_stderr, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("structure", "dtype"), [("full", torch.float32), ("layers", torch.float64)])
+def test_a_fisher_across_processes_is_combined_in_its_own_tensors(structure: str, dtype: torch.dtype,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The result is the tensor the processes summed into, scaled in place: float64 copies and their products held
+    four copies of a full Fisher at once (a trial's over three processes: RSS grew 884 MiB for a 138 MiB result,
+    against 220 MiB in one process; 201 MiB now). Its value is one process's, to rounding."""
+    reduced = []
+    all_reduce = torch.distributed.all_reduce
+    monkeypatch.setattr(torch.distributed, "all_reduce",
+                        lambda t, *args, **kwargs: (reduced.append(t.data_ptr()), all_reduce(t, *args, **kwargs))[1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+    x = torch.randn(5, 3, dtype=dtype)
+    with one_process_group():
+        shared = torchfim.fisher(model, x, structure=structure, across_processes=True)
+    alone = torchfim.fisher(model, x, structure=structure)
+    pairs = [(shared[k], alone[k]) for k in alone] if isinstance(alone, dict) else [(shared, alone)]
+    assert all(s.data_ptr() in reduced and s.dtype == dtype for s, _ in pairs)
+    assert all(torch.allclose(s, a, rtol=1e-6, atol=0) for s, a in pairs)

@@ -151,19 +151,24 @@ class RowShare:
     def mean(self, value: PublicValue | None, variance: PublicValue | None, n: int,
              model: nn.Module) -> tuple[PublicValue | None, PublicValue | None]:
         """``(Σ_r (n_r/N) F_r, Σ_r (n_r/N)² V_r)`` from this process's mean ``value`` over its ``n`` inputs and its
-        variance ``variance`` (either None: none)."""
+        variance ``variance`` (either None: none), computed in place in those tensors (half precision ones in a
+        float32 copy), which the result is."""
         device = model_device(model)
         # Σ_r n_r F_r and Σ_r n_r² V_r first, N = Σ_r n_r last: the collective whose tensor stays held after the
-        # call (keep_until_next) is then one number, not a copy of the result (P² numbers for a full Fisher)
-        value_sum = None if value is None else entrywise(lambda t: self._sum(t.double() * n, device), value)
-        variance_sum = None if variance is None else entrywise(lambda t: self._sum(t.double() * n**2, device), variance)
+        # call (keep_until_next) is then one number, not a copy of the result (P² numbers for a full Fisher).
+        # In place, in the result's dtype: float64 copies and their products held four P × P matrices at once (a
+        # trial's full Fisher over three processes peaked at 4× one process's memory); n_r F_r, W terms and the
+        # division each round once, a few eps in all.
+        value_sum = None if value is None else entrywise(lambda t: self._sum(_wide(t).mul_(n), device), value)
+        variance_sum = None if variance is None else entrywise(lambda t: self._sum(_wide(t).mul_(n**2), device),
+                                                              variance)
         total = float(self._sum(torch.tensor(float(n), dtype=torch.float64), device))
         if not total:
             raise TorchfimError(EMPTY)
         if value is not None:
-            value = entrywise(lambda a, t: (a / total).to(t.dtype), value_sum, value)
+            value = entrywise(lambda a, t: a.div_(total).to(t.dtype), value_sum, value)
         if variance is not None:
-            variance = entrywise(lambda a, t: (a / total**2).to(t.dtype), variance_sum, variance)
+            variance = entrywise(lambda a, t: a.div_(total**2).to(t.dtype), variance_sum, variance)
         return value, variance
 
     def _sum(self, t: Tensor, device: torch.device) -> Tensor:
@@ -174,6 +179,11 @@ class RowShare:
             torch.distributed.all_reduce(t)
         keep_until_next([t])
         return t.to(where)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` itself in float32 or wider, else a float32 copy (``n_r² V_r`` could overflow half precision)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _shapes(result: object) -> object:
