@@ -118,12 +118,21 @@ def _held_values(rank: int) -> dict[str, str]:
     }
 
 
+def _other_dtypes(rank: int) -> dict[str, str]:
+    """A model in float64 on process 0 and float32 on process 1, the same inputs (float64) on both: each converts
+    them to its model's dtype, so before, a trial was told that its inputs differed (the monitor: its weights)."""
+    model = _model().to((torch.float64, torch.float32)[rank])
+    return {"fisher": _said(lambda: torchfim.fisher(model, X, structure="trace", across_processes=True)),
+            "monitor": _said(lambda: FisherTraceMonitor(model, X, across_processes=True).measure(0))}
+
+
 def _rank(rank: int, root: str) -> None:
     over_loopback()
     # A process left waiting in a collective fails after a minute rather than gloo's default half hour
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD,
                                          timeout=datetime.timedelta(seconds=60))
-    torch.save({"forwards": _other_forwards(rank), "held values": _held_values(rank)}, f"{root}/rank{rank}.pt")
+    torch.save({"forwards": _other_forwards(rank), "held values": _held_values(rank),
+                "dtypes": _other_dtypes(rank)}, f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -192,3 +201,11 @@ def test_a_call_on_one_process_alone_names_the_fix(tmp_path: Path) -> None:
         assert f"{call}(across_processes=True): the collective that shares this call" in said[case], case
         assert "failed, so another process did not reach this call or left the run" in said[case], case
         assert "not under `if rank == 0:`" in said[case] and said[f"{case} chained"], case
+
+
+def test_models_in_other_dtypes_are_named(ranks: list[dict]) -> None:
+    for rank in ranks:
+        for case, call in (("fisher", "fisher"), ("monitor", "FisherTraceMonitor")):
+            said = rank["dtypes"][case]
+            assert f"{call}(across_processes=True) needs the model in one dtype on every process" in said, case
+            assert "(process 0's torch.float64, process 1's torch.float32); convert it alike on each" in said, case

@@ -20,7 +20,7 @@ from .errors import TorchfimError, warn_user
 
 Result = TypeVar("Result")
 
-__all__ = ["Attempt", "announced", "check_same_outputs", "check_same_weights", "collective_device", "collective_failed",
+__all__ = ["Attempt", "announced", "check_same_weights", "collective_device", "collective_failed",
            "digest_number", "gather_numbers", "generator_fingerprint", "keep_until_next", "model_device", "process_group",
            "process_place", "same_weights", "weights_fingerprint"]
 
@@ -375,33 +375,6 @@ def check_same_weights(fingerprints: list[float], what: str, buffers: list[float
     if buffers and not same_weights(list(buffers)) and not _BUFFERS_NAMED:
         _BUFFERS_NAMED = True
         warn_user(DIFFERENT_BUFFERS.format(what))
-
-
-#: Why processes whose models give other outputs are refused (``{}``: the call).
-DIFFERENT_OUTPUTS = (
-    "{} needs the same model on every process, but with the same weights and inputs the processes' models give "
-    "other outputs (on the first inputs of the first mini-batch): their forwards differ, e.g. another activation, "
-    "an attribute such as a temperature, a forward hook or a module in training mode on some processes alone; "
-    "build the model, and set its mode, the same way on every process"
-)
-
-
-def check_same_outputs(digests: list[list[float]], what: str) -> None:
-    """Refuse, for the call ``what``, processes whose :func:`torchfim.engine.output_probe.output_digest` (with the
-    output dtype's eps appended) differ beyond rounding; those that could not take one (NaN) are not compared."""
-    known = [d for d in digests if all(math.isfinite(v) for v in d)]
-    if len(known) < 2:
-        return
-    # The digest's sums move by at most tol·Σ|o| (its weights ≤ 1.5: 1.5·tol·Σ|o|) where every output entry
-    # agrees to a relative tol, so processes whose outputs agree entry by entry pass. Same code, weights and inputs
-    # on one kind of device give the same bits; other thread counts or devices sum in other orders, some eps apart
-    # per entry. 1e-4 is about 800 float32 eps, and an output that moves that little moves the Fisher about as
-    # little, well inside its error bars; half precision rounds each entry to its eps (2⁻⁸ for bfloat16): 8 eps.
-    tol = max(1e-4, 8 * max(d[3] for d in known))
-    scale = max(d[2] for d in known)
-    first = known[0]
-    if any(abs(d[0] - first[0]) > tol * scale or abs(d[1] - first[1]) > 1.5 * tol * scale for d in known[1:]):
-        raise TorchfimError(DIFFERENT_OUTPUTS.format(what))
 
 
 #: Whether processes with other buffers were named in this process (:func:`check_same_weights`).

@@ -38,9 +38,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from ._process_checks import check_same_kind, check_same_outputs, model_kind
 from ._processes import (
     Attempt,
-    check_same_outputs,
     check_same_weights,
     collective_device,
     collective_failed,
@@ -70,7 +70,7 @@ Computed = TypeVar("Computed")
 
 #: A process's numbers in :meth:`RowShare.together`'s collective where it failed before reaching it
 #: (:func:`torchfim._processes.announced`): the failed flag first.
-FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * 4]
+FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * 6]
 
 
 class RowShare:
@@ -118,7 +118,7 @@ class RowShare:
         feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
         numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers,
-                   *self._outputs]
+                   *self._outputs, *model_kind(model)]
         every = gather_numbers(numbers, model, self.what)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
                                   [e[0] for e in every if e[0]])
@@ -130,6 +130,7 @@ class RowShare:
                 "an output or mask function chosen by rank or holding a value chosen by rank, as lambda o: o * scale "
                 "with scale = 1 + rank, or a layer frozen on one process alone, differs between them)"
             )
+        check_same_kind([e[10:12] for e in every], self.what)  # before the inputs: each takes them in its own
         if len({e[1] for e in every}) > 1:
             raise TorchfimError(
                 f"{self.what} needs the same inputs in the same order on every process (each computes "

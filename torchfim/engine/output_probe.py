@@ -1,5 +1,5 @@
 """A digest of the model's outputs on the first inputs, as the engine reads them: the processes of a shared
-computation compare theirs (:func:`torchfim._processes.check_same_outputs`), so that models with the same weights
+computation compare theirs (:func:`torchfim._process_checks.check_same_outputs`), so that models with the same weights
 but other forwards (another activation, a float attribute, a hook on one process) are refused, not blended."""
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""What the processes of a shared computation (``across_processes=True``) must have alike beyond their weights, as
+numbers for the one ``all_gather`` and the refusals when they differ: the model's dtype and kind of device
+(:func:`model_kind`), and its outputs on the first inputs (:func:`check_same_outputs`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import TorchfimError
+
+__all__ = ["check_same_kind", "check_same_outputs", "model_kind"]
+
+
+#: The dtypes and device kinds that :func:`model_kind` numbers (by their place; -1: another).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "npu", "meta")
+
+
+def model_kind(model: torch.nn.Module) -> list[float]:
+    """The dtype and device kind of the model's first trainable parameter (as :func:`torchfim._processes.model_device` picks it), as
+    two numbers (:data:`_DTYPES`, :data:`_DEVICES`); NaN for what is no module or has no parameter."""
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    first = next((p for p in params if p.requires_grad), params[0] if params else None)
+    if first is None:
+        return [math.nan, math.nan]
+    return [float(_DTYPES.index(first.dtype)) if first.dtype in _DTYPES else -1.0,
+            float(_DEVICES.index(first.device.type)) if first.device.type in _DEVICES else -1.0]
+
+
+def check_same_kind(kinds: list[list[float]], what: str) -> None:
+    """Refuse, for the call ``what``, processes whose models (:func:`model_kind`) are in other dtypes or on other
+    kinds of device, naming each process's (each converts its inputs to its model's: a trial was told its inputs
+    differed)."""
+    for place, (differs, names, fix) in enumerate(_KINDS):
+        known = [k[place] for k in kinds if math.isfinite(k[place])]
+        if len(set(known)) > 1:
+            said = ", ".join(f"process {r}'s {names[int(k[place])] if k[place] >= 0 else 'another'}"
+                             for r, k in enumerate(kinds) if math.isfinite(k[place]))
+            raise TorchfimError(f"{what} needs the model in one {differs} on every process, but they differ "
+                                f"({said}); {fix}")
+
+
+#: What :func:`check_same_kind` names for each number of :func:`model_kind`: the word, the names, the fix.
+_KINDS = (("dtype", [str(d) for d in _DTYPES],
+           "convert it alike on each (model.double(), model.float(), model.to(dtype))"),
+          ("kind of device", list(_DEVICES), "put it on one kind of device on each (each process its own GPU)"))
+
+
+#: Why processes whose models give other outputs are refused (``{}``: the call).
+DIFFERENT_OUTPUTS = (
+    "{} needs the same model on every process, but with the same weights and inputs the processes' models give "
+    "other outputs (on the first inputs of the first mini-batch): their forwards differ, e.g. another activation, "
+    "an attribute such as a temperature, a forward hook or a module in training mode on some processes alone; "
+    "build the model, and set its mode, the same way on every process"
+)
+
+
+def check_same_outputs(digests: list[list[float]], what: str) -> None:
+    """Refuse, for the call ``what``, processes whose :func:`torchfim.engine.output_probe.output_digest` (with the
+    output dtype's eps appended) differ beyond rounding; those that could not take one (NaN) are not compared."""
+    known = [d for d in digests if all(math.isfinite(v) for v in d)]
+    if len(known) < 2:
+        return
+    # The digest's sums move by at most tol·Σ|o| (its weights ≤ 1.5: 1.5·tol·Σ|o|) where every output entry
+    # agrees to a relative tol, so processes whose outputs agree entry by entry pass. Same code, weights and inputs
+    # on one kind of device give the same bits; other thread counts or devices sum in other orders, some eps apart
+    # per entry. 1e-4 is about 800 float32 eps, and an output that moves that little moves the Fisher about as
+    # little, well inside its error bars; half precision rounds each entry to its eps (2⁻⁸ for bfloat16): 8 eps.
+    tol = max(1e-4, 8 * max(d[3] for d in known))
+    scale = max(d[2] for d in known)
+    first = known[0]
+    if any(abs(d[0] - first[0]) > tol * scale or abs(d[1] - first[1]) > 1.5 * tol * scale for d in known[1:]):
+        raise TorchfimError(DIFFERENT_OUTPUTS.format(what))
