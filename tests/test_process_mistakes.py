@@ -126,13 +126,21 @@ def _other_dtypes(rank: int) -> dict[str, str]:
             "monitor": _said(lambda: FisherTraceMonitor(model, X, across_processes=True).measure(0))}
 
 
+def _small_windows() -> dict[str, str]:
+    """``control_variate=True`` with windows of 3 per process: a subset of 6 over two processes (before, the fix
+    named was "pass subset ≥ 4", already met), and 7 held inputs without a subset (3 for process 1)."""
+    return {"subset": _said(lambda: FisherTraceMonitor(_model(), X, subset=6, control_variate=True,
+                                                       across_processes=True)),
+            "held": _said(lambda: FisherTraceMonitor(_model(), X[:7], control_variate=True, across_processes=True))}
+
+
 def _rank(rank: int, root: str) -> None:
     over_loopback()
     # A process left waiting in a collective fails after a minute rather than gloo's default half hour
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD,
                                          timeout=datetime.timedelta(seconds=60))
     torch.save({"forwards": _other_forwards(rank), "held values": _held_values(rank),
-                "dtypes": _other_dtypes(rank)}, f"{root}/rank{rank}.pt")
+                "dtypes": _other_dtypes(rank), "windows": _small_windows()}, f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -209,3 +217,11 @@ def test_models_in_other_dtypes_are_named(ranks: list[dict]) -> None:
             said = rank["dtypes"][case]
             assert f"{call}(across_processes=True) needs the model in one dtype on every process" in said, case
             assert "(process 0's torch.float64, process 1's torch.float32); convert it alike on each" in said, case
+
+
+def test_a_control_variate_window_too_small_across_processes_names_a_subset_that_helps(ranks: list[dict]) -> None:
+    for rank in ranks:
+        said = rank["windows"]
+        assert "needs at least 4 inputs per measurement (two chains of 2), got 3 per process" in said["subset"]
+        assert "(each of the 2 measures ⌈subset/2⌉ of its share); pass subset ≥ 8" in said["subset"]
+        assert "got 3 per process; hold at least 8 inputs in a mini-batch" in said["held"]

@@ -368,7 +368,7 @@ class FisherTraceMonitor:
         n = n if self._share is None else self._share.smallest
         size = n if m is None else min(m, n)
         where = " per process" if self._share is not None else ""
-        check_window(size, control_variate, where)
+        check_window(size, control_variate, 1 if self._share is None else self._share.world, m is not None and m < n)
         if size < 2:
             world = 1 if self._share is None else self._share.world
             fix = (f"pass subset ≥ {2 * world}" if m is not None and m < 2 else
@@ -459,12 +459,17 @@ def check_window_options(subset: object, control_variate: object) -> int | None:
     return subset
 
 
-def check_window(size: int, control_variate: bool, where: str = "") -> None:
-    """Refuse ``control_variate=True`` on measurements of fewer than 4 inputs (``where``: " per process")."""
+def check_window(size: int, control_variate: bool, world: int = 1, by_subset: bool = True) -> None:
+    """Refuse ``control_variate=True`` on measurements of fewer than 4 inputs (per process, across ``world``
+    processes), naming the fix: a larger subset where ``by_subset`` (its window is the limit), else more inputs."""
     if control_variate and size < 4:
+        where = "" if world == 1 else " per process" + (f" (each of the {world} measures ⌈subset/{world}⌉ of its "
+                                                         "share)" if by_subset else "")
+        fix = (f"pass subset ≥ {4 * world} (or hold more inputs)" if by_subset else
+               f"hold at least {4 * world} inputs" + (" in a mini-batch, shared row by row" if world > 1 else ""))
         raise TorchfimError(
             f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}{where}; "
-            "pass subset ≥ 4 (or hold more inputs)"
+            f"{fix}"
         )
 
 
