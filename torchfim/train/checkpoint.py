@@ -76,6 +76,8 @@ def checked(state: object, owner: str, settings: Mapping[str, object], keys: tup
         )
     saved = state["settings"]
     differ = [k for k, v in settings.items() if not _same(saved.get(k), v)]
+    if "processes" in differ and saved.get("processes") and settings["processes"]:  # before the inputs: each its share
+        _refuse_other_process(owner, saved["processes"], settings["processes"])
     if differ:
         said = ", ".join(f"{k}={saved.get(k)!r} (here {settings[k]!r})" for k in differ)
         raise TorchfimError(
@@ -84,6 +86,17 @@ def checked(state: object, owner: str, settings: Mapping[str, object], keys: tup
             "options)"
         )
     return state
+
+
+def _refuse_other_process(owner: str, saved: list[int], here: list[int]) -> None:
+    """Refuse a state saved by another process of a shared run (``[rank, world]`` each), naming the fix."""
+    (rank, world), (own, size) = saved, here
+    fix = (f"resume with {world} processes, each loading the state it saved" if world != size else
+           "each process saves and loads its own state_dict(), as it holds its own share of the inputs and its own "
+           "labels' generator (e.g. torch.save(mon.state_dict(), f'monitor-{rank}.pt') on every process, not only "
+           "on the first)")
+    raise TorchfimError(f"{owner}.load_state_dict: the state was saved by process {rank} of {world} "
+                        f"(across_processes=True), and this is process {own} of {size}; {fix}")
 
 
 def _same(saved: object, now: object) -> bool:
