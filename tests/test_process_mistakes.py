@@ -145,6 +145,15 @@ def _first_state(rank: int, root: str) -> str:
     return _said(lambda: again.load_state_dict(torch.load(f"{root}/monitor.pt", weights_only=True)))
 
 
+def _wrapped_on_one(rank: int) -> dict[str, str]:
+    """A DistributedDataParallel wrapper on process 0, its ``.module`` on process 1: before, the generic "needs the
+    same call"."""
+    wrapped = nn.parallel.DistributedDataParallel(_model())
+    model = wrapped if rank == 0 else wrapped.module
+    return {"fisher": _said(lambda: torchfim.fisher(model, X, structure="trace", across_processes=True)),
+            "monitor": _said(lambda: FisherTraceMonitor(model, X, across_processes=True).measure(0))}
+
+
 def _rank(rank: int, root: str) -> None:
     over_loopback()
     # A process left waiting in a collective fails after a minute rather than gloo's default half hour
@@ -152,7 +161,7 @@ def _rank(rank: int, root: str) -> None:
                                          timeout=datetime.timedelta(seconds=60))
     torch.save({"forwards": _other_forwards(rank), "held values": _held_values(rank),
                 "dtypes": _other_dtypes(rank), "windows": _small_windows(),
-                "first state": _first_state(rank, root)}, f"{root}/rank{rank}.pt")
+                "first state": _first_state(rank, root), "wrapped": _wrapped_on_one(rank)}, f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -245,3 +254,11 @@ def test_the_first_processs_monitor_state_loaded_by_another_names_the_fix(ranks:
     said = ranks[1]["first state"]
     assert "the state was saved by process 0 of 2 (across_processes=True), and this is process 1 of 2" in said
     assert "each process saves and loads its own state_dict()" in said and "checksum" not in said
+
+
+def test_a_wrapper_on_one_process_and_its_module_on_another_is_named(ranks: list[dict]) -> None:
+    for rank in ranks:
+        for case, call in (("fisher", "fisher"), ("monitor", "FisherTraceMonitor")):
+            said = rank["wrapped"][case]
+            assert f"{call}(across_processes=True) needs the same model on every process" in said, case
+            assert "some pass a DistributedDataParallel wrapper and others its .module" in said, case

@@ -4,13 +4,14 @@ numbers for the one ``all_gather`` and the refusals when they differ: the model'
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 
 from .errors import TorchfimError
 
-__all__ = ["check_same_kind", "check_same_outputs", "model_kind"]
+__all__ = ["check_same_kind", "check_same_outputs", "check_same_wrapping", "model_kind", "names_numbers"]
 
 
 #: The dtypes and device kinds that :func:`model_kind` numbers (by their place; -1: another).
@@ -73,3 +74,30 @@ def check_same_outputs(digests: list[list[float]], what: str) -> None:
     first = known[0]
     if any(abs(d[0] - first[0]) > tol * scale or abs(d[1] - first[1]) > 1.5 * tol * scale for d in known[1:]):
         raise TorchfimError(DIFFERENT_OUTPUTS.format(what))
+
+
+def names_numbers(model: torch.nn.Module) -> list[float]:
+    """Two numbers of the names of ``model``'s trainable parameters: of the names, and of the names without their
+    leading ``module.`` (a ``DistributedDataParallel`` wrapper's); NaN for what is no module."""
+    if not isinstance(model, torch.nn.Module):
+        return [math.nan, math.nan]
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    bare = [name.removeprefix("module.") for name in names]
+    return [_number(names), _number(bare)]
+
+
+def _number(names: list[str]) -> float:
+    """48 bits of a digest of ``names``, as a float (exact in float64)."""
+    return float(int(hashlib.sha1("\n".join(names).encode()).hexdigest()[:12], 16))
+
+
+def check_same_wrapping(numbers: list[list[float]], what: str) -> None:
+    """Refuse, for the call ``what``, processes whose trained parameters' names (:func:`names_numbers`) differ only by
+    a ``module.`` prefix: a ``DistributedDataParallel`` wrapper on some processes and its ``.module`` on others."""
+    known = [n for n in numbers if all(math.isfinite(v) for v in n)]
+    if len({n[0] for n in known}) > 1 and len({n[1] for n in known}) == 1:
+        raise TorchfimError(
+            f"{what} needs the same model on every process, but some pass a DistributedDataParallel wrapper and "
+            "others its .module (their parameters' names differ by the prefix 'module.'); pass the same on each, "
+            "e.g. model.module everywhere"
+        )

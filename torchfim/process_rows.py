@@ -38,7 +38,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._process_checks import check_same_kind, check_same_outputs, model_kind
+from ._process_checks import check_same_kind, check_same_outputs, check_same_wrapping, model_kind, names_numbers
 from ._processes import (
     Attempt,
     check_same_weights,
@@ -70,7 +70,7 @@ Computed = TypeVar("Computed")
 
 #: A process's numbers in :meth:`RowShare.together`'s collective where it failed before reaching it
 #: (:func:`torchfim._processes.announced`): the failed flag first.
-FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * 6]
+FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * 8]
 
 
 class RowShare:
@@ -118,10 +118,11 @@ class RowShare:
         feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
         numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers,
-                   *self._outputs, *model_kind(model)]
+                   *self._outputs, *model_kind(model), *names_numbers(model)]
         every = gather_numbers(numbers, model, self.what)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
                                   [e[0] for e in every if e[0]])
+        check_same_wrapping([e[12:14] for e in every], self.what)
         if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
             raise TorchfimError(
                 f"{self.what} needs the same call on every process (the same estimator, family, structure, n_samples, "

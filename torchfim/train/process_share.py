@@ -10,7 +10,7 @@ stratified combination
 
     ``T = Σ_r (N_r/N) T_r``,  ``V = Σ_r (N_r/N)² V_r``,  ``variance_ratio = V / Σ_r (N_r/N)² P_r``,
 
-from one ``all_gather`` of sixteen numbers per measurement; every process gets the same record, and the first alone
+from one ``all_gather`` of eighteen numbers per measurement; every process gets the same record, and the first alone
 writes the files. A large measurement costs each process about ``1/W`` of a whole one; a small one keeps its fixed
 costs (the engine's set-up, the collective). Measured, two processes of one thread against one process measuring
 everything, MLP 64-256-256-10, gloo on one CPU: 0.45× at 8192 held inputs, 0.81× at 2048, 1.09× at 512. With ``subset=m``, each process
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._process_checks import check_same_kind, check_same_outputs, model_kind
+from .._process_checks import check_same_kind, check_same_outputs, check_same_wrapping, model_kind, names_numbers
 from .._processes import (
     Attempt,
     check_same_weights,
@@ -96,9 +96,10 @@ class ProcessShare:
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
                                 float(attempt.failed), self.checksum, state, weights, call, buffers, *outputs,
-                                *model_kind(model)], model, WHAT)
+                                *model_kind(model), *names_numbers(model)], model, WHAT)
         t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
+        check_same_wrapping([e[16:18] for e in every], WHAT)
         if len({e[8] for e in every}) > 1:  # before any record: the shares would be of other measurements
             raise TorchfimError(SETTINGS_DIFFER)
         check_same_kind([e[14:16] for e in every], WHAT)  # before the weights, which another dtype moves
