@@ -125,8 +125,8 @@ def fisher(
             position dims, where torch's convention puts the classes in dim 1.
         across_processes: compute together with the other processes of a ``torch.distributed`` run, each on
             its share of every mini-batch (every process passes the same inputs and gets the same result, the
-            Fisher of them all, for about ``1/W`` of the work): :mod:`torchfim.process_rows`. Not with
-            ``estimator="combined"``. Every process must make the call at the same point, not under
+            Fisher of them all, for about ``1/W`` of the work): :mod:`torchfim.process_rows`. Refused with
+            ``estimator="combined"`` (compute it on one process). Every process must make the call at the same point, not under
             ``if rank == 0:``: one that calls alone waits for the others in a collective until the process group's
             timeout (or until they leave the run), then raises an error that says so; a call
             refused on some processes only (an argument chosen by rank) is refused there and named on the others.

@@ -26,7 +26,8 @@ forward hook would be refused), the same call (settings, and the
 started in different states: labels drawn with the same random numbers would make ``V`` too small. Without a
 generator, each process draws from a private one seeded from torch's global generator (one draw, the same on
 every process) plus its rank. Labels are drawn per process, so a seed gives other labels for another number of
-processes (and a one-process group other labels than the call without ``across_processes``).
+processes. A one-process group draws the labels of the call without ``across_processes`` where a generator is
+passed; with ``generator=None``, other ones (its private generator, seeded from one draw of torch's global one).
 """
 
 from __future__ import annotations

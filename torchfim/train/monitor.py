@@ -156,7 +156,8 @@ class FisherTraceMonitor:
             (:func:`~torchfim.train.record_sinks.process_paths`).
         tensorboard_dir: log directory for a ``SummaryWriter`` (process r > 0: its folder ``rank<r>``).
         subset: measure on this many held inputs per measurement (rotating windows, see the module
-            docstring); None for all of them. A subset larger than the held inputs uses them all. With few
+            docstring); None for all of them. A subset larger than the held inputs uses them all. Across W
+            processes (``across_processes``) each measures ``⌈m/W⌉`` of its share, ``W·⌈m/W⌉`` in all. With few
             inputs per window the standard error is itself estimated from few values, so ``± 2·stderr``
             covers less than 95 %: about 94 % at 16 inputs and 91 % at 8 if the error over its standard error
             follows Student's t (m − 1 degrees of freedom), less where the per-input values are heavy-tailed
