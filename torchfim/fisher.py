@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ._batches import Inputs
 from ._processes import announced, family_settings
 from .combined import combined_terms
-from .engine import Batch, backend_name, check_finite_result
+from .engine import backend_name, check_finite_result
 from .engine.session import engine_pass
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_generator, check_n_samples, warn_user
@@ -190,8 +190,7 @@ def fisher(
         with engine_pass(model, name, output, class_dim) as one:
             drawing = generator if share is None or not draws else share.generator(generator, one.view.device)
             result = make_structure(structure, one.view.layout)
-            seen: list[Batch] = []
-            width = 0  # output numbers per input, which the standard error's closed form pulls back
+            seen, width = [], 0  # the standard error's mini-batches; output numbers per input, which it pulls back
             # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
             for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
                                           f"fisher[{estimator}]", split=estimator == "exact" or per_position,
