@@ -19,6 +19,7 @@ from torch import nn
 import torchfim
 from torchfim.engine.modules import GenericRule
 from torchfim.errors import TorchfimError
+from torchfim.train import FisherTraceMonitor
 
 
 class _Recurrence(nn.Module):
@@ -87,3 +88,15 @@ def test_a_module_that_fails_when_run_again_alone_is_named_with_the_ways_out() -
                                                                        r"RuntimeError.*backend='functional'"):
         warnings.simplefilter("ignore")  # the warning that it goes one sample at a time
         torchfim.fisher(_Parent().double(), torch.randn(5, 4, dtype=torch.float64), structure="diag")
+
+
+def test_the_monitors_refusal_of_such_a_module_names_no_backend_it_cannot_take() -> None:
+    """The monitor takes no ``backend=``: its refusal names freezing the parameters alone (before: it said "Try
+    backend='functional'", which FisherTraceMonitor refuses as an unknown keyword)."""
+    torch.manual_seed(0)
+    monitor = FisherTraceMonitor(_Parent().double(), torch.randn(5, 4, dtype=torch.float64))
+    with warnings.catch_warnings(), pytest.raises(TorchfimError, match=r"module 'block' \(_NeedsItsBatch\).*raised "
+                                                                       r"RuntimeError.*Freeze the module's parameters") as err:
+        warnings.simplefilter("ignore")
+        monitor.measure(0)
+    assert "backend" not in str(err.value)

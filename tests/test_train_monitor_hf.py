@@ -11,7 +11,7 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
-from test_clients_transformers import VOCAB, concat, padded_batch, tiny_gpt2
+from test_clients_transformers import VOCAB, concat, padded_batch, tiny_gpt2, tiny_t5
 
 import torchfim
 from torchfim import TorchfimError
@@ -45,6 +45,22 @@ def test_a_record_is_the_score_trace_and_agrees_with_the_jacobian_oracle() -> No
         everywhere = FisherTraceMonitor(model, held, n_samples=32, output=_logits,
                                         generator=torch.Generator().manual_seed(3)).measure(0)
     assert everywhere.trace > 1.2 * rec.trace  # the padded positions count without the mask
+
+
+@pytest.mark.filterwarnings("ignore:torchfim. torch.func cannot batch module:RuntimeWarning")  # T5's attention loops
+def test_t5_is_called_as_fisher_calls_it() -> None:
+    """T5 with labels (its decoder inputs made from them), called as :func:`torchfim.fisher` calls it: with
+    ``use_cache=False``. Before, the monitor left the model's default cache on, and the generic rule's rerun of the
+    decoder's self-attention one sample at a time met the cache of the whole batch ("Sizes of tensors must match")."""
+    model, g = tiny_t5(), torch.Generator().manual_seed(5)
+    ids = torch.randint(2, VOCAB, (4, 5), generator=g)
+    held = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(2, VOCAB, (4, 3), generator=g)}
+    rec = FisherTraceMonitor(model, held, n_samples=64, generator=torch.Generator().manual_seed(3)).measure(0)
+    same = float(torchfim.fisher(model, held, estimator="score", structure="trace", n_samples=64,
+                                 generator=torch.Generator().manual_seed(3)))
+    exact = float(torchfim.fisher(model, held, structure="trace"))
+    assert rec.n_inputs == 4 and abs(rec.trace - same) <= 1e-10 * same
+    assert abs(rec.trace - exact) < 4 * rec.stderr and rec.stderr < 0.5 * exact, (rec, exact)
 
 
 def test_subset_windows_of_dict_inputs_measure_the_rows_they_draw() -> None:

@@ -42,6 +42,8 @@ class CoverageCheck:
     """Recording with the coverage check (module docstring); the state it settles."""
 
     view: ModelView
+    #: Whether the caller takes ``backend=`` (:attr:`.modules.GenericRule.offers_functional` of every generic rule).
+    offers_functional: bool
 
     def _init_coverage(self) -> None:
         """The check's state, from the cache where this model was checked before."""
@@ -78,8 +80,12 @@ class CoverageCheck:
         self.rules = self._build_rules(self.moved)
 
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
-        return build_rules(self.view.model, self.view.index_of, moved or {}, self.demoted, self.looped,
-                           frozenset(self.own_tensors))
+        rules = build_rules(self.view.model, self.view.index_of, moved or {}, self.demoted, self.looped,
+                            frozenset(self.own_tensors))
+        for rule in rules.values():
+            if isinstance(rule, GenericRule):
+                rule.offers_functional = self.offers_functional
+        return rules
 
     # ------------------------------------------------------------------ recording
     def record(self, batch: Batch) -> ModuleRecording:

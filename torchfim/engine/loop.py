@@ -41,11 +41,13 @@ def backend_name(backend: str, method: str | None) -> str:
     return backend
 
 
-def make_backend(view: ModelView, backend: str) -> Backend:
-    """The backend named ``backend`` for ``view`` (``"auto"``: the per-module backend)."""
+def make_backend(view: ModelView, backend: str, offers_functional: bool = True) -> Backend:
+    """The backend named ``backend`` for ``view`` (``"auto"``: the per-module backend); ``offers_functional``: whether
+    the caller takes ``backend=`` (a module that only the generic rule covers and that fails is refused naming
+    ``backend='functional'`` as a way out only then)."""
     if backend == "functional":
         return FunctionalBackend(view)
-    return PerModuleBackend(view)
+    return PerModuleBackend(view, offers_functional)
 
 
 def run(

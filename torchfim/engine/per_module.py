@@ -50,8 +50,9 @@ class PerModuleBackend(CoverageCheck, Backend):
 
     name = "modules"
 
-    def __init__(self, view: ModelView) -> None:
+    def __init__(self, view: ModelView, offers_functional: bool = True) -> None:
         super().__init__(view)
+        self.offers_functional = offers_functional  # see loop.make_backend
         self.functional = FunctionalBackend(view)
         self.uses: dict[int, int] = {}
         self._last_units: tuple[Batch, UnitHessians] | None = None

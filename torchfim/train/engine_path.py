@@ -55,7 +55,7 @@ class EnginePath:
         # inside inference mode, unseen: such a view is made afresh for each measurement.
         if self._path is None or self._key != key or any(made_in_inference_mode(t) for t in tensors):
             view = ModelView(model, output, class_dim, eval_mode=True)
-            self._path = (view, make_backend(view, "auto"))
+            self._path = (view, make_backend(view, "auto", offers_functional=False))  # the monitor takes no backend=
             self._key = key
             self._checked = 0
         return self._path
@@ -74,7 +74,7 @@ class EnginePath:
         (inputs, order), norms = picked, []
         with engine_session(), private_buffers(view.model, view.constants):  # the user's buffers as they were
             for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
-                batch = held.to(view.device, view.dtype)
+                batch = held.to(view.device, view.dtype).with_defaults(view.call_defaults())  # as fisher calls it
                 rec = recorded(view, backend, batch)
                 fam = view.family_for(rec.shape, batch, family, mask)
                 fam.check_output(rec.output)  # with its graph: it names the last operation

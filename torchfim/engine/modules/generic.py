@@ -107,6 +107,9 @@ class GenericRule(Rule):
         #: hook that reads a parameter through a name outside the module tree (``model.layer.weight`` from
         #: the enclosing scope) reads the tensor itself, which no stand-in in the engine's copy replaces.
         self.on_own_tensors = False
+        #: Whether the caller takes ``backend=``: the refusal of a module that fails when run alone names
+        #: ``backend='functional'`` as a way out only then (the monitor takes none).
+        self.offers_functional = True
         #: The sub-module calls, inputs and attribute state :meth:`recording_forward` kept of the call in progress.
         self._pending: tuple[list, list[Tensor], dict] | None = None
 
@@ -173,7 +176,8 @@ class GenericRule(Rule):
                    "by sample: give the module one row per sample (for an EmbeddingBag, 2-D ids padded with "
                    "padding_idx), or freeze its parameters (requires_grad_(False))" if packed is not None else
                    "Try backend='functional' (the whole model through torch.func), or freeze the module's parameters "
-                   "(requires_grad_(False))")
+                   "(requires_grad_(False))" if self.offers_functional else
+                   "Freeze the module's parameters (requires_grad_(False)) to leave them out of the measurement")
             raise TorchfimError(
                 f"torchfim: module {self.path!r} ({type(self.module).__name__}) has parameters that only the generic "
                 f"rule covers, which runs it again alone, one sample at a time, on its recorded inputs; there it "
