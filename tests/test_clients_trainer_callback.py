@@ -57,13 +57,17 @@ class _Snapshots(TrainerCallback):
             self.models[state.global_step] = copy.deepcopy(model)
 
 
-def _train(out, resume=None, *extra, logged: bool = False, logging_steps: int | None = None) -> FisherTraceCallback:
+def _args(out, logged: bool = False, logging_steps: int | None = None) -> TrainingArguments:
     """``logging_steps``: the trainer logs its training loss every so many steps (None: it logs nothing)."""
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, save_steps=SAVE,
+    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, save_steps=SAVE,
                              report_to=["tensorboard"] if logged else [], use_cpu=True, seed=0, disable_tqdm=True,
                              logging_strategy="no" if logging_steps is None else "steps",
                              logging_steps=logging_steps or 500, learning_rate=1e-2)
-    trainer = Trainer(model=_model(), args=args, train_dataset=DATA, callbacks=list(extra))
+
+
+def _train(out, resume=None, *extra, logged: bool = False, logging_steps: int | None = None) -> FisherTraceCallback:
+    """``logging_steps``: see :func:`_args`."""
+    trainer = Trainer(model=_model(), args=_args(out, logged, logging_steps), train_dataset=DATA, callbacks=list(extra))
     callback = FisherTraceCallback(HELD, every=EVERY, trainer=trainer if logged else None, **OPTIONS)
     trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
@@ -162,6 +166,66 @@ def test_given_the_trainer_its_own_loss_logs_are_kept(tmp_path, logging_steps: i
     assert [step for step, *_ in want] == list(range(logging_steps, STEPS + 1, logging_steps))
     assert _losses(logged.log_history) == want
     assert _logged(logged.log_history) == _records(logged) == _records(plain)
+
+
+VAL = {"input_ids": IDS[16:32], "attention_mask": MASK[16:32]}
+
+
+def _train_pair(out, resume=None, **kwargs: object) -> list[FisherTraceCallback]:
+    """A trainer with two callbacks, on ``HELD`` and on ``VAL``, named ``train`` and ``val`` (``kwargs``: each's
+    arguments instead, as a pair)."""
+    trainer = Trainer(model=_model(), args=_args(out, logged=True), train_dataset=DATA)
+    kwargs = {"name": ("train", "val"), **kwargs}
+    pair = [FisherTraceCallback(held, every=EVERY, trainer=trainer, **{k: v[i] for k, v in kwargs.items()}, **OPTIONS)
+            for i, held in enumerate((HELD, VAL))]
+    for callback in pair:
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    pair[0].log_history = trainer.state.log_history
+    return pair
+
+
+def test_two_named_callbacks_keep_their_own_files_and_resume(tmp_path) -> None:
+    """Tr(F) on training and on validation inputs in one trainer: each callback records what it records alone, into
+    its own CSV file, state file and log keys, and a resumed run records what the uninterrupted one does. Before,
+    both wrote fisher_trace.csv (the second's start deleted the first's step-0 row, then their rows interleaved) and
+    checkpoint-N/torchfim_monitor.pt (the second's state over the first's), and resuming refused the first's state."""
+    alone = _train(tmp_path / "alone")
+    whole = _train_pair(tmp_path / "whole")
+    assert _records(whole[0]) == _records(alone) and [r.step for r in whole[1].history] == [r.step for r in alone.history]
+    assert _rows(tmp_path / "whole" / f"train_{CSV_NAME}") == _rows(tmp_path / "alone" / CSV_NAME)
+    assert len(_rows(tmp_path / "whole" / f"val_{CSV_NAME}")) == STEPS // EVERY + 2 and whole[1].history != alone.history
+    logged = [(e["step"], e["train_fisher_trace"], e["train_fisher_trace_stderr"], e["train_fisher_trace_variance_ratio"])
+              for e in whole[0].log_history if "train_fisher_trace" in e]
+    assert logged == _records(whole[0]) and len([e for e in whole[0].log_history if "val_fisher_trace" in e]) == 6
+    assert not (tmp_path / "whole" / CSV_NAME).exists()
+    assert {f.name for f in (tmp_path / "whole" / f"checkpoint-{SAVE}").glob("*torchfim*")} == \
+        {f"train_{STATE_NAME}", f"val_{STATE_NAME}"}
+    _train_pair(tmp_path / "cut")
+    for later in range(2 * SAVE, STEPS + 1, SAVE):  # as if the run had died after the checkpoint of step SAVE
+        shutil.rmtree(tmp_path / "cut" / f"checkpoint-{later}", ignore_errors=True)
+    resumed = _train_pair(tmp_path / "cut", tmp_path / "cut" / f"checkpoint-{SAVE}")
+    for name, before, after in zip(("train", "val"), whole, resumed):
+        assert _records(after) == _records(before)
+        assert _rows(tmp_path / "cut" / f"{name}_{CSV_NAME}") == _rows(tmp_path / "whole" / f"{name}_{CSV_NAME}")
+
+
+def test_two_callbacks_with_one_name_or_csv_file_are_refused_before_training(tmp_path) -> None:
+    with pytest.raises(TorchfimError, match=r"two FisherTraceCallbacks of one Trainer have name=None: both would write "
+                                            r"fisher_trace.csv, save torchfim_monitor.pt .*give each its own name"):
+        _train_pair(tmp_path / "same", name=(None, None))
+    assert not (tmp_path / "same" / CSV_NAME).exists()  # refused before the first measured
+    trainer = Trainer(model=_model(), args=_args(tmp_path / "unseen"), train_dataset=DATA,
+                      callbacks=[FisherTraceCallback(HELD), FisherTraceCallback(VAL)])  # neither given the trainer
+    with pytest.raises(TorchfimError, match=r"two FisherTraceCallbacks of one Trainer have name=None"):
+        trainer.train()
+    with pytest.raises(TorchfimError, match=r"have name='val'.*val_fisher_trace.csv"):
+        _train_pair(tmp_path / "same", name=("val", "val"))
+    with pytest.raises(TorchfimError, match=r"write the same CSV file .*trace.csv, over each other's rows; give each "
+                                            r"its own csv_path"):
+        _train_pair(tmp_path / "same", csv_path=(tmp_path / "trace.csv",) * 2)
+    with pytest.raises(TorchfimError, match=r"must be letters, digits, '_', '-' or '.', e.g. name='val', got 'a/b'"):
+        FisherTraceCallback(HELD, name="a/b")
 
 
 def test_options_the_monitor_would_refuse_are_refused_when_the_callback_is_built() -> None:

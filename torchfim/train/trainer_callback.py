@@ -16,11 +16,18 @@ Under several processes every process measures its share of the held inputs (``a
 writes the CSV file, and each saves its own state (``torchfim_monitor-<process index>.pt``); with
 ``across_processes=False`` the first process alone measures (tests/test_clients_trainer_processes.py).
 
+Several callbacks in one trainer (Tr(F) on training inputs and on validation inputs) each take a ``name``, which
+prefixes their files and log keys: ``name="val"`` writes ``val_fisher_trace.csv`` and
+``val_torchfim_monitor.pt`` (``val_torchfim_monitor-<process index>.pt``) and logs ``val_fisher_trace``. Two of one
+trainer with the same name, or the same CSV file, would write over each other's records and states: training
+refuses to begin with them.
+
 A callback does not see the trainer, so its records reach the trainer's own logs (``state.log_history``, saved in
 each checkpoint's ``trainer_state.json``, and every ``report_to`` integration: TensorBoard, Weights & Biases,
 MLflow) only when it is given the trainer: ``trainer.add_callback(FisherTraceCallback(held, trainer=trainer))``.
 Each measurement is then logged by ``trainer.log`` at its step, as ``fisher_trace`` and ``fisher_trace_stderr``
-(and ``fisher_trace_variance_ratio`` with ``control_variate=True``); records restored on resuming are not
+(and ``fisher_trace_variance_ratio`` with ``control_variate=True``; each prefixed ``<name>_`` where the
+callback has a ``name``); records restored on resuming are not
 logged again. The trainer's own logs (the training loss every ``logging_steps``) stay as they are without the
 callback.
 
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,7 +81,10 @@ class FisherTraceCallback(TrainerCallback):
         inputs: the held inputs, as :class:`~torchfim.train.FisherTraceMonitor` takes them (target keys such
             as ``labels`` are dropped).
         every: measure on optimiser steps with ``global_step % every == 0``.
-        csv_path: the CSV file (None: ``fisher_trace.csv`` in the trainer's ``output_dir``).
+        csv_path: the CSV file (None: ``fisher_trace.csv`` in the trainer's ``output_dir``, ``<name>_fisher_trace.csv``
+            with a ``name``).
+        name: letters, digits, ``_``, ``-`` or ``.`` that prefix the callback's files and log keys, one name per
+            callback of a trainer (None: no prefix; see the module docstring).
         trainer: the ``Trainer`` whose ``log`` each record goes through (None: the records are not logged there).
         **options: the monitor's other arguments (``family``, ``n_samples``, ``subset``, ``control_variate``,
             ``mask``, ``output``, ``class_dim``, ``generator``, ``tensorboard_dir``).
@@ -87,7 +98,10 @@ class FisherTraceCallback(TrainerCallback):
     """
 
     def __init__(self, inputs: Inputs, every: int = 50, csv_path: str | os.PathLike | None = None,
-                 trainer: Trainer | None = None, **options: object) -> None:
+                 trainer: Trainer | None = None, name: str | None = None, **options: object) -> None:
+        if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", name)):
+            raise TorchfimError(f"FisherTraceCallback's name prefixes its file names and log keys: it must be letters, "
+                                f"digits, '_', '-' or '.', e.g. name='val', got {name!r:.80}")
         if trainer is not None and not isinstance(trainer, Trainer):
             raise TorchfimError(f"FisherTraceCallback's trainer must be the transformers Trainer it is added to (its "
                                 f"records go through trainer.log), got {trainer!r:.80}")
@@ -95,9 +109,10 @@ class FisherTraceCallback(TrainerCallback):
             inputs = list(inputs)  # read once: checked here, held when training begins (a generator would be spent)
         _check_monitor_options(inputs, every, options)
         self.inputs, self.every, self.csv_path, self.options = inputs, every, csv_path, options
-        self.trainer = trainer
+        self.trainer, self.name = trainer, name
+        self._prefix = "" if name is None else f"{name}_"
         self.monitor: FisherTraceMonitor | None = None
-        self._state_name = STATE_NAME
+        self._state_name = self._prefix + STATE_NAME
 
     @property
     def history(self) -> list[TraceRecord]:
@@ -105,14 +120,16 @@ class FisherTraceCallback(TrainerCallback):
         return [] if self.monitor is None else self.monitor.history
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        self._check_alone(self.trainer if self.trainer is not None else _training_loop()[0], args)
         options = {"across_processes": args.world_size > 1 and process_group() is not None, **self.options}
         first = state.is_world_process_zero
         if not (first or options["across_processes"]):
             return
         if model is None:
             raise TorchfimError("FisherTraceCallback needs the trainer's model, which the Trainer passes to callbacks")
-        path = Path(args.output_dir) / CSV_NAME if self.csv_path is None else Path(self.csv_path)
-        self._state_name = f"torchfim_monitor-{args.process_index}.pt" if options["across_processes"] else STATE_NAME
+        path = self._csv_file(args)
+        self._state_name = self._prefix + (f"torchfim_monitor-{args.process_index}.pt" if options["across_processes"]
+                                           else STATE_NAME)
         saved = _resumed_from(args, state.global_step) / self._state_name
         if first and state.global_step == 0 and path.exists():
             path.unlink()  # a run from step 0: its own records only
@@ -129,6 +146,27 @@ class FisherTraceCallback(TrainerCallback):
                 kept = [r for r in read_trace_csv(path) if r.step <= state.global_step]
                 CsvSink(path, self.monitor.columns).rewrite(kept)
 
+    def _csv_file(self, args) -> Path:
+        return Path(args.output_dir) / (self._prefix + CSV_NAME) if self.csv_path is None else Path(self.csv_path)
+
+    def _check_alone(self, trainer: Trainer | None, args) -> None:
+        """Refuse another FisherTraceCallback of ``trainer`` (None: not known) with this one's name or CSV file."""
+        for other in [] if trainer is None else trainer.callback_handler.callbacks:
+            if other is self or not isinstance(other, FisherTraceCallback):
+                continue
+            if other.name == self.name:
+                raise TorchfimError(
+                    f"two FisherTraceCallbacks of one Trainer have name={self.name!r}: both would write "
+                    f"{self._csv_file(args).name}, save {self._prefix}{STATE_NAME} into each checkpoint and log "
+                    f"{self._prefix}fisher_trace, over each other's; give each its own name, e.g. "
+                    "FisherTraceCallback(train_held, name='train') and FisherTraceCallback(val_held, name='val')"
+                )
+            if os.path.abspath(other._csv_file(args)) == os.path.abspath(self._csv_file(args)):
+                raise TorchfimError(
+                    f"two FisherTraceCallbacks of one Trainer write the same CSV file {self._csv_file(args)}, over each "
+                    "other's rows; give each its own csv_path, or leave csv_path out (each name has its own file)"
+                )
+
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is not None:
             self._log(self.monitor.step(state.global_step), control)
@@ -138,9 +176,10 @@ class FisherTraceCallback(TrainerCallback):
         this step (``control.should_log``) is kept."""
         if self.trainer is None or record is None:
             return
-        logs = {"fisher_trace": record.trace, "fisher_trace_stderr": record.stderr}
+        key = f"{self._prefix}fisher_trace"
+        logs = {key: record.trace, f"{key}_stderr": record.stderr}
         if record.variance_ratio is not None:
-            logs["fisher_trace_variance_ratio"] = record.variance_ratio
+            logs[f"{key}_variance_ratio"] = record.variance_ratio
         # trainer.log clears should_log, which the trainer's flow set for its own loss log that follows this event
         should_log = control.should_log
         self.trainer.log(logs)
@@ -223,17 +262,22 @@ def _checkpoint(args, step: int) -> Path:
 def _resumed_from(args, step: int) -> Path:
     """The checkpoint folder the trainer resumes from at ``step``: the ``resume_from_checkpoint`` its training loop
     holds (``True`` already made the last checkpoint's path there), else the trainer's own ``checkpoint-<step>``."""
-    # transformers hands callbacks no checkpoint path, so it is read from Trainer._inner_training_loop's frame,
-    # which calls the callbacks' on_train_begin
+    path = _training_loop()[1]
+    return Path(path) if isinstance(path, (str, os.PathLike)) else _checkpoint(args, step)
+
+
+def _training_loop() -> tuple[Trainer | None, object]:
+    """The ``Trainer`` whose training loop (``Trainer._inner_training_loop``) runs the callbacks' event in progress,
+    and the ``resume_from_checkpoint`` that loop holds; ``(None, None)`` where none does (a trainer that trains
+    otherwise)."""
+    # transformers hands callbacks neither the trainer nor the checkpoint path, so both are read from the frame of
+    # Trainer._inner_training_loop, which calls the callbacks' on_train_begin
     frame = inspect.currentframe()
     try:
         while frame is not None:
             if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
-                path = frame.f_locals.get("resume_from_checkpoint")
-                if isinstance(path, (str, os.PathLike)):
-                    return Path(path)
-                break
+                return frame.f_locals["self"], frame.f_locals.get("resume_from_checkpoint")
             frame = frame.f_back
     finally:
         del frame  # a frame held here would keep the trainer's locals alive in a reference cycle
-    return _checkpoint(args, step)
+    return None, None
