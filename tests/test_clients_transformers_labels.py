@@ -69,6 +69,16 @@ def test_the_monitor_and_the_score_estimate_cover_the_same_positions() -> None:
     assert abs(monitor.step(0).trace - exact) < 4 * float(se)
 
 
+def test_the_monitors_and_callbacks_docstrings_say_what_the_labels_do() -> None:
+    """Their ``inputs`` entries said target keys such as ``labels`` are dropped (a user trial read that the callback
+    counts every position of a Trainer batch); the labels decide which positions count, as tested above."""
+    from torchfim.train.trainer_callback import FisherTraceCallback
+
+    for doc in (FisherTraceMonitor.__doc__, FisherTraceCallback.__doc__):
+        entry = " ".join(doc.split("inputs:", 1)[1].split("every:", 1)[0].split())
+        assert "dropped" not in entry and "decide which positions count" in entry and "-100" in entry, entry
+
+
 @pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
 def test_the_penalty_leaves_out_what_the_loss_leaves_out(kind: str) -> None:
     """The penalty on a batch whose labels hold -100 equals the penalty with those positions masked (the same

@@ -142,8 +142,12 @@ class FisherTraceMonitor:
         model: the network being trained (outputs ``(B, C)``, or ``(B, *pos, C)`` with one observation
             per position as in :func:`torchfim.fisher`; samples treated independently in eval mode).
         inputs: held inputs, a tensor whose first dimension is the batch, a dict of keyword inputs
-            (Hugging Face style; target keys dropped) or an iterable of such mini-batches (or of
-            ``(inputs, targets)`` pairs); read once, at construction.
+            (Hugging Face style) or an iterable of such mini-batches (or of ``(inputs, targets)`` pairs);
+            read once, at construction. Labels (a dict's ``labels``, a pair's targets) are not passed to the
+            model, but decide which positions count, as the model's loss reads them and as in
+            :func:`torchfim.fisher`: a causal language model's are shifted, a position labelled -100 is left
+            out, and an encoder-decoder without ``decoder_input_ids`` gets those built from them. The labels
+            of the estimate are drawn from the model, never these (docs/models.md).
         family: output family name or :class:`~torchfim.families.Family`.
         every: measure on steps with ``step % every == 0``.
         n_samples: labels drawn per input per measurement.

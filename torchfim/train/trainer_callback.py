@@ -78,8 +78,9 @@ class FisherTraceCallback(TrainerCallback):
     """A :class:`~torchfim.train.FisherTraceMonitor` of a ``Trainer``'s model (see the module docstring).
 
     Args:
-        inputs: the held inputs, as :class:`~torchfim.train.FisherTraceMonitor` takes them (target keys such
-            as ``labels`` are dropped).
+        inputs: the held inputs, as :class:`~torchfim.train.FisherTraceMonitor` takes them: ``labels`` (a
+            ``Trainer`` batch's) are not passed to the model, but decide which positions count (a causal language
+            model's shifted, -100 left out), as for the trainer's loss; the labels of the estimate are drawn.
         every: measure on optimiser steps with ``global_step % every == 0``.
         csv_path: the CSV file (None: ``fisher_trace.csv`` in the trainer's ``output_dir``, ``<name>_fisher_trace.csv``
             with a ``name``).
