@@ -13,7 +13,9 @@ then refuses it).
 A norm of a class of its own (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``, ``CohereLayerNorm``)
 gets the rule on probation (:func:`own_norm`); which ``x̂`` it computes, over the last dim, the first call
 says (:func:`own_norm_kind`): the one whose affine map ``x̂ ⊙ γ + β`` (or ``x̂ ⊙ (1 + γ) + β``, as Gemma's,
-whose gradients are the same) gives the call's output.
+whose gradients are the same) gives the call's output. Its ``x̂`` is then its own forward's, with the identity
+affine map (:func:`own_normalised`), so that it is computed as the model computes it (T5's variance is taken in
+float32 inside a float64 model).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .base import Call, Grads, Rule, as_float
 
@@ -33,9 +36,9 @@ _CHANNEL = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Syn
 
 #: The ``x̂`` a norm of its own class may compute over the last dim (:func:`own_norm_kind`).
 OWN_KINDS = ("rms", "layer")
-#: Per class of its own, the kind its first call showed: a property of its forward, found once (the check
-#: costs a norm and two comparisons, about 0.7 ms a call on T5's, which has 12 of them).
-_KIND_OF_CLASS: dict[type, str] = {}
+#: Per class of its own, the kind its first call showed and whether it scales by ``1 + γ``: a property of its
+#: forward, found once (the check costs a norm and two comparisons, about 0.7 ms a call on T5's, which has 12).
+_KIND_OF_CLASS: dict[type, tuple[str, bool]] = {}
 
 
 def norm_supported(module: nn.Module) -> bool:
@@ -62,10 +65,10 @@ def own_norm(module: nn.Module) -> bool:
             and not list(module.children()) and isinstance(_eps(module), float))
 
 
-def own_norm_kind(module: nn.Module, call: Call) -> str | None:
-    """Which of :data:`OWN_KINDS` the call of a norm of its own class computed: its output is ``x̂ ⊙ γ + β`` or
-    ``x̂ ⊙ (1 + γ) + β`` (to float32's precision at least: such norms often compute in float32); None if
-    neither."""
+def own_norm_kind(module: nn.Module, call: Call) -> tuple[str, bool] | None:
+    """Which of :data:`OWN_KINDS` the call of a norm of its own class computed, and whether it scales by ``1 + γ``:
+    its output is ``x̂ ⊙ γ + β`` or ``x̂ ⊙ (1 + γ) + β`` (to float32's precision at least: such norms often compute
+    in float32); None if neither."""
     x, out, weight = call.args[0] if call.args else None, call.taps[0].detach() if call.taps else None, module.weight
     if not isinstance(x, Tensor) or out is None or out.shape != x.shape or x.shape[-1] != weight.numel():
         return None
@@ -73,10 +76,20 @@ def own_norm_kind(module: nn.Module, call: Call) -> str | None:
     tolerance = max(32 * torch.finfo(out.dtype).eps, 1e-5)
     for kind in OWN_KINDS:
         x_hat = normalised(module, x.to(out.dtype), kind)
-        for scale in (weight, 1 + weight):
+        for shifted, scale in ((False, weight), (True, 1 + weight)):
             if torch.allclose(out, x_hat * scale.detach() + bias, rtol=tolerance, atol=tolerance * out.abs().max().item()):
-                return kind
+                return kind, shifted
     return None
+
+
+def own_normalised(module: nn.Module, x: Tensor, shifted: bool) -> Tensor:
+    """``x̂`` of a norm of its own class as its forward computes it (in float32 where it does): its output with the
+    identity affine map, ``γ = 1`` (``0`` where it scales by ``1 + γ``) and ``β = 0``."""
+    identity = {"weight": torch.zeros_like(module.weight) if shifted else torch.ones_like(module.weight)}
+    if isinstance(getattr(module, "bias", None), Tensor):  # a parameter or a buffer: functional_call swaps either
+        identity["bias"] = torch.zeros_like(module.bias)
+    with torch.no_grad():
+        return functional_call(module, identity, (x,))
 
 
 def _eps(module: nn.Module) -> object:
@@ -116,18 +129,21 @@ class NormRule(Rule):
         super().__init__(module, params)
         #: For a norm of its own class: which ``x̂`` it computes, once its first call said (None before).
         self.kind: str | None = None
+        #: For a norm of its own class of a kind: whether it scales by ``1 + γ``; its ``x̂`` is then its own
+        #: forward's (:func:`own_normalised`). None otherwise: ``x̂`` from :func:`normalised`.
+        self.shifted: bool | None = None
 
     def take_recorded(self, call: Call) -> list[Tensor]:
         """No taps; the kind of a norm of its own class, from its first call."""
         if self.kind is None and own_norm(self.module):
             cls = type(self.module)
             if cls not in _KIND_OF_CLASS:
-                kind = own_norm_kind(self.module, call)
-                if kind is None:
+                found = own_norm_kind(self.module, call)
+                if found is None:
                     self.kind = OWN_KINDS[0]  # neither: the coverage check finds the rule wrong
                     return []
-                _KIND_OF_CLASS[cls] = kind
-            self.kind = _KIND_OF_CLASS[cls]
+                _KIND_OF_CLASS[cls] = found
+            self.kind, self.shifted = _KIND_OF_CLASS[cls]
         return []
 
     @property
@@ -148,7 +164,10 @@ class NormRule(Rule):
         out: Grads = {}
         if "weight" in self.params:
             if "normalised" not in call.cache:  # once per call, not per chunk and group of vectors
-                call.cache["normalised"] = as_float(normalised(self.module, call.args[0], self.kind))
+                x = call.args[0]
+                x_hat = (normalised(self.module, x, self.kind) if self.shifted is None
+                         else own_normalised(self.module, x, self.shifted))
+                call.cache["normalised"] = as_float(x_hat)
             out[self.params["weight"]] = self._fold(g * call.cache["normalised"][rows].unsqueeze(0))
         if "bias" in self.params:
             out[self.params["bias"]] = self._fold(g)
