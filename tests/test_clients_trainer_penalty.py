@@ -1,7 +1,8 @@
 """``FisherPenalty`` in transformers' own ``Trainer``, by docs/training.md's recipe run as that page writes it
 (``trainer_ranks.PenalisedTrainer``): a ``compute_loss`` that returns
-``pen.penalised_loss(inputs, lambda out: out.loss, step=self.state.global_step, model=model)`` (a BERT classifier built
-from a config, CPU, no dropout, no gradient clipping), with and without gradient accumulation.
+``pen.penalised_loss(inputs, task_loss, step=self.state.global_step, model=model)``, ``task_loss`` the model's own
+``out.loss`` (a BERT classifier built from a config, CPU, no dropout, no gradient clipping), with and without
+gradient accumulation; its ``log`` adds the task loss and the penalty to the training loss's log entries.
 
 Oracle: at every optimiser step, the gradient the Trainer hands its optimiser equals the gradient of
 ``out.loss + penalty`` computed by hand on a copy of the model at that step, on the batch the Trainer used,
@@ -92,6 +93,36 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path, method: str)
         scale = max(float(w.abs().max()) for w in want)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_the_logs_hold_the_task_loss_and_the_penalty_apart(tmp_path, method: str) -> None:
+    """Logged every 2 steps, two micro-batches a step: each training entry's ``task_loss`` and ``fisher_penalty`` are
+    the means over its 4 micro-batches of the task loss and the penalty taken by hand at each step's parameters, and
+    ``loss`` (the Trainer's, summed in float32) is their sum. Before, the recipe logged ``loss`` alone: the task loss
+    plus the penalty, never apart (its ``eval_loss`` the task loss alone)."""
+    model, ga = _model(), 2
+    penalty = FisherPenalty(model, alpha=0.5, grad_method=method, generator=torch.Generator().manual_seed(3))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=ga,
+                             max_steps=4, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="steps",
+                             logging_steps=2, save_strategy="no", learning_rate=1e-2, max_grad_norm=0.0)
+    steps = Steps()
+    trainer = PenalisedTrainer(model=model, args=args, train_dataset=DATA, callbacks=[steps], penalty=penalty)
+    trainer.train()
+    generator, task, pen = torch.Generator().manual_seed(3), [], []  # the labels the Trainer's penalty drew, in order
+    for step, at in enumerate(steps.params):
+        for batch in trainer.batches[ga * step: ga * (step + 1)]:
+            with torch.no_grad():
+                task.append(float(model_at(at)(**batch).loss))
+            pen.append(float(FisherPenalty(model_at(at), alpha=0.5, generator=generator)(batch, step=step).detach()))
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    rel = 1e-12 if method == "exact" else 1e-6  # the finite difference's task loss is taken at θ + εĝ
+    for k, entry in enumerate(logged):
+        assert entry["task_loss"] == pytest.approx(sum(task[4 * k: 4 * k + 4]) / 4, rel=rel)
+        assert entry["fisher_penalty"] == pytest.approx(sum(pen[4 * k: 4 * k + 4]) / 4, rel=1e-10)
+        assert entry["loss"] == pytest.approx(entry["task_loss"] + entry["fisher_penalty"], rel=1e-6)
+        assert entry["fisher_penalty"] > 1e-3 * entry["task_loss"]
 
 
 class _Values(TrainerCallback):
