@@ -372,9 +372,9 @@ def test_peak_trace_is_the_largest_measurement_after_the_first_epoch():
     from torchfim.experiments.explosion.assemble import _extra
 
     settings = replace(E.Settings(), batch_size=10)
-    curves = {"step": [0, 10, 20, 30], "trace": [50.0, 9.0, 7.0, None], "trace_stderr": [5.0, 0.9, 0.7, None],
-              "train_loss": [2.3, 0.5, 0.4, None]}
-    got = _extra({"curves": curves, "n_train": 95}, settings, "digits")  # an epoch of ⌈95/10⌉ = 10 steps
+    curves = {"step": [0, 9, 10, 20, 30], "trace": [50.0, 30.0, 9.0, 7.0, None],
+              "trace_stderr": [5.0, 3.0, 0.9, 0.7, None], "train_loss": [2.3, 1.0, 0.5, 0.4, None]}
+    got = _extra({"curves": curves, "n_train": 95}, settings, "digits")  # an epoch of ⌈95/10⌉ = 10 steps, not 9
     assert (got["peak_trace"], got["step_of_peak_trace"], got["stderr_at_peak"]) == (9.0, 10, 0.9)
     early = _extra({"curves": curves, "n_train": 1000}, settings, "digits")  # no measurement after 100 steps
     assert early["peak_trace"] is None and early["step_of_peak_trace"] is None

@@ -68,7 +68,7 @@ def check_same_outputs(digests: list[list[float]], what: str) -> None:
     # agrees to a relative tol, so processes whose outputs agree entry by entry pass. Same code, weights and inputs
     # on one kind of device give the same bits; other thread counts or devices sum in other orders, some eps apart
     # per entry. 1e-4 is about 800 float32 eps, and an output that moves that little moves the Fisher about as
-    # little, well inside its error bars; half precision rounds each entry to its eps (2⁻⁸ for bfloat16): 8 eps.
+    # little, well inside its error bars; half precision rounds each entry to its eps (2⁻⁷ for bfloat16): 8 eps.
     tol = max(1e-4, 8 * max(d[3] for d in known))
     scale = max(d[2] for d in known)
     first = known[0]

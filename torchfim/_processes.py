@@ -9,6 +9,7 @@ import functools
 import hashlib
 import inspect
 import math
+import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
@@ -124,6 +125,8 @@ def collective_failed(what: str) -> Iterator[None]:
     the fix, the original chained."""
     try:
         yield
+    except torch.cuda.OutOfMemoryError:
+        raise  # (a RuntimeError too): memory, not a missing process
     except RuntimeError as err:
         said = " ".join(str(err).split())
         raise TorchfimError(NOT_REACHED.format(what, said[:300])) from err
@@ -217,7 +220,9 @@ def function_settings(f: object, depth: int = 0) -> object:
     Python function, its code (bytecode, constants, names), so that two lambdas that compute differently differ (a
     trial's ``lambda o: o`` and ``lambda o: 2 * o`` on two processes were blended), and the values its closure and
     defaults hold (:func:`_held_value`: a trial's ``lambda o: o * scale`` with ``scale = 1 + rank`` was blended).
-    Globals are not read (a device or rank named there is each process's own)."""
+    Globals are not read (a device or rank named there is each process's own), nor closure variables named as a
+    device or a rank (``device_id``, ``local_rank``, ``gpu``: ``.to(device_id)`` with ``device_id = rank`` is
+    the same call on every process)."""
     if f is None or isinstance(f, str):
         return f
     if depth > _DEPTH:  # a function that holds itself (a recursive closure)
@@ -229,13 +234,19 @@ def function_settings(f: object, depth: int = 0) -> object:
     name = getattr(f, "__qualname__", type(f).__qualname__)
     if not isinstance(code, types.CodeType):
         return name
-    cells = tuple(_cell(c, depth) for c in getattr(f, "__closure__", None) or ())
+    cells = tuple(None if _OWN_NAME.search(name) else _cell(c, depth)
+                  for name, c in zip(code.co_freevars, getattr(f, "__closure__", None) or ()))
     defaults = (getattr(f, "__defaults__", None), getattr(f, "__kwdefaults__", None))
     return name, _code_settings(code), cells, _held_value(defaults, depth)
 
 
-#: How deep :func:`function_settings` follows functions held by functions.
+#: How deep :func:`function_settings` follows functions held by functions, and containers in containers.
 _DEPTH = 4
+#: The most items of a container held by a function that :func:`_held_value` compares one by one (larger: its type
+#: and length, so a vocabulary of 200k entries costs nothing per call).
+_ITEMS = 256
+#: Names of held values (closure variables, dict keys) that are each process's own: a device index, a rank.
+_OWN_NAME = re.compile(r"device|rank|gpu", re.IGNORECASE)
 #: The most entries of a tensor held by a function that :func:`_held_value` digests (larger: shape and dtype).
 _SMALL = 1 << 16
 
@@ -250,19 +261,23 @@ def _cell(cell: types.CellType, depth: int) -> object:
 
 def _held_value(value: object, depth: int) -> object:
     """A value a function holds, as processes must share it: numbers, strings, bools and None by ``repr`` (a device's
-    name by its kind: each process's GPU is its own), containers item by item, functions by their settings, small
-    tensors by a digest of their shape, dtype and bytes (large ones by shape and dtype), other objects by their
-    type's name."""
+    name by its kind: each process's GPU is its own), containers of up to :data:`_ITEMS` items item by item (a dict's
+    items under a name such as ``local_rank`` or ``device_id`` left out, as closure variables so named are), larger
+    ones by type and length, functions by their settings, small tensors by a digest of their shape, dtype and bytes
+    (large ones by shape and dtype), other objects by their type's name."""
     if isinstance(value, torch.device):
         return "device", value.type
     if isinstance(value, str):
         return ("device", value.split(":")[0]) if _device_name(value) else value
     if isinstance(value, (int, float, bool, complex)) or value is None:
         return repr(value)
+    if isinstance(value, (tuple, list, Mapping)) and (len(value) > _ITEMS or depth > _DEPTH):
+        return type(value).__qualname__, len(value)  # (a container that holds itself ends here too)
     if isinstance(value, (tuple, list)):
-        return tuple(_held_value(v, depth) for v in value)
+        return tuple(_held_value(v, depth + 1) for v in value)
     if isinstance(value, Mapping):
-        return tuple((repr(k), _held_value(v, depth)) for k, v in value.items())
+        return tuple((repr(k), None if isinstance(k, str) and _OWN_NAME.search(k) else _held_value(v, depth + 1))
+                     for k, v in value.items())
     if isinstance(value, Tensor):
         return (tuple(value.shape), str(value.dtype),
                 settings_number(value) if value.numel() <= _SMALL and value.device.type != "meta" else None)

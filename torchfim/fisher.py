@@ -128,7 +128,7 @@ def fisher(
             Fisher of them all, for about ``1/W`` of the work): :mod:`torchfim.process_rows`. Refused with
             ``estimator="combined"`` (compute it on one process). Every process must make the call at the same point, not under
             ``if rank == 0:``: one that calls alone waits for the others in a collective until the process group's
-            timeout (or until they leave the run), then raises an error that says so; a call
+            timeout (or until they leave the run), then, under gloo, raises an error that says so; a call
             refused on some processes only (an argument chosen by rank) is refused there and named on the others.
             Each process draws the labels of its own rows, so a generator's seed gives other labels, and another
             estimate of the same distribution, for another number of processes.

@@ -278,7 +278,7 @@ def _extra(result: dict, settings: Settings, dataset: str) -> dict[str, float | 
     the paper's early-phase Tr(Fᵢ), Tr(F) at the first measurement where the training loss is below
     ``loss_threshold`` (None if it never gets there), with the step it happens at."""
     c = result["curves"]
-    epoch = -(-result["n_train"] // settings.batch_size)
+    epoch = settings.steps_per_epoch(result["n_train"])
     after = [(t, e, s) for t, e, s in zip(c["trace"], c["trace_stderr"], c["step"]) if t is not None and s >= epoch]
     peak, err, step = max(after, key=lambda p: p[0]) if after else (None, None, None)
     at = next(

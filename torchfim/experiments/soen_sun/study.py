@@ -146,7 +146,7 @@ class _Study:
                 experiment()
                 seconds[part] = time.perf_counter() - t0
                 self.draw(part)  # before the summary that lists its figures
-                if part != "training":  # the last part's tables are written once the total time is known
+                if part != "training":  # the last part's tables are written once the run is marked complete
                     self.save()
         finally:
             self.bar.close()

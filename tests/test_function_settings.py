@@ -1,0 +1,60 @@
+"""What ``torchfim._processes.function_settings`` compares of an ``output=``/``mask=`` function between processes
+(each process computes it alone; a difference refuses the shared call): values chosen by rank that change what the
+function computes differ; a device index or rank held under such a name, big containers and containers that hold
+themselves are handled without a false refusal or a bare error."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from torchfim._processes import function_settings
+
+
+def _per_process(make):
+    """The settings of the function ``make(rank)`` builds on process 0 and on process 1."""
+    return function_settings(make(0)), function_settings(make(1))
+
+
+def test_a_value_chosen_by_rank_that_changes_the_function_differs() -> None:
+    def make(rank):
+        pad = rank
+        return lambda b: b != pad
+
+    first, second = _per_process(make)
+    assert first != second
+
+
+def test_a_device_index_or_rank_held_under_its_name_is_each_processs_own() -> None:
+    def by_index(rank):
+        device_id = rank % 8
+        return lambda b: (b != 0).to(device_id)
+
+    def by_config(rank):
+        cfg = {"pad_id": 0, "local_rank": rank}
+        return lambda b: b != cfg["pad_id"]
+
+    for make in (by_index, by_config):
+        first, second = _per_process(make)
+        assert first == second, make.__name__
+
+    def other_pad(rank):
+        cfg = {"pad_id": rank, "local_rank": rank}
+        return lambda b: b != cfg["pad_id"]
+
+    first, second = _per_process(other_pad)
+    assert first != second
+
+
+def test_big_and_self_holding_containers_cost_little_and_raise_nothing() -> None:
+    vocab = {f"token{i}": i for i in range(200_000)}
+    ids = list(range(1_000_000))
+    cyclic: dict = {"pad_id": 0}
+    cyclic["self"] = cyclic
+    f = lambda b: (b != vocab["token0"]) & (b != ids[0]) & (b != cyclic["pad_id"])  # noqa: E731
+    start = time.perf_counter()
+    settings = function_settings(f)
+    assert time.perf_counter() - start < 0.05  # a 1.09 s digest per call before, at every monitor measurement
+    assert settings == function_settings(f)
+    assert function_settings(lambda b: b != torch.tensor(0)) is not None
