@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import TorchfimError
@@ -40,9 +41,12 @@ class Pass:
         ``split``: large mini-batches may come as groups of their rows; ``whole``: cut further where a pull-back
         of all output numbers of their inputs (``grams``: and an output Gram matrix each) would not fit in
         memory (see :func:`.loop.run`); ``rows``: the rows of each mini-batch to compute on (a process's share,
-        which may be empty: the caller refuses no input in all).
+        which may be empty: the caller refuses no input in all), with a progress bar on the first process alone
+        (the others' bars, over shares of the same inputs, drew over it in the same terminal).
         """
         view = self.view
+        if rows is not None and progress and torch.distributed.is_available() and torch.distributed.is_initialized():
+            progress = torch.distributed.get_rank() == 0
         self.backend.directions.progress = progress
         mini_batches = batches(inputs, targets, view.device, view.dtype, labels=view.labels,
                                defaults=view.call_defaults())
