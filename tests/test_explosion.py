@@ -349,18 +349,23 @@ def test_an_interruption_says_what_was_kept(tmp_path, monkeypatch, capsys):
     assert "the 2 finished run(s) are kept in" in capsys.readouterr().err
 
 
-def test_a_tuned_value_at_the_top_of_its_grid_is_a_caveat():
-    """η* or α chosen as the largest value of its grid is named: the grid does not bound it (the committed study's
-    digits/MLP chose η* = 0.316, the top of its grid, without a word)."""
+def test_a_tuned_value_at_the_edge_of_its_grid_is_a_caveat():
+    """η* chosen as the largest or smallest value of its grid, or α (clean or noisy-label runs) as the largest, is
+    named: the grid does not bound it (the committed study's digits/MLP chose η* = 0.316, the top of its grid, without
+    a word)."""
     from torchfim.experiments.explosion.claims import _grid_edges
 
-    s = {"lr_grid": (0.0316, 0.1, 0.316), "alpha_grid": (0.01, 0.03, 0.1)}
-    tuning = {"a/mlp": {"lr_star": 0.316, "alpha": 0.03}, "b/cnn": {"lr_star": 0.1, "alpha": 0.1}}
+    s = {"lr_grid": (0.0316, 0.1, 0.316), "alpha_grid": (0.01, 0.03, 0.1), "noisy_alpha_grid": (0.01, 0.03, 0.1)}
+    tuning = {"a/mlp": {"lr_star": 0.316, "alpha": 0.03, "noisy": {"small": {"alpha": 0.1}, "large": {"alpha": 0.03}}},
+              "b/cnn": {"lr_star": 0.0316, "alpha": 0.1}}
     lines = _grid_edges(s, tuning, ["a/mlp", "b/cnn"])
-    assert len(lines) == 2
-    assert "η* was the largest of [0.0316, 0.1, 0.316] on a/mlp:" in lines[0] and "b/cnn" not in lines[0]
-    assert "α was the largest of [0.01, 0.03, 0.1] on b/cnn:" in lines[1]
-    assert _grid_edges(s, {"a/mlp": {"lr_star": 0.1, "alpha": 0.03}}, ["a/mlp"]) == []
+    assert len(lines) == 4
+    assert "η* was the largest of [0.0316, 0.1, 0.316] on a/mlp: a larger value" in lines[0]
+    assert "η* was the smallest of [0.0316, 0.1, 0.316] on b/cnn: a smaller value" in lines[1]
+    assert "α was the largest of [0.01, 0.03, 0.1] on b/cnn:" in lines[2]
+    assert "α of the noisy-label runs was the largest of [0.01, 0.03, 0.1] on a/mlp at η*/10:" in lines[3]
+    inside = {"a/mlp": {"lr_star": 0.1, "alpha": 0.03, "noisy": {"small": {"alpha": 0.03}}}}
+    assert _grid_edges(s, inside, ["a/mlp"]) == []
 
 
 def test_peak_trace_is_the_largest_measurement_after_the_first_epoch():

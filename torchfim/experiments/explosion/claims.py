@@ -141,15 +141,25 @@ def _noisy_words(s: dict, noisy: dict) -> list[str]:
 
 
 def _grid_edges(s: dict, tuning: dict, combos: list[str]) -> list[str]:
-    """Caveats where the tuning chose a grid's edge that the grid does not bound: the largest η (a larger rate, not
-    tried, might have validated better) or the largest α (a stronger penalty might have)."""
+    """Caveats where the tuning chose a grid's edge that the grid does not bound: the largest or the smallest η (a
+    rate beyond it, not tried, might have validated better), the largest α of the clean or the noisy-label runs (a
+    stronger penalty might have; the smallest α has a caveat of its own, a weak penalty)."""
+    chosen = []  # (what, grid, setting, value)
+    for c in combos:
+        if c in tuning:
+            chosen += [("η*", s["lr_grid"], c, tuning[c].get("lr_star")), ("α", s["alpha_grid"], c, tuning[c].get("alpha"))]
+            chosen += [("α of the noisy-label runs", s.get("noisy_alpha_grid", ()), f"{c} at {'η*/10' if w == 'small' else 'η*'}",
+                        entry.get("alpha")) for w, entry in tuning[c].get("noisy", {}).items()]
     lines = []
-    for key, grid, what in (("lr_star", s["lr_grid"], "η*"), ("alpha", s["alpha_grid"], "α")):
-        top = [c for c in combos if c in tuning and len(grid) > 1 and tuning[c].get(key) == max(grid)]
-        if top:
-            lines.append(f"* Caveat: the validation-chosen {what} was the largest of {list(grid)} on {', '.join(top)}: "
-                         "a larger value, not tried, might have validated better, so the grid does not show that it "
-                         "is the best.")
+    for what, grid in dict.fromkeys((w, tuple(g)) for w, g, _, _ in chosen):
+        for edge, word in ((max, "largest"), (min, "smallest")):
+            if edge is min and what != "η*":
+                continue
+            at = [c for w, g, c, v in chosen if (w, tuple(g)) == (what, grid) and len(grid) > 1 and v == edge(grid)]
+            if at:
+                lines.append(f"* Caveat: the validation-chosen {what} was the {word} of {list(grid)} on {', '.join(at)}: "
+                             f"a {'larger' if edge is max else 'smaller'} value, not tried, might have validated better, "
+                             "so the grid does not show that it is the best.")
     return lines
 
 
