@@ -201,5 +201,5 @@ def test_float32_solves_to_its_precision_and_names_the_float64_copy() -> None:
     x = s.solve(v, damping=lam)
     assert x.dtype == torch.float32
     assert float((s.mv(x) + lam * x - v).norm() / v.norm()) < 1e-4
-    with pytest.raises(TorchfimError, match=r"or solve a float64 copy: as_structure\(result\.double\(\), model\)"):
+    with pytest.raises(TorchfimError, match=r"or use a float64 copy: as_structure\(result\.double\(\), model\)\.solve\(\.\.\.\)"):
         s.solve(v)

@@ -1,4 +1,5 @@
-"""Damped solves with a Fisher-shaped matrix: ``x = (A + λI)⁻¹ v``, behind :meth:`torchfim.structures.Structure.solve`.
+"""Damped solves with a Fisher-shaped matrix, ``x = (A + λI)⁻¹ v``, and its log-determinant, ``log det(A + λI)``:
+:class:`DampedAlgebra`, the ``solve`` and ``logdet`` of every structure object (:mod:`torchfim.structures`).
 
 A natural-gradient step ``(F + λI)⁻¹ g``, a Laplace posterior's mean shift or an EWC-weighted merge all solve with
 the damped matrix. ``A`` is symmetric; an estimate of the Fisher from ``n`` inputs with ``C`` outputs each has rank
@@ -16,12 +17,14 @@ failing). No matrix with ``κ < 1/(P·eps)`` is refused; the damping suggested k
 and the least damping named, ``(P·eps·λ_max − λ_min)/(1 − P·eps)``, is where the eigenvalues' ratio clears it.
 Blocks are factored one by one; a refusal names the block that needs the most damping and a damping for all of
 them. In float32 that limit is near: ``P = 1000`` refuses some ``κ`` above 8,000, so solve a float64 copy where a
-smaller damping matters.
+smaller damping matters. ``log det(A + λI)`` (a Laplace approximation's evidence, ``−½ log det`` of the posterior
+precision) comes from the same factors, ``2 Σᵢ log Lᵢᵢ``, and is refused where the solve would be.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,54 @@ from ._identity import identity_like
 from .errors import TorchfimError, real_number
 from .layout import Layout
 
-__all__ = ["check_damping", "solve_blocks", "solve_diagonal", "solve_symmetric"]
+__all__ = ["DampedAlgebra", "DampedParts", "check_damping", "logdet_blocks", "logdet_diagonal", "solve_blocks",
+           "solve_diagonal"]
+
+#: A structure's symmetric matrix as :class:`DampedAlgebra` takes it: its diagonal (a ``P``-vector, for a diagonal
+#: matrix), or its diagonal blocks, each with its name in messages and its span of θ.
+DampedParts = Tensor | list[tuple[str, Tensor, slice]]
+
+
+class DampedAlgebra(ABC):
+    """``solve(v, damping)`` and ``logdet(damping)`` of ``A + λI``, for a structure that gives its matrix as
+    :data:`DampedParts` (:meth:`_damped_parts`) and checks vectors (``_check_vector``)."""
+
+    layout: Layout
+
+    @abstractmethod
+    def _damped_parts(self, verb: str) -> DampedParts:
+        """The matrix's diagonal or blocks; refused (naming ``verb``) where the structure keeps no matrix."""
+
+    @abstractmethod
+    def _check_vector(self, v: Tensor, what: str = "mv") -> Tensor: ...
+
+    def solve(self, v: Tensor, damping: float = 0.0) -> Tensor:
+        """``(A + λI)⁻¹ v`` for a ``P``-vector ``v`` or each column of ``v`` of shape ``(P, k)``, ``λ = damping ≥ 0``:
+        a natural-gradient step's direction, a Laplace posterior's mean shift (docs/uses.md). ``Full`` and each block
+        of ``Blocks`` by Cholesky, ``Diag`` entrywise, in the structure's dtype; refused, with the smallest eigenvalue
+        and a damping that works, where ``A + λI`` is not positive definite (a Fisher of rank below ``P``, an Î2
+        estimate with negative eigenvalues; :mod:`torchfim.damped_solve`). Its relative error is of order ``κ·eps``
+        of the dtype (``κ`` the condition number of ``A + λI``): with a small damping in float32, solve a float64
+        copy, ``as_structure(result.double(), model)``."""
+        v, damping = self._check_vector(v, "solve"), check_damping(damping)
+        parts = self._damped_parts("solve()")
+        if isinstance(parts, Tensor):
+            return solve_diagonal(parts, v, damping, self.layout)
+        solved = solve_blocks({what: matrix for what, matrix, _ in parts}, [v[span] for _, _, span in parts], damping)
+        return solved[0] if len(solved) == 1 else torch.cat(solved)
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(A + λI)``, a 0-dim tensor in the structure's dtype, ``λ = damping ≥ 0``: ``Σ_p log(d_p + λ)`` for
+        ``Diag``, ``2 Σᵢ log Lᵢᵢ`` of the Cholesky factor ``L`` for ``Full`` and summed over the blocks of ``Blocks``
+        (a block-diagonal matrix's determinant is its blocks'). A Laplace approximation's log evidence takes
+        ``−½ log det`` of its posterior precision, ``N·F + δI`` (docs/uses.md). Refused where :meth:`solve` is, with
+        the same damping that works."""
+        damping = check_damping(damping)
+        parts = self._damped_parts("logdet()")
+        if isinstance(parts, Tensor):
+            return logdet_diagonal(parts, damping, self.layout)
+        return logdet_blocks({what: matrix for what, matrix, _ in parts}, damping)
+
 
 
 def check_damping(damping: object) -> float:
@@ -39,7 +89,7 @@ def check_damping(damping: object) -> float:
     value = real_number(damping)
     if value is None or not 0 <= value < math.inf:
         raise TorchfimError(
-            f"damping must be a finite number ≥ 0 (λ of (A + λI)⁻¹ v), got {damping!r}; "
+            f"damping must be a finite number ≥ 0 (λ of A + λI), got {damping!r}; "
             "1e-3 · trace()/P is a common start"
         )
     return value
@@ -48,7 +98,18 @@ def check_damping(damping: object) -> float:
 def solve_diagonal(diagonal: Tensor, v: Tensor, damping: float, layout: Layout) -> Tensor:
     """``v / (d + λ)`` entrywise (each column of a ``(P, k)`` ``v``); refused where an entry of ``d + λ`` is ≤ 0,
     naming the parameter tensor of the first."""
-    _check_finite(diagonal, "the diagonal")
+    shifted = _shifted_diagonal(diagonal, damping, layout, "solve")
+    return v / (shifted if v.dim() == 1 else shifted.unsqueeze(-1))
+
+
+def logdet_diagonal(diagonal: Tensor, damping: float, layout: Layout) -> Tensor:
+    """``Σ_p log(d_p + λ)``; refused as :func:`solve_diagonal` is."""
+    return _shifted_diagonal(diagonal, damping, layout, "logdet").log().sum()
+
+
+def _shifted_diagonal(diagonal: Tensor, damping: float, layout: Layout, verb: str) -> Tensor:
+    """``d + λ``, refused (for ``verb``) where an entry is ≤ 0, naming the parameter tensor of the first."""
+    _check_finite(diagonal, "the diagonal", verb)
     shifted = diagonal + damping
     bad = (shifted <= 0).nonzero()
     if len(bad):
@@ -56,12 +117,12 @@ def solve_diagonal(diagonal: Tensor, v: Tensor, damping: float, layout: Layout) 
         lowest = float(diagonal.min())
         need = max(0.0, -lowest)
         raise TorchfimError(
-            f"solve: {len(bad)} of the {len(diagonal)} diagonal entries plus damping={damping:g} are ≤ 0 (the first "
-            f"in {name!r}, the lowest entry {lowest:.3g}), so the diagonal has no inverse there: "
+            f"{verb}: {len(bad)} of the {len(diagonal)} diagonal entries plus damping={damping:g} are ≤ 0 (the first "
+            f"in {name!r}, the lowest entry {lowest:.3g}), so the diagonal has {_LACKS[verb]} there: "
             f"{_cause(lowest < 0, diagonal=True)}; pass damping > {_up(need):.3g}, "
             f"e.g. {_suggested(diagonal, need):.3g}"
         )
-    return v / (shifted if v.dim() == 1 else shifted.unsqueeze(-1))
+    return shifted
 
 
 @dataclass(frozen=True)
@@ -79,31 +140,36 @@ class _Refusal:
     float32: bool
 
 
-def solve_symmetric(matrix: Tensor, v: Tensor, damping: float, what: str) -> Tensor:
-    """``(M + λI)⁻¹ v`` for the symmetric ``matrix`` ``M`` by Cholesky; refused (naming ``what``, the smallest
-    eigenvalue of ``M`` and a damping that works) where ``M + λI`` is not positive definite or factors with a pivot
-    ratio below ``P·eps`` (see the module docstring)."""
-    return solve_blocks({what: matrix}, [v], damping)[0]
-
-
 def solve_blocks(blocks: dict[str, Tensor], parts: list[Tensor], damping: float) -> list[Tensor]:
     """``(M_b + λI)⁻¹ v_b`` for each symmetric block ``M_b`` (named by the keys) and its part ``v_b`` of ``v``; where
     some block does not factor, one refusal names the block that needs the most damping and a damping that works for
     every block."""
-    factors = {what: _factor(matrix, damping, what) for what, matrix in blocks.items()}
-    refusals = [f for f in factors.values() if isinstance(f, _Refusal)]
-    if refusals:
-        raise _refused(refusals, damping)
     solved = []
-    for factor, v in zip(factors.values(), parts):
+    for factor, v in zip(_factors(blocks, damping, "solve"), parts):
         x = torch.cholesky_solve(v if v.dim() == 2 else v.unsqueeze(-1), factor)
         solved.append(x if v.dim() == 2 else x.squeeze(-1))
     return solved
 
 
-def _factor(matrix: Tensor, damping: float, what: str) -> Tensor | _Refusal:
-    """The Cholesky factor of ``matrix + λI``, or why there is none fit to solve with (the module docstring)."""
-    _check_finite(matrix, what)
+def logdet_blocks(blocks: dict[str, Tensor], damping: float) -> Tensor:
+    """``Σ_b log det(M_b + λI) = Σ_b 2 Σᵢ log L_b,ii`` over the symmetric blocks; refused as :func:`solve_blocks`
+    is."""
+    return torch.stack([2 * factor.diagonal().log().sum() for factor in _factors(blocks, damping, "logdet")]).sum()
+
+
+def _factors(blocks: dict[str, Tensor], damping: float, verb: str) -> list[Tensor]:
+    """The Cholesky factor of each ``M_b + λI``; where some block has none fit to use, one refusal (for ``verb``) names
+    the block that needs the most damping and a damping that works for every block."""
+    factors = [_factor(matrix, damping, what, verb) for what, matrix in blocks.items()]
+    refusals = [f for f in factors if isinstance(f, _Refusal)]
+    if refusals:
+        raise _refused(refusals, damping, verb)
+    return factors
+
+
+def _factor(matrix: Tensor, damping: float, what: str, verb: str) -> Tensor | _Refusal:
+    """The Cholesky factor of ``matrix + λI``, or why there is none fit to use (the module docstring)."""
+    _check_finite(matrix, what, verb)
     size = matrix.shape[0]
     damped = matrix + damping * identity_like(size, matrix)  # out of place: A is shared
     tolerance = size * torch.finfo(matrix.dtype).eps
@@ -122,23 +188,27 @@ def _factor(matrix: Tensor, damping: float, what: str) -> Tensor | _Refusal:
                     lowest < -tolerance * abs(highest), matrix.dtype == torch.float32)
 
 
-def _refused(refusals: list[_Refusal], damping: float) -> TorchfimError:
+def _refused(refusals: list[_Refusal], damping: float, verb: str) -> TorchfimError:
     """One error for the blocks that do not factor: the one that needs the most damping, and a damping for all."""
     worst = max(refusals, key=lambda r: r.need)
     need, suggested = worst.need, max(r.suggested for r in refusals)
     others = (f" ({len(refusals)} blocks need damping; the one below needs the most, and the damping named is for "
               "all of them)" if len(refusals) > 1 else "")
-    wider = " (or solve a float64 copy: as_structure(result.double(), model))" if worst.float32 else ""
+    wider = f" (or use a float64 copy: as_structure(result.double(), model).{verb}(...))" if worst.float32 else ""
     return TorchfimError(
-        f"solve: {worst.what} plus damping={damping:g} {worst.state}{others}: its smallest eigenvalue is "
+        f"{verb}: {worst.what} plus damping={damping:g} {worst.state}{others}: its smallest eigenvalue is "
         f"{worst.lowest:.3g} and its largest {worst.highest:.3g}; {_cause(any(r.negative for r in refusals))}; pass "
         f"damping > {_up(need):.3g}, e.g. {suggested:.3g}{wider}"
     )
 
 
-def _check_finite(values: Tensor, what: str) -> None:
+#: What a matrix that is not positive definite lacks, for each verb.
+_LACKS = {"solve": "no inverse", "logdet": "no log-determinant"}
+
+
+def _check_finite(values: Tensor, what: str, verb: str) -> None:
     if not bool(torch.isfinite(values).all()):
-        raise TorchfimError(f"solve: {what} holds NaN or infinite entries, so it has no inverse: the computation that "
+        raise TorchfimError(f"{verb}: {what} holds NaN or infinite entries, so it has {_LACKS[verb]}: the computation that "
                             "made it overflowed or was given non-finite inputs; check it (torch.isfinite) and recompute")
 
 

@@ -14,7 +14,7 @@ def as_structure(result: PublicValue, model: nn.Module) -> Structure:
     """The structure object holding ``result``, a value :func:`torchfim.fisher` (or :func:`torchfim.fisher_variance`,
     :func:`torchfim.variance_bound`) returned for ``model``, so that the algebra of :mod:`torchfim.structures` applies:
     ``diag()``, ``trace()``, ``to_dense()``, ``mv(v)`` for a ``P``-vector or ``(P, k)`` columns, ``solve(v, damping)``
-    (``(A + λI)⁻¹ v``), ``block(name)`` and ``diag_by_parameter()``; its ``layout`` flattens tensors by parameter name
+    (``(A + λI)⁻¹ v``), ``logdet(damping)`` (``log det(A + λI)``), ``block(name)`` and ``diag_by_parameter()``; its ``layout`` flattens tensors by parameter name
     into the result's ``P`` entries and back (:meth:`~torchfim.layout.Layout.flatten`, :meth:`~torchfim.layout.Layout.unflatten`; docs/uses.md).
 
     The kind follows the result: a 0-dim tensor is a :class:`~torchfim.structures.Trace`, a ``P``-vector a

@@ -10,6 +10,7 @@ memory check, and one algebra that every structure answers the same way:
   the size when it would not fit in memory);
 * ``mv(v)``: ``A v`` for a ``P``-vector (``Blocks``: block-diagonal product);
 * ``solve(v, damping)``: ``(A + λI)⁻¹ v`` (``Blocks``: block by block; :mod:`torchfim.damped_solve`);
+* ``logdet(damping)``: ``log det(A + λI)`` (``Blocks``: the sum over the blocks);
 * ``block(name)``: the diagonal block of one parameter tensor;
 * ``diag_by_parameter()``: the diagonal as one tensor per parameter, in its shape.
 
@@ -49,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ._memory import SMALL_REQUEST_GIB, fits_in_memory, size_text
-from .damped_solve import check_damping, solve_blocks, solve_diagonal, solve_symmetric
+from .damped_solve import DampedAlgebra, DampedParts
 from .errors import TorchfimError, check_choice
 from .layout import Layout, accumulation_dtype
 
@@ -86,7 +87,7 @@ class StructureVisitor(ABC):
     def blocks(self, structure: Blocks) -> None: ...
 
 
-class Structure(ABC):
+class Structure(DampedAlgebra):
     """Running sum of one view of a symmetric ``P×P`` matrix; see the module docstring."""
 
     name: str
@@ -176,19 +177,6 @@ class Structure(ABC):
     @abstractmethod
     def mv(self, v: Tensor) -> Tensor:
         """The product with a ``P``-vector ``v``, or with each column of ``v`` of shape ``(P, k)``."""
-
-    def solve(self, v: Tensor, damping: float = 0.0) -> Tensor:
-        """``(A + λI)⁻¹ v`` for a ``P``-vector ``v`` or each column of ``v`` of shape ``(P, k)``, ``λ = damping ≥ 0``:
-        a natural-gradient step's direction, a Laplace posterior's mean shift (docs/uses.md). ``Full`` and each block
-        of ``Blocks`` by Cholesky, ``Diag`` entrywise, in the structure's dtype; refused, with the smallest eigenvalue
-        and a damping that works, where ``A + λI`` is not positive definite (a Fisher of rank below ``P``, an Î2
-        estimate with negative eigenvalues; :mod:`torchfim.damped_solve`). Its relative error is of order ``κ·eps``
-        of the dtype (``κ`` the condition number of ``A + λI``): with a small damping in float32, solve a float64
-        copy, ``as_structure(result.double(), model)``."""
-        return self._solve(self._check_vector(v, "solve"), check_damping(damping))
-
-    @abstractmethod
-    def _solve(self, v: Tensor, damping: float) -> Tensor: ...
 
     @abstractmethod
     def block(self, name: str) -> Tensor:
@@ -284,8 +272,8 @@ class Diag(Structure):
         v = self._check_vector(v)
         return (self.value if v.dim() == 1 else self.value.unsqueeze(-1)) * v
 
-    def _solve(self, v: Tensor, damping: float) -> Tensor:
-        return solve_diagonal(self.value, v, damping, self.layout)
+    def _damped_parts(self, verb: str) -> DampedParts:
+        return self.value
 
     def block(self, name: str) -> Tensor:
         return self.value[self.layout.span(self.layout.index(name))]
@@ -334,8 +322,8 @@ class Trace(Structure):
     def mv(self, v: Tensor) -> Tensor:
         raise self._refuse("mv()")
 
-    def _solve(self, v: Tensor, damping: float) -> Tensor:
-        raise self._refuse("solve()")
+    def _damped_parts(self, verb: str) -> DampedParts:
+        raise self._refuse(verb)
 
     def block(self, name: str) -> Tensor:
         raise self._refuse("block()")
@@ -399,9 +387,8 @@ class Blocks(Structure):
         v = self._check_vector(v)
         return torch.cat([b @ v[self.layout.span(i)] for i, b in enumerate(self.value.values())])
 
-    def _solve(self, v: Tensor, damping: float) -> Tensor:
-        blocks = {f"the block of {n!r}": b for n, b in self.value.items()}
-        return torch.cat(solve_blocks(blocks, [v[self.layout.span(i)] for i in range(len(blocks))], damping))
+    def _damped_parts(self, verb: str) -> DampedParts:
+        return [(f"the block of {n!r}", b, self.layout.span(i)) for i, (n, b) in enumerate(self.value.items())]
 
     def block(self, name: str) -> Tensor:
         self.layout.index(name)
@@ -465,8 +452,8 @@ class Full(Structure):
     def mv(self, v: Tensor) -> Tensor:
         return self.value @ self._check_vector(v)
 
-    def _solve(self, v: Tensor, damping: float) -> Tensor:
-        return solve_symmetric(self.value, v, damping, "the matrix")
+    def _damped_parts(self, verb: str) -> DampedParts:
+        return [("the matrix", self.value, slice(0, self.layout.num_params))]
 
     def block(self, name: str) -> Tensor:
         span = self.layout.span(self.layout.index(name))
