@@ -210,3 +210,19 @@ def test_the_re_create_line_leaves_out_what_the_score_only_report_did_not_use(tm
     assert R["mode"] == "score_only" and R["unused_options"] == {}
     from torchfim.report.score_only_render import markdown_score_only
     assert "not used here" not in markdown_score_only(R)
+
+
+def test_a_full_report_of_more_than_a_minute_says_its_estimate_first(monkeypatch, capsys):
+    """With progress on, a full report estimated at over a minute (under its budget) prints the estimate before it
+    starts: a user trial's GPT-2 report took 344 s while its progress bar's time left swung from 2.5 to 18 min."""
+    from torchfim.report import compute as report_compute
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    data = report_mod.Data(torch.randn(16, 4, dtype=torch.float64), None, "test")
+    monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 300.0)
+    assert report_mod.compute_report(model, data, progress=True, max_block=0)["mode"] == "full"
+    assert "torchfim report: the full report will take about 5 min here" in capsys.readouterr().err
+    monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 30.0)
+    report_mod.compute_report(model, data, progress=True, max_block=0)
+    assert "will take about" not in capsys.readouterr().err
