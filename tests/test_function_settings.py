@@ -58,3 +58,39 @@ def test_big_and_self_holding_containers_cost_little_and_raise_nothing() -> None
     assert time.perf_counter() - start < 0.05  # a 1.09 s digest per call before, at every monitor measurement
     assert settings == function_settings(f)
     assert function_settings(lambda b: b != torch.tensor(0)) is not None
+
+
+def test_whole_names_alone_are_each_processs_own_and_large_containers_are_sampled() -> None:
+    """Names that merely contain 'rank' or 'device' (low_rank, temperature_device) are compared; a list of 300 class
+    indices shifted by one, a set and a NumPy array chosen by rank differ (the review: all compared equal)."""
+    import numpy as np
+
+    def low_rank(rank):
+        low_rank = 1.0 + rank
+        return lambda o: o * low_rank
+
+    def temperature_device(rank):
+        temperature_device = 1.0 + rank
+        return lambda o: o / temperature_device
+
+    def shifted(rank):
+        classes = list(range(rank, 300 + rank))
+        return lambda b: b[..., classes]
+
+    def as_set(rank):
+        pads = {0, 1 + rank}
+        return lambda b: b != min(pads)
+
+    def as_array(rank):
+        weights = np.arange(4.0) + rank
+        return lambda o: o * float(weights[0])
+
+    for make in (low_rank, temperature_device, shifted, as_set, as_array):
+        first, second = _per_process(make)
+        assert first != second, make.__name__
+    def same_set(rank):
+        pads = {"a", "b", "c"} if rank == 0 else {"c", "b", "a"}  # one set, whatever its order of iteration
+        return lambda b: b in pads
+
+    first, second = _per_process(same_set)
+    assert first == second

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import itertools
 import math
 import re
 import types
@@ -234,7 +235,7 @@ def function_settings(f: object, depth: int = 0) -> object:
     name = getattr(f, "__qualname__", type(f).__qualname__)
     if not isinstance(code, types.CodeType):
         return name
-    cells = tuple(None if _OWN_NAME.search(name) else _cell(c, depth)
+    cells = tuple(None if _OWN_NAME.fullmatch(name) else _cell(c, depth)
                   for name, c in zip(code.co_freevars, getattr(f, "__closure__", None) or ()))
     defaults = (getattr(f, "__defaults__", None), getattr(f, "__kwdefaults__", None))
     return name, _code_settings(code), cells, _held_value(defaults, depth)
@@ -245,8 +246,9 @@ _DEPTH = 4
 #: The most items of a container held by a function that :func:`_held_value` compares one by one (larger: its type
 #: and length, so a vocabulary of 200k entries costs nothing per call).
 _ITEMS = 256
-#: Names of held values (closure variables, dict keys) that are each process's own: a device index, a rank.
-_OWN_NAME = re.compile(r"device|rank|gpu", re.IGNORECASE)
+#: Names of held values (closure variables, dict keys) that are each process's own: a device index, a rank (whole
+#: names: ``low_rank`` or ``temperature_device`` are compared).
+_OWN_NAME = re.compile(r"(local_|global_|node_)?(rank|device|gpu|dev)(_?id|_index|_ids|s)?", re.IGNORECASE)
 #: The most entries of a tensor held by a function that :func:`_held_value` digests (larger: shape and dtype).
 _SMALL = 1 << 16
 
@@ -261,29 +263,44 @@ def _cell(cell: types.CellType, depth: int) -> object:
 
 def _held_value(value: object, depth: int) -> object:
     """A value a function holds, as processes must share it: numbers, strings, bools and None by ``repr`` (a device's
-    name by its kind: each process's GPU is its own), containers of up to :data:`_ITEMS` items item by item (a dict's
-    items under a name such as ``local_rank`` or ``device_id`` left out, as closure variables so named are), larger
-    ones by type and length, functions by their settings, small tensors by a digest of their shape, dtype and bytes
-    (large ones by shape and dtype), other objects by their type's name."""
+    name by its kind: each process's GPU is its own), containers item by item (a dict's items under a name such as
+    ``local_rank`` or ``device_id`` left out, as closure variables so named are; a set in sorted order), those of more
+    than :data:`_ITEMS` items by their length and :data:`_ITEMS` items spread over them (a list, a tuple) or their
+    first ones (a dict), functions by their settings, small tensors and NumPy arrays by a digest of their shape, dtype
+    and bytes (large ones by shape and dtype), other objects by their type's name."""
     if isinstance(value, torch.device):
         return "device", value.type
     if isinstance(value, str):
         return ("device", value.split(":")[0]) if _device_name(value) else value
     if isinstance(value, (int, float, bool, complex)) or value is None:
         return repr(value)
-    if isinstance(value, (tuple, list, Mapping)) and (len(value) > _ITEMS or depth > _DEPTH):
-        return type(value).__qualname__, len(value)  # (a container that holds itself ends here too)
-    if isinstance(value, (tuple, list)):
-        return tuple(_held_value(v, depth + 1) for v in value)
-    if isinstance(value, Mapping):
-        return tuple((repr(k), None if isinstance(k, str) and _OWN_NAME.search(k) else _held_value(v, depth + 1))
-                     for k, v in value.items())
+    if isinstance(value, (tuple, list, set, frozenset, Mapping)):
+        return _held_container(value, depth)
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+        value = torch.as_tensor(value) if value.dtype.kind in "biuf" else value
     if isinstance(value, Tensor):
         return (tuple(value.shape), str(value.dtype),
                 settings_number(value) if value.numel() <= _SMALL and value.device.type != "meta" else None)
     if callable(value) and not isinstance(value, torch.nn.Module):
         return function_settings(value, depth + 1)
     return type(value).__qualname__
+
+
+def _held_container(value: tuple | list | set | frozenset | Mapping, depth: int) -> object:
+    """A container :func:`_held_value` compares: item by item, a large one by a spread of its items (a list of class
+    indices shifted by one differs in every item), one deeper than :data:`_DEPTH` (one that holds itself) by type and
+    length."""
+    kind, n = type(value).__qualname__, len(value)
+    if depth > _DEPTH:
+        return kind, n
+    if isinstance(value, Mapping):
+        items = value.items() if n <= _ITEMS else itertools.islice(value.items(), _ITEMS)
+        return kind, n, tuple((repr(k), None if isinstance(k, str) and _OWN_NAME.fullmatch(k) else
+                               _held_value(v, depth + 1)) for k, v in items)
+    if isinstance(value, (set, frozenset)):
+        return (kind, n) if n > _ITEMS else (kind, tuple(sorted(repr(_held_value(v, depth + 1)) for v in value)))
+    spread = value if n <= _ITEMS else [value[i * n // _ITEMS] for i in range(_ITEMS)] + [value[-1]]
+    return kind, n, tuple(_held_value(v, depth + 1) for v in spread)
 
 
 def _device_name(name: str) -> bool:

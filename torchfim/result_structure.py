@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .errors import TorchfimError
@@ -44,7 +45,7 @@ def as_structure(result: PublicValue, model: nn.Module) -> Structure:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise TorchfimError("the model has no parameters with requires_grad=True: no result of torchfim is of it")
-    layout = Layout.of(named)
+    layout = _widened(Layout.of(named), result)
     if isinstance(result, dict):
         return Blocks.holding(layout, _blocks(result, layout))
     if not isinstance(result, Tensor):
@@ -73,6 +74,18 @@ def _blocks(result: dict, layout: Layout) -> dict[str, Tensor]:
             shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
             raise TorchfimError(f"the block of {name!r} should be {size}×{size} (the parameter's size), got {shape}")
     return {name: _stored(block, layout) for name, block in result.items()}
+
+
+def _widened(layout: Layout, result: object) -> Layout:
+    """``layout`` in the result's floating dtype where that is wider than the model's: a float64 copy of a float32
+    model's result stays float64 (it was narrowed back, so the float64 solve that a refusal suggests solved in
+    float32, and gave float32 numbers)."""
+    values = list(result.values()) if isinstance(result, dict) else [result]
+    dtypes = [v.dtype for v in values if isinstance(v, Tensor) and v.is_floating_point()]
+    widest = max(dtypes, key=lambda d: torch.finfo(d).bits, default=None)
+    if widest is None or torch.finfo(widest).bits <= torch.finfo(accumulation_dtype(layout.dtype)).bits:
+        return layout
+    return Layout(layout.names, layout.shapes, widest, layout.device)
 
 
 def _stored(value: Tensor, layout: Layout) -> Tensor:

@@ -89,4 +89,4 @@ class EnginePath:
         the user's buffers left as they were."""
         view = path[0]
         with engine_session(), private_buffers(view.model, view.constants):
-            return output_digest(view, rows.to(view.device, view.dtype))
+            return output_digest(view, rows.to(view.device, view.dtype).with_defaults(view.call_defaults()))
