@@ -147,3 +147,97 @@ def test_a_norm_that_takes_its_variance_in_float32_keeps_the_rule_on_its_own_x_h
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-15 * want.abs().max()), (got - want).abs().max()
     backend, rules = module_rules(model, x)
     assert isinstance(rules["0"], NormRule) and rules["0"].kind == "rms" and not backend.demoted
+
+
+class SteeredNet(nn.Module):
+    """A linear layer, an own RMSNorm with the user's hooks, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(3, 3), T5LayerNorm(3), nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("hook", ["pre", "post", "steered later"])
+def test_the_users_hooks_on_an_own_norm_run_as_the_model_runs_them(hook: str) -> None:
+    """The rule's ``x̂`` comes from the norm's own forward, not its ``__call__``: a forward pre-hook (steering the
+    input, ``a + 1``) or a forward hook (steering the output, ``o + 0.5``) runs in the model's forward alone, and the
+    rule reads the input after the pre-hook. Run inside ``x̂`` too, the pre-hook made the input ``x + 2`` (the whole
+    model went to the generic rule) and the hook gave ``x̂ + 0.5`` (the norm went to it); switched on after a first call
+    (whose coverage check is kept), the diagonal was 0.15 relative off the oracle."""
+    torch.manual_seed(0)
+    model, x, steer = SteeredNet().double(), torch.randn(5, 3, dtype=torch.float64), {"on": hook != "steered later"}
+    if hook == "pre":
+        model.norm.register_forward_pre_hook(lambda module, args: (args[0] + 1.0,))
+    else:
+        model.norm.register_forward_hook(lambda module, args, out: out + 0.5 if steer["on"] else out)
+    if not steer["on"]:
+        torchfim.fisher(model, x, structure="diag")
+        steer["on"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torchfim.fisher(model, x, structure="diag")
+    want = exact_fisher(model, x, "categorical").diagonal()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-15 * want.abs().max()), (got - want).abs().max()
+    backend, rules = module_rules(model, x)
+    assert isinstance(rules["norm"], NormRule) and not backend.demoted
+
+
+def test_a_hook_on_an_own_norm_fires_once_per_forward_of_the_model() -> None:
+    """An activation recorder on an own norm fires as often as one on the layer before it: once per forward of the
+    model that the call makes (it fired 7 times where the model ran 5, twice more in the rule's ``x̂``)."""
+    torch.manual_seed(0)
+    model, fired = SteeredNet().double(), {"a": 0, "norm": 0}
+    for name in fired:
+        model.get_submodule(name).register_forward_hook(lambda module, args, out, name=name: fired.update(
+            {name: fired[name] + 1}))
+    torchfim.fisher(model, torch.randn(5, 3, dtype=torch.float64), structure="diag")
+    assert fired["a"] > 0 and fired["norm"] == fired["a"], fired
+
+
+class PrenormRMSNorm(T5LayerNorm):
+    """A prenorm fused RMSNorm's forward (flash-attn's, Mamba's): the residual added first, ``(normed, residual)``
+    returned; in float32 inside where ``float32``; ``(residual, normed)`` where ``residual_first``."""
+
+    def __init__(self, d: int, float32: bool = False, residual_first: bool = False) -> None:
+        super().__init__(d)
+        self.float32, self.residual_first = float32, residual_first
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        variance = (x.to(torch.float32) if self.float32 else x).pow(2).mean(-1, keepdim=True)
+        normed = self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+        return (x, normed) if self.residual_first else (normed, x)
+
+
+class PrenormNet(nn.Module):
+    def __init__(self, norm_first: bool, **kwargs: bool) -> None:
+        super().__init__()
+        self.norm_first, self.a, self.norm, self.b = norm_first, nn.Linear(3, 3), PrenormRMSNorm(3, **kwargs), \
+            nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_first:
+            normed, residual = self.norm(x)[:: -1 if self.norm.residual_first else 1]
+            return self.b(torch.tanh(self.a(normed))) + 0.1 * residual.sum(-1, keepdim=True)
+        normed, residual = self.norm(self.a(x))
+        return self.b(normed) + 0.1 * residual.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("settings", [{"norm_first": False}, {"norm_first": True, "float32": True},
+                                      {"norm_first": True, "float32": True, "residual_first": True}],
+                         ids=["residual with grad", "float32", "float32, residual first"])
+def test_an_own_norm_that_returns_its_residual_too_keeps_the_rule(settings: dict) -> None:
+    """An own norm that returns ``(normed, residual)`` keeps the rule, its ``x̂`` the output its kind was found on (it
+    went to the generic rule: the rule's ``x̂`` was the tuple). Its ``x̂`` is its own forward's, not recomputed: the
+    norm taking its variance in float32 (first in the model, as in the float32 test above) equals the oracle to
+    1e-12, with its residual returned first or last."""
+    torch.manual_seed(0)
+    model, x = PrenormNet(**settings).double(), torch.randn(5, 3, dtype=torch.float64)
+    got, want = torchfim.fisher(model, x, structure="diag"), exact_fisher(model, x, "categorical").diagonal()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-15 * want.abs().max()), (got - want).abs().max()
+    backend, rules = module_rules(model, x)
+    assert isinstance(rules["norm"], NormRule) and not backend.demoted

@@ -20,12 +20,14 @@ float32 inside a float64 model).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .base import Call, Grads, Rule, as_float
+from .generic import tensors_of
 
 #: torch's RMSNorm (torch >= 2.4; an older torch has none, and its models have only their own classes).
 _RMS_NORM: tuple[type, ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -72,24 +74,53 @@ def own_norm_kind(module: nn.Module, call: Call) -> tuple[str, bool] | None:
     x, out, weight = call.args[0] if call.args else None, call.taps[0].detach() if call.taps else None, module.weight
     if not isinstance(x, Tensor) or out is None or out.shape != x.shape or x.shape[-1] != weight.numel():
         return None
-    bias = module.bias.detach() if isinstance(getattr(module, "bias", None), Tensor) else 0
-    tolerance = max(32 * torch.finfo(out.dtype).eps, 1e-5)
     for kind in OWN_KINDS:
         x_hat = normalised(module, x.to(out.dtype), kind)
-        for shifted, scale in ((False, weight), (True, 1 + weight)):
-            if torch.allclose(out, x_hat * scale.detach() + bias, rtol=tolerance, atol=tolerance * out.abs().max().item()):
+        for shifted in (False, True):
+            if _gives(module, x_hat, shifted, out):
                 return kind, shifted
     return None
 
 
-def own_normalised(module: nn.Module, x: Tensor, shifted: bool) -> Tensor:
+def _gives(module: nn.Module, x_hat: Tensor, shifted: bool, out: Tensor) -> bool:
+    """Whether the module's affine map of ``x̂`` gives ``out`` (to float32's precision at least)."""
+    weight = module.weight.detach()
+    bias = module.bias.detach() if isinstance(getattr(module, "bias", None), Tensor) else 0
+    tolerance = max(32 * torch.finfo(out.dtype).eps, 1e-5)
+    return torch.allclose(out, x_hat * (1 + weight if shifted else weight) + bias, rtol=tolerance,
+                          atol=tolerance * out.abs().max().item())
+
+
+def own_normalised(module: nn.Module, x: Tensor, shifted: bool, out: Tensor) -> Tensor | None:
     """``x̂`` of a norm of its own class as its forward computes it (in float32 where it does): its output with the
-    identity affine map, ``γ = 1`` (``0`` where it scales by ``1 + γ``) and ``β = 0``."""
-    identity = {"weight": torch.zeros_like(module.weight) if shifted else torch.ones_like(module.weight)}
-    if isinstance(getattr(module, "bias", None), Tensor):  # a parameter or a buffer: functional_call swaps either
-        identity["bias"] = torch.zeros_like(module.bias)
+    identity affine map, ``γ = 1`` (``0`` where it scales by ``1 + γ``) and ``β = 0``; None where that output is not
+    found.
+
+    The forward runs on a shallow copy of the module whose parameters (and buffers) are new dicts holding the
+    identity, called as its class's ``forward``, not through ``__call__``: the user's forward pre-hooks and hooks
+    (a steering hook, an activation recorder, accelerate's offload or DeepSpeed's gather hooks) and global hooks
+    do not run, and the module's own parameters are never swapped (``torch.func.functional_call`` runs the hooks
+    and swaps them). ``x`` is the recorded input, the forward's own: after any forward pre-hook, as the model ran.
+    ``out`` is the call's recorded output (its first tap, on which :func:`own_norm_kind` found the kind)."""
+    bare, identity = copy.copy(module), {"weight": 0.0 if shifted else 1.0}
+    if isinstance(getattr(module, "bias", None), Tensor):
+        identity["bias"] = 0.0
+    for name, fill in identity.items():  # a parameter, a buffer or a plain attribute: the copy's own dict holds it
+        real = getattr(module, name)
+        value = torch.full(real.shape, fill, dtype=real.dtype, device=x.device)
+        where = next((d for d in ("_parameters", "_buffers") if name in module.__dict__[d]), None)
+        if where is None:
+            bare.__dict__[name] = value
+        else:
+            bare.__dict__[where] = {**bare.__dict__[where], name: value}
     with torch.no_grad():
-        return functional_call(module, identity, (x,))
+        returned = type(module).forward(bare, x)
+        if isinstance(returned, Tensor):
+            return returned if returned.shape == x.shape else None
+        # Several outputs (a prenorm fused RMSNorm's ``(normed, residual)``): the one at the place of the output
+        # the kind was found on, which the affine map takes to it.
+        return next((t for t in tensors_of(returned) if t.shape == x.shape and _gives(module, t, shifted, out)),
+                    None)
 
 
 def _eps(module: nn.Module) -> object:
@@ -164,10 +195,10 @@ class NormRule(Rule):
         out: Grads = {}
         if "weight" in self.params:
             if "normalised" not in call.cache:  # once per call, not per chunk and group of vectors
-                x = call.args[0]
-                x_hat = (normalised(self.module, x, self.kind) if self.shifted is None
-                         else own_normalised(self.module, x, self.shifted))
-                call.cache["normalised"] = as_float(x_hat)
+                x = call.args[0]  # the forward's own input, after any forward pre-hook of the user's
+                x_hat = None if self.shifted is None else own_normalised(self.module, x, self.shifted,
+                                                                         call.batch_first(call.taps[0].detach()))
+                call.cache["normalised"] = as_float(normalised(self.module, x, self.kind) if x_hat is None else x_hat)
             out[self.params["weight"]] = self._fold(g * call.cache["normalised"][rows].unsqueeze(0))
         if "bias" in self.params:
             out[self.params["bias"]] = self._fold(g)
