@@ -43,6 +43,13 @@ def process_group() -> tuple[int, int] | None:
     return distributed.get_rank(), distributed.get_world_size()
 
 
+def says_shared(across_processes: bool) -> bool:
+    """Whether this process warns of a result that ``across_processes`` made the same on every process: all do
+    otherwise, the first alone of a shared one (each said it once more, a user trial)."""
+    place = process_group() if across_processes else None
+    return place is None or place[0] == 0
+
+
 def process_place(across_processes: object) -> tuple[int, int] | None:
     """``(rank, world)`` for ``across_processes=True`` (refused without an initialised process group), else None."""
     if not isinstance(across_processes, bool):
@@ -406,7 +413,8 @@ def check_same_weights(fingerprints: list[float], what: str, buffers: list[float
         raise TorchfimError(DIFFERENT_WEIGHTS.format(what))
     if buffers and not same_weights(list(buffers)) and not _BUFFERS_NAMED:
         _BUFFERS_NAMED = True
-        warn_user(DIFFERENT_BUFFERS.format(what))
+        if says_shared(True):  # every process sees the same gathered buffers
+            warn_user(DIFFERENT_BUFFERS.format(what))
 
 
 #: Whether processes with other buffers were named in this process (:func:`check_same_weights`).

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs, reusable
-from ._processes import announced
+from ._processes import announced, says_shared
 from .combined import combined_variance
 from .engine import ModelView
 from .engine.backend import NoForwardDerivative
@@ -93,11 +93,13 @@ def samples_needed(
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
         raise TorchfimError("the exact Fisher is zero here, so a relative error is undefined; check the model")
-    _name_uninformative(var1[~informative], estimator, var1[informative].max())
+    said = says_shared(across_processes)  # the same k, and the same reasons, on every process of a shared call
+    if said:
+        _name_uninformative(var1[~informative], estimator, var1[informative].max())
     where = informative.nonzero().reshape(-1)
     var1, value = var1[informative].clamp_min(0), value[informative]
     labels = float((var1 / (rel_error * value) ** 2).max())
-    if structure == "diag" and math.isfinite(labels):
+    if structure == "diag" and math.isfinite(labels) and said:
         _name_worst_entry(var1 / (rel_error * value) ** 2, rel_error, where, model, estimator)
     if not math.isfinite(labels):  # (ε·I)² underflowed (tiny ε): the same ratio as ((σ₁/|I|)/ε)²
         labels = float(((var1.sqrt() / value.abs()).max() / rel_error) ** 2)
