@@ -313,7 +313,9 @@ def test_refusals_name_the_fix(ranks) -> None:
         assert said["layers and blocks"] == said["exact n_samples"] == "taken"
         assert "fisher(across_processes=True) needs the same call on every process" in said["other output functions"]
         assert "variance_bound(across_processes=True) needs the same call" in said["other variance outputs"]
-        assert "floating-point buffers different" in rank["buffers"] and "SyncBatchNorm" in rank["buffers"]
+    first, other = ranks[0]["buffers"], ranks[1]["buffers"]  # the gathered buffers, the same everywhere: said once
+    assert "floating-point buffers different" in first and "SyncBatchNorm" in first
+    assert "floating-point buffers different" not in other
     for case, own, call in (("bad argument on one", "unknown structure 'diagnal'", "fisher"),
                             ("bad option on one", "takes no keyword argument 'n_sample'", "variance_bound"),
                             ("bad target on one", "rel_error", "fisher_variance"),  # samples_needed's first
