@@ -3,8 +3,13 @@
 Each test names its row of docs/peers.md. Covered here: BackPACK's ``SumGradSquared``, ``Variance`` and
 ``BatchGrad`` of a ``reduction="mean"`` loss; curvlinops with ``MSELoss(reduction="mean")`` (over ``C``
 outputs and on ``(N, T, C)`` outputs); laplace-torch's posterior precision with the empirical-Fisher back-ends in
-regression; ASDL's ``FisherConfig``; and the padded sequences (curvlinops' GGN and EF with several padded
-mini-batches, mean and sum reductions; BackPACK's ``DiagGGNExact``, which counts the padded positions).
+regression; ASDL's ``FisherConfig``; the padded sequences (curvlinops' GGN and EF with several padded
+mini-batches, mean and sum reductions; BackPACK's ``DiagGGNExact``, which counts the padded positions);
+``BCEWithLogitsLoss`` in BackPACK and curvlinops; and the peers' Monte-Carlo Fishers (BackPACK's ``DiagGGNMC``,
+curvlinops' ``FisherMCLinearOperator``), which are torchfim's ``estimator="score"`` in distribution on outputs
+without positions: their mean over repetitions is checked against the exact Fisher within a tolerance from
+``fisher_variance``, and their spread against ``fisher_variance`` itself (with positions, curvlinops' spread is
+smaller).
 
 Notation: ``n`` inputs, ``C`` outputs, ``E`` torchfim's empirical Fisher (``estimator="empirical"``), ``F`` its
 exact Fisher; ``MSELoss`` is ``‖f − y‖²``, twice the unit-Gaussian negative log-likelihood.
@@ -31,7 +36,7 @@ asdl = clients.need("asdl")
 from asdl import FISHER_EMP, FISHER_EXACT, FisherConfig, get_fisher_maker  # noqa: E402
 from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE  # noqa: E402
 from asdl.matrices import SHAPE_DIAG, SHAPE_FULL  # noqa: E402
-from backpack.extensions import BatchGrad, DiagGGNExact, SumGradSquared, Variance  # noqa: E402
+from backpack.extensions import BatchGrad, DiagGGNExact, DiagGGNMC, SumGradSquared, Variance  # noqa: E402
 from laplace.curvature import AsdlEF, BackPackEF, CurvlinopsEF  # noqa: E402
 
 pytestmark = [  # BackPACK's and ASDL's hooks, not torchfim's
@@ -40,14 +45,17 @@ pytestmark = [  # BackPACK's and ASDL's hooks, not torchfim's
 ]
 
 N, C, TOL = 12, 3, 1e-10
-LOSSES = {"categorical": nn.CrossEntropyLoss, "gaussian": nn.MSELoss}
+LOSSES = {"categorical": nn.CrossEntropyLoss, "gaussian": nn.MSELoss, "bernoulli": nn.BCEWithLogitsLoss}
 
 
 def problem(family: str, n: int = N) -> tuple[nn.Module, Tensor, Tensor]:
-    """``tanh_mlp(C)`` (51 parameters), ``n`` inputs and targets of ``family``."""
+    """``tanh_mlp(C)`` (51 parameters), ``n`` inputs and targets of ``family``; for ``"bernoulli"``
+    ``tanh_mlp(1)`` (41 parameters), one logit per input, and float targets 0 or 1 of shape ``(n, 1)``."""
     g = torch.Generator().manual_seed(5)
     if family == "categorical":
         y = torch.randint(0, C, (n,), generator=g)
+    elif family == "bernoulli":
+        return tanh_mlp(1), mlp_inputs(n), torch.randint(0, 2, (n, 1), generator=g).double()
     else:
         y = torch.randn(n, C, generator=g, dtype=torch.float64)
     return tanh_mlp(C), mlp_inputs(n), y
@@ -69,7 +77,7 @@ def run_backpack(model: nn.Module, loss: nn.Module, x: Tensor, y: Tensor, *exten
         backpack.extend(loss)(ext(x), y).backward()
     params = list(ext.parameters())
     out = {"grad": torch.cat([p.grad.reshape(-1) for p in params])}
-    for name in ("sum_grad_squared", "variance", "diag_ggn_exact"):
+    for name in ("sum_grad_squared", "variance", "diag_ggn_exact", "diag_ggn_mc"):
         if hasattr(params[0], name):
             out[name] = torch.cat([getattr(p, name).reshape(-1) for p in params])
     if hasattr(params[0], "grad_batch"):
@@ -159,6 +167,108 @@ def test_laplace_empirical_posterior_precision_in_regression(backend) -> None:
     want = 2 * N * sigma**2 * empirical(model, x, Gaussian(sigma=sigma), y, structure="full")
     assert clients.rel_err(got, want) < TOL
     assert clients.rel_err(got, 2 * N / sigma**2 * empirical(model, x, "gaussian", y, structure="full")) < TOL
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_backpack_bce_with_logits(reduction: str) -> None:
+    """peers.md, BackPACK ``BCEWithLogitsLoss`` row (one logit per input): the ``CrossEntropyLoss`` factors with
+    ``family="bernoulli"``: ``DiagGGNExact`` ``n ×`` / ``1 ×`` the diagonal, ``SumGradSquared`` ``n ×`` / ``1/n ×``
+    the empirical diagonal, ``BatchGrad``'s ``(1/n) Σ gᵢgᵢᵀ`` ``1 ×`` / ``1/n² ×`` the empirical Fisher."""
+    model, x, y = problem("bernoulli")
+    got = run_backpack(model, nn.BCEWithLogitsLoss(reduction=reduction), x, y,
+                       DiagGGNExact(), SumGradSquared(), BatchGrad())
+    exact = torchfim.fisher(model, x, family="bernoulli", structure="diag")
+    e = empirical(model, x, "bernoulli", y, structure="full")
+    total = reduction == "sum"
+    assert clients.rel_err(got["diag_ggn_exact"], (N if total else 1) * exact) < TOL
+    assert clients.rel_err(got["sum_grad_squared"], (N if total else 1 / N) * e.diagonal()) < TOL
+    grads = got["grad_batch"]
+    assert clients.rel_err(grads.T @ grads / N, (1 if total else 1 / N**2) * e) < TOL
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize(("operator", "estimator"), [("GGNLinearOperator", "exact"),
+                                                     ("EFLinearOperator", "empirical")])
+def test_curvlinops_bce_with_logits(operator: str, estimator: str, reduction: str) -> None:
+    """peers.md, curvlinops ``BCEWithLogitsLoss`` row (one logit per input): ``GGNLinearOperator`` ``n ×`` (sum) /
+    ``1 ×`` (mean) ``fisher(family="bernoulli")``, ``EFLinearOperator`` the same of the empirical Fisher
+    (mini-batches 5 and 7)."""
+    model, x, y = problem("bernoulli")
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]
+    op = getattr(curvlinops, operator)(model, nn.BCEWithLogitsLoss(reduction=reduction), list(model.parameters()),
+                                       data)
+    targets = y if estimator == "empirical" else None
+    want = torchfim.fisher(model, x, family="bernoulli", estimator=estimator, targets=targets, structure="full")
+    assert clients.rel_err(op @ eye(model), (N if reduction == "sum" else 1) * want) < TOL
+
+
+# ---- Monte-Carlo Fishers ------------------------------------------------------------------------------------------
+
+MC_SAMPLES, MC_REPEATS = 2, 200
+
+
+def assert_score_in_distribution(draws: Tensor, model: nn.Module, x: Tensor, family: str, factor: float) -> None:
+    """``draws`` (``(R, P)``, ``R`` repetitions of a peer's Monte-Carlo diagonal with ``MC_SAMPLES`` labels per input)
+    are ``factor ×`` torchfim's ``fisher(estimator="score", n_samples=MC_SAMPLES)`` in distribution: their mean is
+    ``factor ×`` the exact diagonal within 5 standard errors ``factor·√(V/R)`` in every entry, with ``V`` torchfim's
+    ``fisher_variance``, and their variance over repetitions is ``factor²·V`` (median ratio within [0.8, 1.25]; the
+    sample variance of one entry over 200 repetitions is within ±10 %, one standard deviation)."""
+    exact = torchfim.fisher(model, x, family=family, structure="diag")
+    v = torchfim.fisher_variance(model, x, family=family, estimator="score", structure="diag", n_samples=MC_SAMPLES)
+    assert bool((v > 0).all())
+    z = (draws.mean(0) - factor * exact).abs() / (factor * (v / len(draws)).sqrt())
+    assert float(z.max()) < 5
+    ratio = float((draws.var(0) / (factor**2 * v)).median())
+    assert 0.8 < ratio < 1.25
+
+
+@pytest.mark.parametrize(("family", "reduction", "factor"), [("categorical", "sum", N), ("categorical", "mean", 1),
+                                                             ("gaussian", "sum", 2 * N), ("bernoulli", "mean", 1)])
+def test_backpack_diag_ggn_mc_is_score_estimator(family: str, reduction: str, factor: float) -> None:
+    """peers.md, BackPACK ``DiagGGNMC(mc_samples=k)`` row: the exact rows' factors (``n``, ``1``, ``2n`` for
+    ``MSELoss(reduction="sum")``) times ``fisher(estimator="score", n_samples=k)``, in distribution."""
+    model, x, y = problem(family)
+    draws = []
+    for r in range(MC_REPEATS):
+        torch.manual_seed(100 + r)  # BackPACK draws from torch's global generator
+        draws.append(run_backpack(model, LOSSES[family](reduction=reduction), x, y,
+                                  DiagGGNMC(mc_samples=MC_SAMPLES))["diag_ggn_mc"])
+    assert_score_in_distribution(torch.stack(draws), model, x, family, factor)
+
+
+@pytest.mark.parametrize(("family", "reduction", "factor"), [("categorical", "sum", N), ("gaussian", "mean", 2 / C),
+                                                             ("bernoulli", "sum", N)])
+def test_curvlinops_fisher_mc_is_score_estimator(family: str, reduction: str, factor: float) -> None:
+    """peers.md, curvlinops ``FisherMCLinearOperator(mc_samples=k)`` row: the ``GGNLinearOperator`` rows' factors
+    times ``fisher(estimator="score", n_samples=k)``, in distribution (its diagonal; mini-batches 5 and 7)."""
+    model, x, y = problem(family)
+    data, identity = [(x[:5], y[:5]), (x[5:], y[5:])], eye(model)
+    draws = [(curvlinops.FisherMCLinearOperator(model, LOSSES[family](reduction=reduction), list(model.parameters()),
+                                                data, mc_samples=MC_SAMPLES, seed=r, check_deterministic=False)
+              @ identity).diagonal() for r in range(MC_REPEATS)]
+    assert_score_in_distribution(torch.stack(draws), model, x, family, factor)
+
+
+def test_curvlinops_fisher_mc_on_positions_has_less_spread() -> None:
+    """peers.md, Monte-Carlo rows, outputs with positions: curvlinops' ``FisherMCLinearOperator`` pairs each
+    position's draw with itself alone (its outputs flattened to ``(N·T, C)``), so its mean is the
+    ``MSELoss(reduction="mean")`` row's ``2/(C·T) ×`` the Gaussian Fisher, but its spread is below that of torchfim's
+    ``estimator="score"``, whose draw for an input sums its positions' scores first (about a third of
+    ``fisher_variance``, median over the entries, here)."""
+    t = 5
+    model = tanh_mlp(C)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, t, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(N, t, C, generator=g, dtype=torch.float64)
+    data, identity, factor = [(x[:4], y[:4]), (x[4:], y[4:])], eye(model), 2 / (C * t)
+    draws = torch.stack([(curvlinops.FisherMCLinearOperator(model, nn.MSELoss(), list(model.parameters()), data,
+                                                            mc_samples=MC_SAMPLES, seed=r, check_deterministic=False)
+                          @ identity).diagonal() for r in range(MC_REPEATS)])
+    exact = torchfim.fisher(model, x, family="gaussian", structure="diag")
+    v = torchfim.fisher_variance(model, x, family="gaussian", estimator="score", structure="diag",
+                                 n_samples=MC_SAMPLES)
+    assert float(((draws.mean(0) - factor * exact).abs() / (factor * (v / MC_REPEATS).sqrt())).max()) < 5
+    assert float((draws.var(0) / (factor**2 * v)).median()) < 0.5
 
 
 ASDL_DATA_SIZE = 40
