@@ -226,6 +226,10 @@ def test_two_callbacks_with_one_name_or_csv_file_are_refused_before_training(tmp
         _train_pair(tmp_path / "same", csv_path=(tmp_path / "trace.csv",) * 2)
     with pytest.raises(TorchfimError, match=r"must be letters, digits, '_', '-' or '.', e.g. name='val', got 'a/b'"):
         FisherTraceCallback(HELD, name="a/b")
+    twice = FisherTraceCallback(HELD)  # one instance added twice logged each record twice (a review)
+    trainer = Trainer(model=_model(), args=_args(tmp_path / "twice"), train_dataset=DATA, callbacks=[twice, twice])
+    with pytest.raises(TorchfimError, match=r"this FisherTraceCallback is added to the Trainer twice"):
+        trainer.train()
 
 
 def test_options_the_monitor_would_refuse_are_refused_when_the_callback_is_built() -> None:

@@ -151,8 +151,13 @@ class FisherTraceCallback(TrainerCallback):
         return Path(args.output_dir) / (self._prefix + CSV_NAME) if self.csv_path is None else Path(self.csv_path)
 
     def _check_alone(self, trainer: Trainer | None, args) -> None:
-        """Refuse another FisherTraceCallback of ``trainer`` (None: not known) with this one's name or CSV file."""
-        for other in [] if trainer is None else trainer.callback_handler.callbacks:
+        """Refuse another FisherTraceCallback of ``trainer`` (None: not known) with this one's name or CSV file, and
+        this one added twice (it would measure, and log each record, twice a step)."""
+        callbacks = [] if trainer is None else trainer.callback_handler.callbacks
+        if sum(other is self for other in callbacks) > 1:
+            raise TorchfimError("this FisherTraceCallback is added to the Trainer twice (callbacks=[...] and "
+                                "add_callback, or add_callback twice), so it would log each record twice; add it once")
+        for other in callbacks:
             if other is self or not isinstance(other, FisherTraceCallback):
                 continue
             if other.name == self.name:
