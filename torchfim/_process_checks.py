@@ -4,11 +4,11 @@ numbers for the one ``all_gather`` and the refusals when they differ: the model'
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
+from ._processes import settings_number
 from .errors import TorchfimError
 
 __all__ = ["check_same_kind", "check_same_outputs", "check_same_wrapping", "model_kind", "names_numbers"]
@@ -83,12 +83,7 @@ def names_numbers(model: torch.nn.Module) -> list[float]:
         return [math.nan, math.nan]
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     bare = [name.removeprefix("module.") for name in names]
-    return [_number(names), _number(bare)]
-
-
-def _number(names: list[str]) -> float:
-    """48 bits of a digest of ``names``, as a float (exact in float64)."""
-    return float(int(hashlib.sha1("\n".join(names).encode()).hexdigest()[:12], 16))
+    return [settings_number(names), settings_number(bare)]
 
 
 def check_same_wrapping(numbers: list[list[float]], what: str) -> None:
