@@ -36,6 +36,6 @@ def output_digest(view: ModelView, rows: Batch) -> list[float]:
     except Exception:  # noqa: BLE001 (before the collective: raising here would leave the other processes waiting)
         return [math.nan] * 4
     eps = torch.finfo(out.dtype).eps
-    out = out.reshape(-1).double().nan_to_num(0.0, 0.0, 0.0)
-    weights = torch.arange(out.numel(), dtype=torch.float64, device=out.device).mul_(_GOLDEN).frac_().add_(0.5)
+    out = out.reshape(-1).to("cpu", torch.float64).nan_to_num(0.0, 0.0, 0.0)  # two rows' outputs (MPS has no float64)
+    weights = torch.arange(out.numel(), dtype=torch.float64).mul_(_GOLDEN).frac_().add_(0.5)
     return [float(out.sum()), float(out @ weights), float(out.abs().sum()), eps]
