@@ -223,6 +223,8 @@ def test_a_full_report_of_more_than_a_minute_says_its_estimate_first(monkeypatch
     monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 300.0)
     assert report_mod.compute_report(model, data, progress=True, max_block=0)["mode"] == "full"
     assert "torchfim report: the full report will take about 5 min here" in capsys.readouterr().err
+    assert report_mod.compute_report(model, data, progress=True, max_block=0, score_only=False)["mode"] == "full"
+    assert "the full report will take about 5 min here" in capsys.readouterr().err  # asked for: said too
     monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 30.0)
     report_mod.compute_report(model, data, progress=True, max_block=0)
     assert "will take about" not in capsys.readouterr().err
