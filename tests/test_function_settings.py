@@ -94,3 +94,25 @@ def test_whole_names_alone_are_each_processs_own_and_large_containers_are_sample
 
     first, second = _per_process(same_set)
     assert first == second
+
+
+def test_more_names_of_a_process_and_any_numpy_array() -> None:
+    """device_idx, gpu_idx, cuda_device, my_rank, rank_in_group and accelerate's process_index are each process's own
+    (fullmatch had lost them: a call alike everywhere was refused); a NumPy array torch cannot wrap (negative strides)
+    is compared by its bytes, where it raised a bare ValueError (a default argument) or was skipped (a closure)."""
+    import numpy as np
+
+    for name in ("device_idx", "gpu_idx", "cuda_device", "my_rank", "rank_in_group", "process_index",
+                 "local_process_index"):
+        code = f"def make(rank):\n    {name} = rank\n    return lambda b: b.to({name})\n"
+        namespace: dict = {}
+        exec(code, namespace)
+        first, second = _per_process(namespace["make"])
+        assert first == second, name
+
+    def flipped(rank):
+        weights = (np.arange(4.0) + rank)[::-1]
+        return lambda o, w=weights: o * float(w[0])
+
+    first, second = _per_process(flipped)
+    assert first != second

@@ -228,3 +228,6 @@ def test_a_full_report_of_more_than_a_minute_says_its_estimate_first(monkeypatch
     monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 30.0)
     report_mod.compute_report(model, data, progress=True, max_block=0)
     assert "will take about" not in capsys.readouterr().err
+    monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 1e6)  # over budget: score-only instead
+    assert report_mod.compute_report(model, data, progress=True, max_block=0)["mode"] == "score_only"
+    assert "will take about" not in capsys.readouterr().err

@@ -253,9 +253,10 @@ _DEPTH = 4
 #: The most items of a container held by a function that :func:`_held_value` compares one by one (larger: its type
 #: and length, so a vocabulary of 200k entries costs nothing per call).
 _ITEMS = 256
-#: Names of held values (closure variables, dict keys) that are each process's own: a device index, a rank (whole
-#: names: ``low_rank`` or ``temperature_device`` are compared).
-_OWN_NAME = re.compile(r"(local_|global_|node_)?(rank|device|gpu|dev)(_?id|_index|_ids|s)?", re.IGNORECASE)
+#: Names of held values (closure variables, dict keys) that are each process's own: a device index, a rank, a process
+#: index (whole names: ``low_rank`` or ``temperature_device`` are compared).
+_OWN_NAME = re.compile(r"(?:(?:local|global|node|my|this|cuda)_)?(?:rank|device|gpu|dev|process_index|local_process_index)"
+                       r"(?:_?ids?|_?idx|_index|_num|_in_[a-z_]+|s)?", re.IGNORECASE)
 #: The most entries of a tensor held by a function that :func:`_held_value` digests (larger: shape and dtype).
 _SMALL = 1 << 16
 
@@ -263,9 +264,10 @@ _SMALL = 1 << 16
 def _cell(cell: types.CellType, depth: int) -> object:
     """A closure cell's value (:func:`_held_value`); an empty cell (a name not yet bound) as None."""
     try:
-        return _held_value(cell.cell_contents, depth)
+        contents = cell.cell_contents
     except ValueError:
         return None
+    return _held_value(contents, depth)
 
 
 def _held_value(value: object, depth: int) -> object:
@@ -283,8 +285,9 @@ def _held_value(value: object, depth: int) -> object:
         return repr(value)
     if isinstance(value, (tuple, list, set, frozenset, Mapping)):
         return _held_container(value, depth)
-    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
-        value = torch.as_tensor(value) if value.dtype.kind in "biuf" else value
+    if type(value).__module__ == "numpy" and hasattr(value, "tobytes") and hasattr(value, "shape"):  # any strides
+        small = value.size <= _SMALL
+        return tuple(value.shape), str(value.dtype), hashlib.sha1(value.tobytes()).hexdigest() if small else None
     if isinstance(value, Tensor):
         return (tuple(value.shape), str(value.dtype),
                 settings_number(value) if value.numel() <= _SMALL and value.device.type != "meta" else None)

@@ -71,7 +71,8 @@ class DampedAlgebra(ABC):
         return solved[0] if len(solved) == 1 else torch.cat(solved)
 
     def logdet(self, damping: float = 0.0) -> Tensor:
-        """``log det(A + λI)``, a 0-dim float64 tensor (the logs summed in float64), ``λ = damping ≥ 0``: ``Σ_p log(d_p + λ)`` for
+        """``log det(A + λI)``, a 0-dim float64 tensor (the logs summed in float64; float32 on Apple's MPS),
+        ``λ = damping ≥ 0``: ``Σ_p log(d_p + λ)`` for
         ``Diag``, ``2 Σᵢ log Lᵢᵢ`` of the Cholesky factor ``L`` for ``Full`` and summed over the blocks of ``Blocks``
         (a block-diagonal matrix's determinant is its blocks'). A Laplace approximation's log evidence takes
         ``−½ log det`` of its posterior precision, ``N·F + δI`` (docs/uses.md). Refused where :meth:`solve` is, with

@@ -74,7 +74,7 @@ def samples_needed(
     rel = real_number(rel_error)
     if rel is None or not (0 < rel and math.isfinite(rel)):
         raise TorchfimError(f"rel_error must be a positive number such as 0.1 (10%), got {rel_error!r}")
-    if rel > 1:  # likely a percentage: rel_error=10 asks for a standard error of 1000% of the value
+    if rel > 1 and says_shared(across_processes):  # likely a percentage: rel_error=10 asks for 1000% of the value
         warn_user(f"torchfim: samples_needed(rel_error={rel_error!r}) asks for a standard error of {100 * rel:g}% of the "
                   f"value; rel_error is a fraction of it: for {rel:g}%, pass rel_error={rel / 100:g}")
     rel_error = rel

@@ -93,7 +93,8 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
                                                             math.prod(outputs.positions))
     spectrum_layers = [i for i, s in enumerate(layout.sizes) if s <= max_block]
     if (score_only is None or (score_only is False and progress)) and beyond is None:  # asked for: the estimate only
-        reason = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers), progress)
+        reason = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers), progress,
+                           falls_back=score_only is None)
         beyond = reason if score_only is None else None
     scoring_only = bool(score_only or beyond is not None)
     sized = measured_time or not scoring_only  # the subset and the spectra shape the steps, or chose score-only
@@ -133,15 +134,16 @@ def _full_report_options(variance_inputs: int | None, max_block: int) -> dict:
 
 
 def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: int, spectra: int,
-              progress: bool) -> str | None:
+              progress: bool, falls_back: bool) -> str | None:
     """Why the full report would take too long (over :data:`~torchfim.report.settings.FULL_REPORT_SECONDS`
-    by :func:`.cost.full_report_seconds`), or None; with ``progress``, a report of more than a minute says its
-    estimate first, also where the full report is asked for (its progress bar's steps are of very uneven length,
-    so the bar's own time left swings)."""
+    by :func:`.cost.full_report_seconds`), or None; with ``progress``, a full report of more than a minute that
+    will run says its estimate first (its progress bar's steps are of very uneven length, so the bar's own time
+    left swings): where it is asked for, or within its budget where ``falls_back`` (the automatic mode) would
+    otherwise give the score-only report."""
     pull_back = time_pull_back(model, data, fam, outputs.mask, outputs.class_dim)
     first = next(p for p in model.parameters() if p.requires_grad)
     seconds = full_report_seconds(pull_back, data.n, m, parameters, spectra, first.dtype, first.device)
-    if progress and 60 < seconds:
+    if progress and 60 < seconds and (seconds <= settings.FULL_REPORT_SECONDS or not falls_back):
         print(f"torchfim report: the full report will take about {seconds / 60:,.0f} min here (estimated from a timed "
               f"pull-back of {pull_back.width:,} output numbers per input); the score-only report (--mode score-only, "
               "score_only=True) takes a fraction of it", file=sys.stderr, flush=True)
