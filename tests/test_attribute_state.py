@@ -100,3 +100,19 @@ def test_the_monitors_refusal_of_such_a_module_names_no_backend_it_cannot_take()
         warnings.simplefilter("ignore")
         monitor.measure(0)
     assert "backend" not in str(err.value)
+
+
+def test_the_reports_refusal_of_such_a_module_names_no_backend_it_cannot_take() -> None:
+    """``torchfim report`` takes no ``backend=`` either: its refusal names freezing the parameters alone (before: it
+    said "Try backend='functional'", which neither the command nor ``compute_report`` takes); ``fisher`` called
+    after it still names the backend (the report's setting ends with it)."""
+    from torchfim import report as report_mod
+
+    torch.manual_seed(0)
+    data = report_mod.Data(torch.randn(5, 4, dtype=torch.float64), None, "test")
+    with warnings.catch_warnings(), pytest.raises(TorchfimError, match=r"module 'block' \(_NeedsItsBatch\).*raised "
+                                                                       r"RuntimeError.*Freeze the module's parameters") as err:
+        warnings.simplefilter("ignore")
+        report_mod.compute_report(_Parent().double(), data, progress=False)
+    assert "backend" not in str(err.value)
+    test_a_module_that_fails_when_run_again_alone_is_named_with_the_ways_out()

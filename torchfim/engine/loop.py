@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from tqdm.auto import tqdm
@@ -41,13 +43,29 @@ def backend_name(backend: str, method: str | None) -> str:
     return backend
 
 
-def make_backend(view: ModelView, backend: str, offers_functional: bool = True) -> Backend:
+#: Whether the public call in progress was given a choice of backend by its caller (False within
+#: :func:`without_backend_choice`).
+_OFFERS_FUNCTIONAL: ContextVar[bool] = ContextVar("torchfim_offers_functional", default=True)
+
+
+@contextmanager
+def without_backend_choice() -> Iterator[None]:
+    """Within: the engine's refusals name no ``backend=``, for a caller of the public functions that takes none
+    (``torchfim report``, whose user cannot pass one)."""
+    token = _OFFERS_FUNCTIONAL.set(False)
+    try:
+        yield
+    finally:
+        _OFFERS_FUNCTIONAL.reset(token)
+
+
+def make_backend(view: ModelView, backend: str, offers_functional: bool | None = None) -> Backend:
     """The backend named ``backend`` for ``view`` (``"auto"``: the per-module backend); ``offers_functional``: whether
     the caller takes ``backend=`` (a module that only the generic rule covers and that fails is refused naming
-    ``backend='functional'`` as a way out only then)."""
+    ``backend='functional'`` as a way out only then; None: as :func:`without_backend_choice` says, else True)."""
     if backend == "functional":
         return FunctionalBackend(view)
-    return PerModuleBackend(view, offers_functional)
+    return PerModuleBackend(view, _OFFERS_FUNCTIONAL.get() if offers_functional is None else offers_functional)
 
 
 def run(

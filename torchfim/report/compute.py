@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..engine.loop import without_backend_choice
 from ..errors import TorchfimError
 from . import settings
 from .assemble import Layout, Setup, assemble
@@ -69,7 +70,7 @@ def compute_report(
     if score_only not in (None, True, False):
         raise TorchfimError(f"score_only must be None (automatic), True or False, got {score_only!r}")
     fam = get_family(family)
-    with library_warnings() as warned:
+    with library_warnings() as warned, without_backend_choice():  # the report takes no backend=: its refusals name none
         results = _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_error, progress, mask,
                            class_dim, score_only, keep_in)
     results["warnings"] = warned
