@@ -11,7 +11,24 @@ import torch
 from ._processes import settings_number
 from .errors import TorchfimError
 
-__all__ = ["check_same_kind", "check_same_outputs", "check_same_wrapping", "model_kind", "names_numbers"]
+__all__ = ["MODEL_NUMBERS", "check_same_kind", "check_same_outputs", "check_same_wrapping", "model_kind",
+           "model_numbers", "model_parts", "names_numbers"]
+
+#: How many numbers :func:`model_numbers` gives: 4 of the outputs, 2 of the kind, 2 of the names.
+MODEL_NUMBERS = 8
+
+
+def model_numbers(model: torch.nn.Module, outputs: list[float]) -> list[float]:
+    """What the processes compare of their models beyond the weights, as numbers for the one ``all_gather``, last in
+    its row: ``outputs`` (:func:`torchfim.engine.output_probe.output_digest`), :func:`model_kind` and
+    :func:`names_numbers`; :func:`model_parts` reads them back."""
+    return [*outputs, *model_kind(model), *names_numbers(model)]
+
+
+def model_parts(every: list[list[float]]) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+    """Every process's outputs' digest, kind and names from the gathered rows, each ending in its
+    :func:`model_numbers`: for :func:`check_same_outputs`, :func:`check_same_kind` and :func:`check_same_wrapping`."""
+    return [e[-8:-4] for e in every], [e[-4:-2] for e in every], [e[-2:] for e in every]
 
 
 #: The dtypes and device kinds that :func:`model_kind` numbers (by their place; -1: another).

@@ -39,7 +39,14 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._process_checks import check_same_kind, check_same_outputs, check_same_wrapping, model_kind, names_numbers
+from ._process_checks import (
+    MODEL_NUMBERS,
+    check_same_kind,
+    check_same_outputs,
+    check_same_wrapping,
+    model_numbers,
+    model_parts,
+)
 from ._processes import (
     Attempt,
     check_same_weights,
@@ -71,7 +78,7 @@ Computed = TypeVar("Computed")
 
 #: A process's numbers in :meth:`RowShare.together`'s collective where it failed before reaching it
 #: (:func:`torchfim._processes.announced`): the failed flag first.
-FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * 8]
+FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * MODEL_NUMBERS]
 
 
 class RowShare:
@@ -119,11 +126,12 @@ class RowShare:
         feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
         numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers,
-                   *self._outputs, *model_kind(model), *names_numbers(model)]
+                   *model_numbers(model, self._outputs)]
         every = gather_numbers(numbers, model, self.what)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
                                   [e[0] for e in every if e[0]])
-        check_same_wrapping([e[12:14] for e in every], self.what)
+        digests, kinds, names = model_parts(every)
+        check_same_wrapping(names, self.what)
         if len({e[4] for e in every}) > 1:  # before any sum: the processes' sums would not pair up
             raise TorchfimError(
                 f"{self.what} needs the same call on every process (the same estimator, family, structure, n_samples, "
@@ -132,7 +140,7 @@ class RowShare:
                 "an output or mask function chosen by rank or holding a value chosen by rank, as lambda o: o * scale "
                 "with scale = 1 + rank, or a layer frozen on one process alone, differs between them)"
             )
-        check_same_kind([e[10:12] for e in every], self.what)  # before the inputs: each takes them in its own
+        check_same_kind(kinds, self.what)  # before the inputs: each takes them in its own
         if len({e[1] for e in every}) > 1:
             raise TorchfimError(
                 f"{self.what} needs the same inputs in the same order on every process (each computes "
@@ -142,7 +150,7 @@ class RowShare:
             )
         check_same_weights([e[3] for e in every], self.what, [e[5] for e in every])
         if same_weights([e[5] for e in every]):  # other buffers (warned of) move the outputs too
-            check_same_outputs([e[6:10] for e in every], self.what)
+            check_same_outputs(digests, self.what)
         if self._labels is not None and len({e[2] for e in every}) < self.world:
             raise TorchfimError(
                 f"{self.what}: two processes' label generators are in the same state, so their "

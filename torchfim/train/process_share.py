@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._process_checks import check_same_kind, check_same_outputs, check_same_wrapping, model_kind, names_numbers
+from .._process_checks import check_same_kind, check_same_outputs, check_same_wrapping, model_numbers, model_parts
 from .._processes import (
     Attempt,
     check_same_weights,
@@ -95,17 +95,18 @@ class ProcessShare:
                                                                              [math.nan] * 4)
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                                float(attempt.failed), self.checksum, state, weights, call, buffers, *outputs,
-                                *model_kind(model), *names_numbers(model)], model, WHAT)
+                                float(attempt.failed), self.checksum, state, weights, call, buffers,
+                                *model_numbers(model, outputs)], model, WHAT)
         t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
-        check_same_wrapping([e[16:18] for e in every], WHAT)
+        digests, kinds, names = model_parts(every)
+        check_same_wrapping(names, WHAT)
         if len({e[8] for e in every}) > 1:  # before any record: the shares would be of other measurements
             raise TorchfimError(SETTINGS_DIFFER)
-        check_same_kind([e[14:16] for e in every], WHAT)  # before the weights, which another dtype moves
+        check_same_kind(kinds, WHAT)  # before the weights, which another dtype moves
         _check_alike([e[5] for e in every], [e[6] for e in every], [e[7] for e in every], [e[9] for e in every])
         if same_weights([e[9] for e in every]):  # other buffers (warned of) move the outputs too
-            check_same_outputs([e[10:14] for e in every], "FisherTraceMonitor(across_processes=True)")
+            check_same_outputs(digests, WHAT)
         return t, v, p, int(n)
 
     def built(self, model: nn.Module) -> None:
