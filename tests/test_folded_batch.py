@@ -156,6 +156,22 @@ def test_a_sequence_first_encoder_layer_keeps_its_rules_and_equals_the_dense_ora
     assert_equals_dense(_fisher_quietly(model, x, structure), exact_fisher(model, x, "categorical"), model, structure)
 
 
+@pytest.mark.parametrize("batches", [[(4, 4)], [(3, 4), (4, 4)], [(6, 2)]],
+                         ids=["first batch", "a later batch", "two positions"])
+def test_a_sequence_first_batch_with_as_many_positions_as_inputs_reads_sequence_first(batches: list) -> None:
+    """``(T, B, d)`` with ``T = B`` reads either way. It was read batch first, silently: the Fisher was 34% off on a
+    first batch of 4 sequences of 4, 18% on a later one. Now a module found sequence first (by the check, on a batch
+    of another size) is read so; and with 2 positions the check takes 3 inputs, not 2 (its 2 read either way, and the
+    layers went to the generic rule with a warning that blamed torch.func)."""
+    torch.manual_seed(0)
+    model = _SequenceFirstEncoder().double().eval()
+    for n, positions in batches:
+        x = torch.randn(n, positions, 3, dtype=torch.float64)
+        assert_equals_dense(_fisher_quietly(model, x, "diag"), exact_fisher(model, x, "categorical"), model, "diag")
+    backend, rules = module_rules(model, x)
+    assert not backend.moved and isinstance(rules["encoder.linear1"], LinearRule)
+
+
 class _Windows(nn.Module):
     """A Linear on windows: ``(B, 4·L, d)`` cut into ``(B·4, L, d)``, sample by sample (as Swin's attention)."""
 

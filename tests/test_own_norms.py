@@ -241,3 +241,32 @@ def test_an_own_norm_that_returns_its_residual_too_keeps_the_rule(settings: dict
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-15 * want.abs().max()), (got - want).abs().max()
     backend, rules = module_rules(model, x)
     assert isinstance(rules["norm"], NormRule) and not backend.demoted
+
+
+class RowsRegrouped(nn.Module):
+    """Calls its norm on the rows of ``(B, T, d)`` in another layout: the batch folded into the rows,
+    ``(B·T, d)``, or sequence first, ``(T, B, d)``."""
+
+    def __init__(self, norm: nn.Module, layout: str) -> None:
+        super().__init__()
+        self.norm, self.layout = norm, layout
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.layout == "folded":
+            return self.norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+        return self.norm(h.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("layout", ["folded", "sequence_first"])
+def test_an_own_norm_on_regrouped_rows_keeps_the_rule_of_its_kind(layout: str) -> None:
+    """The kind of an own norm called on rows in another layout is read in the layout its input is kept in: the
+    output and the input were compared as they came and as kept, never the same shape, so the norm went to the
+    generic rule (a class first met so)."""
+    norm_class = type("RegroupedCohereNorm", (CohereLayerNorm,), {})  # a class of its own: no kind known for it yet
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), RowsRegrouped(norm_class(4), layout), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    backend, rules = module_rules(model, x)
+    assert isinstance(rules["1.norm"], NormRule) and rules["1.norm"].kind == "layer" and not backend.demoted
+    assert_same_fisher(torchfim.fisher(model, x, structure="diag"),
+                       torchfim.fisher(model, x, structure="diag", backend="functional"))

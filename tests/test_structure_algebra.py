@@ -154,6 +154,25 @@ def test_a_result_of_another_model_is_refused_with_what_differs() -> None:
         torchfim.as_structure([diag], model)
 
 
+def test_blocks_in_another_order_are_taken_in_thetas_order() -> None:
+    """A dict of the model's blocks in another order (sorted by name, say) was refused as of another model."""
+    model, x = _tied_model(), torch.randn(6, 3, dtype=torch.float64)
+    blocks = torchfim.fisher(model, x, structure="blocks")
+    shuffled = torchfim.as_structure(dict(sorted(blocks.items(), reverse=True)), model)
+    torch.testing.assert_close(shuffled.to_dense(), torchfim.as_structure(blocks, model).to_dense(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "blocks"])
+def test_a_tied_parameter_s_other_name_gives_its_block(structure: str) -> None:
+    """``block('4.weight')`` of a weight tied to ``2.weight`` said there was no trainable parameter of that name; it is
+    the same tensor, whose block θ holds under its first name. A name of no parameter is still refused."""
+    model, x = _tied_model(), torch.randn(6, 3, dtype=torch.float64)
+    s = torchfim.as_structure(torchfim.fisher(model, x, structure=structure), model)
+    torch.testing.assert_close(s.block("4.weight"), s.block("2.weight"), rtol=0, atol=0)
+    with pytest.raises(TorchfimError, match="no trainable parameter named '4.scale'"):
+        s.block("4.scale")
+
+
 def test_the_docstring_examples_run() -> None:
     import doctest
 

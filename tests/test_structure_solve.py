@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,71 @@ def test_float32_solves_to_its_precision_and_names_the_float64_copy() -> None:
     assert float((s.mv(x) + lam * x - v).norm() / v.norm()) < 1e-4
     with pytest.raises(TorchfimError, match=r"or use a float64 copy: as_structure\(result\.double\(\), model\)\.solve\(\.\.\.\)"):
         s.solve(v)
+
+
+def test_a_float32_blocks_refusal_names_a_float64_copy_that_runs() -> None:
+    """The float64 copy a refusal of float32 blocks names is one a dict of blocks can make (``result.double()`` was
+    named, which a dict has not), and it solves with a quarter of the damping float32 needs."""
+    model = _model().float()
+    blocks = torchfim.fisher(model, _inputs().float(), structure="blocks")
+    s = torchfim.as_structure(blocks, model)
+    v = torch.ones(s.layout.num_params)
+    with pytest.raises(TorchfimError) as caught:
+        s.solve(v)
+    said = "as_structure({name: block.double() for name, block in result.items()}, model).solve(...)"
+    assert said in str(caught.value)
+    lam = float(re.search(r"pass damping > ([0-9.e+-]+)", str(caught.value)).group(1)) / 4
+    wide = torchfim.as_structure({name: block.double() for name, block in blocks.items()}, model)
+    x = wide.solve(v.double(), damping=lam)
+    torch.testing.assert_close(wide.mv(x) + lam * x, v.double())
+
+
+def test_an_indefinite_float32_estimate_names_no_float64_copy() -> None:
+    """Eigenvalues below 0 beyond rounding stay there in float64: the refusal names only the damping."""
+    model = _model().float()
+    s = torchfim.as_structure(torchfim.fisher(model, _inputs().float(), structure="full", estimator="hessian",
+                                              n_samples=1, generator=torch.Generator().manual_seed(3)), model)
+    assert float(torch.linalg.eigvalsh(s.to_dense())[0]) < -1e-3
+    with pytest.raises(TorchfimError, match="negative eigenvalues") as caught:
+        s.solve(torch.ones(s.layout.num_params))
+    assert "float64" not in str(caught.value)
+
+
+def test_a_diagonal_entry_that_overflows_the_solve_is_refused_by_name() -> None:
+    """A float32 diagonal entry of 1e-39 gave an infinite entry without a word, where Full refuses the same matrix."""
+    model = _model().float()
+    diag = torchfim.fisher(model, _inputs().float(), structure="diag").clone()
+    s = torchfim.as_structure(diag, model)
+    diag[s.layout.span(s.layout.index("2.weight")).start + 1] = 1e-39
+    with pytest.raises(TorchfimError, match=r"overflowed float32 \(the first entry in '2\.weight', where d \+ λ = "
+                                            r"1e-39\); pass a damping, e\.g\. .*or solve a float64 copy"):
+        s.solve(torch.ones(len(diag)))
+    assert bool(torch.isfinite(torchfim.as_structure(diag.double(), model).solve(torch.ones(len(diag)).double())).all())
+
+
+@pytest.mark.parametrize("damping", [torch.tensor([0.5]), np.array([0.5]), [0.5], (0.5,), np.float32(0.5)],
+                         ids=["tensor", "array", "list", "tuple", "numpy number"])
+def test_a_damping_of_one_entry_is_that_number(damping: object) -> None:
+    """laplace-torch's ``prior_precision`` is a tensor of shape (1,): it was refused as 'not a finite number ≥ 0'."""
+    s = _structure(_model(), "full")
+    v = torch.ones(s.layout.num_params, dtype=torch.float64)
+    torch.testing.assert_close(s.solve(v, damping=damping), s.solve(v, damping=0.5))
+    assert float(s.logdet(damping)) == float(s.logdet(0.5))
+
+
+@pytest.mark.parametrize("kind", [list, np.array, torch.tensor])
+def test_a_damping_per_parameter_is_refused_by_its_shape_alone(kind) -> None:
+    """A list of P values had no per-parameter hint and printed all of them (500,000 characters at P = 10⁵)."""
+    s = _structure(_model(), "diag")
+    p = s.layout.num_params
+    with pytest.raises(TorchfimError, match=rf"damping is one number λ \(A \+ λI\), got a \w+ of shape \({p},\); for a "
+                                            "prior precision per parameter") as caught:
+        s.solve(torch.ones(p, dtype=torch.float64), damping=kind([0.1] * p))
+    assert len(str(caught.value)) < 400
+
+
+def test_a_trace_refuses_solve_for_what_it_keeps_whatever_the_vector() -> None:
+    """A vector of the wrong length was refused for its length first; the length fixed, the trace refused it again."""
+    s = _structure(_model(), "trace")
+    with pytest.raises(TorchfimError, match=r"solve\(\) needs structure='diag', 'blocks' or 'full'"):
+        s.solve(torch.ones(3, dtype=torch.float64), damping=1.0)

@@ -47,6 +47,8 @@ class DampedAlgebra(ABC):
     :data:`DampedParts` (:meth:`_damped_parts`) and checks vectors (``_check_vector``)."""
 
     layout: Layout
+    #: How a user makes a float64 copy of the result, for a refusal in float32 that float64 may lift.
+    _float64_copy = "as_structure(result.double(), model)"
 
     @abstractmethod
     def _damped_parts(self, verb: str) -> DampedParts:
@@ -62,12 +64,14 @@ class DampedAlgebra(ABC):
         and a damping that works, where ``A + λI`` is not positive definite (a Fisher of rank below ``P``, an Î2
         estimate with negative eigenvalues; :mod:`torchfim.damped_solve`). Its relative error is of order ``κ·eps``
         of the dtype (``κ`` the condition number of ``A + λI``): with a small damping in float32, solve a float64
-        copy, ``as_structure(result.double(), model)``."""
+        copy, ``as_structure(result.double(), model)`` (blocks: ``as_structure({name: block.double() for name, block
+        in result.items()}, model)``)."""
+        parts = self._damped_parts("solve()")  # first: a structure that keeps no matrix says so, whatever v is
         v, damping = self._check_vector(v, "solve"), check_damping(damping)
-        parts = self._damped_parts("solve()")
         if isinstance(parts, Tensor):
             return solve_diagonal(parts, v, damping, self.layout)
-        solved = solve_blocks({what: matrix for what, matrix, _ in parts}, [v[span] for _, _, span in parts], damping)
+        solved = solve_blocks({what: matrix for what, matrix, _ in parts}, [v[span] for _, _, span in parts], damping,
+                              self._float64_copy)
         return solved[0] if len(solved) == 1 else torch.cat(solved)
 
     def logdet(self, damping: float = 0.0) -> Tensor:
@@ -81,18 +85,24 @@ class DampedAlgebra(ABC):
         parts = self._damped_parts("logdet()")
         if isinstance(parts, Tensor):
             return logdet_diagonal(parts, damping, self.layout)
-        return logdet_blocks({what: matrix for what, matrix, _ in parts}, damping)
+        return logdet_blocks({what: matrix for what, matrix, _ in parts}, damping, self._float64_copy)
 
 
 
 def check_damping(damping: object) -> float:
-    """The damping λ as a float: a finite number ≥ 0 (a Python or NumPy number, or a 0-dim tensor)."""
-    if isinstance(damping, Tensor) and damping.numel() > 1:  # a prior precision per layer or per parameter
+    """The damping λ as a float: a finite number ≥ 0 (a Python or NumPy number, or a tensor, array or sequence of one
+    entry, as laplace-torch's ``prior_precision``)."""
+    shape = _shape(damping)
+    if shape is not None and math.prod(shape) > 1:  # a prior precision per layer or per parameter
+        kind = "tensor" if isinstance(damping, Tensor) else "array" if hasattr(damping, "shape") else \
+            type(damping).__name__
         raise TorchfimError(
-            f"damping is one number λ (A + λI), got a tensor of shape {tuple(damping.shape)}; for a prior precision "
-            "per parameter, add it to the matrix yourself: as_structure(result + torch.diag(prior), model) for a "
-            "full result, result + prior for a diagonal one, each block plus its part for blocks, then damping=0"
+            f"damping is one number λ (A + λI), got a {kind} of shape {shape}; for a prior "
+            "precision per parameter, add it to the matrix yourself: as_structure(result + torch.diag(prior), model) "
+            "for a full result, result + prior for a diagonal one, each block plus its part for blocks, then damping=0"
         )
+    if shape is not None and math.prod(shape) == 1:
+        damping = damping.reshape(()) if hasattr(damping, "reshape") else damping[0]
     value = real_number(damping)
     if value is None or not 0 <= value < math.inf:
         raise TorchfimError(
@@ -102,11 +112,29 @@ def check_damping(damping: object) -> float:
     return value
 
 
+def _shape(value: object) -> tuple[int, ...] | None:
+    """The shape of a tensor or array, the length of a list or tuple; None for anything else (a number)."""
+    if isinstance(value, (list, tuple)):
+        return (len(value),)
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if isinstance(shape, tuple) and shape else None
+
+
 def solve_diagonal(diagonal: Tensor, v: Tensor, damping: float, layout: Layout) -> Tensor:
     """``v / (d + λ)`` entrywise (each column of a ``(P, k)`` ``v``); refused where an entry of ``d + λ`` is ≤ 0,
+    or so small that a finite ``v`` gives an infinite entry (``Full`` refuses such a matrix as numerically singular),
     naming the parameter tensor of the first."""
     shifted = _shifted_diagonal(diagonal, damping, layout, "solve")
-    return v / (shifted if v.dim() == 1 else shifted.unsqueeze(-1))
+    solved = v / (shifted if v.dim() == 1 else shifted.unsqueeze(-1))
+    overflowed = torch.isinf(solved) & torch.isfinite(v)
+    if bool(overflowed.any()):
+        first = int(overflowed.nonzero()[0, 0])
+        raise TorchfimError(
+            f"solve: dividing by the diagonal plus damping={damping:g} overflowed {str(solved.dtype)[6:]} (the first "
+            f"entry in {layout.locate(first)[0]!r}, where d + λ = {float(shifted[first]):.3g}); pass a damping, e.g. "
+            f"{_suggested(diagonal, 0.0):.3g}, or solve a float64 copy: as_structure(result.double(), model).solve(...)"
+        )
+    return solved
 
 
 def logdet_diagonal(diagonal: Tensor, damping: float, layout: Layout) -> Tensor:
@@ -147,21 +175,22 @@ class _Refusal:
     float32: bool
 
 
-def solve_blocks(blocks: dict[str, Tensor], parts: list[Tensor], damping: float) -> list[Tensor]:
+def solve_blocks(blocks: dict[str, Tensor], parts: list[Tensor], damping: float, float64_copy: str = "") -> list[Tensor]:
     """``(M_b + λI)⁻¹ v_b`` for each symmetric block ``M_b`` (named by the keys) and its part ``v_b`` of ``v``; where
     some block does not factor, one refusal names the block that needs the most damping and a damping that works for
-    every block."""
+    every block (and, in float32 where float64 may do, ``float64_copy``: how to make a float64 copy)."""
     solved = []
-    for factor, v in zip(_factors(blocks, damping, "solve"), parts):
+    for factor, v in zip(_factors(blocks, damping, "solve", float64_copy), parts):
         x = torch.cholesky_solve(v if v.dim() == 2 else v.unsqueeze(-1), factor)
         solved.append(x if v.dim() == 2 else x.squeeze(-1))
     return solved
 
 
-def logdet_blocks(blocks: dict[str, Tensor], damping: float) -> Tensor:
+def logdet_blocks(blocks: dict[str, Tensor], damping: float, float64_copy: str = "") -> Tensor:
     """``Σ_b log det(M_b + λI) = Σ_b 2 Σᵢ log L_b,ii`` over the symmetric blocks; refused as :func:`solve_blocks`
     is."""
-    return _wide_sum(torch.cat([2 * factor.diagonal().log() for factor in _factors(blocks, damping, "logdet")]))
+    factors = _factors(blocks, damping, "logdet", float64_copy)
+    return _wide_sum(torch.cat([2 * factor.diagonal().log() for factor in factors]))
 
 
 def _wide_sum(terms: Tensor) -> Tensor:
@@ -170,13 +199,13 @@ def _wide_sum(terms: Tensor) -> Tensor:
     return terms.to(torch.float32 if terms.device.type == "mps" else torch.float64).sum()
 
 
-def _factors(blocks: dict[str, Tensor], damping: float, verb: str) -> list[Tensor]:
+def _factors(blocks: dict[str, Tensor], damping: float, verb: str, float64_copy: str) -> list[Tensor]:
     """The Cholesky factor of each ``M_b + λI``; where some block has none fit to use, one refusal (for ``verb``) names
     the block that needs the most damping and a damping that works for every block."""
     factors = [_factor(matrix, damping, what, verb) for what, matrix in blocks.items()]
     refusals = [f for f in factors if isinstance(f, _Refusal)]
     if refusals:
-        raise _refused(refusals, damping, verb)
+        raise _refused(refusals, damping, verb, float64_copy)
     return factors
 
 
@@ -201,13 +230,15 @@ def _factor(matrix: Tensor, damping: float, what: str, verb: str) -> Tensor | _R
                     lowest < -tolerance * abs(highest), matrix.dtype == torch.float32)
 
 
-def _refused(refusals: list[_Refusal], damping: float, verb: str) -> TorchfimError:
-    """One error for the blocks that do not factor: the one that needs the most damping, and a damping for all."""
+def _refused(refusals: list[_Refusal], damping: float, verb: str, float64_copy: str) -> TorchfimError:
+    """One error for the blocks that do not factor: the one that needs the most damping, and a damping for all; a
+    float64 copy named where the refusal is float32's rounding (not eigenvalues below 0 beyond it)."""
     worst = max(refusals, key=lambda r: r.need)
     need, suggested = worst.need, max(r.suggested for r in refusals)
     others = (f" ({len(refusals)} blocks need damping; the one below needs the most, and the damping named is for "
               "all of them)" if len(refusals) > 1 else "")
-    wider = f" (or use a float64 copy: as_structure(result.double(), model).{verb}(...))" if worst.float32 else ""
+    rounding = worst.float32 and not any(r.negative for r in refusals)
+    wider = f" (or use a float64 copy: {float64_copy}.{verb}(...))" if rounding and float64_copy else ""
     return TorchfimError(
         f"{verb}: {worst.what} plus damping={damping:g} {worst.state}{others}: its smallest eigenvalue is "
         f"{worst.lowest:.3g} and its largest {worst.highest:.3g}; {_cause(any(r.negative for r in refusals))}; pass "

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import TorchfimError
 
@@ -33,6 +33,8 @@ class Layout:
     shapes: list[torch.Size]
     dtype: torch.dtype
     device: torch.device
+    #: The other names of tied parameters (a weight shared by two modules), each with the name θ holds it under.
+    aliases: dict[str, str] = field(default_factory=dict)
     sizes: list[int] = field(init=False)
     offsets: list[int] = field(init=False)
 
@@ -41,11 +43,13 @@ class Layout:
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
 
     @classmethod
-    def of(cls, named: list[tuple[str, Tensor]]) -> Layout:
+    def of(cls, named: list[tuple[str, Tensor]], model: nn.Module | None = None) -> Layout:
         """The layout of the ``(name, parameter)`` pairs ``named`` (the trainable ones, in ``named_parameters()``
-        order), in the first one's dtype and on its device."""
-        first = named[0][1]
-        return cls([n for n, _ in named], [p.shape for _, p in named], first.dtype, first.device)
+        order), in the first one's dtype and on its device; with the ``model``, the other names of its tied ones."""
+        first, held = named[0][1], {id(p): n for n, p in named}
+        every = [] if model is None else model.named_parameters(remove_duplicate=False)
+        aliases = {n: held[id(p)] for n, p in every if id(p) in held and held[id(p)] != n}
+        return cls([n for n, _ in named], [p.shape for _, p in named], first.dtype, first.device, aliases)
 
     @property
     def num_params(self) -> int:
@@ -68,9 +72,9 @@ class Layout:
         return self.names[i], tuple(reversed(index))
 
     def index(self, name: str) -> int:
-        """The position of parameter ``name``; a clear error for unknown names."""
+        """The position of parameter ``name`` (or of the tensor a tied name shares); a clear error for unknown names."""
         try:
-            return self.names.index(name)
+            return self.names.index(self.aliases.get(name, name))
         except ValueError:
             raise TorchfimError(f"no trainable parameter named {name!r}; known: {', '.join(self.names)}") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -45,7 +47,7 @@ def as_structure(result: PublicValue, model: nn.Module) -> Structure:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise TorchfimError("the model has no parameters with requires_grad=True: no result of torchfim is of it")
-    layout = _widened(Layout.of(named), result)
+    layout = _widened(Layout.of(named, model), result)
     if isinstance(result, dict):
         return Blocks.holding(layout, _blocks(result, layout))
     if not isinstance(result, Tensor):
@@ -64,10 +66,11 @@ def as_structure(result: PublicValue, model: nn.Module) -> Structure:
 
 def _blocks(result: dict, layout: Layout) -> dict[str, Tensor]:
     """The blocks of a ``structure="blocks"`` result, checked against ``layout``'s names and sizes."""
-    if list(result) != layout.names:
+    if set(result) != set(layout.names) or len(result) != len(layout.names):
         raise TorchfimError(
             f"the blocks are of the parameters {', '.join(map(str, result))}, but the model's trainable ones are "
             f"{', '.join(layout.names)}: was the result computed for another model, or with other parameters trainable?")
+    result = {name: result[name] for name in layout.names}  # θ's order, whatever order the dict came in
     for name, size in zip(layout.names, layout.sizes):
         block = result[name]
         if not isinstance(block, Tensor) or tuple(block.shape) != (size, size):
@@ -85,7 +88,7 @@ def _widened(layout: Layout, result: object) -> Layout:
     widest = max(dtypes, key=lambda d: torch.finfo(d).bits, default=None)
     if widest is None or torch.finfo(widest).bits <= torch.finfo(accumulation_dtype(layout.dtype)).bits:
         return layout
-    return Layout(layout.names, layout.shapes, widest, layout.device)
+    return replace(layout, dtype=widest)
 
 
 def _stored(value: Tensor, layout: Layout) -> Tensor:

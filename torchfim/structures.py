@@ -206,7 +206,7 @@ class Structure(DampedAlgebra):
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             flat = " (tensors by parameter name go in through layout.flatten(...))" if isinstance(v, dict) else ""
             raise TorchfimError(f"{what} takes a vector of shape ({p},) or columns of shape ({p}, k), got {shape}{flat}")
-        return v.to(self._stored_dtype())
+        return v.to(device=self._stored_device(), dtype=self._stored_dtype())  # a vector on another device comes over
 
     @classmethod
     def holding(cls, layout: Layout, value: PublicValue) -> Structure:
@@ -218,6 +218,12 @@ class Structure(DampedAlgebra):
 
     def _stored_dtype(self) -> torch.dtype:
         return accumulation_dtype(self.layout.dtype)
+
+    def _stored_device(self) -> torch.device:
+        """Where the stored value is (the parameters' device, or where the user moved a result before
+        :func:`~torchfim.as_structure`)."""
+        value = self.value
+        return next(iter(value.values())).device if isinstance(value, dict) else value.device
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(P={self.layout.num_params})"
@@ -336,6 +342,7 @@ class Blocks(Structure):
     """One dense block per parameter tensor (the block diagonal of the matrix)."""
 
     name, product = "blocks", "block_rows"
+    _float64_copy = "as_structure({name: block.double() for name, block in result.items()}, model)"
 
     def visit(self, visitor: StructureVisitor) -> None:
         visitor.blocks(self)
@@ -391,8 +398,7 @@ class Blocks(Structure):
         return [(f"the block of {n!r}", b, self.layout.span(i)) for i, (n, b) in enumerate(self.value.items())]
 
     def block(self, name: str) -> Tensor:
-        self.layout.index(name)
-        return self.value[name]
+        return self.value[self.layout.names[self.layout.index(name)]]  # a tied parameter's other name: its block
 
     def _dense(self) -> Tensor:
         self._check_dense_fits()

@@ -23,7 +23,14 @@ from .modules import Call, GenericRule, Rule, build_rules
 from .modules.base import LAYOUTS
 from .private_tree import forward_signature
 from .recording import ModuleRecording, record_calls
-from .shared_inputs import carries_batch, modules_carrying_batch, same_output, shares_inputs, unbatched_calls
+from .shared_inputs import (
+    carries_batch,
+    check_size,
+    modules_carrying_batch,
+    same_output,
+    shares_inputs,
+    unbatched_calls,
+)
 from .view import ModelView, fewer_inputs
 
 __all__ = ["CoverageCheck"]
@@ -103,8 +110,9 @@ class CoverageCheck:
                 self.uses[i] = self.uses.get(i, 0) + 1
         values = rec.values.detach()  # −Inf: a class masked out of a categorical; NaN or +Inf the family refuses
         if not self._verified and all_finite(values.masked_fill(torch.isneginf(values), 0)):
-            with fewer_inputs(min(2, batch.size), batch):
-                few = self._record(batch.rows(slice(0, min(2, batch.size))), clone=True)
+            checked = check_size(rec.calls, batch.size)
+            with fewer_inputs(checked, batch):
+                few = self._record(batch.rows(slice(0, checked)), clone=True)
                 substitutes_differ = self._substitutes_differ(few)
             if substitutes_differ or self._verify(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
@@ -124,8 +132,11 @@ class CoverageCheck:
                                                [paths[m] for m in self.looped],
                                                {paths[m]: layout for m, layout in self.layout_of.items()},
                                                [paths[m] for m in self.own_tensors])
-            if any(self.layout_of.get(call.module) != call.layout for _, call in rec.calls if call.regrouped):
-                return self.record(batch)  # the whole batch's rows looked like another layout as well (read first)
+            if any(self.layout_of.get(call.module) != call.layout for _, call in rec.calls
+                   if call.regrouped or call.module in self.layout_of):
+                # the whole batch's rows looked like another layout as well (read first), or read either way
+                # (sequence first with as many positions as inputs, read batch first before the check)
+                return self.record(batch)
         return rec
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:

@@ -135,15 +135,30 @@ def same_output(spread_out: Tensor, shared_out: Tensor) -> bool:
     return outputs_agree(spread_out, shared_out, tol, floor=1e-30)
 
 
+def check_size(calls: list[tuple[Rule, Call]], size: int) -> int:
+    """How many of a batch's ``size`` inputs the coverage check records: 2, or where a call of the batch's forward
+    came sequence first with 2 positions, the fewest from 3 on that no such call has as many (its rows would read
+    either way, :func:`rows_layout`); at most ``size``."""
+    positions = {call.taps[0].shape[0] for _, call in calls if call.sequence_first and call.taps}
+    return min(next(k for k in range(2, size + 2) if k not in positions), size)
+
+
 def rows_layout(args: tuple, taps: list[Tensor], size: int, allowed: frozenset[str]) -> tuple[int, bool]:
     """How the call's first input and every output hold the batch's rows, among the ``allowed`` layouts:
     ``(1, True)`` where they come ``(T, size, ...)`` with ``T ≠ size`` (``"sequence_first"``), ``(k, False)``
-    where they lead with ``size·k`` rows (``"folded"``, ``k > 1``), else ``(1, False)``."""
+    where they lead with ``size·k`` rows (``"folded"``, ``k > 1``), else ``(1, False)``.
+
+    With ``T = size`` the shapes read either way: such a call is read batch first, unless sequence first is the one
+    layout allowed (the layout the coverage check found the module's calls in, on a batch of another size).
+    """
     a = args[0] if args else None
-    if not isinstance(a, Tensor) or a.dim() < 2 or not taps or a.shape[0] == size:
+    if not isinstance(a, Tensor) or a.dim() < 2 or not taps:
         return 1, False
-    if ("sequence_first" in allowed and a.dim() >= 3 and a.shape[1] == size
-            and all(t.dim() >= 3 and t.shape[:2] == a.shape[:2] for t in taps)):
+    sequence_first = ("sequence_first" in allowed and a.dim() >= 3 and a.shape[1] == size
+                      and all(t.dim() >= 3 and t.shape[:2] == a.shape[:2] for t in taps))
+    if a.shape[0] == size:
+        return 1, sequence_first and allowed == {"sequence_first"}
+    if sequence_first:
         return 1, True
     if ("folded" in allowed and a.shape[0] > size and a.shape[0] % size == 0
             and all(t.dim() >= 1 and t.shape[0] == a.shape[0] for t in taps)):

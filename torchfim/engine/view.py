@@ -202,7 +202,7 @@ class ModelView:
         if empty:
             raise TorchfimError(f"trainable parameters without entries (size 0): {', '.join(empty)}; they add nothing "
                                 "to the Fisher: freeze them (p.requires_grad_(False))")
-        self.layout = Layout.of(named)
+        self.layout = Layout.of(named, self.model)
         self.params = {n: p.detach() for n, p in named}
         self.index_of = {id(p): i for i, (_, p) in enumerate(named)}
         self.constants = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}

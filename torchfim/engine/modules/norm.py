@@ -71,7 +71,8 @@ def own_norm_kind(module: nn.Module, call: Call) -> tuple[str, bool] | None:
     """Which of :data:`OWN_KINDS` the call of a norm of its own class computed, and whether it scales by ``1 + γ``:
     its output is ``x̂ ⊙ γ + β`` or ``x̂ ⊙ (1 + γ) + β`` (to float32's precision at least: such norms often compute
     in float32); None if neither."""
-    x, out, weight = call.args[0] if call.args else None, call.taps[0].detach() if call.taps else None, module.weight
+    x, weight = call.args[0] if call.args else None, module.weight
+    out = call.batch_first(call.taps[0].detach()) if call.taps else None  # in the layout x is kept in (folded rows)
     if not isinstance(x, Tensor) or out is None or out.shape != x.shape or x.shape[-1] != weight.numel():
         return None
     for kind in OWN_KINDS:
