@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -83,9 +84,8 @@ def test_symmetry_p_ab_is_one_minus_p_ba(pairs, seed):
     ab = prob_outperform(a, b, n_bootstrap=200, generator_or_seed=seed)
     ba = prob_outperform(b, a, n_bootstrap=200, generator_or_seed=seed)
     assert ab.p == pytest.approx(1.0 - ba.p, abs=1e-12)
-    # Same seed, same resampled pairs: the interval is the mirror image.
-    assert ab.ci_low == pytest.approx(1.0 - ba.ci_high, abs=1e-12)
-    assert ab.ci_high == pytest.approx(1.0 - ba.ci_low, abs=1e-12)
+    # Same seed, same resampled pairs: the interval is the mirror image, exactly.
+    assert ab.ci_low == 1.0 - ba.ci_high and ab.ci_high == 1.0 - ba.ci_low
     assert ab.significant == ba.significant
     assert ab.meaningful == ba.meaningful
     mirror = {"A better": "B better", "B better": "A better", "not significant": "not significant"}
@@ -102,6 +102,36 @@ def test_flags_are_symmetric_at_one_half():
     assert ab.p == ba.p == 0.5
     assert ab.meaningful == ba.meaningful
     assert ab.significant is ba.significant is False
+
+
+def _assert_mirrored(ab: OutperformResult, ba: OutperformResult) -> None:
+    assert (ab.ci_low, ab.ci_high) == (1.0 - ba.ci_high, 1.0 - ba.ci_low)
+    assert (ab.significant, ab.meaningful) == (ba.significant, ba.meaningful)
+    mirror = {"A better": "B better", "B better": "A better", "not significant": "not significant"}
+    assert ba.conclusion == mirror[ab.conclusion]
+
+
+def test_swapping_a_and_b_mirrors_the_interval_and_the_flags_exactly():
+    # From a review: float quantiles gave ci_low 0.39999999999999997 one way and ci_high 0.6 the
+    # other, so at gamma = 0.6 B's side reached the meaningful zone and A's did not.
+    a = [3, 0, 2, 2, 2, 2, 0, 0, 2, 2, 0, 0, 1, 0, 1, 1, 2, 3, 1, 3, 3, 0, 0, 2]
+    b = [2, 2, 1, 3, 3, 0, 3, 2, 3, 1, 1, 0, 0, 0, 1, 2, 2, 0, 1, 1, 1, 0, 1, 1]
+    kwargs = dict(gamma=0.6, confidence=0.8, n_bootstrap=12, generator_or_seed=675)
+    ab, ba = prob_outperform(a, b, **kwargs), prob_outperform(b, a, **kwargs)
+    _assert_mirrored(ab, ba)
+    assert (ab.ci_low, ab.ci_high) == (0.4, 1.0 - 0.4208333333333333)
+
+    rng = np.random.default_rng(2021)
+    for seed in range(300):
+        n = int(rng.integers(2, 31))
+        a, b = rng.integers(0, 4, size=n), rng.integers(0, 4, size=n)
+        kwargs = dict(
+            gamma=float(rng.choice([0.5, 0.6, 0.625, 0.75, 0.8])),
+            confidence=float(rng.choice([0.6, 0.8, 0.9, 0.95])),
+            n_bootstrap=int(rng.integers(1, 40)),
+            generator_or_seed=seed,
+        )
+        _assert_mirrored(prob_outperform(a, b, **kwargs), prob_outperform(b, a, **kwargs))
 
 
 def test_significant_but_not_meaningful_is_no_conclusion_unless_gamma_is_lowered():
@@ -180,6 +210,40 @@ def test_the_fewest_pairs_for_a_verdict_are_those_the_docstring_gives():
         assert compare.fewest_pairs(0.95, losses) == fewest
     assert "6 pairs" in prob_outperform.__doc__ and "9 with one" in prob_outperform.__doc__
     assert "12 with two" in prob_outperform.__doc__
+
+
+def _exact_sign_test(wins: int, losses: int) -> Fraction:
+    """The exact two-sided sign test, summed over the lower tail: the chance under fair coins that
+    the smaller side gets at most its count, twice, capped at 1."""
+    m = wins + losses
+    return min(Fraction(1), Fraction(2 * sum(math.comb(m, j) for j in range(min(wins, losses) + 1)), 2**m))
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_fewest_pairs_is_the_smallest_winning_split_the_sign_test_accepts(confidence):
+    # From a review: from 8 losses on, it returned losses + 1 pairs, 1 win against the losses,
+    # significant for the other method.
+    alpha = Fraction(1.0 - confidence)
+    for losses in [*range(13), 600]:
+        n = losses
+        while not (n - losses > losses and _exact_sign_test(n - losses, losses) <= alpha):
+            n += 1
+        assert compare.fewest_pairs(confidence, losses) == n, losses
+        assert n - losses > losses
+
+
+@pytest.mark.parametrize("n, wins", [(1100, 540), (1100, 600), (5000, 2450), (5000, 2700)])
+def test_sign_test_of_a_thousand_pairs_and_more_is_exact(n, wins):
+    # From a review: 2.0 * tail raised OverflowError past about 1030 untied pairs.
+    ties = 7
+    a = np.r_[np.ones(wins), np.zeros(n - wins), np.full(ties, 0.5)]
+    r = prob_outperform(a, np.r_[1.0 - a[: n], np.full(ties, 0.5)], n_bootstrap=20)
+    assert r.sign_test_p == float(_exact_sign_test(wins, n - wins))
+    # The normal approximation with continuity correction is within 0.1% of it at these n.
+    z = (abs(wins - n / 2) - 0.5) / math.sqrt(n / 4)
+    assert r.sign_test_p == pytest.approx(2.0 * (1.0 - _phi(z)), abs=1e-3)
+    if (n, wins) == (1100, 540):
+        assert round(r.sign_test_p, 4) == 0.5668
 
 
 def test_sign_test_p_is_the_exact_two_sided_binomial_tail():
@@ -308,6 +372,15 @@ def test_accepts_arrays_and_tensors():
     assert prob_outperform(np.array(a), np.array(b)) == ref
     ta = torch.tensor(a, dtype=torch.float64, requires_grad=True)
     assert prob_outperform(ta, torch.tensor(b)) == ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64])
+def test_accepts_tensors_of_any_real_dtype(dtype):
+    # From a review: a bfloat16 tensor raised a bare TypeError (numpy has no bfloat16).
+    a, b = [3, 4, 5, 6, 7, 8, 2], [1, 2, 3, 4, 5, 6, 2]
+    r = prob_outperform(torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype))
+    assert r == prob_outperform(a, b)
+    assert r.conclusion == "A better"
 
 
 def test_result_is_frozen_and_prints_one_line():

@@ -34,6 +34,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -136,7 +137,8 @@ def _percent(confidence: float) -> str:
 def _as_runs(x: object, name: str) -> np.ndarray:
     """``x`` as a 1-D float64 array of finite values, else a TorchfimError naming ``name``."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        # float64 first: numpy has no bfloat16, so .numpy() refuses a bfloat16 tensor.
+        x = x.detach().to("cpu", torch.float64).numpy()
     _refuse_text(x, name)
     try:
         arr = np.asarray(x, dtype=np.float64)
@@ -304,16 +306,17 @@ def prob_outperform(
     # Twice each pair's score, as a small integer: 2 for a win of A, 1 for a tie, 0 for a loss.
     # Integer sums keep the estimate exact and make P(b, a) the mirror image 1 - P(a, b).
     doubled = (2 * (x > y) + (x == y)).astype(np.int64)
-    p = float(doubled.sum()) / (2 * n)
+    total = int(doubled.sum())
+    p = total / (2 * n)
 
-    boot = np.empty(n_bootstrap, dtype=np.float64)
+    # Each resample's total of doubled scores, kept as integers for the exact quantiles below.
+    boot = np.empty(n_bootstrap, dtype=np.int64)
     rows = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
     for start in range(0, n_bootstrap, rows):
         stop = min(start + rows, n_bootstrap)
         idx = rng.integers(0, n, size=(stop - start, n))
-        boot[start:stop] = doubled[idx].sum(axis=1) / (2 * n)
-    alpha = 1.0 - confidence
-    ci_low, ci_high = (float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+        boot[start:stop] = doubled[idx].sum(axis=1)
+    ci_low, ci_high = _percentile_interval(boot, 2 * n, 1.0 - confidence)
 
     sign_test_p = _sign_test(int((x > y).sum()), int((x < y).sum()))
     agrees = sign_test_p <= 1.0 - confidence
@@ -321,9 +324,10 @@ def prob_outperform(
     significant = ci_low_above or ci_high_below
     # Side the evidence points to: where the interval lies if it excludes 0.5, else where P is.
     a_reaches, b_reaches = ci_high > gamma, ci_low < 1.0 - gamma
-    if ci_low_above or (not significant and p > 0.5):
+    # total vs n, not p vs 0.5: the side of P must not depend on the rounding of total / (2n).
+    if ci_low_above or (not significant and total > n):
         meaningful = a_reaches
-    elif ci_high_below or p < 0.5:
+    elif ci_high_below or total < n:
         meaningful = b_reaches
     else:  # P = 0.5 exactly, interval around it: no side, either reach counts
         meaningful = a_reaches or b_reaches
@@ -349,17 +353,23 @@ def prob_outperform(
 
 def fewest_pairs(confidence: float = 0.95, losses: int = 0) -> int:
     """The fewest paired runs from which :func:`prob_outperform` can draw a verdict at ``confidence`` when the
-    losing method wins ``losses`` of them: the smallest ``n`` whose exact two-sided sign test of ``n − losses``
-    wins against ``losses`` has ``p ≤ 1 − confidence`` (the bootstrap interval must agree as well).
+    losing method wins ``losses`` of them: the smallest ``n`` with more wins than losses (``n − losses >
+    losses``) whose exact two-sided sign test of ``n − losses`` wins against ``losses`` has ``p ≤ 1 − confidence``
+    (the bootstrap interval must agree as well).
 
     >>> fewest_pairs(), fewest_pairs(losses=1), fewest_pairs(losses=2), fewest_pairs(0.99)
     (6, 9, 12, 8)
+    >>> fewest_pairs(losses=8)  # 20 wins against 8
+    28
     """
     confidence = _check_probability("confidence", confidence, 0.0, 1.0, closed_low=False)
     if isinstance(losses, bool) or not isinstance(losses, numbers.Integral) or losses < 0:
         raise TorchfimError(f"losses must be a non-negative integer, got {losses!r}")
-    n = int(losses) + 1
-    while _sign_test(n - int(losses), int(losses)) > 1.0 - confidence:
+    losses = int(losses)
+    # The winner must win more than it loses: the two-sided test is symmetric, so from losses + 1
+    # pairs on, 1 win against 8 or more losses would pass too -- as a verdict for the other method.
+    n = 2 * losses + 1
+    while _sign_test(n - losses, losses) > 1.0 - confidence:
         n += 1
     return n
 
@@ -371,4 +381,34 @@ def _sign_test(wins: int, losses: int) -> float:
     if m == 0:
         return 1.0
     tail = sum(math.comb(m, j) for j in range(k, m + 1))
-    return min(1.0, 2.0 * tail / 2**m)
+    # One division of Python ints, correctly rounded: 2.0 * tail overflows a float past m ~ 1030.
+    return min(1.0, 2 * tail / 2**m)
+
+
+def _percentile_interval(totals: np.ndarray, two_n: int, alpha: float) -> tuple[float, float]:
+    """The ``alpha / 2`` and ``1 - alpha / 2`` quantiles of ``totals / two_n``, interpolated linearly
+    between order statistics as :func:`numpy.quantile` does, computed exactly.
+
+    Exact, so that swapping A and B (``totals -> two_n - totals``) mirrors the interval exactly: the
+    upper position is ``last - h`` for the lower one ``h``, the interpolation runs in fractions, and
+    :func:`_mirrored_float` rounds ``q`` and ``1 - q`` alike. Float quantiles missed by one rounding
+    (0.39999999999999997 against 0.6), which could flip ``meaningful`` at ``gamma = 0.6``."""
+    ordered = np.sort(totals)
+    last = ordered.size - 1
+    h_low = Fraction(last * (alpha / 2))
+    return tuple(_mirrored_float(_order_statistic(ordered, h) / two_n) for h in (h_low, last - h_low))
+
+
+def _order_statistic(ordered: np.ndarray, h: Fraction) -> Fraction:
+    """``ordered`` at the fractional position ``h``, interpolated linearly."""
+    i = math.floor(h)
+    below = Fraction(int(ordered[i]))
+    if h == i:
+        return below
+    return below + (h - i) * (int(ordered[i + 1]) - below)
+
+
+def _mirrored_float(q: Fraction) -> float:
+    """``q`` in [0, 1] rounded to a multiple of 2**-53: then ``1 - q`` rounds to exactly 1 minus it
+    (a plain float() of ``q`` below 1/2 keeps bits that ``1 - q`` cannot hold)."""
+    return round(q * 2**53) / 2**53
