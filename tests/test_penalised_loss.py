@@ -261,6 +261,44 @@ def test_parameters_untouched_and_under_no_grad_the_value_is_right() -> None:
     assert pen._kept.grads is None and pen.last_value is None and pen.last_step is None
 
 
+@pytest.mark.parametrize("call", ["term", "penalised_loss"])
+def test_an_evaluation_between_computed_steps_is_the_penalty_of_its_inputs(call: str) -> None:
+    """Under ``torch.no_grad()`` at steps 1 and 2 of ``every=3`` (a validation batch), the penalty of the validation
+    inputs, on labels from the generator where training left it: it returned the training batch's kept value (0
+    without reuse), whatever the inputs (a review)."""
+    model, x, val = tanh_mlp(3, seed=64), mlp_inputs(8, seed=65), mlp_inputs(8, seed=66)
+    task = squared_task(3, 8)
+    for reuse in (True, False):
+        pen = penalty(model, every=3, reuse_between=reuse)
+        pen.penalised_loss(x, task, step=0).backward()
+        g = torch.Generator().manual_seed(SEED)
+        labels(model, x, "categorical", g)  # the training step's draw
+        value, _ = brute_penalty(model, val, labels(model, val, "categorical", g), "categorical", ALPHA,
+                                 "batch_gradient")
+        with torch.no_grad():
+            for step in (1, 2):
+                got = pen(val, step=step) if call == "term" else pen.penalised_loss(val, task, step=step) - task(model(val))
+                # penalised_loss takes the task loss at θ + εĝ: off by ε‖∇task‖ (about 1e-10 here)
+                torch.testing.assert_close(got, value, rtol=1e-10 if call == "term" else 1e-8, atol=0)
+        assert pen.last_step == 0
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_the_gradients_autograd_grad_returns_are_the_callers(grad_method: str) -> None:
+    """``torch.autograd.grad`` of a reusing step's term returned the kept tensors themselves: scaling them in place
+    (a review: by 0.5 after each call) halved the penalty gradient of every later reusing step."""
+    model, x = tanh_mlp(3, seed=64), mlp_inputs(8, seed=65)
+    pen = penalty(model, every=4, grad_method=grad_method)
+    pen(x, step=0).backward()
+    kept = [g.clone() for g in pen._kept.grads]
+    for step in (1, 2, 3):
+        grads = torch.autograd.grad(pen(x, step=step), trainable(model))
+        assert rel_error(list(grads), kept) == 0.0
+        for g in grads:
+            g.mul_(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(pen._kept.grads, kept))
+
+
 def test_bad_calls_raise() -> None:
     model, x = tanh_mlp(3), mlp_inputs(4)
     pen = penalty(model)

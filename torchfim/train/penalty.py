@@ -266,7 +266,7 @@ class FisherPenalty(PenaltyTerms):
         (padding False); ``(B,)`` on outputs without positions marks the observed inputs."""
         step = check_step(step)
         with self._kept_unless_training():
-            decision = self._schedule.decide(step, self._kept, self.model, self.last_step)
+            decision = self._decide(step)
             if decision == REUSE:
                 return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
             names, params = penalised_parameters(self.model)
@@ -370,7 +370,7 @@ class FisherPenalty(PenaltyTerms):
 
     def _penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int,
                         mask: Tensor | str | None) -> Tensor:
-        decision = self._schedule.decide(step, self._kept, self.model, self.last_step)
+        decision = self._decide(step)
         if decision != COMPUTE:
             return self._between(inputs, task_loss, surrogate=decision == REUSE)
         if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
@@ -412,6 +412,13 @@ class FisherPenalty(PenaltyTerms):
         self._draws = StepDraws()  # a run rolled back in this process draws as the saved one went on
 
     # -------------------------------------------------------------- helpers
+    def _decide(self, step: int) -> str:
+        """The schedule's decision for a training call; an evaluation (gradients off) computes the penalty of its
+        inputs whatever the step (it returned the training batch's kept value between computed steps)."""
+        if not torch.is_grad_enabled():
+            return COMPUTE
+        return self._schedule.decide(step, self._kept, self.model, self.last_step)
+
     @contextmanager
     def _kept_unless_training(self) -> Iterator[None]:
         """A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: no training step can

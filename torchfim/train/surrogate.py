@@ -17,11 +17,9 @@ class FixedGradient(torch.autograd.Function):
     """A detached value whose gradient w.r.t. each parameter is a given tensor (exact zeros when None).
 
     It is the linear surrogate ``v + Σ_p ⟨c_p, θ_p − θ_p|now⟩`` without its arithmetic: the
-    forward copies ``v`` and the backward hands back ``c_p`` times the incoming gradient, so a step
-    that reuses a cached penalty gradient costs one multiply per parameter (none for a plain
-    ``loss.backward()`` on CPU) and autograd's addition into the task gradient. Measured on the
-    benchmark MLP (one thread): a reusing step costs 4-8 % more than a plain step, where adding the
-    cached gradient into ``.grad`` after the backward, by hand, costs 1-2 %.
+    forward copies ``v`` and the backward hands back ``c_p`` times the incoming gradient (new
+    tensors, which the caller owns), so a step that reuses a cached penalty gradient costs one
+    multiply per parameter and autograd's addition into the task gradient.
     """
 
     @staticmethod
@@ -35,10 +33,8 @@ class FixedGradient(torch.autograd.Function):
     def backward(ctx, upstream: Tensor):
         if ctx.grads is None:
             return (None, None, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])
-        if upstream.device.type == "cpu" and float(upstream) == 1.0:
-            # The usual loss.backward(): hand the cached tensors over (autograd never writes into a gradient
-            # it does not own), one pass over them fewer than multiplying; reading the value is free on CPU.
-            return (None, None, *ctx.grads)
+        # New tensors, never the cached ones: torch.autograd.grad hands what a backward returns to the caller, who
+        # may change it in place (a review: scaling them halved the penalty on every later reusing step).
         return (None, None, *torch._foreach_mul(ctx.grads, upstream))
 
 
