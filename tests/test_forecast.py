@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -207,6 +208,7 @@ def test_str_lists_every_parameter_and_survives_a_singular_matrix():
         ({"derivatives": "stencil3", "step": -1.0}, "positive finite"),
         ({"derivatives": "stencil3", "step": [1e-3, 1e-3, 1e-3]}, "one per parameter"),
         ({"names": ["a"]}, "2 strings"),
+        ({"names": "ab"}, r"names must be a sequence of 2 strings, got the string 'ab'"),  # was split into a, b
         ({"mean": "x"}, "function of theta"),
     ],
 )
@@ -346,7 +348,8 @@ def test_autograd_silently_cut_by_float_is_caught_at_inversion():
     def cut(t):  # float() hides θ from autograd: the derivative comes out as zero
         return torch.tensor([float(t[0]), 1.0], dtype=F64)
 
-    fc = forecast(cut, torch.eye(2, dtype=F64), torch.ones(1, dtype=F64))
+    with pytest.warns(RuntimeWarning, match=r"autograd's derivative along θ\[0\] differs from a finite difference"):
+        fc = forecast(cut, torch.eye(2, dtype=F64), torch.ones(1, dtype=F64))
     with pytest.raises(TorchfimError, match="autograd lost track of it"):
         fc.marginal_errors()
 
@@ -394,3 +397,78 @@ def test_symmetry_is_judged_at_the_precision_the_fisher_came_in():
         Forecast(nudged)
     with pytest.raises(TorchfimError, match=r"reaches 0.004.*torch.float32's round-off.*\(F \+ F.T\) / 2"):
         Forecast((base + torch.tensor([[0.0, 4e-3], [0.0, 0.0]], dtype=F64)).float())
+
+
+# ------------------------------------------------------------------------------ from a review
+def test_a_forecast_from_lists_is_read_in_float64():
+    """Lists went through torch.as_tensor, float32: [[1, 0.99999999], …] became singular, 1e8 + 1 lost its 1, and
+    θ₀ = [0.3, 1.0] differed from forecast()'s, so a + b was refused. Oracle: numpy in float64."""
+    F = [[1.0, 0.99999999], [0.99999999, 1.0]]
+    fc = Forecast(F)
+    assert fc.precision == F64
+    want = np.sqrt(np.diag(np.linalg.inv(np.array(F, dtype=np.float64))))
+    assert np.allclose(fc.marginal_errors().numpy(), want, rtol=1e-6, atol=0)
+    assert float(Forecast([[1e8 + 1.0, 3.0], [3.0, 2.0]]).fisher[0, 0]) == 1e8 + 1.0
+    x = torch.linspace(0, 1, 5, dtype=F64)
+    a = forecast(lambda t: t[0] + t[1] * x, torch.eye(5, dtype=F64), [0.3, 1.0])
+    b = Forecast(torch.eye(2, dtype=F64), theta0=(0.3, 1.0))
+    assert b.theta0.dtype == F64 and torch.equal(a.theta0, b.theta0)
+    ones = np.ones(5)
+    brute = np.stack([ones, x.numpy()], axis=1)
+    assert np.allclose((a + b).fisher.numpy(), brute.T @ brute + np.eye(2), rtol=1e-14, atol=0)
+
+
+def test_a_term_read_out_with_item_is_warned_not_dropped_silently():
+    """``.item()`` under torch.func.jvp does not fail: the term is a constant to autograd, and the forecast came out
+    wrong without a word (σ 3.0 and 3.5 for 2.36 and 1.43). Now the 5-point check warns with the fix; the same model
+    in torch operations does not warn. Oracle: μ is linear in θ, so F = JᵀJ with J by hand."""
+    x = torch.linspace(0, 1, 5, dtype=F64)
+    theta0, C = torch.tensor([0.5, 1.0], dtype=F64), torch.eye(5, dtype=F64)
+    jac = torch.stack([x, x**2 + x**3], dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = forecast(lambda t: t[0] * x + t[1] * x**2 + t[1] * x**3, C, theta0, names=["a", "b"])
+    assert _rel(good.fisher, jac.T @ jac) < 1e-14
+    with pytest.warns(RuntimeWarning, match=r"along b differs.*\.item\(\).*derivatives='stencil5'"):
+        forecast(lambda t: t[0] * x + t[1] * x**2 + t[1].item() * x**3, C, theta0, names=["a", "b"])
+    stencil = forecast(lambda t: t[0] * x + t[1] * x**2 + t[1].item() * x**3, C, theta0, derivatives="stencil5")
+    assert _rel(stencil.fisher, jac.T @ jac) < 1e-9
+
+
+@pytest.mark.parametrize("cov", [torch.diag(torch.tensor([1, 2, 3])), lambda t: torch.diag(torch.tensor([1, 2, 3]))])
+def test_an_integer_covariance_is_read_as_float64(cov):
+    """An integer covariance raised torch.finfo's TypeError. Oracle: JᵀC⁻¹J with C⁻¹ by hand."""
+    x = torch.linspace(0, 1, 3, dtype=F64)
+    jac = torch.stack([torch.ones(3, dtype=F64), x], dim=1)
+    want = jac.T @ torch.diag(torch.tensor([1.0, 1 / 2, 1 / 3], dtype=F64)) @ jac
+    for derivatives in DERIVATIVES:
+        got = forecast(lambda t: t[0] + t[1] * x, cov, torch.tensor([0.0, 1.0], dtype=F64), derivatives=derivatives)
+        assert _rel(got.fisher, want) < 1e-9
+    assert _rel(gaussian_fisher(jac.T, torch.diag(torch.tensor([1, 2, 3]))), want) < 1e-14
+    assert scan_steps(lambda t: t[0] + t[1] * x, cov, torch.tensor([0.0, 1.0], dtype=F64)).found
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: Forecast(torch.eye(2, dtype=F64), theta0="ab"), "theta0 must be a 1-D tensor of parameter values"),
+        (lambda: Forecast("ab"), r"a Fisher matrix must be a real \(P, P\) tensor"),
+        (lambda: default_steps(torch.zeros(2, dtype=F64), "stencil7"), "unknown stencil 'stencil7'.*'stencil5'"),
+        (lambda: stable_inverse(torch.ones(2, 3, dtype=F64)), r"must be square \(P, P\), got shape \(2, 3\)"),
+        (lambda: stable_inverse(torch.ones(3, dtype=F64)), r"must be square \(P, P\), got shape \(3,\)"),
+        (lambda: stable_inverse(torch.tensor([[1.0, 5.0], [0.0, 1.0]], dtype=F64)), r"must be symmetric.*\(F \+ F.T\)"),
+        (lambda: stable_inverse(torch.diag(torch.tensor([1.0, -1.0], dtype=F64)), ["a"]),
+         r"names must be 2 strings, one per parameter, got \('a',\)"),
+    ],
+)
+def test_bad_matrices_and_names_are_refused_with_the_fix(call, match):
+    """Each of these ended in a bare TypeError, KeyError, RuntimeError or IndexError."""
+    with pytest.raises(TorchfimError, match=match):
+        call()
+
+
+def test_stable_inverse_takes_numpy_as_forecast_does():
+    """A NumPy array (as Forecast takes) raised AttributeError. Oracle: numpy's inverse in float64."""
+    F = np.array([[4.0, 2.0], [2.0, 3.0]])
+    assert np.allclose(stable_inverse(F).numpy(), np.linalg.inv(F), rtol=1e-14, atol=0)
+    assert stable_inverse([[4.0, 2.0], [2.0, 3.0]]).dtype == F64

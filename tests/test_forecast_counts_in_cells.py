@@ -9,6 +9,7 @@ simulation's own standard errors.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -119,11 +120,34 @@ def test_sampling_refuses_rates_that_could_go_negative():
 @pytest.mark.parametrize(
     "args, match",
     [(([1.0, 2.0], [1.0], 0.1), "one entry per tracer"), (([1.0], [-1.0], 0.1), "positive"),
-     (([1.0], [1.0], 0.0), "power")],
+     (([1.0], [1.0], 0.0), "power"),
+     # from a review: non-finite biases and power gave an all-NaN matrix, and forecast() blamed a theta0
+     (([100.0], [math.inf], 0.01), r"biases must be positive and finite, got \[100.0\] and \[inf\]"),
+     (([100.0], [math.nan], 0.01), "biases must be positive and finite"),
+     (([100.0], [1.0], math.inf), "power must be a positive finite number"),
+     (([100.0], [1.0], math.nan), "power must be a positive finite number")],
 )
 def test_bad_tracers(args, match):
     with pytest.raises(TorchfimError, match=match):
         CountsInCells(*args)
+
+
+def test_bad_tracers_are_refused_by_the_closed_forms_too():
+    """multi_tracer_fisher returned all NaN for an infinite bias or power; fkp_fisher(−1) was inf and fkp_fisher(−0.5)
+    0.5 (a negative n̄P, information out of nothing); sample(−1) raised a bare RuntimeError."""
+    with pytest.raises(TorchfimError, match="biases must be positive and finite"):
+        multi_tracer_fisher(torch.tensor([100.0]), torch.tensor([math.inf]), 0.01)
+    with pytest.raises(TorchfimError, match="power must be a positive finite number"):
+        multi_tracer_fisher(torch.tensor([100.0]), torch.tensor([1.0]), math.inf)
+    for bad in (-1.0, -0.5, math.inf, math.nan, torch.tensor([1.0, -1.0])):
+        with pytest.raises(TorchfimError, match=r"signal_to_noise \(n̄P, or n̄b²P\) must be finite and non-negative"):
+            fkp_fisher(bad)
+    assert float(fkp_fisher(0.0)) == 0.0 and float(fkp_fisher(3.0)) == 0.5 * (3 / 4) ** 2
+    # a 0-dim tensor is a power as good as a float (errors.real_number); oracle: the same model from the float
+    assert torch.equal(multi_tracer_fisher(torch.tensor([100.0]), torch.tensor([1.0]), torch.tensor(0.01, dtype=F64)),
+                       multi_tracer_fisher(torch.tensor([100.0]), torch.tensor([1.0]), 0.01))
+    with pytest.raises(TorchfimError, match="n_cells must be a non-negative integer"):
+        CountsInCells([100.0], [1.0], 0.01).sample(-1, torch.Generator())
 
 
 def test_example_runs_and_reports_the_fkp_limit(tmp_path):

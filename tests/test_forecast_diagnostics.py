@@ -169,3 +169,65 @@ def test_forecast_imports_without_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1.0, 1.0]"
+
+
+# ------------------------------------------------------------------------------ from a review
+ASYMMETRIC = torch.tensor([[1.0, 5.0], [0.0, 1.0]], dtype=F64)
+WITH_NAN = torch.tensor([[1.0, math.nan], [math.nan, 1.0]], dtype=F64)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: inversion_diagnostics(ASYMMETRIC), r"must be symmetric, but F − Fᵀ reaches 5.*\(F \+ F.T\) / 2"),
+        (lambda: inversion_diagnostics(WITH_NAN), "non-finite entries"),
+        (lambda: inversion_diagnostics(torch.ones(2, 3, dtype=F64)), r"square \(P, P\), got shape \(2, 3\)"),
+        (lambda: inversion_diagnostics(torch.ones(3, dtype=F64)), r"square \(P, P\), got shape \(3,\)"),
+        (lambda: inversion_diagnostics("F"), r"real \(P, P\) tensor"),
+        (lambda: ellipse_points(torch.tensor([[1.0, 5.0], [-5.0, 1.0]], dtype=F64), [0.0, 0.0]),
+         r"cov2 .* must be symmetric, but S − Sᵀ reaches 10"),
+        (lambda: ellipse_points(WITH_NAN, [0.0, 0.0]), "cov2 .* non-finite entries"),
+        (lambda: ellipse_points(torch.ones(2, 3, dtype=F64), [0.0, 0.0]), r"2x2 covariance.*shape \(2, 3\)"),
+        (lambda: ellipse_points("S", [0.0, 0.0]), r"real \(P, P\) tensor"),
+        (lambda: ellipse_points(torch.eye(2, dtype=F64), [0.0, 0.0, 0.0]), "center must be two finite numbers"),
+        (lambda: ellipse_points(torch.eye(2, dtype=F64), [0.0, 0.0], n_points=-1), "n_points must be a positive"),
+        (lambda: ellipse_points(torch.eye(2, dtype=F64), [0.0, 0.0], n_points=0), "n_points must be a positive"),
+    ],
+)
+def test_matrices_that_are_no_fisher_or_covariance_are_refused(call, match):
+    """Both symmetrised an asymmetric matrix silently (inversion_diagnostics even of NaN, ellipse_points drew the
+    unit circle for [[1, 5], [−5, 1]]); non-square input, a centre of 3 and n_points ≤ 0 ended in bare errors."""
+    with pytest.raises(TorchfimError, match=match):
+        call()
+
+
+def test_numpy_and_numbers_of_numpy_or_torch_are_accepted():
+    """np.float32(0.68) and torch.tensor(0.68) were "not a probability"; a NumPy matrix raised AttributeError.
+    Oracle: −2 ln(1 − p) in float64, and the diagnostics of the same matrix as a tensor."""
+    assert delta_chi2(np.float32(0.68)) == -2 * math.log1p(-float(np.float32(0.68)))
+    assert delta_chi2(torch.tensor(0.68, dtype=F64)) == -2 * math.log1p(-0.68)
+    F = _pair(0.9)
+    want = inversion_diagnostics(F, eps=1e-3, tolerance=0.01)
+    got = inversion_diagnostics(F.numpy(), eps=np.float64(1e-3), n_trials=np.int64(100), tolerance=torch.tensor(0.01, dtype=F64))
+    assert got.max_relative_change == want.max_relative_change and got.tolerance == 0.01
+    assert torch.equal(got.eigenvalues, want.eigenvalues)
+
+
+def test_plot_ellipse_takes_the_users_keywords_and_one_level():
+    """label= ("multiple values"), ls= and c= (both the alias and the default) and levels=0.9 ("not iterable")
+    raised TypeError. Now the user's keywords override the defaults, and a label names the innermost ellipse."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    fc = Forecast(_pair(0.5), theta0=torch.tensor([0.1, 0.2], dtype=F64), names=["a", "b"])
+    ax = fc.plot_ellipse("a", "b", Figure().subplots(), label="mine", ls=":", c="red", lw=3)
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines[:2]] == ["mine", "_nolegend_"]
+    assert all(line.get_linestyle() == ":" and line.get_color() == "red" for line in lines[:2])
+    assert lines[0].get_linewidth() == 3 and lines[2].get_color() == "red"
+    one = fc.plot_ellipse("a", "b", Figure().subplots(), levels=0.9).get_lines()
+    assert [line.get_label() for line in one[:-1]] == ["90.0%"]
+    block = torch.linalg.inv(_pair(0.5))
+    assert np.allclose(one[0].get_xydata(), ellipse_points(block, [0.1, 0.2], 0.9).numpy(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(TorchfimError, match="both ls= and linestyle="):
+        fc.plot_ellipse("a", "b", Figure().subplots(), ls=":", linestyle="-")

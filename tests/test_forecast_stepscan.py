@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,15 @@ def test_explicit_step_grids():
 def test_bad_scan_input(kwargs, match):
     with pytest.raises(TorchfimError, match=match):
         scan_steps(_mean, _cov, THETA0, **kwargs)
+
+
+def test_rtol_may_be_a_numpy_number_or_a_0_dim_tensor():
+    """np.float64(1e-6) and torch.tensor(1e-6) were refused as "must be a relative change in (0, 1)".
+    Oracle: the scan with the same rtol as a float."""
+    want = scan_steps(_mean, _cov, THETA0, rtol=1e-6)
+    for rtol in (np.float64(1e-6), torch.tensor(1e-6, dtype=F64)):
+        got = scan_steps(_mean, _cov, THETA0, rtol=rtol)
+        assert torch.equal(got.steps, want.steps) and got[0].rtol == 1e-6
 
 
 # ------------------------------------------------------------- steps lost to rounding (user trial)

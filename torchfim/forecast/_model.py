@@ -40,10 +40,13 @@ def parameter_names(names: Sequence[str] | None, n_parameters: int) -> tuple[str
     """``names`` checked against the number of parameters, or ``θ[0], θ[1], …``."""
     if names is None:
         return tuple(f"θ[{i}]" for i in range(n_parameters))
+    if isinstance(names, str):  # tuple("ab") would name the parameters 'a' and 'b'
+        raise TorchfimError(f"names must be a sequence of {n_parameters} strings, got the string {names!r}; pass "
+                            f"e.g. names=[{', '.join(repr(f'p{i}') for i in range(n_parameters))}]")
     names = tuple(names)
     if len(names) != n_parameters or not all(isinstance(n, str) for n in names):
         raise TorchfimError(
-            f"names must be {n_parameters} strings, one per entry of theta0, got {names!r}"
+            f"names must be {n_parameters} strings, one per parameter, got {names!r}"
         )
     if len(set(names)) != len(names):
         raise TorchfimError(f"names must be distinct, got {names!r}")
@@ -94,6 +97,9 @@ class GaussianModel:
             raise TorchfimError(
                 f"cov must be (or return) a ({d}, {d}) tensor to match the mean's length {d}; got {_describe(cov)}"
             )
+        # Integer (or bool) values are exact: float64 holds them, and the stencils and tolerances need a float dtype.
+        mean = mean if mean.is_floating_point() or mean.is_complex() else mean.to(torch.float64)
+        cov = cov if cov.is_floating_point() or cov.is_complex() else cov.to(torch.float64)
         return mean, cov
 
 
@@ -103,7 +109,8 @@ def covariance_cholesky(cov: Tensor) -> Tensor:
     if not bool(torch.isfinite(cov64).all()):
         raise TorchfimError("the covariance at theta0 has non-finite entries; check cov(theta0)")
     scale = float(cov64.abs().max())
-    tolerance = 100 * torch.finfo(cov.dtype).eps * scale
+    # An integer covariance is exact: judge its symmetry at float64's rounding, the dtype it is factored in.
+    tolerance = 100 * torch.finfo(cov.dtype if cov.is_floating_point() else torch.float64).eps * scale
     if float((cov64 - cov64.T).abs().max()) > tolerance:
         raise TorchfimError("the covariance at theta0 is not symmetric; return (C + C.T) / 2 from cov")
     factor, info = torch.linalg.cholesky_ex((cov64 + cov64.T) / 2)

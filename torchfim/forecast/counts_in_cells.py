@@ -24,12 +24,13 @@ is singular: scaling ``P`` by ``e^{2t}`` and every bias by ``e^{−t}`` leaves `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, real_number, whole_number
 from .gaussian import forecast
 from .result import Forecast
 
@@ -50,6 +51,11 @@ def fkp_fisher(signal_to_noise: Tensor | float) -> Tensor:
         0.125
     """
     x = torch.as_tensor(signal_to_noise, dtype=torch.float64)
+    if not bool((torch.isfinite(x) & (x >= 0)).all()):  # n̄P < 0 would give information, even infinite at −1
+        raise TorchfimError(
+            f"signal_to_noise (n̄P, or n̄b²P) must be finite and non-negative, got {signal_to_noise!r}; "
+            "pass the mean count per cell times the power, both positive"
+        )
     return 0.5 * (x / (1 + x)) ** 2
 
 
@@ -120,13 +126,16 @@ class CountsInCells:
         Needs ``b_α √P ≤ 0.2`` so that a negative rate (a 5σ field) is negligible; those rare
         rates are set to zero.
         """
+        cells = whole_number(n_cells)
+        if cells is None or cells < 0:
+            raise TorchfimError(f"n_cells must be a non-negative integer (cells to sample), got {n_cells!r}")
         contrast = float(self.biases.max()) * self.power**0.5
         if contrast > _MAX_CONTRAST:
             raise TorchfimError(
                 f"b·√P = {contrast:.3g} is too large for Gaussian rates to stay positive; sample with "
                 f"b·√P ≤ {_MAX_CONTRAST} (a smaller power or bias)"
             )
-        field = self.power**0.5 * torch.randn(n_cells, 1, generator=generator, dtype=torch.float64)
+        field = self.power**0.5 * torch.randn(cells, 1, generator=generator, dtype=torch.float64)
         rates = (self.densities * (1 + self.biases * field)).clamp_min(0)
         return torch.poisson(rates, generator=generator)
 
@@ -138,8 +147,16 @@ def _check_tracers(densities: object, biases: object, power: object) -> tuple[Te
         raise TorchfimError(
             f"densities and biases must have one entry per tracer, got {densities.numel()} and {biases.numel()}"
         )
-    if not bool((densities > 0).all() & (biases > 0).all()) or not bool(torch.isfinite(densities).all()):
-        raise TorchfimError("densities (mean counts per cell) and biases must be positive and finite")
-    if not (isinstance(power, (int, float)) and power > 0):
-        raise TorchfimError(f"power must be a positive number (the field's variance per cell), got {power!r}")
-    return densities, biases, float(power)
+    # An infinite bias or power is no tracer either: the Fisher matrix would be all NaN.
+    finite = bool(torch.isfinite(densities).all() & torch.isfinite(biases).all())
+    if not bool((densities > 0).all() & (biases > 0).all()) or not finite:
+        raise TorchfimError(
+            f"densities (mean counts per cell) and biases must be positive and finite, got {densities.tolist()} and "
+            f"{biases.tolist()}; pass finite positive numbers"
+        )
+    value = real_number(power)
+    if value is None or not (value > 0 and math.isfinite(value)):
+        raise TorchfimError(
+            f"power must be a positive finite number (the field's variance per cell, such as 0.01), got {power!r}"
+        )
+    return densities, biases, value

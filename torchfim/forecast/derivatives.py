@@ -62,6 +62,7 @@ def default_steps(theta0: Tensor, stencil: str) -> Tensor:
         >>> default_steps(torch.tensor([0.5, -20.0], dtype=torch.float64), "stencil3")   # ε^(1/3) ≈ 6.1e-6
         tensor([6.0555e-06, 1.2111e-04], dtype=torch.float64)
     """
+    check_choice("stencil", stencil, tuple(_ORDER))
     eps = torch.finfo(theta0.dtype).eps
     return eps ** (1.0 / (_ORDER[stencil] + 1)) * theta0.abs().clamp_min(1.0)
 

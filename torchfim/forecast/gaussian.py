@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from ._model import (
     CovLike,
     GaussianModel,
@@ -15,7 +15,7 @@ from ._model import (
     covariance_cholesky,
     parameter_names,
 )
-from .derivatives import compute_derivatives
+from .derivatives import Derivatives, compute_derivatives, default_steps, stencil_terms
 from .result import Forecast
 from .stability import coarsest_dtype
 
@@ -89,7 +89,10 @@ def forecast(
             inverse judged against the coarsest dtype of θ, the mean and the covariance
             (:attr:`Forecast.precision`).
         derivatives: ``"autograd"`` (forward mode, exact), ``"stencil3"`` or ``"stencil5"``
-            (central finite differences; see :mod:`torchfim.forecast.derivatives`).
+            (central finite differences; see :mod:`torchfim.forecast.derivatives`). Autograd treats
+            ``.item()``, ``float()`` and NumPy inside ``mean`` or ``cov`` as constants and drops those
+            terms; a 5-point stencil along each parameter (four more evaluations of the model each)
+            catches that, with a ``RuntimeWarning`` where the two disagree far beyond the stencil's error.
         step: the stencils' step, one number or one per parameter (absolute, in θ's units);
             ``None`` takes ``ε^{1/3}·max(|θ_a|, 1)`` (stencil3) or ``ε^{1/5}·max(|θ_a|, 1)``
             (stencil5). Use :func:`scan_steps` to find a stable step and pass its ``.steps``.
@@ -111,6 +114,62 @@ def forecast(
     model = GaussianModel(mean, cov, theta0)
     names = parameter_names(names, model.n_parameters)
     found = compute_derivatives(model, derivatives, step)
+    if derivatives == "autograd":
+        _check_autograd(model, found, names)
     fisher = gaussian_fisher(found.mean, model.cov0, found.cov)
     precision = coarsest_dtype(model.theta0.dtype, model.mean0.dtype, model.cov0.dtype)
     return Forecast(fisher, theta0=model.theta0, names=names, precision=precision)
+
+
+#: How many times the finite difference's error bound autograd must miss it by to be doubted: far beyond noise.
+_DOUBT = 100.0
+#: Relative disagreements below this are not worth a warning whatever the bound (a term that small hardly matters).
+_FLOOR = 1e-3
+
+
+def _check_autograd(model: GaussianModel, found: Derivatives, names: Sequence[str]) -> None:
+    """Warn for each parameter whose autograd derivative of ``(μ, C)`` differs from a 5-point stencil's beyond doubt.
+
+    ``.item()``, ``float()``, ``.tolist()`` or NumPy inside the model make a tensor that depends on θ a constant:
+    :func:`torch.func.jvp` drops those terms without a word (a wrong derivative, not a failed one). A finite
+    difference sees every term. The stencil, at the step of :func:`default_steps`, is Richardson's
+    ``D₅ = (4 D₃(h) − D₃(2h)) / 3`` from two 3-point stencils (four evaluations per parameter); its error is
+    bounded by ``‖D₃(h) − D₃(2h)‖`` (the 3-point truncation, far above the 5-point one) plus the rounding of the
+    values, in the norm of the Fisher matrix (``‖D‖² = F_aa`` for the derivative along ``θ_a``). A model that
+    raises at the stencil's points is not checked: the check is advice, the forecast does not need those points.
+    """
+    steps = default_steps(model.theta0, "stencil5")
+    for a, name in enumerate(names):
+        try:
+            near = stencil_terms(model, a, float(steps[a]), "stencil3")
+            far = stencil_terms(model, a, 2 * float(steps[a]), "stencil3")
+        except Exception:  # noqa: BLE001 - whatever the model raises off θ₀, the forecast itself is unaffected
+            return
+        auto = (found.mean[a], None if found.cov is None else found.cov[a])
+        five = _combine(near, far, 4 / 3, -1 / 3)
+        distance, size, five_size = _norms(model.cov0, _combine(auto, five, 1.0, -1.0), auto, five)
+        truncation, rounding_near, rounding_far = _norms(model.cov0, _combine(near, far, 1.0, -1.0), near[2:], far[2:])
+        error = truncation + 2 * rounding_near + rounding_far  # ample for the rounding of (4 D₃(h) − D₃(2h)) / 3
+        scale = max(size, five_size)
+        if distance > _DOUBT * error and distance > _FLOOR * scale:
+            warn_user(
+                f"autograd's derivative along {name} differs from a finite difference by {distance / scale:.2g} "
+                f"(relative), {distance / max(error, 1e-300):.3g} times the finite difference's error: mean or cov "
+                "probably leaves torch there (.item(), float(), .tolist(), numpy), which autograd treats as a "
+                "constant and drops, so the Fisher matrix is wrong; write them in torch operations of theta, or "
+                "pass derivatives='stencil5' (scan_steps finds its step). A θ₀ on a kink of the model, where the "
+                "derivative is undefined, disagrees too."
+            )
+
+
+def _combine(first: Sequence, second: Sequence, u: float, v: float) -> tuple[Tensor, Tensor | None]:
+    """``u·first + v·second`` of two pairs (derivative of the mean, of the covariance or ``None``)."""
+    cov = None if first[1] is None or second[1] is None else u * first[1] + v * second[1]
+    return u * first[0] + v * second[0], cov
+
+
+def _norms(cov: Tensor, *pairs: Sequence) -> list[float]:
+    """``‖D‖ = √(∂μᵀ C⁻¹ ∂μ + ½ tr(C⁻¹ ∂C C⁻¹ ∂C))`` of each pair ``D = (∂μ, ∂C or None)``: the norm ``F`` uses."""
+    mean = torch.stack([p[0].to(torch.float64) for p in pairs])
+    covs = None if pairs[0][1] is None else torch.stack([p[1].to(torch.float64) for p in pairs])
+    return torch.diagonal(gaussian_fisher(mean, cov, covs)).clamp_min(0).sqrt().tolist()

@@ -11,15 +11,15 @@ import torch
 from torch import Tensor
 
 from ..errors import TorchfimError
-from ._model import parameter_names
+from ._model import as_theta, parameter_names
 from .ellipse import ONE_SIGMA, TWO_SIGMA, draw_ellipses
 from .stability import (
     InversionDiagnostics,
     check_fisher,
     coarsest_dtype,
     inversion_diagnostics,
-    precision_of,
     stable_inverse,
+    symmetric_matrix,
 )
 
 __all__ = ["Forecast"]
@@ -27,6 +27,10 @@ __all__ = ["Forecast"]
 
 class Forecast:
     """A Fisher matrix ``F`` (float64, ``P×P``) at the fiducial parameters ``theta0``.
+
+    ``fisher`` may be a tensor, a NumPy array, or nested lists of numbers (read in float64); it must be
+    finite and symmetric to its precision's rounding. ``theta0`` (default: zeros) is read as
+    :func:`forecast` reads it, lists of numbers in float64.
 
     Under the Gaussian approximation of the posterior (or the Cramér–Rao bound for unbiased
     estimators), the parameter covariance is ``F⁻¹``: the *marginal* error of ``θ_a`` (all other
@@ -60,27 +64,13 @@ class Forecast:
         names: Sequence[str] | None = None,
         precision: torch.dtype | None = None,
     ) -> None:
-        fisher = torch.as_tensor(fisher).detach()
+        fisher, given = symmetric_matrix(fisher, precision)
         #: The dtype ``F`` was computed in (float64 or coarser), against whose rounding its inverse is judged.
-        self.precision: torch.dtype = precision_of(fisher, precision)
-        fisher = fisher.to(torch.float64)
-        if fisher.dim() != 2 or fisher.shape[0] != fisher.shape[1] or fisher.shape[0] == 0:
-            raise TorchfimError(f"a Fisher matrix must be square (P, P), got shape {tuple(fisher.shape)}")
-        if not bool(torch.isfinite(fisher).all()):
-            raise TorchfimError("the Fisher matrix has non-finite entries; check the mean, covariance and steps")
+        self.precision: torch.dtype = given
+        self.fisher: Tensor = fisher
         n = fisher.shape[0]
-        # Round-off leaves a Fisher made in float32 asymmetric at ~1e-7 of its largest entry, not 1e-10.
-        tolerance = max(1e-10, 64 * torch.finfo(self.precision).eps) * float(fisher.abs().max())
-        asymmetry = float((fisher - fisher.T).abs().max())
-        if asymmetry > tolerance:
-            raise TorchfimError(
-                f"a Fisher matrix must be symmetric, but F − Fᵀ reaches {asymmetry:.3g} (its largest entry "
-                f"{float(fisher.abs().max()):.3g}, more than {self.precision}'s round-off); pass (F + F.T) / 2"
-            )
-        self.fisher: Tensor = (fisher + fisher.T) / 2
-        if theta0 is None:
-            theta0 = torch.zeros(n, dtype=torch.float64)
-        self.theta0: Tensor = torch.as_tensor(theta0).detach().to(torch.float64)
+        # as_theta reads a list of numbers in float64, as forecast() does: else a + b of the same θ₀ is refused.
+        self.theta0: Tensor = torch.zeros(n, dtype=torch.float64) if theta0 is None else as_theta(theta0).double()
         if tuple(self.theta0.shape) != (n,):
             raise TorchfimError(f"theta0 must have {n} entries, one per row of the Fisher matrix")
         self.names: tuple[str, ...] = parameter_names(names, n)
@@ -150,15 +140,17 @@ class Forecast:
         j: int | str,
         ax: Any = None,
         *,
-        levels: Sequence[float] = (ONE_SIGMA, TWO_SIGMA),
+        levels: float | Sequence[float] = (ONE_SIGMA, TWO_SIGMA),
         **plot_kwargs: Any,
     ) -> Any:
         """Draw the marginal confidence ellipses of parameters ``i`` and ``j`` (names or indices).
 
         The ellipse holding probability ``p`` (by default the one- and two-sigma levels, 68.3% and
         95.4%) is ``Δθᵀ S⁻¹ Δθ = −2 ln(1 − p)`` around ``theta0``, with
-        ``S`` the 2×2 block of ``F⁻¹`` (see :mod:`torchfim.forecast.ellipse`). Draws on ``ax`` (a new
-        matplotlib figure if ``None``) and returns it; ``plot_kwargs`` go to ``ax.plot``. matplotlib
+        ``S`` the 2×2 block of ``F⁻¹`` (see :mod:`torchfim.forecast.ellipse`); ``levels`` is one level or several.
+        Draws on ``ax`` (a new matplotlib figure if ``None``) and returns it; ``plot_kwargs`` go to ``ax.plot`` and
+        override the defaults, as for :func:`~torchfim.forecast.ellipse.draw_ellipses` (a ``label`` names the
+        innermost ellipse). matplotlib
         is needed only here: without it this raises a :class:`TorchfimError` naming
         ``pip install matplotlib``.
         """

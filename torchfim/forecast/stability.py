@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, real_number, whole_number
+from ._model import parameter_names
 
 __all__ = ["InversionDiagnostics", "inversion_diagnostics", "stable_inverse"]
 
@@ -40,7 +41,8 @@ def stable_inverse(
     computed in, float64 or coarser (a combination of parameters the data cannot measure).
 
     Args:
-        fisher: ``(P, P)``, the Fisher matrix.
+        fisher: ``(P, P)``, the Fisher matrix: a tensor, a NumPy array, or nested lists of numbers (read in
+            float64); it must be finite and symmetric to the rounding of its precision (:func:`symmetric_matrix`).
         names: one name per parameter, for the messages.
         precision: the dtype ``F`` was computed in when that is coarser than its own dtype (a matrix
             assembled in float64 from float32 derivatives: ``torch.float32``). ``None``: ``fisher``'s
@@ -53,7 +55,9 @@ def stable_inverse(
         tensor([[2.5000e-01, 0.0000e+00],
                 [0.0000e+00, 1.0000e+12]], dtype=torch.float64)
     """
-    inverse, problem = _scaled_inverse(fisher.to(torch.float64), _given(fisher, precision))
+    fisher, given = symmetric_matrix(fisher, precision)
+    names = None if names is None else parameter_names(names, fisher.shape[0])
+    inverse, problem = _scaled_inverse(fisher, None if given == torch.float64 else given)
     if problem is not None:
         _raise(problem, names)
     return inverse
@@ -112,6 +116,47 @@ def precision_of(fisher: Tensor, precision: torch.dtype | None = None) -> torch.
     if precision is not None and not (isinstance(precision, torch.dtype) and precision.is_floating_point):
         raise TorchfimError(f"precision must be a floating torch dtype such as torch.float32, got {precision!r}")
     return coarsest_dtype(torch.as_tensor(fisher).dtype, precision)
+
+
+def symmetric_matrix(
+    matrix: object, precision: torch.dtype | None = None, *, what: str = "a Fisher matrix", symbol: str = "F"
+) -> tuple[Tensor, torch.dtype]:
+    """``matrix`` as a symmetrised float64 tensor, and the precision it was computed in (:func:`precision_of`).
+
+    A tensor or NumPy array keeps its dtype as the precision; nested lists or tuples of numbers are read in
+    float64 (not torch's default float32, which would round them). Anything but a finite, non-empty, square
+    matrix, symmetric to that precision's rounding, raises a :class:`TorchfimError` naming ``what`` (the
+    matrix, for the messages) and ``symbol`` (its letter in ``F − Fᵀ``): a silently symmetrised matrix would
+    give errors for a matrix that was never given.
+    """
+    try:
+        if isinstance(matrix, (list, tuple)):
+            matrix = torch.as_tensor(matrix, dtype=torch.float64)
+        elif not isinstance(matrix, Tensor) and hasattr(matrix, "__array__"):
+            matrix = torch.as_tensor(matrix)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TorchfimError(f"{what} must be a (P, P) tensor of numbers; could not read {matrix!r} ({err})") from err
+    if not isinstance(matrix, Tensor) or matrix.is_complex() or matrix.dtype == torch.bool:
+        raise TorchfimError(
+            f"{what} must be a real (P, P) tensor (or NumPy array, or nested lists of numbers), got "
+            f"{type(matrix).__name__}" + (f" of dtype {matrix.dtype}" if isinstance(matrix, Tensor) else "")
+        )
+    given = precision_of(matrix, precision)
+    matrix = matrix.detach().to(torch.float64)
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise TorchfimError(f"{what} must be square (P, P), got shape {tuple(matrix.shape)}")
+    if not bool(torch.isfinite(matrix).all()):
+        raise TorchfimError(f"{what} has non-finite entries (NaN or Inf); check what it was built from "
+                            "(a forecast's mean, covariance and steps)")
+    # Round-off leaves a Fisher made in float32 asymmetric at ~1e-7 of its largest entry, not 1e-10.
+    largest = float(matrix.abs().max())
+    asymmetry = float((matrix - matrix.T).abs().max())
+    if asymmetry > max(1e-10, 64 * torch.finfo(given).eps) * largest:
+        raise TorchfimError(
+            f"{what} must be symmetric, but {symbol} − {symbol}ᵀ reaches {asymmetry:.3g} (its largest entry "
+            f"{largest:.3g}, more than {given}'s round-off); pass ({symbol} + {symbol}.T) / 2"
+        )
+    return (matrix + matrix.T) / 2, given
 
 
 def _given(fisher: Tensor, precision: torch.dtype | None) -> torch.dtype | None:
@@ -248,7 +293,9 @@ def inversion_diagnostics(
 ) -> InversionDiagnostics:
     """Condition numbers, eigenvalues, and the sensitivity of the marginal errors to perturbations of ``F``.
 
-    ``fisher`` is the square, symmetric Fisher matrix ``F`` to examine. Each of ``n_trials`` perturbed matrices is ``F'_ab = F_ab (1 + eps·g_ab)`` with ``g`` symmetric,
+    ``fisher`` is the square, symmetric Fisher matrix ``F`` to examine (a tensor, a NumPy array or nested lists
+    of numbers; an asymmetric or non-finite one is refused, as :func:`stable_inverse` refuses it). Each of
+    ``n_trials`` perturbed matrices is ``F'_ab = F_ab (1 + eps·g_ab)`` with ``g`` symmetric,
     its entries on and above the diagonal independent standard normals (drawn from ``generator``;
     ``None`` uses a fresh generator seeded with 0, so the result is reproducible). The result is
     flagged ``unstable`` when the marginal errors ``σ_a = √(F⁻¹)_aa`` move by more than
@@ -266,23 +313,27 @@ def inversion_diagnostics(
         >>> inversion_diagnostics(degenerate).unstable
         True
     """
-    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+    number = real_number(eps)  # a NumPy number or 0-dim tensor is as good as a float
+    if number is None or not 0 < number < 1:
         raise TorchfimError(f"eps must be a relative perturbation in (0, 1) such as 1e-3, got {eps!r}")
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+    trials = whole_number(n_trials)
+    if trials is None or trials < 1:
         raise TorchfimError(f"n_trials must be a positive integer such as 100, got {n_trials!r}")
-    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+    limit = real_number(tolerance)
+    if limit is None or not limit > 0:
         raise TorchfimError(f"tolerance must be a positive relative change such as 0.01, got {tolerance!r}")
-    given = _given(fisher, precision)
-    fisher = fisher.detach().to(torch.float64)
-    eigenvalues = torch.linalg.eigvalsh((fisher + fisher.T) / 2)
+    fisher, given = symmetric_matrix(fisher, precision)
+    eigenvalues = torch.linalg.eigvalsh(fisher)
     return InversionDiagnostics(
         eigenvalues=eigenvalues,
         condition_number=_condition(eigenvalues),
         unit_free_condition_number=_unit_free_condition(fisher),
-        eps=float(eps),
-        n_trials=n_trials,
-        max_relative_change=_max_relative_change(fisher, float(eps), n_trials, generator, given),
-        tolerance=float(tolerance),
+        eps=number,
+        n_trials=trials,
+        max_relative_change=_max_relative_change(
+            fisher, number, trials, generator, None if given == torch.float64 else given
+        ),
+        tolerance=limit,
     )
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError, check_choice
+from ..errors import TorchfimError, check_choice, real_number
 from ._model import CovLike, GaussianModel, MeanLike, parameter_names
 from .derivatives import STENCILS, stencil_terms, step_resolves
 from .gaussian import gaussian_fisher
@@ -197,12 +197,13 @@ def scan_steps(
         True
     """
     check_choice("stencil", stencil, tuple(STENCILS))
-    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+    tolerance = real_number(rtol)  # a NumPy number or 0-dim tensor is as good as a float
+    if tolerance is None or not 0 < tolerance < 1:
         raise TorchfimError(f"rtol must be a relative change in (0, 1) such as 1e-6, got {rtol!r}")
     model = GaussianModel(mean, cov, theta0)
     names = parameter_names(names, model.n_parameters)
     grid = _step_grid(steps, model.theta0)
-    scans = tuple(_scan_parameter(model, a, names[a], grid[a], stencil, float(rtol)) for a in range(len(names)))
+    scans = tuple(_scan_parameter(model, a, names[a], grid[a], stencil, tolerance) for a in range(len(names)))
     return StepScan(stencil=stencil, parameters=scans)
 
 
