@@ -120,8 +120,8 @@ def _check_readme_example(run: Run) -> None:
     assert ns["tr"].dim() == 0 and ns["est"].dim() == 0 and ns["se"].dim() == 0
     assert abs(float(ns["est"] - ns["tr"])) < 5 * float(ns["se"]) and float(ns["se"]) > 0
     assert isinstance(ns["k"], int) and ns["k"] >= 1
-    printed = re.fullmatch(r"Tr\(F\) = (\S+); score estimate (\S+) ± (\S+); (\d+) labels/input for a 1% s\.e\. "
-                           r"of Tr\(F\)\n", run.stdout)
+    printed = re.fullmatch(r"Tr\(F\) = (\S+); score estimate (\S+) ± (\S+); labels per input for a 1% s\.e\. "
+                           r"of Tr\(F\): (\d+)\n", run.stdout)
     assert printed, run.stdout
     assert float(printed[1]) == pytest.approx(float(ns["tr"]), abs=1e-4) and int(printed[4]) == ns["k"]
     assert ns["torchfim"].fisher(ns["model"], ns["x"]).shape == (sum(p.numel() for p in ns["model"].parameters()),)

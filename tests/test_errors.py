@@ -762,3 +762,14 @@ def test_a_gamma_shape_that_underflows_is_named_with_the_smallest_outputs():
     with pytest.raises(TorchfimError, match=r"gamma shape e\^o that underflows to 0.*the largest and the smallest"):
         torchfim.fisher(LogShapes(), x, family="gamma", estimator="score", structure="trace",
                         generator=torch.Generator().manual_seed(0))
+
+
+def test_samples_needed_of_a_zero_fisher_names_the_mask_and_saturation():
+    """Every position masked: the message blamed the model ("check the model"), where the mask leaves nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that no position is observed comes first
+        with pytest.raises(TorchfimError, match=r"no position is observed \(a mask, or labels of -100, leaves out "
+                                                r"every one.*or the outputs are saturated"):
+            torchfim.samples_needed(model, torch.randn(3, 4, 3), mask=torch.zeros(3, 4, dtype=torch.bool))

@@ -78,7 +78,8 @@ def score_variance_bound_spectral(
     ``Var(Tr Î1) ≤ (1/(n²k)) Σᵢ (λ_max(Mᵢ) ‖JᵢJᵢᵀ‖_F² − (tr I(θ|xᵢ))²)``.
 
     Assumptions: the output family of docs/math.md §1 (``E[uuᵀ] = Λ``); none on the
-    network. Equality: one output per input (``C = 1``). A bound of the kind Soen & Sun
+    network. Equality: one output per input (``C = 1``), where the two come out equal to rounding (the
+    bound may then be an ulp below :func:`~torchfim.fisher_variance`). A bound of the kind Soen & Sun
     (2021) give for Î1, derived here in their setting: the paper's own statement could not
     be recovered (docs/math.md, Sources).
 

@@ -92,7 +92,10 @@ def samples_needed(
     value, var1 = value.reshape(-1).double(), var1.reshape(-1).double()
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
-        raise TorchfimError("the exact Fisher is zero here, so a relative error is undefined; check the model")
+        raise TorchfimError(
+            "the exact Fisher is zero here, so a relative error is undefined: no position is observed (a mask, or "
+            "labels of -100, leaves out every one: pass inputs with observed positions), or the outputs are "
+            "saturated (every probability 0 or 1, where the Fisher is 0: check the model's outputs)")
     said = says_shared(across_processes)  # the same k, and the same reasons, on every process of a shared call
     if said:
         _name_uninformative(var1[~informative], estimator, var1[informative].max())
