@@ -42,9 +42,13 @@ def test_gamma_sampled_scores_at_small_shape(log_shape, dtype):
 
 
 @pytest.mark.parametrize(("log_shape", "dtype"), [(14.0, torch.float32), (20.0, torch.float32),
-                                                  (30.0, torch.float64), (40.0, torch.float64)])
+                                                  (27.0, torch.float64), (28.0, torch.float64),
+                                                  (30.0, torch.float64), (40.0, torch.float64),
+                                                  (75.0, torch.float64), (200.0, torch.float64)])
 def test_gamma_sampled_scores_at_large_shape(log_shape, dtype):
-    """Before: u_α = α(log w − ψ(α)) − (w − α) cancelled (float32 log-shape 14: E[u_α²]/Λ_αα = 1.81)."""
+    """Before: u_α = α(log w − ψ(α)) − (w − α) cancelled (float32 log-shape 14: E[u_α²]/Λ_αα = 1.81); from log-shape
+    about 66 the draw's w − α rounded away (a review: at 75, u_μ = 0 and u_α = ½ always, so Î1 gave 0 and half the
+    Fisher, Î2 a quarter off). Log-shapes 27 and 28 stand either side of the normal draw's threshold, 1e12."""
     fam, o = Gamma(), torch.tensor([[-0.7, log_shape]], dtype=dtype)
     u = fam.sample_scores(o, N, torch.Generator().manual_seed(1))[0]
     _assert_score_moments(u, torch.diagonal(fam.fisher_output(o.double())[0]))

@@ -27,6 +27,11 @@ _DIGAMMA_SERIES = (0.5, 1 / 12, 0.0, -1 / 120, 0.0, 1 / 252, 0.0, -1 / 240, 0.0,
 # Below this shape a Gamma(α, 1) draw can underflow float64 (P(w < 2⁻¹⁰²²) ≈ 2^(−1022α)/Γ(α+1)), so its
 # log is drawn instead: w = g·U^{1/α} with g ~ Gamma(α+1, 1), U uniform, i.e. log w = log g + log(U)/α.
 _LOG_DRAW_SHAPE = 1.0
+# Above this shape a draw's deviation w − α is formed from a normal draw z (Wilson–Hilferty: w/α = (1 + s)³ with
+# s = z/(3√α) − 1/(9α), so W/α = s(3 + s(3 + s)), no cancellation): a direct draw carries W to ε·√α relative (1e-10
+# here) and rounds it to 0 from α ≈ 1e30 (a review: u_μ = 0 and u_α = ½ always at log α = 75). The approximation's
+# error in the moments of the scores shrinks like a power of 1/α; at 1e12 it is far below any Monte-Carlo error.
+_NORMAL_SHAPE = 1e12
 
 
 def _series(coefficients: tuple[float, ...], alpha: Tensor) -> Tensor:
@@ -54,19 +59,30 @@ def _reduced_polygamma(order: int, shape: Tensor) -> Tensor:
     return torch.where(alpha < _ASYMPTOTIC_SHAPE, direct, _series(_SERIES[order], alpha))
 
 
-def _shape_score(alpha: Tensor, log_w: Tensor, w: Tensor) -> Tensor:
-    """``u_α = α(log w − ψ(α)) − (w − α)`` from ``log w`` and ``w`` (float64 tensors).
+def _shape_score(alpha: Tensor, log_w: Tensor, deviation: Tensor) -> Tensor:
+    """``u_α = α(log w − ψ(α)) − (w − α)`` from ``log w`` and the deviation ``W = w − α`` (float64 tensors).
 
-    For ``α ≥ 20`` as ``α(log α − ψ(α)) + α(log1p(δ) − δ)`` with ``δ = w/α − 1``, the first term by
+    For ``α ≥ 20`` as ``α(log α − ψ(α)) + α(log1p(δ) − δ)`` with ``δ = W/α``, the first term by
     its series ``½ + 1/(12α) − 1/(120α³) + …``: the direct form subtracts terms of size ``α log α``
     to leave an O(1) score (float32 at log α = 14 gave E[u_α²]/Λ_αα = 1.81). Below, directly, with
     ``αψ(α) = αψ(α+1) − 1`` so that a tiny ``α`` (``log w ≈ −E/α``) meets no ``0 · ∞``.
     """
-    small = alpha * log_w - alpha * torch.digamma(alpha + 1) + 1 - (w - alpha)
+    small = alpha * log_w - alpha * torch.digamma(alpha + 1) + 1 - deviation
     big = alpha.clamp_min(_ASYMPTOTIC_SHAPE)
-    delta = w / big - 1
-    large = _series(_DIGAMMA_SERIES, alpha) + big * (torch.log1p(delta) - delta)
+    large = _series(_DIGAMMA_SERIES, alpha) + big * _log1p_minus_identity(deviation / big)
     return torch.where(alpha < _ASYMPTOTIC_SHAPE, small, large)
+
+
+def _log1p_minus_identity(delta: Tensor) -> Tensor:
+    """``log(1 + δ) − δ`` without cancellation: below ``|δ| = 0.01`` by its series ``−δ²/2 + δ³/3 − …`` (to
+    ``δ¹¹``, 1e-16 relative), where the difference would keep ``ε/|δ|`` of itself (none at all at ``α ≈ 1e32``,
+    where ``δ ≈ 1e-16`` and ``α(log1p(δ) − δ) ≈ −z²/2`` rounded to 0)."""
+    tiny = delta.abs() < 0.01
+    x = torch.where(tiny, delta, torch.zeros_like(delta))
+    series = torch.zeros_like(x)
+    for power in range(11, 1, -1):  # −Σ_{m≥2} (−δ)^m/m, Horner from the top term
+        series = x * series + (-1) ** (power + 1) / power
+    return torch.where(tiny, x * x * series, torch.log1p(delta) - delta)
 
 
 #: A gamma model that ends in an exponential or a softplus, returning the mean and shape themselves.
@@ -105,7 +121,8 @@ class Gamma(PairedFamily):
 
     Sampling draws ``w`` with ``torch._standard_gamma`` from the passed generator in float64, for
     ``α < 1`` as ``log w = log g + log(U)/α`` with ``g ~ Gamma(α+1, 1)`` and ``U`` uniform (``w``
-    itself underflows there). Labels below the dtype's range are raised to its smallest normal
+    itself underflows there), and for ``α ≥ 10¹²`` its deviation ``w − α`` from a normal draw by
+    Wilson–Hilferty's cube (``w − α`` itself rounds away there). Labels below the dtype's range are raised to its smallest normal
     number; :meth:`sample_scores` works from ``log w`` and is not affected.
 
     Example:
@@ -137,7 +154,7 @@ class Gamma(PairedFamily):
         return torch.exp(o.detach().to(_work_dtype(o)[0]).chunk(2, dim=-1)[0])
 
     def _log_draws(self, o: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
-        """``(log w, w, log μ, log α)``, ``k`` draws ``w ~ Gamma(α, 1)`` per output, ``(B, k, D)`` in
+        """``(log w, w, w − α, log μ, log α)``, ``k`` draws ``w ~ Gamma(α, 1)`` per output, ``(B, k, D)`` in
         float64 on the generator's device (``log μ``, ``log α`` broadcast over the draws)."""
         log_mean, log_shape = _to_generator_device(o.detach().double(), generator).chunk(2, dim=-1)
         log_mean, log_shape = log_mean.unsqueeze(1), log_shape.unsqueeze(1).expand(-1, k, -1)
@@ -150,11 +167,21 @@ class Gamma(PairedFamily):
             # (log-shape −6: a third of the draws, and E[u_α²]/Λ_αα was 0.39 from the clipped ones).
             log_u = torch.log1p(-torch.rand(draw.shape, generator=generator, dtype=draw.dtype, device=draw.device))
             log_w = torch.where(small, log_w + log_u / shape, log_w)
-        return log_w, torch.where(small, torch.exp(log_w), draw), log_mean, log_shape
+        w = torch.where(small, torch.exp(log_w), draw)
+        deviation = w - shape
+        large = shape >= _NORMAL_SHAPE
+        if bool(large.any()):  # drawn only then: the draws of smaller shapes are as before
+            root = shape.sqrt()
+            s = (torch.randn(draw.shape, generator=generator, dtype=draw.dtype, device=draw.device) / 3 - 1 / (9 * root)) / root
+            delta = s * (3 + s * (3 + s))  # (1 + s)³ − 1
+            deviation = torch.where(large, shape * delta, deviation)
+            log_w = torch.where(large, log_shape + torch.log1p(delta), log_w)
+            w = torch.where(large, shape + deviation, w)
+        return log_w, w, deviation, log_mean, log_shape
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         work = _work_dtype(o)[0]
-        log_w, w, log_mean, log_shape = self._log_draws(o, k, generator)
+        log_w, w, _, log_mean, log_shape = self._log_draws(o, k, generator)
         shift = log_mean - log_shape
         # From w where it is a normal number: exp(log w + …) would lose ε·|log w| relative at large α.
         y = torch.where(w >= torch.finfo(w.dtype).tiny, w * torch.exp(shift), torch.exp(log_w + shift)).to(work)
@@ -164,9 +191,8 @@ class Gamma(PairedFamily):
     def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """The scores of :meth:`sample`'s draws, from ``log w`` and ``w`` in float64 (:func:`_shape_score`),
         not from the labels: those clip where ``w`` underflows and round away ``u_α`` at large ``α``."""
-        log_w, w, _, log_shape = self._log_draws(o, k, generator)
-        shape = torch.exp(log_shape)
-        scores = torch.cat([w - shape, _shape_score(shape, log_w, w)], dim=-1)
+        log_w, _, deviation, _, log_shape = self._log_draws(o, k, generator)
+        scores = torch.cat([deviation, _shape_score(torch.exp(log_shape), log_w, deviation)], dim=-1)
         return scores.to(device=o.device, dtype=o.dtype)
 
     def _standard_draws(self, y: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,7 +207,7 @@ class Gamma(PairedFamily):
         log_mean, log_shape = self._align(y, o).to(wide).chunk(2, dim=-1)
         y, shape = y.to(wide), torch.exp(log_shape)
         log_w, w = torch.log(y) + (log_shape - log_mean), y * torch.exp(log_shape - log_mean)
-        return torch.cat([w - shape, _shape_score(shape, log_w, w)], dim=-1).to(o.dtype)
+        return torch.cat([w - shape, _shape_score(shape, log_w, w - shape)], dim=-1).to(o.dtype)
 
     def cumulants_by_count(self, o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         work = _work_dtype(o)[0]
