@@ -89,9 +89,6 @@ def score_trace_variances(
     modes = ("var", "spectral", "kurtosis") if bounds else ("var",)
     sums, n = _score_trace_sums(model, inputs, get_family(family), modes, True, backend, progress, mask, output,
                                 class_dim)
-    if bounds:  # the tightest bound, as variance_bound takes it: the smaller sum over inputs
-        for part in (sums.total, sums.tensors):
-            part["bound"] = torch.minimum(part.pop("spectral"), part.pop("kurtosis"))
     return sums.result(n, bounds)
 
 
@@ -100,12 +97,12 @@ def score_trace_bound(
     progress: bool = False, mask: Mask = None, output: Callable[[object], Tensor] | None = None,
     class_dim: int | None = None,
 ) -> Tensor:
-    """The tightest bound on ``Var(Tr Î1)`` (one label per input) that :func:`torchfim.variance_bound` gives: the
-    smaller of the spectral and the kurtosis bound's sums over inputs, both from one pass, for the model alone (none
-    of :func:`score_trace_variances`' per-tensor terms nor the exact variance)."""
+    """The tightest bound on ``Var(Tr Î1)`` (one label per input) that :func:`torchfim.variance_bound` gives: the sum
+    over inputs of the smaller of each input's spectral and kurtosis terms, both from one pass, for the model alone
+    (none of :func:`score_trace_variances`' per-tensor terms nor the exact variance)."""
     sums, n = _score_trace_sums(model, inputs, get_family(family), ("spectral", "kurtosis"), False, backend,
                                 progress, mask, output, class_dim)
-    bound = torch.minimum(sums.total["spectral"], sums.total["kurtosis"]) / float(n) ** 2
+    bound = sums.total["bound"] / float(n) ** 2
     check_finite_result({"bound": bound}, "a variance bound of the trace estimator", sums.layout.dtype)
     return bound.to(sums.layout.dtype)
 
@@ -114,10 +111,12 @@ def _score_trace_sums(model: nn.Module, inputs: Inputs, fam: Family, modes: tupl
                       backend: str, progress: bool, mask: Mask, output: Callable[[object], Tensor] | None,
                       class_dim: int | None) -> tuple[_Sums, int]:
     """The sums over inputs of :meth:`.variance.ScoreVariance.trace_terms` of the model's output gram, per mode
-    (``"var"`` the exact variance) and, with ``per_tensor``, of each tensor's own gram; and the inputs counted."""
+    (``"var"`` the exact variance) and, with ``per_tensor``, of each tensor's own gram; and the inputs counted.
+    With both bounds' modes, ``"bound"`` too: the sum of each input's smaller bound term (each input's term bounds its
+    own variance, so the sum of the smaller ones bounds the whole, never above the smaller of the two sums)."""
     forms_of = {"var": "exact", "spectral": "spectral", "kurtosis": "kurtosis"}
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
-        sums = _Sums(squares_layout(one.view.layout), modes)
+        sums = _Sums(squares_layout(one.view.layout), modes + ("bound",) * ("kurtosis" in modes))
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True,
                                       grams=True):  # an output Gram matrix per input, per tensor and in all
             forms = [ScoreVariance(one.backend, rec, fam_b, forms_of[mode]) for mode in modes]
@@ -125,15 +124,23 @@ def _score_trace_sums(model: nn.Module, inputs: Inputs, fam: Family, modes: tupl
             for rows, grams in one.backend.tensor_output_grams(rec):
                 for i, own in grams.items():  # G_t (b, C, C)
                     if per_tensor:
-                        for key, form in zip(modes, forms):
-                            sums.tensors[key][i] += form.trace_terms(rows, own).sum().to(sums.tensors[key].dtype)
+                        for key, terms in _input_terms(modes, forms, rows, own).items():
+                            sums.tensors[key][i] += terms.sum().to(sums.tensors[key].dtype)
                     if gram is None:
                         gram = own.new_zeros(rec.batch.size, *own.shape[1:])
                     gram[rows] += own
-            for key, form in zip(modes, forms):
-                if gram is not None:
-                    sums.total[key] += form.trace_terms(slice(0, rec.batch.size), gram).sum().to(sums.total[key].dtype)
+            if gram is not None:
+                for key, terms in _input_terms(modes, forms, slice(0, rec.batch.size), gram).items():
+                    sums.total[key] += terms.sum().to(sums.total[key].dtype)
         return sums, one.n
+
+
+def _input_terms(modes: tuple[str, ...], forms: list[ScoreVariance], rows: slice, gram: Tensor) -> dict[str, Tensor]:
+    """Each mode's per-input terms for the output grams ``gram`` of ``rows``, and with both bounds their minimum."""
+    terms = {key: form.trace_terms(rows, gram) for key, form in zip(modes, forms)}
+    if "kurtosis" in terms:
+        terms["bound"] = torch.minimum(terms["spectral"], terms["kurtosis"])
+    return terms
 
 
 def hessian_trace_variances(

@@ -67,16 +67,20 @@ class CoverageCheck:
         #: Per module, the layouts of its rows (:data:`.modules.base.LAYOUTS`) whose reading fed other samples
         #: than the rule read: not tried again (with none left, its parameters move up, which the cache keeps).
         self.wrong_layouts: dict[nn.Module, set[str]] = {}
-        #: Once checked: the layout each module's calls had in the check, on 2 inputs, and were found right
-        #: in. Only those are read on later batches (and any on a batch of 1, whose rows are all its own; a
-        #: check on one input with regrouped calls is not kept, and runs again on the next batch).
+        #: Once checked: the layout each module's calls had in the check, on 2 inputs or more, and were found
+        #: right in. Only those are read on later batches (and any on a batch of 1, whose rows are all its own).
         self.layout_of: dict[nn.Module, str] = {}
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
         self._key = (tuple((id(p), p.requires_grad) for p in self.view.user_model.parameters()),
                      forward_signature(self.view.user_model))
-        self._verified = cached is not None and cached[0] == self._key
-        if self._verified and any(cached[1:]):  # checked before: reuse where its parameters are used
+        #: Whether a check ran on one input (batches of one need no other) and on two or more (all batches). One
+        #: input cannot tell a sequence-first layer, a table read by position or a batching rule of torch that
+        #: mixes samples from one that does not: a first call on one input, kept as checked, left later batches
+        #: of several 4-65% off, silently (a review).
+        self._one_checked = cached is not None and cached[0] == self._key
+        self._verified = self._one_checked and cached[-1] > 1
+        if self._one_checked and any(cached[1:-1]):  # checked before: reuse where its parameters are used
             modules = dict(self.view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
             self.shared = frozenset(modules[path] for path in cached[2])
@@ -110,6 +114,8 @@ class CoverageCheck:
                 self.uses[i] = self.uses.get(i, 0) + 1
         values = rec.values.detach()  # −Inf: a class masked out of a categorical; NaN or +Inf the family refuses
         if not self._verified and all_finite(values.masked_fill(torch.isneginf(values), 0)):
+            if batch.size == 1 and self._one_checked:
+                return rec  # one input's rows are all its own, and its rules were checked on one before
             checked = check_size(rec.calls, batch.size)
             with fewer_inputs(checked, batch):
                 few = self._record(batch.rows(slice(0, checked)), clone=True)
@@ -117,27 +123,34 @@ class CoverageCheck:
             if substitutes_differ or self._verify(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
             self.layout_of = {call.module: call.layout for _, call in few.calls if call.regrouped}
-            if self.layout_of and few.batch.size == 1:
-                return rec  # one input's rows are all its own: right here, but check the layout on more inputs
-            self._verified = True
-            paths = {m: p for p, m in self.view.model.named_modules()}
-            if self._causes:
-                warn_user(moved_message({n: paths[self.moved[n][0]] for n in self._causes}, self._causes))
-            reached = {rule.module for rule, call in rec.calls if call.taps}  # a no_grad call beside a graded one is fine
-            detached = sorted({paths[rule.module] or "the model" for rule, _ in rec.calls if rule.module not in reached})
-            if detached:
-                warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
-            _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
-                                               [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
-                                               [paths[m] for m in self.looped],
-                                               {paths[m]: layout for m, layout in self.layout_of.items()},
-                                               [paths[m] for m in self.own_tensors])
+            self._keep(rec, checked)
+            if checked == 1:
+                return rec  # right for one input: checked again on the first batch of more
             if any(self.layout_of.get(call.module) != call.layout for _, call in rec.calls
                    if call.regrouped or call.module in self.layout_of):
                 # the whole batch's rows looked like another layout as well (read first), or read either way
                 # (sequence first with as many positions as inputs, read batch first before the check)
                 return self.record(batch)
         return rec
+
+    def _keep(self, rec: ModuleRecording, checked: int) -> None:
+        """A check passed on ``checked`` inputs: say what it moved and which modules the batch's backward misses
+        (once per check), and keep its rules for the model's later calls (for batches of one where ``checked``
+        is 1)."""
+        self._one_checked, self._verified = True, checked > 1
+        paths = {m: p for p, m in self.view.model.named_modules()}
+        if self._causes:
+            warn_user(moved_message({n: paths[self.moved[n][0]] for n in self._causes}, self._causes))
+            self._causes = {}
+        reached = {rule.module for rule, call in rec.calls if call.taps}  # a no_grad call beside a graded one is fine
+        detached = sorted({paths[rule.module] or "the model" for rule, _ in rec.calls if rule.module not in reached})
+        if detached:
+            warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
+        _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
+                                           [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
+                                           [paths[m] for m in self.looped],
+                                           {paths[m]: layout for m, layout in self.layout_of.items()},
+                                           [paths[m] for m in self.own_tensors], checked)
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
         return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, self._layouts)

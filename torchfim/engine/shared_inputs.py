@@ -53,9 +53,13 @@ def reads_by_sample(module: nn.Module, inputs: dict, size: int, known: set) -> b
 
 
 def unbatched_calls(calls: list[tuple[Rule, Call]], size: int) -> list[tuple[Rule, Call]]:
-    """The calls of a forward of ``size`` samples whose outputs do not carry the batch (none if ``size < 2``)."""
-    return [(rule, call) for rule, call in calls if not carries_batch(call, isinstance(rule, GenericRule))] \
-        if size > 1 else []
+    """The calls of a forward of ``size`` samples whose outputs do not carry the batch. With one sample, only the
+    calls of rules that read rows as samples: a generic rule takes any shape of one input's call, and a module's
+    rule fed a lookup shared by every sample (``wpe(torch.arange(T))``, T rows) read its T rows as T samples and
+    failed inside torch."""
+    if size > 1:
+        return [(rule, call) for rule, call in calls if not carries_batch(call, isinstance(rule, GenericRule))]
+    return [(rule, call) for rule, call in calls if not isinstance(rule, GenericRule) and not carries_batch(call)]
 
 
 def modules_carrying_batch(model: nn.Module, batch: Batch) -> tuple[set[nn.Module], set[nn.Module]]:
@@ -140,7 +144,7 @@ def check_size(calls: list[tuple[Rule, Call]], size: int) -> int:
     came sequence first with 2 positions, the fewest from 3 on that no such call has as many (its rows would read
     either way, :func:`rows_layout`); at most ``size``."""
     positions = {call.taps[0].shape[0] for _, call in calls if call.sequence_first and call.taps}
-    return min(next(k for k in range(2, size + 2) if k not in positions), size)
+    return min(next((k for k in range(2, size + 2) if k not in positions), size), size)
 
 
 def rows_layout(args: tuple, taps: list[Tensor], size: int, allowed: frozenset[str]) -> tuple[int, bool]:
