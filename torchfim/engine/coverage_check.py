@@ -31,6 +31,7 @@ from .shared_inputs import (
     shares_inputs,
     unbatched_calls,
 )
+from .vector_batching import ONE_BY_ONE, pulls_back_alike
 from .view import ModelView, fewer_inputs
 
 __all__ = ["CoverageCheck"]
@@ -80,7 +81,10 @@ class CoverageCheck:
         #: of several 4-65% off, silently (a review).
         self._one_checked = cached is not None and cached[0] == self._key
         self._verified = self._one_checked and cached[-1] > 1
-        if self._one_checked and any(cached[1:-1]):  # checked before: reuse where its parameters are used
+        #: Whether several output vectors go back one backward each: torch's batched backward of them gave other
+        #: numbers in the check (:mod:`.vector_batching`).
+        self.one_by_one = self._one_checked and cached[-2]
+        if self._one_checked and any(cached[1:-2]):  # checked before: reuse where its parameters are used
             modules = dict(self.view.model.named_modules())
             self.moved = {n: (modules[path], local) for n, (path, local) in cached[1].items()}
             self.shared = frozenset(modules[path] for path in cached[2])
@@ -150,7 +154,7 @@ class CoverageCheck:
                                            [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
                                            [paths[m] for m in self.looped],
                                            {paths[m]: layout for m, layout in self.layout_of.items()},
-                                           [paths[m] for m in self.own_tensors], checked)
+                                           [paths[m] for m in self.own_tensors], self.one_by_one, checked)
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
         return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, self._layouts)
@@ -205,8 +209,12 @@ class CoverageCheck:
         if odd:
             self._move(names_of(self.view.model, odd), rec)
             return True
-        v = torch.randn(rec.output.shape, dtype=rec.output.dtype, device=rec.output.device,
-                        generator=torch.Generator(device=rec.output.device).manual_seed(0)).unsqueeze(1)
+        # Two vectors, summed: the products of one vector alone run no batching rule over vectors.
+        v = torch.randn((rec.output.shape[0], 2, *rec.output.shape[1:]), dtype=rec.output.dtype,
+                        device=rec.output.device, generator=torch.Generator(device=rec.output.device).manual_seed(0))
+        if not self.one_by_one and not pulls_back_alike(rec.output, [call for _, call in rec.calls], v):
+            self.one_by_one = True
+            warn_user(ONE_BY_ONE)
         params = [p for p in self.view.model.parameters() if id(p) in self.view.index_of]
         index = [self.view.index_of[id(p)] for p in params]
         per_sample: Pieces = {}
@@ -225,7 +233,7 @@ class CoverageCheck:
                 raise
             return self._demote(probation)
         misses = {index[k]: summed for k, summed in
-                  missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
+                  missed(rec.output, v.sum(1), params, [per_sample.get(i) for i in index]).items()}
         # A rule on probation that misses gives way first (its generic rule reads the rows regrouped as well:
         # a Linear subclass returning a tuple keeps them), then rows read regrouped that still miss come as they are.
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}

@@ -40,6 +40,7 @@ class FunctionalBackend(Backend):
         self._along_theta: set[str] = set()  # tensors whose directions need tangents over all of θ
         self._sample_by_sample = False  # whether output Hessians are taken one sample at a time
         self._reads_checked = False  # see _refuse_reads_outside
+        self._batching_checked = 0  # inputs of the first batches checked by _refuse_wrong_batching (2 suffice)
         self.eager = False  # whether Hugging Face attention runs eagerly under vmap (.eager_attention)
 
     def _refuse_reads_outside(self, batch: Batch) -> None:
@@ -71,7 +72,42 @@ class FunctionalBackend(Backend):
             raw = self.view.to_tensor(batch.call(self.view.model), batch)
         if not self._reads_checked:
             self._refuse_reads_outside(batch)
-        return Recording(batch, self.view.flat(raw), raw.shape)
+        rec = Recording(batch, self.view.flat(raw), raw.shape)
+        if self._batching_checked < min(2, batch.size) and bool(torch.isfinite(rec.values).all()):
+            self._refuse_wrong_batching(rec)
+        return rec
+
+    def _refuse_wrong_batching(self, rec: Recording) -> None:
+        """Refuse a model whose per-sample products through torch.func (:meth:`vector_jacobian`, batched over samples
+        and output vectors) differ from autograd's, one input and one vector at a time, on the first inputs (two,
+        once a batch has them) and two random vectors: a batching rule of this torch build that gives wrong numbers
+        (PReLU's, cdist's in torch 2.13) made this backend's Fisher 9-70% off, silently (a review)."""
+        few = min(2, rec.batch.size)
+        self._batching_checked = few
+        rows = rec.batch.rows(slice(0, few))
+        v = torch.randn((few, 2, rec.values.shape[1]), dtype=rec.values.dtype, device=rec.values.device,
+                        generator=torch.Generator(device=rec.values.device).manual_seed(0))
+        got = self.vector_jacobian(rows, v)
+        params = {n: t.detach().requires_grad_() for n, t in self.view.params.items()}
+        want = torch.zeros_like(got)
+        with torch.enable_grad():
+            for i in range(few):
+                out = self.view.functional(params, rows.rows(slice(i, i + 1)))[0]
+                for j in range(2):
+                    grads = torch.autograd.grad(out, list(params.values()), v[i, j], retain_graph=True,
+                                                allow_unused=True)
+                    want[i, j] = self.view.flatten_params([torch.zeros_like(p) if g is None else g
+                                                           for p, g in zip(params.values(), grads)])
+        rtol = max(1e-4, 64 * torch.finfo(want.dtype).eps)
+        if not torch.allclose(got, want, rtol=rtol, atol=rtol * (1e-30 + float(want.abs().max()))):
+            known = sorted({type(m).__name__ for m in self.view.model.modules() if isinstance(m, _UNBATCHED)})
+            named = f"; torch.func has no working batching rule for its nn.{', nn.'.join(known)}" if known else ""
+            raise TorchfimError(
+                "backend='functional': torch.func's per-sample gradients of this model differ from autograd's, one "
+                "input at a time (a batching rule of this torch build gives wrong numbers, as PReLU's or "
+                f"torch.cdist's in torch 2.13){named}; use backend='auto', whose coverage check finds such modules "
+                "and computes them one sample at a time"
+            )
 
     def row_chunks(self, batch: int, vectors: int) -> Iterator[slice]:
         """Slices of a batch small enough that ``b·m·P`` stays under :data:`CHUNK_ELEMENTS`."""

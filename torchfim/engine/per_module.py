@@ -70,7 +70,7 @@ class PerModuleBackend(CoverageCheck, Backend):
         if rec.released:
             raise TorchfimError("internal: a recording was used after its last pull-back released it")
         try:
-            return pull_back(rec.output, [call for _, call in rec.calls], v, consumers, release)
+            return pull_back(rec.output, [call for _, call in rec.calls], v, consumers, release, self.one_by_one)
         except RuntimeError as err:  # autograd saw a parameter updated in place since the forward
             if "modified by an inplace operation" in str(err):
                 raise TorchfimError(PARAMETERS_CHANGED) from None

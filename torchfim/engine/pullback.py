@@ -33,8 +33,8 @@ from .modules import Call, Rule
 Consumer = Callable[[Tensor], None]
 
 
-def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
-              consumers: dict[int, Consumer] | None = None, release: bool = False) -> list[list[Tensor | None]]:
+def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor, consumers: dict[int, Consumer] | None = None,
+              release: bool = False, one_by_one: bool = False) -> list[list[Tensor | None]]:
     """Per call, per tap: ``∂(vᵀo)/∂tap`` as ``(m, B, *tap)``, None where the vectors do not reach it.
 
     ``v`` is ``(B, m, outputs)``. ``consumers`` (only with ``m == 1``) maps call indices with one tap
@@ -42,7 +42,8 @@ def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
     get ``[None]`` in the result. ``release``: one vector's backward does not keep the graph, and
     consumed calls are released (:meth:`.modules.Call.release`) as their consumers finish; see the
     module docstring. (Several vectors keep it: their batched backward may fail and go again vector
-    by vector.)
+    by vector.) ``one_by_one``: several vectors go back one backward each, not batched
+    (:mod:`.vector_batching`).
     """
     consumers = consumers or {}
     taps = [t for call in calls for t in call.taps]
@@ -53,7 +54,7 @@ def pull_back(output: Tensor, calls: Sequence[Call], v: Tensor,
     if v.shape[1] == 1:
         grads = torch.autograd.grad(output, taps, v[:, 0], retain_graph=not release, allow_unused=True)
         grads = [None if g is None else g.unsqueeze(0) for g in grads]
-    elif torch.is_anomaly_enabled():
+    elif one_by_one or torch.is_anomaly_enabled():
         # Anomaly mode reads every gradient's NaN check as a Python bool, which a batched backward cannot do:
         # it would fail, and torch would print that failure as an anomaly of the caller's model.
         grads = _vector_by_vector(output, taps, v)
