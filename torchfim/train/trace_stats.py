@@ -1,4 +1,5 @@
-"""The statistics behind :class:`~torchfim.train.FisherTraceMonitor`: window variances and the control variate.
+"""The statistics behind :class:`~torchfim.train.FisherTraceMonitor`: window variances and the control variate
+(docs/math.md §10).
 
 Everything here works on per-(input, label) squared score norms ``s`` of shape ``(n, k)``: row i
 holds the ``k`` values ``s_ij = ‖∇_θ log p(y_ij|xᵢ)‖²`` of input ``xᵢ``; ``mᵢ = (1/k) Σⱼ s_ij``.
