@@ -136,9 +136,9 @@ def test_the_score_estimator_frees_its_recording_in_its_pull_back(monkeypatch) -
     released: list[bool] = []
     original = pullback.pull_back
 
-    def spy(output, calls, v, consumers=None, release=False):
+    def spy(output, calls, v, consumers=None, release=False, one_by_one=False):
         released.append(release)
-        return original(output, calls, v, consumers, release)
+        return original(output, calls, v, consumers, release, one_by_one)
 
     monkeypatch.setattr(per_module, "STREAM_ELEMENTS", 0)
     monkeypatch.setattr(per_module, "pull_back", spy)

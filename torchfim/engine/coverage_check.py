@@ -209,12 +209,10 @@ class CoverageCheck:
         if odd:
             self._move(names_of(self.view.model, odd), rec)
             return True
-        # Two vectors, summed: the products of one vector alone run no batching rule over vectors.
-        v = torch.randn((rec.output.shape[0], 2, *rec.output.shape[1:]), dtype=rec.output.dtype,
-                        device=rec.output.device, generator=torch.Generator(device=rec.output.device).manual_seed(0))
-        if not self.one_by_one and not pulls_back_alike(rec.output, [call for _, call in rec.calls], v):
-            self.one_by_one = True
-            warn_user(ONE_BY_ONE)
+        if self._batched_over_vectors_wrongly(rec):
+            return True
+        v = torch.randn(rec.output.shape, dtype=rec.output.dtype, device=rec.output.device,
+                        generator=torch.Generator(device=rec.output.device).manual_seed(0)).unsqueeze(1)
         params = [p for p in self.view.model.parameters() if id(p) in self.view.index_of]
         index = [self.view.index_of[id(p)] for p in params]
         per_sample: Pieces = {}
@@ -233,7 +231,7 @@ class CoverageCheck:
                 raise
             return self._demote(probation)
         misses = {index[k]: summed for k, summed in
-                  missed(rec.output, v.sum(1), params, [per_sample.get(i) for i in index]).items()}
+                  missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
         # A rule on probation that misses gives way first (its generic rule reads the rows regrouped as well:
         # a Linear subclass returning a tuple keeps them), then rows read regrouped that still miss come as they are.
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
@@ -284,12 +282,31 @@ class CoverageCheck:
             self.wrong_layouts.setdefault(call.module, set()).add(call.layout)
         return bool(calls)
 
-    def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int]) -> bool:
-        """Compute one sample at a time each generic rule among those of the missed parameters whose
-        torch.func products differ from autograd's (a batching rule of torch that gives wrong numbers, as
-        PReLU's backward under nested vmap in torch 2.13); True when some were found."""
+    def _batched_over_vectors_wrongly(self, rec: ModuleRecording) -> bool:
+        """Check, for two random output vectors, that torch's batched backward of them gives one backward per
+        vector's numbers (else pull them back one at a time from now on, :mod:`.vector_batching`), and that each
+        generic rule's torch.func products, batched over samples and vectors, are its looped ones (else loop it):
+        the miss check pulls one vector back alone, which runs no batching rule over vectors (``torch.cdist``'s
+        backward in torch 2.13 is wrong there). True when a generic rule is looped from now on (the rules changed).
+        Each generic rule is compared once (its loop costs a backward per sample and vector)."""
+        pair = torch.randn((rec.output.shape[0], 2, *rec.output.shape[1:]), dtype=rec.output.dtype,
+                           device=rec.output.device, generator=torch.Generator(device=rec.output.device).manual_seed(1))
+        if not self.one_by_one and not pulls_back_alike(rec.output, [call for _, call in rec.calls], pair):
+            self.one_by_one = True
+            warn_user(ONE_BY_ONE)
+        return self._loop_wrongly_batched(rec, pair, None)
+
+    def _loop_wrongly_batched(self, rec: ModuleRecording, v: Tensor, misses: set[int] | None) -> bool:
+        """Compute one sample at a time each generic rule among those of the missed parameters (``None``: every
+        generic rule not compared before) whose torch.func products differ from autograd's (a batching rule of
+        torch that gives wrong numbers, as PReLU's backward under nested vmap in torch 2.13); True when some were
+        found."""
         suspects = [k for k, (rule, _) in enumerate(rec.calls)
-                    if isinstance(rule, GenericRule) and not rule.unbatchable and misses & set(rule.params.values())]
+                    if isinstance(rule, GenericRule) and not rule.unbatchable and rule.params
+                    and (not rule.vectors_compared if misses is None else misses & set(rule.params.values()))]
+        if misses is None:
+            for k in suspects:
+                rec.calls[k][0].vectors_compared = True
         if not suspects:
             return False
         sens = self._sensitivities(rec, v)

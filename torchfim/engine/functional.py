@@ -72,10 +72,7 @@ class FunctionalBackend(Backend):
             raw = self.view.to_tensor(batch.call(self.view.model), batch)
         if not self._reads_checked:
             self._refuse_reads_outside(batch)
-        rec = Recording(batch, self.view.flat(raw), raw.shape)
-        if self._batching_checked < min(2, batch.size) and bool(torch.isfinite(rec.values).all()):
-            self._refuse_wrong_batching(rec)
-        return rec
+        return Recording(batch, self.view.flat(raw), raw.shape)
 
     def _refuse_wrong_batching(self, rec: Recording) -> None:
         """Refuse a model whose per-sample products through torch.func (:meth:`vector_jacobian`, batched over samples
@@ -162,6 +159,8 @@ class FunctionalBackend(Backend):
         return result
 
     def pieces(self, rec: Recording, v: Tensor, whole: bool = False) -> Iterator[tuple[slice, slice, Pieces]]:
+        if self._batching_checked < min(2, rec.batch.size):  # after the loop's checks of the model, which say more
+            self._refuse_wrong_batching(rec)
         spans = [self.layout.span(i) for i in range(len(self.layout.names))]
         for rows in self.row_chunks(rec.batch.size, v.shape[1]):
             g = self.vector_jacobian(rec.batch.rows(rows), v[rows])

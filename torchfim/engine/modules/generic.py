@@ -102,6 +102,8 @@ class GenericRule(Rule):
         super().__init__(module, params)
         self.path = path or type(module).__name__
         self.unbatchable = False
+        #: Whether the coverage check compared its products batched over two output vectors with its loop.
+        self.vectors_compared = False
         #: Whether the one-sample-at-a-time products differentiate the module's own parameter tensors (plain
         #: autograd) rather than stand-ins in their slots (:func:`torch.func.functional_call`): a forward or
         #: hook that reads a parameter through a name outside the module tree (``model.layer.weight`` from
