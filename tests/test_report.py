@@ -830,3 +830,30 @@ def test_frozen_parameters_are_said_to_be_left_out():
     model[0].requires_grad_(True)
     R = report_mod.compute_report(model, report_mod.Data(torch.randn(16, 4), None, "test"), progress=False)
     assert R["model"]["n_frozen_parameters"] == 0 and "frozen parameters left out" not in markdown(R)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_a_wrapped_model_gives_the_report_of_the_model_inside(wrap):
+    """torch.compile's and DataParallel's wrappers: the report looked its results up by the wrapper's names
+    (``_orig_mod.``/``module.``) and raised a bare KeyError (a user trial); now they are the inner model's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+    got = report_mod.compute_report(wrapped, report_mod.Data(X, None, "test"), progress=False, score_only=False)
+    want = report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only=False)
+    assert [layer["name"] for layer in got["layers"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert got["trace"]["exact"] == want["trace"]["exact"]
+
+
+def test_a_max_block_whose_block_would_not_fit_is_refused_before_any_work(monkeypatch):
+    """It failed after minutes of work, with the Python API's advice (structure='diag', requires_grad_)."""
+    from torchfim.report import compute
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    monkeypatch.setattr(compute, "fits_in_memory", lambda n, dtype, device: (n <= 15**2, n * 16 / 2**30, 1.0))
+    monkeypatch.setattr(compute, "measure_trace", lambda *a, **k: pytest.fail("measured before the refusal"))
+    with pytest.raises(TorchfimError, match=r"--max-block 1,000 \(max_block=\) lets in layer '0.weight' of 20 "
+                                            r"parameters.*pass a --max-block below 20"):
+        report_mod.compute_report(model, report_mod.Data(torch.randn(8, 4), None, "test"), max_block=1000,
+                                  progress=False, score_only=False)

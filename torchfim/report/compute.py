@@ -11,7 +11,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .._memory import fits_in_memory
 from ..engine.loop import without_backend_choice
+from ..engine.private_tree import unwrapped
 from ..errors import TorchfimError
 from . import settings
 from .assemble import Layout, Setup, assemble
@@ -82,6 +84,9 @@ def compute_report(
 def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_error, progress, mask, class_dim,
              score_only, keep_in) -> dict:
     """:func:`compute_report`'s results, but for the warnings and σ."""
+    # The inner module of torch.compile's or a data-parallel wrapper: the engine computes on it, so its results
+    # are by its parameter names (the wrapper's, ``_orig_mod.``/``module.``, were looked up and raised KeyError).
+    model = unwrapped(model)
     model.eval()
     data, targets_note, outputs, beyond = check_model_and_data(model, data, fam, fam.name, mask, class_dim)
     if beyond is not None and score_only is False:
@@ -93,6 +98,7 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
     m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters,
                                                             math.prod(outputs.positions))
     spectrum_layers = [i for i, s in enumerate(layout.sizes) if s <= max_block]
+    _check_blocks_fit(model, layout, spectrum_layers, max_block)
     if (score_only is None or (score_only is False and progress)) and beyond is None:  # asked for: the estimate only
         reason = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers), progress,
                            falls_back=score_only is None)
@@ -155,6 +161,22 @@ def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: in
             f"{pull_back.width:,} output vectors per input and forms output Gram matrices of {pull_back.width:,}² "
             "entries per parameter (estimated from a timed pull-back and a timed matrix product); pass "
             "score_only=False (--mode full) to compute it anyway")
+
+
+def _check_blocks_fit(model: nn.Module, layout: Layout, spectrum_layers: list[int], max_block: int) -> None:
+    """Refuse, before any work, a ``max_block`` that lets in a layer whose dense block (float64, for its spectrum)
+    would not fit in memory: it failed minutes in, naming the Python API's options (a user trial)."""
+    if not spectrum_layers:
+        return
+    largest = max(spectrum_layers, key=lambda i: layout.sizes[i])
+    size = layout.sizes[largest]
+    device = next(model.parameters()).device
+    fits, needed, free = fits_in_memory(size * size, torch.float64, device)
+    if not fits:
+        raise TorchfimError(
+            f"--max-block {max_block:,} (max_block=) lets in layer {layout.names[largest]!r} of {size:,} parameters, "
+            f"whose {size:,}×{size:,} block for its spectrum needs {needed:.1f} GiB, more than the {free:.1f} GiB "
+            f"free; pass a --max-block below {size:,} (the default is {settings.DEFAULT_MAX_BLOCK:,})")
 
 
 def _total_steps(setup: Setup, has_targets: bool) -> int:
