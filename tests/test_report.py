@@ -857,3 +857,17 @@ def test_a_max_block_whose_block_would_not_fit_is_refused_before_any_work(monkey
                                             r"parameters.*pass a --max-block below 20"):
         report_mod.compute_report(model, report_mod.Data(torch.randn(8, 4), None, "test"), max_block=1000,
                                   progress=False, score_only=False)
+
+
+def test_data_mistakes_are_named_as_the_library_names_them():
+    """One input given 1-D was blamed on --family (its outputs read as (3, 1)); a tuple of columns (inputs, targets,
+    weights) on the items' shapes. Mini-batches in a tuple are still read as mini-batches."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    with pytest.raises(TorchfimError, match=r"outputs of shape \(3,\) for 1-D inputs.*x\.unsqueeze\(0\)"):
+        report_mod.compute_report(model, report_mod.as_data(torch.randn(8), "test"), progress=False)
+    triple = (torch.randn(16, 8), torch.randint(0, 3, (16,)), torch.ones(16))
+    with pytest.raises(TorchfimError, match=r"a tuple of 3 tensors of 16 rows each; return the inputs, or an "
+                                            r"\(inputs, targets\) pair"):
+        report_mod.as_data(triple, "test")
+    batches = tuple(torch.randn(4, 8) for _ in range(3))
+    assert report_mod.as_data(batches, "test").n == 12

@@ -165,12 +165,25 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
             f"the model returned a {type(o).__name__}, not a tensor (nor an object with .logits); make "
             "forward return one (batch, outputs) tensor"
         )
+    _check_rows(o, data)
     if o.is_floating_point() and bool((torch.isnan(o) | torch.isposinf(o)).any()):  # −Inf: the family's to judge
         raise TorchfimError(
             "the model produced non-finite outputs (NaN or +Inf) on the data; check the inputs for "
             "NaN/Inf and the weights (--checkpoint) for divergence"
         )
     return o
+
+
+def _check_rows(o: Tensor, data: Data) -> None:
+    """Refuse outputs without one row per input, as the library does (1-D inputs read as one unbatched sample are
+    named with their fix; the family was blamed for the outputs' shape)."""
+    from ..engine.batch import Batch
+    from ..engine.output_reading import check_batch_rows
+
+    x = data.rows(slice(0, min(8, data.n)))
+    size = min(8, data.n)
+    out = o[:, 0] if o.dim() == 2 and o.shape[1] == 1 else o  # a (batch,) output was read as (batch, 1)
+    check_batch_rows(out, Batch((), x, size) if isinstance(x, dict) else Batch((x,), {}, size))
 
 
 def _could_not_run(model: nn.Module, data: Data, exc: Exception) -> TorchfimError:

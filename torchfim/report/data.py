@@ -217,6 +217,12 @@ def _from_items(obj: Iterable[object], option: str) -> tuple[Tensor, Tensor | No
     """Inputs (and targets) of a Dataset, an IterableDataset or an iterable of mini-batches."""
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+    if (isinstance(obj, tuple) and len(obj) > 2 and all(isinstance(t, Tensor) and t.dim() for t in obj)
+            and len({t.shape[0] for t in obj}) == 1 < len({t.shape for t in obj})):  # columns, not mini-batches
+        raise TorchfimError(
+            f"{option}: the data is a tuple of {len(obj)} tensors of {obj[0].shape[0]} rows each; return the inputs, "
+            "or an (inputs, targets) pair (sample weights and other columns have no place in a Fisher)"
+        )
     if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset):
         try:
             length = len(obj)  # type: ignore[arg-type]
