@@ -250,3 +250,27 @@ def test_held_inputs_given_as_a_generator_are_read_once() -> None:
     callback = FisherTraceCallback({"input_ids": IDS[i : i + 8], "attention_mask": MASK[i : i + 8]} for i in (0, 8))
     monitor = FisherTraceMonitor(_model(), callback.inputs, mask="attention_mask")
     assert monitor.n_inputs == 16
+
+
+def test_a_csv_path_of_other_data_or_a_folder_is_refused_and_kept(tmp_path) -> None:
+    """A run from step 0 deleted whatever file csv_path named (a user's results were lost, in a review), and a folder
+    raised a bare IsADirectoryError; an earlier run's records are still started afresh."""
+    mine = tmp_path / "my_results.csv"
+    mine.write_text("epoch,accuracy\n1,0.91\n")
+    trainer = Trainer(model=_model(), args=_args(tmp_path / "a"), train_dataset=DATA)
+    trainer.add_callback(FisherTraceCallback(HELD, every=EVERY, csv_path=mine))
+    with pytest.raises(TorchfimError, match="holds other data"):
+        trainer.train()
+    assert mine.read_text() == "epoch,accuracy\n1,0.91\n"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    trainer = Trainer(model=_model(), args=_args(tmp_path / "b"), train_dataset=DATA)
+    trainer.add_callback(FisherTraceCallback(HELD, every=EVERY, csv_path=folder))
+    with pytest.raises(TorchfimError, match="is a folder; name the CSV file"):
+        trainer.train()
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text("step,trace,stderr,n_inputs,n_samples,seconds\n99,1.0,0.1,16,1,0.01\n")
+    callback = FisherTraceCallback(HELD, every=EVERY, csv_path=earlier)
+    trainer = Trainer(model=_model(), args=_args(tmp_path / "c"), train_dataset=DATA, callbacks=[callback])
+    trainer.train()
+    assert [row[0] for row in _rows(earlier)[1:]] == [str(s) for s in range(0, STEPS + 1, EVERY)]

@@ -164,6 +164,41 @@ def test_csv_rows_written_flushed_and_appended(tmp_path) -> None:
         FisherTraceMonitor(model, x, csv_path=other)
 
 
+def test_an_incomplete_last_line_is_dropped_before_appending(tmp_path) -> None:
+    """A run stopped while writing a record left a partial line, to which the next record was glued: one malformed
+    line that no reader took (plot-trace refused the whole file). It is cut back, with a warning."""
+    from torchfim.train.trace_plot import read_trace_csv
+
+    path, model, x = tmp_path / "trace.csv", tanh_mlp(3), mlp_inputs(8)
+    mon = FisherTraceMonitor(model, x, every=1, csv_path=path, generator=torch.Generator().manual_seed(0))
+    for s in range(3):
+        mon.step(s)
+    path.write_bytes(path.read_bytes()[:-20])  # the third record cut mid-line
+    with pytest.warns(RuntimeWarning, match="ended in an incomplete line"):
+        later = FisherTraceMonitor(model, x, every=1, csv_path=path, generator=torch.Generator().manual_seed(1))
+    later.step(3)
+    assert [r.step for r in read_trace_csv(path)] == [0, 1, 3]
+
+
+def test_a_csv_file_that_cannot_be_written_is_refused_when_the_monitor_is_built(tmp_path, monkeypatch) -> None:
+    """It was taken, and the first record raised a bare PermissionError mid-training (the record in history, not in
+    the file)."""
+    import pathlib
+
+    path = tmp_path / "trace.csv"
+    path.write_text("step,trace,stderr,n_inputs,n_samples,seconds\n")
+    opened = pathlib.Path.open
+
+    def read_only(self, mode="r", *args, **kwargs):
+        if self == path and "a" in mode:
+            raise PermissionError(1, "Operation not permitted")
+        return opened(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", read_only)
+    with pytest.raises(torchfim.TorchfimError, match="csv_path .* cannot be written \\(Operation not permitted\\)"):
+        FisherTraceMonitor(tanh_mlp(3), mlp_inputs(8), csv_path=path)
+
+
 def test_tensorboard_missing_warns_once(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(sinks_module, "_load_summary_writer", lambda: None)
     with pytest.warns(RuntimeWarning, match="tensorboard") as caught:

@@ -65,6 +65,12 @@ class CsvSink:
         self.columns = tuple(columns)
         if self.path.exists() and self.path.is_dir():
             raise TorchfimError(f"csv_path {str(self.path)!r} is a directory; pass a file path such as 'trace.csv'")
+        if self.path.exists():
+            try:  # opened for appending, unchanged: one that cannot take the records is refused now, not mid-run
+                self.path.open("a").close()
+            except OSError as err:
+                raise TorchfimError(f"csv_path {str(self.path)!r} cannot be written ({err.strerror}); pass a path "
+                                    "this process may write, or make the file writable") from None
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as f:
                 header = f.readline().strip()
@@ -73,6 +79,7 @@ class CsvSink:
                     f"csv_path {str(self.path)!r} exists with header {header!r}, not {','.join(self.columns)!r}; "
                     "pass a new path or delete the file (records are appended to an existing file)"
                 )
+            _drop_incomplete_line(self.path)
 
     def append(self, record: object) -> None:
         """One write per record (the header too, the first time), flushed."""
@@ -93,6 +100,21 @@ class CsvSink:
             writer.writerow(self.columns)
             writer.writerows(_row(r, self.columns) for r in records)
         atomic_write(self.path, write)
+
+
+def _drop_incomplete_line(path: Path) -> None:
+    """Cut an existing CSV file back to its last complete line, with a warning, where a run stopped while writing a
+    record: a new record appended to the partial line made one malformed line of the two (a review), which no
+    reader, ``plot-trace`` included, could take."""
+    with path.open("rb") as f:
+        data = f.read()
+    if data.endswith(b"\n"):
+        return
+    kept = data.rfind(b"\n") + 1
+    with path.open("r+b") as f:
+        f.truncate(kept)
+    warnings.warn(f"torchfim: csv_path {str(path)!r} ended in an incomplete line (a run stopped while writing it?): "
+                  f"{len(data) - kept} bytes dropped before appending", RuntimeWarning, stacklevel=4)
 
 
 class TensorBoardSink:

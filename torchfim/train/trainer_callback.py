@@ -63,7 +63,7 @@ from .._processes import process_group
 from ..errors import TorchfimError, warn_user
 from .arguments import check_int
 from .held import hold
-from .monitor import FisherTraceMonitor, TraceRecord, check_window, check_window_options
+from .monitor import COLUMNS, FisherTraceMonitor, TraceRecord, check_window, check_window_options
 from .penalty import FisherPenalty
 from .record_sinks import CsvSink
 from .trace_plot import read_trace_csv
@@ -133,7 +133,7 @@ class FisherTraceCallback(TrainerCallback):
                                            else STATE_NAME)
         saved = _resumed_from(args, state.global_step) / self._state_name
         if first and state.global_step == 0 and path.exists():
-            path.unlink()  # a run from step 0: its own records only
+            _remove_earlier_records(path)  # a run from step 0: its own records only
         self.monitor = FisherTraceMonitor(model, self.inputs, every=self.every, csv_path=path, **options)
         if state.global_step == 0:
             self._log(self.monitor.measure(0), control)
@@ -247,6 +247,21 @@ def _check_monitor_options(inputs: Inputs, every: object, options: dict[str, obj
     subset = check_window_options(options.get("subset"), options.get("control_variate", False))
     held = sum(b.size for b in hold(inputs))
     check_window(held if subset is None else min(subset, held), bool(options.get("control_variate", False)))
+
+
+def _remove_earlier_records(path: Path) -> None:
+    """Delete the Tr(F) records of an earlier run at ``path``; refuse a folder or a file of other data (it deleted
+    any file there: a user's results given as csv_path were lost, in a review)."""
+    if path.is_dir():
+        raise TorchfimError(f"FisherTraceCallback's csv_path {str(path)!r} is a folder; name the CSV file, e.g. "
+                            f"csv_path={str(path / 'fisher_trace.csv')!r}")
+    with path.open(newline="") as f:
+        header = f.readline().strip()
+    if header and not header.startswith(",".join(COLUMNS)):
+        raise TorchfimError(f"FisherTraceCallback's csv_path {str(path)!r} holds other data (its header is "
+                            f"{header[:80]!r}); a run from step 0 starts its records afresh there: pass another "
+                            "csv_path, or leave it out (the trainer's output_dir)")
+    path.unlink()
 
 
 def _save_into(folder: Path, name: str, tool: FisherTraceMonitor | FisherPenalty) -> None:
