@@ -387,3 +387,18 @@ def test_output_vectors_go_back_one_at_a_time_where_their_batched_backward_diffe
         got = torchfim.fisher(model, x, structure="diag")
     assert calls and all(calls)
     assert_equals_dense(got, exact_fisher(model, x, "categorical"), model, "diag")
+
+
+def test_the_functional_backends_batching_check_runs_once_per_model(monkeypatch) -> None:
+    """It ran at every call (a loop of calls on one input each took twice as long, in a review); now once per model
+    and number of inputs (one, then two), as the coverage check."""
+    from torchfim.engine.functional import FunctionalBackend
+
+    checks = []
+    original = FunctionalBackend._refuse_wrong_batching
+    monkeypatch.setattr(FunctionalBackend, "_refuse_wrong_batching",
+                        lambda self, rec: checks.append(rec.batch.size) or original(self, rec))
+    model = _Net(nn.Tanh()).double()
+    for n in (1, 1, 3, 3, 1):
+        torchfim.fisher(model, torch.randn(n, 3, dtype=torch.float64), backend="functional")
+    assert checks == [1, 3]

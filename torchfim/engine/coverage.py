@@ -61,6 +61,8 @@ CAUSES = {
     "uncalled": "their module is never called: the forward reads them directly (a graph from torch.export, which "
                 "inlines its modules, or F.linear(x, layer.weight)), so no rule of theirs sees a use: call the module, "
                 "or nothing to fix",
+    "layouts": "their module is called on rows in two layouts in one forward (batch first and sequence first, say), "
+               "which read either way where a batch has as many positions as inputs: nothing to fix",
     "global": "they are read through a name outside the model (a hook or function that reads model.layer.weight "
               "from the enclosing scope), which only autograd on the parameters themselves follows, one sample at "
               "a time: read them through the module instead (the hook's module argument, or self)",

@@ -9,6 +9,7 @@ a time with the others held constant.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
@@ -22,8 +23,13 @@ from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
 from .composites import composite_forms
 from .eager_attention import eager_attention, refuse_non_finite, switchable_attention
-from .private_tree import users_modules_called
+from .private_tree import forward_signature, users_modules_called
 from .view import ModelView, fewer_inputs
+
+#: Per user model, how many inputs :meth:`FunctionalBackend._refuse_wrong_batching` checked (1 or 2), with the key of
+#: its trainable parameters and forward: later calls on the same model skip the check (it doubled a loop of calls on
+#: one input each, in a review).
+_BATCHING_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: Modules whose torch.func batching fails in torch 2.13 (their parameter broadcast against the batch): named in the
 #: functional backend's refusal.
@@ -40,7 +46,11 @@ class FunctionalBackend(Backend):
         self._along_theta: set[str] = set()  # tensors whose directions need tangents over all of θ
         self._sample_by_sample = False  # whether output Hessians are taken one sample at a time
         self._reads_checked = False  # see _refuse_reads_outside
-        self._batching_checked = 0  # inputs of the first batches checked by _refuse_wrong_batching (2 suffice)
+        self._batching_key = (tuple((id(p), p.requires_grad) for p in view.user_model.parameters()),
+                              forward_signature(view.user_model))
+        cached = _BATCHING_CHECKED.get(view.user_model)
+        #: Inputs checked by _refuse_wrong_batching, on this model before or by this backend (2 suffice).
+        self._batching_checked = cached[1] if cached is not None and cached[0] == self._batching_key else 0
         self.eager = False  # whether Hugging Face attention runs eagerly under vmap (.eager_attention)
 
     def _refuse_reads_outside(self, batch: Batch) -> None:
@@ -80,7 +90,6 @@ class FunctionalBackend(Backend):
         once a batch has them) and two random vectors: a batching rule of this torch build that gives wrong numbers
         (PReLU's, cdist's in torch 2.13) made this backend's Fisher 9-70% off, silently (a review)."""
         few = min(2, rec.batch.size)
-        self._batching_checked = few
         rows = rec.batch.rows(slice(0, few))
         v = torch.randn((few, 2, rec.values.shape[1]), dtype=rec.values.dtype, device=rec.values.device,
                         generator=torch.Generator(device=rec.values.device).manual_seed(0))
@@ -105,6 +114,8 @@ class FunctionalBackend(Backend):
                 f"torch.cdist's in torch 2.13){named}; use backend='auto', whose coverage check finds such modules "
                 "and computes them one sample at a time"
             )
+        self._batching_checked = few
+        _BATCHING_CHECKED[self.view.user_model] = (self._batching_key, few)
 
     def row_chunks(self, batch: int, vectors: int) -> Iterator[slice]:
         """Slices of a batch small enough that ``b·m·P`` stays under :data:`CHUNK_ELEMENTS`."""
