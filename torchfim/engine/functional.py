@@ -24,6 +24,7 @@ from .batch import Batch
 from .composites import composite_forms
 from .eager_attention import eager_attention, refuse_non_finite, switchable_attention
 from .private_tree import forward_signature, users_modules_called
+from .vector_batching import batched_agrees
 from .view import ModelView, fewer_inputs
 
 #: Per user model, how many inputs :meth:`FunctionalBackend._refuse_wrong_batching` checked (1 or 2), with the key of
@@ -104,8 +105,7 @@ class FunctionalBackend(Backend):
                                                 allow_unused=True)
                     want[i, j] = self.view.flatten_params([torch.zeros_like(p) if g is None else g
                                                            for p, g in zip(params.values(), grads)])
-        rtol = max(1e-4, 64 * torch.finfo(want.dtype).eps)
-        if not torch.allclose(got, want, rtol=rtol, atol=rtol * (1e-30 + float(want.abs().max()))):
+        if not batched_agrees(got, want):
             known = sorted({type(m).__name__ for m in self.view.model.modules() if isinstance(m, _UNBATCHED)})
             named = f"; torch.func has no working batching rule for its nn.{', nn.'.join(known)}" if known else ""
             raise TorchfimError(

@@ -29,10 +29,13 @@ def pulls_back_alike(output: Tensor, calls: Sequence[Call], v: Tensor) -> bool:
     vector, to 1e-4 relative (the two sum in other orders) and the dtype's rounding; True where nothing is reached."""
     batched = pull_back(output, calls, v)
     alone = pull_back(output, calls, v, one_by_one=True)
-    for got, want in ((g, w) for gs, ws in zip(batched, alone) for g, w in zip(gs, ws)):
-        if got is None or want is None:
-            continue
-        rtol = max(1e-4, 64 * torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=rtol * (1e-30 + float(want.abs().max()))):
-            return False
-    return True
+    return all(batched_agrees(got, want) for gs, ws in zip(batched, alone) for got, want in zip(gs, ws)
+               if got is not None and want is not None)
+
+
+def batched_agrees(got: Tensor, want: Tensor) -> bool:
+    """Whether a batched computation's ``got`` is the one-at-a-time ``want``: to 1e-4 relative (the two sum in other
+    orders) or the dtype's rounding, against the largest entry of ``want``."""
+    rtol = max(1e-4, 64 * torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
+    return got.shape == want.shape and torch.allclose(got, want, rtol=rtol,
+                                                      atol=rtol * (1e-30 + float(want.abs().max())))
