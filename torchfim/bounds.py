@@ -162,7 +162,8 @@ def variance_bound(
     :func:`hessian_variance_bound_spectral`. Same shape as :func:`fisher_variance`. For entries (``diag``,
     ``full``, ``blocks``) the kurtosis bound is never the tighter (``λ_max(M) ≤ E‖u‖⁴``, docs/math.md §4.2), so
     the spectral one is taken alone; for ``trace`` both come from one pass over the inputs, from the model's output
-    gram alone (two passes took 1.5× as long).
+    gram alone (two passes took 1.5× as long), and each input's smaller term is summed: tighter than the smaller of
+    the two bounds' sums, or equal to it (docs/math.md §4.2).
 
     Args:
         model: the model, as in :func:`torchfim.fisher`.
