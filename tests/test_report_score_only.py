@@ -13,6 +13,7 @@ import json
 import math
 import re
 import shlex
+import types
 
 import clients
 import pytest
@@ -231,3 +232,18 @@ def test_a_full_report_of_more_than_a_minute_says_its_estimate_first(monkeypatch
     monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 1e6)  # over budget: score-only instead
     assert report_mod.compute_report(model, data, progress=True, max_block=0)["mode"] == "score_only"
     assert "will take about" not in capsys.readouterr().err
+
+
+def test_the_pull_back_is_timed_as_the_best_of_three(monkeypatch):
+    """One timing taken while another program held the cores (a user trial: a 10-second report estimated at 47
+    minutes) sent the automatic mode to the score-only report; the best of three leaves such a slow run out."""
+    from torchfim.report import cost
+
+    ticks, calls = iter([0.0, 50.0, 100.0, 100.5, 200.0, 201.0]), []  # three runs: 50 s (held cores), 0.5 s, 1 s
+    monkeypatch.setattr(cost, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))  # cost's clock alone
+    original = cost.PullBack
+    monkeypatch.setattr(cost, "PullBack", lambda seconds, width: calls.append(seconds) or original(seconds, width))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = report_mod.Data(torch.randn(8, 4), None, "test")
+    got = cost.time_pull_back(model, data, torchfim.families.Categorical(), None, -1)
+    assert calls == [0.5 / 8] and got.width == 3
