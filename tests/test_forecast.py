@@ -426,13 +426,35 @@ def test_a_term_read_out_with_item_is_warned_not_dropped_silently():
     theta0, C = torch.tensor([0.5, 1.0], dtype=F64), torch.eye(5, dtype=F64)
     jac = torch.stack([x, x**2 + x**3], dim=1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)  # torch's first forward-mode call may warn of its own
         good = forecast(lambda t: t[0] * x + t[1] * x**2 + t[1] * x**3, C, theta0, names=["a", "b"])
     assert _rel(good.fisher, jac.T @ jac) < 1e-14
     with pytest.warns(RuntimeWarning, match=r"along b differs.*\.item\(\).*derivatives='stencil5'"):
         forecast(lambda t: t[0] * x + t[1] * x**2 + t[1].item() * x**3, C, theta0, names=["a", "b"])
     stencil = forecast(lambda t: t[0] * x + t[1] * x**2 + t[1].item() * x**3, C, theta0, derivatives="stencil5")
     assert _rel(stencil.fisher, jac.T @ jac) < 1e-9
+
+
+def test_the_stencil_check_can_be_left_out_for_a_costly_model():
+    """``check=False``: no evaluation of the model beyond autograd's (the check takes four per parameter), so no
+    warning for a model that leaves torch either; ``check`` must be a bool."""
+    x = torch.linspace(0, 1, 5, dtype=F64)
+    theta0, C = torch.tensor([0.5, 1.0], dtype=F64), torch.eye(5, dtype=F64)
+    calls = []
+
+    def mean(t):
+        calls.append(1)
+        return t[0] * x + t[1] * x**2 + t[1].item() * x**3
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        forecast(mean, C, theta0, check=False)
+    unchecked = len(calls)
+    with pytest.warns(RuntimeWarning, match="along"):
+        forecast(mean, C, theta0)
+    assert len(calls) - unchecked == unchecked + 4 * 2
+    with pytest.raises(TorchfimError, match="check must be True or False"):
+        forecast(mean, C, theta0, check="no")
 
 
 @pytest.mark.parametrize("cov", [torch.diag(torch.tensor([1, 2, 3])), lambda t: torch.diag(torch.tensor([1, 2, 3]))])
