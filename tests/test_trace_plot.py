@@ -214,3 +214,18 @@ def test_records_that_are_not_finite_are_named_where_they_are_not_drawn() -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plot_trace(records[:1])
+
+
+def test_an_empty_run_is_refused_and_one_record_gets_an_error_bar(tmp_path) -> None:
+    """An empty history drew an empty figure without a word (the command line refuses it), and one record drew no
+    band at all (a band needs two points) under an axis that says ± 2 standard errors (a review)."""
+    mon = FisherTraceMonitor(nn.Sequential(nn.Linear(4, 3)), torch.randn(16, 4), every=10,
+                             generator=torch.Generator().manual_seed(0))
+    with pytest.raises(torchfim.TorchfimError, match="'idle' holds no record; plot once the monitor has measured"):
+        plot_trace({"idle": mon})
+    record = mon.measure(0)
+    ax = plot_trace(mon, band=2).axes[0]
+    (bar,) = [c for c in ax.collections if c.get_segments()]
+    (segment,) = bar.get_segments()
+    np.testing.assert_allclose(segment[:, 1], [max(record.trace - 2 * record.stderr, 0.0),
+                                               record.trace + 2 * record.stderr], rtol=1e-12)

@@ -111,6 +111,10 @@ def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | 
         raise TorchfimError("plot_trace got no run (an empty dict); pass a monitor, its records or its CSV file, "
                             "or a dict {label: run} with at least one")
     records = {label: _records(run) for label, run in named.items()}
+    empty = [("the run" if label is None else repr(label)) for label, recs in records.items() if not recs]
+    if empty:  # an empty figure said nothing of why
+        raise TorchfimError(f"plot_trace: {', '.join(empty)} holds no record; plot once the monitor has measured "
+                            "(mon.step(step) at a multiple of every, or mon.measure(step))")
     for label, recs in records.items():
         _warn_non_finite(label, recs)
     fig, ax = _axes(ax)
@@ -123,8 +127,12 @@ def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | 
         if band > 0:
             low = [v - band * r.stderr for v, r in zip(values, recs)]
             low = [max(lo, FLOOR * v if log else 0.0) for lo, v in zip(low, values)]
-            ax.fill_between(steps, low, [v + band * r.stderr for v, r in zip(values, recs)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            high = [v + band * r.stderr for v, r in zip(values, recs)]
+            if len(recs) == 1:  # a band needs two points: one record's interval as an error bar
+                ax.errorbar(steps, values, yerr=[[values[0] - low[0]], [high[0] - values[0]]], fmt="none",
+                            ecolor=line.get_color(), alpha=0.5, capsize=3)
+            else:
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
