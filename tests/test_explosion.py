@@ -210,6 +210,10 @@ def test_run_is_deterministic_and_restores_torch_state():
     assert a == b
     assert torch.get_num_threads() == threads and torch.are_deterministic_algorithms_enabled() == det
     assert a["n_noisy"] > 0 and a["final"]["peak_trace"] > 0
+    # whole mini-batches only: the penalty's gradient, reused for 9 steps, came from an epoch's last 14-16 inputs
+    # whenever a computed step fell there (about 8× a whole batch's), and the penalised runs collapsed (a review)
+    per_epoch = a["n_train"] // TINY.batch_size
+    assert a["steps_per_epoch"] == per_epoch and a["steps"] == TINY.epochs_for("digits") * per_epoch
 
 
 def test_models_have_no_batchnorm_and_the_digest_cnn_size():
@@ -383,6 +387,36 @@ def test_peak_trace_is_the_largest_measurement_after_the_first_epoch():
     assert (got["peak_trace"], got["step_of_peak_trace"], got["stderr_at_peak"]) == (9.0, 10, 0.9)
     early = _extra({"curves": curves, "n_train": 1000}, settings, "digits")  # no measurement after 100 steps
     assert early["peak_trace"] is None and early["step_of_peak_trace"] is None
+    whole = _extra({"curves": curves, "n_train": 95, "steps_per_epoch": 9}, settings, "digits")  # whole batches
+    assert (whole["peak_trace"], whole["step_of_peak_trace"]) == (30.0, 9)
+
+
+def test_a_run_that_diverges_in_its_first_epoch_is_assembled(tmp_path):
+    """A diverged run has no peak after its first epoch: the peak ratio's mean over the seeds met None and stopped the
+    whole assembly with a TypeError (a review); the mean curves took their steps from the first run, cutting the others
+    to a diverged first run's length. Now the ratio is over the runs that have the figure and the curves run on."""
+    results = json.loads((COMMITTED / "results.json").read_text())
+    run = results["runs"]["clean-digits-mlp-small-s0"]["result"]
+    curves = run["curves"]
+    keep = [i for i, step in enumerate(curves["step"]) if step < 5]
+    run["curves"] = {k: [v[i] for i in keep] for k, v in curves.items()}
+    run.update(diverged=True, steps=5, final={**run["final"], "peak_trace": None, "step_of_peak_trace": None})
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "rebuilt"
+    assert cli.main(["reproduce", "explosion", "--from-results", str(path), "--out", str(out)]) == 0
+    rebuilt = json.loads((out / "results.json").read_text())
+    from torchfim.experiments.explosion.assemble import _extra
+
+    settings = E.Settings(**{k: tuple(map(tuple, v)) if k == "epochs" else v for k, v in results["settings"].items()
+                             if k in E.Settings.__dataclass_fields__})
+    peaks = {v: [_extra(results["runs"][f"clean-digits-mlp-{v}-s{i}"]["result"], settings, "digits")["peak_trace"]
+                 for i in range(6)] for v in ("small", "large")}
+    assert peaks["small"].count(None) == 1  # the diverged run's
+    mean = {v: sum(p for p in ps if p is not None) / sum(p is not None for p in ps) for v, ps in peaks.items()}
+    assert rebuilt["aggregates"]["digits/mlp"]["peak_ratio_small_over_large"] == pytest.approx(
+        mean["small"] / mean["large"], rel=1e-3)  # the five runs that have a peak
+    assert rebuilt["curves"]["digits/mlp"]["small"]["trace"]["step"] == curves["step"]
 
 
 def test_a_run_whose_outputs_overflow_at_a_measurement_is_recorded_as_diverged(monkeypatch):

@@ -400,3 +400,24 @@ def test_a_training_step_raises_no_warning(grad_method: str) -> None:
         warnings.simplefilter("error")
         pen.penalised_loss(x, lambda out: nn.functional.cross_entropy(out, y), step=0).backward()
         (nn.functional.cross_entropy(model(x), y) + pen(x, step=1)).backward()
+
+
+def test_a_gradient_computed_on_a_small_last_batch_and_reused_is_named() -> None:
+    """every=10 with an epoch's last, smaller mini-batch: a computed step falling there kept a gradient about B/b
+    times a whole batch's for the next 9 steps (the explosion study's late collapses, found in a review). Named once,
+    with the fix; not for every=1, nor for an evaluation's batch."""
+    model, x = tanh_mlp(3, seed=64), mlp_inputs(16, seed=65)
+    task = squared_task(3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = penalty(model, every=1)
+        for step, rows in enumerate((16, 2, 16)):
+            quiet.penalised_loss(x[:rows], lambda out, r=rows: task(torch.cat([out, out.new_zeros(16 - r, 3)])),
+                                 step=step)
+        pen = penalty(model, every=3)
+        pen(x, step=0).backward()
+        with torch.no_grad():
+            pen(x[:2], step=3)  # an evaluation on a small batch
+    with pytest.warns(RuntimeWarning, match=r"computed its gradient on a mini-batch of 2 inputs \(against 16 before\) "
+                                            r"and reuses it for the next 2 steps.*drop_last=True"):
+        pen(x[:2], step=3).backward()

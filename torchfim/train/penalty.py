@@ -252,7 +252,7 @@ class FisherPenalty(PenaltyTerms):
         self.last_step: int | None = None
         self._kept, self._draws = KeptGradient(), StepDraws()
         self._schedule = Schedule(self.every, self.reuse_between)
-        self._second_derivatives_checked = self._precision_named = False
+        self._second_derivatives_checked = self._precision_named = self._evaluating = False
         self._forward_precision = ForwardPrecision()  # the dtypes its forward casts down to (finite difference)
 
     def __repr__(self) -> str:
@@ -291,7 +291,7 @@ class FisherPenalty(PenaltyTerms):
                 else:
                     value = self._trace(x, names, params)
                 grads = self._double_backprop(value, params, self.every > 1 and self.reuse_between, retain=False)
-            self._computed(step, params, grads, value.detach())
+            self._computed(step, params, grads, value.detach(), x.size)
             return value if grads is None else self._surrogate(params, grads, value.detach())
 
     def penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int | None = None,
@@ -387,7 +387,7 @@ class FisherPenalty(PenaltyTerms):
                 loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
             else:
                 loss, value, grads = self._shared_forward(x, rows, names, params, task_loss, cache)
-        self._computed(step, params, grads, value.detach())
+        self._computed(step, params, grads, value.detach(), rows)
         return loss
 
     def state_dict(self) -> dict[str, object]:
@@ -431,9 +431,11 @@ class FisherPenalty(PenaltyTerms):
         kept, draws = replace(self._kept), replace(self._draws, starts=list(self._draws.starts))
         last, off = (self.last_value, self.last_step), set(self._schedule.off)
         state = None if self.generator is None else self.generator.get_state()
+        self._evaluating = True  # the computing passes turn gradients on: the caller's mode is read here
         try:
             yield
         finally:
+            self._evaluating = False
             self._kept, self._draws, self._schedule.off = kept, draws, off
             self.last_value, self.last_step = last
             if state is not None:
@@ -459,11 +461,13 @@ class FisherPenalty(PenaltyTerms):
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
         return loss + self._surrogate(kept.params, kept.grads, kept.value) if reuse else loss
 
-    def _computed(self, step: int, params: list[Tensor], grads: list[Tensor] | None, value: Tensor) -> None:
-        """Record a computed call: its value, and with a cache the gradient to reuse (the mean over the calls
-        of this step at these parameters, :mod:`.kept_gradient`), whose value ``last_value`` then is."""
+    def _computed(self, step: int, params: list[Tensor], grads: list[Tensor] | None, value: Tensor,
+                  inputs: int) -> None:
+        """Record a computed call on ``inputs`` inputs: its value, and with a cache the gradient to reuse (the mean
+        over the calls of this step at these parameters, :mod:`.kept_gradient`), whose value ``last_value`` then
+        is."""
         self.last_step = step
-        self._schedule.computed()
+        self._schedule.computed(None if self._evaluating else inputs)  # an evaluation's batch is not counted
         if grads is None or not (self.every > 1 and self.reuse_between):
             self.last_value = value
             return

@@ -25,7 +25,8 @@ class Schedule:
     def __init__(self, every: int, reuse_between: bool) -> None:
         self.every, self.reuse_between = every, reuse_between
         self.off: set[int] = set()  # step numbers called since the last computed step, none a multiple of every
-        self.named_missing = self.named_outgrown = False
+        self.named_missing = self.named_outgrown = self.named_small = False
+        self.largest = 0  # the most inputs a training call computed the penalty on
 
     def decide(self, step: int, kept: KeptGradient, model: nn.Module, last_step: int | None) -> str:
         """``COMPUTE``, ``REUSE`` or ``ZERO`` for a call at ``step`` with the kept gradient ``kept`` (``last_step``:
@@ -45,9 +46,19 @@ class Schedule:
                 f"the new ones; the penalty is computed afresh at step {step}, and so on such steps from now on")
         return COMPUTE
 
-    def computed(self) -> None:
-        """A call computed the penalty."""
+    def computed(self, inputs: int | None = None) -> None:
+        """A call computed the penalty, on ``inputs`` inputs (None: not a training call, not counted)."""
         self.off.clear()
+        if inputs is None or self.every == 1 or not self.reuse_between:
+            return
+        if inputs * 2 <= self.largest and not self.named_small:
+            self.named_small = True
+            warn_user(
+                f"torchfim: FisherPenalty(every={self.every}) computed its gradient on a mini-batch of {inputs} inputs "
+                f"(against {self.largest} before) and reuses it for the next {self.every - 1} steps; the penalty "
+                f"α‖g_B‖² is about α·Tr(F)/B, so its gradient is about {self.largest / inputs:.0f}× a whole "
+                "batch's: drop the last incomplete mini-batch (DataLoader(..., drop_last=True)), or pass every=1")
+        self.largest = max(self.largest, inputs)
 
     def _note_off(self, step: int, last_step: int | None) -> None:
         if len(self.off) > 2 * self.every or self.named_missing:

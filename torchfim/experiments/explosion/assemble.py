@@ -74,8 +74,16 @@ def _compare(name: str, claim: str, combo: str, a_label: str, b_label: str, metr
     }
 
 
+def _ratio_of_means(top: list, bottom: list) -> float | None:
+    """The ratio of the means over the runs that have the figure (a run that diverged within its first epoch has no
+    peak after it: None, which stopped the assembly with a TypeError); None where either side has none."""
+    a, b = [v for v in top if v is not None], [v for v in bottom if v is not None]
+    return compact(np.mean(a) / np.mean(b)) if a and b else None
+
+
 def _mean_curve(runs: list[dict], key: str) -> dict[str, list]:
-    steps = runs[0]["result"]["curves"]["step"]
+    # The steps of the longest run: a diverged one stops early (the first run's steps cut the others to its length).
+    steps = max((r["result"]["curves"]["step"] for r in runs), key=len)
     cols = []
     for r in runs:
         c = r["result"]["curves"]
@@ -204,7 +212,7 @@ class _Aggregates:
                               for v in CLEAN_VARIANTS}
         peaks = {v: self.metric(g[v], "peak_trace") for v in CLEAN_VARIANTS}
         early = {v: self.metric(g[v], "trace_at_threshold") for v in CLEAN_VARIANTS}
-        agg["peak_ratio_small_over_large"] = compact(np.mean(peaks["small"]) / np.mean(peaks["large"]))
+        agg["peak_ratio_small_over_large"] = _ratio_of_means(peaks["small"], peaks["large"])
         best = {v: self.metric(g[v], "test_acc_at_best_val") for v in CLEAN_VARIANTS}
         final = {v: self.metric(g[v], "test_acc") for v in CLEAN_VARIANTS}
         at_best, at_end = "test accuracy at the best validation step", "final test accuracy"
@@ -273,12 +281,13 @@ class _Aggregates:
 
 def _extra(result: dict, settings: Settings, dataset: str) -> dict[str, float | None]:
     """Numbers derived from a run's curves: the peak Tr(F) as the paper's Table 4 takes it, the largest measurement
-    after the first epoch (``⌈n_train/batch⌉`` steps: the large rates' Tr(F) can peak within it, before the small
+    after the first epoch (its ``steps_per_epoch``: the large rates' Tr(F) can peak within it, before the small
     rates' explosion has begun), with its step and standard error (None where the run has no measurement there); and
     the paper's early-phase Tr(Fᵢ), Tr(F) at the first measurement where the training loss is below
     ``loss_threshold`` (None if it never gets there), with the step it happens at."""
     c = result["curves"]
-    epoch = settings.steps_per_epoch(result["n_train"])
+    # A run trained before whole mini-batches only kept the epoch's last, smaller one: ⌈n_train/batch⌉ steps.
+    epoch = result.get("steps_per_epoch", -(-result["n_train"] // settings.batch_size))
     after = [(t, e, s) for t, e, s in zip(c["trace"], c["trace_stderr"], c["step"]) if t is not None and s >= epoch]
     peak, err, step = max(after, key=lambda p: p[0]) if after else (None, None, None)
     at = next(

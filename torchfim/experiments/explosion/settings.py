@@ -121,8 +121,9 @@ class Settings:
         return dict(self.epochs)[dataset]
 
     def steps_per_epoch(self, n_train: int) -> int:
-        """Mini-batches per epoch (the last one may be smaller)."""
-        return -(-n_train // self.batch_size)
+        """Mini-batches per epoch: whole ones only (the last ``n_train mod batch_size`` inputs of each epoch's order
+        are left out)."""
+        return n_train // self.batch_size
 
     def is_eval_step(self, step: int) -> bool:
         """Whether Tr(F) and the accuracies are measured before ``step``."""
