@@ -370,6 +370,10 @@ def test_a_tuned_value_at_the_edge_of_its_grid_is_a_caveat():
     assert "α of the noisy-label runs was the largest of [0.01, 0.03, 0.1] on a/mlp at η*/10:" in lines[3]
     inside = {"a/mlp": {"lr_star": 0.1, "alpha": 0.03, "noisy": {"small": {"alpha": 0.03}}}}
     assert _grid_edges(s, inside, ["a/mlp"]) == []
+    # the noisy-label runs' smallest α too (only the clean runs' has a caveat of its own, a weak penalty: a review)
+    weakest = {"a/mlp": {"lr_star": 0.1, "alpha": 0.01, "noisy": {"large": {"alpha": 0.01}}}}
+    (line,) = _grid_edges(s, weakest, ["a/mlp"])
+    assert "α of the noisy-label runs was the smallest of [0.01, 0.03, 0.1] on a/mlp at η*: a smaller value" in line
 
 
 def test_peak_trace_is_the_largest_measurement_after_the_first_epoch():

@@ -143,7 +143,8 @@ def _noisy_words(s: dict, noisy: dict) -> list[str]:
 def _grid_edges(s: dict, tuning: dict, combos: list[str]) -> list[str]:
     """Caveats where the tuning chose a grid's edge that the grid does not bound: the largest or the smallest η (a
     rate beyond it, not tried, might have validated better), the largest α of the clean or the noisy-label runs (a
-    stronger penalty might have; the smallest α has a caveat of its own, a weak penalty)."""
+    stronger penalty might have), and the smallest α of the noisy-label runs (a weaker one might have; the clean runs'
+    smallest α has a caveat of its own, a weak penalty)."""
     chosen = []  # (what, grid, setting, value)
     for c in combos:
         if c in tuning:
@@ -153,7 +154,7 @@ def _grid_edges(s: dict, tuning: dict, combos: list[str]) -> list[str]:
     lines = []
     for what, grid in dict.fromkeys((w, tuple(g)) for w, g, _, _ in chosen):
         for edge, word in ((max, "largest"), (min, "smallest")):
-            if edge is min and what != "η*":
+            if edge is min and what == "α":  # its own caveat: a weak penalty (_caveats)
                 continue
             at = [c for w, g, c, v in chosen if (w, tuple(g)) == (what, grid) and len(grid) > 1 and v == edge(grid)]
             if at:

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in DIR/runs/ and run only the missing ones")
     parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
-                        help="seeds per configuration (default: 5, or 2 with --quick; at least 2)")
+                        help=f"seeds per configuration (default: {Settings().n_seeds}, or 2 with --quick; at least 2)")
     parser.add_argument("--master-seed", type=nonnegative_int, default=None, metavar="S",
                         help="the study's master seed, from which every run's seeds derive (default: 0)")
     parser.add_argument("--jobs", type=positive_int, default=1, metavar="J",
