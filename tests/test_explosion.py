@@ -69,6 +69,7 @@ def test_writes_results_summary_and_figures(reference):
     assert set(res["verdicts"]) == {"clean", "noisy"}
     summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "Which claims held" in summary and "P(large LR > small LR)" in summary
+    assert "epochs on digits" in summary and "epochs on mnist1d" not in summary  # the data sets it ran (a review)
 
 
 def test_interrupted_then_resumed_gives_the_same_results(reference, tmp_path):

@@ -214,7 +214,8 @@ def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
                     "about, and that configuration's comparisons say more about under-fitting than about memorisation."
                 )
     lines.append(
-        f"* Scale: networks of 10⁴–10⁵ parameters, {', '.join(f'{e} epochs on {d}' for d, e in s['epochs'])} at a "
+        f"* Scale: networks of 10⁴–10⁵ parameters, "
+        f"{', '.join(f'{e} epochs on {d}' for d, e in s['epochs'] if d in {c.split('/')[0] for c in combos})} at a "
         f"constant learning rate, {s['n_tuning_seeds']} tuning seeds and {s['n_seeds']} evaluation seeds, against the "
         "paper's ResNets/VGGs/DenseNets trained 300 epochs with step decays: agreement or disagreement here is evidence about small networks on small data, not a verdict on the paper's setting."
     )
