@@ -21,7 +21,7 @@ from .batch import Batch
 from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
 from .modules import Call, GenericRule, Rule, build_rules
 from .modules.base import LAYOUTS
-from .private_tree import forward_signature
+from .private_tree import settled_key
 from .recording import ModuleRecording, record_calls
 from .shared_inputs import (
     carries_batch,
@@ -73,8 +73,7 @@ class CoverageCheck:
         self.layout_of: dict[nn.Module, str] = {}
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
-        self._key = (tuple((id(p), p.requires_grad) for p in self.view.user_model.parameters()),
-                     forward_signature(self.view.user_model))
+        self._key = settled_key(self.view.user_model)
         #: Whether a check ran on one input (batches of one need no other) and on two or more (all batches). One
         #: input cannot tell a sequence-first layer, a table read by position or a batching rule of torch that
         #: mixes samples from one that does not: a first call on one input, kept as checked, left later batches

@@ -23,7 +23,7 @@ from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
 from .batch import Batch
 from .composites import composite_forms
 from .eager_attention import eager_attention, refuse_non_finite, switchable_attention
-from .private_tree import forward_signature, users_modules_called
+from .private_tree import settled_key, users_modules_called
 from .vector_batching import batched_agrees
 from .view import ModelView, fewer_inputs
 
@@ -47,8 +47,7 @@ class FunctionalBackend(Backend):
         self._along_theta: set[str] = set()  # tensors whose directions need tangents over all of θ
         self._sample_by_sample = False  # whether output Hessians are taken one sample at a time
         self._reads_checked = False  # see _refuse_reads_outside
-        self._batching_key = (tuple((id(p), p.requires_grad) for p in view.user_model.parameters()),
-                              forward_signature(view.user_model))
+        self._batching_key = settled_key(view.user_model)
         cached = _BATCHING_CHECKED.get(view.user_model)
         #: Inputs checked by _refuse_wrong_batching, on this model before or by this backend (2 suffice).
         self._batching_checked = cached[1] if cached is not None and cached[0] == self._batching_key else 0

@@ -75,6 +75,12 @@ def forward_signature(model: nn.Module) -> tuple:
                  for m in model.modules())
 
 
+def settled_key(model: nn.Module) -> tuple:
+    """What a check settled on ``model`` holds for: its parameters (the tensors, and which are trainable) and its
+    :func:`forward_signature`."""
+    return tuple((id(p), p.requires_grad) for p in model.parameters()), forward_signature(model)
+
+
 @contextmanager
 def users_modules_called(user_model: nn.Module) -> Iterator[list[str]]:
     """Within the block, the paths of the modules of ``user_model``'s own tree that this thread calls:

@@ -414,9 +414,10 @@ class FisherPenalty(PenaltyTerms):
 
     # -------------------------------------------------------------- helpers
     def _decide(self, step: int) -> str:
-        """The schedule's decision for a training call; an evaluation (gradients off) computes the penalty of its
-        inputs whatever the step (it returned the training batch's kept value between computed steps)."""
-        if not torch.is_grad_enabled():
+        """The schedule's decision for a training call; an evaluation (gradients off, :meth:`_kept_unless_training`)
+        computes the penalty of its inputs whatever the step (it returned the training batch's kept value between
+        computed steps)."""
+        if self._evaluating:
             return COMPUTE
         return self._schedule.decide(step, self._kept, self.model, self.last_step)
 

@@ -107,9 +107,11 @@ def _drop_incomplete_line(path: Path) -> None:
     record: a new record appended to the partial line made one malformed line of the two (a review), which no
     reader, ``plot-trace`` included, could take."""
     with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":  # the usual case: the last byte alone is read
+            return
+        f.seek(0)
         data = f.read()
-    if data.endswith(b"\n"):
-        return
     kept = data.rfind(b"\n") + 1
     with path.open("r+b") as f:
         f.truncate(kept)
