@@ -156,13 +156,15 @@ def test_a_sequence_first_encoder_layer_keeps_its_rules_and_equals_the_dense_ora
     assert_equals_dense(_fisher_quietly(model, x, structure), exact_fisher(model, x, "categorical"), model, structure)
 
 
-@pytest.mark.parametrize("batches", [[(4, 4)], [(3, 4), (4, 4)], [(6, 2)]],
-                         ids=["first batch", "a later batch", "two positions"])
+@pytest.mark.parametrize("batches", [[(4, 4)], [(3, 4), (4, 4)], [(6, 2)], [(2, 2), (3, 2), (2, 2)]],
+                         ids=["first batch", "a later batch", "two positions", "two inputs of two positions"])
 def test_a_sequence_first_batch_with_as_many_positions_as_inputs_reads_sequence_first(batches: list) -> None:
     """``(T, B, d)`` with ``T = B`` reads either way. It was read batch first, silently: the Fisher was 34% off on a
     first batch of 4 sequences of 4, 18% on a later one. Now a module found sequence first (by the check, on a batch
     of another size) is read so; and with 2 positions the check takes 3 inputs, not 2 (its 2 read either way, and the
-    layers went to the generic rule with a warning that blamed torch.func)."""
+    layers went to the generic rule with a warning that blamed torch.func). A first batch of 2 inputs of 2 positions,
+    which no check size reads apart, did that still: its layers are now read sequence first where batch first
+    missed."""
     torch.manual_seed(0)
     model = _SequenceFirstEncoder().double().eval()
     for n, positions in batches:

@@ -27,6 +27,7 @@ from .shared_inputs import (
     carries_batch,
     check_size,
     modules_carrying_batch,
+    reads_either_way,
     same_output,
     shares_inputs,
     unbatched_calls,
@@ -66,8 +67,9 @@ class CoverageCheck:
         #: Modules whose generic rule differentiates the parameters themselves (:meth:`_on_own_tensors`).
         self.own_tensors: set[nn.Module] = set()
         #: Per module, the layouts of its rows (:data:`.modules.base.LAYOUTS`) whose reading fed other samples
-        #: than the rule read: not tried again (with none left, its parameters move up, which the cache keeps).
-        self.wrong_layouts: dict[nn.Module, set[str]] = {}
+        #: than the rule read: not tried again (with none left, its parameters move up, which the cache keeps). None:
+        #: rows that read either way (:func:`.shared_inputs.reads_either_way`) read as they came.
+        self.wrong_layouts: dict[nn.Module, set[str | None]] = {}
         #: Once checked: the layout each module's calls had in the check, on 2 inputs or more, and were found
         #: right in. Only those are read on later batches (and any on a batch of 1, whose rows are all its own).
         self.layout_of: dict[nn.Module, str] = {}
@@ -181,7 +183,10 @@ class CoverageCheck:
         the one the check saw."""
         if self._verified:
             return frozenset({self.layout_of[module]}) if module in self.layout_of else frozenset()
-        return LAYOUTS - self.wrong_layouts.get(module, set())
+        wrong = self.wrong_layouts.get(module, set())
+        if None in wrong:  # rows that read either way fed other samples read as they came: sequence first, if any
+            return frozenset({"sequence_first"}) - wrong
+        return LAYOUTS - wrong
 
     def _spread_shared(self, batch: Batch, rec: ModuleRecording, unbatched: list[tuple[Rule, Call]]) -> bool:
         """Spread over the batch the inputs of the ``unbatched`` calls that share theirs (position ids
@@ -256,6 +261,10 @@ class CoverageCheck:
             return self._demote(failed)
         if self._reject_layouts([call for rule, call in rec.calls if call.regrouped and set(misses) & set(rule.params.values())]):
             return True  # its rows were not sample by sample (a sequence-first batch flattened): record them as they come
+        if self._reject_layouts([call for rule, call in rec.calls
+                                 if reads_either_way(call) and rule.reads_regrouped_rows
+                                 and set(misses) & set(rule.params.values())]):
+            return True  # as many positions as inputs, read batch first: a sequence-first module's, read so next
         if self._loop_wrongly_batched(rec, v, set(misses)):
             return True
         spread = {rule.module for rule, _ in rec.calls if rule.module in self.shared and set(misses) & set(rule.params.values())}

@@ -147,6 +147,16 @@ def check_size(calls: list[tuple[Rule, Call]], size: int) -> int:
     return min(next((k for k in range(2, size + 2) if k not in positions), size), size)
 
 
+def reads_either_way(call: Call) -> bool:
+    """Whether the call's rows, read as they came (batch first), could as well come sequence first: its first input
+    and every output lead with ``(size, size)``, ``size > 1`` (:func:`rows_layout` reads them batch first unless that
+    layout was found wrong)."""
+    a = call.args[0] if call.args else None
+    return (call.layout is None and call.size > 1 and isinstance(a, Tensor) and a.dim() >= 3
+            and a.shape[0] == a.shape[1] == call.size and bool(call.taps)
+            and all(t.dim() >= 3 and t.shape[:2] == a.shape[:2] for t in call.taps))
+
+
 def rows_layout(args: tuple, taps: list[Tensor], size: int, allowed: frozenset[str]) -> tuple[int, bool]:
     """How the call's first input and every output hold the batch's rows, among the ``allowed`` layouts:
     ``(1, True)`` where they come ``(T, size, ...)`` with ``T ≠ size`` (``"sequence_first"``), ``(k, False)``
