@@ -93,10 +93,12 @@ def moved_message(where: dict[str, str], causes: dict[str, str]) -> str:
     )
 
 
-def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tensor | None]) -> dict[int, bool]:
+def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tensor | None],
+           floors: list[float] | None = None) -> dict[int, bool]:
     """Which ``params`` (positions in the list) have per-sample gradients ``got`` ``(b, size)`` (None: zero)
     of ``vᵢᵀ oᵢ`` that miss autograd's, taken sample by sample for the flat ``output`` ``(b, out)`` and ``v``;
-    each with whether their sum over samples is right all the same.
+    each with whether their sum over samples is right all the same. A parameter's entry of ``floors``
+    (:func:`rounding_floors`) is a gap within which its gradients agree whatever their scale.
 
     Sample by sample rather than summed over the batch: a rule that hands one sample's gradient to
     another (a call whose leading dim only happens to equal the batch) has the right sum.
@@ -119,9 +121,36 @@ def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tens
             continue
         w = torch.zeros_like(g) if w is None else w
         g = torch.zeros_like(w) if g is None else g.to(w.dtype)
-        if not torch.allclose(g, w, rtol=tol, atol=tol * max(scale, 1e-30)):
-            out[k] = torch.allclose(g.sum(0), w.sum(0), rtol=tol, atol=tol * max(scale, 1e-30))
+        atol = max(tol * max(scale, 1e-30), floors[k] if floors else 0.0)
+        if not torch.allclose(g, w, rtol=tol, atol=atol):
+            out[k] = torch.allclose(g.sum(0), w.sum(0), rtol=tol, atol=atol)
     return out
+
+
+#: Gradients within this many units in the last place of the sizes of the terms they sum are rounding noise.
+NOISE_ULPS = 256
+
+
+def rounding_floors(calls: list[tuple[Rule, Call]], sensitivities: list[list[Tensor | None]],
+                    wanted: set[int]) -> dict[int, float]:
+    """Per parameter index in ``wanted``: the size of rounding noise in its per-sample gradients, ``NOISE_ULPS·ε``
+    times the size of the terms they sum, bounded by its module's output sensitivities ``∂(vᵀo)/∂tap`` (summed over
+    a sample, the largest sample's) times its input's largest entry (at least 1: a bias's terms are the sensitivities
+    themselves). A gradient that is exactly zero (a key bias under softmax) is such noise in both autograd's and a
+    rule's computation: with no other trainable parameter to give the check a scale, it missed (a review)."""
+    floors: dict[int, float] = {}
+    for (rule, call), sens in zip(calls, sensitivities):
+        held = wanted & set(rule.params.values())
+        present = [s for s in sens if s is not None]
+        if not held or not present:
+            continue
+        x = call.args[0] if call.args and isinstance(call.args[0], Tensor) and call.args[0].is_floating_point() else None
+        largest_input = max(1.0, float(x.abs().max())) if x is not None and x.numel() else 1.0
+        terms = sum(float(s.abs().flatten(2).sum(-1).amax()) for s in present) * largest_input
+        floor = NOISE_ULPS * torch.finfo(present[0].dtype).eps * terms
+        for i in held:
+            floors[i] = max(floors.get(i, 0.0), floor)
+    return floors
 
 
 def nearest_called(model: nn.Module, name: str, moved: tuple[nn.Module, str] | None,

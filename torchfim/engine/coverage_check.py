@@ -18,7 +18,16 @@ from torch import Tensor, nn
 from ..errors import all_finite, warn_user
 from .backend import Pieces
 from .batch import Batch
-from .coverage import DETACHED, WRONGLY_BATCHED, cause_of, missed, moved_message, names_of, nearest_called
+from .coverage import (
+    DETACHED,
+    WRONGLY_BATCHED,
+    cause_of,
+    missed,
+    moved_message,
+    names_of,
+    nearest_called,
+    rounding_floors,
+)
 from .modules import Call, GenericRule, Rule, build_rules
 from .modules.base import LAYOUTS
 from .private_tree import settled_key
@@ -252,8 +261,7 @@ class CoverageCheck:
             if not probation:
                 raise
             return self._demote(probation)
-        misses = {index[k]: summed for k, summed in
-                  missed(rec.output, v[:, 0], params, [per_sample.get(i) for i in index]).items()}
+        misses = self._misses(rec, v, params, [per_sample.get(i) for i in index])
         # A rule on probation that misses gives way first (its generic rule reads the rows regrouped as well:
         # a Linear subclass returning a tuple keeps them), then rows read regrouped that still miss come as they are.
         failed = {rule.module for rule, _ in rec.calls if rule.on_probation and set(misses) & set(rule.params.values())}
@@ -284,6 +292,17 @@ class CoverageCheck:
             # says which, before any warning
             self.view.check_independent_unmoved(rec.batch, rec.values.detach(), 0, self.view.versions())
         return changed
+
+    def _misses(self, rec: ModuleRecording, v: Tensor, params: list[nn.Parameter],
+                got: list[Tensor | None]) -> dict[int, bool]:
+        """:func:`.coverage.missed` by index in θ, a parameter's gap of rounding noise aside (looked at only where
+        some miss: it costs a backward)."""
+        index = [self.view.index_of[id(p)] for p in params]
+        misses = missed(rec.output, v[:, 0], params, got)
+        if misses:
+            floors = rounding_floors(rec.calls, self._sensitivities(rec, v), {index[k] for k in misses})
+            misses = missed(rec.output, v[:, 0], params, got, [floors.get(i, 0.0) for i in index])
+        return {index[k]: summed for k, summed in misses.items()}
 
     def _on_own_tensors(self, rec: ModuleRecording, misses: set[int]) -> bool:
         """Give the generic rules of the missed parameters that moved as high as they go (the model's own, or
