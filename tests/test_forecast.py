@@ -494,3 +494,36 @@ def test_stable_inverse_takes_numpy_as_forecast_does():
     F = np.array([[4.0, 2.0], [2.0, 3.0]])
     assert np.allclose(stable_inverse(F).numpy(), np.linalg.inv(F), rtol=1e-14, atol=0)
     assert stable_inverse([[4.0, 2.0], [2.0, 3.0]]).dtype == F64
+
+
+@pytest.mark.parametrize("entry", ["scan_steps", "forecast"])
+def test_a_function_that_fails_at_theta0_is_named_with_its_error_chained(entry):
+    """A mean reading a parameter θ₀ lacks raised a bare IndexError from inside the user's lambda; the first call of
+    each function is the one that names it, with θ₀'s shape; the original error stays the cause."""
+    x, C, theta0 = torch.linspace(0, 1, 5, dtype=F64), torch.eye(5, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    call = scan_steps if entry == "scan_steps" else forecast
+    with pytest.raises(TorchfimError, match=r"the mean function mean\(theta0\) raised IndexError: index 2 .*"
+                                            r"theta0 of shape \(2,\) \(2 parameters") as failed:
+        call(lambda t: t[0] + t[2] * x, C, theta0)
+    assert isinstance(failed.value.__cause__, IndexError)
+
+    def cov(t):
+        raise ValueError("no emulator loaded")
+
+    with pytest.raises(TorchfimError, match=r"the covariance function cov\(theta0\) raised ValueError: no emulator"):
+        call(lambda t: t[0] + t[1] * x, cov, theta0)
+
+
+@pytest.mark.parametrize("derivatives", DERIVATIVES)
+def test_a_function_that_fails_after_its_first_call_raises_as_it_is(derivatives):
+    """Only the first call is wrapped: a later failure (a stencil's point, forward mode) is not a mismatch with θ₀."""
+    x, calls = torch.linspace(0, 1, 5, dtype=F64), []
+
+    def mean(t):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyError("lookup table exhausted")
+        return t[0] + t[1] * x
+
+    with pytest.raises(KeyError, match="lookup table exhausted"):
+        forecast(mean, torch.eye(5, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), derivatives=derivatives)

@@ -67,7 +67,10 @@ class GaussianModel:
         self.cov_fn = _function_or_none(cov, "cov")
         self._mean_fixed = mean.detach() if self.mean_fn is None else None
         self._cov_fixed = cov.detach() if self.cov_fn is None else None
-        self.mean0, self.cov0 = self.evaluate(self.theta0)
+        with torch.no_grad():
+            mean0 = self._mean_fixed if self.mean_fn is None else _first_call(self.mean_fn, "mean", self.theta0)
+            cov0 = self._cov_fixed if self.cov_fn is None else _first_call(self.cov_fn, "cov", self.theta0)
+        self.mean0, self.cov0 = self._checked(mean0, cov0)
         if not bool(torch.isfinite(self.mean0).all()):
             raise TorchfimError("the mean at theta0 has non-finite entries; check mean(theta0)")
         self.cov_cholesky = covariance_cholesky(self.cov0)
@@ -87,6 +90,11 @@ class GaussianModel:
         with torch.no_grad():
             mean = self._mean_fixed if self.mean_fn is None else self.mean_fn(theta)
             cov = self._cov_fixed if self.cov_fn is None else self.cov_fn(theta)
+        return self._checked(mean, cov)
+
+    @staticmethod
+    def _checked(mean: object, cov: object) -> tuple[Tensor, Tensor]:
+        """``(mean, cov)`` as float tensors, or a :class:`TorchfimError` naming the one of the wrong shape."""
         if not isinstance(mean, Tensor) or mean.dim() != 1 or mean.numel() == 0:
             raise TorchfimError(
                 "mean must be (or return) a non-empty 1-D tensor, the data vector's mean; got "
@@ -120,6 +128,26 @@ def covariance_cholesky(cov: Tensor) -> Tensor:
             "needs a strictly positive noise variance: add the noise term to cov"
         )
     return factor
+
+
+_ROLE = {"mean": "mean", "cov": "covariance"}
+
+
+def _first_call(function: Callable[[Tensor], Tensor], what: str, theta0: Tensor) -> object:
+    """``function(theta0)``; whatever it raises becomes a :class:`TorchfimError` naming the call, the cause chained.
+
+    Only the first call is wrapped: an error there is almost always a mismatch between the function and ``theta0``
+    (a wrong parameter count, dtype or device), which a bare ``IndexError`` from inside the user's code does not say.
+    Later calls (the stencils' points, forward mode) raise as they are, for what they are.
+    """
+    try:
+        return function(theta0)
+    except Exception as err:
+        raise TorchfimError(
+            f"the {_ROLE[what]} function {what}(theta0) raised {type(err).__name__}: {err}; it was called with theta0 "
+            f"of shape {tuple(theta0.shape)} ({theta0.numel()} parameters, {theta0.dtype}): fix {what}, or theta0 if "
+            f"{what} reads another number of parameters, so that {what}(theta0) runs"
+        ) from err
 
 
 def _function_or_none(value: object, what: str) -> Callable[[Tensor], Tensor] | None:
