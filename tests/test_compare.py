@@ -83,7 +83,7 @@ def test_symmetry_p_ab_is_one_minus_p_ba(pairs, seed):
     b = [float(y) for _, y in pairs]
     ab = prob_outperform(a, b, n_bootstrap=200, generator_or_seed=seed)
     ba = prob_outperform(b, a, n_bootstrap=200, generator_or_seed=seed)
-    assert ab.p == pytest.approx(1.0 - ba.p, abs=1e-12)
+    assert ab.p == 1.0 - ba.p and ba.p == 1.0 - ab.p
     # Same seed, same resampled pairs: the interval is the mirror image, exactly.
     assert ab.ci_low == 1.0 - ba.ci_high and ab.ci_high == 1.0 - ba.ci_low
     assert ab.significant == ba.significant
@@ -91,6 +91,29 @@ def test_symmetry_p_ab_is_one_minus_p_ba(pairs, seed):
     mirror = {"A better": "B better", "B better": "A better", "not significant": "not significant"}
     assert ba.conclusion == mirror[ab.conclusion]
     assert 0.0 <= ab.ci_low <= ab.ci_high <= 1.0
+
+
+@pytest.mark.parametrize("n", [*range(2, 40), 1000, 5000])
+def test_p_ab_is_exactly_one_minus_p_ba_ties_included(n):
+    """P(A > B) counts a tie one half on each side, so P(a, b) + P(b, a) = 1 exactly; total / (2n) rounded alone
+    missed 1 - P(b, a) by a bit below 1/2 (n = 3: 1/6 against 1 - 5/6). Every total of n pairs, from random pairs
+    with few values (many ties); 5000 pairs draw the bootstrap in two chunks."""
+    rng = np.random.default_rng(n)
+    n_bootstrap = 1000 if n == 5000 else 20  # 5000 pairs: 838 resamples a chunk, two chunks
+    totals = range(2 * n + 1) if n < 40 else rng.integers(0, 2 * n + 1, size=3)
+    for total in map(int, totals):
+        half, odd = divmod(total, 2)
+        ties = odd + 2 * int(rng.integers(0, min(half, n - half - odd) + 1))  # a win and a loss make two ties
+        wins = (total - ties) // 2
+        score = rng.permutation(np.r_[np.ones(wins), np.zeros(ties), -np.ones(n - wins - ties)])
+        a = rng.integers(0, 3, size=n).astype(np.float64)
+        b = a - score
+        kwargs = dict(n_bootstrap=n_bootstrap, generator_or_seed=total)
+        ab, ba = prob_outperform(a, b, **kwargs), prob_outperform(b, a, **kwargs)
+        assert abs(Fraction(ab.p) - Fraction(total, 2 * n)) <= Fraction(1, 2**54)
+        assert ab.p == 1.0 - ba.p and ba.p == 1.0 - ab.p and ab.p + ba.p == 1.0
+        assert ab.sign_test_p == ba.sign_test_p
+        _assert_mirrored(ab, ba)
 
 
 def test_flags_are_symmetric_at_one_half():
