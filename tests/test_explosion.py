@@ -448,3 +448,37 @@ def test_a_run_whose_outputs_overflow_at_a_measurement_is_recorded_as_diverged(m
     assert result["diverged"] is True and result["steps"] == 5
     assert result["curves"]["step"] == [0, 5]  # the measurement before step 0, and the last one, Tr(F) not measured
     assert result["curves"]["trace"][-1] is None
+
+
+def test_the_summary_counts_the_diverged_runs_of_every_configuration():
+    """Each row of the (b) and (c) tables says how many of its runs diverged, 0 too (the summary did not say; a reader
+    could not tell a study without divergences from one that never looked)."""
+    from torchfim.experiments.explosion.summary import summary
+
+    results = json.loads((COMMITTED / "results.json").read_text(encoding="utf-8"))
+    results["aggregates"]["digits/mlp"]["small"]["diverged"] = 1
+    results["aggregates"]["mnist1d/cnn noisy, η*"]["fp"]["diverged"] = 2
+    text = summary(results, [])
+    rows = [line for line in text.splitlines() if line.startswith(("| digits/", "| mnist1d/"))]
+    clean = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 12]  # (b): 11 columns
+    noisy = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 11]  # (c): 10 columns
+    assert clean == ["0/6", "1/6"] + ["0/6"] * 10  # digits/mlp at η*/10 is the second row
+    assert noisy == ["0/6"] * 7 + ["2/6"]  # mnist1d/cnn at η* with the penalty is the last
+    assert text.count("| diverged (loss or outputs non-finite) |") == 2
+
+
+def test_a_study_without_pooled_columns_does_not_say_they_decide(reference):
+    """The ``--quick`` (and tiny) study, one data set and model with 2 seeds, said its pooled columns decide: it has
+    none, and no verdict can be reached; a study with pooled columns says what they add, with too few seeds too."""
+    from torchfim.experiments.explosion.claims import _pooled_words
+
+    summary = (reference[0] / "summary.md").read_text(encoding="utf-8")
+    assert "(pooled)" not in summary and "they decide" not in summary
+    assert ("With 2 seeds and no pooled column (one data set and model), no comparison can reach a conclusion: every "
+            "verdict is 'not significant'") in summary
+    committed = json.loads((COMMITTED / "results.json").read_text(encoding="utf-8"))
+    settings, verdicts = committed["settings"], committed["verdicts"]
+    assert _pooled_words(settings, verdicts, 6) == " Pooled columns pair the runs of every data set and model."
+    assert "so only a pooled column, of 6 pairs or more, can" in _pooled_words({**settings, "n_seeds": 2}, verdicts, 6)
+    alone = {"clean": {"digits/mlp": {}}, "noisy": {}}
+    assert _pooled_words({**settings, "n_seeds": 8}, alone, 6) == ""

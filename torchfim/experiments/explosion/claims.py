@@ -64,14 +64,11 @@ def _verdict_tables(s: dict, verdicts: dict) -> list[str]:
     """What the verdicts mean, then the clean-label and the noisy-label verdict tables."""
     clean, noisy = verdicts["clean"], verdicts["noisy"]
     fewest = fewest_pairs(0.95)
-    pooled = ("Pooled columns pair the runs of every data set and model" + (
-        f"; with {s['n_seeds']} seeds a data set and model alone cannot reach a conclusion, so they decide."
-        if s["n_seeds"] < fewest else "."))
     lines = [
         ("'held' = `prob_outperform` concluded 'A better' in the claim's direction; 'opposite' = significant in the "
          "other direction; 'not significant' = no conclusion. In brackets: the seeds whose runs went the claim's way "
          "(ties count one half), of all. A conclusion needs the exact sign test to agree with the bootstrap interval, "
-         f"which at 95% takes at least {fewest} pairs, all agreeing. " + pooled),
+         f"which at 95% takes at least {fewest} pairs, all agreeing." + _pooled_words(s, verdicts, fewest)),
         "",
     ]
     if clean:
@@ -82,6 +79,22 @@ def _verdict_tables(s: dict, verdicts: dict) -> list[str]:
     if noisy:
         lines += _verdict_table(noisy, NOISY_CLAIMS) + [""]
     return lines
+
+
+def _pooled_words(s: dict, verdicts: dict, fewest: int) -> str:
+    """What the pooled columns add, if the study has any, and what too few seeds leave the verdicts (a ``--quick``
+    study, one data set and model with 2 seeds, was told that its pooled columns decide: it has none)."""
+    pooled = any(c.endswith("(pooled)") for table in verdicts.values() for c in table)
+    few = s["n_seeds"] < fewest
+    if pooled:
+        return " Pooled columns pair the runs of every data set and model" + (
+            f"; with {s['n_seeds']} seeds a data set and model alone cannot reach a conclusion, so only a pooled "
+            f"column, of {fewest} pairs or more, can." if few else ".")
+    if few:
+        return (f" With {s['n_seeds']} seeds and no pooled column (one data set and model), no comparison can reach a "
+                "conclusion: every verdict is 'not significant', and only the seeds in brackets show which way the "
+                "runs went.")
+    return ""
 
 
 def _clean_words(clean: dict, agg: dict, combos: list[str]) -> list[str]:

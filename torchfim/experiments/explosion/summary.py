@@ -166,8 +166,8 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
          f"{100 * s['plateau_tolerance']:g} percentage points over the last fifth of training."),
         "",
         ("| data/model | config | η | α | test acc. at best val. (%) | step of best val. | final test acc. (%) "
-         "| final train acc. (%) | train acc. at 4/5 of training (%) | plateaued |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+         f"| final train acc. (%) | train acc. at 4/5 of training (%) | plateaued | {_DIVERGED_HEADER} |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for combo in combos:
         for v in CLEAN_VARIANTS:
@@ -175,7 +175,7 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {combo} | {LABELS[v]} | {a['lr']:.4g} | {a['alpha']:g} | {pm(a['test_acc_at_best_val'], True)} | "
                 f"{pm(a['step_of_best_val'], digits=0)} | {pm(a['test_acc'], True)} | {pm(a['train_acc'], True)} | "
-                f"{pm(a['train_acc_at_four_fifths'], True)} | {_yes_no(a['plateaued'])} |"
+                f"{pm(a['train_acc_at_four_fifths'], True)} | {_yes_no(a['plateaued'])} | {_diverged(a)} |"
             )
     if combos:
         lines += ["", ("Fraction of the small-vs-large gap closed by the penalty, (FP − small)/(large − small) on the seed "
@@ -185,6 +185,15 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
             lines.append(f"* {c}: at the best validation step {_gap(agg[c]['gap_closed'], pooled)}; final "
                          f"{_gap(agg[c]['gap_closed_final'], pooled)}")
     return _trace_table(results, combos) + lines
+
+
+#: The column of the runs that diverged, shown at 0 too: a reader sees that divergence was checked.
+_DIVERGED_HEADER = "diverged (loss or outputs non-finite)"
+
+
+def _diverged(a: dict) -> str:
+    """``1/6``: the runs of a configuration that diverged, of all its seeds."""
+    return f"{a['diverged']}/{len(a['per_seed'])}"
 
 
 def _yes_no(flag: bool | None) -> str:
@@ -245,8 +254,8 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
          "measurements (an area under the learning curve: lower = slower fitting)."),
         "",
         ("| data/model, η | config | clean final (%) | noisy final (%) | clean mean over training (%) | noisy mean over "
-         "training (%) | test acc. at best val. (%) | final test acc. (%) | peak Tr(F) |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         f"training (%) | test acc. at best val. (%) | final test acc. (%) | peak Tr(F) | {_DIVERGED_HEADER} |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, m, w in nsets:
         label = noisy_label(d, m, w, s)
@@ -256,7 +265,7 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
                 f"| {d}/{m}, {lr_text(w, s)} | {LABELS[v]} (η={a['lr']:.4g}, α={a['alpha']:g}) | "
                 f"{pm(a['clean_acc'], True)} | {pm(a['noisy_acc'], True)} | {pm(a['clean_acc_auc'], True)} | "
                 f"{pm(a['noisy_acc_auc'], True)} | {pm(a['test_acc_at_best_val'], True)} | "
-                f"{pm(a['test_acc'], True)} | {pm(a['peak_trace'], digits=1)} |"
+                f"{pm(a['test_acc'], True)} | {pm(a['peak_trace'], digits=1)} | {_diverged(a)} |"
             )
     lines += [
         "",
