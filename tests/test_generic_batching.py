@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_checks import assert_equals_dense, module_rules, torchfim_messages
-from oracles import exact_fisher
+from oracles import exact_fisher, variance_oracle
 from torch import nn
 
 import torchfim
@@ -402,3 +402,31 @@ def test_the_functional_backends_batching_check_runs_once_per_model(monkeypatch)
     for n in (1, 1, 3, 3, 1):
         torchfim.fisher(model, torch.randn(n, 3, dtype=torch.float64), backend="functional")
     assert checks == [1, 3]
+
+
+class _WrittenPReLU(nn.Module):
+    """``nn.PReLU`` written out elementwise: no batching rule of PReLU's in the oracle's derivatives."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, x, self.weight * x)
+
+
+@pytest.mark.parametrize("backend", ["auto", "functional"])
+def test_the_second_order_paths_through_prelu_equal_the_oracle_of_its_written_out_twin(backend: str) -> None:
+    """The Hessian estimator's closed-form variance (output Hessians by forward over reverse, batched over directions
+    and samples) through torch's PReLU, whose per-sample gradients torch.func batches wrongly in torch 2.13, equals the
+    dense oracle of the same network with PReLU written out."""
+    torch.manual_seed(0)
+    model, twin = _Net(nn.PReLU(4, init=0.3)).double(), _Net(_WrittenPReLU(4)).double()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.func cannot batch the output Hessians over samples: one at a time
+        got = torchfim.fisher_variance(model, x, estimator="hessian", structure="full", backend=backend)
+    want = variance_oracle(twin, x, "categorical", 1)["hessian"]
+    assert float(want.abs().max()) > 1e-3  # the cross terms of the slopes with the head (the diagonal is zero)
+    assert torch.allclose(torch.as_tensor(got), want, rtol=1e-10, atol=1e-14)
