@@ -8,6 +8,7 @@ step) and a counter that went back made a zigzag curve, both silently.
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -115,3 +116,48 @@ def test_parameters_replaced_or_moved_by_another_models_optimiser(tmp_path) -> N
     again = monitor.history[-1]
     assert again is not first and len(monitor.history) == 2 and again.trace != first.trace
     assert len(said) == 1 and "after the parameters moved" in said[0]
+
+
+def _resumed(tmp_path, saved: dict, moved: bool = False) -> FisherTraceMonitor:
+    """A new process's monitor, on a new model loaded from ``saved`` (moved by an optimiser step where ``moved``),
+    with the monitor's saved state."""
+    monitor = _monitor(tmp_path)
+    monitor.model.load_state_dict(saved["model"])
+    if moved:
+        _backward(monitor)
+        torch.optim.SGD(monitor.model.parameters(), lr=0.1).step()
+    monitor.load_state_dict(saved["monitor"])
+    return monitor
+
+
+def test_a_resumed_loop_going_on_at_the_restored_last_step_is_not_measured_again(tmp_path) -> None:
+    """A loop that saves right after measuring a step and resumes at that step: the restored record is returned (one
+    row per step, no warning), a later step is measured; a model moved since its checkpoint is measured again. Before,
+    a restored monitor measured the restored step again, writing a second row under it, and said the parameters had
+    moved."""
+    monitor = _monitor(tmp_path)
+    optimiser = torch.optim.SGD(monitor.model.parameters(), lr=0.1)
+    for step in range(5):
+        monitor.step(step)
+        if step == 4:  # through torch.save, as a checkpoint file takes it
+            buffer = io.BytesIO()
+            torch.save({"model": monitor.model.state_dict(), "monitor": monitor.state_dict()}, buffer)
+        _backward(monitor)
+        optimiser.step()
+        optimiser.zero_grad()
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+    resumed = _resumed(tmp_path, saved)
+    returned = []
+    said = _warnings(lambda: returned.append(resumed.step(4)))
+    assert returned == [resumed.history[-1]] and [r.step for r in resumed.history] == [0, 2, 4] and not said
+    assert [r.step for r in read_trace_csv(tmp_path / "trace.csv")] == [0, 2, 4]
+    _backward(resumed)
+    torch.optim.SGD(resumed.model.parameters(), lr=0.1).step()
+    assert resumed.step(6).step == 6 and [r.step for r in read_trace_csv(tmp_path / "trace.csv")] == [0, 2, 4, 6]
+
+    moved = _resumed(tmp_path, saved, moved=True)
+    assert "after the parameters moved" in " ".join(_warnings(lambda: moved.step(4)))
+    assert [r.step for r in moved.history] == [0, 2, 4, 4]
+    old = {k: v for k, v in saved["monitor"].items() if k != "order"}  # a state saved before the fingerprint was kept
+    _monitor(tmp_path).load_state_dict(old)

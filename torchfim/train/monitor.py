@@ -248,7 +248,7 @@ class FisherTraceMonitor:
         self.n_inputs = sum(b.size for b in held)
         self._checksum: float | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
-        self._order = StepOrder()
+        self._order = StepOrder(model)
         self.subset, self.control_variate = self._check_options(subset, control_variate)
         self._plan()
         self.columns = COLUMNS + (("variance_ratio",) if self.control_variate else ())
@@ -275,12 +275,12 @@ class FisherTraceMonitor:
         step = check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
         if step % self.every != 0:
             return None
-        return self._order.repeated(step, self.history, self.model.parameters()) or self.measure(step)
+        return self._order.repeated(step, self.history) or self.measure(step)
 
     def measure(self, step: int) -> TraceRecord:
         """Measure now (whatever ``every`` says), record and return the :class:`TraceRecord`."""
         step = check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
-        self._order.measuring(step, self.history, self.model.parameters())
+        self._order.measuring(step, self.history)
         start = time.perf_counter()
         if self._share is None:
             (trace, variance, plain), measured = self._estimate(), self._window_size
@@ -315,22 +315,25 @@ class FisherTraceMonitor:
 
     def state_dict(self) -> dict[str, object]:
         """What resuming needs (:mod:`torchfim.train.checkpoint`): the history, the generator's state, the subset
-        windows' permutations and positions, the control-variate chains and the previous window's rows."""
+        windows' permutations and positions, the control-variate chains, the previous window's rows and the weights'
+        fingerprint where they have not moved since the last record (:mod:`.step_order`)."""
         return {
             "version": VERSION, "settings": self._settings(), "history": [r.as_dict() for r in self.history],
             "generator": generator_state(self.generator), "windows": [w.state() for w in self._windows],
             "chains": None if self._cv is None else self._cv.state(),
-            "previous": None if self._previous is None else list(self._previous),
+            "previous": None if self._previous is None else list(self._previous), "order": self._order.state(),
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Go on from a saved :meth:`state_dict` as the saved run would (the same labels and windows); refused,
         with the difference named, for a monitor made with other held inputs or options. The generator
         passed at construction, if any, is set to the saved state; ``csv_path`` is rewritten to hold exactly
-        the restored history, and the TensorBoard events after its last step are purged."""
+        the restored history, and the TensorBoard events after its last step are purged. ``step`` at the restored
+        last step, the weights as they were then, returns its record (:mod:`.step_order`)."""
         state = checked(state, "FisherTraceMonitor", self._settings(),
                         ("history", "generator", "windows", "chains", "previous"))
         self.history = [TraceRecord(**row) for row in state["history"]]
+        self._order.load(state.get("order"))  # a state saved before it was kept has none
         self.generator = restored_generator(self.generator, state["generator"], "FisherTraceMonitor")
         for windows, saved in zip(self._windows, state["windows"]):
             windows.load(saved)

@@ -8,16 +8,20 @@ one whose counter starts over (the batch index within an epoch, or a resumed run
 its state). :class:`StepOrder` answers a second call at the last measured step with that step's record where the
 parameters are the same tensors and have not moved since (their
 :class:`~torchfim.train.parameter_stamp.Stamp`), measures again where they have, and names each of these, once per
-monitor, with the fix.
+monitor, with the fix. A saved state carries the parameters' :func:`~torchfim._processes.weights_fingerprint` where
+they had not moved since the last measurement, so that a resumed loop's call at the restored last step returns its
+record too (a stamp holds tensors, which a new process does not have).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Sequence
 from typing import Protocol
 
-from torch import Tensor
+from torch import nn
 
+from .._processes import same_weights, weights_fingerprint
 from ..errors import warn_user
 from .parameter_stamp import Stamp, stamp
 
@@ -39,27 +43,50 @@ class _Record(Protocol):
 
 
 class StepOrder:
-    """What a monitor's record history and the parameters' stamp say about the next step (each warning once)."""
+    """What a monitor's record history and the stamp of ``model``'s parameters say about the next step (each warning
+    once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self._named: set[str] = set()
         self._stamp: Stamp | None = None  # at the last measurement
+        self._restored: float | None = None  # the weights' fingerprint at the restored last measurement
 
-    def repeated(self, step: int, history: Sequence[_Record], params: Iterable[Tensor]) -> _Record | None:
+    def repeated(self, step: int, history: Sequence[_Record]) -> _Record | None:
         """The last record, where it was taken at ``step`` and the parameters have not moved since; else None."""
         if not history or history[-1].step != step:
             return None
-        if self._stamp is not None and self._stamp.matches(params):
+        if self._stamp is not None and self._stamp.matches(self.model.parameters()):
             self._name("repeated", REPEATED.format(step=step))
+            return history[-1]
+        now = None if self._restored is None else self._fingerprint()
+        if now is not None and same_weights([self._restored, now]):
+            # a resumed loop going on at its checkpoint's step, as the saved run did: not named
+            self._stamp, self._restored = stamp(self.model.parameters()), None
             return history[-1]
         self._name("stalled", STALLED.format(step=step))
         return None
 
-    def measuring(self, step: int, history: Sequence[_Record], params: Iterable[Tensor]) -> None:
+    def measuring(self, step: int, history: Sequence[_Record]) -> None:
         """Note a measurement at ``step``: the parameters' stamp, and a step before the last record's named."""
         if history and step < history[-1].step:
             self._name("backwards", BACKWARDS.format(step=step, last=history[-1].step))
-        self._stamp = stamp(params)
+        self._stamp, self._restored = stamp(self.model.parameters()), None
+
+    def state(self) -> float | None:
+        """What a saved state keeps: the weights' fingerprint where they have not moved since the last measurement
+        (None where they have, or nothing was measured; the restored one where nothing was measured since loading)."""
+        if self._stamp is not None and self._stamp.matches(self.model.parameters()):
+            return self._fingerprint()
+        return self._restored
+
+    def load(self, saved: float | None) -> None:
+        """Go on from :meth:`state` (None: a state that kept none, or one saved before it was kept)."""
+        self._stamp, self._restored = None, saved
+
+    def _fingerprint(self) -> float | None:
+        fingerprint = weights_fingerprint(self.model)
+        return fingerprint if math.isfinite(fingerprint) else None  # NaN: one that cannot be taken matches none
 
     def _name(self, kind: str, message: str) -> None:
         if kind not in self._named:
