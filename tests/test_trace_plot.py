@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -127,6 +128,18 @@ def test_files_that_are_not_whole_runs_are_refused_or_warned_about(tmp_path, cap
     assert "is not a FisherTraceMonitor CSV file" in err and len(err) < 400
 
 
+@pytest.mark.parametrize("blank", ["\n", "\n\n", "  \n", "\r\n"], ids=["line", "lines", "spaces", "crlf"])
+def test_blank_lines_after_the_last_record_are_read_without_a_word(tmp_path, blank: str) -> None:
+    """A blank line after the last record was read as an incomplete record, with a warning; it holds no record."""
+    _run(tmp_path, "a", 0.1)
+    whole = read_trace_csv(tmp_path / "a.csv")
+    with open(tmp_path / "a.csv", "a", newline="") as f:
+        f.write(blank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_trace_csv(tmp_path / "a.csv") == whole
+
+
 def test_the_command_prints_its_warnings_in_its_own_words(tmp_path) -> None:
     """Under ``python -m torchfim`` a warning names the command, not ``<frozen runpy>``, and ``-W error`` still
     applies to it."""
@@ -209,7 +222,6 @@ def test_records_that_are_not_finite_are_named_where_they_are_not_drawn() -> Non
     with pytest.warns(RuntimeWarning, match=r"run 'diverged': 2 record\(s\) with a non-finite Tr\(F\) or standard error "
                                          r"\(step 10, 20;"):
         plot_trace({"diverged": records})
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

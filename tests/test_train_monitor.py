@@ -11,6 +11,7 @@ import copy
 import csv
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,27 @@ def test_an_incomplete_last_line_is_dropped_before_appending(tmp_path) -> None:
         later = FisherTraceMonitor(model, x, every=1, csv_path=path, generator=torch.Generator().manual_seed(1))
     later.step(3)
     assert [r.step for r in read_trace_csv(path)] == [0, 1, 3]
+
+
+@pytest.mark.parametrize("blank", ["\n", "\n\n", "  \n", "\r\n", " \t"], ids=["line", "lines", "spaces", "crlf", "unended"])
+def test_blank_lines_after_the_last_record_are_cut_silently_before_appending(tmp_path, blank: str) -> None:
+    """An editor's blank line after the last record was left in place (the next record came after it, and every
+    reader stopped there: 'line 5 is not a record of numbers'), or, without its line end, cut with a warning of an
+    incomplete record. It holds no record: cut without a word, every record kept."""
+    from torchfim.train.trace_plot import read_trace_csv
+
+    path, model, x = tmp_path / "trace.csv", tanh_mlp(3), mlp_inputs(8)
+    mon = FisherTraceMonitor(model, x, every=1, csv_path=path, generator=torch.Generator().manual_seed(0))
+    for s in range(3):
+        mon.step(s)
+    whole = path.read_bytes()
+    path.write_bytes(whole + blank.encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        later = FisherTraceMonitor(model, x, every=1, csv_path=path, generator=torch.Generator().manual_seed(1))
+    assert path.read_bytes() == whole
+    later.step(3)
+    assert [r.step for r in read_trace_csv(path)] == [0, 1, 2, 3]
 
 
 def test_a_csv_file_that_cannot_be_written_is_refused_when_the_monitor_is_built(tmp_path, monkeypatch) -> None:

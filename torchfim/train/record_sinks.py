@@ -24,6 +24,9 @@ from .._out_folder import check_creatable
 from .._processes import process_group
 from ..errors import TorchfimError
 
+#: The bytes of a blank line (the CSV module reads ``\r\n`` as a line's end).
+BLANK = b" \t\r\n"
+
 
 def process_paths(csv_path: str | os.PathLike | None,
                   tensorboard_dir: str | os.PathLike | None) -> tuple[Path | None, Path | None]:
@@ -105,18 +108,24 @@ class CsvSink:
 def _drop_incomplete_line(path: Path) -> None:
     """Cut an existing CSV file back to its last complete line, with a warning, where a run stopped while writing a
     record: a new record appended to the partial line made one malformed line of the two (a review), which no
-    reader, ``plot-trace`` included, could take."""
+    reader, ``plot-trace`` included, could take. Blank lines after the last record (an editor's) are cut silently:
+    they hold no record, but one left before the next record would stop every reader there."""
     with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":  # the usual case: the last byte alone is read
+        f.seek(-2, os.SEEK_END)  # the header is there, so the file holds at least two bytes
+        tail = f.read(2)
+        if tail[1:] == b"\n" and tail[:1] not in BLANK:  # the usual case: the last two bytes alone are read
             return
         f.seek(0)
         data = f.read()
-    kept = data.rfind(b"\n") + 1
-    with path.open("r+b") as f:
-        f.truncate(kept)
-    warnings.warn(f"torchfim: csv_path {str(path)!r} ended in an incomplete line (a run stopped while writing it?): "
-                  f"{len(data) - kept} bytes dropped before appending", RuntimeWarning, stacklevel=4)
+    filled = len(data.rstrip(BLANK))  # the end of the last line that is not blank
+    complete = data.find(b"\n", filled) + 1  # 0: that line has no end
+    kept = complete or data.rfind(b"\n") + 1
+    if kept < len(data):
+        with path.open("r+b") as f:
+            f.truncate(kept)
+    if not complete:
+        warnings.warn(f"torchfim: csv_path {str(path)!r} ended in an incomplete line (a run stopped while writing "
+                      f"it?): {len(data) - kept} bytes dropped before appending", RuntimeWarning, stacklevel=4)
 
 
 class TensorBoardSink:

@@ -31,7 +31,8 @@ QUOTED = 80  # the most characters of a wrong header that an error quotes
 def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
     """The records of a :class:`~torchfim.train.FisherTraceMonitor` CSV file (``csv_path``), in file order.
 
-    An incomplete last line (what a run killed while writing leaves) is left out with a warning naming it;
+    An incomplete last line (what a run killed while writing leaves) is left out with a warning naming it, blank lines
+    after the last record without one;
     a step that goes back (two runs appended to one file) is kept, with a warning naming its line.
     """
     path = Path(path)
@@ -49,6 +50,8 @@ def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
             f"{','.join(expected)!r} (with ',variance_ratio' after control_variate=True); pass the monitor's csv_path"
         )
     header = rows[0]
+    while len(rows) > 1 and not "".join(rows[-1]).strip():  # blank lines after the last record hold none
+        rows.pop()
     records = []
     for line, row in enumerate(rows[1:], start=2):
         try:
