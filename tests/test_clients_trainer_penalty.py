@@ -26,6 +26,7 @@ from trainer_ranks import DATA, PenalisedTrainer, Steps, model_at  # noqa: E402
 from trainer_ranks import model as _model  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
+import torchfim  # noqa: E402
 from torchfim.train import FisherPenalty  # noqa: E402
 
 STEPS = 3
@@ -184,6 +185,58 @@ def test_a_run_resumed_into_another_output_dir_loads_the_penaltys_state_from_the
         resumed = _resumable(tmp_path / "other", tmp_path / "cut" / "checkpoint-3", values=resumed_values)
     assert all(torch.equal(a, b) for a, b in zip(resumed, whole, strict=True))
     assert [v[0] for v in resumed_values] == [4, 5, 6] and resumed_values == whole_values[3:]
+
+
+class _TwoPenalties(transformers.Trainer):
+    """A trainer whose loss is the task loss plus two penalties' terms."""
+
+    def __init__(self, *args, penalties: list[FisherPenalty], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.penalties = penalties
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return model(**inputs).loss + sum(pen(inputs, step=self.state.global_step) for pen in self.penalties)
+
+
+def _two_penalised(out, resume=None, names: tuple = ("body", "head")) -> list[torch.Tensor]:
+    """The parameters after 6 steps of a trainer with two penalties (every=2 and every=3, their own generators), each
+    kept by its own FisherPenaltyCallback named ``names``, saving its checkpoints every 3 steps."""
+    from torchfim.train.trainer_callback import FisherPenaltyCallback
+
+    model = _model()
+    penalties = [FisherPenalty(model, alpha=0.5, every=2, generator=torch.Generator().manual_seed(3)),
+                 FisherPenalty(model, alpha=0.3, every=3, generator=torch.Generator().manual_seed(7))]
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=6, save_steps=3,
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
+                             learning_rate=1e-2, max_grad_norm=0.0)
+    callbacks = [FisherPenaltyCallback(pen, name=name) for pen, name in zip(penalties, names)]
+    trainer = _TwoPenalties(model=model, args=args, train_dataset=DATA, penalties=penalties, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_two_penalties_of_one_trainer_keep_their_states_apart_by_name(tmp_path) -> None:
+    """Each callback saves its penalty's state under its name, and a run resumed from checkpoint-3 (between the
+    computed steps of both) ends with the uninterrupted run's parameters, bit for bit. Before, both saved
+    ``torchfim_penalty-0.pt``, the second over the first, and both loaded the second's state back (the resumed run
+    ended up to 9e-3 away); two callbacks without names are now refused before training."""
+    from torchfim.train.trainer_callback import FisherPenaltyCallback
+
+    whole = _two_penalised(tmp_path / "whole")
+    _two_penalised(tmp_path / "cut")
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoint-3").glob("*torchfim_penalty*"))
+    assert saved == ["body_torchfim_penalty-0.pt", "head_torchfim_penalty-0.pt"]
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-6")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no warning that a state is missing
+        resumed = _two_penalised(tmp_path / "cut", tmp_path / "cut" / "checkpoint-3")
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole, strict=True))
+    with pytest.raises(torchfim.TorchfimError, match="two FisherPenaltyCallbacks of one Trainer keep other "
+                       "penalties under name=None: both would save torchfim_penalty-0.pt"):
+        _two_penalised(tmp_path / "unnamed", names=(None, None))
+    assert not (tmp_path / "unnamed").exists() or not any((tmp_path / "unnamed").glob("checkpoint-*"))
+    with pytest.raises(torchfim.TorchfimError, match="FisherPenaltyCallback's name prefixes its state file"):
+        FisherPenaltyCallback(FisherPenalty(_model()), name="a/b")
 
 
 def _evaluated(out, evaluate: bool) -> tuple[PenalisedTrainer, Steps, FisherPenalty]:

@@ -36,7 +36,9 @@ callback.
 it, whose forwards alone make several processes average their gradients): its state (generator, cached
 gradient) goes into every checkpoint, one file per process (``torchfim_penalty-<process index>.pt``, each
 process drawing its own labels), and comes back on ``resume_from_checkpoint`` (from the folder it names), so the
-resumed run trains as the uninterrupted one would.
+resumed run trains as the uninterrupted one would. Several penalties in one trainer each take a ``name``, which
+prefixes their files (``name="head"``: ``head_torchfim_penalty-<process index>.pt``); two with the same name would
+save into one file and load the same state back: training refuses to begin with them.
 
 transformers hands callbacks no checkpoint path: both callbacks read it, when training begins at a step past 0,
 from the ``resume_from_checkpoint`` of the ``Trainer``'s training loop (``Trainer._inner_training_loop``); where
@@ -100,9 +102,7 @@ class FisherTraceCallback(TrainerCallback):
 
     def __init__(self, inputs: Inputs, every: int = 50, csv_path: str | os.PathLike | None = None,
                  trainer: Trainer | None = None, name: str | None = None, **options: object) -> None:
-        if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", name)):
-            raise TorchfimError(f"FisherTraceCallback's name prefixes its file names and log keys: it must be letters, "
-                                f"digits, '_', '-' or '.', e.g. name='val', got {name!r:.80}")
+        _check_name("FisherTraceCallback", "file names and log keys", "val", name)
         if trainer is not None and not isinstance(trainer, Trainer):
             raise TorchfimError(f"FisherTraceCallback's trainer must be the transformers Trainer it is added to (its "
                                 f"records go through trainer.log), got {trainer!r:.80}")
@@ -205,21 +205,30 @@ class FisherPenaltyCallback(TrainerCallback):
     loaded on ``resume_from_checkpoint`` (see the module docstring); the penalty itself goes into
     ``compute_loss``.
 
+    Args:
+        penalty: the penalty whose state it keeps.
+        name: letters, digits, ``_``, ``-`` or ``.`` that prefix its state file, one name per penalty of a trainer
+            (None: no prefix, ``torchfim_penalty-<process index>.pt``; ``name="head"``:
+            ``head_torchfim_penalty-<process index>.pt``). Two callbacks of one trainer with other penalties and the
+            same name would save into one file and load the same state back: training refuses to begin with them.
+
     Example:
         >>> pen = FisherPenalty(model, alpha=0.01, every=10)  # doctest: +SKIP
         >>> trainer = PenalisedTrainer(model, args, train_dataset=data,  # doctest: +SKIP
         ...                            callbacks=[FisherPenaltyCallback(pen)])
     """
 
-    def __init__(self, penalty: FisherPenalty) -> None:
+    def __init__(self, penalty: FisherPenalty, name: str | None = None) -> None:
         if not isinstance(penalty, FisherPenalty):
             raise TorchfimError(f"FisherPenaltyCallback takes a FisherPenalty, got {type(penalty).__name__}")
-        self.penalty = penalty
+        _check_name("FisherPenaltyCallback", "state file", "head", name)
+        self.penalty, self.name = penalty, name
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self._check_alone(_training_loop()[0], args)
         if state.global_step == 0:
             return
-        saved = _resumed_from(args, state.global_step) / _penalty_file(args)
+        saved = _resumed_from(args, state.global_step) / self._file(args)
         if saved.is_file():
             self.penalty.load_state_dict(torch.load(saved, weights_only=True))
         else:
@@ -227,7 +236,24 @@ class FisherPenaltyCallback(TrainerCallback):
                       f"({saved} is missing): its labels and cached gradient start afresh there")
 
     def on_save(self, args, state, control, **kwargs) -> None:
-        _save_into(_checkpoint(args, state.global_step), _penalty_file(args), self.penalty)
+        _save_into(_checkpoint(args, state.global_step), self._file(args), self.penalty)
+
+    def _file(self, args) -> str:
+        """The state file's name: the name chosen, not the callback's place among the trainer's, which a resumed run
+        may add in another order (two penalties of one model would load each other's cached gradient silently)."""
+        return ("" if self.name is None else f"{self.name}_") + f"torchfim_penalty-{args.process_index}.pt"
+
+    def _check_alone(self, trainer: Trainer | None, args) -> None:
+        """Refuse another FisherPenaltyCallback of ``trainer`` (None: not known) with this one's name and another
+        penalty (the same penalty twice saves one state twice)."""
+        for other in [] if trainer is None else trainer.callback_handler.callbacks:
+            if isinstance(other, FisherPenaltyCallback) and other.penalty is not self.penalty and other.name == self.name:
+                raise TorchfimError(
+                    f"two FisherPenaltyCallbacks of one Trainer keep other penalties under name={self.name!r}: both "
+                    f"would save {self._file(args)} into each checkpoint, over each other's, and load the same state "
+                    "on resuming; give each its own name, e.g. FisherPenaltyCallback(pen_body, name='body') and "
+                    "FisherPenaltyCallback(pen_head, name='head')"
+                )
 
 
 #: The monitor's arguments a callback takes in ``**options`` (the others it sets itself; ``across_processes``
@@ -247,6 +273,13 @@ def _check_monitor_options(inputs: Inputs, every: object, options: dict[str, obj
     subset = check_window_options(options.get("subset"), options.get("control_variate", False))
     held = sum(b.size for b in hold(inputs))
     check_window(held if subset is None else min(subset, held), bool(options.get("control_variate", False)))
+
+
+def _check_name(owner: str, prefixes: str, example: str, name: object) -> None:
+    """Refuse a callback's ``name`` that is not None nor letters, digits, ``_``, ``-`` or ``.``."""
+    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", name)):
+        raise TorchfimError(f"{owner}'s name prefixes its {prefixes}: it must be letters, digits, '_', '-' or '.', "
+                            f"e.g. name={example!r}, got {name!r:.80}")
 
 
 def _remove_earlier_records(path: Path) -> None:
@@ -269,10 +302,6 @@ def _save_into(folder: Path, name: str, tool: FisherTraceMonitor | FisherPenalty
     if folder.is_dir():
         state_dict = tool.state_dict()
         atomic_write(folder / name, lambda f: torch.save(state_dict, f), binary=True)
-
-
-def _penalty_file(args) -> str:
-    return f"torchfim_penalty-{args.process_index}.pt"
 
 
 def _checkpoint(args, step: int) -> Path:
