@@ -224,6 +224,10 @@ def test_two_callbacks_with_one_name_or_csv_file_are_refused_before_training(tmp
     with pytest.raises(TorchfimError, match=r"write the same CSV file .*trace.csv, over each other's rows; give each "
                                             r"its own csv_path"):
         _train_pair(tmp_path / "same", csv_path=(tmp_path / "trace.csv",) * 2)
+    # one TensorBoard folder: TensorBoard drew both under fisher/trace as one zig-zag curve
+    with pytest.raises(TorchfimError, match=r"log to the same tensorboard_dir .*tb, both under the tag fisher/trace"):
+        _train_pair(tmp_path / "same", tensorboard_dir=(tmp_path / "tb", str(tmp_path / "tb")))
+    assert not (tmp_path / "tb").exists()
     with pytest.raises(TorchfimError, match=r"must be letters, digits, '_', '-' or '.', e.g. name='val', got 'a/b'"):
         FisherTraceCallback(HELD, name="a/b")
     twice = FisherTraceCallback(HELD)  # one instance added twice logged each record twice (a review)

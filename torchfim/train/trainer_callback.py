@@ -19,8 +19,8 @@ writes the CSV file, and each saves its own state (``torchfim_monitor-<process i
 Several callbacks in one trainer (Tr(F) on training inputs and on validation inputs) each take a ``name``, which
 prefixes their files and log keys: ``name="val"`` writes ``val_fisher_trace.csv`` and
 ``val_torchfim_monitor.pt`` (``val_torchfim_monitor-<process index>.pt``) and logs ``val_fisher_trace``. Two of one
-trainer with the same name, or the same CSV file, would write over each other's records and states: training
-refuses to begin with them.
+trainer with the same name, the same CSV file or the same ``tensorboard_dir`` would write over each other's records
+and states: training refuses to begin with them.
 
 A callback does not see the trainer, so its records reach the trainer's own logs (``state.log_history``, saved in
 each checkpoint's ``trainer_state.json``, and every ``report_to`` integration: TensorBoard, Weights & Biases,
@@ -151,8 +151,8 @@ class FisherTraceCallback(TrainerCallback):
         return Path(args.output_dir) / (self._prefix + CSV_NAME) if self.csv_path is None else Path(self.csv_path)
 
     def _check_alone(self, trainer: Trainer | None, args) -> None:
-        """Refuse another FisherTraceCallback of ``trainer`` (None: not known) with this one's name or CSV file, and
-        this one added twice (it would measure, and log each record, twice a step)."""
+        """Refuse another FisherTraceCallback of ``trainer`` (None: not known) with this one's name, CSV file or
+        TensorBoard folder, and this one added twice (it would measure, and log each record, twice a step)."""
         callbacks = [] if trainer is None else trainer.callback_handler.callbacks
         if sum(other is self for other in callbacks) > 1:
             raise TorchfimError("this FisherTraceCallback is added to the Trainer twice (callbacks=[...] and "
@@ -171,6 +171,13 @@ class FisherTraceCallback(TrainerCallback):
                 raise TorchfimError(
                     f"two FisherTraceCallbacks of one Trainer write the same CSV file {self._csv_file(args)}, over each "
                     "other's rows; give each its own csv_path, or leave csv_path out (each name has its own file)"
+                )
+            logs = [callback.options.get("tensorboard_dir") for callback in (self, other)]
+            if None not in logs and os.path.abspath(logs[0]) == os.path.abspath(logs[1]):
+                raise TorchfimError(
+                    f"two FisherTraceCallbacks of one Trainer log to the same tensorboard_dir {logs[0]}, both under the "
+                    "tag fisher/trace, which TensorBoard draws as one zig-zag curve of both; give each its own "
+                    "tensorboard_dir"
                 )
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
