@@ -18,6 +18,7 @@ from torch import nn
 import torchfim
 from torchfim import cli
 from torchfim.train import FisherTraceMonitor, plot_trace, read_trace_csv
+from torchfim.train.monitor import COLUMNS
 
 
 def _run(tmp_path, name: str, lr: float, **options) -> FisherTraceMonitor:
@@ -235,6 +236,9 @@ def test_an_empty_run_is_refused_and_one_record_gets_an_error_bar(tmp_path) -> N
                              generator=torch.Generator().manual_seed(0))
     with pytest.raises(torchfim.TorchfimError, match="'idle' holds no record; plot once the monitor has measured"):
         plot_trace({"idle": mon})
+    (tmp_path / "header.csv").write_text(",".join(COLUMNS) + "\n")  # named by its path, as the command line names it
+    with pytest.raises(torchfim.TorchfimError, match=f"{str(tmp_path / 'header.csv')!r} holds no record"):
+        plot_trace(tmp_path / "header.csv")
     record = mon.measure(0)
     ax = plot_trace(mon, band=2).axes[0]
     (bar,) = [c for c in ax.collections if c.get_segments()]

@@ -114,7 +114,7 @@ def plot_trace(runs: Run | Mapping[str, Run], *, band: float = 2.0, log: bool | 
         raise TorchfimError("plot_trace got no run (an empty dict); pass a monitor, its records or its CSV file, "
                             "or a dict {label: run} with at least one")
     records = {label: _records(run) for label, run in named.items()}
-    empty = [("the run" if label is None else repr(label)) for label, recs in records.items() if not recs]
+    empty = [_named(label, named[label]) for label, recs in records.items() if not recs]
     if empty:  # an empty figure said nothing of why
         raise TorchfimError(f"plot_trace: {', '.join(empty)} holds no record; plot once the monitor has measured "
                             "(mon.step(step) at a multiple of every, or mon.measure(step))")
@@ -158,6 +158,13 @@ def _warn_non_finite(label: str | None, records: list[TraceRecord]) -> None:
         warn_user(f"torchfim: {run}{len(steps)} record(s) with a non-finite Tr(F) or standard error (step {shown}; a "
                   "measurement of a diverged model?): their points, or where only the standard error is not finite "
                   "their band, are left out of the figure")
+
+
+def _named(label: str | None, run: Run) -> str:
+    """How an error names a run: by its label, else by its CSV file's path (what the command line names)."""
+    if label is not None:
+        return repr(label)
+    return repr(str(run)) if isinstance(run, (str, os.PathLike)) else "the run"
 
 
 def _records(run: Run) -> list[TraceRecord]:
