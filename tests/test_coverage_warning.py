@@ -69,10 +69,23 @@ class _TiedOutside(nn.Module):
         return nn.functional.linear(torch.tanh(self.mix(self.embed(tokens))), self.embed.weight)
 
 
+class _ReadOutsideOnSquareRows(nn.Module):
+    """A Linear on ``(B, T, d)`` whose weight the forward also reads directly: with ``B = T`` its rows read either
+    way, and it misses read as they came (a first try read them sequence first, then recursed without end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(3, 3), nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((torch.tanh(self.lin(x)) @ self.lin.weight).mean(1))
+
+
 @pytest.mark.parametrize(
     ("build", "inputs", "moved", "cause"),
-    [(_TiedOutside, lambda: torch.randint(0, 7, (5, 3)), "embed.weight", "outside")],
-    ids=["used-outside-its-module"],
+    [(_TiedOutside, lambda: torch.randint(0, 7, (5, 3)), "embed.weight", "outside"),
+     (_ReadOutsideOnSquareRows, lambda: torch.randn(2, 2, 3, dtype=torch.float64), "lin.weight", "outside")],
+    ids=["used-outside-its-module", "read-outside-on-rows-read-either-way"],
 )
 def test_the_moved_parameter_is_named_with_its_likely_cause_and_stays_exact(build, inputs, moved: str,
                                                                            cause: str) -> None:

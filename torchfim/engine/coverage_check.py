@@ -271,6 +271,7 @@ class CoverageCheck:
             return True  # its rows were not sample by sample (a sequence-first batch flattened): record them as they come
         if self._reject_layouts([call for rule, call in rec.calls
                                  if reads_either_way(call) and rule.reads_regrouped_rows
+                                 and None not in self.wrong_layouts.get(call.module, ())
                                  and set(misses) & set(rule.params.values())]):
             return True  # as many positions as inputs, read batch first: a sequence-first module's, read so next
         if self._loop_wrongly_batched(rec, v, set(misses)):
