@@ -234,12 +234,12 @@ def test_progress_counts_the_columns_of_a_long_exact_fisher(monkeypatch: pytest.
     # The bar ends full: its total is the C − 1 vectors of each position that some input observes.
     ends = []
 
-    class Bar(estimators.tqdm):
+    class Bar(estimators.ProgressBar):
         def close(self) -> None:
             ends.append((self.n, self.total))
             super().close()
 
-    monkeypatch.setattr(estimators, "tqdm", Bar)
+    monkeypatch.setattr(estimators, "ProgressBar", Bar)
     monkeypatch.setattr(estimators, "COLUMN_BAR_S", -1.0)
     torchfim.fisher(res["model"], res["x"], structure="diag", progress=True, **_kwargs(case, res))
     total = int(res["mask"].any(0).sum()) * (res["model"](res["x"]).shape[-1] - 1)
@@ -258,7 +258,7 @@ def test_the_bar_counts_inputs_and_knows_their_number(monkeypatch: pytest.Monkey
 
     ends, steps = [], []
 
-    class Bar(loop.tqdm):
+    class Bar(loop.ProgressBar):
         def update(self, n: int = 1) -> None:
             steps.append(n)
             super().update(n)
@@ -268,7 +268,7 @@ def test_the_bar_counts_inputs_and_knows_their_number(monkeypatch: pytest.Monkey
                 ends.append((self.n, self.total))
             super().close()
 
-    monkeypatch.setattr(loop, "tqdm", Bar)
+    monkeypatch.setattr(loop, "ProgressBar", Bar)
     model, x = tanh_mlp(3), mlp_inputs(12)
     for inputs, total in ((DataLoader(x, batch_size=4), 12), ([x[:5], x[5:]], 12), ((x[:5], x[5:]), 12), (x, 12),
                           ((b for b in [x]), None), (DataLoader(x, batch_size=5, drop_last=True), None)):

@@ -80,8 +80,12 @@ def test_interrupted_then_resumed_gives_the_same_results(reference, tmp_path):
     assert len(list((out / "runs").glob("*.json"))) == 4
     assert not (out / "results.json").exists()
     _no_partial_files(out)
-    # without --resume the finished runs are not silently overwritten
-    assert cli.main(["explosion", "--tiny", "--out", str(out), "--no-progress", "--master-seed", "3"]) == 2
+    # the API's resume=False refuses the finished runs; the same command goes on from them, all of this code's
+    # (before: refused, naming --resume)
+    with pytest.raises(TorchfimError, match="already holds 4 finished runs; pass --resume"):
+        E.run(out, TINY, master_seed=3, progress=False)
+    assert cli.main(["explosion", "--tiny", "--out", str(out), "--no-progress", "--master-seed", "3", "--max-runs", "1"]) == 0
+    assert len(list((out / "runs").glob("*.json"))) == 5
     # a KeyboardInterrupt raised in the middle of the study keeps the files written before it
     seen: list[str] = []
 
@@ -92,9 +96,9 @@ def test_interrupted_then_resumed_gives_the_same_results(reference, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         E.run(out, TINY, master_seed=3, resume=True, progress=False, on_run=interrupt)
-    assert len(list((out / "runs").glob("*.json"))) == 7
+    assert len(list((out / "runs").glob("*.json"))) == 8
     _no_partial_files(out)
-    assert cli.main(["explosion", "--tiny", "--out", str(out), "--no-progress", "--master-seed", "3", "--resume"]) == 0
+    assert cli.main(["explosion", "--tiny", "--out", str(out), "--no-progress", "--master-seed", "3"]) == 0
     _no_partial_files(out)
     got = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert got == expected
@@ -168,10 +172,11 @@ def test_more_seeds_reuse_the_finished_runs(reference, tmp_path):
         assert res["runs"][run_id] == run
 
 
-def test_resuming_on_run_files_of_other_code_is_named(reference, tmp_path):
-    """Every run file records the code that made it (torch's version, a hash of torchfim's source). A study resumed
-    with other code names how many of its run files another code made; run files of this code, or a rebuild that adds
-    no run, say nothing."""
+def test_resuming_on_run_files_of_other_code_is_named(reference, tmp_path, capsys):
+    """Every run file records the code that made it (torch's version, a hash of torchfim's source). The same command
+    run again does not go on from run files of other code, naming them and --resume; a study resumed with other code
+    names how many of its run files another code made; run files of this code, or a rebuild that adds no run, say
+    nothing."""
     import warnings
 
     import torch
@@ -192,6 +197,13 @@ def test_resuming_on_run_files_of_other_code_is_named(reference, tmp_path):
             del record["code"]
         (fresh / "runs" / p.name).write_text(json.dumps(record))
     more = replace(TINY, n_seeds=3)
+    before = {p.name: p.read_bytes() for p in (fresh / "runs").iterdir()}
+    argv = ["reproduce", "explosion", "--tiny", "--seeds", "3", "--out", str(fresh), "--no-progress", "--master-seed", "3"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"already holds {len(files)} finished runs, and 2 of the {len(files)} run files were made by other code" in err
+    assert "pass --resume to finish that study" in err
+    assert {p.name: p.read_bytes() for p in (fresh / "runs").iterdir()} == before
     with pytest.warns(RuntimeWarning, match=rf"2 of the {len(files)} run files were made by other code: torch 0\.0\.1 "
                                             rf"\(now {re.escape(torch.__version__)}\) and another torchfim source"):
         E.run(fresh, more, master_seed=3, resume=True, progress=False)
@@ -351,7 +363,8 @@ def test_an_interruption_says_what_was_kept(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     monkeypatch.setattr(command, "run", interrupted)
     assert cli.main([*argv, "--resume"]) == 130
-    assert "the 2 finished run(s) are kept in" in capsys.readouterr().err
+    assert "the 2 finished runs are kept in" in (err := capsys.readouterr().err)
+    assert "run the same command again to go on from them" in err and "--resume" not in err
 
 
 def test_a_tuned_value_at_the_edge_of_its_grid_is_a_caveat():

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from torchfim.report import figures as report_figures
 from torchfim.report import kept_steps
 from torchfim.report import settings as report_settings
 from torchfim.report.publish import PUBLISHING
+from torchfim.report.wording import on_command_line
 from torchfim.toy import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -464,7 +466,7 @@ def test_a_model_whose_closed_forms_would_not_fit_is_refused_before_computing(mo
         monkeypatch.setattr(_memory, "available_bytes", lambda device, free=free: free)
         with pytest.raises(TorchfimError, match=rf"beyond the full report's reach.*all 10,000 output numbers of "
                                                 rf"an input together, about 1\.49 GiB per input with {shown} GiB.*"
-                                                r"--mode score-only"):
+                                                r"pass score_only=True \(or score_only=None"):
             report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only=False)
     assert not called
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 8 * 2**30)
@@ -853,10 +855,13 @@ def test_a_max_block_whose_block_would_not_fit_is_refused_before_any_work(monkey
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     monkeypatch.setattr(compute, "fits_in_memory", lambda n, dtype, device: (n <= 15**2, n * 16 / 2**30, 1.0))
     monkeypatch.setattr(compute, "measure_trace", lambda *a, **k: pytest.fail("measured before the refusal"))
-    with pytest.raises(TorchfimError, match=r"--max-block 1,000 \(max_block=\) lets in layer '0.weight' of 20 "
-                                            r"parameters.*pass a --max-block below 20"):
-        report_mod.compute_report(model, report_mod.Data(torch.randn(8, 4), None, "test"), max_block=1000,
-                                  progress=False, score_only=False)
+    for words, (said, other) in ((on_command_line, ("--max-block", "max_block=")), (nullcontext, ("max_block", "--"))):
+        # the command line's flag or the API's keyword, not both (before: "--max-block 1,000 (max_block=)")
+        with pytest.raises(TorchfimError, match=rf"^{said}[ =]1000 lets in layer '0.weight' of 20 parameters.*pass a "
+                                                rf"{said} below 20") as refused, words():
+            report_mod.compute_report(model, report_mod.Data(torch.randn(8, 4), None, "test"), max_block=1000,
+                                      progress=False, score_only=False)
+        assert other not in str(refused.value)
 
 
 def test_data_mistakes_are_named_as_the_library_names_them():

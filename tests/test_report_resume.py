@@ -110,7 +110,8 @@ def test_an_interrupted_report_goes_on_where_it_stopped(tmp_path, monkeypatch, s
 
     got = _report(model, data, tmp_path / "r", score_only=score_only)
     assert got["resumed_steps"] == finished
-    assert f"{finished} step(s) were read back from an interrupted run" in (tmp_path / "r" / "report.md").read_text()
+    said = f"the time of {finished} step{'' if finished == 1 else 's'} read back from an interrupted run"
+    assert said in (tmp_path / "r" / "report.md").read_text()
     assert _numbers(tmp_path / "r") == _numbers(tmp_path / "whole")
     assert not (tmp_path / "r" / kept_steps.FOLDER).exists()
 

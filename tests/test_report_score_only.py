@@ -26,6 +26,7 @@ from torchfim import report as report_mod
 from torchfim.errors import TorchfimError
 from torchfim.report import settings as report_settings
 from torchfim.report.cost import full_report_work
+from torchfim.report.wording import on_command_line
 from torchfim.score_norms import squared_score_norms
 
 
@@ -87,15 +88,16 @@ def test_score_only_when_asked_for_and_its_files(tmp_path, capsys):
     assert "k10% = labels per input for a 10% relative standard error (one σ) of Tr(F)." in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.json", "report.md", "trace_score_only.png"]
     R = json.loads((out / "report.json").read_text())
-    assert R["mode"] == "score_only" and R["n_samples"] == 3 and R["mode_reason"].startswith("asked for")
+    assert R["mode"] == "score_only" and R["n_samples"] == 3 and R["mode_reason"] == "asked for (--mode score-only)"
     assert "--mode score-only" in R["command"]
+    assert "Score only: asked for (--mode score-only)." in printed  # before: (score_only=True, --mode score-only)
     text = (out / "report.md").read_text()
     assert "# torchfim report (score only)" in text and "](trace_score_only.png)" in text
     assert f"**Tr(F) ≈ {float(R['trace']['trace_score_estimate']):.4g} ±" in text
     assert "Labels per input for a 10% relative standard error (one σ: s.e. ≤ 10% of Tr(F)): " in text
     assert "| k for 10% rel. s.e. |" in text and "relative error" not in text + printed
     # asked for, its notes advise no smaller data or more memory (a CLI trial), only the mode that gives the rest
-    assert "more memory" not in text and "`--mode full` (or the default" in text
+    assert "more memory" not in text and "`--mode full` (or the default" in text and "score_only=" not in text
     assert cli.main([*base, "--max-block", "0", "--variance-inputs", "16"]) == 0
     assert "trace_score_only.png" not in {p.name for p in out.iterdir()}
     assert json.loads((out / "report.json").read_text())["trace"]["exact"] > 0
@@ -135,7 +137,8 @@ def test_a_real_vocabulary_language_model_gets_the_score_only_report():
 def test_full_mode_refuses_what_does_not_fit_with_the_fix(monkeypatch):
     model, X, _ = _wide_model()
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
-    with pytest.raises(TorchfimError, match=r"leave score_only=None \(--mode auto\) or pass True"):
+    with pytest.raises(TorchfimError, match=r"for the score-only report pass score_only=True \(or score_only=None, "
+                                            r"which chooses it here\)"):
         report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only=False)
     with pytest.raises(TorchfimError, match="score_only must be None"):
         report_mod.compute_report(model, report_mod.Data(X, None, "test"), progress=False, score_only="yes")
@@ -152,7 +155,11 @@ def test_a_full_report_over_its_time_budget_falls_back_unless_asked_for(monkeypa
     R = report_mod.compute_report(model, data, progress=False, max_block=0)
     assert R["mode"] == "score_only"
     assert re.search(r"the full report would take about [\d,]+ min here, more than its budget of 0: over the 16 "
-                     r"inputs it pulls back about 3 output vectors per input.*--mode full", R["mode_reason"])
+                     r"inputs it pulls back about 3 output vectors per input.*pass score_only=False to compute it",
+                     R["mode_reason"])
+    with on_command_line():  # the command line's words alone (before: "score_only=False (--mode full)" for both)
+        R = report_mod.compute_report(model, data, progress=False, max_block=0)
+    assert "pass --mode full to compute it anyway" in R["mode_reason"] and "score_only" not in R["mode_reason"]
     assert report_mod.compute_report(model, data, progress=False, max_block=0, score_only=False)["mode"] == "full"
 
 

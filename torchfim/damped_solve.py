@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._identity import identity_like
+from ._words import a_or_an
 from .errors import TorchfimError, real_number
 from .layout import Layout
 
@@ -97,7 +98,7 @@ def check_damping(damping: object) -> float:
         kind = "tensor" if isinstance(damping, Tensor) else "array" if hasattr(damping, "shape") else \
             type(damping).__name__
         raise TorchfimError(
-            f"damping is one number λ (A + λI), got a {kind} of shape {shape}; for a prior "
+            f"damping is one number λ (A + λI), got {a_or_an(kind)} of shape {shape}; for a prior "
             "precision per parameter, add it to the matrix yourself: as_structure(result + torch.diag(prior), model) "
             "for a full result, result + prior for a diagonal one, each block plus its part for blocks, then damping=0"
         )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from . import toy
+from ._words import counted
 from .cli.types import layer_widths, positive_float, positive_int, seed_int, thread_count
 
 __all__ = ["run_demo", "format_table", "ESTIMATORS", "EPOCHS", "HELP", "add_arguments", "main"]
@@ -77,8 +78,8 @@ def run_demo(
     ``epochs`` epochs of Adam, or stops at the first epoch end past ``seconds``. ``seed`` fixes the
     initialisation, the mini-batch order and the labels that ``score`` and ``hessian`` draw
     (each estimator gets a fresh ``torch.Generator`` seeded from it). ``out`` receives the printed
-    lines (``None`` prints nothing); ``progress`` shows a tqdm bar on stderr. ``threads`` sets
-    torch's intra-op threads for the run (restored after; ``None`` leaves them): the demo's tensors
+    lines (``None`` prints nothing); ``progress`` shows a progress bar on stderr (where that is not a terminal, a
+    line every half minute and one at the end: :mod:`torchfim._progress`). ``threads`` sets torch's intra-op threads for the run (restored after; ``None`` leaves them): the demo's tensors
     are small; on an idle 2-core machine two threads were ~30% faster than one, on a busy one
     (other processes on both cores) 3-10x slower, so one is the default.
 
@@ -109,13 +110,12 @@ def run_demo(
 
 
 def _run_demo(seconds, seed, n_samples, out, epochs, hidden, progress) -> dict:
-    from tqdm.auto import tqdm
-
+    from ._progress import ProgressBar
     from .datasets import load_digits
 
     X, y = load_digits()
     model = toy.mlp(X.shape[1], hidden, 10, seed=seed)
-    bar = tqdm(total=epochs + len(ESTIMATORS), disable=not progress, leave=False, unit="step")
+    bar = ProgressBar(total=epochs + len(ESTIMATORS), disable=not progress, leave=False, unit="step")
     try:
         training = _train(model, X, y, epochs, seconds, seed, bar)
         rows, diags = _estimate(model, X, y, n_samples, seed, bar)
@@ -126,13 +126,13 @@ def _run_demo(seconds, seed, n_samples, out, epochs, hidden, progress) -> dict:
     emit = out if out is not None else (lambda _line: None)
     stop = " (stopped by the time limit)" if training["stopped_by_time"] else ""
     emit(
-        f"MLP {'-'.join(map(str, (X.shape[1], *hidden, 10)))} (tanh), {n_params} parameters, trained "
-        f"{training['epochs']} epochs in {training['seconds']:.1f} s{stop}: "
+        f"MLP {'-'.join(map(str, (X.shape[1], *hidden, 10)))} (tanh), {counted(n_params, 'parameter')}, trained "
+        f"{counted(training['epochs'], 'epoch')} in {training['seconds']:.1f} s{stop}: "
         f"train loss {training['loss']:.3g}, accuracy {100 * training['accuracy']:.1f}%"
     )
     emit(
         f"Fisher information on all {X.shape[0]} digits (mean over inputs); score and hessian "
-        f"draw {n_samples} label(s) per input from the model (seed {seed}), empirical uses the "
+        f"draw {counted(n_samples, 'label')} per input from the model (seed {seed}), empirical uses the "
         f"true labels."
     )
     emit("")

@@ -16,8 +16,8 @@ import time
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ._progress import ProgressBar
 from .engine import Backend, Recording
 from .engine.backend import second_order_support
 from .engine.labels import ignored_labels
@@ -113,7 +113,7 @@ class _ColumnPace:
         self.width, self.shape, self.progress = width, shape, progress
         self.done, self.first, self.start = 0, 0, 0.0
         self.warned = False
-        self.bar: tqdm | None = None
+        self.bar: ProgressBar | None = None
 
     def advance(self, columns: int) -> None:
         self.done += columns
@@ -126,7 +126,7 @@ class _ColumnPace:
             return
         left = (time.perf_counter() - self.start) / (self.done - self.first) * (self.width - self.done)
         if self.progress and self.bar is None and left > COLUMN_BAR_S:
-            self.bar = tqdm(total=self.width, initial=self.done, desc="output vectors", unit="vector", leave=False)
+            self.bar = ProgressBar(total=self.width, initial=self.done, desc="output vectors", unit="vector", leave=False)
         if not self.warned and left > LONG_EXACT_S:
             self.warned = True
             warn_user(

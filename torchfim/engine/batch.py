@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .._batches import Inputs, iter_batches
+from .._words import a_or_an
 from ..errors import TorchfimError, warn_user
 from .function_forwards import function_forwards
 from .labels import ModelLabels
@@ -180,7 +181,7 @@ def _refuse_outputs(x: Mapping) -> None:
     inputs: called as ``model(**outputs)``, it failed inside the model with a message about its inputs."""
     if "logits" in x or (type(x).__module__.startswith("transformers") and type(x).__name__.endswith("Output")):
         raise TorchfimError(
-            f"the mini-batch is a {type(x).__name__} with keys {sorted(x)}: it looks like a model's outputs, not its "
+            f"the mini-batch is {a_or_an(type(x).__name__)} with keys {sorted(x)}: it looks like a model's outputs, not its "
             "inputs; pass the batch the model is called on (e.g. {'input_ids': ..., 'attention_mask': ...}), as "
             "torchfim runs the model itself"
         )

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from tqdm.auto import tqdm
 
+from .._progress import ProgressBar
 from ..errors import warn_user
 from .batch import Batch
 from .view import ModelView
@@ -104,7 +104,7 @@ class DirectionSweep:
         step = direction_chunk(self.view, batch, extra)
         total = sum(span.stop - span.start for _, span in spans)
         chunk = 0
-        with tqdm(total=total, desc=what, unit="param", leave=False, disable=not self.progress or not total) as bar:
+        with ProgressBar(total=total, desc=what, unit="param", leave=False, disable=not self.progress or not total) as bar:
             for key, span in spans:
                 for first in range(span.start, span.stop, step):
                     columns = torch.arange(first, min(span.stop, first + step), device=self.view.layout.device)

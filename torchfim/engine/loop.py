@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-from tqdm.auto import tqdm
 
+from .._progress import ProgressBar
 from ..errors import TorchfimError, all_finite
 from ..families import Family
 from .backend import Backend, Recording
@@ -94,7 +94,7 @@ def run(
     """
     checked = 0
     versions = view.versions()
-    with tqdm(desc=desc, unit="input", total=total, disable=not progress) as bar:
+    with ProgressBar(desc=desc, unit="input", total=total, disable=not progress) as bar:
         for index, batch in enumerate(batches):
             _check_finite_inputs(batch, index)
             view.check_call(batch)

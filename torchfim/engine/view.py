@@ -24,6 +24,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
+from .._words import a_or_an
 from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family
 from ..families.positions import is_position_mask
@@ -271,7 +272,7 @@ class ModelView:
         out = read_logits(raw)
         if not isinstance(out, Tensor):
             raise TorchfimError(
-                f"{what} returned a {type(raw).__name__}{tensor_fields(raw)}, not a tensor of outputs; pass "
+                f"{what} returned {a_or_an(type(raw).__name__)}{tensor_fields(raw)}, not a tensor of outputs; pass "
                 f"{output_hint(raw)} (or whichever field holds the outputs), or wrap the model in a module that "
                 "returns one tensor"
             )

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._words import a_or_an
 from ..errors import TorchfimError
 
 #: A mean or covariance: a function of θ, or a fixed tensor that does not depend on θ.
@@ -163,4 +164,4 @@ def _function_or_none(value: object, what: str) -> Callable[[Tensor], Tensor] | 
 def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
+    return a_or_an(type(value).__name__)

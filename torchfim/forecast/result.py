@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._words import a_or_an
 from ..errors import TorchfimError
 from ._model import as_theta, parameter_names
 from .ellipse import ONE_SIGMA, TWO_SIGMA, draw_ellipses
@@ -242,4 +243,4 @@ def _copies(value: object) -> float | None:
 def _describe(value: object) -> str:
     shape = tuple(getattr(value, "shape", ()))
     dtype = getattr(value, "dtype", type(value).__name__)
-    return f"a {type(value).__name__} of shape {shape} and dtype {dtype}" if shape else f"a {dtype} value {value!r}"
+    return f"{a_or_an(type(value).__name__)} of shape {shape} and dtype {dtype}" if shape else f"{a_or_an(dtype)} value {value!r}"

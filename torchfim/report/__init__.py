@@ -70,6 +70,7 @@ and :mod:`~torchfim.report.compute` (the numbers), :mod:`~torchfim.report.figure
 :mod:`~torchfim.report.markdown` and :mod:`~torchfim.report.terminal` (rendering), :mod:`~torchfim.report.cost` (the time estimate), :mod:`~torchfim.report.score_only`
 and :mod:`~torchfim.report.score_only_render` (the score-only report),
 :mod:`~torchfim.report.publish` (writing), :mod:`~torchfim.report.kept_steps` (the finished steps, kept),
+:mod:`~torchfim.report.wording` (its options named as the command line's flags or the API's keywords),
 :mod:`~torchfim.report.run` (all of it) and
 :mod:`~torchfim.report.command` (the command line).
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._words import a_or_an, counted
 from ..engine.batch import make_batch
 from ..engine.labels import ModelLabels, is_encoder_decoder
 from ..errors import TorchfimError
@@ -162,7 +163,7 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
         raise _could_not_run(model, data, exc) from exc
     if not isinstance(o, Tensor):
         raise TorchfimError(
-            f"the model returned a {type(o).__name__}, not a tensor (nor an object with .logits); make "
+            f"the model returned {a_or_an(type(o).__name__)}, not a tensor (nor an object with .logits); make "
             "forward return one (batch, outputs) tensor"
         )
     _check_rows(o, data)
@@ -196,8 +197,9 @@ def _could_not_run(model: nn.Module, data: Data, exc: Exception) -> TorchfimErro
     batch = Batch((), x, data.n) if isinstance(x, dict) else Batch((x,), {}, data.n)
     first = next(p for p in model.parameters() if p.requires_grad)
     shape = data.input_shape()
-    what = (f"{data.n} inputs, each one number (a 1-D tensor of {data.n} values: the first dimension is the batch)"
-            if shape == [] else f"{data.n} inputs of shape {tuple(shape) if isinstance(shape, list) else shape}")
+    what = (f"{counted(data.n, 'input')}, each one number (a 1-D tensor of {counted(data.n, 'value')}: the first "
+            "dimension is the batch)" if shape == []
+            else f"{counted(data.n, 'input')} of shape {tuple(shape) if isinstance(shape, list) else shape}")
     known = forward_error(batch, first.dtype, exc)
     if isinstance(known, TorchfimError):
         return TorchfimError(f"--data gave {what}, and {known} (in the --data factory)")

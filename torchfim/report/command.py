@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import toy
+from .._words import a_or_an
 from ..cli.types import layer_widths, nonnegative_int, positive_float, positive_int, seed_int, thread_count
 from ..errors import TorchfimError
 from .data import as_data
@@ -24,6 +25,7 @@ from .settings import (
     MIN_AUTO_VARIANCE_INPUTS,
     MODES,
 )
+from .wording import on_command_line
 
 __all__ = ["HELP", "add_arguments", "main"]
 
@@ -149,20 +151,21 @@ def main(args: argparse.Namespace) -> int:
         model = call_factory(load_factory(args.model, "--model"), args.model, "--model")
         if not isinstance(model, nn.Module):
             raise TorchfimError(
-                f"--model {args.model}: the factory returned a {type(model).__name__}, not a "
+                f"--model {args.model}: the factory returned {a_or_an(type(model).__name__)}, not a "
                 "torch.nn.Module; return the model"
             )
     if args.data is not None:
         raw = call_factory(load_factory(args.data, "--data"), args.data, "--data")
         data = as_data(raw, f"{args.data}()", "--data")
     threads = args.threads if args.threads is not None else (1 if args.model is None else None)
-    run_report(
-        model, data, family=args.family if args.sigma is None else Gaussian(sigma=args.sigma), out=args.out, checkpoint=args.checkpoint,
-        n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
-        seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
-        progress=not args.no_progress, command=lambda results: _command(args, results.get("unused_options", ())), mask=args.mask, class_dim=args.class_dim,
-        score_only=MODES[args.mode], resume=not args.no_resume,
-        model_source=None if args.model is None else f"{args.model}()"
-        + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
-    )
+    with on_command_line():  # its messages then name these flags, not run_report's keywords
+        run_report(
+            model, data, family=args.family if args.sigma is None else Gaussian(sigma=args.sigma), out=args.out, checkpoint=args.checkpoint,
+            n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
+            seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
+            progress=not args.no_progress, command=lambda results: _command(args, results.get("unused_options", ())), mask=args.mask, class_dim=args.class_dim,
+            score_only=MODES[args.mode], resume=not args.no_resume,
+            model_source=None if args.model is None else f"{args.model}()"
+            + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
+        )
     return 0

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._memory import fits_in_memory
+from .._words import counted
 from ..engine.loop import without_backend_choice
 from ..engine.private_tree import unwrapped
 from ..errors import TorchfimError
@@ -24,6 +25,7 @@ from .kept_steps import KeptSteps
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
 from .score_only import compute_score_only
 from .warned import library_warnings
+from .wording import option
 
 __all__ = ["compute_report"]
 
@@ -91,8 +93,8 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
     data, targets_note, outputs, beyond = check_model_and_data(model, data, fam, fam.name, mask, class_dim)
     if beyond is not None and score_only is False:
         raise TorchfimError(
-            f"{beyond}; leave score_only=None (--mode auto) or pass True (--mode score-only) for the score-only "
-            "report, or report on fewer output numbers (shorter sequences, a model with fewer classes)")
+            f"{beyond}; for the score-only report pass {option('score_only', True)} (or {option('score_only', None)}, "
+            "which chooses it here), or report on fewer output numbers (shorter sequences, a model with fewer classes)")
     measured_time = score_only is None and beyond is None  # the time estimate then sizes the subset and spectra
     layout = Layout.of(model)
     m, with_hessian, variance_note = settings.variance_plan(variance_inputs, data.n, layout.n_parameters,
@@ -113,7 +115,7 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
                "observed": "the mask's positions that the labels score, a dict's or a tensor's"}
     kept = KeptSteps.of(keep_in, model, data, options)
     if scoring_only:
-        reason = beyond or settings.ASKED_SCORE_ONLY
+        reason = beyond or f"{settings.ASKED_SCORE_ONLY} ({option('score_only', True)})"
         return {**compute_score_only(model, data, fam, outputs, n_samples=n_samples, seed=seed, progress=progress,
                                      targets_note=targets_note, reason=reason, kept=kept),
                 "unused_options": {} if measured_time else _full_report_options(variance_inputs, max_block),
@@ -152,15 +154,15 @@ def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: in
     seconds = full_report_seconds(pull_back, data.n, m, parameters, spectra, first.dtype, first.device)
     if progress and 60 < seconds and (seconds <= settings.FULL_REPORT_SECONDS or not falls_back):
         print(f"torchfim report: the full report will take about {seconds / 60:,.0f} min here (estimated from a timed "
-              f"pull-back of {pull_back.width:,} output numbers per input); the score-only report (--mode score-only, "
-              "score_only=True) takes a fraction of it", file=sys.stderr, flush=True)
+              f"pull-back of {pull_back.width:,} output numbers per input); the score-only report "
+              f"({option('score_only', True)}) takes a fraction of it", file=sys.stderr, flush=True)
     if seconds <= settings.FULL_REPORT_SECONDS:
         return None
     return (f"the full report would take about {seconds / 60:,.0f} min here, more than its budget of "
-            f"{settings.FULL_REPORT_SECONDS / 60:.0f}: over the {data.n} inputs it pulls back about "
+            f"{settings.FULL_REPORT_SECONDS / 60:.0f}: over the {counted(data.n, 'input')} it pulls back about "
             f"{pull_back.width:,} output vectors per input and forms output Gram matrices of {pull_back.width:,}² "
             "entries per parameter (estimated from a timed pull-back and a timed matrix product); pass "
-            "score_only=False (--mode full) to compute it anyway")
+            f"{option('score_only', False)} to compute it anyway")
 
 
 def _check_blocks_fit(model: nn.Module, layout: Layout, spectrum_layers: list[int], max_block: int) -> None:
@@ -174,9 +176,10 @@ def _check_blocks_fit(model: nn.Module, layout: Layout, spectrum_layers: list[in
     fits, needed, free = fits_in_memory(size * size, torch.float64, device)
     if not fits:
         raise TorchfimError(
-            f"--max-block {max_block:,} (max_block=) lets in layer {layout.names[largest]!r} of {size:,} parameters, "
-            f"whose {size:,}×{size:,} block for its spectrum needs {needed:.1f} GiB, more than the {free:.1f} GiB "
-            f"free; pass a --max-block below {size:,} (the default is {settings.DEFAULT_MAX_BLOCK:,})")
+            f"{option('max_block', max_block)} lets in layer {layout.names[largest]!r} of "
+            f"{counted(size, 'parameter', spec=',')}, whose {size:,}×{size:,} block for its spectrum needs "
+            f"{needed:.1f} GiB, more than the {free:.1f} GiB free; pass a {option('max_block')} below {size:,} (the "
+            f"default is {settings.DEFAULT_MAX_BLOCK:,})")
 
 
 def _total_steps(setup: Setup, has_targets: bool) -> int:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._batches import refuse_packed
+from .._words import a_or_an, counted
 from ..engine.labels import ignored_labels
 from ..errors import TorchfimError
 from .load import one_line
@@ -135,7 +136,7 @@ def as_data(obj: object, source: str, option: str = "--data") -> Data:
         inputs, targets = _from_items(obj, option)  # type: ignore[arg-type]
     else:
         raise TorchfimError(
-            f"{option}: the factory returned a {type(obj).__name__}; return a tensor of inputs, an "
+            f"{option}: the factory returned {a_or_an(type(obj).__name__)}; return a tensor of inputs, an "
             "(inputs, targets) pair of tensors, or a torch Dataset yielding (x, y)"
         )
     if inputs.dim() == 0 or inputs.shape[0] == 0:
@@ -143,7 +144,7 @@ def as_data(obj: object, source: str, option: str = "--data") -> Data:
     if targets is not None:
         if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
             raise TorchfimError(
-                f"{option}: {inputs.shape[0]} inputs but targets of shape {tuple(targets.shape)}; "
+                f"{option}: {counted(inputs.shape[0], 'input')} but targets of shape {tuple(targets.shape)}; "
                 "return one target per input (or inputs only)"
             )
     return Data(inputs, targets, source)
@@ -162,7 +163,7 @@ def _refuse_numbers(obj: object, option: str) -> None:
             else "list of numbers" if numbers(obj) else None)
     if kind is not None:
         raise TorchfimError(
-            f"{option}: the factory returned a {kind} ({len(obj)} items); return a tensor, e.g. "
+            f"{option}: the factory returned a {kind} ({counted(len(obj), 'item')}); return a tensor, e.g. "
             "torch.tensor(rows, dtype=torch.float32) with the first dimension the batch, or an (inputs, targets) "
             "pair of tensors")
 
@@ -181,7 +182,7 @@ def _from_mapping(obj: Mapping, source: str, option: str) -> Data:
     data = Data(inputs, _tensor(found[0], "targets", option) if found else None, source)
     if data.targets is not None and (data.targets.dim() == 0 or data.targets.shape[0] != data.n):
         raise TorchfimError(
-            f"{option}: {data.n} inputs but 'labels' of shape {tuple(data.targets.shape)}; "
+            f"{option}: {counted(data.n, 'input')} but 'labels' of shape {tuple(data.targets.shape)}; "
             "give one target per input (or leave the labels out)"
         )
     return data
@@ -220,7 +221,7 @@ def _from_items(obj: Iterable[object], option: str) -> tuple[Tensor, Tensor | No
     if (isinstance(obj, tuple) and len(obj) > 2 and all(isinstance(t, Tensor) and t.dim() for t in obj)
             and len({t.shape[0] for t in obj}) == 1 < len({t.shape for t in obj})):  # columns, not mini-batches
         raise TorchfimError(
-            f"{option}: the data is a tuple of {len(obj)} tensors of {obj[0].shape[0]} rows each; return the inputs, "
+            f"{option}: the data is a tuple of {len(obj)} tensors of {counted(obj[0].shape[0], 'row')} each; return the inputs, "
             "or an (inputs, targets) pair (sample weights and other columns have no place in a Fisher)"
         )
     if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset):

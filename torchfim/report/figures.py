@@ -10,6 +10,7 @@ import io
 import math
 from collections.abc import Callable
 
+from .._words import counted
 from .format import fmt
 
 __all__ = ["draw", "png_bytes", "figure_width"]
@@ -99,7 +100,7 @@ def _ax_trace(ax, R: dict, compact: bool = False) -> None:
         ax.set_yscale("log")
     _columns(ax, names, compact, first=1)
     ax.set_ylabel("Tr(F) (mean over inputs)")
-    ax.set_title(f"Tr(F) per layer on {R['data']['n_inputs']} inputs: total {fmt(R['trace']['exact'])}",
+    ax.set_title(f"Tr(F) per layer on {counted(R['data']['n_inputs'], 'input')}: total {fmt(R['trace']['exact'])}",
                  fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
@@ -134,7 +135,7 @@ def _ax_variance(ax, R: dict, compact: bool = False) -> None:
     ax.axvline(0.5, color="#999999", lw=0.8, ls="--")
     _columns(ax, [c for c, _ in cols], compact)
     ax.set_ylabel("variance, 1 label per input")
-    ax.set_title(f"Variance of the trace estimators on {R['data']['variance_inputs']} inputs "
+    ax.set_title(f"Variance of the trace estimators on {counted(R['data']['variance_inputs'], 'input')} "
                  "(0 drawn at the floor)", fontsize=10)
     ax.legend(fontsize=7, loc="best", ncol=2)
     ax.grid(axis="y", alpha=0.3)
@@ -163,7 +164,7 @@ def _ax_samples(ax, R: dict, compact: bool = False) -> None:
     _columns(ax, [c for c, _ in cols], compact)
     ax.set_ylabel(f"Var₁ / ({R['rel_error']}·Tr)²;  k = ⌈bar⌉ ≥ 1 printed")
     ax.set_title(f"Labels per input for {100 * R['rel_error']:.0f}% rel. s.e. (one σ) of Tr, "
-                 f"on all {R['data']['n_inputs']} inputs", fontsize=10)
+                 f"on all {counted(R['data']['n_inputs'], 'input')}", fontsize=10)
     bottom, top = ax.get_ylim()
     ax.set_ylim(bottom, top * (top / bottom) ** 0.25)  # a band above the bars and their labels for the legend
     ax.legend(fontsize=8, loc="upper center", ncol=3)
@@ -173,7 +174,7 @@ def _ax_samples(ax, R: dict, compact: bool = False) -> None:
 def _ax_spectrum(ax, R: dict, compact: bool = False) -> None:
     spectra = R["spectra"]
     if not spectra:
-        ax.text(0.5, 0.5, f"no layer has at most {R['max_block']} parameters", ha="center",
+        ax.text(0.5, 0.5, f"no layer has at most {counted(R['max_block'], 'parameter')}", ha="center",
                 va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._prefix import without_prefix
+from .._words import a_or_an
 from ..errors import TorchfimError
 
 __all__ = [
@@ -104,7 +105,7 @@ def load_factory(spec: str, option: str) -> object:
         target = getattr(target, part)
     if not callable(target):
         raise TorchfimError(
-            f"{option} {spec}: {attr!r} is a {type(target).__name__}, not a callable; "
+            f"{option} {spec}: {attr!r} is {a_or_an(type(target).__name__)}, not a callable; "
             "name a function that returns it (MODULE:FACTORY)"
         )
     return target
@@ -155,7 +156,7 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module | dict[str, Tensor]:
             if isinstance(inner, nn.Module) or _is_state_dict(inner):
                 return inner
     raise TorchfimError(
-        f"--checkpoint {path}: holds a {type(obj).__name__} that is neither a module nor a state dict; "
+        f"--checkpoint {path}: holds {a_or_an(type(obj).__name__)} that is neither a module nor a state dict; "
         "save it with torch.save(model.state_dict(), FILE) or torch.save(model, FILE)"
     )
 

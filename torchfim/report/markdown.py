@@ -5,6 +5,7 @@ It reads only the report.json dict, section by section.
 
 from __future__ import annotations
 
+from .._words import a_or_an, counted
 from .format import family_text, fmt, md_table, pct, warning_lines
 
 __all__ = ["markdown", "analysed", "positions_text", "resumed_note"]
@@ -83,7 +84,7 @@ def analysed(R: dict) -> list[str]:
               + f", {M['dtype']}, evaluated in eval mode.")]
     targets = ("with targets." if D["has_targets"] else f"with targets, but {D['targets_note']}."
                if D.get("targets_note") else "without targets (so no empirical Fisher).")
-    lines.append(f"- **Data:** {D['source']}: {D['n_inputs']} inputs of shape {shape}, " + targets
+    lines.append(f"- **Data:** {D['source']}: {counted(D['n_inputs'], 'input')} of shape {shape}, " + targets
                  + (f" Note: {D['variance_inputs_note']}." if D.get("variance_inputs_note") else ""))
     lines.append(f"- **Output family:** {family_text(R, code=True)}; labels are drawn from the model (the Fisher under the "
                  "model's own predictive distribution).")
@@ -109,8 +110,8 @@ def _head(R: dict) -> list[str]:
     add("")
     add("## Summary")
     add("")
-    add(f"- **Tr(F) = {fmt(T['exact'])}** (exact, mean over all {n} inputs). One score-estimator draw "
-        f"with {k} label(s) per input gave {fmt(T['trace_score_estimate'])}, standard error "
+    add(f"- **Tr(F) = {fmt(T['exact'])}** (exact, mean over all {counted(n, 'input')}). One score-estimator draw "
+        f"with {counted(k, 'label')} per input gave {fmt(T['trace_score_estimate'])}, standard error "
         f"{fmt(T['trace_score_stderr'])} ({pct(_relative_stderr(T))} of Tr(F)).")
     if sub["var_hessian"] is None:
         add(f"- **Î1 vs Î2 for the trace** (on {subset_text} inputs, one label each): Var Tr Î1 = "
@@ -120,9 +121,10 @@ def _head(R: dict) -> list[str]:
             f"{fmt(sub['var_score'])}, Var Tr Î2 = {fmt(sub['var_hessian'])}: the "
             f"**{sub['better_for_trace']}** estimator has the smaller variance for the whole trace. "
             + _per_layer_winner(R))
-    add(f"- **Labels per input for a {100 * R['rel_error']:.0f}% relative standard error** (one σ) of Tr(F) on "
-        f"all {n} inputs: k = {fmt(T['samples_needed']['score'])} with Î1, k = {fmt(T['samples_needed']['hessian'])} "
-        "with Î2." + _like_for_like(T, R["data"]))
+    target = f"{100 * R['rel_error']:.0f}%"
+    add(f"- **Labels per input for {a_or_an(target)} relative standard error** (one σ) of Tr(F) on all "
+        f"{counted(n, 'input')}: k = {fmt(T['samples_needed']['score'])} with Î1, "
+        f"k = {fmt(T['samples_needed']['hessian'])} with Î2." + _like_for_like(T, R["data"]))
     if R["empirical"] is not None:
         E = R["empirical"]
         add(f"- **Empirical Fisher** (true labels): its trace is {fmt(E['trace_ratio'], 3)}× the true "
@@ -145,9 +147,9 @@ def _section_trace(R: dict) -> list[str]:
     add("## 1. Tr(F) per layer, with error bars")
     add("")
     add(f"Grey bars: the exact trace of each layer's diagonal block of F, `(1/n) Σᵢ tr(Jᵢᵀ Λᵢ Jᵢ)` "
-        f"restricted to that parameter tensor, on all {n} inputs (`torchfim.fisher(..., structure=\"diag\")` "
+        f"restricted to that parameter tensor, on all {counted(n, 'input')} (`torchfim.fisher(..., structure=\"diag\")` "
         f"summed per layer; the whole-model value is `torchfim.fisher(..., structure=\"trace\")`). "
-        f"Blue points: one draw of the unbiased score estimator Î1 with {k} label(s) per input "
+        f"Blue points: one draw of the unbiased score estimator Î1 with {counted(k, 'label')} per input "
         f"(seed {R['seed'] + 1}), with ± 2 standard errors. The standard error is exact, not "
         f"bootstrapped: √(Var₁/k), with Var₁ from `torchfim.fisher_variance(..., estimator=\"score\", "
         f"structure=\"trace\")` on all inputs and the model with only that layer trainable. Over many inputs of "
@@ -178,7 +180,7 @@ def _section_trace(R: dict) -> list[str]:
             f"{', '.join(zero)}. Their numbers are rounding, not data: drawn as 0, without labels needed or "
             "spectrum.")
         add("")
-    add(f"\\* The Î2 standard error on all {n} inputs is extrapolated from {subset_text} inputs as "
+    add(f"\\* The Î2 standard error on all {counted(n, 'input')} is extrapolated from {subset_text} inputs as "
         f"√((m/n)·Var₁(subset)/k), m = {m}: the variance is a mean of per-input terms over n², so a "
         "random subset's mean per-input term estimates the full one without bias."
         if m < n else "\\* Exact (the subset is the whole data set).")
@@ -239,11 +241,11 @@ def _section_samples(R: dict) -> list[str]:
     lines: list[str] = []
     add = lines.append
     pct = f"{100 * R['rel_error']:.0f}%"
-    add(f"## 3. Labels per input for a {pct} relative standard error (one σ)")
+    add(f"## 3. Labels per input for {a_or_an(pct)} relative standard error (one σ)")
     add("")
     add(f"For each layer, the number of labels per input k such that the standard error of the "
-        f"layer's trace estimate on all {n} inputs is at most {pct} of the exact value, a {pct} relative "
-        f"standard error: a one-σ target, so about two estimates in three fall within {pct} of the value (for a "
+        f"layer's trace estimate on all {counted(n, 'input')} is at most {pct} of the exact value, {a_or_an(pct)} "
+        f"relative standard error: a one-σ target, so about two estimates in three fall within {pct} of the value (for a "
         f"normal estimate), not all of them. k = ⌈Var₁ / ({R['rel_error']}·Tr_layer)²⌉ (at least 1), the "
         f"per-layer version of `torchfim.samples_needed`. Var₁ is the one-label variance of the layer's trace "
         f"estimator on all inputs: exact for Î1; for Î2 extrapolated from the subset, (m/n)·Var₁(subset) with "
@@ -275,11 +277,11 @@ def _section_spectra(R: dict) -> list[str]:
     add("## 4. Eigenvalues of the per-layer exact blocks")
     add("")
     skipped = [l["name"] for l in R["layers"] if l["spectrum"] is None and not l.get("zero_to_precision")]
-    add(f"The eigenvalues of each layer's diagonal block of the exact F on all {n} inputs "
+    add(f"The eigenvalues of each layer's diagonal block of the exact F on all {counted(n, 'input')} "
         f"(`torchfim.fisher(..., structure=\"full\")` on the model with only that layer trainable, the "
         f"same block as `structure=\"layers\"` gives; `torch.linalg.eigvalsh` in float64), sorted "
         f"from the largest; eigenvalues below 10⁻¹² of the largest are not drawn. Computed for layers "
-        f"of at most {R['max_block']} parameters"
+        f"of at most {counted(R['max_block'], 'parameter')}"
         + (f"; skipped (too large): {', '.join(f'`{s}`' for s in skipped)}." if skipped else " (all layers).")
         + f" The blocks are computed in the model's dtype ({M['dtype']}), so eigenvalues far below "
         "λ_max (and the slightly negative ones) are at the level of rounding error. "
@@ -348,7 +350,7 @@ def _section_empirical(R: dict) -> list[str]:
 def resumed_note(R: dict) -> str:
     """The time note's addition where steps were read back from an interrupted run (their time not counted)."""
     resumed = R.get("resumed_steps")
-    return (f"; {resumed} step(s) were read back from an interrupted run of this report, their time not counted"
+    return (f"; not counted: the time of {counted(resumed, 'step')} read back from an interrupted run of this report"
             if resumed else "")
 
 
@@ -368,7 +370,7 @@ def _section_notes(R: dict) -> list[str]:
         f"{fmt(tm['empirical'], 3)} s, figures {fmt(tm.get('figures'), 3)} s){resumed_note(R)}.")
     add("- All values are means over inputs (not sums) and conditional on these inputs: the variances "
         "are over the labels drawn from the model, not over resampling the data.")
-    add(f"- The variance subset: {subset_text} of the {n} inputs; their indices are in report.json "
+    add(f"- The variance subset: {subset_text} of the {counted(n, 'input')}; their indices are in report.json "
         "(`data.variance_subset_indices`).")
     add("- `model.pt` holds the model's state dict, so the numbers can be checked with the library: "
         f"`{_trace_call(R)}` gives `trace.exact` of report.json.")

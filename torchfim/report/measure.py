@@ -69,9 +69,9 @@ class Steps:
     :meth:`run` does both around a step whose result ``kept`` (:mod:`.kept_steps`) keeps on disk."""
 
     def __init__(self, total: int, progress: bool, kept: KeptSteps | None = None) -> None:
-        from tqdm.auto import tqdm
+        from .._progress import ProgressBar
 
-        self.bar = tqdm(total=total, disable=not progress, leave=False, unit="step", desc="report")
+        self.bar = ProgressBar(total=total, disable=not progress, leave=False, unit="step", desc="report")
         #: Whether the library's own bars show too: the Hessian estimator's sweeps over parameter entries,
         #: minutes on a transformer, get one below the report's.
         self.progress = progress

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .._words import counted
 from ..errors import TorchfimError
 from ..families.positions import is_position_mask
 from .data import Data
@@ -109,9 +110,9 @@ def unobserved_inputs_note(observed: Tensor | None, n: int) -> str | None:
     empty = int((~observed.reshape(n, -1).any(1)).sum())
     if not empty:
         return None
-    return (f"{empty} of the {n} inputs have no observed position (masked, or every target -100): each counts in "
-            "every mean over inputs with a Fisher of 0 (docs/math.md §5.5); drop them from the data if they should "
-            "not count")
+    return (f"{empty} of the {counted(n, 'input')} {'has' if empty == 1 else 'have'} no observed position (masked, "
+            "or every target -100): each counts in every mean over inputs with a Fisher of 0 (docs/math.md §5.5); "
+            "drop them from the data if they should not count")
 
 
 def unmasked_padding_note(data: Data, positions: tuple[int, ...], labelled: Tensor | None = None) -> str | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._words import counted
 from ..errors import TorchfimError
 from . import figures, kept_steps, settings
 from .compute import compute_report
@@ -58,8 +59,8 @@ def run_report(
     tensor, ``(inputs, targets)``, a Dataset); None means the digits, which only suits the default
     architecture. ``out=None`` computes without writing; otherwise only the report's own files are
     written into ``out`` (see :mod:`torchfim.report.publish`). ``emit`` receives the terminal
-    summary lines (None: silent); ``progress`` shows a tqdm bar on stderr; ``threads`` sets torch's
-    intra-op threads for the run (restored after; None leaves them); ``command``, report.md's Re-create line, may be
+    summary lines (None: silent); ``progress`` shows a progress bar on stderr (where that is not a terminal, a
+    line every half minute and one at the end: :mod:`torchfim._progress`); ``threads`` sets torch's intra-op threads for the run (restored after; None leaves them); ``command``, report.md's Re-create line, may be
     a function of the report.json dict (the command line leaves out what a score-only report did not use). A model whose outputs have
     positions (a language model's ``(batch, tokens, vocabulary)``) is read one output vector per
     position; ``mask`` names the entry of dict inputs that marks the observed ones (e.g.
@@ -153,7 +154,7 @@ def _summarise(emit: Callable[[str], object], table: str, results: dict, out_pat
     if out_path is not None:
         emit("")
         if results.get("resumed_steps"):
-            emit(f"read {results['resumed_steps']} finished step(s) back from an interrupted run of this report "
+            emit(f"read {counted(results['resumed_steps'], 'finished step')} back from an interrupted run of this report "
                  "(--no-resume computes them again)")
         emit(f"wrote {out_path}/ ({', '.join(results['files'])}) in {results['timings']['total']:.1f} s; "
              f"read {out_path / 'report.md'}")
@@ -189,9 +190,9 @@ def _model_and_data(model, data, checkpoint, hidden, epochs, seed, progress, dat
 
 def _default(state_dict, checkpoint, hidden, epochs: int, seed: int, progress: bool):
     """The embedded default model (trained, or loaded from ``state_dict``), with a progress bar."""
-    from tqdm.auto import tqdm
+    from .._progress import ProgressBar
 
-    bar = tqdm(total=epochs, disable=not progress or state_dict is not None, leave=False,
+    bar = ProgressBar(total=epochs, disable=not progress or state_dict is not None, leave=False,
                unit="epoch", desc="training the default MLP")
 
     def on_epoch(epoch: int, loss: float) -> None:

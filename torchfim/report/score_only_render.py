@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .._words import a_or_an, counted
 from .figures import figure_width, png_bytes
 from .format import family_text, fmt, md_table, pct, warning_lines
 from .markdown import analysed, resumed_note
@@ -45,14 +46,14 @@ def markdown_score_only(R: dict) -> str:
     add("## Tr(F) per layer, with error bars")
     add("")
     add(f"**Tr(F) ≈ {fmt(T['trace_score_estimate'])} ± {fmt(T['trace_score_stderr'])}** (one standard error, "
-        f"{pct(_relative(T))}), the mean over the {n} inputs of `‖∇θ log p(y|x)‖²` for {k} labels drawn per "
+        f"{pct(_relative(T))}), the mean over the {counted(n, 'input')} of `‖∇θ log p(y|x)‖²` for {k} labels drawn per "
         f"input (seed {R['seed'] + 1}; `torchfim.score_norms.squared_score_norms`). The standard error is that "
         "of the label draws about Tr(F) of these inputs, `√(v̄/n)` with v̄ the mean over inputs of the variance "
         f"of an input's {k} values divided by {k}; over many inputs of like size, about 95% of such draws fall "
         "within ± 2 of it (fewer, mostly above, where a few inputs' large norms dominate). Taking the "
         f"inputs as a sample of the data, the standard error of E_x Tr(F(x)) is "
         f"{fmt(T['trace_score_stderr_inputs'])} (input spread and label noise). Labels per input for "
-        f"a {pct_error} relative standard error (one σ: s.e. ≤ {pct_error} of Tr(F)): "
+        f"{a_or_an(pct_error)} relative standard error (one σ: s.e. ≤ {pct_error} of Tr(F)): "
         f"{fmt(T['samples_needed_score'])}.")
     add("")
     add(f"![Tr(F) per layer by the score estimator]({SCORE_ONLY_FIGURE})")
@@ -72,7 +73,7 @@ def markdown_score_only(R: dict) -> str:
     add("- All values are means over inputs (not sums).")
     if unused := _unused_note(R):
         add(f"- The {unused}.")
-    if R["mode_reason"] == ASKED_SCORE_ONLY:
+    if R["mode_reason"].startswith(ASKED_SCORE_ONLY):
         add("- For the exact Fisher and the closed-form variances of Î1 and Î2, `--mode full` (or the default, "
             "which chooses the full report where it fits in memory).")
     else:
@@ -117,11 +118,11 @@ def summary_score_only(R: dict) -> str:
         return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    out = [(f"Fisher information report (score only): {R['model']['n_parameters']} parameters, {D['n_inputs']} "
-           f"inputs, family {family_text(R)}"),
+    out = [(f"Fisher information report (score only): {counted(R['model']['n_parameters'], 'parameter')}, "
+            f"{counted(D['n_inputs'], 'input')}, family {family_text(R)}"),
            line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
            (f"Tr(F) by the score estimator with {k} labels/input; s.e. from the spread of each input's labels; "
-           f"k{pct_error} = labels per input for a {pct_error} relative standard error (one σ) of Tr(F)."),
+           f"k{pct_error} = labels per input for {a_or_an(pct_error)} relative standard error (one σ) of Tr(F)."),
            f"Score only: {R['mode_reason']}."]
     out += [f"Note: {note}." for note in (D.get("targets_note"), R.get("outputs", {}).get("note"), _unused_note(R))
             if note]
@@ -150,7 +151,7 @@ def _ax_trace(ax, R: dict) -> None:
     ax.set_xticks(x, names, rotation=45 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
                   fontsize=8)
     ax.set_ylabel("Tr(F) (mean over inputs)")
-    ax.set_title(f"Tr(F) per layer on {R['data']['n_inputs']} inputs (score only): total "
+    ax.set_title(f"Tr(F) per layer on {counted(R['data']['n_inputs'], 'input')} (score only): total "
                  f"{fmt(R['trace']['trace_score_estimate'])} ± {fmt(R['trace']['trace_score_stderr'], 2)}",
                  fontsize=10)
     ax.legend(fontsize=8, loc="best")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .._words import counted
+
 __all__ = [
     "FORMAT_VERSION",
     "DEFAULT_OUT",
@@ -67,8 +69,9 @@ REPORT_FILES = (*FILES, EMPIRICAL_FIGURE, SCORE_ONLY_FIGURE)
 FULL_REPORT_SECONDS = 1800.0
 #: ``--mode`` of ``torchfim report`` -> ``score_only`` of :func:`torchfim.report.run_report`.
 MODES = {"auto": None, "full": False, "score-only": True}
-#: Why a score-only report is one where the caller asked for it (its notes then advise no smaller data).
-ASKED_SCORE_ONLY = "asked for (score_only=True, --mode score-only)"
+#: How the reason of a score-only report that the caller asked for starts (its notes then advise no smaller
+#: data), followed by the option that asked, in the caller's words (:mod:`.wording`).
+ASKED_SCORE_ONLY = "asked for"
 
 
 def variance_plan(variance_inputs: int | None, n: int, P: int, positions: int = 1) -> tuple[int, bool, str | None]:
@@ -87,7 +90,7 @@ def variance_plan(variance_inputs: int | None, n: int, P: int, positions: int = 
     if per_input * m <= HESSIAN_BUDGET:
         return m, True, None
     affordable = HESSIAN_BUDGET // per_input
-    where = f"{P} parameters" + (f" and {positions} output positions per input" if positions > 1 else "")
+    where = counted(P, "parameter") + (f" and {positions} output positions per input" if positions > 1 else "")
     if affordable >= MIN_AUTO_VARIANCE_INPUTS:
         return int(affordable), True, (
             f"the variance subset was reduced from {m} to {affordable} inputs because the model has "

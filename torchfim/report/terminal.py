@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._words import a_or_an, counted
 from .format import family_text, fmt, warning_lines
 
 __all__ = ["summary_table"]
@@ -36,7 +37,8 @@ def summary_table(R: dict) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     out = [
-        (f"Fisher information report: {R['model']['n_parameters']} parameters, {D['n_inputs']} inputs, "
+        (f"Fisher information report: {counted(R['model']['n_parameters'], 'parameter')}, "
+         f"{counted(D['n_inputs'], 'input')}, "
          f"family {family_text(R)}"),
         line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
         *_footnote(R, n, m),
@@ -61,12 +63,12 @@ def summary_table(R: dict) -> str:
 def _footnote(R: dict, n: int, m: int) -> list[str]:
     """What each column of the table is, and over which inputs."""
     subset = "all the inputs" if m == n else f"a random subset of m={m} of the n={n} inputs (seed {R['seed']})"
-    columns = (f"Tr(F) exact, and s.e. Î1 = standard error of the score estimate with {R['n_samples']} "
-               f"label(s)/input, over all n={n} inputs; Var Î1/Î2 = variance of the trace estimators with one label "
+    columns = (f"Tr(F) exact, and s.e. Î1 = standard error of the score estimate with {counted(R['n_samples'], 'label')}"
+               f"/input, over all n={counted(n, 'input')}; Var Î1/Î2 = variance of the trace estimators with one label "
                f"per input on {subset} (≈ n/m times that on all n: s.e.² ≈ Var·m/(n·k)); lower Var Tr = the "
                "estimator with the lower variance of the trace (not of the diagonal: see report.md).")
     pct = f"{100 * R['rel_error']:.0f}%"
-    labels = (f"k{pct} = labels per input for a {pct} relative standard error (one σ: s.e. ≤ {pct} of the value) "
-              f"of the trace on all n={n} inputs"
+    labels = (f"k{pct} = labels per input for {a_or_an(pct)} relative standard error (one σ: s.e. ≤ {pct} of the "
+              f"value) of the trace on all n={counted(n, 'input')}"
               + ("; *Î2's extrapolated from the subset, (m/n)·Var Î2 (Î1's exact on all inputs)." if m < n else "."))
     return [columns, labels]

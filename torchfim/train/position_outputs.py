@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from .._words import a_or_an
 from ..engine.labels import PADDING_COUNTED, counted_padding
 from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family, Positions
@@ -78,7 +79,7 @@ class PositionOutputs:
     def _family(self, o: Tensor) -> tuple[Family, Tensor]:
         if not isinstance(o, Tensor):
             raise TorchfimError(
-                f"the model returned a {type(o).__name__}{tensor_fields(o)}, but FisherPenalty needs its outputs as one tensor of "
+                f"the model returned {a_or_an(type(o).__name__)}{tensor_fields(o)}, but FisherPenalty needs its outputs as one tensor of "
                 f"the family's natural parameters; pass output= a function that picks it (e.g. {output_hint(o)})"
             )
         mask = self.mask

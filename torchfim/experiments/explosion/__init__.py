@@ -42,8 +42,9 @@ of one seed share that seed, so the comparisons, :func:`torchfim.compare.prob_ou
 paired by seed.
 
 Interrupting and resuming. Each (configuration, seed) result is written, atomically, to
-``DIR/runs/<run id>.json`` as soon as that run finishes; ``--resume`` loads those and runs only the
-missing ones. ``results.json``, ``summary.md`` and the figures are always rebuilt from the run
+``DIR/runs/<run id>.json`` as soon as that run finishes; the same command run again loads those and runs only
+the missing ones, where this code made them all (else it refuses them, and ``--resume`` goes on all the same, mixing
+them with this code's runs). ``results.json``, ``summary.md`` and the figures are always rebuilt from the run
 files, and every run is deterministic (one intra-op thread, ``torch.use_deterministic_algorithms``,
 seeded generators), so an interrupted and resumed study writes the same ``results.json`` as an
 uninterrupted one. Wall-clock times are kept out of ``results.json``, in ``timings.json``.

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._words import counted
 from ...compare import prob_outperform, seeds
 from ...errors import TorchfimError
 from .gap import gap_closed
@@ -114,7 +115,8 @@ def assemble(settings: Settings, master_seed: int, done: dict[str, dict]) -> dic
     all_specs = tune_lr_specs(settings, master_seed) + tuning_specs(settings, master_seed, lr_star) + specs
     missing = [s.run_id for s in all_specs if not is_done(done, s)]
     if missing:
-        raise TorchfimError(f"{len(missing)} runs are missing (e.g. {missing[0]}); rerun with --resume")
+        raise TorchfimError(f"{counted(len(missing), 'run')} {'is' if len(missing) == 1 else 'are'} missing (e.g. "
+                            f"{missing[0]}); rerun with --resume")
 
     agg = _Aggregates(settings, done, specs)
     for d, m in settings.combos:

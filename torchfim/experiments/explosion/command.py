@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..._words import counted
 from ...cli.types import nonnegative_int, positive_int
 from ...errors import TorchfimError
 from ..out_folder import check_study_out
@@ -31,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one data set and model, fewer epochs, 2 seeds (a few minutes at most; for smoke runs)")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the finished runs in DIR/runs/ and run only the missing ones")
+                        help="go on from the finished runs in DIR/runs/ even where other code (another torch or "
+                             "torchfim) made some of them, mixing them with this code's; without it, the same command "
+                             "run again after an interruption goes on from them where this code made them all (the "
+                             "results are the same as a run that was not stopped), and refuses them otherwise")
     parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                         help=f"seeds per configuration (default: {Settings().n_seeds}, or 2 with --quick; at least 2)")
     parser.add_argument("--master-seed", type=nonnegative_int, default=None, metavar="S",
@@ -70,13 +74,13 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     start = time.perf_counter()
     master_seed = 0 if args.master_seed is None else args.master_seed
     try:
-        res = run(args.out, settings, master_seed=master_seed, resume=args.resume, jobs=args.jobs,
+        res = run(args.out, settings, master_seed=master_seed, resume=True if args.resume else None, jobs=args.jobs,
                   progress=not args.no_progress, max_runs=args.max_runs)  # fmt: skip
     except KeyboardInterrupt:
         args._interrupted = lambda parsed: interrupted_hint(parsed.out)  # said by torchfim.cli when interrupted
         raise
     if res is None:
-        print(f"stopped after {args.max_runs} runs; finish with the same command and --resume", file=sys.stderr)
+        print(f"stopped after {counted(args.max_runs, 'run')}; run the same command again to go on", file=sys.stderr)
         return 0
     out = Path(args.out)
     print(f"wrote {out / FILES['summary']}, {out / FILES['json']} and figures in {time.perf_counter() - start:.0f} s")
@@ -84,11 +88,13 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
 
 
 def interrupted_hint(out: str) -> str:
-    """What to do after an interruption: go on with ``--resume`` from the finished runs in DIR/runs/, if any."""
+    """What to do after an interruption: run the same command again, which goes on from the finished runs in
+    DIR/runs/, if any."""
     kept = len(list((Path(out) / "runs").glob("*.json")))
     if not kept:
         return "no run had finished, so none was kept; run the same command again to start over"
-    return f"the {kept} finished run(s) are kept in {Path(out) / 'runs'}/; run the same command with --resume to go on"
+    kept_runs = f"the {counted(kept, 'finished run')} {'is' if kept == 1 else 'are'} kept in {Path(out) / 'runs'}/"
+    return f"{kept_runs}; run the same command again to go on from {'it' if kept == 1 else 'them'}"
 
 
 def _check_out(out: str, settings: Settings) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._io import write_json, write_text
+from ..._words import counted
 from ...errors import TorchfimError, warn_user
 from ..code_version import other_code
 from . import figures
@@ -113,7 +114,7 @@ def run(
     out: str | os.PathLike,
     settings: Settings = FULL,
     master_seed: int = 0,
-    resume: bool = False,
+    resume: bool | None = False,
     jobs: int = 1,
     progress: bool = True,
     max_runs: int | None = None,
@@ -121,24 +122,28 @@ def run(
 ) -> dict[str, Any] | None:
     """Run (or finish, with ``resume``) the study in ``out``; return ``results.json``'s content.
 
-    Returns None when ``max_runs`` new runs were done before the study was complete (the run
-    files are kept; call again with ``resume=True`` to finish). ``on_run(run_id)`` is called after
+    ``resume``: True finishes the study whose run files are in ``out/runs``; None (the command line's default)
+    does so where this code made every one of them (:mod:`..code_version`: the runs it would make again), and
+    refuses run files of other code; False refuses any run file. Returns None when ``max_runs`` new runs were done
+    before the study was complete (the run files are kept; call again with ``resume=True`` to finish). ``on_run(run_id)`` is called after
     each run file is written (raising there stops the study; the files written so far are kept).
     """
-    from tqdm.auto import tqdm
+    from ..._progress import ProgressBar
 
     out = Path(out)
     runs_dir = out / "runs"
     done = load_runs(runs_dir, settings, master_seed)
-    if done and not resume:
+    mixed = other_code(list(done.values())) if done and resume is None else ""
+    if done and not resume and (resume is not None or mixed):
+        said = f", and {mixed}" if mixed else ""
         raise TorchfimError(
-            f"{str(runs_dir)!r} already holds {len(done)} finished runs; pass --resume to finish that "
-            "study, or choose another --out folder"
+            f"{str(runs_dir)!r} already holds {counted(len(done), 'finished run')}{said}; pass --resume to finish "
+            "that study, or choose another --out folder"
         )
     _name_other_code(done, settings, runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    bar = tqdm(total=count_runs(settings), desc="explosion", unit="run", disable=not progress, file=sys.stderr)
+    bar = ProgressBar(total=count_runs(settings), desc="explosion", unit="run", disable=not progress, file=sys.stderr)
     executor = _Executor(jobs)
     phases = _Phases(done, settings, master_seed, runs_dir, executor, bar, max_runs, on_run)
     try:

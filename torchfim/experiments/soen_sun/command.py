@@ -19,7 +19,9 @@ HELP = "the Soen & Sun (2021) variance experiments at CPU scale"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``torchfim reproduce soen-sun``."""
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help=f"output folder (created if needed; default: {DEFAULT_OUT}/)")
+                        help=f"output folder (created if needed; default: {DEFAULT_OUT}/). An interrupted study "
+                             "does not resume (it takes minutes): the same command run again starts it over, replacing the "
+                             "files it had written")
     parser.add_argument("--quick", action="store_true",
                         help="tiny networks and fewer settings (under a minute; for tests and smoke runs)")
     parser.add_argument("--threads", type=thread_count, default=1, metavar="N",

@@ -131,13 +131,13 @@ class _Study:
 
     def run(self, progress: bool) -> dict[str, Any]:
         """The four experiments in turn; returns the results (also in results.json)."""
-        from tqdm.auto import tqdm
+        from ..._progress import ProgressBar
 
         self.out.mkdir(parents=True, exist_ok=True)
         t_start, seconds = time.perf_counter(), {}
         (self.out / FILES["timings"]).unlink(missing_ok=True)  # an earlier run's, until this one has its own
         self.load_data()
-        self.bar = tqdm(total=_units(self.s), desc="soen-sun", unit="config", disable=not progress, file=sys.stderr)
+        self.bar = ProgressBar(total=_units(self.s), desc="soen-sun", unit="config", disable=not progress, file=sys.stderr)
         try:
             for part, experiment in (("bound_ratios+activations", self.bounds_and_activations),
                                      ("seeds", self.more_seeds), ("depth_width", self.depth_width),

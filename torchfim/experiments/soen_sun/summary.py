@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._words import counted
 from .conclusions import (
     activation_sentences,
     bound_tightness_sentence,
@@ -39,7 +40,8 @@ def summary(results: dict[str, Any], settings: Settings, done: set[str]) -> str:
             lines += more
             concl += found
     # a part stopped halfway has rows in results.json and results.csv already: say so, not "not run"
-    pending = [k + (f" ({len(results[k])} rows so far in results.json and results.csv, summarised once it finishes)"
+    pending = [k + (f" ({counted(len(results[k]), 'row')} so far in results.json and results.csv, summarised once "
+                    "it finishes)"
                     if results.get(k) else "") for k in PARTS if k not in done]
     if pending:
         lines.append(f"*Not yet run (interrupted or in progress): {', '.join(pending)}.*")
