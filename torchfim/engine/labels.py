@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import TorchfimError
+from ..families.positions import positions_fit
 from .private_tree import unwrapped
 
 __all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES", "ModelLabels", "check_mask_key", "counted_padding", "ignored_labels", "is_encoder_decoder",
@@ -144,7 +145,7 @@ def _fits(targets: object, size: int, positions: tuple[int, ...]) -> bool:
     if not _integer(targets):
         return False
     shape = tuple(targets.shape)
-    return shape[:1] == (size,) and math.prod(shape[1:]) == math.prod(positions)
+    return shape[:1] == (size,) and positions_fit(shape[1:], positions)
 
 
 def _one_hot(targets: Tensor, shape: tuple[int, ...]) -> bool:

@@ -325,10 +325,7 @@ class ModelView:
             return family
         from ..families.positions import Positions
 
-        count = 1
-        for s in positions:
-            count *= s
-        return Positions(family, count, m)
+        return Positions(family, positions or 1, m)  # no positions, a mask: one per input
 
     def _name_unobserved(self, m: Tensor, size: int) -> None:
         """Warn, once per view, where an input has no observed position at all."""

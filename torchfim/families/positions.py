@@ -43,6 +43,17 @@ def is_position_mask(mask: object) -> bool:
     return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
 
 
+def positions_fit(given: Sequence[int], positions: Sequence[int]) -> bool:
+    """Whether targets' position dims ``given`` hold one label per position of the outputs' ``positions``: the same
+    dims (dims of 1 aside, ``(B, T, 1)`` for ``(B, T)``), or all of them flattened into one. Another shape with as
+    many entries (``(B, W, H)`` for outputs ``(B, H, W, C)``) would pair labels with other positions (a review:
+    the empirical trace 0.59× the right one, and another position's -100 left out, silently)."""
+    if math.prod(given) != math.prod(positions):
+        return False
+    kept = [d for d in given if d != 1]
+    return kept == [d for d in positions if d != 1] or len(kept) <= 1
+
+
 class Positions(PositionSpreads, PositionSpectra, Family):
     """Product family of ``L`` independent positions, each an observation of ``base`` given the input.
 
@@ -202,12 +213,14 @@ class Positions(PositionSpreads, PositionSpectra, Family):
         shape, cut = tuple(y.shape), y.dim() - len(label)
         # Any position shape with L entries is accepted: (B, *pos, *label), (B, L, *label), and for a
         # Bernoulli base (label (1,)) also without the trailing 1.
-        fits = shape[:1] == (b,) and cut >= 1 and shape[cut:] == label and math.prod(shape[1:cut]) == n
-        if not fits and not (label == (1,) and shape[:1] == (b,) and y.dim() >= 2 and math.prod(shape[1:]) == n):
+        fits = shape[:1] == (b,) and cut >= 1 and shape[cut:] == label and positions_fit(shape[1:cut], self.positions)
+        if not fits and not (label == (1,) and shape[:1] == (b,) and y.dim() >= 2
+                             and positions_fit(shape[1:], self.positions)):
             raise TorchfimError(
                 f"targets for outputs with positions {self.positions} (family {self.base.name!r} at each) must have "
-                f"shape (batch, *positions, *{label}) with {n} positions, e.g. {(b, n, *label)}, got {shape}; "
-                "pass one label per position"
+                f"shape (batch, *positions, *{label}) with {n} positions, e.g. {(b, *self.positions, *label)}"
+                f"{f' or, flattened, {(b, n, *label)}' if len(self.positions) > 1 else ''}, got {shape}; pass one "
+                "label per position, its position dims in the outputs' order"
             )
         y = y.reshape(b * n, *label).to(o.device)
         checked = self.base.check_targets(y[keep], rows[keep])
