@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfim
-from torchfim.train import FisherPenalty, FisherTraceMonitor, checkpoint
+from torchfim import _processes
+from torchfim.train import FisherPenalty, FisherTraceMonitor
 
 STEPS, SAVE_AT = 10, 4
 
@@ -146,8 +147,34 @@ def test_a_monitor_refuses_the_state_of_another_set_up(monkeypatch: pytest.Monke
         FisherTraceMonitor(model, held.flip(0), subset=12, control_variate=True).load_state_dict(state)
     with pytest.raises(torchfim.TorchfimError, match="state_dict"):
         mon.load_state_dict({"history": []})
-    monkeypatch.setattr(checkpoint, "CHECKSUM_CHUNK", 7)  # the held inputs summed a row at a time: the same inputs
+    monkeypatch.setattr(_processes, "DIGEST_CHUNK", 7)  # the held inputs digested a row at a time: the same inputs
     FisherTraceMonitor(model, held, subset=12, control_variate=True).load_state_dict(state)
+
+
+def test_a_monitor_refuses_held_inputs_its_earlier_checksum_could_not_tell_apart() -> None:
+    """The held inputs were checked by Σ (row index + 1)·(row sum): the same rows cut into other mini-batches, a
+    row's entries reversed, or rows of equal sums swapped were resumed as the saved run's (other labels per input);
+    a digest of every mini-batch now tells them apart (with subset=, of the pool windows are drawn from, which no
+    cut changes). A state saved with that checksum is refused naming why."""
+    _, _, held = _data()
+    held = held / held.sum(1, keepdim=True)  # every row sums to 1
+    model = _model()
+    mon = FisherTraceMonitor(model, [held[:20], held[20:]])
+    mon.measure(0)
+    state = _saved(mon.state_dict())
+    reversed_row = held.clone()
+    reversed_row[3] = reversed_row[3].flip(0)
+    swapped = torch.cat([held[[1, 0]], held[2:]])
+    for other in ([held[:16], held[16:]], [reversed_row[:20], reversed_row[20:]], [swapped[:20], swapped[20:]]):
+        with pytest.raises(torchfim.TorchfimError, match="inputs_checksum.*the same held inputs, in the same order "
+                                                         "and mini-batches"):
+            FisherTraceMonitor(model, other).load_state_dict(state)
+    FisherTraceMonitor(model, [held[:20], held[20:]]).load_state_dict(state)
+    state["settings"]["inputs_checksum"] = 820.0
+    with pytest.raises(torchfim.TorchfimError, match="saved by an earlier torchfim, which checked the held inputs by a "
+                                                     "weighted sum of their rows .* resume the run with the torchfim "
+                                                     "that saved it, or start this FisherTraceMonitor afresh"):
+        FisherTraceMonitor(model, [held[:20], held[20:]]).load_state_dict(state)
 
 
 def _penalised(pen_options: dict, resume: str | None, method: str, wrapped: str | None = None) -> list[torch.Tensor]:

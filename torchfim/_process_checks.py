@@ -1,9 +1,11 @@
 """What the processes of a shared computation (``across_processes=True``) must have alike beyond their weights, as
 numbers for the one ``all_gather`` and the refusals when they differ: the model's dtype and kind of device
-(:func:`model_kind`), and its outputs on the first inputs (:func:`check_same_outputs`)."""
+(:func:`model_kind`), its outputs on the first inputs (:func:`check_same_outputs`), and how the inputs are cut into
+mini-batches (:func:`check_same_cut`)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -11,8 +13,8 @@ import torch
 from ._processes import settings_number
 from .errors import TorchfimError
 
-__all__ = ["MODEL_NUMBERS", "check_same_kind", "check_same_outputs", "check_same_wrapping", "model_kind",
-           "model_numbers", "model_parts", "names_numbers"]
+__all__ = ["CUT_NUMBERS", "MODEL_NUMBERS", "check_same_cut", "check_same_kind", "check_same_outputs",
+           "check_same_wrapping", "cut_numbers", "model_kind", "model_numbers", "model_parts", "names_numbers"]
 
 #: How many numbers :func:`model_numbers` gives: 4 of the outputs, 2 of the kind, 2 of the names.
 MODEL_NUMBERS = 8
@@ -113,3 +115,40 @@ def check_same_wrapping(numbers: list[list[float]], what: str) -> None:
             "others its .module (their parameters' names differ by the prefix 'module.'); pass the same on each, "
             "e.g. model.module everywhere"
         )
+
+
+#: How many numbers :func:`cut_numbers` gives.
+CUT_NUMBERS = 4
+
+
+def cut_numbers(sizes: list[int]) -> list[float]:
+    """How inputs are cut into mini-batches of ``sizes``, as numbers for the one ``all_gather``: a digest of the sizes
+    in order, how many mini-batches, the first's size and the inputs in all (:func:`check_same_cut` reads them)."""
+    return [settings_number(sizes), float(len(sizes)), float(sizes[0] if sizes else 0), float(sum(sizes))]
+
+
+def check_same_cut(cuts: list[list[float]], sizes: list[int], rank: int, what: str,
+                   shares: list[float] | None = None) -> None:
+    """Refuse, for the call ``what``, processes that hold as many inputs cut into other mini-batches (their
+    :func:`cut_numbers`, ``cuts``; this process, ``rank``, cuts them into ``sizes``), or whose ``shares`` of them
+    do not add up to them all: each takes its rows of every mini-batch, so other cuts leave some inputs to two
+    processes and others to none. Processes that hold other numbers of inputs are left to the check of the inputs
+    themselves."""
+    totals = {c[3] for c in cuts}
+    if len(totals) > 1 or (len({c[0] for c in cuts}) == 1 and (shares is None or sum(shares) == cuts[0][3])):
+        return
+    others = "; ".join(f"process {r}: {int(c[1])} mini-batches, the first of {int(c[2])}" if c[1] > 1 else
+                       f"process {r}: one mini-batch of {int(c[2])}" for r, c in enumerate(cuts) if r != rank)
+    raise TorchfimError(
+        f"{what} needs the same mini-batches on every process (each computes on its rows of every mini-batch), but "
+        f"the processes' {int(cuts[0][3])} inputs are in mini-batches cut differently (sizes {sizes_said(sizes)} "
+        f"here, on process {rank}; {others}); cut them alike on every process: the same batch_size (and drop_last) "
+        "in each one's DataLoader, or the same mini-batches passed to each"
+    )
+
+
+def sizes_said(sizes: list[int], runs: int = 6) -> str:
+    """Mini-batch sizes for a message, runs of one size as ``8 ×12``, the first ``runs`` runs and the last."""
+    counted = [(size, len(list(run))) for size, run in itertools.groupby(sizes)]
+    said = [f"{size} ×{n}" if n > 1 and len(sizes) > runs else ", ".join([str(size)] * n) for size, n in counted]
+    return ", ".join(said if len(said) <= runs + 1 else [*said[:runs], "…", said[-1]])

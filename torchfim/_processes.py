@@ -205,12 +205,20 @@ def trained_names(model: torch.nn.Module) -> list[str] | None:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+#: Numbers of a tensor copied to the CPU at a time by :func:`feed_digest` (bounds its memory: a held set of images).
+DIGEST_CHUNK = 2**22
+
+
 def feed_digest(digest: hashlib._Hash, value: object) -> None:
     """Feed ``value`` into ``digest``: numbers, strings and None by their ``repr``, tensors by their shape, dtype
-    and bytes, containers item by item (a mapping's keys included)."""
+    and bytes (row-major, in chunks of rows: the same digest as in one piece), containers item by item (a mapping's
+    keys included)."""
     if isinstance(value, Tensor):
         digest.update(repr((tuple(value.shape), str(value.dtype))).encode())
-        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        rows = value.detach().reshape(1, -1) if value.dim() == 0 else value.detach()
+        step = max(1, DIGEST_CHUNK // max(1, rows[0].numel())) if len(rows) else 1
+        for start in range(0, len(rows), step):
+            digest.update(rows[start:start + step].contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     elif isinstance(value, Mapping):
         for key, item in value.items():
             digest.update(repr(key).encode())

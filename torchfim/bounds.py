@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from ._batches import Inputs, reusable
-from ._processes import announced
+from ._processes import announced, family_settings
 from .errors import check_n_samples
-from .families import Family
+from .families import Family, get_family
 from .keyword_hints import explains_keywords
-from .process_rows import FAILED_BEFORE
+from .process_rows import FAILED_BEFORE, row_share
 from .structures import PublicValue, Trace, structure_class
 from .trace_summary import score_trace_bound
 from .variance import check_variance_estimator, variance_of
@@ -163,7 +163,8 @@ def variance_bound(
     ``full``, ``blocks``) the kurtosis bound is never the tighter (``λ_max(M) ≤ E‖u‖⁴``, docs/math.md §4.2), so
     the spectral one is taken alone; for ``trace`` both come from one pass over the inputs, from the model's output
     gram alone (two passes took 1.5× as long), and each input's smaller term is summed: tighter than the smaller of
-    the two bounds' sums, or equal to it (docs/math.md §4.2).
+    the two bounds' sums, or equal to it (docs/math.md §4.2); across processes, each sums its own rows' terms, so the
+    bound is one process's over all the inputs, to rounding.
 
     Args:
         model: the model, as in :func:`torchfim.fisher`.
@@ -188,10 +189,14 @@ def variance_bound(
     trace = structure_class(structure) is Trace
     if estimator == "score" and not trace:  # entries: the kurtosis bound is never the tighter (§4.2)
         return score_variance_bound_spectral(model, inputs, family, structure, n_samples, **options)
-    if estimator == "score" and not options.get("across_processes"):  # both trace bounds from one pass
+    if estimator == "score":  # both trace bounds from one pass, over each process's rows with across_processes
+        call = ("variance", "score", "trace", family_settings(get_family(family)), n_samples, "bound",
+                options.get("class_dim"))
+        share = row_share(options.get("across_processes", False), options.get("mask"), call, options.get("output"),
+                          "variance_bound")
         k = check_n_samples(n_samples)
-        single = {name: value for name, value in options.items() if name != "across_processes"}  # False, or None
-        return score_trace_bound(model, inputs, family, **single) / k
+        single = {name: value for name, value in options.items() if name != "across_processes"}
+        return score_trace_bound(model, inputs, family, **single, share=share) / k
     inputs = reusable(inputs)  # iterated once per bound
     results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
     best = results[0]

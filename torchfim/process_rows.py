@@ -16,8 +16,9 @@ Each process computes its share alone, with no collective until it is done; then
 every process succeeded (a process that failed raises its error, the others name it: none waits for a
 collective that would never come; a call refused before that, on some processes only, is announced in the same
 collective: :func:`torchfim._processes.announced`), checks that the processes held the same inputs (a digest of the bytes of every
-mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) and the same
-weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not wrapped in
+mini-batch, targets included, in order: a ``DistributedSampler``'s shard on each would be refused) cut into the
+same mini-batches (their sizes compared first, so that another ``batch_size`` on one process is named as such) and
+the same weights (:func:`torchfim._processes.weights_fingerprint`: a model built from another seed on each, not wrapped in
 ``DistributedDataParallel``, would be refused; other floating-point buffers, BatchNorm's statistics, are warned of),
 where the buffers agree the same outputs on the first rows of the first mini-batch (a digest,
 :func:`torchfim.engine.output_probe.output_digest`: the same weights under another activation, temperature or
@@ -40,10 +41,13 @@ import torch
 from torch import Tensor, nn
 
 from ._process_checks import (
+    CUT_NUMBERS,
     MODEL_NUMBERS,
+    check_same_cut,
     check_same_kind,
     check_same_outputs,
     check_same_wrapping,
+    cut_numbers,
     model_numbers,
     model_parts,
 )
@@ -78,7 +82,7 @@ Computed = TypeVar("Computed")
 
 #: A process's numbers in :meth:`RowShare.together`'s collective where it failed before reaching it
 #: (:func:`torchfim._processes.announced`): the failed flag first.
-FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[float("nan")] * MODEL_NUMBERS]
+FAILED_BEFORE = [1.0, 0.0, -1.0, 0.0, 0.0, 0.0, *[0.0] * CUT_NUMBERS, *[float("nan")] * MODEL_NUMBERS]
 
 
 class RowShare:
@@ -88,6 +92,7 @@ class RowShare:
         self.rank, self.world = rank, world
         self.what = f"{what}(across_processes=True)"  # the public call, in the messages
         self._digest = hashlib.sha1()
+        self._sizes: list[int] = []  # of the mini-batches, compared apart from their digest (check_same_cut)
         self._labels: float | None = None  # the label generator's fingerprint before any draw; None: no labels
         self._call = hashlib.sha1()  # the settings the processes must share (row_share)
         feed_digest(self._call, call)
@@ -95,9 +100,11 @@ class RowShare:
         self._outputs = [float("nan")] * 4  # the model's output digest on them (probe); NaN: none taken
 
     def rows(self, batches: Iterable[Batch]) -> Iterator[Batch]:
-        """This process's rows of each mini-batch (those with none for it skipped), every whole one digested."""
+        """This process's rows of each mini-batch (those with none for it skipped), every whole one digested and its
+        size noted."""
         for batch in batches:
             feed_digest(self._digest, (batch.args, batch.kwargs, batch.targets))
+            self._sizes.append(batch.size)
             if self._first is None and batch.size:
                 self._first = probe_rows(batch)
             if batch.size > self.rank:
@@ -126,7 +133,7 @@ class RowShare:
         feed_digest(self._call, (trained_names(model), _shapes(attempt.result)))
         labels = -1.0 if self._labels is None else self._labels
         numbers = [attempt.kind, digest_number(self._digest), labels, weights, digest_number(self._call), buffers,
-                   *model_numbers(model, self._outputs)]
+                   *cut_numbers(self._sizes), *model_numbers(model, self._outputs)]
         every = gather_numbers(numbers, model, self.what)
         computed = attempt.settle(sum(bool(e[0]) for e in every) - attempt.failed, self.what,
                                   [e[0] for e in every if e[0]])
@@ -141,6 +148,7 @@ class RowShare:
                 "with scale = 1 + rank, or a layer frozen on one process alone, differs between them)"
             )
         check_same_kind(kinds, self.what)  # before the inputs: each takes them in its own
+        check_same_cut([e[6:6 + CUT_NUMBERS] for e in every], self._sizes, self.rank, self.what)
         if len({e[1] for e in every}) > 1:
             raise TorchfimError(
                 f"{self.what} needs the same inputs in the same order on every process (each computes "

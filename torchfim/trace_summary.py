@@ -33,6 +33,7 @@ from .engine.backend import second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
 from .families import Family, get_family
+from .process_rows import RowShare
 from .structures import Layout
 from .variance import HessianVariance, ScoreVariance, squares_layout
 
@@ -95,30 +96,42 @@ def score_trace_variances(
 def score_trace_bound(
     model: nn.Module, inputs: Inputs, family: str | Family = "categorical", *, backend: str = "auto",
     progress: bool = False, mask: Mask = None, output: Callable[[object], Tensor] | None = None,
-    class_dim: int | None = None,
+    class_dim: int | None = None, share: RowShare | None = None,
 ) -> Tensor:
     """The tightest bound on ``Var(Tr Î1)`` (one label per input) that :func:`torchfim.variance_bound` gives: the sum
     over inputs of the smaller of each input's spectral and kurtosis terms, both from one pass, for the model alone
-    (none of :func:`score_trace_variances`' per-tensor terms nor the exact variance)."""
-    sums, n = _score_trace_sums(model, inputs, get_family(family), ("spectral", "kurtosis"), False, backend,
-                                progress, mask, output, class_dim)
-    bound = sums.total["bound"] / float(n) ** 2
-    check_finite_result({"bound": bound}, "a variance bound of the trace estimator", sums.layout.dtype)
-    return bound.to(sums.layout.dtype)
+    (none of :func:`score_trace_variances`' per-tensor terms nor the exact variance). With ``share`` (a process's
+    rows, :func:`torchfim.process_rows.row_share`), over every process's inputs: each sums the terms of its own rows,
+    ``S_r``, and the bound is ``Σ_r S_r / N²`` (:meth:`~torchfim.process_rows.RowShare.mean` of ``S_r / n_r²``), one
+    process's over all the inputs to rounding."""
+
+    def compute() -> tuple[Tensor, int]:
+        sums, n = _score_trace_sums(model, inputs, get_family(family), ("spectral", "kurtosis"), False, backend,
+                                    progress, mask, output, class_dim, share)
+        bound = sums.total["bound"] / float(max(n, 1)) ** 2  # a process's share may be empty
+        check_finite_result({"bound": bound}, "a variance bound of the trace estimator", sums.layout.dtype)
+        return bound.to(sums.layout.dtype), n
+
+    if share is None:
+        return compute()[0]
+    bound, n = share.together(compute, model)
+    return share.mean(None, bound, n, model)[1]
 
 
 def _score_trace_sums(model: nn.Module, inputs: Inputs, fam: Family, modes: tuple[str, ...], per_tensor: bool,
                       backend: str, progress: bool, mask: Mask, output: Callable[[object], Tensor] | None,
-                      class_dim: int | None) -> tuple[_Sums, int]:
+                      class_dim: int | None, share: RowShare | None = None) -> tuple[_Sums, int]:
     """The sums over inputs of :meth:`.variance.ScoreVariance.trace_terms` of the model's output gram, per mode
     (``"var"`` the exact variance) and, with ``per_tensor``, of each tensor's own gram; and the inputs counted.
     With both bounds' modes, ``"bound"`` too: the sum of each input's smaller bound term (each input's term bounds its
-    own variance, so the sum of the smaller ones bounds the whole, never above the smaller of the two sums)."""
+    own variance, so the sum of the smaller ones bounds the whole, never above the smaller of the two sums). With
+    ``share``, over this process's rows alone (its model's outputs probed for the processes' check)."""
     forms_of = {"var": "exact", "spectral": "spectral", "kurtosis": "kurtosis"}
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
         sums = _Sums(squares_layout(one.view.layout), modes + ("bound",) * ("kurtosis" in modes))
         for rec, fam_b in one.batches(inputs, None, fam, mask, progress, "variance[score]", split=True, whole=True,
-                                      grams=True):  # an output Gram matrix per input, per tensor and in all
+                                      grams=True,  # an output Gram matrix per input, per tensor and in all
+                                      rows=None if share is None else share.rows):
             forms = [ScoreVariance(one.backend, rec, fam_b, forms_of[mode]) for mode in modes]
             gram = None  # G = Σ_t G_t per input, (B, C, C)
             for rows, grams in one.backend.tensor_output_grams(rec):
@@ -132,6 +145,8 @@ def _score_trace_sums(model: nn.Module, inputs: Inputs, fam: Family, modes: tupl
             if gram is not None:
                 for key, terms in _input_terms(modes, forms, slice(0, rec.batch.size), gram).items():
                     sums.total[key] += terms.sum().to(sums.total[key].dtype)
+        if share is not None:
+            share.probe(one.view)
         return sums, one.n
 
 

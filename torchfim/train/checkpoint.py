@@ -9,12 +9,14 @@ so ``torch.load(path, weights_only=True)`` reads it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .._prefix import without_prefix
+from .._processes import feed_digest
 from ..engine.batch import Batch
 from ..errors import TorchfimError
 
@@ -45,45 +47,45 @@ def restored_generator(generator: torch.Generator | None, saved: Mapping[str, ob
     return generator
 
 
-#: Numbers of held inputs summed at a time in float64 by :func:`inputs_checksum` (bounds its memory).
-CHECKSUM_CHUNK = 2**22
-
-
-def inputs_checksum(held: list[Batch]) -> float:
-    """A number that tells held inputs apart, their order included: ``Σ_rows (row index + 1)·(row sum)``."""
-    total, offset = 0.0, 0
+def held_digest(held: list[Batch]) -> hashlib._Hash:
+    """The SHA-1 digest of held mini-batches, in order, as :class:`torchfim.process_rows.RowShare` takes a Fisher's:
+    every input, keyword input and target by its shape (so the mini-batches' sizes), dtype and bytes."""
+    digest = hashlib.sha1()
     for batch in held:
-        for t in (*batch.args, *batch.kwargs.values()):
-            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size:
-                rows = t.detach().reshape(batch.size, -1)
-                step = max(1, CHECKSUM_CHUNK // max(1, rows.shape[1]))
-                for start in range(0, batch.size, step):
-                    sums = rows[start:start + step].double().sum(1)
-                    first = offset + start + 1
-                    weights = torch.arange(first, first + len(sums), dtype=torch.float64, device=sums.device)
-                    total += float((sums * weights).sum())
-        offset += batch.size
-    return total
+        feed_digest(digest, (batch.args, batch.kwargs, batch.targets))
+    return digest
+
+
+def inputs_checksum(held: list[Batch]) -> str:
+    """:func:`held_digest` in hex: what a saved state's held inputs are checked against."""
+    return held_digest(held).hexdigest()
 
 
 def checked(state: object, owner: str, settings: Mapping[str, object], keys: tuple[str, ...]) -> Mapping[str, object]:
     """``state`` when it is a state this object can load: a mapping with ``keys``, of this version, saved with
-    the same ``settings`` (the checksum of held inputs compared to 1e-9 relative)."""
+    the same ``settings``; one whose held inputs were checked by an earlier checksum (a number) is refused."""
     if not isinstance(state, Mapping) or state.get("version") != VERSION or any(k not in state for k in keys):
         raise TorchfimError(
             f"{owner}.load_state_dict takes what {owner}.state_dict() returned (version {VERSION}), got "
             f"{type(state).__name__}{'' if not isinstance(state, Mapping) else ' with keys ' + repr(sorted(state))}"
         )
     saved = state["settings"]
+    if isinstance(saved.get("inputs_checksum"), float):  # Σ (row index + 1)·(row sum): not comparable to a digest
+        raise TorchfimError(
+            f"{owner}.load_state_dict: the state was saved by an earlier torchfim, which checked the held inputs "
+            "by a weighted sum of their rows (blind to how they were cut into mini-batches and to entries reordered "
+            "within a row), and this one cannot compare it with its digest of them; resume the run with the torchfim "
+            f"that saved it, or start this {owner} afresh"
+        )
     differ = [k for k, v in settings.items() if not _same(saved.get(k), v)]
     if "processes" in differ and saved.get("processes") and settings["processes"]:  # before the inputs: each its share
         _refuse_other_process(owner, saved["processes"], settings["processes"])
     if differ:
         said = ", ".join(f"{k}={saved.get(k)!r} (here {settings[k]!r})" for k in differ)
+        held = "the same held inputs, in the same order and mini-batches, and " if "inputs_checksum" in settings else ""
         raise TorchfimError(
             f"{owner}.load_state_dict: the state was saved by a {owner} made with {said}; make this one as the "
-            f"saved run made its own ({'the same held inputs, in the same order, and ' if 'inputs_checksum' in settings else 'the same '}"
-            "options)"
+            f"saved run made its own ({held or 'the same '}options)"
         )
     return state
 

@@ -246,7 +246,7 @@ class FisherTraceMonitor:
         self.inputs, self._share = shared(held, across_processes)  # this process's share, and its place
         self._path = EnginePath()
         self.n_inputs = sum(b.size for b in held)
-        self._checksum: float | None = None  # of the held inputs, taken when a state is first saved or loaded
+        self._checksum: str | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
         self._order = StepOrder(model)
         self.subset, self.control_variate = self._check_options(subset, control_variate)

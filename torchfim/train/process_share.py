@@ -10,12 +10,14 @@ stratified combination
 
     ``T = Σ_r (N_r/N) T_r``,  ``V = Σ_r (N_r/N)² V_r``,  ``variance_ratio = V / Σ_r (N_r/N)² P_r``,
 
-from one ``all_gather`` of eighteen numbers per measurement; every process gets the same record, and the first alone
-writes the files. A large measurement costs each process about ``1/W`` of a whole one; a small one keeps its fixed
+from one ``all_gather`` of twenty-three numbers per measurement; every process gets the same record, and the first
+alone writes the files. A large measurement costs each process about ``1/W`` of a whole one; a small one keeps its fixed
 costs (the engine's set-up, the collective). Measured, two processes of one thread against one process measuring
 everything, MLP 64-256-256-10, gloo on one CPU: 0.45× at 8192 held inputs, 0.81× at 2048, 1.09× at 512. With ``subset=m``, each process
 measures windows of ``⌈m/W⌉`` of its share. The same ``all_gather`` checks that the processes' monitors have the
-same settings and train the same parameters, that they hold the same inputs and the same weights
+same settings and train the same parameters, that they hold the same inputs (a digest of every held mini-batch's
+bytes, in order) cut into the same mini-batches (their sizes compared first, naming a cut that differs; the processes'
+shares must add up to the held set) and the same weights
 (:func:`torchfim._processes.weights_fingerprint`) and that their generators were in different states (refused otherwise, with the fix): a share of other inputs, or labels drawn with the same
 random numbers, would make ``V`` too small, and shares of other models would make a trace of no model. A process
 that fails anywhere in its measurement (building the engine included) raises its error there, and the others say
@@ -32,10 +34,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._process_checks import check_same_kind, check_same_outputs, check_same_wrapping, model_numbers, model_parts
+from .._process_checks import (
+    CUT_NUMBERS,
+    check_same_cut,
+    check_same_kind,
+    check_same_outputs,
+    check_same_wrapping,
+    cut_numbers,
+    model_numbers,
+    model_parts,
+)
 from .._processes import (
     Attempt,
     check_same_weights,
+    digest_number,
     gather_numbers,
     generator_fingerprint,
     process_place,
@@ -47,7 +59,7 @@ from .._processes import (
 from ..engine.batch import Batch
 from ..engine.output_probe import probe_rows
 from ..errors import TorchfimError
-from .checkpoint import inputs_checksum
+from .checkpoint import held_digest
 
 #: The call, in the messages.
 WHAT = "FisherTraceMonitor(across_processes=True)"
@@ -66,15 +78,17 @@ FAILED_BEFORE = [1.0]
 
 @dataclass(frozen=True)
 class ProcessShare:
-    """Process ``rank`` of ``world``, holding ``share`` of ``total`` inputs whose checksum is ``checksum``; the
-    fewest any process holds, ``smallest`` (every process knows it: what one alone would refuse or warn of, all do);
-    ``first``, the first rows of the whole held set, on which the processes' models must give the same outputs."""
+    """Process ``rank`` of ``world``, holding ``share`` of ``total`` inputs in mini-batches of ``sizes``, whose digest
+    is ``digest`` (:func:`.checkpoint.held_digest`); the fewest any process holds, ``smallest`` (every process
+    knows it: what one alone would refuse or warn of, all do); ``first``, the first rows of the whole held set, on
+    which the processes' models must give the same outputs."""
 
     rank: int
     world: int
     share: int
     total: int
-    checksum: float
+    sizes: list[int]
+    digest: float
     smallest: int
     first: Batch
 
@@ -95,8 +109,8 @@ class ProcessShare:
                                                                              [math.nan] * 4)
         weight = self.share / self.total
         every = gather_numbers([weight * trace, weight**2 * variance, weight**2 * plain, float(measured),
-                                float(attempt.failed), self.checksum, state, weights, call, buffers,
-                                *model_numbers(model, outputs)], model, WHAT)
+                                float(attempt.failed), self.digest, state, weights, call, buffers, float(self.share),
+                                *cut_numbers(self.sizes), *model_numbers(model, outputs)], model, WHAT)
         t, v, p, n, failed = (sum(e[i] for e in every) for i in range(5))  # in rank order: the same on every one
         attempt.settle(int(failed) - attempt.failed, "FisherTraceMonitor(across_processes=True)")
         digests, kinds, names = model_parts(every)
@@ -104,6 +118,9 @@ class ProcessShare:
         if len({e[8] for e in every}) > 1:  # before any record: the shares would be of other measurements
             raise TorchfimError(SETTINGS_DIFFER)
         check_same_kind(kinds, WHAT)  # before the weights, which another dtype moves
+        # before the inputs: a cut of the same inputs is named as such; the record's weights share/total need the
+        # shares to add up to the total
+        check_same_cut([e[11:11 + CUT_NUMBERS] for e in every], self.sizes, self.rank, WHAT, [e[10] for e in every])
         _check_alike([e[5] for e in every], [e[6] for e in every], [e[7] for e in every], [e[9] for e in every])
         if same_weights([e[9] for e in every]):  # other buffers (warned of) move the outputs too
             check_same_outputs(digests, WHAT)
@@ -121,13 +138,15 @@ class ProcessShare:
                                 "to build it (the error is raised there), so this one stops too")
 
 
-def _check_alike(checksums: list[float], states: list[float], weights: list[float], buffers: list[float]) -> None:
-    """Refuse processes that hold other inputs or other weights, or whose label generators were in the same
-    state."""
-    if any(not math.isclose(s, checksums[0], rel_tol=1e-9, abs_tol=1e-12) for s in checksums):
+def _check_alike(digests: list[float], states: list[float], weights: list[float], buffers: list[float]) -> None:
+    """Refuse processes that hold other inputs (their :func:`.checkpoint.held_digest`) or other weights, or whose label
+    generators were in the same state."""
+    if len(set(digests)) > 1:
         raise TorchfimError(
-            "FisherTraceMonitor(across_processes=True) needs the same held inputs on every process (each "
-            "measures its share), but they differ; pass every process the whole held set"
+            "FisherTraceMonitor(across_processes=True) needs the same held inputs on every process, in the same "
+            "order (each measures its share), but they differ; pass every process the whole held set, unshuffled "
+            "and unaugmented (not a DistributedSampler's shard, nor a loader shuffled by each process's own seed, "
+            "nor a random flip or crop applied by each)"
         )
     check_same_weights(weights, "FisherTraceMonitor(across_processes=True)", buffers)
     if len(set(states)) < len(states):
@@ -159,5 +178,5 @@ def shared(held: list[Batch], across_processes: object) -> tuple[list[Batch], Pr
     rank, world = place
     mine = shared_rows(held, rank, world)
     smallest = sum(len(range(world - 1, b.size, world)) for b in held)  # the last process holds the fewest
-    return mine, ProcessShare(rank, world, sum(b.size for b in mine), sum(b.size for b in held), inputs_checksum(held),
-                              smallest, probe_rows(held[0]))
+    return mine, ProcessShare(rank, world, sum(b.size for b in mine), sum(b.size for b in held),
+                              [b.size for b in held], digest_number(held_digest(held)), smallest, probe_rows(held[0]))
