@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from ._paired import PairedFamily
 from .base import _to_generator_device, _wide_float, _work_dtype
 
@@ -24,6 +24,9 @@ _SERIES = {
 # α(log α − ψ(α)) in powers of 1/α, from ψ(x) ~ log x − 1/(2x) − Σ B₂ₖ/(2k x²ᵏ).
 _DIGAMMA_SERIES = (0.5, 1 / 12, 0.0, -1 / 120, 0.0, 1 / 252, 0.0, -1 / 240, 0.0, 1 / 132, 0.0, -691 / 32760, 0.0,
                    1 / 12)
+# Stirling's remainder log Γ(α) − (α − ½) log α + α − ½ log 2π in powers of 1/α: Σ B₂ₖ/(2k(2k−1)α²ᵏ⁻¹).
+_LGAMMA_SERIES = (0.0, 1 / 12, 0.0, -1 / 360, 0.0, 1 / 1260, 0.0, -1 / 1680, 0.0, 1 / 1188, 0.0, -691 / 360360, 0.0,
+                  1 / 156)
 # Below this shape a Gamma(α, 1) draw can underflow float64 (P(w < 2⁻¹⁰²²) ≈ 2^(−1022α)/Γ(α+1)), so its
 # log is drawn instead: w = g·U^{1/α} with g ~ Gamma(α+1, 1), U uniform, i.e. log w = log g + log(U)/α.
 _LOG_DRAW_SHAPE = 1.0
@@ -85,11 +88,43 @@ def _log1p_minus_identity(delta: Tensor) -> Tensor:
     return torch.where(tiny, x * x * series, torch.log1p(delta) - delta)
 
 
+def _log_density_of_w(log_mean: Tensor, log_shape: Tensor, y: Tensor) -> Tensor:
+    """``α log w − w − log Γ(α)`` with ``w = αy/μ`` (``log p(y) + log y``), float64 tensors, in a form whose
+    derivatives in ``(log μ, log α)`` keep their digits (they are the scores, O(1) at any shape).
+
+    For ``α ≥ 20`` as ``½ log α − ½ log 2π − R(α) + α(log(1 + δ) − δ)`` with ``δ = y/μ − 1 = W/α``, which
+    does not depend on ``α``, and ``R`` Stirling's remainder of ``log Γ(α)`` by its series: its ``log α``
+    derivative is then :func:`_shape_score`'s large-shape form term by term, where the direct form's cancels
+    terms of size ``α log α`` (in float64 u_α was 0.015 off at log-shape 30 and 780 at 40). Below, directly,
+    with ``log w = log y + log α − log μ`` (``w`` itself may underflow where ``α`` is tiny). Where a branch is
+    not used it is evaluated on clamped inputs, so that its masked gradient is 0, not NaN.
+    """
+    threshold = math.log(_ASYMPTOTIC_SHAPE)
+    large = log_shape >= threshold
+    small_log_shape = log_shape.clamp_max(threshold)
+    log_w = torch.log(y) + small_log_shape - log_mean
+    direct = torch.exp(small_log_shape) * log_w - torch.exp(log_w) - torch.lgamma(torch.exp(small_log_shape))
+    big_log_shape = log_shape.clamp_min(threshold)
+    # y·e^{−log μ} − 1 rather than through logs: log y would keep only ε·|log y| of δ ≈ 1/√α.
+    delta = torch.where(large, y, 1.0) * torch.exp(-torch.where(large, log_mean, 0.0)) - 1
+    stirling = (0.5 * big_log_shape - 0.5 * math.log(2 * math.pi) - _series(_LGAMMA_SERIES, torch.exp(big_log_shape))
+                + torch.exp(big_log_shape) * _log1p_minus_identity(delta))
+    return torch.where(large, stirling, direct)
+
+
 #: A gamma model that ends in an exponential or a softplus, returning the mean and shape themselves.
 POSITIVE = (
     "torchfim: the model's outputs come out of {op} (positive values), but the gamma family reads them as a "
     "log-mean and a log-shape (μ = exp(outputs[..., :D]), α = exp(outputs[..., D:])), so the Fisher would be that "
     "of another model; return their logs ({fix})"
+)
+
+
+#: Labels drawn below the range of their dtype (log-shapes below about −5 in float64).
+CLIPPED = (
+    "torchfim: some gamma labels drawn fall below {dtype}'s smallest normal number (at shapes this small: "
+    "log-shapes below about -5 in float64) and were raised to it, so their log-likelihoods, and a Fisher penalty drawn from them, are off; the Fisher, "
+    "its variance and the monitor draw their scores without labels and are not affected"
 )
 
 
@@ -122,8 +157,10 @@ class Gamma(PairedFamily):
     Sampling draws ``w`` with ``torch._standard_gamma`` from the passed generator in float64, for
     ``α < 1`` as ``log w = log g + log(U)/α`` with ``g ~ Gamma(α+1, 1)`` and ``U`` uniform (``w``
     itself underflows there), and for ``α ≥ 10¹²`` its deviation ``w − α`` from a normal draw by
-    Wilson–Hilferty's cube (``w − α`` itself rounds away there). Labels below the dtype's range are raised to its smallest normal
-    number; :meth:`sample_scores` works from ``log w`` and is not affected.
+    Wilson–Hilferty's cube (``w − α`` itself rounds away there). Labels come in float64 (float32 on MPS) whatever
+    the outputs' dtype; one below that range (log-shapes below about −5) is raised to its smallest normal number,
+    with a warning; :meth:`sample_scores` works from ``log w`` and is not affected. :meth:`log_prob` is computed
+    in that dtype too, in a form whose derivatives keep their digits at any shape (:func:`_log_density_of_w`).
 
     Example:
         >>> import torch
@@ -180,13 +217,19 @@ class Gamma(PairedFamily):
         return log_w, w, deviation, log_mean, log_shape
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        work = _work_dtype(o)[0]
+        # In float64 (float32 on MPS) whatever the outputs' dtype, as the Poisson counts: float32 labels lost
+        # u_α to rounding at large α and clipped at its smallest normal number at small α (1.1 % of them at
+        # log-shape −3), and the Fisher penalty's scores are those of its labels.
+        wide = _wide_float(o.device)
         log_w, w, _, log_mean, log_shape = self._log_draws(o, k, generator)
         shift = log_mean - log_shape
         # From w where it is a normal number: exp(log w + …) would lose ε·|log w| relative at large α.
-        y = torch.where(w >= torch.finfo(w.dtype).tiny, w * torch.exp(shift), torch.exp(log_w + shift)).to(work)
+        y = torch.where(w >= torch.finfo(w.dtype).tiny, w * torch.exp(shift), torch.exp(log_w + shift)).to(wide)
         # A label must be positive: one below the dtype's range is raised to its smallest normal number.
-        return y.clamp_min(torch.finfo(work).tiny).to(o.device)
+        tiny = torch.finfo(wide).tiny
+        if bool((y < tiny).any()):
+            warn_user(CLIPPED.format(dtype=str(wide).removeprefix("torch.")))
+        return y.clamp_min(tiny).to(o.device)
 
     def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """The scores of :meth:`sample`'s draws, from ``log w`` and ``w`` in float64 (:func:`_shape_score`),
@@ -194,12 +237,6 @@ class Gamma(PairedFamily):
         log_w, _, deviation, _, log_shape = self._log_draws(o, k, generator)
         scores = torch.cat([deviation, _shape_score(torch.exp(log_shape), log_w, deviation)], dim=-1)
         return scores.to(device=o.device, dtype=o.dtype)
-
-    def _standard_draws(self, y: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
-        """``(w, α)`` with ``w = αy/μ`` for labels ``y`` against outputs ``o``, in the work dtype."""
-        work = _work_dtype(o, y)[0]
-        log_mean, log_shape = self._align(y, o).to(work).chunk(2, dim=-1)
-        return y.to(work) * torch.exp(log_shape - log_mean), torch.exp(log_shape)
 
     def output_score(self, y: Tensor, o: Tensor) -> Tensor:
         # In float64 (float32 on MPS) whatever the dtype: u_α is O(1) out of terms of size √α.
@@ -220,7 +257,11 @@ class Gamma(PairedFamily):
         return second, third, fourth
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
-        w, shape = self._standard_draws(y, o)
+        # In float64 (float32 on MPS) whatever the dtypes, as output_score: the Fisher penalty differentiates it
+        # twice by autograd, and float32 lost the O(1) shape score to rounding (E[u_α²]/Λ_αα was 1.8 at
+        # log-shape 14 and 362 at 17).
+        wide = _wide_float(o.device)
+        log_mean, log_shape = self._align(y, o).to(wide).chunk(2, dim=-1)
+        y = y.to(wide)
         # log p(y) = α log w − w − log Γ(α) − log y, since β^α y^{α−1} = w^α / y.
-        log_p = shape * torch.log(w) - w - torch.lgamma(shape) - torch.log(y.to(w.dtype))
-        return log_p.sum(-1).to(o.dtype)
+        return (_log_density_of_w(log_mean, log_shape, y) - torch.log(y)).sum(-1).to(o.dtype)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._paired import PairedFamily
-from .base import _work_dtype
+from .base import _wide_float, _work_dtype
 
 
 class HeteroscedasticGaussian(PairedFamily):
@@ -28,6 +28,9 @@ class HeteroscedasticGaussian(PairedFamily):
     The ``hessian`` estimator (Î2) uses ``Λ`` as the output curvature, so it stays unbiased with
     variance ``hᵀΛh``; the literal negative Hessian of ``log p`` would put ``∇²_θ o_a − JᵀΓ_aJ`` in
     place of ``∇²_θ o_a`` (:meth:`~PairedFamily.score_curvature`).
+
+    Labels come in float64 (float32 on MPS) whatever the outputs' dtype, so that ``y − μ`` keeps ``σz`` where
+    ``σ`` is far below ``|μ|``.
 
     Example:
         >>> import torch
@@ -59,8 +62,12 @@ class HeteroscedasticGaussian(PairedFamily):
         return noise.to(o.device)
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        mean, log_var = o.detach().to(_work_dtype(o)[0]).chunk(2, dim=-1)
-        return mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * self._noise(o, k, generator)
+        # In float64 (float32 on MPS) whatever the outputs' dtype: a float32 label rounded σz away where σ is
+        # below float32's spacing at μ (log σ² = −36, μ = 3: y = μ, and the Fisher penalty, whose scores are its
+        # labels', was 0).
+        wide = _wide_float(o.device)
+        mean, log_var = o.detach().to(wide).chunk(2, dim=-1)
+        return mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * self._noise(o, k, generator).to(wide)
 
     def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """``u_μ = z/σ``, ``u_s = (z² − 1)/2`` from the noise ``z`` of :meth:`sample`: through the label,
