@@ -262,7 +262,7 @@ def test_a_damping_per_parameter_is_refused_by_its_shape_alone(kind) -> None:
     """A list of P values had no per-parameter hint and printed all of them (500,000 characters at P = 10⁵)."""
     s = _structure(_model(), "diag")
     p = s.layout.num_params
-    with pytest.raises(TorchfimError, match=rf"damping is one number λ \(A \+ λI\), got a \w+ of shape \({p},\); for a "
+    with pytest.raises(TorchfimError, match=rf"damping is one number λ \(A \+ λI\), got an? \w+ of shape \({p},\); for a "
                                             "prior precision per parameter") as caught:
         s.solve(torch.ones(p, dtype=torch.float64), damping=kind([0.1] * p))
     assert len(str(caught.value)) < 400
