@@ -106,7 +106,32 @@ def _refuse_a_pair(inputs: object, targets: object = None) -> None:
     )
 
 
+def held_by_caller(inputs: Inputs) -> bool:
+    """Whether ``inputs`` are mini-batches the caller holds (a tensor, one dict mini-batch, a list or a tuple), not
+    ones a loader or iterator yields, which may refill one buffer from one mini-batch to the next."""
+    return isinstance(inputs, (Tensor, Mapping, list, tuple))
+
+
 def reusable(inputs: Inputs) -> Inputs:
     """``inputs`` in a form that can be iterated more than once: a tensor, one dict mini-batch (any
-    mapping, as a tokenizer's ``BatchEncoding``), a list or a tuple as they are; a one-shot iterator as a list."""
-    return inputs if isinstance(inputs, (Tensor, Mapping, list, tuple)) else list(inputs)
+    mapping, as a tokenizer's ``BatchEncoding``), a list or a tuple as they are; what a loader or a one-shot
+    iterator yields as a list of copies (a generator refilling one tensor before each ``yield`` left the list
+    holding the last mini-batch N times: standard errors 1.95× the variance, in a review)."""
+    return inputs if held_by_caller(inputs) else [copied(batch) for batch in inputs]
+
+
+def copied(obj: object) -> object:
+    """``obj`` with every tensor in it cloned, detached (in tuples, lists and mappings, nested)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, Mapping):
+        items = {key: copied(value) for key, value in obj.items()}
+        try:
+            return type(obj)(items)  # a dict, or a tokenizer's BatchEncoding
+        except Exception:  # noqa: BLE001 - a mapping type built otherwise: as a dict, which reads the same
+            return items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(copied(value) for value in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(copied(value) for value in obj)
+    return obj

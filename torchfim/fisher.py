@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ._batches import Inputs
+from ._batches import Inputs, copied, held_by_caller
 from ._processes import announced, family_settings
 from .combined import combined_terms
 from .engine import backend_name, check_finite_result
@@ -191,13 +191,14 @@ def fisher(
             drawing = generator if share is None or not draws else share.generator(generator, one.view.device)
             result = make_structure(structure, one.view.layout)
             seen, width = [], 0  # the standard error's mini-batches; output numbers per input, which it pulls back
+            held = held_by_caller(inputs)
             # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
             for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
                                           f"fisher[{estimator}]", split=estimator == "exact" or per_position,
                                           rows=None if share is None else share.rows):
                 add_estimate(estimator, one.backend, rec, fam_b, result, k, drawing, progress, per_position)
-                if return_stderr:
-                    seen.append(rec.batch)
+                if return_stderr:  # a copy where a loader may refill the buffer before the variance's pass reads it
+                    seen.append(rec.batch if held else rec.batch.map(copied))
                     width = max(width, rec.output.shape[1])
             if share is not None:
                 share.probe(one.view)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .._batches import Inputs, iter_batches
+from .._batches import Inputs, copied, held_by_caller, iter_batches
 from ..engine.batch import Batch, detached, make_batch
 from ..engine.labels import ModelLabels
 from ..errors import TorchfimError, all_finite
@@ -32,7 +32,7 @@ __all__ = ["hold", "pooled", "pooled_groups", "window_batches"]
 def hold(inputs: Inputs, labels: ModelLabels | None = None) -> list[Batch]:
     """The non-empty mini-batches of ``inputs``, checked (a batch dimension, finite floats) and detached; a dict's
     labels read as the model's loss reads them where ``labels`` says how (:func:`.engine.batch.make_batch`)."""
-    held = []
+    held, copy = [], not held_by_caller(inputs)  # a loader may refill one buffer from one mini-batch to the next
     for x, y in iter_batches([inputs] if isinstance(inputs, Mapping) else inputs):
         if not isinstance(x, (Tensor, Mapping)):
             raise TorchfimError(
@@ -45,7 +45,7 @@ def hold(inputs: Inputs, labels: ModelLabels | None = None) -> list[Batch]:
         if any(t.is_floating_point() and not all_finite(t) for t in tensors):
             raise TorchfimError("the held inputs contain NaN or Inf; clean or drop those samples before monitoring")
         if batch.size > 0:
-            held.append(batch.map(detached))
+            held.append(batch.map(copied if copy else detached))
     if not held:
         raise TorchfimError("the held inputs are empty: pass at least one input to measure Tr(F) on")
     return held

@@ -52,14 +52,13 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .._batches import Inputs
+from .._batches import Inputs, reusable
 from .._io import atomic_write
 from .._processes import process_group
 from ..errors import TorchfimError, warn_user
@@ -106,8 +105,7 @@ class FisherTraceCallback(TrainerCallback):
         if trainer is not None and not isinstance(trainer, Trainer):
             raise TorchfimError(f"FisherTraceCallback's trainer must be the transformers Trainer it is added to (its "
                                 f"records go through trainer.log), got {trainer!r:.80}")
-        if not isinstance(inputs, (torch.Tensor, Mapping)):
-            inputs = list(inputs)  # read once: checked here, held when training begins (a generator would be spent)
+        inputs = reusable(inputs)  # read once: checked here, held when training begins (a generator would be spent)
         _check_monitor_options(inputs, every, options)
         self.inputs, self.every, self.csv_path, self.options = inputs, every, csv_path, options
         self.trainer, self.name = trainer, name
