@@ -240,7 +240,7 @@ def test_options_the_monitor_would_refuse_are_refused_when_the_callback_is_built
     """Before, the callback took them and training stopped at its first step, inside ``trainer.train()``."""
     with pytest.raises(TorchfimError, match=r"control_variate=True needs at least 4 inputs per measurement.*got 3"):
         FisherTraceCallback(HELD, subset=3, control_variate=True)
-    with pytest.raises(TorchfimError, match=r"option\(s\) the monitor does not take: subsett; it takes .*subset"):
+    with pytest.raises(TorchfimError, match=r"got 1 option the monitor does not take: subsett; it takes .*subset"):
         FisherTraceCallback(HELD, subsett=3)
     with pytest.raises(TorchfimError, match=r"every must be an integer ≥ 1, got 0"):
         FisherTraceCallback(HELD, every=0)

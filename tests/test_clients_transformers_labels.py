@@ -150,7 +150,7 @@ def test_padding_that_counts_is_warned_of_and_a_tensor_mask_takes_one_dict_batch
     refused as "inputs come in mini-batches")."""
     model, batch = tiny_gpt2(), labelled_batch([5, 3], seed=12)
     del batch["labels"]
-    with pytest.warns(RuntimeWarning, match=r"attention_mask marks 2 padding position\(s\) that count as observed.*"
+    with pytest.warns(RuntimeWarning, match=r"attention_mask marks 2 padding positions, counted as observed since.*"
                                             r"mask='attention_mask'"):
         torchfim.fisher(model, batch, structure="trace")
     with warnings.catch_warnings():
@@ -198,7 +198,7 @@ def test_the_penalty_warns_of_padding_it_counts_as_fisher_does(grad_method: str)
     model, batch = tiny_gpt2(), labelled_batch([5, 3], seed=13)
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     pen = FisherPenalty(model, alpha=0.1, grad_method=grad_method, generator=torch.Generator().manual_seed(1))
-    with pytest.warns(RuntimeWarning, match=r"attention_mask marks 2 padding position\(s\) that count as observed"):
+    with pytest.warns(RuntimeWarning, match=r"attention_mask marks 2 padding positions, counted as observed since"):
         pen(unlabelled, step=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

@@ -91,7 +91,7 @@ def test_second_derivatives_of_parameters_read_through_a_global_name_are_refused
 
 def test_the_functional_backend_refuses_reads_through_a_global_name() -> None:
     model = global_reads(3)
-    with pytest.raises(TorchfimError, match=r"'0.bias', '2.weight' through a name outside the model.*backend='auto'"):
+    with pytest.raises(TorchfimError, match=r"reads parameters '0.bias', '2.weight' through a name outside the model.*backend='auto'"):
         torchfim.fisher(model, mlp_inputs(5), backend="functional")
 
 

@@ -74,7 +74,7 @@ def test_variance_and_score_estimates_leave_buffers_as_they_were() -> None:
 
 def test_a_refused_forward_leaves_buffers_as_they_were() -> None:
     model, x, before = _setup(scaled=True)
-    with pytest.raises(TorchfimError, match=r"updates its buffer\(s\) 'calls', 'mean' in place"):
+    with pytest.raises(TorchfimError, match=r"updates its buffers 'calls', 'mean' in place"):
         torchfim.fisher(model, x, family="categorical", structure="diag")
     _unmoved(model, before)
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import textwrap
+from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from torchfim._words import a_or_an, counted
 from torchfim.damped_solve import check_damping
 from torchfim.errors import TorchfimError
 from torchfim.experiments.explosion.command import interrupted_hint
+from torchfim.report.wording import on_command_line
 
 FACTORIES = '''
 def number():
@@ -64,3 +67,71 @@ def test_the_explosion_hint_counts_one_kept_run(tmp_path) -> None:
     (tmp_path / "runs" / "a.json").write_text("{}")
     hint = interrupted_hint(str(tmp_path))
     assert hint.startswith("the 1 finished run is kept in ") and hint.endswith("go on from it")  # "1 ... run(s) are"
+
+
+def test_the_library_names_one_thing_in_the_singular() -> None:
+    """"(s)" forms where the count is at hand ("1 parameter(s) do not add up", "1 position dim(s)")."""
+    from torchfim._words import agreeing
+    from torchfim.engine.coverage import moved_message
+    from torchfim.engine.labels import unread_targets_note
+
+    assert agreeing(1, "module") == "module" and agreeing(2, "takes", "take") == "take"
+    text = moved_message({"lin.weight": ""}, {"lin.weight": "outside"})
+    assert "per-sample gradients of 1 parameter do not add up" in text and "(s)" not in text
+    note = unread_targets_note(torch.randint(0, 4, (10, 5)), (10, 3, 4), -1, False)
+    assert "read as 1 position dim (3,) of 4 classes" in note and "(s)" not in note
+
+
+def _api_and_command_line(call) -> tuple[str, str]:
+    """The refusal of ``call()`` from the API and within the command line's words."""
+    said = []
+    for words in (nullcontext, on_command_line):
+        with words(), pytest.raises(TorchfimError) as err:
+            call()
+        said.append(str(err.value))
+    return said[0], said[1]
+
+
+def test_the_reports_messages_name_the_apis_keywords_from_the_api(tmp_path) -> None:
+    """From the API the report named only the command line's flags ("--checkpoint x.pt: no such file", "pass --data
+    MODULE:FACTORY", "--family", "--variance-inputs N"): each names the keyword there, the flag on the command line."""
+    torch.manual_seed(0)
+    model, x, none = nn.Sequential(nn.Linear(3, 2)), torch.randn(6, 3), tmp_path / "none.pt"
+    quiet = {"out": None, "emit": None, "progress": False}
+    api, flag = _api_and_command_line(lambda: report_mod.run_report(model, x, checkpoint=none, **quiet))
+    assert api.startswith(f"checkpoint='{none}': no such file") and flag.startswith(f"--checkpoint {none}: no such")
+    api, flag = _api_and_command_line(lambda: report_mod.run_report(model, **quiet))
+    assert api.endswith("pass data, a tensor of inputs (or an (inputs, targets) pair)")
+    assert flag.endswith("pass --data MODULE:FACTORY")
+    api, flag = _api_and_command_line(
+        lambda: report_mod.compute_report(model, report_mod.Data(x, None, "t"), "bernoulli", progress=False))
+    assert "do not fit family='bernoulli'" in api and "use family='categorical' for 2" in api
+    assert "(or pass the family that matches" in api and "--" not in api
+    assert "do not fit --family bernoulli" in flag and "use --family categorical for 2" in flag
+    api, flag = _api_and_command_line(
+        lambda: report_mod.compute_report(model, report_mod.Data(x.long(), None, "t"), progress=False))
+    assert api.startswith("the data holds 6 inputs of shape (3,), and ") and "--data" not in api
+    assert flag.startswith("--data gave 6 inputs") and flag.endswith(" (in the --data factory)")
+    api, flag = _api_and_command_line(lambda: report_mod.as_data("text", "t"))
+    assert api.startswith("data: the factory returned a str") and flag.startswith("--data: the factory returned")
+    torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
+    api, flag = _api_and_command_line(lambda: report_mod.run_report(checkpoint=tmp_path / "other.pt", **quiet))
+    assert "without model it must hold" in api and "set hidden to its widths" in api and "--" not in api
+    assert "without --model it must hold" in flag and "pass --model MODULE:FACTORY for the architecture" in flag
+
+
+def test_the_reports_notes_name_the_apis_keywords_from_the_api() -> None:
+    from torchfim.report.format import family_text
+    from torchfim.report.run import _summarise
+    from torchfim.report.settings import variance_plan
+
+    ends = {nullcontext: "freeze parameters with requires_grad_(False)", on_command_line: "(False) in --model"}
+    for words, said in ((nullcontext, "pass variance_inputs=N to"), (on_command_line, "pass --variance-inputs N to")):
+        with words():
+            reduced, skipped = (variance_plan(None, 1000, P)[2] for P in (100_000, 2_000_000))
+        assert said in reduced and said in skipped and skipped.endswith(ends[words])
+    assert family_text({"family": "gaussian", "sigma": 2.0}).endswith("; family=Gaussian(sigma=σ) sets it)")
+    lines: list[str] = []
+    results = {"resumed_steps": 1, "files": ["report.md"], "timings": {"total": 1.0}}
+    _summarise(lines.append, "", results, Path("rep"))
+    assert "read 1 finished step back from an interrupted run of this report (resume=False computes them" in lines[1]

@@ -244,8 +244,8 @@ def test_shared_measurements_refuse_other_inputs_weights_or_alike_generators_and
         assert "the processes' weights differ" in moved
         assert "needs the same held inputs on every process" in other
         assert "label generators are in the same state" in alike
-        assert ("non-finite" if rank else "1 other process(es) failed") in failed
-        assert ("no parameters with requires_grad=True" if rank else "1 other process(es) failed") in unbuilt
+        assert ("non-finite" if rank else "1 other process failed") in failed
+        assert ("no parameters with requires_grad=True" if rank else "1 other process failed") in unbuilt
 
 
 def test_monitors_built_otherwise_are_refused_on_every_process(ran: Path) -> None:
@@ -274,5 +274,5 @@ def test_held_sets_too_small_to_share_are_named_on_every_process(ran: Path) -> N
         else:
             assert "measures 1 input per process" not in small["three"], rank
         assert math.isnan(small["three stderr"])
-        assert ("every must be" if rank else "1 other process(es) failed to build it (the error is raised there)") \
+        assert ("every must be" if rank else "1 other process failed to build it (the error is raised there)") \
             in small["refused on one"], rank

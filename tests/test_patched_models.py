@@ -372,7 +372,7 @@ def test_layers_run_without_autograd_are_named_in_one_warning() -> None:
     x = torch.randn(7, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     want = torch.diagonal(exact_fisher(_DetachedBody(False).double(), x, "categorical"))
     model = _DetachedBody(True).double()
-    with pytest.warns(RuntimeWarning, match=r"'a\.0', 'a\.2' ran without autograd \(inside torch\.no_grad"):
+    with pytest.warns(RuntimeWarning, match=r"torchfim: modules 'a\.0', 'a\.2' ran without autograd \(inside torch\.no_grad"):
         got = torchfim.fisher(model, x, structure="diag")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

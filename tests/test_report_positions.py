@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch.func import jacrev
 import torchfim
 from torchfim import cli
 from torchfim import report as report_mod
+from torchfim.report.wording import on_command_line
 
 V, T, N = 5, 4, 12
 
@@ -81,8 +83,8 @@ def test_a_language_models_report_sums_its_observed_positions_as_the_float64_ora
     assert unmasked["trace"]["exact"] > trace * 1.05
     padded = int((batch["attention_mask"] == 0).sum())
     assert unmasked["outputs"]["note"] == (
-        f"the data's attention_mask marks {padded} padded positions, which count here as observed; pass "
-        "--mask attention_mask to leave them out")
+        f"the data's attention_mask marks {padded} padded positions, counted here as observed; pass "
+        "mask='attention_mask' to leave them out")  # the API's keyword (before: the flag, --mask attention_mask)
     assert not [w for w in caught if "padding" in str(w.message)] and unmasked["warnings"] == []
 
 
@@ -138,20 +140,28 @@ def test_class_dim_1_reads_outputs_with_the_classes_in_dim_1():
     assert first["empirical"]["trace"] == pytest.approx(last["empirical"]["trace"], rel=1e-12)
 
 
+#: The refusal's words from the API, and on the command line (before: the flags' both ways).
 MASK_ERRORS = {
-    "no such key": (lambda b: b, "padding_mask", "has no entry 'padding_mask'"),
-    "tensor inputs": (lambda b: (b["input_ids"], b["labels"]), "attention_mask", "make --data return a dict"),
+    "no such key": (lambda b: b, "padding_mask",
+                    ("mask='padding_mask': the data has no entry 'padding_mask'", "e.g. mask='attention_mask'"),
+                    ("--mask padding_mask: the data has no entry 'padding_mask'", "e.g. --mask attention_mask")),
+    "tensor inputs": (lambda b: (b["input_ids"], b["labels"]), "attention_mask",
+                      ("mask='attention_mask' names an entry", "; pass a dict, e.g."),
+                      ("--mask attention_mask names an entry", "; make --data return a dict")),
     "wrong shape": (lambda b: {**b, "attention_mask": b["attention_mask"][:, :2]}, "attention_mask",
-                    "shape (12, 4)"),
+                    ("mask='attention_mask': the mask must hold", "shape (12, 4)"),
+                    ("--mask attention_mask: the mask must hold", "shape (12, 4)")),
 }
 
 
 @pytest.mark.parametrize("case", list(MASK_ERRORS))
 def test_a_mask_that_does_not_fit_is_refused_with_the_fix(case):
-    make, key, expected = MASK_ERRORS[case]
+    make, key, api, command_line = MASK_ERRORS[case]
     model, batch = _lm_and_data()
-    with pytest.raises(torchfim.TorchfimError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        report_mod.compute_report(model, report_mod.as_data(make(batch), "test"), mask=key, progress=False)
+    for words, expected in ((nullcontext, api), (on_command_line, command_line)):
+        with words(), pytest.raises(torchfim.TorchfimError) as err:
+            report_mod.compute_report(model, report_mod.as_data(make(batch), "test"), mask=key, progress=False)
+        assert all(part in str(err.value) for part in expected), str(err.value)
 
 
 def test_a_mask_for_outputs_without_positions_is_refused():
@@ -167,7 +177,10 @@ def test_a_mask_for_outputs_without_positions_is_refused():
             return self.net(input_ids)
 
     data = report_mod.as_data({k: v for k, v in batch.items() if k != "labels"}, "test")
-    with pytest.raises(torchfim.TorchfimError, match="no positions .* drop --mask"):
+    with pytest.raises(torchfim.TorchfimError, match="^mask='attention_mask': the model's outputs have no positions "
+                                                     ".* drop mask$"):
+        report_mod.compute_report(Keywords(), data, mask="attention_mask", progress=False)
+    with on_command_line(), pytest.raises(torchfim.TorchfimError, match="^--mask attention_mask: .* drop --mask$"):
         report_mod.compute_report(Keywords(), data, mask="attention_mask", progress=False)
 
 
@@ -176,8 +189,10 @@ def test_class_dim_on_outputs_without_positions_is_refused_as_mask_is() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     data = report_mod.as_data(torch.randn(8, 4), "test")
-    with pytest.raises(torchfim.TorchfimError, match=r"--class-dim 1: the model's outputs \(8, 3\) have no positions"
-                                                     r".*drop --class-dim"):
+    with pytest.raises(torchfim.TorchfimError, match=r"^class_dim=1: the model's outputs \(8, 3\) have no positions"
+                                                     r".*drop class_dim$"):
+        report_mod.compute_report(model, data, class_dim=1, progress=False)
+    with on_command_line(), pytest.raises(torchfim.TorchfimError, match=r"^--class-dim 1: .*drop --class-dim$"):
         report_mod.compute_report(model, data, class_dim=1, progress=False)
     assert report_mod.compute_report(model, data, class_dim=-1, progress=False)["trace"]["exact"] > 0
 
@@ -291,7 +306,10 @@ def test_an_unsaid_class_dim_on_image_outputs_is_noted_in_the_report():
         unsaid = report_mod.compute_report(model, report_mod.as_data(x, "test"), **kw)
     note = unsaid["outputs"]["note"]
     assert "(batch, 3, 3, 4) were read with the classes last, 4 classes at 3×3 positions" in note
-    assert "--class-dim 1" in note and "--class-dim -1" in note
+    assert "pass class_dim=1 for" in note and "or class_dim=-1 to say" in note and "--" not in note
+    with on_command_line():
+        said = report_mod.compute_report(model, report_mod.as_data(x, "test"), **kw)["outputs"]["note"]
+    assert "pass --class-dim 1 for" in said and "or --class-dim -1 to say" in said
     last = report_mod.compute_report(model, report_mod.as_data(x, "test"), class_dim=-1, **kw)
     assert last["outputs"]["note"] is None and last["trace"]["exact"] == unsaid["trace"]["exact"]
     first = report_mod.compute_report(model, report_mod.as_data(x, "test"), class_dim=1, **kw)

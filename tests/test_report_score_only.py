@@ -14,6 +14,7 @@ import math
 import re
 import shlex
 import types
+import warnings
 
 import clients
 import pytest
@@ -211,34 +212,49 @@ def test_the_re_create_line_leaves_out_what_the_score_only_report_did_not_use(tm
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
     R = report_mod.compute_report(model, report_mod.Data(X, y, "test"), progress=False, variance_inputs=4)
     assert R["mode"] == "score_only" and R["unused_options"] == {"variance_inputs": 4}
+    from torchfim.report.score_only_render import markdown_score_only
+    text = markdown_score_only(R)  # from the API, its keywords (before: "--variance-inputs 4", "`--mode full`")
+    assert "not used here: variance_inputs=4." in text and "or with more memory; `score_only=False` computes" in text
+    assert "--" not in text.replace("---", "")
     monkeypatch.setattr(report_settings, "FULL_REPORT_SECONDS", 0.0)
     small = nn.Sequential(nn.Linear(4, 3)).double()
     R = report_mod.compute_report(small, report_mod.Data(X, None, "test"), progress=False, variance_inputs=4,
                                   max_block=0)
     assert R["mode"] == "score_only" and R["unused_options"] == {}
-    from torchfim.report.score_only_render import markdown_score_only
     assert "not used here" not in markdown_score_only(R)
 
 
 def test_a_full_report_of_more_than_a_minute_says_its_estimate_first(monkeypatch, capsys):
-    """With progress on, a full report estimated at over a minute (under its budget) prints the estimate before it
-    starts: a user trial's GPT-2 report took 344 s while its progress bar's time left swung from 2.5 to 18 min."""
+    """With progress on, a full report estimated at over a minute (under its budget) says the estimate before it
+    starts: a user trial's GPT-2 report took 344 s while its progress bar's time left swung from 2.5 to 18 min. The
+    command line prints it; a caller of the API is warned (it printed "torchfim report: ..." there too), at once."""
     from torchfim.report import compute as report_compute
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     data = report_mod.Data(torch.randn(16, 4, dtype=torch.float64), None, "test")
     monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 300.0)
-    assert report_mod.compute_report(model, data, progress=True, max_block=0)["mode"] == "full"
-    assert "torchfim report: the full report will take about 5 min here" in capsys.readouterr().err
-    assert report_mod.compute_report(model, data, progress=True, max_block=0, score_only=False)["mode"] == "full"
-    assert "the full report will take about 5 min here" in capsys.readouterr().err  # asked for: said too
+    said = "torchfim report: the full report will take about 5 min here"
+    with on_command_line(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the command line's note is printed, not warned
+        assert report_mod.compute_report(model, data, progress=True, max_block=0)["mode"] == "full"
+    printed = capsys.readouterr().err
+    assert said in printed and "the score-only report (--mode score-only) takes" in printed
+    events = []  # the warning shown before the first measurement, not once the report it announces has run
+    measure_trace = report_compute.measure_trace
+    monkeypatch.setattr(report_compute, "measure_trace", lambda *a: events.append("measured") or measure_trace(*a))
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest: events.append(str(message)))
+    for score_only in (None, False):  # asked for: said too
+        events.clear()
+        assert report_mod.compute_report(model, data, progress=True, max_block=0, score_only=score_only)["mode"] == "full"
+        assert events[0].startswith(said) and "(score_only=True)" in events[0] and events[1:] == ["measured"]
+        assert "will take about" not in capsys.readouterr().err
+    events.clear()
     monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 30.0)
     report_mod.compute_report(model, data, progress=True, max_block=0)
-    assert "will take about" not in capsys.readouterr().err
     monkeypatch.setattr(report_compute, "full_report_seconds", lambda *args: 1e6)  # over budget: score-only instead
     assert report_mod.compute_report(model, data, progress=True, max_block=0)["mode"] == "score_only"
-    assert "will take about" not in capsys.readouterr().err
+    assert "will take about" not in capsys.readouterr().err and not [e for e in events if "will take" in e]
 
 
 def test_the_pull_back_is_timed_as_the_best_of_three(monkeypatch):

@@ -68,7 +68,7 @@ def test_sequence_first_inputs_are_refused_naming_the_batch_first_false_modules(
         warnings.simplefilter("always")
         with pytest.raises(torchfim.TorchfimError, match="depends on the other samples in its batch") as err:
             torchfim.fisher(model, x, structure="trace")
-    assert f"module(s) {path} take batch_first=False" in str(err.value)
+    assert f"module {path} takes batch_first=False" in str(err.value)
     assert "transpose inside forward" in str(err.value)
     assert not [w for w in said if "do not add up" in str(w.message)]  # no misleading cause before the refusal
 

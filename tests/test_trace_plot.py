@@ -220,7 +220,7 @@ def test_records_that_are_not_finite_are_named_where_they_are_not_drawn() -> Non
 
     records = [TraceRecord(step, trace, se, 8, 1, 0.0) for step, trace, se in
                ((0, 1.0, 0.25), (10, float("nan"), 1.0), (20, 2.0, float("inf")))]
-    with pytest.warns(RuntimeWarning, match=r"run 'diverged': 2 record\(s\) with a non-finite Tr\(F\) or standard error "
+    with pytest.warns(RuntimeWarning, match=r"run 'diverged': 2 records with a non-finite Tr\(F\) or standard error "
                                          r"\(step 10, 20;"):
         plot_trace({"diverged": records})
 

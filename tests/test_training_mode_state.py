@@ -124,7 +124,7 @@ class _CountedCalls(nn.Module):
 def test_a_forward_that_updates_the_model_state_is_named_with_the_fix(backend: str) -> None:
     """Not "the samples mix" (they do not): the buffer that changes, and model.eval()."""
     model = nn.Sequential(_CountedCalls()).double()
-    with pytest.raises(TorchfimError, match=r"updates its buffer\(s\) '0.calls' in place.*model.eval\(\)"):
+    with pytest.raises(TorchfimError, match=r"updates its buffer '0.calls' in place.*model.eval\(\)"):
         torchfim.fisher(model, inputs(), structure="diag", backend=backend)
     model.eval()
     full = exact_fisher(model, inputs(), "categorical")

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
+from ._words import counted
 from .errors import TorchfimError, warn_user
 
 Result = TypeVar("Result")
@@ -481,11 +482,12 @@ class Attempt(Generic[Result]):
                 raise error
             finally:
                 error = None
+        others = counted(int(others_failed), "other process", "other processes")
         if others_failed and len(set(kinds)) == 1 and kinds[0] >= 2:  # all failed alike, in what the model lacks
             shared = SHARED_ERRORS[int(kinds[0]) - 2]
-            raise shared(f"{what}: {others_failed} other process(es) failed with {shared.__name__} (the error is "
+            raise shared(f"{what}: {others} failed with {shared.__name__} (the error is "
                          f"raised there): {' '.join((shared.__doc__ or '').split())}")
         if others_failed:
-            raise TorchfimError(f"{what}: {others_failed} other process(es) failed (the error is raised there), so "
+            raise TorchfimError(f"{what}: {others} failed (the error is raised there), so "
                                 "this one stops too")
         return self.result  # type: ignore[return-value]

@@ -1,14 +1,15 @@
-"""Words around numbers and names in messages: ``1 input`` / ``2 inputs``, ``an int`` / ``a float``.
+"""Words around numbers and names in messages: ``1 input`` / ``2 inputs``, ``an int`` / ``a float``, ``module 'a'
+takes`` / ``modules 'a', 'b' take``.
 
-Messages built by formatting said "1 inputs" and "a int" (a user trial of the command line); they go through these
-two functions instead.
+Messages built by formatting said "1 inputs", "a int" and "module(s) 'a' take"; they go through these functions
+instead.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["counted", "a_or_an"]
+__all__ = ["counted", "agreeing", "a_or_an"]
 
 #: Words that start with a vowel letter but not a vowel sound ("a uint8", "a unit", "a one-hot").
 _CONSONANT_SOUNDS = ("uint", "uni", "use", "usu", "one", "eu")
@@ -22,7 +23,18 @@ def counted(n: int, noun: str, plural: str | None = None, spec: str = "") -> str
         >>> counted(1, "input"), counted(2, "input"), counted(1, "entry", "entries"), counted(12000, "run", spec=",")
         ('1 input', '2 inputs', '1 entry', '12,000 runs')
     """
-    return f"{n:{spec}} {noun if n == 1 else plural or noun + 's'}"
+    return f"{n:{spec}} {agreeing(n, noun, plural)}"
+
+
+def agreeing(n: int, singular: str, plural: str | None = None) -> str:
+    """The form of a noun (or a verb, given its ``plural``) that agrees with ``n`` things, where the message names
+    them rather than counts them: ``singular`` where ``n`` is 1, else ``plural`` (default ``singular + "s"``).
+
+    Example:
+        >>> agreeing(1, "module"), agreeing(2, "module"), agreeing(1, "takes", "take"), agreeing(3, "takes", "take")
+        ('module', 'modules', 'takes', 'take')
+    """
+    return singular if n == 1 else plural or singular + "s"
 
 
 def a_or_an(word: object) -> str:

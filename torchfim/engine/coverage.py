@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._words import counted
 from .modules import Call, Rule
 from .modules.base import rounding_tolerance
 
@@ -39,7 +40,7 @@ WRONGLY_BATCHED = (
 #: Warned once per model (by the per-module backend): modules with trainable parameters whose outputs carry
 #: no autograd history.
 DETACHED = (
-    "torchfim: module(s) {} ran without autograd (inside torch.no_grad, or on detached inputs), so no output "
+    "torchfim: {modules} ran without autograd (inside torch.no_grad, or on detached inputs), so no output "
     "depends on their parameters through autograd and their Fisher is zero, as their gradients in training are; "
     "run them with autograd, or set requires_grad=False on parameters meant to be frozen"
 )
@@ -87,7 +88,7 @@ def moved_message(where: dict[str, str], causes: dict[str, str]) -> str:
         for key, text in CAUSES.items() if key in causes.values()
     )
     return (
-        f"torchfim: the module rules' per-sample gradients of {len(where)} parameter(s) do not add up to "
+        f"torchfim: the module rules' per-sample gradients of {counted(len(where), 'parameter')} do not add up to "
         f"autograd's gradient, so they go to the generic rule of the module above ({moves}); the result "
         f"stays exact but is slower. Likely cause — {reasons}"
     )

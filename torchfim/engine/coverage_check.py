@@ -15,6 +15,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from .._words import agreeing
 from ..errors import all_finite, warn_user
 from .backend import Pieces
 from .batch import Batch
@@ -177,7 +178,7 @@ class CoverageCheck:
         reached = {rule.module for rule, call in rec.calls if call.taps}  # a no_grad call beside a graded one is fine
         detached = sorted({paths[rule.module] or "the model" for rule, _ in rec.calls if rule.module not in reached})
         if detached:
-            warn_user(DETACHED.format(", ".join(repr(p) for p in detached)))
+            warn_user(DETACHED.format(modules=f"{agreeing(len(detached), 'module')} {', '.join(map(repr, detached))}"))
         _COVERAGE[self.view.user_model] = (self._key, {n: (paths[m], local) for n, (m, local) in self.moved.items()},
                                            [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
                                            [paths[m] for m in self.looped],

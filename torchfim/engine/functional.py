@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from .._words import agreeing
 from ..errors import TorchfimError, warn_user
 from .attention_kernel import math_attention
 from .backend import CHUNK_ELEMENTS, Backend, Pieces, Recording
@@ -70,7 +71,8 @@ class FunctionalBackend(Backend):
         read = [view.layout.names[view.index_of[id(p)]] for p, g in zip(real, grads) if g is not None]
         if read:
             raise TorchfimError(
-                f"the model's forward reads parameter(s) {', '.join(map(repr, read[:3]))} through a name outside "
+                f"the model's forward reads {agreeing(len(read), 'parameter')} {', '.join(map(repr, read[:3]))}"
+                f"{f' and {len(read) - 3} more' if len(read) > 3 else ''} through a name outside "
                 "the model (e.g. a hook or function that reads model.layer.weight from the enclosing scope), which "
                 "torch.func's functional calls cannot follow; use backend='auto' (it differentiates such "
                 "parameters by autograd, one sample at a time), or read them through the module (the hook's "

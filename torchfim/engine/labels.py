@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .._words import counted
 from ..errors import TorchfimError
 from ..families.positions import positions_fit
 from .private_tree import unwrapped
@@ -32,8 +33,8 @@ __all__ = ["ENCODER_MASK", "IGNORE_INDEX", "PADDING_COUNTED", "PROBLEM_FAMILIES"
 IGNORE_INDEX = -100
 #: Warned where a dict batch's ``attention_mask`` marks padding that counts as observed (:func:`counted_padding`).
 PADDING_COUNTED = (
-    "torchfim: the batch's attention_mask marks {count} padding position(s) that count as observed, since mask= is "
-    "not set; pass mask='attention_mask' to leave padding out (or give those positions the label -100)"
+    "torchfim: the batch's attention_mask marks {positions}, counted as observed since mask= is not set; pass "
+    "mask='attention_mask' to leave padding out (or give those positions the label -100)"
 )
 
 
@@ -169,7 +170,7 @@ def unread_targets_note(targets: object, shape: tuple[int, ...], class_dim: int,
     size = shape[0]
     if not _integer(targets) or _fits(targets, size, positions):
         return None
-    got, dims = tuple(targets.shape), f"{len(positions)} position dim(s) {positions} of " if positions else ""
+    got, dims = tuple(targets.shape), f"{counted(len(positions), 'position dim')} {positions} of " if positions else ""
     if targets.dim() > 0 and got[0] != size:  # no reading of the outputs fits: the targets are another batch's
         per_input = (size, *positions)
         flattened = (f"; labels flattened over the positions go back with labels.reshape{per_input}"

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .._words import agreeing
 from ..errors import TorchfimError
 from .batch import Batch
 
@@ -180,9 +181,11 @@ def mixes_samples(model: nn.Module) -> TorchfimError:
     seq_first = [n or type(m).__name__ for n, m in model.named_modules() if getattr(m, "batch_first", True) is False]
     hint = ""
     if seq_first:
-        hint = (f"; if the inputs are sequence-first, that is the cause: module(s) {_first_names(seq_first)} take "
-                "batch_first=False, but torchfim reads dim 0 of every input as the batch, so pass (batch, sequence, "
-                "...) inputs to modules built with batch_first=True, or transpose inside forward")
+        k = len(seq_first)
+        hint = (f"; if the inputs are sequence-first, that is the cause: {agreeing(k, 'module')} "
+                f"{_first_names(seq_first)} {agreeing(k, 'takes', 'take')} batch_first=False, but torchfim reads dim "
+                "0 of every input as the batch, so pass (batch, sequence, ...) inputs to modules built with "
+                "batch_first=True, or transpose inside forward")
     return TorchfimError(
         "the model's output for a sample depends on the other samples in its batch "
         "(e.g. BatchNorm in training mode, or an operation across the batch dimension), so per-sample "

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
-from .._words import a_or_an
+from .._words import a_or_an, agreeing, counted
 from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family
 from ..families.positions import is_position_mask
@@ -84,7 +84,7 @@ PARAMETERS_CHANGED = (
 
 #: Why outputs differ between forwards when a forward updates the model's buffers.
 STATE_UPDATED = (
-    "every forward of the model updates its buffer(s) {} in place (a running average, a counter or another "
+    "every forward of the model updates its {buffers} in place (a running average, a counter or another "
     "state kept in training mode), so each forward torchfim runs sees another model and per-sample Fisher "
     "terms are undefined; call model.eval() (or turn that update off) while torchfim computes"
 )
@@ -332,7 +332,8 @@ class ModelView:
         if not self._unobserved_named and m.shape[1] and not bool(m.any(1).all()):
             self._unobserved_named = True
             empty = int((~m.any(1)).sum())
-            warn_user(f"torchfim: {empty} of the {size} inputs of a mini-batch have no observed position (their "
+            warn_user(f"torchfim: {empty} of the {counted(size, 'input')} of a mini-batch "
+                      f"{agreeing(empty, 'has', 'have')} no observed position (their "
                       "mask is False, or their class labels -100, everywhere): each counts in the mean over inputs with a Fisher of 0 (docs/math.md "
                       "§5.5); drop such inputs if they should not count")
 
@@ -345,7 +346,7 @@ class ModelView:
         count = counted_padding(batch.kwargs.get("attention_mask"), (batch.size, *positions), m)
         if count:
             self._padding_named = True
-            warn_user(PADDING_COUNTED.format(count=count))
+            warn_user(PADDING_COUNTED.format(positions=counted(count, "padding position")))
 
     def _mask(self, batch: Batch, mask: Mask, positions: tuple[int, ...]) -> Tensor | None:
         if mask is None:
@@ -430,7 +431,8 @@ class ModelView:
         if not outputs_agree(alone, ref, tol, floor=1.0):
             updated = [n for n, state in _buffer_states(self.model).items() if before.get(n) != state]
             if updated:
-                raise TorchfimError(STATE_UPDATED.format(", ".join(repr(n) for n in updated)))
+                raise TorchfimError(STATE_UPDATED.format(
+                    buffers=f"{agreeing(len(updated), 'buffer')} {', '.join(map(repr, updated))}"))
             again = self.flat(self._reached(batch.rows(rows))).reshape(alone.shape)
             if not outputs_agree(again, alone, tol, floor=1.0):  # two forwards of the same inputs differ
                 raise TorchfimError(RANDOM_FORWARD)

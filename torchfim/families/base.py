@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._identity import identity_like
+from .._words import counted
 from ..errors import TorchfimError, all_finite, warn_user
 from .output_origin import last_operation
 
@@ -191,7 +192,7 @@ class Family(ABC):
         if y.is_floating_point() and not bool(torch.isfinite(y).all()):
             bad = int((~torch.isfinite(y)).sum())
             raise TorchfimError(
-                f"targets for family {self.name!r} contain {bad} non-finite value(s) (NaN or Inf); "
+                f"targets for family {self.name!r} contain {counted(bad, 'non-finite value')} (NaN or Inf); "
                 "drop or impute those targets before computing the empirical Fisher"
             )
         return y.to(device=o.device, dtype=_work_dtype(o)[0])

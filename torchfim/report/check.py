@@ -20,6 +20,7 @@ from .outputs import (
     unmasked_padding_note,
     unobserved_inputs_note,
 )
+from .wording import from_command_line, option, said
 
 __all__ = ["check_model_and_data", "outputs_on_a_few", "outputs_on"]
 
@@ -41,8 +42,7 @@ def check_model_and_data(
 
     if not isinstance(model, nn.Module):
         raise TorchfimError(
-            f"the model must be a torch.nn.Module, got {type(model).__name__}; "
-            "make the --model factory return the module"
+            f"the model must be a torch.nn.Module, got {type(model).__name__}; pass the module"
         )
     check_mode(model)
     if not any(p.requires_grad for p in model.parameters()):
@@ -54,8 +54,8 @@ def check_model_and_data(
     given = check_class_dim(class_dim)
     if given == 1 and o.dim() <= 2:  # as --mask there: an option that says nothing of these outputs is refused
         raise TorchfimError(
-            f"--class-dim 1: the model's outputs {tuple(o.shape)} have no positions (one output vector per input), "
-            "so their classes have no other dim to be in; drop --class-dim"
+            f"{option('class_dim', 1)}: the model's outputs {tuple(o.shape)} have no positions (one output vector per "
+            f"input), so their classes have no other dim to be in; drop {option('class_dim')}"
         )
     if given == 1:
         o = o.movedim(1, -1)
@@ -90,17 +90,17 @@ def check_model_and_data(
 
 
 def _not_the_family(o: Tensor, family_name: str, exc: TorchfimError) -> TorchfimError:
-    """The family's refusal of the outputs in the command line's words (``--family X``, not ``family='X'``),
-    with every family the report takes."""
+    """The family's refusal of the outputs in the caller's words (on the command line ``--family X``, not the
+    library's ``family='X'``: :mod:`.wording`), with every family the report takes."""
     import re
 
     from ..families import FAMILIES
 
-    said = re.sub(r"family='(\w+)'", r"--family \1", str(exc))
+    refusal = re.sub(r"family='(\w+)'", r"--family \1", str(exc)) if from_command_line() else str(exc)
     return TorchfimError(
-        f"the model's outputs (shape {tuple(o.shape)}) do not fit --family {family_name}: {said} (or pass the "
-        f"--family that matches the outputs, one of {', '.join(sorted(FAMILIES))}; outputs (batch, *positions, C) "
-        "are read one vector per position)")
+        f"the model's outputs (shape {tuple(o.shape)}) do not fit {option('family', family_name)}: {refusal} (or "
+        f"pass the {option('family')} that matches the outputs, one of {', '.join(sorted(FAMILIES))}; outputs "
+        "(batch, *positions, C) are read one vector per position)")
 
 
 def _beyond_reach(model: nn.Module, data: Data, fam, mask: str | None, class_dim: int, o: Tensor,
@@ -170,7 +170,7 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     if o.is_floating_point() and bool((torch.isnan(o) | torch.isposinf(o)).any()):  # −Inf: the family's to judge
         raise TorchfimError(
             "the model produced non-finite outputs (NaN or +Inf) on the data; check the inputs for "
-            "NaN/Inf and the weights (--checkpoint) for divergence"
+            f"NaN/Inf and the weights{said(' (--checkpoint)', '')} for divergence"
         )
     return o
 
@@ -202,10 +202,11 @@ def _could_not_run(model: nn.Module, data: Data, exc: Exception) -> TorchfimErro
             else f"{counted(data.n, 'input')} of shape {tuple(shape) if isinstance(shape, list) else shape}")
     known = forward_error(batch, first.dtype, exc)
     if isinstance(known, TorchfimError):
-        return TorchfimError(f"--data gave {what}, and {known} (in the --data factory)")
+        return TorchfimError(said(f"--data gave {what}, and {known} (in the --data factory)",
+                                  f"the data holds {what}, and {known}"))
     return TorchfimError(
         f"the model could not run on the data's {what} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
-        "make --data return inputs the model accepts (first dimension = batch)")
+        f"{said('make --data return', 'pass')} inputs the model accepts (first dimension = batch)")
 
 
 def outputs_on(model: nn.Module, data: Data, rows: slice, differentiable: bool = False) -> object:

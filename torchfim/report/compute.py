@@ -15,7 +15,7 @@ from .._memory import fits_in_memory
 from .._words import counted
 from ..engine.loop import without_backend_choice
 from ..engine.private_tree import unwrapped
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from . import settings
 from .assemble import Layout, Setup, assemble
 from .check import check_model_and_data
@@ -25,7 +25,7 @@ from .kept_steps import KeptSteps
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
 from .score_only import compute_score_only
 from .warned import library_warnings
-from .wording import option
+from .wording import from_command_line, option
 
 __all__ = ["compute_report"]
 
@@ -148,14 +148,19 @@ def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: in
     by :func:`.cost.full_report_seconds`), or None; with ``progress``, a full report of more than a minute that
     will run says its estimate first (its progress bar's steps are of very uneven length, so the bar's own time
     left swings): where it is asked for, or within its budget where ``falls_back`` (the automatic mode) would
-    otherwise give the score-only report."""
+    otherwise give the score-only report. The command line prints the estimate; a caller of the API is warned
+    (a RuntimeWarning, shown at once: :mod:`.warned`), so that its filters decide."""
     pull_back = time_pull_back(model, data, fam, outputs.mask, outputs.class_dim)
     first = next(p for p in model.parameters() if p.requires_grad)
     seconds = full_report_seconds(pull_back, data.n, m, parameters, spectra, first.dtype, first.device)
     if progress and 60 < seconds and (seconds <= settings.FULL_REPORT_SECONDS or not falls_back):
-        print(f"torchfim report: the full report will take about {seconds / 60:,.0f} min here (estimated from a timed "
-              f"pull-back of {pull_back.width:,} output numbers per input); the score-only report "
-              f"({option('score_only', True)}) takes a fraction of it", file=sys.stderr, flush=True)
+        note = (f"torchfim report: the full report will take about {seconds / 60:,.0f} min here (estimated from a "
+                f"timed pull-back of {pull_back.width:,} output numbers per input); the score-only report "
+                f"({option('score_only', True)}) takes a fraction of it")
+        if from_command_line():
+            print(note, file=sys.stderr, flush=True)
+        else:
+            warn_user(note)
     if seconds <= settings.FULL_REPORT_SECONDS:
         return None
     return (f"the full report would take about {seconds / 60:,.0f} min here, more than its budget of "

@@ -17,6 +17,7 @@ from .._batches import refuse_packed
 from .._words import a_or_an, counted
 from ..engine.labels import ignored_labels
 from ..errors import TorchfimError
+from . import wording
 from .load import one_line
 
 __all__ = ["Data", "Inputs", "as_data"]
@@ -111,8 +112,9 @@ def _concat_batches(batches: Iterable[object], option: str) -> tuple[list[Tensor
     return xs, ys
 
 
-def as_data(obj: object, source: str, option: str = "--data") -> Data:
-    """Normalise what a data factory returned into :class:`Data`.
+def as_data(obj: object, source: str, option: str | None = None) -> Data:
+    """Normalise what a data factory returned into :class:`Data`; errors start with ``option`` (default: the
+    report's data option in the caller's words, ``--data`` or ``data``: :mod:`.wording`).
 
     Accepts a tensor (or numpy array) of inputs; a dict of keyword inputs (a tokenizer's output,
     ``labels`` taken as the targets); a tuple ``(inputs, targets)`` (or ``(inputs,)``);
@@ -122,6 +124,7 @@ def as_data(obj: object, source: str, option: str = "--data") -> Data:
     from torch.utils.data import DataLoader, Dataset
 
     targets: Tensor | None = None
+    option = wording.option("data") if option is None else option
     refuse_packed(obj, f" ({option})")
     _refuse_numbers(obj, option)
     if isinstance(obj, Mapping):

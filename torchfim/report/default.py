@@ -11,6 +11,7 @@ from .. import toy
 from .data import Data
 from .load import apply_state_dict
 from .settings import DEFAULT_EPOCHS
+from .wording import option, said
 
 __all__ = ["default_model", "digits_data"]
 
@@ -44,9 +45,9 @@ def default_model(
     if state_dict is not None:
         apply_state_dict(
             model, state_dict, checkpoint_name,
-            f"without --model it must hold the default MLP 64-{'-'.join(map(str, hidden))}-10 "
-            "(a report's model.pt; set --hidden to its widths), or pass --model MODULE:FACTORY "
-            "for the architecture it was saved from",
+            f"without {option('model')} it must hold the default MLP 64-{'-'.join(map(str, hidden))}-10 "
+            f"(a report's model.pt; set {option('hidden')} to its widths), or pass "
+            f"{said('--model MODULE:FACTORY for', 'model, a module of')} the architecture it was saved from",
         )
     else:
         training = toy.train_classifier(

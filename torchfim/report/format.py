@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .wording import said
+
 __all__ = ["fmt", "pct", "md_table", "family_text", "warning_lines"]
 
 
@@ -40,7 +42,8 @@ def family_text(R: dict, code: bool = False) -> str:
     name, sigma = f"`{R['family']}`" if code else R["family"], R.get("sigma")
     if sigma is None:
         return name
-    return f"{name} (σ = {fmt(sigma)}: the Fisher scales as 1/σ², Var Î1 as 1/σ⁴, Var Î2 as 1/σ²; --sigma sets it)"
+    return (f"{name} (σ = {fmt(sigma)}: the Fisher scales as 1/σ², Var Î1 as 1/σ⁴, Var Î2 as 1/σ²; "
+            f"{said('--sigma', 'family=Gaussian(sigma=σ)')} sets it)")
 
 
 def warning_lines(R: dict) -> list[str]:

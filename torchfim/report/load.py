@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .._prefix import without_prefix
 from .._words import a_or_an
 from ..errors import TorchfimError
+from .wording import option, said
 
 __all__ = [
     "ensure_cwd_on_path",
@@ -41,6 +42,11 @@ def one_line(exc: BaseException) -> str:
     """``Type: message`` of an exception, on one line."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _checkpoint(path: str | os.PathLike) -> str:
+    """The checkpoint ``path`` as the caller gave it: ``--checkpoint PATH`` or ``checkpoint='PATH'``."""
+    return option("checkpoint", str(path))
 
 
 def ensure_cwd_on_path() -> None:
@@ -146,7 +152,7 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module | dict[str, Tensor]:
     if p.is_dir():
         return _folder_state(p)
     if not p.is_file():
-        raise TorchfimError(f"--checkpoint {path}: no such file; give the file written by torch.save")
+        raise TorchfimError(f"{_checkpoint(path)}: no such file; give the file written by torch.save")
     obj = _read_safetensors(p) if p.suffix == ".safetensors" else _read_torch_file(p)
     if isinstance(obj, nn.Module) or _is_state_dict(obj):
         return obj
@@ -156,7 +162,7 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module | dict[str, Tensor]:
             if isinstance(inner, nn.Module) or _is_state_dict(inner):
                 return inner
     raise TorchfimError(
-        f"--checkpoint {path}: holds {a_or_an(type(obj).__name__)} that is neither a module nor a state dict; "
+        f"{_checkpoint(path)}: holds {a_or_an(type(obj).__name__)} that is neither a module nor a state dict; "
         "save it with torch.save(model.state_dict(), FILE) or torch.save(model, FILE)"
     )
 
@@ -169,14 +175,14 @@ def _read_torch_file(p: Path) -> object:
             return torch.load(p, map_location="cpu", weights_only=False)
         except (AttributeError, ModuleNotFoundError, ImportError) as exc:
             raise TorchfimError(
-                f"--checkpoint {p}: it holds a whole module whose class cannot be imported here "
-                f"({one_line(exc)}); save model.state_dict() instead and pass the class's factory "
-                "with --model MODULE:FACTORY"
+                f"{_checkpoint(p)}: it holds a whole module whose class cannot be imported here "
+                f"({one_line(exc)}); save model.state_dict() instead and pass "
+                + said("the class's factory with --model MODULE:FACTORY", "a module of the class as model")
             ) from exc
         except Exception as exc:
             wrapped = "process group" in str(exc)  # a pickled DistributedDataParallel needs one to be rebuilt
             raise TorchfimError(
-                f"--checkpoint {p}: not a checkpoint torch.load can read ({one_line(exc)}); "
+                f"{_checkpoint(p)}: not a checkpoint torch.load can read ({one_line(exc)}); "
                 + ("it looks like a pickled DistributedDataParallel wrapper: save the model inside it, "
                    "torch.save(ddp.module.state_dict(), FILE) (or torch.save(ddp.module, FILE))" if wrapped else
                    "save it with torch.save(model.state_dict(), FILE) or torch.save(model, FILE)")
@@ -187,12 +193,12 @@ def _read_safetensors(p: Path) -> dict[str, Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError as exc:
-        raise TorchfimError(f"--checkpoint {p}: reading .safetensors files needs the safetensors package; "
+        raise TorchfimError(f"{_checkpoint(p)}: reading .safetensors files needs the safetensors package; "
                             "pip install safetensors") from exc
     try:
         return load_file(str(p), device="cpu")
     except Exception as exc:
-        raise TorchfimError(f"--checkpoint {p}: not a safetensors file that can be read ({one_line(exc)})") from exc
+        raise TorchfimError(f"{_checkpoint(p)}: not a safetensors file that can be read ({one_line(exc)})") from exc
 
 
 #: The weights of a Hugging Face checkpoint folder, in the order they are looked for.
@@ -241,18 +247,18 @@ def _folder_state(folder: Path) -> dict[str, Tensor]:
     """The state dict of a Hugging Face checkpoint folder (all its shards, where an index lists them)."""
     name = next((n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if name is None and (folder / "adapter_config.json").is_file():
-        raise TorchfimError(f"--checkpoint {folder}: a PEFT adapter folder (adapter weights only, no base model); "
-                            "load it in your --model factory, peft.PeftModel.from_pretrained(base_model, FOLDER), "
-                            "and drop --checkpoint")
+        raise TorchfimError(f"{_checkpoint(folder)}: a PEFT adapter folder (adapter weights only, no base model); "
+                            f"load it in {said('your --model factory', 'the model you pass')}, "
+                            f"peft.PeftModel.from_pretrained(base_model, FOLDER), and drop {option('checkpoint')}")
     if name is None:
-        raise TorchfimError(f"--checkpoint {folder}: a folder without {' or '.join(_FOLDER_WEIGHTS[1::2])} (what a "
+        raise TorchfimError(f"{_checkpoint(folder)}: a folder without {' or '.join(_FOLDER_WEIGHTS[1::2])} (what a "
                             "Hugging Face checkpoint folder holds); give one of those or a file written by torch.save")
     if not name.endswith(".index.json"):
         return load_checkpoint(folder / name)
     try:
         shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise TorchfimError(f"--checkpoint {folder}: {name} is not an index with a weight_map "
+        raise TorchfimError(f"{_checkpoint(folder)}: {name} is not an index with a weight_map "
                             f"({one_line(exc)}); give the folder as save_pretrained wrote it") from exc
     state: dict[str, Tensor] = {}
     for shard in shards:
@@ -293,12 +299,12 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str, h
         problems.append("; ".join(shapes[:2]) + (f" (and {len(shapes) - 2} more)" if len(shapes) > 2 else ""))
     if problems:
         raise TorchfimError(
-            f"--checkpoint {path} does not match the model{_read_as(prefix)}: {'; '.join(problems)}; {hint}"
+            f"{_checkpoint(path)} does not match the model{_read_as(prefix)}: {'; '.join(problems)}; {hint}"
         )
     try:
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # dtype trouble or a custom load hook
-        raise TorchfimError(f"--checkpoint {path} does not match the model ({one_line(exc)}); {hint}") from exc
+        raise TorchfimError(f"{_checkpoint(path)} does not match the model ({one_line(exc)}); {hint}") from exc
 
 
 def _read_as(prefix: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .._words import a_or_an, counted
 from .format import family_text, fmt, md_table, pct, warning_lines
+from .wording import option
 
 __all__ = ["markdown", "analysed", "positions_text", "resumed_note"]
 
@@ -36,7 +37,7 @@ def _like_for_like(T: dict, D: dict) -> str:
             f"k = {fmt(T['samples_needed_score_from_subset'])}, the like-for-like comparison.")
     if ratio is not None and not 0.5 <= ratio <= 2.0:
         text += (f" The subset is not representative here: it puts Î1's variance at {fmt(ratio, 2)}× its exact "
-                 "value on all inputs, so take Î2's k as rough (a larger --variance-inputs narrows it).")
+                 f"value on all inputs, so take Î2's k as rough (a larger {option('variance_inputs')} narrows it).")
     return text
 
 

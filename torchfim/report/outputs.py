@@ -18,6 +18,7 @@ from .._words import counted
 from ..errors import TorchfimError
 from ..families.positions import is_position_mask
 from .data import Data
+from .wording import option, said
 
 __all__ = ["OutputLayout", "classes_last_note", "labelled_of", "mask_of", "observed_per_input", "unobserved_inputs_note",
            "unmasked_padding_note"]
@@ -51,20 +52,21 @@ def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor |
     """The observed positions ``(n, L)`` named by ``key`` (None without a key); errors name the fix."""
     if key is None:
         return None
+    named = option("mask", key)
     if not positions:
         raise TorchfimError(
-            f"--mask {key}: the model's outputs have no positions (one output vector per input), so "
-            "there is nothing to mask; drop --mask"
+            f"{named}: the model's outputs have no positions (one output vector per input), so "
+            f"there is nothing to mask; drop {option('mask')}"
         )
     if not isinstance(data.inputs, dict):
         raise TorchfimError(
-            f"--mask {key} names an entry of a dict of inputs, but the data's inputs are one tensor; make "
-            f"--data return a dict, e.g. {{'input_ids': ids, '{key}': mask}}"
+            f"{named} names an entry of a dict of inputs, but the data's inputs are one tensor; "
+            f"{said('make --data return', 'pass')} a dict, e.g. {{'input_ids': ids, '{key}': mask}}"
         )
     if key not in data.inputs:
         raise TorchfimError(
-            f"--mask {key}: the data has no entry {key!r} (it has {', '.join(map(repr, data.inputs))}); "
-            "pass the key of the padding mask, e.g. --mask attention_mask"
+            f"{named}: the data has no entry {key!r} (it has {', '.join(map(repr, data.inputs))}); "
+            f"pass the key of the padding mask, e.g. {option('mask', 'attention_mask')}"
         )
     m = data.inputs[key]
     want = (data.n, *positions)
@@ -72,7 +74,7 @@ def mask_of(data: Data, key: str | None, positions: tuple[int, ...]) -> Tensor |
         got = type(m).__name__ if not isinstance(m, Tensor) else f"shape {tuple(m.shape)}" \
             if tuple(m.shape) != want else f"{m.dtype} values other than 0 and 1"
         raise TorchfimError(
-            f"--mask {key}: the mask must hold one 0/1 (or bool) per input and output position, shape "
+            f"{named}: the mask must hold one 0/1 (or bool) per input and output position, shape "
             f"{want}, got {got}; pass the padding mask of the tokens the outputs are at"
         )
     return m.bool().reshape(data.n, -1)
@@ -122,19 +124,20 @@ def unmasked_padding_note(data: Data, positions: tuple[int, ...], labelled: Tens
     m = data.inputs.get("attention_mask") if isinstance(data.inputs, dict) and positions else None
     if not isinstance(m, Tensor) or tuple(m.shape) != (data.n, *positions):
         return None
-    counted = (m == 0).reshape(data.n, -1)
-    padded = int((counted if labelled is None else counted & labelled.to(counted.device)).sum())
+    padding = (m == 0).reshape(data.n, -1)
+    padded = int((padding if labelled is None else padding & labelled.to(padding.device)).sum())
     if not padded:
         return None
-    return (f"the data's attention_mask marks {padded} padded positions, which count here as observed; pass "
-            "--mask attention_mask to leave them out")
+    return (f"the data's attention_mask marks {counted(padded, 'padded position')}, counted here as observed; pass "
+            f"{option('mask', 'attention_mask')} to leave them out")
 
 
 def classes_last_note(shape: tuple[int, ...]) -> str | None:
-    """A note when ``--class-dim`` was not given and the outputs have two or more position dims, where torch's
-    convention (``F.cross_entropy``, convolutions) puts the classes in dim 1: they are read last here."""
+    """A note when the class dim (``--class-dim``, ``class_dim``) was not given and the outputs have two or more
+    position dims, where torch's convention (``F.cross_entropy``, convolutions) puts the classes in dim 1: they are
+    read last here."""
     if len(shape) < 4:
         return None
     return (f"the outputs (batch, {', '.join(map(str, shape[1:]))}) were read with the classes last, {shape[-1]} "
-            f"classes at {'×'.join(map(str, shape[1:-1]))} positions; pass --class-dim 1 for a segmentation "
-            "model's (batch, C, H, W) logits, or --class-dim -1 to say the classes are last")
+            f"classes at {'×'.join(map(str, shape[1:-1]))} positions; pass {option('class_dim', 1)} for a "
+            f"segmentation model's (batch, C, H, W) logits, or {option('class_dim', -1)} to say the classes are last")

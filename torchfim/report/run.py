@@ -23,6 +23,7 @@ from .markdown import markdown
 from .publish import check_out, publish
 from .score_only_render import draw_score_only, markdown_score_only, summary_score_only
 from .terminal import summary_table
+from .wording import option, said
 
 __all__ = ["run_report"]
 
@@ -155,7 +156,7 @@ def _summarise(emit: Callable[[str], object], table: str, results: dict, out_pat
         emit("")
         if results.get("resumed_steps"):
             emit(f"read {counted(results['resumed_steps'], 'finished step')} back from an interrupted run of this report "
-                 "(--no-resume computes them again)")
+                 f"({option('resume', False)} computes them again)")
         emit(f"wrote {out_path}/ ({', '.join(results['files'])}) in {results['timings']['total']:.1f} s; "
              f"read {out_path / 'report.md'}")
 
@@ -177,10 +178,12 @@ def _model_and_data(model, data, checkpoint, hidden, epochs, seed, progress, dat
             data = default_data
     else:
         if loaded is not None:
-            apply_checkpoint(model, loaded, checkpoint, "pass the checkpoint saved from this --model's architecture "
-                             "(or the --model factory that built it)")
+            apply_checkpoint(model, loaded, checkpoint, said(
+                "pass the checkpoint saved from this --model's architecture (or the --model factory that built it)",
+                "pass the checkpoint saved from this model's architecture (or the model it was saved from)"))
         if data is None:
-            raise TorchfimError("a model was given without data: pass --data MODULE:FACTORY")
+            raise TorchfimError("a model was given without data: pass " + said(
+                "--data MODULE:FACTORY", "data, a tensor of inputs (or an (inputs, targets) pair)"))
     if not isinstance(data, Data):
         data = as_data(data, data_source or "the data passed in")
     elif data_source is not None:

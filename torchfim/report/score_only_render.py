@@ -8,6 +8,7 @@ from .figures import figure_width, png_bytes
 from .format import family_text, fmt, md_table, pct, warning_lines
 from .markdown import analysed, resumed_note
 from .settings import ASKED_SCORE_ONLY, SCORE_ONLY_FIGURE
+from .wording import option
 
 __all__ = ["markdown_score_only", "summary_score_only", "draw_score_only"]
 
@@ -24,7 +25,7 @@ def _unused_note(R: dict) -> str | None:
     unused = R.get("unused_options") or {}
     if not unused:
         return None
-    flags = " and ".join(f"--{key.replace('_', '-')} {value}" for key, value in unused.items())
+    flags = " and ".join(option(key, value) for key, value in unused.items())
     return (f"options of the full report's Î1-vs-Î2 subset and spectra, not used here: {flags}"
             + (" (left out of the Re-create line)" if R.get("command") else ""))
 
@@ -74,12 +75,12 @@ def markdown_score_only(R: dict) -> str:
     if unused := _unused_note(R):
         add(f"- The {unused}.")
     if R["mode_reason"].startswith(ASKED_SCORE_ONLY):
-        add("- For the exact Fisher and the closed-form variances of Î1 and Î2, `--mode full` (or the default, "
-            "which chooses the full report where it fits in memory).")
+        add(f"- For the exact Fisher and the closed-form variances of Î1 and Î2, `{option('score_only', False)}` (or "
+            "the default, which chooses the full report where it fits in memory).")
     else:
         add("- For the exact Fisher and the closed-form variances of Î1 and Î2, report on fewer output numbers "
-            "(shorter sequences, fewer classes) or with more memory; `--mode full` computes them whatever they "
-            "take and refuses what does not fit in memory.")
+            f"(shorter sequences, fewer classes) or with more memory; `{option('score_only', False)}` computes them "
+            "whatever they take and refuses what does not fit in memory.")
     add("")
     return "\n".join(lines)
 

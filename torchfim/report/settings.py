@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._words import counted
+from .wording import MODES, option, said
 
 __all__ = [
     "FORMAT_VERSION",
@@ -67,8 +68,6 @@ REPORT_FILES = (*FILES, EMPIRICAL_FIGURE, SCORE_ONLY_FIGURE)
 #: Seconds the full report may take, by :func:`torchfim.report.cost.full_report_seconds`, before ``--mode auto``
 #: gives the score-only report instead.
 FULL_REPORT_SECONDS = 1800.0
-#: ``--mode`` of ``torchfim report`` -> ``score_only`` of :func:`torchfim.report.run_report`.
-MODES = {"auto": None, "full": False, "score-only": True}
 #: How the reason of a score-only report that the caller asked for starts (its notes then advise no smaller
 #: data), followed by the option that asked, in the caller's words (:mod:`.wording`).
 ASKED_SCORE_ONLY = "asked for"
@@ -95,10 +94,10 @@ def variance_plan(variance_inputs: int | None, n: int, P: int, positions: int = 
         return int(affordable), True, (
             f"the variance subset was reduced from {m} to {affordable} inputs because the model has "
             f"{where}, and the Hessian estimator's variance costs a pass per parameter over the inputs; "
-            "pass --variance-inputs N to choose (and wait for) another size"
+            f"pass {option('variance_inputs', metavar='N')} to choose (and wait for) another size"
         )
     return m, False, (
         f"the Hessian estimator's (Î2) variances were skipped: with {where} they would cost "
-        f"{P} forward-over-forward passes over the inputs; pass --variance-inputs N to compute them "
-        "anyway on N inputs (slow), or freeze parameters with requires_grad_(False) in --model"
+        f"{P} forward-over-forward passes over the inputs; pass {option('variance_inputs', metavar='N')} to compute "
+        f"them anyway on N inputs (slow), or freeze parameters with requires_grad_(False){said(' in --model', '')}"
     )

@@ -4,8 +4,9 @@ report.md, report.json and the terminal summary, once each, rather than on the t
 
 The library's warnings of padding counted as observed and of inputs with no observed position are left out: the
 report says them in notes of its own (:func:`.outputs.unmasked_padding_note`,
-:func:`.outputs.unobserved_inputs_note`). The report's own warnings (``torchfim report:``, about its kept steps) and
-everyone else's are warned as they were. A step kept on disk keeps the
+:func:`.outputs.unobserved_inputs_note`). The report's own warnings (``torchfim report:``: the time a long report will
+take, its kept steps) are passed on at once, as they come (the estimate was shown only once the report it announced
+had run); everyone else's are warned again as they were, after the block. A step kept on disk keeps the
 library's warnings it raised (:func:`step_warnings`), and a report that reads the step back warns them again
 (:func:`warn_again`), so a resumed report holds the warnings of the uninterrupted one.
 """
@@ -23,7 +24,7 @@ _LIBRARY, _REPORT = "torchfim:", "torchfim report:"
 #: Phrases of the library's warnings that the report says in notes of its own, of all its inputs: padding counted as
 #: observed (:meth:`torchfim.engine.view.ModelView._name_padding`) and inputs with no observed position
 #: (:meth:`~torchfim.engine.view.ModelView._name_unobserved`, per mini-batch).
-_NOTED = ("padding position(s) that count as observed", "have no observed position")
+_NOTED = ("counted as observed since mask= is not set", "no observed position (their mask is False")
 
 
 @contextmanager
@@ -54,11 +55,21 @@ def library_warnings() -> Iterator[list[str]]:
 @contextmanager
 def _recorded(handle: Callable[[warnings.WarningMessage, bool], None]) -> Iterator[None]:
     """The warnings raised inside the block, each given to ``handle`` with whether the block finished (after an
-    error too)."""
+    error too); the report's own are shown at once, through what shows the caller's warnings (a printer, a
+    recorder), as they would be without the block."""
     caught: list[warnings.WarningMessage] = []
     finished = False
     try:
-        with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
+        with warnings.catch_warnings():  # restores showwarning after
+            outer = warnings.showwarning
+
+            def shown(message, category, filename, lineno, file=None, line=None) -> None:
+                if str(message).startswith(_REPORT):
+                    outer(message, category, filename, lineno, file, line)
+                else:
+                    caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+            warnings.showwarning = shown
             yield
         finished = True
     finally:
@@ -67,7 +78,7 @@ def _recorded(handle: Callable[[warnings.WarningMessage, bool], None]) -> Iterat
 
 
 def _kept(category: type[Warning], text: str) -> bool:
-    return issubclass(category, RuntimeWarning) and text.startswith(_LIBRARY) and not text.startswith(_REPORT)
+    return issubclass(category, RuntimeWarning) and text.startswith(_LIBRARY)
 
 
 @contextmanager

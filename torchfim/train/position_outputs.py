@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .._words import a_or_an
+from .._words import a_or_an, counted
 from ..engine.labels import PADDING_COUNTED, counted_padding
 from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family, Positions
@@ -103,7 +103,7 @@ class PositionOutputs:
             count = counted_padding(padding.to(o.device), tuple(o.shape[:-1]), mask)
             if count:
                 self._padding_named = True
-                warn_user(PADDING_COUNTED.format(count=count))
+                warn_user(PADDING_COUNTED.format(positions=counted(count, "padding position")))
         return Positions(self.base, tuple(o.shape[1:-1]), mask), o.reshape(o.shape[0], -1)
 
     def check_output(self, o: Tensor) -> None:

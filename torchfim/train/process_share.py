@@ -56,6 +56,7 @@ from .._processes import (
     trained_names,
     weights_fingerprint,
 )
+from .._words import counted
 from ..engine.batch import Batch
 from ..engine.output_probe import probe_rows
 from ..errors import TorchfimError
@@ -134,8 +135,9 @@ class ProcessShare:
         every = gather_numbers([0.0], model, WHAT)
         failed = sum(e[0] for e in every)
         if failed:
-            raise TorchfimError(f"FisherTraceMonitor(across_processes=True): {int(failed)} other process(es) failed "
-                                "to build it (the error is raised there), so this one stops too")
+            others = counted(int(failed), "other process", "other processes")
+            raise TorchfimError(f"FisherTraceMonitor(across_processes=True): {others} failed to build it (the error is "
+                                "raised there), so this one stops too")
 
 
 def _check_alike(digests: list[float], states: list[float], weights: list[float], buffers: list[float]) -> None:

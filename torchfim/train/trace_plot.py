@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import save_figure
+from .._words import counted
 from ..errors import TorchfimError, real_number, warn_user
 from .monitor import COLUMNS, FisherTraceMonitor, TraceRecord
 
@@ -155,9 +156,9 @@ def _warn_non_finite(label: str | None, records: list[TraceRecord]) -> None:
     if steps:
         shown = ", ".join(str(s) for s in steps[:5]) + (", …" if len(steps) > 5 else "")
         run = "" if label is None else f"run {label!r}: "
-        warn_user(f"torchfim: {run}{len(steps)} record(s) with a non-finite Tr(F) or standard error (step {shown}; a "
-                  "measurement of a diverged model?): their points, or where only the standard error is not finite "
-                  "their band, are left out of the figure")
+        warn_user(f"torchfim: {run}{counted(len(steps), 'record')} with a non-finite Tr(F) or standard error (step "
+                  f"{shown}; a measurement of a diverged model?): their points, or where only the standard error is "
+                  "not finite their band, are left out of the figure")
 
 
 def _named(label: str | None, run: Run) -> str:

@@ -61,6 +61,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._batches import Inputs, reusable
 from .._io import atomic_write
 from .._processes import process_group
+from .._words import counted
 from ..errors import TorchfimError, warn_user
 from .arguments import check_int
 from .held import hold
@@ -272,7 +273,8 @@ def _check_monitor_options(inputs: Inputs, every: object, options: dict[str, obj
     when the monitor is built)."""
     unknown = sorted(set(options) - MONITOR_OPTIONS)
     if unknown:
-        raise TorchfimError(f"FisherTraceCallback got option(s) the monitor does not take: {', '.join(unknown)}; "
+        raise TorchfimError(f"FisherTraceCallback got {counted(len(unknown), 'option')} the monitor does not take: "
+                            f"{', '.join(unknown)}; "
                             f"it takes {', '.join(sorted(MONITOR_OPTIONS))}")
     check_int("every", every, 1, "pass e.g. every=50 to measure every 50 optimiser steps")
     subset = check_window_options(options.get("subset"), options.get("control_variate", False))
