@@ -10,6 +10,7 @@ import re
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,13 @@ def test_readme_quick_start_names_both_scripts():
     assert "scripts/demo" in readme
     assert "scripts/test" in readme
     assert "torch==2.13.0" in readme
+
+
+@pytest.mark.parametrize("prefix", ["torchfim report: ", "torchfim: ", ""])
+def test_a_warning_names_the_command_once(prefix: str) -> None:
+    """The report's own warnings read 'torchfim report: warning: torchfim report: …' (a review)."""
+    from torchfim.cli import _warnings_in_words
+
+    with _warnings_in_words("torchfim report"):
+        said = warnings.formatwarning(f"{prefix}the finished steps are not kept", RuntimeWarning, "x.py", 1)
+    assert said == "torchfim report: warning: the finished steps are not kept\n"

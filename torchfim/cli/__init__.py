@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -104,7 +105,9 @@ def _warnings_in_words(prog: str) -> Iterator[None]:
 
     def in_words(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  line: str | None = None) -> str:
-        return f"{prog}: warning: {' '.join(str(message).split())}\n"
+        # the library's own prefix ("torchfim: ", "torchfim report: ") said once, by the command's name
+        text = re.sub(r"^torchfim(?: [\w-]+)?: ", "", " ".join(str(message).split()))
+        return f"{prog}: warning: {text}\n"
 
     warnings.formatwarning = in_words
     try:
