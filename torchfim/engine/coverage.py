@@ -98,8 +98,8 @@ def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tens
            floors: list[float] | None = None) -> dict[int, bool]:
     """Which ``params`` (positions in the list) have per-sample gradients ``got`` ``(b, size)`` (None: zero)
     of ``vᵢᵀ oᵢ`` that miss autograd's, taken sample by sample for the flat ``output`` ``(b, out)`` and ``v``;
-    each with whether their sum over samples is right all the same. A parameter's entry of ``floors``
-    (:func:`rounding_floors`) is a gap within which its gradients agree whatever their scale.
+    each with whether their sum over samples is right all the same. A parameter whose two gradients both stay
+    within its entry of ``floors`` (:func:`rounding_floors`) is rounding noise either way: it does not miss.
 
     Sample by sample rather than summed over the batch: a rule that hands one sample's gradient to
     another (a call whose leading dim only happens to equal the batch) has the right sum.
@@ -122,23 +122,27 @@ def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tens
             continue
         w = torch.zeros_like(g) if w is None else w
         g = torch.zeros_like(w) if g is None else g.to(w.dtype)
-        atol = max(tol * max(scale, 1e-30), floors[k] if floors else 0.0)
+        if floors and max(float(w.abs().max()), float(g.abs().max())) <= floors[k]:
+            continue
+        atol = tol * max(scale, 1e-30)
         if not torch.allclose(g, w, rtol=tol, atol=atol):
             out[k] = torch.allclose(g.sum(0), w.sum(0), rtol=tol, atol=atol)
     return out
 
 
 #: Gradients within this many units in the last place of the sizes of the terms they sum are rounding noise.
-NOISE_ULPS = 256
+NOISE_ULPS = 16
 
 
 def rounding_floors(calls: list[tuple[Rule, Call]], sensitivities: list[list[Tensor | None]],
                     wanted: set[int]) -> dict[int, float]:
     """Per parameter index in ``wanted``: the size of rounding noise in its per-sample gradients, ``NOISE_ULPS·ε``
-    times the size of the terms they sum, bounded by its module's output sensitivities ``∂(vᵀo)/∂tap`` (summed over
-    a sample, the largest sample's) times its input's largest entry (at least 1: a bias's terms are the sensitivities
-    themselves). A gradient that is exactly zero (a key bias under softmax) is such noise in both autograd's and a
-    rule's computation: with no other trainable parameter to give the check a scale, it missed (a review)."""
+    times the size of the terms an entry sums, bounded by its module's output sensitivities ``∂(vᵀo)/∂tap`` summed
+    over a sample's positions (all dims but the last, the largest feature's and sample's) times its input's largest
+    entry (at least 1: a bias's terms are the sensitivities themselves). A gradient that is exactly zero (a key bias
+    under softmax) is such noise in both autograd's and a rule's computation: with no other trainable parameter to
+    give the check a scale, it missed (a review). Summed over every feature too, the bound let a half-precision
+    weight used outside its module pass."""
     floors: dict[int, float] = {}
     for (rule, call), sens in zip(calls, sensitivities):
         held = wanted & set(rule.params.values())
@@ -147,7 +151,7 @@ def rounding_floors(calls: list[tuple[Rule, Call]], sensitivities: list[list[Ten
             continue
         x = call.args[0] if call.args and isinstance(call.args[0], Tensor) and call.args[0].is_floating_point() else None
         largest_input = max(1.0, float(x.abs().max())) if x is not None and x.numel() else 1.0
-        terms = sum(float(s.abs().flatten(2).sum(-1).amax()) for s in present) * largest_input
+        terms = sum(float(_per_feature(s).amax()) for s in present) * largest_input
         floor = NOISE_ULPS * torch.finfo(present[0].dtype).eps * terms
         for i in held:
             floors[i] = max(floors.get(i, 0.0), floor)
@@ -175,3 +179,10 @@ def names_of(model: nn.Module, calls: list[tuple[Rule, Call]]) -> list[str]:
     """Full names in ``model`` of the parameters that the rules of ``calls`` cover."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for rule, _ in calls for n, p in rule.module.named_parameters() if n in rule.params]
+
+
+def _per_feature(s: Tensor) -> Tensor:
+    """Sensitivities ``(m, B, *tap)`` in absolute value summed over the tap's dims but the last: ``(m, B, features)``
+    (``(m, B, 1)`` for a tap without dims)."""
+    s = s.abs()
+    return s.reshape(*s.shape[:2], 1) if s.dim() == 2 else s.flatten(2, -2).sum(2) if s.dim() > 3 else s
