@@ -14,8 +14,9 @@ of ``grad``). Two functions that transformers call break it in torch 2.x:
 Five activations break second derivatives too (``silu``, ``mish``, ``glu``, ``hardsigmoid`` and the eval-mode
 ``rrelu``): :mod:`.composite_activations` says which and how they run. So does weight normalisation
 (``torch._weight_norm``, behind ``nn.utils.parametrizations.weight_norm`` and the older ``nn.utils.weight_norm``):
-its fused kernel has no forward-mode rule for its backward, and it runs as ``v·g/‖v‖`` (the norm over every dim
-but ``dim``) where forward-mode AD differentiates it.
+its fused kernel has no forward-mode rule for its backward, and its backward's own backward is wrong in torch 2.13
+(``gradgradcheck`` fails; the exact penalty's gradient on a weight-normed layer's direction ``v`` was 75-110%
+off, silently, in a review); it runs as ``v·g/‖v‖`` (the norm over every dim but ``dim``) in both modes.
 
 ``embedding_bag`` has no forward-mode rule either: it runs as a lookup from a ``(bags, longest)`` table of the
 bags' ids and a weighted sum, mean or max over each bag (forward mode only).
@@ -164,11 +165,11 @@ _COMPOSITES: dict[Callable, Callable] = {
     F.scaled_dot_product_attention: attention,
     F.multi_head_attention_forward: multi_head_attention,
     F.embedding: embedding,
+    torch._weight_norm: weight_norm,
     **EVERY_MODE,
 }
-#: The same with the functions that forward-mode AD alone needs in composite form (activations, weight norm).
-_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, torch._weight_norm: weight_norm,
-                                                  F.embedding_bag: embedding_bag}
+#: The same with the functions that forward-mode AD alone needs in composite form (activations, bags).
+_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, F.embedding_bag: embedding_bag}
 
 
 class _CompositeForms(TorchFunctionMode):
