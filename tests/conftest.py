@@ -22,7 +22,7 @@ FAMILIES = tuple(FAMILY_WIDTH)
 
 
 # The factories are those of the one list of test cases (cases.py); these two run the first-wave
-# oracle tests of test_fisher.py and test_variance.py.
+# oracle tests of test_fisher.py and test_variance_closed_forms.py.
 MODELS = {name: (BY_NAME[name].build, BY_NAME[name].inputs) for name in ("tanh_mlp", "strided_cnn")}
 
 

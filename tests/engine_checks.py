@@ -79,3 +79,21 @@ def assert_matches_functional(model: nn.Module, x: torch.Tensor, estimator: str,
                   for s in ("diag", "trace")]
     for got, reference in pairs:
         assert torch.allclose(got, reference, rtol=1e-10, atol=1e-14 * reference.abs().max())
+
+
+def _rules(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    return {path: type(rule).__name__ for path, rule in module_rules(model, x)[1].items()}
+
+
+def _assert_equals_functional(model: nn.Module, x: torch.Tensor, estimator: str, seed: int,
+                              structures: tuple[str, ...] = ("diag", "blocks"), atol: float = 1e-12) -> None:
+    """The per-module backend's Fisher equals the functional backend's (same labels) to 1e-10."""
+    for structure in structures:
+        kw = dict(estimator=estimator, structure=structure, generator=torch.Generator().manual_seed(seed))
+        got = torchfim.fisher(model, x, **kw)
+        kw["generator"] = torch.Generator().manual_seed(seed)
+        want = torchfim.fisher(model, x, backend="functional", **kw)
+        if structure == "diag":
+            assert torch.allclose(got, want, rtol=1e-10, atol=atol)
+        else:
+            assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=atol) for k in want)

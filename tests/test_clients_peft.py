@@ -11,7 +11,7 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
-from test_clients_transformers import VOCAB, generic_modules, padded_batch, tiny_gpt2
+from hf_models import VOCAB, generic_modules, padded_batch, tiny_gpt2
 
 import torchfim
 

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
-from test_clients_transformers import PAD, VOCAB, labelled_batch, tiny_gpt2
+from hf_models import PAD, VOCAB, labelled_batch, tiny_gpt2
 
 import torchfim
 from torchfim.train import FisherPenalty, FisherTraceMonitor

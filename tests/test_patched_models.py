@@ -279,7 +279,7 @@ def test_closure_state_that_holds_no_module_stays_shared() -> None:
 def test_accelerate_hooks_on_a_transformers_model(backend: str) -> None:
     """A GPT-2 with ``accelerate``'s device hook on every module (as ``dispatch_model`` leaves a model
     spread over devices) has the Fisher of the same GPT-2 without hooks."""
-    from test_clients_transformers import VOCAB, padded_batch, tiny_gpt2
+    from hf_models import VOCAB, padded_batch, tiny_gpt2
 
     batch = padded_batch([5, 3], seed=1)
     jac, logits = clients.jacobians(tiny_gpt2(), kwargs=batch, output="logits")

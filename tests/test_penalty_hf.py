@@ -12,8 +12,8 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
+from hf_models import VOCAB, padded_batch, tiny_bert, tiny_gpt2
 from oracles import penalty_definition
-from test_clients_transformers import VOCAB, padded_batch, tiny_bert, tiny_gpt2
 
 from torchfim.families import Categorical
 from torchfim.train import FisherPenalty

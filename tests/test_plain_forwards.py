@@ -189,7 +189,7 @@ def test_a_llama_with_gradient_checkpointing_in_training_mode(mode: str) -> None
     ``offload=True``). Before: ``fisher`` raised (blaming the integer inputs) and the finite-difference
     penalty's gradient was 10 % off (non-reentrant)."""
     clients.need("transformers")
-    from test_clients_transformers import VOCAB, tiny_llama
+    from hf_models import VOCAB, tiny_llama
 
     ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(8))
     results = []
@@ -222,7 +222,7 @@ def test_a_checkpointed_token_model_keeps_the_vmapped_paths() -> None:
     a time (warning). Now both run batched and equal the model without checkpointing; the method is torch's
     again afterwards."""
     clients.need("transformers")
-    from test_clients_transformers import VOCAB, tiny_llama
+    from hf_models import VOCAB, tiny_llama
 
     ids = {"input_ids": torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(8))}
     results = []

@@ -15,7 +15,7 @@ import json
 import clients
 import pytest
 import torch
-from test_report import USER_MODULE, fast_figures, user_dir  # noqa: F401  (fixtures)
+from report_fixtures import USER_MODULE, fast_figures, user_dir  # noqa: F401  (fixtures)
 from torch import nn
 
 import torchfim

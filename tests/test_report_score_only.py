@@ -32,7 +32,7 @@ from torchfim.score_norms import squared_score_norms
 
 
 def _wide_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """10,000 classes: one input's closed forms need 2.98 GiB in float64 (1.49 in float32, tests/test_report.py)."""
+    """10,000 classes: one input's closed forms need 2.98 GiB in float64 (1.49 in float32, tests/test_report_failures.py)."""
     torch.manual_seed(0)
     return nn.Linear(4, 10_000).double(), torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 10_000, (8,))
 

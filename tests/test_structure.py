@@ -1,7 +1,8 @@
-"""The shape of the code (DESIGN.md §7): no module over 500 lines, no function over 80 lines
-(docstring excluded), and no import cycle between the modules of ``torchfim`` (nor of the
-benchmark suite), read from their ``import`` and ``from ... import`` statements, relative or
-absolute, wherever they stand (inside functions and ``if TYPE_CHECKING:`` blocks too).
+"""The shape of the code (DESIGN.md §7): no module over 500 lines and no function over 80 lines
+(docstring excluded), in the library, the benchmarks, the tests (their helpers too), the scripts and the
+examples; and no import cycle between the modules of ``torchfim`` (nor of the benchmark suite), read from
+their ``import`` and ``from ... import`` statements, relative or absolute, wherever they stand (inside
+functions and ``if TYPE_CHECKING:`` blocks too).
 
 The checks are plain functions of source text, tested first on a made-up package that breaks
 every rule, so that a check that could not fail would be caught.
@@ -20,6 +21,10 @@ MAX_FUNCTION_LINES = 80
 
 #: Packages checked: the library with its applications, and the benchmark suite.
 PACKAGES = (ROOT / "torchfim", ROOT / "benchmarks" / "suite")
+#: Python files held to the size limits, as (folder, glob pattern): the packages, the tests with their helpers,
+#: the benchmarks' runners, the scripts (shell today: the pattern holds any Python one added) and the examples.
+SIZED = (*((package, "**/*.py") for package in PACKAGES), (ROOT / "tests", "**/*.py"), (ROOT / "benchmarks", "*.py"),
+         (ROOT / "scripts", "*.py"), (ROOT / "examples", "**/*.py"))
 
 # Library-core files that break a size limit while the core is being rewritten. Each entry is a
 # debt that the core's rewrite removes (test_allowances_are_still_needed fails once a file
@@ -42,6 +47,16 @@ def module_name(path: Path, package: Path) -> str:
 def modules_of(package: Path) -> dict[str, Path]:
     """Module name -> file, for every ``.py`` file of ``package``."""
     return {module_name(p, package): p for p in sorted(package.rglob("*.py"))}
+
+
+def python_files(folder: Path, pattern: str) -> list[Path]:
+    """The files of ``folder`` that ``pattern`` matches (``**/*.py``: every Python file below it; ``*.py``: its own)."""
+    return sorted(p for p in folder.glob(pattern) if p.is_file())
+
+
+def long_modules(files: list[Path], limit: int = MAX_MODULE_LINES) -> dict[Path, int]:
+    """File -> its number of lines, for each of ``files`` longer than ``limit`` lines."""
+    return {p: n for p in files if (n := len(p.read_text(encoding="utf-8").splitlines())) > limit}
 
 
 def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int, int]]:
@@ -155,6 +170,8 @@ MADE_UP = {
     "pkg/sub/deep.py": "import pkg.b\n\ndef g():\n    return 1\n",
     "pkg/b.py": "from pkg import a\n" + "x = 1\n" * 510,
     "pkg/c.py": "from . import b\n\ndef h():\n    '''doc\n    string'''\n" + "    y = 1\n" * 80 + "    return y\n",
+    "pkg/sub/long.py": "x = 1\n" * 501,
+    "pkg/notes.txt": "x = 1\n" * 600,
 }
 
 
@@ -175,7 +192,10 @@ def test_the_checks_find_what_they_look_for(made_up: Path):
     c = (made_up / "c.py").read_text()
     assert long_functions(c) == [("h", 3, 82)]  # def line + 80 body lines + return, docstring excluded
     assert long_functions(c, limit=82) == []
-    assert len((made_up / "b.py").read_text().splitlines()) > MAX_MODULE_LINES
+    assert {p.relative_to(made_up).as_posix(): n for p, n in long_modules(python_files(made_up, "**/*.py")).items()} \
+        == {"b.py": 511, "sub/long.py": 501}  # below the top folder too; not a file of another kind
+    assert list(long_modules(python_files(made_up, "*.py"))) == [made_up / "b.py"]  # the top folder alone
+    assert long_modules(python_files(made_up, "**/*.py"), limit=511) == {}
 
 
 # --------------------------------------------------------------------------------- the real code
@@ -183,20 +203,36 @@ def _relative(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
 
-@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: _relative(p))
-def test_no_module_over_500_lines(package: Path):
-    too_long = {_relative(p): n for p in package.rglob("*.py")
-                if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+def _sized_id(sized: tuple[Path, str]) -> str:
+    """``torchfim`` for a whole folder, ``benchmarks/*.py`` for the files of its own."""
+    folder, pattern = sized
+    return _relative(folder) if pattern == "**/*.py" else f"{_relative(folder)}/{pattern}"
+
+
+@pytest.mark.parametrize("sized", SIZED, ids=_sized_id)
+def test_no_module_over_500_lines(sized: tuple[Path, str]):
+    too_long = {_relative(p): n for p, n in long_modules(python_files(*sized)).items()}
     assert not {k: v for k, v in too_long.items() if k not in ALLOWED_OVERSIZE}, (
         f"modules over {MAX_MODULE_LINES} lines (split them by job): {too_long}")
 
 
-@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: _relative(p))
-def test_no_function_over_80_lines(package: Path):
-    too_long = {f"{_relative(p)}:{line} {name}()": n for p in sorted(package.rglob("*.py"))
+@pytest.mark.parametrize("sized", SIZED, ids=_sized_id)
+def test_no_function_over_80_lines(sized: tuple[Path, str]):
+    too_long = {f"{_relative(p)}:{line} {name}()": n for p in python_files(*sized)
                 if _relative(p) not in ALLOWED_OVERSIZE
                 for name, line, n in long_functions(p.read_text(encoding="utf-8"))}
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines, docstring excluded: {too_long}"
+
+
+def test_the_size_limits_read_every_folder_they_name():
+    """Each folder's pattern finds its Python files (a misnamed folder or pattern would check nothing); the
+    scripts, shell today, have none."""
+    found = {_sized_id(sized): {_relative(p) for p in python_files(*sized)} for sized in SIZED}
+    assert "torchfim/__init__.py" in found["torchfim"] and "benchmarks/suite/__init__.py" in found["benchmarks/suite"]
+    assert {"tests/test_structure.py", "tests/conftest.py", "tests/cases.py"} <= found["tests"]
+    assert "benchmarks/run.py" in found["benchmarks/*.py"] and not any("/suite/" in f for f in found["benchmarks/*.py"])
+    assert "examples/choose_estimator.py" in found["examples"]
+    assert found["scripts/*.py"] == {f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py")}
 
 
 @pytest.mark.parametrize("package", PACKAGES, ids=lambda p: _relative(p))

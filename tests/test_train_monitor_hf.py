@@ -11,7 +11,7 @@ from __future__ import annotations
 import clients  # first: hides a torchvision build that cannot load
 import pytest
 import torch
-from test_clients_transformers import VOCAB, concat, padded_batch, tiny_gpt2, tiny_t5
+from hf_models import VOCAB, concat, padded_batch, tiny_gpt2, tiny_t5
 
 import torchfim
 from torchfim import TorchfimError
