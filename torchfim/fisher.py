@@ -191,14 +191,13 @@ def fisher(
             drawing = generator if share is None or not draws else share.generator(generator, one.view.device)
             result = make_structure(structure, one.view.layout)
             seen, width = [], 0  # the standard error's mini-batches; output numbers per input, which it pulls back
-            held = held_by_caller(inputs)
             # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
             for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
                                           f"fisher[{estimator}]", split=estimator == "exact" or per_position,
                                           rows=None if share is None else share.rows):
                 add_estimate(estimator, one.backend, rec, fam_b, result, k, drawing, progress, per_position)
                 if return_stderr:  # a copy where a loader may refill the buffer before the variance's pass reads it
-                    seen.append(rec.batch if held else rec.batch.map(copied))
+                    seen.append(rec.batch if held_by_caller(inputs) else rec.batch.map(copied))
                     width = max(width, rec.output.shape[1])
             if share is not None:
                 share.probe(one.view)
