@@ -309,3 +309,54 @@ def test_a_generic_rule_on_windows_that_torch_func_cannot_batch_loops_over_sampl
     assert torch.allclose(got, torch.diagonal(exact_fisher(model, x, "categorical")), rtol=1e-10, atol=1e-14)
     backend, _ = module_rules(model, x)
     assert backend.layout_of[backend.view.model.mixing] == "folded"
+
+
+class _SequenceFirstExtraKeys(nn.Module):
+    """``nn.MultiheadAttention(batch_first=False)`` with ``add_bias_kv`` or ``add_zero_attn``, which has no rule of its
+    own: the generic rule reads its calls sequence first."""
+
+    def __init__(self, **options: bool) -> None:
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(4, 2, **options), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = x.transpose(0, 1)
+        return self.head(self.attention(q, q, q, need_weights=False)[0].transpose(0, 1).mean(1))
+
+
+class _RowsOfAModuleSaidSequenceFirst(nn.Module):
+    """A module of one's own that says ``batch_first = False``, called on the batch's rows flattened ``(B·T, d)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(4, 4) * 0.5), nn.Linear(4, 3)
+        self.rows = _SaysSequenceFirst(self.w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rows(x.reshape(-1, 4)).reshape(x.shape).mean(1))
+
+
+class _SaysSequenceFirst(nn.Module):
+    batch_first = False
+
+    def __init__(self, w: nn.Parameter) -> None:
+        super().__init__()
+        self.w = w
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(rows @ self.w) * rows.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("build", [lambda: _SequenceFirstExtraKeys(add_bias_kv=True),
+                                   lambda: _SequenceFirstExtraKeys(add_zero_attn=True), _RowsOfAModuleSaidSequenceFirst],
+                         ids=["add_bias_kv", "add_zero_attn", "folded-rows"])
+def test_a_generic_rule_read_regrouped_keeps_the_batch_first_with_as_many_positions_as_inputs(build) -> None:
+    """The generic rule read a regrouped call's first input, kept batch first, by the module's ``batch_first=False``:
+    on a batch of as many inputs as positions it took the positions for the samples, 1-40% off, silently (a
+    review); batches of another size were right."""
+    torch.manual_seed(0)
+    model = build().double().eval()
+    for n in (2, 3):
+        x = torch.randn(n, 3, 4, dtype=torch.float64)
+        assert_equals_dense(torchfim.fisher(model, x, structure="full"), exact_fisher(model, x, "categorical"),
+                            model, "full")
