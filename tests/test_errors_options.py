@@ -97,7 +97,7 @@ def test_integer_options_take_numpy_and_tensor_integers_as_the_int_they_hold(tmp
     assert type(record.step) is int and record.step == 4 and monitor.every == 2 and type(monitor.subset) is int
     assert (tmp_path / "trace.csv").read_text().splitlines()[1].startswith("4,")
     penalty = torchfim.train.FisherPenalty(model, alpha=0.1, every=np.int64(3))
-    penalty(x, step=np.int64(3))
+    penalty(x, step=np.int64(3)).backward()
     assert type(penalty.last_step) is int and penalty.every == 3
     gen = torch.Generator().manual_seed(1)  # a 0-dim array (np.asarray of a config value) holds one integer too
     assert torch.equal(torchfim.fisher(model, x, estimator="score", n_samples=np.array(2), generator=gen), reference)

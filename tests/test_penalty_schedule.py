@@ -36,7 +36,7 @@ def test_a_kept_gradient_the_model_outgrew_is_computed_afresh(change) -> None:
     if change is _unfreeze_first:
         model[0].weight.requires_grad_(False)
     pen = FisherPenalty(model, alpha=0.37, every=3, generator=torch.Generator().manual_seed(SEED))
-    pen(x, step=0)
+    pen(x, step=0).backward()
     change(model)
     generator = torch.Generator().manual_seed(SEED)
     generator.set_state(pen.generator.get_state())  # the draw step 1 makes when it computes

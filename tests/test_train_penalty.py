@@ -190,7 +190,9 @@ def test_before_first_computed_step_the_term_is_zero() -> None:
     term = pen(x, step=3)
     assert float(term.detach()) == 0.0 and pen.last_value is None and pen.last_step is None
     assert all(not g.any() for g in penalty_grad(term, model))
-    assert float(pen(x, step=10).detach()) > 0 and pen.last_step == 10
+    term = pen(x, step=10)
+    term.backward()
+    assert float(term.detach()) > 0 and pen.last_step == 10
 
 
 def test_every_one_draws_fresh_labels_each_step() -> None:

@@ -243,7 +243,7 @@ def test_a_penalty_refuses_the_state_of_another_model() -> None:
     x, _, _ = _data()
     model = _model()
     pen = FisherPenalty(model, every=3)
-    pen(x, step=0)
+    pen(x, step=0).backward()
     state = _saved(pen.state_dict())
     assert set(state["cache"]) == {n for n, _ in model.named_parameters()}
     other = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()

@@ -5,7 +5,9 @@ the next computed step. Under gradient accumulation one optimiser step runs ``k`
 at the same step number and at the same parameters, and each computes the penalty on its own micro-batch;
 the step's penalty, as the optimiser receives it, is their mean. So :meth:`KeptGradient.keep` keeps the
 running mean over the calls of one step, ``c = (1/k) Σⱼ cⱼ`` and ``v = (1/k) Σⱼ vⱼ``: the last call's alone
-would be the penalty of one micro-batch, with ``k`` times the variance. A call at the same step number after
+would be the penalty of one micro-batch, with ``k`` times the variance. A call counts when its term is
+back-propagated (the term's backward hands its gradient over, once: :mod:`.surrogate`), so a term never
+back-propagated (a penalty logged with gradients on) is in no mean. A call at the same step number after
 the parameters moved (an optimiser's closure, as L-BFGS evaluates it, or a step counter that does not advance)
 starts the mean over: the parameters count as moved when a tensor is another object, or when their
 :class:`~torchfim.train.parameter_stamp.Stamp` no longer matches (an optimiser's step, fused ones included, or an
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .parameter_stamp import Stamp, stamp
+from .parameter_stamp import Stamp
 
 
 @dataclass
@@ -36,10 +38,9 @@ class KeptGradient:
     calls: int = 0
     stamped: Stamp | None = None
 
-    def keep(self, step: int, params: list[Tensor], grads: list[Tensor], value: Tensor) -> None:
+    def keep(self, step: int, params: list[Tensor], grads: list[Tensor], value: Tensor, now: Stamp) -> None:
         """Keep a computed call's gradient and value, averaged with those of the earlier calls at the same
-        step and parameters."""
-        now = stamp(params)
+        step and parameters (``now``: the parameters' stamp when the call computed them)."""
         if self.calls > 0 and step == self.step and self.stamped is not None and self.stamped.same_as(now):
             self.calls += 1
             weight = 1.0 / self.calls  # the running mean: c ← c + (cⱼ − c)/j

@@ -49,12 +49,13 @@ from .finite_difference import GRAD_METHODS, check_fd_step
 from .forward_precision import ForwardPrecision
 from .kept_gradient import KeptGradient
 from .model_io import Inputs, ModelIO
+from .parameter_stamp import stamp
 from .penalised_arguments import check_task_loss, penalised_parameters, running_module, scalar_task_loss
 from .penalty_schedule import COMPUTE, REUSE, ZERO, Schedule
 from .penalty_terms import PenaltyTerms
 from .position_outputs import PositionOutputs
 from .step_draws import StepDraws
-from .surrogate import zero_term
+from .surrogate import OnBackward, zero_term
 
 KINDS = ("batch_gradient", "trace")
 
@@ -91,7 +92,10 @@ class FisherPenalty(PenaltyTerms):
     so ``backward`` still works). When ``every > 1`` and ``reuse_between=True``, the gradient of a
     computed step is taken inside the call (to cache it) and the returned tensor is that same
     surrogate: value and parameter gradient are the penalty's, but it carries no higher-order
-    graph. Otherwise the returned tensor is the penalty itself, with its double-backprop graph.
+    graph; the gradient is kept when the term is back-propagated (once, whatever the incoming gradient), so a
+    term never back-propagated (the penalty of a validation batch, logged with gradients on: safe, in any mode)
+    leaves ``c``, ``v``, ``last_value`` and ``last_step`` as they were. Otherwise the returned tensor is the
+    penalty itself, with its double-backprop graph.
 
     Gradient (``grad_method``): ``"exact"`` differentiates through ``g`` (double backprop), which needs a
     second derivative of every operation of the model; the first computed step takes that gradient once
@@ -131,11 +135,12 @@ class FisherPenalty(PenaltyTerms):
     right there too. A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: no training step
     can back-propagate it) is taken as an evaluation, of a validation batch say: it returns the penalty of its
     inputs and leaves the penalty as it found it (the kept gradient, the step's draws, ``last_value``,
-    ``last_step`` and its own generator), so the training run and its checkpoints go on as without it. The
-    caller's backward hooks (``weight.register_hook``, a module's
-    ``register_full_backward_hook``) do not run in its own differentiations: value and gradient are the model's
-    without them, and the hooks act on the gradient the caller back-propagates (module hooks on the task loss's;
-    with them, :meth:`penalised_loss` takes the penalty on a forward of its own).
+    ``last_step`` and its own generator), so the training run and its checkpoints go on as without it. With gradients
+    on, a call whose term is never back-propagated (a penalty logged) leaves the kept gradient, ``last_value`` and
+    ``last_step`` alone too, but draws its labels from the generator as any call does. The caller's backward hooks
+    (``weight.register_hook``, a module's ``register_full_backward_hook``) do not run in its own differentiations:
+    value and gradient are the model's without them, and the hooks act on the gradient the caller back-propagates
+    (module hooks on the task loss's; with them, :meth:`penalised_loss` takes the penalty on a forward of its own).
 
     Outputs with positions, ``(B, *pos, C)`` (a language model's logits): each position is an observation
     of ``family`` given the input, labels are drawn per position and an input's NLL sums over its
@@ -170,9 +175,9 @@ class FisherPenalty(PenaltyTerms):
     Attributes:
         last_value: detached 0-dim tensor, the most recently *computed* penalty value (α included; None
             before the first computed step). With a cache (``every > 1``, ``reuse_between=True``) it is the
-            value reused between computed steps, the mean over the computed step's calls (its micro-batches),
-            as ``c``; otherwise the last call's, one micro-batch's under gradient accumulation: log the mean of
-            the calls' returned values for the step's. ``float(pen.last_value)`` for a number.
+            value reused between computed steps, the mean over the computed step's back-propagated calls (its
+            micro-batches), as ``c``; otherwise the last call's, one micro-batch's under gradient accumulation: log
+            the mean of the calls' returned values for the step's. ``float(pen.last_value)`` for a number.
         last_step: the step at which ``last_value`` was computed (None before).
 
     Example:
@@ -281,6 +286,7 @@ class FisherPenalty(PenaltyTerms):
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, first, self.sub_batch)
+        keep = self._keeper(step, params, x.size)
         with self.family.masked(mask, x.size, self.io.labelled(whole), self.io.padding(whole, mask)), \
                 self._forwards(step, params):
             if self.grad_method == "finite_difference":
@@ -290,9 +296,10 @@ class FisherPenalty(PenaltyTerms):
                     value = self._batch_gradient(self.io.outputs(self.model, x), params)
                 else:
                     value = self._trace(x, names, params)
-                grads = self._double_backprop(value, params, self.every > 1 and self.reuse_between, retain=False)
-            self._computed(step, params, grads, value.detach(), x.size)
-            return value if grads is None else self._surrogate(params, grads, value.detach())
+                grads = self._double_backprop(value, params, keep is not None, retain=False)
+            if keep is None:
+                self._computed(step, value.detach(), x.size)
+            return value if grads is None else self._surrogate(params, grads, value.detach(), keep)
 
     def penalised_loss(self, inputs: Inputs, task_loss: Callable[[object], Tensor], step: int | None = None,
                        mask: Tensor | str | None = None, model: nn.Module | None = None) -> Tensor:
@@ -379,15 +386,16 @@ class FisherPenalty(PenaltyTerms):
         names, params = penalised_parameters(self.model)
         x = self.io.prepare(inputs, params[0])
         rows = min(self.sub_batch or x.size, x.size)
-        cache = self.every > 1 and self.reuse_between
+        keep = self._keeper(step, params, rows)
         given = self.io.mask(mask, x)
         with self.family.masked(given, rows, self.io.labelled(x), self.io.padding(x, given)), \
                 self._forwards(step, params, module_hooks=False):
             if self.grad_method == "finite_difference" and self.kind == "batch_gradient":
-                loss, value, grads = self._shared_fd(x, rows, list(zip(names, params)), task_loss, cache)
+                loss, value = self._shared_fd(x, rows, list(zip(names, params)), task_loss, keep)
             else:
-                loss, value, grads = self._shared_forward(x, rows, names, params, task_loss, cache)
-        self._computed(step, params, grads, value.detach(), rows)
+                loss, value = self._shared_forward(x, rows, names, params, task_loss, keep)
+        if keep is None:
+            self._computed(step, value.detach(), rows)
         return loss
 
     def state_dict(self) -> dict[str, object]:
@@ -462,15 +470,26 @@ class FisherPenalty(PenaltyTerms):
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
         return loss + self._surrogate(kept.params, kept.grads, kept.value) if reuse else loss
 
-    def _computed(self, step: int, params: list[Tensor], grads: list[Tensor] | None, value: Tensor,
-                  inputs: int) -> None:
-        """Record a computed call on ``inputs`` inputs: its value, and with a cache the gradient to reuse (the mean
-        over the calls of this step at these parameters, :mod:`.kept_gradient`), whose value ``last_value`` then
-        is."""
-        self.last_step = step
+    def _computed(self, step: int, value: Tensor, inputs: int) -> None:
+        """Record a computed call on ``inputs`` inputs that keeps no gradient (no cache, or an evaluation): its
+        value."""
+        self.last_step, self.last_value = step, value
         self._schedule.computed(None if self._evaluating else inputs)  # an evaluation's batch is not counted
-        if grads is None or not (self.every > 1 and self.reuse_between):
-            self.last_value = value
-            return
-        self._kept.keep(step, params, grads, value)
-        self.last_value = self._kept.value
+
+    def _keeper(self, step: int, params: list[Tensor], inputs: int) -> OnBackward | None:
+        """With a cache, what a training call computing the penalty on ``inputs`` inputs at ``params`` hands its
+        gradient and value to when its term is back-propagated: they go into the kept gradient (the mean over the
+        calls of this step at these parameters, :mod:`.kept_gradient`), whose value ``last_value`` then is. A term
+        never back-propagated (the penalty of a validation batch, logged) changes none of it. None without a cache,
+        and in an evaluation (:meth:`_kept_unless_training`)."""
+        if self._evaluating or not (self.every > 1 and self.reuse_between):
+            return None
+        stamped = stamp(params)  # the parameters the gradient is taken at, not those at its backward
+
+        def keep(grads: list[Tensor], value: Tensor) -> None:
+            self.last_step = step
+            self._schedule.computed(inputs)
+            self._kept.keep(step, params, grads, value, stamped)
+            self.last_value = self._kept.value
+
+        return keep

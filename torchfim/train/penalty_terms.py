@@ -19,7 +19,7 @@ from .finite_difference import batch_gradient_fd, batch_gradient_fd_shared, lead
 from .model_io import ModelIO, leading_rows
 from .penalised_arguments import scalar_task_loss
 from .position_outputs import PositionOutputs
-from .surrogate import fixed_gradient, zero_term
+from .surrogate import OnBackward, fixed_gradient, zero_term
 
 
 class PenaltyTerms:
@@ -38,9 +38,10 @@ class PenaltyTerms:
 
     def _shared_forward(
         self, x: Batch, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[object], Tensor],
-        cache: bool,
-    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
-        """Loss, penalty value and cached gradient from one forward (exact penalty, or ``kind="trace"``)."""
+        keep: OnBackward | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Loss and penalty value from one forward (exact penalty, or ``kind="trace"``); with ``keep`` (a cache), the
+        term hands its gradient and value to it when back-propagated."""
         if self.kind == "trace":
             _check_trace_mode(self.model)
         out = self.io.call(self.model, x)
@@ -55,23 +56,25 @@ class PenaltyTerms:
             else:
                 value, grads = self._trace(x, names, params, y), None
         if grads is None:
-            grads = self._double_backprop(value, params, cache, retain=True)
-        term = value if grads is None else self._surrogate(params, grads, value.detach())
-        return scalar_task_loss(task_loss, out) + term, value, grads
+            grads = self._double_backprop(value, params, keep is not None, retain=True)
+        term = value if grads is None else self._surrogate(params, grads, value.detach(), keep)
+        return scalar_task_loss(task_loss, out) + term, value
 
     def _shared_fd(
         self, x: Batch, rows: int, named: list[tuple[str, Tensor]], task_loss: Callable[[object], Tensor],
-        cache: bool,
-    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
-        """Loss, penalty value and cached gradient by the two passes of the finite difference."""
+        keep: OnBackward | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Loss and penalty value by the two passes of the finite difference; with ``keep`` (a cache), the term hands
+        its gradient and value to it when back-propagated."""
         params = [p for _, p in named]
         out, nll, coef, value, last = batch_gradient_fd_shared(
-            self.model, self.io, self.family, named, x, rows, self._outputs_and_labels, self.alpha, self.fd_step, cache)
+            self.model, self.io, self.family, named, x, rows, self._outputs_and_labels, self.alpha, self.fd_step,
+            keep is not None)
         task = scalar_task_loss(task_loss, out)
-        if not cache:  # one backward: ∇task(θ') + c·∇L(θ') − c·g
-            return task + coef * (nll - nll.detach()) + last, value, None
+        if keep is None:  # one backward: ∇task(θ') + c·∇L(θ') − c·g
+            return task + coef * (nll - nll.detach()) + last, value
         grads = penalty_gradient(nll, params, last, coef)  # c·(∇L(θ') − g), to reuse on the next steps
-        return task + self._surrogate(params, grads, value), value, grads
+        return task + self._surrogate(params, grads, value, keep), value
 
     def _double_backprop(self, value: Tensor, params: list[Tensor], cache: bool, retain: bool) -> list[Tensor] | None:
         """The exact penalty's gradient when it is cached (else None). Without a cache it is taken once, on the
@@ -121,9 +124,10 @@ class PenaltyTerms:
         return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
 
     @staticmethod
-    def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor) -> Tensor:
-        """The linear surrogate: value exactly ``v``, gradient exactly ``c``."""
-        return fixed_gradient(params, grads, value)
+    def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor, keep: OnBackward | None = None) -> Tensor:
+        """The linear surrogate: value exactly ``v``, gradient exactly ``c`` (handed to ``keep`` on its first
+        backward)."""
+        return fixed_gradient(params, grads, value, keep)
 
 
 def _check_trace_mode(model: nn.Module) -> None:
