@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from ..engine.batch import Batch
 from ..engine.derivative_settings import paused_power_iterations
 from ..engine.native_dtype import autocast_dtypes
+from ..engine.plain_forwards import eager_compiled
 from ..errors import TorchfimError, real_number
 from ..families import Family
 from .model_io import ModelIO
@@ -310,7 +311,7 @@ def batch_gradient_fd_shared(
     In training mode pass 1 updates the buffers as any forward does (running statistics by the batch
     at θ, a step of spectral norm's power iteration) and pass 2 replays its random numbers (the same
     Dropout masks) on clones of them, with the power iteration paused (:func:`_perturbed`). torch's
-    RNG ends where pass 1 and the label draw left it.
+    RNG ends where pass 1 and the label draw left it. With ``cache`` pass 2 runs compiled code eagerly.
 
     Returns ``(o', L(θ') on o', c, α‖g‖², last)`` with ``c = 2α‖g‖/ε`` (a number on CPU, else a 0-dim
     tensor; see :func:`_fd_scalars`) and the value a 0-dim tensor. With
@@ -330,7 +331,9 @@ def batch_gradient_fd_shared(
         shifted, last = _shifted(params, g, shift), g
     else:
         *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
-    with _perturbed(model, replay, dict(zip(params, shifted))):
+    # With a cache, pass 2's graph is back-propagated twice (the penalty's gradient, then the caller's loss), which a
+    # compiled backward that donates its buffers (inductor's) refuses: that pass runs compiled code eagerly.
+    with _perturbed(model, replay, dict(zip(params, shifted))), eager_compiled() if cache else nullcontext():
         out = io.call(model, x)
     return out, family.nll(leading(io.tensor(out, x), rows), y), coef, value, last
 

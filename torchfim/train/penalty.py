@@ -23,7 +23,9 @@ A model compiled by ``torch.compile`` runs compiled in the finite difference of
 ``kind="batch_gradient"``, which differentiates it once, as a training step does. Double backprop and
 per-sample gradients cannot run compiled code (AOTAutograd's backward cannot be differentiated again, and
 torch.func cannot transform dynamo's frames), so the other penalties' computing steps run it eagerly (with
-a warning; steps that reuse the cached gradient run it compiled).
+a warning; steps that reuse the cached gradient run it compiled). So does the forward at ``θ + ε ĝ`` of
+:meth:`~FisherPenalty.penalised_loss`'s computing steps with a cache (``every > 1``): its graph is back-propagated
+twice, which a compiled backward that donates its buffers (inductor's) refuses.
 """
 
 from __future__ import annotations
