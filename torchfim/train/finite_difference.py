@@ -211,7 +211,9 @@ def batch_gradient_fd(
     shift, scale, value = _fd_scalars(g, params, fd_step, alpha, working_dtype(params[0], o))  # θ + ε ĝ
     if alpha == 0.0:
         return value, [torch.zeros_like(p) for p in params]
-    shifted = [t.requires_grad_() for t in _shifted([p.detach() for p in params], g, shift)]
+    # Of the parameters, not detached copies: DistributedDataParallel(find_unused_parameters=True) reads the last
+    # forward's graph (this pass's) for the parameters it uses, and marks the ones it cannot reach ready at once.
+    shifted = _shifted(params, g, shift)
     with _perturbed(model, replay, dict(zip(params, shifted))):
         g_plus = _gradients(family.nll(io.outputs(model, x), y), shifted)
     return value, [(a - b).mul_(scale) for a, b in zip(g_plus, g)]
