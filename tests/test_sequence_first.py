@@ -99,3 +99,33 @@ def test_a_sequence_first_attention_transposed_inside_forward_is_computed(struct
     got = torchfim.fisher(inside, x, structure=structure)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
     assert torch.allclose(torchfim.fisher(twin, x, structure=structure), want, rtol=1e-10, atol=1e-12)
+
+
+class _Weighed(nn.Module):
+    """A sequence-first attention whose weights the model uses too: they come ``(B, T, S)``, or ``(B, heads, T, S)``
+    unaveraged, whatever ``batch_first`` says."""
+
+    def __init__(self, average: bool) -> None:
+        super().__init__()
+        self.att, self.head, self.weighs = nn.MultiheadAttention(4, 2), nn.Linear(4, 3), nn.Linear(1, 3)
+        self.average = average
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = x.transpose(0, 1)
+        h, w = self.att(q, q, q, need_weights=True, average_attn_weights=self.average)
+        w = w if self.average else w.mean(1)
+        return self.head(h.transpose(0, 1)).mean(1) + self.weighs(w[:, :, :1]).mean(1)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_the_weights_of_a_sequence_first_attention_hold_the_batch_first(average: bool) -> None:
+    """A batch of 2 (as many as heads) then one of 3 (as many as positions): read by ``batch_first=False``, the
+    weights lost their batch to the heads or the positions, and the generic rule raised (a review)."""
+    torch.manual_seed(0)
+    model = _Weighed(average).double().eval()
+    xs = [torch.randn(n, 3, 4, dtype=torch.float64) for n in (2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torchfim.fisher(model, xs, structure="full")
+    want = (2 * exact_fisher(model, xs[0], "categorical") + 3 * exact_fisher(model, xs[1], "categorical")) / 5
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)

@@ -83,12 +83,15 @@ def nested_batch_dims(module: nn.Module, value: object, size: int) -> object:
 
 def output_batch_dims(module: nn.Module, outputs: list[Tensor], size: int) -> list[int | None]:
     """:func:`batch_dim` of each output of a call, in :func:`tensors_of`'s order, except that a recurrent
-    layer's final states ``h_n`` (and ``c_n``) come ``(layers·directions, batch, hidden)`` whatever its
-    ``batch_first`` says."""
-    if not isinstance(module, nn.RNNBase):
+    layer's final states ``h_n`` (and ``c_n``) come ``(layers·directions, batch, hidden)``, and an attention
+    layer's weights ``(batch, L, S)`` or ``(batch, heads, L, S)``, whatever its ``batch_first`` says."""
+    if isinstance(module, nn.RNNBase):
+        rest = [1 if t.dim() == 3 and t.shape[1] == size else None for t in outputs[1:]]
+    elif isinstance(module, nn.MultiheadAttention):
+        rest = [0 if t.dim() >= 3 and t.shape[0] == size else None for t in outputs[1:]]
+    else:
         return [batch_dim(module, t, size) for t in outputs]
-    states = [1 if t.dim() == 3 and t.shape[1] == size else None for t in outputs[1:]]
-    return [batch_dim(module, outputs[0], size), *states] if outputs else []
+    return [batch_dim(module, outputs[0], size), *rest] if outputs else []
 
 
 class GenericRule(Rule):
