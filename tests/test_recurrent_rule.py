@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from engine_checks import assert_equals_dense, module_rules, torchfim_messages
+from oracles import exact_fisher
 from torch import nn
 
 import torchfim
@@ -237,3 +238,40 @@ def test_the_generic_rule_cuts_tuple_arguments_per_sample() -> None:
     assert torch.allclose(diag, torch.diagonal(exact), rtol=1e-10, atol=1e-14)
     backend, rules = module_rules(model, x)
     assert not backend.moved and type(rules["pair"]).__name__ == "GenericRule"
+
+
+class _OwnForward(nn.Module):
+    """A batch-first LSTM or GRU of a class of its own (the generic rule's) with two layers, given initial states
+    ``(layers, B, hidden)`` from the input, by position or by keyword."""
+
+    def __init__(self, kind: str, keyword: bool) -> None:
+        super().__init__()
+
+        class Own(KINDS[kind]):
+            def forward(self, x: torch.Tensor, hx: object = None) -> tuple:
+                out, state = super().forward(x, hx)
+                return out * 1.0, state
+
+        self.rnn, self.head, self.keyword = Own(input_size=3, hidden_size=4, num_layers=2, batch_first=True), nn.Linear(4, 3), keyword
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = torch.tanh(x[:, 0, :1]).reshape(1, -1, 1).expand(2, -1, 4).contiguous()
+        hx = (h0, 0.5 * h0) if isinstance(self.rnn, nn.LSTM) else h0
+        out = self.rnn(x, hx=hx)[0] if self.keyword else self.rnn(x, hx)[0]
+        return self.head(out).mean(1)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("keyword", [False, True])
+def test_initial_states_of_a_batch_first_recurrent_layer_of_its_own_hold_the_batch_second(kind: str,
+                                                                                          keyword: bool) -> None:
+    """Batches of 2 (as many as layers) and 3: read by ``batch_first=True``, the states ``(layers, B, hidden)`` went
+    whole to every sample, or cut by layer, and the generic rule raised inside torch (a review)."""
+    torch.manual_seed(3)
+    model = _OwnForward(kind, keyword).double().eval()
+    xs = [torch.randn(n, 4, 3, dtype=torch.float64) for n in (2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torchfim.fisher(model, xs, structure="full")
+    want = (2 * exact_fisher(model, xs[0], "categorical") + 3 * exact_fisher(model, xs[1], "categorical")) / 5
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)

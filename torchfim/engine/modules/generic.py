@@ -81,12 +81,29 @@ def nested_batch_dims(module: nn.Module, value: object, size: int) -> object:
     return batch_dim(module, value, size)
 
 
+def argument_batch_dims(module: nn.Module, key: int | str, value: object, size: int) -> object:
+    """:func:`nested_batch_dims` of the argument at position or keyword ``key`` of a call, except that a recurrent
+    layer's initial states ``hx`` (a tensor, or an LSTM's ``(h_0, c_0)``) come ``(layers·directions, batch,
+    hidden)`` whatever its ``batch_first`` says."""
+    if isinstance(module, nn.RNNBase) and key in (1, "hx"):
+        if isinstance(value, (tuple, list)):
+            return rebuilt(value, [argument_batch_dims(module, key, v, size) for v in value])
+        if isinstance(value, Tensor) and value.dim() == 3:
+            return _state_dim(value, size)
+    return nested_batch_dims(module, value, size)
+
+
+def _state_dim(t: Tensor, size: int) -> int | None:
+    """The batch dim of a recurrent layer's state ``(layers·directions, batch, hidden)``: 1, where it holds the batch."""
+    return 1 if t.dim() == 3 and t.shape[1] == size else None
+
+
 def output_batch_dims(module: nn.Module, outputs: list[Tensor], size: int) -> list[int | None]:
     """:func:`batch_dim` of each output of a call, in :func:`tensors_of`'s order, except that a recurrent
     layer's final states ``h_n`` (and ``c_n``) come ``(layers·directions, batch, hidden)``, and an attention
     layer's weights ``(batch, L, S)`` or ``(batch, heads, L, S)``, whatever its ``batch_first`` says."""
     if isinstance(module, nn.RNNBase):
-        rest = [1 if t.dim() == 3 and t.shape[1] == size else None for t in outputs[1:]]
+        rest = [_state_dim(t, size) for t in outputs[1:]]
     elif isinstance(module, nn.MultiheadAttention):
         rest = [0 if t.dim() >= 3 and t.shape[0] == size else None for t in outputs[1:]]
     else:
@@ -323,9 +340,9 @@ def _inputs(call: Call, module: nn.Module) -> tuple[tuple, dict, tuple, dict, se
     kwargs = {k: v.unflatten(0, (size, folded[k])) if k in folded else v for k, v in call.kwargs.items()}
     # A regrouped call's first input is kept batch first already: read by the module's batch_first, it lost the
     # batch where as many positions as samples made its dim 1 look like the batch (a review: 3-40% off, silently)
-    arg_dims = tuple(0 if i in folded or (i == 0 and call.regrouped) else nested_batch_dims(module, a, size)
+    arg_dims = tuple(0 if i in folded or (i == 0 and call.regrouped) else argument_batch_dims(module, i, a, size)
                      for i, a in enumerate(call.args))
-    kw_dims = {k: 0 if k in folded else nested_batch_dims(module, v, size) for k, v in call.kwargs.items()}
+    kw_dims = {k: 0 if k in folded else argument_batch_dims(module, k, v, size) for k, v in call.kwargs.items()}
     return args, kwargs, arg_dims, kw_dims, set(folded)
 
 
