@@ -270,3 +270,50 @@ def test_an_own_norm_on_regrouped_rows_keeps_the_rule_of_its_kind(layout: str) -
     assert isinstance(rules["1.norm"], NormRule) and rules["1.norm"].kind == "layer" and not backend.demoted
     assert_same_fisher(torchfim.fisher(model, x, structure="diag"),
                        torchfim.fisher(model, x, structure="diag", backend="functional"))
+
+
+class PlainBatchNorm(nn.BatchNorm1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # torch's, under a forward of its own
+        return super().forward(x)
+
+
+class ScaledBatchNorm(nn.BatchNorm1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.tanh(super().forward(x)) + x
+
+
+class LastDimBatchNorm(nn.BatchNorm1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # over the features of (B, T, C)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class BatchNormed(nn.Module):
+    def __init__(self, norm: type) -> None:
+        super().__init__()
+        self.lin, self.bn, self.head = nn.Linear(4, 4), norm(4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 4)
+        h = self.lin(x)
+        h = self.bn(h) if isinstance(self.bn, LastDimBatchNorm) else self.bn(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize(("norm", "rule"), [(PlainBatchNorm, NormRule), (ScaledBatchNorm, GenericRule),
+                                            (LastDimBatchNorm, GenericRule)])
+def test_a_batch_norm_with_a_forward_of_its_own_runs_it(norm: type, rule: type) -> None:
+    """BatchNorm's rule recorded its module by its own formula, in place of a subclass's forward: the check refused
+    the model as mixing samples, or torch raised on a shape. Such a norm keeps its forward, with the norm rule on
+    probation (the generic rule where it misses); batches of 2, then of 3 inputs of 3 positions."""
+    torch.manual_seed(0)
+    model = BatchNormed(norm).double()
+    model(torch.randn(16, 3, 4, dtype=torch.float64) * 2 + 1)  # running statistics
+    model.eval()
+    with torch.no_grad():
+        model.bn.weight.normal_(), model.bn.bias.normal_()
+    xs = [torch.randn(n, 3, 4, dtype=torch.float64) for n in (2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torchfim.fisher(model, xs, structure="full")
+    want = (2 * exact_fisher(model, xs[0], "categorical") + 3 * exact_fisher(model, xs[1], "categorical")) / 5
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+    assert type(module_rules(model, xs[1])[1]["bn"]) is rule

@@ -162,7 +162,8 @@ def _weight_and_bias_rule(module: nn.Module, params: dict[str, int], own: set[st
     if embedding_bag_supported(module):
         return EmbeddingBagRule(module, params)
     if norm_supported(module):
-        batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        # BatchNorm's rule records by its own formula in place of the class forward: a subclass's would never run
+        batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm) and runs_torch_forward(module)
         return (BatchNormRule if batch_norm else NormRule)(module, params)
     if transposed_linear_supported(module):
         return TransposedLinearRule(module, params)

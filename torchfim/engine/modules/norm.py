@@ -6,7 +6,8 @@ running statistics where it tracks them in eval mode; BatchNorm in eval mode: wi
 per-sample gradients are ``∂/∂γ = Σ g ⊙ x̂`` and ``∂/∂β = Σ g``, summed over the dims that share the
 parameter (positions, or the spatial dims of a channel) (docs/math.md §6.3c). Eval-mode BatchNorm
 is one affine map per channel: :class:`BatchNormRule` records it in that form and takes its
-per-sample products from torch's fused batch-norm backward. BatchNorm without running statistics
+per-sample products from torch's fused batch-norm backward; a subclass with a forward of its own keeps that forward
+and gets :class:`NormRule` on probation. BatchNorm without running statistics
 normalises with the batch's own statistics and is left to the generic rule (the independence check
 then refuses it).
 
