@@ -39,6 +39,16 @@ def assert_equals_dense(got: torch.Tensor | dict, full: torch.Tensor, model: nn.
         assert torch.allclose(got[name], block, rtol=1e-10, atol=1e-14), name
 
 
+def assert_quietly_equals_dense_over(model: nn.Module, xs: list[torch.Tensor]) -> None:
+    """The full categorical Fisher of ``model`` over the mini-batches ``xs``, in one call with no warning, equals the
+    dense oracle of each weighted by its inputs: ``Σ_b n_b F_b / Σ_b n_b``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torchfim.fisher(model, xs, structure="full")
+    want = sum(len(x) * exact_fisher(model, x, "categorical") for x in xs) / sum(len(x) for x in xs)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
 def assert_quietly_equals_dense(model: nn.Module, x: torch.Tensor, structure: str) -> tuple[PerModuleBackend, dict]:
     """The categorical Fisher of ``model`` on ``x`` in ``structure`` equals the dense oracle, with no warning on
     the way (nothing moved, demoted or looped); the backend and rules as :func:`module_rules` gives them."""
