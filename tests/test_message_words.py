@@ -40,9 +40,9 @@ def test_the_command_line_names_a_factorys_type_with_its_article(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert cli.main(["report", "--model", "facts.py:number", "--no-progress"]) == 2
     assert "the factory returned an int, not a torch.nn.Module" in capsys.readouterr().err  # before: "a int"
-    with pytest.raises(TorchfimError, match=r"the factory returned a list of numbers \(1 item\)"):  # "1 items"
-        report_mod.as_data([1.0], "test", "--data")
-    with pytest.raises(TorchfimError, match=r"the factory returned an int; return a tensor"):
+    with on_command_line(), pytest.raises(TorchfimError, match=r"the factory returned a list of numbers \(1 item\)"):
+        report_mod.as_data([1.0], "test", "--data")  # before: "1 items"
+    with on_command_line(), pytest.raises(TorchfimError, match=r"the factory returned an int; return a tensor"):
         report_mod.as_data(3, "test", "--data")
     with pytest.raises(TorchfimError, match=r"got an array of shape"):  # the damping's "got a array"
         check_damping(np.ones(3))
@@ -113,7 +113,8 @@ def test_the_reports_messages_name_the_apis_keywords_from_the_api(tmp_path) -> N
     assert api.startswith("the data holds 6 inputs of shape (3,), and ") and "--data" not in api
     assert flag.startswith("--data gave 6 inputs") and flag.endswith(" (in the --data factory)")
     api, flag = _api_and_command_line(lambda: report_mod.as_data("text", "t"))
-    assert api.startswith("data: the factory returned a str") and flag.startswith("--data: the factory returned")
+    assert api.startswith("data: got a str; pass a tensor") and "factory" not in api  # before: "the factory returned"
+    assert flag.startswith("--data: the factory returned a str; return a tensor")
     torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
     api, flag = _api_and_command_line(lambda: report_mod.run_report(checkpoint=tmp_path / "other.pt", **quiet))
     assert "without model it must hold" in api and "set hidden to its widths" in api and "--" not in api

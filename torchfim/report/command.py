@@ -129,7 +129,13 @@ def _command(args: argparse.Namespace, unused: object = ()) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``torchfim report`` with the parsed options."""
+    """Run ``torchfim report`` with the parsed options; its messages name these flags, not run_report's keywords."""
+    with on_command_line():
+        return _report(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """The options checked, the model and data built from their factories, and the report run."""
     from ..families import Gaussian
 
     ensure_cwd_on_path()
@@ -158,14 +164,13 @@ def main(args: argparse.Namespace) -> int:
         raw = call_factory(load_factory(args.data, "--data"), args.data, "--data")
         data = as_data(raw, f"{args.data}()", "--data")
     threads = args.threads if args.threads is not None else (1 if args.model is None else None)
-    with on_command_line():  # its messages then name these flags, not run_report's keywords
-        run_report(
-            model, data, family=args.family if args.sigma is None else Gaussian(sigma=args.sigma), out=args.out, checkpoint=args.checkpoint,
-            n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
-            seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
-            progress=not args.no_progress, command=lambda results: _command(args, results.get("unused_options", ())), mask=args.mask, class_dim=args.class_dim,
-            score_only=MODES[args.mode], resume=not args.no_resume,
-            model_source=None if args.model is None else f"{args.model}()"
-            + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
-        )
+    run_report(
+        model, data, family=args.family if args.sigma is None else Gaussian(sigma=args.sigma), out=args.out, checkpoint=args.checkpoint,
+        n_samples=args.n_samples, variance_inputs=args.variance_inputs, max_block=args.max_block,
+        seed=args.seed, epochs=args.epochs, hidden=args.hidden, threads=threads,
+        progress=not args.no_progress, command=lambda results: _command(args, results.get("unused_options", ())), mask=args.mask, class_dim=args.class_dim,
+        score_only=MODES[args.mode], resume=not args.no_resume,
+        model_source=None if args.model is None else f"{args.model}()"
+        + (f" with weights from {args.checkpoint}" if args.checkpoint else ""),
+    )
     return 0

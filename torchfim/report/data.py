@@ -139,16 +139,18 @@ def as_data(obj: object, source: str, option: str | None = None) -> Data:
         inputs, targets = _from_items(obj, option)  # type: ignore[arg-type]
     else:
         raise TorchfimError(
-            f"{option}: the factory returned {a_or_an(type(obj).__name__)}; return a tensor of inputs, an "
-            "(inputs, targets) pair of tensors, or a torch Dataset yielding (x, y)"
+            f"{option}: {wording.said('the factory returned', 'got')} {a_or_an(type(obj).__name__)}; "
+            f"{wording.said('return', 'pass')} a tensor of inputs, an (inputs, targets) pair of tensors, or a torch "
+            "Dataset yielding (x, y)"
         )
     if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise TorchfimError(f"{option}: the data is empty (no inputs); return at least one input")
+        raise TorchfimError(f"{option}: the data is empty (no inputs); {wording.said('return', 'pass')} at least one "
+                            "input")
     if targets is not None:
         if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
             raise TorchfimError(
                 f"{option}: {counted(inputs.shape[0], 'input')} but targets of shape {tuple(targets.shape)}; "
-                "return one target per input (or inputs only)"
+                f"{wording.said('return', 'pass')} one target per input (or inputs only)"
             )
     return Data(inputs, targets, source)
 
@@ -166,9 +168,9 @@ def _refuse_numbers(obj: object, option: str) -> None:
             else "list of numbers" if numbers(obj) else None)
     if kind is not None:
         raise TorchfimError(
-            f"{option}: the factory returned a {kind} ({counted(len(obj), 'item')}); return a tensor, e.g. "
-            "torch.tensor(rows, dtype=torch.float32) with the first dimension the batch, or an (inputs, targets) "
-            "pair of tensors")
+            f"{option}: {wording.said('the factory returned', 'got')} a {kind} ({counted(len(obj), 'item')}); "
+            f"{wording.said('return', 'pass')} a tensor, e.g. torch.tensor(rows, dtype=torch.float32) with the first "
+            "dimension the batch, or an (inputs, targets) pair of tensors")
 
 
 def _from_mapping(obj: Mapping, source: str, option: str) -> Data:
