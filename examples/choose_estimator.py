@@ -23,5 +23,6 @@ for act in (nn.ReLU, nn.Tanh):
     for estimator in ("score", "hessian"):
         k10 = torchfim.samples_needed(model, x, estimator=estimator, rel_error=0.1)
         k1 = torchfim.samples_needed(model, x, estimator=estimator, rel_error=0.01)
-        print(f"{estimator:>8}: {k10} label(s) per input for a 10% relative standard error of Tr(F), {k1} for 1%")
+        labels = "label" if k10 == 1 else "labels"
+        print(f"{estimator:>8}: {k10} {labels} per input for a 10% relative standard error of Tr(F), {k1} for 1%")
     print()

@@ -60,6 +60,7 @@ def test_choose_estimator():
     out = run_example("choose_estimator.py")
     assert out.count("better") == 2  # one compare_estimators table per network
     assert "for a 10% relative standard error of Tr(F)" in out
+    assert " 1 label per input" in out and "label(s)" not in out  # Î2 is exact on a ReLU network: one label
     relu_table = out.split("with Tanh")[0]
     assert "score" not in [line.split()[-1] for line in relu_table.splitlines() if line.startswith(("0.", "2.", "4."))]
 
