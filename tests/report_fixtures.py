@@ -63,6 +63,9 @@ def flat():
 
 def integers():
     return torch.randint(0, 5, (40, 5))
+
+def per_input_rows():
+    return [torch.randn(5) for _ in range(8)]
 '''
 
 

@@ -136,3 +136,22 @@ def test_the_reports_notes_name_the_apis_keywords_from_the_api() -> None:
     results = {"resumed_steps": 1, "files": ["report.md"], "timings": {"total": 1.0}}
     _summarise(lines.append, "", results, Path("rep"))
     assert "read 1 finished step back from an interrupted run of this report (resume=False computes them" in lines[1]
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear(x), x
+
+
+def test_a_model_returning_a_tuple_is_told_how_to_wrap_it_in_the_callers_words() -> None:
+    """The report said only "make forward return one tensor": the command line has no output= to pick one, and a
+    user's model class need not change (a user trial)."""
+    x = torch.randn(6, 3)
+    api, flag = _api_and_command_line(
+        lambda: report_mod.compute_report(_TwoOutputs(), report_mod.Data(x, None, "t"), progress=False))
+    assert "pass a wrapper module whose forward returns that tensor (e.g. model(x)[0])" in api and "--" not in api
+    assert "have the --model factory return a wrapper module" in flag

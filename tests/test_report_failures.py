@@ -55,6 +55,9 @@ BAD = {
     "1-D tensor": (["--model", "umod:make", "--data", "umod:flat"],
                    "40 inputs, each one number (a 1-D tensor of 40 values"),
     "1-D tensor, the fix": (["--model", "umod:make", "--data", "umod:flat"], "pass x.unsqueeze(1)"),
+    # a user trial: 8 inputs of 5 features as a list read as mini-batches of 40 one-number inputs, told to unsqueeze
+    "list of 1-D rows": (["--model", "umod:make", "--data", "umod:per_input_rows"],
+                         "a list of 1-D tensors is read as mini-batches of such inputs, and torch.stack(rows)"),
     # before: torch's dtype error alone
     "integer inputs": (["--model", "umod:make", "--data", "umod:integers"],
                        "failed on integer inputs ((8, 5) torch.int64) with torch.float32 parameters; pass x.float()"),

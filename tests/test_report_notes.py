@@ -136,5 +136,8 @@ def test_the_terminal_table_names_the_inputs_of_each_column():
     assert "the lower variance of the trace (not of the diagonal" in table
     assert ("k10% = labels per input for a 10% relative standard error (one σ: s.e. ≤ 10% of the value) of the trace"
             in table and "relative error" not in table)
+    assert "(≈ n/m times that on all n: s.e.² ≈ Var·m/(n·k))" in table
     whole = report_mod.run_report(model, x, out=None, progress=False, emit=None, max_block=0)["table"]
     assert "Var Î1 m=30" in whole and "k10% Î2 n=30" in whole and "extrapolated" not in whole
+    # on all the inputs, no subset to scale from (it said "on all the inputs (≈ n/m times that on all n …)")
+    assert "on all the inputs (s.e.² = Var/k with k labels per input)" in whole and "n/m" not in whole

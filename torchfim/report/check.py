@@ -164,7 +164,10 @@ def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:
     if not isinstance(o, Tensor):
         raise TorchfimError(
             f"the model returned {a_or_an(type(o).__name__)}, not a tensor (nor an object with .logits); make "
-            "forward return one (batch, outputs) tensor"
+            "forward return one (batch, outputs) tensor, or "
+            + said("have the --model factory return a wrapper module whose forward returns that tensor",
+                   "pass a wrapper module whose forward returns that tensor")
+            + " (e.g. model(x)[0])"
         )
     _check_rows(o, data)
     if o.is_floating_point() and bool((torch.isnan(o) | torch.isposinf(o)).any()):  # −Inf: the family's to judge
@@ -198,7 +201,8 @@ def _could_not_run(model: nn.Module, data: Data, exc: Exception) -> TorchfimErro
     first = next(p for p in model.parameters() if p.requires_grad)
     shape = data.input_shape()
     what = (f"{counted(data.n, 'input')}, each one number (a 1-D tensor of {counted(data.n, 'value')}: the first "
-            "dimension is the batch)" if shape == []
+            "dimension is the batch; a list of 1-D tensors is read as mini-batches of such inputs, and "
+            "torch.stack(rows) makes per-input rows one (inputs, features) tensor)" if shape == []
             else f"{counted(data.n, 'input')} of shape {tuple(shape) if isinstance(shape, list) else shape}")
     known = forward_error(batch, first.dtype, exc)
     if isinstance(known, TorchfimError):

@@ -65,7 +65,10 @@ def _footnote(R: dict, n: int, m: int) -> list[str]:
     subset = "all the inputs" if m == n else f"a random subset of m={m} of the n={n} inputs (seed {R['seed']})"
     columns = (f"Tr(F) exact, and s.e. Î1 = standard error of the score estimate with {counted(R['n_samples'], 'label')}"
                f"/input, over all n={counted(n, 'input')}; Var Î1/Î2 = variance of the trace estimators with one label "
-               f"per input on {subset} (≈ n/m times that on all n: s.e.² ≈ Var·m/(n·k)); lower Var Tr = the "
+               f"per input on {subset} "
+               + ("(s.e.² = Var/k with k labels per input)" if m == n else
+                  "(≈ n/m times that on all n: s.e.² ≈ Var·m/(n·k))")
+               + "; lower Var Tr = the "
                "estimator with the lower variance of the trace (not of the diagonal: see report.md).")
     pct = f"{100 * R['rel_error']:.0f}%"
     labels = (f"k{pct} = labels per input for {a_or_an(pct)} relative standard error (one σ: s.e. ≤ {pct} of the "
