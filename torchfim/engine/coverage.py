@@ -24,6 +24,8 @@ rows turn out not to come sample by sample.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -95,11 +97,12 @@ def moved_message(where: dict[str, str], causes: dict[str, str]) -> str:
 
 
 def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tensor | None],
-           floors: list[float] | None = None) -> dict[int, bool]:
+           floors: Callable[[set[int]], dict[int, float]] | None = None) -> dict[int, bool]:
     """Which ``params`` (positions in the list) have per-sample gradients ``got`` ``(b, size)`` (None: zero)
     of ``vᵢᵀ oᵢ`` that miss autograd's, taken sample by sample for the flat ``output`` ``(b, out)`` and ``v``;
-    each with whether their sum over samples is right all the same. A parameter whose two gradients both stay
-    within its entry of ``floors`` (:func:`rounding_floors`) is rounding noise either way: it does not miss.
+    each with whether their sum over samples is right all the same. Where some miss, ``floors`` of them gives
+    each one's size of rounding noise (:func:`rounding_floors`): one whose two gradients both stay within it is
+    noise either way, and does not miss.
 
     Sample by sample rather than summed over the batch: a rule that hands one sample's gradient to
     another (a call whose leading dim only happens to equal the batch) has the right sum.
@@ -116,17 +119,19 @@ def missed(output: Tensor, v: Tensor, params: list[nn.Parameter], got: list[Tens
     # softmax) has only rounding noise, which its own maximum would not cover.
     scale = max((float(w.abs().max()) for w in want if w is not None), default=0.0)
     tol = rounding_tolerance(output.dtype)
-    out = {}
+    atol = tol * max(scale, 1e-30)
+    out, largest = {}, {}
     for k, (w, g) in enumerate(zip(want, got)):
         if w is None and g is None:
             continue
         w = torch.zeros_like(g) if w is None else w
         g = torch.zeros_like(w) if g is None else g.to(w.dtype)
-        if floors and max(float(w.abs().max()), float(g.abs().max())) <= floors[k]:
-            continue
-        atol = tol * max(scale, 1e-30)
         if not torch.allclose(g, w, rtol=tol, atol=atol):
             out[k] = torch.allclose(g.sum(0), w.sum(0), rtol=tol, atol=atol)
+            largest[k] = max(float(w.abs().max()), float(g.abs().max()))
+    if out and floors is not None:
+        noise = floors(set(out))
+        out = {k: summed for k, summed in out.items() if largest[k] > noise.get(k, 0.0)}
     return out
 
 

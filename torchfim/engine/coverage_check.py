@@ -300,11 +300,12 @@ class CoverageCheck:
         """:func:`.coverage.missed` by index in θ, a parameter's gap of rounding noise aside (looked at only where
         some miss: it costs a backward)."""
         index = [self.view.index_of[id(p)] for p in params]
-        misses = missed(rec.output, v[:, 0], params, got)
-        if misses:
-            floors = rounding_floors(rec.calls, self._sensitivities(rec, v), {index[k] for k in misses})
-            misses = missed(rec.output, v[:, 0], params, got, [floors.get(i, 0.0) for i in index])
-        return {index[k]: summed for k, summed in misses.items()}
+
+        def noise(positions: set[int]) -> dict[int, float]:
+            floors = rounding_floors(rec.calls, self._sensitivities(rec, v), {index[k] for k in positions})
+            return {k: floors.get(index[k], 0.0) for k in positions}
+
+        return {index[k]: summed for k, summed in missed(rec.output, v[:, 0], params, got, noise).items()}
 
     def _on_own_tensors(self, rec: ModuleRecording, misses: set[int]) -> bool:
         """Give the generic rules of the missed parameters that moved as high as they go (the model's own, or
