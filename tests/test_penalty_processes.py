@@ -8,7 +8,9 @@ rank's step on an unwrapped copy with the same generator and applies the mean gr
 steps the ranks hold the same parameters, equal to the oracle's to 1e-12 (double backprop) and to 1e-7
 of their scale (the finite difference divides the reduction's rounding by its step ε ≈ 1e-8·(1 + ‖θ‖)). The
 finite-difference term on a DDP module that finds unused parameters is checked against the definitions
-(:func:`oracles.penalty_definition`): each step's gradient is the mean over the ranks of theirs.
+(:func:`oracles.penalty_definition`): each step's gradient is the mean over the ranks of theirs; each penalty (both
+kinds, both grad methods) on such a module against one process computing each rank's gradient without DDP at the
+parameters the ranks held, then their mean, to 1e-10.
 """
 
 from __future__ import annotations
@@ -113,12 +115,20 @@ UNUSED_CASES = list(itertools.product((1, 3), (1, 2)))  # every, micro-batches p
 
 
 def _unused_rank(rank: int, store: str, out: str) -> None:
-    """Two optimiser steps per case of ``ce(ddp(x)) + pen(x)``, the penalty by finite differences on the DDP module
-    built with ``find_unused_parameters=True``: the gradients each step hands the optimiser."""
+    """On DDP modules built with ``find_unused_parameters=True``, in one pair of processes: the batch-gradient term by
+    finite differences (:func:`_batch_gradient_steps`) and every penalty (:func:`_penalty_steps`)."""
     over_loopback()
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     warnings.simplefilter("ignore")
     base, data = _setting()
+    got = {"definitions": _batch_gradient_steps(rank, base, data), "one_process": _penalty_steps(rank, base, data)}
+    torch.save(got, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def _batch_gradient_steps(rank: int, base: nn.Module, data: list) -> dict:
+    """Two optimiser steps per case of ``ce(ddp(x)) + pen(x)``, the penalty by finite differences: the gradients each
+    step hands the optimiser."""
     got = {}
     for every, micro in UNUSED_CASES:
         model = nn.parallel.DistributedDataParallel(copy.deepcopy(base), find_unused_parameters=True)
@@ -132,8 +142,7 @@ def _unused_rank(rank: int, store: str, out: str) -> None:
             steps.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
             opt.step()
         got[every, micro] = steps
-    torch.save(got, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    return got
 
 
 def _definition(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -144,7 +153,7 @@ def _definition(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torc
 
 
 def _definition_steps(every: int, micro: int) -> list[torch.Tensor]:
-    """The gradients of :func:`_unused_rank`'s two steps from the definitions: the mean over the ranks of each rank's
+    """The gradients of :func:`_batch_gradient_steps`'s two steps from the definitions: the mean over the ranks of each rank's
     task gradient and penalty gradient (each micro-batch's on its labels, drawn in order from the rank's generator;
     on a step between computed ones, the mean over the computed step's micro-batches), then an SGD step."""
     base, data = _setting()
@@ -185,6 +194,57 @@ def test_the_finite_difference_term_on_ddp_finding_unused_parameters(unused: lis
     ran on detached copies of the parameters, so DDP took every parameter for unused. Each step's gradient is the
     definitions' mean over the ranks."""
     want = _definition_steps(*case)
-    for got in (u[case] for u in unused):
+    for got in (u["definitions"][case] for u in unused):
         for a, b in zip(got, want):
             assert float((a - b).abs().max()) < 1e-7 * float(b.abs().max())  # measured up to 1.9e-8
+
+
+def _penalty_steps(rank: int, base: nn.Module, data: list) -> dict:
+    """Three SGD steps per case of :data:`CASES`: the parameters before each step and the gradients the step hands
+    the optimiser."""
+    got = {}
+    for case in CASES:
+        model = nn.parallel.DistributedDataParallel(copy.deepcopy(base), find_unused_parameters=True)
+        pen, opt, steps = _penalty(model, case, rank), torch.optim.SGD(model.parameters(), lr=LR), []
+        for step in range(STEPS):
+            at = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            _loss(model, pen, data[rank][step], step, case[2]).backward()
+            steps.append((at, [p.grad.clone() for p in model.parameters()]))
+            opt.step()
+        got[case] = steps
+    return got
+
+
+def _mean_of_the_ranks(case: tuple, at: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Each step's gradient from one process without DDP: at the parameters ``at[step]`` the ranks held, each rank's
+    penalised gradient on an unwrapped copy with its data and its generator, then their mean (DDP's average)."""
+    base, data = _setting()
+    models = [copy.deepcopy(base) for _ in range(WORLD)]
+    pens = [_penalty(m, case, r) for r, m in enumerate(models)]
+    steps = []
+    for step, params in enumerate(at):
+        grads = []
+        for r, model in enumerate(models):
+            for p, v in zip(model.parameters(), params):
+                p.data.copy_(v)
+            model.zero_grad()
+            _loss(model, pens[r], data[r][step], step, case[2]).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        steps.append([sum(per_rank) / WORLD for per_rank in zip(*grads)])
+    return steps
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_the_penalty_on_ddp_finding_unused_parameters(unused: list[dict], case: tuple) -> None:
+    """``kind="trace"`` by finite differences on ``DistributedDataParallel(find_unused_parameters=True)`` raised
+    "Expected to mark a variable ready only once" in the caller's backward: its per-input passes ran through the
+    wrapper on detached parameters, the last forward DDP searched, which reached none of them. Each step's gradient
+    (both kinds, both grad methods, ``pen(x)`` and ``penalised_loss``, every 1 and 2) is the mean of the ranks'
+    gradients computed without DDP at the parameters the ranks held."""
+    first, second = (u["one_process"][case] for u in unused)
+    want = _mean_of_the_ranks(case, [at for at, _ in first])
+    for (at_1, got_1), (at_2, got_2), mean in zip(first, second, want):
+        assert all(torch.equal(a, b) for a, b in zip(at_1 + got_1, at_2 + got_2))
+        got, mean = torch.cat([g.flatten() for g in got_1]), torch.cat([g.flatten() for g in mean])
+        assert float((got - mean).abs().max()) <= 1e-10 * float(mean.abs().max())  # measured 0 (2e-16 for exact before)

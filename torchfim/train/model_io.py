@@ -185,9 +185,11 @@ class ModelIO:
             self._recurrent = (model, stepwise_candidates(model))
         recurrent = self._recurrent[1]  # step by step: vmap has no rules for the fused kernels
 
-        # torch's stateless calls refuse DataParallel: the module inside (through several), whose names lack the prefix
+        # The module inside (through several), whose names lack the prefix: torch's stateless calls refuse DataParallel,
+        # and a DistributedDataParallel forward would hand DDP these passes' outputs as the last forward's, to search
+        # for the parameters the caller's backward reaches (finding none on the finite difference's detached ones).
         module, prefix = model, ""
-        while isinstance(module, nn.DataParallel):
+        while isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             module, prefix = module.module, prefix + "module."
 
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
