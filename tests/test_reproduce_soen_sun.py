@@ -159,7 +159,8 @@ def test_numbers_match_direct_recomputation(quick_run):
     bound = torchfim.score_variance_bound_spectral(model, x, structure="diag")
     var = torchfim.fisher_variance(model, x, estimator="score", structure="diag")
     size = rec["layers"][0]["size"]
-    keep = var[:size] > soen_sun.ZERO_VARIANCE_RTOL * var.max()
+    fisher = torchfim.fisher(model, x, structure="diag")
+    keep = var[:size] > soen_sun.ZERO_VARIANCE_RTOL * fisher[:size] ** 2  # zero up to round-off, per entry
     close(rec_a["layers"][0]["ratios"]["score_spectral"]["min"], (bound[:size][keep] / var[:size][keep]).min())
 
 
@@ -273,3 +274,27 @@ def test_a_part_stopped_halfway_is_named_with_the_rows_it_has(quick_run):
     rows = len(results["depth_width"])
     assert rows > 0
     assert f"depth_width ({rows} rows so far in results.json and results.csv, summarised once it finishes)" in text
+
+
+def test_resume_is_answered_with_why_not_and_what_to_do(tmp_path, capsys):
+    """(before: "unrecognized arguments: --resume", an option the explosion study has)"""
+    out = tmp_path / "study"
+    assert cli_main(["reproduce", "soen-sun", "--resume", "--quick", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "--resume: the soen-sun study does not resume" in err and "without --resume to start it over" in err
+    assert not out.exists()
+
+
+def test_python_m_entry_says_a_bad_out_in_one_line(tmp_path):
+    """``python -m torchfim.experiments.soen_sun`` is the command line's twin (before: a traceback)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "a-file.txt"
+    bad.write_text("mine", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "torchfim.experiments.soen_sun", "--out", str(bad)],
+                          check=False, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"--out {bad} is an existing file; choose a directory name" in proc.stderr
+    assert bad.read_text(encoding="utf-8") == "mine"

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ...cli.types import thread_count
+from ...errors import TorchfimError
 from ..out_folder import check_study_out
 from .settings import DEFAULT_OUT, FILES
 from .study import run
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=thread_count, default=1, metavar="N",
                         help="torch intra-op threads, at most 256 (default: 1; more only helps on an idle machine)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    # not an option: "--resume" (which the explosion study has) is answered with why not and what to do instead
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
 
 
 def interrupted_hint(out: str) -> str:
@@ -44,6 +47,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="python -m torchfim.experiments.soen_sun", description=HELP)
         add_arguments(parser)
         args = parser.parse_args(args)
+    if getattr(args, "resume", False):
+        raise TorchfimError("--resume: the soen-sun study does not resume (a full run takes a few minutes); run the "
+                            "same command without --resume to start it over")
     for module in ("matplotlib", "sklearn", "mnist1d"):
         try:
             __import__(module)

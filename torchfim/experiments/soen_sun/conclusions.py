@@ -12,12 +12,20 @@ __all__ = [
     "fmt",
     "seed_sentence",
     "p_range",
+    "bound_validity_sentence",
     "bound_tightness_sentence",
     "activation_sentences",
     "sweep_sentences",
     "training_sentences",
     "training_rows",
 ]
+
+
+#: Ratios within this relative distance of a value count as equal to it (float64 round-off in the closed forms
+#: is ~1e-14): a bound ratio ≥ 1 − RATIO_RTOL is "at or above" the variance, an equality case "exact".
+RATIO_RTOL = 1e-9
+#: The number of outputs of the study's MLPs (build_mlp's default): C in the Gaussian head's analytic ratios.
+_C = 10
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
@@ -56,6 +64,36 @@ def p_range(results: dict[str, Any]) -> str:
     return f"{ps[0]}–{ps[-1]}" if ps else "?"
 
 
+def bound_validity_sentence(recs: list[dict[str, Any]]) -> str:
+    """Whether every bound is at or above the exact variance: the smallest entry and trace ratio over all bounds,
+    and, if some ratio is below 1 − :data:`RATIO_RTOL`, where."""
+    ratios = [(lay["ratios"][b]["min"], f"{r['activation']}/{r['dataset']}/{r['family']} {lay['layer']} {b}")
+              for r in recs for lay in r["layers"] for b in BOUNDS if lay["ratios"][b]["min"] is not None]
+    ratios += [(r["trace_ratio"][b], f"{r['activation']}/{r['dataset']}/{r['family']} trace {b}")
+               for r in recs for b in BOUNDS if r["trace_ratio"][b] is not None]
+    if not ratios:
+        return "No entry or trace has a non-zero variance, so no bound could be compared with it."
+    smallest = min(v for v, _ in ratios)
+    below = [where for v, where in ratios if v < 1 - RATIO_RTOL]
+    if not below:
+        return (f"Every bound is at or above the exact variance for every entry and trace measured (smallest "
+                f"ratio {smallest:.6g}), as upper bounds must be.")
+    return (f"NOT every bound is at or above the exact variance: the ratio is below 1 in {len(below)} places "
+            f"(smallest {smallest:.6g}; {', '.join(below[:5])}{', …' if len(below) > 5 else ''}), which an upper "
+            "bound must not do.")
+
+
+def _spread(recs: list[dict[str, Any]], bound: str) -> tuple[float, float] | None:
+    """The smallest and largest entry ratio of ``bound`` over ``recs``."""
+    lows = [lay["ratios"][bound]["min"] for r in recs for lay in r["layers"] if lay["ratios"][bound]["min"] is not None]
+    highs = [lay["ratios"][bound]["max"] for r in recs for lay in r["layers"] if lay["ratios"][bound]["max"] is not None]
+    return (min(lows), max(highs)) if lows else None
+
+
+def _constant(spread: tuple[float, float] | None, value: float) -> bool:
+    return spread is not None and all(abs(v - value) <= RATIO_RTOL * value for v in spread)
+
+
 def bound_tightness_sentence(recs: list[dict[str, Any]]) -> str:
     """How loose each bound typically is (median entry ratio), per family."""
     def med(bound: str, family: str | None = None) -> float | None:
@@ -74,17 +112,28 @@ def bound_tightness_sentence(recs: list[dict[str, Any]]) -> str:
     if cat["hessian_spectral"] is not None:
         parts.append(f"{cat['hessian_spectral']:.3g}× for Î2's spectral bound")
     text = ", ".join(parts) + "." if parts else ""
-    gauss = med("hessian_spectral", "gaussian")
-    if gauss is not None:
-        text += (f" With the Gaussian head (Λ = I) Î2's bound is exact (median ratio {gauss:.6g}), the equality "
-                 "case of its proof")
-        g1, gk = med("score_spectral", "gaussian"), med("score_kurtosis", "gaussian")
-        if g1 is not None and gk is not None:
-            text += (f", and Î1's entry bounds are a constant multiple of the variance ({g1:.6g} and {gk:.6g}; for "
-                     "u ~ N(0, I_C) with C = 10 the analytic values are (C+2−1)/2 = 5.5 and (C²+2C−1)/2 = 59.5, since "
-                     "E(uᵀv)⁴ = 3‖v‖⁴, λ_max(E[u⊗u⊗u⊗u]) = C+2 and E‖u‖⁴ = C²+2C)")
-        text += "."
-    return text
+    gauss = [r for r in recs if r["family"] == "gaussian"]
+    return text + _gaussian_sentence(gauss, med) if gauss else text
+
+
+def _gaussian_sentence(gauss: list[dict[str, Any]], med: Any) -> str:
+    """The Gaussian head's ratios against the analytic ones (Λ = I, C = 10): said only where they hold."""
+    g2, g1, gk = (_spread(gauss, b) for b in ("hessian_spectral", "score_spectral", "score_kurtosis"))
+    a1, ak = (_C + 1) / 2, (_C * _C + 2 * _C - 1) / 2
+    parts = []
+    if g2 is not None:
+        parts.append(f"Î2's bound is exact (median ratio {med('hessian_spectral', 'gaussian'):.6g}), the equality case "
+                     "of its proof" if _constant(g2, 1.0) else
+                     f"Î2's bound is NOT exact: its entry ratios range from {g2[0]:.6g} to {g2[1]:.6g}, where the "
+                     "equality case of its proof says 1")
+    if g1 is not None and gk is not None:
+        parts.append(f"Î1's entry bounds are a constant multiple of the variance ({med('score_spectral', 'gaussian'):.6g} "
+                     f"and {med('score_kurtosis', 'gaussian'):.6g}; for u ~ N(0, I_C) with C = 10 the analytic values "
+                     "are (C+2−1)/2 = 5.5 and (C²+2C−1)/2 = 59.5, since E(uᵀv)⁴ = 3‖v‖⁴, λ_max(E[u⊗u⊗u⊗u]) = C+2 and "
+                     "E‖u‖⁴ = C²+2C)" if _constant(g1, a1) and _constant(gk, ak) else
+                     f"Î1's entry ratios are NOT the constants {a1:g} and {ak:g} that u ~ N(0, I_{_C}) gives "
+                     f"(spectral {g1[0]:.6g}–{g1[1]:.6g}, kurtosis {gk[0]:.6g}–{gk[1]:.6g})")
+    return f" With the Gaussian head (Λ = I) {', and '.join(parts)}." if parts else ""
 
 
 def activation_sentences(recs: list[dict[str, Any]]) -> list[str]:
@@ -97,14 +146,16 @@ def activation_sentences(recs: list[dict[str, Any]]) -> list[str]:
         out.append(
             "ReLU: Var(Î2) is exactly zero on every diagonal entry " + ("(as the maths says: ∂²o/∂θ_p² = 0 for a "
             "piecewise-linear network)" if zero else "— NOT observed, which would contradict the maths")
-            + f"; the largest trace variance over the ReLU runs is {fmt(max(r['trace']['var_hessian'] for r in relu))} "
-            "(Tr Î2 is then exact)."
+            + f"; the largest trace variance over the ReLU runs is {fmt(max(r['trace']['var_hessian'] for r in relu))}"
+            + (" (Tr Î2 is then exact)." if max(r["trace"]["var_hessian"] for r in relu) == 0 else
+               " — NOT zero, which would contradict tr ∂²o = 0 for a piecewise-linear network.")
         )
     last_zero = all(r["layers"][-1]["var_hessian_diag_max"] == 0 for r in recs)
     out.append(
-        "The output layer's Var(Î2) diagonal is zero for every activation and family"
-        + ("" if last_zero else " — NOT observed everywhere (unexpected)")
-        + " (o is linear in the last layer's weights), so Î2 estimates that layer's diagonal exactly."
+        "The output layer's Var(Î2) diagonal is zero for every activation and family (o is linear in the last "
+        "layer's weights), so Î2 estimates that layer's diagonal exactly." if last_zero else
+        "The output layer's Var(Î2) diagonal is NOT zero everywhere (unexpected: o is linear in the last layer's "
+        "weights, so it should be)."
     )
     if cat:
         smooth = [r for r in cat if r["activation"] != "relu"]
@@ -120,8 +171,7 @@ def activation_sentences(recs: list[dict[str, Any]]) -> list[str]:
                 f"(Var(Î2)/Var(Î1) from {fmt(min(ratios))} to {fmt(max(ratios))}); for the trace estimator Î2 is "
                 f"better in {len(tr_wins)} of {len(smooth)} configurations"
                 + (f" ({', '.join(tr_wins)})" if tr_wins else "")
-                + ". So at initialisation the choice is per layer: Î2 for the output layer (and for everything in a "
-                "ReLU network), Î1 for the hidden layers of smooth networks, whose ∂²o/∂θ_p² make Î2 noisy there."
+                + "." + _choice(cat, hidden_wins, len(hidden), last_zero)
             )
     gauss = [r for r in recs if r["family"] == "gaussian"]
     if gauss:
@@ -131,6 +181,20 @@ def activation_sentences(recs: list[dict[str, Any]]) -> list[str]:
             "Var(Î2) is ‖∂²o‖² exactly while Î1's variance carries the Gaussian fourth moments."
         )
     return out
+
+
+def _choice(cat: list[dict[str, Any]], hidden_wins: int, n_hidden: int, last_zero: bool) -> str:
+    """The per-layer advice, said only as far as the counts back it."""
+    if hidden_wins == n_hidden and last_zero:
+        return " So at initialisation Î2 has the smaller summed diagonal variance in every layer here."
+    if hidden_wins or not last_zero:
+        return (" So at initialisation neither estimator is the better one in every hidden layer of the smooth "
+                "networks: the choice depends on the layer and the activation.")
+    relu = [r for r in cat if r["activation"] == "relu"]
+    relu_all = relu and all(lay["better"] == "hessian" for r in relu for lay in r["layers"])
+    return (f" So at initialisation the choice is per layer: Î2 for the output layer"
+            f"{' (and for everything in a ReLU network)' if relu_all else ''}, Î1 for the hidden layers of smooth "
+            "networks, whose ∂²o/∂θ_p² make Î2 noisy there.")
 
 
 def sweep_sentences(recs: list[dict[str, Any]]) -> list[str]:

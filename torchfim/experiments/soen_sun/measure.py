@@ -71,8 +71,8 @@ def measure(model: nn.Module, x: torch.Tensor, family: str, *, bounds: bool) -> 
     return r
 
 
-def _ratio_stats(bound: np.ndarray, var: np.ndarray, floor: float) -> dict[str, Any]:
-    """Box-plot statistics of ``bound / var`` over the entries whose variance exceeds ``floor``."""
+def _ratio_stats(bound: np.ndarray, var: np.ndarray, floor: np.ndarray) -> dict[str, Any]:
+    """Box-plot statistics of ``bound / var`` over the entries whose variance exceeds their own ``floor``."""
     keep = var > floor
     stats: dict[str, Any] = {"count": int(keep.sum()), "zero_variance": int((~keep).sum())}
     names = ("min", "q05", "q25", "median", "q75", "q95", "max")
@@ -141,16 +141,14 @@ def activation_records(
     }
     if "score_spectral_diag" not in m:
         return rec_b, None
-    floors = {
-        est: ZERO_VARIANCE_RTOL * max(float(diag[f"var_{est}_diag"].max()), 0.0) for est in ("score", "hessian")
-    }
+    floor = ZERO_VARIANCE_RTOL * diag["fisher_diag"] ** 2  # per entry: zero up to round-off (settings.py)
     a_layers = []
     for lay in layers:
         part = slice(lay["start"], lay["stop"])
         ratios = {}
         for bound in BOUNDS:
             est = bound.split("_")[0]
-            ratios[bound] = _ratio_stats(diag[f"{bound}_diag"][part], diag[f"var_{est}_diag"][part], floors[est])
+            ratios[bound] = _ratio_stats(diag[f"{bound}_diag"][part], diag[f"var_{est}_diag"][part], floor[part])
         a_layers.append({"layer": lay["layer"], "label": lay["label"], "size": lay["size"], "ratios": ratios})
     trace_ratios = {}
     for bound in BOUNDS:

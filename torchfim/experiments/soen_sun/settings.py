@@ -22,8 +22,11 @@ DEFAULT_OUT = "torchfim-soen-sun"
 
 #: The bounds compared with the exact variance in experiment (a).
 BOUNDS = ("score_spectral", "score_kurtosis", "score_tightest", "hessian_spectral")
-#: Bound ratios closer to zero than this fraction of the largest variance in the same configuration
-#: are not formed: such entries have zero variance (both bound and variance are 0 up to round-off).
+#: An entry's variance counts as zero, and its bound ratio is not formed, when it is at most this
+#: fraction of the square of its own Fisher entry I_pp. Var(Î1)_pp is a difference of two terms whose
+#: sum over inputs is at most Var + I_pp², so below that it cannot be told from round-off; the exact
+#: zeros (parameters the inputs never reach, ∂²o/∂θ_p² = 0 for Î2) are at 0. The scale is the entry's own:
+#: a small but real variance (a weight on a pixel that is rarely on) keeps its ratio.
 ZERO_VARIANCE_RTOL = 1e-10
 REL_ERROR = 0.1
 FILES = {

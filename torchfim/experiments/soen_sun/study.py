@@ -88,6 +88,7 @@ def _meta(out: Path, quick: bool, command: str | None) -> dict[str, Any]:
         "dtype": "float64",
         "n_samples": 1,
         "zero_variance_rtol": ZERO_VARIANCE_RTOL,
+        "zero_variance": "an entry's variance counts as zero (no bound ratio) when at most zero_variance_rtol * I_pp**2",
         "init": "PyTorch default nn.Linear init in float32 under torch.manual_seed(seed), then .double()",
         "inputs": "rows measurement_indices = torch.randperm(N, generator=manual_seed(seed))[:n_inputs]",
     }
