@@ -261,6 +261,16 @@ def test_sign_test_of_a_thousand_pairs_and_more_is_exact(n, wins):
         assert round(r.sign_test_p, 4) == 0.5668
 
 
+def test_sign_test_stopped_early_is_still_correctly_rounded():
+    # The tail is summed only until the rest cannot change the rounded p-value: every split of up to
+    # 300 pairs, and splits of 3001 pairs near the rounding's hardest places (p close to 1 and tiny), equal
+    # the correctly rounded full sum.
+    splits = [(w, m - w) for m in range(301) for w in range(m + 1)]
+    splits += [(w, 3001 - w) for w in (1450, 1500, 1501, 1530, 1600, 1700, 2500, 3001)]
+    for wins, losses in splits:
+        assert compare._sign_test(wins, losses) == float(_exact_sign_test(wins, losses)), (wins, losses)
+
+
 def test_sign_test_p_is_the_exact_two_sided_binomial_tail():
     # Brute force over every sign pattern of the untied pairs: the probability, under fair coins, of a
     # split at least as lopsided as the observed one.

@@ -378,12 +378,34 @@ def fewest_pairs(confidence: float = 0.95, losses: int = 0) -> int:
 
 def _sign_test(wins: int, losses: int) -> float:
     """The exact two-sided sign test's p-value for ``wins`` against ``losses`` (ties left out):
-    ``min(1, 2·P(Bin(m, 1/2) ≥ max(wins, losses)))`` with ``m = wins + losses``; 1 when ``m = 0``."""
+    ``min(1, 2·P(Bin(m, 1/2) ≥ max(wins, losses)))`` with ``m = wins + losses``; 1 when ``m = 0``.
+
+    Correctly rounded. The tail ``Σ_{j≥k} C(m, j)`` is summed in integers from ``j = k`` up, each term
+    from the last (``C(m, j+1) = C(m, j)·(m−j)/(j+1)``), and stops once the rest, at most the next term
+    times ``1/(1−r)`` for the falling ratio ``r`` of consecutive terms, cannot change the rounded result:
+    at 100,000 pairs a few thousand terms instead of 50,000 binomial coefficients (8 s)."""
     m, k = wins + losses, max(wins, losses)
     if m == 0:
         return 1.0
-    tail = sum(math.comb(m, j) for j in range(k, m + 1))
-    # One division of Python ints, correctly rounded: 2.0 * tail overflows a float past m ~ 1030.
+    term = math.comb(m, k)
+    tail = 0
+    for j in range(k, m + 1):
+        tail += term
+        if j == m:
+            break
+        term = term * (m - j) // (j + 1)  # exact: C(m, j+1)
+        # Terms after this one fall by at least r = (m - j - 1) / (j + 2) each; their sum from ``term`` on
+        # is below term / (1 - r) = term * (j + 2) / (2j + 3 - m).
+        if 2 * j + 3 > m and (j - k) % 32 == 31:  # a check costs about as much as a term
+            rest = -(-term * (j + 2) // (2 * j + 3 - m))
+            if _rounded_p(tail, m) == _rounded_p(tail + rest, m):
+                break
+    return _rounded_p(tail, m)
+
+
+def _rounded_p(tail: int, m: int) -> float:
+    """``min(1, 2·tail / 2**m)``, one division of Python ints, correctly rounded (``2.0 * tail``
+    overflows a float past ``m ≈ 1030``)."""
     return min(1.0, 2 * tail / 2**m)
 
 
