@@ -283,18 +283,3 @@ def test_resume_is_answered_with_why_not_and_what_to_do(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--resume: the soen-sun study does not resume" in err and "without --resume to start it over" in err
     assert not out.exists()
-
-
-def test_python_m_entry_says_a_bad_out_in_one_line(tmp_path):
-    """``python -m torchfim.experiments.soen_sun`` is the command line's twin (before: a traceback)."""
-    import subprocess
-    import sys
-
-    bad = tmp_path / "a-file.txt"
-    bad.write_text("mine", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "torchfim.experiments.soen_sun", "--out", str(bad)],
-                          check=False, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                          timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert f"--out {bad} is an existing file; choose a directory name" in proc.stderr
-    assert bad.read_text(encoding="utf-8") == "mine"
