@@ -54,10 +54,10 @@ Under several processes (``torch.distributed``), ``across_processes=True`` share
 them: each measures its share of the held inputs and the records combine the shares
 (:mod:`torchfim.train.process_share`); otherwise each process measures its own held inputs on its own.
 
-Measuring is done with the model in ``eval()`` mode (BatchNorm uses its running statistics,
-Dropout is off; the paper measures Tr(F) the same way) and each module's mode is restored
-afterwards. It leaves no gradients in ``.grad`` and draws labels only from its own generator, so
-adding a monitor does not change a training run.
+Measuring is done in ``eval()`` mode (BatchNorm uses its running statistics, Dropout is off; the paper measures
+Tr(F) the same way) on the monitor's copy of the model, whose own modules keep their mode; modules in training mode
+that this changes are named in one warning (:mod:`.eval_note`). It leaves no gradients in ``.grad`` and draws
+labels only from its own generator, so adding a monitor does not change a training run.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from ..keyword_hints import explains_keywords
 from .arguments import check_int
 from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
 from .engine_path import EnginePath
+from .eval_note import EvalNote
 from .held import hold, pooled_groups, window_batches
 from .process_share import FAILED_BEFORE, shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
@@ -244,7 +245,7 @@ class FisherTraceMonitor:
         self.class_dim = check_class_dim(class_dim)
         held = hold(inputs, ModelLabels(model))
         self.inputs, self._share = shared(held, across_processes)  # this process's share, and its place
-        self._path = EnginePath()
+        self._path, self._eval_note = EnginePath(), EvalNote("FisherTraceMonitor", self._share is None or self._share.rank == 0)
         self.n_inputs = sum(b.size for b in held)
         self._checksum: str | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
@@ -424,8 +425,7 @@ class FisherTraceMonitor:
         return self.generator
 
     def _estimate(self) -> tuple[float, float, float]:
-        # Eval mode is set on the engine's private copy (ModelView(eval_mode=True)), never on the user's
-        # modules: a training step in another thread keeps its Dropout.
+        self._eval_note.check(self.model)  # eval mode is set on the engine's copy, never on the user's modules
         return self._estimate_eval()
 
     def _window(self, generator: torch.Generator) -> Tensor | None:

@@ -77,7 +77,9 @@ STATE_NAME = "torchfim_monitor.pt"
 
 
 class FisherTraceCallback(TrainerCallback):
-    """A :class:`~torchfim.train.FisherTraceMonitor` of a ``Trainer``'s model (see the module docstring).
+    """A :class:`~torchfim.train.FisherTraceMonitor` of a ``Trainer``'s model (see the module docstring). It measures
+    as the monitor does, in eval mode on its copy of the model (the model's Dropout and BatchNorm in training mode are
+    named in one warning, :mod:`torchfim.train.eval_note`).
 
     Args:
         inputs: the held inputs, as :class:`~torchfim.train.FisherTraceMonitor` takes them: ``labels`` (a
