@@ -174,3 +174,21 @@ def test_the_default_model_trains_every_epoch_however_long_it_takes(monkeypatch,
     with pytest.raises(SystemExit):
         cli.main(["report", "--help"])
     assert "all of them however long they take" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_state_dict_that_does_not_fit_the_default_is_named_as_the_caller_gave_it():
+    """``default_model(state_dict)`` called without a checkpoint's name said ``checkpoint='the checkpoint' does not
+    match the model``, and told its caller to drop a ``model`` it never passed; now "the state dict", and the fix in
+    ``default_model``'s own keywords. The report, which passes the file's name, still names the file."""
+    narrow = mlp(64, (8,), 10, seed=0).state_dict()
+    with pytest.raises(torchfim.TorchfimError) as caught:
+        report_mod.default_model(narrow)
+    said = str(caught.value)
+    assert said.startswith("the state dict does not match the model: ")
+    assert "(8, 64) in the state dict but (32, 64) in the model" in said
+    assert "checkpoint" not in said and "without model" not in said and "pass hidden=(...)" in said
+    with pytest.raises(torchfim.TorchfimError, match=r"^checkpoint='model\.pt' does not match the model: .* in the "
+                       r"checkpoint but .*; without model it must hold the default MLP 64-32-32-10"):
+        report_mod.default_model(narrow, checkpoint_name="model.pt")
+    loaded, _, training = report_mod.default_model(narrow, hidden=(8,))
+    assert training is None and torch.equal(loaded[0].weight, narrow["0.weight"])

@@ -72,8 +72,7 @@ def check_model_and_data(
         try:
             _check_targets(family, data.targets[: o.shape[0]].to(o.device), o, positions)
         except TorchfimError as exc:
-            targets_note = (f"the data's targets are not labels of the {family_name} family ({exc}), so the "
-                            "empirical Fisher was skipped")
+            targets_note = _targets_note(fam, family_name, data.targets, o, positions, exc)
             data = Data(data.inputs, None, data.source)
     beyond = _beyond_reach(model, data, fam, mask, class_dim, o, positions)
     # the positions every library call of the report observes: the mask's that the labels score
@@ -151,6 +150,42 @@ def _check_targets(family, y: Tensor, o: Tensor, positions: tuple[int, ...]) -> 
 
     ignored = ignored_targets(family, y)
     family.check_targets(y if ignored is None else y.masked_fill(ignored, 0), o.reshape(o.shape[0], -1))
+
+
+def _targets_note(fam, family_name: str, y: Tensor, o: Tensor, positions: tuple[int, ...], exc: TorchfimError) -> str:
+    """Why the data's targets ``y`` are not labels of the family (so the empirical Fisher is skipped), and the fix.
+    Where their shape is the problem it is said in the data's shapes, not those of the few inputs the check ran on
+    (``o``: the family's own message said "(8, 3) for outputs of shape (8, 3), got (8,)" of 40 inputs' class
+    indices, and "pass one target per input", which they were); integer targets of a class index per input (or
+    position) are named as such beside a family of real-valued targets, and one-hot ones beside the categorical."""
+    label = tuple(fam._label_shape(o.reshape(-1, o.shape[-1])))  # one input's (one position's) label
+    n, per_input = y.shape[0], tuple(y.shape[1:])
+    skipped = f"are not labels of the {family_name} family"
+    if _fits(per_input, label, positions):
+        return f"the data's targets {skipped} ({exc}), so the empirical Fisher was skipped"
+    want, categorical = (n, *positions, *label), getattr(fam, "name", None) == "categorical"
+    if not categorical and not (y.is_floating_point() or y.is_complex()) and _fits(per_input, (), positions):
+        fix = (f"integer targets, one per {'position' if positions else 'input'}, are class indices: pass "
+               f"{option('family', 'categorical')} if the outputs are class scores, else targets of shape {want}")
+    elif categorical and per_input[-1:] == (o.shape[-1],) and _fits(per_input[:-1], (), positions):
+        fix = f"if they are one-hot, pass their class indices (y.argmax(-1)), of shape {want}"
+    else:
+        fix = f"pass targets of shape {want}, one per input in the inputs' order"
+    return (f"the data's targets, of shape {tuple(y.shape)}, {skipped}, whose targets for the model's outputs "
+            f"have shape {want}, so the empirical Fisher was skipped; {fix}")
+
+
+def _fits(per_input: tuple[int, ...], label: tuple[int, ...], positions: tuple[int, ...]) -> bool:
+    """Whether one input's targets of shape ``per_input`` hold a ``label`` per position (one, without ``positions``),
+    in a shape :class:`~torchfim.families.positions.Positions` takes (``(*positions, *label)``, the positions
+    flattened, a label ``(1,)`` left out)."""
+    from ..families.positions import positions_fit
+
+    if not positions:
+        return per_input == label or (label == (1,) and per_input == ())
+    cut = len(per_input) - len(label)
+    return ((cut >= 1 and per_input[cut:] == label and positions_fit(per_input[:cut], positions))
+            or (label == (1,) and len(per_input) >= 1 and positions_fit(per_input, positions)))
 
 
 def outputs_on_a_few(model: nn.Module, data: Data) -> Tensor:

@@ -24,7 +24,7 @@ def default_model(
     seed: int = 0,
     seconds: float | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
-    checkpoint_name: str = "the checkpoint",
+    checkpoint_name: str | None = None,
 ) -> tuple[nn.Module, Data, dict | None]:
     """The embedded default: the demo's tanh MLP on scikit-learn's digits, and the digits.
 
@@ -33,7 +33,8 @@ def default_model(
     of them by default, so the model is the same for a seed on every run (``seconds``: a wall-clock
     limit that ends training after the first epoch past it, for a model that then depends on the
     machine's speed; ``torchfim report`` sets none). With ``state_dict`` (of that architecture, e.g. a report's ``model.pt``) the
-    weights are loaded instead. Returns ``(model, data, training)``, ``training`` being
+    weights are loaded instead; one that does not fit is refused, named as ``checkpoint_name`` (the file it was read
+    from, as the report's ``checkpoint``) or else as the state dict. Returns ``(model, data, training)``, ``training`` being
     :func:`torchfim.toy.train_classifier`'s summary or None.
     """
     from ..datasets import load_digits
@@ -43,11 +44,14 @@ def default_model(
     model = toy.mlp(X.shape[1], hidden, 10, seed=seed)
     training = None
     if state_dict is not None:
+        mlp = f"the default MLP 64-{'-'.join(map(str, hidden))}-10"
         apply_state_dict(
             model, state_dict, checkpoint_name,
-            f"without {option('model')} it must hold the default MLP 64-{'-'.join(map(str, hidden))}-10 "
-            f"(a report's model.pt; set {option('hidden')} to its widths), or pass "
-            f"{said('--model MODULE:FACTORY for', 'model, a module of')} the architecture it was saved from",
+            f"without {option('model')} it must hold {mlp} (a report's model.pt; set {option('hidden')} to its "
+            f"widths), or pass {said('--model MODULE:FACTORY for', 'model, a module of')} the architecture it was "
+            "saved from" if checkpoint_name is not None else
+            f"default_model takes a state dict of {mlp} (a report's model.pt): pass hidden=(...) with the "
+            "widths it was saved with, or load it into the architecture it was saved from (model.load_state_dict)",
         )
     else:
         training = toy.train_classifier(

@@ -44,9 +44,10 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _checkpoint(path: str | os.PathLike) -> str:
-    """The checkpoint ``path`` as the caller gave it: ``--checkpoint PATH`` or ``checkpoint='PATH'``."""
-    return option("checkpoint", str(path))
+def _checkpoint(path: str | os.PathLike | None) -> str:
+    """The checkpoint ``path`` as the caller gave it: ``--checkpoint PATH`` or ``checkpoint='PATH'``; a state dict
+    passed in (``path`` None) is "the state dict"."""
+    return "the state dict" if path is None else option("checkpoint", str(path))
 
 
 def ensure_cwd_on_path() -> None:
@@ -266,7 +267,7 @@ def _folder_state(folder: Path) -> dict[str, Tensor]:
     return state
 
 
-def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str, hint: str) -> None:
+def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | None, hint: str) -> None:
     """Load ``state`` into ``model`` (strictly), or raise one line saying how they differ.
 
     A prefix on every key that the model's names lack is stripped: ``module.`` (``nn.DataParallel`` and
@@ -286,7 +287,8 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str, h
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
-        f"{k} is {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} in the model"
+        f"{k} is {tuple(state[k].shape)} in the {'state dict' if path is None else 'checkpoint'} but "
+        f"{tuple(own[k].shape)} in the model"
         for k in own
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
