@@ -155,3 +155,42 @@ def test_a_model_returning_a_tuple_is_told_how_to_wrap_it_in_the_callers_words()
         lambda: report_mod.compute_report(_TwoOutputs(), report_mod.Data(x, None, "t"), progress=False))
     assert "pass a wrapper module whose forward returns that tensor (e.g. model(x)[0])" in api and "--" not in api
     assert "have the --model factory return a wrapper module" in flag
+
+
+def test_a_report_on_one_parameter_tensor_counts_it_and_names_the_blocks_structure() -> None:
+    """report.md said "2 trainable parameters in 1 parameter tensors" and its section 4 named the spectra's blocks by
+    the structure's old name, ``structure="layers"``."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, bias=False)
+    data = report_mod.Data(torch.randn(12, 3), None, "twelve")
+    text = report_mod.run_report(model, data, out=None, emit=None, progress=False)["markdown"]
+    assert "6 trainable parameters in 1 parameter tensor (" in text
+    section = text.split("## 4.")[1].split("\n## ")[0]
+    assert 'the same block as `structure="blocks"` gives' in section and '"layers"`' not in text
+
+
+def test_the_trace_figure_counts_the_labels_per_input() -> None:
+    """The legend of the per-layer trace figure said "score estimate Î1 (4 label/input)"."""
+    from matplotlib.figure import Figure
+
+    from torchfim.report import figures
+
+    layer = {"name": "w", "trace_exact": 1.0, "trace_score_estimate": 1.1, "trace_score_stderr": 0.1}
+    for k, said in ((1, "(1 label/input)"), (4, "(4 labels/input)")):
+        ax = Figure().add_subplot(1, 1, 1)
+        figures._ax_trace(ax, {"layers": [layer], "n_samples": k, "data": {"n_inputs": 5}, "trace": {"exact": 1.0}})
+        assert any(said in t for t in ax.get_legend_handles_labels()[1])
+
+
+def test_the_penalty_names_one_input_and_one_step() -> None:
+    """FisherPenalty(every=2) computing on a last mini-batch of one input: before "a mini-batch of 1 inputs ... for
+    the next 1 steps"."""
+    from torchfim.train import FisherPenalty
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), torch.randn(8, 3)
+    pen = FisherPenalty(model, alpha=0.1, every=2, generator=torch.Generator().manual_seed(0))
+    pen(x, step=0).backward()
+    with pytest.warns(RuntimeWarning, match=r"on a mini-batch of 1 input \(against 8 before\) and reuses it for the "
+                                            r"next 1 step;"):
+        pen(x[:1], step=2).backward()

@@ -86,7 +86,7 @@ def test_the_command_line_writes_the_figure(tmp_path, capsys) -> None:
     for argv, message in [
         ([str(tmp_path / "missing.csv")], "no such CSV file"),
         ([str(tmp_path / "other.csv")], "is not a FisherTraceMonitor CSV file: its header is 'a,b'"),
-        ([str(tmp_path / "a.csv"), "--labels", "x", "y"], "--labels gives 2 labels for 1 CSV files"),
+        ([str(tmp_path / "a.csv"), "--labels", "x", "y"], "--labels gives 2 labels for 1 CSV file;"),
         ([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--labels", "x", "x"], "repeat"),
         ([str(tmp_path / "a.csv"), "--band", "-1"], "--band: expected a number of standard errors from 0 to 100"),
     ]:

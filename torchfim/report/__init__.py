@@ -28,7 +28,7 @@ The report (:func:`run_report`), written to ``--out`` (default ``torchfim-report
   error, one σ, of each layer's trace), ``spectrum.png`` (eigenvalues of the per-layer exact blocks),
   ``empirical_vs_true.png`` (only when the data has targets) and ``overview.png`` (four panels).
 
-"Layer" means one parameter tensor (``0.weight``, ``0.bias``...), as in ``structure="layers"``.
+"Layer" means one parameter tensor (``0.weight``, ``0.bias``...): a block of ``structure="blocks"``.
 Per-layer variances are exact: what :func:`torchfim.fisher_variance` with ``structure="trace"`` gives
 on the model with every other parameter frozen (``requires_grad=False``), which makes θ that one
 tensor; the model's and every layer's come from one pass per estimator (:mod:`torchfim.trace_summary`).

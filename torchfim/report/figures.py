@@ -95,7 +95,7 @@ def _ax_trace(ax, R: dict, compact: bool = False) -> None:
     use_log = any(v > 0 for v in exact) and all(v > 0 for v, z in zip(exact, zero) if not z)
     lo = [min(2 * s, e - max(e, 1e-30) * 1e-3) if use_log else 2 * s for e, s in zip(est, se)]
     ax.errorbar(x, est, yerr=[lo, [2 * s for s in se]], fmt="o", color=_C1, ms=4, capsize=3,
-                label=f"score estimate Î1 ({R['n_samples']} label/input) ± 2 s.e.")
+                label=f"score estimate Î1 ({counted(R['n_samples'], 'label')}/input) ± 2 s.e.")
     if use_log:
         ax.set_yscale("log")
     _columns(ax, names, compact, first=1)

@@ -78,9 +78,9 @@ def analysed(R: dict) -> list[str]:
     D, M = R["data"], R["model"]
     shape = D["input_shape"]
     shape = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else tuple(shape)
-    lines = [(f"- **Model:** {M.get('source') or M['class']}; {M['n_parameters']} trainable parameters in "
-              f"{M['n_layers']} parameter tensors (\"layers\" below)"
-              + (f" ({M['n_frozen_parameters']} frozen parameters left out of every number: the Fisher of the "
+    lines = [(f"- **Model:** {M.get('source') or M['class']}; {counted(M['n_parameters'], 'trainable parameter')} "
+              f"in {counted(M['n_layers'], 'parameter tensor')} (\"layers\" below)"
+              + (f" ({counted(M['n_frozen_parameters'], 'frozen parameter')} left out of every number: the Fisher of the "
                  "trainable ones)" if M.get("n_frozen_parameters") else "")
               + f", {M['dtype']}, evaluated in eval mode.")]
     targets = ("with targets." if D["has_targets"] else f"with targets, but {D['targets_note']}."
@@ -280,7 +280,7 @@ def _section_spectra(R: dict) -> list[str]:
     skipped = [l["name"] for l in R["layers"] if l["spectrum"] is None and not l.get("zero_to_precision")]
     add(f"The eigenvalues of each layer's diagonal block of the exact F on all {counted(n, 'input')} "
         f"(`torchfim.fisher(..., structure=\"full\")` on the model with only that layer trainable, the "
-        f"same block as `structure=\"layers\"` gives; `torch.linalg.eigvalsh` in float64), sorted "
+        f"same block as `structure=\"blocks\"` gives; `torch.linalg.eigvalsh` in float64), sorted "
         f"from the largest; eigenvalues below 10⁻¹² of the largest are not drawn. Computed for layers "
         f"of at most {counted(R['max_block'], 'parameter')}"
         + (f"; skipped (too large): {', '.join(f'`{s}`' for s in skipped)}." if skipped else " (all layers).")

@@ -213,6 +213,6 @@ def _default_source(model: nn.Module, checkpoint, training: dict | None, seed: i
     widths = "-".join(str(lin.out_features) for lin in model.modules() if isinstance(lin, nn.Linear))
     return f"the embedded default, the tanh MLP 64-{widths} of torchfim.demo, " + (
         f"with weights from {checkpoint}" if training is None
-        else f"trained {training['epochs']} epochs with Adam on the digits (seed {seed}): "
+        else f"trained {counted(training['epochs'], 'epoch')} with Adam on the digits (seed {seed}): "
              f"train loss {training['loss']:.3g}, accuracy {100 * training['accuracy']:.1f}%"
     )

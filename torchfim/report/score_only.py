@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from .._words import counted
 from . import settings
 from .assemble import Layout, model_summary, ratio, samples_needed, versions
 from .data import Data
@@ -54,7 +55,7 @@ def compute_score_only(model: nn.Module, data: Data, fam, outputs: OutputLayout,
 
     try:
         t0 = time.perf_counter()
-        norms = ScoreNorms(**steps.run(f"score estimate ({k} labels per input)", score_norms))
+        norms = ScoreNorms(**steps.run(f"score estimate ({counted(k, 'label')} per input)", score_norms))
         timings["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         diag_emp = measure_empirical(model, data.given(), data.targets, opts, steps)

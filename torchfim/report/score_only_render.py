@@ -122,7 +122,7 @@ def summary_score_only(R: dict) -> str:
     out = [(f"Fisher information report (score only): {counted(R['model']['n_parameters'], 'parameter')}, "
             f"{counted(D['n_inputs'], 'input')}, family {family_text(R)}"),
            line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1]),
-           (f"Tr(F) by the score estimator with {k} labels/input; s.e. from the spread of each input's labels; "
+           (f"Tr(F) by the score estimator with {counted(k, 'label')} per input; s.e. from the spread of each input's labels; "
            f"k{pct_error} = labels per input for {a_or_an(pct_error)} relative standard error (one σ) of Tr(F)."),
            f"Score only: {R['mode_reason']}."]
     out += [f"Note: {note}." for note in (D.get("targets_note"), R.get("outputs", {}).get("note"), _unused_note(R))
@@ -142,7 +142,7 @@ def _ax_trace(ax, R: dict) -> None:
     use_log = all(v > 0 for v in est)
     low = [min(2 * s, e * (1 - 1e-3)) if use_log else 2 * s for e, s in zip(est, se)]
     ax.errorbar(x, est, yerr=[low, [2 * s for s in se]], fmt="o", color=_C1, ms=4, capsize=3,
-                label=f"score estimate Î1 ({R['n_samples']} labels/input) ± 2 s.e.")
+                label=f"score estimate Î1 ({counted(R['n_samples'], 'label')}/input) ± 2 s.e.")
     if R["trace"]["trace_empirical"] is not None:
         ax.plot([i + 0.15 for i in x], [layer["trace_empirical"] for layer in layers], "x", color=_CE, ms=6,
                 label="empirical Fisher (true labels)")

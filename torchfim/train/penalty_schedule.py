@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._words import counted
 from ..errors import warn_user
 from .kept_gradient import KeptGradient
 
@@ -54,8 +55,9 @@ class Schedule:
         if inputs * 2 <= self.largest and not self.named_small:
             self.named_small = True
             warn_user(
-                f"torchfim: FisherPenalty(every={self.every}) computed its gradient on a mini-batch of {inputs} inputs "
-                f"(against {self.largest} before) and reuses it for the next {self.every - 1} steps; the penalty "
+                f"torchfim: FisherPenalty(every={self.every}) computed its gradient on a mini-batch of "
+                f"{counted(inputs, 'input')} (against {self.largest} before) and reuses it for the next "
+                f"{counted(self.every - 1, 'step')}; the penalty "
                 f"α‖g_B‖² is about α·Tr(F)/B, so its gradient is about {self.largest / inputs:.0f}× a whole "
                 "batch's: drop the last incomplete mini-batch (DataLoader(..., drop_last=True)), or pass every=1")
         self.largest = max(self.largest, inputs)

@@ -43,13 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``torchfim plot-trace`` with the parsed options."""
     from .._out_folder import check_out_file
+    from .._words import counted
     from ..errors import TorchfimError
     from .trace_plot import plot_trace, read_trace_csv
 
     paths = [Path(p) for p in args.csv]
     labels = args.labels or [p.stem for p in paths]
     if len(labels) != len(paths):
-        raise TorchfimError(f"--labels gives {len(labels)} labels for {len(paths)} CSV files; give one per file")
+        raise TorchfimError(f"--labels gives {counted(len(labels), 'label')} for {counted(len(paths), 'CSV file')}; "
+                            "give one per file")
     if len(set(labels)) != len(labels):
         raise TorchfimError(f"the runs' labels {labels} repeat; pass --labels with one distinct label per file")
     missing = [str(p) for p in paths if not p.is_file()]
