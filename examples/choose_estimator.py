@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 import torchfim
-from torchfim._words import counted
 
 torch.manual_seed(0)
 x = torch.randn(64, 10)
 for act in (nn.ReLU, nn.Tanh):
     model = nn.Sequential(nn.Linear(10, 16), act(), nn.Linear(16, 16), act(), nn.Linear(16, 4))
-    print(f"--- MLP 10-16-16-4 with {act.__name__}, {counted(len(x), 'input')}")
+    print(f"--- MLP 10-16-16-4 with {act.__name__}, {len(x)} inputs")
     print(torchfim.compare_estimators(model, x))
     for estimator in ("score", "hessian"):
         k10 = torchfim.samples_needed(model, x, estimator=estimator, rel_error=0.1)
         k1 = torchfim.samples_needed(model, x, estimator=estimator, rel_error=0.01)
-        print(f"{estimator:>8}: {counted(k10, 'label')} per input for a 10% relative standard error of Tr(F), "
+        labels = "1 label" if k10 == 1 else f"{k10} labels"
+        print(f"{estimator:>8}: {labels} per input for a 10% relative standard error of Tr(F), "
               f"{k1} for 1%")
     print()
