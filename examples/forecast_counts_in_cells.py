@@ -77,9 +77,7 @@ if args.plot:
     import matplotlib
 
     matplotlib.use("Agg")
-    from torchfim._io import save_figure
-
     ax = biases_only.plot_ellipse("ln b1", "ln b2")
     ax.legend(title=f"{N_CELLS} cells, ln P fixed")
-    save_figure(ax.figure, args.plot, dpi=120)
+    ax.figure.savefig(args.plot, dpi=120)
     print(f"\nwrote {args.plot}")

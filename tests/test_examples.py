@@ -40,6 +40,14 @@ def test_every_example_is_tested():
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
+def test_examples_use_only_the_public_api():
+    # An example is what a user copies: a private module (torchfim._io, torchfim._words, the engine) it imports
+    # would be copied with it.
+    for path in EXAMPLES.glob("*.py"):
+        private = re.findall(r"torchfim(?:\.\w+)*\._\w+", path.read_text(encoding="utf-8"))
+        assert not private, (path.name, private)
+
+
 def test_estimate_with_error_bars():
     out = run_example("estimate_with_error_bars.py")
     assert "Tr(F): exact" in out and "± " in out
