@@ -19,7 +19,7 @@ from ..errors import TorchfimError, warn_user
 from . import settings
 from .assemble import Layout, Setup, assemble
 from .check import check_model_and_data
-from .cost import full_report_seconds, time_pull_back
+from .cost import full_report_seconds, time_hessian_sweep, time_pull_back
 from .data import Data
 from .kept_steps import KeptSteps
 from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
@@ -103,7 +103,7 @@ def _compute(model, data, fam, n_samples, variance_inputs, max_block, seed, rel_
     _check_blocks_fit(model, layout, spectrum_layers, max_block)
     if (score_only is None or (score_only is False and progress)) and beyond is None:  # asked for: the estimate only
         reason = _too_long(model, data, fam, outputs, layout.n_parameters, m, len(spectrum_layers), progress,
-                           falls_back=score_only is None)
+                           falls_back=score_only is None, with_hessian=with_hessian)
         beyond = reason if score_only is None else None
     scoring_only = bool(score_only or beyond is not None)
     sized = measured_time or not scoring_only  # the subset and the spectra shape the steps, or chose score-only
@@ -143,16 +143,18 @@ def _full_report_options(variance_inputs: int | None, max_block: int) -> dict:
 
 
 def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: int, spectra: int,
-              progress: bool, falls_back: bool) -> str | None:
+              progress: bool, falls_back: bool, with_hessian: bool = True) -> str | None:
     """Why the full report would take too long (over :data:`~torchfim.report.settings.FULL_REPORT_SECONDS`
     by :func:`.cost.full_report_seconds`), or None; with ``progress``, a full report of more than a minute that
     will run says its estimate first (its progress bar's steps are of very uneven length, so the bar's own time
     left swings): where it is asked for, or within its budget where ``falls_back`` (the automatic mode) would
     otherwise give the score-only report. The command line prints the estimate; a caller of the API is warned
-    (a RuntimeWarning, shown at once: :mod:`.warned`), so that its filters decide."""
+    (a RuntimeWarning, shown at once: :mod:`.warned`), so that its filters decide. ``with_hessian``: the Î2
+    variances' sweep over the ``m`` inputs of the subset is counted too."""
     pull_back = time_pull_back(model, data, fam, outputs.mask, outputs.class_dim)
+    sweep = time_hessian_sweep(model, data, fam, outputs.mask, outputs.class_dim) if with_hessian else None
     first = next(p for p in model.parameters() if p.requires_grad)
-    seconds = full_report_seconds(pull_back, data.n, m, parameters, spectra, first.dtype, first.device)
+    seconds = full_report_seconds(pull_back, data.n, m, parameters, spectra, first.dtype, first.device, sweep)
     if progress and 60 < seconds and (seconds <= settings.FULL_REPORT_SECONDS or not falls_back):
         note = (f"torchfim report: the full report will take about {seconds / 60:,.0f} min here (estimated from a "
                 f"timed pull-back of {pull_back.width:,} output numbers per input); the score-only report "
@@ -166,8 +168,21 @@ def _too_long(model: nn.Module, data: Data, fam, outputs, parameters: int, m: in
     return (f"the full report would take about {seconds / 60:,.0f} min here, more than its budget of "
             f"{settings.FULL_REPORT_SECONDS / 60:.0f}: over the {counted(data.n, 'input')} it pulls back about "
             f"{pull_back.width:,} output vectors per input and forms output Gram matrices of {pull_back.width:,}² "
-            "entries per parameter (estimated from a timed pull-back and a timed matrix product); pass "
-            f"{option('score_only', False)} to compute it anyway")
+            "entries per parameter" + _sweep_text(sweep, m) + " (estimated from a timed pull-back"
+            + (", a timed chunk of the Hessian sweep" if sweep is not None and sweep.entries else "")
+            + f" and a timed matrix product); pass {option('score_only', False)} to compute it anyway")
+
+
+def _sweep_text(sweep, m: int) -> str:
+    """The Î2 variances' part of the estimate, where they take a sweep: its passes and minutes, and the option that
+    shortens it."""
+    if sweep is None or not sweep.entries:
+        return ""
+    seconds = m * sweep.seconds
+    took = f"{seconds / 60:,.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    return (f", and the Hessian estimator's variances take one forward-over-forward pass per parameter entry and "
+            f"input of the subset ({sweep.entries:,} × {m:,}, about {took}: a smaller {option('variance_inputs')} "
+            "shortens it)")
 
 
 def _check_blocks_fit(model: nn.Module, layout: Layout, spectrum_layers: list[int], max_block: int) -> None:
