@@ -21,11 +21,12 @@ an output with positions sums over its (unmasked) positions (docs/math.md §2 an
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ._batches import Inputs, copied, held_by_caller
+from ._batches import Inputs
 from ._processes import announced, family_settings
 from .combined import combined_terms
 from .engine import backend_name, check_finite_result
@@ -37,6 +38,7 @@ from .families import Family, get_family
 from .keyword_hints import explains_keywords
 from .process_rows import FAILED_BEFORE, RowShare, row_share
 from .structures import STRUCTURE_NAMES, PublicValue, entrywise, make_structure, structure_kind
+from .variance import EstimateVariance
 
 STRUCTURES = STRUCTURE_NAMES
 FisherResult = PublicValue
@@ -96,7 +98,8 @@ def fisher(
             position (a causal language model's are not shifted, unlike a dict batch's ``labels``).
         generator: ``torch.Generator`` for label sampling (global RNG when None).
         return_stderr: also return the standard error of each entry, the square root of
-            :func:`torchfim.fisher_variance` (closed form, conditional on the inputs). ``exact`` has
+            :func:`torchfim.fisher_variance` (closed form, conditional on the inputs), summed in the estimate's own
+            pass over the inputs, a mini-batch at a time (none is held: a loader is read once). ``exact`` has
             none; ``empirical`` has no label randomness given the targets: both get zeros (for ``empirical``
             with a warning: its error is a bias that no standard error shows). A standard error, not an
             interval: ±1.96 s.e. covers 95% only where the estimate is close to normal (many inputs and
@@ -190,27 +193,26 @@ def fisher(
         with engine_pass(model, name, output, class_dim) as one:
             drawing = generator if share is None or not draws else share.generator(generator, one.view.device)
             result = make_structure(structure, one.view.layout)
-            seen, width = [], 0  # the standard error's mini-batches; output numbers per input, which it pulls back
+            batch_mask = _tensor_mask(mask, inputs)
+            # The standard error's per-input terms, summed in this same pass: no mini-batch is held for a second one.
+            spread = EstimateVariance(one, fam, estimator, structure, k, batch_mask) if return_stderr and draws else None
             # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
-            for rec, fam_b in one.batches(inputs, targets, fam, _tensor_mask(mask, inputs), progress,
-                                          f"fisher[{estimator}]", split=estimator == "exact" or per_position,
+            for rec, fam_b in one.batches(inputs, targets, fam, batch_mask, progress, f"fisher[{estimator}]",
+                                          split=estimator == "exact" or per_position,
                                           rows=None if share is None else share.rows):
-                add_estimate(estimator, one.backend, rec, fam_b, result, k, drawing, progress, per_position)
-                if return_stderr:  # a copy where a loader may refill the buffer before the variance's pass reads it
-                    seen.append(rec.batch if held_by_caller(inputs) else rec.batch.map(copied))
-                    width = max(width, rec.output.shape[1])
+                add = partial(add_estimate, estimator, one.backend, rec, fam_b, result, k, drawing, progress,
+                              per_position)
+                if spread is None:
+                    add()
+                else:
+                    spread.add(rec, fam_b, add)
             if share is not None:
                 share.probe(one.view)
             estimate = result.finish(max(one.n, 1))
-        check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
-        if not return_stderr or not (draws and seen):
-            return estimate, entrywise(torch.zeros_like, estimate) if return_stderr else None, one.n
-        from .variance import fisher_variance
-
-        _warn_stderr_cost(width, k)
-        return estimate, fisher_variance(model, seen, family=fam, estimator=estimator, structure=structure,
-                                         n_samples=k, backend=name, progress=progress, mask=mask, output=output,
-                                         class_dim=class_dim), one.n
+            check_finite_result(estimate, f"the {estimator} Fisher", one.view.dtype)
+            if spread is None or one.n == 0:  # no labels drawn (or no rows of this process): no spread
+                return estimate, entrywise(torch.zeros_like, estimate) if return_stderr else None, one.n
+            return estimate, spread.finish(one.n), one.n
 
     estimate, variance, n = compute() if share is None else share.together(compute, model)
     if share is not None:
@@ -219,18 +221,6 @@ def fisher(
     # of the Fisher's scale, in the estimate's dtype.
     return (estimate, entrywise(lambda v, e: v.clamp_min(0).sqrt().to(e.dtype), variance, estimate)) \
         if return_stderr else estimate
-
-
-def _warn_stderr_cost(width: int, k: int) -> None:
-    """Warn where the standard error's closed form, which pulls back each input's ``width`` output numbers, costs
-    a hundred times the estimate's ``k`` pull-backs or more (a language model's positions × vocabulary: a user trial
-    waited 490 times the estimate's time for it, longer than for the exact Fisher)."""
-    if width >= 100 * k:
-        warn_user(f"torchfim: return_stderr=True computes the standard error in closed form, which pulls back each "
-                  f"input's {width} output numbers where the estimate pulled back {k} vector{'s' if k > 1 else ''}: "
-                  f"expect it to take up to {width // k} times as long as the estimate. Tr(F) with an error bar at "
-                  "the estimate's cost: torchfim.score_norms.squared_score_norms(..., n_samples=2).trace() (the "
-                  "spread of each input's labels)")
 
 
 def _per_position(empirical_per: object, estimator: str) -> bool:

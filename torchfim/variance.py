@@ -31,9 +31,10 @@ from .engine import (
     check_finite_result,
 )
 from .engine.backend import CHUNK_ELEMENTS, is_trace, second_order_support
-from .engine.session import engine_pass
+from .engine.loop import closed_form_groups, group_recordings
+from .engine.session import Pass, engine_pass
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice, check_n_samples
+from .errors import TorchfimError, check_choice, check_n_samples, warn_user
 from .families import Family, Positions, get_family
 from .families.base import robust_eigvalsh
 from .keyword_hints import explains_keywords
@@ -245,6 +246,69 @@ class HessianVariance(StructureVisitor):
                 structure.add_matrix(index, columns - span.start, values)
 
 
+def add_variance_terms(engine: Backend, rec: Recording, fam: Family, result: Structure, estimator: str,
+                       mode: str) -> None:
+    """Add Σᵢ of the per-label variance of ``estimator`` (``"score"`` or ``"hessian"``; ``mode``: exact or a bound)
+    over the inputs of ``rec`` to ``result``."""
+    if estimator == "score":
+        result.visit(ScoreVariance(engine, rec, fam, mode))
+    else:
+        with second_order_support():
+            result.visit(HessianVariance(engine, rec, fam, mode))
+
+
+class EstimateVariance:
+    """The closed-form variance of an estimate that draws labels, summed in the estimate's own pass
+    (``fisher(..., return_stderr=True)``). Its per-input terms (module docstring) read the model and the inputs
+    alone, not the labels drawn nor the estimate, so each mini-batch's are added as the pass reaches it and no
+    mini-batch is held for a second pass: memory does not grow with their number. The estimate's mini-batches are
+    never cut into row groups (that would change which labels their rows get); where :func:`variance_of` would cut
+    one (:func:`~.engine.loop.closed_form_groups`), its groups are recorded again for the variance alone, so that
+    both use the same memory as before."""
+
+    def __init__(self, one: Pass, family: Family, estimator: str, structure: str, k: int, mask: Mask) -> None:
+        self.one, self.family, self.estimator, self.k, self.mask = one, family, estimator, k, mask
+        self.result = make_structure(structure, squares_layout(one.view.layout))
+        self.warned = False
+
+    def add(self, rec: Recording, fam: Family, estimate: Callable[[], None]) -> None:
+        """Add the variance terms of ``rec``'s inputs and call ``estimate``, which adds the estimate's (and may be
+        ``rec``'s last use: the score estimator frees the recording as its pull-back goes). The terms come first
+        where they read ``rec`` itself; after the estimate where its row groups are recorded again. Neither draws
+        from a generator between the estimate's draws."""
+        self.warned = self.warned or _warn_stderr_cost(rec.output.shape[1], self.k)
+        whole, grams = self.estimator == "score", is_trace(self.result)
+        groups = closed_form_groups(self.one.backend, rec, self.mask, whole, grams)
+        if groups is None:
+            add_variance_terms(self.one.backend, rec, fam, self.result, self.estimator, "exact")
+            estimate()
+            return
+        estimate()
+        for part, fam_part in group_recordings(self.one.view, self.one.backend, rec.batch, groups, self.family,
+                                               self.mask, whole, grams):
+            add_variance_terms(self.one.backend, part, fam_part, self.result, self.estimator, "exact")
+
+    def finish(self, n: int) -> PublicValue:
+        """The variance of the estimate over ``n`` inputs with ``k`` labels each: the sums over ``n²k``."""
+        value = self.result.finish(max(n, 1) ** 2 * self.k)
+        check_finite_result(value, f"the variance of the {self.estimator} estimator", self.result.layout.dtype)
+        return value
+
+
+def _warn_stderr_cost(width: int, k: int) -> bool:
+    """Warn where the standard error's closed form, which pulls back each input's ``width`` output numbers, costs
+    a hundred times the estimate's ``k`` pull-backs or more (a language model's positions × vocabulary: a user trial
+    waited 490 times the estimate's time for it, longer than for the exact Fisher); whether it warned."""
+    if width >= 100 * k:
+        warn_user(f"torchfim: return_stderr=True computes the standard error in closed form, which pulls back each "
+                  f"input's {width} output numbers where the estimate pulled back {k} vector{'s' if k > 1 else ''}: "
+                  f"expect it to take up to {width // k} times as long as the estimate. Tr(F) with an error bar at "
+                  "the estimate's cost: torchfim.score_norms.squared_score_norms(..., n_samples=2).trace() (the "
+                  "spread of each input's labels)")
+        return True
+    return False
+
+
 @announced(FAILED_BEFORE)
 def variance_of(
     model: nn.Module,
@@ -280,11 +344,7 @@ def variance_of(
             for rec, fam_b in one.batches(inputs, None, fam, mask, progress, f"variance[{estimator}]", split=True,
                                           whole=estimator == "score", grams=is_trace(result),
                                           rows=None if share is None else share.rows):
-                if estimator == "score":
-                    result.visit(ScoreVariance(one.backend, rec, fam_b, mode))
-                else:
-                    with second_order_support():
-                        result.visit(HessianVariance(one.backend, rec, fam_b, mode))
+                add_variance_terms(one.backend, rec, fam_b, result, estimator, mode)
             if share is not None:
                 share.probe(one.view)
             value = result.finish(max(one.n, 1) ** 2 * k)

@@ -113,6 +113,34 @@ def run(
                 view.check_unchanged(versions)
 
 
+def closed_form_groups(backend: Backend, rec: Recording, mask: Mask, whole: bool, grams: bool) -> list[slice] | None:
+    """The groups of rows in which :func:`run` with ``split`` (and ``whole``, ``grams``) would record ``rec``'s
+    mini-batch for a closed form, or None where it would record it whole, so that ``rec`` serves as it is: for a
+    closed form computed in the pass of an estimate that draws labels, whose mini-batches are never cut (cutting
+    would change which labels their rows get). A group too large for a pull-back of all its output numbers is cut
+    into the groups :func:`_recordings` would cut it into; raises where one input does not fit."""
+    batch = rec.batch
+    if isinstance(mask, torch.Tensor) and not (mask.dim() > 0 and mask.shape[0] == batch.size):
+        return None  # a mask tensor that does not fit the batch is not cut (run's rule)
+    groups = backend.row_groups(batch, whole)
+    if groups != [slice(0, batch.size)]:
+        return groups
+    most = backend.rows_for_whole_outputs(rec, grams) if whole else batch.size
+    if most >= batch.size:
+        return None
+    step = math.ceil(batch.size / math.ceil(batch.size / most))
+    return [slice(start, min(batch.size, start + step)) for start in range(0, batch.size, step)]
+
+
+def group_recordings(view: ModelView, backend: Backend, batch: Batch, groups: list[slice], family: Family,
+                     mask: Mask, whole: bool, grams: bool) -> Iterator[tuple[Recording, Family]]:
+    """Recordings of ``batch``'s rows in ``groups`` (:func:`closed_form_groups`), each with the family of its flat
+    outputs, as :func:`run` yields them (its checks were made on the whole mini-batch)."""
+    for rows, part, rec in _recordings(view, backend, batch, groups, whole, grams):
+        part_mask = mask[rows] if isinstance(mask, torch.Tensor) else mask
+        yield rec, view.family_for(rec.shape, part, family, part_mask)
+
+
 def _recordings(view: ModelView, backend: Backend, batch: Batch, groups: list[slice],
                 whole: bool, grams: bool) -> Iterator[tuple[slice, Batch, Recording]]:
     """``(rows, their batch, its recording)`` for each group of ``batch``'s rows; with ``whole``, a group
