@@ -273,3 +273,47 @@ def test_a_trace_refuses_solve_for_what_it_keeps_whatever_the_vector() -> None:
     s = _structure(_model(), "trace")
     with pytest.raises(TorchfimError, match=r"solve\(\) needs structure='diag', 'blocks' or 'full'"):
         s.solve(torch.ones(3, dtype=torch.float64), damping=1.0)
+
+
+@pytest.mark.parametrize("structure", ["full", "blocks"])
+@pytest.mark.parametrize("verb", ["solve", "logdet"])
+def test_an_asymmetric_matrix_is_refused_not_solved_from_one_triangle(structure: str, verb: str) -> None:
+    """Cholesky reads the lower triangle only: A = Fisher + an upper-triangular term was solved (and its logdet
+    taken) as the Fisher alone, a relative error of 1.0 in a review, without a word."""
+    model = _model()
+    result = torchfim.fisher(model, _inputs(), structure=structure)
+    if structure == "full":
+        result = result + torch.triu(torch.ones_like(result), 1)
+    else:
+        result = {name: block + torch.triu(torch.ones_like(block), 1) for name, block in result.items()}
+    s = torchfim.as_structure(result, model)
+    v = torch.ones(s.layout.num_params, dtype=torch.float64)
+    with pytest.raises(TorchfimError, match=rf"{verb}: .* is not symmetric \(A − Aᵀ reaches 1,.*\(A \+ A\.T\) / 2"):
+        s.solve(v, 0.1) if verb == "solve" else s.logdet(0.1)
+
+
+@pytest.mark.parametrize("estimator", ["score", "hessian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sampled_estimate_asymmetric_by_its_rounding_still_solves(estimator: str, dtype: torch.dtype) -> None:
+    model = _model().to(dtype)
+    full = torchfim.fisher(model, _inputs().to(dtype), estimator=estimator, structure="full", n_samples=3,
+                           generator=torch.Generator().manual_seed(0))
+    s = torchfim.as_structure(full, model)
+    v = torch.ones(s.layout.num_params, dtype=dtype)
+    damping = 10 * float(torch.linalg.eigvalsh(full.double()).abs().max())  # positive definite, Î2 included
+    expected = torch.linalg.solve(full.double() + damping * torch.eye(len(v), dtype=torch.float64), v.double())
+    torch.testing.assert_close(s.solve(v, damping).double(), expected, rtol=1e-4 if dtype == torch.float32 else 1e-10,
+                               atol=0)
+
+
+def test_a_subnormal_diagonal_is_refused_with_a_damping_that_works() -> None:
+    """A float64 diagonal of 1e-320 (subnormal) made the refusal itself fail: rounding the suggested damping up to 3
+    digits divided by 10⁻³²⁵, which is 0 (ZeroDivisionError)."""
+    model = _model()
+    s = torchfim.as_structure(torch.full((_structure(model, "diag").layout.num_params,), 1e-320,
+                                         dtype=torch.float64), model)
+    v = torch.ones(s.layout.num_params, dtype=torch.float64)
+    with pytest.raises(TorchfimError, match=r"overflowed float64 .* pass a damping, e\.g\. ") as caught:
+        s.solve(v)
+    suggested = float(re.search(r"e\.g\. ([0-9.e+-]+)", str(caught.value)).group(1))
+    assert bool(torch.isfinite(s.solve(v, suggested)).all())

@@ -2,9 +2,10 @@
 :class:`DampedAlgebra`, the ``solve`` and ``logdet`` of every structure object (:mod:`torchfim.structures`).
 
 A natural-gradient step ``(F + λI)⁻¹ g``, a Laplace posterior's mean shift or an EWC-weighted merge all solve with
-the damped matrix. ``A`` is symmetric; an estimate of the Fisher from ``n`` inputs with ``C`` outputs each has rank
-at most ``n·C`` (less for a softmax), below ``P`` on any network of interest, and the Hessian estimator Î2 can have
-negative eigenvalues. So the solve is a Cholesky factorisation of ``A + λI`` (half the work of LU, and a test of
+the damped matrix. ``A`` is symmetric (one that is not, beyond ``√eps`` of its largest entry, is refused: the
+Cholesky factor reads one triangle only, so it would solve with another matrix); an estimate of the Fisher from ``n``
+inputs with ``C`` outputs each has rank at most ``n·C`` (less for a softmax), below ``P`` on any network of interest,
+and the Hessian estimator Î2 can have negative eigenvalues. So the solve is a Cholesky factorisation of ``A + λI`` (half the work of LU, and a test of
 positive definiteness on the way), and where that fails, or succeeds only on rounding, the call is refused with the
 smallest eigenvalue and a damping that works: an inverse of a singular or indefinite matrix is not a natural-gradient
 direction, whatever a general solver would return.
@@ -63,7 +64,7 @@ class DampedAlgebra(ABC):
         a natural-gradient step's direction, a Laplace posterior's mean shift (docs/uses.md). ``Full`` and each block
         of ``Blocks`` by Cholesky, ``Diag`` entrywise, in the structure's dtype; refused, with the smallest eigenvalue
         and a damping that works, where ``A + λI`` is not positive definite (a Fisher of rank below ``P``, an Î2
-        estimate with negative eigenvalues; :mod:`torchfim.damped_solve`). Its relative error is of order ``κ·eps``
+        estimate with negative eigenvalues; :mod:`torchfim.damped_solve`), and where ``A`` is not symmetric. Its relative error is of order ``κ·eps``
         of the dtype (``κ`` the condition number of ``A + λI``): with a small damping in float32, solve a float64
         copy, ``as_structure(result.double(), model)`` (blocks: ``as_structure({name: block.double() for name, block
         in result.items()}, model)``)."""
@@ -130,10 +131,11 @@ def solve_diagonal(diagonal: Tensor, v: Tensor, damping: float, layout: Layout) 
     overflowed = torch.isinf(solved) & torch.isfinite(v)
     if bool(overflowed.any()):
         first = int(overflowed.nonzero()[0, 0])
+        need = float(v.abs().max()) / torch.finfo(solved.dtype).max  # d + λ above this keeps every entry finite
         raise TorchfimError(
             f"solve: dividing by the diagonal plus damping={damping:g} overflowed {str(solved.dtype)[6:]} (the first "
             f"entry in {layout.locate(first)[0]!r}, where d + λ = {float(shifted[first]):.3g}); pass a damping, e.g. "
-            f"{_suggested(diagonal, 0.0):.3g}, or solve a float64 copy: as_structure(result.double(), model).solve(...)"
+            f"{_suggested(diagonal, need):.3g}, or solve a float64 copy: as_structure(result.double(), model).solve(...)"
         )
     return solved
 
@@ -213,6 +215,7 @@ def _factors(blocks: dict[str, Tensor], damping: float, verb: str, float64_copy:
 def _factor(matrix: Tensor, damping: float, what: str, verb: str) -> Tensor | _Refusal:
     """The Cholesky factor of ``matrix + λI``, or why there is none fit to use (the module docstring)."""
     _check_finite(matrix, what, verb)
+    _check_symmetric(matrix, what, verb)
     size = matrix.shape[0]
     damped = matrix + damping * identity_like(size, matrix)  # out of place: A is shared
     tolerance = size * torch.finfo(matrix.dtype).eps
@@ -257,11 +260,32 @@ def _check_finite(values: Tensor, what: str, verb: str) -> None:
                             "made it overflowed or was given non-finite inputs; check it (torch.isfinite) and recompute")
 
 
+def _check_symmetric(matrix: Tensor, what: str, verb: str) -> None:
+    """Refuse a matrix whose asymmetry exceeds ``√eps`` of its largest entry: the Cholesky factorisation reads one
+    triangle only, so it would solve with a matrix that was never given. torchfim's own results are symmetric to
+    their rounding (``~eps``); the rows are compared a slice at a time, never a second ``P×P`` copy."""
+    size = matrix.shape[0]
+    largest = float(matrix.abs().max()) if size else 0.0
+    tolerance = torch.finfo(matrix.dtype).eps ** 0.5 * largest
+    rows = max(1, (1 << 22) // max(size, 1))
+    for start in range(0, size, rows):
+        part = slice(start, min(size, start + rows))
+        asymmetry = float((matrix[part] - matrix[:, part].T).abs().max())
+        if asymmetry > tolerance:
+            raise TorchfimError(
+                f"{verb}: {what} is not symmetric (A − Aᵀ reaches {asymmetry:.3g}, its largest entry {largest:.3g}), "
+                f"and {verb}() treats A as symmetric, reading one triangle only; pass (A + A.T) / 2 to as_structure, "
+                "or build the matrix from symmetric terms"
+            )
+
+
 def _up(value: float) -> float:
     """``value`` rounded up to 3 significant digits (a threshold printed so, then passed, must clear it)."""
     if value <= 0 or not math.isfinite(value):
         return value
     step = 10.0 ** (math.floor(math.log10(value)) - 2)
+    if step == 0.0:  # a subnormal value: its hundredth underflows, and it prints as it is
+        return value
     return math.ceil(value / step * (1 - 1e-9)) * step  # a hair above a printed value is rounding, not more need
 
 
