@@ -63,6 +63,22 @@ def test_gaussian_fisher_direct_matches_closed_form():
     assert _rel(gaussian_fisher(A.T, C), A.T @ torch.linalg.solve(C, A)) < 1e-13
 
 
+@pytest.mark.parametrize(
+    "args, match",
+    [  # a NaN or Inf derivative gave an all-NaN F; a list an AttributeError; a complex one its real part, silently
+        ((torch.tensor([[np.nan, 1.0]], dtype=F64), torch.eye(2, dtype=F64)), "mean_jacobian has non-finite"),
+        ((torch.tensor([[0.0, 1.0]], dtype=F64), torch.eye(2, dtype=F64), torch.full((1, 2, 2), np.inf, dtype=F64)),
+         "cov_jacobian has non-finite"),
+        (([[0.0, 1.0]], torch.eye(2, dtype=F64)), "mean_jacobian must be a real tensor, got list"),
+        ((torch.tensor([[0.0, 1.0]], dtype=F64), [[1.0, 0.0], [0.0, 1.0]]), "cov must be a real tensor, got list"),
+        ((torch.tensor([[0.0, 1j]]), torch.eye(2, dtype=F64)), "real tensor, got a torch.complex64 tensor"),
+    ],
+)
+def test_gaussian_fisher_refuses_what_has_no_fisher_matrix(args, match):
+    with pytest.raises(TorchfimError, match=match):
+        gaussian_fisher(*args)
+
+
 # ---------------------------------------------------------------- non-linear: the KL Hessian oracle
 THETA0 = torch.tensor([0.4, -0.3, 0.2], dtype=F64)
 

@@ -133,6 +133,9 @@ def test_explicit_step_grids():
         ({"rtol": 0.0}, "rtol"),
         ({"steps": torch.tensor([1e-3, 1e-4])}, "at least 3"),
         ({"steps": torch.tensor([1e-3, -1e-4, 1e-5])}, "positive"),
+        # a step given twice agreed with itself exactly: 0.5, 0.5, 0.5 was a plateau (found=True) at a step far too large
+        ({"steps": torch.tensor([0.5, 0.5, 0.5])}, "steps must be distinct"),
+        ({"steps": torch.tensor([1e-5, 0.3, 0.5, 0.3])}, "steps must be distinct"),
         ({"steps": torch.ones(3, 4)}, r"shape \(2, K"),
     ],
 )
@@ -209,3 +212,14 @@ def test_the_stencils_divide_by_the_step_that_theta_takes(stencil):
     x = LINE.float()
     fc = forecast(lambda t: t[0] * x, torch.eye(10), torch.tensor([3.3]), derivatives=stencil, step=1e-3)
     assert math.isclose(float(fc.fisher[0, 0]), LINE_INFORMATION, rel_tol=1e-5)
+
+
+def test_steps_at_which_the_model_is_nan_are_unresolved_not_an_error():
+    """gaussian_fisher refuses NaN derivatives; the scan reads a step whose points leave the model's domain as
+    unresolved (√(θ − 0.4999) at θ = 0.5: NaN for h > 1e-4). Oracle: autograd's F_aa = Σx²/(4(θ − 0.4999))."""
+    x = torch.linspace(0, 1, 4, dtype=F64)
+    theta = torch.tensor([0.5], dtype=F64)
+    scan = scan_steps(lambda t: torch.sqrt(t[0] - 0.4999) * x, torch.eye(4, dtype=F64), theta)
+    assert scan.found and not bool(scan[0].resolved[-1])
+    chosen = scan[0].information[scan[0].steps == scan.steps[0]]
+    assert abs(float(chosen) / float(x.square().sum() / (4 * 1e-4)) - 1) < 1e-6

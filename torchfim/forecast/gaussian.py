@@ -19,7 +19,7 @@ from .derivatives import Derivatives, compute_derivatives, default_steps, stenci
 from .result import Forecast
 from .stability import coarsest_dtype
 
-__all__ = ["forecast", "gaussian_fisher"]
+__all__ = ["forecast", "gaussian_fisher", "whitened_fisher"]
 
 
 def gaussian_fisher(mean_jacobian: Tensor, cov: Tensor, cov_jacobian: Tensor | None = None) -> Tensor:
@@ -46,6 +46,8 @@ def gaussian_fisher(mean_jacobian: Tensor, cov: Tensor, cov_jacobian: Tensor | N
         tensor([[2., 2.],
                 [2., 5.]], dtype=torch.float64)
     """
+    mean_jacobian, cov = _real_tensor(mean_jacobian, "mean_jacobian"), _real_tensor(cov, "cov")
+    cov_jacobian = None if cov_jacobian is None else _real_tensor(cov_jacobian, "cov_jacobian")
     if mean_jacobian.dim() != 2:
         raise TorchfimError(f"mean_jacobian must have shape (P, d), got {tuple(mean_jacobian.shape)}")
     n_parameters, d = mean_jacobian.shape
@@ -55,6 +57,16 @@ def gaussian_fisher(mean_jacobian: Tensor, cov: Tensor, cov_jacobian: Tensor | N
         raise TorchfimError(
             f"cov_jacobian must have shape ({n_parameters}, {d}, {d}), got {tuple(cov_jacobian.shape)}"
         )
+    for name, value in (("mean_jacobian", mean_jacobian), ("cov_jacobian", cov_jacobian)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise TorchfimError(f"{name} has non-finite entries (NaN or Inf), so the Fisher matrix would be NaN; check "
+                                "the derivatives (a mean or covariance that is not finite near θ₀, a stencil step)")
+    return whitened_fisher(mean_jacobian, cov, cov_jacobian)
+
+
+def whitened_fisher(mean_jacobian: Tensor, cov: Tensor, cov_jacobian: Tensor | None = None) -> Tensor:
+    """:func:`gaussian_fisher` of checked shapes, where a non-finite derivative gives NaN entries, not an error:
+    the step scan and the autograd check read a stencil step at which the model is not finite as unresolved."""
     factor = covariance_cholesky(cov)
     whitened_mean = torch.linalg.solve_triangular(factor, mean_jacobian.detach().to(torch.float64).T, upper=False)
     fisher = whitened_mean.T @ whitened_mean
@@ -64,6 +76,14 @@ def gaussian_fisher(mean_jacobian: Tensor, cov: Tensor, cov_jacobian: Tensor | N
         whitened_cov = torch.linalg.solve_triangular(factor, left.transpose(-1, -2), upper=False)
         fisher = fisher + 0.5 * torch.einsum("aij,bji->ab", whitened_cov, whitened_cov)
     return (fisher + fisher.T) / 2
+
+
+def _real_tensor(value: object, name: str) -> Tensor:
+    """``value`` if it is a real tensor (integers are exact in float64); a :class:`TorchfimError` otherwise."""
+    if not isinstance(value, Tensor) or value.is_complex() or value.dtype == torch.bool:
+        kind = f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        raise TorchfimError(f"{name} must be a real tensor, got {kind}; pass torch.as_tensor(..., dtype=torch.float64)")
+    return value
 
 
 def forecast(
@@ -178,4 +198,4 @@ def _norms(cov: Tensor, *pairs: Sequence) -> list[float]:
     """``‖D‖ = √(∂μᵀ C⁻¹ ∂μ + ½ tr(C⁻¹ ∂C C⁻¹ ∂C))`` of each pair ``D = (∂μ, ∂C or None)``: the norm ``F`` uses."""
     mean = torch.stack([p[0].to(torch.float64) for p in pairs])
     covs = None if pairs[0][1] is None else torch.stack([p[1].to(torch.float64) for p in pairs])
-    return torch.diagonal(gaussian_fisher(mean, cov, covs)).clamp_min(0).sqrt().tolist()
+    return torch.diagonal(whitened_fisher(mean, cov, covs)).clamp_min(0).sqrt().tolist()

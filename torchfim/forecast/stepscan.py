@@ -41,7 +41,7 @@ from torch import Tensor
 from ..errors import TorchfimError, check_choice, real_number
 from ._model import CovLike, GaussianModel, MeanLike, parameter_names
 from .derivatives import STENCILS, stencil_terms, step_resolves
-from .gaussian import gaussian_fisher
+from .gaussian import whitened_fisher
 
 __all__ = ["ParameterScan", "StepScan", "scan_steps"]
 
@@ -179,8 +179,9 @@ def scan_steps(
     Args:
         mean, cov, theta0, names: as for :func:`torchfim.forecast.forecast`.
         stencil: ``"stencil3"`` or ``"stencil5"``.
-        steps: the steps to try: a 1-D tensor of positive steps (absolute, for every parameter) or
-            ``(P, K)`` (one row per parameter). ``None``: 25 steps, two per decade, from
+        steps: the steps to try: a 1-D tensor of distinct positive steps (absolute, for every parameter) or
+            ``(P, K)`` (one row per parameter); neighbours are compared, so a geometric grid, a factor of a few
+            between steps, makes an agreement mean a stable derivative. ``None``: 25 steps, two per decade, from
             ``1e-12·s_a`` to ``s_a`` with ``s_a = max(|θ_a|, 1)``.
         rtol: neighbouring steps belong to the plateau when both are resolved (``θ ± h`` differs from
             ``θ`` in its dtype and the derivative exceeds its rounding error) and their derivatives
@@ -227,7 +228,13 @@ def _step_grid(steps: object, theta0: Tensor) -> Tensor:
         )
     if not bool((torch.isfinite(grid) & (grid > 0)).all()):
         raise TorchfimError("steps must all be positive and finite")
-    return grid.sort(dim=1).values
+    grid = grid.sort(dim=1).values
+    if bool((grid[:, 1:] == grid[:, :-1]).any()):  # a repeated step agrees with itself exactly: a plateau of nothing
+        raise TorchfimError(
+            f"steps must be distinct, got a step twice in {steps!r}; the scan compares each step with the next, so "
+            "pass a geometric grid such as 10.0 ** torch.arange(-9, 0.5, 0.5)"
+        )
+    return grid
 
 
 def _scan_parameter(
@@ -236,15 +243,15 @@ def _scan_parameter(
     columns = [stencil_terms(model, index, float(h), stencil) for h in steps]
     mean_d = torch.stack([c[0] for c in columns])
     cov_d = None if model.cov_fn is None else torch.stack([c[1] for c in columns])
-    information = torch.diagonal(gaussian_fisher(mean_d, model.cov0, cov_d))
+    information = torch.diagonal(whitened_fisher(mean_d, model.cov0, cov_d))
     mean_r = torch.stack([c[2] for c in columns])
     cov_r = None if model.cov_fn is None else torch.stack([c[3] for c in columns])
-    rounding = torch.diagonal(gaussian_fisher(mean_r, model.cov0, cov_r)).clamp_min(0).sqrt()
+    rounding = torch.diagonal(whitened_fisher(mean_r, model.cov0, cov_r)).clamp_min(0).sqrt()
     in_dtype = torch.tensor([step_resolves(model.theta0, index, float(h), stencil) for h in steps])
     resolved = in_dtype & (information.clamp_min(0).sqrt() > rounding)  # NaN compares False: unresolved
     mean_diff = mean_d[1:] - mean_d[:-1]
     cov_diff = None if cov_d is None else cov_d[1:] - cov_d[:-1]
-    distance = torch.diagonal(gaussian_fisher(mean_diff, model.cov0, cov_diff)).clamp_min(0).sqrt()
+    distance = torch.diagonal(whitened_fisher(mean_diff, model.cov0, cov_diff)).clamp_min(0).sqrt()
     size = torch.maximum(information[1:], information[:-1]).clamp_min(0).sqrt()
     change = torch.where(size > 0, distance / size.clamp_min(torch.finfo(torch.float64).tiny), distance)
     lo, hi, found = _plateau(change, rtol, resolved)
