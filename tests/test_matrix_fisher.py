@@ -184,3 +184,18 @@ def test_float32_entry_bounds_near_the_uniform_law_stay_at_or_above_the_variance
     exact = flat(torchfim.fisher_variance(model.double(), x.double(), family, "score", structure))
     bound = flat(torchfim.score_variance_bound_spectral(model.float(), x, family, structure)).double()
     assert bool((bound >= exact * (1 - 1e-4) - 1e-40).all())
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("call", ["sample", "fisher_output", "log_prob", "moments"])
+def test_non_finite_outputs_called_directly_are_refused_by_name(value: float, call: str) -> None:
+    """Outside torchfim.fisher (whose check_output refuses them first), a NaN or Inf A reached torch's SVD, which
+    raised _LinAlgError ("failed to converge") from inside LAPACK."""
+    fam, a = MatrixFisher(), torch.eye(3, dtype=torch.float64).reshape(1, 9).clone()
+    a[0, 4] = value
+    calls = {"sample": lambda: fam.sample(a, 2, torch.Generator().manual_seed(0)),
+             "fisher_output": lambda: fam.fisher_output(a),
+             "log_prob": lambda: fam.log_prob(a, torch.eye(3, dtype=torch.float64).reshape(1, 3, 3)),
+             "moments": lambda: matrix_fisher_moments(a, 4)}
+    with pytest.raises(TorchfimError, match=r"matrix Fisher outputs A have non-finite entries \(NaN or Inf\)"):
+        calls[call]()

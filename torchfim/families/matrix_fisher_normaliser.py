@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import TorchfimError
+
 _SERIES_SWITCH = 60.0  # 2κ below: Kummer series; at or above: asymptotic series
 _ASYMPTOTIC_TERMS = 60
 _LEVELS = 42  # graded panels reach t = 2⁻⁴² from each end
@@ -155,7 +157,15 @@ def tilted_beta_moments(kappa: Tensor, order: int) -> dict[tuple[int, int], Tens
 
 
 def proper_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(U, s, V)`` with ``A = U diag(s) Vᵀ``, ``U, V ∈ SO(3)``, ``s₁ ≥ s₂ ≥ |s₃|`` for ``a`` (B, 3, 3)."""
+    """``(U, s, V)`` with ``A = U diag(s) Vᵀ``, ``U, V ∈ SO(3)``, ``s₁ ≥ s₂ ≥ |s₃|`` for ``a`` (B, 3, 3).
+
+    A non-finite ``A`` has no SVD (torch's fails to converge, deep inside LAPACK): a :class:`TorchfimError` says so.
+    """
+    if not bool(torch.isfinite(a).all()):
+        raise TorchfimError(
+            "the matrix Fisher outputs A have non-finite entries (NaN or Inf), so they have no distribution; check the "
+            "model's outputs for divergence (MatrixFisher().check_output(o) names them)"
+        )
     u, s, vh = torch.linalg.svd(a)
     v = vh.transpose(-1, -2)
     sign_u, sign_v = torch.linalg.det(u).sign(), torch.linalg.det(v).sign()
