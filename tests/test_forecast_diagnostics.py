@@ -105,7 +105,8 @@ def test_default_generator_is_reproducible_and_a_seed_changes_the_draws():
 
 
 @pytest.mark.parametrize("kwargs, match", [({"eps": 0.0}, "eps"), ({"n_trials": 0}, "n_trials"),
-                                           ({"tolerance": -1.0}, "tolerance")])
+                                           ({"tolerance": -1.0}, "tolerance"),
+                                           ({"generator": 3}, "generator must be a torch.Generator")])  # TypeError
 def test_bad_diagnostics_input(kwargs, match):
     with pytest.raises(TorchfimError, match=match):
         inversion_diagnostics(_pair(0.5), **kwargs)

@@ -122,6 +122,8 @@ def test_default_steps_follow_the_textbook_rule():
     eps = torch.finfo(F64).eps
     assert torch.allclose(default_steps(theta, "stencil3"), torch.tensor([1.0, 50.0], dtype=F64) * eps ** (1 / 3))
     assert torch.allclose(default_steps(theta, "stencil5"), torch.tensor([1.0, 50.0], dtype=F64) * eps ** (1 / 5))
+    with pytest.raises(TorchfimError, match="theta0 must be a floating-point tensor"):  # was torch.finfo's TypeError
+        default_steps(torch.tensor([1, 2]), "stencil3")
 
 
 # ----------------------------------------------------------------------------- bad input

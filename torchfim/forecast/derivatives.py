@@ -63,6 +63,10 @@ def default_steps(theta0: Tensor, stencil: str) -> Tensor:
         tensor([6.0555e-06, 1.2111e-04], dtype=torch.float64)
     """
     check_choice("stencil", stencil, tuple(_ORDER))
+    if not isinstance(theta0, Tensor) or not theta0.is_floating_point():
+        kind = f"a {theta0.dtype} tensor" if isinstance(theta0, Tensor) else type(theta0).__name__
+        raise TorchfimError(f"theta0 must be a floating-point tensor (its dtype sets the step), got {kind}; "
+                            "use theta0.double()")
     eps = torch.finfo(theta0.dtype).eps
     return eps ** (1.0 / (_ORDER[stencil] + 1)) * theta0.abs().clamp_min(1.0)
 

@@ -322,6 +322,9 @@ def inversion_diagnostics(
     limit = real_number(tolerance)
     if limit is None or not limit > 0:
         raise TorchfimError(f"tolerance must be a positive relative change such as 0.01, got {tolerance!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TorchfimError(f"generator must be a torch.Generator or None (the perturbations' source), got "
+                            f"{type(generator).__name__}; pass torch.Generator().manual_seed(seed)")
     fisher, given = symmetric_matrix(fisher, precision)
     eigenvalues = torch.linalg.eigvalsh(fisher)
     return InversionDiagnostics(
