@@ -143,6 +143,9 @@ def test_default_steps_follow_the_textbook_rule():
         ({"names": ["a"]}, "2 strings"),
         ({"names": "ab"}, r"names must be a sequence of 2 strings, got the string 'ab'"),  # was split into a, b
         ({"mean": "x"}, "function of theta"),
+        # a complex mean or covariance lost its imaginary part in the float64 assembly, silently
+        ({"mean": lambda t: torch.stack([t[0], t[1], t[0] * t[1]]).to(torch.complex128)}, "mean must .* real tensor"),
+        ({"cov": torch.eye(3, dtype=torch.complex128) * (1 + 1j)}, "cov must .* real tensor"),
     ],
 )
 def test_bad_input_raises_a_clear_error(kwargs, match):

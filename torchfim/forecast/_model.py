@@ -106,9 +106,13 @@ class GaussianModel:
             raise TorchfimError(
                 f"cov must be (or return) a ({d}, {d}) tensor to match the mean's length {d}; got {_describe(cov)}"
             )
+        for name, value in (("mean", mean), ("cov", cov)):
+            if value.is_complex():  # the Fisher matrix is assembled in float64: the imaginary part was dropped
+                raise TorchfimError(f"{name} must be (or return) a real tensor, got {value.dtype}; a Gaussian data "
+                                    "vector here is real: pass its real and imaginary parts as entries of its own")
         # Integer (or bool) values are exact: float64 holds them, and the stencils and tolerances need a float dtype.
-        mean = mean if mean.is_floating_point() or mean.is_complex() else mean.to(torch.float64)
-        cov = cov if cov.is_floating_point() or cov.is_complex() else cov.to(torch.float64)
+        mean = mean if mean.is_floating_point() else mean.to(torch.float64)
+        cov = cov if cov.is_floating_point() else cov.to(torch.float64)
         return mean, cov
 
 
