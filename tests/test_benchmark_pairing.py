@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import types
 
 import pytest
 
@@ -87,6 +88,10 @@ def test_targets_use_the_paired_ratio(suite):
 def test_rounds_run_turn_by_turn_and_each_sample_keeps_its_turn(suite, monkeypatch):
     timing, workload = suite["timing"], suite["workload"]
     monkeypatch.setattr(timing, "contention_probe", lambda threads: 1.0)
+    # A clock of its own: a real sleep measured on a loaded machine ran long and changed the calls per round.
+    clock = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                              sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
     calls: list[str] = []
 
     def contender(name: str, warmup_s: float):
@@ -97,7 +102,7 @@ def test_rounds_run_turn_by_turn_and_each_sample_keeps_its_turn(suite, monkeypat
                 calls.append(name)
                 if first[0]:  # the warm-up: how long the call seems to take decides its calls per round
                     first[0] = False
-                    timing.time.sleep(warmup_s)
+                    clock[0] += warmup_s
             return run
         return workload.Contender(name, make, compare=False)
 
