@@ -32,7 +32,7 @@ from .coverage import (
 from .modules import Call, GenericRule, Rule, build_rules
 from .modules.base import LAYOUTS
 from .private_tree import settled_key
-from .recording import ModuleRecording, record_calls
+from .recording import STRAYED, ModuleRecording, record_calls
 from .shared_inputs import (
     carries_batch,
     check_size,
@@ -186,7 +186,18 @@ class CoverageCheck:
                                            [paths[m] for m in self.own_tensors], self.one_by_one, checked)
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
-        return record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, self._layouts)
+        """One recorded forward of ``batch``; modules whose forward set on the instance computed something else than
+        their class's on it (:data:`.recording.STRAYED`) get the generic rule first, on this batch and later ones."""
+        rec = record_calls(self.view, self.rules, batch, clone, self._attends, self.shared, self._layouts)
+        strayed = {call.module for _, call in rec.calls if call.cache.get(STRAYED)}
+        if not strayed:
+            return rec
+        self._demote(strayed)
+        cached = _COVERAGE.get(self.view.user_model)
+        if cached is not None and cached[0] == self._key:  # settled before: later backends demote them from the start
+            paths = {m: p for p, m in self.view.model.named_modules()}
+            _COVERAGE[self.view.user_model] = (*cached[:3], [paths[m] for m in self.demoted], *cached[4:])
+        return self._record(batch, clone)
 
     def _layouts(self, module: nn.Module) -> frozenset[str]:
         """The layouts ``module``'s rows may be read in: while checking, those not found wrong; once checked,

@@ -19,10 +19,15 @@ from .attention_kernel import math_attention
 from .backend import Recording
 from .batch import Batch
 from .modules import Call, GenericRule, Rule, tensors_of
-from .modules.base import LAYOUTS, forwards_replaced
+from .modules.base import LAYOUTS, forwards_replaced, rounding_tolerance
 from .modules.generic import FOLDED_INPUTS, output_batch_dims, output_folds, rebuilt
+from .output_compare import outputs_agree
 from .shared_inputs import rows_layout, spread, spread_output
 from .view import ModelView
+
+#: The key of :attr:`.modules.Call.cache` that marks a call of a forward set on the instance whose outputs are not the
+#: class forward's (:func:`strays`): its module gets the generic rule (:meth:`.coverage_check.CoverageCheck._record`).
+STRAYED = "strayed"
 
 #: torch.nn's modules whose forward may call ``scaled_dot_product_attention``.
 _ATTENTION_MODULES = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
@@ -102,7 +107,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
     """
     folded: dict[int, int] = {}  # id of a generic call's folded output (kept alive by its call's taps) → k
 
-    def recorder(module: nn.Module, rule: Rule, forward: Callable[..., object]) -> Callable[..., object]:
+    def recorder(module: nn.Module, rule: Rule, forward: Callable[..., object], guarded: bool) -> Callable[..., object]:
         signature: list[inspect.Signature] = []  # the forward's, from its first call with keyword arguments
 
         spreads = module in shared and size > 1
@@ -114,6 +119,7 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
             output = forward(*args, **kwargs)
             if spreads:
                 output = spread_output(output, size)
+            strayed = guarded and strays(module, args, kwargs, output, calls)
             if kwargs and not isinstance(rule, GenericRule):  # rules read their inputs by position
                 args, kwargs = _positional(forward, signature, args, kwargs)
             output, taps, unviewed = own_outputs(output)
@@ -121,6 +127,8 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             fold, second = rows_layout(detached, taps, size, allowed) if allowed else (1, False)
             call = Call(module, detached, kw, taps, size, fold=fold, sequence_first=second, unviewed=unviewed)
+            if strayed:
+                call.cache[STRAYED] = True
             if call.regrouped:
                 call.args = (call.batch_first(detached[0]), *detached[1:])
             if isinstance(rule, GenericRule) and not call.regrouped:
@@ -133,12 +141,37 @@ def _recording(rules: dict[nn.Module, Rule], calls: list[tuple[Rule, Call]], siz
         return forward_and_record
 
     def forward_of(m: nn.Module) -> Callable[..., object]:
-        # A rule's recording forward stands in for the class's forward only: one set on the instance runs.
+        # A rule's recording forward stands in for the class's forward only: one set on the instance runs, and
+        # each of its calls is compared with the class's forward, which a rule of the module's own follows.
         own = "forward" in m.__dict__
-        return recorder(m, rules[m], (not own and rules[m].recording_forward) or m.forward)
+        return recorder(m, rules[m], (not own and rules[m].recording_forward) or m.forward,
+                        own and not isinstance(rules[m], GenericRule))
 
     with forwards_replaced(rules, forward_of):
         yield
+
+
+def strays(module: nn.Module, args: tuple, kwargs: dict, output: object, calls: list) -> bool:
+    """Whether a call of a forward set on ``module``'s instance computed other outputs than the module's class forward
+    on the same inputs (to rounding), or the class forward refuses them, or reaches modules with rules of their own
+    (whose calls it would record: taken back from ``calls``). The module's rule follows the class forward; the
+    coverage check compares it with autograd on the first rows of the first batch only, so a forward that departs
+    from the class's on some inputs alone (a clamp that binds on later rows) was 11-130% off, silently
+    (:data:`STRAYED`)."""
+    recorded = len(calls)
+    try:
+        with torch.no_grad():
+            own = tensors_of(type(module).forward(module, *args, **kwargs))
+    except Exception:  # noqa: BLE001 - arguments the class forward does not take: not its computation
+        return True
+    finally:
+        reached = len(calls) > recorded
+        del calls[recorded:]
+    got = tensors_of(output)
+    return reached or len(own) != len(got) or not all(
+        a.shape == b.shape and a.dtype == b.dtype and (outputs_agree(a, b, rounding_tolerance(b.dtype)) if
+                                                       b.is_floating_point() else torch.equal(a, b))
+        for a, b in zip(got, own))
 
 
 def own_outputs(output: object) -> tuple[object, list[Tensor], bool]:

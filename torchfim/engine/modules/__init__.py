@@ -123,7 +123,16 @@ def build_rules(model: nn.Module, index_of: dict[int, int], moved: dict[str, tup
 
 
 def rule_for(module: nn.Module, params: dict[str, int], path: str) -> Rule:
-    """The rule for ``module`` covering ``params`` (local name → index in θ)."""
+    """The rule for ``module`` covering ``params`` (local name → index in θ). One that follows the module's class
+    forward where a forward set on the instance runs is on probation, as for a subclass's own forward (its calls'
+    outputs are compared with the class forward's too, :func:`..recording.strays`)."""
+    rule = _rule_of(module, params, path)
+    if "forward" in module.__dict__ and not isinstance(rule, GenericRule):
+        rule.on_probation = True
+    return rule
+
+
+def _rule_of(module: nn.Module, params: dict[str, int], path: str) -> Rule:
     if (attention_supported(module) and set(params) <= set(ATTENTION_PARAMETERS) and "forward" not in module.__dict__
             and runs_torch_forward(module)):
         # (the rule binds the call's arguments by the class forward's names, which one set on the instance may not use)

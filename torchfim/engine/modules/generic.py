@@ -93,6 +93,31 @@ def argument_batch_dims(module: nn.Module, key: int | str, value: object, size: 
     return nested_batch_dims(module, value, size)
 
 
+#: ``nn.MultiheadAttention.forward``'s ``attn_mask`` (its position, and its name for a call by keyword).
+_ATTENTION_MASK = (5, "attn_mask")
+
+
+def attention_mask_rows(module: nn.Module, args: tuple, kwargs: dict, size: int) -> dict[int | str, int | None]:
+    """For a batched call of ``nn.MultiheadAttention``'s own forward, how its ``attn_mask`` holds the samples (by its
+    position or keyword): a 3-D mask ``(B·H, L, S)`` (one per sample and head, as a model builds it) → ``H``, rows
+    ``b·H … (b+1)·H`` being sample ``b``'s (read as the batch folded, :data:`FOLDED_INPUTS`); a 2-D one ``(L, S)`` →
+    None, every sample's. Read by its shape alone, ``batch_first=False`` took a 3-D mask's dim 1 for the batch where
+    ``L`` equalled it, and a 2-D mask's rows for samples where ``L`` did: torch then refused the cut mask. Empty for
+    any other module, or a forward set on the instance or a subclass's (whose arguments may mean something else)."""
+    if not (isinstance(module, nn.MultiheadAttention) and "forward" not in module.__dict__
+            and type(module).forward is nn.MultiheadAttention.forward):
+        return {}
+    given = {**dict(enumerate(args)), **kwargs}
+    query = given.get(0, given.get("query"))
+    key = next((k for k in _ATTENTION_MASK if isinstance(given.get(k), Tensor)), None)
+    if key is None or not isinstance(query, Tensor) or query.dim() != 3:
+        return {}
+    mask, heads = given[key], module.num_heads
+    if mask.dim() == 2:
+        return {key: None}
+    return {key: heads} if mask.dim() == 3 and mask.shape[0] == size * heads else {}
+
+
 def _state_dim(t: Tensor, size: int) -> int | None:
     """The batch dim of a recurrent layer's state ``(layers·directions, batch, hidden)``: 1, where it holds the batch."""
     return 1 if t.dim() == 3 and t.shape[1] == size else None
@@ -191,20 +216,39 @@ class GenericRule(Rule):
         try:
             return self._looped(call, sens, rows, used)
         except Exception as err:  # whatever the module raises: named, with the ways out
-            packed = next((a for a in call.args if isinstance(a, Tensor) and a.dim() == 1 and a.shape[0] != call.size),
-                          None) if isinstance(self.module, nn.EmbeddingBag) else None
-            out = (f"Its input of shape {tuple(packed.shape)} has no row per sample of the {call.size} (a packed "
-                   "layout, such as an EmbeddingBag's 1-D ids with offsets), which neither rule nor torch.func can cut "
-                   "by sample: give the module one row per sample (for an EmbeddingBag, 2-D ids padded with "
-                   "padding_idx), or freeze its parameters (requires_grad_(False))" if packed is not None else
-                   "Try backend='functional' (the whole model through torch.func), or freeze the module's parameters "
-                   "(requires_grad_(False))" if self.offers_functional else
-                   "Freeze the module's parameters (requires_grad_(False)) to leave them out of the measurement")
             raise TorchfimError(
                 f"torchfim: module {self.path!r} ({type(self.module).__name__}) has parameters that only the generic "
                 f"rule covers, which runs it again alone, one sample at a time, on its recorded inputs; there it "
-                f"raised {type(err).__name__}: {str(err).splitlines()[0][:160]}. {out}"
+                f"raised {type(err).__name__}: {str(err).splitlines()[0][:160]}. {self._ways_out(call)}"
             ) from err
+
+    def _ways_out(self, call: Call) -> str:
+        """What the refusal of a call the module raised on says to do: where an input has no row per sample (a packed
+        EmbeddingBag's ids) or holds the batch folded with other rows that no rule knows how to cut (an attention
+        mask ``(B·H, T, S)`` passed to a module of the user's), that first; then the ways out."""
+        size, given = call.size, {**dict(enumerate(call.args)), **call.kwargs}
+        packed = next((a for a in call.args if isinstance(a, Tensor) and a.dim() == 1 and a.shape[0] != size),
+                      None) if isinstance(self.module, nn.EmbeddingBag) else None
+        if packed is not None:
+            return (f"Its input of shape {tuple(packed.shape)} has no row per sample of the {size} (a packed layout, such "
+                    "as an EmbeddingBag's 1-D ids with offsets), which neither rule nor torch.func can cut by sample: "
+                    "give the module one row per sample (for an EmbeddingBag, 2-D ids padded with padding_idx), or "
+                    "freeze its parameters (requires_grad_(False))")
+        _, _, arg_dims, kw_dims, known = _inputs(call, self.module)
+        dims = {**dict(enumerate(arg_dims)), **kw_dims}
+        folded = next((k for k, a in given.items() if dims.get(k) is None and k not in known and k not in
+                       attention_mask_rows(self.module, call.args, call.kwargs, size) and folded_rows(a, size)), None)
+        way = ("try backend='functional' (the whole model through torch.func), or freeze the module's parameters "
+               "(requires_grad_(False))" if self.offers_functional else
+               "freeze the module's parameters (requires_grad_(False)) to leave them out of the measurement")
+        if folded is None:
+            return way[0].upper() + way[1:]
+        return (f"Its {'argument' if isinstance(folded, int) else 'keyword'} {folded!r} of shape "
+                f"{tuple(given[folded].shape)} holds the call's {size} inputs folded with other rows, "
+                f"{folded_rows(given[folded], size)} each (an attention mask (B·H, T, S), say), which the generic rule "
+                "cannot cut by sample (it can where that "
+                "tensor is another generic call's output, or an nn.MultiheadAttention's attn_mask): pass the module one "
+                f"row per sample (a mask (B, H, T, S)), or {way}")
 
     def batches_correctly(self, call: Call, sens: list[Tensor | None]) -> bool:
         """Whether torch.func's per-sample gradients of ``call`` equal autograd's, one sample at a time
@@ -336,13 +380,16 @@ def _inputs(call: Call, module: nn.Module) -> tuple[tuple, dict, tuple, dict, se
         given = {**{i: a for i, a in enumerate(call.args) if i > 0}, **call.kwargs}
         folded.update({key: call.fold for key, a in given.items()
                        if isinstance(a, Tensor) and a.dim() and a.shape[0] == size * call.fold})
+    masks = attention_mask_rows(module, call.args, call.kwargs, size)  # an attention's mask: its own layout
+    folded.update({key: heads for key, heads in masks.items() if heads is not None})
     args = tuple(a.unflatten(0, (size, folded[i])) if i in folded else a for i, a in enumerate(call.args))
     kwargs = {k: v.unflatten(0, (size, folded[k])) if k in folded else v for k, v in call.kwargs.items()}
     # A regrouped call's first input is kept batch first already: read by the module's batch_first, it lost the
     # batch where as many positions as samples made its dim 1 look like the batch (a review: 3-40% off, silently)
-    arg_dims = tuple(0 if i in folded or (i == 0 and call.regrouped) else argument_batch_dims(module, i, a, size)
-                     for i, a in enumerate(call.args))
-    kw_dims = {k: 0 if k in folded else argument_batch_dims(module, k, v, size) for k, v in call.kwargs.items()}
+    arg_dims = tuple(0 if i in folded or (i == 0 and call.regrouped) else None if i in masks else
+                     argument_batch_dims(module, i, a, size) for i, a in enumerate(call.args))
+    kw_dims = {k: 0 if k in folded else None if k in masks else argument_batch_dims(module, k, v, size)
+               for k, v in call.kwargs.items()}
     return args, kwargs, arg_dims, kw_dims, set(folded)
 
 
