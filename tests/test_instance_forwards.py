@@ -16,6 +16,7 @@ import functools
 import types
 import warnings
 
+import clients
 import pytest
 import torch
 from engine_checks import module_rules, torchfim_messages
@@ -139,3 +140,39 @@ def test_a_forward_with_the_class_outputs_but_other_gradients_gets_the_layers_ow
     assert torch.allclose(full, want, rtol=1e-10, atol=1e-14)
     rules = module_rules(model, x)[1]
     assert isinstance(rules["0"], GenericRule) and "" not in rules
+
+
+def test_accelerate_device_hooks_keep_the_rule_without_a_second_forward(monkeypatch) -> None:
+    """``AlignDevicesHook`` (what ``dispatch_model`` leaves on every module) computes nothing: no call is compared with
+    the class forward (a second forward each), and the layer keeps its rule."""
+    hooks = clients.need("accelerate.hooks")
+    from torchfim.engine import recording
+
+    model, layer = _model("linear")
+    x = _inputs("linear")
+    hooks.add_hook_to_module(layer, hooks.AlignDevicesHook(execution_device="cpu"))
+    compared = []
+    monkeypatch.setattr(recording, "strays", lambda *args: compared.append(args[0]) or False)
+    want = exact_fisher(model, x, "categorical")
+    assert torch.allclose(torchfim.fisher(model, x, structure="full"), want, rtol=1e-10, atol=1e-14)
+    assert compared == [] and type(module_rules(model, x)[1]["0"]).__name__ == "LinearRule"
+
+
+def test_an_accelerate_hook_that_computes_is_compared_as_any_instance_forward() -> None:
+    """A hook of the user's own beside the device hook (a ``SequentialHook``) clamps the output on later rows: the
+    layer gets its generic rule, as for :func:`_clamped`."""
+    hooks = clients.need("accelerate.hooks")
+
+    class Clamp(hooks.ModelHook):
+        def post_forward(self, module: nn.Module, output: Tensor) -> Tensor:
+            return output.clamp(max=1.0)
+
+    model, layer = _model("linear")
+    x = _inputs("linear")
+    hooks.add_hook_to_module(layer, hooks.AlignDevicesHook(execution_device="cpu"))
+    hooks.add_hook_to_module(layer, Clamp(), append=True)
+    with torch.no_grad():
+        assert bool((layer(x[2:]) >= 1.0).any()) and not bool((layer(x[:2]) >= 1.0).any())
+    want = exact_fisher(model, x, "categorical")
+    assert torch.allclose(torchfim.fisher(model, x, structure="full"), want, rtol=1e-10, atol=1e-14)
+    assert isinstance(module_rules(model, x)[1]["0"], GenericRule)
