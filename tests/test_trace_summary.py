@@ -5,8 +5,8 @@ of each input's flat outputs, the output Fisher ``Λᵢ`` of its observed positi
 fourth moments ``M4ᵢ`` of the output score) gives per parameter tensor ``t`` its output gram
 ``G_t = J_t J_tᵀ`` and its Hessian traces ``d_t``. For ``t`` alone:
 ``Var(Tr Î1) = (1/n²) Σᵢ (M4ᵢ[G_t, G_t] − (tr Λᵢ G_t)²)``, ``Var(Tr Î2) = (1/n²) Σᵢ d_tᵀ Λᵢ d_t`` and
-its bound ``(1/n²) Σᵢ λ_max(Λᵢ) ‖d_t‖²``; the model's are those of the sums over tensors. The Î1
-bounds are checked against ``variance_bound`` with only ``t`` trainable.
+its bound ``(1/n²) Σᵢ λ_max(Λᵢ) ‖d_t‖²`` (``d_t`` over the observed positions); the model's are those of the sums
+over tensors. The Î1 bounds are checked against ``variance_bound`` with only ``t`` trainable.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ def _score_variance(res: dict, gram: torch.Tensor) -> torch.Tensor:
 
 
 def _hessian_variance_and_bound(res: dict, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bound's ``‖d‖²`` is over the observed output numbers (``res["mask"]``'s positions)."""
     lam = res["output_fisher"]
     top = torch.linalg.eigvalsh(lam)[:, -1]
-    return torch.einsum("na,nab,nb->", d, lam, d) / N**2, (top * d.square().sum(-1)).sum() / N**2
+    observed = res["mask"].repeat_interleave(d.shape[1] // res["mask"].shape[1], dim=1)
+    bound = (top * torch.where(observed, d, 0.0).square().sum(-1)).sum() / N**2
+    return torch.einsum("na,nab,nb->", d, lam, d) / N**2, bound
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

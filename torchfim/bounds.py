@@ -8,9 +8,11 @@ Each bound replaces a moment contraction of :mod:`torchfim.variance` by a spectr
 * Î1, kurtosis:  ``E‖u‖⁴`` in place of ``λ_max(M)`` for entries, ``E[(uᵀKu)²] ≤ ‖K‖₂² E‖u‖⁴`` for the trace;
 * Î2, spectral:  ``hᵀΛh ≤ λ_max(Λ) ‖h‖²``.
 
-The keyword ``options`` (``backend``, ``mask``, ``output``, ``class_dim``, ``progress``, ``across_processes``)
-are as in :func:`torchfim.fisher`. Across processes, each bound is that of the estimator over every process's
-inputs: its per-input terms combine as the variance's do, ``Σ_r (n_r/N)² B_r``.
+With a ``mask`` (or class labels of -100), every per-input term is over the observed positions alone: ``‖j_p‖²``,
+``K = JJᵀ`` and ``d`` count no masked output (docs/math.md §5.4), so the bounds do not move with a masked position's
+output. The keyword ``options`` (``backend``, ``mask``, ``output``, ``class_dim``, ``progress``,
+``across_processes``) are as in :func:`torchfim.fisher`. Across processes, each bound is that of the estimator over
+every process's inputs: its per-input terms combine as the variance's do, ``Σ_r (n_r/N)² B_r``.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from .engine import (
     check_finite_result,
 )
 from .engine.backend import CHUNK_ELEMENTS, is_trace, second_order_support
+from .engine.fast_path_check import observed_outputs
 from .engine.loop import closed_form_groups, group_recordings
 from .engine.session import Pass, engine_pass
 from .engine.view import Mask
@@ -91,6 +92,35 @@ def _widened_for_bounds(o: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return o.to(wide), v.to(wide)
 
 
+class _Observed:
+    """The output numbers a family observes, for the bounds' vectors: the Jacobian rows ``j``, grams ``K = JJᵀ`` and
+    Hessian traces ``d`` of masked positions (a ``mask``, labels -100) enter no moment of the score (``u`` is 0
+    there, ``Λ`` too), but a norm ``‖j‖²``, ``‖K‖`` or ``‖d‖²`` would count them: each bound is over the observed
+    positions alone once the masked numbers are set to 0 (``torch.where``: a masked position's Jacobian may be
+    anything, non-finite included)."""
+
+    def __init__(self, fam: Family, o: Tensor) -> None:
+        keep = observed_outputs(fam, o)  # (B, C) bool
+        self.keep = None if keep is None or bool(keep.all()) else keep  # None: every number observed
+
+    def vectors(self, rows: slice, v: Tensor, dim: int = -1) -> Tensor:
+        """``v`` with the numbers of masked outputs set to 0; the output axis of ``v`` is ``dim``, the inputs
+        ``rows`` its first, or its second for ``dim=2`` of ``(m, b, C, n)``."""
+        if self.keep is None:
+            return v
+        keep = self.keep[rows]
+        keep = keep.unsqueeze(0).unsqueeze(-1) if dim == 2 else keep.unsqueeze(1)
+        return torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def grams(self, rows: slice, gram: Tensor) -> Tensor:
+        """Output grams ``(b, C, C)`` over the observed numbers: masked rows and columns set to 0."""
+        if self.keep is None:
+            return gram
+        keep = self.keep[rows]
+        both = keep.unsqueeze(2) & keep.unsqueeze(1)
+        return torch.where(both, gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+
+
 def _bound_scale(fam: Family, o: Tensor, mode: str) -> Tensor | None:
     """The per-input constant of an Î1 bound: ``λ_max(M)`` (spectral) or ``E‖u‖⁴`` (kurtosis)."""
     if mode == "spectral":
@@ -107,6 +137,7 @@ class ScoreVariance(StructureVisitor):
     def __init__(self, engine: Backend, rec: Recording, fam: Family, mode: str) -> None:
         self.engine, self.rec, self.fam, self.mode = engine, rec, fam, mode
         self.o = widened(rec.values)
+        self.observed = _Observed(fam, rec.values)
 
     @cached_property
     def scale(self) -> Tensor | None:
@@ -123,7 +154,7 @@ class ScoreVariance(StructureVisitor):
         o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
         if mode == "exact":  # Var[uᵀGu], by the family's form without cancellation
             return fam.score_quadratic_spread(o, gram).to(torch.promote_types(o.dtype, gram.dtype))
-        o, gram = _widened_for_bounds(o, gram)
+        o, gram = _widened_for_bounds(o, self.observed.grams(rows, gram))
         eye = identity_like(gram.shape[-1], gram).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
         if mode == "spectral":
@@ -139,7 +170,7 @@ class ScoreVariance(StructureVisitor):
             if mode == "exact":  # Var[(uᵀv)²], by the family's form without cancellation
                 spread = fam.for_rows(rows).spread_along(o[rows], cols)[1]
                 return spread.to(torch.promote_types(o.dtype, cols.dtype))
-            o_rows, cols = _widened_for_bounds(o[rows], cols)
+            o_rows, cols = _widened_for_bounds(o[rows], self.observed.vectors(rows, cols))
             fisher_pp = fam.for_rows(rows).moments_along(o_rows, cols)[0]  # the categorical's fast second moments
             return self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2 - fisher_pp**2
 
@@ -188,7 +219,7 @@ class ScoreVariance(StructureVisitor):
             weighted = (spread.unsqueeze(1) * squares).to(torch.promote_types(o.dtype, v.dtype))
             return weighted.T @ squares.to(weighted.dtype)
         if self.mode != "exact":
-            o, v = _widened_for_bounds(o, v)
+            o, v = _widened_for_bounds(o, self.observed.vectors(rows, v))
             norms = v.square().sum(-1)  # (b, n)
             scaled = self.scale[rows].unsqueeze(1) * norms
             return scaled.T @ norms - fam.fisher_output_gram(o, v).square_().sum(0)
@@ -203,12 +234,13 @@ class HessianVariance(StructureVisitor):
         self.engine, self.rec, self.fam, self.mode = engine, rec, fam, mode
         self.o = widened(rec.values)
         self.top = fam.fisher_output_top_eigenvalue(self.o) if mode != "exact" else None
+        self.observed = _Observed(fam, rec.values)
 
     def quadratic(self, rows: slice, d: Tensor) -> Tensor:
         """``dᵀΛd`` (exact) or ``λ_max(Λ)‖d‖²`` (bound) for ``d`` (b, n, C) of the samples ``rows``."""
         if self.mode == "exact":  # the family's dᵀΛd: diag(p) − ppᵀ as a matrix cancels once 1 − p_top < ε
             return self.fam.for_rows(rows).fisher_output_bilinear(self.o[rows], d, d)
-        return self.top[rows].unsqueeze(1) * d.square().sum(-1)
+        return self.top[rows].unsqueeze(1) * self.observed.vectors(rows, d).square().sum(-1)
 
     def diag(self, structure: Diag) -> None:
         terms = self.engine.hessian_diagonal_terms(self.rec.batch, self.quadratic)
@@ -242,7 +274,8 @@ class HessianVariance(StructureVisitor):
                     v = h.permute(1, 0, 3, 2).reshape(b, m * size, c)  # every column of every sample
                     values = self.quadratic(rows, v).reshape(b, m, size).sum(0)
                 else:
-                    values = torch.einsum("n,mnab->mb", self.top[rows], h.to(self.top.dtype).square())
+                    h = self.observed.vectors(rows, h.to(self.top.dtype), dim=2)
+                    values = torch.einsum("n,mnab->mb", self.top[rows], h.square())
                 structure.add_matrix(index, columns - span.start, values)
 
 
