@@ -10,7 +10,8 @@ of their scale (the finite difference divides the reduction's rounding by its st
 finite-difference term on a DDP module that finds unused parameters is checked against the definitions
 (:func:`oracles.penalty_definition`): each step's gradient is the mean over the ranks of theirs; each penalty (both
 kinds, both grad methods) on such a module against one process computing each rank's gradient without DDP at the
-parameters the ranks held, then their mean, to 1e-10.
+parameters the ranks held, then their mean, to 1e-10; and so on a module with a Linear its forward never uses, which
+keeps no gradient.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from oracles import penalty_definition
 from processes import over_loopback, run_processes
+from test_penalty_unused_parameters import WithUnused
 from test_train_penalty import labels
 from torch import nn
 
@@ -116,12 +118,14 @@ UNUSED_CASES = list(itertools.product((1, 3), (1, 2)))  # every, micro-batches p
 
 def _unused_rank(rank: int, store: str, out: str) -> None:
     """On DDP modules built with ``find_unused_parameters=True``, in one pair of processes: the batch-gradient term by
-    finite differences (:func:`_batch_gradient_steps`) and every penalty (:func:`_penalty_steps`)."""
+    finite differences (:func:`_batch_gradient_steps`) and every penalty (:func:`_penalty_steps`), on the MLP and on
+    :class:`WithUnused`."""
     over_loopback()
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     warnings.simplefilter("ignore")
     base, data = _setting()
-    got = {"definitions": _batch_gradient_steps(rank, base, data), "one_process": _penalty_steps(rank, base, data)}
+    got = {"definitions": _batch_gradient_steps(rank, base, data), "one_process": _penalty_steps(rank, base, data),
+           "with_unused": _penalty_steps(rank, _with_unused(), data, errors=True)}
     torch.save(got, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
@@ -199,27 +203,40 @@ def test_the_finite_difference_term_on_ddp_finding_unused_parameters(unused: lis
             assert float((a - b).abs().max()) < 1e-7 * float(b.abs().max())  # measured up to 1.9e-8
 
 
-def _penalty_steps(rank: int, base: nn.Module, data: list) -> dict:
+def _penalty_steps(rank: int, base: nn.Module, data: list, errors: bool = False) -> dict:
     """Three SGD steps per case of :data:`CASES`: the parameters before each step and the gradients the step hands
-    the optimiser."""
+    the optimiser; with ``errors``, a case whose backward fails has its message instead (DDP fails on every rank)."""
     got = {}
     for case in CASES:
         model = nn.parallel.DistributedDataParallel(copy.deepcopy(base), find_unused_parameters=True)
         pen, opt, steps = _penalty(model, case, rank), torch.optim.SGD(model.parameters(), lr=LR), []
-        for step in range(STEPS):
-            at = [p.detach().clone() for p in model.parameters()]
-            opt.zero_grad()
-            _loss(model, pen, data[rank][step], step, case[2]).backward()
-            steps.append((at, [p.grad.clone() for p in model.parameters()]))
-            opt.step()
+        try:
+            for step in range(STEPS):
+                at = [p.detach().clone() for p in model.parameters()]
+                opt.zero_grad()
+                _loss(model, pen, data[rank][step], step, case[2]).backward()
+                steps.append((at, [None if p.grad is None else p.grad.clone() for p in model.parameters()]))
+                opt.step()
+        except RuntimeError as err:
+            if not errors:
+                raise
+            steps = str(err).splitlines()[0]
         got[case] = steps
     return got
 
 
-def _mean_of_the_ranks(case: tuple, at: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+def _with_unused() -> nn.Module:
+    torch.manual_seed(0)
+    return WithUnused().double()
+
+
+def _mean_of_the_ranks(case: tuple, at: list[list[torch.Tensor]], base: nn.Module | None = None
+                       ) -> list[list[torch.Tensor | None]]:
     """Each step's gradient from one process without DDP: at the parameters ``at[step]`` the ranks held, each rank's
-    penalised gradient on an unwrapped copy with its data and its generator, then their mean (DDP's average)."""
-    base, data = _setting()
+    penalised gradient on an unwrapped copy of ``base`` (the MLP by default) with its data and its generator, then
+    their mean (DDP's average; None where no rank has one)."""
+    mlp, data = _setting()
+    base = mlp if base is None else base
     models = [copy.deepcopy(base) for _ in range(WORLD)]
     pens = [_penalty(m, case, r) for r, m in enumerate(models)]
     steps = []
@@ -230,8 +247,8 @@ def _mean_of_the_ranks(case: tuple, at: list[list[torch.Tensor]]) -> list[list[t
                 p.data.copy_(v)
             model.zero_grad()
             _loss(model, pens[r], data[r][step], step, case[2]).backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        steps.append([sum(per_rank) / WORLD for per_rank in zip(*grads)])
+            grads.append([p.grad for p in model.parameters()])
+        steps.append([None if None in per_rank else sum(per_rank) / WORLD for per_rank in zip(*grads)])
     return steps
 
 
@@ -248,3 +265,21 @@ def test_the_penalty_on_ddp_finding_unused_parameters(unused: list[dict], case: 
         assert all(torch.equal(a, b) for a, b in zip(at_1 + got_1, at_2 + got_2))
         got, mean = torch.cat([g.flatten() for g in got_1]), torch.cat([g.flatten() for g in mean])
         assert float((got - mean).abs().max()) <= 1e-10 * float(mean.abs().max())  # measured 0 (2e-16 for exact before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_a_parameter_the_forward_never_uses_on_ddp_finding_unused_parameters(unused: list[dict], case: tuple) -> None:
+    """On a module with a Linear its forward never calls, 15 of these 16 penalties raised "marked as ready twice" in
+    the caller's backward: the penalty gave every trainable parameter a gradient, zeros for the unused one, which DDP
+    had marked ready after the forward. Each step's gradient is the mean of the ranks' without DDP, and the unused
+    parameters keep none, on the ranks as in one process."""
+    first, second = (u["with_unused"][case] for u in unused)
+    assert not isinstance(first, str) and not isinstance(second, str), first
+    want = _mean_of_the_ranks(case, [at for at, _ in first], _with_unused())
+    for (at_1, got_1), (at_2, got_2), mean in zip(first, second, want):
+        assert all(torch.equal(a, b) for a, b in zip(at_1, at_2))
+        assert [g is None for g in got_1] == [g is None for g in got_2] == [g is None for g in mean] == [
+            name.startswith("unused") for name, _ in WithUnused().named_parameters()]
+        got, mean = (torch.cat([g.flatten() for g in grads if g is not None]) for grads in (got_1, mean))
+        assert torch.equal(got, torch.cat([g.flatten() for g in got_2 if g is not None]))
+        assert float((got - mean).abs().max()) <= 1e-10 * float(mean.abs().max())  # measured 0

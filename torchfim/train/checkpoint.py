@@ -107,9 +107,9 @@ def _same(saved: object, now: object) -> bool:
     return saved == now
 
 
-def named_gradients(model: nn.Module, params: list[Tensor], grads: list[Tensor]) -> dict[str, Tensor]:
+def named_gradients(model: nn.Module, params: list[Tensor], grads: list[Tensor | None]) -> dict[str, Tensor | None]:
     """``grads`` by the names of ``params`` in ``model`` (a cached gradient saved so that it can be put on
-    the parameters of a model rebuilt to resume)."""
+    the parameters of a model rebuilt to resume; None for a parameter the graph did not reach)."""
     names = {id(p): name for name, p in model.named_parameters()}
     missing = [i for i, p in enumerate(params) if id(p) not in names]
     if missing:
@@ -120,7 +120,7 @@ def named_gradients(model: nn.Module, params: list[Tensor], grads: list[Tensor])
     return {names[id(p)]: g for p, g in zip(params, grads)}
 
 
-def gradients_on(model: nn.Module, saved: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def gradients_on(model: nn.Module, saved: Mapping[str, Tensor | None]) -> tuple[list[Tensor], list[Tensor | None]]:
     """The parameters of ``model`` that the saved gradients are named after, and the gradients (in the
     parameters' dtype and device); refused when a name is missing or a shape differs. Names saved on the model
     in a wrapper (DDP's ``module.``) are read on the bare model, and the other way round."""
@@ -128,11 +128,12 @@ def gradients_on(model: nn.Module, saved: Mapping[str, Tensor]) -> tuple[list[Te
     saved, _ = without_prefix(dict(saved), params)  # saved on the wrapper, loaded on the bare model
     _, prefix = without_prefix(params, saved)  # saved on the bare model, loaded on the wrapper
     saved = {prefix + n: g for n, g in saved.items()}
-    wrong = [n for n, g in saved.items() if n not in params or params[n].shape != g.shape]
+    wrong = [n for n, g in saved.items() if n not in params or (g is not None and params[n].shape != g.shape)]
     if wrong:
         raise TorchfimError(
             f"FisherPenalty.load_state_dict: the saved penalty gradient has parameters {wrong[:3]} that this model "
             "does not hold with those shapes (a prefix that a wrapper puts on every name, such as DDP's module., "
             "is read away); load the state into the penalty of the model it was saved with"
         )
-    return [params[n] for n in saved], [g.to(params[n].device, params[n].dtype) for n, g in saved.items()]
+    return [params[n] for n in saved], [None if g is None else g.to(params[n].device, params[n].dtype)
+                                        for n, g in saved.items()]

@@ -27,15 +27,16 @@ def _no_second_derivative(err: Exception) -> bool:
     return "not implemented" in text or "double backward" in text
 
 
-def penalty_gradients(value: Tensor, params: list[Tensor], retain_graph: bool = False) -> list[Tensor]:
-    """``∇_params value`` detached (zeros for parameters it does not reach), by double backprop where
-    ``value`` holds a gradient; refused with the fix when an operation has no second derivative."""
+def penalty_gradients(value: Tensor, params: list[Tensor], retain_graph: bool = False) -> list[Tensor | None]:
+    """``∇_params value`` detached (None for a parameter it does not reach, which then gets no gradient, as in
+    plain training), by double backprop where ``value`` holds a gradient; refused with the fix when an operation
+    has no second derivative."""
     if not value.requires_grad:
-        return [torch.zeros_like(p) for p in params]
+        return [None] * len(params)
     try:
         grads = torch.autograd.grad(value, params, retain_graph=retain_graph, allow_unused=True)
     except (NotImplementedError, RuntimeError) as err:
         if not _no_second_derivative(err):
             raise
         raise TorchfimError(NO_SECOND_DERIVATIVE.format(torch=str(err).strip())) from err
-    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    return [None if g is None else g.detach() for g in grads]

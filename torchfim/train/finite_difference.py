@@ -123,7 +123,8 @@ def _fd_scalars(
     grads: list[Tensor], params: list[Tensor], fd_step: float | None, alpha: float, compute: torch.dtype,
     host: bool | None = None,
 ) -> tuple[float | Tensor, float | Tensor, Tensor]:
-    """``(ε/‖g‖, 2α‖g‖/ε, α‖g‖²)`` for the gradient ``g = grads`` (the shift is 0 when ``g = 0``).
+    """``(ε/‖g‖, 2α‖g‖/ε, α‖g‖²)`` for the gradient ``g = grads`` (None for a parameter not reached; the shift is
+    0 when ``g = 0``).
 
     ``ε`` as in :func:`fd_step_for`, for passes computing in ``compute``; the norms of ``g`` and θ come
     from one pass over the tensors.
@@ -133,6 +134,7 @@ def _fd_scalars(
     """
     first = params[0]
     detached = [] if fd_step is not None else [p.detach() for p in params]
+    grads = [g for g in grads if g is not None] or [torch.zeros((), dtype=first.dtype, device=first.device)]
     norms = torch.stack(torch._foreach_norm(grads + detached))
     if not (first.device.type == "cpu" if host is None else host):
         norm = torch.linalg.vector_norm(norms[: len(grads)])
@@ -179,10 +181,24 @@ class _Replay:
             set_torch_rng_state(self.device, after)
 
 
-def _gradients(loss: Tensor, params: list[Tensor], seed: Tensor | None = None, retain_graph: bool = False) -> list[Tensor]:
-    """``seed · ∇loss`` w.r.t. ``params`` (zeros for a parameter the loss does not use)."""
-    grads = torch.autograd.grad(loss, params, seed, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+def _gradients(loss: Tensor, params: list[Tensor], seed: Tensor | None = None,
+               retain_graph: bool = False) -> list[Tensor | None]:
+    """``seed · ∇loss`` w.r.t. ``params``: None for a parameter the loss's graph does not reach, which then gets no
+    gradient from the penalty, as in plain training (and as ``DistributedDataParallel(find_unused_parameters=True)``
+    requires of a parameter its forward did not use)."""
+    return list(torch.autograd.grad(loss, params, seed, retain_graph=retain_graph, allow_unused=True))
+
+
+def _reached(params: list[Tensor], grads: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters whose gradient is not None, and those gradients."""
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+    return [p for p, _ in pairs], [g for _, g in pairs]
+
+
+def _difference(after: list[Tensor | None], before: list[Tensor | None], scale: float | Tensor) -> list[Tensor | None]:
+    """``scale·(a − b)`` per parameter, a missing side counting as 0 (None where both are)."""
+    return [None if b is None and a is None else (-b if a is None else a if b is None else a - b).mul_(scale)
+            for a, b in zip(after, before)]
 
 
 def batch_gradient_fd(
@@ -194,8 +210,9 @@ def batch_gradient_fd(
     draw_labels: Callable[[Tensor], Tensor],
     alpha: float,
     fd_step: float | None,
-) -> tuple[Tensor, list[Tensor]]:
-    """Value ``α‖g‖²`` and its gradient ``2α H g`` by a forward difference (see the module docstring).
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Value ``α‖g‖²`` and its gradient ``2α H g`` by a forward difference (see the module docstring); None for a
+    parameter the first pass's graph does not reach.
 
     ``g = ∇_θ (1/B) Σᵢ −log p(ŷᵢ|xᵢ)`` with the labels ``ŷ = draw_labels(o)`` drawn from the first
     pass's outputs ``o``; ``named`` are the trainable ``(name, parameter)`` pairs.
@@ -206,17 +223,18 @@ def batch_gradient_fd(
     y = draw_labels(o)
     nll = family.nll(o, y)
     if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
-        return torch.zeros((), dtype=o.dtype, device=o.device), [torch.zeros_like(p) for p in params]
+        return torch.zeros((), dtype=o.dtype, device=o.device), [None] * len(params)
     g = _gradients(nll, params)
     shift, scale, value = _fd_scalars(g, params, fd_step, alpha, working_dtype(params[0], o))  # θ + ε ĝ
     if alpha == 0.0:
-        return value, [torch.zeros_like(p) for p in params]
+        return value, [None if t is None else torch.zeros_like(t) for t in g]
     # Of the parameters, not detached copies: DistributedDataParallel(find_unused_parameters=True) reads the last
     # forward's graph (this pass's) for the parameters it uses, and marks the ones it cannot reach ready at once.
-    shifted = _shifted(params, g, shift)
-    with _perturbed(model, replay, dict(zip(params, shifted))):
-        g_plus = _gradients(family.nll(io.outputs(model, x), y), shifted)
-    return value, [(a - b).mul_(scale) for a, b in zip(g_plus, g)]
+    reached, directions = _reached(params, g)
+    shifted = _shifted(reached, directions, shift)
+    with _perturbed(model, replay, dict(zip(reached, shifted))):
+        g_plus = iter(_gradients(family.nll(io.outputs(model, x), y), shifted))
+    return value, _difference([None if t is None else next(g_plus) for t in g], g, scale)
 
 
 def trace_fd(
@@ -228,8 +246,10 @@ def trace_fd(
     y: Tensor,
     alpha: float,
     fd_step: float | None,
-) -> tuple[Tensor, list[Tensor]]:
-    """Value ``α (1/B) Σᵢ ‖gᵢ‖²`` and its gradient ``(2α/B) Σᵢ Hᵢ gᵢ`` by forward differences.
+    reached: list[bool],
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Value ``α (1/B) Σᵢ ‖gᵢ‖²`` and its gradient ``(2α/B) Σᵢ Hᵢ gᵢ`` by forward differences; None for a parameter
+    whose ``reached`` is False (one the model's graph does not reach: torch.func gives it zero gradients).
 
     ``gᵢ = ∇_θ log p(yᵢ|xᵢ)`` and ``Hᵢ = ∇²_θ log p(yᵢ|xᵢ)``; each input has its own direction
     ``ĝᵢ``, so the perturbed pass evaluates every input at its own parameters ``θ + ε ĝᵢ``
@@ -240,7 +260,8 @@ def trace_fd(
     log_p, masks = io.input_log_prob(model, family, x), family.mask
     base = {n: p.detach() for n, p in named}
     with paused_power_iterations(model):  # both passes see σ as the labels' forward left it
-        return _trace_difference(io, log_p, base, x, y, masks, alpha, fd_step)
+        value, grads = _trace_difference(io, log_p, base, x, y, masks, alpha, fd_step)
+    return value, [g if used else None for g, used in zip(grads, reached, strict=True)]
 
 
 def _trace_difference(io: ModelIO, log_p: Callable, base: dict[str, Tensor], x: Batch, y: Tensor, masks: Tensor | None,
@@ -319,7 +340,8 @@ def batch_gradient_fd_shared(
     tensor; see :func:`_fd_scalars`) and the value a 0-dim tensor. With
     ``cache=False``, ``last`` is a 0-dim tensor of value ``α‖g‖²`` whose gradient is ``−c·g``, so that
     ``c·L(θ') + last`` has the gradient ``2α (∇L(θ') − ∇L(θ))‖g‖/ε ≈ 2α H g``; with ``cache=True``
-    it is the list ``g`` (the caller forms the penalty's gradient with :func:`penalty_gradient`).
+    it is the list ``g`` (the caller forms the penalty's gradient with :func:`penalty_gradient`). A parameter that
+    pass 1's graph does not reach (None in ``g``) is neither shifted nor given a gradient by ``last``.
     """
     params = [p for _, p in named]
     replay = _Replay(model, params[0].device)
@@ -327,32 +349,39 @@ def batch_gradient_fd_shared(
         o = leading(io.outputs(model, x), rows)
         y = draw_labels(o)
         nll = family.nll(o, y)
-        g = _gradients(nll, params) if nll.requires_grad else [torch.zeros_like(p) for p in params]
+        g = _gradients(nll, params) if nll.requires_grad else [None] * len(params)
     shift, coef, value = _fd_scalars(g, params, fd_step, alpha, working_dtype(params[0], o))  # g = 0: not moved
+    reached, directions = _reached(params, g)  # a parameter the graph does not reach stays in its slot
     if cache:
-        shifted, last = _shifted(params, g, shift), g
+        shifted, last = _shifted(reached, directions, shift), g
+    elif reached:
+        *shifted, last = _ShiftedParameters.apply(shift, directions, -coef, value, *reached)
     else:
-        *shifted, last = _ShiftedParameters.apply(shift, g, -coef, value, *params)
+        shifted, last = [], value
     # With a cache, pass 2's graph is back-propagated twice (the penalty's gradient, then the caller's loss), which a
     # compiled backward that donates its buffers (inductor's) refuses: that pass runs compiled code eagerly.
-    with _perturbed(model, replay, dict(zip(params, shifted))), eager_compiled() if cache else nullcontext():
+    with _perturbed(model, replay, dict(zip(reached, shifted))), eager_compiled() if cache else nullcontext():
         out = io.call(model, x)
     return out, family.nll(leading(io.tensor(out, x), rows), y), coef, value, last
 
 
-def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor], coef: float | Tensor) -> list[Tensor]:
+def penalty_gradient(nll: Tensor, params: list[Tensor], g: list[Tensor | None],
+                     coef: float | Tensor) -> list[Tensor | None]:
     """``c·(∇L(θ') − g)``, the forward-difference gradient of ``α‖g‖²``, from ``nll = L(θ')`` on its own.
 
     One backward seeded with ``c`` (no separate scaling pass) and one fused pass subtracting
-    ``c·g`` in place; ``nll``'s graph is kept for the task loss that shares it.
+    ``c·g`` in place; ``nll``'s graph is kept for the task loss that shares it. None for a parameter that
+    neither ``nll`` nor ``g`` reaches (a missing side counts as 0).
     """
     if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
-        return [torch.zeros_like(p) for p in params]
+        return [None] * len(params)
     grads = _gradients(nll, params, torch.as_tensor(coef, dtype=nll.dtype, device=nll.device), retain_graph=True)
+    grads = [torch.zeros_like(b) if a is None and b is not None else a for a, b in zip(grads, g)]
+    into, by = [a for a, b in zip(grads, g) if b is not None], [b for b in g if b is not None]
     if isinstance(coef, Tensor):
-        torch._foreach_sub_(grads, torch._foreach_mul(g, coef))
+        torch._foreach_sub_(into, torch._foreach_mul(by, coef))
     else:
-        torch._foreach_add_(grads, g, alpha=-coef)
+        torch._foreach_add_(into, by, alpha=-coef)
     return grads
 
 

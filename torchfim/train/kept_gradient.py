@@ -32,25 +32,33 @@ class KeptGradient:
     """
 
     params: list[Tensor] | None = None
-    grads: list[Tensor] | None = None
+    grads: list[Tensor | None] | None = None
     value: Tensor | None = None
     step: int | None = None
     calls: int = 0
     stamped: Stamp | None = None
 
-    def keep(self, step: int, params: list[Tensor], grads: list[Tensor], value: Tensor, now: Stamp) -> None:
+    def keep(self, step: int, params: list[Tensor], grads: list[Tensor | None], value: Tensor, now: Stamp) -> None:
         """Keep a computed call's gradient and value, averaged with those of the earlier calls at the same
-        step and parameters (``now``: the parameters' stamp when the call computed them)."""
+        step and parameters (``now``: the parameters' stamp when the call computed them). A gradient is None for
+        a parameter the call's graph did not reach: 0 in the mean, and None while no call reached it."""
         if self.calls > 0 and step == self.step and self.stamped is not None and self.stamped.same_as(now):
             self.calls += 1
             weight = 1.0 / self.calls  # the running mean: c ← c + (cⱼ − c)/j
-            grads = [kept.lerp(new, weight) for kept, new in zip(self.grads, grads, strict=True)]
+            grads = [_lerp(kept, new, weight) for kept, new in zip(self.grads, grads, strict=True)]
             value = self.value.lerp(value, weight)
         else:
             self.calls = 1
         self.params, self.grads, self.value, self.step, self.stamped = params, grads, value, step, now
 
-    def restore(self, params: list[Tensor] | None, grads: list[Tensor] | None, value: Tensor | None,
+    def restore(self, params: list[Tensor] | None, grads: list[Tensor | None] | None, value: Tensor | None,
                 step: int | None) -> None:
         """Put back a saved gradient; the next call starts a new mean (a resumed run goes on at a later step)."""
         self.params, self.grads, self.value, self.step, self.calls, self.stamped = params, grads, value, step, 0, None
+
+
+def _lerp(kept: Tensor | None, new: Tensor | None, weight: float) -> Tensor | None:
+    """``kept + weight·(new − kept)``, a missing gradient (a parameter not reached) counting as 0."""
+    if kept is None or new is None:
+        return None if kept is None and new is None else new * weight if kept is None else kept * (1.0 - weight)
+    return kept.lerp(new, weight)

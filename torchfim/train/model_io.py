@@ -167,11 +167,12 @@ class ModelIO:
         """The tensor of outputs of the model on the mini-batch."""
         return self.tensor(self.call(model, x, differentiated_twice), x)
 
-    def label_outputs(self, model: nn.Module, x: Batch) -> Tensor:
-        """The outputs to draw labels from, without autograd, as the differentiated forward computes them:
-        attention takes no fast path there (:func:`torchfim.engine.function_forwards.attention_fast_path_off`; a
-        transformer encoder in eval mode would give padded positions zeros)."""
-        with torch.no_grad(), attention_fast_path_off():
+    def label_outputs(self, model: nn.Module, x: Batch, graph: bool = False) -> Tensor:
+        """The outputs to draw labels from, without autograd (with its graph where ``graph``), as the differentiated
+        forward computes them: attention takes no fast path there
+        (:func:`torchfim.engine.function_forwards.attention_fast_path_off`; a transformer encoder in eval mode would
+        give padded positions zeros)."""
+        with torch.enable_grad() if graph else torch.no_grad(), attention_fast_path_off():
             return self.outputs(model, x, differentiated_twice=False)
 
     def input_log_prob(self, model: nn.Module, family: PositionOutputs, x: Batch
@@ -185,12 +186,7 @@ class ModelIO:
             self._recurrent = (model, stepwise_candidates(model))
         recurrent = self._recurrent[1]  # step by step: vmap has no rules for the fused kernels
 
-        # The module inside (through several), whose names lack the prefix: torch's stateless calls refuse DataParallel,
-        # and a DistributedDataParallel forward would hand DDP these passes' outputs as the last forward's, to search
-        # for the parameters the caller's backward reaches (finding none on the finite difference's detached ones).
-        module, prefix = model, ""
-        while isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            module, prefix = module.module, prefix + "module."
+        module, prefix = inner_module(model)
 
         def log_p(params: dict[str, Tensor], sample: tuple, y1: Tensor, m1: Tensor | None) -> Tensor:
             single = x.one_sample(*sample)
@@ -248,6 +244,17 @@ def _autograd_gradient(log_p: Callable, params: dict[str, Tensor], *sample: obje
         value = log_p(leaves, *sample)
         grads = torch.autograd.grad(value, list(leaves.values()), create_graph=twice, allow_unused=True)
     return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
+
+
+def inner_module(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (through several), and the prefix
+    its parameter names lack. The penalty's own passes run it: torch's stateless calls refuse DataParallel, and a
+    DistributedDataParallel forward with a graph would hand DDP that pass's outputs as the last forward's, to search
+    for the parameters the caller's backward reaches (finding none on the finite difference's detached ones)."""
+    module, prefix = model, ""
+    while isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        module, prefix = module.module, prefix + "module."
+    return module, prefix
 
 
 def leading_rows(batch: Batch, rows: int | None) -> Batch:

@@ -88,10 +88,11 @@ class FisherPenalty(PenaltyTerms):
     ``every=1`` there. Where the model's trainable parameters are no longer the tensors ``c`` was kept for (a layer
     replaced, a parameter frozen or unfrozen since), the penalty is computed afresh instead, with a warning; step
     numbers that keep missing the multiples of ``every`` are named by a warning (:mod:`.penalty_schedule`). The
-    gradient goes to the model's own parameters (``model.parameters()``): tensors trained outside it
-    (``torch.func.functional_call`` with a dict of other tensors) get none. Before any step has been computed, and on
-    every skipped step with ``reuse_between=False``, the term is exactly 0 (with zero gradients,
-    so ``backward`` still works). When ``every > 1`` and ``reuse_between=True``, the gradient of a
+    gradient goes to the model's own parameters (``model.parameters()``) that its graph reaches (:mod:`.reached`): one
+    its forward never uses gets none, as in plain training, nor do tensors trained outside it
+    (``torch.func.functional_call`` with a dict of other tensors). Before any step has been computed, and on
+    every skipped step with ``reuse_between=False``, the term is exactly 0, which back-propagates and reaches no
+    parameter. When ``every > 1`` and ``reuse_between=True``, the gradient of a
     computed step is taken inside the call (to cache it) and the returned tensor is that same
     surrogate: value and parameter gradient are the penalty's, but it carries no higher-order
     graph; the gradient is kept when the term is back-propagated (once, whatever the incoming gradient), so a
@@ -278,7 +279,7 @@ class FisherPenalty(PenaltyTerms):
                 return self._surrogate(self._kept.params, self._kept.grads, self._kept.value)
             names, params = penalised_parameters(self.model)
             if decision == ZERO:
-                return zero_term(params, params[0].dtype, params[0].device)
+                return zero_term(params[0].dtype, params[0].device)
             return self._computed_call(inputs, step, mask, names, params)
 
     def _computed_call(self, inputs: Inputs, step: int, mask: Tensor | str | None, names: list[str],

@@ -16,9 +16,10 @@ from ..engine.model_checks import check_mode
 from ..errors import TorchfimError
 from .double_backward import penalty_gradients
 from .finite_difference import batch_gradient_fd, batch_gradient_fd_shared, leading, penalty_gradient, trace_fd
-from .model_io import ModelIO, leading_rows
+from .model_io import ModelIO, inner_module, leading_rows
 from .penalised_arguments import scalar_task_loss
 from .position_outputs import PositionOutputs
+from .reached import reached_parameters
 from .surrogate import OnBackward, fixed_gradient, zero_term
 
 
@@ -52,7 +53,7 @@ class PenaltyTerms:
             y, x = self._outputs_and_labels(o), leading_rows(x, rows)
             if self.grad_method == "finite_difference":
                 value, grads = trace_fd(self.model, self.io, self.family, list(zip(names, params)), x, y, self.alpha,
-                                        self.fd_step)
+                                        self.fd_step, reached_parameters(o, params))
             else:
                 value, grads = self._trace(x, names, params, y), None
         if grads is None:
@@ -76,7 +77,8 @@ class PenaltyTerms:
         grads = penalty_gradient(nll, params, last, coef)  # c·(∇L(θ') − g), to reuse on the next steps
         return task + self._surrogate(params, grads, value, keep), value
 
-    def _double_backprop(self, value: Tensor, params: list[Tensor], cache: bool, retain: bool) -> list[Tensor] | None:
+    def _double_backprop(self, value: Tensor, params: list[Tensor], cache: bool,
+                         retain: bool) -> list[Tensor | None] | None:
         """The exact penalty's gradient when it is cached (else None). Without a cache it is taken once, on the
         first computed step, and dropped: an operation without a second derivative is then named here, with the
         fix, rather than by torch in the caller's backward."""
@@ -95,23 +97,35 @@ class PenaltyTerms:
         """``α‖∇_θ L‖²`` with its double-backprop graph, on the outputs ``o`` of the inputs used."""
         y = self._outputs_and_labels(o)
         nll = self.family.nll(o, y)  # (1/B) Σᵢ −log p(ŷᵢ|xᵢ)
-        zero = zero_term(params, o.dtype, o.device)  # every parameter gets a gradient, even unused ones
         if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
-            return zero
+            return zero_term(o.dtype, o.device)
         grads = torch.autograd.grad(nll, params, create_graph=True, allow_unused=True)
-        return self.alpha * sum((g.pow(2).sum() for g in grads if g is not None), zero)
+        # A parameter the graph does not reach gets no gradient (None), as in plain training.
+        squares = [g.pow(2).sum() for g in grads if g is not None]
+        return _back_propagating(self.alpha * sum(squares)) if squares else zero_term(o.dtype, o.device)
 
     def _trace_labels(self, x: Batch) -> Tensor:
         """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
         _check_trace_mode(self.model)
         return self._outputs_and_labels(self.io.label_outputs(self.model, x))
 
-    def _finite_difference(self, x: Batch, names: list[str], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _trace_labels_reached(self, x: Batch, params: list[Tensor]) -> tuple[Tensor, list[bool]]:
+        """:meth:`_trace_labels`, and which of ``params`` the outputs' graph reaches (the finite difference's
+        per-input gradients, torch.func's, are zeros for a parameter the model does not use: they cannot tell). The
+        forward has a graph, so it runs the module inside a ``DistributedDataParallel`` wrapper: a forward of the
+        wrapper with a graph would be the one it searches for the parameters the caller's backward reaches."""
+        _check_trace_mode(self.model)
+        o = self.io.label_outputs(inner_module(self.model)[0], x, graph=True)
+        return self._outputs_and_labels(o), reached_parameters(o, params)
+
+    def _finite_difference(self, x: Batch, names: list[str], params: list[Tensor]
+                           ) -> tuple[Tensor, list[Tensor | None]]:
         named, io = list(zip(names, params)), self.io
         if self.kind == "batch_gradient":
             return batch_gradient_fd(self.model, io, self.family, named, x, self._outputs_and_labels, self.alpha,
                                      self.fd_step)
-        return trace_fd(self.model, io, self.family, named, x, self._trace_labels(x), self.alpha, self.fd_step)
+        y, reached = self._trace_labels_reached(x, params)
+        return trace_fd(self.model, io, self.family, named, x, y, self.alpha, self.fd_step, reached)
 
     def _trace(self, x: Batch, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
         """``α (1/B) Σᵢ ‖gᵢ‖²`` by per-sample gradients (labels ``y``, or drawn from a forward of ``x``)."""
@@ -121,13 +135,19 @@ class PenaltyTerms:
         with paused_power_iterations(self.model):  # the per-sample passes see the labels' forward's σ
             per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
-        return self.alpha * sq.mean() + zero_term(params, sq.dtype, sq.device)
+        return _back_propagating(self.alpha * sq.mean())  # torch.func's zeros for an unused parameter reach none
 
     @staticmethod
-    def _surrogate(params: list[Tensor], grads: list[Tensor], value: Tensor, keep: OnBackward | None = None) -> Tensor:
+    def _surrogate(params: list[Tensor], grads: list[Tensor | None], value: Tensor,
+                   keep: OnBackward | None = None) -> Tensor:
         """The linear surrogate: value exactly ``v``, gradient exactly ``c`` (handed to ``keep`` on its first
-        backward)."""
+        backward), and none to a parameter whose ``c`` is None."""
         return fixed_gradient(params, grads, value, keep)
+
+
+def _back_propagating(value: Tensor) -> Tensor:
+    """``value``, plus an exact 0 that back-propagates where it reaches no parameter (``pen(x).backward()`` works)."""
+    return value if value.requires_grad else value + zero_term(value.dtype, value.device)
 
 
 def _check_trace_mode(model: nn.Module) -> None:
