@@ -211,3 +211,28 @@ def penalty_definition(log_p, params: list[Tensor], n: int, kind: str, alpha: fl
             g = torch.autograd.grad(log_p(slice(i, i + 1)), params, create_graph=True)
             value = value + alpha * sum(t.pow(2).sum() for t in g) / n
     return [value.detach(), *[t.detach() for t in torch.autograd.grad(value, params)]]
+
+
+def joint_label_support(family: str, outs: Tensor, observed: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One input's block-diagonal output Fisher ``Λ`` (L·C × L·C) over its observed positions, and the joint
+    support of its positions' labels (independent given the input), enumerated: the probability of every
+    combination of one support point per position ``(S,)`` and its concatenated scores ``u`` ``(S, L·C)``. A masked
+    position (``observed[t]`` False) has ``Λ = 0`` and a single label of score 0.
+
+    ``outs``: the input's outputs flattened, ``(L·C,)``; ``observed``: ``(L,)`` bool.
+    """
+    positions = observed.shape[0]
+    lam = torch.zeros(positions * c, positions * c, dtype=torch.float64)
+    supports = []
+    for t in range(positions):
+        block = slice(t * c, (t + 1) * c)
+        if observed[t]:
+            lam[block, block] = output_fisher(family, outs[block])
+            _, probs, u = label_support(family, outs[block])
+        else:
+            probs, u = torch.ones(1, dtype=torch.float64), torch.zeros(1, c, dtype=torch.float64)
+        supports.append((probs, u))
+    combos = torch.cartesian_prod(*[torch.arange(len(p)) for p, _ in supports]).reshape(-1, positions)
+    prob = torch.stack([supports[t][0][combos[:, t]] for t in range(positions)]).prod(0)
+    u = torch.cat([supports[t][1][combos[:, t]] for t in range(positions)], dim=1)
+    return lam, prob, u

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import flat_function, label_support, output_fisher
+from oracles import flat_function, joint_label_support
 from test_engine_oracles import _close, _view
 from torch import Tensor, nn
 from torch.func import jacrev
@@ -72,19 +72,7 @@ def _formulas(model: nn.Module, x: Tensor, mask: Tensor, family: str, c: int) ->
     out = {key: 0.0 for key in ("spectral", "kurtosis", "hessian", "spectral_trace", "kurtosis_trace",
                                 "tightest_trace", "hessian_trace")}
     for i in range(n):
-        lam = torch.zeros(positions * c, positions * c, dtype=torch.float64)
-        supports = []
-        for t in range(positions):
-            block = slice(t * c, (t + 1) * c)
-            if mask[i, t]:
-                lam[block, block] = output_fisher(family, outs[i, block])
-                _, probs, u = label_support(family, outs[i, block])
-            else:
-                probs, u = torch.ones(1, dtype=torch.float64), torch.zeros(1, c, dtype=torch.float64)
-            supports.append((probs, u))
-        combos = torch.cartesian_prod(*[torch.arange(len(p)) for p, _ in supports]).reshape(-1, positions)
-        prob = torch.stack([supports[t][0][combos[:, t]] for t in range(positions)]).prod(0)
-        u = torch.cat([supports[t][1][combos[:, t]] for t in range(positions)], dim=1)  # (S, L·C)
+        lam, prob, u = joint_label_support(family, outs[i], mask[i], c)  # u: (S, L·C)
         pairs = (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
         top_m = torch.linalg.eigvalsh((pairs * prob.unsqueeze(1)).T @ pairs)[-1]  # λ_max(M)
         fourth = (prob * u.square().sum(1).square()).sum()  # E‖u‖⁴

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from cases import CASES, Case, mlp_inputs, tanh_mlp, token_mask
-from oracles import FAMILY_WIDTH, flat_function, label_support, output_fisher
+from oracles import FAMILY_WIDTH, flat_function, joint_label_support
 from torch.func import jacrev
 
 import torchfim
@@ -36,20 +36,8 @@ def oracle(case: Case, family: str) -> dict[str, torch.Tensor]:
     lam = torch.zeros(N, positions * c, positions * c, dtype=torch.float64)
     m4 = torch.zeros(N, *(positions * c,) * 4, dtype=torch.float64)
     for i in range(N):
-        supports = []
-        for t in range(positions):
-            block = slice(t * c, (t + 1) * c)
-            if mask[i, t]:
-                lam[i, block, block] = output_fisher(family, outs[i, block])
-                _, probs, u = label_support(family, outs[i, block])
-            else:
-                probs, u = torch.ones(1, dtype=torch.float64), torch.zeros(1, c, dtype=torch.float64)
-            supports.append((probs, u))
-        # Enumerate the joint support of the positions' labels (independent given the input): every
-        # combination of one support point per position, with the product of their probabilities.
-        combos = torch.cartesian_prod(*[torch.arange(len(p)) for p, _ in supports]).reshape(-1, positions)
-        prob = torch.stack([supports[t][0][combos[:, t]] for t in range(positions)]).prod(0)
-        u = torch.cat([supports[t][1][combos[:, t]] for t in range(positions)], dim=1)  # (S, L·C)
+        # Λ and the joint support of the positions' labels, enumerated (independent given the input).
+        lam[i], prob, u = joint_label_support(family, outs[i], mask[i], c)  # u: (S, L·C)
         pairs = (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)  # (S, (L·C)²): u_a u_b
         m4[i] = ((pairs * prob.unsqueeze(1)).T @ pairs).reshape(m4.shape[1:])
     per_input = torch.einsum("ncp,ncd,ndq->npq", jac, lam, jac)
