@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 
 import clients
 import pytest
 import torch
-from engine_checks import module_rules, torchfim_messages
+from engine_checks import assert_quietly_equals_dense_over, module_rules
 from oracles import exact_fisher
 from torch import Tensor, nn
 
@@ -82,12 +81,7 @@ def test_an_instance_forward_departing_on_later_rows_gets_the_generic_rule(name:
     with torch.no_grad():
         clamps = [bool((layer(x[i : i + 1]) >= 1.0).any()) for i in range(len(x))]
     assert clamps[:2] == [False, False] and any(clamps[2:])  # the check's rows pass; the rule misses the others
-    want = exact_fisher(model, x, "categorical")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        full = torchfim.fisher(model, x, structure="full")
-    assert not torchfim_messages(caught)
-    assert torch.allclose(full, want, rtol=1e-10, atol=1e-14)
+    assert_quietly_equals_dense_over(model, [x])  # no warning at all, the dense oracle to 1e-10
     assert isinstance(module_rules(model, x)[1]["0"], GenericRule)
 
 
@@ -132,12 +126,7 @@ def test_a_forward_with_the_class_outputs_but_other_gradients_gets_the_layers_ow
     model, layer = _model("linear")
     x = _inputs("linear")
     layer.forward = types.MethodType(_twice_as_steep, layer)
-    want = exact_fisher(model, x, "categorical")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        full = torchfim.fisher(model, x, structure="full")
-    assert not torchfim_messages(caught)
-    assert torch.allclose(full, want, rtol=1e-10, atol=1e-14)
+    assert_quietly_equals_dense_over(model, [x])  # no warning at all, the dense oracle to 1e-10
     rules = module_rules(model, x)[1]
     assert isinstance(rules["0"], GenericRule) and "" not in rules
 
