@@ -116,8 +116,9 @@ class _Shifted(nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_layer_whose_fisher_is_zero_to_precision_is_said_so_not_reported_as_data(dtype):
     """A CLI trial's BERT key bias (softmax ignores it) came out 3.6e-26 in float32, with 3e9 labels per input, a
-    full rank and a condition number reported as data. A layer whose Tr is at most ε²·Tr(F) is flagged, drawn as 0,
-    and has no labels needed or spectrum; the others keep theirs."""
+    full rank and a condition number reported as data. A layer whose gradients are rounding (they disagree between
+    two precisions, :mod:`torchfim.report.rounding`; its Tr is at most ε²·Tr(F) here) is flagged, drawn as 0, and
+    has no labels needed or spectrum; the others keep theirs."""
     from torchfim.report.markdown import markdown
 
     torch.manual_seed(0)

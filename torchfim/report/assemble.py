@@ -18,6 +18,7 @@ from . import settings
 from .data import Data
 from .measure import json_float
 from .outputs import OutputLayout
+from .rounding import ROUNDING_DISAGREEMENT
 
 __all__ = ["Layout", "Setup", "assemble", "samples_needed_unrounded", "samples_needed", "ratio", "versions",
            "model_summary"]
@@ -111,11 +112,26 @@ def _cosine(a: Tensor, b: Tensor) -> float | None:
     return float(a @ b) / den if den > 0 else None
 
 
-def _zero_to_precision(trace: float, total: float, eps: float) -> bool:
-    """Whether a layer's Tr is zero to the model's precision: at most ``eps² · Tr(F)``, what scores of rounding size
-    (``eps`` times the model's) give. A CLI trial's BERT key bias (softmax ignores it: 1.9e-43 in float64) came
-    out 3.6e-26 in float32, and its labels needed (3e9 per input), rank and condition were reported as data."""
-    return total > 0 and trace <= eps * eps * total
+def _zero_to_precision(trace: float, total: float, disagreement: float | None, checked: bool, eps: float) -> bool:
+    """Whether a layer's Fisher is zero to precision: its numbers are rounding, not data.
+
+    Where the rounding check ran (``checked``: :mod:`torchfim.report.rounding`), by its ``disagreement`` ``d``
+    between the layer's score gradients in two precisions: above
+    :data:`~torchfim.report.rounding.ROUNDING_DISAGREEMENT` the two computations give other numbers, which data
+    does not; a layer whose gradients were exactly 0 on the inputs checked (``d`` None) is zero where its Tr is.
+    Without the check (a model that does not run in the other precision), Tr at most ``eps² · Tr(F)``, what scores
+    of rounding size (``eps`` times the model's) give. That threshold alone let a float64 ViT's key bias through
+    (its softmax runs in float32: Tr 1.06e-22 against ε²·Tr(F) = 1.4e-30) and would flag a genuine float32 layer
+    of inputs scaled by 1e-9 (a review); before it, a CLI trial's BERT key bias (softmax ignores it: 1.9e-43 in
+    float64) came out 3.6e-26 in float32, and its labels needed (3e9 per input), rank and condition were reported
+    as data."""
+    if not total > 0:
+        return False
+    if not checked:
+        return trace <= eps * eps * total
+    if disagreement is None:
+        return trace == 0
+    return disagreement > ROUNDING_DISAGREEMENT
 
 
 def _spectrum_summary(eig: list[float]) -> dict:
@@ -253,15 +269,19 @@ def assemble(model: nn.Module, data: Data, layout: Layout, setup: Setup, measure
     whole, blocks = _blocks(layout, measured, setup, data.n)
     tr_layers = layout.per_layer(measured["diag_exact"])
     spectra = measured["spectra"]
-    # In half precision ε² (6e-5 in bfloat16) is the size of real small layers: nothing is flagged there.
+    # Without the rounding check, in half precision ε² (6e-5 in bfloat16) is the size of real small layers: nothing
+    # is flagged there.
     dtype = measured["diag_exact"].dtype
     eps = torch.finfo(dtype).eps if torch.finfo(dtype).bits >= 32 else 0.0
+    rounding = measured.get("rounding")  # None: the check could not run (the model has no twin in another precision)
     layers = []
     for i, name in enumerate(layout.names):
         entry = {"name": name, "shape": layout.shapes[i], "size": layout.sizes[i], **blocks[i]}
         entry["share_of_trace"] = ratio(tr_layers[i], sum(tr_layers))
         entry["spectrum"] = _spectrum_summary(spectra[i]) if i in spectra else None
-        entry["zero_to_precision"] = _zero_to_precision(tr_layers[i], sum(tr_layers), eps)
+        entry["rounding_disagreement"] = None if rounding is None else rounding.get(name)
+        entry["zero_to_precision"] = _zero_to_precision(tr_layers[i], sum(tr_layers), entry["rounding_disagreement"],
+                                                        rounding is not None, eps)
         if entry["zero_to_precision"]:  # rounding, not data: no labels needed, no spectrum
             entry["samples_needed"] = entry["samples_needed_unrounded"] = {"score": None, "hessian": None}
             entry["samples_needed_score_from_subset"] = entry["spectrum"] = None

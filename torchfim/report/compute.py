@@ -22,7 +22,8 @@ from .check import check_model_and_data
 from .cost import full_report_seconds, time_hessian_sweep, time_pull_back
 from .data import Data
 from .kept_steps import KeptSteps
-from .measure import Steps, measure_empirical, measure_spectra, measure_trace, measure_variances
+from .measure import Steps, measure_empirical, measure_rounding, measure_spectra, measure_trace, measure_variances
+from .rounding import CHECK_INPUTS
 from .score_only import compute_score_only
 from .warned import library_warnings
 from .wording import from_command_line, option
@@ -203,7 +204,7 @@ def _check_blocks_fit(model: nn.Module, layout: Layout, spectrum_layers: list[in
 
 
 def _total_steps(setup: Setup, has_targets: bool) -> int:
-    return 4 + 3 + (1 if setup.with_hessian else 0) + len(setup.spectrum_layers) + (1 if has_targets else 0)
+    return 5 + 3 + (1 if setup.with_hessian else 0) + len(setup.spectrum_layers) + (1 if has_targets else 0)
 
 
 def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, progress: bool,
@@ -216,6 +217,9 @@ def _measure(model: nn.Module, data: Data, fam, layout: Layout, setup: Setup, pr
     try:
         t0 = time.perf_counter()
         measured = measure_trace(model, X, opts, names, setup.n_samples, setup.seed, steps)
+        draw = torch.Generator().manual_seed(setup.seed)  # as the variance subset is drawn: 8 of its inputs, or all
+        checked = torch.randperm(data.n, generator=draw)[:CHECK_INPUTS].sort().values
+        measured["rounding"] = measure_rounding(model, data.given(checked), opts, names, setup.seed, steps)
         timings["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         measured.update(measure_variances(model, data.given(setup.subset), opts, names, setup.with_hessian, steps))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .._words import a_or_an, counted
 from .format import family_text, fmt, md_table, pct, warning_lines
+from .rounding import CHECK_INPUTS
 from .wording import option
 
 __all__ = ["markdown", "analysed", "positions_text", "resumed_note"]
@@ -176,8 +177,8 @@ def _section_trace(R: dict) -> list[str]:
     add("")
     zero = [f"`{layer['name']}`" for layer in R["layers"] if layer.get("zero_to_precision")]
     if zero:
-        add(f"Zero to the model's {M['dtype']} precision (Tr at most ε²·Tr(F), what scores of rounding size give, "
-            "as for a parameter the outputs do not depend on, e.g. an attention key's bias, which softmax ignores): "
+        add(f"Zero to the model's {M['dtype']} precision ({_zero_criterion(R)}, as for a parameter the outputs do "
+            "not depend on, e.g. an attention key's bias, which softmax ignores): "
             f"{', '.join(zero)}. Their numbers are rounding, not data: drawn as 0, without labels needed or "
             "spectrum.")
         add("")
@@ -187,6 +188,17 @@ def _section_trace(R: dict) -> list[str]:
         if m < n else "\\* Exact (the subset is the whole data set).")
     add("")
     return lines
+
+
+def _zero_criterion(R: dict) -> str:
+    """How the report told the layers zero to precision: their gradients in two precisions
+    (:mod:`torchfim.report.rounding`), or, where that check could not run, their Tr against ε²·Tr(F)."""
+    if all(layer.get("rounding_disagreement") is None for layer in R["layers"]):
+        return "Tr at most ε²·Tr(F), what scores of rounding size give"
+    other = "float32" if R["model"]["dtype"] == "float64" else "float64"
+    checked = counted(min(CHECK_INPUTS, R["data"]["n_inputs"]), "input")
+    return (f"their score gradients on {checked} computed again in {other} came out as other "
+            "numbers, as rounding does and data does not")
 
 
 def _section_variance(R: dict) -> list[str]:

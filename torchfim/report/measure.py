@@ -1,7 +1,8 @@
 """The report's computations: every call into torchfim, raw tensors and floats out.
 
 Four parts, each timed: Tr(F) and its per-layer split with the score estimator's error bars on all
-inputs (:func:`measure_trace`); the variances and bounds of Î1 and Î2 on the variance subset
+inputs (:func:`measure_trace`), with which layers' gradients are rounding, not data (:func:`measure_rounding`,
+timed with it); the variances and bounds of Î1 and Î2 on the variance subset
 (:func:`measure_variances`); the eigenvalues of the per-layer exact blocks
 (:func:`measure_spectra`); the empirical Fisher with the true targets (:func:`measure_empirical`).
 A "layer" is one parameter tensor; its quantities are those of the model with every other
@@ -29,6 +30,7 @@ __all__ = [
     "json_float",
     "Steps",
     "measure_trace",
+    "measure_rounding",
     "measure_variances",
     "measure_spectra",
     "measure_empirical",
@@ -125,6 +127,16 @@ def measure_trace(model: nn.Module, X: Inputs, opts: dict, names: list[str], k: 
 
     return {"trace_exact": trace_exact, "diag_exact": diag_exact, "diag_score": diag_score,
             **steps.run("Var Tr Î1 (all inputs), the model and each tensor", score_variances)}
+
+
+def measure_rounding(model: nn.Module, S: Inputs, opts: dict, names: list[str], seed: int,
+                     steps: Steps) -> dict[str, float | None] | None:
+    """Per layer, how far its score gradients on the first inputs of ``S`` differ between the model's precision and
+    another (:func:`torchfim.report.rounding.rounding_disagreement`: near 0 for data, near 1 for rounding)."""
+    from .rounding import rounding_disagreement
+
+    return steps.run("rounding check: each tensor's gradients in two precisions",
+                     lambda: rounding_disagreement(model, S, opts, names, seed))
 
 
 def measure_variances(model: nn.Module, S: Inputs, opts: dict, names: list[str], with_hessian: bool, steps: Steps) -> dict:
