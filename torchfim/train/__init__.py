@@ -14,8 +14,9 @@
 See ``docs/math.md`` §7 (the Fisher penalty).
 """
 
-from .monitor import FisherTraceMonitor, TraceRecord
+from .monitor import FisherTraceMonitor
 from .penalty import KINDS, FisherPenalty
 from .trace_plot import plot_trace, read_trace_csv
+from .trace_record import TraceRecord
 
 __all__ = ["KINDS", "FisherPenalty", "FisherTraceMonitor", "TraceRecord", "plot_trace", "read_trace_csv"]

@@ -66,7 +66,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +73,7 @@ from torch import Tensor, nn
 from .._batches import Inputs
 from .._processes import announced, family_settings, function_settings, model_device
 from ..engine.labels import ModelLabels
-from ..engine.output_reading import check_class_dim, check_output_map
+from ..engine.output_reading import check_class_dim
 from ..errors import TorchfimError, check_n_samples, warn_user
 from ..families import Family, get_family
 from ..keyword_hints import explains_keywords
@@ -86,48 +85,12 @@ from .held import hold, pooled_groups, window_batches
 from .process_share import FAILED_BEFORE, shared
 from .record_sinks import CsvSink, TensorBoardSink, process_paths
 from .step_order import StepOrder
+from .trace_record import COLUMNS, TraceRecord
 from .trace_stats import ControlVariate, Windows, mean_and_variance
+from .window_options import check_output_and_mask, check_window, check_window_options
 
 #: Seed of the private generator used when no ``generator`` is given.
 DEFAULT_SEED = 0
-
-
-@dataclass(frozen=True)
-class TraceRecord:
-    """One measurement of ``Tr(F)`` on the held inputs.
-
-    Attributes:
-        step: the training step it was taken at.
-        trace: the unbiased estimate of ``Tr(F)``, the mean over held inputs and sampled labels of
-            the per-sample squared score norms ``‖∇_θ log p(y|x)‖²``.
-        stderr: its standard error (per-input means' sample std over √n_inputs; see the module
-            docstring for exactly what it covers, and for ``subset`` and ``control_variate``). NaN
-            when there is a single input (the monitor warns when built so).
-        n_inputs: inputs the estimate is a mean over: all held inputs, or the ``subset`` window.
-        n_samples: labels drawn per input ``k``.
-        seconds: wall-clock time the measurement took.
-        variance_ratio: with ``control_variate=True``, ``stderr²`` over the variance of the same
-            measurement's fresh labels alone (below 1: the control variate helped); else None.
-    """
-
-    step: int
-    trace: float
-    stderr: float
-    n_inputs: int
-    n_samples: int
-    seconds: float
-    variance_ratio: float | None = None
-
-    def as_dict(self) -> dict[str, float | int]:
-        """The fields as a dict (``variance_ratio`` only when it was measured)."""
-        row = asdict(self)
-        if self.variance_ratio is None:
-            del row["variance_ratio"]
-        return row
-
-
-#: CSV columns (``variance_ratio`` is appended with ``control_variate=True``).
-COLUMNS = tuple(f.name for f in fields(TraceRecord) if f.name != "variance_ratio")
 
 
 class FisherTraceMonitor:
@@ -241,7 +204,7 @@ class FisherTraceMonitor:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TorchfimError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
-        self.output, self.mask = _check_output_and_mask(output, mask)
+        self.output, self.mask = check_output_and_mask(output, mask)
         self.class_dim = check_class_dim(class_dim)
         held = hold(inputs, ModelLabels(model))
         self.inputs, self._share = shared(held, across_processes)  # this process's share, and its place
@@ -458,39 +421,3 @@ class FisherTraceMonitor:
             replay = norms_of(earlier, replayed)
         self._previous = (window, state)
         return self._cv.update(fresh, replay)
-
-
-def check_window_options(subset: object, control_variate: object) -> int | None:
-    """``subset`` (a positive int or None, returned) and ``control_variate`` (a bool), refused otherwise."""
-    if subset is not None:
-        subset = check_int("subset", subset, 1, "pass the number of held inputs per measurement, or None for all")
-    if not isinstance(control_variate, bool):
-        raise TorchfimError(f"control_variate must be True or False, got {control_variate!r}")
-    return subset
-
-
-def check_window(size: int, control_variate: bool, world: int = 1, by_subset: bool = True) -> None:
-    """Refuse ``control_variate=True`` on measurements of fewer than 4 inputs (per process, across ``world``
-    processes), naming the fix: a larger subset where ``by_subset`` (its window is the limit), else more inputs."""
-    if control_variate and size < 4:
-        where = "" if world == 1 else " per process" + (f" (each of the {world} measures ⌈subset/{world}⌉ of its "
-                                                         "share)" if by_subset else "")
-        fix = (f"pass subset ≥ {4 * world} (or hold more inputs)" if by_subset else
-               f"hold at least {4 * world} inputs" + (" in a mini-batch, shared row by row" if world > 1 else ""))
-        raise TorchfimError(
-            f"control_variate=True needs at least 4 inputs per measurement (two chains of 2), got {size}{where}; "
-            f"{fix}"
-        )
-
-
-def _check_output_and_mask(output: object, mask: object) -> tuple[object, object]:
-    """``output`` (a function of the model's outputs, or None) and ``mask`` (a key of dict inputs or a
-    function of a held mini-batch, or None), refused otherwise."""
-    check_output_map(output)
-    if mask is not None and (isinstance(mask, Tensor) or not (isinstance(mask, str) or callable(mask))):
-        raise TorchfimError(
-            f"mask must name a key of dict held inputs (e.g. 'attention_mask') or be a function of a held "
-            f"mini-batch returning (batch, *positions) booleans, got {type(mask).__name__}; a tensor would not "
-            "follow the subset windows"
-        )
-    return output, mask

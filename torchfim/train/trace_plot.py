@@ -19,7 +19,8 @@ from typing import Any
 from .._io import save_figure
 from .._words import counted
 from ..errors import TorchfimError, real_number, warn_user
-from .monitor import COLUMNS, FisherTraceMonitor, TraceRecord
+from .monitor import FisherTraceMonitor
+from .trace_record import COLUMNS, TraceRecord
 
 #: What :func:`plot_trace` takes as one run: a monitor, its records, or the path of its CSV file.
 Run = FisherTraceMonitor | Sequence[TraceRecord] | str | os.PathLike

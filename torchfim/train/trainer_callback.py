@@ -65,10 +65,12 @@ from .._words import counted
 from ..errors import TorchfimError, warn_user
 from .arguments import check_int
 from .held import hold
-from .monitor import COLUMNS, FisherTraceMonitor, TraceRecord, check_window, check_window_options
+from .monitor import FisherTraceMonitor
 from .penalty import FisherPenalty
 from .record_sinks import CsvSink
 from .trace_plot import read_trace_csv
+from .trace_record import COLUMNS, TraceRecord
+from .window_options import check_window, check_window_options
 
 __all__ = ["CSV_NAME", "STATE_NAME", "FisherPenaltyCallback", "FisherTraceCallback"]
 

@@ -1,0 +1,46 @@
+"""The record of one Tr(F) measurement of :class:`~torchfim.train.FisherTraceMonitor`, and the CSV columns it is
+written in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["COLUMNS", "TraceRecord"]
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    """One measurement of ``Tr(F)`` on the held inputs.
+
+    Attributes:
+        step: the training step it was taken at.
+        trace: the unbiased estimate of ``Tr(F)``, the mean over held inputs and sampled labels of
+            the per-sample squared score norms ``‖∇_θ log p(y|x)‖²``.
+        stderr: its standard error (per-input means' sample std over √n_inputs; see the module
+            docstring for exactly what it covers, and for ``subset`` and ``control_variate``). NaN
+            when there is a single input (the monitor warns when built so).
+        n_inputs: inputs the estimate is a mean over: all held inputs, or the ``subset`` window.
+        n_samples: labels drawn per input ``k``.
+        seconds: wall-clock time the measurement took.
+        variance_ratio: with ``control_variate=True``, ``stderr²`` over the variance of the same
+            measurement's fresh labels alone (below 1: the control variate helped); else None.
+    """
+
+    step: int
+    trace: float
+    stderr: float
+    n_inputs: int
+    n_samples: int
+    seconds: float
+    variance_ratio: float | None = None
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The fields as a dict (``variance_ratio`` only when it was measured)."""
+        row = asdict(self)
+        if self.variance_ratio is None:
+            del row["variance_ratio"]
+        return row
+
+
+#: CSV columns (``variance_ratio`` is appended with ``control_variate=True``).
+COLUMNS = tuple(f.name for f in fields(TraceRecord) if f.name != "variance_ratio")
