@@ -340,7 +340,7 @@ def test_an_output_functions_settings_do_not_depend_on_the_hash_seed() -> None:
     import subprocess
     import sys
 
-    code = ("from torchfim._processes import function_settings, settings_number\n"
+    code = ("from torchfim._settings_digest import function_settings, settings_number\n"
             "f = lambda o: o if 'mean' in {'mean', 'logits', 'scores', 'hidden'} else 2 * o\n"
             "print(settings_number(function_settings(f)))")
     seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

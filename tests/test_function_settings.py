@@ -1,4 +1,4 @@
-"""What ``torchfim._processes.function_settings`` compares of an ``output=``/``mask=`` function between processes
+"""What ``torchfim._settings_digest.function_settings`` compares of an ``output=``/``mask=`` function between processes
 (each process computes it alone; a difference refuses the shared call): values chosen by rank that change what the
 function computes differ; a device index or rank held under such a name, big containers and containers that hold
 themselves are handled without a false refusal or a bare error."""
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from torchfim._processes import function_settings
+from torchfim._settings_digest import function_settings
 
 
 def _per_process(make):

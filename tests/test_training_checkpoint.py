@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfim
-from torchfim import _processes
+from torchfim import _settings_digest
 from torchfim.train import FisherPenalty, FisherTraceMonitor
 
 STEPS, SAVE_AT = 10, 4
@@ -147,7 +147,7 @@ def test_a_monitor_refuses_the_state_of_another_set_up(monkeypatch: pytest.Monke
         FisherTraceMonitor(model, held.flip(0), subset=12, control_variate=True).load_state_dict(state)
     with pytest.raises(torchfim.TorchfimError, match="state_dict"):
         mon.load_state_dict({"history": []})
-    monkeypatch.setattr(_processes, "DIGEST_CHUNK", 7)  # the held inputs digested a row at a time: the same inputs
+    monkeypatch.setattr(_settings_digest, "DIGEST_CHUNK", 7)  # the held inputs digested a row at a time: the same inputs
     FisherTraceMonitor(model, held, subset=12, control_variate=True).load_state_dict(state)
 
 

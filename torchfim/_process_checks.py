@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._processes import settings_number
+from ._settings_digest import settings_number
 from .errors import TorchfimError
 
 __all__ = ["CUT_NUMBERS", "MODEL_NUMBERS", "check_same_cut", "check_same_kind", "check_same_outputs",

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ._batches import Inputs, reusable
-from ._processes import announced, family_settings
+from ._processes import announced
+from ._settings_digest import family_settings
 from .errors import check_n_samples
 from .families import Family, get_family
 from .keyword_hints import explains_keywords

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Inputs
-from ._processes import announced, family_settings
+from ._processes import announced
+from ._settings_digest import family_settings
 from .combined import combined_terms
 from .engine import backend_name, check_finite_result
 from .engine.session import engine_pass

@@ -56,11 +56,7 @@ from ._processes import (
     check_same_weights,
     collective_device,
     collective_failed,
-    digest_number,
-    feed_digest,
-    function_settings,
     gather_numbers,
-    generator_fingerprint,
     keep_until_next,
     model_device,
     process_place,
@@ -68,6 +64,7 @@ from ._processes import (
     trained_names,
     weights_fingerprint,
 )
+from ._settings_digest import digest_number, feed_digest, function_settings, generator_fingerprint
 from .engine.batch import Batch
 from .engine.output_probe import output_digest, probe_rows
 from .engine.session import EMPTY
@@ -221,9 +218,9 @@ def row_share(across_processes: object, mask: object, call: tuple, output: objec
     """This process's share of the rows for ``across_processes=True``, else None; refused without a process group
     or with a mask given as one tensor for the whole data set (each process computes on some of its rows).
     ``call``: the settings every process must call with alike (numbers, strings, tensors, and containers of them;
-    a family as :func:`torchfim._processes.family_settings` gives it), checked in :meth:`RowShare.together` before any sum, with the
+    a family as :func:`torchfim._settings_digest.family_settings` gives it), checked in :meth:`RowShare.together` before any sum, with the
     parameters trained and the result's shapes, as are the ``mask`` and ``output`` functions with the values they hold
-    (:func:`torchfim._processes.function_settings`); ``what``: the public function, for the messages."""
+    (:func:`torchfim._settings_digest.function_settings`); ``what``: the public function, for the messages."""
     place = process_place(across_processes)
     if place is None:
         return None

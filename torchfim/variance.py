@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ._batches import Inputs
 from ._identity import identity_like
-from ._processes import announced, family_settings
+from ._processes import announced
+from ._settings_digest import family_settings
 from .engine import (
     Backend,
     Recording,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._prefix import without_prefix
-from .._processes import feed_digest
+from .._settings_digest import feed_digest
 from ..engine.batch import Batch
 from ..errors import TorchfimError
 

@@ -71,7 +71,8 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Inputs
-from .._processes import announced, family_settings, function_settings, model_device
+from .._processes import announced, model_device
+from .._settings_digest import family_settings, function_settings
 from ..engine.labels import ModelLabels
 from ..engine.output_reading import check_class_dim
 from ..errors import TorchfimError, check_n_samples, warn_user

@@ -47,15 +47,13 @@ from .._process_checks import (
 from .._processes import (
     Attempt,
     check_same_weights,
-    digest_number,
     gather_numbers,
-    generator_fingerprint,
     process_place,
     same_weights,
-    settings_number,
     trained_names,
     weights_fingerprint,
 )
+from .._settings_digest import digest_number, generator_fingerprint, settings_number
 from .._words import counted
 from ..engine.batch import Batch
 from ..engine.output_probe import probe_rows
