@@ -16,7 +16,7 @@ import torch
 from oracles import label_support, log_likelihood
 
 from torchfim import TorchfimError
-from torchfim.families import Bernoulli, Categorical, Gaussian, Poisson, Positions, positions_spectra
+from torchfim.families import Bernoulli, Categorical, Gaussian, Poisson, Positions, positions_moments, positions_spectra
 from torchfim.families import positions as positions_module
 from torchfim.families import positions_spread as positions_spread_module
 
@@ -276,7 +276,7 @@ def test_errors_name_the_fix(monkeypatch):
         Positions("categorical", (2,))  # type: ignore[arg-type]
     with pytest.raises(TorchfimError, match="must have shape"):
         fam.check_targets(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 6))
-    monkeypatch.setattr(positions_module, "DENSE_MOMENT_LIMIT", 10)
+    monkeypatch.setattr(positions_moments, "DENSE_MOMENT_LIMIT", 10)
     with pytest.raises(TorchfimError, match="structure-aware moment4"):
         fam.fourth_moment(torch.zeros(1, 6))
 
