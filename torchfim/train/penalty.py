@@ -30,9 +30,8 @@ twice, which a compiled backward that donates its buffers (inductor's) refuses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +44,6 @@ from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
 from ..keyword_hints import explains_keywords
 from .arguments import check_alpha, check_int, check_step, trainable
-from .checkpoint import VERSION, checked, generator_state, gradients_on, named_gradients, restored_generator
 from .computing_passes import computing_passes
 from .finite_difference import GRAD_METHODS, check_fd_step
 from .forward_precision import ForwardPrecision
@@ -54,6 +52,7 @@ from .model_io import Inputs, ModelIO
 from .parameter_stamp import stamp
 from .penalised_arguments import check_task_loss, penalised_parameters, running_module, scalar_task_loss
 from .penalty_schedule import COMPUTE, REUSE, ZERO, Schedule
+from .penalty_state import PenaltyState
 from .penalty_terms import PenaltyTerms
 from .position_outputs import PositionOutputs
 from .step_draws import StepDraws
@@ -62,7 +61,7 @@ from .surrogate import OnBackward, zero_term
 KINDS = ("batch_gradient", "trace")
 
 
-class FisherPenalty(PenaltyTerms):
+class FisherPenalty(PenaltyState, PenaltyTerms):
     """A Fisher penalty to add to the task loss in a plain PyTorch training loop.
 
     ``pen(inputs, step=step)`` returns a 0-dim tensor (model's dtype and device) whose gradient
@@ -401,28 +400,6 @@ class FisherPenalty(PenaltyTerms):
             self._computed(step, value.detach(), rows)
         return loss
 
-    def state_dict(self) -> dict[str, object]:
-        """What resuming needs (:mod:`torchfim.train.checkpoint`): the generator's state (None for torch's
-        global one, which the caller saves), ``last_value``, ``last_step`` and the cached gradient by name."""
-        kept = self._kept
-        cache = None if kept.grads is None else named_gradients(self.model, kept.params, kept.grads)
-        return {"version": VERSION, "settings": {"kind": self.kind}, "generator": generator_state(self.generator),
-                "last_value": self.last_value, "last_step": self.last_step, "cache": cache}
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        """Go on from a saved :meth:`state_dict` as the saved run would: the steps up to the next computed
-        one reuse the saved gradient, put on this model's parameters of the same names (a prefix a wrapper puts
-        on every name read away: a state saved on the model in DDP or ``nn.DataParallel`` loads into the bare
-        model's penalty, and the other way round); the generator passed at construction, if any, is set to
-        the saved state."""
-        state = checked(state, "FisherPenalty", {"kind": self.kind}, ("generator", "last_value", "last_step", "cache"))
-        self.generator = restored_generator(self.generator, state["generator"], "FisherPenalty")
-        self.last_step, first = state["last_step"], trainable(self.model)[1][0]
-        self.last_value = None if state["last_value"] is None else state["last_value"].to(first.device, first.dtype)
-        params, grads = (None, None) if state["cache"] is None else gradients_on(self.model, state["cache"])
-        self._kept.restore(params, grads, self.last_value, self.last_step)
-        self._draws = StepDraws()  # a run rolled back in this process draws as the saved one went on
-
     # -------------------------------------------------------------- helpers
     def _decide(self, step: int) -> str:
         """The schedule's decision for a training call; an evaluation (gradients off, :meth:`_kept_unless_training`)
@@ -431,27 +408,6 @@ class FisherPenalty(PenaltyTerms):
         if self._evaluating:
             return COMPUTE
         return self._schedule.decide(step, self._kept, self.model, self.last_step)
-
-    @contextmanager
-    def _kept_unless_training(self) -> Iterator[None]:
-        """A call with gradients off (``torch.no_grad()``, ``torch.inference_mode()``: no training step can
-        back-propagate it) is an evaluation, on a validation batch say: it leaves the kept gradient, the step's
-        draws, ``last_value``, ``last_step`` and the penalty's own generator as it found them."""
-        if torch.is_grad_enabled():
-            yield
-            return
-        kept, draws = replace(self._kept), replace(self._draws, starts=list(self._draws.starts))
-        last, off = (self.last_value, self.last_step), set(self._schedule.off)
-        state = None if self.generator is None else self.generator.get_state()
-        self._evaluating = True  # the computing passes turn gradients on: the caller's mode is read here
-        try:
-            yield
-        finally:
-            self._evaluating = False
-            self._kept, self._draws, self._schedule.off = kept, draws, off
-            self.last_value, self.last_step = last
-            if state is not None:
-                self.generator.set_state(state)
 
     def _forwards(self, step: int, params: list[Tensor], module_hooks: bool = True) -> ExitStack:
         """The contexts of a computing step (:mod:`.computing_passes`; a coarse precision is named once), drawing
