@@ -95,7 +95,32 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
     got = squared_score_norms(model, x)
     with pytest.raises(torchfim.TorchfimError, match="no trainable parameter named 'nope'"):
         got.of("nope")
-    assert math.isnan(squared_score_norms(model, x[:1]).trace()[1])
+    assert math.isnan(squared_score_norms(model, x[:1], n_samples=1).trace()[1])  # k = 1: no spread of any kind
+
+
+def test_a_single_input_gets_the_label_noise_of_its_trace() -> None:
+    """One input with k labels: the standard error about its own Tr(F(x₁)) is its label noise, the
+    sample std of its k squared norms over √k, and over 400 draws its square centres on the variance of the
+    estimates themselves (within 4 Monte-Carlo standard errors of each); the spread between inputs, which ``inputs_as_sample=True`` asks for,
+    cannot be seen in one input and stays NaN."""
+    case, family = next((c, f) for c, f in PAIRS if c.name == "tanh_mlp" and f == "categorical")
+    res = _oracle(case, family)
+    model, x = res["model"], res["x"][:1]
+    k, reps = 3, 400
+    got = squared_score_norms(model, x, n_samples=k, generator=torch.Generator().manual_seed(5))
+    s = got.total[0]
+    estimate, stderr = got.trace()
+    assert estimate == float(s.mean())
+    assert math.isclose(stderr, math.sqrt(float(s.var()) / k), rel_tol=1e-12)
+    assert math.isnan(got.trace(inputs_as_sample=True)[1])
+    assert math.isfinite(got.trace(got.names[0])[1])
+    generator = torch.Generator().manual_seed(12)
+    draws = [squared_score_norms(model, x, n_samples=k, generator=generator).trace() for _ in range(reps)]
+    estimates = torch.tensor([d[0] for d in draws], dtype=torch.float64)
+    squared_se = torch.tensor([d[1] ** 2 for d in draws], dtype=torch.float64)
+    spread = float(estimates.var())  # its own Monte-Carlo s.e. about √(2/(reps − 1)) of it (skew aside)
+    tolerance = 4 * (float(squared_se.std()) / math.sqrt(reps) + spread * math.sqrt(2 / (reps - 1)))
+    assert abs(float(squared_se.mean()) - spread) <= tolerance
 
 
 class _WideTokens(nn.Module):

@@ -210,3 +210,20 @@ def test_a_resumed_control_variate_run_over_groups_is_the_uninterrupted_one() ->
 
     whole = run()
     assert run(resume_at=4) == whole and len(set(whole)) == len(whole)
+
+
+def test_one_held_input_measured_whole_records_its_label_noise() -> None:
+    """One held input, ``subset=1`` (the whole population, f = 1) and k ≥ 2 labels: the standard error is that
+    input's label noise, the sample std of its k squared norms over √k, with no NaN warning at construction."""
+    model, x = tanh_mlp(3, seed=70), mlp_inputs(1, seed=71)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon = FisherTraceMonitor(model, x, subset=1, n_samples=4, generator=torch.Generator().manual_seed(3))
+    record = mon.measure(0)
+    replay = torch.Generator().manual_seed(3)
+    torch.randperm(1, generator=replay)  # the window's permutation comes first
+    with torch.no_grad():
+        y = get_family("categorical").sample(model(x), 4, replay)
+    s = score_sq_norms(model, x, y)[0]
+    assert math.isclose(record.trace, float(s.mean()), rel_tol=1e-10)
+    assert record.n_inputs == 1 and math.isclose(record.stderr, math.sqrt(float(s.var()) / 4), rel_tol=1e-10)

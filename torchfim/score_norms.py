@@ -69,8 +69,10 @@ class ScoreNorms:
         ``k ≥ 2``; with ``k = 1`` the spread over inputs stands in and over-states it); with
         ``inputs_as_sample=True`` it is that of an estimate of ``E_x Tr(F(x))`` when the inputs are an
         i.i.d. sample of the data, ``√(s²/n)`` with ``s²`` the variance of the per-input means
-        (input spread and label noise together). NaN for a single input. The variance behind it is
-        estimated from few, skewed numbers when there are few inputs: ±1.96 s.e. then covers well under 95%
+        (input spread and label noise together). For a single input the spread between inputs cannot be
+        estimated: the default standard error is then the label noise of that input's ``Tr(F(x₁))``
+        alone, ``√(var_j(s_1j)/k)`` (NaN with ``k = 1``), and with ``inputs_as_sample=True`` it is NaN.
+        The variance behind it is estimated from few, skewed numbers when there are few inputs: ±1.96 s.e. then covers well under 95%
         (77% with 3 inputs and 2 labels each, 87% with 8, 93% with 32, in an error-bar trial).
         """
         s = self.of(name)

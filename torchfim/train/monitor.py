@@ -344,7 +344,9 @@ class FisherTraceMonitor:
         size = n if m is None else min(m, n)
         where = " per process" if self._share is not None else ""
         check_window(size, control_variate, 1 if self._share is None else self._share.world, m is not None and m < n)
-        if size < 2 and (self._share is None or self._share.rank == 0):  # the same on every process: said once
+        # One held input measured whole (subset given) with k ≥ 2: its label noise alone, a finite error.
+        label_only = self._share is None and m is not None and n == 1 and self.n_samples > 1
+        if size < 2 and not label_only and (self._share is None or self._share.rank == 0):  # said once
             world = 1 if self._share is None else self._share.world
             fix = (f"pass subset ≥ {2 * world}" if m is not None and m < 2 else
                    f"hold at least {2 * world} inputs" + (" in a mini-batch" if world > 1 else ""))

@@ -18,7 +18,8 @@ class TraceRecord:
             the per-sample squared score norms ``‖∇_θ log p(y|x)‖²``.
         stderr: its standard error (per-input means' sample std over √n_inputs; see the module
             docstring for exactly what it covers, and for ``subset`` and ``control_variate``). NaN
-            when there is a single input (the monitor warns when built so).
+            when there is a single input (the monitor warns when built so), save one held input
+            measured with ``subset=1`` and ``n_samples ≥ 2``: its label noise alone.
         n_inputs: inputs the estimate is a mean over: all held inputs, or the ``subset`` window.
         n_samples: labels drawn per input ``k``.
         seconds: wall-clock time the measurement took.

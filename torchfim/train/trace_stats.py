@@ -35,7 +35,9 @@ def mean_and_variance(s: Tensor, population: int | None) -> tuple[float, float]:
       With ``k = 1``, ``v̄`` cannot be told from the input spread and ``s²`` stands in for it,
       giving ``s²/n``, which over-states the variance by at most the factor ``1/(1 − f)``.
 
-    The variance is NaN for a single input.
+    A single input (n = 1) has no spread to estimate ``s²`` from, so the variance is NaN, except where the
+    input is the whole population (``population=1``, so f = 1) and ``k ≥ 2``: the formula then needs no
+    ``s²`` and gives the label noise alone, ``v̄ = var_j(s_1j)/k``.
 
     Example:
         >>> import torch
@@ -44,12 +46,14 @@ def mean_and_variance(s: Tensor, population: int | None) -> tuple[float, float]:
         (3.666666666666667, 2.7777777777777772)
         >>> mean_and_variance(s, 3)[1]  # f = 1: label noise only, v̄ = mean(2, 0, 2)/k = 2/3, over n = 3
         0.2222222222222222
+        >>> mean_and_variance(s[:1], 1), mean_and_variance(s[:1], None)  # one input: label noise only, or NaN
+        ((2.0, 1.0), (2.0, nan))
     """
     n, k = s.shape
     s = s.double()
     m = s[:, 0] if k == 1 else s.mean(1)
-    if n < 2:
-        return float(m[0]), math.nan
+    if n < 2:  # no input spread to see: only the whole population of one, with its label noise, is answered
+        return float(m[0]), float(s.var()) / k if population == 1 and k > 1 else math.nan
     spread, mean = (float(t) for t in torch.var_mean(m))  # one pass, divisor n − 1
     if population is None:
         return mean, spread / n
