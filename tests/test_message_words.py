@@ -62,6 +62,25 @@ def test_a_report_on_one_input_says_one_input() -> None:
     assert "1 inputs" not in table + text and "label(s)" not in table + text
 
 
+def test_a_variance_subset_of_one_input_is_said_in_the_singular() -> None:
+    """report.md on a variance subset of one input of five (before: "a random subset of 1 (seed 0) inputs"), and the
+    same sentences on the whole set."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    text = report_mod.run_report(model, x, out=None, emit=None, progress=False, max_block=0,
+                                 variance_inputs=1)["markdown"]
+    assert "**Î1 vs Î2 for the trace**, on a random subset of 1 input (seed 0) with one label each:" in text
+    assert "is extrapolated from a random subset of 1 input (seed 0) as √((m/n)" in text
+    assert "trace estimator, on a random subset of 1 input (seed 0), treated as the data set" in text
+    assert "- The variance subset: 1 of the 5 inputs, drawn at random (seed 0);" in text
+    assert "1 inputs" not in text and "subset of 1 (seed" not in text
+    whole = report_mod.run_report(model, x, out=None, emit=None, progress=False, max_block=0)["markdown"]
+    assert "**Î1 vs Î2 for the trace**, on all inputs with one label each:" in whole
+    assert "trace estimator, on all inputs, treated as the data set." in whole
+    assert "- The variance subset: all 5 inputs;" in whole
+
+
 def test_the_explosion_hint_counts_one_kept_run(tmp_path) -> None:
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "a.json").write_text("{}")

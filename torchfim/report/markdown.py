@@ -23,8 +23,9 @@ def markdown(R: dict) -> str:
 
 
 def _subset_text(D: dict) -> str:
+    """The inputs of the variance section: ``all inputs``, or ``a random subset of 1 input (seed 0)``."""
     m, n = D["variance_inputs"], D["n_inputs"]
-    return "all" if m == n else f"a random subset of {m} (seed {D['variance_subset_seed']})"
+    return "all inputs" if m == n else f"a random subset of {counted(m, 'input')} (seed {D['variance_subset_seed']})"
 
 
 def _like_for_like(T: dict, D: dict) -> str:
@@ -116,10 +117,10 @@ def _head(R: dict) -> list[str]:
         f"with {counted(k, 'label')} per input gave {fmt(T['trace_score_estimate'])}, standard error "
         f"{fmt(T['trace_score_stderr'])} ({pct(_relative_stderr(T))} of Tr(F)).")
     if sub["var_hessian"] is None:
-        add(f"- **Î1 vs Î2 for the trace** (on {subset_text} inputs, one label each): Var Tr Î1 = "
+        add(f"- **Î1 vs Î2 for the trace**, on {subset_text} with one label each: Var Tr Î1 = "
             f"{fmt(sub['var_score'])}; {D['variance_inputs_note']}.")
     else:
-        add(f"- **Î1 vs Î2 for the trace** (on {subset_text} inputs, one label each): Var Tr Î1 = "
+        add(f"- **Î1 vs Î2 for the trace**, on {subset_text} with one label each: Var Tr Î1 = "
             f"{fmt(sub['var_score'])}, Var Tr Î2 = {fmt(sub['var_hessian'])}: the "
             f"**{sub['better_for_trace']}** estimator has the smaller variance for the whole trace. "
             + _per_layer_winner(R))
@@ -182,7 +183,7 @@ def _section_trace(R: dict) -> list[str]:
             f"{', '.join(zero)}. Their numbers are rounding, not data: drawn as 0, without labels needed or "
             "spectrum.")
         add("")
-    add(f"\\* The Î2 standard error on all {counted(n, 'input')} is extrapolated from {subset_text} inputs as "
+    add(f"\\* The Î2 standard error on all {counted(n, 'input')} is extrapolated from {subset_text} as "
         f"√((m/n)·Var₁(subset)/k), m = {m}: the variance is a mean of per-input terms over n², so a "
         "random subset's mean per-input term estimates the full one without bias."
         if m < n else "\\* Exact (the subset is the whole data set).")
@@ -210,7 +211,7 @@ def _section_variance(R: dict) -> list[str]:
     add("## 2. Variance of Î1 vs Î2 per layer, and the bounds")
     add("")
     add(f"The variance, with one label per input (divide by k for k labels), of each layer's trace "
-        f"estimator, on {subset_text} inputs, treated as the data set"
+        f"estimator, on {subset_text}, treated as the data set"
         + (" (the Hessian estimator needs one forward-over-forward pass per parameter and input, hence the subset)"
            if D["variance_inputs"] < D["n_inputs"] else "") + ". Each number is exact "
         "(Soen & Sun 2021, docs/math.md §3): `torchfim.fisher_variance(model, subset, "
@@ -369,7 +370,9 @@ def resumed_note(R: dict) -> str:
 
 def _section_notes(R: dict) -> list[str]:
     """Timings and how to check the numbers."""
-    n, subset_text = R["data"]["n_inputs"], _subset_text(R["data"])
+    n, m = R["data"]["n_inputs"], R["data"]["variance_inputs"]
+    chosen = (f"all {counted(n, 'input')}" if m == n else
+              f"{m} of the {counted(n, 'input')}, drawn at random (seed {R['data']['variance_subset_seed']})")
     lines: list[str] = []
     add = lines.append
     add("## Notes")
@@ -383,7 +386,7 @@ def _section_notes(R: dict) -> list[str]:
         f"{fmt(tm['empirical'], 3)} s, figures {fmt(tm.get('figures'), 3)} s){resumed_note(R)}.")
     add("- All values are means over inputs (not sums) and conditional on these inputs: the variances "
         "are over the labels drawn from the model, not over resampling the data.")
-    add(f"- The variance subset: {subset_text} of the {counted(n, 'input')}; their indices are in report.json "
+    add(f"- The variance subset: {chosen}; their indices are in report.json "
         "(`data.variance_subset_indices`).")
     add("- `model.pt` holds the model's state dict, so the numbers can be checked with the library: "
         f"`{_trace_call(R)}` gives `trace.exact` of report.json.")
