@@ -27,6 +27,11 @@ def _to_generator_device(t: Tensor, generator: torch.Generator | None) -> Tensor
     return t
 
 
+def _integers(y: Tensor) -> bool:
+    """Whether ``y`` holds integers (or booleans) by its dtype, as class labels do."""
+    return not (y.is_floating_point() or y.is_complex())
+
+
 def _work_dtype(*tensors: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """``(work, out)``: the promoted dtype of ``tensors`` (``out``), widened to float32 when it is
     float16/bfloat16 (``work``), so that sums and exponentials never run in half precision."""
@@ -185,9 +190,13 @@ class Family(ABC):
         if want[1:] == (1,) and tuple(y.shape) == want[:1]:  # one target per input for one output per input
             y = y.unsqueeze(1)
         if tuple(y.shape) != want:
+            fix = ("integer targets, one per input, look like class indices: pass family='categorical' if the "
+                   f"outputs are class scores (logits), else targets of shape {want}"
+                   if _integers(y) and tuple(y.shape) == want[:1] else
+                   "pass one target per input, aligned with the inputs")
             raise TorchfimError(
                 f"targets for family {self.name!r} must have shape {want} for outputs of shape "
-                f"{tuple(o.shape)}, got {tuple(y.shape)}; pass one target per input, aligned with the inputs"
+                f"{tuple(o.shape)}, got {tuple(y.shape)}; {fix}"
             )
         if y.is_floating_point() and not bool(torch.isfinite(y).all()):
             bad = int((~torch.isfinite(y)).sum())

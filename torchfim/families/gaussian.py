@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from .._identity import identity_like
-from ..errors import TorchfimError, real_number
+from ..errors import TorchfimError, real_number, warn_user
 from .base import (
     Family,
+    _integers,
     _isserlis,
     _isserlis_moment4,
     _isserlis_pairwise,
@@ -44,6 +45,19 @@ class Gaussian(Family):
 
     def _filler_label(self, o: Tensor) -> Tensor:
         return o.detach().to(_work_dtype(o)[0])
+
+    def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
+        """The base checks (shape ``(B, C)``, finite), and a warning where the targets are integers: read as real
+        numbers they are valid, but class labels (an integer tensor, as classification has) belong to another
+        family, whose Fisher differs."""
+        checked = super().check_targets(y, o)
+        if _integers(y):
+            warn_user(
+                f"torchfim: the targets for family {self.name!r} are {y.dtype} integers, which it reads as real "
+                "numbers; if they are class labels, pass family='categorical' (one class index per input) or "
+                "family='bernoulli' (0/1 per output), else pass them as floats (y.float()) to say they are values"
+            )
+        return checked
 
     def _noise(self, o: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         """Standard normal ``z`` (B, k, C) in the working dtype, drawn on the generator's device."""
