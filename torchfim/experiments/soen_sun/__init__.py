@@ -19,8 +19,9 @@ paper's kind of evidence for small MLPs with torchfim's closed-form variances (d
 
 Everything is float64, seeded, and conditional on a fixed set of ``n`` inputs (variances are those
 of the estimators with one sampled label per input, ``n_samples=1``). The output folder gets PNG
-figures, ``results.json`` (every number plotted, plus the settings), ``results.csv`` (the same
-numbers in long form) and ``summary.md``. Every file is written atomically, and ``results.json`` /
+figures, ``results.json`` (every number plotted, plus the settings), ``results.csv`` (every number of
+its measured sections in long form, one row each, the record's configuration in the columns; the settings
+are in results.json alone) and ``summary.md``. Every file is written atomically, and ``results.json`` /
 ``results.csv`` / ``summary.md`` are rewritten after every measurement, so an interrupted run keeps
 what it had finished. A progress bar (stderr) covers the whole run.
 
