@@ -318,7 +318,7 @@ def test_refusals_name_the_fix(ranks) -> None:
     assert "floating-point buffers different" not in other
     for case, own, call in (("bad argument on one", "unknown structure 'diagnal'", "fisher"),
                             ("bad option on one", "takes no keyword argument 'n_sample'", "variance_bound"),
-                            ("bad target on one", "rel_error", "fisher_variance"),  # samples_needed's first
+                            ("bad target on one", "rel_error", "samples_needed"),
                             ("typo on one", "takes no keyword argument 'n_sample'", "fisher")):
         assert own in ranks[1]["refusals"][case], case
         assert f"{call}(across_processes=True): 1 other process failed (the error is raised there)" in \

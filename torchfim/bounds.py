@@ -20,10 +20,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
-from ._batches import Inputs, reusable
+from ._batches import Inputs
 from ._processes import announced
 from ._settings_digest import family_settings
 from .errors import check_n_samples
@@ -141,12 +140,6 @@ def hessian_variance_bound_spectral(
     return variance_of(model, inputs, family, "hessian", structure, n_samples, "spectral", **options)
 
 
-BOUNDS = {
-    "score": (score_variance_bound_spectral, score_variance_bound_kurtosis),
-    "hessian": (hessian_variance_bound_spectral,),
-}
-
-
 @announced(FAILED_BEFORE)
 @_explained
 def variance_bound(
@@ -200,12 +193,5 @@ def variance_bound(
         k = check_n_samples(n_samples)
         single = {name: value for name, value in options.items() if name != "across_processes"}
         return score_trace_bound(model, inputs, family, **single, share=share) / k
-    inputs = reusable(inputs)  # iterated once per bound
-    results = [bound(model, inputs, family, structure, n_samples, **options) for bound in BOUNDS[estimator]]
-    best = results[0]
-    for other in results[1:]:
-        if isinstance(best, dict):
-            best = {name: torch.minimum(best[name], other[name]) for name in best}
-        else:
-            best = torch.minimum(best, other)
-    return best
+    # Î2's one bound: one pass over the inputs (a loader's mini-batches were copied and held for a pass per bound)
+    return hessian_variance_bound_spectral(model, inputs, family, structure, n_samples, **options)

@@ -6,22 +6,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from ._batches import Inputs, reusable
+from ._batches import Inputs
 from ._processes import announced, says_shared
-from .combined import combined_variance
 from .engine import ModelView
-from .engine.backend import NoForwardDerivative
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice, real_number, warn_user
+from .errors import TorchfimError, check_choice, check_n_samples, real_number, warn_user
 from .families import Family
-from .fisher import fisher
 from .keyword_hints import explains_keywords
 from .layout import Layout
+from .one_pass import summed_parts
 from .process_rows import FAILED_BEFORE
-from .variance import VARIANCE_ESTIMATORS, fisher_variance
+from .variance import VARIANCE_ESTIMATORS
 
 
 @announced(FAILED_BEFORE)
@@ -56,8 +53,9 @@ def samples_needed(
     that matter can be chosen.
     ``estimator="combined"`` takes ``V₁`` from :func:`torchfim.combined.combined_variance` (its weights
     do not depend on ``k``, so its variance too is ``V₁/k``; one process). ``family`` (output family name or
-    :class:`~torchfim.families.Family`), ``backend``, ``mask``, ``output``, ``class_dim``, ``across_processes`` (every process gets the ``k`` of all the inputs) and ``progress`` (bars
-    over the variance's and the Fisher's mini-batches and sweeps) as in :func:`torchfim.fisher`.
+    :class:`~torchfim.families.Family`), ``backend``, ``mask``, ``output``, ``class_dim``, ``across_processes`` (every process gets the ``k`` of all the inputs) and ``progress`` (a bar
+    over the mini-batches, and the sweeps' bars) as in :func:`torchfim.fisher`. ``V₁`` and ``I`` are both sums of
+    per-input terms, added in one pass over ``inputs``: a loader or generator is read once and no mini-batch is held.
 
     Example:
         >>> import torch, torchfim
@@ -78,17 +76,14 @@ def samples_needed(
         warn_user(f"torchfim: samples_needed(rel_error={rel_error!r}) asks for a standard error of {100 * rel:g}% of the "
                   f"value; rel_error is a fraction of it: for {rel:g}%, pass rel_error={rel / 100:g}")
     rel_error = rel
-    inputs = reusable(inputs)  # iterated twice below
-    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
-               across_processes=across_processes, progress=progress)
-    # The variance first: where an input's Jacobian would not fit it refuses at once, before the exact
-    # Fisher's one pull-back per output number (hours for a language model's vocabulary).
-    if estimator == "combined":
-        del how["across_processes"]
-        var1 = combined_variance(model, inputs, structure=structure, n_samples=1, **how)
-    else:
-        var1 = fisher_variance(model, inputs, estimator=estimator, structure=structure, n_samples=1, **how)
-    value = fisher(model, inputs, estimator="exact", structure=structure, **how)
+    # The variance and the exact Fisher, both sums of per-input terms, in one pass: a loader is read once and none of
+    # its mini-batches is held. In each mini-batch the variance comes first: where an input's Jacobian would not fit
+    # it refuses at once, before the exact Fisher's one pull-back per output number (hours for a language model's
+    # vocabulary).
+    parts, _ = summed_parts(model, inputs, family, structure, (estimator, "exact"), 1, what="samples_needed",
+                            backend=backend, mask=mask, output=output, class_dim=class_dim,
+                            across_processes=across_processes, progress=progress)
+    var1, value = parts[estimator], parts["exact"]
     value, var1 = value.reshape(-1).double(), var1.reshape(-1).double()
     informative = value.abs() > 1e-12 * value.abs().max().clamp_min(1e-300)
     if not bool(informative.any()):
@@ -219,7 +214,9 @@ def compare_estimators(
     estimators: the rows give their variances for that ``k``, and since both scale as ``1/k`` the choice does not
     depend on it. ``family`` (output family name or :class:`~torchfim.families.Family`), ``backend``, ``mask``,
     ``output``, ``class_dim``, ``across_processes`` (every process gets the comparison over all the inputs) and ``progress``
-    (bars over the passes, the Hessian estimator's sweep among them) as in :func:`torchfim.fisher`.
+    (a bar over the mini-batches, and the Hessian estimator's sweep) as in :func:`torchfim.fisher`. The two variances
+    and the diagonal are sums of per-input terms, added in one pass over ``inputs``: a loader or generator is read
+    once and no mini-batch is held.
 
     Example:
         >>> import torch, torchfim
@@ -233,16 +230,14 @@ def compare_estimators(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module "
             "whose parameters are the ones to compare"
         )
-    inputs = reusable(inputs)
-    how = dict(family=family, backend=backend, mask=mask, output=output, class_dim=class_dim,
-               across_processes=across_processes, progress=progress)
-    score = fisher_variance(model, inputs, estimator="score", structure="diag", n_samples=n_samples, **how)
-    diag = fisher(model, inputs, structure="diag", **how)  # after a closed form, as in samples_needed
-    try:
-        hess, unavailable = fisher_variance(model, inputs, estimator="hessian", structure="diag", n_samples=n_samples,
-                                            **how), None
-    except NoForwardDerivative as err:  # the comparison still stands: Î1 is the estimator there is
-        hess, unavailable = torch.full_like(score, math.nan), str(err)
+    # Î1's variance, the exact diagonal and Î2's variance, each a sum of per-input terms, in one pass: a loader is
+    # read once and none of its mini-batches is held. Where the model has no forward-mode derivative for Î2, the
+    # comparison still stands: Î1 is the estimator there is.
+    parts, unavailable = summed_parts(model, inputs, family, "diag", ("score", "exact", "hessian"),
+                                      check_n_samples(n_samples), what="compare_estimators", optional=("hessian",),
+                                      backend=backend, mask=mask, output=output, class_dim=class_dim,
+                                      across_processes=across_processes, progress=progress)
+    score, diag, hess = parts["score"], parts["exact"], parts["hessian"]
     layout = ModelView(model, output, class_dim).layout  # the engine's names: a wrapper's prefix dropped
     rows, start = [], 0
     for name, size in zip(layout.names, layout.sizes):
