@@ -431,3 +431,20 @@ def test_result_is_frozen_and_prints_one_line():
 def test_input_errors(kwargs, a, b, message):
     with pytest.raises(ValueError, match=message):
         prob_outperform(a, b, **kwargs)
+
+
+def test_options_given_as_zero_dim_tensors_or_numpy_numbers_are_taken_as_their_value():
+    # From a review: confidence=torch.tensor(0.9) was refused with "confidence must be in (0, 1), got tensor(0.9000)",
+    # a value inside the interval it named; n_bootstrap, losses and an int seed as 0-dim tensors alike.
+    a, b = [0.9, 0.8, 0.85, 0.95, 0.7, 0.92], [0.7, 0.75, 0.6, 0.8, 0.72, 0.9]
+    ref = prob_outperform(a, b, confidence=0.9, gamma=0.6, n_bootstrap=500, generator_or_seed=3)
+    given = prob_outperform(a, b, confidence=torch.tensor(0.9, dtype=torch.float64), gamma=np.float64(0.6),
+                            n_bootstrap=torch.tensor(500), generator_or_seed=torch.tensor(3))
+    assert given == ref
+    assert compare.fewest_pairs(torch.tensor(0.95, dtype=torch.float64), torch.tensor(2)) == 12
+    for bad, message in [(torch.tensor(1.5), r"confidence must be in \(0, 1\)"), (torch.ones(2), "confidence must"),
+                         (torch.tensor(True), "confidence must")]:
+        with pytest.raises(ValueError, match=message):
+            prob_outperform(a, b, confidence=bad)
+    with pytest.raises(ValueError, match="n_bootstrap must be a positive integer"):
+        prob_outperform(a, b, n_bootstrap=torch.tensor(500.0))

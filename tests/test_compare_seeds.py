@@ -142,3 +142,13 @@ def test_every_public_object_has_an_example():
         if isinstance(obj, tuple):  # SOURCES, a constant
             continue
         assert obj.__doc__ and ">>>" in obj.__doc__, name
+
+
+def test_seeds_given_as_zero_dim_integer_tensors_are_taken_as_their_value():
+    # From a review: derive_seeds(torch.tensor(7)) was refused with "master_seed must be a non-negative integer".
+    assert derive_seeds(torch.tensor(7)) == derive_seeds(7)
+    assert seeds(torch.tensor(3), np.int64(1)) == seeds(3, 1)
+    assert torch_generator(torch.tensor(5)).initial_seed() == 5
+    for bad in (torch.tensor(5.0), torch.tensor(-1), torch.tensor([5]), torch.tensor(True)):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            torch_generator(bad)

@@ -31,7 +31,6 @@ A typical study:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,7 +38,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .errors import TorchfimError
+from .errors import TorchfimError, real_number, whole_number
 from .seed_plans import SOURCES, SeedPlan, derive_seeds, seeds, torch_generator
 
 __all__ = [
@@ -176,18 +175,19 @@ def _refuse_text(x: object, name: str) -> None:
 def _check_probability(
     name: str, value: object, low: float, high: float, closed_low: bool
 ) -> float:
-    """``value`` as a float in (low, high) (or [low, high) if ``closed_low``), else raise."""
+    """``value`` as a float in (low, high) (or [low, high) if ``closed_low``), else raise; one real number, as
+    :func:`~torchfim.errors.real_number` takes it (a 0-dim tensor or NumPy number too)."""
+    number = real_number(value)
     ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (low <= value if closed_low else low < value)
-        and value < high
+        number is not None
+        and math.isfinite(number)
+        and (low <= number if closed_low else low < number)
+        and number < high
     )
     if not ok:
         interval = f"{'[' if closed_low else '('}{low:g}, {high:g})"
         raise TorchfimError(f"{name} must be in {interval}, got {value!r}")
-    return float(value)
+    return number
 
 
 def _rng(generator_or_seed: object) -> np.random.Generator:
@@ -196,9 +196,9 @@ def _rng(generator_or_seed: object) -> np.random.Generator:
         return generator_or_seed
     if generator_or_seed is None or isinstance(generator_or_seed, np.random.SeedSequence):
         return np.random.default_rng(generator_or_seed)
-    if isinstance(generator_or_seed, numbers.Integral) and not isinstance(generator_or_seed, bool):
-        if generator_or_seed >= 0:
-            return np.random.default_rng(int(generator_or_seed))
+    seed = whole_number(generator_or_seed)  # a 0-dim integer tensor too
+    if seed is not None and seed >= 0:
+        return np.random.default_rng(seed)
     raise TorchfimError(
         "generator_or_seed must be a non-negative int, a numpy.random.Generator, a "
         f"numpy.random.SeedSequence or None, got {generator_or_seed!r}"
@@ -295,13 +295,10 @@ def prob_outperform(
         raise TorchfimError(f"need at least 2 paired runs to compare A and B, got {n}")
     confidence = _check_probability("confidence", confidence, 0.0, 1.0, closed_low=False)
     gamma = _check_probability("gamma", gamma, 0.5, 1.0, closed_low=True)
-    if (
-        isinstance(n_bootstrap, bool)
-        or not isinstance(n_bootstrap, numbers.Integral)
-        or n_bootstrap < 1
-    ):
+    resamples = whole_number(n_bootstrap)  # a 0-dim integer tensor too
+    if resamples is None or resamples < 1:
         raise TorchfimError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
-    n_bootstrap = int(n_bootstrap)
+    n_bootstrap = resamples
     rng = _rng(generator_or_seed)
 
     # Twice each pair's score, as a small integer: 2 for a win of A, 1 for a tie, 0 for a loss.
@@ -372,9 +369,10 @@ def fewest_pairs(confidence: float = 0.95, losses: int = 0, gamma: float = 0.75)
     """
     confidence = _check_probability("confidence", confidence, 0.0, 1.0, closed_low=False)
     gamma = _check_probability("gamma", gamma, 0.5, 1.0, closed_low=True)
-    if isinstance(losses, bool) or not isinstance(losses, numbers.Integral) or losses < 0:
+    count = whole_number(losses)
+    if count is None or count < 0:
         raise TorchfimError(f"losses must be a non-negative integer, got {losses!r}")
-    losses = int(losses)
+    losses = count
     # The winner must win more than it loses: the two-sided test is symmetric, so from losses + 1
     # pairs on, 1 win against 8 or more losses would pass too -- as a verdict for the other method.
     n = 2 * losses + 1

@@ -9,13 +9,12 @@ paired runs of two methods are compared.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from .errors import TorchfimError
+from .errors import TorchfimError, whole_number
 
 __all__ = ["SOURCES", "SeedPlan", "derive_seeds", "seeds", "torch_generator"]
 
@@ -31,10 +30,12 @@ _RUNS_SPAWN_KEY = 0x52554E53
 
 
 def _check_seed(name: str, seed: object) -> int:
-    """``seed`` as an int if it is a non-negative integer, else raise."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    """``seed`` as an int if it is a non-negative integer (a Python or NumPy one, or a 0-dim integer tensor), else
+    raise."""
+    number = whole_number(seed)
+    if number is None or number < 0:
         raise TorchfimError(f"{name} must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    return number
 
 
 def _seed_from(sequence: np.random.SeedSequence) -> int:
