@@ -152,3 +152,13 @@ def test_seeds_given_as_zero_dim_integer_tensors_are_taken_as_their_value():
     for bad in (torch.tensor(5.0), torch.tensor(-1), torch.tensor([5]), torch.tensor(True)):
         with pytest.raises(ValueError, match="seed must be a non-negative integer"):
             torch_generator(bad)
+
+
+def test_a_seed_torch_cannot_take_is_refused_naming_derive_seeds():
+    # From a review: torch_generator(2**64) raised torch's bare "Overflow when unpacking long long"; a 128-bit
+    # SeedSequence entropy is a master seed numpy recommends, which derive_seeds takes.
+    assert torch_generator(2**64 - 1).initial_seed() == 2**64 - 1
+    with pytest.raises(compare.TorchfimError, match=r"seed must be below 2\*\*64 .*derive_seeds"):
+        torch_generator(2**64)
+    entropy = 0x8C3C010CB4754C905776BDAC5EE7501  # a SeedSequence().entropy
+    assert derive_seeds(entropy).generator("init").initial_seed() == derive_seeds(entropy).init

@@ -187,7 +187,9 @@ def torch_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gene
     randomness cannot shift another's stream.
 
     Args:
-        seed: a non-negative integer, e.g. a field of a :class:`SeedPlan`.
+        seed: a non-negative integer below ``2**64`` (what ``torch.Generator.manual_seed`` takes), e.g. a field
+            of a :class:`SeedPlan`; a larger one (a 128-bit ``SeedSequence`` entropy) is refused, naming
+            :func:`derive_seeds`, which takes any size.
         device: where the generator lives (``"cpu"``, ``"cuda"``, ...); it must match the device
             of the tensors it draws.
 
@@ -199,6 +201,9 @@ def torch_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gene
     123
     """
     seed = _check_seed("seed", seed)
+    if seed >= 2**64:  # torch raised a bare "Overflow when unpacking long long"
+        raise TorchfimError(f"seed must be below 2**64 for a torch.Generator, got {seed}; derive 32-bit seeds from "
+                            "it with derive_seeds(seed) (e.g. derive_seeds(seed).generator('init'))")
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
