@@ -104,14 +104,25 @@ def test_score_only_when_asked_for_and_its_files(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["trace"]["exact"] > 0
 
 
-def test_one_input_has_no_standard_error_and_the_report_says_so():
-    model, X, y = _wide_model()
-    R = report_mod.compute_report(nn.Linear(4, 3).double(), report_mod.Data(X[:1], None, "one"), progress=False,
-                                  score_only=True)
-    assert R["trace"]["trace_score_stderr"] is None and R["trace"]["samples_needed_score"] is None
-    text = report_mod.run_report(nn.Linear(4, 3).double(), X[:1], out=None, progress=False, emit=None,
-                                 score_only=True)["markdown"]
-    assert "**Tr(F) ≈" in text and "± –**" in text
+def test_one_input_has_the_label_noise_of_its_trace_and_no_spread_between_inputs():
+    """One input is the whole population the report is conditional on: its standard error is that input's label
+    noise, ``√(var_j(s_1j)/k)`` over the report's own draws (seed + 1, as the library draws them), while the standard
+    error that takes the inputs as a sample of the data needs a spread between inputs and is left out ("–")."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    model = nn.Linear(4, 3).double()
+    with torch.no_grad():  # p = (0.15, 0.425, 0.425): the report's two uniforms (0.061, 0.225) pick classes 0 and 1
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.15, 0.425, 0.425], dtype=torch.float64).log())
+    R = report_mod.compute_report(model, report_mod.Data(x, None, "one"), progress=False, score_only=True)
+    k = R["n_samples"]
+    draws = squared_score_norms(model, x, n_samples=k, generator=torch.Generator().manual_seed(R["seed"] + 1))
+    s = draws.per_tensor.sum(0)[0].double()  # (k,): the one input's squared score norms
+    assert k >= 2 and float(s.var()) > 0  # draws that differ: the error bar is no rounding of 0
+    assert R["trace"]["trace_score_stderr"] == pytest.approx(math.sqrt(float(s.var()) / k), rel=1e-12)
+    assert R["trace"]["trace_score_stderr_inputs"] is None
+    text = report_mod.run_report(model, x, out=None, progress=False, emit=None, score_only=True)["markdown"]
+    assert "the standard error of E_x Tr(F(x)) is – (input spread and label noise)" in text
 
 
 def test_a_real_vocabulary_language_model_gets_the_score_only_report():
