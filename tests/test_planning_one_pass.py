@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from one_pass_cases import close, equal, forms, problem
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import torchfim
 from torchfim.combined import combined_variance
@@ -24,70 +24,26 @@ from torchfim.one_pass import summed_parts
 STRUCTURES = ("diag", "trace", "full", "blocks")
 
 
-class _Tagger(nn.Module):
-    """Token ids ``(B, T)`` → logits ``(B, T, C)``: an output with positions, with a mask."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.head = nn.Embedding(7, 5), nn.Linear(5, 4)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.embed(ids)))
-
-
-def _problem(name: str) -> tuple[nn.Module, Tensor, str, object]:
-    """Model (float64), inputs, family and mask of each case."""
-    torch.manual_seed(0)
-    if name == "mlp":
-        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double(), \
-            torch.randn(11, 4, dtype=torch.float64), "categorical", None
-    if name == "gaussian":
-        return nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)).double(), \
-            torch.randn(11, 4, dtype=torch.float64), "gaussian", None
-    return _Tagger().double(), torch.randint(0, 7, (11, 3)), "categorical", (lambda b: b != 0)
-
-
-def _forms(x: Tensor) -> dict[str, Callable[[], object]]:
-    """The inputs as a list of uneven mini-batches, a DataLoader and a one-shot generator that refills one buffer."""
-
-    def refilled() -> Iterator[Tensor]:
-        buffer = torch.empty_like(x[:4])
-        for start in range(0, len(x), 4):
-            part = buffer[: len(x[start : start + 4])]
-            part.copy_(x[start : start + 4])
-            yield part
-
-    return {"list": lambda: [x[:4], x[4:8], x[8:]],
-            "loader": lambda: DataLoader(TensorDataset(x), batch_size=4),
-            "refilled": refilled}
-
-
-def _equal(got: object, want: object) -> bool:
-    if isinstance(want, dict):
-        return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    return torch.equal(got, want)
-
-
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("name", ["mlp", "gaussian", "tagger"])
 def test_the_parts_of_one_pass_are_each_functions_own_pass(name: str, structure: str) -> None:
     """Each part, summed in the one pass, equals to the bit the public function's own pass over the same
     mini-batches, from a list, a loader and a refilling generator alike."""
-    model, x, fam, mask = _problem(name)
+    model, x, fam, mask = problem(name)
     batches = [x[:4], x[4:8], x[8:]]
     how = dict(family=fam, structure=structure, mask=mask)
     want = {"exact": torchfim.fisher(model, batches, **how),
             "score": torchfim.fisher_variance(model, batches, estimator="score", n_samples=2, **how),
             "hessian": torchfim.fisher_variance(model, batches, estimator="hessian", n_samples=2, **how),
             "combined": combined_variance(model, batches, n_samples=2, **how)}
-    for form, make in _forms(x).items():
+    for form, make in forms(x, loader_itself=True).items():
         got, unavailable = summed_parts(model, make(), fam, structure, ("score", "exact", "hessian"), 2, what="test",
                                         mask=mask)
         assert unavailable is None
         for part in ("score", "exact", "hessian"):
-            assert _equal(got[part], want[part]), (form, part)
+            assert equal(got[part], want[part]), (form, part)
         got, _ = summed_parts(model, make(), fam, structure, ("combined", "exact"), 2, what="test", mask=mask)
-        assert _equal(got["combined"], want["combined"]) and _equal(got["exact"], want["exact"]), form
+        assert equal(got["combined"], want["combined"]) and equal(got["exact"], want["exact"]), form
 
 
 @pytest.mark.filterwarnings("ignore:torchfim. samples_needed")  # the worst entry named, with structure="diag"
@@ -95,12 +51,12 @@ def test_the_parts_of_one_pass_are_each_functions_own_pass(name: str, structure:
 def test_the_public_calls_on_a_loader_are_those_on_a_list(name: str) -> None:
     """samples_needed, compare_estimators (rows from fisher_variance and fisher by hand) and variance_bound: the
     same numbers from a list, a loader and a refilling generator of the same mini-batches."""
-    model, x, fam, mask = _problem(name)
+    model, x, fam, mask = problem(name)
     batches = [x[:4], x[4:8], x[8:]]
     diag = torchfim.fisher(model, batches, family=fam, structure="diag", mask=mask)
     variances = {e: torchfim.fisher_variance(model, batches, family=fam, estimator=e, structure="diag", n_samples=3,
                                              mask=mask) for e in ("score", "hessian")}
-    for form, make in _forms(x).items():
+    for form, make in forms(x, loader_itself=True).items():
         for estimator in ("score", "hessian", "combined"):
             for structure in ("trace", "diag"):
                 got = torchfim.samples_needed(model, make(), family=fam, estimator=estimator, structure=structure,
@@ -121,7 +77,7 @@ def test_the_public_calls_on_a_loader_are_those_on_a_list(name: str) -> None:
                                           mask=mask)
             want = torchfim.hessian_variance_bound_spectral(model, batches, family=fam, structure=structure,
                                                             mask=mask)
-            assert _equal(got, want), (form, structure)
+            assert equal(got, want), (form, structure)
 
 
 def _live_counts(call: Callable[[Iterator[Tensor]], object], batches: int = 12) -> list[int]:
@@ -198,16 +154,6 @@ def test_a_comparison_without_the_hessian_estimator_reads_a_generator_once() -> 
         torchfim.samples_needed(model, (x[i : i + 3] for i in range(0, 9, 3)), estimator="hessian")
 
 
-def _close(got: object, want: object) -> None:
-    """Entry by entry to 1e-12 of the largest entry (a dict of blocks: of all blocks)."""
-    pairs = [(got[k], want[k]) for k in want] if isinstance(want, dict) else [(got, want)]
-    scale = max(float(w.abs().max()) for _, w in pairs)
-    assert scale > 0
-    for g, w in pairs:
-        assert g.dtype == w.dtype == torch.float64
-        assert float((g - w).abs().max()) <= 1e-12 * scale
-
-
 @pytest.mark.parametrize("structure", ["diag", "trace"])
 @pytest.mark.parametrize("name", ["mlp", "tagger"])
 def test_mini_batches_cut_into_row_groups_give_each_functions_parts(name: str, structure: str,
@@ -220,7 +166,7 @@ def test_mini_batches_cut_into_row_groups_give_each_functions_parts(name: str, s
     import torchfim.engine.loop as loop
     import torchfim.engine.row_groups as row_groups
 
-    model, x, fam, mask = _problem(name)
+    model, x, fam, mask = problem(name)
     recorded, sizes = loop.recorded, []
     monkeypatch.setattr(loop, "recorded", lambda view, backend, part: sizes.append(part.size) or
                         recorded(view, backend, part))
@@ -231,8 +177,8 @@ def test_mini_batches_cut_into_row_groups_give_each_functions_parts(name: str, s
     got, _ = summed_parts(model, iter(batches), fam, structure, ("score", "exact", "hessian"), 1, what="test",
                           mask=mask)
     assert sum(sizes) == 11 and max(sizes) <= 2, sizes  # recorded in groups of at most 2 rows
-    _close(got["exact"], torchfim.fisher(model, batches, family=fam, structure=structure, mask=mask))
+    close(got["exact"], torchfim.fisher(model, batches, family=fam, structure=structure, mask=mask))
     want = {e: torchfim.fisher_variance(model, batches, family=fam, estimator=e, structure=structure, mask=mask)
             for e in ("score", "hessian")}
-    assert _equal(got["score"], want["score"])
-    _close(got["hessian"], want["hessian"])
+    assert equal(got["score"], want["score"])
+    close(got["hessian"], want["hessian"])
