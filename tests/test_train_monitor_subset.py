@@ -145,14 +145,19 @@ def test_subset_edge_cases_and_errors() -> None:
         FisherTraceMonitor(model, torch.full((4, 3), float("nan"), dtype=torch.float64))
 
 
-@pytest.mark.parametrize("held, subset", [(10, 1), (1, None)], ids=["a-window-of-one", "one-held-input"])
-def test_one_input_per_measurement_is_named_at_construction(held: int, subset: int | None) -> None:
+ONE_HELD = "hold at least 2 inputs, or pass subset=1 with n_samples ≥ 2 for the label noise of the one held input alone$"
+
+
+@pytest.mark.parametrize("held, subset, k, fix", [(10, 1, 3, "pass subset ≥ 2$"), (1, None, 3, ONE_HELD),
+                                                  (1, 1, 1, ONE_HELD)],
+                         ids=["a-window-of-one", "one-held-input", "one-held-input-in-a-window-of-one-label"])
+def test_one_input_per_measurement_is_named_at_construction(held: int, subset: int | None, k: int, fix: str) -> None:
     """A single input has no spread to estimate: the standard error is NaN, which the monitor says when built
-    (with the fix) rather than only in its records."""
+    (with a fix that can help: a larger window only where there are more held inputs) rather than only in its
+    records."""
     model, x = tanh_mlp(3, seed=68), mlp_inputs(held, seed=69)
-    fix = "pass subset ≥ 2" if subset else "hold at least 2 inputs$"  # a subset cannot help one held input
     with pytest.warns(RuntimeWarning, match=rf"measures 1 input per measurement.*NaN.*{fix}"):
-        mon = FisherTraceMonitor(model, x, subset=subset, n_samples=3)
+        mon = FisherTraceMonitor(model, x, subset=subset, n_samples=k)
     record = mon.measure(0)
     assert record.n_inputs == 1 and math.isnan(record.stderr) and math.isfinite(record.trace)
     with warnings.catch_warnings():
