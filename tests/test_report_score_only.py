@@ -120,9 +120,31 @@ def test_one_input_has_the_label_noise_of_its_trace_and_no_spread_between_inputs
     s = draws.per_tensor.sum(0)[0].double()  # (k,): the one input's squared score norms
     assert k >= 2 and float(s.var()) > 0  # draws that differ: the error bar is no rounding of 0
     assert R["trace"]["trace_score_stderr"] == pytest.approx(math.sqrt(float(s.var()) / k), rel=1e-12)
-    assert R["trace"]["trace_score_stderr_inputs"] is None
+    assert R["trace"]["trace_score_stderr_inputs"] is None and R["trace"]["label_spread_unseen"] is False
     text = report_mod.run_report(model, x, out=None, progress=False, emit=None, score_only=True)["markdown"]
     assert "the standard error of E_x Tr(F(x)) is – (input spread and label noise)" in text
+    assert "gave the same value" not in text
+
+
+def test_draws_that_all_coincide_leave_the_standard_error_out_and_say_why():
+    """Where every input's k draws give one value (here the one input's two uniforms, 0.061 and 0.225, both fall in
+    class 0 of p = (0.9, 0.05, 0.05)), their spread was not seen: the report states no standard error, and no labels
+    per input, rather than ± 0 (an exact Tr(F)) and "1 label enough", and says why and what to do."""
+    x = torch.randn(1, 4, dtype=torch.float64)
+    model = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.9, 0.05, 0.05], dtype=torch.float64).log())
+    R = report_mod.compute_report(model, report_mod.Data(x, None, "one"), progress=False, score_only=True)
+    k = R["n_samples"]
+    draws = squared_score_norms(model, x, n_samples=k, generator=torch.Generator().manual_seed(R["seed"] + 1))
+    assert float(draws.per_tensor.sum(0)[0].var()) == 0  # the case: the draws coincide
+    for entry in (R["trace"], *R["layers"]):
+        assert entry["trace_score_stderr"] is None and entry["samples_needed_score"] is None, entry
+        assert entry["label_spread_unseen"] is True and entry["trace_score_estimate"] > 0
+    text = report_mod.run_report(model, x, out=None, progress=False, emit=None, score_only=True)["markdown"]
+    assert "± –**" in text and f"The input's {k} labels gave the same value, so the spread" in text
+    assert "Draw more labels per input (n_samples=K)" in text
 
 
 def test_a_real_vocabulary_language_model_gets_the_score_only_report():

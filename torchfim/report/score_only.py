@@ -93,9 +93,14 @@ def _entry(norms, name: str | None, empirical: float | None, k: int) -> dict:
     ``k·s.e.²`` that the draws estimate."""
     estimate, stderr = norms.trace(name)
     _, stderr_inputs = norms.trace(name, inputs_as_sample=True)
+    # Every input's k draws gave one value: the labels' spread was not seen, which is no exact Tr(F) (a zero error bar
+    # would claim one, and one label per input enough); left out ("–"), and the text says so.
+    unseen = stderr == 0.0 and estimate > 0.0
+    stderr = math.nan if unseen else stderr
     return {
         "trace_score_estimate": json_float(estimate),
         "trace_score_stderr": json_float(stderr),
+        "label_spread_unseen": unseen,
         "trace_score_stderr_inputs": json_float(stderr_inputs),
         "samples_needed_score": samples_needed(k * stderr**2 if math.isfinite(stderr) else None, estimate,
                                                settings.REL_ERROR),

@@ -56,6 +56,12 @@ def markdown_score_only(R: dict) -> str:
         f"{fmt(T['trace_score_stderr_inputs'])} (input spread and label noise). Labels per input for "
         f"{a_or_an(pct_error)} relative standard error (one σ: s.e. ≤ {pct_error} of Tr(F)): "
         f"{fmt(T['samples_needed_score'])}.")
+    if unseen := [entry for entry in (T, *R["layers"]) if entry.get("label_spread_unseen")]:
+        which = "" if unseen[0] is T else " for " + ", ".join(f"`{entry['name']}`" for entry in unseen)
+        add("")
+        add(f"{'Each' if n > 1 else 'The'} input's {k} labels gave the same value{which}, so the spread of the labels, and with it the "
+            "standard error, was not seen (–): a zero would claim an exact Tr(F). Draw more labels per input "
+            f"({option('n_samples', metavar='K')}).")
     add("")
     add(f"![Tr(F) per layer by the score estimator]({SCORE_ONLY_FIGURE})")
     add("")
