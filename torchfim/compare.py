@@ -31,6 +31,7 @@ A typical study:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -134,10 +135,12 @@ def _percent(confidence: float) -> str:
 
 
 def _as_runs(x: object, name: str) -> np.ndarray:
-    """``x`` as a 1-D float64 array of finite values, else a TorchfimError naming ``name``."""
+    """``x`` as a 1-D array of finite values, else a TorchfimError naming ``name``: float64, or integers where ``x``
+    holds integers (:func:`_exact_runs`)."""
     if isinstance(x, torch.Tensor):
-        # float64 first: numpy has no bfloat16, so .numpy() refuses a bfloat16 tensor.
-        x = x.detach().to("cpu", torch.float64).numpy()
+        # float64 first: numpy has no bfloat16, so .numpy() refuses a bfloat16 tensor; integers kept as they are.
+        x = x.detach().cpu()
+        x = (x.to(torch.float64) if x.is_floating_point() or x.is_complex() else x).numpy()
     _refuse_text(x, name)
     try:
         arr = np.asarray(x, dtype=np.float64)
@@ -156,7 +159,30 @@ def _as_runs(x: object, name: str) -> np.ndarray:
             f"{name} has non-finite values (NaN or inf) at index {bad[:5].tolist()}; "
             "drop or fix the failed runs, together with their partners in the other method"
         )
-    return arr
+    return _exact_runs(x, arr)
+
+
+def _exact_runs(x: object, arr: np.ndarray) -> np.ndarray:
+    """The values of ``x`` to compare, ``arr`` being them checked as float64: integers kept as integers (an int64
+    tensor or NumPy integer array as it is, Python ints as ints), so that ``2**53 + 1`` still beats ``2**53``."""
+    if isinstance(x, np.ndarray):
+        return x if x.dtype.kind in "iub" else arr
+    if not isinstance(x, (list, tuple)):
+        return arr
+    items = [v.item() if isinstance(v, (np.generic, np.ndarray, torch.Tensor)) else v for v in x]
+    if not any(isinstance(v, numbers.Integral) for v in items):
+        return arr
+    if all(isinstance(v, numbers.Integral) for v in items):
+        return np.asarray([int(v) for v in items])  # int64, or objects past its range
+    return np.array([int(v) if isinstance(v, numbers.Integral) else float(v) for v in items], dtype=object)
+
+
+def _pair_outcomes(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``x > y`` and where ``x == y``, decided on the exact values: NumPy compares an integer with a float
+    (or int64 with uint64) as float64, so such pairs are compared as Python numbers, which compare exactly."""
+    if x.dtype.kind != y.dtype.kind or x.dtype.kind == "O":
+        x, y = x.astype(object), y.astype(object)
+    return np.asarray(x > y, dtype=bool), np.asarray(x == y, dtype=bool)
 
 
 def _refuse_text(x: object, name: str) -> None:
@@ -223,8 +249,9 @@ def prob_outperform(
         P = (1/n) * sum_i ( 1[a_i > b_i] + 0.5 * 1[a_i == b_i] ),
 
     so a method compared with itself gives exactly 0.5, and ``P(a, b) = 1 - P(b, a)``, to the last bit
-    (the sum is rounded to a multiple of 2**-53, as the interval is). Ties are exact float equality:
-    round the metric first if tiny differences are noise.
+    (the sum is rounded to a multiple of 2**-53, as the interval is). Wins and ties are decided on the exact
+    values, integers as integers (``2**53 + 1`` beats ``2**53``, also against the float ``2.0**53``), floats as floats:
+    ties are exact equality, so round the metric first if tiny differences are noise.
 
     The confidence interval is the percentile bootstrap: resample the ``n`` pairs with replacement
     ``n_bootstrap`` times, recompute P on each resample, and take the ``(1 - confidence) / 2`` and
@@ -305,7 +332,8 @@ def prob_outperform(
     # Twice each pair's score, as a small integer: 2 for a win of A, 1 for a tie, 0 for a loss.
     # Integer sums keep the estimate exact: swapping A and B turns total into 2n - total. total / (2n) rounded
     # alone missed 1 - P(b, a) by one bit below 1/2 (1/6 against 1 - 5/6); rounded as the interval is, it cannot.
-    doubled = (2 * (x > y) + (x == y)).astype(np.int64)
+    wins, ties = _pair_outcomes(x, y)
+    doubled = (2 * wins + ties).astype(np.int64)
     total = int(doubled.sum())
     p = _mirrored_float(Fraction(total, 2 * n))
 
@@ -318,7 +346,7 @@ def prob_outperform(
         boot[start:stop] = doubled[idx].sum(axis=1)
     ci_low, ci_high = _percentile_interval(boot, 2 * n, 1.0 - confidence)
 
-    sign_test_p = _sign_test(int((x > y).sum()), int((x < y).sum()))
+    sign_test_p = _sign_test(int(wins.sum()), int((~wins & ~ties).sum()))
     agrees = sign_test_p <= 1.0 - confidence
     ci_low_above, ci_high_below = ci_low > 0.5 and agrees, ci_high < 0.5 and agrees
     significant = ci_low_above or ci_high_below
