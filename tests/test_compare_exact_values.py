@@ -1,7 +1,9 @@
 """torchfim.compare.prob_outperform decides each pair's win, tie or loss on the exact values: integers as integers
-(Python ints, integer tensors and NumPy integer arrays, and an integer against a float), floats as floats.
+(Python ints, integer tensors and NumPy integer arrays, and an integer against a float), floats as floats; and its line reads the
+confidence in the precision it was given in.
 
-Oracle: the wins, ties and losses counted with Python's own comparisons, which are exact between ints and floats.
+Oracle: the wins, ties and losses counted with Python's own comparisons, which are exact between ints and floats;
+the confidence's text written out by hand.
 """
 
 from __future__ import annotations
@@ -57,3 +59,14 @@ def test_ordinary_integers_give_the_same_result_as_the_same_values_as_floats():
         assert prob_outperform(a, b, generator_or_seed=1) == ref
         assert prob_outperform(a.tolist(), b.astype(np.float64).tolist(), generator_or_seed=1) == ref
         assert prob_outperform(torch.from_numpy(a), torch.from_numpy(b).float(), generator_or_seed=1) == ref
+
+
+@pytest.mark.parametrize(("confidence", "text"), [
+    (np.float32(0.9), "90% CI"), (torch.tensor(0.9), "90% CI"), (np.float16(0.9), "90% CI"),
+    (np.float32(0.975), "97.5% CI"), (0.975, "97.5% CI"), (0.95, "95% CI"), (0.999, "99.9% CI"),
+    (0.99999999, "99.999999% CI"), (float(np.float32(0.9)) + 2**-53, "89.99999761581422% CI")])
+def test_confidence_reads_as_given_in_its_own_precision(confidence, text):
+    # From a review: confidence=np.float32(0.9), 0.8999999761581421 as a float64, read "89.99999762% CI".
+    r = prob_outperform([3, 4, 5], [1, 2, 3], confidence=confidence)
+    assert f", {text} [" in str(r)
+    assert r.confidence == float(confidence)  # the interval's level itself is the value given

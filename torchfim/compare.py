@@ -34,6 +34,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 
 import numpy as np
@@ -130,8 +131,14 @@ def _p_value(p: float) -> str:
 
 
 def _percent(confidence: float) -> str:
-    """``0.95`` -> ``'95%'``, ``0.999`` -> ``'99.9%'``."""
-    return f"{100 * confidence:.10g}%"
+    """``0.95`` -> ``'95%'``, ``0.999`` -> ``'99.9%'``, and ``np.float32(0.9)`` (0.8999999761581421 as a float)
+    -> ``'90%'``: the shortest decimal that gives back the value in the narrowest of float16, float32 and float64
+    that holds it exactly (its own precision, where it came as one of them), times 100 in decimal."""
+    for dtype in (np.float16, np.float32, np.float64):
+        if float(dtype(confidence)) == confidence:
+            break
+    shortest = Decimal(np.format_float_positional(dtype(confidence), unique=True, trim="-"))
+    return f"{shortest.scaleb(2).normalize():f}%"
 
 
 def _as_runs(x: object, name: str) -> np.ndarray:
