@@ -112,6 +112,12 @@ def _refusals(model: nn.Module) -> list[str]:
     return said
 
 
+#: Held inputs, subset and n_samples of monitors whose smallest window is one input: finite where every window of
+#: one input is its process's whole share and k ≥ 2 (True), else NaN.
+WHOLE_SHARES = {"shares 2 and 1, windows of 2": (3, 3, 2, True), "shares of 1, windows of 1": (2, 2, 2, True),
+                "one label": (3, 3, 1, False), "a window of 1 of 2": (3, 2, 2, False), "no subset": (2, None, 2, False)}
+
+
 def _small_held(module: nn.Module) -> dict[str, str]:
     """What each process says of held sets too small to share: one input (process 1 gets none), and three (process
     1 gets one, a NaN standard error on every record). A processes trial: process 1 alone refused the first, and
@@ -127,6 +133,16 @@ def _small_held(module: nn.Module) -> dict[str, str]:
         record = FisherTraceMonitor(copy.deepcopy(module), HELD[:3], across_processes=True).measure(0)
     said["three"] = " ".join(str(w.message) for w in caught if "standard error" in str(w.message))
     said["three stderr"] = record.stderr
+    # From a review: a window of one input that is its process's whole share has its label noise as error bar (k ≥ 2),
+    # as one process's has, and the record's variance Σ_r (N_r/N)² V_r is then finite; it was warned of as NaN.
+    said["label noise"] = {}
+    for name, (n, subset, k, _) in WHOLE_SHARES.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monitor = FisherTraceMonitor(copy.deepcopy(module), HELD[:n], across_processes=True, subset=subset,
+                                         n_samples=k)
+        said["label noise"][name] = ([monitor.measure(step).stderr for step in range(2)],
+                                     [str(w.message) for w in caught if "standard error" in str(w.message)])
     # A monitor refused on process 1 alone when built (an option chosen by rank): process 0 waited for it at its
     # first measurement until the group's timeout; now both stop when built, process 0 naming it.
     rank = torch.distributed.get_rank()
@@ -276,3 +292,7 @@ def test_held_sets_too_small_to_share_are_named_on_every_process(ran: Path) -> N
         assert math.isnan(small["three stderr"])
         assert ("every must be" if rank else "1 other process failed to build it (the error is raised there)") \
             in small["refused on one"], rank
+        for name, (_, _, _, finite) in WHOLE_SHARES.items():
+            stderrs, warned = small["label noise"][name]
+            assert all(math.isfinite(e) for e in stderrs) if finite else all(math.isnan(e) for e in stderrs), name
+            assert len(warned) == (0 if finite or rank else 1), (name, rank, warned)  # the first warns, if any

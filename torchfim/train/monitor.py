@@ -344,8 +344,11 @@ class FisherTraceMonitor:
         size = n if m is None else min(m, n)
         where = " per process" if self._share is not None else ""
         check_window(size, control_variate, 1 if self._share is None else self._share.world, m is not None and m < n)
-        # One held input measured whole (subset given) with k ≥ 2: its label noise alone, a finite error.
-        label_only = self._share is None and m is not None and n == 1 and self.n_samples > 1
+        # A window of one input that is its process's whole share (subset given) with k ≥ 2: its label noise alone,
+        # a finite error. Across processes the record's variance is Σ_r (N_r/N)² V_r, NaN where any V_r is: so
+        # finite where every window of one is a whole share: windows of ⌈m/W⌉ ≥ 2, or every share one input.
+        largest = n if self._share is None else self._share.largest
+        label_only = m is not None and self.n_samples > 1 and (m >= 2 or largest == 1)
         if size < 2 and not label_only and (self._share is None or self._share.rank == 0):  # said once
             world = 1 if self._share is None else self._share.world
             fix = (f"pass subset ≥ {2 * world}" if m is not None and m < 2 and n >= 2 else  # a window can grow

@@ -91,6 +91,12 @@ class ProcessShare:
     smallest: int
     first: Batch
 
+    @property
+    def largest(self) -> int:
+        """The most inputs any process holds: the first process's share, ``Σ ⌈size/world⌉`` over the held
+        mini-batches."""
+        return sum(len(range(0, size, self.world)) for size in self.sizes)
+
     def measured(self, measure: Callable[[], tuple[float, float, float, int]], generator: torch.Generator,
                  model: nn.Module, settings: tuple,
                  probe: Callable[[], list[float]]) -> tuple[float, float, float, int]:
