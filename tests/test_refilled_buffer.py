@@ -1,8 +1,9 @@
-"""A loader that refills one buffer before each ``yield`` (a streaming or prefetching pattern): what torchfim reads
-again after the pass (the standard error's mini-batches, ``samples_needed``'s and ``compare_estimators``' second
-pass, the bounds', a monitor's held inputs) is a copy of each mini-batch as it came, not the buffer. It held the last
-mini-batch N times: standard errors 1.95× the variance, ``samples_needed`` 541 for 572 (a review). Oracle: the same
-calls on the inputs as one tensor."""
+"""A loader that refills one buffer before each ``yield`` (a streaming or prefetching pattern): every call reads each
+mini-batch as it came, not the buffer as it ends. When the standard error, ``samples_needed``, ``compare_estimators``
+and the bounds read their inputs again after a first pass, they held the last mini-batch N times (standard errors
+1.95× the variance, ``samples_needed`` 541 for 572: a review); they now read each mini-batch once, in one pass
+(``torchfim.one_pass``), and a monitor keeps a copy of its held inputs as they came. Oracle: the same calls on the
+inputs as one tensor."""
 
 from __future__ import annotations
 
