@@ -182,7 +182,7 @@ def fisher(
                         bool(return_stderr), class_dim, per_position))
     if estimator == "combined":
         combined = combined_terms(model, inputs, fam, structure, k, draw=True, targets=targets, generator=generator,
-                                  backend=name, progress=progress, mask=_tensor_mask(mask, inputs), output=output,
+                                  backend=name, progress=progress, mask=whole_data_mask(mask, inputs), output=output,
                                   class_dim=class_dim)
         if not return_stderr:
             return combined.estimate
@@ -194,7 +194,7 @@ def fisher(
         with engine_pass(model, name, output, class_dim) as one:
             drawing = generator if share is None or not draws else share.generator(generator, one.view.device)
             result = make_structure(structure, one.view.layout)
-            batch_mask = _tensor_mask(mask, inputs)
+            batch_mask = whole_data_mask(mask, inputs)
             # The standard error's per-input terms, summed in this same pass: no mini-batch is held for a second one.
             spread = EstimateVariance(one, fam, estimator, structure, k, batch_mask) if return_stderr and draws else None
             # The exact Fisher pulls back many vectors and draws nothing: large mini-batches go in row groups.
@@ -245,7 +245,7 @@ def _row_share(across_processes: object, estimator: str, mask: Mask, output: obj
     return share
 
 
-def _tensor_mask(mask: Mask, inputs: object) -> Mask:
+def whole_data_mask(mask: Mask, inputs: object) -> Mask:
     """A mask tensor for the whole data set becomes a function of each mini-batch's rows."""
     if not isinstance(mask, Tensor):
         return mask

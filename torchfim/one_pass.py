@@ -28,7 +28,7 @@ from .engine.session import Pass, engine_pass
 from .engine.view import Mask
 from .estimators import add_estimate
 from .families import Family, get_family
-from .fisher import _tensor_mask
+from .fisher import whole_data_mask
 from .process_rows import row_share
 from .structures import PublicValue, entrywise, make_structure, structure_kind
 from .variance import add_variance_terms, squares_layout
@@ -119,7 +119,7 @@ def summed_parts(
     fam, backend = get_family(family), backend_name(backend, None)
     share = row_share(across_processes, mask, (what, parts, optional, structure_kind(structure), family_settings(fam), k,
                                                class_dim), output, what)
-    mask = _tensor_mask(mask, inputs)
+    mask = whole_data_mask(mask, inputs)
 
     unavailable: list[str] = []  # kept out of compute's result, whose shapes every process must share
 
