@@ -9,6 +9,7 @@ checked against the closed-form variance of the trace estimator over many draws.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -65,6 +66,7 @@ def test_the_mean_is_the_score_estimate_with_the_same_labels(case_name: str) -> 
         assert math.isclose(estimate, float(torch.diagonal(block).sum()), rel_tol=1e-12, abs_tol=1e-14)
 
 
+@pytest.mark.filterwarnings("ignore:every input's:RuntimeWarning")  # draws that coincide count, as 0
 def test_standard_errors_match_the_closed_form_variance_over_many_draws() -> None:
     """Over 400 draws of k = 2 labels for the 4 inputs: the estimates centre on the exact Tr(F), and the
     mean of the squared standard errors (an unbiased estimate of the estimator's variance, label noise
@@ -98,6 +100,7 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
     assert math.isnan(squared_score_norms(model, x[:1], n_samples=1).trace()[1])  # k = 1: no spread of any kind
 
 
+@pytest.mark.filterwarnings("ignore:every input's:RuntimeWarning")  # draws that coincide count, as 0
 def test_a_single_input_gets_the_label_noise_of_its_trace() -> None:
     """One input with k labels: the standard error about its own Tr(F(x₁)) is its label noise, the
     sample std of its k squared norms over √k, and over 400 draws its square centres on the variance of the
@@ -161,3 +164,30 @@ def test_squared_norms_from_position_grams_equal_per_sample_gradients(backend: s
         fam = one.view.family_for(rec.shape, rec.batch, get_family("categorical"), None)
         v = fam.sample_scores(rec.values, 2, torch.Generator().manual_seed(2))
         _close(one.backend.sample_squares(rec, v), got.total, 1e-10)
+
+
+def _dominant_class_model() -> nn.Module:
+    """A linear model whose every input has p = (0.9, 0.05, 0.05): two labels are usually the same class."""
+    model = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.9, 0.05, 0.05], dtype=torch.float64).log())
+    return model
+
+
+def test_draws_that_all_coincide_are_named_as_a_spread_not_seen() -> None:
+    """Where each input's k labels give one value the standard error is 0 (its square stays the unbiased variance
+    estimate over draws) and a warning says that the spread was not seen; draws that differ give neither."""
+    model, x = _dominant_class_model(), torch.randn(3, 4, dtype=torch.float64)
+    seeds = {seed: squared_score_norms(model, x, n_samples=2, generator=torch.Generator().manual_seed(seed))
+             for seed in range(40)}
+    same = next(s for s in seeds.values() if bool((s.total[:, 0] == s.total[:, 1]).all()))
+    differ = next(s for s in seeds.values() if not bool((s.total[:, 0] == s.total[:, 1]).all()))
+    assert same.label_spread_unseen() and same.label_spread_unseen("bias") and not differ.label_spread_unseen()
+    with pytest.warns(RuntimeWarning, match="labels gave the same squared score norm of 'bias'.*n_samples"):
+        assert same.trace("bias")[1] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert differ.trace()[1] > 0 and same.trace(inputs_as_sample=True)[1] >= 0
+    one_label = squared_score_norms(model, x, n_samples=1)
+    assert not one_label.label_spread_unseen()  # k = 1: no label spread to see

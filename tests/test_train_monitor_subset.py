@@ -232,3 +232,23 @@ def test_one_held_input_measured_whole_records_its_label_noise() -> None:
     s = score_sq_norms(model, x, y)[0]
     assert math.isclose(record.trace, float(s.mean()), rel_tol=1e-10)
     assert record.n_inputs == 1 and math.isclose(record.stderr, math.sqrt(float(s.var()) / 4), rel_tol=1e-10)
+
+
+def test_a_measurement_whose_labels_all_coincide_says_its_zero_error_is_a_spread_not_seen() -> None:
+    """One held input with p = (0.9, 0.05, 0.05), ``subset=1``, two labels: the measurements whose two labels are the
+    same class record a standard error of 0 (its square still the unbiased variance estimate); the first of them says
+    once that this is a spread not seen, the others and those that differ say nothing."""
+    model = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.9, 0.05, 0.05], dtype=torch.float64).log())
+    mon = FisherTraceMonitor(model, torch.randn(1, 4, dtype=torch.float64), subset=1, n_samples=2,
+                             generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = [mon.measure(step) for step in range(12)]
+    zero = [r.step for r in records if r.stderr == 0.0]
+    assert zero and len(zero) < len(records) and all(r.trace > 0 for r in records)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and f"measurement at step {zero[0]} gave the same squared score norm" in said[0]
+    assert "a spread not seen" in said[0] and "n_samples" in said[0]

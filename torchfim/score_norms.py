@@ -27,7 +27,7 @@ from ._batches import Inputs
 from .engine import backend_name, check_finite_result
 from .engine.session import engine_pass
 from .engine.view import Mask
-from .errors import TorchfimError, check_generator, check_n_samples
+from .errors import TorchfimError, check_generator, check_n_samples, warn_user
 from .estimators import sampled_scores
 from .families import Family, get_family
 from .keyword_hints import explains_keywords
@@ -74,10 +74,26 @@ class ScoreNorms:
         alone, ``√(var_j(s_1j)/k)`` (NaN with ``k = 1``), and with ``inputs_as_sample=True`` it is NaN.
         The variance behind it is estimated from few, skewed numbers when there are few inputs: ±1.96 s.e. then covers well under 95%
         (77% with 3 inputs and 2 labels each, 87% with 8, 93% with 32, in an error-bar trial).
+        Where every input's ``k`` labels gave one value (:meth:`label_spread_unseen`: a class drawn every time) the
+        default standard error is 0, which keeps its square an unbiased estimate of the variance over repeated draws
+        but, read alone, claims an exact ``Tr(F)``: a warning says that the labels' spread was not seen (the report
+        writes "–" there).
         """
         s = self.of(name)
         mean, variance = mean_and_variance(s, None if inputs_as_sample else s.shape[0])
+        if not inputs_as_sample and self.label_spread_unseen(name):
+            warn_user(f"every input's {s.shape[1]} labels gave the same squared score norm"
+                      f"{'' if name is None else f' of {name!r}'} (one class drawn every time): the spread of the "
+                      "labels was not seen, so the standard error of 0 is no exact Tr(F); draw more labels per input "
+                      "(n_samples)")
         return mean, math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else math.nan
+
+    def label_spread_unseen(self, name: str | None = None) -> bool:
+        """Whether ``k ≥ 2`` labels were drawn per input and each input's ``s_ij`` (of the tensor ``name``, None: the
+        whole model) are one value while their mean is above 0: the label noise that :meth:`trace`'s standard error
+        measures was not seen in these draws (a dominant class drawn every time), which is no exact ``Tr(F)``."""
+        s = self.of(name)
+        return s.shape[1] >= 2 and bool((s == s[:, :1]).all()) and bool(s.mean() > 0)
 
 
 @explains_keywords

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -91,12 +92,14 @@ def _entry(norms, name: str | None, empirical: float | None, k: int) -> dict:
     """The report.json entry of one layer (``name``) or of the whole model (None); the labels per input
     for a relative standard error (one σ) of :data:`~torchfim.report.settings.REL_ERROR` from the one-label variance
     ``k·s.e.²`` that the draws estimate."""
-    estimate, stderr = norms.trace(name)
-    _, stderr_inputs = norms.trace(name, inputs_as_sample=True)
     # Every input's k draws gave one value: the labels' spread was not seen, which is no exact Tr(F) (a zero error bar
-    # would claim one, and one label per input enough); left out ("–"), and the text says so.
-    unseen = stderr == 0.0 and estimate > 0.0
+    # would claim one, and one label per input enough); left out ("–"), and the text says so instead of a warning.
+    unseen = norms.label_spread_unseen(name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="every input's .* labels gave the same")
+        estimate, stderr = norms.trace(name)
     stderr = math.nan if unseen else stderr
+    _, stderr_inputs = norms.trace(name, inputs_as_sample=True)
     return {
         "trace_score_estimate": json_float(estimate),
         "trace_score_stderr": json_float(stderr),

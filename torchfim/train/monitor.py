@@ -213,7 +213,7 @@ class FisherTraceMonitor:
         self.n_inputs = sum(b.size for b in held)
         self._checksum: str | None = None  # of the held inputs, taken when a state is first saved or loaded
         self.history: list[TraceRecord] = []
-        self._order = StepOrder(model)
+        self._order, self._unseen_noted = StepOrder(model), False
         self.subset, self.control_variate = self._check_options(subset, control_variate)
         self._plan()
         self.columns = COLUMNS + (("variance_ratio",) if self.control_variate else ())
@@ -264,6 +264,7 @@ class FisherTraceMonitor:
             seconds=time.perf_counter() - start,
             variance_ratio=(variance / plain if plain > 0 else math.nan) if self.control_variate else None,
         )
+        self._note_unseen_spread(record)
         self.history.append(record)
         if self._csv is not None:
             self._csv.append(record)
@@ -359,6 +360,18 @@ class FisherTraceMonitor:
                       "error (the spread of the per-input values, which it needs two inputs to see) will be NaN; "
                       f"{fix}")
         return subset, control_variate
+
+    def _note_unseen_spread(self, record: TraceRecord) -> None:
+        """Say once that a standard error of 0 beside a trace above 0 is a spread not seen (every label of every input
+        measured gave one value: a dominant class drawn every time), not an exact trace; its square stays an unbiased
+        variance estimate over the measurements."""
+        if record.stderr == 0.0 and record.trace > 0.0 and not self._unseen_noted and \
+                (self._share is None or self._share.rank == 0):
+            self._unseen_noted = True
+            warn_user(f"torchfim: FisherTraceMonitor's measurement at step {record.step} gave the same squared score "
+                      f"norm for every label of its {record.n_inputs} input{'s' if record.n_inputs != 1 else ''}, "
+                      "so its standard error is 0: a spread not seen, not an exact trace; measure more inputs or draw "
+                      "more labels (subset, n_samples)")
 
     def _local_sizes(self, subset: int | None) -> tuple[int, int | None]:
         """The held inputs this process measures, and its window (``⌈subset/W⌉`` across W processes)."""
