@@ -286,7 +286,8 @@ def test_held_sets_too_small_to_share_are_named_on_every_process(ran: Path) -> N
         assert "leave process 1 of 2 none to measure; hold at least 2 inputs in a mini-batch" in small["one"]
         if rank == 0:  # the same on every process: the first says it
             assert "measures 1 input per process per measurement" in small["three"], rank
-            assert "hold at least 4 inputs in a mini-batch" in small["three"] and "subset" not in small["three"]
+            assert "hold at least 4 inputs in a mini-batch, or pass subset ≥ 3 with n_samples ≥ 2 for the label noise " \
+                "of a process's one input, measured whole" in small["three"]  # "shares 2 and 1, windows of 2" is that
         else:
             assert "measures 1 input per process" not in small["three"], rank
         assert math.isnan(small["three stderr"])
@@ -296,3 +297,4 @@ def test_held_sets_too_small_to_share_are_named_on_every_process(ran: Path) -> N
             stderrs, warned = small["label noise"][name]
             assert all(math.isfinite(e) for e in stderrs) if finite else all(math.isnan(e) for e in stderrs), name
             assert len(warned) == (0 if finite or rank else 1), (name, rank, warned)  # the first warns, if any
+            assert name != "a window of 1 of 2" or rank or "or pass subset ≥ 3 with n_samples ≥ 2" in warned[0]

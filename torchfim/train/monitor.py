@@ -352,10 +352,12 @@ class FisherTraceMonitor:
         label_only = m is not None and self.n_samples > 1 and (m >= 2 or largest == 1)
         if size < 2 and not label_only and (self._share is None or self._share.rank == 0):  # said once
             world = 1 if self._share is None else self._share.world
+            # Where a process holds one input, windows of ⌈subset/W⌉ ≥ 2 measure it whole, for its label noise.
+            whole = ("subset=1" if world == 1 else f"subset ≥ {world + 1}") + " with n_samples ≥ 2 for the label noise of " \
+                + ("the one held input alone" if world == 1 else "a process's one input, measured whole")
             fix = (f"pass subset ≥ {2 * world}" if m is not None and m < 2 and n >= 2 else  # a window can grow
                    f"hold at least {2 * world} inputs" + (" in a mini-batch" if world > 1 else "") +
-                   (", or pass subset=1 with n_samples ≥ 2 for the label noise of the one held input alone"
-                    if world == 1 and n == 1 else ""))
+                   (f", or pass {whole}" if n == 1 else ""))
             warn_user(f"torchfim: FisherTraceMonitor measures {size} input{where} per measurement, so its standard "
                       "error (the spread of the per-input values, which it needs two inputs to see) will be NaN; "
                       f"{fix}")
