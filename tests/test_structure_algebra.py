@@ -162,6 +162,19 @@ def test_blocks_in_another_order_are_taken_in_thetas_order() -> None:
     torch.testing.assert_close(shuffled.to_dense(), torchfim.as_structure(blocks, model).to_dense(), rtol=0, atol=0)
 
 
+def test_blocks_answer_their_trace_where_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trace of blocks held on one device (here the CPU) is on that device, whatever the device of the parameters
+    they were computed for (stood in for by a layout whose zeros are on "meta": a cuda model's are on cuda), and equals
+    the sum of the blocks' diagonals; it was summed from a zero on the parameters' device, where a 0-dim CPU sum then
+    landed."""
+    model, x = _tied_model(), torch.randn(6, 3, dtype=torch.float64)
+    blocks = torchfim.as_structure(torchfim.fisher(model, x, structure="blocks"), model)
+    monkeypatch.setattr(Layout, "zeros", lambda self, *shape: torch.zeros(shape, dtype=torch.float64, device="meta"))
+    trace = blocks.trace()
+    assert trace.device.type == "cpu" and trace.dtype == torch.float64
+    assert float(trace) == pytest.approx(float(torch.diagonal(blocks.to_dense()).sum()), rel=1e-14)
+
+
 @pytest.mark.parametrize("structure", ["full", "diag", "blocks"])
 def test_a_tied_parameter_s_other_name_gives_its_block(structure: str) -> None:
     """``block('4.weight')`` of a weight tied to ``2.weight`` said there was no trainable parameter of that name; it is

@@ -388,7 +388,10 @@ class Blocks(Structure):
         return torch.cat([torch.diagonal(b) for b in self.value.values()])
 
     def trace(self) -> Tensor:
-        return sum((torch.diagonal(b).sum() for b in self.value.values()), self.layout.zeros())
+        # Summed from the first block's, never from a new zero on the parameters' device: blocks moved elsewhere
+        # (to the CPU, to be read) answer there.
+        first, *rest = (torch.diagonal(b).sum() for b in self.value.values())
+        return sum(rest, first)
 
     def mv(self, v: Tensor) -> Tensor:
         v = self._check_vector(v)
