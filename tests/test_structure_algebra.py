@@ -193,3 +193,16 @@ def test_the_docstring_examples_run() -> None:
 
     for module in (structures, result_structure):
         assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex128])
+@pytest.mark.parametrize("structure", ["full", "diag", "blocks"])
+def test_a_result_that_is_not_real_floating_point_is_refused_by_its_dtype(structure: str, dtype: torch.dtype) -> None:
+    """An integer, boolean or complex matrix given to as_structure failed deep in solve() with torch's TypeError
+    (torch.finfo of an integer dtype) or NotImplementedError ('min_all' for complex), and an integer diagonal solved in
+    whatever dtype division promoted to. torchfim's results are real floating point: the dtype is named with the fix."""
+    model, x = _tied_model(), torch.randn(6, 3, dtype=torch.float64)
+    result = torchfim.fisher(model, x, structure=structure)
+    cast = {k: b.to(dtype) for k, b in result.items()} if isinstance(result, dict) else result.to(dtype)
+    with pytest.raises(TorchfimError, match=rf"real floating-point tensor.*of dtype {dtype}.*\.double\(\)"):
+        torchfim.as_structure(cast, model)

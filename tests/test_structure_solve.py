@@ -317,3 +317,27 @@ def test_a_subnormal_diagonal_is_refused_with_a_damping_that_works() -> None:
         s.solve(v)
     suggested = float(re.search(r"e\.g\. ([0-9.e+-]+)", str(caught.value)).group(1))
     assert bool(torch.isfinite(s.solve(v, suggested)).all())
+
+
+@pytest.mark.parametrize("structure", ["full", "blocks", "diag"])
+@pytest.mark.parametrize("damping", [1e39, 1e300])
+def test_a_damping_beyond_float32s_range_is_refused_as_that(structure: str, damping: float) -> None:
+    """A damping above float32's largest number (3.4e38) overflowed ``A + λI``: ``full`` and ``blocks`` called the
+    matrix "not positive definite" and asked for a damping above 1e-6 (one of 1e39 had been passed), and ``diag``'s
+    logdet was +inf without a word. The refusal names the overflow, and the float64 copy gives the oracle's numbers."""
+    model = _model().float()
+    result = torchfim.fisher(model, _inputs().float(), structure=structure)
+    s = torchfim.as_structure(result, model)
+    v = torch.ones(s.layout.num_params)
+    for verb, call in (("solve", lambda: s.solve(v, damping)), ("logdet", lambda: s.logdet(damping))):
+        said = re.escape(f"{verb}: damping={damping:g} overflows float32")
+        with pytest.raises(TorchfimError, match=said + r" .*largest number float32 holds is 3\.4e\+38.*float64 copy") \
+                as caught:
+            call()
+        assert "positive definite" not in str(caught.value)
+    wide = torchfim.as_structure({k: b.double() for k, b in result.items()} if isinstance(result, dict)
+                                 else result.double(), model)
+    dense = wide.to_dense() + damping * torch.eye(len(v), dtype=torch.float64)
+    torch.testing.assert_close(wide.solve(v.double(), damping), torch.linalg.solve(dense, v.double()), rtol=1e-12,
+                               atol=0)
+    assert float(wide.logdet(damping)) == pytest.approx(float(torch.linalg.slogdet(dense)[1]), rel=1e-12)

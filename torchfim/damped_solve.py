@@ -20,6 +20,13 @@ Blocks are factored one by one; a refusal names the block that needs the most da
 them. In float32 that limit is near: ``P = 1000`` refuses some ``κ`` above 8,000, so solve a float64 copy where a
 smaller damping matters. ``log det(A + λI)`` (a Laplace approximation's evidence, ``−½ log det`` of the posterior
 precision) comes from the same factors, ``2 Σᵢ log Lᵢᵢ``, and is refused where the solve would be.
+
+The test is one-sided: pivots need not show a large ``κ`` (``LLᵀ`` with a unit-diagonal ``L`` has pivot ratio 1 at
+any ``κ``; at ``P = 40``, ``κ = 3·10¹⁶`` was solved with relative error 9·10⁶ in a review), so an accepted solve carries
+the error of order ``κ·eps`` that ``solve`` states. And each block, and each entry of a diagonal, is judged by its own
+entries, a ``1×1`` block or a diagonal entry by its sign (and overflow) alone: a Fisher entry that is 0 but came out
+as rounding (9e-33 for a scalar added to every logit) solves to 1e32, where ``Full``, which sees the other entries,
+refuses the same matrix; enough damping, as any Fisher needs, removes both.
 """
 
 from __future__ import annotations
@@ -149,6 +156,7 @@ def _shifted_diagonal(diagonal: Tensor, damping: float, layout: Layout, verb: st
     """``d + λ``, refused (for ``verb``) where an entry is ≤ 0, naming the parameter tensor of the first."""
     _check_finite(diagonal, "the diagonal", verb)
     shifted = diagonal + damping
+    _check_damped_finite(shifted, damping, "the diagonal", verb, "as_structure(result.double(), model)")
     bad = (shifted <= 0).nonzero()
     if len(bad):
         name = layout.locate(int(bad[0]))[0]
@@ -205,6 +213,9 @@ def _wide_sum(terms: Tensor) -> Tensor:
 def _factors(blocks: dict[str, Tensor], damping: float, verb: str, float64_copy: str) -> list[Tensor]:
     """The Cholesky factor of each ``M_b + λI``; where some block has none fit to use, one refusal (for ``verb``) names
     the block that needs the most damping and a damping that works for every block."""
+    for what, matrix in blocks.items():
+        _check_finite(matrix, what, verb)
+        _check_damped_finite(matrix.diagonal() + damping, damping, what, verb, float64_copy)
     factors = [_factor(matrix, damping, what, verb) for what, matrix in blocks.items()]
     refusals = [f for f in factors if isinstance(f, _Refusal)]
     if refusals:
@@ -213,8 +224,8 @@ def _factors(blocks: dict[str, Tensor], damping: float, verb: str, float64_copy:
 
 
 def _factor(matrix: Tensor, damping: float, what: str, verb: str) -> Tensor | _Refusal:
-    """The Cholesky factor of ``matrix + λI``, or why there is none fit to use (the module docstring)."""
-    _check_finite(matrix, what, verb)
+    """The Cholesky factor of ``matrix + λI``, or why there is none fit to use (the module docstring); ``matrix`` and
+    its damped diagonal are finite (:func:`_factors`)."""
     _check_symmetric(matrix, what, verb)
     size = matrix.shape[0]
     damped = matrix + damping * identity_like(size, matrix)  # out of place: A is shared
@@ -258,6 +269,22 @@ def _check_finite(values: Tensor, what: str, verb: str) -> None:
     if not bool(torch.isfinite(values).all()):
         raise TorchfimError(f"{verb}: {what} holds NaN or infinite entries, so it has {_LACKS[verb]}: the computation that "
                             "made it overflowed or was given non-finite inputs; check it (torch.isfinite) and recompute")
+
+
+def _check_damped_finite(damped: Tensor, damping: float, what: str, verb: str, float64_copy: str) -> None:
+    """Refuse a damping that overflows ``what``'s dtype where it is added to the (finite) diagonal, ``damped``: the
+    factorisation would fail on ``inf`` and blame the matrix (a damping above float32's 3.4e38 was called "not
+    positive definite", and a diagonal's logdet was ``inf``)."""
+    if bool(torch.isfinite(damped).all()):
+        return
+    name = str(damped.dtype).removeprefix("torch.")
+    wider = (f", or a float64 copy: {float64_copy}.{verb}(...)" if float64_copy and damped.dtype != torch.float64
+             else "")
+    raise TorchfimError(
+        f"{verb}: damping={damping:g} overflows {name} where it is added to {what} (the largest number "
+        f"{name} holds is {torch.finfo(damped.dtype).max:.3g}); pass a smaller damping (with λ this large, "
+        f"(A + λI)⁻¹v is v/λ to within |A|/λ){wider}"
+    )
 
 
 def _check_symmetric(matrix: Tensor, what: str, verb: str) -> None:

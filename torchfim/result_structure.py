@@ -53,6 +53,7 @@ def as_structure(result: PublicValue, model: nn.Module) -> Structure:
     if not isinstance(result, Tensor):
         raise TorchfimError(f"as_structure takes a tensor or a dict of blocks that torchfim returned, got "
                             f"{type(result).__name__}")
+    _check_floating(result, "the result")
     p, value = layout.num_params, _stored(result, layout)
     kinds = {(): Trace, (p,): Diag, (p, p): Full}
     kind = kinds.get(tuple(result.shape))
@@ -76,7 +77,16 @@ def _blocks(result: dict, layout: Layout) -> dict[str, Tensor]:
         if not isinstance(block, Tensor) or tuple(block.shape) != (size, size):
             shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
             raise TorchfimError(f"the block of {name!r} should be {size}×{size} (the parameter's size), got {shape}")
+        _check_floating(block, f"the block of {name!r}")
     return {name: _stored(block, layout) for name, block in result.items()}
+
+
+def _check_floating(value: Tensor, what: str) -> None:
+    """Refuse a tensor that is not real floating point (an integer, boolean or complex one): solve() and logdet()
+    failed on it with torch's errors, and an integer diagonal solved in whatever dtype division promoted to."""
+    if not value.is_floating_point():
+        raise TorchfimError(f"as_structure takes a real floating-point tensor, as torchfim's results are; {what} is "
+                            f"of dtype {value.dtype}: convert it first, e.g. .double()")
 
 
 def _widened(layout: Layout, result: object) -> Layout:
