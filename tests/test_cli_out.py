@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import json
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,10 @@ COMMANDS = {
     ("reproduce", "soen-sun", "--quick"): (soen_sun_command, "run"),
     ("reproduce", "explosion", "--tiny"): (explosion_command, "run"),
 }
+
+
+#: The committed full study, whose results.json the --from-results refusals edit.
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "explosion"
 
 
 @pytest.fixture
@@ -103,6 +108,29 @@ def test_explosion_from_results_does_not_overwrite_a_users_summary(tmp_path, cap
     err = _error(capsys, ["reproduce", "explosion", "--from-results", str(results), "--out", str(out)])
     assert "holds summary.md" in err
     assert (out / "summary.md").read_text() == "my notes" and not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r["runs"].pop(sorted(r["runs"])[-1]), "not every run of the study its settings describe"),
+    (lambda r: r.pop("runs"), "(no 'runs' in it)"),
+    (lambda r: r.pop("master_seed"), "(no 'master_seed' in it)"),
+    (lambda r: r.update(master_seed=-3), "its master_seed, -3, is not a whole number ≥ 0"),
+    (lambda r: next(iter(r["runs"].values())).pop("result"), "each with a 'spec' and a 'result'"),
+], ids=["a run missing", "no runs", "no master seed", "negative master seed", "a run without its result"])
+def test_from_results_of_a_study_cut_short_or_edited_is_refused_before_any_training(edit, needle, tmp_path, capsys,
+                                                                                   no_work):
+    """--from-results promises no training, yet a results.json missing runs had them trained (all 216 of the full study
+    for one with no runs) and then said "rebuilt ... from 5 run files"; one missing its runs or master seed ended in a
+    KeyError traceback, a negative master seed in numpy's "expected non-negative integer" (a review). Each is now one
+    line naming the file and what it lacks, with nothing written to --out."""
+    results = json.loads((COMMITTED / "results.json").read_text())
+    edit(results)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "rebuilt"
+    err = _error(capsys, ["reproduce", "explosion", "--from-results", str(path), "--out", str(out)])
+    assert str(path) in err and needle in err, err
+    assert not (out / "runs").exists()
 
 
 def test_explosion_checks_its_learning_curves_and_reads_only_its_own_run_files(tmp_path, capsys, no_work):

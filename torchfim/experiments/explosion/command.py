@@ -14,6 +14,7 @@ from ...cli.types import nonnegative_int, positive_int
 from ...errors import TorchfimError
 from ..out_folder import check_study_out
 from .figures import curves_name
+from .plan import count_runs, is_complete
 from .settings import DEFAULT_OUT, FILES, PRESETS, Settings, settings_from_json
 from .store import extract_runs, holds_runs
 from .study import run
@@ -114,16 +115,53 @@ def _from_results(args: argparse.Namespace) -> int:
             "stored in the results.json; drop them"
         )
     path = Path(args.from_results)
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-        settings = settings_from_json(results["settings"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TorchfimError(f"cannot read the study in {str(path)!r} ({exc}); pass a results.json the study wrote") from exc
+    results, settings = _read_study(path)
     _check_out(args.out, settings)
     runs_dir = Path(args.out) / "runs"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
         raise TorchfimError(f"{str(runs_dir)!r} already holds run files; pass an empty --out folder with --from-results")
+    _check_whole(path, results, settings)
     n = extract_runs(results, runs_dir, settings)
-    run(args.out, settings, master_seed=results["master_seed"], resume=True, progress=False)
+    # max_runs=0: the runs are all there (checked above), so nothing is trained
+    run(args.out, settings, master_seed=results["master_seed"], resume=True, progress=False, max_runs=0)
     print(f"rebuilt {Path(args.out) / FILES['summary']} and {Path(args.out) / FILES['json']} from {n} run files")
     return 0
+
+
+def _read_study(path: Path) -> tuple[dict, Settings]:
+    """The results.json ``path`` and its settings, once it holds what a study's does: its settings, master seed and
+    runs, each a record with its spec and result."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(results, dict):
+            raise ValueError(f"it holds a JSON {type(results).__name__}, not the study's object")
+        settings = settings_from_json(results["settings"])
+        runs, master_seed = results["runs"], results["master_seed"]
+        if isinstance(master_seed, bool) or not isinstance(master_seed, int) or master_seed < 0:
+            raise ValueError(f"its master_seed, {master_seed!r}, is not a whole number ≥ 0")
+        if not isinstance(runs, dict) or not all(isinstance(r, dict) and isinstance(r.get("spec"), dict)
+                                                 and isinstance(r.get("result"), dict) for r in runs.values()):
+            raise ValueError("its 'runs' are not the study's run records, each with a 'spec' and a 'result'")
+    except KeyError as exc:
+        raise TorchfimError(f"cannot read the study in {str(path)!r} (no {exc} in it); pass a results.json the study "
+                            "wrote") from None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise TorchfimError(f"cannot read the study in {str(path)!r} ({exc}); pass a results.json the study wrote") from exc
+    return results, settings
+
+
+def _check_whole(path: Path, results: dict, settings: Settings) -> None:
+    """Refuse a results.json that lacks some of the runs its settings describe (a study cut short or edited), whose
+    missing runs the rebuild would train, where --from-results promises no training."""
+    runs = results["runs"]
+    try:
+        whole, total = is_complete(settings, results["master_seed"], runs), count_runs(settings)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TorchfimError(f"cannot read the runs of the study in {str(path)!r} ({type(exc).__name__}: {exc}); pass "
+                            "a results.json the study wrote") from exc
+    if not whole:
+        raise TorchfimError(
+            f"{str(path)!r} holds {counted(len(runs), 'run')}, not every run of the study its settings describe "
+            f"({total}), so the missing ones would be trained; pass the results.json of a finished "
+            "study, or run the study itself (without --from-results) to train them"
+        )

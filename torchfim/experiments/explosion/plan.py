@@ -23,6 +23,7 @@ __all__ = [
     "tuned",
     "count_runs",
     "is_done",
+    "is_complete",
 ]
 
 # Spawn key of the tuning runs' seeds ("TUNE" in ASCII): apart from the evaluation seeds.
@@ -199,3 +200,15 @@ def is_done(done: dict[str, dict], spec: RunSpec) -> bool:
     record = done.get(spec.run_id)
     return record is not None and record["spec"] == json.loads(json.dumps(asdict(spec)))
 
+
+
+def is_complete(settings: Settings, master_seed: int, done: dict[str, dict]) -> bool:
+    """Whether ``done`` holds every run of the study, each made for its spec: the tuning runs, then those of the η*
+    and α chosen from them, as :func:`~torchfim.experiments.explosion.study.run` goes through them."""
+    if not all(is_done(done, sp) for sp in tune_lr_specs(settings, master_seed)):
+        return False
+    lr_star = tuned(settings, master_seed, done)[0]
+    if not all(is_done(done, sp) for sp in tuning_specs(settings, master_seed, lr_star)):
+        return False
+    lr_star, alpha, noisy_alpha, _ = tuned(settings, master_seed, done)
+    return all(is_done(done, sp) for sp in main_specs(settings, master_seed, lr_star, alpha, noisy_alpha))
