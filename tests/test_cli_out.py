@@ -166,6 +166,9 @@ def test_the_check_leaves_no_folder_behind_for_an_out_that_climbs_back(tmp_path,
     (["report", "--threads", "5000"], "argument --threads: expected a number of threads from 1 to 256"),
     (["reproduce", "soen-sun", "--threads", "100000"], "argument --threads: expected a number of threads from 1"),
     (["report", "--bogus"], "torchfim report: error: unrecognized arguments: --bogus (see torchfim report --help)"),
+    # σ = 1e300 ended in Python's OverflowError traceback from σ⁴ in the variances (a review)
+    (["report", "--family", "gaussian", "--sigma", "1e300"], "argument --sigma: expected a noise scale from 1e-75 to"),
+    (["report", "--family", "gaussian", "--sigma", "1e-300"], "argument --sigma: expected a noise scale from 1e-75 to"),
     (["reproduce", "explosion", "--bogus"], "torchfim reproduce explosion: error: unrecognized arguments: --bogus"),
 ])
 def test_out_of_range_values_and_unknown_options_name_the_option_and_command(argv, needle, capsys, no_work):

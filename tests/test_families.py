@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,10 @@ from conftest import FAMILIES
 from oracles import FAMILY_WIDTH, log_likelihood, output_fisher
 from torch.func import grad
 
+import torchfim
 from torchfim import TorchfimError
 from torchfim.families import Family, Gaussian, get_family
+from torchfim.families.gaussian import SIGMA_RANGE
 
 
 def outputs(family: str, n: int = 3) -> torch.Tensor:
@@ -166,6 +170,21 @@ def test_gaussian_sigma():
         with pytest.raises(TorchfimError, match="sigma must be a positive"):
             Gaussian(sigma=refused)
     assert Gaussian(sigma=np.float32(0.5)).sigma == Gaussian(sigma=torch.tensor(0.5)).sigma == 0.5  # refused before
+
+
+def test_gaussian_sigma_outside_float64s_reach_is_refused_and_its_edges_give_finite_variances():
+    """σ = 1e100 or 1e300 ended fisher_variance in Python's OverflowError (σ⁴ of a float), and σ = 1e-300 in "the
+    per-sample products overflowed ... rescale the inputs", a fix that does not help (a review): σ beyond 1e±75 is now
+    refused by name. At the edges the variance is 2·Σ‖J‖⁴_F/σ⁴-like: finite, and scaling as 1/σ⁴ exactly."""
+    for refused in (1e300, 1e100, 1e-100, 1e-300):
+        with pytest.raises(TorchfimError, match="sigma must be a positive number from 1e-75 to 1e"):
+            Gaussian(sigma=refused)
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(3, 2).double(), torch.randn(5, 3, dtype=torch.float64)
+    one = float(torchfim.fisher_variance(model, x, family=Gaussian(1.0), estimator="score", structure="trace"))
+    for sigma in SIGMA_RANGE:
+        v = float(torchfim.fisher_variance(model, x, family=Gaussian(sigma), estimator="score", structure="trace"))
+        assert math.isfinite(v) and v == pytest.approx(one / sigma**4, rel=1e-9)
 
 
 def test_get_family():

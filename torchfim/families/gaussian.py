@@ -19,6 +19,10 @@ from .base import (
     _work_dtype,
 )
 
+#: The noise scales σ a Gaussian takes: its Fisher scales as 1/σ² and its variances as 1/σ⁴, and beyond these σ⁴ or
+#: 1/σ⁴ leave float64 (σ = 1e300 ended the variances in Python's OverflowError).
+SIGMA_RANGE = (1e-75, 1e75)
+
 
 class Gaussian(Family):
     """Gaussian ``N(o, σ² I)`` with fixed ``σ`` and mean ``o``.
@@ -28,8 +32,8 @@ class Gaussian(Family):
     Labels (sampled or checked) are in the output's dtype, float32 for half-precision outputs.
 
     Args:
-        sigma: the fixed noise standard deviation ``σ`` (positive, finite; default 1, which is what
-            ``family="gaussian"`` means). The Fisher scales as ``1/σ²``.
+        sigma: the fixed noise standard deviation ``σ`` (from 1e-75 to 1e75, :data:`SIGMA_RANGE`; default 1,
+            which is what ``family="gaussian"`` means). The Fisher scales as ``1/σ²``.
     """
 
     name = "gaussian"
@@ -38,6 +42,11 @@ class Gaussian(Family):
         value = real_number(sigma)
         if value is None or not (math.isfinite(value) and value > 0):
             raise TorchfimError(f"Gaussian sigma must be a positive finite number, got {sigma!r}")
+        low, high = SIGMA_RANGE
+        if not low <= value <= high:
+            raise TorchfimError(f"Gaussian sigma must be a positive number from {low:g} to {high:g}, got {sigma!r}: the "
+                                "Fisher scales as 1/σ² and its variances as 1/σ⁴, which leave float64 beyond; rescale "
+                                "the outputs and targets so that σ is nearer 1")
         self.sigma = value
 
     def __repr__(self) -> str:

@@ -41,6 +41,17 @@ def interrupted_hint(out: str) -> str:
     return "no step had finished, so nothing was kept; the same command starts again from the beginning"
 
 
+def noise_scale(text: str) -> float:
+    """``--sigma``: a number within :data:`torchfim.families.gaussian.SIGMA_RANGE`, which the Gaussian family takes."""
+    from ..families.gaussian import SIGMA_RANGE
+
+    value = positive_float(text)
+    low, high = SIGMA_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected a noise scale from {low:g} to {high:g}, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``torchfim report``."""
     from ..families import FAMILIES
@@ -59,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "output; its 'labels' are the targets). Default: the 1797 digits")
     parser.add_argument("--family", default="categorical", choices=sorted(FAMILIES),
                         help="output distribution of the model (default: categorical)")
-    parser.add_argument("--sigma", type=positive_float, default=None, metavar="σ",
-                        help="the noise scale σ of --family gaussian, y ~ N(output, σ²) (default: 1); the Fisher "
-                             "scales as 1/σ²")
+    parser.add_argument("--sigma", type=noise_scale, default=None, metavar="σ",
+                        help="the noise scale σ of --family gaussian, y ~ N(output, σ²), from 1e-75 to 1e75 (default: "
+                             "1); the Fisher scales as 1/σ²")
     parser.add_argument("--mask", metavar="KEY", default=None,
                         help="for outputs with positions (a language model's tokens): the entry of the "
                              "dict inputs marking observed positions, e.g. attention_mask (default: all)")
