@@ -17,7 +17,7 @@ from torch import nn
 
 import torchfim
 from torchfim import cli
-from torchfim.train import FisherTraceMonitor, plot_trace, read_trace_csv
+from torchfim.train import FisherTraceMonitor, plot_trace, read_trace_csv, trace_plot
 from torchfim.train.monitor import COLUMNS
 
 
@@ -102,6 +102,25 @@ def _plot_error(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     return err
+
+
+def test_a_binary_file_a_huge_field_and_a_figure_format_matplotlib_lacks_are_one_line_naming_them(tmp_path, capsys,
+                                                                                                    monkeypatch) -> None:
+    """A checkpoint passed as the CSV said only "'utf-8' codec can't decode byte 0x80 ...", naming no file; a line of
+    128 KB without a comma ended in csv's traceback; --out trace.csv was refused by matplotlib once the figure was
+    drawn, naming no option (a review). Each now names the file or --out, and the format is checked before any CSV is
+    read."""
+    _run(tmp_path, "a", 0.1)
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\xff" * 20)
+    (tmp_path / "blob.csv").write_text("x" * 200_000)
+    for name in ("model.pt", "blob.csv"):
+        err = _plot_error(capsys, [str(tmp_path / name), "--out", str(tmp_path / "t.png")])
+        assert f"{str(tmp_path / name)!r} is not a FisherTraceMonitor CSV file (" in err and "csv_path" in err
+    read = []
+    monkeypatch.setattr(trace_plot, "read_trace_csv", lambda path: read.append(path))
+    err = _plot_error(capsys, [str(tmp_path / "a.csv"), "--out", str(tmp_path / "a.svg.csv")])
+    assert f"--out {tmp_path / 'a.svg.csv'}: matplotlib writes no 'csv' figures; end the file name in .png" in err
+    assert read == [] and (tmp_path / "a.csv").read_text().startswith("step,")
 
 
 def test_files_that_are_not_whole_runs_are_refused_or_warned_about(tmp_path, capsys) -> None:

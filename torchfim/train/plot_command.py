@@ -47,6 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import TorchfimError
     from .trace_plot import plot_trace, read_trace_csv
 
+    _check_format(args.out)
     paths = [Path(p) for p in args.csv]
     labels = args.labels or [p.stem for p in paths]
     if len(labels) != len(paths):
@@ -66,3 +67,19 @@ def main(args: argparse.Namespace) -> int:
     plot_trace(runs, band=args.band, log=args.log, path=args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_format(out: str) -> None:
+    """Refuse an ``--out`` whose suffix names no format matplotlib writes, before the CSV files are read (matplotlib's
+    own refusal came once the figure was drawn, without naming --out)."""
+    from ..errors import TorchfimError
+
+    fmt = Path(out).suffix.lstrip(".").lower()
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # plot_trace says how to install it
+        return
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt and fmt not in formats:
+        raise TorchfimError(f"--out {out}: matplotlib writes no {fmt!r} figures; end the file name in .png, .pdf or .svg "
+                            f"(or another of {', '.join(sorted(formats))})")

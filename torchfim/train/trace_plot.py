@@ -41,8 +41,12 @@ def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
     if not path.is_file():
         raise TorchfimError(f"no CSV file at {str(path)!r}{' (a folder)' if path.is_dir() else ''}; pass the csv_path "
                             "a FisherTraceMonitor wrote its records to")
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:  # a binary file (a checkpoint, a figure), or a field of 128 KB
+        raise TorchfimError(f"{str(path)!r} is not a FisherTraceMonitor CSV file ({exc}); pass the monitor's "
+                            "csv_path") from None
     expected = list(COLUMNS)
     if not rows or rows[0] not in (expected, [*expected, "variance_ratio"]):
         found = ",".join(rows[0]) if rows else "an empty file"
