@@ -104,6 +104,22 @@ def test_demo_is_reproducible_and_leaves_global_state_alone(small_demo):
         assert torch.equal(again["diags"][name], result["diags"][name])
 
 
+def test_demo_with_more_labels_warns_of_nothing_and_draws_them_for_score_and_hessian_only(small_demo):
+    """``torchfim demo --n-samples 2`` printed "n_samples=2 is ignored by estimator='exact'" and the same of
+    'empirical': the demo passed its labels per input to the estimators that draw none (a review). Now it warns of
+    nothing; exact and empirical are those of one label, and the score's s.e. is the one-label one over √2."""
+    one, _ = small_demo
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        two = run_demo(out=None, progress=False, n_samples=2, **SMALL)
+    assert [str(w.message) for w in caught] == []
+    for name in ("exact", "empirical"):
+        assert torch.equal(two["diags"][name], one["diags"][name])
+    for name in ("score", "hessian"):
+        ratio = two["estimators"][name]["trace_se"] / one["estimators"][name]["trace_se"]
+        assert ratio == pytest.approx(2 ** -0.5, rel=1e-6)
+
+
 def test_demo_rejects_bad_settings():
     with pytest.raises(ValueError, match="seconds"):
         run_demo(seconds=0, out=None, progress=False)

@@ -181,9 +181,11 @@ def _estimate(model, X, y, n_samples: int, seed: int, bar) -> tuple[dict, dict]:
     diags: dict[str, torch.Tensor] = {}
     for name in ESTIMATORS:
         bar.set_description(f"fisher {name}")
-        kwargs = dict(family="categorical", estimator=name, n_samples=n_samples)
+        kwargs: dict = dict(family="categorical", estimator=name)
         if name == "empirical":
             kwargs["targets"] = y
+        if name in ("score", "hessian"):  # the others draw no labels (and the library warns it ignores n_samples)
+            kwargs["n_samples"] = n_samples
         t0 = time.perf_counter()
         # One diagonal per estimator; its sum is Tr(F) of that very estimate (same labels).
         # A separate structure="trace" call would cost as much again for "hessian".
