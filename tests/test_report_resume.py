@@ -109,7 +109,10 @@ def test_an_interrupted_report_goes_on_where_it_stopped(tmp_path, monkeypatch, s
     assert not (tmp_path / "r" / "report.json").exists()
     assert len(list((tmp_path / "r" / kept_steps.FOLDER).glob("*.pt"))) == finished
 
-    got = _report(model, data, tmp_path / "r", score_only=score_only)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _report(model, data, tmp_path / "r", score_only=score_only)
+    assert not [w for w in caught if "finished steps kept in" in str(w.message)]
     assert got["resumed_steps"] == finished
     said = f"the time of {finished} step{'' if finished == 1 else 's'} read back from an interrupted run"
     assert said in (tmp_path / "r" / "report.md").read_text()
@@ -187,7 +190,17 @@ def test_a_report_of_anything_else_starts_over(tmp_path, monkeypatch, change: st
         kw = {"seed": 1}
     elif change == "no-resume":
         kw = {"resume": False}
-    got = _report(model, (x, y), tmp_path / "r", **kw)
+    kept = len(list((tmp_path / "r" / kept_steps.FOLDER).glob("*.pt")))
+    # the kept steps of the interrupted report are removed with a word (they went silently, a review); resume=False
+    # asks for it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _report(model, (x, y), tmp_path / "r", **kw)
+    said = [str(w.message) for w in caught if "finished steps kept in" in str(w.message)]
+    assert kept > 1 and said == ([] if change == "no-resume" else [
+        (f"torchfim report: the {kept} finished steps kept in {tmp_path / 'r' / kept_steps.FOLDER} were of another "
+         "report (other options, weights or data than this one's): they are removed, and this report computes every "
+         "step")])
     assert got["resumed_steps"] == 0
     assert _numbers(tmp_path / "r") == _numbers(_whole(tmp_path, model, (x, y), kw))
 

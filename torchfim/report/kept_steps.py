@@ -4,8 +4,8 @@ A full report is a dozen passes over the data (:func:`~torchfim.report.compute._
 half hour of :data:`~torchfim.report.settings.FULL_REPORT_SECONDS`. Each step's result is written, as it
 finishes, to its own file in the folder :data:`FOLDER` inside ``--out``; the same report run again (the
 same weights, forward and backward, data, options and versions: :func:`fingerprint`) reads those
-instead of computing them. A report of anything else clears the folder first. The folder is removed once
-the report is published, so a finished report leaves nothing of it behind.
+instead of computing them. A report of anything else clears the folder first, warning how many steps it
+removed. The folder is removed once the report is published, so a finished report leaves nothing of it behind.
 
 The results are plain: tensors, numbers, strings, None, and lists and dicts of them, read back with
 ``torch.load(weights_only=True)``, which builds no other object.
@@ -107,7 +107,7 @@ class KeptSteps:
         except OSError:
             same = False
         if not same:
-            discard(self.folder)
+            _discard_another(self.folder)
             self._write(lambda: _io.write_text(self.folder / _KEY, key))
 
     @classmethod
@@ -161,6 +161,17 @@ class KeptSteps:
         if self.folder is None:
             return None
         return self.folder / f"{hashlib.sha256(name.encode()).hexdigest()[:20]}.pt"
+
+
+def _discard_another(folder: Path) -> None:
+    """Clear the folder of another report's steps, saying so where it held some: a report run again after an
+    interruption with other options (weights, data) than the command said to repeat computes them all again."""
+    n = len(list(folder.glob("*.pt"))) if folder.is_dir() else 0
+    discard(folder)
+    if n:
+        warn_user(f"torchfim report: the {n} finished step{'' if n == 1 else 's'} kept in {folder} {'was' if n == 1 else 'were'} "
+                  "of another report (other options, weights or data than this one's): they are removed, and this "
+                  "report computes every step")
 
 
 def discard(folder: str | os.PathLike) -> None:
