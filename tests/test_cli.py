@@ -212,7 +212,7 @@ def test_explosion_is_under_reproduce_and_keeps_its_old_name(capsys):
     # both names run the same command: the same one-line refusal of a bad --seeds
     for argv in (["explosion", "--seeds", "1"], ["reproduce", "explosion", "--seeds", "1"]):
         assert cli.main([*argv, "--out", "unused", "--no-progress"]) == 2
-        assert "--seeds must be at least 2" in capsys.readouterr().err
+        assert "argument --seeds: expected a whole number ≥ 2" in capsys.readouterr().err
 
 
 def test_cli_error_from_a_subprocess_has_no_traceback():

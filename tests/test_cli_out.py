@@ -166,6 +166,9 @@ def test_the_check_leaves_no_folder_behind_for_an_out_that_climbs_back(tmp_path,
     (["report", "--threads", "5000"], "argument --threads: expected a number of threads from 1 to 256"),
     (["reproduce", "soen-sun", "--threads", "100000"], "argument --threads: expected a number of threads from 1"),
     (["report", "--bogus"], "torchfim report: error: unrecognized arguments: --bogus (see torchfim report --help)"),
+    # --seeds 0 was told "expected a whole number ≥ 1", and --seeds 1 then refused after the --out check (a review)
+    (["reproduce", "explosion", "--seeds", "0"], "argument --seeds: expected a whole number ≥ 2 (prob_outperform"),
+    (["reproduce", "explosion", "--seeds", "1"], "argument --seeds: expected a whole number ≥ 2 (prob_outperform"),
     # σ = 1e300 ended in Python's OverflowError traceback from σ⁴ in the variances (a review)
     (["report", "--family", "gaussian", "--sigma", "1e300"], "argument --sigma: expected a noise scale from 1e-75 to"),
     (["report", "--family", "gaussian", "--sigma", "1e-300"], "argument --sigma: expected a noise scale from 1e-75 to"),

@@ -26,6 +26,17 @@ HELP = "the Catastrophic Fisher Explosion study (Jastrzębski et al. 2021) at CP
 _RUN_OPTIONS = {"quick": False, "tiny": False, "seeds": None, "master_seed": None, "jobs": 1, "max_runs": None}
 
 
+def seed_count(text: str) -> int:
+    """``--seeds``: a whole number ≥ 2 (``--seeds 0`` was told "expected a whole number ≥ 1", and 1 then refused)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 2 (prob_outperform needs 2 paired runs), got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``torchfim reproduce explosion``."""
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -37,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "torchfim) made some of them, mixing them with this code's; without it, the same command "
                              "run again after an interruption goes on from them where this code made them all (the "
                              "results are the same as a run that was not stopped), and refuses them otherwise")
-    parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--seeds", type=seed_count, default=None, metavar="N",
                         help=f"seeds per configuration (default: {Settings().n_seeds}, or 2 with --quick; at least 2)")
     parser.add_argument("--master-seed", type=nonnegative_int, default=None, metavar="S",
                         help="the study's master seed, from which every run's seeds derive (default: 0)")
