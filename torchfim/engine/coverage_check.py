@@ -31,6 +31,7 @@ from .coverage import (
 )
 from .modules import Call, GenericRule, Rule, build_rules
 from .modules.base import LAYOUTS
+from .modules.batch_free import Shapes, shapes_without_batch
 from .private_tree import settled_key
 from .recording import STRAYED, ModuleRecording, record_calls
 from .shared_inputs import (
@@ -83,6 +84,8 @@ class CoverageCheck:
         #: Once checked: the layout each module's calls had in the check, on 2 inputs or more, and were found
         #: right in. Only those are read on later batches (and any on a batch of 1, whose rows are all its own).
         self.layout_of: dict[nn.Module, str] = {}
+        #: Once checked: per module with a generic rule, its inputs found without the batch (:mod:`.modules.batch_free`).
+        self.batch_free: dict[nn.Module, Shapes] = {}
         self._causes: dict[str, str] = {}  # name of each parameter the coverage check moved → its likely cause
         cached = _COVERAGE.get(self.view.user_model)
         self._key = settled_key(self.view.user_model)
@@ -103,6 +106,7 @@ class CoverageCheck:
             self.looped = {modules[path] for path in cached[4]}
             self.layout_of = {modules[path]: layout for path, layout in cached[5].items()}
             self.own_tensors = {modules[path] for path in cached[6]}
+            self.batch_free = {modules[path]: shapes for path, shapes in cached[7].items()}
         self.rules = self._build_rules(self.moved)
 
     def _build_rules(self, moved: dict[str, tuple[nn.Module, str]] | None = None) -> dict[nn.Module, Rule]:
@@ -111,6 +115,7 @@ class CoverageCheck:
         for rule in rules.values():
             if isinstance(rule, GenericRule):
                 rule.offers_functional = self.offers_functional
+                rule.batch_free = self.batch_free.get(rule.module, frozenset())
         return rules
 
     # ------------------------------------------------------------------ recording
@@ -138,7 +143,7 @@ class CoverageCheck:
             if substitutes_differ or self._verify(few) or self._move_mixed_layouts(few):
                 return self.record(batch)  # the rules changed: record again, and check the new ones too
             self.layout_of = {call.module: call.layout for _, call in few.calls if call.regrouped}
-            self._keep(rec, checked)
+            self._keep(rec, checked, few)
             if checked == 1:
                 return rec  # right for one input: checked again on the first batch of more
             if any(self.layout_of.get(call.module) != call.layout for _, call in rec.calls
@@ -166,11 +171,19 @@ class CoverageCheck:
         self._move(names, rec)
         return True
 
-    def _keep(self, rec: ModuleRecording, checked: int) -> None:
-        """A check passed on ``checked`` inputs: say what it moved and which modules the batch's backward misses
-        (once per check), and keep its rules for the model's later calls (for batches of one where ``checked``
-        is 1)."""
+    def _keep(self, rec: ModuleRecording, checked: int, few: ModuleRecording) -> None:
+        """A check passed on ``checked`` inputs (``few``): say what it moved and which modules the batch's backward
+        misses (once per check), and keep its rules for the model's later calls (for batches of one where ``checked``
+        is 1), with the inputs of their generic rules that held no batch in it."""
         self._one_checked, self._verified = True, checked > 1
+        arguments: dict[nn.Module, list] = {}
+        for rule, call in few.calls:
+            if isinstance(rule, GenericRule):
+                arguments.setdefault(rule.module, []).extend(rule.input_dims(call))
+        self.batch_free = {m: shapes_without_batch(a) for m, a in arguments.items()}
+        for rule in self.rules.values():
+            if isinstance(rule, GenericRule):
+                rule.batch_free = self.batch_free.get(rule.module, frozenset())
         paths = {m: p for p, m in self.view.model.named_modules()}
         if self._causes:
             warn_user(moved_message({n: paths[self.moved[n][0]] for n in self._causes}, self._causes))
@@ -183,7 +196,9 @@ class CoverageCheck:
                                            [paths[m] for m in self.shared], [paths[m] for m in self.demoted],
                                            [paths[m] for m in self.looped],
                                            {paths[m]: layout for m, layout in self.layout_of.items()},
-                                           [paths[m] for m in self.own_tensors], self.one_by_one, checked)
+                                           [paths[m] for m in self.own_tensors],
+                                           {paths[m]: shapes for m, shapes in self.batch_free.items()}, self.one_by_one,
+                                           checked)
 
     def _record(self, batch: Batch, clone: bool) -> ModuleRecording:
         """One recorded forward of ``batch``; modules whose forward set on the instance computed something else than

@@ -24,6 +24,7 @@ from ..function_forwards import function_forwards
 from .attribute_state import KEY as STATE
 from .attribute_state import attribute_state, attributes_set, state_to_keep
 from .base import Call, Grads, Rule, rounding_tolerance, zero_grads
+from .batch_free import Shapes, without_batch
 from .constant_children import (
     KEY,
     REACHED,
@@ -157,6 +158,8 @@ class GenericRule(Rule):
         #: Whether the caller takes ``backend=``: the refusal of a module that fails when run alone names
         #: ``backend='functional'`` as a way out only then (the monitor takes none).
         self.offers_functional = True
+        #: Its inputs' ``(slot, shape)`` found without the batch in the coverage check (:mod:`.batch_free`).
+        self.batch_free: Shapes = frozenset()
         #: The sub-module calls, inputs and attribute state :meth:`recording_forward` kept of the call in progress.
         self._pending: tuple[list, list[Tensor], dict] | None = None
 
@@ -189,6 +192,11 @@ class GenericRule(Rule):
                 call.cache[KEY] = [(child, None if out is None else with_parts(out, [call.batch_first(t) for t in parts_of(out)]),
                                     versions) for child, out, versions in entries]
         return []
+
+    def input_dims(self, call: Call) -> list[tuple[int | str, object, object]]:
+        """``(position or keyword, value, batch dims)`` of each argument of ``call``, read by their shapes alone."""
+        args, kwargs, arg_dims, kw_dims, _ = _inputs(call, self.module)
+        return [*zip(range(len(args)), args, arg_dims), *((k, v, kw_dims[k]) for k, v in kwargs.items())]
 
     def grads(self, call: Call, sens: list[Tensor | None], rows: slice) -> Grads:
         used = [i for i, s in enumerate(sens) if s is not None]
@@ -234,7 +242,7 @@ class GenericRule(Rule):
                     "as an EmbeddingBag's 1-D ids with offsets), which neither rule nor torch.func can cut by sample: "
                     "give the module one row per sample (for an EmbeddingBag, 2-D ids padded with padding_idx), or "
                     "freeze its parameters (requires_grad_(False))")
-        _, _, arg_dims, kw_dims, known = _inputs(call, self.module)
+        _, _, arg_dims, kw_dims, known = _inputs(call, self.module, self.batch_free)
         dims = {**dict(enumerate(arg_dims)), **kw_dims}
         folded = next((k for k, a in given.items() if dims.get(k) is None and k not in known and k not in
                        attention_mask_rows(self.module, call.args, call.kwargs, size) and folded_rows(a, size)), None)
@@ -287,7 +295,7 @@ class GenericRule(Rule):
     def _batched(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int],
                  entries: list | None) -> Grads:
         module, size = self.module, call.size
-        given_args, given_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
+        given_args, given_kw, arg_dims, kw_dims, as_came = _inputs(call, module, self.batch_free)
         every = output_batch_dims(module, call.taps, size)
         folds = output_folds(call, every)
         out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
@@ -335,7 +343,7 @@ class GenericRule(Rule):
 
     def _looped(self, call: Call, sens: list[Tensor | None], rows: slice, used: list[int]) -> Grads:
         module, size = self.module, call.size
-        given_args, given_kw, arg_dims, kw_dims, as_came = _inputs(call, module)
+        given_args, given_kw, arg_dims, kw_dims, as_came = _inputs(call, module, self.batch_free)
         every = output_batch_dims(module, call.taps, size)
         folds = output_folds(call, every)
         out_dims = [0 if call.regrouped or folds[i] else every[i] for i in used]
@@ -370,11 +378,12 @@ class GenericRule(Rule):
         }
 
 
-def _inputs(call: Call, module: nn.Module) -> tuple[tuple, dict, tuple, dict, set]:
+def _inputs(call: Call, module: nn.Module, shared: Shapes = frozenset()) -> tuple[tuple, dict, tuple, dict, set]:
     """The call's arguments and keywords, with those that are another generic call's folded outputs
     (:data:`FOLDED_INPUTS`), and for a call read folded (:attr:`.base.Call.fold`) those after its first input that
-    lead with as many rows, as ``(size, k, ...)``; their batch dims; and which of them (positions, keywords) a
-    sample's forward takes as they came for one sample, ``(k, ...)``, without a batch dim put back."""
+    lead with as many rows, as ``(size, k, ...)``; their batch dims (none for a tensor whose slot and shape are in
+    ``shared``, :mod:`.batch_free`); and which of them (positions, keywords) a sample's forward takes as they came
+    for one sample, ``(k, ...)``, without a batch dim put back."""
     size, folded = call.size, dict(call.cache.get(FOLDED_INPUTS, {}))
     if call.fold > 1:  # beside the first input read folded, the others with as many rows (routing for its rows)
         given = {**{i: a for i, a in enumerate(call.args) if i > 0}, **call.kwargs}
@@ -387,9 +396,9 @@ def _inputs(call: Call, module: nn.Module) -> tuple[tuple, dict, tuple, dict, se
     # A regrouped call's first input is kept batch first already: read by the module's batch_first, it lost the
     # batch where as many positions as samples made its dim 1 look like the batch (a review: 3-40% off, silently)
     arg_dims = tuple(0 if i in folded or (i == 0 and call.regrouped) else None if i in masks else
-                     argument_batch_dims(module, i, a, size) for i, a in enumerate(call.args))
-    kw_dims = {k: 0 if k in folded else None if k in masks else argument_batch_dims(module, k, v, size)
-               for k, v in call.kwargs.items()}
+                     without_batch(i, a, argument_batch_dims(module, i, a, size), shared) for i, a in enumerate(call.args))
+    kw_dims = {k: 0 if k in folded else None if k in masks else
+               without_batch(k, v, argument_batch_dims(module, k, v, size), shared) for k, v in call.kwargs.items()}
     return args, kwargs, arg_dims, kw_dims, set(folded)
 
 
