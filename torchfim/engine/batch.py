@@ -12,9 +12,10 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._batches import Inputs, iter_batches
@@ -89,8 +90,8 @@ class Batch:
             return self
         return Batch(self.args, {**defaults, **self.kwargs}, self.size, self.targets)
 
-    def to(self, device: torch.device | None, dtype: torch.dtype | None) -> Batch:
-        """The batch with its tensors on ``device``, floating ones in ``dtype``."""
+    def to(self, device: torch.device | None, dtype: torch.dtype | InputDtypes | None) -> Batch:
+        """The batch with its tensors on ``device``, floating ones in ``dtype`` (:func:`input_dtype`)."""
         return self.map(lambda t: _to(t, device, dtype))
 
     def signature(self) -> tuple:
@@ -132,19 +133,42 @@ class Batch:
         return Batch(args, kwargs, 1)
 
 
-def _to(t: object, device: torch.device | None, dtype: torch.dtype | None) -> object:
+class InputDtypes(NamedTuple):
+    """The dtypes floating-point inputs reach a model of parameters of several floating dtypes in: an input already of
+    one of them (``kept``) as it is, as the forward takes it in training (a float32 body under a float64 head, a
+    bfloat16 model with modules kept in float32); one of another dtype in ``first``, its first trainable
+    parameter's."""
+
+    first: torch.dtype
+    kept: frozenset[torch.dtype]
+
+    def of(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a floating-point input of ``dtype`` is passed in."""
+        return dtype if dtype in self.kept else self.first
+
+
+def input_dtype(model: nn.Module, first: torch.dtype) -> torch.dtype | InputDtypes:
+    """What floating-point inputs to ``model`` are cast to: ``first`` (its first trainable parameter's dtype) where
+    its floating parameters, trainable or not, are all of one dtype, else :class:`InputDtypes`."""
+    kept = frozenset(p.dtype for p in model.parameters() if p.is_floating_point()) | {first}
+    return first if len(kept) == 1 else InputDtypes(first, kept)
+
+
+def _to(t: object, device: torch.device | None, dtype: torch.dtype | InputDtypes | None) -> object:
     if not isinstance(t, Tensor):
         return t
     if t.is_inference():  # made in inference mode: autograd cannot save it for the backward passes
         with torch.inference_mode(False):
             t = t.clone()
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    if not t.is_floating_point():
+        return t.to(device=device)
+    return t.to(device=device, dtype=dtype.of(t.dtype) if isinstance(dtype, InputDtypes) else dtype)
 
 
-def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.dtype | None,
+def make_batch(x: object, y: object, device: torch.device | None, dtype: torch.dtype | InputDtypes | None,
                keep_targets: bool = False, labels: ModelLabels | None = None) -> Batch:
     """A :class:`Batch` from one mini-batch of user inputs, moved to the model's device and float dtype
-    (None: left where it is). A dict's target keys become the batch's targets, and are also passed to
+    (:func:`input_dtype`; None: left where it is). A dict's target keys become the batch's targets, and are also passed to
     the model where ``keep_targets``. With ``labels`` (how the model's own loss reads them, asked only
     when a dict brings targets), they are aligned as its loss aligns them (a causal language model's
     shifted, so that the outputs at position t get ``labels[t + 1]``), and an encoder-decoder whose batch
@@ -205,7 +229,7 @@ def _equal_to_input_ids(x: Mapping, y: object) -> bool:
             and y.device == ids.device and torch.equal(y, ids))
 
 
-def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype,
+def batches(inputs: Inputs, targets: object, device: torch.device, dtype: torch.dtype | InputDtypes,
             labels: ModelLabels | None = None, defaults: Mapping[str, object] | None = None,
             ) -> Iterator[Batch]:
     """The non-empty mini-batches of ``inputs`` as :class:`Batch` objects (``labels``: see

@@ -191,7 +191,9 @@ class FunctionalBackend(Backend):
         owners = torch.bucketize(columns.cpu(), torch.tensor(layout.offsets[1:]), right=True)
         for i in owners.unique_consecutive().tolist():
             local = columns[owners.to(columns.device) == i] - layout.offsets[i]
-            basis = torch.zeros(len(local), layout.sizes[i], dtype=layout.dtype, device=layout.device)
+            # in the tensor's own dtype (a model of several dtypes): forward-mode AD takes no tangent of another
+            dtype = self.view.params[layout.names[i]].dtype
+            basis = torch.zeros(len(local), layout.sizes[i], dtype=dtype, device=layout.device)
             basis[torch.arange(len(local), device=layout.device), local] = 1
             yield layout.names[i], basis.reshape(len(local), *layout.shapes[i])
 

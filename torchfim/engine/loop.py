@@ -168,7 +168,7 @@ def recorded(view: ModelView, backend: Backend, part: Batch) -> Recording:
     try:
         return backend.record(part)
     except (RuntimeError, IndexError) as err:
-        clear = forward_error(part, view.dtype, err, in_forward=Batch.raised_in_call(err))
+        clear = forward_error(part, view.input_dtype, err, in_forward=Batch.raised_in_call(err))
         if clear is err:
             raise
         raise clear from err

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .._words import agreeing
 from ..errors import TorchfimError
-from .batch import Batch
+from .batch import Batch, InputDtypes
 
 __all__ = ["FORWARD_ARGUMENTS", "INPUT_WRITTEN", "ONE_DIMENSIONAL", "check_forward_takes", "check_in_memory",
            "check_initialised", "check_mode", "check_not_distributed", "check_not_scripted", "describe_call",
@@ -86,12 +86,16 @@ _NOT_FLOAT = {
 }
 
 
-def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: bool = True) -> Exception:
+def forward_error(batch: Batch, dtype: torch.dtype | InputDtypes, err: Exception, in_forward: bool = True) -> Exception:
     """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer, boolean or complex
     inputs or on 1-D inputs (a RuntimeError), or, where ``err`` came out of the model's forward (``in_forward``),
     with torch's words for a layer given inputs of a shape it does not take, for an embedding given floating-point
-    indices or for a loss of the model's own given class targets that are not integers (RuntimeErrors), or for token
-    ids past an embedding's table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
+    indices, for a loss of the model's own given class targets that are not integers, or for floating-point inputs
+    of a dtype a layer does not take in a model of parameters of several dtypes (``dtype`` an
+    :class:`~.batch.InputDtypes`, which passes some inputs as given) (RuntimeErrors), or for token ids past an
+    embedding's table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
+    mixed = dtype if isinstance(dtype, InputDtypes) else None
+    dtype = dtype.first if isinstance(dtype, InputDtypes) else dtype
     inputs = _input_tensors(batch)
     said = str(err).strip().split("\n")[0]
     integer = any(not (t.is_floating_point() or t.is_complex()) for t in inputs)
@@ -112,6 +116,9 @@ def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: 
         if any(holds(t) for t in inputs) and _mixes_types(said, words):
             return TorchfimError(f"the model's forward failed on {kind} inputs ({_described(inputs)}) with {dtype} "
                                  f"parameters; {fix}; torch said: {said}")
+    if in_forward and mixed is not None and any(t.is_floating_point() for t in inputs) and _mixes_types(said, _FLOATS):
+        return TorchfimError(_MIXED_DTYPES.format(inputs=_described(inputs), dtypes=", ".join(sorted(
+            str(d).removeprefix("torch.") for d in mixed.kept)), first=mixed.first, said=said))
     flat = one_dimensional(batch)
     if flat is not None:
         return TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where=""))
@@ -120,6 +127,17 @@ def forward_error(batch: Batch, dtype: torch.dtype, err: Exception, in_forward: 
                              f"the model takes in training, pass those (the first dimension is the batch); torch "
                              f"said: {said}")
     return err
+
+
+#: torch's words for floating-point dtypes in a dtype error ("Float" also in "BFloat16").
+_FLOATS = ("float", "double", "half")
+#: A model of parameters of several dtypes that failed on floating-point inputs of a dtype a layer does not take.
+_MIXED_DTYPES = (
+    "the model's forward failed on floating-point inputs ({inputs}) of a dtype a layer does not take; its parameters "
+    "are of several dtypes ({dtypes}), so torchfim passes inputs of one of them as given, as the forward takes them "
+    "in training, and casts the others to the first trainable parameter's ({first}): pass the inputs in the dtype "
+    "of the layer that takes them, or cast them in the forward (x.to(layer.weight.dtype)); torch said: {said}"
+)
 
 
 def _mixes_types(said: str, words: tuple[str, ...]) -> bool:

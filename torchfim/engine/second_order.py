@@ -48,7 +48,9 @@ class UnitHessians:
     def _layer(self, module: torch.nn.Module) -> Tensor:
         view, batch = self.view, self.batch
         units = module.out_features
-        dtype, device = view.dtype, view.device
+        # δ in the layer's own dtype: a float32 δ added to a bfloat16 layer's output would lift the rest of the forward
+        # to float32, and a float64 one below a float32 layer to float64 (a model of several dtypes)
+        dtype, device = module.weight.dtype, view.device
         zero = torch.zeros(batch.size, units, dtype=dtype, device=device)
 
         def out(delta: Tensor) -> Tensor:
@@ -83,9 +85,10 @@ class UnitHessians:
         total: Pieces = {}
         for (rule, _), a, d in zip(self.layers, self.inputs, self.diagonals()):
             t = fn(slice(None), d.transpose(1, 2))  # (B, out)
-            t = t.to(torch.promote_types(t.dtype, a.dtype))
+            wide = torch.promote_types(t.dtype, a.dtype)  # a layer of another dtype than the outputs (mixed models)
+            t = t.to(wide)
             if "weight" in rule.params:
-                total[rule.params["weight"]] = (t.T @ a**power).reshape(-1)
+                total[rule.params["weight"]] = (t.T @ a.to(wide) ** power).reshape(-1)
             if "bias" in rule.params:
                 total[rule.params["bias"]] = t.sum(0)
         return total
@@ -94,9 +97,10 @@ class UnitHessians:
         """Per factored parameter tensor, ``Σ_{p in it} ∂²o(xᵢ)/∂θ_p²``: ``(B, C)``."""
         total: Pieces = {}
         for (rule, _), a, d in zip(self.layers, self.inputs, self.diagonals()):
-            by_unit = d.to(a.dtype).sum(-1)  # Σ_u ∂²o/∂z_u²
+            wide = torch.promote_types(d.dtype, a.dtype)
+            by_unit = d.to(wide).sum(-1)  # Σ_u ∂²o/∂z_u²
             if "weight" in rule.params:
-                total[rule.params["weight"]] = by_unit * a.square().sum(1).unsqueeze(1)
+                total[rule.params["weight"]] = by_unit * a.to(wide).square().sum(1).unsqueeze(1)
             if "bias" in rule.params:
                 total[rule.params["bias"]] = by_unit
         return total

@@ -48,7 +48,7 @@ class Pass:
         if rows is not None and progress and torch.distributed.is_available() and torch.distributed.is_initialized():
             progress = torch.distributed.get_rank() == 0
         self.backend.directions.progress = progress
-        mini_batches = batches(inputs, targets, view.device, view.dtype, labels=view.labels,
+        mini_batches = batches(inputs, targets, view.device, view.input_dtype, labels=view.labels,
                                defaults=view.call_defaults())
         if rows is not None:
             mini_batches = rows(mini_batches)

@@ -29,7 +29,7 @@ from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family
 from ..families.positions import is_position_mask
 from ..structures import Layout
-from .batch import Batch
+from .batch import Batch, InputDtypes, input_dtype
 from .derivative_settings import for_derivatives
 from .fast_path_check import check_fast_path_agrees
 from .function_forwards import function_forwards
@@ -204,6 +204,8 @@ class ModelView:
             raise TorchfimError(f"trainable parameters without entries (size 0): {', '.join(empty)}; they add nothing "
                                 "to the Fisher: freeze them (p.requires_grad_(False))")
         self.layout = Layout.of(named, self.model)
+        #: what floating-point inputs are cast to (as given, in a model of several dtypes, where of one of them)
+        self.input_dtype: torch.dtype | InputDtypes = input_dtype(self.model, first.dtype)
         self.params = {n: p.detach() for n, p in named}
         self.index_of = {id(p): i for i, (_, p) in enumerate(named)}
         self.constants = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}

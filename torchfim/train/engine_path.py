@@ -74,7 +74,7 @@ class EnginePath:
         (inputs, order), norms = picked, []
         with engine_session(), private_buffers(view.model, view.constants):  # the user's buffers as they were
             for held in inputs:  # checked non-empty and finite when held: no engine.batches() pass
-                batch = held.to(view.device, view.dtype).with_defaults(view.call_defaults())  # as fisher calls it
+                batch = held.to(view.device, view.input_dtype).with_defaults(view.call_defaults())  # as fisher calls it
                 rec = recorded(view, backend, batch)
                 fam = view.family_for(rec.shape, batch, family, mask)
                 fam.check_output(rec.output)  # with its graph: it names the last operation
@@ -89,4 +89,4 @@ class EnginePath:
         the user's buffers left as they were."""
         view = path[0]
         with engine_session(), private_buffers(view.model, view.constants):
-            return output_digest(view, rows.to(view.device, view.dtype).with_defaults(view.call_defaults()))
+            return output_digest(view, rows.to(view.device, view.input_dtype).with_defaults(view.call_defaults()))

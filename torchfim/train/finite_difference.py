@@ -279,7 +279,8 @@ def _trace_difference(io: ModelIO, log_p: Callable, base: dict[str, Tensor], x: 
     def per_input(scalars: Tensor, like: Tensor) -> Tensor:  # (B,) → (B, 1, …, 1) against like (B, *shape)
         return scalars.reshape((-1,) + (1,) * (like.dim() - 1))
 
-    shifted = {n: base[n] + per_input(shift, g[n]) * g[n] for n in base}
+    # each tensor moved in its own dtype (the norms of a model of several dtypes are in the widest)
+    shifted = {n: base[n] + (per_input(shift, g[n]) * g[n]).to(base[n].dtype) for n in base}
     g_plus = io.per_input_gradients(log_p, shifted, 0, x, y, masks)
     weight = norms * ((2.0 * alpha / x.size) / step)
     return value, [((g_plus[n] - g[n]) * per_input(weight, g[n])).sum(0) for n in base]

@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from .._batches import refuse_packed
 from ..engine.attention_kernel import math_attention
-from ..engine.batch import Batch, make_batch
+from ..engine.batch import Batch, input_dtype, make_batch
 from ..engine.composites import reverse_mode_forms
 from ..engine.eager_attention import eager_attention, refuse_non_finite, switchable_attention
 from ..engine.function_forwards import attention_fast_path_off
@@ -99,14 +99,15 @@ class ModelIO:
         return make_batch(inputs, None, None, None, keep_targets=True).with_defaults(self.defaults)
 
     @staticmethod
-    def moved(batch: Batch, first: Tensor, rows: int | None = None) -> Batch:
+    def moved(batch: Batch, model: nn.Module, first: Tensor, rows: int | None = None) -> Batch:
         """The first ``rows`` inputs of ``batch`` (all when None) on ``first``'s device, floating tensors in
-        its dtype (cut first, so that only those rows move)."""
-        return leading_rows(batch, rows).to(first.device, first.dtype)
+        its dtype, or as given where they are of a dtype of another of ``model``'s parameters
+        (:func:`~torchfim.engine.batch.input_dtype`; cut first, so that only those rows move)."""
+        return leading_rows(batch, rows).to(first.device, input_dtype(model, first.dtype))
 
-    def prepare(self, inputs: object, first: Tensor, rows: int | None = None) -> Batch:
+    def prepare(self, inputs: object, model: nn.Module, first: Tensor, rows: int | None = None) -> Batch:
         """:meth:`batch` then :meth:`moved`."""
-        return self.moved(self.batch(inputs), first, rows)
+        return self.moved(self.batch(inputs), model, first, rows)
 
     def mask(self, mask: object, x: Batch) -> Tensor | None:
         """The position mask of a call: a bool tensor with one row per input, from a tensor or a key of the
@@ -147,7 +148,7 @@ class ModelIO:
             try:  # the training forward as it runs (not Batch.call's): its gradient hooks are the task loss's too
                 return model(*x.args, **x.kwargs)
             except (RuntimeError, IndexError) as err:
-                clear = forward_error(x, next(model.parameters()).dtype, err)
+                clear = forward_error(x, input_dtype(model, next(model.parameters()).dtype), err)
                 if clear is err:
                     raise
                 raise clear from err

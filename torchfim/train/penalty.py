@@ -287,7 +287,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
         first = params[0]
         whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
-        x = self.io.moved(whole, first, self.sub_batch)
+        x = self.io.moved(whole, self.model, first, self.sub_batch)
         keep = self._keeper(step, params, x.size)
         with self.family.masked(mask, x.size, self.io.labelled(whole), self.io.padding(whole, mask)), \
                 self._forwards(step, params):
@@ -386,7 +386,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
         if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
             return self._between(inputs, task_loss, surrogate=False) + self(inputs, step=step, mask=mask)
         names, params = penalised_parameters(self.model)
-        x = self.io.prepare(inputs, params[0])
+        x = self.io.prepare(inputs, self.model, params[0])
         rows = min(self.sub_batch or x.size, x.size)
         keep = self._keeper(step, params, rows)
         given = self.io.mask(mask, x)
@@ -424,7 +424,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
         kept = self._kept
         reuse = surrogate and self.reuse_between and kept.grads is not None
         first = kept.params[0] if reuse else trainable(self.model)[1][0]
-        out = self.io.call(self.model, self.io.prepare(inputs, first), differentiated_twice=False)
+        out = self.io.call(self.model, self.io.prepare(inputs, self.model, first), differentiated_twice=False)
         loss = scalar_task_loss(task_loss, out)
         # Built after the forward, so autograd runs its backward first: the task gradients then add in place.
         return loss + self._surrogate(kept.params, kept.grads, kept.value) if reuse else loss
