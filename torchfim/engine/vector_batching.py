@@ -33,9 +33,12 @@ def pulls_back_alike(output: Tensor, calls: Sequence[Call], v: Tensor) -> bool:
                if got is not None and want is not None)
 
 
-def batched_agrees(got: Tensor, want: Tensor) -> bool:
+def batched_agrees(got: Tensor, want: Tensor, computed_in: torch.dtype | None = None) -> bool:
     """Whether a batched computation's ``got`` is the one-at-a-time ``want``: to 1e-4 relative (the two sum in other
-    orders) or the dtype's rounding, against the largest entry of ``want``."""
-    rtol = max(1e-4, 64 * torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
+    orders) or the rounding of ``want``'s dtype, or of ``computed_in`` where coarser (the least precise dtype the
+    computation ran in: a bfloat16 layer before a float32 one rounds the latter's gradients to bfloat16's precision),
+    against the largest entry of ``want``."""
+    eps = max(torch.finfo(d).eps for d in (want.dtype, computed_in or want.dtype)) if want.is_floating_point() else 0.0
+    rtol = max(1e-4, 64 * eps) if want.is_floating_point() else 0.0
     return got.shape == want.shape and torch.allclose(got, want, rtol=rtol,
                                                       atol=rtol * (1e-30 + float(want.abs().max())))
