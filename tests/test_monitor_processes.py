@@ -286,8 +286,9 @@ def test_held_sets_too_small_to_share_are_named_on_every_process(ran: Path) -> N
         assert "leave process 1 of 2 none to measure; hold at least 2 inputs in a mini-batch" in small["one"]
         if rank == 0:  # the same on every process: the first says it
             assert "measures 1 input per process per measurement" in small["three"], rank
-            assert "hold at least 4 inputs in a mini-batch, or pass subset ≥ 3 with n_samples ≥ 2 for the label noise " \
-                "of a process's one input, measured whole" in small["three"]  # "shares 2 and 1, windows of 2" is that
+            both = ("hold at least 4 inputs in a mini-batch, or pass subset ≥ 3 with n_samples ≥ 2 for the label noise "
+                    "of a process's one input, measured whole")
+            assert both in small["three"]  # "shares 2 and 1, windows of 2" is the second
         else:
             assert "measures 1 input per process" not in small["three"], rank
         assert math.isnan(small["three stderr"])
