@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._identity import identity_like
-from ..errors import TorchfimError
+from ..errors import TorchfimError, all_finite, warn_user
 from .base import SQRT_BLOCK_ENTRIES, Family
 from .positions_moments import DENSE_MOMENT_LIMIT, PositionMoments
 from .positions_spectra import CHUNK_ELEMENTS as _CHUNK_ELEMENTS
@@ -200,7 +200,15 @@ class Positions(PositionMoments, PositionSpreads, PositionSpectra, Family):
                 "input (out.flatten(-2))"
             )
         rows = o.reshape(-1, c)
-        self.base.check_output(rows if self.mask is None else rows[self._keep(o).reshape(-1)])
+        if self.mask is None:
+            self.base.check_output(rows)
+            return
+        keep = self._keep(o).reshape(-1)
+        self.base.check_output(rows[keep])
+        if not all_finite(rows):
+            nan = int(torch.isnan(rows.detach()[~keep]).any(-1).sum())  # (-inf is a class masked out, as elsewhere)
+            if nan:
+                _warn_masked_nan(nan, int((~keep).sum()))
 
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
         """Canonical targets ``(B, L, *base_label)``: the base checks on observed positions; masked
@@ -372,3 +380,13 @@ def _placed(roots: Tensor, t0: int, n: int, step: int) -> Iterator[Tensor]:
         block = roots.new_zeros(b, n, c, len(cols))
         block[:, t0 + t, :, torch.arange(len(cols), device=roots.device)] = roots[:, t, :, j]
         yield block.reshape(b, n * c, len(cols))
+
+
+def _warn_masked_nan(bad: int, masked: int) -> None:
+    """Say that ``bad`` of the ``masked`` left-out positions have NaN outputs: left out of the Fisher, they are
+    harmless only where the model does not compute them from the parameters, as their NaN derivatives would reach
+    every parameter through the backward passes."""
+    warn_user(f"torchfim: the model's outputs are NaN at {bad} of the {masked} masked positions; they are left "
+              "out, but where the model computes them from its parameters their derivatives are NaN too and make "
+              "the Fisher NaN. transformers' eager attention does this on a left-padded batch (a query whose keys "
+              "are all padding): load the model with attn_implementation='sdpa', or pad on the right")
