@@ -64,8 +64,8 @@ KINDS = ("batch_gradient", "trace")
 class FisherPenalty(PenaltyState, PenaltyTerms):
     """A Fisher penalty to add to the task loss in a plain PyTorch training loop.
 
-    ``pen(inputs, step=step)`` returns a 0-dim tensor (model's dtype and device) whose gradient
-    w.r.t. the model's trainable parameters is the penalty's gradient:
+    ``pen(inputs, step=step)`` returns a 0-dim tensor (on the model's device, in its dtype; for a model of several
+    dtypes, in one of them) whose gradient w.r.t. the model's trainable parameters is the penalty's gradient:
 
     * ``kind="batch_gradient"`` (default; Jastrzębski et al. 2021, Eq. 3):
       ``α ‖∇_θ (1/B) Σᵢ −log p(ŷᵢ|xᵢ)‖²``. Its expectation over the sampled labels is
