@@ -219,6 +219,27 @@ def test_an_interrupted_rerun_leaves_no_figure_of_the_earlier_run(tmp_path, monk
         tmp_path / "summary.md").read_text(encoding="utf-8")
 
 
+def test_interrupted_while_drawing_the_second_figure_lists_the_first(tmp_path, monkeypatch):
+    """Interrupted while drawing fig_b, after fig_a was written: summary.md describes fig_a and names fig_b as
+    not drawn, exactly the figures in the folder (before: both named "Not drawn", fig_a.png beside it)."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from torchfim.experiments.soen_sun import figures
+
+    monkeypatch.setattr(figures, "plot_activations", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        soen_sun.run(tmp_path, settings=TINY, progress=False)
+    assert [png for png in PNGS if (tmp_path / png).exists()] == [PNGS[0]]
+    listed = (tmp_path / "summary.md").read_text(encoding="utf-8").split("## Figures")[1].split("## Key numbers")[0]
+    described = [png for png in PNGS if f"- `{png}` (" in listed]
+    not_drawn = " ".join(line for line in listed.splitlines() if line.startswith("- Not drawn"))
+    assert described == [PNGS[0]]
+    assert [png for png in PNGS if png in not_drawn] == list(PNGS[1:])
+    assert f"- Not drawn, the run stopped while drawing them: `{PNGS[1]}`." in listed
+
+
 def test_an_interrupted_command_names_its_partial_output_and_that_it_does_not_resume(tmp_path, monkeypatch, capsys):
     """(before: "interrupted" alone)"""
     from torchfim.experiments.soen_sun import command

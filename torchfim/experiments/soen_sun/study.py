@@ -123,7 +123,7 @@ class _Study:
             if key not in self.drawn:
                 (self.out / FILES[key]).unlink(missing_ok=True)
         write_tables(self.out, self.results)
-        write_text(self.out / FILES["summary"], summary(self.results, self.s, self.done))
+        write_text(self.out / FILES["summary"], summary(self.results, self.s, self.done, self.drawn))
 
     def tick(self) -> None:
         """After each measurement: save, and advance the progress bar."""
@@ -161,8 +161,10 @@ class _Study:
         s, out, results = self.s, self.out, self.results
         if part == "bound_ratios+activations":
             figures.plot_bound_ratios(results, s, out / FILES["fig_a"])
+            self.drawn.add("fig_a")
+            self.save()  # summary.md names fig_a should the run stop while fig_b is drawn
             figures.plot_activations(results, s, out / FILES["fig_b"])
-            self.drawn |= {"fig_a", "fig_b"}
+            self.drawn.add("fig_b")
         elif part == "seeds":
             figures.plot_activations(results, s, out / FILES["fig_b"])
         elif part == "depth_width":

@@ -27,10 +27,11 @@ __all__ = ["summary", "PARTS"]
 PARTS = ("bound_ratios", "activations", "seeds", "depth_width", "training")
 
 
-def summary(results: dict[str, Any], settings: Settings, done: set[str]) -> str:
-    """The text of summary.md; ``done``: the parts (of :data:`PARTS`) that are finished."""
+def summary(results: dict[str, Any], settings: Settings, done: set[str], drawn: set[str] | None = None) -> str:
+    """The text of summary.md; ``done``: the parts (of :data:`PARTS`) that are finished; ``drawn``: the keys in
+    ``FILES`` of the figures written (default: those of the finished parts)."""
     s = settings
-    lines = _intro(results, s, done)
+    lines = _intro(results, s, done, drawn)
     concl: list[str] = []
     sections = ((_bounds, "bound_ratios"), (_activations, "activations"), (_seeds, "seed_ranges"),
                 (_depth_width, "depth_width"), (_training, "training"))
@@ -59,9 +60,9 @@ def summary(results: dict[str, Any], settings: Settings, done: set[str]) -> str:
     return "\n".join(lines)
 
 
-def _intro(results: dict[str, Any], s: Settings, done: set[str]) -> list[str]:
+def _intro(results: dict[str, Any], s: Settings, done: set[str], drawn: set[str] | None) -> list[str]:
     """Title, what was run, the scale-down, the list of figures."""
-    return [*_about(results, s), "## Figures", *_figures(results, s, done), "", "## Key numbers"]
+    return [*_about(results, s), "## Figures", *_figures(results, s, done, drawn), "", "## Key numbers"]
 
 
 def _about(results: dict[str, Any], s: Settings) -> list[str]:
@@ -99,31 +100,34 @@ def _about(results: dict[str, Any], s: Settings) -> list[str]:
     ]
 
 
-def _figures(results: dict[str, Any], s: Settings, done: set[str]) -> list[str]:
-    """The figures drawn, each once the part it shows is ``done`` (drawn before the summary says so); for an
-    interrupted run, which were not drawn."""
+def _figures(results: dict[str, Any], s: Settings, done: set[str], drawn: set[str] | None) -> list[str]:
+    """The figures ``drawn`` (keys of ``FILES``; default: those whose part is ``done``); for an interrupted run,
+    which were not drawn, and whether their parts were finished."""
     figures = [
-        ("bound_ratios", FILES["fig_a"],
+        ("bound_ratios", "fig_a",
          (f"- `{FILES['fig_a']}` (a): bound / exact variance per diagonal entry, per layer (box plots) and for the "
          "trace estimator (◆), for Î1's spectral and kurtosis bounds and Î2's spectral bound, across activations.")),
-        ("activations", FILES["fig_b"],
+        ("activations", "fig_b",
          (f"- `{FILES['fig_b']}` (b): Σ over each layer's diagonal of Var(Î1) and Var(Î2), and the variance of the "
          "two trace estimators, across activations; rows: digits and MNIST-1D (categorical), digits with a "
          "Gaussian (σ = 1) regression head on the same 10 outputs.")),
-        ("depth_width", FILES["fig_c"],
+        ("depth_width", "fig_c",
          (f"- `{FILES['fig_c']}` (c): the same variances and the relative error of Tr F against depth "
          f"({', '.join(map(str, s.depths))} hidden layers, width {s.width}) and width "
          f"({', '.join(map(str, s.widths))}, {s.depth} hidden layers), {s.sweep_activation}, digits.")),
-        ("training", FILES["fig_d"],
+        ("training", "fig_d",
          (f"- `{FILES['fig_d']}` (d): Tr F, the trace variances, the relative standard error at k = 1 and "
          f"`samples_needed(rel_error={REL_ERROR})` at epochs {', '.join(map(str, s.checkpoints))} of Adam "
          f"(lr {s.lr:g}, batch {s.batch_size}) for {' and '.join(s.train_activations)} on the digits; the Fisher "
          "is measured on held-out inputs.")),
     ]
-    lines = [text for part, _, text in figures if part in done]
-    missing = [name for part, name, _ in figures if part not in done]
-    if missing:
-        lines.append(f"- Not drawn, their parts unfinished: {', '.join(f'`{name}`' for name in missing)}.")
+    if drawn is None:
+        drawn = {key for part, key, _ in figures if part in done}
+    lines = [text for _, key, text in figures if key in drawn]
+    for finished, why in ((True, "the run stopped while drawing them"), (False, "their parts unfinished")):
+        missing = [FILES[key] for part, key, _ in figures if key not in drawn and (part in done) == finished]
+        if missing:
+            lines.append(f"- Not drawn, {why}: {', '.join(f'`{name}`' for name in missing)}.")
     lines.append(f"- `{FILES['json']}` holds every number measured (box statistics, not raw per-entry ratios) and the "
                  f"settings; `{FILES['csv']}` the same numbers in long form.")
     return lines
