@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-seed", type=nonnegative_int, default=None, metavar="S",
                         help="the study's master seed, from which every run's seeds derive (default: 0)")
     parser.add_argument("--jobs", type=positive_int, default=1, metavar="J",
-                        help="runs in parallel, one thread each (default: 1; results do not depend on it)")
+                        help="runs in parallel, one process and thread each (default: 1; results do not depend on it); "
+                             "at most one process per CPU and per run still to do: a larger J starts no more")
     parser.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
                         help="write the run files stored in this results.json into DIR/runs/ and rebuild results.json, "
                         "summary.md and the figures from them with this code (no training; DIR must hold no runs)")

@@ -31,27 +31,40 @@ def _name_other_code(done: dict[str, dict], settings: Settings, runs_dir: Path) 
                   "a study of one code, use a new --out folder")
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
 class _Executor:
-    """Runs specs one at a time in this process (jobs = 1) or in a pool of ``jobs`` processes."""
+    """Runs specs one at a time in this process or in a pool of processes: at most ``jobs``, one per CPU and one
+    per spec of a phase (a larger ``jobs`` starts no more)."""
 
     def __init__(self, jobs: int):
-        self.jobs = jobs
-        self.pool = None
-        if jobs > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.jobs = max(1, min(jobs, _cpus()))
+        self.pool: Any = None
+        self.size = 0
 
     def map(self, specs: list[RunSpec], settings: Settings, runs_dir: Path,
             master_seed: int) -> Iterator[tuple[str, dict, float]]:
         """``(run id, record, seconds)`` of each spec as it finishes (several at once: by run id)."""
-        if self.pool is None:
+        workers = min(self.jobs, len(specs))
+        if workers <= 1 and self.pool is None:
             for s in specs:
                 yield execute(s, settings, str(runs_dir), master_seed)
             return
         from concurrent.futures import FIRST_COMPLETED, wait
 
+        if workers > self.size:  # a phase with more runs than the pool has processes: a larger pool
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.close()
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            self.size = workers
         pending = {self.pool.submit(execute, s, settings, str(runs_dir), master_seed) for s in specs}
         try:
             while pending:
@@ -66,7 +79,7 @@ class _Executor:
         """Shut the pool down (``cancel``: drop the runs not started)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=cancel)
-            self.pool = None
+            self.pool, self.size = None, 0
 
 
 def _postfix(spec: RunSpec) -> str:
