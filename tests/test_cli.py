@@ -127,6 +127,25 @@ def test_demo_rejects_bad_settings():
         run_demo(n_samples=0, out=None, progress=False)
 
 
+def test_demo_with_labels_that_do_not_fit_names_its_own_option(monkeypatch, capsys):
+    """``torchfim demo --n-samples 100000`` was refused, after training, with the library's advice to draw fewer
+    labels per call or pass smaller mini-batches, which the demo has no option for; it is now refused before
+    training, naming --n-samples (n_samples to a caller of run_demo) and how many fit."""
+    from torchfim import _memory
+
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**30)
+    fit = 2**30 // (2 * 8 * 1797 * 10)
+    assert cli.main(["demo", "--n-samples", "100000", "--no-progress", *SMALL_ARGS]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and captured.out == ""  # one line, nothing trained or printed first
+    assert "--n-samples 100000: the demo draws that many labels for each of its 1797 digits" in err
+    assert err.endswith(f"pass a smaller --n-samples (at most {fit:,} fit)")
+    assert "mini-batch" not in err and "n_samples" not in err
+    with pytest.raises(torchfim.TorchfimError, match=rf"^n_samples=100000: .* pass a smaller n_samples \(at most {fit:,}"):
+        run_demo(n_samples=100_000, out=None, progress=False, **SMALL)
+
+
 def test_format_table_aligns_columns():
     rows = {
         "exact": dict(trace=12.5, trace_se=math.nan, diag_mean=1e-3, diag_median=2e-4, diag_max=0.5, time=0.1),

@@ -21,6 +21,7 @@ import torch
 from . import toy
 from ._words import counted
 from .cli.types import layer_widths, positive_float, positive_int, seed_int, thread_count
+from .errors import TorchfimError
 
 __all__ = ["run_demo", "format_table", "ESTIMATORS", "EPOCHS", "HELP", "add_arguments", "main"]
 
@@ -32,6 +33,9 @@ EPOCHS = 100
 
 HELP = "train a small MLP on the digits and compare the four Fisher estimators"
 
+
+#: The digits the Fisher is computed on (all of scikit-learn's), and their classes.
+_DIGITS, _CLASSES = 1797, 10
 
 _COLUMNS = ("estimator", "Tr(F)", "s.e.", "diag mean", "diag median", "diag max", "time(s)")
 _KEYS = ("trace", "trace_se", "diag_mean", "diag_median", "diag_max", "time")
@@ -100,6 +104,7 @@ def run_demo(
         raise ValueError(f"hidden widths must be at least 1, got {hidden}")
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be at least 1 (or None), got {threads}")
+    _check_labels_fit(int(n_samples), "n_samples")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -107,6 +112,27 @@ def run_demo(
         return _run_demo(seconds, seed, int(n_samples), out, int(epochs), hidden, progress)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _check_labels_fit(n_samples: int, name: str) -> None:
+    """Refuse, before training, ``n_samples`` labels per digit whose output scores would not fit in memory: the
+    demo draws them for all the digits in one call (the library would refuse them after training, advising
+    mini-batches the demo has no option for); ``name``: the option as the user gave it (``n_samples`` of
+    :func:`run_demo`, ``--n-samples`` of the command)."""
+    from ._memory import fits_in_memory, size_text
+
+    per_label = _DIGITS * _CLASSES
+    if per_label * n_samples < 2**26:  # as the library: under 0.5 GiB, not worth reading the free memory
+        return
+    fits, needed, free = fits_in_memory(per_label * n_samples, torch.float64, torch.device("cpu"))
+    if not fits:
+        most = int(free * 2**30 // (2 * 8 * per_label))  # fits_in_memory's two float64 copies of the scores
+        given = f"{name} {n_samples}" if name.startswith("--") else f"{name}={n_samples}"
+        raise TorchfimError(
+            f"{given}: the demo draws that many labels for each of its {_DIGITS} digits at once, and their output "
+            f"scores need about {size_text(needed)}, but {size_text(free)} is available; pass a smaller {name} "
+            f"(at most {most:,} fit)"
+        )
 
 
 def _run_demo(seconds, seed, n_samples, out, epochs, hidden, progress) -> dict:
@@ -235,6 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``torchfim demo`` with the parsed options."""
+    _check_labels_fit(args.n_samples, "--n-samples")
     run_demo(seconds=args.seconds, seed=args.seed, n_samples=args.n_samples,
              epochs=args.epochs, hidden=args.hidden, progress=not args.no_progress,
              threads=args.threads)
