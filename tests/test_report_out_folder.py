@@ -18,6 +18,7 @@ from report_fixtures import PNG_MAGIC, ROOT, _leftovers
 
 from torchfim import cli
 from torchfim import report as report_mod
+from torchfim.report import run as run_mod
 from torchfim.report import settings as report_settings
 from torchfim.report.publish import PUBLISHING
 
@@ -106,6 +107,17 @@ def test_out_dot_writes_into_the_working_directory(user_dir, fast_figures):
         assert json.loads((user_dir / "report.json").read_text())["seed"] == int(seed)
     assert _user_files_intact(user_dir) and (user_dir / "umod.py").read_bytes() == module
     assert set(_report_bytes(user_dir)) == REPORT_NAMES and not _leftovers(user_dir)
+
+
+def test_the_folder_written_is_printed_with_one_slash(user_dir, fast_figures, capsys):
+    """``--out /`` printed "wrote // (...)"; a folder given with a trailing slash is printed with one, the root as
+    ``/`` (checked on the printing, so as not to write into ``/``)."""
+    assert cli.main(["report", *SMALL, "--data", "umod:data", "--out", f"{user_dir / 'rep'}/"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {user_dir / 'rep'}/ (" in out and "//" not in out
+    lines: list[str] = []
+    run_mod._summarise(lines.append, "", {"files": ["report.md"], "timings": {"total": 1.0}}, Path("/"))
+    assert lines[-1].startswith("wrote / (report.md) in 1.0 s; read /report.md")
 
 
 def test_at_every_point_a_kill_could_hit_the_folder_is_complete(user_dir, monkeypatch, fast_figures):

@@ -257,6 +257,15 @@ def test_an_interrupted_command_names_its_partial_output_and_that_it_does_not_re
     assert "the study does not resume: run the same command again to start it over" in err
 
 
+def test_the_interrupted_hint_prints_a_folder_given_with_a_slash_with_one(tmp_path):
+    """(before: "are in DIR// (" for ``--out DIR/``)"""
+    from torchfim.experiments.soen_sun.command import interrupted_hint
+
+    assert interrupted_hint(f"{tmp_path}/").startswith(f"nothing was written to {tmp_path}/ yet")
+    (tmp_path / "summary.md").write_text("**Run incomplete.**", encoding="utf-8")
+    assert interrupted_hint(f"{tmp_path}/").startswith(f"the finished parts are in {tmp_path}/ (summary.md")
+
+
 def test_atomic_writers(tmp_path):
     path = tmp_path / "sub" / "r.json"
     _io.write_json(path, {"a": 1})

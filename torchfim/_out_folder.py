@@ -11,7 +11,14 @@ from pathlib import Path
 
 from .errors import TorchfimError
 
-__all__ = ["check_out_folder", "check_out_file"]
+__all__ = ["check_out_folder", "check_out_file", "folder_text"]
+
+
+def folder_text(path: str | os.PathLike) -> str:
+    """A folder as a message prints it, with one trailing slash: ``out/`` for ``out`` or ``out/``, and ``/`` for
+    the root (which printed as ``//`` where a slash was added to its name)."""
+    text = str(Path(path))
+    return text if text.endswith(("/", os.sep)) else text + "/"
 
 
 def check_out_folder(out: str | os.PathLike, files: Iterable[str], owned: Callable[[Path], set[str]],

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._out_folder import folder_text
 from .._words import counted
 from ..errors import TorchfimError
 from . import figures, kept_steps, settings
@@ -157,7 +158,7 @@ def _summarise(emit: Callable[[str], object], table: str, results: dict, out_pat
         if results.get("resumed_steps"):
             emit(f"read {counted(results['resumed_steps'], 'finished step')} back from an interrupted run of this report "
                  f"({option('resume', False)} computes them again)")
-        emit(f"wrote {out_path}/ ({', '.join(results['files'])}) in {results['timings']['total']:.1f} s; "
+        emit(f"wrote {folder_text(out_path)} ({', '.join(results['files'])}) in {results['timings']['total']:.1f} s; "
              f"read {out_path / 'report.md'}")
 
 

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..._out_folder import folder_text
 from ...cli.types import thread_count
 from ...errors import TorchfimError
 from ..out_folder import check_study_out
@@ -35,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def interrupted_hint(out: str) -> str:
     """What an interrupted study left, and that it does not resume."""
     summary = Path(out) / FILES["summary"]
-    left = (f"the finished parts are in {out}/ ({FILES['summary']}, marked 'Run incomplete', names what was not "
+    left = (f"the finished parts are in {folder_text(out)} ({FILES['summary']}, marked 'Run incomplete', names what was not "
             "run; results.json, results.csv and the figures of the finished parts)" if summary.is_file()
-            else f"nothing was written to {out}/ yet")
+            else f"nothing was written to {folder_text(out)} yet")
     return f"{left}; the study does not resume: run the same command again to start it over"
 
 
