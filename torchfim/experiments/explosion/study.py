@@ -41,17 +41,20 @@ def _cpus() -> int:
 
 class _Executor:
     """Runs specs one at a time in this process or in a pool of processes: at most ``jobs``, one per CPU and one
-    per spec of a phase (a larger ``jobs`` starts no more)."""
+    per spec of a phase (a larger ``jobs`` starts no more). ``largest`` is the most processes that ran runs at once
+    (1 in this process), what ``timings.json`` records beside the ``jobs`` asked for."""
 
     def __init__(self, jobs: int):
         self.jobs = max(1, min(jobs, _cpus()))
         self.pool: Any = None
         self.size = 0
+        self.largest = 0
 
     def map(self, specs: list[RunSpec], settings: Settings, runs_dir: Path,
             master_seed: int) -> Iterator[tuple[str, dict, float]]:
         """``(run id, record, seconds)`` of each spec as it finishes (several at once: by run id)."""
         workers = min(self.jobs, len(specs))
+        self.largest = max(self.largest, workers)  # a pool larger than the phase runs ``workers`` at a time
         if workers <= 1 and self.pool is None:
             for s in specs:
                 yield execute(s, settings, str(runs_dir), master_seed)
@@ -175,7 +178,8 @@ def run(
         bar.close()
     wall = time.perf_counter() - start
     write_timings(out / FILES["timings"], phases.timings, {"runs": phases.new, "wall_seconds": round(wall, 1),
-                                                           "jobs": jobs, "complete": ok})  # fmt: skip
+                                                           "jobs": jobs, "processes": executor.largest,
+                                                           "complete": ok})  # fmt: skip
     if not ok:
         return None
     results = json.loads(json.dumps(assemble(settings, master_seed, done)))  # as results.json reads back
