@@ -474,7 +474,7 @@ def test_the_summary_counts_the_diverged_runs_of_every_configuration():
     text = summary(results, [])
     rows = [line for line in text.splitlines() if line.startswith(("| digits/", "| mnist1d/"))]
     clean = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 12]  # (b): 11 columns
-    noisy = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 11]  # (c): 10 columns
+    noisy = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 13]  # (c): 12 columns
     assert clean == ["0/6", "1/6"] + ["0/6"] * 10  # digits/mlp at η*/10 is the second row
     assert noisy == ["0/6"] * 7 + ["2/6"]  # mnist1d/cnn at η* with the penalty is the last
     assert text.count("| diverged (loss or outputs non-finite) |") == 2

@@ -42,7 +42,7 @@ _CLEAN_MEASURES = ("test_acc_at_best_val", "test_acc", "step_of_best_val", "trai
 #: test accuracy there, with the final test accuracy beside it.
 _PER_SEED = ("step_of_best_val", "best_val_acc", "test_acc_at_best_val", "test_acc")
 _NOISY_MEASURES = ("clean_acc", "noisy_acc", "clean_acc_auc", "noisy_acc_auc", "test_acc", "test_acc_at_best_val",
-                   "peak_trace")
+                   "peak_trace", "train_acc", "train_acc_at_four_fifths")
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -191,9 +191,17 @@ class _Aggregates:
         """Per evaluation seed: its index, the best-validation step, the accuracies there and at the end."""
         return [{"seed_index": r["spec"]["seed_index"], **{k: r["result"]["final"][k] for k in _PER_SEED}} for r in runs]
 
+    def plateaued(self, entry: dict) -> bool | None:
+        """Whether a configuration's mean training accuracy (against the labels it trained on, noisy ones included)
+        moved by at most ``plateau_tolerance`` over the last fifth of training (None where a run lacks either)."""
+        before, end = entry["train_acc_at_four_fifths"], entry["train_acc"]
+        if before is None or end is None:
+            return None
+        return abs(end["mean"] - before["mean"]) <= self.settings.plateau_tolerance
+
     def clean(self, d: str, m: str) -> None:
         """Claims (a) and (b) on one data set and model."""
-        combo, tol = f"{d}/{m}", self.settings.plateau_tolerance
+        combo = f"{d}/{m}"
         g = {v: self.group("clean", d, m, v) for v in CLEAN_VARIANTS}
         agg: dict[str, Any] = {}
         for v, runs in g.items():
@@ -203,8 +211,7 @@ class _Aggregates:
                 "diverged": sum(r["result"]["diverged"] for r in runs),
                 "per_seed": self.per_seed(runs),
             })  # fmt: skip
-            before, end = agg[v]["train_acc_at_four_fifths"], agg[v]["train_acc"]
-            agg[v]["plateaued"] = None if before is None or end is None else abs(end["mean"] - before["mean"]) <= tol
+            agg[v]["plateaued"] = self.plateaued(agg[v])
         for key, metric in (("gap_closed", "test_acc_at_best_val"), ("gap_closed_final", "test_acc")):
             triple = tuple(self.metric(g[v], metric) for v in CLEAN_VARIANTS)
             self.gap_groups[key].append(triple)
@@ -221,7 +228,7 @@ class _Aggregates:
         self.compare([
             ("a_explosion", "a", "small LR", "large LR", "peak Tr(F)", peaks["small"], peaks["large"]),
             ("a_explosion_early", "a", "small LR", "large LR",
-             f"Tr(F_i): Tr(F) when the training loss first falls below {self.settings.loss_threshold:g}",
+             f"Tr(F_i): Tr(F) when the training loss first falls to {self.settings.loss_threshold:g} or below",
              early["small"], early["large"]),
             ("a_fp_lowers_peak", "a", "small LR", "small LR + FP", "peak Tr(F)", peaks["small"], peaks["small_fp"]),
             ("b_large_beats_small", "b", "large LR", "small LR", at_best, best["large"], best["small"]),
@@ -246,6 +253,7 @@ class _Aggregates:
                 "diverged": sum(r["result"]["diverged"] for r in runs),
                 "per_seed": self.per_seed(runs),
             })  # fmt: skip
+            agg[v]["plateaued"] = self.plateaued(agg[v])
         self.curves[label] = {
             v: {k: _mean_curve(g[v], k) for k in ("clean_acc", "noisy_acc", "trace", "test_acc")} for v in variants
         }
@@ -285,7 +293,7 @@ def _extra(result: dict, settings: Settings, dataset: str) -> dict[str, float | 
     """Numbers derived from a run's curves: the peak Tr(F) as the paper's Table 4 takes it, the largest measurement
     after the first epoch (its ``steps_per_epoch``: the large rates' Tr(F) can peak within it, before the small
     rates' explosion has begun), with its step and standard error (None where the run has no measurement there); and
-    the paper's early-phase Tr(Fᵢ), Tr(F) at the first measurement where the training loss is below
+    the paper's early-phase Tr(Fᵢ), Tr(F) at the first measurement where the training loss is at or below
     ``loss_threshold`` (None if it never gets there), with the step it happens at."""
     c = result["curves"]
     # A run trained before whole mini-batches only kept the epoch's last, smaller one: ⌈n_train/batch⌉ steps.

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ...compare import fewest_pairs
 from .assemble import CLEAN_CLAIMS, NOISY_CLAIMS
-from .settings import CLEAN_VARIANTS, LABELS, POOLED, lr_text, noisy_label, noisy_pooled
+from .settings import CLEAN_VARIANTS, LABELS, NOISY_VARIANTS, POOLED, lr_text, noisy_label, noisy_pooled
 
 __all__ = ["claims_text"]
 
@@ -117,9 +117,10 @@ def _clean_words(clean: dict, agg: dict, combos: list[str]) -> list[str]:
             f"* **(b) the small learning rate generalises worse** (test accuracy at the best validation step): "
             f"{_count(clean, 'b_large_beats_small', combos, pooled)}. **The penalty improves the small rate**: "
             f"{_count(clean, 'b_fp_beats_small', combos, pooled)}. A gap whose 95% interval excludes 0 was there to "
-            f"close in {len(real)} of {len(combos)}" + (f" ({', '.join(real)})" if real else "") + f"; of those, the "
-            f"penalty closed most (≥ half) of it in {len(most)}" + (f" ({', '.join(most)})" if most else "")
-            + f", and a fraction whose interval excludes 0 in {len(sure)}" + (f" ({', '.join(sure)})" if sure else "")
+            f"close in {len(real)} of {len(combos)}" + (f" ({', '.join(real)})" if real else "") + "; of those, the "
+            f"fraction the penalty closed was half or more at its point value in {len(most)}"
+            + (f" ({'; '.join(f'{c}: {_gap_words(gaps[c])}' for c in most)})" if most else "")
+            + f", and had a 95% interval that excludes 0 in {len(sure)}" + (f" ({', '.join(sure)})" if sure else "")
             + "." + pooled_gap
         )
     return lines
@@ -197,9 +198,11 @@ def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
             "worse generalisation of a fitted network (the paper trains 300 epochs to ~100%)."
         )
     moving = [f"{c} ({LABELS[v]})" for c in combos for v in CLEAN_VARIANTS if agg[c][v]["plateaued"] is False]
+    moving += [f"{d}/{m} with noisy labels at {lr_text(w, s)} ({LABELS[v]})" for d, m, w in nsets
+               for v in NOISY_VARIANTS if agg[noisy_label(d, m, w, s)].get(v, {}).get("plateaued") is False]
     if moving:
         lines.append(
-            "* Caveat: training accuracy was still rising over the last fifth of training in " + ", ".join(moving)
+            "* Caveat: training accuracy was still moving over the last fifth of training in " + ", ".join(moving)
             + ", so those configurations had not plateaued within the budget."
         )
     low = [

@@ -109,7 +109,7 @@ class Settings:
     test_fraction: float = 0.2
     #: MNIST-1D sequences to generate (None: the package's default recipe, 5000).
     mnist1d_samples: int | None = None
-    #: ε of the paper's early-phase value Tr(Fᵢ): Tr(F) when the training loss first falls below ε
+    #: ε of the paper's early-phase value Tr(Fᵢ): Tr(F) when the training loss first falls to ε or below
     #: (analysis only; ln 10 ≈ 2.3 at initialisation, the paper uses 1.2 on CIFAR-10).
     loss_threshold: float = 1.0
     #: A configuration has plateaued when its mean training accuracy moved by at most this much over

@@ -200,6 +200,13 @@ def _yes_no(flag: bool | None) -> str:
     return "n/a" if flag is None else "yes" if flag else "no"
 
 
+def _mean_change(before: dict | None, after: dict | None) -> str:
+    """``90.1 → 92.9``: two seed means in percent (``n/a`` where a run lacks either)."""
+    if before is None or after is None:
+        return "n/a"
+    return f"{100 * before['mean']:.1f} → {100 * after['mean']:.1f}"
+
+
 def _gap(g: dict, pooled: bool = False) -> str:
     """``0.42 [0.10, 0.95]`` (the point value and its bootstrap interval), or why there is none; ``pooled``: the
     gap is the sum of the settings' gaps (the fraction's denominator), and says so."""
@@ -218,7 +225,7 @@ def _trace_table(results: dict[str, Any], combos: list[str]) -> list[str]:
         "## (a) Tr(F) early in training",
         "",
         ("Mean ± std over seeds. Peak Tr(F) is the largest measurement after the first epoch (the paper's Table 4); Tr(Fᵢ) is the "
-         f"paper's early-phase value, Tr(F) at the first measurement where the training loss is below ε = "
+         f"paper's early-phase value, Tr(F) at the first measurement where the training loss is at or below ε = "
          f"{s['loss_threshold']:g} (ln 10 ≈ 2.3 at initialisation), with the step it happens at."),
         "",
         "| data/model | config | peak Tr(F) | its std. error (mean) | step of peak | Tr(Fᵢ) | step of Tr(Fᵢ) |",
@@ -251,11 +258,14 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
         "",
         ("Train accuracy against the labels used for training, on the clean and on the noisy subset (chance on the "
          "noisy subset is below 10%, since its labels differ from the true ones). 'Mean over training' averages all "
-         "measurements (an area under the learning curve: lower = slower fitting)."),
+         "measurements (an area under the learning curve: lower = slower fitting). 'Train' is the accuracy on the "
+         "whole training set against those labels, at four fifths of training and at its end; 'plateaued' = its mean "
+         f"moved by at most {100 * s['plateau_tolerance']:g} percentage points in between."),
         "",
         ("| data/model, η | config | clean final (%) | noisy final (%) | clean mean over training (%) | noisy mean over "
-         f"training (%) | test acc. at best val. (%) | final test acc. (%) | peak Tr(F) | {_DIVERGED_HEADER} |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+         "training (%) | train at 4/5 → final (%) | plateaued | test acc. at best val. (%) | final test acc. (%) | "
+         f"peak Tr(F) | {_DIVERGED_HEADER} |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, m, w in nsets:
         label = noisy_label(d, m, w, s)
@@ -264,7 +274,8 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {d}/{m}, {lr_text(w, s)} | {LABELS[v]} (η={a['lr']:.4g}, α={a['alpha']:g}) | "
                 f"{pm(a['clean_acc'], True)} | {pm(a['noisy_acc'], True)} | {pm(a['clean_acc_auc'], True)} | "
-                f"{pm(a['noisy_acc_auc'], True)} | {pm(a['test_acc_at_best_val'], True)} | "
+                f"{pm(a['noisy_acc_auc'], True)} | {_mean_change(a['train_acc_at_four_fifths'], a['train_acc'])} | "
+                f"{_yes_no(a['plateaued'])} | {pm(a['test_acc_at_best_val'], True)} | "
                 f"{pm(a['test_acc'], True)} | {pm(a['peak_trace'], digits=1)} | {_diverged(a)} |"
             )
     lines += [
