@@ -141,3 +141,25 @@ def test_the_terminal_table_names_the_inputs_of_each_column():
     assert "Var Î1 m=30" in whole and "k10% Î2 n=30" in whole and "extrapolated" not in whole
     # on all the inputs, no subset to scale from (it said "on all the inputs (≈ n/m times that on all n …)")
     assert "on all the inputs (s.e.² = Var/k with k labels per input)" in whole and "n/m" not in whole
+
+
+@pytest.mark.parametrize("command_line", [False, True])
+def test_a_kept_warning_names_the_family_as_the_user_sets_it(command_line):
+    """Integer targets under the Gaussian family: the library's warning, kept in the report, names the other
+    families as ``--family categorical`` on the command line and ``family='categorical'`` in the API (before:
+    the API's keyword on the command line, which has no such argument)."""
+    from contextlib import nullcontext
+
+    from torchfim.report.wording import on_command_line
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(15, 3, dtype=torch.float64), torch.randint(0, 2, (15, 2))
+    with on_command_line() if command_line else nullcontext():
+        got = report_mod.run_report(model, (x, y), family="gaussian", out=None, progress=False, emit=None,
+                                    variance_inputs=4, max_block=0)
+    (kept,) = got["results"]["warnings"]
+    assert "are torch.int64 integers" in kept
+    named = ("--family categorical", "--family bernoulli") if command_line else ("family='categorical'",
+                                                                                 "family='bernoulli'")
+    assert all(n in kept for n in named) and ("family='" in kept) != command_line

@@ -20,7 +20,7 @@ from .outputs import (
     unmasked_padding_note,
     unobserved_inputs_note,
 )
-from .wording import from_command_line, option, said
+from .wording import library_words, option, said
 
 __all__ = ["check_model_and_data", "outputs_on_a_few", "outputs_on"]
 
@@ -91,13 +91,11 @@ def check_model_and_data(
 def _not_the_family(o: Tensor, family_name: str, exc: TorchfimError) -> TorchfimError:
     """The family's refusal of the outputs in the caller's words (on the command line ``--family X``, not the
     library's ``family='X'``: :mod:`.wording`), with every family the report takes."""
-    import re
-
     from ..families import FAMILIES
 
-    refusal = re.sub(r"family='(\w+)'", r"--family \1", str(exc)) if from_command_line() else str(exc)
     return TorchfimError(
-        f"the model's outputs (shape {tuple(o.shape)}) do not fit {option('family', family_name)}: {refusal} (or "
+        f"the model's outputs (shape {tuple(o.shape)}) do not fit {option('family', family_name)}: "
+        f"{library_words(str(exc))} (or "
         f"pass the {option('family')} that matches the outputs, one of {', '.join(sorted(FAMILIES))}; outputs "
         "(batch, *positions, C) are read one vector per position)")
 

@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from .wording import library_words
+
 __all__ = ["library_warnings", "step_warnings", "warn_again"]
 
 #: The start of a library warning, and of the report's own (warned as they are).
@@ -42,7 +44,7 @@ def library_warnings() -> Iterator[list[str]]:
     def handle(w: warnings.WarningMessage, finished: bool) -> None:
         text = str(w.message)
         if finished and _kept(w.category, text):
-            text = text[len(_LIBRARY):].strip()
+            text = library_words(text[len(_LIBRARY):].strip())  # on the command line, its options' names
             if not any(phrase in text for phrase in _NOTED) and text not in kept:
                 kept.append(text)
         else:  # after an error, every warning is warned again: no report will hold them

@@ -7,11 +7,12 @@ trial of the command line), and others named the flags alone, ``--mask KEY`` to 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-__all__ = ["MODES", "on_command_line", "from_command_line", "option", "said"]
+__all__ = ["MODES", "on_command_line", "from_command_line", "option", "said", "library_words"]
 
 #: ``--mode`` of ``torchfim report`` -> ``score_only`` of :func:`torchfim.report.run_report`.
 MODES = {"auto": None, "full": False, "score-only": True}
@@ -73,6 +74,18 @@ def option(keyword: str, value: object = _NO_VALUE, *, metavar: str | None = Non
         return _SWITCHES[keyword, value]
     flag, values = _FLAG_VALUES.get(keyword, ("--" + keyword.replace("_", "-"), {}))
     return flag if value is _NO_VALUE else f"{flag} {values.get(value, value)}"
+
+
+def library_words(text: str) -> str:
+    """A message of the library's in the report's user's words: within :func:`on_command_line` its ``family='X'``
+    is ``--family X``, the option that sets it there; elsewhere the text as it is.
+
+    Example:
+        >>> with on_command_line():
+        ...     library_words("pass family='categorical' (one class index per input)")
+        'pass --family categorical (one class index per input)'
+    """
+    return re.sub(r"family='(\w+)'", r"--family \1", text) if from_command_line() else text
 
 
 class _Shown(str):
