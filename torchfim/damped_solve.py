@@ -289,8 +289,9 @@ def _check_damped_finite(damped: Tensor, damping: float, what: str, verb: str, f
 
 def _check_symmetric(matrix: Tensor, what: str, verb: str) -> None:
     """Refuse a matrix whose asymmetry exceeds ``√eps`` of its largest entry: the Cholesky factorisation reads one
-    triangle only, so it would solve with a matrix that was never given. torchfim's own results are symmetric to
-    their rounding (``~eps``); the rows are compared a slice at a time, never a second ``P×P`` copy."""
+    triangle only, so it would solve with a matrix that was never given. torchfim's own results are exactly
+    symmetric (:mod:`torchfim._symmetric`), float64 copies of float32 ones too; the rows are compared a slice at a
+    time, never a second ``P×P`` copy."""
     size = matrix.shape[0]
     largest = float(matrix.abs().max()) if size else 0.0
     tolerance = torch.finfo(matrix.dtype).eps ** 0.5 * largest

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ._memory import SMALL_REQUEST_GIB, fits_in_memory, size_text
+from ._symmetric import symmetrise_
 from .damped_solve import DampedAlgebra, DampedParts
 from .errors import TorchfimError, check_choice
 from .layout import Layout, accumulation_dtype
@@ -93,6 +94,8 @@ class Structure(DampedAlgebra):
     name: str
     #: What the engine supplies per mini-batch: ``"squares"``, ``"block_rows"`` or ``"rows"``.
     product: str
+    #: Whether it stores square matrices, made exactly symmetric by :meth:`finish` (:mod:`torchfim._symmetric`).
+    square = False
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
@@ -152,8 +155,11 @@ class Structure(DampedAlgebra):
 
     # ------------------------------------------------------------------ result
     def finish(self, n: float) -> PublicValue:
-        """Divide the running sum by ``n`` and return the public value (in the layout's dtype)."""
+        """Divide the running sum by ``n`` and return the public value (in the layout's dtype); a square matrix is
+        made ``(A + Aᵀ)/2``, symmetric to the last bit."""
         self._map_inplace(lambda t: t.div_(n))
+        if self.square:
+            self._map_inplace(symmetrise_)
         self.finished = True
         return self.public()
 
@@ -341,7 +347,7 @@ class Trace(Structure):
 class Blocks(Structure):
     """One dense block per parameter tensor (the block diagonal of the matrix)."""
 
-    name, product = "blocks", "block_rows"
+    name, product, square = "blocks", "block_rows", True
     _float64_copy = "as_structure({name: block.double() for name, block in result.items()}, model)"
 
     def visit(self, visitor: StructureVisitor) -> None:
@@ -411,7 +417,7 @@ class Blocks(Structure):
 class Full(Structure):
     """The whole ``P×P`` matrix."""
 
-    name, product = "full", "rows"
+    name, product, square = "full", "rows", True
 
     def visit(self, visitor: StructureVisitor) -> None:
         visitor.full(self)
