@@ -284,3 +284,28 @@ def test_empty_inputs_are_refused_by_every_pass() -> None:
                  lambda: torchfim.fisher_covariance(model, empty)):
         with pytest.raises(torchfim.TorchfimError, match="inputs is empty"):
             call()
+
+
+def test_optimal_weight_takes_ints_and_integer_tensors_as_numbers() -> None:
+    """Python ints and floats, integer tensors and a mix give the formula in float64 (and the default dtype where no
+    input is a floating tensor); a complex or bool input is refused by name (before: AttributeError 'int' object has
+    no attribute 'dtype', and finfo's TypeError for integer tensors)."""
+    def formula(v1, v2, c12):  # the module docstring's w* and V(w*) in float64, D > 0 here
+        v1, v2, c12 = (torch.as_tensor(v, dtype=torch.float64) for v in (v1, v2, c12))
+        w = (v2 - c12) / (v1 + v2 - 2 * c12)
+        return w, w**2 * v1 + (1 - w) ** 2 * v2 + 2 * w * (1 - w) * c12
+
+    triples = [(2, 1, 0), (2.0, 1.0, 0.5), (torch.tensor([2, 4]), torch.tensor([1, 1]), torch.tensor([0, 1])),
+               (torch.tensor([2.0, 4.0], dtype=torch.float64), 1, torch.tensor([0, 1]))]
+    for v1, v2, c12 in triples:
+        w = optimal_weight(v1, v2, c12)
+        want_w, want_v = formula(v1, v2, c12)
+        floating = [v.dtype for v in (v1, v2, c12) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        assert w.dtype == (floating[0] if floating else torch.get_default_dtype())
+        rtol = 1e-15 if w.dtype == torch.float64 else 1e-7
+        assert torch.allclose(w.double(), want_w, rtol=rtol, atol=0)
+        assert torch.allclose(weighted_variance(w, v1, v2, c12).double(), want_v, rtol=10 * rtol, atol=0)
+    with pytest.raises(torchfim.TorchfimError, match=r"optimal_weight: v2 must be a real tensor or a real number"):
+        optimal_weight(1.0, 1j, 0.0)
+    with pytest.raises(torchfim.TorchfimError, match=r"weighted_variance: w must be a real"):
+        weighted_variance(torch.tensor([True]), 1.0, 2.0, 0.0)

@@ -30,6 +30,7 @@ covariance does not have yet); ``trace`` needs one output-Hessian trace per inpu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ from .engine import (
 from .engine.backend import is_trace, second_order_support
 from .engine.session import engine_pass
 from .engine.view import Mask
-from .errors import TorchfimError, check_choice, check_n_samples
+from .errors import TorchfimError, check_choice, check_n_samples, real_number
 from .estimators import add_shared_label_estimates
 from .families import Family, get_family
 from .keyword_hints import explains_keywords
@@ -61,7 +62,8 @@ ESTIMATE_PARTS = ("score", "hessian")
 
 def optimal_weight(v1: Tensor, v2: Tensor, c12: Tensor) -> Tensor:
     """The variance-minimising ``w`` per entry: ``(V2 − C12)/(V1 + V2 − 2 C12)``, with ``D ≈ 0`` handled
-    as the module docstring says (``w = 0`` where ``V2 ≤ V1``, else ``1``).
+    as the module docstring says (``w = 0`` where ``V2 ≤ V1``, else ``1``). Each of ``v1``, ``v2``, ``c12`` is a real
+    tensor (they broadcast) or a Python number; the result is floating (the default dtype where no input is).
 
     Example:
         >>> import torch
@@ -71,7 +73,7 @@ def optimal_weight(v1: Tensor, v2: Tensor, c12: Tensor) -> Tensor:
         >>> w, weighted_variance(w, v1, v2, c12)
         (tensor([0.2500, 0.0000]), tensor([0.8750, 1.0000]))
     """
-    (v1, v2, c12), dtype = _widened(v1, v2, c12)
+    (v1, v2, c12), dtype = _widened("optimal_weight", v1=v1, v2=v2, c12=c12)
     curvature = v1 + v2 - 2 * c12
     eps = torch.finfo(dtype).eps
     resolved = curvature > eps**0.5 * (v1.abs() + v2.abs() + 2 * c12.abs())
@@ -81,16 +83,28 @@ def optimal_weight(v1: Tensor, v2: Tensor, c12: Tensor) -> Tensor:
 
 def weighted_variance(w: Tensor, v1: Tensor, v2: Tensor, c12: Tensor) -> Tensor:
     """``Var(w·Î1 + (1 − w)·Î2) = w² V1 + (1 − w)² V2 + 2w(1 − w) C12``, clamped at 0 (its true value is
-    ``≥ 0``; a negative result is round-off)."""
-    (w, v1, v2, c12), dtype = _widened(w, v1, v2, c12)
+    ``≥ 0``; a negative result is round-off). Inputs as :func:`optimal_weight` takes them."""
+    (w, v1, v2, c12), dtype = _widened("weighted_variance", w=w, v1=v1, v2=v2, c12=c12)
     return (w.square() * v1 + (1 - w).square() * v2 + 2 * w * (1 - w) * c12).clamp_min(0).to(dtype)
 
 
-def _widened(*values: Tensor) -> tuple[list[Tensor], torch.dtype]:
-    """``values`` in float32 when they are float16/bfloat16 (the weight amplifies round-off), and their dtype."""
-    dtype = values[0].dtype
+def _widened(caller: str, **values: Tensor | float) -> tuple[list[Tensor], torch.dtype]:
+    """``values`` (real tensors or Python numbers) as tensors of one floating dtype, in float32 when it is
+    float16/bfloat16 (the weight amplifies round-off), and that dtype: the tensors' promoted dtype, as torch's
+    arithmetic gives it (a Python number does not widen a tensor), or the default dtype where none is floating
+    (integer variances are numbers too: ints and integer tensors were refused by bare errors from deep in torch)."""
+    for name, value in values.items():
+        real = (not (value.is_complex() or value.dtype == torch.bool) if isinstance(value, Tensor)
+                else real_number(value) is not None)
+        if not real:
+            raise TorchfimError(f"{caller}: {name} must be a real tensor or a real number, got {value!r}; pass the "
+                                "variances as float tensors (e.g. torch.as_tensor(values, dtype=torch.float64))")
+    tensors = [value for value in values.values() if isinstance(value, Tensor)]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.bool)
+    dtype = dtype if dtype.is_floating_point else torch.get_default_dtype()
     wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return [v.to(wide) for v in values], dtype
+    device = tensors[0].device if tensors else None
+    return [torch.as_tensor(value, dtype=wide, device=device) for value in values.values()], dtype
 
 
 @dataclass
