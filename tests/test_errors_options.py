@@ -49,6 +49,34 @@ def test_bad_n_samples(model, bad):
         torchfim.fisher(model, mlp_inputs(4), estimator="score", n_samples=bad)
 
 
+def test_huge_n_samples_is_refused_past_int64_and_a_number_below(model):
+    """``n_samples`` above 2**63 − 1 is refused by name at every entry point; below it a variance is the one of one
+    label divided by k (float64, a pure number) and a draw that would not fit is refused as such (before: a bare
+    OverflowError from torch in the variances, and a TypeError or RuntimeError from FisherTraceMonitor.step)."""
+    from torchfim.combined import combined_variance
+
+    x = mlp_inputs(4)
+    calls = {
+        "fisher": lambda n: torchfim.fisher(model, x, estimator="score", n_samples=n),
+        "fisher_variance": lambda n: torchfim.fisher_variance(model, x, estimator="hessian", structure="diag",
+                                                              n_samples=n),
+        "variance_bound": lambda n: torchfim.variance_bound(model, x, structure="diag", n_samples=n),
+        "fisher_covariance": lambda n: torchfim.fisher_covariance(model, x, structure="trace", n_samples=n),
+        "combined_variance": lambda n: combined_variance(model, x, structure="trace", n_samples=n),
+        "FisherTraceMonitor": lambda n: torchfim.train.FisherTraceMonitor(model, x, n_samples=n),
+    }
+    for name, call in calls.items():
+        for huge in (2**63, 10**30):
+            with pytest.raises(TorchfimError, match=r"n_samples must be at most 2\*\*63 - 1 = 9223372036854775807"):
+                call(huge)
+        if name not in ("fisher", "FisherTraceMonitor"):
+            k = 2**62  # n²k overflows int64
+            one = call(1)
+            assert torch.allclose(call(k), one / k, rtol=1e-15, atol=0), name
+    with pytest.raises(TorchfimError, match=r"n_samples=4611686018427387904 labels for each of 4 inputs need about"):
+        torchfim.train.FisherTraceMonitor(model, x, n_samples=2**62, every=1).step(0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

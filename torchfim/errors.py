@@ -108,13 +108,24 @@ def _numpy_zero_dim(value: object) -> object:
     return value
 
 
+#: The most labels per input :func:`check_n_samples` takes: torch's sizes are int64 (a larger count met a bare
+#: OverflowError deep in torch, where a variance divided by it or labels were drawn).
+MAX_N_SAMPLES = 2**63 - 1
+
+
 def check_n_samples(n_samples: object) -> int:
-    """Return ``n_samples`` as an int if it is a positive integer (:func:`whole_number`), else raise."""
+    """Return ``n_samples`` as an int if it is a positive integer (:func:`whole_number`) of at most
+    :data:`MAX_N_SAMPLES`, else raise."""
     value = whole_number(n_samples)
     if value is None or value <= 0:
         raise TorchfimError(
             f"n_samples must be a positive integer (labels drawn per input), got {n_samples!r}; "
             "pass e.g. n_samples=1"
+        )
+    if value > MAX_N_SAMPLES:
+        raise TorchfimError(
+            f"n_samples must be at most 2**63 - 1 = {MAX_N_SAMPLES} (torch counts in int64), got {value}; pass a "
+            "smaller one (a variance with k labels per input is the one with n_samples=1 divided by k)"
         )
     return value
 

@@ -157,6 +157,7 @@ class Structure(DampedAlgebra):
     def finish(self, n: float) -> PublicValue:
         """Divide the running sum by ``n`` and return the public value (in the layout's dtype); a square matrix is
         made ``(A + Aᵀ)/2``, symmetric to the last bit."""
+        n = float(n)  # a variance's n²k may exceed int64, which torch refused to divide by (OverflowError)
         self._map_inplace(lambda t: t.div_(n))
         if self.square:
             self._map_inplace(symmetrise_)

@@ -15,6 +15,7 @@ from ..engine.output_probe import output_digest
 from ..engine.output_reading import OutputMap
 from ..engine.private_tree import forward_signature
 from ..engine.view import Mask
+from ..estimators import sampled_scores
 from ..families import Family
 
 Path = tuple[ModelView, Backend]
@@ -79,7 +80,7 @@ class EnginePath:
                 fam = view.family_for(rec.shape, batch, family, mask)
                 fam.check_output(rec.output)  # with its graph: it names the last operation
                 self._checked = view.check_independent(batch, rec.values, self._checked)
-                u = fam.sample_scores(rec.values, n_samples, generator)  # (B, k, C)
+                u = sampled_scores(fam, rec.values, n_samples, generator)  # (B, k, C); refused where it would not fit
                 norms.append(backend.sample_squares(rec, u, last=True))  # (B, k): ‖Jᵢᵀ u_ij‖²; rec is spent
         norms = norms[0] if len(norms) == 1 else torch.cat(norms)
         return (norms if order is None else norms[order.to(norms.device)]).double()  # in the window's order
