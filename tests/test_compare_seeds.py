@@ -162,3 +162,17 @@ def test_a_seed_torch_cannot_take_is_refused_naming_derive_seeds():
         torch_generator(2**64)
     entropy = 0x8C3C010CB4754C905776BDAC5EE7501  # a SeedSequence().entropy
     assert derive_seeds(entropy).generator("init").initial_seed() == derive_seeds(entropy).init
+
+
+def test_a_count_of_seeds_beyond_memory_is_refused_naming_the_most_that_fit(monkeypatch):
+    """``seeds(2**64)`` raised a bare OverflowError from SeedSequence.spawn and ``seeds(2**31)`` ran until memory was
+    out; a count whose seeds do not fit (512 bytes each) is refused, naming the largest that does. Master seeds of any
+    size stay valid (SeedSequence takes any non-negative entropy)."""
+    for n in (2**63, 2**64, 10**30, 2**31):  # 2**31 last: before, it ran until memory was out
+        with pytest.raises(compare.TorchfimError, match=r"n=\d+ seeds need about .* is available; pass n ≤ [\d,]+"):
+            seeds(n)
+    monkeypatch.setattr(seed_plans, "available_bytes", lambda device: 2**29)  # 512 MiB: 2**20 seeds
+    with pytest.raises(compare.TorchfimError, match=r"n=1048577 seeds need about 512 MiB .* pass n ≤ 1,048,576"):
+        seeds(2**20 + 1)
+    assert seeds(3, 2**64) == [int(c.generate_state(1, dtype=np.uint32)[0])
+                               for c in np.random.SeedSequence(2**64, spawn_key=(0x52554E53,)).spawn(3)]

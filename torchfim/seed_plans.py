@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ._memory import available_bytes, size_text
 from .errors import TorchfimError, whole_number
 
 __all__ = ["SOURCES", "SeedPlan", "derive_seeds", "seeds", "torch_generator"]
@@ -26,6 +27,9 @@ SOURCES: tuple[str, ...] = ("init", "data_order", "data_split", "label_noise", "
 # Keeps those seeds apart from the per-source children of SeedSequence(master_seed) that
 # :func:`derive_seeds` uses (spawn keys 0..4): seeds(n, m)[k] is not derive_seeds(m)'s k-th seed.
 _RUNS_SPAWN_KEY = 0x52554E53
+# Bytes of memory one run's seed takes while :func:`seeds` spawns it (its SeedSequence child, the int and the list's
+# slot; about 420 measured at the peak, rounded up): a count beyond the free memory hung, then ran out of it.
+_BYTES_PER_SEED = 512
 
 
 
@@ -36,6 +40,20 @@ def _check_seed(name: str, seed: object) -> int:
     if number is None or number < 0:
         raise TorchfimError(f"{name} must be a non-negative integer, got {seed!r}")
     return number
+
+
+def _check_count(n: object) -> int:
+    """The number of runs of :func:`seeds` as an int: a non-negative integer whose seeds fit in the free memory."""
+    count = _check_seed("n", n)
+    if count < 2**20:  # under 0.5 GiB: not worth reading the free memory
+        return count
+    free = available_bytes(torch.device("cpu"))
+    if count * _BYTES_PER_SEED > free:
+        raise TorchfimError(
+            f"n={count} seeds need about {size_text(count * _BYTES_PER_SEED / 2**30)} while they are spawned, but "
+            f"{size_text(free / 2**30)} is available; pass n ≤ {free // _BYTES_PER_SEED:,}, or free memory"
+        )
+    return count
 
 
 def _seed_from(sequence: np.random.SeedSequence) -> int:
@@ -159,7 +177,7 @@ Child ``i`` of ``numpy.random.SeedSequence(master_seed, spawn_key=(0x52554E53,))
     Each is a 32-bit integer; pass it to :func:`derive_seeds`.
 
     Args:
-        n: number of runs, a non-negative integer.
+        n: number of runs, a non-negative integer whose seeds fit in memory (about 512 bytes each while spawned).
         master_seed: the study's seed, a non-negative integer.
 
     Returns:
@@ -173,7 +191,7 @@ Child ``i`` of ``numpy.random.SeedSequence(master_seed, spawn_key=(0x52554E53,))
     >>> seeds(3, master_seed=2) != s[:3]
     True
     """
-    n = _check_seed("n", n)
+    n = _check_count(n)
     master_seed = _check_seed("master_seed", master_seed)
     root = np.random.SeedSequence(master_seed, spawn_key=(_RUNS_SPAWN_KEY,))
     return [_seed_from(child) for child in root.spawn(n)]
