@@ -3,6 +3,7 @@ refusals of a matrix with no inverse, each with a damping that works."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -255,6 +256,26 @@ def test_a_damping_of_one_entry_is_that_number(damping: object) -> None:
     v = torch.ones(s.layout.num_params, dtype=torch.float64)
     torch.testing.assert_close(s.solve(v, damping=damping), s.solve(v, damping=0.5))
     assert float(s.logdet(damping)) == float(s.logdet(0.5))
+
+
+@pytest.mark.parametrize("negative_zero", [-0.0, np.float64(-0.0), torch.tensor(-0.0), torch.tensor([-0.0])],
+                         ids=["float", "numpy", "tensor", "one-entry tensor"])
+def test_a_damping_of_minus_zero_is_zero_and_reads_so(negative_zero: object) -> None:
+    """``damping=-0.0`` is accepted as +0.0 is: the refusal of a singular matrix read "plus damping=-0" before."""
+    from torchfim.damped_solve import check_damping
+
+    assert math.copysign(1.0, check_damping(negative_zero)) == 1.0
+    model = _model()
+    diag = torchfim.fisher(model, _inputs(), structure="diag").clone()
+    diag[0] = 0.0
+    for s in (torchfim.as_structure(diag, model), torchfim.as_structure(torch.diag(diag), model)):
+        v = torch.ones(len(diag), dtype=torch.float64)
+        for verb in (lambda d, s=s, v=v: s.solve(v, damping=d), lambda d, s=s: s.logdet(damping=d)):
+            with pytest.raises(TorchfimError) as zero:
+                verb(0.0)
+            with pytest.raises(TorchfimError) as minus_zero:
+                verb(negative_zero)
+            assert str(minus_zero.value) == str(zero.value) and "plus damping=0 " in str(zero.value)
 
 
 @pytest.mark.parametrize("kind", [list, np.array, torch.tensor])

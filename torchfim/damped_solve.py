@@ -118,7 +118,7 @@ def check_damping(damping: object) -> float:
             f"damping must be a finite number ≥ 0 (λ of A + λI), got {damping!r}; "
             "1e-3 · trace()/P is a common start"
         )
-    return value
+    return value + 0.0  # −0.0 + 0.0 is +0.0: a damping of −0 is 0, and the messages say "damping=0", not "-0"
 
 
 def _shape(value: object) -> tuple[int, ...] | None:
