@@ -190,13 +190,14 @@ def test_interrupted_run_keeps_finished_sections(tmp_path, monkeypatch):
     assert results["training"] == [] and "complete" not in results["meta"] and not (tmp_path / "timings.json").exists()
     assert (tmp_path / "fig_a_bound_ratios.png").is_file() and not (tmp_path / "fig_d_training.png").exists()
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
-    assert "Run incomplete" in summary and "Not yet run" in summary and "training" in summary
+    assert "Run incomplete" in summary and "*Not yet run (interrupted or in progress): training.*" in summary
     assert torch.get_num_threads() >= 1
     # its Figures section describes the figures drawn, and names those not drawn (before: all four described)
     figures = summary.split("## Figures")[1].split("## Key numbers")[0]
     assert "- `fig_a_bound_ratios.png` (a):" in figures and "- `fig_b_variance_by_activation.png` (b):" in figures
     assert "(c):" not in figures and "(d):" not in figures
-    assert "- Not drawn, their parts unfinished: `fig_c_depth_width.png`, `fig_d_training.png`." in figures
+    assert "- Not drawn, the run stopped while drawing them: `fig_c_depth_width.png`." in figures
+    assert "- Not drawn, their parts unfinished: `fig_d_training.png`." in figures
 
 
 def test_an_interrupted_rerun_leaves_no_figure_of_the_earlier_run(tmp_path, monkeypatch):
@@ -215,8 +216,9 @@ def test_an_interrupted_rerun_leaves_no_figure_of_the_earlier_run(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         soen_sun.run(tmp_path, settings=TINY, progress=False)
     assert [png for png in PNGS if (tmp_path / png).exists()] == list(PNGS[:2])
-    assert "Not drawn, their parts unfinished: `fig_c_depth_width.png`, `fig_d_training.png`." in (
-        tmp_path / "summary.md").read_text(encoding="utf-8")
+    listed = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "- Not drawn, the run stopped while drawing them: `fig_c_depth_width.png`." in listed
+    assert "- Not drawn, their parts unfinished: `fig_d_training.png`." in listed
 
 
 def test_interrupted_while_drawing_the_second_figure_lists_the_first(tmp_path, monkeypatch):
@@ -238,6 +240,47 @@ def test_interrupted_while_drawing_the_second_figure_lists_the_first(tmp_path, m
     assert described == [PNGS[0]]
     assert [png for png in PNGS if png in not_drawn] == list(PNGS[1:])
     assert f"- Not drawn, the run stopped while drawing them: `{PNGS[1]}`." in listed
+
+
+@pytest.mark.parametrize(("plot", "call", "written", "unfinished"), [
+    ("plot_bound_ratios", 1, 0, "seeds, depth_width, training"), ("plot_activations", 1, 1, "seeds, depth_width, training"),
+    ("plot_activations", 2, 1, "depth_width, training"), ("plot_depth_width", 1, 2, "training"),
+    ("plot_training", 1, 3, "")], ids=["fig_a", "fig_b", "fig_b again (seeds)", "fig_c", "fig_d"])
+def test_interrupted_while_drawing_any_figure_names_its_part_finished_and_the_figures_written(
+        tmp_path, monkeypatch, plot, call, written, unfinished):
+    """Stopped while drawing any figure (fig_b twice: its part's, then with the seeds' ranges): summary.md describes
+    exactly the figures in the folder, names the part whose figure was being drawn finished (its key numbers, not
+    "Not yet run") and that figure "stopped while drawing", and only the later parts unfinished (before: stopped in
+    fig_a, fig_c or fig_d, the part was "Not yet run" and its figure "their parts unfinished")."""
+    from torchfim.experiments.soen_sun import figures
+
+    drawing, calls = getattr(figures, plot), []
+
+    def interrupt_on_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return drawing(*args, **kwargs)
+
+    monkeypatch.setattr(figures, plot, interrupt_on_call)
+    with pytest.raises(KeyboardInterrupt):
+        soen_sun.run(tmp_path, settings=TINY, progress=False)
+    summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    listed = summary.split("## Figures")[1].split("## Key numbers")[0]
+    stopped = {"plot_bound_ratios": PNGS[:2], "plot_activations": PNGS[1:2], "plot_depth_width": PNGS[2:3],
+               "plot_training": PNGS[3:]}[plot]
+    later = PNGS[written + len(stopped):]
+    assert [png for png in PNGS if (tmp_path / png).exists()] == list(PNGS[:written])
+    assert [png for png in PNGS if f"- `{png}` (" in listed] == list(PNGS[:written])
+    assert f"- Not drawn, the run stopped while drawing them: {', '.join(f'`{png}`' for png in stopped)}." in listed
+    assert ("Not drawn, their parts unfinished" in listed) == bool(later)
+    part_heading = {"plot_bound_ratios": "**(b) Trace", "plot_activations": "**(b) Trace",
+                    "plot_depth_width": "**(c) Depth", "plot_training": "**(d) Training"}[plot]
+    assert part_heading in summary and "Run incomplete" in summary
+    if unfinished:  # the parts after it, with no rows
+        assert f"*Not yet run (interrupted or in progress): {unfinished}.*" in summary
+    else:
+        assert "Not yet run" not in summary
 
 
 def test_an_interrupted_command_names_its_partial_output_and_that_it_does_not_resume(tmp_path, monkeypatch, capsys):

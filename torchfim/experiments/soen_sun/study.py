@@ -64,6 +64,12 @@ def run(
 
 #: The keys in FILES of the study's figures.
 FIGURES = ("fig_a", "fig_b", "fig_c", "fig_d")
+#: The figures each part draws once it is finished, in order (seeds redraws fig_b with their ranges as error bars),
+#: and the function of :mod:`.figures` that draws each.
+PART_FIGURES = {"bound_ratios+activations": ("fig_a", "fig_b"), "seeds": ("fig_b",), "depth_width": ("fig_c",),
+                "training": ("fig_d",)}
+_PLOTS = {"fig_a": "plot_bound_ratios", "fig_b": "plot_activations", "fig_c": "plot_depth_width",
+          "fig_d": "plot_training"}
 
 
 def _units(s: Settings) -> int:
@@ -157,22 +163,16 @@ class _Study:
         return self.results
 
     def draw(self, part: str) -> None:
-        """The figures of a finished part."""
-        s, out, results = self.s, self.out, self.results
-        if part == "bound_ratios+activations":
-            figures.plot_bound_ratios(results, s, out / FILES["fig_a"])
-            self.drawn.add("fig_a")
-            self.save()  # summary.md names fig_a should the run stop while fig_b is drawn
-            figures.plot_activations(results, s, out / FILES["fig_b"])
-            self.drawn.add("fig_b")
-        elif part == "seeds":
-            figures.plot_activations(results, s, out / FILES["fig_b"])
-        elif part == "depth_width":
-            figures.plot_depth_width(results, s, out / FILES["fig_c"])
-            self.drawn.add("fig_c")
-        else:
-            figures.plot_training(results, s, out / FILES["fig_d"])
-            self.drawn.add("fig_d")
+        """The figures of a finished part, each after a save: should the run stop while one is drawn, summary.md
+        names the part finished (its key numbers) and exactly the figures written (before, a stop while drawing
+        fig_a, fig_c or fig_d left the part "not yet run" and its figure "unfinished"). A figure redrawn is not the
+        part's until then (seeds' fig_b without their ranges), so it is removed, and named not drawn, meanwhile."""
+        keys = PART_FIGURES[part]
+        self.drawn.difference_update(keys)
+        for key in keys:
+            self.save()
+            getattr(figures, _PLOTS[key])(self.results, self.s, self.out / FILES[key])  # looked up now: tests patch it
+            self.drawn.add(key)
 
     def load_data(self) -> None:
         """Each data set the settings use, with its measured rows."""
