@@ -66,13 +66,17 @@ MISREAD = [
     ("poisson", 2, lambda z: nn.functional.softplus(z) + 1e-6, "a softplus"),
     ("poisson", 2, lambda z: torch.exp(z).clamp(max=1e4), "exp"),
     ("gamma", 2, lambda z: torch.exp(z) + torch.tensor(1e-6, dtype=z.dtype), "exp"),
+    # every output through it: the log-variance half is a variance, as where that half alone is (docs/limits.md)
+    ("heteroscedastic_gaussian", 4, nn.Softplus(), "a softplus"),
+    ("heteroscedastic_gaussian", 4, torch.exp, "exp"),
 ]
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
 @pytest.mark.parametrize(("family", "width", "end", "named"), MISREAD,
                          ids=["sigmoid", "sigmoid-cast", "exp", "softplus", "gamma-exp", "sigmoid-clamped",
-                              "softplus-plus-eps", "exp-clamped", "gamma-exp-plus-eps"])
+                              "softplus-plus-eps", "exp-clamped", "gamma-exp-plus-eps", "variance-all-softplus",
+                              "variance-all-exp"])
 def test_a_model_ending_in_the_inverse_link_is_named(family, width, end, named, entry) -> None:
     messages = _messages(lambda: ENTRIES[entry](_model(width, end), family))
     assert messages and all(f"come out of {named}" in m and family in m for m in messages)

@@ -10,6 +10,13 @@ from torch import Tensor
 from ._paired import PairedFamily
 from .base import _wide_float, _work_dtype
 
+#: A model whose outputs all end in an exponential or a softplus: its log-variance half is a variance.
+POSITIVE = (
+    "torchfim: the model's outputs come out of {op} (positive values), but the heteroscedastic_gaussian family "
+    "reads their second half as the log-variance (a variance, as torch.nn.GaussianNLLLoss takes, is not its log), "
+    "so the Fisher would be that of another model; return the log of the variance as the second half"
+)
+
 
 class HeteroscedasticGaussian(PairedFamily):
     """Independent Gaussians ``y_d ~ N(μ_d, σ_d²)`` with outputs ``o = [μ (D), s = log σ² (D)]``.
@@ -46,6 +53,8 @@ class HeteroscedasticGaussian(PairedFamily):
     halves = ("mean", "log-variance")
     log_halves = (False, True)
     log_half_hint = " (a variance, as torch.nn.GaussianNLLLoss takes, is not its log)"
+    misread_through_shifts = True  # a variance plus 1e-6 is still a variance
+    misread = {"ExpBackward0": POSITIVE.format(op="exp"), "SoftplusBackward0": POSITIVE.format(op="a softplus")}
     curvature_coupling = (((0.0, 1.0), (1.0, 0.0)), ((0.0, 0.0), (0.0, 1.0)))
 
     def _filler_label(self, o: Tensor) -> Tensor:
