@@ -113,3 +113,21 @@ def test_a_correlation_of_099_moves_the_errors_by_17_percent_under_the_default_d
     fisher = torch.linalg.inv(torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64))
     diag = Forecast(fisher).diagnostics()
     assert round(diag.max_relative_change, 2) == 0.17 and diag.unstable
+
+
+def test_a_shared_measurement_gathers_twenty_three_numbers(monkeypatch) -> None:
+    """docs/training.md: ``across_processes=True`` combines the shares "from one ``all_gather`` of twenty-three
+    numbers" per measurement (and one when the monitor is built)."""
+    from processes import one_process_group
+
+    import torchfim.train.process_share as process_share
+
+    sizes, gather = [], process_share.gather_numbers
+    monkeypatch.setattr(process_share, "gather_numbers",
+                        lambda numbers, *args: sizes.append(len(numbers)) or gather(numbers, *args))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with one_process_group():
+        monitor = torchfim.train.FisherTraceMonitor(model, torch.randn(16, 4), across_processes=True)
+        monitor.measure(0)
+    assert sizes == [1, 23]
