@@ -343,7 +343,8 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
           on its own (one more backward through pass 2) to be cached, and the returned term is
           the surrogate with that gradient (a computed step costs 2F + 3B; on the benchmark MLP, where a
           plain step took 1.1-2.9 ms on a 2-core machine, every=10 costs 1.2-1.3× a plain step in
-          docs/performance.md's runs of 2-6 December, each reusing step adding the schedule's Python and the
+          docs/performance.md's runs of 2-6 December and 1.5× on an idle machine, where the plain step is fastest;
+          each reusing step adding the schedule's Python and the
           kept gradient's addition into the task gradient to a plain one).
         * ``grad_method="exact"``: one forward; the penalty is taken on its outputs by double
           backprop and added to ``task_loss(outputs)``.
