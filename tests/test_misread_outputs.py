@@ -157,8 +157,10 @@ def _log_softplus(v: torch.Tensor) -> torch.Tensor:
     ("gamma", _halves(nn.Identity(), nn.functional.softplus), "second half.*final softplus.*log-shape"),
     ("heteroscedastic_gaussian", _halves(nn.Identity(), lambda v: nn.functional.softplus(v) + 1e-6),
      "second half.*final softplus"),  # GaussianNLLLoss users keep the variance off 0
+    ("heteroscedastic_gaussian", lambda z: torch.stack([z[:, :2], torch.exp(z[:, 2:])], -1),
+     "second half.*final exp"),  # (B, 2, 2): a (mean, variance) pair per position
 ], ids=["variance-softplus", "variance-exp", "variance-softplus-cast", "gamma-mean-exp", "gamma-shape-softplus",
-        "variance-softplus-plus-eps"])
+        "variance-softplus-plus-eps", "variance-exp-stacked"])
 def test_a_half_made_positive_where_its_log_is_read_is_named(family, end, named, entry) -> None:
     """A model trained with torch's GaussianNLLLoss returns the variance (through an exp or a softplus), where the
     heteroscedastic family reads log σ²; a gamma model returning its mean or shape, where their logs are read."""
@@ -173,7 +175,8 @@ def test_a_half_made_positive_where_its_log_is_read_is_named(family, end, named,
     ("heteroscedastic_gaussian", _halves(nn.functional.softplus, nn.Identity())),  # a positive mean is a mean
     ("heteroscedastic_gaussian", _halves(nn.Identity(), _log_softplus)),  # the log of a variance: what is read
     ("gamma", _halves(_log_softplus, _log_softplus)),
-], ids=["plain", "tanh", "positive-mean", "log-of-variance", "gamma-logs"])
+    ("heteroscedastic_gaussian", lambda z: torch.stack([z[:, :2], z[:, 2:]], -1)),
+], ids=["plain", "tanh", "positive-mean", "log-of-variance", "gamma-logs", "stacked-pairs"])
 def test_halves_read_as_they_are_meant_are_not_named(family, end, entry) -> None:
     assert _messages(lambda: ENTRIES[entry](_model(4, end), family), HALF) == []
 

@@ -39,10 +39,11 @@ def last_operation(o: Tensor, through_shifts: bool = False) -> str | None:
 
 def half_operations(o: Tensor, through_shifts: bool = False) -> tuple[str | None, str | None] | None:
     """For outputs made by joining two parts along the last dim (``torch.cat([first, second], -1)``, the
-    layout of two-part families), the last operations of the two parts (None for a part without a graph;
-    ``through_shifts`` as in :func:`last_operation`); None for outputs made otherwise."""
+    layout of two-part families, or ``torch.stack([first, second], -1)``, read as one pair per position), the
+    last operations of the two parts (None for a part without a graph; ``through_shifts`` as in
+    :func:`last_operation`); None for outputs made otherwise."""
     node = _computing(o.grad_fn, through_shifts)
-    if node is None or node.name() != "CatBackward0":
+    if node is None or node.name() not in ("CatBackward0", "StackBackward0"):
         return None
     dim = int(node._saved_dim)
     dim = dim - 2**64 if dim >= 2**63 else dim  # autograd keeps the dim as an unsigned 64-bit number
