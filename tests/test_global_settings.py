@@ -18,6 +18,10 @@ from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from test_train_penalty import SEED, brute_penalty, labels, penalty_grad
 from test_train_penalty_fd import fd_penalty, rel_error
 
+import torchfim
+from torchfim.errors import TorchfimError
+from torchfim.train import FisherPenalty
+
 
 @pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
 @pytest.mark.parametrize("build", [(tanh_mlp, mlp_inputs), (strided_cnn, cnn_inputs)], ids=["mlp", "cnn"])
@@ -31,3 +35,42 @@ def test_fd_penalty_of_a_float64_model_under_autocast_keeps_float64_accuracy(bui
     torch.testing.assert_close(term.detach(), value, rtol=1e-10, atol=0)
     assert rel_error(penalty_grad(term, model), grads) < 1e-5  # measured 2e-8; 2-3e-2 with the bfloat16 step
     assert not [w for w in seen if "bfloat16" in str(w.message)]
+
+
+# ------------------------------------------------------------------ torch.func transforms around the calls
+_OF_INPUTS = {
+    "fisher": lambda m, x: torchfim.fisher(m, x, structure="trace"),
+    "fisher_variance": lambda m, x: torchfim.fisher_variance(m, x, structure="trace"),
+    "variance_bound": lambda m, x: torchfim.variance_bound(m, x, structure="trace"),
+}
+_TRANSFORMS = {
+    "grad": lambda f, x: torch.func.grad(f)(x),
+    "jvp": lambda f, x: torch.func.jvp(f, (x,), (torch.ones_like(x),)),
+    "vmap": lambda f, x: torch.func.vmap(lambda row: f(row[None]))(x),
+    "grad-of-another": lambda f, x: torch.func.grad(lambda w: w * f(x))(torch.tensor(2.0, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("transform", list(_TRANSFORMS))
+@pytest.mark.parametrize("call", list(_OF_INPUTS))
+def test_a_call_inside_a_torch_func_transform_is_refused_with_the_fix(call: str, transform: str) -> None:
+    """torchfim's results are constants: differentiated through under ``torch.func.grad`` (wrt the inputs) they
+    gave a gradient of zeros and ``jvp`` a tangent of 0, without a word (the derivative of Tr F wrt x is not 0);
+    ``vmap`` raised torch's "calling .item() on a Tensor", and a gradient wrt another variable torch's "element 0
+    of tensors does not require grad" from inside the engine."""
+    model, x = tanh_mlp(3), mlp_inputs(5)
+    with pytest.raises(TorchfimError, match=r"torch\.func.*outside"):
+        _TRANSFORMS[transform](lambda xx: _OF_INPUTS[call](model, xx), x)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("entry", ["call", "penalised_loss"])
+def test_the_penalty_inside_a_torch_func_transform_is_refused_with_the_fix(entry: str, method: str) -> None:
+    """The penalty's gradient comes from autograd (``loss.backward()``); inside ``torch.func.grad`` it raised torch's
+    "autograd.Function ... must override the setup_context staticmethod" from deep inside."""
+    model, x = tanh_mlp(3), mlp_inputs(5)
+    pen = FisherPenalty(model, generator=torch.Generator().manual_seed(0), grad_method=method)
+    run = {"call": lambda xx: pen(xx, step=0),
+           "penalised_loss": lambda xx: pen.penalised_loss(xx, lambda out: out.sum(), step=0)}[entry]
+    with pytest.raises(TorchfimError, match=r"torch\.func.*outside"):
+        torch.func.grad(run)(x)

@@ -41,6 +41,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from ..errors import TorchfimError
 from .derivative_settings import emptied
 from .private_tree import is_compile_wrapper
 
@@ -384,6 +385,19 @@ def quiet_vmap_fallbacks() -> contextlib.AbstractContextManager[None]:
     return _QUIET.block()
 
 
+FUNC_TRANSFORM = (
+    "torchfim was called inside a torch.func transform (grad, vjp, jvp, jacrev, vmap, ...): it differentiates "
+    "with autograd itself, and its results are constants that torch.func can neither differentiate nor batch "
+    "(a gradient through them came out 0); call torchfim outside the transform and pass its result in as a constant"
+)
+
+
+def refuse_func_transforms() -> None:
+    """Refuse a call inside a ``torch.func`` transform (:data:`FUNC_TRANSFORM`)."""
+    if torch._C._are_functorch_transforms_active():
+        raise TorchfimError(FUNC_TRANSFORM)
+
+
 @contextmanager
 def differentiated_forwards(transforms: bool = True) -> Iterator[None]:
     """What every computation of torchfim runs in, the engine's and the penalty's: autograd whatever mode the
@@ -397,6 +411,7 @@ def differentiated_forwards(transforms: bool = True) -> Iterator[None]:
     transform): a process-wide replacement of one of its methods, every training step, reaches every thread's
     tensors while it lasts.
     """
+    refuse_func_transforms()
     with torch.inference_mode(False), torch.enable_grad(), plain_forwards(), _UNCACHED.block(), \
             _UNHOOKED.block(), quiet_vmap_fallbacks() if transforms else contextlib.nullcontext(), \
             _TRACKED.block() if transforms else contextlib.nullcontext():
