@@ -17,6 +17,7 @@ import torch
 from conftest import cnn_inputs, mlp_inputs, strided_cnn, tanh_mlp
 from test_train_penalty import SEED, brute_penalty, labels, penalty_grad
 from test_train_penalty_fd import fd_penalty, rel_error
+from torch.autograd import forward_ad
 
 import torchfim
 from torchfim.errors import TorchfimError
@@ -61,6 +62,19 @@ def test_a_call_inside_a_torch_func_transform_is_refused_with_the_fix(call: str,
     model, x = tanh_mlp(3), mlp_inputs(5)
     with pytest.raises(TorchfimError, match=r"torch\.func.*outside"):
         _TRANSFORMS[transform](lambda xx: _OF_INPUTS[call](model, xx), x)
+
+
+@pytest.mark.parametrize("estimator", ["score", "hessian"])
+@pytest.mark.parametrize("call", ["fisher", "fisher_variance"])
+def test_a_call_inside_a_forward_mode_level_is_refused_with_the_fix(call: str, estimator: str) -> None:
+    """Inside ``torch.autograd.forward_ad.dual_level()`` the results of dual inputs had no tangent (a derivative of
+    0 to forward mode) without a word, and the Hessian estimator and its variance raised torch's "Nested forward
+    mode AD is not supported" from inside the engine."""
+    model, x = tanh_mlp(3), mlp_inputs(5)
+    run = {"fisher": lambda xx: torchfim.fisher(model, xx, estimator=estimator, generator=torch.Generator()),
+           "fisher_variance": lambda xx: torchfim.fisher_variance(model, xx, estimator=estimator)}[call]
+    with forward_ad.dual_level(), pytest.raises(TorchfimError, match=r"dual_level.*outside"):
+        run(forward_ad.make_dual(x, torch.ones_like(x)))
 
 
 @pytest.mark.parametrize("method", ["exact", "finite_difference"])

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
+from torch.autograd import forward_ad
 from torch.autograd.graph import saved_tensors_hooks
 
 from ..errors import TorchfimError
@@ -386,16 +387,18 @@ def quiet_vmap_fallbacks() -> contextlib.AbstractContextManager[None]:
 
 
 FUNC_TRANSFORM = (
-    "torchfim was called inside a torch.func transform (grad, vjp, jvp, jacrev, vmap, ...): it differentiates "
-    "with autograd itself, and its results are constants that torch.func can neither differentiate nor batch "
-    "(a gradient through them came out 0); call torchfim outside the transform and pass its result in as a constant"
+    "torchfim was called inside {}: it differentiates with autograd and forward-mode AD itself, and its results "
+    "are constants that the caller's transform can neither differentiate nor batch (a derivative through them "
+    "came out 0); call torchfim outside it and pass its result in as a constant"
 )
 
 
 def refuse_func_transforms() -> None:
-    """Refuse a call inside a ``torch.func`` transform (:data:`FUNC_TRANSFORM`)."""
+    """Refuse a call inside a ``torch.func`` transform or a forward-mode AD level (:data:`FUNC_TRANSFORM`)."""
     if torch._C._are_functorch_transforms_active():
-        raise TorchfimError(FUNC_TRANSFORM)
+        raise TorchfimError(FUNC_TRANSFORM.format("a torch.func transform (grad, vjp, jvp, jacrev, vmap, ...)"))
+    if forward_ad._current_level >= 0:  # torch.func.jvp cannot nest in it (torch: "Nested forward mode AD")
+        raise TorchfimError(FUNC_TRANSFORM.format("a torch.autograd.forward_ad.dual_level() block"))
 
 
 @contextmanager
