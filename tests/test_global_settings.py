@@ -88,3 +88,13 @@ def test_the_penalty_inside_a_torch_func_transform_is_refused_with_the_fix(entry
            "penalised_loss": lambda xx: pen.penalised_loss(xx, lambda out: out.sum(), step=0)}[entry]
     with pytest.raises(TorchfimError, match=r"torch\.func.*outside"):
         torch.func.grad(run)(x)
+
+
+def test_a_reused_penalty_step_inside_a_torch_func_transform_is_refused_with_the_fix() -> None:
+    """A step between computed ones (``every=2``) returns the kept term's surrogate, which raised torch's
+    "must override the setup_context staticmethod" inside ``torch.func.grad``."""
+    model, x = tanh_mlp(3), mlp_inputs(5)
+    pen = FisherPenalty(model, generator=torch.Generator().manual_seed(0), every=2)
+    pen(x, step=0)
+    with pytest.raises(TorchfimError, match=r"torch\.func.*outside"):
+        torch.func.grad(lambda xx: pen(xx, step=1))(x)

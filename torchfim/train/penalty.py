@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..engine.derivative_settings import has_module_backward_hooks
 from ..engine.labels import ModelLabels
 from ..engine.model_checks import check_not_scripted
+from ..engine.plain_forwards import refuse_func_transforms
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
@@ -407,6 +408,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
         """The schedule's decision for a training call; an evaluation (gradients off, :meth:`_kept_unless_training`)
         computes the penalty of its inputs whatever the step (it returned the training batch's kept value between
         computed steps)."""
+        refuse_func_transforms()  # a reused step too: its surrogate is an autograd.Function torch.func cannot run
         if self._evaluating:
             return COMPUTE
         return self._schedule.decide(step, self._kept, self.model, self.last_step)
