@@ -80,12 +80,12 @@ def observe_precision(device_type: str, dtype: torch.dtype) -> None:
         seen.add((device_type, dtype))
 
 
-def autocast_dtypes(device_type: str) -> list[torch.dtype]:
-    """The dtypes autocast computes in on ``device_type`` here: the caller's, where it is on, and those of the regions
-    entered so far in this thread's :func:`autocast_observed` block."""
-    ambient = autocast_dtype(device_type)
+def autocast_dtypes(device_type: str, ambient: bool = True) -> list[torch.dtype]:
+    """The dtypes autocast computes in on ``device_type`` here: the caller's, where it is on (and ``ambient``), and
+    those of the regions entered so far in this thread's :func:`autocast_observed` block."""
+    caller = autocast_dtype(device_type) if ambient else None
     seen = getattr(_OBSERVING, "seen", None) or ()
-    return [*([] if ambient is None else [ambient]), *(dtype for device, dtype in seen if device == device_type)]
+    return [*([] if caller is None else [caller]), *(dtype for device, dtype in seen if device == device_type)]
 
 
 def native_dtype_forwards() -> contextlib.AbstractContextManager[None]:

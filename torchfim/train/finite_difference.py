@@ -99,9 +99,9 @@ def working_dtype(first: Tensor, *outputs: Tensor) -> torch.dtype:
     """The least precise of the dtypes the passes compute in: the parameters' (``first``), the ``outputs``',
     and those ``torch.autocast`` runs in on the parameters' device, where the caller has it on or a region of the
     forward turned it on (``accelerate``'s mixed precision, whose outputs come back in float32; seen within
-    :func:`~torchfim.engine.native_dtype.autocast_observed`). Autocast's count only below float64 parameters: torch's
+    :func:`~torchfim.engine.native_dtype.autocast_observed`). The caller's counts only below float64 parameters: torch's
     autocast never casts a float64 tensor, so a float64 model computes in float64 inside it."""
-    autocast = autocast_dtypes(first.device.type) if first.dtype != torch.float64 else []
+    autocast = autocast_dtypes(first.device.type, ambient=first.dtype != torch.float64)
     dtypes = [first.dtype, *(o.dtype for o in outputs if o.is_floating_point()), *autocast]
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
