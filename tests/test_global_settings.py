@@ -133,3 +133,20 @@ def test_a_reused_penalty_step_inside_a_torch_func_transform_is_refused_with_the
     pen(x, step=0)
     with pytest.raises(TorchfimError, match=r"torch\.func.*outside"):
         torch.func.grad(lambda xx: pen(xx, step=1))(x)
+
+
+
+# ------------------------------------------------------------------ a model made in inference mode
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("entry", ["call", "penalised_loss"])
+def test_the_penalty_of_a_model_made_in_inference_mode_is_refused_with_the_fix(entry: str, method: str) -> None:
+    """Such a model cannot be trained (tests/test_grad_modes.py measures it); the penalty raised torch's "Inference
+    tensors cannot be saved for backward" from inside its forward."""
+    with torch.inference_mode():
+        model = tanh_mlp(3)
+    with pytest.raises(TorchfimError, match=r"inference_mode.*load_state_dict"):  # at construction, or else the step
+        pen = FisherPenalty(model, generator=torch.Generator().manual_seed(0), grad_method=method)
+        if entry == "call":
+            pen(mlp_inputs(5), step=0)
+        else:
+            pen.penalised_loss(mlp_inputs(5), lambda out: out.sum(), step=0)

@@ -48,6 +48,14 @@ def penalised_parameters(model: nn.Module, every_module: bool = False) -> tuple[
     ``every_module`` (at construction) every module in it too."""
     names, params = trainable(model)
     check_not_distributed(model, "the Fisher penalty", params, modules=every_module)
+    made = [name for name, p in zip(names, params) if p.is_inference()]
+    if made:  # torch's own refusal comes from inside the penalty's forward
+        raise TorchfimError(
+            f"the model's parameters ({', '.join(made[:3])}{', ...' if len(made) > 3 else ''}) were made in "
+            "torch.inference_mode() (the model was built or loaded under it), so it cannot be trained: torch refuses "
+            "to save them for backward; build or load it outside inference mode (torch.no_grad() serves for "
+            "loading), or load its state into a model built outside: fresh.load_state_dict(model.state_dict())"
+        )
     return names, params
 
 
