@@ -162,6 +162,22 @@ def test_token_ids_given_as_floats_are_named(call) -> None:
         call(_OwnLoss().double(), {"input_ids": ids.double()})
 
 
+@pytest.mark.parametrize("call", [
+    lambda model, x: torchfim.fisher(model, x, output=lambda out: out["logits"]),
+    lambda model, x: torchfim.train.FisherTraceMonitor(model, x, output=lambda out: out["logits"]).step(0),
+    lambda model, x: torchfim.train.FisherPenalty(model, output=lambda out: out["logits"])(x, step=0),
+], ids=["fisher", "monitor", "penalty"])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+def test_token_ids_of_an_integer_dtype_an_embedding_does_not_take_are_named(call, dtype: torch.dtype) -> None:
+    """int16 or uint8 token ids were told "integer inputs suit embedding layers only; pass x.float()": the wrong
+    fix, since the model is an embedding's and int64 ids are what it takes."""
+    ids = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TorchfimError, match=r"an embedding takes int64 or int32 indices only; pass token ids as "
+                                            r"ids.long\(\); torch said: Expected tensor") as caught:
+        call(_OwnLoss().double(), {"input_ids": ids.to(dtype)})
+    assert "x.float()" not in str(caught.value)
+
+
 def test_labels_of_the_models_own_loss_given_as_floats_are_named_as_the_labels() -> None:
     """The advice was "failed on integer inputs … pass x.float()": wrong, since the labels are what is wrong."""
     ids = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))

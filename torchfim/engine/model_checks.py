@@ -71,7 +71,8 @@ def one_dimensional(batch: Batch) -> str | None:
 _SHAPE_WORDS = ("shapes cannot be multiplied", "channels, but got", "input to conv", "expected input with shape")
 #: torch's words for an index past the end of an embedding's table (on CPU).
 _TABLE_WORDS = "index out of range in self"
-#: torch's words for an embedding given floating-point indices, and for a loss given class targets that are not integers.
+#: torch's words for an embedding given indices of a dtype it does not take (floating-point, int16, uint8, …), and
+#: for a loss given class targets that are not integers.
 _INDEX_WORDS = "'indices' to have one of the following scalar types"
 _TARGET_WORDS = "expected target dtype"
 #: Inputs of a dtype that a model of floating-point parameters does not take: which inputs are of it, torch's words
@@ -89,11 +90,12 @@ _NOT_FLOAT = {
 def forward_error(batch: Batch, dtype: torch.dtype | InputDtypes, err: Exception, in_forward: bool = True) -> Exception:
     """A clear error for a forward (of a model with ``dtype`` parameters) that failed on integer, boolean or complex
     inputs or on 1-D inputs (a RuntimeError), or, where ``err`` came out of the model's forward (``in_forward``),
-    with torch's words for a layer given inputs of a shape it does not take, for an embedding given floating-point
-    indices, for a loss of the model's own given class targets that are not integers, or for floating-point inputs
-    of a dtype a layer does not take in a model of parameters of several dtypes (``dtype`` an
-    :class:`~.batch.InputDtypes`, which passes some inputs as given) (RuntimeErrors), or for token ids past an
-    embedding's table (an IndexError, with integer inputs); else ``err`` itself (raised as it was)."""
+    with torch's words for a layer given inputs of a shape it does not take, for an embedding given indices of a
+    dtype it does not take (floating-point, or integers other than int64 and int32), for a loss of the model's own
+    given class targets that are not integers, or for floating-point inputs of a dtype a layer does not take in a
+    model of parameters of several dtypes (``dtype`` an :class:`~.batch.InputDtypes`, which passes some inputs as
+    given) (RuntimeErrors), or for token ids past an embedding's table (an IndexError, with integer inputs); else
+    ``err`` itself (raised as it was)."""
     mixed = dtype if isinstance(dtype, InputDtypes) else None
     dtype = dtype.first if isinstance(dtype, InputDtypes) else dtype
     inputs = _input_tensors(batch)
@@ -108,6 +110,9 @@ def forward_error(batch: Batch, dtype: torch.dtype | InputDtypes, err: Exception
     if in_forward and _INDEX_WORDS in said and any(t.is_floating_point() for t in inputs):
         return TorchfimError(f"{failed}: an embedding was given floating-point indices; pass token ids as integers "
                              f"(ids.long()); torch said: {said}")
+    if in_forward and _INDEX_WORDS in said:  # int16, uint8, …: integers, but not of a dtype an embedding takes
+        return TorchfimError(f"{failed}: an embedding takes int64 or int32 indices only; pass token ids as ids.long(); "
+                             f"torch said: {said}")
     if in_forward and _TARGET_WORDS in said:  # before the integer inputs' check: the targets are what is wrong
         return TorchfimError(f"{failed}: a loss the model computes itself was given class targets of a dtype it does "
                              f"not take (such as a batch's 'labels'); pass them as int64 class indices (labels.long()); "
