@@ -18,6 +18,10 @@ its fused kernel has no forward-mode rule for its backward, and its backward's o
 (``gradgradcheck`` fails; the exact penalty's gradient on a weight-normed layer's direction ``v`` was 75-110%
 off, silently, in a review); it runs as ``v·g/‖v‖`` (the norm over every dim but ``dim``) in both modes.
 
+``group_norm``'s forward-mode rule views a channels-last input (a ``model.to(memory_format=torch.channels_last)``
+convolution's output) as ``(B, groups, −1)``, which its strides do not allow: torch 2.13 raises "view size is not
+compatible". It runs on the input made contiguous (forward mode only: reverse mode takes every layout).
+
 ``embedding_bag`` has no forward-mode rule either: it runs as a lookup from a ``(bags, longest)`` table of the
 bags' ids and a weighted sum, mean or max over each bag (forward mode only).
 
@@ -139,6 +143,12 @@ def _bag_table(input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor
     return ids, weights, observed
 
 
+def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """``F.group_norm`` of ``input.contiguous()``: the same values, in the layout its forward-mode rule can view."""
+    return F.group_norm(input.contiguous(), num_groups, weight, bias, eps)
+
+
 def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     """``v·g/‖v‖``, the norm over every dim of ``v`` but ``dim`` (over all of them where ``dim = −1``), as
     ``torch._weight_norm`` computes it."""
@@ -168,8 +178,9 @@ _COMPOSITES: dict[Callable, Callable] = {
     torch._weight_norm: weight_norm,
     **EVERY_MODE,
 }
-#: The same with the functions that forward-mode AD alone needs in composite form (activations, bags).
-_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, F.embedding_bag: embedding_bag}
+#: The same with the functions that forward-mode AD alone needs in composite form (activations, bags, group norm).
+_FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, F.embedding_bag: embedding_bag,
+                                                  F.group_norm: group_norm}
 
 
 class _CompositeForms(TorchFunctionMode):
