@@ -204,8 +204,13 @@ class FunctionalBackend(Backend):
         return {**self.view.params, **value} if name is None else {**self.view.params, name: value}
 
     def _at(self, name: str | None) -> Tensor | dict[str, Tensor]:
-        """The current value of tensor ``name`` (of all parameters when ``name`` is None)."""
-        return self.view.params if name is None else self.view.params[name]
+        """The current value of tensor ``name`` (of all parameters when ``name`` is None), as the primal of a ``jvp``:
+        contiguous, since ``make_dual`` refuses a primal whose elements share memory (a stride-0 parameter,
+        ``nn.Parameter(w.expand(5, 4))``: "more than one element of the written-to tensor refers to a single
+        memory location")."""
+        if name is None:
+            return {n: p.contiguous() for n, p in self.view.params.items()}
+        return self.view.params[name].contiguous()
 
     def _along_each_tensor(self, columns: Tensor, derivative: Callable[[str | None, object], Tensor]) -> Tensor:
         """``derivative(name, d)`` for every unit direction ``d`` of ``columns``, stacked: ``(m, ...)``, with
