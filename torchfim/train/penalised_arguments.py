@@ -16,6 +16,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from .._processes import process_group
+from ..engine.derivative_settings import made_in_inference_mode
 from ..engine.model_checks import check_not_distributed
 from ..errors import TorchfimError, warn_user
 from .arguments import trainable
@@ -48,7 +49,7 @@ def penalised_parameters(model: nn.Module, every_module: bool = False) -> tuple[
     ``every_module`` (at construction) every module in it too."""
     names, params = trainable(model)
     check_not_distributed(model, "the Fisher penalty", params, modules=every_module)
-    made = [name for name, p in zip(names, params) if p.is_inference()]
+    made = [name for name, p in zip(names, params) if made_in_inference_mode(p)]  # a lazy one is refused later
     if made:  # torch's own refusal comes from inside the penalty's forward
         raise TorchfimError(
             f"the model's parameters ({', '.join(made[:3])}{', ...' if len(made) > 3 else ''}) were made in "
