@@ -30,6 +30,10 @@ large); on its running statistics (eval mode, a map linear in the input) it is t
 convolution's output) as ``(B, groups, −1)``, which its strides do not allow: torch 2.13 raises "view size is not
 compatible". It runs on the input made contiguous (forward mode only: reverse mode takes every layout).
 
+Six linear-algebra functions (``linalg.solve``, the determinants, ``cholesky_inverse`` and ``householder_product``,
+behind ``nn.utils.parametrizations.orthogonal``) have forward-mode rules that forward mode differentiates wrongly
+too: :mod:`.composite_linalg` says which and how they run (forward mode only).
+
 ``embedding_bag`` has no forward-mode rule either: it runs as a lookup from a ``(bags, longest)`` table of the
 bags' ids and a weighted sum, mean or max over each bag (forward mode only).
 
@@ -62,6 +66,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .composite_activations import EVERY_MODE, FORWARD_MODE
+from .composite_linalg import LINALG_FORWARD
 from .native_dtype import autocast_enabled
 
 
@@ -208,9 +213,10 @@ _COMPOSITES: dict[Callable, Callable] = {
     **EVERY_MODE,
 }
 #: The same with the functions that forward-mode AD alone needs in composite form (activations, bags, group and
-#: instance norms).
+#: instance norms, linear solves, determinants and Householder products).
 _FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, F.embedding_bag: embedding_bag,
-                                                  F.group_norm: group_norm, F.instance_norm: instance_norm}
+                                                  F.group_norm: group_norm, F.instance_norm: instance_norm,
+                                                  **LINALG_FORWARD}
 
 
 class _CompositeForms(TorchFunctionMode):
