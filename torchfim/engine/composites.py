@@ -177,6 +177,25 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     return out.to(input.dtype)
 
 
+def aten_instance_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                       running_var: Tensor | None, use_input_stats: bool, momentum: float, eps: float,
+                       cudnn_enabled: bool) -> Tensor:
+    """``torch.instance_norm`` (the function under ``F.instance_norm``, its arguments in another order; a model that
+    calls it directly had torch's wrong second derivatives) as :func:`instance_norm`."""
+    return instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def native_layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.native_layer_norm``: :func:`layer_norm`'s value with the mean ``μ`` and ``1/√(σ² + ε)`` it normalised by
+    (each of the input's shape with the normalised dims kept as 1; float32 for a half-precision input, as torch's)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    mean = x.mean(dims, keepdim=True)
+    rstd = torch.rsqrt((x - mean).square().mean(dims, keepdim=True) + eps)
+    return layer_norm(input, normalized_shape, weight, bias, eps), mean, rstd
+
+
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
     """``F.group_norm`` of ``input.contiguous()``: the same values, in the layout its forward-mode rule can view."""
@@ -216,7 +235,8 @@ _COMPOSITES: dict[Callable, Callable] = {
 #: instance norms, linear solves, determinants and Householder products).
 _FORWARD_COMPOSITES: dict[Callable, Callable] = {**_COMPOSITES, **FORWARD_MODE, F.embedding_bag: embedding_bag,
                                                   F.group_norm: group_norm, F.instance_norm: instance_norm,
-                                                  **LINALG_FORWARD}
+                                                  **LINALG_FORWARD, torch.instance_norm: aten_instance_norm,
+                                                  torch.native_layer_norm: native_layer_norm}
 
 
 class _CompositeForms(TorchFunctionMode):
