@@ -1,7 +1,8 @@
 """Linear-algebra functions run as compositions of operations whose forward-mode rules torch differentiates correctly
 (:func:`.composites.composite_forms`, forward mode only).
 
-In torch 2.13 the forward-mode rules of six functions are not themselves differentiated correctly in forward mode, so
+In torch 2.13 the forward-mode rules of six functions (and of three that solve through them: ``solve_ex``,
+``tensorsolve`` and the deprecated ``triangular_solve``) are not themselves differentiated correctly in forward mode, so
 ``jvp`` of ``jvp`` through them (the Hessian estimator's output-Hessian diagonals) is silently wrong, against
 reverse-over-reverse and against central differences of gradients: on a 3×3 matrix in float64, ``linalg.solve``
 38 % off (130 % with ``left=False``), ``linalg.det`` 2.4 %, ``slogdet`` 93 %, ``logdet`` 150 %,
@@ -12,7 +13,8 @@ Householder product) the Î2 variance of the weight's entries came out 74-99 % o
 
 Each runs here on an LU factorisation or a triangular solve, whose rules torch composes correctly:
 
-* ``solve(A, B)`` as ``lu_solve(lu_factor(A), B)`` (``B`` a vector where torch takes it as one);
+* ``solve(A, B)`` as ``lu_solve(lu_factor(A), B)`` (``B`` a vector where torch takes it as one), ``tensorsolve`` as
+  that solve of ``A`` read as a matrix, ``triangular_solve`` as ``linalg.solve_triangular``;
 * ``det(A) = s·∏ᵢ Uᵢᵢ`` and ``slogdet(A) = (s·∏ᵢ sgn Uᵢᵢ, Σᵢ log|Uᵢᵢ|)``, ``A = PLU``, ``s = ±1`` the sign of the
   permutation ``P``; ``logdet = log|det| + log(sign)`` (``nan`` for a negative determinant, as torch's);
 * ``cholesky_inverse(L) = (LLᴴ)⁻¹`` as ``cholesky_solve(I, L)``;
@@ -24,7 +26,7 @@ Calls with ``out=`` are left to torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -43,6 +45,36 @@ def solve(A: Tensor, B: Tensor, *, left: bool = True, out: Tensor | None = None)
     solution = torch.linalg.lu_solve(lu.expand(*batch, *lu.shape[-2:]), pivots.expand(*batch, pivots.shape[-1]),
                                      rhs.expand(*batch, *rhs.shape[-2:]), left=left)
     return solution.squeeze(side) if vector else solution
+
+
+def solve_ex(A: Tensor, B: Tensor, *, left: bool = True, check_errors: bool = False,
+             out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`solve` with torch's ``info`` (nonzero where a matrix is singular; torch's own check where asked)."""
+    if out is not None:
+        return torch.linalg.solve_ex(A, B, left=left, check_errors=check_errors, out=out)
+    info = torch.linalg.solve_ex(A.detach(), B.detach(), left=left, check_errors=check_errors).info
+    return torch.return_types.linalg_solve_ex((solve(A, B, left=left), info))
+
+
+def tensorsolve(A: Tensor, B: Tensor, dims: Sequence[int] | None = None, *, out: Tensor | None = None) -> Tensor:
+    """``X`` with ``tensordot(A, X, X.ndim) = B``: :func:`solve` of ``A`` (its ``dims`` moved to the end) read as a
+    ``B.numel()``-square matrix."""
+    if out is not None:
+        return torch.linalg.tensorsolve(A, B, dims, out=out)
+    if dims is not None:
+        A = A.movedim(tuple(dims), tuple(range(A.dim() - len(dims), A.dim())))
+    return solve(A.reshape(B.numel(), -1), B.reshape(-1)).reshape(A.shape[B.dim():])
+
+
+def triangular_solve(b: Tensor, A: Tensor, upper: bool = True, transpose: bool = False, unitriangular: bool = False,
+                     *, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The deprecated ``torch.triangular_solve``: ``(X, A)`` with ``op(A)X = b`` (``op(A) = Aᵀ`` where ``transpose``) by
+    ``linalg.solve_triangular``, whose rules torch composes correctly."""
+    if out is not None:
+        return torch.triangular_solve(b, A, upper, transpose, unitriangular, out=out)
+    matrix = A.mT if transpose else A
+    solution = torch.linalg.solve_triangular(matrix, b, upper=upper != transpose, unitriangular=unitriangular)
+    return torch.return_types.triangular_solve((solution, A.clone()))
 
 
 def _lu_diagonal(A: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,7 +132,8 @@ def householder_product(A: Tensor, tau: Tensor, *, out: Tensor | None = None) ->
 
 #: torch function (and its Tensor method) -> its composite form, for forward-mode passes.
 LINALG_FORWARD: dict[Callable, Callable] = {
-    torch.linalg.solve: solve,
+    torch.linalg.solve: solve, torch.linalg.solve_ex: solve_ex, torch.linalg.tensorsolve: tensorsolve,
+    torch.triangular_solve: triangular_solve, torch.Tensor.triangular_solve: triangular_solve,
     torch.linalg.det: det, torch.det: det, torch.Tensor.det: det,
     torch.linalg.slogdet: slogdet, torch.slogdet: slogdet, torch.Tensor.slogdet: slogdet,
     torch.logdet: logdet, torch.Tensor.logdet: logdet,
