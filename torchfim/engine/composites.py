@@ -36,6 +36,9 @@ too: :mod:`.composite_linalg` says which and how they run (forward mode only).
 
 ``embedding_bag`` has no forward-mode rule either: it runs as a lookup from a ``(bags, longest)`` table of the
 bags' ids and a weighted sum, mean or max over each bag (forward mode only).
+Nor has its backward (``_embedding_bag_backward``) a derivative, so double backprop (the exact Fisher penalty)
+refused ``nn.EmbeddingBag(mode="sum")`` and ``"mean"``: in reverse mode those bags run as the same lookup
+(:func:`embedding_bag_twice`); ``max`` bags stay torch's, refused with the fix.
 
 And one differs from torch's reverse mode by convention: ``embedding`` with a ``padding_idx``, whose
 padding row torch's backward leaves without a gradient (a constant of the model), while forward-mode
@@ -211,6 +214,19 @@ def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / torch.linalg.vector_norm(v, dim=others, keepdim=True))
 
 
+def embedding_bag_twice(input: Tensor, weight: Tensor, offsets: Tensor | None = None, max_norm: float | None = None,
+                        norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                        sparse: bool = False, per_sample_weights: Tensor | None = None,
+                        include_last_offset: bool = False, padding_idx: int | None = None) -> Tensor:
+    """:func:`embedding_bag` for a bag that sums or averages (torch's ``_embedding_bag_backward`` has no derivative
+    in torch 2.13, so the exact Fisher penalty's double backprop through ``nn.EmbeddingBag(mode="sum")`` or
+    ``"mean"`` failed); ``mode="max"``, ``max_norm`` and ``scale_grad_by_freq`` (which the lookup would drop: the
+    penalty's gradients would lose torch's scaling) are left to torch's kernel, whose refusal names the fix."""
+    run = F.embedding_bag if mode == "max" or max_norm is not None or scale_grad_by_freq else embedding_bag
+    return run(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
+               include_last_offset, padding_idx)
+
+
 _MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
 
 
@@ -230,6 +246,7 @@ _COMPOSITES: dict[Callable, Callable] = {
     F.embedding: embedding,
     torch._weight_norm: weight_norm,
     **EVERY_MODE,
+    F.embedding_bag: embedding_bag_twice,
 }
 #: The same with the functions that forward-mode AD alone needs in composite form (activations, bags, group and
 #: instance norms, linear solves, determinants and Householder products).
