@@ -236,3 +236,23 @@ def joint_label_support(family: str, outs: Tensor, observed: Tensor, c: int) -> 
     prob = torch.stack([supports[t][0][combos[:, t]] for t in range(positions)]).prod(0)
     u = torch.cat([supports[t][1][combos[:, t]] for t in range(positions)], dim=1)
     return lam, prob, u
+
+
+def assert_hessian_variance_is_the_oracles(model: nn.Module, x: Tensor, oracle: dict[str, Tensor],
+                                           backend: str) -> None:
+    """``fisher_variance(estimator="hessian")`` of ``model`` on ``x``, diagonal and trace, equals ``oracle``'s
+    (:func:`variance_oracle` with one label) to 1e-8: the second derivatives through the model are right."""
+    import torchfim
+
+    diag = torchfim.fisher_variance(model, x, estimator="hessian", structure="diag", backend=backend)
+    trace = torchfim.fisher_variance(model, x, estimator="hessian", structure="trace", backend=backend)
+    assert torch.allclose(diag, torch.diagonal(oracle["hessian"]), rtol=1e-8, atol=1e-16)
+    assert torch.allclose(trace, oracle["hessian_trace"], rtol=1e-8, atol=0)
+
+
+def assert_hessian_bound_holds(model: nn.Module, x: Tensor, oracle: dict[str, Tensor]) -> None:
+    """``variance_bound(estimator="hessian", structure="diag")`` is at least ``oracle``'s variance everywhere."""
+    import torchfim
+
+    bound = torchfim.variance_bound(model, x, estimator="hessian", structure="diag")
+    assert bool((bound >= torch.diagonal(oracle["hessian"]) * (1 - 1e-9)).all())

@@ -90,6 +90,19 @@ def _value(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tenso
     return ALPHA * total / len(x)
 
 
+def _central_differences(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
+                         h: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's parameters ``θ`` flat, and the central differences of :func:`_value` at ``θ`` along every
+    coordinate (step ``h``, the labels ``y``): the oracle of the penalty's gradient."""
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    oracle = torch.zeros_like(theta)
+    for k in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[k] = h
+        oracle[k] = (_value(model, theta + e, x, y, kind) - _value(model, theta - e, x, y, kind)) / (2 * h)
+    return theta, oracle
+
+
 @pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
 def test_finite_difference_penalty_gradient_on_that_model(kind: str) -> None:
     """The fix works there: the finite-difference gradient agrees with central differences of the value
@@ -100,12 +113,7 @@ def test_finite_difference_penalty_gradient_on_that_model(kind: str) -> None:
                         generator=torch.Generator().manual_seed(SEED))
     grads = torch.autograd.grad(pen(x, step=0), list(model.parameters()))
     got = torch.cat([g.flatten() for g in grads])
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    h, oracle = 1e-6, torch.zeros_like(theta)
-    for k in range(theta.numel()):
-        e = torch.zeros_like(theta)
-        e[k] = h
-        oracle[k] = (_value(model, theta + e, x, y, kind) - _value(model, theta - e, x, y, kind)) / (2 * h)
+    theta, oracle = _central_differences(model, x, y, kind)
     assert float(pen.last_value) == pytest.approx(_value(model, theta, x, y, kind), rel=1e-12)
     assert float((got - oracle).norm()) < 1e-5 * float(oracle.norm())
     assert math.isfinite(float(oracle.norm())) and float(oracle.norm()) > 0
@@ -169,12 +177,7 @@ def test_exact_penalty_through_a_summing_or_averaging_bag_equals_central_differe
     term = _compute(pen, x, shared)
     task = model(x).square().mean() if shared else 0.0
     got = torch.cat([g.flatten() for g in torch.autograd.grad(term - task, list(model.parameters()))])
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    h, oracle = 1e-6, torch.zeros_like(theta)
-    for k in range(theta.numel()):
-        e = torch.zeros_like(theta)
-        e[k] = h
-        oracle[k] = (_value(model, theta + e, x, y, kind) - _value(model, theta - e, x, y, kind)) / (2 * h)
+    theta, oracle = _central_differences(model, x, y, kind)
     assert float(pen.last_value) == pytest.approx(_value(model, theta, x, y, kind), rel=1e-12)
     assert float((got - oracle).norm()) < 1e-7 * float(oracle.norm())
 
@@ -194,12 +197,7 @@ def test_exact_trace_penalty_through_an_instance_norm_equals_central_differences
     term = _compute(pen, x, shared)
     task = model(x).square().mean() if shared else 0.0
     got = torch.cat([g.flatten() for g in torch.autograd.grad(term - task, list(model.parameters()))])
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    h, oracle = 1e-6, torch.zeros_like(theta)
-    for k in range(theta.numel()):
-        e = torch.zeros_like(theta)
-        e[k] = h
-        oracle[k] = (_value(model, theta + e, x, y, "trace") - _value(model, theta - e, x, y, "trace")) / (2 * h)
+    _, oracle = _central_differences(model, x, y, "trace")
     assert float((got - oracle).norm()) < 1e-7 * float(oracle.norm())
     assert float(got[8:10].norm()) < 1e-7 * float(oracle.norm())  # the bias before the norm: no gradient
 
