@@ -215,3 +215,42 @@ def test_the_composite_instance_norm_updates_running_statistics_as_a_forward_doe
     _compute(FisherPenalty(model, alpha=ALPHA, generator=torch.Generator().manual_seed(SEED)), x, shared).backward()
     torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+def test_exact_penalty_through_a_power_average_pool_of_zero_windows_equals_central_differences(kind: str) -> None:
+    """``LPPool1d(3, 2)`` after a ReLU has windows of zeros, where torch's double backward of ``t^(1/p)`` is NaN: the
+    exact penalty's gradient was NaN in every parameter, without a warning; through the composite pool
+    (:mod:`torchfim.engine.composite_pooling`) it is central differences of the value to 1e-7 relative norm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 2), nn.ReLU(), nn.LPPool1d(3, 2), nn.Flatten(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 1, 9, dtype=torch.float64)
+    windows = model[1](model[0](x)).unfold(-1, 2, 2)
+    assert int((windows.abs().sum(-1) == 0).sum()) > 0  # the case: some windows are all zero
+    y = labels(model, x, "categorical", torch.Generator().manual_seed(SEED))
+    pen = FisherPenalty(model, alpha=ALPHA, kind=kind, generator=torch.Generator().manual_seed(SEED))
+    got = torch.cat([g.flatten() for g in torch.autograd.grad(pen(x, step=0), list(model.parameters()))])
+    _, oracle = _central_differences(model, x, y, kind)
+    assert bool(got.isfinite().all())
+    assert float((got - oracle).norm()) < 1e-7 * float(oracle.norm())
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 1.5, 2.0, 3.0, float("inf")])
+def test_the_composite_power_average_pools_give_torchs_values_and_first_derivatives(norm_type: float) -> None:
+    """Same values and first derivatives as torch's ``lp_pool1d/2d`` (windows of zeros included), finite second
+    derivatives where torch's are NaN."""
+    from torchfim.engine.composite_pooling import LP_POOLS
+
+    g = torch.Generator().manual_seed(0)
+    for pool, shape, kernel in ((torch.nn.functional.lp_pool1d, (2, 3, 8), 2),
+                                (torch.nn.functional.lp_pool2d, (2, 3, 4, 6), (2, 3))):
+        x = torch.relu(torch.randn(*shape, dtype=torch.float64, generator=g)).requires_grad_(True)
+        upstream = torch.randn_like(pool(x, norm_type, kernel))
+        ours, theirs = LP_POOLS[pool](x, norm_type, kernel), pool(x, norm_type, kernel)
+        assert torch.equal(ours, theirs)
+        (d_ours,) = torch.autograd.grad(ours, x, upstream, create_graph=True)
+        (d_theirs,) = torch.autograd.grad(theirs, x, upstream)
+        torch.testing.assert_close(d_ours, d_theirs, rtol=1e-12, atol=0)
+        if norm_type > 1:
+            (second,) = torch.autograd.grad(d_ours.square().sum(), x)
+            assert bool(second.isfinite().all())

@@ -76,6 +76,7 @@ from torch.overrides import TorchFunctionMode
 
 from .composite_activations import EVERY_MODE, FORWARD_MODE
 from .composite_linalg import LINALG_FORWARD
+from .composite_pooling import LP_POOLS
 from .native_dtype import autocast_enabled
 
 
@@ -264,6 +265,7 @@ _COMPOSITES: dict[Callable, Callable] = {
     F.embedding: embedding,
     torch._weight_norm: weight_norm,
     **EVERY_MODE,
+    **LP_POOLS,
     F.embedding_bag: embedding_bag_twice,  # these two: reverse mode's forms, which the forward ones replace below
     F.instance_norm: instance_norm_twice,
 }
