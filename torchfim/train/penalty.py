@@ -117,8 +117,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
     model has no double-backward formula. With ``kind="batch_gradient"`` as a separate term,
     ``loss + pen(x)``, it is a little cheaper than double backprop (2F + 3B against the plain step's F + B:
     3.0-3.5× a plain SGD step on the benchmark MLP, 3.4-3.7× for double backprop, in docs/performance.md's runs of 2-6
-    December); :meth:`penalised_loss` shares
-    the forward at ``θ + ε ĝ`` with the task loss and needs two forwards and two backwards (measured 2.3-3.0×,
+    December); :meth:`penalised_loss` shares the forward at ``θ + ε ĝ`` with the task loss and needs two forwards and two backwards (measured 2.3-3.0×,
     where two plain passes cost 1.8×), so use it in a training loop. With ``kind="trace"`` it is slower (every
     input moves its own copy of the parameters: 1.7× the exact per-input double backprop), so use it there only
     for models without double backward.
@@ -346,8 +345,8 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
           the surrogate with that gradient (a computed step costs 2F + 3B; on the benchmark MLP, where a
           plain step took 1.1-2.9 ms on a 2-core machine, every=10 costs 1.2-1.3× a plain step in
           docs/performance.md's runs of 2-6 December and 1.5× on an idle machine, where the plain step is fastest;
-          each reusing step adding the schedule's Python and the
-          kept gradient's addition into the task gradient to a plain one).
+          a reusing step is a plain one plus the schedule's Python and the kept gradient's addition into the task
+          gradient).
         * ``grad_method="exact"``: one forward; the penalty is taken on its outputs by double
           backprop and added to ``task_loss(outputs)``.
         * ``kind="trace"``: the labels come from the shared outputs (no extra forward); the
