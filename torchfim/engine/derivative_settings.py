@@ -26,7 +26,8 @@ one function and its gradients dense.
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
-(:func:`dense_gradients`, :func:`paused_power_iterations`, :func:`quiet_backward_hooks`) and restores it.
+(:func:`dense_gradients`, :func:`paused_power_iterations`, :func:`per_input_passes`, :func:`quiet_backward_hooks`)
+and restores it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..errors import TorchfimError
+from .kept_buffers import private_buffers
 
 __all__ = ["dense_gradients", "emptied", "for_derivatives", "has_module_backward_hooks", "made_in_inference_mode",
-           "paused_power_iterations", "quiet_backward_hooks"]
+           "paused_power_iterations", "per_input_passes", "quiet_backward_hooks"]
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -108,6 +110,17 @@ def paused_power_iterations(model: nn.Module) -> Iterator[None]:
         if module._forward_pre_hooks:
             owners += [h for h in module._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
     with _overridden(owners, "n_power_iterations", 0):
+        yield
+
+
+@contextmanager
+def per_input_passes(model: nn.Module) -> Iterator[None]:
+    """Within the block, the forwards of ``model`` (the user's own) move no ``u, v`` (:func:`paused_power_iterations`)
+    and write no buffer: each buffer slot holds a clone (:func:`.kept_buffers.private_buffers`), so a running
+    statistic that a forward in training mode updates in place (``InstanceNorm(track_running_stats=True)``) moves once
+    per penalty call, by the call's forward over the batch, not once more per input by the passes of its per-input
+    gradients. Restored after."""
+    with paused_power_iterations(model), private_buffers(model, {}):
         yield
 
 

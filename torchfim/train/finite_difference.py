@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
-from ..engine.derivative_settings import paused_power_iterations
+from ..engine.derivative_settings import paused_power_iterations, per_input_passes
 from ..engine.native_dtype import autocast_dtypes
 from ..engine.plain_forwards import eager_compiled
 from ..errors import TorchfimError, real_number
@@ -261,7 +261,7 @@ def trace_fd(
 
     log_p, masks = io.input_log_prob(model, family, x), family.mask
     base = {n: p.detach() for n, p in named}
-    with paused_power_iterations(model):  # both passes see σ as the labels' forward left it
+    with per_input_passes(model):  # both passes see σ and the buffers as the labels' forward left them
         value, grads = _trace_difference(io, log_p, base, x, y, masks, alpha, fd_step)
     return value, [g if used else None for g, used in zip(grads, reached, strict=True)]
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
-from ..engine.derivative_settings import paused_power_iterations
+from ..engine.derivative_settings import per_input_passes
 from ..engine.model_checks import check_mode
 from ..errors import TorchfimError
 from .double_backward import penalty_gradients
@@ -132,7 +132,7 @@ class PenaltyTerms:
         y = self._trace_labels(x) if y is None else y
         masks = self.family.mask
         log_p = self.io.input_log_prob(self.model, self.family, x)
-        with paused_power_iterations(self.model):  # the per-sample passes see the labels' forward's σ
+        with per_input_passes(self.model):  # the per-sample passes see σ and the buffers as the labels' forward left them
             per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
         sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
         return _back_propagating(self.alpha * sq.mean())  # torch.func's zeros for an unused parameter reach none
