@@ -473,8 +473,8 @@ def test_the_summary_counts_the_diverged_runs_of_every_configuration():
     results["aggregates"]["mnist1d/cnn noisy, η*"]["fp"]["diverged"] = 2
     text = summary(results, [])
     rows = [line for line in text.splitlines() if line.startswith(("| digits/", "| mnist1d/"))]
-    clean = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 12]  # (b): 11 columns
-    noisy = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 13]  # (c): 12 columns
+    clean = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 13]  # (b): 12 columns
+    noisy = [r.rsplit("|", 2)[1].strip() for r in rows if r.count("|") == 14]  # (c): 13 columns
     assert clean == ["0/6", "1/6"] + ["0/6"] * 10  # digits/mlp at η*/10 is the second row
     assert noisy == ["0/6"] * 7 + ["2/6"]  # mnist1d/cnn at η* with the penalty is the last
     assert text.count("| diverged (loss or outputs non-finite) |") == 2

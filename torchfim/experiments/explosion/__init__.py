@@ -24,9 +24,11 @@ without BatchNorm (an MLP and a small CNN: 1-D convolutions on MNIST-1D, 2-D con
     (training accuracy on each subset, against the labels used for training, over training), at
     η*/10 and at η*, with a tuned α (and, optionally, a fixed α: ``noisy_fixed_alpha``).
 
-Every run trains for a fixed number of epochs per data set (``epochs``: 100 on MNIST-1D; on the
-digits enough for the un-penalised small-learning-rate runs to fit their training set), and the
-study reports whether training accuracy had plateaued. Hyper-parameters are chosen on validation
+Every run trains until its training accuracy plateaus: at least ``epochs`` per data set (100 on MNIST-1D; on
+the digits enough for the un-penalised small-learning-rate runs to fit their training set), then on, checked every
+tenth of them, until it moved by at most ``plateau_tolerance`` over the last fifth of the run's steps, up to
+``max_epochs``; the study reports the epochs each configuration trained and whether its mean training accuracy had
+plateaued. Hyper-parameters are chosen on validation
 accuracy, on ``n_tuning_seeds`` tuning seeds derived from the master seed apart from the
 evaluation seeds: η* is the learning rate of ``lr_grid`` with the best mean, over the tuning
 seeds, of the best validation accuracy over training (a rate that diverges on any tuning seed is

@@ -37,12 +37,12 @@ NOISY_CLAIMS = (
 #: The measures summarised over seeds, per clean-label and per noisy-label configuration.
 _CLEAN_MEASURES = ("test_acc_at_best_val", "test_acc", "step_of_best_val", "train_acc", "train_acc_at_four_fifths",
                    "val_acc", "peak_trace", "step_of_peak_trace", "stderr_at_peak", "trace_at_threshold",
-                   "step_at_threshold", "final_trace")
+                   "step_at_threshold", "final_trace", "epochs")
 #: Per evaluation seed, what early stopping picked: the step of the best validation accuracy and the
 #: test accuracy there, with the final test accuracy beside it.
 _PER_SEED = ("step_of_best_val", "best_val_acc", "test_acc_at_best_val", "test_acc")
 _NOISY_MEASURES = ("clean_acc", "noisy_acc", "clean_acc_auc", "noisy_acc_auc", "test_acc", "test_acc_at_best_val",
-                   "peak_trace", "train_acc", "train_acc_at_four_fifths")
+                   "peak_trace", "train_acc", "train_acc_at_four_fifths", "epochs")
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -83,14 +83,16 @@ def _ratio_of_means(top: list, bottom: list) -> float | None:
 
 
 def _mean_curve(runs: list[dict], key: str) -> dict[str, list]:
-    # The steps of the longest run: a diverged one stops early (the first run's steps cut the others to its length).
+    # The steps of the longest run. A run that stopped earlier on a plateau holds its last value after it (its network
+    # no longer changes); a diverged one has none there (the first run's steps would cut the others to its length).
     steps = max((r["result"]["curves"]["step"] for r in runs), key=len)
     cols = []
     for r in runs:
         c = r["result"]["curves"]
-        if c["step"] != steps:  # diverged run: pad with None
-            vals = dict(zip(c["step"], c[key]))
-            cols.append([vals.get(s) for s in steps])
+        if c["step"] != steps:
+            vals, last = dict(zip(c["step"], c[key])), c["step"][-1]
+            held = None if r["result"]["diverged"] else c[key][-1]
+            cols.append([vals.get(s, held if s > last else None) for s in steps])
         else:
             cols.append(c[key])
     mean, std, lo, hi = [], [], [], []
@@ -167,8 +169,8 @@ class _Aggregates:
 
     def metric(self, runs: list[dict], key: str) -> list[float]:
         """One number per run: derived from its curves (:func:`_extra`), or else from its final values."""
-        return [self.extra[r["run_id"]][key] if key in self.extra[r["run_id"]] else r["result"]["final"][key]
-                for r in runs]
+        return [self.extra[r["run_id"]][key] if key in self.extra[r["run_id"]] else r["result"]["final"].get(key)
+                for r in runs]  # None where a run file of older code lacks the measure
 
     def summarise(self, runs: list[dict], keys: Sequence[str], entry: dict) -> dict:
         """Add the mean ± std over seeds of each measure in ``keys`` to ``entry`` (None if a run lacks it)."""
@@ -197,7 +199,7 @@ class _Aggregates:
         before, end = entry["train_acc_at_four_fifths"], entry["train_acc"]
         if before is None or end is None:
             return None
-        return abs(end["mean"] - before["mean"]) <= self.settings.plateau_tolerance
+        return self.settings.plateaued(before["mean"], end["mean"])
 
     def clean(self, d: str, m: str) -> None:
         """Claims (a) and (b) on one data set and model."""

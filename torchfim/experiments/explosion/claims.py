@@ -202,8 +202,9 @@ def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
                for v in NOISY_VARIANTS if agg[noisy_label(d, m, w, s)].get(v, {}).get("plateaued") is False]
     if moving:
         lines.append(
-            "* Caveat: training accuracy was still moving over the last fifth of training in " + ", ".join(moving)
-            + ", so those configurations had not plateaued within the budget."
+            "* Caveat: the mean training accuracy was still moving over the last fifth of training in "
+            + ", ".join(moving) + ", so those configurations had not plateaued within the budget (the most epochs of "
+            "the setup)."
         )
     low = [
         (f"{d}/{m} at {lr_text(w, s)}", agg[noisy_label(d, m, w, s)]["base"]["noisy_acc"]["mean"]) for d, m, w in nsets
@@ -231,7 +232,7 @@ def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
                 )
     lines.append(
         f"* Scale: networks of 10⁴–10⁵ parameters, "
-        f"{', '.join(f'{e} epochs on {d}' for d, e in s['epochs'] if d in {c.split('/')[0] for c in combos})} at a "
+        f"at least {', '.join(f'{e} epochs on {d}' for d, e in s['epochs'] if d in {c.split('/')[0] for c in combos})} at a "
         f"constant learning rate, {s['n_tuning_seeds']} tuning seeds and {s['n_seeds']} evaluation seeds, against the "
         "paper's ResNets/VGGs/DenseNets trained 300 epochs with step decays: agreement or disagreement here is evidence about small networks on small data, not a verdict on the paper's setting."
     )

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 DEFAULT_OUT = "torchfim-explosion"
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 N_CLASSES = 10
 
 FILES = {
@@ -75,10 +75,13 @@ class Settings:
     #: Tuning seeds (none of them an evaluation seed): η* and α maximise the mean over these seeds
     #: of the best validation accuracy over training.
     n_tuning_seeds: int = 2
-    #: Training epochs per run, by data set (the same for every configuration of a data set): MNIST-1D
+    #: The least training epochs of a run, by data set (the same for every configuration of a data set): MNIST-1D
     #: the protocol's 100; digits, where the un-penalised small-learning-rate runs reach 100% training
-    #: accuracy.
+    #: accuracy. A run goes on past them until its training accuracy has plateaued (:meth:`plateaued`), checked
+    #: every tenth of them, up to ``max_epochs``.
     epochs: tuple[tuple[str, int], ...] = (("digits", 250), ("mnist1d", 100))
+    #: The most training epochs of a run, by data set: a run still moving there stops, and the summary names it.
+    max_epochs: tuple[tuple[str, int], ...] = (("digits", 1000), ("mnist1d", 400))
     batch_size: int = 128
     momentum: float = 0.9
     #: η* is chosen inside the grid: 1.0 above 0.316, which digits/MLP chose as the top of the earlier grid.
@@ -112,13 +115,26 @@ class Settings:
     #: ε of the paper's early-phase value Tr(Fᵢ): Tr(F) when the training loss first falls to ε or below
     #: (analysis only; ln 10 ≈ 2.3 at initialisation, the paper uses 1.2 on CIFAR-10).
     loss_threshold: float = 1.0
-    #: A configuration has plateaued when its mean training accuracy moved by at most this much over
-    #: the last fifth of training (analysis only).
+    #: A run, and a configuration on the mean over its seeds, has plateaued when its training accuracy moved by at
+    #: most this much over the last fifth of training.
     plateau_tolerance: float = 0.01
 
     def epochs_for(self, dataset: str) -> int:
-        """Training epochs of a run on ``dataset``."""
+        """The least training epochs of a run on ``dataset``."""
         return dict(self.epochs)[dataset]
+
+    def max_epochs_for(self, dataset: str) -> int:
+        """The most training epochs of a run on ``dataset`` (never fewer than the least)."""
+        return max(dict(self.max_epochs).get(dataset, 0), self.epochs_for(dataset))
+
+    def plateau_every(self, dataset: str) -> int:
+        """Epochs between two plateau checks of a run on ``dataset`` past its least epochs: a tenth of them."""
+        return max(1, self.epochs_for(dataset) // 10)
+
+    def plateaued(self, at_four_fifths: float, end: float) -> bool:
+        """Whether a training accuracy of ``at_four_fifths`` at four fifths of training and ``end`` at its end has
+        plateaued: moved by at most ``plateau_tolerance``."""
+        return abs(end - at_four_fifths) <= self.plateau_tolerance
 
     def steps_per_epoch(self, n_train: int) -> int:
         """Mini-batches per epoch: whole ones only (the last ``n_train mod batch_size`` inputs of each epoch's order
@@ -160,7 +176,7 @@ class Settings:
 _PLAN_ONLY = (
     "preset", "combos", "noisy_combos", "n_seeds", "n_tuning_seeds", "lr_grid", "lr_ratio", "alpha_grid", "noisy_lrs", "noise_fraction",
     "noisy_alpha_grid", "noisy_fixed_alpha",
-    "loss_threshold", "plateau_tolerance",
+    "loss_threshold",
 )  # fmt: skip
 
 
@@ -172,6 +188,7 @@ QUICK = Settings(
     noisy_lrs=("large",),
     n_seeds=2,
     epochs=(("digits", 30), ("mnist1d", 12)),
+    max_epochs=(("digits", 60), ("mnist1d", 24)),
     lr_grid=(0.03, 0.1, 0.3),
     alpha_grid=(0.03, 0.1),
     noisy_alpha_grid=(0.03, 0.1),
@@ -189,6 +206,7 @@ TINY = Settings(
     noisy_lrs=("large",),
     n_seeds=2,
     epochs=(("digits", 4), ("mnist1d", 2)),
+    max_epochs=(("digits", 8), ("mnist1d", 4)),
     lr_grid=(0.05, 0.2),
     alpha_grid=(0.03,),
     noisy_alpha_grid=(0.03,),

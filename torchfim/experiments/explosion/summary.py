@@ -71,9 +71,8 @@ def _setup(results: dict[str, Any]) -> list[str]:
         + f". Validation = {100 * s['val_fraction']:g}% of the training data, drawn per seed.",
         "* Models, no BatchNorm: " + "; ".join(model_text[m] for m in models) + ".",
         f"* SGD, momentum {s['momentum']}, batch {s['batch_size']}, constant learning rate, no weight decay, no augmentation; "
-        + ", ".join(f"{ep} epochs on {d}" for d, ep in s["epochs"] if d in datasets)
-        + " (the same budget for every configuration; the table of (b) shows whether training accuracy had "
-        "plateaued). Test accuracy is read at the step of the best validation accuracy (early stopping, the paper's "
+        + _budget(s, datasets)
+        + ". Test accuracy is read at the step of the best validation accuracy (early stopping, the paper's "
         "headline), with the final test accuracy beside it.",
         ("* Tr(F): `torchfim.train.FisherTraceMonitor` (unbiased estimate from per-example squared score norms, one label "
          f"sampled from the model per input, with its standard error) on {s['monitor_inputs']} fixed training inputs, "
@@ -162,12 +161,13 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
         "## (b) Test accuracy: the small learning rate and the penalty",
         "",
         ("Mean ± std over the evaluation seeds. The headline is the test accuracy at the step of the best validation "
-         "accuracy; 'plateaued' = the mean training accuracy moved by at most "
-         f"{100 * s['plateau_tolerance']:g} percentage points over the last fifth of training."),
+         "accuracy; 'epochs' = the least and the most epochs its runs trained; 'plateaued' = the mean training "
+         f"accuracy moved by at most {100 * s['plateau_tolerance']:g} percentage points over the last fifth of "
+         "training."),
         "",
         ("| data/model | config | η | α | test acc. at best val. (%) | step of best val. | final test acc. (%) "
-         f"| final train acc. (%) | train acc. at 4/5 of training (%) | plateaued | {_DIVERGED_HEADER} |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+         f"| final train acc. (%) | train acc. at 4/5 of training (%) | epochs | plateaued | {_DIVERGED_HEADER} |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for combo in combos:
         for v in CLEAN_VARIANTS:
@@ -175,7 +175,8 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {combo} | {LABELS[v]} | {a['lr']:.4g} | {a['alpha']:g} | {pm(a['test_acc_at_best_val'], True)} | "
                 f"{pm(a['step_of_best_val'], digits=0)} | {pm(a['test_acc'], True)} | {pm(a['train_acc'], True)} | "
-                f"{pm(a['train_acc_at_four_fifths'], True)} | {_yes_no(a['plateaued'])} | {_diverged(a)} |"
+                f"{pm(a['train_acc_at_four_fifths'], True)} | {_epochs(a.get('epochs'))} | {_yes_no(a['plateaued'])} | "
+                f"{_diverged(a)} |"
             )
     if combos:
         lines += ["", ("Fraction of the small-vs-large gap closed by the penalty, (FP − small)/(large − small) on the seed "
@@ -194,6 +195,26 @@ _DIVERGED_HEADER = "diverged (loss or outputs non-finite)"
 def _diverged(a: dict) -> str:
     """``1/6``: the runs of a configuration that diverged, of all its seeds."""
     return f"{a['diverged']}/{len(a['per_seed'])}"
+
+
+def _budget(s: dict, datasets: list[str]) -> str:
+    """The training budget of the setup: the least epochs, the plateau rule and the most epochs, per data set."""
+    most = dict(s.get("max_epochs", ()))
+    return (
+        "each run trains at least " + ", ".join(f"{ep} epochs on {d}" for d, ep in s["epochs"] if d in datasets)
+        + f", then on until its training accuracy has plateaued (moved by at most {100 * s['plateau_tolerance']:g} "
+        "percentage points over the last fifth of its steps, checked every tenth of the least epochs), up to "
+        + ", ".join(f"{max(most.get(d, 0), ep)} on {d}" for d, ep in s["epochs"] if d in datasets)
+        + " (the tables give the epochs each configuration trained, and whether its mean over seeds had plateaued)"
+    )
+
+
+def _epochs(stat: dict | None) -> str:
+    """``100`` or ``100–160``: the least and the most epochs of a configuration's runs (``n/a`` where unrecorded)."""
+    if stat is None:
+        return "n/a"
+    low, high = min(stat["values"]), max(stat["values"])
+    return f"{low:.0f}" if low == high else f"{low:.0f}–{high:.0f}"
 
 
 def _yes_no(flag: bool | None) -> str:
@@ -258,14 +279,15 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
         "",
         ("Train accuracy against the labels used for training, on the clean and on the noisy subset (chance on the "
          "noisy subset is below 10%, since its labels differ from the true ones). 'Mean over training' averages all "
-         "measurements (an area under the learning curve: lower = slower fitting). 'Train' is the accuracy on the "
-         "whole training set against those labels, at four fifths of training and at its end; 'plateaued' = its mean "
-         f"moved by at most {100 * s['plateau_tolerance']:g} percentage points in between."),
+         "measurements over the least epochs, which every run trains (an area under the learning curve: lower = "
+         "slower fitting). 'Train' is the accuracy on the whole training set against those labels, at four fifths of "
+         f"training and at its end; 'plateaued' = its mean moved by at most {100 * s['plateau_tolerance']:g} "
+         "percentage points in between; 'epochs' = the least and the most epochs its runs trained."),
         "",
         ("| data/model, η | config | clean final (%) | noisy final (%) | clean mean over training (%) | noisy mean over "
-         "training (%) | train at 4/5 → final (%) | plateaued | test acc. at best val. (%) | final test acc. (%) | "
-         f"peak Tr(F) | {_DIVERGED_HEADER} |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "training (%) | train at 4/5 → final (%) | epochs | plateaued | test acc. at best val. (%) | final test acc. "
+         f"(%) | peak Tr(F) | {_DIVERGED_HEADER} |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, m, w in nsets:
         label = noisy_label(d, m, w, s)
@@ -275,7 +297,7 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
                 f"| {d}/{m}, {lr_text(w, s)} | {LABELS[v]} (η={a['lr']:.4g}, α={a['alpha']:g}) | "
                 f"{pm(a['clean_acc'], True)} | {pm(a['noisy_acc'], True)} | {pm(a['clean_acc_auc'], True)} | "
                 f"{pm(a['noisy_acc_auc'], True)} | {_mean_change(a['train_acc_at_four_fifths'], a['train_acc'])} | "
-                f"{_yes_no(a['plateaued'])} | {pm(a['test_acc_at_best_val'], True)} | "
+                f"{_epochs(a.get('epochs'))} | {_yes_no(a['plateaued'])} | {pm(a['test_acc_at_best_val'], True)} | "
                 f"{pm(a['test_acc'], True)} | {pm(a['peak_trace'], digits=1)} | {_diverged(a)} |"
             )
     lines += [

@@ -71,8 +71,9 @@ def _two_seeds(seed: int) -> tuple[int, int]:
 def train_one(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     """Train one run and return its curves and summary numbers (deterministic, no timings).
 
-    Curves are recorded at the steps :meth:`Settings.is_eval_step` picks and at the last step
-    (training accuracy at four fifths of the run is kept for the plateau check):
+    Curves are recorded at the steps :meth:`Settings.is_eval_step` picks, at each plateau check and at the last
+    step (training accuracy at four fifths of the run is kept for the summary's plateau check); the means over
+    training of the clean and noisy subsets' accuracies are over the least epochs, which every run trains:
     ``trace``/``trace_stderr`` (FisherTraceMonitor on the held training inputs), the training
     loss and accuracy against the labels used for training, accuracy on the clean and on the noisy
     training subsets, validation and test accuracy, and the last computed penalty value.
@@ -80,8 +81,9 @@ def train_one(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     plan = derive_seeds(spec.seed)
     with _deterministic():
         run = _Run(spec, settings, plan)
-        step, diverged = run.train()
+        step, epochs, diverged = run.train()
     curves, data = run.curves, run.data
+    least_steps = settings.epochs_for(spec.dataset) * settings.steps_per_epoch(int(data.x_train.shape[0]))
     traces = [t for t in curves["trace"] if t is not None]
     best = _argmax([v if v is not None else -1.0 for v in curves["val_acc"]])
     return {
@@ -105,8 +107,11 @@ def train_one(spec: RunSpec, settings: Settings) -> dict[str, Any]:
             "peak_trace": max(traces) if traces else None,
             "step_of_peak_trace": curves["step"][curves["trace"].index(max(traces))] if traces else None,
             "final_trace": curves["trace"][-1],
-            "clean_acc_auc": _mean(curves["clean_acc"]),
-            "noisy_acc_auc": _mean(curves["noisy_acc"]),
+            # Over the least epochs, which every run trains: runs that go on to a plateau would average in more of
+            # their late, higher accuracy.
+            "clean_acc_auc": _mean_until(curves, "clean_acc", least_steps),
+            "noisy_acc_auc": _mean_until(curves, "noisy_acc", least_steps),
+            "epochs": epochs,
         },
         "curves": curves,
     }
@@ -136,45 +141,62 @@ class _Run:
         self.order = plan.generator("data_order")
         self.curves: dict[str, list] = {k: [] for k in CURVES}
 
-    def train(self) -> tuple[int, bool]:
-        """SGD for the data set's number of epochs (or until the loss stops being finite); returns
-        ``(steps done, diverged)``."""
-        model, data, settings, pen = self.model, self.data, self.settings, self.penalty
-        n = data.x_train.shape[0]
-        B = settings.batch_size
-        step = 0
-        diverged = False
-        model.train()
-        for _ in range(settings.epochs_for(self.spec.dataset)):
-            if diverged:
+    def train(self) -> tuple[int, int, bool]:
+        """SGD for the data set's least number of epochs, then on, a check every :meth:`Settings.plateau_every`
+        epochs, until the training accuracy has plateaued (:meth:`plateaued`) or the most epochs are done (or until
+        the loss stops being finite); returns ``(steps done, epochs done, diverged)``."""
+        settings, dataset = self.settings, self.spec.dataset
+        least, every = settings.epochs_for(dataset), settings.plateau_every(dataset)
+        step, epochs, diverged = 0, 0, False
+        self.model.train()
+        while epochs < settings.max_epochs_for(dataset) and not diverged:
+            step, diverged = self.epoch(step)
+            epochs += 1
+            if not diverged and epochs >= least and (epochs - least) % every == 0 and self.plateaued(step):
                 break
-            perm = torch.randperm(n, generator=self.order)
-            # Whole mini-batches only: the penalty's gradient, computed every 10 steps and reused for 9, came from
-            # the epoch's last 14-16 inputs whenever that step fell there, about 8× larger (‖g_B‖² ~ Tr(F)/B), and
-            # made the penalised runs collapse (a review).
-            for start in range(0, n - B + 1, B):
-                if settings.is_eval_step(step):
-                    if not _outputs_finite(model, data.x_train[data.held]):  # a finite loss, then overflow
-                        diverged = True  # (the monitor would refuse the model; the study records a divergence)
-                        break
-                    self.record(step, True)
-                idx = perm[start : start + B]
-                xb, yb = data.x_train[idx], data.y_train[idx]
-                self.opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(xb), yb)
-                if pen is not None:
-                    loss = loss + pen(xb, step=step)
-                if not torch.isfinite(loss):
-                    diverged = True
-                    break
-                loss.backward()
-                self.opt.step()
-                step += 1
-        finite = all(torch.isfinite(p).all() for p in model.parameters())
-        diverged = diverged or not finite
+        diverged = diverged or not all(torch.isfinite(p).all() for p in self.model.parameters())
         if not self.curves["step"] or self.curves["step"][-1] != step:
-            self.record(step, not diverged and _outputs_finite(model, data.x_train[data.held]))
-        return step, diverged
+            self.record(step, not diverged and _outputs_finite(self.model, self.data.x_train[self.data.held]))
+        return step, epochs, diverged
+
+    def epoch(self, step: int) -> tuple[int, bool]:
+        """One epoch of SGD from ``step``, measuring at the steps :meth:`Settings.is_eval_step` picks; returns
+        ``(the step reached, diverged)``."""
+        model, data, pen, B = self.model, self.data, self.penalty, self.settings.batch_size
+        n = data.x_train.shape[0]
+        perm = torch.randperm(n, generator=self.order)
+        # Whole mini-batches only: the penalty's gradient, computed every 10 steps and reused for 9, came from
+        # the epoch's last 14-16 inputs whenever that step fell there, about 8× larger (‖g_B‖² ~ Tr(F)/B), and
+        # made the penalised runs collapse (a review).
+        for start in range(0, n - B + 1, B):
+            if self.settings.is_eval_step(step) and self.curves["step"][-1:] != [step]:  # a plateau check's
+                if not _outputs_finite(model, data.x_train[data.held]):  # a finite loss, then overflow
+                    return step, True  # (the monitor would refuse the model; the study records a divergence)
+                self.record(step, True)
+            idx = perm[start : start + B]
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            if pen is not None:
+                loss = loss + pen(xb, step=step)
+            if not torch.isfinite(loss):
+                return step, True
+            loss.backward()
+            self.opt.step()
+            step += 1
+        return step, False
+
+    def plateaued(self, step: int) -> bool:
+        """Whether the training accuracy has plateaued at ``step`` (measured there first, where it was not), as the
+        summary judges a configuration: moved by at most ``plateau_tolerance`` since four fifths of the steps so
+        far. False where the parameters or the outputs are no longer finite (the run ends as diverged)."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            return False
+        if self.curves["step"][-1] != step:
+            if not _outputs_finite(self.model, self.data.x_train[self.data.held]):
+                return False
+            self.record(step, True)
+        return self.settings.plateaued(_at_fraction(self.curves, "train_acc", 0.8), self.curves["train_acc"][-1])
 
     def record(self, step: int, measure_trace: bool) -> None:
         """Append one measurement to every curve (Tr(F) only when ``measure_trace``)."""
@@ -222,8 +244,9 @@ def _at_fraction(curves: dict[str, list], key: str, fraction: float) -> float | 
     return [v for st, v in zip(curves["step"], curves[key]) if st <= limit][-1]
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    """Mean of the values that are not None, compacted (None if there are none)."""
-    vals = [v for v in values if v is not None]
+def _mean_until(curves: dict[str, list], key: str, last_step: int) -> float | None:
+    """Mean of ``curves[key]`` over the measurements at or before ``last_step`` that are not None, compacted (None if
+    there are none)."""
+    vals = [v for st, v in zip(curves["step"], curves[key]) if st <= last_step and v is not None]
     return compact(sum(vals) / len(vals)) if vals else None
 
