@@ -206,17 +206,7 @@ def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
             + ", ".join(moving) + ", so those configurations had not plateaued within the budget (the most epochs of "
             "the setup)."
         )
-    low = [
-        (f"{d}/{m} at {lr_text(w, s)}", agg[noisy_label(d, m, w, s)]["base"]["noisy_acc"]["mean"]) for d, m, w in nsets
-    ]
-    low = [(c, x) for c, x in low if x < 0.9]
-    if low:
-        lines.append(
-            "* Caveat: by the last step the un-penalised runs had fitted only "
-            + ", ".join(f"{100 * x:.0f}% ({c})" for c, x in low)
-            + " of the noisy labels, so only the first part of the memorisation curve is observed (the paper's "
-            "baselines fit 74–100% of them after 300 epochs)."
-        )
+    lines += _noise_left_unfitted(agg, nsets, s)
     for d, m, w in nsets:
         a = agg[noisy_label(d, m, w, s)]
         base = a["base"]["clean_acc"]["mean"]
@@ -236,4 +226,24 @@ def _caveats(s: dict, agg: dict, combos: list[str], nsets: list) -> list[str]:
         f"constant learning rate, {s['n_tuning_seeds']} tuning seeds and {s['n_seeds']} evaluation seeds, against the "
         "paper's ResNets/VGGs/DenseNets trained 300 epochs with step decays: agreement or disagreement here is evidence about small networks on small data, not a verdict on the paper's setting."
     )
+    return lines
+
+
+def _noise_left_unfitted(agg: dict, nsets: list[tuple[str, str, str]], s: dict) -> list[str]:
+    """The caveats on noisy-label settings whose un-penalised runs fitted under 90% of the noisy labels: where their
+    training accuracy had plateaued (the rest is not memorised at that learning rate) and where it had not (only the
+    first part of the memorisation curve is observed)."""
+    low = [(f"{d}/{m} at {lr_text(w, s)}", agg[noisy_label(d, m, w, s)]["base"]) for d, m, w in nsets]
+    low = [(c, a["noisy_acc"]["mean"], a["plateaued"]) for c, a in low if a["noisy_acc"]["mean"] < 0.9]
+    fitted = [f"{100 * x:.0f}% ({c})" for c, x, flat in low if flat]
+    moving = [f"{100 * x:.0f}% ({c})" for c, x, flat in low if not flat]
+    paper = " (the paper's baselines fit 74–100% of them after 300 epochs)."
+    lines = []
+    if fitted:
+        lines.append("* Caveat: the un-penalised runs' training accuracy plateaued with only " + ", ".join(fitted)
+                     + " of the noisy labels fitted: at that learning rate they do not memorise the rest, so there is "
+                     "less memorisation there for the penalty to slow" + paper)
+    if moving:
+        lines.append("* Caveat: by the last step the un-penalised runs had fitted only " + ", ".join(moving)
+                     + " of the noisy labels, so only the first part of the memorisation curve is observed" + paper)
     return lines
