@@ -24,8 +24,9 @@ from .._out_folder import check_creatable
 from .._processes import process_group
 from ..errors import TorchfimError
 
-#: The bytes of a blank line (the CSV module reads ``\r\n`` as a line's end).
-BLANK = b" \t\r\n"
+#: The characters of a blank line (the CSV module reads ``\r\n`` as a line's end), and their bytes.
+BLANK_TEXT = " \t\r\n"
+BLANK = BLANK_TEXT.encode()
 
 
 def process_paths(csv_path: str | os.PathLike | None,

@@ -10,6 +10,7 @@ matplotlib's object API (no pyplot, no change of backend); matplotlib comes with
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from .._io import save_figure
 from .._words import counted
 from ..errors import TorchfimError, real_number, warn_user
 from .monitor import FisherTraceMonitor
+from .record_sinks import BLANK_TEXT as BLANK
 from .trace_record import COLUMNS, TraceRecord
 
 #: What :func:`plot_trace` takes as one run: a monitor, its records, or the path of its CSV file.
@@ -33,8 +35,8 @@ QUOTED = 80  # the most characters of a wrong header that an error quotes
 def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
     """The records of a :class:`~torchfim.train.FisherTraceMonitor` CSV file (``csv_path``), in file order.
 
-    An incomplete last line (what a run killed while writing leaves) is left out with a warning naming it, blank lines
-    after the last record without one;
+    An incomplete last line (one without its line end: what a run killed while writing leaves) is left out with a
+    warning naming it, blank lines after the last record without one;
     a step that goes back (two runs appended to one file) is kept, with a warning naming its line.
     """
     path = Path(path)
@@ -43,7 +45,8 @@ def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
                             "a FisherTraceMonitor wrote its records to")
     try:
         with path.open(newline="") as f:
-            rows = list(csv.reader(f))
+            text = f.read()
+        rows = list(csv.reader(io.StringIO(text)))
     except (UnicodeDecodeError, csv.Error) as exc:  # a binary file (a checkpoint, a figure), or a field of 128 KB
         raise TorchfimError(f"{str(path)!r} is not a FisherTraceMonitor CSV file ({exc}); pass the monitor's "
                             "csv_path") from None
@@ -58,20 +61,28 @@ def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
     header = rows[0]
     while len(rows) > 1 and not "".join(rows[-1]).strip():  # blank lines after the last record hold none
         rows.pop()
+    if len(rows) > 1 and "\n" not in text[len(text.rstrip(BLANK)):]:
+        # The monitor ends each line it writes: this one was cut while written, though what is left may parse (its
+        # last field cut short, 0.4567 read as 0.4).
+        _left_out(path, len(rows))
+        rows.pop()
     records = []
     for line, row in enumerate(rows[1:], start=2):
         try:
             records.append(TraceRecord(**{k: _number(k, v) for k, v in zip(header, row, strict=True)}))
         except ValueError as exc:
             if line == len(rows):
-                warn_user(f"{str(path)!r}: its last line, {line}, is incomplete (a run stopped while writing it?) "
-                          "and is left out")
+                _left_out(path, line)
                 break
             raise TorchfimError(
                 f"{str(path)!r}: line {line} is not a record of numbers ({exc}); delete or mend that line"
             ) from None
     _warn_step_back(path, records)
     return records
+
+
+def _left_out(path: Path, line: int) -> None:
+    warn_user(f"{str(path)!r}: its last line, {line}, is incomplete (a run stopped while writing it?) and is left out")
 
 
 def _warn_step_back(path: Path, records: list[TraceRecord]) -> None:
