@@ -252,3 +252,20 @@ def test_a_penalty_refuses_the_state_of_another_model() -> None:
     with pytest.raises(torchfim.TorchfimError, match="kind='batch_gradient'") as refused:
         FisherPenalty(model, every=3, kind="trace").load_state_dict(state)
     assert "held inputs" not in str(refused.value)  # a penalty has none: that advice is the monitor's
+
+
+def test_a_monitor_refuses_the_state_of_another_model() -> None:
+    """A monitor's state saved on one model went on, without a word, in the monitor of a model of other parameters
+    (a hidden layer of 12 against 24): the resumed history joined two models' Tr(F) in one curve. Refused now, naming
+    the parameters; the same model, wrapped or not, and a state saved before the parameters were kept, still load."""
+    _, _, held = _data()
+    mon = FisherTraceMonitor(_model(), held, subset=12)
+    mon.measure(0)
+    state = _saved(mon.state_dict())
+    wider = nn.Sequential(nn.Linear(5, 24), nn.Tanh(), nn.Linear(24, 4)).double()
+    with pytest.raises(torchfim.TorchfimError, match=r"parameters='4 tensors of 124 numbers .*' \(here '4 tensors of "
+                                                     r"244 numbers .*'\).* a model of the same parameters"):
+        FisherTraceMonitor(wider, held, subset=12).load_state_dict(state)
+    FisherTraceMonitor(nn.DataParallel(_model()), held, subset=12).load_state_dict(state)
+    del state["settings"]["parameters"]  # saved by a torchfim that kept no parameters
+    FisherTraceMonitor(_model(), held, subset=12).load_state_dict(state)

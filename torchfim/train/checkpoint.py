@@ -61,9 +61,25 @@ def inputs_checksum(held: list[Batch]) -> str:
     return held_digest(held).hexdigest()
 
 
+def parameter_shapes(model: nn.Module) -> str | None:
+    """The number of ``model``'s parameters, of their entries and a digest of their shapes in order, what a monitor's
+    saved state is checked against (a wrapper such as DDP leaves them as they are); None while a lazy parameter has
+    no shape yet."""
+    params = list(model.parameters())
+    if any(nn.parameter.is_lazy(p) for p in params):
+        return None
+    shapes = hashlib.sha1(repr([tuple(p.shape) for p in params]).encode()).hexdigest()[:12]
+    return f"{len(params)} tensors of {sum(p.numel() for p in params)} numbers (shapes {shapes})"
+
+
+#: Settings a state saved by an earlier torchfim may lack (or hold None for: a lazy model), not compared there.
+KEPT_LATER = ("parameters",)
+
+
 def checked(state: object, owner: str, settings: Mapping[str, object], keys: tuple[str, ...]) -> Mapping[str, object]:
     """``state`` when it is a state this object can load: a mapping with ``keys``, of this version, saved with
-    the same ``settings``; one whose held inputs were checked by an earlier checksum (a number) is refused."""
+    the same ``settings`` (those of :data:`KEPT_LATER` where both have them); one whose held inputs were checked by an
+    earlier checksum (a number) is refused."""
     if not isinstance(state, Mapping) or state.get("version") != VERSION or any(k not in state for k in keys):
         raise TorchfimError(
             f"{owner}.load_state_dict takes what {owner}.state_dict() returned (version {VERSION}), got "
@@ -77,15 +93,17 @@ def checked(state: object, owner: str, settings: Mapping[str, object], keys: tup
             "within a row), and this one cannot compare it with its digest of them; resume the run with the torchfim "
             f"that saved it, or start this {owner} afresh"
         )
-    differ = [k for k, v in settings.items() if not _same(saved.get(k), v)]
+    differ = [k for k, v in settings.items() if not _same(saved.get(k), v)
+              and not (k in KEPT_LATER and None in (saved.get(k), v))]
     if "processes" in differ and saved.get("processes") and settings["processes"]:  # before the inputs: each its share
         _refuse_other_process(owner, saved["processes"], settings["processes"])
     if differ:
         said = ", ".join(f"{k}={saved.get(k)!r} (here {settings[k]!r})" for k in differ)
         held = "the same held inputs, in the same order and mini-batches, and " if "inputs_checksum" in settings else ""
+        model = "on a model of the same parameters, " if "parameters" in differ else ""
         raise TorchfimError(
             f"{owner}.load_state_dict: the state was saved by a {owner} made with {said}; make this one as the "
-            f"saved run made its own ({held or 'the same '}options)"
+            f"saved run made its own ({model}{held or 'the same '}options)"
         )
     return state
 

@@ -79,7 +79,7 @@ from ..errors import TorchfimError, check_n_samples, warn_user
 from ..families import Family, get_family
 from ..keyword_hints import explains_keywords
 from .arguments import check_int
-from .checkpoint import VERSION, checked, generator_state, inputs_checksum, restored_generator
+from .checkpoint import VERSION, checked, generator_state, inputs_checksum, parameter_shapes, restored_generator
 from .engine_path import EnginePath
 from .eval_note import EvalNote
 from .held import hold, pooled_groups, window_batches
@@ -292,10 +292,11 @@ class FisherTraceMonitor:
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Go on from a saved :meth:`state_dict` as the saved run would (the same labels and windows); refused,
-        with the difference named, for a monitor made with other held inputs or options. The generator
-        passed at construction, if any, is set to the saved state; ``csv_path`` is rewritten to hold exactly
-        the restored history, and the TensorBoard events after its last step are purged. ``step`` at the restored
-        last step, the weights as they were then, returns its record (:mod:`.step_order`)."""
+        with the difference named, for a monitor made with other held inputs or options, or on a model of other
+        parameters (their number and shapes). The generator passed at construction, if any, is set to the saved
+        state; ``csv_path`` is rewritten to hold exactly the restored history, and the TensorBoard events after its
+        last step are purged. ``step`` at the restored last step, the weights as they were then, returns its record
+        (:mod:`.step_order`)."""
         state = checked(state, "FisherTraceMonitor", self._settings(),
                         ("history", "generator", "windows", "chains", "previous"))
         self.history = [TraceRecord(**row) for row in state["history"]]
@@ -329,7 +330,8 @@ class FisherTraceMonitor:
             self._checksum = inputs_checksum(self.inputs)
         return {"family": self.family.name, "n_samples": self.n_samples, "n_inputs": self.n_inputs,
                 "subset": self.subset, "control_variate": self.control_variate, "inputs_checksum": self._checksum,
-                "processes": None if self._share is None else [self._share.rank, self._share.world]}
+                "processes": None if self._share is None else [self._share.rank, self._share.world],
+                "parameters": parameter_shapes(self.model)}
 
     def _shared_settings(self) -> tuple:
         """What every process's monitor must have alike under ``across_processes`` (functions by their names and
