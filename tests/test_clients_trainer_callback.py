@@ -278,3 +278,15 @@ def test_a_csv_path_of_other_data_or_a_folder_is_refused_and_kept(tmp_path) -> N
     trainer = Trainer(model=_model(), args=_args(tmp_path / "c"), train_dataset=DATA, callbacks=[callback])
     trainer.train()
     assert [row[0] for row in _rows(earlier)[1:]] == [str(s) for s in range(0, STEPS + 1, EVERY)]
+
+
+def test_a_csv_file_whose_header_was_cut_while_written_is_started_afresh(tmp_path) -> None:
+    """A run killed while writing its first record (the header and the record are one write) left the header cut
+    short; the same command run again was refused, the file said to hold other data. It holds no record: a run from
+    step 0 starts it afresh, as it does an earlier run's records."""
+    cut = tmp_path / "cut.csv"
+    cut.write_text("step,trace,std")
+    callback = FisherTraceCallback(HELD, every=EVERY, csv_path=cut)
+    trainer = Trainer(model=_model(), args=_args(tmp_path / "a"), train_dataset=DATA, callbacks=[callback])
+    trainer.train()
+    assert [row[0] for row in _rows(cut)[1:]] == [str(s) for s in range(0, STEPS + 1, EVERY)]

@@ -202,6 +202,27 @@ def test_blank_lines_after_the_last_record_are_cut_silently_before_appending(tmp
     assert [r.step for r in read_trace_csv(path)] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("cut", [1, 10, 43], ids=["s", "step,trace", "header-1"])
+def test_a_header_cut_while_written_is_dropped_before_appending(tmp_path, cut: int) -> None:
+    """A run stopped while writing its first record (the header and the record are one write) left the header cut
+    short; the next run on that path, fresh or resumed, was refused ("exists with header 'step,trace', not ...;
+    delete the file"). Such a file holds no record: it is cut back, with the warning of an incomplete line."""
+    from torchfim.train.trace_plot import read_trace_csv
+
+    path, model, x = tmp_path / "trace.csv", tanh_mlp(3), mlp_inputs(8)
+    mon = FisherTraceMonitor(model, x, every=1, csv_path=path, generator=torch.Generator().manual_seed(0))
+    mon.step(0)
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.warns(RuntimeWarning, match="ended in an incomplete line"):
+        later = FisherTraceMonitor(model, x, every=1, csv_path=path, generator=torch.Generator().manual_seed(0))
+    later.step(0)
+    assert read_trace_csv(path) == later.history and later.history[0].trace == mon.history[0].trace
+    other = tmp_path / "other.csv"  # a file of other data, one line without its end, is still refused
+    other.write_text("step,loss")
+    with pytest.raises(torchfim.TorchfimError, match="header"):
+        FisherTraceMonitor(model, x, csv_path=other)
+
+
 def test_a_csv_file_that_cannot_be_written_is_refused_when_the_monitor_is_built(tmp_path, monkeypatch) -> None:
     """It was taken, and the first record raised a bare PermissionError mid-training (the record in history, not in
     the file)."""

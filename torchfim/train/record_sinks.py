@@ -77,11 +77,14 @@ class CsvSink:
                                     "this process may write, or make the file writable") from None
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as f:
-                header = f.readline().strip()
-            if header != ",".join(self.columns):
+                header = f.readline()
+            # the header cut short while written (the first record's write, which holds it): no record to keep
+            cut = not header.endswith("\n") and ",".join(self.columns).startswith(header)
+            if header.strip() != ",".join(self.columns) and not cut:
                 raise TorchfimError(
-                    f"csv_path {str(self.path)!r} exists with header {header!r}, not {','.join(self.columns)!r}; "
-                    "pass a new path or delete the file (records are appended to an existing file)"
+                    f"csv_path {str(self.path)!r} exists with header {header.strip()!r}, not "
+                    f"{','.join(self.columns)!r}; pass a new path or delete the file (records are appended to an "
+                    "existing file)"
                 )
             _drop_incomplete_line(self.path)
 
@@ -112,7 +115,7 @@ def _drop_incomplete_line(path: Path) -> None:
     reader, ``plot-trace`` included, could take. Blank lines after the last record (an editor's) are cut silently:
     they hold no record, but one left before the next record would stop every reader there."""
     with path.open("rb") as f:
-        f.seek(-2, os.SEEK_END)  # the header is there, so the file holds at least two bytes
+        f.seek(-min(2, path.stat().st_size), os.SEEK_END)  # one byte: a header cut short
         tail = f.read(2)
         if tail[1:] == b"\n" and tail[:1] not in BLANK:  # the usual case: the last two bytes alone are read
             return

@@ -300,11 +300,12 @@ def _remove_earlier_records(path: Path) -> None:
         raise TorchfimError(f"FisherTraceCallback's csv_path {str(path)!r} is a folder; name the CSV file, e.g. "
                             f"csv_path={str(path / 'fisher_trace.csv')!r}")
     with path.open(newline="") as f:
-        header = f.readline().strip()
-    if header and not header.startswith(",".join(COLUMNS)):
+        header = f.readline()
+    cut = not header.endswith("\n") and ",".join(COLUMNS).startswith(header)  # a header cut while written: no record
+    if header.strip() and not header.startswith(",".join(COLUMNS)) and not cut:
         raise TorchfimError(f"FisherTraceCallback's csv_path {str(path)!r} holds other data (its header is "
-                            f"{header[:80]!r}); a run from step 0 starts its records afresh there: pass another "
-                            "csv_path, or leave it out (the trainer's output_dir)")
+                            f"{header.strip()[:80]!r}); a run from step 0 starts its records afresh there: pass "
+                            "another csv_path, or leave it out (the trainer's output_dir)")
     path.unlink()
 
 
