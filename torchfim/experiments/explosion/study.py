@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,19 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _end_with_parent(parent: int) -> None:
+    """In a pool's process: end it once its parent ``parent`` is gone. A study killed (SIGKILL, or SIGTERM as ``timeout``
+    and batch schedulers send, which runs no cleanup) left its pool's processes waiting for ever on a task queue whose
+    pipe they hold open themselves, about 400 MB each (a review); its runs are kept, and a run cut short here is done
+    again when the study is resumed. Where the parent's end is not seen (``getppid`` on Windows) nothing changes."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="torchfim-end-with-parent", daemon=True).start()
+
+
 class _Executor:
     """Runs specs one at a time in this process or in a pool of processes: at most ``jobs``, one per CPU and one
     per spec of a phase (a larger ``jobs`` starts no more). ``largest`` is the most processes that ran runs at once
@@ -66,7 +80,8 @@ class _Executor:
             from concurrent.futures import ProcessPoolExecutor
 
             self.close()
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_end_with_parent, initargs=(os.getpid(),))
             self.size = workers
         pending = {self.pool.submit(execute, s, settings, str(runs_dir), master_seed) for s in specs}
         try:
