@@ -162,7 +162,7 @@ def _clean_table(results: dict[str, Any]) -> list[str]:
         "",
         ("Mean ± std over the evaluation seeds. The headline is the test accuracy at the step of the best validation "
          "accuracy; 'epochs' = the least and the most epochs its runs trained; 'plateaued' = the mean training "
-         f"accuracy moved by at most {100 * s['plateau_tolerance']:g} percentage points over the last fifth of "
+         f"accuracy moved by at most {_points(s)} over the last fifth of "
          "training."),
         "",
         ("| data/model | config | η | α | test acc. at best val. (%) | step of best val. | final test acc. (%) "
@@ -202,11 +202,17 @@ def _budget(s: dict, datasets: list[str]) -> str:
     most = dict(s.get("max_epochs", ()))
     return (
         "each run trains at least " + ", ".join(f"{ep} epochs on {d}" for d, ep in s["epochs"] if d in datasets)
-        + f", then on until its training accuracy has plateaued (moved by at most {100 * s['plateau_tolerance']:g} "
-        "percentage points over the last fifth of its steps, checked every tenth of the least epochs), up to "
+        + f", then on until its training accuracy has plateaued (moved by at most {_points(s)} over the last fifth "
+        "of its steps, checked every tenth of the least epochs), up to "
         + ", ".join(f"{max(most.get(d, 0), ep)} on {d}" for d, ep in s["epochs"] if d in datasets)
         + " (the tables give the epochs each configuration trained, and whether its mean over seeds had plateaued)"
     )
+
+
+def _points(s: dict) -> str:
+    """The plateau tolerance of the settings ``s`` in words: ``1 percentage point``, ``0.5 percentage points``."""
+    points = 100 * s["plateau_tolerance"]
+    return f"{points:g} percentage point{'' if points == 1 else 's'}"
 
 
 def _epochs(stat: dict | None) -> str:
@@ -281,8 +287,8 @@ def _noisy_table(results: dict[str, Any]) -> list[str]:
          "noisy subset is below 10%, since its labels differ from the true ones). 'Mean over training' averages all "
          "measurements over the least epochs, which every run trains (an area under the learning curve: lower = "
          "slower fitting). 'Train' is the accuracy on the whole training set against those labels, at four fifths of "
-         f"training and at its end; 'plateaued' = its mean moved by at most {100 * s['plateau_tolerance']:g} "
-         "percentage points in between; 'epochs' = the least and the most epochs its runs trained."),
+         f"training and at its end; 'plateaued' = its mean moved by at most {_points(s)} in between; 'epochs' = the "
+         "least and the most epochs its runs trained."),
         "",
         ("| data/model, η | config | clean final (%) | noisy final (%) | clean mean over training (%) | noisy mean over "
          "training (%) | train at 4/5 → final (%) | epochs | plateaued | test acc. at best val. (%) | final test acc. "
