@@ -21,6 +21,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
+from . import line_bounds
 from ._batches import Inputs
 from ._identity import identity_like
 from ._processes import announced
@@ -156,6 +157,8 @@ class ScoreVariance(StructureVisitor):
         if mode == "exact":  # Var[uᵀGu], by the family's form without cancellation
             return fam.score_quadratic_spread(o, gram).to(torch.promote_types(o.dtype, gram.dtype))
         o, gram = _widened_for_bounds(o, self.observed.grams(rows, gram))
+        if (line := fam.score_line(o)) is not None:  # u = s e: formed without cancellation near p = ½
+            return line_bounds.trace_bounds(line, self.scale[rows], gram, mode)
         eye = identity_like(gram.shape[-1], gram).expand_as(gram)
         trace_i = fam.fisher_output_bilinear(o, eye, gram).sum(-1)  # tr ΛG, by the family's accurate form
         if mode == "spectral":
@@ -172,6 +175,8 @@ class ScoreVariance(StructureVisitor):
                 spread = fam.for_rows(rows).spread_along(o[rows], cols)[1]
                 return spread.to(torch.promote_types(o.dtype, cols.dtype))
             o_rows, cols = _widened_for_bounds(o[rows], self.observed.vectors(rows, cols))
+            if (line := fam.for_rows(rows).score_line(o_rows)) is not None:
+                return line_bounds.entry_bounds(line, self.scale[rows], cols)
             fisher_pp = fam.for_rows(rows).moments_along(o_rows, cols)[0]  # the categorical's fast second moments
             return self.scale[rows].unsqueeze(1) * cols.square().sum(-1) ** 2 - fisher_pp**2
 
@@ -221,6 +226,8 @@ class ScoreVariance(StructureVisitor):
             return weighted.T @ squares.to(weighted.dtype)
         if self.mode != "exact":
             o, v = _widened_for_bounds(o, self.observed.vectors(rows, v))
+            if (line := fam.score_line(o)) is not None:
+                return line_bounds.pair_bounds(line, self.scale[rows], v)
             norms = v.square().sum(-1)  # (b, n)
             scaled = self.scale[rows].unsqueeze(1) * norms
             return scaled.T @ norms - fam.fisher_output_gram(o, v).square_().sum(0)
