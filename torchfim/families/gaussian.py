@@ -24,6 +24,12 @@ from .base import (
 SIGMA_RANGE = (1e-75, 1e75)
 
 
+def _constant(value: float, o: Tensor) -> Tensor:
+    """``value`` once per input of ``o`` in its dtype, ``inf`` where it overflows: ``torch.full`` raised a bare
+    RuntimeError instead (σ = 1e-30 with float32 outputs, whose Fisher 1/σ² is beyond float32)."""
+    return torch.tensor(value, dtype=torch.float64).to(o.dtype).to(o.device).repeat(o.shape[0])
+
+
 class Gaussian(Family):
     """Gaussian ``N(o, σ² I)`` with fixed ``σ`` and mean ``o``.
 
@@ -163,14 +169,13 @@ class Gaussian(Family):
         return torch.zeros(a.shape[:-1], dtype=out, device=o.device)
 
     def fisher_output_top_eigenvalue(self, o: Tensor) -> Tensor:
-        """``1/σ²``."""
-        return torch.full(o.shape[:1], 1 / self.sigma**2, dtype=o.dtype, device=o.device)
+        """``1/σ²``, ``inf`` where it overflows ``o``'s dtype (the result's check then says so)."""
+        return _constant(1 / self.sigma**2, o)
 
     def fourth_moment_top_eigenvalue(self, o: Tensor) -> Tensor:
         """``λ²(C + 2)``, ``λ = 1/σ²``: ``M X = λ²(tr(X) I + X + Xᵀ)`` has eigenvalue ``λ²(C + 2)`` on
         ``X = I``, ``2λ²`` on traceless symmetric ``X`` and 0 on antisymmetric ``X``."""
-        value = (o.shape[-1] + 2) / self.sigma**4
-        return torch.full(o.shape[:1], value, dtype=o.dtype, device=o.device)
+        return _constant((o.shape[-1] + 2) / self.sigma**4, o)
 
     def log_prob(self, o: Tensor, y: Tensor) -> Tensor:
         work = _work_dtype(o, y)[0]
