@@ -104,3 +104,61 @@ def test_score_bounds_near_one_half_stay_at_the_variance_or_above(dtype: torch.d
     bound = torchfim.variance_bound(model, x, "bernoulli", "score", structure).double()
     assert bool((bound >= 0).all())
     assert bool((bound >= variance * (1 - 8 * torch.finfo(dtype).eps)).all())
+
+
+def _positions_model(logit: float, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """Four one-logit positions per input at logits ``logit·(1, ½, 2, 1.5)`` (up to 1e-12), outputs (B, 4, 1)."""
+    torch.manual_seed(0)
+    head = nn.Linear(2, 4).to(dtype)
+    with torch.no_grad():
+        head.weight.normal_().mul_(1e-12)
+        head.bias.copy_(logit * torch.tensor([1.0, 0.5, 2.0, 1.5]))
+    return nn.Sequential(head, nn.Unflatten(1, (4, 1))), torch.randn(3, 2, dtype=dtype)
+
+
+def _positions_trace_oracle(model: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
+    """``Var(Tr Î1)``, its spectral bound ``Σᵢ λ_max(Mᵢ)‖Gᵢ‖² − (tr ΛᵢGᵢ)²`` over n² (``M`` of independent Bernoulli
+    scores, in 60 digits) and the scale of the bound's terms ``Σᵢ λ_max(Mᵢ)‖Gᵢ‖²/n²``."""
+    mpmath.mp.dps = 60
+    model = model.double()
+    params = dict(model.named_parameters())
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (x.double(),)))(params)
+    jac = torch.cat([j.reshape(j.shape[0], 4, -1) for j in jac.values()], -1)  # (n, L, P)
+    with torch.no_grad():
+        logits = model(x.double())[..., 0]
+    variance = bound = scale = mpmath.mpf(0)
+    for ji, oi in zip(jac.tolist(), logits.tolist()):
+        lam = [1 / (1 + mpmath.exp(-mpmath.mpf(v))) * (1 / (1 + mpmath.exp(mpmath.mpf(v)))) for v in oi]
+        cumulant = [v * (1 - 6 * v) for v in lam]  # κ₄ = E[u⁴] − 3Λ² = Λ(1 − 3Λ) − 3Λ²
+        gram = [[sum(mpmath.mpf(a) * mpmath.mpf(b) for a, b in zip(ji[s], ji[t])) for t in range(4)] for s in range(4)]
+        # λ_max(M): on diagonal X, M acts as N = ΛΛᵀ + diag(Var(u_s²)) (Var(u²) = 2Λ² + κ₄), whose top eigenvalue is
+        # at least ‖Λ‖² ≥ 2Λ_sΛ_t, M's eigenvalue on E_st + E_ts; M vanishes on antisymmetric X.
+        spread = mpmath.matrix([[lam[s] * lam[t] + (s == t) * (2 * lam[s] ** 2 + cumulant[s]) for t in range(4)]
+                                for s in range(4)])
+        top = max(mpmath.eigsy(spread)[0])
+        frobenius = sum(gram[s][t] ** 2 for s in range(4) for t in range(4))
+        trace = sum(lam[s] * gram[s][s] for s in range(4))
+        # Var[uᵀGu] of independent scores: 2 Σ_{s,t} Λ_sΛ_t G_st² + Σ_s κ₄_s G_ss²
+        variance += 2 * sum(lam[s] * lam[t] * gram[s][t] ** 2 for s in range(4) for t in range(4)) + sum(
+            cumulant[s] * gram[s][s] ** 2 for s in range(4))
+        bound += top * frobenius - trace**2
+        scale += top * frobenius
+    n2 = len(x) ** 2
+    return float(variance / n2), float(bound / n2), float(scale / n2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("logit", [1e-8, 1e-6, 1e-4])
+def test_trace_bound_of_positions_near_one_half_stays_at_the_variance_or_above(logit: float, dtype) -> None:
+    """Independent one-logit positions near p = ½: the spectral trace bound is tight (it equals the variance at equal
+    logits), and its two terms near 1/16 cancelled: 0 on a variance of 5e-17 at logit 1e-8, 2.4e-4 below it at 1e-6.
+    Now never below the variance, and within the rounding of its terms of the bound in 60 digits."""
+    model, x = _positions_model(logit, dtype)
+    variance, bound, scale = _positions_trace_oracle(model, x)
+    model, x = _positions_model(logit, dtype)
+    got = float(torchfim.score_variance_bound_spectral(model, x, "bernoulli", "trace"))
+    smaller = float(torchfim.variance_bound(model, x, "bernoulli", "score", "trace"))
+    eps = torch.finfo(dtype).eps
+    for value in (got, smaller):
+        assert value >= variance * (1 - 64 * eps)
+    assert abs(got - bound) <= 1e-14 * scale + 64 * eps * bound

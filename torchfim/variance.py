@@ -165,6 +165,9 @@ class ScoreVariance(StructureVisitor):
             second = self.scale[rows] * gram.square().sum((1, 2))
         else:
             second = self.scale[rows] * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
+        if isinstance(fam, Positions):  # tight where every position is near p = ½: the difference then cancels (it
+            # was 0 on a variance of 5e-17 at logit 1e-8); the variance itself, formed without cancellation, is below it
+            return torch.maximum(second - trace_i**2, fam.score_quadratic_spread(o, gram).to(second.dtype))
         return second - trace_i**2
 
     def diag(self, structure: Diag) -> None:
