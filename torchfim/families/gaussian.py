@@ -61,6 +61,21 @@ class Gaussian(Family):
     def _filler_label(self, o: Tensor) -> Tensor:
         return o.detach().to(_work_dtype(o)[0])
 
+    def check_output(self, o: Tensor) -> None:
+        """The base checks, and a warning where the variances' scale ``1/σ⁴`` leaves the normal range of the outputs'
+        (work) dtype, float32 for σ beyond about 3e-10 … 3e9: the Î1 and Î2 variances, their bounds and
+        ``samples_needed`` carry that factor and come out 0 or inf there, even where the Fisher (``1/σ²``) fits (σ =
+        1e15 with float32 outputs: every variance 0, and ``samples_needed`` 1 where 21 labels were needed, silently)."""
+        super().check_output(o)
+        info = torch.finfo(_work_dtype(o)[0])
+        if not info.tiny <= self.sigma**-4 <= info.max:
+            name = str(info.dtype).removeprefix("torch.")
+            fate = "are refused as non-finite" if self.sigma < 1 else "come out 0 (samples_needed then 1)"
+            warn_user(f"torchfim: Gaussian(sigma={self.sigma:g}) with {name} outputs: the variances of the Fisher's "
+                      f"estimators scale as 1/σ⁴ = {self.sigma**-4:.3g}, outside {name}'s range, so fisher_variance, "
+                      f"the bounds and samples_needed {fate}; rescale the targets so that σ is nearer 1, or compute in "
+                      "float64 (model.double())")
+
     def check_targets(self, y: Tensor, o: Tensor) -> Tensor:
         """The base checks (shape ``(B, C)``, finite), and a warning where the targets are integers: read as real
         numbers they are valid, but class labels (an integer tensor, as classification has) belong to another
