@@ -20,6 +20,7 @@ import torch
 from cases import BY_NAME
 from engine_checks import module_rules, torchfim_messages
 from test_coverage_warning import _TiedOutside
+from torch import nn
 from torch_versions import TORCH_VERSION, skip_unless_the_model_runs
 
 import torchfim
@@ -61,4 +62,33 @@ def test_a_weight_used_outside_its_module_is_still_caught_in_half_precision(dtyp
         got = torchfim.fisher(model, x, structure="diag")
         want = torchfim.fisher(copy.deepcopy(model).double(), x, structure="diag")
     assert sum("embed.weight → the whole model" in m for m in torchfim_messages(caught)) == 2  # both dtypes
+    assert float((got.double() - want).norm() / want.norm()) < HALF[dtype]
+
+
+class _Encoder(nn.Module):
+    """A linear embedding, one ``nn.TransformerEncoderLayer`` and a head over the mean position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Linear(4, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+@pytest.mark.parametrize("dtype", list(HALF), ids=str)
+@pytest.mark.parametrize("structure", ["diag", "trace"])
+def test_a_half_precision_attention_recorded_in_parts(dtype: torch.dtype, structure: str) -> None:
+    """The attention rule's context (kept from the forward in the model's dtype) met float32 sensitivities in one
+    product: ``RuntimeError: expected scalar type Float but found BFloat16`` from inside torch, for every estimator
+    and structure of the default backend (``backend="functional"`` ran)."""
+    model = _Encoder().eval().to(dtype)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(32, 5, 4, generator=torch.Generator().manual_seed(5))
+    got = torchfim.fisher(model, x.to(dtype), structure=structure)
+    want = torchfim.fisher(reference, x.double(), structure=structure)
+    assert got.dtype == dtype
     assert float((got.double() - want).norm() / want.norm()) < HALF[dtype]

@@ -160,7 +160,7 @@ class AttentionRule(Rule):
         g, deltas = sens[0], sens[len(sens) - len(call.cache[PARTS]) :]
         if not self.module.batch_first:  # (m, L, B, ·) → (m, B, L, ·)
             g, deltas = g.transpose(1, 2), [d.transpose(1, 2) for d in deltas]
-        return self._inputs(call), as_float(g), call.cache["context"], [as_float(d) for d in deltas]
+        return self._inputs(call), as_float(g), as_float(call.cache["context"]), [as_float(d) for d in deltas]
 
     def _local(self, call: Call, sens: Tensor) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """Inputs ``(B, L, E)``, sensitivities ``(m, B, L, E)``, ``c`` and the δ of every sample, from one
