@@ -201,3 +201,54 @@ def test_exact_penalty_of_a_float16_layer_norm_on_small_activations_is_finite_an
     assert all(bool(torch.isfinite(g).all()) for g in got)
     assert abs(float(term) - float(value)) < 0.02 * float(value)
     assert _rel(got, want) < 0.02
+
+
+class _Heads(nn.Module):
+    """``k`` linear heads summed: ``2k`` parameter tensors of about equal squared norms."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = nn.ModuleList(nn.Linear(4, 3) for _ in range(k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(head(x) for head in self.heads) / len(self.heads) ** 0.5
+
+
+def _half_penalty(model: nn.Module, x: torch.Tensor, kind: str, grad_method: str) -> tuple[float, float]:
+    """The penalty's value, and the float64 definition's on the labels it drew (the same weights)."""
+    with torch.no_grad():
+        y = get_family("categorical").sample(model(x), 1, torch.Generator().manual_seed(SEED))[:, 0]
+    value, _ = brute_penalty(copy.deepcopy(model).double(), x.double(), y, "categorical", 1.0, kind)
+    pen = FisherPenalty(model, alpha=1.0, kind=kind, grad_method=grad_method,
+                        generator=torch.Generator().manual_seed(SEED))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the finite difference's precision warning
+        term = pen(x, step=0)
+    return float(term.detach()), float(value)
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("kind", ["batch_gradient", "trace"])
+def test_half_precision_penalty_value_sums_its_squares_in_float32(kind: str, grad_method: str) -> None:
+    """The squares of a bfloat16 model's gradients were added over its parameter tensors in bfloat16: over 400 tensors
+    the value was 18 % (batch_gradient, exact) and 11 % (trace) off the definition; now 0.14 % and 0.25 %. (The
+    finite difference of batch_gradient took its norm in float64 already.)"""
+    model = _Heads(200).to(torch.bfloat16)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got, want = _half_penalty(model, x, kind, grad_method)
+    assert abs(got - want) < 0.01 * want
+
+
+@pytest.mark.parametrize("grad_method", ["exact", "finite_difference"])
+def test_float16_trace_penalty_of_an_input_whose_square_overflows(grad_method: str) -> None:
+    """One input's squared score norm above float16's 65504 made the trace penalty inf, though the mean over the
+    inputs (1776) is well inside float16's range: the squares are now summed in float32."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.mul_(1e-3)  # logits of order 1 at inputs of norm 400: ‖gᵢ‖ ≈ 400
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    x[0] = 400 * x[0] / x[0].norm()
+    got, want = _half_penalty(model.half(), x.half(), "trace", grad_method)
+    assert abs(got - want) < 2e-3 * want

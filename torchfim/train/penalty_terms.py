@@ -15,7 +15,16 @@ from ..engine.derivative_settings import per_input_passes
 from ..engine.model_checks import check_mode
 from ..errors import TorchfimError
 from .double_backward import penalty_gradients
-from .finite_difference import batch_gradient_fd, batch_gradient_fd_shared, leading, penalty_gradient, trace_fd
+from .finite_difference import (
+    batch_gradient_fd,
+    batch_gradient_fd_shared,
+    leading,
+    penalty_gradient,
+    per_input_squares,
+    squared_norm,
+    trace_fd,
+    widest_dtype,
+)
 from .model_io import ModelIO, inner_module, leading_rows
 from .penalised_arguments import scalar_task_loss
 from .position_outputs import PositionOutputs
@@ -101,8 +110,8 @@ class PenaltyTerms:
             return zero_term(o.dtype, o.device)
         grads = torch.autograd.grad(nll, params, create_graph=True, allow_unused=True)
         # A parameter the graph does not reach gets no gradient (None), as in plain training.
-        squares = [g.pow(2).sum() for g in grads if g is not None]
-        return _back_propagating(self.alpha * sum(squares)) if squares else zero_term(o.dtype, o.device)
+        reached = [g for g in grads if g is not None]
+        return _back_propagating(self.alpha * squared_norm(reached)) if reached else zero_term(o.dtype, o.device)
 
     def _trace_labels(self, x: Batch) -> Tensor:
         """One label per input for ``kind="trace"``, from outputs without a graph: ``(B, 1, *label)``."""
@@ -134,8 +143,9 @@ class PenaltyTerms:
         log_p = self.io.input_log_prob(self.model, self.family, x)
         with per_input_passes(self.model):  # the per-sample passes see σ and the buffers as the labels' forward left them
             per_sample = self.io.per_input_gradients(log_p, dict(zip(names, params)), None, x, y, masks)
-        sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in per_sample.values())
-        return _back_propagating(self.alpha * sq.mean())  # torch.func's zeros for an unused parameter reach none
+        sq = per_input_squares(list(per_sample.values()))
+        value = (self.alpha * sq.mean()).to(widest_dtype(list(per_sample.values())))
+        return _back_propagating(value)  # torch.func's zeros for an unused parameter reach none
 
     @staticmethod
     def _surrogate(params: list[Tensor], grads: list[Tensor | None], value: Tensor,
