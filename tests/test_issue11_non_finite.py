@@ -174,3 +174,17 @@ def test_non_finite_targets_are_refused_by_the_empirical_fisher(family: str, bad
             torchfim.fisher(model, [(x[:2], y[:2]), (x[2:], y[2:])], family=family, estimator="empirical")
         else:
             torchfim.fisher(model, x, family=family, estimator="empirical", targets=y)
+
+
+@pytest.mark.parametrize("structure", ["diag", "trace"])
+def test_a_float16_fisher_beyond_65504_names_float16s_range(structure: str) -> None:
+    """A float16 linear model on inputs of scale 300: the Fisher, summed in float32, reaches 1.05e5 on the diagonal
+    and 7.8e5 in the trace, beyond float16's largest number. The error blamed the per-sample products (the sums are
+    float32's) and proposed model.double(); it now names float16's range and model.float()."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).half()
+    x = 300 * torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    want = torchfim.fisher(model.float(), x, family="gaussian", structure=structure)
+    assert bool(torch.isfinite(want).all()) and float(want.max()) > 65504  # summed in float32 it is finite
+    with pytest.raises(TorchfimError, match="torch.float16, whose largest number is 65504.*model.float()"):
+        torchfim.fisher(model.half(), x.half(), family="gaussian", structure=structure)

@@ -199,6 +199,13 @@ def check_finite_result(value: torch.Tensor | dict, what: str, dtype: torch.dtyp
             "beyond 1e154; check the largest and the smallest outputs the model returns and rescale the inputs or "
             "the output layer"
         )
+    if dtype == torch.float16:  # the sums are float32's: what overflows is often the result, returned in float16
+        raise TorchfimError(
+            f"{what} has non-finite entries: the result does not fit in torch.float16, whose largest number is "
+            "65504 (an entry of the mean beyond it, though summed in float32), or the per-sample products overflowed, "
+            "or the model produced non-finite derivatives; compute in float32 with model.float() (bfloat16 has "
+            "float32's range), or rescale the inputs"
+        )
     raise TorchfimError(
         f"{what} has non-finite entries: the per-sample products overflowed in {dtype} (inputs or "
         "activations too large for it) or the model produced non-finite derivatives; rescale the inputs, "
