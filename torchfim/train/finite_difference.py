@@ -55,7 +55,6 @@ runs on clones of them.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -69,30 +68,13 @@ from ..engine.native_dtype import autocast_dtypes
 from ..engine.plain_forwards import eager_compiled
 from ..errors import TorchfimError, real_number
 from ..families import Family
-from ..layout import accumulation_dtype
 from .model_io import ModelIO
 from .position_outputs import PositionOutputs
+from .squared_gradients import per_input_squares, widest_dtype
 from .step_draws import set_torch_rng_state, torch_rng_state
 
 GRAD_METHODS = ("exact", "finite_difference")
 
-
-def widest_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """The dtype torch's own arithmetic on ``tensors`` would give: the widest of theirs."""
-    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-
-
-def squared_norm(grads: list[Tensor]) -> Tensor:
-    """``Σ_p ‖g_p‖²`` over the tensors ``grads``, summed in float32 or wider and returned in their widest dtype.
-    Half precision added the tensors' squares in the model's dtype: 18 % off in bfloat16 over 400 parameter tensors."""
-    return sum(g.to(accumulation_dtype(g.dtype)).pow(2).sum() for g in grads).to(widest_dtype(grads))
-
-
-def per_input_squares(grads: list[Tensor]) -> Tensor:
-    """``‖gᵢ‖²`` of each input ``i`` from per-input gradients ``(B, *shape)``, ``(B,)`` in float32 or wider: one input's
-    square above 65504 is inf in float16 where the mean over the inputs is not, and sums over many tensors in bfloat16
-    lose a digit (11 % off over 400 tensors)."""
-    return sum(g.to(accumulation_dtype(g.dtype)).pow(2).reshape(g.shape[0], -1).sum(1) for g in grads)
 
 #: The constant c of the default step ``ε = c·√eps_dtype·(1 + ‖θ‖)`` (chosen by measurement, see above).
 FD_STEP_SCALE = 0.1

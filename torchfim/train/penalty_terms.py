@@ -15,20 +15,12 @@ from ..engine.derivative_settings import per_input_passes
 from ..engine.model_checks import check_mode
 from ..errors import TorchfimError
 from .double_backward import penalty_gradients
-from .finite_difference import (
-    batch_gradient_fd,
-    batch_gradient_fd_shared,
-    leading,
-    penalty_gradient,
-    per_input_squares,
-    squared_norm,
-    trace_fd,
-    widest_dtype,
-)
+from .finite_difference import batch_gradient_fd, batch_gradient_fd_shared, leading, penalty_gradient, trace_fd
 from .model_io import ModelIO, inner_module, leading_rows
 from .penalised_arguments import scalar_task_loss
 from .position_outputs import PositionOutputs
 from .reached import reached_parameters
+from .squared_gradients import per_input_squares, squared_norm, widest_dtype
 from .surrogate import OnBackward, fixed_gradient, zero_term
 
 
