@@ -30,12 +30,13 @@ twice, which a compiled backward that donates its buffers (inductor's) refuses.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 
 import torch
 from torch import Tensor, nn
 
+from ..engine.batch import detached
 from ..engine.derivative_settings import has_module_backward_hooks
 from ..engine.labels import ModelLabels
 from ..engine.model_checks import check_not_scripted
@@ -90,7 +91,9 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
     numbers that keep missing the multiples of ``every`` are named by a warning (:mod:`.penalty_schedule`). The
     gradient goes to the model's own parameters (``model.parameters()``) that its graph reaches (:mod:`.reached`): one
     its forward never uses gets none, as in plain training, nor do tensors trained outside it
-    (``torch.func.functional_call`` with a dict of other tensors). Before any step has been computed, and on
+    (``torch.func.functional_call`` with a dict of other tensors), nor a graph its inputs carry (the features of a
+    trunk outside the penalised module: the task loss of :meth:`penalised_loss` back-propagates into it, the penalty,
+    taken then on a forward of its own, does not). Before any step has been computed, and on
     every skipped step with ``reuse_between=False``, the term is exactly 0, which back-propagates and reaches no
     parameter. When ``every > 1`` and ``reuse_between=True``, the gradient of a
     computed step is taken inside the call (to cache it) and the returned tensor is that same
@@ -287,7 +290,8 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
                        params: list[Tensor]) -> Tensor:
         """A call that computes the penalty on its own forward (:meth:`__call__`)."""
         first = params[0]
-        whole = self.io.batch(inputs)  # checks the inputs, then the mask against them
+        # Detached: the penalty's gradient goes to the model's parameters only, never into a graph the inputs carry.
+        whole = self.io.batch(inputs).map(detached)  # checks the inputs, then the mask against them
         mask = self.io.mask(mask, whole)
         x = self.io.moved(whole, self.model, first, self.sub_batch)
         keep = self._keeper(step, params, x.size)
@@ -386,7 +390,9 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
         decision = self._decide(step)
         if decision != COMPUTE:
             return self._between(inputs, task_loss, surrogate=decision == REUSE)
-        if has_module_backward_hooks(self.model):  # they see the task's backward only: the penalty's own forward
+        if has_module_backward_hooks(self.model) or _carries_graph(inputs):
+            # Hooks see the task's backward only, and a graph the inputs carry (a trunk's features) the task's
+            # gradient only: the penalty takes a forward of its own, on detached inputs.
             return self._between(inputs, task_loss, surrogate=False) + self(inputs, step=step, mask=mask)
         names, params = penalised_parameters(self.model)
         x = self.io.prepare(inputs, self.model, params[0])
@@ -456,3 +462,9 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
             self.last_value = self._kept.value
 
         return keep
+
+
+def _carries_graph(inputs: Inputs) -> bool:
+    """Whether a tensor of the mini-batch (one tensor, or a dict's values) requires gradients."""
+    values = inputs.values() if isinstance(inputs, Mapping) else (inputs,)
+    return any(isinstance(t, Tensor) and t.requires_grad for t in values)
