@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..engine.batch import detached
 from ..engine.derivative_settings import has_module_backward_hooks
+from ..engine.kept_buffers import private_buffers
 from ..engine.labels import ModelLabels
 from ..engine.model_checks import check_not_scripted
 from ..engine.plain_forwards import refuse_func_transforms
@@ -392,8 +393,11 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
             return self._between(inputs, task_loss, surrogate=decision == REUSE)
         if has_module_backward_hooks(self.model) or _carries_graph(inputs):
             # Hooks see the task's backward only, and a graph the inputs carry (a trunk's features) the task's
-            # gradient only: the penalty takes a forward of its own, on detached inputs.
-            return self._between(inputs, task_loss, surrogate=False) + self(inputs, step=step, mask=mask)
+            # gradient only: the penalty takes a forward of its own, on detached inputs and on clones of the buffers,
+            # so that they are updated once per call (by the task's forward, which meets them as the penalty's did).
+            with private_buffers(self.model, {}):
+                term = self(inputs, step=step, mask=mask)
+            return self._between(inputs, task_loss, surrogate=False) + term
         names, params = penalised_parameters(self.model)
         x = self.io.prepare(inputs, self.model, params[0])
         rows = min(self.sub_batch or x.size, x.size)
