@@ -43,6 +43,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..errors import TorchfimError
 from .kept_buffers import private_buffers
+from .private_tree import SLOTS_LOCK
 
 __all__ = ["dense_gradients", "emptied", "for_derivatives", "has_module_backward_hooks", "made_in_inference_mode",
            "paused_power_iterations", "per_input_passes", "quiet_backward_hooks"]
@@ -119,8 +120,9 @@ def per_input_passes(model: nn.Module) -> Iterator[None]:
     and write no buffer: each buffer slot holds a clone (:func:`.kept_buffers.private_buffers`), so a running
     statistic that a forward in training mode updates in place (``InstanceNorm(track_running_stats=True)``) moves once
     per penalty call, by the call's forward over the batch, not once more per input by the passes of its per-input
-    gradients. Restored after."""
-    with paused_power_iterations(model), private_buffers(model, {}):
+    gradients. Restored after. Their parameters (``functional_call``) and buffers are swapped in the slots of ``model``
+    itself, so no other thread copies it meanwhile (:data:`.private_tree.SLOTS_LOCK`)."""
+    with SLOTS_LOCK, paused_power_iterations(model), private_buffers(model, {}):
         yield
 
 

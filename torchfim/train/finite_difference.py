@@ -66,6 +66,7 @@ from ..engine.batch import Batch
 from ..engine.derivative_settings import paused_power_iterations, per_input_passes
 from ..engine.native_dtype import autocast_dtypes
 from ..engine.plain_forwards import eager_compiled
+from ..engine.private_tree import SLOTS_LOCK
 from ..errors import TorchfimError, real_number
 from ..families import Family
 from .model_io import ModelIO
@@ -415,17 +416,19 @@ def _substituted(model: nn.Module, replacements: dict[int, Tensor]) -> Iterator[
     a key of ``replacements`` holds that key's tensor instead (a tied tensor in all of its slots).
 
     What ``torch.func.functional_call`` does, by identity instead of by name: one walk over the
-    modules, where resolving and untying names costs it about 60 µs per call on a small network.
+    modules, where resolving and untying names costs it about 60 µs per call on a small network. No other thread
+    copies ``model`` meanwhile (:data:`~torchfim.engine.private_tree.SLOTS_LOCK`): its copy would hold the replacements.
     """
     slots = [(table, key, t) for module in model.modules() for table in (module._parameters, module._buffers)
              for key, t in table.items() if t is not None and id(t) in replacements] if replacements else []
-    for table, key, t in slots:
-        table[key] = replacements[id(t)]
-    try:
-        yield
-    finally:
+    with SLOTS_LOCK:
         for table, key, t in slots:
-            table[key] = t
+            table[key] = replacements[id(t)]
+        try:
+            yield
+        finally:
+            for table, key, t in slots:
+                table[key] = t
 
 
 def _shifted(params: list[Tensor], directions: list[Tensor], shift: float | Tensor) -> list[Tensor]:
