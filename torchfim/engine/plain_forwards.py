@@ -239,20 +239,38 @@ def _uncached_parametrizations() -> Callable[[], None] | None:
     back on. The cache keeps the first value of a parametrized weight for the rest of the block, while
     torchfim calls the model at other parameters (``functional_call``, the penalty's shifted pass): under the
     caller's ``cached()`` those calls read the first value (a zero Fisher from ``backend="functional"``, a
-    finite-difference penalty gradient 10⁸ times too large)."""
+    finite-difference penalty gradient 10⁸ times too large). The cache is the process's, and a ``cached()`` block
+    of another thread (a training step beside a monitor) may open or end meanwhile, so the cache keeps nothing
+    (:class:`_NoCache`) and the blocks opened meanwhile cache nothing: the same values. Before, torchfim's passes
+    read and wrote such a block's entries (a functional Fisher 54 % off, or "backward through the graph a second
+    time"). A ``cached`` bound before (``from torch.nn.utils.parametrize import cached``) is not reached."""
     from torch.nn.utils import parametrize
 
-    enabled = parametrize._cache_enabled
-    if not enabled:
-        return None
-    parametrize._cache_enabled = 0
+    held, torchs = parametrize._cache, parametrize.cached
+    parametrize._cache, parametrize.cached = _NO_CACHE, _cache_nothing
 
     def undo() -> None:
-        parametrize._cache_enabled += enabled  # a caller's block that ended meanwhile has counted itself off
-        if not parametrize._cache_enabled:
-            parametrize._cache = {}
+        parametrize.cached = torchs
+        if parametrize._cache is _NO_CACHE:  # else the caller's last block ended meanwhile and emptied it
+            parametrize._cache = held if parametrize._cache_enabled else {}
 
     return undo
+
+
+class _NoCache(dict):
+    """A cache of parametrized tensors that keeps nothing (torch asks ``get`` and sets items)."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+
+_NO_CACHE = _NoCache()
+
+
+@contextmanager
+def _cache_nothing() -> Iterator[None]:
+    """Stands in for ``parametrize.cached`` while the cache is off (:func:`_uncached_parametrizations`)."""
+    yield
 
 
 def _no_global_backward_hooks() -> Callable[[], None] | None:
