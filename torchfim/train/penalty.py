@@ -42,6 +42,7 @@ from ..engine.kept_buffers import private_buffers
 from ..engine.labels import ModelLabels
 from ..engine.model_checks import check_not_scripted
 from ..engine.plain_forwards import refuse_func_transforms
+from ..engine.private_tree import SLOTS_LOCK
 from ..engine.view import forward_defaults
 from ..errors import TorchfimError, check_choice
 from ..families import Family, get_family
@@ -395,7 +396,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
             # Hooks see the task's backward only, and a graph the inputs carry (a trunk's features) the task's
             # gradient only: the penalty takes a forward of its own, on detached inputs and on clones of the buffers,
             # so that they are updated once per call (by the task's forward, which meets them as the penalty's did).
-            with private_buffers(self.model, {}):
+            with SLOTS_LOCK, private_buffers(self.model, {}):  # no other thread copies the model with the clones
                 term = self(inputs, step=step, mask=mask)
             return self._between(inputs, task_loss, surrogate=False) + term
         names, params = penalised_parameters(self.model)
