@@ -154,7 +154,7 @@ class _Run:
             epochs += 1
             if not diverged and epochs >= least and (epochs - least) % every == 0 and self.plateaued(step):
                 break
-        diverged = diverged or not all(torch.isfinite(p).all() for p in self.model.parameters())
+        diverged = diverged or not _parameters_finite(self.model)
         if not self.curves["step"] or self.curves["step"][-1] != step:
             self.record(step, not diverged and _outputs_finite(self.model, self.data.x_train[self.data.held]))
         return step, epochs, diverged
@@ -190,7 +190,7 @@ class _Run:
         """Whether the training accuracy has plateaued at ``step`` (measured there first, where it was not), as the
         summary judges a configuration: moved by at most ``plateau_tolerance`` since four fifths of the steps so
         far. False where the parameters or the outputs are no longer finite (the run ends as diverged)."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not _parameters_finite(self.model):
             return False
         if self.curves["step"][-1] != step:
             if not _outputs_finite(self.model, self.data.x_train[self.data.held]):
@@ -221,6 +221,11 @@ class _Run:
         curves["val_acc"].append(compact(_accuracy(o_val, data.y_val)))
         curves["test_acc"].append(compact(_accuracy(o_test, data.y_test)))
         curves["penalty"].append(compact(pen.last_value) if pen is not None and pen.last_value is not None else None)
+
+
+def _parameters_finite(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _outputs_finite(model: nn.Module, x: torch.Tensor) -> bool:
