@@ -60,3 +60,35 @@ def test_a_cached_block_opened_meanwhile_leaves_the_fisher_as_computed_alone() -
     assert isinstance(got[0], torch.Tensor), got[0]
     assert float((got[0] - alone).abs().max()) == 0.0
     assert not parametrize._cache_enabled and not parametrize._cache
+
+
+def test_a_cached_block_ending_meanwhile_keeps_torchfims_tensors_out_of_the_next_block() -> None:
+    """The training step's block was open when torchfim started and ends during one of torchfim's forwards, between
+    torch's reading of the cache and its writing: torch's fresh dict then received a weight of torchfim's pass, and
+    the next block read it (before: the parametrized weight's ``original`` got no gradient in that step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    soft = _Soft()
+    parametrize.register_parametrization(model[0], "weight", soft)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    original = model[0].parametrizations.weight.original
+    model(x).sum().backward()
+    alone = original.grad.clone()
+    original.grad = None
+    done: list[object] = []
+
+    def measure() -> None:
+        soft.pause_in = threading.get_ident()
+        done.append(torchfim.fisher(model, x, structure="diag", backend="functional"))
+
+    other = threading.Thread(target=measure, daemon=True)
+    with parametrize.cached():  # the step's block, open when the Fisher starts
+        other.start()
+        assert soft.reached.wait(30)
+    soft.resume.set()  # the block has ended between torch's read of the cache and its write
+    other.join(60)
+    assert not other.is_alive() and isinstance(done[0], torch.Tensor)
+    with parametrize.cached():  # the next training step
+        model(x).sum().backward()
+    assert original.grad is not None, "the step read a weight of torchfim's pass from the cache"
+    assert float((original.grad - alone).abs().max()) == 0.0

@@ -243,7 +243,9 @@ def _uncached_parametrizations() -> Callable[[], None] | None:
     of another thread (a training step beside a monitor) may open or end meanwhile, so the cache keeps nothing
     (:class:`_NoCache`) and the blocks opened meanwhile cache nothing: the same values. Before, torchfim's passes
     read and wrote such a block's entries (a functional Fisher 54 % off, or "backward through the graph a second
-    time"). A ``cached`` bound before (``from torch.nn.utils.parametrize import cached``) is not reached."""
+    time"). A block that ends during one of torchfim's forwards, between torch's read of the cache and its write,
+    leaves torch a fresh dict that receives a weight of torchfim's pass: that dict is emptied at the end, else the
+    next block reads the weight (its parameter got no gradient). A ``cached`` bound before (``from torch.nn.utils.parametrize import cached``) is not reached."""
     from torch.nn.utils import parametrize
 
     held, torchs = parametrize._cache, parametrize.cached
@@ -251,8 +253,10 @@ def _uncached_parametrizations() -> Callable[[], None] | None:
 
     def undo() -> None:
         parametrize.cached = torchs
-        if parametrize._cache is _NO_CACHE:  # else the caller's last block ended meanwhile and emptied it
+        if parametrize._cache is _NO_CACHE:
             parametrize._cache = held if parametrize._cache_enabled else {}
+        else:  # a block ended meanwhile, and torch's fresh dict may hold a weight of torchfim's passes
+            parametrize._cache = {}
 
     return undo
 
