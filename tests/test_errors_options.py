@@ -227,3 +227,12 @@ def test_samples_needed_of_a_zero_fisher_names_the_mask_and_saturation():
         with pytest.raises(TorchfimError, match=r"no position is observed \(a mask, or labels of -100, leaves out "
                                                 r"every one.*or the outputs are saturated"):
             torchfim.samples_needed(model, torch.randn(3, 4, 3), mask=torch.zeros(3, 4, dtype=torch.bool))
+
+
+def test_a_penalty_of_a_model_frozen_whole_names_leaving_it_out_of_the_loss():
+    """A phase that freezes the penalised module (a linear probe, say): the refusal says how to skip the penalty."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    penalty = torchfim.train.FisherPenalty(model, alpha=0.1)
+    model.requires_grad_(False)
+    with pytest.raises(TorchfimError, match=r"nothing to act on.*leave the penalty out of the loss \(its gradient is 0"):
+        penalty(torch.randn(4, 3), step=0)

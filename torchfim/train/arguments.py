@@ -44,6 +44,8 @@ def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     if not named:
         raise TorchfimError(
             "the model has no parameters with requires_grad=True, so the Fisher penalty has nothing "
-            "to act on; enable gradients on the parameters you want (p.requires_grad_(True))"
+            "to act on; enable gradients on the parameters you want (p.requires_grad_(True)), or, in a phase of "
+            "training where the penalised module is frozen, leave the penalty out of the loss (its gradient is 0: "
+            "`if any(p.requires_grad for p in model.parameters()): loss = loss + pen(x, step=step)`)"
         )
     return [n for n, _ in named], [p for _, p in named]
