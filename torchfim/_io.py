@@ -50,10 +50,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     The parent directory is created if needed. The new file gets the usual permissions (0o666 minus
-    the umask), like a file opened with ``open(path, "w")``. Returns ``path`` as a :class:`Path`.
+    the umask), like a file opened with ``open(path, "w")``. The temporary files of ``path`` that a killed
+    process left behind are removed. Returns ``path`` as a :class:`Path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path.parent, [path.name])
     tmp = _write_temporary(path, write, binary)
     try:
         os.replace(tmp, path)
