@@ -269,3 +269,18 @@ def test_a_monitor_refuses_the_state_of_another_model() -> None:
     FisherTraceMonitor(nn.DataParallel(_model()), held, subset=12).load_state_dict(state)
     del state["settings"]["parameters"]  # saved by a torchfim that kept no parameters
     FisherTraceMonitor(_model(), held, subset=12).load_state_dict(state)
+
+
+def test_a_resumed_penalty_names_a_small_batch_as_the_uninterrupted_one_does() -> None:
+    """The largest mini-batch a computed step took is saved: after resuming, a computed step on a much smaller one is
+    named at once, as in the run that was not interrupted (before, only from the next computed step on)."""
+    model, x = _model(), torch.randn(16, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pen = FisherPenalty(model, alpha=0.1, every=3, generator=torch.Generator().manual_seed(0))
+    pen(x, step=0).backward()
+    state = pen.state_dict()
+    resumed = FisherPenalty(model, alpha=0.1, every=3, generator=torch.Generator().manual_seed(0))
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match=r"mini-batch of 2 inputs \(against 16 before\)"):
+        resumed(x[:2], step=3).backward()
+    older = {k: v for k, v in state.items() if k != "largest_batch"}  # a state saved before the size was kept
+    FisherPenalty(model, alpha=0.1, every=3).load_state_dict(older)

@@ -34,11 +34,13 @@ class PenaltyState:
 
     def state_dict(self) -> dict[str, object]:
         """What resuming needs (:mod:`torchfim.train.checkpoint`): the generator's state (None for torch's
-        global one, which the caller saves), ``last_value``, ``last_step`` and the cached gradient by name."""
+        global one, which the caller saves), ``last_value``, ``last_step``, the cached gradient by name, and the
+        largest mini-batch a computed step has taken (against which a small one is named)."""
         kept = self._kept
         cache = None if kept.grads is None else named_gradients(self.model, kept.params, kept.grads)
         return {"version": VERSION, "settings": {"kind": self.kind}, "generator": generator_state(self.generator),
-                "last_value": self.last_value, "last_step": self.last_step, "cache": cache}
+                "last_value": self.last_value, "last_step": self.last_step, "cache": cache,
+                "largest_batch": self._schedule.largest}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Go on from a saved :meth:`state_dict` as the saved run would: the steps up to the next computed
@@ -52,6 +54,7 @@ class PenaltyState:
         self.last_value = None if state["last_value"] is None else state["last_value"].to(first.device, first.dtype)
         params, grads = (None, None) if state["cache"] is None else gradients_on(self.model, state["cache"])
         self._kept.restore(params, grads, self.last_value, self.last_step)
+        self._schedule.largest = int(state.get("largest_batch", 0))  # absent from states saved before it was kept
         self._draws = StepDraws()  # a run rolled back in this process draws as the saved one went on
 
     @contextmanager
