@@ -188,3 +188,13 @@ def test_a_float16_fisher_beyond_65504_names_float16s_range(structure: str) -> N
     assert bool(torch.isfinite(want).all()) and float(want.max()) > 65504  # summed in float32 it is finite
     with pytest.raises(TorchfimError, match="torch.float16, whose largest number is 65504.*model.float()"):
         torchfim.fisher(model.half(), x.half(), family="gaussian", structure=structure)
+
+
+def test_an_overflow_from_the_familys_own_scale_is_named_beside_the_inputs() -> None:
+    """Gaussian(σ = 1e-20) on float32 outputs: 1/σ² = 1e40 is beyond float32 whatever the inputs; the refusal named
+    only inputs and activations (a review), and now names the family's moments and the targets' scale too."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="1/σ⁴"), \
+            pytest.raises(TorchfimError, match=r"overflowed in torch.float32 .*a Gaussian's 1/σ² .*model\.double\(\)"):
+        torchfim.fisher(model, x, family=torchfim.families.Gaussian(sigma=1e-20), structure="trace")

@@ -207,7 +207,8 @@ def check_finite_result(value: torch.Tensor | dict, what: str, dtype: torch.dtyp
             "float32's range), or rescale the inputs"
         )
     raise TorchfimError(
-        f"{what} has non-finite entries: the per-sample products overflowed in {dtype} (inputs or "
-        "activations too large for it) or the model produced non-finite derivatives; rescale the inputs, "
-        "or compute in float64 with model.double()"
+        f"{what} has non-finite entries: the per-sample products overflowed in {dtype} (inputs or activations too "
+        "large for it, or the family's moments of the outputs: a Gaussian's 1/σ² and 1/σ⁴ for a small σ, a Poisson "
+        "rate e^o at large o) or the model produced non-finite derivatives; rescale the inputs (the targets, for a "
+        "Gaussian σ far from 1), or compute in float64 with model.double()"
     )
