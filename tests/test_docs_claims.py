@@ -131,3 +131,33 @@ def test_a_shared_measurement_gathers_twenty_three_numbers(monkeypatch) -> None:
         monitor = torchfim.train.FisherTraceMonitor(model, torch.randn(16, 4), across_processes=True)
         monitor.measure(0)
     assert sizes == [1, 23]
+
+
+def _options(parser, path: str = "torchfim") -> dict[str, str]:
+    """Every ``--option`` of ``parser`` and of its sub-parsers that ``--help`` lists (``--help`` aside, and the
+    hidden ones, for tests), with the command that takes it."""
+    import argparse
+
+    found: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= {o: c for o, c in _options(sub, f"{path} {name}").items() if o not in found}
+        if action.help != argparse.SUPPRESS:
+            found |= {o: path for o in action.option_strings if o.startswith("--") and o != "--help"}
+    return found
+
+
+def test_every_command_line_option_is_named_in_the_docs() -> None:
+    """Each option of ``torchfim`` and its commands is named in README.md or docs/*.md (followed by a non-option
+    character, so ``--seed`` does not count for ``--seeds``); the docs' prose tells what ``--help`` lists."""
+    import re
+
+    from doc_blocks import ROOT
+
+    from torchfim.cli import build_parser
+
+    text = "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    missing = {option: command for option, command in _options(build_parser()).items()
+               if not re.search(re.escape(option) + r"(?![\w-])", text)}
+    assert not missing, f"options no page names: {missing}"
