@@ -20,7 +20,18 @@ _PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 class TorchfimError(ValueError):
-    """Bad input to a torchfim function; the message names the problem and the fix."""
+    """Bad input to a torchfim function; the message names the problem and the fix.
+
+    A ``ValueError``, so code that catches those catches it too.
+
+    Example:
+        >>> import torch, torchfim
+        >>> try:
+        ...     torchfim.fisher(torch.nn.Linear(2, 2), torch.randn(3, 2), structure="dense")
+        ... except torchfim.TorchfimError as err:
+        ...     print(isinstance(err, ValueError), err)
+        True unknown structure 'dense'; choose one of 'full', 'diag', 'trace', 'blocks', ...
+    """
 
 
 def all_finite(t: torch.Tensor) -> bool:

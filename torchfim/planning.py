@@ -168,7 +168,25 @@ class EstimatorRow:
 
 @dataclass(frozen=True)
 class EstimatorComparison:
-    """Per-parameter comparison of Î1 (``score``) and Î2 (``hessian``) for one model and data set."""
+    """Per-parameter comparison of Î1 (``score``) and Î2 (``hessian``) for one model and data set.
+
+    Each row is one parameter tensor's entries ``p``: ``fisher_diag_sum = Σ_p F_pp``, ``score_variance =
+    Σ_p Var(Î1)_pp`` and ``hessian_variance = Σ_p Var(Î2)_pp`` with ``n_samples`` labels per input (the diagonal
+    of :func:`torchfim.fisher_variance` summed: means over the inputs, conditional on them), and ``better`` the
+    estimator of the smaller sum.
+
+    Example:
+        >>> import torch, torchfim
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> x = torch.randn(32, 4, dtype=torch.float64)
+        >>> comparison = torchfim.compare_estimators(model, x)
+        >>> first = comparison.rows[0]
+        >>> first.name, abs(first.score_variance - float(torchfim.fisher_variance(model, x)[:32].sum())) < 1e-15
+        ('0.weight', True)
+        >>> [(row.name, row.hessian_variance, row.better) for row in comparison.rows[2:]]  # Î2 exact in the last layer
+        [('2.weight', 0.0, 'hessian'), ('2.bias', 0.0, 'hessian')]
+    """
 
     rows: tuple[EstimatorRow, ...]
     n_samples: int

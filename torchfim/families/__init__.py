@@ -52,7 +52,16 @@ def get_family(family: str | Family) -> Family:
     """Return a :class:`Family` from its name (``"categorical"``, ``"bernoulli"``,
     ``"gaussian"`` (σ = 1; ``Gaussian(sigma=...)`` for another), ``"poisson"``,
     ``"heteroscedastic_gaussian"``, ``"gamma"``, ``"matrix_fisher"``: the keys of :data:`FAMILIES`)
-    or pass an instance through."""
+    or pass an instance through.
+
+    Example:
+        >>> from torchfim.families import Gaussian, get_family
+        >>> get_family("gaussian").sigma  # the name means σ = 1
+        1.0
+        >>> tenth = Gaussian(sigma=0.1)
+        >>> get_family(tenth) is tenth
+        True
+    """
     if isinstance(family, Family):
         return family
     if isinstance(family, str) and family in FAMILIES:

@@ -130,9 +130,21 @@ class Family(ABC):
     Fisher ``Λ(o)`` with a square-root factor, the fourth moments of ``u`` and the
     negative log-likelihood. All methods work on batches ``o`` of shape ``(B, C)``.
 
+    What the estimators rest on (docs/math.md §1): the score ``u = ∇_o log p(y|o)`` of a label drawn from the
+    family has ``E[u] = 0`` and ``E[u uᵀ] = Λ(o)``, so ``Jᵀ u uᵀ J`` averages to ``Jᵀ Λ J``.
+
     Precision: float16/bfloat16 outputs are accepted; the families compute in float32 (or wider)
     and return results in the output's dtype unless a method says otherwise; eigen-solvers run in
     float64 only (:func:`robust_eigvalsh`).
+
+    Example:
+        >>> import torch
+        >>> from torchfim.families import get_family
+        >>> fam = get_family("categorical")
+        >>> o = torch.tensor([[0.5, -0.5, 0.0]], dtype=torch.float64)
+        >>> u = fam.sample_scores(o, 100_000, torch.Generator().manual_seed(0))[0]  # (k, C): k drawn labels' scores
+        >>> bool(u.mean(0).abs().max() < 0.01), bool((u.T @ u / len(u) - fam.fisher_output(o)[0]).abs().max() < 0.01)
+        (True, True)
     """
 
     #: Name used to select the family by string.

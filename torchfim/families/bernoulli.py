@@ -36,6 +36,17 @@ class Bernoulli(Family):
     ``Λ = p(1 − p) = σ(o)σ(−o)``; ``E[u³] = Λ(1 − 2p) = −Λ tanh(o/2)``;
     ``E[u⁴] = p(1−p)⁴ + (1−p)p⁴ = Λ(1 − 3Λ)``. All computed without cancellation for large ``|o|``,
     in float32 at least (half-precision logits).
+
+    Example:
+        >>> import torch
+        >>> from torchfim.families import Bernoulli
+        >>> o = torch.tensor([[0.0], [2.0]], dtype=torch.float64)  # one logit per input
+        >>> p = torch.sigmoid(o)
+        >>> torch.allclose(Bernoulli().fisher_output(o), (p * (1 - p))[:, :, None])  # Λ = p(1 − p), (B, 1, 1)
+        True
+        >>> y = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+        >>> torch.allclose(Bernoulli().output_score(y, o), y - p)  # u = y − p
+        True
     """
 
     name = "bernoulli"

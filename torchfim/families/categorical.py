@@ -169,6 +169,17 @@ class Categorical(Family):
     ``u = e_y − p``; ``Λ = diag(p) − ppᵀ``; moments by exact enumeration over the ``C`` classes
     (``E[f(u)] = Σ_y p_y f(e_y − p)``). Half-precision logits are handled in float32, spectra in
     float64.
+
+    Example:
+        >>> import torch
+        >>> from torchfim.families import Categorical
+        >>> o = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)  # logits of C = 3 classes
+        >>> p = o.softmax(-1)[0]
+        >>> torch.allclose(Categorical().fisher_output(o)[0], torch.diag(p) - torch.outer(p, p))  # Λ
+        True
+        >>> y = torch.tensor([[2]])  # one label per input
+        >>> torch.allclose(Categorical().output_score(y, o)[0], torch.eye(3, dtype=torch.float64)[2] - p)  # e_y − p
+        True
     """
 
     name = "categorical"

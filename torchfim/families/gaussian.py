@@ -40,6 +40,16 @@ class Gaussian(Family):
     Args:
         sigma: the fixed noise standard deviation ``σ`` (from 1e-75 to 1e75, :data:`SIGMA_RANGE`; default 1,
             which is what ``family="gaussian"`` means). The Fisher scales as ``1/σ²``.
+
+    Example:
+        >>> import torch
+        >>> from torchfim.families import Gaussian
+        >>> Gaussian(sigma=0.5).fisher_output(torch.zeros(1, 2, dtype=torch.float64))  # Λ = I/σ²
+        tensor([[[4., 0.],
+                 [0., 4.]]], dtype=torch.float64)
+        >>> o, y = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.0]])
+        >>> Gaussian(sigma=0.5).output_score(y, o)  # u = (y − o)/σ²
+        tensor([[ 2., -4.]])
     """
 
     name = "gaussian"

@@ -75,6 +75,16 @@ class Poisson(Family):
     ``EXACT_POISSON_MAX_RATE`` and accurate to ``O(1/λ)`` in distribution above (see
     :func:`_sample_counts`); beyond ``λ ≈ 2¹⁰⁶ ≈ e^73.5`` the spread ``√λ`` is below float64's
     resolution of ``λ``, so draws and scores are quantised to it.
+
+    Example:
+        >>> import torch
+        >>> from torchfim.families import Poisson
+        >>> o = torch.tensor([[0.0, 1.0]], dtype=torch.float64)  # log-rates
+        >>> torch.allclose(Poisson().fisher_output(o)[0], torch.diag(o.exp()[0]))  # Λ = diag(λ)
+        True
+        >>> y = torch.tensor([[3.0, 0.0]], dtype=torch.float64)
+        >>> torch.allclose(Poisson().output_score(y, o), y - o.exp())  # u = y − λ
+        True
     """
 
     name = "poisson"

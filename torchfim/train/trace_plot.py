@@ -38,6 +38,17 @@ def read_trace_csv(path: str | os.PathLike) -> list[TraceRecord]:
     An incomplete last line (one without its line end: what a run killed while writing leaves) is left out with a
     warning naming it, blank lines after the last record without one;
     a step that goes back (two runs appended to one file) is kept, with a warning naming its line.
+
+    Example:
+        >>> import tempfile, torch, torchfim
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "trace.csv"
+        >>> model, held = torch.nn.Linear(4, 3), torch.randn(50, 4)
+        >>> mon = torchfim.train.FisherTraceMonitor(model, held, every=1, csv_path=path)
+        >>> for step in range(3):
+        ...     _ = mon.step(step)
+        >>> torchfim.train.read_trace_csv(path) == mon.history  # the records, read back as they were measured
+        True
     """
     path = Path(path)
     if not path.is_file():
