@@ -148,7 +148,7 @@ def derive_seeds(master_seed: int) -> SeedPlan:
     the data order between runs does not tie it to the initialisation. Deterministic: the same
     master seed gives the same seeds, on every machine and numpy version (SeedSequence's hashing is
     fixed). Give both methods of a comparison the same master seed for run ``i``: their runs are
-    then paired, as :func:`prob_outperform` expects.
+    then paired, as :func:`~torchfim.compare.prob_outperform` expects.
 
     Args:
         master_seed: a non-negative integer, e.g. one of :func:`seeds`.

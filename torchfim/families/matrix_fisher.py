@@ -197,7 +197,8 @@ class MatrixFisher(Family):
 
     name = "matrix_fisher"
     label_ndim = 2
-    #: The outputs per input, as one vector (a (batch, 3, 3) A is named with this fix by :class:`Positions`).
+    #: The outputs per input, as one vector (a (batch, 3, 3) A is named with this fix by
+    #: :class:`~torchfim.families.Positions`).
     whole_width = 9
     canonical = True
 
