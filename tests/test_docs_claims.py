@@ -161,3 +161,25 @@ def test_every_command_line_option_is_named_in_the_docs() -> None:
     missing = {option: command for option, command in _options(build_parser()).items()
                if not re.search(re.escape(option) + r"(?![\w-])", text)}
     assert not missing, f"options no page names: {missing}"
+
+
+@pytest.mark.parametrize(("command", "stated"), [
+    ("demo", {"--seconds": 3, "--epochs": 100, "--threads": 1, "--n-samples": 1}),
+    ("report", {"--max-block": 2048, "--seed": 0, "--epochs": 30, "--n-samples": 1, "--mode": "auto",
+                "--out": "torchfim-report"}),
+    ("reproduce soen-sun", {"--threads": 1}),
+    ("reproduce explosion", {"--jobs": 1}),
+    ("plot-trace", {"--band": 2, "--out": "trace.png"}),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_the_option_defaults_the_docs_state_are_the_parsers(command: str, stated: dict) -> None:
+    """README.md (the demo), docs/report.md, docs/accuracy.md (soen-sun) and docs/training.md (plot-trace, the
+    explosion study) state these defaults of the command line."""
+    import argparse
+
+    from torchfim.cli import build_parser
+
+    parser = build_parser()
+    for word in command.split():
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    defaults = {a.option_strings[-1]: a.default for a in parser._actions if a.option_strings}
+    assert {option: defaults[option] for option in stated} == stated
