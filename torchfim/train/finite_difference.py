@@ -15,9 +15,10 @@ was smallest near c = 0.3 on the small test models and near c = 0.05 on the benc
 gradient is below 1e-6 in float64 and 2e-3 in float32 (re-measured: 2e-8 to 4e-8 and 2e-4 to 9e-4 on tanh and
 GELU/LayerNorm MLPs). ReLU networks in float32 are the exception: the float32 step moves units across their kinks,
 where the gradient jumps, and the difference came out 1.9 to 9.4 times the gradient's size off on that MLP with ReLU
-(digits, 256 inputs) and 2.1 times (``batch_gradient``; ``trace`` 0.21) on the benchmark CNN, where float64's
-smaller step stays within 4e-8: take ``grad_method="exact"`` for them in float32. ``eps_dtype`` is that of the least precise
-dtype the passes compute in (:func:`working_dtype`: the parameters', the outputs', and autocast's where
+(digits, 256 inputs) and 1.5-9.6 times on the benchmark CNN (``batch_gradient``, in 5 of 6 seeds and batches of
+32 and 256 digits; ``trace`` 0.21), where float64's smaller step stays within 4e-8: take ``grad_method="exact"``
+for them in float32. ``eps_dtype`` is that of the least precise dtype the passes compute in
+(:func:`working_dtype`: the parameters', the outputs', and autocast's where
 the caller runs the penalty under ``torch.autocast`` or the forward turns it on), since the difference of two gradients must stand
 above their rounding: with the float32 step under bfloat16 autocast the gradient was 3.7-9 times its own
 size off. In half precision the forward difference is coarse whatever the step: measured against float32
@@ -25,8 +26,8 @@ double backprop on a GELU/LayerNorm MLP, 6-8 % (``kind="batch_gradient"``) and 1
 in bfloat16, 3-5 % in float16, and on a one-layer GPT-2 language model 100-120 % in bfloat16 (its parameters, or
 under autocast) and 61-81 % in float16, where double backprop in the same precision is within 1 %. A central difference,
 ``(∇L(θ + ε ĝ) − ∇L(θ − ε ĝ))‖g‖/(2ε)``, was 1.7-7 times more accurate at the same step on those
-MLPs (rounding, not truncation, sets the error there) but needs a second extra pass (1.4 times the penalty's cost); the forward difference is far inside 1 % (float64) and
-5 % (float32), so the cheaper one is used.
+MLPs (rounding, not truncation, sets the error there) but needs a second extra pass (1.4 times the penalty's
+cost); the forward difference is far inside 1 % (float64) and 5 % (float32), so the cheaper one is used.
 
 The difference assumes that the gradient torch computes is the gradient of ``L``, so that its Jacobian ``H`` is
 symmetric: double backprop differentiates ``α‖g‖²`` and gives ``2α Hᵀg``, the difference gives ``2α H g``.
