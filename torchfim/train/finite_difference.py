@@ -13,11 +13,14 @@ the truncation error of a forward difference grows like ε (over c = 0.03…10 t
 was smallest near c = 0.3 on the small test models and near c = 0.05 on the benchmark MLP
 64-256-256-10; 0.1 is within a factor 3 of both). On all of them the relative error of the
 gradient is below 1e-6 in float64 and 2e-3 in float32 (re-measured: 2e-8 to 4e-8 and 2e-4 to 9e-4 on tanh and
-GELU/LayerNorm MLPs). ReLU networks in float32 are the exception: the float32 step moves units across their kinks,
-where the gradient jumps, and the difference came out 1.9 to 9.4 times the gradient's size off on that MLP with ReLU
-(digits, 256 inputs) and 1.5-9.6 times on the benchmark CNN (``batch_gradient``, in 5 of 6 seeds and batches of
-32 and 256 digits; ``trace`` 0.21), where float64's smaller step stays within 4e-8: take ``grad_method="exact"``
-for them in float32. ``eps_dtype`` is that of the least precise dtype the passes compute in
+GELU/LayerNorm MLPs). On networks with kinks the float32 step moves units across them, where the gradient jumps:
+the difference came out 1.9 to 9.4 times the gradient's size off on that MLP with ReLU (digits, 256 inputs) and
+1.5-9.6 times on the benchmark CNN (``batch_gradient``, in 5 of 6 seeds and batches of 32 and 256 digits; ``trace``
+0.21), where float64's smaller step stays within 4e-8. So the batch-gradient passes run the second pass on the first
+pass's side of every kink of a ReLU, LeakyReLU, ReLU6, Hardtanh or max-pooling module (:mod:`.kink_replay`):
+6e-4 to 1.4e-3 on such MLPs and CNNs in float32. Kinks a forward takes by a function (``F.relu``,
+``torch.clamp``) and ``kind="trace"``'s per-input passes are not replayed: take ``grad_method="exact"`` there in
+float32. ``eps_dtype`` is that of the least precise dtype the passes compute in
 (:func:`working_dtype`: the parameters', the outputs', and autocast's where
 the caller runs the penalty under ``torch.autocast`` or the forward turns it on), since the difference of two gradients must stand
 above their rounding: with the float32 step under bfloat16 autocast the gradient was 3.7-9 times its own
@@ -74,6 +77,7 @@ from ..engine.plain_forwards import eager_compiled
 from ..engine.private_tree import SLOTS_LOCK
 from ..errors import TorchfimError, real_number
 from ..families import Family
+from .kink_replay import KinkReplay
 from .model_io import ModelIO
 from .position_outputs import PositionOutputs
 from .squared_gradients import per_input_squares, widest_dtype
@@ -228,8 +232,9 @@ def batch_gradient_fd(
     pass's outputs ``o``; ``named`` are the trainable ``(name, parameter)`` pairs.
     """
     params = [p for _, p in named]
-    replay = _Replay(model, params[0].device)
-    o = io.outputs(model, x)
+    replay, kinks = _Replay(model, params[0].device), KinkReplay(model)
+    with kinks.recording():
+        o = io.outputs(model, x)
     y = draw_labels(o)
     nll = family.nll(o, y)
     if not nll.requires_grad:  # the outputs do not depend on the trainable parameters
@@ -242,7 +247,7 @@ def batch_gradient_fd(
     # forward's graph (this pass's) for the parameters it uses, and marks the ones it cannot reach ready at once.
     reached, directions = _reached(params, g)
     shifted = _shifted(reached, directions, shift)
-    with _perturbed(model, replay, dict(zip(reached, shifted))):
+    with _perturbed(model, replay, dict(zip(reached, shifted))), kinks.replaying():
         g_plus = iter(_gradients(family.nll(io.outputs(model, x), y), shifted))
     return value, _difference([None if t is None else next(g_plus) for t in g], g, scale)
 
@@ -355,8 +360,8 @@ def batch_gradient_fd_shared(
     pass 1's graph does not reach (None in ``g``) is neither shifted nor given a gradient by ``last``.
     """
     params = [p for _, p in named]
-    replay = _Replay(model, params[0].device)
-    with torch.enable_grad():
+    replay, kinks = _Replay(model, params[0].device), KinkReplay(model)
+    with torch.enable_grad(), kinks.recording():
         o = leading(io.outputs(model, x), rows)
         y = draw_labels(o)
         nll = family.nll(o, y)
@@ -371,7 +376,8 @@ def batch_gradient_fd_shared(
         shifted, last = [], value
     # With a cache, pass 2's graph is back-propagated twice (the penalty's gradient, then the caller's loss), which a
     # compiled backward that donates its buffers (inductor's) refuses: that pass runs compiled code eagerly.
-    with _perturbed(model, replay, dict(zip(reached, shifted))), eager_compiled() if cache else nullcontext():
+    with _perturbed(model, replay, dict(zip(reached, shifted))), eager_compiled() if cache else nullcontext(), \
+            kinks.replaying():
         out = io.call(model, x)
     return out, family.nll(leading(io.tensor(out, x), rows), y), coef, value, last
 

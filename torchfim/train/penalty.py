@@ -116,8 +116,10 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
     with ``Hᵢ gᵢ ≈ (gᵢ(θ + ε ĝᵢ) − gᵢ(θ))‖gᵢ‖/ε``; ``eps_dtype`` is that of the precision the passes
     compute in, autocast's included. Its relative error is about ``1e-7`` in float64 (up to ``2e-5`` through
     InstanceNorm, BatchNorm in training mode or attention, measured against central differences) and ``1e-3`` in
-    float32 with smooth activations (through ReLU kinks the float32 step can leave it off by more than the
-    gradient's size: :mod:`.finite_difference`), and coarse in half precision, by a model-dependent amount (on a
+    float32 with smooth activations, and with ReLU-type and max-pooling modules, whose kinks the second pass
+    keeps on the first pass's side (:mod:`.kink_replay`; kinks of functions such as ``F.relu``, and ``kind="trace"``
+    on any kink, can leave it off by more than the gradient's size in float32: :mod:`.finite_difference`), and
+    coarse in half precision, by a model-dependent amount (on a
     small MLP 7-17 % in bfloat16 and 3-5 % in float16, on a one-layer GPT-2 100-120 % and 61-81 %; named by a
     warning); it
     costs one extra forward and backward and no higher-order graph, and it works where an operation of the
