@@ -77,16 +77,20 @@ class ForwardPrecision:
                 mode.__enter__()
 
         def leave(*_: object) -> None:
+            if depth[0] == 0:  # another pre-hook raised before enter ran: always_call calls leave all the same
+                return
             depth[0] -= 1
             if depth[0] == 0:
                 mode.__exit__(None, None, None)
 
-        hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+        # always_call: a forward that raises (a per-input pass vmap cannot batch, tried again another way) leaves too, so
+        # that the mode does not stay on over what the block runs after the forwards (the task loss, in float32)
+        hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
         try:
             yield
         finally:
             for hook in hooks:
                 hook.remove()
-            if depth[0] > 0:  # a forward that raised: its hook to leave never ran
+            if depth[0] > 0:  # a forward interrupted by what is not an Exception: leave never ran
                 mode.__exit__(None, None, None)
         self.lower, self.probed = mode.lower, True
