@@ -167,8 +167,9 @@ def recorded(view: ModelView, backend: Backend, part: Batch) -> Recording:
     clear error, any other failure its own."""
     try:
         return backend.record(part)
-    except (RuntimeError, IndexError) as err:
-        clear = forward_error(part, view.input_dtype, err, in_forward=Batch.raised_in_call(err))
+    except (RuntimeError, IndexError, ValueError) as err:
+        clear = err if isinstance(err, TorchfimError) else forward_error(
+            part, view.input_dtype, err, in_forward=Batch.raised_in_call(err))
         if clear is err:
             raise
         raise clear from err

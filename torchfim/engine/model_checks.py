@@ -94,8 +94,9 @@ def forward_error(batch: Batch, dtype: torch.dtype | InputDtypes, err: Exception
     dtype it does not take (floating-point, or integers other than int64 and int32), for a loss of the model's own
     given class targets that are not integers, or for floating-point inputs of a dtype a layer does not take in a
     model of parameters of several dtypes (``dtype`` an :class:`~.batch.InputDtypes`, which passes some inputs as
-    given) (RuntimeErrors), or for token ids past an embedding's table (an IndexError, with integer inputs); else
-    ``err`` itself (raised as it was)."""
+    given) (RuntimeErrors), or for token ids past an embedding's table (an IndexError, with integer inputs); an
+    IndexError or a ValueError out of the forward on 1-D inputs (a single example without its batch dim) says that
+    too; else ``err`` itself (raised as it was)."""
     mixed = dtype if isinstance(dtype, InputDtypes) else None
     dtype = dtype.first if isinstance(dtype, InputDtypes) else dtype
     inputs = _input_tensors(batch)
@@ -106,7 +107,9 @@ def forward_error(batch: Batch, dtype: torch.dtype | InputDtypes, err: Exception
         if in_forward and integer and _TABLE_WORDS in said:
             return TorchfimError(f"{failed}: an index lies outside an embedding's table; pass token ids in [0, "
                                  f"num_embeddings); torch said: {said}")
-        return err
+        return (_one_dimensional_error(batch) if in_forward else None) or err
+    if not isinstance(err, RuntimeError):  # a ValueError of the forward's own (unpacking a 1-D input's shape)
+        return (_one_dimensional_error(batch) or err) if in_forward else err
     if in_forward and _INDEX_WORDS in said and any(t.is_floating_point() for t in inputs):
         return TorchfimError(f"{failed}: an embedding was given floating-point indices; pass token ids as integers "
                              f"(ids.long()); torch said: {said}")
@@ -124,14 +127,26 @@ def forward_error(batch: Batch, dtype: torch.dtype | InputDtypes, err: Exception
     if in_forward and mixed is not None and any(t.is_floating_point() for t in inputs) and _mixes_types(said, _FLOATS):
         return TorchfimError(_MIXED_DTYPES.format(inputs=_described(inputs), dtypes=", ".join(sorted(
             str(d).removeprefix("torch.") for d in mixed.kept)), first=mixed.first, said=said))
-    flat = one_dimensional(batch)
-    if flat is not None:
-        return TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where=""))
+    clear = _one_dimensional_error(batch)
+    if clear is not None:
+        return clear
     if in_forward and any(words in said for words in _SHAPE_WORDS):
         return TorchfimError(f"{failed}: a layer does not take the shape it is given; if these are not the shapes "
                              f"the model takes in training, pass those (the first dimension is the batch); torch "
                              f"said: {said}")
     return err
+
+
+def _one_dimensional_error(batch: Batch) -> TorchfimError | None:
+    """:data:`ONE_DIMENSIONAL` for ``batch`` where one of its input tensors is 1-D (a dict mini-batch's fix named
+    too: a tokenizer's single example, ``input_ids`` ``(T,)``, makes transformers raise an IndexError or a ValueError
+    of its own), else None."""
+    flat = one_dimensional(batch)
+    if flat is None:
+        return None
+    keyed = any(isinstance(v, Tensor) for v in batch.kwargs.values())  # not only the forward's defaults (use_cache)
+    single = " ({k: v.unsqueeze(0) for k, v in batch.items()} for a dict mini-batch of one input)" if keyed else ""
+    return TorchfimError(ONE_DIMENSIONAL.format(shapes=flat, where="") + single)
 
 
 #: torch's words for floating-point dtypes in a dtype error ("Float" also in "BFloat16").

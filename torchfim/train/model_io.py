@@ -147,8 +147,9 @@ class ModelIO:
                 inputs_unwritten(model, x.args, x.kwargs) if first else nullcontext():
             try:  # the training forward as it runs (not Batch.call's): its gradient hooks are the task loss's too
                 return model(*x.args, **x.kwargs)
-            except (RuntimeError, IndexError) as err:
-                clear = forward_error(x, input_dtype(model, next(model.parameters()).dtype), err)
+            except (RuntimeError, IndexError, ValueError) as err:
+                clear = err if isinstance(err, TorchfimError) else forward_error(
+                    x, input_dtype(model, next(model.parameters()).dtype), err)
                 if clear is err:
                     raise
                 raise clear from err
