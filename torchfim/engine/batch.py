@@ -102,7 +102,12 @@ class Batch:
     def get(self, key: str) -> object:
         """A keyword input by name (for masks named by key)."""
         if key not in self.kwargs:
-            keys = sorted(self.kwargs) if self.kwargs else "none: the inputs are one tensor"
+            # the tensors only: a forward's defaults (transformers' use_cache=False) are no keys of the caller's
+            keys = sorted(k for k, v in self.kwargs.items() if isinstance(v, Tensor))
+            if not keys:
+                raise TorchfimError(f"mask={key!r} names a key of the dict mini-batch, but there is none: the inputs "
+                                    "are one tensor; pass the mask itself, a bool tensor (batch, *positions) (to "
+                                    "FisherTraceMonitor, a function of a held mini-batch that returns it)")
             raise TorchfimError(
                 f"mask={key!r} names a key of the dict mini-batch, whose keys are {keys}; pass the right key "
                 "or the mask itself"
