@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._words import a_or_an, counted
-from ..engine.labels import PADDING_COUNTED, counted_padding
+from ..engine.labels import IGNORE_INDEX, PADDING_COUNTED, counted_padding, unread_targets_note
 from ..errors import TorchfimError, output_hint, tensor_fields, warn_user
 from ..families import Family, Positions
 from ..families.positions import is_position_mask
@@ -41,7 +41,9 @@ class PositionOutputs:
         self.mask: Tensor | None = None  # (rows, *pos) bool for the call in progress (None: every position)
         self.from_labels = False  # whether the mask is the labels' alone (-100 left out), not the caller's
         self.padding: Tensor | None = None  # the call's attention_mask where no mask was given (see masked)
+        self.labelled: Tensor | None = None  # (rows, ...) bool of the call's class labels, False at -100 (see masked)
         self._padding_named = False  # whether padding counted as observed was warned of (once per penalty)
+        self._unread_named = False  # whether labels that do not fit the outputs were warned of (once per penalty)
 
     def __repr__(self) -> str:
         return repr(self.base)
@@ -60,11 +62,11 @@ class PositionOutputs:
         self.from_labels = mask is None and labelled is not None
         if labelled is not None and (mask is None or mask.shape == labelled.shape):
             mask = labelled if mask is None else mask & labelled.to(mask.device)
-        self.mask = mask
+        self.mask, self.labelled = mask, labelled
         try:
             yield
         finally:
-            self.mask, self.from_labels, self.padding = None, False, None
+            self.mask, self.from_labels, self.padding, self.labelled = None, False, None, None
 
     def log_prob_of_one(self, out: Tensor, y: Tensor, mask_row: Tensor | None) -> Tensor:
         """``log p(y|x)`` of one input's outputs ``out`` ``(1, ...)``, summed over the positions that
@@ -109,6 +111,19 @@ class PositionOutputs:
     def check_output(self, o: Tensor) -> None:
         family, flat = self._family(o)
         family.check_output(flat)
+        self._name_unread(o)
+
+    def _name_unread(self, o: Tensor) -> None:
+        """Warn, once per penalty, where the call's class labels do not fit the outputs ``o`` of its rows (an
+        ``output=`` of other positions, ``out.logits[:, :-1]``): their -100s are then not read and every position
+        counts, as :func:`torchfim.fisher` and the monitor warn."""
+        if self.labelled is None or self._unread_named:
+            return
+        labels = torch.where(self.labelled, 0, IGNORE_INDEX)  # the labels' -100s where they lie: all the note reads
+        note = unread_targets_note(labels, tuple(o.shape), -1, True)  # classes last, as the penalty reads them
+        if note is not None:
+            self._unread_named = True
+            warn_user(note)
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         family, flat = self._family(o)
