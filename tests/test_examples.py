@@ -139,8 +139,10 @@ def test_report_example_numbers_are_todays_library():
 
 
 def test_trainer_fisher_penalty():
-    """transformers' Trainer with docs/training.md's recipe and both callbacks: the plain run's Tr(F) peaks early (75 at step
-    20, measured) and the penalised run's peak is a quarter of it (21), while both learn the rule (100 %)."""
+    """transformers' Trainer with docs/training.md's recipe and both callbacks: the plain run's Tr(F) peaks early (54 ± 15 at
+    step 20, measured) and the penalised run's peak is about half of it or less (28), while both learn the rule (100 %).
+    The penalised peak depends on the penalty's labels: 28, 24 and 18 with its generator seeded 1 (the example's), 2 and 3
+    (0.52, 0.44 and 0.33 of the plain peak); 21 with seed 1 before categorical labels came from float64 uniforms."""
     out = run_transformers_example("trainer_fisher_penalty.py")
     rows = re.findall(r"^\s*(\d+)\s+(\S+) ± \S+\s+(\S+) ± \S+$", out, re.M)
     assert [int(r[0]) for r in rows] == [0, 10, 20, 30, 40] and rows[0][1] == rows[0][2]
@@ -148,4 +150,4 @@ def test_trainer_fisher_penalty():
                      r"training accuracy (\S+)% with it, (\S+)% without", out)
     assert peak, out
     with_it, without, accuracy_with, accuracy_without = map(float, peak.groups())
-    assert with_it < 0.5 * without and accuracy_with > 90 and accuracy_without > 90
+    assert with_it < 0.6 * without and accuracy_with > 90 and accuracy_without > 90

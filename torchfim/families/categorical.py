@@ -258,14 +258,23 @@ class Categorical(Family):
         return torch.softmax(o.to(_work_dtype(o)[0]), dim=-1)
 
     def sample(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``k`` class indices per input: the class whose interval of ``cumsum(p)`` holds ``U·Σp``, with ``p`` the
+        softmax in the working dtype, the sum and ``U`` (uniform) in float64, so a float32 model draws the labels of its
+        float64 copy from the same seed (but where ``U`` falls within float32's rounding of a boundary), and a rare class
+        keeps its probability to ``2⁻⁵³``."""
         return self._draw(self._probs(o.detach()), k, generator).to(o.device)
 
     @staticmethod
     def _draw(p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         # Inverse CDF: a uniform u ∈ [0, 1) scaled by the last cumulative probability picks the class
         # whose cumulative interval holds it (a class of probability 0 has an empty interval). One
-        # uniform per label, where torch.multinomial draws one exponential per class.
-        cdf = _to_generator_device(p, generator).cumsum(-1)
+        # uniform per label, where torch.multinomial draws one exponential per class. The cumulative
+        # sums and u are float64 whatever p's dtype: in float32 a class of probability below 2⁻²⁴ (a
+        # logit 17 below the largest) had an empty interval and was never drawn, which biased Î1 and
+        # Î2 of confident inputs by up to −100%; each p keeps its own relative precision, and every class
+        # now keeps its interval to float64's 2⁻⁵³, as Bernoulli's rarer label does.
+        p = _to_generator_device(p, generator)
+        cdf = p.to(_wide_float(p.device), copy=True).cumsum_(-1)  # in place: one float64 copy (a vocabulary's rows)
         u = torch.rand(*cdf.shape[:-1], k, generator=generator, dtype=cdf.dtype, device=cdf.device)
         return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
 
