@@ -94,3 +94,17 @@ def test_two_class_categorical_is_bernoulli_on_the_logit_difference(backend, str
             assert one.keys() == two.keys()
             two, one = torch.cat([b.flatten() for b in two.values()]), torch.cat([one[n].flatten() for n in two])
         assert float((one - two).abs().max()) <= 1e-12 * float(two.abs().max()), what
+
+
+def test_categorical_labels_do_not_depend_on_the_rows_the_float64_sums_are_formed_in(monkeypatch):
+    """The float64 cumulative sums are formed a few rows at a time, so that a vocabulary's probabilities need no float64
+    copy twice their size; the labels are those of one pass over all rows (the uniforms are drawn first)."""
+    import torchfim.families.categorical as categorical
+
+    logits = 4 * torch.randn(7, 5, 33, generator=torch.Generator().manual_seed(0))
+    whole = Categorical().sample(logits, 3, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(categorical, "_CHUNK_ELEMENTS", 40)  # one row of 33 classes per chunk
+    assert torch.equal(Categorical().sample(logits, 3, torch.Generator().manual_seed(1)), whole)
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)  # and they are the inverse CDF of the whole rows
+    u = torch.rand(7, 5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(torch.searchsorted(cdf, u * cdf[..., -1:], right=True), whole)

@@ -273,10 +273,19 @@ class Categorical(Family):
         # logit 17 below the largest) had an empty interval and was never drawn, which biased Î1 and
         # Î2 of confident inputs by up to −100%; each p keeps its own relative precision, and every class
         # now keeps its interval to float64's 2⁻⁵³, as Bernoulli's rarer label does.
+        # The float64 sums are formed a few rows at a time (:data:`_CHUNK_ELEMENTS` numbers): a language model's
+        # (tokens, vocabulary) probabilities would otherwise need a float64 copy twice their own size at once. The
+        # uniforms are drawn first, all at once, so the labels do not depend on the chunks.
         p = _to_generator_device(p, generator)
-        cdf = p.to(_wide_float(p.device), copy=True).cumsum_(-1)  # in place: one float64 copy (a vocabulary's rows)
-        u = torch.rand(*cdf.shape[:-1], k, generator=generator, dtype=cdf.dtype, device=cdf.device)
-        return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
+        wide = _wide_float(p.device)
+        u = torch.rand(*p.shape[:-1], k, generator=generator, dtype=wide, device=p.device)
+        rows, flat_u = p.reshape(-1, p.shape[-1]), u.reshape(-1, k)
+        labels = torch.empty(flat_u.shape, dtype=torch.long, device=p.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, p.shape[-1]))
+        for start in range(0, rows.shape[0], step):
+            cdf = rows[start:start + step].to(wide, copy=True).cumsum_(-1)
+            labels[start:start + step] = torch.searchsorted(cdf, flat_u[start:start + step] * cdf[:, -1:], right=True)
+        return labels.reshape(u.shape)
 
     def sample_scores(self, o: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         # The labels and their scores from one softmax: the same draws as sample() then output_score().
