@@ -270,7 +270,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
         self.last_step: int | None = None
         self._kept, self._draws = KeptGradient(), StepDraws()
         self._schedule = Schedule(self.every, self.reuse_between)
-        self._second_derivatives_checked = self._precision_named = self._evaluating = False
+        self._second_derivatives_checked = self._precision_named = self._evaluating = self._kinks_named = False
         self._forward_precision = ForwardPrecision()  # the dtypes its forward casts down to (finite difference)
 
     def __repr__(self) -> str:

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from ..engine.batch import Batch
 from ..engine.derivative_settings import per_input_passes
 from ..engine.model_checks import check_mode
-from ..errors import TorchfimError
+from ..errors import TorchfimError, warn_user
 from .double_backward import penalty_gradients
 from .finite_difference import batch_gradient_fd, batch_gradient_fd_shared, leading, penalty_gradient, trace_fd
+from .kink_replay import KinkReplay
 from .model_io import ModelIO, inner_module, leading_rows
 from .penalised_arguments import scalar_task_loss
 from .position_outputs import PositionOutputs
@@ -37,6 +38,7 @@ class PenaltyTerms:
     fd_step: float | None
     generator: torch.Generator | None
     _second_derivatives_checked: bool
+    _kinks_named: bool
 
     def _shared_forward(
         self, x: Batch, rows: int, names: list[str], params: list[Tensor], task_loss: Callable[[object], Tensor],
@@ -53,6 +55,7 @@ class PenaltyTerms:
         else:
             y, x = self._outputs_and_labels(o), leading_rows(x, rows)
             if self.grad_method == "finite_difference":
+                self._name_trace_kinks(params)
                 value, grads = trace_fd(self.model, self.io, self.family, list(zip(names, params)), x, y, self.alpha,
                                         self.fd_step, reached_parameters(o, params))
             else:
@@ -126,7 +129,22 @@ class PenaltyTerms:
             return batch_gradient_fd(self.model, io, self.family, named, x, self._outputs_and_labels, self.alpha,
                                      self.fd_step)
         y, reached = self._trace_labels_reached(x, params)
+        self._name_trace_kinks(params)
         return trace_fd(self.model, io, self.family, named, x, y, self.alpha, self.fd_step, reached)
+
+    def _name_trace_kinks(self, params: list[Tensor]) -> None:
+        """Warn once where ``kind="trace"``'s per-input finite differences run below float64 on a network with kinks,
+        which they do not keep on the first pass's side (:mod:`.kink_replay` serves the batch gradient only)."""
+        if self._kinks_named or params[0].dtype == torch.float64:
+            return
+        self._kinks_named = True
+        kinked = sorted({type(m).__name__ for m in KinkReplay(self.model).modules})
+        if kinked:
+            warn_user(f"torchfim: FisherPenalty(kind='trace', grad_method='finite_difference') on a network with kinks "
+                      f"({', '.join(kinked)}) in {str(params[0].dtype).removeprefix('torch.')}: the per-input steps move "
+                      "units across them, where the gradient jumps (4.5 times the gradient's size off on a ReLU MLP in "
+                      "float32); pass grad_method='exact', or kind='batch_gradient', whose finite difference keeps "
+                      "each kink on the first pass's side")
 
     def _trace(self, x: Batch, names: list[str], params: list[Tensor], y: Tensor | None = None) -> Tensor:
         """``α (1/B) Σᵢ ‖gᵢ‖²`` by per-sample gradients (labels ``y``, or drawn from a forward of ``x``)."""
