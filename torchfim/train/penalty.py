@@ -114,7 +114,7 @@ class FisherPenalty(PenaltyState, PenaltyTerms):
     ``ĝ = g/‖g‖``, with the same inputs and labels, and ``ε = fd_step`` or by default
     ``0.1·√eps_dtype·(1 + ‖θ‖)``; ``kind="trace"`` does the same per input, ``(2α/B) Σᵢ Hᵢgᵢ``
     with ``Hᵢ gᵢ ≈ (gᵢ(θ + ε ĝᵢ) − gᵢ(θ))‖gᵢ‖/ε``; ``eps_dtype`` is that of the precision the passes
-    compute in, autocast's included. Its relative error is about ``1e-7`` in float64 (up to ``2e-5`` through
+    compute in, autocast's included. Its relative error is about ``1e-7`` in float64 (``5e-7`` measured for ``kind="trace"``; up to ``2e-5`` through
     InstanceNorm, BatchNorm in training mode or attention, measured against central differences) and ``1e-3`` in
     float32 with smooth activations, and with ReLU-type and max-pooling modules, whose kinks the second pass
     keeps on the first pass's side (:mod:`.kink_replay`; kinks of functions such as ``F.relu``, and ``kind="trace"``
