@@ -57,7 +57,9 @@ them: each measures its share of the held inputs and the records combine the sha
 Measuring is done in ``eval()`` mode (BatchNorm uses its running statistics, Dropout is off; the paper measures
 Tr(F) the same way) on the monitor's copy of the model, whose own modules keep their mode; modules in training mode
 that this changes are named in one warning (:mod:`.eval_note`). It leaves no gradients in ``.grad`` and draws
-labels only from its own generator, so adding a monitor does not change a training run.
+labels only from its own generator, so adding a monitor does not change a training run. A measurement that raises
+or is interrupted (Ctrl-C) leaves the monitor as it found it: measuring again draws the window and the labels that
+measurement would have drawn, and counts the parameters as unmeasured.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -245,16 +248,19 @@ class FisherTraceMonitor:
     def measure(self, step: int) -> TraceRecord:
         """Measure now (whatever ``every`` says), record and return the :class:`TraceRecord`."""
         step = check_int("step", step, 0, "pass the optimisation step counter (0, 1, 2, ...)")
-        self._order.measuring(step, self.history)
         start = time.perf_counter()
-        if self._share is None:
-            (trace, variance, plain), measured = self._estimate(), self._window_size
-        else:  # the generator lives on the model's device, known before any engine is built
-            generator = self._label_generator(model_device(self.model))
-            trace, variance, plain, measured = self._share.measured(
-                lambda: (*self._estimate(), self._window_size), generator, self.model, self._shared_settings(),
-                lambda: self._path.outputs(self._path.current(self.model, self.output, self.class_dim),
-                                           self._share.first))
+        with self._kept_on_failure():
+            if self._share is None:
+                (trace, variance, plain), measured = self._estimate(), self._window_size
+            else:  # the generator lives on the model's device, known before any engine is built
+                generator = self._label_generator(model_device(self.model))
+                trace, variance, plain, measured = self._share.measured(
+                    lambda: (*self._estimate(), self._window_size), generator, self.model, self._shared_settings(),
+                    lambda: self._path.outputs(self._path.current(self.model, self.output, self.class_dim),
+                                               self._share.first))
+        # After the measurement: one that fails must not stamp the parameters as measured (a later call at this
+        # step would return the previous record, taken at other parameters)
+        self._order.measuring(step, self.history)
         record = TraceRecord(
             step=step,
             trace=trace,
@@ -405,6 +411,24 @@ class FisherTraceMonitor:
             else:  # two chains, each on its own permutation
                 rows = [torch.arange(0, self._windows[0].size), torch.arange(self._windows[0].size, size)]
                 self._cv = ControlVariate(rows, [n, n])
+
+    @contextmanager
+    def _kept_on_failure(self) -> Iterator[None]:
+        """Within the block, a measurement; where it raises (or is interrupted), the subset windows, the window and
+        generator state the control variate replays, and the generator go back to the states they had (a private
+        generator the failed measurement made is made again), so that measuring again draws what it would have."""
+        generator, previous = self.generator, self._previous
+        windows = [w.state() for w in self._windows]
+        drawn = None if generator is None else generator.get_state()
+        try:
+            yield
+        except BaseException:
+            for w, saved in zip(self._windows, windows):
+                w.load(saved)
+            self.generator, self._previous = generator, previous
+            if generator is not None:
+                generator.set_state(drawn)
+            raise
 
     def _label_generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None:
