@@ -6,7 +6,9 @@ k-th call. Oracle: a twin (the same model, monitor and generator, built from the
 interrupted, in float64 to 1e-12. Before, an interrupted ``FisherTraceMonitor.measure`` kept the subset window and the
 labels it had drawn (measuring again took the next window: Tr(F) 3.82 against 2.54 on the twin) and stamped the
 parameters as measured, so that ``step`` at the same step number returned the previous record, taken at other
-parameters (2.736 against 2.249).
+parameters (2.736 against 2.249). An interrupted ``FisherPenalty`` call kept the random state it started from as the
+step's first, though the retried call drew from the stream after it: a line search's evaluations of that step, at
+the same parameters, gave 0.2207 first and 0.2736 afterwards (``kind="trace"``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchfim.train import FisherTraceMonitor
+from torchfim.train import FisherPenalty, FisherTraceMonitor
 
 
 class _Interrupting(nn.Module):
@@ -90,3 +92,25 @@ def test_an_interrupted_measurement_does_not_stamp_the_parameters_as_measured():
     assert got is not monitor.history[0]  # before: the record taken at the weights before the move
     torch.testing.assert_close(_numbers(got), _numbers(want), rtol=1e-12, atol=0)
 
+
+def _evaluations(penalty: FisherPenalty, x: torch.Tensor) -> list[float]:
+    """The penalty at step 0 three times, as a line search evaluates it: at θ, at θ moved in place, at θ again."""
+    weight, values = penalty.model[0].weight, [float(penalty(x, step=0))]
+    for move in (weight.mul_, weight.div_):
+        with torch.no_grad():
+            move(1.1)
+        values.append(float(penalty(x, step=0)))
+    return values
+
+
+@pytest.mark.parametrize(("kind", "grad_method", "at"), [("trace", "exact", 2), ("trace", "finite_difference", 3),
+                                                         ("batch_gradient", "finite_difference", 2)])
+def test_an_interrupted_penalty_call_is_undone_so_the_step_stays_one_function_of_the_parameters(kind, grad_method, at):
+    def penalty() -> FisherPenalty:
+        return FisherPenalty(_model(), kind=kind, grad_method=grad_method, generator=torch.Generator().manual_seed(7))
+
+    interrupted, twin, x = penalty(), penalty(), _held()
+    _interrupted(at, lambda: interrupted(x, step=0))  # after the labels are drawn
+    got = _evaluations(interrupted, x)
+    torch.testing.assert_close(got, _evaluations(twin, x), rtol=1e-12, atol=0)
+    assert got[2] == got[0]  # before: 0.2736 at θ again against 0.2207 at θ first (kind="trace")

@@ -9,7 +9,8 @@ numbers they start from: the penalty's generator and torch's global one (CPU, an
 Dropout draws from. Once the parameters move without an optimiser step, the calls of the new evaluation start, in
 order, from those states again (common random numbers: the same uniforms, the labels of the new θ), each leaving the
 generators as it found them; calls beyond the first evaluation's number draw from the stream. Within one step the
-penalty is then one function of θ.
+penalty is then one function of θ. A call that raises (or is interrupted, Ctrl-C) is undone: the generators go back to
+the states it started from and the next call takes its place, drawing what it drew.
 
 A new step number, or an optimiser step taken since the last call (a step counter that does not advance), starts a
 new first evaluation; so do calls at unmoved parameters (the micro-batches of gradient accumulation: they draw from
@@ -81,16 +82,21 @@ class StepDraws:
         elif not self.stamped.same_as(now):  # moved in place since the last call: the step evaluated again
             self.call, self.first = 0, False
         self.stamped = now
+        start = _state(generator, device)
         if self.first:
-            self.starts.append(_state(generator, device))
+            self.starts.append(start)
         replay = not self.first and self.call < len(self.starts)
         self.call += 1
-        if not replay:
-            yield
-            return
-        current = _state(generator, device)
-        _set_state(generator, device, self.starts[self.call - 1])
+        if replay:
+            _set_state(generator, device, self.starts[self.call - 1])
         try:
             yield
-        finally:
-            _set_state(generator, device, current)
+        except BaseException:
+            # Undone: a later evaluation would replay numbers the retried call did not draw
+            self.call -= 1
+            if self.first:
+                self.starts.pop()
+            _set_state(generator, device, start)
+            raise
+        if replay:
+            _set_state(generator, device, start)
