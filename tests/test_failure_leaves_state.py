@@ -8,11 +8,16 @@ labels it had drawn (measuring again took the next window: Tr(F) 3.82 against 2.
 parameters as measured, so that ``step`` at the same step number returned the previous record, taken at other
 parameters (2.736 against 2.249). An interrupted ``FisherPenalty`` call kept the random state it started from as the
 step's first, though the retried call drew from the stream after it: a line search's evaluations of that step, at
-the same parameters, gave 0.2207 first and 0.2736 afterwards (``kind="trace"``).
+the same parameters, gave 0.2207 first and 0.2736 afterwards (``kind="trace"``). And any penalty call with
+``kind="trace"`` or finite differences, interrupted or not, left the ``weight`` that the older
+``torch.nn.utils.spectral_norm``/``weight_norm`` hooks set on their module as a torch.func wrapper (``torch.save(model)``
+then raised "Cannot access storage of TensorWrapper") or as the weight of the shifted parameters (1.6e-7 off);
+oracle: torch's own ``compute_weight`` of the parameters.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -114,3 +119,32 @@ def test_an_interrupted_penalty_call_is_undone_so_the_step_stays_one_function_of
     got = _evaluations(interrupted, x)
     torch.testing.assert_close(got, _evaluations(twin, x), rtol=1e-12, atol=0)
     assert got[2] == got[0]  # before: 0.2736 at θ again against 0.2207 at θ first (kind="trace")
+
+
+def _reparametrised(hook: str) -> nn.Sequential:
+    """A model whose first layer has the older hook-based spectral norm or weight norm, which sets ``weight`` as a
+    plain attribute at each forward."""
+    torch.manual_seed(0)
+    wrap = nn.utils.spectral_norm if hook == "spectral_norm" else nn.utils.weight_norm
+    return nn.Sequential(wrap(nn.Linear(4, 5)), _Interrupting(), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+
+
+@pytest.mark.parametrize("hook", ["spectral_norm", "weight_norm"])
+@pytest.mark.parametrize(("kind", "grad_method", "at"), [("trace", "exact", 2), ("trace", "finite_difference", 2),
+                                                         ("batch_gradient", "finite_difference", 2)])
+def test_the_penalty_leaves_the_weight_an_older_reparametrising_hook_sets_as_a_plain_forward_leaves_it(
+        hook, kind, grad_method, at):
+    model, x = _reparametrised(hook), _held()
+    model(x)  # sets model[0].weight, as a training loop's forward does
+    penalty = FisherPenalty(model, kind=kind, grad_method=grad_method, generator=torch.Generator().manual_seed(7))
+    _interrupted(at, lambda: penalty(x, step=0))
+    penalty(x, step=1)
+    layer = model[0]
+    reparametrisation = next(iter(layer._forward_pre_hooks.values()))
+    with torch.no_grad():  # torch's own weight of the parameters (and u, v), as a forward in eval mode computes it
+        want = (reparametrisation.compute_weight(layer, do_power_iteration=False) if hook == "spectral_norm"
+                else reparametrisation.compute_weight(layer))
+    # before: a torch.func wrapper (kind="trace") or the weight of the shifted parameters (finite differences)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(layer.weight)
+    torch.testing.assert_close(layer.weight.detach(), want, rtol=1e-14, atol=0)
+    torch.save(model, io.BytesIO())  # before: "Cannot access storage of TensorWrapper"

@@ -26,7 +26,8 @@ one function and its gradients dense.
 
 :func:`for_derivatives` sets all of this for good on the engine's private copy of a model; the penalty,
 which runs the user's own model, overrides what it needs for the length of a block
-(:func:`dense_gradients`, :func:`paused_power_iterations`, :func:`per_input_passes`, :func:`quiet_backward_hooks`)
+(:func:`dense_gradients`, :func:`paused_power_iterations`, :func:`kept_hook_weights`, :func:`per_input_passes`,
+:func:`quiet_backward_hooks`)
 and restores it.
 """
 
@@ -40,13 +41,14 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import TorchfimError
 from .kept_buffers import private_buffers
 from .private_tree import SLOTS_LOCK
 
-__all__ = ["dense_gradients", "emptied", "for_derivatives", "has_module_backward_hooks", "made_in_inference_mode",
-           "paused_power_iterations", "per_input_passes", "quiet_backward_hooks"]
+__all__ = ["dense_gradients", "emptied", "for_derivatives", "has_module_backward_hooks", "kept_hook_weights",
+           "made_in_inference_mode", "paused_power_iterations", "per_input_passes", "quiet_backward_hooks"]
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -115,14 +117,31 @@ def paused_power_iterations(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def kept_hook_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, forwards of ``model`` (the user's own) leave it the weight that the older reparametrising
+    forward pre-hooks (``torch.nn.utils.spectral_norm``, ``torch.nn.utils.weight_norm``) compute at every forward
+    and set as a plain attribute of their module: what it held before, after. A forward inside would leave there a
+    weight of shifted parameters (the finite-difference pass) or a torch.func wrapper (the per-input passes), which
+    ``torch.save(model)`` refuses."""
+    kept = [(module.__dict__, hook.name, module.__dict__.get(hook.name)) for module in model.modules()
+            for hook in module._forward_pre_hooks.values() if isinstance(hook, (SpectralNorm, WeightNorm))]
+    try:
+        yield
+    finally:
+        for attributes, name, weight in kept:
+            attributes[name] = weight
+
+
+@contextmanager
 def per_input_passes(model: nn.Module) -> Iterator[None]:
     """Within the block, the forwards of ``model`` (the user's own) move no ``u, v`` (:func:`paused_power_iterations`)
     and write no buffer: each buffer slot holds a clone (:func:`.kept_buffers.private_buffers`), so a running
     statistic that a forward in training mode updates in place (``InstanceNorm(track_running_stats=True)``) moves once
     per penalty call, by the call's forward over the batch, not once more per input by the passes of its per-input
-    gradients. Restored after. Their parameters (``functional_call``) and buffers are swapped in the slots of ``model``
-    itself, so no other thread copies it meanwhile (:data:`.private_tree.SLOTS_LOCK`)."""
-    with SLOTS_LOCK, paused_power_iterations(model), private_buffers(model, {}):
+    gradients. Restored after, with the weights the older reparametrising hooks set (:func:`kept_hook_weights`).
+    Their parameters (``functional_call``) and buffers are swapped in the slots of ``model`` itself, so no other
+    thread copies it meanwhile (:data:`.private_tree.SLOTS_LOCK`)."""
+    with SLOTS_LOCK, paused_power_iterations(model), kept_hook_weights(model), private_buffers(model, {}):
         yield
 
 

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import Batch
-from ..engine.derivative_settings import paused_power_iterations, per_input_passes
+from ..engine.derivative_settings import kept_hook_weights, paused_power_iterations, per_input_passes
 from ..engine.native_dtype import autocast_dtypes
 from ..engine.plain_forwards import eager_compiled
 from ..engine.private_tree import SLOTS_LOCK
@@ -410,13 +410,14 @@ def _perturbed(model: nn.Module, replay: _Replay, shifted: dict[Tensor, Tensor])
     In training mode the buffers are clones (the BatchNorm statistics this pass would add are thrown
     away) and spectral norm's power iteration is paused, so this pass divides by ``σ`` from the ``u, v``
     the first pass moved and used: a second step of the iteration would change ``σ`` by far more than
-    the ``ε`` of the difference.
+    the ``ε`` of the difference. The older reparametrising hooks' weights stay the first pass's.
     """
     buffers = {id(b): b.clone() for b in model.buffers()} if replay.active else {}
     with ExitStack() as stack:
         if replay.active:  # in eval mode nothing moves u, v: no walk over the modules
             stack.enter_context(paused_power_iterations(model))
         stack.enter_context(replay.second_pass())
+        stack.enter_context(kept_hook_weights(model))  # the first pass's weight, not the shifted one
         stack.enter_context(_substituted(model, {**buffers, **{id(p): t for p, t in shifted.items()}}))
         yield
 
