@@ -100,11 +100,11 @@ def test_an_interrupted_measurement_does_not_stamp_the_parameters_as_measured():
 
 def _evaluations(penalty: FisherPenalty, x: torch.Tensor) -> list[float]:
     """The penalty at step 0 three times, as a line search evaluates it: at θ, at θ moved in place, at θ again."""
-    weight, values = penalty.model[0].weight, [float(penalty(x, step=0))]
+    weight, values = penalty.model[0].weight, [penalty(x, step=0).item()]
     for move in (weight.mul_, weight.div_):
         with torch.no_grad():
             move(1.1)
-        values.append(float(penalty(x, step=0)))
+        values.append(penalty(x, step=0).item())
     return values
 
 
@@ -126,7 +126,10 @@ def _reparametrised(hook: str) -> nn.Sequential:
     plain attribute at each forward."""
     torch.manual_seed(0)
     wrap = nn.utils.spectral_norm if hook == "spectral_norm" else nn.utils.weight_norm
-    return nn.Sequential(wrap(nn.Linear(4, 5)), _Interrupting(), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation: the hook is what is tested
+        first = wrap(nn.Linear(4, 5))
+    return nn.Sequential(first, _Interrupting(), nn.Tanh(), nn.Linear(5, 3)).double().eval()
 
 
 @pytest.mark.parametrize("hook", ["spectral_norm", "weight_norm"])
