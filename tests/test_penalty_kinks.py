@@ -126,3 +126,25 @@ def test_the_trace_kinds_difference_on_kinks_is_named(case: str) -> None:
         pen(x, step=1).backward()
     named = [w for w in caught if "per-input steps move units across them" in str(w.message)]
     assert len(named) == (1 if case == "relu-float32" else 0)
+
+
+class _Unpooled(nn.Module):
+    """A max pooling that returns its indices, for MaxUnpool2d: its output is a pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2, return_indices=True)
+        self.unpool, self.head = nn.MaxUnpool2d(2), nn.Linear(4 * 64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, indices = self.pool(torch.tanh(self.conv(x.reshape(-1, 1, 8, 8))))
+        return self.head(self.unpool(pooled, indices).flatten(1))
+
+
+def test_a_max_pooling_that_returns_its_indices_keeps_its_own_forward() -> None:
+    """Its output is a pair, which a replayed tensor would break (before: "too many values to unpack")."""
+    torch.manual_seed(3)
+    model = _Unpooled().double()
+    x, y = (t[:32] for t in load_digits(dtype=torch.float64))
+    exact, difference = (_gradient(model, x, y, method, False) for method in ("exact", "finite_difference"))
+    assert float((difference - exact).norm() / exact.norm()) < 1e-6

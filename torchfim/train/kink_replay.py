@@ -64,7 +64,8 @@ class KinkReplay:
     or device is not the recorded one (no such forward in practice) is computed as the module does."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, PIECEWISE)]
+        # a max pooling that returns its indices too (for MaxUnpool) keeps its own forward: its output is a pair
+        self.modules = [m for m in model.modules() if isinstance(m, PIECEWISE) and not getattr(m, "return_indices", 0)]
         self.patterns: dict[int, list[object]] = {}
 
     @contextmanager
