@@ -64,8 +64,9 @@ class KinkReplay:
     or device is not the recorded one (no such forward in practice) is computed as the module does."""
 
     def __init__(self, model: nn.Module) -> None:
-        # a max pooling that returns its indices too (for MaxUnpool) keeps its own forward: its output is a pair
-        self.modules = [m for m in model.modules() if isinstance(m, PIECEWISE) and not getattr(m, "return_indices", 0)]
+        # torch's own classes only (a subclass may compute something else), and a max pooling that returns its
+        # indices too (for MaxUnpool) keeps its own forward: its output is a pair
+        self.modules = [m for m in model.modules() if type(m) in PIECEWISE and not getattr(m, "return_indices", False)]
         self.patterns: dict[int, list[object]] = {}
 
     @contextmanager
