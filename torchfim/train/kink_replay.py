@@ -13,7 +13,9 @@ pass returns the same piecewise-linear function of its new input on those sides 
 entries at the first pass's indices for max pooling). Within one pattern the network is smooth in θ, so the
 difference is that of double backprop again. Where no unit crosses, the pass is the one without the replay.
 
-Modules only: a kink taken by a function in a forward (``F.relu``, ``torch.clamp``, ``x.max(...)``) is not replayed.
+Modules only, of torch's own classes (a subclass may compute another function): a kink taken by a function in a
+forward (``F.relu``, ``torch.clamp``, ``x.max(...)``) is not replayed, and a forward hook of the caller's that changes
+such a module's output is overridden in the second pass.
 Each record and replay acts in the thread that opened it: another thread running the same model meanwhile is left
 alone.
 """
