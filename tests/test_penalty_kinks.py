@@ -1,4 +1,5 @@
-"""The finite-difference penalty on networks with kinks (ReLU, LeakyReLU, ReLU6, Hardtanh, max pooling) in float32.
+"""The finite-difference penalty on networks with kinks (ReLU, LeakyReLU, ReLU6, Hardtanh, Hardswish, Hardsigmoid, max
+pooling) in float32.
 
 The float32 step of the difference moves dozens of a ReLU network's units across their kinks, where the gradient
 jumps: the difference came out 8 to 15 times the double-backprop gradient's size off (a review). Its second pass now
@@ -20,7 +21,7 @@ from torch import nn
 
 from torchfim.datasets import load_digits
 from torchfim.train import FisherPenalty
-from torchfim.train.kink_replay import KinkReplay
+from torchfim.train.kink_replay import PIECEWISE, KinkReplay, _on_pattern, _pattern
 
 
 def _mlp(activation: nn.Module) -> nn.Module:
@@ -54,6 +55,18 @@ class _Signal(nn.Module):
         return self.head(self.pool(self.act(self.conv2(h))).flatten(1))
 
 
+class _Volume(nn.Module):
+    """A Conv3d net with max pooling over the 64 pixels read as a 4×4×4 volume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2))
+        self.head = nn.Linear(6 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x.reshape(-1, 1, 4, 4, 4)).flatten(1))
+
+
 MODELS = {
     "relu": lambda: _mlp(nn.ReLU()),
     "leaky_relu": lambda: _mlp(nn.LeakyReLU(0.1)),
@@ -61,6 +74,9 @@ MODELS = {
     "hardtanh": lambda: _mlp(nn.Hardtanh(-0.5, 0.5)),
     "cnn_maxpool2d": _Image,
     "conv1d_maxpool1d": _Signal,
+    "conv3d_maxpool3d": _Volume,
+    "hardswish": lambda: _mlp(nn.Hardswish()),
+    "hardsigmoid": lambda: _mlp(nn.Hardsigmoid()),
 }
 
 
@@ -148,3 +164,26 @@ def test_a_max_pooling_that_returns_its_indices_keeps_its_own_forward() -> None:
     x, y = (t[:32] for t in load_digits(dtype=torch.float64))
     exact, difference = (_gradient(model, x, y, method, False) for method in ("exact", "finite_difference"))
     assert float((difference - exact).norm() / exact.norm()) < 1e-6
+
+
+def _module(kind: type) -> nn.Module:
+    if kind in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
+        return kind(3, stride=2, padding=1)
+    return kind(-0.5, 0.7) if kind is nn.Hardtanh else kind()
+
+
+@pytest.mark.parametrize("kind", PIECEWISE, ids=lambda k: k.__name__)
+def test_each_module_on_its_own_pattern_is_the_module(kind: type) -> None:
+    """At the input the pattern was taken at, the replayed function is the module's, in value and in gradient (the
+    inputs spread over every side of the kinks: ±3 for Hardswish and Hardsigmoid)."""
+    module = _module(kind)
+    shape = {nn.MaxPool1d: (2, 3, 9), nn.MaxPool2d: (2, 3, 7, 9), nn.MaxPool3d: (2, 3, 5, 6, 7)}.get(kind, (4, 50))
+    x = (4 * torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).requires_grad_()
+    seed = torch.randn_like(module(x))
+    own, replayed = module(x), _on_pattern(module, x, _pattern(module, x.detach()))
+    assert torch.allclose(own, replayed, rtol=1e-15, atol=0)  # Hardswish's x(x + 3)/6 rounds in its own order
+    want = torch.autograd.grad(own, x, seed)[0]
+    if kind is nn.Hardsigmoid:  # torch's backward takes its slope 1/6 in float32 (3e-8 off in float64): exactly
+        want = torch.where(x.detach().abs() < 3, seed / 6, 0.0)
+    got = torch.autograd.grad(replayed, x, seed)[0]  # Hardswish's slope (2x + 3)/6 cancels near x = −1.5: atol
+    assert torch.allclose(got, want, rtol=1e-15, atol=1e-15 * float(want.abs().max()))

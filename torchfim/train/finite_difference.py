@@ -17,10 +17,11 @@ GELU/LayerNorm MLPs). On networks with kinks the float32 step moves units across
 the difference came out 1.9 to 9.4 times the gradient's size off on that MLP with ReLU (digits, 256 inputs) and
 1.5-9.6 times on the benchmark CNN (``batch_gradient``, in 5 of 6 seeds and batches of 32 and 256 digits; ``trace``
 0.21), where float64's smaller step stays within 4e-8. So the batch-gradient passes run the second pass on the first
-pass's side of every kink of a ReLU, LeakyReLU, ReLU6, Hardtanh or max-pooling module (:mod:`.kink_replay`):
-6e-4 to 1.4e-3 on such MLPs and CNNs in float32. Kinks a forward takes by a function (``F.relu``,
-``torch.clamp``) and ``kind="trace"``'s per-input passes are not replayed (4.5 times the gradient's size off on the
-ReLU MLP, 0.29 on a ReLU/max-pooling CNN; a warning names it): take ``grad_method="exact"`` there in float32. ``eps_dtype`` is that of the least precise dtype the passes compute in
+pass's side of every kink of a ReLU, LeakyReLU, ReLU6, Hardtanh, Hardswish, Hardsigmoid or MaxPool1d/2d/3d module
+(:mod:`.kink_replay`): 6e-4 to 1.4e-3 on such MLPs and CNNs in float32. Kinks a forward takes by a function
+(``F.relu``, ``torch.clamp``) and ``kind="trace"``'s per-input passes are not replayed (4.5 times the gradient's size
+off on the ReLU MLP, 0.29 on a ReLU/max-pooling CNN; a warning names it): take ``grad_method="exact"`` there in
+float32. ``eps_dtype`` is that of the least precise dtype the passes compute in
 (:func:`working_dtype`: the parameters', the outputs', and autocast's where
 the caller runs the penalty under ``torch.autocast`` or the forward turns it on), since the difference of two gradients must stand
 above their rounding: with the float32 step under bfloat16 autocast the gradient was 3.7-9 times its own

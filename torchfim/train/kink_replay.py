@@ -1,11 +1,12 @@
 """The finite difference's second pass on the first pass's side of every kink of a piecewise-linear module.
 
 The penalty's finite difference (:mod:`.finite_difference`) takes ``(∇L(θ + ε ĝ) − ∇L(θ))·‖g‖/ε`` for ``H g``. Where
-the network has kinks (ReLU, LeakyReLU, ReLU6, Hardtanh, max pooling), a unit whose input lies within the step's
-reach of its kink changes side between the two passes, and its gradient jumps by a finite amount that the division
-by ε turns into a large one. In float64 the step (about ``1e-9·‖θ‖``) moves almost no unit across; in float32
-(about ``4e-5·‖θ‖``) dozens of a ReLU MLP's units cross, and the difference came out 8 to 11 times the size of the
-double-backprop gradient (64-256-256-10 ReLU MLP on 256 digits), which takes ``H`` where the network is smooth.
+the network has kinks (ReLU, LeakyReLU, ReLU6, Hardtanh, Hardswish, Hardsigmoid, max pooling), a unit whose input lies
+within the step's reach of its kink changes side between the two passes, and its gradient jumps by a finite amount
+that the division by ε turns into a large one. In float64 the step (about ``1e-9·‖θ‖``) moves almost no unit across;
+in float32 (about ``4e-5·‖θ‖``) dozens of a ReLU MLP's units cross, and the difference came out 8 to 11 times the
+size of the double-backprop gradient (64-256-256-10 ReLU MLP on 256 digits), which takes ``H`` where the network is
+smooth.
 
 So the second pass keeps the first pass's pattern: each such module's forward records, in the first pass, which side
 of its kink each input number is on (for max pooling, which entry of each window is the largest), and in the second
@@ -31,7 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: The modules whose kinks are replayed.
-PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d)
+PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.MaxPool1d, nn.MaxPool2d,
+             nn.MaxPool3d)
+#: Each max pooling's functional form and number of pooled dims.
+_POOLS = {nn.MaxPool1d: (F.max_pool1d, 1), nn.MaxPool2d: (F.max_pool2d, 2), nn.MaxPool3d: (F.max_pool3d, 3)}
 
 
 def _pattern(module: nn.Module, x: Tensor) -> object:
@@ -40,7 +44,9 @@ def _pattern(module: nn.Module, x: Tensor) -> object:
         return x > 0
     if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
         return x <= module.min_val, x >= module.max_val
-    pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
+    if isinstance(module, (nn.Hardswish, nn.Hardsigmoid)):  # kinks at ±3
+        return x <= -3, x >= 3
+    pool = _POOLS[type(module)][0]
     return pool(x, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode,
                 return_indices=True)[1]
 
@@ -54,7 +60,13 @@ def _on_pattern(module: nn.Module, x: Tensor, pattern: object) -> Tensor:
     if isinstance(module, nn.Hardtanh):
         below, above = pattern
         return torch.where(below, module.min_val, torch.where(above, module.max_val, x)).to(x.dtype)
-    spatial = 1 if isinstance(module, nn.MaxPool1d) else 2
+    if isinstance(module, nn.Hardswish):  # 0, x (x + 3)/6, x
+        below, above = pattern
+        return torch.where(below, 0.0, torch.where(above, x, x * (x + 3) / 6)).to(x.dtype)
+    if isinstance(module, nn.Hardsigmoid):  # 0, (x + 3)/6, 1
+        below, above = pattern
+        return torch.where(below, 0.0, torch.where(above, 1.0, (x + 3) / 6)).to(x.dtype)
+    spatial = _POOLS[type(module)][1]
     flat = x.flatten(-spatial)
     return flat.gather(-1, pattern.flatten(-spatial)).reshape(pattern.shape)
 
@@ -130,8 +142,8 @@ class KinkReplay:
 
 def _fits(module: nn.Module, x: Tensor, pattern: object) -> bool:
     """Whether ``pattern`` was recorded on an input of ``x``'s shape and device."""
-    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
-        spatial = 1 if isinstance(module, nn.MaxPool1d) else 2
+    if type(module) in _POOLS:
+        spatial = _POOLS[type(module)][1]
         return x.shape[:-spatial] == pattern.shape[:-spatial] and x.device == pattern.device
     first = pattern[0] if isinstance(pattern, tuple) else pattern
     return x.shape == first.shape and x.device == first.device
