@@ -161,3 +161,19 @@ def test_a_resumed_loop_going_on_at_the_restored_last_step_is_not_measured_again
     assert [r.step for r in moved.history] == [0, 2, 4, 4]
     old = {k: v for k, v in saved["monitor"].items() if k != "order"}  # a state saved before the fingerprint was kept
     _monitor(tmp_path).load_state_dict(old)
+
+
+def test_a_change_of_the_trainable_parameters_is_named_once(tmp_path) -> None:
+    """Unfreezing or freezing layers mid-run changes what Tr(F) sums over: the curve steps without the Fisher having
+    moved (on this model, the sampled trace without the first layer is a third below the whole one). Named once, at the first
+    change; not where the set stays (a review of fine-tuning loops found the penalty naming it and the monitor not)."""
+    monitor = _monitor(tmp_path, every=1)
+    quiet = _warnings(lambda: [monitor.step(s) for s in range(2)])
+    monitor.model[0].requires_grad_(False)
+    named = _warnings(lambda: [monitor.step(s) for s in range(2, 4)])
+    monitor.model[0].requires_grad_(True)
+    again = _warnings(lambda: monitor.step(4))
+    assert quiet == [] and again == []
+    assert len(named) == 1 and "at step 2 over other trainable parameters than at step 1" in named[0]
+    assert "2 no longer trained, such as '0.weight'" in named[0]
+    assert monitor.history[2].trace < 0.8 * monitor.history[1].trace

@@ -33,6 +33,9 @@ STALLED = ("torchfim: FisherTraceMonitor.step({step}) was called again at its la
            "moved (or were made under torch.inference_mode(), which keeps no record of moves), so it measures again "
            "under the same step; pass a counter that advances with each optimiser step (epoch * len(loader) + i, "
            "not the batch index)")
+TRAINABLE = ("torchfim: FisherTraceMonitor measures at step {step} over other trainable parameters than at step "
+             "{last} ({changes}): Tr(F) sums over the parameters with requires_grad=True, so the records before and "
+             "after are traces of different sets and the curve steps there, without the Fisher having moved")
 BACKWARDS = ("torchfim: FisherTraceMonitor measures at step {step} after step {last}: its records are a curve against "
              "the training step; pass a counter that goes on over epochs (epoch * len(loader) + i), and load the "
              "monitor's state_dict when a run resumes")
@@ -51,6 +54,7 @@ class StepOrder:
         self._named: set[str] = set()
         self._stamp: Stamp | None = None  # at the last measurement
         self._restored: float | None = None  # the weights' fingerprint at the restored last measurement
+        self._trainable: tuple[str, ...] | None = None  # the names measured at the last measurement
 
     def repeated(self, step: int, history: Sequence[_Record]) -> _Record | None:
         """The last record, where it was taken at ``step`` and the parameters have not moved since; else None."""
@@ -71,7 +75,11 @@ class StepOrder:
         """Note a measurement at ``step``: the parameters' stamp, and a step before the last record's named."""
         if history and step < history[-1].step:
             self._name("backwards", BACKWARDS.format(step=step, last=history[-1].step))
-        self._stamp, self._restored = stamp(self.model.parameters()), None
+        trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        if history and self._trainable is not None and trainable != self._trainable:
+            self._name("trainable", TRAINABLE.format(step=step, last=history[-1].step,
+                                                     changes=_changes(self._trainable, trainable)))
+        self._stamp, self._restored, self._trainable = stamp(self.model.parameters()), None, trainable
 
     def state(self) -> float | None:
         """What a saved state keeps: the weights' fingerprint where they have not moved since the last measurement
@@ -92,3 +100,11 @@ class StepOrder:
         if kind not in self._named:
             self._named.add(kind)
             warn_user(message)
+
+
+def _changes(before: Sequence[str], now: Sequence[str]) -> str:
+    """The parameter tensors trained now and not before, and the other way round, by name (the first of each)."""
+    added, dropped = [n for n in now if n not in set(before)], [n for n in before if n not in set(now)]
+    said = [f"{len(names)} {what}, such as {names[0]!r}" for names, what in ((added, "now trained"),
+                                                                             (dropped, "no longer trained")) if names]
+    return "; ".join(said) or "the same names in another order"
