@@ -107,7 +107,7 @@ def score_trace_bound(
 
     def compute() -> tuple[Tensor, int]:
         sums, n = _score_trace_sums(model, inputs, get_family(family), ("spectral", "kurtosis"), False, backend,
-                                    progress, mask, output, class_dim, share)
+                                    progress, mask, output, class_dim, share, screened=True)
         bound = sums.total["bound"] / float(max(n, 1)) ** 2  # a process's share may be empty
         check_finite_result({"bound": bound}, "a variance bound of the trace estimator", sums.layout.dtype)
         return bound.to(sums.layout.dtype), n
@@ -120,12 +120,13 @@ def score_trace_bound(
 
 def _score_trace_sums(model: nn.Module, inputs: Inputs, fam: Family, modes: tuple[str, ...], per_tensor: bool,
                       backend: str, progress: bool, mask: Mask, output: Callable[[object], Tensor] | None,
-                      class_dim: int | None, share: RowShare | None = None) -> tuple[_Sums, int]:
+                      class_dim: int | None, share: RowShare | None = None, screened: bool = False) -> tuple[_Sums, int]:
     """The sums over inputs of :meth:`.variance.ScoreVariance.trace_terms` of the model's output gram, per mode
     (``"var"`` the exact variance) and, with ``per_tensor``, of each tensor's own gram; and the inputs counted.
     With both bounds' modes, ``"bound"`` too: the sum of each input's smaller bound term (each input's term bounds its
     own variance, so the sum of the smaller ones bounds the whole, never above the smaller of the two sums). With
-    ``share``, over this process's rows alone (its model's outputs probed for the processes' check)."""
+    ``share``, over this process's rows alone (its model's outputs probed for the processes' check). ``screened``: only
+    ``"bound"`` is read, so the kurtosis terms are exact only where they are the smaller (:func:`_input_terms`)."""
     forms_of = {"var": "exact", "spectral": "spectral", "kurtosis": "kurtosis"}
     with engine_pass(model, backend_name(backend, None), output, class_dim) as one:
         sums = _Sums(squares_layout(one.view.layout), modes + ("bound",) * ("kurtosis" in modes))
@@ -143,16 +144,20 @@ def _score_trace_sums(model: nn.Module, inputs: Inputs, fam: Family, modes: tupl
                         gram = own.new_zeros(rec.batch.size, *own.shape[1:])
                     gram[rows] += own
             if gram is not None:
-                for key, terms in _input_terms(modes, forms, slice(0, rec.batch.size), gram).items():
+                for key, terms in _input_terms(modes, forms, slice(0, rec.batch.size), gram, screened).items():
                     sums.total[key] += terms.sum().to(sums.total[key].dtype)
         if share is not None:
             share.probe(one.view)
         return sums, one.n
 
 
-def _input_terms(modes: tuple[str, ...], forms: list[ScoreVariance], rows: slice, gram: Tensor) -> dict[str, Tensor]:
-    """Each mode's per-input terms for the output grams ``gram`` of ``rows``, and with both bounds their minimum."""
-    terms = {key: form.trace_terms(rows, gram) for key, form in zip(modes, forms)}
+def _input_terms(modes: tuple[str, ...], forms: list[ScoreVariance], rows: slice, gram: Tensor,
+                 screened: bool = False) -> dict[str, Tensor]:
+    """Each mode's per-input terms for the output grams ``gram`` of ``rows``, and with both bounds their minimum; with
+    ``screened`` the kurtosis terms that the spectral ones (the modes' order) undercut are left inexact, above them."""
+    terms: dict[str, Tensor] = {}
+    for key, form in zip(modes, forms):
+        terms[key] = form.trace_terms(rows, gram, terms.get("spectral") if screened and key == "kurtosis" else None)
     if "kurtosis" in terms:
         terms["bound"] = torch.minimum(terms["spectral"], terms["kurtosis"])
     return terms

@@ -39,7 +39,7 @@ from .engine.session import Pass, engine_pass
 from .engine.view import Mask
 from .errors import TorchfimError, check_choice, check_n_samples, warn_user
 from .families import Family, Positions, get_family
-from .families.base import robust_eigvalsh
+from .gram_spectral_norm import kurtosis_seconds
 from .keyword_hints import explains_keywords
 from .process_rows import FAILED_BEFORE, row_share
 from .structures import (
@@ -151,8 +151,9 @@ class ScoreVariance(StructureVisitor):
     def trace(self, structure: Trace) -> None:
         structure.add_squares(0, self.trace_terms(slice(None), self.engine.output_gram(self.rec)).sum())
 
-    def trace_terms(self, rows: slice, gram: Tensor) -> Tensor:
-        """Per input of ``rows``, ``E[(uᵀGu)²] − (tr ΛG)²`` (or its bound) for its output gram ``G`` (b, C, C)."""
+    def trace_terms(self, rows: slice, gram: Tensor, at_least: Tensor | None = None) -> Tensor:
+        """Per input of ``rows``, ``E[(uᵀGu)²] − (tr ΛG)²`` (or its bound) for its output gram ``G`` (b, C, C); the
+        kurtosis bound's terms only as far as they are below ``at_least`` (:mod:`torchfim.gram_spectral_norm`)."""
         o, fam, mode = self.o[rows], self.fam.for_rows(rows), self.mode
         if mode == "exact":  # Var[uᵀGu], by the family's form without cancellation
             return fam.score_quadratic_spread(o, gram).to(torch.promote_types(o.dtype, gram.dtype))
@@ -164,7 +165,7 @@ class ScoreVariance(StructureVisitor):
         if mode == "spectral":
             second = self.scale[rows] * gram.square().sum((1, 2))
         else:
-            second = self.scale[rows] * robust_eigvalsh(gram)[:, -1].to(gram.dtype) ** 2
+            second = kurtosis_seconds(gram, self.scale[rows], trace_i**2, at_least)
         if isinstance(fam, Positions):  # tight where every position is near p = ½: the difference then cancels (it
             # was 0 on a variance of 5e-17 at logit 1e-8); the variance itself, formed without cancellation, is below it
             return torch.maximum(second - trace_i**2, fam.score_quadratic_spread(o, gram).to(second.dtype))
